@@ -1,0 +1,195 @@
+//! The broker: the system of record for tasks, and the trait every backend implements.
+//!
+//! The daemon and the CLI are both clients of a [`Broker`]. A backend owns durability,
+//! atomic state changes and leases; it never runs processes (that is the executor's job)
+//! and never decides policy (the supervisor says whether a failure is retried, and when).
+//!
+//! Backends: [`sqlite`] (embedded, the default). Redis and PostgreSQL slot in behind the
+//! same trait; the contract tests in `tests/broker_contract.rs` run against every backend.
+
+pub mod sqlite;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::model::{AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs};
+
+/// What went wrong inside the broker. A failing *task* is never a `BrokerError`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The store cannot be reached or opened (CLI exit code 3).
+    #[error("broker unreachable: {0}")]
+    Unavailable(String),
+    #[error("no task with id {0}")]
+    NotFound(TaskId),
+    /// The request does not fit the task's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The lease was taken away (expired and reclaimed, or the task was reset).
+    #[error("lease on task {0} is no longer held by this node")]
+    LeaseLost(TaskId),
+    /// The store refused a write or a read (disk full, corruption, I/O error).
+    #[error("broker storage error: {0}")]
+    Storage(String),
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Proof that a node holds a task: the fencing `token` changes with every claim, so a
+/// stale holder's `finish` is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub task: TaskId,
+    pub token: i64,
+    pub node: String,
+}
+
+/// A task handed to a node to run.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub task: TaskRecord,
+    pub lease: Lease,
+    /// This run's attempt number (1 for the first run), `TASKD_ATTEMPT`.
+    pub attempt: u32,
+}
+
+/// Where a task goes after an attempt. The supervisor decides; the broker records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Succeeded,
+    /// Wait in `retrying` until `at`, then run again.
+    Retry { at: UnixMs },
+    /// Attempts exhausted or a permanent failure: the dead set.
+    Failed,
+    Cancelled,
+    /// Back to `queued` without charging the attempt (lost, shutdown).
+    Requeue,
+}
+
+/// The answer to enqueueing one task.
+#[derive(Clone, Debug, Serialize)]
+pub struct Enqueued {
+    pub id: TaskId,
+    pub state: TaskState,
+    /// A waiting or running task with the same unique key already existed; its id is returned.
+    pub existing: bool,
+}
+
+/// The answer to a cancel request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// It was waiting and is now `cancelled`.
+    Cancelled,
+    /// It is running; its node will kill it and mark it `cancelled`.
+    Requested,
+    /// It had already finished in this state.
+    AlreadyFinished(TaskState),
+}
+
+/// A running task whose node went away: its process group may still be alive.
+#[derive(Clone, Debug)]
+pub struct Orphan {
+    pub task: TaskId,
+    pub queue: QueueName,
+    pub node: Option<String>,
+    pub pid: Option<i32>,
+    pub pid_start: Option<u64>,
+}
+
+/// Which running tasks to recover.
+#[derive(Clone, Debug)]
+pub enum Recover {
+    /// Every running task: safe only when no other node can hold leases (embedded store,
+    /// guarded by the state directory lock).
+    All,
+    /// Running tasks whose lease expired before this time.
+    Expired(UnixMs),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub queue: Option<QueueName>,
+    pub state: Option<TaskState>,
+    pub limit: usize,
+}
+
+/// Counts by state for one queue.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QueueCounts {
+    pub queue: Option<QueueName>,
+    pub counts: BTreeMap<TaskState, u64>,
+    pub paused: bool,
+}
+
+/// Signals a backend raises for the daemon: work may have arrived, or a cancel was asked.
+#[derive(Clone, Default)]
+pub struct Wakeups {
+    pub work: Arc<Notify>,
+    pub cancel: Arc<Notify>,
+}
+
+/// The system of record. Every method is atomic; none holds a lock across calls.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Enqueue tasks atomically: all are durable when this returns, or none is.
+    async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>>;
+
+    /// Claim up to `max` ready tasks of `queue` for `node`, oldest first within priority.
+    /// Promotes due scheduled/retrying tasks of the queue first. A paused queue yields none.
+    async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>>;
+
+    /// Record the pid (and its start time) of a claimed task's process group, so that a
+    /// later recovery can kill it.
+    async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()>;
+
+    /// Extend leases; returns the tasks whose lease this node no longer holds.
+    async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>>;
+
+    /// Record an attempt and move the task on. Refused with `LeaseLost` for a stale lease.
+    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()>;
+
+    /// Cancel a waiting task, or ask the node running it to stop it.
+    async fn cancel(&self, id: TaskId) -> Result<CancelOutcome>;
+
+    /// Put a failed or cancelled task back in `queued` with a fresh attempt budget.
+    async fn retry(&self, id: TaskId) -> Result<()>;
+
+    /// Stop or start claiming from a queue; persists across restarts.
+    async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<()>;
+    async fn paused(&self) -> Result<BTreeSet<QueueName>>;
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+    /// Newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
+    /// Counts by state for every queue that has tasks or is paused.
+    async fn counts(&self) -> Result<Vec<QueueCounts>>;
+
+    /// The earliest run-at time among scheduled and retrying tasks.
+    async fn next_due(&self) -> Result<Option<UnixMs>>;
+
+    /// Running tasks held by `node` that an operator asked to cancel.
+    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
+
+    /// Put orphaned running tasks back in `queued` (attempt not charged, reason `lost`)
+    /// and return them so their process groups can be killed.
+    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>>;
+
+    /// Start delivering wake-ups to this process (the daemon calls it once).
+    async fn subscribe(&self) -> Result<Wakeups>;
+}
+
+/// Open the broker a config names.
+pub async fn open(url: &crate::config::BrokerUrl) -> Result<Arc<dyn Broker>> {
+    match url {
+        crate::config::BrokerUrl::Sqlite { path } => {
+            let b = sqlite::SqliteBroker::open(path).await?;
+            Ok(Arc::new(b))
+        }
+    }
+}

@@ -1,0 +1,959 @@
+//! The embedded broker: one SQLite file in WAL mode with `synchronous = FULL`.
+//!
+//! Writes go through one writer thread per process that batches whatever is waiting into a
+//! single transaction (group commit): the daemon's claims and completions share one fsync,
+//! and an `.await` never holds a transaction. Each write runs inside its own savepoint, so
+//! one refused write does not undo its neighbours in the batch. Reads use a separate
+//! connection (WAL lets them run beside the writer).
+//!
+//! Several processes may use the file at once (the daemon and any number of CLI calls):
+//! `BEGIN IMMEDIATE` waits on the busy timeout and is retried, so contention is never
+//! surfaced as an error. Producers wake the daemon with a datagram on a Unix socket next
+//! to the database (`<db>.wake`); losing one only delays a task until the daemon's next
+//! periodic check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+
+use super::{
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
+    QueueCounts, Recover, Result, Wakeups,
+};
+use crate::model::{
+    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
+    TaskState, UnixMs,
+};
+
+/// How long one attempt to take the write lock waits before it is retried.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write keeps retrying a busy database before giving up.
+const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
+/// Most writes folded into one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The schema, one entry per version. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks, attempts, paused queues.
+    r#"
+    CREATE TABLE tasks (
+        seq              INTEGER PRIMARY KEY,
+        id               TEXT    NOT NULL UNIQUE,
+        queue            TEXT    NOT NULL,
+        state            TEXT    NOT NULL,
+        payload          TEXT    NOT NULL,
+        args             TEXT    NOT NULL DEFAULT '[]',
+        priority         INTEGER NOT NULL DEFAULT 0,
+        unique_key       TEXT,
+        run_at           INTEGER NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        finished_at      INTEGER,
+        last_error       TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        lease_node       TEXT,
+        lease_token      INTEGER NOT NULL DEFAULT 0,
+        lease_expires    INTEGER,
+        started_at       INTEGER,
+        pid              INTEGER,
+        pid_start        INTEGER
+    );
+    -- Claiming reads only ready tasks, in claim order: this index stays small however many
+    -- tasks have finished, and its first entry is the next task to run.
+    CREATE INDEX tasks_ready   ON tasks(queue, priority DESC, seq) WHERE state = 'queued';
+    CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
+    CREATE INDEX tasks_running ON tasks(lease_expires) WHERE state = 'running';
+    CREATE INDEX tasks_cancel  ON tasks(lease_node) WHERE cancel_requested = 1 AND state = 'running';
+    CREATE INDEX tasks_state   ON tasks(state, queue);
+    CREATE UNIQUE INDEX tasks_unique ON tasks(queue, unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'queued', 'running', 'retrying');
+    CREATE TABLE attempts (
+        task_seq    INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        n           INTEGER NOT NULL,
+        number      INTEGER NOT NULL,
+        node        TEXT    NOT NULL,
+        pid         INTEGER,
+        started_at  INTEGER NOT NULL,
+        ended_at    INTEGER NOT NULL,
+        exit_code   INTEGER,
+        signal      INTEGER,
+        reason      TEXT,
+        error       TEXT,
+        stdout_tail TEXT    NOT NULL DEFAULT '',
+        stderr_tail TEXT    NOT NULL DEFAULT '',
+        PRIMARY KEY (task_seq, n)
+    );
+    CREATE TABLE paused_queues (
+        queue     TEXT PRIMARY KEY,
+        paused_at INTEGER NOT NULL
+    );
+    "#,
+];
+
+const TASK_COLS: &str = "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
+     created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token";
+
+type Deliver = Box<dyn FnOnce(Option<&BrokerError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
+
+/// The SQLite backend. Cheap to share behind an `Arc`.
+pub struct SqliteBroker {
+    path: PathBuf,
+    jobs: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+    wake_path: PathBuf,
+    wake_tx: Mutex<Option<UnixDatagram>>,
+}
+
+fn storage(e: rusqlite::Error) -> BrokerError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => {
+            BrokerError::Storage("the disk is full: free space on the state directory's filesystem".into())
+        }
+        Some(ErrorCode::ReadOnly) => BrokerError::Storage(
+            "the database is read-only: check the permissions of the state directory".into(),
+        ),
+        Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) => {
+            BrokerError::Unavailable(format!("cannot open the database: {e}"))
+        }
+        _ => BrokerError::Storage(e.to_string()),
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Open a connection with the settings every connection needs.
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| {
+        BrokerError::Unavailable(format!("failed to open {}: {e}", path.display()))
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(storage)?;
+    // FULL: a commit is on disk when it returns; with WAL this costs one fsync per commit,
+    // and group commit shares it. A typo'd PRAGMA is silently ignored, so read it back.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(storage)?;
+    let sync: i64 = conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .map_err(storage)?;
+    if sync != 2 {
+        return Err(BrokerError::Storage(format!(
+            "SQLite refused synchronous=FULL (it reports {sync}); refusing to run without durable commits"
+        )));
+    }
+    Ok(conn)
+}
+
+fn open_writer(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "failed to create the state directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let conn = connect(path)?;
+    let mode: String = retry_busy(|| {
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+    })
+    .map_err(storage)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(BrokerError::Storage(format!(
+            "SQLite refused journal_mode=WAL for {} (it reports `{mode}`); is the file on a network filesystem?",
+            path.display()
+        )));
+    }
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Err(e) if is_busy(&e) && start.elapsed() < BUSY_GIVE_UP => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Bring the schema up to the newest version, one transaction per step.
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(storage)?;
+    let current: i64 = conn
+        .query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
+        .map_err(storage)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        if current >= version {
+            continue; // checked without a write lock: the common case on every open
+        }
+        retry_busy(|| conn.execute_batch("BEGIN IMMEDIATE")).map_err(storage)?;
+        let step = (|| -> rusqlite::Result<()> {
+            let current: i64 = conn.query_row(
+                "SELECT coalesce(max(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )?;
+            if current >= version {
+                return Ok(());
+            }
+            conn.execute_batch(sql)?;
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+                params![version, now_ms()],
+            )?;
+            Ok(())
+        })();
+        match step {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(storage)?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(storage(e));
+            }
+        }
+    }
+    let newest: i64 = conn
+        .query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
+        .map_err(storage)?;
+    if newest > MIGRATIONS.len() as i64 {
+        return Err(BrokerError::Storage(format!(
+            "the database has schema version {newest}, newer than this taskd understands ({}); upgrade taskd",
+            MIGRATIONS.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The writer thread: take one job, fold in whatever else is waiting, commit once.
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = retry_busy(|| conn.execute_batch("BEGIN IMMEDIATE")) {
+            // A job must not run outside a transaction: dropping it unrun tells its caller
+            // that the write did not happen.
+            tracing::error!(error = %storage(e), "failed to begin a write transaction");
+            drop(batch);
+            continue;
+        }
+        let mut delivers: Vec<Deliver> = Vec::with_capacity(batch.len());
+        for job in batch {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                tracing::error!(error = %e, "failed to open a savepoint");
+            }
+            delivers.push(job(&conn));
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(storage);
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let err = commit.err();
+        for d in delivers {
+            d(err.as_ref());
+        }
+    }
+}
+
+impl SqliteBroker {
+    /// Open (creating when missing) the database at `path` and start its writer thread.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let p = path.to_path_buf();
+        let (writer, reader) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let w = open_writer(&p)?;
+            let r = connect(&p)?;
+            Ok((w, r))
+        })
+        .await
+        .map_err(|e| BrokerError::Storage(format!("opening the database panicked: {e}")))??;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("taskd-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| BrokerError::Storage(format!("failed to start the writer thread: {e}")))?;
+        let mut wake = path.as_os_str().to_owned();
+        wake.push(".wake");
+        Ok(SqliteBroker {
+            path: path.to_path_buf(),
+            jobs: tx,
+            reader: Arc::new(Mutex::new(reader)),
+            wake_path: PathBuf::from(wake),
+            wake_tx: Mutex::new(None),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Run `f` in the next write transaction, inside its own savepoint.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |conn: &Connection| {
+            let r = f(conn);
+            let end = if r.is_ok() {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = conn.execute_batch(end) {
+                tracing::error!(error = %e, "failed to close a savepoint");
+            }
+            Box::new(move |commit: Option<&BrokerError>| {
+                let r = match commit {
+                    Some(e) => Err(e.clone()),
+                    None => r,
+                };
+                let _ = tx.send(r);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
+        rx.await.map_err(|_| {
+            BrokerError::Storage("the write was dropped: the database could not begin a transaction".into())
+        })?
+    }
+
+    /// Run a read on the reader connection.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| BrokerError::Storage("reader poisoned".into()))?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| BrokerError::Storage(format!("a read panicked: {e}")))?
+    }
+
+    /// Tell a daemon listening on this database that something changed. Best effort.
+    fn wake(&self, what: &[u8]) {
+        let mut guard = match self.wake_tx.lock() {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        if guard.is_none() {
+            *guard = UnixDatagram::unbound().ok();
+            if let Some(s) = guard.as_ref() {
+                let _ = s.set_nonblocking(true);
+            }
+        }
+        if let Some(s) = guard.as_ref() {
+            let _ = s.send_to(what, &self.wake_path);
+        }
+    }
+}
+
+fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let id: String = r.get(0)?;
+    let queue: String = r.get(1)?;
+    let state: String = r.get(2)?;
+    let payload: String = r.get(3)?;
+    let args: String = r.get(4)?;
+    let conv = |what: &str, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what}: {e}").into())
+    };
+    Ok(TaskRecord {
+        id: id.parse().map_err(|e| conv("id", e))?,
+        queue: queue.parse().map_err(|e| conv("queue", e))?,
+        state: state.parse().map_err(|e| conv("state", e))?,
+        payload: serde_json::from_str(&payload).map_err(|e| conv("payload", e.to_string()))?,
+        args: serde_json::from_str(&args).map_err(|e| conv("args", e.to_string()))?,
+        priority: r.get(5)?,
+        unique_key: r.get(6)?,
+        run_at: r.get(7)?,
+        attempts: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        finished_at: r.get(11)?,
+        last_error: r.get(12)?,
+        cancel_requested: r.get::<_, i64>(13)? != 0,
+        node: r.get(14)?,
+    })
+}
+
+const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
+
+fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> {
+    if let Some(key) = &t.unique_key {
+        let existing: Option<(String, String)> = conn
+            .prepare_cached(&format!(
+                "SELECT id, state FROM tasks WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![t.queue.as_str(), key], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(storage)?;
+        if let Some((id, state)) = existing {
+            return Ok(Enqueued {
+                id: id.parse().map_err(BrokerError::Storage)?,
+                state: state.parse().map_err(BrokerError::Storage)?,
+                existing: true,
+            });
+        }
+    }
+    let run_at = t.run_at.unwrap_or(now);
+    let state = if run_at > now {
+        TaskState::Scheduled
+    } else {
+        TaskState::Queued
+    };
+    let args = serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            t.id.to_string(),
+            t.queue.as_str(),
+            state.as_str(),
+            t.payload,
+            args,
+            t.priority,
+            t.unique_key,
+            run_at,
+            now
+        ])
+    })
+    .map_err(|e| match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => {
+            BrokerError::Conflict(format!("a task with id {} already exists", t.id))
+        }
+        _ => storage(e),
+    })?;
+    Ok(Enqueued {
+        id: t.id,
+        state,
+        existing: false,
+    })
+}
+
+fn task_seq(conn: &Connection, id: TaskId) -> Result<(i64, TaskState)> {
+    let row: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, state FROM tasks WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(storage)?;
+    let (seq, state) = row.ok_or(BrokerError::NotFound(id))?;
+    Ok((seq, state.parse().map_err(BrokerError::Storage)?))
+}
+
+fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO attempts (task_seq, n, number, node, pid, started_at, ended_at, exit_code, signal,
+                               reason, error, stdout_tail, stderr_tail)
+         VALUES (?1, (SELECT coalesce(max(n), 0) + 1 FROM attempts WHERE task_seq = ?1),
+                 ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            seq,
+            a.number,
+            a.node,
+            a.pid,
+            a.started_at,
+            a.ended_at,
+            a.exit_code,
+            a.signal,
+            a.reason.map(|r| r.as_str()),
+            a.error,
+            a.stdout_tail,
+            a.stderr_tail
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Broker for SqliteBroker {
+    async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .write(move |conn| {
+                let now = now_ms();
+                tasks.iter().map(|t| insert_task(conn, t, now)).collect()
+            })
+            .await?;
+        self.wake(b"work");
+        Ok(out)
+    }
+
+    async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let node = node.to_string();
+        let queue = queue.clone();
+        let lease_ms = lease.as_millis() as i64;
+        self.write(move |conn| {
+            let now = now_ms();
+            let paused: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = ?1)")
+                .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
+                .map_err(storage)?;
+            if paused {
+                return Ok(Vec::new());
+            }
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'queued', updated_at = ?2
+                 WHERE state IN ('scheduled', 'retrying') AND run_at <= ?2 AND queue = ?1",
+            )
+            .and_then(|mut s| s.execute(params![queue.as_str(), now]))
+            .map_err(storage)?;
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_node = ?1,
+                        lease_token = lease_token + 1, lease_expires = ?2, updated_at = ?3,
+                        started_at = ?3, pid = NULL, pid_start = NULL, cancel_requested = 0
+                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued'
+                                   ORDER BY priority DESC, seq LIMIT ?5)
+                     RETURNING {TASK_COLS}, seq"
+                ))
+                .map_err(storage)?;
+            let mut rows: Vec<(i64, Claimed)> = stmt
+                .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
+                    let task = row_to_task(r)?;
+                    let token: i64 = r.get(15)?;
+                    let seq: i64 = r.get(16)?;
+                    Ok((
+                        seq,
+                        Claimed {
+                            lease: Lease {
+                                task: task.id,
+                                token,
+                                node: node.clone(),
+                            },
+                            attempt: task.attempts,
+                            task,
+                        },
+                    ))
+                })
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            rows.sort_by_key(|(seq, c)| (-c.task.priority, *seq));
+            Ok(rows.into_iter().map(|(_, c)| c).collect())
+        })
+        .await
+    }
+
+    async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
+        let lease = lease.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE tasks SET pid = ?1, pid_start = ?2 WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+            )
+            .and_then(|mut s| s.execute(params![pid, pid_start as i64, lease.task.to_string(), lease.token]))
+            .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
+        let leases = leases.to_vec();
+        let lease_ms = lease.as_millis() as i64;
+        self.write(move |conn| {
+            let until = now_ms() + lease_ms;
+            let mut lost = Vec::new();
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE tasks SET lease_expires = ?1
+                     WHERE id = ?2 AND lease_token = ?3 AND lease_node = ?4 AND state = 'running'",
+                )
+                .map_err(storage)?;
+            for l in &leases {
+                let n = stmt
+                    .execute(params![until, l.task.to_string(), l.token, l.node])
+                    .map_err(storage)?;
+                if n == 0 {
+                    lost.push(l.task);
+                }
+            }
+            Ok(lost)
+        })
+        .await
+    }
+
+    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
+        let lease = lease.clone();
+        self.write(move |conn| {
+            let now = now_ms();
+            let seq: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT seq FROM tasks WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state = 'running'",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![lease.task.to_string(), lease.token, lease.node], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(storage)?;
+            let seq = seq.ok_or(BrokerError::LeaseLost(lease.task))?;
+            insert_attempt(conn, seq, &attempt)?;
+            let (state, run_at, finished, uncharge) = match next {
+                Finish::Succeeded => (TaskState::Succeeded, None, Some(now), 0),
+                Finish::Retry { at } => (TaskState::Retrying, Some(at), None, 0),
+                Finish::Failed => (TaskState::Failed, None, Some(now), 0),
+                Finish::Cancelled => (TaskState::Cancelled, None, Some(now), 0),
+                Finish::Requeue => (TaskState::Queued, None, None, 1),
+            };
+            let error = match next {
+                Finish::Succeeded => None,
+                _ => attempt.error.clone(),
+            };
+            conn.prepare_cached(
+                "UPDATE tasks SET state = ?2, run_at = coalesce(?3, run_at), finished_at = ?4,
+                    attempts = max(attempts - ?5, 0), last_error = ?6, updated_at = ?7,
+                    lease_node = NULL, lease_expires = NULL, cancel_requested = 0, pid = NULL, pid_start = NULL
+                 WHERE seq = ?1",
+            )
+            .and_then(|mut s| s.execute(params![seq, state.as_str(), run_at, finished, uncharge, error, now]))
+            .map_err(storage)?;
+            Ok(())
+        })
+        .await?;
+        if matches!(next, Finish::Requeue | Finish::Retry { .. }) {
+            self.wake(b"work");
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {
+        let out = self
+            .write(move |conn| {
+                let (seq, state) = task_seq(conn, id)?;
+                let now = now_ms();
+                match state {
+                    TaskState::Running => {
+                        conn.execute(
+                            "UPDATE tasks SET cancel_requested = 1, updated_at = ?2 WHERE seq = ?1",
+                            params![seq, now],
+                        )
+                        .map_err(storage)?;
+                        Ok(CancelOutcome::Requested)
+                    }
+                    s if s.is_terminal() => Ok(CancelOutcome::AlreadyFinished(s)),
+                    _ => {
+                        conn.execute(
+                            "UPDATE tasks SET state = 'cancelled', finished_at = ?2, updated_at = ?2,
+                                last_error = 'cancelled before it ran' WHERE seq = ?1",
+                            params![seq, now],
+                        )
+                        .map_err(storage)?;
+                        Ok(CancelOutcome::Cancelled)
+                    }
+                }
+            })
+            .await?;
+        if out == CancelOutcome::Requested {
+            self.wake(b"cancel");
+        }
+        Ok(out)
+    }
+
+    async fn retry(&self, id: TaskId) -> Result<()> {
+        self.write(move |conn| {
+            let (seq, state) = task_seq(conn, id)?;
+            if !matches!(state, TaskState::Failed | TaskState::Cancelled) {
+                return Err(BrokerError::Conflict(format!(
+                    "task {id} is {state}; only failed or cancelled tasks can be retried"
+                )));
+            }
+            let now = now_ms();
+            conn.execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, run_at = ?2, finished_at = NULL,
+                    last_error = NULL, cancel_requested = 0, updated_at = ?2 WHERE seq = ?1",
+                params![seq, now],
+            )
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::ConstraintViolation) => BrokerError::Conflict(format!(
+                    "another waiting or running task of this queue holds task {id}'s unique key"
+                )),
+                _ => storage(e),
+            })?;
+            Ok(())
+        })
+        .await?;
+        self.wake(b"work");
+        Ok(())
+    }
+
+    async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<()> {
+        let queue = queue.clone();
+        self.write(move |conn| {
+            if paused {
+                conn.execute(
+                    "INSERT INTO paused_queues (queue, paused_at) VALUES (?1, ?2) ON CONFLICT (queue) DO NOTHING",
+                    params![queue.as_str(), now_ms()],
+                )
+            } else {
+                conn.execute("DELETE FROM paused_queues WHERE queue = ?1", [queue.as_str()])
+            }
+            .map_err(storage)?;
+            Ok(())
+        })
+        .await?;
+        self.wake(b"work");
+        Ok(())
+    }
+
+    async fn paused(&self) -> Result<BTreeSet<QueueName>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT queue FROM paused_queues").map_err(storage)?;
+            let names: Vec<String> = stmt
+                .query_map([], |r| r.get(0))
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            Ok(names.into_iter().filter_map(|n| n.parse().ok()).collect())
+        })
+        .await
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>> {
+        self.read(move |conn| {
+            let row: Option<(i64, TaskRecord)> = conn
+                .prepare_cached(&format!("SELECT {TASK_COLS}, seq FROM tasks WHERE id = ?1"))
+                .and_then(|mut s| {
+                    s.query_row([id.to_string()], |r| Ok((r.get(16)?, row_to_task(r)?)))
+                        .optional()
+                })
+                .map_err(storage)?;
+            let Some((seq, task)) = row else {
+                return Ok(None);
+            };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT number, node, pid, started_at, ended_at, exit_code, signal, reason, error,
+                            stdout_tail, stderr_tail
+                     FROM attempts WHERE task_seq = ?1 ORDER BY n",
+                )
+                .map_err(storage)?;
+            let history = stmt
+                .query_map([seq], |r| {
+                    let reason: Option<String> = r.get(7)?;
+                    Ok(AttemptRecord {
+                        number: r.get(0)?,
+                        node: r.get(1)?,
+                        pid: r.get(2)?,
+                        started_at: r.get(3)?,
+                        ended_at: r.get(4)?,
+                        exit_code: r.get(5)?,
+                        signal: r.get(6)?,
+                        reason: reason.and_then(|s| s.parse::<AttemptReason>().ok()),
+                        error: r.get(8)?,
+                        stdout_tail: r.get(9)?,
+                        stderr_tail: r.get(10)?,
+                    })
+                })
+                .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(storage)?;
+            Ok(Some(TaskDetail { task, history }))
+        })
+        .await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
+            if filter.queue.is_some() {
+                sql.push_str(" AND queue = ?1");
+            }
+            if filter.state.is_some() {
+                sql.push_str(" AND state = ?2");
+            }
+            sql.push_str(" ORDER BY seq DESC LIMIT ?3");
+            let mut stmt = conn.prepare_cached(&sql).map_err(storage)?;
+            let limit = if filter.limit == 0 { -1 } else { filter.limit as i64 };
+            let q = filter.queue.as_ref().map(|q| q.as_str().to_string());
+            let s = filter.state.map(|s| s.as_str());
+            // Unused numbered parameters are fine in SQLite; bind all three every time.
+            let rows = stmt
+                .query_map(params![q, s, limit], row_to_task)
+                .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(storage)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Vec<QueueCounts>> {
+        self.read(|conn| {
+            let mut by_queue: BTreeMap<String, QueueCounts> = BTreeMap::new();
+            let mut stmt = conn
+                .prepare_cached("SELECT queue, state, count(*) FROM tasks GROUP BY state, queue")
+                .map_err(storage)?;
+            let rows: Vec<(String, String, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            for (q, s, n) in rows {
+                let entry = by_queue.entry(q.clone()).or_insert_with(|| QueueCounts {
+                    queue: q.parse().ok(),
+                    ..Default::default()
+                });
+                if let Ok(state) = s.parse::<TaskState>() {
+                    entry.counts.insert(state, n as u64);
+                }
+            }
+            let mut stmt = conn.prepare_cached("SELECT queue FROM paused_queues").map_err(storage)?;
+            let paused: Vec<String> = stmt
+                .query_map([], |r| r.get(0))
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            for q in paused {
+                by_queue
+                    .entry(q.clone())
+                    .or_insert_with(|| QueueCounts {
+                        queue: q.parse().ok(),
+                        ..Default::default()
+                    })
+                    .paused = true;
+            }
+            Ok(by_queue.into_values().collect())
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> Result<Option<UnixMs>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT min(run_at) FROM tasks WHERE state IN ('scheduled', 'retrying')")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(storage)
+        })
+        .await
+    }
+
+    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+        let node = node.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM tasks WHERE cancel_requested = 1 AND state = 'running' AND lease_node = ?1",
+                )
+                .map_err(storage)?;
+            let ids: Vec<String> = stmt
+                .query_map([node], |r| r.get(0))
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
+        })
+        .await
+    }
+
+    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+        let note = note.to_string();
+        let out = self
+            .write(move |conn| {
+                let now = now_ms();
+                let (cond, bound) = match scope {
+                    Recover::All => ("state = 'running'", i64::MAX),
+                    Recover::Expired(t) => ("state = 'running' AND lease_expires < ?1", t),
+                };
+                let sql = format!(
+                    "SELECT seq, id, queue, lease_node, pid, pid_start, started_at, attempts FROM tasks
+                     WHERE {cond} AND ?1 = ?1"
+                );
+                let mut stmt = conn.prepare(&sql).map_err(storage)?;
+                type R = (i64, String, String, Option<String>, Option<i32>, Option<i64>, Option<i64>, u32);
+                let rows: Vec<R> = stmt
+                    .query_map([bound], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                    })
+                    .and_then(|it| it.collect())
+                    .map_err(storage)?;
+                let mut orphans = Vec::with_capacity(rows.len());
+                for (seq, id, queue, node, pid, pid_start, started_at, attempts) in rows {
+                    let attempt = AttemptRecord {
+                        number: attempts,
+                        node: node.clone().unwrap_or_default(),
+                        pid,
+                        started_at: started_at.unwrap_or(now),
+                        ended_at: now,
+                        reason: Some(AttemptReason::Lost),
+                        error: Some(note.clone()),
+                        ..Default::default()
+                    };
+                    insert_attempt(conn, seq, &attempt)?;
+                    conn.execute(
+                        "UPDATE tasks SET state = 'queued', attempts = max(attempts - 1, 0), updated_at = ?2,
+                            lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                         WHERE seq = ?1",
+                        params![seq, now],
+                    )
+                    .map_err(storage)?;
+                    orphans.push(Orphan {
+                        task: id.parse().map_err(BrokerError::Storage)?,
+                        queue: queue.parse().map_err(BrokerError::Storage)?,
+                        node,
+                        pid,
+                        pid_start: pid_start.map(|p| p as u64),
+                    });
+                }
+                Ok(orphans)
+            })
+            .await?;
+        if !out.is_empty() {
+            self.wake(b"work");
+        }
+        Ok(out)
+    }
+
+    async fn subscribe(&self) -> Result<Wakeups> {
+        let _ = std::fs::remove_file(&self.wake_path);
+        let sock = tokio::net::UnixDatagram::bind(&self.wake_path).map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "failed to bind the wake-up socket {}: {e}",
+                self.wake_path.display()
+            ))
+        })?;
+        let wakeups = Wakeups::default();
+        let w = wakeups.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                match sock.recv(&mut buf).await {
+                    Ok(n) if &buf[..n] == b"cancel" => w.cancel.notify_one(),
+                    Ok(_) => w.work.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "wake-up socket failed; falling back to periodic checks");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(wakeups)
+    }
+}

@@ -1,0 +1,211 @@
+//! `taskd status`, `taskd tasks`, `taskd show`: read state, as tables or `--json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+
+use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
+use crate::broker::ListFilter;
+use crate::model::{now_ms, QueueName, TaskId, TaskState};
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TasksArgs {
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// scheduled, queued, running, retrying, succeeded, failed or cancelled.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u8> {
+    let config = load_config(flag)?;
+    let broker = open_broker(&config).await?;
+    let counts = broker.counts().await?;
+    let mut rows: BTreeMap<String, (BTreeMap<TaskState, u64>, bool, bool)> = BTreeMap::new();
+    for q in config.queues.keys() {
+        rows.insert(q.to_string(), (BTreeMap::new(), false, true));
+    }
+    for c in counts {
+        let name = c.queue.map(|q| q.to_string()).unwrap_or_else(|| "?".into());
+        let entry = rows.entry(name).or_insert((BTreeMap::new(), false, false));
+        entry.0 = c.counts;
+        entry.1 = c.paused;
+    }
+    let daemon = crate::daemon::running_daemon(&config.state_dir);
+    if args.json {
+        let queues: Vec<_> = rows
+            .iter()
+            .map(|(name, (counts, paused, configured))| {
+                let by_state: BTreeMap<&str, u64> =
+                    TaskState::ALL.iter().map(|s| (s.as_str(), counts.get(s).copied().unwrap_or(0))).collect();
+                serde_json::json!({ "queue": name, "paused": paused, "configured": configured, "counts": by_state })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
+            "state_dir": config.state_dir,
+            "queues": queues,
+        }))?;
+        return Ok(exit::OK);
+    }
+    match daemon {
+        Some(pid) => println!("daemon: running (pid {pid}), state in {}", config.state_dir.display()),
+        None => println!(
+            "daemon: not running (state in {}); tasks wait until `taskd start`",
+            config.state_dir.display()
+        ),
+    }
+    let mut table = Table::new();
+    let mut header = vec!["queue".to_string()];
+    header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
+    header.push("notes".into());
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for (name, (counts, paused, configured)) in &rows {
+        let mut row = vec![name.clone()];
+        row.extend(TaskState::ALL.iter().map(|s| counts.get(s).copied().unwrap_or(0).to_string()));
+        let mut notes = Vec::new();
+        if *paused {
+            notes.push("PAUSED");
+        }
+        if !configured {
+            notes.push("not in config: its tasks will not run");
+        }
+        row.push(notes.join(", "));
+        table.add_row(row);
+    }
+    println!("{table}");
+    Ok(exit::OK)
+}
+
+pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8> {
+    let config = load_config(flag)?;
+    let queue: Option<QueueName> = match &args.queue {
+        Some(q) => Some(q.parse().map_err(|e: String| Failure::usage(format!("--queue: {e}")))?),
+        None => None,
+    };
+    let state: Option<TaskState> = match &args.state {
+        Some(s) => Some(s.parse().map_err(|e: String| Failure::usage(format!("--state: {e}")))?),
+        None => None,
+    };
+    let broker = open_broker(&config).await?;
+    let list = broker.list(&ListFilter { queue, state, limit: args.limit }).await?;
+    if args.json {
+        print_json(&list)?;
+        return Ok(exit::OK);
+    }
+    if list.is_empty() {
+        println!("no tasks match");
+        return Ok(exit::OK);
+    }
+    let now = now_ms();
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(vec!["id", "queue", "state", "attempts", "age", "last error"]);
+    for t in &list {
+        let mut err = t.last_error.clone().unwrap_or_default();
+        if err.len() > 60 {
+            err = format!("{}…", &err[..err.floor_char_boundary(59)]);
+        }
+        table.add_row(vec![
+            t.id.to_string(),
+            t.queue.to_string(),
+            t.state.to_string(),
+            t.attempts.to_string(),
+            fmt_duration_ms(now - t.created_at),
+            err,
+        ]);
+    }
+    println!("{table}");
+    Ok(exit::OK)
+}
+
+pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
+    let id: TaskId = args.id.parse().map_err(Failure::usage)?;
+    let config = load_config(flag)?;
+    let broker = open_broker(&config).await?;
+    let detail = broker
+        .get(id)
+        .await?
+        .ok_or_else(|| Failure::new(exit::FAILURE, format!("no task with id {id}")))?;
+    if args.json {
+        print_json(&detail)?;
+        return Ok(exit::OK);
+    }
+    let t = &detail.task;
+    println!("task      {}", t.id);
+    println!("queue     {}", t.queue);
+    println!("state     {}{}", t.state, if t.cancel_requested { " (cancel requested)" } else { "" });
+    println!("attempts  {}", t.attempts);
+    println!("payload   {}", t.payload);
+    if !t.args.is_empty() {
+        println!("args      {:?}", t.args);
+    }
+    if t.priority != 0 {
+        println!("priority  {}", t.priority);
+    }
+    if let Some(k) = &t.unique_key {
+        println!("unique    {k}");
+    }
+    println!("created   {}", fmt_time(t.created_at));
+    if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
+        println!("runs at   {}", fmt_time(t.run_at));
+    }
+    if let Some(f) = t.finished_at {
+        println!("finished  {}", fmt_time(f));
+    }
+    if let Some(n) = &t.node {
+        println!("node      {n}");
+    }
+    if let Some(e) = &t.last_error {
+        println!("error     {e}");
+    }
+    for a in &detail.history {
+        println!();
+        let reason = a.reason.map(|r| r.to_string()).unwrap_or_else(|| "?".into());
+        let code = match (a.exit_code, a.signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ => String::new(),
+        };
+        println!(
+            "attempt {} — {reason}{}{} — started {}, took {}{}",
+            a.number,
+            if code.is_empty() { "" } else { ", " },
+            code,
+            fmt_time(a.started_at),
+            fmt_duration_ms(a.ended_at - a.started_at),
+            a.pid.map(|p| format!(", pid {p}")).unwrap_or_default(),
+        );
+        if let Some(e) = &a.error {
+            println!("  error: {e}");
+        }
+        for (name, tail) in [("stdout", &a.stdout_tail), ("stderr", &a.stderr_tail)] {
+            if !tail.is_empty() {
+                println!("  {name} (tail):");
+                for line in tail.lines() {
+                    println!("    {line}");
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,223 @@
+//! The command line: one file per group of subcommands.
+//!
+//! Commands are clients of the broker (the system of record): `submit` writes straight into
+//! it, so it works while no daemon runs. They see `model`, `config` and the broker trait,
+//! never supervisor internals. Errors carry their exit code (see [`exit`]).
+
+mod check;
+mod control;
+mod inspect;
+mod submit;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::broker::{Broker, BrokerError};
+use crate::config::{Config, ConfigError};
+
+/// Exit codes, documented in `taskd --help` and README.md.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const BROKER: u8 = 3;
+    pub const TASK_FAILED: u8 = 4;
+    pub const CONFIG: u8 = 78;
+}
+
+const AFTER_HELP: &str = "\
+Config file: -c FILE, else $TASKD_CONFIG, else ./taskd.toml, else /etc/taskd/taskd.toml.
+
+Exit codes:
+  0   ok
+  1   failure
+  2   usage error (bad flags, bad payload, unknown queue)
+  3   broker unreachable
+  4   the task that --wait followed failed or was cancelled
+  78  invalid config (EX_CONFIG)";
+
+/// taskd: a job-queue daemon that runs your scripts and programs as background tasks.
+#[derive(Parser, Debug)]
+#[command(name = "taskd", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The config file.
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE", env = "TASKD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground until SIGTERM/SIGINT.
+    Start(crate::daemon::StartArgs),
+    /// Validate the config file and print its queues; exit 78 when it is invalid.
+    Check(check::CheckArgs),
+    /// Enqueue a task (or a batch) straight into the broker and print its id.
+    Submit(submit::SubmitArgs),
+    /// Queues with their counts by state, paused flags and the daemon.
+    Status(inspect::StatusArgs),
+    /// List tasks, newest first.
+    Tasks(inspect::TasksArgs),
+    /// One task with all its attempts and output tails.
+    Show(inspect::ShowArgs),
+    /// Re-queue a failed or cancelled task with a fresh attempt budget.
+    Retry(control::IdArgs),
+    /// Cancel a waiting task, or stop a running one.
+    Cancel(control::IdArgs),
+    /// Stop claiming tasks from a queue (persists across restarts).
+    Pause(control::QueueArgs),
+    /// Start claiming tasks from a paused queue again.
+    Resume(control::QueueArgs),
+}
+
+/// An error that knows its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure::new(exit::USAGE, message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Run a parsed command line and return the process exit code.
+pub fn run(cli: Cli) -> u8 {
+    let result = match cli.command {
+        Command::Start(args) => crate::daemon::main(cli.config, args),
+        command => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("taskd: failed to start the async runtime: {e}");
+                    return exit::FAILURE;
+                }
+            };
+            rt.block_on(dispatch(cli.config, command))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let code = code_for(&e);
+            eprintln!("taskd: {}", render_error(&e));
+            code
+        }
+    }
+}
+
+async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Start(_) => unreachable!("handled by run"),
+        Command::Check(a) => check::run(config, a),
+        Command::Submit(a) => submit::run(config, a).await,
+        Command::Status(a) => inspect::status(config, a).await,
+        Command::Tasks(a) => inspect::tasks(config, a).await,
+        Command::Show(a) => inspect::show(config, a).await,
+        Command::Retry(a) => control::retry(config, a).await,
+        Command::Cancel(a) => control::cancel(config, a).await,
+        Command::Pause(a) => control::pause(config, a, true).await,
+        Command::Resume(a) => control::pause(config, a, false).await,
+    }
+}
+
+fn render_error(e: &anyhow::Error) -> String {
+    // Config errors already carry their own file:line:column prefix per diagnostic.
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        s.push_str(&format!(": {cause}"));
+    }
+    s
+}
+
+/// Map an error to the exit code PRODUCT.md section 5 promises.
+pub fn code_for(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.code;
+        }
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return exit::CONFIG;
+        }
+        if let Some(b) = cause.downcast_ref::<BrokerError>() {
+            return match b {
+                BrokerError::Unavailable(_) => exit::BROKER,
+                BrokerError::NotFound(_) | BrokerError::Conflict(_) => exit::FAILURE,
+                _ => exit::FAILURE,
+            };
+        }
+    }
+    exit::FAILURE
+}
+
+/// Find the config file: the flag (or $TASKD_CONFIG, which clap folds in), then
+/// ./taskd.toml, then /etc/taskd/taskd.toml.
+pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    for candidate in ["taskd.toml", "/etc/taskd/taskd.toml"] {
+        let p = PathBuf::from(candidate);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(Failure::new(
+        exit::CONFIG,
+        "no config file: pass -c FILE, set TASKD_CONFIG, or create ./taskd.toml or /etc/taskd/taskd.toml \
+         (config/taskd.toml in the source tree is a commented example)",
+    ))
+}
+
+pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
+    let path = config_path(flag)?;
+    Ok(crate::config::load(&path)?)
+}
+
+pub async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    Ok(crate::broker::open(&config.broker).await?)
+}
+
+/// Print `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A time for people: RFC 3339 in UTC, to the second.
+pub fn fmt_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A duration for people: "1.2s", "3m 5s".
+pub fn fmt_duration_ms(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
+    let secs = std::time::Duration::from_secs((ms / 1000) as u64);
+    humantime::format_duration(secs).to_string()
+}

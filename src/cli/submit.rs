@@ -1,0 +1,264 @@
+//! `taskd submit`: enqueue straight into the broker; return once the task is durable.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{exit, load_config, open_broker, print_json, Failure};
+use crate::config::{Config, Program, QueueConfig};
+use crate::model::{now_ms, NewTask, QueueName, TaskState, UnixMs};
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// The queue to put the task on.
+    pub queue: String,
+    /// The payload: a JSON value (an object for `{field}` placeholders); `-` reads stdin.
+    /// Default `{}`.
+    pub payload: Option<String>,
+    /// Extra argv appended to the queue's command (after `--`).
+    #[arg(last = true)]
+    pub args: Vec<String>,
+    /// Run no sooner than this long from now ("30s", "5m", "1h 30m").
+    #[arg(long, value_name = "DURATION", conflicts_with = "at")]
+    pub delay: Option<String>,
+    /// Run no sooner than this time (RFC 3339, e.g. 2026-12-01T03:00:00Z, or Unix seconds).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Higher runs first among a queue's ready tasks.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// At most one waiting or running task of the queue holds KEY; a second submit
+    /// returns the first task's id.
+    #[arg(long, value_name = "KEY")]
+    pub unique: Option<String>,
+    /// Enqueue one task per line of FILE (`-` for stdin), each line a JSON payload, all in
+    /// one transaction: all or none.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
+    pub batch: Option<PathBuf>,
+    /// Print the whole task record as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Follow the task until it finishes; print its outcome and output; exit 0 if it
+    /// succeeded, 4 if it failed or was cancelled.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> {
+    let config = load_config(flag)?;
+    let queue = find_queue(&config, &args.queue)?;
+    let run_at = run_at(&args)?;
+    let tasks = match &args.batch {
+        Some(file) => read_batch(&config, queue, file, &args, run_at)?,
+        None => {
+            let text = match args.payload.as_deref() {
+                None => "{}".to_string(),
+                Some("-") => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .map_err(|e| Failure::usage(format!("failed to read the payload from stdin: {e}")))?;
+                    s
+                }
+                Some(s) => s.to_string(),
+            };
+            let payload = parse_payload(&config, queue, &text).map_err(Failure::usage)?;
+            let mut t = NewTask::new(queue.name.clone(), payload);
+            t.args = args.args.clone();
+            t.priority = args.priority;
+            t.run_at = run_at;
+            t.unique_key = args.unique.clone();
+            vec![t]
+        }
+    };
+    let broker = open_broker(&config).await?;
+    let count = tasks.len();
+    let enqueued = broker.enqueue(tasks).await?;
+    if args.batch.is_some() {
+        if args.json {
+            print_json(&serde_json::json!({ "enqueued": count, "ids": enqueued.iter().map(|e| e.id).collect::<Vec<_>>() }))?;
+        } else {
+            println!("enqueued {count} tasks on {}", queue.name);
+        }
+        return Ok(exit::OK);
+    }
+    let e = &enqueued[0];
+    if args.json {
+        match broker.get(e.id).await? {
+            Some(detail) => print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?,
+            None => print_json(e)?,
+        }
+    } else {
+        println!("{}", e.id);
+        if e.existing {
+            eprintln!("taskd: a task with unique key {:?} is already {}; returned its id", args.unique.as_deref().unwrap_or(""), e.state);
+        }
+    }
+    if args.wait {
+        return wait(broker.as_ref(), e.id, args.json).await;
+    }
+    Ok(exit::OK)
+}
+
+fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
+    let known = || config.queues.keys().map(|q| q.to_string()).collect::<Vec<_>>().join(", ");
+    let q: QueueName = name
+        .parse()
+        .map_err(|e: String| Failure::usage(format!("`{name}` is not a queue name: {e}")))?;
+    config.queues.get(&q).ok_or_else(|| {
+        Failure::usage(format!(
+            "unknown queue `{name}` in {}; known queues: {}",
+            config.path.display(),
+            if config.queues.is_empty() { "(none)".to_string() } else { known() }
+        ))
+    })
+}
+
+fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
+    if let Some(d) = &args.delay {
+        let d: Duration = humantime::parse_duration(d)
+            .map_err(|e| Failure::usage(format!("--delay {d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")")))?;
+        return Ok(Some(now_ms() + d.as_millis() as i64));
+    }
+    if let Some(t) = &args.at {
+        if let Ok(secs) = t.parse::<i64>() {
+            return Ok(Some(secs * 1000));
+        }
+        let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
+            Failure::usage(format!("--at {t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)"))
+        })?;
+        let ms = when
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| Failure::usage(format!("--at {t:?} is before 1970")))?
+            .as_millis() as i64;
+        return Ok(Some(ms));
+    }
+    Ok(None)
+}
+
+/// Validate a payload for `queue`: well-formed JSON within the size limit that fills every
+/// placeholder of the queue's command. Returns the compact JSON text to store.
+pub fn parse_payload(config: &Config, queue: &QueueConfig, text: &str) -> Result<String, String> {
+    if text.len() > config.max_payload {
+        return Err(format!(
+            "the payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
+            text.len(),
+            config.max_payload,
+            config.path.display()
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        let offset = byte_offset(text, e.line(), e.column());
+        format!(
+            "malformed JSON payload at byte {offset} (line {}, column {}): {}",
+            e.line(),
+            e.column(),
+            strip_position(&e.to_string())
+        )
+    })?;
+    if let Program::Command(argv) = &queue.program {
+        for part in argv {
+            part.render(&value).map_err(|e| format!("queue `{}`: {e}", queue.name))?;
+        }
+    }
+    Ok(value.to_string())
+}
+
+/// serde_json reports line and column (1-based); turn them into a 0-based byte offset.
+fn byte_offset(text: &str, line: usize, column: usize) -> usize {
+    let mut offset = 0;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        if i + 1 == line {
+            return offset + column.saturating_sub(1).min(l.len());
+        }
+        offset += l.len();
+    }
+    text.len()
+}
+
+fn strip_position(msg: &str) -> &str {
+    match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    }
+}
+
+fn read_batch(
+    config: &Config,
+    queue: &QueueConfig,
+    file: &PathBuf,
+    args: &SubmitArgs,
+    run_at: Option<UnixMs>,
+) -> Result<Vec<NewTask>, Failure> {
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| Failure::usage(format!("failed to read the batch file {}: {e}", file.display())))?
+    };
+    let mut tasks = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let payload = parse_payload(config, queue, line)
+            .map_err(|e| Failure::usage(format!("{} line {}: {e}; nothing was enqueued", file.display(), i + 1)))?;
+        let mut t = NewTask::new(queue.name.clone(), payload);
+        t.args = args.args.clone();
+        t.priority = args.priority;
+        t.run_at = run_at;
+        tasks.push(t);
+    }
+    if tasks.is_empty() {
+        return Err(Failure::usage(format!("{} holds no tasks (one JSON payload per line)", file.display())));
+    }
+    Ok(tasks)
+}
+
+/// Follow a task until it is terminal, then report it.
+async fn wait(broker: &dyn crate::broker::Broker, id: crate::model::TaskId, json: bool) -> anyhow::Result<u8> {
+    let mut delay = Duration::from_millis(5);
+    loop {
+        let detail = broker
+            .get(id)
+            .await?
+            .ok_or_else(|| Failure::new(exit::FAILURE, format!("task {id} disappeared from the broker")))?;
+        if detail.task.state.is_terminal() {
+            if json {
+                print_json(&detail)?;
+            } else {
+                if let Some(last) = detail.history.last() {
+                    if !last.stdout_tail.is_empty() {
+                        print!("{}", last.stdout_tail);
+                    }
+                    if !last.stderr_tail.is_empty() {
+                        eprint!("{}", last.stderr_tail);
+                    }
+                }
+                let why = detail.task.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+                eprintln!("taskd: task {id} {} after {} attempt(s){why}", detail.task.state, detail.task.attempts);
+            }
+            return Ok(match detail.task.state {
+                TaskState::Succeeded => exit::OK,
+                _ => exit::TASK_FAILED,
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_offsets_follow_lines() {
+        assert_eq!(byte_offset("{\"a\": x}", 1, 7), 6);
+        assert_eq!(byte_offset("{\n\"a\": x}", 2, 6), 7);
+    }
+}

@@ -1,0 +1,261 @@
+//! The config: `taskd.toml` read raw, then validated into a [`Config`] with defaults applied.
+//!
+//! This module owns the file format of PRODUCT.md section 2 and every rule about what a valid
+//! config is. It must not start anything, open the broker or touch the state directory: it
+//! only reads the file (and the system user database, to check `user` and `group`).
+//!
+//! Two stages, like ripgrep's low/high args:
+//!
+//! 1. **Raw**: [`toml_edit::ImDocument`] parses the text and keeps the byte span of every key
+//!    and value. A TOML syntax error stops here (there is no tree to walk).
+//! 2. **Validated**: the tree is walked by hand, not by serde, so that *every* problem is
+//!    reported at once, each as a [`Diagnostic`] with file, line, column, dotted key and a fix.
+//!    Only a config without a single error becomes a [`Config`].
+//!
+//! Inheritance: `[defaults]` holds every queue key except `command`, `shell` and `worker`;
+//! a queue takes each key from its own table, else from `[defaults]`, else the built-in
+//! default. A queue's `env` is merged key by key over the defaults' `env`, and a queue's
+//! `backoff` sub-keys fall back to the defaults' `backoff` sub-keys one by one.
+//!
+//! Paths: every path in a [`Config`] is absolute. Relative paths in the file (`state_dir`,
+//! `cwd`, `log_dir`, `sqlite:relative.db`) are relative to the directory holding the config
+//! file, never to the daemon's working directory, so `taskd -c /etc/taskd/taskd.toml` means
+//! the same thing from anywhere. That directory is made absolute with
+//! [`std::fs::canonicalize`] when possible, else by joining it to the current directory.
+//!
+//! `state_dir`, when not set, is `$STATE_DIRECTORY` (its first entry if colon-separated, as
+//! systemd's `StateDirectory=` sets it), else `taskd-data` next to the config file. The
+//! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
+
+mod backoff;
+mod template;
+mod units;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::model::QueueName;
+
+pub use backoff::{Backoff, BackoffKind};
+pub use template::ArgTemplate;
+
+/// A validated config, with defaults applied and every path absolute.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, as given.
+    pub path: PathBuf,
+    pub broker: BrokerUrl,
+    pub state_dir: PathBuf,
+    /// Address of the HTTP API, dashboard and metrics, if any.
+    pub listen: Option<SocketAddr>,
+    /// How long a draining daemon lets running tasks finish (default 30s).
+    pub shutdown_grace: Duration,
+    /// The largest payload accepted, in bytes (default 1 MiB).
+    pub max_payload: usize,
+    pub queues: BTreeMap<QueueName, QueueConfig>,
+}
+
+/// Where tasks live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerUrl {
+    /// The embedded SQLite store; `path` is absolute.
+    Sqlite { path: PathBuf },
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // An absolute path already starts with `/`, which makes the `sqlite:///` form.
+            BrokerUrl::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+/// One queue, with everything it did not set taken from `[defaults]` or the built-in defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    pub name: QueueName,
+    /// Tasks run at once on one node (1..=10000, default 1).
+    pub concurrency: usize,
+    pub program: Program,
+    /// Per-attempt time limit (default 30m).
+    pub timeout: Duration,
+    /// Total runs, the first included (1..=1000, default 5).
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
+    pub kill_grace: Duration,
+    /// Exit codes that fail the task at once, without retry (each 1..=255).
+    pub fail_exit_codes: Vec<i32>,
+    /// Extra environment: `[defaults]` env with the queue's env merged over it.
+    pub env: BTreeMap<String, String>,
+    /// Working directory, absolute.
+    pub cwd: Option<PathBuf>,
+    /// User to run as; known to exist when the config was validated.
+    pub user: Option<String>,
+    /// Group to run as; known to exist when the config was validated.
+    pub group: Option<String>,
+    /// Bytes of stdout and of stderr kept per attempt (default 64 KiB, at most 16 MiB).
+    pub output_tail: usize,
+    /// Directory for full output files, absolute.
+    pub log_dir: Option<PathBuf>,
+    /// Size cap per log file in bytes (default 10 MiB).
+    pub log_max: u64,
+}
+
+impl QueueConfig {
+    /// A queue with every setting at its built-in default.
+    pub fn new(name: QueueName, program: Program) -> Self {
+        QueueConfig {
+            name,
+            concurrency: defaults::CONCURRENCY,
+            program,
+            timeout: defaults::TIMEOUT,
+            max_attempts: defaults::MAX_ATTEMPTS,
+            backoff: Backoff::default(),
+            kill_grace: defaults::KILL_GRACE,
+            fail_exit_codes: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            group: None,
+            output_tail: defaults::OUTPUT_TAIL,
+            log_dir: None,
+            log_max: defaults::LOG_MAX,
+        }
+    }
+
+    /// Every payload field a `command` placeholder uses (empty for `shell`).
+    pub fn required_fields(&self) -> BTreeSet<String> {
+        match &self.program {
+            Program::Command(argv) => argv
+                .iter()
+                .flat_map(|a| a.fields())
+                .map(str::to_string)
+                .collect(),
+            Program::Shell(_) => BTreeSet::new(),
+        }
+    }
+}
+
+/// What a queue runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// argv, executed directly; the first element is the program and holds no placeholder.
+    Command(Vec<ArgTemplate>),
+    /// A script for `/bin/sh -c`, run exactly as written.
+    Shell(String),
+}
+
+/// The built-in defaults, in one place so docs and code agree.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub const MAX_PAYLOAD: usize = 1024 * 1024;
+    pub const CONCURRENCY: usize = 1;
+    pub const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+    pub const MAX_ATTEMPTS: u32 = 5;
+    pub const KILL_GRACE: Duration = Duration::from_secs(10);
+    pub const OUTPUT_TAIL: usize = 64 * 1024;
+    pub const LOG_MAX: u64 = 10 * 1024 * 1024;
+    /// `state_dir`'s name next to the config file when neither the file nor systemd set it.
+    pub const STATE_DIR_NAME: &str = "taskd-data";
+    /// The SQLite file's name inside `state_dir` when `broker` is not set.
+    pub const DB_FILE_NAME: &str = "taskd.db";
+}
+
+/// Limits on values, shared by the validator and its messages.
+pub(crate) mod limits {
+    pub const MAX_CONCURRENCY: i64 = 10_000;
+    pub const MAX_ATTEMPTS: i64 = 1000;
+    pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
+    /// SQLite refuses values over 1e9 bytes by default; stay well below it.
+    pub const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;
+}
+
+/// One problem in a config file, with where it is and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    /// Dotted path of the key, e.g. `queues.thumbnails.concurrency` (empty for syntax errors
+    /// that belong to no key).
+    pub key: String,
+    pub message: String,
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: error: ",
+            self.file.display(),
+            self.line,
+            self.column
+        )?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n  fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", show_diagnostics(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn show_diagnostics(diags: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diags {
+        out.push_str(&d.to_string());
+        out.push('\n');
+    }
+    let file = diags
+        .first()
+        .map(|d| d.file.display().to_string())
+        .unwrap_or_else(|| "the config".into());
+    let n = diags.len();
+    let noun = if n == 1 { "error" } else { "errors" };
+    out.push_str(&format!("{n} {noun} in {file}"));
+    out
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_str(&text, path)
+}
+
+/// Validates config `text` as if read from `path` (which places relative paths and names the
+/// file in diagnostics; it is not read).
+pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    validate::validate(text, path, std::env::var_os("STATE_DIRECTORY"))
+        .map_err(ConfigError::Invalid)
+}
+
+#[cfg(test)]
+mod tests;

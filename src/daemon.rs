@@ -1,0 +1,235 @@
+//! `taskd start`: the only place that wires config, broker, executor and supervisor together.
+//!
+//! Start-up order: config (exit 78 when invalid) → logging → the state directory lock (one
+//! daemon per state directory) → descriptors close-on-exec, child subreaper → broker →
+//! recovery of tasks a previous daemon left `running` (their process groups are killed,
+//! the tasks queued again without charging an attempt) → supervisor → signals.
+//!
+//! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
+//! (an invalid file is refused and the old config kept).
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Recover;
+use crate::cli::{exit, Failure};
+use crate::config::{Config, ConfigError};
+use crate::supervisor::Supervisor;
+
+#[derive(clap::Args, Debug)]
+pub struct StartArgs {
+    /// Log format on stderr: `text` (default) or `json`. The level comes from RUST_LOG
+    /// (default `info`).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// The lock that keeps a second daemon off a state directory. Held for the process's life.
+pub struct StateLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+const LOCK_FILE: &str = "taskd.pid";
+
+impl StateLock {
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, Failure> {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("failed to create the state directory {}: {e}", state_dir.display()),
+            )
+        })?;
+        let path = state_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Failure::new(exit::FAILURE, format!("failed to open {}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Failure::new(
+                exit::FAILURE,
+                format!(
+                    "another taskd daemon{} is already using the state directory {}; stop it first, or give this one its own state_dir",
+                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") },
+                    state_dir.display()
+                ),
+            ));
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = writeln!(file, "{}", std::process::id());
+        let _ = file.flush();
+        Ok(StateLock { _file: file, path })
+    }
+}
+
+/// The pid of the daemon holding `state_dir`, if one does.
+pub fn running_daemon(state_dir: &Path) -> Option<u32> {
+    let path = state_dir.join(LOCK_FILE);
+    let mut file = File::open(&path).ok()?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        return None; // nobody holds it
+    }
+    let mut s = String::new();
+    file.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // journald stamps each line itself.
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn node_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// `taskd start`.
+pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
+    let path = crate::cli::config_path(flag)?;
+    let config = match crate::config::load(&path) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid(diags)) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!("taskd: {} error(s) in {}; not starting", diags.len(), path.display());
+            return Ok(exit::CONFIG);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    init_logging(&args.log_format);
+    let lock = StateLock::acquire(&config.state_dir)?;
+    crate::executor::mark_inherited_fds_cloexec();
+    if let Err(e) = crate::executor::become_subreaper() {
+        tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("failed to start the async runtime: {e}")))?;
+    let code = rt.block_on(serve(path, config))?;
+    drop(lock);
+    Ok(code)
+}
+
+async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
+    let broker = crate::broker::open(&config.broker).await?;
+    let node = node_id();
+    tracing::info!(
+        node = %node,
+        config = %path.display(),
+        state_dir = %config.state_dir.display(),
+        queues = config.queues.len(),
+        "taskd starting"
+    );
+    if config.listen.is_some() {
+        tracing::warn!("`listen` is set, but this version serves no HTTP API yet; ignoring it");
+    }
+
+    // Tasks a previous daemon left running: kill what is left of them, queue them again.
+    let orphans = broker
+        .recover(Recover::All, "the daemon running this task went away (crash or kill); queued again, attempt not charged")
+        .await?;
+    let mut killed = 0;
+    for o in &orphans {
+        if let (Some(pid), Some(start)) = (o.pid, o.pid_start) {
+            if crate::executor::kill_orphan_group(pid, start) {
+                killed += 1;
+            }
+        }
+    }
+    if !orphans.is_empty() {
+        tracing::warn!(tasks = orphans.len(), process_groups_killed = killed, "recovered tasks left running by a previous daemon");
+    }
+
+    let wakeups = broker.subscribe().await?;
+    let supervisor = Supervisor::new(broker.clone(), node);
+    supervisor.start(&config, wakeups);
+    tracing::info!("ready");
+
+    let reaper = tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            crate::executor::reap_orphans();
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut config = config;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = hup.recv() => reload(&path, &mut config, &supervisor),
+        }
+    }
+
+    let force = CancellationToken::new();
+    let f = force.clone();
+    let second = tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        f.cancel();
+    });
+    supervisor.drain(config.shutdown_grace, force).await;
+    second.abort();
+    reaper.abort();
+    crate::executor::reap_orphans();
+    tracing::info!("stopped");
+    Ok(exit::OK)
+}
+
+fn reload(path: &Path, current: &mut Config, supervisor: &Arc<Supervisor>) {
+    match crate::config::load(path) {
+        Ok(new) => {
+            if new.state_dir != current.state_dir || format!("{:?}", new.broker) != format!("{:?}", current.broker) {
+                tracing::warn!("reload: `state_dir` and `broker` changes need a restart; keeping the old ones");
+            }
+            let changes = supervisor.apply(&new);
+            let grace = new.shutdown_grace;
+            let queues = new.queues;
+            current.queues = queues;
+            current.shutdown_grace = grace;
+            tracing::info!(changes = ?changes, "SIGHUP: config reloaded");
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: the new config is invalid; keeping the old one:\n{e}");
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! The executor: runs ONE attempt of one task as its own process group and reports an
+//! [`Outcome`].
+//!
+//! What it owns:
+//! - spawning the program (argv executed directly, never through a shell) with exactly the
+//!   given environment, cwd, stdin payload and, optionally, another user's identity;
+//! - the pipes: a bounded tail of stdout and stderr (memory O(`tail_bytes`) however much the
+//!   child writes) and optional capped full-output log files;
+//! - the timeout, operator cancel and daemon shutdown, all handled the same way: SIGTERM to the
+//!   whole group → `kill_grace` → SIGKILL to the group;
+//! - making sure nothing of the task's group survives it: after the leader exits the group is
+//!   SIGKILLed once more, and pipes held open by a background grandchild are waited for only
+//!   briefly;
+//! - the process plumbing around that: the registry of live leaders, reaping adopted orphans
+//!   by pid, killing orphaned groups after a crash, subreaper and close-on-exec set-up.
+//!
+//! What it must not do:
+//! - know brokers, queues, configs or retries: it never imports `crate::broker` or
+//!   `crate::config`; the supervisor turns an [`Outcome`] into task state;
+//! - treat a failing task as an error: exit codes, signals, timeouts and programs that cannot
+//!   start are all [`Status`] values. [`ExecError`] is for taskd's own failures;
+//! - call `waitpid(-1)` (it would steal tokio's exit statuses) or sleep/poll on the normal
+//!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
+
+mod output;
+mod procs;
+mod user;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{now_ms, AttemptReason, UnixMs};
+
+use output::{feed, pump, Capture, LogFile};
+pub use procs::{
+    become_subreaper, kill_orphan_group, mark_inherited_fds_cloexec, reap_orphans, spawn_tracked,
+    TrackedChild,
+};
+pub use user::UserSpec;
+
+/// How long pipes may stay open after the leader exited before the group is killed.
+const PIPE_LINGER: Duration = Duration::from_millis(200);
+/// How long to keep reading after that kill. Only a holder that escaped the group (setsid)
+/// keeps a pipe open past it; we then stop reading rather than wait for it.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+
+/// taskd's own failures in this module (a failing task is a [`Status`], not this).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("unknown user `{0}`")]
+    UnknownUser(String),
+    #[error("unknown group `{0}`")]
+    UnknownGroup(String),
+    #[error("failed to look up {what}: {source}")]
+    Lookup {
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// One attempt to run.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// `argv[0]` is the program, executed directly. Shell queues pass `["/bin/sh", "-c", script]`.
+    pub argv: Vec<String>,
+    /// The child's whole environment: nothing of the daemon's is inherited.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    /// Written to the child's stdin, which is then closed. Empty: stdin is `/dev/null`.
+    pub stdin: Vec<u8>,
+    /// Counted from the spawn.
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Keep the last `tail_bytes` of stdout and, separately, of stderr (0 keeps nothing).
+    pub tail_bytes: usize,
+    pub log: Option<LogSpec>,
+    pub user: Option<UserSpec>,
+}
+
+/// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
+/// line `[taskd: output truncated at N bytes]`, then nothing (the pipe is still drained).
+#[derive(Clone, Debug)]
+pub struct LogSpec {
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// Why a running task should stop early.
+#[derive(Clone, Debug, Default)]
+pub struct Stop {
+    /// An operator cancelled the task.
+    pub cancel: CancellationToken,
+    /// The daemon is stopping.
+    pub shutdown: CancellationToken,
+}
+
+/// Sent once the leader exists, for the record that lets crash recovery find its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spawned {
+    /// The leader's pid, which is also the group's id.
+    pub pid: i32,
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot); 0 if it could not be read.
+    pub start_time: u64,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Exited(i32),
+    /// Died by a signal taskd did not send.
+    Signaled(i32),
+    /// Ran past its timeout; `killed_with` is the last signal taskd sent before the leader
+    /// ended (SIGTERM or SIGKILL).
+    TimedOut { killed_with: i32 },
+    /// Stopped because [`Stop::cancel`] fired.
+    Cancelled,
+    /// Stopped because [`Stop::shutdown`] fired.
+    Interrupted,
+    /// Never ran.
+    SpawnFailed { kind: SpawnFailure, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpawnFailure {
+    NotFound,
+    NotExecutable,
+    BadCwd,
+    Other,
+}
+
+impl Status {
+    /// The attempt reason recorded in the task's history.
+    pub fn reason(&self) -> AttemptReason {
+        match self {
+            Status::Exited(_) => AttemptReason::Exit,
+            Status::Signaled(_) => AttemptReason::Signal,
+            Status::TimedOut { .. } => AttemptReason::Timeout,
+            Status::Cancelled => AttemptReason::Cancelled,
+            Status::Interrupted => AttemptReason::Shutdown,
+            Status::SpawnFailed { .. } => AttemptReason::Spawn,
+        }
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Status::Exited(code) => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The signal that ended the leader, when one did and it is known.
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            Status::Signaled(sig) => Some(*sig),
+            Status::TimedOut { killed_with } => Some(*killed_with),
+            _ => None,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        *self == Status::Exited(0)
+    }
+
+    /// A one-line explanation: "exit code 3", "killed by signal 9 (SIGKILL)", …
+    pub fn describe(&self) -> String {
+        match self {
+            Status::Exited(code) => format!("exit code {code}"),
+            Status::Signaled(sig) => format!("killed by signal {}", signal_name(*sig)),
+            Status::TimedOut { killed_with } => {
+                format!("timed out (stopped with {})", signal_name(*killed_with))
+            }
+            Status::Cancelled => "cancelled".to_string(),
+            Status::Interrupted => "interrupted by daemon shutdown".to_string(),
+            Status::SpawnFailed { message, .. } => message.clone(),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match Signal::try_from(sig) {
+        Ok(s) => format!("{sig} ({})", s.as_str()),
+        Err(_) => sig.to_string(),
+    }
+}
+
+/// What happened to one attempt.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub status: Status,
+    /// The leader's pid; `None` if nothing was spawned.
+    pub pid: Option<i32>,
+    pub started_at_ms: UnixMs,
+    pub ended_at_ms: UnixMs,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+    /// Everything the child wrote, counted even where it was not kept.
+    pub stdout_total: u64,
+    pub stderr_total: u64,
+    /// Processes of the group outlived the leader and were killed.
+    pub stray_killed: bool,
+}
+
+impl Outcome {
+    fn not_started(status: Status, at: UnixMs) -> Outcome {
+        Outcome {
+            status,
+            pid: None,
+            started_at_ms: at,
+            ended_at_ms: at,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+            stdout_total: 0,
+            stderr_total: 0,
+            stray_killed: false,
+        }
+    }
+}
+
+/// Why taskd began stopping a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopWhy {
+    Timeout,
+    Cancel,
+    Shutdown,
+}
+
+/// SIGTERM → grace → SIGKILL against one group.
+#[derive(Debug)]
+struct Escalation {
+    pgid: i32,
+    why: Option<StopWhy>,
+    last_signal: Option<Signal>,
+    /// When to send SIGKILL; `None` once sent (or for an unrepresentably long grace).
+    kill_at: Option<Instant>,
+}
+
+impl Escalation {
+    fn begin(&mut self, why: StopWhy, grace: Duration) {
+        self.why = Some(why);
+        procs::signal_group(self.pgid, Signal::SIGTERM);
+        // A stopped member would keep SIGTERM pending until continued.
+        procs::signal_group(self.pgid, Signal::SIGCONT);
+        self.last_signal = Some(Signal::SIGTERM);
+        self.kill_at = Instant::now().checked_add(grace);
+    }
+
+    fn kill(&mut self) {
+        procs::signal_group(self.pgid, Signal::SIGKILL);
+        self.last_signal = Some(Signal::SIGKILL);
+        self.kill_at = None;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The spawned leader, for as long as `run` owns it.
+struct Leader {
+    tracked: TrackedChild,
+    reaped: bool,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        // `run` was dropped mid-task (its caller gave up on it): do not leave the group
+        // running. tokio's orphan queue reaps the leader; the registry entry goes with
+        // `tracked`.
+        if !self.reaped {
+            procs::signal_group(self.tracked.pid(), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs one attempt of one task and reports how it ended.
+///
+/// Never fails: a task that cannot start, fails, times out or is stopped is an [`Outcome`].
+/// `spawned` receives the leader's pid and start time as soon as it exists.
+///
+/// If the future is dropped before it completes, the task's group is SIGKILLed.
+pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned>>) -> Outcome {
+    let started_at_ms = now_ms();
+    if stop.cancel.is_cancelled() {
+        return Outcome::not_started(Status::Cancelled, started_at_ms);
+    }
+    if stop.shutdown.is_cancelled() {
+        return Outcome::not_started(Status::Interrupted, started_at_ms);
+    }
+    if let Some(status) = preflight(&spec) {
+        return Outcome::not_started(status, started_at_ms);
+    }
+
+    let (stdout_log, stderr_log) = match &spec.log {
+        Some(log) => (
+            open_log(&log.stdout_path, log.max_bytes),
+            open_log(&log.stderr_path, log.max_bytes),
+        ),
+        None => (None, None),
+    };
+
+    let mut cmd = command(&spec);
+    let (mut child, tracked) = match spawn_tracked(&mut cmd) {
+        Ok(pair) => pair,
+        Err(err) => return Outcome::not_started(spawn_failure(&spec, &err), started_at_ms),
+    };
+    drop(cmd);
+    let mut leader = Leader { tracked, reaped: false };
+    let pid = leader.tracked.pid();
+    let deadline = Instant::now().checked_add(spec.timeout);
+
+    if let Some(tx) = spawned {
+        // The leader cannot be reaped before we wait for it, so its /proc entry is there.
+        let start_time = procs::read_stat(pid).map_or(0, |st| st.start_time);
+        // The receiver may have lost interest; the task runs anyway.
+        let _ = tx.send(Spawned { pid, start_time });
+    }
+
+    let mut out = Capture::new(spec.tail_bytes, stdout_log);
+    let mut err = Capture::new(spec.tail_bytes, stderr_log);
+    let mut esc = Escalation { pgid: pid, why: None, last_signal: None, kill_at: None };
+    let mut stray_killed = false;
+
+    let waited = {
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let pumps = async {
+            tokio::join!(pump(stdout, &mut out), pump(stderr, &mut err));
+        };
+        tokio::pin!(pumps);
+        let stdin = feed(child.stdin.take(), &spec.stdin);
+        tokio::pin!(stdin);
+        let (mut pumps_done, mut stdin_done) = (false, false);
+
+        let waited = loop {
+            tokio::select! {
+                // A leader that has already exited wins over a stop that arrives at once.
+                biased;
+                res = child.wait() => break res,
+                _ = &mut pumps, if !pumps_done => pumps_done = true,
+                _ = &mut stdin, if !stdin_done => stdin_done = true,
+                _ = stop.cancel.cancelled(), if esc.why.is_none() => {
+                    esc.begin(StopWhy::Cancel, spec.kill_grace);
+                }
+                _ = sleep_until_opt(deadline), if esc.why.is_none() => {
+                    esc.begin(StopWhy::Timeout, spec.kill_grace);
+                }
+                _ = stop.shutdown.cancelled(), if esc.why.is_none() => {
+                    esc.begin(StopWhy::Shutdown, spec.kill_grace);
+                }
+                _ = sleep_until_opt(esc.kill_at), if esc.kill_at.is_some() => esc.kill(),
+            }
+        };
+        // Either tokio reaped the leader, or it never will (someone else did): in both cases
+        // the pid is no longer ours to guard.
+        leader.reaped = true;
+        drop(leader);
+
+        // The leader is gone; its pipes normally are too. A background member may still hold
+        // them: give it a moment, then kill the group and take what is buffered.
+        if !pumps_done && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err() {
+            stray_killed = procs::signal_group(pid, Signal::SIGKILL);
+            if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps).await.is_err() {
+                tracing::warn!(pid, "task output pipes stay open after its process group was killed (a process left the group); not reading them any more");
+            }
+        } else {
+            // Nothing of the group may survive the task, whether or not it holds a pipe.
+            // (Sent after the leader was reaped: the group id cannot have been reused while
+            // the group has members, and an empty group makes this a harmless ESRCH.)
+            stray_killed = procs::signal_group(pid, Signal::SIGKILL);
+        }
+        waited
+    };
+
+    let status = match (esc.why, &waited) {
+        (Some(StopWhy::Cancel), _) => Status::Cancelled,
+        (Some(StopWhy::Shutdown), _) => Status::Interrupted,
+        (Some(StopWhy::Timeout), _) => Status::TimedOut {
+            killed_with: esc.last_signal.unwrap_or(Signal::SIGTERM) as i32,
+        },
+        (None, Ok(st)) => match (st.code(), st.signal()) {
+            (Some(code), _) => Status::Exited(code),
+            (None, Some(sig)) => Status::Signaled(sig),
+            (None, None) => Status::Exited(-1),
+        },
+        (None, Err(e)) => {
+            // Only possible if something else reaped our child (a waitpid(-1) somewhere).
+            tracing::error!(pid, error = %e, "failed to wait for task process; its exit status is lost");
+            Status::Exited(-1)
+        }
+    };
+    tracing::debug!(pid, ?status, stray_killed, "task process ended");
+
+    Outcome {
+        status,
+        pid: Some(pid),
+        started_at_ms,
+        ended_at_ms: now_ms(),
+        stdout_total: out.total,
+        stderr_total: err.total,
+        stdout_tail: out.tail.into_vec(),
+        stderr_tail: err.tail.into_vec(),
+        stray_killed,
+    }
+}
+
+/// Checks what would make the spawn fail with a misleading error.
+fn preflight(spec: &Spec) -> Option<Status> {
+    if spec.argv.is_empty() {
+        return Some(Status::SpawnFailed {
+            kind: SpawnFailure::Other,
+            message: "empty command: no program to run".to_string(),
+        });
+    }
+    // A missing cwd fails the spawn with ENOENT, which would read as "program not found".
+    let cwd = spec.cwd.as_ref()?;
+    let failure = |message: String| Status::SpawnFailed { kind: SpawnFailure::BadCwd, message };
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some(failure(format!("cwd {} is not a directory", cwd.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Some(failure(format!("cwd {} does not exist", cwd.display())))
+        }
+        Err(e) => Some(failure(format!("cwd {} is not usable: {e}", cwd.display()))),
+    }
+}
+
+fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
+    match LogFile::open(path, max) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // The output tail is still kept; a missing log is not worth failing the task over.
+            tracing::warn!(path = %path.display(), error = %e, "failed to open task output log; running without it");
+            None
+        }
+    }
+}
+
+fn command(spec: &Spec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        // Its own group, so that signals reach everything the task started. Without a
+        // pre_exec hook this keeps std's posix_spawn fast path.
+        .process_group(0)
+        .kill_on_drop(false)
+        .stdin(if spec.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(user) = spec.user.as_ref().filter(|u| !u.is_current()) {
+        // SAFETY: the hook only makes async-signal-safe system calls (see privilege_drop).
+        unsafe {
+            cmd.pre_exec(user.privilege_drop());
+        }
+    }
+    cmd
+}
+
+fn spawn_failure(spec: &Spec, err: &io::Error) -> Status {
+    let program = &spec.argv[0];
+    let (kind, message) = match err.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
+            // A script whose `#!` interpreter is missing also gives ENOENT.
+            let exists = program.contains('/')
+                && spec
+                    .cwd
+                    .as_ref()
+                    .map_or_else(|| PathBuf::from(program), |cwd| cwd.join(program))
+                    .is_file();
+            if exists {
+                (SpawnFailure::NotFound, format!("program not found: the interpreter of {program} does not exist"))
+            } else {
+                (SpawnFailure::NotFound, format!("program not found: {program}"))
+            }
+        }
+        Some(libc::EACCES) => (
+            SpawnFailure::NotExecutable,
+            format!("permission denied (not executable): {program}"),
+        ),
+        Some(libc::ENOEXEC) => (
+            SpawnFailure::NotExecutable,
+            format!("not an executable format: {program}"),
+        ),
+        _ => match &spec.user {
+            Some(user) if !user.is_current() => (
+                SpawnFailure::Other,
+                format!("failed to start {program} as user {}: {err}", user.name),
+            ),
+            _ => (SpawnFailure::Other, format!("failed to start {program}: {err}")),
+        },
+    };
+    Status::SpawnFailed { kind, message }
+}

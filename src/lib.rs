@@ -1,0 +1,23 @@
+//! taskd: a job-queue daemon that runs programs as background tasks.
+//!
+//! The map of the crate:
+//!
+//! - [`model`]: shared types (task ids, queue names, states, records). Knows nothing else.
+//! - [`config`]: reads `taskd.toml` raw, then validates it into a [`config::Config`] with
+//!   defaults applied; every error names the file, line, column and key.
+//! - [`broker`]: the [`broker::Broker`] trait (the system of record) and its backends
+//!   (SQLite today). Knows tasks and leases, never processes.
+//! - [`executor`]: runs one attempt of one task as a process group: pipes, output tails,
+//!   timeout, SIGTERM → grace → SIGKILL. Knows processes, never brokers.
+//! - [`supervisor`]: owns the runtime state of a daemon: per-queue slots, claiming, retries
+//!   with backoff, cancellation, draining. Glues broker records to executor runs.
+//! - [`daemon`]: the only place that wires config + broker + supervisor together (`taskd start`).
+//! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod executor;
+pub mod model;
+pub mod supervisor;

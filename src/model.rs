@@ -1,0 +1,330 @@
+//! Shared vocabulary: ids, names, task states, task records and attempt records.
+//!
+//! Every module speaks these types; none of them knows about SQLite, processes or the CLI.
+//! Times are milliseconds since the Unix epoch (`UnixMs`), the same on every node.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMs = i64;
+
+/// The current wall-clock time in [`UnixMs`].
+pub fn now_ms() -> UnixMs {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    d.as_millis() as UnixMs
+}
+
+/// A task's id: a UUIDv7, so ids sort roughly by creation time.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub uuid::Uuid);
+
+impl TaskId {
+    pub fn new() -> Self {
+        TaskId(uuid::Uuid::now_v7())
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        uuid::Uuid::parse_str(s.trim())
+            .map(TaskId)
+            .map_err(|_| format!("`{s}` is not a task id (expected a UUID such as 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20)"))
+    }
+}
+
+/// A queue's name: 1–64 characters of ASCII letters, digits, `_`, `-` and `.`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct QueueName(String);
+
+impl QueueName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Why `s` cannot be a queue name, if it cannot.
+    pub fn check(s: &str) -> Result<(), String> {
+        if s.is_empty() || s.len() > 64 {
+            return Err("a queue name must be 1 to 64 characters long".into());
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(format!(
+                "a queue name may hold only ASCII letters, digits, `_`, `-` and `.`, not {c:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<String> for QueueName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        QueueName::check(&s)?;
+        Ok(QueueName(s))
+    }
+}
+
+impl FromStr for QueueName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        QueueName::try_from(s.to_string())
+    }
+}
+
+impl From<QueueName> for String {
+    fn from(q: QueueName) -> String {
+        q.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Where a task is in its life. See PRODUCT.md section 4.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Scheduled,
+    Queued,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Scheduled,
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Retrying,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Retrying => "retrying",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed and cancelled tasks never change again on their own.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown state `{s}` (one of: scheduled, queued, running, retrying, succeeded, failed, cancelled)"
+                )
+            })
+    }
+}
+
+/// Why an attempt ended. Stable names: they appear in `taskd show` and the JSON output.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptReason {
+    /// The program exited by itself (code 0 or not).
+    Exit,
+    /// The program was killed by a signal that taskd did not send.
+    Signal,
+    /// The program ran past its timeout and taskd killed its process group.
+    Timeout,
+    /// The daemon running it went away; the attempt is not charged.
+    Lost,
+    /// The program could not be started (not found, not executable, bad cwd).
+    Spawn,
+    /// An operator cancelled the task while it ran.
+    Cancelled,
+    /// The daemon shut down and put the task back; the attempt is not charged.
+    Shutdown,
+    /// The task could not even be prepared (a payload field its command needs is missing).
+    Invalid,
+}
+
+impl AttemptReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptReason::Exit => "exit",
+            AttemptReason::Signal => "signal",
+            AttemptReason::Timeout => "timeout",
+            AttemptReason::Lost => "lost",
+            AttemptReason::Spawn => "spawn",
+            AttemptReason::Cancelled => "cancelled",
+            AttemptReason::Shutdown => "shutdown",
+            AttemptReason::Invalid => "invalid",
+        }
+    }
+
+    /// Lost and shutdown attempts are not the task's fault and do not use up its budget.
+    pub fn is_charged(self) -> bool {
+        !matches!(self, AttemptReason::Lost | AttemptReason::Shutdown)
+    }
+}
+
+impl fmt::Display for AttemptReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttemptReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "exit" => AttemptReason::Exit,
+            "signal" => AttemptReason::Signal,
+            "timeout" => AttemptReason::Timeout,
+            "lost" => AttemptReason::Lost,
+            "spawn" => AttemptReason::Spawn,
+            "cancelled" => AttemptReason::Cancelled,
+            "shutdown" => AttemptReason::Shutdown,
+            "invalid" => AttemptReason::Invalid,
+            _ => return Err(format!("unknown attempt reason `{s}`")),
+        })
+    }
+}
+
+/// What a producer asks for: one task to enqueue.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub queue: QueueName,
+    /// The payload as JSON text (already validated by the caller).
+    pub payload: String,
+    /// Extra argv appended to the queue's command.
+    pub args: Vec<String>,
+    /// Higher runs first among ready tasks of one queue.
+    pub priority: i32,
+    /// Not before this time; `None` means now.
+    pub run_at: Option<UnixMs>,
+    /// At most one waiting or running task per queue holds a given key.
+    pub unique_key: Option<String>,
+}
+
+impl NewTask {
+    pub fn new(queue: QueueName, payload: String) -> Self {
+        NewTask {
+            id: TaskId::new(),
+            queue,
+            payload,
+            args: Vec::new(),
+            priority: 0,
+            run_at: None,
+            unique_key: None,
+        }
+    }
+}
+
+/// A task as the broker keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub queue: QueueName,
+    pub state: TaskState,
+    pub payload: serde_json::Value,
+    pub args: Vec<String>,
+    pub priority: i32,
+    pub unique_key: Option<String>,
+    /// When it becomes (or became) ready.
+    pub run_at: UnixMs,
+    /// Charged attempts so far (lost and shutdown attempts are not counted).
+    pub attempts: u32,
+    pub created_at: UnixMs,
+    pub updated_at: UnixMs,
+    pub finished_at: Option<UnixMs>,
+    /// The last attempt's error, for failed and retrying tasks.
+    pub last_error: Option<String>,
+    /// An operator asked to cancel this running task.
+    pub cancel_requested: bool,
+    /// The node holding the lease, while running.
+    pub node: Option<String>,
+}
+
+/// One run of a task, kept in its history.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The attempt number this run had (`TASKD_ATTEMPT`).
+    pub number: u32,
+    pub node: String,
+    pub pid: Option<i32>,
+    pub started_at: UnixMs,
+    pub ended_at: UnixMs,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: Option<AttemptReason>,
+    /// A one-line human explanation ("exit code 3", "timed out after 2m").
+    pub error: Option<String>,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+}
+
+/// A task with its whole attempt history, for `taskd show`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskDetail {
+    #[serde(flatten)]
+    pub task: TaskRecord,
+    pub history: Vec<AttemptRecord>,
+}

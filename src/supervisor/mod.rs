@@ -1,0 +1,404 @@
+//! The supervisor: owns a daemon's runtime state and turns claimed tasks into runs.
+//!
+//! One dispatcher per queue claims up to the queue's free slots whenever it is kicked (a
+//! producer's wake-up, a finished task, a due scheduled task, a fallback tick), and starts
+//! one run per task. A run asks [`prepare`] for the executor spec, hands it to the
+//! [`crate::executor`], turns the outcome into an attempt record and a [`Finish`] with
+//! [`policy`], and records it in the broker. The supervisor never touches SQLite or a
+//! process directly: it speaks the broker trait and the executor API.
+//!
+//! Draining (first SIGTERM): dispatchers stop claiming; runs finish on their own until the
+//! grace ends, then are interrupted and put back as `queued` without charging an attempt.
+
+pub mod policy;
+pub mod prepare;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
+use crate::config::Config;
+use crate::executor::{self, Stop};
+use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
+use prepare::Prepared;
+
+/// How long a claim holds a task before another node may take it over; renewed every third.
+pub const LEASE: Duration = Duration::from_secs(60);
+/// The safety net behind wake-ups: a dispatcher looks at its queue at least this often.
+const FALLBACK_TICK: Duration = Duration::from_secs(2);
+/// Most tasks one claim takes.
+const CLAIM_BATCH: usize = 64;
+
+struct QueueRt {
+    name: QueueName,
+    prepared: Mutex<Arc<Prepared>>,
+    /// Processes of this queue alive now.
+    running: AtomicUsize,
+    kick: Notify,
+    /// The queue left the config: stop claiming, let its runs finish.
+    removed: CancellationToken,
+}
+
+impl QueueRt {
+    fn prepared(&self) -> Arc<Prepared> {
+        self.prepared.lock().expect("queue config lock is never poisoned").clone()
+    }
+}
+
+struct RunningEntry {
+    queue: QueueName,
+    lease: Lease,
+    cancel: CancellationToken,
+}
+
+/// A snapshot for logs and status lines.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub queues: usize,
+    pub running: usize,
+}
+
+pub struct Supervisor {
+    broker: Arc<dyn Broker>,
+    node: String,
+    queues: Mutex<HashMap<QueueName, Arc<QueueRt>>>,
+    running: Mutex<HashMap<TaskId, RunningEntry>>,
+    /// Stop claiming (drain).
+    draining: CancellationToken,
+    /// Stop running tasks now (end of the grace, or a second signal).
+    interrupt: CancellationToken,
+    /// Every run, so that shutdown waits for their results to be recorded.
+    runs: TaskTracker,
+    /// A retry or scheduled task may have moved the next due time earlier.
+    reschedule: Notify,
+}
+
+impl Supervisor {
+    pub fn new(broker: Arc<dyn Broker>, node: String) -> Arc<Self> {
+        Arc::new(Supervisor {
+            broker,
+            node,
+            queues: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            draining: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+            runs: TaskTracker::new(),
+            reschedule: Notify::new(),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            queues: self.queues.lock().expect("not poisoned").len(),
+            running: self.running.lock().expect("not poisoned").len(),
+        }
+    }
+
+    /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
+    pub fn start(self: &Arc<Self>, config: &Config, wakeups: Wakeups) {
+        self.apply(config);
+        let me = self.clone();
+        tokio::spawn(async move { me.wake_loop(wakeups).await });
+        let me = self.clone();
+        tokio::spawn(async move { me.schedule_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.lease_loop().await });
+    }
+
+    /// Apply a (new) config: changed queues take the new settings for their next task,
+    /// new queues start, removed queues drain. Running tasks are left alone.
+    pub fn apply(self: &Arc<Self>, config: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut queues = self.queues.lock().expect("not poisoned");
+        for (name, qc) in &config.queues {
+            let prepared = Arc::new(Prepared::new(Arc::new(qc.clone())));
+            match queues.get(name) {
+                Some(rt) => {
+                    let old = rt.prepared();
+                    if format!("{:?}", old.config) != format!("{qc:?}") {
+                        changes.push(format!("queue {name}: updated"));
+                    }
+                    *rt.prepared.lock().expect("not poisoned") = prepared;
+                    rt.kick.notify_one();
+                }
+                None => {
+                    let rt = Arc::new(QueueRt {
+                        name: name.clone(),
+                        prepared: Mutex::new(prepared),
+                        running: AtomicUsize::new(0),
+                        kick: Notify::new(),
+                        removed: CancellationToken::new(),
+                    });
+                    rt.kick.notify_one();
+                    queues.insert(name.clone(), rt.clone());
+                    let me = self.clone();
+                    tokio::spawn(async move { me.dispatch(rt).await });
+                    changes.push(format!("queue {name}: started"));
+                }
+            }
+        }
+        let gone: Vec<QueueName> = queues.keys().filter(|n| !config.queues.contains_key(*n)).cloned().collect();
+        for name in gone {
+            if let Some(rt) = queues.remove(&name) {
+                rt.removed.cancel();
+                changes.push(format!("queue {name}: removed (its running tasks finish)"));
+            }
+        }
+        changes
+    }
+
+    fn kick_all(&self) {
+        for rt in self.queues.lock().expect("not poisoned").values() {
+            rt.kick.notify_one();
+        }
+    }
+
+    /// One queue's claim loop.
+    async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
+        let mut error_backoff = Duration::from_millis(100);
+        loop {
+            if self.draining.is_cancelled() || q.removed.is_cancelled() {
+                return;
+            }
+            let prepared = q.prepared();
+            let free = prepared.config.concurrency.saturating_sub(q.running.load(Ordering::Acquire));
+            let want = free.min(CLAIM_BATCH);
+            if want > 0 {
+                match self.broker.claim(&self.node, &q.name, want, LEASE).await {
+                    Ok(claimed) => {
+                        error_backoff = Duration::from_millis(100);
+                        let got = claimed.len();
+                        for c in claimed {
+                            self.launch(&q, c);
+                        }
+                        if got == want {
+                            continue; // more may be waiting: look again while slots are free
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = %q.name, error = %e, "failed to claim tasks; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(error_backoff) => {}
+                            _ = self.draining.cancelled() => return,
+                        }
+                        error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            // The queue is dry or every slot is busy: wait for news.
+            tokio::select! {
+                _ = q.kick.notified() => {}
+                _ = tokio::time::sleep(FALLBACK_TICK) => {}
+                _ = self.draining.cancelled() => return,
+                _ = q.removed.cancelled() => return,
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed) {
+        q.running.fetch_add(1, Ordering::AcqRel);
+        let cancel = CancellationToken::new();
+        self.running.lock().expect("not poisoned").insert(
+            c.task.id,
+            RunningEntry {
+                queue: q.name.clone(),
+                lease: c.lease.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let me = self.clone();
+        let q = q.clone();
+        self.runs.spawn(async move { me.run_one(q, c, cancel).await });
+    }
+
+    /// Run one attempt of one claimed task and record its result.
+    async fn run_one(self: Arc<Self>, q: Arc<QueueRt>, c: Claimed, cancel: CancellationToken) {
+        let prepared = q.prepared();
+        let config = prepared.config.clone();
+        let started_at = now_ms();
+        let (record, finish) = match prepared.spec(&c.task, c.attempt) {
+            Err(message) => {
+                q.running.fetch_sub(1, Ordering::AcqRel);
+                q.kick.notify_one();
+                let attempt = AttemptRecord {
+                    number: c.attempt,
+                    node: self.node.clone(),
+                    started_at,
+                    ended_at: now_ms(),
+                    reason: Some(AttemptReason::Invalid),
+                    error: Some(message),
+                    ..Default::default()
+                };
+                (attempt, Finish::Failed)
+            }
+            Ok(spec) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let broker = self.broker.clone();
+                let lease = c.lease.clone();
+                tokio::spawn(async move {
+                    if let Ok(s) = rx.await {
+                        let s: executor::Spawned = s;
+                        if let Err(e) = broker.started(&lease, s.pid, s.start_time).await {
+                            tracing::warn!(task = %lease.task, error = %e, "failed to record the task's pid");
+                        }
+                    }
+                });
+                let stop = Stop {
+                    cancel,
+                    shutdown: self.interrupt.clone(),
+                };
+                let outcome = executor::run(spec, stop, Some(tx)).await;
+                // The process is gone: free the slot now so the next claim can share a
+                // commit with this result.
+                q.running.fetch_sub(1, Ordering::AcqRel);
+                q.kick.notify_one();
+                let mut rng = rand::thread_rng();
+                policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
+            }
+        };
+        if matches!(record.reason, Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)) {
+            tracing::warn!(task = %c.task.id, queue = %q.name, error = record.error.as_deref().unwrap_or(""), "task cannot run");
+        } else {
+            tracing::debug!(task = %c.task.id, queue = %q.name, reason = ?record.reason, next = ?finish, "attempt finished");
+        }
+        self.record(&c.lease, record, finish).await;
+        self.running.lock().expect("not poisoned").remove(&c.task.id);
+        if let Finish::Retry { .. } = finish {
+            self.reschedule.notify_one();
+        }
+    }
+
+    /// Record an attempt, retrying while the broker refuses writes (a full disk, a broker
+    /// that went away): the result is not dropped while the daemon lives.
+    async fn record(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.broker.finish(lease, attempt.clone(), finish).await {
+                Ok(()) => return,
+                Err(BrokerError::LeaseLost(id)) => {
+                    tracing::warn!(task = %id, "the task's lease was taken over; its result is dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Broker wake-ups: new work kicks every queue; cancel requests are looked up.
+    async fn wake_loop(self: Arc<Self>, w: Wakeups) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = w.work.notified() => {
+                    self.kick_all();
+                    self.reschedule.notify_one();
+                }
+                _ = w.cancel.notified() => self.check_cancels().await,
+                _ = tick.tick() => self.check_cancels().await,
+                _ = self.interrupt.cancelled() => return,
+            }
+        }
+    }
+
+    async fn check_cancels(&self) {
+        if self.running.lock().expect("not poisoned").is_empty() {
+            return;
+        }
+        match self.broker.cancel_requested(&self.node).await {
+            Ok(ids) => {
+                let running = self.running.lock().expect("not poisoned");
+                for id in ids {
+                    if let Some(entry) = running.get(&id) {
+                        if !entry.cancel.is_cancelled() {
+                            tracing::info!(task = %id, queue = %entry.queue, "cancelling a running task");
+                            entry.cancel.cancel();
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to look up cancel requests"),
+        }
+    }
+
+    /// Kick the queues when the earliest scheduled or retrying task comes due.
+    async fn schedule_loop(self: Arc<Self>) {
+        loop {
+            let wait = match self.broker.next_due().await {
+                Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(0) as u64),
+                Ok(None) => Duration::from_secs(60),
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to read the next due time");
+                    Duration::from_secs(1)
+                }
+            };
+            if wait.is_zero() {
+                self.kick_all();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(5)).min(Duration::from_secs(60))) => self.kick_all(),
+                _ = self.reschedule.notified() => {}
+                _ = self.draining.cancelled() => return,
+            }
+        }
+    }
+
+    /// Keep this node's leases alive.
+    async fn lease_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE / 3) => {}
+                _ = self.interrupt.cancelled() => return,
+            }
+            let leases: Vec<Lease> = self.running.lock().expect("not poisoned").values().map(|e| e.lease.clone()).collect();
+            if leases.is_empty() {
+                continue;
+            }
+            match self.broker.renew(&leases, LEASE).await {
+                Ok(lost) => {
+                    for id in lost {
+                        tracing::warn!(task = %id, "lost the lease on a running task");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "failed to renew leases"),
+            }
+        }
+    }
+
+    /// Drain: stop claiming, give running tasks `grace` to finish, then interrupt them and
+    /// put them back. Returns once every result is recorded. `force` ends the grace early.
+    pub async fn drain(&self, grace: Duration, force: CancellationToken) {
+        self.draining.cancel();
+        self.runs.close();
+        let running = self.snapshot().running;
+        if running > 0 {
+            tracing::info!(running, grace = %humantime::format_duration(grace), "draining: waiting for running tasks");
+        }
+        tokio::select! {
+            _ = self.runs.wait() => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(running = self.snapshot().running, "shutdown grace over: stopping running tasks and putting them back");
+            }
+            _ = force.cancelled() => {
+                tracing::warn!("second signal: stopping running tasks now and putting them back");
+            }
+        }
+        self.interrupt.cancel();
+        self.runs.wait().await;
+    }
+}
