@@ -77,9 +77,7 @@ impl Backoff {
                     // is reached long before; saturate instead of computing the power.
                     self.max
                 } else {
-                    self.base
-                        .checked_mul(1u32 << doublings)
-                        .unwrap_or(self.max)
+                    self.base.checked_mul(1u32 << doublings).unwrap_or(self.max)
                 }
             }
         };
@@ -131,7 +129,10 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..1000 {
             let d = b.delay(3, &mut rng);
-            assert!(d >= Duration::from_secs(20) && d <= Duration::from_secs(40), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(20) && d <= Duration::from_secs(40),
+                "{d:?}"
+            );
         }
         // One nanosecond cannot halve to zero.
         b.base = Duration::from_nanos(1);

@@ -206,7 +206,10 @@ mod tests {
         let lit = ArgTemplate::parse("plain").unwrap();
         assert!(lit.is_literal());
         assert_eq!(lit.render(&json!(null)).unwrap(), "plain");
-        assert_eq!(ArgTemplate::parse("").unwrap().render(&json!({})).unwrap(), "");
+        assert_eq!(
+            ArgTemplate::parse("").unwrap().render(&json!({})).unwrap(),
+            ""
+        );
     }
 
     #[test]
@@ -214,7 +217,10 @@ mod tests {
         let e = ArgTemplate::parse("{}").unwrap_err();
         assert!(e.contains("empty placeholder"), "{e}");
         let e = ArgTemplate::parse("a{1x}").unwrap_err();
-        assert!(e.contains("`{1x}`") && e.contains("start with a letter"), "{e}");
+        assert!(
+            e.contains("`{1x}`") && e.contains("start with a letter"),
+            "{e}"
+        );
         let e = ArgTemplate::parse("{a b}").unwrap_err();
         assert!(e.contains("`{a b}`") && e.contains("' '"), "{e}");
         let e = ArgTemplate::parse("x{size").unwrap_err();

@@ -109,7 +109,10 @@ fn product_example_is_valid() {
         panic!("thumbnails runs a command")
     };
     let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
-    assert_eq!(argv, ["/usr/local/bin/make-thumb", "--size", "{size}", "{src}"]);
+    assert_eq!(
+        argv,
+        ["/usr/local/bin/make-thumb", "--size", "{size}", "{src}"]
+    );
     assert_eq!(
         t.required_fields().into_iter().collect::<Vec<_>>(),
         ["size", "src"]
@@ -117,7 +120,10 @@ fn product_example_is_valid() {
     assert_eq!(t.output_tail, 64 * 1024);
     assert_eq!(t.log_max, 10 * 1024 * 1024);
     assert!(t.fail_exit_codes.is_empty() && t.env.is_empty());
-    assert_eq!((&t.cwd, &t.user, &t.group, &t.log_dir), (&None, &None, &None, &None));
+    assert_eq!(
+        (&t.cwd, &t.user, &t.group, &t.log_dir),
+        (&None, &None, &None, &None)
+    );
 
     let r = &c.queues[&q("reports")];
     assert_eq!(r.concurrency, 1);
@@ -125,13 +131,15 @@ fn product_example_is_valid() {
     assert_eq!(
         r.program,
         Program::Shell(
-            "/opt/reports/build.sh \"$TASKD_ARG_month\" | gzip > /srv/out/$TASKD_TASK_ID.gz"
-                .into()
+            "/opt/reports/build.sh \"$TASKD_ARG_month\" | gzip > /srv/out/$TASKD_TASK_ID.gz".into()
         )
     );
     assert!(r.required_fields().is_empty());
     assert_eq!(r.user.as_deref(), Some("root"));
-    assert_eq!(r.env.get("REPORT_DIR").map(String::as_str), Some("/srv/reports"));
+    assert_eq!(
+        r.env.get("REPORT_DIR").map(String::as_str),
+        Some("/srv/reports")
+    );
     assert_eq!(r.cwd, Some(PathBuf::from("/opt/reports")));
 
     assert_eq!(c.queues[&q("emails")].concurrency, 8);
@@ -156,7 +164,11 @@ fn empty_file_takes_every_default() {
 #[test]
 fn state_dir_rules() {
     // $STATE_DIRECTORY, first entry, when the file does not say.
-    let c = ok_at("", "/srv/app/taskd.toml", Some("/var/lib/taskd:/var/lib/other"));
+    let c = ok_at(
+        "",
+        "/srv/app/taskd.toml",
+        Some("/var/lib/taskd:/var/lib/other"),
+    );
     assert_eq!(c.state_dir, PathBuf::from("/var/lib/taskd"));
     assert_eq!(
         c.broker,
@@ -171,7 +183,12 @@ fn state_dir_rules() {
         Some("/var/lib/taskd"),
     );
     assert_eq!(c.state_dir, PathBuf::from("/srv/app/data/state"));
-    assert_eq!(c.broker, BrokerUrl::Sqlite { path: "/srv/app/q.db".into() });
+    assert_eq!(
+        c.broker,
+        BrokerUrl::Sqlite {
+            path: "/srv/app/q.db".into()
+        }
+    );
     // A relative config path is made absolute.
     let c = ok_at("", "taskd.toml", None);
     assert!(c.state_dir.is_absolute(), "{:?}", c.state_dir);
@@ -237,7 +254,10 @@ backoff.jitter = false
     assert_eq!(a.kill_grace, secs(3));
     assert_eq!(a.fail_exit_codes, [64, 65]);
     assert_eq!(
-        a.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        a.env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>(),
         ["A=1", "B=queue", "C=3"]
     );
     assert_eq!(a.cwd, Some(PathBuf::from("/srv")));
@@ -319,6 +339,16 @@ fn syntax_errors_have_a_position() {
 }
 
 #[test]
+fn unquoted_duration_gets_a_hint() {
+    let d = one("[queues.a]\nshell = \"true\"\ntimeout = 5m # two minutes\n");
+    assert_eq!(d.line, 3);
+    assert_eq!(
+        d.fix.as_deref(),
+        Some("durations and sizes are strings: write `timeout = \"5m\"`")
+    );
+}
+
+#[test]
 fn duplicate_queue() {
     let d = one("[queues.a]\nshell = \"true\"\n\n[queues.a]\nshell = \"false\"\n");
     assert_eq!(d.message, "queue `a` is defined twice");
@@ -344,7 +374,10 @@ fn unknown_keys() {
     let d = one("[defaults]\nzzz = 1\n");
     at(&d, 2, 1, "defaults.zzz");
     let fix = d.fix.unwrap();
-    assert!(fix.contains("concurrency") && fix.contains("log_max"), "{fix}");
+    assert!(
+        fix.contains("concurrency") && fix.contains("log_max"),
+        "{fix}"
+    );
 
     let d = one("[queue.a]\nshell = \"true\"\n");
     at(&d, 1, 2, "queue");
@@ -371,7 +404,10 @@ fn wrong_types() {
     let d = one("[queues.a]\nshell = \"true\"\nconcurrency = \"4\"\n");
     at(&d, 3, 15, "queues.a.concurrency");
     assert_eq!(d.message, "concurrency must be an integer, found a string");
-    assert_eq!(d.fix.as_deref(), Some("remove the quotes: `concurrency = 4`"));
+    assert_eq!(
+        d.fix.as_deref(),
+        Some("remove the quotes: `concurrency = 4`")
+    );
 
     let d = one("[queues.a]\nshell = \"true\"\ntimeout = 30\n");
     at(&d, 3, 11, "queues.a.timeout");
@@ -386,7 +422,10 @@ fn wrong_types() {
     assert_eq!(d.message, "shell must be a string, found an array");
 
     let d = one("[queues.a]\ncommand = \"/bin/true\"\n");
-    assert!(d.fix.unwrap().contains("shell"), "a string command hints at `shell`");
+    assert!(
+        d.fix.unwrap().contains("shell"),
+        "a string command hints at `shell`"
+    );
 
     let d = one("[queues.a]\nshell = \"true\"\nbackoff = \"exponential\"\n");
     assert_eq!(d.message, "backoff must be a table, found a string");
@@ -406,7 +445,10 @@ fn wrong_types() {
 
     let d = one("[queues.a]\nshell = \"true\"\nenv = { A = 1 }\n");
     at(&d, 3, 13, "queues.a.env.A");
-    assert_eq!(d.fix.as_deref(), Some("write the value as a string: `A = \"1\"`"));
+    assert_eq!(
+        d.fix.as_deref(),
+        Some("write the value as a string: `A = \"1\"`")
+    );
 
     let d = one("[queues.a]\nshell = \"true\"\nfail_exit_codes = [1, \"2\"]\n");
     at(&d, 3, 23, "queues.a.fail_exit_codes[1]");
@@ -418,13 +460,33 @@ fn impossible_numbers() {
         ("concurrency = -3", 15, "concurrency", "cannot be negative"),
         ("concurrency = 10001", 15, "concurrency", "at most 10000"),
         ("max_attempts = 0", 16, "max_attempts", "at least 1"),
-        ("max_attempts = 1001", 16, "max_attempts", "never retries without limit"),
-        ("fail_exit_codes = [0]", 20, "fail_exit_codes[0]", "0 means success"),
-        ("fail_exit_codes = [2, 256]", 23, "fail_exit_codes[1]", "1 to 255"),
+        (
+            "max_attempts = 1001",
+            16,
+            "max_attempts",
+            "never retries without limit",
+        ),
+        (
+            "fail_exit_codes = [0]",
+            20,
+            "fail_exit_codes[0]",
+            "0 means success",
+        ),
+        (
+            "fail_exit_codes = [2, 256]",
+            23,
+            "fail_exit_codes[1]",
+            "1 to 255",
+        ),
         ("output_tail = \"17MiB\"", 15, "output_tail", "too large"),
         ("output_tail = -1", 15, "output_tail", "cannot be negative"),
         ("log_max = 0", 11, "log_max", "more than zero"),
-        ("log_max = \"10 parsecs\"", 11, "log_max", "unknown unit `parsecs`"),
+        (
+            "log_max = \"10 parsecs\"",
+            11,
+            "log_max",
+            "unknown unit `parsecs`",
+        ),
     ];
     for (line, column, key, needle) in cases {
         let d = one(&format!("[queues.a]\nshell = \"true\"\n{line}\n"));
@@ -469,7 +531,10 @@ fn backoff_base_above_max() {
     let d = one("[queues.a]\nshell = \"true\"\nbackoff = { base = \"x\", max = \"1s\" }\n");
     assert!(d.message.contains("not a duration"), "{d}");
     let d = one("[queues.a]\nshell = \"true\"\nbackoff = { kind = \"exponental\" }\n");
-    assert_eq!(d.fix.as_deref(), Some("did you mean `kind = \"exponential\"`?"));
+    assert_eq!(
+        d.fix.as_deref(),
+        Some("did you mean `kind = \"exponential\"`?")
+    );
 }
 
 #[test]
@@ -494,7 +559,10 @@ fn program_errors() {
 
     let d = one("[queues.a]\ncommand = [\"/bin/echo\", \"{1x}\"]\n");
     at(&d, 2, 25, "queues.a.command[1]");
-    assert!(d.message.contains("`{1x}`") && d.message.contains("letter"), "{d}");
+    assert!(
+        d.message.contains("`{1x}`") && d.message.contains("letter"),
+        "{d}"
+    );
 
     let d = one("[queues.a]\ncommand = [\"{prog}\"]\n");
     at(&d, 2, 12, "queues.a.command[0]");
@@ -542,7 +610,7 @@ fn accounts_paths_env_listen_broker() {
     at(&d, 2, 11, "defaults.log_dir");
 
     let d = one("[queues.a]\nshell = \"true\"\nenv = { \"BAD-NAME\" = \"x\" }\n");
-    at(&d, 3, 9, "queues.a.env.\"BAD-NAME\"");
+    at(&d, 3, 9, "queues.a.env.BAD-NAME");
     assert_eq!(d.fix.as_deref(), Some("rename it, e.g. `BAD_NAME`"));
 
     let d = one("[defaults]\nenv = { TASKD_QUEUE = \"x\" }\n");
@@ -553,7 +621,10 @@ fn accounts_paths_env_listen_broker() {
 
     let d = one("[taskd]\nbroker = \"redis://127.0.0.1:6379/0\"\n");
     at(&d, 2, 10, "taskd.broker");
-    assert_eq!(d.message, "the redis broker is not available in this version");
+    assert_eq!(
+        d.message,
+        "the redis broker is not available in this version"
+    );
     assert_eq!(
         d.fix.as_deref(),
         Some("remove `broker` to use the embedded SQLite store")
@@ -606,7 +677,9 @@ user = "no-such-user-taskd"
 
 #[test]
 fn columns_count_characters() {
-    let d = one("[queues.a]\nshell = \"true\"\nenv = { É = \"x\" }\n# é\ntimeout = \"0s\"\n");
-    // Only the timeout is wrong? No: `É` is not a valid env name either.
-    let _ = d;
+    let d = errs("[queues.a]\nshell = \"true\"\nenv = { \"é\" = \"x\", A = 1 }\n");
+    assert_eq!(d.len(), 2, "{d:#?}");
+    at(&d[0], 3, 9, "queues.a.env.\"é\"");
+    // `é` is two bytes but one column.
+    at(&d[1], 3, 24, "queues.a.env.A");
 }

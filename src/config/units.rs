@@ -55,7 +55,9 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, rest) = t.split_at(digits_end);
     if digits.is_empty() {
-        return Err(format!("`{s}` is not a size: it must start with a whole number"));
+        return Err(format!(
+            "`{s}` is not a size: it must start with a whole number"
+        ));
     }
     if rest.starts_with('.') || rest.starts_with(',') {
         return Err(format!(
@@ -157,7 +159,9 @@ mod tests {
         assert_eq!(parse_size("0"), Ok(0));
         assert!(parse_size("1.5MiB").is_err());
         assert!(parse_size("MiB").is_err());
-        assert!(parse_size("5 parsecs").unwrap_err().contains("unknown unit `parsecs`"));
+        assert!(parse_size("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit `parsecs`"));
         assert!(parse_size("-1KiB").unwrap_err().contains("negative"));
         assert!(parse_size("99999999999999999999GiB").is_err());
         assert!(parse_size("99999999999GiB").is_err());
@@ -177,7 +181,10 @@ mod tests {
         assert_eq!(edit_distance("abc", ""), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("concurency", "concurrency"), 1);
-        assert_eq!(closest("timout", &["timeout", "kill_grace"]), Some("timeout"));
+        assert_eq!(
+            closest("timout", &["timeout", "kill_grace"]),
+            Some("timeout")
+        );
         assert_eq!(closest("zzzzzz", &["timeout", "kill_grace"]), None);
     }
 }

@@ -23,7 +23,13 @@ use crate::model::QueueName;
 type Span = Option<Range<usize>>;
 
 const ROOT_KEYS: &[&str] = &["taskd", "defaults", "queues"];
-const TASKD_KEYS: &[&str] = &["broker", "state_dir", "listen", "shutdown_grace", "max_payload"];
+const TASKD_KEYS: &[&str] = &[
+    "broker",
+    "state_dir",
+    "listen",
+    "shutdown_grace",
+    "max_payload",
+];
 /// Keys a queue may take from `[defaults]`.
 const LAYER_KEYS: &[&str] = &[
     "concurrency",
@@ -338,7 +344,10 @@ impl Cx<'_> {
         let (mut key, mut message, mut fix) = (
             String::new(),
             format!("invalid TOML: {}", lines.join("; ")),
-            Some("correct the TOML syntax at this position".to_string()),
+            Some(
+                self.unquoted_hint(e.span())
+                    .unwrap_or_else(|| "correct the TOML syntax at this position".to_string()),
+            ),
         );
         if let Some((dup, table)) = lines.iter().find_map(|l| parse_duplicate(l)) {
             if table == "queues" {
@@ -361,6 +370,25 @@ impl Cx<'_> {
         self.error(e.span(), &key, message, fix);
     }
 
+    /// `timeout = 5m` is the commonest syntax error in this file: a duration or size without
+    /// quotes. Spot it on the error's line and say so.
+    fn unquoted_hint(&self, span: Span) -> Option<String> {
+        let start = span?.start.min(self.text.len());
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[line_start..].lines().next()?;
+        let (key, value) = line.split_once('=')?;
+        let value = value.split('#').next()?.trim();
+        let looks_like_unit = value.starts_with(|c: char| c.is_ascii_digit())
+            && value.contains(|c: char| c.is_ascii_alphabetic())
+            && !value.contains(['"', '\'']);
+        looks_like_unit.then(|| {
+            format!(
+                "durations and sizes are strings: write `{} = \"{value}\"`",
+                key.trim()
+            )
+        })
+    }
+
     // ----- unknown keys and wrong types -------------------------------------------------
 
     fn unknown_key(&mut self, e: &Entry, section: Section, label: &str, valid: &[&str]) {
@@ -370,9 +398,7 @@ impl Cx<'_> {
                 format!("`{name}` belongs in [taskd], not {label}"),
                 "move it under the [taskd] table".to_string(),
             )
-        } else if LAYER_KEYS.contains(&name)
-            && matches!(section, Section::Root | Section::Taskd)
-        {
+        } else if LAYER_KEYS.contains(&name) && matches!(section, Section::Root | Section::Taskd) {
             (
                 format!("`{name}` is a queue setting and does not belong {label}"),
                 "move it under [defaults] (for every queue) or a [queues.NAME] table".to_string(),
@@ -450,7 +476,10 @@ impl Cx<'_> {
         let n = self.integer(e, example)?;
         if n < lo {
             let message = if n < 0 {
-                format!("{} cannot be negative (found {n}); it must be at least {lo}", e.name)
+                format!(
+                    "{} cannot be negative (found {n}); it must be at least {lo}",
+                    e.name
+                )
             } else {
                 format!("{} must be at least {lo}, found {n}", e.name)
             };
@@ -566,7 +595,9 @@ impl Cx<'_> {
         } else if s.contains('\0') {
             Some(format!("{name} cannot contain a NUL byte"))
         } else if s.starts_with('~') {
-            Some(format!("{name} starts with `~`, which taskd does not expand"))
+            Some(format!(
+                "{name} starts with `~`, which taskd does not expand"
+            ))
         } else if s.starts_with('$') {
             Some(format!(
                 "{name} starts with `$`, and taskd does not expand environment variables"
@@ -641,9 +672,7 @@ impl Cx<'_> {
                 (!first.is_empty()).then(|| PathBuf::from(first))
             });
             match from_systemd {
-                Some(p) => std::path::absolute(&p)
-                    .map(|p| normalize(&p))
-                    .unwrap_or(p),
+                Some(p) => std::path::absolute(&p).map(|p| normalize(&p)).unwrap_or(p),
                 None => self.dir.join(defaults::STATE_DIR_NAME),
             }
         });
@@ -798,7 +827,9 @@ impl Cx<'_> {
                         other => {
                             let fix = match units::closest(other, &["exponential", "fixed"]) {
                                 Some(near) => format!("did you mean `kind = \"{near}\"`?"),
-                                None => "write `kind = \"exponential\"` or `kind = \"fixed\"`".into(),
+                                None => {
+                                    "write `kind = \"exponential\"` or `kind = \"fixed\"`".into()
+                                }
                             };
                             self.error(
                                 sub.value_span(),
@@ -916,7 +947,10 @@ impl Cx<'_> {
     }
 
     fn env(&mut self, e: &Entry) -> Option<BTreeMap<String, String>> {
-        let t = self.table(e, "a table such as `env = { REPORT_DIR = \"/srv/reports\" }`")?;
+        let t = self.table(
+            e,
+            "a table such as `env = { REPORT_DIR = \"/srv/reports\" }`",
+        )?;
         let mut out = BTreeMap::new();
         let mut ok = true;
         for var in entries(t, &e.path) {
@@ -927,8 +961,15 @@ impl Cx<'_> {
                 continue;
             }
             let Some(value) = var.item.as_str() else {
-                let fix = match var.item.as_value().filter(|v| !v.is_array() && !v.is_inline_table()) {
-                    Some(v) => format!("write the value as a string: `{name} = \"{}\"`", v.to_string().trim()),
+                let fix = match var
+                    .item
+                    .as_value()
+                    .filter(|v| !v.is_array() && !v.is_inline_table())
+                {
+                    Some(v) => format!(
+                        "write the value as a string: `{name} = \"{}\"`",
+                        v.to_string().trim()
+                    ),
                     None => format!("write the value as a string, such as `{name} = \"value\"`"),
                 };
                 self.error(
@@ -1010,7 +1051,10 @@ impl Cx<'_> {
                     e.key_span(),
                     &e.path,
                     format!("`{}` cannot be a queue name: {why}", e.name),
-                    Some(format!("rename it, e.g. [queues.{}]", suggest_queue_name(e.name))),
+                    Some(format!(
+                        "rename it, e.g. [queues.{}]",
+                        suggest_queue_name(e.name)
+                    )),
                 );
                 None
             }
@@ -1099,8 +1143,14 @@ impl Cx<'_> {
                 self.error(
                     queue.value_span(),
                     &queue.path,
-                    format!("queue `{}` has nothing to run: it needs `command` or `shell`", queue.name),
-                    Some("add `command = [\"/path/to/program\", \"{field}\"]` or `shell = \"...\"`".into()),
+                    format!(
+                        "queue `{}` has nothing to run: it needs `command` or `shell`",
+                        queue.name
+                    ),
+                    Some(
+                        "add `command = [\"/path/to/program\", \"{field}\"]` or `shell = \"...\"`"
+                            .into(),
+                    ),
                 );
             }
             return None;
@@ -1169,7 +1219,10 @@ impl Cx<'_> {
                     v.span(),
                     &key,
                     "the program name (the first element of command) is empty",
-                    Some("put the program's path first, such as \"/usr/local/bin/make-thumb\"".into()),
+                    Some(
+                        "put the program's path first, such as \"/usr/local/bin/make-thumb\""
+                            .into(),
+                    ),
                 );
                 ok = false;
                 continue;
@@ -1207,7 +1260,10 @@ impl Cx<'_> {
                 e.value_span(),
                 &e.path,
                 "shell is empty",
-                Some("write the command line for /bin/sh -c, such as `shell = \"/opt/app/run.sh\"`".into()),
+                Some(
+                    "write the command line for /bin/sh -c, such as `shell = \"/opt/app/run.sh\"`"
+                        .into(),
+                ),
             );
             return None;
         }
@@ -1272,7 +1328,13 @@ fn check_env_name(name: &str) -> Result<(), (String, String)> {
     if !valid {
         let suggestion: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let suggestion = if suggestion.starts_with(|c: char| c.is_ascii_digit()) {
             format!("_{suggestion}")
@@ -1365,17 +1427,36 @@ mod tests {
     #[test]
     fn broker_urls() {
         let dir = Path::new("/etc/taskd");
-        let sqlite = |p: &str| Ok(BrokerUrl::Sqlite { path: PathBuf::from(p) });
-        assert_eq!(parse_broker("sqlite:///var/lib/t.db", dir), sqlite("/var/lib/t.db"));
-        assert_eq!(parse_broker("sqlite://t.db", dir), sqlite("/etc/taskd/t.db"));
+        let sqlite = |p: &str| {
+            Ok(BrokerUrl::Sqlite {
+                path: PathBuf::from(p),
+            })
+        };
+        assert_eq!(
+            parse_broker("sqlite:///var/lib/t.db", dir),
+            sqlite("/var/lib/t.db")
+        );
+        assert_eq!(
+            parse_broker("sqlite://t.db", dir),
+            sqlite("/etc/taskd/t.db")
+        );
         assert_eq!(parse_broker("sqlite:t.db", dir), sqlite("/etc/taskd/t.db"));
-        assert_eq!(parse_broker("sqlite:./data/t.db", dir), sqlite("/etc/taskd/data/t.db"));
+        assert_eq!(
+            parse_broker("sqlite:./data/t.db", dir),
+            sqlite("/etc/taskd/data/t.db")
+        );
         assert!(parse_broker("sqlite://", dir).is_err());
         let (m, f) = parse_broker("redis://127.0.0.1:6379/0", dir).unwrap_err();
         assert_eq!(m, "the redis broker is not available in this version");
         assert_eq!(f, "remove `broker` to use the embedded SQLite store");
-        assert!(parse_broker("rediss://h", dir).unwrap_err().0.contains("redis broker"));
-        assert!(parse_broker("postgres://h/db", dir).unwrap_err().0.contains("postgres broker"));
+        assert!(parse_broker("rediss://h", dir)
+            .unwrap_err()
+            .0
+            .contains("redis broker"));
+        assert!(parse_broker("postgres://h/db", dir)
+            .unwrap_err()
+            .0
+            .contains("postgres broker"));
         let (m, f) = parse_broker("/var/lib/t.db", dir).unwrap_err();
         assert!(m.contains("sqlite:"), "{m}");
         assert_eq!(f, "write `broker = \"sqlite:///var/lib/t.db\"`");
@@ -1412,8 +1493,14 @@ mod tests {
 
     #[test]
     fn paths_and_keys() {
-        assert_eq!(resolve(Path::new("/a"), Path::new("./b/./c")), PathBuf::from("/a/b/c"));
-        assert_eq!(resolve(Path::new("/a"), Path::new("/x/y")), PathBuf::from("/x/y"));
+        assert_eq!(
+            resolve(Path::new("/a"), Path::new("./b/./c")),
+            PathBuf::from("/a/b/c")
+        );
+        assert_eq!(
+            resolve(Path::new("/a"), Path::new("/x/y")),
+            PathBuf::from("/x/y")
+        );
         assert_eq!(join_key("queues", "a.b"), "queues.\"a.b\"");
         assert_eq!(join_key("queues", "thumbs"), "queues.thumbs");
         assert_eq!(join_key("", "taskd"), "taskd");

@@ -1,0 +1,255 @@
+//! Shared helpers for the integration tests: a temp directory with a config, the real
+//! `taskd` binary, a daemon that is killed when the test ends, polling with a deadline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_taskd");
+
+/// A temp directory with `taskd.toml` in it. State lives in `<dir>/state`.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// `queues` is TOML appended after a `[taskd]` table that puts state in the temp dir.
+    pub fn new(queues: &str) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("taskd.toml");
+        let text = format!("[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n\n{queues}\n");
+        std::fs::write(&config, text).expect("write config");
+        Env { dir, config }
+    }
+
+    /// A config file with exactly this text (no [taskd] table added).
+    pub fn raw(text: &str) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("taskd.toml");
+        std::fs::write(&config, text).expect("write config");
+        Env { dir, config }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn rewrite(&self, queues: &str) {
+        let text = format!("[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n\n{queues}\n");
+        std::fs::write(&self.config, text).expect("rewrite config");
+    }
+
+    /// A `taskd` command with `-c` set to this env's config.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-c").arg(&self.config).args(args);
+        c.env_remove("TASKD_CONFIG");
+        c
+    }
+
+    /// Run `taskd ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run taskd")
+    }
+
+    /// Run and insist on exit 0; return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "taskd {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Submit and return the task id.
+    pub fn submit(&self, queue: &str, payload: &str) -> String {
+        self.ok(&["submit", queue, payload]).trim().to_string()
+    }
+
+    /// `taskd show ID --json`.
+    pub fn show(&self, id: &str) -> serde_json::Value {
+        let s = self.ok(&["show", id, "--json"]);
+        serde_json::from_str(&s).expect("show --json is JSON")
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        self.show(id)["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Counts by state for one queue, from `taskd status --json`.
+    pub fn count(&self, queue: &str, state: &str) -> u64 {
+        let s = self.ok(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&s).expect("status --json is JSON");
+        v["queues"]
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
+            .and_then(|q| q["counts"][state].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Wait until the task reaches `state`; panic with its record after the deadline.
+    pub fn wait_state(&self, id: &str, state: &str, deadline: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = poll(deadline, || {
+            last = self.show(id);
+            last["state"] == state
+        });
+        assert!(ok, "task {id} did not reach {state} within {deadline:?}; last record:\n{last:#}");
+        last
+    }
+
+    /// Start a daemon on this env's config; it is killed when the handle drops.
+    pub fn daemon(&self) -> Daemon {
+        self.daemon_with(&[])
+    }
+
+    pub fn daemon_with(&self, extra_env: &[(&str, &str)]) -> Daemon {
+        let log = self.dir.path().join(format!("daemon-{}.log", unique()));
+        let err = std::fs::File::create(&log).expect("daemon log");
+        let mut cmd = self.cmd(&["start"]);
+        cmd.env("RUST_LOG", "info,taskd=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start daemon");
+        let d = Daemon { child: Some(child), log };
+        assert!(
+            poll(Duration::from_secs(20), || d.log_text().contains("ready") || d.exited()),
+            "daemon did not become ready:\n{}",
+            d.log_text()
+        );
+        assert!(!d.exited(), "daemon exited at start:\n{}", d.log_text());
+        d
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn exited(&self) -> bool {
+        // try_wait needs &mut; peek at /proc instead.
+        match &self.child {
+            None => true,
+            Some(c) => {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                stat.is_empty() || stat.contains(") Z ")
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc_kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGKILL the daemon and reap it (its tasks keep running as orphans).
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait for the daemon to exit; return its exit code.
+    pub fn wait_exit(mut self, deadline: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if start.elapsed() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("daemon did not exit within {deadline:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub const SIGTERM: i32 = 15;
+pub const SIGINT: i32 = 2;
+pub const SIGHUP: i32 = 1;
+pub const SIGKILL: i32 = 9;
+
+/// Poll `f` every 20 ms until it is true or `deadline` passes; returns whether it became true.
+pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Is a process with this pid alive (and not a zombie)?
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+/// Children of `pid` (from /proc), with their state letter.
+pub fn children(pid: i32) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+            let Some(close) = stat.rfind(')') else { continue };
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            if fields.len() > 2 && fields[1].parse::<i32>().ok() == Some(pid) {
+                out.push((p, fields[0].chars().next().unwrap_or('?')));
+            }
+        }
+    }
+    out
+}
