@@ -169,6 +169,8 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
             }
         }
     }
+    let ids: Vec<String> = orphans.iter().map(|o| o.task.to_string()).collect();
+    killed += crate::executor::kill_task_processes(&ids);
     if !orphans.is_empty() {
         tracing::warn!(tasks = orphans.len(), process_groups_killed = killed, "recovered tasks left running by a previous daemon");
     }

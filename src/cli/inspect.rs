@@ -122,8 +122,8 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
         .set_header(vec!["id", "queue", "state", "attempts", "age", "last error"]);
     for t in &list {
         let mut err = t.last_error.clone().unwrap_or_default();
-        if err.len() > 60 {
-            err = format!("{}…", &err[..err.floor_char_boundary(59)]);
+        if err.chars().count() > 60 {
+            err = format!("{}…", err.chars().take(59).collect::<String>());
         }
         table.add_row(vec![
             t.id.to_string(),

@@ -106,6 +106,13 @@ pub fn run(cli: Cli) -> u8 {
     let result = match cli.command {
         Command::Start(args) => crate::daemon::main(cli.config, args),
         command => {
+            // A CLI whose output is piped into `head` should end quietly when the pipe closes,
+            // as other Unix tools do. (Only here: the daemon must survive a task that closes
+            // its stdin early, so it keeps Rust's ignored SIGPIPE.)
+            // SAFETY: restoring the default disposition of one signal before any thread starts.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -142,10 +149,14 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
 }
 
 fn render_error(e: &anyhow::Error) -> String {
-    // Config errors already carry their own file:line:column prefix per diagnostic.
+    // taskd's own errors already say their cause in their message (and config errors carry
+    // their file:line:column per diagnostic): print the chain only for context added on top.
     let mut s = e.to_string();
     for cause in e.chain().skip(1) {
-        s.push_str(&format!(": {cause}"));
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(&format!(": {c}"));
+        }
     }
     s
 }

@@ -102,9 +102,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
 
 fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
     let known = || config.queues.keys().map(|q| q.to_string()).collect::<Vec<_>>().join(", ");
-    let q: QueueName = name
-        .parse()
-        .map_err(|e: String| Failure::usage(format!("`{name}` is not a queue name: {e}")))?;
+    let q: QueueName = name.parse().map_err(|e: String| {
+        Failure::usage(format!("`{name}` is not a queue name: {e}; known queues: {}", known()))
+    })?;
     config.queues.get(&q).ok_or_else(|| {
         Failure::usage(format!(
             "unknown queue `{name}` in {}; known queues: {}",
@@ -118,11 +118,19 @@ fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
     if let Some(d) = &args.delay {
         let d: Duration = humantime::parse_duration(d)
             .map_err(|e| Failure::usage(format!("--delay {d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")")))?;
+        // Refuse what no calendar needs: a delay past 100 years is a typo, and would
+        // overflow the millisecond clock further on.
+        if d > Duration::from_secs(100 * 366 * 24 * 3600) {
+            return Err(Failure::usage(format!("--delay {d:?}: more than 100 years is surely a mistake")));
+        }
         return Ok(Some(now_ms() + d.as_millis() as i64));
     }
     if let Some(t) = &args.at {
         if let Ok(secs) = t.parse::<i64>() {
-            return Ok(Some(secs * 1000));
+            return match secs.checked_mul(1000) {
+                Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(Some(ms)),
+                _ => Err(Failure::usage(format!("--at {t}: Unix seconds must be between 0 and the year 9999"))),
+            };
         }
         let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
             Failure::usage(format!("--at {t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)"))

@@ -44,7 +44,7 @@ use crate::model::{now_ms, AttemptReason, UnixMs};
 
 use output::{feed, pump, Capture, LogFile};
 pub use procs::{
-    become_subreaper, kill_orphan_group, mark_inherited_fds_cloexec, reap_orphans, spawn_tracked,
+    become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec, reap_orphans, spawn_tracked,
     TrackedChild,
 };
 pub use user::UserSpec;
@@ -272,19 +272,21 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// The spawned leader, for as long as `run` owns it.
+/// The spawned group, for as long as `run` owns it.
 struct Leader {
-    tracked: TrackedChild,
-    reaped: bool,
+    pgid: i32,
+    /// Registered until tokio has reaped the leader.
+    tracked: Option<TrackedChild>,
+    /// Until the final SIGKILL after the leader's exit has been sent.
+    armed: bool,
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
         // `run` was dropped mid-task (its caller gave up on it): do not leave the group
-        // running. tokio's orphan queue reaps the leader; the registry entry goes with
-        // `tracked`.
-        if !self.reaped {
-            procs::signal_group(self.tracked.pid(), Signal::SIGKILL);
+        // running. If the leader was not reaped yet, tokio's orphan queue reaps it.
+        if self.armed {
+            procs::signal_group(self.pgid, Signal::SIGKILL);
         }
     }
 }
@@ -294,7 +296,9 @@ impl Drop for Leader {
 /// Never fails: a task that cannot start, fails, times out or is stopped is an [`Outcome`].
 /// `spawned` receives the leader's pid and start time as soon as it exists.
 ///
-/// If the future is dropped before it completes, the task's group is SIGKILLed.
+/// The leader is registered (see [`spawn_tracked`]) until it has been reaped, so that
+/// [`reap_orphans`] leaves it to tokio. If this future is dropped before it completes, the
+/// task's group is SIGKILLed.
 pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned>>) -> Outcome {
     let started_at_ms = now_ms();
     if stop.cancel.is_cancelled() {
@@ -321,8 +325,8 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         Err(err) => return Outcome::not_started(spawn_failure(&spec, &err), started_at_ms),
     };
     drop(cmd);
-    let mut leader = Leader { tracked, reaped: false };
-    let pid = leader.tracked.pid();
+    let pid = tracked.pid();
+    let mut leader = Leader { pgid: pid, tracked: Some(tracked), armed: true };
     let deadline = Instant::now().checked_add(spec.timeout);
 
     if let Some(tx) = spawned {
@@ -335,9 +339,8 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     let mut out = Capture::new(spec.tail_bytes, stdout_log);
     let mut err = Capture::new(spec.tail_bytes, stderr_log);
     let mut esc = Escalation { pgid: pid, why: None, last_signal: None, kill_at: None };
-    let mut stray_killed = false;
 
-    let waited = {
+    let (waited, stray_killed) = {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let pumps = async {
@@ -369,23 +372,27 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         };
         // Either tokio reaped the leader, or it never will (someone else did): in both cases
         // the pid is no longer ours to guard.
-        leader.reaped = true;
-        drop(leader);
+        leader.tracked = None;
 
         // The leader is gone; its pipes normally are too. A background member may still hold
         // them: give it a moment, then kill the group and take what is buffered.
-        if !pumps_done && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err() {
-            stray_killed = procs::signal_group(pid, Signal::SIGKILL);
+        let stray_killed = if !pumps_done
+            && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err()
+        {
+            let killed = procs::signal_group(pid, Signal::SIGKILL);
             if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps).await.is_err() {
                 tracing::warn!(pid, "task output pipes stay open after its process group was killed (a process left the group); not reading them any more");
             }
+            killed
         } else {
             // Nothing of the group may survive the task, whether or not it holds a pipe.
-            // (Sent after the leader was reaped: the group id cannot have been reused while
-            // the group has members, and an empty group makes this a harmless ESRCH.)
-            stray_killed = procs::signal_group(pid, Signal::SIGKILL);
-        }
-        waited
+            // (Sent after the leader was reaped: a group id is not handed out again while the
+            // group has members; an empty group gives a harmless ESRCH, and its id could only
+            // name someone else's group after the pid space wrapped around in between.)
+            procs::signal_group(pid, Signal::SIGKILL)
+        };
+        leader.armed = false;
+        (waited, stray_killed)
     };
 
     let status = match (esc.why, &waited) {

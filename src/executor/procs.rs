@@ -183,7 +183,56 @@ pub fn kill_orphan_group(pgid: i32, start_time: u64) -> bool {
             return false;
         }
     }
-    signal_group(pgid, Signal::SIGKILL)
+    // Zombies still count as members of a group but there is nothing left of them to kill.
+    let live = has_live_member(pgid);
+    signal_group(pgid, Signal::SIGKILL) && live
+}
+
+/// Kill every process that carries one of `task_ids` in its environment (`TASKD_TASK_ID`,
+/// which every task and its descendants inherit), together with its process group. Used at
+/// start-up to clean up after a daemon that died without stopping its tasks: the marker is
+/// in each task's environment, so no per-task write is needed on the hot path to find them.
+/// Returns how many processes were found.
+pub fn kill_task_processes(task_ids: &[String]) -> usize {
+    if task_ids.is_empty() {
+        return 0;
+    }
+    let wanted: HashSet<Vec<u8>> = task_ids
+        .iter()
+        .map(|id| format!("TASKD_TASK_ID={id}").into_bytes())
+        .collect();
+    let me = std::process::id() as i32;
+    let own_group = getpgrp().as_raw();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut found = 0;
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if !environ.split(|b| *b == 0).any(|var| wanted.contains(var)) {
+            continue;
+        }
+        let Some(st) = read_stat(pid) else { continue };
+        if st.state == b'Z' {
+            continue;
+        }
+        found += 1;
+        if st.pgrp > 1 && st.pgrp != own_group {
+            signal_group(st.pgrp, Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    found
+}
+
+/// Whether any process of group `pgid` is still running (not a zombie). Scans all of `/proc`:
+/// fine for crash recovery, too slow for the per-task path.
+fn has_live_member(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_stat)
+        .any(|st| st.pgrp == pgid && st.state != b'Z')
 }
 
 /// Sets close-on-exec on every descriptor ≥ 3 of this process, so what the daemon inherited

@@ -243,22 +243,13 @@ impl Supervisor {
                 (attempt, Finish::Failed)
             }
             Ok(spec) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let broker = self.broker.clone();
-                let lease = c.lease.clone();
-                tokio::spawn(async move {
-                    if let Ok(s) = rx.await {
-                        let s: executor::Spawned = s;
-                        if let Err(e) = broker.started(&lease, s.pid, s.start_time).await {
-                            tracing::warn!(task = %lease.task, error = %e, "failed to record the task's pid");
-                        }
-                    }
-                });
                 let stop = Stop {
                     cancel,
                     shutdown: self.interrupt.clone(),
                 };
-                let outcome = executor::run(spec, stop, Some(tx)).await;
+                // No per-task pid write: recovery finds a dead daemon's tasks by the
+                // TASKD_TASK_ID in their environment (executor::kill_task_processes).
+                let outcome = executor::run(spec, stop, None).await;
                 // The process is gone: free the slot now so the next claim can share a
                 // commit with this result.
                 q.running.fetch_sub(1, Ordering::AcqRel);
