@@ -69,6 +69,9 @@ pub enum Finish {
     Cancelled,
     /// Back to `queued` without charging the attempt (lost, shutdown).
     Requeue,
+    /// The task was claimed but never started (the node held it ahead of a free slot and
+    /// is draining, pausing or cancelling): back to `queued` uncharged, nothing recorded.
+    Release,
 }
 
 /// The answer to enqueueing one task.
@@ -152,6 +155,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>>;
 
     /// Record an attempt and move the task on. Refused with `LeaseLost` for a stale lease.
+    /// With `Finish::Release` the attempt is not recorded.
     async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()>;
 
     /// Cancel a waiting task, or ask the node running it to stop it.

@@ -621,30 +621,33 @@ impl Broker for SqliteBroker {
                 })
                 .map_err(storage)?;
             let seq = seq.ok_or(BrokerError::LeaseLost(lease.task))?;
-            insert_attempt(conn, seq, &attempt)?;
+            if next != Finish::Release {
+                insert_attempt(conn, seq, &attempt)?;
+            }
             let (state, run_at, finished, uncharge) = match next {
                 Finish::Succeeded => (TaskState::Succeeded, None, Some(now), 0),
                 Finish::Retry { at } => (TaskState::Retrying, Some(at), None, 0),
                 Finish::Failed => (TaskState::Failed, None, Some(now), 0),
                 Finish::Cancelled => (TaskState::Cancelled, None, Some(now), 0),
-                Finish::Requeue => (TaskState::Queued, None, None, 1),
+                Finish::Requeue | Finish::Release => (TaskState::Queued, None, None, 1),
             };
             let error = match next {
-                Finish::Succeeded => None,
+                Finish::Succeeded | Finish::Release => None,
                 _ => attempt.error.clone(),
             };
             conn.prepare_cached(
                 "UPDATE tasks SET state = ?2, run_at = coalesce(?3, run_at), finished_at = ?4,
-                    attempts = max(attempts - ?5, 0), last_error = ?6, updated_at = ?7,
+                    attempts = max(attempts - ?5, 0), last_error = CASE WHEN ?8 THEN last_error ELSE ?6 END,
+                    updated_at = ?7,
                     lease_node = NULL, lease_expires = NULL, cancel_requested = 0, pid = NULL, pid_start = NULL
                  WHERE seq = ?1",
             )
-            .and_then(|mut s| s.execute(params![seq, state.as_str(), run_at, finished, uncharge, error, now]))
+            .and_then(|mut s| s.execute(params![seq, state.as_str(), run_at, finished, uncharge, error, now, next == Finish::Release]))
             .map_err(storage)?;
             Ok(())
         })
         .await?;
-        if matches!(next, Finish::Requeue | Finish::Retry { .. }) {
+        if matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }) {
             self.wake(b"work");
         }
         Ok(())

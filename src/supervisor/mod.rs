@@ -13,8 +13,8 @@
 pub mod policy;
 pub mod prepare;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,11 @@ struct QueueRt {
     kick: Notify,
     /// The queue left the config: stop claiming, let its runs finish.
     removed: CancellationToken,
+    /// Tasks claimed ahead of a free slot while the queue has a backlog, so that a finishing
+    /// task is replaced at once instead of after a round trip to the store.
+    ready: Mutex<VecDeque<Claimed>>,
+    /// The last claim got all it asked for: more tasks are probably waiting.
+    backlog: AtomicBool,
 }
 
 impl QueueRt {
@@ -77,6 +82,9 @@ pub struct Supervisor {
     runs: TaskTracker,
     /// A retry or scheduled task may have moved the next due time earlier.
     reschedule: Notify,
+    /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
+    /// paused queue are released rather than started.
+    paused: Mutex<BTreeSet<QueueName>>,
 }
 
 impl Supervisor {
@@ -90,6 +98,7 @@ impl Supervisor {
             interrupt: CancellationToken::new(),
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
+            paused: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -98,9 +107,10 @@ impl Supervisor {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let queues = self.queues.lock().expect("not poisoned");
         Snapshot {
-            queues: self.queues.lock().expect("not poisoned").len(),
-            running: self.running.lock().expect("not poisoned").len(),
+            queues: queues.len(),
+            running: queues.values().map(|q| q.running.load(Ordering::Acquire)).sum(),
         }
     }
 
@@ -138,6 +148,8 @@ impl Supervisor {
                         running: AtomicUsize::new(0),
                         kick: Notify::new(),
                         removed: CancellationToken::new(),
+                        ready: Mutex::new(VecDeque::new()),
+                        backlog: AtomicBool::new(false),
                     });
                     rt.kick.notify_one();
                     queues.insert(name.clone(), rt.clone());
@@ -163,60 +175,111 @@ impl Supervisor {
         }
     }
 
-    /// One queue's claim loop.
+    /// One queue's claim loop. It claims enough to fill the free slots and, while the queue
+    /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::ready`]); finishing
+    /// runs start the held tasks themselves, and kick this loop to top the buffer up.
     async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
         let mut error_backoff = Duration::from_millis(100);
         loop {
             if self.draining.is_cancelled() || q.removed.is_cancelled() {
+                self.release_ready(&q).await;
                 return;
             }
-            let prepared = q.prepared();
-            let free = prepared.config.concurrency.saturating_sub(q.running.load(Ordering::Acquire));
-            let want = free.min(CLAIM_BATCH);
-            if want > 0 {
+            if self.is_paused(&q.name) {
+                self.release_ready(&q).await;
+            }
+            self.start_ready(&q);
+            let conc = q.prepared().config.concurrency;
+            let running = q.running.load(Ordering::Acquire);
+            let held = q.ready.lock().expect("not poisoned").len();
+            let free = conc.saturating_sub(running);
+            let ahead = if q.backlog.load(Ordering::Acquire) { conc.min(CLAIM_BATCH) } else { 0 };
+            // Claim when a free slot has nothing to start, or when the held buffer ran low.
+            let claim = free > held || (ahead > 0 && held <= ahead / 2);
+            let want = (free + ahead).saturating_sub(held).min(CLAIM_BATCH);
+            if claim && want > 0 {
                 match self.broker.claim(&self.node, &q.name, want, LEASE).await {
                     Ok(claimed) => {
                         error_backoff = Duration::from_millis(100);
                         let got = claimed.len();
-                        for c in claimed {
-                            self.launch(&q, c);
-                        }
-                        if got == want {
-                            continue; // more may be waiting: look again while slots are free
+                        q.backlog.store(got == want, Ordering::Release);
+                        if got > 0 {
+                            {
+                                let mut ready = q.ready.lock().expect("not poisoned");
+                                let mut running = self.running.lock().expect("not poisoned");
+                                for c in claimed {
+                                    running.insert(
+                                        c.task.id,
+                                        RunningEntry {
+                                            queue: q.name.clone(),
+                                            lease: c.lease.clone(),
+                                            cancel: CancellationToken::new(),
+                                        },
+                                    );
+                                    ready.push_back(c);
+                                }
+                            }
+                            continue; // start them, and look again
                         }
                     }
                     Err(e) => {
                         tracing::error!(queue = %q.name, error = %e, "failed to claim tasks; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(error_backoff) => {}
-                            _ = self.draining.cancelled() => return,
+                            _ = self.draining.cancelled() => {}
                         }
                         error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
                 }
             }
-            // The queue is dry or every slot is busy: wait for news.
+            // The queue is dry, or every slot is busy and the buffer is full: wait for news.
             tokio::select! {
                 _ = q.kick.notified() => {}
                 _ = tokio::time::sleep(FALLBACK_TICK) => {}
-                _ = self.draining.cancelled() => return,
-                _ = q.removed.cancelled() => return,
+                _ = self.draining.cancelled() => {}
+                _ = q.removed.cancelled() => {}
             }
+        }
+    }
+
+    fn is_paused(&self, q: &QueueName) -> bool {
+        self.paused.lock().expect("not poisoned").contains(q)
+    }
+
+    /// Start held tasks while the queue has free slots.
+    fn start_ready(self: &Arc<Self>, q: &Arc<QueueRt>) {
+        if self.draining.is_cancelled() || q.removed.is_cancelled() || self.is_paused(&q.name) {
+            return;
+        }
+        let conc = q.prepared().config.concurrency;
+        loop {
+            if q.running.load(Ordering::Acquire) >= conc {
+                return;
+            }
+            let Some(c) = q.ready.lock().expect("not poisoned").pop_front() else { return };
+            self.launch(q, c);
+        }
+    }
+
+    /// Give held (claimed, never started) tasks back to the broker.
+    async fn release_ready(&self, q: &QueueRt) {
+        let held: Vec<Claimed> = q.ready.lock().expect("not poisoned").drain(..).collect();
+        for c in held {
+            self.running.lock().expect("not poisoned").remove(&c.task.id);
+            self.record(&c.lease, AttemptRecord::default(), Finish::Release).await;
         }
     }
 
     fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed) {
         q.running.fetch_add(1, Ordering::AcqRel);
-        let cancel = CancellationToken::new();
-        self.running.lock().expect("not poisoned").insert(
-            c.task.id,
-            RunningEntry {
-                queue: q.name.clone(),
-                lease: c.lease.clone(),
-                cancel: cancel.clone(),
-            },
-        );
+        let cancel = self
+            .running
+            .lock()
+            .expect("not poisoned")
+            .get(&c.task.id)
+            .map(|e| e.cancel.clone())
+            .unwrap_or_default();
         let me = self.clone();
         let q = q.clone();
         self.runs.spawn(async move { me.run_one(q, c, cancel).await });
@@ -250,9 +313,10 @@ impl Supervisor {
                 // No per-task pid write: recovery finds a dead daemon's tasks by the
                 // TASKD_TASK_ID in their environment (executor::kill_task_processes).
                 let outcome = executor::run(spec, stop, None).await;
-                // The process is gone: free the slot now so the next claim can share a
-                // commit with this result.
+                // The process is gone: free the slot and start a held task in it now; the
+                // dispatcher tops the buffer up (its claim can share a commit with this result).
                 q.running.fetch_sub(1, Ordering::AcqRel);
+                self.start_ready(&q);
                 q.kick.notify_one();
                 let mut rng = rand::thread_rng();
                 policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
@@ -297,6 +361,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = w.work.notified() => {
+                    self.refresh_paused().await;
                     self.kick_all();
                     self.reschedule.notify_one();
                 }
@@ -304,6 +369,13 @@ impl Supervisor {
                 _ = tick.tick() => self.check_cancels().await,
                 _ = self.interrupt.cancelled() => return,
             }
+        }
+    }
+
+    async fn refresh_paused(&self) {
+        match self.broker.paused().await {
+            Ok(p) => *self.paused.lock().expect("not poisoned") = p,
+            Err(e) => tracing::warn!(error = %e, "failed to read paused queues"),
         }
     }
 
@@ -324,6 +396,33 @@ impl Supervisor {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "failed to look up cancel requests"),
+        }
+        // Held tasks that were never started are cancelled here, not when a slot frees.
+        let queues: Vec<Arc<QueueRt>> = self.queues.lock().expect("not poisoned").values().cloned().collect();
+        for q in queues {
+            let cancelled: Vec<Claimed> = {
+                let running = self.running.lock().expect("not poisoned");
+                let mut ready = q.ready.lock().expect("not poisoned");
+                let (gone, keep): (Vec<Claimed>, Vec<Claimed>) = ready.drain(..).partition(|c| {
+                    running.get(&c.task.id).is_some_and(|e| e.cancel.is_cancelled())
+                });
+                ready.extend(keep);
+                gone
+            };
+            for c in cancelled {
+                let now = now_ms();
+                let attempt = AttemptRecord {
+                    number: c.attempt,
+                    node: self.node.clone(),
+                    started_at: now,
+                    ended_at: now,
+                    reason: Some(AttemptReason::Cancelled),
+                    error: Some("cancelled by an operator before it started".into()),
+                    ..Default::default()
+                };
+                self.record(&c.lease, attempt, Finish::Cancelled).await;
+                self.running.lock().expect("not poisoned").remove(&c.task.id);
+            }
         }
     }
 
@@ -376,6 +475,10 @@ impl Supervisor {
     pub async fn drain(&self, grace: Duration, force: CancellationToken) {
         self.draining.cancel();
         self.runs.close();
+        let queues: Vec<Arc<QueueRt>> = self.queues.lock().expect("not poisoned").values().cloned().collect();
+        for q in &queues {
+            self.release_ready(q).await;
+        }
         let running = self.snapshot().running;
         if running > 0 {
             tracing::info!(running, grace = %humantime::format_duration(grace), "draining: waiting for running tasks");

@@ -1,0 +1,227 @@
+//! Crash safety (issue 3, point 5): kill -9 the daemon while tasks run, start it again.
+//! The orphaned process groups are killed, their tasks run again without being charged an
+//! attempt (reason `lost` in the history), nothing stays `running`, nothing is lost.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{alive, poll, Env};
+use serde_json::{json, Value};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A config with fast defaults and `D` (the temp dir) in every task's environment.
+fn setup(body: &str) -> Env {
+    let env = Env::raw("");
+    let d = env.path().display().to_string();
+    let text = format!(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"2s\"\n\n\
+         [defaults]\nbackoff = {{ base = \"100ms\", max = \"200ms\", jitter = false }}\n\
+         kill_grace = \"1s\"\nenv = {{ D = '{d}' }}\n\n{body}\n"
+    );
+    std::fs::write(&env.config, text).unwrap();
+    env
+}
+
+fn submit(env: &Env, queue: &str, payload: &Value) -> String {
+    env.ok(&["submit", queue, &payload.to_string()]).trim().to_string()
+}
+
+fn submit_batch(env: &Env, queue: &str, n: usize, tag: &str) -> Vec<String> {
+    let file = env.path().join(format!("batch-{tag}.jsonl"));
+    std::fs::write(&file, "{}\n".repeat(n)).unwrap();
+    let out = env.ok(&["submit", queue, "--batch", file.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
+    let ids: Vec<String> = v["ids"].as_array().expect("ids").iter().map(|i| i.as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), n);
+    ids
+}
+
+fn history(v: &Value) -> &Vec<Value> {
+    v["history"].as_array().expect("history is an array")
+}
+
+fn wait_pid(path: &Path, deadline: Duration) -> i32 {
+    let mut text = String::new();
+    let ok = poll(deadline, || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.ends_with('\n')
+    });
+    assert!(ok, "{} was not written within {deadline:?}", path.display());
+    text.trim().parse().unwrap()
+}
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(&env.ok(&["status", "--json"])).expect("status --json is JSON")
+}
+
+fn counts(env: &Env, queue: &str) -> Value {
+    let s = status(env);
+    s["queues"].as_array().unwrap().iter().find(|q| q["queue"] == queue).map(|q| q["counts"].clone()).unwrap_or(Value::Null)
+}
+
+#[test]
+fn kill9_orphans_are_killed_and_their_tasks_run_again_uncharged() {
+    let env = setup(
+        r#"
+[queues.k]
+concurrency = 3
+max_attempts = 1
+shell = '''
+if [ -e "$D/ran-$TASKD_ARG_n" ]; then echo "rerun attempt $TASKD_ATTEMPT"; exit 0; fi
+touch "$D/ran-$TASKD_ARG_n"
+sleep 30 & echo $! > "$D/bg-$TASKD_ARG_n"
+echo $$ > "$D/pid-$TASKD_ARG_n"
+if [ "$TASKD_ARG_n" = 3 ]; then
+  # leaves its background child behind once the daemon is gone
+  while [ ! -e "$D/leader-exit" ]; do sleep 0.02; done
+  exit 0
+fi
+wait
+'''
+"#,
+    );
+    let d = env.daemon();
+    let ids: Vec<String> = (1..=3).map(|n| submit(&env, "k", &json!({ "n": n }))).collect();
+    let mut pids = Vec::new();
+    for n in 1..=3 {
+        pids.push(wait_pid(&env.path().join(format!("pid-{n}")), secs(10)));
+        pids.push(wait_pid(&env.path().join(format!("bg-{n}")), secs(10)));
+    }
+    for id in &ids {
+        env.wait_state(id, "running", secs(10));
+    }
+    d.kill9();
+    // The tasks outlive their daemon (otherwise this test would prove nothing).
+    assert!(pids.iter().all(|&p| alive(p)), "the tasks died with the daemon: {pids:?}");
+    for id in &ids {
+        assert_eq!(env.state(id), "running");
+    }
+    // Task 3's leader exits while the daemon is down; its background child stays in the group.
+    let (leader3, bg3) = (pids[4], pids[5]);
+    std::fs::write(env.path().join("leader-exit"), "").unwrap();
+    assert!(poll(secs(5), || !alive(leader3)), "task 3's leader did not exit");
+    assert!(alive(bg3));
+    // A producer's enqueue works while the daemon is down.
+    let late = submit(&env, "k", &json!({ "n": 4 }));
+    std::fs::write(env.path().join("ran-4"), "").unwrap(); // it just exits 0
+
+    let d = env.daemon();
+    let ok = poll(secs(5), || pids.iter().all(|&p| !alive(p)));
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(ok, "orphaned task processes survive the restart: {left:?}\n{}", d.log_text());
+
+    for id in &ids {
+        let v = env.wait_state(id, "succeeded", secs(15));
+        assert_eq!(v["attempts"], 1, "the lost run was charged:\n{v:#}");
+        let h = history(&v);
+        assert_eq!(h.len(), 2, "{v:#}");
+        assert_eq!(h[0]["reason"], "lost", "{v:#}");
+        assert_eq!(h[1]["reason"], "exit", "{v:#}");
+        assert_eq!(h[1]["stdout_tail"], "rerun attempt 1\n", "the rerun is attempt 1 again:\n{v:#}");
+    }
+    env.wait_state(&late, "succeeded", secs(15));
+    let c = counts(&env, "k");
+    assert_eq!(c["running"], 0, "{c}");
+    assert_eq!(c["succeeded"], 4, "{c}");
+}
+
+/// Lines of a file (0 if it does not exist).
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn five_hundred_tasks_survive_twenty_kill9_restart_cycles() {
+    const TOTAL: usize = 500;
+    const CYCLES: usize = 20;
+    const LATE: usize = 5; // submitted while the daemon is down, per cycle
+    let started = Instant::now();
+    let env = setup(
+        r#"
+[queues.w]
+concurrency = 4
+max_attempts = 3
+shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
+"#,
+    );
+    let done = env.path().join("done");
+    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("random seed {seed}");
+    let mut rand = move |lo: usize, hi: usize| {
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        lo + (seed % (hi - lo + 1) as u64) as usize
+    };
+
+    let mut ids = submit_batch(&env, "w", TOTAL - CYCLES * LATE, "initial");
+    let mut kills = 0;
+    let mut instant_kills = 0;
+    for cycle in 0..CYCLES {
+        if rand(0, 3) == 0 {
+            // Sometimes also kill a daemon as soon as it is ready: mid-recovery or mid-claim.
+            env.daemon().kill9();
+            instant_kills += 1;
+        }
+        let d = env.daemon();
+        let base = lines(&done);
+        let want = rand(1, 20);
+        let progressed = poll(secs(30), || lines(&done) >= base + want);
+        assert!(progressed, "cycle {cycle}: no progress after a restart:\n{}", d.log_text());
+        d.kill9();
+        kills += 1;
+        ids.extend(submit_batch(&env, "w", LATE, &format!("late-{cycle}")));
+    }
+    assert_eq!(ids.len(), TOTAL);
+    let after_kills = lines(&done);
+
+    let d = env.daemon();
+    let ok = poll(secs(60), || env.count("w", "succeeded") == TOTAL as u64);
+    assert!(ok, "not all {TOTAL} tasks succeeded after {kills} kill -9 cycles: {}\n{}", counts(&env, "w"), d.log_text());
+    let c = counts(&env, "w");
+    for state in ["scheduled", "queued", "running", "retrying", "failed", "cancelled"] {
+        assert_eq!(c[state], 0, "{state}: {c}");
+    }
+
+    let text = std::fs::read_to_string(&done).unwrap();
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    for line in text.lines() {
+        *runs.entry(line.trim()).or_default() += 1;
+    }
+    let missing: Vec<&String> = ids.iter().filter(|id| !runs.contains_key(id.as_str())).collect();
+    assert!(missing.is_empty(), "{} task ids never reached the file, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let known: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    assert!(runs.keys().all(|id| known.contains(id)), "the file holds ids that were never submitted");
+
+    // No lost run was charged: every task succeeded on its first charged attempt.
+    let list: Value = serde_json::from_str(&env.ok(&["tasks", "--queue", "w", "--limit", "1000", "--json"])).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), TOTAL);
+    let charged: Vec<&Value> = list.iter().filter(|t| t["attempts"] != 1).collect();
+    assert!(charged.is_empty(), "{} tasks were charged more than one attempt, e.g. {:#}", charged.len(), charged[0]);
+
+    // Tasks that ran twice were recovered as `lost`, never retried as failures.
+    let twice: Vec<&str> = runs.iter().filter(|(_, &n)| n > 1).map(|(id, _)| *id).collect();
+    eprintln!(
+        "{kills} kill -9 cycles after progress (+{instant_kills} right after start); {after_kills} runs started before the last restart; {} runs in all for {TOTAL} tasks; \
+         {} tasks ran more than once; took {:.1?}",
+        text.lines().count(),
+        twice.len(),
+        started.elapsed()
+    );
+    assert!(!twice.is_empty(), "no kill landed while a task ran: the test proved nothing");
+    for id in twice.iter().take(15) {
+        let v = env.show(id);
+        let reasons: Vec<&str> = history(&v).iter().map(|a| a["reason"].as_str().unwrap_or("?")).collect();
+        assert!(reasons.contains(&"lost"), "task {id} ran {} times without a lost attempt: {reasons:?}", runs[id]);
+        assert!(reasons.iter().all(|r| *r == "lost" || *r == "exit"), "task {id}: {reasons:?}");
+        assert_eq!(*reasons.last().unwrap(), "exit");
+    }
+}
