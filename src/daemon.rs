@@ -134,7 +134,10 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     if let Err(e) = crate::executor::become_subreaper() {
         tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: spawning a task blocks its thread until the child has exec'd, and the
+    // other slot's exit should not wait behind it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Failure::new(exit::FAILURE, format!("failed to start the async runtime: {e}")))?;

@@ -95,6 +95,9 @@ macro_rules! contract_tests {
                 claim_priority_then_fifo,
                 claim_only_named_queue,
                 claim_first_attempt_is_1,
+                claim_reserves_without_charging,
+                started_marks_running_and_counts_the_attempt,
+                started_with_a_stale_lease_is_refused,
                 claim_paused_queue_yields_nothing_until_resumed,
                 claim_scheduled_only_when_due,
                 claim_lease_tokens_differ,
@@ -103,14 +106,20 @@ macro_rules! contract_tests {
                 finish_cancelled,
                 finish_retry_waits_until_at,
                 finish_requeue_does_not_charge,
+                finish_release_records_nothing,
+                finish_without_started_counts_the_attempt_once,
+                finish_charges_each_run_at_most_once,
                 finish_stale_token_is_refused,
                 finish_after_recover_and_reclaim_is_refused,
                 started_pid_is_returned_by_recover,
                 renew_extends_valid_and_reports_lost,
                 recover_all_requeues_uncharged,
                 recover_expired_only_takes_expired,
+                recover_reserved_task_leaves_no_trace,
                 cancel_waiting_task,
                 cancel_running_task_is_requested,
+                cancel_reserved_task_is_requested,
+                cancel_request_outweighs_retry_requeue_release,
                 cancel_finished_task,
                 cancel_unknown_task,
                 cancel_request_survives_recover,
@@ -121,6 +130,7 @@ macro_rules! contract_tests {
                 list_filters_limit_newest_first,
                 counts_by_queue_and_state,
                 next_due_is_earliest_waiting,
+                next_due_ignores_paused_queues,
                 reopen_keeps_tasks,
             );
             contract_tests!(@cases $open; multi_thread;
@@ -203,7 +213,8 @@ async fn claim(b: &B, queue: &str, max: usize) -> Vec<Claimed> {
     b.claim(NODE, &qn(queue), max, LEASE).await.expect("claim")
 }
 
-/// Claim exactly one task of `queue` and check it is `id`.
+/// Claim exactly one task of `queue` and check it is `id`. The task is only reserved
+/// (`queued`, held by NODE); [`run_id`] also records its start.
 async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
     let mut c = claim(b, queue, 1).await;
     assert_eq!(
@@ -214,7 +225,45 @@ async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
     let c = c.remove(0);
     assert_eq!(c.task.id, id, "claimed the wrong task");
     assert_eq!(c.lease.task, id);
+    assert_eq!(c.lease.node, NODE);
+    assert_eq!(
+        c.task.state,
+        TaskState::Queued,
+        "a claimed task stays queued until it starts"
+    );
+    assert_eq!(c.task.node.as_deref(), Some(NODE), "a claimed task is held by its node");
+    assert_eq!(
+        c.attempt,
+        c.task.attempts + 1,
+        "the claim is not charged yet; its run has the next attempt number"
+    );
     c
+}
+
+/// The pid and start time `start` records.
+const PID: i32 = 4321;
+const PID_START: u64 = 987_654_321;
+
+/// Record that a claimed task's process started: from here on the task is `running`.
+async fn start(b: &B, c: &Claimed) {
+    b.started(&c.lease, PID, PID_START)
+        .await
+        .unwrap_or_else(|e| panic!("started({}): {e}", c.task.id));
+}
+
+/// Claim `id` (see [`claim_id`]) and record its start: the task is running.
+async fn run_id(b: &B, queue: &str, id: TaskId) -> Claimed {
+    let c = claim_id(b, queue, id).await;
+    start(b, &c).await;
+    c
+}
+
+/// Fail unless `r` is `LeaseLost` for task `id`.
+fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, BrokerError>, id: TaskId, what: &str) {
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
+        "{what}: expected LeaseLost({id}), got {r:?}"
+    );
 }
 
 fn attempt_of(c: &Claimed, reason: AttemptReason, error: Option<&str>) -> AttemptRecord {
@@ -908,6 +957,22 @@ pub mod cases {
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Running);
         assert_eq!(d.task.attempts, 2);
+
+        // The second run succeeds: the earlier attempt's error is no longer the task's.
+        let a2 = attempt_of(&c2, AttemptReason::Exit, None);
+        b.finish(&c2.lease, a2.clone(), Finish::Succeeded)
+            .await
+            .expect("finish");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Succeeded);
+        assert_eq!(
+            d.task.last_error, None,
+            "a succeeded task keeps an old error"
+        );
+        assert!(d.task.finished_at.is_some());
+        assert_eq!(d.history.len(), 2);
+        same_attempt(&d.history[0], &a);
+        same_attempt(&d.history[1], &a2);
     }
 
     pub async fn finish_requeue_does_not_charge(b: B, _g: G) {
@@ -941,6 +1006,71 @@ pub mod cases {
         assert_ne!(c3.lease.token, c2.lease.token);
     }
 
+    /// A task claimed ahead but never started goes back uncharged, and leaves no trace in
+    /// the history or in last_error.
+    pub async fn finish_release_records_nothing(b: B, _g: G) {
+        let id = enqueue1(&b, task("rl")).await;
+        let c1 = claim_id(&b, "rl", id).await;
+        b.finish(
+            &c1.lease,
+            attempt_of(&c1, AttemptReason::Shutdown, Some("should not be recorded")),
+            Finish::Release,
+        )
+        .await
+        .expect("release");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.attempts, 0, "a released claim is not charged");
+        assert!(
+            d.history.is_empty(),
+            "a released claim is not an attempt: {:?}",
+            d.history
+        );
+        assert_eq!(d.task.last_error, None);
+        assert_eq!(d.task.finished_at, None);
+        assert_eq!(d.task.node, None);
+        let r = b
+            .finish(
+                &c1.lease,
+                attempt_of(&c1, AttemptReason::Exit, None),
+                Finish::Succeeded,
+            )
+            .await;
+        assert!(
+            matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
+            "{r:?}"
+        );
+
+        // After a real failed attempt: the release keeps its error and its attempt count.
+        let c2 = claim_id(&b, "rl", id).await;
+        assert_eq!(c2.attempt, 1);
+        assert_ne!(c2.lease.token, c1.lease.token);
+        let failed = attempt_of(&c2, AttemptReason::Exit, Some("exit code 3"));
+        b.finish(&c2.lease, failed.clone(), Finish::Retry { at: now_ms() })
+            .await
+            .expect("retry");
+        let c3 = claim_id(&b, "rl", id).await;
+        assert_eq!(c3.attempt, 2);
+        b.finish(
+            &c3.lease,
+            attempt_of(&c3, AttemptReason::Shutdown, None),
+            Finish::Release,
+        )
+        .await
+        .expect("release");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.attempts, 1);
+        assert_eq!(d.task.last_error.as_deref(), Some("exit code 3"));
+        assert_eq!(d.history.len(), 1);
+        same_attempt(&d.history[0], &failed);
+        let c4 = claim_id(&b, "rl", id).await;
+        assert_eq!(
+            c4.attempt, 2,
+            "the run after a release has the same attempt number"
+        );
+    }
+
     pub async fn finish_stale_token_is_refused(b: B, _g: G) {
         let id = enqueue1(&b, task("st")).await;
         let c = claim_id(&b, "st", id).await;
@@ -964,6 +1094,7 @@ pub mod cases {
                 Finish::Succeeded,
                 Finish::Failed,
                 Finish::Requeue,
+                Finish::Release,
                 Finish::Retry { at: 0 },
                 Finish::Cancelled,
             ] {
@@ -1025,6 +1156,7 @@ pub mod cases {
             Finish::Succeeded,
             Finish::Failed,
             Finish::Requeue,
+            Finish::Release,
             Finish::Cancelled,
         ] {
             let r = b.finish(&old.lease, a.clone(), next).await;

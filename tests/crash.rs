@@ -131,6 +131,75 @@ wait
     assert_eq!(c["succeeded"], 4, "{c}");
 }
 
+/// A task's process group outlives its leader while the daemon is down, and the member left
+/// does not carry the task's environment (it ran `env -i`, as sudo, ssh or a sanitising
+/// wrapper would). Recovery must still kill the group: it is the task's.
+#[test]
+fn kill9_recovery_kills_an_orphaned_group_whose_leader_exited() {
+    let env = setup(
+        r#"
+[queues.k]
+shell = '''
+if [ -e "$D/ran" ]; then exit 0; fi
+touch "$D/ran"
+env -i /bin/sleep 30 & echo $! > "$D/bg"
+echo $$ > "$D/pid"
+while [ ! -e "$D/leader-exit" ]; do sleep 0.02; done
+'''
+"#,
+    );
+    let d = env.daemon();
+    let id = submit(&env, "k", &json!({}));
+    let leader = wait_pid(&env.path().join("pid"), secs(10));
+    let bg = wait_pid(&env.path().join("bg"), secs(10));
+    env.wait_state(&id, "running", secs(10));
+    d.kill9();
+    std::fs::write(env.path().join("leader-exit"), "").unwrap();
+    assert!(poll(secs(5), || !alive(leader)), "the leader did not exit");
+    assert!(alive(bg), "the background member died with its leader");
+    let d = env.daemon();
+    let v = env.wait_state(&id, "succeeded", secs(15));
+    assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
+    let dead = poll(secs(5), || !alive(bg));
+    if !dead {
+        let _ = std::process::Command::new("kill").args(["-9", &bg.to_string()]).status(); // clean up
+    }
+    assert!(dead, "process {bg} of the crashed task's group survived recovery:\n{}", d.log_text());
+}
+
+/// Only a task that was running when the daemon died has a `lost` attempt: a task that was
+/// still waiting for a slot did not run, and its history must not suggest it may have.
+#[test]
+fn kill9_recovery_records_lost_only_for_tasks_that_had_started() {
+    let env = setup(
+        r#"
+[queues.q]
+shell = '''
+touch "$D/started-$TASKD_ARG_n"
+if [ -e "$D/go" ]; then exit 0; fi
+sleep 30
+'''
+"#,
+    );
+    // Enqueued before the daemon starts: it finds a backlog.
+    let ids: Vec<String> = (1..=3).map(|n| submit(&env, "q", &json!({ "n": n }))).collect();
+    let d = env.daemon();
+    assert!(poll(secs(10), || env.path().join("started-1").exists()));
+    d.kill9();
+    std::fs::write(env.path().join("go"), "").unwrap();
+    let _d = env.daemon();
+    for id in &ids {
+        env.wait_state(id, "succeeded", secs(15));
+    }
+    let v = env.show(&ids[0]);
+    assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
+    for (n, id) in ids.iter().enumerate().skip(1) {
+        let v = env.show(id);
+        let reasons: Vec<&str> = history(&v).iter().map(|a| a["reason"].as_str().unwrap_or("?")).collect();
+        assert_eq!(reasons, vec!["exit"], "task {} never ran before the crash, yet its history is {reasons:?}", n + 1);
+    }
+}
+
 /// Lines of a file (0 if it does not exist).
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)

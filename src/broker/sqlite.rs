@@ -34,6 +34,10 @@ use crate::model::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write keeps retrying a busy database before giving up.
 const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
+/// A commit this soon after the previous one means writes are arriving back to back.
+const BUSY_WINDOW: Duration = Duration::from_millis(2);
+/// How long non-urgent writes wait for company when the store is busy.
+const LINGER: Duration = Duration::from_millis(1);
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -66,10 +70,12 @@ const MIGRATIONS: &[&str] = &[
     );
     -- Claiming reads only ready tasks, in claim order: this index stays small however many
     -- tasks have finished, and its first entry is the next task to run.
-    CREATE INDEX tasks_ready   ON tasks(queue, priority DESC, seq) WHERE state = 'queued';
+    -- A claimed task stays `queued`, reserved by its node (lease_node set), until its process
+    -- has started; only unreserved ones are in this index.
+    CREATE INDEX tasks_ready   ON tasks(queue, priority DESC, seq) WHERE state = 'queued' AND lease_node IS NULL;
     CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
-    CREATE INDEX tasks_running ON tasks(lease_expires) WHERE state = 'running';
-    CREATE INDEX tasks_cancel  ON tasks(lease_node) WHERE cancel_requested = 1 AND state = 'running';
+    CREATE INDEX tasks_cancel  ON tasks(lease_node) WHERE cancel_requested = 1;
+    CREATE INDEX tasks_held    ON tasks(lease_node) WHERE lease_node IS NOT NULL;
     CREATE INDEX tasks_state   ON tasks(state, queue);
     CREATE UNIQUE INDEX tasks_unique ON tasks(queue, unique_key)
         WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'queued', 'running', 'retrying');
@@ -100,7 +106,15 @@ const TASK_COLS: &str = "id, queue, state, payload, args, priority, unique_key, 
      created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token";
 
 type Deliver = Box<dyn FnOnce(Option<&BrokerError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
+type Work = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
+
+/// One write for the writer thread.
+struct Job {
+    work: Work,
+    /// Someone is waiting on this write to go on (an enqueue, a claim). A write that is only
+    /// bookkeeping (an attempt's result) may wait a little for company instead.
+    urgent: bool,
+}
 
 /// The SQLite backend. Cheap to share behind an `Arc`.
 pub struct SqliteBroker {
@@ -242,13 +256,39 @@ fn migrate(conn: &Connection) -> Result<()> {
 }
 
 /// The writer thread: take one job, fold in whatever else is waiting, commit once.
+///
+/// Urgent writes (enqueues, claims) commit at once with whatever else is waiting. A batch of
+/// only non-urgent writes (attempt results) waits up to [`LINGER`] for more when writes are
+/// arriving back to back, so that under load several results share one fsync; an urgent
+/// write arriving meanwhile ends the wait.
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    let mut last_commit = Instant::now() - BUSY_WINDOW;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
+        let mut urgent = batch[0].urgent;
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(j) => batch.push(j),
+                Ok(j) => {
+                    urgent |= j.urgent;
+                    batch.push(j);
+                }
                 Err(_) => break,
+            }
+        }
+        if !urgent && last_commit.elapsed() < BUSY_WINDOW {
+            let until = Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                let left = until.saturating_duration_since(Instant::now());
+                match jobs.recv_timeout(left) {
+                    Ok(j) => {
+                        let u = j.urgent;
+                        batch.push(j);
+                        if u {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
             }
         }
         if let Err(e) = retry_busy(|| conn.execute_batch("BEGIN IMMEDIATE")) {
@@ -263,12 +303,13 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             if let Err(e) = conn.execute_batch("SAVEPOINT job") {
                 tracing::error!(error = %e, "failed to open a savepoint");
             }
-            delivers.push(job(&conn));
+            delivers.push((job.work)(&conn));
         }
         let commit = conn.execute_batch("COMMIT").map_err(storage);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
+        last_commit = Instant::now();
         let err = commit.err();
         for d in delivers {
             d(err.as_ref());
@@ -313,8 +354,17 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.write_as(true, f).await
+    }
+
+    /// Like [`Self::write`]; a non-`urgent` write may wait a little to share a commit.
+    async fn write_as<T, F>(&self, urgent: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
-        let job: Job = Box::new(move |conn: &Connection| {
+        let work: Work = Box::new(move |conn: &Connection| {
             let r = f(conn);
             let end = if r.is_ok() {
                 "RELEASE job"
@@ -333,7 +383,7 @@ impl SqliteBroker {
             })
         });
         self.jobs
-            .send(job)
+            .send(Job { work, urgent })
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
         rx.await.map_err(|_| {
             BrokerError::Storage("the write was dropped: the database could not begin a transaction".into())
@@ -535,10 +585,9 @@ impl Broker for SqliteBroker {
             .map_err(storage)?;
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_node = ?1,
-                        lease_token = lease_token + 1, lease_expires = ?2, updated_at = ?3,
-                        started_at = ?3, pid = NULL, pid_start = NULL, cancel_requested = 0
-                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued'
+                    "UPDATE tasks SET lease_node = ?1, lease_token = lease_token + 1, lease_expires = ?2,
+                        updated_at = ?3, pid = NULL, pid_start = NULL
+                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL
                                    ORDER BY priority DESC, seq LIMIT ?5)
                      RETURNING {TASK_COLS}, seq"
                 ))
@@ -556,7 +605,7 @@ impl Broker for SqliteBroker {
                                 token,
                                 node: node.clone(),
                             },
-                            attempt: task.attempts,
+                            attempt: task.attempts + 1,
                             task,
                         },
                     ))
@@ -571,12 +620,22 @@ impl Broker for SqliteBroker {
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
         let lease = lease.clone();
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE tasks SET pid = ?1, pid_start = ?2 WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
-            )
-            .and_then(|mut s| s.execute(params![pid, pid_start as i64, lease.task.to_string(), lease.token]))
-            .map_err(storage)?;
+        // The process already runs; nobody waits on this record, so it may share a commit.
+        self.write_as(false, move |conn| {
+            let now = now_ms();
+            let n = conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = ?5,
+                        updated_at = ?5, pid = ?1, pid_start = ?2
+                     WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state = 'queued'",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![pid, pid_start as i64, lease.task.to_string(), lease.token, now, lease.node])
+                })
+                .map_err(storage)?;
+            if n == 0 {
+                return Err(BrokerError::LeaseLost(lease.task));
+            }
             Ok(())
         })
         .await
@@ -591,7 +650,7 @@ impl Broker for SqliteBroker {
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE tasks SET lease_expires = ?1
-                     WHERE id = ?2 AND lease_token = ?3 AND lease_node = ?4 AND state = 'running'",
+                     WHERE id = ?2 AND lease_token = ?3 AND lease_node = ?4 AND state IN ('queued', 'running')",
                 )
                 .map_err(storage)?;
             for l in &leases {
@@ -609,45 +668,71 @@ impl Broker for SqliteBroker {
 
     async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
         let lease = lease.clone();
-        self.write(move |conn| {
-            let now = now_ms();
-            let seq: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT seq FROM tasks WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state = 'running'",
+        // Nobody waits on a result to go on: it may share a commit with its neighbours.
+        let requeued = self
+            .write_as(false, move |conn| {
+                let now = now_ms();
+                let row: Option<(i64, bool, String)> = conn
+                    .prepare_cached(
+                        "SELECT seq, cancel_requested, state FROM tasks
+                         WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state IN ('queued', 'running')",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![lease.task.to_string(), lease.token, lease.node], |r| {
+                            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(storage)?;
+                let (seq, cancel_requested, state) = row.ok_or(BrokerError::LeaseLost(lease.task))?;
+                // `started` counts the attempt when it is recorded; a task finished before that
+                // record (it never started, or the record is still on its way) is counted here.
+                let counted = state == "running";
+                if next != Finish::Release {
+                    insert_attempt(conn, seq, &attempt)?;
+                }
+                // An operator's cancel that arrived while the task ran outweighs a retry or
+                // a requeue: it must not silently run again.
+                let next = match next {
+                    Finish::Retry { .. } | Finish::Requeue | Finish::Release if cancel_requested => Finish::Cancelled,
+                    n => n,
+                };
+                let charged = !matches!(next, Finish::Requeue | Finish::Release)
+                    && !(next == Finish::Cancelled && attempt.pid.is_none());
+                // The change to `attempts`: +1 for a charged attempt `started` did not count,
+                // -1 for an uncharged one it did.
+                let delta: i64 = match (charged, counted) {
+                    (true, false) => 1,
+                    (false, true) => -1,
+                    _ => 0,
+                };
+                let (state, run_at, finished) = match next {
+                    Finish::Succeeded => (TaskState::Succeeded, None, Some(now)),
+                    Finish::Retry { at } => (TaskState::Retrying, Some(at), None),
+                    Finish::Failed => (TaskState::Failed, None, Some(now)),
+                    Finish::Cancelled => (TaskState::Cancelled, None, Some(now)),
+                    Finish::Requeue | Finish::Release => (TaskState::Queued, None, None),
+                };
+                let error = match next {
+                    Finish::Succeeded | Finish::Release => None,
+                    Finish::Cancelled if cancel_requested => Some("cancelled by an operator".to_string()),
+                    _ => attempt.error.clone(),
+                };
+                conn.prepare_cached(
+                    "UPDATE tasks SET state = ?2, run_at = coalesce(?3, run_at), finished_at = ?4,
+                        attempts = max(attempts + ?5, 0), last_error = CASE WHEN ?8 THEN last_error ELSE ?6 END,
+                        updated_at = ?7,
+                        lease_node = NULL, lease_expires = NULL, cancel_requested = 0, pid = NULL, pid_start = NULL
+                     WHERE seq = ?1",
                 )
                 .and_then(|mut s| {
-                    s.query_row(params![lease.task.to_string(), lease.token, lease.node], |r| r.get(0))
-                        .optional()
+                    s.execute(params![seq, state.as_str(), run_at, finished, delta, error, now, next == Finish::Release])
                 })
                 .map_err(storage)?;
-            let seq = seq.ok_or(BrokerError::LeaseLost(lease.task))?;
-            if next != Finish::Release {
-                insert_attempt(conn, seq, &attempt)?;
-            }
-            let (state, run_at, finished, uncharge) = match next {
-                Finish::Succeeded => (TaskState::Succeeded, None, Some(now), 0),
-                Finish::Retry { at } => (TaskState::Retrying, Some(at), None, 0),
-                Finish::Failed => (TaskState::Failed, None, Some(now), 0),
-                Finish::Cancelled => (TaskState::Cancelled, None, Some(now), 0),
-                Finish::Requeue | Finish::Release => (TaskState::Queued, None, None, 1),
-            };
-            let error = match next {
-                Finish::Succeeded | Finish::Release => None,
-                _ => attempt.error.clone(),
-            };
-            conn.prepare_cached(
-                "UPDATE tasks SET state = ?2, run_at = coalesce(?3, run_at), finished_at = ?4,
-                    attempts = max(attempts - ?5, 0), last_error = CASE WHEN ?8 THEN last_error ELSE ?6 END,
-                    updated_at = ?7,
-                    lease_node = NULL, lease_expires = NULL, cancel_requested = 0, pid = NULL, pid_start = NULL
-                 WHERE seq = ?1",
-            )
-            .and_then(|mut s| s.execute(params![seq, state.as_str(), run_at, finished, uncharge, error, now, next == Finish::Release]))
-            .map_err(storage)?;
-            Ok(())
-        })
-        .await?;
-        if matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }) {
+                Ok(matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }))
+            })
+            .await?;
+        if requeued {
             self.wake(b"work");
         }
         Ok(())
@@ -658,8 +743,12 @@ impl Broker for SqliteBroker {
             .write(move |conn| {
                 let (seq, state) = task_seq(conn, id)?;
                 let now = now_ms();
+                let held: bool = conn
+                    .query_row("SELECT lease_node IS NOT NULL FROM tasks WHERE seq = ?1", [seq], |r| r.get(0))
+                    .map_err(storage)?;
                 match state {
-                    TaskState::Running => {
+                    // Running, or claimed by a node that is about to start it: that node stops it.
+                    TaskState::Running | TaskState::Queued if state == TaskState::Running || held => {
                         conn.execute(
                             "UPDATE tasks SET cancel_requested = 1, updated_at = ?2 WHERE seq = ?1",
                             params![seq, now],
@@ -852,8 +941,11 @@ impl Broker for SqliteBroker {
 
     async fn next_due(&self) -> Result<Option<UnixMs>> {
         self.read(|conn| {
-            conn.prepare_cached("SELECT min(run_at) FROM tasks WHERE state IN ('scheduled', 'retrying')")
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            conn.prepare_cached(
+                "SELECT run_at FROM tasks INDEXED BY tasks_waiting WHERE state IN ('scheduled', 'retrying')
+                   AND queue NOT IN (SELECT queue FROM paused_queues) ORDER BY run_at LIMIT 1",
+            )
+                .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
                 .map_err(storage)
         })
         .await
@@ -863,9 +955,7 @@ impl Broker for SqliteBroker {
         let node = node.to_string();
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id FROM tasks WHERE cancel_requested = 1 AND state = 'running' AND lease_node = ?1",
-                )
+                .prepare_cached("SELECT id FROM tasks WHERE cancel_requested = 1 AND lease_node = ?1")
                 .map_err(storage)?;
             let ids: Vec<String> = stmt
                 .query_map([node], |r| r.get(0))
@@ -882,40 +972,69 @@ impl Broker for SqliteBroker {
             .write(move |conn| {
                 let now = now_ms();
                 let (cond, bound) = match scope {
-                    Recover::All => ("state = 'running'", i64::MAX),
-                    Recover::Expired(t) => ("state = 'running' AND lease_expires < ?1", t),
+                    Recover::All => ("lease_node IS NOT NULL", i64::MAX),
+                    Recover::Expired(t) => ("lease_node IS NOT NULL AND lease_expires < ?1", t),
                 };
                 let sql = format!(
-                    "SELECT seq, id, queue, lease_node, pid, pid_start, started_at, attempts FROM tasks
-                     WHERE {cond} AND ?1 = ?1"
+                    "SELECT seq, id, queue, lease_node, pid, pid_start, started_at, attempts, cancel_requested, state
+                     FROM tasks WHERE {cond} AND state IN ('queued', 'running') AND ?1 = ?1"
                 );
                 let mut stmt = conn.prepare(&sql).map_err(storage)?;
-                type R = (i64, String, String, Option<String>, Option<i32>, Option<i64>, Option<i64>, u32);
+                type R = (i64, String, String, Option<String>, Option<i32>, Option<i64>, Option<i64>, u32, bool, String);
                 let rows: Vec<R> = stmt
                     .query_map([bound], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get::<_, i64>(8)? != 0,
+                            r.get(9)?,
+                        ))
                     })
                     .and_then(|it| it.collect())
                     .map_err(storage)?;
                 let mut orphans = Vec::with_capacity(rows.len());
-                for (seq, id, queue, node, pid, pid_start, started_at, attempts) in rows {
-                    let attempt = AttemptRecord {
-                        number: attempts,
-                        node: node.clone().unwrap_or_default(),
-                        pid,
-                        started_at: started_at.unwrap_or(now),
-                        ended_at: now,
-                        reason: Some(AttemptReason::Lost),
-                        error: Some(note.clone()),
-                        ..Default::default()
-                    };
-                    insert_attempt(conn, seq, &attempt)?;
-                    conn.execute(
-                        "UPDATE tasks SET state = 'queued', attempts = max(attempts - 1, 0), updated_at = ?2,
-                            lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
-                         WHERE seq = ?1",
-                        params![seq, now],
-                    )
+                for (seq, id, queue, node, pid, pid_start, started_at, attempts, cancel_requested, state) in rows {
+                    let started = state == "running";
+                    if started {
+                        // It ran: the history says it was lost, and the attempt is given back.
+                        let attempt = AttemptRecord {
+                            number: attempts,
+                            node: node.clone().unwrap_or_default(),
+                            pid,
+                            started_at: started_at.unwrap_or(now),
+                            ended_at: now,
+                            reason: Some(AttemptReason::Lost),
+                            error: Some(note.clone()),
+                            ..Default::default()
+                        };
+                        insert_attempt(conn, seq, &attempt)?;
+                    }
+                    // A held task that was never recorded as started leaves no history: if its
+                    // process did start, it is killed and the run did not count.
+                    if cancel_requested {
+                        // The operator asked to cancel it before its node went away: honour it.
+                        conn.execute(
+                            "UPDATE tasks SET state = 'cancelled', finished_at = ?2, updated_at = ?2,
+                                last_error = 'cancelled by an operator', cancel_requested = 0,
+                                attempts = max(attempts - ?3, 0),
+                                lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                             WHERE seq = ?1",
+                            params![seq, now, started as i64],
+                        )
+                    } else {
+                        conn.execute(
+                            "UPDATE tasks SET state = 'queued', attempts = max(attempts - ?3, 0), updated_at = ?2,
+                                lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                             WHERE seq = ?1",
+                            params![seq, now, started as i64],
+                        )
+                    }
                     .map_err(storage)?;
                     orphans.push(Orphan {
                         task: id.parse().map_err(BrokerError::Storage)?,

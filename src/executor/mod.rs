@@ -106,6 +106,9 @@ pub struct Stop {
     pub cancel: CancellationToken,
     /// The daemon is stopping.
     pub shutdown: CancellationToken,
+    /// The daemon is stopping *now* (a second signal): SIGKILL the group without a grace.
+    /// Counts as a shutdown.
+    pub kill: CancellationToken,
 }
 
 /// Sent once the leader exists, for the record that lets crash recovery find its group.
@@ -368,6 +371,12 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
                     esc.begin(StopWhy::Shutdown, spec.kill_grace);
                 }
                 _ = sleep_until_opt(esc.kill_at), if esc.kill_at.is_some() => esc.kill(),
+                _ = stop.kill.cancelled(), if esc.last_signal != Some(Signal::SIGKILL) => {
+                    if esc.why.is_none() {
+                        esc.why = Some(StopWhy::Shutdown);
+                    }
+                    esc.kill();
+                }
             }
         };
         // Either tokio reaped the leader, or it never will (someone else did): in both cases

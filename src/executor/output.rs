@@ -15,6 +15,8 @@ use tokio::process::ChildStdin;
 
 /// The size of the one buffer each stream is read through.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// The size a stream's buffer starts at.
+const FIRST_READ_CHUNK: usize = 4 * 1024;
 
 /// The last `cap` bytes of everything pushed into it.
 #[derive(Debug)]
@@ -48,7 +50,7 @@ impl Tail {
     }
 }
 
-/// A full-output file that stops growing at `max` bytes written by this attempt.
+/// A full-output file that stops growing at `max` bytes.
 #[derive(Debug)]
 pub(crate) struct LogFile {
     path: PathBuf,
@@ -78,11 +80,14 @@ impl LogFile {
             }
             other => other?,
         };
+        // The cap is per file: a run that reuses the file (an attempt put back after a
+        // shutdown or a crash keeps its number) counts what is already there.
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(LogFile {
             path: path.to_path_buf(),
             file,
             max,
-            written: 0,
+            written,
             ends_with_newline: true,
             closed: false,
         })
@@ -156,11 +161,19 @@ impl Capture {
 /// Cancel-safe: whatever was read before the future is dropped is already in `cap`.
 pub(crate) async fn pump<R: AsyncRead + Unpin>(pipe: Option<R>, cap: &mut Capture) {
     let Some(mut pipe) = pipe else { return };
-    let mut buf = vec![0u8; READ_CHUNK];
+    // Start small and grow only for a task that fills the buffer: most tasks print little,
+    // and a fresh 64 KiB buffer per stream per task costs more (zeroing, brk/munmap churn)
+    // than reading their output.
+    let mut buf = vec![0u8; FIRST_READ_CHUNK];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) => return,
-            Ok(n) => cap.push(&buf[..n]),
+            Ok(n) => {
+                cap.push(&buf[..n]);
+                if n == buf.len() && buf.len() < READ_CHUNK {
+                    buf.resize(READ_CHUNK, 0);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(error = %e, "reading task output failed; treating it as EOF");

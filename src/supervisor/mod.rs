@@ -14,8 +14,9 @@ pub mod policy;
 pub mod prepare;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -34,6 +35,10 @@ pub const LEASE: Duration = Duration::from_secs(60);
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
 /// Most tasks one claim takes.
 const CLAIM_BATCH: usize = 64;
+/// Tasks shorter than this are claimed further ahead ([`HOLD_AHEAD_SHORT`]): for them a
+/// claim per task would cost more than the task. Longer tasks hold at most `concurrency`.
+const SHORT_TASK_MS: u64 = 100;
+const HOLD_AHEAD_SHORT: usize = 32;
 
 struct QueueRt {
     name: QueueName,
@@ -48,6 +53,8 @@ struct QueueRt {
     ready: Mutex<VecDeque<Claimed>>,
     /// The last claim got all it asked for: more tasks are probably waiting.
     backlog: AtomicBool,
+    /// How long the queue's last task ran: short tasks are worth claiming further ahead.
+    last_run_ms: AtomicU64,
 }
 
 impl QueueRt {
@@ -76,8 +83,10 @@ pub struct Supervisor {
     running: Mutex<HashMap<TaskId, RunningEntry>>,
     /// Stop claiming (drain).
     draining: CancellationToken,
-    /// Stop running tasks now (end of the grace, or a second signal).
+    /// Stop running tasks (end of the grace, or a second signal): TERM, grace, KILL.
     interrupt: CancellationToken,
+    /// A second signal: SIGKILL running tasks without waiting for their kill_grace.
+    kill_now: CancellationToken,
     /// Every run, so that shutdown waits for their results to be recorded.
     runs: TaskTracker,
     /// A retry or scheduled task may have moved the next due time earlier.
@@ -96,6 +105,7 @@ impl Supervisor {
             running: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             interrupt: CancellationToken::new(),
+            kill_now: CancellationToken::new(),
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
@@ -150,6 +160,7 @@ impl Supervisor {
                         removed: CancellationToken::new(),
                         ready: Mutex::new(VecDeque::new()),
                         backlog: AtomicBool::new(false),
+                        last_run_ms: AtomicU64::new(u64::MAX),
                     });
                     rt.kick.notify_one();
                     queues.insert(name.clone(), rt.clone());
@@ -193,7 +204,13 @@ impl Supervisor {
             let running = q.running.load(Ordering::Acquire);
             let held = q.ready.lock().expect("not poisoned").len();
             let free = conc.saturating_sub(running);
-            let ahead = if q.backlog.load(Ordering::Acquire) { conc.min(CLAIM_BATCH) } else { 0 };
+            let ahead = if !q.backlog.load(Ordering::Acquire) {
+                0
+            } else if q.last_run_ms.load(Ordering::Relaxed) < SHORT_TASK_MS {
+                HOLD_AHEAD_SHORT.max(conc).min(CLAIM_BATCH)
+            } else {
+                conc.min(CLAIM_BATCH)
+            };
             // Claim when a free slot has nothing to start, or when the held buffer ran low.
             let claim = free > held || (ahead > 0 && held <= ahead / 2);
             let want = (free + ahead).saturating_sub(held).min(CLAIM_BATCH);
@@ -292,8 +309,6 @@ impl Supervisor {
         let started_at = now_ms();
         let (record, finish) = match prepared.spec(&c.task, c.attempt) {
             Err(message) => {
-                q.running.fetch_sub(1, Ordering::AcqRel);
-                q.kick.notify_one();
                 let attempt = AttemptRecord {
                     number: c.attempt,
                     node: self.node.clone(),
@@ -309,15 +324,26 @@ impl Supervisor {
                 let stop = Stop {
                     cancel,
                     shutdown: self.interrupt.clone(),
+                    kill: self.kill_now.clone(),
                 };
-                // No per-task pid write: recovery finds a dead daemon's tasks by the
-                // TASKD_TASK_ID in their environment (executor::kill_task_processes).
-                let outcome = executor::run(spec, stop, None).await;
-                // The process is gone: free the slot and start a held task in it now; the
-                // dispatcher tops the buffer up (its claim can share a commit with this result).
-                q.running.fetch_sub(1, Ordering::AcqRel);
-                self.start_ready(&q);
-                q.kick.notify_one();
+                // Record the start (the task becomes `running`, with its pid for recovery)
+                // without holding the run up: the record shares a commit with others. If the
+                // lease is gone meanwhile (an operator cancelled the held task), stop the run.
+                let (tx, rx) = tokio::sync::oneshot::channel::<executor::Spawned>();
+                let broker = self.broker.clone();
+                let lease = c.lease.clone();
+                let stop_it = stop.cancel.clone();
+                tokio::spawn(async move {
+                    let Ok(s) = rx.await else { return };
+                    match broker.started(&lease, s.pid, s.start_time).await {
+                        Ok(()) => {}
+                        Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
+                        Err(e) => tracing::warn!(task = %lease.task, error = %e, "failed to record a task's start"),
+                    }
+                });
+                let began = std::time::Instant::now();
+                let outcome = executor::run(spec, stop, Some(tx)).await;
+                q.last_run_ms.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let mut rng = rand::thread_rng();
                 policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
             }
@@ -327,7 +353,17 @@ impl Supervisor {
         } else {
             tracing::debug!(task = %c.task.id, queue = %q.name, reason = ?record.reason, next = ?finish, "attempt finished");
         }
-        self.record(&c.lease, record, finish).await;
+        // Hand the result to the broker first (the first poll queues the write), then give
+        // the slot to the next task: its start is recorded after this result, so the store
+        // never shows more tasks running than the concurrency. The two usually share a commit.
+        let mut recording = std::pin::pin!(self.record(&c.lease, record, finish));
+        let recorded = std::future::poll_fn(|cx| std::task::Poll::Ready(recording.as_mut().poll(cx).is_ready())).await;
+        q.running.fetch_sub(1, Ordering::AcqRel);
+        self.start_ready(&q);
+        q.kick.notify_one();
+        if !recorded {
+            recording.await;
+        }
         self.running.lock().expect("not poisoned").remove(&c.task.id);
         if let Finish::Retry { .. } = finish {
             self.reschedule.notify_one();
@@ -428,6 +464,7 @@ impl Supervisor {
 
     /// Kick the queues when the earliest scheduled or retrying task comes due.
     async fn schedule_loop(self: Arc<Self>) {
+        let mut due_again = false;
         loop {
             let wait = match self.broker.next_due().await {
                 Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(0) as u64),
@@ -437,11 +474,22 @@ impl Supervisor {
                     Duration::from_secs(1)
                 }
             };
-            if wait.is_zero() {
-                self.kick_all();
-            }
+            // A due task still reported on the next look belongs to a queue that cannot claim
+            // it (paused, or not in this config): look again only at the fallback pace.
+            let wait = if wait.is_zero() {
+                if due_again {
+                    FALLBACK_TICK
+                } else {
+                    due_again = true;
+                    self.kick_all();
+                    Duration::from_millis(5)
+                }
+            } else {
+                due_again = false;
+                wait
+            };
             tokio::select! {
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(5)).min(Duration::from_secs(60))) => self.kick_all(),
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => self.kick_all(),
                 _ = self.reschedule.notified() => {}
                 _ = self.draining.cancelled() => return,
             }
@@ -489,10 +537,21 @@ impl Supervisor {
                 tracing::warn!(running = self.snapshot().running, "shutdown grace over: stopping running tasks and putting them back");
             }
             _ = force.cancelled() => {
-                tracing::warn!("second signal: stopping running tasks now and putting them back");
+                tracing::warn!("second signal: killing running tasks now and putting them back");
+                self.kill_now.cancel();
             }
         }
         self.interrupt.cancel();
-        self.runs.wait().await;
+        // A second signal during the tasks' kill_grace still ends it at once.
+        tokio::select! {
+            _ = self.runs.wait() => {}
+            _ = force.cancelled() => {
+                if !self.kill_now.is_cancelled() {
+                    tracing::warn!("second signal: killing running tasks now and putting them back");
+                }
+                self.kill_now.cancel();
+                self.runs.wait().await;
+            }
+        }
     }
 }
