@@ -231,7 +231,11 @@ async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
         TaskState::Queued,
         "a claimed task stays queued until it starts"
     );
-    assert_eq!(c.task.node.as_deref(), Some(NODE), "a claimed task is held by its node");
+    assert_eq!(
+        c.task.node.as_deref(),
+        Some(NODE),
+        "a claimed task is held by its node"
+    );
     assert_eq!(
         c.attempt,
         c.task.attempts + 1,
@@ -516,16 +520,25 @@ pub mod cases {
             "the duplicate was stored"
         );
 
-        // Still held while running.
+        // Still held while reserved by a node, and while running.
         let c = claim_id(&b, "uq", a.id).await;
         let mut third = task("uq");
         third.unique_key = Some("k1".into());
         let out = b.enqueue(vec![third.clone()]).await.expect("enqueue");
         assert_eq!(
             (out[0].id, out[0].existing, out[0].state),
-            (a.id, true, TaskState::Running)
+            (a.id, true, TaskState::Queued)
         );
         assert!(b.get(third.id).await.expect("get").is_none());
+        start(&b, &c).await;
+        let mut fourth = task("uq");
+        fourth.unique_key = Some("k1".into());
+        let out = b.enqueue(vec![fourth.clone()]).await.expect("enqueue");
+        assert_eq!(
+            (out[0].id, out[0].existing, out[0].state),
+            (a.id, true, TaskState::Running)
+        );
+        assert!(b.get(fourth.id).await.expect("get").is_none());
 
         // Twice in one batch: the second answer points at the first.
         let mut x = task("uq");
@@ -560,7 +573,7 @@ pub mod cases {
         let mut a = task("uq");
         a.unique_key = Some("k".into());
         enqueue1(&b, a.clone()).await;
-        let c = claim_id(&b, "uq", a.id).await;
+        let c = run_id(&b, "uq", a.id).await;
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, None),
@@ -596,9 +609,26 @@ pub mod cases {
     pub async fn claim_respects_max(b: B, _g: G) {
         b.enqueue(tasks("m", 5)).await.expect("enqueue");
         assert!(claim(&b, "m", 0).await.is_empty(), "max 0 claims nothing");
-        assert_eq!(claim(&b, "m", 2).await.len(), 2);
-        assert_eq!(claim(&b, "m", 10).await.len(), 3);
+        let two = claim(&b, "m", 2).await;
+        assert_eq!(two.len(), 2);
+        let three = claim(&b, "m", 10).await;
+        assert_eq!(three.len(), 3);
         assert!(claim(&b, "m", 10).await.is_empty());
+        let ids: BTreeSet<TaskId> = two.iter().chain(&three).map(|c| c.task.id).collect();
+        assert_eq!(ids.len(), 5, "a task was claimed twice");
+        // All five are reserved by the node: still queued, none running yet.
+        let queued = b
+            .list(&ListFilter {
+                state: Some(TaskState::Queued),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(queued.len(), 5);
+        assert!(
+            queued.iter().all(|t| t.node.as_deref() == Some(NODE)),
+            "{queued:?}"
+        );
         let running = b
             .list(&ListFilter {
                 state: Some(TaskState::Running),
@@ -606,7 +636,7 @@ pub mod cases {
             })
             .await
             .expect("list");
-        assert_eq!(running.len(), 5);
+        assert!(running.is_empty(), "a claim alone does not start a task");
     }
 
     pub async fn claim_priority_then_fifo(b: B, _g: G) {
@@ -663,29 +693,174 @@ pub mod cases {
             claim(&b, "qc", 100).await.is_empty(),
             "an unknown queue has nothing"
         );
-        for t in &o {
-            assert_eq!(get(&b, t.id).await.task.state, TaskState::Queued);
+        for t in &a {
+            assert_eq!(get(&b, t.id).await.task.node.as_deref(), Some(NODE));
         }
+        for t in &o {
+            let r = get(&b, t.id).await.task;
+            assert_eq!(r.state, TaskState::Queued);
+            assert_eq!(r.node, None, "a task of another queue was reserved");
+        }
+        assert_eq!(claim(&b, "qb", 100).await.len(), 3);
     }
 
     pub async fn claim_first_attempt_is_1(b: B, _g: G) {
         let id = enqueue1(&b, task("a1")).await;
-        let before = now_ms();
         let c = claim_id(&b, "a1", id).await;
         assert_eq!(c.attempt, 1, "the first run is attempt 1");
-        assert_eq!(c.task.attempts, 1);
-        assert_eq!(c.task.state, TaskState::Running);
-        assert_eq!(c.task.node.as_deref(), Some(NODE));
-        assert_eq!(c.lease.node, NODE);
+        assert_eq!(c.task.attempts, 0, "a claim is not charged");
+        start(&b, &c).await;
         let r = get(&b, id).await.task;
         assert_eq!(r.state, TaskState::Running);
-        assert_eq!(r.attempts, 1);
+        assert_eq!(r.attempts, 1, "the started run is attempt 1");
         assert_eq!(r.node.as_deref(), Some(NODE));
-        assert!(r.updated_at >= before);
         assert!(
             claim(&b, "a1", 10).await.is_empty(),
             "a running task is not claimed again"
         );
+    }
+
+    /// A claim reserves: the task stays `queued`, held by the node, uncharged, and nobody
+    /// (not this node, not another client) can claim it again.
+    pub async fn claim_reserves_without_charging(b: B, g: G) {
+        let id = enqueue1(&b, task("rs")).await;
+        let other = enqueue1(&b, task("rs")).await;
+        let before = now_ms();
+        let c = claim_id(&b, "rs", id).await;
+        assert_eq!(c.attempt, 1);
+        assert_eq!(c.task.attempts, 0);
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued, "a reserved task is queued");
+        assert_eq!(d.task.node.as_deref(), Some(NODE), "its node holds it");
+        assert_eq!(d.task.attempts, 0, "a claim alone is not charged");
+        assert_eq!(d.task.finished_at, None);
+        assert!(!d.task.cancel_requested);
+        assert!(d.task.updated_at >= before);
+        assert!(d.history.is_empty(), "a claim is not an attempt");
+
+        // Not claimable again, by anyone: the next claim gets the next task.
+        let b2 = g.connect().await;
+        let got = b2
+            .claim("node-b", &qn("rs"), 10, LEASE)
+            .await
+            .expect("claim");
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![other],
+            "a reserved task was claimed again"
+        );
+        assert_eq!(got[0].task.node.as_deref(), Some("node-b"));
+        assert!(claim(&b, "rs", 10).await.is_empty());
+        assert_eq!(get(&b, id).await.task.node.as_deref(), Some(NODE));
+
+        // Claiming with attempts already charged: the run has the next number, still uncharged.
+        let c2 = &got[0];
+        b2.started(&c2.lease, PID, PID_START)
+            .await
+            .expect("started");
+        b2.finish(
+            &c2.lease,
+            attempt_of(c2, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry { at: now_ms() },
+        )
+        .await
+        .expect("retry");
+        let c3 = claim_id(&b, "rs", other).await;
+        assert_eq!((c3.task.attempts, c3.attempt), (1, 2));
+        assert_eq!(get(&b, other).await.task.attempts, 1);
+    }
+
+    /// `started` turns a reservation into a run: `running`, the attempt counted, the pid kept.
+    pub async fn started_marks_running_and_counts_the_attempt(b: B, _g: G) {
+        let id = enqueue1(&b, task("sm")).await;
+        let c = claim_id(&b, "sm", id).await;
+        let before = now_ms();
+        b.started(&c.lease, 777, 4_000_000_001)
+            .await
+            .expect("started");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Running);
+        assert_eq!(d.task.attempts, 1, "started counts the attempt");
+        assert_eq!(d.task.attempts, c.attempt);
+        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert!(d.task.updated_at >= before);
+        assert!(d.history.is_empty(), "a run is recorded when it ends");
+        assert!(claim(&b, "sm", 10).await.is_empty());
+        // The renewal and the finish still take the claim's lease.
+        assert!(b
+            .renew(&[c.lease.clone()], LEASE)
+            .await
+            .expect("renew")
+            .is_empty());
+        let orphans = b.recover(Recover::All, "restart").await.expect("recover");
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(
+            (orphans[0].pid, orphans[0].pid_start),
+            (Some(777), Some(4_000_000_001)),
+            "started recorded the pid"
+        );
+
+        // A second run: the attempt goes from 1 (a failure) to 2 on start, not on claim.
+        let c = run_id(&b, "sm", id).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry { at: now_ms() },
+        )
+        .await
+        .expect("retry");
+        assert_eq!(get(&b, id).await.task.attempts, 1);
+        let c2 = claim_id(&b, "sm", id).await;
+        assert_eq!(c2.attempt, 2);
+        assert_eq!(get(&b, id).await.task.attempts, 1, "not charged on claim");
+        start(&b, &c2).await;
+        let t = get(&b, id).await.task;
+        assert_eq!((t.state, t.attempts), (TaskState::Running, 2));
+    }
+
+    /// `started` with a lease the node does not hold changes nothing.
+    pub async fn started_with_a_stale_lease_is_refused(b: B, _g: G) {
+        let id = enqueue1(&b, task("ss")).await;
+        let c = claim_id(&b, "ss", id).await;
+        let before = snapshot(&b, id).await;
+        for bad in [
+            Lease {
+                token: c.lease.token + 1,
+                ..c.lease.clone()
+            },
+            Lease {
+                token: c.lease.token - 1,
+                ..c.lease.clone()
+            },
+            Lease {
+                node: "node-z".into(),
+                ..c.lease.clone()
+            },
+        ] {
+            assert_lease_lost(
+                b.started(&bad, 1, 1).await,
+                id,
+                &format!("started({bad:?})"),
+            );
+        }
+        let r = b
+            .started(
+                &Lease {
+                    task: TaskId::new(),
+                    ..c.lease.clone()
+                },
+                1,
+                1,
+            )
+            .await;
+        assert!(r.is_err(), "started on an unknown task: {r:?}");
+        assert_eq!(
+            snapshot(&b, id).await,
+            before,
+            "a refused started changed the task"
+        );
+        start(&b, &c).await;
+        assert_eq!(get(&b, id).await.task.state, TaskState::Running);
     }
 
     pub async fn claim_paused_queue_yields_nothing_until_resumed(b: B, g: G) {
@@ -801,6 +976,7 @@ pub mod cases {
                             c.task.id, c.attempt
                         );
                         mine.push(c.task.id);
+                        b.started(&c.lease, PID, PID_START).await.expect("started");
                         b.finish(
                             &c.lease,
                             attempt_of(&c, AttemptReason::Exit, None),
@@ -837,6 +1013,10 @@ pub mod cases {
             .await
             .expect("list");
         assert_eq!(done.len(), 500);
+        assert!(
+            done.iter().all(|t| t.attempts == 1),
+            "every task ran once and was charged once"
+        );
     }
 
     // --- finish -------------------------------------------------------------------------------
@@ -849,7 +1029,7 @@ pub mod cases {
         error: Option<&str>,
     ) {
         let id = enqueue1(&b, task("f")).await;
-        let c = claim_id(&b, "f", id).await;
+        let c = run_id(&b, "f", id).await;
         let a = attempt_of(&c, reason, error);
         let before = now_ms();
         b.finish(&c.lease, a.clone(), next).await.expect("finish");
@@ -875,10 +1055,18 @@ pub mod cases {
             claim(&b, "f", 10).await.is_empty(),
             "a finished task is not claimable"
         );
+        let before = snapshot(&b, id).await;
         let r = b.finish(&c.lease, a, Finish::Succeeded).await;
-        assert!(
-            matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
-            "finishing twice: {r:?}"
+        assert_lease_lost(r, id, "finishing twice");
+        assert_lease_lost(
+            b.started(&c.lease, PID, PID_START).await,
+            id,
+            "started after finish",
+        );
+        assert_eq!(
+            snapshot(&b, id).await,
+            before,
+            "a refused call changed a finished task"
         );
     }
 
@@ -917,7 +1105,7 @@ pub mod cases {
 
     pub async fn finish_retry_waits_until_at(b: B, _g: G) {
         let id = enqueue1(&b, task("r")).await;
-        let c = claim_id(&b, "r", id).await;
+        let c = run_id(&b, "r", id).await;
         let at = now_ms() + 250;
         let a = attempt_of(&c, AttemptReason::Exit, Some("exit code 3"));
         b.finish(&c.lease, a.clone(), Finish::Retry { at })
@@ -955,6 +1143,11 @@ pub mod cases {
         assert_eq!(c2.attempt, 2, "the retry is attempt 2");
         assert_ne!(c2.lease.token, c.lease.token);
         let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued, "claimed, not started yet");
+        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.attempts, 1);
+        start(&b, &c2).await;
+        let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Running);
         assert_eq!(d.task.attempts, 2);
 
@@ -977,7 +1170,7 @@ pub mod cases {
 
     pub async fn finish_requeue_does_not_charge(b: B, _g: G) {
         let id = enqueue1(&b, task("rq")).await;
-        let c1 = claim_id(&b, "rq", id).await;
+        let c1 = run_id(&b, "rq", id).await;
         b.finish(
             &c1.lease,
             attempt_of(&c1, AttemptReason::Exit, Some("exit code 1")),
@@ -985,8 +1178,9 @@ pub mod cases {
         )
         .await
         .expect("retry");
-        let c2 = claim_id(&b, "rq", id).await;
+        let c2 = run_id(&b, "rq", id).await;
         assert_eq!(c2.attempt, 2);
+        assert_eq!(get(&b, id).await.task.attempts, 2);
         let a = attempt_of(&c2, AttemptReason::Shutdown, Some("daemon shutting down"));
         b.finish(&c2.lease, a.clone(), Finish::Requeue)
             .await
@@ -1004,6 +1198,26 @@ pub mod cases {
             "the run after a requeue has the same attempt number"
         );
         assert_ne!(c3.lease.token, c2.lease.token);
+
+        // Requeued before it started (the node shut down with the run's start unrecorded):
+        // recorded, still not charged.
+        let a3 = attempt_of(&c3, AttemptReason::Shutdown, Some("daemon shutting down"));
+        b.finish(&c3.lease, a3.clone(), Finish::Requeue)
+            .await
+            .expect("requeue a reserved task");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.node, None);
+        assert_eq!(d.task.attempts, 1, "a requeued reservation is not charged");
+        assert_eq!(d.history.len(), 3, "a requeue is recorded");
+        same_attempt(&d.history[2], &a3);
+        assert_lease_lost(
+            b.started(&c3.lease, PID, PID_START).await,
+            id,
+            "started after requeue",
+        );
+        assert_eq!(get(&b, id).await.task.attempts, 1);
+        assert_eq!(claim_id(&b, "rq", id).await.attempt, 2);
     }
 
     /// A task claimed ahead but never started goes back uncharged, and leaves no trace in
@@ -1042,7 +1256,7 @@ pub mod cases {
         );
 
         // After a real failed attempt: the release keeps its error and its attempt count.
-        let c2 = claim_id(&b, "rl", id).await;
+        let c2 = run_id(&b, "rl", id).await;
         assert_eq!(c2.attempt, 1);
         assert_ne!(c2.lease.token, c1.lease.token);
         let failed = attempt_of(&c2, AttemptReason::Exit, Some("exit code 3"));
@@ -1060,10 +1274,17 @@ pub mod cases {
         .expect("release");
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.node, None);
         assert_eq!(d.task.attempts, 1);
         assert_eq!(d.task.last_error.as_deref(), Some("exit code 3"));
         assert_eq!(d.history.len(), 1);
         same_attempt(&d.history[0], &failed);
+        assert_lease_lost(
+            b.started(&c3.lease, PID, PID_START).await,
+            id,
+            "started after release",
+        );
+        assert_eq!(get(&b, id).await.task.attempts, 1);
         let c4 = claim_id(&b, "rl", id).await;
         assert_eq!(
             c4.attempt, 2,
@@ -1071,64 +1292,232 @@ pub mod cases {
         );
     }
 
+    /// The program could not be spawned (or its start is still on its way to the store): a
+    /// charged finish of a reserved task counts the run exactly once, and a `started` arriving
+    /// after it is refused without counting it again.
+    pub async fn finish_without_started_counts_the_attempt_once(b: B, _g: G) {
+        let spawn_failed = |c: &Claimed| AttemptRecord {
+            pid: None,
+            exit_code: None,
+            ..attempt_of(c, AttemptReason::Spawn, Some("No such file or directory"))
+        };
+        let ran = |c: &Claimed| attempt_of(c, AttemptReason::Exit, Some("exit code 3"));
+        type Rec = fn(&Claimed) -> AttemptRecord;
+        let cases: [(Finish, TaskState, Rec); 6] = [
+            (Finish::Failed, TaskState::Failed, spawn_failed),
+            (
+                Finish::Retry {
+                    at: now_ms() + 3_600_000,
+                },
+                TaskState::Retrying,
+                spawn_failed,
+            ),
+            (Finish::Succeeded, TaskState::Succeeded, ran),
+            (Finish::Failed, TaskState::Failed, ran),
+            (
+                Finish::Retry {
+                    at: now_ms() + 3_600_000,
+                },
+                TaskState::Retrying,
+                ran,
+            ),
+            // A run whose process existed and was cancelled is charged.
+            (Finish::Cancelled, TaskState::Cancelled, ran),
+        ];
+        for (i, (next, want, rec)) in cases.into_iter().enumerate() {
+            let q = format!("ns{i}");
+            let id = enqueue1(&b, task(&q)).await;
+            let c = claim_id(&b, &q, id).await;
+            let a = rec(&c);
+            b.finish(&c.lease, a.clone(), next)
+                .await
+                .unwrap_or_else(|e| panic!("{next:?} of a reserved task: {e}"));
+            let d = get(&b, id).await;
+            assert_eq!(d.task.state, want, "{next:?}");
+            assert_eq!(d.task.attempts, 1, "{next:?} of a reserved task, {a:?}");
+            assert_eq!(d.task.node, None, "{next:?}");
+            assert_eq!(d.history.len(), 1, "{next:?}");
+            same_attempt(&d.history[0], &a);
+            // The start record arrives late: refused, and the run is not counted twice.
+            let before = snapshot(&b, id).await;
+            assert_lease_lost(
+                b.started(&c.lease, PID, PID_START).await,
+                id,
+                &format!("started after {next:?}"),
+            );
+            assert_eq!(
+                snapshot(&b, id).await,
+                before,
+                "a late started changed the task"
+            );
+        }
+
+        // A spawn failure on a later attempt counts that one attempt, no more.
+        let id = enqueue1(&b, task("ns-later")).await;
+        let c1 = run_id(&b, "ns-later", id).await;
+        b.finish(
+            &c1.lease,
+            attempt_of(&c1, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry { at: now_ms() },
+        )
+        .await
+        .expect("retry");
+        let c2 = claim_id(&b, "ns-later", id).await;
+        assert_eq!(c2.attempt, 2);
+        b.finish(&c2.lease, spawn_failed(&c2), Finish::Failed)
+            .await
+            .expect("fail");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.attempts, 2);
+        assert_eq!(
+            d.history.iter().map(|h| h.number).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+
+    /// Every way a run can end, started or not, from a task that already has one charged
+    /// attempt: a charged finish leaves it at 2, an uncharged one at 1; only `Release` leaves
+    /// no attempt row.
+    pub async fn finish_charges_each_run_at_most_once(b: B, _g: G) {
+        let cases = [
+            // (next, pid given, charged, state after)
+            (Finish::Succeeded, true, true, TaskState::Succeeded),
+            (Finish::Failed, true, true, TaskState::Failed),
+            (Finish::Failed, false, true, TaskState::Failed),
+            (
+                Finish::Retry {
+                    at: now_ms() + 3_600_000,
+                },
+                true,
+                true,
+                TaskState::Retrying,
+            ),
+            (Finish::Cancelled, true, true, TaskState::Cancelled),
+            (Finish::Cancelled, false, false, TaskState::Cancelled),
+            (Finish::Requeue, true, false, TaskState::Queued),
+            (Finish::Requeue, false, false, TaskState::Queued),
+            (Finish::Release, false, false, TaskState::Queued),
+        ];
+        let mut n = 0;
+        for started in [true, false] {
+            for (next, with_pid, charged, want) in cases {
+                n += 1;
+                let what = format!("{next:?}, pid given: {with_pid}, started: {started}");
+                let q = format!("ch{n}");
+                let id = enqueue1(&b, task(&q)).await;
+                let c1 = run_id(&b, &q, id).await;
+                b.finish(
+                    &c1.lease,
+                    attempt_of(&c1, AttemptReason::Exit, Some("exit code 1")),
+                    Finish::Retry { at: now_ms() },
+                )
+                .await
+                .expect("retry");
+                let c = claim_id(&b, &q, id).await;
+                assert_eq!(c.attempt, 2);
+                if started {
+                    start(&b, &c).await;
+                    assert_eq!(get(&b, id).await.task.attempts, 2, "{what}");
+                } else {
+                    assert_eq!(get(&b, id).await.task.attempts, 1, "{what}");
+                }
+                let a = AttemptRecord {
+                    pid: with_pid.then_some(PID),
+                    ..attempt_of(&c, AttemptReason::Exit, Some("the end"))
+                };
+                b.finish(&c.lease, a.clone(), next)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let d = get(&b, id).await;
+                assert_eq!(d.task.state, want, "{what}");
+                assert_eq!(d.task.node, None, "{what}");
+                assert_eq!(
+                    d.task.attempts,
+                    if charged { 2 } else { 1 },
+                    "{what}: attempts after the finish"
+                );
+                if next == Finish::Release {
+                    assert_eq!(d.history.len(), 1, "{what}: a release is not recorded");
+                } else {
+                    assert_eq!(d.history.len(), 2, "{what}");
+                    same_attempt(&d.history[1], &a);
+                }
+                if matches!(want, TaskState::Queued) {
+                    let again = claim_id(&b, &q, id).await;
+                    assert_eq!(
+                        again.attempt, 2,
+                        "{what}: the next run has the uncharged run's number"
+                    );
+                }
+            }
+        }
+    }
+
     pub async fn finish_stale_token_is_refused(b: B, _g: G) {
         let id = enqueue1(&b, task("st")).await;
         let c = claim_id(&b, "st", id).await;
-        let before = snapshot(&b, id).await;
         let a = attempt_of(&c, AttemptReason::Exit, None);
-        for bad in [
-            Lease {
-                token: c.lease.token + 1,
-                ..c.lease.clone()
-            },
-            Lease {
-                token: c.lease.token - 1,
-                ..c.lease.clone()
-            },
-            Lease {
-                node: "node-z".into(),
-                ..c.lease.clone()
-            },
-        ] {
-            for next in [
-                Finish::Succeeded,
-                Finish::Failed,
-                Finish::Requeue,
-                Finish::Release,
-                Finish::Retry { at: 0 },
-                Finish::Cancelled,
-            ] {
-                let r = b.finish(&bad, a.clone(), next).await;
-                assert!(
-                    matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
-                    "{bad:?} {next:?}: {r:?}"
-                );
+        // Refused while the task is reserved, and again once it runs.
+        for started in [false, true] {
+            if started {
+                start(&b, &c).await;
             }
-        }
-        let r = b
-            .finish(
-                &Lease {
-                    task: TaskId::new(),
+            let before = snapshot(&b, id).await;
+            for bad in [
+                Lease {
+                    token: c.lease.token + 1,
                     ..c.lease.clone()
                 },
-                a.clone(),
-                Finish::Succeeded,
-            )
-            .await;
-        assert!(r.is_err(), "finishing an unknown task: {r:?}");
-        assert_eq!(
-            snapshot(&b, id).await,
-            before,
-            "a refused finish changed the task"
-        );
+                Lease {
+                    token: c.lease.token - 1,
+                    ..c.lease.clone()
+                },
+                Lease {
+                    node: "node-z".into(),
+                    ..c.lease.clone()
+                },
+            ] {
+                for next in [
+                    Finish::Succeeded,
+                    Finish::Failed,
+                    Finish::Requeue,
+                    Finish::Release,
+                    Finish::Retry { at: 0 },
+                    Finish::Cancelled,
+                ] {
+                    let r = b.finish(&bad, a.clone(), next).await;
+                    assert!(
+                        matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
+                        "started: {started}, {bad:?} {next:?}: {r:?}"
+                    );
+                }
+            }
+            let r = b
+                .finish(
+                    &Lease {
+                        task: TaskId::new(),
+                        ..c.lease.clone()
+                    },
+                    a.clone(),
+                    Finish::Succeeded,
+                )
+                .await;
+            assert!(r.is_err(), "finishing an unknown task: {r:?}");
+            assert_eq!(
+                snapshot(&b, id).await,
+                before,
+                "a refused finish changed the task (started: {started})"
+            );
+        }
         b.finish(&c.lease, a, Finish::Succeeded)
             .await
             .expect("the real lease still works");
+        assert_eq!(get(&b, id).await.task.attempts, 1);
     }
 
     pub async fn finish_after_recover_and_reclaim_is_refused(b: B, _g: G) {
         let id = enqueue1(&b, task("st")).await;
-        let old = claim_id(&b, "st", id).await;
+        let old = run_id(&b, "st", id).await;
         let orphans = b
             .recover(Recover::All, "node restarted")
             .await
@@ -1142,6 +1531,11 @@ pub mod cases {
         assert!(
             matches!(r, Err(BrokerError::LeaseLost(x)) if x == id),
             "{r:?}"
+        );
+        assert_lease_lost(
+            b.started(&old.lease, PID, PID_START).await,
+            id,
+            "started after recover",
         );
         assert_eq!(
             snapshot(&b, id).await,
@@ -1165,11 +1559,19 @@ pub mod cases {
                 "{next:?}: {r:?}"
             );
         }
+        // The old run's start record arriving now must not start the new claim.
+        assert_lease_lost(
+            b.started(&old.lease, PID, PID_START).await,
+            id,
+            "started with the lease of before the recovery",
+        );
         assert_eq!(
             snapshot(&b, id).await,
             before,
-            "a refused finish changed the task"
+            "a refused call changed the task"
         );
+        assert_eq!(get(&b, id).await.task.state, TaskState::Queued);
+        start(&b, &new).await;
         b.finish(
             &new.lease,
             attempt_of(&new, AttemptReason::Exit, None),
@@ -1203,12 +1605,13 @@ pub mod cases {
         let oo = orphans
             .iter()
             .find(|x| x.task == o)
-            .expect("task o recovered");
+            .expect("task o (reserved, never started) recovered");
         assert_eq!(
             (oo.pid, oo.pid_start),
             (None, None),
             "no pid was recorded for o"
         );
+        assert_eq!(oo.node.as_deref(), Some(NODE));
         let d = get(&b, a).await;
         assert_eq!(d.history.len(), 1);
         assert_eq!(
@@ -1225,6 +1628,16 @@ pub mod cases {
             .find(|x| x.task == a)
             .expect("recovered again");
         assert_eq!(oa.pid, None, "a pid leaked from a previous run: {oa:?}");
+        assert_eq!(
+            oa.pid_start, None,
+            "a pid start leaked from a previous run: {oa:?}"
+        );
+        // ... and once it starts again, the new pid is the one reported.
+        let c2 = claim_id(&b, "pid", a).await;
+        b.started(&c2.lease, 5151, 42).await.expect("started");
+        let orphans = b.recover(Recover::All, "restart").await.expect("recover");
+        let oa = orphans.iter().find(|x| x.task == a).expect("recovered");
+        assert_eq!((oa.pid, oa.pid_start), (Some(5151), Some(42)));
         drop(c);
     }
 
@@ -1235,16 +1648,20 @@ pub mod cases {
             enqueue1(&b, task("rn")).await,
             enqueue1(&b, task("rn")).await,
         ];
+        let reserved = enqueue1(&b, task("rn")).await;
         let short = Duration::from_millis(1000);
         let mut cs = Vec::new();
-        for id in ids {
+        for id in ids.into_iter().chain([reserved]) {
             let mut c = b.claim(NODE, &qn("rn"), 1, short).await.expect("claim");
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].task.id, id);
             cs.push(c.remove(0));
         }
-        // cs[0]: valid, renewed. cs[1]: valid, not renewed. cs[2]: finished. cs[3]: another
-        // node's token.
+        for c in &cs[..4] {
+            start(&b, c).await;
+        }
+        // cs[0]: running, renewed. cs[1]: running, not renewed. cs[2]: finished. cs[3]:
+        // another node's token. cs[4]: reserved (never started), renewed.
         b.finish(
             &cs[2].lease,
             attempt_of(&cs[2], AttemptReason::Exit, None),
@@ -1273,6 +1690,7 @@ pub mod cases {
                     wrong_token,
                     wrong_node,
                     unknown.clone(),
+                    cs[4].lease.clone(),
                 ],
                 Duration::from_secs(600),
             )
@@ -1297,12 +1715,28 @@ pub mod cases {
             !got.contains(&cs[0].task.id),
             "a renewed lease was recovered"
         );
+        assert!(
+            !got.contains(&cs[4].task.id),
+            "a renewed reservation was recovered"
+        );
         assert_eq!(got, BTreeSet::from([cs[1].task.id, cs[3].task.id]));
         assert_eq!(get(&b, cs[0].task.id).await.task.state, TaskState::Running);
+        let r = get(&b, cs[4].task.id).await.task;
+        assert_eq!(
+            (r.state, r.node.as_deref()),
+            (TaskState::Queued, Some(NODE))
+        );
 
-        // The renewed lease is still good; the recovered ones are now lost.
+        // The renewed leases are still good; the recovered ones are now lost.
         let lost = b
-            .renew(&[cs[0].lease.clone(), cs[1].lease.clone()], LEASE)
+            .renew(
+                &[
+                    cs[0].lease.clone(),
+                    cs[1].lease.clone(),
+                    cs[4].lease.clone(),
+                ],
+                LEASE,
+            )
             .await
             .expect("renew");
         assert_eq!(lost, vec![cs[1].task.id]);
@@ -1313,15 +1747,32 @@ pub mod cases {
         )
         .await
         .expect("finish after renew");
+        start(&b, &cs[4]).await;
+        b.finish(
+            &cs[4].lease,
+            attempt_of(&cs[4], AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish a renewed reservation");
+        assert_eq!(get(&b, cs[4].task.id).await.task.attempts, 1);
     }
 
     pub async fn recover_all_requeues_uncharged(b: B, _g: G) {
         let r1 = enqueue1(&b, task("ra")).await;
         let r2 = enqueue1(&b, task("rb")).await;
         let waiting = enqueue1(&b, task("ra")).await;
-        let c1 = claim_id(&b, "ra", r1).await;
+        let c1 = run_id(&b, "ra", r1).await;
         let c2 = claim_id(&b, "rb", r2).await;
         b.started(&c2.lease, 777, 99).await.expect("started");
+        // Held by another node: `All` takes every node's tasks.
+        let r3 = enqueue1(&b, task("rc")).await;
+        let c3 = b
+            .claim("node-b", &qn("rc"), 1, LEASE)
+            .await
+            .expect("claim")
+            .remove(0);
+        b.started(&c3.lease, 31, 32).await.expect("started");
         let waiting_before = snapshot(&b, waiting).await;
         let before = now_ms();
 
@@ -1332,9 +1783,11 @@ pub mod cases {
         let got: BTreeSet<TaskId> = orphans.iter().map(|o| o.task).collect();
         assert_eq!(
             got,
-            BTreeSet::from([r1, r2]),
+            BTreeSet::from([r1, r2, r3]),
             "only running tasks are recovered"
         );
+        let o3 = orphans.iter().find(|o| o.task == r3).unwrap();
+        assert_eq!(o3.node.as_deref(), Some("node-b"));
         let o2 = orphans.iter().find(|o| o.task == r2).unwrap();
         assert_eq!(
             (o2.pid, o2.pid_start, o2.node.as_deref()),
@@ -1342,7 +1795,7 @@ pub mod cases {
         );
         assert_eq!(o2.queue, qn("rb"));
 
-        for (id, c) in [(r1, &c1), (r2, &c2)] {
+        for (id, c) in [(r1, &c1), (r2, &c2), (r3, &c3)] {
             let d = get(&b, id).await;
             assert_eq!(d.task.state, TaskState::Queued);
             assert_eq!(d.task.attempts, 0, "a lost attempt is not charged");
@@ -1351,7 +1804,7 @@ pub mod cases {
             let h = &d.history[0];
             assert_eq!(h.reason, Some(AttemptReason::Lost));
             assert_eq!(h.number, c.attempt);
-            assert_eq!(h.node, NODE);
+            assert_eq!(h.node, c.lease.node);
             assert_eq!(h.error.as_deref(), Some("daemon restarted"));
             assert!(h.ended_at >= before);
         }
@@ -1388,6 +1841,8 @@ pub mod cases {
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, l);
+        start(&b, &cs[0]).await;
+        start(&b, &cl[0]).await;
 
         // A cut-off in the past takes nothing.
         assert!(b
@@ -1412,6 +1867,95 @@ pub mod cases {
         assert!(get(&b, l).await.history.is_empty());
     }
 
+    /// A reserved task whose node went away goes back silently: no `lost` attempt (it never
+    /// ran), its attempt count as it was, its stale lease refused.
+    pub async fn recover_reserved_task_leaves_no_trace(b: B, _g: G) {
+        // One charged attempt first, so "unchanged" is distinguishable from "given back".
+        let id = enqueue1(&b, task("rr")).await;
+        let c1 = run_id(&b, "rr", id).await;
+        let failed = attempt_of(&c1, AttemptReason::Exit, Some("exit code 1"));
+        b.finish(&c1.lease, failed.clone(), Finish::Retry { at: now_ms() })
+            .await
+            .expect("retry");
+        let c = claim_id(&b, "rr", id).await;
+        assert_eq!(c.attempt, 2);
+
+        let orphans = b.recover(Recover::All, "restart").await.expect("recover");
+        assert_eq!(
+            orphans.iter().map(|o| o.task).collect::<Vec<_>>(),
+            vec![id],
+            "a reserved task is recovered"
+        );
+        assert_eq!(orphans[0].node.as_deref(), Some(NODE));
+        assert_eq!((orphans[0].pid, orphans[0].pid_start), (None, None));
+        assert_eq!(orphans[0].queue, qn("rr"));
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.node, None);
+        assert_eq!(
+            d.task.attempts, 1,
+            "a recovered reservation changes no attempt count"
+        );
+        assert_eq!(
+            d.history.len(),
+            1,
+            "a reservation that never started left an attempt row: {:?}",
+            d.history
+        );
+        same_attempt(&d.history[0], &failed);
+        assert_eq!(d.task.last_error.as_deref(), Some("exit code 1"));
+        assert_lease_lost(
+            b.started(&c.lease, PID, PID_START).await,
+            id,
+            "started after recover",
+        );
+        assert_lease_lost(
+            b.finish(
+                &c.lease,
+                attempt_of(&c, AttemptReason::Exit, None),
+                Finish::Succeeded,
+            )
+            .await,
+            id,
+            "finish after recover",
+        );
+        assert_eq!(get(&b, id).await.task.attempts, 1);
+
+        // By expiry: a reservation whose lease ran out is taken, a live one is not.
+        let exp = enqueue1(&b, task("rr2")).await;
+        let live = enqueue1(&b, task("rr2")).await;
+        let ce = b
+            .claim(NODE, &qn("rr2"), 1, Duration::from_millis(1))
+            .await
+            .expect("claim");
+        assert_eq!(ce[0].task.id, exp);
+        let cl = b
+            .claim(NODE, &qn("rr2"), 1, Duration::from_secs(3600))
+            .await
+            .expect("claim");
+        assert_eq!(cl[0].task.id, live);
+        let orphans = b
+            .recover(Recover::Expired(now_ms() + 60_000), "lease expired")
+            .await
+            .expect("recover");
+        assert_eq!(
+            orphans.iter().map(|o| o.task).collect::<Vec<_>>(),
+            vec![exp]
+        );
+        let d = get(&b, exp).await;
+        assert_eq!((d.task.state, d.task.attempts), (TaskState::Queued, 0));
+        assert!(d.history.is_empty(), "{:?}", d.history);
+        let l = get(&b, live).await.task;
+        assert_eq!(
+            (l.state, l.node.as_deref()),
+            (TaskState::Queued, Some(NODE))
+        );
+
+        // The recovered tasks run again with the attempt number they were claimed with.
+        assert_eq!(claim_id(&b, "rr", id).await.attempt, 2);
+        assert_eq!(claim_id(&b, "rr2", exp).await.attempt, 1);
+    }
+
     // --- cancel -------------------------------------------------------------------------------
 
     pub async fn cancel_waiting_task(b: B, _g: G) {
@@ -1420,7 +1964,7 @@ pub mod cases {
         st.run_at = Some(now_ms() + 3_600_000);
         let s = enqueue1(&b, st).await;
         let r = enqueue1(&b, task("c2")).await;
-        let cr = claim_id(&b, "c2", r).await;
+        let cr = run_id(&b, "c2", r).await;
         b.finish(
             &cr.lease,
             attempt_of(&cr, AttemptReason::Exit, Some("exit code 1")),
@@ -1455,7 +1999,7 @@ pub mod cases {
 
     pub async fn cancel_running_task_is_requested(b: B, _g: G) {
         let id = enqueue1(&b, task("cr")).await;
-        let c = claim_id(&b, "cr", id).await;
+        let c = run_id(&b, "cr", id).await;
         assert!(b
             .cancel_requested(NODE)
             .await
@@ -1486,13 +2030,21 @@ pub mod cases {
             CancelOutcome::Requested
         );
 
-        let a = attempt_of(&c, AttemptReason::Cancelled, Some("cancelled by operator"));
+        let a = attempt_of(&c, AttemptReason::Cancelled, Some("killed by SIGTERM"));
         b.finish(&c.lease, a.clone(), Finish::Cancelled)
             .await
             .expect("finish");
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Cancelled);
         assert!(d.task.finished_at.is_some());
+        assert!(!d.task.cancel_requested);
+        assert_eq!(d.task.node, None);
+        assert_eq!(d.task.attempts, 1, "a run that was killed is charged");
+        assert_eq!(
+            d.task.last_error.as_deref(),
+            Some("cancelled by an operator")
+        );
+        assert_eq!(d.history.len(), 1);
         same_attempt(&d.history[0], &a);
         assert!(b
             .cancel_requested(NODE)
@@ -1505,6 +2057,168 @@ pub mod cases {
         );
     }
 
+    /// A task its node holds but has not started is cancelled through that node, like a
+    /// running one; ended without a process, it is not charged.
+    pub async fn cancel_reserved_task_is_requested(b: B, _g: G) {
+        // One charged attempt first, so "unchanged" is distinguishable from "given back".
+        let id = enqueue1(&b, task("ck")).await;
+        let c1 = run_id(&b, "ck", id).await;
+        let failed = attempt_of(&c1, AttemptReason::Exit, Some("exit code 1"));
+        b.finish(&c1.lease, failed.clone(), Finish::Retry { at: now_ms() })
+            .await
+            .expect("retry");
+        let c = claim_id(&b, "ck", id).await;
+        assert_eq!(c.attempt, 2);
+
+        assert_eq!(
+            b.cancel(id).await.expect("cancel"),
+            CancelOutcome::Requested,
+            "a reserved task is cancelled by its node"
+        );
+        let t = get(&b, id).await.task;
+        assert_eq!(t.state, TaskState::Queued, "still reserved: {t:?}");
+        assert_eq!(t.node.as_deref(), Some(NODE));
+        assert!(t.cancel_requested);
+        assert_eq!(t.finished_at, None);
+        assert_eq!(
+            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            vec![id]
+        );
+        assert!(b
+            .cancel_requested("node-z")
+            .await
+            .expect("cancel_requested")
+            .is_empty());
+        assert!(claim(&b, "ck", 10).await.is_empty(), "claimed again");
+        assert_eq!(
+            b.cancel(id).await.expect("cancel again"),
+            CancelOutcome::Requested
+        );
+        assert!(
+            b.renew(&[c.lease.clone()], LEASE)
+                .await
+                .expect("renew")
+                .is_empty(),
+            "a cancel request does not take the lease away"
+        );
+
+        // The node drops it before starting it.
+        let now = now_ms();
+        let a = AttemptRecord {
+            number: c.attempt,
+            node: NODE.into(),
+            pid: None,
+            started_at: now,
+            ended_at: now,
+            reason: Some(AttemptReason::Cancelled),
+            error: Some("cancelled before it started".into()),
+            ..Default::default()
+        };
+        b.finish(&c.lease, a.clone(), Finish::Cancelled)
+            .await
+            .expect("finish");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Cancelled);
+        assert!(d.task.finished_at.is_some());
+        assert!(!d.task.cancel_requested);
+        assert_eq!(d.task.node, None);
+        assert_eq!(
+            d.task.attempts, 1,
+            "a run that never started is not charged"
+        );
+        assert_eq!(
+            d.task.last_error.as_deref(),
+            Some("cancelled by an operator")
+        );
+        assert_eq!(d.history.len(), 2);
+        same_attempt(&d.history[0], &failed);
+        same_attempt(&d.history[1], &a);
+        assert!(b
+            .cancel_requested(NODE)
+            .await
+            .expect("cancel_requested")
+            .is_empty());
+
+        // Its start record, had the process been spawned meanwhile, is refused.
+        let before = snapshot(&b, id).await;
+        assert_lease_lost(
+            b.started(&c.lease, PID, PID_START).await,
+            id,
+            "started after cancel and finish",
+        );
+        assert_eq!(
+            snapshot(&b, id).await,
+            before,
+            "a refused started changed the task"
+        );
+        assert_eq!(
+            b.cancel(id).await.expect("cancel"),
+            CancelOutcome::AlreadyFinished(TaskState::Cancelled)
+        );
+        assert!(claim(&b, "ck", 10).await.is_empty());
+    }
+
+    /// Once an operator's cancel is accepted, the node's retry, requeue or release of the task
+    /// ends it `cancelled` instead: it must not run again.
+    pub async fn cancel_request_outweighs_retry_requeue_release(b: B, _g: G) {
+        // Whether the run is charged follows from `next` and the pid under either reading of
+        // the rules, except for a retried run with no pid (a spawn failure): the contract does
+        // not say whether it is charged as a retry or uncharged as a pid-less cancel (None).
+        let cases = [
+            // (next, started, pid given, charged)
+            (Finish::Retry { at: now_ms() }, true, true, Some(true)),
+            (Finish::Retry { at: now_ms() }, false, true, Some(true)),
+            (Finish::Retry { at: now_ms() }, false, false, None),
+            (Finish::Requeue, true, false, Some(false)),
+            (Finish::Requeue, false, false, Some(false)),
+            (Finish::Release, false, false, Some(false)),
+        ];
+        for (i, (next, started, with_pid, charged)) in cases.into_iter().enumerate() {
+            let what = format!("{next:?}, started: {started}");
+            let q = format!("co{i}");
+            let id = enqueue1(&b, task(&q)).await;
+            let c = claim_id(&b, &q, id).await;
+            if started {
+                start(&b, &c).await;
+            }
+            assert_eq!(
+                b.cancel(id).await.expect("cancel"),
+                CancelOutcome::Requested,
+                "{what}"
+            );
+            let a = AttemptRecord {
+                pid: with_pid.then_some(PID),
+                ..attempt_of(&c, AttemptReason::Exit, Some("exit code 1"))
+            };
+            b.finish(&c.lease, a.clone(), next)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let d = get(&b, id).await;
+            assert_eq!(d.task.state, TaskState::Cancelled, "{what}: {:?}", d.task);
+            assert!(d.task.finished_at.is_some(), "{what}");
+            assert!(!d.task.cancel_requested, "{what}");
+            assert_eq!(d.task.node, None, "{what}");
+            assert_eq!(
+                d.task.last_error.as_deref(),
+                Some("cancelled by an operator"),
+                "{what}"
+            );
+            if let Some(charged) = charged {
+                assert_eq!(d.task.attempts, u32::from(charged), "{what}");
+            } else {
+                assert!(d.task.attempts <= 1, "{what}: counted twice");
+            }
+            if next == Finish::Release {
+                assert!(d.history.is_empty(), "{what}: {:?}", d.history);
+            } else {
+                assert_eq!(d.history.len(), 1, "{what}");
+                same_attempt(&d.history[0], &a);
+            }
+            assert!(claim(&b, &q, 10).await.is_empty(), "{what}: ran again");
+        }
+        assert_eq!(b.next_due().await.expect("next_due"), None);
+    }
+
     pub async fn cancel_finished_task(b: B, _g: G) {
         for (next, state) in [
             (Finish::Succeeded, TaskState::Succeeded),
@@ -1512,7 +2226,7 @@ pub mod cases {
             (Finish::Cancelled, TaskState::Cancelled),
         ] {
             let id = enqueue1(&b, task("cf")).await;
-            let c = claim_id(&b, "cf", id).await;
+            let c = run_id(&b, "cf", id).await;
             b.finish(
                 &c.lease,
                 attempt_of(&c, AttemptReason::Exit, Some("x")),
@@ -1553,13 +2267,36 @@ pub mod cases {
             b.cancel(id).await.expect("cancel"),
             CancelOutcome::Requested
         );
+        // The same for a task the node held but had not started.
+        let held = enqueue1(&b, task("cy")).await;
+        let ch = claim_id(&b, "cy", held).await;
+        assert_eq!(
+            b.cancel(held).await.expect("cancel"),
+            CancelOutcome::Requested
+        );
         let orphans = b.recover(Recover::All, "node died").await.expect("recover");
         assert_eq!(
-            orphans.iter().map(|o| o.task).collect::<Vec<_>>(),
-            vec![id],
-            "still an orphan to kill"
+            orphans.iter().map(|o| o.task).collect::<BTreeSet<_>>(),
+            BTreeSet::from([id, held]),
+            "still orphans to kill"
         );
-        assert_eq!(orphans[0].pid, Some(4242));
+        let o = orphans.iter().find(|o| o.task == id).unwrap();
+        assert_eq!(o.pid, Some(4242));
+        let h = get(&b, held).await;
+        assert_eq!(
+            h.task.state,
+            TaskState::Cancelled,
+            "after recovery: {:?}",
+            h.task
+        );
+        assert_eq!(h.task.attempts, 0);
+        assert!(h.history.is_empty(), "{:?}", h.history);
+        assert!(claim(&b, "cy", 10).await.is_empty());
+        assert_lease_lost(
+            b.started(&ch.lease, PID, PID_START).await,
+            held,
+            "started after recover",
+        );
         let again = claim(&b, "cx", 10).await;
         assert!(
             again.is_empty(),
@@ -1567,16 +2304,34 @@ pub mod cases {
             again[0].attempt,
             again[0].task.cancel_requested
         );
-        let t = get(&b, id).await.task;
+        let d = get(&b, id).await;
+        let t = &d.task;
         assert_eq!(t.state, TaskState::Cancelled, "after recovery: {t:?}");
         assert!(t.finished_at.is_some());
+        assert!(!t.cancel_requested);
+        assert_eq!(t.node, None);
+        assert_eq!(t.last_error.as_deref(), Some("cancelled by an operator"));
+        assert_eq!(t.attempts, 0, "the lost run is given back");
+        assert_eq!(d.history.len(), 1, "the lost run is recorded");
+        assert_eq!(d.history[0].reason, Some(AttemptReason::Lost));
+        assert_eq!(d.history[0].pid, Some(4242));
+        assert_lease_lost(
+            b.finish(
+                &c.lease,
+                attempt_of(&c, AttemptReason::Cancelled, None),
+                Finish::Cancelled,
+            )
+            .await,
+            id,
+            "finish after recover",
+        );
     }
 
     // --- retry --------------------------------------------------------------------------------
 
     pub async fn retry_failed_task(b: B, _g: G) {
         let id = enqueue1(&b, task("rt")).await;
-        let c = claim_id(&b, "rt", id).await;
+        let c = run_id(&b, "rt", id).await;
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, Some("exit code 2")),
@@ -1602,12 +2357,12 @@ pub mod cases {
     }
 
     pub async fn retry_refuses_waiting_running_succeeded(b: B, _g: G) {
-        let queued = enqueue1(&b, task("rc")).await;
+        let reserved = enqueue1(&b, task("rc")).await;
         let running = enqueue1(&b, task("rc")).await;
         let succeeded = enqueue1(&b, task("rc")).await;
-        claim_id(&b, "rc", queued).await; // frees the head of the queue
-        let c = claim_id(&b, "rc", running).await;
-        let cs = claim_id(&b, "rc", succeeded).await;
+        let cr = claim_id(&b, "rc", reserved).await;
+        let c = run_id(&b, "rc", running).await;
+        let cs = run_id(&b, "rc", succeeded).await;
         b.finish(
             &cs.lease,
             attempt_of(&cs, AttemptReason::Exit, None),
@@ -1616,7 +2371,7 @@ pub mod cases {
         .await
         .expect("finish");
         let q2 = enqueue1(&b, task("rc")).await;
-        for id in [q2, running, succeeded] {
+        for id in [q2, reserved, running, succeeded] {
             let before = snapshot(&b, id).await;
             let r = b.retry(id).await;
             assert!(
@@ -1629,7 +2384,7 @@ pub mod cases {
                 "a refused retry changed the task"
             );
         }
-        drop(c);
+        drop((c, cr));
     }
 
     /// Retrying a failed task whose unique key a newer waiting task now holds would make two
@@ -1638,7 +2393,7 @@ pub mod cases {
         let mut a = task("rk");
         a.unique_key = Some("k".into());
         enqueue1(&b, a.clone()).await;
-        let c = claim_id(&b, "rk", a.id).await;
+        let c = run_id(&b, "rk", a.id).await;
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, Some("x")),
@@ -1683,6 +2438,9 @@ pub mod cases {
             order.push((q, enqueue1(&b, task(q)).await));
         }
         let running = claim(&b, "la", 2).await; // the two oldest of la
+        for c in &running {
+            start(&b, c).await;
+        }
         let newest_first: Vec<TaskId> = order.iter().rev().map(|(_, id)| *id).collect();
         let of = |q: &str| -> Vec<TaskId> {
             order
@@ -1758,15 +2516,19 @@ pub mod cases {
             b.counts().await.expect("counts").is_empty(),
             "a fresh store has no queues"
         );
-        // ca: 1 succeeded, 1 failed, 1 running, 2 queued, 1 scheduled. cb: 1 queued (paused).
-        // idle: no tasks (paused).
+        // ca: 1 succeeded, 1 failed, 1 running, 2 queued (one of them reserved by a node, not
+        // started), 1 scheduled. cb: 1 queued (paused). idle: no tasks (paused).
         for _ in 0..5 {
             enqueue1(&b, task("ca")).await;
         }
         let mut s = task("ca");
         s.run_at = Some(now_ms() + 3_600_000);
         enqueue1(&b, s).await;
-        let cs = claim(&b, "ca", 3).await;
+        let cs = claim(&b, "ca", 4).await;
+        assert_eq!(cs.len(), 4);
+        for c in &cs[..3] {
+            start(&b, c).await;
+        }
         b.finish(
             &cs[0].lease,
             attempt_of(&cs[0], AttemptReason::Exit, None),
@@ -1855,7 +2617,7 @@ pub mod cases {
 
         // A retrying task that is due sooner, in another queue.
         let r = enqueue1(&b, task("nd3")).await;
-        let c = claim_id(&b, "nd3", r).await;
+        let c = run_id(&b, "nd3", r).await;
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, Some("x")),
@@ -1868,6 +2630,53 @@ pub mod cases {
         assert_eq!(b.next_due().await.expect("next_due"), Some(now + 20_000));
         b.cancel(early_id).await.expect("cancel");
         assert_eq!(b.next_due().await.expect("next_due"), Some(now + 50_000));
+    }
+
+    /// A paused queue's waiting tasks are not due: the daemon would wake for a task it may
+    /// not claim.
+    pub async fn next_due_ignores_paused_queues(b: B, g: G) {
+        let now = now_ms();
+        let mut soon = task("np1");
+        soon.run_at = Some(now + 10_000);
+        enqueue1(&b, soon).await;
+        let r = enqueue1(&b, task("np2")).await;
+        let c = run_id(&b, "np2", r).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, Some("x")),
+            Finish::Retry { at: now + 20_000 },
+        )
+        .await
+        .expect("retry");
+        let mut late = task("np3");
+        late.run_at = Some(now + 30_000);
+        enqueue1(&b, late).await;
+        assert_eq!(b.next_due().await.expect("next_due"), Some(now + 10_000));
+
+        b.set_paused(&qn("np1"), true).await.expect("pause");
+        assert_eq!(
+            b.next_due().await.expect("next_due"),
+            Some(now + 20_000),
+            "a paused queue's scheduled task is due"
+        );
+        b.set_paused(&qn("np2"), true).await.expect("pause");
+        assert_eq!(
+            b.next_due().await.expect("next_due"),
+            Some(now + 30_000),
+            "a paused queue's retrying task is due"
+        );
+        // Paused by another client (the CLI): the store decides, not this client's memory.
+        let cli = g.connect().await;
+        cli.set_paused(&qn("np3"), true).await.expect("pause");
+        assert_eq!(b.next_due().await.expect("next_due"), None);
+        // A paused queue with nothing waiting changes nothing.
+        b.set_paused(&qn("empty"), true).await.expect("pause");
+        assert_eq!(b.next_due().await.expect("next_due"), None);
+
+        b.set_paused(&qn("np2"), false).await.expect("resume");
+        assert_eq!(b.next_due().await.expect("next_due"), Some(now + 20_000));
+        b.set_paused(&qn("np1"), false).await.expect("resume");
+        assert_eq!(b.next_due().await.expect("next_due"), Some(now + 10_000));
     }
 
     // --- wake-ups -----------------------------------------------------------------------------
@@ -1884,7 +2693,9 @@ pub mod cases {
     pub async fn subscribe_cancel_of_running_task(b: B, g: G) {
         let w = b.subscribe().await.expect("subscribe");
         let id = enqueue1(&b, task("w")).await;
-        let _c = claim_id(&b, "w", id).await;
+        let _c = run_id(&b, "w", id).await;
+        let held = enqueue1(&b, task("w")).await;
+        let _h = claim_id(&b, "w", held).await;
         let cli = g.connect().await;
         assert_eq!(
             cli.cancel(id).await.expect("cancel"),
@@ -1897,6 +2708,21 @@ pub mod cases {
             b.cancel_requested(NODE).await.expect("cancel_requested"),
             vec![id]
         );
+        // A reserved task's node must hear of it as well.
+        assert_eq!(
+            cli.cancel(held).await.expect("cancel"),
+            CancelOutcome::Requested
+        );
+        tokio::time::timeout(DEADLINE, w.cancel.notified())
+            .await
+            .expect("cancelling a reserved task did not fire `cancel`");
+        let asked: BTreeSet<TaskId> = b
+            .cancel_requested(NODE)
+            .await
+            .expect("cancel_requested")
+            .into_iter()
+            .collect();
+        assert_eq!(asked, BTreeSet::from([id, held]));
     }
 
     // --- durability and several clients ------------------------------------------------------
@@ -1905,14 +2731,24 @@ pub mod cases {
         let mut t = task("d");
         t.args = vec!["x".into()];
         enqueue1(&b, t.clone()).await;
+        let u = enqueue1(&b, task("d")).await;
+        let c = run_id(&b, "d", t.id).await;
+        let cu = claim_id(&b, "d", u).await; // reserved, not started
         let r = enqueue1(&b, task("d")).await;
-        let c = claim_id(&b, "d", t.id).await;
         b.set_paused(&qn("d"), true).await.expect("pause");
-        let before = (snapshot(&b, t.id).await, snapshot(&b, r).await);
+        let before = (
+            snapshot(&b, t.id).await,
+            snapshot(&b, u).await,
+            snapshot(&b, r).await,
+        );
         drop(b);
 
         let b = g.connect().await;
-        let after = (snapshot(&b, t.id).await, snapshot(&b, r).await);
+        let after = (
+            snapshot(&b, t.id).await,
+            snapshot(&b, u).await,
+            snapshot(&b, r).await,
+        );
         assert_eq!(
             after, before,
             "the store lost or changed tasks across a reopen"
@@ -1925,6 +2761,8 @@ pub mod cases {
         )
         .await
         .expect("a lease survives a reopen");
+        start(&b, &cu).await;
+        assert_eq!(get(&b, u).await.task.state, TaskState::Running);
     }
 
     pub async fn many_producers_one_consumer(b: B, g: G) {
@@ -1970,6 +2808,9 @@ pub mod cases {
                     }
                     for c in got {
                         claimed.push(c.task.id);
+                        b.started(&c.lease, PID, PID_START)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         b.finish(
                             &c.lease,
                             attempt_of(&c, AttemptReason::Exit, None),
@@ -2086,7 +2927,9 @@ mod sqlite_specific {
         let t = Instant::now();
         let counts = b.counts().await.expect("counts");
         let counts_time = t.elapsed();
-        assert_eq!(count(&counts[0], TaskState::Queued) as usize, N - 21);
+        // The 22 claimed tasks are reserved, not started: they still count as queued.
+        assert_eq!(count(&counts[0], TaskState::Queued) as usize, N + 1);
+        assert_eq!(count(&counts[0], TaskState::Running), 0);
         times.sort();
         eprintln!(
             "scale: enqueue {N} in 10 batches: {enqueue_time:?} ({:.0} tasks/s); claim 1 of {N}: \

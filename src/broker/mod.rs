@@ -145,20 +145,41 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Claim up to `max` ready tasks of `queue` for `node`, oldest first within priority.
     /// Promotes due scheduled/retrying tasks of the queue first. A paused queue yields none.
+    ///
+    /// A claim *reserves*: each task stays `queued`, held by `node` (its record's `node` is
+    /// set), is no longer claimable by anyone, and is not charged yet (`attempts` unchanged;
+    /// [`Claimed::attempt`] is `attempts + 1`, the number its run will have). Every claim
+    /// gets a new lease token.
     async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>>;
 
-    /// Record the pid (and its start time) of a claimed task's process group, so that a
-    /// later recovery can kill it.
+    /// Mark a held (claimed) task `running` and count its attempt, before its process is
+    /// started: once this returns, a crash of the node records the run as `lost`.
+    /// `LeaseLost` when the lease is gone (cancelled or released meanwhile): do not start it.
+    async fn start(&self, lease: &Lease) -> Result<()>;
+
+    /// Record the pid (and its start time) of a task's process group, so that a later
+    /// recovery can kill it. Marks a still-held task `running` as [`Broker::start`] does.
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()>;
 
-    /// Extend leases; returns the tasks whose lease this node no longer holds.
+    /// Extend leases of reserved and running tasks; returns the tasks whose lease this node
+    /// no longer holds.
     async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>>;
 
     /// Record an attempt and move the task on. Refused with `LeaseLost` for a stale lease.
-    /// With `Finish::Release` the attempt is not recorded.
+    ///
+    /// Accepted for a task the lease holds, reserved (its start not recorded: it could not
+    /// be spawned, or the record is still on its way) or running. A charged finish
+    /// (`Succeeded`, `Failed`, `Retry`, and `Cancelled` with `attempt.pid` set) leaves
+    /// `attempts` counting this run exactly once, whether or not its start was recorded; an
+    /// uncharged one (`Requeue`, `Release`, `Cancelled` without a pid) leaves it as it was
+    /// before the claim. With `Finish::Release` the attempt is not recorded; every other
+    /// finish records it. If an operator asked to cancel the task, a `Retry`, `Requeue` or
+    /// `Release` ends it `cancelled` instead (`last_error` "cancelled by an operator").
     async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()>;
 
-    /// Cancel a waiting task, or ask the node running it to stop it.
+    /// Cancel a waiting task ([`CancelOutcome::Cancelled`]), or ask the node that runs or
+    /// holds it (reserved, not started) to stop it ([`CancelOutcome::Requested`]: it is set
+    /// `cancel_requested` and listed by [`Broker::cancel_requested`]).
     async fn cancel(&self, id: TaskId) -> Result<CancelOutcome>;
 
     /// Put a failed or cancelled task back in `queued` with a fresh attempt budget.
@@ -171,17 +192,21 @@ pub trait Broker: Send + Sync + 'static {
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
-    /// Counts by state for every queue that has tasks or is paused.
+    /// Counts by state for every queue that has tasks or is paused. Reserved tasks count as
+    /// `queued`; only started ones as `running`.
     async fn counts(&self) -> Result<Vec<QueueCounts>>;
 
-    /// The earliest run-at time among scheduled and retrying tasks.
+    /// The earliest run-at time among scheduled and retrying tasks of queues not paused.
     async fn next_due(&self) -> Result<Option<UnixMs>>;
 
-    /// Running tasks held by `node` that an operator asked to cancel.
+    /// Running or reserved tasks held by `node` that an operator asked to cancel.
     async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
 
-    /// Put orphaned running tasks back in `queued` (attempt not charged, reason `lost`)
-    /// and return them so their process groups can be killed.
+    /// Take back the tasks held (reserved or running) by nodes that went away, and return
+    /// them all so their process groups can be killed. A running one gets a `lost` attempt
+    /// and its attempt is given back; a reserved one is released silently (no attempt
+    /// recorded, `attempts` unchanged). Either goes back to `queued`, or ends `cancelled` if
+    /// an operator had asked to cancel it.
     async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>>;
 
     /// Start delivering wake-ups to this process (the daemon calls it once).

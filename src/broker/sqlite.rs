@@ -120,7 +120,8 @@ struct Job {
 pub struct SqliteBroker {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
-    reader: Arc<Mutex<Connection>>,
+    /// Opened on the first read: a producer that only enqueues never needs it.
+    reader: Arc<Mutex<Option<Connection>>>,
     wake_path: PathBuf,
     wake_tx: Mutex<Option<UnixDatagram>>,
 }
@@ -206,13 +207,19 @@ fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result
 
 /// Bring the schema up to the newest version, one transaction per step.
 fn migrate(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
-    )
-    .map_err(storage)?;
-    let current: i64 = conn
-        .query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
-        .map_err(storage)?;
+    // The common case, on every open, is a current schema: find that out with a plain read.
+    let current: i64 = match conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0)) {
+        Ok(v) => v,
+        Err(_) => {
+            retry_busy(|| {
+                conn.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
+                )
+            })
+            .map_err(storage)?;
+            0
+        }
+    };
     for (i, sql) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if current >= version {
@@ -320,14 +327,9 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
 impl SqliteBroker {
     /// Open (creating when missing) the database at `path` and start its writer thread.
     pub async fn open(path: &Path) -> Result<Self> {
-        let p = path.to_path_buf();
-        let (writer, reader) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let w = open_writer(&p)?;
-            let r = connect(&p)?;
-            Ok((w, r))
-        })
-        .await
-        .map_err(|e| BrokerError::Storage(format!("opening the database panicked: {e}")))??;
+        // Opened on this thread: it is a one-off at start-up, and a short-lived CLI call
+        // should not pay for starting a blocking thread pool.
+        let writer = open_writer(path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("taskd-sqlite-writer".into())
@@ -338,7 +340,7 @@ impl SqliteBroker {
         Ok(SqliteBroker {
             path: path.to_path_buf(),
             jobs: tx,
-            reader: Arc::new(Mutex::new(reader)),
+            reader: Arc::new(Mutex::new(None)),
             wake_path: PathBuf::from(wake),
             wake_tx: Mutex::new(None),
         })
@@ -397,9 +399,14 @@ impl SqliteBroker {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let reader = self.reader.clone();
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().map_err(|_| BrokerError::Storage("reader poisoned".into()))?;
-            f(&conn)
+            let mut guard = reader.lock().map_err(|_| BrokerError::Storage("reader poisoned".into()))?;
+            if guard.is_none() {
+                *guard = Some(connect(&path)?);
+            }
+            let conn = guard.as_ref().expect("opened just above");
+            f(conn)
         })
         .await
         .map_err(|e| BrokerError::Storage(format!("a read panicked: {e}")))?
@@ -545,6 +552,28 @@ fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> Result<()> 
     Ok(())
 }
 
+/// Mark a held task running (counting its attempt once) and/or record its pid.
+fn mark_running(conn: &Connection, lease: &Lease, pid: Option<(i32, u64)>) -> Result<()> {
+    let now = now_ms();
+    let (pid, pid_start) = match pid {
+        Some((p, s)) => (Some(p), Some(s as i64)),
+        None => (None, None),
+    };
+    let n = conn
+        .prepare_cached(
+            "UPDATE tasks SET attempts = attempts + (state = 'queued'), state = 'running',
+                started_at = CASE WHEN state = 'queued' THEN ?5 ELSE started_at END,
+                updated_at = ?5, pid = coalesce(?1, pid), pid_start = coalesce(?2, pid_start)
+             WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state IN ('queued', 'running')",
+        )
+        .and_then(|mut s| s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node]))
+        .map_err(storage)?;
+    if n == 0 {
+        return Err(BrokerError::LeaseLost(lease.task));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Broker for SqliteBroker {
     async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>> {
@@ -618,27 +647,16 @@ impl Broker for SqliteBroker {
         .await
     }
 
+    async fn start(&self, lease: &Lease) -> Result<()> {
+        let lease = lease.clone();
+        self.write(move |conn| mark_running(conn, &lease, None)).await
+    }
+
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
         let lease = lease.clone();
         // The process already runs; nobody waits on this record, so it may share a commit.
-        self.write_as(false, move |conn| {
-            let now = now_ms();
-            let n = conn
-                .prepare_cached(
-                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = ?5,
-                        updated_at = ?5, pid = ?1, pid_start = ?2
-                     WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state = 'queued'",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![pid, pid_start as i64, lease.task.to_string(), lease.token, now, lease.node])
-                })
-                .map_err(storage)?;
-            if n == 0 {
-                return Err(BrokerError::LeaseLost(lease.task));
-            }
-            Ok(())
-        })
-        .await
+        self.write_as(false, move |conn| mark_running(conn, &lease, Some((pid, pid_start))))
+            .await
     }
 
     async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
