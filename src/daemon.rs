@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Recover;
 use crate::cli::{exit, Failure};
 use crate::config::{Config, ConfigError};
+use crate::supervisor::startlog::StartLog;
 use crate::supervisor::Supervisor;
 
 #[derive(clap::Args, Debug)]
@@ -161,6 +162,13 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     }
 
     // Tasks a previous daemon left running: kill what is left of them, queue them again.
+    // Held tasks it noted as starting count as started (their history then says `lost`).
+    let (start_log, noted) = StartLog::open(&config.state_dir)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("failed to open the start log in {}: {e}", config.state_dir.display())))?;
+    if !noted.is_empty() {
+        let noted: Vec<_> = noted.into_iter().collect();
+        broker.adopt_started(&noted).await?;
+    }
     let orphans = broker
         .recover(Recover::All, "the daemon running this task went away (crash or kill); queued again, attempt not charged")
         .await?;
@@ -179,7 +187,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     }
 
     let wakeups = broker.subscribe().await?;
-    let supervisor = Supervisor::new(broker.clone(), node);
+    let supervisor = Supervisor::new(broker.clone(), node, start_log);
     supervisor.start(&config, wakeups);
     tracing::info!("ready");
 

@@ -132,6 +132,7 @@ macro_rules! contract_tests {
                 next_due_is_earliest_waiting,
                 next_due_ignores_paused_queues,
                 reopen_keeps_tasks,
+                adopted_start_is_recovered_as_lost,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
@@ -1869,6 +1870,28 @@ pub mod cases {
 
     /// A reserved task whose node went away goes back silently: no `lost` attempt (it never
     /// ran), its attempt count as it was, its stale lease refused.
+    pub async fn adopted_start_is_recovered_as_lost(b: B, _g: G) {
+        // A held task whose start never reached the store, but which a node's start log says
+        // was started: adopting it makes recovery record the run as lost, uncharged.
+        let id = enqueue1(&b, task("ad")).await;
+        let other = enqueue1(&b, task("ad")).await;
+        let c = claim_id(&b, "ad", id).await;
+        assert_eq!(c.attempt, 1);
+        let n = b.adopt_started(&[id, other]).await.expect("adopt");
+        assert_eq!(n, 1, "only the held task is adopted, not a waiting one");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Running);
+        assert_eq!(d.task.attempts, 1);
+        assert_eq!(get(&b, other).await.task.state, TaskState::Queued);
+        let orphans = b.recover(Recover::All, "restart").await.expect("recover");
+        assert_eq!(orphans.iter().map(|o| o.task).collect::<Vec<_>>(), vec![id]);
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(d.task.attempts, 0, "a lost run is not charged");
+        assert_eq!(d.history.len(), 1);
+        assert_eq!(d.history[0].reason, Some(AttemptReason::Lost));
+    }
+
     pub async fn recover_reserved_task_leaves_no_trace(b: B, _g: G) {
         // One charged attempt first, so "unchanged" is distinguishable from "given back".
         let id = enqueue1(&b, task("rr")).await;

@@ -152,11 +152,6 @@ pub trait Broker: Send + Sync + 'static {
     /// gets a new lease token.
     async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>>;
 
-    /// Mark a held (claimed) task `running` and count its attempt, before its process is
-    /// started: once this returns, a crash of the node records the run as `lost`.
-    /// `LeaseLost` when the lease is gone (cancelled or released meanwhile): do not start it.
-    async fn start(&self, lease: &Lease) -> Result<()>;
-
     /// Record the pid (and its start time) of a task's process group, so that a later
     /// recovery can kill it. Marks a still-held task `running` as [`Broker::start`] does.
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()>;
@@ -201,6 +196,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Running or reserved tasks held by `node` that an operator asked to cancel.
     async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
+
+    /// Mark held tasks whose process is known to have started (from a node's own start log)
+    /// as `running`, so that [`Broker::recover`] records their run as `lost`. Tasks not held
+    /// (already finished, released) are left alone. Returns how many were marked.
+    async fn adopt_started(&self, ids: &[TaskId]) -> Result<u64>;
 
     /// Take back the tasks held (reserved or running) by nodes that went away, and return
     /// them all so their process groups can be killed. A running one gets a `lost` attempt

@@ -647,11 +647,6 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn start(&self, lease: &Lease) -> Result<()> {
-        let lease = lease.clone();
-        self.write(move |conn| mark_running(conn, &lease, None)).await
-    }
-
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
         let lease = lease.clone();
         // The process already runs; nobody waits on this record, so it may share a commit.
@@ -980,6 +975,25 @@ impl Broker for SqliteBroker {
                 .and_then(|it| it.collect())
                 .map_err(storage)?;
             Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
+        })
+        .await
+    }
+
+    async fn adopt_started(&self, ids: &[TaskId]) -> Result<u64> {
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = ?2, updated_at = ?2
+                     WHERE id = ?1 AND state = 'queued' AND lease_node IS NOT NULL",
+                )
+                .map_err(storage)?;
+            let mut n = 0;
+            for id in &ids {
+                n += stmt.execute(params![id, now]).map_err(storage)? as u64;
+            }
+            Ok(n)
         })
         .await
     }

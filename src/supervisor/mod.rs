@@ -12,6 +12,7 @@
 
 pub mod policy;
 pub mod prepare;
+pub mod startlog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -94,10 +95,11 @@ pub struct Supervisor {
     /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
+    start_log: startlog::StartLog,
 }
 
 impl Supervisor {
-    pub fn new(broker: Arc<dyn Broker>, node: String) -> Arc<Self> {
+    pub fn new(broker: Arc<dyn Broker>, node: String, start_log: startlog::StartLog) -> Arc<Self> {
         Arc::new(Supervisor {
             broker,
             node,
@@ -109,6 +111,7 @@ impl Supervisor {
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
+            start_log,
         })
     }
 
@@ -326,35 +329,22 @@ impl Supervisor {
                     shutdown: self.interrupt.clone(),
                     kill: self.kill_now.clone(),
                 };
-                // The start is durable before the process exists, so that a crash of this
-                // daemon always shows in the task's history as `lost`. It usually shares a
-                // commit with the previous task's result. A lease lost meanwhile (an operator
-                // cancelled the held task) means: do not start it.
-                if let Err(e) = self.mark_started(&c.lease).await {
-                    let attempt = AttemptRecord {
-                        number: c.attempt,
-                        node: self.node.clone(),
-                        started_at,
-                        ended_at: now_ms(),
-                        reason: Some(AttemptReason::Cancelled),
-                        error: Some(format!("not started: {e}")),
-                        ..Default::default()
-                    };
-                    q.running.fetch_sub(1, Ordering::AcqRel);
-                    q.kick.notify_one();
-                    self.record(&c.lease, attempt, Finish::Release).await;
-                    self.running.lock().expect("not poisoned").remove(&c.task.id);
-                    return;
-                }
-                // The pid (for recovery to kill the group) is recorded without holding the
-                // run up.
+                // The start is recorded once the process exists, without holding the run up
+                // (it shares a commit with others); the start log covers the moment between.
+                // A lease lost meanwhile (an operator cancelled the held task) stops the run.
+                self.start_log.note(c.task.id, || {
+                    self.running.lock().expect("not poisoned").keys().copied().collect()
+                });
                 let (tx, rx) = tokio::sync::oneshot::channel::<executor::Spawned>();
                 let broker = self.broker.clone();
                 let lease = c.lease.clone();
+                let stop_it = stop.cancel.clone();
                 tokio::spawn(async move {
                     let Ok(s) = rx.await else { return };
-                    if let Err(e) = broker.started(&lease, s.pid, s.start_time).await {
-                        tracing::debug!(task = %lease.task, error = %e, "did not record a task's pid");
+                    match broker.started(&lease, s.pid, s.start_time).await {
+                        Ok(()) => {}
+                        Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
+                        Err(e) => tracing::warn!(task = %lease.task, error = %e, "failed to record a task's start"),
                     }
                 });
                 let began = std::time::Instant::now();
@@ -383,24 +373,6 @@ impl Supervisor {
         self.running.lock().expect("not poisoned").remove(&c.task.id);
         if let Finish::Retry { .. } = finish {
             self.reschedule.notify_one();
-        }
-    }
-
-    /// Mark a held task running. Retries while the broker refuses writes; `Err` only when
-    /// the lease is gone or the daemon is stopping.
-    async fn mark_started(&self, lease: &Lease) -> Result<(), BrokerError> {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.broker.start(lease).await {
-                Ok(()) => return Ok(()),
-                Err(e @ BrokerError::LeaseLost(_)) => return Err(e),
-                Err(e) if self.interrupt.is_cancelled() => return Err(e),
-                Err(e) => {
-                    tracing::error!(task = %lease.task, error = %e, "failed to record a task's start; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
         }
     }
 
