@@ -135,6 +135,16 @@ def batch_rate(env, n):
     return n / (time.perf_counter() - t0)
 
 
+def spawn_overhead(calls):
+    """What starting any process costs here, measured the same way (for reading the figures)."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        sh("/bin/true")
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
 def latency(env, stamp_file, n):
     lat = []
     for i in range(n):
@@ -172,6 +182,7 @@ def main():
     n_backlog = 100_000 if q else 1_000_000
     build_tools()
     rows = []
+    rows.append(("starting `/bin/true` from the harness, for reference (ms)", f"median {spawn_overhead(100):.2f}", "", ""))
 
     # dispatch: A B C A B C ...
     res = {"taskd": [], "floor": [], "xargs": []}
@@ -194,7 +205,7 @@ def main():
         env.taskd("pause", "q")
         t = submit_times(env, calls)
         b = statistics.median([batch_rate(env, n_batch) for _ in range(a.rounds)])
-        rows.append((f"one `taskd submit` call, empty store (ms)", f"median {statistics.median(t):.2f}, p99 {pct(t, 99):.2f}", "", ""))
+        rows.append((f"one `taskd submit` call, empty store, no daemon (ms)", f"median {statistics.median(t):.2f}, p99 {pct(t, 99):.2f}", "", ""))
         rows.append((f"`submit --batch` of {n_batch:,} (tasks/s)", f"{b:,.0f}", "", ""))
         # latency on an idle daemon
         stamps = os.path.join(tempfile.gettempdir(), "taskd-bench-stamps")
@@ -202,6 +213,8 @@ def main():
             os.remove(stamps)
         env.start()
         idle = env.rss_kib()
+        t_d = submit_times(env, calls)
+        rows.append((f"one `taskd submit` call, daemon running (ms)", f"median {statistics.median(t_d):.2f}, p99 {pct(t_d, 99):.2f}", "", ""))
         lat = latency(env, stamps, n_lat)
         rows.append((f"submit returned -> process started, {n_lat} tasks (ms)",
                      f"p50 {pct(lat, 50):.2f}, p99 {pct(lat, 99):.2f}", "", ""))
@@ -215,7 +228,7 @@ def main():
             have += step
         t2 = submit_times(env, calls)
         b2 = statistics.median([batch_rate(env, n_batch) for _ in range(a.rounds)])
-        rows.append((f"one `taskd submit` call, {have:,} queued (ms)", f"median {statistics.median(t2):.2f}, p99 {pct(t2, 99):.2f}", "",
+        rows.append((f"one `taskd submit` call, {have:,} queued, no daemon (ms)", f"median {statistics.median(t2):.2f}, p99 {pct(t2, 99):.2f}", "",
                      f"vs empty {statistics.median(t2)/statistics.median(t):.2f}"))
         rows.append((f"`submit --batch` of {n_batch:,}, {have:,} queued (tasks/s)", f"{b2:,.0f}", "", f"vs empty {b2/b:.2f}"))
         env.start()

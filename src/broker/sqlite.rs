@@ -124,6 +124,24 @@ pub struct SqliteBroker {
     reader: Arc<Mutex<Option<Connection>>>,
     wake_path: PathBuf,
     wake_tx: Mutex<Option<UnixDatagram>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SqliteBroker {
+    /// Close the database cleanly: the writer thread ends when its channel closes and drops
+    /// its connection. A last connection that closes checkpoints the WAL and removes it; one
+    /// that is never closed (a process that just exits) leaves the WAL for the next opener to
+    /// read through in full, which makes every later `taskd submit` slower.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Ok(mut r) = self.reader.lock() {
+            r.take();
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 fn storage(e: rusqlite::Error) -> BrokerError {
@@ -189,8 +207,28 @@ fn open_writer(path: &Path) -> Result<Connection> {
             path.display()
         )));
     }
+    // After a checkpoint, cut the WAL back to this size: a big batch must not leave a big
+    // file behind.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(storage)?;
+    persist_wal(&conn);
     migrate(&conn)?;
     Ok(conn)
+}
+
+/// Keep the WAL file when the last connection closes (SQLITE_FCNTL_PERSIST_WAL): creating it
+/// again costs a directory fsync on the next write.
+fn persist_wal(conn: &Connection) {
+    let mut on: std::os::raw::c_int = 1;
+    // SAFETY: a file-control call on the open main database of a live connection, with a
+    // pointer to an int as SQLITE_FCNTL_PERSIST_WAL expects; the handle outlives the call.
+    unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::os::raw::c_int).cast(),
+        );
+    }
 }
 
 fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
@@ -331,7 +369,7 @@ impl SqliteBroker {
         // should not pay for starting a blocking thread pool.
         let writer = open_writer(path)?;
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("taskd-sqlite-writer".into())
             .spawn(move || writer_loop(writer, rx))
             .map_err(|e| BrokerError::Storage(format!("failed to start the writer thread: {e}")))?;
@@ -343,6 +381,7 @@ impl SqliteBroker {
             reader: Arc::new(Mutex::new(None)),
             wake_path: PathBuf::from(wake),
             wake_tx: Mutex::new(None),
+            writer: Some(writer),
         })
     }
 

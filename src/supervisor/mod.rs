@@ -34,6 +34,8 @@ use prepare::Prepared;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The safety net behind wake-ups: a dispatcher looks at its queue at least this often.
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
+/// How long a task runs before its start is recorded on its own (see `run_one`).
+const START_RECORD_DELAY: Duration = Duration::from_millis(5);
 /// Most tasks one claim takes.
 const CLAIM_BATCH: usize = 64;
 /// Tasks shorter than this are claimed further ahead ([`HOLD_AHEAD_SHORT`]): for them a
@@ -335,12 +337,21 @@ impl Supervisor {
                 self.start_log.note(c.task.id, || {
                     self.running.lock().expect("not poisoned").keys().copied().collect()
                 });
+                // A task that ends within START_RECORD_DELAY never gets a separate start record:
+                // its result records the run (and counts the attempt) by itself, which halves
+                // the store's work for short tasks.
                 let (tx, rx) = tokio::sync::oneshot::channel::<executor::Spawned>();
                 let broker = self.broker.clone();
                 let lease = c.lease.clone();
                 let stop_it = stop.cancel.clone();
+                let ended = CancellationToken::new();
+                let ended_too = ended.clone();
                 tokio::spawn(async move {
                     let Ok(s) = rx.await else { return };
+                    tokio::select! {
+                        _ = tokio::time::sleep(START_RECORD_DELAY) => {}
+                        _ = ended_too.cancelled() => return,
+                    }
                     match broker.started(&lease, s.pid, s.start_time).await {
                         Ok(()) => {}
                         Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
@@ -349,6 +360,7 @@ impl Supervisor {
                 });
                 let began = std::time::Instant::now();
                 let outcome = executor::run(spec, stop, Some(tx)).await;
+                ended.cancel();
                 q.last_run_ms.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let mut rng = rand::thread_rng();
                 policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
