@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{alive, poll, Env};
+use common::{alive, history, poll, wait_line, Env};
 use serde_json::{json, Value};
 
 fn secs(s: u64) -> Duration {
@@ -42,18 +42,8 @@ fn submit_batch(env: &Env, queue: &str, n: usize, tag: &str) -> Vec<String> {
     ids
 }
 
-fn history(v: &Value) -> &Vec<Value> {
-    v["history"].as_array().expect("history is an array")
-}
-
 fn wait_pid(path: &Path, deadline: Duration) -> i32 {
-    let mut text = String::new();
-    let ok = poll(deadline, || {
-        text = std::fs::read_to_string(path).unwrap_or_default();
-        text.ends_with('\n')
-    });
-    assert!(ok, "{} was not written within {deadline:?}", path.display());
-    text.trim().parse().unwrap()
+    wait_line(path, deadline).parse().expect("a pid")
 }
 
 fn status(env: &Env) -> Value {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{alive, children, poll, Daemon, Env, SIGHUP, SIGTERM};
+use common::{alive, children, history, poll, wait_line, Daemon, Env, SIGHUP, SIGTERM};
 use serde_json::{json, Value};
 
 // ------------------------------------------------------------------------------------------
@@ -89,20 +89,6 @@ fn wait_done(env: &Env, id: &str, deadline: Duration) -> Value {
     last
 }
 
-fn history(v: &Value) -> &Vec<Value> {
-    v["history"].as_array().expect("history is an array")
-}
-
-/// Wait until `path` holds a complete line (written by `echo`), return it trimmed.
-fn wait_line(path: &Path, deadline: Duration) -> String {
-    let mut text = String::new();
-    let ok = poll(deadline, || {
-        text = std::fs::read_to_string(path).unwrap_or_default();
-        text.ends_with('\n')
-    });
-    assert!(ok, "{} was not written within {deadline:?}", path.display());
-    text.trim().to_string()
-}
 
 fn wait_pid(path: &Path, deadline: Duration) -> i32 {
     let s = wait_line(path, deadline);

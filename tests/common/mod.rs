@@ -253,3 +253,19 @@ pub fn children(pid: i32) -> Vec<(i32, char)> {
     }
     out
 }
+
+/// A task record's attempt history (from `show --json`).
+pub fn history(v: &serde_json::Value) -> &Vec<serde_json::Value> {
+    v["history"].as_array().expect("history is an array")
+}
+
+/// Wait until `path` holds a complete line (written by `echo`), return it trimmed.
+pub fn wait_line(path: &Path, deadline: Duration) -> String {
+    let mut text = String::new();
+    let ok = poll(deadline, || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.ends_with('\n')
+    });
+    assert!(ok, "{} was not written within {deadline:?}", path.display());
+    text.trim().to_string()
+}
