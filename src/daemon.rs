@@ -45,7 +45,10 @@ impl StateLock {
         std::fs::create_dir_all(state_dir).map_err(|e| {
             Failure::new(
                 exit::FAILURE,
-                format!("failed to create the state directory {}: {e}", state_dir.display()),
+                format!(
+                    "failed to create the state directory {}: {e}",
+                    state_dir.display()
+                ),
             )
         })?;
         let path = state_dir.join(LOCK_FILE);
@@ -55,7 +58,12 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| Failure::new(exit::FAILURE, format!("failed to open {}: {e}", path.display())))?;
+            .map_err(|e| {
+                Failure::new(
+                    exit::FAILURE,
+                    format!("failed to open {}: {e}", path.display()),
+                )
+            })?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -96,7 +104,9 @@ pub fn running_daemon(state_dir: &Path) -> Option<u32> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -124,7 +134,11 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
             for d in &diags {
                 eprintln!("{d}");
             }
-            eprintln!("taskd: {} error(s) in {}; not starting", diags.len(), path.display());
+            eprintln!(
+                "taskd: {} error(s) in {}; not starting",
+                diags.len(),
+                path.display()
+            );
             return Ok(exit::CONFIG);
         }
         Err(e) => return Err(e.into()),
@@ -141,7 +155,12 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(exit::FAILURE, format!("failed to start the async runtime: {e}")))?;
+        .map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("failed to start the async runtime: {e}"),
+            )
+        })?;
     let code = rt.block_on(serve(path, config))?;
     drop(lock);
     Ok(code)
@@ -163,8 +182,15 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
 
     // Tasks a previous daemon left running: kill what is left of them, queue them again.
     // Held tasks it noted as starting count as started (their history then says `lost`).
-    let (start_log, noted) = StartLog::open(&config.state_dir)
-        .map_err(|e| Failure::new(exit::FAILURE, format!("failed to open the start log in {}: {e}", config.state_dir.display())))?;
+    let (start_log, noted) = StartLog::open(&config.state_dir).map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!(
+                "failed to open the start log in {}: {e}",
+                config.state_dir.display()
+            ),
+        )
+    })?;
     if !noted.is_empty() {
         let noted: Vec<_> = noted.into_iter().collect();
         broker.adopt_started(&noted).await?;
@@ -183,7 +209,11 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     let ids: Vec<String> = orphans.iter().map(|o| o.task.to_string()).collect();
     killed += crate::executor::kill_task_processes(&ids);
     if !orphans.is_empty() {
-        tracing::warn!(tasks = orphans.len(), process_groups_killed = killed, "recovered tasks left running by a previous daemon");
+        tracing::warn!(
+            tasks = orphans.len(),
+            process_groups_killed = killed,
+            "recovered tasks left running by a previous daemon"
+        );
     }
 
     let wakeups = broker.subscribe().await?;
@@ -231,8 +261,12 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
 fn reload(path: &Path, current: &mut Config, supervisor: &Arc<Supervisor>) {
     match crate::config::load(path) {
         Ok(new) => {
-            if new.state_dir != current.state_dir || format!("{:?}", new.broker) != format!("{:?}", current.broker) {
-                tracing::warn!("reload: `state_dir` and `broker` changes need a restart; keeping the old ones");
+            if new.state_dir != current.state_dir
+                || format!("{:?}", new.broker) != format!("{:?}", current.broker)
+            {
+                tracing::warn!(
+                    "reload: `state_dir` and `broker` changes need a restart; keeping the old ones"
+                );
             }
             let changes = supervisor.apply(&new);
             let grace = new.shutdown_grace;

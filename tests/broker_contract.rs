@@ -789,7 +789,7 @@ pub mod cases {
         assert!(claim(&b, "sm", 10).await.is_empty());
         // The renewal and the finish still take the claim's lease.
         assert!(b
-            .renew(&[c.lease.clone()], LEASE)
+            .renew(std::slice::from_ref(&c.lease), LEASE)
             .await
             .expect("renew")
             .is_empty());
@@ -2118,7 +2118,7 @@ pub mod cases {
             CancelOutcome::Requested
         );
         assert!(
-            b.renew(&[c.lease.clone()], LEASE)
+            b.renew(std::slice::from_ref(&c.lease), LEASE)
                 .await
                 .expect("renew")
                 .is_empty(),

@@ -92,13 +92,18 @@ fn tasks(env: &Env, args: &[&str]) -> Vec<Value> {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
-        && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 // ----- submit and show ---------------------------------------------------------------------
@@ -107,7 +112,17 @@ fn is_uuid(s: &str) -> bool {
 fn submit_show_round_trip() {
     let env = env();
     let before = now_ms();
-    let out = env.ok(&["submit", "thumbs", r#"{"size": 64, "src": "/tmp/a b.png", "extra": [1, {"x": null}]}"#, "--priority", "7", "--", "--flag", "two words", "-x"]);
+    let out = env.ok(&[
+        "submit",
+        "thumbs",
+        r#"{"size": 64, "src": "/tmp/a b.png", "extra": [1, {"x": null}]}"#,
+        "--priority",
+        "7",
+        "--",
+        "--flag",
+        "two words",
+        "-x",
+    ]);
     let id = out.trim();
     assert!(is_uuid(id), "submit prints the task id, got {out:?}");
     assert_eq!(out.lines().count(), 1, "only the id on stdout: {out:?}");
@@ -116,24 +131,43 @@ fn submit_show_round_trip() {
     assert_eq!(t["id"], id);
     assert_eq!(t["queue"], "thumbs");
     assert_eq!(t["state"], "queued");
-    assert_eq!(t["payload"], json!({"size": 64, "src": "/tmp/a b.png", "extra": [1, {"x": null}]}));
+    assert_eq!(
+        t["payload"],
+        json!({"size": 64, "src": "/tmp/a b.png", "extra": [1, {"x": null}]})
+    );
     assert_eq!(t["args"], json!(["--flag", "two words", "-x"]));
     assert_eq!(t["priority"], 7);
     assert_eq!(t["attempts"], 0);
     assert_eq!(t["unique_key"], Value::Null);
     assert_eq!(t["history"], json!([]));
     let created = t["created_at"].as_i64().unwrap();
-    assert!(created >= before - 1000 && created <= now_ms() + 1000, "created_at {created} is not now");
-    assert!(t["run_at"].as_i64().unwrap() <= now_ms(), "no delay: runnable now");
+    assert!(
+        created >= before - 1000 && created <= now_ms() + 1000,
+        "created_at {created} is not now"
+    );
+    assert!(
+        t["run_at"].as_i64().unwrap() <= now_ms(),
+        "no delay: runnable now"
+    );
 
     // The human form names the same things.
     let text = env.ok(&["show", id]);
-    for want in [id, "thumbs", "queued", "\"two words\"", "priority  7", "/tmp/a b.png"] {
+    for want in [
+        id,
+        "thumbs",
+        "queued",
+        "\"two words\"",
+        "priority  7",
+        "/tmp/a b.png",
+    ] {
         assert!(text.contains(want), "show lacks {want:?}:\n{text}");
     }
 
     // Negative priorities are accepted too.
-    let id2 = env.ok(&["submit", "plain", "--priority", "-3"]).trim().to_string();
+    let id2 = env
+        .ok(&["submit", "plain", "--priority", "-3"])
+        .trim()
+        .to_string();
     let t2 = env.show(&id2);
     assert_eq!(t2["priority"], -3);
     assert_eq!(t2["payload"], json!({}), "the default payload is {{}}");
@@ -142,7 +176,14 @@ fn submit_show_round_trip() {
 #[test]
 fn submit_json_prints_the_whole_record() {
     let env = env();
-    let out = env.ok(&["submit", "thumbs", r#"{"size":1,"src":"s"}"#, "--json", "--", "a"]);
+    let out = env.ok(&[
+        "submit",
+        "thumbs",
+        r#"{"size":1,"src":"s"}"#,
+        "--json",
+        "--",
+        "a",
+    ]);
     let v = json_of(&out);
     assert_eq!(v["existing"], false);
     let t = &v["task"];
@@ -155,7 +196,10 @@ fn submit_json_prints_the_whole_record() {
     // The record is the broker's: show agrees on every field it printed.
     let shown = env.show(id);
     for (k, val) in t.as_object().unwrap() {
-        assert_eq!(&shown[k], val, "field {k} differs between submit --json and show --json");
+        assert_eq!(
+            &shown[k], val,
+            "field {k} differs between submit --json and show --json"
+        );
     }
 }
 
@@ -175,12 +219,22 @@ fn delay_and_at_make_the_task_scheduled() {
 
     // --at with Unix seconds, in the future and in the past.
     let future = now_ms() / 1000 + 3600;
-    let id = env.ok(&["submit", "plain", "--at", &future.to_string()]).trim().to_string();
+    let id = env
+        .ok(&["submit", "plain", "--at", &future.to_string()])
+        .trim()
+        .to_string();
     let t = env.show(&id);
     assert_eq!(t["state"], "scheduled");
     assert_eq!(t["run_at"], future * 1000);
-    let id = env.ok(&["submit", "plain", "--at", "2020-01-01T00:00:00Z"]).trim().to_string();
-    assert_eq!(env.state(&id), "queued", "a time in the past is runnable now");
+    let id = env
+        .ok(&["submit", "plain", "--at", "2020-01-01T00:00:00Z"])
+        .trim()
+        .to_string();
+    assert_eq!(
+        env.state(&id),
+        "queued",
+        "a time in the past is runnable now"
+    );
 
     assert_eq!(queue_status(&env, "plain")["counts"]["scheduled"], 2);
     assert_eq!(queue_status(&env, "plain")["counts"]["queued"], 1);
@@ -189,7 +243,18 @@ fn delay_and_at_make_the_task_scheduled() {
     assert!(err.contains("--delay") && err.contains("soon"), "{err}");
     let err = fails(&env, &["submit", "plain", "--at", "tomorrow-ish"], 2);
     assert!(err.contains("--at"), "{err}");
-    fails(&env, &["submit", "plain", "--delay", "1m", "--at", "2030-01-01T00:00:00Z"], 2);
+    fails(
+        &env,
+        &[
+            "submit",
+            "plain",
+            "--delay",
+            "1m",
+            "--at",
+            "2030-01-01T00:00:00Z",
+        ],
+        2,
+    );
     assert_eq!(total(&env), 3, "refused submits enqueue nothing");
 }
 
@@ -202,7 +267,10 @@ fn huge_delay_is_refused_or_stays_in_the_future() {
     }
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let t = &json_of(&stdout(&out))["task"];
-    assert_eq!(t["state"], "scheduled", "a delay of 300 million years must not run now: {t:#}");
+    assert_eq!(
+        t["state"], "scheduled",
+        "a delay of 300 million years must not run now: {t:#}"
+    );
     assert!(t["run_at"].as_i64().unwrap() > now_ms(), "{t:#}");
 }
 
@@ -223,7 +291,12 @@ fn payload_from_stdin() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"{\"size\": 9,\n \"src\": \"x\"}\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"size\": 9,\n \"src\": \"x\"}\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let id = stdout(&out).trim().to_string();
@@ -238,15 +311,30 @@ fn submit_works_with_no_daemon_running() {
     assert!(!env.path().join("state").exists(), "fresh env");
     let id = env.submit("plain", r#"{"n": 1}"#);
     let s = status(&env);
-    assert_eq!(s["daemon"], Value::Null, "no daemon should be reported:\n{s:#}");
+    assert_eq!(
+        s["daemon"],
+        Value::Null,
+        "no daemon should be reported:\n{s:#}"
+    );
     let plain = queue_status(&env, "plain");
     assert_eq!(plain["counts"]["queued"], 1, "{s:#}");
     assert_eq!(plain["paused"], false);
     assert_eq!(plain["configured"], true);
-    for state in ["scheduled", "running", "retrying", "succeeded", "failed", "cancelled"] {
+    for state in [
+        "scheduled",
+        "running",
+        "retrying",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ] {
         assert_eq!(plain["counts"][state], 0, "{state}: {s:#}");
     }
-    assert_eq!(queue_status(&env, "thumbs")["counts"]["queued"], 0, "configured queues are listed even when empty");
+    assert_eq!(
+        queue_status(&env, "thumbs")["counts"]["queued"],
+        0,
+        "configured queues are listed even when empty"
+    );
 
     let list = tasks(&env, &[]);
     assert_eq!(list.len(), 1, "{list:#?}");
@@ -259,13 +347,22 @@ fn submit_works_with_no_daemon_running() {
     assert_eq!(tasks(&env, &["--state", "queued"]).len(), 1);
     assert_eq!(tasks(&env, &["--state", "scheduled"]).len(), 0);
     assert_eq!(tasks(&env, &["--queue", "thumbs"]).len(), 0);
-    assert_eq!(tasks(&env, &["--queue", "plain", "--state", "queued"]).len(), 1);
+    assert_eq!(
+        tasks(&env, &["--queue", "plain", "--state", "queued"]).len(),
+        1
+    );
     let err = fails(&env, &["tasks", "--state", "bogus"], 2);
-    assert!(err.contains("bogus") && err.contains("queued"), "names the valid states: {err}");
+    assert!(
+        err.contains("bogus") && err.contains("queued"),
+        "names the valid states: {err}"
+    );
 
     // The human forms say the daemon is not running and show the task.
     let text = env.ok(&["status"]);
-    assert!(text.contains("not running") && text.contains("plain"), "{text}");
+    assert!(
+        text.contains("not running") && text.contains("plain"),
+        "{text}"
+    );
     let text = env.ok(&["tasks"]);
     assert!(text.contains(&id) && text.contains("queued"), "{text}");
 }
@@ -284,7 +381,10 @@ fn malformed_json_names_the_byte_position() {
     ] {
         let err = fails(&env, &["submit", "plain", payload], 2);
         assert!(err.contains("malformed JSON"), "{payload:?}: {err}");
-        assert!(err.contains(&format!("at byte {byte} ")), "{payload:?}: want byte {byte}: {err}");
+        assert!(
+            err.contains(&format!("at byte {byte} ")),
+            "{payload:?}: want byte {byte}: {err}"
+        );
     }
     let err = fails(&env, &["submit", "plain", ""], 2);
     assert!(err.contains("malformed JSON"), "{err}");
@@ -296,8 +396,14 @@ fn unknown_queue_lists_the_known_ones() {
     let env = env();
     let err = fails(&env, &["submit", "thumbnail", "{}"], 2);
     assert!(err.contains("unknown queue `thumbnail`"), "{err}");
-    assert!(err.contains("plain") && err.contains("thumbs"), "lists known queues: {err}");
-    assert!(err.contains(&env.config.display().to_string()), "names the config: {err}");
+    assert!(
+        err.contains("plain") && err.contains("thumbs"),
+        "lists known queues: {err}"
+    );
+    assert!(
+        err.contains(&env.config.display().to_string()),
+        "names the config: {err}"
+    );
     assert_eq!(total(&env), 0);
 }
 
@@ -310,7 +416,10 @@ fn payload_over_max_payload_is_refused() {
     env.submit("plain", &fill(256));
     let err = fails(&env, &["submit", "plain", &fill(257)], 2);
     assert!(err.contains("257 bytes") && err.contains("256"), "{err}");
-    assert!(err.contains("max_payload"), "says which setting to raise: {err}");
+    assert!(
+        err.contains("max_payload"),
+        "says which setting to raise: {err}"
+    );
     let big = fill(10_000);
     let err = fails(&env, &["submit", "plain", &big], 2);
     assert!(err.contains("over the limit"), "{err}");
@@ -322,12 +431,19 @@ fn payload_missing_a_placeholder_field_is_refused() {
     let env = env();
     let err = fails(&env, &["submit", "thumbs", r#"{"src": "a.png"}"#], 2);
     assert!(err.contains("`size`") && err.contains("thumbs"), "{err}");
-    let err = fails(&env, &["submit", "thumbs", r#"{"size": 3, "src": null}"#], 2);
+    let err = fails(
+        &env,
+        &["submit", "thumbs", r#"{"size": 3, "src": null}"#],
+        2,
+    );
     assert!(err.contains("`src`"), "null does not fill a field: {err}");
     let err = fails(&env, &["submit", "thumbs", "[1, 2]"], 2);
     assert!(err.contains("no field"), "{err}");
     let err = fails(&env, &["submit", "thumbs"], 2);
-    assert!(err.contains("no field"), "the default payload {{}} lacks fields: {err}");
+    assert!(
+        err.contains("no field"),
+        "the default payload {{}} lacks fields: {err}"
+    );
     assert_eq!(total(&env), 0);
     // A shell queue takes any JSON value.
     env.submit("plain", "[1, 2]");
@@ -351,27 +467,53 @@ fn bad_flags_are_usage_errors() {
 #[test]
 fn unique_key_twice_returns_the_same_id() {
     let env = env();
-    let a = env.ok(&["submit", "plain", r#"{"n":1}"#, "--unique", "k1"]).trim().to_string();
+    let a = env
+        .ok(&["submit", "plain", r#"{"n":1}"#, "--unique", "k1"])
+        .trim()
+        .to_string();
     let out = env.run(&["submit", "plain", r#"{"n":2}"#, "--unique", "k1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), a, "same key, same id");
-    assert!(stderr(&out).contains("k1"), "tells the user it was already there: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("k1"),
+        "tells the user it was already there: {}",
+        stderr(&out)
+    );
     let v = json_of(&env.ok(&["submit", "plain", "--unique", "k1", "--json"]));
     assert_eq!(v["existing"], true);
     assert_eq!(v["task"]["id"], a);
     assert_eq!(queue_status(&env, "plain")["counts"]["queued"], 1);
-    assert_eq!(env.show(&a)["payload"], json!({"n": 1}), "the first payload is kept");
+    assert_eq!(
+        env.show(&a)["payload"],
+        json!({"n": 1}),
+        "the first payload is kept"
+    );
     assert_eq!(env.show(&a)["unique_key"], "k1");
 
     // Another key, or the same key on another queue, is another task.
-    let b = env.ok(&["submit", "plain", "--unique", "k2"]).trim().to_string();
+    let b = env
+        .ok(&["submit", "plain", "--unique", "k2"])
+        .trim()
+        .to_string();
     assert_ne!(a, b);
-    let c = env.ok(&["submit", "thumbs", r#"{"size":1,"src":"s"}"#, "--unique", "k1"]).trim().to_string();
+    let c = env
+        .ok(&[
+            "submit",
+            "thumbs",
+            r#"{"size":1,"src":"s"}"#,
+            "--unique",
+            "k1",
+        ])
+        .trim()
+        .to_string();
     assert_ne!(a, c);
 
     // Once the holder is cancelled, the key is free again.
     env.ok(&["cancel", &a]);
-    let d = env.ok(&["submit", "plain", "--unique", "k1"]).trim().to_string();
+    let d = env
+        .ok(&["submit", "plain", "--unique", "k1"])
+        .trim()
+        .to_string();
     assert_ne!(a, d);
 }
 
@@ -395,7 +537,10 @@ fn retry_of_a_queued_task_is_refused() {
     let env = env();
     let id = env.submit("plain", "{}");
     let err = fails(&env, &["retry", &id], 1);
-    assert!(err.contains("queued") && err.contains("failed or cancelled"), "{err}");
+    assert!(
+        err.contains("queued") && err.contains("failed or cancelled"),
+        "{err}"
+    );
     assert_eq!(env.state(&id), "queued");
     let s = env.ok(&["submit", "plain", "--delay", "1h"]);
     let err = fails(&env, &["retry", s.trim()], 1);
@@ -428,7 +573,10 @@ fn cancel_then_retry() {
     assert_eq!(queue_status(&env, "plain")["counts"]["cancelled"], 0);
 
     // A scheduled task can be cancelled as well.
-    let s = env.ok(&["submit", "plain", "--delay", "1h"]).trim().to_string();
+    let s = env
+        .ok(&["submit", "plain", "--delay", "1h"])
+        .trim()
+        .to_string();
     env.ok(&["cancel", &s]);
     assert_eq!(env.state(&s), "cancelled");
 }
@@ -447,18 +595,29 @@ fn pause_and_resume_show_in_status_and_persist() {
     assert!(env.ok(&["status"]).contains("PAUSED"));
 
     let err = fails(&env, &["pause", "nope"], 2);
-    assert!(err.contains("unknown queue `nope`") && err.contains("plain, thumbs"), "{err}");
+    assert!(
+        err.contains("unknown queue `nope`") && err.contains("plain, thumbs"),
+        "{err}"
+    );
 
     // Persists across a daemon's life: it reads the flag and does not clear it.
     let d = env.daemon();
     let s = status(&env);
-    assert_eq!(s["daemon"]["pid"], d.pid(), "status reports the running daemon:\n{s:#}");
+    assert_eq!(
+        s["daemon"]["pid"],
+        d.pid(),
+        "status reports the running daemon:\n{s:#}"
+    );
     assert_eq!(queue_status(&env, "plain")["paused"], true);
     d.signal(common::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
     let s = status(&env);
     assert_eq!(s["daemon"], Value::Null, "{s:#}");
-    assert_eq!(queue_status(&env, "plain")["paused"], true, "pause persists across daemon restarts");
+    assert_eq!(
+        queue_status(&env, "plain")["paused"],
+        true,
+        "pause persists across daemon restarts"
+    );
 
     env.ok(&["resume", "plain"]);
     assert_eq!(queue_status(&env, "plain")["paused"], false);
@@ -499,27 +658,50 @@ fn eight_concurrent_producers_of_200_tasks_each() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("producer thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("producer thread"))
+            .collect()
     });
     let errors: Vec<&String> = results.iter().flat_map(|(_, e)| e).collect();
-    assert!(errors.is_empty(), "{} submits failed or warned, e.g.:\n{}", errors.len(), errors.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{} submits failed or warned, e.g.:\n{}",
+        errors.len(),
+        errors
+            .iter()
+            .take(5)
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let ids: Vec<&String> = results.iter().flat_map(|(i, _)| i).collect();
     assert_eq!(ids.len(), PRODUCERS * EACH);
     assert!(ids.iter().all(|i| is_uuid(i)), "every submit printed an id");
     let unique: HashSet<&String> = ids.iter().copied().collect();
     assert_eq!(unique.len(), PRODUCERS * EACH, "duplicate ids");
 
-    assert_eq!(queue_status(&env, "plain")["counts"]["queued"], (PRODUCERS * EACH) as u64);
+    assert_eq!(
+        queue_status(&env, "plain")["counts"]["queued"],
+        (PRODUCERS * EACH) as u64
+    );
     assert_eq!(total(&env), (PRODUCERS * EACH) as u64);
     // Every payload is there, once, under the id its producer was given.
     let list = tasks(&env, &["--limit", "5000"]);
     assert_eq!(list.len(), PRODUCERS * EACH);
     let mut seen = HashSet::new();
     for t in &list {
-        let key = (t["payload"]["p"].as_u64().unwrap(), t["payload"]["n"].as_u64().unwrap());
+        let key = (
+            t["payload"]["p"].as_u64().unwrap(),
+            t["payload"]["n"].as_u64().unwrap(),
+        );
         assert!(seen.insert(key), "payload {key:?} stored twice");
         let (p, n) = (key.0 as usize, key.1 as usize);
-        assert_eq!(t["id"].as_str().unwrap(), results[p].0[n], "task {key:?} has another id than submit printed");
+        assert_eq!(
+            t["id"].as_str().unwrap(),
+            results[p].0[n],
+            "task {key:?} has another id than submit printed"
+        );
     }
 }
 
@@ -537,7 +719,11 @@ fn write_batch(env: &Env, name: &str, lines: impl Iterator<Item = String>) -> St
 fn batch_of_100000_enqueues_all() {
     const N: usize = 100_000;
     let env = env();
-    let file = write_batch(&env, "batch.jsonl", (0..N).map(|i| format!(r#"{{"i":{i}}}"#)));
+    let file = write_batch(
+        &env,
+        "batch.jsonl",
+        (0..N).map(|i| format!(r#"{{"i":{i}}}"#)),
+    );
     let out = env.ok(&["submit", "plain", "--batch", &file]);
     assert!(out.contains(&format!("enqueued {N} tasks")), "{out}");
     let plain = queue_status(&env, "plain");
@@ -546,7 +732,10 @@ fn batch_of_100000_enqueues_all() {
     // The first and last lines are both there.
     let list = tasks(&env, &["--limit", "200000"]);
     assert_eq!(list.len(), N);
-    let is: HashSet<u64> = list.iter().map(|t| t["payload"]["i"].as_u64().unwrap()).collect();
+    let is: HashSet<u64> = list
+        .iter()
+        .map(|t| t["payload"]["i"].as_u64().unwrap())
+        .collect();
     assert_eq!(is.len(), N, "every line became exactly one task");
     assert!(is.contains(&0) && is.contains(&(N as u64 - 1)));
 }
@@ -555,12 +744,23 @@ fn batch_of_100000_enqueues_all() {
 fn batch_with_one_bad_line_enqueues_nothing_and_names_the_line() {
     let env = env();
     env.submit("plain", "{}"); // something already there stays, and nothing is added
-    let lines = |bad: usize, text: &'static str| (1..=1000).map(move |i| if i == bad { text.to_string() } else { format!(r#"{{"i":{i}}}"#) });
+    let lines = |bad: usize, text: &'static str| {
+        (1..=1000).map(move |i| {
+            if i == bad {
+                text.to_string()
+            } else {
+                format!(r#"{{"i":{i}}}"#)
+            }
+        })
+    };
 
     let file = write_batch(&env, "bad-json.jsonl", lines(537, r#"{"i": 537,}"#));
     let err = fails(&env, &["submit", "plain", "--batch", &file], 2);
     assert!(err.contains("line 537"), "names the line: {err}");
-    assert!(err.contains("malformed JSON") && err.contains("byte 10"), "{err}");
+    assert!(
+        err.contains("malformed JSON") && err.contains("byte 10"),
+        "{err}"
+    );
     assert!(err.contains("nothing was enqueued"), "{err}");
     assert_eq!(total(&env), 1);
 
@@ -571,8 +771,21 @@ fn batch_with_one_bad_line_enqueues_nothing_and_names_the_line() {
     let big: &'static str = Box::leak(format!(r#"{{"p":"{}"}}"#, "x".repeat(300)).into_boxed_str());
     let file = write_batch(&env, "bad-big.jsonl", lines(3, big));
     let err = fails(&env, &["submit", "plain", "--batch", &file], 2);
-    assert!(err.contains("line 3") && err.contains("over the limit"), "{err}");
-    let file = write_batch(&env, "bad-field.jsonl", (1..=10).map(|i| if i == 7 { r#"{"size":1}"#.to_string() } else { format!(r#"{{"size":{i},"src":"s"}}"#) }));
+    assert!(
+        err.contains("line 3") && err.contains("over the limit"),
+        "{err}"
+    );
+    let file = write_batch(
+        &env,
+        "bad-field.jsonl",
+        (1..=10).map(|i| {
+            if i == 7 {
+                r#"{"size":1}"#.to_string()
+            } else {
+                format!(r#"{{"size":{i},"src":"s"}}"#)
+            }
+        }),
+    );
     let err = fails(&env, &["submit", "thumbs", "--batch", &file], 2);
     assert!(err.contains("line 7") && err.contains("`src`"), "{err}");
     assert_eq!(total(&env), 1, "no bad batch enqueued anything");
@@ -581,7 +794,11 @@ fn batch_with_one_bad_line_enqueues_nothing_and_names_the_line() {
     let file = write_batch(&env, "empty.jsonl", std::iter::empty());
     let err = fails(&env, &["submit", "plain", "--batch", &file], 2);
     assert!(err.contains("no tasks"), "{err}");
-    let err = fails(&env, &["submit", "plain", "--batch", "/nonexistent/x.jsonl"], 2);
+    let err = fails(
+        &env,
+        &["submit", "plain", "--batch", "/nonexistent/x.jsonl"],
+        2,
+    );
     assert!(err.contains("/nonexistent/x.jsonl"), "{err}");
     assert_eq!(total(&env), 1);
 }
@@ -590,13 +807,30 @@ fn batch_with_one_bad_line_enqueues_nothing_and_names_the_line() {
 fn batch_from_stdin_with_options_and_blank_lines() {
     let env = env();
     let mut child = env
-        .cmd(&["submit", "plain", "--batch", "-", "--delay", "1h", "--priority", "5", "--json", "--", "x"])
+        .cmd(&[
+            "submit",
+            "plain",
+            "--batch",
+            "-",
+            "--delay",
+            "1h",
+            "--priority",
+            "5",
+            "--json",
+            "--",
+            "x",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"{\"a\":1}\n\n{\"a\":2}\r\n   \n{\"a\":3}").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"a\":1}\n\n{\"a\":2}\r\n   \n{\"a\":3}")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let v = json_of(&stdout(&out));
@@ -616,25 +850,46 @@ fn batch_from_stdin_with_options_and_blank_lines() {
 
 #[test]
 fn help_lists_the_exit_codes() {
-    let out = Command::new(common::BIN).arg("--help").env_remove("TASKD_CONFIG").output().unwrap();
+    let out = Command::new(common::BIN)
+        .arg("--help")
+        .env_remove("TASKD_CONFIG")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("Exit codes"), "{text}");
-    for (code, word) in [("0", "ok"), ("1", "failure"), ("2", "usage"), ("3", "broker"), ("4", "--wait"), ("78", "config")] {
+    for (code, word) in [
+        ("0", "ok"),
+        ("1", "failure"),
+        ("2", "usage"),
+        ("3", "broker"),
+        ("4", "--wait"),
+        ("78", "config"),
+    ] {
         assert!(
-            text.lines().any(|l| l.trim_start().starts_with(code) && l.contains(word)),
+            text.lines()
+                .any(|l| l.trim_start().starts_with(code) && l.contains(word)),
             "--help lacks exit code {code} ({word}):\n{text}"
         );
     }
-    for cmd in ["start", "check", "submit", "status", "tasks", "show", "retry", "cancel", "pause", "resume"] {
-        assert!(text.lines().any(|l| l.trim_start().starts_with(cmd)), "--help lacks {cmd}:\n{text}");
+    for cmd in [
+        "start", "check", "submit", "status", "tasks", "show", "retry", "cancel", "pause", "resume",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "--help lacks {cmd}:\n{text}"
+        );
     }
 }
 
 #[test]
 fn closed_stdout_is_not_a_panic() {
     let env = env();
-    let file = write_batch(&env, "b.jsonl", (0..3000).map(|i| format!(r#"{{"i":{i}}}"#)));
+    let file = write_batch(
+        &env,
+        "b.jsonl",
+        (0..3000).map(|i| format!(r#"{{"i":{i}}}"#)),
+    );
     env.ok(&["submit", "plain", "--batch", &file]);
     let mut child = env
         .cmd(&["tasks", "--json", "--limit", "3000"])

@@ -30,12 +30,17 @@ fn parse_diags(stderr: &str) -> Vec<Diag> {
     for l in stderr.lines() {
         if let Some(fix) = l.strip_prefix("  fix: ") {
             if let Some(last) = out.last_mut() {
-                assert!(last.fix.is_none(), "two fix lines for one diagnostic:\n{stderr}");
+                assert!(
+                    last.fix.is_none(),
+                    "two fix lines for one diagnostic:\n{stderr}"
+                );
                 last.fix = Some(fix.to_string());
             }
             continue;
         }
-        let Some(i) = l.find(": error: ") else { continue };
+        let Some(i) = l.find(": error: ") else {
+            continue;
+        };
         let mut pos = l[..i].rsplitn(3, ':');
         let col = pos.next().and_then(|c| c.parse().ok());
         let line = pos.next().and_then(|c| c.parse().ok());
@@ -57,7 +62,9 @@ fn parse_diags(stderr: &str) -> Vec<Diag> {
 /// Run `taskd ARGS` and kill it if it has not exited by the deadline (so a command that
 /// wrongly starts a daemon fails the test instead of hanging it).
 fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn taskd");
     let start = Instant::now();
     let ok = common::poll(deadline, || matches!(child.try_wait(), Ok(Some(_))));
@@ -84,7 +91,11 @@ impl Bad {
     /// The diagnostic for `key`; the key must be printed right after `error: `.
     fn diag(&self, key: &str) -> &Diag {
         let prefix = format!("{key}: ");
-        let found: Vec<&Diag> = self.diags.iter().filter(|d| d.rest.starts_with(&prefix)).collect();
+        let found: Vec<&Diag> = self
+            .diags
+            .iter()
+            .filter(|d| d.rest.starts_with(&prefix))
+            .collect();
         assert_eq!(
             found.len(),
             1,
@@ -96,10 +107,21 @@ impl Bad {
     }
 
     /// Assert the diagnostic for `key`: file, line, column, message fragments, fix fragment.
-    fn expect(&self, line: usize, col: usize, key: &str, message: &[&str], fix: Option<&str>) -> &Self {
+    fn expect(
+        &self,
+        line: usize,
+        col: usize,
+        key: &str,
+        message: &[&str],
+        fix: Option<&str>,
+    ) -> &Self {
         let d = self.diag(key);
         let file = self.env.config.display().to_string();
-        assert_eq!(d.file, file, "diagnostic names the wrong file:\n{}", self.stderr);
+        assert_eq!(
+            d.file, file,
+            "diagnostic names the wrong file:\n{}",
+            self.stderr
+        );
         assert_eq!(
             (d.line, d.col),
             (line, col),
@@ -107,17 +129,34 @@ impl Bad {
             self.stderr
         );
         for m in message {
-            assert!(d.rest.contains(m), "message for `{key}` lacks {m:?}: {:?}\nstderr:\n{}", d.rest, self.stderr);
+            assert!(
+                d.rest.contains(m),
+                "message for `{key}` lacks {m:?}: {:?}\nstderr:\n{}",
+                d.rest,
+                self.stderr
+            );
         }
         if let Some(f) = fix {
-            let got = d.fix.as_deref().unwrap_or_else(|| panic!("no fix for `{key}`:\n{}", self.stderr));
-            assert!(got.contains(f), "fix for `{key}` lacks {f:?}: {got:?}\nstderr:\n{}", self.stderr);
+            let got = d
+                .fix
+                .as_deref()
+                .unwrap_or_else(|| panic!("no fix for `{key}`:\n{}", self.stderr));
+            assert!(
+                got.contains(f),
+                "fix for `{key}` lacks {f:?}: {got:?}\nstderr:\n{}",
+                self.stderr
+            );
         }
         self
     }
 
     fn count(&self, n: usize) -> &Self {
-        assert_eq!(self.diags.len(), n, "want {n} diagnostics:\n{}", self.stderr);
+        assert_eq!(
+            self.diags.len(),
+            n,
+            "want {n} diagnostics:\n{}",
+            self.stderr
+        );
         self
     }
 }
@@ -136,7 +175,10 @@ fn check_bad(text: &str) -> Bad {
     let diags = parse_diags(&stderr);
     assert!(!diags.is_empty(), "no diagnostics printed:\n{stderr}");
     for d in &diags {
-        assert!(d.fix.is_some(), "every diagnostic should carry a fix: {d:?}\nstderr:\n{stderr}");
+        assert!(
+            d.fix.is_some(),
+            "every diagnostic should carry a fix: {d:?}\nstderr:\n{stderr}"
+        );
     }
     // The closing summary names the file and the number of errors.
     let n = diags.len();
@@ -164,9 +206,13 @@ fn unknown_key_near_miss_says_did_you_mean() {
 concurency = 4
 command = [\"/bin/true\"]
 ";
-    check_bad(text)
-        .count(1)
-        .expect(2, 1, "queues.thumbs.concurency", &["unknown key `concurency`", "[queues.thumbs]"], Some("did you mean `concurrency`?"));
+    check_bad(text).count(1).expect(
+        2,
+        1,
+        "queues.thumbs.concurency",
+        &["unknown key `concurency`", "[queues.thumbs]"],
+        Some("did you mean `concurrency`?"),
+    );
 
     // The same in [taskd] and in a backoff table.
     let text = "\
@@ -182,8 +228,20 @@ shell = \"true\"
 ";
     check_bad(text)
         .count(2)
-        .expect(3, 1, "taskd.brokr", &["unknown key `brokr`"], Some("did you mean `broker`?"))
-        .expect(6, 29, "defaults.backoff.bsae", &["unknown key `bsae`"], Some("did you mean `base`?"));
+        .expect(
+            3,
+            1,
+            "taskd.brokr",
+            &["unknown key `brokr`"],
+            Some("did you mean `broker`?"),
+        )
+        .expect(
+            6,
+            29,
+            "defaults.backoff.bsae",
+            &["unknown key `bsae`"],
+            Some("did you mean `base`?"),
+        );
 }
 
 #[test]
@@ -197,16 +255,33 @@ zzzzqqq = 1
 shell = \"true\"
 ";
     let bad = check_bad(text);
-    bad.count(1)
-        .expect(3, 1, "defaults.zzzzqqq", &["unknown key `zzzzqqq`", "[defaults]"], Some("the keys allowed here are:"));
+    bad.count(1).expect(
+        3,
+        1,
+        "defaults.zzzzqqq",
+        &["unknown key `zzzzqqq`", "[defaults]"],
+        Some("the keys allowed here are:"),
+    );
     let fix = bad.diag("defaults.zzzzqqq").fix.clone().unwrap();
-    assert!(!fix.contains("did you mean"), "no near miss, so no `did you mean`: {fix}");
+    assert!(
+        !fix.contains("did you mean"),
+        "no near miss, so no `did you mean`: {fix}"
+    );
     for key in ["concurrency", "timeout", "max_attempts", "backoff"] {
-        assert!(fix.contains(key), "allowed keys should include {key}: {fix}");
+        assert!(
+            fix.contains(key),
+            "allowed keys should include {key}: {fix}"
+        );
     }
     // A top-level stray table.
     let text = "[queue.a]\nshell = \"true\"\n";
-    check_bad(text).count(1).expect(1, 2, "queue", &["unknown key `queue`", "top level"], Some("did you mean `queues`?"));
+    check_bad(text).count(1).expect(
+        1,
+        2,
+        "queue",
+        &["unknown key `queue`", "top level"],
+        Some("did you mean `queues`?"),
+    );
 }
 
 #[test]
@@ -222,8 +297,20 @@ broker = \"sqlite:x.db\"
 ";
     check_bad(text)
         .count(2)
-        .expect(3, 1, "taskd.concurrency", &["queue setting"], Some("[defaults]"))
-        .expect(7, 1, "queues.a.broker", &["belongs in [taskd]"], Some("move it under the [taskd] table"));
+        .expect(
+            3,
+            1,
+            "taskd.concurrency",
+            &["queue setting"],
+            Some("[defaults]"),
+        )
+        .expect(
+            7,
+            1,
+            "queues.a.broker",
+            &["belongs in [taskd]"],
+            Some("move it under the [taskd] table"),
+        );
 }
 
 // ----- types and values --------------------------------------------------------------------
@@ -241,11 +328,41 @@ command_x = 1
 ";
     check_bad(text)
         .count(5)
-        .expect(3, 15, "queues.thumbs.concurrency", &["must be an integer", "found a string"], Some("concurrency = 4"))
-        .expect(4, 16, "queues.thumbs.max_attempts", &["must be an integer", "found a string"], Some("remove the quotes: `max_attempts = 3`"))
-        .expect(5, 11, "queues.thumbs.timeout", &["duration string", "found an integer"], Some("timeout = \"30s\""))
-        .expect(6, 22, "queues.thumbs.env.REPORT_DIR", &["must be strings", "found an integer"], Some("REPORT_DIR = \"5\""))
-        .expect(7, 1, "queues.thumbs.command_x", &["unknown key"], Some("did you mean `command`?"));
+        .expect(
+            3,
+            15,
+            "queues.thumbs.concurrency",
+            &["must be an integer", "found a string"],
+            Some("concurrency = 4"),
+        )
+        .expect(
+            4,
+            16,
+            "queues.thumbs.max_attempts",
+            &["must be an integer", "found a string"],
+            Some("remove the quotes: `max_attempts = 3`"),
+        )
+        .expect(
+            5,
+            11,
+            "queues.thumbs.timeout",
+            &["duration string", "found an integer"],
+            Some("timeout = \"30s\""),
+        )
+        .expect(
+            6,
+            22,
+            "queues.thumbs.env.REPORT_DIR",
+            &["must be strings", "found an integer"],
+            Some("REPORT_DIR = \"5\""),
+        )
+        .expect(
+            7,
+            1,
+            "queues.thumbs.command_x",
+            &["unknown key"],
+            Some("did you mean `command`?"),
+        );
 }
 
 #[test]
@@ -261,18 +378,42 @@ concurrency = -3
 ";
     check_bad(text)
         .count(2)
-        .expect(3, 15, "queues.a.concurrency", &["at least 1", "found 0"], Some("concurrency = 1"))
-        .expect(7, 15, "queues.b.concurrency", &["cannot be negative", "-3"], Some("concurrency = 1"));
+        .expect(
+            3,
+            15,
+            "queues.a.concurrency",
+            &["at least 1", "found 0"],
+            Some("concurrency = 1"),
+        )
+        .expect(
+            7,
+            15,
+            "queues.b.concurrency",
+            &["cannot be negative", "-3"],
+            Some("concurrency = 1"),
+        );
 }
 
 #[test]
 fn concurrency_zero_in_dotted_and_inline_forms_points_at_the_value() {
     check_bad("queues.thumbs.concurrency = 0\nqueues.thumbs.command = [\"/bin/true\"]\n")
         .count(1)
-        .expect(1, 29, "queues.thumbs.concurrency", &["at least 1"], Some("concurrency = 1"));
+        .expect(
+            1,
+            29,
+            "queues.thumbs.concurrency",
+            &["at least 1"],
+            Some("concurrency = 1"),
+        );
     check_bad("queues = { a = { command = [\"/bin/true\"], concurrency = 0 } }\n")
         .count(1)
-        .expect(1, 57, "queues.a.concurrency", &["at least 1"], Some("concurrency = 1"));
+        .expect(
+            1,
+            57,
+            "queues.a.concurrency",
+            &["at least 1"],
+            Some("concurrency = 1"),
+        );
 }
 
 #[test]
@@ -293,11 +434,41 @@ kill_grace = \"\"
 ";
     check_bad(text)
         .count(5)
-        .expect(3, 18, "taskd.shutdown_grace", &["cannot be negative", "-5s"], Some("positive duration"))
-        .expect(6, 11, "defaults.timeout", &["longer than zero"], Some("positive duration"))
-        .expect(7, 14, "defaults.kill_grace", &["\"soon\" is not a duration"], Some("\"90s\""))
-        .expect(11, 11, "queues.a.timeout", &["\"5 parsecs\" is not a duration"], Some("\"1h 30m\""))
-        .expect(12, 14, "queues.a.kill_grace", &["is not a duration", "empty"], Some("\"90s\""));
+        .expect(
+            3,
+            18,
+            "taskd.shutdown_grace",
+            &["cannot be negative", "-5s"],
+            Some("positive duration"),
+        )
+        .expect(
+            6,
+            11,
+            "defaults.timeout",
+            &["longer than zero"],
+            Some("positive duration"),
+        )
+        .expect(
+            7,
+            14,
+            "defaults.kill_grace",
+            &["\"soon\" is not a duration"],
+            Some("\"90s\""),
+        )
+        .expect(
+            11,
+            11,
+            "queues.a.timeout",
+            &["\"5 parsecs\" is not a duration"],
+            Some("\"1h 30m\""),
+        )
+        .expect(
+            12,
+            14,
+            "queues.a.kill_grace",
+            &["is not a duration", "empty"],
+            Some("\"90s\""),
+        );
 }
 
 #[test]
@@ -312,8 +483,20 @@ max_attempts = 100000
 ";
     check_bad(text)
         .count(2)
-        .expect(2, 16, "defaults.max_attempts", &["at least 1", "found 0"], Some("max_attempts = 1"))
-        .expect(6, 16, "queues.a.max_attempts", &["at most 1000", "never retries without limit"], Some("max_attempts = 1000"));
+        .expect(
+            2,
+            16,
+            "defaults.max_attempts",
+            &["at least 1", "found 0"],
+            Some("max_attempts = 1"),
+        )
+        .expect(
+            6,
+            16,
+            "queues.a.max_attempts",
+            &["at most 1000", "never retries without limit"],
+            Some("max_attempts = 1000"),
+        );
 }
 
 #[test]
@@ -330,9 +513,27 @@ log_max = -1
 ";
     check_bad(text)
         .count(3)
-        .expect(3, 15, "taskd.max_payload", &["`1.5MiB` is not a size", "whole number"], Some("KiB"))
-        .expect(7, 15, "queues.a.output_tail", &["`5 parsecs` is not a size", "unknown unit `parsecs`"], Some("output_tail = \"64KiB\""))
-        .expect(8, 11, "queues.a.log_max", &["cannot be negative"], Some("log_max = \"10MiB\""));
+        .expect(
+            3,
+            15,
+            "taskd.max_payload",
+            &["`1.5MiB` is not a size", "whole number"],
+            Some("KiB"),
+        )
+        .expect(
+            7,
+            15,
+            "queues.a.output_tail",
+            &["`5 parsecs` is not a size", "unknown unit `parsecs`"],
+            Some("output_tail = \"64KiB\""),
+        )
+        .expect(
+            8,
+            11,
+            "queues.a.log_max",
+            &["cannot be negative"],
+            Some("log_max = \"10MiB\""),
+        );
 }
 
 #[test]
@@ -345,8 +546,20 @@ group = \"no_such_group_taskd_test\"
 ";
     check_bad(text)
         .count(2)
-        .expect(3, 8, "queues.a.user", &["`no_such_user_taskd_test` does not exist"], Some("useradd --system no_such_user_taskd_test"))
-        .expect(4, 9, "queues.a.group", &["`no_such_group_taskd_test` does not exist"], Some("groupadd"));
+        .expect(
+            3,
+            8,
+            "queues.a.user",
+            &["`no_such_user_taskd_test` does not exist"],
+            Some("useradd --system no_such_user_taskd_test"),
+        )
+        .expect(
+            4,
+            9,
+            "queues.a.group",
+            &["`no_such_group_taskd_test` does not exist"],
+            Some("groupadd"),
+        );
 }
 
 // ----- what a queue runs -------------------------------------------------------------------
@@ -361,9 +574,13 @@ state_dir = \"state\"
 concurrency = 2
 timeout = \"1m\"
 ";
-    check_bad(text)
-        .count(1)
-        .expect(4, 1, "queues.idle", &["queue `idle` has nothing to run", "`command` or `shell`"], Some("command = ["));
+    check_bad(text).count(1).expect(
+        4,
+        1,
+        "queues.idle",
+        &["queue `idle` has nothing to run", "`command` or `shell`"],
+        Some("command = ["),
+    );
 }
 
 #[test]
@@ -373,9 +590,13 @@ fn queue_with_both_command_and_shell() {
 command = [\"/bin/true\"]
 shell = \"true\"
 ";
-    check_bad(text)
-        .count(1)
-        .expect(3, 1, "queues.both.shell", &["either `command` or `shell`", "sets both"], Some("remove `command` or `shell`"));
+    check_bad(text).count(1).expect(
+        3,
+        1,
+        "queues.both.shell",
+        &["either `command` or `shell`", "sets both"],
+        Some("remove `command` or `shell`"),
+    );
 }
 
 #[test]
@@ -395,10 +616,34 @@ shell = \"\"
 ";
     check_bad(text)
         .count(4)
-        .expect(2, 11, "queues.none.command", &["command is empty"], Some("argv list"))
-        .expect(5, 12, "queues.blank.command[0]", &["program name", "empty"], Some("program's path first"))
-        .expect(8, 11, "queues.str.command", &["array of strings", "found a string"], Some("shell = \"...\""))
-        .expect(11, 9, "queues.sh.shell", &["shell is empty"], Some("/bin/sh -c"));
+        .expect(
+            2,
+            11,
+            "queues.none.command",
+            &["command is empty"],
+            Some("argv list"),
+        )
+        .expect(
+            5,
+            12,
+            "queues.blank.command[0]",
+            &["program name", "empty"],
+            Some("program's path first"),
+        )
+        .expect(
+            8,
+            11,
+            "queues.str.command",
+            &["array of strings", "found a string"],
+            Some("shell = \"...\""),
+        )
+        .expect(
+            11,
+            9,
+            "queues.sh.shell",
+            &["shell is empty"],
+            Some("/bin/sh -c"),
+        );
 }
 
 #[test]
@@ -412,21 +657,61 @@ command = [\"{prog}\", \"x\"]
 ";
     let bad = check_bad(text);
     bad.count(6)
-        .expect(2, 25, "queues.a.command[1]", &["invalid placeholder `{1x}`", "start with a letter"], Some("`{field}`"))
-        .expect(2, 33, "queues.a.command[2]", &["unclosed `{`"], Some("`{{`"))
-        .expect(2, 42, "queues.a.command[3]", &["invalid placeholder `{ size }`", "did you mean `{size}`?"], Some("`{field}`"))
-        .expect(2, 54, "queues.a.command[4]", &["empty placeholder"], Some("`{field}`"))
-        .expect(2, 60, "queues.a.command[5]", &["unmatched `}`"], Some("`}}`"))
-        .expect(5, 12, "queues.b.command[0]", &["program name", "cannot hold a `{field}` placeholder"], Some("name the program literally"));
+        .expect(
+            2,
+            25,
+            "queues.a.command[1]",
+            &["invalid placeholder `{1x}`", "start with a letter"],
+            Some("`{field}`"),
+        )
+        .expect(
+            2,
+            33,
+            "queues.a.command[2]",
+            &["unclosed `{`"],
+            Some("`{{`"),
+        )
+        .expect(
+            2,
+            42,
+            "queues.a.command[3]",
+            &["invalid placeholder `{ size }`", "did you mean `{size}`?"],
+            Some("`{field}`"),
+        )
+        .expect(
+            2,
+            54,
+            "queues.a.command[4]",
+            &["empty placeholder"],
+            Some("`{field}`"),
+        )
+        .expect(
+            2,
+            60,
+            "queues.a.command[5]",
+            &["unmatched `}`"],
+            Some("`}}`"),
+        )
+        .expect(
+            5,
+            12,
+            "queues.b.command[0]",
+            &["program name", "cannot hold a `{field}` placeholder"],
+            Some("name the program literally"),
+        );
 }
 
 #[test]
 fn columns_count_characters_not_bytes() {
     // "é" and "ö" are two bytes each in UTF-8: the column is 25 in characters, 27 in bytes.
     let text = "[queues.a]\ncommand = [\"/bin/échö\", \"{a b}\"]\n";
-    check_bad(text)
-        .count(1)
-        .expect(2, 25, "queues.a.command[1]", &["invalid placeholder `{a b}`"], None);
+    check_bad(text).count(1).expect(
+        2,
+        25,
+        "queues.a.command[1]",
+        &["invalid placeholder `{a b}`"],
+        None,
+    );
 }
 
 #[test]
@@ -441,19 +726,33 @@ command = [\"/bin/true\"]
 [queues.thumbs]
 shell = \"true\"
 ";
-    check_bad(text)
-        .count(1)
-        .expect(7, 1, "queues.thumbs", &["queue `thumbs` is defined twice"], Some("keep one [queues.thumbs] table"));
+    check_bad(text).count(1).expect(
+        7,
+        1,
+        "queues.thumbs",
+        &["queue `thumbs` is defined twice"],
+        Some("keep one [queues.thumbs] table"),
+    );
 
     // The same name, once quoted, is still the same queue.
     let text = "[queues.a]\ncommand = [\"/bin/true\"]\n[queues.\"a\"]\nshell = \"x\"\n";
-    check_bad(text).count(1).expect(3, 1, "queues.a", &["defined twice"], Some("rename one of them"));
+    check_bad(text).count(1).expect(
+        3,
+        1,
+        "queues.a",
+        &["defined twice"],
+        Some("rename one of them"),
+    );
 
     // A key set twice inside one queue.
     let text = "[queues.a]\nshell = \"true\"\nconcurrency = 1\nconcurrency = 2\n";
-    check_bad(text)
-        .count(1)
-        .expect(4, 1, "queues.a.concurrency", &["`concurrency` is set twice in [queues.a]"], Some("remove one of them"));
+    check_bad(text).count(1).expect(
+        4,
+        1,
+        "queues.a.concurrency",
+        &["`concurrency` is set twice in [queues.a]"],
+        Some("remove one of them"),
+    );
 }
 
 #[test]
@@ -474,25 +773,41 @@ broker = \"redis://127.0.0.1:6379/0\"
 [queues.a]
 shell = \"true\"
 ";
-    check_bad(text)
-        .count(1)
-        .expect(3, 10, "taskd.broker", &["redis broker is not available"], Some("embedded SQLite"));
+    check_bad(text).count(1).expect(
+        3,
+        10,
+        "taskd.broker",
+        &["redis broker is not available"],
+        Some("embedded SQLite"),
+    );
 
     let text = "[taskd]\nbroker = \"ftp://example.com/q\"\n[queues.a]\nshell = \"true\"\n";
-    check_bad(text)
-        .count(1)
-        .expect(2, 10, "taskd.broker", &["unsupported broker URL \"ftp://example.com/q\"", "sqlite:"], Some("sqlite:///"));
+    check_bad(text).count(1).expect(
+        2,
+        10,
+        "taskd.broker",
+        &["unsupported broker URL \"ftp://example.com/q\"", "sqlite:"],
+        Some("sqlite:///"),
+    );
 
     // A bare path: the fix spells the sqlite URL for it.
     let text = "[taskd]\nbroker = \"/var/lib/taskd/t.db\"\n[queues.a]\nshell = \"true\"\n";
-    check_bad(text)
-        .count(1)
-        .expect(2, 10, "taskd.broker", &["unsupported broker URL"], Some("broker = \"sqlite:///var/lib/taskd/t.db\""));
+    check_bad(text).count(1).expect(
+        2,
+        10,
+        "taskd.broker",
+        &["unsupported broker URL"],
+        Some("broker = \"sqlite:///var/lib/taskd/t.db\""),
+    );
 
     let text = "[taskd]\nbroker = \"sqlite://\"\n[queues.a]\nshell = \"true\"\n";
-    check_bad(text)
-        .count(1)
-        .expect(2, 10, "taskd.broker", &["names no database file"], Some("sqlite:///"));
+    check_bad(text).count(1).expect(
+        2,
+        10,
+        "taskd.broker",
+        &["names no database file"],
+        Some("sqlite:///"),
+    );
 }
 
 #[test]
@@ -508,9 +823,27 @@ env = { \"A-B\" = \"x\", TASKD_QUEUE = \"y\" }
 ";
     check_bad(text)
         .count(3)
-        .expect(3, 10, "taskd.listen", &["not an IP address and port"], Some("127.0.0.1:7070"))
-        .expect(7, 9, "queues.a.env.A-B", &["not a valid environment variable name"], Some("A_B"))
-        .expect(7, 22, "queues.a.env.TASKD_QUEUE", &["TASKD_"], Some("without the TASKD_ prefix"));
+        .expect(
+            3,
+            10,
+            "taskd.listen",
+            &["not an IP address and port"],
+            Some("127.0.0.1:7070"),
+        )
+        .expect(
+            7,
+            9,
+            "queues.a.env.A-B",
+            &["not a valid environment variable name"],
+            Some("A_B"),
+        )
+        .expect(
+            7,
+            22,
+            "queues.a.env.TASKD_QUEUE",
+            &["TASKD_"],
+            Some("without the TASKD_ prefix"),
+        );
 }
 
 #[test]
@@ -529,13 +862,21 @@ concurrency = = 4
     assert_eq!(d.file, bad.env.config.display().to_string());
     assert_eq!((d.line, d.col), (6, 15), "{}", bad.stderr);
     assert!(d.rest.starts_with("invalid TOML:"), "{}", bad.stderr);
-    assert!(d.fix.as_deref().unwrap().contains("TOML syntax"), "{}", bad.stderr);
+    assert!(
+        d.fix.as_deref().unwrap().contains("TOML syntax"),
+        "{}",
+        bad.stderr
+    );
 
     // An unterminated string.
     let bad = check_bad("[queues.a]\nshell = \"true\n");
     assert_eq!(bad.diags.len(), 1, "{}", bad.stderr);
     assert_eq!(bad.diags[0].line, 2, "{}", bad.stderr);
-    assert!(bad.diags[0].rest.starts_with("invalid TOML:"), "{}", bad.stderr);
+    assert!(
+        bad.diags[0].rest.starts_with("invalid TOML:"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
@@ -559,14 +900,62 @@ worker = [\"python3\", \"w.py\"]
 ";
     check_bad(text)
         .count(8)
-        .expect(4, 9, "queues.\"a b\"", &["`a b` cannot be a queue name"], Some("[queues.a-b]"))
-        .expect(9, 20, "queues.c.fail_exit_codes[0]", &["exit code 0 means success"], Some("remove 0"))
-        .expect(9, 23, "queues.c.fail_exit_codes[1]", &["exit code 300 is impossible"], Some("1 to 255"))
-        .expect(9, 28, "queues.c.fail_exit_codes[2]", &["must hold integers", "found a string"], Some("fail_exit_codes = [2, 64]"))
-        .expect(10, 7, "queues.c.cwd", &["does not expand"], Some("absolute path"))
-        .expect(11, 11, "queues.c.timeout", &["too long", "400d"], Some("shorter duration"))
-        .expect(12, 20, "queues.c.backoff.base", &["base (2h) is longer than max (1h, inherited)"], Some("raise `max`"))
-        .expect(15, 1, "queues.w.worker", &["not available in this version"], Some("use `command` or `shell`"));
+        .expect(
+            4,
+            9,
+            "queues.\"a b\"",
+            &["`a b` cannot be a queue name"],
+            Some("[queues.a-b]"),
+        )
+        .expect(
+            9,
+            20,
+            "queues.c.fail_exit_codes[0]",
+            &["exit code 0 means success"],
+            Some("remove 0"),
+        )
+        .expect(
+            9,
+            23,
+            "queues.c.fail_exit_codes[1]",
+            &["exit code 300 is impossible"],
+            Some("1 to 255"),
+        )
+        .expect(
+            9,
+            28,
+            "queues.c.fail_exit_codes[2]",
+            &["must hold integers", "found a string"],
+            Some("fail_exit_codes = [2, 64]"),
+        )
+        .expect(
+            10,
+            7,
+            "queues.c.cwd",
+            &["does not expand"],
+            Some("absolute path"),
+        )
+        .expect(
+            11,
+            11,
+            "queues.c.timeout",
+            &["too long", "400d"],
+            Some("shorter duration"),
+        )
+        .expect(
+            12,
+            20,
+            "queues.c.backoff.base",
+            &["base (2h) is longer than max (1h, inherited)"],
+            Some("raise `max`"),
+        )
+        .expect(
+            15,
+            1,
+            "queues.w.worker",
+            &["not available in this version"],
+            Some("use `command` or `shell`"),
+        );
 }
 
 // ----- many errors at once -----------------------------------------------------------------
@@ -597,20 +986,48 @@ user = \"no_such_user_taskd_test\"
 ";
     let bad = check_bad(text);
     bad.count(10)
-        .expect(3, 1, "taskd.brokr", &["unknown key"], Some("did you mean `broker`?"))
+        .expect(
+            3,
+            1,
+            "taskd.brokr",
+            &["unknown key"],
+            Some("did you mean `broker`?"),
+        )
         .expect(4, 18, "taskd.shutdown_grace", &["negative"], None)
         .expect(7, 16, "defaults.max_attempts", &["at least 1"], None)
-        .expect(8, 1, "defaults.timout", &["unknown key"], Some("did you mean `timeout`?"))
+        .expect(
+            8,
+            1,
+            "defaults.timout",
+            &["unknown key"],
+            Some("did you mean `timeout`?"),
+        )
         .expect(11, 15, "queues.thumbs.concurrency", &["at least 1"], None)
-        .expect(12, 25, "queues.thumbs.command[1]", &["invalid placeholder `{1x}`"], None)
-        .expect(13, 15, "queues.thumbs.output_tail", &["`lots` is not a size"], None)
+        .expect(
+            12,
+            25,
+            "queues.thumbs.command[1]",
+            &["invalid placeholder `{1x}`"],
+            None,
+        )
+        .expect(
+            13,
+            15,
+            "queues.thumbs.output_tail",
+            &["`lots` is not a size"],
+            None,
+        )
         .expect(17, 1, "queues.both.shell", &["sets both"], None)
         .expect(19, 1, "queues.none", &["nothing to run"], None)
         .expect(20, 8, "queues.none.user", &["does not exist"], None);
     let positions: Vec<(usize, usize)> = bad.diags.iter().map(|d| (d.line, d.col)).collect();
     let mut sorted = positions.clone();
     sorted.sort();
-    assert_eq!(positions, sorted, "diagnostics should come in file order:\n{}", bad.stderr);
+    assert_eq!(
+        positions, sorted,
+        "diagnostics should come in file order:\n{}",
+        bad.stderr
+    );
 }
 
 // ----- valid configs, other commands, missing files ----------------------------------------
@@ -636,7 +1053,11 @@ env = {{ REPORT_DIR = \"/tmp\" }}
     let out = run_with_deadline(env.cmd(&["check"]), Duration::from_secs(20));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.contains("ok"), "{stdout}");
     let row = |name: &str| {
         stdout
@@ -646,15 +1067,31 @@ env = {{ REPORT_DIR = \"/tmp\" }}
             .to_string()
     };
     let thumbs = row("thumbnails");
-    assert!(thumbs.contains('4') && thumbs.contains("2m") && thumbs.contains("/bin/echo --size {size} {src}"), "{thumbs}");
+    assert!(
+        thumbs.contains('4')
+            && thumbs.contains("2m")
+            && thumbs.contains("/bin/echo --size {size} {src}"),
+        "{thumbs}"
+    );
     let reports = row("reports");
-    assert!(reports.contains("10m") && reports.contains('3') && reports.contains("sh -c"), "{reports}");
-    assert!(!env.path().join("state").exists(), "check must not create the state directory");
+    assert!(
+        reports.contains("10m") && reports.contains('3') && reports.contains("sh -c"),
+        "{reports}"
+    );
+    assert!(
+        !env.path().join("state").exists(),
+        "check must not create the state directory"
+    );
 
     // The same through --json.
     let out = env.ok(&["check", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("check --json is JSON");
-    let names: Vec<&str> = v["queues"].as_array().unwrap().iter().map(|q| q["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["reports", "thumbnails"]);
     let thumbs = &v["queues"][1];
     assert_eq!(thumbs["concurrency"], 4);
@@ -664,21 +1101,31 @@ env = {{ REPORT_DIR = \"/tmp\" }}
 
 #[test]
 fn start_refuses_an_invalid_config_with_78() {
-    let env = Env::raw(&format!("{STATE}\n[queues.a]\nshell = \"true\"\nconcurrency = 0\n"));
+    let env = Env::raw(&format!(
+        "{STATE}\n[queues.a]\nshell = \"true\"\nconcurrency = 0\n"
+    ));
     let mut cmd = env.cmd(&["start"]);
     cmd.env("RUST_LOG", "info");
     let out = run_with_deadline(cmd, Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(EX_CONFIG), "stderr:\n{stderr}");
-    let want = format!("{}:6:15: error: queues.a.concurrency:", env.config.display());
+    let want = format!(
+        "{}:6:15: error: queues.a.concurrency:",
+        env.config.display()
+    );
     assert!(stderr.contains(&want), "want {want:?} in:\n{stderr}");
     assert!(!stderr.contains("ready"), "{stderr}");
-    assert!(!env.path().join("state").exists(), "an invalid config must not create the state directory");
+    assert!(
+        !env.path().join("state").exists(),
+        "an invalid config must not create the state directory"
+    );
 }
 
 #[test]
 fn every_command_refuses_an_invalid_config_with_78() {
-    let env = Env::raw(&format!("{STATE}\n[queues.a]\nshell = \"true\"\ntimeout = \"0s\"\n"));
+    let env = Env::raw(&format!(
+        "{STATE}\n[queues.a]\nshell = \"true\"\ntimeout = \"0s\"\n"
+    ));
     for args in [
         &["submit", "a", "{}"][..],
         &["status", "--json"][..],
@@ -687,11 +1134,21 @@ fn every_command_refuses_an_invalid_config_with_78() {
     ] {
         let out = run_with_deadline(env.cmd(args), Duration::from_secs(20));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(EX_CONFIG), "taskd {args:?}: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(EX_CONFIG),
+            "taskd {args:?}: {stderr}"
+        );
         let want = format!("{}:6:11: error: queues.a.timeout:", env.config.display());
-        assert!(stderr.contains(&want), "taskd {args:?}: want {want:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(&want),
+            "taskd {args:?}: want {want:?} in:\n{stderr}"
+        );
     }
-    assert!(!env.path().join("state").exists(), "nothing may be written for an invalid config");
+    assert!(
+        !env.path().join("state").exists(),
+        "nothing may be written for an invalid config"
+    );
 }
 
 #[test]
@@ -700,15 +1157,25 @@ fn missing_config_file_is_a_clear_error() {
     let path = dir.path().join("nope.toml");
     for sub in ["check", "start", "submit"] {
         let mut cmd = Command::new(common::BIN);
-        cmd.arg("-c").arg(&path).arg(sub).env_remove("TASKD_CONFIG").current_dir(dir.path());
+        cmd.arg("-c")
+            .arg(&path)
+            .arg(sub)
+            .env_remove("TASKD_CONFIG")
+            .current_dir(dir.path());
         if sub == "submit" {
             cmd.arg("a");
         }
         let out = run_with_deadline(cmd, Duration::from_secs(20));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(EX_CONFIG), "taskd {sub}: {stderr}");
-        assert!(stderr.contains(&path.display().to_string()), "names the file: {stderr}");
-        assert!(stderr.contains("No such file or directory"), "says why: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "names the file: {stderr}"
+        );
+        assert!(
+            stderr.contains("No such file or directory"),
+            "says why: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
@@ -725,7 +1192,11 @@ fn missing_config_file_says_why_once() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -739,7 +1210,12 @@ fn config_is_found_through_taskd_config_and_the_current_directory() {
         .current_dir(elsewhere.path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("from_env"));
     // ./taskd.toml, with no flag and no variable.
     let out = Command::new(common::BIN)
@@ -748,7 +1224,12 @@ fn config_is_found_through_taskd_config_and_the_current_directory() {
         .current_dir(env.path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("from_env"));
     // A bad config found through $TASKD_CONFIG is still named in the errors.
     let bad = Env::raw("[queues.x]\nconcurrency = 0\nshell = \"true\"\n");
@@ -760,5 +1241,11 @@ fn config_is_found_through_taskd_config_and_the_current_directory() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(EX_CONFIG), "{stderr}");
-    assert!(stderr.contains(&format!("{}:2:15: error: queues.x.concurrency:", bad.config.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:15: error: queues.x.concurrency:",
+            bad.config.display()
+        )),
+        "{stderr}"
+    );
 }

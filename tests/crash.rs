@@ -29,7 +29,9 @@ fn setup(body: &str) -> Env {
 }
 
 fn submit(env: &Env, queue: &str, payload: &Value) -> String {
-    env.ok(&["submit", queue, &payload.to_string()]).trim().to_string()
+    env.ok(&["submit", queue, &payload.to_string()])
+        .trim()
+        .to_string()
 }
 
 fn submit_batch(env: &Env, queue: &str, n: usize, tag: &str) -> Vec<String> {
@@ -37,7 +39,12 @@ fn submit_batch(env: &Env, queue: &str, n: usize, tag: &str) -> Vec<String> {
     std::fs::write(&file, "{}\n".repeat(n)).unwrap();
     let out = env.ok(&["submit", queue, "--batch", file.to_str().unwrap(), "--json"]);
     let v: Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
-    let ids: Vec<String> = v["ids"].as_array().expect("ids").iter().map(|i| i.as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), n);
     ids
 }
@@ -52,7 +59,13 @@ fn status(env: &Env) -> Value {
 
 fn counts(env: &Env, queue: &str) -> Value {
     let s = status(env);
-    s["queues"].as_array().unwrap().iter().find(|q| q["queue"] == queue).map(|q| q["counts"].clone()).unwrap_or(Value::Null)
+    s["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == queue)
+        .map(|q| q["counts"].clone())
+        .unwrap_or(Value::Null)
 }
 
 #[test]
@@ -77,7 +90,9 @@ wait
 "#,
     );
     let d = env.daemon();
-    let ids: Vec<String> = (1..=3).map(|n| submit(&env, "k", &json!({ "n": n }))).collect();
+    let ids: Vec<String> = (1..=3)
+        .map(|n| submit(&env, "k", &json!({ "n": n })))
+        .collect();
     let mut pids = Vec::new();
     for n in 1..=3 {
         pids.push(wait_pid(&env.path().join(format!("pid-{n}")), secs(10)));
@@ -88,14 +103,20 @@ wait
     }
     d.kill9();
     // The tasks outlive their daemon (otherwise this test would prove nothing).
-    assert!(pids.iter().all(|&p| alive(p)), "the tasks died with the daemon: {pids:?}");
+    assert!(
+        pids.iter().all(|&p| alive(p)),
+        "the tasks died with the daemon: {pids:?}"
+    );
     for id in &ids {
         assert_eq!(env.state(id), "running");
     }
     // Task 3's leader exits while the daemon is down; its background child stays in the group.
     let (leader3, bg3) = (pids[4], pids[5]);
     std::fs::write(env.path().join("leader-exit"), "").unwrap();
-    assert!(poll(secs(5), || !alive(leader3)), "task 3's leader did not exit");
+    assert!(
+        poll(secs(5), || !alive(leader3)),
+        "task 3's leader did not exit"
+    );
     assert!(alive(bg3));
     // A producer's enqueue works while the daemon is down.
     let late = submit(&env, "k", &json!({ "n": 4 }));
@@ -104,7 +125,11 @@ wait
     let d = env.daemon();
     let ok = poll(secs(5), || pids.iter().all(|&p| !alive(p)));
     let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(ok, "orphaned task processes survive the restart: {left:?}\n{}", d.log_text());
+    assert!(
+        ok,
+        "orphaned task processes survive the restart: {left:?}\n{}",
+        d.log_text()
+    );
 
     for id in &ids {
         let v = env.wait_state(id, "succeeded", secs(15));
@@ -113,7 +138,10 @@ wait
         assert_eq!(h.len(), 2, "{v:#}");
         assert_eq!(h[0]["reason"], "lost", "{v:#}");
         assert_eq!(h[1]["reason"], "exit", "{v:#}");
-        assert_eq!(h[1]["stdout_tail"], "rerun attempt 1\n", "the rerun is attempt 1 again:\n{v:#}");
+        assert_eq!(
+            h[1]["stdout_tail"], "rerun attempt 1\n",
+            "the rerun is attempt 1 again:\n{v:#}"
+        );
     }
     env.wait_state(&late, "succeeded", secs(15));
     let c = counts(&env, "k");
@@ -152,9 +180,15 @@ while [ ! -e "$D/leader-exit" ]; do sleep 0.02; done
     assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
     let dead = poll(secs(5), || !alive(bg));
     if !dead {
-        let _ = std::process::Command::new("kill").args(["-9", &bg.to_string()]).status(); // clean up
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &bg.to_string()])
+            .status(); // clean up
     }
-    assert!(dead, "process {bg} of the crashed task's group survived recovery:\n{}", d.log_text());
+    assert!(
+        dead,
+        "process {bg} of the crashed task's group survived recovery:\n{}",
+        d.log_text()
+    );
 }
 
 /// Only a task that was running when the daemon died has a `lost` attempt: a task that was
@@ -172,7 +206,9 @@ sleep 30
 "#,
     );
     // Enqueued before the daemon starts: it finds a backlog.
-    let ids: Vec<String> = (1..=3).map(|n| submit(&env, "q", &json!({ "n": n }))).collect();
+    let ids: Vec<String> = (1..=3)
+        .map(|n| submit(&env, "q", &json!({ "n": n })))
+        .collect();
     let d = env.daemon();
     assert!(poll(secs(10), || env.path().join("started-1").exists()));
     d.kill9();
@@ -185,14 +221,24 @@ sleep 30
     assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
     for (n, id) in ids.iter().enumerate().skip(1) {
         let v = env.show(id);
-        let reasons: Vec<&str> = history(&v).iter().map(|a| a["reason"].as_str().unwrap_or("?")).collect();
-        assert_eq!(reasons, vec!["exit"], "task {} never ran before the crash, yet its history is {reasons:?}", n + 1);
+        let reasons: Vec<&str> = history(&v)
+            .iter()
+            .map(|a| a["reason"].as_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec!["exit"],
+            "task {} never ran before the crash, yet its history is {reasons:?}",
+            n + 1
+        );
     }
 }
 
 /// Lines of a file (0 if it does not exist).
 fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -210,7 +256,11 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
 "#,
     );
     let done = env.path().join("done");
-    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     eprintln!("random seed {seed}");
     let mut rand = move |lo: usize, hi: usize| {
         // xorshift64
@@ -233,7 +283,11 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
         let base = lines(&done);
         let want = rand(1, 20);
         let progressed = poll(secs(30), || lines(&done) >= base + want);
-        assert!(progressed, "cycle {cycle}: no progress after a restart:\n{}", d.log_text());
+        assert!(
+            progressed,
+            "cycle {cycle}: no progress after a restart:\n{}",
+            d.log_text()
+        );
         d.kill9();
         kills += 1;
         ids.extend(submit_batch(&env, "w", LATE, &format!("late-{cycle}")));
@@ -243,9 +297,21 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
 
     let d = env.daemon();
     let ok = poll(secs(60), || env.count("w", "succeeded") == TOTAL as u64);
-    assert!(ok, "not all {TOTAL} tasks succeeded after {kills} kill -9 cycles: {}\n{}", counts(&env, "w"), d.log_text());
+    assert!(
+        ok,
+        "not all {TOTAL} tasks succeeded after {kills} kill -9 cycles: {}\n{}",
+        counts(&env, "w"),
+        d.log_text()
+    );
     let c = counts(&env, "w");
-    for state in ["scheduled", "queued", "running", "retrying", "failed", "cancelled"] {
+    for state in [
+        "scheduled",
+        "queued",
+        "running",
+        "retrying",
+        "failed",
+        "cancelled",
+    ] {
         assert_eq!(c[state], 0, "{state}: {c}");
     }
 
@@ -254,20 +320,42 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
     for line in text.lines() {
         *runs.entry(line.trim()).or_default() += 1;
     }
-    let missing: Vec<&String> = ids.iter().filter(|id| !runs.contains_key(id.as_str())).collect();
-    assert!(missing.is_empty(), "{} task ids never reached the file, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !runs.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} task ids never reached the file, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let known: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    assert!(runs.keys().all(|id| known.contains(id)), "the file holds ids that were never submitted");
+    assert!(
+        runs.keys().all(|id| known.contains(id)),
+        "the file holds ids that were never submitted"
+    );
 
     // No lost run was charged: every task succeeded on its first charged attempt.
-    let list: Value = serde_json::from_str(&env.ok(&["tasks", "--queue", "w", "--limit", "1000", "--json"])).unwrap();
+    let list: Value =
+        serde_json::from_str(&env.ok(&["tasks", "--queue", "w", "--limit", "1000", "--json"]))
+            .unwrap();
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), TOTAL);
     let charged: Vec<&Value> = list.iter().filter(|t| t["attempts"] != 1).collect();
-    assert!(charged.is_empty(), "{} tasks were charged more than one attempt, e.g. {:#}", charged.len(), charged[0]);
+    assert!(
+        charged.is_empty(),
+        "{} tasks were charged more than one attempt, e.g. {:#}",
+        charged.len(),
+        charged[0]
+    );
 
     // Tasks that ran twice were recovered as `lost`, never retried as failures.
-    let twice: Vec<&str> = runs.iter().filter(|(_, &n)| n > 1).map(|(id, _)| *id).collect();
+    let twice: Vec<&str> = runs
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(id, _)| *id)
+        .collect();
     eprintln!(
         "{kills} kill -9 cycles after progress (+{instant_kills} right after start); {after_kills} runs started before the last restart; {} runs in all for {TOTAL} tasks; \
          {} tasks ran more than once; took {:.1?}",
@@ -275,12 +363,25 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
         twice.len(),
         started.elapsed()
     );
-    assert!(!twice.is_empty(), "no kill landed while a task ran: the test proved nothing");
+    assert!(
+        !twice.is_empty(),
+        "no kill landed while a task ran: the test proved nothing"
+    );
     for id in twice.iter().take(15) {
         let v = env.show(id);
-        let reasons: Vec<&str> = history(&v).iter().map(|a| a["reason"].as_str().unwrap_or("?")).collect();
-        assert!(reasons.contains(&"lost"), "task {id} ran {} times without a lost attempt: {reasons:?}", runs[id]);
-        assert!(reasons.iter().all(|r| *r == "lost" || *r == "exit"), "task {id}: {reasons:?}");
+        let reasons: Vec<&str> = history(&v)
+            .iter()
+            .map(|a| a["reason"].as_str().unwrap_or("?"))
+            .collect();
+        assert!(
+            reasons.contains(&"lost"),
+            "task {id} ran {} times without a lost attempt: {reasons:?}",
+            runs[id]
+        );
+        assert!(
+            reasons.iter().all(|r| *r == "lost" || *r == "exit"),
+            "task {id}: {reasons:?}"
+        );
         assert_eq!(*reasons.last().unwrap(), "exit");
     }
 }

@@ -69,7 +69,12 @@ fn submit_batch(env: &Env, queue: &str, payloads: &[Value]) -> Vec<String> {
     std::fs::write(&file, text).unwrap();
     let out = env.ok(&["submit", queue, "--batch", file.to_str().unwrap(), "--json"]);
     let v: Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
-    let ids: Vec<String> = v["ids"].as_array().expect("ids").iter().map(|i| i.as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), payloads.len(), "batch answer: {v}");
     ids
 }
@@ -85,24 +90,33 @@ fn wait_done(env: &Env, id: &str, deadline: Duration) -> Value {
         last = env.show(id);
         is_terminal(last["state"].as_str().unwrap_or(""))
     });
-    assert!(ok, "task {id} did not finish within {deadline:?}; last record:\n{last:#}");
+    assert!(
+        ok,
+        "task {id} did not finish within {deadline:?}; last record:\n{last:#}"
+    );
     last
 }
 
-
 fn wait_pid(path: &Path, deadline: Duration) -> i32 {
     let s = wait_line(path, deadline);
-    s.parse().unwrap_or_else(|_| panic!("{} does not hold a pid: {s:?}", path.display()))
+    s.parse()
+        .unwrap_or_else(|_| panic!("{} does not hold a pid: {s:?}", path.display()))
 }
 
 fn nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// VmRSS of a process in KiB.
 fn rss_kib(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -111,7 +125,10 @@ fn assert_stays(env: &Env, id: &str, state: &str, window: Duration) {
     let start = Instant::now();
     while start.elapsed() < window {
         let v = env.show(id);
-        assert_eq!(v["state"], state, "task {id} left {state} during the window:\n{v:#}");
+        assert_eq!(
+            v["state"], state,
+            "task {id} left {state} during the window:\n{v:#}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -159,13 +176,17 @@ echo "$s $e" > "$D/times/$TASKD_TASK_ID"
         env.count("c", "succeeded") == 8
     });
     assert!(ok, "8 tasks did not all succeed:\n{}", d.log_text());
-    assert!(most_children <= 2, "saw {most_children} task processes alive at once with concurrency 2");
+    assert!(
+        most_children <= 2,
+        "saw {most_children} task processes alive at once with concurrency 2"
+    );
 
     // The recorded intervals lie inside each process's life: if three of them overlap, three
     // processes were alive at once.
     let mut events = Vec::new();
     for id in &ids {
-        let line = std::fs::read_to_string(env.path().join("times").join(id)).expect("task wrote its times");
+        let line = std::fs::read_to_string(env.path().join("times").join(id))
+            .expect("task wrote its times");
         let mut it = line.split_whitespace().map(|n| n.parse::<u128>().unwrap());
         let (s, e) = (it.next().unwrap(), it.next().unwrap());
         events.push((s, 1i32));
@@ -178,7 +199,10 @@ echo "$s $e" > "$D/times/$TASKD_TASK_ID"
         most = most.max(now);
     }
     assert!(most <= 2, "{most} tasks ran at once with concurrency 2");
-    assert_eq!(most, 2, "concurrency 2 was never used: tasks ran one at a time");
+    assert_eq!(
+        most, 2,
+        "concurrency 2 was never used: tasks ran one at a time"
+    );
 }
 
 /// What `taskd status` calls running is what runs: with concurrency 2 and a backlog, the
@@ -198,11 +222,19 @@ shell = 'sleep 0.1'
     let mut most = 0;
     let mut seen = Vec::new();
     let ok = poll(secs(30), || {
-        let out: Value = serde_json::from_str(&env.ok(&["tasks", "--queue", "c", "--state", "running", "--json"])).unwrap();
+        let out: Value = serde_json::from_str(
+            &env.ok(&["tasks", "--queue", "c", "--state", "running", "--json"]),
+        )
+        .unwrap();
         let n = out.as_array().unwrap().len();
         if n > most {
             most = n;
-            seen = out.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+            seen = out
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_string())
+                .collect();
         }
         env.count("c", "succeeded") == 20
     });
@@ -224,20 +256,34 @@ command = ['@D@/argv.sh', '--size={size}', '{src}', 'lit{{x}}', '{n}']
 "#,
     );
     let script = env.path().join("argv.sh");
-    std::fs::write(&script, "#!/bin/sh\nfor a in \"$@\"; do printf '[%s]\\n' \"$a\"; done\n").unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '[%s]\\n' \"$a\"; done\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let _d = env.daemon();
 
     let d = env.path().display().to_string();
     let src = format!("a b;$(touch {d}/pwned1) `touch {d}/pwned2` | touch {d}/pwned3");
-    let id = submit(&env, "cmd", &json!({"size": "10x20", "src": src, "n": 7}), &["extra 1", "--flag", "$(touch pwned4)"]);
+    let id = submit(
+        &env,
+        "cmd",
+        &json!({"size": "10x20", "src": src, "n": 7}),
+        &["extra 1", "--flag", "$(touch pwned4)"],
+    );
     let v = wait_done(&env, &id, secs(20));
     assert_eq!(v["state"], "succeeded", "{v:#}");
-    let expected = format!("[--size=10x20]\n[{src}]\n[lit{{x}}]\n[7]\n[extra 1]\n[--flag]\n[$(touch pwned4)]\n");
+    let expected = format!(
+        "[--size=10x20]\n[{src}]\n[lit{{x}}]\n[7]\n[extra 1]\n[--flag]\n[$(touch pwned4)]\n"
+    );
     assert_eq!(history(&v)[0]["stdout_tail"], expected.as_str(), "{v:#}");
     for f in ["pwned1", "pwned2", "pwned3", "pwned4"] {
-        assert!(!env.path().join(f).exists(), "payload text was executed: {f} exists");
+        assert!(
+            !env.path().join(f).exists(),
+            "payload text was executed: {f} exists"
+        );
     }
     assert!(!Path::new("pwned4").exists());
 }
@@ -274,15 +320,27 @@ echo "$$ $(ps -o pgid= $$)" > "$D/out/pgid"
     assert_eq!(v["state"], "succeeded", "{v:#}");
 
     for f in ["pwned1", "pwned2", "pwned3", "pwned4", "pwned5"] {
-        assert!(!env.path().join(f).exists(), "payload text was executed as shell code: {f} exists");
+        assert!(
+            !env.path().join(f).exists(),
+            "payload text was executed as shell code: {f} exists"
+        );
     }
-    assert!(env.path().join("work").is_dir(), "payload text was executed: work/ was removed");
+    assert!(
+        env.path().join("work").is_dir(),
+        "payload text was executed: work/ was removed"
+    );
     let out = env.path().join("out");
-    assert_eq!(std::fs::read_to_string(out.join("arg")).unwrap(), evil, "TASKD_ARG_evil is not intact");
-    let stdin: Value = serde_json::from_str(&std::fs::read_to_string(out.join("stdin")).unwrap()).expect("stdin is JSON");
+    assert_eq!(
+        std::fs::read_to_string(out.join("arg")).unwrap(),
+        evil,
+        "TASKD_ARG_evil is not intact"
+    );
+    let stdin: Value = serde_json::from_str(&std::fs::read_to_string(out.join("stdin")).unwrap())
+        .expect("stdin is JSON");
     assert_eq!(stdin, payload, "stdin does not carry the payload");
     let env_payload: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("payload")).unwrap()).expect("TASKD_PAYLOAD is JSON");
+        serde_json::from_str(&std::fs::read_to_string(out.join("payload")).unwrap())
+            .expect("TASKD_PAYLOAD is JSON");
     assert_eq!(env_payload, payload);
 
     let vars = std::fs::read_to_string(out.join("vars")).unwrap();
@@ -290,21 +348,41 @@ echo "$$ $(ps -o pgid= $$)" > "$D/out/pgid"
     let work = std::fs::canonicalize(env.path().join("work")).unwrap();
     assert_eq!(
         vars,
-        vec![id.as_str(), "sh", "1", "4", "42", "extra value", work.to_str().unwrap()],
+        vec![
+            id.as_str(),
+            "sh",
+            "1",
+            "4",
+            "42",
+            "extra value",
+            work.to_str().unwrap()
+        ],
         "TASKD_TASK_ID, TASKD_QUEUE, TASKD_ATTEMPT, TASKD_MAX_ATTEMPTS, TASKD_ARG_n, env, cwd"
     );
 
     let pg = std::fs::read_to_string(out.join("pgid")).unwrap();
     let pg: Vec<&str> = pg.split_whitespace().collect();
     assert_eq!(pg.len(), 2, "ps output: {pg:?}");
-    assert_eq!(pg[0], pg[1], "the task is not the leader of its own process group (pid, pgid) = {pg:?}");
-    assert_ne!(pg[1].parse::<i32>().unwrap(), own_pgrp(), "the task shares the test's group");
+    assert_eq!(
+        pg[0], pg[1],
+        "the task is not the leader of its own process group (pid, pgid) = {pg:?}"
+    );
+    assert_ne!(
+        pg[1].parse::<i32>().unwrap(),
+        own_pgrp(),
+        "the task shares the test's group"
+    );
 }
 
 fn own_pgrp() -> i32 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
     let close = s.rfind(')').unwrap();
-    s[close + 2..].split_whitespace().nth(2).unwrap().parse().unwrap()
+    s[close + 2..]
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -322,7 +400,9 @@ shell = 'date +%s%N > "$D/lat/$TASKD_TASK_ID.tmp" && mv "$D/lat/$TASKD_TASK_ID.t
     for i in 0..20 {
         let before = nanos();
         let id = submit(&env, "lat", &json!({ "i": i }), &[]);
-        let started = wait_line(&env.path().join("lat").join(&id), secs(10)).parse::<u128>().unwrap();
+        let started = wait_line(&env.path().join("lat").join(&id), secs(10))
+            .parse::<u128>()
+            .unwrap();
         lat_ms.push((started.saturating_sub(before) / 1_000_000) as u64);
         env.wait_state(&id, "succeeded", secs(10));
     }
@@ -330,7 +410,10 @@ shell = 'date +%s%N > "$D/lat/$TASKD_TASK_ID.tmp" && mv "$D/lat/$TASKD_TASK_ID.t
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     eprintln!("submit -> task started, ms (20 round trips, includes the CLI process): {lat_ms:?}; median {median} ms");
-    assert!(median < 500, "median submit->start latency {median} ms: the daemon is not woken at once ({lat_ms:?})");
+    assert!(
+        median < 500,
+        "median submit->start latency {median} ms: the daemon is not woken at once ({lat_ms:?})"
+    );
 }
 
 #[test]
@@ -348,7 +431,10 @@ shell = 'echo other'
     );
     let _d = env.daemon();
     submit_batch(&env, "busy", &vec![json!({}); 100]);
-    assert!(poll(secs(10), || env.count("busy", "succeeded") >= 2), "the busy queue did not start");
+    assert!(
+        poll(secs(10), || env.count("busy", "succeeded") >= 2),
+        "the busy queue did not start"
+    );
     let t0 = Instant::now();
     let id = submit(&env, "other", &json!({}), &[]);
     env.wait_state(&id, "succeeded", secs(10));
@@ -359,7 +445,10 @@ shell = 'echo other'
         "the other queue's task waited for the busy queue's backlog ({left} left, took {took:?}): {}",
         env.ok(&["status", "--json"])
     );
-    assert!(took < secs(3), "the other queue's task took {took:?} behind a busy queue");
+    assert!(
+        took < secs(3),
+        "the other queue's task took {took:?} behind a busy queue"
+    );
 }
 
 #[test]
@@ -367,13 +456,24 @@ fn missing_placeholder_field_fails_the_task_permanently() {
     // Enqueued while the queue's command needed no field; the daemon runs a command that does.
     let env = setup("5s", "[queues.m]\ncommand = ['/bin/echo', 'x']\n");
     let id = submit(&env, "m", &json!({"other": 1}), &[]);
-    write_config(&env, "5s", "[queues.m]\nmax_attempts = 5\ncommand = ['/bin/echo', '{size}']\n");
+    write_config(
+        &env,
+        "5s",
+        "[queues.m]\nmax_attempts = 5\ncommand = ['/bin/echo', '{size}']\n",
+    );
     let _d = env.daemon();
     let v = wait_done(&env, &id, secs(20));
     assert_eq!(v["state"], "failed", "{v:#}");
-    assert_eq!(history(&v).len(), 1, "a missing field must not be retried:\n{v:#}");
+    assert_eq!(
+        history(&v).len(),
+        1,
+        "a missing field must not be retried:\n{v:#}"
+    );
     let err = v["last_error"].as_str().unwrap_or_default();
-    assert!(err.contains("size"), "the error should name the missing field: {err:?}");
+    assert!(
+        err.contains("size"),
+        "the error should name the missing field: {err:?}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -389,7 +489,11 @@ kill_grace = "5s"
 max_attempts = 1
 shell = 'echo $$ > "$D/pid"; sleep 30'
 "#;
-    std::fs::write(&env.config, config_text_with(env.path(), "5s", "timeout = \"1s\"", body)).unwrap();
+    std::fs::write(
+        &env.config,
+        config_text_with(env.path(), "5s", "timeout = \"1s\"", body),
+    )
+    .unwrap();
     let _d = env.daemon();
     let id = submit(&env, "t", &json!({}), &[]);
     let pid = wait_pid(&env.path().join("pid"), secs(10));
@@ -399,8 +503,14 @@ shell = 'echo $$ > "$D/pid"; sleep 30'
     assert_eq!(a["reason"], "timeout", "{v:#}");
     assert_eq!(a["signal"], 15, "SIGTERM was enough: {v:#}");
     let took = a["ended_at"].as_i64().unwrap() - a["started_at"].as_i64().unwrap();
-    assert!((950..4000).contains(&took), "a 1s timeout took {took} ms to fire");
-    assert!(all_dead(&[pid], secs(2)).is_empty(), "the timed-out task {pid} is still alive");
+    assert!(
+        (950..4000).contains(&took),
+        "a 1s timeout took {took} ms to fire"
+    );
+    assert!(
+        all_dead(&[pid], secs(2)).is_empty(),
+        "the timed-out task {pid} is still alive"
+    );
 }
 
 #[test]
@@ -423,11 +533,20 @@ shell = '''trap '' TERM; echo $$ > "$D/pid"; sleep 30 & echo $! > "$D/child"; wa
     assert_eq!(v["state"], "failed", "{v:#}");
     let a = &history(&v)[0];
     assert_eq!(a["reason"], "timeout", "{v:#}");
-    assert_eq!(a["signal"], 9, "a task ignoring SIGTERM needs SIGKILL: {v:#}");
+    assert_eq!(
+        a["signal"], 9,
+        "a task ignoring SIGTERM needs SIGKILL: {v:#}"
+    );
     let took = a["ended_at"].as_i64().unwrap() - a["started_at"].as_i64().unwrap();
-    assert!((1150..5000).contains(&took), "timeout 500ms + kill_grace 700ms took {took} ms");
+    assert!(
+        (1150..5000).contains(&took),
+        "timeout 500ms + kill_grace 700ms took {took} ms"
+    );
     let left = all_dead(&[pid, child], secs(2));
-    assert!(left.is_empty(), "the task (leader {pid}, child {child}) survived SIGKILL: {left:?} alive");
+    assert!(
+        left.is_empty(),
+        "the task (leader {pid}, child {child}) survived SIGKILL: {left:?} alive"
+    );
 }
 
 #[test]
@@ -455,10 +574,26 @@ shell = 'sleep 30 >/dev/null 2>&1 </dev/null & echo $!; exit 0'
     for (q, id) in ids {
         let v = wait_done(&env, &id, secs(15));
         let a = &history(&v)[0];
-        let want = if q == "timeout" { ("failed", "timeout") } else { ("succeeded", "exit") };
-        assert_eq!((v["state"].as_str().unwrap(), a["reason"].as_str().unwrap()), want, "{v:#}");
-        let bg: i32 = a["stdout_tail"].as_str().unwrap().trim().parse().expect("the task printed $!");
-        assert!(all_dead(&[bg], secs(3)).is_empty(), "queue {q}: the background grandchild {bg} survived its task");
+        let want = if q == "timeout" {
+            ("failed", "timeout")
+        } else {
+            ("succeeded", "exit")
+        };
+        assert_eq!(
+            (v["state"].as_str().unwrap(), a["reason"].as_str().unwrap()),
+            want,
+            "{v:#}"
+        );
+        let bg: i32 = a["stdout_tail"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("the task printed $!");
+        assert!(
+            all_dead(&[bg], secs(3)).is_empty(),
+            "queue {q}: the background grandchild {bg} survived its task"
+        );
     }
 }
 
@@ -497,15 +632,25 @@ sleep 30
         .split_whitespace()
         .map(|p| p.parse().unwrap())
         .collect();
-    assert_eq!(pids.len(), 100, "each task records its own pid and its background child's");
+    assert_eq!(
+        pids.len(),
+        100,
+        "each task records its own pid and its background child's"
+    );
     let survivors = all_dead(&pids, secs(3));
-    assert!(survivors.is_empty(), "processes of timed-out tasks survive: {survivors:?}");
+    assert!(
+        survivors.is_empty(),
+        "processes of timed-out tasks survive: {survivors:?}"
+    );
     let mut kids = Vec::new();
     let clean = poll(secs(5), || {
         kids = children(d.pid());
         kids.is_empty()
     });
-    assert!(clean, "the daemon still has children (zombies are 'Z') after all tasks ended: {kids:?}");
+    assert!(
+        clean,
+        "the daemon still has children (zombies are 'Z') after all tasks ended: {kids:?}"
+    );
     assert!(!d.exited());
 }
 
@@ -537,16 +682,33 @@ shell = 'echo out-$TASKD_ATTEMPT; echo err-$TASKD_ATTEMPT >&2; exit 3'
         assert_eq!(a["stdout_tail"], format!("out-{n}\n"), "{v:#}");
         assert_eq!(a["stderr_tail"], format!("err-{n}\n"), "{v:#}");
         assert!(a["pid"].as_i64().unwrap_or(0) > 0, "{v:#}");
-        let (s, e) = (a["started_at"].as_i64().unwrap(), a["ended_at"].as_i64().unwrap());
+        let (s, e) = (
+            a["started_at"].as_i64().unwrap(),
+            a["ended_at"].as_i64().unwrap(),
+        );
         assert!(s > 0 && s <= e, "attempt {n}: started {s}, ended {e}");
     }
     // Backoff 100ms then 200ms (no jitter) between attempts.
     for (i, min_gap) in [(1usize, 100i64), (2, 200)] {
         let gap = h[i]["started_at"].as_i64().unwrap() - h[i - 1]["ended_at"].as_i64().unwrap();
-        assert!(gap >= min_gap - 5, "attempt {} started {gap} ms after the previous one ended; backoff is {min_gap} ms", i + 1);
-        assert!(gap < 5000, "attempt {} waited {gap} ms for a {min_gap} ms backoff", i + 1);
+        assert!(
+            gap >= min_gap - 5,
+            "attempt {} started {gap} ms after the previous one ended; backoff is {min_gap} ms",
+            i + 1
+        );
+        assert!(
+            gap < 5000,
+            "attempt {} waited {gap} ms for a {min_gap} ms backoff",
+            i + 1
+        );
     }
-    assert!(v["last_error"].as_str().unwrap_or("").contains("exit code 3"), "{v:#}");
+    assert!(
+        v["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit code 3"),
+        "{v:#}"
+    );
 }
 
 /// While a task waits in `retrying`, its `run_at` shows the backoff it was given.
@@ -588,13 +750,24 @@ shell = 'exit 1'
     eprintln!("backoff delays seen (queue 0 = exp, 1 = jit; attempts so far) -> ms: {seen:?}");
     // exponential 300ms, 600ms, then capped at 600ms (uncapped: 1200ms); no jitter inherited
     for (n, want) in [(1usize, 300i64), (2, 600), (3, 600)] {
-        let got = *seen.get(&(0, n)).unwrap_or_else(|| panic!("never saw exp retrying after attempt {n}: {seen:?}"));
-        assert!((want..want + 100).contains(&got), "exp: backoff after attempt {n} was {got} ms, want {want}");
+        let got = *seen
+            .get(&(0, n))
+            .unwrap_or_else(|| panic!("never saw exp retrying after attempt {n}: {seen:?}"));
+        assert!(
+            (want..want + 100).contains(&got),
+            "exp: backoff after attempt {n} was {got} ms, want {want}"
+        );
     }
     // with jitter: between half and all of 300ms, then of 600ms
     for (n, full) in [(1usize, 300i64), (2, 600)] {
-        let got = *seen.get(&(1, n)).unwrap_or_else(|| panic!("never saw jit retrying after attempt {n}: {seen:?}"));
-        assert!((full / 2..=full + 100).contains(&got), "jit: backoff after attempt {n} was {got} ms, want {}..={full}", full / 2);
+        let got = *seen
+            .get(&(1, n))
+            .unwrap_or_else(|| panic!("never saw jit retrying after attempt {n}: {seen:?}"));
+        assert!(
+            (full / 2..=full + 100).contains(&got),
+            "jit: backoff after attempt {n} was {got} ms, want {}..={full}",
+            full / 2
+        );
     }
     assert_eq!(env.state(&exp), "failed");
     assert_eq!(history(&env.show(&exp)).len(), 4);
@@ -659,15 +832,25 @@ command = ['@D@/bad-interp.sh']
         ("not_executable", "not executable", "not-exec.sh"),
         ("bad_interpreter", "interpreter", "bad-interp.sh"),
     ];
-    let ids: Vec<String> = cases.iter().map(|(q, _, _)| submit(&env, q, &json!({}), &[])).collect();
+    let ids: Vec<String> = cases
+        .iter()
+        .map(|(q, _, _)| submit(&env, q, &json!({}), &[]))
+        .collect();
     for ((q, says, names), id) in cases.iter().zip(&ids) {
         let v = wait_done(&env, id, secs(20));
         assert_eq!(v["state"], "failed", "{q}: {v:#}");
         let h = history(&v);
-        assert_eq!(h.len(), 1, "{q}: a program that cannot start must not be retried:\n{v:#}");
+        assert_eq!(
+            h.len(),
+            1,
+            "{q}: a program that cannot start must not be retried:\n{v:#}"
+        );
         assert_eq!(h[0]["reason"], "spawn", "{q}: {v:#}");
         let err = h[0]["error"].as_str().unwrap_or_default();
-        assert!(err.contains(says) && err.contains(names), "{q}: error {err:?} should say {says:?} and name {names:?}");
+        assert!(
+            err.contains(says) && err.contains(names),
+            "{q}: error {err:?} should say {says:?} and name {names:?}"
+        );
     }
 }
 
@@ -718,17 +901,31 @@ echo "run $n attempt $TASKD_ATTEMPT"
 
     env.ok(&["retry", &id]);
     let v = wait_done(&env, &id, secs(20));
-    assert_eq!(v["state"], "succeeded", "retry did not give a fresh budget:\n{v:#}");
+    assert_eq!(
+        v["state"], "succeeded",
+        "retry did not give a fresh budget:\n{v:#}"
+    );
     assert_eq!(v["attempts"], 2, "{v:#}");
-    let tails: Vec<&str> = history(&v).iter().map(|a| a["stdout_tail"].as_str().unwrap()).collect();
+    let tails: Vec<&str> = history(&v)
+        .iter()
+        .map(|a| a["stdout_tail"].as_str().unwrap())
+        .collect();
     assert_eq!(
         tails,
-        vec!["run 1 attempt 1\n", "run 2 attempt 2\n", "run 3 attempt 1\n", "run 4 attempt 2\n"],
+        vec![
+            "run 1 attempt 1\n",
+            "run 2 attempt 2\n",
+            "run 3 attempt 1\n",
+            "run 4 attempt 2\n"
+        ],
         "{v:#}"
     );
     // A succeeded task is not retried.
     let out = env.run(&["retry", &id]);
-    assert!(!out.status.success(), "retrying a succeeded task should be refused");
+    assert!(
+        !out.status.success(),
+        "retrying a succeeded task should be refused"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -794,14 +991,20 @@ shell = 'head -c 1073741824 /dev/zero; echo; echo BIG-DONE'
     let v = env.show(&id);
     assert_eq!(v["state"], "succeeded", "{v:#}");
     let tail = history(&v)[0]["stdout_tail"].as_str().unwrap();
-    assert!(tail.ends_with("\nBIG-DONE\n"), "the tail lost the end of the output");
+    assert!(
+        tail.ends_with("\nBIG-DONE\n"),
+        "the tail lost the end of the output"
+    );
     assert_eq!(tail.len(), 64 * 1024, "the default tail is the last 64 KiB");
     eprintln!(
         "RSS of the daemon: {at_start} KiB at start, {idle} KiB idle after one task, peak {peak} KiB while a task wrote 1 GiB \
          to stdout (growth {} KiB); the task took {took:.1?}",
         peak as i64 - idle as i64
     );
-    assert!(peak <= idle + 4 * 1024, "RSS grew from {idle} KiB to {peak} KiB while a task wrote 1 GiB");
+    assert!(
+        peak <= idle + 4 * 1024,
+        "RSS grew from {idle} KiB to {peak} KiB while a task wrote 1 GiB"
+    );
 }
 
 #[test]
@@ -829,15 +1032,35 @@ head -c 3000 /dev/zero | tr '\0' e >&2
     }
     let logs = env.path().join("logs");
     let read = |name: String| {
-        std::fs::read(logs.join(&name)).unwrap_or_else(|e| panic!("log file {name}: {e}; dir has {:?}", ls(&logs)))
+        std::fs::read(logs.join(&name))
+            .unwrap_or_else(|e| panic!("log file {name}: {e}; dir has {:?}", ls(&logs)))
     };
-    assert_eq!(read(format!("{small}.1.out")), vec![b'x'; 5000], "the full stdout is kept");
-    assert_eq!(read(format!("{small}.1.err")), vec![b'e'; 3000], "the full stderr is kept");
+    assert_eq!(
+        read(format!("{small}.1.out")),
+        vec![b'x'; 5000],
+        "the full stdout is kept"
+    );
+    assert_eq!(
+        read(format!("{small}.1.err")),
+        vec![b'e'; 3000],
+        "the full stderr is kept"
+    );
     let out = read(format!("{big}.1.out"));
-    assert!(out.len() <= 10240 + 100, "log_max 10KiB: the log file is {} bytes", out.len());
-    assert_eq!(&out[..10240], &[b'x'; 10240][..], "the first 10 KiB are kept");
+    assert!(
+        out.len() <= 10240 + 100,
+        "log_max 10KiB: the log file is {} bytes",
+        out.len()
+    );
+    assert_eq!(
+        &out[..10240],
+        &[b'x'; 10240][..],
+        "the first 10 KiB are kept"
+    );
     let rest = String::from_utf8_lossy(&out[10240..]);
-    assert!(rest.contains("truncated"), "the capped log should say it was truncated: {rest:?}");
+    assert!(
+        rest.contains("truncated"),
+        "the capped log should say it was truncated: {rest:?}"
+    );
 }
 
 /// An attempt put back by a shutdown runs again under the same attempt number: its log
@@ -865,7 +1088,10 @@ if [ ! -e "$D/second" ]; then echo $$ > "$D/pid"; sleep 30; fi
     std::fs::write(env.path().join("second"), "").unwrap();
     let _d = env.daemon();
     let v = env.wait_state(&id, "succeeded", secs(20));
-    let numbers: Vec<i64> = history(&v).iter().map(|a| a["number"].as_i64().unwrap()).collect();
+    let numbers: Vec<i64> = history(&v)
+        .iter()
+        .map(|a| a["number"].as_i64().unwrap())
+        .collect();
     assert_eq!(numbers, vec![1, 1], "{v:#}");
     let files: Vec<(PathBuf, u64)> = ls(&env.path().join("logs"))
         .into_iter()
@@ -877,12 +1103,18 @@ if [ ! -e "$D/second" ]; then echo $$ > "$D/pid"; sleep 30; fi
         .collect();
     assert!(!files.is_empty());
     for (p, len) in &files {
-        assert!(*len <= 1024 + 100, "{} is {len} bytes with log_max = 1KiB (files: {files:?})", p.display());
+        assert!(
+            *len <= 1024 + 100,
+            "{} is {len} bytes with log_max = 1KiB (files: {files:?})",
+            p.display()
+        );
     }
 }
 
 fn ls(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -909,13 +1141,25 @@ echo $$ > "$D/pid"; sleep 30
     let code = d.wait_exit(secs(15));
     let took = t0.elapsed();
     assert_eq!(code, Some(0), "a drained daemon exits 0");
-    assert!(took >= Duration::from_millis(900), "the daemon stopped the task before shutdown_grace (1s): {took:?}");
-    assert!(took < secs(5), "the daemon took {took:?} to drain with shutdown_grace 1s");
-    assert!(all_dead(&[pid], secs(2)).is_empty(), "the task {pid} outlived the daemon");
+    assert!(
+        took >= Duration::from_millis(900),
+        "the daemon stopped the task before shutdown_grace (1s): {took:?}"
+    );
+    assert!(
+        took < secs(5),
+        "the daemon took {took:?} to drain with shutdown_grace 1s"
+    );
+    assert!(
+        all_dead(&[pid], secs(2)).is_empty(),
+        "the task {pid} outlived the daemon"
+    );
 
     let v = env.show(&id);
     assert_eq!(v["state"], "queued", "{v:#}");
-    assert_eq!(v["attempts"], 0, "the shutdown must not charge an attempt:\n{v:#}");
+    assert_eq!(
+        v["attempts"], 0,
+        "the shutdown must not charge an attempt:\n{v:#}"
+    );
     let h = history(&v);
     assert_eq!(h.len(), 1, "{v:#}");
     assert_eq!(h[0]["reason"], "shutdown", "{v:#}");
@@ -925,7 +1169,11 @@ echo $$ > "$D/pid"; sleep 30
     let _d = env.daemon();
     let v = env.wait_state(&id, "succeeded", secs(20));
     assert_eq!(v["attempts"], 1, "{v:#}");
-    assert_eq!(history(&v).last().unwrap()["stdout_tail"], "second run, attempt 1\n", "{v:#}");
+    assert_eq!(
+        history(&v).last().unwrap()["stdout_tail"],
+        "second run, attempt 1\n",
+        "{v:#}"
+    );
 }
 
 #[test]
@@ -944,22 +1192,38 @@ echo finished
     let d = env.daemon();
     let first = submit(&env, "f", &json!({"n": 1}), &[]);
     let second = submit(&env, "f", &json!({"n": 2}), &[]);
-    assert!(poll(secs(10), || env.path().join("started-1").exists()), "the first task did not start");
+    assert!(
+        poll(secs(10), || env.path().join("started-1").exists()),
+        "the first task did not start"
+    );
     d.signal(SIGTERM);
     wait_log(&d, "draining", secs(10));
     std::fs::write(env.path().join("go"), "").unwrap();
     let t0 = Instant::now();
     assert_eq!(d.wait_exit(secs(15)), Some(0));
-    assert!(t0.elapsed() < secs(5), "the daemon waited {:?} after its last task finished", t0.elapsed());
+    assert!(
+        t0.elapsed() < secs(5),
+        "the daemon waited {:?} after its last task finished",
+        t0.elapsed()
+    );
 
     let v = env.show(&first);
-    assert_eq!(v["state"], "succeeded", "a task finishing within the grace succeeds:\n{v:#}");
+    assert_eq!(
+        v["state"], "succeeded",
+        "a task finishing within the grace succeeds:\n{v:#}"
+    );
     assert_eq!(history(&v).len(), 1);
     assert_eq!(history(&v)[0]["stdout_tail"], "finished\n");
     let v = env.show(&second);
-    assert_eq!(v["state"], "queued", "a draining daemon must not claim new tasks:\n{v:#}");
+    assert_eq!(
+        v["state"], "queued",
+        "a draining daemon must not claim new tasks:\n{v:#}"
+    );
     assert!(history(&v).is_empty(), "{v:#}");
-    assert!(!env.path().join("started-2").exists(), "a draining daemon started a new task");
+    assert!(
+        !env.path().join("started-2").exists(),
+        "a draining daemon started a new task"
+    );
 }
 
 #[test]
@@ -976,13 +1240,22 @@ shell = 'echo $$ > "$D/pid"; sleep 30'
     let pid = wait_pid(&env.path().join("pid"), secs(10));
     d.signal(SIGTERM);
     wait_log(&d, "draining", secs(10));
-    assert!(alive(pid), "the first SIGTERM must let the task run on (grace 30s)");
+    assert!(
+        alive(pid),
+        "the first SIGTERM must let the task run on (grace 30s)"
+    );
     let t0 = Instant::now();
     d.signal(SIGTERM);
     assert_eq!(d.wait_exit(secs(20)), Some(0));
     let took = t0.elapsed();
-    assert!(took < secs(4), "after a second SIGTERM the daemon took {took:?} to stop (grace is 30s)");
-    assert!(all_dead(&[pid], secs(2)).is_empty(), "the task {pid} outlived the daemon");
+    assert!(
+        took < secs(4),
+        "after a second SIGTERM the daemon took {took:?} to stop (grace is 30s)"
+    );
+    assert!(
+        all_dead(&[pid], secs(2)).is_empty(),
+        "the task {pid} outlived the daemon"
+    );
     let v = env.show(&id);
     assert_eq!(v["state"], "queued", "{v:#}");
     assert_eq!(v["attempts"], 0, "{v:#}");
@@ -1012,7 +1285,10 @@ shell = '''trap '' TERM; echo $$ > "$D/pid"; sleep 30'''
         took < secs(4),
         "after a second SIGTERM the daemon took {took:?} to stop: it waited for kill_grace (8s) instead of stopping at once"
     );
-    assert!(all_dead(&[pid], secs(2)).is_empty(), "the task {pid} outlived the daemon");
+    assert!(
+        all_dead(&[pid], secs(2)).is_empty(),
+        "the task {pid} outlived the daemon"
+    );
     let v = env.show(&id);
     assert_eq!(v["state"], "queued", "{v:#}");
     assert_eq!(v["attempts"], 0, "{v:#}");
@@ -1046,8 +1322,12 @@ fn sighup_reloads_concurrency_and_queues_and_refuses_an_invalid_config() {
     );
     let env = setup("5s", &v1);
     let d = env.daemon();
-    let a: Vec<String> = (1..=3).map(|n| submit(&env, "a", &json!({ "n": n }), &[])).collect();
-    let c: Vec<String> = (1..=2).map(|n| submit(&env, "c", &json!({ "n": n }), &[])).collect();
+    let a: Vec<String> = (1..=3)
+        .map(|n| submit(&env, "a", &json!({ "n": n }), &[]))
+        .collect();
+    let c: Vec<String> = (1..=2)
+        .map(|n| submit(&env, "c", &json!({ "n": n }), &[]))
+        .collect();
     let pid_file = |q: &str, n: u32| env.path().join(format!("{q}-pid-{n}"));
     let a1 = wait_pid(&pid_file("a", 1), secs(10));
     let t1 = submit(&env, "t", &json!({ "n": 1 }), &[]);
@@ -1064,7 +1344,10 @@ fn sighup_reloads_concurrency_and_queues_and_refuses_an_invalid_config() {
     d.signal(SIGHUP);
     let a2 = wait_pid(&pid_file("a", 2), secs(10));
     let a3 = wait_pid(&pid_file("a", 3), secs(10));
-    assert!(alive(a1) && alive(c1), "a reload must not kill running tasks");
+    assert!(
+        alive(a1) && alive(c1),
+        "a reload must not kill running tasks"
+    );
     assert!(a2 != a1 && a3 != a1);
     let b1 = submit(&env, "b", &json!({}), &[]);
     let v = env.wait_state(&b1, "succeeded", secs(10));
@@ -1072,14 +1355,23 @@ fn sighup_reloads_concurrency_and_queues_and_refuses_an_invalid_config() {
     // The new timeout applies to a task started after the reload, not to the running one.
     let t2 = submit(&env, "t", &json!({ "n": 2 }), &[]);
     let v = wait_done(&env, &t2, secs(15));
-    assert_eq!(history(&v)[0]["reason"], "timeout", "the reloaded timeout did not apply:\n{v:#}");
-    assert!(alive(t1_pid), "a timeout change killed a task that was running before the reload");
+    assert_eq!(
+        history(&v)[0]["reason"],
+        "timeout",
+        "the reloaded timeout did not apply:\n{v:#}"
+    );
+    assert!(
+        alive(t1_pid),
+        "a timeout change killed a task that was running before the reload"
+    );
 
     // An invalid config is refused and the old one kept. Once the daemon has said so, the
     // valid file goes back for the CLI's sake (the daemon reads it only on SIGHUP).
     let valid = std::fs::read_to_string(&env.config).unwrap();
     // Invalid (an unknown key), and it would raise a's concurrency to 10 if it were applied.
-    let bad = v2.replace("concurrency = 3", "concurrency = 10").replace("[queues.b]\n", "[queues.b]\nno_such_key = 1\n");
+    let bad = v2
+        .replace("concurrency = 3", "concurrency = 10")
+        .replace("[queues.b]\n", "[queues.b]\nno_such_key = 1\n");
     std::fs::write(&env.config, config_text(env.path(), "5s", &bad)).unwrap();
     d.signal(SIGHUP);
     wait_log(&d, "the new config is invalid", secs(10));
@@ -1090,7 +1382,10 @@ fn sighup_reloads_concurrency_and_queues_and_refuses_an_invalid_config() {
     let a4 = submit(&env, "a", &json!({ "n": 4 }), &[]);
     // Still concurrency 3 with 3 busy: the refused config's 10 was not applied.
     assert_stays(&env, &a4, "queued", Duration::from_millis(500));
-    assert!(alive(a1) && alive(a2) && alive(a3) && alive(c1), "the refused reload killed tasks");
+    assert!(
+        alive(a1) && alive(a2) && alive(a3) && alive(c1),
+        "the refused reload killed tasks"
+    );
 
     std::fs::write(env.path().join("go"), "").unwrap();
     for id in a.iter().chain(&c[..1]).chain([&a4, &t1]) {
@@ -1123,12 +1418,18 @@ shell = 'sleep 30 & echo $! > "$D/bg"; echo $$ > "$D/pid"; wait'
     env.wait_state(&id, "running", secs(10));
     let t0 = Instant::now();
     let out = env.ok(&["cancel", &id]);
-    assert!(out.contains("being stopped"), "cancel of a running task: {out:?}");
+    assert!(
+        out.contains("being stopped"),
+        "cancel of a running task: {out:?}"
+    );
     let survivors = all_dead(&[pid, bg], secs(5));
     let took = t0.elapsed();
     assert!(survivors.is_empty(), "cancel left {survivors:?} alive");
     eprintln!("cancel -> task group dead: {took:?} (includes the CLI process)");
-    assert!(took < secs(2), "cancel took {took:?} to kill the task's group");
+    assert!(
+        took < secs(2),
+        "cancel took {took:?} to kill the task's group"
+    );
     let v = env.wait_state(&id, "cancelled", secs(10));
     let h = history(&v);
     assert_eq!(h.len(), 1, "{v:#}");
@@ -1158,7 +1459,13 @@ shell = 'echo ctl'
     env.wait_state(&ctl, "succeeded", secs(10));
     assert_stays(&env, &p, "queued", secs(1));
     let status: Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
-    let row = status["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "p").unwrap().clone();
+    let row = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "p")
+        .unwrap()
+        .clone();
     assert_eq!(row["paused"], true, "{status:#}");
 
     // A waiting task is cancelled at once.
@@ -1177,7 +1484,11 @@ shell = 'echo ctl'
     env.ok(&["resume", "p"]);
     let v = env.wait_state(&p, "succeeded", secs(10));
     assert_eq!(history(&v)[0]["stdout_tail"], "ran-p\n");
-    assert_eq!(env.state(&p_cancel), "cancelled", "a cancelled task must not run on resume");
+    assert_eq!(
+        env.state(&p_cancel),
+        "cancelled",
+        "a cancelled task must not run on resume"
+    );
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -1201,8 +1512,13 @@ fn an_idle_daemon_does_not_spin_on_a_due_task_of_a_paused_queue() {
     let d = env.daemon();
     let idle = cpu_over(d.pid(), Duration::from_millis(1500));
     env.ok(&["pause", "p"]);
-    let id = env.ok(&["submit", "p", "--delay", "100ms"]).trim().to_string();
-    assert!(poll(secs(5), || env.show(&id)["run_at"].as_i64().unwrap() + 200 < nanos() as i64 / 1_000_000));
+    let id = env
+        .ok(&["submit", "p", "--delay", "100ms"])
+        .trim()
+        .to_string();
+    assert!(poll(secs(5), || env.show(&id)["run_at"].as_i64().unwrap()
+        + 200
+        < nanos() as i64 / 1_000_000));
     let paused = cpu_over(d.pid(), Duration::from_millis(1500));
     eprintln!("daemon CPU over 1.5 s: idle {idle} ticks, with a due task on a paused queue {paused} ticks");
     assert!(paused <= idle + 5, "the daemon burns CPU ({paused} ticks in 1.5 s, idle {idle}) while a paused queue holds a due task");
@@ -1223,15 +1539,27 @@ shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2'
     std::fs::create_dir(env.path().join("starts")).unwrap();
     let _d = env.daemon();
     let ids = submit_batch(&env, "b", &vec![json!({}); 30]);
-    assert!(poll(secs(10), || env.count("b", "succeeded") >= 2), "the queue did not start");
+    assert!(
+        poll(secs(10), || env.count("b", "succeeded") >= 2),
+        "the queue did not start"
+    );
     env.ok(&["pause", "b"]);
     let paused_at = nanos();
     // Whatever was running finishes; then nothing is running and nothing more starts.
     let settled = poll(secs(10), || env.count("b", "running") == 0);
-    assert!(settled, "tasks stay running after pause: {}", env.ok(&["status", "--json"]));
+    assert!(
+        settled,
+        "tasks stay running after pause: {}",
+        env.ok(&["status", "--json"])
+    );
     let done = env.count("b", "succeeded");
     assert_stays_count(&env, "b", "succeeded", done, Duration::from_millis(600));
-    assert_eq!(env.count("b", "queued"), 30 - done, "{}", env.ok(&["status", "--json"]));
+    assert_eq!(
+        env.count("b", "queued"),
+        30 - done,
+        "{}",
+        env.ok(&["status", "--json"])
+    );
     let late: Vec<(String, u128)> = ids
         .iter()
         .filter_map(|id| {
@@ -1240,22 +1568,35 @@ shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2'
             (t > paused_at + 200_000_000).then(|| (id.clone(), (t - paused_at) / 1_000_000))
         })
         .collect();
-    assert!(late.is_empty(), "tasks started more than 200 ms after `pause` returned (id, ms): {late:?}");
+    assert!(
+        late.is_empty(),
+        "tasks started more than 200 ms after `pause` returned (id, ms): {late:?}"
+    );
     // Tasks given back were never run: no attempt is recorded for them.
     for id in &ids {
         let v = env.show(id);
         if v["state"] == "queued" {
-            assert!(history(&v).is_empty() && v["attempts"] == 0, "a task given back by pause:\n{v:#}");
+            assert!(
+                history(&v).is_empty() && v["attempts"] == 0,
+                "a task given back by pause:\n{v:#}"
+            );
         }
     }
     env.ok(&["resume", "b"]);
-    assert!(poll(secs(30), || env.count("b", "succeeded") == 30), "resume did not finish the queue");
+    assert!(
+        poll(secs(30), || env.count("b", "succeeded") == 30),
+        "resume did not finish the queue"
+    );
 }
 
 fn assert_stays_count(env: &Env, queue: &str, state: &str, n: u64, window: Duration) {
     let start = Instant::now();
     while start.elapsed() < window {
-        assert_eq!(env.count(queue, state), n, "{queue}/{state} changed during the window");
+        assert_eq!(
+            env.count(queue, state),
+            n,
+            "{queue}/{state} changed during the window"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1273,7 +1614,9 @@ while [ ! -e "$D/go" ]; do sleep 0.02; done
 "#,
     );
     // Enqueued before the daemon starts: it finds a backlog.
-    let ids: Vec<String> = (1..=4).map(|n| submit(&env, "q", &json!({ "n": n }), &[])).collect();
+    let ids: Vec<String> = (1..=4)
+        .map(|n| submit(&env, "q", &json!({ "n": n }), &[]))
+        .collect();
     let _d = env.daemon();
     assert!(poll(secs(10), || env.path().join("started-1").exists()));
     // Cancel every waiting task, whatever the daemon has done with it so far.
@@ -1287,11 +1630,17 @@ while [ ! -e "$D/go" ]; do sleep 0.02; done
             assert_eq!(a["reason"], "cancelled", "{v:#}");
         }
     }
-    eprintln!("cancel of 3 waiting tasks -> all cancelled: {:?}", t0.elapsed());
+    eprintln!(
+        "cancel of 3 waiting tasks -> all cancelled: {:?}",
+        t0.elapsed()
+    );
     std::fs::write(env.path().join("go"), "").unwrap();
     env.wait_state(&ids[0], "succeeded", secs(10));
     for n in 2..=4 {
-        assert!(!env.path().join(format!("started-{n}")).exists(), "cancelled task {n} ran");
+        assert!(
+            !env.path().join(format!("started-{n}")).exists(),
+            "cancelled task {n} ran"
+        );
     }
 }
 
@@ -1314,21 +1663,40 @@ shell = 'echo $$ > "$D/slow-pid"; sleep 30'
     let _d = env.daemon();
     let out = env.run(&["submit", "--wait", "ok", r#"{"msg":"hello"}"#]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "stdout {stdout}\nstderr {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("out:hello"), "submit --wait prints the output: {stdout:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout}\nstderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("out:hello"),
+        "submit --wait prints the output: {stdout:?}"
+    );
     let id = stdout.lines().next().unwrap().trim().to_string();
     assert_eq!(env.state(&id), "succeeded");
 
     let out = env.run(&["submit", "--wait", "bad"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "stdout {stdout}\nstderr {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "stdout {stdout}\nstderr {stderr}"
+    );
     assert!(stdout.contains("failing-out"), "{stdout:?}");
-    assert!(stderr.contains("failing-err") && stderr.contains("failed"), "{stderr:?}");
+    assert!(
+        stderr.contains("failing-err") && stderr.contains("failed"),
+        "{stderr:?}"
+    );
     let id = stdout.lines().next().unwrap().trim().to_string();
     let v = env.show(&id);
     assert_eq!(v["state"], "failed");
-    assert_eq!(history(&v).len(), 2, "--wait follows the task through its retries:\n{v:#}");
+    assert_eq!(
+        history(&v).len(),
+        2,
+        "--wait follows the task through its retries:\n{v:#}"
+    );
 
     // Cancelled while --wait follows it: exit 4.
     let mut follower = env
@@ -1339,7 +1707,10 @@ shell = 'echo $$ > "$D/slow-pid"; sleep 30'
         .unwrap();
     let pid = wait_pid(&env.path().join("slow-pid"), secs(10));
     let id = env.ok(&["tasks", "--queue", "slow", "--json"]);
-    let id = serde_json::from_str::<Value>(&id).unwrap()[0]["id"].as_str().unwrap().to_string();
+    let id = serde_json::from_str::<Value>(&id).unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     env.ok(&["cancel", &id]);
     let mut code = None;
     poll(secs(10), || {
@@ -1350,7 +1721,12 @@ shell = 'echo $$ > "$D/slow-pid"; sleep 30'
         let _ = follower.kill();
     }
     let out = follower.wait_with_output().unwrap();
-    assert_eq!(code, Some(Some(4)), "submit --wait on a cancelled task; stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        code,
+        Some(Some(4)),
+        "submit --wait on a cancelled task; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!alive(pid));
 }
 

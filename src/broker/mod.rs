@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::model::{AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs};
+use crate::model::{
+    AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+};
 
 /// What went wrong inside the broker. A failing *task* is never a `BrokerError`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,7 +65,9 @@ pub struct Claimed {
 pub enum Finish {
     Succeeded,
     /// Wait in `retrying` until `at`, then run again.
-    Retry { at: UnixMs },
+    Retry {
+        at: UnixMs,
+    },
     /// Attempts exhausted or a permanent failure: the dead set.
     Failed,
     Cancelled,
@@ -150,7 +154,13 @@ pub trait Broker: Send + Sync + 'static {
     /// set), is no longer claimable by anyone, and is not charged yet (`attempts` unchanged;
     /// [`Claimed::attempt`] is `attempts + 1`, the number its run will have). Every claim
     /// gets a new lease token.
-    async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>>;
+    async fn claim(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>>;
 
     /// Record the pid (and its start time) of a task's process group, so that a later
     /// recovery can kill it. Marks a still-held task `running` as [`Broker::start`] does.

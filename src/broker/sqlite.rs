@@ -146,9 +146,9 @@ impl Drop for SqliteBroker {
 
 fn storage(e: rusqlite::Error) -> BrokerError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => {
-            BrokerError::Storage("the disk is full: free space on the state directory's filesystem".into())
-        }
+        Some(ErrorCode::DiskFull) => BrokerError::Storage(
+            "the disk is full: free space on the state directory's filesystem".into(),
+        ),
         Some(ErrorCode::ReadOnly) => BrokerError::Storage(
             "the database is read-only: check the permissions of the state directory".into(),
         ),
@@ -168,14 +168,15 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 
 /// Open a connection with the settings every connection needs.
 fn connect(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| {
-        BrokerError::Unavailable(format!("failed to open {}: {e}", path.display()))
-    })?;
+    let conn = Connection::open(path)
+        .map_err(|e| BrokerError::Unavailable(format!("failed to open {}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(storage)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(storage)?;
     // FULL: a commit is on disk when it returns; with WAL this costs one fsync per commit,
     // and group commit shares it. A typo'd PRAGMA is silently ignored, so read it back.
-    conn.pragma_update(None, "synchronous", "FULL").map_err(storage)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(storage)?;
     let sync: i64 = conn
         .pragma_query_value(None, "synchronous", |r| r.get(0))
         .map_err(storage)?;
@@ -197,10 +198,8 @@ fn open_writer(path: &Path) -> Result<Connection> {
         })?;
     }
     let conn = connect(path)?;
-    let mode: String = retry_busy(|| {
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-    })
-    .map_err(storage)?;
+    let mode: String = retry_busy(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
+        .map_err(storage)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(BrokerError::Storage(format!(
             "SQLite refused journal_mode=WAL for {} (it reports `{mode}`); is the file on a network filesystem?",
@@ -209,7 +208,8 @@ fn open_writer(path: &Path) -> Result<Connection> {
     }
     // After a checkpoint, cut the WAL back to this size: a big batch must not leave a big
     // file behind.
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(storage)?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(storage)?;
     persist_wal(&conn);
     migrate(&conn)?;
     Ok(conn)
@@ -246,7 +246,11 @@ fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result
 /// Bring the schema up to the newest version, one transaction per step.
 fn migrate(conn: &Connection) -> Result<()> {
     // The common case, on every open, is a current schema: find that out with a plain read.
-    let current: i64 = match conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0)) {
+    let current: i64 = match conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    ) {
         Ok(v) => v,
         Err(_) => {
             retry_busy(|| {
@@ -289,7 +293,11 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
     }
     let newest: i64 = conn
-        .query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
         .map_err(storage)?;
     if newest > MIGRATIONS.len() as i64 {
         return Err(BrokerError::Storage(format!(
@@ -427,7 +435,9 @@ impl SqliteBroker {
             .send(Job { work, urgent })
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
         rx.await.map_err(|_| {
-            BrokerError::Storage("the write was dropped: the database could not begin a transaction".into())
+            BrokerError::Storage(
+                "the write was dropped: the database could not begin a transaction".into(),
+            )
         })?
     }
 
@@ -440,7 +450,9 @@ impl SqliteBroker {
         let reader = self.reader.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = reader.lock().map_err(|_| BrokerError::Storage("reader poisoned".into()))?;
+            let mut guard = reader
+                .lock()
+                .map_err(|_| BrokerError::Storage("reader poisoned".into()))?;
             if guard.is_none() {
                 *guard = Some(connect(&path)?);
             }
@@ -476,7 +488,11 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let payload: String = r.get(3)?;
     let args: String = r.get(4)?;
     let conv = |what: &str, e: String| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what}: {e}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{what}: {e}").into(),
+        )
     };
     Ok(TaskRecord {
         id: id.parse().map_err(|e| conv("id", e))?,
@@ -558,7 +574,10 @@ fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> 
 fn task_seq(conn: &Connection, id: TaskId) -> Result<(i64, TaskState)> {
     let row: Option<(i64, String)> = conn
         .prepare_cached("SELECT seq, state FROM tasks WHERE id = ?1")
-        .and_then(|mut s| s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .and_then(|mut s| {
+            s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(storage)?;
     let (seq, state) = row.ok_or(BrokerError::NotFound(id))?;
     Ok((seq, state.parse().map_err(BrokerError::Storage)?))
@@ -629,7 +648,13 @@ impl Broker for SqliteBroker {
         Ok(out)
     }
 
-    async fn claim(&self, node: &str, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>> {
+    async fn claim(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -689,8 +714,10 @@ impl Broker for SqliteBroker {
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
         let lease = lease.clone();
         // The process already runs; nobody waits on this record, so it may share a commit.
-        self.write_as(false, move |conn| mark_running(conn, &lease, Some((pid, pid_start))))
-            .await
+        self.write_as(false, move |conn| {
+            mark_running(conn, &lease, Some((pid, pid_start)))
+        })
+        .await
     }
 
     async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
@@ -749,8 +776,12 @@ impl Broker for SqliteBroker {
                     Finish::Retry { .. } | Finish::Requeue | Finish::Release if cancel_requested => Finish::Cancelled,
                     n => n,
                 };
-                let charged = !matches!(next, Finish::Requeue | Finish::Release)
-                    && !(next == Finish::Cancelled && attempt.pid.is_none());
+                // Not charged: a run put back, or a cancel of a task that never started.
+                let charged = match next {
+                    Finish::Requeue | Finish::Release => false,
+                    Finish::Cancelled => attempt.pid.is_some(),
+                    _ => true,
+                };
                 // The change to `attempts`: +1 for a charged attempt `started` did not count,
                 // -1 for an uncharged one it did.
                 let delta: i64 = match (charged, counted) {
@@ -875,7 +906,9 @@ impl Broker for SqliteBroker {
 
     async fn paused(&self) -> Result<BTreeSet<QueueName>> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT queue FROM paused_queues").map_err(storage)?;
+            let mut stmt = conn
+                .prepare_cached("SELECT queue FROM paused_queues")
+                .map_err(storage)?;
             let names: Vec<String> = stmt
                 .query_map([], |r| r.get(0))
                 .and_then(|it| it.collect())
@@ -940,7 +973,11 @@ impl Broker for SqliteBroker {
             }
             sql.push_str(" ORDER BY seq DESC LIMIT ?3");
             let mut stmt = conn.prepare_cached(&sql).map_err(storage)?;
-            let limit = if filter.limit == 0 { -1 } else { filter.limit as i64 };
+            let limit = if filter.limit == 0 {
+                -1
+            } else {
+                filter.limit as i64
+            };
             let q = filter.queue.as_ref().map(|q| q.as_str().to_string());
             let s = filter.state.map(|s| s.as_str());
             // Unused numbered parameters are fine in SQLite; bind all three every time.
@@ -972,7 +1009,9 @@ impl Broker for SqliteBroker {
                     entry.counts.insert(state, n as u64);
                 }
             }
-            let mut stmt = conn.prepare_cached("SELECT queue FROM paused_queues").map_err(storage)?;
+            let mut stmt = conn
+                .prepare_cached("SELECT queue FROM paused_queues")
+                .map_err(storage)?;
             let paused: Vec<String> = stmt
                 .query_map([], |r| r.get(0))
                 .and_then(|it| it.collect())
@@ -1007,7 +1046,9 @@ impl Broker for SqliteBroker {
         let node = node.to_string();
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT id FROM tasks WHERE cancel_requested = 1 AND lease_node = ?1")
+                .prepare_cached(
+                    "SELECT id FROM tasks WHERE cancel_requested = 1 AND lease_node = ?1",
+                )
                 .map_err(storage)?;
             let ids: Vec<String> = stmt
                 .query_map([node], |r| r.get(0))

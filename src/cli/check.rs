@@ -98,7 +98,11 @@ pub fn broker_text(b: &crate::config::BrokerUrl) -> String {
 
 pub fn program_text(p: &Program) -> String {
     match p {
-        Program::Command(argv) => argv.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
+        Program::Command(argv) => argv
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         Program::Shell(s) => format!("sh -c {s:?}"),
     }
 }

@@ -32,7 +32,9 @@ pub async fn cancel(flag: Option<PathBuf>, args: IdArgs) -> anyhow::Result<u8> {
     let broker = open_broker(&config).await?;
     match broker.cancel(id).await? {
         CancelOutcome::Cancelled => println!("task {id} cancelled"),
-        CancelOutcome::Requested => println!("task {id} is running: its process group is being stopped"),
+        CancelOutcome::Requested => {
+            println!("task {id} is running: its process group is being stopped")
+        }
         CancelOutcome::AlreadyFinished(s) => {
             eprintln!("taskd: task {id} had already finished ({s}); nothing to cancel");
             return Ok(exit::FAILURE);

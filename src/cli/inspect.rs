@@ -67,7 +67,10 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         return Ok(exit::OK);
     }
     match daemon {
-        Some(pid) => println!("daemon: running (pid {pid}), state in {}", config.state_dir.display()),
+        Some(pid) => println!(
+            "daemon: running (pid {pid}), state in {}",
+            config.state_dir.display()
+        ),
         None => println!(
             "daemon: not running (state in {}); tasks wait until `taskd start`",
             config.state_dir.display()
@@ -80,7 +83,11 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
     for (name, (counts, paused, configured)) in &rows {
         let mut row = vec![name.clone()];
-        row.extend(TaskState::ALL.iter().map(|s| counts.get(s).copied().unwrap_or(0).to_string()));
+        row.extend(
+            TaskState::ALL
+                .iter()
+                .map(|s| counts.get(s).copied().unwrap_or(0).to_string()),
+        );
         let mut notes = Vec::new();
         if *paused {
             notes.push("PAUSED");
@@ -98,15 +105,27 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
 pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8> {
     let config = load_config(flag)?;
     let queue: Option<QueueName> = match &args.queue {
-        Some(q) => Some(q.parse().map_err(|e: String| Failure::usage(format!("--queue: {e}")))?),
+        Some(q) => Some(
+            q.parse()
+                .map_err(|e: String| Failure::usage(format!("--queue: {e}")))?,
+        ),
         None => None,
     };
     let state: Option<TaskState> = match &args.state {
-        Some(s) => Some(s.parse().map_err(|e: String| Failure::usage(format!("--state: {e}")))?),
+        Some(s) => Some(
+            s.parse()
+                .map_err(|e: String| Failure::usage(format!("--state: {e}")))?,
+        ),
         None => None,
     };
     let broker = open_broker(&config).await?;
-    let list = broker.list(&ListFilter { queue, state, limit: args.limit }).await?;
+    let list = broker
+        .list(&ListFilter {
+            queue,
+            state,
+            limit: args.limit,
+        })
+        .await?;
     if args.json {
         print_json(&list)?;
         return Ok(exit::OK);
@@ -117,9 +136,14 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
     }
     let now = now_ms();
     let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_header(vec!["id", "queue", "state", "attempts", "age", "last error"]);
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "id",
+        "queue",
+        "state",
+        "attempts",
+        "age",
+        "last error",
+    ]);
     for t in &list {
         let mut err = t.last_error.clone().unwrap_or_default();
         if err.chars().count() > 60 {
@@ -153,7 +177,15 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     let t = &detail.task;
     println!("task      {}", t.id);
     println!("queue     {}", t.queue);
-    println!("state     {}{}", t.state, if t.cancel_requested { " (cancel requested)" } else { "" });
+    println!(
+        "state     {}{}",
+        t.state,
+        if t.cancel_requested {
+            " (cancel requested)"
+        } else {
+            ""
+        }
+    );
     println!("attempts  {}", t.attempts);
     println!("payload   {}", t.payload);
     if !t.args.is_empty() {
@@ -180,7 +212,10 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     }
     for a in &detail.history {
         println!();
-        let reason = a.reason.map(|r| r.to_string()).unwrap_or_else(|| "?".into());
+        let reason = a
+            .reason
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "?".into());
         let code = match (a.exit_code, a.signal) {
             (Some(c), _) => format!("exit code {c}"),
             (None, Some(s)) => format!("signal {s}"),

@@ -43,7 +43,13 @@ Exit codes:
 #[command(name = "taskd", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// The config file.
-    #[arg(short = 'c', long = "config", global = true, value_name = "FILE", env = "TASKD_CONFIG")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        value_name = "FILE",
+        env = "TASKD_CONFIG"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -113,7 +119,10 @@ pub fn run(cli: Cli) -> u8 {
             unsafe {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("taskd: failed to start the async runtime: {e}");

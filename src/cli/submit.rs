@@ -55,9 +55,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
                 None => "{}".to_string(),
                 Some("-") => {
                     let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .map_err(|e| Failure::usage(format!("failed to read the payload from stdin: {e}")))?;
+                    std::io::stdin().read_to_string(&mut s).map_err(|e| {
+                        Failure::usage(format!("failed to read the payload from stdin: {e}"))
+                    })?;
                     s
                 }
                 Some(s) => s.to_string(),
@@ -76,7 +76,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let enqueued = broker.enqueue(tasks).await?;
     if args.batch.is_some() {
         if args.json {
-            print_json(&serde_json::json!({ "enqueued": count, "ids": enqueued.iter().map(|e| e.id).collect::<Vec<_>>() }))?;
+            print_json(
+                &serde_json::json!({ "enqueued": count, "ids": enqueued.iter().map(|e| e.id).collect::<Vec<_>>() }),
+            )?;
         } else {
             println!("enqueued {count} tasks on {}", queue.name);
         }
@@ -85,13 +87,19 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let e = &enqueued[0];
     if args.json {
         match broker.get(e.id).await? {
-            Some(detail) => print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?,
+            Some(detail) => {
+                print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?
+            }
             None => print_json(e)?,
         }
     } else {
         println!("{}", e.id);
         if e.existing {
-            eprintln!("taskd: a task with unique key {:?} is already {}; returned its id", args.unique.as_deref().unwrap_or(""), e.state);
+            eprintln!(
+                "taskd: a task with unique key {:?} is already {}; returned its id",
+                args.unique.as_deref().unwrap_or(""),
+                e.state
+            );
         }
     }
     if args.wait {
@@ -101,27 +109,46 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
 }
 
 fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
-    let known = || config.queues.keys().map(|q| q.to_string()).collect::<Vec<_>>().join(", ");
+    let known = || {
+        config
+            .queues
+            .keys()
+            .map(|q| q.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let q: QueueName = name.parse().map_err(|e: String| {
-        Failure::usage(format!("`{name}` is not a queue name: {e}; known queues: {}", known()))
+        Failure::usage(format!(
+            "`{name}` is not a queue name: {e}; known queues: {}",
+            known()
+        ))
     })?;
     config.queues.get(&q).ok_or_else(|| {
         Failure::usage(format!(
             "unknown queue `{name}` in {}; known queues: {}",
             config.path.display(),
-            if config.queues.is_empty() { "(none)".to_string() } else { known() }
+            if config.queues.is_empty() {
+                "(none)".to_string()
+            } else {
+                known()
+            }
         ))
     })
 }
 
 fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
     if let Some(d) = &args.delay {
-        let d: Duration = humantime::parse_duration(d)
-            .map_err(|e| Failure::usage(format!("--delay {d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")")))?;
+        let d: Duration = humantime::parse_duration(d).map_err(|e| {
+            Failure::usage(format!(
+                "--delay {d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"
+            ))
+        })?;
         // Refuse what no calendar needs: a delay past 100 years is a typo, and would
         // overflow the millisecond clock further on.
         if d > Duration::from_secs(100 * 366 * 24 * 3600) {
-            return Err(Failure::usage(format!("--delay {d:?}: more than 100 years is surely a mistake")));
+            return Err(Failure::usage(format!(
+                "--delay {d:?}: more than 100 years is surely a mistake"
+            )));
         }
         return Ok(Some(now_ms() + d.as_millis() as i64));
     }
@@ -129,11 +156,15 @@ fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
         if let Ok(secs) = t.parse::<i64>() {
             return match secs.checked_mul(1000) {
                 Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(Some(ms)),
-                _ => Err(Failure::usage(format!("--at {t}: Unix seconds must be between 0 and the year 9999"))),
+                _ => Err(Failure::usage(format!(
+                    "--at {t}: Unix seconds must be between 0 and the year 9999"
+                ))),
             };
         }
         let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
-            Failure::usage(format!("--at {t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)"))
+            Failure::usage(format!(
+                "--at {t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)"
+            ))
         })?;
         let ms = when
             .duration_since(std::time::UNIX_EPOCH)
@@ -166,7 +197,8 @@ pub fn parse_payload(config: &Config, queue: &QueueConfig, text: &str) -> Result
     })?;
     if let Program::Command(argv) = &queue.program {
         for part in argv {
-            part.render(&value).map_err(|e| format!("queue `{}`: {e}", queue.name))?;
+            part.render(&value)
+                .map_err(|e| format!("queue `{}`: {e}", queue.name))?;
         }
     }
     Ok(value.to_string())
@@ -205,16 +237,25 @@ fn read_batch(
             .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
         s
     } else {
-        std::fs::read_to_string(file)
-            .map_err(|e| Failure::usage(format!("failed to read the batch file {}: {e}", file.display())))?
+        std::fs::read_to_string(file).map_err(|e| {
+            Failure::usage(format!(
+                "failed to read the batch file {}: {e}",
+                file.display()
+            ))
+        })?
     };
     let mut tasks = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let payload = parse_payload(config, queue, line)
-            .map_err(|e| Failure::usage(format!("{} line {}: {e}; nothing was enqueued", file.display(), i + 1)))?;
+        let payload = parse_payload(config, queue, line).map_err(|e| {
+            Failure::usage(format!(
+                "{} line {}: {e}; nothing was enqueued",
+                file.display(),
+                i + 1
+            ))
+        })?;
         let mut t = NewTask::new(queue.name.clone(), payload);
         t.args = args.args.clone();
         t.priority = args.priority;
@@ -222,19 +263,28 @@ fn read_batch(
         tasks.push(t);
     }
     if tasks.is_empty() {
-        return Err(Failure::usage(format!("{} holds no tasks (one JSON payload per line)", file.display())));
+        return Err(Failure::usage(format!(
+            "{} holds no tasks (one JSON payload per line)",
+            file.display()
+        )));
     }
     Ok(tasks)
 }
 
 /// Follow a task until it is terminal, then report it.
-async fn wait(broker: &dyn crate::broker::Broker, id: crate::model::TaskId, json: bool) -> anyhow::Result<u8> {
+async fn wait(
+    broker: &dyn crate::broker::Broker,
+    id: crate::model::TaskId,
+    json: bool,
+) -> anyhow::Result<u8> {
     let mut delay = Duration::from_millis(5);
     loop {
-        let detail = broker
-            .get(id)
-            .await?
-            .ok_or_else(|| Failure::new(exit::FAILURE, format!("task {id} disappeared from the broker")))?;
+        let detail = broker.get(id).await?.ok_or_else(|| {
+            Failure::new(
+                exit::FAILURE,
+                format!("task {id} disappeared from the broker"),
+            )
+        })?;
         if detail.task.state.is_terminal() {
             if json {
                 print_json(&detail)?;
@@ -247,8 +297,16 @@ async fn wait(broker: &dyn crate::broker::Broker, id: crate::model::TaskId, json
                         eprint!("{}", last.stderr_tail);
                     }
                 }
-                let why = detail.task.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-                eprintln!("taskd: task {id} {} after {} attempt(s){why}", detail.task.state, detail.task.attempts);
+                let why = detail
+                    .task
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "taskd: task {id} {} after {} attempt(s){why}",
+                    detail.task.state, detail.task.attempts
+                );
             }
             return Ok(match detail.task.state {
                 TaskState::Succeeded => exit::OK,

@@ -44,8 +44,8 @@ use crate::model::{now_ms, AttemptReason, UnixMs};
 
 use output::{feed, pump, Capture, LogFile};
 pub use procs::{
-    become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec, reap_orphans, spawn_tracked,
-    TrackedChild,
+    become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec,
+    reap_orphans, spawn_tracked, TrackedChild,
 };
 pub use user::UserSpec;
 
@@ -128,13 +128,18 @@ pub enum Status {
     Signaled(i32),
     /// Ran past its timeout; `killed_with` is the last signal taskd sent before the leader
     /// ended (SIGTERM or SIGKILL).
-    TimedOut { killed_with: i32 },
+    TimedOut {
+        killed_with: i32,
+    },
     /// Stopped because [`Stop::cancel`] fired.
     Cancelled,
     /// Stopped because [`Stop::shutdown`] fired.
     Interrupted,
     /// Never ran.
-    SpawnFailed { kind: SpawnFailure, message: String },
+    SpawnFailed {
+        kind: SpawnFailure,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,7 +334,11 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     };
     drop(cmd);
     let pid = tracked.pid();
-    let mut leader = Leader { pgid: pid, tracked: Some(tracked), armed: true };
+    let mut leader = Leader {
+        pgid: pid,
+        tracked: Some(tracked),
+        armed: true,
+    };
     let deadline = Instant::now().checked_add(spec.timeout);
 
     if let Some(tx) = spawned {
@@ -341,7 +350,12 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
 
     let mut out = Capture::new(spec.tail_bytes, stdout_log);
     let mut err = Capture::new(spec.tail_bytes, stderr_log);
-    let mut esc = Escalation { pgid: pid, why: None, last_signal: None, kill_at: None };
+    let mut esc = Escalation {
+        pgid: pid,
+        why: None,
+        last_signal: None,
+        kill_at: None,
+    };
 
     let (waited, stray_killed) = {
         let stdout = child.stdout.take();
@@ -389,7 +403,10 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
             && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err()
         {
             let killed = procs::signal_group(pid, Signal::SIGKILL);
-            if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps).await.is_err() {
+            if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps)
+                .await
+                .is_err()
+            {
                 tracing::warn!(pid, "task output pipes stay open after its process group was killed (a process left the group); not reading them any more");
             }
             killed
@@ -446,7 +463,10 @@ fn preflight(spec: &Spec) -> Option<Status> {
     }
     // A missing cwd fails the spawn with ENOENT, which would read as "program not found".
     let cwd = spec.cwd.as_ref()?;
-    let failure = |message: String| Status::SpawnFailed { kind: SpawnFailure::BadCwd, message };
+    let failure = |message: String| Status::SpawnFailed {
+        kind: SpawnFailure::BadCwd,
+        message,
+    };
     match std::fs::metadata(cwd) {
         Ok(m) if m.is_dir() => None,
         Ok(_) => Some(failure(format!("cwd {} is not a directory", cwd.display()))),
@@ -477,7 +497,11 @@ fn command(spec: &Spec) -> tokio::process::Command {
         // pre_exec hook this keeps std's posix_spawn fast path.
         .process_group(0)
         .kill_on_drop(false)
-        .stdin(if spec.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdin(if spec.stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
@@ -504,9 +528,15 @@ fn spawn_failure(spec: &Spec, err: &io::Error) -> Status {
                     .map_or_else(|| PathBuf::from(program), |cwd| cwd.join(program))
                     .is_file();
             if exists {
-                (SpawnFailure::NotFound, format!("program not found: the interpreter of {program} does not exist"))
+                (
+                    SpawnFailure::NotFound,
+                    format!("program not found: the interpreter of {program} does not exist"),
+                )
             } else {
-                (SpawnFailure::NotFound, format!("program not found: {program}"))
+                (
+                    SpawnFailure::NotFound,
+                    format!("program not found: {program}"),
+                )
             }
         }
         Some(libc::EACCES) => (
@@ -522,7 +552,10 @@ fn spawn_failure(spec: &Spec, err: &io::Error) -> Status {
                 SpawnFailure::Other,
                 format!("failed to start {program} as user {}: {err}", user.name),
             ),
-            _ => (SpawnFailure::Other, format!("failed to start {program}: {err}")),
+            _ => (
+                SpawnFailure::Other,
+                format!("failed to start {program}: {err}"),
+            ),
         },
     };
     Status::SpawnFailed { kind, message }

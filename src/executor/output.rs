@@ -28,7 +28,10 @@ pub(crate) struct Tail {
 impl Tail {
     pub(crate) fn new(cap: usize) -> Self {
         // Grows on demand up to `cap`: most tasks print far less than their tail allows.
-        Tail { cap, buf: VecDeque::new() }
+        Tail {
+            cap,
+            buf: VecDeque::new(),
+        }
     }
 
     pub(crate) fn push(&mut self, data: &[u8]) {
@@ -144,7 +147,11 @@ pub(crate) struct Capture {
 
 impl Capture {
     pub(crate) fn new(tail_bytes: usize, log: Option<LogFile>) -> Self {
-        Capture { tail: Tail::new(tail_bytes), total: 0, log }
+        Capture {
+            tail: Tail::new(tail_bytes),
+            total: 0,
+            log,
+        }
     }
 
     pub(crate) fn push(&mut self, data: &[u8]) {

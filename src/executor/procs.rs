@@ -34,7 +34,12 @@ pub(crate) fn parse_stat(line: &[u8]) -> Option<Stat> {
     let pgrp = fields.next()?.parse().ok()?;
     // The next field is 6; field 22 is 16 further on.
     let start_time = fields.nth(16)?.parse().ok()?;
-    Some(Stat { state, ppid, pgrp, start_time })
+    Some(Stat {
+        state,
+        ppid,
+        pgrp,
+        start_time,
+    })
 }
 
 pub(crate) fn read_stat(pid: i32) -> Option<Stat> {
@@ -101,7 +106,10 @@ fn children_from_task_lists() -> Option<Vec<i32>> {
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let Ok(task) = task else { continue };
         match std::fs::read_to_string(task.path().join("children")) {
-            Ok(list) => pids.extend(list.split_ascii_whitespace().filter_map(|p| p.parse::<i32>().ok())),
+            Ok(list) => pids.extend(
+                list.split_ascii_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            ),
             // The thread is gone: fine. The file does not exist: this kernel lacks it.
             Err(e) if e.kind() == io::ErrorKind::NotFound && task.path().exists() => return None,
             Err(_) => {}
@@ -112,7 +120,9 @@ fn children_from_task_lists() -> Option<Vec<i32>> {
 
 /// Our own children, by scanning every process in `/proc`.
 fn children_from_proc_scan(me: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| read_stat(pid).is_some_and(|st| st.ppid == me))
         .collect()
@@ -203,13 +213,17 @@ pub fn kill_task_processes(task_ids: &[String]) -> usize {
         .collect();
     let me = std::process::id() as i32;
     let own_group = getpgrp().as_raw();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     let mut found = 0;
     for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
         if pid == me {
             continue;
         }
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
         if !environ.split(|b| *b == 0).any(|var| wanted.contains(var)) {
             continue;
         }
@@ -229,7 +243,9 @@ pub fn kill_task_processes(task_ids: &[String]) -> usize {
 /// Whether any process of group `pgid` is still running (not a zombie). Scans all of `/proc`:
 /// fine for crash recovery, too slow for the per-task path.
 fn has_live_member(pgid: i32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(read_stat)
         .any(|st| st.pgrp == pgid && st.state != b'Z')

@@ -128,7 +128,10 @@ async fn stdin_payload_reaches_the_program() {
 #[tokio::test]
 async fn env_is_exactly_what_was_given() {
     let mut s = spec(&["/usr/bin/env"]);
-    s.env = vec![("ALPHA".into(), "1".into()), ("BETA".into(), "two words".into())];
+    s.env = vec![
+        ("ALPHA".into(), "1".into()),
+        ("BETA".into(), "two words".into()),
+    ];
     let o = run_plain(s).await;
     assert_eq!(o.status, Status::Exited(0));
     assert_eq!(text(&o.stdout_tail), "ALPHA=1\nBETA=two words\n");
@@ -142,7 +145,10 @@ async fn cwd_applies() {
     let o = run_plain(s).await;
     assert_eq!(o.status, Status::Exited(0));
     let want = dir.path().canonicalize().expect("canonical tempdir");
-    assert_eq!(text(&o.stdout_tail).trim_end(), want.to_str().expect("utf-8 path"));
+    assert_eq!(
+        text(&o.stdout_tail).trim_end(),
+        want.to_str().expect("utf-8 path")
+    );
 }
 
 #[tokio::test]
@@ -152,7 +158,10 @@ async fn bad_cwd_is_a_spawn_failure_naming_it() {
     let o = run_plain(s).await;
     assert_eq!(o.pid, None);
     match o.status {
-        Status::SpawnFailed { kind: SpawnFailure::BadCwd, message } => {
+        Status::SpawnFailed {
+            kind: SpawnFailure::BadCwd,
+            message,
+        } => {
             assert_eq!(message, "cwd /nonexistent-taskd-dir does not exist")
         }
         other => panic!("unexpected {other:?}"),
@@ -163,7 +172,10 @@ async fn bad_cwd_is_a_spawn_failure_naming_it() {
     s.cwd = Some(file.path().to_path_buf());
     assert!(matches!(
         run_plain(s).await.status,
-        Status::SpawnFailed { kind: SpawnFailure::BadCwd, .. }
+        Status::SpawnFailed {
+            kind: SpawnFailure::BadCwd,
+            ..
+        }
     ));
 }
 
@@ -203,7 +215,13 @@ async fn missing_and_unexecutable_programs() {
     );
 
     let o = run_plain(spec(&[])).await;
-    assert!(matches!(o.status, Status::SpawnFailed { kind: SpawnFailure::Other, .. }));
+    assert!(matches!(
+        o.status,
+        Status::SpawnFailed {
+            kind: SpawnFailure::Other,
+            ..
+        }
+    ));
 }
 
 #[tokio::test]
@@ -217,7 +235,10 @@ async fn timeout_sends_term_to_the_group() {
     assert_eq!(o.status.reason(), AttemptReason::Timeout);
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(300), "{took:?}");
-    assert!(took < Duration::from_millis(300) + Duration::from_secs(5), "{took:?}");
+    assert!(
+        took < Duration::from_millis(300) + Duration::from_secs(5),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]
@@ -238,8 +259,13 @@ async fn background_grandchild_holding_the_pipes_is_killed() {
     let o = run_plain(sh("sleep 300 & echo $!; exit 0")).await;
     assert_eq!(o.status, Status::Exited(0));
     assert!(o.stray_killed);
-    let pid: i32 = text(&o.stdout_tail).trim().parse().expect("the script printed a pid");
-    wait_until("the grandchild is dead", Duration::from_secs(5), || is_dead(pid));
+    let pid: i32 = text(&o.stdout_tail)
+        .trim()
+        .parse()
+        .expect("the script printed a pid");
+    wait_until("the grandchild is dead", Duration::from_secs(5), || {
+        is_dead(pid)
+    });
 }
 
 #[tokio::test]
@@ -247,8 +273,13 @@ async fn background_grandchild_not_holding_pipes_is_killed_too() {
     let o = run_plain(sh("sleep 300 >/dev/null 2>&1 & echo $!; exit 0")).await;
     assert_eq!(o.status, Status::Exited(0));
     assert!(o.stray_killed);
-    let pid: i32 = text(&o.stdout_tail).trim().parse().expect("the script printed a pid");
-    wait_until("the grandchild is dead", Duration::from_secs(5), || is_dead(pid));
+    let pid: i32 = text(&o.stdout_tail)
+        .trim()
+        .parse()
+        .expect("the script printed a pid");
+    wait_until("the grandchild is dead", Duration::from_secs(5), || {
+        is_dead(pid)
+    });
 }
 
 #[tokio::test]
@@ -287,13 +318,19 @@ async fn log_files_are_capped_with_a_marker() {
     let mut want = vec![b'y'; 100];
     want.extend_from_slice(b"\n[taskd: output truncated at 100 bytes]\n");
     assert_eq!(out, want);
-    assert_eq!(std::fs::read(&log.stderr_path).expect("stderr log"), b"oops\n");
+    assert_eq!(
+        std::fs::read(&log.stderr_path).expect("stderr log"),
+        b"oops\n"
+    );
 
     // A second attempt appends.
     let mut s = sh("echo again >&2");
     s.log = Some(log.clone());
     run_plain(s).await;
-    assert_eq!(std::fs::read(&log.stderr_path).expect("stderr log"), b"oops\nagain\n");
+    assert_eq!(
+        std::fs::read(&log.stderr_path).expect("stderr log"),
+        b"oops\nagain\n"
+    );
 }
 
 #[tokio::test]
@@ -347,7 +384,9 @@ async fn dropping_run_kills_the_group() {
     let spawned = rx.await.expect("spawned is reported");
     task.abort();
     let _ = task.await;
-    wait_until("the dropped task is dead", Duration::from_secs(5), || is_dead(spawned.pid));
+    wait_until("the dropped task is dead", Duration::from_secs(5), || {
+        is_dead(spawned.pid)
+    });
 }
 
 #[test]
@@ -360,11 +399,17 @@ fn kill_orphan_group_checks_the_leader() {
     let pgid = child.id() as i32;
     let start_time = read_stat(pgid).expect("leader is running").start_time;
 
-    assert!(!kill_orphan_group(pgid, start_time + 1), "a different start time is another process");
+    assert!(
+        !kill_orphan_group(pgid, start_time + 1),
+        "a different start time is another process"
+    );
     assert!(read_stat(pgid).is_some_and(|st| st.state != b'Z'));
     assert!(kill_orphan_group(pgid, start_time));
     let status = child.wait().expect("wait for sh");
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
 
     assert!(!kill_orphan_group(pgid, start_time), "the group is gone");
     assert!(!kill_orphan_group(1, 0));
@@ -382,13 +427,23 @@ fn kill_orphan_group_without_its_leader() {
         .expect("run sh");
     let leader_pid = {
         // `output()` reaped the leader; its group lives on in the background sleep.
-        let member: i32 = text(&out.stdout).trim().parse().expect("the script printed a pid");
+        let member: i32 = text(&out.stdout)
+            .trim()
+            .parse()
+            .expect("the script printed a pid");
         let st = read_stat(member).expect("the member is running");
         (member, st.pgrp)
     };
     let (member, pgid) = leader_pid;
-    assert!(kill_orphan_group(pgid, 12345), "an absent leader cannot have been reused");
-    wait_until("the orphaned member is dead", Duration::from_secs(5), || is_dead(member));
+    assert!(
+        kill_orphan_group(pgid, 12345),
+        "an absent leader cannot have been reused"
+    );
+    wait_until(
+        "the orphaned member is dead",
+        Duration::from_secs(5),
+        || is_dead(member),
+    );
 }
 
 #[test]
@@ -413,7 +468,10 @@ fn user_lookup() {
     assert_eq!(UserSpec::lookup("0", None).expect("uid 0").name, "root");
     let with_group = UserSpec::lookup("root", Some("0")).expect("group 0 exists");
     assert!(with_group.groups.contains(&with_group.gid));
-    assert!(matches!(UserSpec::lookup("taskd-no-such-user", None), Err(ExecError::UnknownUser(_))));
+    assert!(matches!(
+        UserSpec::lookup("taskd-no-such-user", None),
+        Err(ExecError::UnknownUser(_))
+    ));
     assert!(matches!(
         UserSpec::lookup("root", Some("taskd-no-such-group")),
         Err(ExecError::UnknownGroup(_))
@@ -434,7 +492,10 @@ async fn runs_as_another_user_when_root() {
     let lines: Vec<&str> = text(&o.stdout_tail).lines().collect();
     assert_eq!(lines[0], nobody.uid.to_string());
     assert_eq!(lines[1], nobody.gid.to_string());
-    let mut got: Vec<u32> = lines[2].split(' ').map(|g| g.parse().expect("gid")).collect();
+    let mut got: Vec<u32> = lines[2]
+        .split(' ')
+        .map(|g| g.parse().expect("gid"))
+        .collect();
     let mut want = nobody.groups.clone();
     got.sort_unstable();
     want.sort_unstable();
@@ -448,14 +509,23 @@ async fn runs_as_another_user_when_root() {
 fn reap_orphans_reaps_adopted_zombies() {
     let exe = std::env::current_exe().expect("test binary path");
     let out = std::process::Command::new(exe)
-        .args(["--exact", "executor::tests::subreaper_helper", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "executor::tests::subreaper_helper",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("TASKD_SUBREAPER_HELPER", "1")
         .output()
         .expect("run the helper");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "helper failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("1 passed"), "helper did not run:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("1 passed"),
+        "helper did not run:\n{stdout}\n{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -484,7 +554,10 @@ async fn subreaper_helper() {
         .args(["-c", "sleep 0.2 >/dev/null 2>&1 & echo $!"])
         .output()
         .expect("run sh");
-    let orphan: i32 = text(&out.stdout).trim().parse().expect("the script printed a pid");
+    let orphan: i32 = text(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the script printed a pid");
     wait_until("the orphan is our zombie", Duration::from_secs(5), || {
         read_stat(orphan).is_some_and(|st| st.state == b'Z' && st.ppid == std::process::id() as i32)
     });
@@ -501,7 +574,12 @@ fn stat_parsing_counts_from_the_last_paren() {
     let line = b"4242 (we (ird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 18446744073709551615\n";
     assert_eq!(
         parse_stat(line),
-        Some(super::procs::Stat { state: b'S', ppid: 1, pgrp: 4242, start_time: 987654 })
+        Some(super::procs::Stat {
+            state: b'S',
+            ppid: 1,
+            pgrp: 4242,
+            start_time: 987654
+        })
     );
     assert_eq!(parse_stat(b"garbage"), None);
     let me = read_stat(std::process::id() as i32).expect("own stat");

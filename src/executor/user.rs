@@ -46,12 +46,14 @@ impl UserSpec {
                         Err(_) => None,
                     },
                 };
-                found.ok_or_else(|| ExecError::UnknownGroup(g.to_string()))?.gid
+                found
+                    .ok_or_else(|| ExecError::UnknownGroup(g.to_string()))?
+                    .gid
             }
         };
 
-        let cname = CString::new(u.name.as_str())
-            .map_err(|_| ExecError::UnknownUser(user.to_string()))?;
+        let cname =
+            CString::new(u.name.as_str()).map_err(|_| ExecError::UnknownUser(user.to_string()))?;
         let groups = getgrouplist(&cname, gid)
             .map_err(lookup_err(format!("the groups of user {}", u.name)))?;
 

@@ -15,9 +15,9 @@ pub mod prepare;
 pub mod startlog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -62,7 +62,10 @@ struct QueueRt {
 
 impl QueueRt {
     fn prepared(&self) -> Arc<Prepared> {
-        self.prepared.lock().expect("queue config lock is never poisoned").clone()
+        self.prepared
+            .lock()
+            .expect("queue config lock is never poisoned")
+            .clone()
     }
 }
 
@@ -125,7 +128,10 @@ impl Supervisor {
         let queues = self.queues.lock().expect("not poisoned");
         Snapshot {
             queues: queues.len(),
-            running: queues.values().map(|q| q.running.load(Ordering::Acquire)).sum(),
+            running: queues
+                .values()
+                .map(|q| q.running.load(Ordering::Acquire))
+                .sum(),
         }
     }
 
@@ -175,7 +181,11 @@ impl Supervisor {
                 }
             }
         }
-        let gone: Vec<QueueName> = queues.keys().filter(|n| !config.queues.contains_key(*n)).cloned().collect();
+        let gone: Vec<QueueName> = queues
+            .keys()
+            .filter(|n| !config.queues.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(rt) = queues.remove(&name) {
                 rt.removed.cancel();
@@ -279,7 +289,9 @@ impl Supervisor {
             if q.running.load(Ordering::Acquire) >= conc {
                 return;
             }
-            let Some(c) = q.ready.lock().expect("not poisoned").pop_front() else { return };
+            let Some(c) = q.ready.lock().expect("not poisoned").pop_front() else {
+                return;
+            };
             self.launch(q, c);
         }
     }
@@ -288,8 +300,12 @@ impl Supervisor {
     async fn release_ready(&self, q: &QueueRt) {
         let held: Vec<Claimed> = q.ready.lock().expect("not poisoned").drain(..).collect();
         for c in held {
-            self.running.lock().expect("not poisoned").remove(&c.task.id);
-            self.record(&c.lease, AttemptRecord::default(), Finish::Release).await;
+            self.running
+                .lock()
+                .expect("not poisoned")
+                .remove(&c.task.id);
+            self.record(&c.lease, AttemptRecord::default(), Finish::Release)
+                .await;
         }
     }
 
@@ -304,7 +320,8 @@ impl Supervisor {
             .unwrap_or_default();
         let me = self.clone();
         let q = q.clone();
-        self.runs.spawn(async move { me.run_one(q, c, cancel).await });
+        self.runs
+            .spawn(async move { me.run_one(q, c, cancel).await });
     }
 
     /// Run one attempt of one claimed task and record its result.
@@ -335,7 +352,12 @@ impl Supervisor {
                 // (it shares a commit with others); the start log covers the moment between.
                 // A lease lost meanwhile (an operator cancelled the held task) stops the run.
                 self.start_log.note(c.task.id, || {
-                    self.running.lock().expect("not poisoned").keys().copied().collect()
+                    self.running
+                        .lock()
+                        .expect("not poisoned")
+                        .keys()
+                        .copied()
+                        .collect()
                 });
                 // A task that ends within START_RECORD_DELAY never gets a separate start record:
                 // its result records the run (and counts the attempt) by itself, which halves
@@ -355,18 +377,24 @@ impl Supervisor {
                     match broker.started(&lease, s.pid, s.start_time).await {
                         Ok(()) => {}
                         Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
-                        Err(e) => tracing::warn!(task = %lease.task, error = %e, "failed to record a task's start"),
+                        Err(e) => {
+                            tracing::warn!(task = %lease.task, error = %e, "failed to record a task's start")
+                        }
                     }
                 });
                 let began = std::time::Instant::now();
                 let outcome = executor::run(spec, stop, Some(tx)).await;
                 ended.cancel();
-                q.last_run_ms.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
+                q.last_run_ms
+                    .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let mut rng = rand::thread_rng();
                 policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
             }
         };
-        if matches!(record.reason, Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)) {
+        if matches!(
+            record.reason,
+            Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)
+        ) {
             tracing::warn!(task = %c.task.id, queue = %q.name, error = record.error.as_deref().unwrap_or(""), "task cannot run");
         } else {
             tracing::debug!(task = %c.task.id, queue = %q.name, reason = ?record.reason, next = ?finish, "attempt finished");
@@ -375,14 +403,20 @@ impl Supervisor {
         // the slot to the next task: its start is recorded after this result, so the store
         // never shows more tasks running than the concurrency. The two usually share a commit.
         let mut recording = std::pin::pin!(self.record(&c.lease, record, finish));
-        let recorded = std::future::poll_fn(|cx| std::task::Poll::Ready(recording.as_mut().poll(cx).is_ready())).await;
+        let recorded = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(recording.as_mut().poll(cx).is_ready())
+        })
+        .await;
         q.running.fetch_sub(1, Ordering::AcqRel);
         self.start_ready(&q);
         q.kick.notify_one();
         if !recorded {
             recording.await;
         }
-        self.running.lock().expect("not poisoned").remove(&c.task.id);
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .remove(&c.task.id);
         if let Finish::Retry { .. } = finish {
             self.reschedule.notify_one();
         }
@@ -452,13 +486,21 @@ impl Supervisor {
             Err(e) => tracing::warn!(error = %e, "failed to look up cancel requests"),
         }
         // Held tasks that were never started are cancelled here, not when a slot frees.
-        let queues: Vec<Arc<QueueRt>> = self.queues.lock().expect("not poisoned").values().cloned().collect();
+        let queues: Vec<Arc<QueueRt>> = self
+            .queues
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
         for q in queues {
             let cancelled: Vec<Claimed> = {
                 let running = self.running.lock().expect("not poisoned");
                 let mut ready = q.ready.lock().expect("not poisoned");
                 let (gone, keep): (Vec<Claimed>, Vec<Claimed>) = ready.drain(..).partition(|c| {
-                    running.get(&c.task.id).is_some_and(|e| e.cancel.is_cancelled())
+                    running
+                        .get(&c.task.id)
+                        .is_some_and(|e| e.cancel.is_cancelled())
                 });
                 ready.extend(keep);
                 gone
@@ -475,7 +517,10 @@ impl Supervisor {
                     ..Default::default()
                 };
                 self.record(&c.lease, attempt, Finish::Cancelled).await;
-                self.running.lock().expect("not poisoned").remove(&c.task.id);
+                self.running
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&c.task.id);
             }
         }
     }
@@ -521,7 +566,13 @@ impl Supervisor {
                 _ = tokio::time::sleep(LEASE / 3) => {}
                 _ = self.interrupt.cancelled() => return,
             }
-            let leases: Vec<Lease> = self.running.lock().expect("not poisoned").values().map(|e| e.lease.clone()).collect();
+            let leases: Vec<Lease> = self
+                .running
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .map(|e| e.lease.clone())
+                .collect();
             if leases.is_empty() {
                 continue;
             }
@@ -541,7 +592,13 @@ impl Supervisor {
     pub async fn drain(&self, grace: Duration, force: CancellationToken) {
         self.draining.cancel();
         self.runs.close();
-        let queues: Vec<Arc<QueueRt>> = self.queues.lock().expect("not poisoned").values().cloned().collect();
+        let queues: Vec<Arc<QueueRt>> = self
+            .queues
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
         for q in &queues {
             self.release_ready(q).await;
         }

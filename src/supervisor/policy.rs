@@ -58,7 +58,9 @@ pub fn decide(
             a.exit_code = Some(code);
             a.reason = Some(AttemptReason::Exit);
             if q.fail_exit_codes.contains(&code) {
-                a.error = Some(format!("exit code {code} (in fail_exit_codes: not retried)"));
+                a.error = Some(format!(
+                    "exit code {code} (in fail_exit_codes: not retried)"
+                ));
                 Finish::Failed
             } else {
                 a.error = Some(format!("exit code {code}"));
@@ -88,13 +90,17 @@ pub fn decide(
         }
         Status::Interrupted => {
             a.reason = Some(AttemptReason::Shutdown);
-            a.error = Some("the daemon shut down; put back in the queue (attempt not charged)".into());
+            a.error =
+                Some("the daemon shut down; put back in the queue (attempt not charged)".into());
             Finish::Requeue
         }
         Status::SpawnFailed { kind, message } => {
             a.reason = Some(AttemptReason::Spawn);
             a.error = Some(match kind {
-                SpawnFailure::NotFound | SpawnFailure::NotExecutable | SpawnFailure::BadCwd | SpawnFailure::Other => {
+                SpawnFailure::NotFound
+                | SpawnFailure::NotExecutable
+                | SpawnFailure::BadCwd
+                | SpawnFailure::Other => {
                     format!("could not start: {message}")
                 }
             });

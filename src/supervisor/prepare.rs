@@ -5,7 +5,6 @@
 //! `TASKD_ARG_<field>` environment variables.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use crate::config::{Program, QueueConfig};
 use crate::executor::{LogSpec, Spec, UserSpec};
@@ -34,10 +33,12 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn new(config: std::sync::Arc<QueueConfig>) -> Self {
-        let mut env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| !stripped(k)).collect();
-        let user = config.user.as_deref().map(|u| {
-            UserSpec::lookup(u, config.group.as_deref()).map_err(|e| e.to_string())
-        });
+        let mut env: BTreeMap<String, String> =
+            std::env::vars().filter(|(k, _)| !stripped(k)).collect();
+        let user = config
+            .user
+            .as_deref()
+            .map(|u| UserSpec::lookup(u, config.group.as_deref()).map_err(|e| e.to_string()));
         if let Some(Ok(u)) = &user {
             env.insert("HOME".into(), u.home.display().to_string());
             env.insert("USER".into(), u.name.clone());
@@ -61,8 +62,16 @@ impl Prepared {
         let q = &self.config;
         let payload_text = task.payload.to_string();
         let mut argv: Vec<String> = match &q.program {
-            Program::Command(parts) => parts.iter().map(|p| p.render(&task.payload)).collect::<Result<_, _>>()?,
-            Program::Shell(script) => vec!["/bin/sh".into(), "-c".into(), script.clone(), format!("taskd-{}", q.name)],
+            Program::Command(parts) => parts
+                .iter()
+                .map(|p| p.render(&task.payload))
+                .collect::<Result<_, _>>()?,
+            Program::Shell(script) => vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script.clone(),
+                format!("taskd-{}", q.name),
+            ],
         };
         argv.extend(task.args.iter().cloned());
         let mut env = self.base_env.clone();
@@ -89,7 +98,12 @@ impl Prepared {
         let user = match &self.user {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
-            Some(Err(e)) => return Err(format!("cannot run as user {:?}: {e}", q.user.as_deref().unwrap_or(""))),
+            Some(Err(e)) => {
+                return Err(format!(
+                    "cannot run as user {:?}: {e}",
+                    q.user.as_deref().unwrap_or("")
+                ))
+            }
         };
         let log = q.log_dir.as_ref().map(|dir| LogSpec {
             stdout_path: dir.join(format!("{}.{attempt}.out", task.id)),
@@ -99,7 +113,7 @@ impl Prepared {
         Ok(Spec {
             argv,
             env,
-            cwd: q.cwd.clone().map(PathBuf::from),
+            cwd: q.cwd.clone(),
             stdin: payload_text.into_bytes(),
             timeout: q.timeout,
             kill_grace: q.kill_grace,

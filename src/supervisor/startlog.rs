@@ -37,8 +37,18 @@ impl StartLog {
                 }
             }
         }
-        let file = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
-        Ok((StartLog { path, file: Mutex::new((file, 0)) }, previous))
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok((
+            StartLog {
+                path,
+                file: Mutex::new((file, 0)),
+            },
+            previous,
+        ))
     }
 
     /// Note that `id` is about to start. `running` lists the ids still running, for when the
@@ -50,7 +60,11 @@ impl StartLog {
             Err(p) => p.into_inner(),
         };
         if guard.1 > MAX_BYTES {
-            match OpenOptions::new().write(true).truncate(true).open(&self.path) {
+            match OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&self.path)
+            {
                 Ok(f) => {
                     *guard = (f, 0);
                     let ids = running();
@@ -59,13 +73,17 @@ impl StartLog {
                         guard.1 = text.len() as u64;
                     }
                 }
-                Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "failed to rewrite the start log"),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "failed to rewrite the start log")
+                }
             }
         }
         let line = format!("{id}\n");
         match guard.0.write_all(line.as_bytes()) {
             Ok(()) => guard.1 += line.len() as u64,
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "failed to write the start log"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "failed to write the start log")
+            }
         }
     }
 }

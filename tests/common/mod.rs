@@ -79,7 +79,10 @@ impl Env {
     }
 
     pub fn state(&self, id: &str) -> String {
-        self.show(id)["state"].as_str().unwrap_or_default().to_string()
+        self.show(id)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Counts by state for one queue, from `taskd status --json`.
@@ -100,7 +103,10 @@ impl Env {
             last = self.show(id);
             last["state"] == state
         });
-        assert!(ok, "task {id} did not reach {state} within {deadline:?}; last record:\n{last:#}");
+        assert!(
+            ok,
+            "task {id} did not reach {state} within {deadline:?}; last record:\n{last:#}"
+        );
         last
     }
 
@@ -121,9 +127,13 @@ impl Env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start daemon");
-        let d = Daemon { child: Some(child), log };
+        let d = Daemon {
+            child: Some(child),
+            log,
+        };
         assert!(
-            poll(Duration::from_secs(20), || d.log_text().contains("ready") || d.exited()),
+            poll(Duration::from_secs(20), || d.log_text().contains("ready")
+                || d.exited()),
             "daemon did not become ready:\n{}",
             d.log_text()
         );
@@ -157,7 +167,8 @@ impl Daemon {
         match &self.child {
             None => true,
             Some(c) => {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
                 stat.is_empty() || stat.contains(") Z ")
             }
         }
@@ -189,7 +200,10 @@ impl Daemon {
             if start.elapsed() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("daemon did not exit within {deadline:?}:\n{}", self.log_text());
+                panic!(
+                    "daemon did not exit within {deadline:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -242,9 +256,15 @@ pub fn children(pid: i32) -> Vec<(i32, char)> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-            let Some(close) = stat.rfind(')') else { continue };
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let Some(close) = stat.rfind(')') else {
+                continue;
+            };
             let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
             if fields.len() > 2 && fields[1].parse::<i32>().ok() == Some(pid) {
                 out.push((p, fields[0].chars().next().unwrap_or('?')));
