@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Recover;
 use crate::cli::{exit, Failure};
 use crate::config::{Config, ConfigError};
+use crate::notify::Notifier;
 use crate::supervisor::startlog::StartLog;
 use crate::supervisor::Supervisor;
 
@@ -219,7 +220,33 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     let wakeups = broker.subscribe().await?;
     let supervisor = Supervisor::new(broker.clone(), node, start_log);
     supervisor.start(&config, wakeups);
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
     tracing::info!("ready");
+    // STATUS= for `systemctl status`, and WATCHDOG=1 when the unit sets WatchdogSec=: sent
+    // from this runtime, so a wedged runtime stops the pings.
+    let pinger = {
+        let n = notifier.clone();
+        let sup = supervisor.clone();
+        tokio::spawn(async move {
+            if !n.enabled() {
+                return;
+            }
+            let every = n
+                .watchdog
+                .unwrap_or(Duration::from_secs(5))
+                .min(Duration::from_secs(5));
+            loop {
+                tokio::time::sleep(every).await;
+                let watchdog = if n.watchdog.is_some() {
+                    "WATCHDOG=1\n"
+                } else {
+                    ""
+                };
+                n.send(&format!("{watchdog}STATUS={}", status_line(&sup)));
+            }
+        })
+    };
 
     let reaper = tokio::spawn(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -237,10 +264,28 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
-            _ = hup.recv() => reload(&path, &mut config, &supervisor),
+            _ = hup.recv() => {
+                notifier.reloading();
+                reload(&path, &mut config, &supervisor);
+                notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
+            }
         }
     }
 
+    // Tell systemd how long the drain may take, so that it does not kill us mid-drain.
+    let drain_bound = config.shutdown_grace
+        + config
+            .queues
+            .values()
+            .map(|q| q.kill_grace)
+            .max()
+            .unwrap_or_default()
+        + Duration::from_secs(5);
+    notifier.send(&format!(
+        "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=draining: {} running",
+        drain_bound.as_micros(),
+        supervisor.snapshot().running
+    ));
     let force = CancellationToken::new();
     let f = force.clone();
     let second = tokio::spawn(async move {
@@ -253,9 +298,15 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     supervisor.drain(config.shutdown_grace, force).await;
     second.abort();
     reaper.abort();
+    pinger.abort();
     crate::executor::reap_orphans();
     tracing::info!("stopped");
     Ok(exit::OK)
+}
+
+fn status_line(s: &Supervisor) -> String {
+    let snap = s.snapshot();
+    format!("{} queues, {} tasks running", snap.queues, snap.running)
 }
 
 fn reload(path: &Path, current: &mut Config, supervisor: &Arc<Supervisor>) {

@@ -13,6 +13,7 @@
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
 //! - [`daemon`]: the only place that wires config + broker + supervisor together (`taskd start`).
 //! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
+//! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 
 pub mod broker;
 pub mod cli;
@@ -20,4 +21,5 @@ pub mod config;
 pub mod daemon;
 pub mod executor;
 pub mod model;
+pub mod notify;
 pub mod supervisor;

@@ -1,0 +1,135 @@
+//! The daemon under a service manager: the sd_notify protocol, and the shipped unit file.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::{Env, SIGHUP, SIGTERM};
+
+/// Collect datagrams until one contains `want`, or panic after `deadline`.
+fn expect_message(sock: &UnixDatagram, want: &str, deadline: Duration, seen: &mut Vec<String>) {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < deadline {
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = msg.lines().any(|l| l == want || l.starts_with(want));
+            seen.push(msg);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no `{want}` from the daemon within {deadline:?}; got {seen:?}");
+}
+
+#[test]
+fn the_daemon_speaks_sd_notify_and_keeps_the_socket_from_its_tasks() {
+    let env = Env::new(
+        r#"
+[queues.env]
+shell = 'env > "$OUT"'
+env = { OUT = "@OUT@" }
+"#,
+    );
+    let out = env.path().join("task-env.txt");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("@OUT@", &out.display().to_string());
+    std::fs::write(&env.config, text).unwrap();
+    let sock_path = env.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let d = env.daemon_with(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    let mut seen = Vec::new();
+    expect_message(&sock, "READY=1", Duration::from_secs(10), &mut seen);
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=")),
+        "READY comes with a STATUS line: {seen:?}"
+    );
+    // WatchdogSec=0.4s: pings at least every 0.2 s.
+    expect_message(&sock, "WATCHDOG=1", Duration::from_secs(5), &mut seen);
+
+    let id = env.submit("env", "{}");
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    let task_env = std::fs::read_to_string(&out).expect("task wrote its env");
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC"] {
+        assert!(
+            !task_env.contains(&format!("{var}=")),
+            "{var} leaked into a task:\n{task_env}"
+        );
+    }
+
+    d.signal(SIGHUP);
+    expect_message(&sock, "RELOADING=1", Duration::from_secs(10), &mut seen);
+    let reloading = seen
+        .iter()
+        .rev()
+        .find(|m| m.contains("RELOADING=1"))
+        .unwrap()
+        .clone();
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    expect_message(&sock, "READY=1", Duration::from_secs(10), &mut seen);
+
+    d.signal(SIGTERM);
+    expect_message(&sock, "STOPPING=1", Duration::from_secs(10), &mut seen);
+    let stopping = seen
+        .iter()
+        .rev()
+        .find(|m| m.contains("STOPPING=1"))
+        .unwrap()
+        .clone();
+    assert!(stopping.contains("EXTEND_TIMEOUT_USEC="), "{stopping}");
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn without_notify_socket_the_daemon_runs_as_usual() {
+    let env = Env::new("[queues.q]\ncommand = [\"/bin/true\"]\n");
+    let d = env.daemon_with(&[("NOTIFY_SOCKET", "")]);
+    let id = env.submit("q", "{}");
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/taskd.service");
+    // verify checks that ExecStart's binary exists: point it at the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(unit)
+        .unwrap()
+        .replace("/usr/local/bin/taskd", common::BIN);
+    let copy = dir.path().join("taskd.service");
+    std::fs::write(&copy, text).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Lines about taskd.service itself are what this test owns; the host's other units may
+    // have complaints of their own.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("taskd.service"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify complains about the unit:\n{stderr}"
+    );
+}
