@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Recover;
 use crate::cli::{exit, Failure};
 use crate::config::{Config, ConfigError};
+use crate::control::ReloadReply;
 use crate::notify::Notifier;
 use crate::supervisor::startlog::StartLog;
 use crate::supervisor::Supervisor;
@@ -256,6 +257,18 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
         }
     });
 
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
+    let control_path = crate::control::socket_path(&config.state_dir);
+    let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!(
+                "failed to open the control socket {}: {e}",
+                control_path.display()
+            ),
+        )
+    })?;
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -266,9 +279,17 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
             _ = hup.recv() => {
                 notifier.reloading();
-                reload(&path, &mut config, &supervisor);
+                reload(&path, &mut config, &supervisor, "SIGHUP");
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
             }
+            Some((req, reply)) = control_rx.recv() => match req {
+                crate::control::Request::Reload => {
+                    notifier.reloading();
+                    let answer = reload(&path, &mut config, &supervisor, "taskd reload");
+                    notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
+                    let _ = reply.send(answer);
+                }
+            },
         }
     }
 
@@ -299,6 +320,8 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     second.abort();
     reaper.abort();
     pinger.abort();
+    control.abort();
+    let _ = std::fs::remove_file(&control_path);
     crate::executor::reap_orphans();
     tracing::info!("stopped");
     Ok(exit::OK)
@@ -309,25 +332,50 @@ fn status_line(s: &Supervisor) -> String {
     format!("{} queues, {} tasks running", snap.queues, snap.running)
 }
 
-fn reload(path: &Path, current: &mut Config, supervisor: &Arc<Supervisor>) {
+fn reload(
+    path: &Path,
+    current: &mut Config,
+    supervisor: &Arc<Supervisor>,
+    why: &str,
+) -> ReloadReply {
     match crate::config::load(path) {
         Ok(new) => {
-            if new.state_dir != current.state_dir
-                || format!("{:?}", new.broker) != format!("{:?}", current.broker)
-            {
-                tracing::warn!(
-                    "reload: `state_dir` and `broker` changes need a restart; keeping the old ones"
+            let mut changes = Vec::new();
+            if new.state_dir != current.state_dir || new.broker != current.broker {
+                changes.push(
+                    "`state_dir` and `broker` changes need a restart; kept the old ones"
+                        .to_string(),
                 );
             }
-            let changes = supervisor.apply(&new);
-            let grace = new.shutdown_grace;
-            let queues = new.queues;
-            current.queues = queues;
-            current.shutdown_grace = grace;
-            tracing::info!(changes = ?changes, "SIGHUP: config reloaded");
+            changes.extend(supervisor.apply(&new));
+            if new.shutdown_grace != current.shutdown_grace {
+                changes.push(format!(
+                    "shutdown_grace {} → {}",
+                    humantime::format_duration(current.shutdown_grace),
+                    humantime::format_duration(new.shutdown_grace)
+                ));
+            }
+            current.queues = new.queues;
+            current.shutdown_grace = new.shutdown_grace;
+            current.max_payload = new.max_payload;
+            tracing::info!(changes = ?changes, "{why}: config reloaded from {}", path.display());
+            ReloadReply {
+                ok: true,
+                changes,
+                errors: Vec::new(),
+            }
         }
         Err(e) => {
-            tracing::error!("SIGHUP: the new config is invalid; keeping the old one:\n{e}");
+            tracing::error!("{why}: the new config is invalid; keeping the old one:\n{e}");
+            let errors = match e {
+                ConfigError::Invalid(diags) => diags.iter().map(|d| d.to_string()).collect(),
+                other => vec![other.to_string()],
+            };
+            ReloadReply {
+                ok: false,
+                changes: Vec::new(),
+                errors,
+            }
         }
     }
 }

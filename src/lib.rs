@@ -13,11 +13,13 @@
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
 //! - [`daemon`]: the only place that wires config + broker + supervisor together (`taskd start`).
 //! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
+//! - [`control`]: the daemon's control socket (`taskd reload`), mode 0600 in the state directory.
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod executor;
 pub mod model;

@@ -133,3 +133,55 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         "systemd-analyze verify complains about the unit:\n{stderr}"
     );
 }
+
+#[test]
+fn taskd_reload_reports_changes_per_queue_and_refuses_an_invalid_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("[queues.a]\nconcurrency = 1\ncommand = [\"/bin/true\"]\n");
+    // No daemon yet: a clear error, not a hang.
+    let out = env.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no taskd daemon is running"),
+        "{out:?}"
+    );
+
+    let d = env.daemon();
+    let sock = env.path().join("state").join("taskd.sock");
+    let mode = std::fs::metadata(&sock)
+        .expect("control socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is owner-only");
+
+    env.rewrite("[queues.a]\nconcurrency = 3\ntimeout = \"2m\"\ncommand = [\"/bin/true\"]\n\n[queues.b]\ncommand = [\"/bin/true\"]\n");
+    let out = env.run(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("queue a: concurrency 1 → 3"), "{stdout}");
+    assert!(stdout.contains("timeout 30m → 2m"), "{stdout}");
+    assert!(stdout.contains("queue b: started"), "{stdout}");
+    // The new queue really runs.
+    let id = env.submit("b", "{}");
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+
+    let out = env.run(&["reload"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
+        "{out:?}"
+    );
+
+    // An invalid file: refused with its diagnostics; the daemon keeps the old config.
+    env.rewrite("[queues.a]\nconcurrency = 0\ncommand = [\"/bin/true\"]\n\n[queues.b]\ncommand = [\"/bin/true\"]\n");
+    let out = env.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("queues.a.concurrency"), "{stderr}");
+    // Put a valid file back (without reloading) so the CLI can submit: queue b still runs.
+    env.rewrite("[queues.a]\nconcurrency = 3\ncommand = [\"/bin/true\"]\n\n[queues.b]\ncommand = [\"/bin/true\"]\n");
+    let id = env.submit("b", "{}");
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    assert!(!d.exited(), "the daemon survived an invalid reload");
+    let _ = d;
+}

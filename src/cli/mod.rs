@@ -7,6 +7,7 @@
 mod check;
 mod control;
 mod inspect;
+mod reload;
 mod submit;
 
 use std::path::PathBuf;
@@ -78,6 +79,10 @@ pub enum Command {
     Pause(control::QueueArgs),
     /// Start claiming tasks from a paused queue again.
     Resume(control::QueueArgs),
+    /// Ask the running daemon (found through the state directory of -c FILE) to re-read the
+    /// config file it was started with; print what changed per queue. Exits 78, and the
+    /// daemon keeps its config, when the file is invalid. SIGHUP does the same, silently.
+    Reload(reload::ReloadArgs),
 }
 
 /// An error that knows its exit code.
@@ -154,6 +159,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Cancel(a) => control::cancel(config, a).await,
         Command::Pause(a) => control::pause(config, a, true).await,
         Command::Resume(a) => control::pause(config, a, false).await,
+        Command::Reload(a) => reload::run(config, a).await,
     }
 }
 

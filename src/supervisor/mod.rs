@@ -75,6 +75,48 @@ struct RunningEntry {
     cancel: CancellationToken,
 }
 
+/// What changed between two versions of a queue's config, one phrase per setting, for
+/// `taskd reload` and the log ("concurrency 1 → 4"). Running tasks keep the settings they
+/// started with; the next task of the queue takes the new ones.
+pub fn queue_diff(
+    old: &crate::config::QueueConfig,
+    new: &crate::config::QueueConfig,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    macro_rules! field {
+        ($name:literal, $f:ident, $show:expr) => {
+            if old.$f != new.$f {
+                let show = $show;
+                out.push(format!("{} {} → {}", $name, show(&old.$f), show(&new.$f)));
+            }
+        };
+    }
+    let dur = |d: &Duration| humantime::format_duration(*d).to_string();
+    let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    field!("concurrency", concurrency, |v: &usize| v.to_string());
+    field!("timeout", timeout, dur);
+    field!("kill_grace", kill_grace, dur);
+    field!("max_attempts", max_attempts, |v: &u32| v.to_string());
+    field!("output_tail", output_tail, |v: &usize| v.to_string());
+    field!("log_max", log_max, |v: &u64| v.to_string());
+    field!("backoff", backoff, |v: &crate::config::Backoff| dbg(v));
+    field!("fail_exit_codes", fail_exit_codes, |v: &Vec<i32>| dbg(v));
+    field!("cwd", cwd, |v: &Option<std::path::PathBuf>| dbg(v));
+    field!("user", user, |v: &Option<String>| dbg(v));
+    field!("group", group, |v: &Option<String>| dbg(v));
+    field!("log_dir", log_dir, |v: &Option<std::path::PathBuf>| dbg(v));
+    if old.env != new.env {
+        out.push("env changed".to_string());
+    }
+    if old.program != new.program {
+        out.push("command changed".to_string());
+    }
+    if out.is_empty() && old != new {
+        out.push("settings changed".to_string());
+    }
+    out
+}
+
 /// A snapshot for logs and status lines.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -156,8 +198,9 @@ impl Supervisor {
             match queues.get(name) {
                 Some(rt) => {
                     let old = rt.prepared();
-                    if format!("{:?}", old.config) != format!("{qc:?}") {
-                        changes.push(format!("queue {name}: updated"));
+                    let diff = queue_diff(&old.config, qc);
+                    if !diff.is_empty() {
+                        changes.push(format!("queue {name}: {}", diff.join(", ")));
                     }
                     *rt.prepared.lock().expect("not poisoned") = prepared;
                     rt.kick.notify_one();

@@ -1,0 +1,120 @@
+//! The control socket: how `taskd reload` talks to a running daemon.
+//!
+//! A Unix stream socket (mode 0600: only its owner, normally root, may connect) at
+//! `state_dir/taskd.sock`. One request per connection, one JSON line each way:
+//! `{"cmd":"reload"}` → `{"ok":true,"changes":[…]}` or `{"ok":false,"errors":[…]}`.
+//! The daemon owns the reload itself; this module only carries requests to it and answers
+//! back, so that SIGHUP and `taskd reload` do exactly the same thing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a client may ask.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Reload,
+}
+
+/// The daemon's answer to a reload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub ok: bool,
+    /// What changed, one line per queue ("queue q: concurrency 1 → 4").
+    #[serde(default)]
+    pub changes: Vec<String>,
+    /// Why the new config was refused (its diagnostics), when `ok` is false.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// A request on its way to the daemon's main loop, with the way back.
+pub type Incoming = (Request, oneshot::Sender<ReloadReply>);
+
+/// Where the control socket of the daemon using `state_dir` lives.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("taskd.sock")
+}
+
+/// Bind the socket (replacing a stale one: the caller holds the state directory lock, so no
+/// other daemon can be using it) and serve it until the returned task is aborted.
+pub fn serve(
+    path: &Path,
+    to_daemon: mpsc::Sender<Incoming>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let to_daemon = to_daemon.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, to_daemon).await {
+                    tracing::debug!(error = %e, "control connection ended early");
+                }
+            });
+        }
+    }))
+}
+
+async fn answer(stream: UnixStream, to_daemon: mpsc::Sender<Incoming>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // A request is one short line; a client that sends nothing is not waited on forever.
+    let mut reader = BufReader::new(read.take(64 * 1024));
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if to_daemon.send((req, tx)).await.is_err() {
+                ReloadReply {
+                    ok: false,
+                    errors: vec!["the daemon is shutting down".into()],
+                    ..Default::default()
+                }
+            } else {
+                rx.await.unwrap_or_else(|_| ReloadReply {
+                    ok: false,
+                    errors: vec!["the daemon dropped the request (shutting down?)".into()],
+                    ..Default::default()
+                })
+            }
+        }
+        Err(e) => ReloadReply {
+            ok: false,
+            errors: vec![format!("bad request {line:?}: {e}")],
+            ..Default::default()
+        },
+    };
+    let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await
+}
+
+/// Ask the daemon at `path` to reload and wait for its answer.
+pub async fn request_reload(path: &Path, wait: Duration) -> std::io::Result<ReloadReply> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut req = serde_json::to_string(&Request::Reload).map_err(std::io::Error::other)?;
+    req.push('\n');
+    write.write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    tokio::time::timeout(wait, BufReader::new(read).read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")
+        })??;
+    serde_json::from_str(line.trim())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
