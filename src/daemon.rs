@@ -229,6 +229,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     let pinger = {
         let n = notifier.clone();
         let sup = supervisor.clone();
+        let broker = broker.clone();
         tokio::spawn(async move {
             if !n.enabled() {
                 return;
@@ -239,12 +240,11 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
                 .min(Duration::from_secs(5));
             loop {
                 tokio::time::sleep(every).await;
-                let watchdog = if n.watchdog.is_some() {
-                    "WATCHDOG=1\n"
-                } else {
-                    ""
-                };
-                n.send(&format!("{watchdog}STATUS={}", status_line(&sup)));
+                if n.watchdog.is_some() {
+                    // Sent before the status query, which a slow store could hold up.
+                    n.send("WATCHDOG=1");
+                }
+                n.send(&format!("STATUS={}", full_status(&sup, broker.as_ref()).await));
             }
         })
     };
@@ -330,6 +330,16 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
 fn status_line(s: &Supervisor) -> String {
     let snap = s.snapshot();
     format!("{} queues, {} tasks running", snap.queues, snap.running)
+}
+
+/// The STATUS= line `systemctl status` shows: queues, running, retrying, failed, broker.
+async fn full_status(s: &Supervisor, broker: &dyn crate::broker::Broker) -> String {
+    use crate::model::TaskState;
+    let base = status_line(s);
+    match (broker.count_state(TaskState::Retrying).await, broker.count_state(TaskState::Failed).await) {
+        (Ok(r), Ok(f)) => format!("{base}, {r} retrying, {f} failed; broker up"),
+        (Err(e), _) | (_, Err(e)) => format!("{base}; broker DOWN: {e}"),
+    }
 }
 
 fn reload(

@@ -57,6 +57,13 @@ env = { OUT = "@OUT@" }
 
     let id = env.submit("env", "{}");
     env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    // The periodic STATUS line counts retrying and failed tasks and says the broker is up.
+    expect_message(&sock, "STATUS=", Duration::from_secs(10), &mut seen);
+    expect_message(&sock, "STATUS=", Duration::from_secs(10), &mut seen);
+    assert!(
+        seen.iter().any(|m| m.contains("0 retrying, 0 failed; broker up")),
+        "{seen:?}"
+    );
     let task_env = std::fs::read_to_string(&out).expect("task wrote its env");
     for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC"] {
         assert!(

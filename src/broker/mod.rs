@@ -204,6 +204,10 @@ pub trait Broker: Send + Sync + 'static {
     /// The earliest run-at time among scheduled and retrying tasks of queues not paused.
     async fn next_due(&self) -> Result<Option<UnixMs>>;
 
+    /// How many tasks (of every queue) are in `state`; cheap for the small states (running,
+    /// retrying, failed), for status lines.
+    async fn count_state(&self, state: TaskState) -> Result<u64>;
+
     /// Running or reserved tasks held by `node` that an operator asked to cancel.
     async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
 

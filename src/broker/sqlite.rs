@@ -1042,6 +1042,16 @@ impl Broker for SqliteBroker {
         .await
     }
 
+    async fn count_state(&self, state: TaskState) -> Result<u64> {
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT count(*) FROM tasks WHERE state = ?1")
+                .and_then(|mut s| s.query_row([state.as_str()], |r| r.get::<_, i64>(0)))
+                .map(|n| n as u64)
+                .map_err(storage)
+        })
+        .await
+    }
+
     async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
         let node = node.to_string();
         self.read(move |conn| {

@@ -15,7 +15,12 @@
 //! Inheritance: `[defaults]` holds every queue key except `command`, `shell` and `worker`;
 //! a queue takes each key from its own table, else from `[defaults]`, else the built-in
 //! default. A queue's `env` is merged key by key over the defaults' `env`, and a queue's
-//! `backoff` sub-keys fall back to the defaults' `backoff` sub-keys one by one.
+//! `backoff` sub-keys fall back to the defaults' `backoff` sub-keys one by one, and so do
+//! `limits` sub-keys. `env_inherit`, like `fail_exit_codes`, is replaced, not merged.
+//!
+//! Privileges: whether the daemon could switch to a queue's `user`/`group` is checked here,
+//! against the effective uid and gid of the process reading the file (`taskd check` should be
+//! run as the user the daemon runs as).
 //!
 //! Paths: every path in a [`Config`] is absolute. Relative paths in the file (`state_dir`,
 //! `cwd`, `log_dir`, `sqlite:relative.db`) are relative to the directory holding the config
@@ -41,6 +46,7 @@ use std::time::Duration;
 use crate::model::QueueName;
 
 pub use backoff::{Backoff, BackoffKind};
+pub use validate::Identity;
 pub use template::ArgTemplate;
 
 /// A validated config, with defaults applied and every path absolute.
@@ -97,8 +103,16 @@ pub struct QueueConfig {
     pub cwd: Option<PathBuf>,
     /// User to run as; known to exist when the config was validated.
     pub user: Option<String>,
-    /// Group to run as; known to exist when the config was validated.
+    /// Group to run as; known to exist when the config was validated. Without `user`, the
+    /// task runs as the daemon's user with this group.
     pub group: Option<String>,
+    /// The task's umask (`0..=0o777`); `None` keeps the daemon's.
+    pub umask: Option<u32>,
+    /// Resource limits, each set as both the soft and the hard limit.
+    pub limits: Limits,
+    /// Names of the daemon's environment variables passed on to tasks, on top of
+    /// [`defaults::ENV_INHERIT`]. Never one of the [`never_inherited`] names.
+    pub env_inherit: Vec<String>,
     /// Bytes of stdout and of stderr kept per attempt (default 64 KiB, at most 16 MiB).
     pub output_tail: usize,
     /// Directory for full output files, absolute.
@@ -123,6 +137,9 @@ impl QueueConfig {
             cwd: None,
             user: None,
             group: None,
+            umask: None,
+            limits: Limits::default(),
+            env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
             log_dir: None,
             log_max: defaults::LOG_MAX,
@@ -151,6 +168,72 @@ pub enum Program {
     Shell(String),
 }
 
+/// A queue's resource limits (`limits = { nofile, nproc, as, cpu, fsize, core }`). Each one
+/// that is set becomes both the soft and the hard limit of the task (`setrlimit` before exec).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// RLIMIT_NOFILE: open descriptors. Never `Unlimited` (the kernel refuses it).
+    pub nofile: Option<LimitValue>,
+    /// RLIMIT_NPROC: processes (threads) of the task's real user, counted system-wide.
+    pub nproc: Option<LimitValue>,
+    /// RLIMIT_AS (`as` in the file): address space in bytes.
+    pub address_space: Option<LimitValue>,
+    /// RLIMIT_CPU: CPU time in seconds; past it the task is killed by SIGXCPU/SIGKILL.
+    pub cpu: Option<LimitValue>,
+    /// RLIMIT_FSIZE: the largest file the task may write, in bytes (SIGXFSZ past it).
+    pub fsize: Option<LimitValue>,
+    /// RLIMIT_CORE: the largest core dump, in bytes (0: none).
+    pub core: Option<LimitValue>,
+}
+
+impl Limits {
+    /// `self`'s limits, with those it does not set taken from `lower`.
+    pub fn over(&self, lower: &Limits) -> Limits {
+        Limits {
+            nofile: self.nofile.or(lower.nofile),
+            nproc: self.nproc.or(lower.nproc),
+            address_space: self.address_space.or(lower.address_space),
+            cpu: self.cpu.or(lower.cpu),
+            fsize: self.fsize.or(lower.fsize),
+            core: self.core.or(lower.core),
+        }
+    }
+
+    /// Every limit that is set, with its key in the file.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, LimitValue)> {
+        [
+            ("nofile", self.nofile),
+            ("nproc", self.nproc),
+            ("as", self.address_space),
+            ("cpu", self.cpu),
+            ("fsize", self.fsize),
+            ("core", self.core),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+    }
+}
+
+/// One resource limit's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitValue {
+    Finite(u64),
+    /// `"unlimited"` (RLIM_INFINITY).
+    Unlimited,
+}
+
+/// Whether the daemon's environment variable `name` must never reach a task, even when
+/// `env_inherit` lists it (which the config refuses): the service manager's connection
+/// (`NOTIFY_SOCKET`, `WATCHDOG_*`, `LISTEN_*`, `JOURNAL_STREAM`) belongs to the daemon, and
+/// `TASKD_*` are set by taskd itself.
+pub fn never_inherited(name: &str) -> bool {
+    name == "NOTIFY_SOCKET"
+        || name == "JOURNAL_STREAM"
+        || name.starts_with("WATCHDOG_")
+        || name.starts_with("LISTEN_")
+        || name.to_ascii_uppercase().starts_with("TASKD_")
+}
+
 /// The built-in defaults, in one place so docs and code agree.
 pub mod defaults {
     use std::time::Duration;
@@ -163,6 +246,14 @@ pub mod defaults {
     pub const KILL_GRACE: Duration = Duration::from_secs(10);
     pub const OUTPUT_TAIL: usize = 64 * 1024;
     pub const LOG_MAX: u64 = 10 * 1024 * 1024;
+    /// The daemon's environment variables every task gets (when the daemon has them);
+    /// `env_inherit` adds to this list.
+    pub const ENV_INHERIT: &[&str] = &[
+        "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR",
+    ];
+    /// PATH of a task that runs as another `user` (unless the queue's `env` sets PATH), and
+    /// of any task when the daemon has no PATH.
+    pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
     /// `state_dir`'s name next to the config file when neither the file nor systemd set it.
     pub const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
@@ -176,6 +267,12 @@ pub(crate) mod limits {
     pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
     /// SQLite refuses values over 1e9 bytes by default; stay well below it.
     pub const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;
+    /// The smallest `limits.as`: below it hardly any program can even start, and the likely
+    /// cause is a number meant in KiB or MiB.
+    pub const MIN_ADDRESS_SPACE: u64 = 16 * 1024 * 1024;
+    /// Linux's default `fs.nr_open`, the ceiling for `limits.nofile` when
+    /// `/proc/sys/fs/nr_open` cannot be read.
+    pub const NR_OPEN: u64 = 1024 * 1024;
 }
 
 /// One problem in a config file, with where it is and how to fix it.
