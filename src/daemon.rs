@@ -112,10 +112,41 @@ fn init_logging(format: &str) {
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else if std::env::var_os("JOURNAL_STREAM").is_some() {
-        // journald stamps each line itself.
-        builder.without_time().with_ansi(false).init();
+        // journald stamps each line itself, and reads a `<N>` syslog priority prefix.
+        builder
+            .without_time()
+            .with_ansi(false)
+            .event_format(JournalFormat(tracing_subscriber::fmt::format().without_time().with_ansi(false)))
+            .init();
     } else {
         builder.init();
+    }
+}
+
+/// The plain format behind a `<N>` syslog priority, which journald turns into the entry's
+/// priority (so `journalctl -p warning` works).
+struct JournalFormat<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalFormat<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 

@@ -192,3 +192,18 @@ fn taskd_reload_reports_changes_per_queue_and_refuses_an_invalid_config() {
     assert!(!d.exited(), "the daemon survived an invalid reload");
     let _ = d;
 }
+
+#[test]
+fn under_journald_log_lines_carry_a_syslog_priority_and_no_timestamp() {
+    let env = Env::new("[queues.q]\ncommand = [\"/nonexistent/program\"]\nmax_attempts = 1\n");
+    let d = env.daemon_with(&[("JOURNAL_STREAM", "8:12345")]);
+    let id = env.submit("q", "{}");
+    env.wait_state(&id, "failed", Duration::from_secs(20));
+    let log = d.log_text();
+    assert!(log.lines().any(|l| l.starts_with("<6>") && l.contains("ready")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("<4>") && l.contains("cannot run")), "{log}");
+    assert!(
+        log.lines().filter(|l| !l.is_empty()).all(|l| l.starts_with('<') && !l.contains("Z ")),
+        "every line has a priority and no timestamp of its own:\n{log}"
+    );
+}
