@@ -111,15 +111,38 @@ fn init_logging(format: &str) {
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();
-    } else if std::env::var_os("JOURNAL_STREAM").is_some() {
+    } else if stderr_is_journal() {
         // journald stamps each line itself, and reads a `<N>` syslog priority prefix.
         builder
             .without_time()
             .with_ansi(false)
-            .event_format(JournalFormat(tracing_subscriber::fmt::format().without_time().with_ansi(false)))
+            .event_format(JournalFormat(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
             .init();
     } else {
         builder.init();
+    }
+}
+
+/// Is stderr connected to journald? `$JOURNAL_STREAM` holds the device and inode of the
+/// stream systemd gave us; it is inherited by children too, so only a matching stderr counts
+/// (a daemon started by hand from a service's shell writes to a terminal, not the journal).
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Err(_) => false,
     }
 }
 
@@ -275,7 +298,10 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
                     // Sent before the status query, which a slow store could hold up.
                     n.send("WATCHDOG=1");
                 }
-                n.send(&format!("STATUS={}", full_status(&sup, broker.as_ref()).await));
+                n.send(&format!(
+                    "STATUS={}",
+                    full_status(&sup, broker.as_ref()).await
+                ));
             }
         })
     };
@@ -367,7 +393,10 @@ fn status_line(s: &Supervisor) -> String {
 async fn full_status(s: &Supervisor, broker: &dyn crate::broker::Broker) -> String {
     use crate::model::TaskState;
     let base = status_line(s);
-    match (broker.count_state(TaskState::Retrying).await, broker.count_state(TaskState::Failed).await) {
+    match (
+        broker.count_state(TaskState::Retrying).await,
+        broker.count_state(TaskState::Failed).await,
+    ) {
         (Ok(r), Ok(f)) => format!("{base}, {r} retrying, {f} failed; broker up"),
         (Err(e), _) | (_, Err(e)) => format!("{base}; broker DOWN: {e}"),
     }

@@ -903,3 +903,52 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
+
+#[test]
+fn man_pages_and_completions_are_generated_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let out = std::process::Command::new(common::BIN)
+        .args(["generate", "man"])
+        .arg(&man)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(man.join("taskd.1")).expect("taskd.1 written");
+    assert!(page.contains(".TH taskd"), "a roff man page");
+    for sub in ["submit", "status", "reload", "retry"] {
+        assert!(man.join(format!("taskd-{sub}.1")).exists(), "taskd-{sub}.1");
+    }
+    let submit = std::fs::read_to_string(man.join("taskd-submit.1")).unwrap();
+    assert!(
+        submit.contains("\\-\\-delay") || submit.contains("--delay"),
+        "submit's page documents --delay"
+    );
+
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["generate", "completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains("submit") && script.contains("reload"),
+            "{shell} completion knows the subcommands"
+        );
+    }
+    // The bash script must at least parse.
+    let script = std::process::Command::new(common::BIN)
+        .args(["generate", "completions", "bash"])
+        .output()
+        .unwrap()
+        .stdout;
+    let path = dir.path().join("taskd.bash");
+    std::fs::write(&path, script).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(check.success(), "bash -n rejects the completion script");
+}

@@ -61,7 +61,8 @@ env = { OUT = "@OUT@" }
     expect_message(&sock, "STATUS=", Duration::from_secs(10), &mut seen);
     expect_message(&sock, "STATUS=", Duration::from_secs(10), &mut seen);
     assert!(
-        seen.iter().any(|m| m.contains("0 retrying, 0 failed; broker up")),
+        seen.iter()
+            .any(|m| m.contains("0 retrying, 0 failed; broker up")),
         "{seen:?}"
     );
     let task_env = std::fs::read_to_string(&out).expect("task wrote its env");
@@ -195,15 +196,59 @@ fn taskd_reload_reports_changes_per_queue_and_refuses_an_invalid_config() {
 
 #[test]
 fn under_journald_log_lines_carry_a_syslog_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
     let env = Env::new("[queues.q]\ncommand = [\"/nonexistent/program\"]\nmax_attempts = 1\n");
-    let d = env.daemon_with(&[("JOURNAL_STREAM", "8:12345")]);
+    // Stand in for journald: stderr is a file, and JOURNAL_STREAM names its device:inode.
+    let log = env.path().join("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let mut child = env
+        .cmd(&["start"])
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        common::poll(Duration::from_secs(20), || read().contains("ready")),
+        "{}",
+        read()
+    );
     let id = env.submit("q", "{}");
     env.wait_state(&id, "failed", Duration::from_secs(20));
-    let log = d.log_text();
-    assert!(log.lines().any(|l| l.starts_with("<6>") && l.contains("ready")), "{log}");
-    assert!(log.lines().any(|l| l.starts_with("<4>") && l.contains("cannot run")), "{log}");
     assert!(
-        log.lines().filter(|l| !l.is_empty()).all(|l| l.starts_with('<') && !l.contains("Z ")),
-        "every line has a priority and no timestamp of its own:\n{log}"
+        common::poll(Duration::from_secs(10), || read().contains("cannot run")),
+        "{}",
+        read()
     );
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<6>") && l.contains("ready")),
+        "{text}"
+    );
+    let warn = text
+        .lines()
+        .find(|l| l.contains("cannot run"))
+        .expect("a warning about the task");
+    assert!(warn.starts_with("<4>"), "{warn}");
+    // Every line about a task names its queue, id and attempt.
+    assert!(
+        warn.contains("queue=q") && warn.contains(&id) && warn.contains("attempt=1"),
+        "{warn}"
+    );
+    assert!(
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('<') && !l.contains("Z ")),
+        "every line has a priority and no timestamp of its own:\n{text}"
+    );
+
+    // A JOURNAL_STREAM that does not name our stderr (inherited from elsewhere) is ignored.
+    let d = env.daemon_with(&[("JOURNAL_STREAM", "1:1")]);
+    assert!(!d.log_text().starts_with('<'), "{}", d.log_text());
 }

@@ -6,6 +6,7 @@
 
 mod check;
 mod control;
+mod generate;
 mod inspect;
 mod reload;
 mod submit;
@@ -83,6 +84,8 @@ pub enum Command {
     /// config file it was started with; print what changed per queue. Exits 78, and the
     /// daemon keeps its config, when the file is invalid. SIGHUP does the same, silently.
     Reload(reload::ReloadArgs),
+    /// Write the man pages, or print shell completions (bash, zsh, fish, …).
+    Generate(generate::GenerateArgs),
 }
 
 /// An error that knows its exit code.
@@ -116,6 +119,7 @@ impl std::error::Error for Failure {}
 pub fn run(cli: Cli) -> u8 {
     let result = match cli.command {
         Command::Start(args) => crate::daemon::main(cli.config, args),
+        Command::Generate(args) => generate::run(args),
         command => {
             // A CLI whose output is piped into `head` should end quietly when the pipe closes,
             // as other Unix tools do. (Only here: the daemon must survive a task that closes
@@ -149,7 +153,7 @@ pub fn run(cli: Cli) -> u8 {
 
 async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Start(_) => unreachable!("handled by run"),
+        Command::Start(_) | Command::Generate(_) => unreachable!("handled by run"),
         Command::Check(a) => check::run(config, a),
         Command::Submit(a) => submit::run(config, a).await,
         Command::Status(a) => inspect::status(config, a).await,

@@ -363,8 +363,13 @@ impl Supervisor {
             .unwrap_or_default();
         let me = self.clone();
         let q = q.clone();
-        self.runs
-            .spawn(async move { me.run_one(q, c, cancel).await });
+        // Every log line about this run carries its queue, task id and attempt.
+        let span =
+            tracing::info_span!("task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
+        self.runs.spawn(tracing::Instrument::instrument(
+            async move { me.run_one(q, c, cancel).await },
+            span,
+        ));
     }
 
     /// Run one attempt of one claimed task and record its result.
@@ -438,9 +443,12 @@ impl Supervisor {
             record.reason,
             Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)
         ) {
-            tracing::warn!(task = %c.task.id, queue = %q.name, error = record.error.as_deref().unwrap_or(""), "task cannot run");
+            tracing::warn!(
+                error = record.error.as_deref().unwrap_or(""),
+                "task cannot run"
+            );
         } else {
-            tracing::debug!(task = %c.task.id, queue = %q.name, reason = ?record.reason, next = ?finish, "attempt finished");
+            tracing::debug!(reason = ?record.reason, next = ?finish, "attempt finished");
         }
         // Hand the result to the broker first (the first poll queues the write), then give
         // the slot to the next task: its start is recorded after this result, so the store
