@@ -32,6 +32,57 @@ pub struct StartArgs {
     /// (default `info`).
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Append the log to FILE instead of stderr. SIGUSR1 reopens it (for logrotate).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// A log file that SIGUSR1 reopens, so that logrotate can move it away.
+#[derive(Clone)]
+pub struct LogFile {
+    path: PathBuf,
+    file: Arc<std::sync::Mutex<File>>,
+}
+
+impl LogFile {
+    fn open_file(path: &Path) -> std::io::Result<File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    pub fn open(path: &Path) -> std::io::Result<LogFile> {
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Arc::new(std::sync::Mutex::new(Self::open_file(path)?)),
+        })
+    }
+
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let fresh = Self::open_file(&self.path)?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+/// One log line's writer: takes the lock per write, so a reopen never splits a line.
+pub struct LogFileWriter(Arc<std::sync::Mutex<File>>);
+
+impl Write for LogFileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
+    type Writer = LogFileWriter;
+    fn make_writer(&'a self) -> LogFileWriter {
+        LogFileWriter(self.file.clone())
+    }
 }
 
 /// The lock that keeps a second daemon off a state directory. Held for the process's life.
@@ -103,15 +154,20 @@ pub fn running_daemon(state_dir: &Path) -> Option<u32> {
     s.trim().parse().ok()
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, file: Option<&LogFile>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = match file {
+        Some(f) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(f.clone()),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().flatten_event(true).init();
-    } else if stderr_is_journal() {
+    } else if file.is_none() && stderr_is_journal() {
         // journald stamps each line itself, and reads a `<N>` syslog priority prefix.
         builder
             .without_time()
@@ -199,7 +255,16 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
         }
         Err(e) => return Err(e.into()),
     };
-    init_logging(&args.log_format);
+    let log_file = match &args.log_file {
+        Some(p) => Some(LogFile::open(p).map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("failed to open the log file {}: {e}", p.display()),
+            )
+        })?),
+        None => None,
+    };
+    init_logging(&args.log_format, log_file.as_ref());
     let lock = StateLock::acquire(&config.state_dir)?;
     crate::executor::mark_inherited_fds_cloexec();
     if let Err(e) = crate::executor::become_subreaper() {
@@ -217,12 +282,12 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
                 format!("failed to start the async runtime: {e}"),
             )
         })?;
-    let code = rt.block_on(serve(path, config))?;
+    let code = rt.block_on(serve(path, config, log_file))?;
     drop(lock);
     Ok(code)
 }
 
-async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
+async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyhow::Result<u8> {
     let broker = crate::broker::open(&config.broker).await?;
     let node = node_id();
     tracing::info!(
@@ -329,6 +394,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut config = config;
     loop {
         tokio::select! {
@@ -339,6 +405,13 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<u8> {
                 reload(&path, &mut config, &supervisor, "SIGHUP");
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
             }
+            _ = usr1.recv() => match &log_file {
+                Some(f) => match f.reopen() {
+                    Ok(()) => tracing::info!(path = %f.path.display(), "SIGUSR1: log file reopened"),
+                    Err(e) => tracing::error!(path = %f.path.display(), error = %e, "SIGUSR1: failed to reopen the log file; still writing to the old one"),
+                },
+                None => tracing::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+            },
             Some((req, reply)) = control_rx.recv() => match req {
                 crate::control::Request::Reload => {
                     notifier.reloading();

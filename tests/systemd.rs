@@ -252,3 +252,49 @@ fn under_journald_log_lines_carry_a_syslog_priority_and_no_timestamp() {
     let d = env.daemon_with(&[("JOURNAL_STREAM", "1:1")]);
     assert!(!d.log_text().starts_with('<'), "{}", d.log_text());
 }
+
+#[test]
+fn sigusr1_reopens_the_log_file_for_logrotate() {
+    let env = Env::new("[queues.q]\ncommand = [\"/nonexistent/program\"]\nmax_attempts = 1\n");
+    let log = env.path().join("taskd.log");
+    let mut child = env
+        .cmd(&["start", "--log-file", log.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        common::poll(Duration::from_secs(20), || read(&log).contains("ready")),
+        "{}",
+        read(&log)
+    );
+    let rotated = env.path().join("taskd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGUSR1);
+    }
+    assert!(
+        common::poll(Duration::from_secs(10), || read(&log).contains("reopened")),
+        "no new log file"
+    );
+    let id = env.submit("q", "{}");
+    env.wait_state(&id, "failed", Duration::from_secs(20));
+    assert!(
+        common::poll(Duration::from_secs(10), || read(&log)
+            .contains("cannot run")),
+        "{}",
+        read(&log)
+    );
+    assert!(
+        !read(&rotated).contains("cannot run"),
+        "the rotated file got new lines"
+    );
+    assert!(
+        !read(&log).contains('\u{1b}'),
+        "no terminal colours in a log file"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
