@@ -109,3 +109,178 @@ pub fn decide(
     };
     (a, finish)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::broker::Lease;
+    use crate::config::{ArgTemplate, Backoff, BackoffKind, Program};
+    use crate::model::{NewTask, TaskId, TaskRecord, TaskState};
+
+    fn queue(max_attempts: u32) -> QueueConfig {
+        let mut q = QueueConfig::new(
+            "q".parse().expect("a valid name"),
+            Program::Command(vec![ArgTemplate::parse("/bin/true").expect("a literal")]),
+        );
+        q.max_attempts = max_attempts;
+        q.fail_exit_codes = vec![64];
+        q.backoff = Backoff {
+            kind: BackoffKind::Exponential,
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(60),
+            jitter: false,
+        };
+        q
+    }
+
+    fn claimed(attempt: u32) -> Claimed {
+        let t = NewTask::new("q".parse().expect("name"), "{}".into());
+        let task = TaskRecord {
+            id: TaskId::new(),
+            queue: t.queue,
+            state: TaskState::Queued,
+            payload: serde_json::json!({}),
+            args: vec![],
+            priority: 0,
+            unique_key: None,
+            run_at: 0,
+            attempts: attempt - 1,
+            created_at: 0,
+            updated_at: 0,
+            finished_at: None,
+            last_error: None,
+            cancel_requested: false,
+            node: None,
+        };
+        Claimed {
+            lease: Lease {
+                task: task.id,
+                token: 1,
+                node: "n".into(),
+            },
+            task,
+            attempt,
+        }
+    }
+
+    fn outcome(status: Status) -> Outcome {
+        Outcome {
+            status,
+            pid: Some(42),
+            started_at_ms: 1_000,
+            ended_at_ms: 2_000,
+            stdout_tail: b"out".to_vec(),
+            stderr_tail: b"err".to_vec(),
+            stdout_total: 3,
+            stderr_total: 3,
+            stray_killed: false,
+        }
+    }
+
+    fn decide_with(max: u32, attempt: u32, status: Status) -> (AttemptRecord, Finish) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        decide(
+            &queue(max),
+            &claimed(attempt),
+            "n",
+            outcome(status),
+            100_000,
+            &mut rng,
+        )
+    }
+
+    #[test]
+    fn exit_zero_succeeds_and_keeps_the_tails() {
+        let (a, f) = decide_with(3, 1, Status::Exited(0));
+        assert_eq!(f, Finish::Succeeded);
+        assert_eq!(
+            (a.reason, a.exit_code, a.number),
+            (Some(AttemptReason::Exit), Some(0), 1)
+        );
+        assert_eq!(
+            (a.stdout_tail.as_str(), a.stderr_tail.as_str()),
+            ("out", "err")
+        );
+        assert_eq!((a.started_at, a.ended_at, a.pid), (1_000, 2_000, Some(42)));
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_after_the_backoff_until_the_budget_is_spent() {
+        let (a, f) = decide_with(3, 1, Status::Exited(3));
+        assert_eq!(
+            f,
+            Finish::Retry {
+                at: 100_000 + 10_000
+            }
+        );
+        assert_eq!(a.error.as_deref(), Some("exit code 3"));
+        let (_, f) = decide_with(3, 2, Status::Exited(3));
+        assert_eq!(
+            f,
+            Finish::Retry {
+                at: 100_000 + 20_000
+            },
+            "exponential: twice the base"
+        );
+        let (a, f) = decide_with(3, 3, Status::Exited(3));
+        assert_eq!(f, Finish::Failed);
+        assert!(
+            a.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("gave up after 3 attempts"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn listed_exit_codes_and_spawn_failures_fail_at_once() {
+        let (a, f) = decide_with(5, 1, Status::Exited(64));
+        assert_eq!(f, Finish::Failed);
+        assert!(a.error.as_deref().unwrap_or("").contains("fail_exit_codes"));
+        let (a, f) = decide_with(
+            5,
+            1,
+            Status::SpawnFailed {
+                kind: SpawnFailure::NotFound,
+                message: "program not found: /nope".into(),
+            },
+        );
+        assert_eq!(f, Finish::Failed);
+        assert_eq!(a.reason, Some(AttemptReason::Spawn));
+        assert!(a.error.as_deref().unwrap_or("").contains("/nope"));
+    }
+
+    #[test]
+    fn signals_timeouts_cancels_and_shutdowns() {
+        let (a, f) = decide_with(5, 1, Status::Signaled(9));
+        assert_eq!((a.reason, a.signal), (Some(AttemptReason::Signal), Some(9)));
+        assert!(a.error.as_deref().unwrap_or("").contains("SIGKILL"));
+        assert!(matches!(f, Finish::Retry { .. }));
+        let (a, f) = decide_with(5, 1, Status::TimedOut { killed_with: 15 });
+        assert_eq!(a.reason, Some(AttemptReason::Timeout));
+        assert!(
+            a.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("timed out after 30m"),
+            "{a:?}"
+        );
+        assert!(matches!(f, Finish::Retry { .. }));
+        let (a, f) = decide_with(5, 1, Status::Cancelled);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Cancelled), Finish::Cancelled)
+        );
+        let (a, f) = decide_with(5, 5, Status::Interrupted);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Shutdown), Finish::Requeue),
+            "never charged, even on the last attempt"
+        );
+    }
+}
