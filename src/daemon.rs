@@ -197,7 +197,7 @@ fn stderr_is_journal() -> bool {
         return false;
     };
     match nix::sys::stat::fstat(libc::STDERR_FILENO) {
-        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
         Err(_) => false,
     }
 }
@@ -267,6 +267,7 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     init_logging(&args.log_format, log_file.as_ref());
     let lock = StateLock::acquire(&config.state_dir)?;
     crate::executor::mark_inherited_fds_cloexec();
+    fit_nofile(&config);
     if let Err(e) = crate::executor::become_subreaper() {
         tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
     }
@@ -457,6 +458,15 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     Ok(exit::OK)
 }
 
+/// Size the daemon's own open-files limit to its queues (see `executor::fit_own_nofile`).
+fn fit_nofile(config: &Config) {
+    let tasks: usize = config.queues.values().map(|q| q.concurrency).sum();
+    match crate::executor::fit_own_nofile(tasks) {
+        Ok(soft) => tracing::debug!(soft, "open-files limit fitted to the queues"),
+        Err(e) => tracing::warn!(error = %e, "could not adjust the open-files limit"),
+    }
+}
+
 fn status_line(s: &Supervisor) -> String {
     let snap = s.snapshot();
     format!("{} queues, {} tasks running", snap.queues, snap.running)
@@ -490,6 +500,7 @@ fn reload(
                         .to_string(),
                 );
             }
+            fit_nofile(&new);
             changes.extend(supervisor.apply(&new));
             if new.shutdown_grace != current.shutdown_grace {
                 changes.push(format!(

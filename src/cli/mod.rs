@@ -221,7 +221,9 @@ pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
 
 pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
     let path = config_path(flag)?;
-    Ok(crate::config::load(&path)?)
+    // A client (submit, status, …) may run as any user: a queue's `user` is checked by the
+    // daemon, not here.
+    Ok(crate::config::load_as_client(&path)?)
 }
 
 pub async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {

@@ -46,7 +46,6 @@ use std::time::Duration;
 use crate::model::QueueName;
 
 pub use backoff::{Backoff, BackoffKind};
-pub use validate::Identity;
 pub use template::ArgTemplate;
 
 /// A validated config, with defaults applied and every path absolute.
@@ -345,6 +344,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         source,
     })?;
     parse_str(&text, path)
+}
+
+/// Reads and validates the config file at `path` for a process that only submits or
+/// inspects tasks: like [`load`], but without the check that this process could run each
+/// queue's tasks as its `user` and `group` (which needs root). The daemon, `taskd check`
+/// and `taskd reload` use [`load`].
+pub fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    validate::validate_as(&text, path, std::env::var_os("STATE_DIRECTORY"), None)
+        .map_err(ConfigError::Invalid)
 }
 
 /// Validates config `text` as if read from `path` (which places relative paths and names the

@@ -683,3 +683,272 @@ fn columns_count_characters() {
     // `é` is two bytes but one column.
     at(&d[1], 3, 24, "queues.a.env.A");
 }
+
+#[test]
+fn umask_limits_and_env_inherit_are_inherited() {
+    let c = ok(r#"
+[defaults]
+umask = "027"
+limits = { nofile = 4096, core = 0, as = "unlimited" }
+env_inherit = ["http_proxy", "LC_TIME", "http_proxy"]
+
+[queues.a]
+shell = "true"
+limits = { nproc = 20, nofile = 2048, cpu = "10m" }
+
+[queues.b]
+shell = "true"
+umask = 0o077
+env_inherit = []
+limits.fsize = "1GiB"
+
+[queues.c]
+shell = "true"
+umask = 0
+"#);
+    let a = &c.queues[&q("a")];
+    assert_eq!(a.umask, Some(0o027));
+    assert_eq!(
+        a.limits,
+        Limits {
+            nofile: Some(LimitValue::Finite(2048)),
+            nproc: Some(LimitValue::Finite(20)),
+            address_space: Some(LimitValue::Unlimited),
+            cpu: Some(LimitValue::Finite(600)),
+            fsize: None,
+            core: Some(LimitValue::Finite(0)),
+        }
+    );
+    assert_eq!(
+        a.env_inherit,
+        ["http_proxy", "LC_TIME"],
+        "duplicates dropped"
+    );
+    let b = &c.queues[&q("b")];
+    assert_eq!(b.umask, Some(0o077));
+    assert!(
+        b.env_inherit.is_empty(),
+        "a queue's list replaces the defaults' list"
+    );
+    assert_eq!(b.limits.fsize, Some(LimitValue::Finite(1 << 30)));
+    assert_eq!(b.limits.nofile, Some(LimitValue::Finite(4096)));
+    assert_eq!(c.queues[&q("c")].umask, Some(0));
+    assert_eq!(
+        b.limits.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        ["nofile", "as", "fsize", "core"]
+    );
+
+    let plain = &ok("[queues.p]\nshell = \"true\"\n").queues[&q("p")];
+    assert_eq!(
+        (plain.umask, plain.limits, plain.env_inherit.len()),
+        (None, Limits::default(), 0)
+    );
+    assert_eq!(
+        ok("[queues.p]\nshell = \"true\"\nlimits = { cpu = 90 }\numask = \"0o22\"\n").queues
+            [&q("p")]
+            .limits
+            .cpu,
+        Some(LimitValue::Finite(90))
+    );
+}
+
+#[test]
+fn umask_errors() {
+    let d = one("[queues.a]\nshell = \"true\"\numask = 27\n");
+    at(&d, 3, 9, "queues.a.umask");
+    assert!(
+        d.message.contains("decimal") && d.message.contains("octal"),
+        "{d}"
+    );
+    assert_eq!(d.fix.as_deref(), Some("write `umask = \"027\"` (octal)"));
+
+    let d = one("[defaults]\numask = \"089\"\n");
+    at(&d, 2, 9, "defaults.umask");
+    assert!(d.message.contains("octal digits"), "{d}");
+
+    let d = one("[defaults]\numask = \"1777\"\n");
+    assert!(d.message.contains("out of range"), "{d}");
+    let d = one("[defaults]\numask = 0o1000\n");
+    assert!(d.message.contains("out of range"), "{d}");
+
+    let d = one("[defaults]\numask = true\n");
+    assert!(d.message.contains("must be an octal string"), "{d}");
+    let d = one("[defaults]\numask = \"\"\n");
+    at(&d, 2, 9, "defaults.umask");
+}
+
+#[test]
+fn limits_errors() {
+    let d = one("[queues.a]\nshell = \"true\"\nlimits = { nofile = 1024, stack = \"8MiB\" }\n");
+    at(&d, 3, 27, "queues.a.limits.stack");
+    assert!(d.message.contains("unknown key `stack`"), "{d}");
+    assert!(
+        d.fix
+            .as_deref()
+            .is_some_and(|f| f.contains("nofile, nproc, as, cpu, fsize, core")),
+        "{d}"
+    );
+
+    let d = one("[defaults]\nlimits = { rss = \"1GiB\" }\n");
+    at(&d, 2, 12, "defaults.limits.rss");
+    assert!(d.fix.as_deref().is_some_and(|f| f.contains("`as`")), "{d}");
+
+    let d = one("[defaults]\nlimits = { nofile = 0 }\n");
+    at(&d, 2, 21, "defaults.limits.nofile");
+    assert!(d.message.contains("at least 1"), "{d}");
+
+    let d = one("[defaults]\nlimits = { nofile = \"unlimited\" }\n");
+    assert!(d.message.contains("cannot be unlimited"), "{d}");
+
+    let d = one("[defaults]\nlimits = { nproc = \"20:40\" }\n");
+    at(&d, 2, 20, "defaults.limits.nproc");
+    assert!(d.message.contains("soft:hard"), "{d}");
+    assert_eq!(
+        d.fix.as_deref(),
+        Some("write one value, such as `nproc = 20`")
+    );
+
+    let d = one("[defaults]\nlimits = { as = \"1KiB\" }\n");
+    at(&d, 2, 17, "defaults.limits.as");
+    assert!(d.message.contains("at least 16MiB"), "{d}");
+
+    let d = one("[defaults]\nlimits = { cpu = \"1500ms\" }\n");
+    assert!(d.message.contains("whole seconds"), "{d}");
+    assert_eq!(d.fix.as_deref(), Some("write `cpu = \"2s\"`"));
+    let d = one("[defaults]\nlimits = { cpu = \"soon\" }\n");
+    assert!(d.message.contains("not a duration"), "{d}");
+    let d = one("[defaults]\nlimits = { cpu = -5 }\n");
+    assert!(d.message.contains("negative"), "{d}");
+    let d = one("[defaults]\nlimits = { fsize = \"lots\" }\n");
+    at(&d, 2, 20, "defaults.limits.fsize");
+
+    let d = one("[defaults]\nlimits = 5\n");
+    at(&d, 2, 10, "defaults.limits");
+    assert!(d.message.contains("must be a table"), "{d}");
+
+    // Every bad sub-key is reported.
+    let d = errs("[defaults]\nlimits = { nofile = -1, nproc = true, core = \"x\" }\n");
+    assert_eq!(d.len(), 3, "{d:#?}");
+}
+
+#[test]
+fn env_inherit_errors() {
+    let text = r#"[queues.a]
+shell = "true"
+env_inherit = ["LANG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "JOURNAL_STREAM", "TASKD_TOKEN", "LC_*", "BAD-NAME", 5]
+"#;
+    let d = errs(text);
+    let keys: Vec<&str> = d.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        (1..=8)
+            .map(|i| format!("queues.a.env_inherit[{i}]"))
+            .collect::<Vec<_>>()
+    );
+    at(&d[0], 3, 24, "queues.a.env_inherit[1]");
+    assert!(
+        d[0].message
+            .contains("`NOTIFY_SOCKET` is never passed to tasks"),
+        "{}",
+        d[0]
+    );
+    assert!(d[0].message.contains("service manager"), "{}", d[0]);
+    assert_eq!(
+        d[0].fix.as_deref(),
+        Some("remove \"NOTIFY_SOCKET\" from env_inherit")
+    );
+    for d in &d[1..=3] {
+        assert!(d.message.contains("never passed to tasks"), "{d}");
+    }
+    assert!(d[4].message.contains("TASKD_ variables"), "{}", d[4]);
+    assert!(d[5].message.contains("pattern"), "{}", d[5]);
+    assert!(
+        d[6].message
+            .contains("not a valid environment variable name"),
+        "{}",
+        d[6]
+    );
+    assert!(d[7].message.contains("found an integer"), "{}", d[7]);
+
+    let d = one("[defaults]\nenv_inherit = \"LANG\"\n");
+    at(&d, 2, 15, "defaults.env_inherit");
+}
+
+fn errs_as(text: &str, euid: u32, egid: u32) -> Vec<Diagnostic> {
+    let id = Some(validate::Identity { euid, egid });
+    match validate::validate_as(text, Path::new("taskd.toml"), None, id) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(d) => d,
+    }
+}
+
+fn ok_as(text: &str, euid: u32, egid: u32) -> Config {
+    let id = Some(validate::Identity { euid, egid });
+    match validate::validate_as(text, Path::new("taskd.toml"), None, id) {
+        Ok(c) => c,
+        Err(diags) => panic!("{}", ConfigError::Invalid(diags)),
+    }
+}
+
+#[test]
+fn switching_users_needs_a_root_daemon() {
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("nobody exists");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+
+    let d = errs_as("[queues.a]\nshell = \"true\"\nuser = \"root\"\n", uid, gid);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    at(&d[0], 3, 8, "queues.a.user");
+    assert!(d[0].message.contains("`nobody` (uid 65534)"), "{}", d[0]);
+    assert!(
+        d[0].message.contains("the daemon must run as root"),
+        "{}",
+        d[0]
+    );
+    assert!(
+        d[0].fix
+            .as_deref()
+            .is_some_and(|f| f.contains("remove `user`")),
+        "{}",
+        d[0]
+    );
+
+    // Its own user is no switch.
+    ok_as(
+        "[queues.a]\nshell = \"true\"\nuser = \"nobody\"\n",
+        uid,
+        gid,
+    );
+    // Root may switch to anyone; a client that only submits is not checked.
+    ok_as("[queues.a]\nshell = \"true\"\nuser = \"nobody\"\n", 0, 0);
+    validate::validate_as(
+        "[queues.a]\nshell = \"true\"\nuser = \"root\"\n",
+        Path::new("taskd.toml"),
+        None,
+        None,
+    )
+    .expect("a client does not need root");
+
+    // A [defaults] user every queue inherits is reported once, where it is set.
+    let d = errs_as(
+        "[defaults]\nuser = \"root\"\n\n[queues.a]\nshell = \"true\"\n\n[queues.b]\nshell = \"true\"\n",
+        uid,
+        gid,
+    );
+    assert_eq!(d.len(), 1, "{d:#?}");
+    at(&d[0], 2, 8, "defaults.user");
+
+    // A group other than its own needs root too, with or without `user`.
+    let d = errs_as("[queues.a]\nshell = \"true\"\ngroup = \"root\"\n", uid, gid);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    at(&d[0], 3, 9, "queues.a.group");
+    assert!(d[0].message.contains("switch groups"), "{}", d[0]);
+    let d = errs_as(
+        "[queues.a]\nshell = \"true\"\nuser = \"nobody\"\ngroup = \"root\"\n",
+        uid,
+        gid,
+    );
+    assert_eq!(d.len(), 1, "{d:#?}");
+    at(&d[0], 4, 9, "queues.a.group");
+}

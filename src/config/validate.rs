@@ -15,8 +15,8 @@ use toml_edit::{ImDocument, Item, Key, TableLike};
 
 use super::units::{self, DurationError};
 use super::{
-    defaults, limits, ArgTemplate, Backoff, BackoffKind, BrokerUrl, Config, Diagnostic, Program,
-    QueueConfig,
+    defaults, limits, never_inherited, ArgTemplate, Backoff, BackoffKind, BrokerUrl, Config,
+    Diagnostic, LimitValue, Limits, Program, QueueConfig,
 };
 use crate::model::QueueName;
 
@@ -42,6 +42,9 @@ const LAYER_KEYS: &[&str] = &[
     "cwd",
     "user",
     "group",
+    "umask",
+    "limits",
+    "env_inherit",
     "output_tail",
     "log_dir",
     "log_max",
@@ -50,6 +53,23 @@ const LAYER_KEYS: &[&str] = &[
 /// an honest "not available" rather than "unknown key".
 const PROGRAM_KEYS: &[&str] = &["command", "shell", "worker", "max_tasks_per_worker"];
 const BACKOFF_KEYS: &[&str] = &["kind", "base", "max", "jitter"];
+const LIMIT_KEYS: &[&str] = &["nofile", "nproc", "as", "cpu", "fsize", "core"];
+
+/// Who reads the config: whether tasks may run as another user depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Identity {
+    pub(super) euid: u32,
+    pub(super) egid: u32,
+}
+
+impl Identity {
+    pub(super) fn current() -> Identity {
+        Identity {
+            euid: nix::unistd::geteuid().as_raw(),
+            egid: nix::unistd::getegid().as_raw(),
+        }
+    }
+}
 
 /// Validates `text` as read from `path`. `state_directory` is `$STATE_DIRECTORY`, passed in so
 /// tests need not touch the process environment.
@@ -58,11 +78,24 @@ pub(super) fn validate(
     path: &Path,
     state_directory: Option<OsString>,
 ) -> Result<Config, Vec<Diagnostic>> {
+    validate_as(text, path, state_directory, Some(Identity::current()))
+}
+
+/// [`validate`] as if read by a process with `identity`; `None` skips the check that the
+/// reader could switch to each queue's `user` and `group` (a producer that only submits
+/// tasks need not be root). Tests pass an identity to play a non-root daemon.
+pub(super) fn validate_as(
+    text: &str,
+    path: &Path,
+    state_directory: Option<OsString>,
+    identity: Option<Identity>,
+) -> Result<Config, Vec<Diagnostic>> {
     let mut cx = Cx {
         text,
         file: path.to_path_buf(),
         dir: config_dir(path),
         diags: Vec::new(),
+        identity,
     };
     let doc = match ImDocument::parse(text) {
         Ok(doc) => doc,
@@ -75,8 +108,12 @@ pub(super) fn validate(
     if cx.diags.is_empty() {
         Ok(config)
     } else {
-        // Report in file order: that is how a person fixes them.
-        cx.diags.sort_by_key(|d| (d.line, d.column));
+        // Report in file order: that is how a person fixes them. A problem of a [defaults] key
+        // that several queues inherit is found once per queue but reported once.
+        cx.diags.sort_by(|a, b| {
+            (a.line, a.column, &a.key, &a.message).cmp(&(b.line, b.column, &b.key, &b.message))
+        });
+        cx.diags.dedup();
         Err(cx.diags)
     }
 }
@@ -180,6 +217,7 @@ enum Section {
     Defaults,
     Queue,
     Backoff,
+    Limits,
 }
 
 /// The queue keys as one table (`[defaults]` or `[queues.NAME]`) sets them.
@@ -193,11 +231,22 @@ struct Layer {
     fail_exit_codes: Option<Vec<i32>>,
     env: Option<BTreeMap<String, String>>,
     cwd: Option<PathBuf>,
-    user: Option<String>,
-    group: Option<String>,
+    user: Option<Located<String>>,
+    group: Option<Located<String>>,
+    umask: Option<u32>,
+    limits: Option<Limits>,
+    env_inherit: Option<Vec<String>>,
     output_tail: Option<usize>,
     log_dir: Option<PathBuf>,
     log_max: Option<u64>,
+}
+
+/// A value with the place it was set, for errors found only after inheritance.
+#[derive(Clone)]
+struct Located<T> {
+    value: T,
+    span: Span,
+    key: String,
 }
 
 #[derive(Clone, Default)]
@@ -236,8 +285,11 @@ struct Settings {
     fail_exit_codes: Vec<i32>,
     env: BTreeMap<String, String>,
     cwd: Option<PathBuf>,
-    user: Option<String>,
-    group: Option<String>,
+    user: Option<Located<String>>,
+    group: Option<Located<String>>,
+    umask: Option<u32>,
+    limits: Limits,
+    env_inherit: Vec<String>,
     output_tail: usize,
     log_dir: Option<PathBuf>,
     log_max: u64,
@@ -256,6 +308,9 @@ impl Settings {
             cwd: None,
             user: None,
             group: None,
+            umask: None,
+            limits: Limits::default(),
+            env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
             log_dir: None,
             log_max: defaults::LOG_MAX,
@@ -281,6 +336,14 @@ impl Settings {
             cwd: layer.cwd.or_else(|| self.cwd.clone()),
             user: layer.user.or_else(|| self.user.clone()),
             group: layer.group.or_else(|| self.group.clone()),
+            umask: layer.umask.or(self.umask),
+            limits: layer
+                .limits
+                .map(|l| l.over(&self.limits))
+                .unwrap_or(self.limits),
+            env_inherit: layer
+                .env_inherit
+                .unwrap_or_else(|| self.env_inherit.clone()),
             output_tail: layer.output_tail.unwrap_or(self.output_tail),
             log_dir: layer.log_dir.or_else(|| self.log_dir.clone()),
             log_max: layer.log_max.unwrap_or(self.log_max),
@@ -304,6 +367,8 @@ struct Cx<'t> {
     file: PathBuf,
     dir: PathBuf,
     diags: Vec<Diagnostic>,
+    /// Who will run the tasks; `None`: do not check privileges.
+    identity: Option<Identity>,
 }
 
 impl Cx<'_> {
@@ -784,6 +849,9 @@ impl Cx<'_> {
                 "log_dir" => layer.log_dir = self.path(&e, "/var/log/taskd"),
                 "user" => layer.user = self.account(&e, Account::User),
                 "group" => layer.group = self.account(&e, Account::Group),
+                "umask" => layer.umask = self.umask(&e),
+                "limits" => layer.limits = self.limits(&e),
+                "env_inherit" => layer.env_inherit = self.env_inherit(&e),
                 "output_tail" => {
                     layer.output_tail = self
                         .size(&e, 0, limits::MAX_OUTPUT_TAIL, "64KiB")
@@ -996,7 +1064,7 @@ impl Cx<'_> {
         ok.then_some(out)
     }
 
-    fn account(&mut self, e: &Entry, kind: Account) -> Option<String> {
+    fn account(&mut self, e: &Entry, kind: Account) -> Option<Located<String>> {
         let s = self.string(e, "\"taskd\"")?;
         let what = kind.as_str();
         if s.is_empty() {
@@ -1013,7 +1081,11 @@ impl Cx<'_> {
             Account::Group => nix::unistd::Group::from_name(s).map(|g| g.is_some()),
         };
         match found {
-            Ok(true) => Some(s.to_string()),
+            Ok(true) => Some(Located {
+                value: s.to_string(),
+                span: e.value_span(),
+                key: e.path.clone(),
+            }),
             Ok(false) => {
                 let fix = match kind {
                     Account::User => format!(
@@ -1039,6 +1111,314 @@ impl Cx<'_> {
                     Some(format!("check that the {what} database (NSS) is reachable")),
                 );
                 None
+            }
+        }
+    }
+
+    /// `umask`: a string of octal digits ("027", "0o027") or an integer; an integer must be
+    /// written in octal (`0o027`) unless it is 0, since `umask = 27` is almost surely meant
+    /// as 027 and would silently be 033.
+    fn umask(&mut self, e: &Entry) -> Option<u32> {
+        let name = e.name;
+        let example = format!("write it as an octal string such as `{name} = \"027\"`");
+        let value = if let Some(n) = e.item.as_integer() {
+            let raw = e
+                .value_span()
+                .and_then(|s| self.text.get(s))
+                .unwrap_or("")
+                .trim();
+            let radix_literal = ["0o", "0x", "0b"].iter().any(|p| raw.starts_with(p));
+            if n != 0 && !radix_literal {
+                let digits = n.to_string();
+                let fix = if n > 0 && digits.chars().all(|c| ('0'..='7').contains(&c)) {
+                    format!("write `{name} = \"{digits:0>3}\"` (octal)")
+                } else {
+                    example
+                };
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("umask {n} is a decimal number, but a umask is written in octal"),
+                    Some(fix),
+                );
+                return None;
+            }
+            n
+        } else if let Some(s) = e.item.as_str() {
+            let t = s.trim();
+            let digits = t.strip_prefix("0o").unwrap_or(t);
+            let parsed = if !digits.is_empty()
+                && digits.len() <= 6
+                && digits.chars().all(|c| ('0'..='7').contains(&c))
+            {
+                i64::from_str_radix(digits, 8).ok()
+            } else {
+                None
+            };
+            let Some(n) = parsed else {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("\"{s}\" is not a umask: it must be octal digits (0 to 7)"),
+                    Some(example),
+                );
+                return None;
+            };
+            n
+        } else {
+            self.wrong_type(e, "an octal string such as \"027\"", example);
+            return None;
+        };
+        if !(0..=0o777).contains(&value) {
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "umask {value:o} (octal) is out of range: a umask holds permission bits only, 000 to 777"
+                ),
+                Some(example),
+            );
+            return None;
+        }
+        u32::try_from(value).ok()
+    }
+
+    /// `limits = { nofile, nproc, as, cpu, fsize, core }`.
+    fn limits(&mut self, e: &Entry) -> Option<Limits> {
+        let t = self.table(
+            e,
+            "a table such as `limits = { nofile = 4096, nproc = 100, as = \"4GiB\", cpu = \"10m\" }`",
+        )?;
+        let mut out = Limits::default();
+        for sub in entries(t, &e.path) {
+            match sub.name {
+                "nofile" => out.nofile = self.limit_count(&sub, nr_open(), false),
+                "nproc" => out.nproc = self.limit_count(&sub, i64::MAX as u64, true),
+                "as" => {
+                    out.address_space = self.limit_size(&sub, limits::MIN_ADDRESS_SPACE, "4GiB")
+                }
+                "fsize" => out.fsize = self.limit_size(&sub, 0, "1GiB"),
+                "core" => out.core = self.limit_size(&sub, 0, "0"),
+                "cpu" => out.cpu = self.limit_cpu(&sub),
+                "memory" | "mem" | "rss" | "vmem" | "memlock" => self.error(
+                    sub.key_span(),
+                    &sub.path,
+                    format!("unknown key `{}` in {}", sub.name, e.path),
+                    Some("limit memory with `as` (address space), such as `as = \"4GiB\"`".into()),
+                ),
+                _ => {
+                    let label = format!("in {}", e.path);
+                    self.unknown_key(&sub, Section::Limits, &label, LIMIT_KEYS)
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// The string forms every limit shares: `"unlimited"`, and a refused `"soft:hard"` pair.
+    /// `Err(())`: an error was reported. `Ok(None)`: not one of them; read the value itself.
+    fn limit_word(&mut self, e: &Entry, unlimited_ok: bool) -> Result<Option<LimitValue>, ()> {
+        let Some(s) = e.item.as_str() else {
+            return Ok(None);
+        };
+        let name = e.name;
+        if s.contains(':') {
+            let soft = s.split(':').next().unwrap_or("").trim();
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!("\"{s}\" looks like a soft:hard pair, which taskd does not take: one value sets both the soft and the hard limit"),
+                Some(format!("write one value, such as `{name} = {}`", quote_unless_number(soft))),
+            );
+            return Err(());
+        }
+        if s.trim().eq_ignore_ascii_case("unlimited") {
+            if unlimited_ok {
+                return Ok(Some(LimitValue::Unlimited));
+            }
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "{name} cannot be unlimited: the kernel caps open files at fs.nr_open ({})",
+                    nr_open()
+                ),
+                Some(format!("write a number, such as `{name} = 65536`")),
+            );
+            return Err(());
+        }
+        Ok(None)
+    }
+
+    /// A count limit (`nofile`, `nproc`): an integer from 1 to `max`, or `"unlimited"`.
+    fn limit_count(&mut self, e: &Entry, max: u64, unlimited_ok: bool) -> Option<LimitValue> {
+        match self.limit_word(e, unlimited_ok) {
+            Err(()) => return None,
+            Ok(Some(v)) => return Some(v),
+            Ok(None) => {}
+        }
+        let example = if e.name == "nofile" { "4096" } else { "100" };
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.int_in_range(e, 1, max, example)
+            .map(|n| LimitValue::Finite(n as u64)) // 1..=max: positive
+    }
+
+    /// A byte-size limit (`as`, `fsize`, `core`): bytes, a size string, or `"unlimited"`.
+    fn limit_size(&mut self, e: &Entry, min: u64, example: &str) -> Option<LimitValue> {
+        match self.limit_word(e, true) {
+            Err(()) => return None,
+            Ok(Some(v)) => return Some(v),
+            Ok(None) => {}
+        }
+        // u64::MAX is RLIM_INFINITY: a finite limit stays below it.
+        self.size(e, min, u64::MAX - 1, example)
+            .map(LimitValue::Finite)
+    }
+
+    /// `cpu`: whole seconds, as an integer or a duration string, or `"unlimited"`.
+    fn limit_cpu(&mut self, e: &Entry) -> Option<LimitValue> {
+        match self.limit_word(e, true) {
+            Err(()) => return None,
+            Ok(Some(v)) => return Some(v),
+            Ok(None) => {}
+        }
+        if e.item.is_integer() {
+            return self
+                .int_in_range(e, 1, i64::MAX, "60")
+                .map(|n| LimitValue::Finite(n as u64)); // positive
+        }
+        if !e.item.is_str() {
+            self.wrong_type(
+                e,
+                "seconds (an integer) or a duration string such as \"10m\"",
+                "write `cpu = 600` or `cpu = \"10m\"`".into(),
+            );
+            return None;
+        }
+        let d = self.duration(e)?;
+        if d.subsec_nanos() != 0 {
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "cpu time is limited in whole seconds, and {} is not",
+                    units::show_duration(d)
+                ),
+                Some(format!("write `cpu = \"{}s\"`", d.as_secs() + 1)),
+            );
+            return None;
+        }
+        Some(LimitValue::Finite(d.as_secs()))
+    }
+
+    /// `env_inherit = ["LANG", "TZ"]`: names of the daemon's variables tasks get.
+    fn env_inherit(&mut self, e: &Entry) -> Option<Vec<String>> {
+        let example =
+            "write a list of variable names such as `env_inherit = [\"LC_TIME\", \"http_proxy\"]`";
+        let Some(array) = e.item.as_array() else {
+            self.wrong_type(e, "an array of variable names", example.into());
+            return None;
+        };
+        let mut out: Vec<String> = Vec::new();
+        let mut ok = true;
+        for (i, v) in array.iter().enumerate() {
+            let key = format!("{}[{i}]", e.path);
+            let Some(name) = v.as_str() else {
+                self.error(
+                    v.span(),
+                    &key,
+                    format!(
+                        "env_inherit must hold variable names as strings, found {}",
+                        with_article(v.type_name())
+                    ),
+                    Some(example.into()),
+                );
+                ok = false;
+                continue;
+            };
+            let problem = if never_inherited(name) {
+                let why = if name.to_ascii_uppercase().starts_with("TASKD_") {
+                    "taskd sets the TASKD_ variables of a task itself"
+                } else {
+                    "it belongs to the daemon's own connection to its service manager (systemd), and a task that used it would speak for the daemon"
+                };
+                Some((
+                    format!("`{name}` is never passed to tasks: {why}"),
+                    format!("remove \"{name}\" from env_inherit"),
+                ))
+            } else if name.contains('*') {
+                Some((
+                    format!("env_inherit takes exact variable names; the pattern `{name}` is not supported"),
+                    "list each variable by name, such as \"LC_TIME\"".to_string(),
+                ))
+            } else {
+                check_env_name(name).err()
+            };
+            if let Some((message, fix)) = problem {
+                self.error(v.span(), &key, message, Some(fix));
+                ok = false;
+                continue;
+            }
+            if !out.iter().any(|n| n == name) {
+                out.push(name.to_string());
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// Could the daemon run this queue's tasks as its `user` and `group`? Only root can
+    /// switch; a daemon that is not root may only name itself.
+    fn check_privileges(&mut self, s: &Settings) {
+        let Some(id) = self.identity else { return };
+        if id.euid == 0 || (s.user.is_none() && s.group.is_none()) {
+            return;
+        }
+        let me = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id.euid)) {
+            Ok(Some(u)) => format!("`{}` (uid {})", u.name, id.euid),
+            _ => format!("uid {}", id.euid),
+        };
+        // The group the task would get, and the key that decides it.
+        let mut target: Option<(u32, String, &Located<String>)> = None;
+        if let Some(u) = &s.user {
+            // An unknown user was reported where it was read.
+            let Ok(Some(pw)) = nix::unistd::User::from_name(&u.value) else {
+                return;
+            };
+            if pw.uid.as_raw() != id.euid {
+                self.error(
+                    u.span.clone(),
+                    &u.key,
+                    format!(
+                        "tasks cannot run as user `{}`: taskd runs as {me}, not root, and the daemon must run as root to switch users",
+                        u.value
+                    ),
+                    Some("run taskd as root (its systemd unit does), or remove `user` to run the tasks as taskd's own user".into()),
+                );
+                return;
+            }
+            let primary = nix::unistd::Group::from_gid(pw.gid)
+                .ok()
+                .flatten()
+                .map_or_else(|| pw.gid.to_string(), |g| g.name);
+            target = Some((pw.gid.as_raw(), primary, u));
+        }
+        if let Some(g) = &s.group {
+            let Ok(Some(gr)) = nix::unistd::Group::from_name(&g.value) else {
+                return;
+            };
+            target = Some((gr.gid.as_raw(), gr.name, g));
+        }
+        if let Some((gid, name, at)) = target {
+            if gid != id.egid {
+                self.error(
+                    at.span.clone(),
+                    &at.key,
+                    format!(
+                        "tasks cannot run with group `{name}`: taskd runs as {me} with group id {}, not root, and the daemon must run as root to switch groups",
+                        id.egid
+                    ),
+                    Some("run taskd as root (its systemd unit does), or remove `group`".into()),
+                );
             }
         }
     }
@@ -1077,6 +1457,7 @@ impl Cx<'_> {
         if let Some(b) = backoff {
             self.check_backoff(&b, &settings.backoff);
         }
+        self.check_privileges(&settings);
         let program = self.program(e, &program_entries);
         let (name, program) = (name?, program?);
         Some(QueueConfig {
@@ -1090,8 +1471,11 @@ impl Cx<'_> {
             fail_exit_codes: settings.fail_exit_codes,
             env: settings.env,
             cwd: settings.cwd,
-            user: settings.user,
-            group: settings.group,
+            user: settings.user.map(|u| u.value),
+            group: settings.group.map(|g| g.value),
+            umask: settings.umask,
+            limits: settings.limits,
+            env_inherit: settings.env_inherit,
             output_tail: settings.output_tail,
             log_dir: settings.log_dir,
             log_max: settings.log_max,
@@ -1292,6 +1676,23 @@ impl Account {
             Account::User => "user",
             Account::Group => "group",
         }
+    }
+}
+
+/// `fs.nr_open`, the most open files a process may be allowed.
+fn nr_open() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(limits::NR_OPEN)
+}
+
+/// `s` as a TOML value: bare if it is a whole number, else quoted.
+fn quote_unless_number(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        s.to_string()
+    } else {
+        format!("\"{s}\"")
     }
 }
 

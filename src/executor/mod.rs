@@ -3,7 +3,13 @@
 //!
 //! What it owns:
 //! - spawning the program (argv executed directly, never through a shell) with exactly the
-//!   given environment, cwd, stdin payload and, optionally, another user's identity;
+//!   given environment, cwd, stdin payload and, optionally, another user's identity, a umask
+//!   and resource limits; every task gets the open-files soft limit 1024 and
+//!   `oom_score_adj` 0 whatever the daemon's own are (see `setup.rs` for when that costs a
+//!   `pre_exec` hook and when it does not);
+//! - no descriptor of the daemon reaches a task: everything this module opens (pipes, log
+//!   files, /dev/null) is close-on-exec, and the daemon marks what it inherited at start-up
+//!   ([`mark_inherited_fds_cloexec`]);
 //! - the pipes: a bounded tail of stdout and stderr (memory O(`tail_bytes`) however much the
 //!   child writes) and optional capped full-output log files;
 //! - the timeout, operator cancel and daemon shutdown, all handled the same way: SIGTERM to the
@@ -24,6 +30,7 @@
 
 mod output;
 mod procs;
+mod setup;
 mod user;
 
 #[cfg(test)]
@@ -47,7 +54,10 @@ pub use procs::{
     become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec,
     reap_orphans, spawn_tracked, TrackedChild,
 };
+pub use setup::{fit_own_nofile, host, refresh_host, Host, Rlimit, TASK_NOFILE_SOFT, UNLIMITED};
 pub use user::UserSpec;
+
+use setup::ChildSetup;
 
 /// How long pipes may stay open after the leader exited before the group is killed.
 const PIPE_LINGER: Duration = Duration::from_millis(200);
@@ -70,8 +80,9 @@ pub enum ExecError {
     },
 }
 
-/// One attempt to run.
-#[derive(Clone, Debug)]
+/// One attempt to run. `Default` is there for `..Default::default()`: an empty argv and a
+/// zero timeout run nothing useful.
+#[derive(Clone, Debug, Default)]
 pub struct Spec {
     /// `argv[0]` is the program, executed directly. Shell queues pass `["/bin/sh", "-c", script]`.
     pub argv: Vec<String>,
@@ -88,6 +99,11 @@ pub struct Spec {
     pub tail_bytes: usize,
     pub log: Option<LogSpec>,
     pub user: Option<UserSpec>,
+    /// The task's umask; `None` keeps the daemon's.
+    pub umask: Option<u32>,
+    /// Resource limits to set before exec. Without an `RLIMIT_NOFILE` entry, the open-files
+    /// soft limit is reset to [`TASK_NOFILE_SOFT`].
+    pub limits: Vec<Rlimit>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -461,6 +477,12 @@ fn preflight(spec: &Spec) -> Option<Status> {
             message: "empty command: no program to run".to_string(),
         });
     }
+    if let Some(message) = setup::unsettable_limit(spec, &host()) {
+        return Some(Status::SpawnFailed {
+            kind: SpawnFailure::Other,
+            message,
+        });
+    }
     // A missing cwd fails the spawn with ENOENT, which would read as "program not found".
     let cwd = spec.cwd.as_ref()?;
     let failure = |message: String| Status::SpawnFailed {
@@ -497,6 +519,7 @@ fn command(spec: &Spec) -> tokio::process::Command {
         // pre_exec hook this keeps std's posix_spawn fast path.
         .process_group(0)
         .kill_on_drop(false)
+        // Pipes and /dev/null are opened close-on-exec by std: only 0, 1 and 2 reach the task.
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
         } else {
@@ -507,10 +530,11 @@ fn command(spec: &Spec) -> tokio::process::Command {
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    if let Some(user) = spec.user.as_ref().filter(|u| !u.is_current()) {
-        // SAFETY: the hook only makes async-signal-safe system calls (see privilege_drop).
+    if let Some(setup) = ChildSetup::plan(spec, &host()) {
+        // SAFETY: the hook only makes async-signal-safe system calls and allocates nothing
+        // (see ChildSetup::into_hook).
         unsafe {
-            cmd.pre_exec(user.privilege_drop());
+            cmd.pre_exec(setup.into_hook());
         }
     }
     cmd

@@ -72,6 +72,9 @@ impl LogFile {
                 .append(true)
                 .create(true)
                 .mode(0o640)
+                // std opens close-on-exec anyway; said here because a log file of one task
+                // must never leak into the next.
+                .custom_flags(libc::O_CLOEXEC)
                 .open(path)
         };
         let file = match open() {

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 
 use super::output::Tail;
 use super::procs::{parse_stat, read_stat};
+use super::setup::ChildSetup;
 use super::*;
 
 fn spec(argv: &[&str]) -> Spec {
@@ -22,6 +23,8 @@ fn spec(argv: &[&str]) -> Spec {
         tail_bytes: 64 * 1024,
         log: None,
         user: None,
+        umask: None,
+        limits: Vec::new(),
     }
 }
 
@@ -446,8 +449,13 @@ fn kill_orphan_group_without_its_leader() {
     );
 }
 
+/// Held by tests that open a descriptor without FD_CLOEXEC and by those that look for leaked
+/// descriptors in a task, so that the one cannot leak into the other's task.
+static FD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn inherited_fds_become_cloexec() {
+    let _fds = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // dup() gives a descriptor without FD_CLOEXEC, like one inherited from a parent.
     // SAFETY: dup/fcntl/close on a descriptor this test owns.
     unsafe {
@@ -458,6 +466,190 @@ fn inherited_fds_become_cloexec() {
         assert_ne!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
         libc::close(fd);
     }
+}
+
+#[tokio::test]
+// The lock only keeps other tests' non-close-on-exec descriptors out of this test's window;
+// nothing in this test's runtime takes it.
+#[allow(clippy::await_holding_lock)]
+async fn a_task_sees_no_descriptor_above_2() {
+    let _fds = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // What the daemon does at start-up with what it inherited.
+    mark_inherited_fds_cloexec();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Another task is running meanwhile, with its pipes and log files open in this process.
+    let mut other = sh("sleep 30");
+    other.log = Some(LogSpec {
+        stdout_path: dir.path().join("other.out"),
+        stderr_path: dir.path().join("other.err"),
+        max_bytes: 1024,
+    });
+    other.stdin = b"{}".to_vec();
+    other.timeout = Duration::from_secs(3);
+    let (tx, rx) = oneshot::channel();
+    let other = tokio::spawn(run(other, Stop::default(), Some(tx)));
+    rx.await.expect("the other task started");
+    for setup in [None, Some(0o022)] {
+        // Both spawn paths: posix_spawn (nothing to do before exec) and fork + pre_exec.
+        let mut s = spec(&["/bin/ls", "/proc/self/fd"]);
+        s.stdin = b"{}".to_vec();
+        s.umask = setup;
+        s.log = Some(LogSpec {
+            stdout_path: dir.path().join("ls.out"),
+            stderr_path: dir.path().join("ls.err"),
+            max_bytes: 1024,
+        });
+        let o = run_plain(s).await;
+        assert_eq!(o.status, Status::Exited(0), "{}", text(&o.stderr_tail));
+        let fds: Vec<&str> = text(&o.stdout_tail).split_whitespace().collect();
+        // 3 is the directory ls itself opened to list the others.
+        assert_eq!(fds, ["0", "1", "2", "3"], "umask {setup:?}");
+    }
+    let o = other.await.expect("other task");
+    assert!(
+        matches!(o.status, Status::TimedOut { .. }),
+        "{:?}",
+        o.status
+    );
+}
+
+fn fake_host(nofile: (u64, u64), oom: i32) -> Host {
+    Host {
+        nofile,
+        oom_score_adj: Some(oom),
+        euid: 0,
+        egid: 0,
+    }
+}
+
+#[test]
+fn plain_tasks_keep_the_fast_path() {
+    let plain = spec(&["/bin/true"]);
+    // A daemon with default limits and oom_score_adj: nothing to do before exec.
+    assert_eq!(ChildSetup::plan(&plain, &fake_host((1024, 4096), 0)), None);
+    // A hard limit under 1024 is as high as the soft one can go.
+    assert_eq!(ChildSetup::plan(&plain, &fake_host((512, 512), 0)), None);
+    assert!(ChildSetup::plan(&plain, &fake_host((512, 4096), 0)).is_some());
+    // A raised daemon limit, or a protected daemon: every task needs the hook.
+    assert!(ChildSetup::plan(&plain, &fake_host((65536, 65536), 0)).is_some());
+    assert!(ChildSetup::plan(&plain, &fake_host((1024, 4096), -900)).is_some());
+    // The queue asks for something.
+    let mut s = plain.clone();
+    s.umask = Some(0o027);
+    assert!(ChildSetup::plan(&s, &fake_host((1024, 4096), 0)).is_some());
+    let mut s = plain.clone();
+    s.limits = vec![Rlimit::both(nix::sys::resource::Resource::RLIMIT_CORE, 0)];
+    assert!(ChildSetup::plan(&s, &fake_host((1024, 4096), 0)).is_some());
+    // Running as the daemon's own user is no switch.
+    let root = UserSpec::lookup("root", None).expect("root");
+    let mut s = plain.clone();
+    s.user = Some(root);
+    assert_eq!(ChildSetup::plan(&s, &fake_host((1024, 4096), 0)), None);
+}
+
+#[test]
+fn nofile_reset_unless_the_queue_sets_it() {
+    use nix::sys::resource::Resource;
+    let host = fake_host((65536, 65536), 0);
+    let setup = ChildSetup::plan(&spec(&["/bin/true"]), &host).expect("a reset");
+    assert_eq!(
+        setup.limits(),
+        [Rlimit {
+            resource: Resource::RLIMIT_NOFILE,
+            soft: 1024,
+            hard: 65536
+        }]
+    );
+    let mut s = spec(&["/bin/true"]);
+    s.limits = vec![Rlimit::both(Resource::RLIMIT_NOFILE, 4096)];
+    let setup = ChildSetup::plan(&s, &host).expect("the queue's limit");
+    assert_eq!(
+        setup.limits(),
+        [Rlimit::both(Resource::RLIMIT_NOFILE, 4096)]
+    );
+}
+
+#[tokio::test]
+async fn tasks_get_the_default_nofile_and_their_queues_limits() {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let script = "ulimit -Sn; ulimit -Hn; ulimit -c; ulimit -t; umask";
+    let o = run_plain(sh(script)).await;
+    let lines: Vec<String> = text(&o.stdout_tail).lines().map(str::to_string).collect();
+    let show = |v: u64| {
+        if v == UNLIMITED {
+            "unlimited".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    assert_eq!(
+        lines[0],
+        TASK_NOFILE_SOFT.min(hard).to_string(),
+        "{lines:?}"
+    );
+    assert_eq!(lines[1], show(hard), "the hard limit is kept");
+
+    let mut s = sh(script);
+    s.limits = vec![
+        Rlimit::both(Resource::RLIMIT_NOFILE, 256),
+        Rlimit::both(Resource::RLIMIT_CORE, 0),
+        Rlimit::both(Resource::RLIMIT_CPU, 30),
+    ];
+    s.umask = Some(0o027);
+    let o = run_plain(s).await;
+    assert_eq!(o.status, Status::Exited(0), "{}", text(&o.stderr_tail));
+    let lines: Vec<&str> = text(&o.stdout_tail).lines().collect();
+    assert_eq!(lines, ["256", "256", "0", "30", "0027"]);
+}
+
+#[tokio::test]
+async fn an_impossible_limit_fails_the_spawn_not_the_daemon() {
+    use nix::sys::resource::Resource;
+    // More open files than the kernel allows anyone (fs.nr_open): setrlimit fails in the
+    // child, and the attempt is a spawn failure.
+    let mut s = spec(&["/bin/true"]);
+    s.limits = vec![Rlimit::both(Resource::RLIMIT_NOFILE, UNLIMITED)];
+    let o = run_plain(s).await;
+    assert!(
+        matches!(
+            o.status,
+            Status::SpawnFailed {
+                kind: SpawnFailure::Other,
+                ..
+            }
+        ),
+        "{:?}",
+        o.status
+    );
+    assert!(o.pid.is_none());
+}
+
+#[test]
+fn a_non_root_daemon_says_which_limit_it_cannot_raise() {
+    use nix::sys::resource::Resource;
+    let mut s = spec(&["/bin/true"]);
+    s.limits = vec![Rlimit::both(Resource::RLIMIT_CORE, UNLIMITED)];
+    let user = Host {
+        euid: 1000,
+        egid: 1000,
+        ..fake_host((1024, 4096), 0)
+    };
+    let (_, own) = nix::sys::resource::getrlimit(Resource::RLIMIT_CORE).expect("getrlimit");
+    let message = setup::unsettable_limit(&s, &user);
+    if own == UNLIMITED {
+        assert_eq!(message, None, "nothing to raise");
+    } else {
+        let m = message.expect("refused before the fork");
+        assert!(
+            m.contains("RLIMIT_CORE") && m.contains("not run as root"),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        setup::unsettable_limit(&s, &fake_host((1024, 4096), 0)),
+        None
+    );
 }
 
 #[test]

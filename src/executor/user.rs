@@ -1,8 +1,7 @@
-//! Running a task as another user: the lookup (in the daemon, before the fork) and the
-//! privilege drop (in the child, between fork and exec).
+//! Running a task as another user: the lookup, in the daemon before the fork (the switch
+//! itself happens in the child, see [`super::setup`]).
 
 use std::ffi::CString;
-use std::io;
 use std::path::PathBuf;
 
 use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
@@ -70,30 +69,5 @@ impl UserSpec {
     /// to drop (and a non-root daemon could not call setgroups anyway).
     pub(crate) fn is_current(&self) -> bool {
         nix::unistd::geteuid().as_raw() == self.uid && nix::unistd::getegid().as_raw() == self.gid
-    }
-
-    /// The `pre_exec` hook that switches to this user: setgroups → setgid → setuid.
-    ///
-    /// Everything it needs is copied in before the fork; the closure itself only makes
-    /// async-signal-safe system calls and allocates nothing.
-    pub(crate) fn privilege_drop(&self) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
-        let groups: Vec<libc::gid_t> = self.groups.clone();
-        let (uid, gid) = (self.uid, self.gid);
-        move || {
-            // SAFETY: plain system calls on memory owned by the closure; no allocation, no
-            // locks, which is what may run between fork and exec.
-            unsafe {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(gid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        }
     }
 }

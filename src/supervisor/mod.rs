@@ -105,6 +105,14 @@ pub fn queue_diff(
     field!("user", user, |v: &Option<String>| dbg(v));
     field!("group", group, |v: &Option<String>| dbg(v));
     field!("log_dir", log_dir, |v: &Option<std::path::PathBuf>| dbg(v));
+    field!("umask", umask, |v: &Option<u32>| match v {
+        Some(m) => format!("{m:03o}"),
+        None => "inherited".to_string(),
+    });
+    field!("env_inherit", env_inherit, |v: &Vec<String>| dbg(v));
+    if old.limits != new.limits {
+        out.push(format!("limits {:?} → {:?}", old.limits, new.limits));
+    }
     if old.env != new.env {
         out.push("env changed".to_string());
     }

@@ -6,19 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{Program, QueueConfig};
-use crate::executor::{LogSpec, Spec, UserSpec};
-use crate::model::TaskRecord;
+use nix::sys::resource::Resource;
 
-/// Environment variables of the daemon that must never reach a task: they belong to the
-/// daemon's own service manager connection.
-fn stripped(name: &str) -> bool {
-    name == "NOTIFY_SOCKET"
-        || name == "JOURNAL_STREAM"
-        || name.starts_with("WATCHDOG_")
-        || name.starts_with("LISTEN_")
-        || name.starts_with("TASKD_")
-}
+use crate::config::{defaults, never_inherited, LimitValue, Limits, Program, QueueConfig};
+use crate::executor::{LogSpec, Rlimit, Spec, UserSpec, UNLIMITED};
+use crate::model::TaskRecord;
 
 /// Values bigger than this are left out of the environment (the kernel refuses a single
 /// environment string over 128 KiB); the whole payload is always on stdin.
@@ -29,29 +21,31 @@ pub struct Prepared {
     pub config: std::sync::Arc<QueueConfig>,
     base_env: Vec<(String, String)>,
     user: Option<Result<UserSpec, String>>,
+    limits: Vec<Rlimit>,
 }
 
 impl Prepared {
     pub fn new(config: std::sync::Arc<QueueConfig>) -> Self {
-        let mut env: BTreeMap<String, String> =
-            std::env::vars().filter(|(k, _)| !stripped(k)).collect();
-        let user = config
-            .user
-            .as_deref()
-            .map(|u| UserSpec::lookup(u, config.group.as_deref()).map_err(|e| e.to_string()));
-        if let Some(Ok(u)) = &user {
-            env.insert("HOME".into(), u.home.display().to_string());
-            env.insert("USER".into(), u.name.clone());
-            env.insert("LOGNAME".into(), u.name.clone());
+        // Looked up here, once, and never between fork and exec. A queue with only `group`
+        // runs as the daemon's own user with that group.
+        let user = match (config.user.as_deref(), config.group.as_deref()) {
+            (None, None) => None,
+            (Some(u), g) => Some(UserSpec::lookup(u, g)),
+            (None, Some(g)) => Some(UserSpec::lookup(
+                &nix::unistd::geteuid().as_raw().to_string(),
+                Some(g),
+            )),
         }
-        for (k, v) in &config.env {
-            env.insert(k.clone(), v.clone());
-        }
-        env.insert("TASKD_QUEUE".into(), config.name.to_string());
-        env.insert("TASKD_MAX_ATTEMPTS".into(), config.max_attempts.to_string());
+        .map(|r| r.map_err(|e| e.to_string()));
+        let identity = match (&config.user, &user) {
+            (Some(_), Some(Ok(u))) => Some(u),
+            _ => None,
+        };
+        let base_env = base_env(std::env::vars(), &config, identity);
         Prepared {
-            base_env: env.into_iter().collect(),
+            base_env,
             user,
+            limits: rlimits(&config.limits),
             config,
         }
     }
@@ -99,10 +93,11 @@ impl Prepared {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
             Some(Err(e)) => {
-                return Err(format!(
-                    "cannot run as user {:?}: {e}",
-                    q.user.as_deref().unwrap_or("")
-                ))
+                let who = match (&q.user, &q.group) {
+                    (Some(u), _) => format!("user {u:?}"),
+                    (None, g) => format!("group {:?}", g.as_deref().unwrap_or_default()),
+                };
+                return Err(format!("cannot run as {who}: {e}"));
             }
         };
         let log = q.log_dir.as_ref().map(|dir| LogSpec {
@@ -120,8 +115,63 @@ impl Prepared {
             tail_bytes: q.output_tail,
             log,
             user,
+            umask: q.umask,
+            limits: self.limits.clone(),
         })
     }
+}
+
+/// A task's environment before the per-task `TASKD_*` variables: the daemon's variables
+/// named in the allowlist ([`defaults::ENV_INHERIT`] and the queue's `env_inherit`), never
+/// the service manager's; for a queue with `user`, that user's HOME, USER, LOGNAME and
+/// [`defaults::TASK_PATH`]; then the queue's `env`; then `TASKD_QUEUE` and
+/// `TASKD_MAX_ATTEMPTS`. A task always has a PATH.
+fn base_env(
+    daemon_env: impl Iterator<Item = (String, String)>,
+    config: &QueueConfig,
+    user: Option<&UserSpec>,
+) -> Vec<(String, String)> {
+    let allowed = |name: &str| {
+        !never_inherited(name)
+            && (defaults::ENV_INHERIT.contains(&name)
+                || config.env_inherit.iter().any(|n| n == name))
+    };
+    let mut env: BTreeMap<String, String> = daemon_env.filter(|(k, _)| allowed(k)).collect();
+    if let Some(u) = user {
+        env.insert("HOME".into(), u.home.display().to_string());
+        env.insert("USER".into(), u.name.clone());
+        env.insert("LOGNAME".into(), u.name.clone());
+        // The daemon's PATH is root's, which may name directories the user should not be
+        // sent to (or cannot read).
+        env.insert("PATH".into(), defaults::TASK_PATH.into());
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| defaults::TASK_PATH.into());
+    for (k, v) in &config.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("TASKD_QUEUE".into(), config.name.to_string());
+    env.insert("TASKD_MAX_ATTEMPTS".into(), config.max_attempts.to_string());
+    env.into_iter().collect()
+}
+
+/// The queue's `limits` as executor limits, each value both soft and hard.
+fn rlimits(limits: &Limits) -> Vec<Rlimit> {
+    let value = |v: LimitValue| match v {
+        LimitValue::Finite(n) => n,
+        LimitValue::Unlimited => UNLIMITED,
+    };
+    [
+        (limits.nofile, Resource::RLIMIT_NOFILE),
+        (limits.nproc, Resource::RLIMIT_NPROC),
+        (limits.address_space, Resource::RLIMIT_AS),
+        (limits.cpu, Resource::RLIMIT_CPU),
+        (limits.fsize, Resource::RLIMIT_FSIZE),
+        (limits.core, Resource::RLIMIT_CORE),
+    ]
+    .into_iter()
+    .filter_map(|(v, r)| Some(Rlimit::both(r, value(v?))))
+    .collect()
 }
 
 fn is_env_name(s: &str) -> bool {
@@ -143,12 +193,130 @@ mod tests {
         assert!(!is_env_name(""));
     }
 
+    fn queue(toml: &str) -> QueueConfig {
+        let text = format!("[queues.q]\nshell = \"true\"\n{toml}\n");
+        let mut c = crate::config::parse_str(&text, std::path::Path::new("/etc/taskd/taskd.toml"))
+            .expect("valid config");
+        c.queues.pop_first().expect("one queue").1
+    }
+
+    fn env_of(
+        daemon: &[(&str, &str)],
+        q: &QueueConfig,
+        user: Option<&UserSpec>,
+    ) -> BTreeMap<String, String> {
+        let daemon = daemon.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        base_env(daemon, q, user).into_iter().collect()
+    }
+
+    const DAEMON_ENV: &[(&str, &str)] = &[
+        ("PATH", "/usr/sbin:/usr/bin"),
+        ("LANG", "C.UTF-8"),
+        ("HOME", "/root"),
+        ("SECRET_TOKEN", "s3cret"),
+        ("http_proxy", "http://proxy:3128"),
+        ("NOTIFY_SOCKET", "/run/systemd/notify"),
+        ("WATCHDOG_USEC", "1000000"),
+        ("LISTEN_FDS", "1"),
+        ("JOURNAL_STREAM", "8:1234"),
+        ("TASKD_CONFIG", "/etc/taskd/taskd.toml"),
+    ];
+
     #[test]
-    fn service_manager_variables_are_stripped() {
-        assert!(stripped("NOTIFY_SOCKET"));
-        assert!(stripped("WATCHDOG_USEC"));
-        assert!(stripped("LISTEN_FDS"));
-        assert!(stripped("JOURNAL_STREAM"));
-        assert!(!stripped("PATH"));
+    fn env_is_the_allowlist_plus_env_inherit_plus_env() {
+        let env = env_of(DAEMON_ENV, &queue(""), None);
+        let names: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["HOME", "LANG", "PATH", "TASKD_MAX_ATTEMPTS", "TASKD_QUEUE"]
+        );
+        assert_eq!(
+            env["PATH"], "/usr/sbin:/usr/bin",
+            "the daemon's PATH is kept"
+        );
+        assert_eq!(env["TASKD_QUEUE"], "q");
+
+        let q =
+            queue("env_inherit = [\"http_proxy\"]\nenv = { LANG = \"de_DE.UTF-8\", X = \"1\" }");
+        let env = env_of(DAEMON_ENV, &q, None);
+        assert_eq!(env["http_proxy"], "http://proxy:3128");
+        assert_eq!(env["LANG"], "de_DE.UTF-8", "the queue's env wins");
+        assert_eq!(env["X"], "1");
+        assert!(!env.contains_key("SECRET_TOKEN"));
+        for k in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "LISTEN_FDS",
+            "JOURNAL_STREAM",
+            "TASKD_CONFIG",
+        ] {
+            assert!(!env.contains_key(k), "{k} leaked");
+        }
+    }
+
+    #[test]
+    fn service_manager_variables_never_pass_even_if_listed() {
+        // The config refuses such a list; this is the second line of defence.
+        let mut q = queue("");
+        q.env_inherit = vec![
+            "NOTIFY_SOCKET".into(),
+            "WATCHDOG_USEC".into(),
+            "TASKD_CONFIG".into(),
+        ];
+        let env = env_of(DAEMON_ENV, &q, None);
+        assert!(!env.contains_key("NOTIFY_SOCKET"));
+        assert!(!env.contains_key("WATCHDOG_USEC"));
+        assert!(!env.contains_key("TASKD_CONFIG"));
+    }
+
+    #[test]
+    fn a_task_always_has_a_path() {
+        let env = env_of(&[("LANG", "C")], &queue(""), None);
+        assert_eq!(env["PATH"], defaults::TASK_PATH);
+    }
+
+    #[test]
+    fn another_user_gets_its_own_identity_and_path() {
+        let nobody = UserSpec::lookup("nobody", None).expect("nobody exists");
+        let q = queue("user = \"nobody\"");
+        let env = env_of(DAEMON_ENV, &q, Some(&nobody));
+        assert_eq!(env["HOME"], nobody.home.display().to_string());
+        assert_eq!(env["USER"], "nobody");
+        assert_eq!(env["LOGNAME"], "nobody");
+        assert_eq!(env["PATH"], "/usr/local/bin:/usr/bin:/bin");
+        // ... unless the queue's env says otherwise.
+        let q = queue("user = \"nobody\"\nenv = { PATH = \"/opt/bin:/usr/bin\" }");
+        let env = env_of(DAEMON_ENV, &q, Some(&nobody));
+        assert_eq!(env["PATH"], "/opt/bin:/usr/bin");
+    }
+
+    #[test]
+    fn group_alone_keeps_the_daemons_user() {
+        let p = Prepared::new(std::sync::Arc::new(queue("group = \"nogroup\"")));
+        let Some(Ok(u)) = &p.user else {
+            panic!("group alone resolves to the daemon's user")
+        };
+        assert_eq!(u.uid, nix::unistd::geteuid().as_raw());
+        let nogroup = nix::unistd::Group::from_name("nogroup").unwrap().unwrap();
+        assert_eq!(u.gid, nogroup.gid.as_raw());
+        assert!(u.groups.contains(&u.gid));
+    }
+
+    #[test]
+    fn limits_become_soft_and_hard() {
+        let q = queue("limits = { nofile = 2048, nproc = 20, as = \"1GiB\", cpu = \"1m\", fsize = \"unlimited\", core = 0 }");
+        let got = rlimits(&q.limits);
+        assert_eq!(
+            got,
+            [
+                Rlimit::both(Resource::RLIMIT_NOFILE, 2048),
+                Rlimit::both(Resource::RLIMIT_NPROC, 20),
+                Rlimit::both(Resource::RLIMIT_AS, 1 << 30),
+                Rlimit::both(Resource::RLIMIT_CPU, 60),
+                Rlimit::both(Resource::RLIMIT_FSIZE, UNLIMITED),
+                Rlimit::both(Resource::RLIMIT_CORE, 0),
+            ]
+        );
+        assert!(rlimits(&queue("").limits).is_empty());
     }
 }
