@@ -298,3 +298,81 @@ fn sigusr1_reopens_the_log_file_for_logrotate() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn task_output_reaches_the_log_only_with_log_output_and_tagged_with_the_task() {
+    let env = Env::new(
+        r#"
+[queues.loud]
+log_output = true
+shell = 'echo hello-from-task; echo oops-on-stderr >&2; printf no-newline-at-end'
+
+[queues.quiet]
+shell = 'echo quiet-output-line'
+"#,
+    );
+    let d = env.daemon();
+    let loud = env.submit("loud", "{}");
+    let quiet = env.submit("quiet", "{}");
+    env.wait_state(&loud, "succeeded", Duration::from_secs(20));
+    env.wait_state(&quiet, "succeeded", Duration::from_secs(20));
+    assert!(
+        common::poll(Duration::from_secs(10), || d
+            .log_text()
+            .contains("no-newline-at-end")),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    for line in ["hello-from-task", "oops-on-stderr", "no-newline-at-end"] {
+        let l = log
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap_or_else(|| panic!("{line} not logged:\n{log}"));
+        assert!(
+            l.contains(&loud) && l.contains("queue=loud") && l.contains("attempt=1"),
+            "{l}"
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("oops-on-stderr") && l.contains("stderr")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("quiet-output-line"),
+        "output of a queue without log_output was logged:\n{log}"
+    );
+}
+
+#[test]
+fn secrets_in_a_queues_env_never_reach_logs_status_or_reload_output() {
+    let secret = "s3cr3t-T0KEN-value";
+    let env = Env::new(&format!(
+        "[queues.s]\nenv = {{ API_TOKEN = \"{secret}\" }}\nshell = 'test \"$API_TOKEN\" = {secret}'\n"
+    ));
+    let d = env.daemon_with(&[("RUST_LOG", "trace")]);
+    let id = env.submit("s", "{}");
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    env.rewrite(&format!(
+        "[queues.s]\nenv = {{ API_TOKEN = \"{secret}-rotated\" }}\nshell = 'true'\n"
+    ));
+    let reload = env.run(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    let mut seen = String::new();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["check"],
+        &["check", "--json"],
+        &["show", &id],
+        &["show", &id, "--json"],
+    ] {
+        let out = env.run(args);
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    seen.push_str(&String::from_utf8_lossy(&reload.stdout));
+    seen.push_str(&d.log_text());
+    assert!(!seen.contains(secret), "the secret leaked:\n{seen}");
+}

@@ -114,6 +114,8 @@ pub struct QueueConfig {
     pub env_inherit: Vec<String>,
     /// Bytes of stdout and of stderr kept per attempt (default 64 KiB, at most 16 MiB).
     pub output_tail: usize,
+    /// Copy the task's output into the daemon's log, a line per event tagged with the task.
+    pub log_output: bool,
     /// Directory for full output files, absolute.
     pub log_dir: Option<PathBuf>,
     /// Size cap per log file in bytes (default 10 MiB).
@@ -140,6 +142,7 @@ impl QueueConfig {
             limits: Limits::default(),
             env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
+            log_output: false,
             log_dir: None,
             log_max: defaults::LOG_MAX,
         }

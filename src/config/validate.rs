@@ -46,6 +46,7 @@ const LAYER_KEYS: &[&str] = &[
     "limits",
     "env_inherit",
     "output_tail",
+    "log_output",
     "log_dir",
     "log_max",
 ];
@@ -237,6 +238,7 @@ struct Layer {
     limits: Option<Limits>,
     env_inherit: Option<Vec<String>>,
     output_tail: Option<usize>,
+    log_output: Option<bool>,
     log_dir: Option<PathBuf>,
     log_max: Option<u64>,
 }
@@ -291,6 +293,7 @@ struct Settings {
     limits: Limits,
     env_inherit: Vec<String>,
     output_tail: usize,
+    log_output: bool,
     log_dir: Option<PathBuf>,
     log_max: u64,
 }
@@ -312,6 +315,7 @@ impl Settings {
             limits: Limits::default(),
             env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
+            log_output: false,
             log_dir: None,
             log_max: defaults::LOG_MAX,
         }
@@ -345,6 +349,7 @@ impl Settings {
                 .env_inherit
                 .unwrap_or_else(|| self.env_inherit.clone()),
             output_tail: layer.output_tail.unwrap_or(self.output_tail),
+            log_output: layer.log_output.unwrap_or(self.log_output),
             log_dir: layer.log_dir.or_else(|| self.log_dir.clone()),
             log_max: layer.log_max.unwrap_or(self.log_max),
         }
@@ -858,6 +863,7 @@ impl Cx<'_> {
                         .and_then(|n| usize::try_from(n).ok())
                 }
                 "log_max" => layer.log_max = self.size(&e, 1, u64::MAX, "10MiB"),
+                "log_output" => layer.log_output = self.boolean(&e),
                 name if section == Section::Queue && PROGRAM_KEYS.contains(&name) => {
                     program.push(e)
                 }
@@ -1477,6 +1483,7 @@ impl Cx<'_> {
             limits: settings.limits,
             env_inherit: settings.env_inherit,
             output_tail: settings.output_tail,
+            log_output: settings.log_output,
             log_dir: settings.log_dir,
             log_max: settings.log_max,
         })

@@ -97,6 +97,9 @@ pub struct Spec {
     pub kill_grace: Duration,
     /// Keep the last `tail_bytes` of stdout and, separately, of stderr (0 keeps nothing).
     pub tail_bytes: usize,
+    /// Also emit each line of output as a log event (target `taskd::output`), inside the
+    /// caller's tracing span, so the daemon's log shows it tagged with the task.
+    pub log_lines: bool,
     pub log: Option<LogSpec>,
     pub user: Option<UserSpec>,
     /// The task's umask; `None` keeps the daemon's.
@@ -366,6 +369,10 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
 
     let mut out = Capture::new(spec.tail_bytes, stdout_log);
     let mut err = Capture::new(spec.tail_bytes, stderr_log);
+    if spec.log_lines {
+        out.lines = Some(output::Lines::new("stdout"));
+        err.lines = Some(output::Lines::new("stderr"));
+    }
     let mut esc = Escalation {
         pgid: pid,
         why: None,
@@ -455,6 +462,9 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         }
     };
     tracing::debug!(pid, ?status, stray_killed, "task process ended");
+    // Streams cut short (a holder that escaped the group) still get their last line logged.
+    out.finish();
+    err.finish();
 
     Outcome {
         status,

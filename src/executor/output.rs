@@ -146,6 +146,7 @@ pub(crate) struct Capture {
     pub(crate) tail: Tail,
     pub(crate) total: u64,
     pub(crate) log: Option<LogFile>,
+    pub(crate) lines: Option<Lines>,
 }
 
 impl Capture {
@@ -154,6 +155,7 @@ impl Capture {
             tail: Tail::new(tail_bytes),
             total: 0,
             log,
+            lines: None,
         }
     }
 
@@ -162,6 +164,67 @@ impl Capture {
         self.tail.push(data);
         if let Some(log) = &mut self.log {
             log.write(data);
+        }
+        if let Some(lines) = &mut self.lines {
+            lines.push(data);
+        }
+    }
+
+    /// The stream ended: emit a last line that had no newline.
+    pub(crate) fn finish(&mut self) {
+        if let Some(lines) = &mut self.lines {
+            lines.flush();
+        }
+    }
+}
+
+/// Splits output into lines and emits each as a log event (`taskd::output`). A line longer
+/// than [`MAX_LINE`] is emitted in pieces, so memory stays bounded.
+#[derive(Debug)]
+pub(crate) struct Lines {
+    stream: &'static str,
+    partial: Vec<u8>,
+}
+
+const MAX_LINE: usize = 8 * 1024;
+
+impl Lines {
+    pub(crate) fn new(stream: &'static str) -> Self {
+        Lines {
+            stream,
+            partial: Vec::new(),
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches('\r');
+        tracing::info!(target: "taskd::output", stream = self.stream, "{line}");
+    }
+
+    pub(crate) fn push(&mut self, mut data: &[u8]) {
+        while let Some(i) = data.iter().position(|b| *b == b'\n') {
+            if self.partial.is_empty() {
+                self.emit(&data[..i]);
+            } else {
+                self.partial.extend_from_slice(&data[..i]);
+                let line = std::mem::take(&mut self.partial);
+                self.emit(&line);
+            }
+            data = &data[i + 1..];
+        }
+        self.partial.extend_from_slice(data);
+        while self.partial.len() >= MAX_LINE {
+            let rest = self.partial.split_off(MAX_LINE);
+            let piece = std::mem::replace(&mut self.partial, rest);
+            self.emit(&piece);
+        }
+    }
+
+    pub(crate) fn flush(&mut self) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line);
         }
     }
 }
@@ -177,7 +240,10 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(pipe: Option<R>, cap: &mut Captur
     let mut buf = vec![0u8; FIRST_READ_CHUNK];
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) => return,
+            Ok(0) => {
+                cap.finish();
+                return;
+            }
             Ok(n) => {
                 cap.push(&buf[..n]);
                 if n == buf.len() && buf.len() < READ_CHUNK {
@@ -187,6 +253,7 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(pipe: Option<R>, cap: &mut Captur
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(error = %e, "reading task output failed; treating it as EOF");
+                cap.finish();
                 return;
             }
         }

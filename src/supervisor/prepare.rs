@@ -113,6 +113,7 @@ impl Prepared {
             timeout: q.timeout,
             kill_grace: q.kill_grace,
             tail_bytes: q.output_tail,
+            log_lines: q.log_output,
             log,
             user,
             umask: q.umask,
