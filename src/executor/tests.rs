@@ -25,6 +25,7 @@ fn spec(argv: &[&str]) -> Spec {
         user: None,
         umask: None,
         limits: Vec::new(),
+        log_lines: false,
     }
 }
 
