@@ -1,13 +1,13 @@
 //! The control socket: how `taskd reload` talks to a running daemon.
 //!
-//! A Unix stream socket (mode 0600: only its owner, normally root, may connect) at
-//! `state_dir/taskd.sock`. One request per connection, one JSON line each way:
+//! A Unix stream socket (mode 0600: only its owner, normally root, may connect) at the
+//! config's `control_socket` (default `state_dir/taskd.sock`). One request per connection, one JSON line each way:
 //! `{"cmd":"reload"}` → `{"ok":true,"changes":[…]}` or `{"ok":false,"errors":[…]}`.
 //! The daemon owns the reload itself; this module only carries requests to it and answers
 //! back, so that SIGHUP and `taskd reload` do exactly the same thing.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -36,11 +36,6 @@ pub struct ReloadReply {
 
 /// A request on its way to the daemon's main loop, with the way back.
 pub type Incoming = (Request, oneshot::Sender<ReloadReply>);
-
-/// Where the control socket of the daemon using `state_dir` lives.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("taskd.sock")
-}
 
 /// Bind the socket (replacing a stale one: the caller holds the state directory lock, so no
 /// other daemon can be using it) and serve it until the returned task is aborted.

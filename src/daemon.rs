@@ -381,7 +381,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     });
 
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
-    let control_path = crate::control::socket_path(&config.state_dir);
+    let control_path = config.control_socket.clone();
     let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
         Failure::new(
             exit::FAILURE,

@@ -376,3 +376,22 @@ fn secrets_in_a_queues_env_never_reach_logs_status_or_reload_output() {
     seen.push_str(&d.log_text());
     assert!(!seen.contains(secret), "the secret leaked:\n{seen}");
 }
+
+#[test]
+fn the_control_socket_path_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let env = common::Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\ncontrol_socket = \"{}\"\n\n[queues.a]\ncommand = [\"/bin/true\"]\n",
+        sock.display()
+    ));
+    let _d = env.daemon();
+    assert!(sock.exists(), "the daemon listens at the configured path");
+    assert!(!env.path().join("state").join("taskd.sock").exists());
+    let out = env.run(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
+        "{out:?}"
+    );
+}

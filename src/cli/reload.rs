@@ -30,7 +30,7 @@ pub async fn run(flag: Option<PathBuf>, args: ReloadArgs) -> anyhow::Result<u8> 
         }
         Err(e) => return Err(e.into()),
     };
-    let socket = crate::control::socket_path(&config.state_dir);
+    let socket = config.control_socket.clone();
     let reply = crate::control::request_reload(&socket, Duration::from_secs(60))
         .await
         .map_err(|e| {

@@ -61,6 +61,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The largest payload accepted, in bytes (default 1 MiB).
     pub max_payload: usize,
+    /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
+    pub control_socket: PathBuf,
     pub queues: BTreeMap<QueueName, QueueConfig>,
 }
 
@@ -260,6 +262,8 @@ pub mod defaults {
     pub const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
     pub const DB_FILE_NAME: &str = "taskd.db";
+    /// The control socket's file name inside the state directory, by default.
+    pub const CONTROL_SOCKET_NAME: &str = "taskd.sock";
 }
 
 /// Limits on values, shared by the validator and its messages.

@@ -29,6 +29,7 @@ const TASKD_KEYS: &[&str] = &[
     "listen",
     "shutdown_grace",
     "max_payload",
+    "control_socket",
 ];
 /// Keys a queue may take from `[defaults]`.
 const LAYER_KEYS: &[&str] = &[
@@ -364,6 +365,7 @@ struct TaskdLayer {
     listen: Option<SocketAddr>,
     shutdown_grace: Option<Duration>,
     max_payload: Option<usize>,
+    control_socket: Option<PathBuf>,
 }
 
 /// The walk's context: the text (for positions), the file, and the diagnostics so far.
@@ -749,7 +751,11 @@ impl Cx<'_> {
         let broker = taskd.broker.unwrap_or_else(|| BrokerUrl::Sqlite {
             path: state_dir.join(defaults::DB_FILE_NAME),
         });
+        let control_socket = taskd
+            .control_socket
+            .unwrap_or_else(|| state_dir.join(defaults::CONTROL_SOCKET_NAME));
         Config {
+            control_socket,
             path: self.file.clone(),
             broker,
             state_dir,
@@ -792,6 +798,20 @@ impl Cx<'_> {
                     }
                 }
                 "shutdown_grace" => out.shutdown_grace = self.duration(&e),
+                "control_socket" => {
+                    out.control_socket = self.path(&e, "/run/taskd/taskd.sock");
+                    if let Some(p) = &out.control_socket {
+                        // sun_path holds 108 bytes with its terminating NUL.
+                        if p.as_os_str().len() > 107 {
+                            self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!("the path is {} bytes long; a Unix socket path must be at most 107", p.as_os_str().len()),
+                                Some("choose a shorter path, such as \"/run/taskd/taskd.sock\"".into()),
+                            );
+                        }
+                    }
+                }
                 "max_payload" => {
                     out.max_payload = self
                         .size(&e, 1, limits::MAX_PAYLOAD, "1MiB")
