@@ -530,11 +530,7 @@ fn command(spec: &Spec) -> tokio::process::Command {
         .process_group(0)
         .kill_on_drop(false)
         // Pipes and /dev/null are opened close-on-exec by std: only 0, 1 and 2 reach the task.
-        .stdin(if spec.stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
+        .stdin(stdin_for(&spec.stdin))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
@@ -548,6 +544,36 @@ fn command(spec: &Spec) -> tokio::process::Command {
         }
     }
     cmd
+}
+
+/// A payload that fits in a pipe's buffer is written into the pipe before the spawn and its
+/// write end closed: the child reads it and then EOF, and the daemon has no stdin stream to
+/// watch. A bigger one is streamed (see `feed`).
+/// At most one page: even a pipe the kernel shrank (a user over `pipe-user-pages-soft`) holds
+/// that much, so the write never blocks.
+const PREFILLED_STDIN_MAX: usize = 4096;
+
+fn stdin_for(payload: &[u8]) -> Stdio {
+    if payload.is_empty() {
+        return Stdio::null();
+    }
+    if payload.len() <= PREFILLED_STDIN_MAX {
+        if let Some(read) = prefilled_pipe(payload) {
+            return Stdio::from(read);
+        }
+    }
+    Stdio::piped()
+}
+
+/// A pipe holding `data`, its write end closed; `None` if that could not be done (the caller
+/// falls back to streaming).
+fn prefilled_pipe(data: &[u8]) -> Option<std::os::fd::OwnedFd> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+    let mut file = std::fs::File::from(write);
+    // Never blocks: see PREFILLED_STDIN_MAX.
+    std::io::Write::write_all(&mut file, data).ok()?;
+    drop(file);
+    Some(read)
 }
 
 fn spawn_failure(spec: &Spec, err: &io::Error) -> Status {
