@@ -135,8 +135,15 @@ pub struct Stop {
 pub struct Spawned {
     /// The leader's pid, which is also the group's id.
     pub pid: i32,
-    /// Field 22 of `/proc/PID/stat` (clock ticks since boot); 0 if it could not be read.
-    pub start_time: u64,
+}
+
+impl Spawned {
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot), which tells this process from a
+    /// later one with the same pid; 0 if it could not be read (the leader already exited).
+    /// Read on demand: most tasks end before anyone asks.
+    pub fn start_time(&self) -> u64 {
+        procs::read_stat(self.pid).map_or(0, |st| st.start_time)
+    }
 }
 
 /// How an attempt ended.
@@ -361,10 +368,8 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     let deadline = Instant::now().checked_add(spec.timeout);
 
     if let Some(tx) = spawned {
-        // The leader cannot be reaped before we wait for it, so its /proc entry is there.
-        let start_time = procs::read_stat(pid).map_or(0, |st| st.start_time);
         // The receiver may have lost interest; the task runs anyway.
-        let _ = tx.send(Spawned { pid, start_time });
+        let _ = tx.send(Spawned { pid });
     }
 
     let mut out = Capture::new(spec.tail_bytes, stdout_log);

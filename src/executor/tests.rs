@@ -344,7 +344,7 @@ async fn cancel_stops_the_task() {
     let task = tokio::spawn(run(sh("sleep 30"), stop.clone(), Some(tx)));
     let spawned = rx.await.expect("spawned is reported");
     let stat = read_stat(spawned.pid).expect("the leader is running");
-    assert_eq!(stat.start_time, spawned.start_time);
+    assert_eq!(stat.start_time, spawned.start_time());
     assert_eq!(stat.pgrp, spawned.pid, "the leader heads its own group");
     let t = Instant::now();
     stop.cancel.cancel();

@@ -430,7 +430,7 @@ impl Supervisor {
                         _ = tokio::time::sleep(START_RECORD_DELAY) => {}
                         _ = ended_too.cancelled() => return,
                     }
-                    match broker.started(&lease, s.pid, s.start_time).await {
+                    match broker.started(&lease, s.pid, s.start_time()).await {
                         Ok(()) => {}
                         Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
                         Err(e) => {
