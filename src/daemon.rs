@@ -271,10 +271,9 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     if let Err(e) = crate::executor::become_subreaper() {
         tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
     }
-    // Two workers: spawning a task blocks its thread until the child has exec'd, and the
-    // other slot's exit should not wait behind it.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs everything but SQLite writes (their own thread) and blocking reads:
+    // measured, a second worker costs more in cross-thread wake-ups than it wins.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {

@@ -37,7 +37,7 @@ const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
 /// A commit this soon after the previous one means writes are arriving back to back.
 const BUSY_WINDOW: Duration = Duration::from_millis(2);
 /// How long non-urgent writes wait for company when the store is busy.
-const LINGER: Duration = Duration::from_millis(1);
+const LINGER: Duration = Duration::from_millis(3);
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 512;
 
