@@ -162,8 +162,21 @@ pub trait Broker: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Vec<Claimed>>;
 
+    /// [`Broker::claim`] for tasks a node takes ahead of need, while it still holds others to
+    /// start: the backend may answer a little later (SQLite lets it share a commit with the
+    /// results being written). The same contract otherwise.
+    async fn claim_ahead(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        self.claim(node, queue, max, lease).await
+    }
+
     /// Record the pid (and its start time) of a task's process group, so that a later
-    /// recovery can kill it. Marks a still-held task `running` as [`Broker::start`] does.
+    /// recovery can kill it. A still-held task becomes `running` and its attempt is counted.
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()>;
 
     /// Extend leases of reserved and running tasks; returns the tasks whose lease this node

@@ -463,6 +463,71 @@ impl SqliteBroker {
         .map_err(|e| BrokerError::Storage(format!("a read panicked: {e}")))?
     }
 
+    async fn claim_as(
+        &self,
+        urgent: bool,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let node = node.to_string();
+        let queue = queue.clone();
+        let lease_ms = lease.as_millis() as i64;
+        self.write_as(urgent, move |conn| {
+            let now = now_ms();
+            let paused: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = ?1)")
+                .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
+                .map_err(storage)?;
+            if paused {
+                return Ok(Vec::new());
+            }
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'queued', updated_at = ?2
+                 WHERE state IN ('scheduled', 'retrying') AND run_at <= ?2 AND queue = ?1",
+            )
+            .and_then(|mut s| s.execute(params![queue.as_str(), now]))
+            .map_err(storage)?;
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "UPDATE tasks SET lease_node = ?1, lease_token = lease_token + 1, lease_expires = ?2,
+                        updated_at = ?3, pid = NULL, pid_start = NULL
+                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL
+                                   ORDER BY priority DESC, seq LIMIT ?5)
+                     RETURNING {TASK_COLS}, seq"
+                ))
+                .map_err(storage)?;
+            let mut rows: Vec<(i64, Claimed)> = stmt
+                .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
+                    let task = row_to_task(r)?;
+                    let token: i64 = r.get(15)?;
+                    let seq: i64 = r.get(16)?;
+                    Ok((
+                        seq,
+                        Claimed {
+                            lease: Lease {
+                                task: task.id,
+                                token,
+                                node: node.clone(),
+                            },
+                            attempt: task.attempts + 1,
+                            task,
+                        },
+                    ))
+                })
+                .and_then(|it| it.collect())
+                .map_err(storage)?;
+            rows.sort_by_key(|(seq, c)| (-c.task.priority, *seq));
+            Ok(rows.into_iter().map(|(_, c)| c).collect())
+        })
+        .await
+    }
+
+
     /// Tell a daemon listening on this database that something changed. Best effort.
     fn wake(&self, what: &[u8]) {
         let mut guard = match self.wake_tx.lock() {
@@ -655,60 +720,17 @@ impl Broker for SqliteBroker {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let node = node.to_string();
-        let queue = queue.clone();
-        let lease_ms = lease.as_millis() as i64;
-        self.write(move |conn| {
-            let now = now_ms();
-            let paused: bool = conn
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = ?1)")
-                .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
-                .map_err(storage)?;
-            if paused {
-                return Ok(Vec::new());
-            }
-            conn.prepare_cached(
-                "UPDATE tasks SET state = 'queued', updated_at = ?2
-                 WHERE state IN ('scheduled', 'retrying') AND run_at <= ?2 AND queue = ?1",
-            )
-            .and_then(|mut s| s.execute(params![queue.as_str(), now]))
-            .map_err(storage)?;
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "UPDATE tasks SET lease_node = ?1, lease_token = lease_token + 1, lease_expires = ?2,
-                        updated_at = ?3, pid = NULL, pid_start = NULL
-                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL
-                                   ORDER BY priority DESC, seq LIMIT ?5)
-                     RETURNING {TASK_COLS}, seq"
-                ))
-                .map_err(storage)?;
-            let mut rows: Vec<(i64, Claimed)> = stmt
-                .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
-                    let task = row_to_task(r)?;
-                    let token: i64 = r.get(15)?;
-                    let seq: i64 = r.get(16)?;
-                    Ok((
-                        seq,
-                        Claimed {
-                            lease: Lease {
-                                task: task.id,
-                                token,
-                                node: node.clone(),
-                            },
-                            attempt: task.attempts + 1,
-                            task,
-                        },
-                    ))
-                })
-                .and_then(|it| it.collect())
-                .map_err(storage)?;
-            rows.sort_by_key(|(seq, c)| (-c.task.priority, *seq));
-            Ok(rows.into_iter().map(|(_, c)| c).collect())
-        })
-        .await
+        self.claim_as(true, node, queue, max, lease).await
+    }
+
+    async fn claim_ahead(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        self.claim_as(false, node, queue, max, lease).await
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {

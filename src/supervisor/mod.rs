@@ -281,7 +281,14 @@ impl Supervisor {
             let claim = free > held || (ahead > 0 && held <= ahead / 2);
             let want = (free + ahead).saturating_sub(held).min(CLAIM_BATCH);
             if claim && want > 0 {
-                match self.broker.claim(&self.node, &q.name, want, LEASE).await {
+                // A slot waiting with nothing to start needs the answer now; topping up the
+                // held buffer does not, and may share a commit with results.
+                let claimed = if free > held {
+                    self.broker.claim(&self.node, &q.name, want, LEASE).await
+                } else {
+                    self.broker.claim_ahead(&self.node, &q.name, want, LEASE).await
+                };
+                match claimed {
                     Ok(claimed) => {
                         error_backoff = Duration::from_millis(100);
                         let got = claimed.len();
