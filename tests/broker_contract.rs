@@ -133,6 +133,7 @@ macro_rules! contract_tests {
                 next_due_ignores_paused_queues,
                 reopen_keeps_tasks,
                 adopted_start_is_recovered_as_lost,
+                claim_ahead_reserves_like_claim,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
@@ -1870,6 +1871,18 @@ pub mod cases {
 
     /// A reserved task whose node went away goes back silently: no `lost` attempt (it never
     /// ran), its attempt count as it was, its stale lease refused.
+    pub async fn claim_ahead_reserves_like_claim(b: B, _g: G) {
+        let a = enqueue1(&b, task("ca")).await;
+        let c = enqueue1(&b, task("ca")).await;
+        let got = b.claim_ahead(NODE, &qn("ca"), 1, LEASE).await.expect("claim_ahead");
+        assert_eq!(got.iter().map(|x| x.task.id).collect::<Vec<_>>(), vec![a], "oldest first");
+        assert_eq!(got[0].attempt, 1);
+        let d = get(&b, a).await;
+        assert_eq!((d.task.state, d.task.node.as_deref()), (TaskState::Queued, Some(NODE)));
+        let next = b.claim(NODE, &qn("ca"), 5, LEASE).await.expect("claim");
+        assert_eq!(next.iter().map(|x| x.task.id).collect::<Vec<_>>(), vec![c], "a held task is not handed out twice");
+    }
+
     pub async fn adopted_start_is_recovered_as_lost(b: B, _g: G) {
         // A held task whose start never reached the store, but which a node's start log says
         // was started: adopting it makes recovery record the run as lost, uncharged.
