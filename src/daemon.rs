@@ -3,7 +3,9 @@
 //! Start-up order: config (exit 78 when invalid) → logging → the state directory lock (one
 //! daemon per state directory) → descriptors close-on-exec, child subreaper → broker →
 //! recovery of tasks a previous daemon left `running` (their process groups are killed,
-//! the tasks queued again without charging an attempt) → supervisor → signals.
+//! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
+//! `listen` (bound before READY) → signals. Draining: the API answers 503 until the drain
+//! ends, then closes.
 //!
 //! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
 //! (an invalid file is refused and the old config kept).
@@ -297,9 +299,17 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         queues = config.queues.len(),
         "taskd starting"
     );
-    if config.listen.is_some() {
-        tracing::warn!("`listen` is set, but this version serves no HTTP API yet; ignoring it");
-    }
+    let metrics = Arc::new(crate::api::Metrics::new());
+    // Bound before READY: a taken address fails the start, not a later request.
+    let api_listener = match config.listen {
+        Some(addr) => Some(crate::api::bind(addr).await.map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("failed to listen on {addr} (`listen` in [taskd]): {e}"),
+            )
+        })?),
+        None => None,
+    };
 
     // Tasks a previous daemon left running: kill what is left of them, queue them again.
     // Held tasks it noted as starting count as started (their history then says `lost`).
@@ -338,8 +348,24 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     }
 
     let wakeups = broker.subscribe().await?;
-    let supervisor = Supervisor::new(broker.clone(), node, start_log);
+    let supervisor = Supervisor::new(broker.clone(), node, start_log, metrics.clone());
     supervisor.start(&config, wakeups);
+    let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
+    let api_stop = CancellationToken::new();
+    let api = api_listener.map(|listener| {
+        match listener.local_addr() {
+            Ok(a) => tracing::info!(
+                token = config.token.is_some(),
+                "API listening on http://{a} (dashboard at /, metrics at /metrics)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "API listening on an unknown address"),
+        }
+        tokio::spawn(crate::api::serve(
+            listener,
+            api_state.clone(),
+            api_stop.clone(),
+        ))
+    });
     let notifier = Arc::new(Notifier::from_env());
     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
     tracing::info!("ready");
@@ -403,6 +429,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
             _ = hup.recv() => {
                 notifier.reloading();
                 reload(&path, &mut config, &supervisor, "SIGHUP");
+                api_state.set_config(config.clone());
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
             }
             _ = usr1.recv() => match &log_file {
@@ -416,6 +443,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
                 crate::control::Request::Reload => {
                     notifier.reloading();
                     let answer = reload(&path, &mut config, &supervisor, "taskd reload");
+                    api_state.set_config(config.clone());
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
                     let _ = reply.send(answer);
                 }
@@ -423,6 +451,8 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         }
     }
 
+    // The API answers 503 from now on, and stops once the drain is over.
+    api_state.draining.cancel();
     // Tell systemd how long the drain may take, so that it does not kill us mid-drain.
     let drain_bound = config.shutdown_grace
         + config
@@ -447,6 +477,10 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         f.cancel();
     });
     supervisor.drain(config.shutdown_grace, force).await;
+    api_stop.cancel();
+    if let Some(api) = api {
+        let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
+    }
     second.abort();
     reaper.abort();
     pinger.abort();
@@ -511,6 +545,13 @@ fn reload(
             current.queues = new.queues;
             current.shutdown_grace = new.shutdown_grace;
             current.max_payload = new.max_payload;
+            if new.listen != current.listen {
+                changes.push("`listen` changes need a restart; kept the old address".to_string());
+            }
+            if new.token != current.token {
+                changes.push("API token changed".to_string());
+            }
+            current.token = new.token;
             tracing::info!(changes = ?changes, "{why}: config reloaded from {}", path.display());
             ReloadReply {
                 ok: true,

@@ -11,11 +11,14 @@
 //!   timeout, SIGTERM → grace → SIGKILL. Knows processes, never brokers.
 //! - [`supervisor`]: owns the runtime state of a daemon: per-queue slots, claiming, retries
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
-//! - [`daemon`]: the only place that wires config + broker + supervisor together (`taskd start`).
+//! - [`daemon`]: the only place that wires config + broker + supervisor + api together (`taskd start`).
+//! - [`api`]: the HTTP API, dashboard and Prometheus metrics on `listen` (axum). Sees the
+//!   broker trait and the config, never supervisor internals.
 //! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
 //! - [`control`]: the daemon's control socket (`taskd reload`), mode 0600 in the state directory.
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 
+pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod config;

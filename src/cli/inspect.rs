@@ -13,6 +13,8 @@ use crate::model::{now_ms, QueueName, TaskId, TaskState};
 pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: super::submit::RemoteArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,6 +38,9 @@ pub struct ShowArgs {
 }
 
 pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u8> {
+    if let Some(remote) = super::submit::Remote::new(&args.remote) {
+        return status_remote(&remote, args.json);
+    }
     let config = load_config(flag)?;
     let broker = open_broker(&config).await?;
     let counts = broker.counts().await?;
@@ -98,6 +103,44 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         row.push(notes.join(", "));
         table.add_row(row);
     }
+    println!("{table}");
+    Ok(exit::OK)
+}
+
+/// `taskd status --server URL`: the queues as the daemon's API reports them.
+fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u8> {
+    let v = remote.call("GET", "/api/v1/queues", None)?;
+    if json {
+        print_json(&v)?;
+        return Ok(exit::OK);
+    }
+    let mut table = Table::new();
+    let mut header = vec!["queue".to_string()];
+    header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
+    header.push("notes".into());
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for q in v["queues"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let mut row = vec![q["queue"].as_str().unwrap_or("?").to_string()];
+        row.extend(
+            TaskState::ALL
+                .iter()
+                .map(|s| q["counts"][s.as_str()].as_u64().unwrap_or(0).to_string()),
+        );
+        let mut notes = Vec::new();
+        if q["paused"] == true {
+            notes.push("PAUSED");
+        }
+        if q["configured"] == false {
+            notes.push("not in config: its tasks will not run");
+        }
+        row.push(notes.join(", "));
+        table.add_row(row);
+    }
+    println!("daemon: answering at {}", remote.base());
     println!("{table}");
     Ok(exit::OK)
 }

@@ -9,7 +9,7 @@ mod control;
 mod generate;
 mod inspect;
 mod reload;
-mod submit;
+pub(crate) mod submit;
 
 use std::path::PathBuf;
 use std::sync::Arc;

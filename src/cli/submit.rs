@@ -1,4 +1,8 @@
 //! `taskd submit`: enqueue straight into the broker; return once the task is durable.
+//!
+//! With `--server URL` it enqueues through a daemon's HTTP API instead (for hosts that
+//! cannot reach the broker); the daemon validates the payload with [`parse_payload`], the
+//! same check the direct path makes. [`Remote`] is that small client, shared with `status`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -42,9 +46,101 @@ pub struct SubmitArgs {
     /// succeeded, 4 if it failed or was cancelled.
     #[arg(long)]
     pub wait: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Talk to a daemon's HTTP API instead of the broker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// Use the HTTP API of the daemon at URL (e.g. http://queue-host:7070) instead of the
+    /// broker; no config file is needed then.
+    #[arg(long, value_name = "URL", env = "TASKD_SERVER")]
+    pub server: Option<String>,
+    /// The API's bearer token (the daemon's `token`); prefer $TASKD_TOKEN, which `ps` does
+    /// not show.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TASKD_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+/// A blocking client of a daemon's API (a CLI makes one request at a time).
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Remote {
+    pub fn new(args: &RemoteArgs) -> Option<Remote> {
+        let base = args.server.as_ref()?.trim_end_matches('/').to_string();
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        Some(Remote {
+            base,
+            token: args.token.clone(),
+            agent,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `METHOD base+path` with an optional body; the JSON answer, or a [`Failure`] that
+    /// carries the server's error message and a fitting exit code.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<serde_json::Value, Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => r.into_json().map_err(|e| {
+                Failure::new(
+                    exit::FAILURE,
+                    format!("failed to read the answer of {url}: {e}"),
+                )
+            }),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: serde_json::Value = r.into_json().unwrap_or_default();
+                let message = v["error"]["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {code}"));
+                let exit_code = match code {
+                    401 | 403 => exit::FAILURE,
+                    400..=499 => exit::USAGE,
+                    _ => exit::BROKER,
+                };
+                Err(Failure::new(exit_code, format!("{url}: {message}")))
+            }
+            Err(e) => Err(Failure::new(
+                exit::BROKER,
+                format!("failed to reach the taskd API at {}: {e}", self.base),
+            )),
+        }
+    }
 }
 
 pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> {
+    if let Some(remote) = Remote::new(&args.remote) {
+        return run_remote(&remote, &args).await;
+    }
     let config = load_config(flag)?;
     let queue = find_queue(&config, &args.queue)?;
     let run_at = run_at(&args)?;
@@ -108,6 +204,142 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     Ok(exit::OK)
 }
 
+/// `taskd submit --server URL`: the same request through the API.
+async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
+    let queue: QueueName = args.queue.parse().map_err(|e: String| {
+        Failure::usage(format!("`{}` is not a queue name: {e}", args.queue))
+    })?;
+    // The body's fields besides the payload; the daemon checks every one.
+    let fields = |payload: serde_json::Value| {
+        let mut body =
+            serde_json::json!({ "payload": payload, "args": args.args, "priority": args.priority });
+        if let Some(d) = &args.delay {
+            body["delay"] = d.clone().into();
+        }
+        if let Some(t) = &args.at {
+            body["run_at"] = t.clone().into();
+        }
+        if let Some(u) = &args.unique {
+            body["unique"] = u.clone().into();
+        }
+        body
+    };
+    let json_of = |text: &str, what: &str| -> Result<serde_json::Value, Failure> {
+        serde_json::from_str(text).map_err(|e| {
+            Failure::usage(format!(
+                "malformed JSON {what} at byte {} (line {}, column {}): {}",
+                byte_offset(text, e.line(), e.column()),
+                e.line(),
+                e.column(),
+                strip_position(&e.to_string())
+            ))
+        })
+    };
+    if let Some(file) = &args.batch {
+        let text = if file.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
+            s
+        } else {
+            std::fs::read_to_string(file).map_err(|e| {
+                Failure::usage(format!(
+                    "failed to read the batch file {}: {e}",
+                    file.display()
+                ))
+            })?
+        };
+        let mut lines = String::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let payload = json_of(
+                line,
+                &format!("payload in {} line {}", file.display(), i + 1),
+            )?;
+            lines.push_str(&fields(payload).to_string());
+            lines.push('\n');
+        }
+        let v = remote.call(
+            "POST",
+            &format!("/api/v1/queues/{queue}/tasks/batch"),
+            Some(&lines),
+        )?;
+        if args.json {
+            print_json(&v)?;
+        } else {
+            println!("enqueued {} tasks on {queue}", v["enqueued"]);
+        }
+        return Ok(exit::OK);
+    }
+    let text = match args.payload.as_deref() {
+        None => "{}".to_string(),
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).map_err(|e| {
+                Failure::usage(format!("failed to read the payload from stdin: {e}"))
+            })?;
+            s
+        }
+        Some(s) => s.to_string(),
+    };
+    let payload = json_of(&text, "payload")?;
+    let body = fields(payload).to_string();
+    let task = remote.call(
+        "POST",
+        &format!("/api/v1/queues/{queue}/tasks"),
+        Some(&body),
+    )?;
+    let id = task["id"].as_str().unwrap_or_default().to_string();
+    let existing = task["existing"].as_bool().unwrap_or(false);
+    if args.json {
+        print_json(&serde_json::json!({ "existing": existing, "task": task }))?;
+    } else {
+        println!("{id}");
+        if existing {
+            eprintln!(
+                "taskd: a task with unique key {:?} is already {}; returned its id",
+                args.unique.as_deref().unwrap_or(""),
+                task["state"].as_str().unwrap_or("waiting")
+            );
+        }
+    }
+    if !args.wait {
+        return Ok(exit::OK);
+    }
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let detail = remote.call("GET", &format!("/api/v1/tasks/{id}"), None)?;
+        let state: Option<TaskState> = detail["state"].as_str().and_then(|s| s.parse().ok());
+        if let Some(state) = state.filter(|s| s.is_terminal()) {
+            if args.json {
+                print_json(&detail)?;
+            } else {
+                if let Some(last) = detail["history"].as_array().and_then(|h| h.last()) {
+                    print!("{}", last["stdout_tail"].as_str().unwrap_or(""));
+                    eprint!("{}", last["stderr_tail"].as_str().unwrap_or(""));
+                }
+                let why = detail["last_error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "taskd: task {id} {state} after {} attempt(s){why}",
+                    detail["attempts"]
+                );
+            }
+            return Ok(match state {
+                TaskState::Succeeded => exit::OK,
+                _ => exit::TASK_FAILED,
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
 fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
     let known = || {
         config
@@ -138,41 +370,48 @@ fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Fai
 
 fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
     if let Some(d) = &args.delay {
-        let d: Duration = humantime::parse_duration(d).map_err(|e| {
-            Failure::usage(format!(
-                "--delay {d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"
-            ))
-        })?;
-        // Refuse what no calendar needs: a delay past 100 years is a typo, and would
-        // overflow the millisecond clock further on.
-        if d > Duration::from_secs(100 * 366 * 24 * 3600) {
-            return Err(Failure::usage(format!(
-                "--delay {d:?}: more than 100 years is surely a mistake"
-            )));
-        }
-        return Ok(Some(now_ms() + d.as_millis() as i64));
+        return parse_delay(d)
+            .map(Some)
+            .map_err(|e| Failure::usage(format!("--delay {e}")));
     }
     if let Some(t) = &args.at {
-        if let Ok(secs) = t.parse::<i64>() {
-            return match secs.checked_mul(1000) {
-                Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(Some(ms)),
-                _ => Err(Failure::usage(format!(
-                    "--at {t}: Unix seconds must be between 0 and the year 9999"
-                ))),
-            };
-        }
-        let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
-            Failure::usage(format!(
-                "--at {t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)"
-            ))
-        })?;
-        let ms = when
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| Failure::usage(format!("--at {t:?} is before 1970")))?
-            .as_millis() as i64;
-        return Ok(Some(ms));
+        return parse_at(t)
+            .map(Some)
+            .map_err(|e| Failure::usage(format!("--at {e}")));
     }
     Ok(None)
+}
+
+/// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
+pub fn parse_delay(d: &str) -> Result<UnixMs, String> {
+    let parsed: Duration = humantime::parse_duration(d)
+        .map_err(|e| format!("{d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"))?;
+    // Refuse what no calendar needs: a delay past 100 years is a typo, and would
+    // overflow the millisecond clock further on.
+    if parsed > Duration::from_secs(100 * 366 * 24 * 3600) {
+        return Err(format!("{d:?}: more than 100 years is surely a mistake"));
+    }
+    Ok(now_ms() + parsed.as_millis() as i64)
+}
+
+/// An RFC 3339 time or Unix seconds, as a run-at time. The error starts with the value.
+pub fn parse_at(t: &str) -> Result<UnixMs, String> {
+    if let Ok(secs) = t.parse::<i64>() {
+        return match secs.checked_mul(1000) {
+            Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(ms),
+            _ => Err(format!(
+                "{t}: Unix seconds must be between 0 and the year 9999"
+            )),
+        };
+    }
+    let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
+        format!("{t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)")
+    })?;
+    let ms = when
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{t:?} is before 1970"))?
+        .as_millis() as i64;
+    Ok(ms)
 }
 
 /// Validate a payload for `queue`: well-formed JSON within the size limit that fills every
@@ -205,7 +444,7 @@ pub fn parse_payload(config: &Config, queue: &QueueConfig, text: &str) -> Result
 }
 
 /// serde_json reports line and column (1-based); turn them into a 0-based byte offset.
-fn byte_offset(text: &str, line: usize, column: usize) -> usize {
+pub(crate) fn byte_offset(text: &str, line: usize, column: usize) -> usize {
     let mut offset = 0;
     for (i, l) in text.split_inclusive('\n').enumerate() {
         if i + 1 == line {
@@ -216,7 +455,7 @@ fn byte_offset(text: &str, line: usize, column: usize) -> usize {
     text.len()
 }
 
-fn strip_position(msg: &str) -> &str {
+pub(crate) fn strip_position(msg: &str) -> &str {
     match msg.find(" at line ") {
         Some(i) => &msg[..i],
         None => msg,

@@ -57,6 +57,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of the HTTP API, dashboard and metrics, if any.
     pub listen: Option<SocketAddr>,
+    /// The API's bearer token (`token`, or the contents of `token_file`). Required when
+    /// `listen` is not a loopback address; mutating endpoints check it whenever it is set.
+    pub token: Option<Secret>,
     /// How long a draining daemon lets running tasks finish (default 30s).
     pub shutdown_grace: Duration,
     /// The largest payload accepted, in bytes (default 1 MiB).
@@ -64,6 +67,36 @@ pub struct Config {
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
     pub control_socket: PathBuf,
     pub queues: BTreeMap<QueueName, QueueConfig>,
+}
+
+/// A secret string: its `Debug` never shows it, so a logged or printed config cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compare in time independent of where the first difference is.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            diff |= (*x ^ b.get(i).copied().unwrap_or(0)) as usize;
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// Where tasks live.

@@ -952,3 +952,31 @@ fn switching_users_needs_a_root_daemon() {
     assert_eq!(d.len(), 1, "{d:#?}");
     at(&d[0], 4, 9, "queues.a.group");
 }
+
+#[test]
+fn api_tokens() {
+    let tok = "0123456789abcdef0123";
+    let c = ok(&format!("[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{tok}\"\n"));
+    assert!(c.token.as_ref().is_some_and(|t| t.matches(tok) && !t.matches("0123")));
+    assert!(!format!("{c:?}").contains(tok), "Debug must not show the token");
+    // A loopback listen needs none.
+    assert!(ok("[taskd]\nlisten = \"[::1]:7070\"\n").token.is_none());
+    let d = one("[taskd]\nlisten = \"0.0.0.0:7070\"\n");
+    at(&d, 2, 10, "taskd.listen");
+    assert!(d.fix.as_deref().unwrap_or("").contains("token_file"), "{d}");
+    let d = one("[taskd]\ntoken = \"short\"\n");
+    at(&d, 2, 9, "taskd.token");
+    assert!(!d.to_string().contains("\"short\""), "{d}");
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{tok}\n")).expect("write");
+    let c = ok(&format!("[taskd]\ntoken_file = \"{}\"\n", file.display()));
+    assert!(c.token.as_ref().is_some_and(|t| t.matches(tok)));
+    let d = one(&format!(
+        "[taskd]\ntoken = \"{tok}\"\ntoken_file = \"{}\"\n",
+        file.display()
+    ));
+    assert!(d.message.contains("both"), "{d}");
+    let d = one("[taskd]\ntoken_file = \"/nonexistent/taskd-token\"\n");
+    at(&d, 2, 14, "taskd.token_file");
+}

@@ -16,7 +16,7 @@ use toml_edit::{ImDocument, Item, Key, TableLike};
 use super::units::{self, DurationError};
 use super::{
     defaults, limits, never_inherited, ArgTemplate, Backoff, BackoffKind, BrokerUrl, Config,
-    Diagnostic, LimitValue, Limits, Program, QueueConfig,
+    Diagnostic, LimitValue, Limits, Program, QueueConfig, Secret,
 };
 use crate::model::QueueName;
 
@@ -30,6 +30,8 @@ const TASKD_KEYS: &[&str] = &[
     "shutdown_grace",
     "max_payload",
     "control_socket",
+    "token",
+    "token_file",
 ];
 /// Keys a queue may take from `[defaults]`.
 const LAYER_KEYS: &[&str] = &[
@@ -366,6 +368,9 @@ struct TaskdLayer {
     shutdown_grace: Option<Duration>,
     max_payload: Option<usize>,
     control_socket: Option<PathBuf>,
+    /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
+    listen_span: Span,
+    token: Option<Secret>,
 }
 
 /// The walk's context: the text (for positions), the file, and the diagnostics so far.
@@ -754,12 +759,23 @@ impl Cx<'_> {
         let control_socket = taskd
             .control_socket
             .unwrap_or_else(|| state_dir.join(defaults::CONTROL_SOCKET_NAME));
+        if let (Some(addr), None) = (taskd.listen, &taskd.token) {
+            if !addr.ip().is_loopback() {
+                self.error(
+                    taskd.listen_span.clone(),
+                    "taskd.listen",
+                    format!("listen = \"{addr}\" is reachable from other hosts, and no API token is set: anyone could enqueue and cancel tasks"),
+                    Some("set `token = \"…\"` or `token_file = \"/etc/taskd/token\"` in [taskd], or listen on a loopback address such as \"127.0.0.1:7070\"".into()),
+                );
+            }
+        }
         Config {
             control_socket,
             path: self.file.clone(),
             broker,
             state_dir,
             listen: taskd.listen,
+            token: taskd.token,
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
             queues,
@@ -782,6 +798,7 @@ impl Cx<'_> {
                 }
                 "state_dir" => out.state_dir = self.path(&e, "/var/lib/taskd"),
                 "listen" => {
+                    out.listen_span = e.value_span();
                     if let Some(s) = self.string(&e, "\"127.0.0.1:7070\"") {
                         match s.trim().parse::<SocketAddr>() {
                             Ok(a) => out.listen = Some(a),
@@ -817,10 +834,74 @@ impl Cx<'_> {
                         .size(&e, 1, limits::MAX_PAYLOAD, "1MiB")
                         .and_then(|n| usize::try_from(n).ok())
                 }
+                "token" => {
+                    if let Some(s) = self.string(&e, "\"a-long-random-string\"") {
+                        if let Some(t) = self.token(&e, s, "token") {
+                            self.set_token(&e, &mut out, t);
+                        }
+                    }
+                }
+                "token_file" => {
+                    if let Some(p) = self.path(&e, "/etc/taskd/token") {
+                        match std::fs::read_to_string(&p) {
+                            Ok(text) => {
+                                if let Some(t) = self.token(&e, text.trim(), "token_file") {
+                                    self.set_token(&e, &mut out, t);
+                                }
+                            }
+                            Err(err) => self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!("failed to read the token file {}: {err}", p.display()),
+                                Some("create the file with the token on one line, readable by the daemon's user only (mode 0600)".into()),
+                            ),
+                        }
+                    }
+                }
                 _ => self.unknown_key(&e, Section::Taskd, "in [taskd]", TASKD_KEYS),
             }
         }
         out
+    }
+
+    /// Checks an API token's text (never echoed in a diagnostic: it is a secret).
+    fn token(&mut self, e: &Entry, text: &str, what: &str) -> Option<Secret> {
+        let problem = if text.len() < 16 {
+            Some(format!(
+                "the {what} holds a token of {} characters; at least 16 are needed",
+                text.len()
+            ))
+        } else if text.chars().any(|c| !c.is_ascii_graphic()) {
+            Some(format!("the {what} holds a token with spaces or characters outside printable ASCII, which an HTTP header cannot carry"))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    message,
+                    Some("generate one with `head -c 32 /dev/urandom | base64`".into()),
+                );
+                None
+            }
+            None => Some(Secret::new(text.to_string())),
+        }
+    }
+
+    fn set_token(&mut self, e: &Entry, out: &mut TaskdLayer, t: Secret) {
+        if out.token.is_some() {
+            self.error(
+                e.key_span(),
+                &e.path,
+                "both `token` and `token_file` are set",
+                Some(
+                    "keep one of them (token_file keeps the secret out of the config file)".into(),
+                ),
+            );
+        }
+        out.token = Some(t);
     }
 
     /// Reads the queue keys of `[defaults]` or a queue table. In a queue table, the entries

@@ -151,11 +151,19 @@ pub struct Supervisor {
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
     start_log: startlog::StartLog,
+    /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
+    metrics: Arc<crate::api::Metrics>,
 }
 
 impl Supervisor {
-    pub fn new(broker: Arc<dyn Broker>, node: String, start_log: startlog::StartLog) -> Arc<Self> {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        node: String,
+        start_log: startlog::StartLog,
+        metrics: Arc<crate::api::Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Supervisor {
+            metrics,
             broker,
             node,
             queues: Mutex::new(HashMap::new()),
@@ -392,6 +400,7 @@ impl Supervisor {
         let prepared = q.prepared();
         let config = prepared.config.clone();
         let started_at = now_ms();
+        let mut ran = None;
         let (record, finish) = match prepared.spec(&c.task, c.attempt) {
             Err(message) => {
                 let attempt = AttemptRecord {
@@ -446,8 +455,10 @@ impl Supervisor {
                     }
                 });
                 let began = std::time::Instant::now();
+                self.metrics.started(&q.name);
                 let outcome = executor::run(spec, stop, Some(tx)).await;
                 ended.cancel();
+                ran = Some(began.elapsed());
                 q.last_run_ms
                     .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let mut rng = rand::thread_rng();
@@ -464,6 +475,17 @@ impl Supervisor {
             );
         } else {
             tracing::debug!(reason = ?record.reason, next = ?finish, "attempt finished");
+        }
+        {
+            use crate::api::metrics::FinishOutcome as O;
+            let outcome = match finish {
+                Finish::Succeeded => O::Succeeded,
+                Finish::Retry { .. } => O::Retry,
+                Finish::Failed => O::Failed,
+                Finish::Cancelled => O::Cancelled,
+                Finish::Requeue | Finish::Release => O::Requeued,
+            };
+            self.metrics.finished(&q.name, outcome, ran);
         }
         // Hand the result to the broker first (the first poll queues the write), then give
         // the slot to the next task: its start is recorded after this result, so the store

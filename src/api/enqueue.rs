@@ -1,0 +1,242 @@
+//! Parsing enqueue requests: one task's JSON body, or a batch (a JSON array of such
+//! bodies, or JSON lines). Pure functions of the config and the bytes, so that a property
+//! test can throw anything at them; payload validation is `cli::submit::parse_payload`,
+//! the same check `taskd submit` makes.
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::error::ApiError;
+use crate::cli::submit::{parse_at, parse_delay, parse_payload};
+use crate::config::{Config, QueueConfig};
+use crate::model::NewTask;
+
+/// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body<'a> {
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    args: Vec<String>,
+    delay: Option<String>,
+    run_at: Option<RunAt>,
+    #[serde(default)]
+    priority: i32,
+    unique: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RunAt {
+    Seconds(i64),
+    Text(String),
+}
+
+/// Parse one task's body. An empty body means `{}`: a task with payload `{}`.
+pub fn parse_one(config: &Config, queue: &QueueConfig, body: &[u8]) -> Result<NewTask, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!(
+                "the body is not UTF-8 (invalid byte at {})",
+                e.valid_up_to()
+            ),
+        )
+        .with("byte", e.valid_up_to())
+    })?;
+    parse_text(config, queue, text, "the body")
+}
+
+fn parse_text(
+    config: &Config,
+    queue: &QueueConfig,
+    text: &str,
+    what: &str,
+) -> Result<NewTask, ApiError> {
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let body: Body = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            ApiError::invalid(format!("{what}: {e}"))
+        } else {
+            ApiError::bad_json(what, text, &e)
+        }
+    })?;
+    let payload_text = body.payload.map(RawValue::get).unwrap_or("{}");
+    let payload = parse_payload(config, queue, payload_text).map_err(|m| {
+        if payload_text.len() > config.max_payload {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("{what}: {m}"),
+            )
+            .with("limit", config.max_payload)
+        } else {
+            ApiError::invalid(format!("{what}: {m}"))
+        }
+    })?;
+    let run_at = match (&body.delay, &body.run_at) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(format!(
+                "{what}: give `delay` or `run_at`, not both"
+            )))
+        }
+        (Some(d), None) => {
+            Some(parse_delay(d).map_err(|e| ApiError::invalid(format!("{what}: delay {e}")))?)
+        }
+        (None, Some(RunAt::Seconds(s))) => Some(
+            parse_at(&s.to_string())
+                .map_err(|e| ApiError::invalid(format!("{what}: run_at {e}")))?,
+        ),
+        (None, Some(RunAt::Text(t))) => {
+            Some(parse_at(t).map_err(|e| ApiError::invalid(format!("{what}: run_at {e}")))?)
+        }
+        (None, None) => None,
+    };
+    if let Some(k) = &body.unique {
+        if k.is_empty() || k.len() > 512 {
+            return Err(ApiError::invalid(format!(
+                "{what}: `unique` must be 1 to 512 bytes long"
+            )));
+        }
+    }
+    let mut t = NewTask::new(queue.name.clone(), payload);
+    t.args = body.args;
+    t.priority = body.priority;
+    t.run_at = run_at;
+    t.unique_key = body.unique;
+    Ok(t)
+}
+
+/// Parse a batch: a JSON array of task bodies, or one task body per line (JSON lines).
+/// Any bad item fails the whole batch, naming the item.
+pub fn parse_batch(
+    config: &Config,
+    queue: &QueueConfig,
+    body: &[u8],
+) -> Result<Vec<NewTask>, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!(
+                "the body is not UTF-8 (invalid byte at {})",
+                e.valid_up_to()
+            ),
+        )
+        .with("byte", e.valid_up_to())
+    })?;
+    let mut tasks = Vec::new();
+    if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| ApiError::bad_json("the batch", text, &e))?;
+        for (i, item) in items.iter().enumerate() {
+            tasks.push(
+                parse_text(config, queue, item.get(), &format!("item {i}"))
+                    .map_err(|e| e.with("item", i))?,
+            );
+        }
+    } else {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            tasks.push(
+                parse_text(config, queue, line, &format!("line {}", i + 1))
+                    .map_err(|e| e.with("line_of_batch", i + 1))?,
+            );
+        }
+    }
+    if tasks.is_empty() {
+        return Err(ApiError::invalid(
+            "the batch holds no tasks (send a JSON array, or one JSON object per line)",
+        ));
+    }
+    Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> Config {
+        crate::config::parse_str(
+            "[queues.mail]\ncommand = [\"/bin/echo\", \"{to}\"]\n[queues.any]\nshell = \"true\"\n",
+            std::path::Path::new("/tmp/taskd-api-test.toml"),
+        )
+        .expect("valid config")
+    }
+
+    fn queue<'a>(c: &'a Config, name: &str) -> &'a QueueConfig {
+        c.queues.get(&name.parse().expect("name")).expect("queue")
+    }
+
+    #[test]
+    fn reads_every_field() {
+        let c = config();
+        let t = parse_one(
+            &c,
+            queue(&c, "mail"),
+            br#"{"payload": {"to": "a@b"}, "args": ["-v"], "delay": "1h", "priority": 3, "unique": "k"}"#,
+        )
+        .expect("valid");
+        assert_eq!(t.payload, r#"{"to":"a@b"}"#);
+        assert_eq!(t.args, vec!["-v"]);
+        assert_eq!(t.priority, 3);
+        assert!(t.run_at.expect("delayed") > crate::model::now_ms());
+        assert_eq!(t.unique_key.as_deref(), Some("k"));
+        let empty = parse_one(&c, queue(&c, "any"), b"").expect("empty body is {}");
+        assert_eq!(empty.payload, "{}");
+    }
+
+    #[test]
+    fn names_the_problem() {
+        let c = config();
+        let e = parse_one(&c, queue(&c, "any"), b"{\"payload\": }").expect_err("bad");
+        assert_eq!(e.code, "bad_json");
+        assert_eq!(e.details["byte"], 12);
+        let e = parse_one(&c, queue(&c, "mail"), br#"{"payload": {}}"#).expect_err("no field");
+        assert_eq!(e.code, "invalid_task");
+        assert!(e.message.contains("to"), "{}", e.message);
+        let e = parse_one(&c, queue(&c, "any"), br#"{"colour": 1}"#).expect_err("unknown");
+        assert!(e.message.contains("colour"), "{}", e.message);
+        let e = parse_batch(
+            &c,
+            queue(&c, "mail"),
+            b"{\"payload\":{\"to\":\"x\"}}\n{\"payload\":{}}\n",
+        )
+        .expect_err("line 2");
+        assert!(e.message.starts_with("line 2"), "{}", e.message);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let c = config();
+            let _ = parse_one(&c, queue(&c, "mail"), &body);
+            let _ = parse_batch(&c, queue(&c, "mail"), &body);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(
+            payload in "\\PC{0,40}",
+            delay in proptest::option::of("\\PC{0,12}"),
+            run_at in proptest::option::of(any::<i64>()),
+            prio in any::<i64>(),
+            args in proptest::collection::vec("\\PC{0,8}", 0..3),
+        ) {
+            let c = config();
+            let body = serde_json::json!({
+                "payload": {"to": payload},
+                "delay": delay,
+                "run_at": run_at,
+                "priority": prio,
+                "args": args,
+            });
+            let text = body.to_string();
+            let _ = parse_one(&c, queue(&c, "mail"), text.as_bytes());
+            let _ = parse_batch(&c, queue(&c, "mail"), format!("[{text},{text}]").as_bytes());
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! One function per endpoint. Each reads the request, asks the broker, and answers JSON;
+//! errors are [`ApiError`]s.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{enqueue as parse, AppState, BATCH_BODY_EXTRA};
+use crate::broker::ListFilter;
+use crate::config::{Config, QueueConfig};
+use crate::model::{QueueName, TaskId, TaskRecord, TaskState};
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// Most tasks one page of `GET /api/v1/tasks` returns.
+const MAX_PAGE: usize = 1000;
+/// How far into a listing a cursor may point (the broker lists newest first by count).
+const MAX_SCAN: usize = 200_000;
+
+/// Read a body of at most `limit` bytes; 413 past it.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is over the limit of {limit} bytes (set by `max_payload` in [taskd])"),
+        )
+        .with("limit", limit)),
+        Err(e) => Err(ApiError::bad_request(
+            "bad_body",
+            format!("failed to read the request body: {e}"),
+        )),
+    }
+}
+
+/// The queue named in the path, from the config; 404 naming the known queues otherwise.
+fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
+    let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
+    let unknown = |why: String| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", why).with("known", known.clone())
+    };
+    let q: QueueName = name
+        .parse()
+        .map_err(|e: String| unknown(format!("`{name}` is not a queue name: {e}")))?;
+    config.queues.get(&q).ok_or_else(|| {
+        unknown(format!(
+            "unknown queue `{name}`; known queues: {}",
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+fn parse_id(id: &str) -> Result<TaskId, ApiError> {
+    id.parse()
+        .map_err(|e: String| ApiError::bad_request("bad_task_id", e))
+}
+
+async fn record(state: &AppState, id: TaskId) -> Result<TaskRecord, ApiError> {
+    state
+        .broker(state.broker.get(id).await)?
+        .map(|d| d.task)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "task_not_found",
+                format!("no task with id {id}"),
+            )
+        })
+}
+
+pub async fn dashboard() -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        ],
+        Html(DASHBOARD),
+    )
+        .into_response()
+}
+
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state.broker(state.broker.count_state(TaskState::Running).await)?;
+    Ok(Json(json!({ "status": "ok" })))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match state.broker.counts().await {
+        Ok(c) => state.metrics.set_counts(&c),
+        Err(e) => {
+            state.metrics.broker_error();
+            tracing::warn!(error = %e, "metrics: failed to read the queue counts");
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn openapi() -> Json<Value> {
+    Json(super::openapi::document())
+}
+
+pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let config = state.config();
+    let counts = state.broker(state.broker.counts().await)?;
+    let mut rows: BTreeMap<String, (BTreeMap<TaskState, u64>, bool, bool)> = BTreeMap::new();
+    for q in config.queues.keys() {
+        rows.insert(q.to_string(), (BTreeMap::new(), false, true));
+    }
+    for c in counts {
+        let name = c.queue.map(|q| q.to_string()).unwrap_or_default();
+        let e = rows.entry(name).or_insert((BTreeMap::new(), false, false));
+        e.0 = c.counts;
+        e.1 = c.paused;
+    }
+    let queues: Vec<Value> = rows
+        .into_iter()
+        .map(|(name, (counts, paused, configured))| {
+            let by_state: BTreeMap<&str, u64> = TaskState::ALL
+                .iter()
+                .map(|s| (s.as_str(), counts.get(s).copied().unwrap_or(0)))
+                .collect();
+            let concurrency = name
+                .parse::<QueueName>()
+                .ok()
+                .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
+            json!({ "queue": name, "paused": paused, "configured": configured, "concurrency": concurrency, "counts": by_state })
+        })
+        .collect();
+    Ok(Json(json!({ "queues": queues })))
+}
+
+fn created(existing: bool, task: TaskRecord) -> Response {
+    let mut v = serde_json::to_value(&task).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("existing".into(), Value::Bool(existing));
+    }
+    let status = if existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    (status, Json(v)).into_response()
+}
+
+pub async fn enqueue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let config = state.config();
+    let q = find_queue(&config, &queue)?;
+    // Room for the other fields and JSON escaping around the payload.
+    let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
+    let task = parse::parse_one(&config, q, &bytes)?;
+    let name = task.queue.clone();
+    let enqueued = state.broker(state.broker.enqueue(vec![task]).await)?;
+    let e = enqueued.first().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "broker_error",
+            "the broker enqueued nothing",
+        )
+    })?;
+    if !e.existing {
+        state.metrics.enqueued(&name, 1);
+    }
+    let task = record(&state, e.id).await?;
+    Ok(created(e.existing, task))
+}
+
+pub async fn enqueue_batch(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let config = state.config();
+    let q = find_queue(&config, &queue)?;
+    let bytes = read_body(body, config.max_payload.saturating_add(BATCH_BODY_EXTRA)).await?;
+    let tasks = parse::parse_batch(&config, q, &bytes)?;
+    let n = tasks.len();
+    let name = q.name.clone();
+    let enqueued = state.broker(state.broker.enqueue(tasks).await)?;
+    let fresh = enqueued.iter().filter(|e| !e.existing).count();
+    state.metrics.enqueued(&name, fresh as u64);
+    let ids: Vec<TaskId> = enqueued.iter().map(|e| e.id).collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "enqueued": n, "existing": n - fresh, "ids": ids })),
+    )
+        .into_response())
+}
+
+pub async fn get_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let detail = state.broker(state.broker.get(id).await)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "task_not_found",
+            format!("no task with id {id}"),
+        )
+    })?;
+    Ok(Json(serde_json::to_value(detail).unwrap_or(Value::Null)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    queue: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Newest first. `cursor` is the `next_cursor` of the previous page: the id of its last
+/// task. A cursor whose task has since left the filter (it changed state) is refused.
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let queue: Option<QueueName> = match &query.queue {
+        Some(q) => Some(
+            q.parse()
+                .map_err(|e: String| ApiError::bad_request("bad_query", format!("queue: {e}")))?,
+        ),
+        None => None,
+    };
+    let task_state: Option<TaskState> = match &query.state {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|e: String| ApiError::bad_request("bad_query", format!("state: {e}")))?,
+        ),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let cursor = query.cursor.as_deref().map(parse_id).transpose()?;
+    // The broker lists newest first with a limit; a page after a cursor is found by listing
+    // far enough to see it. (O(depth); fine for a dashboard and scripts.)
+    let mut fetch = (limit + 1) * 4;
+    loop {
+        let list = state.broker(
+            state
+                .broker
+                .list(&ListFilter {
+                    queue: queue.clone(),
+                    state: task_state,
+                    limit: fetch,
+                })
+                .await,
+        )?;
+        let exhausted = list.len() < fetch;
+        let start = match cursor {
+            None => Some(0),
+            Some(c) => list.iter().position(|t| t.id == c).map(|i| i + 1),
+        };
+        match start {
+            Some(s) if exhausted || list.len() > s + limit => {
+                let page: Vec<&TaskRecord> = list.iter().skip(s).take(limit).collect();
+                let next = (list.len() > s + limit)
+                    .then(|| page.last().map(|t| t.id.to_string()))
+                    .flatten();
+                return Ok(Json(json!({ "tasks": page, "next_cursor": next })));
+            }
+            None if exhausted => {
+                return Err(ApiError::bad_request(
+                    "bad_cursor",
+                    "the cursor's task is no longer in this listing (it changed state or was removed); start again without a cursor",
+                ))
+            }
+            _ if fetch >= MAX_SCAN => {
+                return Err(ApiError::bad_request(
+                    "cursor_too_deep",
+                    format!("the cursor is more than {MAX_SCAN} tasks deep; narrow the listing with `queue` or `state`"),
+                ))
+            }
+            _ => fetch = (fetch * 4).min(MAX_SCAN),
+        }
+    }
+}
+
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskRecord>, ApiError> {
+    let id = parse_id(&id)?;
+    state.broker(state.broker.retry(id).await)?;
+    Ok(Json(record(&state, id).await?))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let outcome = state.broker(state.broker.cancel(id).await)?;
+    let task = record(&state, id).await?;
+    Ok(Json(json!({ "outcome": outcome, "task": task })))
+}
+
+async fn set_paused(state: &AppState, queue: &str, paused: bool) -> Result<Json<Value>, ApiError> {
+    let config = state.config();
+    let q = find_queue(&config, queue)?;
+    state.broker(state.broker.set_paused(&q.name, paused).await)?;
+    Ok(Json(json!({ "queue": q.name, "paused": paused })))
+}
+
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, &queue, true).await
+}
+
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, &queue, false).await
+}

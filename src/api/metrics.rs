@@ -1,0 +1,318 @@
+//! The daemon's Prometheus metrics: a registry of its own (no global state, so test daemons
+//! in one process never share counters), fed by the API (enqueues, broker errors) and the
+//! supervisor (starts, finishes, attempt durations), and rendered at `/metrics`.
+//!
+//! Queue depth and running counts are read from the broker at scrape time (the broker is the
+//! system of record; counting in memory would drift). Process metrics come from /proc/self.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::broker::QueueCounts;
+use crate::model::{QueueName, TaskState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    queue: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    queue: String,
+    state: String,
+}
+
+/// How an attempt ended, as the `outcome` label of `taskd_tasks_finished_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishOutcome {
+    Succeeded,
+    /// Failed, will run again after a backoff.
+    Retry,
+    Failed,
+    Cancelled,
+    /// Put back without charging (shutdown, lost).
+    Requeued,
+}
+
+impl FinishOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            FinishOutcome::Succeeded => "succeeded",
+            FinishOutcome::Retry => "retry",
+            FinishOutcome::Failed => "failed",
+            FinishOutcome::Cancelled => "cancelled",
+            FinishOutcome::Requeued => "requeued",
+        }
+    }
+}
+
+fn attempt_histogram() -> Histogram {
+    // 5 ms .. ~45 min.
+    Histogram::new(exponential_buckets(0.005, 2.0, 20))
+}
+
+/// The registry and its metrics. Cheap to share (`Arc<Metrics>`); every update is atomic.
+pub struct Metrics {
+    registry: Registry,
+    enqueued: Family<QueueLabel, Counter>,
+    started: Family<QueueLabel, Counter>,
+    finished: Family<OutcomeLabels, Counter>,
+    attempt_seconds: Family<QueueLabel, Histogram, fn() -> Histogram>,
+    depth: Family<StateLabels, Gauge>,
+    running: Family<QueueLabel, Gauge>,
+    broker_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let enqueued = Family::<QueueLabel, Counter>::default();
+        let started = Family::<QueueLabel, Counter>::default();
+        let finished = Family::<OutcomeLabels, Counter>::default();
+        let attempt_seconds: Family<QueueLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(attempt_histogram);
+        let depth = Family::<StateLabels, Gauge>::default();
+        let running = Family::<QueueLabel, Gauge>::default();
+        let broker_errors = Counter::default();
+        registry.register(
+            "taskd_tasks_enqueued",
+            "Tasks enqueued through this daemon's API",
+            enqueued.clone(),
+        );
+        registry.register(
+            "taskd_tasks_started",
+            "Attempts started by this daemon",
+            started.clone(),
+        );
+        registry.register(
+            "taskd_tasks_finished",
+            "Attempts finished by this daemon, by outcome",
+            finished.clone(),
+        );
+        registry.register(
+            "taskd_attempt_duration_seconds",
+            "How long attempts ran",
+            attempt_seconds.clone(),
+        );
+        registry.register(
+            "taskd_queue_depth",
+            "Tasks in the broker by queue and state (read at scrape time)",
+            depth.clone(),
+        );
+        registry.register(
+            "taskd_running",
+            "Tasks running by queue (read from the broker at scrape time)",
+            running.clone(),
+        );
+        registry.register(
+            "taskd_broker_errors",
+            "Broker calls of the API and the scraper that failed",
+            broker_errors.clone(),
+        );
+        Metrics {
+            registry,
+            enqueued,
+            started,
+            finished,
+            attempt_seconds,
+            depth,
+            running,
+            broker_errors,
+        }
+    }
+
+    pub fn enqueued(&self, queue: &QueueName, n: u64) {
+        self.enqueued
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn started(&self, queue: &QueueName) {
+        self.started
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn finished(&self, queue: &QueueName, outcome: FinishOutcome, ran: Option<Duration>) {
+        self.finished
+            .get_or_create(&OutcomeLabels {
+                queue: queue.to_string(),
+                outcome: outcome.as_str().to_string(),
+            })
+            .inc();
+        if let Some(d) = ran {
+            self.attempt_seconds
+                .get_or_create(&QueueLabel {
+                    queue: queue.to_string(),
+                })
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn broker_error(&self) {
+        self.broker_errors.inc();
+    }
+
+    /// Set the depth and running gauges from a fresh read of the broker's counts.
+    pub fn set_counts(&self, counts: &[QueueCounts]) {
+        self.depth.clear();
+        self.running.clear();
+        for c in counts {
+            let queue = c.queue.as_ref().map(|q| q.to_string()).unwrap_or_default();
+            for state in TaskState::ALL {
+                let n = c.counts.get(&state).copied().unwrap_or(0);
+                self.depth
+                    .get_or_create(&StateLabels {
+                        queue: queue.clone(),
+                        state: state.to_string(),
+                    })
+                    .set(n as i64);
+            }
+            self.running
+                .get_or_create(&QueueLabel {
+                    queue: queue.clone(),
+                })
+                .set(c.counts.get(&TaskState::Running).copied().unwrap_or(0) as i64);
+        }
+    }
+
+    /// The text exposition: the registry, then the process metrics.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        // The OpenMetrics text ends with `# EOF`; the process metrics go before it.
+        if let Some(i) = out.rfind("# EOF") {
+            out.truncate(i);
+        }
+        process_metrics(&mut out);
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// RSS, CPU time, open descriptors, threads and start time of this process, from /proc/self.
+fn process_metrics(out: &mut String) {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let fields: Vec<&str> = stat
+        .rfind(')')
+        .map(|i| stat[i + 1..].split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+    let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            // OpenMetrics names a counter's sample `NAME_total`.
+            let sample = if kind == "counter" { "_total" } else { "" };
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{sample} {v}"
+            );
+        }
+    };
+    let cpu = match (field(14), field(15)) {
+        (Some(u), Some(s)) => Some((u + s) / ticks),
+        _ => None,
+    };
+    metric(
+        "taskd_process_cpu_seconds",
+        "counter",
+        "User and system CPU time of the daemon",
+        cpu,
+    );
+    metric(
+        "taskd_process_resident_memory_bytes",
+        "gauge",
+        "Resident set size of the daemon",
+        field(24).map(|p| p * page),
+    );
+    metric(
+        "taskd_process_threads",
+        "gauge",
+        "Threads of the daemon",
+        field(20),
+    );
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as f64);
+    metric(
+        "taskd_process_open_fds",
+        "gauge",
+        "Open file descriptors of the daemon",
+        fds,
+    );
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    metric(
+        "taskd_process_start_time_seconds",
+        "gauge",
+        "When the daemon started, in seconds since the Unix epoch",
+        match (boot, field(22)) {
+            (Some(b), Some(s)) => Some(b + s / ticks),
+            _ => None,
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_process_metrics() {
+        let m = Metrics::new();
+        let q: QueueName = "mail".parse().expect("valid");
+        m.enqueued(&q, 3);
+        m.started(&q);
+        m.finished(&q, FinishOutcome::Failed, Some(Duration::from_millis(20)));
+        let text = m.render();
+        assert!(
+            text.contains("taskd_tasks_enqueued_total{queue=\"mail\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("taskd_tasks_finished_total{queue=\"mail\",outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("taskd_attempt_duration_seconds_count{queue=\"mail\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("taskd_process_resident_memory_bytes "),
+            "{text}"
+        );
+        assert!(text.contains("taskd_process_cpu_seconds_total "), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,320 @@
+//! The HTTP API (axum) on `listen`: `/api/v1` (enqueue, batch, read, list, retry, cancel,
+//! queues, pause/resume), `/healthz`, `/metrics`, the OpenAPI document and the dashboard.
+//!
+//! It sees the config, the model and the [`Broker`] trait, never supervisor internals: the
+//! broker is the system of record, and the API is one more client of it (as the CLI is).
+//!
+//! Security: with a token configured, every mutating request must carry
+//! `Authorization: Bearer TOKEN`; so must reads when `listen` is not a loopback address (the
+//! config refuses a non-loopback `listen` without a token). Bodies are read up to a limit
+//! derived from `max_payload`, headers are bounded, and every request has a deadline.
+//!
+//! A page open in the operator's browser must not drive the API: requests that change
+//! anything are refused when their `Origin` is another site, and a loopback `listen` answers
+//! only to local `Host` names (against DNS rebinding).
+//!
+//! Draining: once the daemon drains, every endpoint but `/metrics` answers 503; the server
+//! itself stops when the drain is over.
+
+pub mod enqueue;
+pub mod error;
+mod handlers;
+pub mod metrics;
+pub mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::Config;
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+/// How long one request may take, end to end, before it is answered 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send its request line and headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most header lines of one request.
+pub const MAX_HEADERS: usize = 64;
+/// The read buffer of a connection, which bounds the size of the headers.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// A batch may carry this many bytes on top of `max_payload`.
+pub const BATCH_BODY_EXTRA: usize = 64 * 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<dyn Broker>,
+    /// The current config (a reload swaps it: new queues, `max_payload`, token).
+    config: Arc<RwLock<Arc<Config>>>,
+    pub metrics: Arc<Metrics>,
+    /// Set when the daemon drains: every request but `/metrics` gets 503.
+    pub draining: CancellationToken,
+    /// `listen` is not a loopback address: reads need the token too.
+    reads_need_token: bool,
+    /// `listen` is a loopback address: only local host names are served (DNS rebinding).
+    loopback: bool,
+}
+
+impl AppState {
+    pub fn new(broker: Arc<dyn Broker>, config: Config, metrics: Arc<Metrics>) -> AppState {
+        let reads_need_token = config.listen.is_some_and(|a| !a.ip().is_loopback());
+        let loopback = config.listen.is_some_and(|a| a.ip().is_loopback());
+        AppState {
+            loopback,
+            broker,
+            config: Arc::new(RwLock::new(Arc::new(config))),
+            metrics,
+            draining: CancellationToken::new(),
+            reads_need_token,
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Take a reloaded config (queues, `max_payload`, token).
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// A broker result, counting failures in `taskd_broker_errors_total`.
+    pub fn broker<T>(&self, r: crate::broker::Result<T>) -> Result<T, ApiError> {
+        r.map_err(|e| {
+            if matches!(
+                e,
+                crate::broker::BrokerError::Unavailable(_) | crate::broker::BrokerError::Storage(_)
+            ) {
+                self.metrics.broker_error();
+            }
+            ApiError::from(e)
+        })
+    }
+}
+
+/// Every route: method, path (axum syntax), handler. The router is built from this list, and
+/// a test checks it against the OpenAPI document, both ways.
+pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
+    use axum::routing::{get, post};
+    use handlers as h;
+    vec![
+        (Method::GET, "/", get(h::dashboard)),
+        (Method::GET, "/healthz", get(h::healthz)),
+        (Method::GET, "/metrics", get(h::metrics)),
+        (Method::GET, "/api/v1/openapi.json", get(h::openapi)),
+        (Method::GET, "/api/v1/queues", get(h::list_queues)),
+        (
+            Method::POST,
+            "/api/v1/queues/{queue}/tasks",
+            post(h::enqueue),
+        ),
+        (
+            Method::POST,
+            "/api/v1/queues/{queue}/tasks/batch",
+            post(h::enqueue_batch),
+        ),
+        (Method::POST, "/api/v1/queues/{queue}/pause", post(h::pause)),
+        (
+            Method::POST,
+            "/api/v1/queues/{queue}/resume",
+            post(h::resume),
+        ),
+        (Method::GET, "/api/v1/tasks", get(h::list_tasks)),
+        (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),
+        (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
+        (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),
+    ]
+}
+
+/// The application: routes, auth, drain, deadline.
+pub fn router(state: AppState) -> Router {
+    let mut r = Router::new();
+    for (_, path, handler) in routes() {
+        r = r.route(path, handler);
+    }
+    r.fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        format!(
+            "no endpoint {} {}; see /api/v1/openapi.json",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+async fn wrong_method(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not take {}; see /api/v1/openapi.json",
+            req.uri().path(),
+            req.method()
+        ),
+    )
+}
+
+/// Drain and token checks, before any handler runs.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if state.draining.is_cancelled() && path != "/metrics" {
+        return ApiError::draining().into_response();
+    }
+    let mutating = req.method() != Method::GET && req.method() != Method::HEAD;
+    // A web page in the operator's browser must not drive the API: browsers send `Origin`
+    // with cross-site requests (which a loopback API without a token would otherwise obey),
+    // and a rebound DNS name reaches loopback with a foreign `Host`.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if state.loopback && !local_host(host) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "bad_host",
+            format!("this daemon listens on a loopback address and answers only to local host names (127.0.0.1, [::1], localhost), not `{host}`"),
+        )
+        .into_response();
+    }
+    if mutating {
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+            if origin_host != host {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "cross_origin",
+                    format!(
+                        "a request from the web page at `{origin}` may not change anything here"
+                    ),
+                )
+                .into_response();
+            }
+        }
+    }
+    let needs_token = path.starts_with("/api/v1/")
+        && path != "/api/v1/openapi.json"
+        && (mutating || state.reads_need_token);
+    if needs_token {
+        if let Some(token) = state.config().token.clone() {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match given {
+                None => {
+                    return ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "missing_token",
+                        "this endpoint needs `Authorization: Bearer TOKEN` (the token of [taskd] in the daemon's config)",
+                    )
+                    .into_response()
+                }
+                Some(t) if !token.matches(t.trim()) => {
+                    return ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "bad_token",
+                        "the bearer token does not match the daemon's token",
+                    )
+                    .into_response()
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// `127.0.0.1`, `[::1]` or `localhost`, with any port.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Bind `addr`. Separate from [`serve`] so the daemon fails at start-up, before READY, when
+/// the address is taken.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serve `state` on `listener` until `stop` is cancelled; then finish open requests (at most
+/// a second) and return.
+pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationToken) {
+    let app = router(state);
+    let conns = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, mostly: back off instead of spinning.
+                    tracing::warn!(error = %e, "API: failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HEADER_BYTES);
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+}

@@ -1,0 +1,1154 @@
+//! The HTTP API against a real daemon: every endpoint, its errors, tokens, draining,
+//! metrics, the OpenAPI document against the router, and `--server` on the CLI.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{poll, Daemon, Env, SIGTERM};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A temp dir whose config listens on a free loopback port, with `extra` added to [taskd].
+fn env(extra: &str, queues: &str) -> Env {
+    Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n{extra}\n\n{queues}\n"
+    ))
+}
+
+/// The API's base URL, from the daemon's log.
+fn base(d: &Daemon) -> String {
+    let mut url = String::new();
+    let ok = poll(Duration::from_secs(10), || {
+        let log = d.log_text();
+        match log.find("API listening on ") {
+            Some(i) => {
+                url = log[i + "API listening on ".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    assert!(
+        ok,
+        "the daemon did not log its API address:\n{}",
+        d.log_text()
+    );
+    url
+}
+
+/// One request; (status, JSON body or Null, raw text).
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let (code, text) = call_text(method, url, token, body);
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn call_text(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(20));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let r = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+fn wait_task(url: &str, id: &str, state: &str) -> Value {
+    let mut last = Value::Null;
+    let ok = poll(Duration::from_secs(20), || {
+        last = call("GET", &format!("{url}/api/v1/tasks/{id}"), None, None).1;
+        last["state"] == state
+    });
+    assert!(ok, "task {id} did not reach {state}: {last:#}");
+    last
+}
+
+const QUEUES: &str = "[queues.echo]\nshell = \"echo out-$TASKD_ATTEMPT; echo err-line >&2\"\n\n[queues.mail]\ncommand = [\"/bin/echo\", \"{to}\"]\n\n[queues.fail]\nshell = \"echo boom >&2; exit 3\"\nmax_attempts = 1\n\n[queues.slow]\nshell = \"sleep 30\"\n";
+
+#[test]
+fn enqueue_read_list_and_metrics() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/mail/tasks"),
+        None,
+        Some(r#"{"payload": {"to": "ann@example.com"}, "priority": 2}"#),
+    );
+    assert_eq!(code, 201, "{v:#}");
+    assert_eq!(v["queue"], "mail");
+    assert_eq!(v["priority"], 2);
+    assert_eq!(v["existing"], false);
+    let id = v["id"].as_str().expect("id").to_string();
+    let done = wait_task(&url, &id, "succeeded");
+    assert_eq!(done["history"][0]["stdout_tail"], "ann@example.com\n");
+
+    // unique: the second enqueue returns the first (still waiting: delayed).
+    let body = r#"{"unique": "k1", "delay": "1h"}"#;
+    let (c1, first) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(body),
+    );
+    let (c2, second) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(body),
+    );
+    assert_eq!((c1, c2), (201, 200), "{first:#} {second:#}");
+    assert_eq!(first["state"], "scheduled");
+    assert_eq!(second["id"], first["id"]);
+    assert_eq!(second["existing"], true);
+    let (c, at) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(r#"{"run_at": "2999-01-01T00:00:00Z"}"#),
+    );
+    assert_eq!(c, 201, "{at:#}");
+    assert_eq!(at["state"], "scheduled");
+
+    // list with filters and cursor pagination: 3 scheduled echo tasks + more.
+    for _ in 0..3 {
+        call(
+            "POST",
+            &format!("{url}/api/v1/queues/echo/tasks"),
+            None,
+            Some(r#"{"delay": "1h"}"#),
+        );
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("{url}/api/v1/tasks?queue=echo&state=scheduled&limit=2&cursor={c}"),
+            None => format!("{url}/api/v1/tasks?queue=echo&state=scheduled&limit=2"),
+        };
+        let (code, page) = call("GET", &q, None, None);
+        assert_eq!(code, 200, "{page:#}");
+        let tasks = page["tasks"].as_array().expect("tasks");
+        assert!(tasks.len() <= 2);
+        for t in tasks {
+            assert_eq!(t["state"], "scheduled");
+            seen.push(t["id"].as_str().expect("id").to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (5, 5), "{seen:?}");
+    let (code, err) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?state=sleeping"),
+        None,
+        None,
+    );
+    assert_eq!(code, 400);
+    assert_eq!(err["error"]["code"], "bad_query");
+
+    // queues with counts
+    let (_, q) = call("GET", &format!("{url}/api/v1/queues"), None, None);
+    let mail = q["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "mail")
+        .expect("mail")
+        .clone();
+    assert_eq!(mail["counts"]["succeeded"], 1);
+    assert_eq!(mail["paused"], false);
+
+    let (code, text) = call_text("GET", &format!("{url}/metrics"), None, None);
+    assert_eq!(code, 200);
+    for needle in [
+        "taskd_tasks_enqueued_total{queue=\"mail\"} 1",
+        "taskd_tasks_started_total{queue=\"mail\"} 1",
+        "taskd_tasks_finished_total{queue=\"mail\",outcome=\"succeeded\"} 1",
+        "taskd_attempt_duration_seconds_count{queue=\"mail\"} 1",
+        "taskd_queue_depth{queue=\"echo\",state=\"scheduled\"} 5",
+        "taskd_running{queue=\"mail\"} 0",
+        "taskd_broker_errors_total 0",
+        "taskd_process_resident_memory_bytes ",
+        "taskd_process_open_fds ",
+        "taskd_process_cpu_seconds_total ",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+    let (code, h) = call("GET", &format!("{url}/healthz"), None, None);
+    assert_eq!((code, h["status"].as_str()), (200, Some("ok")));
+}
+
+#[test]
+fn batches_are_atomic() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    call(
+        "POST",
+        &format!("{url}/api/v1/queues/mail/pause"),
+        Some(TOKEN),
+        None,
+    );
+    let batch = format!("{url}/api/v1/queues/mail/tasks/batch");
+    let (code, v) = call(
+        "POST",
+        &batch,
+        None,
+        Some(r#"[{"payload": {"to": "a"}}, {"payload": {"to": "b"}, "priority": 1}]"#),
+    );
+    assert_eq!(code, 201, "{v:#}");
+    assert_eq!(v["enqueued"], 2);
+    let lines = "{\"payload\": {\"to\": \"c\"}}\n\n{\"payload\": {\"to\": \"d\"}}\n{\"payload\": {\"to\": \"e\"}}\n";
+    let (code, v) = call("POST", &batch, None, Some(lines));
+    assert_eq!(code, 201, "{v:#}");
+    assert_eq!(v["ids"].as_array().map(Vec::len), Some(3));
+    // One bad item: nothing of the batch is enqueued, and the item is named.
+    let (code, v) = call(
+        "POST",
+        &batch,
+        None,
+        Some(r#"[{"payload": {"to": "f"}}, {"payload": {}}]"#),
+    );
+    assert_eq!(code, 422, "{v:#}");
+    assert_eq!(v["error"]["item"], 1);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("item 1"),
+        "{v:#}"
+    );
+    let (code, v) = call(
+        "POST",
+        &batch,
+        None,
+        Some("{\"payload\": {\"to\": \"g\"}}\n{\"payload\": \n"),
+    );
+    assert_eq!(code, 400, "{v:#}");
+    assert_eq!(v["error"]["line_of_batch"], 2);
+    let (_, q) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?queue=mail&limit=100"),
+        None,
+        None,
+    );
+    assert_eq!(q["tasks"].as_array().map(Vec::len), Some(5), "{q:#}");
+    // A big batch (far over the connection's 64 KiB header buffer) streams in whole.
+    let big: String = (0..10_000)
+        .map(|i| format!("{{\"payload\": {{\"to\": \"user{i}@example.com\"}}}}\n"))
+        .collect();
+    assert!(big.len() > 400_000);
+    let (code, v) = call("POST", &batch, None, Some(&big));
+    assert_eq!((code, v["enqueued"].as_u64()), (201, Some(10_000)), "{v:#}");
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let e = env("max_payload = 1024", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/nope/tasks"),
+        None,
+        Some("{}"),
+    );
+    assert_eq!(code, 404);
+    assert_eq!(v["error"]["code"], "unknown_queue");
+    assert_eq!(v["error"]["known"], json!(["echo", "fail", "mail", "slow"]));
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some("{\"payload\": {\"a\": tru}}"),
+    );
+    assert_eq!(code, 400);
+    assert_eq!(v["error"]["code"], "bad_json");
+    assert_eq!(v["error"]["byte"], 21, "{v:#}"); // where serde_json noticed: after `tru`
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("line 1, column"),
+        "{v:#}"
+    );
+    let big = format!("{{\"payload\": {{\"x\": \"{}\"}}}}", "a".repeat(2000));
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(&big),
+    );
+    assert_eq!(code, 413, "{v:#}");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    let huge = format!("{{\"payload\": {{\"x\": \"{}\"}}}}", "a".repeat(200_000));
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(&huge),
+    );
+    assert_eq!(code, 413, "{v:#}");
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/mail/tasks"),
+        None,
+        Some(r#"{"payload": {"cc": 1}}"#),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("to"),
+        "{v:#}"
+    );
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(r#"{"delay": "soon"}"#),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (422, Some("invalid_task"))
+    );
+    let (code, v) = call("GET", &format!("{url}/api/v1/tasks/not-an-id"), None, None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (400, Some("bad_task_id"))
+    );
+    let missing = "0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20";
+    let (code, v) = call("GET", &format!("{url}/api/v1/tasks/{missing}"), None, None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("task_not_found"))
+    );
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/{missing}/retry"),
+        None,
+        None,
+    );
+    assert_eq!(code, 404, "{v:#}");
+    let (code, v) = call("GET", &format!("{url}/api/v2/nothing"), None, None);
+    assert_eq!((code, v["error"]["code"].as_str()), (404, Some("no_route")));
+    let (code, v) = call("DELETE", &format!("{url}/api/v1/queues"), None, None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+}
+
+#[test]
+fn retry_cancel_pause_resume() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/fail/tasks"),
+        None,
+        None,
+    );
+    let id = v["id"].as_str().expect("id").to_string();
+    let failed = wait_task(&url, &id, "failed");
+    assert_eq!(failed["history"][0]["stderr_tail"], "boom\n");
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/{id}/retry"),
+        None,
+        None,
+    );
+    assert_eq!(code, 200, "{v:#}");
+    let again = wait_task(&url, &id, "failed");
+    assert_eq!(again["history"].as_array().map(Vec::len), Some(2));
+    // A task that is not failed cannot be retried.
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(r#"{"delay": "1h"}"#),
+    );
+    let waiting = v["id"].as_str().expect("id").to_string();
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/{waiting}/retry"),
+        None,
+        None,
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{v:#}"
+    );
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/{waiting}/cancel"),
+        None,
+        None,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(v["outcome"], "cancelled");
+    assert_eq!(v["task"]["state"], "cancelled");
+    // A running task is asked to stop.
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/slow/tasks"),
+        None,
+        None,
+    );
+    let slow = v["id"].as_str().expect("id").to_string();
+    wait_task(&url, &slow, "running");
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/{slow}/cancel"),
+        None,
+        None,
+    );
+    assert_eq!(v["outcome"], "requested", "{v:#}");
+    wait_task(&url, &slow, "cancelled");
+
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/pause"),
+        None,
+        None,
+    );
+    assert_eq!((code, v["paused"].as_bool()), (200, Some(true)));
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        None,
+    );
+    let held = v["id"].as_str().expect("id").to_string();
+    let (_, q) = call("GET", &format!("{url}/api/v1/queues"), None, None);
+    let echo = q["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "echo")
+        .expect("echo")
+        .clone();
+    assert_eq!(echo["paused"], true);
+    let (code, _) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/resume"),
+        None,
+        None,
+    );
+    assert_eq!(code, 200);
+    wait_task(&url, &held, "succeeded");
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/nope/pause"),
+        None,
+        None,
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("unknown_queue"))
+    );
+}
+
+#[test]
+fn tokens_guard_mutations_and_stay_secret() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let enqueue = format!("{url}/api/v1/queues/echo/tasks");
+    let (code, v) = call("POST", &enqueue, None, None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (401, Some("missing_token"))
+    );
+    let (code, v) = call("POST", &enqueue, Some("wrong-token-wrong-token"), None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (401, Some("bad_token"))
+    );
+    for path in [
+        "/api/v1/queues/echo/pause",
+        "/api/v1/queues/echo/resume",
+        "/api/v1/queues/echo/tasks/batch",
+    ] {
+        let (code, _) = call("POST", &format!("{url}{path}"), None, Some("[{}]"));
+        assert_eq!(code, 401, "{path}");
+    }
+    let (code, v) = call("POST", &enqueue, Some(TOKEN), None);
+    assert_eq!(code, 201, "{v:#}");
+    let id = v["id"].as_str().expect("id");
+    for path in ["retry", "cancel"] {
+        let (code, _) = call(
+            "POST",
+            &format!("{url}/api/v1/tasks/{id}/{path}"),
+            None,
+            None,
+        );
+        assert_eq!(code, 401, "{path}");
+    }
+    // Reads on a loopback address need no token.
+    let (code, _) = call("GET", &format!("{url}/api/v1/tasks/{id}"), None, None);
+    assert_eq!(code, 200);
+    // The token is never printed or logged.
+    let check = e.run(&["check", "--json"]);
+    let check_text = e.run(&["check"]);
+    for out in [
+        &check.stdout,
+        &check.stderr,
+        &check_text.stdout,
+        &check_text.stderr,
+    ] {
+        assert!(!String::from_utf8_lossy(out).contains(TOKEN));
+    }
+    assert!(!d.log_text().contains(TOKEN), "{}", d.log_text());
+
+    // token_file works the same.
+    let file = e.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).expect("token file");
+    let e2 = env(&format!("token_file = \"{}\"", file.display()), QUEUES);
+    let d2 = e2.daemon();
+    let url2 = base(&d2);
+    let (code, _) = call(
+        "POST",
+        &format!("{url2}/api/v1/queues/echo/tasks"),
+        None,
+        None,
+    );
+    assert_eq!(code, 401);
+    let (code, _) = call(
+        "POST",
+        &format!("{url2}/api/v1/queues/echo/tasks"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 201);
+}
+
+#[test]
+fn non_loopback_listen_needs_a_token() {
+    let e = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:0\"\n\n[queues.a]\nshell = \"true\"\n",
+    );
+    let out = e.run(&["check"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("taskd.toml:3:10: error: taskd.listen:"),
+        "{err}"
+    );
+    assert!(err.contains("token_file"), "{err}");
+    let out = e.run(&["start"]);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let short = Env::raw("[taskd]\nstate_dir = \"state\"\ntoken = \"short\"\n");
+    let out = short.run(&["check"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("taskd.token") && !err.contains("\"short\""),
+        "{err}"
+    );
+    // With a token a non-loopback listen starts, and reads need the token too.
+    let ok = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:0\"\ntoken = \"{TOKEN}\"\n\n[queues.a]\nshell = \"true\"\n"));
+    let d = ok.daemon();
+    let url = base(&d).replace("0.0.0.0", "127.0.0.1");
+    let (code, _) = call("GET", &format!("{url}/api/v1/queues"), None, None);
+    assert_eq!(code, 401);
+    let (code, _) = call("GET", &format!("{url}/api/v1/queues"), Some(TOKEN), None);
+    assert_eq!(code, 200);
+    let (code, _) = call("GET", &format!("{url}/healthz"), None, None);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn draining_answers_503() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/slow/tasks"),
+        None,
+        None,
+    );
+    let id = v["id"].as_str().expect("id").to_string();
+    wait_task(&url, &id, "running");
+    d.signal(SIGTERM);
+    let mut last = (0, Value::Null);
+    let ok = poll(Duration::from_secs(10), || {
+        last = call("GET", &format!("{url}/healthz"), None, None);
+        last.0 == 503
+    });
+    assert!(ok, "healthz did not turn 503 while draining: {last:?}");
+    assert_eq!(last.1["error"]["code"], "draining");
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        None,
+    );
+    assert_eq!((code, v["error"]["code"].as_str()), (503, Some("draining")));
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn openapi_matches_the_routes() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let (code, doc) = call("GET", &format!("{url}/api/v1/openapi.json"), None, None);
+    assert_eq!(code, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/echo/tasks"),
+        None,
+        Some(r#"{"delay": "1h"}"#),
+    );
+    let id = v["id"].as_str().expect("id").to_string();
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 13, "{paths:?}");
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("ops").keys() {
+            let concrete = path.replace("{queue}", "echo").replace("{id}", &id);
+            let body = if path.ends_with("/batch") {
+                Some("[{}]")
+            } else {
+                None
+            };
+            let (code, text) = call_text(
+                &method.to_uppercase(),
+                &format!("{url}{concrete}"),
+                None,
+                body,
+            );
+            assert!(
+                code < 400 || code == 409,
+                "documented {method} {path} answered {code}: {text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cli_submit_and_status_through_the_api() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    // A host without the config: -c points nowhere.
+    let elsewhere = Env::raw("");
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(args)
+            .env_remove("TASKD_CONFIG")
+            .current_dir(elsewhere.path());
+        c.env_remove("TASKD_TOKEN");
+        if let Some(t) = token {
+            c.env("TASKD_TOKEN", t);
+        }
+        c.output().expect("run taskd")
+    };
+    let out = run(
+        &[
+            "submit",
+            "--server",
+            &url,
+            "mail",
+            r#"{"to": "bob"}"#,
+            "--wait",
+        ],
+        Some(TOKEN),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(wait_task(&url, &id, "succeeded")["queue"], "mail");
+    let out = run(
+        &["submit", "--server", &url, "mail", r#"{"to": "bob"}"#],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["submit", "--server", &url, "nope", "{}"], Some(TOKEN));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known queues: echo, fail, mail, slow"));
+    let out = run(
+        &["submit", "--server", &url, "mail", "{\"to\": "],
+        Some(TOKEN),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("malformed JSON payload at byte"));
+    let batch = elsewhere.path().join("batch.jsonl");
+    std::fs::write(&batch, "{\"to\": \"a\"}\n{\"to\": \"b\"}\n").expect("batch");
+    let out = run(
+        &[
+            "submit",
+            "--server",
+            &url,
+            "mail",
+            "--batch",
+            batch.to_str().expect("utf8"),
+        ],
+        Some(TOKEN),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enqueued 2 tasks on mail"));
+    let out = run(&["status", "--server", &url], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mail") && text.contains("slow"), "{text}");
+    let out = run(&["status", "--server", &url, "--json"], None);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["queues"].as_array().is_some_and(|q| q.len() == 4),
+        "{v:#}"
+    );
+    let out = run(&["status", "--server", "http://127.0.0.1:1"], None);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+// ----- the dashboard in a real browser ---------------------------------------------------
+
+/// Headless chromium driven over the DevTools protocol; killed (its whole process group)
+/// when dropped.
+struct Browser {
+    child: std::process::Child,
+    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    next: u64,
+    _profile: tempfile::TempDir,
+}
+
+fn find_chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    for dir in std::env::split_paths(&path) {
+        for name in ["chromium", "chromium-browser"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+impl Browser {
+    fn open(bin: &std::path::Path, url: &str) -> Browser {
+        use std::os::unix::process::CommandExt;
+        let profile = tempfile::tempdir().expect("profile dir");
+        let child = std::process::Command::new(bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1280,900",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start chromium");
+        let port_file = profile.path().join("DevToolsActivePort");
+        let mut port = String::new();
+        assert!(
+            poll(Duration::from_secs(30), || {
+                port = std::fs::read_to_string(&port_file).unwrap_or_default();
+                port.contains('\n')
+            }),
+            "chromium did not open its DevTools port"
+        );
+        let port = port.lines().next().unwrap_or_default().trim().to_string();
+        let mut page_ws = String::new();
+        assert!(poll(Duration::from_secs(20), || {
+            let Ok(r) = ureq::get(&format!("http://127.0.0.1:{port}/json/list")).call() else {
+                return false;
+            };
+            let list: Value = r.into_json().unwrap_or_default();
+            match list
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["type"] == "page"))
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            {
+                Some(u) => {
+                    page_ws = u.to_string();
+                    true
+                }
+                None => false,
+            }
+        }));
+        let (ws, _) = tungstenite::connect(page_ws.as_str()).expect("DevTools websocket");
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+        }
+        Browser {
+            child,
+            ws,
+            next: 0,
+            _profile: profile,
+        }
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
+        self.ws.send(tungstenite::Message::text(msg)).expect("send");
+        loop {
+            let m = self.ws.read().expect("DevTools answer");
+            let Ok(text) = m.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).unwrap_or_default();
+            if v["id"] == id {
+                assert!(v["error"].is_null(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluate a JavaScript expression in the page; its value as JSON.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
+        );
+        r["result"]["value"].clone()
+    }
+
+    fn wait_for(&mut self, expr: &str, what: &str) {
+        let mut last = Value::Null;
+        let ok = poll(Duration::from_secs(20), || {
+            last = self.eval(expr);
+            last == true
+        });
+        let html = self.eval("document.body.innerText");
+        assert!(
+            ok,
+            "the dashboard never showed {what} ({expr} = {last}); page text:\n{html}"
+        );
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group of our own child.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter_map(val) {
+        acc = (acc << 6) | c;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn dashboard_in_a_browser() {
+    let Some(chromium) = find_chromium() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium is missing; CI must install it (apt-get install -y chromium)"
+        );
+        eprintln!("SKIPPED dashboard_in_a_browser: chromium is not installed (apt-get install -y chromium)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("marker dir");
+    let marker = dir.path().join("fixed");
+    let queues = format!(
+        "{QUEUES}\n[queues.reports]\nshell = \"if [ -e {m} ]; then echo report ready; else touch {m}; echo 'cannot reach db: connection refused' >&2; exit 3; fi\"\nmax_attempts = 1\n",
+        m = marker.display()
+    );
+    let e = env(&format!("token = \"{TOKEN}\""), &queues);
+    let d = e.daemon();
+    let url = base(&d);
+    let post = |path: &str, body: Option<&str>| {
+        let (code, v) = call("POST", &format!("{url}{path}"), Some(TOKEN), body);
+        assert!(code < 300, "{path}: {v:#}");
+        v
+    };
+    for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
+        post(
+            "/api/v1/queues/mail/tasks",
+            Some(&json!({ "payload": { "to": to } }).to_string()),
+        );
+    }
+    post("/api/v1/queues/fail/tasks", None);
+    let slow = post("/api/v1/queues/slow/tasks", None)["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let id = post(
+        "/api/v1/queues/reports/tasks",
+        Some(r#"{"payload": {"month": "2026-11"}}"#),
+    )["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_task(&url, &id, "failed");
+    wait_task(&url, &slow, "running");
+
+    let mut b = Browser::open(&chromium, &format!("{url}/#task/{id}"));
+    b.wait_for(
+        "document.querySelector('#task-state [data-state]')?.dataset.state === 'failed'",
+        "the failed task",
+    );
+    b.wait_for(
+        "document.body.innerText.includes('cannot reach db: connection refused')",
+        "the attempt's stderr",
+    );
+    // Without the token the action is refused, and says why.
+    b.eval("document.querySelector('button[data-action=retry]').click(); true");
+    b.wait_for(
+        "document.querySelector('#flash').textContent.includes('retry') && document.querySelector('#flash').textContent.includes('failed')",
+        "the refused retry",
+    );
+    assert_eq!(wait_task(&url, &id, "failed")["attempts"], 1);
+    b.eval(&format!(
+        "const t = document.querySelector('#token'); t.value = '{TOKEN}'; t.dispatchEvent(new Event('change')); true"
+    ));
+    b.wait_for(
+        "!!document.querySelector('button[data-action=retry]')",
+        "the retry button",
+    );
+    b.eval("document.querySelector('button[data-action=retry]').click(); true");
+    wait_task(&url, &id, "succeeded");
+    b.wait_for(
+        "document.querySelector('#task-state [data-state]')?.dataset.state === 'succeeded'",
+        "the retried task succeed",
+    );
+    b.wait_for(
+        "document.querySelectorAll('.attempt').length === 2",
+        "both attempts",
+    );
+
+    // The overview: queues, running task with its elapsed time, the failure; pause a queue.
+    b.eval("location.hash = ''; true");
+    b.wait_for(
+        "!!document.querySelector('#queues tr[data-queue=mail]')",
+        "the queues",
+    );
+    b.wait_for(
+        "document.querySelector('#queues tr[data-queue=mail] [data-count=succeeded]').textContent === '3'",
+        "mail's counts",
+    );
+    b.wait_for(
+        &format!(
+            "document.querySelector('#running').innerText.includes('{}')",
+            &slow[slow.len() - 8..]
+        ),
+        "the running task",
+    );
+    b.wait_for(
+        "document.querySelector('#failures').innerText.includes('exit code 3')",
+        "the failure",
+    );
+    b.eval("document.querySelector('button[data-action=pause][data-queue=mail]').click(); true");
+    b.wait_for(
+        "!!document.querySelector('#queues tr[data-queue=mail] [data-paused]')",
+        "mail paused",
+    );
+    let (_, q) = call("GET", &format!("{url}/api/v1/queues"), None, None);
+    assert!(q["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .any(|q| q["queue"] == "mail" && q["paused"] == true));
+
+    let shot = b.call("Page.captureScreenshot", json!({ "format": "png" }));
+    let png = base64_decode(shot["data"].as_str().expect("png data"));
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let target = if std::env::var("TASKD_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
+    } else {
+        e.path().join("dashboard.png")
+    };
+    std::fs::write(&target, png).expect("write the screenshot");
+}
+
+#[test]
+fn reload_swaps_the_token_and_limits_hold() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let enqueue = format!("{url}/api/v1/queues/echo/tasks");
+    let fresh = "another-token-9876543210";
+    std::fs::write(
+        &e.config,
+        format!("[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\ntoken = \"{fresh}\"\n\n{QUEUES}\n"),
+    )
+    .expect("rewrite");
+    let out = e.run(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("API token changed"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(fresh));
+    let (code, _) = call("POST", &enqueue, Some(TOKEN), None);
+    assert_eq!(code, 401, "the old token is refused after a reload");
+    let (code, _) = call("POST", &enqueue, Some(fresh), None);
+    assert_eq!(code, 201);
+
+    // Too many header lines: refused before any handler (431), and the daemon lives on.
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..200 {
+        req.push_str(&format!("X-Junk-{i}: {i}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Garbage instead of HTTP: the connection is dropped, nothing else happens.
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"\x00\xff\xfe garbage\r\n\r\n").expect("write");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let (code, _) = call("GET", &format!("{url}/healthz"), None, None);
+    assert_eq!(code, 200);
+}
+
+/// A raw HTTP/1.1 request (for headers a client library sets itself); the status line.
+fn raw(url: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(url.trim_start_matches("http://")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn web_pages_cannot_drive_the_api() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = base(&d);
+    let host = url.trim_start_matches("http://").to_string();
+    let post = |origin: &str, host: &str| {
+        raw(
+            &url,
+            &format!("POST /api/v1/queues/echo/tasks HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"),
+        )
+    };
+    let a = post("https://evil.example", &host);
+    assert!(
+        a.starts_with("HTTP/1.1 403") && a.contains("cross_origin"),
+        "{a}"
+    );
+    let a = post(&format!("http://{host}"), &host);
+    assert!(
+        a.starts_with("HTTP/1.1 201"),
+        "the dashboard's own origin: {a}"
+    );
+    let port = host.rsplit(':').next().expect("port");
+    let a = post(
+        &format!("http://localhost:{port}"),
+        &format!("localhost:{port}"),
+    );
+    assert!(a.starts_with("HTTP/1.1 201"), "{a}");
+    // DNS rebinding: a foreign name pointing at 127.0.0.1.
+    let a = raw(
+        &url,
+        "GET /api/v1/tasks HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        a.starts_with("HTTP/1.1 403") && a.contains("bad_host"),
+        "{a}"
+    );
+}
+
+#[test]
+fn a_taken_address_fails_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let e = Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\nlisten = \"{addr}\"\n\n[queues.a]\nshell = \"true\"\n"
+    ));
+    let out = e.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("failed to listen on {addr} (`listen` in [taskd])")),
+        "{err}"
+    );
+}
