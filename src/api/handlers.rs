@@ -176,6 +176,7 @@ pub async fn enqueue(
     let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
     let task = parse::parse_one(&config, q, &bytes)?;
     let name = task.queue.clone();
+    let asked = task.clone();
     let enqueued = state.broker(state.broker.enqueue(vec![task]).await)?;
     let e = enqueued.first().ok_or_else(|| {
         ApiError::new(
@@ -186,6 +187,27 @@ pub async fn enqueue(
     })?;
     if !e.existing {
         state.metrics.enqueued(&name, 1);
+        // A new task's record is what was asked plus what the broker said: no read back.
+        if let Ok(payload) = serde_json::from_str(&asked.payload) {
+            let task = crate::model::TaskRecord {
+                id: e.id,
+                queue: asked.queue,
+                state: e.state,
+                payload,
+                args: asked.args,
+                priority: asked.priority,
+                unique_key: asked.unique_key,
+                run_at: e.run_at,
+                attempts: 0,
+                created_at: e.created_at,
+                updated_at: e.created_at,
+                finished_at: None,
+                last_error: None,
+                cancel_requested: false,
+                node: None,
+            };
+            return Ok(created(false, task));
+        }
     }
     let task = record(&state, e.id).await?;
     Ok(created(e.existing, task))

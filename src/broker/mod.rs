@@ -85,6 +85,10 @@ pub struct Enqueued {
     pub state: TaskState,
     /// A waiting or running task with the same unique key already existed; its id is returned.
     pub existing: bool,
+    /// When the new task was recorded, and when it becomes ready (for a new task: enough,
+    /// with the `NewTask`, to answer with its whole record without reading it back).
+    pub created_at: UnixMs,
+    pub run_at: UnixMs,
 }
 
 /// The answer to a cancel request.

@@ -527,7 +527,6 @@ impl SqliteBroker {
         .await
     }
 
-
     /// Tell a daemon listening on this database that something changed. Best effort.
     fn wake(&self, what: &[u8]) {
         let mut guard = match self.wake_tx.lock() {
@@ -582,20 +581,25 @@ const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
 
 fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> {
     if let Some(key) = &t.unique_key {
-        let existing: Option<(String, String)> = conn
+        let existing: Option<(String, String, i64, i64)> = conn
             .prepare_cached(&format!(
-                "SELECT id, state FROM tasks WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
+                "SELECT id, state, created_at, run_at FROM tasks
+                 WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
             ))
             .and_then(|mut s| {
-                s.query_row(params![t.queue.as_str(), key], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
+                s.query_row(params![t.queue.as_str(), key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
             })
             .map_err(storage)?;
-        if let Some((id, state)) = existing {
+        if let Some((id, state, created_at, run_at)) = existing {
             return Ok(Enqueued {
                 id: id.parse().map_err(BrokerError::Storage)?,
                 state: state.parse().map_err(BrokerError::Storage)?,
                 existing: true,
+                created_at,
+                run_at,
             });
         }
     }
@@ -633,6 +637,8 @@ fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> 
         id: t.id,
         state,
         existing: false,
+        created_at: now,
+        run_at,
     })
 }
 

@@ -956,9 +956,17 @@ fn switching_users_needs_a_root_daemon() {
 #[test]
 fn api_tokens() {
     let tok = "0123456789abcdef0123";
-    let c = ok(&format!("[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{tok}\"\n"));
-    assert!(c.token.as_ref().is_some_and(|t| t.matches(tok) && !t.matches("0123")));
-    assert!(!format!("{c:?}").contains(tok), "Debug must not show the token");
+    let c = ok(&format!(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{tok}\"\n"
+    ));
+    assert!(c
+        .token
+        .as_ref()
+        .is_some_and(|t| t.matches(tok) && !t.matches("0123")));
+    assert!(
+        !format!("{c:?}").contains(tok),
+        "Debug must not show the token"
+    );
     // A loopback listen needs none.
     assert!(ok("[taskd]\nlisten = \"[::1]:7070\"\n").token.is_none());
     let d = one("[taskd]\nlisten = \"0.0.0.0:7070\"\n");

@@ -294,7 +294,9 @@ impl Supervisor {
                 let claimed = if free > held {
                     self.broker.claim(&self.node, &q.name, want, LEASE).await
                 } else {
-                    self.broker.claim_ahead(&self.node, &q.name, want, LEASE).await
+                    self.broker
+                        .claim_ahead(&self.node, &q.name, want, LEASE)
+                        .await
                 };
                 match claimed {
                     Ok(claimed) => {
