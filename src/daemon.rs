@@ -360,11 +360,36 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
             ),
             Err(e) => tracing::warn!(error = %e, "API listening on an unknown address"),
         }
-        tokio::spawn(crate::api::serve(
-            listener,
-            api_state.clone(),
-            api_stop.clone(),
-        ))
+        // The API gets a thread and a runtime of its own: requests are then served beside
+        // the supervisor instead of taking turns with it.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let state = api_state.clone();
+        let stop = api_stop.clone();
+        let spawned = listener.into_std().and_then(|listener| {
+            std::thread::Builder::new()
+                .name("taskd-api".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(async move {
+                            match tokio::net::TcpListener::from_std(listener) {
+                                Ok(l) => crate::api::serve(l, state, stop).await,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "the API could not use its socket")
+                                }
+                            }
+                        }),
+                        Err(e) => tracing::error!(error = %e, "failed to start the API's runtime"),
+                    }
+                    let _ = done_tx.send(());
+                })
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "failed to start the API thread");
+        }
+        done_rx
     });
     let notifier = Arc::new(Notifier::from_env());
     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
