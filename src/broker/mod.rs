@@ -141,8 +141,14 @@ pub struct QueueCounts {
 /// Signals a backend raises for the daemon: work may have arrived, or a cancel was asked.
 #[derive(Clone, Default)]
 pub struct Wakeups {
+    /// Tasks may be ready to claim.
     pub work: Arc<Notify>,
+    /// An operator asked to cancel a running (or held) task.
     pub cancel: Arc<Notify>,
+    /// A queue was paused or resumed.
+    pub pause: Arc<Notify>,
+    /// A task that waits for a time was added: the earliest due time may have moved.
+    pub sched: Arc<Notify>,
 }
 
 /// The system of record. Every method is atomic; none holds a lock across calls.

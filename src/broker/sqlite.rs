@@ -709,13 +709,17 @@ impl Broker for SqliteBroker {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let out = self
+        let out: Vec<Enqueued> = self
             .write(move |conn| {
                 let now = now_ms();
                 tasks.iter().map(|t| insert_task(conn, t, now)).collect()
             })
             .await?;
-        self.wake(b"work");
+        // A task that waits for its time moves the daemon's timer; a ready one only needs
+        // its queue looked at.
+        let now = now_ms();
+        let later = out.iter().any(|e: &Enqueued| e.run_at > now && !e.existing);
+        self.wake(if later { b"sched" } else { b"work" });
         Ok(out)
     }
 
@@ -928,7 +932,7 @@ impl Broker for SqliteBroker {
             Ok(())
         })
         .await?;
-        self.wake(b"work");
+        self.wake(b"pause");
         Ok(())
     }
 
@@ -1216,13 +1220,43 @@ impl Broker for SqliteBroker {
         tokio::spawn(async move {
             let mut buf = [0u8; 64];
             loop {
-                match sock.recv(&mut buf).await {
-                    Ok(n) if &buf[..n] == b"cancel" => w.cancel.notify_one(),
-                    Ok(_) => w.work.notify_one(),
+                let mut n = match sock.recv(&mut buf).await {
+                    Ok(n) => n,
                     Err(e) => {
                         tracing::warn!(error = %e, "wake-up socket failed; falling back to periodic checks");
                         return;
                     }
+                };
+                // A burst of producers sends a burst of datagrams: take all that are waiting
+                // and raise each kind of wake-up once.
+                let (mut work, mut cancel, mut pause, mut sched) = (false, false, false, false);
+                let mut first = true;
+                loop {
+                    if !first {
+                        match sock.try_recv(&mut buf) {
+                            Ok(m) => n = m,
+                            Err(_) => break,
+                        }
+                    }
+                    first = false;
+                    match &buf[..n.min(buf.len())] {
+                        b"cancel" => cancel = true,
+                        b"pause" => pause = true,
+                        b"sched" => sched = true,
+                        _ => work = true,
+                    }
+                }
+                if work {
+                    w.work.notify_one();
+                }
+                if cancel {
+                    w.cancel.notify_one();
+                }
+                if pause {
+                    w.pause.notify_one();
+                }
+                if sched {
+                    w.sched.notify_one();
                 }
             }
         });

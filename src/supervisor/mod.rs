@@ -538,13 +538,18 @@ impl Supervisor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = w.work.notified() => {
+                _ = w.work.notified() => self.kick_all(),
+                _ = w.pause.notified() => {
                     self.refresh_paused().await;
                     self.kick_all();
-                    self.reschedule.notify_one();
                 }
+                _ = w.sched.notified() => self.reschedule.notify_one(),
                 _ = w.cancel.notified() => self.check_cancels().await,
-                _ = tick.tick() => self.check_cancels().await,
+                _ = tick.tick() => {
+                    // The safety net behind the wake-ups (a lost datagram, another node).
+                    self.refresh_paused().await;
+                    self.check_cancels().await;
+                }
                 _ = self.interrupt.cancelled() => return,
             }
         }
