@@ -114,6 +114,9 @@ struct Job {
     /// Someone is waiting on this write to go on (an enqueue, a claim). A write that is only
     /// bookkeeping (an attempt's result) may wait a little for company instead.
     urgent: bool,
+    /// The wake-up datagram to send once this write is committed. The writer sends each
+    /// kind once per commit, so a burst of enqueues costs one datagram, not one each.
+    wake: Option<&'static [u8]>,
 }
 
 /// The SQLite backend. Cheap to share behind an `Arc`.
@@ -314,8 +317,12 @@ fn migrate(conn: &Connection) -> Result<()> {
 /// only non-urgent writes (attempt results) waits up to [`LINGER`] for more when writes are
 /// arriving back to back, so that under load several results share one fsync; an urgent
 /// write arriving meanwhile ends the wait.
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wake_path: PathBuf) {
     let mut last_commit = Instant::now() - BUSY_WINDOW;
+    let waker = UnixDatagram::unbound().ok();
+    if let Some(w) = &waker {
+        let _ = w.set_nonblocking(true);
+    }
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         let mut urgent = batch[0].urgent;
@@ -352,7 +359,13 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             continue;
         }
         let mut delivers: Vec<Deliver> = Vec::with_capacity(batch.len());
+        let mut wakes: Vec<&'static [u8]> = Vec::new();
         for job in batch {
+            if let Some(w) = job.wake {
+                if !wakes.contains(&w) {
+                    wakes.push(w);
+                }
+            }
             if let Err(e) = conn.execute_batch("SAVEPOINT job") {
                 tracing::error!(error = %e, "failed to open a savepoint");
             }
@@ -363,6 +376,13 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             let _ = conn.execute_batch("ROLLBACK");
         }
         last_commit = Instant::now();
+        if commit.is_ok() {
+            if let Some(w) = &waker {
+                for kind in wakes {
+                    let _ = w.send_to(kind, &wake_path);
+                }
+            }
+        }
         let err = commit.err();
         for d in delivers {
             d(err.as_ref());
@@ -377,17 +397,19 @@ impl SqliteBroker {
         // should not pay for starting a blocking thread pool.
         let writer = open_writer(path)?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let writer = std::thread::Builder::new()
-            .name("taskd-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx))
-            .map_err(|e| BrokerError::Storage(format!("failed to start the writer thread: {e}")))?;
         let mut wake = path.as_os_str().to_owned();
         wake.push(".wake");
+        let wake_path = PathBuf::from(wake);
+        let writer_wake = wake_path.clone();
+        let writer = std::thread::Builder::new()
+            .name("taskd-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx, writer_wake))
+            .map_err(|e| BrokerError::Storage(format!("failed to start the writer thread: {e}")))?;
         Ok(SqliteBroker {
             path: path.to_path_buf(),
             jobs: tx,
             reader: Arc::new(Mutex::new(None)),
-            wake_path: PathBuf::from(wake),
+            wake_path,
             wake_tx: Mutex::new(None),
             writer: Some(writer),
         })
@@ -412,6 +434,15 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.send(urgent, None, f).await
+    }
+
+    /// Queue a write for the writer thread; `wake` is sent once it is committed.
+    async fn send<T, F>(&self, urgent: bool, wake: Option<&'static [u8]>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = f(conn);
@@ -432,7 +463,7 @@ impl SqliteBroker {
             })
         });
         self.jobs
-            .send(Job { work, urgent })
+            .send(Job { work, urgent, wake })
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
         rx.await.map_err(|_| {
             BrokerError::Storage(
@@ -709,17 +740,17 @@ impl Broker for SqliteBroker {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
+        // A task that waits for its time moves the daemon's timer; a ready one only needs
+        // its queue looked at. The writer sends the wake-up after the commit.
+        let now = now_ms();
+        let later = tasks.iter().any(|t| t.run_at.is_some_and(|r| r > now));
+        let kind: &'static [u8] = if later { b"sched" } else { b"work" };
         let out: Vec<Enqueued> = self
-            .write(move |conn| {
+            .send(true, Some(kind), move |conn| {
                 let now = now_ms();
                 tasks.iter().map(|t| insert_task(conn, t, now)).collect()
             })
             .await?;
-        // A task that waits for its time moves the daemon's timer; a ready one only needs
-        // its queue looked at.
-        let now = now_ms();
-        let later = out.iter().any(|e: &Enqueued| e.run_at > now && !e.existing);
-        self.wake(if later { b"sched" } else { b"work" });
         Ok(out)
     }
 
