@@ -1874,13 +1874,27 @@ pub mod cases {
     pub async fn claim_ahead_reserves_like_claim(b: B, _g: G) {
         let a = enqueue1(&b, task("ca")).await;
         let c = enqueue1(&b, task("ca")).await;
-        let got = b.claim_ahead(NODE, &qn("ca"), 1, LEASE).await.expect("claim_ahead");
-        assert_eq!(got.iter().map(|x| x.task.id).collect::<Vec<_>>(), vec![a], "oldest first");
+        let got = b
+            .claim_ahead(NODE, &qn("ca"), 1, LEASE)
+            .await
+            .expect("claim_ahead");
+        assert_eq!(
+            got.iter().map(|x| x.task.id).collect::<Vec<_>>(),
+            vec![a],
+            "oldest first"
+        );
         assert_eq!(got[0].attempt, 1);
         let d = get(&b, a).await;
-        assert_eq!((d.task.state, d.task.node.as_deref()), (TaskState::Queued, Some(NODE)));
+        assert_eq!(
+            (d.task.state, d.task.node.as_deref()),
+            (TaskState::Queued, Some(NODE))
+        );
         let next = b.claim(NODE, &qn("ca"), 5, LEASE).await.expect("claim");
-        assert_eq!(next.iter().map(|x| x.task.id).collect::<Vec<_>>(), vec![c], "a held task is not handed out twice");
+        assert_eq!(
+            next.iter().map(|x| x.task.id).collect::<Vec<_>>(),
+            vec![c],
+            "a held task is not handed out twice"
+        );
     }
 
     pub async fn adopted_start_is_recovered_as_lost(b: B, _g: G) {
