@@ -242,20 +242,8 @@ fn node_id() -> String {
 /// `taskd start`.
 pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     let path = crate::cli::config_path(flag)?;
-    let config = match crate::config::load(&path) {
-        Ok(c) => c,
-        Err(ConfigError::Invalid(diags)) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            eprintln!(
-                "taskd: {} error(s) in {}; not starting",
-                diags.len(),
-                path.display()
-            );
-            return Ok(exit::CONFIG);
-        }
-        Err(e) => return Err(e.into()),
+    let Some(config) = crate::cli::load_or_report(&path, "not starting")? else {
+        return Ok(exit::CONFIG);
     };
     let log_file = match &args.log_file {
         Some(p) => Some(LogFile::open(p).map_err(|e| {

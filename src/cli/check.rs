@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::{config_path, exit, print_json};
-use crate::config::{ConfigError, Program};
+use crate::config::Program;
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -16,21 +16,8 @@ pub struct CheckArgs {
 
 pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
     let path = config_path(flag)?;
-    let config = match crate::config::load(&path) {
-        Ok(c) => c,
-        Err(ConfigError::Invalid(diags)) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            eprintln!(
-                "{}: {} error{} found; nothing was started",
-                path.display(),
-                diags.len(),
-                if diags.len() == 1 { "" } else { "s" }
-            );
-            return Ok(exit::CONFIG);
-        }
-        Err(e) => return Err(e.into()),
+    let Some(config) = crate::cli::load_or_report(&path, "nothing was started")? else {
+        return Ok(exit::CONFIG);
     };
     if args.json {
         let queues: Vec<_> = config

@@ -219,6 +219,28 @@ pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
     ))
 }
 
+/// Load the config for a command that must not go on with an invalid one (`check`,
+/// `reload`, `start`): on errors, print every diagnostic and a closing line
+/// `FILE: N errors found; CONSEQUENCE` to stderr and return `None` (the caller exits 78).
+pub fn load_or_report(path: &std::path::Path, consequence: &str) -> anyhow::Result<Option<Config>> {
+    match crate::config::load(path) {
+        Ok(c) => Ok(Some(c)),
+        Err(ConfigError::Invalid(diags)) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!(
+                "{}: {} error{} found; {consequence}",
+                path.display(),
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
     let path = config_path(flag)?;
     // A client (submit, status, …) may run as any user: a queue's `user` is checked by the

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{config_path, exit, print_json, Failure};
-use crate::config::ConfigError;
 
 #[derive(clap::Args, Debug)]
 pub struct ReloadArgs {
@@ -16,19 +15,9 @@ pub struct ReloadArgs {
 pub async fn run(flag: Option<PathBuf>, args: ReloadArgs) -> anyhow::Result<u8> {
     let path = config_path(flag)?;
     // Check the file here first: the same diagnostics, without bothering the daemon.
-    let config = match crate::config::load(&path) {
-        Ok(c) => c,
-        Err(ConfigError::Invalid(diags)) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            eprintln!(
-                "taskd: {} is invalid; the running daemon keeps its config",
-                path.display()
-            );
-            return Ok(exit::CONFIG);
-        }
-        Err(e) => return Err(e.into()),
+    let Some(config) = crate::cli::load_or_report(&path, "the running daemon keeps its config")?
+    else {
+        return Ok(exit::CONFIG);
     };
     let socket = config.control_socket.clone();
     let reply = crate::control::request_reload(&socket, Duration::from_secs(60))
