@@ -236,20 +236,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         })
     };
     if let Some(file) = &args.batch {
-        let text = if file.as_os_str() == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
-            s
-        } else {
-            std::fs::read_to_string(file).map_err(|e| {
-                Failure::usage(format!(
-                    "failed to read the batch file {}: {e}",
-                    file.display()
-                ))
-            })?
-        };
+        let text = read_batch_text(file)?;
         let mut lines = String::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -465,24 +452,11 @@ pub(crate) fn strip_position(msg: &str) -> &str {
 fn read_batch(
     config: &Config,
     queue: &QueueConfig,
-    file: &PathBuf,
+    file: &std::path::Path,
     args: &SubmitArgs,
     run_at: Option<UnixMs>,
 ) -> Result<Vec<NewTask>, Failure> {
-    let text = if file.as_os_str() == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
-        s
-    } else {
-        std::fs::read_to_string(file).map_err(|e| {
-            Failure::usage(format!(
-                "failed to read the batch file {}: {e}",
-                file.display()
-            ))
-        })?
-    };
+    let text = read_batch_text(file)?;
     let mut tasks = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -555,6 +529,23 @@ async fn wait(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));
     }
+}
+
+/// The text of a `--batch` file, or of stdin for `-`.
+fn read_batch_text(file: &std::path::Path) -> Result<String, Failure> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::usage(format!("failed to read the batch from stdin: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(file).map_err(|e| {
+        Failure::usage(format!(
+            "failed to read the batch file {}: {e}",
+            file.display()
+        ))
+    })
 }
 
 #[cfg(test)]
