@@ -2907,6 +2907,38 @@ pub mod cases {
 mod sqlite_specific {
     use super::*;
 
+    /// A pid recorded on another boot is not handed to recovery to kill: after a reboot the
+    /// number may lead someone else's process group.
+    #[tokio::test]
+    async fn a_pid_from_another_boot_is_not_returned_by_recover() {
+        let (b, g) = sqlite_fixture().await;
+        let same = enqueue1(&b, task("pb")).await;
+        let other = enqueue1(&b, task("pb")).await;
+        for id in [same, other] {
+            let c = claim_id(&b, "pb", id).await;
+            b.started(&c.lease, 4242, 77).await.expect("started");
+        }
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .unwrap();
+            conn.execute(
+                "UPDATE tasks SET pid_boot = 'another-boot' WHERE id = ?1",
+                [other.to_string()],
+            )
+            .expect("rewrite the boot");
+        }
+        let orphans = b.recover(Recover::All, "reboot").await.expect("recover");
+        let pid_of = |id| {
+            orphans
+                .iter()
+                .find(|o| o.task == id)
+                .map(|o| (o.pid, o.pid_start))
+        };
+        assert_eq!(pid_of(same), Some((Some(4242), Some(77))), "{orphans:?}");
+        assert_eq!(pid_of(other), Some((None, None)), "{orphans:?}");
+    }
+
     /// WAL journal and the schema version table, read straight from the file.
     #[tokio::test]
     async fn wal_and_schema_version() {
@@ -2928,7 +2960,7 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();

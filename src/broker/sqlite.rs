@@ -100,7 +100,22 @@ const MIGRATIONS: &[&str] = &[
         paused_at INTEGER NOT NULL
     );
     "#,
+    // 2: the boot a recorded pid belongs to. A pid (and its start time) means nothing on
+    // another machine or after a reboot, where the number may name someone else's group.
+    r#"
+    ALTER TABLE tasks ADD COLUMN pid_boot TEXT;
+    "#,
 ];
+
+/// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
+fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
 
 const TASK_COLS: &str = "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
      created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token";
@@ -723,10 +738,13 @@ fn mark_running(conn: &Connection, lease: &Lease, pid: Option<(i32, u64)>) -> Re
         .prepare_cached(
             "UPDATE tasks SET attempts = attempts + (state = 'queued'), state = 'running',
                 started_at = CASE WHEN state = 'queued' THEN ?5 ELSE started_at END,
-                updated_at = ?5, pid = coalesce(?1, pid), pid_start = coalesce(?2, pid_start)
+                updated_at = ?5, pid = coalesce(?1, pid), pid_start = coalesce(?2, pid_start),
+                pid_boot = CASE WHEN ?1 IS NULL THEN pid_boot ELSE ?7 END
              WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state IN ('queued', 'running')",
         )
-        .and_then(|mut s| s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node]))
+        .and_then(|mut s| {
+            s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node, boot_id()])
+        })
         .map_err(storage)?;
     if n == 0 {
         return Err(BrokerError::LeaseLost(lease.task));
@@ -1161,13 +1179,17 @@ impl Broker for SqliteBroker {
                     Recover::Expired(t) => ("lease_node IS NOT NULL AND lease_expires < ?1", t),
                 };
                 let sql = format!(
-                    "SELECT seq, id, queue, lease_node, pid, pid_start, started_at, attempts, cancel_requested, state
+                    // A pid recorded on another boot (or machine) is not returned: it could
+                    // name an unrelated process group now.
+                    "SELECT seq, id, queue, lease_node,
+                            CASE WHEN pid_boot = ?2 THEN pid END, CASE WHEN pid_boot = ?2 THEN pid_start END,
+                            started_at, attempts, cancel_requested, state
                      FROM tasks WHERE {cond} AND state IN ('queued', 'running') AND ?1 = ?1"
                 );
                 let mut stmt = conn.prepare(&sql).map_err(storage)?;
                 type R = (i64, String, String, Option<String>, Option<i32>, Option<i64>, Option<i64>, u32, bool, String);
                 let rows: Vec<R> = stmt
-                    .query_map([bound], |r| {
+                    .query_map(params![bound, boot_id()], |r| {
                         Ok((
                             r.get(0)?,
                             r.get(1)?,
