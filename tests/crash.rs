@@ -34,19 +34,8 @@ fn submit(env: &Env, queue: &str, payload: &Value) -> String {
         .to_string()
 }
 
-fn submit_batch(env: &Env, queue: &str, n: usize, tag: &str) -> Vec<String> {
-    let file = env.path().join(format!("batch-{tag}.jsonl"));
-    std::fs::write(&file, "{}\n".repeat(n)).unwrap();
-    let out = env.ok(&["submit", queue, "--batch", file.to_str().unwrap(), "--json"]);
-    let v: Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
-    let ids: Vec<String> = v["ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|i| i.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids.len(), n);
-    ids
+fn submit_batch(env: &Env, queue: &str, n: usize) -> Vec<String> {
+    common::submit_batch(env, queue, &vec![serde_json::json!({}); n])
 }
 
 fn wait_pid(path: &Path, deadline: Duration) -> i32 {
@@ -270,7 +259,7 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
         lo + (seed % (hi - lo + 1) as u64) as usize
     };
 
-    let mut ids = submit_batch(&env, "w", TOTAL - CYCLES * LATE, "initial");
+    let mut ids = submit_batch(&env, "w", TOTAL - CYCLES * LATE);
     let mut kills = 0;
     let mut instant_kills = 0;
     for cycle in 0..CYCLES {
@@ -290,7 +279,7 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
         );
         d.kill9();
         kills += 1;
-        ids.extend(submit_batch(&env, "w", LATE, &format!("late-{cycle}")));
+        ids.extend(submit_batch(&env, "w", LATE));
     }
     assert_eq!(ids.len(), TOTAL);
     let after_kills = lines(&done);

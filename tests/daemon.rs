@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{alive, children, history, poll, wait_line, Daemon, Env, SIGHUP, SIGTERM};
+use common::{
+    alive, children, history, poll, submit_batch, wait_line, Daemon, Env, SIGHUP, SIGTERM,
+};
 use serde_json::{json, Value};
 
 // ------------------------------------------------------------------------------------------
@@ -60,23 +62,6 @@ fn submit(env: &Env, queue: &str, payload: &Value, extra: &[&str]) -> String {
         args.extend_from_slice(extra);
     }
     env.ok(&args).trim().to_string()
-}
-
-/// Submit one task per payload in one batch; return the ids in order.
-fn submit_batch(env: &Env, queue: &str, payloads: &[Value]) -> Vec<String> {
-    let file = env.path().join(format!("batch-{}.jsonl", nanos()));
-    let text: String = payloads.iter().map(|p| format!("{p}\n")).collect();
-    std::fs::write(&file, text).unwrap();
-    let out = env.ok(&["submit", queue, "--batch", file.to_str().unwrap(), "--json"]);
-    let v: Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
-    let ids: Vec<String> = v["ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|i| i.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids.len(), payloads.len(), "batch answer: {v}");
-    ids
 }
 
 fn is_terminal(state: &str) -> bool {

@@ -147,17 +147,7 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let tasks = match &args.batch {
         Some(file) => read_batch(&config, queue, file, &args, run_at)?,
         None => {
-            let text = match args.payload.as_deref() {
-                None => "{}".to_string(),
-                Some("-") => {
-                    let mut s = String::new();
-                    std::io::stdin().read_to_string(&mut s).map_err(|e| {
-                        Failure::usage(format!("failed to read the payload from stdin: {e}"))
-                    })?;
-                    s
-                }
-                Some(s) => s.to_string(),
-            };
+            let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text).map_err(Failure::usage)?;
             let mut t = NewTask::new(queue.name.clone(), payload);
             t.args = args.args.clone();
@@ -261,17 +251,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         return Ok(exit::OK);
     }
-    let text = match args.payload.as_deref() {
-        None => "{}".to_string(),
-        Some("-") => {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| {
-                Failure::usage(format!("failed to read the payload from stdin: {e}"))
-            })?;
-            s
-        }
-        Some(s) => s.to_string(),
-    };
+    let text = payload_text(args)?;
     let payload = json_of(&text, "payload")?;
     let body = fields(payload).to_string();
     let task = remote.call(
@@ -528,6 +508,21 @@ async fn wait(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// The payload argument's text: `{}` when absent, stdin for `-`.
+fn payload_text(args: &SubmitArgs) -> Result<String, Failure> {
+    match args.payload.as_deref() {
+        None => Ok("{}".to_string()),
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).map_err(|e| {
+                Failure::usage(format!("failed to read the payload from stdin: {e}"))
+            })?;
+            Ok(s)
+        }
+        Some(s) => Ok(s.to_string()),
     }
 }
 

@@ -289,3 +289,26 @@ pub fn wait_line(path: &Path, deadline: Duration) -> String {
     assert!(ok, "{} was not written within {deadline:?}", path.display());
     text.trim().to_string()
 }
+
+/// Submit one task per payload with `submit --batch --json`; return the ids in order.
+pub fn submit_batch(env: &Env, queue: &str, payloads: &[serde_json::Value]) -> Vec<String> {
+    let file = env.path().join(format!("batch-{}.jsonl", unique()));
+    let text: String = payloads.iter().map(|p| format!("{p}\n")).collect();
+    std::fs::write(&file, text).expect("write batch file");
+    let out = env.ok(&[
+        "submit",
+        queue,
+        "--batch",
+        file.to_str().expect("utf-8 path"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("submit --batch --json is JSON");
+    let ids: Vec<String> = v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().expect("an id").to_string())
+        .collect();
+    assert_eq!(ids.len(), payloads.len(), "batch answer: {v}");
+    ids
+}
