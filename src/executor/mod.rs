@@ -31,6 +31,7 @@
 mod output;
 mod procs;
 mod setup;
+mod spawn;
 mod user;
 
 #[cfg(test)]
@@ -353,12 +354,10 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         None => (None, None),
     };
 
-    let mut cmd = command(&spec);
-    let (mut child, tracked) = match spawn_tracked(&mut cmd) {
+    let (mut child, tracked) = match start(&spec) {
         Ok(pair) => pair,
         Err(err) => return Outcome::not_started(spawn_failure(&spec, &err), started_at_ms),
     };
-    drop(cmd);
     let pid = tracked.pid();
     let mut leader = Leader {
         pgid: pid,
@@ -386,13 +385,12 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     };
 
     let (waited, stray_killed) = {
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
+        let (stdin, stdout, stderr) = child.take_pipes();
         let pumps = async {
             tokio::join!(pump(stdout, &mut out), pump(stderr, &mut err));
         };
         tokio::pin!(pumps);
-        let stdin = feed(child.stdin.take(), &spec.stdin);
+        let stdin = feed(stdin, &spec.stdin);
         tokio::pin!(stdin);
         let (mut pumps_done, mut stdin_done) = (false, false);
 
@@ -535,7 +533,11 @@ fn command(spec: &Spec) -> tokio::process::Command {
         .process_group(0)
         .kill_on_drop(false)
         // Pipes and /dev/null are opened close-on-exec by std: only 0, 1 and 2 reach the task.
-        .stdin(stdin_for(&spec.stdin))
+        .stdin(match stdin_for(&spec.stdin) {
+            StdinPlan::Null => Stdio::null(),
+            StdinPlan::Prefilled(fd) => Stdio::from(fd),
+            StdinPlan::Piped => Stdio::piped(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
@@ -551,6 +553,62 @@ fn command(spec: &Spec) -> tokio::process::Command {
     cmd
 }
 
+/// A started leader, by whichever path started it.
+enum LeaderChild {
+    Fast(spawn::Child),
+    Std(tokio::process::Child),
+}
+
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+impl LeaderChild {
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        match self {
+            LeaderChild::Fast(c) => c.wait().await,
+            LeaderChild::Std(c) => c.wait().await,
+        }
+    }
+
+    fn take_pipes(&mut self) -> (Option<Writer>, Option<Reader>, Option<Reader>) {
+        fn boxed_r<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R) -> Reader {
+            Box::new(r)
+        }
+        fn boxed_w<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(w: W) -> Writer {
+            Box::new(w)
+        }
+        match self {
+            LeaderChild::Fast(c) => (
+                c.stdin.take().map(boxed_w),
+                c.stdout.take().map(boxed_r),
+                c.stderr.take().map(boxed_r),
+            ),
+            LeaderChild::Std(c) => (
+                c.stdin.take().map(boxed_w),
+                c.stdout.take().map(boxed_r),
+                c.stderr.take().map(boxed_r),
+            ),
+        }
+    }
+}
+
+/// Starts the leader: without std's `Command` when nothing needs a `pre_exec` hook (see
+/// `spawn.rs`), through it otherwise.
+fn start(spec: &Spec) -> io::Result<(LeaderChild, TrackedChild)> {
+    if spawn::supported() && ChildSetup::plan(spec, &host()).is_none() {
+        let stdin = match stdin_for(&spec.stdin) {
+            StdinPlan::Null => spawn::Stdin::Null,
+            StdinPlan::Prefilled(fd) => spawn::Stdin::Fd(fd),
+            StdinPlan::Piped => spawn::Stdin::Piped,
+        };
+        let (child, tracked) = spawn::spawn(&spec.argv, &spec.env, spec.cwd.as_deref(), stdin)?;
+        return Ok((LeaderChild::Fast(child), tracked));
+    }
+    let mut cmd = command(spec);
+    let (child, tracked) = spawn_tracked(&mut cmd)?;
+    Ok((LeaderChild::Std(child), tracked))
+}
+
 /// A payload that fits in a pipe's buffer is written into the pipe before the spawn and its
 /// write end closed: the child reads it and then EOF, and the daemon has no stdin stream to
 /// watch. A bigger one is streamed (see `feed`).
@@ -558,16 +616,22 @@ fn command(spec: &Spec) -> tokio::process::Command {
 /// that much, so the write never blocks.
 const PREFILLED_STDIN_MAX: usize = 4096;
 
-fn stdin_for(payload: &[u8]) -> Stdio {
+enum StdinPlan {
+    Null,
+    Prefilled(std::os::fd::OwnedFd),
+    Piped,
+}
+
+fn stdin_for(payload: &[u8]) -> StdinPlan {
     if payload.is_empty() {
-        return Stdio::null();
+        return StdinPlan::Null;
     }
     if payload.len() <= PREFILLED_STDIN_MAX {
         if let Some(read) = prefilled_pipe(payload) {
-            return Stdio::from(read);
+            return StdinPlan::Prefilled(read);
         }
     }
-    Stdio::piped()
+    StdinPlan::Piped
 }
 
 /// A pipe holding `data`, its write end closed; `None` if that could not be done (the caller

@@ -10,8 +10,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::ChildStdin;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The size of the one buffer each stream is read through.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -265,7 +264,7 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(pipe: Option<R>, cap: &mut Captur
 /// A child that exits without reading gives EPIPE, which is its business, not an error of
 /// taskd. The caller polls this alongside everything else and drops it when the task ends,
 /// so a child that never reads cannot hold us up.
-pub(crate) async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
+pub(crate) async fn feed<W: AsyncWrite + Unpin>(stdin: Option<W>, data: &[u8]) {
     if let Some(mut stdin) = stdin {
         if let Err(e) = stdin.write_all(data).await {
             tracing::trace!(error = %e, "task did not read all of its stdin");

@@ -99,6 +99,18 @@ pub fn spawn_tracked(
     Ok((child, TrackedChild { pid }))
 }
 
+/// Runs `start` (which starts a child and returns its pid with whatever else it made) and
+/// registers the pid, both under the spawn gate: for spawns that do not go through
+/// [`spawn_tracked`]'s `Command`.
+pub(crate) fn spawn_registered<T>(
+    start: impl FnOnce() -> io::Result<(i32, T)>,
+) -> io::Result<(T, TrackedChild)> {
+    let _gate = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
+    let (pid, made) = start()?;
+    tracked().insert(pid);
+    Ok((made, TrackedChild { pid }))
+}
+
 /// Our own children, from `/proc/self/task/*/children` (an orphan is reparented to one of
 /// our threads, so every thread's list counts). `None` if the kernel does not provide them.
 fn children_from_task_lists() -> Option<Vec<i32>> {

@@ -12,7 +12,22 @@ use super::procs::{parse_stat, read_stat};
 use super::setup::ChildSetup;
 use super::*;
 
+/// Gives this test process the open-files soft limit a daemon gives itself (1024 for a few
+/// slots), so that plain tasks take the fast spawn path (`spawn.rs`) as they do in the
+/// daemon; tasks with limits, a umask or another user still take std's.
+fn as_a_daemon() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        fit_own_nofile(8).expect("fit nofile");
+        assert!(
+            ChildSetup::plan(&Spec::default(), &host()).is_none(),
+            "plain tasks need no pre_exec hook"
+        );
+    });
+}
+
 fn spec(argv: &[&str]) -> Spec {
+    as_a_daemon();
     Spec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
@@ -796,4 +811,70 @@ proptest! {
         let want = &all[all.len().saturating_sub(cap)..];
         prop_assert_eq!(tail.into_vec(), want.to_vec());
     }
+}
+
+#[tokio::test]
+async fn program_is_searched_in_the_tasks_own_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let script = bin.join("taskd-test-hello");
+    std::fs::write(&script, "#!/bin/sh\necho found-on-path\n").expect("write");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // A first directory holding a same-named file that may not be run: skipped, as execvp does.
+    let denied = dir.path().join("denied");
+    std::fs::create_dir(&denied).expect("mkdir");
+    std::fs::write(denied.join("taskd-test-hello"), "#!/bin/sh\necho wrong\n").expect("write");
+
+    let mut s = spec(&["taskd-test-hello"]);
+    s.env = vec![(
+        "PATH".into(),
+        format!("{}:{}:/usr/bin:/bin", denied.display(), bin.display()),
+    )];
+    let o = run_plain(s).await;
+    assert_eq!(o.status, Status::Exited(0), "{o:?}");
+    assert_eq!(text(&o.stdout_tail), "found-on-path\n");
+
+    // Only a file that may not be run: permission denied, not "not found".
+    let mut s = spec(&["taskd-test-hello"]);
+    s.env = vec![("PATH".into(), denied.display().to_string())];
+    let o = run_plain(s).await;
+    assert!(
+        matches!(
+            &o.status,
+            Status::SpawnFailed {
+                kind: SpawnFailure::NotExecutable,
+                ..
+            }
+        ),
+        "{:?}",
+        o.status
+    );
+}
+
+#[tokio::test]
+async fn tasks_start_with_no_blocked_signals_and_default_sigpipe() {
+    // The daemon ignores SIGPIPE (Rust does) and handles TERM/INT/HUP/USR1; none of that may
+    // reach a task: nothing blocked, SIGPIPE (bit 13) not ignored.
+    // SAFETY: ignoring SIGPIPE process-wide is what every Rust binary's start-up does anyway.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let o = run_plain(sh("grep -E '^Sig(Blk|Ign):' /proc/self/status")).await;
+    assert_eq!(o.status, Status::Exited(0), "{o:?}");
+    let out = text(&o.stdout_tail).to_string();
+    let mask = |name: &str| {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {out}"));
+        u64::from_str_radix(line.split_whitespace().nth(1).expect("mask"), 16).expect("hex")
+    };
+    assert_eq!(mask("SigBlk:"), 0, "{out}");
+    assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
+    // And the leader is its own group's leader.
+    let o = run_plain(sh("ps -o pid=,pgid= -p $$")).await;
+    let fields: Vec<&str> = text(&o.stdout_tail).split_whitespace().collect();
+    assert_eq!(fields.len(), 2, "{o:?}");
+    assert_eq!(fields[0], fields[1], "the task leads its own process group");
 }

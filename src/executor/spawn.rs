@@ -1,0 +1,388 @@
+//! Starting a task's leader without std's `Command`, for the common case: no identity change,
+//! no limits, no umask, nothing that needs a `pre_exec` hook.
+//!
+//! Why: a `/bin/true` task is mostly spawn. std's posix_spawn path (through glibc) maps a
+//! fresh stack for every child and unmaps it afterwards (a page fault per touched page, and a
+//! TLB shoot-down across cores in a multi-threaded process), builds file actions that probe
+//! the descriptor table size six times, and tokio then makes each pipe non-blocking with two
+//! more system calls. Here the child runs on a stack kept for the life of the daemon, with
+//! `clone(CLONE_VM | CLONE_VFORK)`: the parent thread sleeps until the child has called
+//! `execve` (or failed to), exactly like `vfork`, and the child does only async-signal-safe
+//! system calls on memory the parent prepared:
+//!
+//! 1. default dispositions for the signals the daemon handles or ignores (the child shares
+//!    the daemon's memory until `execve`, so none of the daemon's handlers may run in it; the
+//!    daemon blocks every signal around the clone, and the child resets them before it
+//!    unblocks);
+//! 2. its own process group (`setpgid(0, 0)`);
+//! 3. stdin, stdout and stderr from the prepared descriptors (everything else the daemon
+//!    holds is close-on-exec);
+//! 4. the working directory;
+//! 5. an empty signal mask, then `execve` of each candidate path in turn (the `PATH` search
+//!    was done by the parent, as `execvp` would do it with the task's own `PATH`).
+//!
+//! A failure before or at `execve` is written to a slot the parent reads after the clone
+//! returns (shared memory), the child exits 127 and the parent reaps it: the caller gets the
+//! `errno`, exactly as from `Command::spawn`.
+//!
+//! The leader is then watched through a pidfd (readable when it exits) and reaped with
+//! `waitpid(pid)`, never `waitpid(-1)`.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
+
+use super::procs::{spawn_registered, TrackedChild};
+
+/// The child's stack. It needs a few hundred bytes (a handful of libc calls); 64 KiB leaves
+/// room for whatever glibc's wrappers do. Kept for the life of the process, so its pages are
+/// touched once.
+const STACK_SIZE: usize = 64 * 1024;
+
+/// Signals whose disposition the child resets to the default before it unblocks signals:
+/// those the daemon installs handlers for (tokio's signal driver, reload, log reopening), and
+/// SIGPIPE, which Rust programs ignore (std's spawn resets it too).
+const RESET_SIGNALS: &[libc::c_int] = &[
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGPIPE,
+    libc::SIGALRM,
+    libc::SIGTERM,
+    libc::SIGCHLD,
+    libc::SIGWINCH,
+];
+
+/// Where the task's stdin comes from.
+pub(crate) enum Stdin {
+    /// `/dev/null`.
+    Null,
+    /// This descriptor (a pipe already holding the payload, its write end closed).
+    Fd(OwnedFd),
+    /// A pipe the caller writes to ([`Child::stdin`]).
+    Piped,
+}
+
+/// A running leader started by [`spawn`].
+pub(crate) struct Child {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+    pub(crate) stdin: Option<pipe::Sender>,
+    pub(crate) stdout: Option<pipe::Receiver>,
+    pub(crate) stderr: Option<pipe::Receiver>,
+}
+
+impl Child {
+    /// Waits for the leader to exit and reaps it.
+    pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            let mut guard = self.pidfd.readable().await?;
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid on our own child's pid, with a valid status pointer.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            if r == self.pid {
+                return Ok(ExitStatus::from_raw(status));
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(e);
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+/// Whether this kernel gives pidfds (Linux 5.3); without them [`spawn`] is not used.
+pub(crate) fn supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| pidfd_open(std::process::id() as i32).is_ok())
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; the descriptor it returns is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, owned by nobody else. pidfds are close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A pipe whose both ends are close-on-exec; the end the daemon keeps is also non-blocking.
+fn pipe_pair(daemon_reads: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let ours = if daemon_reads { &read } else { &write };
+    let flags = if daemon_reads {
+        libc::O_RDONLY
+    } else {
+        libc::O_WRONLY
+    };
+    // SAFETY: fcntl on a descriptor we own. A fresh pipe end has exactly these flags (and
+    // O_CLOEXEC lives in the descriptor flags, not these), so no F_GETFL is needed.
+    if unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((read, write))
+}
+
+/// `/dev/null`, opened once and shared by every task's stdin (a read of it never moves).
+fn dev_null() -> io::Result<RawFd> {
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let file = std::fs::File::open("/dev/null")?; // close-on-exec, as std opens everything
+    Ok(NULL.get_or_init(|| OwnedFd::from(file)).as_raw_fd())
+}
+
+fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+/// The paths `execvp` would try for `program` with `path` as `PATH`: the program itself if it
+/// names a file (has a `/`), else each directory of `path` joined with it (an empty entry is
+/// the working directory).
+fn candidates(program: &str, path: Option<&str>) -> io::Result<Vec<CString>> {
+    if program.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    if program.contains('/') {
+        return Ok(vec![cstring(program.as_bytes(), "the program name")?]);
+    }
+    let path = path.unwrap_or("/bin:/usr/bin");
+    path.split(':')
+        .map(|dir| {
+            let full = if dir.is_empty() {
+                program.to_string()
+            } else {
+                format!("{}/{program}", dir.trim_end_matches('/'))
+            };
+            cstring(full.as_bytes(), "the program name")
+        })
+        .collect()
+}
+
+/// Everything the child reads; prepared by the parent, which is asleep while the child runs.
+struct ChildArgs {
+    paths: Vec<*const libc::c_char>,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    /// Descriptors for 0, 1, 2.
+    fds: [RawFd; 3],
+    /// Written by the child when it fails: the errno, or 0.
+    errno: libc::c_int,
+}
+
+/// The child. Only async-signal-safe libc calls, on memory the parent owns; never returns
+/// unless it failed (returning ends the child; the parent reaps it).
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive and untouched until the parent wakes
+    // (CLONE_VFORK), which happens only at our execve or exit.
+    unsafe {
+        let a = &mut *(arg as *mut ChildArgs);
+        let fail = |a: &mut ChildArgs| -> libc::c_int {
+            a.errno = *libc::__errno_location();
+            if a.errno == 0 {
+                a.errno = libc::EIO;
+            }
+            127
+        };
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for &sig in RESET_SIGNALS {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(a);
+        }
+        for (target, &fd) in a.fds.iter().enumerate() {
+            let target = target as RawFd;
+            if fd == target {
+                // Already in place (the daemon had that descriptor closed): keep it across
+                // exec by clearing close-on-exec, which dup2 would otherwise do.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return fail(a);
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return fail(a);
+            }
+        }
+        if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
+            return fail(a);
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // As execvp: a candidate that is not there is skipped; one that is there but may not
+        // be run is remembered (EACCES wins over a later ENOENT); anything else stops.
+        let mut denied = false;
+        for &path in &a.paths {
+            libc::execve(path, a.argv, a.envp);
+            match *libc::__errno_location() {
+                libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG | libc::ELOOP => {}
+                libc::EACCES => denied = true,
+                _ => return fail(a),
+            }
+        }
+        if denied {
+            *libc::__errno_location() = libc::EACCES;
+        }
+        fail(a)
+    }
+}
+
+/// The child's stack, reused by every spawn (one at a time: the lock is held across the
+/// clone, and the child is done with the stack when the clone returns).
+fn with_stack<T>(f: impl FnOnce(*mut libc::c_void) -> T) -> T {
+    static STACK: Mutex<Option<Box<[u128]>>> = Mutex::new(None);
+    let mut guard = STACK.lock().unwrap_or_else(PoisonError::into_inner);
+    let stack = guard.get_or_insert_with(|| vec![0u128; STACK_SIZE / 16].into_boxed_slice());
+    // The stack grows down: hand clone its top (16-byte aligned: the slice is of u128).
+    let top = stack.as_mut_ptr_range().end as *mut libc::c_void;
+    f(top)
+}
+
+/// Starts `argv` with exactly `env` in its own process group, in `cwd`, with stdout and
+/// stderr to pipes the caller reads. The leader is registered (see
+/// [`spawn_tracked`](super::spawn_tracked)) before anything could reap it.
+pub(crate) fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: Option<&Path>,
+    stdin: Stdin,
+) -> io::Result<(Child, TrackedChild)> {
+    let program = argv
+        .first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+    let task_path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v);
+    let inherited;
+    let path = match task_path {
+        Some(p) => Some(p.as_str()),
+        None => {
+            inherited = std::env::var("PATH").ok();
+            inherited.as_deref()
+        }
+    };
+    let paths = candidates(program, path)?;
+    let argv_c = argv
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "an argument"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let env_c = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+            kv.extend_from_slice(k.as_bytes());
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstring(&kv, "an environment variable")
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let cwd_c = cwd
+        .map(|c| cstring(OsStr::as_bytes(c.as_os_str()), "the working directory"))
+        .transpose()?;
+    let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    env_p.push(std::ptr::null());
+
+    let (out_r, out_w) = pipe_pair(true)?;
+    let (err_r, err_w) = pipe_pair(true)?;
+    let (stdin_fd, stdin_keep, stdin_ours) = match stdin {
+        Stdin::Null => (dev_null()?, None, None),
+        Stdin::Fd(fd) => (fd.as_raw_fd(), Some(fd), None),
+        Stdin::Piped => {
+            let (r, w) = pipe_pair(false)?;
+            (r.as_raw_fd(), Some(r), Some(w))
+        }
+    };
+
+    let mut args = ChildArgs {
+        paths: paths.iter().map(|c| c.as_ptr()).collect(),
+        argv: argv_p.as_ptr(),
+        envp: env_p.as_ptr(),
+        cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        fds: [stdin_fd, out_w.as_raw_fd(), err_w.as_raw_fd()],
+        errno: 0,
+    };
+
+    let (pidfd, tracked) = spawn_registered(|| {
+        let pid = with_stack(|top| {
+            // SAFETY: every signal is blocked around the clone so that no handler of the
+            // daemon runs in the child before it has reset its dispositions; the previous mask
+            // is restored right after. The child only reads `args` and writes `args.errno`.
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                let mut old: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+                let pid = libc::clone(
+                    child_main,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    &mut args as *mut ChildArgs as *mut libc::c_void,
+                );
+                let clone_err = io::Error::last_os_error();
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                if pid < 0 {
+                    Err(clone_err)
+                } else {
+                    Ok(pid)
+                }
+            }
+        })?;
+        // Read only after the clone returned: the child is past execve or gone.
+        let errno = unsafe { std::ptr::read_volatile(&args.errno) };
+        if errno != 0 {
+            let mut status = 0;
+            // SAFETY: reaping the child that just failed; it has exited already.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        match pidfd_open(pid) {
+            Ok(fd) => Ok((pid, fd)),
+            Err(e) => {
+                // Cannot watch it: do not leave it running unobserved.
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                    let mut status = 0;
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                Err(e)
+            }
+        }
+    })?;
+    drop((out_w, err_w, stdin_keep));
+
+    let child = Child {
+        pid: tracked.pid(),
+        // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
+        pidfd: unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)? },
+        stdin: stdin_ours
+            .map(pipe::Sender::from_owned_fd_unchecked)
+            .transpose()?,
+        stdout: Some(pipe::Receiver::from_owned_fd_unchecked(out_r)?),
+        stderr: Some(pipe::Receiver::from_owned_fd_unchecked(err_r)?),
+    };
+    Ok((child, tracked))
+}
