@@ -351,18 +351,28 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wake_path: PathBuf) 
             }
         }
         if !urgent && last_commit.elapsed() < BUSY_WINDOW {
+            // Parked, not blocked on the channel: a sender of a non-urgent write then does not
+            // wake this thread (no futex call, no context switch per result); an urgent one
+            // unparks it (see `send`).
             let until = Instant::now() + LINGER;
-            while batch.len() < MAX_BATCH {
+            'linger: while batch.len() < MAX_BATCH {
                 let left = until.saturating_duration_since(Instant::now());
-                match jobs.recv_timeout(left) {
-                    Ok(j) => {
-                        let u = j.urgent;
-                        batch.push(j);
-                        if u {
-                            break;
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+                while batch.len() < MAX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(j) => {
+                            let u = j.urgent;
+                            batch.push(j);
+                            if u {
+                                break 'linger;
+                            }
                         }
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => break 'linger,
                     }
-                    Err(_) => break,
                 }
             }
         }
@@ -480,6 +490,12 @@ impl SqliteBroker {
         self.jobs
             .send(Job { work, urgent, wake })
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
+        if urgent {
+            // Ends a linger at once (a no-op unless the writer is parked in one).
+            if let Some(w) = &self.writer {
+                w.thread().unpark();
+            }
+        }
         rx.await.map_err(|_| {
             BrokerError::Storage(
                 "the write was dropped: the database could not begin a transaction".into(),
