@@ -60,6 +60,9 @@ pub use user::UserSpec;
 
 use setup::ChildSetup;
 
+/// How long a task started by `spawn.rs` may keep its pipes open before the daemon starts
+/// watching its leader through a pidfd rather than by its pipes closing.
+const WAIT_ARM_DELAY: Duration = Duration::from_millis(20);
 /// How long pipes may stay open after the leader exited before the group is killed.
 const PIPE_LINGER: Duration = Duration::from_millis(200);
 /// How long to keep reading after that kill. Only a holder that escaped the group (setsid)
@@ -393,13 +396,22 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         let stdin = feed(stdin, &spec.stdin);
         tokio::pin!(stdin);
         let (mut pumps_done, mut stdin_done) = (false, false);
+        // A leader started without std's Command is waited for once its pipes close (most
+        // tasks: it exited), or after WAIT_ARM_DELAY (a task that closed them early, or left a
+        // background process holding them); see spawn.rs.
+        let mut wait_armed = child.waits_from_the_start();
+        let arm_at = Instant::now() + WAIT_ARM_DELAY;
 
         let waited = loop {
             tokio::select! {
                 // A leader that has already exited wins over a stop that arrives at once.
                 biased;
-                res = child.wait() => break res,
-                _ = &mut pumps, if !pumps_done => pumps_done = true,
+                res = child.wait(), if wait_armed => break res,
+                _ = &mut pumps, if !pumps_done => {
+                    pumps_done = true;
+                    wait_armed = true;
+                }
+                _ = tokio::time::sleep_until(arm_at), if !wait_armed => wait_armed = true,
                 _ = &mut stdin, if !stdin_done => stdin_done = true,
                 _ = stop.cancel.cancelled(), if esc.why.is_none() => {
                     esc.begin(StopWhy::Cancel, spec.kill_grace);
@@ -563,6 +575,12 @@ type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
 type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 impl LeaderChild {
+    /// Whether `wait` should be polled from the start (std's child) or only once the pipes
+    /// closed (ours: see spawn.rs).
+    fn waits_from_the_start(&self) -> bool {
+        matches!(self, LeaderChild::Std(_))
+    }
+
     async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
         match self {
             LeaderChild::Fast(c) => c.wait().await,

@@ -25,8 +25,10 @@
 //! returns (shared memory), the child exits 127 and the parent reaps it: the caller gets the
 //! `errno`, exactly as from `Command::spawn`.
 //!
-//! The leader is then watched through a pidfd (readable when it exits) and reaped with
-//! `waitpid(pid)`, never `waitpid(-1)`.
+//! The leader is reaped with `waitpid(pid)`, never `waitpid(-1)`. The caller first waits for
+//! its pipes to close (for most tasks that is the leader exiting), then tries a non-blocking
+//! `waitpid`; only a leader still running then (or one that closed its pipes early, or left a
+//! background process holding them) is watched through a pidfd, readable when it exits.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -76,31 +78,60 @@ pub(crate) enum Stdin {
 /// A running leader started by [`spawn`].
 pub(crate) struct Child {
     pid: i32,
-    pidfd: AsyncFd<OwnedFd>,
+    /// Opened on the first [`Child::wait`] that finds the leader still running: most tasks
+    /// have exited by the time their pipes report EOF, and are reaped without one.
+    pidfd: Option<AsyncFd<OwnedFd>>,
     pub(crate) stdin: Option<pipe::Sender>,
     pub(crate) stdout: Option<pipe::Receiver>,
     pub(crate) stderr: Option<pipe::Receiver>,
 }
 
 impl Child {
+    /// Reaps the leader if it has exited.
+    fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+        try_reap(self.pid)
+    }
+
     /// Waits for the leader to exit and reaps it.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
-        loop {
-            let mut guard = self.pidfd.readable().await?;
-            let mut status: libc::c_int = 0;
-            // SAFETY: waitpid on our own child's pid, with a valid status pointer.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            if r == self.pid {
-                return Ok(ExitStatus::from_raw(status));
+        if self.pidfd.is_none() {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
             }
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                return Err(e);
+            // Still running (and unreaped, so the pid is still ours): watch it.
+            let fd = pidfd_open(self.pid)?;
+            // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
+            self.pidfd = Some(unsafe {
+                AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)?
+            });
+        }
+        let pid = self.pid;
+        let pidfd = self.pidfd.as_ref().expect("opened above");
+        loop {
+            let mut guard = pidfd.readable().await?;
+            if let Some(status) = try_reap(pid)? {
+                return Ok(status);
             }
             guard.clear_ready();
+        }
+    }
+}
+
+/// Reaps `pid` if it has exited.
+fn try_reap(pid: i32) -> io::Result<Option<ExitStatus>> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid on our own child's pid, with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
         }
     }
 }
@@ -325,7 +356,7 @@ pub(crate) fn spawn(
         errno: 0,
     };
 
-    let (pidfd, tracked) = spawn_registered(|| {
+    let ((), tracked) = spawn_registered(|| {
         let pid = with_stack(|top| {
             // SAFETY: every signal is blocked around the clone so that no handler of the
             // daemon runs in the child before it has reset its dispositions; the previous mask
@@ -358,26 +389,13 @@ pub(crate) fn spawn(
             unsafe { libc::waitpid(pid, &mut status, 0) };
             return Err(io::Error::from_raw_os_error(errno));
         }
-        match pidfd_open(pid) {
-            Ok(fd) => Ok((pid, fd)),
-            Err(e) => {
-                // Cannot watch it: do not leave it running unobserved.
-                // SAFETY: killing and reaping our own child.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                    let mut status = 0;
-                    libc::waitpid(pid, &mut status, 0);
-                }
-                Err(e)
-            }
-        }
+        Ok((pid, ()))
     })?;
     drop((out_w, err_w, stdin_keep));
 
     let child = Child {
         pid: tracked.pid(),
-        // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
-        pidfd: unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)? },
+        pidfd: None,
         stdin: stdin_ours
             .map(pipe::Sender::from_owned_fd_unchecked)
             .transpose()?,

@@ -878,3 +878,13 @@ async fn tasks_start_with_no_blocked_signals_and_default_sigpipe() {
     assert_eq!(fields.len(), 2, "{o:?}");
     assert_eq!(fields[0], fields[1], "the task leads its own process group");
 }
+
+#[tokio::test]
+async fn a_leader_that_closes_its_pipes_early_is_still_waited_for() {
+    // Its pipes close long before it exits: the daemon must notice the exit itself (and its
+    // status), not take the closed pipes for the end.
+    let o = run_plain(sh("exec >/dev/null 2>&1 </dev/null; sleep 0.3; exit 3")).await;
+    assert_eq!(o.status, Status::Exited(3), "{o:?}");
+    let ran = o.ended_at_ms - o.started_at_ms;
+    assert!(ran >= 300, "ended after {ran} ms, before the leader exited");
+}
