@@ -55,6 +55,14 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         entry.1 = c.paused;
     }
     let daemon = crate::daemon::running_daemon(&config.state_dir);
+    // Long-lived workers live in the daemon; it keeps state_dir/workers.json current.
+    let workers = match daemon {
+        Some(pid) => crate::worker::read_status(&config.state_dir)
+            .filter(|f| f.daemon_pid == pid)
+            .map(|f| f.workers)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     if args.json {
         let queues: Vec<_> = rows
             .iter()
@@ -68,6 +76,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
             "state_dir": config.state_dir,
             "queues": queues,
+            "workers": workers,
         }))?;
         return Ok(exit::OK);
     }
@@ -104,6 +113,17 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         table.add_row(row);
     }
     println!("{table}");
+    if !workers.is_empty() {
+        println!("{}", workers_table(&workers));
+    }
+    let worker_queues = config
+        .queues
+        .values()
+        .filter(|q| q.worker().is_some())
+        .count();
+    if worker_queues > 0 && daemon.is_none() {
+        println!("workers: none running (the daemon is not running)");
+    }
     Ok(exit::OK)
 }
 
@@ -286,4 +306,38 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// `taskd status`: one row per long-lived worker.
+fn workers_table(workers: &[crate::worker::WorkerInfo]) -> Table {
+    let now = crate::model::now_ms();
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "worker",
+        "pid",
+        "state",
+        "uptime",
+        "tasks done",
+        "last exit",
+        "why",
+    ]);
+    for w in workers {
+        let uptime = match (w.pid, w.started_ms) {
+            (Some(_), Some(t)) => humantime::format_duration(std::time::Duration::from_secs(
+                ((now - t).max(0) / 1000) as u64,
+            ))
+            .to_string(),
+            _ => "-".into(),
+        };
+        table.add_row(vec![
+            format!("{}/{}", w.queue, w.slot),
+            w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            w.state.as_str().to_string(),
+            uptime,
+            w.tasks_done.to_string(),
+            w.last_exit.clone().unwrap_or_default(),
+            w.why.clone().unwrap_or_default(),
+        ]);
+    }
+    table
 }
