@@ -43,6 +43,10 @@ const CLAIM_BATCH: usize = 64;
 /// claim per task would cost more than the task. Longer tasks hold at most `concurrency`.
 const SHORT_TASK_MS: u64 = 100;
 const HOLD_AHEAD_SHORT: usize = 32;
+/// For short tasks on long-lived workers, which take a task in tens of microseconds: one
+/// claim per commit must cover the time a commit takes (an fsync), or the workers idle.
+const WORKER_CLAIM_BATCH: usize = 256;
+const WORKER_HOLD_AHEAD_SHORT: usize = 256;
 
 struct QueueRt {
     name: QueueName,
@@ -335,18 +339,22 @@ impl Supervisor {
             if let Some(idle) = idle_workers {
                 free = free.min(idle);
             }
+            let (batch, short_ahead) = match idle_workers {
+                Some(_) => (WORKER_CLAIM_BATCH, WORKER_HOLD_AHEAD_SHORT),
+                None => (CLAIM_BATCH, HOLD_AHEAD_SHORT),
+            };
             let ahead = if !q.backlog.load(Ordering::Acquire)
                 || (idle_workers == Some(0) && running == 0)
             {
                 0
             } else if q.last_run_ms.load(Ordering::Relaxed) < SHORT_TASK_MS {
-                HOLD_AHEAD_SHORT.max(conc).min(CLAIM_BATCH)
+                short_ahead.max(conc).min(batch)
             } else {
-                conc.min(CLAIM_BATCH)
+                conc.min(batch)
             };
             // Claim when a free slot has nothing to start, or when the held buffer ran low.
             let claim = free > held || (ahead > 0 && held <= ahead / 2);
-            let want = (free + ahead).saturating_sub(held).min(CLAIM_BATCH);
+            let want = (free + ahead).saturating_sub(held).min(batch);
             if claim && want > 0 {
                 // A slot waiting with nothing to start needs the answer now; topping up the
                 // held buffer does not, and may share a commit with results.
