@@ -487,3 +487,22 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
     let after = env.submit("b", r#"{"text":"still here"}"#);
     env.wait_state(&after, "succeeded", secs(20));
 }
+
+#[test]
+fn cancelling_a_task_stops_its_worker_which_is_restarted() {
+    let env = py_env("max_attempts = 1");
+    let _d = env.daemon();
+    let id = env.submit("w", r#"{"do":"hang"}"#);
+    let pids = wait_line(&env.path().join("hang-pids"), secs(20));
+    let pids: Vec<i32> = pids.split(' ').map(|p| p.parse().unwrap()).collect();
+    env.wait_state(&id, "running", secs(10));
+    env.ok(&["cancel", &id]);
+    let v = env.wait_state(&id, "cancelled", secs(20));
+    assert_eq!(history(&v)[0]["reason"], "cancelled", "{v:#}");
+    assert!(
+        poll(secs(5), || pids.iter().all(|&p| !alive(p))),
+        "the worker's group was stopped: {pids:?}"
+    );
+    let next = env.submit("w", "{}");
+    env.wait_state(&next, "succeeded", secs(20));
+}

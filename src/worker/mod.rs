@@ -1041,3 +1041,136 @@ async fn sleep_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::broker::Lease;
+    use crate::config::{Program, WorkerProgram};
+    use crate::model::{TaskId, TaskState};
+
+    fn queue() -> QueueConfig {
+        let mut q = QueueConfig::new(
+            "q".parse().expect("a valid name"),
+            Program::Worker(WorkerProgram::new(vec!["w".into()])),
+        );
+        q.max_attempts = 3;
+        q
+    }
+
+    fn claimed(attempt: u32) -> Claimed {
+        let task = TaskRecord {
+            id: TaskId::new(),
+            queue: "q".parse().expect("name"),
+            state: TaskState::Queued,
+            payload: serde_json::json!({}),
+            args: vec![],
+            priority: 0,
+            unique_key: None,
+            run_at: 0,
+            attempts: attempt - 1,
+            created_at: 0,
+            updated_at: 0,
+            finished_at: None,
+            last_error: None,
+            cancel_requested: false,
+            node: None,
+        };
+        Claimed {
+            lease: Lease {
+                task: task.id,
+                token: 1,
+                node: "n".into(),
+            },
+            task,
+            attempt,
+        }
+    }
+
+    fn decide_end(attempt: u32, end: End) -> (AttemptRecord, Finish) {
+        let o = Outcome {
+            end,
+            pid: Some(42),
+            started_at_ms: 1,
+            ended_at_ms: 2,
+            stdout_tail: b"out".to_vec(),
+            stderr_tail: Vec::new(),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        decide(&queue(), &claimed(attempt), "n", o, 1_000, &mut rng)
+    }
+
+    #[test]
+    fn answers_map_to_success_failure_and_retry() {
+        let ok = End::Answered {
+            status: ResultStatus::Ok,
+            message: None,
+        };
+        let (a, f) = decide_end(1, ok);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Result), Finish::Succeeded)
+        );
+        assert_eq!(a.stdout_tail, "out");
+        let error = End::Answered {
+            status: ResultStatus::Error,
+            message: Some("bad payload".into()),
+        };
+        let (a, f) = decide_end(1, error);
+        assert_eq!(f, Finish::Failed, "error is not retried");
+        assert!(a.error.unwrap().contains("bad payload"));
+        let retry = End::Answered {
+            status: ResultStatus::Retry,
+            message: Some("busy".into()),
+        };
+        assert!(matches!(
+            decide_end(1, retry.clone()).1,
+            Finish::Retry { .. }
+        ));
+        assert_eq!(decide_end(3, retry).1, Finish::Failed, "attempts spent");
+    }
+
+    #[test]
+    fn crashes_protocol_errors_and_timeouts_are_failed_attempts() {
+        let (a, f) = decide_end(
+            1,
+            End::Crashed {
+                how: "killed by SIGKILL".into(),
+                signal: Some(9),
+            },
+        );
+        assert_eq!((a.reason, a.signal), (Some(AttemptReason::Crash), Some(9)));
+        assert!(a.error.unwrap().contains("(pid 42) died"));
+        assert!(matches!(f, Finish::Retry { .. }));
+        let (a, f) = decide_end(
+            3,
+            End::Protocol {
+                line: "\"junk\"".into(),
+                why: "not JSON".into(),
+            },
+        );
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Protocol), Finish::Failed)
+        );
+        assert!(a.error.unwrap().contains("junk"));
+        let (a, _) = decide_end(1, End::TimedOut { killed_with: 15 });
+        assert_eq!(a.reason, Some(AttemptReason::Timeout));
+        let (a, f) = decide_end(3, End::Interrupted);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Shutdown), Finish::Requeue)
+        );
+        assert_eq!(decide_end(1, End::Unavailable).1, Finish::Release);
+    }
+
+    #[test]
+    fn restart_delay_doubles_up_to_a_minute() {
+        assert_eq!(restart_delay(1), Duration::from_millis(500));
+        assert_eq!(restart_delay(2), Duration::from_secs(1));
+        assert_eq!(restart_delay(4), Duration::from_secs(4));
+        assert_eq!(restart_delay(30), RESTART_MAX);
+    }
+}
