@@ -324,6 +324,10 @@ fn a_worker_that_cannot_start_is_fatal_and_its_tasks_wait_uncharged() {
     );
     let text = env.ok(&["status"]);
     assert!(text.contains("FATAL"), "{text}");
+    assert!(
+        text.contains("workers FATAL (see below): tasks wait"),
+        "{text}"
+    );
     let v = env.show(&id);
     assert_eq!(v["state"], "queued", "{v:#}");
     assert_eq!(v["attempts"], 0, "{v:#}");

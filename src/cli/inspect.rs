@@ -109,6 +109,12 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         if !configured {
             notes.push("not in config: its tasks will not run");
         }
+        if workers
+            .iter()
+            .any(|w| w.queue.as_str() == name && w.state == crate::worker::WorkerState::Fatal)
+        {
+            notes.push("workers FATAL (see below): tasks wait");
+        }
         row.push(notes.join(", "));
         table.add_row(row);
     }

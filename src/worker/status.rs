@@ -189,10 +189,8 @@ impl Registry {
                 tokio::select! {
                     _ = me.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => {
-                        me.write_now();
-                        return;
-                    }
+                    // The drain stops the workers and removes the file.
+                    _ = stop.cancelled() => return,
                 }
                 if me.dirty.load(Ordering::Acquire) || me.touched.load(Ordering::Acquire) {
                     me.write_now();
