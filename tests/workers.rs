@@ -510,3 +510,60 @@ fn cancelling_a_task_stops_its_worker_which_is_restarted() {
     let next = env.submit("w", "{}");
     env.wait_state(&next, "succeeded", secs(20));
 }
+
+/// A worker that reports who and where it runs.
+const WHOAMI_WORKER: &str = r#"
+import os, resource, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import taskd_worker
+
+@taskd_worker.task
+def handle(payload):
+    mask = os.umask(0)
+    print(os.getuid(), "%03o" % mask, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+          os.getcwd(), os.environ.get("GREETING"), os.environ.get("SECRET"),
+          os.environ.get("TASKD_WORKER_PROTOCOL"), os.getpgid(0) == os.getpid())
+
+taskd_worker.run()
+"#;
+
+#[test]
+fn a_worker_runs_as_its_queue_user_with_its_umask_limits_env_and_cwd() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { geteuid() } != 0 {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let env = Env::new("");
+    let dir = env.path().display().to_string();
+    std::fs::write(env.path().join("whoami.py"), WHOAMI_WORKER).unwrap();
+    std::fs::copy(
+        contrib("python/taskd_worker.py"),
+        env.path().join("taskd_worker.py"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.rewrite(&format!(
+        "[queues.u]\nworker = [\"python3\", \"{dir}/whoami.py\"]\nstart_secs = \"100ms\"\n\
+         user = \"nobody\"\numask = \"027\"\nlimits = {{ nofile = 512 }}\ncwd = \"/tmp\"\n\
+         env = {{ GREETING = \"hello\" }}\n"
+    ));
+    let _d = env.daemon_with(&[("SECRET", "s3cret")]);
+    let id = env.submit("u", "{}");
+    let v = env.wait_state(&id, "succeeded", secs(20));
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap();
+    let uid = String::from_utf8_lossy(&nobody.stdout).trim().to_string();
+    assert_eq!(
+        stdout_of(&v, 0),
+        format!("{uid} 027 512 /tmp hello None 1 True\n"),
+        "{v:#}"
+    );
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
