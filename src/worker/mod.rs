@@ -210,6 +210,9 @@ struct Slot {
     jobs: mpsc::Sender<Job>,
     /// RUNNING and waiting for a task, not reserved.
     idle: AtomicBool,
+    /// Its worker is RUNNING (idle or busy): a reservation given back makes it idle again
+    /// only then.
+    serving: AtomicBool,
     /// The slot is no longer wanted (concurrency lowered, queue removed or changed mode).
     retire: CancellationToken,
     info: Mutex<WorkerInfo>,
@@ -311,9 +314,12 @@ impl Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        // Not used: the worker is idle again.
+        // Not used: the worker is idle again, unless it stopped meanwhile. (The daemon's
+        // runtime has one thread: nothing runs between this check and the store.)
         if let Some(slot) = self.slot.take() {
-            slot.idle.store(true, Ordering::Release);
+            if slot.serving.load(Ordering::Acquire) {
+                slot.idle.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -358,6 +364,7 @@ impl Pool {
                 index: slots.len(),
                 jobs: tx,
                 idle: AtomicBool::new(false),
+                serving: AtomicBool::new(false),
                 retire: CancellationToken::new(),
                 info: Mutex::new(WorkerInfo::new(&self.shared.queue, slots.len())),
             });
@@ -475,8 +482,6 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
     let mut failed_starts = 0u32;
     let mut streak = 0u32;
     let mut permit: Option<OwnedSemaphorePermit> = None;
-    let span = tracing::info_span!("worker", queue = %shared.queue, slot = slot.index);
-    let _ = &span;
     loop {
         if shared.stop.is_cancelled() || slot.retire.is_cancelled() {
             break;
@@ -580,15 +585,12 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
         // Handshake: `ready`, then alive for start_secs.
         let mut idle_out = IdleOutput::new(&shared.queue, slot.index, p.pid);
         let hello = handshake(&mut p, &w, &shared, &slot, &mut jobs, &mut idle_out).await;
-        if let Err(why) = hello {
+        if let Err(end) = hello {
             let st = p
                 .stop(spec.kill_grace, &shared.kill_now, |ev| idle_out.event(ev))
                 .await;
-            if matches!(why, HandshakeEnd::Stop) {
-                break;
-            }
-            let HandshakeEnd::Failed(why) = why else {
-                break;
+            let HandshakeEnd::Failed(why) = end else {
+                break; // the daemon or the slot stops
             };
             let why = match st {
                 Some(st) if !why.contains(&describe(&st)) => {
@@ -607,6 +609,7 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
         drop(permit.take());
         slot.set_state(&reg, WorkerState::Running);
         tracing::info!(queue = %shared.queue, slot = slot.index, pid = p.pid, after = ?started.elapsed(), "worker running");
+        slot.serving.store(true, Ordering::Release);
         slot.idle.store(true, Ordering::Release);
         (shared.kick)();
 
@@ -621,6 +624,7 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
             &mut streak,
         )
         .await;
+        slot.serving.store(false, Ordering::Release);
         slot.idle.store(false, Ordering::Release);
         refuse_pending(&mut jobs);
         let (why, failed) = match leave {
