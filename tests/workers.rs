@@ -57,6 +57,8 @@ def handle(payload, job):
             f.write("%d %d\n" % (os.getpid(), child.pid))
         while os.path.exists(os.path.join(d, "block")):
             time.sleep(0.02)
+    if what == "len":
+        print("blob of", len(payload["blob"]))
     if what == "fail":
         raise taskd_worker.Fail("bad payload")
     if what == "retry":
@@ -174,6 +176,12 @@ fn python_worker_runs_tasks_and_stray_prints_are_their_output() {
     }
     let text = env.ok(&["status"]);
     assert!(text.contains("w/0") && text.contains("RUNNING"), "{text}");
+
+    // A payload much bigger than a pipe's buffer.
+    let blob = "x".repeat(600 * 1024);
+    let big = submit_batch(&env, "w", &[json!({ "do": "len", "blob": blob })]).remove(0);
+    let v = env.wait_state(&big, "succeeded", secs(20));
+    assert!(stdout_of(&v, 0).ends_with("blob of 614400\n"), "{}", stdout_of(&v, 0));
 
     // error fails at once; retry follows the retry policy.
     let fail = env.submit("w", r#"{"do":"fail"}"#);

@@ -868,112 +868,115 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
         p.signal(Signal::SIGCONT);
         Instant::now().checked_add(grace)
     };
-    // The task line: written within the loop, so that a worker that does not read it cannot
-    // hold the timeout up.
-    let mut pending = Some(line);
-    let end: End = loop {
-        if let Some(l) = pending.take() {
-            let res = tokio::select! {
-                r = p.send(&l) => Some(r),
-                _ = sleep_opt(deadline) => None,
-            };
-            match res {
-                Some(Ok(())) => {}
-                Some(Err(_)) => {} // it died: the exit comes next
-                None => {
+    // The task line is written beside everything else, so that a worker that reads it slowly
+    // (a big payload) can still print, time out or be cancelled meanwhile.
+    let mut tx = p.take_tasks();
+    let mut written = false;
+    let end: End = {
+        let write = async {
+            if let Some(t) = tx.as_mut() {
+                // An error means the worker died: its exit comes next.
+                let _ = tokio::io::AsyncWriteExt::write_all(t, &line).await;
+            }
+        };
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                biased;
+                ev = p.next_event() => match ev {
+                    Event::Stdout(d) => span.in_scope(|| out.push(&d)),
+                    Event::Stderr(d) => span.in_scope(|| err.push(&d)),
+                    Event::Line(l) => {
+                        if stopping.is_some() {
+                            continue;
+                        }
+                        match protocol::parse(&l) {
+                            Ok(WorkerMessage::Result { id, .. }) if id == task.id && !written => {
+                                let shown = protocol::show_line(&l);
+                                span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker answered before it read its whole task; restarting it"));
+                                break End::Protocol { line: shown, why: "a result before the whole task was read".into() };
+                            }
+                            Ok(WorkerMessage::Result { id, status, message }) if id == task.id => {
+                                break End::Answered { status, message };
+                            }
+                            Ok(WorkerMessage::Progress { id, message }) if id == task.id => {
+                                span.in_scope(|| tracing::debug!(message = message.as_deref().unwrap_or(""), "progress"));
+                            }
+                            Ok(other) => {
+                                let shown = protocol::show_line(&l);
+                                span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker broke the protocol; restarting it"));
+                                let why = match other {
+                                    WorkerMessage::Ready { .. } => "`ready` while a task runs".to_string(),
+                                    _ => "a message for another task".to_string(),
+                                };
+                                break End::Protocol { line: shown, why };
+                            }
+                            Err(why) => {
+                                let shown = protocol::show_line(&l);
+                                span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent an invalid message ({why}); restarting it"));
+                                break End::Protocol { line: shown, why };
+                            }
+                        }
+                    }
+                    Event::TooLong(l) => {
+                        if stopping.is_some() {
+                            continue;
+                        }
+                        let shown = protocol::show_line(&l);
+                        span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent a message line over the limit; restarting it"));
+                        break End::Protocol { line: shown, why: format!("a line over {} bytes", protocol::MAX_LINE) };
+                    }
+                    Event::ResultsClosed => {
+                        // Usually the worker is exiting: wait briefly for its status.
+                        if stopping.is_none() {
+                            closed_at = Instant::now().checked_add(EXIT_AFTER_CLOSE);
+                        }
+                    }
+                    Event::Exit(st) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        if let Some(end) = stopping.take() {
+                            break match end {
+                                End::TimedOut { .. } => End::TimedOut { killed_with: last_signal as i32 },
+                                other => other,
+                            };
+                        }
+                        break End::Crashed { how: describe(&st), signal: st.signal() };
+                    }
+                    Event::Gone => break stopping.take().unwrap_or(End::Crashed { how: "ended".into(), signal: None }),
+                },
+                _ = &mut write, if !written => written = true,
+                _ = sleep_opt(closed_at), if closed_at.is_some() && stopping.is_none() => {
+                    break End::Crashed { how: "it closed its result pipe (fd 4) without answering".into(), signal: None };
+                }
+                _ = sleep_opt(deadline), if stopping.is_none() => {
                     stopping = Some(End::TimedOut { killed_with: 15 });
                     kill_at = begin_stop(p, q.kill_grace);
                 }
-            }
-        }
-        tokio::select! {
-            biased;
-            ev = p.next_event() => match ev {
-                Event::Stdout(d) => span.in_scope(|| out.push(&d)),
-                Event::Stderr(d) => span.in_scope(|| err.push(&d)),
-                Event::Line(l) => {
-                    if stopping.is_some() {
-                        continue;
-                    }
-                    match protocol::parse(&l) {
-                        Ok(WorkerMessage::Result { id, status, message }) if id == task.id => {
-                            break End::Answered { status, message };
-                        }
-                        Ok(WorkerMessage::Progress { id, message }) if id == task.id => {
-                            span.in_scope(|| tracing::debug!(message = message.as_deref().unwrap_or(""), "progress"));
-                        }
-                        Ok(other) => {
-                            let shown = protocol::show_line(&l);
-                            span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker broke the protocol; restarting it"));
-                            let why = match other {
-                                WorkerMessage::Ready { .. } => "`ready` while a task runs".to_string(),
-                                _ => "a message for another task".to_string(),
-                            };
-                            break End::Protocol { line: shown, why };
-                        }
-                        Err(why) => {
-                            let shown = protocol::show_line(&l);
-                            span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent an invalid message ({why}); restarting it"));
-                            break End::Protocol { line: shown, why };
-                        }
-                    }
+                _ = stop.cancel.cancelled(), if stopping.is_none() => {
+                    stopping = Some(End::Cancelled);
+                    kill_at = begin_stop(p, q.kill_grace);
                 }
-                Event::TooLong(l) => {
-                    if stopping.is_some() {
-                        continue;
-                    }
-                    let shown = protocol::show_line(&l);
-                    span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent a message line over the limit; restarting it"));
-                    break End::Protocol { line: shown, why: format!("a line over {} bytes", protocol::MAX_LINE) };
-                }
-                Event::ResultsClosed => {
-                    // Usually the worker is exiting: wait briefly for its status.
-                    if stopping.is_none() {
-                        closed_at = Instant::now().checked_add(EXIT_AFTER_CLOSE);
-                    }
-                }
-                Event::Exit(st) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    if let Some(end) = stopping.take() {
-                        break match end {
-                            End::TimedOut { .. } => End::TimedOut { killed_with: last_signal as i32 },
-                            other => other,
-                        };
-                    }
-                    break End::Crashed { how: describe(&st), signal: st.signal() };
-                }
-                Event::Gone => break stopping.take().unwrap_or(End::Crashed { how: "ended".into(), signal: None }),
-            },
-            _ = sleep_opt(closed_at), if closed_at.is_some() && stopping.is_none() => {
-                break End::Crashed { how: "it closed its result pipe (fd 4) without answering".into(), signal: None };
-            }
-            _ = sleep_opt(deadline), if stopping.is_none() => {
-                stopping = Some(End::TimedOut { killed_with: 15 });
-                kill_at = begin_stop(p, q.kill_grace);
-            }
-            _ = stop.cancel.cancelled(), if stopping.is_none() => {
-                stopping = Some(End::Cancelled);
-                kill_at = begin_stop(p, q.kill_grace);
-            }
-            _ = stop.shutdown.cancelled(), if stopping.is_none() => {
-                stopping = Some(End::Interrupted);
-                kill_at = begin_stop(p, q.kill_grace);
-            }
-            _ = sleep_opt(kill_at), if kill_at.is_some() => {
-                p.signal(Signal::SIGKILL);
-                last_signal = Signal::SIGKILL;
-                kill_at = None;
-            }
-            _ = stop.kill.cancelled(), if last_signal != Signal::SIGKILL => {
-                if stopping.is_none() {
+                _ = stop.shutdown.cancelled(), if stopping.is_none() => {
                     stopping = Some(End::Interrupted);
+                    kill_at = begin_stop(p, q.kill_grace);
                 }
-                p.signal(Signal::SIGKILL);
-                last_signal = Signal::SIGKILL;
-                kill_at = None;
+                _ = sleep_opt(kill_at), if kill_at.is_some() => {
+                    p.signal(Signal::SIGKILL);
+                    last_signal = Signal::SIGKILL;
+                    kill_at = None;
+                }
+                _ = stop.kill.cancelled(), if last_signal != Signal::SIGKILL => {
+                    if stopping.is_none() {
+                        stopping = Some(End::Interrupted);
+                    }
+                    p.signal(Signal::SIGKILL);
+                    last_signal = Signal::SIGKILL;
+                    kill_at = None;
+                }
             }
         }
     };
+    p.restore_tasks(tx);
     // What it printed before answering (or dying) is already in the pipes.
     span.in_scope(|| {
         p.drain_now(|is_err, d| if is_err { err.push(d) } else { out.push(d) });

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio_util::sync::CancellationToken;
@@ -212,12 +212,14 @@ impl Proc {
         }
     }
 
-    /// Sends one message line. `Err` means the worker does not read any more (it died).
-    pub(crate) async fn send(&mut self, line: &[u8]) -> io::Result<()> {
-        match &mut self.tasks {
-            Some(t) => t.write_all(line).await,
-            None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
-        }
+    /// The task pipe, to write a task beside [`Proc::next_event`]; give it back with
+    /// [`Proc::restore_tasks`].
+    pub(crate) fn take_tasks(&mut self) -> Option<pipe::Sender> {
+        self.tasks.take()
+    }
+
+    pub(crate) fn restore_tasks(&mut self, tasks: Option<pipe::Sender>) {
+        self.tasks = tasks;
     }
 
     /// Whatever stdout and stderr hold right now, without waiting: what a worker printed
