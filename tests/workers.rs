@@ -168,6 +168,7 @@ fn python_worker_runs_tasks_and_stray_prints_are_their_output() {
     for w in &ws {
         assert_eq!(w["queue"], "w");
         assert_eq!(w["state"], "running");
+        assert!(w["uptime_s"].is_u64(), "{w}");
         let pid = w["pid"].as_i64().unwrap();
         assert!(alive(pid as i32), "{w}");
         if w["tasks_done"].as_u64().unwrap_or(0) > 0 {
@@ -181,7 +182,11 @@ fn python_worker_runs_tasks_and_stray_prints_are_their_output() {
     let blob = "x".repeat(600 * 1024);
     let big = submit_batch(&env, "w", &[json!({ "do": "len", "blob": blob })]).remove(0);
     let v = env.wait_state(&big, "succeeded", secs(20));
-    assert!(stdout_of(&v, 0).ends_with("blob of 614400\n"), "{}", stdout_of(&v, 0));
+    assert!(
+        stdout_of(&v, 0).ends_with("blob of 614400\n"),
+        "{}",
+        stdout_of(&v, 0)
+    );
 
     // error fails at once; retry follows the retry policy.
     let fail = env.submit("w", r#"{"do":"fail"}"#);

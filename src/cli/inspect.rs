@@ -76,7 +76,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
             "state_dir": config.state_dir,
             "queues": queues,
-            "workers": workers,
+            "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
         }))?;
         return Ok(exit::OK);
     }
@@ -312,6 +312,19 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// A worker for `status --json`: its record plus `uptime_s` (null without a process).
+fn worker_json(w: &crate::worker::WorkerInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(w).unwrap_or_default();
+    let uptime = match (w.pid, w.started_ms) {
+        (Some(_), Some(t)) => serde_json::json!((crate::model::now_ms() - t).max(0) / 1000),
+        _ => serde_json::Value::Null,
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("uptime_s".into(), uptime);
+    }
+    v
 }
 
 /// `taskd status`: one row per long-lived worker.
