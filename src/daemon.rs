@@ -327,14 +327,6 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     }
     let ids: Vec<String> = orphans.iter().map(|o| o.task.to_string()).collect();
     killed += crate::executor::kill_task_processes(&ids);
-    // Long-lived workers of a daemon that was killed: their groups, from workers.json.
-    let workers_killed = crate::worker::kill_leftovers(&config.state_dir);
-    if workers_killed > 0 {
-        tracing::warn!(
-            process_groups_killed = workers_killed,
-            "killed the long-lived workers a previous daemon left behind"
-        );
-    }
     if !orphans.is_empty() {
         tracing::warn!(
             tasks = orphans.len(),

@@ -54,15 +54,8 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         entry.0 = c.counts;
         entry.1 = c.paused;
     }
+    let workers = daemon_workers(&config.state_dir);
     let daemon = crate::daemon::running_daemon(&config.state_dir);
-    // Long-lived workers live in the daemon; it keeps state_dir/workers.json current.
-    let workers = match daemon {
-        Some(pid) => crate::worker::read_status(&config.state_dir)
-            .filter(|f| f.daemon_pid == pid)
-            .map(|f| f.workers)
-            .unwrap_or_default(),
-        None => Vec::new(),
-    };
     if args.json {
         let queues: Vec<_> = rows
             .iter()
@@ -75,8 +68,8 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         print_json(&serde_json::json!({
             "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
             "state_dir": config.state_dir,
-            "queues": queues,
             "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
+            "queues": queues,
         }))?;
         return Ok(exit::OK);
     }
@@ -312,6 +305,18 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// The long-lived workers of the daemon running on `state_dir` (none when it is not running):
+/// they live in the daemon, which keeps `state_dir/workers.json` current.
+fn daemon_workers(state_dir: &std::path::Path) -> Vec<crate::worker::WorkerInfo> {
+    let Some(pid) = crate::daemon::running_daemon(state_dir) else {
+        return Vec::new();
+    };
+    crate::worker::read_status(state_dir)
+        .filter(|f| f.daemon_pid == pid)
+        .map(|f| f.workers)
+        .unwrap_or_default()
 }
 
 /// A worker for `status --json`: its record plus `uptime_s` (null without a process).

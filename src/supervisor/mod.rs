@@ -215,6 +215,17 @@ impl Supervisor {
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
     pub fn start(self: &Arc<Self>, config: &Config, wakeups: Wakeups) {
+        // Long-lived workers a killed daemon left behind: their groups, from workers.json
+        // (the tasks they ran were recovered with the others).
+        if let Some(dir) = self.start_log.dir() {
+            let killed = worker::kill_leftovers(dir);
+            if killed > 0 {
+                tracing::warn!(
+                    process_groups_killed = killed,
+                    "killed the long-lived workers a previous daemon left behind"
+                );
+            }
+        }
         self.workers.spawn_writer(self.interrupt.clone());
         self.apply(config);
         let me = self.clone();
