@@ -22,8 +22,8 @@ fn contrib(rel: &str) -> PathBuf {
 
 /// A Python worker built on the helper. Its behaviour is chosen by the payload's `do`:
 /// "echo" (default), "crash" (on the first attempt), "hang" (starts a `sleep` in its group,
-/// writes both pids, then sleeps), "garbage", "grow" (keeps 64 MiB). Every task prints a
-/// stray line on stdout and one on stderr, and its worker pid.
+/// writes both pids, then sleeps), "garbage", "grow" (keeps 64 MiB). Every task sends a
+/// progress message, prints a stray line on stdout and one on stderr, and its worker pid.
 const PY_WORKER: &str = r#"
 import os, sys, time
 sys.path.insert(0, os.environ["HELPER_DIR"])
@@ -33,6 +33,7 @@ hoard = []
 
 @taskd_worker.task
 def handle(payload, job):
+    taskd_worker.progress("started")
     print("stray print from", os.getpid(), "payload", payload.get("n"))
     sys.stderr.write("to stderr\n")
     what = payload.get("do", "echo")
