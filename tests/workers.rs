@@ -125,7 +125,16 @@ fn worker_pid_of(v: &Value, attempt: usize) -> i64 {
 
 #[test]
 fn python_worker_runs_tasks_and_stray_prints_are_their_output() {
-    let env = py_env("concurrency = 2\nmax_attempts = 2");
+    let env = Env::new("");
+    let logs = env.path().join("logs");
+    env.rewrite(&py_queue(
+        &env,
+        &format!(
+            "concurrency = 2\nmax_attempts = 2\nlog_dir = \"{}\"",
+            logs.display()
+        ),
+    ));
+    std::fs::write(env.path().join("w.py"), PY_WORKER).unwrap();
     let _d = env.daemon();
     let ids: Vec<String> = submit_batch(
         &env,
@@ -143,6 +152,8 @@ fn python_worker_runs_tasks_and_stray_prints_are_their_output() {
             "the task's stdout is its output, uncorrupted: {out:?}"
         );
         assert_eq!(h[0]["stderr_tail"], "to stderr\n", "{v:#}");
+        let file = std::fs::read_to_string(logs.join(format!("{id}.1.out"))).unwrap();
+        assert_eq!(file, out, "log_dir keeps the task's full output");
     }
     // Two workers served them all, without restarts.
     let pids: std::collections::BTreeSet<i64> = ids
