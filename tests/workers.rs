@@ -592,3 +592,42 @@ fn a_worker_runs_as_its_queue_user_with_its_umask_limits_env_and_cwd() {
 extern "C" {
     fn geteuid() -> u32;
 }
+
+#[test]
+fn reloads_change_the_number_of_workers_and_can_switch_the_queue_to_a_command() {
+    let env = py_env("concurrency = 1");
+    let _d = env.daemon();
+    let first = running_pids(&env, 1);
+    env.rewrite(&py_queue(&env, "concurrency = 3"));
+    env.ok(&["reload"]);
+    let three = running_pids(&env, 3);
+    assert!(
+        three.contains(&first[0]),
+        "the first worker stays: {three:?}"
+    );
+    env.rewrite(&py_queue(&env, "concurrency = 2"));
+    env.ok(&["reload"]);
+    assert!(
+        poll(secs(20), || workers(&env).len() == 2),
+        "{:#?}",
+        workers(&env)
+    );
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+
+    env.rewrite("[queues.w]\ncommand = [\"/bin/echo\", \"exec mode\"]\n");
+    env.ok(&["reload"]);
+    assert!(
+        poll(secs(20), || workers(&env).is_empty()),
+        "{:#?}",
+        workers(&env)
+    );
+    assert!(
+        poll(secs(5), || three.iter().all(|&p| !alive(p as i32))),
+        "{three:?}"
+    );
+    let id = env.submit("w", "{}");
+    let v = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(history(&v)[0]["reason"], "exit", "{v:#}");
+    assert_eq!(stdout_of(&v, 0), "exec mode\n");
+}
