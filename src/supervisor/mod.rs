@@ -197,11 +197,6 @@ impl Supervisor {
         &self.node
     }
 
-    /// The long-lived workers of every `worker` queue.
-    pub fn workers(&self) -> Vec<worker::WorkerInfo> {
-        self.workers.infos()
-    }
-
     pub fn snapshot(&self) -> Snapshot {
         let queues = self.queues.lock().expect("not poisoned");
         Snapshot {
