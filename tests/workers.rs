@@ -631,3 +631,46 @@ fn reloads_change_the_number_of_workers_and_can_switch_the_queue_to_a_command() 
     assert_eq!(history(&v)[0]["reason"], "exit", "{v:#}");
     assert_eq!(stdout_of(&v, 0), "exec mode\n");
 }
+
+#[test]
+fn the_api_lists_the_workers_with_the_queues() {
+    let env = Env::new("");
+    std::fs::write(env.path().join("w.py"), PY_WORKER).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n\n{}",
+            py_queue(&env, "concurrency = 2")
+        ),
+    )
+    .unwrap();
+    let daemon = env.daemon();
+    let mut url = String::new();
+    assert!(poll(secs(10), || {
+        let log = daemon.log_text();
+        match log.find("API listening on ") {
+            Some(i) => {
+                url = log[i + "API listening on ".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                true
+            }
+            None => false,
+        }
+    }));
+    running_pids(&env, 2);
+    let v: Value = ureq::get(&format!("{url}/api/v1/queues"))
+        .call()
+        .expect("GET /api/v1/queues")
+        .into_json()
+        .expect("JSON");
+    let ws = v["workers"].as_array().expect("workers");
+    assert_eq!(ws.len(), 2, "{v:#}");
+    assert!(
+        ws.iter()
+            .all(|w| w["queue"] == "w" && w["state"] == "running"),
+        "{v:#}"
+    );
+}
