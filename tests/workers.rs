@@ -674,3 +674,36 @@ fn the_api_lists_the_workers_with_the_queues() {
         "{v:#}"
     );
 }
+
+#[test]
+fn a_reload_to_a_worker_that_cannot_start_stops_the_rollout_at_the_first_worker() {
+    let env = py_env("concurrency = 2");
+    let d = env.daemon();
+    let before = running_pids(&env, 2);
+    env.rewrite(
+        "[queues.w]\nconcurrency = 2\nworker = [\"sh\", \"-c\", \"exit 3\"]\nstart_secs = \"100ms\"\nstart_retries = 1\n",
+    );
+    env.ok(&["reload"]);
+    let mut ws = Vec::new();
+    assert!(
+        poll(secs(20), || {
+            ws = workers(&env);
+            ws.iter().any(|w| w["state"] == "fatal")
+        }),
+        "{ws:#?}\n{}",
+        d.log_text()
+    );
+    // The queue still works, on the worker with the old settings (were it stopped too, its
+    // replacement would fail as well and the task would never run).
+    let id = env.submit("w", "{}");
+    let v = env.wait_state(&id, "succeeded", secs(20));
+    let ws = workers(&env);
+    let running: Vec<i64> = ws
+        .iter()
+        .filter(|w| w["state"] == "running")
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    assert_eq!(running.len(), 1, "{ws:#?}");
+    assert!(before.contains(&running[0]), "{ws:#?}");
+    assert_eq!(worker_pid_of(&v, 0), running[0]);
+}

@@ -491,7 +491,8 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
             break;
         };
         if failed_starts >= w.start_retries {
-            drop(permit.take());
+            // A reload restart whose new worker cannot start keeps the rolling permit: the
+            // rollout stops here, and the other workers keep running their old settings.
             let why = slot.info.lock().expect("not poisoned").last_exit.clone();
             slot.set(&reg, |i| {
                 i.why = Some(format!(
