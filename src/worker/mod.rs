@@ -998,13 +998,21 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
                     "recycled after {done} tasks (max_tasks_per_worker)"
                 )));
             } else if let Some(max) = w.max_memory {
-                if let Some(rss) = p.rss().filter(|rss| *rss > max) {
-                    tracing::info!(queue = %q.name, slot = slot.index, pid = p.pid, rss, max, "worker over max_worker_memory; recycling it");
-                    leave = Some(Leave::Recycle(format!(
-                        "recycled: RSS {} MiB over max_worker_memory {} MiB",
-                        rss / (1024 * 1024),
-                        max / (1024 * 1024)
-                    )));
+                match p.rss() {
+                    Some(rss) if rss > max => {
+                        tracing::info!(queue = %q.name, slot = slot.index, pid = p.pid, rss, max, "worker over max_worker_memory; recycling it");
+                        leave = Some(Leave::Recycle(format!(
+                            "recycled: RSS {} MiB over max_worker_memory {} MiB",
+                            rss / (1024 * 1024),
+                            max / (1024 * 1024)
+                        )));
+                    }
+                    Some(_) => {}
+                    // Once per worker process: /proc hidden (ProtectProc=) or the leader gone.
+                    None if done == 1 => {
+                        tracing::warn!(queue = %q.name, slot = slot.index, pid = p.pid, "cannot read the worker's memory use from /proc/PID/status; max_worker_memory is not enforced for it")
+                    }
+                    None => {}
                 }
             }
         }
