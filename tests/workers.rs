@@ -707,3 +707,44 @@ fn a_reload_to_a_worker_that_cannot_start_stops_the_rollout_at_the_first_worker(
     assert!(before.contains(&running[0]), "{ws:#?}");
     assert_eq!(worker_pid_of(&v, 0), running[0]);
 }
+
+/// Seconds since midnight of a log line's RFC 3339 timestamp.
+fn log_time(line: &str) -> f64 {
+    let t = &line[line.find('T').expect("a timestamp") + 1..];
+    let t = &t[..t.find('Z').expect("UTC")];
+    let parts: Vec<f64> = t.split(':').map(|p| p.parse().expect("a number")).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+#[test]
+fn a_worker_that_keeps_crashing_after_it_runs_restarts_with_growing_backoff() {
+    let env = py_env("max_attempts = 1");
+    let d = env.daemon();
+    running_pids(&env, 1);
+    for _ in 0..3 {
+        let id = env.submit("w", r#"{"do":"crash"}"#);
+        let v = env.wait_state(&id, "failed", secs(20));
+        assert_eq!(history(&v)[0]["reason"], "crash", "{v:#}");
+    }
+    running_pids(&env, 1);
+    let log = d.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker ended") || l.contains("worker starting"))
+        .collect();
+    // ended → starting gaps, one per crash.
+    let mut gaps = Vec::new();
+    for pair in lines.windows(2) {
+        if pair[0].contains("worker ended") && pair[1].contains("worker starting") {
+            // (across midnight, the clock starts again at 0)
+            gaps.push((log_time(pair[1]) - log_time(pair[0])).rem_euclid(86_400.0));
+        }
+    }
+    assert_eq!(gaps.len(), 3, "{}", lines.join("\n"));
+    for (gap, want) in gaps.iter().zip([0.5, 1.0, 2.0]) {
+        assert!(
+            *gap >= want - 0.05 && *gap < want + 1.0,
+            "restart delays {gaps:?}, expected about 0.5, 1, 2 s"
+        );
+    }
+}
