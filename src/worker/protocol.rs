@@ -45,7 +45,8 @@ pub enum ResultStatus {
 
 /// A message from a worker (one line on fd 4).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+/// Fields taskd does not know are ignored, so that a worker may send more than version 1 needs.
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum WorkerMessage {
     Ready {
         protocol: u32,
@@ -117,7 +118,20 @@ mod tests {
             parse(br#"{"type":"result","status":"ok"}"#).is_err(),
             "no id"
         );
-        assert!(parse(br#"{"type":"ready","protocol":1,"x":2}"#).is_err());
+        assert!(parse(br#"{"type":"hello"}"#).is_err(), "unknown type");
+        assert!(
+            parse(br#"{"type":"result","id":"x","status":"ok"}"#).is_err(),
+            "bad id"
+        );
+        assert!(parse(
+            br#"{"type":"result","id":"0190f3c2-0000-7000-8000-000000000000","status":"done"}"#
+        )
+        .is_err());
+        assert_eq!(
+            parse(br#"{"type":"ready","protocol":1,"pid":7}"#),
+            Ok(WorkerMessage::Ready { protocol: 1 }),
+            "unknown fields are ignored"
+        );
         assert!(parse(b"\xff\xfe").is_err());
     }
 
