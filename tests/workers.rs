@@ -748,3 +748,27 @@ fn a_worker_that_keeps_crashing_after_it_runs_restarts_with_growing_backoff() {
         );
     }
 }
+
+#[test]
+fn the_example_config_runs_the_example_worker() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join("config/taskd.toml")).unwrap();
+    let hello = &example[example.find("[queues.hello]").expect("a hello queue")..];
+    let hello = hello.replace("cwd = \"..\"", &format!("cwd = \"{}\"", root.display()));
+    let env = Env::new(&hello.replace("start_secs = \"1s\"", "start_secs = \"100ms\""));
+    let _d = env.daemon();
+    let out = env.run(&["submit", "hello", r#"{"name":"you"}"#, "--wait"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("hello, you (task "), "{text}");
+    let id = env.submit("hello", "{}");
+    let v = env.wait_state(&id, "failed", secs(20));
+    assert_eq!(history(&v).len(), 1, "not retried: {v:#}");
+    assert!(
+        v["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("needs a \"name\""),
+        "{v:#}"
+    );
+}
