@@ -11,6 +11,8 @@
 //!   timeout, SIGTERM → grace → SIGKILL. Knows processes, never brokers.
 //! - [`supervisor`]: owns the runtime state of a daemon: per-queue slots, claiming, retries
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
+//! - [`worker`]: long-lived worker processes of `worker` queues: supervision (STARTING,
+//!   RUNNING, BACKOFF, FATAL), the pipe protocol, `workers.json`. Never touches the broker.
 //! - [`daemon`]: the only place that wires config + broker + supervisor + api together (`taskd start`).
 //! - [`api`]: the HTTP API, dashboard and Prometheus metrics on `listen` (axum). Sees the
 //!   broker trait and the config, never supervisor internals.
@@ -28,3 +30,4 @@ pub mod executor;
 pub mod model;
 pub mod notify;
 pub mod supervisor;
+pub mod worker;

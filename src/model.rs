@@ -202,6 +202,12 @@ pub enum AttemptReason {
     Shutdown,
     /// The task could not even be prepared (a payload field its command needs is missing).
     Invalid,
+    /// A long-lived worker answered the task (ok, error or retry; see docs/worker-protocol.md).
+    Result,
+    /// The long-lived worker running the task died before answering.
+    Crash,
+    /// The long-lived worker running the task broke the protocol (an unreadable line).
+    Protocol,
 }
 
 impl AttemptReason {
@@ -215,6 +221,9 @@ impl AttemptReason {
             AttemptReason::Cancelled => "cancelled",
             AttemptReason::Shutdown => "shutdown",
             AttemptReason::Invalid => "invalid",
+            AttemptReason::Result => "result",
+            AttemptReason::Crash => "crash",
+            AttemptReason::Protocol => "protocol",
         }
     }
 
@@ -242,6 +251,9 @@ impl FromStr for AttemptReason {
             "cancelled" => AttemptReason::Cancelled,
             "shutdown" => AttemptReason::Shutdown,
             "invalid" => AttemptReason::Invalid,
+            "result" => AttemptReason::Result,
+            "crash" => AttemptReason::Crash,
+            "protocol" => AttemptReason::Protocol,
             _ => return Err(format!("unknown attempt reason `{s}`")),
         })
     }

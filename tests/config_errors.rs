@@ -578,7 +578,10 @@ timeout = \"1m\"
         4,
         1,
         "queues.idle",
-        &["queue `idle` has nothing to run", "`command` or `shell`"],
+        &[
+            "queue `idle` has nothing to run",
+            "`command`, `shell` or `worker`",
+        ],
         Some("command = ["),
     );
 }
@@ -594,7 +597,7 @@ shell = \"true\"
         3,
         1,
         "queues.both.shell",
-        &["either `command` or `shell`", "sets both"],
+        &["one of `command`, `shell` or `worker`", "sets both"],
         Some("remove `command` or `shell`"),
     );
 }
@@ -896,7 +899,7 @@ timeout = \"400d\"
 backoff = { base = \"2h\" }
 
 [queues.w]
-worker = [\"python3\", \"w.py\"]
+worker = []
 ";
     check_bad(text)
         .count(8)
@@ -951,10 +954,10 @@ worker = [\"python3\", \"w.py\"]
         )
         .expect(
             15,
-            1,
+            10,
             "queues.w.worker",
-            &["not available in this version"],
-            Some("use `command` or `shell`"),
+            &["worker is empty"],
+            Some("worker = [\"python3\""),
         );
 }
 

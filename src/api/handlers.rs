@@ -149,7 +149,12 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, A
             json!({ "queue": name, "paused": paused, "configured": configured, "concurrency": concurrency, "counts": by_state })
         })
         .collect();
-    Ok(Json(json!({ "queues": queues })))
+    // Long-lived workers live in the daemon, which keeps state_dir/workers.json current.
+    let workers = crate::worker::read_status(&config.state_dir)
+        .filter(|f| f.daemon_pid == std::process::id())
+        .map(|f| f.workers)
+        .unwrap_or_default();
+    Ok(Json(json!({ "queues": queues, "workers": workers })))
 }
 
 fn created(existing: bool, task: TaskRecord) -> Response {

@@ -105,7 +105,7 @@ pub fn document() -> Value {
                 "Attempt": { "type": "object", "properties": {
                     "number": { "type": "integer" }, "node": { "type": "string" }, "pid": { "type": "integer", "nullable": true },
                     "started_at": { "type": "integer" }, "ended_at": { "type": "integer" }, "exit_code": { "type": "integer", "nullable": true },
-                    "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true },
+                    "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
                     "error": { "type": "string", "nullable": true }, "stdout_tail": { "type": "string" }, "stderr_tail": { "type": "string" }
                 } },
                 "Queue": { "type": "object", "properties": {

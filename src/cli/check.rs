@@ -91,5 +91,6 @@ pub fn program_text(p: &Program) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         Program::Shell(s) => format!("sh -c {s:?}"),
+        Program::Worker(w) => format!("worker {}", w.argv.join(" ")),
     }
 }

@@ -54,6 +54,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         entry.0 = c.counts;
         entry.1 = c.paused;
     }
+    let workers = daemon_workers(&config.state_dir);
     let daemon = crate::daemon::running_daemon(&config.state_dir);
     if args.json {
         let queues: Vec<_> = rows
@@ -67,6 +68,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         print_json(&serde_json::json!({
             "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
             "state_dir": config.state_dir,
+            "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
             "queues": queues,
         }))?;
         return Ok(exit::OK);
@@ -100,10 +102,27 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         if !configured {
             notes.push("not in config: its tasks will not run");
         }
+        if workers
+            .iter()
+            .any(|w| w.queue.as_str() == name && w.state == crate::worker::WorkerState::Fatal)
+        {
+            notes.push("workers FATAL (see below): tasks wait");
+        }
         row.push(notes.join(", "));
         table.add_row(row);
     }
     println!("{table}");
+    if !workers.is_empty() {
+        println!("{}", workers_table(&workers));
+    }
+    let worker_queues = config
+        .queues
+        .values()
+        .filter(|q| q.worker().is_some())
+        .count();
+    if worker_queues > 0 && daemon.is_none() {
+        println!("workers: none running (the daemon is not running)");
+    }
     Ok(exit::OK)
 }
 
@@ -286,4 +305,63 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// The long-lived workers of the daemon running on `state_dir` (none when it is not running):
+/// they live in the daemon, which keeps `state_dir/workers.json` current.
+fn daemon_workers(state_dir: &std::path::Path) -> Vec<crate::worker::WorkerInfo> {
+    let Some(pid) = crate::daemon::running_daemon(state_dir) else {
+        return Vec::new();
+    };
+    crate::worker::read_status(state_dir)
+        .filter(|f| f.daemon_pid == pid)
+        .map(|f| f.workers)
+        .unwrap_or_default()
+}
+
+/// A worker for `status --json`: its record plus `uptime_s` (null without a process).
+fn worker_json(w: &crate::worker::WorkerInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(w).unwrap_or_default();
+    let uptime = match (w.pid, w.started_ms) {
+        (Some(_), Some(t)) => serde_json::json!((crate::model::now_ms() - t).max(0) / 1000),
+        _ => serde_json::Value::Null,
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("uptime_s".into(), uptime);
+    }
+    v
+}
+
+/// `taskd status`: one row per long-lived worker.
+fn workers_table(workers: &[crate::worker::WorkerInfo]) -> Table {
+    let now = crate::model::now_ms();
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "worker",
+        "pid",
+        "state",
+        "uptime",
+        "tasks done",
+        "last exit",
+        "why",
+    ]);
+    for w in workers {
+        let uptime = match (w.pid, w.started_ms) {
+            (Some(_), Some(t)) => humantime::format_duration(std::time::Duration::from_secs(
+                ((now - t).max(0) / 1000) as u64,
+            ))
+            .to_string(),
+            _ => "-".into(),
+        };
+        table.add_row(vec![
+            format!("{}/{}", w.queue, w.slot),
+            w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            w.state.as_str().to_string(),
+            uptime,
+            w.tasks_done.to_string(),
+            w.last_exit.clone().unwrap_or_default(),
+            w.why.clone().unwrap_or_default(),
+        ]);
+    }
+    table
 }

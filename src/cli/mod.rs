@@ -66,7 +66,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Enqueue a task (or a batch) straight into the broker and print its id.
     Submit(submit::SubmitArgs),
-    /// Queues with their counts by state, paused flags and the daemon.
+    /// Queues with their counts by state, paused flags, the daemon, and every long-lived
+    /// worker (queue, pid, state, uptime, tasks done, last exit and why).
     Status(inspect::StatusArgs),
     /// List tasks, newest first.
     Tasks(inspect::TasksArgs),

@@ -191,7 +191,15 @@ impl QueueConfig {
                 .flat_map(|a| a.fields())
                 .map(str::to_string)
                 .collect(),
-            Program::Shell(_) => BTreeSet::new(),
+            Program::Shell(_) | Program::Worker(_) => BTreeSet::new(),
+        }
+    }
+
+    /// The worker settings of a `worker` queue.
+    pub fn worker(&self) -> Option<&WorkerProgram> {
+        match &self.program {
+            Program::Worker(w) => Some(w),
+            _ => None,
         }
     }
 }
@@ -203,6 +211,35 @@ pub enum Program {
     Command(Vec<ArgTemplate>),
     /// A script for `/bin/sh -c`, run exactly as written.
     Shell(String),
+    /// Long-lived worker processes fed tasks over pipes (docs/worker-protocol.md).
+    Worker(WorkerProgram),
+}
+
+/// A `worker` queue's program and supervision settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerProgram {
+    /// argv of each worker process, executed directly; no placeholders.
+    pub argv: Vec<String>,
+    /// Recycle a worker after this many tasks (`max_tasks_per_worker`).
+    pub max_tasks: Option<u64>,
+    /// Recycle a worker after its current task when its RSS is above this (`max_worker_memory`).
+    pub max_memory: Option<u64>,
+    /// A worker counts as started (RUNNING) once it is ready and alive this long (`start_secs`).
+    pub start_secs: std::time::Duration,
+    /// Failed starts in a row before the worker is FATAL (`start_retries`).
+    pub start_retries: u32,
+}
+
+impl WorkerProgram {
+    pub fn new(argv: Vec<String>) -> Self {
+        WorkerProgram {
+            argv,
+            max_tasks: None,
+            max_memory: None,
+            start_secs: defaults::START_SECS,
+            start_retries: defaults::START_RETRIES,
+        }
+    }
 }
 
 /// A queue's resource limits (`limits = { nofile, nproc, as, cpu, fsize, core }`). Each one
@@ -283,6 +320,10 @@ pub mod defaults {
     pub const KILL_GRACE: Duration = Duration::from_secs(10);
     pub const OUTPUT_TAIL: usize = 64 * 1024;
     pub const LOG_MAX: u64 = 10 * 1024 * 1024;
+    /// A worker is RUNNING once it has been ready and alive this long.
+    pub const START_SECS: Duration = Duration::from_secs(1);
+    /// Failed starts in a row before a worker is FATAL.
+    pub const START_RETRIES: u32 = 3;
     /// The daemon's environment variables every task gets (when the daemon has them);
     /// `env_inherit` adds to this list.
     pub const ENV_INHERIT: &[&str] = &[
@@ -303,6 +344,9 @@ pub mod defaults {
 pub(crate) mod limits {
     pub const MAX_CONCURRENCY: i64 = 10_000;
     pub const MAX_ATTEMPTS: i64 = 1000;
+    pub const MAX_START_RETRIES: i64 = 100;
+    /// The smallest `max_worker_memory`: below it no interpreter even starts.
+    pub const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
     pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
     /// SQLite refuses values over 1e9 bytes by default; stay well below it.
     pub const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;

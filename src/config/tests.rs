@@ -573,16 +573,58 @@ fn program_errors() {
 }
 
 #[test]
-fn worker_is_not_available() {
-    let d = one("[queues.emails]\nconcurrency = 8\nworker = [\"python3\", \"w.py\"]\n");
-    at(&d, 3, 1, "queues.emails.worker");
+fn worker_queues() {
+    let c = crate::config::parse_str(
+        "[queues.emails]\nconcurrency = 8\nworker = [\"python3\", \"w.py\"]\nmax_tasks_per_worker = 1000\nmax_worker_memory = \"512MiB\"\nstart_secs = \"0s\"\nstart_retries = 5\n",
+        std::path::Path::new("/etc/taskd/taskd.toml"),
+    )
+    .expect("valid");
+    let q = c.queues.values().next().expect("one queue");
+    let w = q.worker().expect("a worker queue");
+    assert_eq!(w.argv, ["python3", "w.py"]);
+    assert_eq!(w.max_tasks, Some(1000));
+    assert_eq!(w.max_memory, Some(512 << 20));
+    assert_eq!(w.start_secs, Duration::ZERO);
+    assert_eq!(w.start_retries, 5);
+    let c = crate::config::parse_str(
+        "[queues.e]\nworker = [\"w\"]\n",
+        std::path::Path::new("/etc/taskd/taskd.toml"),
+    )
+    .expect("valid");
+    let w = c
+        .queues
+        .values()
+        .next()
+        .and_then(|q| q.worker().cloned())
+        .expect("worker");
     assert_eq!(
-        d.message,
-        "long-lived workers (`worker = [...]`) are not available in this version"
+        (w.start_secs, w.start_retries, w.max_tasks, w.max_memory),
+        (Duration::from_secs(1), 3, None, None)
     );
-    assert_eq!(d.fix.as_deref(), Some("use `command` or `shell`"));
-    let d = errs("[queues.e]\nworker = [\"w\"]\nmax_tasks_per_worker = 1000\n");
-    assert_eq!(d.len(), 2, "{d:#?}");
+}
+
+#[test]
+fn worker_errors() {
+    let d = one("[queues.e]\nshell = \"true\"\nworker = [\"w\"]\n");
+    at(&d, 3, 1, "queues.e.worker");
+    assert!(
+        d.message.contains("one of `command`, `shell` or `worker`"),
+        "{d}"
+    );
+    let d = one("[queues.e]\nshell = \"true\"\nmax_tasks_per_worker = 10\n");
+    at(&d, 3, 1, "queues.e.max_tasks_per_worker");
+    assert!(d.message.contains("applies to long-lived workers"), "{d}");
+    assert!(d.fix.as_deref().unwrap_or("").contains("worker = ["), "{d}");
+    let d = one("[queues.e]\nworker = []\n");
+    at(&d, 2, 10, "queues.e.worker");
+    let d = one("[queues.e]\nworker = [\"w\"]\nmax_worker_memory = \"12 parsecs\"\n");
+    at(&d, 3, 21, "queues.e.max_worker_memory");
+    let d = one("[queues.e]\nworker = [\"w\"]\nstart_retries = 0\n");
+    at(&d, 3, 17, "queues.e.start_retries");
+    let d = one("[defaults]\nstart_secs = \"1s\"\n[queues.e]\nworker = [\"w\"]\n");
+    at(&d, 2, 1, "defaults.start_secs");
+    let d = one("[queues.e]\n");
+    assert!(d.message.contains("`command`, `shell` or `worker`"), "{d}");
 }
 
 #[test]

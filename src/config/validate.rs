@@ -53,9 +53,23 @@ const LAYER_KEYS: &[&str] = &[
     "log_dir",
     "log_max",
 ];
-/// Keys only a queue may have. `worker` and `max_tasks_per_worker` are recognised so they get
-/// an honest "not available" rather than "unknown key".
-const PROGRAM_KEYS: &[&str] = &["command", "shell", "worker", "max_tasks_per_worker"];
+/// Keys only a queue may have: what it runs, and the settings of long-lived workers.
+const PROGRAM_KEYS: &[&str] = &[
+    "command",
+    "shell",
+    "worker",
+    "max_tasks_per_worker",
+    "max_worker_memory",
+    "start_secs",
+    "start_retries",
+];
+/// The settings that only a `worker` queue takes.
+const WORKER_KEYS: &[&str] = &[
+    "max_tasks_per_worker",
+    "max_worker_memory",
+    "start_secs",
+    "start_retries",
+];
 const BACKOFF_KEYS: &[&str] = &["kind", "base", "max", "jitter"];
 const LIMIT_KEYS: &[&str] = &["nofile", "nproc", "as", "cpu", "fsize", "core"];
 
@@ -971,7 +985,7 @@ impl Cx<'_> {
                 _ => {
                     let mut valid = LAYER_KEYS.to_vec();
                     if section == Section::Queue {
-                        valid.extend(["command", "shell"]);
+                        valid.extend(PROGRAM_KEYS);
                     }
                     self.unknown_key(&e, section, &label, &valid)
                 }
@@ -1590,73 +1604,156 @@ impl Cx<'_> {
         })
     }
 
-    /// Exactly one of `command` and `shell`; `worker` is recognised but not available.
+    /// Exactly one of `command`, `shell` and `worker`; the worker settings only with `worker`.
     fn program(&mut self, queue: &Entry, found: &[Entry]) -> Option<Program> {
         let mut chosen: Option<&Entry> = None;
-        let mut worker_seen = false;
+        let mut worker_keys: Vec<&Entry> = Vec::new();
         let mut ok = true;
         for e in found {
-            match e.name {
-                "worker" | "max_tasks_per_worker" => {
-                    worker_seen = true;
-                    let message = if e.name == "worker" {
-                        "long-lived workers (`worker = [...]`) are not available in this version"
-                    } else {
-                        "`max_tasks_per_worker` applies to long-lived workers, which are not available in this version"
-                    };
-                    let fix = if e.name == "worker" {
-                        "use `command` or `shell`"
-                    } else {
-                        "remove `max_tasks_per_worker`, and use `command` or `shell`"
-                    };
-                    self.error(e.key_span(), &e.path, message, Some(fix.into()));
-                    ok = false;
-                }
-                _ => {
-                    if let Some(first) = chosen {
-                        self.error(
-                            e.key_span(),
-                            &e.path,
-                            format!(
-                                "a queue runs either `command` or `shell`, but queue `{}` sets both",
-                                queue.name
-                            ),
-                            Some(format!("remove `{}` or `{}`", first.name, e.name)),
-                        );
-                        ok = false;
-                    } else {
-                        chosen = Some(e);
-                    }
-                }
+            if WORKER_KEYS.contains(&e.name) {
+                worker_keys.push(e);
+                continue;
+            }
+            if let Some(first) = chosen {
+                self.error(
+                    e.key_span(),
+                    &e.path,
+                    format!(
+                        "a queue runs one of `command`, `shell` or `worker`, but queue `{}` sets both `{}` and `{}`",
+                        queue.name, first.name, e.name
+                    ),
+                    Some(format!("remove `{}` or `{}`", first.name, e.name)),
+                );
+                ok = false;
+            } else {
+                chosen = Some(e);
             }
         }
         let Some(e) = chosen else {
-            if !worker_seen {
-                self.error(
-                    queue.value_span(),
-                    &queue.path,
-                    format!(
-                        "queue `{}` has nothing to run: it needs `command` or `shell`",
-                        queue.name
-                    ),
-                    Some(
-                        "add `command = [\"/path/to/program\", \"{field}\"]` or `shell = \"...\"`"
-                            .into(),
-                    ),
-                );
-            }
+            self.error(
+                queue.value_span(),
+                &queue.path,
+                format!(
+                    "queue `{}` has nothing to run: it needs `command`, `shell` or `worker`",
+                    queue.name
+                ),
+                Some(
+                    "add `command = [\"/path/to/program\", \"{field}\"]`, `shell = \"...\"` or `worker = [\"/path/to/worker\"]`"
+                        .into(),
+                ),
+            );
             return None;
         };
-        let program = if e.name == "command" {
-            self.command(e)
-        } else {
-            self.shell(e)
+        if e.name != "worker" {
+            for w in &worker_keys {
+                self.error(
+                    w.key_span(),
+                    &w.path,
+                    format!(
+                        "`{}` applies to long-lived workers, but queue `{}` runs `{}`",
+                        w.name, queue.name, e.name
+                    ),
+                    Some(format!(
+                        "remove `{}`, or replace `{}` with `worker = [\"/path/to/worker\"]`",
+                        w.name, e.name
+                    )),
+                );
+                ok = false;
+            }
+        }
+        let program = match e.name {
+            "command" => self.command(e),
+            "shell" => self.shell(e),
+            _ => self.worker(e, &worker_keys),
         };
         if ok {
             program
         } else {
             None
         }
+    }
+
+    /// `worker = [argv]` and its settings.
+    fn worker(&mut self, e: &Entry, settings: &[&Entry]) -> Option<Program> {
+        let example = "write an argv list such as `worker = [\"python3\", \"/srv/app/worker.py\"]`";
+        let Some(array) = e.item.as_array() else {
+            self.wrong_type(e, "an array of strings", example.into());
+            return None;
+        };
+        let mut argv = Vec::new();
+        let mut ok = true;
+        if array.is_empty() {
+            self.error(
+                e.value_span(),
+                &e.path,
+                "worker is empty: it needs at least the program to run",
+                Some(example.into()),
+            );
+            ok = false;
+        }
+        for (i, v) in array.iter().enumerate() {
+            let key = format!("{}[{i}]", e.path);
+            let problem = match v.as_str() {
+                None => Some((
+                    format!(
+                        "worker elements must be strings, found {}",
+                        with_article(v.type_name())
+                    ),
+                    "put the element in quotes",
+                )),
+                Some(s) if s.contains('\0') => Some((
+                    "a worker element cannot contain a NUL byte".to_string(),
+                    "remove the \\u0000",
+                )),
+                Some(s) if i == 0 && s.trim().is_empty() => Some((
+                    "the program name (the first element of worker) is empty".to_string(),
+                    "put the program's path first, such as \"/usr/local/bin/my-worker\"",
+                )),
+                Some(s) => {
+                    argv.push(s.to_string());
+                    None
+                }
+            };
+            if let Some((message, fix)) = problem {
+                self.error(v.span(), &key, message, Some(fix.into()));
+                ok = false;
+            }
+        }
+        let mut w = crate::config::WorkerProgram::new(argv);
+        for s in settings {
+            match s.name {
+                "max_tasks_per_worker" => match self.int_in_range(s, 1, i64::MAX, "1000") {
+                    Some(n) => w.max_tasks = u64::try_from(n).ok(),
+                    None => ok = false,
+                },
+                "max_worker_memory" => {
+                    match self.size(s, limits::MIN_WORKER_MEMORY, u64::MAX, "512MiB") {
+                        Some(n) => w.max_memory = Some(n),
+                        None => ok = false,
+                    }
+                }
+                "start_secs" => {
+                    // Zero is allowed: a worker is then RUNNING as soon as it is ready.
+                    let zero = s.item.as_str().is_some_and(|t| {
+                        humantime::parse_duration(t.trim()).is_ok_and(|d| d.is_zero())
+                    });
+                    if zero {
+                        w.start_secs = Duration::ZERO;
+                    } else {
+                        match self.duration(s) {
+                            Some(d) => w.start_secs = d,
+                            None => ok = false,
+                        }
+                    }
+                }
+                "start_retries" => match self.int_in_range(s, 1, limits::MAX_START_RETRIES, "3") {
+                    Some(n) => w.start_retries = n as u32,
+                    None => ok = false,
+                },
+                _ => {}
+            }
+        }
+        ok.then_some(Program::Worker(w))
     }
 
     fn command(&mut self, e: &Entry) -> Option<Program> {

@@ -28,7 +28,7 @@
 //! - call `waitpid(-1)` (it would steal tokio's exit statuses) or sleep/poll on the normal
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
-mod output;
+pub(crate) mod output;
 mod procs;
 mod setup;
 mod spawn;
@@ -524,7 +524,7 @@ fn preflight(spec: &Spec) -> Option<Status> {
     }
 }
 
-fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
+pub(crate) fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
     match LogFile::open(path, max) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -535,7 +535,9 @@ fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
     }
 }
 
-fn command(spec: &Spec) -> tokio::process::Command {
+/// The spawn command for `spec`: own process group, exact environment, piped stdout and
+/// stderr, and the `pre_exec` set-up when one is needed. Long-lived workers add to it.
+pub(crate) fn command(spec: &Spec) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()

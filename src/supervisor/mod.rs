@@ -28,6 +28,7 @@ use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
 use crate::config::Config;
 use crate::executor::{self, Stop};
 use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
+use crate::worker;
 use prepare::Prepared;
 
 /// How long a claim holds a task before another node may take it over; renewed every third.
@@ -42,6 +43,10 @@ const CLAIM_BATCH: usize = 64;
 /// claim per task would cost more than the task. Longer tasks hold at most `concurrency`.
 const SHORT_TASK_MS: u64 = 100;
 const HOLD_AHEAD_SHORT: usize = 32;
+/// For short tasks on long-lived workers, which take a task in tens of microseconds: one
+/// claim per commit must cover the time a commit takes (an fsync), or the workers idle.
+const WORKER_CLAIM_BATCH: usize = 256;
+const WORKER_HOLD_AHEAD_SHORT: usize = 256;
 
 struct QueueRt {
     name: QueueName,
@@ -58,6 +63,8 @@ struct QueueRt {
     backlog: AtomicBool,
     /// How long the queue's last task ran: short tasks are worth claiming further ahead.
     last_run_ms: AtomicU64,
+    /// The long-lived workers of a `worker` queue: tasks start only on an idle one.
+    pool: Mutex<Option<Arc<worker::Pool>>>,
 }
 
 impl QueueRt {
@@ -66,6 +73,10 @@ impl QueueRt {
             .lock()
             .expect("queue config lock is never poisoned")
             .clone()
+    }
+
+    fn pool(&self) -> Option<Arc<worker::Pool>> {
+        self.pool.lock().expect("not poisoned").clone()
     }
 }
 
@@ -153,6 +164,8 @@ pub struct Supervisor {
     start_log: startlog::StartLog,
     /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
     metrics: Arc<crate::api::Metrics>,
+    /// Every long-lived worker, for `state_dir/workers.json`.
+    workers: Arc<worker::Registry>,
 }
 
 impl Supervisor {
@@ -162,8 +175,10 @@ impl Supervisor {
         start_log: startlog::StartLog,
         metrics: Arc<crate::api::Metrics>,
     ) -> Arc<Self> {
+        let workers = worker::Registry::new(start_log.dir());
         Arc::new(Supervisor {
             metrics,
+            workers,
             broker,
             node,
             queues: Mutex::new(HashMap::new()),
@@ -195,6 +210,18 @@ impl Supervisor {
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
     pub fn start(self: &Arc<Self>, config: &Config, wakeups: Wakeups) {
+        // Long-lived workers a killed daemon left behind: their groups, from workers.json
+        // (the tasks they ran were recovered with the others).
+        if let Some(dir) = self.start_log.dir() {
+            let killed = worker::kill_leftovers(dir);
+            if killed > 0 {
+                tracing::warn!(
+                    process_groups_killed = killed,
+                    "killed the long-lived workers a previous daemon left behind"
+                );
+            }
+        }
+        self.workers.spawn_writer(self.interrupt.clone());
         self.apply(config);
         let me = self.clone();
         tokio::spawn(async move { me.wake_loop(wakeups).await });
@@ -218,20 +245,23 @@ impl Supervisor {
                     if !diff.is_empty() {
                         changes.push(format!("queue {name}: {}", diff.join(", ")));
                     }
-                    *rt.prepared.lock().expect("not poisoned") = prepared;
+                    *rt.prepared.lock().expect("not poisoned") = prepared.clone();
+                    self.apply_pool(rt, prepared);
                     rt.kick.notify_one();
                 }
                 None => {
                     let rt = Arc::new(QueueRt {
                         name: name.clone(),
-                        prepared: Mutex::new(prepared),
+                        prepared: Mutex::new(prepared.clone()),
                         running: AtomicUsize::new(0),
                         kick: Notify::new(),
                         removed: CancellationToken::new(),
                         ready: Mutex::new(VecDeque::new()),
                         backlog: AtomicBool::new(false),
                         last_run_ms: AtomicU64::new(u64::MAX),
+                        pool: Mutex::new(None),
                     });
+                    self.apply_pool(&rt, prepared);
                     rt.kick.notify_one();
                     queues.insert(name.clone(), rt.clone());
                     let me = self.clone();
@@ -248,10 +278,41 @@ impl Supervisor {
         for name in gone {
             if let Some(rt) = queues.remove(&name) {
                 rt.removed.cancel();
+                if let Some(pool) = rt.pool.lock().expect("not poisoned").take() {
+                    pool.retire();
+                }
                 changes.push(format!("queue {name}: removed (its running tasks finish)"));
             }
         }
         changes
+    }
+
+    /// Start, update or stop the queue's long-lived workers for its (new) settings.
+    fn apply_pool(self: &Arc<Self>, rt: &Arc<QueueRt>, prepared: Arc<Prepared>) {
+        let mut pool = rt.pool.lock().expect("not poisoned");
+        match (prepared.config.worker().is_some(), pool.as_ref()) {
+            (true, Some(p)) => p.apply(prepared),
+            (true, None) => {
+                let weak = Arc::downgrade(rt);
+                let kick = Box::new(move || {
+                    if let Some(rt) = weak.upgrade() {
+                        rt.kick.notify_one();
+                    }
+                });
+                *pool = Some(worker::Pool::new(
+                    prepared,
+                    self.workers.clone(),
+                    self.kill_now.clone(),
+                    kick,
+                ));
+            }
+            (false, Some(_)) => {
+                if let Some(p) = pool.take() {
+                    p.retire();
+                }
+            }
+            (false, None) => {}
+        }
     }
 
     fn kick_all(&self) {
@@ -277,17 +338,29 @@ impl Supervisor {
             let conc = q.prepared().config.concurrency;
             let running = q.running.load(Ordering::Acquire);
             let held = q.ready.lock().expect("not poisoned").len();
-            let free = conc.saturating_sub(running);
-            let ahead = if !q.backlog.load(Ordering::Acquire) {
+            let mut free = conc.saturating_sub(running);
+            // A worker queue starts a task only on an idle worker: with none (all starting,
+            // backing off or FATAL) its tasks stay queued, unclaimed and uncharged.
+            let idle_workers = q.pool().map(|p| p.available());
+            if let Some(idle) = idle_workers {
+                free = free.min(idle);
+            }
+            let (batch, short_ahead) = match idle_workers {
+                Some(_) => (WORKER_CLAIM_BATCH, WORKER_HOLD_AHEAD_SHORT),
+                None => (CLAIM_BATCH, HOLD_AHEAD_SHORT),
+            };
+            let ahead = if !q.backlog.load(Ordering::Acquire)
+                || (idle_workers == Some(0) && running == 0)
+            {
                 0
             } else if q.last_run_ms.load(Ordering::Relaxed) < SHORT_TASK_MS {
-                HOLD_AHEAD_SHORT.max(conc).min(CLAIM_BATCH)
+                short_ahead.max(conc).min(batch)
             } else {
-                conc.min(CLAIM_BATCH)
+                conc.min(batch)
             };
             // Claim when a free slot has nothing to start, or when the held buffer ran low.
             let claim = free > held || (ahead > 0 && held <= ahead / 2);
-            let want = (free + ahead).saturating_sub(held).min(CLAIM_BATCH);
+            let want = (free + ahead).saturating_sub(held).min(batch);
             if claim && want > 0 {
                 // A slot waiting with nothing to start needs the answer now; topping up the
                 // held buffer does not, and may share a commit with results.
@@ -353,14 +426,25 @@ impl Supervisor {
             return;
         }
         let conc = q.prepared().config.concurrency;
+        let pool = q.pool();
         loop {
             if q.running.load(Ordering::Acquire) >= conc {
                 return;
             }
+            if q.ready.lock().expect("not poisoned").is_empty() {
+                return;
+            }
+            let reserved = match &pool {
+                Some(p) => match p.reserve() {
+                    Some(r) => Some(r),
+                    None => return,
+                },
+                None => None,
+            };
             let Some(c) = q.ready.lock().expect("not poisoned").pop_front() else {
                 return;
             };
-            self.launch(q, c);
+            self.launch(q, c, reserved);
         }
     }
 
@@ -377,7 +461,7 @@ impl Supervisor {
         }
     }
 
-    fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed) {
+    fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed, reserved: Option<worker::Reserved>) {
         q.running.fetch_add(1, Ordering::AcqRel);
         let cancel = self
             .running
@@ -392,18 +476,30 @@ impl Supervisor {
         let span =
             tracing::info_span!("task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
         self.runs.spawn(tracing::Instrument::instrument(
-            async move { me.run_one(q, c, cancel).await },
+            async move { me.run_one(q, c, cancel, reserved).await },
             span,
         ));
     }
 
     /// Run one attempt of one claimed task and record its result.
-    async fn run_one(self: Arc<Self>, q: Arc<QueueRt>, c: Claimed, cancel: CancellationToken) {
+    async fn run_one(
+        self: Arc<Self>,
+        q: Arc<QueueRt>,
+        c: Claimed,
+        cancel: CancellationToken,
+        reserved: Option<worker::Reserved>,
+    ) {
         let prepared = q.prepared();
         let config = prepared.config.clone();
         let started_at = now_ms();
         let mut ran = None;
-        let (record, finish) = match prepared.spec(&c.task, c.attempt) {
+        let spec = match reserved {
+            Some(r) => Ok(Run::Worker(r)),
+            None => prepared
+                .spec(&c.task, c.attempt)
+                .map(|s| Run::Exec(Box::new(s))),
+        };
+        let (record, finish) = match spec {
             Err(message) => {
                 let attempt = AttemptRecord {
                     number: c.attempt,
@@ -458,13 +554,23 @@ impl Supervisor {
                 });
                 let began = std::time::Instant::now();
                 self.metrics.started(&q.name);
-                let outcome = executor::run(spec, stop, Some(tx)).await;
+                let decided = match spec {
+                    Run::Exec(spec) => {
+                        let outcome = executor::run(*spec, stop, Some(tx)).await;
+                        let mut rng = rand::thread_rng();
+                        policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
+                    }
+                    Run::Worker(r) => {
+                        let outcome = r.run(c.task.clone(), c.attempt, stop, Some(tx)).await;
+                        let mut rng = rand::thread_rng();
+                        worker::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
+                    }
+                };
                 ended.cancel();
                 ran = Some(began.elapsed());
                 q.last_run_ms
                     .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
-                let mut rng = rand::thread_rng();
-                policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
+                decided
             }
         };
         if matches!(
@@ -713,15 +819,35 @@ impl Supervisor {
         }
         self.interrupt.cancel();
         // A second signal during the tasks' kill_grace still ends it at once.
+        let pools: Vec<Arc<worker::Pool>> = queues.iter().filter_map(|q| q.pool()).collect();
+        let stopped = async {
+            self.runs.wait().await;
+            // Then the long-lived workers, each SIGTERM → kill_grace → SIGKILL.
+            for p in &pools {
+                p.shutdown().await;
+            }
+        };
         tokio::select! {
-            _ = self.runs.wait() => {}
+            _ = stopped => {}
             _ = force.cancelled() => {
                 if !self.kill_now.is_cancelled() {
                     tracing::warn!("second signal: killing running tasks now and putting them back");
                 }
                 self.kill_now.cancel();
                 self.runs.wait().await;
+                for p in &pools {
+                    p.shutdown().await;
+                }
             }
         }
+        self.workers.remove_file();
     }
+}
+
+/// What one claimed task runs as.
+enum Run {
+    /// A process of its own.
+    Exec(Box<executor::Spec>),
+    /// A task for an idle long-lived worker.
+    Worker(worker::Reserved),
 }

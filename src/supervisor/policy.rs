@@ -15,6 +15,29 @@ pub fn signal_name(sig: i32) -> String {
         .unwrap_or_else(|_| format!("signal {sig}"))
 }
 
+/// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
+/// the attempt's error).
+pub fn retry_or_fail(
+    q: &QueueConfig,
+    c: &Claimed,
+    a: &mut AttemptRecord,
+    now: UnixMs,
+    rng: &mut dyn rand::RngCore,
+) -> Finish {
+    if c.attempt >= q.max_attempts {
+        if let Some(e) = &mut a.error {
+            e.push_str(&format!("; gave up after {} attempts", c.attempt));
+        }
+        Finish::Failed
+    } else {
+        let mut r = rng;
+        let delay = q.backoff.delay(c.attempt, &mut r);
+        Finish::Retry {
+            at: now + delay.as_millis() as i64,
+        }
+    }
+}
+
 /// Turn an executor outcome into the attempt to record and where the task goes next.
 pub fn decide(
     q: &QueueConfig,
@@ -34,20 +57,8 @@ pub fn decide(
         stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
         ..Default::default()
     };
-    let retry_or_fail = |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| {
-        if c.attempt >= q.max_attempts {
-            if let Some(e) = &mut a.error {
-                e.push_str(&format!("; gave up after {} attempts", c.attempt));
-            }
-            Finish::Failed
-        } else {
-            let mut r = rng;
-            let delay = q.backoff.delay(c.attempt, &mut r);
-            Finish::Retry {
-                at: now + delay.as_millis() as i64,
-            }
-        }
-    };
+    let retry_or_fail =
+        |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| retry_or_fail(q, c, a, now, rng);
     let finish = match o.status {
         Status::Exited(0) => {
             a.exit_code = Some(0);

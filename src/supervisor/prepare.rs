@@ -50,6 +50,37 @@ impl Prepared {
         }
     }
 
+    /// The spec of one long-lived worker process of a `worker` queue: its argv, the queue's
+    /// environment plus the protocol's variables (no per-task ones: tasks arrive on a pipe),
+    /// cwd, user, umask and limits. `Err` says why no worker can start.
+    pub fn worker_spec(&self, extra_env: &[(String, String)]) -> Result<Spec, String> {
+        let q = &self.config;
+        let Program::Worker(w) = &q.program else {
+            return Err(format!("queue {} does not run long-lived workers", q.name));
+        };
+        let mut env = self.base_env.clone();
+        env.extend(extra_env.iter().cloned());
+        let user = match &self.user {
+            None => None,
+            Some(Ok(u)) => Some(u.clone()),
+            Some(Err(e)) => return Err(format!("cannot run the worker as configured: {e}")),
+        };
+        Ok(Spec {
+            argv: w.argv.clone(),
+            env,
+            cwd: q.cwd.clone(),
+            stdin: Vec::new(),
+            timeout: q.timeout,
+            kill_grace: q.kill_grace,
+            tail_bytes: q.output_tail,
+            log_lines: q.log_output,
+            log: None,
+            user,
+            umask: q.umask,
+            limits: self.limits.clone(),
+        })
+    }
+
     /// Build the spec for one attempt; `Err` is a permanent failure of the task
     /// (a placeholder its payload cannot fill, a user that does not exist).
     pub fn spec(&self, task: &TaskRecord, attempt: u32) -> Result<Spec, String> {
@@ -66,6 +97,12 @@ impl Prepared {
                 script.clone(),
                 format!("taskd-{}", q.name),
             ],
+            Program::Worker(_) => {
+                return Err(format!(
+                    "queue {} runs long-lived workers: its tasks go to a worker, not to a process of their own",
+                    q.name
+                ))
+            }
         };
         argv.extend(task.args.iter().cloned());
         let mut env = self.base_env.clone();

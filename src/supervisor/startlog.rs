@@ -51,6 +51,11 @@ impl StartLog {
         ))
     }
 
+    /// The state directory the log lives in.
+    pub fn dir(&self) -> Option<&Path> {
+        self.path.parent()
+    }
+
     /// Note that `id` is about to start. `running` lists the ids still running, for when the
     /// log is rewritten. A failure to write is logged and otherwise ignored: the log only
     /// sharpens the history after a crash.

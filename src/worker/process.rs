@@ -1,0 +1,337 @@
+//! One worker process: spawned in its own process group with the protocol's two pipes on
+//! fds 3 and 4, and read as a stream of [`Event`]s (message lines, output, exit).
+//!
+//! Every read here is cancel-safe, so the slot loop can `select!` on [`Proc::next_event`]
+//! beside timers and stop tokens without losing data.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{MAX_LINE, RESULT_FD, TASK_FD};
+use crate::executor::{spawn_tracked, Spawned, Spec, TrackedChild};
+
+/// What a running worker did next.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A complete line on the result pipe (without its newline).
+    Line(Vec<u8>),
+    /// A line on the result pipe grew past [`MAX_LINE`] without a newline.
+    TooLong(Vec<u8>),
+    /// The worker closed its result pipe.
+    ResultsClosed,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The leader exited.
+    Exit(ExitStatus),
+    /// Nothing is left to watch (exited, every pipe closed).
+    Gone,
+}
+
+/// Reads lines from the result pipe; memory bounded by [`MAX_LINE`].
+struct LineReader {
+    rx: pipe::Receiver,
+    buf: Vec<u8>,
+    /// Bytes of `buf` known to hold no newline.
+    scanned: usize,
+    eof: bool,
+    /// EOF was reported once; the select branch is off from then on.
+    done: bool,
+}
+
+enum Read {
+    Line(Vec<u8>),
+    TooLong(Vec<u8>),
+    Eof,
+}
+
+impl LineReader {
+    /// Cancel-safe: the only await is one `read`, whose data is kept once it completes.
+    async fn next(&mut self) -> Read {
+        loop {
+            if let Some(i) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let end = self.scanned + i;
+                let line = self.buf[..end].to_vec();
+                self.buf.drain(..=end);
+                self.scanned = 0;
+                return Read::Line(line);
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_LINE {
+                let line = std::mem::take(&mut self.buf);
+                self.scanned = 0;
+                return Read::TooLong(line);
+            }
+            if self.eof {
+                self.done = true;
+                if self.buf.is_empty() {
+                    return Read::Eof;
+                }
+                // A last line without its newline still counts.
+                self.scanned = 0;
+                return Read::Line(std::mem::take(&mut self.buf));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.rx.read(&mut chunk).await {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.eof = true,
+            }
+        }
+    }
+}
+
+pub(crate) struct Proc {
+    child: Child,
+    /// Registered until tokio has reaped the leader (see `executor::spawn_tracked`).
+    tracked: Option<TrackedChild>,
+    pub(crate) pid: i32,
+    /// The leader's start time (`/proc/PID/stat` field 22), for crash recovery.
+    pub(crate) start_time: u64,
+    tasks: Option<pipe::Sender>,
+    results: LineReader,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    pub(crate) exited: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns the worker. The protocol's pipes are close-on-exec in the daemon (no other
+    /// child inherits them) and moved to fds 3 and 4 in the worker only.
+    pub(crate) fn spawn(spec: &Spec) -> io::Result<Proc> {
+        let (task_r, task_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut cmd = crate::executor::command(spec);
+        let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
+        // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
+        // prctl) on integers computed before the fork, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Copied above 4 first, so that a source that already is 3 or 4 is not
+                // overwritten before it is moved; dup2 clears close-on-exec on the target.
+                let a = libc::fcntl(from_task, libc::F_DUPFD, 5);
+                let b = libc::fcntl(from_res, libc::F_DUPFD, 5);
+                if a < 0 || b < 0 || libc::dup2(a, TASK_FD) < 0 || libc::dup2(b, RESULT_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(a);
+                libc::close(b);
+                // The worker dies with the daemon (SIGKILL of the daemon included); the
+                // rest of its group is killed by the next daemon from workers.json.
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let (mut child, tracked) = spawn_tracked(&mut cmd)?;
+        drop(cmd);
+        drop(task_r);
+        drop(res_w);
+        let pid = tracked.pid();
+        let tasks = pipe::Sender::from_owned_fd(task_w)?;
+        let rx = pipe::Receiver::from_owned_fd(res_r)?;
+        Ok(Proc {
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            tracked: Some(tracked),
+            pid,
+            start_time: Spawned { pid }.start_time(),
+            tasks: Some(tasks),
+            results: LineReader {
+                rx,
+                buf: Vec::new(),
+                scanned: 0,
+                eof: false,
+                done: false,
+            },
+            exited: None,
+        })
+    }
+
+    /// The next thing the worker did. Cancel-safe.
+    pub(crate) async fn next_event(&mut self) -> Event {
+        let mut out = [0u8; 8192];
+        let mut err = [0u8; 8192];
+        let Proc {
+            child,
+            results,
+            stdout,
+            stderr,
+            exited,
+            tracked,
+            ..
+        } = self;
+        tokio::select! {
+            // Results and output before the exit: a worker that answers and exits at once
+            // has its answer read first.
+            biased;
+            r = results.next(), if !results.done => match r {
+                Read::Line(l) => Event::Line(l),
+                Read::TooLong(l) => Event::TooLong(l),
+                Read::Eof => Event::ResultsClosed,
+            },
+            n = read_some(stdout, &mut out), if stdout.is_some() => match n {
+                Some(n) => Event::Stdout(out[..n].to_vec()),
+                None => { *stdout = None; Event::Stdout(Vec::new()) }
+            },
+            n = read_some(stderr, &mut err), if stderr.is_some() => match n {
+                Some(n) => Event::Stderr(err[..n].to_vec()),
+                None => { *stderr = None; Event::Stderr(Vec::new()) }
+            },
+            st = child.wait(), if exited.is_none() => {
+                *tracked = None;
+                match st {
+                    Ok(st) => {
+                        *exited = Some(st);
+                        Event::Exit(st)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "failed to wait for a worker process; its exit status is lost");
+                        let st = std::os::unix::process::ExitStatusExt::from_raw(-1 << 8);
+                        *exited = Some(st);
+                        Event::Exit(st)
+                    }
+                }
+            },
+            else => Event::Gone,
+        }
+    }
+
+    /// The task pipe, to write a task beside [`Proc::next_event`]; give it back with
+    /// [`Proc::restore_tasks`].
+    pub(crate) fn take_tasks(&mut self) -> Option<pipe::Sender> {
+        self.tasks.take()
+    }
+
+    pub(crate) fn restore_tasks(&mut self, tasks: Option<pipe::Sender>) {
+        self.tasks = tasks;
+    }
+
+    /// Whatever stdout and stderr hold right now, without waiting: what a worker printed
+    /// before it wrote its result is in the pipes by the time the result is read.
+    pub(crate) fn drain_now(&mut self, mut sink: impl FnMut(bool, &[u8])) {
+        let mut buf = [0u8; 8192];
+        for (is_err, fd) in [
+            (false, self.stdout.as_ref().map(|s| s.as_raw_fd())),
+            (true, self.stderr.as_ref().map(|s| s.as_raw_fd())),
+        ] {
+            let Some(fd) = fd else { continue };
+            // Bounded: a worker that keeps writing cannot hold the loop here forever.
+            for _ in 0..64 {
+                // SAFETY: reading into a local buffer from a descriptor this struct owns
+                // (non-blocking, as tokio set it up).
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                sink(is_err, &buf[..n as usize]);
+            }
+        }
+    }
+
+    pub(crate) fn signal(&self, sig: Signal) {
+        if self.pid > 1 {
+            let _ = killpg(Pid::from_raw(self.pid), sig);
+        }
+    }
+
+    /// The leader's resident set size in bytes, if it can be read.
+    pub(crate) fn rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Stops the worker: its task pipe is closed (a well-behaved worker exits on EOF), its
+    /// group gets SIGTERM, then SIGKILL after `grace` (at once when `now` fires). Output
+    /// meanwhile goes to `sink`. Returns the leader's exit status.
+    pub(crate) async fn stop(
+        &mut self,
+        grace: Duration,
+        now: &CancellationToken,
+        mut sink: impl FnMut(Event),
+    ) -> Option<ExitStatus> {
+        self.tasks = None;
+        if self.exited.is_none() {
+            self.signal(Signal::SIGTERM);
+            self.signal(Signal::SIGCONT);
+        }
+        let kill_at = tokio::time::Instant::now() + grace;
+        let mut killed = false;
+        while self.exited.is_none() {
+            tokio::select! {
+                ev = self.next_event() => match ev {
+                    Event::Gone => break,
+                    ev => sink(ev),
+                },
+                _ = tokio::time::sleep_until(kill_at), if !killed => {
+                    killed = true;
+                    self.signal(Signal::SIGKILL);
+                }
+                _ = now.cancelled(), if !killed => {
+                    killed = true;
+                    self.signal(Signal::SIGKILL);
+                }
+            }
+        }
+        self.finish();
+        self.exited
+    }
+
+    /// The leader is gone: nothing of its group may outlive it.
+    pub(crate) fn finish(&mut self) {
+        self.tasks = None;
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            // Dropped while running (the daemon is going away): do not leave it behind. If
+            // the leader was not reaped yet, tokio's orphan queue reaps it.
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut Option<R>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let r = r.as_mut()?;
+    loop {
+        match r.read(buf).await {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// "exit code 3", "killed by SIGKILL".
+pub(crate) fn describe(st: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by {}", crate::supervisor::policy::signal_name(s)),
+        _ => "ended".to_string(),
+    }
+}
