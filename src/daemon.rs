@@ -94,6 +94,8 @@ pub struct StateLock {
 }
 
 const LOCK_FILE: &str = "taskd.pid";
+/// How long a starting daemon waits for the state directory's lock before it gives up.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 impl StateLock {
     pub fn acquire(state_dir: &Path) -> Result<StateLock, Failure> {
@@ -119,8 +121,18 @@ impl StateLock {
                     format!("failed to open {}: {e}", path.display()),
                 )
             })?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A holder that is going away (a daemon just killed, whose last child has not yet
+        // closed its copy of the descriptor; a `taskd status` reading it) lets go within
+        // moments: wait a little before calling it another daemon.
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        let rc = loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 || std::time::Instant::now() >= give_up {
+                break rc;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if rc != 0 {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
