@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
     Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, QueueCounts, Recover,
@@ -77,6 +78,31 @@ pub async fn sqlite_fixture() -> (Arc<dyn Broker>, SqliteGuard) {
 pub async fn open_sqlite() -> Option<Opened> {
     let (b, g) = sqlite_fixture().await;
     Some((b, Box::new(g)))
+}
+
+#[path = "common/redis.rs"]
+mod redis_server;
+
+/// Redis: a private `redis-server` on a free port, in its own temp dir.
+pub struct RedisGuard {
+    pub server: redis_server::RedisServer,
+}
+
+#[async_trait]
+impl Guard for RedisGuard {
+    async fn connect(&self) -> Arc<dyn Broker> {
+        let url = self.server.url();
+        let b = RedisBroker::open(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        Arc::new(b)
+    }
+}
+
+pub async fn open_redis() -> Option<Opened> {
+    let server = redis_server::RedisServer::start("the redis broker contract")?;
+    let g = RedisGuard { server };
+    Some((g.connect().await, Box::new(g)))
 }
 
 /// Expands every contract case as a test of one backend, in a module named `$backend`.
@@ -164,6 +190,7 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(sqlite, crate::open_sqlite);
+contract_tests!(redis, crate::open_redis);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

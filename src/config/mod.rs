@@ -104,6 +104,29 @@ impl fmt::Debug for Secret {
 pub enum BrokerUrl {
     /// The embedded SQLite store; `path` is absolute.
     Sqlite { path: PathBuf },
+    /// A Redis server shared by several nodes: `redis://` or `rediss://` (TLS), with an
+    /// optional password and database number. Secret: the URL may hold the password.
+    Redis { url: Secret },
+}
+
+impl BrokerUrl {
+    /// A shared broker: several daemons may use it at once.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, BrokerUrl::Redis { .. })
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and `taskd check`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return url.to_string(),
+    };
+    let user = auth.split_once(':').map(|(u, _)| u).unwrap_or("");
+    format!("{scheme}://{user}:***@{host}")
 }
 
 impl fmt::Display for BrokerUrl {
@@ -111,6 +134,7 @@ impl fmt::Display for BrokerUrl {
         match self {
             // An absolute path already starts with `/`, which makes the `sqlite:///` form.
             BrokerUrl::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
+            BrokerUrl::Redis { url } => f.write_str(&redact_url(url.expose())),
         }
     }
 }
