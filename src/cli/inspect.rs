@@ -55,6 +55,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         entry.1 = c.paused;
     }
     let daemon = crate::daemon::running_daemon(&config.state_dir);
+    // The nodes sharing this broker (empty for the embedded store).
+    let nodes = broker.nodes().await?;
+    let now = now_ms();
     if args.json {
         let queues: Vec<_> = rows
             .iter()
@@ -68,6 +71,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
             "state_dir": config.state_dir,
             "queues": queues,
+            "nodes": nodes,
         }))?;
         return Ok(exit::OK);
     }
@@ -104,6 +108,29 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         table.add_row(row);
     }
     println!("{table}");
+    if !nodes.is_empty() {
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+            "node",
+            "host",
+            "pid",
+            "queues",
+            "running",
+            "last heartbeat",
+        ]);
+        for n in &nodes {
+            table.add_row(vec![
+                n.id.clone(),
+                n.host.clone(),
+                n.pid.to_string(),
+                n.queues.join(" "),
+                n.running.to_string(),
+                format!("{} ago", fmt_duration_ms((now - n.last_heartbeat).max(0))),
+            ]);
+        }
+        println!("nodes sharing {}:", config.broker);
+        println!("{table}");
+    }
     Ok(exit::OK)
 }
 

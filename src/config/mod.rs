@@ -62,6 +62,10 @@ pub struct Config {
     pub token: Option<Secret>,
     /// How long a draining daemon lets running tasks finish (default 30s).
     pub shutdown_grace: Duration,
+    /// How long a claim holds a task unless renewed (`lease`); `None`: the broker's default
+    /// (60 s embedded, 30 s shared). On a shared broker a dead node's tasks are taken back
+    /// about one lease after it stopped renewing.
+    pub lease: Option<Duration>,
     /// The largest payload accepted, in bytes (default 1 MiB).
     pub max_payload: usize,
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
@@ -300,6 +304,12 @@ pub mod defaults {
     use std::time::Duration;
 
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// The shortest and longest `lease`: renewed every third, a shorter one would cost a
+    /// round trip per second per node; a longer one leaves a dead node's tasks for hours.
+    pub const MIN_LEASE: Duration = Duration::from_secs(3);
+    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+    /// The lease on a shared broker, when `lease` is not set.
+    pub const SHARED_LEASE: Duration = Duration::from_secs(30);
     pub const MAX_PAYLOAD: usize = 1024 * 1024;
     pub const CONCURRENCY: usize = 1;
     pub const TIMEOUT: Duration = Duration::from_secs(30 * 60);

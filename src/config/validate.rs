@@ -28,6 +28,7 @@ const TASKD_KEYS: &[&str] = &[
     "state_dir",
     "listen",
     "shutdown_grace",
+    "lease",
     "max_payload",
     "control_socket",
     "token",
@@ -366,6 +367,7 @@ struct TaskdLayer {
     state_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shutdown_grace: Option<Duration>,
+    lease: Option<Duration>,
     max_payload: Option<usize>,
     control_socket: Option<PathBuf>,
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
@@ -777,6 +779,7 @@ impl Cx<'_> {
             listen: taskd.listen,
             token: taskd.token,
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
+            lease: taskd.lease,
             max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
             queues,
         }
@@ -815,6 +818,25 @@ impl Cx<'_> {
                     }
                 }
                 "shutdown_grace" => out.shutdown_grace = self.duration(&e),
+                "lease" => {
+                    if let Some(d) = self.duration(&e) {
+                        if d < defaults::MIN_LEASE || d > defaults::MAX_LEASE {
+                            self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!(
+                                    "lease must be between {} and {} (found {})",
+                                    units::show_duration(defaults::MIN_LEASE),
+                                    units::show_duration(defaults::MAX_LEASE),
+                                    units::show_duration(d)
+                                ),
+                                Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                            );
+                        } else {
+                            out.lease = Some(d);
+                        }
+                    }
+                }
                 "control_socket" => {
                     out.control_socket = self.path(&e, "/run/taskd/taskd.sock");
                     if let Some(p) = &out.control_socket {

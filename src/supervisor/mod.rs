@@ -31,6 +31,7 @@ use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
 use prepare::Prepared;
 
 /// How long a claim holds a task before another node may take it over; renewed every third.
+/// The default; a daemon on a shared broker sets a shorter one ([`Supervisor::set_lease`]).
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The safety net behind wake-ups: a dispatcher looks at its queue at least this often.
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
@@ -151,6 +152,8 @@ pub struct Supervisor {
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
     start_log: startlog::StartLog,
+    /// The lease claims ask for, in ms ([`LEASE`] unless set).
+    lease_ms: AtomicU64,
     /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
     metrics: Arc<crate::api::Metrics>,
 }
@@ -175,7 +178,31 @@ impl Supervisor {
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
             start_log,
+            lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
         })
+    }
+
+    /// Claim with leases of `lease`, renewed every third of it. Set before [`Self::start`].
+    pub fn set_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(lease.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// The queues this node serves, by name.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .queues
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .map(|q| q.to_string())
+            .collect();
+        names.sort();
+        names
     }
 
     pub fn node(&self) -> &str {
@@ -292,10 +319,12 @@ impl Supervisor {
                 // A slot waiting with nothing to start needs the answer now; topping up the
                 // held buffer does not, and may share a commit with results.
                 let claimed = if free > held {
-                    self.broker.claim(&self.node, &q.name, want, LEASE).await
+                    self.broker
+                        .claim(&self.node, &q.name, want, self.lease())
+                        .await
                 } else {
                     self.broker
-                        .claim_ahead(&self.node, &q.name, want, LEASE)
+                        .claim_ahead(&self.node, &q.name, want, self.lease())
                         .await
                 };
                 match claimed {
@@ -658,7 +687,7 @@ impl Supervisor {
     async fn lease_loop(self: Arc<Self>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(LEASE / 3) => {}
+                _ = tokio::time::sleep(self.lease() / 3) => {}
                 _ = self.interrupt.cancelled() => return,
             }
             let leases: Vec<Lease> = self
@@ -671,7 +700,7 @@ impl Supervisor {
             if leases.is_empty() {
                 continue;
             }
-            match self.broker.renew(&leases, LEASE).await {
+            match self.broker.renew(&leases, self.lease()).await {
                 Ok(lost) => {
                     for id in lost {
                         tracing::warn!(task = %id, "lost the lease on a running task");

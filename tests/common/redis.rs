@@ -39,12 +39,11 @@ impl RedisServer {
             );
             return None;
         }
-        let dir = tempfile::tempdir().expect("temp dir for redis");
         // A port can be taken between choosing and binding it: try a few.
         for _ in 0..5 {
             let mut s = RedisServer {
                 port: free_port(),
-                dir: tempfile::tempdir_in(dir.path()).expect("temp dir"),
+                dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
             };
             if s.spawn() {

@@ -1,0 +1,457 @@
+//! The daemon and the CLI on the Redis broker, with the real `taskd` binary, real
+//! `redis-server` processes (private, on free ports) and real tasks: several nodes on one
+//! set of queues, cancel and pause across nodes, Redis going away and coming back, and a
+//! node killed with SIGKILL whose tasks the others take back.
+//!
+//! Where `redis-server` is missing each test prints a skip message and passes, except under
+//! `CI=true`, where it fails. Nothing sleeps a fixed time to wait for an outcome.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{history, poll, submit_batch, Daemon, Env};
+use redis_server::RedisServer;
+use serde_json::{json, Value};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A node's config: its own state directory, the shared broker, a short lease and fast
+/// retries; `@D@` in `queues` is the node's directory.
+fn node(server: &RedisServer, lease: &str, queues: &str) -> Env {
+    let env = Env::raw("");
+    let d = env.path().display().to_string();
+    let text = format!(
+        "[taskd]\nstate_dir = \"state\"\nbroker = \"{}\"\nshutdown_grace = \"5s\"\nlease = \"{lease}\"\n\n\
+         [defaults]\nbackoff = {{ base = \"100ms\", max = \"200ms\", jitter = false }}\nkill_grace = \"1s\"\n\n{}\n",
+        server.url(),
+        queues.replace("@D@", &d)
+    );
+    std::fs::write(&env.config, text).expect("write config");
+    env
+}
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(&env.ok(&["status", "--json"])).expect("status --json is JSON")
+}
+
+fn count(v: &Value, queue: &str, state: &str) -> u64 {
+    v["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
+        .and_then(|q| q["counts"][state].as_u64())
+        .unwrap_or(0)
+}
+
+fn node_id(d: &Daemon) -> String {
+    // The daemon logs its node id at start ("node=<host>:<pid>").
+    let text = d.log_text();
+    let at = text.find("node=").expect("the daemon logs its node id");
+    text[at + 5..]
+        .split_whitespace()
+        .next()
+        .expect("a node id")
+        .to_string()
+}
+
+/// [`poll`] at a slower pace, for checks that start a process or read a big file.
+fn poll_slow(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn tasks_run_on_redis_and_status_lists_the_node() {
+    let Some(server) = RedisServer::start("tasks_run_on_redis_and_status_lists_the_node") else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.w]\nconcurrency = 2\nshell = 'echo \"$TASKD_ARG_n\" >> \"@D@/out\"; [ \"$TASKD_ARG_n\" != 3 ] || exit 7'\nmax_attempts = 2\n",
+    );
+    let d = env.daemon();
+    assert!(
+        !d.log_text().contains("appendonly no"),
+        "a durable server was reported as losing data:\n{}",
+        d.log_text()
+    );
+    let ids: Vec<String> = (1..=3)
+        .map(|n| {
+            env.ok(&["submit", "w", &json!({ "n": n }).to_string()])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    for id in &ids[..2] {
+        env.wait_state(id, "succeeded", secs(20));
+    }
+    let failed = env.wait_state(&ids[2], "failed", secs(20));
+    assert_eq!(history(&failed).len(), 2, "{failed:#}");
+    assert_eq!(failed["attempts"], 2);
+    let mut got = lines(&env.path().join("out"));
+    got.sort();
+    assert_eq!(got, vec!["1", "2", "3", "3"]);
+
+    let v = status(&env);
+    assert_eq!(count(&v, "w", "succeeded"), 2, "{v:#}");
+    assert_eq!(count(&v, "w", "failed"), 1, "{v:#}");
+    let me = node_id(&d);
+    let nodes = v["nodes"].as_array().expect("status lists nodes");
+    let n = nodes
+        .iter()
+        .find(|n| n["id"] == me.as_str())
+        .unwrap_or_else(|| panic!("node {me} is not listed: {v:#}"));
+    assert_eq!(n["pid"], d.pid());
+    assert_eq!(n["queues"], json!(["w"]));
+    assert!(n["last_heartbeat"].as_i64().unwrap_or(0) > 0, "{n}");
+    let text = env.ok(&["status"]);
+    assert!(text.contains(&me), "the table lists the node:\n{text}");
+
+    // A retried task runs again, on any node.
+    env.ok(&["retry", &ids[2]]);
+    env.wait_state(&ids[2], "failed", secs(20));
+    drop(d);
+}
+
+#[test]
+fn submit_with_redis_unreachable_exits_3_naming_the_address() {
+    let Some(mut server) =
+        RedisServer::start("submit_with_redis_unreachable_exits_3_naming_the_address")
+    else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    server.kill();
+    let start = Instant::now();
+    let out = env.run(&["submit", "w", "{}"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{}", server.port)),
+        "the message names the address: {stderr}"
+    );
+    assert!(
+        start.elapsed() < secs(15),
+        "took {:?} to give up",
+        start.elapsed()
+    );
+    let out = env.run(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    // With the server back, the same command works.
+    server.start_again();
+    env.submit("w", "{}");
+}
+
+#[test]
+fn the_password_never_reaches_messages_or_logs() {
+    let Some(server) = RedisServer::start("the_password_never_reaches_messages_or_logs") else {
+        return;
+    };
+    server.cli(&["CONFIG", "SET", "requirepass", "s3cret-pw"]);
+    let env = Env::raw("");
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}/2", server.port);
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"{url}\"\n\n[queues.w]\nshell = 'true'\n"
+        ),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    let check = env.ok(&["check"]);
+    let status = env.ok(&["status"]);
+    for (what, text) in [("log", d.log_text()), ("check", check), ("status", status)] {
+        assert!(
+            !text.contains("s3cret-pw"),
+            "the {what} shows the password:\n{text}"
+        );
+    }
+    // The wrong password: exit 3, and the message does not repeat it either.
+    let bad = Env::raw("");
+    std::fs::write(
+        &bad.config,
+        format!(
+            "[taskd]\nbroker = \"redis://:wrong-pw@127.0.0.1:{}/2\"\n\n[queues.w]\nshell = 'true'\n",
+            server.port
+        ),
+    )
+    .expect("write config");
+    let out = bad.run(&["submit", "w", "{}"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("wrong-pw"), "{stderr}");
+    drop(d);
+}
+
+#[test]
+fn cancel_and_pause_reach_a_task_running_on_another_node() {
+    let Some(server) = RedisServer::start("cancel_and_pause_reach_a_task_running_on_another_node")
+    else {
+        return;
+    };
+    let q = "[queues.w]\nconcurrency = 1\nshell = 'echo $$ > \"@D@/pid-$TASKD_TASK_ID\"; exec sleep 60'\n";
+    let a = node(&server, "30s", q);
+    let b = node(&server, "30s", q);
+    let cli = node(&server, "30s", q);
+    let da = a.daemon();
+    let db = b.daemon();
+    let id = cli.submit("w", "{}");
+    let running = cli.wait_state(&id, "running", secs(20));
+    let holder = running["node"]
+        .as_str()
+        .expect("a running task has a node")
+        .to_string();
+    assert!(
+        holder == node_id(&da) || holder == node_id(&db),
+        "{holder} is neither node"
+    );
+    let start = Instant::now();
+    cli.ok(&["cancel", &id]);
+    let done = cli.wait_state(&id, "cancelled", secs(20));
+    assert!(
+        start.elapsed() < secs(10),
+        "cancel took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(done["last_error"], "cancelled by an operator");
+
+    // Paused on the CLI's node: neither daemon claims from the queue.
+    cli.ok(&["pause", "w"]);
+    assert!(status(&cli)["queues"][0]["paused"]
+        .as_bool()
+        .unwrap_or(false));
+    let waiting = cli.submit("w", "{}");
+    let stayed = !poll(secs(3), || cli.state(&waiting) != "queued");
+    assert!(stayed, "a paused queue's task was claimed");
+    cli.ok(&["resume", "w"]);
+    cli.wait_state(&waiting, "running", secs(20));
+    cli.ok(&["cancel", &waiting]);
+    cli.wait_state(&waiting, "cancelled", secs(20));
+    drop((da, db));
+}
+
+#[test]
+fn scheduled_and_retrying_tasks_are_promoted_by_a_node() {
+    let Some(server) = RedisServer::start("scheduled_and_retrying_tasks_are_promoted_by_a_node")
+    else {
+        return;
+    };
+    let q = "[queues.w]\nconcurrency = 2\nmax_attempts = 3\nshell = 'echo x >> \"@D@/runs-$TASKD_TASK_ID\"; [ \"$TASKD_ATTEMPT\" = 3 ]'\n";
+    let a = node(&server, "30s", q);
+    let b = node(&server, "30s", q);
+    let _da = a.daemon();
+    let _db = b.daemon();
+    let cli = node(&server, "30s", q);
+    let id = cli
+        .ok(&["submit", "w", "{}", "--delay", "1s"])
+        .trim()
+        .to_string();
+    assert_eq!(cli.state(&id), "scheduled");
+    let done = cli.wait_state(&id, "succeeded", secs(30));
+    assert_eq!(done["attempts"], 3, "{done:#}");
+    assert_eq!(history(&done).len(), 3);
+}
+
+#[test]
+fn a_daemon_keeps_its_running_task_while_redis_restarts() {
+    let Some(mut server) =
+        RedisServer::start("a_daemon_keeps_its_running_task_while_redis_restarts")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.w]\nconcurrency = 1\nshell = 'while [ ! -e \"@D@/go\" ]; do sleep 0.05; done; echo done >> \"@D@/out\"'\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    server.kill();
+    // The task ends while Redis is away: its result waits in the daemon.
+    std::fs::write(env.path().join("go"), "").expect("write go");
+    assert!(
+        poll(secs(20), || lines(&env.path().join("out")).len() == 1),
+        "the task did not finish"
+    );
+    let out = env.run(&["submit", "w", "{}"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        poll(secs(20), || d.log_text().contains("unreachable")),
+        "the daemon did not log the outage:\n{}",
+        d.log_text()
+    );
+    assert!(!d.exited(), "the daemon exited:\n{}", d.log_text());
+    server.start_again();
+    let done = env.wait_state(&id, "succeeded", secs(60));
+    assert_eq!(history(&done).len(), 1, "{done:#}");
+    // New work is taken again.
+    let next = env.submit("w", "{}");
+    env.wait_state(&next, "succeeded", secs(60));
+    assert!(!d.exited());
+    assert_eq!(lines(&env.path().join("out")).len(), 2);
+}
+
+#[test]
+fn a_daemon_started_before_redis_waits_for_it() {
+    let Some(mut server) = RedisServer::start("a_daemon_started_before_redis_waits_for_it") else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    server.kill();
+    let log = env.path().join("early.log");
+    let child = env
+        .cmd(&["start"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start");
+    // Killed when the test ends, however it ends.
+    let d = Daemon {
+        child: Some(child),
+        log: log.clone(),
+    };
+    assert!(
+        poll(secs(20), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cannot reach the redis server")),
+        "no message about the broker"
+    );
+    assert!(!d.exited(), "the daemon exited");
+    server.start_again();
+    assert!(
+        poll(secs(30), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")),
+        "the daemon did not start once Redis was back:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    d.signal(common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(20)), Some(0));
+}
+
+/// Issue #7's fault test: three nodes, 5,000 tasks that each append their id to a file;
+/// one node is killed with SIGKILL mid-run and Redis is restarted once. Every task ends
+/// `succeeded`, every id is in the file, and the killed node's tasks were taken back.
+#[test]
+fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
+    const TOTAL: usize = 5000;
+    let Some(mut server) =
+        RedisServer::start("three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart")
+    else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let file = out.path().join("ids");
+    let q = format!(
+        "[queues.w]\nconcurrency = 4\nshell = 'echo \"$TASKD_TASK_ID\" >> \"{}\"; sleep 0.02'\n",
+        file.display()
+    );
+    let envs: Vec<Env> = (0..3).map(|_| node(&server, "6s", &q)).collect();
+    let mut daemons: Vec<Option<Daemon>> = envs.iter().map(|e| Some(e.daemon())).collect();
+    let payloads: Vec<Value> = (0..TOTAL).map(|i| json!({ "i": i })).collect();
+    let ids = submit_batch(&envs[0], "w", &payloads);
+    let want: BTreeSet<String> = ids.iter().cloned().collect();
+
+    // Mid-run: note what the victim runs, then kill it.
+    assert!(
+        poll_slow(secs(120), || lines(&file).len() >= TOTAL / 5),
+        "no progress"
+    );
+    let victim = daemons[2].take().expect("the third daemon");
+    let victim_id = node_id(&victim);
+    let list: Value = serde_json::from_str(
+        &envs[0].ok(&["tasks", "--state", "running", "--limit", "0", "--json"]),
+    )
+    .expect("tasks --json");
+    let held: Vec<String> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|t| t["node"] == victim_id.as_str())
+        .map(|t| t["id"].as_str().expect("id").to_string())
+        .collect();
+    victim.kill9();
+
+    // Then Redis goes away and comes back (AOF on: nothing acknowledged is lost).
+    assert!(
+        poll_slow(secs(120), || lines(&file).len() >= TOTAL / 2),
+        "no progress after the kill"
+    );
+    server.restart();
+
+    let mut last = Value::Null;
+    let finished = poll_slow(secs(300), || {
+        last = status(&envs[0]);
+        count(&last, "w", "succeeded") as usize == TOTAL
+    });
+    assert!(finished, "not all tasks succeeded: {last:#}");
+    let seen: BTreeSet<String> = lines(&file).into_iter().collect();
+    let missing: Vec<&String> = want.difference(&seen).take(5).collect();
+    assert!(missing.is_empty(), "ids missing from the file: {missing:?}");
+    assert_eq!(count(&last, "w", "failed"), 0);
+
+    // The victim's running tasks were taken back by the others, uncharged.
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for id in &held {
+        let t = envs[0].show(id);
+        assert_eq!(t["state"], "succeeded");
+        assert!(t["node"].is_null());
+        let h = history(&t);
+        let lost = h
+            .iter()
+            .any(|a| a["reason"] == "lost" && a["node"] == victim_id.as_str());
+        *reasons
+            .entry(if lost { "lost" } else { "finished" }.into())
+            .or_default() += 1;
+        if lost {
+            assert_eq!(t["attempts"], 1, "a lost run was charged: {t:#}");
+        }
+    }
+    // A task the victim ran may have finished its run and been recorded just before the
+    // kill; most were still running and are `lost` in their history.
+    assert!(
+        held.is_empty() || reasons.get("lost").copied().unwrap_or(0) > 0,
+        "none of the killed node's {} running tasks was taken back: {reasons:?}",
+        held.len()
+    );
+    eprintln!(
+        "killed node {victim_id} ran {} tasks when killed; afterwards: {reasons:?}",
+        held.len()
+    );
+    let logs: String = daemons.iter().flatten().map(|d| d.log_text()).collect();
+    assert!(
+        held.is_empty() || logs.contains("took back tasks whose lease expired"),
+        "no node logged taking back the victim's tasks"
+    );
+    drop(daemons);
+}
