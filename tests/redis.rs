@@ -455,3 +455,55 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
     );
     drop(daemons);
 }
+
+/// `contrib/redis/enqueue.lua` is the script taskd runs, and an application can call it
+/// with plain Redis commands: the task runs like one `taskd submit` enqueued.
+#[test]
+fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).expect("read a script");
+    let shipped = read("contrib/redis/enqueue.lua");
+    assert!(
+        shipped.contains(&read("src/broker/redis/lib.lua"))
+            && shipped.ends_with(&read("src/broker/redis/enqueue.lua")),
+        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; rebuild it from them"
+    );
+    let Some(server) =
+        RedisServer::start("a_task_enqueued_with_redis_cli_and_the_shipped_script_runs")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.emails]\ncommand = ['sh', '-c', 'echo \"$1\" > \"$2\"', 'x', '{to}', '@D@/sent']\n",
+    );
+    let d = env.daemon();
+    let id = taskd::model::TaskId::new().to_string();
+    server.cli(&["SADD", "taskd:queues", "emails"]);
+    let script = root.join("contrib/redis/enqueue.lua");
+    let out = server.cli(&[
+        "--eval",
+        script.to_str().expect("utf-8 path"),
+        "taskd:{q:emails}:",
+        ",",
+        "1",
+        &id,
+        r#"{"to":"a@example.com"}"#,
+        "[]",
+        "0",
+        "",
+        "",
+    ]);
+    assert!(
+        out.contains(&id) && out.contains("queued"),
+        "the script answered: {out}"
+    );
+    let done = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(done["payload"]["to"], "a@example.com");
+    assert_eq!(
+        std::fs::read_to_string(env.path().join("sent")).expect("the task wrote"),
+        "a@example.com\n"
+    );
+    drop(d);
+}
