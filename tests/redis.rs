@@ -507,3 +507,94 @@ fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
     );
     drop(d);
 }
+
+// ------------------------------------------------------------------------------------------
+// Scenarios of tests/daemon.rs, on Redis.
+
+#[test]
+fn on_redis_a_timeout_kills_the_task_with_reason_timeout() {
+    let Some(server) = RedisServer::start("on_redis_a_timeout_kills_the_task_with_reason_timeout")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.t]\ntimeout = \"1s\"\nmax_attempts = 1\nshell = 'sleep 30'\n",
+    );
+    let _d = env.daemon();
+    let id = env.submit("t", "{}");
+    let v = env.wait_state(&id, "failed", secs(20));
+    let a = &history(&v)[0];
+    assert_eq!(a["reason"], "timeout", "{v:#}");
+    assert_eq!(a["signal"], 15, "{v:#}");
+}
+
+#[test]
+fn on_redis_sigterm_drains_and_puts_a_long_task_back_uncharged() {
+    let Some(server) =
+        RedisServer::start("on_redis_sigterm_drains_and_puts_a_long_task_back_uncharged")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.s]\nmax_attempts = 3\nshell = '''\nif [ -e \"@D@/second\" ]; then echo \"second run, attempt $TASKD_ATTEMPT\"; exit 0; fi\nsleep 30\n'''\n",
+    );
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config)
+            .expect("read config")
+            .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\""),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let me = node_id(&d);
+    let id = env.submit("s", "{}");
+    env.wait_state(&id, "running", secs(20));
+    d.signal(common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(20)), Some(0), "a drained daemon exits 0");
+    let v = env.show(&id);
+    assert_eq!(v["state"], "queued", "{v:#}");
+    assert_eq!(v["attempts"], 0, "{v:#}");
+    assert_eq!(history(&v)[0]["reason"], "shutdown", "{v:#}");
+    // A clean stop leaves the registry.
+    let nodes = status(&env)["nodes"].clone();
+    assert!(
+        !nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .any(|n| n["id"] == me.as_str()),
+        "a stopped node is still listed: {nodes}"
+    );
+    std::fs::write(env.path().join("second"), "").expect("write");
+    let _d = env.daemon();
+    let v = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(v["attempts"], 1, "{v:#}");
+    assert_eq!(
+        history(&v).last().expect("an attempt")["stdout_tail"],
+        "second run, attempt 1\n"
+    );
+}
+
+#[test]
+fn on_redis_submit_wait_exits_0_on_success_and_4_on_failure() {
+    let Some(server) =
+        RedisServer::start("on_redis_submit_wait_exits_0_on_success_and_4_on_failure")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.ok]\nshell = 'echo \"out:$TASKD_ARG_msg\"'\n\n[queues.bad]\nmax_attempts = 2\nshell = 'exit 5'\n",
+    );
+    let _d = env.daemon();
+    let out = env.run(&["submit", "--wait", "ok", r#"{"msg":"hello"}"#]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("out:hello"));
+    let out = env.run(&["submit", "--wait", "bad", "{}"]);
+    assert_eq!(out.status.code(), Some(4));
+}
