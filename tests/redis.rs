@@ -598,3 +598,40 @@ fn on_redis_submit_wait_exits_0_on_success_and_4_on_failure() {
     let out = env.run(&["submit", "--wait", "bad", "{}"]);
     assert_eq!(out.status.code(), Some(4));
 }
+
+/// A node whose lease was taken over (here: the fencing token bumped behind its back, as a
+/// reclaim by another node does) stops its copy of the task; the task is taken back and
+/// runs again, uncharged for the lost run.
+#[test]
+fn a_node_that_lost_its_lease_stops_its_copy_of_the_task() {
+    let Some(server) = RedisServer::start("a_node_that_lost_its_lease_stops_its_copy_of_the_task")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "3s",
+        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
+        .parse()
+        .expect("a pid");
+    server.cli(&["HINCRBY", &format!("taskd:{{q:w}}:t:{id}"), "token", "1"]);
+    assert!(
+        poll(secs(20), || !common::alive(pid)),
+        "the task kept running after its lease was lost:\n{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("lost the lease"), "{}", d.log_text());
+    let v = env.wait_state(&id, "succeeded", secs(30));
+    let h = history(&v);
+    assert_eq!(
+        h.first().map(|a| a["reason"].clone()),
+        Some(json!("lost")),
+        "{v:#}"
+    );
+    assert_eq!(v["attempts"], 1, "{v:#}");
+}

@@ -702,8 +702,17 @@ impl Supervisor {
             }
             match self.broker.renew(&leases, self.lease()).await {
                 Ok(lost) => {
+                    // Taken back by another node (on a shared broker, after this node could
+                    // not renew for a whole lease): it runs there now, so stop it here. Its
+                    // result would be refused anyway.
+                    let running = self.running.lock().expect("not poisoned");
                     for id in lost {
-                        tracing::warn!(task = %id, "lost the lease on a running task");
+                        if let Some(entry) = running.get(&id) {
+                            if !entry.cancel.is_cancelled() {
+                                tracing::warn!(task = %id, queue = %entry.queue, "lost the lease on a task; stopping it here");
+                                entry.cancel.cancel();
+                            }
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "failed to renew leases"),
