@@ -15,6 +15,18 @@ for i = 0, n - 1 do
 end
 local last = tonumber(redis.call('GET', p .. 'seq') or '0')
 local out = {}
+-- Index entries are gathered and written with one ZADD per index (in chunks: unpack has
+-- a limit), rather than one call per task.
+local adds = {}
+local function add(key, score, member)
+  local a = adds[key]
+  if not a then
+    a = {}
+    adds[key] = a
+  end
+  a[#a + 1] = score
+  a[#a + 1] = member
+end
 local work, sched = false, false
 for i = 0, n - 1 do
   local b = 2 + i * 6
@@ -37,26 +49,32 @@ for i = 0, n - 1 do
     local seq = now_us
     if seq <= last then seq = last + 1 end
     last = seq
+    local sseq = fmt(seq)
     local rk = string.format('%017.0f', seq) .. ':' .. id
     local t = p .. 't:' .. id
     redis.call('HSET', t, 'id', id, 'queue', queue, 'state', state, 'payload', payload,
       'args', args, 'priority', priority, 'run_at', fmt(ra), 'attempts', '0',
       'created_at', fmt(now), 'updated_at', fmt(now), 'cancel_requested', '0', 'token', '0',
-      'seq', fmt(seq), 'rk', rk)
+      'seq', sseq, 'rk', rk)
     if key then
       redis.call('HSET', t, 'unique_key', key)
       redis.call('HSET', p .. 'u', key, id)
     end
-    redis.call('ZADD', p .. 'st:' .. state, fmt(seq), id)
-    redis.call('ZADD', p .. 'all', fmt(seq), id)
+    add(p .. 'st:' .. state, sseq, id)
+    add(p .. 'all', sseq, id)
     if state == 'queued' then
-      ready_add(p, priority, rk)
+      add(p .. 'ready', fmt(-tonumber(priority)), rk)
       work = true
     else
-      redis.call('ZADD', p .. 'waiting', fmt(ra), id)
+      add(p .. 'waiting', fmt(ra), id)
       sched = true
     end
     for _, v in ipairs({ id, state, '0', fmt(now), fmt(ra) }) do out[#out + 1] = v end
+  end
+end
+for key, a in pairs(adds) do
+  for i = 1, #a, 2000 do
+    redis.call('ZADD', key, unpack(a, i, math.min(i + 1999, #a)))
   end
 end
 redis.call('SET', p .. 'seq', fmt(last))
