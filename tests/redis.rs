@@ -635,3 +635,97 @@ fn a_node_that_lost_its_lease_stops_its_copy_of_the_task() {
     );
     assert_eq!(v["attempts"], 1, "{v:#}");
 }
+
+/// `rediss://`: the same broker over TLS (a self-signed certificate, accepted with the
+/// URL's `#insecure`, which only a test should use).
+#[test]
+fn rediss_urls_connect_over_tls() {
+    let Some(plain) = RedisServer::start("rediss_urls_connect_over_tls") else {
+        return;
+    };
+    let dir = plain.dir().to_path_buf();
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "openssl is needed to make a test certificate (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED rediss_urls_connect_over_tls: openssl is not installed");
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut tls = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("key.pem"))
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a TLS redis-server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut tls);
+    assert!(
+        poll(secs(20), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the TLS server did not listen"
+    );
+    let env = Env::raw("");
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"rediss://127.0.0.1:{port}/0#insecure\"\n\n[queues.w]\nshell = 'true'\n"
+        ),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    drop(d);
+}

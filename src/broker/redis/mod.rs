@@ -105,6 +105,9 @@ impl RedisBroker {
     /// Connect to the server `url` names (`redis://[:password@]host[:port][/db]`, or
     /// `rediss://` for TLS). Unreachable → [`BrokerError::Unavailable`] naming the address.
     pub async fn open(url: &str) -> Result<Self> {
+        // rustls needs one process-wide crypto provider for `rediss://`; a second install
+        // (another broker in the same process) is refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = redis::Client::open(url).map_err(|e| {
             BrokerError::Unavailable(format!(
                 "invalid redis URL: {}",
