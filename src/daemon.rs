@@ -4,7 +4,9 @@
 //! daemon per state directory) → descriptors close-on-exec, child subreaper → broker →
 //! recovery of tasks a previous daemon left `running` (their process groups are killed,
 //! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
-//! `listen` (bound before READY) → signals. Draining: the API answers 503 until the drain
+//! `listen` (bound before READY) → signals. On a shared broker (Redis) other nodes hold
+//! leases too, so there is no recovery at start: every node heartbeats its record and
+//! takes back expired leases as it goes, and an unreachable broker is waited for. Draining: the API answers 503 until the drain
 //! ends, then closes.
 //!
 //! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
