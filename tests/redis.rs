@@ -729,3 +729,19 @@ fn rediss_urls_connect_over_tls() {
     env.wait_state(&id, "succeeded", secs(20));
     drop(d);
 }
+
+#[test]
+fn a_daemon_warns_when_redis_is_configured_to_lose_tasks() {
+    let Some(server) = RedisServer::start("a_daemon_warns_when_redis_is_configured_to_lose_tasks")
+    else {
+        return;
+    };
+    server.cli(&["CONFIG", "SET", "appendonly", "no"]);
+    server.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let d = env.daemon();
+    let log = d.log_text();
+    assert!(log.contains("appendonly no"), "{log}");
+    assert!(log.contains("maxmemory-policy allkeys-lru"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+}
