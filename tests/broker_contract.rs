@@ -13,8 +13,8 @@
 //!
 //! which expands every contract case as a `#[tokio::test]` in a module named after the
 //! backend (`sqlite::claim_priority_then_fifo`, `redis::claim_priority_then_fifo`, ...).
-//! The cases live in [`cases`]; backend-specific checks (SQLite's journal mode, scale) live
-//! in `sqlite_specific`.
+//! The cases live in [`cases`]; backend-specific checks live in `sqlite_specific` (journal
+//! mode, scale) and `redis_specific` (the node registry).
 //!
 //! Rules the cases follow: each one starts from an empty store; nothing waits for an outcome
 //! with a fixed sleep (outcomes are polled with a deadline); a case that waits for time to
@@ -3108,6 +3108,62 @@ mod sqlite_specific {
             held.len(),
             N,
             "a paused queue's due tasks are not promoted by other queues' claims"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis only
+// ---------------------------------------------------------------------------------------------
+
+mod redis_specific {
+    use super::*;
+    use taskd::broker::NodeInfo;
+
+    /// The node registry: records stamped with the server's clock, listed by id, removed on
+    /// leave. (The embedded store keeps none.)
+    #[tokio::test]
+    async fn nodes_register_heartbeat_and_leave() {
+        let Some((b, g)) = open_redis().await else {
+            return;
+        };
+        let (s, _g) = sqlite_fixture().await;
+        assert!(s.nodes().await.expect("nodes").is_empty());
+        assert!(!s.shared() && b.shared());
+        let a = NodeInfo {
+            id: "h1:10".into(),
+            host: "h1".into(),
+            pid: 10,
+            queues: vec!["q1".into(), "q2".into()],
+            running: 3,
+            last_heartbeat: 0,
+        };
+        let idle = NodeInfo {
+            id: "h2:20".into(),
+            host: "h2".into(),
+            pid: 20,
+            queues: Vec::new(),
+            running: 0,
+            last_heartbeat: 0,
+        };
+        let before = now_ms();
+        b.heartbeat(&a).await.expect("heartbeat");
+        b.heartbeat(&idle).await.expect("heartbeat");
+        let other = g.connect().await;
+        let got = other.nodes().await.expect("nodes");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].id, "h1:10");
+        assert_eq!(got[0].queues, a.queues);
+        assert_eq!((got[0].running, got[0].pid), (3, 10));
+        assert!(got[1].queues.is_empty(), "{got:?}");
+        for n in &got {
+            assert!(n.last_heartbeat >= before - 1000, "{n:?}");
+        }
+        b.leave("h1:10").await.expect("leave");
+        let got = other.nodes().await.expect("nodes");
+        assert_eq!(
+            got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            vec!["h2:20"]
         );
     }
 }

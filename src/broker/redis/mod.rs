@@ -901,7 +901,14 @@ impl Broker for RedisBroker {
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
-        let json = serde_json::to_string(node).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        // The script appends the heartbeat to the record as text: decoding and encoding it in
+        // Lua would turn an empty `queues` array into an object.
+        let mut record =
+            serde_json::to_value(node).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        if let Some(m) = record.as_object_mut() {
+            m.remove("last_heartbeat");
+        }
+        let json = record.to_string();
         let _: String = scripts()
             .heartbeat
             .key(NODES)
