@@ -129,6 +129,13 @@ fn tasks_run_on_redis_and_status_lists_the_node() {
     assert!(n["last_heartbeat"].as_i64().unwrap_or(0) > 0, "{n}");
     let text = env.ok(&["status"]);
     assert!(text.contains(&me), "the table lists the node:\n{text}");
+    // Seen from a machine (a state directory) without a daemon of its own.
+    let cli = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let text = cli.ok(&["status"]);
+    assert!(
+        text.contains("not running on this machine") && text.contains("1 node is sharing"),
+        "{text}"
+    );
 
     // A retried task runs again, on any node.
     env.ok(&["retry", &ids[2]]);

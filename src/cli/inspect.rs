@@ -80,6 +80,15 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon: running (pid {pid}), state in {}",
             config.state_dir.display()
         ),
+        None if !nodes.is_empty() => println!(
+            "daemon: not running on this machine (state in {}); {} sharing the broker",
+            config.state_dir.display(),
+            if nodes.len() == 1 {
+                "1 node is".to_string()
+            } else {
+                format!("{} nodes are", nodes.len())
+            }
+        ),
         None => println!(
             "daemon: not running (state in {}); tasks wait until `taskd start`",
             config.state_dir.display()
