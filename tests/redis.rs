@@ -752,3 +752,43 @@ fn a_daemon_warns_when_redis_is_configured_to_lose_tasks() {
     assert!(log.contains("maxmemory-policy allkeys-lru"), "{log}");
     assert!(log.contains("WARN"), "{log}");
 }
+
+/// The wake-up travels over pub/sub: a task submitted on one machine starts on another
+/// node at once, not on the next fallback tick (2 s).
+#[test]
+fn on_redis_a_submitted_task_starts_at_once_not_on_a_polling_tick() {
+    let Some(server) =
+        RedisServer::start("on_redis_a_submitted_task_starts_at_once_not_on_a_polling_tick")
+    else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let q = format!(
+        "[queues.lat]\nshell = 'date +%s%N > \"{0}/$TASKD_TASK_ID.tmp\" && mv \"{0}/$TASKD_TASK_ID.tmp\" \"{0}/$TASKD_TASK_ID\"'\n",
+        out.path().display()
+    );
+    let worker = node(&server, "30s", &q);
+    let producer = node(&server, "30s", &q);
+    let _d = worker.daemon();
+    let mut lat_ms = Vec::new();
+    for i in 0..10 {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        let id = producer.submit("lat", &json!({ "i": i }).to_string());
+        let started: u128 = common::wait_line(&out.path().join(&id), secs(10))
+            .parse()
+            .expect("a time");
+        lat_ms.push((started.saturating_sub(before) / 1_000_000) as u64);
+        producer.wait_state(&id, "succeeded", secs(10));
+    }
+    let mut sorted = lat_ms.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    eprintln!("redis: submit -> task started, ms: {lat_ms:?}; median {median} ms");
+    assert!(
+        median < 500,
+        "median submit->start latency {median} ms: the node is not woken at once ({lat_ms:?})"
+    );
+}
