@@ -6,8 +6,8 @@
 //! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
 //! `listen` (bound before READY) → signals. On a shared broker (Redis) other nodes hold
 //! leases too, so there is no recovery at start: every node heartbeats its record and
-//! takes back expired leases as it goes, and an unreachable broker is waited for. Draining: the API answers 503 until the drain
-//! ends, then closes.
+//! takes back expired leases as it goes, and an unreachable broker is waited for.
+//! Draining: the API answers 503 until the drain ends, then closes.
 //!
 //! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
 //! (an invalid file is refused and the old config kept).
@@ -349,7 +349,18 @@ async fn cluster_loop(
                     down = false;
                 }
                 if !orphans.is_empty() {
-                    let killed = kill_orphans(&orphans);
+                    // Only by pid and start time: the tasks are already queued again, and a
+                    // node on this machine may have started a new run of one of them, which
+                    // a search by task id would find and kill.
+                    let killed = orphans
+                        .iter()
+                        .filter(|o| match (o.pid, o.pid_start) {
+                            (Some(pid), Some(start)) => {
+                                crate::executor::kill_orphan_group(pid, start)
+                            }
+                            _ => false,
+                        })
+                        .count();
                     tracing::warn!(
                         tasks = orphans.len(),
                         process_groups_killed = killed,
@@ -365,6 +376,45 @@ async fn cluster_loop(
             }
         }
     }
+}
+
+/// Of the tasks a previous daemon of this state directory noted as started, those whose
+/// processes may be killed by task id: every one not held by a live process of this machine
+/// (on a shared broker another node here may already run a new attempt of it).
+async fn stale_local_runs(
+    broker: &dyn crate::broker::Broker,
+    noted: impl Iterator<Item = crate::model::TaskId>,
+) -> Vec<String> {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    // Only the few with a process still alive are looked up (the log may hold many ids).
+    let noted: Vec<String> = noted.map(|id| id.to_string()).collect();
+    let mut out = Vec::new();
+    for id in crate::executor::task_ids_with_processes(&noted) {
+        let Ok(tid) = id.parse::<crate::model::TaskId>() else {
+            continue;
+        };
+        let holder = match broker.get(tid).await {
+            Ok(Some(t)) => t.task.node,
+            Ok(None) => None,
+            // Unknown: leave its processes alone rather than risk another node's run.
+            Err(_) => continue,
+        };
+        let held_here_by_a_live_node = holder.as_deref().is_some_and(|n| {
+            n.rsplit_once(':').is_some_and(|(h, pid)| {
+                h == host
+                    && pid.parse::<i32>().is_ok_and(|p| {
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+                    })
+            })
+        });
+        if !held_here_by_a_live_node {
+            out.push(id);
+        }
+    }
+    out
 }
 
 /// How often a node on a shared broker writes its record and looks for expired leases.
@@ -437,7 +487,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         // before a crash are taken back when their leases expire (by any node); what is left
         // of their processes on this machine is killed now, so that they do not run twice.
         if !noted.is_empty() {
-            let ids: Vec<String> = noted.iter().map(|id| id.to_string()).collect();
+            let ids = stale_local_runs(broker.as_ref(), noted.iter().copied()).await;
             let killed = crate::executor::kill_task_processes(&ids);
             if killed > 0 {
                 tracing::warn!(
