@@ -830,3 +830,41 @@ fn a_restarted_node_kills_what_its_predecessor_left_running() {
     assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
     assert_eq!(v["attempts"], 1, "{v:#}");
 }
+
+#[test]
+fn on_redis_cancelling_a_claimed_task_that_has_not_started_means_it_never_runs() {
+    let Some(server) = RedisServer::start(
+        "on_redis_cancelling_a_claimed_task_that_has_not_started_means_it_never_runs",
+    ) else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.q]\nshell = '''\ntouch \"@D@/started-$TASKD_ARG_n\"\nwhile [ ! -e \"@D@/go\" ]; do sleep 0.02; done\n'''\n",
+    );
+    // Enqueued before the daemon starts: it finds a backlog and holds some ahead.
+    let ids: Vec<String> = (1..=4)
+        .map(|n| env.submit("q", &json!({ "n": n }).to_string()))
+        .collect();
+    let _d = env.daemon();
+    assert!(poll(secs(10), || env.path().join("started-1").exists()));
+    for id in &ids[1..] {
+        env.ok(&["cancel", id]);
+    }
+    for id in &ids[1..] {
+        let v = env.wait_state(id, "cancelled", secs(10));
+        for a in history(&v) {
+            assert_eq!(a["reason"], "cancelled", "{v:#}");
+        }
+        assert_eq!(v["attempts"], 0, "{v:#}");
+    }
+    std::fs::write(env.path().join("go"), "").expect("write");
+    env.wait_state(&ids[0], "succeeded", secs(10));
+    for n in 2..=4 {
+        assert!(
+            !env.path().join(format!("started-{n}")).exists(),
+            "cancelled task {n} ran"
+        );
+    }
+}
