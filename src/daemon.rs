@@ -4,8 +4,10 @@
 //! daemon per state directory) → descriptors close-on-exec, child subreaper → broker →
 //! recovery of tasks a previous daemon left `running` (their process groups are killed,
 //! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
-//! `listen` (bound before READY) → signals. Draining: the API answers 503 until the drain
-//! ends, then closes.
+//! `listen` (bound before READY) → signals. On a shared broker (Redis) other nodes hold
+//! leases too, so there is no recovery at start: every node heartbeats its record and
+//! takes back expired leases as it goes, and an unreachable broker is waited for.
+//! Draining: the API answers 503 until the drain ends, then closes.
 //!
 //! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
 //! (an invalid file is refused and the old config kept).
@@ -289,11 +291,181 @@ pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// Open the broker. A shared broker that cannot be reached is waited for, with backoff,
+/// rather than failing the start: a daemon that exits would be restarted by its service
+/// manager into the same error, again and again. `None`: a signal asked to stop meanwhile.
+async fn open_broker(config: &Config) -> anyhow::Result<Option<Arc<dyn crate::broker::Broker>>> {
+    if !config.broker.is_shared() {
+        return Ok(Some(crate::broker::open(&config.broker).await?));
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match crate::broker::open(&config.broker).await {
+            Ok(b) => return Ok(Some(b)),
+            Err(crate::broker::BrokerError::Unavailable(e)) => {
+                tracing::error!(broker = %config.broker, retry_in = %humantime::format_duration(delay), "{e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// On a shared broker: keep this node's record fresh, and take back the tasks of nodes
+/// whose leases expired (any node may; the first to look does). Their process groups are
+/// killed when they ran on this machine.
+async fn cluster_loop(
+    broker: Arc<dyn crate::broker::Broker>,
+    supervisor: Arc<Supervisor>,
+    lease: Duration,
+) {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    // A dead node's tasks come back within a lease and a tick of it.
+    let mut tick = tokio::time::interval((lease / 3).min(CLUSTER_TICK));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut down = false;
+    loop {
+        tick.tick().await;
+        let me = crate::broker::NodeInfo {
+            id: supervisor.node().to_string(),
+            host: host.clone(),
+            pid: std::process::id(),
+            queues: supervisor.queue_names(),
+            running: supervisor.snapshot().running,
+            last_heartbeat: 0,
+        };
+        let beat = broker.heartbeat(&me).await;
+        let recovered = match beat {
+            Ok(()) => broker
+                .recover(
+                    Recover::Expired(crate::model::now_ms()),
+                    "the node running this task stopped renewing its lease (it died or lost the broker); queued again, attempt not charged",
+                )
+                .await,
+            Err(e) => Err(e),
+        };
+        match recovered {
+            Ok(orphans) => {
+                if down {
+                    tracing::info!("the broker is reachable again");
+                    down = false;
+                }
+                if !orphans.is_empty() {
+                    // Only by pid and start time: the tasks are already queued again, and a
+                    // node on this machine may have started a new run of one of them, which
+                    // a search by task id would find and kill.
+                    let killed = orphans
+                        .iter()
+                        .filter(|o| match (o.pid, o.pid_start) {
+                            (Some(pid), Some(start)) => {
+                                crate::executor::kill_orphan_group(pid, start)
+                            }
+                            _ => false,
+                        })
+                        .count();
+                    tracing::warn!(
+                        tasks = orphans.len(),
+                        process_groups_killed = killed,
+                        "took back tasks whose lease expired"
+                    );
+                }
+            }
+            Err(e) => {
+                if !down {
+                    tracing::error!(error = %e, "the broker is unreachable; running tasks go on, results are kept until it is back");
+                    down = true;
+                }
+            }
+        }
+    }
+}
+
+/// Of the tasks a previous daemon of this state directory noted as started, those whose
+/// processes may be killed by task id: every one not held by a live process of this machine
+/// (on a shared broker another node here may already run a new attempt of it).
+async fn stale_local_runs(
+    broker: &dyn crate::broker::Broker,
+    noted: impl Iterator<Item = crate::model::TaskId>,
+) -> Vec<String> {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    // Only the few with a process still alive are looked up (the log may hold many ids).
+    let noted: Vec<String> = noted.map(|id| id.to_string()).collect();
+    let mut out = Vec::new();
+    for id in crate::executor::task_ids_with_processes(&noted) {
+        let Ok(tid) = id.parse::<crate::model::TaskId>() else {
+            continue;
+        };
+        let holder = match broker.get(tid).await {
+            Ok(Some(t)) => t.task.node,
+            Ok(None) => None,
+            // Unknown: leave its processes alone rather than risk another node's run.
+            Err(_) => continue,
+        };
+        let held_here_by_a_live_node = holder.as_deref().is_some_and(|n| {
+            n.rsplit_once(':').is_some_and(|(h, pid)| {
+                h == host
+                    && pid.parse::<i32>().is_ok_and(|p| {
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+                    })
+            })
+        });
+        if !held_here_by_a_live_node {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// How often a node on a shared broker writes its record and looks for expired leases.
+const CLUSTER_TICK: Duration = Duration::from_secs(5);
+
+/// Kill what is left of recovered tasks' process groups on this machine; how many.
+fn kill_orphans(orphans: &[crate::broker::Orphan]) -> usize {
+    let mut killed = 0;
+    for o in orphans {
+        if let (Some(pid), Some(start)) = (o.pid, o.pid_start) {
+            if crate::executor::kill_orphan_group(pid, start) {
+                killed += 1;
+            }
+        }
+    }
+    let ids: Vec<String> = orphans.iter().map(|o| o.task.to_string()).collect();
+    killed + crate::executor::kill_task_processes(&ids)
+}
+
 async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyhow::Result<u8> {
-    let broker = crate::broker::open(&config.broker).await?;
+    let Some(broker) = open_broker(&config).await? else {
+        tracing::info!("stopped before the broker could be reached");
+        return Ok(exit::OK);
+    };
+    let shared = broker.shared();
+    if shared {
+        match broker.durability_warnings().await {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!(broker = %config.broker, "{w}");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the broker's settings"),
+        }
+    }
     let node = node_id();
     tracing::info!(
         node = %node,
+        broker = %config.broker,
         config = %path.display(),
         state_dir = %config.state_dir.display(),
         queues = config.queues.len(),
@@ -322,34 +494,49 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
             ),
         )
     })?;
-    if !noted.is_empty() {
-        let noted: Vec<_> = noted.into_iter().collect();
-        broker.adopt_started(&noted).await?;
-    }
-    let orphans = broker
-        .recover(Recover::All, "the daemon running this task went away (crash or kill); queued again, attempt not charged")
-        .await?;
-    let mut killed = 0;
-    for o in &orphans {
-        if let (Some(pid), Some(start)) = (o.pid, o.pid_start) {
-            if crate::executor::kill_orphan_group(pid, start) {
-                killed += 1;
+    if shared {
+        // Other nodes hold leases too: never `Recover::All`. This node's own tasks from
+        // before a crash are taken back when their leases expire (by any node); what is left
+        // of their processes on this machine is killed now, so that they do not run twice.
+        if !noted.is_empty() {
+            let ids = stale_local_runs(broker.as_ref(), noted.iter().copied()).await;
+            let killed = crate::executor::kill_task_processes(&ids);
+            if killed > 0 {
+                tracing::warn!(
+                    process_groups_killed = killed,
+                    "killed tasks left running by a previous daemon on this machine; their leases expire and they are queued again"
+                );
             }
         }
-    }
-    let ids: Vec<String> = orphans.iter().map(|o| o.task.to_string()).collect();
-    killed += crate::executor::kill_task_processes(&ids);
-    if !orphans.is_empty() {
-        tracing::warn!(
-            tasks = orphans.len(),
-            process_groups_killed = killed,
-            "recovered tasks left running by a previous daemon"
-        );
+    } else {
+        if !noted.is_empty() {
+            let noted: Vec<_> = noted.into_iter().collect();
+            broker.adopt_started(&noted).await?;
+        }
+        let orphans = broker
+            .recover(Recover::All, "the daemon running this task went away (crash or kill); queued again, attempt not charged")
+            .await?;
+        let killed = kill_orphans(&orphans);
+        if !orphans.is_empty() {
+            tracing::warn!(
+                tasks = orphans.len(),
+                process_groups_killed = killed,
+                "recovered tasks left running by a previous daemon"
+            );
+        }
     }
 
     let wakeups = broker.subscribe().await?;
     let supervisor = Supervisor::new(broker.clone(), node, start_log, metrics.clone());
+    let lease = config.lease.unwrap_or(if shared {
+        crate::config::defaults::SHARED_LEASE
+    } else {
+        crate::supervisor::LEASE
+    });
+    supervisor.set_lease(lease);
     supervisor.start(&config, wakeups);
+    let cluster =
+        shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
     let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {
@@ -510,6 +697,12 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     reaper.abort();
     pinger.abort();
     control.abort();
+    if let Some(c) = cluster {
+        c.abort();
+        if let Err(e) = broker.leave(supervisor.node()).await {
+            tracing::warn!(error = %e, "could not remove this node from the broker's registry");
+        }
+    }
     let _ = std::fs::remove_file(&control_path);
     crate::executor::reap_orphans();
     tracing::info!("stopped");

@@ -6,7 +6,7 @@
 //! - [`config`]: reads `taskd.toml` raw, then validates it into a [`config::Config`] with
 //!   defaults applied; every error names the file, line, column and key.
 //! - [`broker`]: the [`broker::Broker`] trait (the system of record) and its backends
-//!   (SQLite today). Knows tasks and leases, never processes.
+//!   (SQLite and Redis). Knows tasks and leases, never processes.
 //! - [`executor`]: runs one attempt of one task as a process group: pipes, output tails,
 //!   timeout, SIGTERM → grace → SIGKILL. Knows processes, never brokers.
 //! - [`supervisor`]: owns the runtime state of a daemon: per-queue slots, claiming, retries

@@ -13,8 +13,8 @@
 //!
 //! which expands every contract case as a `#[tokio::test]` in a module named after the
 //! backend (`sqlite::claim_priority_then_fifo`, `redis::claim_priority_then_fifo`, ...).
-//! The cases live in [`cases`]; backend-specific checks (SQLite's journal mode, scale) live
-//! in `sqlite_specific`.
+//! The cases live in [`cases`]; backend-specific checks live in `sqlite_specific` (journal
+//! mode, scale) and `redis_specific` (the node registry).
 //!
 //! Rules the cases follow: each one starts from an empty store; nothing waits for an outcome
 //! with a fixed sleep (outcomes are polled with a deadline); a case that waits for time to
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
     Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, QueueCounts, Recover,
@@ -77,6 +78,31 @@ pub async fn sqlite_fixture() -> (Arc<dyn Broker>, SqliteGuard) {
 pub async fn open_sqlite() -> Option<Opened> {
     let (b, g) = sqlite_fixture().await;
     Some((b, Box::new(g)))
+}
+
+#[path = "common/redis.rs"]
+mod redis_server;
+
+/// Redis: a private `redis-server` on a free port, in its own temp dir.
+pub struct RedisGuard {
+    pub server: redis_server::RedisServer,
+}
+
+#[async_trait]
+impl Guard for RedisGuard {
+    async fn connect(&self) -> Arc<dyn Broker> {
+        let url = self.server.url();
+        let b = RedisBroker::open(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        Arc::new(b)
+    }
+}
+
+pub async fn open_redis() -> Option<Opened> {
+    let server = redis_server::RedisServer::start("the redis broker contract")?;
+    let g = RedisGuard { server };
+    Some((g.connect().await, Box::new(g)))
 }
 
 /// Expands every contract case as a test of one backend, in a module named `$backend`.
@@ -164,6 +190,7 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(sqlite, crate::open_sqlite);
+contract_tests!(redis, crate::open_redis);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -3081,6 +3108,62 @@ mod sqlite_specific {
             held.len(),
             N,
             "a paused queue's due tasks are not promoted by other queues' claims"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis only
+// ---------------------------------------------------------------------------------------------
+
+mod redis_specific {
+    use super::*;
+    use taskd::broker::NodeInfo;
+
+    /// The node registry: records stamped with the server's clock, listed by id, removed on
+    /// leave. (The embedded store keeps none.)
+    #[tokio::test]
+    async fn nodes_register_heartbeat_and_leave() {
+        let Some((b, g)) = open_redis().await else {
+            return;
+        };
+        let (s, _g) = sqlite_fixture().await;
+        assert!(s.nodes().await.expect("nodes").is_empty());
+        assert!(!s.shared() && b.shared());
+        let a = NodeInfo {
+            id: "h1:10".into(),
+            host: "h1".into(),
+            pid: 10,
+            queues: vec!["q1".into(), "q2".into()],
+            running: 3,
+            last_heartbeat: 0,
+        };
+        let idle = NodeInfo {
+            id: "h2:20".into(),
+            host: "h2".into(),
+            pid: 20,
+            queues: Vec::new(),
+            running: 0,
+            last_heartbeat: 0,
+        };
+        let before = now_ms();
+        b.heartbeat(&a).await.expect("heartbeat");
+        b.heartbeat(&idle).await.expect("heartbeat");
+        let other = g.connect().await;
+        let got = other.nodes().await.expect("nodes");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].id, "h1:10");
+        assert_eq!(got[0].queues, a.queues);
+        assert_eq!((got[0].running, got[0].pid), (3, 10));
+        assert!(got[1].queues.is_empty(), "{got:?}");
+        for n in &got {
+            assert!(n.last_heartbeat >= before - 1000, "{n:?}");
+        }
+        b.leave("h1:10").await.expect("leave");
+        let got = other.nodes().await.expect("nodes");
+        assert_eq!(
+            got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            vec!["h2:20"]
         );
     }
 }

@@ -771,7 +771,7 @@ fn unusable_broker_urls() {
     let text = "\
 [taskd]
 state_dir = \"state\"
-broker = \"redis://127.0.0.1:6379/0\"
+broker = \"postgres://127.0.0.1/taskd\"
 
 [queues.a]
 shell = \"true\"
@@ -780,7 +780,7 @@ shell = \"true\"
         3,
         10,
         "taskd.broker",
-        &["redis broker is not available"],
+        &["postgres broker is not available"],
         Some("embedded SQLite"),
     );
 

@@ -4,9 +4,11 @@
 //! atomic state changes and leases; it never runs processes (that is the executor's job)
 //! and never decides policy (the supervisor says whether a failure is retried, and when).
 //!
-//! Backends: [`sqlite`] (embedded, the default). Redis and PostgreSQL slot in behind the
-//! same trait; the contract tests in `tests/broker_contract.rs` run against every backend.
+//! Backends: [`sqlite`] (embedded, the default) and [`redis`] (shared by several nodes).
+//! PostgreSQL slots in behind the same trait; the contract tests in
+//! `tests/broker_contract.rs` run against every backend.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::model::{
@@ -151,6 +153,22 @@ pub struct Wakeups {
     pub sched: Arc<Notify>,
 }
 
+/// One daemon as a shared broker knows it (`taskd status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node id a daemon claims with (`host:pid`).
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// The queues it serves.
+    pub queues: Vec<String>,
+    /// Tasks it runs or holds now.
+    pub running: usize,
+    /// When it last wrote this record, by the broker's clock (set by the broker).
+    #[serde(default)]
+    pub last_heartbeat: UnixMs,
+}
+
 /// The system of record. Every method is atomic; none holds a lock across calls.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -248,6 +266,33 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Start delivering wake-ups to this process (the daemon calls it once).
     async fn subscribe(&self) -> Result<Wakeups>;
+
+    /// Several daemons may hold leases at once (a shared broker). A daemon then never
+    /// recovers with [`Recover::All`]: it reclaims expired leases, and registers itself.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Write this node's record, stamped with the broker's clock. A broker with one node
+    /// only keeps no registry.
+    async fn heartbeat(&self, _node: &NodeInfo) -> Result<()> {
+        Ok(())
+    }
+
+    /// Remove a node's record (a clean stop).
+    async fn leave(&self, _node: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// The nodes registered with this broker, by id; empty for an embedded store.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        Ok(Vec::new())
+    }
+
+    /// Settings of the store that could lose acknowledged tasks, one sentence each.
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Open the broker a config names.
@@ -255,6 +300,10 @@ pub async fn open(url: &crate::config::BrokerUrl) -> Result<Arc<dyn Broker>> {
     match url {
         crate::config::BrokerUrl::Sqlite { path } => {
             let b = sqlite::SqliteBroker::open(path).await?;
+            Ok(Arc::new(b))
+        }
+        crate::config::BrokerUrl::Redis { url } => {
+            let b = redis::RedisBroker::open(url.expose()).await?;
             Ok(Arc::new(b))
         }
     }

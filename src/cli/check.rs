@@ -80,6 +80,7 @@ pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
 pub fn broker_text(b: &crate::config::BrokerUrl) -> String {
     match b {
         crate::config::BrokerUrl::Sqlite { path } => format!("sqlite://{}", path.display()),
+        crate::config::BrokerUrl::Redis { .. } => b.to_string(),
     }
 }
 

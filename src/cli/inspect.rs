@@ -56,6 +56,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     }
     let workers = daemon_workers(&config.state_dir);
     let daemon = crate::daemon::running_daemon(&config.state_dir);
+    // The nodes sharing this broker (empty for the embedded store).
+    let nodes = broker.nodes().await?;
+    let now = now_ms();
     if args.json {
         let queues: Vec<_> = rows
             .iter()
@@ -70,6 +73,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "state_dir": config.state_dir,
             "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
             "queues": queues,
+            "nodes": nodes,
         }))?;
         return Ok(exit::OK);
     }
@@ -77,6 +81,15 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         Some(pid) => println!(
             "daemon: running (pid {pid}), state in {}",
             config.state_dir.display()
+        ),
+        None if !nodes.is_empty() => println!(
+            "daemon: not running on this machine (state in {}); {} sharing the broker",
+            config.state_dir.display(),
+            if nodes.len() == 1 {
+                "1 node is".to_string()
+            } else {
+                format!("{} nodes are", nodes.len())
+            }
         ),
         None => println!(
             "daemon: not running (state in {}); tasks wait until `taskd start`",
@@ -122,6 +135,29 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         .count();
     if worker_queues > 0 && daemon.is_none() {
         println!("workers: none running (the daemon is not running)");
+    }
+    if !nodes.is_empty() {
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+            "node",
+            "host",
+            "pid",
+            "queues",
+            "running",
+            "last heartbeat",
+        ]);
+        for n in &nodes {
+            table.add_row(vec![
+                n.id.clone(),
+                n.host.clone(),
+                n.pid.to_string(),
+                n.queues.join(" "),
+                n.running.to_string(),
+                format!("{} ago", fmt_duration_ms((now - n.last_heartbeat).max(0))),
+            ]);
+        }
+        println!("nodes sharing {}:", config.broker);
+        println!("{table}");
     }
     Ok(exit::OK)
 }

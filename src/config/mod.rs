@@ -62,6 +62,10 @@ pub struct Config {
     pub token: Option<Secret>,
     /// How long a draining daemon lets running tasks finish (default 30s).
     pub shutdown_grace: Duration,
+    /// How long a claim holds a task unless renewed (`lease`); `None`: the broker's default
+    /// (60 s embedded, 30 s shared). On a shared broker a dead node's tasks are taken back
+    /// about one lease after it stopped renewing.
+    pub lease: Option<Duration>,
     /// The largest payload accepted, in bytes (default 1 MiB).
     pub max_payload: usize,
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
@@ -104,6 +108,29 @@ impl fmt::Debug for Secret {
 pub enum BrokerUrl {
     /// The embedded SQLite store; `path` is absolute.
     Sqlite { path: PathBuf },
+    /// A Redis server shared by several nodes: `redis://` or `rediss://` (TLS), with an
+    /// optional password and database number. Secret: the URL may hold the password.
+    Redis { url: Secret },
+}
+
+impl BrokerUrl {
+    /// A shared broker: several daemons may use it at once.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, BrokerUrl::Redis { .. })
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and `taskd check`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return url.to_string(),
+    };
+    let user = auth.split_once(':').map(|(u, _)| u).unwrap_or("");
+    format!("{scheme}://{user}:***@{host}")
 }
 
 impl fmt::Display for BrokerUrl {
@@ -111,6 +138,7 @@ impl fmt::Display for BrokerUrl {
         match self {
             // An absolute path already starts with `/`, which makes the `sqlite:///` form.
             BrokerUrl::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
+            BrokerUrl::Redis { url } => f.write_str(&redact_url(url.expose())),
         }
     }
 }
@@ -313,6 +341,12 @@ pub mod defaults {
     use std::time::Duration;
 
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// The shortest and longest `lease`: renewed every third, a shorter one would cost a
+    /// round trip per second per node; a longer one leaves a dead node's tasks for hours.
+    pub const MIN_LEASE: Duration = Duration::from_secs(3);
+    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+    /// The lease on a shared broker, when `lease` is not set.
+    pub const SHARED_LEASE: Duration = Duration::from_secs(30);
     pub const MAX_PAYLOAD: usize = 1024 * 1024;
     pub const CONCURRENCY: usize = 1;
     pub const TIMEOUT: Duration = Duration::from_secs(30 * 60);

@@ -661,16 +661,18 @@ fn accounts_paths_env_listen_broker() {
     let d = one("[taskd]\nlisten = \"localhost:7070\"\n");
     at(&d, 2, 10, "taskd.listen");
 
-    let d = one("[taskd]\nbroker = \"redis://127.0.0.1:6379/0\"\n");
+    let d = one("[taskd]\nbroker = \"postgres://127.0.0.1/taskd\"\n");
     at(&d, 2, 10, "taskd.broker");
     assert_eq!(
         d.message,
-        "the redis broker is not available in this version"
+        "the postgres broker is not available in this version"
     );
-    assert_eq!(
-        d.fix.as_deref(),
-        Some("remove `broker` to use the embedded SQLite store")
-    );
+    assert!(d.fix.as_deref().unwrap_or("").contains("redis://"), "{d}");
+
+    let d = one("[taskd]\nbroker = \"redis://:pw@host:port/0\"\n");
+    at(&d, 2, 10, "taskd.broker");
+    assert!(d.message.contains("redis broker URL is invalid"), "{d}");
+    assert!(!d.message.contains(":pw@"), "the password is shown: {d}");
 
     let d = one("[taskd]\nbroker = \"mysql://x\"\n");
     assert!(d.message.contains("sqlite:"), "{d}");

@@ -28,6 +28,7 @@ const TASKD_KEYS: &[&str] = &[
     "state_dir",
     "listen",
     "shutdown_grace",
+    "lease",
     "max_payload",
     "control_socket",
     "token",
@@ -380,6 +381,7 @@ struct TaskdLayer {
     state_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shutdown_grace: Option<Duration>,
+    lease: Option<Duration>,
     max_payload: Option<usize>,
     control_socket: Option<PathBuf>,
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
@@ -791,6 +793,7 @@ impl Cx<'_> {
             listen: taskd.listen,
             token: taskd.token,
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
+            lease: taskd.lease,
             max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
             queues,
         }
@@ -829,6 +832,25 @@ impl Cx<'_> {
                     }
                 }
                 "shutdown_grace" => out.shutdown_grace = self.duration(&e),
+                "lease" => {
+                    if let Some(d) = self.duration(&e) {
+                        if d < defaults::MIN_LEASE || d > defaults::MAX_LEASE {
+                            self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!(
+                                    "lease must be between {} and {} (found {})",
+                                    units::show_duration(defaults::MIN_LEASE),
+                                    units::show_duration(defaults::MAX_LEASE),
+                                    units::show_duration(d)
+                                ),
+                                Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                            );
+                        } else {
+                            out.lease = Some(d);
+                        }
+                    }
+                }
                 "control_socket" => {
                     out.control_socket = self.path(&e, "/run/taskd/taskd.sock");
                     if let Some(p) = &out.control_socket {
@@ -1999,15 +2021,27 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
         });
     }
     let scheme = lower.split_once("://").map(|(scheme, _)| scheme);
-    let unavailable = match scheme {
-        Some("redis" | "rediss") => Some("redis"),
-        Some("postgres" | "postgresql") => Some("postgres"),
-        _ => None,
-    };
-    if let Some(kind) = unavailable {
+    if matches!(scheme, Some("redis" | "rediss")) {
+        // Parsed as the client will parse it; the message never repeats the URL, which may
+        // hold a password.
+        return match redis::IntoConnectionInfo::into_connection_info(t) {
+            Ok(_) => Ok(BrokerUrl::Redis {
+                url: super::Secret::new(t.to_string()),
+            }),
+            Err(e) => Err((
+                format!(
+                    "the redis broker URL is invalid: {}",
+                    e.to_string().replace(t, "<url>")
+                ),
+                "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
+                    .into(),
+            )),
+        };
+    }
+    if matches!(scheme, Some("postgres" | "postgresql")) {
         return Err((
-            format!("the {kind} broker is not available in this version"),
-            "remove `broker` to use the embedded SQLite store".into(),
+            "the postgres broker is not available in this version".into(),
+            "use `redis://host:6379/0` for a shared broker, or remove `broker` to use the embedded SQLite store".into(),
         ));
     }
     let fix = if scheme.is_none() && !t.is_empty() && !t.contains(':') {
@@ -2021,7 +2055,7 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
         "write `broker = \"sqlite:///path/to/taskd.db\"`, or remove `broker` to use the embedded SQLite store".into()
     };
     Err((
-        format!("unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db)"),
+        format!("unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db) and `redis://` URLs"),
         fix,
     ))
 }
@@ -2052,13 +2086,22 @@ mod tests {
             sqlite("/etc/taskd/data/t.db")
         );
         assert!(parse_broker("sqlite://", dir).is_err());
-        let (m, f) = parse_broker("redis://127.0.0.1:6379/0", dir).unwrap_err();
-        assert_eq!(m, "the redis broker is not available in this version");
-        assert_eq!(f, "remove `broker` to use the embedded SQLite store");
-        assert!(parse_broker("rediss://h", dir)
-            .unwrap_err()
-            .0
-            .contains("redis broker"));
+        let redis = |u: &str| match parse_broker(u, dir) {
+            Ok(BrokerUrl::Redis { url }) => url.expose().to_string(),
+            other => panic!("{u}: {other:?}"),
+        };
+        assert_eq!(
+            redis("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(redis("rediss://h"), "rediss://h");
+        assert_eq!(
+            redis("redis://:s3cret@h:7000/2"),
+            "redis://:s3cret@h:7000/2"
+        );
+        let (m, _) = parse_broker("redis://:s3cret@h:notaport/2", dir).unwrap_err();
+        assert!(m.contains("redis broker URL is invalid"), "{m}");
+        assert!(!m.contains("s3cret"), "a message repeats the password: {m}");
         assert!(parse_broker("postgres://h/db", dir)
             .unwrap_err()
             .0

@@ -53,7 +53,7 @@ use crate::model::{now_ms, AttemptReason, UnixMs};
 use output::{feed, pump, Capture, LogFile};
 pub use procs::{
     become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec,
-    reap_orphans, spawn_tracked, TrackedChild,
+    reap_orphans, spawn_tracked, task_ids_with_processes, TrackedChild,
 };
 pub use setup::{fit_own_nofile, host, refresh_host, Host, Rlimit, TASK_NOFILE_SOFT, UNLIMITED};
 pub use user::UserSpec;

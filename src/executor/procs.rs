@@ -252,6 +252,38 @@ pub fn kill_task_processes(task_ids: &[String]) -> usize {
     found
 }
 
+/// Which of `task_ids` still have a live process on this machine (`TASKD_TASK_ID` in its
+/// environment). Read-only: the caller decides what may be killed.
+pub fn task_ids_with_processes(task_ids: &[String]) -> Vec<String> {
+    if task_ids.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<Vec<u8>> = task_ids
+        .iter()
+        .map(|id| format!("TASKD_TASK_ID={id}").into_bytes())
+        .collect();
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: HashSet<String> = HashSet::new();
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if let Some(var) = environ.split(|b| *b == 0).find(|var| wanted.contains(*var)) {
+            if read_stat(pid).is_some_and(|st| st.state != b'Z') {
+                let id = String::from_utf8_lossy(&var["TASKD_TASK_ID=".len()..]).into_owned();
+                found.insert(id);
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
 /// Whether any process of group `pgid` is still running (not a zombie). Scans all of `/proc`:
 /// fine for crash recovery, too slow for the per-task path.
 fn has_live_member(pgid: i32) -> bool {

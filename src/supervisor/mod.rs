@@ -32,6 +32,7 @@ use crate::worker;
 use prepare::Prepared;
 
 /// How long a claim holds a task before another node may take it over; renewed every third.
+/// The default; a daemon on a shared broker sets a shorter one ([`Supervisor::set_lease`]).
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The safety net behind wake-ups: a dispatcher looks at its queue at least this often.
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
@@ -162,6 +163,8 @@ pub struct Supervisor {
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
     start_log: startlog::StartLog,
+    /// The lease claims ask for, in ms ([`LEASE`] unless set).
+    lease_ms: AtomicU64,
     /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
     metrics: Arc<crate::api::Metrics>,
     /// Every long-lived worker, for `state_dir/workers.json`.
@@ -190,7 +193,31 @@ impl Supervisor {
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
             start_log,
+            lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
         })
+    }
+
+    /// Claim with leases of `lease`, renewed every third of it. Set before [`Self::start`].
+    pub fn set_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(lease.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// The queues this node serves, by name.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .queues
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .map(|q| q.to_string())
+            .collect();
+        names.sort();
+        names
     }
 
     pub fn node(&self) -> &str {
@@ -365,10 +392,12 @@ impl Supervisor {
                 // A slot waiting with nothing to start needs the answer now; topping up the
                 // held buffer does not, and may share a commit with results.
                 let claimed = if free > held {
-                    self.broker.claim(&self.node, &q.name, want, LEASE).await
+                    self.broker
+                        .claim(&self.node, &q.name, want, self.lease())
+                        .await
                 } else {
                     self.broker
-                        .claim_ahead(&self.node, &q.name, want, LEASE)
+                        .claim_ahead(&self.node, &q.name, want, self.lease())
                         .await
                 };
                 match claimed {
@@ -764,7 +793,7 @@ impl Supervisor {
     async fn lease_loop(self: Arc<Self>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(LEASE / 3) => {}
+                _ = tokio::time::sleep(self.lease() / 3) => {}
                 _ = self.interrupt.cancelled() => return,
             }
             let leases: Vec<Lease> = self
@@ -777,10 +806,19 @@ impl Supervisor {
             if leases.is_empty() {
                 continue;
             }
-            match self.broker.renew(&leases, LEASE).await {
+            match self.broker.renew(&leases, self.lease()).await {
                 Ok(lost) => {
+                    // Taken back by another node (on a shared broker, after this node could
+                    // not renew for a whole lease): it runs there now, so stop it here. Its
+                    // result would be refused anyway.
+                    let running = self.running.lock().expect("not poisoned");
                     for id in lost {
-                        tracing::warn!(task = %id, "lost the lease on a running task");
+                        if let Some(entry) = running.get(&id) {
+                            if !entry.cancel.is_cancelled() {
+                                tracing::warn!(task = %id, queue = %entry.queue, "lost the lease on a task; stopping it here");
+                                entry.cancel.cancel();
+                            }
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "failed to renew leases"),

@@ -1,0 +1,67 @@
+-- Record an attempt and move the task on, if the lease is still held.
+-- ARGV: id, token, node, next (succeeded|retry|failed|cancelled|requeue|release), retry_at,
+-- has_pid (0/1), attempt JSON, error ('' = none, else 'e:' .. text).
+-- Returns 'ok', 'lost' or 'missing'.
+local p = KEYS[1]
+local id, token, node, nxt = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local t = p .. 't:' .. id
+local f = redis.call('HMGET', t, 'state', 'token', 'node', 'cancel_requested', 'seq',
+  'priority', 'rk', 'unique_key', 'attempts')
+if not f[1] then return 'missing' end
+if f[2] ~= token or f[3] ~= node or (f[1] ~= 'queued' and f[1] ~= 'running') then
+  return 'lost'
+end
+local now = clock()
+local counted = f[1] == 'running'
+local release = nxt == 'release'
+if not release then
+  redis.call('RPUSH', p .. 'h:' .. id, ARGV[7])
+end
+local cr = f[4] == '1'
+if cr and (nxt == 'retry' or nxt == 'requeue' or nxt == 'release') then nxt = 'cancelled' end
+local charged = true
+if nxt == 'requeue' or nxt == 'release' then
+  charged = false
+elseif nxt == 'cancelled' then
+  charged = ARGV[6] == '1'
+end
+local attempts = tonumber(f[9])
+if charged and not counted then attempts = attempts + 1 end
+if counted and not charged then attempts = math.max(attempts - 1, 0) end
+local states = { succeeded = 'succeeded', retry = 'retrying', failed = 'failed',
+  cancelled = 'cancelled', requeue = 'queued', release = 'queued' }
+local state = states[nxt]
+redis.call('HSET', t, 'state', state, 'attempts', fmt(attempts), 'updated_at', fmt(now),
+  'cancel_requested', '0')
+redis.call('HDEL', t, 'node', 'expires', 'pid', 'pid_start', 'pid_boot')
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then
+  redis.call('HSET', t, 'finished_at', fmt(now))
+  free_unique(p, id, f[8])
+else
+  redis.call('HDEL', t, 'finished_at')
+end
+if nxt ~= 'release' then
+  local err = ARGV[8]
+  if nxt == 'succeeded' then
+    err = ''
+  elseif nxt == 'cancelled' and cr then
+    err = 'e:cancelled by an operator'
+  end
+  if err == '' then
+    redis.call('HDEL', t, 'last_error')
+  else
+    redis.call('HSET', t, 'last_error', string.sub(err, 3))
+  end
+end
+redis.call('ZREM', p .. 'held', id)
+redis.call('SREM', p .. 'cancel', id)
+move_state(p, id, f[1], state, f[5])
+if state == 'queued' then
+  ready_add(p, f[6], f[7])
+  redis.call('PUBLISH', 'taskd:wake', 'work')
+elseif state == 'retrying' then
+  redis.call('HSET', t, 'run_at', ARGV[5])
+  redis.call('ZADD', p .. 'waiting', ARGV[5], id)
+  redis.call('PUBLISH', 'taskd:wake', 'sched')
+end
+return 'ok'

@@ -1,0 +1,1016 @@
+//! The shared broker: tasks in Redis, one set of queues for several nodes.
+//!
+//! Every state change is one Lua script (the `.lua` files beside this one), run atomically
+//! by the server and timed by the server's clock (`TIME`), so nodes with skewed clocks
+//! agree on when a lease expires. A queue's keys share the hash tag `{q:<queue>}`
+//! (`taskd:{q:emails}:t:<id>`, `…:ready`, `…:held`, ...), so that each script touches one
+//! slot on Redis Cluster. The key schema is documented in `docs/redis.md`.
+//!
+//! A claim moves index entries only; the task's hash stays where it is, so no pop ever
+//! holds the only copy of a task. Each claim bumps the task's fencing token; `started`,
+//! `renew` and `finish` are refused for a stale one. Wake-ups travel on the pub/sub channel
+//! `taskd:wake`. This module never runs processes and never decides policy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
+    Orphan, QueueCounts, Recover, Result, Wakeups,
+};
+use crate::model::{
+    now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+};
+
+/// The set of queue names that ever had a task or a pause.
+const QUEUES: &str = "taskd:queues";
+/// The node registry: node id → JSON record.
+const NODES: &str = "taskd:nodes";
+/// The wake-up channel.
+const WAKE: &str = "taskd:wake";
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one command may wait for its answer before the connection counts as broken.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Node records older than this are not listed (a node that died long ago).
+const NODE_FORGET_MS: i64 = 3_600_000;
+
+struct Scripts {
+    enqueue: Script,
+    claim: Script,
+    started: Script,
+    renew: Script,
+    finish: Script,
+    cancel: Script,
+    retry: Script,
+    recover: Script,
+    adopt: Script,
+    heartbeat: Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static S: OnceLock<Scripts> = OnceLock::new();
+    S.get_or_init(|| {
+        let lib = include_str!("lib.lua");
+        let s = |body: &str| Script::new(&format!("{lib}\n{body}"));
+        Scripts {
+            enqueue: s(include_str!("enqueue.lua")),
+            claim: s(include_str!("claim.lua")),
+            started: s(include_str!("started.lua")),
+            renew: s(include_str!("renew.lua")),
+            finish: s(include_str!("finish.lua")),
+            cancel: s(include_str!("cancel.lua")),
+            retry: s(include_str!("retry.lua")),
+            recover: s(include_str!("recover.lua")),
+            adopt: s(include_str!("adopt.lua")),
+            heartbeat: s(include_str!("heartbeat.lua")),
+        }
+    })
+}
+
+/// The key prefix of one queue; every key of the queue starts with it.
+pub fn prefix(q: &QueueName) -> String {
+    format!("taskd:{{q:{q}}}:")
+}
+
+/// This machine's boot id, stored with every recorded pid (a pid means nothing elsewhere).
+fn boot_id() -> &'static str {
+    static BOOT: OnceLock<String> = OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// The Redis backend. Cheap to share behind an `Arc`.
+pub struct RedisBroker {
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// `host:port`, for messages (never the password).
+    addr: String,
+    /// Queues this client already added to [`QUEUES`].
+    known: Mutex<HashSet<QueueName>>,
+    /// The queue of each task this client claimed: the hot path never looks one up.
+    located: Mutex<HashMap<TaskId, QueueName>>,
+}
+
+impl RedisBroker {
+    /// Connect to the server `url` names (`redis://[:password@]host[:port][/db]`, or
+    /// `rediss://` for TLS). Unreachable → [`BrokerError::Unavailable`] naming the address.
+    pub async fn open(url: &str) -> Result<Self> {
+        // rustls needs one process-wide crypto provider for `rediss://`; a second install
+        // (another broker in the same process) is refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = redis::Client::open(url).map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "invalid redis URL: {}",
+                e.to_string().replace(url, "<url>")
+            ))
+        })?;
+        let addr = client.get_connection_info().addr.to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            .set_number_of_retries(2)
+            .set_factor(100)
+            .set_max_delay(2_000);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "cannot reach the redis server at {addr}: {e}; is it running, and do the address, password and TLS setting in `broker` match it?"
+                ))
+            })?;
+        Ok(RedisBroker {
+            client,
+            conn,
+            addr,
+            known: Mutex::new(HashSet::new()),
+            located: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The server's address, `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn err(&self, e: RedisError) -> BrokerError {
+        if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_unrecoverable_error()
+        {
+            BrokerError::Unavailable(format!(
+                "the redis server at {} is unreachable: {e}",
+                self.addr
+            ))
+        } else if e.code() == Some("DUPLICATE") {
+            BrokerError::Conflict(e.detail().unwrap_or("duplicate task id").to_string())
+        } else {
+            BrokerError::Storage(format!("redis at {}: {e}", self.addr))
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn queue_names(&self) -> Result<Vec<QueueName>> {
+        let names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(QUEUES)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<QueueName> = names.into_iter().filter_map(|n| n.parse().ok()).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Add `q` to the queue set once per client.
+    async fn know(&self, q: &QueueName) -> Result<()> {
+        if self.known.lock().expect("not poisoned").contains(q) {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("SADD")
+            .arg(QUEUES)
+            .arg(q.as_str())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        self.known.lock().expect("not poisoned").insert(q.clone());
+        Ok(())
+    }
+
+    /// The queue holding task `id`: from memory when this client claimed it, else by asking
+    /// every queue (one pipelined round trip).
+    async fn locate(&self, id: TaskId) -> Result<Option<QueueName>> {
+        if let Some(q) = self.located.lock().expect("not poisoned").get(&id) {
+            return Ok(Some(q.clone()));
+        }
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.cmd("EXISTS").arg(format!("{}t:{id}", prefix(q)));
+        }
+        let found: Vec<i64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(queues
+            .into_iter()
+            .zip(found)
+            .find(|(_, n)| *n > 0)
+            .map(|(q, _)| q))
+    }
+
+    fn remember(&self, id: TaskId, q: &QueueName) {
+        self.located
+            .lock()
+            .expect("not poisoned")
+            .insert(id, q.clone());
+    }
+
+    fn forget(&self, id: TaskId) {
+        self.located.lock().expect("not poisoned").remove(&id);
+    }
+
+    async fn claim_in(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Vec<String>> = scripts()
+            .claim
+            .key(prefix(queue))
+            .arg(node)
+            .arg(max)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let h = pairs(row);
+            let task = task_from(&h)?;
+            let token: i64 = num(&h, "token")?;
+            self.remember(task.id, queue);
+            out.push(Claimed {
+                lease: Lease {
+                    task: task.id,
+                    token,
+                    node: node.to_string(),
+                },
+                attempt: task.attempts + 1,
+                task,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn recover_in(
+        &self,
+        queue: &QueueName,
+        all: bool,
+        delta: i64,
+        note: &str,
+    ) -> Result<Vec<Orphan>> {
+        let flat: Vec<String> = scripts()
+            .recover
+            .key(prefix(queue))
+            .arg(if all { "1" } else { "0" })
+            .arg(delta)
+            .arg(note)
+            .arg(boot_id())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for c in flat.chunks(4) {
+            let [id, node, pid, pid_start] = c else {
+                return Err(BrokerError::Storage("recover returned a short row".into()));
+            };
+            let task: TaskId = id.parse().map_err(BrokerError::Storage)?;
+            self.forget(task);
+            out.push(Orphan {
+                task,
+                queue: queue.clone(),
+                node: (!node.is_empty()).then(|| node.clone()),
+                pid: pid.parse().ok(),
+                pid_start: pid_start.parse().ok(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Run `HGETALL` on many tasks at once.
+    async fn records(&self, keys: &[(QueueName, String)]) -> Result<Vec<TaskRecord>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (q, id) in keys {
+            pipe.cmd("HGETALL").arg(format!("{}t:{id}", prefix(q)));
+        }
+        let rows: Vec<Vec<String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| task_from(&pairs(r)))
+            .collect()
+    }
+}
+
+/// A flat `HGETALL` answer as a map.
+fn pairs(row: Vec<String>) -> HashMap<String, String> {
+    let mut h = HashMap::with_capacity(row.len() / 2);
+    let mut it = row.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        h.insert(k, v);
+    }
+    h
+}
+
+fn field<'a>(h: &'a HashMap<String, String>, k: &str) -> Result<&'a str> {
+    h.get(k)
+        .map(String::as_str)
+        .ok_or_else(|| BrokerError::Storage(format!("a task record lacks `{k}`")))
+}
+
+fn num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Result<T> {
+    field(h, k)?
+        .parse()
+        .map_err(|_| BrokerError::Storage(format!("a task record's `{k}` is not a number")))
+}
+
+fn opt_num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Option<T> {
+    h.get(k).and_then(|v| v.parse().ok())
+}
+
+fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
+    let bad = |what: &str, e: String| BrokerError::Storage(format!("a task record's {what}: {e}"));
+    Ok(TaskRecord {
+        id: field(h, "id")?.parse().map_err(|e| bad("id", e))?,
+        queue: field(h, "queue")?.parse().map_err(|e| bad("queue", e))?,
+        state: field(h, "state")?.parse().map_err(|e| bad("state", e))?,
+        payload: serde_json::from_str(field(h, "payload")?)
+            .map_err(|e| bad("payload", e.to_string()))?,
+        args: serde_json::from_str(field(h, "args")?).map_err(|e| bad("args", e.to_string()))?,
+        priority: num(h, "priority")?,
+        unique_key: h.get("unique_key").cloned(),
+        run_at: num(h, "run_at")?,
+        attempts: num(h, "attempts")?,
+        created_at: num(h, "created_at")?,
+        updated_at: num(h, "updated_at")?,
+        finished_at: opt_num(h, "finished_at"),
+        last_error: h.get("last_error").cloned(),
+        cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
+        node: h.get("node").cloned(),
+    })
+}
+
+const STATES: [TaskState; 7] = TaskState::ALL;
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One script per queue: a batch of one queue (the usual case) is all or nothing.
+        let mut by_queue: BTreeMap<QueueName, Vec<usize>> = BTreeMap::new();
+        for (i, t) in tasks.iter().enumerate() {
+            by_queue.entry(t.queue.clone()).or_default().push(i);
+        }
+        let mut out: Vec<Option<Enqueued>> = vec![None; tasks.len()];
+        for (q, idx) in by_queue {
+            self.know(&q).await?;
+            let mut inv = scripts().enqueue.key(prefix(&q));
+            inv.arg(idx.len());
+            for &i in &idx {
+                let t = &tasks[i];
+                let args = serde_json::to_string(&t.args)
+                    .map_err(|e| BrokerError::Storage(e.to_string()))?;
+                inv.arg(t.id.to_string())
+                    .arg(&t.payload)
+                    .arg(args)
+                    .arg(t.priority)
+                    .arg(
+                        t.unique_key
+                            .as_ref()
+                            .map(|k| format!("k:{k}"))
+                            .unwrap_or_default(),
+                    )
+                    .arg(t.run_at.map(|r| r.to_string()).unwrap_or_default());
+            }
+            let flat: Vec<String> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            for (&i, c) in idx.iter().zip(flat.chunks(5)) {
+                let [id, state, existing, created, run_at] = c else {
+                    return Err(BrokerError::Storage("enqueue returned a short row".into()));
+                };
+                out[i] = Some(Enqueued {
+                    id: id.parse().map_err(BrokerError::Storage)?,
+                    state: state.parse().map_err(BrokerError::Storage)?,
+                    existing: existing == "1",
+                    created_at: created.parse().unwrap_or_default(),
+                    run_at: run_at.parse().unwrap_or_default(),
+                });
+            }
+        }
+        out.into_iter()
+            .map(|e| e.ok_or_else(|| BrokerError::Storage("enqueue lost an answer".into())))
+            .collect()
+    }
+
+    async fn claim(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        self.claim_in(node, queue, max, lease).await
+    }
+
+    async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
+        let Some(q) = self.locate(lease.task).await? else {
+            return Err(BrokerError::NotFound(lease.task));
+        };
+        let r: String = scripts()
+            .started
+            .key(prefix(&q))
+            .arg(lease.task.to_string())
+            .arg(lease.token)
+            .arg(&lease.node)
+            .arg(pid)
+            .arg(pid_start)
+            .arg(boot_id())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        match r.as_str() {
+            "ok" => Ok(()),
+            "missing" => Err(BrokerError::NotFound(lease.task)),
+            _ => Err(BrokerError::LeaseLost(lease.task)),
+        }
+    }
+
+    async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
+        let mut lost = Vec::new();
+        let mut by_queue: BTreeMap<QueueName, Vec<&Lease>> = BTreeMap::new();
+        for l in leases {
+            match self.locate(l.task).await? {
+                Some(q) => by_queue.entry(q).or_default().push(l),
+                None => lost.push(l.task),
+            }
+        }
+        for (q, ls) in by_queue {
+            let mut inv = scripts().renew.key(prefix(&q));
+            inv.arg(lease.as_millis() as u64);
+            for l in ls {
+                inv.arg(l.task.to_string()).arg(l.token).arg(&l.node);
+            }
+            let ids: Vec<String> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                lost.push(id.parse().map_err(BrokerError::Storage)?);
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
+        let Some(q) = self.locate(lease.task).await? else {
+            return Err(BrokerError::NotFound(lease.task));
+        };
+        let (kind, at) = match next {
+            Finish::Succeeded => ("succeeded", 0),
+            Finish::Retry { at } => ("retry", at),
+            Finish::Failed => ("failed", 0),
+            Finish::Cancelled => ("cancelled", 0),
+            Finish::Requeue => ("requeue", 0),
+            Finish::Release => ("release", 0),
+        };
+        let json =
+            serde_json::to_string(&attempt).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let r: String = scripts()
+            .finish
+            .key(prefix(&q))
+            .arg(lease.task.to_string())
+            .arg(lease.token)
+            .arg(&lease.node)
+            .arg(kind)
+            .arg(at)
+            .arg(if attempt.pid.is_some() { "1" } else { "0" })
+            .arg(json)
+            .arg(
+                attempt
+                    .error
+                    .as_ref()
+                    .map(|e| format!("e:{e}"))
+                    .unwrap_or_default(),
+            )
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        match r.as_str() {
+            "ok" => {
+                self.forget(lease.task);
+                Ok(())
+            }
+            "missing" => Err(BrokerError::NotFound(lease.task)),
+            _ => {
+                self.forget(lease.task);
+                Err(BrokerError::LeaseLost(lease.task))
+            }
+        }
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {
+        let Some(q) = self.locate(id).await? else {
+            return Err(BrokerError::NotFound(id));
+        };
+        let r: String = scripts()
+            .cancel
+            .key(prefix(&q))
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        match r.as_str() {
+            "cancelled" => Ok(CancelOutcome::Cancelled),
+            "requested" => Ok(CancelOutcome::Requested),
+            "missing" => Err(BrokerError::NotFound(id)),
+            other => {
+                let state = other.strip_prefix("finished:").unwrap_or(other);
+                Ok(CancelOutcome::AlreadyFinished(
+                    state.parse().map_err(BrokerError::Storage)?,
+                ))
+            }
+        }
+    }
+
+    async fn retry(&self, id: TaskId) -> Result<()> {
+        let Some(q) = self.locate(id).await? else {
+            return Err(BrokerError::NotFound(id));
+        };
+        let r: String = scripts()
+            .retry
+            .key(prefix(&q))
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        match r.as_str() {
+            "ok" => Ok(()),
+            "missing" => Err(BrokerError::NotFound(id)),
+            "taken" => Err(BrokerError::Conflict(format!(
+                "another waiting or running task of this queue holds task {id}'s unique key"
+            ))),
+            other => {
+                let state = other.strip_prefix("state:").unwrap_or(other);
+                Err(BrokerError::Conflict(format!(
+                    "task {id} is {state}; only failed or cancelled tasks can be retried"
+                )))
+            }
+        }
+    }
+
+    async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<()> {
+        self.know(queue).await?;
+        let key = format!("{}paused", prefix(queue));
+        let mut pipe = redis::pipe();
+        if paused {
+            pipe.cmd("SET").arg(&key).arg(now_ms()).ignore();
+        } else {
+            pipe.cmd("DEL").arg(&key).ignore();
+        }
+        pipe.cmd("PUBLISH").arg(WAKE).arg("pause").ignore();
+        let () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn paused(&self) -> Result<BTreeSet<QueueName>> {
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.cmd("EXISTS").arg(format!("{}paused", prefix(q)));
+        }
+        let flags: Vec<i64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(queues
+            .into_iter()
+            .zip(flags)
+            .filter(|(_, f)| *f > 0)
+            .map(|(q, _)| q)
+            .collect())
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>> {
+        let Some(q) = self.locate(id).await? else {
+            return Ok(None);
+        };
+        let p = prefix(&q);
+        let (row, hist): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(format!("{p}t:{id}"))
+            .cmd("LRANGE")
+            .arg(format!("{p}h:{id}"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        if row.is_empty() {
+            return Ok(None);
+        }
+        let task = task_from(&pairs(row))?;
+        let history = hist
+            .iter()
+            .map(|j| {
+                serde_json::from_str::<AttemptRecord>(j)
+                    .map_err(|e| BrokerError::Storage(format!("an attempt record: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(TaskDetail { task, history }))
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
+        let queues = match &filter.queue {
+            Some(q) => vec![q.clone()],
+            None => self.queue_names().await?,
+        };
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let index = match filter.state {
+            Some(s) => format!("st:{s}"),
+            None => "all".to_string(),
+        };
+        let stop: i64 = if filter.limit == 0 {
+            -1
+        } else {
+            filter.limit as i64 - 1
+        };
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.cmd("ZREVRANGE")
+                .arg(format!("{}{index}", prefix(q)))
+                .arg(0)
+                .arg(stop)
+                .arg("WITHSCORES");
+        }
+        let per_queue: Vec<Vec<(String, f64)>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut all: Vec<(f64, QueueName, String)> = Vec::new();
+        for (q, rows) in queues.iter().zip(per_queue) {
+            all.extend(rows.into_iter().map(|(id, s)| (s, q.clone(), id)));
+        }
+        // Newest first: seq is the server's time in microseconds when the task was stored.
+        all.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if filter.limit > 0 {
+            all.truncate(filter.limit);
+        }
+        let keys: Vec<(QueueName, String)> = all.into_iter().map(|(_, q, id)| (q, id)).collect();
+        self.records(&keys).await
+    }
+
+    async fn counts(&self) -> Result<Vec<QueueCounts>> {
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            let p = prefix(q);
+            for s in STATES {
+                pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
+            }
+            pipe.cmd("EXISTS").arg(format!("{p}paused"));
+        }
+        let n: Vec<u64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 1)) {
+            let paused = row[STATES.len()] > 0;
+            let counts: BTreeMap<TaskState, u64> = STATES
+                .iter()
+                .zip(row)
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, n)| (*s, *n))
+                .collect();
+            if counts.is_empty() && !paused {
+                continue;
+            }
+            out.push(QueueCounts {
+                queue: Some(q),
+                counts,
+                paused,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn next_due(&self) -> Result<Option<UnixMs>> {
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            let p = prefix(q);
+            pipe.cmd("EXISTS").arg(format!("{p}paused"));
+            pipe.cmd("ZRANGE")
+                .arg(format!("{p}waiting"))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let rows: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut best: Option<UnixMs> = None;
+        for pair in rows.chunks(2) {
+            let paused: i64 = redis::from_redis_value(&pair[0]).map_err(|e| self.err(e))?;
+            if paused > 0 {
+                continue;
+            }
+            let first: Vec<(String, f64)> =
+                redis::from_redis_value(&pair[1]).map_err(|e| self.err(e))?;
+            if let Some((_, at)) = first.first() {
+                let at = *at as UnixMs;
+                best = Some(best.map_or(at, |b| b.min(at)));
+            }
+        }
+        Ok(best)
+    }
+
+    async fn count_state(&self, state: TaskState) -> Result<u64> {
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
+        }
+        let n: Vec<u64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n.into_iter().sum())
+    }
+
+    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+        let queues = self.queue_names().await?;
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.cmd("SMEMBERS").arg(format!("{}cancel", prefix(q)));
+        }
+        let sets: Vec<Vec<String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let asked: Vec<(QueueName, String)> = queues
+            .into_iter()
+            .zip(sets)
+            .flat_map(|(q, ids)| ids.into_iter().map(move |id| (q.clone(), id)))
+            .collect();
+        if asked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (q, id) in &asked {
+            pipe.cmd("HGET")
+                .arg(format!("{}t:{id}", prefix(q)))
+                .arg("node");
+        }
+        let holders: Vec<Option<String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for ((_, id), holder) in asked.into_iter().zip(holders) {
+            if holder.as_deref() == Some(node) {
+                out.push(id.parse().map_err(BrokerError::Storage)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn adopt_started(&self, ids: &[TaskId]) -> Result<u64> {
+        let mut by_queue: BTreeMap<QueueName, Vec<TaskId>> = BTreeMap::new();
+        for id in ids {
+            if let Some(q) = self.locate(*id).await? {
+                by_queue.entry(q).or_default().push(*id);
+            }
+        }
+        let mut n = 0;
+        for (q, ids) in by_queue {
+            let mut inv = scripts().adopt.key(prefix(&q));
+            for id in ids {
+                inv.arg(id.to_string());
+            }
+            let m: u64 = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            n += m;
+        }
+        Ok(n)
+    }
+
+    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+        let (all, delta) = match scope {
+            Recover::All => (true, 0),
+            // The cut-off is the caller's time; the script applies the same distance from
+            // now to the server's clock, which decides expiry.
+            Recover::Expired(t) => (false, t - now_ms()),
+        };
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            out.extend(self.recover_in(&q, all, delta, note).await?);
+        }
+        Ok(out)
+    }
+
+    async fn subscribe(&self) -> Result<Wakeups> {
+        let wakeups = Wakeups::default();
+        let first = subscribe_once(&self.client, &self.addr).await?;
+        let w = wakeups.clone();
+        let client = self.client.clone();
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            let mut pubsub = Some(first);
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if let Some(ps) = pubsub.take() {
+                    backoff = Duration::from_millis(100);
+                    let mut stream = ps.into_on_message();
+                    while let Some(msg) = stream.next().await {
+                        match msg.get_payload_bytes() {
+                            b"cancel" => w.cancel.notify_one(),
+                            b"pause" => w.pause.notify_one(),
+                            b"sched" => w.sched.notify_one(),
+                            _ => w.work.notify_one(),
+                        }
+                    }
+                    tracing::warn!(redis = %addr, "lost the wake-up subscription; reconnecting");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                match subscribe_once(&client, &addr).await {
+                    Ok(ps) => {
+                        tracing::info!(redis = %addr, "wake-up subscription back");
+                        pubsub = Some(ps);
+                        // Anything may have happened meanwhile.
+                        w.work.notify_one();
+                        w.cancel.notify_one();
+                        w.pause.notify_one();
+                        w.sched.notify_one();
+                    }
+                    Err(e) => tracing::debug!(error = %e, "wake-up subscription still down"),
+                }
+            }
+        });
+        Ok(wakeups)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
+        // The script appends the heartbeat to the record as text: decoding and encoding it in
+        // Lua would turn an empty `queues` array into an object.
+        let mut record =
+            serde_json::to_value(node).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        if let Some(m) = record.as_object_mut() {
+            m.remove("last_heartbeat");
+        }
+        let json = record.to_string();
+        let _: String = scripts()
+            .heartbeat
+            .key(NODES)
+            .arg(&node.id)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn leave(&self, node: &str) -> Result<()> {
+        let _: i64 = redis::cmd("HDEL")
+            .arg(NODES)
+            .arg(node)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        let (raw, time): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(NODES)
+            .cmd("TIME")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let now = server_ms(&time).unwrap_or_else(now_ms);
+        let mut out: Vec<NodeInfo> = raw
+            .values()
+            .filter_map(|j| serde_json::from_str::<NodeInfo>(j).ok())
+            .filter(|n| now - n.last_heartbeat < NODE_FORGET_MS)
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let get = |name: &'static str| {
+            let mut c = self.conn();
+            async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            }
+        };
+        match get("appendonly").await {
+            Ok(v) if v.get(1).map(String::as_str) == Some("yes") => {}
+            Ok(_) => out.push(format!(
+                "the redis server at {} runs with appendonly no: tasks acknowledged since its last snapshot are lost if it restarts; set `appendonly yes`",
+                self.addr
+            )),
+            Err(e) => out.push(format!(
+                "could not read the redis server's `appendonly` setting ({e}); make sure it is `yes`"
+            )),
+        }
+        match get("appendfsync").await {
+            Ok(v) if v.get(1).map(String::as_str) == Some("no") => out.push(format!(
+                "the redis server at {} runs with appendfsync no: a power loss can lose acknowledged tasks; use `everysec` or `always`",
+                self.addr
+            )),
+            _ => {}
+        }
+        match get("maxmemory-policy").await {
+            Ok(v) if v.get(1).map(String::as_str) == Some("noeviction") => {}
+            Ok(v) => out.push(format!(
+                "the redis server at {} has maxmemory-policy {}: it may evict tasks when memory is full; set `maxmemory-policy noeviction`",
+                self.addr,
+                v.get(1).map(String::as_str).unwrap_or("unknown")
+            )),
+            Err(e) => out.push(format!(
+                "could not read the redis server's `maxmemory-policy` ({e}); make sure it is `noeviction`"
+            )),
+        }
+        Ok(out)
+    }
+}
+
+fn server_ms(time: &[String]) -> Option<UnixMs> {
+    let s: i64 = time.first()?.parse().ok()?;
+    let us: i64 = time.get(1)?.parse().ok()?;
+    Some(s * 1000 + us / 1000)
+}
+
+async fn subscribe_once(client: &redis::Client, addr: &str) -> Result<redis::aio::PubSub> {
+    let fut = async {
+        let mut ps = client.get_async_pubsub().await?;
+        ps.subscribe(WAKE).await?;
+        Ok::<_, RedisError>(ps)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(Ok(ps)) => Ok(ps),
+        Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
+            "cannot subscribe to wake-ups on the redis server at {addr}: {e}"
+        ))),
+        Err(_) => Err(BrokerError::Unavailable(format!(
+            "cannot subscribe to wake-ups on the redis server at {addr}: timed out"
+        ))),
+    }
+}

@@ -1,0 +1,870 @@
+//! The daemon and the CLI on the Redis broker, with the real `taskd` binary, real
+//! `redis-server` processes (private, on free ports) and real tasks: several nodes on one
+//! set of queues, cancel and pause across nodes, Redis going away and coming back, and a
+//! node killed with SIGKILL whose tasks the others take back.
+//!
+//! Where `redis-server` is missing each test prints a skip message and passes, except under
+//! `CI=true`, where it fails. Nothing sleeps a fixed time to wait for an outcome.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_server;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{history, poll, submit_batch, Daemon, Env};
+use redis_server::RedisServer;
+use serde_json::{json, Value};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A node's config: its own state directory, the shared broker, a short lease and fast
+/// retries; `@D@` in `queues` is the node's directory.
+fn node(server: &RedisServer, lease: &str, queues: &str) -> Env {
+    let env = Env::raw("");
+    let d = env.path().display().to_string();
+    let text = format!(
+        "[taskd]\nstate_dir = \"state\"\nbroker = \"{}\"\nshutdown_grace = \"5s\"\nlease = \"{lease}\"\n\n\
+         [defaults]\nbackoff = {{ base = \"100ms\", max = \"200ms\", jitter = false }}\nkill_grace = \"1s\"\n\n{}\n",
+        server.url(),
+        queues.replace("@D@", &d)
+    );
+    std::fs::write(&env.config, text).expect("write config");
+    env
+}
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(&env.ok(&["status", "--json"])).expect("status --json is JSON")
+}
+
+fn count(v: &Value, queue: &str, state: &str) -> u64 {
+    v["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
+        .and_then(|q| q["counts"][state].as_u64())
+        .unwrap_or(0)
+}
+
+fn node_id(d: &Daemon) -> String {
+    // The daemon logs its node id at start ("node=<host>:<pid>").
+    let text = d.log_text();
+    let at = text.find("node=").expect("the daemon logs its node id");
+    text[at + 5..]
+        .split_whitespace()
+        .next()
+        .expect("a node id")
+        .to_string()
+}
+
+/// [`poll`] at a slower pace, for checks that start a process or read a big file.
+fn poll_slow(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn tasks_run_on_redis_and_status_lists_the_node() {
+    let Some(server) = RedisServer::start("tasks_run_on_redis_and_status_lists_the_node") else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.w]\nconcurrency = 2\nshell = 'echo \"$TASKD_ARG_n\" >> \"@D@/out\"; [ \"$TASKD_ARG_n\" != 3 ] || exit 7'\nmax_attempts = 2\n",
+    );
+    let d = env.daemon();
+    assert!(
+        !d.log_text().contains("appendonly no"),
+        "a durable server was reported as losing data:\n{}",
+        d.log_text()
+    );
+    let ids: Vec<String> = (1..=3)
+        .map(|n| {
+            env.ok(&["submit", "w", &json!({ "n": n }).to_string()])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    for id in &ids[..2] {
+        env.wait_state(id, "succeeded", secs(20));
+    }
+    let failed = env.wait_state(&ids[2], "failed", secs(20));
+    assert_eq!(history(&failed).len(), 2, "{failed:#}");
+    assert_eq!(failed["attempts"], 2);
+    let mut got = lines(&env.path().join("out"));
+    got.sort();
+    assert_eq!(got, vec!["1", "2", "3", "3"]);
+
+    let v = status(&env);
+    assert_eq!(count(&v, "w", "succeeded"), 2, "{v:#}");
+    assert_eq!(count(&v, "w", "failed"), 1, "{v:#}");
+    let me = node_id(&d);
+    let nodes = v["nodes"].as_array().expect("status lists nodes");
+    let n = nodes
+        .iter()
+        .find(|n| n["id"] == me.as_str())
+        .unwrap_or_else(|| panic!("node {me} is not listed: {v:#}"));
+    assert_eq!(n["pid"], d.pid());
+    assert_eq!(n["queues"], json!(["w"]));
+    assert!(n["last_heartbeat"].as_i64().unwrap_or(0) > 0, "{n}");
+    let text = env.ok(&["status"]);
+    assert!(text.contains(&me), "the table lists the node:\n{text}");
+    // Seen from a machine (a state directory) without a daemon of its own.
+    let cli = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let text = cli.ok(&["status"]);
+    assert!(
+        text.contains("not running on this machine") && text.contains("1 node is sharing"),
+        "{text}"
+    );
+
+    // A retried task runs again, on any node.
+    env.ok(&["retry", &ids[2]]);
+    env.wait_state(&ids[2], "failed", secs(20));
+    drop(d);
+}
+
+#[test]
+fn submit_with_redis_unreachable_exits_3_naming_the_address() {
+    let Some(mut server) =
+        RedisServer::start("submit_with_redis_unreachable_exits_3_naming_the_address")
+    else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    server.kill();
+    let start = Instant::now();
+    let out = env.run(&["submit", "w", "{}"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{}", server.port)),
+        "the message names the address: {stderr}"
+    );
+    assert!(
+        start.elapsed() < secs(15),
+        "took {:?} to give up",
+        start.elapsed()
+    );
+    let out = env.run(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    // With the server back, the same command works.
+    server.start_again();
+    env.submit("w", "{}");
+}
+
+#[test]
+fn the_password_never_reaches_messages_or_logs() {
+    let Some(server) = RedisServer::start("the_password_never_reaches_messages_or_logs") else {
+        return;
+    };
+    server.cli(&["CONFIG", "SET", "requirepass", "s3cret-pw"]);
+    let env = Env::raw("");
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}/2", server.port);
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"{url}\"\n\n[queues.w]\nshell = 'true'\n"
+        ),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    let check = env.ok(&["check"]);
+    let status = env.ok(&["status"]);
+    for (what, text) in [("log", d.log_text()), ("check", check), ("status", status)] {
+        assert!(
+            !text.contains("s3cret-pw"),
+            "the {what} shows the password:\n{text}"
+        );
+    }
+    // The wrong password: exit 3, and the message does not repeat it either.
+    let bad = Env::raw("");
+    std::fs::write(
+        &bad.config,
+        format!(
+            "[taskd]\nbroker = \"redis://:wrong-pw@127.0.0.1:{}/2\"\n\n[queues.w]\nshell = 'true'\n",
+            server.port
+        ),
+    )
+    .expect("write config");
+    let out = bad.run(&["submit", "w", "{}"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("wrong-pw"), "{stderr}");
+    drop(d);
+}
+
+#[test]
+fn cancel_and_pause_reach_a_task_running_on_another_node() {
+    let Some(server) = RedisServer::start("cancel_and_pause_reach_a_task_running_on_another_node")
+    else {
+        return;
+    };
+    let q = "[queues.w]\nconcurrency = 1\nshell = 'echo $$ > \"@D@/pid-$TASKD_TASK_ID\"; exec sleep 60'\n";
+    let a = node(&server, "30s", q);
+    let b = node(&server, "30s", q);
+    let cli = node(&server, "30s", q);
+    let da = a.daemon();
+    let db = b.daemon();
+    let id = cli.submit("w", "{}");
+    let running = cli.wait_state(&id, "running", secs(20));
+    let holder = running["node"]
+        .as_str()
+        .expect("a running task has a node")
+        .to_string();
+    assert!(
+        holder == node_id(&da) || holder == node_id(&db),
+        "{holder} is neither node"
+    );
+    let start = Instant::now();
+    cli.ok(&["cancel", &id]);
+    let done = cli.wait_state(&id, "cancelled", secs(20));
+    assert!(
+        start.elapsed() < secs(10),
+        "cancel took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(done["last_error"], "cancelled by an operator");
+
+    // Paused on the CLI's node: neither daemon claims from the queue.
+    cli.ok(&["pause", "w"]);
+    assert!(status(&cli)["queues"][0]["paused"]
+        .as_bool()
+        .unwrap_or(false));
+    let waiting = cli.submit("w", "{}");
+    let stayed = !poll(secs(3), || cli.state(&waiting) != "queued");
+    assert!(stayed, "a paused queue's task was claimed");
+    cli.ok(&["resume", "w"]);
+    cli.wait_state(&waiting, "running", secs(20));
+    cli.ok(&["cancel", &waiting]);
+    cli.wait_state(&waiting, "cancelled", secs(20));
+    drop((da, db));
+}
+
+#[test]
+fn scheduled_and_retrying_tasks_are_promoted_by_a_node() {
+    let Some(server) = RedisServer::start("scheduled_and_retrying_tasks_are_promoted_by_a_node")
+    else {
+        return;
+    };
+    let q = "[queues.w]\nconcurrency = 2\nmax_attempts = 3\nshell = 'echo x >> \"@D@/runs-$TASKD_TASK_ID\"; [ \"$TASKD_ATTEMPT\" = 3 ]'\n";
+    let a = node(&server, "30s", q);
+    let b = node(&server, "30s", q);
+    let _da = a.daemon();
+    let _db = b.daemon();
+    let cli = node(&server, "30s", q);
+    let id = cli
+        .ok(&["submit", "w", "{}", "--delay", "1s"])
+        .trim()
+        .to_string();
+    assert_eq!(cli.state(&id), "scheduled");
+    let done = cli.wait_state(&id, "succeeded", secs(30));
+    assert_eq!(done["attempts"], 3, "{done:#}");
+    assert_eq!(history(&done).len(), 3);
+}
+
+#[test]
+fn a_daemon_keeps_its_running_task_while_redis_restarts() {
+    let Some(mut server) =
+        RedisServer::start("a_daemon_keeps_its_running_task_while_redis_restarts")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.w]\nconcurrency = 1\nshell = 'while [ ! -e \"@D@/go\" ]; do sleep 0.05; done; echo done >> \"@D@/out\"'\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    server.kill();
+    // The task ends while Redis is away: its result waits in the daemon.
+    std::fs::write(env.path().join("go"), "").expect("write go");
+    assert!(
+        poll(secs(20), || lines(&env.path().join("out")).len() == 1),
+        "the task did not finish"
+    );
+    let out = env.run(&["submit", "w", "{}"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        poll(secs(20), || d.log_text().contains("unreachable")),
+        "the daemon did not log the outage:\n{}",
+        d.log_text()
+    );
+    assert!(!d.exited(), "the daemon exited:\n{}", d.log_text());
+    server.start_again();
+    let done = env.wait_state(&id, "succeeded", secs(60));
+    assert_eq!(history(&done).len(), 1, "{done:#}");
+    // New work is taken again.
+    let next = env.submit("w", "{}");
+    env.wait_state(&next, "succeeded", secs(60));
+    assert!(!d.exited());
+    assert_eq!(lines(&env.path().join("out")).len(), 2);
+}
+
+#[test]
+fn a_daemon_started_before_redis_waits_for_it() {
+    let Some(mut server) = RedisServer::start("a_daemon_started_before_redis_waits_for_it") else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    server.kill();
+    let log = env.path().join("early.log");
+    let child = env
+        .cmd(&["start"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start");
+    // Killed when the test ends, however it ends.
+    let d = Daemon {
+        child: Some(child),
+        log: log.clone(),
+    };
+    assert!(
+        poll(secs(20), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cannot reach the redis server")),
+        "no message about the broker"
+    );
+    assert!(!d.exited(), "the daemon exited");
+    server.start_again();
+    assert!(
+        poll(secs(30), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")),
+        "the daemon did not start once Redis was back:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    d.signal(common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(20)), Some(0));
+}
+
+/// Issue #7's fault test: three nodes, 5,000 tasks that each append their id to a file;
+/// one node is killed with SIGKILL mid-run and Redis is restarted once. Every task ends
+/// `succeeded`, every id is in the file, and the killed node's tasks were taken back.
+#[test]
+fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
+    const TOTAL: usize = 5000;
+    let Some(mut server) =
+        RedisServer::start("three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart")
+    else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let file = out.path().join("ids");
+    let q = format!(
+        "[queues.w]\nconcurrency = 4\nshell = 'echo \"$TASKD_TASK_ID\" >> \"{}\"; sleep 0.02'\n",
+        file.display()
+    );
+    let envs: Vec<Env> = (0..3).map(|_| node(&server, "6s", &q)).collect();
+    let mut daemons: Vec<Option<Daemon>> = envs.iter().map(|e| Some(e.daemon())).collect();
+    let payloads: Vec<Value> = (0..TOTAL).map(|i| json!({ "i": i })).collect();
+    let ids = submit_batch(&envs[0], "w", &payloads);
+    let want: BTreeSet<String> = ids.iter().cloned().collect();
+
+    // Mid-run: kill one node, then note what it held (nothing changes for its tasks until
+    // their leases expire).
+    assert!(
+        poll_slow(secs(120), || lines(&file).len() >= TOTAL / 5),
+        "no progress"
+    );
+    let victim = daemons[2].take().expect("the third daemon");
+    let victim_id = node_id(&victim);
+    victim.kill9();
+    let held_by = |state: &str| -> Vec<String> {
+        let list: Value = serde_json::from_str(
+            &envs[0].ok(&["tasks", "--state", state, "--limit", "0", "--json"]),
+        )
+        .expect("tasks --json");
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .filter(|t| t["node"] == victim_id.as_str())
+            .map(|t| t["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let held = held_by("running");
+    let reserved = held_by("queued");
+    assert!(
+        !held.is_empty() || !reserved.is_empty(),
+        "the killed node held no task: the test proved nothing"
+    );
+
+    // Then Redis goes away and comes back (AOF on: nothing acknowledged is lost).
+    assert!(
+        poll_slow(secs(120), || lines(&file).len() >= TOTAL / 2),
+        "no progress after the kill"
+    );
+    server.restart();
+
+    let mut last = Value::Null;
+    let finished = poll_slow(secs(300), || {
+        last = status(&envs[0]);
+        count(&last, "w", "succeeded") as usize == TOTAL
+    });
+    assert!(finished, "not all tasks succeeded: {last:#}");
+    let seen: BTreeSet<String> = lines(&file).into_iter().collect();
+    let missing: Vec<&String> = want.difference(&seen).take(5).collect();
+    assert!(missing.is_empty(), "ids missing from the file: {missing:?}");
+    assert_eq!(count(&last, "w", "failed"), 0);
+
+    // The victim's running tasks were taken back by the others, uncharged; its reserved
+    // ones were released and ran elsewhere.
+    for id in &held {
+        let t = envs[0].show(id);
+        assert_eq!(t["state"], "succeeded");
+        let lost = history(&t)
+            .iter()
+            .any(|a| a["reason"] == "lost" && a["node"] == victim_id.as_str());
+        assert!(
+            lost,
+            "the killed node's run of {id} is not recorded as lost: {t:#}"
+        );
+        assert_eq!(t["attempts"], 1, "a lost run was charged: {t:#}");
+    }
+    for id in &reserved {
+        let t = envs[0].show(id);
+        assert_eq!(t["state"], "succeeded");
+        assert_ne!(t["node"], victim_id.as_str());
+    }
+    eprintln!(
+        "killed node {victim_id} held {} running and {} reserved tasks; all taken back",
+        held.len(),
+        reserved.len()
+    );
+    let logs: String = daemons.iter().flatten().map(|d| d.log_text()).collect();
+    assert!(
+        logs.contains("took back tasks whose lease expired"),
+        "no node logged taking back the victim's tasks"
+    );
+    drop(daemons);
+}
+
+/// `contrib/redis/enqueue.lua` is the script taskd runs, and an application can call it
+/// with plain Redis commands: the task runs like one `taskd submit` enqueued.
+#[test]
+fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).expect("read a script");
+    let shipped = read("contrib/redis/enqueue.lua");
+    assert!(
+        shipped.contains(&read("src/broker/redis/lib.lua"))
+            && shipped.ends_with(&read("src/broker/redis/enqueue.lua")),
+        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; rebuild it from them"
+    );
+    let Some(server) =
+        RedisServer::start("a_task_enqueued_with_redis_cli_and_the_shipped_script_runs")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.emails]\ncommand = ['sh', '-c', 'echo \"$1\" > \"$2\"', 'x', '{to}', '@D@/sent']\n",
+    );
+    let d = env.daemon();
+    let id = taskd::model::TaskId::new().to_string();
+    server.cli(&["SADD", "taskd:queues", "emails"]);
+    let script = root.join("contrib/redis/enqueue.lua");
+    let out = server.cli(&[
+        "--eval",
+        script.to_str().expect("utf-8 path"),
+        "taskd:{q:emails}:",
+        ",",
+        "1",
+        &id,
+        r#"{"to":"a@example.com"}"#,
+        "[]",
+        "0",
+        "",
+        "",
+    ]);
+    assert!(
+        out.contains(&id) && out.contains("queued"),
+        "the script answered: {out}"
+    );
+    let done = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(done["payload"]["to"], "a@example.com");
+    assert_eq!(
+        std::fs::read_to_string(env.path().join("sent")).expect("the task wrote"),
+        "a@example.com\n"
+    );
+    drop(d);
+}
+
+// ------------------------------------------------------------------------------------------
+// Scenarios of tests/daemon.rs, on Redis.
+
+#[test]
+fn on_redis_a_timeout_kills_the_task_with_reason_timeout() {
+    let Some(server) = RedisServer::start("on_redis_a_timeout_kills_the_task_with_reason_timeout")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.t]\ntimeout = \"1s\"\nmax_attempts = 1\nshell = 'sleep 30'\n",
+    );
+    let _d = env.daemon();
+    let id = env.submit("t", "{}");
+    let v = env.wait_state(&id, "failed", secs(20));
+    let a = &history(&v)[0];
+    assert_eq!(a["reason"], "timeout", "{v:#}");
+    assert_eq!(a["signal"], 15, "{v:#}");
+}
+
+#[test]
+fn on_redis_sigterm_drains_and_puts_a_long_task_back_uncharged() {
+    let Some(server) =
+        RedisServer::start("on_redis_sigterm_drains_and_puts_a_long_task_back_uncharged")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.s]\nmax_attempts = 3\nshell = '''\nif [ -e \"@D@/second\" ]; then echo \"second run, attempt $TASKD_ATTEMPT\"; exit 0; fi\nsleep 30\n'''\n",
+    );
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config)
+            .expect("read config")
+            .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\""),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let me = node_id(&d);
+    let id = env.submit("s", "{}");
+    env.wait_state(&id, "running", secs(20));
+    d.signal(common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(20)), Some(0), "a drained daemon exits 0");
+    let v = env.show(&id);
+    assert_eq!(v["state"], "queued", "{v:#}");
+    assert_eq!(v["attempts"], 0, "{v:#}");
+    assert_eq!(history(&v)[0]["reason"], "shutdown", "{v:#}");
+    // A clean stop leaves the registry.
+    let nodes = status(&env)["nodes"].clone();
+    assert!(
+        !nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .any(|n| n["id"] == me.as_str()),
+        "a stopped node is still listed: {nodes}"
+    );
+    std::fs::write(env.path().join("second"), "").expect("write");
+    let _d = env.daemon();
+    let v = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(v["attempts"], 1, "{v:#}");
+    assert_eq!(
+        history(&v).last().expect("an attempt")["stdout_tail"],
+        "second run, attempt 1\n"
+    );
+}
+
+#[test]
+fn on_redis_submit_wait_exits_0_on_success_and_4_on_failure() {
+    let Some(server) =
+        RedisServer::start("on_redis_submit_wait_exits_0_on_success_and_4_on_failure")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.ok]\nshell = 'echo \"out:$TASKD_ARG_msg\"'\n\n[queues.bad]\nmax_attempts = 2\nshell = 'exit 5'\n",
+    );
+    let _d = env.daemon();
+    let out = env.run(&["submit", "--wait", "ok", r#"{"msg":"hello"}"#]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("out:hello"));
+    let out = env.run(&["submit", "--wait", "bad", "{}"]);
+    assert_eq!(out.status.code(), Some(4));
+}
+
+/// A node whose lease was taken over (here: the fencing token bumped behind its back, as a
+/// reclaim by another node does) stops its copy of the task; the task is taken back and
+/// runs again, uncharged for the lost run.
+#[test]
+fn a_node_that_lost_its_lease_stops_its_copy_of_the_task() {
+    let Some(server) = RedisServer::start("a_node_that_lost_its_lease_stops_its_copy_of_the_task")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "3s",
+        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
+        .parse()
+        .expect("a pid");
+    server.cli(&["HINCRBY", &format!("taskd:{{q:w}}:t:{id}"), "token", "1"]);
+    assert!(
+        poll(secs(20), || !common::alive(pid)),
+        "the task kept running after its lease was lost:\n{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("lost the lease"), "{}", d.log_text());
+    let v = env.wait_state(&id, "succeeded", secs(30));
+    let h = history(&v);
+    assert_eq!(
+        h.first().map(|a| a["reason"].clone()),
+        Some(json!("lost")),
+        "{v:#}"
+    );
+    assert_eq!(v["attempts"], 1, "{v:#}");
+}
+
+/// `rediss://`: the same broker over TLS (a self-signed certificate, accepted with the
+/// URL's `#insecure`, which only a test should use).
+#[test]
+fn rediss_urls_connect_over_tls() {
+    let Some(plain) = RedisServer::start("rediss_urls_connect_over_tls") else {
+        return;
+    };
+    let dir = plain.dir().to_path_buf();
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "openssl is needed to make a test certificate (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED rediss_urls_connect_over_tls: openssl is not installed");
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut tls = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("key.pem"))
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a TLS redis-server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut tls);
+    assert!(
+        poll(secs(20), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the TLS server did not listen"
+    );
+    let env = Env::raw("");
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"rediss://127.0.0.1:{port}/0#insecure\"\n\n[queues.w]\nshell = 'true'\n"
+        ),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "succeeded", secs(20));
+    drop(d);
+}
+
+#[test]
+fn a_daemon_warns_when_redis_is_configured_to_lose_tasks() {
+    let Some(server) = RedisServer::start("a_daemon_warns_when_redis_is_configured_to_lose_tasks")
+    else {
+        return;
+    };
+    server.cli(&["CONFIG", "SET", "appendonly", "no"]);
+    server.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let d = env.daemon();
+    let log = d.log_text();
+    assert!(log.contains("appendonly no"), "{log}");
+    assert!(log.contains("maxmemory-policy allkeys-lru"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+}
+
+/// The wake-up travels over pub/sub: a task submitted on one machine starts on another
+/// node at once, not on the next fallback tick (2 s).
+#[test]
+fn on_redis_a_submitted_task_starts_at_once_not_on_a_polling_tick() {
+    let Some(server) =
+        RedisServer::start("on_redis_a_submitted_task_starts_at_once_not_on_a_polling_tick")
+    else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let q = format!(
+        "[queues.lat]\nshell = 'date +%s%N > \"{0}/$TASKD_TASK_ID.tmp\" && mv \"{0}/$TASKD_TASK_ID.tmp\" \"{0}/$TASKD_TASK_ID\"'\n",
+        out.path().display()
+    );
+    let worker = node(&server, "30s", &q);
+    let producer = node(&server, "30s", &q);
+    let _d = worker.daemon();
+    let mut lat_ms = Vec::new();
+    for i in 0..10 {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        let id = producer.submit("lat", &json!({ "i": i }).to_string());
+        let started: u128 = common::wait_line(&out.path().join(&id), secs(10))
+            .parse()
+            .expect("a time");
+        lat_ms.push((started.saturating_sub(before) / 1_000_000) as u64);
+        producer.wait_state(&id, "succeeded", secs(10));
+    }
+    let mut sorted = lat_ms.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    eprintln!("redis: submit -> task started, ms: {lat_ms:?}; median {median} ms");
+    assert!(
+        median < 500,
+        "median submit->start latency {median} ms: the node is not woken at once ({lat_ms:?})"
+    );
+}
+
+/// A node killed with SIGKILL and started again on the same state directory kills what its
+/// predecessor left running (the task's lease is still the dead node's); the task is then
+/// taken back when that lease expires and runs again, uncharged for the lost run.
+#[test]
+fn a_restarted_node_kills_what_its_predecessor_left_running() {
+    let Some(server) =
+        RedisServer::start("a_restarted_node_kills_what_its_predecessor_left_running")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "3s",
+        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
+        .parse()
+        .expect("a pid");
+    d.kill9();
+    assert!(common::alive(pid), "the task died with its daemon");
+    let d = env.daemon();
+    assert!(
+        poll(secs(20), || !common::alive(pid)),
+        "the restarted node left its predecessor's task running:\n{}",
+        d.log_text()
+    );
+    let v = env.wait_state(&id, "succeeded", secs(30));
+    assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
+    assert_eq!(v["attempts"], 1, "{v:#}");
+}
+
+#[test]
+fn on_redis_cancelling_a_claimed_task_that_has_not_started_means_it_never_runs() {
+    let Some(server) = RedisServer::start(
+        "on_redis_cancelling_a_claimed_task_that_has_not_started_means_it_never_runs",
+    ) else {
+        return;
+    };
+    let env = node(
+        &server,
+        "30s",
+        "[queues.q]\nshell = '''\ntouch \"@D@/started-$TASKD_ARG_n\"\nwhile [ ! -e \"@D@/go\" ]; do sleep 0.02; done\n'''\n",
+    );
+    // Enqueued before the daemon starts: it finds a backlog and holds some ahead.
+    let ids: Vec<String> = (1..=4)
+        .map(|n| env.submit("q", &json!({ "n": n }).to_string()))
+        .collect();
+    let _d = env.daemon();
+    assert!(poll(secs(10), || env.path().join("started-1").exists()));
+    for id in &ids[1..] {
+        env.ok(&["cancel", id]);
+    }
+    for id in &ids[1..] {
+        let v = env.wait_state(id, "cancelled", secs(10));
+        for a in history(&v) {
+            assert_eq!(a["reason"], "cancelled", "{v:#}");
+        }
+        assert_eq!(v["attempts"], 0, "{v:#}");
+    }
+    std::fs::write(env.path().join("go"), "").expect("write");
+    env.wait_state(&ids[0], "succeeded", secs(10));
+    for n in 2..=4 {
+        assert!(
+            !env.path().join(format!("started-{n}")).exists(),
+            "cancelled task {n} ran"
+        );
+    }
+}
