@@ -121,6 +121,39 @@ pub fn decide(
     (a, finish)
 }
 
+/// A claimed task for unit tests: a fresh id in queue `q`, run number `attempt`.
+#[cfg(test)]
+pub(crate) fn test_claimed(attempt: u32) -> Claimed {
+    use crate::broker::Lease;
+    use crate::model::{TaskId, TaskRecord, TaskState};
+    let task = TaskRecord {
+        id: TaskId::new(),
+        queue: "q".parse().expect("name"),
+        state: TaskState::Queued,
+        payload: serde_json::json!({}),
+        args: vec![],
+        priority: 0,
+        unique_key: None,
+        run_at: 0,
+        attempts: attempt - 1,
+        created_at: 0,
+        updated_at: 0,
+        finished_at: None,
+        last_error: None,
+        cancel_requested: false,
+        node: None,
+    };
+    Claimed {
+        lease: Lease {
+            task: task.id,
+            token: 1,
+            node: "n".into(),
+        },
+        task,
+        attempt,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -128,9 +161,7 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::broker::Lease;
     use crate::config::{ArgTemplate, Backoff, BackoffKind, Program};
-    use crate::model::{NewTask, TaskId, TaskRecord, TaskState};
 
     fn queue(max_attempts: u32) -> QueueConfig {
         let mut q = QueueConfig::new(
@@ -146,36 +177,6 @@ mod tests {
             jitter: false,
         };
         q
-    }
-
-    fn claimed(attempt: u32) -> Claimed {
-        let t = NewTask::new("q".parse().expect("name"), "{}".into());
-        let task = TaskRecord {
-            id: TaskId::new(),
-            queue: t.queue,
-            state: TaskState::Queued,
-            payload: serde_json::json!({}),
-            args: vec![],
-            priority: 0,
-            unique_key: None,
-            run_at: 0,
-            attempts: attempt - 1,
-            created_at: 0,
-            updated_at: 0,
-            finished_at: None,
-            last_error: None,
-            cancel_requested: false,
-            node: None,
-        };
-        Claimed {
-            lease: Lease {
-                task: task.id,
-                token: 1,
-                node: "n".into(),
-            },
-            task,
-            attempt,
-        }
     }
 
     fn outcome(status: Status) -> Outcome {
@@ -196,7 +197,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         decide(
             &queue(max),
-            &claimed(attempt),
+            &super::test_claimed(attempt),
             "n",
             outcome(status),
             100_000,

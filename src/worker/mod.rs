@@ -1063,9 +1063,7 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::broker::Lease;
     use crate::config::{Program, WorkerProgram};
-    use crate::model::{TaskId, TaskState};
 
     fn queue() -> QueueConfig {
         let mut q = QueueConfig::new(
@@ -1074,35 +1072,6 @@ mod tests {
         );
         q.max_attempts = 3;
         q
-    }
-
-    fn claimed(attempt: u32) -> Claimed {
-        let task = TaskRecord {
-            id: TaskId::new(),
-            queue: "q".parse().expect("name"),
-            state: TaskState::Queued,
-            payload: serde_json::json!({}),
-            args: vec![],
-            priority: 0,
-            unique_key: None,
-            run_at: 0,
-            attempts: attempt - 1,
-            created_at: 0,
-            updated_at: 0,
-            finished_at: None,
-            last_error: None,
-            cancel_requested: false,
-            node: None,
-        };
-        Claimed {
-            lease: Lease {
-                task: task.id,
-                token: 1,
-                node: "n".into(),
-            },
-            task,
-            attempt,
-        }
     }
 
     fn decide_end(attempt: u32, end: End) -> (AttemptRecord, Finish) {
@@ -1115,7 +1084,14 @@ mod tests {
             stderr_tail: Vec::new(),
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        decide(&queue(), &claimed(attempt), "n", o, 1_000, &mut rng)
+        decide(
+            &queue(),
+            &crate::supervisor::policy::test_claimed(attempt),
+            "n",
+            o,
+            1_000,
+            &mut rng,
+        )
     }
 
     #[test]
