@@ -1761,6 +1761,10 @@ while [ ! -e "$D/go" ]; do sleep 0.02; done
         for a in history(&v) {
             assert_eq!(a["reason"], "cancelled", "{v:#}");
         }
+        assert_eq!(
+            v["attempts"], 0,
+            "a task that never ran was charged:\n{v:#}"
+        );
     }
     eprintln!(
         "cancel of 3 waiting tasks -> all cancelled: {:?}",
