@@ -86,7 +86,12 @@ impl Case {
             Backend::Sqlite => None,
             Backend::Redis => {
                 let server = shared_redis()?;
-                let db = NEXT_DB.fetch_add(1, Ordering::Relaxed) % REDIS_DATABASES;
+                let db = NEXT_DB.fetch_add(1, Ordering::Relaxed);
+                // A database used twice on one server would show a test another's tasks.
+                assert!(
+                    db < REDIS_DATABASES,
+                    "more cases than the server's {REDIS_DATABASES} databases: raise REDIS_DATABASES"
+                );
                 Some((server, db))
             }
         };
