@@ -13,6 +13,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Arguments added to the server's command line (e.g. `--databases 256`).
+    extra: Vec<String>,
 }
 
 fn server_binary() -> Option<PathBuf> {
@@ -30,6 +32,11 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Start a fresh server, or `None` (with a message) when `redis-server` is not installed.
     pub fn start(test: &str) -> Option<RedisServer> {
+        Self::start_with(test, &[])
+    }
+
+    /// As [`Self::start`], with `extra` added to the server's command line.
+    pub fn start_with(test: &str, extra: &[&str]) -> Option<RedisServer> {
         if server_binary().is_none() {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("{test}: redis-server is not installed, and CI=true forbids skipping the Redis tests (.ci/run installs it)");
@@ -45,6 +52,7 @@ impl RedisServer {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             if s.spawn() {
                 return Some(s);
@@ -74,6 +82,7 @@ impl RedisServer {
             .args(["--appendfsync", "everysec"])
             .args(["--maxmemory-policy", "noeviction"])
             .args(["--daemonize", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
