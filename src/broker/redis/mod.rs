@@ -201,9 +201,18 @@ impl RedisBroker {
         if queues.is_empty() {
             return Ok(None);
         }
+        Ok(self
+            .queues_having(queues, &format!("t:{id}"))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Those of `queues` where the key `<prefix>suffix` exists, in one pipelined round trip.
+    async fn queues_having(&self, queues: Vec<QueueName>, suffix: &str) -> Result<Vec<QueueName>> {
         let mut pipe = redis::pipe();
         for q in &queues {
-            pipe.cmd("EXISTS").arg(format!("{}t:{id}", prefix(q)));
+            pipe.cmd("EXISTS").arg(format!("{}{suffix}", prefix(q)));
         }
         let found: Vec<i64> = pipe
             .query_async(&mut self.conn())
@@ -212,8 +221,9 @@ impl RedisBroker {
         Ok(queues
             .into_iter()
             .zip(found)
-            .find(|(_, n)| *n > 0)
-            .map(|(q, _)| q))
+            .filter(|(_, n)| *n > 0)
+            .map(|(q, _)| q)
+            .collect())
     }
 
     fn remember(&self, id: TaskId, q: &QueueName) {
@@ -602,19 +612,10 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(BTreeSet::new());
         }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            pipe.cmd("EXISTS").arg(format!("{}paused", prefix(q)));
-        }
-        let flags: Vec<i64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(queues
+        Ok(self
+            .queues_having(queues, "paused")
+            .await?
             .into_iter()
-            .zip(flags)
-            .filter(|(_, f)| *f > 0)
-            .map(|(q, _)| q)
             .collect())
     }
 
