@@ -38,6 +38,27 @@ pub fn retry_or_fail(
     }
 }
 
+/// The record of one run of claimed task `c` on `node`, before its reason and error are
+/// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
+pub(crate) fn attempt_of(
+    c: &Claimed,
+    node: &str,
+    pid: Option<i32>,
+    (started_at, ended_at): (UnixMs, UnixMs),
+    (stdout, stderr): (&[u8], &[u8]),
+) -> AttemptRecord {
+    AttemptRecord {
+        number: c.attempt,
+        node: node.to_string(),
+        pid,
+        started_at,
+        ended_at,
+        stdout_tail: String::from_utf8_lossy(stdout).into_owned(),
+        stderr_tail: String::from_utf8_lossy(stderr).into_owned(),
+        ..Default::default()
+    }
+}
+
 /// Turn an executor outcome into the attempt to record and where the task goes next.
 pub fn decide(
     q: &QueueConfig,
@@ -47,16 +68,13 @@ pub fn decide(
     now: UnixMs,
     rng: &mut impl rand::Rng,
 ) -> (AttemptRecord, Finish) {
-    let mut a = AttemptRecord {
-        number: c.attempt,
-        node: node.to_string(),
-        pid: o.pid,
-        started_at: o.started_at_ms,
-        ended_at: o.ended_at_ms,
-        stdout_tail: String::from_utf8_lossy(&o.stdout_tail).into_owned(),
-        stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
-        ..Default::default()
-    };
+    let mut a = attempt_of(
+        c,
+        node,
+        o.pid,
+        (o.started_at_ms, o.ended_at_ms),
+        (&o.stdout_tail, &o.stderr_tail),
+    );
     let retry_or_fail =
         |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| retry_or_fail(q, c, a, now, rng);
     let finish = match o.status {

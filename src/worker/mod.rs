@@ -121,17 +121,14 @@ pub fn decide(
     now: UnixMs,
     rng: &mut dyn rand::RngCore,
 ) -> (AttemptRecord, Finish) {
-    use crate::supervisor::policy::{retry_or_fail, signal_name};
-    let mut a = AttemptRecord {
-        number: c.attempt,
-        node: node.to_string(),
-        pid: o.pid,
-        started_at: o.started_at_ms,
-        ended_at: o.ended_at_ms,
-        stdout_tail: String::from_utf8_lossy(&o.stdout_tail).into_owned(),
-        stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
-        ..Default::default()
-    };
+    use crate::supervisor::policy::{attempt_of, retry_or_fail, signal_name};
+    let mut a = attempt_of(
+        c,
+        node,
+        o.pid,
+        (o.started_at_ms, o.ended_at_ms),
+        (&o.stdout_tail, &o.stderr_tail),
+    );
     let pid = o.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
     let finish = match o.end {
         End::Answered { status, message } => {
