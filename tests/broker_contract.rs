@@ -218,6 +218,24 @@ fn tasks(queue: &str, n: usize) -> Vec<NewTask> {
         .collect()
 }
 
+/// Leases a node does not hold, for `held`'s task: a newer and an older token, another node.
+fn stale_leases(held: &Lease) -> [Lease; 3] {
+    [
+        Lease {
+            token: held.token + 1,
+            ..held.clone()
+        },
+        Lease {
+            token: held.token - 1,
+            ..held.clone()
+        },
+        Lease {
+            node: "node-z".into(),
+            ..held.clone()
+        },
+    ]
+}
+
 async fn enqueue1(b: &B, t: NewTask) -> TaskId {
     let out = b.enqueue(vec![t.clone()]).await.expect("enqueue");
     assert_eq!(out.len(), 1, "one Enqueued per task");
@@ -852,20 +870,7 @@ pub mod cases {
         let id = enqueue1(&b, task("ss")).await;
         let c = claim_id(&b, "ss", id).await;
         let before = snapshot(&b, id).await;
-        for bad in [
-            Lease {
-                token: c.lease.token + 1,
-                ..c.lease.clone()
-            },
-            Lease {
-                token: c.lease.token - 1,
-                ..c.lease.clone()
-            },
-            Lease {
-                node: "node-z".into(),
-                ..c.lease.clone()
-            },
-        ] {
+        for bad in stale_leases(&c.lease) {
             assert_lease_lost(
                 b.started(&bad, 1, 1).await,
                 id,
@@ -1492,20 +1497,7 @@ pub mod cases {
                 start(&b, &c).await;
             }
             let before = snapshot(&b, id).await;
-            for bad in [
-                Lease {
-                    token: c.lease.token + 1,
-                    ..c.lease.clone()
-                },
-                Lease {
-                    token: c.lease.token - 1,
-                    ..c.lease.clone()
-                },
-                Lease {
-                    node: "node-z".into(),
-                    ..c.lease.clone()
-                },
-            ] {
+            for bad in stale_leases(&c.lease) {
                 for next in [
                     Finish::Succeeded,
                     Finish::Failed,

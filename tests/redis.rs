@@ -61,17 +61,8 @@ fn node_id(d: &Daemon) -> String {
 }
 
 /// [`poll`] at a slower pace, for checks that start a process or read a big file.
-fn poll_slow(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+fn poll_slow(deadline: Duration, f: impl FnMut() -> bool) -> bool {
+    common::poll_every(Duration::from_millis(250), deadline, f)
 }
 
 fn lines(path: &Path) -> Vec<String> {

@@ -230,7 +230,13 @@ pub const SIGHUP: i32 = 1;
 pub const SIGKILL: i32 = 9;
 
 /// Poll `f` every 20 ms until it is true or `deadline` passes; returns whether it became true.
-pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn poll(deadline: Duration, f: impl FnMut() -> bool) -> bool {
+    poll_every(Duration::from_millis(20), deadline, f)
+}
+
+/// [`poll`], checking every `interval` (a slower pace for checks that start a process or
+/// read a big file).
+pub fn poll_every(interval: Duration, deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         if f() {
@@ -239,7 +245,7 @@ pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
         if start.elapsed() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
 }
 
