@@ -216,45 +216,30 @@ pub fn kill_orphan_group(pgid: i32, start_time: u64) -> bool {
 /// in each task's environment, so no per-task write is needed on the hot path to find them.
 /// Returns how many processes were found.
 pub fn kill_task_processes(task_ids: &[String]) -> usize {
-    if task_ids.is_empty() {
-        return 0;
-    }
-    let wanted: HashSet<Vec<u8>> = task_ids
-        .iter()
-        .map(|id| format!("TASKD_TASK_ID={id}").into_bytes())
-        .collect();
-    let me = std::process::id() as i32;
     let own_group = getpgrp().as_raw();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut found = 0;
-    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        if pid == me {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if !environ.split(|b| *b == 0).any(|var| wanted.contains(var)) {
-            continue;
-        }
-        let Some(st) = read_stat(pid) else { continue };
-        if st.state == b'Z' {
-            continue;
-        }
-        found += 1;
+    let found = live_task_processes(task_ids);
+    for (pid, _, st) in &found {
         if st.pgrp > 1 && st.pgrp != own_group {
             signal_group(st.pgrp, Signal::SIGKILL);
         }
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
     }
-    found
+    found.len()
 }
 
 /// Which of `task_ids` still have a live process on this machine (`TASKD_TASK_ID` in its
 /// environment). Read-only: the caller decides what may be killed.
 pub fn task_ids_with_processes(task_ids: &[String]) -> Vec<String> {
+    let ids: HashSet<String> = live_task_processes(task_ids)
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    ids.into_iter().collect()
+}
+
+/// Every live (not zombie) process other than this one whose environment holds
+/// `TASKD_TASK_ID=<one of task_ids>`: its pid, that id and its stat line. One scan of `/proc`.
+fn live_task_processes(task_ids: &[String]) -> Vec<(i32, String, Stat)> {
     if task_ids.is_empty() {
         return Vec::new();
     }
@@ -266,7 +251,7 @@ pub fn task_ids_with_processes(task_ids: &[String]) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut found: HashSet<String> = HashSet::new();
+    let mut found = Vec::new();
     for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
         if pid == me {
             continue;
@@ -274,14 +259,17 @@ pub fn task_ids_with_processes(task_ids: &[String]) -> Vec<String> {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if let Some(var) = environ.split(|b| *b == 0).find(|var| wanted.contains(*var)) {
-            if read_stat(pid).is_some_and(|st| st.state != b'Z') {
-                let id = String::from_utf8_lossy(&var["TASKD_TASK_ID=".len()..]).into_owned();
-                found.insert(id);
-            }
+        let Some(var) = environ.split(|b| *b == 0).find(|var| wanted.contains(*var)) else {
+            continue;
+        };
+        let Some(st) = read_stat(pid) else { continue };
+        if st.state == b'Z' {
+            continue;
         }
+        let id = String::from_utf8_lossy(&var["TASKD_TASK_ID=".len()..]).into_owned();
+        found.push((pid, id, st));
     }
-    found.into_iter().collect()
+    found
 }
 
 /// Whether any process of group `pgid` is still running (not a zombie). Scans all of `/proc`:
