@@ -226,6 +226,19 @@ impl RedisBroker {
             .collect())
     }
 
+    /// Runs `script` on task `id` in its queue; `NotFound` if no queue holds it.
+    async fn run_on_task(&self, script: &Script, id: TaskId) -> Result<String> {
+        let Some(q) = self.locate(id).await? else {
+            return Err(BrokerError::NotFound(id));
+        };
+        script
+            .key(prefix(&q))
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     fn remember(&self, id: TaskId, q: &QueueName) {
         self.located
             .lock()
@@ -541,16 +554,7 @@ impl Broker for RedisBroker {
     }
 
     async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {
-        let Some(q) = self.locate(id).await? else {
-            return Err(BrokerError::NotFound(id));
-        };
-        let r: String = scripts()
-            .cancel
-            .key(prefix(&q))
-            .arg(id.to_string())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let r = self.run_on_task(&scripts().cancel, id).await?;
         match r.as_str() {
             "cancelled" => Ok(CancelOutcome::Cancelled),
             "requested" => Ok(CancelOutcome::Requested),
@@ -565,16 +569,7 @@ impl Broker for RedisBroker {
     }
 
     async fn retry(&self, id: TaskId) -> Result<()> {
-        let Some(q) = self.locate(id).await? else {
-            return Err(BrokerError::NotFound(id));
-        };
-        let r: String = scripts()
-            .retry
-            .key(prefix(&q))
-            .arg(id.to_string())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let r = self.run_on_task(&scripts().retry, id).await?;
         match r.as_str() {
             "ok" => Ok(()),
             "missing" => Err(BrokerError::NotFound(id)),
