@@ -3112,6 +3112,119 @@ mod redis_specific {
     use super::*;
     use taskd::broker::NodeInfo;
 
+    /// A Redis broker beside the private server it talks to (for looking at keys).
+    async fn redis_pair(test: &str) -> Option<(B, RedisGuard)> {
+        let server = redis_server::RedisServer::start(test)?;
+        let g = RedisGuard { server };
+        Some((g.connect().await, g))
+    }
+
+    fn int(g: &RedisGuard, args: &[&str]) -> u64 {
+        let out = g.server.cli(args);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{args:?} answered {out:?}"))
+    }
+
+    /// Plain tasks wait in the queue's inbox: counted as queued at once, and stored oldest
+    /// first, a bounded step at a time, when a reader needs one of them.
+    #[tokio::test]
+    async fn plain_tasks_wait_in_the_inbox_until_a_reader_stores_them() {
+        let Some((b, g)) = redis_pair("plain_tasks_wait_in_the_inbox").await else {
+            return;
+        };
+        let batch = tasks("ib", 600);
+        let out = b.enqueue(batch.clone()).await.expect("enqueue");
+        let inbox = ["LLEN", "taskd:{q:ib}:in"];
+        assert_eq!(int(&g, &inbox), 1 + 600, "the batch's time and its tasks");
+        assert_eq!(int(&g, &["GET", "taskd:{q:ib}:inn"]), 600);
+        assert_eq!(int(&g, &["ZCARD", "taskd:{q:ib}:st:queued"]), 0);
+        let other = g.connect().await;
+        let counts = other.counts().await.expect("counts");
+        assert_eq!(count(&counts[0], TaskState::Queued), 600);
+        assert_eq!(
+            other.count_state(TaskState::Queued).await.expect("count"),
+            600
+        );
+
+        // Task 300 is stored by the second step of 256 entries (the first entry is the
+        // batch's time): the rest stay in the inbox.
+        let d = get(&other, batch[300].id).await;
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(
+            d.task.created_at, out[300].created_at,
+            "created when pushed"
+        );
+        assert_eq!(d.task.payload, serde_json::json!({ "i": 300 }));
+        assert_eq!(int(&g, &inbox), 600 - 511);
+        assert_eq!(int(&g, &["GET", "taskd:{q:ib}:inn"]), 600 - 511);
+        let counts = other.counts().await.expect("counts");
+        assert_eq!(count(&counts[0], TaskState::Queued), 600);
+
+        // Stored in the order they were pushed: claims take them first to last.
+        let got = claim(&b, "ib", 600).await;
+        let ids: Vec<TaskId> = got.iter().map(|c| c.task.id).collect();
+        assert_eq!(ids, batch.iter().map(|t| t.id).collect::<Vec<_>>());
+        assert_eq!(int(&g, &inbox), 0);
+    }
+
+    /// A claim chooses among the inbox's tasks too: by priority, then age.
+    #[tokio::test]
+    async fn claims_weigh_inbox_tasks_by_priority() {
+        let Some((b, _g)) = redis_pair("claims_weigh_inbox_tasks_by_priority").await else {
+            return;
+        };
+        let mut low = task("pr");
+        low.priority = -1;
+        let low = enqueue1(&b, low).await;
+        let plain = tasks("pr", 10);
+        b.enqueue(plain.clone()).await.expect("enqueue");
+        let mut high = task("pr");
+        high.priority = 5;
+        let high = enqueue1(&b, high).await;
+
+        assert_eq!(claim(&b, "pr", 1).await[0].task.id, high);
+        let got: Vec<TaskId> = claim(&b, "pr", 10)
+            .await
+            .iter()
+            .map(|c| c.task.id)
+            .collect();
+        assert_eq!(got, plain.iter().map(|t| t.id).collect::<Vec<_>>());
+        assert_eq!(claim(&b, "pr", 5).await[0].task.id, low);
+    }
+
+    /// A caller that reuses the id of a task still in the inbox (taskd never does: its ids
+    /// are new UUIDs) does not overwrite the task stored first under it: the entry stored
+    /// later is set aside in the queue's `dup` list, intact.
+    #[tokio::test]
+    async fn a_reused_id_never_overwrites_a_stored_task() {
+        let Some((b, g)) = redis_pair("a_reused_id_never_overwrites_a_stored_task").await else {
+            return;
+        };
+        let first = task("dup");
+        enqueue1(&b, first.clone()).await;
+        let mut direct = NewTask::new(qn("dup"), r#"{"second":true}"#.into());
+        direct.id = first.id;
+        direct.priority = 1;
+        enqueue1(&b, direct).await;
+        assert_eq!(
+            get(&b, first.id).await.task.payload,
+            serde_json::json!({ "second": true })
+        );
+        b.list(&ListFilter::default()).await.expect("list");
+        assert_eq!(int(&g, &["LLEN", "taskd:{q:dup}:in"]), 0);
+        assert_eq!(int(&g, &["GET", "taskd:{q:dup}:inn"]), 0);
+        let aside = g.server.cli(&["LRANGE", "taskd:{q:dup}:dup", "0", "-1"]);
+        assert!(
+            aside.starts_with(&first.id.to_string()) && aside.contains(r#"{"k":"v"}"#),
+            "the later entry is kept aside: {aside:?}"
+        );
+        assert_eq!(
+            get(&b, first.id).await.task.payload,
+            serde_json::json!({ "second": true })
+        );
+    }
+
     /// The node registry: records stamped with the server's clock, listed by id, removed on
     /// leave. (The embedded store keeps none.)
     #[tokio::test]

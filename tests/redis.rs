@@ -458,8 +458,9 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
     drop(daemons);
 }
 
-/// `contrib/redis/enqueue.lua` is the script taskd runs, and an application can call it
-/// with plain Redis commands: the task runs like one `taskd submit` enqueued.
+/// `contrib/redis/enqueue.lua` and `push.lua` are the scripts taskd runs, and an
+/// application can call them with plain Redis commands: the tasks run like ones
+/// `taskd submit` enqueued.
 #[test]
 fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -469,6 +470,12 @@ fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
         shipped.contains(&read("src/broker/redis/lib.lua"))
             && shipped.ends_with(&read("src/broker/redis/enqueue.lua")),
         "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; rebuild it from them"
+    );
+    let shipped = read("contrib/redis/push.lua");
+    assert!(
+        shipped.contains(&read("src/broker/redis/lib.lua"))
+            && shipped.ends_with(&read("src/broker/redis/push.lua")),
+        "contrib/redis/push.lua differs from src/broker/redis/{{lib,push}}.lua; rebuild it from them"
     );
     let Some(server) =
         RedisServer::start("a_task_enqueued_with_redis_cli_and_the_shipped_script_runs")
@@ -506,6 +513,29 @@ fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
     assert_eq!(
         std::fs::read_to_string(env.path().join("sent")).expect("the task wrote"),
         "a@example.com\n"
+    );
+
+    // The fast path: one entry in the queue's inbox, stored by the daemon.
+    let id = taskd::model::TaskId::new().to_string();
+    let out = server.cli(&[
+        "--eval",
+        root.join("contrib/redis/push.lua")
+            .to_str()
+            .expect("utf-8 path"),
+        "taskd:{q:emails}:",
+        &format!("taskd:{{q:emails}}:t:{id}"),
+        ",",
+        &format!("{id}\x1f[]\x1f{{\"to\":\"b@example.com\"}}"),
+    ]);
+    assert!(
+        out.trim().parse::<u64>().is_ok(),
+        "push.lua answers the time it pushed at, not: {out}"
+    );
+    let done = env.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(done["payload"]["to"], "b@example.com");
+    assert_eq!(
+        std::fs::read_to_string(env.path().join("sent")).expect("the task wrote"),
+        "b@example.com\n"
     );
     drop(d);
 }
@@ -720,4 +750,29 @@ fn a_restarted_node_kills_what_its_predecessor_left_running() {
     let v = env.wait_state(&id, "succeeded", secs(30));
     assert_eq!(history(&v)[0]["reason"], "lost", "{v:#}");
     assert_eq!(v["attempts"], 1, "{v:#}");
+}
+
+/// A daemon stores what producers push into a queue's inbox in the background, a bounded
+/// step at a time, even while the queue is paused and nothing claims from it.
+#[test]
+fn a_daemon_stores_the_inbox_of_a_paused_queue() {
+    let Some(server) = RedisServer::start("a_daemon_stores_the_inbox_of_a_paused_queue") else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let d = env.daemon();
+    env.ok(&["pause", "w"]);
+    let payloads: Vec<Value> = (0..1000).map(|i| serde_json::json!({ "i": i })).collect();
+    let ids = common::submit_batch(&env, "w", &payloads);
+    let n = |args: &[&str]| server.cli(args).trim().parse::<u64>().unwrap_or(u64::MAX);
+    assert!(
+        poll(secs(20), || n(&["ZCARD", "taskd:{q:w}:st:queued"]) == 1000),
+        "the daemon did not store the inbox: {} left in it",
+        n(&["LLEN", "taskd:{q:w}:in"])
+    );
+    assert_eq!(n(&["LLEN", "taskd:{q:w}:in"]), 0);
+    assert_eq!(count(&status(&env), "w", "queued"), 1000);
+    env.ok(&["resume", "w"]);
+    env.wait_state(&ids[999], "succeeded", secs(30));
+    drop(d);
 }

@@ -17,6 +17,10 @@ for _, id in ipairs(due) do
 end
 local out = {}
 if max <= 0 then return out end
+-- Store as many inbox tasks as this claim could take, so that it chooses among them too
+-- (by priority, then age). Each push adds an entry for its time: 2 * max entries hold at
+-- least max tasks.
+store_inbox(p, 2 * max)
 local expires = fmt(now + lease)
 local members = redis.call('ZRANGE', p .. 'ready', 0, max - 1)
 for _, m in ipairs(members) do

@@ -40,9 +40,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Node records older than this are not listed (a node that died long ago).
 const NODE_FORGET_MS: i64 = 3_600_000;
+/// How many inbox entries one script stores: about 5 ms of the server's time, so that
+/// storing a long inbox never holds up other clients for long.
+const STORE_STEP: usize = 256;
+/// How often a subscribed client (a daemon) looks for inboxes to store when no wake-up
+/// said so.
+const STORE_TICK: Duration = Duration::from_secs(5);
 
 struct Scripts {
     enqueue: Script,
+    push: Script,
+    store: Script,
     claim: Script,
     started: Script,
     renew: Script,
@@ -58,10 +66,14 @@ fn scripts() -> &'static Scripts {
     static S: OnceLock<Scripts> = OnceLock::new();
     S.get_or_init(|| {
         let lib = include_str!("lib.lua");
+        let inbox = include_str!("inbox.lua");
         let s = |body: &str| Script::new(&format!("{lib}\n{body}"));
+        let with_inbox = |body: &str| Script::new(&format!("{lib}\n{inbox}\n{body}"));
         Scripts {
             enqueue: s(include_str!("enqueue.lua")),
-            claim: s(include_str!("claim.lua")),
+            push: s(include_str!("push.lua")),
+            store: with_inbox(include_str!("store.lua")),
+            claim: with_inbox(include_str!("claim.lua")),
             started: s(include_str!("started.lua")),
             renew: s(include_str!("renew.lua")),
             finish: s(include_str!("finish.lua")),
@@ -192,7 +204,8 @@ impl RedisBroker {
     }
 
     /// The queue holding task `id`: from memory when this client claimed it, else by asking
-    /// every queue (one pipelined round trip).
+    /// every queue (one pipelined round trip). A task still in a queue's inbox is stored
+    /// first (in bounded steps, oldest first, up to it), so that callers find it stored.
     async fn locate(&self, id: TaskId) -> Result<Option<QueueName>> {
         if let Some(q) = self.located.lock().expect("not poisoned").get(&id) {
             return Ok(Some(q.clone()));
@@ -201,18 +214,59 @@ impl RedisBroker {
         if queues.is_empty() {
             return Ok(None);
         }
-        Ok(self
-            .queues_having(queues, &format!("t:{id}"))
-            .await?
-            .into_iter()
-            .next())
+        // Asked in this order, a task a node stores meanwhile is seen in one place or the
+        // other: first in an inbox (by its count), then stored.
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            let p = prefix(q);
+            pipe.cmd("GET").arg(format!("{p}inn"));
+            pipe.cmd("EXISTS").arg(format!("{p}t:{id}"));
+        }
+        let found: Vec<Option<u64>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut waiting = Vec::new();
+        for (q, f) in queues.into_iter().zip(found.chunks(2)) {
+            if f[1].unwrap_or(0) > 0 {
+                return Ok(Some(q));
+            }
+            if f[0].unwrap_or(0) > 0 {
+                waiting.push(q);
+            }
+        }
+        // Not stored: perhaps still in an inbox. Which one is not known; store them until
+        // it shows up.
+        let id = id.to_string();
+        for q in waiting {
+            if store_all(&mut self.conn(), &q, Some(&id))
+                .await
+                .map_err(|e| self.err(e))?
+            {
+                return Ok(Some(q));
+            }
+        }
+        Ok(None)
     }
 
     /// Those of `queues` where the key `<prefix>suffix` exists, in one pipelined round trip.
     async fn queues_having(&self, queues: Vec<QueueName>, suffix: &str) -> Result<Vec<QueueName>> {
+        self.queues_where(queues, |pipe, p| {
+            pipe.cmd("EXISTS").arg(format!("{p}{suffix}"));
+        })
+        .await
+    }
+
+    /// Those of `queues` for which the command `ask` adds (given the queue's prefix) answers
+    /// a number above 0, in one pipelined round trip.
+    async fn queues_where(
+        &self,
+        queues: Vec<QueueName>,
+        ask: impl Fn(&mut redis::Pipeline, &str),
+    ) -> Result<Vec<QueueName>> {
         let mut pipe = redis::pipe();
         for q in &queues {
-            pipe.cmd("EXISTS").arg(format!("{}{suffix}", prefix(q)));
+            ask(&mut pipe, &prefix(q));
         }
         let found: Vec<i64> = pipe
             .query_async(&mut self.conn())
@@ -226,6 +280,14 @@ impl RedisBroker {
             .collect())
     }
 
+    /// Store what `q`'s inbox holds now (not what producers add meanwhile), in steps.
+    async fn store_inbox(&self, q: &QueueName) -> Result<()> {
+        store_all(&mut self.conn(), q, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// Runs `script` on task `id` in its queue; `NotFound` if no queue holds it.
     async fn run_on_task(&self, script: &Script, id: TaskId) -> Result<String> {
         let Some(q) = self.locate(id).await? else {
@@ -237,6 +299,39 @@ impl RedisBroker {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))
+    }
+
+    /// Push plain tasks of one queue into its inbox (push.lua); their `created_at` (ms).
+    async fn push<'a>(
+        &self,
+        q: &QueueName,
+        tasks: impl Iterator<Item = &'a NewTask> + Clone,
+    ) -> Result<UnixMs> {
+        let p = prefix(q);
+        let mut inv = scripts().push.key(&p);
+        let mut seen = HashSet::new();
+        for t in tasks.clone() {
+            if !seen.insert(t.id) {
+                return Err(BrokerError::Conflict(format!(
+                    "a task with id {} is twice in the batch",
+                    t.id
+                )));
+            }
+            inv.key(format!("{p}t:{}", t.id));
+        }
+        for t in tasks {
+            let args =
+                serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
+            inv.arg(format!("{}\x1f{args}\x1f{}", t.id, t.payload));
+        }
+        let now: String = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        let us: UnixMs = now
+            .parse()
+            .map_err(|_| BrokerError::Storage(format!("push returned {now:?}, not a time")))?;
+        Ok(us / 1000)
     }
 
     fn remember(&self, id: TaskId, q: &QueueName) {
@@ -344,6 +439,12 @@ impl RedisBroker {
 }
 
 /// A flat `HGETALL` answer as a map.
+/// A task the inbox can take: due now, priority 0, no unique key (the others need the
+/// stored indexes at once).
+fn plain(t: &NewTask) -> bool {
+    t.priority == 0 && t.run_at.is_none() && t.unique_key.is_none()
+}
+
 fn pairs(row: Vec<String>) -> HashMap<String, String> {
     let mut h = HashMap::with_capacity(row.len() / 2);
     let mut it = row.into_iter();
@@ -407,6 +508,19 @@ impl Broker for RedisBroker {
         let mut out: Vec<Option<Enqueued>> = vec![None; tasks.len()];
         for (q, idx) in by_queue {
             self.know(&q).await?;
+            if idx.iter().all(|&i| plain(&tasks[i])) {
+                let created = self.push(&q, idx.iter().map(|&i| &tasks[i])).await?;
+                for &i in &idx {
+                    out[i] = Some(Enqueued {
+                        id: tasks[i].id,
+                        state: TaskState::Queued,
+                        existing: false,
+                        created_at: created,
+                        run_at: created,
+                    });
+                }
+                continue;
+            }
             let mut inv = scripts().enqueue.key(prefix(&q));
             inv.arg(idx.len());
             for &i in &idx {
@@ -651,6 +765,17 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
+        if matches!(filter.state, None | Some(TaskState::Queued)) {
+            // Tasks still in an inbox are queued too: store them so they are listed.
+            let waiting = self
+                .queues_where(queues.clone(), |pipe, p| {
+                    pipe.cmd("LLEN").arg(format!("{p}in"));
+                })
+                .await?;
+            for q in &waiting {
+                self.store_inbox(q).await?;
+            }
+        }
         let index = match filter.state {
             Some(s) => format!("st:{s}"),
             None => "all".to_string(),
@@ -697,20 +822,27 @@ impl Broker for RedisBroker {
                 pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
             }
             pipe.cmd("EXISTS").arg(format!("{p}paused"));
+            pipe.cmd("GET").arg(format!("{p}inn"));
         }
-        let n: Vec<u64> = pipe
+        let n: Vec<Option<u64>> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 1)) {
+        for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 2)) {
+            let row: Vec<u64> = row.iter().map(|n| n.unwrap_or(0)).collect();
             let paused = row[STATES.len()] > 0;
-            let counts: BTreeMap<TaskState, u64> = STATES
+            let mut counts: BTreeMap<TaskState, u64> = STATES
                 .iter()
-                .zip(row)
+                .zip(&row)
                 .filter(|(_, n)| **n > 0)
                 .map(|(s, n)| (*s, *n))
                 .collect();
+            // Tasks still in the inbox are queued.
+            let unstored = row[STATES.len() + 1];
+            if unstored > 0 {
+                *counts.entry(TaskState::Queued).or_default() += unstored;
+            }
             if counts.is_empty() && !paused {
                 continue;
             }
@@ -766,12 +898,16 @@ impl Broker for RedisBroker {
         let mut pipe = redis::pipe();
         for q in &queues {
             pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
+            if state == TaskState::Queued {
+                // Tasks still in the inbox are queued.
+                pipe.cmd("GET").arg(format!("{}inn", prefix(q)));
+            }
         }
-        let n: Vec<u64> = pipe
+        let n: Vec<Option<u64>> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
-        Ok(n.into_iter().sum())
+        Ok(n.into_iter().flatten().sum())
     }
 
     async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
@@ -853,6 +989,25 @@ impl Broker for RedisBroker {
     async fn subscribe(&self) -> Result<Wakeups> {
         let wakeups = Wakeups::default();
         let first = subscribe_once(&self.client, &self.addr).await?;
+        // A subscriber is a daemon: it also stores what producers leave in the inboxes,
+        // whenever one says `work`, so that its claims and everyone's lookups find them
+        // stored. Any number of nodes may do so at once: each step takes distinct entries.
+        let store = std::sync::Arc::new(tokio::sync::Notify::new());
+        {
+            let store = store.clone();
+            let mut conn = self.conn();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = store_inboxes(&mut conn).await {
+                        tracing::debug!(error = %e, "could not store the queues' inboxes");
+                    }
+                    tokio::select! {
+                        _ = store.notified() => {}
+                        _ = tokio::time::sleep(STORE_TICK) => {}
+                    }
+                }
+            });
+        }
         let w = wakeups.clone();
         let client = self.client.clone();
         let addr = self.addr.clone();
@@ -868,7 +1023,10 @@ impl Broker for RedisBroker {
                             b"cancel" => w.cancel.notify_one(),
                             b"pause" => w.pause.notify_one(),
                             b"sched" => w.sched.notify_one(),
-                            _ => w.work.notify_one(),
+                            _ => {
+                                w.work.notify_one();
+                                store.notify_one();
+                            }
                         }
                     }
                     tracing::warn!(redis = %addr, "lost the wake-up subscription; reconnecting");
@@ -881,6 +1039,7 @@ impl Broker for RedisBroker {
                         pubsub = Some(ps);
                         // Anything may have happened meanwhile.
                         w.work.notify_one();
+                        store.notify_one();
                         w.cancel.notify_one();
                         w.pause.notify_one();
                         w.sched.notify_one();
@@ -986,6 +1145,65 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+}
+
+/// Store up to [`STORE_STEP`] entries of `q`'s inbox: (taken, left, whether task `id` is
+/// stored now).
+async fn store_step(
+    conn: &mut ConnectionManager,
+    q: &QueueName,
+    id: Option<&str>,
+) -> redis::RedisResult<(u64, u64, bool)> {
+    let mut inv = scripts().store.key(prefix(q));
+    inv.arg(STORE_STEP);
+    if let Some(id) = id {
+        inv.arg(id);
+    }
+    let (took, left, stored): (u64, u64, u8) = inv.invoke_async(conn).await?;
+    Ok((took, left, stored > 0))
+}
+
+/// Store what `q`'s inbox holds now, in steps, or only until task `id` is stored (then
+/// `true`). Entries producers add meanwhile are left to the next call: a steady stream of
+/// them would otherwise keep this going forever.
+async fn store_all(
+    conn: &mut ConnectionManager,
+    q: &QueueName,
+    id: Option<&str>,
+) -> redis::RedisResult<bool> {
+    let mut budget: Option<u64> = None;
+    loop {
+        let (took, left, stored) = store_step(conn, q, id).await?;
+        if stored {
+            return Ok(true);
+        }
+        let b = budget.get_or_insert(took + left);
+        *b = b.saturating_sub(took);
+        if left == 0 || took == 0 || *b == 0 {
+            return Ok(false);
+        }
+    }
+}
+
+/// Store the inboxes of every queue: what a daemon does whenever a producer says `work`
+/// (and every [`STORE_TICK`]), so that claims, lookups and lists rarely have to.
+async fn store_inboxes(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    let names: Vec<String> = redis::cmd("SMEMBERS").arg(QUEUES).query_async(conn).await?;
+    let queues: Vec<QueueName> = names.into_iter().filter_map(|n| n.parse().ok()).collect();
+    if queues.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for q in &queues {
+        pipe.cmd("LLEN").arg(format!("{}in", prefix(q)));
+    }
+    let lens: Vec<u64> = pipe.query_async(conn).await?;
+    for (q, n) in queues.iter().zip(lens) {
+        if n > 0 {
+            store_all(conn, q, None).await?;
+        }
+    }
+    Ok(())
 }
 
 fn server_ms(time: &[String]) -> Option<UnixMs> {

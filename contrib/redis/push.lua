@@ -1,0 +1,66 @@
+-- taskd's push script, the fast path of enqueue for plain tasks (priority 0, no unique key,
+-- due now), as the daemon and `taskd submit` run it (src/broker/redis/lib.lua followed by
+-- src/broker/redis/push.lua). See docs/redis.md for how to call it.
+
+-- Helpers shared by every taskd script (prepended to each one).
+-- KEYS[1] is always the queue's prefix, `taskd:{q:<queue>}:`; every key a script touches
+-- starts with it, so on Redis Cluster one script stays in one hash slot.
+-- Numbers are passed to Redis through fmt(): Lua would print a large one in exponent form.
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+local function clock()
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  return s * 1000 + math.floor(us / 1000), s * 1000000 + us
+end
+
+-- Move a task between the per-state indexes (`st:<state>`, scored by seq).
+local function move_state(p, id, from, to, seq)
+  if from then
+    redis.call('ZREM', p .. 'st:' .. from, id)
+  end
+  redis.call('ZADD', p .. 'st:' .. to, seq, id)
+end
+
+-- A finished task no longer holds its unique key.
+local function free_unique(p, id, key)
+  if key and redis.call('HGET', p .. 'u', key) == id then
+    redis.call('HDEL', p .. 'u', key)
+  end
+end
+
+local function ready_add(p, priority, rk)
+  redis.call('ZADD', p .. 'ready', fmt(-tonumber(priority)), rk)
+end
+
+-- Push plain tasks into the queue's inbox, all or nothing (see inbox.lua): the fast path
+-- of enqueue, a few list operations per task. KEYS: the queue's prefix, then each task's
+-- key (`<prefix>t:<id>`). ARGV: each task's entry, `<id>\31<args JSON>\31<payload>`, in
+-- the same order. Refuses the batch when one of the ids is already stored. Returns the
+-- server's time in µs: when the tasks were pushed (their created_at).
+local p = KEYS[1]
+local n = #ARGV
+for i = 2, n + 1, 1000 do
+  local j = math.min(i + 999, n + 1)
+  if redis.call('EXISTS', unpack(KEYS, i, j)) > 0 then
+    for k = i, j do
+      if redis.call('EXISTS', KEYS[k]) == 1 then
+        return redis.error_reply('DUPLICATE a task with id ' .. string.sub(KEYS[k], #p + 3)
+          .. ' already exists')
+      end
+    end
+  end
+end
+local _, now_us = clock()
+local now = fmt(now_us)
+-- The time goes first, once for the batch.
+redis.call('RPUSH', p .. 'in', '@' .. now)
+for i = 1, n, 1000 do
+  redis.call('RPUSH', p .. 'in', unpack(ARGV, i, math.min(i + 999, n)))
+end
+redis.call('INCRBY', p .. 'inn', n)
+redis.call('PUBLISH', 'taskd:wake', 'work')
+return now
