@@ -31,14 +31,16 @@ if counted and not charged then attempts = math.max(attempts - 1, 0) end
 local states = { succeeded = 'succeeded', retry = 'retrying', failed = 'failed',
   cancelled = 'cancelled', requeue = 'queued', release = 'queued' }
 local state = states[nxt]
-redis.call('HSET', t, 'state', state, 'attempts', fmt(attempts), 'updated_at', fmt(now),
-  'cancel_requested', '0')
-redis.call('HDEL', t, 'node', 'expires', 'pid', 'pid_start', 'pid_boot')
+-- One HSET and one HDEL: every write a script makes is appended to the AOF.
+local set = { 'state', state, 'attempts', fmt(attempts), 'updated_at', fmt(now),
+  'cancel_requested', '0' }
+local del = { 'node', 'expires', 'pid', 'pid_start', 'pid_boot' }
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then
-  redis.call('HSET', t, 'finished_at', fmt(now))
+  set[#set + 1] = 'finished_at'
+  set[#set + 1] = fmt(now)
   free_unique(p, id, f[8])
 else
-  redis.call('HDEL', t, 'finished_at')
+  del[#del + 1] = 'finished_at'
 end
 if nxt ~= 'release' then
   local err = ARGV[8]
@@ -48,11 +50,14 @@ if nxt ~= 'release' then
     err = 'e:cancelled by an operator'
   end
   if err == '' then
-    redis.call('HDEL', t, 'last_error')
+    del[#del + 1] = 'last_error'
   else
-    redis.call('HSET', t, 'last_error', string.sub(err, 3))
+    set[#set + 1] = 'last_error'
+    set[#set + 1] = string.sub(err, 3)
   end
 end
+redis.call('HSET', t, unpack(set))
+redis.call('HDEL', t, unpack(del))
 redis.call('ZREM', p .. 'held', id)
 redis.call('SREM', p .. 'cancel', id)
 move_state(p, id, f[1], state, f[5])

@@ -11,12 +11,14 @@ local function store_inbox(p, max)
   if #entries == 0 then return 0 end
   local queue = string.match(p, '{q:(.*)}')
   local pushed = tonumber(redis.call('GET', p .. 'inat') or '0')
+  local created = fmt(math.floor(pushed / 1000))
   local last = tonumber(redis.call('GET', p .. 'seq') or '0')
   local idx, ready = {}, {}
   local tasks = 0
   for _, e in ipairs(entries) do
     if string.byte(e, 1) == 64 then -- '@'
       pushed = tonumber(string.sub(e, 2))
+      created = fmt(math.floor(pushed / 1000))
     else
       tasks = tasks + 1
       local a = string.find(e, '\31', 1, true)
@@ -29,8 +31,7 @@ local function store_inbox(p, max)
         if seq <= last then seq = last + 1 end
         last = seq
         local sseq = fmt(seq)
-        local created = fmt(math.floor(pushed / 1000))
-        local rk = string.format('%017.0f', seq) .. ':' .. id
+        local rk = string.rep('0', 17 - #sseq) .. sseq .. ':' .. id
         redis.call('HSET', t, 'id', id, 'queue', queue, 'state', 'queued',
           'payload', string.sub(e, b + 1), 'args', string.sub(e, a + 1, b - 1),
           'priority', '0', 'run_at', created, 'attempts', '0', 'created_at', created,
