@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{poll, Daemon, Env, SIGTERM};
+use common::{poll, Env, SIGTERM};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -15,31 +15,6 @@ fn env(extra: &str, queues: &str) -> Env {
     Env::raw(&format!(
         "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n{extra}\n\n{queues}\n"
     ))
-}
-
-/// The API's base URL, from the daemon's log.
-fn base(d: &Daemon) -> String {
-    let mut url = String::new();
-    let ok = poll(Duration::from_secs(10), || {
-        let log = d.log_text();
-        match log.find("API listening on ") {
-            Some(i) => {
-                url = log[i + "API listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                true
-            }
-            None => false,
-        }
-    });
-    assert!(
-        ok,
-        "the daemon did not log its API address:\n{}",
-        d.log_text()
-    );
-    url
 }
 
 /// One request; (status, JSON body or Null, raw text).
@@ -80,7 +55,7 @@ const QUEUES: &str = "[queues.echo]\nshell = \"echo out-$TASKD_ATTEMPT; echo err
 fn enqueue_read_list_and_metrics() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let (code, v) = call(
         "POST",
         &format!("{url}/api/v1/queues/mail/tasks"),
@@ -200,7 +175,7 @@ fn enqueue_read_list_and_metrics() {
 fn batches_are_atomic() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     call(
         "POST",
         &format!("{url}/api/v1/queues/mail/pause"),
@@ -264,7 +239,7 @@ fn batches_are_atomic() {
 fn errors_name_the_problem() {
     let e = env("max_payload = 1024", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let (code, v) = call(
         "POST",
         &format!("{url}/api/v1/queues/nope/tasks"),
@@ -359,7 +334,7 @@ fn errors_name_the_problem() {
 fn retry_cancel_pause_resume() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let (_, v) = call(
         "POST",
         &format!("{url}/api/v1/queues/fail/tasks"),
@@ -471,7 +446,7 @@ fn retry_cancel_pause_resume() {
 fn tokens_guard_mutations_and_stay_secret() {
     let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let enqueue = format!("{url}/api/v1/queues/echo/tasks");
     let (code, v) = call("POST", &enqueue, None, None);
     assert_eq!(
@@ -524,7 +499,7 @@ fn tokens_guard_mutations_and_stay_secret() {
     std::fs::write(&file, format!("{TOKEN}\n")).expect("token file");
     let e2 = env(&format!("token_file = \"{}\"", file.display()), QUEUES);
     let d2 = e2.daemon();
-    let url2 = base(&d2);
+    let url2 = d2.api_base();
     let (code, _) = call(
         "POST",
         &format!("{url2}/api/v1/queues/echo/tasks"),
@@ -572,7 +547,7 @@ fn non_loopback_listen_needs_a_token() {
     // With a token a non-loopback listen starts, and reads need the token too.
     let ok = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:0\"\ntoken = \"{TOKEN}\"\n\n[queues.a]\nshell = \"true\"\n"));
     let d = ok.daemon();
-    let url = base(&d).replace("0.0.0.0", "127.0.0.1");
+    let url = d.api_base().replace("0.0.0.0", "127.0.0.1");
     let (code, _) = call("GET", &format!("{url}/api/v1/queues"), None, None);
     assert_eq!(code, 401);
     let (code, _) = call("GET", &format!("{url}/api/v1/queues"), Some(TOKEN), None);
@@ -585,7 +560,7 @@ fn non_loopback_listen_needs_a_token() {
 fn draining_answers_503() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let (_, v) = call(
         "POST",
         &format!("{url}/api/v1/queues/slow/tasks"),
@@ -616,7 +591,7 @@ fn draining_answers_503() {
 fn openapi_matches_the_routes() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let (code, doc) = call("GET", &format!("{url}/api/v1/openapi.json"), None, None);
     assert_eq!(code, 200);
     assert_eq!(doc["openapi"], "3.0.3");
@@ -655,7 +630,7 @@ fn openapi_matches_the_routes() {
 fn cli_submit_and_status_through_the_api() {
     let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     // A host without the config: -c points nowhere.
     let elsewhere = Env::raw("");
     let run = |args: &[&str], token: Option<&str>| {
@@ -930,7 +905,7 @@ fn dashboard_in_a_browser() {
     );
     let e = env(&format!("token = \"{TOKEN}\""), &queues);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let post = |path: &str, body: Option<&str>| {
         let (code, v) = call("POST", &format!("{url}{path}"), Some(TOKEN), body);
         assert!(code < 300, "{path}: {v:#}");
@@ -1039,7 +1014,7 @@ fn dashboard_in_a_browser() {
 fn reload_swaps_the_token_and_limits_hold() {
     let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let enqueue = format!("{url}/api/v1/queues/echo/tasks");
     let fresh = "another-token-9876543210";
     std::fs::write(
@@ -1102,7 +1077,7 @@ fn raw(url: &str, request: &str) -> String {
 fn web_pages_cannot_drive_the_api() {
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = base(&d);
+    let url = d.api_base();
     let host = url.trim_start_matches("http://").to_string();
     let post = |origin: &str, host: &str| {
         raw(

@@ -776,3 +776,43 @@ fn a_daemon_stores_the_inbox_of_a_paused_queue() {
     env.wait_state(&ids[999], "succeeded", secs(30));
     drop(d);
 }
+
+/// The HTTP API lists the nodes sharing the broker beside the queues, and so does
+/// `taskd status --server`.
+#[test]
+fn the_api_and_status_server_list_the_nodes() {
+    let Some(server) = RedisServer::start("the_api_and_status_server_list_the_nodes") else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    let text = std::fs::read_to_string(&env.config).expect("read config");
+    std::fs::write(
+        &env.config,
+        text.replacen("[taskd]\n", "[taskd]\nlisten = \"127.0.0.1:0\"\n", 1),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let me = node_id(&d);
+    let url = d.api_base();
+    let listed = |v: &Value| {
+        v["nodes"].as_array().is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n["id"] == me.as_str() && n["pid"] == d.pid())
+        })
+    };
+    let mut v = Value::Null;
+    assert!(
+        poll(secs(20), || {
+            v = serde_json::from_str(&env.ok(&["status", "--server", &url, "--json"]))
+                .expect("status --server --json is JSON");
+            listed(&v)
+        }),
+        "GET /api/v1/queues does not list node {me}: {v:#}"
+    );
+    let text = env.ok(&["status", "--server", &url]);
+    assert!(
+        text.contains("nodes sharing its broker") && text.contains(&me),
+        "{text}"
+    );
+    drop(d);
+}

@@ -154,7 +154,11 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, A
         .filter(|f| f.daemon_pid == std::process::id())
         .map(|f| f.workers)
         .unwrap_or_default();
-    Ok(Json(json!({ "queues": queues, "workers": workers })))
+    // The nodes sharing the broker (none for the embedded store).
+    let nodes = state.broker(state.broker.nodes().await)?;
+    Ok(Json(
+        json!({ "queues": queues, "workers": workers, "nodes": nodes }),
+    ))
 }
 
 fn created(existing: bool, task: TaskRecord) -> Response {

@@ -40,8 +40,14 @@ pub fn document() -> Value {
             "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text), named taskd_*", "responses": { "200": { "description": "metrics", "content": { "application/openmetrics-text": {} } } } } },
             "/api/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": ok("OpenAPI 3 document", json!({ "type": "object" })) } } },
             "/api/v1/queues": { "get": {
-                "summary": "Queues with their counts by state and paused flags",
-                "responses": { "200": ok("queues", json!({ "type": "object", "properties": { "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } } } })), "401": error_ref() }
+                "summary": "Queues with their counts by state and paused flags, this daemon's long-lived workers, and the nodes sharing the broker (Redis)",
+                "responses": { "200": ok("queues", json!({ "type": "object", "properties": {
+                    "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } },
+                    "workers": { "type": "array", "items": { "type": "object" } },
+                    "nodes": { "type": "array", "items": { "type": "object", "properties": {
+                        "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
+                        "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
+                        "last_heartbeat": { "type": "integer", "description": "ms since the epoch, the Redis server's clock" } } } } } })), "401": error_ref() }
             } },
             "/api/v1/queues/{queue}/tasks": { "post": {
                 "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running)",

@@ -137,29 +137,34 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         println!("workers: none running (the daemon is not running)");
     }
     if !nodes.is_empty() {
-        let mut table = Table::new();
-        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-            "node",
-            "host",
-            "pid",
-            "queues",
-            "running",
-            "last heartbeat",
-        ]);
-        for n in &nodes {
-            table.add_row(vec![
-                n.id.clone(),
-                n.host.clone(),
-                n.pid.to_string(),
-                n.queues.join(" "),
-                n.running.to_string(),
-                format!("{} ago", fmt_duration_ms((now - n.last_heartbeat).max(0))),
-            ]);
-        }
         println!("nodes sharing {}:", config.broker);
-        println!("{table}");
+        println!("{}", nodes_table(&nodes, now));
     }
     Ok(exit::OK)
+}
+
+/// The nodes sharing a broker, and how long ago each was last heard from.
+fn nodes_table(nodes: &[crate::broker::NodeInfo], now: i64) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "node",
+        "host",
+        "pid",
+        "queues",
+        "running",
+        "last heartbeat",
+    ]);
+    for n in nodes {
+        table.add_row(vec![
+            n.id.clone(),
+            n.host.clone(),
+            n.pid.to_string(),
+            n.queues.join(" "),
+            n.running.to_string(),
+            format!("{} ago", fmt_duration_ms((now - n.last_heartbeat).max(0))),
+        ]);
+    }
+    table
 }
 
 /// `taskd status --server URL`: the queues as the daemon's API reports them.
@@ -197,6 +202,12 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
     }
     println!("daemon: answering at {}", remote.base());
     println!("{table}");
+    let nodes: Vec<crate::broker::NodeInfo> =
+        serde_json::from_value(v["nodes"].clone()).unwrap_or_default();
+    if !nodes.is_empty() {
+        println!("nodes sharing its broker:");
+        println!("{}", nodes_table(&nodes, now_ms()));
+    }
     Ok(exit::OK)
 }
 

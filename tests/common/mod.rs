@@ -162,6 +162,31 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The HTTP API's base URL, from the log line the daemon writes once it listens.
+    pub fn api_base(&self) -> String {
+        let mut url = String::new();
+        let ok = poll(Duration::from_secs(10), || {
+            let log = self.log_text();
+            match log.find("API listening on ") {
+                Some(i) => {
+                    url = log[i + "API listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        assert!(
+            ok,
+            "the daemon did not log its API address:\n{}",
+            self.log_text()
+        );
+        url
+    }
+
     pub fn exited(&self) -> bool {
         // try_wait needs &mut; peek at /proc instead.
         match &self.child {
