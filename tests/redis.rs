@@ -306,6 +306,12 @@ fn a_daemon_keeps_its_running_task_while_redis_restarts() {
         d.log_text()
     );
     assert!(!d.exited(), "the daemon exited:\n{}", d.log_text());
+    // The free slot's claims fail meanwhile, retried with backoff: logged once.
+    assert!(
+        poll(secs(20), || d.log_text().contains("failed to claim tasks")),
+        "{}",
+        d.log_text()
+    );
     server.start_again();
     let done = env.wait_state(&id, "succeeded", secs(60));
     assert_eq!(history(&done).len(), 1, "{done:#}");
@@ -314,6 +320,13 @@ fn a_daemon_keeps_its_running_task_while_redis_restarts() {
     env.wait_state(&next, "succeeded", secs(60));
     assert!(!d.exited());
     assert_eq!(lines(&env.path().join("out")).len(), 2);
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("failed to claim tasks").count(),
+        1,
+        "one outage, one line:\n{log}"
+    );
+    assert!(log.contains("claiming tasks again"), "{log}");
 }
 
 #[test]

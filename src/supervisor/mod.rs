@@ -353,6 +353,7 @@ impl Supervisor {
     /// runs start the held tasks themselves, and kick this loop to top the buffer up.
     async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
         let mut error_backoff = Duration::from_millis(100);
+        let mut claim_failing = false;
         loop {
             if self.draining.is_cancelled() || q.removed.is_cancelled() {
                 self.release_ready(&q).await;
@@ -402,6 +403,10 @@ impl Supervisor {
                 };
                 match claimed {
                     Ok(claimed) => {
+                        if claim_failing {
+                            tracing::info!(queue = %q.name, "claiming tasks again");
+                            claim_failing = false;
+                        }
                         error_backoff = Duration::from_millis(100);
                         let got = claimed.len();
                         q.backlog.store(got == want, Ordering::Release);
@@ -425,7 +430,15 @@ impl Supervisor {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(queue = %q.name, error = %e, "failed to claim tasks; retrying");
+                        // Once per outage: the broker's own loss is logged by the cluster
+                        // loop and the connection, and a retry every few seconds would
+                        // bury the rest of the log.
+                        if claim_failing {
+                            tracing::debug!(queue = %q.name, error = %e, "still failing to claim tasks; retrying");
+                        } else {
+                            tracing::error!(queue = %q.name, error = %e, "failed to claim tasks; retrying with backoff (up to 10 s) until the broker answers");
+                            claim_failing = true;
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(error_backoff) => {}
                             _ = self.draining.cancelled() => {}
