@@ -4,8 +4,9 @@
 //!   connection, as separate producers would be), tasks/s; and the rate until they are
 //!   all stored as well (on Redis plain tasks wait in the queue's inbox until stored).
 //! - `claim`: N pre-filled (stored) tasks claimed 64 at a time and finished (succeeded) by K nodes,
-//!   each finish sent as soon as its claim returns (as the daemon does); tasks/s and the
-//!   round trips to the broker per task, counted.
+//!   each finish sent as soon as its claim returns (as the daemon does); tasks/s, the
+//!   broker calls per task, and on Redis the calls that reached the server per task
+//!   (results ready together share one `finish` call), counted.
 //!
 //! Usage: redis_bench enqueue URL N B C | redis_bench claim URL N K
 //! (URL `sqlite:PATH` measures the embedded store the same way.)
@@ -15,23 +16,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use taskd::broker::redis::RedisBroker;
 use taskd::broker::{Broker, Finish, ListFilter};
 use taskd::model::{AttemptReason, AttemptRecord, NewTask, QueueName};
 
 async fn open(url: &str) -> Arc<dyn Broker> {
-    let b: Arc<dyn Broker> = match url.strip_prefix("sqlite:") {
-        Some(p) => Arc::new(
-            taskd::broker::sqlite::SqliteBroker::open(std::path::Path::new(p))
-                .await
-                .expect("open sqlite"),
+    open_counted(url).await.0
+}
+
+/// The broker, and for Redis a handle on its count of calls sent to the server.
+async fn open_counted(url: &str) -> (Arc<dyn Broker>, Option<Arc<RedisBroker>>) {
+    match url.strip_prefix("sqlite:") {
+        Some(p) => (
+            Arc::new(
+                taskd::broker::sqlite::SqliteBroker::open(std::path::Path::new(p))
+                    .await
+                    .expect("open sqlite"),
+            ),
+            None,
         ),
-        None => Arc::new(
-            taskd::broker::redis::RedisBroker::open(url)
-                .await
-                .expect("open redis"),
-        ),
-    };
-    b
+        None => {
+            let r = Arc::new(RedisBroker::open(url).await.expect("open redis"));
+            (r.clone(), Some(r))
+        }
+    }
 }
 
 fn batch(q: &QueueName, n: usize) -> Vec<NewTask> {
@@ -104,9 +112,14 @@ async fn claim(url: &str, n: usize, k: usize) {
     let trips = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let mut nodes = Vec::new();
+    let mut counters = Vec::new();
     for i in 0..k {
-        nodes.push((format!("bench-{i}"), open(url).await));
+        let (b, counter) = open_counted(url).await;
+        nodes.push((format!("bench-{i}"), b));
+        counters.extend(counter);
     }
+    let sent = |cs: &[Arc<RedisBroker>]| cs.iter().map(|c| c.round_trips()).sum::<u64>();
+    let sent_before = sent(&counters);
     let start = Instant::now();
     let runs = nodes.into_iter().map(|(node, b)| {
         let q = q.clone();
@@ -148,11 +161,20 @@ async fn claim(url: &str, n: usize, k: usize) {
     }
     let t = start.elapsed();
     let d = done.load(Ordering::Relaxed);
+    // Calls made through the broker API; on Redis also the calls that reached the server
+    // (results finished together share one).
+    let calls = trips.load(Ordering::Relaxed);
+    let sent = if counters.is_empty() {
+        calls
+    } else {
+        sent(&counters) - sent_before
+    };
     println!(
-        "claim nodes={k} tasks={d} seconds={:.3} tasks_per_s={:.0} round_trips_per_task={:.3}",
+        "claim nodes={k} tasks={d} seconds={:.3} tasks_per_s={:.0} calls_per_task={:.3} round_trips_per_task={:.3}",
         t.as_secs_f64(),
         d as f64 / t.as_secs_f64(),
-        trips.load(Ordering::Relaxed) as f64 / d as f64
+        calls as f64 / d as f64,
+        sent as f64 / d as f64
     );
 }
 

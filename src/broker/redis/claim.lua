@@ -23,14 +23,36 @@ if max <= 0 then return out end
 store_inbox(p, 2 * max)
 local expires = fmt(now + lease)
 local members = redis.call('ZRANGE', p .. 'ready', 0, max - 1)
+if #members == 0 then return out end
+-- Few calls per task: every call a script makes costs the server far more than the Lua
+-- around it. The task is read once, and the reply is that row with the claim applied.
+redis.call('ZREM', p .. 'ready', unpack(members))
+local held = {}
+local fresh = { token = true, node = true, expires = true, updated_at = true }
+local stale_pid = { pid = true, pid_start = true, pid_boot = true }
 for _, m in ipairs(members) do
   local id = string.sub(m, 19)
   local t = p .. 't:' .. id
-  redis.call('ZREM', p .. 'ready', m)
-  redis.call('HINCRBY', t, 'token', 1)
-  redis.call('HSET', t, 'node', node, 'expires', expires, 'updated_at', fmt(now))
-  redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot')
-  redis.call('ZADD', p .. 'held', expires, id)
-  out[#out + 1] = redis.call('HGETALL', t)
+  local row = redis.call('HGETALL', t)
+  local reply, token, had_pid = {}, 1, false
+  for i = 1, #row, 2 do
+    local k = row[i]
+    if k == 'token' then
+      token = tonumber(row[i + 1]) + 1
+    elseif stale_pid[k] then
+      had_pid = true
+    elseif not fresh[k] then
+      reply[#reply + 1] = k
+      reply[#reply + 1] = row[i + 1]
+    end
+  end
+  local claim = { 'token', fmt(token), 'node', node, 'expires', expires, 'updated_at', fmt(now) }
+  redis.call('HSET', t, unpack(claim))
+  if had_pid then redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot') end
+  for _, v in ipairs(claim) do reply[#reply + 1] = v end
+  held[#held + 1] = expires
+  held[#held + 1] = id
+  out[#out + 1] = reply
 end
+redis.call('ZADD', p .. 'held', unpack(held))
 return out

@@ -43,6 +43,8 @@ const NODE_FORGET_MS: i64 = 3_600_000;
 /// How many inbox entries one script stores: about 5 ms of the server's time, so that
 /// storing a long inbox never holds up other clients for long.
 const STORE_STEP: usize = 256;
+/// At most this many results go in one `finish` call.
+const FINISH_BATCH: usize = 128;
 /// How often a subscribed client (a daemon) looks for inboxes to store when no wake-up
 /// said so.
 const STORE_TICK: Duration = Duration::from_secs(5);
@@ -111,6 +113,10 @@ pub struct RedisBroker {
     known: Mutex<HashSet<QueueName>>,
     /// The queue of each task this client claimed: the hot path never looks one up.
     located: Mutex<HashMap<TaskId, QueueName>>,
+    /// Results on their way to [`finish_loop`].
+    finisher: tokio::sync::mpsc::UnboundedSender<Finishing>,
+    /// Calls sent to the server (a pipeline counts once), for the benchmarks.
+    trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RedisBroker {
@@ -141,12 +147,17 @@ impl RedisBroker {
                     "cannot reach the redis server at {addr}: {e}; is it running, and do the address, password and TLS setting in `broker` match it?"
                 ))
             })?;
+        let (finisher, rx) = tokio::sync::mpsc::unbounded_channel();
+        let trips = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(finish_loop(conn.clone(), addr.clone(), trips.clone(), rx));
         Ok(RedisBroker {
             client,
             conn,
             addr,
             known: Mutex::new(HashSet::new()),
             located: Mutex::new(HashMap::new()),
+            finisher,
+            trips,
         })
     }
 
@@ -156,25 +167,18 @@ impl RedisBroker {
     }
 
     fn err(&self, e: RedisError) -> BrokerError {
-        if e.is_io_error()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_unrecoverable_error()
-        {
-            BrokerError::Unavailable(format!(
-                "the redis server at {} is unreachable: {e}",
-                self.addr
-            ))
-        } else if e.code() == Some("DUPLICATE") {
-            BrokerError::Conflict(e.detail().unwrap_or("duplicate task id").to_string())
-        } else {
-            BrokerError::Storage(format!("redis at {}: {e}", self.addr))
-        }
+        broker_error(&self.addr, e)
     }
 
     fn conn(&self) -> ConnectionManager {
+        self.trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.conn.clone()
+    }
+
+    /// How many calls this client sent to the server so far (a pipeline counts once).
+    pub fn round_trips(&self) -> u64 {
+        self.trips.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn queue_names(&self) -> Result<Vec<QueueName>> {
@@ -439,6 +443,90 @@ impl RedisBroker {
 }
 
 /// A flat `HGETALL` answer as a map.
+/// What a failed command means to the caller: the server unreachable, a duplicate id, or
+/// anything else the server said.
+fn broker_error(addr: &str, e: RedisError) -> BrokerError {
+    if e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+    {
+        BrokerError::Unavailable(format!("the redis server at {addr} is unreachable: {e}"))
+    } else if e.code() == Some("DUPLICATE") {
+        BrokerError::Conflict(e.detail().unwrap_or("duplicate task id").to_string())
+    } else {
+        BrokerError::Storage(format!("redis at {addr}: {e}"))
+    }
+}
+
+/// A result waiting to be written: the `finish` script's 8 arguments for it, and who waits.
+struct Finishing {
+    queue: QueueName,
+    args: [String; 8],
+    done: tokio::sync::oneshot::Sender<Result<String>>,
+}
+
+/// Writes results as they come, in one `finish` call per queue for all those that are
+/// ready at once: while one call is on its way, the next results gather behind it (as a
+/// group commit does), so a busy node sends far fewer calls than it finishes tasks, and an
+/// idle one sends each result at once.
+async fn finish_loop(
+    conn: ConnectionManager,
+    addr: String,
+    trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Finishing>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut by_queue: BTreeMap<QueueName, Vec<Finishing>> = BTreeMap::new();
+        by_queue.entry(first.queue.clone()).or_default().push(first);
+        let mut n = 1;
+        while n < FINISH_BATCH {
+            let Ok(f) = rx.try_recv() else { break };
+            by_queue.entry(f.queue.clone()).or_default().push(f);
+            n += 1;
+        }
+        let calls = by_queue.into_iter().map(|(q, batch)| {
+            let mut conn = conn.clone();
+            let addr = addr.clone();
+            trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let mut inv = scripts().finish.key(prefix(&q));
+                for f in &batch {
+                    for a in &f.args {
+                        inv.arg(a);
+                    }
+                }
+                let r: redis::RedisResult<Vec<String>> = inv.invoke_async(&mut conn).await;
+                match r {
+                    Ok(out) if out.len() == batch.len() => {
+                        for (f, o) in batch.into_iter().zip(out) {
+                            let _ = f.done.send(Ok(o));
+                        }
+                    }
+                    Ok(out) => {
+                        let e = BrokerError::Storage(format!(
+                            "finish answered {} results for {} tasks",
+                            out.len(),
+                            batch.len()
+                        ));
+                        for f in batch {
+                            let _ = f.done.send(Err(e.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        let e = broker_error(&addr, e);
+                        for f in batch {
+                            let _ = f.done.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
+    }
+}
+
 /// A task the inbox can take: due now, priority 0, no unique key (the others need the
 /// stored indexes at once).
 fn plain(t: &NewTask) -> bool {
@@ -634,26 +722,31 @@ impl Broker for RedisBroker {
         };
         let json =
             serde_json::to_string(&attempt).map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let r: String = scripts()
-            .finish
-            .key(prefix(&q))
-            .arg(lease.task.to_string())
-            .arg(lease.token)
-            .arg(&lease.node)
-            .arg(kind)
-            .arg(at)
-            .arg(if attempt.pid.is_some() { "1" } else { "0" })
-            .arg(json)
-            .arg(
-                attempt
-                    .error
-                    .as_ref()
-                    .map(|e| format!("e:{e}"))
-                    .unwrap_or_default(),
-            )
-            .invoke_async(&mut self.conn())
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let error = attempt
+            .error
+            .as_ref()
+            .map(|e| format!("e:{e}"))
+            .unwrap_or_default();
+        self.finisher
+            .send(Finishing {
+                queue: q,
+                args: [
+                    lease.task.to_string(),
+                    lease.token.to_string(),
+                    lease.node.clone(),
+                    kind.to_string(),
+                    at.to_string(),
+                    if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
+                    json,
+                    error,
+                ],
+                done,
+            })
+            .map_err(|_| BrokerError::Storage("the result writer stopped".into()))?;
+        let r = answer
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|_| BrokerError::Storage("the result writer stopped".into()))??;
         match r.as_str() {
             "ok" => {
                 self.forget(lease.task);
