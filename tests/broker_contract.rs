@@ -3193,6 +3193,48 @@ mod redis_specific {
         assert_eq!(claim(&b, "pr", 5).await[0].task.id, low);
     }
 
+    /// Results finished at once go to the server together: one `finish` call for many,
+    /// each answered on its own (a stale lease among them is refused, the others are
+    /// recorded).
+    #[tokio::test]
+    async fn results_finished_together_share_one_call() {
+        let Some(server) = redis_server::RedisServer::start("results_finished_together") else {
+            return;
+        };
+        let url = server.url();
+        let b = Arc::new(RedisBroker::open(&url).await.expect("open"));
+        let bb: B = b.clone();
+        b.enqueue(tasks("fin", 50)).await.expect("enqueue");
+        let got = claim(&bb, "fin", 50).await;
+        assert_eq!(got.len(), 50);
+        let stale = got[7].clone();
+        let mut stale_lease = stale.lease.clone();
+        stale_lease.token -= 1;
+        let before = b.round_trips();
+        let results = futures_util::future::join_all(got.iter().map(|c| {
+            let lease = if c.task.id == stale.task.id {
+                stale_lease.clone()
+            } else {
+                c.lease.clone()
+            };
+            let a = attempt_of(c, AttemptReason::Exit, None);
+            let b = bb.clone();
+            async move { b.finish(&lease, a, Finish::Succeeded).await }
+        }))
+        .await;
+        let calls = b.round_trips() - before;
+        assert!(calls <= 3, "50 results ready at once took {calls} calls");
+        for (c, r) in got.iter().zip(&results) {
+            if c.task.id == stale.task.id {
+                assert_lease_lost(r.clone(), c.task.id, "a stale finish in a batch");
+            } else {
+                assert!(r.is_ok(), "{r:?}");
+                assert_eq!(get(&bb, c.task.id).await.task.state, TaskState::Succeeded);
+            }
+        }
+        assert_eq!(get(&bb, stale.task.id).await.task.state, TaskState::Queued);
+    }
+
     /// A caller that reuses the id of a task still in the inbox (taskd never does: its ids
     /// are new UUIDs) does not overwrite the task stored first under it: the entry stored
     /// later is set aside in the queue's `dup` list, intact.
