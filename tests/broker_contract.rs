@@ -3235,6 +3235,88 @@ mod redis_specific {
         assert_eq!(get(&bb, stale.task.id).await.task.state, TaskState::Queued);
     }
 
+    /// A task pushed to the inbox keeps its place by push time: a task stored directly
+    /// after it (here: with a unique key) comes after it in FIFO order and in lists, though
+    /// it was stored first.
+    #[tokio::test]
+    async fn inbox_tasks_keep_their_place_by_push_time() {
+        let Some((b, _g)) = redis_pair("inbox_tasks_keep_their_place").await else {
+            return;
+        };
+        let a = enqueue1(&b, task("order")).await;
+        let mut direct = task("order");
+        direct.unique_key = Some("k".into());
+        let d = enqueue1(&b, direct).await;
+        let listed = b.list(&ListFilter::default()).await.expect("list");
+        assert_eq!(ids_of(&listed), vec![d, a], "newest first");
+        let got: Vec<TaskId> = claim(&b, "order", 2)
+            .await
+            .iter()
+            .map(|c| c.task.id)
+            .collect();
+        assert_eq!(got, vec![a, d], "oldest first");
+        assert!(get(&b, a).await.task.created_at <= get(&b, d).await.task.created_at);
+    }
+
+    /// push.lua refuses an entry it could not store; an unreadable entry written into an
+    /// inbox by hand is set aside in `bad` instead of blocking the queue.
+    #[tokio::test]
+    async fn malformed_inbox_entries_never_block_a_queue() {
+        let Some((b, g)) = redis_pair("malformed_inbox_entries").await else {
+            return;
+        };
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/redis/push.lua");
+        let script = script.to_str().expect("utf-8 path");
+        let id = TaskId::new().to_string();
+        let key = format!("taskd:{{q:bad}}:t:{id}");
+        for (what, keys, entry) in [
+            ("no separators", vec![key.clone()], id.clone()),
+            (
+                "an empty id",
+                vec!["taskd:{q:bad}:t:".to_string()],
+                "\x1f[]\x1f{}".to_string(),
+            ),
+            ("no key", vec![], format!("{id}\x1f[]\x1f{{}}")),
+            (
+                "an id that reads as a time",
+                vec!["taskd:{q:bad}:t:@1".to_string()],
+                "@1\x1f[]\x1f{}".to_string(),
+            ),
+        ] {
+            let mut args = vec!["--eval", script, "taskd:{q:bad}:"];
+            args.extend(keys.iter().map(String::as_str));
+            args.extend([",", entry.as_str()]);
+            let out = g.server.cli(&args);
+            assert!(out.contains("ERR push"), "{what}: {out}");
+        }
+        assert_eq!(
+            int(&g, &["LLEN", "taskd:{q:bad}:in"]),
+            0,
+            "nothing was pushed"
+        );
+
+        // Written by hand, bypassing push.lua: set aside when stored, the queue goes on.
+        g.server
+            .cli(&["RPUSH", "taskd:{q:bad}:in", "garbage", "@x:1"]);
+        g.server.cli(&["INCRBY", "taskd:{q:bad}:inn", "2"]);
+        g.server.cli(&["SADD", "taskd:queues", "bad"]);
+        let good = enqueue1(&b, task("bad")).await;
+        let got = claim(&b, "bad", 5).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![good]
+        );
+        assert_eq!(
+            g.server
+                .cli(&["LRANGE", "taskd:{q:bad}:bad", "0", "-1"])
+                .trim(),
+            "garbage\n@x:1"
+        );
+        assert_eq!(int(&g, &["GET", "taskd:{q:bad}:inn"]), 0);
+        assert_eq!(int(&g, &["LLEN", "taskd:{q:bad}:in"]), 0);
+    }
+
     /// A caller that reuses the id of a task still in the inbox (taskd never does: its ids
     /// are new UUIDs) does not overwrite the task stored first under it: the entry stored
     /// later is set aside in the queue's `dup` list, intact.

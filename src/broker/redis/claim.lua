@@ -26,7 +26,9 @@ local members = redis.call('ZRANGE', p .. 'ready', 0, max - 1)
 if #members == 0 then return out end
 -- Few calls per task: every call a script makes costs the server far more than the Lua
 -- around it. The task is read once, and the reply is that row with the claim applied.
-redis.call('ZREM', p .. 'ready', unpack(members))
+for i = 1, #members, 1000 do
+  redis.call('ZREM', p .. 'ready', unpack(members, i, math.min(i + 999, #members)))
+end
 local held = {}
 local fresh = { token = true, node = true, expires = true, updated_at = true }
 local stale_pid = { pid = true, pid_start = true, pid_boot = true }
@@ -54,5 +56,7 @@ for _, m in ipairs(members) do
   held[#held + 1] = id
   out[#out + 1] = reply
 end
-redis.call('ZADD', p .. 'held', unpack(held))
+for i = 1, #held, 2000 do
+  redis.call('ZADD', p .. 'held', unpack(held, i, math.min(i + 1999, #held)))
+end
 return out

@@ -489,42 +489,64 @@ async fn finish_loop(
         let calls = by_queue.into_iter().map(|(q, batch)| {
             let mut conn = conn.clone();
             let addr = addr.clone();
-            trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let trips = trips.clone();
             async move {
-                let mut inv = scripts().finish.key(prefix(&q));
-                for f in &batch {
-                    for a in &f.args {
-                        inv.arg(a);
-                    }
-                }
-                let r: redis::RedisResult<Vec<String>> = inv.invoke_async(&mut conn).await;
-                match r {
-                    Ok(out) if out.len() == batch.len() => {
-                        for (f, o) in batch.into_iter().zip(out) {
-                            let _ = f.done.send(Ok(o));
+                trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let args: Vec<&[String; 8]> = batch.iter().map(|f| &f.args).collect();
+                let answers = match finish_call(&mut conn, &addr, &q, &args).await {
+                    // A script error that is not the connection's (a task's record it
+                    // could not read) must not hold up the others: each goes alone.
+                    Err(BrokerError::Storage(_)) if batch.len() > 1 => {
+                        let mut each = Vec::with_capacity(batch.len());
+                        for a in &args {
+                            trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            each.push(finish_call(&mut conn, &addr, &q, &[a]).await.and_then(
+                                |mut v| {
+                                    v.pop().ok_or_else(|| {
+                                        BrokerError::Storage("finish answered nothing".into())
+                                    })
+                                },
+                            ));
                         }
+                        each
                     }
-                    Ok(out) => {
-                        let e = BrokerError::Storage(format!(
-                            "finish answered {} results for {} tasks",
-                            out.len(),
-                            batch.len()
-                        ));
-                        for f in batch {
-                            let _ = f.done.send(Err(e.clone()));
-                        }
-                    }
-                    Err(e) => {
-                        let e = broker_error(&addr, e);
-                        for f in batch {
-                            let _ = f.done.send(Err(e.clone()));
-                        }
-                    }
+                    Ok(out) => out.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e); batch.len()],
+                };
+                for (f, a) in batch.into_iter().zip(answers) {
+                    let _ = f.done.send(a);
                 }
             }
         });
         futures_util::future::join_all(calls).await;
     }
+}
+
+/// One `finish` call for results of queue `q`; one answer per result.
+async fn finish_call(
+    conn: &mut ConnectionManager,
+    addr: &str,
+    q: &QueueName,
+    results: &[&[String; 8]],
+) -> Result<Vec<String>> {
+    let mut inv = scripts().finish.key(prefix(q));
+    for r in results {
+        for a in r.iter() {
+            inv.arg(a);
+        }
+    }
+    let out: Vec<String> = inv
+        .invoke_async(conn)
+        .await
+        .map_err(|e| broker_error(addr, e))?;
+    if out.len() != results.len() {
+        return Err(BrokerError::Storage(format!(
+            "finish answered {} results for {} tasks",
+            out.len(),
+            results.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// A task the inbox can take: due now, priority 0, no unique key (the others need the
@@ -728,25 +750,32 @@ impl Broker for RedisBroker {
             .as_ref()
             .map(|e| format!("e:{e}"))
             .unwrap_or_default();
-        self.finisher
-            .send(Finishing {
-                queue: q,
-                args: [
-                    lease.task.to_string(),
-                    lease.token.to_string(),
-                    lease.node.clone(),
-                    kind.to_string(),
-                    at.to_string(),
-                    if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
-                    json,
-                    error,
-                ],
-                done,
-            })
-            .map_err(|_| BrokerError::Storage("the result writer stopped".into()))?;
-        let r = answer
-            .await
-            .map_err(|_| BrokerError::Storage("the result writer stopped".into()))??;
+        let args = [
+            lease.task.to_string(),
+            lease.token.to_string(),
+            lease.node.clone(),
+            kind.to_string(),
+            at.to_string(),
+            if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
+            json,
+            error,
+        ];
+        let r = match self.finisher.send(Finishing {
+            queue: q.clone(),
+            args,
+            done,
+        }) {
+            Ok(()) => answer.await.map_err(|_| {
+                BrokerError::Storage("the result writer stopped before answering".into())
+            })??,
+            // The writer is gone (the runtime it ran on shut down): write this one directly.
+            Err(tokio::sync::mpsc::error::SendError(f)) => {
+                finish_call(&mut self.conn(), &self.addr, &q, &[&f.args])
+                    .await?
+                    .pop()
+                    .unwrap_or_default()
+            }
+        };
         match r.as_str() {
             "ok" => {
                 self.forget(lease.task);
@@ -911,11 +940,13 @@ impl Broker for RedisBroker {
         let mut pipe = redis::pipe();
         for q in &queues {
             let p = prefix(q);
+            // The inbox first: a task stored between the two reads is counted twice for
+            // a moment rather than not at all.
+            pipe.cmd("GET").arg(format!("{p}inn"));
             for s in STATES {
                 pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
             }
             pipe.cmd("EXISTS").arg(format!("{p}paused"));
-            pipe.cmd("GET").arg(format!("{p}inn"));
         }
         let n: Vec<Option<u64>> = pipe
             .query_async(&mut self.conn())
@@ -924,15 +955,15 @@ impl Broker for RedisBroker {
         let mut out = Vec::new();
         for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 2)) {
             let row: Vec<u64> = row.iter().map(|n| n.unwrap_or(0)).collect();
+            let (unstored, row) = (row[0], &row[1..]);
             let paused = row[STATES.len()] > 0;
             let mut counts: BTreeMap<TaskState, u64> = STATES
                 .iter()
-                .zip(&row)
+                .zip(row)
                 .filter(|(_, n)| **n > 0)
                 .map(|(s, n)| (*s, *n))
                 .collect();
             // Tasks still in the inbox are queued.
-            let unstored = row[STATES.len() + 1];
             if unstored > 0 {
                 *counts.entry(TaskState::Queued).or_default() += unstored;
             }
@@ -990,11 +1021,11 @@ impl Broker for RedisBroker {
         }
         let mut pipe = redis::pipe();
         for q in &queues {
-            pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
             if state == TaskState::Queued {
-                // Tasks still in the inbox are queued.
+                // Tasks still in the inbox are queued (read first, as in `counts`).
                 pipe.cmd("GET").arg(format!("{}inn", prefix(q)));
             }
+            pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
         }
         let n: Vec<Option<u64>> = pipe
             .query_async(&mut self.conn())
