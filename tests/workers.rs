@@ -645,21 +645,7 @@ fn the_api_lists_the_workers_with_the_queues() {
     )
     .unwrap();
     let daemon = env.daemon();
-    let mut url = String::new();
-    assert!(poll(secs(10), || {
-        let log = daemon.log_text();
-        match log.find("API listening on ") {
-            Some(i) => {
-                url = log[i + "API listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                true
-            }
-            None => false,
-        }
-    }));
+    let url = daemon.api_base();
     running_pids(&env, 2);
     let v: Value = ureq::get(&format!("{url}/api/v1/queues"))
         .call()
