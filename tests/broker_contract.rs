@@ -3315,6 +3315,8 @@ mod redis_specific {
         );
         assert_eq!(int(&g, &["GET", "taskd:{q:bad}:inn"]), 0);
         assert_eq!(int(&g, &["LLEN", "taskd:{q:bad}:in"]), 0);
+        let counts = b.counts().await.expect("counts");
+        assert_eq!(counts[0].set_aside, 2, "{counts:?}");
     }
 
     /// A caller that reuses the id of a task still in the inbox (taskd never does: its ids
@@ -3347,6 +3349,8 @@ mod redis_specific {
             get(&b, first.id).await.task.payload,
             serde_json::json!({ "second": true })
         );
+        let counts = b.counts().await.expect("counts");
+        assert_eq!(counts[0].set_aside, 1, "{counts:?}");
     }
 
     /// The node registry: records stamped with the server's clock, listed by id, removed on

@@ -829,3 +829,28 @@ fn the_api_and_status_server_list_the_nodes() {
     );
     drop(d);
 }
+
+/// `taskd status` (table and JSON) shows inbox entries that were set aside and will never
+/// run, so that an operator finds them.
+#[test]
+fn status_shows_entries_set_aside() {
+    let Some(server) = RedisServer::start("status_shows_entries_set_aside") else {
+        return;
+    };
+    let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
+    server.cli(&["SADD", "taskd:queues", "w"]);
+    server.cli(&["RPUSH", "taskd:{q:w}:in", "not an entry"]);
+    server.cli(&["INCRBY", "taskd:{q:w}:inn", "1"]);
+    // Any reader that stores the inbox sets it aside; a list does.
+    env.ok(&["tasks"]);
+    let v = status(&env);
+    let w = v["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["queue"] == "w"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(w["set_aside"], 1, "{v:#}");
+    assert_eq!(count(&v, "w", "queued"), 0, "{v:#}");
+    let text = env.ok(&["status"]);
+    assert!(text.contains("1 inbox entry set aside"), "{text}");
+}

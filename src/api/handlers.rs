@@ -1,8 +1,6 @@
 //! One function per endpoint. Each reads the request, asks the broker, and answers JSON;
 //! errors are [`ApiError`]s.
 
-use std::collections::BTreeMap;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -125,28 +123,14 @@ pub async fn openapi() -> Json<Value> {
 pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let config = state.config();
     let counts = state.broker(state.broker.counts().await)?;
-    let mut rows: BTreeMap<String, (BTreeMap<TaskState, u64>, bool, bool)> = BTreeMap::new();
-    for q in config.queues.keys() {
-        rows.insert(q.to_string(), (BTreeMap::new(), false, true));
-    }
-    for c in counts {
-        let name = c.queue.map(|q| q.to_string()).unwrap_or_default();
-        let e = rows.entry(name).or_insert((BTreeMap::new(), false, false));
-        e.0 = c.counts;
-        e.1 = c.paused;
-    }
-    let queues: Vec<Value> = rows
+    let queues: Vec<Value> = crate::broker::queue_rows(config.queues.keys(), counts)
         .into_iter()
-        .map(|(name, (counts, paused, configured))| {
-            let by_state: BTreeMap<&str, u64> = TaskState::ALL
-                .iter()
-                .map(|s| (s.as_str(), counts.get(s).copied().unwrap_or(0)))
-                .collect();
+        .map(|(name, r)| {
             let concurrency = name
                 .parse::<QueueName>()
                 .ok()
                 .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
-            json!({ "queue": name, "paused": paused, "configured": configured, "concurrency": concurrency, "counts": by_state })
+            json!({ "queue": name, "paused": r.paused, "configured": r.configured, "concurrency": concurrency, "set_aside": r.set_aside, "counts": r.by_state() })
         })
         .collect();
     // Long-lived workers live in the daemon, which keeps state_dir/workers.json current.

@@ -117,6 +117,7 @@ pub fn document() -> Value {
                 "Queue": { "type": "object", "properties": {
                     "queue": { "type": "string" }, "paused": { "type": "boolean" }, "configured": { "type": "boolean" },
                     "concurrency": { "type": "integer", "nullable": true },
+                    "set_aside": { "type": "integer", "description": "inbox entries set aside, never to run (Redis: a reused id or an unreadable entry)" },
                     "counts": { "type": "object", "additionalProperties": { "type": "integer" } }
                 } },
                 "Error": { "type": "object", "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {

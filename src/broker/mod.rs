@@ -138,6 +138,56 @@ pub struct QueueCounts {
     pub queue: Option<QueueName>,
     pub counts: BTreeMap<TaskState, u64>,
     pub paused: bool,
+    /// Entries producers wrote that were set aside and will never run (Redis: an inbox
+    /// entry whose id was taken, or that could not be read; see docs/redis.md).
+    pub set_aside: u64,
+}
+
+/// One queue as `taskd status` and the API show it: the counts, and whether the config
+/// names the queue.
+#[derive(Clone, Debug, Default)]
+pub struct QueueRow {
+    pub counts: BTreeMap<TaskState, u64>,
+    pub paused: bool,
+    pub configured: bool,
+    pub set_aside: u64,
+}
+
+impl QueueRow {
+    /// Every count by state, zeros included, keyed by the state's name.
+    pub fn by_state(&self) -> BTreeMap<&'static str, u64> {
+        TaskState::ALL
+            .iter()
+            .map(|s| (s.as_str(), self.counts.get(s).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// The queues of the config (even without tasks) and of the store (even if not
+/// configured), by name.
+pub fn queue_rows<'a>(
+    configured: impl Iterator<Item = &'a QueueName>,
+    counts: Vec<QueueCounts>,
+) -> BTreeMap<String, QueueRow> {
+    let mut rows: BTreeMap<String, QueueRow> = configured
+        .map(|q| {
+            (
+                q.to_string(),
+                QueueRow {
+                    configured: true,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    for c in counts {
+        let name = c.queue.map(|q| q.to_string()).unwrap_or_else(|| "?".into());
+        let row = rows.entry(name).or_default();
+        row.counts = c.counts;
+        row.paused = c.paused;
+        row.set_aside = c.set_aside;
+    }
+    rows
 }
 
 /// Signals a backend raises for the daemon: work may have arrived, or a cancel was asked.

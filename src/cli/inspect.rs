@@ -1,6 +1,5 @@
 //! `taskd status`, `taskd tasks`, `taskd show`: read state, as tables or `--json`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
@@ -44,16 +43,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     let config = load_config(flag)?;
     let broker = open_broker(&config).await?;
     let counts = broker.counts().await?;
-    let mut rows: BTreeMap<String, (BTreeMap<TaskState, u64>, bool, bool)> = BTreeMap::new();
-    for q in config.queues.keys() {
-        rows.insert(q.to_string(), (BTreeMap::new(), false, true));
-    }
-    for c in counts {
-        let name = c.queue.map(|q| q.to_string()).unwrap_or_else(|| "?".into());
-        let entry = rows.entry(name).or_insert((BTreeMap::new(), false, false));
-        entry.0 = c.counts;
-        entry.1 = c.paused;
-    }
+    let rows = crate::broker::queue_rows(config.queues.keys(), counts);
     let workers = daemon_workers(&config.state_dir);
     let daemon = crate::daemon::running_daemon(&config.state_dir);
     // The nodes sharing this broker (empty for the embedded store).
@@ -62,10 +52,8 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     if args.json {
         let queues: Vec<_> = rows
             .iter()
-            .map(|(name, (counts, paused, configured))| {
-                let by_state: BTreeMap<&str, u64> =
-                    TaskState::ALL.iter().map(|s| (s.as_str(), counts.get(s).copied().unwrap_or(0))).collect();
-                serde_json::json!({ "queue": name, "paused": paused, "configured": configured, "counts": by_state })
+            .map(|(name, r)| {
+                serde_json::json!({ "queue": name, "paused": r.paused, "configured": r.configured, "set_aside": r.set_aside, "counts": r.by_state() })
             })
             .collect();
         print_json(&serde_json::json!({
@@ -101,25 +89,15 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
     header.push("notes".into());
     table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
-    for (name, (counts, paused, configured)) in &rows {
+    for (name, r) in &rows {
         let mut row = vec![name.clone()];
-        row.extend(
-            TaskState::ALL
-                .iter()
-                .map(|s| counts.get(s).copied().unwrap_or(0).to_string()),
-        );
-        let mut notes = Vec::new();
-        if *paused {
-            notes.push("PAUSED");
-        }
-        if !configured {
-            notes.push("not in config: its tasks will not run");
-        }
+        row.extend(r.by_state().values().map(u64::to_string));
+        let mut notes = queue_notes(r.paused, r.configured, r.set_aside);
         if workers
             .iter()
             .any(|w| w.queue.as_str() == name && w.state == crate::worker::WorkerState::Fatal)
         {
-            notes.push("workers FATAL (see below): tasks wait");
+            notes.push("workers FATAL (see below): tasks wait".into());
         }
         row.push(notes.join(", "));
         table.add_row(row);
@@ -141,6 +119,24 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         println!("{}", nodes_table(&nodes, now));
     }
     Ok(exit::OK)
+}
+
+/// The notes column of a queue's row in `taskd status`.
+fn queue_notes(paused: bool, configured: bool, set_aside: u64) -> Vec<String> {
+    let mut notes = Vec::new();
+    if paused {
+        notes.push("PAUSED".to_string());
+    }
+    if !configured {
+        notes.push("not in config: its tasks will not run".into());
+    }
+    if set_aside > 0 {
+        let entries = if set_aside == 1 { "entry" } else { "entries" };
+        notes.push(format!(
+            "{set_aside} inbox {entries} set aside, never to run (reused id or unreadable; see docs/redis.md)"
+        ));
+    }
+    notes
 }
 
 /// The nodes sharing a broker, and how long ago each was last heard from.
@@ -190,13 +186,11 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
                 .iter()
                 .map(|s| q["counts"][s.as_str()].as_u64().unwrap_or(0).to_string()),
         );
-        let mut notes = Vec::new();
-        if q["paused"] == true {
-            notes.push("PAUSED");
-        }
-        if q["configured"] == false {
-            notes.push("not in config: its tasks will not run");
-        }
+        let notes = queue_notes(
+            q["paused"] == true,
+            q["configured"] != false,
+            q["set_aside"].as_u64().unwrap_or(0),
+        );
         row.push(notes.join(", "));
         table.add_row(row);
     }

@@ -947,13 +947,15 @@ impl Broker for RedisBroker {
                 pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
             }
             pipe.cmd("EXISTS").arg(format!("{p}paused"));
+            pipe.cmd("LLEN").arg(format!("{p}dup"));
+            pipe.cmd("LLEN").arg(format!("{p}bad"));
         }
         let n: Vec<Option<u64>> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 2)) {
+        for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 4)) {
             let row: Vec<u64> = row.iter().map(|n| n.unwrap_or(0)).collect();
             let (unstored, row) = (row[0], &row[1..]);
             let paused = row[STATES.len()] > 0;
@@ -967,13 +969,15 @@ impl Broker for RedisBroker {
             if unstored > 0 {
                 *counts.entry(TaskState::Queued).or_default() += unstored;
             }
-            if counts.is_empty() && !paused {
+            let set_aside = row[STATES.len() + 1] + row[STATES.len() + 2];
+            if counts.is_empty() && !paused && set_aside == 0 {
                 continue;
             }
             out.push(QueueCounts {
                 queue: Some(q),
                 counts,
                 paused,
+                set_aside,
             });
         }
         Ok(out)
