@@ -442,7 +442,6 @@ impl RedisBroker {
     }
 }
 
-/// A flat `HGETALL` answer as a map.
 /// What a failed command means to the caller: the server unreachable, a duplicate id, or
 /// anything else the server said.
 fn broker_error(addr: &str, e: RedisError) -> BrokerError {
@@ -555,6 +554,7 @@ fn plain(t: &NewTask) -> bool {
     t.priority == 0 && t.run_at.is_none() && t.unique_key.is_none()
 }
 
+/// A flat `HGETALL` answer as a map.
 fn pairs(row: Vec<String>) -> HashMap<String, String> {
     let mut h = HashMap::with_capacity(row.len() / 2);
     let mut it = row.into_iter();
