@@ -20,6 +20,12 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
+mod inbox;
+mod results;
+
+use inbox::{plain, store_all, store_inboxes, STORE_TICK};
+use results::{finish_call, finish_loop, Finishing};
+
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
     Orphan, QueueCounts, Recover, Result, Wakeups,
@@ -40,15 +46,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Node records older than this are not listed (a node that died long ago).
 const NODE_FORGET_MS: i64 = 3_600_000;
-/// How many inbox entries one script stores: about 5 ms of the server's time, so that
-/// storing a long inbox never holds up other clients for long.
-const STORE_STEP: usize = 256;
-/// At most this many results go in one `finish` call.
-const FINISH_BATCH: usize = 128;
-/// How often a subscribed client (a daemon) looks for inboxes to store when no wake-up
-/// said so.
-const STORE_TICK: Duration = Duration::from_secs(5);
-
 struct Scripts {
     enqueue: Script,
     push: Script,
@@ -457,101 +454,6 @@ fn broker_error(addr: &str, e: RedisError) -> BrokerError {
     } else {
         BrokerError::Storage(format!("redis at {addr}: {e}"))
     }
-}
-
-/// A result waiting to be written: the `finish` script's 8 arguments for it, and who waits.
-struct Finishing {
-    queue: QueueName,
-    args: [String; 8],
-    done: tokio::sync::oneshot::Sender<Result<String>>,
-}
-
-/// Writes results as they come, in one `finish` call per queue for all those that are
-/// ready at once: while one call is on its way, the next results gather behind it (as a
-/// group commit does), so a busy node sends far fewer calls than it finishes tasks, and an
-/// idle one sends each result at once.
-async fn finish_loop(
-    conn: ConnectionManager,
-    addr: String,
-    trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Finishing>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut by_queue: BTreeMap<QueueName, Vec<Finishing>> = BTreeMap::new();
-        by_queue.entry(first.queue.clone()).or_default().push(first);
-        let mut n = 1;
-        while n < FINISH_BATCH {
-            let Ok(f) = rx.try_recv() else { break };
-            by_queue.entry(f.queue.clone()).or_default().push(f);
-            n += 1;
-        }
-        let calls = by_queue.into_iter().map(|(q, batch)| {
-            let mut conn = conn.clone();
-            let addr = addr.clone();
-            let trips = trips.clone();
-            async move {
-                trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let args: Vec<&[String; 8]> = batch.iter().map(|f| &f.args).collect();
-                let answers = match finish_call(&mut conn, &addr, &q, &args).await {
-                    // A script error that is not the connection's (a task's record it
-                    // could not read) must not hold up the others: each goes alone.
-                    Err(BrokerError::Storage(_)) if batch.len() > 1 => {
-                        let mut each = Vec::with_capacity(batch.len());
-                        for a in &args {
-                            trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            each.push(finish_call(&mut conn, &addr, &q, &[a]).await.and_then(
-                                |mut v| {
-                                    v.pop().ok_or_else(|| {
-                                        BrokerError::Storage("finish answered nothing".into())
-                                    })
-                                },
-                            ));
-                        }
-                        each
-                    }
-                    Ok(out) => out.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(e); batch.len()],
-                };
-                for (f, a) in batch.into_iter().zip(answers) {
-                    let _ = f.done.send(a);
-                }
-            }
-        });
-        futures_util::future::join_all(calls).await;
-    }
-}
-
-/// One `finish` call for results of queue `q`; one answer per result.
-async fn finish_call(
-    conn: &mut ConnectionManager,
-    addr: &str,
-    q: &QueueName,
-    results: &[&[String; 8]],
-) -> Result<Vec<String>> {
-    let mut inv = scripts().finish.key(prefix(q));
-    for r in results {
-        for a in r.iter() {
-            inv.arg(a);
-        }
-    }
-    let out: Vec<String> = inv
-        .invoke_async(conn)
-        .await
-        .map_err(|e| broker_error(addr, e))?;
-    if out.len() != results.len() {
-        return Err(BrokerError::Storage(format!(
-            "finish answered {} results for {} tasks",
-            out.len(),
-            results.len()
-        )));
-    }
-    Ok(out)
-}
-
-/// A task the inbox can take: due now, priority 0, no unique key (the others need the
-/// stored indexes at once).
-fn plain(t: &NewTask) -> bool {
-    t.priority == 0 && t.run_at.is_none() && t.unique_key.is_none()
 }
 
 /// A flat `HGETALL` answer as a map.
@@ -1273,65 +1175,6 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
-}
-
-/// Store up to [`STORE_STEP`] entries of `q`'s inbox: (taken, left, whether task `id` is
-/// stored now).
-async fn store_step(
-    conn: &mut ConnectionManager,
-    q: &QueueName,
-    id: Option<&str>,
-) -> redis::RedisResult<(u64, u64, bool)> {
-    let mut inv = scripts().store.key(prefix(q));
-    inv.arg(STORE_STEP);
-    if let Some(id) = id {
-        inv.arg(id);
-    }
-    let (took, left, stored): (u64, u64, u8) = inv.invoke_async(conn).await?;
-    Ok((took, left, stored > 0))
-}
-
-/// Store what `q`'s inbox holds now, in steps, or only until task `id` is stored (then
-/// `true`). Entries producers add meanwhile are left to the next call: a steady stream of
-/// them would otherwise keep this going forever.
-async fn store_all(
-    conn: &mut ConnectionManager,
-    q: &QueueName,
-    id: Option<&str>,
-) -> redis::RedisResult<bool> {
-    let mut budget: Option<u64> = None;
-    loop {
-        let (took, left, stored) = store_step(conn, q, id).await?;
-        if stored {
-            return Ok(true);
-        }
-        let b = budget.get_or_insert(took + left);
-        *b = b.saturating_sub(took);
-        if left == 0 || took == 0 || *b == 0 {
-            return Ok(false);
-        }
-    }
-}
-
-/// Store the inboxes of every queue: what a daemon does whenever a producer says `work`
-/// (and every [`STORE_TICK`]), so that claims, lookups and lists rarely have to.
-async fn store_inboxes(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
-    let names: Vec<String> = redis::cmd("SMEMBERS").arg(QUEUES).query_async(conn).await?;
-    let queues: Vec<QueueName> = names.into_iter().filter_map(|n| n.parse().ok()).collect();
-    if queues.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    for q in &queues {
-        pipe.cmd("LLEN").arg(format!("{}in", prefix(q)));
-    }
-    let lens: Vec<u64> = pipe.query_async(conn).await?;
-    for (q, n) in queues.iter().zip(lens) {
-        if n > 0 {
-            store_all(conn, q, None).await?;
-        }
-    }
-    Ok(())
 }
 
 fn server_ms(time: &[String]) -> Option<UnixMs> {
