@@ -217,16 +217,13 @@ impl RedisBroker {
         }
         // Asked in this order, a task a node stores meanwhile is seen in one place or the
         // other: first in an inbox (by its count), then stored.
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            let p = prefix(q);
-            pipe.cmd("GET").arg(format!("{p}inn"));
-            pipe.cmd("EXISTS").arg(format!("{p}t:{id}"));
-        }
-        let found: Vec<Option<u64>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let found: Vec<Option<u64>> = self
+            .pipelined(&queues, |pipe, q| {
+                let p = prefix(q);
+                pipe.cmd("GET").arg(format!("{p}inn"));
+                pipe.cmd("EXISTS").arg(format!("{p}t:{id}"));
+            })
+            .await?;
         let mut waiting = Vec::new();
         for (q, f) in queues.into_iter().zip(found.chunks(2)) {
             if f[1].unwrap_or(0) > 0 {
@@ -250,6 +247,22 @@ impl RedisBroker {
         Ok(None)
     }
 
+    /// One pipelined round trip: `ask` adds the commands for each item (usually a queue);
+    /// the answers, decoded as `T` (usually a flat `Vec`, in order).
+    async fn pipelined<I, T: redis::FromRedisValue>(
+        &self,
+        items: impl IntoIterator<Item = I>,
+        mut ask: impl FnMut(&mut redis::Pipeline, I),
+    ) -> Result<T> {
+        let mut pipe = redis::pipe();
+        for i in items {
+            ask(&mut pipe, i);
+        }
+        pipe.query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// Those of `queues` where the key `<prefix>suffix` exists, in one pipelined round trip.
     async fn queues_having(&self, queues: Vec<QueueName>, suffix: &str) -> Result<Vec<QueueName>> {
         self.queues_where(queues, |pipe, p| {
@@ -265,14 +278,11 @@ impl RedisBroker {
         queues: Vec<QueueName>,
         ask: impl Fn(&mut redis::Pipeline, &str),
     ) -> Result<Vec<QueueName>> {
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            ask(&mut pipe, &prefix(q));
-        }
-        let found: Vec<i64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let found: Vec<i64> = self
+            .pipelined(&queues, |pipe, q| {
+                ask(pipe, &prefix(q));
+            })
+            .await?;
         Ok(queues
             .into_iter()
             .zip(found)
@@ -424,14 +434,11 @@ impl RedisBroker {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (q, id) in keys {
-            pipe.cmd("HGETALL").arg(format!("{}t:{id}", prefix(q)));
-        }
-        let rows: Vec<Vec<String>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows: Vec<Vec<String>> = self
+            .pipelined(keys, |pipe, (q, id)| {
+                pipe.cmd("HGETALL").arg(format!("{}t:{id}", prefix(q)));
+            })
+            .await?;
         rows.into_iter()
             .filter(|r| !r.is_empty())
             .map(|r| task_from(&pairs(r)))
@@ -809,18 +816,15 @@ impl Broker for RedisBroker {
         } else {
             filter.limit as i64 - 1
         };
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            pipe.cmd("ZREVRANGE")
-                .arg(format!("{}{index}", prefix(q)))
-                .arg(0)
-                .arg(stop)
-                .arg("WITHSCORES");
-        }
-        let per_queue: Vec<Vec<(String, f64)>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let per_queue: Vec<Vec<(String, f64)>> = self
+            .pipelined(&queues, |pipe, q| {
+                pipe.cmd("ZREVRANGE")
+                    .arg(format!("{}{index}", prefix(q)))
+                    .arg(0)
+                    .arg(stop)
+                    .arg("WITHSCORES");
+            })
+            .await?;
         let mut all: Vec<(f64, QueueName, String)> = Vec::new();
         for (q, rows) in queues.iter().zip(per_queue) {
             all.extend(rows.into_iter().map(|(id, s)| (s, q.clone(), id)));
@@ -839,23 +843,20 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            let p = prefix(q);
-            // The inbox first: a task stored between the two reads is counted twice for
-            // a moment rather than not at all.
-            pipe.cmd("GET").arg(format!("{p}inn"));
-            for s in STATES {
-                pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
-            }
-            pipe.cmd("EXISTS").arg(format!("{p}paused"));
-            pipe.cmd("LLEN").arg(format!("{p}dup"));
-            pipe.cmd("LLEN").arg(format!("{p}bad"));
-        }
-        let n: Vec<Option<u64>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let n: Vec<Option<u64>> = self
+            .pipelined(&queues, |pipe, q| {
+                let p = prefix(q);
+                // The inbox first: a task stored between the two reads is counted twice for
+                // a moment rather than not at all.
+                pipe.cmd("GET").arg(format!("{p}inn"));
+                for s in STATES {
+                    pipe.cmd("ZCARD").arg(format!("{p}st:{s}"));
+                }
+                pipe.cmd("EXISTS").arg(format!("{p}paused"));
+                pipe.cmd("LLEN").arg(format!("{p}dup"));
+                pipe.cmd("LLEN").arg(format!("{p}bad"));
+            })
+            .await?;
         let mut out = Vec::new();
         for (q, row) in queues.into_iter().zip(n.chunks(STATES.len() + 4)) {
             let row: Vec<u64> = row.iter().map(|n| n.unwrap_or(0)).collect();
@@ -890,20 +891,17 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(None);
         }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            let p = prefix(q);
-            pipe.cmd("EXISTS").arg(format!("{p}paused"));
-            pipe.cmd("ZRANGE")
-                .arg(format!("{p}waiting"))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
-        }
-        let rows: Vec<redis::Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows: Vec<redis::Value> = self
+            .pipelined(&queues, |pipe, q| {
+                let p = prefix(q);
+                pipe.cmd("EXISTS").arg(format!("{p}paused"));
+                pipe.cmd("ZRANGE")
+                    .arg(format!("{p}waiting"))
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES");
+            })
+            .await?;
         let mut best: Option<UnixMs> = None;
         for pair in rows.chunks(2) {
             let paused: i64 = redis::from_redis_value(&pair[0]).map_err(|e| self.err(e))?;
@@ -925,18 +923,15 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            if state == TaskState::Queued {
-                // Tasks still in the inbox are queued (read first, as in `counts`).
-                pipe.cmd("GET").arg(format!("{}inn", prefix(q)));
-            }
-            pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
-        }
-        let n: Vec<Option<u64>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let n: Vec<Option<u64>> = self
+            .pipelined(&queues, |pipe, q| {
+                if state == TaskState::Queued {
+                    // Tasks still in the inbox are queued (read first, as in `counts`).
+                    pipe.cmd("GET").arg(format!("{}inn", prefix(q)));
+                }
+                pipe.cmd("ZCARD").arg(format!("{}st:{state}", prefix(q)));
+            })
+            .await?;
         Ok(n.into_iter().flatten().sum())
     }
 
@@ -945,14 +940,11 @@ impl Broker for RedisBroker {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            pipe.cmd("SMEMBERS").arg(format!("{}cancel", prefix(q)));
-        }
-        let sets: Vec<Vec<String>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let sets: Vec<Vec<String>> = self
+            .pipelined(&queues, |pipe, q| {
+                pipe.cmd("SMEMBERS").arg(format!("{}cancel", prefix(q)));
+            })
+            .await?;
         let asked: Vec<(QueueName, String)> = queues
             .into_iter()
             .zip(sets)
@@ -961,16 +953,13 @@ impl Broker for RedisBroker {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (q, id) in &asked {
-            pipe.cmd("HGET")
-                .arg(format!("{}t:{id}", prefix(q)))
-                .arg("node");
-        }
-        let holders: Vec<Option<String>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let holders: Vec<Option<String>> = self
+            .pipelined(&asked, |pipe, (q, id)| {
+                pipe.cmd("HGET")
+                    .arg(format!("{}t:{id}", prefix(q)))
+                    .arg("node");
+            })
+            .await?;
         let mut out = Vec::new();
         for ((_, id), holder) in asked.into_iter().zip(holders) {
             if holder.as_deref() == Some(node) {
