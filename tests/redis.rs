@@ -73,6 +73,24 @@ fn lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A node with a 3 s lease running a task whose first run sleeps (its pid in `pid`) and
+/// whose next run succeeds at once: (the node's env, its daemon, the task, the first run's
+/// pid), once the first run is running.
+fn running_once(server: &RedisServer) -> (Env, Daemon, String, i32) {
+    let env = node(
+        server,
+        "3s",
+        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
+    );
+    let d = env.daemon();
+    let id = env.submit("w", "{}");
+    env.wait_state(&id, "running", secs(20));
+    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
+        .parse()
+        .expect("a pid");
+    (env, d, id, pid)
+}
+
 #[test]
 fn tasks_run_on_redis_and_status_lists_the_node() {
     let Some(server) = RedisServer::start("tasks_run_on_redis_and_status_lists_the_node") else {
@@ -593,17 +611,7 @@ fn a_node_that_lost_its_lease_stops_its_copy_of_the_task() {
     else {
         return;
     };
-    let env = node(
-        &server,
-        "3s",
-        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
-    );
-    let d = env.daemon();
-    let id = env.submit("w", "{}");
-    env.wait_state(&id, "running", secs(20));
-    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
-        .parse()
-        .expect("a pid");
+    let (env, d, id, pid) = running_once(&server);
     server.cli(&["HINCRBY", &format!("taskd:{{q:w}}:t:{id}"), "token", "1"]);
     assert!(
         poll(secs(20), || !common::alive(pid)),
@@ -741,17 +749,7 @@ fn a_restarted_node_kills_what_its_predecessor_left_running() {
     else {
         return;
     };
-    let env = node(
-        &server,
-        "3s",
-        "[queues.w]\nshell = '''\nif [ -e \"@D@/pid\" ]; then exit 0; fi\necho $$ > \"@D@/pid\"; exec sleep 60\n'''\n",
-    );
-    let d = env.daemon();
-    let id = env.submit("w", "{}");
-    env.wait_state(&id, "running", secs(20));
-    let pid: i32 = common::wait_line(&env.path().join("pid"), secs(20))
-        .parse()
-        .expect("a pid");
+    let (env, d, id, pid) = running_once(&server);
     d.kill9();
     assert!(common::alive(pid), "the task died with its daemon");
     let d = env.daemon();
