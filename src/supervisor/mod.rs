@@ -167,7 +167,7 @@ pub struct Supervisor {
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
     /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
-    metrics: Arc<crate::api::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Every long-lived worker, for `state_dir/workers.json`.
     workers: Arc<worker::Registry>,
     /// `[taskd] log_tasks`, set by [`Self::apply`] (a reload changes it); `None` before.
@@ -179,7 +179,7 @@ impl Supervisor {
         broker: Arc<dyn Broker>,
         node: String,
         start_log: startlog::StartLog,
-        metrics: Arc<crate::api::Metrics>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let workers = worker::Registry::new(start_log.dir());
         Arc::new(Supervisor {
@@ -653,7 +653,7 @@ impl Supervisor {
         }
         tasklog::log_end(log_tasks, config.max_attempts, &record, &finish);
         {
-            use crate::api::metrics::FinishOutcome as O;
+            use crate::metrics::FinishOutcome as O;
             let outcome = match finish {
                 Finish::Succeeded => O::Succeeded,
                 Finish::Retry { .. } => O::Retry,
