@@ -482,6 +482,20 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         })?),
         None => None,
     };
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
+    let control_path = config.control_socket.clone();
+    let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
+        // A path the daemon cannot bind is a config problem: exit 78, which the systemd
+        // unit does not restart into, and before "ready".
+        Failure::new(
+            exit::CONFIG,
+            format!(
+                "{}: taskd.control_socket: failed to open the control socket {}: {e} (fix the path or its directory's permissions, or remove `control_socket` for the default in state_dir)",
+                config.path.display(),
+                control_path.display()
+            ),
+        )
+    })?;
 
     // Tasks a previous daemon left running: kill what is left of them, queue them again.
     // Held tasks it noted as starting count as started (their history then says `lost`).
@@ -617,18 +631,6 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
             crate::executor::reap_orphans();
         }
     });
-
-    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
-    let control_path = config.control_socket.clone();
-    let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
-        Failure::new(
-            exit::FAILURE,
-            format!(
-                "failed to open the control socket {}: {e}",
-                control_path.display()
-            ),
-        )
-    })?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

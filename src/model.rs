@@ -117,7 +117,8 @@ impl fmt::Debug for QueueName {
     }
 }
 
-/// Where a task is in its life. See PRODUCT.md section 4.
+/// Where a task is in its life: README.md ("Retries, timeouts and signals") for users,
+/// docs/architecture.md ("How a task flows") for the transitions.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {

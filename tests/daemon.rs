@@ -1,6 +1,6 @@
 //! Integration tests for `taskd start` with real processes: dispatch, timeouts, retries,
-//! output, signals, control, and the state-directory lock (PRODUCT.md sections 3, 4, 6 and
-//! issue 3), on the embedded SQLite store. The cases are in `tests/daemon/cases.rs`;
+//! output, signals, control, crash recovery and the state-directory lock (as README.md and
+//! docs/config.md describe them), on the embedded SQLite store. The cases are in `tests/daemon/cases.rs`;
 //! `tests/daemon_redis.rs` runs the same cases on Redis.
 //!
 //! Every test has its own temp directory, config and daemon. Nothing sleeps a fixed time to

@@ -84,14 +84,10 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             config.state_dir.display()
         ),
     }
-    let mut table = Table::new();
-    let mut header = vec!["queue".to_string()];
-    header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
-    header.push("notes".into());
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    let mut table = queues_table();
     for (name, r) in &rows {
         let mut row = vec![name.clone()];
-        row.extend(r.by_state().values().map(u64::to_string));
+        row.extend(r.in_order().iter().map(|(_, n)| n.to_string()));
         let mut notes = queue_notes(r.paused, r.configured, r.set_aside);
         if workers
             .iter()
@@ -119,6 +115,17 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         println!("{}", nodes_table(&nodes, now));
     }
     Ok(exit::OK)
+}
+
+/// The queues table of `taskd status` (local and `--server`), without rows: the queue, one
+/// column per state in lifecycle order, notes. Rows must give counts in the same order.
+fn queues_table() -> Table {
+    let mut table = Table::new();
+    let mut header = vec!["queue".to_string()];
+    header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
+    header.push("notes".into());
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    table
 }
 
 /// The notes column of a queue's row in `taskd status`.
@@ -170,11 +177,7 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
         print_json(&v)?;
         return Ok(exit::OK);
     }
-    let mut table = Table::new();
-    let mut header = vec!["queue".to_string()];
-    header.extend(TaskState::ALL.iter().map(|s| s.to_string()));
-    header.push("notes".into());
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    let mut table = queues_table();
     for q in v["queues"]
         .as_array()
         .map(Vec::as_slice)

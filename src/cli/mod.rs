@@ -181,7 +181,7 @@ fn render_error(e: &anyhow::Error) -> String {
     s
 }
 
-/// Map an error to the exit code PRODUCT.md section 5 promises.
+/// Map an error to the exit code README.md ("Exit codes") and `--help` promise.
 pub fn code_for(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(f) = cause.downcast_ref::<Failure>() {

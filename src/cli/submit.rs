@@ -39,7 +39,8 @@ pub struct SubmitArgs {
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
     pub batch: Option<PathBuf>,
-    /// Print the whole task record as JSON.
+    /// Print the whole task record as JSON (with --wait: only the final record, as `taskd
+    /// show --json` prints it, once the task has finished).
     #[arg(long)]
     pub json: bool,
     /// Follow the task until it finishes; print its outcome and output; exit 0 if it
@@ -171,12 +172,16 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         return Ok(exit::OK);
     }
     let e = &enqueued[0];
+    // With --wait, --json prints one document, the final record, once the task ends: two
+    // documents back to back would be no JSON a reader can parse.
     if args.json {
-        match broker.get(e.id).await? {
-            Some(detail) => {
-                print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?
+        if !args.wait {
+            match broker.get(e.id).await? {
+                Some(detail) => print_json(
+                    &serde_json::json!({ "existing": e.existing, "task": detail.task }),
+                )?,
+                None => print_json(e)?,
             }
-            None => print_json(e)?,
         }
     } else {
         println!("{}", e.id);
@@ -262,7 +267,9 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
     let id = task["id"].as_str().unwrap_or_default().to_string();
     let existing = task["existing"].as_bool().unwrap_or(false);
     if args.json {
-        print_json(&serde_json::json!({ "existing": existing, "task": task }))?;
+        if !args.wait {
+            print_json(&serde_json::json!({ "existing": existing, "task": task }))?;
+        }
     } else {
         println!("{id}");
         if existing {

@@ -1,8 +1,9 @@
 //! The config: `taskd.toml` read raw, then validated into a [`Config`] with defaults applied.
 //!
-//! This module owns the file format of PRODUCT.md section 2 and every rule about what a valid
-//! config is. It must not start anything, open the broker or touch the state directory: it
-//! only reads the file (and the system user database, to check `user` and `group`).
+//! This module owns the file format documented in docs/config.md and every rule about what a
+//! valid config is. It must not start anything, open the broker or touch the state
+//! directory: it only reads the file (and the system user database, to check `user` and
+//! `group`).
 //!
 //! Two stages, like ripgrep's low/high args:
 //!

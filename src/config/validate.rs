@@ -833,27 +833,33 @@ impl Cx<'_> {
                 }
                 "shutdown_grace" => out.shutdown_grace = self.duration(&e),
                 "lease" => {
-                    if let Some(d) = self.duration(&e) {
-                        if d < defaults::MIN_LEASE || d > defaults::MAX_LEASE {
-                            self.error(
-                                e.value_span(),
-                                &e.path,
-                                format!(
-                                    "lease must be between {} and {} (found {})",
-                                    units::show_duration(defaults::MIN_LEASE),
-                                    units::show_duration(defaults::MAX_LEASE),
-                                    units::show_duration(d)
-                                ),
-                                Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
-                            );
-                        } else {
-                            out.lease = Some(d);
+                    // A lease past a year is refused by the duration parser as well; the
+                    // message must give the lease's own bounds, not the parser's.
+                    let over_a_year = e.item.as_str().map(units::parse_positive_duration)
+                        == Some(Err(DurationError::TooLong));
+                    let d = if over_a_year { None } else { self.duration(&e) };
+                    match (d, over_a_year) {
+                        (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => {
+                            out.lease = Some(d)
                         }
+                        (Some(_), _) | (None, true) => self.error(
+                            e.value_span(),
+                            &e.path,
+                            format!(
+                                "lease must be between {} and {} (found {})",
+                                units::show_duration(defaults::MIN_LEASE),
+                                units::show_duration(defaults::MAX_LEASE),
+                                e.item.as_str().map_or_else(String::new, |s| format!("\"{s}\""))
+                            ),
+                            Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                        ),
+                        _ => {}
                     }
                 }
                 "control_socket" => {
                     out.control_socket = self.path(&e, "/run/taskd/taskd.sock");
                     if let Some(p) = &out.control_socket {
+                        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
                         // sun_path holds 108 bytes with its terminating NUL.
                         if p.as_os_str().len() > 107 {
                             self.error(
@@ -861,6 +867,15 @@ impl Cx<'_> {
                                 &e.path,
                                 format!("the path is {} bytes long; a Unix socket path must be at most 107", p.as_os_str().len()),
                                 Some("choose a shorter path, such as \"/run/taskd/taskd.sock\"".into()),
+                            );
+                        } else if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+                            // The daemon binds the socket at start; a missing directory
+                            // would only show then, after a restart loop under systemd.
+                            self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!("the directory {} of the control socket does not exist", dir.display()),
+                                Some(format!("create {} (under systemd: `RuntimeDirectory=taskd` and `RuntimeDirectoryPreserve=yes`), or remove `control_socket` for the default in state_dir", dir.display())),
                             );
                         }
                     }
@@ -1567,7 +1582,15 @@ impl Cx<'_> {
     }
 
     fn queue(&mut self, e: &Entry, base: &Settings) -> Option<QueueConfig> {
-        let name = match QueueName::try_from(e.name.to_string()) {
+        // `taskd submit -rf` reads a leading `-` as a flag (and after `--` as argv): such a
+        // queue could never be addressed from the command line.
+        let name = match QueueName::try_from(e.name.to_string()).and_then(|n| {
+            if n.as_str().starts_with('-') {
+                Err("a queue name cannot start with `-`, which the command line reads as an option".into())
+            } else {
+                Ok(n)
+            }
+        }) {
             Ok(n) => Some(n),
             Err(why) => {
                 self.error(
@@ -1995,6 +2018,7 @@ fn suggest_queue_name(name: &str) -> String {
         })
         .take(64)
         .collect();
+    let s = s.trim_start_matches('-').to_string();
     if s.is_empty() {
         "my-queue".into()
     } else {

@@ -2,6 +2,8 @@
 //! `taskd` binary, a daemon that is killed when the test ends, polling with a deadline.
 #![allow(dead_code)]
 
+pub mod table;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
