@@ -19,7 +19,6 @@
 pub mod enqueue;
 pub mod error;
 mod handlers;
-pub mod metrics;
 pub mod openapi;
 
 use std::net::SocketAddr;
@@ -39,8 +38,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::metrics::Metrics;
 pub use error::ApiError;
-pub use metrics::Metrics;
 
 /// How long one request may take, end to end, before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
