@@ -952,3 +952,34 @@ fn man_pages_and_completions_are_generated_from_the_command_line() {
         .unwrap();
     assert!(check.success(), "bash -n rejects the completion script");
 }
+
+/// `submit --json --wait` prints one JSON document, the finished task as `show --json`
+/// prints it, for the broker and through the API, on success (exit 0) and failure (exit 4).
+#[test]
+fn submit_json_wait_prints_one_document() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [queues.ok]\nshell = 'echo done'\n\n\
+         [queues.bad]\nshell = 'echo broken >&2; exit 9'\nmax_attempts = 1\n",
+    );
+    let d = env.daemon();
+    let url = d.api_base();
+    for (queue, code, state) in [("ok", 0, "succeeded"), ("bad", 4, "failed")] {
+        for remote in [false, true] {
+            let mut args = vec!["submit", queue, "--json", "--wait"];
+            if remote {
+                args.extend(["--server", url.as_str()]);
+            }
+            let out = env.run(&args);
+            assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+            let text = stdout(&out);
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                panic!("{args:?} printed no single JSON document ({e}):\n{text}")
+            });
+            assert_eq!(v["state"], state, "{args:?}: {v:#}");
+            let id = v["id"].as_str().expect("the record's id");
+            assert_eq!(v, env.show(id), "{args:?}: the record `show --json` prints");
+            assert_eq!(v["history"].as_array().map(Vec::len), Some(1), "{v:#}");
+        }
+    }
+}

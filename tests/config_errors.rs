@@ -961,6 +961,58 @@ worker = []
         );
 }
 
+/// Three values `check` used to pass (or explain wrongly) though the daemon could not use
+/// them: a queue no command line can address, a socket in a directory that does not exist
+/// (the daemon logged "ready", then exited 1 and systemd restarted it in a loop), and a lease
+/// past a year, whose message named the duration parser's maximum instead of the lease's.
+#[test]
+fn dash_queue_names_missing_socket_dirs_and_long_leases() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+lease = \"400d\"
+control_socket = \"/nonexistent-taskd-dir/taskd.sock\"
+
+[queues.-rf]
+shell = \"true\"
+";
+    let bad = check_bad(text);
+    bad.count(3)
+        .expect(
+            3,
+            9,
+            "taskd.lease",
+            &["lease must be between 3s and 1h", "\"400d\""],
+            Some("lease = \"30s\""),
+        )
+        .expect(
+            4,
+            18,
+            "taskd.control_socket",
+            &["/nonexistent-taskd-dir", "does not exist"],
+            Some("RuntimeDirectory=taskd"),
+        )
+        .expect(
+            6,
+            9,
+            "queues.-rf",
+            &["`-rf` cannot be a queue name", "cannot start with `-`"],
+            Some("[queues.rf]"),
+        );
+    // `start` refuses the socket before anything runs: exit 78, which the unit does not
+    // restart, and no "ready".
+    let env = Env::raw(&format!(
+        "{STATE}control_socket = \"/nonexistent-taskd-dir/taskd.sock\"\n[queues.a]\nshell = \"true\"\n"
+    ));
+    let mut cmd = env.cmd(&["start"]);
+    cmd.env("RUST_LOG", "info");
+    let out = run_with_deadline(cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "stderr:\n{stderr}");
+    assert!(stderr.contains("taskd.control_socket"), "{stderr}");
+    assert!(!stderr.contains("ready"), "{stderr}");
+}
+
 // ----- many errors at once -----------------------------------------------------------------
 
 #[test]

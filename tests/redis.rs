@@ -138,6 +138,33 @@ fn tasks_run_on_redis_and_status_lists_the_node() {
     assert!(n["last_heartbeat"].as_i64().unwrap_or(0) > 0, "{n}");
     let text = env.ok(&["status"]);
     assert!(text.contains(&me), "the table lists the node:\n{text}");
+    // The nodes table, cell by cell against the JSON (the daemon is idle: nothing changes
+    // between the two reads but the heartbeat's age).
+    let t = common::table::find(&text, "node");
+    assert_eq!(
+        t.header,
+        ["node", "host", "pid", "queues", "running", "last heartbeat"]
+    );
+    assert_eq!(t.rows.len(), nodes.len(), "{text}");
+    for n in nodes {
+        let row = t.row(n["id"].as_str().expect("node id"));
+        assert_eq!(t.cell(row, "host"), n["host"].as_str().expect("host"));
+        assert_eq!(t.cell(row, "pid"), n["pid"].to_string());
+        let queues: Vec<&str> = n["queues"]
+            .as_array()
+            .expect("queues")
+            .iter()
+            .map(|q| q.as_str().expect("a queue"))
+            .collect();
+        assert_eq!(t.cell(row, "queues"), queues.join(" "));
+        assert_eq!(t.cell(row, "running"), n["running"].to_string());
+        let ago = t.cell(row, "last heartbeat");
+        let ms = common::table::duration_ms(
+            ago.strip_suffix(" ago")
+                .unwrap_or_else(|| panic!("last heartbeat: {ago}")),
+        );
+        assert!((0..30_000).contains(&ms), "last heartbeat {ago}");
+    }
     // Seen from a machine (a state directory) without a daemon of its own.
     let cli = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
     let text = cli.ok(&["status"]);

@@ -154,7 +154,14 @@ pub struct QueueRow {
 }
 
 impl QueueRow {
-    /// Every count by state, zeros included, keyed by the state's name.
+    /// Every count by state, zeros included, in lifecycle order ([`TaskState::ALL`]): what a
+    /// table with one column per state shows.
+    pub fn in_order(&self) -> [(TaskState, u64); 7] {
+        TaskState::ALL.map(|s| (s, self.counts.get(&s).copied().unwrap_or(0)))
+    }
+
+    /// Every count by state, zeros included, keyed by the state's name (for JSON; the map
+    /// iterates alphabetically, so a table uses [`Self::in_order`]).
     pub fn by_state(&self) -> BTreeMap<&'static str, u64> {
         TaskState::ALL
             .iter()

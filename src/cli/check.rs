@@ -30,6 +30,12 @@ pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
                     "program": program_text(&q.program),
                     "timeout_secs": q.timeout.as_secs_f64(),
                     "max_attempts": q.max_attempts,
+                    "backoff": {
+                        "kind": q.backoff.kind.as_str(),
+                        "base_secs": q.backoff.base.as_secs_f64(),
+                        "max_secs": q.backoff.max.as_secs_f64(),
+                        "jitter": q.backoff.jitter,
+                    },
                     "kill_grace_secs": q.kill_grace.as_secs_f64(),
                     "user": q.user,
                 })

@@ -127,7 +127,7 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
     key!(
         "control_socket",
         "`<state_dir>/taskd.sock`",
-        "the daemon's control socket for `taskd reload` (mode 0600); e.g. `\"/run/taskd/taskd.sock\"` with the unit's `RuntimeDirectory=`",
+        "the daemon's control socket for `taskd reload` (mode 0600); e.g. `\"/run/taskd/taskd.sock\"` with the unit's `RuntimeDirectory=` (and `RuntimeDirectoryPreserve=yes`, so that `taskd check` finds the directory while the service is stopped). Its directory must exist: `check` and `start` refuse the config (exit 78) when it does not, and `start` exits 78 when the socket cannot be bound",
         |cx, e, t| {
             t.control_socket = cx.control_socket(e);
             t.control_socket.is_some()

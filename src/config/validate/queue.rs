@@ -507,7 +507,18 @@ impl Cx<'_> {
     }
 
     pub(super) fn queue(&mut self, e: &Entry, base: &Settings) -> Option<QueueConfig> {
-        let name = match QueueName::try_from(e.name.to_string()) {
+        // `taskd submit -rf` reads a leading `-` as a flag (and after `--` as argv): such a
+        // queue could never be addressed from the command line.
+        let name = match QueueName::try_from(e.name.to_string()).and_then(|n| {
+            if n.as_str().starts_with('-') {
+                Err(
+                    "a queue name cannot start with `-`, which the command line reads as an option"
+                        .into(),
+                )
+            } else {
+                Ok(n)
+            }
+        }) {
             Ok(n) => Some(n),
             Err(why) => {
                 self.error(
@@ -610,6 +621,7 @@ fn suggest_queue_name(name: &str) -> String {
         })
         .take(64)
         .collect();
+    let s = s.trim_start_matches('-').to_string();
     if s.is_empty() {
         "my-queue".into()
     } else {

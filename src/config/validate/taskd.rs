@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use toml_edit::TableLike;
 
-use super::super::units;
+use super::super::units::{self, DurationError};
 use super::{entries, keys, resolve, Cx, Entry, Section, Span};
 use crate::config::{defaults, BrokerUrl, Secret};
 
@@ -75,28 +75,38 @@ impl Cx<'_> {
     }
 
     pub(in crate::config) fn lease(&mut self, e: &Entry) -> Option<Duration> {
-        let d = self.duration(e)?;
-        if d < defaults::MIN_LEASE || d > defaults::MAX_LEASE {
-            self.error(
-                e.value_span(),
-                &e.path,
-                format!(
-                    "lease must be between {} and {} (found {})",
-                    units::show_duration(defaults::MIN_LEASE),
-                    units::show_duration(defaults::MAX_LEASE),
-                    units::show_duration(d)
-                ),
-                Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
-            );
-            return None;
+        // A lease past a year is refused by the duration parser as well; the message must
+        // give the lease's own bounds, not the parser's.
+        let over_a_year = e.item.as_str().map(units::parse_positive_duration)
+            == Some(Err(DurationError::TooLong));
+        let d = if over_a_year { None } else { self.duration(e) };
+        match (d, over_a_year) {
+            (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => Some(d),
+            (Some(_), _) | (None, true) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!(
+                        "lease must be between {} and {} (found {})",
+                        units::show_duration(defaults::MIN_LEASE),
+                        units::show_duration(defaults::MAX_LEASE),
+                        e.item
+                            .as_str()
+                            .map_or_else(String::new, |s| format!("\"{s}\""))
+                    ),
+                    Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                );
+                None
+            }
+            _ => None,
         }
-        Some(d)
     }
 
-    /// The control socket's path. One too long for a socket is reported and kept: the
-    /// error alone refuses the config.
+    /// The control socket's path. One too long for a socket, or in a missing directory, is
+    /// reported and kept: the error alone refuses the config.
     pub(in crate::config) fn control_socket(&mut self, e: &Entry) -> Option<PathBuf> {
         let p = self.path(e, "/run/taskd/taskd.sock")?;
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
         // sun_path holds 108 bytes with its terminating NUL.
         if p.as_os_str().len() > 107 {
             self.error(
@@ -107,6 +117,18 @@ impl Cx<'_> {
                     p.as_os_str().len()
                 ),
                 Some("choose a shorter path, such as \"/run/taskd/taskd.sock\"".into()),
+            );
+        } else if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            // The daemon binds the socket at start; a missing directory would only show
+            // then, after a restart loop under systemd.
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "the directory {} of the control socket does not exist",
+                    dir.display()
+                ),
+                Some(format!("create {} (under systemd: `RuntimeDirectory=taskd` and `RuntimeDirectoryPreserve=yes`), or remove `control_socket` for the default in state_dir", dir.display())),
             );
         }
         Some(p)
