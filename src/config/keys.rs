@@ -145,6 +145,15 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
         "a file holding the token (trimmed); not together with `token`",
         |cx, e, t| cx.token_file(e, t),
     ),
+    key!(
+        "log_tasks",
+        "`\"failures\"`",
+        "which task ends the daemon logs. `\"failures\"`: a task that failed for good at `warn` (`task failed`, with its queue, id, `attempts`, `reason`, `error` and the last line of its stderr, up to 240 characters), and a failed attempt that will be retried at `info` (`attempt failed; retrying in …`, with `next`, the time of the next attempt); `\"all\"`: those, and at `info` every success and every cancellation of a task this daemon had claimed (one cancelled while it waited in the broker never reached a daemon); `\"none\"`: no line per task (a program that cannot be started is still logged at `warn`). A reload applies it",
+        |cx, e, t| {
+            t.log_tasks = cx.log_tasks(e);
+            t.log_tasks.is_some()
+        },
+    ),
 ];
 
 /// How a queue key's value in one table combines with the value below it (the `[defaults]`

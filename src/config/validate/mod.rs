@@ -377,6 +377,7 @@ impl Cx<'_> {
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
             max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
+            log_tasks: taskd.log_tasks.unwrap_or_default(),
             queues,
         }
     }

@@ -10,7 +10,7 @@ use toml_edit::TableLike;
 
 use super::super::units::{self, DurationError};
 use super::{entries, keys, resolve, Cx, Entry, Section, Span};
-use crate::config::{defaults, BrokerUrl, Secret};
+use crate::config::{defaults, BrokerUrl, LogTasks, Secret};
 
 /// The `[taskd]` table as read.
 #[derive(Default)]
@@ -25,6 +25,7 @@ pub(in crate::config) struct TaskdLayer {
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
     pub(in crate::config) listen_span: Span,
     pub(in crate::config) token: Option<Secret>,
+    pub(in crate::config) log_tasks: Option<LogTasks>,
 }
 
 impl Cx<'_> {
@@ -132,6 +133,25 @@ impl Cx<'_> {
             );
         }
         Some(p)
+    }
+
+    /// `log_tasks = "failures" | "all" | "none"`.
+    pub(in crate::config) fn log_tasks(&mut self, e: &Entry) -> Option<LogTasks> {
+        let s = self.string(e, "\"failures\"")?;
+        let value = LogTasks::parse(s);
+        if value.is_none() {
+            let fix = match units::closest(s, &LogTasks::NAMES) {
+                Some(near) => format!("did you mean `log_tasks = \"{near}\"`?"),
+                None => "write `log_tasks = \"failures\"`, `\"all\"` or `\"none\"`".into(),
+            };
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!("unknown value \"{s}\" (expected \"failures\", \"all\" or \"none\")"),
+                Some(fix),
+            );
+        }
+        value
     }
 
     /// `token = "…"`; `false` when it is invalid.
