@@ -199,7 +199,7 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
     }
     println!("daemon: answering at {}", remote.base());
     println!("{table}");
-    let workers: Vec<crate::worker::WorkerInfo> =
+    let workers: Vec<crate::worker::status::WorkerInfo> =
         serde_json::from_value(v["workers"].clone()).unwrap_or_default();
     if !workers.is_empty() {
         println!("{}", workers_table(&workers));
@@ -384,7 +384,7 @@ fn worker_json(w: &crate::worker::status::WorkerInfo) -> serde_json::Value {
 
 /// Under the workers table: what each worker's previous process last wrote on stderr
 /// outside tasks, the cause a FATAL or restarting worker's "why" can only hint at.
-fn print_workers_stderr(workers: &[crate::worker::WorkerInfo]) {
+fn print_workers_stderr(workers: &[crate::worker::status::WorkerInfo]) {
     for w in workers.iter().filter(|w| !w.last_stderr.is_empty()) {
         println!(
             "{}/{} wrote on stderr before it last ended:",
