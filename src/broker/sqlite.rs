@@ -143,6 +143,8 @@ pub struct SqliteBroker {
     wake_path: PathBuf,
     wake_tx: Mutex<Option<UnixDatagram>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Why this process may only read the store (`None`: it may write).
+    read_only: Option<String>,
 }
 
 impl Drop for SqliteBroker {
@@ -420,7 +422,19 @@ impl SqliteBroker {
     pub async fn open(path: &Path) -> Result<Self> {
         // Opened on this thread: it is a one-off at start-up, and a short-lived CLI call
         // should not pay for starting a blocking thread pool.
-        let writer = open_writer(path)?;
+        // A store this process may not use fails with SQLite's "unable to open database
+        // file"; say which file and what to do instead.
+        let writer = open_writer(path)
+            .map_err(|e| super::access::problem(path).map_or(e, BrokerError::Unavailable))?;
+        // SQLite opens a file it may only read read-only, silently: reads work, and every
+        // write would fail. Refuse writes up front with the reason.
+        let read_only = writer
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .unwrap_or(false)
+            .then(|| {
+                super::access::problem(path)
+                    .unwrap_or_else(|| format!("{} is read-only to this process", path.display()))
+            });
         let (tx, rx) = mpsc::channel::<Job>();
         let mut wake = path.as_os_str().to_owned();
         wake.push(".wake");
@@ -437,6 +451,7 @@ impl SqliteBroker {
             wake_path,
             wake_tx: Mutex::new(None),
             writer: Some(writer),
+            read_only,
         })
     }
 
@@ -468,6 +483,9 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        if let Some(why) = &self.read_only {
+            return Err(BrokerError::Unavailable(why.clone()));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = f(conn);
