@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{exit, load_config, open_broker, print_json, Failure};
-use crate::config::{Config, Program, QueueConfig};
+use crate::config::{runnable, Config, QueueConfig};
 use crate::model::{now_ms, NewTask, QueueName, TaskState, UnixMs};
 
 #[derive(clap::Args, Debug)]
@@ -149,7 +149,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         Some(file) => read_batch(&config, queue, file, &args, run_at)?,
         None => {
             let text = payload_text(&args)?;
-            let payload = parse_payload(&config, queue, &text).map_err(Failure::usage)?;
+            let payload =
+                parse_payload(&config, queue, &text, &args.args)
+                .map_err(|e| Failure::usage(e.to_string()))?;
             let mut t = NewTask::new(queue.name.clone(), payload);
             t.args = args.args.clone();
             t.priority = args.priority;
@@ -388,32 +390,56 @@ pub fn parse_at(t: &str) -> Result<UnixMs, String> {
     Ok(ms)
 }
 
-/// Validate a payload for `queue`: well-formed JSON within the size limit that fills every
-/// placeholder of the queue's command. Returns the compact JSON text to store.
-pub fn parse_payload(config: &Config, queue: &QueueConfig, text: &str) -> Result<String, String> {
+/// Why a payload was refused; the API answers each kind with its own status.
+#[derive(Debug)]
+pub enum PayloadError {
+    /// Over `max_payload`.
+    TooLarge(String),
+    /// Not JSON (or nested deeper than the parser goes).
+    Malformed(String),
+    /// JSON, but no task the queue can run ([`runnable::argv`]).
+    Invalid(String),
+}
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PayloadError::TooLarge(m) | PayloadError::Malformed(m) | PayloadError::Invalid(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// Validate a task for `queue`: a payload of well-formed JSON within the size limit, which
+/// with the extra `args` makes a task the queue can start ([`runnable::argv`]: placeholders
+/// filled, no value read as an option, no NUL a process cannot receive, argv within the
+/// kernel's limits). Returns the payload's compact JSON text to store.
+pub fn parse_payload(
+    config: &Config,
+    queue: &QueueConfig,
+    text: &str,
+    args: &[String],
+) -> Result<String, PayloadError> {
     if text.len() > config.max_payload {
-        return Err(format!(
+        return Err(PayloadError::TooLarge(format!(
             "the payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
             text.len(),
             config.max_payload,
             config.path.display()
-        ));
+        )));
     }
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         let offset = byte_offset(text, e.line(), e.column());
-        format!(
+        PayloadError::Malformed(format!(
             "malformed JSON payload at byte {offset} (line {}, column {}): {}",
             e.line(),
             e.column(),
             strip_position(&e.to_string())
-        )
+        ))
     })?;
-    if let Program::Command(argv) = &queue.program {
-        for part in argv {
-            part.render(&value)
-                .map_err(|e| format!("queue `{}`: {e}", queue.name))?;
-        }
-    }
+    runnable::argv(queue, &value, args)
+        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
     Ok(value.to_string())
 }
 
@@ -449,7 +475,7 @@ fn read_batch(
         if line.trim().is_empty() {
             continue;
         }
-        let payload = parse_payload(config, queue, line).map_err(|e| {
+        let payload = parse_payload(config, queue, line, &args.args).map_err(|e| {
             Failure::usage(format!(
                 "{} line {}: {e}; nothing was enqueued",
                 file.display(),

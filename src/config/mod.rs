@@ -34,6 +34,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub mod runnable;
 mod template;
 mod units;
 mod validate;
@@ -180,6 +181,10 @@ pub struct QueueConfig {
     pub output_tail: usize,
     /// Copy the task's output into the daemon's log, a line per event tagged with the task.
     pub log_output: bool,
+    /// Let a payload value that starts with `-` fill a placeholder standing at the start of
+    /// a `command` element before any `--` (default false: refused at submit, since the
+    /// program would read it as an option).
+    pub allow_dash_values: bool,
     /// Directory for full output files, absolute.
     pub log_dir: Option<PathBuf>,
     /// Size cap per log file in bytes (default 10 MiB).
@@ -207,6 +212,7 @@ impl QueueConfig {
             env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
             log_output: false,
+            allow_dash_values: false,
             log_dir: None,
             log_max: defaults::LOG_MAX,
         }

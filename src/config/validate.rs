@@ -53,6 +53,7 @@ const LAYER_KEYS: &[&str] = &[
     "log_output",
     "log_dir",
     "log_max",
+    "allow_dash_values",
 ];
 /// Keys only a queue may have: what it runs, and the settings of long-lived workers.
 const PROGRAM_KEYS: &[&str] = &[
@@ -257,6 +258,7 @@ struct Layer {
     env_inherit: Option<Vec<String>>,
     output_tail: Option<usize>,
     log_output: Option<bool>,
+    allow_dash_values: Option<bool>,
     log_dir: Option<PathBuf>,
     log_max: Option<u64>,
 }
@@ -312,6 +314,7 @@ struct Settings {
     env_inherit: Vec<String>,
     output_tail: usize,
     log_output: bool,
+    allow_dash_values: bool,
     log_dir: Option<PathBuf>,
     log_max: u64,
 }
@@ -334,6 +337,7 @@ impl Settings {
             env_inherit: Vec::new(),
             output_tail: defaults::OUTPUT_TAIL,
             log_output: false,
+            allow_dash_values: false,
             log_dir: None,
             log_max: defaults::LOG_MAX,
         }
@@ -368,6 +372,7 @@ impl Settings {
                 .unwrap_or_else(|| self.env_inherit.clone()),
             output_tail: layer.output_tail.unwrap_or(self.output_tail),
             log_output: layer.log_output.unwrap_or(self.log_output),
+            allow_dash_values: layer.allow_dash_values.unwrap_or(self.allow_dash_values),
             log_dir: layer.log_dir.or_else(|| self.log_dir.clone()),
             log_max: layer.log_max.unwrap_or(self.log_max),
         }
@@ -1016,6 +1021,7 @@ impl Cx<'_> {
                 }
                 "log_max" => layer.log_max = self.size(&e, 1, u64::MAX, "10MiB"),
                 "log_output" => layer.log_output = self.boolean(&e),
+                "allow_dash_values" => layer.allow_dash_values = self.boolean(&e),
                 name if section == Section::Queue && PROGRAM_KEYS.contains(&name) => {
                     program.push(e)
                 }
@@ -1644,6 +1650,7 @@ impl Cx<'_> {
             env_inherit: settings.env_inherit,
             output_tail: settings.output_tail,
             log_output: settings.log_output,
+            allow_dash_values: settings.allow_dash_values,
             log_dir: settings.log_dir,
             log_max: settings.log_max,
         })
