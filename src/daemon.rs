@@ -1,7 +1,8 @@
-//! `taskd start`: the only place that wires config, broker, executor and supervisor together.
+//! The daemon: the only place that wires config, broker, executor and supervisor together.
 //!
-//! Start-up order: config (exit 78 when invalid) → logging → the state directory lock (one
-//! daemon per state directory) → descriptors close-on-exec, child subreaper → broker →
+//! `taskd start` sets the process up first (`cli::start`: config, exit 78 when invalid →
+//! logging → the state directory lock, one daemon per state directory → descriptors
+//! close-on-exec, child subreaper → runtime); then [`serve`] runs: broker →
 //! recovery of tasks a previous daemon left `running` (their process groups are killed,
 //! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
 //! `listen` (bound before READY) → signals. On a shared broker (Redis) other nodes hold
@@ -23,23 +24,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Recover;
-use crate::cli::{exit, Failure};
 use crate::config::{Config, ConfigError};
 use crate::control::ReloadReply;
+use crate::exit::{self, Failure};
 use crate::notify::Notifier;
 use crate::supervisor::startlog::StartLog;
 use crate::supervisor::Supervisor;
-
-#[derive(clap::Args, Debug)]
-pub struct StartArgs {
-    /// Log format on stderr: `text` (default) or `json`. The level comes from RUST_LOG
-    /// (default `info`).
-    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
-    /// Append the log to FILE instead of stderr. SIGUSR1 reopens it (for logrotate).
-    #[arg(long, value_name = "FILE")]
-    pub log_file: Option<PathBuf>,
-}
 
 /// A log file that SIGUSR1 reopens, so that logrotate can move it away.
 #[derive(Clone)]
@@ -170,125 +160,12 @@ pub fn running_daemon(state_dir: &Path) -> Option<u32> {
     s.trim().parse().ok()
 }
 
-fn init_logging(format: &str, file: Option<&LogFile>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let writer = match file {
-        Some(f) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(f.clone()),
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().flatten_event(true).init();
-    } else if file.is_none() && stderr_is_journal() {
-        // journald stamps each line itself, and reads a `<N>` syslog priority prefix.
-        builder
-            .without_time()
-            .with_ansi(false)
-            .event_format(JournalFormat(
-                tracing_subscriber::fmt::format()
-                    .without_time()
-                    .with_ansi(false),
-            ))
-            .init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Is stderr connected to journald? `$JOURNAL_STREAM` holds the device and inode of the
-/// stream systemd gave us; it is inherited by children too, so only a matching stderr counts
-/// (a daemon started by hand from a service's shell writes to a terminal, not the journal).
-fn stderr_is_journal() -> bool {
-    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.split_once(':') else {
-        return false;
-    };
-    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
-        return false;
-    };
-    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
-        Ok(st) => st.st_dev == dev && st.st_ino == ino,
-        Err(_) => false,
-    }
-}
-
-/// The plain format behind a `<N>` syslog priority, which journald turns into the entry's
-/// priority (so `journalctl -p warning` works).
-struct JournalFormat<F>(F);
-
-impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalFormat<F>
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
-    F: tracing_subscriber::fmt::FormatEvent<S, N>,
-{
-    fn format_event(
-        &self,
-        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
-        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
-            tracing::Level::ERROR => 3,
-            tracing::Level::WARN => 4,
-            tracing::Level::INFO => 6,
-            _ => 7,
-        };
-        write!(writer, "<{priority}>")?;
-        self.0.format_event(ctx, writer, event)
-    }
-}
-
 fn node_id() -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", std::process::id())
-}
-
-/// `taskd start`.
-pub fn main(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
-    let path = crate::cli::config_path(flag)?;
-    let Some(config) = crate::cli::load_or_report(&path, "not starting")? else {
-        return Ok(exit::CONFIG);
-    };
-    let log_file = match &args.log_file {
-        Some(p) => Some(LogFile::open(p).map_err(|e| {
-            Failure::new(
-                exit::FAILURE,
-                format!("failed to open the log file {}: {e}", p.display()),
-            )
-        })?),
-        None => None,
-    };
-    init_logging(&args.log_format, log_file.as_ref());
-    let lock = StateLock::acquire(&config.state_dir)?;
-    crate::executor::mark_inherited_fds_cloexec();
-    fit_nofile(&config);
-    if let Err(e) = crate::executor::become_subreaper() {
-        tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
-    }
-    // One thread runs everything but SQLite writes (their own thread) and blocking reads:
-    // measured, a second worker costs more in cross-thread wake-ups than it wins.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            Failure::new(
-                exit::FAILURE,
-                format!("failed to start the async runtime: {e}"),
-            )
-        })?;
-    let code = rt.block_on(serve(path, config, log_file))?;
-    drop(lock);
-    Ok(code)
 }
 
 /// Open the broker. A shared broker that cannot be reached is waited for, with backoff,
@@ -446,7 +323,9 @@ fn kill_orphans(orphans: &[crate::broker::Orphan]) -> usize {
     killed + crate::executor::kill_task_processes(&ids)
 }
 
-async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyhow::Result<u8> {
+/// Serve until SIGTERM/SIGINT (and the drain after it): the daemon once the process is set
+/// up (config read, logging on, state directory locked, runtime built).
+pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyhow::Result<u8> {
     let Some(broker) = open_broker(&config).await? else {
         tracing::info!("stopped before the broker could be reached");
         return Ok(exit::OK);
@@ -471,7 +350,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
         queues = config.queues.len(),
         "taskd starting"
     );
-    let metrics = Arc::new(crate::api::Metrics::new());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     // Bound before READY: a taken address fails the start, not a later request.
     let api_listener = match config.listen {
         Some(addr) => Some(crate::api::bind(addr).await.map_err(|e| {
@@ -552,6 +431,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
     let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
+    fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {
         match listener.local_addr() {
@@ -643,6 +523,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
             _ = hup.recv() => {
                 notifier.reloading();
                 reload(&path, &mut config, &supervisor, "SIGHUP");
+                fit_api(&api_state, &config);
                 api_state.set_config(config.clone());
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
             }
@@ -657,6 +538,7 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
                 crate::control::Request::Reload => {
                     notifier.reloading();
                     let answer = reload(&path, &mut config, &supervisor, "taskd reload");
+                    fit_api(&api_state, &config);
                     api_state.set_config(config.clone());
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
                     let _ = reply.send(answer);
@@ -711,13 +593,37 @@ async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyh
     Ok(exit::OK)
 }
 
+/// What the daemon's process needs before it runs tasks: the descriptors it inherited
+/// marked close-on-exec (no task gets them), its open-files limit fitted to its queues, and
+/// the child subreaper flag (orphaned grandchildren of tasks come back to it, to be reaped).
+pub fn set_up_process(config: &Config) {
+    crate::executor::mark_inherited_fds_cloexec();
+    fit_nofile(config);
+    if let Err(e) = crate::executor::become_subreaper() {
+        tracing::warn!(error = %e, "could not become a child subreaper; orphaned grandchildren go to init");
+    }
+}
+
 /// Size the daemon's own open-files limit to its queues (see `executor::fit_own_nofile`).
 fn fit_nofile(config: &Config) {
-    let tasks: usize = config.queues.values().map(|q| q.concurrency).sum();
-    match crate::executor::fit_own_nofile(tasks) {
+    match crate::executor::fit_own_nofile(task_slots(config)) {
         Ok(soft) => tracing::debug!(soft, "open-files limit fitted to the queues"),
         Err(e) => tracing::warn!(error = %e, "could not adjust the open-files limit"),
     }
+}
+
+fn task_slots(config: &Config) -> usize {
+    config.queues.values().map(|q| q.concurrency).sum()
+}
+
+/// Give the API the connection limit that leaves the queues' tasks their descriptors (see
+/// `api::connection_limit`); after [`fit_nofile`].
+fn fit_api(state: &crate::api::AppState, config: &Config) {
+    let soft = crate::executor::host().nofile.0;
+    let limit = crate::api::connection_limit(soft, task_slots(config));
+    state
+        .max_connections
+        .store(limit, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn status_line(s: &Supervisor) -> String {

@@ -13,10 +13,15 @@
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
 //! - [`worker`]: long-lived worker processes of `worker` queues: supervision (STARTING,
 //!   RUNNING, BACKOFF, FATAL), the pipe protocol, `workers.json`. Never touches the broker.
-//! - [`daemon`]: the only place that wires config + broker + supervisor + api together (`taskd start`).
+//! - [`daemon`]: the only place that wires config + broker + supervisor + api together; the
+//!   process set-up around it (config lookup, logging, lock, runtime) is `cli::start`.
 //! - [`api`]: the HTTP API, dashboard and Prometheus metrics on `listen` (axum). Sees the
 //!   broker trait and the config, never supervisor internals.
 //! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
+//! - [`submission`]: what a submitted task must be (payload, delay, run-at), for the CLI and
+//!   the API alike.
+//! - [`metrics`]: the Prometheus registry the supervisor and the API feed and `/metrics` shows.
+//! - [`exit`]: exit codes, and the error that carries one.
 //! - [`control`]: the daemon's control socket (`taskd reload`), mode 0600 in the state directory.
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 
@@ -27,7 +32,10 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod executor;
+pub mod exit;
+pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod submission;
 pub mod supervisor;
 pub mod worker;

@@ -1,6 +1,6 @@
 //! Parsing enqueue requests: one task's JSON body, or a batch (a JSON array of such
 //! bodies, or JSON lines). Pure functions of the config and the bytes, so that a property
-//! test can throw anything at them; payload validation is `cli::submit::parse_payload`,
+//! test can throw anything at them; payload validation is `submission::parse_payload`,
 //! the same check `taskd submit` makes.
 
 use axum::http::StatusCode;
@@ -8,9 +8,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use crate::cli::submit::{parse_at, parse_delay, parse_payload, PayloadError};
 use crate::config::{Config, QueueConfig};
 use crate::model::NewTask;
+use crate::submission::{parse_at, parse_delay, parse_payload, PayloadError};
 
 /// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
 #[derive(Deserialize)]

@@ -43,14 +43,14 @@ impl ApiError {
 
     /// Malformed JSON in `text`, with the byte offset, line and column of the problem.
     pub fn bad_json(what: &str, text: &str, e: &serde_json::Error) -> ApiError {
-        let byte = crate::cli::submit::byte_offset(text, e.line(), e.column());
+        let byte = crate::submission::byte_offset(text, e.line(), e.column());
         ApiError::bad_request(
             "bad_json",
             format!(
                 "malformed JSON in {what} at byte {byte} (line {}, column {}): {}",
                 e.line(),
                 e.column(),
-                crate::cli::submit::strip_position(&e.to_string())
+                crate::submission::strip_position(&e.to_string())
             ),
         )
         .with("byte", byte)

@@ -134,7 +134,7 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, A
         })
         .collect();
     // Long-lived workers live in the daemon, which keeps state_dir/workers.json current.
-    let workers = crate::worker::read_status(&config.state_dir)
+    let workers = crate::worker::status::read_status(&config.state_dir)
         .filter(|f| f.daemon_pid == std::process::id())
         .map(|f| f.workers)
         .unwrap_or_default();

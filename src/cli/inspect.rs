@@ -89,10 +89,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         let mut row = vec![name.clone()];
         row.extend(r.in_order().iter().map(|(_, n)| n.to_string()));
         let mut notes = queue_notes(r.paused, r.configured, r.set_aside);
-        if workers
-            .iter()
-            .any(|w| w.queue.as_str() == name && w.state == crate::worker::WorkerState::Fatal)
-        {
+        if workers.iter().any(|w| {
+            w.queue.as_str() == name && w.state == crate::worker::status::WorkerState::Fatal
+        }) {
             notes.push("workers FATAL (see below): tasks wait".into());
         }
         row.push(notes.join(", "));
@@ -353,18 +352,18 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
 
 /// The long-lived workers of the daemon running on `state_dir` (none when it is not running):
 /// they live in the daemon, which keeps `state_dir/workers.json` current.
-fn daemon_workers(state_dir: &std::path::Path) -> Vec<crate::worker::WorkerInfo> {
+fn daemon_workers(state_dir: &std::path::Path) -> Vec<crate::worker::status::WorkerInfo> {
     let Some(pid) = crate::daemon::running_daemon(state_dir) else {
         return Vec::new();
     };
-    crate::worker::read_status(state_dir)
+    crate::worker::status::read_status(state_dir)
         .filter(|f| f.daemon_pid == pid)
         .map(|f| f.workers)
         .unwrap_or_default()
 }
 
 /// A worker for `status --json`: its record plus `uptime_s` (null without a process).
-fn worker_json(w: &crate::worker::WorkerInfo) -> serde_json::Value {
+fn worker_json(w: &crate::worker::status::WorkerInfo) -> serde_json::Value {
     let mut v = serde_json::to_value(w).unwrap_or_default();
     let uptime = match (w.pid, w.started_ms) {
         (Some(_), Some(t)) => serde_json::json!((crate::model::now_ms() - t).max(0) / 1000),
@@ -377,7 +376,7 @@ fn worker_json(w: &crate::worker::WorkerInfo) -> serde_json::Value {
 }
 
 /// `taskd status`: one row per long-lived worker.
-fn workers_table(workers: &[crate::worker::WorkerInfo]) -> Table {
+fn workers_table(workers: &[crate::worker::status::WorkerInfo]) -> Table {
     let now = crate::model::now_ms();
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![

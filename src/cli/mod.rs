@@ -9,6 +9,7 @@ mod control;
 mod generate;
 mod inspect;
 mod reload;
+pub mod start;
 pub(crate) mod submit;
 
 use std::path::PathBuf;
@@ -18,16 +19,7 @@ use clap::{Parser, Subcommand};
 
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
-
-/// Exit codes, documented in `taskd --help` and README.md.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const BROKER: u8 = 3;
-    pub const TASK_FAILED: u8 = 4;
-    pub const CONFIG: u8 = 78;
-}
+use crate::exit::{self, Failure};
 
 const AFTER_HELP: &str = "\
 Config file: -c FILE, else $TASKD_CONFIG, else ./taskd.toml, else /etc/taskd/taskd.toml.
@@ -61,7 +53,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
-    Start(crate::daemon::StartArgs),
+    Start(start::StartArgs),
     /// Validate the config file and print its queues; exit 78 when it is invalid.
     Check(check::CheckArgs),
     /// Enqueue a task (or a batch) straight into the broker and print its id.
@@ -89,37 +81,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
 }
 
-/// An error that knows its exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn usage(message: impl Into<String>) -> Self {
-        Failure::new(exit::USAGE, message)
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failure {}
-
 /// Run a parsed command line and return the process exit code.
 pub fn run(cli: Cli) -> u8 {
     let result = match cli.command {
-        Command::Start(args) => crate::daemon::main(cli.config, args),
+        Command::Start(args) => start::run(cli.config, args),
         Command::Generate(args) => generate::run(args),
         command => {
             // A CLI whose output is piped into `head` should end quietly when the pipe closes,

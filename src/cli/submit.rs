@@ -1,16 +1,17 @@
 //! `taskd submit`: enqueue straight into the broker; return once the task is durable.
 //!
 //! With `--server URL` it enqueues through a daemon's HTTP API instead (for hosts that
-//! cannot reach the broker); the daemon validates the payload with [`parse_payload`], the
-//! same check the direct path makes. [`Remote`] is that small client, shared with `status`.
+//! cannot reach the broker); the daemon validates the payload with
+//! [`crate::submission`], the same checks the direct path makes. [`Remote`] is that small client, shared with `status`.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{exit, load_config, open_broker, print_json, Failure};
-use crate::config::{runnable, Config, QueueConfig};
-use crate::model::{now_ms, NewTask, QueueName, TaskState, UnixMs};
+use crate::config::{Config, QueueConfig};
+use crate::model::{NewTask, QueueName, TaskState, UnixMs};
+use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
@@ -149,8 +150,7 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         Some(file) => read_batch(&config, queue, file, &args, run_at)?,
         None => {
             let text = payload_text(&args)?;
-            let payload =
-                parse_payload(&config, queue, &text, &args.args)
+            let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
             let mut t = NewTask::new(queue.name.clone(), payload);
             t.args = args.args.clone();
@@ -358,110 +358,6 @@ fn run_at(args: &SubmitArgs) -> Result<Option<UnixMs>, Failure> {
     Ok(None)
 }
 
-/// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
-pub fn parse_delay(d: &str) -> Result<UnixMs, String> {
-    let parsed: Duration = humantime::parse_duration(d)
-        .map_err(|e| format!("{d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"))?;
-    // Refuse what no calendar needs: a delay past 100 years is a typo, and would
-    // overflow the millisecond clock further on.
-    if parsed > Duration::from_secs(100 * 366 * 24 * 3600) {
-        return Err(format!("{d:?}: more than 100 years is surely a mistake"));
-    }
-    Ok(now_ms() + parsed.as_millis() as i64)
-}
-
-/// An RFC 3339 time or Unix seconds, as a run-at time. The error starts with the value.
-pub fn parse_at(t: &str) -> Result<UnixMs, String> {
-    if let Ok(secs) = t.parse::<i64>() {
-        return match secs.checked_mul(1000) {
-            Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(ms),
-            _ => Err(format!(
-                "{t}: Unix seconds must be between 0 and the year 9999"
-            )),
-        };
-    }
-    let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
-        format!("{t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)")
-    })?;
-    let ms = when
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("{t:?} is before 1970"))?
-        .as_millis() as i64;
-    Ok(ms)
-}
-
-/// Why a payload was refused; the API answers each kind with its own status.
-#[derive(Debug)]
-pub enum PayloadError {
-    /// Over `max_payload`.
-    TooLarge(String),
-    /// Not JSON (or nested deeper than the parser goes).
-    Malformed(String),
-    /// JSON, but no task the queue can run ([`runnable::argv`]).
-    Invalid(String),
-}
-
-impl std::fmt::Display for PayloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PayloadError::TooLarge(m) | PayloadError::Malformed(m) | PayloadError::Invalid(m) => {
-                f.write_str(m)
-            }
-        }
-    }
-}
-
-/// Validate a task for `queue`: a payload of well-formed JSON within the size limit, which
-/// with the extra `args` makes a task the queue can start ([`runnable::argv`]: placeholders
-/// filled, no value read as an option, no NUL a process cannot receive, argv within the
-/// kernel's limits). Returns the payload's compact JSON text to store.
-pub fn parse_payload(
-    config: &Config,
-    queue: &QueueConfig,
-    text: &str,
-    args: &[String],
-) -> Result<String, PayloadError> {
-    if text.len() > config.max_payload {
-        return Err(PayloadError::TooLarge(format!(
-            "the payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
-            text.len(),
-            config.max_payload,
-            config.path.display()
-        )));
-    }
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        let offset = byte_offset(text, e.line(), e.column());
-        PayloadError::Malformed(format!(
-            "malformed JSON payload at byte {offset} (line {}, column {}): {}",
-            e.line(),
-            e.column(),
-            strip_position(&e.to_string())
-        ))
-    })?;
-    runnable::argv(queue, &value, args)
-        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
-    Ok(value.to_string())
-}
-
-/// serde_json reports line and column (1-based); turn them into a 0-based byte offset.
-pub(crate) fn byte_offset(text: &str, line: usize, column: usize) -> usize {
-    let mut offset = 0;
-    for (i, l) in text.split_inclusive('\n').enumerate() {
-        if i + 1 == line {
-            return offset + column.saturating_sub(1).min(l.len());
-        }
-        offset += l.len();
-    }
-    text.len()
-}
-
-pub(crate) fn strip_position(msg: &str) -> &str {
-    match msg.find(" at line ") {
-        Some(i) => &msg[..i],
-        None => msg,
-    }
-}
-
 fn read_batch(
     config: &Config,
     queue: &QueueConfig,
@@ -574,15 +470,4 @@ fn read_batch_text(file: &std::path::Path) -> Result<String, Failure> {
             file.display()
         ))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_offsets_follow_lines() {
-        assert_eq!(byte_offset("{\"a\": x}", 1, 7), 6);
-        assert_eq!(byte_offset("{\n\"a\": x}", 2, 6), 7);
-    }
 }

@@ -167,7 +167,7 @@ pub struct Supervisor {
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
     /// Counters for `/metrics`: attempts started, finished by outcome, their durations.
-    metrics: Arc<crate::api::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Every long-lived worker, for `state_dir/workers.json`.
     workers: Arc<worker::Registry>,
 }
@@ -177,7 +177,7 @@ impl Supervisor {
         broker: Arc<dyn Broker>,
         node: String,
         start_log: startlog::StartLog,
-        metrics: Arc<crate::api::Metrics>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let workers = worker::Registry::new(start_log.dir());
         Arc::new(Supervisor {
@@ -628,7 +628,7 @@ impl Supervisor {
             tracing::debug!(reason = ?record.reason, next = ?finish, "attempt finished");
         }
         {
-            use crate::api::metrics::FinishOutcome as O;
+            use crate::metrics::FinishOutcome as O;
             let outcome = match finish {
                 Finish::Succeeded => O::Succeeded,
                 Finish::Retry { .. } => O::Retry,

@@ -19,7 +19,7 @@
 
 mod process;
 pub mod protocol;
-mod status;
+pub mod status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,11 @@
 //! The daemon's Prometheus metrics: a registry of its own (no global state, so test daemons
 //! in one process never share counters), fed by the API (enqueues, broker errors) and the
-//! supervisor (starts, finishes, attempt durations), and rendered at `/metrics`.
+//! supervisor (starts, finishes, attempt durations), and rendered by the API at `/metrics`.
 //!
-//! Queue depth and running counts are read from the broker at scrape time (the broker is the
-//! system of record; counting in memory would drift). Process metrics come from /proc/self.
+//! It sits below both of them: it knows queue names and the broker's counts, never the
+//! supervisor or the API. Queue depth and running counts are read from the broker at scrape
+//! time (the broker is the system of record; counting in memory would drift). Process
+//! metrics come from /proc/self.
 
 use std::fmt::Write as _;
 use std::time::Duration;
