@@ -72,7 +72,41 @@ pub struct Config {
     pub max_payload: usize,
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
     pub control_socket: PathBuf,
+    /// Which task ends the daemon logs (`log_tasks`, default failures).
+    pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,
+}
+
+/// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a
+/// retried attempt at `info` (`failures`, the default), also every other end at `info`
+/// (`all`), or none of them (`none`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogTasks {
+    #[default]
+    Failures,
+    All,
+    None,
+}
+
+impl LogTasks {
+    pub const NAMES: [&'static str; 3] = ["failures", "all", "none"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogTasks::Failures => "failures",
+            LogTasks::All => "all",
+            LogTasks::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LogTasks> {
+        match s {
+            "failures" => Some(LogTasks::Failures),
+            "all" => Some(LogTasks::All),
+            "none" => Some(LogTasks::None),
+            _ => None,
+        }
+    }
 }
 
 /// A secret string: its `Debug` never shows it, so a logged or printed config cannot leak it.

@@ -16,7 +16,7 @@ use toml_edit::{ImDocument, Item, Key, TableLike};
 use super::units::{self, DurationError};
 use super::{
     defaults, limits, never_inherited, ArgTemplate, Backoff, BackoffKind, BrokerUrl, Config,
-    Diagnostic, LimitValue, Limits, Program, QueueConfig, Secret,
+    Diagnostic, LimitValue, Limits, LogTasks, Program, QueueConfig, Secret,
 };
 use crate::model::QueueName;
 
@@ -33,6 +33,7 @@ const TASKD_KEYS: &[&str] = &[
     "control_socket",
     "token",
     "token_file",
+    "log_tasks",
 ];
 /// Keys a queue may take from `[defaults]`.
 const LAYER_KEYS: &[&str] = &[
@@ -392,6 +393,7 @@ struct TaskdLayer {
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
     listen_span: Span,
     token: Option<Secret>,
+    log_tasks: Option<LogTasks>,
 }
 
 /// The walk's context: the text (for positions), the file, and the diagnostics so far.
@@ -800,6 +802,7 @@ impl Cx<'_> {
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
             max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
+            log_tasks: taskd.log_tasks.unwrap_or_default(),
             queues,
         }
     }
@@ -837,6 +840,24 @@ impl Cx<'_> {
                     }
                 }
                 "shutdown_grace" => out.shutdown_grace = self.duration(&e),
+                "log_tasks" => {
+                    if let Some(s) = self.string(&e, "\"failures\"") {
+                        out.log_tasks = LogTasks::parse(s);
+                        if out.log_tasks.is_none() {
+                            let fix = match units::closest(s, &LogTasks::NAMES) {
+                                Some(near) => format!("did you mean `log_tasks = \"{near}\"`?"),
+                                None => "write `log_tasks = \"failures\"`, `\"all\"` or `\"none\"`"
+                                    .into(),
+                            };
+                            self.error(
+                                e.value_span(),
+                                &e.path,
+                                format!("unknown value \"{s}\" (expected \"failures\", \"all\" or \"none\")"),
+                                Some(fix),
+                            );
+                        }
+                    }
+                }
                 "lease" => {
                     // A lease past a year is refused by the duration parser as well; the
                     // message must give the lease's own bounds, not the parser's.
