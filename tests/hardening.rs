@@ -79,12 +79,15 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
     );
     // The tasks come once more connections are open than the daemon has descriptors.
     assert!(
-        poll(Duration::from_secs(30), || opened.load(Ordering::Relaxed) >= 300),
+        poll(Duration::from_secs(30), || opened.load(Ordering::Relaxed)
+            >= 300),
         "the flood opened only {} connections",
         opened.load(Ordering::Relaxed)
     );
 
-    let ids: Vec<String> = (0..10).map(|i| e.submit("work", &format!("{{\"n\":{i}}}"))).collect();
+    let ids: Vec<String> = (0..10)
+        .map(|i| e.submit("work", &format!("{{\"n\":{i}}}")))
+        .collect();
     let began = Instant::now();
     let health = ureq::get(&format!("{url}/healthz"))
         .timeout(Duration::from_secs(20))

@@ -428,7 +428,10 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
                     Some(conn.await)
                 }
             };
-            open.lock().unwrap_or_else(|p| p.into_inner()).open.remove(&id);
+            open.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open
+                .remove(&id);
             if let Some(Err(e)) = r {
                 tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
             }
