@@ -490,13 +490,19 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
         if failed_starts >= w.start_retries {
             // A reload restart whose new worker cannot start keeps the rolling permit: the
             // rollout stops here, and the other workers keep running their old settings.
-            let why = slot.info.lock().expect("not poisoned").last_exit.clone();
             slot.set(&reg, |i| {
+                // The worker's own last words usually name the cause (a missing file, an
+                // import error); the way it ended rarely does.
+                let said = i
+                    .last_stderr
+                    .last()
+                    .map(|l| format!("; its stderr ended with: {l}"))
+                    .unwrap_or_default();
                 i.why = Some(format!(
-                    "{} failed starts in a row (start_retries = {}); last: {}. Its tasks wait; fix the worker and `taskd reload`",
+                    "{} failed starts in a row (start_retries = {}); last: {}{said}. Its tasks wait; fix the worker and `taskd reload`",
                     failed_starts,
                     w.start_retries,
-                    why.as_deref().unwrap_or("unknown")
+                    i.last_exit.as_deref().unwrap_or("unknown")
                 ));
             });
             slot.set_state(&reg, WorkerState::Fatal);
@@ -564,7 +570,10 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
                 tracing::warn!(queue = %shared.queue, slot = slot.index, error = %why, "failed to start a worker");
                 failed_starts += 1;
                 streak += 1;
-                slot.set(&reg, |i| i.last_exit = Some(why));
+                slot.set(&reg, |i| {
+                    i.last_exit = Some(why);
+                    i.last_stderr.clear();
+                });
                 continue;
             }
         };
@@ -596,10 +605,15 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
                 }
                 _ => why,
             };
-            tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, error = %why, "worker failed to start");
+            let said = idle_out.last_stderr.take();
+            tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, error = %why, stderr = said.last().map(String::as_str).unwrap_or(""), "worker failed to start");
             failed_starts += 1;
             streak += 1;
-            slot.set(&reg, |i| i.last_exit = Some(why));
+            slot.set(&reg, |i| {
+                i.last_exit = Some(why);
+                i.last_stderr = said;
+                i.pid = None;
+            });
             continue;
         }
         failed_starts = 0;
@@ -647,8 +661,10 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
         let exit = st.as_ref().map(describe).unwrap_or_else(|| "ended".into());
         let last = format!("{exit}: {why}");
         tracing::info!(queue = %shared.queue, slot = slot.index, pid = p.pid, "worker ended ({last})");
+        let said = idle_out.last_stderr.take();
         slot.set(&reg, |i| {
             i.last_exit = Some(last);
+            i.last_stderr = said;
             i.pid = None;
         });
         if failed {
@@ -731,6 +747,8 @@ struct IdleOutput {
     span: tracing::Span,
     out: Lines,
     err: Lines,
+    /// What `taskd status` shows of it once the process ends.
+    last_stderr: status::LastLines,
 }
 
 impl IdleOutput {
@@ -739,6 +757,7 @@ impl IdleOutput {
             span: tracing::info_span!("worker", queue = %queue, slot, pid),
             out: Lines::new("stdout"),
             err: Lines::new("stderr"),
+            last_stderr: status::LastLines::default(),
         }
     }
 
@@ -746,7 +765,10 @@ impl IdleOutput {
         let _g = self.span.enter();
         match ev {
             Event::Stdout(d) => self.out.push(&d),
-            Event::Stderr(d) => self.err.push(&d),
+            Event::Stderr(d) => {
+                self.last_stderr.push(&d);
+                self.err.push(&d)
+            }
             Event::Line(l) | Event::TooLong(l) => {
                 tracing::debug!(line = %protocol::show_line(&l), "worker message while stopping; ignored")
             }
