@@ -973,8 +973,9 @@ fn submit_json_wait_prints_one_document() {
             let out = env.run(&args);
             assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
             let text = stdout(&out);
-            let v: Value = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{args:?} printed no single JSON document ({e}):\n{text}"));
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                panic!("{args:?} printed no single JSON document ({e}):\n{text}")
+            });
             assert_eq!(v["state"], state, "{args:?}: {v:#}");
             let id = v["id"].as_str().expect("the record's id");
             assert_eq!(v, env.show(id), "{args:?}: the record `show --json` prints");

@@ -96,7 +96,15 @@ fn check_queues(t: &Table, json: &Value) {
 fn check_workers(t: &Table, json: &Value) {
     assert_eq!(
         t.header,
-        ["worker", "pid", "state", "uptime", "tasks done", "last exit", "why"]
+        [
+            "worker",
+            "pid",
+            "state",
+            "uptime",
+            "tasks done",
+            "last exit",
+            "why"
+        ]
     );
     let workers = json["workers"].as_array().expect("workers");
     assert_eq!(t.rows.len(), workers.len(), "{t:#?}\n{json:#}");
@@ -170,7 +178,11 @@ fn check_tasks(env: &Env, args: &[&str]) {
             assert_eq!(cell, err);
         } else {
             let kept: String = err.chars().take(59).collect();
-            assert_eq!(cell, format!("{kept}…"), "a long error is cut with an ellipsis");
+            assert_eq!(
+                cell,
+                format!("{kept}…"),
+                "a long error is cut with an ellipsis"
+            );
         }
     }
 }
@@ -198,7 +210,10 @@ fn wait_counts(env: &Env, queue: &str, want: [u64; 7]) {
         last = counts(env, queue);
         last == want
     });
-    assert!(ok, "{queue}: counts {last:?}, expected {want:?} ({STATES:?})");
+    assert!(
+        ok,
+        "{queue}: counts {last:?}, expected {want:?} ({STATES:?})"
+    );
 }
 
 /// Every state of `mix` holds a different number of tasks than the state in the column
@@ -287,7 +302,14 @@ fn check_table_matches_json_cell_by_cell() {
     let t = table::find(&text, "queue");
     assert_eq!(
         t.header,
-        ["queue", "concurrency", "timeout", "attempts", "backoff", "runs"]
+        [
+            "queue",
+            "concurrency",
+            "timeout",
+            "attempts",
+            "backoff",
+            "runs"
+        ]
     );
     let queues = json["queues"].as_array().expect("queues");
     assert_eq!(t.rows.len(), queues.len(), "{text}");

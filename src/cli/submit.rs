@@ -178,9 +178,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     if args.json {
         if !args.wait {
             match broker.get(e.id).await? {
-                Some(detail) => print_json(
-                    &serde_json::json!({ "existing": e.existing, "task": detail.task }),
-                )?,
+                Some(detail) => {
+                    print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?
+                }
                 None => print_json(e)?,
             }
         }

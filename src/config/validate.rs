@@ -839,7 +839,9 @@ impl Cx<'_> {
                         == Some(Err(DurationError::TooLong));
                     let d = if over_a_year { None } else { self.duration(&e) };
                     match (d, over_a_year) {
-                        (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => {
+                        (Some(d), _)
+                            if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) =>
+                        {
                             out.lease = Some(d)
                         }
                         (Some(_), _) | (None, true) => self.error(
@@ -849,9 +851,14 @@ impl Cx<'_> {
                                 "lease must be between {} and {} (found {})",
                                 units::show_duration(defaults::MIN_LEASE),
                                 units::show_duration(defaults::MAX_LEASE),
-                                e.item.as_str().map_or_else(String::new, |s| format!("\"{s}\""))
+                                e.item
+                                    .as_str()
+                                    .map_or_else(String::new, |s| format!("\"{s}\""))
                             ),
-                            Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                            Some(
+                                "write `lease = \"30s\"`, or remove it for the broker's default"
+                                    .into(),
+                            ),
                         ),
                         _ => {}
                     }
@@ -1586,7 +1593,10 @@ impl Cx<'_> {
         // queue could never be addressed from the command line.
         let name = match QueueName::try_from(e.name.to_string()).and_then(|n| {
             if n.as_str().starts_with('-') {
-                Err("a queue name cannot start with `-`, which the command line reads as an option".into())
+                Err(
+                    "a queue name cannot start with `-`, which the command line reads as an option"
+                        .into(),
+                )
             } else {
                 Ok(n)
             }

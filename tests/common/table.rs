@@ -87,7 +87,9 @@ pub fn find(text: &str, first: &str) -> Table {
 /// A duration as the CLI prints it ("850ms", "1.2s", "3m 5s", "1h 2m 3s") in milliseconds.
 pub fn duration_ms(s: &str) -> i64 {
     if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse().unwrap_or_else(|_| panic!("not a duration: {s:?}"));
+        return ms
+            .parse()
+            .unwrap_or_else(|_| panic!("not a duration: {s:?}"));
     }
     if !s.contains(' ') {
         if let Some(secs) = s.strip_suffix('s').and_then(|v| v.parse::<f64>().ok()) {
