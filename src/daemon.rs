@@ -431,6 +431,7 @@ pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> 
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
     let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
+    fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {
         match listener.local_addr() {
@@ -522,6 +523,7 @@ pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> 
             _ = hup.recv() => {
                 notifier.reloading();
                 reload(&path, &mut config, &supervisor, "SIGHUP");
+                fit_api(&api_state, &config);
                 api_state.set_config(config.clone());
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
             }
@@ -536,6 +538,7 @@ pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> 
                 crate::control::Request::Reload => {
                     notifier.reloading();
                     let answer = reload(&path, &mut config, &supervisor, "taskd reload");
+                    fit_api(&api_state, &config);
                     api_state.set_config(config.clone());
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
                     let _ = reply.send(answer);
@@ -603,11 +606,24 @@ pub fn set_up_process(config: &Config) {
 
 /// Size the daemon's own open-files limit to its queues (see `executor::fit_own_nofile`).
 fn fit_nofile(config: &Config) {
-    let tasks: usize = config.queues.values().map(|q| q.concurrency).sum();
-    match crate::executor::fit_own_nofile(tasks) {
+    match crate::executor::fit_own_nofile(task_slots(config)) {
         Ok(soft) => tracing::debug!(soft, "open-files limit fitted to the queues"),
         Err(e) => tracing::warn!(error = %e, "could not adjust the open-files limit"),
     }
+}
+
+fn task_slots(config: &Config) -> usize {
+    config.queues.values().map(|q| q.concurrency).sum()
+}
+
+/// Give the API the connection limit that leaves the queues' tasks their descriptors (see
+/// `api::connection_limit`); after [`fit_nofile`].
+fn fit_api(state: &crate::api::AppState, config: &Config) {
+    let soft = crate::executor::host().nofile.0;
+    let limit = crate::api::connection_limit(soft, task_slots(config));
+    state
+        .max_connections
+        .store(limit, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn status_line(s: &Supervisor) -> String {

@@ -1304,3 +1304,34 @@ fn config_is_found_through_taskd_config_and_the_current_directory() {
         "{stderr}"
     );
 }
+
+#[test]
+fn log_tasks_takes_one_of_three_words() {
+    check_bad("[taskd]\nstate_dir = \"state\"\nlog_tasks = \"failure\"\n")
+        .count(1)
+        .expect(
+            3,
+            13,
+            "taskd.log_tasks",
+            &[
+                "unknown value \"failure\"",
+                "\"failures\", \"all\" or \"none\"",
+            ],
+            Some("did you mean `log_tasks = \"failures\"`?"),
+        );
+    check_bad("[taskd]\nstate_dir = \"state\"\nlog_tasks = true\n")
+        .count(1)
+        .expect(
+            3,
+            13,
+            "taskd.log_tasks",
+            &["a string"],
+            Some("log_tasks = \"failures\""),
+        );
+    for ok in ["failures", "all", "none"] {
+        Env::raw(&format!(
+            "[taskd]\nstate_dir = \"state\"\nlog_tasks = \"{ok}\"\n"
+        ))
+        .ok(&["check"]);
+    }
+}

@@ -191,6 +191,21 @@ mod tests {
     }
 
     #[test]
+    fn keeps_integers_beyond_64_bits_and_reads_run_at_in_seconds() {
+        // serde_json's `arbitrary_precision` keeps a number's text: no rounding to an f64.
+        // Integers inside an untagged enum (run_at) must still read as integers.
+        let c = config();
+        let t = parse_one(
+            &c,
+            queue(&c, "any"),
+            br#"{"payload": {"big": 123456789012345678901234567890, "f": 1.10}, "run_at": 4102444800}"#,
+        )
+        .expect("valid");
+        assert_eq!(t.payload, r#"{"big":123456789012345678901234567890,"f":1.10}"#);
+        assert_eq!(t.run_at, Some(4_102_444_800_000));
+    }
+
+    #[test]
     fn names_the_problem() {
         let c = config();
         let e = parse_one(&c, queue(&c, "any"), b"{\"payload\": }").expect_err("bad");

@@ -43,8 +43,9 @@ pub use error::ApiError;
 
 /// How long one request may take, end to end, before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may take to send its request line and headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request line and headers (an idle keep-alive
+/// connection too: the clock starts when the connection waits for a request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most header lines of one request.
 pub const MAX_HEADERS: usize = 64;
 /// The read buffer of a connection, which bounds the size of the headers.
@@ -65,6 +66,9 @@ pub struct AppState {
     reads_need_token: bool,
     /// `listen` is a loopback address: only local host names are served (DNS rebinding).
     loopback: bool,
+    /// The most connections served at once ([`connection_limit`]; the daemon sets it from
+    /// its open-files limit and its queues, again on reload).
+    pub max_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -78,6 +82,7 @@ impl AppState {
             metrics,
             draining: CancellationToken::new(),
             reads_need_token,
+            max_connections: Arc::new(std::sync::atomic::AtomicUsize::new(MAX_CONNECTIONS)),
         }
     }
 
@@ -272,11 +277,84 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// The fewest API connections a daemon serves at once, however few descriptors it has.
+pub const MIN_CONNECTIONS: usize = 8;
+/// The most API connections a daemon serves at once, however many descriptors it has.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// How many API connections a daemon with this open-files soft limit and this many task
+/// slots serves at once. Tasks come first: each may need up to 8 descriptors (pipes, log
+/// files, a pidfd) and the daemon 64 of its own (the store, sockets, the log); the API gets
+/// half of what is left, so that a flood of connections can never take the descriptors a
+/// task needs to start.
+pub fn connection_limit(nofile_soft: u64, tasks: usize) -> usize {
+    let reserved = 64 + 8 * tasks as u64;
+    let spare = nofile_soft.saturating_sub(reserved) / 2;
+    usize::try_from(spare)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
+}
+
+/// The connections being served, oldest first, so that a new one beyond the limit can take
+/// the place of the oldest that is not in the middle of a request (an idle keep-alive
+/// connection, or one that has not finished sending its headers).
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: std::collections::BTreeMap<u64, Conn>,
+    /// When the limit was last reported in the log (once a minute at most).
+    warned: Option<std::time::Instant>,
+}
+
+struct Conn {
+    /// Requests of this connection a handler is working on.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    close: CancellationToken,
+}
+
+impl Connections {
+    /// Make room for one more connection: close the oldest idle one when `limit` are open.
+    /// `false` when every open connection is in the middle of a request.
+    fn make_room(&mut self, limit: usize) -> bool {
+        if self.open.len() < limit {
+            return true;
+        }
+        let idle = self.open.iter().find(|(_, c)| {
+            c.busy.load(std::sync::atomic::Ordering::Acquire) == 0 && !c.close.is_cancelled()
+        });
+        let room = match idle {
+            Some((_, c)) => {
+                c.close.cancel();
+                true
+            }
+            None => false,
+        };
+        let now = std::time::Instant::now();
+        if !matches!(self.warned, Some(t) if now.duration_since(t) < Duration::from_secs(60)) {
+            self.warned = Some(now);
+            tracing::warn!(
+                limit,
+                "API: {limit} connections open, the most this daemon serves (see docs/api.md); {}",
+                if room {
+                    "closing the oldest idle one for each new one"
+                } else {
+                    "every one is busy: refusing new ones"
+                }
+            );
+        }
+        room
+    }
+}
+
 /// Serve `state` on `listener` until `stop` is cancelled; then finish open requests (at most
-/// a second) and return.
+/// a second) and return. At most [`AppState::max_connections`] are served at once (see
+/// [`connection_limit`]): past that, a new connection closes the oldest idle one, or is
+/// refused when all are busy.
 pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationToken) {
+    let limit = state.max_connections.clone();
     let app = router(state);
     let conns = TaskTracker::new();
+    let open = Arc::new(std::sync::Mutex::new(Connections::default()));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -290,9 +368,39 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
             },
             _ = stop.cancelled() => break,
         };
+        let (id, busy, close) = {
+            let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+            if !o.make_room(limit.load(std::sync::atomic::Ordering::Relaxed)) {
+                drop(stream);
+                continue;
+            }
+            let id = o.next;
+            o.next += 1;
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let close = CancellationToken::new();
+            o.open.insert(
+                id,
+                Conn {
+                    busy: busy.clone(),
+                    close: close.clone(),
+                },
+            );
+            (id, busy, close)
+        };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let app = app.clone();
+            let busy = busy.clone();
+            busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            async move {
+                let r = tower::ServiceExt::oneshot(app, req).await;
+                busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                r
+            }
+        });
         let stop = stop.clone();
+        let open = open.clone();
         conns.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -303,17 +411,61 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);
             let r = tokio::select! {
-                r = conn.as_mut() => r,
+                r = conn.as_mut() => Some(r),
+                // Closed to make room for a newer connection: dropping it closes the socket.
+                _ = close.cancelled() => None,
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    Some(conn.await)
                 }
             };
-            if let Err(e) = r {
+            open.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open
+                .remove(&id);
+            if let Some(Err(e)) = r {
                 tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
             }
         });
     }
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_get_half_of_what_tasks_leave() {
+        // 1024 descriptors, 4 task slots: 64 + 32 reserved, half of the rest.
+        assert_eq!(connection_limit(1024, 4), 464);
+        // Never fewer than MIN_CONNECTIONS, never more than MAX_CONNECTIONS.
+        assert_eq!(connection_limit(100, 64), MIN_CONNECTIONS);
+        assert_eq!(connection_limit(1 << 20, 1), MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn a_new_connection_closes_the_oldest_idle_one() {
+        let mut c = Connections::default();
+        let add = |c: &mut Connections, busy: usize| {
+            let conn = Conn {
+                busy: Arc::new(std::sync::atomic::AtomicUsize::new(busy)),
+                close: CancellationToken::new(),
+            };
+            let close = conn.close.clone();
+            c.open.insert(c.next, conn);
+            c.next += 1;
+            close
+        };
+        let busy = add(&mut c, 1);
+        let idle = add(&mut c, 0);
+        assert!(c.make_room(3), "room without closing anything");
+        assert!(!idle.is_cancelled());
+        assert!(c.make_room(2), "the idle one makes room");
+        assert!(idle.is_cancelled() && !busy.is_cancelled());
+        c.open.remove(&1);
+        assert!(!c.make_room(1), "every open connection is busy");
+        assert!(!busy.is_cancelled());
+    }
 }

@@ -13,6 +13,9 @@
 //!    reported at once, each as a [`Diagnostic`] with file, line, column, dotted key and a fix.
 //!    Only a config without a single error becomes a [`Config`].
 //!
+//! Every key is defined once, in `keys.rs` (name, default, documentation, reader); the
+//! readers live in `validate/`, one file per concern.
+//!
 //! Inheritance: `[defaults]` holds every queue key except `command`, `shell` and `worker`;
 //! a queue takes each key from its own table, else from `[defaults]`, else the built-in
 //! default. A queue's `env` is merged key by key over the defaults' `env`, and a queue's
@@ -34,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+mod keys;
 mod template;
 mod units;
 mod validate;
@@ -47,6 +51,7 @@ use std::time::Duration;
 use crate::model::QueueName;
 
 pub use backoff::{Backoff, BackoffKind};
+pub use keys::QueueConfig;
 pub use template::ArgTemplate;
 
 /// A validated config, with defaults applied and every path absolute.
@@ -71,7 +76,41 @@ pub struct Config {
     pub max_payload: usize,
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
     pub control_socket: PathBuf,
+    /// Which task ends the daemon logs (`log_tasks`, default failures).
+    pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,
+}
+
+/// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a
+/// retried attempt at `info` (`failures`, the default), also every other end at `info`
+/// (`all`), or none of them (`none`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogTasks {
+    #[default]
+    Failures,
+    All,
+    None,
+}
+
+impl LogTasks {
+    pub const NAMES: [&'static str; 3] = ["failures", "all", "none"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogTasks::Failures => "failures",
+            LogTasks::All => "all",
+            LogTasks::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LogTasks> {
+        match s {
+            "failures" => Some(LogTasks::Failures),
+            "all" => Some(LogTasks::All),
+            "none" => Some(LogTasks::None),
+            _ => None,
+        }
+    }
 }
 
 /// A secret string: its `Debug` never shows it, so a logged or printed config cannot leak it.
@@ -144,74 +183,7 @@ impl fmt::Display for BrokerUrl {
     }
 }
 
-/// One queue, with everything it did not set taken from `[defaults]` or the built-in defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub struct QueueConfig {
-    pub name: QueueName,
-    /// Tasks run at once on one node (1..=10000, default 1).
-    pub concurrency: usize,
-    pub program: Program,
-    /// Per-attempt time limit (default 30m).
-    pub timeout: Duration,
-    /// Total runs, the first included (1..=1000, default 5).
-    pub max_attempts: u32,
-    pub backoff: Backoff,
-    /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
-    pub kill_grace: Duration,
-    /// Exit codes that fail the task at once, without retry (each 1..=255).
-    pub fail_exit_codes: Vec<i32>,
-    /// Extra environment: `[defaults]` env with the queue's env merged over it.
-    pub env: BTreeMap<String, String>,
-    /// Working directory, absolute.
-    pub cwd: Option<PathBuf>,
-    /// User to run as; known to exist when the config was validated.
-    pub user: Option<String>,
-    /// Group to run as; known to exist when the config was validated. Without `user`, the
-    /// task runs as the daemon's user with this group.
-    pub group: Option<String>,
-    /// The task's umask (`0..=0o777`); `None` keeps the daemon's.
-    pub umask: Option<u32>,
-    /// Resource limits, each set as both the soft and the hard limit.
-    pub limits: Limits,
-    /// Names of the daemon's environment variables passed on to tasks, on top of
-    /// [`defaults::ENV_INHERIT`]. Never one of the [`never_inherited`] names.
-    pub env_inherit: Vec<String>,
-    /// Bytes of stdout and of stderr kept per attempt (default 64 KiB, at most 16 MiB).
-    pub output_tail: usize,
-    /// Copy the task's output into the daemon's log, a line per event tagged with the task.
-    pub log_output: bool,
-    /// Directory for full output files, absolute.
-    pub log_dir: Option<PathBuf>,
-    /// Size cap per log file in bytes (default 10 MiB).
-    pub log_max: u64,
-}
-
 impl QueueConfig {
-    /// A queue with every setting at its built-in default.
-    pub fn new(name: QueueName, program: Program) -> Self {
-        QueueConfig {
-            name,
-            concurrency: defaults::CONCURRENCY,
-            program,
-            timeout: defaults::TIMEOUT,
-            max_attempts: defaults::MAX_ATTEMPTS,
-            backoff: Backoff::default(),
-            kill_grace: defaults::KILL_GRACE,
-            fail_exit_codes: Vec::new(),
-            env: BTreeMap::new(),
-            cwd: None,
-            user: None,
-            group: None,
-            umask: None,
-            limits: Limits::default(),
-            env_inherit: Vec::new(),
-            output_tail: defaults::OUTPUT_TAIL,
-            log_output: false,
-            log_dir: None,
-            log_max: defaults::LOG_MAX,
-        }
-    }
-
     /// Every payload field a `command` placeholder uses (empty for `shell`).
     pub fn required_fields(&self) -> BTreeSet<String> {
         match &self.program {

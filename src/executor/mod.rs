@@ -373,9 +373,9 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         None => (None, None),
     };
 
-    let (mut child, tracked) = match start(&spec) {
+    let (mut child, tracked) = match start_when_descriptors_allow(&spec, &stop).await {
         Ok(pair) => pair,
-        Err(err) => return Outcome::not_started(spawn_failure(&spec, &err), started_at_ms),
+        Err(status) => return Outcome::not_started(status, started_at_ms),
     };
     let pid = tracked.pid();
     let mut leader = Leader {
@@ -611,6 +611,40 @@ impl LeaderChild {
 
 /// Starts the leader: without std's `Command` when nothing needs a `pre_exec` hook (see
 /// `spawn.rs`), through it otherwise.
+/// The most a task waits between two tries while descriptors are short.
+const NO_DESCRIPTORS_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// [`start`], waiting and trying again while the daemon (EMFILE) or the system (ENFILE) is
+/// out of file descriptors: the shortage passes (a burst of connections or tasks), and a
+/// task that never started must not be failed for it, nor charged an attempt. A cancel or a
+/// shutdown ends the wait (`Cancelled`, `Interrupted`); any other error is the task's.
+async fn start_when_descriptors_allow(
+    spec: &Spec,
+    stop: &Stop,
+) -> Result<(LeaderChild, TrackedChild), Status> {
+    let mut delay = Duration::from_millis(10);
+    let mut warned = false;
+    loop {
+        let err = match start(spec) {
+            Ok(pair) => return Ok(pair),
+            Err(err) => err,
+        };
+        if !matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+            return Err(spawn_failure(spec, &err));
+        }
+        if !warned {
+            warned = true;
+            tracing::warn!(error = %err, "out of file descriptors: the task waits and starts when some are free (no attempt is charged)");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancel.cancelled() => return Err(Status::Cancelled),
+            _ = stop.shutdown.cancelled() => return Err(Status::Interrupted),
+        }
+        delay = (delay * 2).min(NO_DESCRIPTORS_RETRY_MAX);
+    }
+}
+
 fn start(spec: &Spec) -> io::Result<(LeaderChild, TrackedChild)> {
     if spawn::supported() && ChildSetup::plan(spec, &host()).is_none() {
         let stdin = match stdin_for(&spec.stdin) {

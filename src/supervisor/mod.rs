@@ -13,6 +13,7 @@
 pub mod policy;
 pub mod prepare;
 pub mod startlog;
+pub mod tasklog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
-use crate::config::Config;
+use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
 use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
 use crate::worker;
@@ -169,6 +170,8 @@ pub struct Supervisor {
     metrics: Arc<crate::metrics::Metrics>,
     /// Every long-lived worker, for `state_dir/workers.json`.
     workers: Arc<worker::Registry>,
+    /// `[taskd] log_tasks`, set by [`Self::apply`] (a reload changes it); `None` before.
+    log_tasks: Mutex<Option<LogTasks>>,
 }
 
 impl Supervisor {
@@ -194,6 +197,7 @@ impl Supervisor {
             paused: Mutex::new(BTreeSet::new()),
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
+            log_tasks: Mutex::new(None),
         })
     }
 
@@ -201,6 +205,13 @@ impl Supervisor {
     pub fn set_lease(&self, lease: Duration) {
         self.lease_ms
             .store(lease.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn log_tasks(&self) -> LogTasks {
+        self.log_tasks
+            .lock()
+            .expect("not poisoned")
+            .unwrap_or_default()
     }
 
     fn lease(&self) -> Duration {
@@ -262,6 +273,17 @@ impl Supervisor {
     /// new queues start, removed queues drain. Running tasks are left alone.
     pub fn apply(self: &Arc<Self>, config: &Config) -> Vec<String> {
         let mut changes = Vec::new();
+        {
+            let mut log_tasks = self.log_tasks.lock().expect("not poisoned");
+            if let Some(old) = log_tasks.filter(|old| *old != config.log_tasks) {
+                changes.push(format!(
+                    "log_tasks {} → {}",
+                    old.as_str(),
+                    config.log_tasks.as_str()
+                ));
+            }
+            *log_tasks = Some(config.log_tasks);
+        }
         let mut queues = self.queues.lock().expect("not poisoned");
         for (name, qc) in &config.queues {
             let prepared = Arc::new(Prepared::new(Arc::new(qc.clone())));
@@ -619,17 +641,21 @@ impl Supervisor {
                 decided
             }
         };
-        if matches!(
-            record.reason,
-            Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)
-        ) {
+        let log_tasks = self.log_tasks();
+        if log_tasks == LogTasks::None
+            && matches!(
+                record.reason,
+                Some(AttemptReason::Spawn) | Some(AttemptReason::Invalid)
+            )
+        {
+            // Even with task ends unlogged, a program that cannot start is a configuration
+            // problem the operator must see.
             tracing::warn!(
                 error = record.error.as_deref().unwrap_or(""),
                 "task cannot run"
             );
-        } else {
-            tracing::debug!(reason = ?record.reason, next = ?finish, "attempt finished");
         }
+        tasklog::log_end(log_tasks, config.max_attempts, &record, &finish);
         {
             use crate::metrics::FinishOutcome as O;
             let outcome = match finish {
@@ -763,6 +789,15 @@ impl Supervisor {
                     error: Some("cancelled by an operator before it started".into()),
                     ..Default::default()
                 };
+                let span = tracing::info_span!("task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
+                span.in_scope(|| {
+                    tasklog::log_end(
+                        self.log_tasks(),
+                        q.prepared().config.max_attempts,
+                        &attempt,
+                        &Finish::Cancelled,
+                    )
+                });
                 self.record(&c.lease, attempt, Finish::Cancelled).await;
                 self.running
                     .lock()

@@ -118,6 +118,15 @@ impl Env {
     }
 
     pub fn daemon_with(&self, extra_env: &[(&str, &str)]) -> Daemon {
+        self.daemon_custom(|cmd| {
+            for (k, v) in extra_env {
+                cmd.env(k, v);
+            }
+        })
+    }
+
+    /// Start a daemon whose command `adjust` may change (environment, limits) before it runs.
+    pub fn daemon_custom(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let log = self.dir.path().join(format!("daemon-{}.log", unique()));
         let err = std::fs::File::create(&log).expect("daemon log");
         let mut cmd = self.cmd(&["start"]);
@@ -125,9 +134,7 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
+        adjust(&mut cmd);
         let child = cmd.spawn().expect("start daemon");
         let d = Daemon {
             child: Some(child),

@@ -1912,3 +1912,47 @@ fn a_second_daemon_on_the_same_state_dir_refuses_naming_the_first() {
     let id = submit(&env, "q", &json!({}), &[]);
     env.wait_state(&id, "succeeded", secs(10));
 }
+
+/// Integers beyond 64 bits and decimals beyond an f64 reach the task as they were given
+/// (stdin, `TASKD_ARG_*`, a `{field}` placeholder) and `taskd show` shows them so, whether
+/// the task came through `taskd submit` or the HTTP API.
+#[test]
+fn numbers_beyond_64_bits_reach_the_task_exactly() {
+    let Some(case) = Case::new() else { return };
+    let text = format!(
+        "[taskd]\nstate_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n{}\n\
+         [queues.cat]\nshell = 'cat; echo; echo \"$TASKD_ARG_big\"'\n\n\
+         [queues.echo]\ncommand = [\"/bin/echo\", \"{{big}}\", \"{{f}}\"]\n",
+        case.taskd_lines()
+    );
+    std::fs::write(&case.config, text).expect("write config");
+    let d = case.daemon();
+    let url = d.api_base();
+    const BIG: &str = "123456789012345678901234567890";
+    const F: &str = "0.1000000000000000055511151231257827";
+    // Keys in order, no spaces: the payload's text as taskd keeps it.
+    let payload = format!(r#"{{"big":{BIG},"f":{F},"neg":-98765432109876543210987654321}}"#);
+    let by_cli = case.ok(&["submit", "cat", &payload]).trim().to_string();
+    let r = ureq::post(&format!("{url}/api/v1/queues/cat/tasks"))
+        .send_string(&format!(r#"{{"payload": {payload}}}"#))
+        .expect("the API takes the task");
+    let by_api: Value = serde_json::from_str(&r.into_string().expect("body")).expect("JSON");
+    let by_api = by_api["id"].as_str().expect("an id").to_string();
+    for id in [&by_cli, &by_api] {
+        let done = case.wait_state(id, "succeeded", secs(20));
+        assert_eq!(
+            history(&done)[0]["stdout_tail"].as_str().expect("stdout"),
+            format!("{payload}\n{BIG}\n"),
+            "stdin and TASKD_ARG_big of {id}"
+        );
+        assert_eq!(done["payload"].to_string(), payload, "show --json of {id}");
+        let shown = case.ok(&["show", id]);
+        assert!(
+            shown.contains(BIG) && shown.contains(F) && !shown.contains("e+29"),
+            "taskd show {id}:\n{shown}"
+        );
+    }
+    let id = case.ok(&["submit", "echo", &payload]).trim().to_string();
+    let done = case.wait_state(&id, "succeeded", secs(20));
+    assert_eq!(history(&done)[0]["stdout_tail"], format!("{BIG} {F}\n"));
+}

@@ -1,0 +1,716 @@
+//! Every key of `taskd.toml`, each defined once: its name, the table it belongs to, its
+//! built-in default, what docs/config.md says about it, and the call that reads its value.
+//!
+//! From these definitions come the key lists (the unknown-key messages and their
+//! did-you-mean), the per-queue layering (a queue's own value, else `[defaults]`, else the
+//! built-in default), [`QueueConfig`] with its defaults, and the key reference of
+//! docs/config.md: the tables between `<!-- keys:… -->` markers, which the test at the
+//! bottom regenerates and compares.
+//!
+//! This module holds no validation rule beyond which reader a key uses: the readers live in
+//! `validate/`, one file per concern. docs/architecture.md says how to add a key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, TaskdLayer};
+use super::{defaults, limits, Backoff, Limits, Program, WorkerProgram};
+use crate::model::QueueName;
+
+/// What docs/config.md shows about one key: a row of its table.
+pub(super) struct Doc {
+    pub(super) name: &'static str,
+    /// The default, as docs/config.md writes it. Read only by the test that keeps
+    /// docs/config.md in step with these definitions.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) default: &'static str,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) meaning: &'static str,
+}
+
+/// One key of a table whose value is read into a `T` (the table being built).
+pub(super) struct Key<T: 'static> {
+    pub(super) doc: Doc,
+    /// Reads the entry's value into `T`, reporting every problem on the context; `false`
+    /// when the value was invalid (and `T` was left as it was).
+    pub(super) read: fn(&mut Cx<'_>, &Entry<'_>, &mut T) -> bool,
+}
+
+/// The key of `keys` called `name`.
+pub(super) fn find<T>(keys: &'static [Key<T>], name: &str) -> Option<&'static Key<T>> {
+    keys.iter().find(|k| k.doc.name == name)
+}
+
+/// The names of `keys`, in their order.
+pub(super) fn names<T>(keys: &[Key<T>]) -> impl Iterator<Item = &'static str> + '_ {
+    keys.iter().map(|k| k.doc.name)
+}
+
+macro_rules! key {
+    ($name:literal, $default:literal, $meaning:literal, $read:expr $(,)?) => {
+        Key {
+            doc: Doc {
+                name: $name,
+                default: $default,
+                meaning: $meaning,
+            },
+            read: $read,
+        }
+    };
+}
+
+/// The tables at the top level.
+pub(super) const ROOT: &[&str] = &["taskd", "defaults", "queues"];
+
+/// `[taskd]`: the daemon's own settings. What a key's value becomes when it is not set
+/// (which may depend on another key, as `broker` on `state_dir`) is decided where the
+/// [`super::Config`] is built, in `validate/mod.rs`.
+pub(super) const TASKD: &[Key<TaskdLayer>] = &[
+    key!(
+        "broker",
+        "`sqlite://<state_dir>/taskd.db`",
+        "where tasks live. `sqlite:///abs/path.db` or `sqlite:relative.db`; or a Redis server shared by several nodes: `redis://[:password@]host[:port][/db]`, `rediss://…` for TLS (see [redis.md](redis.md)). (`postgres://` is not available in this version.)",
+        |cx, e, t| {
+            t.broker = cx.broker(e);
+            t.broker.is_some()
+        },
+    ),
+    key!(
+        "state_dir",
+        "`$STATE_DIRECTORY`, else `taskd-data` next to the config",
+        "the store, the daemon's lock (`taskd.pid`) and wake-up socket",
+        |cx, e, t| {
+            t.state_dir = cx.path(e, "/var/lib/taskd");
+            t.state_dir.is_some()
+        },
+    ),
+    key!(
+        "listen",
+        "none",
+        "address of the HTTP API, dashboard and metrics (see [api.md](api.md)); a non-loopback address needs `token` or `token_file`",
+        |cx, e, t| {
+            t.listen_span = e.value_span();
+            t.listen = cx.listen(e);
+            t.listen.is_some()
+        },
+    ),
+    key!(
+        "shutdown_grace",
+        "`\"30s\"`",
+        "on SIGTERM, how long running tasks may finish before they are stopped and put back",
+        |cx, e, t| {
+            t.shutdown_grace = cx.duration(e);
+            t.shutdown_grace.is_some()
+        },
+    ),
+    key!(
+        "lease",
+        "`\"60s\"` (SQLite), `\"30s\"` (Redis)",
+        "how long a claim holds a task unless its node renews it (every third of the lease); 3s to 1h. On a shared broker, a dead node's tasks are taken back about one lease after its last renewal",
+        |cx, e, t| {
+            t.lease = cx.lease(e);
+            t.lease.is_some()
+        },
+    ),
+    key!(
+        "max_payload",
+        "`\"1MiB\"`",
+        "the largest payload `submit` accepts (1 byte to 512 MiB)",
+        |cx, e, t| {
+            t.max_payload = cx
+                .size(e, 1, limits::MAX_PAYLOAD, "1MiB")
+                .and_then(|n| usize::try_from(n).ok());
+            t.max_payload.is_some()
+        },
+    ),
+    key!(
+        "control_socket",
+        "`<state_dir>/taskd.sock`",
+        "the daemon's control socket for `taskd reload` (mode 0600); e.g. `\"/run/taskd/taskd.sock\"` with the unit's `RuntimeDirectory=` (and `RuntimeDirectoryPreserve=yes`, so that `taskd check` finds the directory while the service is stopped). Its directory must exist: `check` and `start` refuse the config (exit 78) when it does not, and `start` exits 78 when the socket cannot be bound",
+        |cx, e, t| {
+            t.control_socket = cx.control_socket(e);
+            t.control_socket.is_some()
+        },
+    ),
+    key!(
+        "token",
+        "none",
+        "the API's bearer token (at least 16 printable ASCII characters); never logged or printed",
+        |cx, e, t| cx.token(e, t),
+    ),
+    key!(
+        "token_file",
+        "none",
+        "a file holding the token (trimmed); not together with `token`",
+        |cx, e, t| cx.token_file(e, t),
+    ),
+    key!(
+        "log_tasks",
+        "`\"failures\"`",
+        "which task ends the daemon logs. `\"failures\"`: a task that failed for good at `warn` (`task failed`, with its queue, id, `attempts`, `reason`, `error` and the last line of its stderr, up to 240 characters), and a failed attempt that will be retried at `info` (`attempt failed; retrying in …`, with `next`, the time of the next attempt); `\"all\"`: those, and at `info` every success and every cancellation of a task this daemon had claimed (one cancelled while it waited in the broker never reached a daemon); `\"none\"`: no line per task (a program that cannot be started is still logged at `warn`). A reload applies it",
+        |cx, e, t| {
+            t.log_tasks = cx.log_tasks(e);
+            t.log_tasks.is_some()
+        },
+    ),
+];
+
+/// How a queue key's value in one table combines with the value below it (the `[defaults]`
+/// value, below which is the built-in default).
+pub(super) trait Layered: Sized {
+    /// The value as one table sets it.
+    type Set;
+    fn over(set: Self::Set, lower: &Self) -> Self;
+}
+
+/// Types whose value in a table replaces the one below it as a whole.
+macro_rules! replaced {
+    ($($t:ty),*) => {$(
+        impl Layered for $t {
+            type Set = $t;
+            fn over(set: $t, _: &$t) -> $t {
+                set
+            }
+        }
+    )*};
+}
+replaced!(usize, u32, u64, bool, Duration);
+
+/// A list (`fail_exit_codes`, `env_inherit`) is replaced, not merged.
+impl<T> Layered for Vec<T> {
+    type Set = Vec<T>;
+    fn over(set: Vec<T>, _: &Vec<T>) -> Vec<T> {
+        set
+    }
+}
+
+/// A setting without a default (`cwd`, `user`, ...): set, or taken from below.
+impl<T> Layered for Option<T> {
+    type Set = T;
+    fn over(set: T, _: &Option<T>) -> Option<T> {
+        Some(set)
+    }
+}
+
+/// `env` is merged variable by variable.
+impl Layered for BTreeMap<String, String> {
+    type Set = BTreeMap<String, String>;
+    fn over(set: Self, lower: &Self) -> Self {
+        let mut env = lower.clone();
+        env.extend(set);
+        env
+    }
+}
+
+/// `limits` is merged sub-key by sub-key.
+impl Layered for Limits {
+    type Set = Limits;
+    fn over(set: Limits, lower: &Limits) -> Limits {
+        set.over(lower)
+    }
+}
+
+/// `backoff` is merged sub-key by sub-key.
+impl Layered for Backoff {
+    type Set = BackoffLayer;
+    fn over(set: BackoffLayer, lower: &Backoff) -> Backoff {
+        set.over(lower)
+    }
+}
+
+/// Defines the keys a queue may take from `[defaults]`, each once: its field in
+/// [`QueueConfig`] (type, built-in default, rustdoc), its row in docs/config.md and its
+/// reader. Generates `QueueConfig` and `QueueConfig::new`, the validator's `Layer` (the
+/// keys as one table sets them) and `Settings` (every layer applied), and [`QUEUE`].
+macro_rules! queue_keys {
+    ($(
+        $(#[doc = $rustdoc:literal])*
+        $field:ident: $ty:ty = $builtin:expr,
+            default: $default:literal,
+            meaning: $meaning:literal,
+            read: $read:expr;
+    )*) => {
+        /// One queue, with everything it did not set taken from `[defaults]` or the built-in
+        /// defaults.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct QueueConfig {
+            pub name: QueueName,
+            pub program: Program,
+            $(
+                $(#[doc = $rustdoc])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl QueueConfig {
+            /// A queue with every setting at its built-in default.
+            pub fn new(name: QueueName, program: Program) -> Self {
+                Self::with_settings(name, program, Settings::builtin())
+            }
+
+            pub(super) fn with_settings(name: QueueName, program: Program, s: Settings) -> Self {
+                QueueConfig {
+                    name,
+                    program,
+                    $($field: s.$field,)*
+                }
+            }
+        }
+
+        /// The queue keys with every layer applied.
+        #[derive(Clone)]
+        pub(super) struct Settings {
+            $(pub(super) $field: $ty,)*
+            /// Where each key set by a table was written, for errors found only after
+            /// inheritance (a `user` the daemon cannot switch to).
+            pub(super) at: BTreeMap<&'static str, Place>,
+        }
+
+        impl Settings {
+            pub(super) fn builtin() -> Self {
+                Settings {
+                    $($field: $builtin,)*
+                    at: BTreeMap::new(),
+                }
+            }
+
+            /// `self` with the keys `layer` sets over it, each combined as its type says
+            /// ([`Layered`]).
+            pub(super) fn with(&self, layer: Layer) -> Settings {
+                let mut at = self.at.clone();
+                at.extend(layer.at);
+                Settings {
+                    $($field: match layer.$field {
+                        Some(set) => Layered::over(set, &self.$field),
+                        None => self.$field.clone(),
+                    },)*
+                    at,
+                }
+            }
+        }
+
+        /// The queue keys as one table (`[defaults]` or `[queues.NAME]`) sets them.
+        #[derive(Clone, Default)]
+        pub(super) struct Layer {
+            $(pub(super) $field: Option<<$ty as Layered>::Set>,)*
+            pub(super) at: BTreeMap<&'static str, Place>,
+        }
+
+        /// The keys a queue may take from `[defaults]`.
+        pub(super) const QUEUE: &[Key<Layer>] = &[$(
+            Key {
+                doc: Doc {
+                    name: stringify!($field),
+                    default: $default,
+                    meaning: $meaning,
+                },
+                read: |cx, e, layer| {
+                    let read: fn(&mut Cx<'_>, &Entry<'_>) -> Option<<$ty as Layered>::Set> = $read;
+                    match read(cx, e) {
+                        Some(value) => {
+                            layer.$field = Some(value);
+                            layer.at.insert(stringify!($field), Place::of(e));
+                            true
+                        }
+                        None => false,
+                    }
+                },
+            },
+        )*];
+    };
+}
+
+queue_keys! {
+    /// Tasks run at once on one node (1..=10000, default 1).
+    concurrency: usize = defaults::CONCURRENCY,
+        default: "`1`",
+        meaning: "tasks of this queue running at once on this daemon (1–10000); for a `worker` queue, the number of worker processes",
+        read: |cx, e| cx
+            .int_in_range(e, 1, limits::MAX_CONCURRENCY, "4")
+            .and_then(|n| usize::try_from(n).ok());
+    /// Per-attempt time limit (default 30m).
+    timeout: Duration = defaults::TIMEOUT,
+        default: "`\"30m\"`",
+        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL",
+        read: |cx, e| cx.duration(e);
+    /// Total runs, the first included (1..=1000, default 5).
+    max_attempts: u32 = defaults::MAX_ATTEMPTS,
+        default: "`5`",
+        meaning: "total runs including the first (1–1000; never unlimited)",
+        read: |cx, e| cx.max_attempts(e);
+    backoff: Backoff = Backoff::default(),
+        default: "`{ kind = \"exponential\", base = \"10s\", max = \"1h\", jitter = true }`",
+        meaning: "delay before a retry: `base × 2^(n-1)` after the n-th failed attempt (`fixed`: `base`), capped at `max`; `jitter` picks a random point in the upper half; see [Retry backoff](#retry-backoff)",
+        read: |cx, e| cx.backoff(e);
+    /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
+    kill_grace: Duration = defaults::KILL_GRACE,
+        default: "`\"10s\"`",
+        meaning: "time between SIGTERM and SIGKILL, on timeout, cancel and shutdown",
+        read: |cx, e| cx.duration(e);
+    /// Exit codes that fail the task at once, without retry (each 1..=255).
+    fail_exit_codes: Vec<i32> = Vec::new(),
+        default: "`[]`",
+        meaning: "exit codes (1–255) that fail the task at once, without retries",
+        read: |cx, e| cx.exit_codes(e);
+    /// Extra environment: `[defaults]` env with the queue's env merged over it.
+    env: BTreeMap<String, String> = BTreeMap::new(),
+        default: "`{}`",
+        meaning: "extra environment variables (names may not start with `TASKD_`)",
+        read: |cx, e| cx.env(e);
+    /// Working directory, absolute.
+    cwd: Option<PathBuf> = None,
+        default: "the daemon's",
+        meaning: "working directory of the task",
+        read: |cx, e| cx.path(e, "/srv/app");
+    /// User to run as; known to exist when the config was validated.
+    user: Option<String> = None,
+        default: "the daemon's",
+        meaning: "run the task as this user (a name); see [Users and groups](#users-and-groups)",
+        read: |cx, e| cx.account(e, super::validate::Account::User);
+    /// Group to run as; known to exist when the config was validated. Without `user`, the
+    /// task runs as the daemon's user with this group.
+    group: Option<String> = None,
+        default: "the user's primary group",
+        meaning: "run the task with this primary group (a name)",
+        read: |cx, e| cx.account(e, super::validate::Account::Group);
+    /// The task's umask (`0..=0o777`); `None` keeps the daemon's.
+    umask: Option<u32> = None,
+        default: "the daemon's",
+        meaning: "the task's umask: octal digits in a string, `\"027\"`, or an octal integer, `0o027`",
+        read: |cx, e| cx.umask(e);
+    /// Resource limits, each set as both the soft and the hard limit.
+    limits: Limits = Limits::default(),
+        default: "none",
+        meaning: "resource limits: `{ nofile, nproc, as, cpu, fsize, core }`; see [Resource limits](#resource-limits)",
+        read: |cx, e| cx.limits(e);
+    /// Names of the daemon's environment variables passed on to tasks, on top of
+    /// [`defaults::ENV_INHERIT`]. Never one of the
+    /// [`never_inherited`](super::never_inherited) names.
+    env_inherit: Vec<String> = Vec::new(),
+        default: "`[]`",
+        meaning: "names of the daemon's environment variables passed to tasks on top of the built-in allowlist; see [What a task sees](#what-a-task-sees)",
+        read: |cx, e| cx.env_inherit(e);
+    /// Bytes of stdout and of stderr kept per attempt (default 64 KiB, at most 16 MiB).
+    output_tail: usize = defaults::OUTPUT_TAIL,
+        default: "`\"64KiB\"`",
+        meaning: "bytes of stdout and of stderr kept per attempt (0–16 MiB)",
+        read: |cx, e| cx
+            .size(e, 0, limits::MAX_OUTPUT_TAIL, "64KiB")
+            .and_then(|n| usize::try_from(n).ok());
+    /// Copy the task's output into the daemon's log, a line per event tagged with the task.
+    log_output: bool = false,
+        default: "`false`",
+        meaning: "also copy the task's output into the daemon's log, one event per line (target `taskd::output`, with `stream`, `queue`, `task` and `attempt`); lines over 8 KiB are split. Off by default: task output is data, and may hold secrets",
+        read: |cx, e| cx.boolean(e);
+    /// Directory for full output files, absolute.
+    log_dir: Option<PathBuf> = None,
+        default: "none",
+        meaning: "keep full output in `<log_dir>/<task id>.<attempt>.out` / `.err`",
+        read: |cx, e| cx.path(e, "/var/log/taskd");
+    /// Size cap per log file in bytes (default 10 MiB).
+    log_max: u64 = defaults::LOG_MAX,
+        default: "`\"10MiB\"`",
+        meaning: "cap per log file; a marker line says where it was cut",
+        read: |cx, e| cx.size(e, 1, u64::MAX, "10MiB");
+}
+
+/// What a queue runs: exactly one of these, in the queue's own table only. Read by
+/// `validate/program.rs`, which knows how they exclude each other.
+pub(super) const PROGRAM: &[Doc] = &[
+    Doc {
+        name: "command",
+        default: "—",
+        meaning: "argv, run directly (no shell). `{field}` is filled from the payload's top-level field; `{{` and `}}` are literal braces. The program (first element) cannot be a placeholder.",
+    },
+    Doc {
+        name: "shell",
+        default: "—",
+        meaning: "a script for `/bin/sh -c`. Payload fields arrive as `$TASKD_ARG_<field>`; extra argv as `$1…`.",
+    },
+    Doc {
+        name: "worker",
+        default: "—",
+        meaning: "argv of a long-lived worker program, run directly (no placeholders): the queue keeps `concurrency` of them running and feeds them tasks one at a time; see [Long-lived workers](#long-lived-workers)",
+    },
+];
+
+/// The settings that only a `worker` queue takes, in the queue's own table only. Their
+/// built-in defaults are [`WorkerProgram::new`]'s.
+pub(super) const WORKER: &[Key<WorkerProgram>] = &[
+    key!(
+        "max_tasks_per_worker",
+        "none",
+        "recycle a worker (stop it, start a fresh one) after it answered this many tasks (≥ 1)",
+        |cx, e, w| match cx.int_in_range(e, 1, i64::MAX, "1000") {
+            Some(n) => {
+                w.max_tasks = u64::try_from(n).ok();
+                true
+            }
+            None => false,
+        },
+    ),
+    key!(
+        "max_worker_memory",
+        "none",
+        "recycle a worker after its current task when its resident memory (VmRSS of the worker process, read from `/proc/PID/status`) is above this size (≥ `\"1MiB\"`). Where the daemon cannot read another user's `/proc` entries (systemd's `ProtectProc=invisible` without `CAP_SYS_PTRACE`, as in the shipped unit, with a queue `user`), it is not enforced and the log says so",
+        |cx, e, w| match cx.size(e, limits::MIN_WORKER_MEMORY, u64::MAX, "512MiB") {
+            Some(n) => {
+                w.max_memory = Some(n);
+                true
+            }
+            None => false,
+        },
+    ),
+    key!(
+        "start_secs",
+        "`\"1s\"`",
+        "a started worker is RUNNING (gets tasks) once it sent `ready` and has lived this long; `\"0s\"` means at `ready`",
+        |cx, e, w| match cx.start_secs(e) {
+            Some(d) => {
+                w.start_secs = d;
+                true
+            }
+            None => false,
+        },
+    ),
+    key!(
+        "start_retries",
+        "`3`",
+        "a worker that fails to start this many times in a row (1–100) is FATAL: not restarted until a reload; its queue's tasks wait, uncharged",
+        |cx, e, w| match cx.int_in_range(e, 1, limits::MAX_START_RETRIES, "3") {
+            Some(n) => {
+                w.start_retries = n as u32; // 1..=MAX_START_RETRIES fits
+                true
+            }
+            None => false,
+        },
+    ),
+];
+
+/// The sub-keys of `backoff`; the built-in defaults are [`Backoff::default`]'s.
+pub(super) const BACKOFF: &[Key<BackoffLayer>] = &[
+    key!(
+        "kind",
+        "`\"exponential\"`",
+        "`\"exponential\"`: `base × 2^(n-1)` after the n-th failed attempt; `\"fixed\"`: `base` every time",
+        |cx, e, b| {
+            b.kind = cx.backoff_kind(e);
+            b.kind.is_some()
+        },
+    ),
+    key!(
+        "base",
+        "`\"10s\"`",
+        "the first delay (at most `max`)",
+        |cx, e, b| {
+            b.base = cx.duration(e);
+            b.base_at = Some((e.value_span(), e.path.clone()));
+            b.base.is_some()
+        },
+    ),
+    key!(
+        "max",
+        "`\"1h\"`",
+        "the longest delay",
+        |cx, e, b| {
+            b.max = cx.duration(e);
+            b.max_at = Some((e.value_span(), e.path.clone()));
+            b.max.is_some()
+        },
+    ),
+    key!(
+        "jitter",
+        "`true`",
+        "wait a random time in the upper half of the delay, so that tasks that failed together do not retry together",
+        |cx, e, b| {
+            b.jitter = cx.boolean(e);
+            b.jitter.is_some()
+        },
+    ),
+];
+
+/// The sub-keys of `limits`; none is set by default.
+pub(super) const LIMITS: &[Key<Limits>] = &[
+    key!(
+        "nofile",
+        "none",
+        "`RLIMIT_NOFILE`, open descriptors: an integer, 1 to `fs.nr_open` (usually 1048576)",
+        |cx, e, l| {
+            l.nofile = cx.limit_count(e, nr_open(), false);
+            l.nofile.is_some()
+        },
+    ),
+    key!(
+        "nproc",
+        "none",
+        "`RLIMIT_NPROC`, processes: an integer ≥ 1. Counts **all** processes of the task's user on the machine, so it only means something with a dedicated `user`; root ignores it",
+        |cx, e, l| {
+            l.nproc = cx.limit_count(e, i64::MAX as u64, true);
+            l.nproc.is_some()
+        },
+    ),
+    key!(
+        "as",
+        "none",
+        "`RLIMIT_AS`, address space: a size, at least `\"16MiB\"`. Virtual memory, not RSS: runtimes that reserve large areas (Go, Java, V8) need far more than they use",
+        |cx, e, l| {
+            l.address_space = cx.limit_size(e, limits::MIN_ADDRESS_SPACE, "4GiB");
+            l.address_space.is_some()
+        },
+    ),
+    key!(
+        "cpu",
+        "none",
+        "`RLIMIT_CPU`, CPU time: whole seconds, an integer (`600`) or a duration (`\"10m\"`); past it the task gets SIGXCPU and is killed, a failed attempt",
+        |cx, e, l| {
+            l.cpu = cx.limit_cpu(e);
+            l.cpu.is_some()
+        },
+    ),
+    key!(
+        "fsize",
+        "none",
+        "`RLIMIT_FSIZE`, the largest file written: a size; past it a write fails and the task gets SIGXFSZ",
+        |cx, e, l| {
+            l.fsize = cx.limit_size(e, 0, "1GiB");
+            l.fsize.is_some()
+        },
+    ),
+    key!(
+        "core",
+        "none",
+        "`RLIMIT_CORE`, core dump size: a size; `0` turns core dumps off",
+        |cx, e, l| {
+            l.core = cx.limit_size(e, 0, "0");
+            l.core.is_some()
+        },
+    ),
+];
+
+/// Whether `name` is a `[taskd]` key.
+pub(super) fn is_taskd(name: &str) -> bool {
+    find(TASKD, name).is_some()
+}
+
+/// Whether `name` is a queue key `[defaults]` may hold.
+pub(super) fn is_queue(name: &str) -> bool {
+    find(QUEUE, name).is_some()
+}
+
+/// Whether `name` is a key only a queue's own table may hold (what it runs, worker settings).
+pub(super) fn is_queue_only(name: &str) -> bool {
+    PROGRAM.iter().any(|d| d.name == name) || find(WORKER, name).is_some()
+}
+
+/// Whether `name` is a worker setting.
+pub(super) fn is_worker_setting(name: &str) -> bool {
+    find(WORKER, name).is_some()
+}
+
+/// Every key a queue's own table may hold, in the order messages list them.
+pub(super) fn queue_table_keys() -> Vec<&'static str> {
+    names(QUEUE)
+        .chain(PROGRAM.iter().map(|d| d.name))
+        .chain(names(WORKER))
+        .collect()
+}
+
+/// The generated parts of docs/config.md: `(marker, table)`. A table's rows follow the
+/// definitions' order.
+#[cfg(test)]
+fn reference() -> Vec<(&'static str, String)> {
+    fn table<'a>(first: &str, docs: impl Iterator<Item = &'a Doc>) -> String {
+        let mut out = format!("| {first} | default | meaning |\n|---|---|---|\n");
+        for d in docs {
+            out.push_str(&format!(
+                "| `{}` | {} | {} |\n",
+                d.name, d.default, d.meaning
+            ));
+        }
+        out
+    }
+    vec![
+        ("taskd", table("key", TASKD.iter().map(|k| &k.doc))),
+        (
+            "queue",
+            table("key", PROGRAM.iter().chain(QUEUE.iter().map(|k| &k.doc))),
+        ),
+        ("backoff", table("sub-key", BACKOFF.iter().map(|k| &k.doc))),
+        ("worker", table("key", WORKER.iter().map(|k| &k.doc))),
+        ("limits", table("sub-key", LIMITS.iter().map(|k| &k.doc))),
+    ]
+}
+
+/// `text` (docs/config.md) with every generated table replaced by its definitions' table;
+/// `Err` names a marker that is missing or not closed.
+#[cfg(test)]
+fn regenerate(text: &str) -> Result<String, String> {
+    let mut out = text.to_string();
+    for (name, table) in reference() {
+        let begin = format!("<!-- keys:{name}: generated from src/config/keys.rs -->\n");
+        let end = format!("<!-- /keys:{name} -->");
+        let start = out
+            .find(&begin)
+            .ok_or_else(|| format!("docs/config.md lacks the line `{}`", begin.trim()))?
+            + begin.len();
+        let stop = out[start..].find(&end).ok_or_else(|| {
+            format!(
+                "docs/config.md lacks the line `{end}` after `{}`",
+                begin.trim()
+            )
+        })? + start;
+        out.replace_range(start..stop, &table);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The command that rewrites docs/config.md from the definitions.
+    const REGENERATE: &str = "TASKD_UPDATE_DOCS=1 cargo test --lib config::keys";
+
+    #[test]
+    fn docs_config_md_shows_the_key_definitions() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.md");
+        let text =
+            std::fs::read_to_string(&path).expect("docs/config.md is part of the repository");
+        let fresh = regenerate(&text).unwrap_or_else(|why| panic!("{why}: restore the markers"));
+        if fresh == text {
+            return;
+        }
+        if std::env::var_os("TASKD_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &fresh).expect("docs/config.md is writable");
+            return;
+        }
+        let (old, new) = text
+            .lines()
+            .zip(fresh.lines())
+            .find(|(a, b)| a != b)
+            .unwrap_or(("(end of file)", "(end of file)"));
+        panic!(
+            "docs/config.md's key reference differs from the definitions in src/config/keys.rs.\n\
+             first difference:\n  docs/config.md: {old}\n  keys.rs:        {new}\n\
+             regenerate it with `{REGENERATE}` and review the diff"
+        );
+    }
+
+    #[test]
+    fn every_key_is_defined_once() {
+        let mut all: Vec<&str> = names(TASKD).chain(queue_table_keys()).collect();
+        all.sort_unstable();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "a key is defined twice: {all:?}");
+        for keys in [names(BACKOFF).collect::<Vec<_>>(), names(LIMITS).collect()] {
+            let mut k = keys.clone();
+            k.sort_unstable();
+            k.dedup();
+            assert_eq!(k.len(), keys.len(), "a sub-key is defined twice: {keys:?}");
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The `[taskd]` table, and its keys whose values need more than a shared value type: the
+//! broker URL, the listen address, the lease, the control socket and the API token. Which
+//! keys the table has is `keys::TASKD`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::TableLike;
+
+use super::super::units::{self, DurationError};
+use super::{entries, keys, resolve, Cx, Entry, Section, Span};
+use crate::config::{defaults, BrokerUrl, LogTasks, Secret};
+
+/// The `[taskd]` table as read.
+#[derive(Default)]
+pub(in crate::config) struct TaskdLayer {
+    pub(in crate::config) broker: Option<BrokerUrl>,
+    pub(in crate::config) state_dir: Option<PathBuf>,
+    pub(in crate::config) listen: Option<SocketAddr>,
+    pub(in crate::config) shutdown_grace: Option<Duration>,
+    pub(in crate::config) lease: Option<Duration>,
+    pub(in crate::config) max_payload: Option<usize>,
+    pub(in crate::config) control_socket: Option<PathBuf>,
+    /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
+    pub(in crate::config) listen_span: Span,
+    pub(in crate::config) token: Option<Secret>,
+    pub(in crate::config) log_tasks: Option<LogTasks>,
+}
+
+impl Cx<'_> {
+    pub(super) fn taskd(&mut self, t: &dyn TableLike, path: &str) -> TaskdLayer {
+        let mut out = TaskdLayer::default();
+        for e in entries(t, path) {
+            match keys::find(keys::TASKD, e.name) {
+                Some(key) => {
+                    (key.read)(self, &e, &mut out);
+                }
+                None => {
+                    let valid: Vec<&str> = keys::names(keys::TASKD).collect();
+                    self.unknown_key(&e, Section::Taskd, "in [taskd]", &valid)
+                }
+            }
+        }
+        out
+    }
+
+    pub(in crate::config) fn broker(&mut self, e: &Entry) -> Option<BrokerUrl> {
+        let s = self.string(e, "\"sqlite:///var/lib/taskd/taskd.db\"")?;
+        match parse_broker(s, &self.dir) {
+            Ok(b) => Some(b),
+            Err((message, fix)) => {
+                self.error(e.value_span(), &e.path, message, Some(fix));
+                None
+            }
+        }
+    }
+
+    pub(in crate::config) fn listen(&mut self, e: &Entry) -> Option<SocketAddr> {
+        let s = self.string(e, "\"127.0.0.1:7070\"")?;
+        match s.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("\"{s}\" is not an IP address and port"),
+                    Some(
+                        "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted)"
+                            .into(),
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    pub(in crate::config) fn lease(&mut self, e: &Entry) -> Option<Duration> {
+        // A lease past a year is refused by the duration parser as well; the message must
+        // give the lease's own bounds, not the parser's.
+        let over_a_year = e.item.as_str().map(units::parse_positive_duration)
+            == Some(Err(DurationError::TooLong));
+        let d = if over_a_year { None } else { self.duration(e) };
+        match (d, over_a_year) {
+            (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => Some(d),
+            (Some(_), _) | (None, true) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!(
+                        "lease must be between {} and {} (found {})",
+                        units::show_duration(defaults::MIN_LEASE),
+                        units::show_duration(defaults::MAX_LEASE),
+                        e.item
+                            .as_str()
+                            .map_or_else(String::new, |s| format!("\"{s}\""))
+                    ),
+                    Some("write `lease = \"30s\"`, or remove it for the broker's default".into()),
+                );
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The control socket's path. One too long for a socket, or in a missing directory, is
+    /// reported and kept: the error alone refuses the config.
+    pub(in crate::config) fn control_socket(&mut self, e: &Entry) -> Option<PathBuf> {
+        let p = self.path(e, "/run/taskd/taskd.sock")?;
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        // sun_path holds 108 bytes with its terminating NUL.
+        if p.as_os_str().len() > 107 {
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "the path is {} bytes long; a Unix socket path must be at most 107",
+                    p.as_os_str().len()
+                ),
+                Some("choose a shorter path, such as \"/run/taskd/taskd.sock\"".into()),
+            );
+        } else if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            // The daemon binds the socket at start; a missing directory would only show
+            // then, after a restart loop under systemd.
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!(
+                    "the directory {} of the control socket does not exist",
+                    dir.display()
+                ),
+                Some(format!("create {} (under systemd: `RuntimeDirectory=taskd` and `RuntimeDirectoryPreserve=yes`), or remove `control_socket` for the default in state_dir", dir.display())),
+            );
+        }
+        Some(p)
+    }
+
+    /// `log_tasks = "failures" | "all" | "none"`.
+    pub(in crate::config) fn log_tasks(&mut self, e: &Entry) -> Option<LogTasks> {
+        let s = self.string(e, "\"failures\"")?;
+        let value = LogTasks::parse(s);
+        if value.is_none() {
+            let fix = match units::closest(s, &LogTasks::NAMES) {
+                Some(near) => format!("did you mean `log_tasks = \"{near}\"`?"),
+                None => "write `log_tasks = \"failures\"`, `\"all\"` or `\"none\"`".into(),
+            };
+            self.error(
+                e.value_span(),
+                &e.path,
+                format!("unknown value \"{s}\" (expected \"failures\", \"all\" or \"none\")"),
+                Some(fix),
+            );
+        }
+        value
+    }
+
+    /// `token = "…"`; `false` when it is invalid.
+    pub(in crate::config) fn token(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
+        let Some(s) = self.string(e, "\"a-long-random-string\"") else {
+            return false;
+        };
+        let Some(t) = self.token_text(e, s, "token") else {
+            return false;
+        };
+        self.set_token(e, out, t);
+        true
+    }
+
+    /// `token_file = "/path"`: the token is the file's text, trimmed.
+    pub(in crate::config) fn token_file(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
+        let Some(p) = self.path(e, "/etc/taskd/token") else {
+            return false;
+        };
+        match std::fs::read_to_string(&p) {
+            Ok(text) => {
+                let Some(t) = self.token_text(e, text.trim(), "token_file") else {
+                    return false;
+                };
+                self.set_token(e, out, t);
+                true
+            }
+            Err(err) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("failed to read the token file {}: {err}", p.display()),
+                    Some("create the file with the token on one line, readable by the daemon's user only (mode 0600)".into()),
+                );
+                false
+            }
+        }
+    }
+
+    /// Checks an API token's text (never echoed in a diagnostic: it is a secret).
+    fn token_text(&mut self, e: &Entry, text: &str, what: &str) -> Option<Secret> {
+        let problem = if text.len() < 16 {
+            Some(format!(
+                "the {what} holds a token of {} characters; at least 16 are needed",
+                text.len()
+            ))
+        } else if text.chars().any(|c| !c.is_ascii_graphic()) {
+            Some(format!("the {what} holds a token with spaces or characters outside printable ASCII, which an HTTP header cannot carry"))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    message,
+                    Some("generate one with `head -c 32 /dev/urandom | base64`".into()),
+                );
+                None
+            }
+            None => Some(Secret::new(text.to_string())),
+        }
+    }
+
+    fn set_token(&mut self, e: &Entry, out: &mut TaskdLayer, t: Secret) {
+        if out.token.is_some() {
+            self.error(
+                e.key_span(),
+                &e.path,
+                "both `token` and `token_file` are set",
+                Some(
+                    "keep one of them (token_file keeps the secret out of the config file)".into(),
+                ),
+            );
+        }
+        out.token = Some(t);
+    }
+}
+
+/// Parses `broker`: `sqlite:///abs.db`, `sqlite://rel.db` or `sqlite:rel.db`. Errors carry
+/// (message, fix).
+fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    if lower.starts_with("sqlite:") {
+        let rest = &t["sqlite:".len()..];
+        let p = rest.strip_prefix("//").unwrap_or(rest);
+        if p.is_empty() {
+            return Err((
+                format!("the broker URL \"{s}\" names no database file"),
+                "write `broker = \"sqlite:///var/lib/taskd/taskd.db\"`, or remove `broker` to use taskd.db in state_dir".into(),
+            ));
+        }
+        return Ok(BrokerUrl::Sqlite {
+            path: resolve(dir, Path::new(p)),
+        });
+    }
+    let scheme = lower.split_once("://").map(|(scheme, _)| scheme);
+    if matches!(scheme, Some("redis" | "rediss")) {
+        // Parsed as the client will parse it; the message never repeats the URL, which may
+        // hold a password.
+        return match redis::IntoConnectionInfo::into_connection_info(t) {
+            Ok(_) => Ok(BrokerUrl::Redis {
+                url: Secret::new(t.to_string()),
+            }),
+            Err(e) => Err((
+                format!(
+                    "the redis broker URL is invalid: {}",
+                    e.to_string().replace(t, "<url>")
+                ),
+                "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
+                    .into(),
+            )),
+        };
+    }
+    if matches!(scheme, Some("postgres" | "postgresql")) {
+        return Err((
+            "the postgres broker is not available in this version".into(),
+            "use `redis://host:6379/0` for a shared broker, or remove `broker` to use the embedded SQLite store".into(),
+        ));
+    }
+    let fix = if scheme.is_none() && !t.is_empty() && !t.contains(':') {
+        // A bare path: they meant SQLite.
+        if t.starts_with('/') {
+            format!("write `broker = \"sqlite://{t}\"`")
+        } else {
+            format!("write `broker = \"sqlite:{t}\"`")
+        }
+    } else {
+        "write `broker = \"sqlite:///path/to/taskd.db\"`, or remove `broker` to use the embedded SQLite store".into()
+    };
+    Err((
+        format!("unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db) and `redis://` URLs"),
+        fix,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let dir = Path::new("/etc/taskd");
+        let sqlite = |p: &str| {
+            Ok(BrokerUrl::Sqlite {
+                path: PathBuf::from(p),
+            })
+        };
+        assert_eq!(
+            parse_broker("sqlite:///var/lib/t.db", dir),
+            sqlite("/var/lib/t.db")
+        );
+        assert_eq!(
+            parse_broker("sqlite://t.db", dir),
+            sqlite("/etc/taskd/t.db")
+        );
+        assert_eq!(parse_broker("sqlite:t.db", dir), sqlite("/etc/taskd/t.db"));
+        assert_eq!(
+            parse_broker("sqlite:./data/t.db", dir),
+            sqlite("/etc/taskd/data/t.db")
+        );
+        assert!(parse_broker("sqlite://", dir).is_err());
+        let redis = |u: &str| match parse_broker(u, dir) {
+            Ok(BrokerUrl::Redis { url }) => url.expose().to_string(),
+            other => panic!("{u}: {other:?}"),
+        };
+        assert_eq!(
+            redis("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(redis("rediss://h"), "rediss://h");
+        assert_eq!(
+            redis("redis://:s3cret@h:7000/2"),
+            "redis://:s3cret@h:7000/2"
+        );
+        let (m, _) = parse_broker("redis://:s3cret@h:notaport/2", dir).unwrap_err();
+        assert!(m.contains("redis broker URL is invalid"), "{m}");
+        assert!(!m.contains("s3cret"), "a message repeats the password: {m}");
+        assert!(parse_broker("postgres://h/db", dir)
+            .unwrap_err()
+            .0
+            .contains("postgres broker"));
+        let (m, f) = parse_broker("/var/lib/t.db", dir).unwrap_err();
+        assert!(m.contains("sqlite:"), "{m}");
+        assert_eq!(f, "write `broker = \"sqlite:///var/lib/t.db\"`");
+        assert!(parse_broker("mysql://h", dir).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The value types every table shares: tables, strings, integers, booleans, ranges,
+//! durations, byte sizes and paths. Each reports a wrong value with the key, what was found
+//! and a fix, and returns `None`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::TableLike;
+
+use super::super::units::{self, DurationError};
+use super::{resolve, Cx, Entry};
+
+impl Cx<'_> {
+    pub(in crate::config) fn wrong_type(&mut self, e: &Entry, expected: &str, fix: String) {
+        let message = format!("{} must be {expected}, found {}", e.name, e.found());
+        self.error(e.value_span(), &e.path, message, Some(fix));
+    }
+
+    pub(in crate::config) fn table<'a>(
+        &mut self,
+        e: &Entry<'a>,
+        example: &str,
+    ) -> Option<&'a dyn TableLike> {
+        if let Some(t) = e.item.as_table_like() {
+            return Some(t);
+        }
+        self.wrong_type(e, "a table", format!("write it as {example}"));
+        None
+    }
+
+    pub(in crate::config) fn string<'a>(
+        &mut self,
+        e: &Entry<'a>,
+        example: &str,
+    ) -> Option<&'a str> {
+        if let Some(s) = e.item.as_str() {
+            return Some(s);
+        }
+        self.wrong_type(
+            e,
+            "a string",
+            format!("write it in quotes, such as `{} = {example}`", e.name),
+        );
+        None
+    }
+
+    pub(in crate::config) fn integer(&mut self, e: &Entry, example: &str) -> Option<i64> {
+        if let Some(n) = e.item.as_integer() {
+            return Some(n);
+        }
+        let fix = match e.item.as_str().map(|s| s.trim().parse::<i64>()) {
+            Some(Ok(n)) => format!("remove the quotes: `{} = {n}`", e.name),
+            _ => format!("write a whole number, such as `{} = {example}`", e.name),
+        };
+        self.wrong_type(e, "an integer", fix);
+        None
+    }
+
+    pub(in crate::config) fn boolean(&mut self, e: &Entry) -> Option<bool> {
+        if let Some(b) = e.item.as_bool() {
+            return Some(b);
+        }
+        self.wrong_type(
+            e,
+            "a boolean",
+            format!("write `{} = true` or `{} = false`", e.name, e.name),
+        );
+        None
+    }
+
+    /// An integer in `lo..=hi`.
+    pub(in crate::config) fn int_in_range(
+        &mut self,
+        e: &Entry,
+        lo: i64,
+        hi: i64,
+        example: &str,
+    ) -> Option<i64> {
+        let n = self.integer(e, example)?;
+        if n < lo {
+            let message = if n < 0 {
+                format!(
+                    "{} cannot be negative (found {n}); it must be at least {lo}",
+                    e.name
+                )
+            } else {
+                format!("{} must be at least {lo}, found {n}", e.name)
+            };
+            let fix = format!("set `{} = {lo}` or more", e.name);
+            self.error(e.value_span(), &e.path, message, Some(fix));
+            return None;
+        }
+        if n > hi {
+            let message = format!("{} must be at most {hi}, found {n}", e.name);
+            let fix = format!("set `{} = {hi}` or less", e.name);
+            self.error(e.value_span(), &e.path, message, Some(fix));
+            return None;
+        }
+        Some(n)
+    }
+
+    pub(in crate::config) fn duration(&mut self, e: &Entry) -> Option<Duration> {
+        let name = e.name;
+        let Some(s) = e.item.as_str() else {
+            let fix = match e.item.as_integer() {
+                Some(n) if n > 0 => format!("a duration needs a unit: write `{name} = \"{n}s\"`"),
+                _ => format!("write a duration in quotes, such as `{name} = \"30s\"`"),
+            };
+            self.wrong_type(e, "a duration string such as \"30s\"", fix);
+            return None;
+        };
+        match units::parse_positive_duration(s) {
+            Ok(d) => Some(d),
+            Err(err) => {
+                let (message, fix) = match err {
+                    DurationError::Negative => (
+                        format!("{name} cannot be negative (found \"{s}\")"),
+                        format!("write a positive duration, such as `{name} = \"30s\"`"),
+                    ),
+                    DurationError::Zero => (
+                        format!("{name} must be longer than zero"),
+                        format!("write a positive duration, such as `{name} = \"30s\"`"),
+                    ),
+                    DurationError::TooLong => (
+                        format!(
+                            "{name} is too long (\"{s}\"); the longest accepted is {}",
+                            units::show_duration(units::MAX_DURATION)
+                        ),
+                        format!("write a shorter duration, such as `{name} = \"1h\"`"),
+                    ),
+                    DurationError::Unparsable(why) => (
+                        format!("\"{s}\" is not a duration: {why}"),
+                        "write a number and a unit, such as \"90s\", \"2m\", \"1h 30m\" or \"1d\""
+                            .to_string(),
+                    ),
+                };
+                self.error(e.value_span(), &e.path, message, Some(fix));
+                None
+            }
+        }
+    }
+
+    /// A byte size (integer bytes or a string like "512KiB") in `min..=max`.
+    pub(in crate::config) fn size(
+        &mut self,
+        e: &Entry,
+        min: u64,
+        max: u64,
+        example: &str,
+    ) -> Option<u64> {
+        let name = e.name;
+        let parsed = if let Some(n) = e.item.as_integer() {
+            u64::try_from(n).map_err(|_| format!("{name} cannot be negative (found {n})"))
+        } else if let Some(s) = e.item.as_str() {
+            units::parse_size(s).map_err(|why| format!("{name}: {why}"))
+        } else {
+            self.wrong_type(
+                e,
+                "a size (bytes, or a string such as \"512KiB\")",
+                format!("write `{name} = \"{example}\"`"),
+            );
+            return None;
+        };
+        let n = match parsed {
+            Ok(n) => n,
+            Err(message) => {
+                let fix = format!(
+                    "write a whole number of bytes or a size such as `{name} = \"{example}\"` (units: {})",
+                    units::SIZE_UNITS
+                );
+                self.error(e.value_span(), &e.path, message, Some(fix));
+                return None;
+            }
+        };
+        if n < min {
+            let message = if min == 1 {
+                format!("{name} must be more than zero")
+            } else {
+                format!("{name} must be at least {}", units::show_size(min))
+            };
+            let fix = format!("write a size such as `{name} = \"{example}\"`");
+            self.error(e.value_span(), &e.path, message, Some(fix));
+            return None;
+        }
+        if n > max {
+            let message = format!(
+                "{name} is too large ({}); the most accepted is {}",
+                units::show_size(n),
+                units::show_size(max)
+            );
+            let fix = format!("write `{name} = \"{}\"` or less", units::show_size(max));
+            self.error(e.value_span(), &e.path, message, Some(fix));
+            return None;
+        }
+        Some(n)
+    }
+
+    /// A path relative to the config file's directory (or absolute), made absolute.
+    pub(in crate::config) fn path(&mut self, e: &Entry, example: &str) -> Option<PathBuf> {
+        let s = self.string(e, &format!("\"{example}\""))?;
+        let name = e.name;
+        let problem = if s.trim().is_empty() {
+            Some(format!("{name} cannot be empty"))
+        } else if s.contains('\0') {
+            Some(format!("{name} cannot contain a NUL byte"))
+        } else if s.starts_with('~') {
+            Some(format!(
+                "{name} starts with `~`, which taskd does not expand"
+            ))
+        } else if s.starts_with('$') {
+            Some(format!(
+                "{name} starts with `$`, and taskd does not expand environment variables"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            let fix = format!(
+                "write an absolute path such as `{name} = \"{example}\"`, or one relative to the config file's directory"
+            );
+            self.error(e.value_span(), &e.path, message, Some(fix));
+            return None;
+        }
+        Some(resolve(&self.dir, Path::new(s)))
+    }
+}

