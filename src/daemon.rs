@@ -65,10 +65,34 @@ pub struct LogFileWriter(Arc<std::sync::Mutex<File>>);
 
 impl Write for LogFileWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(write_or_drop(&mut *file, buf))
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+        Ok(())
+    }
+}
+
+/// Write one whole log line, or drop and count it: logging never fails, so it can neither
+/// panic nor stop the work that logs. `buf.len()` either way.
+fn write_or_drop(to: &mut impl Write, buf: &[u8]) -> usize {
+    if to.write_all(buf).is_err() {
+        crate::metrics::log_line_dropped();
+    }
+    buf.len()
+}
+
+/// The daemon's stderr as a log writer. Once the reader of a pipe is gone (`taskd start 2>&1
+/// | logger`, and logger died) every write fails with EPIPE: the line is dropped and counted
+/// (`taskd_log_lines_dropped_total`), and the daemon carries on.
+pub struct LogStderr;
+
+impl Write for LogStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(write_or_drop(&mut std::io::stderr().lock(), buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

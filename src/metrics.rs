@@ -217,7 +217,22 @@ impl Metrics {
     }
 }
 
-/// RSS, CPU time, open descriptors, threads and start time of this process, from /proc/self.
+/// Log lines the process could not write (its stderr's reader went away, a full disk). The
+/// log belongs to the process, not to one daemon, so this one count is global.
+static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Count a log line that could not be written.
+pub fn log_line_dropped() {
+    LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many log lines could not be written since the process started.
+pub fn log_lines_dropped() -> u64 {
+    LOG_LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// RSS, CPU time, open descriptors, threads and start time of this process, from /proc/self;
+/// log lines dropped.
 fn process_metrics(out: &mut String) {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -269,6 +284,12 @@ fn process_metrics(out: &mut String) {
         "gauge",
         "Open file descriptors of the daemon",
         fds,
+    );
+    metric(
+        "taskd_log_lines_dropped",
+        "counter",
+        "Log lines the daemon could not write (the reader of its stderr went away, a full disk)",
+        Some(log_lines_dropped() as f64),
     );
     let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines()

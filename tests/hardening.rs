@@ -113,3 +113,69 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
         "the daemon says it reached its connection limit:\n{log}"
     );
 }
+
+#[test]
+fn a_log_reader_that_goes_away_stops_neither_tasks_nor_the_daemon() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let e = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n[queues.work]\nshell = \"echo done\"\n",
+    );
+    // `taskd start 2>&1 | logger`, and logger dies.
+    let mut child = e
+        .cmd(&["start"])
+        .env("RUST_LOG", "info,taskd=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let mut reader = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut url = None;
+    let mut line = String::new();
+    while reader.read_line(&mut line).expect("read the log") > 0 {
+        if let Some(i) = line.find("API listening on ") {
+            url = line[i + "API listening on ".len()..]
+                .split_whitespace()
+                .next()
+                .map(str::to_string);
+        }
+        if line.contains("ready") {
+            break;
+        }
+        line.clear();
+    }
+    let url = url.expect("the daemon logged its API address before ready");
+    drop(reader);
+    let d = common::Daemon {
+        child: Some(child),
+        log: e.path().join("no-log"),
+    };
+
+    let ids: Vec<String> = (0..5)
+        .map(|i| e.submit("work", &format!("{{\"n\":{i}}}")))
+        .collect();
+    for id in &ids {
+        e.wait_state(id, "succeeded", Duration::from_secs(20));
+    }
+    d.signal(common::SIGHUP);
+    let after = e.submit("work", "{}");
+    e.wait_state(&after, "succeeded", Duration::from_secs(20));
+    let metrics = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("taskd_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no taskd_log_lines_dropped_total in:\n{metrics}"));
+    assert!(dropped > 0.0, "log lines were written to a closed pipe");
+    d.signal(common::SIGTERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "a clean stop"
+    );
+}

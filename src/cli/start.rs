@@ -1,6 +1,7 @@
 //! `taskd start`: the process set-up around the daemon. The config is found and read
 //! (exit 78 when invalid), logging set up (text, JSON or journald's priorities; on stderr
-//! or a file SIGUSR1 reopens), the state directory locked (one daemon per directory),
+//! or a file SIGUSR1 reopens; a line that cannot be written is dropped and counted, never an
+//! error), the state directory locked (one daemon per directory),
 //! inherited descriptors marked close-on-exec, the open-files limit fitted, the child
 //! subreaper flag set and the runtime built; then [`crate::daemon`] serves.
 
@@ -60,10 +61,13 @@ fn init_logging(format: &str, file: Option<&LogFile>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let writer = match file {
         Some(f) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(f.clone()),
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(|| daemon::LogStderr),
     };
+    // A line that cannot be written is dropped and counted by the writers; the subscriber's
+    // own report of it would go to the same broken stderr with `eprintln!`, which panics.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(writer)
         .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
