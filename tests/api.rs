@@ -900,7 +900,7 @@ fn dashboard_in_a_browser() {
     let dir = tempfile::tempdir().expect("marker dir");
     let marker = dir.path().join("fixed");
     let queues = format!(
-        "{QUEUES}\n[queues.reports]\nshell = \"if [ -e {m} ]; then echo report ready; else touch {m}; echo 'cannot reach db: connection refused' >&2; exit 3; fi\"\nmax_attempts = 1\n",
+        "{QUEUES}\n[queues.reports]\nshell = \"if [ -e {m} ]; then echo report ready; else touch {m}; echo 'cannot reach db: connection refused' >&2; exit 3; fi\"\nmax_attempts = 1\n\n[queues.broken]\nworker = [\"python3\", \"-c\", \"import nosuchmodule_taskd_test\"]\nstart_retries = 1\n",
         m = marker.display()
     );
     let e = env(&format!("token = \"{TOKEN}\""), &queues);
@@ -986,6 +986,15 @@ fn dashboard_in_a_browser() {
     b.wait_for(
         "document.querySelector('#failures').innerText.includes('exit code 3')",
         "the failure",
+    );
+    // A FATAL worker, with what it wrote on stderr before it died.
+    b.wait_for(
+        "document.querySelector('#workers tr[data-worker=\"broken/0\"] [data-worker-state]')?.dataset.workerState === 'fatal'",
+        "the FATAL worker",
+    );
+    b.wait_for(
+        "document.querySelector('#workers tr[data-worker=\"broken/0\"] .worker-stderr')?.textContent.includes(\"No module named 'nosuchmodule_taskd_test'\")",
+        "the worker's last stderr lines",
     );
     b.eval("document.querySelector('button[data-action=pause][data-queue=mail]').click(); true");
     b.wait_for(

@@ -100,6 +100,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     println!("{table}");
     if !workers.is_empty() {
         println!("{}", workers_table(&workers));
+        print_workers_stderr(&workers);
     }
     let worker_queues = config
         .queues
@@ -198,6 +199,12 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
     }
     println!("daemon: answering at {}", remote.base());
     println!("{table}");
+    let workers: Vec<crate::worker::status::WorkerInfo> =
+        serde_json::from_value(v["workers"].clone()).unwrap_or_default();
+    if !workers.is_empty() {
+        println!("{}", workers_table(&workers));
+        print_workers_stderr(&workers);
+    }
     let nodes: Vec<crate::broker::NodeInfo> =
         serde_json::from_value(v["nodes"].clone()).unwrap_or_default();
     if !nodes.is_empty() {
@@ -373,6 +380,20 @@ fn worker_json(w: &crate::worker::status::WorkerInfo) -> serde_json::Value {
         o.insert("uptime_s".into(), uptime);
     }
     v
+}
+
+/// Under the workers table: what each worker's previous process last wrote on stderr
+/// outside tasks, the cause a FATAL or restarting worker's "why" can only hint at.
+fn print_workers_stderr(workers: &[crate::worker::status::WorkerInfo]) {
+    for w in workers.iter().filter(|w| !w.last_stderr.is_empty()) {
+        println!(
+            "{}/{} wrote on stderr before it last ended:",
+            w.queue, w.slot
+        );
+        for line in &w.last_stderr {
+            println!("    {line}");
+        }
+    }
 }
 
 /// `taskd status`: one row per long-lived worker.

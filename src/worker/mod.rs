@@ -399,10 +399,14 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
             match start_worker(&shared, &slot, &mut jobs, &settings, &w).await {
                 Ok(started) => started,
                 Err(StartEnd::Stop) => break,
-                Err(StartEnd::Failed(why)) => {
+                Err(StartEnd::Failed { why, said }) => {
                     failed_starts += 1;
                     streak += 1;
-                    slot.set(&shared.registry, |i| i.last_exit = Some(why));
+                    slot.set(&shared.registry, |i| {
+                        i.last_exit = Some(why);
+                        i.last_stderr = said;
+                        i.pid = None;
+                    });
                     continue;
                 }
             };
@@ -460,13 +464,19 @@ async fn wait_fatal(
     w: &WorkerProgram,
 ) {
     let reg = &shared.registry;
-    let why = slot.info.lock().expect("not poisoned").last_exit.clone();
     slot.set(reg, |i| {
+        // The worker's own last words usually name the cause (a missing file, an
+        // import error); the way it ended rarely does.
+        let said = i
+            .last_stderr
+            .last()
+            .map(|l| format!("; its stderr ended with: {l}"))
+            .unwrap_or_default();
         i.why = Some(format!(
-            "{} failed starts in a row (start_retries = {}); last: {}. Its tasks wait; fix the worker and `taskd reload`",
+            "{} failed starts in a row (start_retries = {}); last: {}{said}. Its tasks wait; fix the worker and `taskd reload`",
             failed_starts,
             w.start_retries,
-            why.as_deref().unwrap_or("unknown")
+            i.last_exit.as_deref().unwrap_or("unknown")
         ));
     });
     slot.set_state(reg, WorkerState::Fatal);
@@ -507,8 +517,9 @@ async fn wait_backoff(
 
 /// Why a worker did not become RUNNING.
 enum StartEnd {
-    /// It failed to start (counts toward `start_retries`); why, for `last_exit`.
-    Failed(String),
+    /// It failed to start (counts toward `start_retries`): why, for `last_exit`, and the
+    /// last lines it wrote on stderr, if it ran at all.
+    Failed { why: String, said: Vec<String> },
     /// The daemon or the slot stops.
     Stop,
 }
@@ -552,7 +563,10 @@ async fn start_worker(
     });
     let (kill_grace, mut p) = spawned.map_err(|why| {
         tracing::warn!(queue = %shared.queue, slot = slot.index, error = %why, "failed to start a worker");
-        StartEnd::Failed(why)
+        StartEnd::Failed {
+            why,
+            said: Vec::new(),
+        }
     })?;
     let started = Instant::now();
     slot.set(reg, |i| {
@@ -581,8 +595,9 @@ async fn start_worker(
             }
             _ => why,
         };
-        tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, error = %why, "worker failed to start");
-        return Err(StartEnd::Failed(why));
+        let said = idle_out.last_stderr.take();
+        tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, error = %why, stderr = said.last().map(String::as_str).unwrap_or(""), "worker failed to start");
+        return Err(StartEnd::Failed { why, said });
     }
     slot.set_state(reg, WorkerState::Running);
     tracing::info!(queue = %shared.queue, slot = slot.index, pid = p.pid, after = ?started.elapsed(), "worker running");
@@ -616,8 +631,10 @@ async fn stop_worker(
     let exit = st.as_ref().map(describe).unwrap_or_else(|| "ended".into());
     let last = format!("{exit}: {why}");
     tracing::info!(queue = %shared.queue, slot = slot.index, pid = p.pid, "worker ended ({last})");
+    let said = idle_out.last_stderr.take();
     slot.set(&shared.registry, |i| {
         i.last_exit = Some(last);
+        i.last_stderr = said;
         i.pid = None;
     });
 }
@@ -692,6 +709,8 @@ struct IdleOutput {
     span: tracing::Span,
     out: Lines,
     err: Lines,
+    /// What `taskd status` shows of it once the process ends.
+    last_stderr: status::LastLines,
 }
 
 impl IdleOutput {
@@ -700,6 +719,7 @@ impl IdleOutput {
             span: tracing::info_span!("worker", queue = %queue, slot, pid),
             out: Lines::new("stdout"),
             err: Lines::new("stderr"),
+            last_stderr: status::LastLines::default(),
         }
     }
 
@@ -707,7 +727,10 @@ impl IdleOutput {
         let _g = self.span.enter();
         match ev {
             Event::Stdout(d) => self.out.push(&d),
-            Event::Stderr(d) => self.err.push(&d),
+            Event::Stderr(d) => {
+                self.last_stderr.push(&d);
+                self.err.push(&d)
+            }
             Event::Line(l) | Event::TooLong(l) => {
                 tracing::debug!(line = %protocol::show_line(&l), "worker message while stopping; ignored")
             }
