@@ -436,7 +436,12 @@ fn payload_missing_a_placeholder_field_is_refused() {
         &["submit", "thumbs", r#"{"size": 3, "src": null}"#],
         2,
     );
-    assert!(err.contains("`src`"), "null does not fill a field: {err}");
+    assert!(
+        err.contains("payload field `src` is null")
+            && err.contains("{src} needs a string, number, boolean, array or object")
+            && !err.contains("no field"),
+        "null does not fill a field, and the message says it is null: {err}"
+    );
     let err = fails(&env, &["submit", "thumbs", "[1, 2]"], 2);
     assert!(err.contains("no field"), "{err}");
     let err = fails(&env, &["submit", "thumbs"], 2);
@@ -448,6 +453,123 @@ fn payload_missing_a_placeholder_field_is_refused() {
     // A shell queue takes any JSON value.
     env.submit("plain", "[1, 2]");
     env.submit("plain", "\"text\"");
+}
+
+/// Submit `payload` on stdin (a payload of megabytes does not fit in the CLI's own argv).
+fn submit_stdin(env: &Env, queue: &str, payload: &str) -> Output {
+    let mut child = env
+        .cmd(&["submit", queue, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskd submit");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(payload.as_bytes())
+        .expect("write the payload");
+    child.wait_with_output().expect("taskd submit")
+}
+
+/// What the kernel cannot pass to a process (`execve`: 128 KiB per string, argv and
+/// environment together within a quarter of the stack limit) used to be accepted at submit,
+/// then failed every attempt with "Argument list too long". An argv element that cannot be
+/// passed is refused at submit; payload fields too big for the environment are left out of
+/// it (the whole payload is on stdin), so the task runs.
+#[test]
+fn payloads_the_kernel_cannot_pass_are_refused_or_run() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+shutdown_grace = "5s"
+max_payload = "4MiB"
+
+[queues.arg]
+command = ["/bin/echo", "{x}"]
+max_attempts = 1
+
+[queues.env]
+shell = 'echo "stdin=$(wc -c) f00=${#TASKD_ARG_f00} payload=${#TASKD_PAYLOAD}"'
+max_attempts = 1
+"#,
+    );
+    let out = submit_stdin(&env, "arg", &json!({ "x": "x".repeat(140_000) }).to_string());
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("queue `arg`")
+            && err.contains("140000 bytes")
+            && err.contains("limit of 131071 bytes per argument (MAX_ARG_STRLEN)"),
+        "{err}"
+    );
+    assert_eq!(total(&env), 0);
+
+    let long_name = json!({ "n".repeat(140_000): 1 }).to_string();
+    let wide: serde_json::Map<String, Value> = (0..40)
+        .map(|i| (format!("f{i:02}"), json!("v".repeat(60_000))))
+        .collect();
+    let wide = Value::Object(wide).to_string();
+    let mut ids = Vec::new();
+    for payload in [&long_name, &wide] {
+        let out = submit_stdin(&env, "env", payload);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        ids.push(stdout(&out).trim().to_string());
+    }
+    let _d = env.daemon();
+    let done = env.wait_state(&ids[0], "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        common::history(&done)[0]["stdout_tail"],
+        format!("stdin={} f00=0 payload=0\n", long_name.len())
+    );
+    let done = env.wait_state(&ids[1], "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        common::history(&done)[0]["stdout_tail"],
+        format!("stdin={} f00=60000 payload=0\n", wide.len())
+    );
+}
+
+/// A payload value that starts an argv element with `-` reaches the program as an option
+/// (`make-thumb --output=/etc/x`). Refused at submit unless the placeholder follows `--` or
+/// the queue says `allow_dash_values = true`.
+#[test]
+fn placeholder_values_that_would_be_options_are_refused() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+
+[queues.thumb]
+command = ["/bin/echo", "--size={size}", "{src}"]
+
+[queues.safe]
+command = ["/bin/echo", "--", "{src}"]
+
+[queues.trusting]
+command = ["/bin/echo", "{src}"]
+allow_dash_values = true
+"#,
+    );
+    let payload = r#"{"size": "-1", "src": "--output=/etc/x"}"#;
+    let err = fails(&env, &["submit", "thumb", payload], 2);
+    assert!(
+        err.contains("queue `thumb`")
+            && err.contains("\"--output=/etc/x\" made from `{src}` starts with `-`")
+            && err.contains("put \"--\" before `{src}`")
+            && err.contains("`allow_dash_values = true`"),
+        "{err}"
+    );
+    let err = fails(&env, &["submit", "thumb", r#"{"size": 1, "src": -2}"#], 2);
+    assert!(err.contains("\"-2\""), "a negative number is refused too: {err}");
+    assert_eq!(total(&env), 0);
+    // `--size={size}` cannot become an option; `{src}` after `--` cannot either; a queue
+    // may allow dashes.
+    env.submit("thumb", r#"{"size": "-1", "src": "a.png"}"#);
+    env.submit("safe", payload);
+    env.submit("trusting", payload);
+    assert_eq!(total(&env), 3);
 }
 
 #[test]

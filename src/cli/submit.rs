@@ -150,7 +150,8 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         Some(file) => read_batch(&config, queue, file, &args, run_at)?,
         None => {
             let text = payload_text(&args)?;
-            let payload = parse_payload(&config, queue, &text).map_err(Failure::usage)?;
+            let payload = parse_payload(&config, queue, &text, &args.args)
+                .map_err(|e| Failure::usage(e.to_string()))?;
             let mut t = NewTask::new(queue.name.clone(), payload);
             t.args = args.args.clone();
             t.priority = args.priority;
@@ -370,7 +371,7 @@ fn read_batch(
         if line.trim().is_empty() {
             continue;
         }
-        let payload = parse_payload(config, queue, line).map_err(|e| {
+        let payload = parse_payload(config, queue, line, &args.args).map_err(|e| {
             Failure::usage(format!(
                 "{} line {}: {e}; nothing was enqueued",
                 file.display(),

@@ -413,6 +413,13 @@ queue_keys! {
         default: "`\"10MiB\"`",
         meaning: "cap per log file; a marker line says where it was cut",
         read: |cx, e| cx.size(e, 1, u64::MAX, "10MiB");
+    /// Let a payload value that starts with `-` fill a placeholder that begins a `command`
+    /// element before any `--` element (default false: refused at submit, since the program
+    /// would read it as an option). See `runnable::argv`.
+    allow_dash_values: bool = false,
+        default: "`false`",
+        meaning: "for `command`: accept a payload value that starts with `-` in a placeholder that begins an argv element before any `\"--\"` element (`\"{src}\"`, `\"{name}.png\"`). By default such a task is refused at submit (exit 2; API 422), because the program would read `--output=/etc/x` as an option. Prefer `\"--\", \"{src}\"` (the program then takes it as an operand) or `\"--size={size}\"` to setting this",
+        read: |cx, e| cx.boolean(e);
 }
 
 /// What a queue runs: exactly one of these, in the queue's own table only. Read by
@@ -421,7 +428,7 @@ pub(super) const PROGRAM: &[Doc] = &[
     Doc {
         name: "command",
         default: "—",
-        meaning: "argv, run directly (no shell). `{field}` is filled from the payload's top-level field; `{{` and `}}` are literal braces. The program (first element) cannot be a placeholder.",
+        meaning: "argv, run directly (no shell). `{field}` is filled from the payload's top-level field; `{{` and `}}` are literal braces. The program (first element) cannot be a placeholder. A value is one argv element, never split, but it can still be read as an option: see `allow_dash_values`. A task whose argv the kernel cannot pass (an element over 131071 bytes, `MAX_ARG_STRLEN`; over 1 MiB in all; a NUL byte) is refused at submit.",
     },
     Doc {
         name: "shell",

@@ -37,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub mod runnable;
 mod keys;
 mod template;
 mod units;

@@ -112,6 +112,7 @@ pub fn queue_diff(
     field!("max_attempts", max_attempts, |v: &u32| v.to_string());
     field!("output_tail", output_tail, |v: &usize| v.to_string());
     field!("log_max", log_max, |v: &u64| v.to_string());
+    field!("allow_dash_values", allow_dash_values, |v: &bool| v.to_string());
     field!("backoff", backoff, |v: &crate::config::Backoff| dbg(v));
     field!("fail_exit_codes", fail_exit_codes, |v: &Vec<i32>| dbg(v));
     field!("cwd", cwd, |v: &Option<std::path::PathBuf>| dbg(v));
