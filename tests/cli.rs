@@ -1180,3 +1180,40 @@ fn submit_json_wait_prints_one_document() {
         }
     }
 }
+
+/// A task cancelled while it runs and then retried starts a fresh attempt budget, so its
+/// program sees TASKD_ATTEMPT=1 twice: `show` numbers the runs in order and says where
+/// TASKD_ATTEMPT differs, instead of printing two "attempt 1".
+#[test]
+fn show_numbers_runs_in_order_after_a_cancel_and_a_retry() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n\n\
+         [queues.q]\nshell = 'echo \"run as attempt $TASKD_ATTEMPT\"; if [ -e done ]; then exit 0; fi; touch done; sleep 30'\n\
+         cwd = \".\"\n",
+    );
+    let _d = env.daemon();
+    let id = env.submit("q", "{}");
+    env.wait_state(&id, "running", std::time::Duration::from_secs(20));
+    env.ok(&["cancel", &id]);
+    env.wait_state(&id, "cancelled", std::time::Duration::from_secs(20));
+    env.ok(&["retry", &id]);
+    let v = env.wait_state(&id, "succeeded", std::time::Duration::from_secs(20));
+    let numbers: Vec<u64> = common::history(&v)
+        .iter()
+        .map(|a| a["number"].as_u64().expect("number"))
+        .collect();
+    assert_eq!(numbers, [1, 1], "TASKD_ATTEMPT as recorded: {v:#}");
+    let text = env.ok(&["show", &id]);
+    let headings: Vec<&str> = text.lines().filter(|l| l.starts_with("attempt ")).collect();
+    assert_eq!(headings.len(), 2, "{text}");
+    assert!(
+        headings[0].starts_with("attempt 1 — cancelled"),
+        "{}",
+        headings[0]
+    );
+    assert!(
+        headings[1].starts_with("attempt 2 (TASKD_ATTEMPT=1) — exit, exit code 0"),
+        "{}",
+        headings[1]
+    );
+}

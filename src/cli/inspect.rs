@@ -323,8 +323,15 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(e) = &t.last_error {
         println!("error     {}", visible(e));
     }
-    for a in &detail.history {
+    for (run, a) in (1u32..).zip(&detail.history) {
         println!();
+        // Runs are numbered in order. The program's TASKD_ATTEMPT repeats after a retry (a
+        // fresh budget) or an uncharged run (lost, shutdown): say so where it differs.
+        let counted = if a.number == run {
+            String::new()
+        } else {
+            format!(" (TASKD_ATTEMPT={})", a.number)
+        };
         let reason = a
             .reason
             .map(|r| r.to_string())
@@ -335,8 +342,7 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
             _ => String::new(),
         };
         println!(
-            "attempt {} — {reason}{}{} — started {}, took {}{}",
-            a.number,
+            "attempt {run}{counted} — {reason}{}{} — started {}, took {}{}",
             if code.is_empty() { "" } else { ", " },
             code,
             fmt_time(a.started_at),
