@@ -572,6 +572,81 @@ allow_dash_values = true
     assert_eq!(total(&env), 3);
 }
 
+/// Asserts that `text` (what a person reads) holds no raw escape or bell, and shows them.
+fn assert_escapes_visible(what: &str, text: &str, shown: &str) {
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\r'),
+        "{what} copies raw control characters to the terminal: {text:?}"
+    );
+    assert!(text.contains(shown), "{what} lacks {shown:?}:\n{text}");
+}
+
+/// Task output is data: a task that prints terminal escapes (set the title, clear the
+/// screen, hide a line behind a carriage return) must not drive the terminal of an operator
+/// who reads it with show, tasks, status or submit --wait, nor the daemon's log. Control
+/// characters are shown as escapes; --json keeps the text as it was.
+#[test]
+fn task_output_cannot_drive_the_operators_terminal() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+shutdown_grace = "5s"
+
+[queues.loud]
+shell = 'printf "out\033]0;pwned\007\033[2J\n"; printf "err\033[31m\rfake\n" >&2; exit 3'
+max_attempts = 1
+log_output = true
+
+[queues.missing]
+command = ["/nonexistent/\u001b]0;pwned\u0007"]
+max_attempts = 1
+
+[queues.worker]
+worker = ["/bin/sh", "-c", 'printf "w\033]0;pwned\007\n" >&2; exit 1']
+start_retries = 1
+"#,
+    );
+    let d = env.daemon();
+    let out = env.run(&["submit", "loud", "--wait"]);
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", stderr(&out));
+    let id = stdout(&out).lines().next().unwrap_or_default().to_string();
+    assert_escapes_visible("submit --wait (stdout)", &stdout(&out), "out\\x1b]0;pwned\\x07\\x1b[2J");
+    assert_escapes_visible("submit --wait (stderr)", &stderr(&out), "err\\x1b[31m\\rfake");
+
+    let shown = env.ok(&["show", &id]);
+    assert_escapes_visible("show", &shown, "    out\\x1b]0;pwned\\x07\\x1b[2J");
+    assert_escapes_visible("show", &shown, "    err\\x1b[31m\\rfake");
+    let raw = env.show(&id);
+    assert_eq!(
+        common::history(&raw)[0]["stdout_tail"],
+        "out\u{1b}]0;pwned\u{7}\u{1b}[2J\n",
+        "--json keeps the output as it was"
+    );
+
+    let missing = env.submit("missing", "{}");
+    env.wait_state(&missing, "failed", Duration::from_secs(20));
+    let listed = env.ok(&["tasks", "--queue", "missing"]);
+    assert_escapes_visible("tasks", &listed, "/nonexistent/\\x1b]0;pwned\\x07");
+    let shown = env.ok(&["show", &missing]);
+    assert_escapes_visible("show (error)", &shown, "/nonexistent/\\x1b]0;pwned\\x07");
+
+    let mut status = String::new();
+    let seen = common::poll(Duration::from_secs(30), || {
+        status = env.ok(&["status"]);
+        status.contains("pwned")
+    });
+    assert!(seen, "the worker's stderr never showed in status:\n{status}");
+    assert_escapes_visible("status", &status, "w\\x1b]0;pwned\\x07");
+
+    let log = d.log_text();
+    assert!(log.contains("pwned"), "log_output logs the task's output:\n{log}");
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\u{7}'),
+        "the daemon's log copies raw control characters: {log:?}"
+    );
+}
+
 #[test]
 fn bad_flags_are_usage_errors() {
     let env = env();
