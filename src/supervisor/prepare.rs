@@ -12,7 +12,7 @@ use crate::config::{
     defaults, never_inherited, runnable, LimitValue, Limits, Program, QueueConfig,
 };
 use crate::executor::{LogSpec, Rlimit, Spec, UserSpec, UNLIMITED};
-use crate::model::TaskRecord;
+use crate::model::{TaskId, TaskRecord};
 
 /// What is computed once per queue config, not once per task.
 pub struct Prepared {
@@ -49,15 +49,14 @@ impl Prepared {
     }
 
     /// The spec of one long-lived worker process of a `worker` queue: its argv, the queue's
-    /// environment plus the protocol's variables (no per-task ones: tasks arrive on a pipe),
-    /// cwd, user, umask and limits. `Err` says why no worker can start.
-    pub fn worker_spec(&self, extra_env: &[(String, String)]) -> Result<Spec, String> {
+    /// environment (no per-task variables: tasks arrive on a pipe; the worker adds the
+    /// protocol's), cwd, user, umask and limits. `Err` says why no worker can start.
+    pub fn worker_spec(&self) -> Result<Spec, String> {
         let q = &self.config;
         let Program::Worker(w) = &q.program else {
             return Err(format!("queue {} does not run long-lived workers", q.name));
         };
-        let mut env = self.base_env.clone();
-        env.extend(extra_env.iter().cloned());
+        let env = self.base_env.clone();
         let user = match &self.user {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
@@ -108,11 +107,7 @@ impl Prepared {
                 return Err(format!("cannot run as {who}: {e}"));
             }
         };
-        let log = q.log_dir.as_ref().map(|dir| LogSpec {
-            stdout_path: dir.join(format!("{}.{attempt}.out", task.id)),
-            stderr_path: dir.join(format!("{}.{attempt}.err", task.id)),
-            max_bytes: q.log_max,
-        });
+        let log = self.log_spec(task.id, attempt);
         Ok(Spec {
             argv,
             env,
@@ -126,6 +121,19 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+        })
+    }
+}
+
+impl Prepared {
+    /// Where attempt `attempt` of task `id` writes its full output, if the queue keeps it
+    /// (`log_dir`): `<id>.<attempt>.out` and `.err`, capped at `log_max`.
+    pub fn log_spec(&self, id: TaskId, attempt: u32) -> Option<LogSpec> {
+        let q = &self.config;
+        q.log_dir.as_ref().map(|dir| LogSpec {
+            stdout_path: dir.join(format!("{id}.{attempt}.out")),
+            stderr_path: dir.join(format!("{id}.{attempt}.err")),
+            max_bytes: q.log_max,
         })
     }
 }
