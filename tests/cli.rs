@@ -677,7 +677,6 @@ fn the_store_is_private_unless_a_group_shares_it() {
     let queues = "[queues.plain]\nshell = \"true\"\n";
     let env = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\n\n{queues}"));
     let state = env.path().join("state");
-    let db = state.join("taskd.db");
     let files = ["taskd.db", "taskd.db-wal", "taskd.db-shm"];
     let mut submit = env.cmd(&["submit", "plain"]);
     // SAFETY: umask is async-signal-safe and touches only the child's own process state.
