@@ -86,6 +86,15 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
         },
     ),
     key!(
+        "state_group",
+        "none",
+        "a group whose members may enqueue straight into the SQLite store (`taskd submit` run by a web app's user): the daemon then makes `state_dir` that group's, mode 2770, and the store's files 0660. Without it, `state_dir` is 0700 and the store's files 0600, whatever the umask. See [Who can read the store](#who-can-read-the-store)",
+        |cx, e, t| {
+            t.state_group = cx.state_group(e);
+            t.state_group.is_some()
+        },
+    ),
+    key!(
         "listen",
         "none",
         "address of the HTTP API, dashboard and metrics (see [api.md](api.md)); a non-loopback address needs `token` or `token_file`",
