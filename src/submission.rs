@@ -1,13 +1,14 @@
 //! What every submitted task must be, whoever submits it (`taskd submit`, the HTTP API):
-//! a payload that is well-formed JSON within `max_payload` and fills the queue's `{field}`
-//! placeholders, and a delay or run-at time that reads as one. One definition, so that the
+//! a payload that is well-formed JSON within `max_payload` and, with the task's extra args,
+//! makes a task the queue can start (`config::runnable`), and a delay or run-at time that
+//! reads as one. One definition, so that the
 //! CLI and the API refuse the same tasks with the same words.
 //!
 //! It sees the model and the config only; it never touches the broker (the caller enqueues).
 
 use std::time::Duration;
 
-use crate::config::{Config, Program, QueueConfig};
+use crate::config::{runnable, Config, QueueConfig};
 use crate::model::{now_ms, UnixMs};
 
 /// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
@@ -42,32 +43,56 @@ pub fn parse_at(t: &str) -> Result<UnixMs, String> {
     Ok(ms)
 }
 
-/// Validate a payload for `queue`: well-formed JSON within the size limit that fills every
-/// placeholder of the queue's command. Returns the compact JSON text to store.
-pub fn parse_payload(config: &Config, queue: &QueueConfig, text: &str) -> Result<String, String> {
+/// Why a payload was refused; the API answers each kind with its own status.
+#[derive(Debug)]
+pub enum PayloadError {
+    /// Over `max_payload`.
+    TooLarge(String),
+    /// Not JSON (or nested deeper than the parser goes).
+    Malformed(String),
+    /// JSON, but no task the queue can run ([`runnable::argv`]).
+    Invalid(String),
+}
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PayloadError::TooLarge(m) | PayloadError::Malformed(m) | PayloadError::Invalid(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// Validate a task for `queue`: a payload of well-formed JSON within the size limit, which
+/// with the extra `args` makes a task the queue can start ([`runnable::argv`]: placeholders
+/// filled, no value read as an option, no NUL a process cannot receive, argv within the
+/// kernel's limits). Returns the payload's compact JSON text to store.
+pub fn parse_payload(
+    config: &Config,
+    queue: &QueueConfig,
+    text: &str,
+    args: &[String],
+) -> Result<String, PayloadError> {
     if text.len() > config.max_payload {
-        return Err(format!(
+        return Err(PayloadError::TooLarge(format!(
             "the payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
             text.len(),
             config.max_payload,
             config.path.display()
-        ));
+        )));
     }
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         let offset = byte_offset(text, e.line(), e.column());
-        format!(
+        PayloadError::Malformed(format!(
             "malformed JSON payload at byte {offset} (line {}, column {}): {}",
             e.line(),
             e.column(),
             strip_position(&e.to_string())
-        )
+        ))
     })?;
-    if let Program::Command(argv) = &queue.program {
-        for part in argv {
-            part.render(&value)
-                .map_err(|e| format!("queue `{}`: {e}", queue.name))?;
-        }
-    }
+    runnable::argv(queue, &value, args)
+        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
     Ok(value.to_string())
 }
 

@@ -330,6 +330,80 @@ fn errors_name_the_problem() {
     );
 }
 
+/// Bodies that cannot become a task that runs: 422 `invalid_task` (docs/api.md), not a 201
+/// for a task whose every attempt fails at spawn; JSON nested past the parser's depth is
+/// malformed JSON (400 `bad_json`), not an invalid task.
+#[test]
+fn bodies_that_cannot_run_are_refused() {
+    let e = env(
+        "",
+        "[queues.mail]\ncommand = [\"/bin/echo\", \"{to}\"]\n\n[queues.echo]\nshell = 'echo \"$TASKD_ARG_x\"'\n",
+    );
+    let d = e.daemon();
+    let url = d.api_base();
+    let post = |queue: &str, body: &str| {
+        call(
+            "POST",
+            &format!("{url}/api/v1/queues/{queue}/tasks"),
+            None,
+            Some(body),
+        )
+    };
+    let refused = |queue: &str, body: &str, code: u16, error: &str, words: &[&str]| {
+        let (c, v) = post(queue, body);
+        assert_eq!((c, v["error"]["code"].as_str()), (code, Some(error)), "{body}: {v:#}");
+        let m = v["error"]["message"].as_str().unwrap_or("");
+        for w in words {
+            assert!(m.contains(w), "{body}: message lacks {w:?}: {m}");
+        }
+    };
+    refused(
+        "mail",
+        r#"{"payload": {"to": "a"}, "args": ["x\u0000y"]}"#,
+        422,
+        "invalid_task",
+        &["extra argument 1 holds a NUL byte"],
+    );
+    refused(
+        "mail",
+        r#"{"payload": {"to": "a\u0000b"}}"#,
+        422,
+        "invalid_task",
+        &["NUL byte", "{to}"],
+    );
+    refused(
+        "echo",
+        r#"{"payload": {"x": "a\u0000b"}}"#,
+        422,
+        "invalid_task",
+        &["payload field `x` holds a NUL byte", "TASKD_ARG_x"],
+    );
+    refused(
+        "mail",
+        r#"{"payload": {"to": "--output=/etc/x"}}"#,
+        422,
+        "invalid_task",
+        &["starts with `-`", "allow_dash_values"],
+    );
+    refused(
+        "mail",
+        r#"{"payload": {"to": null}}"#,
+        422,
+        "invalid_task",
+        &["payload field `to` is null"],
+    );
+    let deep = format!("{{\"payload\": {}1{}}}", "[".repeat(200), "]".repeat(200));
+    refused("echo", &deep, 400, "bad_json", &["recursion limit"]);
+    let (c, v) = call("GET", &format!("{url}/api/v1/tasks"), None, None);
+    assert_eq!(c, 200, "{v:#}");
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(0), "{v:#}");
+    let (c, v) = post("mail", r#"{"payload": {"to": "ann"}}"#);
+    assert_eq!(c, 201, "{v:#}");
+    let id = v["id"].as_str().expect("id");
+    let done = wait_task(&url, id, "succeeded");
+    assert_eq!(done["history"][0]["stdout_tail"], "ann\n");
+}
+
 #[test]
 fn retry_cancel_pause_resume() {
     let e = env("", QUEUES);
@@ -514,6 +588,32 @@ fn tokens_guard_mutations_and_stay_secret() {
         None,
     );
     assert_eq!(code, 201);
+}
+
+/// The authentication scheme is case-insensitive (RFC 9110): `bearer TOKEN` and
+/// `BEARER TOKEN` are `Bearer TOKEN`; a wrong token is still refused.
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let post = |auth: &str| {
+        match ureq::post(&format!("{url}/api/v1/queues/echo/tasks"))
+            .timeout(Duration::from_secs(20))
+            .set("Authorization", auth)
+            .send_string("{}")
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, _)) => c,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        assert_eq!(post(&format!("{scheme} {TOKEN}")), 201, "{scheme}");
+    }
+    assert_eq!(post(&format!("bearer {TOKEN}x")), 401);
+    assert_eq!(post(&format!("Basic {TOKEN}")), 401);
+    assert_eq!(post(&format!("bearer{TOKEN}")), 401);
 }
 
 #[test]
@@ -900,7 +1000,7 @@ fn dashboard_in_a_browser() {
     let dir = tempfile::tempdir().expect("marker dir");
     let marker = dir.path().join("fixed");
     let queues = format!(
-        "{QUEUES}\n[queues.reports]\nshell = \"if [ -e {m} ]; then echo report ready; else touch {m}; echo 'cannot reach db: connection refused' >&2; exit 3; fi\"\nmax_attempts = 1\n",
+        "{QUEUES}\n[queues.reports]\nshell = \"if [ -e {m} ]; then echo report ready; else touch {m}; echo 'cannot reach db: connection refused' >&2; exit 3; fi\"\nmax_attempts = 1\n\n[queues.broken]\nworker = [\"python3\", \"-c\", \"import nosuchmodule_taskd_test\"]\nstart_retries = 1\n",
         m = marker.display()
     );
     let e = env(&format!("token = \"{TOKEN}\""), &queues);
@@ -986,6 +1086,15 @@ fn dashboard_in_a_browser() {
     b.wait_for(
         "document.querySelector('#failures').innerText.includes('exit code 3')",
         "the failure",
+    );
+    // A FATAL worker, with what it wrote on stderr before it died.
+    b.wait_for(
+        "document.querySelector('#workers tr[data-worker=\"broken/0\"] [data-worker-state]')?.dataset.workerState === 'fatal'",
+        "the FATAL worker",
+    );
+    b.wait_for(
+        "document.querySelector('#workers tr[data-worker=\"broken/0\"] .worker-stderr')?.textContent.includes(\"No module named 'nosuchmodule_taskd_test'\")",
+        "the worker's last stderr lines",
     );
     b.eval("document.querySelector('button[data-action=pause][data-queue=mail]').click(); true");
     b.wait_for(

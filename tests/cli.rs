@@ -436,7 +436,12 @@ fn payload_missing_a_placeholder_field_is_refused() {
         &["submit", "thumbs", r#"{"size": 3, "src": null}"#],
         2,
     );
-    assert!(err.contains("`src`"), "null does not fill a field: {err}");
+    assert!(
+        err.contains("payload field `src` is null")
+            && err.contains("{src} needs a string, number, boolean, array or object")
+            && !err.contains("no field"),
+        "null does not fill a field, and the message says it is null: {err}"
+    );
     let err = fails(&env, &["submit", "thumbs", "[1, 2]"], 2);
     assert!(err.contains("no field"), "{err}");
     let err = fails(&env, &["submit", "thumbs"], 2);
@@ -448,6 +453,309 @@ fn payload_missing_a_placeholder_field_is_refused() {
     // A shell queue takes any JSON value.
     env.submit("plain", "[1, 2]");
     env.submit("plain", "\"text\"");
+}
+
+/// Submit `payload` on stdin (a payload of megabytes does not fit in the CLI's own argv).
+fn submit_stdin(env: &Env, queue: &str, payload: &str) -> Output {
+    let mut child = env
+        .cmd(&["submit", queue, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskd submit");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(payload.as_bytes())
+        .expect("write the payload");
+    child.wait_with_output().expect("taskd submit")
+}
+
+/// What the kernel cannot pass to a process (`execve`: 128 KiB per string, argv and
+/// environment together within a quarter of the stack limit) used to be accepted at submit,
+/// then failed every attempt with "Argument list too long". An argv element that cannot be
+/// passed is refused at submit; payload fields too big for the environment are left out of
+/// it (the whole payload is on stdin), so the task runs.
+#[test]
+fn payloads_the_kernel_cannot_pass_are_refused_or_run() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+shutdown_grace = "5s"
+max_payload = "4MiB"
+
+[queues.arg]
+command = ["/bin/echo", "{x}"]
+max_attempts = 1
+
+[queues.env]
+shell = 'echo "stdin=$(wc -c) f00=${#TASKD_ARG_f00} payload=${#TASKD_PAYLOAD}"'
+max_attempts = 1
+"#,
+    );
+    let out = submit_stdin(&env, "arg", &json!({ "x": "x".repeat(140_000) }).to_string());
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("queue `arg`")
+            && err.contains("140000 bytes")
+            && err.contains("limit of 131071 bytes per argument (MAX_ARG_STRLEN)"),
+        "{err}"
+    );
+    assert_eq!(total(&env), 0);
+
+    let long_name = json!({ "n".repeat(140_000): 1 }).to_string();
+    let wide: serde_json::Map<String, Value> = (0..40)
+        .map(|i| (format!("f{i:02}"), json!("v".repeat(60_000))))
+        .collect();
+    let wide = Value::Object(wide).to_string();
+    let mut ids = Vec::new();
+    for payload in [&long_name, &wide] {
+        let out = submit_stdin(&env, "env", payload);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        ids.push(stdout(&out).trim().to_string());
+    }
+    let _d = env.daemon();
+    let done = env.wait_state(&ids[0], "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        common::history(&done)[0]["stdout_tail"],
+        format!("stdin={} f00=0 payload=0\n", long_name.len())
+    );
+    let done = env.wait_state(&ids[1], "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        common::history(&done)[0]["stdout_tail"],
+        format!("stdin={} f00=60000 payload=0\n", wide.len())
+    );
+}
+
+/// A payload value that starts an argv element with `-` reaches the program as an option
+/// (`make-thumb --output=/etc/x`). Refused at submit unless the placeholder follows `--` or
+/// the queue says `allow_dash_values = true`.
+#[test]
+fn placeholder_values_that_would_be_options_are_refused() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+
+[queues.thumb]
+command = ["/bin/echo", "--size={size}", "{src}"]
+
+[queues.safe]
+command = ["/bin/echo", "--", "{src}"]
+
+[queues.trusting]
+command = ["/bin/echo", "{src}"]
+allow_dash_values = true
+"#,
+    );
+    let payload = r#"{"size": "-1", "src": "--output=/etc/x"}"#;
+    let err = fails(&env, &["submit", "thumb", payload], 2);
+    assert!(
+        err.contains("queue `thumb`")
+            && err.contains("\"--output=/etc/x\" made from `{src}` starts with `-`")
+            && err.contains("put \"--\" before `{src}`")
+            && err.contains("`allow_dash_values = true`"),
+        "{err}"
+    );
+    let err = fails(&env, &["submit", "thumb", r#"{"size": 1, "src": -2}"#], 2);
+    assert!(err.contains("\"-2\""), "a negative number is refused too: {err}");
+    assert_eq!(total(&env), 0);
+    // `--size={size}` cannot become an option; `{src}` after `--` cannot either; a queue
+    // may allow dashes.
+    env.submit("thumb", r#"{"size": "-1", "src": "a.png"}"#);
+    env.submit("safe", payload);
+    env.submit("trusting", payload);
+    assert_eq!(total(&env), 3);
+}
+
+/// Asserts that `text` (what a person reads) holds no raw escape or bell, and shows them.
+fn assert_escapes_visible(what: &str, text: &str, shown: &str) {
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\r'),
+        "{what} copies raw control characters to the terminal: {text:?}"
+    );
+    assert!(text.contains(shown), "{what} lacks {shown:?}:\n{text}");
+}
+
+/// Task output is data: a task that prints terminal escapes (set the title, clear the
+/// screen, hide a line behind a carriage return) must not drive the terminal of an operator
+/// who reads it with show, tasks, status or submit --wait, nor the daemon's log. Control
+/// characters are shown as escapes; --json keeps the text as it was.
+#[test]
+fn task_output_cannot_drive_the_operators_terminal() {
+    let env = Env::raw(
+        r#"
+[taskd]
+state_dir = "state"
+shutdown_grace = "5s"
+
+[queues.loud]
+shell = 'printf "out\033]0;pwned\007\033[2J\n"; printf "err\033[31m\rfake\n" >&2; exit 3'
+max_attempts = 1
+log_output = true
+
+[queues.missing]
+command = ["/nonexistent/\u001b]0;pwned\u0007"]
+max_attempts = 1
+
+[queues.worker]
+worker = ["/bin/sh", "-c", 'printf "w\033]0;pwned\007\n" >&2; exit 1']
+start_retries = 1
+"#,
+    );
+    let d = env.daemon();
+    let out = env.run(&["submit", "loud", "--wait"]);
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", stderr(&out));
+    let id = stdout(&out).lines().next().unwrap_or_default().to_string();
+    assert_escapes_visible("submit --wait (stdout)", &stdout(&out), "out\\x1b]0;pwned\\x07\\x1b[2J");
+    assert_escapes_visible("submit --wait (stderr)", &stderr(&out), "err\\x1b[31m\\rfake");
+
+    let shown = env.ok(&["show", &id]);
+    assert_escapes_visible("show", &shown, "    out\\x1b]0;pwned\\x07\\x1b[2J");
+    assert_escapes_visible("show", &shown, "    err\\x1b[31m\\rfake");
+    let raw = env.show(&id);
+    assert_eq!(
+        common::history(&raw)[0]["stdout_tail"],
+        "out\u{1b}]0;pwned\u{7}\u{1b}[2J\n",
+        "--json keeps the output as it was"
+    );
+
+    let missing = env.submit("missing", "{}");
+    env.wait_state(&missing, "failed", Duration::from_secs(20));
+    let listed = env.ok(&["tasks", "--queue", "missing"]);
+    assert_escapes_visible("tasks", &listed, "/nonexistent/\\x1b]0;pwned\\x07");
+    let shown = env.ok(&["show", &missing]);
+    assert_escapes_visible("show (error)", &shown, "/nonexistent/\\x1b]0;pwned\\x07");
+
+    let mut status = String::new();
+    let seen = common::poll(Duration::from_secs(30), || {
+        status = env.ok(&["status"]);
+        status.contains("pwned")
+    });
+    assert!(seen, "the worker's stderr never showed in status:\n{status}");
+    assert_escapes_visible("status", &status, "w\\x1b]0;pwned\\x07");
+
+    let log = d.log_text();
+    assert!(log.contains("pwned"), "log_output logs the task's output:\n{log}");
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\u{7}'),
+        "the daemon's log copies raw control characters: {log:?}"
+    );
+}
+
+/// The mode (permission bits, set-id bits included) and group of `path`.
+fn mode_and_group(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.gid())
+}
+
+/// `taskd ARGS` as user nobody (group nogroup, no other group), when the tests run as root.
+fn as_nobody(env: &Env, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::BIN])
+        .arg("-c")
+        .arg(&env.config)
+        .args(args)
+        .env_remove("TASKD_CONFIG")
+        .output()
+        .expect("run setpriv")
+}
+
+/// The store holds every payload and output tail: under umask 022 its directory used to be
+/// created 0755 and its files 0644, readable by every local user. They are 0700 and 0600
+/// whatever the umask; with `state_group` the group's members (a web app's user) enqueue
+/// straight into the store, and other users still cannot read it.
+#[test]
+fn the_store_is_private_unless_a_group_shares_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let queues = "[queues.plain]\nshell = \"true\"\n";
+    let env = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\n\n{queues}"));
+    let state = env.path().join("state");
+    let files = ["taskd.db", "taskd.db-wal", "taskd.db-shm"];
+    let mut submit = env.cmd(&["submit", "plain"]);
+    // SAFETY: umask is async-signal-safe and touches only the child's own process state.
+    unsafe {
+        submit.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let out = submit.output().expect("run taskd submit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(mode_and_group(&state).0, 0o700, "the state directory");
+    for f in files {
+        assert_eq!(mode_and_group(&state.join(f)).0, 0o600, "{f}");
+    }
+    {
+        let _d = env.daemon();
+        assert_eq!(mode_and_group(&state).0, 0o700);
+        assert_eq!(mode_and_group(&state.join("taskd.db.wake")).0, 0o600);
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running as another user needs root");
+        return;
+    }
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = as_nobody(&env, &["submit", "plain"]);
+    assert_ne!(out.status.code(), Some(0), "another user enqueued into a private store");
+    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert_eq!(total(&env), 1);
+
+    std::fs::write(
+        &env.config,
+        format!("[taskd]\nstate_dir = \"state\"\nstate_group = \"nogroup\"\n\n{queues}"),
+    )
+    .expect("rewrite the config");
+    let nogroup = nix_gid("nogroup");
+    let _d = env.daemon();
+    assert_eq!(mode_and_group(&state), (0o2770, nogroup), "the state directory");
+    for f in files {
+        assert_eq!(mode_and_group(&state.join(f)), (0o660, nogroup), "{f}");
+    }
+    assert_eq!(mode_and_group(&state.join("taskd.db.wake")), (0o660, nogroup));
+    let out = as_nobody(&env, &["submit", "plain"]);
+    assert!(out.status.success(), "a member of state_group cannot enqueue: {}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+}
+
+/// A store that is not SQLite (damaged, or another file put there) used to fail every
+/// command with "file is not a database" and no word of which file.
+#[test]
+fn a_corrupt_store_is_named() {
+    let env = env();
+    std::fs::create_dir_all(env.path().join("state")).expect("state dir");
+    let db = env.path().join("state").join("taskd.db");
+    std::fs::write(&db, vec![0x5a; 8192]).expect("write garbage");
+    for args in [&["submit", "plain"][..], &["status"][..], &["start"][..]] {
+        let err = fails(&env, args, 1);
+        assert!(
+            err.contains(&format!("the store {}", db.display()))
+                && err.contains("file is not a database")
+                && err.contains("restore it from a backup, or move it away"),
+            "taskd {args:?}: {err}"
+        );
+    }
+}
+
+/// The id of group `name`, from /etc/group.
+fn nix_gid(name: &str) -> u32 {
+    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(name)).then(|| f.nth(1).and_then(|g| g.parse().ok()))?
+        })
+        .unwrap_or_else(|| panic!("no group {name}"))
 }
 
 #[test]

@@ -1013,6 +1013,34 @@ shell = \"true\"
     assert!(!stderr.contains("ready"), "{stderr}");
 }
 
+#[test]
+fn allow_dash_values_is_a_boolean() {
+    let text = "\
+[defaults]
+allow_dash_values = \"yes\"
+
+[queues.q]
+command = [\"/bin/echo\", \"{x}\"]
+allow_dash_value = true
+";
+    check_bad(text)
+        .count(2)
+        .expect(
+            2,
+            21,
+            "defaults.allow_dash_values",
+            &["boolean", "found a string"],
+            Some("true"),
+        )
+        .expect(
+            6,
+            1,
+            "queues.q.allow_dash_value",
+            &["allow_dash_value"],
+            Some("allow_dash_values"),
+        );
+}
+
 // ----- many errors at once -----------------------------------------------------------------
 
 #[test]

@@ -122,7 +122,12 @@ fn check_workers(t: &Table, json: &Value) {
             w["state"].as_str().expect("state").to_uppercase(),
             "{key}"
         );
-        match w["uptime_s"].as_i64() {
+        // status --json says `uptime_s`; the API gives `started_ms`.
+        let uptime = w["uptime_s"].as_i64().or_else(|| {
+            w["pid"].as_i64()?;
+            Some((now_ms() - w["started_ms"].as_i64()?) / 1000)
+        });
+        match uptime {
             None => assert_eq!(t.cell(row, "uptime"), "-", "{key}"),
             Some(s) => {
                 let shown = table::duration_ms(t.cell(row, "uptime")) / 1000;
@@ -286,6 +291,7 @@ fn status_tasks_and_server_tables_match_json_cell_by_cell() {
     let json = json_of(&env.ok(&["status", "--server", &url, "--json"]));
     let text = env.ok(&["status", "--server", &url]);
     check_queues(&table::find(&text, "queue"), &json);
+    check_workers(&table::find(&text, "worker"), &json);
 
     // Tasks: all, and filtered.
     check_tasks(&env, &["tasks"]);

@@ -370,6 +370,97 @@ fn a_worker_that_cannot_start_is_fatal_and_its_tasks_wait_uncharged() {
     assert_eq!(v["attempts"], 1, "{v:#}");
 }
 
+/// A worker that cannot start says why on stderr ("can't open file", an import error): its
+/// last lines reach `status --json`, the status table and its "why", the API, and the daemon
+/// log's failed-start line, not only the log's stream of output.
+#[test]
+fn a_fatal_workers_why_shows_what_it_wrote_on_stderr() {
+    let script =
+        "import sys\nprint('loading settings', file=sys.stderr)\nimport nosuchmodule_taskd_test\n";
+    let env = Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [queues.missing]\nworker = [\"python3\", \"/nonexistent/dir/worker.py\"]\nstart_retries = 1\n\n\
+         [queues.import]\nworker = [\"python3\", \"-c\", {script:?}]\nstart_retries = 2\n"
+    ));
+    let d = env.daemon();
+    let mut last = Vec::new();
+    let fatal = poll(secs(30), || {
+        last = workers(&env);
+        last.len() == 2 && last.iter().all(|w| w["state"] == "fatal")
+    });
+    assert!(fatal, "{last:#?}\n{}", d.log_text());
+    let of = |q: &str| {
+        last.iter()
+            .find(|w| w["queue"] == q)
+            .cloned()
+            .expect("the worker is listed")
+    };
+    let stderr = |w: &Value| -> Vec<String> {
+        w["last_stderr"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no last_stderr: {w:#}"))
+            .iter()
+            .map(|l| l.as_str().expect("a line").to_string())
+            .collect()
+    };
+    let cases = [
+        ("missing", "can't open file '/nonexistent/dir/worker.py'"),
+        ("import", "No module named 'nosuchmodule_taskd_test'"),
+    ];
+    for (queue, cause) in cases {
+        let w = of(queue);
+        let lines = stderr(&w);
+        assert!(
+            lines.last().is_some_and(|l| l.contains(cause)),
+            "{queue}: {lines:#?}"
+        );
+        let why = w["why"].as_str().unwrap_or("");
+        assert!(
+            why.contains(cause),
+            "{queue}: the why hides the cause: {why}"
+        );
+        assert!(w["pid"].is_null(), "a FATAL worker has no process: {w:#}");
+    }
+    assert!(
+        stderr(&of("import")).contains(&"loading settings".to_string()),
+        "earlier lines are kept too"
+    );
+    // The table and the lines under it.
+    let text = env.ok(&["status"]);
+    for (queue, cause) in cases {
+        assert!(
+            text.contains(&format!("{queue}/0 wrote on stderr before it last ended:")),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("│ {queue}/0 ")))
+            .unwrap_or_else(|| panic!("no row for {queue}/0:\n{text}"));
+        assert!(row.contains(cause), "{row}");
+    }
+    // The API lists the same.
+    let api = d.api_base();
+    let v: Value = serde_json::from_str(&env.ok(&["status", "--server", &api, "--json"]))
+        .expect("the API answers JSON");
+    let ws = v["workers"].as_array().expect("workers");
+    for (queue, cause) in cases {
+        let w = ws
+            .iter()
+            .find(|w| w["queue"] == queue)
+            .unwrap_or_else(|| panic!("{v:#}"));
+        assert!(stderr(w).last().is_some_and(|l| l.contains(cause)), "{w:#}");
+    }
+    // The log's failed-start line names it as well.
+    assert!(
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("worker failed to start")
+                && l.contains("No module named 'nosuchmodule_taskd_test'")),
+        "{}",
+        d.log_text()
+    );
+}
+
 #[test]
 fn a_reload_that_changes_the_command_restarts_workers_one_at_a_time() {
     let env = py_env("concurrency = 3");

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::error::ApiError;
 use crate::config::{Config, QueueConfig};
 use crate::model::NewTask;
-use crate::submission::{parse_at, parse_delay, parse_payload};
+use crate::submission::{parse_at, parse_delay, parse_payload, PayloadError};
 
 /// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
 #[derive(Deserialize)]
@@ -64,17 +64,17 @@ fn parse_text(
         }
     })?;
     let payload_text = body.payload.map(RawValue::get).unwrap_or("{}");
-    let payload = parse_payload(config, queue, payload_text).map_err(|m| {
-        if payload_text.len() > config.max_payload {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("{what}: {m}"),
-            )
-            .with("limit", config.max_payload)
-        } else {
-            ApiError::invalid(format!("{what}: {m}"))
-        }
+    let payload = parse_payload(config, queue, payload_text, &body.args).map_err(|e| match e {
+        PayloadError::TooLarge(m) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{what}: {m}"),
+        )
+        .with("limit", config.max_payload),
+        // The body parsed, so this is the payload nested deeper than the parser goes: the
+        // JSON itself is unusable, not the task.
+        PayloadError::Malformed(m) => ApiError::bad_request("bad_json", format!("{what}: {m}")),
+        PayloadError::Invalid(m) => ApiError::invalid(format!("{what}: {m}")),
     })?;
     let run_at = match (&body.delay, &body.run_at) {
         (Some(_), Some(_)) => {

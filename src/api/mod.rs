@@ -234,7 +234,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+                .and_then(bearer_credentials);
             match given {
                 None => {
                     return ApiError::new(
@@ -257,6 +257,15 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         }
     }
     next.run(req).await
+}
+
+/// The credentials of an `Authorization: Bearer …` value. The scheme name is
+/// case-insensitive (RFC 9110 §11.1), so `bearer` and `BEARER` are accepted too.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim_start())
 }
 
 /// `127.0.0.1`, `[::1]` or `localhost`, with any port.

@@ -8,6 +8,7 @@
 //! PostgreSQL slots in behind the same trait; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
 
+pub mod access;
 pub mod redis;
 pub mod sqlite;
 

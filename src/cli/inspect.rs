@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
+use super::visible::visible;
 use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
 use crate::broker::ListFilter;
 use crate::model::{now_ms, QueueName, TaskId, TaskState};
@@ -110,6 +111,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     println!("{table}");
     if !workers.is_empty() {
         println!("{}", workers_table(&workers));
+        print_workers_stderr(&workers);
     }
     let worker_queues = config
         .queues
@@ -168,8 +170,8 @@ fn nodes_table(nodes: &[crate::broker::NodeInfo], now: i64) -> Table {
     ]);
     for n in nodes {
         table.add_row(vec![
-            n.id.clone(),
-            n.host.clone(),
+            visible(&n.id).into_owned(),
+            visible(&n.host).into_owned(),
             n.pid.to_string(),
             n.queues.join(" "),
             n.running.to_string(),
@@ -208,6 +210,12 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
     }
     println!("daemon: answering at {}", remote.base());
     println!("{table}");
+    let workers: Vec<crate::worker::status::WorkerInfo> =
+        serde_json::from_value(v["workers"].clone()).unwrap_or_default();
+    if !workers.is_empty() {
+        println!("{}", workers_table(&workers));
+        print_workers_stderr(&workers);
+    }
     let nodes: Vec<crate::broker::NodeInfo> =
         serde_json::from_value(v["nodes"].clone()).unwrap_or_default();
     if !nodes.is_empty() {
@@ -270,7 +278,7 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
             t.state.to_string(),
             t.attempts.to_string(),
             fmt_duration_ms(now - t.created_at),
-            err,
+            visible(&err).into_owned(),
         ]);
     }
     println!("{table}");
@@ -310,7 +318,7 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         println!("priority  {}", t.priority);
     }
     if let Some(k) = &t.unique_key {
-        println!("unique    {k}");
+        println!("unique    {}", visible(k));
     }
     println!("created   {}", fmt_time(t.created_at));
     if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
@@ -320,10 +328,10 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         println!("finished  {}", fmt_time(f));
     }
     if let Some(n) = &t.node {
-        println!("node      {n}");
+        println!("node      {}", visible(n));
     }
     if let Some(e) = &t.last_error {
-        println!("error     {e}");
+        println!("error     {}", visible(e));
     }
     for a in &detail.history {
         println!();
@@ -346,13 +354,13 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
             a.pid.map(|p| format!(", pid {p}")).unwrap_or_default(),
         );
         if let Some(e) = &a.error {
-            println!("  error: {e}");
+            println!("  error: {}", visible(e));
         }
         for (name, tail) in [("stdout", &a.stdout_tail), ("stderr", &a.stderr_tail)] {
             if !tail.is_empty() {
                 println!("  {name} (tail):");
                 for line in tail.lines() {
-                    println!("    {line}");
+                    println!("    {}", visible(line));
                 }
             }
         }
@@ -385,6 +393,20 @@ fn worker_json(w: &crate::worker::status::WorkerInfo) -> serde_json::Value {
     v
 }
 
+/// Under the workers table: what each worker's previous process last wrote on stderr
+/// outside tasks, the cause a FATAL or restarting worker's "why" can only hint at.
+fn print_workers_stderr(workers: &[crate::worker::status::WorkerInfo]) {
+    for w in workers.iter().filter(|w| !w.last_stderr.is_empty()) {
+        println!(
+            "{}/{} wrote on stderr before it last ended:",
+            w.queue, w.slot
+        );
+        for line in &w.last_stderr {
+            println!("    {}", visible(line));
+        }
+    }
+}
+
 /// `taskd status`: one row per long-lived worker.
 fn workers_table(workers: &[crate::worker::status::WorkerInfo]) -> Table {
     let now = crate::model::now_ms();
@@ -412,8 +434,8 @@ fn workers_table(workers: &[crate::worker::status::WorkerInfo]) -> Table {
             w.state.as_str().to_string(),
             uptime,
             w.tasks_done.to_string(),
-            w.last_exit.clone().unwrap_or_default(),
-            w.why.clone().unwrap_or_default(),
+            visible(w.last_exit.as_deref().unwrap_or_default()).into_owned(),
+            visible(w.why.as_deref().unwrap_or_default()).into_owned(),
         ]);
     }
     table

@@ -11,6 +11,7 @@ mod inspect;
 mod reload;
 pub mod start;
 pub(crate) mod submit;
+mod visible;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -39,7 +39,7 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
         None => None,
     };
     init_logging(&args.log_format, log_file.as_ref());
-    let lock = StateLock::acquire(&config.state_dir)?;
+    let lock = StateLock::acquire(&config.state_dir, config.state_group.as_deref())?;
     let store_lock = daemon::storelock::StoreLock::acquire(&config)?;
     daemon::set_up_process(&config);
     // One thread runs everything but SQLite writes (their own thread) and blocking reads:

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::visible::visible;
 use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskState, UnixMs};
@@ -150,7 +151,8 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         Some(file) => read_batch(&config, queue, file, &args, run_at)?,
         None => {
             let text = payload_text(&args)?;
-            let payload = parse_payload(&config, queue, &text).map_err(Failure::usage)?;
+            let payload = parse_payload(&config, queue, &text, &args.args)
+                .map_err(|e| Failure::usage(e.to_string()))?;
             let mut t = NewTask::new(queue.name.clone(), payload);
             t.args = args.args.clone();
             t.priority = args.priority;
@@ -293,12 +295,12 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
                 print_json(&detail)?;
             } else {
                 if let Some(last) = detail["history"].as_array().and_then(|h| h.last()) {
-                    print!("{}", last["stdout_tail"].as_str().unwrap_or(""));
-                    eprint!("{}", last["stderr_tail"].as_str().unwrap_or(""));
+                    print!("{}", visible(last["stdout_tail"].as_str().unwrap_or("")));
+                    eprint!("{}", visible(last["stderr_tail"].as_str().unwrap_or("")));
                 }
                 let why = detail["last_error"]
                     .as_str()
-                    .map(|e| format!(": {e}"))
+                    .map(|e| format!(": {}", visible(e)))
                     .unwrap_or_default();
                 eprintln!(
                     "taskd: task {id} {state} after {} attempt(s){why}",
@@ -370,7 +372,7 @@ fn read_batch(
         if line.trim().is_empty() {
             continue;
         }
-        let payload = parse_payload(config, queue, line).map_err(|e| {
+        let payload = parse_payload(config, queue, line, &args.args).map_err(|e| {
             Failure::usage(format!(
                 "{} line {}: {e}; nothing was enqueued",
                 file.display(),
@@ -412,17 +414,17 @@ async fn wait(
             } else {
                 if let Some(last) = detail.history.last() {
                     if !last.stdout_tail.is_empty() {
-                        print!("{}", last.stdout_tail);
+                        print!("{}", visible(&last.stdout_tail));
                     }
                     if !last.stderr_tail.is_empty() {
-                        eprint!("{}", last.stderr_tail);
+                        eprint!("{}", visible(&last.stderr_tail));
                     }
                 }
                 let why = detail
                     .task
                     .last_error
                     .as_deref()
-                    .map(|e| format!(": {e}"))
+                    .map(|e| format!(": {}", visible(e)))
                     .unwrap_or_default();
                 eprintln!(
                     "taskd: task {id} {} after {} attempt(s){why}",

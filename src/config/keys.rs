@@ -86,6 +86,15 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
         },
     ),
     key!(
+        "state_group",
+        "none",
+        "a group whose members may enqueue straight into the SQLite store (`taskd submit` run by a web app's user): the daemon then makes `state_dir` that group's, mode 2770, and the store's files 0660. Without it, `state_dir` is 0700 and the store's files 0600, whatever the umask. See [Who can read the store](#who-can-read-the-store)",
+        |cx, e, t| {
+            t.state_group = cx.state_group(e);
+            t.state_group.is_some()
+        },
+    ),
+    key!(
         "listen",
         "none",
         "address of the HTTP API, dashboard and metrics (see [api.md](api.md)); a non-loopback address needs `token` or `token_file`",
@@ -413,6 +422,13 @@ queue_keys! {
         default: "`\"10MiB\"`",
         meaning: "cap per log file; a marker line says where it was cut",
         read: |cx, e| cx.size(e, 1, u64::MAX, "10MiB");
+    /// Let a payload value that starts with `-` fill a placeholder that begins a `command`
+    /// element before any `--` element (default false: refused at submit, since the program
+    /// would read it as an option). See `runnable::argv`.
+    allow_dash_values: bool = false,
+        default: "`false`",
+        meaning: "for `command`: accept a payload value that starts with `-` in a placeholder that begins an argv element before any `\"--\"` element (`\"{src}\"`, `\"{name}.png\"`). By default such a task is refused at submit (exit 2; API 422), because the program would read `--output=/etc/x` as an option. Prefer `\"--\", \"{src}\"` (the program then takes it as an operand) or `\"--size={size}\"` to setting this",
+        read: |cx, e| cx.boolean(e);
 }
 
 /// What a queue runs: exactly one of these, in the queue's own table only. Read by
@@ -421,7 +437,7 @@ pub(super) const PROGRAM: &[Doc] = &[
     Doc {
         name: "command",
         default: "—",
-        meaning: "argv, run directly (no shell). `{field}` is filled from the payload's top-level field; `{{` and `}}` are literal braces. The program (first element) cannot be a placeholder.",
+        meaning: "argv, run directly (no shell). `{field}` is filled from the payload's top-level field; `{{` and `}}` are literal braces. The program (first element) cannot be a placeholder. A value is one argv element, never split, but it can still be read as an option: see `allow_dash_values`. A task whose argv the kernel cannot pass (an element over 131071 bytes, `MAX_ARG_STRLEN`; over 1 MiB in all; a NUL byte) is refused at submit.",
     },
     Doc {
         name: "shell",

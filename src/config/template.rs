@@ -86,20 +86,27 @@ impl ArgTemplate {
     /// Fills the placeholders from the top-level fields of a JSON object payload.
     ///
     /// Strings go in as they are; numbers and booleans as their JSON text; arrays and objects
-    /// as compact JSON. A missing or null field is an error (the task cannot run as asked).
+    /// as compact JSON. A missing or null field is an error (the task cannot run as asked),
+    /// each with its own message.
     pub fn render(&self, payload: &serde_json::Value) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
                 Part::Field(f) => {
-                    let value = payload
-                        .as_object()
-                        .and_then(|o| o.get(f))
-                        .filter(|v| !v.is_null())
-                        .ok_or_else(|| {
-                            format!("payload has no field `{f}` (the command needs {{{f}}})")
-                        })?;
+                    let value = match payload.as_object().and_then(|o| o.get(f)) {
+                        None => {
+                            return Err(format!(
+                                "payload has no field `{f}` (the command needs {{{f}}})"
+                            ))
+                        }
+                        Some(serde_json::Value::Null) => {
+                            return Err(format!(
+                                "payload field `{f}` is null; {{{f}}} needs a string, number, boolean, array or object"
+                            ))
+                        }
+                        Some(v) => v,
+                    };
                     match value {
                         serde_json::Value::String(s) => out.push_str(s),
                         other => out.push_str(&other.to_string()),
@@ -115,6 +122,12 @@ impl ArgTemplate {
             ));
         }
         Ok(out)
+    }
+
+    /// True when the element begins with a placeholder (`{src}`, `{a}.png`): a value can
+    /// then decide how the element starts, e.g. with `-`.
+    pub fn starts_with_field(&self) -> bool {
+        matches!(self.parts.first(), Some(Part::Field(_)))
     }
 
     /// True when the element holds no placeholder (it renders to itself, braces unescaped).
@@ -191,7 +204,10 @@ mod tests {
         let t = ArgTemplate::parse("{size}").unwrap();
         let want = "payload has no field `size` (the command needs {size})";
         assert_eq!(t.render(&json!({})).unwrap_err(), want);
-        assert_eq!(t.render(&json!({"size": null})).unwrap_err(), want);
+        assert_eq!(
+            t.render(&json!({"size": null})).unwrap_err(),
+            "payload field `size` is null; {size} needs a string, number, boolean, array or object"
+        );
         assert_eq!(t.render(&json!([1, 2])).unwrap_err(), want);
         assert_eq!(t.render(&json!("size")).unwrap_err(), want);
         assert!(t.render(&json!({"size": "a\u{0}b"})).is_err());

@@ -28,6 +28,7 @@
 //! - call `waitpid(-1)` (it would steal tokio's exit statuses) or sleep/poll on the normal
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
+mod escalation;
 pub(crate) mod output;
 mod procs;
 mod setup;
@@ -58,6 +59,7 @@ pub use procs::{
 pub use setup::{fit_own_nofile, host, refresh_host, Host, Rlimit, TASK_NOFILE_SOFT, UNLIMITED};
 pub use user::UserSpec;
 
+pub use escalation::{sleep_until_opt, Escalation, StopWhy};
 use setup::ChildSetup;
 
 /// How long a task started by `spawn.rs` may keep its pipes open before the daemon starts
@@ -150,7 +152,7 @@ impl Spawned {
     }
 }
 
-/// How an attempt ended.
+/// How an attempt ended, whether it ran as a process of its own or on a long-lived worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Exited(i32),
@@ -170,6 +172,41 @@ pub enum Status {
         kind: SpawnFailure,
         message: String,
     },
+    /// A long-lived worker answered for the task.
+    Answered {
+        verdict: Verdict,
+        message: Option<String>,
+    },
+    /// The long-lived worker died (or closed its result pipe) before answering.
+    Crashed {
+        how: String,
+        signal: Option<i32>,
+    },
+    /// The long-lived worker wrote something that is not a valid message for this task.
+    Protocol {
+        line: String,
+        why: String,
+    },
+    /// No long-lived worker took the task (it stopped meanwhile): nothing ran.
+    Unavailable,
+}
+
+/// A long-lived worker's answer for a task (`ok`, `error`, `retry` in the protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// A failure not worth retrying.
+    Error,
+    /// A failure to retry under the queue's policy.
+    Retry,
+}
+
+/// What ran the attempt: the words of its history say which (a worker is restarted after a
+/// timeout or a cancel; a process of its own simply ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runner {
+    Process,
+    Worker,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +227,11 @@ impl Status {
             Status::Cancelled => AttemptReason::Cancelled,
             Status::Interrupted => AttemptReason::Shutdown,
             Status::SpawnFailed { .. } => AttemptReason::Spawn,
+            Status::Answered { .. } => AttemptReason::Result,
+            Status::Crashed { .. } => AttemptReason::Crash,
+            Status::Protocol { .. } => AttemptReason::Protocol,
+            // Never recorded: the task goes back to its queue as if never claimed.
+            Status::Unavailable => AttemptReason::Lost,
         }
     }
 
@@ -205,6 +247,7 @@ impl Status {
         match self {
             Status::Signaled(sig) => Some(*sig),
             Status::TimedOut { killed_with } => Some(*killed_with),
+            Status::Crashed { signal, .. } => *signal,
             _ => None,
         }
     }
@@ -217,22 +260,34 @@ impl Status {
     pub fn describe(&self) -> String {
         match self {
             Status::Exited(code) => format!("exit code {code}"),
-            Status::Signaled(sig) => format!("killed by signal {}", signal_name(*sig)),
+            Status::Signaled(sig) => format!("killed by signal {}", numbered_signal(*sig)),
             Status::TimedOut { killed_with } => {
-                format!("timed out (stopped with {})", signal_name(*killed_with))
+                format!("timed out (stopped with {})", numbered_signal(*killed_with))
             }
             Status::Cancelled => "cancelled".to_string(),
             Status::Interrupted => "interrupted by daemon shutdown".to_string(),
             Status::SpawnFailed { message, .. } => message.clone(),
+            Status::Answered { verdict, .. } => format!("the worker answered {verdict:?}"),
+            Status::Crashed { how, .. } => format!("the worker died: {how}"),
+            Status::Protocol { why, .. } => format!("the worker broke the protocol: {why}"),
+            Status::Unavailable => "no worker took the task".to_string(),
         }
     }
 }
 
-fn signal_name(sig: i32) -> String {
+/// "9 (SIGKILL)".
+fn numbered_signal(sig: i32) -> String {
     match Signal::try_from(sig) {
         Ok(s) => format!("{sig} ({})", s.as_str()),
         Err(_) => sig.to_string(),
     }
+}
+
+/// A signal's name for people ("SIGTERM"), falling back to "signal N".
+pub fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
 }
 
 /// What happened to one attempt.
@@ -250,11 +305,14 @@ pub struct Outcome {
     pub stderr_total: u64,
     /// Processes of the group outlived the leader and were killed.
     pub stray_killed: bool,
+    pub ran_on: Runner,
 }
 
 impl Outcome {
-    fn not_started(status: Status, at: UnixMs) -> Outcome {
+    /// An attempt that ended before anything ran.
+    pub fn not_started(status: Status, at: UnixMs) -> Outcome {
         Outcome {
+            ran_on: Runner::Process,
             status,
             pid: None,
             started_at_ms: at,
@@ -265,48 +323,6 @@ impl Outcome {
             stderr_total: 0,
             stray_killed: false,
         }
-    }
-}
-
-/// Why taskd began stopping a task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopWhy {
-    Timeout,
-    Cancel,
-    Shutdown,
-}
-
-/// SIGTERM → grace → SIGKILL against one group.
-#[derive(Debug)]
-struct Escalation {
-    pgid: i32,
-    why: Option<StopWhy>,
-    last_signal: Option<Signal>,
-    /// When to send SIGKILL; `None` once sent (or for an unrepresentably long grace).
-    kill_at: Option<Instant>,
-}
-
-impl Escalation {
-    fn begin(&mut self, why: StopWhy, grace: Duration) {
-        self.why = Some(why);
-        procs::signal_group(self.pgid, Signal::SIGTERM);
-        // A stopped member would keep SIGTERM pending until continued.
-        procs::signal_group(self.pgid, Signal::SIGCONT);
-        self.last_signal = Some(Signal::SIGTERM);
-        self.kill_at = Instant::now().checked_add(grace);
-    }
-
-    fn kill(&mut self) {
-        procs::signal_group(self.pgid, Signal::SIGKILL);
-        self.last_signal = Some(Signal::SIGKILL);
-        self.kill_at = None;
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -380,12 +396,7 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         out.lines = Some(output::Lines::new("stdout"));
         err.lines = Some(output::Lines::new("stderr"));
     }
-    let mut esc = Escalation {
-        pgid: pid,
-        why: None,
-        last_signal: None,
-        kill_at: None,
-    };
+    let mut esc = Escalation::new(pid);
 
     let (waited, stray_killed) = {
         let (stdin, stdout, stderr) = child.take_pipes();
@@ -413,22 +424,7 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
                 }
                 _ = tokio::time::sleep_until(arm_at), if !wait_armed => wait_armed = true,
                 _ = &mut stdin, if !stdin_done => stdin_done = true,
-                _ = stop.cancel.cancelled(), if esc.why.is_none() => {
-                    esc.begin(StopWhy::Cancel, spec.kill_grace);
-                }
-                _ = sleep_until_opt(deadline), if esc.why.is_none() => {
-                    esc.begin(StopWhy::Timeout, spec.kill_grace);
-                }
-                _ = stop.shutdown.cancelled(), if esc.why.is_none() => {
-                    esc.begin(StopWhy::Shutdown, spec.kill_grace);
-                }
-                _ = sleep_until_opt(esc.kill_at), if esc.kill_at.is_some() => esc.kill(),
-                _ = stop.kill.cancelled(), if esc.last_signal != Some(Signal::SIGKILL) => {
-                    if esc.why.is_none() {
-                        esc.why = Some(StopWhy::Shutdown);
-                    }
-                    esc.kill();
-                }
+                _ = esc.step(&stop, deadline, spec.kill_grace) => {}
             }
         };
         // Either tokio reaped the leader, or it never will (someone else did): in both cases
@@ -459,11 +455,11 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         (waited, stray_killed)
     };
 
-    let status = match (esc.why, &waited) {
+    let status = match (esc.why(), &waited) {
         (Some(StopWhy::Cancel), _) => Status::Cancelled,
         (Some(StopWhy::Shutdown), _) => Status::Interrupted,
         (Some(StopWhy::Timeout), _) => Status::TimedOut {
-            killed_with: esc.last_signal.unwrap_or(Signal::SIGTERM) as i32,
+            killed_with: esc.last_signal().unwrap_or(Signal::SIGTERM) as i32,
         },
         (None, Ok(st)) => match (st.code(), st.signal()) {
             (Some(code), _) => Status::Exited(code),
@@ -491,6 +487,7 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         stdout_tail: out.tail.into_vec(),
         stderr_tail: err.tail.into_vec(),
         stray_killed,
+        ran_on: Runner::Process,
     }
 }
 

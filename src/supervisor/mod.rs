@@ -112,6 +112,7 @@ pub fn queue_diff(
     field!("max_attempts", max_attempts, |v: &u32| v.to_string());
     field!("output_tail", output_tail, |v: &usize| v.to_string());
     field!("log_max", log_max, |v: &u64| v.to_string());
+    field!("allow_dash_values", allow_dash_values, |v: &bool| v.to_string());
     field!("backoff", backoff, |v: &crate::config::Backoff| dbg(v));
     field!("fail_exit_codes", fail_exit_codes, |v: &Vec<i32>| dbg(v));
     field!("cwd", cwd, |v: &Option<std::path::PathBuf>| dbg(v));
@@ -366,8 +367,15 @@ impl Supervisor {
     /// Start, update or stop the queue's long-lived workers for its (new) settings.
     fn apply_pool(self: &Arc<Self>, rt: &Arc<QueueRt>, prepared: Arc<Prepared>) {
         let mut pool = rt.pool.lock().expect("not poisoned");
-        match (prepared.config.worker().is_some(), pool.as_ref()) {
-            (true, Some(p)) => p.apply(prepared),
+        let is_worker_queue = prepared.config.worker().is_some();
+        let settings = || {
+            Arc::new(worker::Settings {
+                config: prepared.config.clone(),
+                spec: prepared.worker_spec(),
+            })
+        };
+        match (is_worker_queue, pool.as_ref()) {
+            (true, Some(p)) => p.apply(settings()),
             (true, None) => {
                 let weak = Arc::downgrade(rt);
                 let kick = Box::new(move || {
@@ -376,7 +384,7 @@ impl Supervisor {
                     }
                 });
                 *pool = Some(worker::Pool::new(
-                    prepared,
+                    settings(),
                     self.workers.clone(),
                     self.kill_now.clone(),
                     kick,
@@ -660,18 +668,15 @@ impl Supervisor {
                 });
                 let began = std::time::Instant::now();
                 self.metrics.started(&q.name);
-                let decided = match spec {
-                    Run::Exec(spec) => {
-                        let outcome = executor::run(*spec, stop, Some(tx)).await;
-                        let mut rng = rand::thread_rng();
-                        policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
-                    }
+                let outcome = match spec {
+                    Run::Exec(spec) => executor::run(*spec, stop, Some(tx)).await,
                     Run::Worker(r) => {
-                        let outcome = r.run(c.task.clone(), c.attempt, stop, Some(tx)).await;
-                        let mut rng = rand::thread_rng();
-                        worker::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng)
+                        let log = prepared.log_spec(c.task.id, c.attempt);
+                        r.run(c.task.clone(), c.attempt, log, stop, Some(tx)).await
                     }
                 };
+                let mut rng = rand::thread_rng();
+                let decided = policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng);
                 ended.cancel();
                 ran = Some(began.elapsed());
                 q.last_run_ms

@@ -5,15 +5,8 @@
 
 use crate::broker::{Claimed, Finish};
 use crate::config::QueueConfig;
-use crate::executor::{Outcome, SpawnFailure, Status};
+use crate::executor::{signal_name, Outcome, Runner, SpawnFailure, Status, Verdict};
 use crate::model::{AttemptReason, AttemptRecord, UnixMs};
-
-/// A signal's name for people ("SIGTERM"), falling back to its number.
-pub fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| format!("signal {sig}"))
-}
 
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
 /// the attempt's error).
@@ -40,7 +33,7 @@ pub fn retry_or_fail(
 
 /// The record of one run of claimed task `c` on `node`, before its reason and error are
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
-pub(crate) fn attempt_of(
+fn attempt_of(
     c: &Claimed,
     node: &str,
     pid: Option<i32>,
@@ -59,7 +52,14 @@ pub(crate) fn attempt_of(
     }
 }
 
-/// Turn an executor outcome into the attempt to record and where the task goes next.
+/// Turn an attempt's outcome into the attempt to record and where the task goes next.
+///
+/// A process of its own: exit 0 succeeds; another exit code, a signal or a timeout is a
+/// failed attempt under the retry policy (unless the code is in `fail_exit_codes`); a
+/// program that cannot start fails at once. A long-lived worker: `ok` succeeds; `error`
+/// fails at once; `retry`, a crash, a protocol error and a timeout are failed attempts under
+/// the retry policy; a task no worker took goes back uncharged. Either way a cancel ends
+/// the task `cancelled`, and a shutdown puts it back uncharged.
 pub fn decide(
     q: &QueueConfig,
     c: &Claimed,
@@ -105,16 +105,28 @@ pub fn decide(
         Status::TimedOut { killed_with } => {
             a.signal = Some(killed_with);
             a.reason = Some(AttemptReason::Timeout);
-            a.error = Some(format!(
-                "timed out after {} (process group stopped with {})",
-                humantime::format_duration(q.timeout),
-                signal_name(killed_with)
-            ));
+            a.error = Some(match o.ran_on {
+                Runner::Process => format!(
+                    "timed out after {} (process group stopped with {})",
+                    humantime::format_duration(q.timeout),
+                    signal_name(killed_with)
+                ),
+                Runner::Worker => format!(
+                    "timed out after {} (the worker's process group was stopped with {}; the worker was restarted)",
+                    humantime::format_duration(q.timeout),
+                    signal_name(killed_with)
+                ),
+            });
             retry_or_fail(&mut a, rng)
         }
         Status::Cancelled => {
             a.reason = Some(AttemptReason::Cancelled);
-            a.error = Some("cancelled by an operator while running".into());
+            a.error = Some(match o.ran_on {
+                Runner::Process => "cancelled by an operator while running".into(),
+                Runner::Worker => {
+                    "cancelled by an operator while running (its worker was restarted)".into()
+                }
+            });
             Finish::Cancelled
         }
         Status::Interrupted => {
@@ -135,8 +147,51 @@ pub fn decide(
             });
             Finish::Failed
         }
+        Status::Answered { verdict, message } => {
+            a.reason = Some(AttemptReason::Result);
+            match verdict {
+                Verdict::Ok => Finish::Succeeded,
+                Verdict::Error => {
+                    a.error = Some(format!(
+                        "the worker reported an error (not retried): {}",
+                        message.as_deref().unwrap_or("no message")
+                    ));
+                    Finish::Failed
+                }
+                Verdict::Retry => {
+                    a.error = Some(format!(
+                        "the worker asked for a retry: {}",
+                        message.as_deref().unwrap_or("no message")
+                    ));
+                    retry_or_fail(&mut a, rng)
+                }
+            }
+        }
+        Status::Crashed { how, signal } => {
+            a.reason = Some(AttemptReason::Crash);
+            a.signal = signal;
+            a.error = Some(format!(
+                "the worker{} died while running the task: {how}",
+                pid_note(o.pid)
+            ));
+            retry_or_fail(&mut a, rng)
+        }
+        Status::Protocol { line, why } => {
+            a.reason = Some(AttemptReason::Protocol);
+            a.error = Some(format!(
+                "the worker{} broke the protocol ({why}): {line}; it was restarted",
+                pid_note(o.pid)
+            ));
+            retry_or_fail(&mut a, rng)
+        }
+        Status::Unavailable => Finish::Release,
     };
     (a, finish)
+}
+
+/// " (pid 42)", or nothing when no process is known.
+fn pid_note(pid: Option<i32>) -> String {
+    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
 }
 
 /// A claimed task for unit tests: a fresh id in queue `q`, run number `attempt`.
@@ -208,6 +263,7 @@ mod tests {
             stdout_total: 3,
             stderr_total: 3,
             stray_killed: false,
+            ran_on: Runner::Process,
         }
     }
 
@@ -312,5 +368,93 @@ mod tests {
             (Some(AttemptReason::Shutdown), Finish::Requeue),
             "never charged, even on the last attempt"
         );
+    }
+
+    /// Decide a long-lived worker's outcome for run `attempt` of a task of a `worker`
+    /// queue with three attempts.
+    fn decide_end(attempt: u32, status: Status) -> (AttemptRecord, Finish) {
+        let mut q = QueueConfig::new(
+            "q".parse().expect("a valid name"),
+            Program::Worker(crate::config::WorkerProgram::new(vec!["w".into()])),
+        );
+        q.max_attempts = 3;
+        let o = Outcome {
+            status,
+            pid: Some(42),
+            started_at_ms: 1,
+            ended_at_ms: 2,
+            stdout_tail: b"out".to_vec(),
+            stderr_tail: Vec::new(),
+            stdout_total: 3,
+            stderr_total: 0,
+            stray_killed: false,
+            ran_on: Runner::Worker,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        decide(&q, &super::test_claimed(attempt), "n", o, 1_000, &mut rng)
+    }
+
+    #[test]
+    fn answers_map_to_success_failure_and_retry() {
+        let ok = Status::Answered {
+            verdict: Verdict::Ok,
+            message: None,
+        };
+        let (a, f) = decide_end(1, ok);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Result), Finish::Succeeded)
+        );
+        assert_eq!(a.stdout_tail, "out");
+        let error = Status::Answered {
+            verdict: Verdict::Error,
+            message: Some("bad payload".into()),
+        };
+        let (a, f) = decide_end(1, error);
+        assert_eq!(f, Finish::Failed, "error is not retried");
+        assert!(a.error.unwrap().contains("bad payload"));
+        let retry = Status::Answered {
+            verdict: Verdict::Retry,
+            message: Some("busy".into()),
+        };
+        assert!(matches!(
+            decide_end(1, retry.clone()).1,
+            Finish::Retry { .. }
+        ));
+        assert_eq!(decide_end(3, retry).1, Finish::Failed, "attempts spent");
+    }
+
+    #[test]
+    fn crashes_protocol_errors_and_timeouts_are_failed_attempts() {
+        let (a, f) = decide_end(
+            1,
+            Status::Crashed {
+                how: "killed by SIGKILL".into(),
+                signal: Some(9),
+            },
+        );
+        assert_eq!((a.reason, a.signal), (Some(AttemptReason::Crash), Some(9)));
+        assert!(a.error.unwrap().contains("(pid 42) died"));
+        assert!(matches!(f, Finish::Retry { .. }));
+        let (a, f) = decide_end(
+            3,
+            Status::Protocol {
+                line: "\"junk\"".into(),
+                why: "not JSON".into(),
+            },
+        );
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Protocol), Finish::Failed)
+        );
+        assert!(a.error.unwrap().contains("junk"));
+        let (a, _) = decide_end(1, Status::TimedOut { killed_with: 15 });
+        assert_eq!(a.reason, Some(AttemptReason::Timeout));
+        let (a, f) = decide_end(3, Status::Interrupted);
+        assert_eq!(
+            (a.reason, f),
+            (Some(AttemptReason::Shutdown), Finish::Requeue)
+        );
+        assert_eq!(decide_end(1, Status::Unavailable).1, Finish::Release);
     }
 }

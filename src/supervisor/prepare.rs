@@ -8,13 +8,11 @@ use std::collections::BTreeMap;
 
 use nix::sys::resource::Resource;
 
-use crate::config::{defaults, never_inherited, LimitValue, Limits, Program, QueueConfig};
+use crate::config::{
+    defaults, never_inherited, runnable, LimitValue, Limits, Program, QueueConfig,
+};
 use crate::executor::{LogSpec, Rlimit, Spec, UserSpec, UNLIMITED};
-use crate::model::TaskRecord;
-
-/// Values bigger than this are left out of the environment (the kernel refuses a single
-/// environment string over 128 KiB); the whole payload is always on stdin.
-pub const MAX_ENV_VALUE: usize = 64 * 1024;
+use crate::model::{TaskId, TaskRecord};
 
 /// What is computed once per queue config, not once per task.
 pub struct Prepared {
@@ -51,15 +49,14 @@ impl Prepared {
     }
 
     /// The spec of one long-lived worker process of a `worker` queue: its argv, the queue's
-    /// environment plus the protocol's variables (no per-task ones: tasks arrive on a pipe),
-    /// cwd, user, umask and limits. `Err` says why no worker can start.
-    pub fn worker_spec(&self, extra_env: &[(String, String)]) -> Result<Spec, String> {
+    /// environment (no per-task variables: tasks arrive on a pipe; the worker adds the
+    /// protocol's), cwd, user, umask and limits. `Err` says why no worker can start.
+    pub fn worker_spec(&self) -> Result<Spec, String> {
         let q = &self.config;
         let Program::Worker(w) = &q.program else {
             return Err(format!("queue {} does not run long-lived workers", q.name));
         };
-        let mut env = self.base_env.clone();
-        env.extend(extra_env.iter().cloned());
+        let env = self.base_env.clone();
         let user = match &self.user {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
@@ -86,46 +83,19 @@ impl Prepared {
     pub fn spec(&self, task: &TaskRecord, attempt: u32) -> Result<Spec, String> {
         let q = &self.config;
         let payload_text = task.payload.to_string();
-        let mut argv: Vec<String> = match &q.program {
-            Program::Command(parts) => parts
-                .iter()
-                .map(|p| p.render(&task.payload))
-                .collect::<Result<_, _>>()?,
-            Program::Shell(script) => vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                script.clone(),
-                format!("taskd-{}", q.name),
-            ],
-            Program::Worker(_) => {
-                return Err(format!(
-                    "queue {} runs long-lived workers: its tasks go to a worker, not to a process of their own",
-                    q.name
-                ))
-            }
-        };
-        argv.extend(task.args.iter().cloned());
+        if let Program::Worker(_) = &q.program {
+            return Err(format!(
+                "queue {} runs long-lived workers: its tasks go to a worker, not to a process of their own",
+                q.name
+            ));
+        }
+        // The checks submit made, again: the task may have been enqueued another way (plain
+        // Redis commands), or the queue's config may have changed since.
+        let argv = runnable::argv(q, &task.payload, &task.args)?;
         let mut env = self.base_env.clone();
         env.push(("TASKD_TASK_ID".into(), task.id.to_string()));
         env.push(("TASKD_ATTEMPT".into(), attempt.to_string()));
-        if payload_text.len() <= MAX_ENV_VALUE {
-            env.push(("TASKD_PAYLOAD".into(), payload_text.clone()));
-        }
-        if let serde_json::Value::Object(fields) = &task.payload {
-            for (k, v) in fields {
-                if !is_env_name(k) {
-                    continue;
-                }
-                let value = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Null => continue,
-                    other => other.to_string(),
-                };
-                if value.len() <= MAX_ENV_VALUE && !value.contains('\0') {
-                    env.push((format!("TASKD_ARG_{k}"), value));
-                }
-            }
-        }
+        env.extend(runnable::payload_env(&payload_text, &task.payload));
         let user = match &self.user {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
@@ -137,11 +107,7 @@ impl Prepared {
                 return Err(format!("cannot run as {who}: {e}"));
             }
         };
-        let log = q.log_dir.as_ref().map(|dir| LogSpec {
-            stdout_path: dir.join(format!("{}.{attempt}.out", task.id)),
-            stderr_path: dir.join(format!("{}.{attempt}.err", task.id)),
-            max_bytes: q.log_max,
-        });
+        let log = self.log_spec(task.id, attempt);
         Ok(Spec {
             argv,
             env,
@@ -155,6 +121,19 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+        })
+    }
+}
+
+impl Prepared {
+    /// Where attempt `attempt` of task `id` writes its full output, if the queue keeps it
+    /// (`log_dir`): `<id>.<attempt>.out` and `.err`, capped at `log_max`.
+    pub fn log_spec(&self, id: TaskId, attempt: u32) -> Option<LogSpec> {
+        let q = &self.config;
+        q.log_dir.as_ref().map(|dir| LogSpec {
+            stdout_path: dir.join(format!("{id}.{attempt}.out")),
+            stderr_path: dir.join(format!("{id}.{attempt}.err")),
+            max_bytes: q.log_max,
         })
     }
 }
@@ -212,24 +191,9 @@ fn rlimits(limits: &Limits) -> Vec<Rlimit> {
     .collect()
 }
 
-fn is_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn env_names() {
-        assert!(is_env_name("month"));
-        assert!(is_env_name("_a1"));
-        assert!(!is_env_name("1a"));
-        assert!(!is_env_name("a-b"));
-        assert!(!is_env_name(""));
-    }
 
     fn queue(toml: &str) -> QueueConfig {
         let text = format!("[queues.q]\nshell = \"true\"\n{toml}\n");

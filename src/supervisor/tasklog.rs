@@ -8,7 +8,7 @@
 
 use crate::broker::Finish;
 use crate::config::LogTasks;
-use crate::model::AttemptRecord;
+use crate::model::{AttemptReason, AttemptRecord};
 
 /// What the log says about one attempt's end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,16 @@ pub fn last_line(tail: &str) -> &str {
     }
 }
 
+/// The message of a task's `failed` line: a program that could not be started at all
+/// (not found, not executable, a user that does not exist) says so first, because the fix is
+/// in the config or on the machine, not in the task.
+fn failed_message(reason: Option<AttemptReason>) -> &'static str {
+    match reason {
+        Some(AttemptReason::Spawn | AttemptReason::Invalid) => "task failed: it cannot run",
+        _ => "task failed",
+    }
+}
+
 fn ms(v: i64) -> std::time::Duration {
     std::time::Duration::from_millis(v.max(0) as u64)
 }
@@ -69,7 +79,8 @@ pub fn log_end(mode: LogTasks, max_attempts: u32, a: &AttemptRecord, finish: &Fi
             reason,
             error,
             stderr,
-            "task failed"
+            "{}",
+            failed_message(a.reason)
         ),
         Line::Retrying => {
             let (next, wait) = match finish {

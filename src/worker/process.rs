@@ -17,7 +17,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{MAX_LINE, RESULT_FD, TASK_FD};
-use crate::executor::{spawn_tracked, Spawned, Spec, TrackedChild};
+use crate::executor::{spawn_tracked, Escalation, Spawned, Spec, Stop, StopWhy, TrackedChild};
 
 /// What a running worker did next.
 #[derive(Debug)]
@@ -268,26 +268,22 @@ impl Proc {
         mut sink: impl FnMut(Event),
     ) -> Option<ExitStatus> {
         self.tasks = None;
+        let mut esc = Escalation::new(self.pid);
         if self.exited.is_none() {
-            self.signal(Signal::SIGTERM);
-            self.signal(Signal::SIGCONT);
+            esc.begin(StopWhy::Shutdown, grace);
         }
-        let kill_at = tokio::time::Instant::now() + grace;
-        let mut killed = false;
+        // Only the daemon's kill can cut the grace short now.
+        let stop = Stop {
+            kill: now.clone(),
+            ..Stop::default()
+        };
         while self.exited.is_none() {
             tokio::select! {
                 ev = self.next_event() => match ev {
                     Event::Gone => break,
                     ev => sink(ev),
                 },
-                _ = tokio::time::sleep_until(kill_at), if !killed => {
-                    killed = true;
-                    self.signal(Signal::SIGKILL);
-                }
-                _ = now.cancelled(), if !killed => {
-                    killed = true;
-                    self.signal(Signal::SIGKILL);
-                }
+                _ = esc.step(&stop, None, grace) => {}
             }
         }
         self.finish();
@@ -331,7 +327,7 @@ pub(crate) fn describe(st: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("killed by {}", crate::supervisor::policy::signal_name(s)),
+        (None, Some(s)) => format!("killed by {}", crate::executor::signal_name(s)),
         _ => "ended".to_string(),
     }
 }

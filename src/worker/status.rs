@@ -68,6 +68,11 @@ pub struct WorkerInfo {
     pub last_exit: Option<String>,
     /// Why the worker is FATAL.
     pub why: Option<String>,
+    /// The last lines (at most [`LastLines::MAX_LINES`]) the previous process wrote on
+    /// stderr outside tasks: what a worker that cannot start says about it ("can't open
+    /// file …", an import error). Output written during a task is that task's.
+    #[serde(default)]
+    pub last_stderr: Vec<String>,
 }
 
 impl WorkerInfo {
@@ -83,7 +88,58 @@ impl WorkerInfo {
             tasks_done: 0,
             last_exit: None,
             why: None,
+            last_stderr: Vec::new(),
         }
+    }
+}
+
+/// The last non-blank lines of a stream, bounded in count and length, so that a worker
+/// that writes megabytes before it dies costs a few hundred bytes.
+#[derive(Default)]
+pub(super) struct LastLines {
+    lines: std::collections::VecDeque<String>,
+    partial: Vec<u8>,
+}
+
+impl LastLines {
+    pub const MAX_LINES: usize = 10;
+    /// Characters kept of one line.
+    pub const MAX_CHARS: usize = 300;
+
+    pub fn push(&mut self, mut data: &[u8]) {
+        while let Some(i) = data.iter().position(|b| *b == b'\n') {
+            self.keep(&data[..i]);
+            self.end_line();
+            data = &data[i + 1..];
+        }
+        self.keep(data);
+    }
+
+    /// Add to the current line what still fits (a line is cut, not split).
+    fn keep(&mut self, data: &[u8]) {
+        let room = (Self::MAX_CHARS * 4).saturating_sub(self.partial.len());
+        self.partial
+            .extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    fn end_line(&mut self) {
+        let raw = std::mem::take(&mut self.partial);
+        let text = String::from_utf8_lossy(&raw);
+        let line = text.trim_end();
+        if line.trim().is_empty() {
+            return;
+        }
+        let line: String = line.chars().take(Self::MAX_CHARS).collect();
+        if self.lines.len() == Self::MAX_LINES {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+
+    /// The lines so far (an unfinished last line included), oldest first; empties it.
+    pub fn take(&mut self) -> Vec<String> {
+        self.end_line();
+        self.lines.drain(..).collect()
     }
 }
 
@@ -236,4 +292,34 @@ pub fn kill_leftovers(state_dir: &Path) -> usize {
         .filter_map(|w| Some((w.pid?, w.start_time)))
         .filter(|&(pid, start)| crate::executor::kill_orphan_group(pid, start))
         .count()
+}
+
+#[cfg(test)]
+mod last_lines_tests {
+    use super::LastLines;
+
+    #[test]
+    fn keeps_the_last_non_blank_lines_bounded() {
+        let mut l = LastLines::default();
+        l.push(b"Traceback (most recent call last):\n  File \"w.py\", line 1\n\n");
+        l.push(b"ModuleNotFoundError: No module");
+        l.push(b" named 'x'");
+        assert_eq!(
+            l.take(),
+            [
+                "Traceback (most recent call last):",
+                "  File \"w.py\", line 1",
+                "ModuleNotFoundError: No module named 'x'"
+            ]
+        );
+        assert!(l.take().is_empty(), "take empties it");
+        for i in 0..100 {
+            l.push(format!("line {i}\n").as_bytes());
+        }
+        l.push(&vec![b'x'; 1 << 20]);
+        let got = l.take();
+        assert_eq!(got.len(), LastLines::MAX_LINES);
+        assert_eq!(got[0], "line 91");
+        assert_eq!(got[9].len(), LastLines::MAX_CHARS);
+    }
 }

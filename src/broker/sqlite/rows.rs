@@ -1,0 +1,191 @@
+//! Rows: the columns a task is read with and their mapping to a [`TaskRecord`], and the
+//! statements several operations share (inserting a task or an attempt, marking a task
+//! running, finding a task's row). Each runs on the connection it is given, inside the
+//! caller's transaction.
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+
+use super::conn::storage;
+use crate::broker::{BrokerError, Enqueued, Lease, Result};
+use crate::model::{now_ms, AttemptRecord, NewTask, TaskId, TaskRecord, TaskState, UnixMs};
+
+/// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
+pub(super) fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// The columns [`row_to_task`] reads, in its order.
+pub(super) const TASK_COLS: &str =
+    "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
+     created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token";
+
+pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let id: String = r.get(0)?;
+    let queue: String = r.get(1)?;
+    let state: String = r.get(2)?;
+    let payload: String = r.get(3)?;
+    let args: String = r.get(4)?;
+    let conv = |what: &str, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{what}: {e}").into(),
+        )
+    };
+    Ok(TaskRecord {
+        id: id.parse().map_err(|e| conv("id", e))?,
+        queue: queue.parse().map_err(|e| conv("queue", e))?,
+        state: state.parse().map_err(|e| conv("state", e))?,
+        payload: serde_json::from_str(&payload).map_err(|e| conv("payload", e.to_string()))?,
+        args: serde_json::from_str(&args).map_err(|e| conv("args", e.to_string()))?,
+        priority: r.get(5)?,
+        unique_key: r.get(6)?,
+        run_at: r.get(7)?,
+        attempts: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        finished_at: r.get(11)?,
+        last_error: r.get(12)?,
+        cancel_requested: r.get::<_, i64>(13)? != 0,
+        node: r.get(14)?,
+    })
+}
+
+/// The states in which a task is not finished (a unique key holds only among these).
+const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
+
+pub(super) fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> {
+    if let Some(key) = &t.unique_key {
+        let existing: Option<(String, String, i64, i64)> = conn
+            .prepare_cached(&format!(
+                "SELECT id, state, created_at, run_at FROM tasks
+                 WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![t.queue.as_str(), key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .map_err(storage)?;
+        if let Some((id, state, created_at, run_at)) = existing {
+            return Ok(Enqueued {
+                id: id.parse().map_err(BrokerError::Storage)?,
+                state: state.parse().map_err(BrokerError::Storage)?,
+                existing: true,
+                created_at,
+                run_at,
+            });
+        }
+    }
+    let run_at = t.run_at.unwrap_or(now);
+    let state = if run_at > now {
+        TaskState::Scheduled
+    } else {
+        TaskState::Queued
+    };
+    let args = serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            t.id.to_string(),
+            t.queue.as_str(),
+            state.as_str(),
+            t.payload,
+            args,
+            t.priority,
+            t.unique_key,
+            run_at,
+            now
+        ])
+    })
+    .map_err(|e| match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => {
+            BrokerError::Conflict(format!("a task with id {} already exists", t.id))
+        }
+        _ => storage(e),
+    })?;
+    Ok(Enqueued {
+        id: t.id,
+        state,
+        existing: false,
+        created_at: now,
+        run_at,
+    })
+}
+
+pub(super) fn task_seq(conn: &Connection, id: TaskId) -> Result<(i64, TaskState)> {
+    let row: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, state FROM tasks WHERE id = ?1")
+        .and_then(|mut s| {
+            s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(storage)?;
+    let (seq, state) = row.ok_or(BrokerError::NotFound(id))?;
+    Ok((seq, state.parse().map_err(BrokerError::Storage)?))
+}
+
+pub(super) fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO attempts (task_seq, n, number, node, pid, started_at, ended_at, exit_code, signal,
+                               reason, error, stdout_tail, stderr_tail)
+         VALUES (?1, (SELECT coalesce(max(n), 0) + 1 FROM attempts WHERE task_seq = ?1),
+                 ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            seq,
+            a.number,
+            a.node,
+            a.pid,
+            a.started_at,
+            a.ended_at,
+            a.exit_code,
+            a.signal,
+            a.reason.map(|r| r.as_str()),
+            a.error,
+            a.stdout_tail,
+            a.stderr_tail
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Mark a held task running (counting its attempt once) and/or record its pid.
+pub(super) fn mark_running(
+    conn: &Connection,
+    lease: &Lease,
+    pid: Option<(i32, u64)>,
+) -> Result<()> {
+    let now = now_ms();
+    let (pid, pid_start) = match pid {
+        Some((p, s)) => (Some(p), Some(s as i64)),
+        None => (None, None),
+    };
+    let n = conn
+        .prepare_cached(
+            "UPDATE tasks SET attempts = attempts + (state = 'queued'), state = 'running',
+                started_at = CASE WHEN state = 'queued' THEN ?5 ELSE started_at END,
+                updated_at = ?5, pid = coalesce(?1, pid), pid_start = coalesce(?2, pid_start),
+                pid_boot = CASE WHEN ?1 IS NULL THEN pid_boot ELSE ?7 END
+             WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state IN ('queued', 'running')",
+        )
+        .and_then(|mut s| {
+            s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node, boot_id()])
+        })
+        .map_err(storage)?;
+    if n == 0 {
+        return Err(BrokerError::LeaseLost(lease.task));
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The schema: an append-only list of migrations and the step that brings a database up to
+//! the newest one. It must not hold queries of the broker's operations.
+
+use rusqlite::{params, Connection};
+
+use super::conn::{retry_busy, storage};
+use crate::broker::{BrokerError, Result};
+use crate::model::now_ms;
+
+/// The schema, one entry per version. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks, attempts, paused queues.
+    r#"
+    CREATE TABLE tasks (
+        seq              INTEGER PRIMARY KEY,
+        id               TEXT    NOT NULL UNIQUE,
+        queue            TEXT    NOT NULL,
+        state            TEXT    NOT NULL,
+        payload          TEXT    NOT NULL,
+        args             TEXT    NOT NULL DEFAULT '[]',
+        priority         INTEGER NOT NULL DEFAULT 0,
+        unique_key       TEXT,
+        run_at           INTEGER NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        finished_at      INTEGER,
+        last_error       TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        lease_node       TEXT,
+        lease_token      INTEGER NOT NULL DEFAULT 0,
+        lease_expires    INTEGER,
+        started_at       INTEGER,
+        pid              INTEGER,
+        pid_start        INTEGER
+    );
+    -- Claiming reads only ready tasks, in claim order: this index stays small however many
+    -- tasks have finished, and its first entry is the next task to run.
+    -- A claimed task stays `queued`, reserved by its node (lease_node set), until its process
+    -- has started; only unreserved ones are in this index.
+    CREATE INDEX tasks_ready   ON tasks(queue, priority DESC, seq) WHERE state = 'queued' AND lease_node IS NULL;
+    CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
+    CREATE INDEX tasks_cancel  ON tasks(lease_node) WHERE cancel_requested = 1;
+    CREATE INDEX tasks_held    ON tasks(lease_node) WHERE lease_node IS NOT NULL;
+    CREATE INDEX tasks_state   ON tasks(state, queue);
+    CREATE UNIQUE INDEX tasks_unique ON tasks(queue, unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'queued', 'running', 'retrying');
+    CREATE TABLE attempts (
+        task_seq    INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        n           INTEGER NOT NULL,
+        number      INTEGER NOT NULL,
+        node        TEXT    NOT NULL,
+        pid         INTEGER,
+        started_at  INTEGER NOT NULL,
+        ended_at    INTEGER NOT NULL,
+        exit_code   INTEGER,
+        signal      INTEGER,
+        reason      TEXT,
+        error       TEXT,
+        stdout_tail TEXT    NOT NULL DEFAULT '',
+        stderr_tail TEXT    NOT NULL DEFAULT '',
+        PRIMARY KEY (task_seq, n)
+    );
+    CREATE TABLE paused_queues (
+        queue     TEXT PRIMARY KEY,
+        paused_at INTEGER NOT NULL
+    );
+    "#,
+    // 2: the boot a recorded pid belongs to. A pid (and its start time) means nothing on
+    // another machine or after a reboot, where the number may name someone else's group.
+    r#"
+    ALTER TABLE tasks ADD COLUMN pid_boot TEXT;
+    "#,
+];
+
+/// Bring the schema up to the newest version, one transaction per step.
+pub(super) fn migrate(conn: &Connection) -> Result<()> {
+    // The common case, on every open, is a current schema: find that out with a plain read.
+    let current: i64 = match conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    ) {
+        Ok(v) => v,
+        Err(_) => {
+            retry_busy(|| {
+                conn.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
+                )
+            })
+            .map_err(storage)?;
+            0
+        }
+    };
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        if current >= version {
+            continue; // checked without a write lock: the common case on every open
+        }
+        retry_busy(|| conn.execute_batch("BEGIN IMMEDIATE")).map_err(storage)?;
+        let step = (|| -> rusqlite::Result<()> {
+            let current: i64 = conn.query_row(
+                "SELECT coalesce(max(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )?;
+            if current >= version {
+                return Ok(());
+            }
+            conn.execute_batch(sql)?;
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+                params![version, now_ms()],
+            )?;
+            Ok(())
+        })();
+        match step {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(storage)?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(storage(e));
+            }
+        }
+    }
+    let newest: i64 = conn
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(storage)?;
+    if newest > MIGRATIONS.len() as i64 {
+        return Err(BrokerError::Storage(format!(
+            "the database has schema version {newest}, newer than this taskd understands ({}); upgrade taskd",
+            MIGRATIONS.len()
+        )));
+    }
+    Ok(())
+}
