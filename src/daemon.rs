@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Doubling;
 use crate::broker::Recover;
 use crate::config::{Config, ConfigError};
 use crate::control::ReloadReply;
@@ -244,8 +245,9 @@ async fn open_broker(config: &Config) -> anyhow::Result<Option<Arc<dyn crate::br
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Doubling::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let delay = backoff.next_delay();
         match crate::broker::open(&config.broker).await {
             Ok(b) => return Ok(Some(b)),
             Err(crate::broker::BrokerError::Unavailable(e)) => {
@@ -258,7 +260,6 @@ async fn open_broker(config: &Config) -> anyhow::Result<Option<Arc<dyn crate::br
             _ = term.recv() => return Ok(None),
             _ = int.recv() => return Ok(None),
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 

@@ -706,7 +706,11 @@ fn the_store_is_private_unless_a_group_shares_it() {
     std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let out = as_nobody(&env, &["submit", "plain"]);
     assert_ne!(out.status.code(), Some(0), "another user enqueued into a private store");
-    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).to_lowercase().contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(total(&env), 1);
 
     std::fs::write(

@@ -341,7 +341,7 @@ queue_keys! {
     /// Per-attempt time limit (default 30m).
     timeout: Duration = defaults::TIMEOUT,
         default: "`\"30m\"`",
-        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL",
+        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL. Only the group: a child that left it (`setsid`, a daemonizing program) keeps running; see README, \"What escapes\"",
         read: |cx, e| cx.duration(e);
     /// Total runs, the first included (1..=1000, default 5).
     max_attempts: u32 = defaults::MAX_ATTEMPTS,
