@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Doubling;
 use crate::broker::Recover;
 use crate::config::{Config, ConfigError};
 use crate::control::ReloadReply;
@@ -103,6 +104,48 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
     }
 }
 
+/// Creates `state_dir` (0700) when missing, then gives it the mode the config asks for,
+/// whatever the umask: 0700, only the daemon's user; with `state_group`, that group and 2770
+/// (set-group-id, so that what the daemon or a producer of the group creates in it belongs
+/// to the group), and the group on what is already in it. The store's files follow the
+/// directory's mode when the broker opens them (0600, or 0660 in a group's directory).
+pub fn secure_state_dir(state_dir: &Path, group: Option<&str>) -> Result<(), Failure> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail = |what: String, e: &dyn std::fmt::Display| {
+        Failure::new(
+            exit::FAILURE,
+            format!("failed to {what} the state directory {}: {e}", state_dir.display()),
+        )
+    };
+    if !state_dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| fail("create".into(), &e))?;
+    }
+    let mode = match group {
+        None => 0o700,
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .map_err(|e| fail(format!("look up group {name} for"), &e))?
+                .ok_or_else(|| fail(format!("find group {name} (`state_group`) for"), &"no such group"))?
+                .gid;
+            let chgrp = |p: &Path| nix::unistd::chown(p, None, Some(gid));
+            chgrp(state_dir).map_err(|e| fail(format!("give group {name}"), &e))?;
+            for entry in std::fs::read_dir(state_dir).map_err(|e| fail("read".into(), &e))? {
+                let path = entry.map_err(|e| fail("read".into(), &e))?.path();
+                if let Err(e) = chgrp(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "failed to give a state file to `state_group`");
+                }
+            }
+            0o2770
+        }
+    };
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| fail(format!("set mode {mode:04o} on"), &e))
+}
+
 /// The lock that keeps a second daemon off a state directory. Held for the process's life.
 pub struct StateLock {
     _file: File,
@@ -114,16 +157,10 @@ const LOCK_FILE: &str = "taskd.pid";
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 impl StateLock {
-    pub fn acquire(state_dir: &Path) -> Result<StateLock, Failure> {
-        std::fs::create_dir_all(state_dir).map_err(|e| {
-            Failure::new(
-                exit::FAILURE,
-                format!(
-                    "failed to create the state directory {}: {e}",
-                    state_dir.display()
-                ),
-            )
-        })?;
+    /// Creates `state_dir` when missing, gives it its mode (see [`secure_state_dir`]) and
+    /// takes its lock.
+    pub fn acquire(state_dir: &Path, group: Option<&str>) -> Result<StateLock, Failure> {
+        secure_state_dir(state_dir, group)?;
         let path = state_dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -201,8 +238,9 @@ async fn open_broker(config: &Config) -> anyhow::Result<Option<Arc<dyn crate::br
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Doubling::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let delay = backoff.next_delay();
         match crate::broker::open(&config.broker).await {
             Ok(b) => return Ok(Some(b)),
             Err(crate::broker::BrokerError::Unavailable(e)) => {
@@ -215,7 +253,6 @@ async fn open_broker(config: &Config) -> anyhow::Result<Option<Arc<dyn crate::br
             _ = term.recv() => return Ok(None),
             _ = int.recv() => return Ok(None),
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 

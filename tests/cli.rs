@@ -647,6 +647,121 @@ start_retries = 1
     );
 }
 
+/// The mode (permission bits, set-id bits included) and group of `path`.
+fn mode_and_group(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.gid())
+}
+
+/// `taskd ARGS` as user nobody (group nogroup, no other group), when the tests run as root.
+fn as_nobody(env: &Env, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::BIN])
+        .arg("-c")
+        .arg(&env.config)
+        .args(args)
+        .env_remove("TASKD_CONFIG")
+        .output()
+        .expect("run setpriv")
+}
+
+/// The store holds every payload and output tail: under umask 022 its directory used to be
+/// created 0755 and its files 0644, readable by every local user. They are 0700 and 0600
+/// whatever the umask; with `state_group` the group's members (a web app's user) enqueue
+/// straight into the store, and other users still cannot read it.
+#[test]
+fn the_store_is_private_unless_a_group_shares_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let queues = "[queues.plain]\nshell = \"true\"\n";
+    let env = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\n\n{queues}"));
+    let state = env.path().join("state");
+    let files = ["taskd.db", "taskd.db-wal", "taskd.db-shm"];
+    let mut submit = env.cmd(&["submit", "plain"]);
+    // SAFETY: umask is async-signal-safe and touches only the child's own process state.
+    unsafe {
+        submit.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let out = submit.output().expect("run taskd submit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(mode_and_group(&state).0, 0o700, "the state directory");
+    for f in files {
+        assert_eq!(mode_and_group(&state.join(f)).0, 0o600, "{f}");
+    }
+    {
+        let _d = env.daemon();
+        assert_eq!(mode_and_group(&state).0, 0o700);
+        assert_eq!(mode_and_group(&state.join("taskd.db.wake")).0, 0o600);
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running as another user needs root");
+        return;
+    }
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = as_nobody(&env, &["submit", "plain"]);
+    assert_ne!(out.status.code(), Some(0), "another user enqueued into a private store");
+    assert!(
+        stderr(&out).to_lowercase().contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(total(&env), 1);
+
+    std::fs::write(
+        &env.config,
+        format!("[taskd]\nstate_dir = \"state\"\nstate_group = \"nogroup\"\n\n{queues}"),
+    )
+    .expect("rewrite the config");
+    let nogroup = nix_gid("nogroup");
+    let _d = env.daemon();
+    assert_eq!(mode_and_group(&state), (0o2770, nogroup), "the state directory");
+    for f in files {
+        assert_eq!(mode_and_group(&state.join(f)), (0o660, nogroup), "{f}");
+    }
+    assert_eq!(mode_and_group(&state.join("taskd.db.wake")), (0o660, nogroup));
+    let out = as_nobody(&env, &["submit", "plain"]);
+    assert!(out.status.success(), "a member of state_group cannot enqueue: {}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+}
+
+/// A store that is not SQLite (damaged, or another file put there) used to fail every
+/// command with "file is not a database" and no word of which file.
+#[test]
+fn a_corrupt_store_is_named() {
+    let env = env();
+    std::fs::create_dir_all(env.path().join("state")).expect("state dir");
+    let db = env.path().join("state").join("taskd.db");
+    std::fs::write(&db, vec![0x5a; 8192]).expect("write garbage");
+    for args in [&["submit", "plain"][..], &["status"][..], &["start"][..]] {
+        let err = fails(&env, args, 1);
+        assert!(
+            err.contains(&format!("the store {}", db.display()))
+                && err.contains("file is not a database")
+                && err.contains("restore it from a backup, or move it away"),
+            "taskd {args:?}: {err}"
+        );
+    }
+}
+
+/// The id of group `name`, from /etc/group.
+fn nix_gid(name: &str) -> u32 {
+    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(name)).then(|| f.nth(1).and_then(|g| g.parse().ok()))?
+        })
+        .unwrap_or_else(|| panic!("no group {name}"))
+}
+
 #[test]
 fn bad_flags_are_usage_errors() {
     let env = env();

@@ -514,3 +514,75 @@ fn check_as_a_non_root_user_refuses_other_users() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A producer running as another user than the store's owner (a web app under the shipped
+/// unit) is told which file it may not use and what to do, with exit 3, instead of SQLite's
+/// "unable to open database file"; one that may only read the store can still read it.
+#[test]
+fn a_producer_without_access_to_the_store_is_told_which_file_and_what_to_do() {
+    if !is_root() {
+        return;
+    }
+    let env = Env::new("[queues.q]\nshell = \"true\"\n");
+    world_readable(&env);
+    env.submit("q", "{}");
+    let state = env.path().join("state");
+    let db = state.join("taskd.db");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(BIN)
+            .arg("-c")
+            .arg(&env.config)
+            .args(args)
+            .env_remove("TASKD_CONFIG")
+            .output()
+            .expect("run taskd through setpriv")
+    };
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    for (what, setup, named, mode) in [
+        (
+            "a closed state directory",
+            (0o750, 0o644),
+            &state,
+            "mode 0750",
+        ),
+        ("a private store", (0o755, 0o600), &db, "mode 0600"),
+        ("a store it may only read", (0o755, 0o644), &db, "mode 0644"),
+    ] {
+        chmod(&state, setup.0);
+        for f in ["taskd.db", "taskd.db-wal", "taskd.db-shm"] {
+            if state.join(f).exists() {
+                chmod(&state.join(f), setup.1);
+            }
+        }
+        let out = as_nobody(&["submit", "q", "{}"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+        for part in [
+            format!("permission denied on {} (", named.display()),
+            mode.to_string(),
+            "user nobody".to_string(),
+            "taskd submit --server".to_string(),
+            "docs/systemd.md".to_string(),
+        ] {
+            assert!(
+                err.contains(&part),
+                "{what}: the message lacks {part:?}:\n{err}"
+            );
+        }
+        assert!(
+            !err.contains("unable to open database file"),
+            "{what}: {err}"
+        );
+    }
+    // Reading needs only read access.
+    let out = as_nobody(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

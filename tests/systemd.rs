@@ -117,16 +117,48 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     };
     assert!(out.status.success());
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/taskd.service");
-    // verify checks that ExecStart's binary exists: point it at the one just built.
+    let text = std::fs::read_to_string(unit).unwrap();
+    let docs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Documentation="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(!docs.is_empty(), "the unit names its documentation");
+    for d in &docs {
+        assert!(
+            !d.contains("example") && !d.contains("invalid"),
+            "Documentation= points at a placeholder: {d}"
+        );
+        // What the guide installs: the man pages and the docs.
+        assert!(
+            *d == "man:taskd(1)"
+                || d.strip_prefix("file:///usr/local/share/doc/taskd/")
+                    .is_some_and(|f| std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("docs")
+                        .join(f)
+                        .is_file()
+                        || f == "README.md"),
+            "Documentation={d} is neither the man page nor a doc docs/systemd.md installs"
+        );
+    }
+    // verify checks that ExecStart's binary exists: point it at the one just built; and
+    // that Documentation='s man pages exist: generate them where `man` looks.
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(unit)
-        .unwrap()
-        .replace("/usr/local/bin/taskd", common::BIN);
+    let man1 = dir.path().join("man").join("man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["generate", "man"])
+        .arg(&man1)
+        .output()
+        .expect("generate the man pages");
+    assert!(out.status.success(), "{out:?}");
+    let text = text.replace("/usr/local/bin/taskd", common::BIN);
     let copy = dir.path().join("taskd.service");
     std::fs::write(&copy, text).unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(&copy)
+        .env("MANPATH", dir.path().join("man"))
         .output()
         .expect("run systemd-analyze");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -394,4 +426,224 @@ fn the_control_socket_path_is_configurable() {
         String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
         "{out:?}"
     );
+}
+
+/// The directories `systemd/taskd.tmpfiles` creates: (path, mode, user, group).
+fn tmpfiles_dirs() -> Vec<(String, u32, String, String)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/taskd.tmpfiles"
+    ))
+    .expect("read systemd/taskd.tmpfiles");
+    text.lines()
+        .filter(|l| l.starts_with("d "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[1].to_string(),
+                u32::from_str_radix(f[2], 8).expect("an octal mode"),
+                f[3].to_string(),
+                f[4].to_string(),
+            )
+        })
+        .collect()
+}
+
+const SYSTEM_CONFIG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/config/taskd.example-system.toml"
+);
+
+/// The config shipped for /etc/taskd: every path in it is absolute, nothing it writes is
+/// where the unit makes the file system read-only, and each directory it names is one that
+/// docs/systemd.md creates (tmpfiles, StateDirectory=, the worker's directory).
+#[test]
+fn the_system_example_config_uses_absolute_paths_the_unit_can_write() {
+    let text = std::fs::read_to_string(SYSTEM_CONFIG).expect("read the system config");
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/systemd.md"))
+        .expect("read docs/systemd.md");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/taskd.service"
+    ))
+    .expect("read the unit");
+    assert!(
+        unit.contains("ProtectSystem=full"),
+        "this test assumes /usr, /boot and /etc are read-only"
+    );
+    let made: Vec<String> = tmpfiles_dirs().into_iter().map(|d| d.0).collect();
+    for key in ["state_dir", "log_dir", "control_socket", "cwd"] {
+        for line in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&format!("{key} =")))
+        {
+            let value = line.split('"').nth(1).unwrap_or_else(|| panic!("{line}"));
+            assert!(value.starts_with('/'), "{key} is relative: {line}");
+            for ro in ["/etc", "/usr", "/boot"] {
+                assert!(
+                    !value.starts_with(ro),
+                    "{key} = {value} is under {ro}, read-only under the unit"
+                );
+            }
+            assert!(
+                made.iter().any(|d| value.starts_with(d.as_str())),
+                "{key} = {value} is under no directory systemd/taskd.tmpfiles creates ({made:?})"
+            );
+        }
+    }
+    assert!(
+        text.contains("state_dir = \"/var/lib/taskd\""),
+        "the store is in the unit's StateDirectory"
+    );
+    // Files the queues run: under a directory the guide installs them into.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("worker =") || l.starts_with("command ="))
+    {
+        for arg in line
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|a| a.starts_with('/'))
+        {
+            let installed = arg.starts_with("/bin/")
+                || arg.starts_with("/usr/bin/")
+                || guide.contains(arg.rsplit_once('/').expect("a path").0);
+            assert!(
+                installed,
+                "{arg} ({line}) is not installed by docs/systemd.md"
+            );
+        }
+    }
+    // The guide installs this very file.
+    assert!(
+        guide.contains("config/taskd.example-system.toml /etc/taskd/taskd.toml"),
+        "docs/systemd.md installs config/taskd.example-system.toml"
+    );
+}
+
+/// The same file, with its absolute paths moved under a temporary root (the directories
+/// made as systemd/taskd.tmpfiles makes them), passes `taskd check` from /etc/taskd and
+/// runs every queue under a real daemon: what `systemctl start taskd` does after the guide.
+#[test]
+fn the_system_example_config_checks_and_runs_every_queue() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc_geteuid() } != 0 {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "the system config runs its queues as another user: CI must run this as root"
+        );
+        eprintln!("SKIPPED the_system_example_config_checks_and_runs_every_queue: needs root (its queues run as another user)");
+        return;
+    }
+    let root = tempfile::tempdir().expect("temp root");
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod the root");
+    let r = root.path().display().to_string();
+    // The `taskd` user the package creates; `nobody` stands in where it does not exist.
+    let user = if std::process::Command::new("id")
+        .arg("taskd")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        "taskd"
+    } else {
+        "nobody"
+    };
+    for (dir, mode, _, _) in tmpfiles_dirs() {
+        let d = format!("{r}{dir}");
+        std::fs::create_dir_all(&d).expect("create a tmpfiles directory");
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    }
+    let lib = format!("{r}/usr/local/lib/taskd");
+    std::fs::create_dir_all(&lib).expect("the worker's directory");
+    for f in ["example_worker.py", "taskd_worker.py"] {
+        std::fs::copy(
+            format!("{}/contrib/python/{f}", env!("CARGO_MANIFEST_DIR")),
+            format!("{lib}/{f}"),
+        )
+        .expect("install the example worker");
+    }
+    for d in [
+        format!("{r}/usr"),
+        format!("{r}/usr/local"),
+        format!("{r}/usr/local/lib"),
+        lib.clone(),
+    ] {
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let text = std::fs::read_to_string(SYSTEM_CONFIG)
+        .expect("read the system config")
+        .replace("\"/var/", &format!("\"{r}/var/"))
+        .replace("\"/usr/local/", &format!("\"{r}/usr/local/"))
+        .replace("user = \"taskd\"", &format!("user = \"{user}\""))
+        .replace("127.0.0.1:7070", &format!("127.0.0.1:{port}"));
+    let etc = format!("{r}/etc/taskd");
+    let config = format!("{etc}/taskd.toml");
+    std::fs::write(&config, &text).expect("install the config");
+    let env = Env {
+        dir: root,
+        config: config.clone().into(),
+    };
+    let check: serde_json::Value =
+        serde_json::from_str(&env.ok(&["check", "--json"])).expect("check --json");
+    assert_eq!(
+        check["state_dir"],
+        format!("{r}/var/lib/taskd"),
+        "{check:#}"
+    );
+    assert_eq!(
+        check["broker"],
+        format!("sqlite://{r}/var/lib/taskd/taskd.db"),
+        "{check:#}"
+    );
+    let mut resolved = check.clone();
+    resolved["config"] = serde_json::Value::Null;
+    assert!(
+        !resolved.to_string().contains(&etc),
+        "nothing resolves next to the config in /etc: {check:#}"
+    );
+    let d = env.daemon();
+    for (queue, payload, out) in [
+        ("echo", r#"{"msg":"hello"}"#, "hello"),
+        ("shell", r#"{"msg":"hi"}"#, "attempt 1: hi"),
+        ("hello", r#"{"name":"you"}"#, "hello, you"),
+    ] {
+        let id = env.submit(queue, payload);
+        let v = env.wait_state(&id, "succeeded", Duration::from_secs(60));
+        let tail = v["history"][0]["stdout_tail"].as_str().unwrap_or_default();
+        assert!(tail.contains(out), "{queue}: {v:#}\n{}", d.log_text());
+    }
+    let logs = std::fs::read_dir(format!("{r}/var/log/taskd/shell"))
+        .expect("the shell queue's log_dir")
+        .count();
+    assert!(logs >= 1, "the shell queue's full output is in its log_dir");
+    // The API local apps enqueue through.
+    let id = env
+        .ok(&[
+            "submit",
+            "echo",
+            r#"{"msg":"over http"}"#,
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .trim()
+        .to_string();
+    env.wait_state(&id, "succeeded", Duration::from_secs(30));
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
 }

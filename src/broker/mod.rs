@@ -50,6 +50,7 @@
 //!    expiry and due times, keep the node registry ([`Broker::heartbeat`],
 //!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
 
+pub mod access;
 pub mod redis;
 pub mod sqlite;
 

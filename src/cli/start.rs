@@ -38,7 +38,7 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
         None => None,
     };
     init_logging(&args.log_format, log_file.as_ref());
-    let lock = StateLock::acquire(&config.state_dir)?;
+    let lock = StateLock::acquire(&config.state_dir, config.state_group.as_deref())?;
     daemon::set_up_process(&config);
     // One thread runs everything but SQLite writes (their own thread) and blocking reads:
     // measured, a second worker costs more in cross-thread wake-ups than it wins.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::visible::visible;
 use super::{exit, load_config, open_broker, print_json, Failure};
+use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskState, UnixMs};
 use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
@@ -286,7 +287,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
     if !args.wait {
         return Ok(exit::OK);
     }
-    let mut delay = Duration::from_millis(20);
+    let mut delay = Doubling::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         let detail = remote.call("GET", &format!("/api/v1/tasks/{id}"), None)?;
         let state: Option<TaskState> = detail["state"].as_str().and_then(|s| s.parse().ok());
@@ -312,8 +313,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
                 _ => exit::TASK_FAILED,
             });
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
+        tokio::time::sleep(delay.next_delay()).await;
     }
 }
 
@@ -400,7 +400,7 @@ async fn wait(
     id: crate::model::TaskId,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let mut delay = Duration::from_millis(5);
+    let mut delay = Doubling::new(Duration::from_millis(5), Duration::from_millis(200));
     loop {
         let detail = broker.get(id).await?.ok_or_else(|| {
             Failure::new(
@@ -436,8 +436,7 @@ async fn wait(
                 _ => exit::TASK_FAILED,
             });
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(200));
+        tokio::time::sleep(delay.next_delay()).await;
     }
 }
 

@@ -86,6 +86,15 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
         },
     ),
     key!(
+        "state_group",
+        "none",
+        "a group whose members may enqueue straight into the SQLite store (`taskd submit` run by a web app's user): the daemon then makes `state_dir` that group's, mode 2770, and the store's files 0660. Without it, `state_dir` is 0700 and the store's files 0600, whatever the umask. See [Who can read the store](#who-can-read-the-store)",
+        |cx, e, t| {
+            t.state_group = cx.state_group(e);
+            t.state_group.is_some()
+        },
+    ),
+    key!(
         "listen",
         "none",
         "address of the HTTP API, dashboard and metrics (see [api.md](api.md)); a non-loopback address needs `token` or `token_file`",
@@ -332,7 +341,7 @@ queue_keys! {
     /// Per-attempt time limit (default 30m).
     timeout: Duration = defaults::TIMEOUT,
         default: "`\"30m\"`",
-        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL",
+        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL. Only the group: a child that left it (`setsid`, a daemonizing program) keeps running; see README, \"What escapes\"",
         read: |cx, e| cx.duration(e);
     /// Total runs, the first included (1..=1000, default 5).
     max_attempts: u32 = defaults::MAX_ATTEMPTS,

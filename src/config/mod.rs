@@ -77,6 +77,9 @@ pub struct Config {
     pub max_payload: usize,
     /// The daemon's control socket (`taskd reload`); default `state_dir/taskd.sock`.
     pub control_socket: PathBuf,
+    /// A group whose members may write the store (`state_group`): `state_dir` becomes
+    /// theirs, mode 2770. `None`: `state_dir` is 0700.
+    pub state_group: Option<String>,
     /// Which task ends the daemon logs (`log_tasks`, default failures).
     pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,

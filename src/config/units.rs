@@ -97,27 +97,12 @@ pub(crate) fn show_size(n: u64) -> String {
     format!("{n}B")
 }
 
-/// Levenshtein distance over characters.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
-
-/// The candidate closest to `word`, if it is within edit distance 2.
+/// The candidate closest to `word`, if it is within edit distance 2 (Levenshtein, over
+/// characters); the first of equally close ones.
 pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (edit_distance(word, c), *c))
+        .map(|c| (strsim::levenshtein(word, c), *c))
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -176,11 +161,14 @@ mod tests {
     }
 
     #[test]
-    fn levenshtein() {
-        assert_eq!(edit_distance("", ""), 0);
-        assert_eq!(edit_distance("abc", ""), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("concurency", "concurrency"), 1);
+    fn suggestions() {
+        assert_eq!(closest("", &[""]), Some(""));
+        assert_eq!(closest("abc", &[""]), None); // 3 away
+        assert_eq!(closest("kitten", &["sitting"]), None); // 3 away
+        assert_eq!(closest("tmeot", &["timeout"]), Some("timeout")); // 2 away
+        assert_eq!(closest("concurency", &["concurrency"]), Some("concurrency"));
+        assert_eq!(closest("ab", &["ax", "ab"]), Some("ab"));
+        assert_eq!(closest("ab", &["ax", "ay"]), Some("ax"));
         assert_eq!(
             closest("timout", &["timeout", "kill_grace"]),
             Some("timeout")

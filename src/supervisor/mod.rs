@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups};
 use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
@@ -382,7 +383,7 @@ impl Supervisor {
     /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::ready`]); finishing
     /// runs start the held tasks themselves, and kick this loop to top the buffer up.
     async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
-        let mut error_backoff = Duration::from_millis(100);
+        let mut error_backoff = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut claim_failing = false;
         loop {
             if self.draining.is_cancelled() || q.removed.is_cancelled() {
@@ -437,7 +438,7 @@ impl Supervisor {
                             tracing::info!(queue = %q.name, "claiming tasks again");
                             claim_failing = false;
                         }
-                        error_backoff = Duration::from_millis(100);
+                        error_backoff.reset();
                         let got = claimed.len();
                         q.backlog.store(got == want, Ordering::Release);
                         if got > 0 {
@@ -470,10 +471,9 @@ impl Supervisor {
                             claim_failing = true;
                         }
                         tokio::select! {
-                            _ = tokio::time::sleep(error_backoff) => {}
+                            _ = tokio::time::sleep(error_backoff.next_delay()) => {}
                             _ = self.draining.cancelled() => {}
                         }
-                        error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
                 }
@@ -701,7 +701,7 @@ impl Supervisor {
         attempt: AttemptRecord,
         finish: Finish,
     ) {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut answer = queued.await;
         loop {
             match answer {
@@ -712,8 +712,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(delay.next_delay()).await;
                     answer = self.broker.finish(lease, attempt.clone(), finish).await;
                 }
             }

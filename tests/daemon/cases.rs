@@ -690,6 +690,55 @@ shell = 'sleep 30 >/dev/null 2>&1 </dev/null & echo $!; exit 0'
     }
 }
 
+/// A limit taskd documents (README, "Timeouts"): a child that leaves the task's process
+/// group with `setsid` outlives the task's timeout, its exit and the daemon's stop, since
+/// taskd signals process groups. This pins the documented behaviour; a change that kills
+/// such children (cgroups) fails it, and must update the docs with it.
+#[test]
+fn a_setsid_child_outlives_its_task_as_documented() {
+    let Some(env) = setup(
+        "1s",
+        r#"
+[queues.exits]
+# Exits once the child leads its own session (field 6 of /proc/PID/stat), not before.
+shell = 'setsid sleep 300 >/dev/null 2>&1 </dev/null & echo $!; until [ "$(cut -d" " -f6 /proc/$!/stat)" = "$!" ]; do :; done; exit 0'
+
+[queues.times_out]
+timeout = "300ms"
+kill_grace = "200ms"
+max_attempts = 1
+shell = 'setsid sleep 300 >/dev/null 2>&1 </dev/null & echo $!; sleep 30'
+"#,
+    ) else {
+        return;
+    };
+    let mut escaped = Vec::new();
+    let d = env.daemon();
+    for (q, state) in [("exits", "succeeded"), ("times_out", "failed")] {
+        let id = submit(&env, q, &json!({}), &[]);
+        let v = wait_done(&env, &id, secs(15));
+        assert_eq!(v["state"], state, "{v:#}");
+        let pid: i32 = history(&v)[0]["stdout_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .expect("the task printed $!");
+        escaped.push(pid);
+    }
+    d.signal(SIGTERM);
+    assert!(d.wait_exit(secs(15)).is_some(), "the daemon did not stop");
+    let survivors: Vec<i32> = escaped.iter().copied().filter(|p| alive(*p)).collect();
+    for p in &escaped {
+        // SAFETY: kill(2) on a pid this test's task started; nothing else is touched.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    assert_eq!(
+        survivors, escaped,
+        "a setsid child no longer outlives its task: update the README, docs/architecture.md and docs/config.md"
+    );
+}
+
 #[test]
 fn fifty_timed_out_tasks_leave_no_zombies_or_strays() {
     let Some(env) = setup(

@@ -1,8 +1,9 @@
 //! Connections: opening one with the settings every connection needs (read back, since a
 //! mistyped PRAGMA is silently ignored), the writer's connection (WAL, the schema brought up
 //! to date), the read path on a second connection, and waiting out another process's write
-//! lock. It must not hold queries of the broker's operations.
+//! lock; the modes of the store's files. It must not hold queries of the broker's operations.
 
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -62,16 +63,94 @@ fn connect(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// The writer's connection: WAL (refused unless it took), and the schema brought up to date.
-pub(super) fn open_writer(path: &Path) -> Result<Connection> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            BrokerError::Unavailable(format!(
-                "failed to create the state directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+/// The mode of the store's files in `dir`: 0600, or 0660 when the directory is shared with
+/// a group (set-group-id and group-writable, as the daemon makes `state_dir` for
+/// `state_group`), so that the group's producers can enqueue.
+pub(crate) fn store_file_mode(dir: &Path) -> u32 {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.mode() & 0o2070 == 0o2070 => 0o660,
+        _ => 0o600,
     }
+}
+
+/// Creates the store's directory (0700) and file with their modes whatever the umask, and
+/// sets the mode of the store's files this process owns: SQLite creates a file 0644 less
+/// the umask, and its `-wal` and `-shm` files with the mode of the database file. Payloads
+/// and output tails must not be readable by every local user.
+fn secure_store(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "failed to create the state directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+    }
+    let mode = store_file_mode(dir);
+    if !path.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "failed to create the store {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut f = path.as_os_str().to_owned();
+        f.push(suffix);
+        let f = Path::new(&f);
+        if let Ok(m) = std::fs::metadata(f) {
+            // Another user's files (a producer's, or the daemon's seen by a producer) are
+            // left to their owner.
+            if m.uid() == me && m.mode() & 0o7777 != mode {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+                    BrokerError::Unavailable(format!(
+                        "failed to set the mode of {} to {mode:04o}: {e}",
+                        f.display()
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The writer's connection: WAL (refused unless it took), and the schema brought up to date.
+/// An error names the file: a store that is not SQLite, or is damaged, says which one.
+pub(super) fn open_writer(path: &Path) -> Result<Connection> {
+    secure_store(path)?;
+    open_writer_on(path).map_err(|e| match e {
+        BrokerError::Storage(m) if !m.contains(&path.display().to_string()) => {
+            let fix = if m.contains("not a database") || m.contains("malformed") {
+                ": it is not a readable SQLite store; restore it from a backup, or move it away to start with an empty one"
+            } else {
+                ""
+            };
+            BrokerError::Storage(format!("the store {}: {m}{fix}", path.display()))
+        }
+        other => other,
+    })
+}
+
+fn open_writer_on(path: &Path) -> Result<Connection> {
     let conn = connect(path)?;
     let mode: String = retry_busy(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
         .map_err(storage)?;

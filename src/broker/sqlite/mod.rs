@@ -56,6 +56,8 @@ pub struct SqliteBroker {
     wake_path: PathBuf,
     wake_tx: Mutex<Option<UnixDatagram>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Why this process may only read the store (`None`: it may write).
+    read_only: Option<String>,
 }
 
 impl Drop for SqliteBroker {
@@ -80,7 +82,19 @@ impl SqliteBroker {
     pub async fn open(path: &Path) -> Result<Self> {
         // Opened on this thread: it is a one-off at start-up, and a short-lived CLI call
         // should not pay for starting a blocking thread pool.
-        let writer = open_writer(path)?;
+        // A store this process may not use fails with SQLite's "unable to open database
+        // file"; say which file and what to do instead.
+        let writer = open_writer(path)
+            .map_err(|e| super::access::problem(path).map_or(e, BrokerError::Unavailable))?;
+        // SQLite opens a file it may only read read-only, silently: reads work, and every
+        // write would fail. Refuse writes up front with the reason.
+        let read_only = writer
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .unwrap_or(false)
+            .then(|| {
+                super::access::problem(path)
+                    .unwrap_or_else(|| format!("{} is read-only to this process", path.display()))
+            });
         let (tx, rx) = mpsc::channel::<Job>();
         let wake_path = wake::socket_path(path);
         let writer_wake = wake_path.clone();
@@ -95,6 +109,7 @@ impl SqliteBroker {
             wake_path,
             wake_tx: Mutex::new(None),
             writer: Some(writer),
+            read_only,
         })
     }
 

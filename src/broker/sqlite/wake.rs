@@ -44,6 +44,15 @@ pub(super) fn listen(wake_path: &Path) -> Result<Wakeups> {
             wake_path.display()
         ))
     })?;
+    // Producers must be able to send to it: the daemon's own user, or the group that shares
+    // the state directory (`state_group`), as for the store's files.
+    if let Some(dir) = wake_path.parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = super::conn::store_file_mode(dir);
+        if let Err(e) = std::fs::set_permissions(wake_path, std::fs::Permissions::from_mode(mode)) {
+            tracing::warn!(path = %wake_path.display(), error = %e, "failed to set the wake-up socket's mode");
+        }
+    }
     let wakeups = Wakeups::default();
     let w = wakeups.clone();
     tokio::spawn(async move {

@@ -170,6 +170,9 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        if let Some(why) = &self.read_only {
+            return Err(BrokerError::Unavailable(why.clone()));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = f(conn);

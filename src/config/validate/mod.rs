@@ -369,6 +369,7 @@ impl Cx<'_> {
         }
         Config {
             control_socket,
+            state_group: taskd.state_group,
             path: self.file.clone(),
             broker,
             state_dir,

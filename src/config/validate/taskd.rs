@@ -22,6 +22,7 @@ pub(in crate::config) struct TaskdLayer {
     pub(in crate::config) lease: Option<Duration>,
     pub(in crate::config) max_payload: Option<usize>,
     pub(in crate::config) control_socket: Option<PathBuf>,
+    pub(in crate::config) state_group: Option<String>,
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
     pub(in crate::config) listen_span: Span,
     pub(in crate::config) token: Option<Secret>,
@@ -43,6 +44,32 @@ impl Cx<'_> {
             }
         }
         out
+    }
+
+    /// `state_group`: a group that exists on this system.
+    pub(in crate::config) fn state_group(&mut self, e: &Entry) -> Option<String> {
+        let s = self.string(e, "\"taskd-producers\"")?;
+        match nix::unistd::Group::from_name(s) {
+            Ok(Some(_)) => Some(s.to_string()),
+            Ok(None) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("group `{s}` does not exist on this system"),
+                    Some(format!("create the group (`groupadd --system {s}`) and add the producers' users to it, or remove `state_group`")),
+                );
+                None
+            }
+            Err(err) => {
+                self.error(
+                    e.value_span(),
+                    &e.path,
+                    format!("failed to look up group `{s}`: {err}"),
+                    Some("check the system's group database (/etc/group, NSS), or remove `state_group`".into()),
+                );
+                None
+            }
+        }
     }
 
     pub(in crate::config) fn broker(&mut self, e: &Entry) -> Option<BrokerUrl> {
