@@ -58,7 +58,12 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     let counts = broker.counts().await?;
     let rows = crate::broker::queue_rows(config.queues.keys(), counts);
     let workers = daemon_workers(&config.state_dir);
-    let daemon = crate::daemon::running_daemon(&config.state_dir);
+    // The daemon serving this store answers on its store lock even when its state directory
+    // is gone; it also says why it claims nothing, if it does not.
+    let holder = crate::daemon::storelock::holder(&config);
+    let halted = holder.as_ref().and_then(|h| h.halted.clone());
+    let daemon =
+        crate::daemon::running_daemon(&config.state_dir).or(holder.as_ref().map(|h| h.pid));
     // The nodes sharing this broker (empty for the embedded store).
     let nodes = broker.nodes().await?;
     let now = now_ms();
@@ -70,7 +75,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             })
             .collect();
         print_json(&serde_json::json!({
-            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
+            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid, "halted": halted })),
             "state_dir": config.state_dir,
             "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
             "queues": queues,
@@ -79,6 +84,11 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         return Ok(exit::OK);
     }
     match daemon {
+        Some(pid) if halted.is_some() => println!(
+            "daemon: running (pid {pid}), state in {}, but NOT CLAIMING TASKS: {}",
+            config.state_dir.display(),
+            halted.as_deref().unwrap_or_default()
+        ),
         Some(pid) => println!(
             "daemon: running (pid {pid}), state in {}",
             config.state_dir.display()

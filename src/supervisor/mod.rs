@@ -165,6 +165,9 @@ pub struct Supervisor {
     /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
+    /// Why this node claims and starts nothing now (its store vanished; the broker refuses
+    /// results), for the log and `taskd status`; `None` while it works. See [`Self::halt`].
+    halted: Mutex<Option<String>>,
     start_log: startlog::StartLog,
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
@@ -197,6 +200,7 @@ impl Supervisor {
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
+            halted: Mutex::new(None),
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
@@ -246,6 +250,29 @@ impl Supervisor {
                 .map(|q| q.running.load(Ordering::Acquire))
                 .sum(),
         }
+    }
+
+    /// Stop claiming and starting tasks, because `why` (said in `taskd status`): running
+    /// tasks go on and their results are kept. True when it was not halted before.
+    pub fn halt(&self, why: &str) -> bool {
+        let mut h = self.halted.lock().expect("not poisoned");
+        let first = h.is_none();
+        *h = Some(why.to_string());
+        first
+    }
+
+    /// Claim again after [`Self::halt`]. True when it was halted.
+    pub fn unhalt(&self) -> bool {
+        let was = self.halted.lock().expect("not poisoned").take().is_some();
+        if was {
+            self.kick_all();
+        }
+        was
+    }
+
+    /// Why this node claims nothing now, if it does not.
+    pub fn halted(&self) -> Option<String> {
+        self.halted.lock().expect("not poisoned").clone()
     }
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
@@ -393,6 +420,17 @@ impl Supervisor {
             if self.is_paused(&q.name) {
                 self.release_ready(&q).await;
             }
+            if self.halted().is_some() {
+                // Held tasks stay held (their release would be a write too); `unhalt`
+                // kicks the queue.
+                tokio::select! {
+                    _ = q.kick.notified() => {}
+                    _ = tokio::time::sleep(FALLBACK_TICK) => {}
+                    _ = self.draining.cancelled() => {}
+                    _ = q.removed.cancelled() => {}
+                }
+                continue;
+            }
             self.start_ready(&q);
             let conc = q.prepared().config.concurrency;
             let running = q.running.load(Ordering::Acquire);
@@ -494,7 +532,11 @@ impl Supervisor {
 
     /// Start held tasks while the queue has free slots.
     fn start_ready(self: &Arc<Self>, q: &Arc<QueueRt>) {
-        if self.draining.is_cancelled() || q.removed.is_cancelled() || self.is_paused(&q.name) {
+        if self.draining.is_cancelled()
+            || q.removed.is_cancelled()
+            || self.is_paused(&q.name)
+            || self.halted().is_some()
+        {
             return;
         }
         let conc = q.prepared().config.concurrency;
