@@ -255,6 +255,14 @@ impl Broker for SqliteBroker {
         .await
     }
 
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        self.write_as(false, move |conn| {
+            let (seq, _) = task_seq(conn, id)?;
+            insert_attempt(conn, seq, &attempt)
+        })
+        .await
+    }
+
     async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
         let lease = lease.clone();
         // Nobody waits on a result to go on: it may share a commit with its neighbours.
