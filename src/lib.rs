@@ -24,8 +24,10 @@
 //! - [`exit`]: exit codes, and the error that carries one.
 //! - [`control`]: the daemon's control socket (`taskd reload`), mode 0600 in the state directory.
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
+//! - [`backoff`]: the doubling delays of every loop that waits and tries again.
 
 pub mod api;
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;

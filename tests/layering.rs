@@ -16,18 +16,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("exit", &[]),
     ("notify", &[]),
     ("control", &[]),
+    // The doubling delay of every wait-and-retry loop: arithmetic only.
+    ("backoff", &[]),
     ("config", &["model"]),
     ("submission", &["model", "config"]),
-    ("broker", &["model", "config"]),
+    ("broker", &["model", "config", "backoff"]),
     ("metrics", &["model", "broker"]),
     // Processes, never brokers, configs or retries.
-    ("executor", &["model"]),
+    ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
     // executor outcome and never see the broker or the supervisor.
-    ("worker", &["model", "config", "executor"]),
+    ("worker", &["model", "config", "executor", "backoff"]),
     (
         "supervisor",
-        &["model", "config", "broker", "executor", "worker", "metrics"],
+        &[
+            "model", "config", "broker", "executor", "worker", "metrics", "backoff",
+        ],
     ),
     // Clients of the broker: the model, the config and the broker trait; never the
     // supervisor or the executor.
@@ -55,6 +59,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "control",
             "notify",
             "exit",
+            "backoff",
         ],
     ),
     (
@@ -68,6 +73,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "control",
             "daemon",
             "worker::status",
+            "backoff",
         ],
     ),
 ];

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::visible::visible;
 use super::{exit, load_config, open_broker, print_json, Failure};
+use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskState, UnixMs};
 use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
@@ -103,6 +104,16 @@ impl Remote {
         path: &str,
         body: Option<&str>,
     ) -> Result<serde_json::Value, Failure> {
+        self.fetch(method, path, body).map_err(|(_, f)| f)
+    }
+
+    /// [`Self::call`], keeping the HTTP status of an error answer (`None`: no answer).
+    pub fn fetch(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<serde_json::Value, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
@@ -114,9 +125,12 @@ impl Remote {
         };
         match resp {
             Ok(r) => r.into_json().map_err(|e| {
-                Failure::new(
-                    exit::FAILURE,
-                    format!("failed to read the answer of {url}: {e}"),
+                (
+                    None,
+                    Failure::new(
+                        exit::FAILURE,
+                        format!("failed to read the answer of {url}: {e}"),
+                    ),
                 )
             }),
             Err(ureq::Error::Status(code, r)) => {
@@ -130,11 +144,17 @@ impl Remote {
                     400..=499 => exit::USAGE,
                     _ => exit::BROKER,
                 };
-                Err(Failure::new(exit_code, format!("{url}: {message}")))
+                Err((
+                    Some(code),
+                    Failure::new(exit_code, format!("{url}: {message}")),
+                ))
             }
-            Err(e) => Err(Failure::new(
-                exit::BROKER,
-                format!("failed to reach the taskd API at {}: {e}", self.base),
+            Err(e) => Err((
+                None,
+                Failure::new(
+                    exit::BROKER,
+                    format!("failed to reach the taskd API at {}: {e}", self.base),
+                ),
             )),
         }
     }
@@ -286,7 +306,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
     if !args.wait {
         return Ok(exit::OK);
     }
-    let mut delay = Duration::from_millis(20);
+    let mut delay = Doubling::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         let detail = remote.call("GET", &format!("/api/v1/tasks/{id}"), None)?;
         let state: Option<TaskState> = detail["state"].as_str().and_then(|s| s.parse().ok());
@@ -312,8 +332,7 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
                 _ => exit::TASK_FAILED,
             });
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
+        tokio::time::sleep(delay.next_delay()).await;
     }
 }
 
@@ -400,7 +419,7 @@ async fn wait(
     id: crate::model::TaskId,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let mut delay = Duration::from_millis(5);
+    let mut delay = Doubling::new(Duration::from_millis(5), Duration::from_millis(200));
     loop {
         let detail = broker.get(id).await?.ok_or_else(|| {
             Failure::new(
@@ -436,8 +455,7 @@ async fn wait(
                 _ => exit::TASK_FAILED,
             });
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(200));
+        tokio::time::sleep(delay.next_delay()).await;
     }
 }
 

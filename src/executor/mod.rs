@@ -49,6 +49,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Doubling;
 use crate::model::{now_ms, AttemptReason, UnixMs};
 
 use output::{feed, pump, Capture, LogFile};
@@ -622,7 +623,7 @@ async fn start_when_descriptors_allow(
     spec: &Spec,
     stop: &Stop,
 ) -> Result<(LeaderChild, TrackedChild), Status> {
-    let mut delay = Duration::from_millis(10);
+    let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
     let mut warned = false;
     loop {
         let err = match start(spec) {
@@ -637,11 +638,10 @@ async fn start_when_descriptors_allow(
             tracing::warn!(error = %err, "out of file descriptors: the task waits and starts when some are free (no attempt is charged)");
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(delay.next_delay()) => {}
             _ = stop.cancel.cancelled() => return Err(Status::Cancelled),
             _ = stop.shutdown.cancelled() => return Err(Status::Interrupted),
         }
-        delay = (delay * 2).min(NO_DESCRIPTORS_RETRY_MAX);
     }
 }
 

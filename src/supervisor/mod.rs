@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
 use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
@@ -164,6 +165,9 @@ pub struct Supervisor {
     /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
+    /// Why this node claims and starts nothing now (its store vanished; the broker refuses
+    /// results), for the log and `taskd status`; `None` while it works. See [`Self::halt`].
+    halted: Mutex<Option<String>>,
     start_log: startlog::StartLog,
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
@@ -196,6 +200,7 @@ impl Supervisor {
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
+            halted: Mutex::new(None),
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
@@ -245,6 +250,29 @@ impl Supervisor {
                 .map(|q| q.running.load(Ordering::Acquire))
                 .sum(),
         }
+    }
+
+    /// Stop claiming and starting tasks, because `why` (said in `taskd status`): running
+    /// tasks go on and their results are kept. True when it was not halted before.
+    pub fn halt(&self, why: &str) -> bool {
+        let mut h = self.halted.lock().expect("not poisoned");
+        let first = h.is_none();
+        *h = Some(why.to_string());
+        first
+    }
+
+    /// Claim again after [`Self::halt`]. True when it was halted.
+    pub fn unhalt(&self) -> bool {
+        let was = self.halted.lock().expect("not poisoned").take().is_some();
+        if was {
+            self.kick_all();
+        }
+        was
+    }
+
+    /// Why this node claims nothing now, if it does not.
+    pub fn halted(&self) -> Option<String> {
+        self.halted.lock().expect("not poisoned").clone()
     }
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
@@ -382,7 +410,7 @@ impl Supervisor {
     /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::ready`]); finishing
     /// runs start the held tasks themselves, and kick this loop to top the buffer up.
     async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
-        let mut error_backoff = Duration::from_millis(100);
+        let mut error_backoff = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut claim_failing = false;
         loop {
             if self.draining.is_cancelled() || q.removed.is_cancelled() {
@@ -391,6 +419,17 @@ impl Supervisor {
             }
             if self.is_paused(&q.name) {
                 self.release_ready(&q).await;
+            }
+            if self.halted().is_some() {
+                // Held tasks stay held (their release would be a write too); `unhalt`
+                // kicks the queue.
+                tokio::select! {
+                    _ = q.kick.notified() => {}
+                    _ = tokio::time::sleep(FALLBACK_TICK) => {}
+                    _ = self.draining.cancelled() => {}
+                    _ = q.removed.cancelled() => {}
+                }
+                continue;
             }
             self.start_ready(&q);
             let conc = q.prepared().config.concurrency;
@@ -437,7 +476,7 @@ impl Supervisor {
                             tracing::info!(queue = %q.name, "claiming tasks again");
                             claim_failing = false;
                         }
-                        error_backoff = Duration::from_millis(100);
+                        error_backoff.reset();
                         let got = claimed.len();
                         q.backlog.store(got == want, Ordering::Release);
                         if got > 0 {
@@ -470,10 +509,9 @@ impl Supervisor {
                             claim_failing = true;
                         }
                         tokio::select! {
-                            _ = tokio::time::sleep(error_backoff) => {}
+                            _ = tokio::time::sleep(error_backoff.next_delay()) => {}
                             _ = self.draining.cancelled() => {}
                         }
-                        error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
                 }
@@ -494,7 +532,11 @@ impl Supervisor {
 
     /// Start held tasks while the queue has free slots.
     fn start_ready(self: &Arc<Self>, q: &Arc<QueueRt>) {
-        if self.draining.is_cancelled() || q.removed.is_cancelled() || self.is_paused(&q.name) {
+        if self.draining.is_cancelled()
+            || q.removed.is_cancelled()
+            || self.is_paused(&q.name)
+            || self.halted().is_some()
+        {
             return;
         }
         let conc = q.prepared().config.concurrency;
@@ -694,7 +736,7 @@ impl Supervisor {
     /// Record an attempt, retrying while the broker refuses writes (a full disk, a broker
     /// that went away): the result is not dropped while the daemon lives.
     async fn record(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
             match self.broker.finish(lease, attempt.clone(), finish).await {
                 Ok(()) => return,
@@ -704,8 +746,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(delay.next_delay()).await;
                 }
             }
         }

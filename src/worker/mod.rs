@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Doubling;
 use crate::config::{QueueConfig, WorkerProgram};
 use crate::executor::output::{Capture, Lines};
 use crate::executor::{
@@ -55,8 +56,7 @@ pub const RESTART_MAX: Duration = Duration::from_secs(60);
 
 /// Restart delay after `streak` unexpected ends in a row (1 → 0.5 s, 2 → 1 s, …, ≤ 60 s).
 pub fn restart_delay(streak: u32) -> Duration {
-    let factor = 1u32 << streak.saturating_sub(1).min(16);
-    (RESTART_BASE * factor).min(RESTART_MAX)
+    Doubling::new(RESTART_BASE, RESTART_MAX).nth(streak)
 }
 
 /// What a pool runs: the queue's settings and the spec of its worker process (`Err` says

@@ -30,6 +30,7 @@ use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
     Orphan, QueueCounts, Recover, Result, Wakeups,
 };
+use crate::backoff::Doubling;
 use crate::model::{
     now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
@@ -1054,10 +1055,10 @@ impl Broker for RedisBroker {
         let addr = self.addr.clone();
         tokio::spawn(async move {
             let mut pubsub = Some(first);
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Doubling::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
                 if let Some(ps) = pubsub.take() {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     let mut stream = ps.into_on_message();
                     while let Some(msg) = stream.next().await {
                         match msg.get_payload_bytes() {
@@ -1072,8 +1073,7 @@ impl Broker for RedisBroker {
                     }
                     tracing::warn!(redis = %addr, "lost the wake-up subscription; reconnecting");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
                 match subscribe_once(&client, &addr).await {
                     Ok(ps) => {
                         tracing::info!(redis = %addr, "wake-up subscription back");
