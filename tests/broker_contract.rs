@@ -80,6 +80,7 @@ pub async fn open_sqlite() -> Option<Opened> {
     Some((b, Box::new(g)))
 }
 
+mod common;
 #[path = "common/redis.rs"]
 mod redis_server;
 
