@@ -735,7 +735,7 @@ impl Supervisor {
     }
 
     /// Wait for the answer to a queued result; while the broker refuses it, queue it again
-    /// with backoff. A lease taken over meanwhile drops it (the task runs elsewhere).
+    /// with backoff. A refusal for a lease no longer held goes to [`Self::lease_lost`].
     async fn settle(
         &self,
         queued: Queued<'_, ()>,
