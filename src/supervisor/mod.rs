@@ -10,6 +10,7 @@
 //! Draining (first SIGTERM): dispatchers stop claiming; runs finish on their own until the
 //! grace ends, then are interrupted and put back as `queued` without charging an attempt.
 
+mod claim;
 pub mod policy;
 pub mod prepare;
 pub mod startlog;
@@ -39,16 +40,6 @@ pub const LEASE: Duration = Duration::from_secs(60);
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
 /// How long a task runs before its start is recorded on its own (see `run_one`).
 const START_RECORD_DELAY: Duration = Duration::from_millis(5);
-/// Most tasks one claim takes.
-const CLAIM_BATCH: usize = 64;
-/// Tasks shorter than this are claimed further ahead ([`HOLD_AHEAD_SHORT`]): for them a
-/// claim per task would cost more than the task. Longer tasks hold at most `concurrency`.
-const SHORT_TASK_MS: u64 = 100;
-const HOLD_AHEAD_SHORT: usize = 32;
-/// For short tasks on long-lived workers, which take a task in tens of microseconds: one
-/// claim per commit must cover the time a commit takes (an fsync), or the workers idle.
-const WORKER_CLAIM_BATCH: usize = 256;
-const WORKER_HOLD_AHEAD_SHORT: usize = 256;
 
 struct QueueRt {
     name: QueueName,
@@ -432,36 +423,16 @@ impl Supervisor {
                 continue;
             }
             self.start_ready(&q);
-            let conc = q.prepared().config.concurrency;
-            let running = q.running.load(Ordering::Acquire);
-            let held = q.ready.lock().expect("not poisoned").len();
-            let mut free = conc.saturating_sub(running);
-            // A worker queue starts a task only on an idle worker: with none (all starting,
-            // backing off or FATAL) its tasks stay queued, unclaimed and uncharged.
-            let idle_workers = q.pool().map(|p| p.available());
-            if let Some(idle) = idle_workers {
-                free = free.min(idle);
-            }
-            let (batch, short_ahead) = match idle_workers {
-                Some(_) => (WORKER_CLAIM_BATCH, WORKER_HOLD_AHEAD_SHORT),
-                None => (CLAIM_BATCH, HOLD_AHEAD_SHORT),
-            };
-            let ahead = if !q.backlog.load(Ordering::Acquire)
-                || (idle_workers == Some(0) && running == 0)
-            {
-                0
-            } else if q.last_run_ms.load(Ordering::Relaxed) < SHORT_TASK_MS {
-                short_ahead.max(conc).min(batch)
-            } else {
-                conc.min(batch)
-            };
-            // Claim when a free slot has nothing to start, or when the held buffer ran low.
-            let claim = free > held || (ahead > 0 && held <= ahead / 2);
-            let want = (free + ahead).saturating_sub(held).min(batch);
-            if claim && want > 0 {
-                // A slot waiting with nothing to start needs the answer now; topping up the
-                // held buffer does not, and may share a commit with results.
-                let claimed = if free > held {
+            let plan = claim::plan(claim::QueueLoad {
+                concurrency: q.prepared().config.concurrency,
+                running: q.running.load(Ordering::Acquire),
+                held: q.ready.lock().expect("not poisoned").len(),
+                idle_workers: q.pool().map(|p| p.available()),
+                backlog: q.backlog.load(Ordering::Acquire),
+                last_run_ms: q.last_run_ms.load(Ordering::Relaxed),
+            });
+            if let claim::ClaimPlan::Claim { want, now } = plan {
+                let claimed = if now {
                     self.broker
                         .claim(&self.node, &q.name, want, self.lease())
                         .await
