@@ -1,7 +1,8 @@
 //! The daemon: the only place that wires config, broker, executor and supervisor together.
 //!
 //! `taskd start` sets the process up first (`cli::start`: config, exit 78 when invalid →
-//! logging → the state directory lock, one daemon per state directory → descriptors
+//! logging → the state directory lock, one daemon per state directory → the store lock
+//! ([`storelock`]: one daemon per store, whatever its state directory) → descriptors
 //! close-on-exec, child subreaper → runtime); then [`serve`] runs: broker →
 //! recovery of tasks a previous daemon left `running` (their process groups are killed,
 //! the tasks queued again without charging an attempt) → supervisor → the HTTP API on
@@ -12,6 +13,12 @@
 //!
 //! Signals: SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads the config
 //! (an invalid file is refused and the old config kept).
+//!
+//! The embedded store is watched: when its file is deleted or replaced under the daemon (its
+//! state directory removed), the daemon stops claiming, says so in the log and in `taskd
+//! status`, and keeps the store lock, so that no second daemon starts beside it.
+
+pub mod storelock;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -367,6 +374,37 @@ async fn stale_local_runs(
     out
 }
 
+/// A file's identity: device and inode.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+/// How often the embedded store's file is looked at.
+const STORE_WATCH: Duration = Duration::from_secs(1);
+
+/// Halt the supervisor for good once the store's file is gone or another file took its
+/// place: this daemon's writes go to an unlinked file nobody else sees, and tasks stored
+/// in the new file by `taskd submit` would never be seen by it. Only a restart mends that.
+async fn watch_store(path: PathBuf, id: (u64, u64), supervisor: Arc<Supervisor>) {
+    loop {
+        tokio::time::sleep(STORE_WATCH).await;
+        let now = match std::fs::metadata(&path) {
+            Ok(m) if file_id(&m) == id => continue,
+            Ok(_) => "was replaced by another file",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "was deleted",
+            Err(_) => continue,
+        };
+        let why = format!(
+            "the store {} {now} under the running daemon (was its state directory removed?): this daemon no longer claims tasks, and what it records is lost with the old file; restart it (`systemctl restart taskd`)",
+            path.display()
+        );
+        supervisor.halt(&why);
+        tracing::error!("{why}");
+        return;
+    }
+}
+
 /// How often a node on a shared broker writes its record and looks for expired leases.
 const CLUSTER_TICK: Duration = Duration::from_secs(5);
 
@@ -386,10 +424,22 @@ fn kill_orphans(orphans: &[crate::broker::Orphan]) -> usize {
 
 /// Serve until SIGTERM/SIGINT (and the drain after it): the daemon once the process is set
 /// up (config read, logging on, state directory locked, runtime built).
-pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> anyhow::Result<u8> {
+pub async fn serve(
+    path: PathBuf,
+    config: Config,
+    log_file: Option<LogFile>,
+    store_lock: storelock::StoreLock,
+) -> anyhow::Result<u8> {
     let Some(broker) = open_broker(&config).await? else {
         tracing::info!("stopped before the broker could be reached");
         return Ok(exit::OK);
+    };
+    // The embedded store's file as opened: watched for deletion or replacement.
+    let store_file = match &config.broker {
+        crate::config::BrokerUrl::Sqlite { path } => std::fs::metadata(path)
+            .ok()
+            .map(|m| (path.clone(), file_id(&m))),
+        _ => None,
     };
     let shared = broker.shared();
     if shared {
@@ -489,6 +539,12 @@ pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> 
     });
     supervisor.set_lease(lease);
     supervisor.start(&config, wakeups);
+    let lock_answers = {
+        let sup = supervisor.clone();
+        tokio::spawn(store_lock.serve(move || sup.halted()))
+    };
+    let store_watch =
+        store_file.map(|(path, id)| tokio::spawn(watch_store(path, id, supervisor.clone())));
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
     let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
@@ -639,6 +695,10 @@ pub async fn serve(path: PathBuf, config: Config, log_file: Option<LogFile>) -> 
         let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
     }
     second.abort();
+    lock_answers.abort();
+    if let Some(w) = store_watch {
+        w.abort();
+    }
     reaper.abort();
     pinger.abort();
     control.abort();

@@ -81,6 +81,7 @@ pub async fn open_sqlite() -> Option<Opened> {
     Some((b, Box::new(g)))
 }
 
+mod common;
 #[cfg(feature = "redis")]
 #[path = "common/redis.rs"]
 mod redis_server;
@@ -142,6 +143,7 @@ macro_rules! contract_tests {
                 finish_charges_each_run_at_most_once,
                 finish_stale_token_is_refused,
                 finish_after_recover_and_reclaim_is_refused,
+                finish_is_queued_when_the_call_returns,
                 started_pid_is_returned_by_recover,
                 renew_extends_valid_and_reports_lost,
                 recover_all_requeues_uncharged,
@@ -1109,6 +1111,24 @@ pub mod cases {
             before,
             "a refused call changed a finished task"
         );
+    }
+
+    /// Rule 6 of the trait: `finish` queues the write before it returns. The supervisor
+    /// hands the slot on right after the call, before it awaits the answer; a result that
+    /// waited for its first poll would let the next task's start overtake it. Here the
+    /// answer is never awaited at all, and the result is recorded anyway.
+    pub async fn finish_is_queued_when_the_call_returns(b: B, _g: G) {
+        let id = enqueue1(&b, task("q")).await;
+        let c = run_id(&b, "q", id).await;
+        let attempt = attempt_of(&c, AttemptReason::Exit, None);
+        drop(b.finish(&c.lease, attempt, Finish::Succeeded));
+        poll("the dropped finish to be recorded", || async {
+            (get(&b, id).await.task.state == TaskState::Succeeded).then_some(())
+        })
+        .await;
+        let d = get(&b, id).await;
+        assert_eq!(d.history.len(), 1, "the attempt was recorded: {d:?}");
+        assert_eq!(d.task.attempts, 1, "and charged once");
     }
 
     pub async fn finish_succeeded(b: B, _g: G) {

@@ -496,7 +496,11 @@ shell = 'echo "stdin=$(wc -c) f00=${#TASKD_ARG_f00} payload=${#TASKD_PAYLOAD}"'
 max_attempts = 1
 "#,
     );
-    let out = submit_stdin(&env, "arg", &json!({ "x": "x".repeat(140_000) }).to_string());
+    let out = submit_stdin(
+        &env,
+        "arg",
+        &json!({ "x": "x".repeat(140_000) }).to_string(),
+    );
     assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -562,7 +566,10 @@ allow_dash_values = true
         "{err}"
     );
     let err = fails(&env, &["submit", "thumb", r#"{"size": 1, "src": -2}"#], 2);
-    assert!(err.contains("\"-2\""), "a negative number is refused too: {err}");
+    assert!(
+        err.contains("\"-2\""),
+        "a negative number is refused too: {err}"
+    );
     assert_eq!(total(&env), 0);
     // `--size={size}` cannot become an option; `{src}` after `--` cannot either; a queue
     // may allow dashes.
@@ -611,8 +618,16 @@ start_retries = 1
     let out = env.run(&["submit", "loud", "--wait"]);
     assert_eq!(out.status.code(), Some(4), "stderr: {}", stderr(&out));
     let id = stdout(&out).lines().next().unwrap_or_default().to_string();
-    assert_escapes_visible("submit --wait (stdout)", &stdout(&out), "out\\x1b]0;pwned\\x07\\x1b[2J");
-    assert_escapes_visible("submit --wait (stderr)", &stderr(&out), "err\\x1b[31m\\rfake");
+    assert_escapes_visible(
+        "submit --wait (stdout)",
+        &stdout(&out),
+        "out\\x1b]0;pwned\\x07\\x1b[2J",
+    );
+    assert_escapes_visible(
+        "submit --wait (stderr)",
+        &stderr(&out),
+        "err\\x1b[31m\\rfake",
+    );
 
     let shown = env.ok(&["show", &id]);
     assert_escapes_visible("show", &shown, "    out\\x1b]0;pwned\\x07\\x1b[2J");
@@ -636,11 +651,17 @@ start_retries = 1
         status = env.ok(&["status"]);
         status.contains("pwned")
     });
-    assert!(seen, "the worker's stderr never showed in status:\n{status}");
+    assert!(
+        seen,
+        "the worker's stderr never showed in status:\n{status}"
+    );
     assert_escapes_visible("status", &status, "w\\x1b]0;pwned\\x07");
 
     let log = d.log_text();
-    assert!(log.contains("pwned"), "log_output logs the task's output:\n{log}");
+    assert!(
+        log.contains("pwned"),
+        "log_output logs the task's output:\n{log}"
+    );
     assert!(
         !log.contains('\u{1b}') && !log.contains('\u{7}'),
         "the daemon's log copies raw control characters: {log:?}"
@@ -699,7 +720,7 @@ fn the_store_is_private_unless_a_group_shares_it() {
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: running as another user needs root");
+        common::skip::skip("running as another user needs root", "run the tests as root");
         return;
     }
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -1294,4 +1315,99 @@ fn submit_json_wait_prints_one_document() {
             assert_eq!(v["history"].as_array().map(Vec::len), Some(1), "{v:#}");
         }
     }
+}
+
+/// A task cancelled while it runs and then retried starts a fresh attempt budget, so its
+/// program sees TASKD_ATTEMPT=1 twice: `show` numbers the runs in order and says where
+/// TASKD_ATTEMPT differs, instead of printing two "attempt 1".
+#[test]
+fn show_numbers_runs_in_order_after_a_cancel_and_a_retry() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n\n\
+         [queues.q]\nshell = 'echo \"run as attempt $TASKD_ATTEMPT\"; if [ -e done ]; then exit 0; fi; touch done; sleep 30'\n\
+         cwd = \".\"\n",
+    );
+    let _d = env.daemon();
+    let id = env.submit("q", "{}");
+    env.wait_state(&id, "running", std::time::Duration::from_secs(20));
+    env.ok(&["cancel", &id]);
+    env.wait_state(&id, "cancelled", std::time::Duration::from_secs(20));
+    env.ok(&["retry", &id]);
+    let v = env.wait_state(&id, "succeeded", std::time::Duration::from_secs(20));
+    let numbers: Vec<u64> = common::history(&v)
+        .iter()
+        .map(|a| a["number"].as_u64().expect("number"))
+        .collect();
+    assert_eq!(numbers, [1, 1], "TASKD_ATTEMPT as recorded: {v:#}");
+    let text = env.ok(&["show", &id]);
+    let headings: Vec<&str> = text.lines().filter(|l| l.starts_with("attempt ")).collect();
+    assert_eq!(headings.len(), 2, "{text}");
+    assert!(
+        headings[0].starts_with("attempt 1 — cancelled"),
+        "{}",
+        headings[0]
+    );
+    assert!(
+        headings[1].starts_with("attempt 2 (TASKD_ATTEMPT=1) — exit, exit code 0"),
+        "{}",
+        headings[1]
+    );
+}
+
+/// The subcommands listed under `Commands:` in a help text.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        // A wrapped description is indented further than the names.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every option and argument of every command says what it is for in `-h`.
+#[test]
+fn every_option_of_every_command_has_help_text() {
+    let help = |path: &[String]| {
+        let out = Command::new(common::BIN)
+            .args(path)
+            .arg("-h")
+            .output()
+            .expect("run taskd -h");
+        assert!(out.status.success(), "{path:?} -h: {out:?}");
+        stdout(&out)
+    };
+    let mut todo: Vec<Vec<String>> = subcommands(&help(&[]))
+        .into_iter()
+        .map(|c| vec![c])
+        .collect();
+    assert!(todo.len() >= 10, "{todo:?}");
+    let mut bare = Vec::new();
+    while let Some(path) = todo.pop() {
+        let text = help(&path);
+        for sub in subcommands(&text) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+        for line in text.lines() {
+            let t = line.trim_start();
+            let is_entry = line.starts_with("  ") && (t.starts_with('-') || t.starts_with('<'));
+            // `  --flag <VALUE>  description`: the description follows two spaces.
+            if is_entry
+                && t.split_once("  ")
+                    .map_or(true, |(_, d)| d.trim().is_empty())
+            {
+                bare.push(format!("taskd {} {t}", path.join(" ")));
+            }
+        }
+    }
+    assert!(
+        bare.is_empty(),
+        "options without help text:\n{}",
+        bare.join("\n")
+    );
 }

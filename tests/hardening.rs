@@ -179,3 +179,107 @@ fn a_log_reader_that_goes_away_stops_neither_tasks_nor_the_daemon() {
         "a clean stop"
     );
 }
+
+/// Run `taskd ARGS` that is expected to exit on its own (a refused start): panic with what it
+/// printed if it still runs after `deadline`.
+fn run_refused(e: &Env, args: &[&str], deadline: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = e
+        .cmd(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run taskd");
+    let exited = poll(deadline, || child.try_wait().ok().flatten().is_some());
+    if !exited {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("collect its output");
+        panic!(
+            "taskd {args:?} still ran after {deadline:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    child.wait_with_output().expect("collect its output")
+}
+
+#[test]
+fn a_state_directory_deleted_under_the_daemon_halts_it_and_keeps_others_out() {
+    let e = Env::new("[queues.q]\nshell = \"echo ok\"\n");
+    let d = e.daemon();
+    let first = e.submit("q", "{}");
+    e.wait_state(&first, "succeeded", Duration::from_secs(20));
+    std::fs::remove_dir_all(e.path().join("state")).expect("rm -r state");
+    assert!(
+        poll(Duration::from_secs(10), || d
+            .log_text()
+            .contains("no longer claims tasks")),
+        "the daemon says it lost its store:\n{}",
+        d.log_text()
+    );
+    let pid = format!("pid {}", d.pid());
+
+    // submit refuses rather than create a fresh store that daemon never reads.
+    let out = e.run(&["submit", "q", "{}"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "submit: {err}");
+    assert!(
+        err.contains(&pid) && err.contains("restart the daemon") && err.contains("taskd.db"),
+        "submit names the store, the daemon and the fix: {err}"
+    );
+    assert!(
+        !e.path().join("state").join("taskd.db").exists(),
+        "no fresh store was created"
+    );
+    // status says so, loudly, instead of "not running".
+    let out = e.run(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains(&pid) && err.contains("no longer claims tasks"),
+        "status: {err}"
+    );
+    // A second daemon is refused, naming the first.
+    let out = run_refused(&e, &["start"], Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a second daemon started: {err}");
+    assert!(
+        err.contains(&pid),
+        "the refusal names pid {}: {err}",
+        d.pid()
+    );
+    assert!(!d.exited(), "the first daemon still runs");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_sqlite_file_is_refused_whatever_its_state_dir() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("shared.db");
+    let config = |state: &str| {
+        format!(
+            "[taskd]\nstate_dir = \"{state}\"\nbroker = \"sqlite://{}\"\nshutdown_grace = \"5s\"\n\n[queues.q]\nshell = \"sleep 30\"\n",
+            db.display()
+        )
+    };
+    let one = Env::raw(&config("state-one"));
+    let d = one.daemon();
+    let id = one.submit("q", "{}");
+    one.wait_state(&id, "running", Duration::from_secs(20));
+
+    let two = Env::raw(&config("state-two"));
+    let out = run_refused(&two, &["start"], Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the second daemon started: {err}"
+    );
+    assert!(
+        err.contains(&format!("pid {}", d.pid())) && err.contains("shared.db"),
+        "the refusal names the first daemon and the store: {err}"
+    );
+    // Its running task was left alone: no crash recovery ran.
+    let v = one.show(&id);
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert!(history(&v).is_empty(), "no attempt was recorded: {v:#}");
+}

@@ -293,6 +293,43 @@ fn status_tasks_and_server_tables_match_json_cell_by_cell() {
     check_queues(&table::find(&text, "queue"), &json);
     check_workers(&table::find(&text, "worker"), &json);
 
+    // `tasks` and `show` through the API say what they say from the store.
+    assert_eq!(
+        json_of(&env.ok(&["tasks", "--json", "--server", &url])),
+        json_of(&env.ok(&["tasks", "--json"])),
+        "tasks --server"
+    );
+    check_tasks(&env, &["tasks", "--server", &url, "--state", "failed"]);
+    check_tasks(
+        &env,
+        &["tasks", "--server", &url, "--queue", "mix", "--limit", "3"],
+    );
+    let first = json_of(&env.ok(&["tasks", "--json", "--state", "failed"]))[0]["id"]
+        .as_str()
+        .expect("a failed task")
+        .to_string();
+    assert_eq!(
+        json_of(&env.ok(&["show", &first, "--json", "--server", &url])),
+        json_of(&env.ok(&["show", &first, "--json"]))
+    );
+    assert_eq!(
+        env.ok(&["show", &first, "--server", &url]),
+        env.ok(&["show", &first])
+    );
+    let unknown = "01a20000-0000-7000-8000-000000000000";
+    for remote in [false, true] {
+        let mut args = vec!["show", unknown];
+        if remote {
+            args.extend(["--server", url.as_str()]);
+        }
+        let out = env.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&format!("no task with id {unknown}")),
+            "{args:?}: {out:?}"
+        );
+    }
+
     // Tasks: all, and filtered.
     check_tasks(&env, &["tasks"]);
     check_tasks(&env, &["tasks", "--state", "failed"]);

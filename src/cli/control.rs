@@ -14,6 +14,8 @@ pub struct IdArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct QueueArgs {
+    /// The queue's name, as in the config's `[queues.NAME]`.
+    #[arg(value_name = "QUEUE")]
     pub queue: String,
 }
 

@@ -7,10 +7,11 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use super::visible::visible;
 use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
 use crate::broker::ListFilter;
-use crate::model::{now_ms, QueueName, TaskId, TaskState};
+use crate::model::{now_ms, QueueName, TaskDetail, TaskId, TaskRecord, TaskState};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
+    /// Print queues, workers and nodes as JSON.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -19,22 +20,33 @@ pub struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct TasksArgs {
-    #[arg(long)]
+    /// Only tasks of this queue.
+    #[arg(long, value_name = "QUEUE")]
     pub queue: Option<String>,
-    /// scheduled, queued, running, retrying, succeeded, failed or cancelled.
-    #[arg(long)]
+    /// Only tasks in this state: scheduled, queued, running, retrying, succeeded, failed or
+    /// cancelled (`failed` is the dead set).
+    #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
-    #[arg(long, default_value_t = 50)]
+    /// List at most N tasks, newest first.
+    #[arg(long, value_name = "N", default_value_t = 50)]
     pub limit: usize,
+    /// Print the task records as a JSON array.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: super::submit::RemoteArgs,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ShowArgs {
+    /// The task's id, as `submit` printed it.
+    #[arg(value_name = "ID")]
     pub id: String,
+    /// Print the task and its attempts as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: super::submit::RemoteArgs,
 }
 
 pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u8> {
@@ -46,7 +58,12 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     let counts = broker.counts().await?;
     let rows = crate::broker::queue_rows(config.queues.keys(), counts);
     let workers = daemon_workers(&config.state_dir);
-    let daemon = crate::daemon::running_daemon(&config.state_dir);
+    // The daemon serving this store answers on its store lock even when its state directory
+    // is gone; it also says why it claims nothing, if it does not.
+    let holder = crate::daemon::storelock::holder(&config);
+    let halted = holder.as_ref().and_then(|h| h.halted.clone());
+    let daemon =
+        crate::daemon::running_daemon(&config.state_dir).or(holder.as_ref().map(|h| h.pid));
     // The nodes sharing this broker (empty for the embedded store).
     let nodes = broker.nodes().await?;
     let now = now_ms();
@@ -58,7 +75,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             })
             .collect();
         print_json(&serde_json::json!({
-            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid })),
+            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid, "halted": halted })),
             "state_dir": config.state_dir,
             "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
             "queues": queues,
@@ -67,6 +84,11 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         return Ok(exit::OK);
     }
     match daemon {
+        Some(pid) if halted.is_some() => println!(
+            "daemon: running (pid {pid}), state in {}, but NOT CLAIMING TASKS: {}",
+            config.state_dir.display(),
+            halted.as_deref().unwrap_or_default()
+        ),
         Some(pid) => println!(
             "daemon: running (pid {pid}), state in {}",
             config.state_dir.display()
@@ -216,7 +238,6 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
 }
 
 pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8> {
-    let config = load_config(flag)?;
     let queue: Option<QueueName> = match &args.queue {
         Some(q) => Some(
             q.parse()
@@ -231,14 +252,20 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
         ),
         None => None,
     };
-    let broker = open_broker(&config).await?;
-    let list = broker
-        .list(&ListFilter {
-            queue,
-            state,
-            limit: args.limit,
-        })
-        .await?;
+    let list = match super::submit::Remote::new(&args.remote) {
+        Some(remote) => list_remote(&remote, queue, state, args.limit)?,
+        None => {
+            let config = load_config(flag)?;
+            let broker = open_broker(&config).await?;
+            broker
+                .list(&ListFilter {
+                    queue,
+                    state,
+                    limit: args.limit,
+                })
+                .await?
+        }
+    };
     if args.json {
         print_json(&list)?;
         return Ok(exit::OK);
@@ -275,14 +302,60 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
     Ok(exit::OK)
 }
 
+/// `taskd tasks --server URL`: the same list through the API, a page (at most 1000) at a
+/// time.
+fn list_remote(
+    remote: &super::submit::Remote,
+    queue: Option<QueueName>,
+    state: Option<TaskState>,
+    limit: usize,
+) -> anyhow::Result<Vec<TaskRecord>> {
+    let mut list: Vec<TaskRecord> = Vec::new();
+    let mut cursor: Option<String> = None;
+    while list.len() < limit {
+        let mut path = format!("/api/v1/tasks?limit={}", (limit - list.len()).min(1000));
+        if let Some(q) = &queue {
+            path.push_str(&format!("&queue={q}"));
+        }
+        if let Some(s) = state {
+            path.push_str(&format!("&state={s}"));
+        }
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let v = remote.call("GET", &path, None)?;
+        let page: Vec<TaskRecord> = serde_json::from_value(v["tasks"].clone()).map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("{}{path}: not a list of tasks: {e}", remote.base()),
+            )
+        })?;
+        list.extend(page);
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    Ok(list)
+}
+
 pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     let id: TaskId = args.id.parse().map_err(Failure::usage)?;
-    let config = load_config(flag)?;
-    let broker = open_broker(&config).await?;
-    let detail = broker
-        .get(id)
-        .await?
-        .ok_or_else(|| Failure::new(exit::FAILURE, format!("no task with id {id}")))?;
+    let missing = || Failure::new(exit::FAILURE, format!("no task with id {id}"));
+    let detail: TaskDetail = match super::submit::Remote::new(&args.remote) {
+        Some(remote) => match remote.fetch("GET", &format!("/api/v1/tasks/{id}"), None) {
+            Ok(v) => serde_json::from_value(v).map_err(|e| {
+                Failure::new(exit::FAILURE, format!("{}: not a task: {e}", remote.base()))
+            })?,
+            Err((Some(404), _)) => return Err(missing().into()),
+            Err((_, f)) => return Err(f.into()),
+        },
+        None => {
+            let config = load_config(flag)?;
+            let broker = open_broker(&config).await?;
+            broker.get(id).await?.ok_or_else(missing)?
+        }
+    };
     if args.json {
         print_json(&detail)?;
         return Ok(exit::OK);
@@ -323,8 +396,15 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(e) = &t.last_error {
         println!("error     {}", visible(e));
     }
-    for a in &detail.history {
+    for (run, a) in (1u32..).zip(&detail.history) {
         println!();
+        // Runs are numbered in order. The program's TASKD_ATTEMPT repeats after a retry (a
+        // fresh budget) or an uncharged run (lost, shutdown): say so where it differs.
+        let counted = if a.number == run {
+            String::new()
+        } else {
+            format!(" (TASKD_ATTEMPT={})", a.number)
+        };
         let reason = a
             .reason
             .map(|r| r.to_string())
@@ -335,8 +415,7 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
             _ => String::new(),
         };
         println!(
-            "attempt {} — {reason}{}{} — started {}, took {}{}",
-            a.number,
+            "attempt {run}{counted} — {reason}{}{} — started {}, took {}{}",
             if code.is_empty() { "" } else { ", " },
             code,
             fmt_time(a.started_at),

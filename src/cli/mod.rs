@@ -216,7 +216,32 @@ pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
 }
 
 pub async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    refuse_a_vanished_store(config)?;
     Ok(crate::broker::open(&config.broker).await?)
+}
+
+/// An embedded store whose file is missing while a daemon serves it: the file (or the whole
+/// state directory) was deleted under that daemon. Opening it would create a fresh store
+/// that the daemon never reads, and a task stored there would never run: refuse instead.
+fn refuse_a_vanished_store(config: &Config) -> Result<(), Failure> {
+    let crate::config::BrokerUrl::Sqlite { path } = &config.broker else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let Some(holder) = crate::daemon::storelock::holder(config) else {
+        return Ok(());
+    };
+    Err(Failure::new(
+        exit::BROKER,
+        format!(
+            "the store {} does not exist, but the taskd daemon with pid {} serves it: the file (or its state directory) was deleted under the running daemon, which no longer claims tasks. Nothing was done; restart the daemon (`systemctl restart taskd`, or stop pid {} and `taskd start`), then try again",
+            path.display(),
+            holder.pid,
+            holder.pid
+        ),
+    ))
 }
 
 /// Print `value` as pretty JSON on stdout.

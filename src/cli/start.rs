@@ -1,7 +1,8 @@
 //! `taskd start`: the process set-up around the daemon. The config is found and read
 //! (exit 78 when invalid), logging set up (text, JSON or journald's priorities; on stderr
 //! or a file SIGUSR1 reopens; a line that cannot be written is dropped and counted, never an
-//! error), the state directory locked (one daemon per directory),
+//! error), the state directory locked (one daemon per directory) and the store (one daemon per
+//! store, see `daemon::storelock`),
 //! inherited descriptors marked close-on-exec, the open-files limit fitted, the child
 //! subreaper flag set and the runtime built; then [`crate::daemon`] serves.
 
@@ -39,6 +40,7 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     };
     init_logging(&args.log_format, log_file.as_ref());
     let lock = StateLock::acquire(&config.state_dir, config.state_group.as_deref())?;
+    let store_lock = daemon::storelock::StoreLock::acquire(&config)?;
     daemon::set_up_process(&config);
     // One thread runs everything but SQLite writes (their own thread) and blocking reads:
     // measured, a second worker costs more in cross-thread wake-ups than it wins.
@@ -51,7 +53,7 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
                 format!("failed to start the async runtime: {e}"),
             )
         })?;
-    let code = rt.block_on(daemon::serve(path, config, log_file))?;
+    let code = rt.block_on(daemon::serve(path, config, log_file, store_lock))?;
     drop(lock);
     Ok(code)
 }

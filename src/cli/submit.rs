@@ -104,6 +104,16 @@ impl Remote {
         path: &str,
         body: Option<&str>,
     ) -> Result<serde_json::Value, Failure> {
+        self.fetch(method, path, body).map_err(|(_, f)| f)
+    }
+
+    /// [`Self::call`], keeping the HTTP status of an error answer (`None`: no answer).
+    pub fn fetch(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<serde_json::Value, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
@@ -115,9 +125,12 @@ impl Remote {
         };
         match resp {
             Ok(r) => r.into_json().map_err(|e| {
-                Failure::new(
-                    exit::FAILURE,
-                    format!("failed to read the answer of {url}: {e}"),
+                (
+                    None,
+                    Failure::new(
+                        exit::FAILURE,
+                        format!("failed to read the answer of {url}: {e}"),
+                    ),
                 )
             }),
             Err(ureq::Error::Status(code, r)) => {
@@ -131,11 +144,17 @@ impl Remote {
                     400..=499 => exit::USAGE,
                     _ => exit::BROKER,
                 };
-                Err(Failure::new(exit_code, format!("{url}: {message}")))
+                Err((
+                    Some(code),
+                    Failure::new(exit_code, format!("{url}: {message}")),
+                ))
             }
-            Err(e) => Err(Failure::new(
-                exit::BROKER,
-                format!("failed to reach the taskd API at {}: {e}", self.base),
+            Err(e) => Err((
+                None,
+                Failure::new(
+                    exit::BROKER,
+                    format!("failed to reach the taskd API at {}: {e}", self.base),
+                ),
             )),
         }
     }

@@ -79,7 +79,7 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
     key!(
         "state_dir",
         "`$STATE_DIRECTORY`, else `taskd-data` next to the config",
-        "the store, the daemon's lock (`taskd.pid`) and wake-up socket",
+        "the store, the daemon's lock (`taskd.pid`) and wake-up socket. One daemon per store: a second daemon on the same SQLite file is refused whatever its `state_dir`, naming the first one's pid. Deleting it under a running daemon halts that daemon (it claims nothing more, `taskd status` and the log say why): restart the daemon",
         |cx, e, t| {
             t.state_dir = cx.path(e, "/var/lib/taskd");
             t.state_dir.is_some()

@@ -16,7 +16,6 @@ pub mod startlog;
 pub mod tasklog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Doubling;
-use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
+use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups};
 use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
 use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
@@ -113,7 +112,8 @@ pub fn queue_diff(
     field!("max_attempts", max_attempts, |v: &u32| v.to_string());
     field!("output_tail", output_tail, |v: &usize| v.to_string());
     field!("log_max", log_max, |v: &u64| v.to_string());
-    field!("allow_dash_values", allow_dash_values, |v: &bool| v.to_string());
+    field!("allow_dash_values", allow_dash_values, |v: &bool| v
+        .to_string());
     field!("backoff", backoff, |v: &crate::config::Backoff| dbg(v));
     field!("fail_exit_codes", fail_exit_codes, |v: &Vec<i32>| dbg(v));
     field!("cwd", cwd, |v: &Option<std::path::PathBuf>| dbg(v));
@@ -165,6 +165,9 @@ pub struct Supervisor {
     /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
+    /// Why this node claims and starts nothing now (its store vanished; the broker refuses
+    /// results), for the log and `taskd status`; `None` while it works. See [`Self::halt`].
+    halted: Mutex<Option<String>>,
     start_log: startlog::StartLog,
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
@@ -197,6 +200,7 @@ impl Supervisor {
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
+            halted: Mutex::new(None),
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
@@ -246,6 +250,29 @@ impl Supervisor {
                 .map(|q| q.running.load(Ordering::Acquire))
                 .sum(),
         }
+    }
+
+    /// Stop claiming and starting tasks, because `why` (said in `taskd status`): running
+    /// tasks go on and their results are kept. True when it was not halted before.
+    pub fn halt(&self, why: &str) -> bool {
+        let mut h = self.halted.lock().expect("not poisoned");
+        let first = h.is_none();
+        *h = Some(why.to_string());
+        first
+    }
+
+    /// Claim again after [`Self::halt`]. True when it was halted.
+    pub fn unhalt(&self) -> bool {
+        let was = self.halted.lock().expect("not poisoned").take().is_some();
+        if was {
+            self.kick_all();
+        }
+        was
+    }
+
+    /// Why this node claims nothing now, if it does not.
+    pub fn halted(&self) -> Option<String> {
+        self.halted.lock().expect("not poisoned").clone()
     }
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
@@ -393,6 +420,17 @@ impl Supervisor {
             if self.is_paused(&q.name) {
                 self.release_ready(&q).await;
             }
+            if self.halted().is_some() {
+                // Held tasks stay held (their release would be a write too); `unhalt`
+                // kicks the queue.
+                tokio::select! {
+                    _ = q.kick.notified() => {}
+                    _ = tokio::time::sleep(FALLBACK_TICK) => {}
+                    _ = self.draining.cancelled() => {}
+                    _ = q.removed.cancelled() => {}
+                }
+                continue;
+            }
             self.start_ready(&q);
             let conc = q.prepared().config.concurrency;
             let running = q.running.load(Ordering::Acquire);
@@ -494,7 +532,11 @@ impl Supervisor {
 
     /// Start held tasks while the queue has free slots.
     fn start_ready(self: &Arc<Self>, q: &Arc<QueueRt>) {
-        if self.draining.is_cancelled() || q.removed.is_cancelled() || self.is_paused(&q.name) {
+        if self.draining.is_cancelled()
+            || q.removed.is_cancelled()
+            || self.is_paused(&q.name)
+            || self.halted().is_some()
+        {
             return;
         }
         let conc = q.prepared().config.concurrency;
@@ -668,20 +710,14 @@ impl Supervisor {
             };
             self.metrics.finished(&q.name, outcome, ran);
         }
-        // Hand the result to the broker first (the first poll queues the write), then give
-        // the slot to the next task: its start is recorded after this result, so the store
-        // never shows more tasks running than the concurrency. The two usually share a commit.
-        let mut recording = std::pin::pin!(self.record(&c.lease, record, finish));
-        let recorded = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(recording.as_mut().poll(cx).is_ready())
-        })
-        .await;
+        // Queue the result first, then give the slot to the next task: its start is recorded
+        // after this result (the broker's rule 6), so the store never shows more tasks
+        // running than the concurrency. The two usually share a commit.
+        let queued = self.broker.finish(&c.lease, record.clone(), finish);
         q.running.fetch_sub(1, Ordering::AcqRel);
         self.start_ready(&q);
         q.kick.notify_one();
-        if !recorded {
-            recording.await;
-        }
+        self.settle(queued, &c.lease, record, finish).await;
         self.running
             .lock()
             .expect("not poisoned")
@@ -694,9 +730,23 @@ impl Supervisor {
     /// Record an attempt, retrying while the broker refuses writes (a full disk, a broker
     /// that went away): the result is not dropped while the daemon lives.
     async fn record(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
+        let queued = self.broker.finish(lease, attempt.clone(), finish);
+        self.settle(queued, lease, attempt, finish).await;
+    }
+
+    /// Wait for the answer to a queued result; while the broker refuses it, queue it again
+    /// with backoff. A lease taken over meanwhile drops it (the task runs elsewhere).
+    async fn settle(
+        &self,
+        queued: Queued<'_, ()>,
+        lease: &Lease,
+        attempt: AttemptRecord,
+        finish: Finish,
+    ) {
         let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut answer = queued.await;
         loop {
-            match self.broker.finish(lease, attempt.clone(), finish).await {
+            match answer {
                 Ok(()) => return,
                 Err(BrokerError::LeaseLost(id)) => {
                     tracing::warn!(task = %id, "the task's lease was taken over; its result is dropped");
@@ -705,6 +755,7 @@ impl Supervisor {
                 Err(e) => {
                     tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");
                     tokio::time::sleep(delay.next_delay()).await;
+                    answer = self.broker.finish(lease, attempt.clone(), finish).await;
                 }
             }
         }
