@@ -44,6 +44,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
             "submission",
             "worker::status",
+            // Requests only the daemon carries out (restart), as `taskd restart` sends them.
+            "control",
         ],
     ),
     (

@@ -69,6 +69,8 @@ pub fn document() -> Value {
                 "responses": { "200": ok("paused", json!({ "type": "object" })), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/queues/{queue}/resume": { "post": { "summary": "Claim from a paused queue again", "security": secured, "parameters": [queue_param()],
                 "responses": { "200": ok("resumed", json!({ "type": "object" })), "401": error_ref(), "404": error_ref() } } },
+            "/api/v1/queues/{queue}/restart": { "post": { "summary": "Restart a worker queue's long-lived workers one at a time, each after its current task (as `taskd restart`); 409 for a queue that runs a process per task", "security": secured, "parameters": [queue_param()],
+                "responses": { "202": ok("the rolling restart began", json!({ "type": "object", "properties": { "queue": { "type": "string" }, "restarting": { "type": "boolean" }, "message": { "type": "string" } } })), "401": error_ref(), "404": error_ref(), "409": error_ref(), "503": error_ref() } } },
             "/api/v1/tasks": { "get": {
                 "summary": "List tasks, newest first, a page at a time",
                 "parameters": [
