@@ -167,6 +167,7 @@ macro_rules! contract_tests {
                 finish_without_started_counts_the_attempt_once,
                 finish_charges_each_run_at_most_once,
                 finish_stale_token_is_refused,
+                note_run_adds_history_and_changes_nothing_else,
                 finish_after_recover_and_reclaim_is_refused,
                 finish_is_queued_when_the_call_returns,
                 started_pid_is_returned_by_recover,
@@ -1544,6 +1545,32 @@ pub mod cases {
                 }
             }
         }
+    }
+
+    /// A run whose result was refused (the lease was taken over) is still recorded in the
+    /// history, and nothing else about the task changes.
+    pub async fn note_run_adds_history_and_changes_nothing_else(b: B, _g: G) {
+        let id = enqueue1(&b, task("nr")).await;
+        let c = claim_id(&b, "nr", id).await;
+        start(&b, &c).await;
+        let before = get(&b, id).await;
+        let a = attempt_of(&c, AttemptReason::Lost, Some("this node ran the task while its lease was taken over"));
+        b.note_run(id, a.clone()).await.expect("note_run");
+        let after = get(&b, id).await;
+        assert_eq!(
+            serde_json::to_value(&after.history).expect("serialize"),
+            serde_json::to_value(vec![a]).expect("serialize"),
+            "the run is in the history"
+        );
+        assert_eq!(
+            serde_json::to_value(&after.task).expect("serialize"),
+            serde_json::to_value(&before.task).expect("serialize"),
+            "note_run changed the task"
+        );
+        let r = b
+            .note_run(TaskId::new(), attempt_of(&c, AttemptReason::Lost, None))
+            .await;
+        assert!(matches!(r, Err(BrokerError::NotFound(_))), "{r:?}");
     }
 
     pub async fn finish_stale_token_is_refused(b: B, _g: G) {

@@ -357,6 +357,12 @@ pub trait Broker: Send + Sync + 'static {
         next: Finish,
     ) -> Queued<'a, ()>;
 
+    /// Add `attempt` to the history of task `id` without changing the task (state, attempts,
+    /// lease): the record of a run whose result [`Broker::finish`] refused because the lease
+    /// had been taken over, so that a task that ran twice shows both runs. `NotFound` when
+    /// the task no longer exists.
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()>;
+
     /// Cancel a waiting task ([`CancelOutcome::Cancelled`]), or ask the node that runs or
     /// holds it (reserved, not started) to stop it ([`CancelOutcome::Requested`]: it is set
     /// `cancel_requested` and listed by [`Broker::cancel_requested`]).

@@ -706,7 +706,7 @@ impl Supervisor {
     }
 
     /// Wait for the answer to a queued result; while the broker refuses it, queue it again
-    /// with backoff. A lease taken over meanwhile drops it (the task runs elsewhere).
+    /// with backoff. A refusal for a lease no longer held goes to [`Self::lease_lost`].
     async fn settle(
         &self,
         queued: Queued<'_, ()>,
@@ -719,8 +719,8 @@ impl Supervisor {
         loop {
             match answer {
                 Ok(()) => return,
-                Err(BrokerError::LeaseLost(id)) => {
-                    tracing::warn!(task = %id, "the task's lease was taken over; its result is dropped");
+                Err(BrokerError::LeaseLost(_)) => {
+                    self.lease_lost(lease, attempt, finish).await;
                     return;
                 }
                 Err(e) => {
@@ -729,6 +729,66 @@ impl Supervisor {
                     answer = self.broker.finish(lease, attempt.clone(), finish).await;
                 }
             }
+        }
+    }
+
+    /// The broker refused a result because this node no longer holds the task's lease. Two
+    /// causes look alike from here: an earlier try of this same write was applied and its
+    /// answer lost (the broker went away meanwhile), so the retry found the lease spent by
+    /// the write itself; or the lease was really taken over (it ran out while this node was
+    /// frozen or cut off from the broker, and the task was queued again, possibly before
+    /// its start was ever recorded). The history tells them apart. In the second case the
+    /// run still happened: it is added to the history, so a task that ran twice shows both.
+    async fn lease_lost(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
+        let id = lease.task;
+        if finish == Finish::Release {
+            tracing::debug!(task = %id, "a reserved task's lease was taken over before it started; nothing ran");
+            return;
+        }
+        let same_run = |a: &AttemptRecord| {
+            a.node == attempt.node
+                && a.number == attempt.number
+                && a.started_at == attempt.started_at
+                && a.ended_at == attempt.ended_at
+        };
+        match self.broker.get(id).await {
+            Ok(Some(d)) if d.history.iter().any(same_run) => {
+                tracing::info!(task = %id, "the result was recorded by an earlier try whose answer was lost on the way back; nothing was dropped");
+                return;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(BrokerError::NotFound(_)) => {
+                tracing::warn!(task = %id, "the task's lease was taken over and the task no longer exists; this run's result is dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "the task's lease was taken over; this run's result is dropped, and the history could not be read to record the run");
+                return;
+            }
+        }
+        // A run stopped here because the lease was found gone ends as "cancelled"; say so.
+        let ended = match (attempt.reason, &attempt.error) {
+            (Some(AttemptReason::Cancelled), _) => {
+                "this node stopped it on finding its lease gone".to_string()
+            }
+            (_, Some(e)) => e.clone(),
+            (_, None) => "it succeeded".to_string(),
+        };
+        let mut noted = attempt;
+        noted.reason = Some(AttemptReason::Lost);
+        noted.error = Some(format!(
+            "this node ran the task while its lease was taken over (the node was frozen or cut off from the broker past the lease), so the task was queued again and may have run twice; this run's result was not applied ({ended})"
+        ));
+        match self.broker.note_run(id, noted).await {
+            Ok(()) => tracing::warn!(
+                task = %id,
+                "the task's lease was taken over while this node ran it: its result is not applied, and the run is added to the task's history"
+            ),
+            Err(e) => tracing::warn!(
+                task = %id,
+                error = %e,
+                "the task's lease was taken over while this node ran it: its result is dropped, and the run could not be added to the history"
+            ),
         }
     }
 

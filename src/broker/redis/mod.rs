@@ -60,6 +60,7 @@ struct Scripts {
     recover: Script,
     adopt: Script,
     heartbeat: Script,
+    note: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -82,6 +83,7 @@ fn scripts() -> &'static Scripts {
             recover: s(include_str!("recover.lua")),
             adopt: s(include_str!("adopt.lua")),
             heartbeat: s(include_str!("heartbeat.lua")),
+            note: s(include_str!("note.lua")),
         }
     })
 }
@@ -745,6 +747,26 @@ impl Broker for RedisBroker {
                 let sent = self.queue_finish(q, lease, &attempt, next);
                 self.finish_answer(sent, lease).await
             }),
+        }
+    }
+
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        let Some(q) = self.locate(id).await? else {
+            return Err(BrokerError::NotFound(id));
+        };
+        let json =
+            serde_json::to_string(&attempt).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let r: String = scripts()
+            .note
+            .key(prefix(&q))
+            .arg(id.to_string())
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        match r.as_str() {
+            "ok" => Ok(()),
+            _ => Err(BrokerError::NotFound(id)),
         }
     }
 

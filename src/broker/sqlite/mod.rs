@@ -255,6 +255,14 @@ impl Broker for SqliteBroker {
         .await
     }
 
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        self.write_as(false, move |conn| {
+            let (seq, _) = task_seq(conn, id)?;
+            insert_attempt(conn, seq, &attempt)
+        })
+        .await
+    }
+
     fn finish<'a>(
         &'a self,
         lease: &'a Lease,
