@@ -277,6 +277,13 @@ impl Broker for MemoryBroker {
         Queued::new(async move { done })
     }
 
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        let mut s = self.store();
+        let r = s.row_mut(id).ok_or(BrokerError::NotFound(id))?;
+        r.history.push(attempt);
+        Ok(())
+    }
+
     async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {
         let now = now_ms();
         let out = {
