@@ -12,7 +12,8 @@ use crate::view;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// Print queues, workers and nodes as JSON.
+    /// Print queues, workers and nodes as JSON: the API's `GET /api/v1/queues`, plus the
+    /// local daemon (`daemon`) and `state_dir`.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
