@@ -80,6 +80,7 @@ pub async fn open_sqlite() -> Option<Opened> {
     Some((b, Box::new(g)))
 }
 
+mod common;
 #[path = "common/redis.rs"]
 mod redis_server;
 
@@ -136,7 +137,9 @@ macro_rules! contract_tests {
                 finish_without_started_counts_the_attempt_once,
                 finish_charges_each_run_at_most_once,
                 finish_stale_token_is_refused,
+                note_run_adds_history_and_changes_nothing_else,
                 finish_after_recover_and_reclaim_is_refused,
+                finish_is_queued_when_the_call_returns,
                 started_pid_is_returned_by_recover,
                 renew_extends_valid_and_reports_lost,
                 recover_all_requeues_uncharged,
@@ -1104,6 +1107,24 @@ pub mod cases {
         );
     }
 
+    /// Rule 6 of the trait: `finish` queues the write before it returns. The supervisor
+    /// hands the slot on right after the call, before it awaits the answer; a result that
+    /// waited for its first poll would let the next task's start overtake it. Here the
+    /// answer is never awaited at all, and the result is recorded anyway.
+    pub async fn finish_is_queued_when_the_call_returns(b: B, _g: G) {
+        let id = enqueue1(&b, task("q")).await;
+        let c = run_id(&b, "q", id).await;
+        let attempt = attempt_of(&c, AttemptReason::Exit, None);
+        drop(b.finish(&c.lease, attempt, Finish::Succeeded));
+        poll("the dropped finish to be recorded", || async {
+            (get(&b, id).await.task.state == TaskState::Succeeded).then_some(())
+        })
+        .await;
+        let d = get(&b, id).await;
+        assert_eq!(d.history.len(), 1, "the attempt was recorded: {d:?}");
+        assert_eq!(d.task.attempts, 1, "and charged once");
+    }
+
     pub async fn finish_succeeded(b: B, _g: G) {
         finish_terminal(
             b,
@@ -1485,6 +1506,32 @@ pub mod cases {
                 }
             }
         }
+    }
+
+    /// A run whose result was refused (the lease was taken over) is still recorded in the
+    /// history, and nothing else about the task changes.
+    pub async fn note_run_adds_history_and_changes_nothing_else(b: B, _g: G) {
+        let id = enqueue1(&b, task("nr")).await;
+        let c = claim_id(&b, "nr", id).await;
+        start(&b, &c).await;
+        let before = get(&b, id).await;
+        let a = attempt_of(&c, AttemptReason::Lost, Some("this node ran the task while its lease was taken over"));
+        b.note_run(id, a.clone()).await.expect("note_run");
+        let after = get(&b, id).await;
+        assert_eq!(
+            serde_json::to_value(&after.history).expect("serialize"),
+            serde_json::to_value(vec![a]).expect("serialize"),
+            "the run is in the history"
+        );
+        assert_eq!(
+            serde_json::to_value(&after.task).expect("serialize"),
+            serde_json::to_value(&before.task).expect("serialize"),
+            "note_run changed the task"
+        );
+        let r = b
+            .note_run(TaskId::new(), attempt_of(&c, AttemptReason::Lost, None))
+            .await;
+        assert!(matches!(r, Err(BrokerError::NotFound(_))), "{r:?}");
     }
 
     pub async fn finish_stale_token_is_refused(b: B, _g: G) {

@@ -720,7 +720,7 @@ fn the_store_is_private_unless_a_group_shares_it() {
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: running as another user needs root");
+        common::skip::skip("running as another user needs root", "run the tests as root");
         return;
     }
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -3,8 +3,8 @@
 //! built from an allowlist, and with nothing of the daemon's own state: no inherited
 //! descriptor, no raised open-files limit, no OOM-killer protection.
 //!
-//! Switching users needs root: every test that needs it says "skipped" and passes when the
-//! tests do not run as root.
+//! Switching users needs root: every test that needs it is skipped, visibly, when the tests
+//! do not run as root, and fails under `CI=true` (`common::skip`).
 
 mod common;
 
@@ -30,7 +30,7 @@ fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { geteuid() } == 0;
     if !root {
-        eprintln!("skipped: needs root to switch users");
+        common::skip::skip("needs root to switch users", "run the tests as root");
     }
     root
 }

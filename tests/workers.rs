@@ -647,7 +647,7 @@ taskd_worker.run()
 fn a_worker_runs_as_its_queue_user_with_its_umask_limits_env_and_cwd() {
     // SAFETY: geteuid cannot fail.
     if unsafe { geteuid() } != 0 {
-        eprintln!("skipped: needs root to switch users");
+        common::skip::skip("needs root to switch users", "run the tests as root");
         return;
     }
     let env = Env::new("");

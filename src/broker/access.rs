@@ -48,10 +48,11 @@ fn explain(path: &Path, need: &str) -> String {
         Err(_) => "its directory cannot be entered".to_string(),
     };
     format!(
-        "permission denied on {} ({what}): user {me} may not {need} it. Give {me} access to the \
-         store (a group with write access to the state directory and its files; see \
-         docs/systemd.md), or enqueue through the daemon's HTTP API instead, which needs no \
-         access to the store: `taskd submit --server http://127.0.0.1:7070 QUEUE PAYLOAD`",
+        "permission denied on {} ({what}): user {me} may not {need} it. Enqueue through the \
+         daemon's HTTP API instead, which needs no access to the store (`taskd submit \
+         --server http://127.0.0.1:7070 QUEUE PAYLOAD`), or make {me} a member of the group \
+         named by `state_group` in [taskd] (see docs/systemd.md, \"Enqueueing from local \
+         apps\")",
         path.display()
     )
 }

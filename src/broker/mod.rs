@@ -7,13 +7,58 @@
 //! Backends: [`sqlite`] (embedded, the default) and [`redis`] (shared by several nodes).
 //! PostgreSQL slots in behind the same trait; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
+//!
+//! # What every backend must keep
+//!
+//! The supervisor, the CLI and the API rely on these; the contract suite checks each one
+//! it can observe from outside.
+//!
+//! 1. **Atomic, never lost.** Every method is one atomic change; none holds a lock across
+//!    calls. A task is never lost: a claim moves it between indexes, it never removes the
+//!    only copy. `enqueue` is all or nothing, and durable when it returns (a backend whose
+//!    settings could lose acknowledged tasks says so in [`Broker::durability_warnings`]).
+//! 2. **A claim reserves.** A claimed task stays `queued`, held by the node (its record's
+//!    `node`), claimable by no one else, uncharged (`attempts` unchanged), until its
+//!    `started`, its `finish` or a `recover`. Claims go by priority, highest first, then
+//!    oldest first; due `scheduled`/`retrying` tasks of the queue are promoted first; a
+//!    paused queue yields nothing.
+//! 3. **Fencing.** Every claim gives the task a new lease token. `started`, `renew` and
+//!    `finish` compare `(token, node)` and refuse a stale lease (`LeaseLost`, or listed as
+//!    lost by `renew`) without changing anything.
+//! 4. **Each run is charged once.** A charged finish leaves `attempts` counting the run
+//!    exactly once whether or not its `started` was recorded (or arrives later and is
+//!    refused); an uncharged one leaves it as it was before the claim (see
+//!    [`Broker::finish`]).
+//! 5. **An operator's cancel wins.** A task with a pending cancel request that finishes
+//!    with `Retry`, `Requeue` or `Release`, or is recovered, ends `cancelled`.
+//! 6. **A finish is queued when [`Broker::finish`] returns**, before the caller awaits the
+//!    answer ([`Queued`]), and the results of one node are applied in the order `finish`
+//!    was called. The supervisor relies on it: it hands a finished task's slot to the next
+//!    held task right after `finish` returns, and that task's `started` must not reach the
+//!    store before the result, or the store would show more tasks running than the
+//!    queue's concurrency. SQLite keeps it strictly (one writer takes writes in the order
+//!    they were queued). Redis sends results and starts over one connection, in order,
+//!    except that a result waiting behind a batch still on its way may arrive up to one
+//!    round trip after a later `started` (which the supervisor delays by 5 ms anyway).
+//! 7. **Counts are honest.** Reserved tasks count as `queued`, only started ones as
+//!    `running`; tasks accepted but not yet indexed (the Redis inbox) count as `queued`.
+//! 8. **Wake-ups.** After a change another process must act on (work that can be claimed,
+//!    a cancel request, a pause, a task waiting for a time), the backend raises the
+//!    matching [`Wakeups`] signal in every subscribed daemon, at least once; the
+//!    daemon's ticks are only a safety net.
+//! 9. **Shared backends** ([`Broker::shared`]) read time from the store's clock for lease
+//!    expiry and due times, keep the node registry ([`Broker::heartbeat`],
+//!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
 
 pub mod access;
 pub mod redis;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -231,7 +276,27 @@ pub struct NodeInfo {
     pub last_heartbeat: UnixMs,
 }
 
-/// The system of record. Every method is atomic; none holds a lock across calls.
+/// A write the backend has already queued (rule 6): await it for the store's answer.
+/// Dropping it does not withdraw the write; it only gives up on the answer.
+#[must_use = "the write is queued; await it to learn whether the store took it"]
+pub struct Queued<'a, T>(Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>);
+
+impl<'a, T> Queued<'a, T> {
+    /// The answer to a write queued before this call, as `answer` will give it.
+    pub fn new(answer: impl Future<Output = Result<T>> + Send + 'a) -> Self {
+        Queued(Box::pin(answer))
+    }
+}
+
+impl<T> Future for Queued<'_, T> {
+    type Output = Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// The system of record. Every method is atomic; none holds a lock across calls. The rules
+/// every implementation keeps are in the [module documentation](self).
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Enqueue tasks atomically: all are durable when this returns, or none is.
@@ -275,6 +340,10 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Record an attempt and move the task on. Refused with `LeaseLost` for a stale lease.
     ///
+    /// Not `async`: the write is queued before this returns (rule 6), and the [`Queued`]
+    /// answer says whether the store took it. A backend that must look something up first
+    /// (Redis, for a task this node did not claim) queues it once that is done.
+    ///
     /// Accepted for a task the lease holds, reserved (its start not recorded: it could not
     /// be spawned, or the record is still on its way) or running. A charged finish
     /// (`Succeeded`, `Failed`, `Retry`, and `Cancelled` with `attempt.pid` set) leaves
@@ -283,7 +352,18 @@ pub trait Broker: Send + Sync + 'static {
     /// before the claim. With `Finish::Release` the attempt is not recorded; every other
     /// finish records it. If an operator asked to cancel the task, a `Retry`, `Requeue` or
     /// `Release` ends it `cancelled` instead (`last_error` "cancelled by an operator").
-    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()>;
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        attempt: AttemptRecord,
+        next: Finish,
+    ) -> Queued<'a, ()>;
+
+    /// Add `attempt` to the history of task `id` without changing the task (state, attempts,
+    /// lease): the record of a run whose result [`Broker::finish`] refused because the lease
+    /// had been taken over, so that a task that ran twice shows both runs. `NotFound` when
+    /// the task no longer exists.
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()>;
 
     /// Cancel a waiting task ([`CancelOutcome::Cancelled`]), or ask the node that runs or
     /// holds it (reserved, not started) to stop it ([`CancelOutcome::Requested`]: it is set

@@ -14,13 +14,13 @@
 //! Draining (first SIGTERM): dispatchers stop claiming; runs finish on their own until the
 //! grace ends, then are interrupted and put back as `queued` without charging an attempt.
 
+mod claim;
 pub mod policy;
 pub mod prepare;
 pub mod startlog;
 pub mod tasklog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Doubling;
-use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Wakeups};
+use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups};
 use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
 use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
@@ -44,16 +44,6 @@ pub const LEASE: Duration = Duration::from_secs(60);
 const FALLBACK_TICK: Duration = Duration::from_secs(2);
 /// How long a task runs before its start is recorded on its own (see `run_one`).
 const START_RECORD_DELAY: Duration = Duration::from_millis(5);
-/// Most tasks one claim takes.
-const CLAIM_BATCH: usize = 64;
-/// Tasks shorter than this are claimed further ahead ([`HOLD_AHEAD_SHORT`]): for them a
-/// claim per task would cost more than the task. Longer tasks hold at most `concurrency`.
-const SHORT_TASK_MS: u64 = 100;
-const HOLD_AHEAD_SHORT: usize = 32;
-/// For short tasks on long-lived workers, which take a task in tens of microseconds: one
-/// claim per commit must cover the time a commit takes (an fsync), or the workers idle.
-const WORKER_CLAIM_BATCH: usize = 256;
-const WORKER_HOLD_AHEAD_SHORT: usize = 256;
 
 struct QueueRt {
     name: QueueName,
@@ -472,36 +462,16 @@ impl Supervisor {
                 continue;
             }
             self.start_ready(&q);
-            let conc = q.prepared().config.concurrency;
-            let running = q.running.load(Ordering::Acquire);
-            let held = q.ready.lock().expect("not poisoned").len();
-            let mut free = conc.saturating_sub(running);
-            // A worker queue starts a task only on an idle worker: with none (all starting,
-            // backing off or FATAL) its tasks stay queued, unclaimed and uncharged.
-            let idle_workers = q.pool().map(|p| p.available());
-            if let Some(idle) = idle_workers {
-                free = free.min(idle);
-            }
-            let (batch, short_ahead) = match idle_workers {
-                Some(_) => (WORKER_CLAIM_BATCH, WORKER_HOLD_AHEAD_SHORT),
-                None => (CLAIM_BATCH, HOLD_AHEAD_SHORT),
-            };
-            let ahead = if !q.backlog.load(Ordering::Acquire)
-                || (idle_workers == Some(0) && running == 0)
-            {
-                0
-            } else if q.last_run_ms.load(Ordering::Relaxed) < SHORT_TASK_MS {
-                short_ahead.max(conc).min(batch)
-            } else {
-                conc.min(batch)
-            };
-            // Claim when a free slot has nothing to start, or when the held buffer ran low.
-            let claim = free > held || (ahead > 0 && held <= ahead / 2);
-            let want = (free + ahead).saturating_sub(held).min(batch);
-            if claim && want > 0 {
-                // A slot waiting with nothing to start needs the answer now; topping up the
-                // held buffer does not, and may share a commit with results.
-                let claimed = if free > held {
+            let plan = claim::plan(claim::QueueLoad {
+                concurrency: q.prepared().config.concurrency,
+                running: q.running.load(Ordering::Acquire),
+                held: q.ready.lock().expect("not poisoned").len(),
+                idle_workers: q.pool().map(|p| p.available()),
+                backlog: q.backlog.load(Ordering::Acquire),
+                last_run_ms: q.last_run_ms.load(Ordering::Relaxed),
+            });
+            if let claim::ClaimPlan::Claim { want, now } = plan {
+                let claimed = if now {
                     self.broker
                         .claim(&self.node, &q.name, want, self.lease())
                         .await
@@ -757,20 +727,14 @@ impl Supervisor {
             };
             self.metrics.finished(&q.name, outcome, ran);
         }
-        // Hand the result to the broker first (the first poll queues the write), then give
-        // the slot to the next task: its start is recorded after this result, so the store
-        // never shows more tasks running than the concurrency. The two usually share a commit.
-        let mut recording = std::pin::pin!(self.record(&c.lease, record, finish));
-        let recorded = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(recording.as_mut().poll(cx).is_ready())
-        })
-        .await;
+        // Queue the result first, then give the slot to the next task: its start is recorded
+        // after this result (the broker's rule 6), so the store never shows more tasks
+        // running than the concurrency. The two usually share a commit.
+        let queued = self.broker.finish(&c.lease, record.clone(), finish);
         q.running.fetch_sub(1, Ordering::AcqRel);
         self.start_ready(&q);
         q.kick.notify_one();
-        if !recorded {
-            recording.await;
-        }
+        self.settle(queued, &c.lease, record, finish).await;
         self.running
             .lock()
             .expect("not poisoned")
@@ -783,9 +747,23 @@ impl Supervisor {
     /// Record an attempt, retrying while the broker refuses writes (a full disk, a broker
     /// that went away): the result is not dropped while the daemon lives.
     async fn record(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
+        let queued = self.broker.finish(lease, attempt.clone(), finish);
+        self.settle(queued, lease, attempt, finish).await;
+    }
+
+    /// Wait for the answer to a queued result; while the broker refuses it, queue it again
+    /// with backoff. A refusal for a lease no longer held goes to [`Self::lease_lost`].
+    async fn settle(
+        &self,
+        queued: Queued<'_, ()>,
+        lease: &Lease,
+        attempt: AttemptRecord,
+        finish: Finish,
+    ) {
         let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut answer = queued.await;
         loop {
-            match self.broker.finish(lease, attempt.clone(), finish).await {
+            match answer {
                 Ok(()) => {
                     self.broker_writes();
                     return;
@@ -794,16 +772,78 @@ impl Supervisor {
                     self.broker_full(&e);
                     tracing::debug!(task = %lease.task, "the broker is full; the result waits");
                     tokio::time::sleep(delay.next_delay()).await;
+                    answer = self.broker.finish(lease, attempt.clone(), finish).await;
                 }
-                Err(BrokerError::LeaseLost(id)) => {
-                    tracing::warn!(task = %id, "the task's lease was taken over; its result is dropped");
+                Err(BrokerError::LeaseLost(_)) => {
+                    self.lease_lost(lease, attempt, finish).await;
                     return;
                 }
                 Err(e) => {
                     tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");
                     tokio::time::sleep(delay.next_delay()).await;
+                    answer = self.broker.finish(lease, attempt.clone(), finish).await;
                 }
             }
+        }
+    }
+
+    /// The broker refused a result because this node no longer holds the task's lease. Two
+    /// causes look alike from here: an earlier try of this same write was applied and its
+    /// answer lost (the broker went away meanwhile), so the retry found the lease spent by
+    /// the write itself; or the lease was really taken over (it ran out while this node was
+    /// frozen or cut off from the broker, and the task was queued again, possibly before
+    /// its start was ever recorded). The history tells them apart. In the second case the
+    /// run still happened: it is added to the history, so a task that ran twice shows both.
+    async fn lease_lost(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
+        let id = lease.task;
+        if finish == Finish::Release {
+            tracing::debug!(task = %id, "a reserved task's lease was taken over before it started; nothing ran");
+            return;
+        }
+        let same_run = |a: &AttemptRecord| {
+            a.node == attempt.node
+                && a.number == attempt.number
+                && a.started_at == attempt.started_at
+                && a.ended_at == attempt.ended_at
+        };
+        match self.broker.get(id).await {
+            Ok(Some(d)) if d.history.iter().any(same_run) => {
+                tracing::info!(task = %id, "the result was recorded by an earlier try whose answer was lost on the way back; nothing was dropped");
+                return;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(BrokerError::NotFound(_)) => {
+                tracing::warn!(task = %id, "the task's lease was taken over and the task no longer exists; this run's result is dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "the task's lease was taken over; this run's result is dropped, and the history could not be read to record the run");
+                return;
+            }
+        }
+        // A run stopped here because the lease was found gone ends as "cancelled"; say so.
+        let ended = match (attempt.reason, &attempt.error) {
+            (Some(AttemptReason::Cancelled), _) => {
+                "this node stopped it on finding its lease gone".to_string()
+            }
+            (_, Some(e)) => e.clone(),
+            (_, None) => "it succeeded".to_string(),
+        };
+        let mut noted = attempt;
+        noted.reason = Some(AttemptReason::Lost);
+        noted.error = Some(format!(
+            "this node ran the task while its lease was taken over (the node was frozen or cut off from the broker past the lease), so the task was queued again and may have run twice; this run's result was not applied ({ended})"
+        ));
+        match self.broker.note_run(id, noted).await {
+            Ok(()) => tracing::warn!(
+                task = %id,
+                "the task's lease was taken over while this node ran it: its result is not applied, and the run is added to the task's history"
+            ),
+            Err(e) => tracing::warn!(
+                task = %id,
+                error = %e,
+                "the task's lease was taken over while this node ran it: its result is dropped, and the run could not be added to the history"
+            ),
         }
     }
 

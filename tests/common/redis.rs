@@ -1,8 +1,8 @@
 //! A private `redis-server` for a test: a free port on 127.0.0.1, its own temp dir, AOF on,
 //! no RDB snapshots; killed when dropped, and restartable on the same port and data.
 //!
-//! Where `redis-server` is missing, [`RedisServer::start`] prints a visible skip message and
-//! returns `None`, except under `CI=true`, where a missing server fails the test.
+//! Where `redis-server` is missing, [`RedisServer::start`] skips the test visibly
+//! (`common::skip`) and returns `None`, except under `CI=true`, where it fails the test.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -38,11 +38,10 @@ impl RedisServer {
     /// As [`Self::start`], with `extra` added to the server's command line.
     pub fn start_with(test: &str, extra: &[&str]) -> Option<RedisServer> {
         if server_binary().is_none() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: redis-server is not installed, and CI=true forbids skipping the Redis tests (.ci/run installs it)");
-            }
-            eprintln!(
-                "SKIPPED {test}: redis-server is not installed (apt-get install redis-server)"
+            crate::common::skip::skip_named(
+                test,
+                "redis-server is not installed",
+                "apt-get install -y redis-server",
             );
             return None;
         }

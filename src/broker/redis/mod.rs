@@ -28,7 +28,7 @@ use results::{finish_call, finish_loop, Finishing};
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
-    Orphan, QueueCounts, Recover, Result, Wakeups,
+    Orphan, QueueCounts, Queued, Recover, Result, Wakeups,
 };
 use crate::backoff::Doubling;
 use crate::model::{
@@ -60,6 +60,7 @@ struct Scripts {
     recover: Script,
     adopt: Script,
     heartbeat: Script,
+    note: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -82,6 +83,7 @@ fn scripts() -> &'static Scripts {
             recover: s(include_str!("recover.lua")),
             adopt: s(include_str!("adopt.lua")),
             heartbeat: s(include_str!("heartbeat.lua")),
+            note: s(include_str!("note.lua")),
         }
     })
 }
@@ -157,6 +159,85 @@ impl RedisBroker {
             finisher,
             trips,
         })
+    }
+
+    /// Hands a result to the results writer (`Ok`: where its answer arrives), or gives it
+    /// back when the writer is gone (the runtime it ran on shut down).
+    fn queue_finish(
+        &self,
+        q: QueueName,
+        lease: &Lease,
+        attempt: &AttemptRecord,
+        next: Finish,
+    ) -> Result<std::result::Result<tokio::sync::oneshot::Receiver<Result<String>>, Finishing>>
+    {
+        let (kind, at) = match next {
+            Finish::Succeeded => ("succeeded", 0),
+            Finish::Retry { at } => ("retry", at),
+            Finish::Failed => ("failed", 0),
+            Finish::Cancelled => ("cancelled", 0),
+            Finish::Requeue => ("requeue", 0),
+            Finish::Release => ("release", 0),
+        };
+        let json =
+            serde_json::to_string(attempt).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let error = attempt
+            .error
+            .as_ref()
+            .map(|e| format!("e:{e}"))
+            .unwrap_or_default();
+        let args = [
+            lease.task.to_string(),
+            lease.token.to_string(),
+            lease.node.clone(),
+            kind.to_string(),
+            at.to_string(),
+            if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
+            json,
+            error,
+        ];
+        Ok(
+            match self.finisher.send(Finishing {
+                queue: q,
+                args,
+                done,
+            }) {
+                Ok(()) => Ok(answer),
+                Err(tokio::sync::mpsc::error::SendError(f)) => Err(f),
+            },
+        )
+    }
+
+    /// The store's answer to a result [`Self::queue_finish`] handled.
+    async fn finish_answer(
+        &self,
+        sent: Result<
+            std::result::Result<tokio::sync::oneshot::Receiver<Result<String>>, Finishing>,
+        >,
+        lease: &Lease,
+    ) -> Result<()> {
+        let r = match sent? {
+            Ok(answer) => answer.await.map_err(|_| {
+                BrokerError::Storage("the result writer stopped before answering".into())
+            })??,
+            // The writer is gone: write this one directly.
+            Err(f) => finish_call(&mut self.conn(), &self.addr, &f.queue, &[&f.args])
+                .await?
+                .pop()
+                .unwrap_or_default(),
+        };
+        match r.as_str() {
+            "ok" => {
+                self.forget(lease.task);
+                Ok(())
+            }
+            "missing" => Err(BrokerError::NotFound(lease.task)),
+            _ => {
+                self.forget(lease.task);
+                Err(BrokerError::LeaseLost(lease.task))
+            }
+        }
     }
 
     /// The server's address, `host:port`.
@@ -645,62 +726,52 @@ impl Broker for RedisBroker {
         Ok(lost)
     }
 
-    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
-        let Some(q) = self.locate(lease.task).await? else {
-            return Err(BrokerError::NotFound(lease.task));
-        };
-        let (kind, at) = match next {
-            Finish::Succeeded => ("succeeded", 0),
-            Finish::Retry { at } => ("retry", at),
-            Finish::Failed => ("failed", 0),
-            Finish::Cancelled => ("cancelled", 0),
-            Finish::Requeue => ("requeue", 0),
-            Finish::Release => ("release", 0),
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        attempt: AttemptRecord,
+        next: Finish,
+    ) -> Queued<'a, ()> {
+        // A task this node claimed is located from memory, and its result handed to the
+        // results writer now; any other is looked up first.
+        let known = self
+            .located
+            .lock()
+            .expect("not poisoned")
+            .get(&lease.task)
+            .cloned();
+        match known {
+            Some(q) => {
+                let sent = self.queue_finish(q, lease, &attempt, next);
+                Queued::new(self.finish_answer(sent, lease))
+            }
+            None => Queued::new(async move {
+                let Some(q) = self.locate(lease.task).await? else {
+                    return Err(BrokerError::NotFound(lease.task));
+                };
+                let sent = self.queue_finish(q, lease, &attempt, next);
+                self.finish_answer(sent, lease).await
+            }),
+        }
+    }
+
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        let Some(q) = self.locate(id).await? else {
+            return Err(BrokerError::NotFound(id));
         };
         let json =
             serde_json::to_string(&attempt).map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let (done, answer) = tokio::sync::oneshot::channel();
-        let error = attempt
-            .error
-            .as_ref()
-            .map(|e| format!("e:{e}"))
-            .unwrap_or_default();
-        let args = [
-            lease.task.to_string(),
-            lease.token.to_string(),
-            lease.node.clone(),
-            kind.to_string(),
-            at.to_string(),
-            if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
-            json,
-            error,
-        ];
-        let r = match self.finisher.send(Finishing {
-            queue: q.clone(),
-            args,
-            done,
-        }) {
-            Ok(()) => answer.await.map_err(|_| {
-                BrokerError::Storage("the result writer stopped before answering".into())
-            })??,
-            // The writer is gone (the runtime it ran on shut down): write this one directly.
-            Err(tokio::sync::mpsc::error::SendError(f)) => {
-                finish_call(&mut self.conn(), &self.addr, &q, &[&f.args])
-                    .await?
-                    .pop()
-                    .unwrap_or_default()
-            }
-        };
+        let r: String = scripts()
+            .note
+            .key(prefix(&q))
+            .arg(id.to_string())
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
         match r.as_str() {
-            "ok" => {
-                self.forget(lease.task);
-                Ok(())
-            }
-            "missing" => Err(BrokerError::NotFound(lease.task)),
-            _ => {
-                self.forget(lease.task);
-                Err(BrokerError::LeaseLost(lease.task))
-            }
+            "ok" => Ok(()),
+            _ => Err(BrokerError::NotFound(id)),
         }
     }
 

@@ -37,10 +37,10 @@ use self::conn::{open_writer, storage};
 use self::rows::{
     boot_id, insert_attempt, insert_task, mark_running, row_to_task, task_seq, TASK_COLS,
 };
-use self::writer::{writer_loop, Job};
+use self::writer::{answer, writer_loop, Job};
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
-    QueueCounts, Recover, Result, Wakeups,
+    QueueCounts, Queued, Recover, Result, Wakeups,
 };
 use crate::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
@@ -255,11 +255,23 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn finish(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
-        let lease = lease.clone();
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        self.write_as(false, move |conn| {
+            let (seq, _) = task_seq(conn, id)?;
+            insert_attempt(conn, seq, &attempt)
+        })
+        .await
+    }
+
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        attempt: AttemptRecord,
+        next: Finish,
+    ) -> Queued<'a, ()> {
+        let held = lease.clone();
         // Nobody waits on a result to go on: it may share a commit with its neighbours.
-        let requeued = self
-            .write_as(false, move |conn| {
+        let queued = self.queue(false, None, move |conn| {
                 let now = now_ms();
                 let row: Option<(i64, bool, String)> = conn
                     .prepare_cached(
@@ -267,13 +279,13 @@ impl Broker for SqliteBroker {
                          WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state IN ('queued', 'running')",
                     )
                     .and_then(|mut s| {
-                        s.query_row(params![lease.task.to_string(), lease.token, lease.node], |r| {
+                        s.query_row(params![held.task.to_string(), held.token, held.node], |r| {
                             Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
                         })
                         .optional()
                     })
                     .map_err(storage)?;
-                let (seq, cancel_requested, state) = row.ok_or(BrokerError::LeaseLost(lease.task))?;
+                let (seq, cancel_requested, state) = row.ok_or(BrokerError::LeaseLost(held.task))?;
                 // `started` counts the attempt when it is recorded; a task finished before that
                 // record (it never started, or the record is still on its way) is counted here.
                 let counted = state == "running";
@@ -323,12 +335,13 @@ impl Broker for SqliteBroker {
                 })
                 .map_err(storage)?;
                 Ok(matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }))
-            })
-            .await?;
-        if requeued {
-            self.wake(b"work");
-        }
-        Ok(())
+            });
+        Queued::new(async move {
+            if answer(queued?).await? {
+                self.wake(b"work");
+            }
+            Ok(())
+        })
     }
 
     async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {

@@ -154,6 +154,22 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        answer(self.queue(urgent, wake, f)?).await
+    }
+
+    /// Queue a write for the writer thread now, and return where its answer will arrive
+    /// ([`answer`]). The writer takes jobs in the order they were queued, so a write queued
+    /// after this one is never committed before it.
+    pub(super) fn queue<T, F>(
+        &self,
+        urgent: bool,
+        wake: Option<&'static [u8]>,
+        f: F,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         if let Some(why) = &self.read_only {
             return Err(BrokerError::Unavailable(why.clone()));
         }
@@ -185,10 +201,15 @@ impl SqliteBroker {
                 w.thread().unpark();
             }
         }
-        rx.await.map_err(|_| {
-            BrokerError::Storage(
-                "the write was dropped: the database could not begin a transaction".into(),
-            )
-        })?
+        Ok(rx)
     }
+}
+
+/// The answer to a write queued with [`SqliteBroker::queue`].
+pub(super) async fn answer<T>(rx: tokio::sync::oneshot::Receiver<Result<T>>) -> Result<T> {
+    rx.await.map_err(|_| {
+        BrokerError::Storage(
+            "the write was dropped: the database could not begin a transaction".into(),
+        )
+    })?
 }
