@@ -6,6 +6,9 @@
 //! Where `redis-server` is missing each test prints a skip message and passes, except under
 //! `CI=true`, where it fails. Nothing sleeps a fixed time to wait for an outcome.
 
+// The Redis broker exists only in builds with the `redis` feature (the default).
+#![cfg(feature = "redis")]
+
 mod common;
 #[path = "common/redis.rs"]
 mod redis_server;
@@ -752,6 +755,105 @@ fn a_run_on_a_node_frozen_before_its_start_was_recorded_stays_in_the_history() {
             && !log.contains("its result is dropped"),
         "{log}"
     );
+}
+
+/// A TCP proxy in front of `upstream` that relays both ways until a client sends `marker`:
+/// it passes that request on whole, swallows the chunk that holds its answer (a finish
+/// call's `[ok]`: the script ran), and cuts the connection. Once; the next connections are relayed.
+fn proxy_losing_one_answer(upstream: u16, marker: &'static [u8]) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    let armed = Arc::new(AtomicBool::new(true));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let pending = Arc::new(AtomicBool::new(false));
+            let (mut c_in, mut s_out) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            let (armed, seen) = (armed.clone(), pending.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if buf[..n].windows(marker.len()).any(|w| w == marker)
+                        && armed.swap(false, Ordering::SeqCst)
+                    {
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                }
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = s_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let answer = &buf[..n];
+                    // finish.lua answers one result with a one-element array, `ok`;
+                    // started.lua's plain `ok` is not it.
+                    let finished = b"*1\r\n$2\r\nok\r\n";
+                    if pending.load(Ordering::SeqCst)
+                        && answer.windows(finished.len()).any(|w| w == finished)
+                    {
+                        let _ = s_in.shutdown(Shutdown::Both);
+                        break;
+                    }
+                    if c_out.write_all(answer).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+/// A result write that Redis applied but whose answer was lost (the connection broke on the
+/// way back) is sent again, and refused: the lease was spent by the first write. That used to
+/// be logged as "the task's lease was taken over; its result is dropped", though nothing was
+/// dropped. The node now finds its run in the history and says the result was recorded.
+#[test]
+fn a_result_whose_answer_was_lost_is_logged_as_recorded() {
+    let Some(server) = RedisServer::start("a_result_whose_answer_was_lost_is_logged_as_recorded")
+    else {
+        return;
+    };
+    let port = proxy_losing_one_answer(server.port, b"answer-lost-marker");
+    let env = Env::raw("");
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"redis://127.0.0.1:{port}/0\"\nshutdown_grace = \"5s\"\n\n\
+             [queues.q]\nshell = 'echo answer-lost-marker'\n"
+        ),
+    )
+    .expect("write config");
+    let d = env.daemon();
+    let id = env.submit("q", "{}");
+    let v = env.wait_state(&id, "succeeded", secs(30));
+    assert_eq!(history(&v).len(), 1, "{v:#}");
+    let recorded = "the result was recorded by an earlier try whose answer was lost";
+    assert!(
+        poll(secs(20), || d.log_text().contains(recorded)),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(!log.contains("result is dropped"), "{log}");
+    assert_eq!(history(&env.show(&id)).len(), 1, "nothing was added");
 }
 
 /// `rediss://`: the same broker over TLS (a self-signed certificate, accepted with the

@@ -1,4 +1,4 @@
-//! Long-lived workers (issue 5) under a real daemon with real worker processes: the Python
+//! Long-lived workers under a real daemon with real worker processes: the Python
 //! helper (contrib/python/taskd_worker.py) and the bash example (contrib/bash/worker.sh).
 //! Crash, hang, garbage, recycling, FATAL, reload and kill -9 of the daemon.
 
@@ -380,13 +380,14 @@ fn a_fatal_workers_why_shows_what_it_wrote_on_stderr() {
     let env = Env::raw(&format!(
         "[taskd]\nstate_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n\n\
          [queues.missing]\nworker = [\"python3\", \"/nonexistent/dir/worker.py\"]\nstart_retries = 1\n\n\
-         [queues.import]\nworker = [\"python3\", \"-c\", {script:?}]\nstart_retries = 2\n"
+         [queues.import]\nworker = [\"python3\", \"-c\", {script:?}]\nstart_retries = 2\n\n\
+         [queues.noprog]\nworker = [\"/nonexistent/bin/worker\"]\nstart_retries = 1\n"
     ));
     let d = env.daemon();
     let mut last = Vec::new();
     let fatal = poll(secs(30), || {
         last = workers(&env);
-        last.len() == 2 && last.iter().all(|w| w["state"] == "fatal")
+        last.len() == 3 && last.iter().all(|w| w["state"] == "fatal")
     });
     assert!(fatal, "{last:#?}\n{}", d.log_text());
     let of = |q: &str| {
@@ -424,6 +425,15 @@ fn a_fatal_workers_why_shows_what_it_wrote_on_stderr() {
     assert!(
         stderr(&of("import")).contains(&"loading settings".to_string()),
         "earlier lines are kept too"
+    );
+    // A program that does not exist never writes a line: its why names it.
+    let w = of("noprog");
+    assert!(stderr(&w).is_empty(), "{w:#}");
+    assert!(
+        w["why"]
+            .as_str()
+            .is_some_and(|y| y.contains("program not found: /nonexistent/bin/worker")),
+        "{w:#}"
     );
     // The table and the lines under it.
     let text = env.ok(&["status"]);
