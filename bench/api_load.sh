@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Enqueue through the HTTP API under load (issue 6, point 5): wrk with 64 connections on
+# Enqueue through the HTTP API under load: wrk with 64 connections on
 # loopback against a release daemon whose queue is paused, so only enqueueing is measured.
 # Every 201 means the task is committed (synchronous=FULL). Usage: bench/api_load.sh [SECONDS]
 set -euo pipefail

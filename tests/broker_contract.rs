@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+#[cfg(feature = "redis")]
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
@@ -81,14 +82,17 @@ pub async fn open_sqlite() -> Option<Opened> {
 }
 
 mod common;
+#[cfg(feature = "redis")]
 #[path = "common/redis.rs"]
 mod redis_server;
 
 /// Redis: a private `redis-server` on a free port, in its own temp dir.
+#[cfg(feature = "redis")]
 pub struct RedisGuard {
     pub server: redis_server::RedisServer,
 }
 
+#[cfg(feature = "redis")]
 #[async_trait]
 impl Guard for RedisGuard {
     async fn connect(&self) -> Arc<dyn Broker> {
@@ -100,6 +104,7 @@ impl Guard for RedisGuard {
     }
 }
 
+#[cfg(feature = "redis")]
 pub async fn open_redis() -> Option<Opened> {
     let server = redis_server::RedisServer::start("the redis broker contract")?;
     let g = RedisGuard { server };
@@ -193,6 +198,8 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(sqlite, crate::open_sqlite);
+// Built with the `redis` feature (the default); `--no-default-features` leaves it out.
+#[cfg(feature = "redis")]
 contract_tests!(redis, crate::open_redis);
 
 // ---------------------------------------------------------------------------------------------
@@ -3155,6 +3162,7 @@ mod sqlite_specific {
 // Redis only
 // ---------------------------------------------------------------------------------------------
 
+#[cfg(feature = "redis")]
 mod redis_specific {
     use super::*;
     use taskd::broker::NodeInfo;

@@ -1,4 +1,4 @@
-//! Crash safety (issue 3, point 5): kill -9 the daemon while tasks run, start it again.
+//! Crash safety: kill -9 the daemon while tasks run, start it again.
 //! The orphaned process groups are killed, their tasks run again without being charged an
 //! attempt (reason `lost` in the history), nothing stays `running`, nothing is lost.
 

@@ -6,6 +6,9 @@
 //! `CI=true`, where it fails. A case that tests something only the embedded store does
 //! prints why it is skipped here.
 
+// The Redis broker exists only in builds with the `redis` feature (the default).
+#![cfg(feature = "redis")]
+
 mod common;
 #[path = "common/redis.rs"]
 mod redis_server;

@@ -6,6 +6,9 @@
 //! Where `redis-server` is missing each test prints a skip message and passes, except under
 //! `CI=true`, where it fails. Nothing sleeps a fixed time to wait for an outcome.
 
+// The Redis broker exists only in builds with the `redis` feature (the default).
+#![cfg(feature = "redis")]
+
 mod common;
 #[path = "common/redis.rs"]
 mod redis_server;

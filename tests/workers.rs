@@ -1,4 +1,4 @@
-//! Long-lived workers (issue 5) under a real daemon with real worker processes: the Python
+//! Long-lived workers under a real daemon with real worker processes: the Python
 //! helper (contrib/python/taskd_worker.py) and the bash example (contrib/bash/worker.sh).
 //! Crash, hang, garbage, recycling, FATAL, reload and kill -9 of the daemon.
 

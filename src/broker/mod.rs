@@ -4,7 +4,8 @@
 //! atomic state changes and leases; it never runs processes (that is the executor's job)
 //! and never decides policy (the supervisor says whether a failure is retried, and when).
 //!
-//! Backends: [`sqlite`] (embedded, the default) and [`redis`] (shared by several nodes).
+//! Backends: [`sqlite`] (embedded, the default) and `redis` (shared by several nodes; built
+//! with the `redis` feature, on by default).
 //! PostgreSQL slots in behind the same trait; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
 //!
@@ -51,6 +52,7 @@
 //!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
 
 pub mod access;
+#[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
 
@@ -440,9 +442,16 @@ pub async fn open(url: &crate::config::BrokerUrl) -> Result<Arc<dyn Broker>> {
             let b = sqlite::SqliteBroker::open(path).await?;
             Ok(Arc::new(b))
         }
+        #[cfg(feature = "redis")]
         crate::config::BrokerUrl::Redis { url } => {
             let b = redis::RedisBroker::open(url.expose()).await?;
             Ok(Arc::new(b))
         }
+        // The config refuses a Redis URL in such a build; this is for a `BrokerUrl` made by
+        // hand.
+        #[cfg(not(feature = "redis"))]
+        crate::config::BrokerUrl::Redis { .. } => Err(BrokerError::Unavailable(
+            "this taskd was built without the Redis broker (the `redis` feature)".into(),
+        )),
     }
 }

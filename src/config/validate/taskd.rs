@@ -279,26 +279,17 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
     }
     let scheme = lower.split_once("://").map(|(scheme, _)| scheme);
     if matches!(scheme, Some("redis" | "rediss")) {
-        // Parsed as the client will parse it; the message never repeats the URL, which may
-        // hold a password.
-        return match redis::IntoConnectionInfo::into_connection_info(t) {
-            Ok(_) => Ok(BrokerUrl::Redis {
-                url: Secret::new(t.to_string()),
-            }),
-            Err(e) => Err((
-                format!(
-                    "the redis broker URL is invalid: {}",
-                    e.to_string().replace(t, "<url>")
-                ),
-                "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
-                    .into(),
-            )),
-        };
+        return parse_redis(t);
     }
     if matches!(scheme, Some("postgres" | "postgresql")) {
+        let fix = if cfg!(feature = "redis") {
+            "use `redis://host:6379/0` for a shared broker, or remove `broker` to use the embedded SQLite store"
+        } else {
+            "remove `broker` to use the embedded SQLite store"
+        };
         return Err((
             "the postgres broker is not available in this version".into(),
-            "use `redis://host:6379/0` for a shared broker, or remove `broker` to use the embedded SQLite store".into(),
+            fix.into(),
         ));
     }
     let fix = if scheme.is_none() && !t.is_empty() && !t.contains(':') {
@@ -312,8 +303,39 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
         "write `broker = \"sqlite:///path/to/taskd.db\"`, or remove `broker` to use the embedded SQLite store".into()
     };
     Err((
-        format!("unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db) and `redis://` URLs"),
+        format!(
+            "unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db){}",
+            if cfg!(feature = "redis") { " and `redis://` URLs" } else { "" }
+        ),
         fix,
+    ))
+}
+
+/// A `redis://` or `rediss://` URL, parsed as the client will parse it; the message never
+/// repeats the URL, which may hold a password.
+#[cfg(feature = "redis")]
+fn parse_redis(t: &str) -> Result<BrokerUrl, (String, String)> {
+    match redis::IntoConnectionInfo::into_connection_info(t) {
+        Ok(_) => Ok(BrokerUrl::Redis {
+            url: Secret::new(t.to_string()),
+        }),
+        Err(e) => Err((
+            format!(
+                "the redis broker URL is invalid: {}",
+                e.to_string().replace(t, "<url>")
+            ),
+            "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
+                .into(),
+        )),
+    }
+}
+
+/// A build without the Redis broker refuses a `redis://` URL, saying so.
+#[cfg(not(feature = "redis"))]
+fn parse_redis(_: &str) -> Result<BrokerUrl, (String, String)> {
+    Err((
+        "this taskd was built without the Redis broker (the `redis` feature)".into(),
+        "use the embedded SQLite store (remove `broker`, or write `broker = \"sqlite:///var/lib/taskd/taskd.db\"`), or a taskd built with the default features".into(),
     ))
 }
 
@@ -343,6 +365,20 @@ mod tests {
             sqlite("/etc/taskd/data/t.db")
         );
         assert!(parse_broker("sqlite://", dir).is_err());
+        assert!(parse_broker("postgres://h/db", dir)
+            .unwrap_err()
+            .0
+            .contains("postgres broker"));
+        let (m, f) = parse_broker("/var/lib/t.db", dir).unwrap_err();
+        assert!(m.contains("sqlite:"), "{m}");
+        assert_eq!(f, "write `broker = \"sqlite:///var/lib/t.db\"`");
+        assert!(parse_broker("mysql://h", dir).is_err());
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_broker_urls() {
+        let dir = Path::new("/etc/taskd");
         let redis = |u: &str| match parse_broker(u, dir) {
             Ok(BrokerUrl::Redis { url }) => url.expose().to_string(),
             other => panic!("{u}: {other:?}"),
@@ -359,13 +395,19 @@ mod tests {
         let (m, _) = parse_broker("redis://:s3cret@h:notaport/2", dir).unwrap_err();
         assert!(m.contains("redis broker URL is invalid"), "{m}");
         assert!(!m.contains("s3cret"), "a message repeats the password: {m}");
-        assert!(parse_broker("postgres://h/db", dir)
-            .unwrap_err()
-            .0
-            .contains("postgres broker"));
-        let (m, f) = parse_broker("/var/lib/t.db", dir).unwrap_err();
-        assert!(m.contains("sqlite:"), "{m}");
-        assert_eq!(f, "write `broker = \"sqlite:///var/lib/t.db\"`");
-        assert!(parse_broker("mysql://h", dir).is_err());
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[test]
+    fn a_build_without_redis_refuses_redis_urls_saying_why() {
+        let dir = Path::new("/etc/taskd");
+        for url in ["redis://127.0.0.1:6379/0", "rediss://:s3cret@h"] {
+            let (m, f) = parse_broker(url, dir).unwrap_err();
+            assert!(m.contains("built without the Redis broker"), "{m}");
+            assert!(f.contains("sqlite"), "{f}");
+            assert!(!m.contains("s3cret") && !f.contains("s3cret"), "{m} {f}");
+        }
+        let (_, f) = parse_broker("postgres://h/db", dir).unwrap_err();
+        assert!(!f.contains("redis"), "a fix that names what this build lacks: {f}");
     }
 }
