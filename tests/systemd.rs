@@ -597,8 +597,15 @@ fn the_system_example_config_checks_and_runs_every_queue() {
         dir: root,
         config: config.clone().into(),
     };
-    let check: serde_json::Value =
-        serde_json::from_str(&env.ok(&["check", "--json"])).expect("check --json");
+    // As the unit runs it: from /, with $STATE_DIRECTORY set by StateDirectory=.
+    let out = env
+        .cmd(&["check", "--json"])
+        .current_dir("/")
+        .env("STATE_DIRECTORY", format!("{r}/var/lib/taskd"))
+        .output()
+        .expect("run taskd check");
+    assert!(out.status.success(), "taskd check: {out:?}");
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
     assert_eq!(
         check["state_dir"],
         format!("{r}/var/lib/taskd"),
