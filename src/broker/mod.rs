@@ -4,8 +4,9 @@
 //! atomic state changes and leases; it never runs processes (that is the executor's job)
 //! and never decides policy (the supervisor says whether a failure is retried, and when).
 //!
-//! Backends: [`sqlite`] (embedded, the default) and `redis` (shared by several nodes; built
-//! with the `redis` feature, on by default).
+//! Backends: [`sqlite`] (embedded, the default), `redis` (shared by several nodes; built
+//! with the `redis` feature, on by default) and [`memory`] (one process's map, for running
+//! the supervisor in tests).
 //! PostgreSQL slots in behind the same trait; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
 //!
@@ -52,6 +53,7 @@
 //!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
 
 pub mod access;
+pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
