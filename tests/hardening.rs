@@ -103,6 +103,7 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
     }
     stop.store(true, Ordering::Relaxed);
     flooder.join().expect("the flood thread");
+    eprintln!("healthz answered in {health_took:?} during the flood");
     let health = health.expect("healthz answers during the flood");
     assert_eq!(health.status(), 200);
     assert!(
