@@ -75,6 +75,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             BrokerError::LeaseLost(_) => (StatusCode::CONFLICT, "conflict"),
             BrokerError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "broker_error"),
+            BrokerError::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_full"),
         };
         ApiError::new(status, code, e.to_string())
     }
