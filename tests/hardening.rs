@@ -118,6 +118,25 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
 }
 
 #[test]
+fn a_task_that_finds_no_free_descriptor_waits_instead_of_failing() {
+    // 40 descriptors for a daemon running 8 tasks at once: some spawns find none free
+    // (EMFILE) until other tasks end.
+    let e = Env::new("[queues.q]\nshell = \"sleep 0.3\"\nconcurrency = 8\n");
+    let d = e.daemon_custom(|c| nofile_limit(c, 40));
+    let payloads: Vec<serde_json::Value> = (0..24).map(|i| serde_json::json!({ "n": i })).collect();
+    let ids = common::submit_batch(&e, "q", &payloads);
+    for id in &ids {
+        let v = e.wait_state(id, "succeeded", Duration::from_secs(60));
+        assert_eq!(history(&v).len(), 1, "one attempt, no failed spawn: {v:#}");
+    }
+    assert!(
+        d.log_text().contains("out of file descriptors"),
+        "the daemon ran short of descriptors (else this test shows nothing):\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
 fn a_log_reader_that_goes_away_stops_neither_tasks_nor_the_daemon() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
