@@ -510,6 +510,16 @@ max_attempts = 1
         "{err}"
     );
     assert_eq!(total(&env), 0);
+    // A field the script reads as $TASKD_ARG_f00 but too big to be a variable: refused,
+    // not run with the variable empty.
+    let out = submit_stdin(&env, "env", &json!({ "f00": "v".repeat(70_000) }).to_string());
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("payload field `f00` is too big for the environment variable TASKD_ARG_f00 the script reads"),
+        "{err}"
+    );
+    assert_eq!(total(&env), 0);
 
     let long_name = json!({ "n".repeat(140_000): 1 }).to_string();
     let wide: serde_json::Map<String, Value> = (0..40)
