@@ -156,8 +156,9 @@ fn components() -> Value {
                     "properties": { "scheduled": { "type": "integer" }, "queued": { "type": "integer" }, "running": { "type": "integer" },
                         "retrying": { "type": "integer" }, "succeeded": { "type": "integer" }, "failed": { "type": "integer" }, "cancelled": { "type": "integer" } } }
             } },
-            "Error": { "type": "object", "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
-                "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } } } } }
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
+                "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } },
+                "additionalProperties": { "description": "details of some errors: `known` queues, the `byte`, `line` and `column` of malformed JSON, a `limit`, …" } } } }
         }
     })
 }
@@ -481,6 +482,20 @@ mod tests {
         serde_json::to_value(v).expect("the shapes serialize")
     }
 
+    /// An error body as every handler answers one (with details, or without).
+    fn error_sample(fill: Fill) -> Value {
+        let e = super::super::error::ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_queue",
+            "unknown queue `x`",
+        );
+        let e = match fill {
+            Fill::Full => e.with("known", vec!["thumbs".to_string()]),
+            Fill::Sparse => e,
+        };
+        to_json(e.body())
+    }
+
     /// What each documented JSON response serializes, by (method, path, status): the
     /// shapes the handlers return, filled both ways.
     fn api_samples(fill: Fill) -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Value>> {
@@ -583,10 +598,15 @@ mod tests {
                     let responses = op["responses"].as_object().expect("responses");
                     for (status, response) in responses {
                         let schema = &response["content"]["application/json"]["schema"];
-                        if schema.is_null()
-                            || schema["$ref"] == "#/components/schemas/Error"
-                            || path == "/api/v1/openapi.json"
-                        {
+                        if schema.is_null() || path == "/api/v1/openapi.json" {
+                            continue;
+                        }
+                        if schema["$ref"] == "#/components/schemas/Error" {
+                            let mut w = Walker::new(&doc);
+                            let at =
+                                format!("{} {path} {status} ({fill:?})", method.to_uppercase());
+                            w.check(&at, schema, &error_sample(fill), fill);
+                            errors.extend(w.errors);
                             continue;
                         }
                         let Some(values) =
