@@ -351,7 +351,11 @@ fn bodies_that_cannot_run_are_refused() {
     };
     let refused = |queue: &str, body: &str, code: u16, error: &str, words: &[&str]| {
         let (c, v) = post(queue, body);
-        assert_eq!((c, v["error"]["code"].as_str()), (code, Some(error)), "{body}: {v:#}");
+        assert_eq!(
+            (c, v["error"]["code"].as_str()),
+            (code, Some(error)),
+            "{body}: {v:#}"
+        );
         let m = v["error"]["message"].as_str().unwrap_or("");
         for w in words {
             assert!(m.contains(w), "{body}: message lacks {w:?}: {m}");
@@ -597,16 +601,14 @@ fn the_bearer_scheme_is_case_insensitive() {
     let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
     let d = e.daemon();
     let url = d.api_base();
-    let post = |auth: &str| {
-        match ureq::post(&format!("{url}/api/v1/queues/echo/tasks"))
-            .timeout(Duration::from_secs(20))
-            .set("Authorization", auth)
-            .send_string("{}")
-        {
-            Ok(r) => r.status(),
-            Err(ureq::Error::Status(c, _)) => c,
-            Err(e) => panic!("{e}"),
-        }
+    let post = |auth: &str| match ureq::post(&format!("{url}/api/v1/queues/echo/tasks"))
+        .timeout(Duration::from_secs(20))
+        .set("Authorization", auth)
+        .send_string("{}")
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("{e}"),
     };
     for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
         assert_eq!(post(&format!("{scheme} {TOKEN}")), 201, "{scheme}");

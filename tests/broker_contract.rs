@@ -1561,7 +1561,11 @@ pub mod cases {
         let c = claim_id(&b, "nr", id).await;
         start(&b, &c).await;
         let before = get(&b, id).await;
-        let a = attempt_of(&c, AttemptReason::Lost, Some("this node ran the task while its lease was taken over"));
+        let a = attempt_of(
+            &c,
+            AttemptReason::Lost,
+            Some("this node ran the task while its lease was taken over"),
+        );
         b.note_run(id, a.clone()).await.expect("note_run");
         let after = get(&b, id).await;
         assert_eq!(

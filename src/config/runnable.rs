@@ -209,8 +209,12 @@ mod tests {
             argv(&q, &ok, &[]).expect("runnable"),
             ["thumb", "--size=-1", "a.png", "--", "-out.png"]
         );
-        let e = argv(&q, &json!({"size": 1, "src": "--output=/etc/x", "dst": "b"}), &[])
-            .expect_err("an option");
+        let e = argv(
+            &q,
+            &json!({"size": 1, "src": "--output=/etc/x", "dst": "b"}),
+            &[],
+        )
+        .expect_err("an option");
         assert!(
             e.contains("\"--output=/etc/x\"") && e.contains("allow_dash_values = true"),
             "{e}"
@@ -226,7 +230,10 @@ mod tests {
         let q = queue(r#"shell = 'echo "$TASKD_ARG_a"'"#);
         let e = argv(&q, &json!({"a": "x\u{0}y"}), &[]).expect_err("NUL in env");
         assert!(e.contains("TASKD_ARG_a"), "{e}");
-        assert!(argv(&q, &json!({"a-b": "x\u{0}y"}), &[]).is_ok(), "not a variable");
+        assert!(
+            argv(&q, &json!({"a-b": "x\u{0}y"}), &[]).is_ok(),
+            "not a variable"
+        );
         let e = argv(&q, &json!({}), &["a\u{0}".into()]).expect_err("NUL in args");
         assert!(e.contains("extra argument 1"), "{e}");
         let e = argv(&q, &json!({}), &["x".repeat(MAX_ARG_LEN + 1)]).expect_err("long");
@@ -251,9 +258,15 @@ mod tests {
         let big = "v".repeat(MAX_ENV_VAR);
         let e = argv(&q, &json!({"small": 1, "big": big}), &[]).expect_err("too big");
         assert!(e.contains("`big`") && e.contains("TASKD_ARG_big"), "{e}");
-        assert!(argv(&q, &json!({"small": 1, "other": big}), &[]).is_ok(), "not read");
+        assert!(
+            argv(&q, &json!({"small": 1, "other": big}), &[]).is_ok(),
+            "not read"
+        );
         assert!(argv(&q, &json!({"small": 1, "big": "ok"}), &[]).is_ok());
-        assert!(argv(&q, &json!({"big": null}), &[]).is_ok(), "null is never passed");
+        assert!(
+            argv(&q, &json!({"big": null}), &[]).is_ok(),
+            "null is never passed"
+        );
     }
 
     #[test]

@@ -395,6 +395,10 @@ pub(crate) fn spawn(
             }
         })?;
         // Read only after the clone returned: the child is past execve or gone.
+        // SAFETY: `args` lives on this frame and the child, which shared our memory
+        // (CLONE_VM) and wrote `errno` before execve or _exit, no longer runs on it
+        // (CLONE_VFORK suspended us until then); volatile so the compiler cannot assume the
+        // value it had before the clone.
         let errno = unsafe { std::ptr::read_volatile(&args.errno) };
         if errno != 0 {
             let mut status = 0;
