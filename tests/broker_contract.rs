@@ -213,7 +213,7 @@ macro_rules! contract_tests {
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
                 if let Some(why) = guard.cannot_run(stringify!($case)) {
-                    eprintln!("{}: skipped: {why}", stringify!($case));
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
                     return;
                 }
                 $crate::cases::$case(broker, guard).await;
@@ -226,7 +226,7 @@ macro_rules! contract_tests {
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
                 if let Some(why) = guard.cannot_run(stringify!($case)) {
-                    eprintln!("{}: skipped: {why}", stringify!($case));
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
                     return;
                 }
                 $crate::cases::$case(broker, guard).await;
