@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
 use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
@@ -21,8 +21,9 @@ pub struct Health {
     pub status: &'static str,
 }
 
-/// One queue: its counts by state (every state, zeros included) and flags.
-#[derive(Clone, Debug, Serialize)]
+/// One queue: its counts by state (every state, zeros included) and flags. `taskd status
+/// --server` reads it back from the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QueueView {
     pub queue: String,
     pub paused: bool,
@@ -32,7 +33,7 @@ pub struct QueueView {
     pub concurrency: Option<usize>,
     /// Inbox entries set aside, never to run (Redis).
     pub set_aside: u64,
-    pub counts: BTreeMap<&'static str, u64>,
+    pub counts: BTreeMap<String, u64>,
 }
 
 impl QueueView {
@@ -43,7 +44,11 @@ impl QueueView {
             configured: row.configured,
             concurrency,
             set_aside: row.set_aside,
-            counts: row.by_state(),
+            counts: row
+                .by_state()
+                .into_iter()
+                .map(|(s, n)| (s.to_string(), n))
+                .collect(),
         }
     }
 }

@@ -215,23 +215,22 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
         print_json(&v)?;
         return Ok(exit::OK);
     }
+    let queues: Vec<view::QueueView> =
+        serde_json::from_value(v["queues"].clone()).map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("{}/api/v1/queues: not a list of queues: {e}", remote.base()),
+            )
+        })?;
     let mut table = queues_table();
-    for q in v["queues"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let mut row = vec![q["queue"].as_str().unwrap_or("?").to_string()];
+    for q in &queues {
+        let mut row = vec![q.queue.clone()];
         row.extend(
             TaskState::ALL
                 .iter()
-                .map(|s| q["counts"][s.as_str()].as_u64().unwrap_or(0).to_string()),
+                .map(|s| q.counts.get(s.as_str()).copied().unwrap_or(0).to_string()),
         );
-        let notes = queue_notes(
-            q["paused"] == true,
-            q["configured"] != false,
-            q["set_aside"].as_u64().unwrap_or(0),
-        );
+        let notes = queue_notes(q.paused, q.configured, q.set_aside);
         row.push(notes.join(", "));
         table.add_row(row);
     }
