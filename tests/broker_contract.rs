@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::broker::memory::MemoryBroker;
 #[cfg(feature = "redis")]
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
@@ -47,6 +48,12 @@ pub trait Guard: Send + Sync + 'static {
     /// Another client of the same store, opened the way a separate process (a CLI call, a
     /// second daemon) would open it: it shares nothing in memory with the first broker.
     async fn connect(&self) -> Arc<dyn Broker>;
+
+    /// Why this backend cannot run contract case `case`, if it cannot (the case is then
+    /// skipped, saying why). Only for what the backend cannot be, never for a bug.
+    fn cannot_run(&self, _case: &str) -> Option<&'static str> {
+        None
+    }
 }
 
 pub type Opened = (Arc<dyn Broker>, Box<dyn Guard>);
@@ -74,6 +81,29 @@ pub async fn sqlite_fixture() -> (Arc<dyn Broker>, SqliteGuard) {
         .await
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     (Arc::new(b), SqliteGuard { path, _dir: dir })
+}
+
+/// In memory: one process's store. Its "other clients" are clients in the same process
+/// (the store cannot be shared with another one, or outlive it).
+pub struct MemoryGuard {
+    broker: Arc<dyn Broker>,
+}
+
+#[async_trait]
+impl Guard for MemoryGuard {
+    async fn connect(&self) -> Arc<dyn Broker> {
+        self.broker.clone()
+    }
+
+    fn cannot_run(&self, case: &str) -> Option<&'static str> {
+        (case == "reopen_keeps_tasks")
+            .then_some("an in-memory store dies with its process: there is nothing to reopen")
+    }
+}
+
+pub async fn open_memory() -> Option<Opened> {
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    Some((broker.clone(), Box::new(MemoryGuard { broker })))
 }
 
 pub async fn open_sqlite() -> Option<Opened> {
@@ -182,6 +212,10 @@ macro_rules! contract_tests {
             #[tokio::test]
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
+                if let Some(why) = guard.cannot_run(stringify!($case)) {
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
+                    return;
+                }
                 $crate::cases::$case(broker, guard).await;
             }
         )*
@@ -191,6 +225,10 @@ macro_rules! contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
+                if let Some(why) = guard.cannot_run(stringify!($case)) {
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
+                    return;
+                }
                 $crate::cases::$case(broker, guard).await;
             }
         )*
@@ -198,6 +236,7 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(sqlite, crate::open_sqlite);
+contract_tests!(memory, crate::open_memory);
 // Built with the `redis` feature (the default); `--no-default-features` leaves it out.
 #[cfg(feature = "redis")]
 contract_tests!(redis, crate::open_redis);
@@ -1522,7 +1561,11 @@ pub mod cases {
         let c = claim_id(&b, "nr", id).await;
         start(&b, &c).await;
         let before = get(&b, id).await;
-        let a = attempt_of(&c, AttemptReason::Lost, Some("this node ran the task while its lease was taken over"));
+        let a = attempt_of(
+            &c,
+            AttemptReason::Lost,
+            Some("this node ran the task while its lease was taken over"),
+        );
         b.note_run(id, a.clone()).await.expect("note_run");
         let after = get(&b, id).await;
         assert_eq!(

@@ -4,8 +4,9 @@
 //! atomic state changes and leases; it never runs processes (that is the executor's job)
 //! and never decides policy (the supervisor says whether a failure is retried, and when).
 //!
-//! Backends: [`sqlite`] (embedded, the default) and `redis` (shared by several nodes; built
-//! with the `redis` feature, on by default).
+//! Backends: [`sqlite`] (embedded, the default), `redis` (shared by several nodes; built
+//! with the `redis` feature, on by default) and [`memory`] (one process's map, for running
+//! the supervisor in tests).
 //! PostgreSQL slots in behind the same trait; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
 //!
@@ -52,6 +53,7 @@
 //!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
 
 pub mod access;
+pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod sqlite;
@@ -88,6 +90,10 @@ pub enum BrokerError {
     /// The store refused a write or a read (disk full, corruption, I/O error).
     #[error("broker storage error: {0}")]
     Storage(String),
+    /// The store is full and refuses writes until memory or space is freed (a Redis server
+    /// at its `maxmemory` under the `noeviction` policy). Reads still work.
+    #[error("the broker refuses writes: {0}")]
+    Full(String),
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

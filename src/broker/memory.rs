@@ -1,0 +1,591 @@
+//! An in-memory broker: the whole store is a map behind one mutex, gone with the process.
+//!
+//! It keeps every rule of the trait (see the [module documentation](super)) that one
+//! process can observe, so the contract suite runs against it as against SQLite and Redis;
+//! what it cannot do is be shared: another process (a CLI call, a second daemon) never sees
+//! it, and a "reopened" store is a new, empty one. It is for running the supervisor
+//! in-process in tests, with tokio's clock paused where real processes are not the point,
+//! and as the smallest worked example of a backend. It never runs processes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
+    QueueCounts, Queued, Recover, Result, Wakeups,
+};
+use crate::model::{
+    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
+    TaskState, UnixMs,
+};
+
+/// One task as the store holds it: its record, its history and its lease.
+struct Row {
+    task: TaskRecord,
+    history: Vec<AttemptRecord>,
+    /// The fencing token: bumped by every claim.
+    token: i64,
+    lease_expires: UnixMs,
+    pid: Option<i32>,
+    pid_start: Option<u64>,
+    /// When its current run's start was recorded.
+    started_at: Option<UnixMs>,
+}
+
+impl Row {
+    /// Held by `lease` (same node and token), and still queued or running.
+    fn held_by(&self, lease: &Lease) -> bool {
+        self.token == lease.token
+            && self.task.node.as_deref() == Some(lease.node.as_str())
+            && matches!(self.task.state, TaskState::Queued | TaskState::Running)
+    }
+
+    fn release(&mut self) {
+        self.task.node = None;
+        self.lease_expires = 0;
+        self.pid = None;
+        self.pid_start = None;
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    /// By insertion order (`seq`): FIFO within a priority, newest first for lists.
+    rows: BTreeMap<u64, Row>,
+    by_id: HashMap<TaskId, u64>,
+    paused: BTreeSet<QueueName>,
+    next_seq: u64,
+}
+
+impl Store {
+    fn row_mut(&mut self, id: TaskId) -> Option<&mut Row> {
+        let seq = *self.by_id.get(&id)?;
+        self.rows.get_mut(&seq)
+    }
+
+    /// The waiting or running task of `queue` that holds unique key `key`, other than `not`.
+    fn unique_holder(&self, queue: &QueueName, key: &str, not: Option<TaskId>) -> Option<&Row> {
+        self.rows.values().find(|r| {
+            Some(r.task.id) != not
+                && &r.task.queue == queue
+                && r.task.unique_key.as_deref() == Some(key)
+                && !r.task.state.is_terminal()
+        })
+    }
+}
+
+/// The store and the wake-ups of its one process.
+#[derive(Default)]
+pub struct MemoryBroker {
+    store: Mutex<Store>,
+    wakeups: Wakeups,
+}
+
+impl MemoryBroker {
+    pub fn new() -> MemoryBroker {
+        MemoryBroker::default()
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store
+            .lock()
+            .expect("no code panics while holding the store")
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>> {
+        let now = now_ms();
+        let mut later = false;
+        let mut out = Vec::with_capacity(tasks.len());
+        {
+            let mut s = self.store();
+            // All or nothing: every payload is read before anything is stored.
+            let mut payloads = Vec::with_capacity(tasks.len());
+            let mut ids = std::collections::HashSet::with_capacity(tasks.len());
+            for t in &tasks {
+                let payload: serde_json::Value = serde_json::from_str(&t.payload)
+                    .map_err(|e| BrokerError::Storage(format!("task {}: {e}", t.id)))?;
+                if s.by_id.contains_key(&t.id) || !ids.insert(t.id) {
+                    return Err(BrokerError::Conflict(format!("task id {} is taken", t.id)));
+                }
+                payloads.push(payload);
+            }
+            for (t, payload) in tasks.into_iter().zip(payloads) {
+                if let Some(key) = &t.unique_key {
+                    if let Some(r) = s.unique_holder(&t.queue, key, None) {
+                        out.push(Enqueued {
+                            id: r.task.id,
+                            state: r.task.state,
+                            existing: true,
+                            created_at: r.task.created_at,
+                            run_at: r.task.run_at,
+                        });
+                        continue;
+                    }
+                }
+                let run_at = t.run_at.unwrap_or(now);
+                let state = if run_at > now {
+                    later = true;
+                    TaskState::Scheduled
+                } else {
+                    TaskState::Queued
+                };
+                let seq = s.next_seq;
+                s.next_seq += 1;
+                s.by_id.insert(t.id, seq);
+                out.push(Enqueued {
+                    id: t.id,
+                    state,
+                    existing: false,
+                    created_at: now,
+                    run_at,
+                });
+                s.rows.insert(
+                    seq,
+                    Row {
+                        task: TaskRecord {
+                            id: t.id,
+                            queue: t.queue,
+                            state,
+                            payload,
+                            args: t.args,
+                            priority: t.priority,
+                            unique_key: t.unique_key,
+                            run_at,
+                            attempts: 0,
+                            created_at: now,
+                            updated_at: now,
+                            finished_at: None,
+                            last_error: None,
+                            cancel_requested: false,
+                            node: None,
+                        },
+                        history: Vec::new(),
+                        token: 0,
+                        lease_expires: 0,
+                        pid: None,
+                        pid_start: None,
+                        started_at: None,
+                    },
+                );
+            }
+        }
+        if !out.is_empty() {
+            if later {
+                self.wakeups.sched.notify_one();
+            } else {
+                self.wakeups.work.notify_one();
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        node: &str,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        let mut s = self.store();
+        if max == 0 || s.paused.contains(queue) {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut ready: Vec<(i32, u64)> = Vec::new();
+        for (seq, r) in s.rows.iter_mut() {
+            if &r.task.queue != queue {
+                continue;
+            }
+            if matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
+                && r.task.run_at <= now
+            {
+                r.task.state = TaskState::Queued;
+                r.task.updated_at = now;
+            }
+            if r.task.state == TaskState::Queued && r.task.node.is_none() {
+                ready.push((r.task.priority, *seq));
+            }
+        }
+        ready.sort_by_key(|&(priority, seq)| (-(priority as i64), seq));
+        let mut out = Vec::new();
+        for (_, seq) in ready.into_iter().take(max) {
+            let r = s.rows.get_mut(&seq).expect("listed above");
+            r.token += 1;
+            r.task.node = Some(node.to_string());
+            r.lease_expires = now + lease.as_millis() as i64;
+            r.task.updated_at = now;
+            r.pid = None;
+            r.pid_start = None;
+            out.push(Claimed {
+                lease: Lease {
+                    task: r.task.id,
+                    token: r.token,
+                    node: node.to_string(),
+                },
+                attempt: r.task.attempts + 1,
+                task: r.task.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
+        let now = now_ms();
+        let mut s = self.store();
+        let r = s
+            .row_mut(lease.task)
+            .filter(|r| r.held_by(lease))
+            .ok_or(BrokerError::LeaseLost(lease.task))?;
+        if r.task.state == TaskState::Queued {
+            r.task.attempts += 1;
+            r.started_at = Some(now);
+        }
+        r.task.state = TaskState::Running;
+        r.task.updated_at = now;
+        r.pid = Some(pid);
+        r.pid_start = Some(pid_start);
+        Ok(())
+    }
+
+    async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
+        let until = now_ms() + lease.as_millis() as i64;
+        let mut s = self.store();
+        let mut lost = Vec::new();
+        for l in leases {
+            match s.row_mut(l.task).filter(|r| r.held_by(l)) {
+                Some(r) => r.lease_expires = until,
+                None => lost.push(l.task),
+            }
+        }
+        Ok(lost)
+    }
+
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        attempt: AttemptRecord,
+        next: Finish,
+    ) -> Queued<'a, ()> {
+        // Applied before this returns: the strictest way to keep rule 6.
+        let done = self.finish_now(lease, attempt, next);
+        Queued::new(async move { done })
+    }
+
+    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+        let mut s = self.store();
+        let r = s.row_mut(id).ok_or(BrokerError::NotFound(id))?;
+        r.history.push(attempt);
+        Ok(())
+    }
+
+    async fn cancel(&self, id: TaskId) -> Result<CancelOutcome> {
+        let now = now_ms();
+        let out = {
+            let mut s = self.store();
+            let r = s.row_mut(id).ok_or(BrokerError::NotFound(id))?;
+            let state = r.task.state;
+            if state == TaskState::Running || (state == TaskState::Queued && r.task.node.is_some())
+            {
+                // Its node stops it.
+                r.task.cancel_requested = true;
+                r.task.updated_at = now;
+                CancelOutcome::Requested
+            } else if state.is_terminal() {
+                CancelOutcome::AlreadyFinished(state)
+            } else {
+                r.task.state = TaskState::Cancelled;
+                r.task.finished_at = Some(now);
+                r.task.updated_at = now;
+                r.task.last_error = Some("cancelled before it ran".into());
+                CancelOutcome::Cancelled
+            }
+        };
+        if out == CancelOutcome::Requested {
+            self.wakeups.cancel.notify_one();
+        }
+        Ok(out)
+    }
+
+    async fn retry(&self, id: TaskId) -> Result<()> {
+        let now = now_ms();
+        {
+            let mut s = self.store();
+            let seq = *s.by_id.get(&id).ok_or(BrokerError::NotFound(id))?;
+            let (state, queue, key) = {
+                let t = &s.rows[&seq].task;
+                (t.state, t.queue.clone(), t.unique_key.clone())
+            };
+            if !matches!(state, TaskState::Failed | TaskState::Cancelled) {
+                return Err(BrokerError::Conflict(format!(
+                    "task {id} is {state}; only failed or cancelled tasks can be retried"
+                )));
+            }
+            if let Some(key) = key {
+                if s.unique_holder(&queue, &key, Some(id)).is_some() {
+                    return Err(BrokerError::Conflict(format!(
+                        "another waiting or running task of this queue holds task {id}'s unique key"
+                    )));
+                }
+            }
+            let t = &mut s.rows.get_mut(&seq).expect("found above").task;
+            t.state = TaskState::Queued;
+            t.attempts = 0;
+            t.run_at = now;
+            t.finished_at = None;
+            t.last_error = None;
+            t.cancel_requested = false;
+            t.updated_at = now;
+        }
+        self.wakeups.work.notify_one();
+        Ok(())
+    }
+
+    async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<()> {
+        {
+            let mut s = self.store();
+            if paused {
+                s.paused.insert(queue.clone());
+            } else {
+                s.paused.remove(queue);
+            }
+        }
+        self.wakeups.pause.notify_one();
+        Ok(())
+    }
+
+    async fn paused(&self) -> Result<BTreeSet<QueueName>> {
+        Ok(self.store().paused.clone())
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>> {
+        let s = self.store();
+        Ok(s.by_id.get(&id).map(|seq| {
+            let r = &s.rows[seq];
+            TaskDetail {
+                task: r.task.clone(),
+                history: r.history.clone(),
+            }
+        }))
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
+        let s = self.store();
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        Ok(s.rows
+            .values()
+            .rev()
+            .filter(|r| filter.queue.as_ref().map_or(true, |q| &r.task.queue == q))
+            .filter(|r| filter.state.map_or(true, |st| r.task.state == st))
+            .take(limit)
+            .map(|r| r.task.clone())
+            .collect())
+    }
+
+    async fn counts(&self) -> Result<Vec<QueueCounts>> {
+        let s = self.store();
+        let mut by_queue: BTreeMap<QueueName, QueueCounts> = BTreeMap::new();
+        fn entry<'m>(
+            m: &'m mut BTreeMap<QueueName, QueueCounts>,
+            q: &QueueName,
+        ) -> &'m mut QueueCounts {
+            m.entry(q.clone()).or_insert_with(|| QueueCounts {
+                queue: Some(q.clone()),
+                ..Default::default()
+            })
+        }
+        for r in s.rows.values() {
+            *entry(&mut by_queue, &r.task.queue)
+                .counts
+                .entry(r.task.state)
+                .or_insert(0) += 1;
+        }
+        for q in &s.paused {
+            entry(&mut by_queue, q).paused = true;
+        }
+        Ok(by_queue.into_values().collect())
+    }
+
+    async fn next_due(&self) -> Result<Option<UnixMs>> {
+        let s = self.store();
+        Ok(s.rows
+            .values()
+            .filter(|r| matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying))
+            .filter(|r| !s.paused.contains(&r.task.queue))
+            .map(|r| r.task.run_at)
+            .min())
+    }
+
+    async fn count_state(&self, state: TaskState) -> Result<u64> {
+        let s = self.store();
+        Ok(s.rows.values().filter(|r| r.task.state == state).count() as u64)
+    }
+
+    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+        let s = self.store();
+        Ok(s.rows
+            .values()
+            .filter(|r| r.task.cancel_requested && r.task.node.as_deref() == Some(node))
+            .map(|r| r.task.id)
+            .collect())
+    }
+
+    async fn adopt_started(&self, ids: &[TaskId]) -> Result<u64> {
+        let now = now_ms();
+        let mut s = self.store();
+        let mut n = 0;
+        for id in ids {
+            if let Some(r) = s.row_mut(*id) {
+                if r.task.state == TaskState::Queued && r.task.node.is_some() {
+                    r.task.state = TaskState::Running;
+                    r.task.attempts += 1;
+                    r.started_at = Some(now);
+                    r.task.updated_at = now;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+        let now = now_ms();
+        let mut orphans = Vec::new();
+        {
+            let mut s = self.store();
+            for r in s.rows.values_mut() {
+                let expired = match scope {
+                    Recover::All => true,
+                    Recover::Expired(t) => r.lease_expires < t,
+                };
+                if r.task.node.is_none()
+                    || !expired
+                    || !matches!(r.task.state, TaskState::Queued | TaskState::Running)
+                {
+                    continue;
+                }
+                let started = r.task.state == TaskState::Running;
+                if started {
+                    // It ran: the history says it was lost, and the attempt is given back.
+                    r.history.push(AttemptRecord {
+                        number: r.task.attempts,
+                        node: r.task.node.clone().unwrap_or_default(),
+                        pid: r.pid,
+                        started_at: r.started_at.unwrap_or(now),
+                        ended_at: now,
+                        reason: Some(AttemptReason::Lost),
+                        error: Some(note.to_string()),
+                        ..Default::default()
+                    });
+                    r.task.attempts = r.task.attempts.saturating_sub(1);
+                }
+                orphans.push(Orphan {
+                    task: r.task.id,
+                    queue: r.task.queue.clone(),
+                    node: r.task.node.clone(),
+                    pid: r.pid,
+                    pid_start: r.pid_start,
+                });
+                if r.task.cancel_requested {
+                    // The operator asked to cancel it before its node went away.
+                    r.task.state = TaskState::Cancelled;
+                    r.task.finished_at = Some(now);
+                    r.task.last_error = Some("cancelled by an operator".into());
+                    r.task.cancel_requested = false;
+                } else {
+                    r.task.state = TaskState::Queued;
+                }
+                r.task.updated_at = now;
+                r.release();
+            }
+        }
+        if !orphans.is_empty() {
+            self.wakeups.work.notify_one();
+        }
+        Ok(orphans)
+    }
+
+    async fn subscribe(&self) -> Result<Wakeups> {
+        Ok(self.wakeups.clone())
+    }
+}
+
+impl MemoryBroker {
+    /// [`Broker::finish`], applied at once (see the trait for the rules).
+    fn finish_now(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
+        let now = now_ms();
+        let requeued = {
+            let mut s = self.store();
+            let r = s
+                .row_mut(lease.task)
+                .filter(|r| r.held_by(lease))
+                .ok_or(BrokerError::LeaseLost(lease.task))?;
+            // `started` counted the attempt if it was recorded.
+            let counted = r.task.state == TaskState::Running;
+            let cancel_requested = r.task.cancel_requested;
+            let error = attempt.error.clone();
+            if next != Finish::Release {
+                r.history.push(attempt.clone());
+            }
+            // An operator's cancel outweighs a retry or a requeue.
+            let next = match next {
+                Finish::Retry { .. } | Finish::Requeue | Finish::Release if cancel_requested => {
+                    Finish::Cancelled
+                }
+                n => n,
+            };
+            let charged = match next {
+                Finish::Requeue | Finish::Release => false,
+                Finish::Cancelled => attempt.pid.is_some(),
+                _ => true,
+            };
+            match (charged, counted) {
+                (true, false) => r.task.attempts += 1,
+                (false, true) => r.task.attempts = r.task.attempts.saturating_sub(1),
+                _ => {}
+            }
+            let (state, finished) = match next {
+                Finish::Succeeded => (TaskState::Succeeded, Some(now)),
+                Finish::Retry { at } => {
+                    r.task.run_at = at;
+                    (TaskState::Retrying, None)
+                }
+                Finish::Failed => (TaskState::Failed, Some(now)),
+                Finish::Cancelled => (TaskState::Cancelled, Some(now)),
+                Finish::Requeue | Finish::Release => (TaskState::Queued, None),
+            };
+            r.task.state = state;
+            r.task.finished_at = finished;
+            match next {
+                // A release records nothing: the last error stays what it was.
+                Finish::Release => {}
+                Finish::Succeeded => r.task.last_error = None,
+                Finish::Cancelled if cancel_requested => {
+                    r.task.last_error = Some("cancelled by an operator".into())
+                }
+                _ => r.task.last_error = error,
+            }
+            r.task.updated_at = now;
+            r.task.cancel_requested = false;
+            r.started_at = None;
+            r.release();
+            matches!(
+                next,
+                Finish::Requeue | Finish::Release | Finish::Retry { .. }
+            )
+        };
+        if requeued {
+            self.wakeups.work.notify_one();
+        }
+        Ok(())
+    }
+}
