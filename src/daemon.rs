@@ -121,7 +121,10 @@ pub fn secure_state_dir(state_dir: &Path, group: Option<&str>) -> Result<(), Fai
     let fail = |what: String, e: &dyn std::fmt::Display| {
         Failure::new(
             exit::FAILURE,
-            format!("failed to {what} the state directory {}: {e}", state_dir.display()),
+            format!(
+                "failed to {what} the state directory {}: {e}",
+                state_dir.display()
+            ),
         )
     };
     if !state_dir.is_dir() {
@@ -136,7 +139,12 @@ pub fn secure_state_dir(state_dir: &Path, group: Option<&str>) -> Result<(), Fai
         Some(name) => {
             let gid = nix::unistd::Group::from_name(name)
                 .map_err(|e| fail(format!("look up group {name} for"), &e))?
-                .ok_or_else(|| fail(format!("find group {name} (`state_group`) for"), &"no such group"))?
+                .ok_or_else(|| {
+                    fail(
+                        format!("find group {name} (`state_group`) for"),
+                        &"no such group",
+                    )
+                })?
                 .gid;
             let chgrp = |p: &Path| nix::unistd::chown(p, None, Some(gid));
             chgrp(state_dir).map_err(|e| fail(format!("give group {name}"), &e))?;
@@ -290,6 +298,12 @@ async fn cluster_loop(
             last_heartbeat: 0,
         };
         let beat = broker.heartbeat(&me).await;
+        // The heartbeat is a write: it tells whether a full broker has room again.
+        match &beat {
+            Ok(()) => supervisor.broker_writes(),
+            Err(crate::broker::BrokerError::Full(e)) => supervisor.broker_full(e),
+            Err(_) => {}
+        }
         let recovered = match beat {
             Ok(()) => broker
                 .recover(
@@ -325,6 +339,8 @@ async fn cluster_loop(
                     );
                 }
             }
+            // Said by the supervisor, which stops claiming until a write passes.
+            Err(crate::broker::BrokerError::Full(_)) => {}
             Err(e) => {
                 if !down {
                     tracing::error!(error = %e, "the broker is unreachable; running tasks go on, results are kept until it is back");
@@ -399,7 +415,7 @@ async fn watch_store(path: PathBuf, id: (u64, u64), supervisor: Arc<Supervisor>)
             "the store {} {now} under the running daemon (was its state directory removed?): this daemon no longer claims tasks, and what it records is lost with the old file; restart it (`systemctl restart taskd`)",
             path.display()
         );
-        supervisor.halt(&why);
+        supervisor.halt(crate::supervisor::Halt::StoreGone, &why);
         tracing::error!("{why}");
         return;
     }

@@ -25,6 +25,7 @@
 //! - [`control`]: the daemon's control socket (`taskd reload`), mode 0600 in the state directory.
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 //! - [`backoff`]: the doubling delays of every loop that waits and tries again.
+//! - [`view`]: the JSON shapes the API and the CLI's `--json` share, defined once.
 
 pub mod api;
 pub mod backoff;
@@ -40,4 +41,5 @@ pub mod model;
 pub mod notify;
 pub mod submission;
 pub mod supervisor;
+pub mod view;
 pub mod worker;

@@ -351,7 +351,11 @@ fn bodies_that_cannot_run_are_refused() {
     };
     let refused = |queue: &str, body: &str, code: u16, error: &str, words: &[&str]| {
         let (c, v) = post(queue, body);
-        assert_eq!((c, v["error"]["code"].as_str()), (code, Some(error)), "{body}: {v:#}");
+        assert_eq!(
+            (c, v["error"]["code"].as_str()),
+            (code, Some(error)),
+            "{body}: {v:#}"
+        );
         let m = v["error"]["message"].as_str().unwrap_or("");
         for w in words {
             assert!(m.contains(w), "{body}: message lacks {w:?}: {m}");
@@ -597,16 +601,14 @@ fn the_bearer_scheme_is_case_insensitive() {
     let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
     let d = e.daemon();
     let url = d.api_base();
-    let post = |auth: &str| {
-        match ureq::post(&format!("{url}/api/v1/queues/echo/tasks"))
-            .timeout(Duration::from_secs(20))
-            .set("Authorization", auth)
-            .send_string("{}")
-        {
-            Ok(r) => r.status(),
-            Err(ureq::Error::Status(c, _)) => c,
-            Err(e) => panic!("{e}"),
-        }
+    let post = |auth: &str| match ureq::post(&format!("{url}/api/v1/queues/echo/tasks"))
+        .timeout(Duration::from_secs(20))
+        .set("Authorization", auth)
+        .send_string("{}")
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("{e}"),
     };
     for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
         assert_eq!(post(&format!("{scheme} {TOKEN}")), 201, "{scheme}");
@@ -820,6 +822,132 @@ fn cli_submit_and_status_through_the_api() {
     );
     let out = run(&["status", "--server", "http://127.0.0.1:1"], None);
     assert_eq!(out.status.code(), Some(3));
+}
+
+/// The keys of a JSON object, to compare two documents' shapes.
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v:#}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// `--json` prints the same documents with `--server URL` as from the broker: the API and
+/// the CLI serialize the same shapes (`status --json` adding only what the local machine
+/// knows), so a field one side has the other has too.
+#[test]
+fn json_is_the_same_document_locally_and_through_the_api() {
+    let e = env(
+        "",
+        "[queues.mail]\ncommand = [\"/bin/echo\", \"{to}\"]\nconcurrency = 3\n\n[queues.pool]\nconcurrency = 2\nworker = [\"sh\", \"-c\", \"echo '{\\\"type\\\":\\\"ready\\\",\\\"protocol\\\":1}' >&4; while read -r l <&3; do :; done\"]\nstart_secs = \"0s\"\n",
+    );
+    let d = e.daemon();
+    let url = d.api_base();
+    let json = |args: &[&str]| -> Value {
+        let text = e.ok(args);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("{args:?}: not JSON ({err}):\n{text}"))
+    };
+    let mut local = Value::Null;
+    let ok = poll(Duration::from_secs(30), || {
+        local = json(&["status", "--json"]);
+        local["workers"].as_array().is_some_and(|ws| {
+            ws.len() == 2
+                && ws
+                    .iter()
+                    .all(|w| w["state"] == "running" && w["pid"].is_i64())
+        })
+    });
+    assert!(ok, "the workers did not start: {local:#}");
+    let remote = json(&["status", "--server", &url, "--json"]);
+
+    // status: the API's document is the local one without `daemon` and `state_dir`.
+    let mut want = keys(&local);
+    want.retain(|k| k != "daemon" && k != "state_dir");
+    assert_eq!(keys(&remote), want, "status --server --json: {remote:#}");
+    assert_eq!(remote["queues"], local["queues"], "the queues");
+    let mail = local["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["queue"] == "mail"))
+        .expect("mail is listed");
+    assert_eq!(
+        mail["concurrency"], 3,
+        "status --json gives each queue's slots: {mail:#}"
+    );
+    let (lw, rw) = (
+        local["workers"].as_array().expect("workers"),
+        remote["workers"].as_array().expect("workers"),
+    );
+    assert_eq!(lw.len(), rw.len());
+    for (l, r) in lw.iter().zip(rw) {
+        assert_eq!(keys(l), keys(r), "a worker's fields");
+        assert!(
+            r["uptime_s"].is_i64(),
+            "the API's workers carry uptime_s: {r:#}"
+        );
+        for k in ["queue", "slot", "pid", "state", "started_ms", "tasks_done"] {
+            assert_eq!(l[k], r[k], "worker {k}");
+        }
+    }
+
+    // submit: `{"existing", "task"}` either way; the task record is the store's.
+    let first = json(&[
+        "submit",
+        "mail",
+        r#"{"to":"a"}"#,
+        "--delay",
+        "1h",
+        "--unique",
+        "k",
+        "--json",
+    ]);
+    assert_eq!(keys(&first), ["existing", "task"], "{first:#}");
+    assert_eq!(first["existing"], false);
+    let again = json(&[
+        "submit",
+        "mail",
+        r#"{"to":"a"}"#,
+        "--delay",
+        "1h",
+        "--unique",
+        "k",
+        "--json",
+    ]);
+    let again_remote = json(&[
+        "submit",
+        "--server",
+        &url,
+        "mail",
+        r#"{"to":"a"}"#,
+        "--delay",
+        "1h",
+        "--unique",
+        "k",
+        "--json",
+    ]);
+    assert_eq!(again["existing"], true);
+    assert_eq!(again_remote, again, "submit --server --json");
+    assert_eq!(keys(&first["task"]), keys(&again_remote["task"]));
+
+    // submit --batch: `{"enqueued", "existing", "ids"}` either way.
+    let batch = e.path().join("batch.jsonl");
+    std::fs::write(&batch, "{\"to\": \"b\"}\n{\"to\": \"c\"}\n").expect("write the batch");
+    let file = batch.to_str().expect("a UTF-8 path");
+    let local = json(&["submit", "mail", "--delay", "1h", "--batch", file, "--json"]);
+    let remote = json(&[
+        "submit", "--server", &url, "mail", "--delay", "1h", "--batch", file, "--json",
+    ]);
+    assert_eq!(keys(&local), ["enqueued", "existing", "ids"], "{local:#}");
+    assert_eq!(keys(&remote), keys(&local), "{remote:#}");
+    for v in [&local, &remote] {
+        assert_eq!(
+            (v["enqueued"].as_u64(), v["existing"].as_u64()),
+            (Some(2), Some(0)),
+            "{v:#}"
+        );
+        assert_eq!(v["ids"].as_array().map(Vec::len), Some(2));
+    }
 }
 
 // ----- the dashboard in a real browser ---------------------------------------------------

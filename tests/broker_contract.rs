@@ -213,7 +213,7 @@ macro_rules! contract_tests {
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
                 if let Some(why) = guard.cannot_run(stringify!($case)) {
-                    eprintln!("{}: skipped: {why}", stringify!($case));
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
                     return;
                 }
                 $crate::cases::$case(broker, guard).await;
@@ -226,7 +226,7 @@ macro_rules! contract_tests {
             async fn $case() {
                 let Some((broker, guard)) = $open().await else { return };
                 if let Some(why) = guard.cannot_run(stringify!($case)) {
-                    eprintln!("{}: skipped: {why}", stringify!($case));
+                    eprintln!("{}: does not apply to this backend: {why}", stringify!($case));
                     return;
                 }
                 $crate::cases::$case(broker, guard).await;
@@ -1561,7 +1561,11 @@ pub mod cases {
         let c = claim_id(&b, "nr", id).await;
         start(&b, &c).await;
         let before = get(&b, id).await;
-        let a = attempt_of(&c, AttemptReason::Lost, Some("this node ran the task while its lease was taken over"));
+        let a = attempt_of(
+            &c,
+            AttemptReason::Lost,
+            Some("this node ran the task while its lease was taken over"),
+        );
         b.note_run(id, a.clone()).await.expect("note_run");
         let after = get(&b, id).await;
         assert_eq!(

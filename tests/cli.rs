@@ -510,6 +510,20 @@ max_attempts = 1
         "{err}"
     );
     assert_eq!(total(&env), 0);
+    // A field the script reads as $TASKD_ARG_f00 but too big to be a variable: refused,
+    // not run with the variable empty.
+    let out = submit_stdin(
+        &env,
+        "env",
+        &json!({ "f00": "v".repeat(70_000) }).to_string(),
+    );
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("payload field `f00` is too big for the environment variable TASKD_ARG_f00 the script reads"),
+        "{err}"
+    );
+    assert_eq!(total(&env), 0);
 
     let long_name = json!({ "n".repeat(140_000): 1 }).to_string();
     let wide: serde_json::Map<String, Value> = (0..40)
@@ -678,7 +692,12 @@ fn mode_and_group(path: &std::path::Path) -> (u32, u32) {
 /// `taskd ARGS` as user nobody (group nogroup, no other group), when the tests run as root.
 fn as_nobody(env: &Env, args: &[&str]) -> Output {
     Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", common::BIN])
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            common::BIN,
+        ])
         .arg("-c")
         .arg(&env.config)
         .args(args)
@@ -720,13 +739,20 @@ fn the_store_is_private_unless_a_group_shares_it() {
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        common::skip::skip("running as another user needs root", "run the tests as root");
+        common::skip::skip(
+            "running as another user needs root",
+            "run the tests as root",
+        );
         return;
     }
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let out = as_nobody(&env, &["submit", "plain"]);
-    assert_ne!(out.status.code(), Some(0), "another user enqueued into a private store");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "another user enqueued into a private store"
+    );
     assert!(
         stderr(&out).to_lowercase().contains("permission denied"),
         "{}",
@@ -741,13 +767,24 @@ fn the_store_is_private_unless_a_group_shares_it() {
     .expect("rewrite the config");
     let nogroup = nix_gid("nogroup");
     let _d = env.daemon();
-    assert_eq!(mode_and_group(&state), (0o2770, nogroup), "the state directory");
+    assert_eq!(
+        mode_and_group(&state),
+        (0o2770, nogroup),
+        "the state directory"
+    );
     for f in files {
         assert_eq!(mode_and_group(&state.join(f)), (0o660, nogroup), "{f}");
     }
-    assert_eq!(mode_and_group(&state.join("taskd.db.wake")), (0o660, nogroup));
+    assert_eq!(
+        mode_and_group(&state.join("taskd.db.wake")),
+        (0o660, nogroup)
+    );
     let out = as_nobody(&env, &["submit", "plain"]);
-    assert!(out.status.success(), "a member of state_group cannot enqueue: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "a member of state_group cannot enqueue: {}",
+        stderr(&out)
+    );
     let id = stdout(&out).trim().to_string();
     env.wait_state(&id, "succeeded", Duration::from_secs(20));
 }

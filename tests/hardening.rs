@@ -3,6 +3,8 @@
 //! state directory deleted under a running daemon, a Redis server that is full.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_server;
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -101,6 +103,7 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
     }
     stop.store(true, Ordering::Relaxed);
     flooder.join().expect("the flood thread");
+    eprintln!("healthz answered in {health_took:?} during the flood");
     let health = health.expect("healthz answers during the flood");
     assert_eq!(health.status(), 200);
     assert!(
@@ -111,6 +114,25 @@ fn an_idle_connection_flood_neither_fails_tasks_nor_slows_healthz() {
     assert!(
         log.contains("connections open, the most this daemon serves"),
         "the daemon says it reached its connection limit:\n{log}"
+    );
+}
+
+#[test]
+fn a_task_that_finds_no_free_descriptor_waits_instead_of_failing() {
+    // 40 descriptors for a daemon running 8 tasks at once: some spawns find none free
+    // (EMFILE) until other tasks end.
+    let e = Env::new("[queues.q]\nshell = \"sleep 0.3\"\nconcurrency = 8\n");
+    let d = e.daemon_custom(|c| nofile_limit(c, 40));
+    let payloads: Vec<serde_json::Value> = (0..24).map(|i| serde_json::json!({ "n": i })).collect();
+    let ids = common::submit_batch(&e, "q", &payloads);
+    for id in &ids {
+        let v = e.wait_state(id, "succeeded", Duration::from_secs(60));
+        assert_eq!(history(&v).len(), 1, "one attempt, no failed spawn: {v:#}");
+    }
+    assert!(
+        d.log_text().contains("out of file descriptors"),
+        "the daemon ran short of descriptors (else this test shows nothing):\n{}",
+        d.log_text()
     );
 }
 
@@ -282,4 +304,101 @@ fn a_second_daemon_on_the_same_sqlite_file_is_refused_whatever_its_state_dir() {
     let v = one.show(&id);
     assert_eq!(v["state"], "running", "{v:#}");
     assert!(history(&v).is_empty(), "no attempt was recorded: {v:#}");
+}
+
+/// `INFO memory`'s `used_memory`, in bytes.
+fn used_memory(server: &redis_server::RedisServer) -> u64 {
+    let info = server.cli(&["INFO", "memory"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no used_memory in INFO memory:\n{info}"))
+}
+
+#[test]
+fn a_full_redis_stops_claims_until_results_can_be_written() {
+    let Some(server) =
+        redis_server::RedisServer::start("a_full_redis_stops_claims_until_results_can_be_written")
+    else {
+        return;
+    };
+    let e = Env::raw("");
+    let ran = e.path().join("ran");
+    std::fs::write(
+        &e.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nbroker = \"{}\"\nshutdown_grace = \"5s\"\n\n\
+             [queues.q]\nshell = 'echo \"$TASKD_TASK_ID\" >> {}'\nconcurrency = 2\n\n\
+             [queues.other]\nshell = 'true'\n",
+            server.url(),
+            ran.display()
+        ),
+    )
+    .expect("write config");
+    let payloads: Vec<serde_json::Value> = (0..40).map(|i| serde_json::json!({ "n": i })).collect();
+    let ids = common::submit_batch(&e, "q", &payloads);
+    // Stored from the inbox (a listing stores it), so that claiming needs no growing write:
+    // on a full server claims then pass while every start and result write is refused.
+    e.ok(&["tasks"]);
+    e.ok(&["pause", "other"]);
+
+    // Fill the server: a 4 MB value, then a maxmemory below what it uses, evicting nothing.
+    server.cli(&["SETRANGE", "filler", "4000000", "x"]);
+    server.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let limit = used_memory(&server) - 1_000_000;
+    server.cli(&["CONFIG", "SET", "maxmemory", &limit.to_string()]);
+    let probe = server.cli(&["SET", "probe", "1"]);
+    assert!(probe.contains("OOM"), "the server refuses writes: {probe}");
+
+    let d = e.daemon();
+    assert!(
+        poll(Duration::from_secs(30), || d
+            .log_text()
+            .contains("not claiming tasks")),
+        "the daemon says why it stops claiming:\n{}",
+        d.log_text()
+    );
+    let count = || {
+        std::fs::read_to_string(&ran)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Claims stopped: a few tasks ran before the first refused result, not the backlog, and
+    // no more start while the server stays full.
+    let started = count();
+    eprintln!("{started} of 40 tasks ran before claims stopped");
+    assert!(started < 20, "{started} of 40 tasks ran on a full server");
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(3) {
+        assert_eq!(count(), started, "a task started on a full server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = e.ok(&["status"]);
+    assert!(
+        status.contains("NOT CLAIMING TASKS") && status.contains("maxmemory"),
+        "taskd status says why:\n{status}"
+    );
+    let out = e.run(&["resume", "other"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "resume on a full server: {err}");
+    assert!(
+        err.contains("out of memory") && err.contains("maxmemory"),
+        "resume says why: {err}"
+    );
+
+    // Room again: every result is written, the backlog runs, and nothing ran twice.
+    server.cli(&["DEL", "filler"]);
+    for id in &ids {
+        let v = e.wait_state(id, "succeeded", Duration::from_secs(60));
+        assert_eq!(history(&v).len(), 1, "one attempt: {v:#}");
+    }
+    assert_eq!(count(), 40, "each task ran once");
+    assert!(
+        poll(Duration::from_secs(10), || d
+            .log_text()
+            .contains("takes writes again")),
+        "the daemon says it claims again:\n{}",
+        d.log_text()
+    );
 }

@@ -22,6 +22,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("submission", &["model", "config"]),
     ("broker", &["model", "config", "backoff"]),
     ("metrics", &["model", "broker"]),
+    // The JSON shapes the API and the CLI share: records of the model, the broker's rows
+    // and nodes, and a worker's `workers.json` record (the reader, not the rest of `worker`).
+    ("view", &["model", "broker", "worker::status"]),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
@@ -44,6 +47,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
             "submission",
             "worker::status",
+            "view",
         ],
     ),
     (
@@ -74,6 +78,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "daemon",
             "worker::status",
             "backoff",
+            "view",
         ],
     ),
 ];

@@ -743,7 +743,10 @@ fn a_run_on_a_node_frozen_before_its_start_was_recorded_stays_in_the_history() {
             .contains("may have run twice"),
         "{v:#}"
     );
-    assert_eq!(v["state"], "succeeded", "the note changes nothing else: {v:#}");
+    assert_eq!(
+        v["state"], "succeeded",
+        "the note changes nothing else: {v:#}"
+    );
     assert_eq!(v["attempts"], 1, "{v:#}");
     assert!(
         poll(secs(10), || !common::alive(pid)),

@@ -5,9 +5,24 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::broker::BrokerError;
+
+/// The body of every error answer (the OpenAPI document's `Error`).
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject {
+    pub code: &'static str,
+    pub message: String,
+    #[serde(flatten)]
+    pub details: Map<String, Value>,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -75,23 +90,33 @@ impl From<BrokerError> for ApiError {
             BrokerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             BrokerError::LeaseLost(_) => (StatusCode::CONFLICT, "conflict"),
             BrokerError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "broker_error"),
+            BrokerError::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_full"),
         };
         ApiError::new(status, code, e.to_string())
     }
 }
 
+impl ApiError {
+    pub fn body(self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorObject {
+                code: self.code,
+                message: self.message,
+                details: self.details,
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut obj = Map::new();
-        obj.insert("code".into(), Value::from(self.code));
-        obj.insert("message".into(), Value::from(self.message));
-        obj.extend(self.details);
-        let mut resp = (self.status, axum::Json(json!({ "error": obj }))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let status = self.status;
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"taskd\""),

@@ -8,13 +8,14 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use http_body_util::BodyExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::{enqueue as parse, AppState, BATCH_BODY_EXTRA};
 use crate::broker::ListFilter;
 use crate::config::{Config, QueueConfig};
 use crate::model::{QueueName, TaskId, TaskRecord, TaskState};
+use crate::view;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 /// Most tasks one page of `GET /api/v1/tasks` returns.
@@ -93,9 +94,9 @@ pub async fn dashboard() -> Response {
         .into_response()
 }
 
-pub async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<view::Health>, ApiError> {
     state.broker(state.broker.count_state(TaskState::Running).await)?;
-    Ok(Json(json!({ "status": "ok" })))
+    Ok(Json(view::Health { status: "ok" }))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
@@ -120,42 +121,44 @@ pub async fn openapi() -> Json<Value> {
     Json(super::openapi::document())
 }
 
-pub async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_queues(State(state): State<AppState>) -> Result<Json<view::Overview>, ApiError> {
     let config = state.config();
     let counts = state.broker(state.broker.counts().await)?;
-    let queues: Vec<Value> = crate::broker::queue_rows(config.queues.keys(), counts)
-        .into_iter()
+    let queues: Vec<view::QueueView> = crate::broker::queue_rows(config.queues.keys(), counts)
+        .iter()
         .map(|(name, r)| {
             let concurrency = name
                 .parse::<QueueName>()
                 .ok()
                 .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
-            json!({ "queue": name, "paused": r.paused, "configured": r.configured, "concurrency": concurrency, "set_aside": r.set_aside, "counts": r.by_state() })
+            view::QueueView::new(name, r, concurrency)
         })
         .collect();
     // Long-lived workers live in the daemon, which keeps state_dir/workers.json current.
+    let now = crate::model::now_ms();
     let workers = crate::worker::status::read_status(&config.state_dir)
         .filter(|f| f.daemon_pid == std::process::id())
         .map(|f| f.workers)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| view::WorkerView::new(w, now))
+        .collect();
     // The nodes sharing the broker (none for the embedded store).
     let nodes = state.broker(state.broker.nodes().await)?;
-    Ok(Json(
-        json!({ "queues": queues, "workers": workers, "nodes": nodes }),
-    ))
+    Ok(Json(view::Overview {
+        queues,
+        workers,
+        nodes,
+    }))
 }
 
 fn created(existing: bool, task: TaskRecord) -> Response {
-    let mut v = serde_json::to_value(&task).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut v {
-        m.insert("existing".into(), Value::Bool(existing));
-    }
     let status = if existing {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    (status, Json(v)).into_response()
+    (status, Json(view::EnqueuedTask { task, existing })).into_response()
 }
 
 pub async fn enqueue(
@@ -223,7 +226,11 @@ pub async fn enqueue_batch(
     let ids: Vec<TaskId> = enqueued.iter().map(|e| e.id).collect();
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "enqueued": n, "existing": n - fresh, "ids": ids })),
+        Json(view::BatchEnqueued {
+            enqueued: n,
+            existing: n - fresh,
+            ids,
+        }),
     )
         .into_response())
 }
@@ -231,7 +238,7 @@ pub async fn enqueue_batch(
 pub async fn get_task(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::model::TaskDetail>, ApiError> {
     let id = parse_id(&id)?;
     let detail = state.broker(state.broker.get(id).await)?.ok_or_else(|| {
         ApiError::new(
@@ -240,7 +247,7 @@ pub async fn get_task(
             format!("no task with id {id}"),
         )
     })?;
-    Ok(Json(serde_json::to_value(detail).unwrap_or(Value::Null)))
+    Ok(Json(detail))
 }
 
 #[derive(Deserialize)]
@@ -257,7 +264,7 @@ pub struct ListQuery {
 pub async fn list_tasks(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<view::TaskPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let queue: Option<QueueName> = match &query.queue {
         Some(q) => Some(
@@ -296,11 +303,15 @@ pub async fn list_tasks(
         };
         match start {
             Some(s) if exhausted || list.len() > s + limit => {
-                let page: Vec<&TaskRecord> = list.iter().skip(s).take(limit).collect();
-                let next = (list.len() > s + limit)
+                let more = list.len() > s + limit;
+                let page: Vec<TaskRecord> = list.into_iter().skip(s).take(limit).collect();
+                let next_cursor = more
                     .then(|| page.last().map(|t| t.id.to_string()))
                     .flatten();
-                return Ok(Json(json!({ "tasks": page, "next_cursor": next })));
+                return Ok(Json(view::TaskPage {
+                    tasks: page,
+                    next_cursor,
+                }));
             }
             None if exhausted => {
                 return Err(ApiError::bad_request(
@@ -331,30 +342,37 @@ pub async fn retry(
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<view::CancelView>, ApiError> {
     let id = parse_id(&id)?;
     let outcome = state.broker(state.broker.cancel(id).await)?;
     let task = record(&state, id).await?;
-    Ok(Json(json!({ "outcome": outcome, "task": task })))
+    Ok(Json(view::CancelView { outcome, task }))
 }
 
-async fn set_paused(state: &AppState, queue: &str, paused: bool) -> Result<Json<Value>, ApiError> {
+async fn set_paused(
+    state: &AppState,
+    queue: &str,
+    paused: bool,
+) -> Result<Json<view::PauseView>, ApiError> {
     let config = state.config();
     let q = find_queue(&config, queue)?;
     state.broker(state.broker.set_paused(&q.name, paused).await)?;
-    Ok(Json(json!({ "queue": q.name, "paused": paused })))
+    Ok(Json(view::PauseView {
+        queue: q.name.clone(),
+        paused,
+    }))
 }
 
 pub async fn pause(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<view::PauseView>, ApiError> {
     set_paused(&state, &queue, true).await
 }
 
 pub async fn resume(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<view::PauseView>, ApiError> {
     set_paused(&state, &queue, false).await
 }

@@ -103,7 +103,9 @@ impl AppState {
         r.map_err(|e| {
             if matches!(
                 e,
-                crate::broker::BrokerError::Unavailable(_) | crate::broker::BrokerError::Storage(_)
+                crate::broker::BrokerError::Unavailable(_)
+                    | crate::broker::BrokerError::Storage(_)
+                    | crate::broker::BrokerError::Full(_)
             ) {
                 self.metrics.broker_error();
             }

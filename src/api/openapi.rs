@@ -1,6 +1,8 @@
 //! The OpenAPI 3 document served at `/api/v1/openapi.json`, written by hand next to the
-//! routes it describes; a test checks it against [`super::routes`] both ways, and
-//! `tests/api.rs` calls every documented operation on a real daemon.
+//! routes it describes. Tests check it against [`super::routes`] both ways, and its response
+//! schemas against what the shapes of [`crate::view`] serialize (field names, types,
+//! nullability, required fields); `tests/api.rs` calls every documented operation on a real
+//! daemon. It must not describe a response no handler returns.
 
 use serde_json::{json, Value};
 
@@ -36,24 +38,18 @@ pub fn document() -> Value {
         },
         "paths": {
             "/": { "get": { "summary": "The dashboard (HTML)", "responses": { "200": { "description": "HTML page", "content": { "text/html": {} } } } } },
-            "/healthz": { "get": { "summary": "Broker reachable and daemon not draining", "responses": { "200": ok("healthy", json!({ "type": "object" })), "503": error_ref() } } },
+            "/healthz": { "get": { "summary": "Broker reachable and daemon not draining", "responses": { "200": ok("healthy", json!({ "$ref": "#/components/schemas/Health" })), "503": error_ref() } } },
             "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text), named taskd_*", "responses": { "200": { "description": "metrics", "content": { "application/openmetrics-text": {} } } } } },
             "/api/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": ok("OpenAPI 3 document", json!({ "type": "object" })) } } },
             "/api/v1/queues": { "get": {
                 "summary": "Queues with their counts by state and paused flags, this daemon's long-lived workers, and the nodes sharing the broker (Redis)",
-                "responses": { "200": ok("queues", json!({ "type": "object", "properties": {
-                    "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } },
-                    "workers": { "type": "array", "items": { "type": "object" } },
-                    "nodes": { "type": "array", "items": { "type": "object", "properties": {
-                        "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
-                        "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
-                        "last_heartbeat": { "type": "integer", "description": "ms since the epoch, the Redis server's clock" } } } } } })), "401": error_ref() }
+                "responses": { "200": ok("queues", json!({ "$ref": "#/components/schemas/Overview" })), "401": error_ref() }
             } },
             "/api/v1/queues/{queue}/tasks": { "post": {
                 "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running)",
                 "security": secured, "parameters": [queue_param()],
                 "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewTask" } } } },
-                "responses": { "201": ok("the task", task_ref()), "200": ok("an existing task with the same unique key", task_ref()),
+                "responses": { "201": ok("the task", json!({ "$ref": "#/components/schemas/EnqueuedTask" })), "200": ok("an existing task with the same unique key", json!({ "$ref": "#/components/schemas/EnqueuedTask" })),
                     "400": error_ref(), "401": error_ref(), "404": error_ref(), "413": error_ref(), "422": error_ref(), "503": error_ref() }
             } },
             "/api/v1/queues/{queue}/tasks/batch": { "post": {
@@ -62,13 +58,13 @@ pub fn document() -> Value {
                 "requestBody": { "required": true, "content": {
                     "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/NewTask" } } },
                     "application/x-ndjson": { "schema": { "type": "string" } } } },
-                "responses": { "201": ok("all enqueued", json!({ "type": "object", "properties": { "enqueued": { "type": "integer" }, "existing": { "type": "integer" }, "ids": { "type": "array", "items": { "type": "string" } } } })),
+                "responses": { "201": ok("all enqueued", json!({ "$ref": "#/components/schemas/BatchEnqueued" })),
                     "400": error_ref(), "401": error_ref(), "404": error_ref(), "413": error_ref(), "422": error_ref(), "503": error_ref() }
             } },
             "/api/v1/queues/{queue}/pause": { "post": { "summary": "Stop claiming from a queue (persists)", "security": secured, "parameters": [queue_param()],
-                "responses": { "200": ok("paused", json!({ "type": "object" })), "401": error_ref(), "404": error_ref() } } },
+                "responses": { "200": ok("paused", json!({ "$ref": "#/components/schemas/Paused" })), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/queues/{queue}/resume": { "post": { "summary": "Claim from a paused queue again", "security": secured, "parameters": [queue_param()],
-                "responses": { "200": ok("resumed", json!({ "type": "object" })), "401": error_ref(), "404": error_ref() } } },
+                "responses": { "200": ok("resumed", json!({ "$ref": "#/components/schemas/Paused" })), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/tasks": { "get": {
                 "summary": "List tasks, newest first, a page at a time",
                 "parameters": [
@@ -77,59 +73,106 @@ pub fn document() -> Value {
                     { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } },
                     { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
                 ],
-                "responses": { "200": ok("a page", json!({ "type": "object", "properties": { "tasks": { "type": "array", "items": task_ref() }, "next_cursor": { "type": "string", "nullable": true } } })), "400": error_ref(), "401": error_ref() }
+                "responses": { "200": ok("a page", json!({ "$ref": "#/components/schemas/TaskPage" })), "400": error_ref(), "401": error_ref() }
             } },
             "/api/v1/tasks/{id}": { "get": { "summary": "One task with its attempt history", "parameters": [id_param()],
                 "responses": { "200": ok("the task", json!({ "$ref": "#/components/schemas/TaskDetail" })), "400": error_ref(), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/tasks/{id}/retry": { "post": { "summary": "Queue a failed or cancelled task again with a fresh attempt budget", "security": secured, "parameters": [id_param()],
                 "responses": { "200": ok("the task", task_ref()), "401": error_ref(), "404": error_ref(), "409": error_ref() } } },
             "/api/v1/tasks/{id}/cancel": { "post": { "summary": "Cancel a waiting task, or stop a running one", "security": secured, "parameters": [id_param()],
-                "responses": { "200": ok("what happened", json!({ "type": "object", "properties": { "outcome": {}, "task": task_ref() } })), "401": error_ref(), "404": error_ref() } } }
+                "responses": { "200": ok("what happened", json!({ "$ref": "#/components/schemas/Cancelled" })), "401": error_ref(), "404": error_ref() } } }
         },
-        "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
-            "schemas": {
-                "State": { "type": "string", "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled"] },
-                "NewTask": { "type": "object", "additionalProperties": false, "properties": {
-                    "payload": { "description": "any JSON value (default {}); an object fills the queue command's {field} placeholders" },
-                    "args": { "type": "array", "items": { "type": "string" }, "description": "argv appended to the queue's command" },
-                    "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
-                    "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
-                    "priority": { "type": "integer", "default": 0 },
-                    "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
-                } },
-                "Task": { "type": "object", "properties": {
-                    "id": { "type": "string" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
-                    "payload": {}, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
-                    "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
-                    "attempts": { "type": "integer" }, "created_at": { "type": "integer" }, "updated_at": { "type": "integer" },
-                    "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
-                    "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true },
-                    "existing": { "type": "boolean", "description": "enqueue only" }
-                } },
-                "TaskDetail": { "allOf": [task_ref(), { "type": "object", "properties": { "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } } } }] },
-                "Attempt": { "type": "object", "properties": {
-                    "number": { "type": "integer" }, "node": { "type": "string" }, "pid": { "type": "integer", "nullable": true },
-                    "started_at": { "type": "integer" }, "ended_at": { "type": "integer" }, "exit_code": { "type": "integer", "nullable": true },
-                    "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
-                    "error": { "type": "string", "nullable": true }, "stdout_tail": { "type": "string" }, "stderr_tail": { "type": "string" }
-                } },
-                "Queue": { "type": "object", "properties": {
-                    "queue": { "type": "string" }, "paused": { "type": "boolean" }, "configured": { "type": "boolean" },
-                    "concurrency": { "type": "integer", "nullable": true },
-                    "set_aside": { "type": "integer", "description": "inbox entries set aside, never to run (Redis: a reused id or an unreadable entry)" },
-                    "counts": { "type": "object", "additionalProperties": { "type": "integer" } }
-                } },
-                "Error": { "type": "object", "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
-                    "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } } } } }
-            }
+        "components": components()
+    })
+}
+
+/// The reusable parts: security schemes and the schemas of requests and responses.
+fn components() -> Value {
+    json!({
+        "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+        "schemas": {
+            "State": { "type": "string", "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled"] },
+            "NewTask": { "type": "object", "additionalProperties": false, "properties": {
+                "payload": { "description": "any JSON value (default {}); an object fills the queue command's {field} placeholders" },
+                "args": { "type": "array", "items": { "type": "string" }, "description": "argv appended to the queue's command" },
+                "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
+                "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
+                "priority": { "type": "integer", "default": 0 },
+                "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
+            } },
+            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node"], "properties": {
+                "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
+                "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
+                "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
+                "attempts": { "type": "integer" }, "created_at": { "type": "integer" }, "updated_at": { "type": "integer" },
+                "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
+                "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true }
+            } },
+            "EnqueuedTask": { "allOf": [task_ref(), { "type": "object", "required": ["existing"], "properties": {
+                "existing": { "type": "boolean", "description": "a waiting or running task already held the unique key: this is that task" } } }] },
+            "BatchEnqueued": { "type": "object", "required": ["enqueued", "existing", "ids"], "properties": {
+                "enqueued": { "type": "integer" }, "existing": { "type": "integer", "description": "how many held a unique key already taken" },
+                "ids": { "type": "array", "items": { "type": "string", "format": "uuid" } } } },
+            "TaskPage": { "type": "object", "required": ["tasks", "next_cursor"], "properties": {
+                "tasks": { "type": "array", "items": task_ref() }, "next_cursor": { "type": "string", "nullable": true } } },
+            "Cancelled": { "type": "object", "required": ["outcome", "task"], "properties": {
+                "outcome": { "oneOf": [
+                    { "type": "string", "enum": ["cancelled", "requested"] },
+                    { "type": "object", "required": ["already_finished"], "properties": { "already_finished": { "$ref": "#/components/schemas/State" } } }
+                ] },
+                "task": task_ref() } },
+            "Paused": { "type": "object", "required": ["queue", "paused"], "properties": { "queue": { "type": "string" }, "paused": { "type": "boolean" } } },
+            "Health": { "type": "object", "required": ["status"], "properties": { "status": { "type": "string", "enum": ["ok"] } } },
+            "Overview": { "type": "object", "required": ["queues", "workers", "nodes"], "properties": {
+                "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } },
+                "workers": { "type": "array", "items": { "$ref": "#/components/schemas/Worker" } },
+                "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/Node" } } } },
+            "Worker": { "type": "object", "required": ["queue", "slot", "pid", "start_time", "state", "since_ms", "started_ms", "tasks_done", "last_exit", "why", "last_stderr", "uptime_s"], "properties": {
+                "queue": { "type": "string" }, "slot": { "type": "integer" }, "pid": { "type": "integer", "nullable": true },
+                "start_time": { "type": "integer", "description": "the process's start time in clock ticks since boot" },
+                "state": { "type": "string", "enum": ["starting", "running", "backoff", "stopping", "fatal", "stopped"] },
+                "since_ms": { "type": "integer" }, "started_ms": { "type": "integer", "nullable": true },
+                "tasks_done": { "type": "integer" }, "last_exit": { "type": "string", "nullable": true },
+                "why": { "type": "string", "nullable": true, "description": "why it is FATAL" },
+                "last_stderr": { "type": "array", "items": { "type": "string" }, "description": "the last lines its previous process wrote on stderr outside tasks" },
+                "uptime_s": { "type": "integer", "nullable": true, "description": "seconds its current process has run" } } },
+            "Node": { "type": "object", "required": ["id", "host", "pid", "queues", "running", "last_heartbeat"], "properties": {
+                "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
+                "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
+                "last_heartbeat": { "type": "integer", "description": "ms since the epoch, the Redis server's clock" } } },
+            "TaskDetail": { "allOf": [task_ref(), { "type": "object", "required": ["history"], "properties": { "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } } } }] },
+            "Attempt": { "type": "object", "required": ["number", "node", "pid", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "stdout_tail", "stderr_tail"], "properties": {
+                "number": { "type": "integer" }, "node": { "type": "string" }, "pid": { "type": "integer", "nullable": true },
+                "started_at": { "type": "integer" }, "ended_at": { "type": "integer" }, "exit_code": { "type": "integer", "nullable": true },
+                "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
+                "error": { "type": "string", "nullable": true }, "stdout_tail": { "type": "string" }, "stderr_tail": { "type": "string" }
+            } },
+            "Queue": { "type": "object", "required": ["queue", "paused", "configured", "concurrency", "set_aside", "counts"], "properties": {
+                "queue": { "type": "string" }, "paused": { "type": "boolean" }, "configured": { "type": "boolean" },
+                "concurrency": { "type": "integer", "nullable": true },
+                "set_aside": { "type": "integer", "description": "inbox entries set aside, never to run (Redis: a reused id or an unreadable entry)" },
+                "counts": { "type": "object", "description": "tasks by state, every state named (zeros included)",
+                    "required": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled"],
+                    "properties": { "scheduled": { "type": "integer" }, "queued": { "type": "integer" }, "running": { "type": "integer" },
+                        "retrying": { "type": "integer" }, "succeeded": { "type": "integer" }, "failed": { "type": "integer" }, "cancelled": { "type": "integer" } } }
+            } },
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
+                "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } },
+                "additionalProperties": { "description": "details of some errors: `known` queues, the `byte`, `line` and `column` of malformed JSON, a `limit`, …" } } } }
         }
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde_json::{json, Value};
+
+    use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
+    use crate::model::{AttemptReason, AttemptRecord, TaskDetail, TaskId, TaskRecord, TaskState};
+    use crate::view;
+    use crate::worker::status::{WorkerInfo, WorkerState};
 
     #[test]
     fn documents_exactly_the_routes() {
@@ -145,5 +188,560 @@ mod tests {
             .map(|(m, p, _)| (m.to_string(), p.to_string()))
             .collect();
         assert_eq!(documented, routed, "OpenAPI paths and the router differ");
+    }
+
+    /// Which sample a value is: every optional field set and every list non-empty (so every
+    /// documented field must appear), or every option `None` and every list empty (so what
+    /// still appears is always there: it must be `required`, and a `null` must be
+    /// `nullable`).
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Fill {
+        Full,
+        Sparse,
+    }
+
+    /// Walks a schema of the document alongside a serialized value and notes every
+    /// disagreement, with the JSON path where it is.
+    struct Walker<'a> {
+        doc: &'a Value,
+        errors: Vec<String>,
+    }
+
+    impl<'a> Walker<'a> {
+        fn new(doc: &'a Value) -> Self {
+            Walker {
+                doc,
+                errors: Vec::new(),
+            }
+        }
+
+        fn resolve<'s>(&self, schema: &'s Value) -> &'s Value
+        where
+            'a: 's,
+        {
+            match schema.get("$ref").and_then(Value::as_str) {
+                Some(r) => {
+                    let name = r
+                        .strip_prefix("#/components/schemas/")
+                        .expect("the document refers only to its own schemas");
+                    let target = &self.doc["components"]["schemas"][name];
+                    assert!(!target.is_null(), "dangling $ref {r}");
+                    self.resolve(target)
+                }
+                None => schema,
+            }
+        }
+
+        /// `allOf` as one object schema: the parts' properties and required fields together.
+        fn merge(&self, parts: &[Value]) -> Value {
+            let mut properties = serde_json::Map::new();
+            let mut required = Vec::new();
+            for part in parts {
+                let part = self.resolve(part);
+                let part = match part.get("allOf").and_then(Value::as_array) {
+                    Some(inner) => self.merge(inner),
+                    None => part.clone(),
+                };
+                if let Some(p) = part["properties"].as_object() {
+                    properties.extend(p.clone());
+                }
+                if let Some(r) = part["required"].as_array() {
+                    required.extend(r.iter().cloned());
+                }
+            }
+            json!({ "type": "object", "properties": properties, "required": required })
+        }
+
+        fn check(&mut self, at: &str, schema: &Value, value: &Value, fill: Fill) {
+            let schema = self.resolve(schema);
+            if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+                let merged = self.merge(parts);
+                let mut inner = Walker::new(self.doc);
+                inner.check(at, &merged, value, fill);
+                self.errors.extend(inner.errors);
+                return;
+            }
+            if let Some(alternatives) = schema.get("oneOf").and_then(Value::as_array) {
+                let fits = alternatives.iter().any(|alt| {
+                    let mut w = Walker::new(self.doc);
+                    w.check(at, alt, value, fill);
+                    w.errors.is_empty()
+                });
+                if !fits {
+                    self.errors
+                        .push(format!("{at}: {value} fits none of the document's oneOf"));
+                }
+                return;
+            }
+            let nullable = schema["nullable"] == true;
+            if value.is_null() {
+                if !nullable && schema.get("type").is_some() {
+                    self.errors.push(format!(
+                        "{at}: serialized as null, but the document does not say `nullable`"
+                    ));
+                }
+                return;
+            }
+            if nullable && fill == Fill::Sparse {
+                self.errors.push(format!(
+                    "{at}: documented `nullable`, but serialized as {value} with nothing set"
+                ));
+            }
+            if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+                if !allowed.contains(value) {
+                    self.errors
+                        .push(format!("{at}: {value} is not in the document's enum"));
+                }
+            }
+            let kind = schema.get("type").and_then(Value::as_str);
+            let fits = match kind {
+                None => true,
+                Some("string") => value.is_string(),
+                Some("integer") => value.is_i64() || value.is_u64(),
+                Some("number") => value.is_number(),
+                Some("boolean") => value.is_boolean(),
+                Some("array") => value.is_array(),
+                Some("object") => value.is_object(),
+                Some(other) => {
+                    self.errors
+                        .push(format!("{at}: unknown type `{other}` in the document"));
+                    return;
+                }
+            };
+            if !fits {
+                self.errors.push(format!(
+                    "{at}: serialized as {value}, but the document says {}",
+                    kind.unwrap_or("anything")
+                ));
+                return;
+            }
+            // A schema without a type (a payload) takes any value, whatever is inside it.
+            if kind.is_none() {
+                return;
+            }
+            if let Some(items) = value.as_array() {
+                for (i, item) in items.iter().enumerate() {
+                    self.check(&format!("{at}[{i}]"), &schema["items"], item, fill);
+                }
+            }
+            if let Some(object) = value.as_object() {
+                self.object(at, schema, object, fill);
+            }
+        }
+
+        fn object(
+            &mut self,
+            at: &str,
+            schema: &Value,
+            object: &serde_json::Map<String, Value>,
+            fill: Fill,
+        ) {
+            let empty = serde_json::Map::new();
+            let properties = schema["properties"].as_object().unwrap_or(&empty);
+            let required: BTreeSet<&str> = schema["required"]
+                .as_array()
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            for (key, value) in object {
+                match properties.get(key) {
+                    Some(s) => self.check(&format!("{at}.{key}"), s, value, fill),
+                    None => match schema.get("additionalProperties") {
+                        Some(s) if s.is_object() => {
+                            self.check(&format!("{at}.{key}"), s, value, fill)
+                        }
+                        _ => self.errors.push(format!(
+                            "{at}: serializes `{key}`, which the document does not describe"
+                        )),
+                    },
+                }
+            }
+            for r in &required {
+                if !object.contains_key(*r) {
+                    self.errors.push(format!(
+                        "{at}.{r}: required by the document, but not serialized"
+                    ));
+                }
+                if !properties.contains_key(*r) {
+                    self.errors
+                        .push(format!("{at}.{r}: required, but not among the properties"));
+                }
+            }
+            match fill {
+                Fill::Full => {
+                    for key in properties.keys() {
+                        if !object.contains_key(key) {
+                            self.errors.push(format!(
+                                "{at}.{key}: documented, but not serialized even with every field set"
+                            ));
+                        }
+                    }
+                }
+                Fill::Sparse => {
+                    for key in object.keys() {
+                        if properties.contains_key(key) && !required.contains(key.as_str()) {
+                            self.errors.push(format!(
+                                "{at}.{key}: always serialized, but not `required` in the document"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    const NOW: i64 = 1_764_800_000_000;
+
+    fn task(fill: Fill) -> TaskRecord {
+        let full = fill == Fill::Full;
+        TaskRecord {
+            id: TaskId::new(),
+            queue: "thumbs".parse().expect("a valid queue name"),
+            state: TaskState::Failed,
+            payload: json!({ "size": 64 }),
+            args: if full {
+                vec!["--fast".into()]
+            } else {
+                Vec::new()
+            },
+            priority: 2,
+            unique_key: full.then(|| "k".to_string()),
+            run_at: NOW,
+            attempts: 3,
+            created_at: NOW,
+            updated_at: NOW,
+            finished_at: full.then_some(NOW),
+            last_error: full.then(|| "exit code 3".to_string()),
+            cancel_requested: false,
+            node: full.then(|| "host:1".to_string()),
+        }
+    }
+
+    fn attempt(fill: Fill) -> AttemptRecord {
+        let full = fill == Fill::Full;
+        AttemptRecord {
+            number: 1,
+            node: "host:1".into(),
+            pid: full.then_some(42),
+            started_at: NOW,
+            ended_at: NOW,
+            exit_code: full.then_some(3),
+            signal: full.then_some(9),
+            reason: full.then_some(AttemptReason::Exit),
+            error: full.then(|| "exit code 3".to_string()),
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+        }
+    }
+
+    fn worker(fill: Fill) -> view::WorkerView {
+        let full = fill == Fill::Full;
+        let info = WorkerInfo {
+            queue: "thumbs".parse().expect("a valid queue name"),
+            slot: 0,
+            pid: full.then_some(42),
+            start_time: 7,
+            state: WorkerState::Fatal,
+            since_ms: NOW,
+            started_ms: full.then_some(NOW - 5_000),
+            tasks_done: 1,
+            last_exit: full.then(|| "exit code 1".to_string()),
+            why: full.then(|| "exited 3 times".to_string()),
+            last_stderr: if full {
+                vec!["ImportError".into()]
+            } else {
+                Vec::new()
+            },
+        };
+        view::WorkerView::new(info, NOW)
+    }
+
+    fn overview(fill: Fill) -> view::Overview {
+        let full = fill == Fill::Full;
+        let row = QueueRow {
+            counts: BTreeMap::from([(TaskState::Queued, 4)]),
+            paused: true,
+            configured: true,
+            set_aside: 0,
+        };
+        let node = NodeInfo {
+            id: "host:1".into(),
+            host: "host".into(),
+            pid: 1,
+            queues: vec!["thumbs".into()],
+            running: 2,
+            last_heartbeat: NOW,
+        };
+        view::Overview {
+            queues: vec![view::QueueView::new("thumbs", &row, full.then_some(4))],
+            workers: if full { vec![worker(fill)] } else { Vec::new() },
+            nodes: if full { vec![node] } else { Vec::new() },
+        }
+    }
+
+    fn to_json(v: impl serde::Serialize) -> Value {
+        serde_json::to_value(v).expect("the shapes serialize")
+    }
+
+    /// An error body as every handler answers one (with details, or without).
+    fn error_sample(fill: Fill) -> Value {
+        let e = super::super::error::ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_queue",
+            "unknown queue `x`",
+        );
+        let e = match fill {
+            Fill::Full => e.with("known", vec!["thumbs".to_string()]),
+            Fill::Sparse => e,
+        };
+        to_json(e.body())
+    }
+
+    /// What each documented JSON response serializes, by (method, path, status): the
+    /// shapes the handlers return, filled both ways.
+    fn api_samples(fill: Fill) -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Value>> {
+        let full = fill == Fill::Full;
+        let enqueued = |existing| {
+            to_json(view::EnqueuedTask {
+                task: task(fill),
+                existing,
+            })
+        };
+        let enqueue = "/api/v1/queues/{queue}/tasks";
+        BTreeMap::from([
+            (
+                ("get", "/healthz", "200"),
+                vec![to_json(view::Health { status: "ok" })],
+            ),
+            (
+                ("get", "/api/v1/queues", "200"),
+                vec![to_json(overview(fill))],
+            ),
+            (("post", enqueue, "201"), vec![enqueued(false)]),
+            (("post", enqueue, "200"), vec![enqueued(true)]),
+            (
+                ("post", "/api/v1/queues/{queue}/tasks/batch", "201"),
+                vec![to_json(view::BatchEnqueued {
+                    enqueued: 2,
+                    existing: 1,
+                    ids: if full {
+                        vec![TaskId::new()]
+                    } else {
+                        Vec::new()
+                    },
+                })],
+            ),
+            (
+                ("post", "/api/v1/queues/{queue}/pause", "200"),
+                vec![to_json(view::PauseView {
+                    queue: "thumbs".parse().expect("a valid queue name"),
+                    paused: true,
+                })],
+            ),
+            (
+                ("post", "/api/v1/queues/{queue}/resume", "200"),
+                vec![to_json(view::PauseView {
+                    queue: "thumbs".parse().expect("a valid queue name"),
+                    paused: false,
+                })],
+            ),
+            (
+                ("get", "/api/v1/tasks", "200"),
+                vec![to_json(view::TaskPage {
+                    tasks: if full { vec![task(fill)] } else { Vec::new() },
+                    next_cursor: full.then(|| TaskId::new().to_string()),
+                })],
+            ),
+            (
+                ("get", "/api/v1/tasks/{id}", "200"),
+                vec![to_json(TaskDetail {
+                    task: task(fill),
+                    history: if full {
+                        vec![attempt(fill)]
+                    } else {
+                        Vec::new()
+                    },
+                })],
+            ),
+            (
+                ("post", "/api/v1/tasks/{id}/retry", "200"),
+                vec![to_json(task(fill))],
+            ),
+            (
+                ("post", "/api/v1/tasks/{id}/cancel", "200"),
+                [
+                    CancelOutcome::Cancelled,
+                    CancelOutcome::Requested,
+                    CancelOutcome::AlreadyFinished(TaskState::Succeeded),
+                ]
+                .into_iter()
+                .map(|outcome| {
+                    to_json(view::CancelView {
+                        outcome,
+                        task: task(fill),
+                    })
+                })
+                .collect(),
+            ),
+        ])
+    }
+
+    /// Every JSON response the document describes (errors and the document itself aside) is
+    /// what its handler's shape serializes, field for field, and every shape is documented.
+    #[test]
+    fn response_schemas_match_the_shapes() {
+        let doc = super::document();
+        let mut errors = Vec::new();
+        for fill in [Fill::Full, Fill::Sparse] {
+            let mut samples = api_samples(fill);
+            for (path, ops) in doc["paths"].as_object().expect("paths") {
+                for (method, op) in ops.as_object().expect("operations") {
+                    let responses = op["responses"].as_object().expect("responses");
+                    for (status, response) in responses {
+                        let schema = &response["content"]["application/json"]["schema"];
+                        if schema.is_null() || path == "/api/v1/openapi.json" {
+                            continue;
+                        }
+                        if schema["$ref"] == "#/components/schemas/Error" {
+                            let mut w = Walker::new(&doc);
+                            let at =
+                                format!("{} {path} {status} ({fill:?})", method.to_uppercase());
+                            w.check(&at, schema, &error_sample(fill), fill);
+                            errors.extend(w.errors);
+                            continue;
+                        }
+                        let Some(values) =
+                            samples.remove(&(method.as_str(), path.as_str(), status.as_str()))
+                        else {
+                            errors.push(format!(
+                                "{} {path} {status}: documented, but no shape is checked against it",
+                                method.to_uppercase()
+                            ));
+                            continue;
+                        };
+                        for value in values {
+                            let mut w = Walker::new(&doc);
+                            let at =
+                                format!("{} {path} {status} ({fill:?})", method.to_uppercase());
+                            w.check(&at, schema, &value, fill);
+                            errors.extend(w.errors);
+                        }
+                    }
+                }
+            }
+            for (method, path, status) in samples.keys() {
+                errors.push(format!(
+                    "{method} {path} {status}: a shape the document does not describe"
+                ));
+            }
+        }
+        assert!(
+            errors.is_empty(),
+            "the OpenAPI document and the shapes differ:\n{}",
+            errors.join("\n")
+        );
+    }
+
+    /// `taskd status --json` is the API's `GET /api/v1/queues` plus the daemon found on this
+    /// machine and its state directory; `taskd submit --json` is the task and `existing`.
+    #[test]
+    fn cli_json_shapes_extend_the_documented_ones() {
+        let doc = super::document();
+        let status = json!({ "allOf": [
+            { "$ref": "#/components/schemas/Overview" },
+            { "type": "object", "required": ["daemon", "state_dir"], "properties": {
+                "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted"], "properties": {
+                    "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true } } },
+                "state_dir": { "type": "string" } } }
+        ] });
+        let submitted = json!({ "type": "object", "required": ["existing", "task"], "properties": {
+            "existing": { "type": "boolean" }, "task": { "$ref": "#/components/schemas/Task" } } });
+        let mut w = Walker::new(&doc);
+        for fill in [Fill::Full, Fill::Sparse] {
+            let full = fill == Fill::Full;
+            let s = view::Status {
+                daemon: full.then(|| view::DaemonView {
+                    pid: 1,
+                    halted: Some("the store lock is lost".into()),
+                }),
+                state_dir: "/var/lib/taskd".into(),
+                overview: overview(fill),
+            };
+            w.check(
+                &format!("status --json ({fill:?})"),
+                &status,
+                &to_json(s),
+                fill,
+            );
+            let s = view::Submitted {
+                existing: full,
+                task: task(fill),
+            };
+            w.check(
+                &format!("submit --json ({fill:?})"),
+                &submitted,
+                &to_json(s),
+                fill,
+            );
+        }
+        assert!(w.errors.is_empty(), "{}", w.errors.join("\n"));
+    }
+
+    /// The walker itself finds each kind of disagreement (so a pass above means something).
+    #[test]
+    fn the_walker_finds_each_kind_of_disagreement() {
+        let doc = json!({ "components": { "schemas": { "S": { "type": "object", "required": ["a"], "properties": {
+            "a": { "type": "integer" }, "b": { "type": "string", "nullable": true } } } } } });
+        let schema = json!({ "$ref": "#/components/schemas/S" });
+        let errors = |value: Value, fill| {
+            let mut w = Walker::new(&doc);
+            w.check("x", &schema, &value, fill);
+            w.errors
+        };
+        assert!(errors(json!({ "a": 1, "b": "s" }), Fill::Full).is_empty());
+        assert!(errors(json!({ "a": 1, "b": null }), Fill::Full).is_empty());
+        let cases = [
+            (
+                json!({ "a": "1", "b": "s" }),
+                Fill::Full,
+                "x.a: serialized as \"1\", but the document says integer",
+            ),
+            (
+                json!({ "a": 1, "b": "s", "c": 1 }),
+                Fill::Full,
+                "x: serializes `c`, which the document does not describe",
+            ),
+            (
+                json!({ "a": 1 }),
+                Fill::Full,
+                "x.b: documented, but not serialized even with every field set",
+            ),
+            (
+                json!({ "b": "s" }),
+                Fill::Full,
+                "x.a: required by the document, but not serialized",
+            ),
+            (
+                json!({ "a": null, "b": null }),
+                Fill::Sparse,
+                "x.a: serialized as null, but the document does not say `nullable`",
+            ),
+            (
+                json!({ "a": 1, "b": null }),
+                Fill::Sparse,
+                "x.b: always serialized, but not `required` in the document",
+            ),
+            (
+                json!({ "a": 1, "b": "s" }),
+                Fill::Sparse,
+                "x.b: documented `nullable`, but serialized as \"s\" with nothing set",
+            ),
+        ];
+        for (value, fill, want) in cases {
+            let got = errors(value.clone(), fill);
+            assert!(
+                got.iter().any(|e| e == want),
+                "{value} ({fill:?}): want {want:?}, got {got:?}"
+            );
+        }
     }
 }

@@ -90,6 +90,10 @@ pub enum BrokerError {
     /// The store refused a write or a read (disk full, corruption, I/O error).
     #[error("broker storage error: {0}")]
     Storage(String),
+    /// The store is full and refuses writes until memory or space is freed (a Redis server
+    /// at its `maxmemory` under the `noeviction` policy). Reads still work.
+    #[error("the broker refuses writes: {0}")]
+    Full(String),
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::{config_path, exit, print_json};
-use crate::config::Program;
+use crate::config::{Program, QueueConfig};
+use crate::model::QueueName;
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -14,39 +15,69 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+/// `taskd check --json`: the validated config, as the daemon would run it.
+#[derive(serde::Serialize)]
+struct Checked {
+    config: PathBuf,
+    state_dir: PathBuf,
+    broker: String,
+    queues: Vec<CheckedQueue>,
+}
+
+/// One queue of `taskd check --json`, durations in seconds.
+#[derive(serde::Serialize)]
+struct CheckedQueue {
+    name: QueueName,
+    concurrency: usize,
+    /// The program as `taskd check` prints it.
+    program: String,
+    timeout_secs: f64,
+    max_attempts: u32,
+    backoff: CheckedBackoff,
+    kill_grace_secs: f64,
+    user: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct CheckedBackoff {
+    kind: &'static str,
+    base_secs: f64,
+    max_secs: f64,
+    jitter: bool,
+}
+
+impl CheckedQueue {
+    fn new(q: &QueueConfig) -> Self {
+        CheckedQueue {
+            name: q.name.clone(),
+            concurrency: q.concurrency,
+            program: program_text(&q.program),
+            timeout_secs: q.timeout.as_secs_f64(),
+            max_attempts: q.max_attempts,
+            backoff: CheckedBackoff {
+                kind: q.backoff.kind.as_str(),
+                base_secs: q.backoff.base.as_secs_f64(),
+                max_secs: q.backoff.max.as_secs_f64(),
+                jitter: q.backoff.jitter,
+            },
+            kill_grace_secs: q.kill_grace.as_secs_f64(),
+            user: q.user.clone(),
+        }
+    }
+}
+
 pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
     let path = config_path(flag)?;
     let Some(config) = crate::cli::load_or_report(&path, "nothing was started")? else {
         return Ok(exit::CONFIG);
     };
     if args.json {
-        let queues: Vec<_> = config
-            .queues
-            .values()
-            .map(|q| {
-                serde_json::json!({
-                    "name": q.name,
-                    "concurrency": q.concurrency,
-                    "program": program_text(&q.program),
-                    "timeout_secs": q.timeout.as_secs_f64(),
-                    "max_attempts": q.max_attempts,
-                    "backoff": {
-                        "kind": q.backoff.kind.as_str(),
-                        "base_secs": q.backoff.base.as_secs_f64(),
-                        "max_secs": q.backoff.max.as_secs_f64(),
-                        "jitter": q.backoff.jitter,
-                    },
-                    "kill_grace_secs": q.kill_grace.as_secs_f64(),
-                    "user": q.user,
-                })
-            })
-            .collect();
-        print_json(&serde_json::json!({
-            "config": config.path,
-            "state_dir": config.state_dir,
-            "broker": broker_text(&config.broker),
-            "queues": queues,
-        }))?;
+        print_json(&Checked {
+            config: config.path.clone(),
+            state_dir: config.state_dir.clone(),
+            broker: broker_text(&config.broker),
+            queues: config.queues.values().map(CheckedQueue::new).collect(),
+        })?;
         return Ok(exit::OK);
     }
     println!("{}: ok", path.display());

@@ -8,10 +8,12 @@ use super::visible::visible;
 use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
 use crate::broker::ListFilter;
 use crate::model::{now_ms, QueueName, TaskDetail, TaskId, TaskRecord, TaskState};
+use crate::view;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// Print queues, workers and nodes as JSON.
+    /// Print queues, workers and nodes as JSON: the API's `GET /api/v1/queues`, plus the
+    /// local daemon (`daemon`) and `state_dir`.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -68,19 +70,32 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     let nodes = broker.nodes().await?;
     let now = now_ms();
     if args.json {
-        let queues: Vec<_> = rows
+        // The API's shape (`GET /api/v1/queues`) plus what only this machine knows.
+        let queues = rows
             .iter()
             .map(|(name, r)| {
-                serde_json::json!({ "queue": name, "paused": r.paused, "configured": r.configured, "set_aside": r.set_aside, "counts": r.by_state() })
+                let concurrency = name
+                    .parse::<QueueName>()
+                    .ok()
+                    .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
+                view::QueueView::new(name, r, concurrency)
             })
             .collect();
-        print_json(&serde_json::json!({
-            "daemon": daemon.map(|pid| serde_json::json!({ "pid": pid, "halted": halted })),
-            "state_dir": config.state_dir,
-            "workers": workers.iter().map(worker_json).collect::<Vec<_>>(),
-            "queues": queues,
-            "nodes": nodes,
-        }))?;
+        print_json(&view::Status {
+            daemon: daemon.map(|pid| view::DaemonView {
+                pid,
+                halted: halted.clone(),
+            }),
+            state_dir: config.state_dir.clone(),
+            overview: view::Overview {
+                queues,
+                workers: workers
+                    .iter()
+                    .map(|w| view::WorkerView::new(w.clone(), now))
+                    .collect(),
+                nodes,
+            },
+        })?;
         return Ok(exit::OK);
     }
     match daemon {
@@ -200,23 +215,22 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
         print_json(&v)?;
         return Ok(exit::OK);
     }
+    let queues: Vec<view::QueueView> =
+        serde_json::from_value(v["queues"].clone()).map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!("{}/api/v1/queues: not a list of queues: {e}", remote.base()),
+            )
+        })?;
     let mut table = queues_table();
-    for q in v["queues"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let mut row = vec![q["queue"].as_str().unwrap_or("?").to_string()];
+    for q in &queues {
+        let mut row = vec![q.queue.clone()];
         row.extend(
             TaskState::ALL
                 .iter()
-                .map(|s| q["counts"][s.as_str()].as_u64().unwrap_or(0).to_string()),
+                .map(|s| q.counts.get(s.as_str()).copied().unwrap_or(0).to_string()),
         );
-        let notes = queue_notes(
-            q["paused"] == true,
-            q["configured"] != false,
-            q["set_aside"].as_u64().unwrap_or(0),
-        );
+        let notes = queue_notes(q.paused, q.configured, q.set_aside);
         row.push(notes.join(", "));
         table.add_row(row);
     }
@@ -447,19 +461,6 @@ fn daemon_workers(state_dir: &std::path::Path) -> Vec<crate::worker::status::Wor
         .filter(|f| f.daemon_pid == pid)
         .map(|f| f.workers)
         .unwrap_or_default()
-}
-
-/// A worker for `status --json`: its record plus `uptime_s` (null without a process).
-fn worker_json(w: &crate::worker::status::WorkerInfo) -> serde_json::Value {
-    let mut v = serde_json::to_value(w).unwrap_or_default();
-    let uptime = match (w.pid, w.started_ms) {
-        (Some(_), Some(t)) => serde_json::json!((crate::model::now_ms() - t).max(0) / 1000),
-        _ => serde_json::Value::Null,
-    };
-    if let Some(o) = v.as_object_mut() {
-        o.insert("uptime_s".into(), uptime);
-    }
-    v
 }
 
 /// Under the workers table: what each worker's previous process last wrote on stderr

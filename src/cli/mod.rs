@@ -158,7 +158,7 @@ pub fn code_for(e: &anyhow::Error) -> u8 {
         }
         if let Some(b) = cause.downcast_ref::<BrokerError>() {
             return match b {
-                BrokerError::Unavailable(_) => exit::BROKER,
+                BrokerError::Unavailable(_) | BrokerError::Full(_) => exit::BROKER,
                 BrokerError::NotFound(_) | BrokerError::Conflict(_) => exit::FAILURE,
                 _ => exit::FAILURE,
             };

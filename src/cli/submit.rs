@@ -12,7 +12,7 @@ use super::visible::visible;
 use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
-use crate::model::{NewTask, QueueName, TaskState, UnixMs};
+use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
 use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
 
 #[derive(clap::Args, Debug)]
@@ -186,9 +186,11 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let enqueued = broker.enqueue(tasks).await?;
     if args.batch.is_some() {
         if args.json {
-            print_json(
-                &serde_json::json!({ "enqueued": count, "ids": enqueued.iter().map(|e| e.id).collect::<Vec<_>>() }),
-            )?;
+            print_json(&crate::view::BatchEnqueued {
+                enqueued: count,
+                existing: enqueued.iter().filter(|e| e.existing).count(),
+                ids: enqueued.iter().map(|e| e.id).collect(),
+            })?;
         } else {
             println!("enqueued {count} tasks on {}", queue.name);
         }
@@ -200,9 +202,10 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     if args.json {
         if !args.wait {
             match broker.get(e.id).await? {
-                Some(detail) => {
-                    print_json(&serde_json::json!({ "existing": e.existing, "task": detail.task }))?
-                }
+                Some(detail) => print_json(&crate::view::Submitted {
+                    existing: e.existing,
+                    task: detail.task,
+                })?,
                 None => print_json(e)?,
             }
         }
@@ -291,7 +294,16 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
     let existing = task["existing"].as_bool().unwrap_or(false);
     if args.json {
         if !args.wait {
-            print_json(&serde_json::json!({ "existing": existing, "task": task }))?;
+            // The API answers the record with `existing` beside its fields; `submit --json`
+            // prints the same document with or without `--server`.
+            let mut record = task.clone();
+            if let Some(o) = record.as_object_mut() {
+                o.remove("existing");
+            }
+            let task: TaskRecord = serde_json::from_value(record).map_err(|e| {
+                Failure::new(exit::FAILURE, format!("{}: not a task: {e}", remote.base()))
+            })?;
+            print_json(&crate::view::Submitted { existing, task })?;
         }
     } else {
         println!("{id}");

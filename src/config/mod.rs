@@ -37,8 +37,8 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
-pub mod runnable;
 mod keys;
+pub mod runnable;
 mod template;
 mod units;
 mod validate;

@@ -93,7 +93,47 @@ pub fn argv(queue: &QueueConfig, payload: &Value, args: &[String]) -> Result<Vec
             }
         }
     }
+    // A field the script reads as `$TASKD_ARG_<field>` must reach it: one left out of the
+    // environment (over the bounds of `payload_env`) would run the script with it empty.
+    if let Program::Shell(script) = &queue.program {
+        let read = script_fields(script);
+        if !read.is_empty() {
+            let passed = payload_env(&payload.to_string(), payload);
+            for (k, v) in payload.as_object().into_iter().flatten() {
+                let name = format!("TASKD_ARG_{k}");
+                if !v.is_null()
+                    && read.contains(k.as_str())
+                    && !passed.iter().any(|(n, _)| *n == name)
+                {
+                    return Err(format!(
+                        "payload field `{k}` is too big for the environment variable {name} the script reads \
+                         (at most {MAX_ENV_VAR} bytes each, {MAX_PAYLOAD_ENV} for all the payload's variables); \
+                         let the script read it from the payload on stdin"
+                    ));
+                }
+            }
+        }
+    }
     Ok(argv)
+}
+
+/// The fields a script reads as `TASKD_ARG_<field>` (the longest name after each prefix,
+/// as the shell reads `$TASKD_ARG_month` or `${TASKD_ARG_month:-}`).
+fn script_fields(script: &str) -> std::collections::BTreeSet<&str> {
+    const PREFIX: &str = "TASKD_ARG_";
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = script;
+    while let Some(i) = rest.find(PREFIX) {
+        rest = &rest[i + PREFIX.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        if end > 0 {
+            out.insert(&rest[..end]);
+        }
+        rest = &rest[end..];
+    }
+    out
 }
 
 /// The environment variables made from a task's payload: `TASKD_PAYLOAD` (the JSON text) and
@@ -169,8 +209,12 @@ mod tests {
             argv(&q, &ok, &[]).expect("runnable"),
             ["thumb", "--size=-1", "a.png", "--", "-out.png"]
         );
-        let e = argv(&q, &json!({"size": 1, "src": "--output=/etc/x", "dst": "b"}), &[])
-            .expect_err("an option");
+        let e = argv(
+            &q,
+            &json!({"size": 1, "src": "--output=/etc/x", "dst": "b"}),
+            &[],
+        )
+        .expect_err("an option");
         assert!(
             e.contains("\"--output=/etc/x\"") && e.contains("allow_dash_values = true"),
             "{e}"
@@ -186,7 +230,10 @@ mod tests {
         let q = queue(r#"shell = 'echo "$TASKD_ARG_a"'"#);
         let e = argv(&q, &json!({"a": "x\u{0}y"}), &[]).expect_err("NUL in env");
         assert!(e.contains("TASKD_ARG_a"), "{e}");
-        assert!(argv(&q, &json!({"a-b": "x\u{0}y"}), &[]).is_ok(), "not a variable");
+        assert!(
+            argv(&q, &json!({"a-b": "x\u{0}y"}), &[]).is_ok(),
+            "not a variable"
+        );
         let e = argv(&q, &json!({}), &["a\u{0}".into()]).expect_err("NUL in args");
         assert!(e.contains("extra argument 1"), "{e}");
         let e = argv(&q, &json!({}), &["x".repeat(MAX_ARG_LEN + 1)]).expect_err("long");
@@ -197,6 +244,29 @@ mod tests {
         assert!(e.contains("1048576"), "{e}");
         let w = queue(r#"worker = ["w"]"#);
         assert!(argv(&w, &json!({"a": "x\u{0}"}), &["\u{0}".into()]).is_ok());
+    }
+
+    #[test]
+    fn a_field_the_script_reads_must_fit_in_the_environment() {
+        let q = queue(r#"shell = 'echo "${TASKD_ARG_small:-}" "$TASKD_ARG_big"'"#);
+        assert_eq!(
+            script_fields(r#"a $TASKD_ARG_x ${TASKD_ARG_y_2:-z} TASKD_ARG_ TASKD_ARG_x"#)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["x", "y_2"]
+        );
+        let big = "v".repeat(MAX_ENV_VAR);
+        let e = argv(&q, &json!({"small": 1, "big": big}), &[]).expect_err("too big");
+        assert!(e.contains("`big`") && e.contains("TASKD_ARG_big"), "{e}");
+        assert!(
+            argv(&q, &json!({"small": 1, "other": big}), &[]).is_ok(),
+            "not read"
+        );
+        assert!(argv(&q, &json!({"small": 1, "big": "ok"}), &[]).is_ok());
+        assert!(
+            argv(&q, &json!({"big": null}), &[]).is_ok(),
+            "null is never passed"
+        );
     }
 
     #[test]

@@ -99,7 +99,20 @@ impl Child {
                 return Ok(status);
             }
             // Still running (and unreaped, so the pid is still ours): watch it.
-            let fd = pidfd_open(self.pid)?;
+            let fd = match pidfd_open(self.pid) {
+                Ok(fd) => fd,
+                // The daemon is out of descriptors for now: look every few ms instead, rather
+                // than lose the task's exit status.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        if let Some(status) = self.try_wait()? {
+                            return Ok(status);
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
             self.pidfd = Some(unsafe {
                 AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)?
@@ -382,6 +395,10 @@ pub(crate) fn spawn(
             }
         })?;
         // Read only after the clone returned: the child is past execve or gone.
+        // SAFETY: `args` lives on this frame and the child, which shared our memory
+        // (CLONE_VM) and wrote `errno` before execve or _exit, no longer runs on it
+        // (CLONE_VFORK suspended us until then); volatile so the compiler cannot assume the
+        // value it had before the clone.
         let errno = unsafe { std::ptr::read_volatile(&args.errno) };
         if errno != 0 {
             let mut status = 0;

@@ -7,6 +7,10 @@
 //! [`policy`], and records it in the broker. The supervisor never touches SQLite or a
 //! process directly: it speaks the broker trait and the executor API.
 //!
+//! Halting ([`Supervisor::halt`], by [`Halt`] cause): while the store is gone or the broker
+//! refuses writes, dispatchers claim and start nothing, so that results waiting to be
+//! written stay bounded by the running tasks; `taskd status` shows why.
+//!
 //! Draining (first SIGTERM): dispatchers stop claiming; runs finish on their own until the
 //! grace ends, then are interrupted and put back as `queued` without charging an attempt.
 
@@ -73,6 +77,15 @@ impl QueueRt {
     fn pool(&self) -> Option<Arc<worker::Pool>> {
         self.pool.lock().expect("not poisoned").clone()
     }
+}
+
+/// Why a node stops claiming (see [`Supervisor::halt`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Halt {
+    /// The embedded store's file was deleted or replaced: for good, until a restart.
+    StoreGone,
+    /// The broker refuses writes (Redis at `maxmemory`): until a write passes.
+    BrokerFull,
 }
 
 struct RunningEntry {
@@ -158,9 +171,10 @@ pub struct Supervisor {
     /// Queues paused in the broker, refreshed on every wake-up: claimed-ahead tasks of a
     /// paused queue are released rather than started.
     paused: Mutex<BTreeSet<QueueName>>,
-    /// Why this node claims and starts nothing now (its store vanished; the broker refuses
-    /// results), for the log and `taskd status`; `None` while it works. See [`Self::halt`].
-    halted: Mutex<Option<String>>,
+    /// Why this node claims and starts nothing now, by cause (its store vanished; the broker
+    /// refuses writes), for the log and `taskd status`; empty while it works. See
+    /// [`Self::halt`].
+    halted: Mutex<std::collections::BTreeMap<Halt, String>>,
     start_log: startlog::StartLog,
     /// The lease claims ask for, in ms ([`LEASE`] unless set).
     lease_ms: AtomicU64,
@@ -193,7 +207,7 @@ impl Supervisor {
             runs: TaskTracker::new(),
             reschedule: Notify::new(),
             paused: Mutex::new(BTreeSet::new()),
-            halted: Mutex::new(None),
+            halted: Mutex::new(std::collections::BTreeMap::new()),
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
@@ -245,18 +259,24 @@ impl Supervisor {
         }
     }
 
-    /// Stop claiming and starting tasks, because `why` (said in `taskd status`): running
-    /// tasks go on and their results are kept. True when it was not halted before.
-    pub fn halt(&self, why: &str) -> bool {
-        let mut h = self.halted.lock().expect("not poisoned");
-        let first = h.is_none();
-        *h = Some(why.to_string());
-        first
+    /// Stop claiming and starting tasks for `cause`, because `why` (said in `taskd status`):
+    /// running tasks go on and their results are kept. True when `cause` was not set before.
+    pub fn halt(&self, cause: Halt, why: &str) -> bool {
+        self.halted
+            .lock()
+            .expect("not poisoned")
+            .insert(cause, why.to_string())
+            .is_none()
     }
 
-    /// Claim again after [`Self::halt`]. True when it was halted.
-    pub fn unhalt(&self) -> bool {
-        let was = self.halted.lock().expect("not poisoned").take().is_some();
+    /// `cause` is over: claim again unless another cause holds. True when it was set.
+    pub fn unhalt(&self, cause: Halt) -> bool {
+        let was = self
+            .halted
+            .lock()
+            .expect("not poisoned")
+            .remove(&cause)
+            .is_some();
         if was {
             self.kick_all();
         }
@@ -265,7 +285,26 @@ impl Supervisor {
 
     /// Why this node claims nothing now, if it does not.
     pub fn halted(&self) -> Option<String> {
-        self.halted.lock().expect("not poisoned").clone()
+        let h = self.halted.lock().expect("not poisoned");
+        (!h.is_empty()).then(|| h.values().cloned().collect::<Vec<_>>().join("; "))
+    }
+
+    /// The broker refused a write because it is full: stop claiming until a write passes,
+    /// so that results buffered here stay bounded by the tasks already running.
+    pub fn broker_full(&self, e: &str) {
+        let why = format!(
+            "{e}; results of finished tasks are kept here and written once it takes writes again"
+        );
+        if self.halt(Halt::BrokerFull, &why) {
+            tracing::error!("not claiming tasks: {why}");
+        }
+    }
+
+    /// A write passed: a full broker has room again.
+    pub fn broker_writes(&self) {
+        if self.unhalt(Halt::BrokerFull) {
+            tracing::info!("the broker takes writes again; claiming tasks again");
+        }
     }
 
     /// Start the dispatchers and background loops for `config` and the broker's wake-ups.
@@ -471,6 +510,11 @@ impl Supervisor {
                             continue; // start them, and look again
                         }
                     }
+                    Err(BrokerError::Full(e)) => {
+                        // Halted until a write passes (a result, or the node's heartbeat).
+                        self.broker_full(&e);
+                        continue;
+                    }
                     Err(e) => {
                         // Once per outage: the broker's own loss is logged by the cluster
                         // loop and the connection, and a retry every few seconds would
@@ -625,6 +669,7 @@ impl Supervisor {
                 let stop_it = stop.cancel.clone();
                 let ended = CancellationToken::new();
                 let ended_too = ended.clone();
+                let me = self.clone();
                 tokio::spawn(async move {
                     let Ok(s) = rx.await else { return };
                     tokio::select! {
@@ -634,6 +679,7 @@ impl Supervisor {
                     match broker.started(&lease, s.pid, s.start_time()).await {
                         Ok(()) => {}
                         Err(BrokerError::LeaseLost(_)) => stop_it.cancel(),
+                        Err(BrokerError::Full(e)) => me.broker_full(&e),
                         Err(e) => {
                             tracing::warn!(task = %lease.task, error = %e, "failed to record a task's start")
                         }
@@ -720,7 +766,16 @@ impl Supervisor {
         let mut answer = queued.await;
         loop {
             match answer {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.broker_writes();
+                    return;
+                }
+                Err(BrokerError::Full(e)) => {
+                    self.broker_full(&e);
+                    tracing::debug!(task = %lease.task, "the broker is full; the result waits");
+                    tokio::time::sleep(delay.next_delay()).await;
+                    answer = self.broker.finish(lease, attempt.clone(), finish).await;
+                }
                 Err(BrokerError::LeaseLost(_)) => {
                     self.lease_lost(lease, attempt, finish).await;
                     return;

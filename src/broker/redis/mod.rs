@@ -528,8 +528,8 @@ impl RedisBroker {
     }
 }
 
-/// What a failed command means to the caller: the server unreachable, a duplicate id, or
-/// anything else the server said.
+/// What a failed command means to the caller: the server unreachable, a duplicate id, the
+/// server out of memory, or anything else the server said.
 fn broker_error(addr: &str, e: RedisError) -> BrokerError {
     if e.is_io_error()
         || e.is_connection_refusal()
@@ -540,6 +540,11 @@ fn broker_error(addr: &str, e: RedisError) -> BrokerError {
         BrokerError::Unavailable(format!("the redis server at {addr} is unreachable: {e}"))
     } else if e.code() == Some("DUPLICATE") {
         BrokerError::Conflict(e.detail().unwrap_or("duplicate task id").to_string())
+    } else if e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed") {
+        // Also inside a script, where the server's error comes back wrapped.
+        BrokerError::Full(format!(
+            "the redis server at {addr} is out of memory (its maxmemory is reached and its policy evicts nothing): free memory there or raise maxmemory (`CONFIG SET maxmemory`); tasks wait meanwhile. The server said: {e}"
+        ))
     } else {
         BrokerError::Storage(format!("redis at {addr}: {e}"))
     }

@@ -121,12 +121,14 @@ fn secure_store(path: &Path) -> Result<()> {
             // Another user's files (a producer's, or the daemon's seen by a producer) are
             // left to their owner.
             if m.uid() == me && m.mode() & 0o7777 != mode {
-                std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-                    BrokerError::Unavailable(format!(
-                        "failed to set the mode of {} to {mode:04o}: {e}",
-                        f.display()
-                    ))
-                })?;
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).map_err(
+                    |e| {
+                        BrokerError::Unavailable(format!(
+                            "failed to set the mode of {} to {mode:04o}: {e}",
+                            f.display()
+                        ))
+                    },
+                )?;
             }
         }
     }

@@ -37,8 +37,8 @@ impl SqliteBroker {
 
 /// Bind the wake-up socket of the database and raise `Wakeups` for what arrives on it.
 pub(super) fn listen(wake_path: &Path) -> Result<Wakeups> {
-    let _ = std::fs::remove_file(&wake_path);
-    let sock = tokio::net::UnixDatagram::bind(&wake_path).map_err(|e| {
+    let _ = std::fs::remove_file(wake_path);
+    let sock = tokio::net::UnixDatagram::bind(wake_path).map_err(|e| {
         BrokerError::Unavailable(format!(
             "failed to bind the wake-up socket {}: {e}",
             wake_path.display()

@@ -408,6 +408,9 @@ mod tests {
             assert!(!m.contains("s3cret") && !f.contains("s3cret"), "{m} {f}");
         }
         let (_, f) = parse_broker("postgres://h/db", dir).unwrap_err();
-        assert!(!f.contains("redis"), "a fix that names what this build lacks: {f}");
+        assert!(
+            !f.contains("redis"),
+            "a fix that names what this build lacks: {f}"
+        );
     }
 }

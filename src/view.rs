@@ -1,0 +1,145 @@
+//! The JSON shapes taskd answers with, defined once for the HTTP API and the CLI's `--json`:
+//! a queue, a worker, a page of tasks, an enqueue's answer. Where the API and the CLI show
+//! the same thing they serialize the same struct, so they cannot drift apart; the OpenAPI
+//! document (`api::openapi`) is checked against these structs by a test.
+//!
+//! Plain data and the conversions into it: it must not read a broker, a file or a clock
+//! other than for a worker's uptime, and must not print.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
+use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
+use crate::worker::status::WorkerInfo;
+
+/// `GET /healthz`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+/// One queue: its counts by state (every state, zeros included) and flags. `taskd status
+/// --server` reads it back from the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueView {
+    pub queue: String,
+    pub paused: bool,
+    /// The config names it (a queue only in the store runs nothing).
+    pub configured: bool,
+    /// Its slots, from the config (`None` for a queue only in the store).
+    pub concurrency: Option<usize>,
+    /// Inbox entries set aside, never to run (Redis).
+    pub set_aside: u64,
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl QueueView {
+    pub fn new(name: &str, row: &QueueRow, concurrency: Option<usize>) -> Self {
+        QueueView {
+            queue: name.to_string(),
+            paused: row.paused,
+            configured: row.configured,
+            concurrency,
+            set_aside: row.set_aside,
+            counts: row
+                .by_state()
+                .into_iter()
+                .map(|(s, n)| (s.to_string(), n))
+                .collect(),
+        }
+    }
+}
+
+/// One long-lived worker: its `workers.json` record and how long its process has run.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub info: WorkerInfo,
+    /// Seconds since the current process started (`None` without a process).
+    pub uptime_s: Option<i64>,
+}
+
+impl WorkerView {
+    pub fn new(info: WorkerInfo, now: UnixMs) -> Self {
+        let uptime_s = match (info.pid, info.started_ms) {
+            (Some(_), Some(t)) => Some((now - t).max(0) / 1000),
+            _ => None,
+        };
+        WorkerView { info, uptime_s }
+    }
+}
+
+/// `GET /api/v1/queues`: the queues, this daemon's workers, the nodes sharing its broker.
+#[derive(Clone, Debug, Serialize)]
+pub struct Overview {
+    pub queues: Vec<QueueView>,
+    pub workers: Vec<WorkerView>,
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// The daemon `taskd status` found on this machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct DaemonView {
+    pub pid: u32,
+    /// Why it claims no tasks, if it does not.
+    pub halted: Option<String>,
+}
+
+/// `taskd status --json`: the API's [`Overview`] plus what only this machine knows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub daemon: Option<DaemonView>,
+    pub state_dir: PathBuf,
+    #[serde(flatten)]
+    pub overview: Overview,
+}
+
+/// `POST /api/v1/queues/{queue}/tasks`: the task record, and whether it already existed.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnqueuedTask {
+    #[serde(flatten)]
+    pub task: TaskRecord,
+    /// A waiting or running task held the same unique key: this is that task.
+    pub existing: bool,
+}
+
+/// `taskd submit --json` (locally and with `--server`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Submitted {
+    pub existing: bool,
+    pub task: TaskRecord,
+}
+
+/// `POST /api/v1/queues/{queue}/tasks/batch` and `taskd submit --batch --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchEnqueued {
+    pub enqueued: usize,
+    /// How many of them held a unique key already taken (their ids are the existing tasks').
+    pub existing: usize,
+    pub ids: Vec<TaskId>,
+}
+
+/// `GET /api/v1/tasks`: a page, newest first.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskRecord>,
+    /// The id of the page's last task, when more follow.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /api/v1/tasks/{id}/cancel`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CancelView {
+    pub outcome: CancelOutcome,
+    pub task: TaskRecord,
+}
+
+/// `POST /api/v1/queues/{queue}/pause` and `resume`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PauseView {
+    pub queue: QueueName,
+    pub paused: bool,
+}
