@@ -18,6 +18,8 @@ mod claim;
 pub mod policy;
 pub mod prepare;
 pub mod startlog;
+#[cfg(test)]
+mod tests;
 pub mod tasklog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};

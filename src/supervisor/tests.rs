@@ -1,0 +1,146 @@
+//! The supervisor in-process: the in-memory broker, tokio's clock paused, and queues whose
+//! tasks never become processes (a program that does not exist, a placeholder the payload
+//! lacks), so that the loops' decisions are checked without waiting on real time.
+//! Real processes are the integration tests' business (tests/daemon, tests/workers).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::startlog::StartLog;
+use super::Supervisor;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, ListFilter};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{AttemptReason, NewTask, QueueName, TaskId, TaskState};
+
+struct Fixture {
+    broker: Arc<dyn Broker>,
+    supervisor: Arc<Supervisor>,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+}
+
+/// A supervisor over a fresh in-memory store, serving `queues` (TOML `[queues.…]` tables).
+async fn start(queues: &str) -> Fixture {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let text = format!(
+        "[taskd]\nstate_dir = \"{}\"\n\n{queues}",
+        dir.path().display()
+    );
+    let config: Config =
+        crate::config::parse_str(&text, &dir.path().join("taskd.toml")).expect("a valid config");
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let (start_log, _) = StartLog::open(dir.path()).expect("the start log opens");
+    let metrics = Arc::new(Metrics::new());
+    let supervisor = Supervisor::new(
+        broker.clone(),
+        "test-node:1".into(),
+        start_log,
+        metrics.clone(),
+    );
+    let wakeups = broker.subscribe().await.expect("wake-ups");
+    supervisor.start(&config, wakeups);
+    Fixture {
+        broker,
+        supervisor,
+        metrics,
+        _dir: dir,
+    }
+}
+
+fn qn(s: &str) -> QueueName {
+    s.parse().expect("a valid queue name")
+}
+
+async fn enqueue(b: &Arc<dyn Broker>, queue: &str, payload: &str, n: usize) -> Vec<TaskId> {
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|_| NewTask::new(qn(queue), payload.to_string()))
+        .collect();
+    let ids = tasks.iter().map(|t| t.id).collect();
+    b.enqueue(tasks).await.expect("enqueue");
+    ids
+}
+
+/// Lets the supervisor's loops run until every task of `ids` is in `state`; the clock is
+/// paused, so each step advances it only as far as the next timer. Fails after an hour of
+/// the supervisor's time.
+async fn settle(b: &Arc<dyn Broker>, ids: &[TaskId], state: TaskState) {
+    for _ in 0..3_600 {
+        let mut all = true;
+        for id in ids {
+            let d = b.get(*id).await.expect("get").expect("the task exists");
+            all &= d.task.state == state;
+        }
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let now = b.list(&ListFilter::default()).await.expect("list");
+    panic!("tasks did not all become {state}: {now:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_program_that_does_not_exist_fails_each_task_once_with_its_reason() {
+    let f = start(
+        "[queues.q]\ncommand = [\"/nonexistent/taskd-test-program\"]\nconcurrency = 2\nmax_attempts = 5\n",
+    )
+    .await;
+    let ids = enqueue(&f.broker, "q", "{}", 5).await;
+    settle(&f.broker, &ids, TaskState::Failed).await;
+    for id in &ids {
+        let d = f.broker.get(*id).await.expect("get").expect("exists");
+        assert_eq!(d.task.attempts, 1, "charged once, never retried: {d:#?}");
+        assert_eq!(d.history.len(), 1);
+        assert_eq!(d.history[0].reason, Some(AttemptReason::Spawn));
+        assert!(
+            d.history[0]
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("program not found: /nonexistent/taskd-test-program"),
+            "{d:#?}"
+        );
+        assert_eq!(d.task.node, None, "no lease is left behind");
+    }
+    let text = f.metrics.render();
+    assert!(
+        text.contains("taskd_tasks_started_total{queue=\"q\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("taskd_tasks_finished_total{queue=\"q\",outcome=\"failed\"} 5"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_payload_without_a_placeholders_field_fails_as_invalid() {
+    let f = start("[queues.q]\ncommand = [\"/bin/echo\", \"{name}\"]\n").await;
+    let ids = enqueue(&f.broker, "q", r#"{"other": 1}"#, 1).await;
+    settle(&f.broker, &ids, TaskState::Failed).await;
+    let d = f.broker.get(ids[0]).await.expect("get").expect("exists");
+    assert_eq!(d.history[0].reason, Some(AttemptReason::Invalid), "{d:#?}");
+    assert!(
+        d.history[0].error.as_deref().unwrap_or("").contains("name"),
+        "the error names the missing field: {d:#?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_supervisor_claims_nothing_more() {
+    let f = start("[queues.q]\ncommand = [\"/nonexistent/taskd-test-program\"]\n").await;
+    f.supervisor
+        .drain(Duration::from_secs(1), CancellationToken::new())
+        .await;
+    let ids = enqueue(&f.broker, "q", "{}", 2).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for id in &ids {
+        let t = f.broker.get(*id).await.expect("get").expect("exists").task;
+        assert_eq!((t.state, t.node.as_deref()), (TaskState::Queued, None));
+    }
+    assert_eq!(f.supervisor.snapshot().running, 0);
+}
