@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 pub enum Request {
     Reload,
     /// Restart the long-lived workers of a queue, one at a time.
-    Restart { queue: String },
+    Restart {
+        queue: String,
+    },
 }
 
 /// The daemon's answer to a request.

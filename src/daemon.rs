@@ -564,8 +564,8 @@ pub async fn serve(
         store_file.map(|(path, id)| tokio::spawn(watch_store(path, id, supervisor.clone())));
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
-    let api_state =
-        crate::api::AppState::new(broker.clone(), config.clone(), metrics).with_control(api_control);
+    let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics)
+        .with_control(api_control);
     fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {

@@ -1363,3 +1363,35 @@ fn log_tasks_takes_one_of_three_words() {
         .ok(&["check"]);
     }
 }
+
+#[test]
+fn restart_on_change_is_a_boolean_for_worker_queues_only() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+
+[queues.w]
+worker = [\"python3\", \"app.py\"]
+restart_on_change = \"yes\"
+
+[queues.e]
+command = [\"/bin/true\"]
+restart_on_change = true
+";
+    check_bad(text)
+        .count(2)
+        .expect(
+            6,
+            21,
+            "queues.w.restart_on_change",
+            &["restart_on_change must be a boolean, found a string"],
+            Some("write `restart_on_change = true` or `restart_on_change = false`"),
+        )
+        .expect(
+            10,
+            1,
+            "queues.e.restart_on_change",
+            &["`restart_on_change` applies to long-lived workers, but queue `e` runs `command`"],
+            Some("remove `restart_on_change`, or replace `command` with `worker = [\"/path/to/worker\"]`"),
+        );
+}

@@ -92,7 +92,11 @@ fn two_new_workers(env: &Env, old: &[i64]) -> Vec<i64> {
         pids = running(&workers(env));
         pids.len() == 2 && pids.iter().all(|p| !old.contains(p))
     });
-    assert!(ok, "the workers were not replaced: {old:?} → {:#?}", workers(env));
+    assert!(
+        ok,
+        "the workers were not replaced: {old:?} → {:#?}",
+        workers(env)
+    );
     pids
 }
 
@@ -171,10 +175,19 @@ fn restart_under_load_fails_no_task_keeps_a_worker_running_and_deploys_the_new_c
         assert!(done, "the restart did not finish: {:#?}", workers(&env));
         samples
     });
-    assert!(samples.len() >= 3, "sampled the restart {} times", samples.len());
+    assert!(
+        samples.len() >= 3,
+        "sampled the restart {} times",
+        samples.len()
+    );
     let new = two_new_workers(&env, &old);
     // The log: each old worker stopped only once the previous replacement was RUNNING.
-    assert_eq!(one_at_a_time(&d.log_text(), "(taskd restart)"), 2, "{}", d.log_text());
+    assert_eq!(
+        one_at_a_time(&d.log_text(), "(taskd restart)"),
+        2,
+        "{}",
+        d.log_text()
+    );
     // Every task succeeded, on its first attempt; those after the restart ran the new code.
     let ids = ids.into_inner().expect("not poisoned");
     assert!(ids.len() >= 30, "only {} tasks submitted", ids.len());
@@ -184,20 +197,40 @@ fn restart_under_load_fails_no_task_keeps_a_worker_running_and_deploys_the_new_c
     }
     let after = env.submit("w", "{}");
     let t = env.wait_state(&after, "succeeded", secs(20));
-    let out = history(&t)[0]["stdout_tail"].as_str().unwrap_or_default().to_string();
+    let out = history(&t)[0]["stdout_tail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(out.starts_with("version v2 pid "), "{out}");
-    let pid: i64 = out.trim().rsplit(' ').next().unwrap_or_default().parse().expect("a pid");
+    let pid: i64 = out
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .expect("a pid");
     assert!(new.contains(&pid), "answered by {pid}, not by {new:?}");
     let v1 = ids
         .iter()
-        .filter(|id| history(&env.show(id))[0]["stdout_tail"].as_str().unwrap_or_default().starts_with("version v1"))
+        .filter(|id| {
+            history(&env.show(id))[0]["stdout_tail"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("version v1")
+        })
         .count();
-    assert!(v1 >= 20, "the tasks before the restart ran the old code ({v1} did)");
+    assert!(
+        v1 >= 20,
+        "the tasks before the restart ran the old code ({v1} did)"
+    );
 }
 
 #[test]
 fn restart_through_the_api_needs_the_token_and_refuses_an_exec_queue() {
-    let env = env_with(&format!("listen = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""), "");
+    let env = env_with(
+        &format!("listen = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""),
+        "",
+    );
     let d = env.daemon();
     let url = d.api_base();
     let old = two_new_workers(&env, &[]);
@@ -218,10 +251,20 @@ fn restart_through_the_api_needs_the_token_and_refuses_an_exec_queue() {
     assert_eq!(code, 409, "{body}");
     let v: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(v["error"]["code"], "not_a_worker_queue", "{v:#}");
-    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("queue `e` runs a new process per task"), "{v:#}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queue `e` runs a new process per task"),
+        "{v:#}"
+    );
     let (code, body) = post("/api/v1/queues/nope/restart", Some(TOKEN));
     assert_eq!(code, 404, "{body}");
-    assert_eq!(running(&workers(&env)).len(), 2, "a refused restart restarted nothing");
+    assert_eq!(
+        running(&workers(&env)).len(),
+        2,
+        "a refused restart restarted nothing"
+    );
 
     let (code, body) = post("/api/v1/queues/w/restart", Some(TOKEN));
     assert_eq!(code, 202, "{body}");
@@ -232,7 +275,12 @@ fn restart_through_the_api_needs_the_token_and_refuses_an_exec_queue() {
         "queue w: restarting 2 workers one at a time, each after its current task"
     );
     two_new_workers(&env, &old);
-    assert_eq!(one_at_a_time(&d.log_text(), "(taskd restart)"), 2, "{}", d.log_text());
+    assert_eq!(
+        one_at_a_time(&d.log_text(), "(taskd restart)"),
+        2,
+        "{}",
+        d.log_text()
+    );
     // The OpenAPI document lists the route.
     let doc: Value = serde_json::from_str(
         &ureq::get(&format!("{url}/api/v1/openapi.json"))
@@ -251,7 +299,11 @@ fn reload_restarts_workers_whose_script_changed_only_with_restart_on_change() {
     let d = env.daemon();
     let old = two_new_workers(&env, &[]);
     let out = env.ok(&["reload"]);
-    assert_eq!(out.trim(), "reloaded: nothing changed", "an unchanged script restarts nothing");
+    assert_eq!(
+        out.trim(),
+        "reloaded: nothing changed",
+        "an unchanged script restarts nothing"
+    );
     assert_eq!(running(&workers(&env)), old);
 
     // The script is touched after the workers started: a reload restarts them.
@@ -271,10 +323,17 @@ fn reload_restarts_workers_whose_script_changed_only_with_restart_on_change() {
         "{out}"
     );
     two_new_workers(&env, &old);
-    assert_eq!(one_at_a_time(&d.log_text(), "(restart_on_change)"), 2, "{}", d.log_text());
+    assert_eq!(
+        one_at_a_time(&d.log_text(), "(restart_on_change)"),
+        2,
+        "{}",
+        d.log_text()
+    );
 
     // Without the key, a touched script is left alone.
-    let text = std::fs::read_to_string(&env.config).expect("config").replace("restart_on_change = true", "");
+    let text = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace("restart_on_change = true", "");
     std::fs::write(&env.config, text).expect("rewrite the config");
     let now = running(&workers(&env));
     std::fs::File::options()
@@ -307,16 +366,26 @@ fn restart_refuses_an_exec_queue_and_an_unknown_queue_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("cannot restart `nope`: no such queue in {}; known queues: e, w", env.config.display())),
+        err.contains(&format!(
+            "cannot restart `nope`: no such queue in {}; known queues: e, w",
+            env.config.display()
+        )),
         "{err}"
     );
-    assert_eq!(running(&workers(&env)), old, "a refused restart restarted nothing");
+    assert_eq!(
+        running(&workers(&env)),
+        old,
+        "a refused restart restarted nothing"
+    );
 
     // A queue the file has but the running daemon does not: the daemon says so.
     let text = std::fs::read_to_string(&env.config).expect("config");
     std::fs::write(
         &env.config,
-        format!("{text}\n[queues.w2]\nworker = [\"python3\", \"{}/w.py\"]\n", env.path().display()),
+        format!(
+            "{text}\n[queues.w2]\nworker = [\"python3\", \"{}/w.py\"]\n",
+            env.path().display()
+        ),
     )
     .expect("rewrite the config");
     let out = env.run(&["restart", "w2"]);

@@ -401,7 +401,8 @@ pub async fn restart(
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "daemon_unavailable",
-                "the daemon did not take the request (it is stopping); try again once it runs".to_string(),
+                "the daemon did not take the request (it is stopping); try again once it runs"
+                    .to_string(),
             )
         })?;
     if !reply.ok {

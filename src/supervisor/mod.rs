@@ -357,7 +357,9 @@ impl Supervisor {
                     }
                     *rt.prepared.lock().expect("not poisoned") = prepared.clone();
                     if let Some(why) = self.apply_pool(rt, prepared) {
-                        changes.push(format!("queue {name}: workers restart one at a time: {why}"));
+                        changes.push(format!(
+                            "queue {name}: workers restart one at a time: {why}"
+                        ));
                     }
                     rt.kick.notify_one();
                 }
@@ -404,7 +406,11 @@ impl Supervisor {
     /// not: an unknown queue, or one that runs a new process per task.
     pub fn restart_workers(&self, queue: &str) -> Result<String, String> {
         let queues = self.queues.lock().expect("not poisoned");
-        let Some(rt) = queues.iter().find(|(n, _)| n.as_str() == queue).map(|(_, rt)| rt) else {
+        let Some(rt) = queues
+            .iter()
+            .find(|(n, _)| n.as_str() == queue)
+            .map(|(_, rt)| rt)
+        else {
             let mut known: Vec<String> = queues.keys().map(|q| q.to_string()).collect();
             known.sort();
             return Err(format!(

@@ -44,7 +44,13 @@ fn files(argv: &[String], cwd: Option<&Path>, env: &[(String, String)]) -> Vec<P
             .unwrap_or("/bin:/usr/bin");
         if let Some(found) = path
             .split(':')
-            .map(|dir| if dir.is_empty() { in_cwd(program) } else { Path::new(dir).join(program) })
+            .map(|dir| {
+                if dir.is_empty() {
+                    in_cwd(program)
+                } else {
+                    Path::new(dir).join(program)
+                }
+            })
             .find(|p| p.is_file())
         {
             out.push(found);
