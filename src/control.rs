@@ -1,10 +1,12 @@
-//! The control socket: how `taskd reload` talks to a running daemon.
+//! The control socket: how `taskd reload` and `taskd restart` talk to a running daemon.
 //!
 //! A Unix stream socket (mode 0600: only its owner, normally root, may connect) at the
 //! config's `control_socket` (default `state_dir/taskd.sock`). One request per connection, one JSON line each way:
-//! `{"cmd":"reload"}` → `{"ok":true,"changes":[…]}` or `{"ok":false,"errors":[…]}`.
-//! The daemon owns the reload itself; this module only carries requests to it and answers
-//! back, so that SIGHUP and `taskd reload` do exactly the same thing.
+//! `{"cmd":"reload"}` or `{"cmd":"restart","queue":"q"}` → `{"ok":true,"changes":[…]}` or
+//! `{"ok":false,"errors":[…]}`. The daemon owns the reload and the restart itself; this
+//! module only carries requests to it and answers back, so that SIGHUP and `taskd reload` do
+//! exactly the same thing, and so do `taskd restart` and the API's restart (which sends its
+//! requests on the same channel).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -20,16 +22,20 @@ use tokio::sync::{mpsc, oneshot};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Reload,
+    /// Restart the long-lived workers of a queue, one at a time.
+    Restart { queue: String },
 }
 
-/// The daemon's answer to a reload.
+/// The daemon's answer to a request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReloadReply {
     pub ok: bool,
-    /// What changed, one line per queue ("queue q: concurrency 1 → 4").
+    /// What changed, one line per queue ("queue q: concurrency 1 → 4"); for a restart, what
+    /// is being restarted.
     #[serde(default)]
     pub changes: Vec<String>,
-    /// Why the new config was refused (its diagnostics), when `ok` is false.
+    /// Why the new config was refused (its diagnostics), or why a restart was, when `ok` is
+    /// false.
     #[serde(default)]
     pub errors: Vec<String>,
 }
@@ -99,9 +105,14 @@ async fn answer(stream: UnixStream, to_daemon: mpsc::Sender<Incoming>) -> std::i
 
 /// Ask the daemon at `path` to reload and wait for its answer.
 pub async fn request_reload(path: &Path, wait: Duration) -> std::io::Result<ReloadReply> {
+    request(path, &Request::Reload, wait).await
+}
+
+/// Send `req` to the daemon at `path` and wait for its answer.
+pub async fn request(path: &Path, req: &Request, wait: Duration) -> std::io::Result<ReloadReply> {
     let stream = UnixStream::connect(path).await?;
     let (read, mut write) = stream.into_split();
-    let mut req = serde_json::to_string(&Request::Reload).map_err(std::io::Error::other)?;
+    let mut req = serde_json::to_string(req).map_err(std::io::Error::other)?;
     req.push('\n');
     write.write_all(req.as_bytes()).await?;
     let mut line = String::new();

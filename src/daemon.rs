@@ -490,6 +490,7 @@ pub async fn serve(
     };
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
     let control_path = config.control_socket.clone();
+    let api_control = control_tx.clone();
     let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
         // A path the daemon cannot bind is a config problem: exit 78, which the systemd
         // unit does not restart into, and before "ready".
@@ -563,7 +564,8 @@ pub async fn serve(
         store_file.map(|(path, id)| tokio::spawn(watch_store(path, id, supervisor.clone())));
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
-    let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics);
+    let api_state =
+        crate::api::AppState::new(broker.clone(), config.clone(), metrics).with_control(api_control);
     fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {
@@ -674,6 +676,16 @@ pub async fn serve(
                     fit_api(&api_state, &config);
                     api_state.set_config(config.clone());
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
+                    let _ = reply.send(answer);
+                }
+                crate::control::Request::Restart { queue } => {
+                    let answer = match supervisor.restart_workers(&queue) {
+                        Ok(what) => {
+                            tracing::info!(queue = %queue, "restart requested: {what}");
+                            ReloadReply { ok: true, changes: vec![what], errors: Vec::new() }
+                        }
+                        Err(why) => ReloadReply { ok: false, changes: Vec::new(), errors: vec![why] },
+                    };
                     let _ = reply.send(answer);
                 }
             },

@@ -143,3 +143,12 @@ pub struct PauseView {
     pub queue: QueueName,
     pub paused: bool,
 }
+
+/// `POST /api/v1/queues/{queue}/restart`: the rolling restart of the queue's workers began.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestartView {
+    pub queue: QueueName,
+    pub restarting: bool,
+    /// What restarts ("queue w: restarting 2 workers one at a time, …").
+    pub message: String,
+}

@@ -48,6 +48,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "submission",
             "worker::status",
             "view",
+            // Requests only the daemon carries out (restart), as `taskd restart` sends them.
+            "control",
         ],
     ),
     (

@@ -376,3 +376,48 @@ pub async fn resume(
 ) -> Result<Json<view::PauseView>, ApiError> {
     set_paused(&state, &queue, false).await
 }
+
+/// Restarts a `worker` queue's long-lived workers one at a time (as `taskd restart`): 202
+/// with what restarts; 404 for an unknown queue, 409 for a queue without workers.
+pub async fn restart(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Response, ApiError> {
+    let config = state.config();
+    let q = find_queue(&config, &queue)?;
+    if q.worker().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_a_worker_queue",
+            format!("queue `{}` runs a new process per task (`command` or `shell`), not long-lived workers: its next task already runs the new code; nothing to restart", q.name),
+        ));
+    }
+    let reply = state
+        .ask_daemon(crate::control::Request::Restart {
+            queue: q.name.to_string(),
+        })
+        .await
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "daemon_unavailable",
+                "the daemon did not take the request (it is stopping); try again once it runs".to_string(),
+            )
+        })?;
+    if !reply.ok {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_restarted",
+            reply.errors.join("; "),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(view::RestartView {
+            queue: q.name.clone(),
+            restarting: true,
+            message: reply.changes.join("; "),
+        }),
+    )
+        .into_response())
+}

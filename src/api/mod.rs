@@ -1,8 +1,10 @@
 //! The HTTP API (axum) on `listen`: `/api/v1` (enqueue, batch, read, list, retry, cancel,
-//! queues, pause/resume), `/healthz`, `/metrics`, the OpenAPI document and the dashboard.
+//! queues, pause/resume, restart), `/healthz`, `/metrics`, the OpenAPI document and the dashboard.
 //!
 //! It sees the config, the model and the [`Broker`] trait, never supervisor internals: the
 //! broker is the system of record, and the API is one more client of it (as the CLI is).
+//! What only the daemon can do (restart a queue's workers) goes to the daemon's main loop
+//! as a [`crate::control::Request`], exactly as `taskd restart` sends it.
 //!
 //! Security: with a token configured, every mutating request must carry
 //! `Authorization: Bearer TOKEN`; so must reads when `listen` is not a loopback address (the
@@ -69,6 +71,9 @@ pub struct AppState {
     /// The most connections served at once ([`connection_limit`]; the daemon sets it from
     /// its open-files limit and its queues, again on reload).
     pub max_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The daemon's main loop, for requests only it can carry out (restart); `None` when
+    /// the API is served without a daemon.
+    control: Option<tokio::sync::mpsc::Sender<crate::control::Incoming>>,
 }
 
 impl AppState {
@@ -83,7 +88,27 @@ impl AppState {
             draining: CancellationToken::new(),
             reads_need_token,
             max_connections: Arc::new(std::sync::atomic::AtomicUsize::new(MAX_CONNECTIONS)),
+            control: None,
         }
+    }
+
+    /// Hands requests only the daemon can carry out (restart) to its main loop.
+    pub fn with_control(
+        mut self,
+        control: tokio::sync::mpsc::Sender<crate::control::Incoming>,
+    ) -> AppState {
+        self.control = Some(control);
+        self
+    }
+
+    /// Sends `req` to the daemon's main loop and waits for its answer.
+    pub async fn ask_daemon(
+        &self,
+        req: crate::control::Request,
+    ) -> Option<crate::control::ReloadReply> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control.as_ref()?.send((req, tx)).await.ok()?;
+        rx.await.ok()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -140,6 +165,11 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             Method::POST,
             "/api/v1/queues/{queue}/resume",
             post(h::resume),
+        ),
+        (
+            Method::POST,
+            "/api/v1/queues/{queue}/restart",
+            post(h::restart),
         ),
         (Method::GET, "/api/v1/tasks", get(h::list_tasks)),
         (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),

@@ -65,6 +65,8 @@ pub fn document() -> Value {
                 "responses": { "200": ok("paused", json!({ "$ref": "#/components/schemas/Paused" })), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/queues/{queue}/resume": { "post": { "summary": "Claim from a paused queue again", "security": secured, "parameters": [queue_param()],
                 "responses": { "200": ok("resumed", json!({ "$ref": "#/components/schemas/Paused" })), "401": error_ref(), "404": error_ref() } } },
+            "/api/v1/queues/{queue}/restart": { "post": { "summary": "Restart a worker queue's long-lived workers one at a time, each after its current task (as `taskd restart`); 409 for a queue that runs a process per task", "security": secured, "parameters": [queue_param()],
+                "responses": { "202": ok("the rolling restart began", json!({ "$ref": "#/components/schemas/Restarting" })), "401": error_ref(), "404": error_ref(), "409": error_ref(), "503": error_ref() } } },
             "/api/v1/tasks": { "get": {
                 "summary": "List tasks, newest first, a page at a time",
                 "parameters": [
@@ -122,6 +124,7 @@ fn components() -> Value {
                 ] },
                 "task": task_ref() } },
             "Paused": { "type": "object", "required": ["queue", "paused"], "properties": { "queue": { "type": "string" }, "paused": { "type": "boolean" } } },
+            "Restarting": { "type": "object", "required": ["queue", "restarting", "message"], "properties": { "queue": { "type": "string" }, "restarting": { "type": "boolean" }, "message": { "type": "string" } } },
             "Health": { "type": "object", "required": ["status"], "properties": { "status": { "type": "string", "enum": ["ok"] } } },
             "Overview": { "type": "object", "required": ["queues", "workers", "nodes"], "properties": {
                 "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } },
@@ -542,6 +545,14 @@ mod tests {
                 vec![to_json(view::PauseView {
                     queue: "thumbs".parse().expect("a valid queue name"),
                     paused: false,
+                })],
+            ),
+            (
+                ("post", "/api/v1/queues/{queue}/restart", "202"),
+                vec![to_json(view::RestartView {
+                    queue: "thumbs".parse().expect("a valid queue name"),
+                    restarting: true,
+                    message: "queue thumbs: restarting 2 workers one at a time, each after its current task".into(),
                 })],
             ),
             (

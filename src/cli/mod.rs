@@ -78,6 +78,11 @@ pub enum Command {
     /// config file it was started with; print what changed per queue. Exits 78, and the
     /// daemon keeps its config, when the file is invalid. SIGHUP does the same, silently.
     Reload(reload::ReloadArgs),
+    /// Restart a `worker` queue's long-lived workers one at a time, so that they run new
+    /// code: each finishes its current task first (bounded by its timeout and kill_grace),
+    /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
+    /// unknown queue or one that runs `command`/`shell`.
+    Restart(reload::RestartArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -131,6 +136,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Pause(a) => control::pause(config, a, true).await,
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
+        Command::Restart(a) => reload::restart(config, a).await,
     }
 }
 

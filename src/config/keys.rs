@@ -502,6 +502,18 @@ pub(super) const WORKER: &[Key<WorkerProgram>] = &[
             None => false,
         },
     ),
+    key!(
+        "restart_on_change",
+        "`false`",
+        "`taskd reload` (or SIGHUP) also restarts the workers, one at a time as `taskd restart` does, when a program file changed (a newer mtime) since the oldest running worker started: the program (`worker`'s first element, found on `PATH`) and every later argument that names an existing file (the script of `[\"python3\", \"app.py\"]`). Modules the script imports are not watched: touch the script, or use `taskd restart`",
+        |cx, e, w| match cx.boolean(e) {
+            Some(b) => {
+                w.restart_on_change = b;
+                true
+            }
+            None => false,
+        },
+    ),
 ];
 
 /// The sub-keys of `backoff`; the built-in defaults are [`Backoff::default`]'s.

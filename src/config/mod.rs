@@ -233,6 +233,9 @@ pub struct WorkerProgram {
     pub start_secs: std::time::Duration,
     /// Failed starts in a row before the worker is FATAL (`start_retries`).
     pub start_retries: u32,
+    /// A reload restarts the workers when their program file changed since they started
+    /// (`restart_on_change`).
+    pub restart_on_change: bool,
 }
 
 impl WorkerProgram {
@@ -243,6 +246,7 @@ impl WorkerProgram {
             max_memory: None,
             start_secs: defaults::START_SECS,
             start_retries: defaults::START_RETRIES,
+            restart_on_change: false,
         }
     }
 }

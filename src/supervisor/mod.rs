@@ -358,7 +358,9 @@ impl Supervisor {
                         changes.push(format!("queue {name}: {}", diff.join(", ")));
                     }
                     *rt.prepared.lock().expect("not poisoned") = prepared.clone();
-                    self.apply_pool(rt, prepared);
+                    if let Some(why) = self.apply_pool(rt, prepared) {
+                        changes.push(format!("queue {name}: workers restart one at a time: {why}"));
+                    }
                     rt.kick.notify_one();
                 }
                 None => {
@@ -373,7 +375,7 @@ impl Supervisor {
                         last_run_ms: AtomicU64::new(u64::MAX),
                         pool: Mutex::new(None),
                     });
-                    self.apply_pool(&rt, prepared);
+                    let _ = self.apply_pool(&rt, prepared);
                     rt.kick.notify_one();
                     queues.insert(name.clone(), rt.clone());
                     let me = self.clone();
@@ -399,8 +401,33 @@ impl Supervisor {
         changes
     }
 
+    /// `taskd restart QUEUE`: restart the queue's long-lived workers one at a time (each after
+    /// its current task, the next once the previous replacement is RUNNING). `Err` says why
+    /// not: an unknown queue, or one that runs a new process per task.
+    pub fn restart_workers(&self, queue: &str) -> Result<String, String> {
+        let queues = self.queues.lock().expect("not poisoned");
+        let Some(rt) = queues.iter().find(|(n, _)| n.as_str() == queue).map(|(_, rt)| rt) else {
+            let mut known: Vec<String> = queues.keys().map(|q| q.to_string()).collect();
+            known.sort();
+            return Err(format!(
+                "unknown queue `{queue}` (the running daemon has: {}); nothing restarted",
+                known.join(", ")
+            ));
+        };
+        let Some(pool) = rt.pool() else {
+            return Err(format!(
+                "queue `{queue}` runs a new process per task (`command` or `shell`), not long-lived workers: its next task already runs the new code; nothing to restart"
+            ));
+        };
+        let n = pool.restart();
+        Ok(format!(
+            "queue {queue}: restarting {n} worker{} one at a time, each after its current task",
+            if n == 1 { "" } else { "s" }
+        ))
+    }
+
     /// Start, update or stop the queue's long-lived workers for its (new) settings.
-    fn apply_pool(self: &Arc<Self>, rt: &Arc<QueueRt>, prepared: Arc<Prepared>) {
+    fn apply_pool(self: &Arc<Self>, rt: &Arc<QueueRt>, prepared: Arc<Prepared>) -> Option<String> {
         let mut pool = rt.pool.lock().expect("not poisoned");
         let is_worker_queue = prepared.config.worker().is_some();
         let settings = || {
@@ -410,7 +437,7 @@ impl Supervisor {
             })
         };
         match (is_worker_queue, pool.as_ref()) {
-            (true, Some(p)) => p.apply(settings()),
+            (true, Some(p)) => return p.apply(settings()),
             (true, None) => {
                 let weak = Arc::downgrade(rt);
                 let kick = Box::new(move || {
@@ -432,6 +459,7 @@ impl Supervisor {
             }
             (false, None) => {}
         }
+        None
     }
 
     fn kick_all(&self) {

@@ -20,6 +20,7 @@
 //! and results, and its policy turns the outcome into task state.
 
 mod process;
+mod program;
 pub mod protocol;
 pub mod status;
 
@@ -150,8 +151,10 @@ struct Shared {
     /// Wakes the queue's dispatcher when a worker becomes RUNNING.
     kick: Box<dyn Fn() + Send + Sync>,
     registry: Arc<Registry>,
-    /// One reload restart at a time.
+    /// One rolling restart at a time (reload, `taskd restart`, a changed program file).
     roll: Arc<Semaphore>,
+    /// Why the workers of an older generation restart: their last exit says so.
+    roll_why: Mutex<String>,
     stop: CancellationToken,
     kill_now: CancellationToken,
     loops: TaskTracker,
@@ -232,6 +235,7 @@ impl Pool {
             kick,
             registry: registry.clone(),
             roll: Arc::new(Semaphore::new(1)),
+            roll_why: Mutex::new(String::new()),
             stop: CancellationToken::new(),
             kill_now,
             loops: TaskTracker::new(),
@@ -273,22 +277,76 @@ impl Pool {
     }
 
     /// A reload: new settings for the next tasks; workers whose command, user, env or cwd
-    /// changed restart one at a time; FATAL workers try again; concurrency is applied.
-    pub fn apply(&self, settings: Arc<Settings>) {
+    /// changed, or (with `restart_on_change`) whose program file changed since the oldest
+    /// of them started, restart one at a time; FATAL workers try again; concurrency is
+    /// applied. Returns why the workers restart, if they do.
+    pub fn apply(&self, settings: Arc<Settings>) -> Option<String> {
         let n = settings.config.concurrency;
+        let why = {
+            let cur = self.shared.current.lock().expect("not poisoned");
+            if identity(&cur.1.config) != identity(&settings.config) {
+                Some("its command, user, env or cwd changed (reload)".to_string())
+            } else {
+                self.changed_program(&settings)
+            }
+        };
         {
             let mut cur = self.shared.current.lock().expect("not poisoned");
-            let restart = identity(&cur.1.config) != identity(&settings.config);
-            if restart {
-                cur.0 += 1;
-            }
             cur.1 = settings;
-            let generation = cur.0;
-            self.shared
-                .version
-                .send_modify(|v| *v = (generation, v.1 + 1));
         }
+        self.roll(why.as_deref());
         self.resize(n);
+        why
+    }
+
+    /// `taskd restart`: every worker restarts with nothing changed, by the reload's rolling
+    /// restart: one at a time, each after its current task, the next once the previous
+    /// replacement is RUNNING. Returns how many workers restart.
+    pub fn restart(&self) -> usize {
+        self.roll(Some("restarted (taskd restart)"));
+        self.shared.slots.lock().expect("not poisoned").len()
+    }
+
+    /// Starts a new generation when `why` is set (every older worker restarts, saying
+    /// `why`), and gives FATAL slots a new chance.
+    fn roll(&self, why: Option<&str>) {
+        let mut cur = self.shared.current.lock().expect("not poisoned");
+        if let Some(why) = why {
+            cur.0 += 1;
+            *self.shared.roll_why.lock().expect("not poisoned") = why.to_string();
+        }
+        let generation = cur.0;
+        self.shared
+            .version
+            .send_modify(|v| *v = (generation, v.1 + 1));
+    }
+
+    /// With `restart_on_change`: the program file of the queue's workers that was modified
+    /// after the oldest running worker started, as a reason to restart them.
+    fn changed_program(&self, settings: &Settings) -> Option<String> {
+        let w = settings.config.worker()?;
+        if !w.restart_on_change {
+            return None;
+        }
+        let spec = settings.spec.as_ref().ok()?;
+        let oldest = self
+            .shared
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter_map(|s| {
+                let info = s.info.lock().expect("not poisoned");
+                info.pid.and(info.started_ms)
+            })
+            .min()?;
+        let (path, mtime) = program::newest(&spec.argv, spec.cwd.as_deref(), &spec.env)?;
+        (mtime > oldest).then(|| {
+            format!(
+                "its program file {} changed (restart_on_change)",
+                path.display()
+            )
+        })
     }
 
     /// Workers idle and RUNNING now: how many tasks may be claimed for them.
@@ -429,10 +487,7 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
             Leave::Failed(why) => (why, true),
             Leave::Stale(p) => {
                 permit = Some(p);
-                (
-                    "its command, user, env or cwd changed (reload)".to_string(),
-                    false,
-                )
+                (shared.roll_why.lock().expect("not poisoned").clone(), false)
             }
             Leave::Stop => ("taskd is stopping it".to_string(), false),
         };
