@@ -18,9 +18,9 @@ mod claim;
 pub mod policy;
 pub mod prepare;
 pub mod startlog;
+pub mod tasklog;
 #[cfg(test)]
 mod tests;
-pub mod tasklog;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -57,7 +57,7 @@ struct QueueRt {
     removed: CancellationToken,
     /// Tasks claimed ahead of a free slot while the queue has a backlog, so that a finishing
     /// task is replaced at once instead of after a round trip to the store.
-    ready: Mutex<VecDeque<Claimed>>,
+    held: Mutex<VecDeque<Claimed>>,
     /// The last claim got all it asked for: more tasks are probably waiting.
     backlog: AtomicBool,
     /// How long the queue's last task ran: short tasks are worth claiming further ahead.
@@ -88,7 +88,7 @@ pub enum Halt {
     BrokerFull,
 }
 
-struct RunningEntry {
+struct HeldTask {
     queue: QueueName,
     lease: Lease,
     cancel: CancellationToken,
@@ -157,7 +157,9 @@ pub struct Supervisor {
     broker: Arc<dyn Broker>,
     node: String,
     queues: Mutex<HashMap<QueueName, Arc<QueueRt>>>,
-    running: Mutex<HashMap<TaskId, RunningEntry>>,
+    /// Every task this node holds a lease on: claimed and waiting in a queue's `held`
+    /// buffer, or running. Renewed together; cancelled through their tokens.
+    leases: Mutex<HashMap<TaskId, HeldTask>>,
     /// Stop claiming (drain).
     draining: CancellationToken,
     /// Stop running tasks (end of the grace, or a second signal): TERM, grace, KILL.
@@ -200,7 +202,7 @@ impl Supervisor {
             broker,
             node,
             queues: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             kill_now: CancellationToken::new(),
@@ -370,7 +372,7 @@ impl Supervisor {
                         running: AtomicUsize::new(0),
                         kick: Notify::new(),
                         removed: CancellationToken::new(),
-                        ready: Mutex::new(VecDeque::new()),
+                        held: Mutex::new(VecDeque::new()),
                         backlog: AtomicBool::new(false),
                         last_run_ms: AtomicU64::new(u64::MAX),
                         pool: Mutex::new(None),
@@ -473,18 +475,18 @@ impl Supervisor {
     }
 
     /// One queue's claim loop. It claims enough to fill the free slots and, while the queue
-    /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::ready`]); finishing
+    /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::held`]); finishing
     /// runs start the held tasks themselves, and kick this loop to top the buffer up.
     async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
         let mut error_backoff = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut claim_failing = false;
         loop {
             if self.draining.is_cancelled() || q.removed.is_cancelled() {
-                self.release_ready(&q).await;
+                self.release_held(&q).await;
                 return;
             }
             if self.is_paused(&q.name) {
-                self.release_ready(&q).await;
+                self.release_held(&q).await;
             }
             if self.halted().is_some() {
                 // Held tasks stay held (their release would be a write too); `unhalt`
@@ -497,11 +499,11 @@ impl Supervisor {
                 }
                 continue;
             }
-            self.start_ready(&q);
+            self.start_held(&q);
             let plan = claim::plan(claim::QueueLoad {
                 concurrency: q.prepared().config.concurrency,
                 running: q.running.load(Ordering::Acquire),
-                held: q.ready.lock().expect("not poisoned").len(),
+                held: q.held.lock().expect("not poisoned").len(),
                 idle_workers: q.pool().map(|p| p.available()),
                 backlog: q.backlog.load(Ordering::Acquire),
                 last_run_ms: q.last_run_ms.load(Ordering::Relaxed),
@@ -527,18 +529,18 @@ impl Supervisor {
                         q.backlog.store(got == want, Ordering::Release);
                         if got > 0 {
                             {
-                                let mut ready = q.ready.lock().expect("not poisoned");
-                                let mut running = self.running.lock().expect("not poisoned");
+                                let mut held = q.held.lock().expect("not poisoned");
+                                let mut leases = self.leases.lock().expect("not poisoned");
                                 for c in claimed {
-                                    running.insert(
+                                    leases.insert(
                                         c.task.id,
-                                        RunningEntry {
+                                        HeldTask {
                                             queue: q.name.clone(),
                                             lease: c.lease.clone(),
                                             cancel: CancellationToken::new(),
                                         },
                                     );
-                                    ready.push_back(c);
+                                    held.push_back(c);
                                 }
                             }
                             continue; // start them, and look again
@@ -582,7 +584,7 @@ impl Supervisor {
     }
 
     /// Start held tasks while the queue has free slots.
-    fn start_ready(self: &Arc<Self>, q: &Arc<QueueRt>) {
+    fn start_held(self: &Arc<Self>, q: &Arc<QueueRt>) {
         if self.draining.is_cancelled()
             || q.removed.is_cancelled()
             || self.is_paused(&q.name)
@@ -596,7 +598,7 @@ impl Supervisor {
             if q.running.load(Ordering::Acquire) >= conc {
                 return;
             }
-            if q.ready.lock().expect("not poisoned").is_empty() {
+            if q.held.lock().expect("not poisoned").is_empty() {
                 return;
             }
             let reserved = match &pool {
@@ -606,7 +608,7 @@ impl Supervisor {
                 },
                 None => None,
             };
-            let Some(c) = q.ready.lock().expect("not poisoned").pop_front() else {
+            let Some(c) = q.held.lock().expect("not poisoned").pop_front() else {
                 return;
             };
             self.launch(q, c, reserved);
@@ -614,13 +616,10 @@ impl Supervisor {
     }
 
     /// Give held (claimed, never started) tasks back to the broker.
-    async fn release_ready(&self, q: &QueueRt) {
-        let held: Vec<Claimed> = q.ready.lock().expect("not poisoned").drain(..).collect();
+    async fn release_held(&self, q: &QueueRt) {
+        let held: Vec<Claimed> = q.held.lock().expect("not poisoned").drain(..).collect();
         for c in held {
-            self.running
-                .lock()
-                .expect("not poisoned")
-                .remove(&c.task.id);
+            self.leases.lock().expect("not poisoned").remove(&c.task.id);
             self.record(&c.lease, AttemptRecord::default(), Finish::Release)
                 .await;
         }
@@ -629,7 +628,7 @@ impl Supervisor {
     fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed, reserved: Option<worker::Reserved>) {
         q.running.fetch_add(1, Ordering::AcqRel);
         let cancel = self
-            .running
+            .leases
             .lock()
             .expect("not poisoned")
             .get(&c.task.id)
@@ -687,7 +686,7 @@ impl Supervisor {
                 // (it shares a commit with others); the start log covers the moment between.
                 // A lease lost meanwhile (an operator cancelled the held task) stops the run.
                 self.start_log.note(c.task.id, || {
-                    self.running
+                    self.leases
                         .lock()
                         .expect("not poisoned")
                         .keys()
@@ -768,13 +767,10 @@ impl Supervisor {
         // running than the concurrency. The two usually share a commit.
         let queued = self.broker.finish(&c.lease, record.clone(), finish);
         q.running.fetch_sub(1, Ordering::AcqRel);
-        self.start_ready(&q);
+        self.start_held(&q);
         q.kick.notify_one();
         self.settle(queued, &c.lease, record, finish).await;
-        self.running
-            .lock()
-            .expect("not poisoned")
-            .remove(&c.task.id);
+        self.leases.lock().expect("not poisoned").remove(&c.task.id);
         if let Finish::Retry { .. } = finish {
             self.reschedule.notify_one();
         }
@@ -914,14 +910,14 @@ impl Supervisor {
     }
 
     async fn check_cancels(&self) {
-        if self.running.lock().expect("not poisoned").is_empty() {
+        if self.leases.lock().expect("not poisoned").is_empty() {
             return;
         }
         match self.broker.cancel_requested(&self.node).await {
             Ok(ids) => {
-                let running = self.running.lock().expect("not poisoned");
+                let leases = self.leases.lock().expect("not poisoned");
                 for id in ids {
-                    if let Some(entry) = running.get(&id) {
+                    if let Some(entry) = leases.get(&id) {
                         if !entry.cancel.is_cancelled() {
                             tracing::info!(task = %id, queue = %entry.queue, "cancelling a running task");
                             entry.cancel.cancel();
@@ -941,14 +937,14 @@ impl Supervisor {
             .collect();
         for q in queues {
             let cancelled: Vec<Claimed> = {
-                let running = self.running.lock().expect("not poisoned");
-                let mut ready = q.ready.lock().expect("not poisoned");
-                let (gone, keep): (Vec<Claimed>, Vec<Claimed>) = ready.drain(..).partition(|c| {
-                    running
+                let leases = self.leases.lock().expect("not poisoned");
+                let mut held = q.held.lock().expect("not poisoned");
+                let (gone, keep): (Vec<Claimed>, Vec<Claimed>) = held.drain(..).partition(|c| {
+                    leases
                         .get(&c.task.id)
                         .is_some_and(|e| e.cancel.is_cancelled())
                 });
-                ready.extend(keep);
+                held.extend(keep);
                 gone
             };
             for c in cancelled {
@@ -972,10 +968,7 @@ impl Supervisor {
                     )
                 });
                 self.record(&c.lease, attempt, Finish::Cancelled).await;
-                self.running
-                    .lock()
-                    .expect("not poisoned")
-                    .remove(&c.task.id);
+                self.leases.lock().expect("not poisoned").remove(&c.task.id);
             }
         }
     }
@@ -1022,7 +1015,7 @@ impl Supervisor {
                 _ = self.interrupt.cancelled() => return,
             }
             let leases: Vec<Lease> = self
-                .running
+                .leases
                 .lock()
                 .expect("not poisoned")
                 .values()
@@ -1036,9 +1029,9 @@ impl Supervisor {
                     // Taken back by another node (on a shared broker, after this node could
                     // not renew for a whole lease): it runs there now, so stop it here. Its
                     // result would be refused anyway.
-                    let running = self.running.lock().expect("not poisoned");
+                    let leases = self.leases.lock().expect("not poisoned");
                     for id in lost {
-                        if let Some(entry) = running.get(&id) {
+                        if let Some(entry) = leases.get(&id) {
                             if !entry.cancel.is_cancelled() {
                                 tracing::warn!(task = %id, queue = %entry.queue, "lost the lease on a task; stopping it here");
                                 entry.cancel.cancel();
@@ -1064,7 +1057,7 @@ impl Supervisor {
             .cloned()
             .collect();
         for q in &queues {
-            self.release_ready(q).await;
+            self.release_held(q).await;
         }
         let running = self.snapshot().running;
         if running > 0 {
