@@ -1231,6 +1231,19 @@ fn dashboard_in_a_browser() {
         .expect("queues")
         .iter()
         .any(|q| q["queue"] == "mail" && q["paused"] == true));
+    // The workers panel's restart button (a <button>: focusable, Enter/Space press it)
+    // POSTs the queue's restart and shows the daemon's answer.
+    assert_eq!(
+        b.eval("document.querySelector('button[data-action=restart][data-queue=broken]')?.tagName"),
+        json!("BUTTON")
+    );
+    b.eval(
+        "document.querySelector('button[data-action=restart][data-queue=broken]').click(); true",
+    );
+    b.wait_for(
+        "document.querySelector('#flash').textContent === 'queue broken: restarting 1 worker one at a time, each after its current task'",
+        "the restart's answer",
+    );
 
     let shot = b.call("Page.captureScreenshot", json!({ "format": "png" }));
     let png = base64_decode(shot["data"].as_str().expect("png data"));
