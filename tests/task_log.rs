@@ -163,3 +163,37 @@ fn a_reload_changes_log_tasks_and_says_so() {
         d.log_text()
     );
 }
+
+/// Each log line about a run carries that run's span alone: a task started from the end of
+/// the previous one (one slot, a backlog) is not logged inside the previous task's span.
+#[test]
+fn a_run_started_after_another_is_not_logged_inside_its_span() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlog_tasks = \"all\"\n\
+         [queues.one]\nconcurrency = 1\nshell = 'echo ok'\n",
+    );
+    env.ok(&["pause", "one"]);
+    let ids: Vec<String> = (0..5).map(|_| env.submit("one", "{}")).collect();
+    let d = env.daemon();
+    env.ok(&["resume", "one"]);
+    for id in &ids {
+        env.wait_state(id, "succeeded", Duration::from_secs(30));
+    }
+    assert!(
+        poll(Duration::from_secs(10), || ids
+            .iter()
+            .all(|id| !lines_with(&d, id, "task succeeded").is_empty())),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let nested: Vec<&str> = log
+        .lines()
+        .filter(|l| l.matches("task{").count() > 1)
+        .collect();
+    assert!(
+        nested.is_empty(),
+        "log lines inside another task's span:\n{}",
+        nested.join("\n")
+    );
+}

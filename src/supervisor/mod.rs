@@ -636,9 +636,10 @@ impl Supervisor {
             .unwrap_or_default();
         let me = self.clone();
         let q = q.clone();
-        // Every log line about this run carries its queue, task id and attempt.
-        let span =
-            tracing::info_span!("task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
+        // Every log line about this run carries its queue, task id and attempt, and only
+        // this run's: `launch` is often called from the end of the previous run, whose span
+        // must not become this one's parent (lines read `task{…}:task{…}` otherwise).
+        let span = tracing::info_span!(parent: None, "task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
         self.runs.spawn(tracing::Instrument::instrument(
             async move { me.run_one(q, c, cancel, reserved).await },
             span,
@@ -958,7 +959,7 @@ impl Supervisor {
                     error: Some("cancelled by an operator before it started".into()),
                     ..Default::default()
                 };
-                let span = tracing::info_span!("task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
+                let span = tracing::info_span!(parent: None, "task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
                 span.in_scope(|| {
                     tasklog::log_end(
                         self.log_tasks(),
