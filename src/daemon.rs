@@ -564,7 +564,13 @@ pub async fn serve(
         store_file.map(|(path, id)| tokio::spawn(watch_store(path, id, supervisor.clone())));
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
-    let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics)
+    let stats_stop = CancellationToken::new();
+    let stats_writer = tokio::spawn(stats_loop(
+        broker.clone(),
+        metrics.clone(),
+        stats_stop.clone(),
+    ));
+    let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics.clone())
         .with_control(api_control);
     fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
@@ -736,10 +742,50 @@ pub async fn serve(
             tracing::warn!(error = %e, "could not remove this node from the broker's registry");
         }
     }
+    // The last counters are written once the drain has finished every task.
+    stats_stop.cancel();
+    let _ = stats_writer.await;
     let _ = std::fs::remove_file(&control_path);
     crate::executor::reap_orphans();
     tracing::info!("stopped");
     Ok(exit::OK)
+}
+
+/// How often the attempt counters the supervisor gathers are added to the broker's (the
+/// dashboard's throughput and latency charts lag by at most this).
+const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// Adds the attempt counters to the broker's every [`STATS_EVERY`], so that they outlive
+/// the daemon (and, on a shared broker, add up over every node).
+async fn stats_loop(
+    broker: Arc<dyn crate::broker::Broker>,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(STATS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        write_stats(broker.as_ref(), &metrics).await;
+        if last {
+            return;
+        }
+    }
+}
+
+/// One write of the gathered counters; kept for the next one if the broker refuses it.
+async fn write_stats(broker: &dyn crate::broker::Broker, metrics: &crate::metrics::Metrics) {
+    let rows = metrics.take_stats();
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(e) = broker.add_stats(&rows).await {
+        tracing::debug!(error = %e, "could not write the throughput counters; trying again later");
+        metrics.untake_stats(rows);
+    }
 }
 
 /// What the daemon's process needs before it runs tasks: the descriptors it inherited

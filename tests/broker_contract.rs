@@ -2654,7 +2654,8 @@ pub mod cases {
                 queue: Some(qn("la")),
                 state: Some(TaskState::Queued),
                 limit: 1,
-            })
+                            ..Default::default()
+})
             .await
             .expect("list");
         assert_eq!(ids_of(&q_la), vec![of("la")[0]]);
@@ -2663,7 +2664,8 @@ pub mod cases {
                 queue: Some(qn("lb")),
                 state: Some(TaskState::Running),
                 limit: 0,
-            })
+                            ..Default::default()
+})
             .await
             .expect("list");
         assert!(q_lb.is_empty());
@@ -3190,7 +3192,8 @@ mod sqlite_specific {
                 queue: Some(qn("held")),
                 state: Some(TaskState::Scheduled),
                 limit: 0,
-            })
+                            ..Default::default()
+})
             .await
             .expect("list");
         assert_eq!(

@@ -455,7 +455,7 @@ mod tests {
                 Vec::new()
             },
         };
-        view::WorkerView::new(info, NOW)
+        view::WorkerView::new(info, NOW, full.then_some(50 << 20))
     }
 
     fn overview(fill: Fill) -> view::Overview {

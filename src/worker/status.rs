@@ -323,3 +323,12 @@ mod last_lines_tests {
         assert_eq!(got[9].len(), LastLines::MAX_CHARS);
     }
 }
+
+/// The resident memory of process `pid` in bytes (`VmRSS` of /proc/PID/status), for the
+/// worker panels of `taskd status` and the dashboard.
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -71,6 +71,23 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tasks ADD COLUMN pid_boot TEXT;
     "#,
+    // 3: throughput and latency counters per queue and minute (the dashboard's charts),
+    // written by the daemon every few seconds, kept for a day.
+    r#"
+    CREATE TABLE stats (
+        minute      INTEGER NOT NULL,
+        queue       TEXT    NOT NULL,
+        succeeded   INTEGER NOT NULL DEFAULT 0,
+        failed      INTEGER NOT NULL DEFAULT 0,
+        retried     INTEGER NOT NULL DEFAULT 0,
+        cancelled   INTEGER NOT NULL DEFAULT 0,
+        runs        INTEGER NOT NULL DEFAULT 0,
+        run_ms_sum  INTEGER NOT NULL DEFAULT 0,
+        run_ms_max  INTEGER NOT NULL DEFAULT 0,
+        wait_ms_sum INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (minute, queue)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.
