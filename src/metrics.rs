@@ -382,7 +382,12 @@ mod tests {
         let q: QueueName = "mail".parse().expect("valid");
         m.enqueued(&q, 3);
         m.started(&q);
-        m.finished(&q, FinishOutcome::Failed, Some(Duration::from_millis(20)), None);
+        m.finished(
+            &q,
+            FinishOutcome::Failed,
+            Some(Duration::from_millis(20)),
+            None,
+        );
         let text = m.render();
         assert!(
             text.contains("taskd_tasks_enqueued_total{queue=\"mail\"} 3"),

@@ -231,11 +231,11 @@ pub struct StatBucket {
 
 impl StatBucket {
     /// The bucket starting at `start` that sums `rows`.
-    pub fn sum<'a>(start: UnixMs, rows: impl IntoIterator<Item = &'a crate::broker::StatRow>) -> Self {
-        let mut r = crate::broker::StatRow::new(
-            "all".parse().expect("a valid queue name"),
-            0,
-        );
+    pub fn sum<'a>(
+        start: UnixMs,
+        rows: impl IntoIterator<Item = &'a crate::broker::StatRow>,
+    ) -> Self {
+        let mut r = crate::broker::StatRow::new("all".parse().expect("a valid queue name"), 0);
         for x in rows {
             r.add(x);
         }

@@ -271,8 +271,14 @@ pub struct FilterQuery {
 impl FilterQuery {
     /// The broker's filter; 400 naming the parameter that is wrong.
     fn to_filter(&self) -> Result<ListFilter, ApiError> {
-        let bad = |what: &str, e: String| ApiError::bad_request("bad_query", format!("{what}: {e}"));
-        let empty = |s: &Option<String>| s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+        let bad =
+            |what: &str, e: String| ApiError::bad_request("bad_query", format!("{what}: {e}"));
+        let empty = |s: &Option<String>| {
+            s.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
         Ok(ListFilter {
             queue: empty(&self.queue)
                 .map(|q| q.parse().map_err(|e| bad("queue", e)))
@@ -300,8 +306,8 @@ impl FilterQuery {
 pub struct ListQuery {
     queue: Option<String>,
     state: Option<String>,
-    since: Option<i64>,
-    until: Option<i64>,
+    since: Option<String>,
+    until: Option<String>,
     id: Option<String>,
     unique_key: Option<String>,
     payload: Option<String>,
@@ -316,11 +322,23 @@ pub async fn list_tasks(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<view::TaskPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let ms = |what: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+        v.filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::bad_request(
+                        "bad_query",
+                        format!("{what}: `{v}` is not a time in ms since the epoch"),
+                    )
+                })
+            })
+            .transpose()
+    };
     let mut filter = FilterQuery {
         queue: query.queue,
         state: query.state,
-        since: query.since,
-        until: query.until,
+        since: ms("since", query.since)?,
+        until: ms("until", query.until)?,
         id: query.id,
         unique_key: query.unique_key,
         payload: query.payload,
@@ -341,7 +359,9 @@ pub async fn list_tasks(
     };
     let more = list.len() > limit;
     list.truncate(limit);
-    let next_cursor = more.then(|| list.last().map(|t| t.id.to_string())).flatten();
+    let next_cursor = more
+        .then(|| list.last().map(|t| t.id.to_string()))
+        .flatten();
     Ok(Json(view::TaskPage {
         tasks: list,
         next_cursor,
@@ -439,13 +459,17 @@ pub async fn bulk(
     }
     for t in &targets {
         let r = match req.action {
-            view::BulkAction::Cancel => state.broker.cancel(t.id).await.map(|o| {
-                !matches!(o, crate::broker::CancelOutcome::AlreadyFinished(_))
-            }),
+            view::BulkAction::Cancel => state
+                .broker
+                .cancel(t.id)
+                .await
+                .map(|o| !matches!(o, crate::broker::CancelOutcome::AlreadyFinished(_))),
             view::BulkAction::Retry => match state.broker.retry(t.id).await {
                 Ok(()) => Ok(true),
                 // Retried by someone else meanwhile, or gone: nothing to do.
-                Err(crate::broker::BrokerError::Conflict(_)) if still_waiting(&state, t.id).await => {
+                Err(crate::broker::BrokerError::Conflict(_))
+                    if still_waiting(&state, t.id).await =>
+                {
                     Ok(false)
                 }
                 Err(e) => Err(e),
@@ -457,7 +481,9 @@ pub async fn bulk(
             Err(e) => {
                 if matches!(
                     e,
-                    crate::broker::BrokerError::Unavailable(_) | crate::broker::BrokerError::Storage(_) | crate::broker::BrokerError::Full(_)
+                    crate::broker::BrokerError::Unavailable(_)
+                        | crate::broker::BrokerError::Storage(_)
+                        | crate::broker::BrokerError::Full(_)
                 ) {
                     state.metrics.broker_error();
                 }

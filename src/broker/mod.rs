@@ -214,7 +214,10 @@ impl ListFilter {
                 .unique_key
                 .as_deref()
                 .map_or(true, |k| t.unique_key.as_deref() == Some(k))
-            && self.payload.as_ref().map_or(true, |p| p.matches(&t.payload))
+            && self
+                .payload
+                .as_ref()
+                .map_or(true, |p| p.matches(&t.payload))
     }
 
     /// Conditions beyond queue, state, limit and cursor: those no backend has an index for
@@ -268,10 +271,12 @@ impl PayloadMatch {
                     Some(x) => x,
                     None => return false,
                 },
-                serde_json::Value::Array(a) => match key.parse::<usize>().ok().and_then(|i| a.get(i)) {
-                    Some(x) => x,
-                    None => return false,
-                },
+                serde_json::Value::Array(a) => {
+                    match key.parse::<usize>().ok().and_then(|i| a.get(i)) {
+                        Some(x) => x,
+                        None => return false,
+                    }
+                }
                 _ => return false,
             };
         }
@@ -286,11 +291,20 @@ impl PayloadMatch {
         }
     }
 
-    /// Text every stored payload that matches contains: its last key as JSON, then `:`
-    /// (payloads are stored as compact JSON). A cheap first test before parsing.
+    /// Text every stored payload that matches contains: the last key of the path that is
+    /// not a number (a number may be an array index) as JSON, then `:` (payloads are stored
+    /// as compact JSON); empty when every part is a number. A cheap first test before
+    /// parsing.
     pub fn needle(&self) -> String {
-        let key = self.path.last().map(String::as_str).unwrap_or("");
-        format!("{}:", serde_json::Value::String(key.to_string()))
+        match self
+            .path
+            .iter()
+            .rev()
+            .find(|k| !k.bytes().all(|b| b.is_ascii_digit()))
+        {
+            Some(key) => format!("{}:", serde_json::Value::String(key.clone())),
+            None => String::new(),
+        }
     }
 }
 
@@ -302,9 +316,13 @@ fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
             x.to_string() == y.to_string()
                 || matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q)
         }
-        (V::Array(x), V::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
+        }
         (V::Object(x), V::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
         }
         _ => a == b,
     }

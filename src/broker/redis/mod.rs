@@ -555,10 +555,9 @@ impl RedisBroker {
         };
         let direct: Option<String> = if let Some(id) = filter.id {
             Some(id.to_string())
-        } else if let (Some(key), Some(true)) = (
-            &filter.unique_key,
-            filter.state.map(|s| !s.is_terminal()),
-        ) {
+        } else if let (Some(key), Some(true)) =
+            (&filter.unique_key, filter.state.map(|s| !s.is_terminal()))
+        {
             // Only the waiting or running holder of a key can be in a waiting state.
             let holder: Option<String> = redis::cmd("HGET")
                 .arg(format!("{p}u"))
@@ -632,7 +631,10 @@ impl RedisBroker {
             let scores: HashMap<&str, f64> = page.iter().map(|(id, s)| (id.as_str(), *s)).collect();
             for t in self.records(&keys).await? {
                 if filter.matches(&t) {
-                    let seq = scores.get(t.id.to_string().as_str()).copied().unwrap_or(0.0);
+                    let seq = scores
+                        .get(t.id.to_string().as_str())
+                        .copied()
+                        .unwrap_or(0.0);
                     out.push((seq, t));
                     if out.len() >= limit {
                         return Ok(out);
@@ -1061,20 +1063,28 @@ impl Broker for RedisBroker {
         let script = stats_script();
         let keep_s = crate::broker::STATS_KEEP_MS / 1000;
         for r in rows {
+            // Read back by queue: the queue must be in the set of queues.
+            self.know(&r.queue).await?;
             let () = script
-                .key(format!("{}stats:{}", prefix(&r.queue), r.minute.div_euclid(60)))
+                .key(format!(
+                    "{}stats:{}",
+                    prefix(&r.queue),
+                    r.minute.div_euclid(60)
+                ))
                 .arg(r.minute)
                 .arg(keep_s)
-                .arg(&[
-                    r.succeeded,
-                    r.failed,
-                    r.retried,
-                    r.cancelled,
-                    r.runs,
-                    r.run_ms_sum,
-                    r.wait_ms_sum,
-                    r.run_ms_max,
-                ][..])
+                .arg(
+                    &[
+                        r.succeeded,
+                        r.failed,
+                        r.retried,
+                        r.cancelled,
+                        r.runs,
+                        r.run_ms_sum,
+                        r.wait_ms_sum,
+                        r.run_ms_max,
+                    ][..],
+                )
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -1087,8 +1097,8 @@ impl Broker for RedisBroker {
         let from_minute = since.div_euclid(60_000);
         // The hours to read: from `since` to an hour past this node's clock (the server's
         // may be ahead).
-        let hours: Vec<i64> = (from_minute.div_euclid(60)..=now_ms().div_euclid(3_600_000) + 1)
-            .collect();
+        let hours: Vec<i64> =
+            (from_minute.div_euclid(60)..=now_ms().div_euclid(3_600_000) + 1).collect();
         let keys: Vec<(QueueName, i64)> = queues
             .iter()
             .flat_map(|q| hours.iter().map(move |h| (q.clone(), *h)))
