@@ -205,15 +205,16 @@ fn dashboard_drives_every_view() {
 
     let mut b = Browser::open(&chromium, &format!("{url}/"));
     b.viewport(1280, 900, false);
-    b.eval(&format!(
-        "const t = document.querySelector('#token'); t.value = '{TOKEN}'; t.dispatchEvent(new Event('change')); window.__sameDocument = 'yes'; true"
-    ));
 
     // --- overview: counts, workers, charts --------------------------------------------------
     b.wait_for(
         "document.querySelector('#count-mail-succeeded')?.textContent === '30'",
         "mail's 30 succeeded tasks",
     );
+    // Set once the page is loaded: a reload would lose it.
+    b.eval(&format!(
+        "const t = document.querySelector('#token'); t.value = '{TOKEN}'; t.dispatchEvent(new Event('change')); window.__sameDocument = 'yes'; true"
+    ));
     b.wait_for(
         "document.querySelector('#queues tr.total [data-count=succeeded]')?.textContent === '39'",
         "the total row",
