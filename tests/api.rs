@@ -712,6 +712,8 @@ fn openapi_matches_the_routes() {
             let concrete = path.replace("{queue}", "echo").replace("{id}", &id);
             let body = if path.ends_with("/batch") {
                 Some("[{}]")
+            } else if path.ends_with("/bulk") {
+                Some(r#"{"action": "cancel", "filter": {"queue": "echo"}, "dry_run": true}"#)
             } else {
                 None
             };
