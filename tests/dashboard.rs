@@ -567,7 +567,7 @@ fn dashboard_drives_every_view() {
         "#",
         "document.querySelector('#count-mail-succeeded')?.textContent === '31' && !!document.querySelector('#workers tr[data-worker]')",
     );
-    b.eval("document.activeElement.blur(); window.scrollTo(0, 0); true");
+    b.eval("document.activeElement.blur(); document.querySelector('#flash').style.display = 'none'; window.scrollTo(0, 0); true");
     let overview = shots.join("overview.png");
     b.screenshot(&overview);
     if std::env::var("TASKD_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
