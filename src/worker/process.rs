@@ -112,6 +112,9 @@ impl Proc {
         let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let mut cmd = crate::executor::command(spec);
         let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
+        // Raw libc in the hook, not nix: it runs in the forked child of a multi-threaded
+        // daemon, where only async-signal-safe calls are allowed, and these are the bare
+        // system calls with nothing between.
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
         // prctl) on integers computed before the fork, and allocates nothing.
         unsafe {
@@ -233,13 +236,11 @@ impl Proc {
             let Some(fd) = fd else { continue };
             // Bounded: a worker that keeps writing cannot hold the loop here forever.
             for _ in 0..64 {
-                // SAFETY: reading into a local buffer from a descriptor this struct owns
-                // (non-blocking, as tokio set it up).
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
+                // Non-blocking, as tokio set the pipe up: EAGAIN when it is empty.
+                match nix::unistd::read(fd, &mut buf) {
+                    Ok(n) if n > 0 => sink(is_err, &buf[..n]),
+                    _ => break,
                 }
-                sink(is_err, &buf[..n as usize]);
             }
         }
     }
