@@ -112,31 +112,23 @@ impl Proc {
         let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let mut cmd = crate::executor::command(spec);
         let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
-        // Raw libc in the hook, not nix: it runs in the forked child of a multi-threaded
-        // daemon, where only async-signal-safe calls are allowed, and these are the bare
-        // system calls with nothing between.
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
-        // prctl) on integers computed before the fork, and allocates nothing.
+        // prctl: nix's wrappers are each the bare call and an errno check) on integers
+        // computed before the fork, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg};
+                use nix::unistd::{close, dup2};
                 // Copied above 4 first, so that a source that already is 3 or 4 is not
                 // overwritten before it is moved; dup2 clears close-on-exec on the target.
-                let a = libc::fcntl(from_task, libc::F_DUPFD, 5);
-                let b = libc::fcntl(from_res, libc::F_DUPFD, 5);
-                if a < 0 || b < 0 || libc::dup2(a, TASK_FD) < 0 || libc::dup2(b, RESULT_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(a);
-                libc::close(b);
+                let a = fcntl(from_task, FcntlArg::F_DUPFD(5))?;
+                let b = fcntl(from_res, FcntlArg::F_DUPFD(5))?;
+                dup2(a, TASK_FD)?;
+                dup2(b, RESULT_FD)?;
+                let _ = (close(a), close(b));
                 // The worker dies with the daemon (SIGKILL of the daemon included); the
                 // rest of its group is killed by the next daemon from workers.json.
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 Ok(())
             });
         }
