@@ -902,14 +902,7 @@ backoff = { base = \"2h\" }
 worker = []
 ";
     check_bad(text)
-        .count(9)
-        .expect(
-            23,
-            1,
-            "schedules.noqueue",
-            &["has no `queue`"],
-            Some("queue = \"NAME\""),
-        )
+        .count(8)
         .expect(
             4,
             9,
