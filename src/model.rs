@@ -203,7 +203,9 @@ pub enum AttemptReason {
     Shutdown,
     /// The task could not even be prepared (a payload field its command needs is missing).
     Invalid,
-    /// A long-lived worker answered the task (ok, error or retry; see docs/worker-protocol.md).
+    /// The task's answer decided the attempt: a long-lived worker answered it (ok, error or
+    /// retry; see docs/worker-protocol.md), or its result could not be kept (over
+    /// `max_result`, or a result file that was swapped for something else).
     Result,
     /// The long-lived worker running the task died before answering.
     Crash,
@@ -338,6 +340,14 @@ pub struct AttemptRecord {
     pub error: Option<String>,
     pub stdout_tail: String,
     pub stderr_tail: String,
+    /// What the run returned (a worker's `ok` result, or what the task wrote to
+    /// `$TASKD_RESULT_FILE`), on its way to the broker: a [`Finish::Succeeded`] stores it as
+    /// the task's result ([`TaskDetail::result`]). It belongs to the task, not to the
+    /// history: never serialized with the attempt, and `None` in every attempt read back.
+    ///
+    /// [`Finish::Succeeded`]: crate::broker::Finish::Succeeded
+    #[serde(skip)]
+    pub result: Option<serde_json::Value>,
 }
 
 /// A task with its whole attempt history, for `taskd show`.
@@ -346,4 +356,8 @@ pub struct TaskDetail {
     #[serde(flatten)]
     pub task: TaskRecord,
     pub history: Vec<AttemptRecord>,
+    /// The value the task returned when it succeeded (any JSON but `null`); `None` for a
+    /// task that has not succeeded, or succeeded without one.
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
 }

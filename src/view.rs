@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
-use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
+use crate::model::{QueueName, TaskId, TaskRecord, TaskState, UnixMs};
 use crate::worker::status::WorkerInfo;
 
 /// `GET /healthz`.
@@ -135,6 +135,17 @@ pub struct TaskPage {
     pub tasks: Vec<TaskRecord>,
     /// The id of the page's last task, when more follow.
     pub next_cursor: Option<String>,
+}
+
+/// `taskd result ID --json`: how a task ended and what it returned.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResultView {
+    pub id: TaskId,
+    pub state: TaskState,
+    /// What it returned, once succeeded (`None`: not finished, failed, or no result).
+    pub result: Option<serde_json::Value>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
 }
 
 /// `POST /api/v1/tasks/{id}/cancel`.

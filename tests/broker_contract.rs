@@ -165,6 +165,8 @@ macro_rules! contract_tests {
                 claim_scheduled_only_when_due,
                 claim_lease_tokens_differ,
                 finish_succeeded,
+                finish_succeeded_keeps_the_result,
+                only_a_success_keeps_a_result,
                 finish_failed,
                 finish_cancelled,
                 finish_retry_waits_until_at,
@@ -395,6 +397,7 @@ fn attempt_of(c: &Claimed, reason: AttemptReason, error: Option<&str>) -> Attemp
         error: error.map(str::to_string),
         stdout_tail: "out line 1\nout ✓ line 2\n".into(),
         stderr_tail: "err \"quoted\"\n".into(),
+        result: None,
     }
 }
 
@@ -1192,6 +1195,143 @@ pub mod cases {
             None,
         )
         .await;
+    }
+
+    /// Rule 11: a `Succeeded` finish stores what the run returned with the task, as it
+    /// was (numbers beyond 64 bits, any text, a megabyte), outside the history; it outlives
+    /// a reopen.
+    pub async fn finish_succeeded_keeps_the_result(b: B, g: G) {
+        let value: serde_json::Value = serde_json::from_str(
+            r#"{"big":123456789012345678901234567890,"text":"é ✓ \u0000 \"q\"","list":[1,2.5,null,true]}"#,
+        )
+        .unwrap();
+        let big = serde_json::Value::String("x".repeat(1024 * 1024));
+        let mut ids = Vec::new();
+        for v in [
+            value.clone(),
+            serde_json::json!("plain text"),
+            serde_json::json!(0),
+            big.clone(),
+        ] {
+            let id = enqueue1(&b, task("res")).await;
+            let c = run_id(&b, "res", id).await;
+            let mut a = attempt_of(&c, AttemptReason::Exit, None);
+            a.result = Some(v.clone());
+            b.finish(&c.lease, a.clone(), Finish::Succeeded)
+                .await
+                .expect("finish");
+            let d = get(&b, id).await;
+            assert_eq!(d.task.state, TaskState::Succeeded);
+            assert_eq!(d.result.as_ref(), Some(&v), "the result is the task's");
+            assert_eq!(d.history.len(), 1);
+            assert_eq!(d.history[0].result, None, "the history does not hold it");
+            same_attempt(&d.history[0], &a);
+            ids.push((id, v));
+        }
+        let b = g.connect().await;
+        for (id, v) in &ids {
+            assert_eq!(
+                get(&b, *id).await.result.as_ref(),
+                Some(v),
+                "kept across a reopen"
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&get(&b, ids[0].0).await.result).unwrap(),
+            serde_json::to_string(&value).unwrap(),
+            "numbers keep their digits"
+        );
+        // A listing does not carry results (pages of tasks stay small).
+        let listed = serde_json::to_value(
+            b.list(&ListFilter {
+                queue: Some(qn("res")),
+                ..Default::default()
+            })
+            .await
+            .expect("list"),
+        )
+        .unwrap();
+        assert!(!listed.to_string().contains("plain text"), "{listed}");
+    }
+
+    /// Rule 11: a failure, a retry, a requeue, a cancel or a noted run keeps no result; a
+    /// success with none has none; an operator's cancel does not take a success's result.
+    pub async fn only_a_success_keeps_a_result(b: B, _g: G) {
+        let returned = |c: &Claimed, reason, error| {
+            let mut a = attempt_of(c, reason, error);
+            a.result = Some(serde_json::json!({"partial": true}));
+            a
+        };
+        let id = enqueue1(&b, task("rn")).await;
+        let c = run_id(&b, "rn", id).await;
+        b.finish(
+            &c.lease,
+            returned(&c, AttemptReason::Exit, Some("exit code 3")),
+            Finish::Retry { at: now_ms() },
+        )
+        .await
+        .expect("retry");
+        assert_eq!(
+            get(&b, id).await.result,
+            None,
+            "a retried attempt keeps none"
+        );
+        let c = poll("the retried task to be claimable", || async {
+            claim(&b, "rn", 1).await.pop()
+        })
+        .await;
+        start(&b, &c).await;
+        b.note_run(id, returned(&c, AttemptReason::Lost, Some("lost")))
+            .await
+            .expect("note_run");
+        assert_eq!(get(&b, id).await.result, None, "a noted run keeps none");
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let d = get(&b, id).await;
+        assert_eq!((d.task.state, d.result), (TaskState::Succeeded, None));
+
+        for next in [Finish::Failed, Finish::Cancelled, Finish::Requeue] {
+            let id = enqueue1(&b, task("rn2")).await;
+            let c = run_id(&b, "rn2", id).await;
+            b.finish(
+                &c.lease,
+                returned(&c, AttemptReason::Exit, Some("no")),
+                next,
+            )
+            .await
+            .expect("finish");
+            assert_eq!(get(&b, id).await.result, None, "{next:?} keeps no result");
+            if next == Finish::Requeue {
+                let c = claim_id(&b, "rn2", id).await;
+                b.finish(
+                    &c.lease,
+                    attempt_of(&c, AttemptReason::Exit, None),
+                    Finish::Failed,
+                )
+                .await
+                .expect("finish");
+            }
+        }
+
+        // Cancelled while it ran, it succeeded anyway: the success and its result stand.
+        let id = enqueue1(&b, task("rc")).await;
+        let c = run_id(&b, "rc", id).await;
+        b.cancel(id).await.expect("cancel");
+        b.finish(
+            &c.lease,
+            returned(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Succeeded);
+        assert_eq!(d.result, Some(serde_json::json!({"partial": true})));
     }
 
     pub async fn finish_failed(b: B, _g: G) {
@@ -3809,11 +3949,35 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A store made before results (schema version 4) gets the results table when a taskd
+    /// that keeps them opens it; its tasks are untouched.
+    #[tokio::test]
+    async fn a_store_from_before_results_is_migrated() {
+        let (b, g) = sqlite_fixture().await;
+        let old = enqueue1(&b, task("m")).await;
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 5")
+                .expect("make it a version 4 store");
+        }
+        let b = g.connect().await;
+        assert_eq!(get(&b, old).await.task.state, TaskState::Queued);
+        let id = enqueue1(&b, task("m2")).await;
+        let c = run_id(&b, "m2", id).await;
+        let mut a = attempt_of(&c, AttemptReason::Exit, None);
+        a.result = Some(serde_json::json!([1, 2, 3]));
+        b.finish(&c.lease, a, Finish::Succeeded)
+            .await
+            .expect("finish");
+        assert_eq!(get(&b, id).await.result, Some(serde_json::json!([1, 2, 3])));
     }
 
     /// Claiming stays cheap however many tasks wait. Prints timings; asserts only results.

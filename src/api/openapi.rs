@@ -97,7 +97,7 @@ pub fn document() -> Value {
                 ],
                 "responses": { "200": ok("the buckets", json!({ "$ref": "#/components/schemas/Stats" })), "400": error_ref(), "401": error_ref() }
             } },
-            "/api/v1/tasks/{id}": { "get": { "summary": "One task with its attempt history", "parameters": [id_param()],
+            "/api/v1/tasks/{id}": { "get": { "summary": "One task with its attempt history and its result", "parameters": [id_param()],
                 "responses": { "200": ok("the task", json!({ "$ref": "#/components/schemas/TaskDetail" })), "400": error_ref(), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/tasks/{id}/retry": { "post": { "summary": "Queue a failed or cancelled task again with a fresh attempt budget", "security": secured, "parameters": [id_param()],
                 "responses": { "200": ok("the task", task_ref()), "401": error_ref(), "404": error_ref(), "409": error_ref() } } },
@@ -210,7 +210,9 @@ fn base_components() -> Value {
                 "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
                 "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
                 "last_heartbeat": { "type": "integer", "description": "ms since the epoch, the Redis server's clock" } } },
-            "TaskDetail": { "allOf": [task_ref(), { "type": "object", "required": ["history"], "properties": { "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } } } }] },
+            "TaskDetail": { "allOf": [task_ref(), { "type": "object", "required": ["history", "result"], "properties": {
+                "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } },
+                "result": { "nullable": true, "description": "what the task returned when it succeeded (any JSON value: a worker's `ok` result, or what it wrote to `$TASKD_RESULT_FILE`); null until then, and for a task that succeeded without one" } } }] },
             "Attempt": { "type": "object", "required": ["number", "node", "pid", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "stdout_tail", "stderr_tail"], "properties": {
                 "number": { "type": "integer" }, "node": { "type": "string" }, "pid": { "type": "integer", "nullable": true },
                 "started_at": { "type": "integer" }, "ended_at": { "type": "integer" }, "exit_code": { "type": "integer", "nullable": true },
@@ -502,6 +504,7 @@ mod tests {
             error: full.then(|| "exit code 3".to_string()),
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            result: None,
         }
     }
 
@@ -683,6 +686,7 @@ mod tests {
                     } else {
                         Vec::new()
                     },
+                    result: full.then(|| json!({ "thumbnail": "/srv/t/64.png", "bytes": 5120 })),
                 })],
             ),
             (

@@ -27,6 +27,8 @@ use crate::model::{
 struct Row {
     task: TaskRecord,
     history: Vec<AttemptRecord>,
+    /// What it returned, once it succeeded.
+    result: Option<serde_json::Value>,
     /// The fencing token: bumped by every claim.
     token: i64,
     lease_expires: UnixMs,
@@ -173,6 +175,7 @@ impl Broker for MemoryBroker {
                             slot: None,
                         },
                         history: Vec::new(),
+                        result: None,
                         token: 0,
                         lease_expires: 0,
                         pid: None,
@@ -284,9 +287,11 @@ impl Broker for MemoryBroker {
         Queued::new(async move { done })
     }
 
-    async fn note_run(&self, id: TaskId, attempt: AttemptRecord) -> Result<()> {
+    async fn note_run(&self, id: TaskId, mut attempt: AttemptRecord) -> Result<()> {
         let mut s = self.store();
         let r = s.row_mut(id).ok_or(BrokerError::NotFound(id))?;
+        // A run whose finish was refused: what it returned is not the task's.
+        attempt.result = None;
         r.history.push(attempt);
         Ok(())
     }
@@ -377,6 +382,7 @@ impl Broker for MemoryBroker {
             TaskDetail {
                 task: r.task.clone(),
                 history: r.history.clone(),
+                result: r.result.clone(),
             }
         }))
     }
@@ -787,6 +793,7 @@ impl Store {
                     slot,
                 },
                 history: Vec::new(),
+                result: None,
                 token: 0,
                 lease_expires: 0,
                 pid: None,
@@ -806,8 +813,10 @@ impl Store {
 
 impl MemoryBroker {
     /// [`Broker::finish`], applied at once (see the trait for the rules).
-    fn finish_now(&self, lease: &Lease, attempt: AttemptRecord, next: Finish) -> Result<()> {
+    fn finish_now(&self, lease: &Lease, mut attempt: AttemptRecord, next: Finish) -> Result<()> {
         let now = now_ms();
+        // The result goes with the task (rule 11), not into the history.
+        let result = attempt.result.take();
         let requeued = {
             let mut s = self.store();
             let r = s
@@ -850,6 +859,9 @@ impl MemoryBroker {
             };
             r.task.state = state;
             r.task.finished_at = finished;
+            if next == Finish::Succeeded {
+                r.result = result;
+            }
             match next {
                 // A release records nothing: the last error stays what it was.
                 Finish::Release => {}

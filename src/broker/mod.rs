@@ -58,6 +58,11 @@
 //!     `through` are one atomic change; `overlap`'s check of the previous slot's task is
 //!     made inside it. A waiting or running task already holding the slot's unique key is
 //!     that slot's task (no second one). Two clients racing for one slot: one fires it.
+//! 11. **A result belongs to its task.** A `Succeeded` finish stores `attempt.result` (when
+//!     there is one) with the task, in the same atomic change as the rest of the finish;
+//!     every other finish, and [`Broker::note_run`], stores none. The history never holds
+//!     it (attempts read back have `result: None`); [`Broker::get`] returns it as
+//!     [`TaskDetail::result`]. Whatever deletes a task deletes its result with it.
 
 pub mod access;
 pub mod memory;
@@ -569,6 +574,7 @@ pub trait Broker: Send + Sync + 'static {
     /// before the claim. With `Finish::Release` the attempt is not recorded; every other
     /// finish records it. If an operator asked to cancel the task, a `Retry`, `Requeue` or
     /// `Release` ends it `cancelled` instead (`last_error` "cancelled by an operator").
+    /// `Succeeded` keeps `attempt.result` as the task's result (rule 11).
     fn finish<'a>(
         &'a self,
         lease: &'a Lease,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
-use super::visible::visible;
+use super::visible::{json_line, visible};
 use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
 use crate::broker::ListFilter;
 use crate::model::{now_ms, QueueName, TaskDetail, TaskId, TaskRecord, TaskState};
@@ -414,6 +414,9 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(e) = &t.last_error {
         println!("error     {}", visible(e));
     }
+    if let Some(r) = &detail.result {
+        println!("result    {}", shown_result(r, t.id));
+    }
     for (run, a) in (1u32..).zip(&detail.history) {
         println!();
         // Runs are numbered in order. The program's TASKD_ATTEMPT repeats after a retry (a
@@ -453,6 +456,23 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// How much of a result `show` prints, in characters.
+const RESULT_SHOWN: usize = 1000;
+
+/// A result as `show` prints it: compact JSON on one line, cut after [`RESULT_SHOWN`]
+/// characters (`taskd result` prints it whole).
+fn shown_result(v: &serde_json::Value, id: TaskId) -> String {
+    let line = json_line(v);
+    if line.chars().count() <= RESULT_SHOWN {
+        return line;
+    }
+    let cut: String = line.chars().take(RESULT_SHOWN).collect();
+    format!(
+        "{cut}… ({} bytes in all; `taskd result {id}` prints it whole)",
+        line.len()
+    )
 }
 
 /// The long-lived workers of the daemon running on `state_dir` (none when it is not running):

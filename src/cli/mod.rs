@@ -9,6 +9,7 @@ mod control;
 mod generate;
 mod inspect;
 mod reload;
+mod result;
 pub mod start;
 pub(crate) mod submit;
 mod visible;
@@ -30,7 +31,7 @@ Exit codes:
   1   failure
   2   usage error (bad flags, bad payload, unknown queue)
   3   broker unreachable
-  4   the task that --wait followed failed or was cancelled
+  4   the task that --wait followed (or `result` read) failed or was cancelled
   78  invalid config (EX_CONFIG)";
 
 /// taskd: a job-queue daemon that runs your scripts and programs as background tasks.
@@ -66,6 +67,11 @@ pub enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
+    /// Print what a task returned: its result alone, as compact JSON on one line (nothing
+    /// when it succeeded without one). Exits 0 when the task succeeded; 4 when it failed or
+    /// was cancelled (its error on stderr); 1 when it has not finished (without --wait, or
+    /// past --timeout); 2 for an unknown id.
+    Result(result::ResultArgs),
     /// Re-queue a failed or cancelled task with a fresh attempt budget.
     Retry(control::IdArgs),
     /// Cancel a waiting task, or stop a running one.
@@ -132,6 +138,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Status(a) => inspect::status(config, a).await,
         Command::Tasks(a) => inspect::tasks(config, a).await,
         Command::Show(a) => inspect::show(config, a).await,
+        Command::Result(a) => result::run(config, a).await,
         Command::Retry(a) => control::retry(config, a).await,
         Command::Cancel(a) => control::cancel(config, a).await,
         Command::Pause(a) => control::pause(config, a, true).await,

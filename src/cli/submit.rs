@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::visible::visible;
+use super::visible::{json_line, visible};
 use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
@@ -46,8 +46,8 @@ pub struct SubmitArgs {
     /// show --json` prints it, once the task has finished).
     #[arg(long)]
     pub json: bool,
-    /// Follow the task until it finishes; print its outcome and output; exit 0 if it
-    /// succeeded, 4 if it failed or was cancelled.
+    /// Follow the task until it finishes; print its output, its outcome and what it
+    /// returned (`result: JSON`); exit 0 if it succeeded, 4 if it failed or was cancelled.
     #[arg(long)]
     pub wait: bool,
     #[command(flatten)]
@@ -338,6 +338,9 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
                     "taskd: task {id} {state} after {} attempt(s){why}",
                     detail["attempts"]
                 );
+                if !detail["result"].is_null() {
+                    println!("result: {}", json_line(&detail["result"]));
+                }
             }
             return Ok(match state {
                 TaskState::Succeeded => exit::OK,
@@ -461,6 +464,10 @@ async fn wait(
                     "taskd: task {id} {} after {} attempt(s){why}",
                     detail.task.state, detail.task.attempts
                 );
+                // What it returned, after the outcome, on stdout with the task's output.
+                if let Some(r) = &detail.result {
+                    println!("result: {}", json_line(r));
+                }
             }
             return Ok(match detail.task.state {
                 TaskState::Succeeded => exit::OK,

@@ -28,6 +28,26 @@ pub fn visible(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `value` as compact JSON on one line, safe to print: JSON escapes the C0 controls itself;
+/// DEL and the C1 controls, which it leaves as they are, are written as `\u007f`-style
+/// escapes. Still valid JSON, the same value.
+pub fn json_line(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    if !text.chars().any(hidden) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hidden(c) {
+            // Only inside strings: JSON's own syntax is printable ASCII.
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// C0 controls (ESC, BEL, CR, backspace, …), DEL and the C1 controls (U+0080–U+009F, which
 /// some terminals obey like ESC sequences), but not newline and tab.
 fn hidden(c: char) -> bool {
@@ -48,5 +68,14 @@ mod tests {
         assert_eq!(visible("ok\rfake"), "ok\\rfake");
         assert_eq!(visible("a\u{7f}b\u{9b}c"), "a\\x7fb\\u{9b}c");
         assert_eq!(visible("é ✓"), "é ✓");
+    }
+
+    #[test]
+    fn json_lines_escape_every_control_and_stay_json() {
+        let v = serde_json::json!({"t": "a\u{1b}[2J\u{7f}\u{9b}b\n", "n": [1, 2.5]});
+        let line = json_line(&v);
+        assert_eq!(line, r#"{"n":[1,2.5],"t":"a\u001b[2J\u007f\u009bb\n"}"#);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&line).unwrap(), v);
     }
 }

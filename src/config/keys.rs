@@ -407,6 +407,12 @@ queue_keys! {
         read: |cx, e| cx
             .size(e, 0, limits::MAX_OUTPUT_TAIL, "64KiB")
             .and_then(|n| usize::try_from(n).ok());
+    /// The largest result a task may return, in bytes (default 1 MiB, at most 64 MiB; 0
+    /// turns results off): what it writes to `$TASKD_RESULT_FILE`, or a worker's `result`.
+    max_result: u64 = defaults::MAX_RESULT,
+        default: "`\"1MiB\"`",
+        meaning: "the largest result a task may return (0–64 MiB): the bytes it writes to `$TASKD_RESULT_FILE`, or a worker's `result` as compact JSON. A bigger one fails the task at once (reason `result`, not retried). `0` turns results off: no `TASKD_RESULT_FILE`, and any result fails the task. See [Results](#results)",
+        read: |cx, e| cx.size(e, 0, limits::MAX_RESULT, "1MiB");
     /// Copy the task's output into the daemon's log, a line per event tagged with the task.
     log_output: bool = false,
         default: "`false`",

@@ -42,6 +42,7 @@ pub mod runnable;
 mod schedule;
 mod template;
 mod units;
+pub(crate) use units::show_size;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -339,6 +340,8 @@ pub mod defaults {
     pub const KILL_GRACE: Duration = Duration::from_secs(10);
     pub const OUTPUT_TAIL: usize = 64 * 1024;
     pub const LOG_MAX: u64 = 10 * 1024 * 1024;
+    /// `max_result`: the largest result a task may return.
+    pub const MAX_RESULT: u64 = 1024 * 1024;
     /// A worker is RUNNING once it has been ready and alive this long.
     pub const START_SECS: Duration = Duration::from_secs(1);
     /// Failed starts in a row before a worker is FATAL.
@@ -355,6 +358,9 @@ pub mod defaults {
     pub const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
     pub const DB_FILE_NAME: &str = "taskd.db";
+    /// The directory of the running tasks' result files (`TASKD_RESULT_FILE`) inside the
+    /// state directory.
+    pub const RESULTS_DIR_NAME: &str = "results";
     /// The control socket's file name inside the state directory, by default.
     pub const CONTROL_SOCKET_NAME: &str = "taskd.sock";
 }
@@ -367,6 +373,9 @@ pub(crate) mod limits {
     /// The smallest `max_worker_memory`: below it no interpreter even starts.
     pub const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
     pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
+    /// The largest `max_result`: a result is stored whole with its task and sent whole by
+    /// every read of the task.
+    pub const MAX_RESULT: u64 = 64 * 1024 * 1024;
     /// SQLite refuses values over 1e9 bytes by default; stay well below it.
     pub const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;
     /// The smallest `limits.as`: below it hardly any program can even start, and the likely

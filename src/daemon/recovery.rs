@@ -15,9 +15,15 @@ const LEFT_RUNNING: &str =
     "the daemon running this task went away (crash or kill); queued again, attempt not charged";
 
 /// Open the start log (`state_dir/started.log`) and take back what the previous daemon left:
-/// the tasks it noted as starting count as started (their history then says `lost`). The
-/// start log is handed on to the supervisor.
+/// the tasks it noted as starting count as started (their history then says `lost`), and
+/// the result files of its runs are removed. The start log is handed on to the supervisor.
 pub(super) async fn recover(config: &Config, broker: &dyn Broker) -> anyhow::Result<StartLog> {
+    let results = config
+        .state_dir
+        .join(crate::config::defaults::RESULTS_DIR_NAME);
+    if let Err(e) = crate::executor::ResultDir::reset(&results) {
+        tracing::warn!(dir = %results.display(), error = %e, "could not remove the result files a previous daemon left");
+    }
     let (start_log, noted) = StartLog::open(&config.state_dir).map_err(|e| {
         Failure::new(
             exit::FAILURE,

@@ -31,6 +31,7 @@
 mod escalation;
 pub(crate) mod output;
 mod procs;
+mod result;
 mod setup;
 mod spawn;
 mod user;
@@ -57,6 +58,8 @@ pub use procs::{
     become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec,
     reap_orphans, spawn_tracked, task_ids_with_processes, TrackedChild,
 };
+use result::ResultFile;
+pub use result::{ResultDir, ResultSpec, Returned};
 pub use setup::{fit_own_nofile, host, refresh_host, Host, Rlimit, TASK_NOFILE_SOFT, UNLIMITED};
 pub use user::UserSpec;
 
@@ -114,6 +117,9 @@ pub struct Spec {
     /// Resource limits to set before exec. Without an `RLIMIT_NOFILE` entry, the open-files
     /// soft limit is reset to [`TASK_NOFILE_SOFT`].
     pub limits: Vec<Rlimit>,
+    /// Give the task a result file (`TASKD_RESULT_FILE`, see `result.rs`), read once it
+    /// exited 0 ([`Outcome::returned`]); `None` gives it none.
+    pub result: Option<ResultSpec>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -307,6 +313,9 @@ pub struct Outcome {
     /// Processes of the group outlived the leader and were killed.
     pub stray_killed: bool,
     pub ran_on: Runner,
+    /// What the task returned: its result file once it exited 0, or a worker's `ok`
+    /// answer; [`Returned::Nothing`] otherwise.
+    pub returned: Returned,
 }
 
 impl Outcome {
@@ -323,6 +332,7 @@ impl Outcome {
             stdout_total: 0,
             stderr_total: 0,
             stray_killed: false,
+            returned: Returned::Nothing,
         }
     }
 }
@@ -354,7 +364,7 @@ impl Drop for Leader {
 /// The leader is registered (see [`spawn_tracked`]) until it has been reaped, so that
 /// [`reap_orphans`] leaves it to tokio. If this future is dropped before it completes, the
 /// task's group is SIGKILLed.
-pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned>>) -> Outcome {
+pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned>>) -> Outcome {
     let started_at_ms = now_ms();
     if stop.cancel.is_cancelled() {
         return Outcome::not_started(Status::Cancelled, started_at_ms);
@@ -365,6 +375,32 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     if let Some(status) = preflight(&spec) {
         return Outcome::not_started(status, started_at_ms);
     }
+    // Removed when this function returns or is dropped, whatever happens in between.
+    let result_file = match &spec.result {
+        None => None,
+        Some(r) => match ResultFile::create(r, spec.user.as_ref()) {
+            Ok(f) => {
+                spec.env.push((
+                    "TASKD_RESULT_FILE".into(),
+                    f.path().to_string_lossy().into_owned(),
+                ));
+                Some(f)
+            }
+            Err(e) => {
+                let message = format!(
+                    "could not create the task's result file in {}: {e}",
+                    r.dir.root().display()
+                );
+                return Outcome::not_started(
+                    Status::SpawnFailed {
+                        kind: SpawnFailure::Other,
+                        message,
+                    },
+                    started_at_ms,
+                );
+            }
+        },
+    };
 
     let (stdout_log, stderr_log) = match &spec.log {
         Some(log) => (
@@ -477,8 +513,14 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
     // Streams cut short (a holder that escaped the group) still get their last line logged.
     out.finish();
     err.finish();
+    // Read once nothing of the group is left to write it.
+    let returned = match result_file {
+        Some(f) if status.is_success() => f.take(),
+        _ => Returned::Nothing,
+    };
 
     Outcome {
+        returned,
         status,
         pid: Some(pid),
         started_at_ms,

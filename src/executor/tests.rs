@@ -41,6 +41,7 @@ fn spec(argv: &[&str]) -> Spec {
         umask: None,
         limits: Vec::new(),
         log_lines: false,
+        result: None,
     }
 }
 
@@ -889,4 +890,67 @@ async fn a_leader_that_closes_its_pipes_early_is_still_waited_for() {
     assert_eq!(o.status, Status::Exited(3), "{o:?}");
     let ran = o.ended_at_ms - o.started_at_ms;
     assert!(ran >= 300, "ended after {ran} ms, before the leader exited");
+}
+
+/// `spec` with a result file in `dir`, bounded by `max` bytes.
+fn with_result(mut spec: Spec, dir: &std::path::Path, max: u64) -> Spec {
+    spec.result = Some(ResultSpec {
+        dir: ResultDir::new(dir.join("results")),
+        max_bytes: max,
+    });
+    spec
+}
+
+#[tokio::test]
+async fn a_task_returns_what_it_writes_to_its_result_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_plain(with_result(
+        sh(r#"echo "$TASKD_RESULT_FILE"; stat -c %a "$TASKD_RESULT_FILE"; printf '{"sum": 3}' > "$TASKD_RESULT_FILE""#),
+        tmp.path(),
+        100,
+    ))
+    .await;
+    assert_eq!(o.status, Status::Exited(0), "{o:?}");
+    assert_eq!(o.returned, Returned::Value(serde_json::json!({"sum": 3})));
+    let out = text(&o.stdout_tail).to_string();
+    let mut lines = out.lines();
+    let path = std::path::PathBuf::from(lines.next().expect("the path"));
+    assert!(
+        path.starts_with(tmp.path().join("results")),
+        "{path:?} is in the result directory"
+    );
+    assert_eq!(lines.next(), Some("600"), "the file is the task's alone");
+    assert!(!path.exists(), "the file is removed after the attempt");
+}
+
+#[tokio::test]
+async fn a_failed_run_returns_nothing_and_a_task_without_a_result_file_has_no_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_plain(with_result(
+        sh(r#"echo '"half done"' > "$TASKD_RESULT_FILE"; echo "$TASKD_RESULT_FILE"; exit 3"#),
+        tmp.path(),
+        100,
+    ))
+    .await;
+    assert_eq!(o.status, Status::Exited(3));
+    assert_eq!(o.returned, Returned::Nothing, "only a success returns");
+    let path = std::path::PathBuf::from(text(&o.stdout_tail).trim());
+    assert!(!path.exists(), "removed after a failed run too");
+
+    let o = run_plain(sh(r#"echo "[${TASKD_RESULT_FILE-unset}]""#)).await;
+    assert_eq!(text(&o.stdout_tail), "[unset]\n");
+    assert_eq!(o.returned, Returned::Nothing);
+}
+
+#[tokio::test]
+async fn a_result_file_that_cannot_be_made_fails_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The state directory is gone: nowhere to put the file.
+    let o = run_plain(with_result(sh("exit 0"), &tmp.path().join("missing"), 100)).await;
+    match &o.status {
+        Status::SpawnFailed { message, .. } => {
+            assert!(message.contains("result file"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -187,6 +187,9 @@ pub struct Supervisor {
     workers: Arc<worker::Registry>,
     /// `[taskd] log_tasks`, set by [`Self::apply`] (a reload changes it); `None` before.
     log_tasks: Mutex<Option<LogTasks>>,
+    /// The directory of the tasks' result files, in the state directory (`None` without
+    /// one: tasks then get no `TASKD_RESULT_FILE`).
+    results: Option<Arc<executor::ResultDir>>,
 }
 
 impl Supervisor {
@@ -197,7 +200,11 @@ impl Supervisor {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let workers = worker::Registry::new(start_log.dir());
+        let results = start_log
+            .dir()
+            .map(|d| executor::ResultDir::new(d.join(crate::config::defaults::RESULTS_DIR_NAME)));
         Arc::new(Supervisor {
+            results,
             metrics,
             workers,
             broker,
@@ -350,7 +357,7 @@ impl Supervisor {
         }
         let mut queues = self.queues.lock().expect("not poisoned");
         for (name, qc) in &config.queues {
-            let prepared = Arc::new(Prepared::new(Arc::new(qc.clone())));
+            let prepared = Arc::new(Prepared::new(Arc::new(qc.clone()), self.results.clone()));
             match queues.get(name) {
                 Some(rt) => {
                     let old = rt.prepared();

@@ -5,7 +5,7 @@
 
 use crate::broker::{Claimed, Finish};
 use crate::config::QueueConfig;
-use crate::executor::{signal_name, Outcome, Runner, SpawnFailure, Status, Verdict};
+use crate::executor::{signal_name, Outcome, Returned, Runner, SpawnFailure, Status, Verdict};
 use crate::model::{AttemptReason, AttemptRecord, UnixMs};
 
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
@@ -60,6 +60,11 @@ fn attempt_of(
 /// fails at once; `retry`, a crash, a protocol error and a timeout are failed attempts under
 /// the retry policy; a task no worker took goes back uncharged. Either way a cancel ends
 /// the task `cancelled`, and a shutdown puts it back uncharged.
+///
+/// A success carries what the task returned into the attempt (the broker stores it with
+/// the task), unless the result cannot be kept: over `max_result`, or a result file the
+/// task swapped for something else. That fails the task at once, with reason `result`,
+/// like a worker's `error`: running it again would redo its work to return the same.
 pub fn decide(
     q: &QueueConfig,
     c: &Claimed,
@@ -77,11 +82,12 @@ pub fn decide(
     );
     let retry_or_fail =
         |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| retry_or_fail(q, c, a, now, rng);
+    let returned = o.returned;
     let finish = match o.status {
         Status::Exited(0) => {
             a.exit_code = Some(0);
             a.reason = Some(AttemptReason::Exit);
-            Finish::Succeeded
+            succeed(q, &mut a, returned, o.ran_on)
         }
         Status::Exited(code) => {
             a.exit_code = Some(code);
@@ -150,7 +156,7 @@ pub fn decide(
         Status::Answered { verdict, message } => {
             a.reason = Some(AttemptReason::Result);
             match verdict {
-                Verdict::Ok => Finish::Succeeded,
+                Verdict::Ok => succeed(q, &mut a, returned, o.ran_on),
                 Verdict::Error => {
                     a.error = Some(format!(
                         "the worker reported an error (not retried): {}",
@@ -187,6 +193,43 @@ pub fn decide(
         Status::Unavailable => Finish::Release,
     };
     (a, finish)
+}
+
+/// A successful run: the task succeeds with what it returned, or fails at once (reason
+/// `result`, not retried) when that cannot be kept.
+fn succeed(q: &QueueConfig, a: &mut AttemptRecord, returned: Returned, ran_on: Runner) -> Finish {
+    let whose = match ran_on {
+        Runner::Process => "the task's result file",
+        Runner::Worker => "the worker's result",
+    };
+    match returned {
+        Returned::Nothing => Finish::Succeeded,
+        Returned::Value(v) => {
+            a.result = Some(v);
+            Finish::Succeeded
+        }
+        Returned::TooBig { bytes } => {
+            a.reason = Some(AttemptReason::Result);
+            a.error = Some(if q.max_result == 0 {
+                format!(
+                    "the task returned a result ({whose}: {bytes} bytes), but its queue keeps none (max_result = 0); failed, not retried"
+                )
+            } else {
+                format!(
+                    "the task's result is too big: {whose} holds {bytes} bytes, over max_result ({}); failed, not retried (raise max_result, or return less)",
+                    crate::config::show_size(q.max_result)
+                )
+            });
+            Finish::Failed
+        }
+        Returned::Unreadable(why) => {
+            a.reason = Some(AttemptReason::Result);
+            a.error = Some(format!(
+                "the task's result was not kept: {why}; failed, not retried"
+            ));
+            Finish::Failed
+        }
+    }
 }
 
 /// " (pid 42)", or nothing when no process is known.
@@ -266,6 +309,7 @@ mod tests {
             stderr_total: 3,
             stray_killed: false,
             ran_on: Runner::Process,
+            returned: Returned::Nothing,
         }
     }
 
@@ -391,6 +435,7 @@ mod tests {
             stderr_total: 0,
             stray_killed: false,
             ran_on: Runner::Worker,
+            returned: Returned::Nothing,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         decide(&q, &super::test_claimed(attempt), "n", o, 1_000, &mut rng)
@@ -424,6 +469,63 @@ mod tests {
             Finish::Retry { .. }
         ));
         assert_eq!(decide_end(3, retry).1, Finish::Failed, "attempts spent");
+    }
+
+    #[test]
+    fn a_success_carries_its_result_and_one_that_cannot_be_kept_fails_at_once() {
+        let mut q = queue(5);
+        q.max_result = 10;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut run = |status: Status, returned: Returned, ran_on: Runner| {
+            let mut o = outcome(status);
+            o.returned = returned;
+            o.ran_on = ran_on;
+            decide(&q, &super::test_claimed(1), "n", o, 100_000, &mut rng)
+        };
+        let ok = Status::Answered {
+            verdict: Verdict::Ok,
+            message: None,
+        };
+        let v = serde_json::json!({"n": 1});
+        for (status, on) in [
+            (Status::Exited(0), Runner::Process),
+            (ok.clone(), Runner::Worker),
+        ] {
+            let (a, f) = run(status.clone(), Returned::Value(v.clone()), on);
+            assert_eq!((f, a.result.as_ref()), (Finish::Succeeded, Some(&v)));
+            assert_eq!(a.error, None);
+            let (a, f) = run(status.clone(), Returned::Nothing, on);
+            assert_eq!((f, a.result), (Finish::Succeeded, None));
+            let (a, f) = run(status.clone(), Returned::TooBig { bytes: 11 }, on);
+            assert_eq!(f, Finish::Failed, "not retried, with attempts left");
+            assert_eq!(a.reason, Some(AttemptReason::Result));
+            assert_eq!(a.result, None);
+            let e = a.error.unwrap();
+            assert!(
+                e.contains("too big") && e.contains("11 bytes") && e.contains("max_result (10B)"),
+                "{e}"
+            );
+            let (a, f) = run(status, Returned::Unreadable("a symbolic link".into()), on);
+            assert_eq!((f, a.reason), (Finish::Failed, Some(AttemptReason::Result)));
+            assert!(a.error.unwrap().contains("a symbolic link"));
+        }
+        let (a, _) = run(
+            Status::Exited(0),
+            Returned::TooBig { bytes: 11 },
+            Runner::Process,
+        );
+        assert!(a.error.unwrap().contains("result file"));
+        assert_eq!(a.exit_code, Some(0), "the exit code is kept");
+        let (a, _) = run(ok, Returned::TooBig { bytes: 11 }, Runner::Worker);
+        assert!(a.error.unwrap().contains("the worker's result"));
+        q.max_result = 0;
+        let o = Outcome {
+            returned: Returned::TooBig { bytes: 2 },
+            ..outcome(Status::Exited(0))
+        };
+        let (a, f) = decide(&q, &super::test_claimed(1), "n", o, 0, &mut rng);
+        assert_eq!(f, Finish::Failed);
+        assert!(a.error.unwrap().contains("keeps none (max_result = 0)"));
     }
 
     #[test]

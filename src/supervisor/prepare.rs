@@ -11,7 +11,7 @@ use nix::sys::resource::Resource;
 use crate::config::{
     defaults, never_inherited, runnable, LimitValue, Limits, Program, QueueConfig,
 };
-use crate::executor::{LogSpec, Rlimit, Spec, UserSpec, UNLIMITED};
+use crate::executor::{LogSpec, ResultDir, ResultSpec, Rlimit, Spec, UserSpec, UNLIMITED};
 use crate::model::{TaskId, TaskRecord};
 
 /// What is computed once per queue config, not once per task.
@@ -20,10 +20,16 @@ pub struct Prepared {
     base_env: Vec<(String, String)>,
     user: Option<Result<UserSpec, String>>,
     limits: Vec<Rlimit>,
+    /// Where a task's result file goes (`None`: tasks get none).
+    results: Option<std::sync::Arc<ResultDir>>,
 }
 
 impl Prepared {
-    pub fn new(config: std::sync::Arc<QueueConfig>) -> Self {
+    /// `results`: the directory of result files (none for tasks when `None`).
+    pub fn new(
+        config: std::sync::Arc<QueueConfig>,
+        results: Option<std::sync::Arc<ResultDir>>,
+    ) -> Self {
         // Looked up here, once, and never between fork and exec. A queue with only `group`
         // runs as the daemon's own user with that group.
         let user = match (config.user.as_deref(), config.group.as_deref()) {
@@ -44,6 +50,7 @@ impl Prepared {
             base_env,
             user,
             limits: rlimits(&config.limits),
+            results,
             config,
         }
     }
@@ -75,6 +82,8 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            // A worker's tasks answer on its result pipe.
+            result: None,
         })
     }
 
@@ -121,6 +130,15 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            // `max_result = 0` keeps no result: no file to make.
+            result: self
+                .results
+                .as_ref()
+                .filter(|_| q.max_result > 0)
+                .map(|dir| ResultSpec {
+                    dir: dir.clone(),
+                    max_bytes: q.max_result,
+                }),
         })
     }
 }
@@ -294,7 +312,7 @@ mod tests {
 
     #[test]
     fn group_alone_keeps_the_daemons_user() {
-        let p = Prepared::new(std::sync::Arc::new(queue("group = \"nogroup\"")));
+        let p = Prepared::new(std::sync::Arc::new(queue("group = \"nogroup\"")), None);
         let Some(Ok(u)) = &p.user else {
             panic!("group alone resolves to the daemon's user")
         };

@@ -37,8 +37,8 @@ use crate::backoff::Doubling;
 use crate::config::{QueueConfig, WorkerProgram};
 use crate::executor::output::{Capture, Lines};
 use crate::executor::{
-    open_log, sleep_until_opt, Escalation, LogSpec, Outcome, Runner, Spawned, Spec, Status, Stop,
-    StopWhy, Verdict,
+    open_log, sleep_until_opt, Escalation, LogSpec, Outcome, Returned, Runner, Spawned, Spec,
+    Status, Stop, StopWhy, Verdict,
 };
 use crate::model::{now_ms, QueueName, TaskId, TaskRecord};
 use process::{describe, Event, Proc};
@@ -580,11 +580,15 @@ enum StartEnd {
 }
 
 /// The environment the protocol gives a worker on top of its queue's.
-fn protocol_env(slot: usize) -> [(String, String); 4] {
+fn protocol_env(slot: usize) -> [(String, String); 5] {
     [
         (
             "TASKD_WORKER_PROTOCOL".to_string(),
             protocol::VERSION.to_string(),
+        ),
+        (
+            "TASKD_WORKER_PROTOCOL_MINOR".to_string(),
+            protocol::MINOR.to_string(),
         ),
         ("TASKD_TASK_FD".to_string(), protocol::TASK_FD.to_string()),
         (
@@ -864,7 +868,9 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
     }
     let line = task_line(task, job.attempt, q.max_attempts);
     let (mut out, mut err) = captures(q, job.log.as_ref());
-    let status = converse(p, &line, task.id, &job.stop, q, &span, &mut out, &mut err).await;
+    p.set_max_line(max_line(q));
+    let (status, returned) =
+        converse(p, &line, task.id, &job.stop, q, &span, &mut out, &mut err).await;
     // What it printed before answering (or dying) is already in the pipes.
     span.in_scope(|| {
         p.drain_now(|is_err, d| if is_err { err.push(d) } else { out.push(d) });
@@ -894,6 +900,7 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
         stderr_tail: err.tail.into_vec(),
         stray_killed: false,
         ran_on: Runner::Worker,
+        returned,
     };
     let _ = job.reply.send(outcome);
     shared.registry.touched();
@@ -901,6 +908,12 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
         None => Ok(()),
         Some(l) => Err(l),
     }
+}
+
+/// The longest message line a worker of `q` may send while it runs a task: the protocol's
+/// limit, plus the queue's `max_result` for the result an `ok` answer carries.
+fn max_line(q: &QueueConfig) -> usize {
+    protocol::MAX_LINE.saturating_add(usize::try_from(q.max_result).unwrap_or(usize::MAX))
 }
 
 /// The task's line for fd 3.
@@ -937,9 +950,10 @@ fn captures(q: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
     (out, err)
 }
 
-/// Writes the task line and follows the worker until the task ends: its answer, its death,
-/// a protocol error, or a stop by taskd (timeout, cancel, shutdown: SIGTERM → `kill_grace`
-/// → SIGKILL to its group). Output goes to the captures meanwhile.
+/// Writes the task line and follows the worker until the task ends: its answer (with what
+/// an `ok` returned), its death, a protocol error, or a stop by taskd (timeout, cancel,
+/// shutdown: SIGTERM → `kill_grace` → SIGKILL to its group). Output goes to the captures
+/// meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn converse(
     p: &mut Proc,
@@ -950,8 +964,9 @@ async fn converse(
     span: &tracing::Span,
     out: &mut Capture,
     err: &mut Capture,
-) -> Status {
+) -> (Status, Returned) {
     let deadline = Instant::now().checked_add(q.timeout);
+    let mut returned = Returned::Nothing;
     let mut esc = Escalation::new(p.pid);
     // When a worker that closed its result pipe counts as crashed if it has not exited.
     let mut closed_at: Option<Instant> = None;
@@ -978,7 +993,8 @@ async fn converse(
                         if stopped {
                             continue;
                         }
-                        if let Some(status) = span.in_scope(|| read_message(&l, task, written, p.pid)) {
+                        if let Some((status, r)) = span.in_scope(|| read_message(&l, task, written, p.pid, q.max_result)) {
+                            returned = r;
                             break status;
                         }
                     }
@@ -988,7 +1004,7 @@ async fn converse(
                         }
                         let shown = protocol::show_line(&l);
                         span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent a message line over the limit; restarting it"));
-                        break Status::Protocol { line: shown, why: format!("a line over {} bytes", protocol::MAX_LINE) };
+                        break Status::Protocol { line: shown, why: format!("a line over {} bytes", p.max_line()) };
                     }
                     Event::ResultsClosed => {
                         // Usually the worker is exiting: wait briefly for its status.
@@ -1011,29 +1027,48 @@ async fn converse(
         }
     };
     p.restore_tasks(tx);
-    status
+    (status, returned)
 }
 
-/// A message line read while a task runs: its end (an answer, or a protocol error), or
-/// `None` for progress.
-fn read_message(l: &[u8], task: TaskId, written: bool, pid: i32) -> Option<Status> {
+/// A message line read while a task runs: its end (an answer with what an `ok` returned,
+/// bounded by `max_result`; or a protocol error), or `None` for progress.
+fn read_message(
+    l: &[u8],
+    task: TaskId,
+    written: bool,
+    pid: i32,
+    max_result: u64,
+) -> Option<(Status, Returned)> {
     match protocol::parse(l) {
         Ok(WorkerMessage::Result { id, .. }) if id == task && !written => {
             let shown = protocol::show_line(l);
             tracing::warn!(pid, line = %shown, "worker answered before it read its whole task; restarting it");
-            Some(Status::Protocol {
-                line: shown,
-                why: "a result before the whole task was read".into(),
-            })
+            Some((
+                Status::Protocol {
+                    line: shown,
+                    why: "a result before the whole task was read".into(),
+                },
+                Returned::Nothing,
+            ))
         }
         Ok(WorkerMessage::Result {
             id,
             status,
             message,
-        }) if id == task => Some(Status::Answered {
-            verdict: status.into(),
-            message,
-        }),
+            result,
+        }) if id == task => {
+            let returned = match status {
+                ResultStatus::Ok => Returned::from_answer(result, max_result),
+                ResultStatus::Error | ResultStatus::Retry => Returned::Nothing,
+            };
+            Some((
+                Status::Answered {
+                    verdict: status.into(),
+                    message,
+                },
+                returned,
+            ))
+        }
         Ok(WorkerMessage::Progress { id, message }) if id == task => {
             tracing::debug!(message = message.as_deref().unwrap_or(""), "progress");
             None
@@ -1045,12 +1080,12 @@ fn read_message(l: &[u8], task: TaskId, written: bool, pid: i32) -> Option<Statu
                 WorkerMessage::Ready { .. } => "`ready` while a task runs".to_string(),
                 _ => "a message for another task".to_string(),
             };
-            Some(Status::Protocol { line: shown, why })
+            Some((Status::Protocol { line: shown, why }, Returned::Nothing))
         }
         Err(why) => {
             let shown = protocol::show_line(l);
             tracing::warn!(pid, line = %shown, "worker sent an invalid message ({why}); restarting it");
-            Some(Status::Protocol { line: shown, why })
+            Some((Status::Protocol { line: shown, why }, Returned::Nothing))
         }
     }
 }

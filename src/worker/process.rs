@@ -24,7 +24,8 @@ use crate::executor::{spawn_tracked, Escalation, Spawned, Spec, Stop, StopWhy, T
 pub(crate) enum Event {
     /// A complete line on the result pipe (without its newline).
     Line(Vec<u8>),
-    /// A line on the result pipe grew past [`MAX_LINE`] without a newline.
+    /// A line on the result pipe grew past its limit ([`MAX_LINE`], more for a queue whose
+    /// results may be longer: [`Proc::set_max_line`]) without a newline.
     TooLong(Vec<u8>),
     /// The worker closed its result pipe.
     ResultsClosed,
@@ -36,9 +37,11 @@ pub(crate) enum Event {
     Gone,
 }
 
-/// Reads lines from the result pipe; memory bounded by [`MAX_LINE`].
+/// Reads lines from the result pipe; memory bounded by `max`.
 struct LineReader {
     rx: pipe::Receiver,
+    /// The longest line (bytes, without its newline).
+    max: usize,
     buf: Vec<u8>,
     /// Bytes of `buf` known to hold no newline.
     scanned: usize,
@@ -65,7 +68,7 @@ impl LineReader {
                 return Read::Line(line);
             }
             self.scanned = self.buf.len();
-            if self.buf.len() > MAX_LINE {
+            if self.buf.len() > self.max {
                 let line = std::mem::take(&mut self.buf);
                 self.scanned = 0;
                 return Read::TooLong(line);
@@ -149,6 +152,7 @@ impl Proc {
             tasks: Some(tasks),
             results: LineReader {
                 rx,
+                max: MAX_LINE,
                 buf: Vec::new(),
                 scanned: 0,
                 eof: false,
@@ -156,6 +160,17 @@ impl Proc {
             },
             exited: None,
         })
+    }
+
+    /// The longest message line taken from now on: the protocol's [`MAX_LINE`], plus the
+    /// queue's `max_result` (an `ok` answer carries the result).
+    pub(crate) fn set_max_line(&mut self, max: usize) {
+        self.results.max = max;
+    }
+
+    /// The longest message line taken now.
+    pub(crate) fn max_line(&self) -> usize {
+        self.results.max
     }
 
     /// The next thing the worker did. Cancel-safe.

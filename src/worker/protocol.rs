@@ -9,11 +9,16 @@ use crate::model::{QueueName, TaskId};
 
 /// The protocol version this daemon speaks, announced in `TASKD_WORKER_PROTOCOL`.
 pub const VERSION: u32 = 1;
+/// The minor version, announced in `TASKD_WORKER_PROTOCOL_MINOR`: what this daemon
+/// understands within [`VERSION`] (1: `result` in an `ok` answer). A minor version only adds
+/// optional fields, so a worker written for an older one works unchanged.
+pub const MINOR: u32 = 1;
 /// The worker's descriptor on which tasks arrive (`TASKD_TASK_FD`).
 pub const TASK_FD: i32 = 3;
 /// The worker's descriptor on which it answers (`TASKD_RESULT_FD`).
 pub const RESULT_FD: i32 = 4;
-/// A message line longer than this is a protocol error (memory stays bounded).
+/// A message line longer than this is a protocol error (memory stays bounded). A queue's
+/// `max_result` is allowed on top, for an `ok` answer that carries a result.
 pub const MAX_LINE: usize = 1024 * 1024;
 /// How much of an offending line the log and the attempt's error keep.
 pub const SHOWN_LINE: usize = 200;
@@ -56,6 +61,9 @@ pub enum WorkerMessage {
         status: ResultStatus,
         #[serde(default)]
         message: Option<String>,
+        /// What an `ok` task returned (minor version 1); ignored with `error` and `retry`.
+        #[serde(default)]
+        result: Option<serde_json::Value>,
     },
     Progress {
         id: TaskId,
@@ -101,8 +109,20 @@ mod tests {
             Ok(WorkerMessage::Result {
                 id,
                 status: ResultStatus::Retry,
-                message: Some("db down".into())
+                message: Some("db down".into()),
+                result: None,
             })
+        );
+        let line = format!(
+            r#"{{"type":"result","id":"{id}","status":"ok","result":{{"n":123456789012345678901234567890,"s":"é"}}}}"#
+        );
+        let Ok(WorkerMessage::Result { result, .. }) = parse(line.as_bytes()) else {
+            panic!("an ok answer with a result parses")
+        };
+        assert_eq!(
+            serde_json::to_string(&result).unwrap(),
+            r#"{"n":123456789012345678901234567890,"s":"é"}"#,
+            "the result keeps its numbers as written"
         );
         let line = format!(r#"{{"type":"progress","id":"{id}"}}"#);
         assert!(matches!(

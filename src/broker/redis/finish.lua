@@ -1,14 +1,15 @@
 -- Record attempts and move their tasks on, each only if its lease is still held: the
--- results a node has ready at once go in one call. ARGV: 8 per task: id, token, node, next
+-- results a node has ready at once go in one call. ARGV: 9 per task: id, token, node, next
 -- (succeeded|retry|failed|cancelled|requeue|release), retry_at, has_pid (0/1), attempt
--- JSON, error ('' = none, else 'e:' .. text). Returns per task 'ok', 'lost' or 'missing'.
+-- JSON, error ('' = none, else 'e:' .. text), result ('' = none, else the JSON a succeeded
+-- task returned, kept in 'r:' .. id). Returns per task 'ok', 'lost' or 'missing'.
 local p = KEYS[1]
 local now = clock()
 local wake_work, wake_sched = false, false
 local states = { succeeded = 'succeeded', retry = 'retrying', failed = 'failed',
   cancelled = 'cancelled', requeue = 'queued', release = 'queued' }
 
-local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure)
+local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure, result)
   local t = p .. 't:' .. id
   local f = redis.call('HMGET', t, 'state', 'token', 'node', 'cancel_requested', 'seq',
     'priority', 'rk', 'unique_key', 'attempts')
@@ -37,6 +38,9 @@ local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure)
   local set = { 'state', state, 'attempts', fmt(attempts), 'updated_at', fmt(now),
     'cancel_requested', '0' }
   local del = { 'node', 'expires', 'pid', 'pid_start', 'pid_boot' }
+  if state == 'succeeded' and result ~= '' then
+    redis.call('SET', p .. 'r:' .. id, result)
+  end
   if state == 'succeeded' or state == 'failed' or state == 'cancelled' then
     set[#set + 1] = 'finished_at'
     set[#set + 1] = fmt(now)
@@ -76,9 +80,9 @@ local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure)
 end
 
 local out = {}
-for i = 1, #ARGV, 8 do
+for i = 1, #ARGV, 9 do
   out[#out + 1] = finish(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
-    ARGV[i + 5], ARGV[i + 6], ARGV[i + 7])
+    ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
 end
 if wake_work then redis.call('PUBLISH', 'taskd:wake', 'work') end
 if wake_sched then redis.call('PUBLISH', 'taskd:wake', 'sched') end

@@ -212,6 +212,11 @@ impl RedisBroker {
             .as_ref()
             .map(|e| format!("e:{e}"))
             .unwrap_or_default();
+        // Only a success keeps what the run returned (rule 11).
+        let result = match (next, &attempt.result) {
+            (Finish::Succeeded, Some(v)) => v.to_string(),
+            _ => String::new(),
+        };
         let args = [
             lease.task.to_string(),
             lease.token.to_string(),
@@ -221,6 +226,7 @@ impl RedisBroker {
             if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
             json,
             error,
+            result,
         ];
         Ok(
             match self.finisher.send(Finishing {
@@ -982,13 +988,15 @@ impl Broker for RedisBroker {
             return Ok(None);
         };
         let p = prefix(&q);
-        let (row, hist): (Vec<String>, Vec<String>) = redis::pipe()
+        let (row, hist, result): (Vec<String>, Vec<String>, Option<String>) = redis::pipe()
             .cmd("HGETALL")
             .arg(format!("{p}t:{id}"))
             .cmd("LRANGE")
             .arg(format!("{p}h:{id}"))
             .arg(0)
             .arg(-1)
+            .cmd("GET")
+            .arg(format!("{p}r:{id}"))
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
@@ -1003,7 +1011,17 @@ impl Broker for RedisBroker {
                     .map_err(|e| BrokerError::Storage(format!("an attempt record: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(TaskDetail { task, history }))
+        let result = result
+            .map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
+            })
+            .transpose()?;
+        Ok(Some(TaskDetail {
+            task,
+            history,
+            result,
+        }))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {

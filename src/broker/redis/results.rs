@@ -10,13 +10,16 @@ use super::{broker_error, prefix, scripts};
 use crate::broker::{BrokerError, Result};
 use crate::model::QueueName;
 
+/// The `finish` script's arguments per result (see finish.lua).
+pub(super) const FINISH_ARGS: usize = 9;
+
 /// At most this many results go in one `finish` call.
 const FINISH_BATCH: usize = 128;
 
-/// A result waiting to be written: the `finish` script's 8 arguments for it, and who waits.
+/// A result waiting to be written: the `finish` script's arguments for it, and who waits.
 pub(super) struct Finishing {
     pub(super) queue: QueueName,
-    pub(super) args: [String; 8],
+    pub(super) args: [String; FINISH_ARGS],
     pub(super) done: tokio::sync::oneshot::Sender<Result<String>>,
 }
 
@@ -45,7 +48,7 @@ pub(super) async fn finish_loop(
             let trips = trips.clone();
             async move {
                 trips.fetch_add(1, Ordering::Relaxed);
-                let args: Vec<&[String; 8]> = batch.iter().map(|f| &f.args).collect();
+                let args: Vec<&[String; FINISH_ARGS]> = batch.iter().map(|f| &f.args).collect();
                 let answers = match finish_call(&mut conn, &addr, &q, &args).await {
                     // A script error that is not the connection's (a task's record it
                     // could not read) must not hold up the others: each goes alone.
@@ -80,7 +83,7 @@ pub(super) async fn finish_call(
     conn: &mut ConnectionManager,
     addr: &str,
     q: &QueueName,
-    results: &[&[String; 8]],
+    results: &[&[String; FINISH_ARGS]],
 ) -> Result<Vec<String>> {
     let mut inv = scripts().finish.key(prefix(q));
     for r in results {

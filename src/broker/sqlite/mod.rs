@@ -271,6 +271,11 @@ impl Broker for SqliteBroker {
         next: Finish,
     ) -> Queued<'a, ()> {
         let held = lease.clone();
+        // Serialized here, not on the writer's thread. Only a success keeps it (rule 11).
+        let result = match next {
+            Finish::Succeeded => attempt.result.as_ref().map(|v| v.to_string()),
+            _ => None,
+        };
         // Nobody waits on a result to go on: it may share a commit with its neighbours.
         let queued = self.queue(false, None, move |conn| {
                 let now = now_ms();
@@ -335,6 +340,11 @@ impl Broker for SqliteBroker {
                     s.execute(params![seq, state.as_str(), run_at, finished, delta, error, now, next == Finish::Release])
                 })
                 .map_err(storage)?;
+                if let Some(value) = &result {
+                    conn.prepare_cached("INSERT OR REPLACE INTO results (task_seq, value) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![seq, value]))
+                        .map_err(storage)?;
+                }
                 Ok(matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }))
             });
         Queued::new(async move {
@@ -476,11 +486,26 @@ impl Broker for SqliteBroker {
                         error: r.get(8)?,
                         stdout_tail: r.get(9)?,
                         stderr_tail: r.get(10)?,
+                        result: None,
                     })
                 })
                 .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
                 .map_err(storage)?;
-            Ok(Some(TaskDetail { task, history }))
+            let result: Option<String> = conn
+                .prepare_cached("SELECT value FROM results WHERE task_seq = ?1")
+                .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
+                .map_err(storage)?;
+            let result = result
+                .map(|text| {
+                    serde_json::from_str(&text)
+                        .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
+                })
+                .transpose()?;
+            Ok(Some(TaskDetail {
+                task,
+                history,
+                result,
+            }))
         })
         .await
     }

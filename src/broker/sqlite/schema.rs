@@ -121,6 +121,15 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (minute, queue)
     ) WITHOUT ROWID;
     "#,
+    // 5: results. What a succeeded task returned (compact JSON), beside its row rather than
+    // in it: the tasks table stays narrow for claims and lists, and whatever deletes a task
+    // deletes its result.
+    r#"
+    CREATE TABLE results (
+        task_seq INTEGER PRIMARY KEY REFERENCES tasks(seq) ON DELETE CASCADE,
+        value    TEXT    NOT NULL
+    );
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.
