@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -37,11 +38,15 @@ impl StartLog {
                 }
             }
         }
+        // The daemon's alone, whatever the umask: the state directory may be open to
+        // other users' tasks (the search bit only, for their result files).
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(0o600)
             .open(&path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         Ok((
             StartLog {
                 path,

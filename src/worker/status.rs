@@ -264,9 +264,19 @@ impl Registry {
 }
 
 fn write_atomic(path: &Path, file: &StatusFile) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
+    let _ = std::fs::remove_file(&tmp);
+    // Never readable by others (the state directory may let other users' tasks pass
+    // through to their result files); `state_group` members read it for `taskd status`.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&tmp)?
+        .write_all(&text)?;
     std::fs::rename(&tmp, path)
 }
 
