@@ -537,6 +537,48 @@ log_max = -1
 }
 
 #[test]
+fn max_result_out_of_range_or_not_a_size() {
+    let text = "\
+[defaults]
+max_result = \"65MiB\"
+
+[queues.a]
+shell = \"true\"
+max_result = true
+
+[queues.b]
+shell = \"true\"
+max_result = -5
+";
+    check_bad(text)
+        .count(3)
+        .expect(
+            2,
+            14,
+            "defaults.max_result",
+            &[
+                "max_result is too large (65MiB)",
+                "the most accepted is 64MiB",
+            ],
+            Some("max_result = \"64MiB\"` or less"),
+        )
+        .expect(
+            6,
+            14,
+            "queues.a.max_result",
+            &["a size"],
+            Some("max_result = \"1MiB\""),
+        )
+        .expect(
+            10,
+            14,
+            "queues.b.max_result",
+            &["cannot be negative"],
+            Some("max_result = \"1MiB\""),
+        );
+}
+
+#[test]
 fn unknown_user_and_group() {
     let text = "\
 [queues.a]

@@ -223,6 +223,64 @@ sleep 30
     }
 }
 
+/// The result file of a run the crash cut short is removed by the next start, before any
+/// task runs; the run's task runs again and returns its result through a new file.
+#[test]
+fn kill9_leaves_no_result_file_behind_after_the_restart() {
+    let env = setup(
+        r#"
+[queues.q]
+shell = '''
+echo "$TASKD_RESULT_FILE" >> "$D/paths"
+echo '"half"' > "$TASKD_RESULT_FILE"
+if [ -e "$D/go" ]; then echo '"whole"' > "$TASKD_RESULT_FILE"; exit 0; fi
+sleep 30
+'''
+"#,
+    );
+    let id = submit(&env, "q", &json!({}));
+    let d = env.daemon();
+    let first = wait_line(&env.path().join("paths"), secs(10));
+    let first = Path::new(&first).to_path_buf();
+    assert!(poll(secs(10), || std::fs::read(&first)
+        .is_ok_and(|b| b == b"\"half\"\n")));
+    let pid = d.pid();
+    d.kill9();
+    // The task's processes outlive their daemon (killed by the next one) and so does its file.
+    assert!(!alive(pid) && first.exists());
+    std::fs::write(env.path().join("go"), "").unwrap();
+    let _d = env.daemon();
+    let v = env.wait_state(&id, "succeeded", secs(15));
+    assert!(
+        !first.exists(),
+        "the crashed run's result file is still there"
+    );
+    assert_eq!(v["result"], "whole", "{v:#}");
+    let paths = std::fs::read_to_string(env.path().join("paths")).unwrap();
+    assert_eq!(paths.lines().count(), 2, "{paths}");
+    let results = env.path().join("state/results");
+    let left: Vec<_> = walk(&results);
+    assert!(
+        left.is_empty(),
+        "files left in {}: {left:?}",
+        results.display()
+    );
+}
+
+/// Every file (not directory) under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Lines of a file (0 if it does not exist).
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path)

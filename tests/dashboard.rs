@@ -82,6 +82,7 @@ import taskd_worker
 @taskd_worker.task
 def handle(payload, job):
     print("hello", payload.get("name"))
+    return {"greeted": payload.get("name")}
 
 taskd_worker.run()
 "#,
@@ -185,9 +186,10 @@ fn dashboard_drives_every_view() {
     let failed = enqueue(&url, "fail", json!({}));
     enqueue(&url, "fail", json!({}));
     let slow: Vec<String> = (0..4).map(|_| enqueue(&url, "slow", json!({}))).collect();
-    for name in ["ann", "bob"] {
-        enqueue(&url, "hello", json!({ "payload": { "name": name } }));
-    }
+    let greeted: Vec<String> = ["ann", "bob"]
+        .iter()
+        .map(|name| enqueue(&url, "hello", json!({ "payload": { "name": name } })))
+        .collect();
     wait_count(&url, "mail", "succeeded", 30);
     wait_count(&url, "users", "succeeded", 7);
     wait_count(&url, "fail", "failed", 2);
@@ -475,6 +477,17 @@ fn dashboard_drives_every_view() {
         "no result or dependencies yet; a retry button"
     );
     b.screenshot(&shots.join("task-failed.png"));
+    // A task that returned a value shows it.
+    show(
+        &mut b,
+        &format!("#task/{}", greeted[0]),
+        "document.querySelector('#task-state [data-state]')?.dataset.state === 'succeeded' && !document.querySelector('#task-result').hidden",
+    );
+    assert_eq!(
+        b.eval("JSON.parse(document.querySelector('#result-json').textContent)"),
+        json!({"greeted": "ann"}),
+        "the task's result"
+    );
     let running = slow[0].clone();
     show(
         &mut b,

@@ -227,6 +227,61 @@ max_attempts = 1
     assert_eq!(stdout(&a), "root only\n");
 }
 
+/// A task run as another user writes its result file: the file (0600) and its directory
+/// (0700) are that user's; the directory above them is the daemon's, which the user may pass
+/// through but not list, and the daemon's own tasks' directory stays closed to it. The
+/// state directory gets the search bit for others, nothing more, and its other files stay
+/// private.
+#[test]
+fn a_task_run_as_another_user_writes_its_result_file() {
+    if !is_root() {
+        return;
+    }
+    let _nobody = nobody_lock();
+    let env = Env::new(
+        r#"[queues.as-nobody]
+shell = '''
+f="$TASKD_RESULT_FILE"
+stat -c '%a %U' "$f" "$(dirname "$f")"
+root="$(dirname "$(dirname "$f")")"
+ls "$root" >/dev/null 2>&1 && echo "listed the results" || echo "cannot list the results"
+[ -x "$root/0" ] && echo "entered root's directory" || echo "cannot enter root's directory"
+printf '{"who": "%s"}' "$(id -un)" > "$f"
+'''
+user = "nobody"
+max_attempts = 1
+
+[queues.as-root]
+shell = 'echo 42 > "$TASKD_RESULT_FILE"'
+max_attempts = 1
+"#,
+    );
+    world_readable(&env);
+    let _d = env.daemon();
+    let id = env.submit("as-root", "{}");
+    let v = env.wait_state(&id, "succeeded", DEADLINE);
+    assert_eq!(v["result"], 42, "{v:#}");
+    let id = env.submit("as-nobody", "{}");
+    let v = env.wait_state(&id, "succeeded", DEADLINE);
+    assert_eq!(v["result"], serde_json::json!({"who": "nobody"}), "{v:#}");
+    assert_eq!(
+        stdout(&history(&v)[0]),
+        "600 nobody\n700 nobody\ncannot list the results\ncannot enter root's directory\n"
+    );
+    let state = env.path().join("state");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&state), 0o701, "the search bit only, for others");
+    assert_eq!(mode(&state.join("results")), 0o711);
+    for private in ["taskd.db", "started.log"] {
+        assert_eq!(
+            mode(&state.join(private)) & 0o077,
+            0,
+            "{private} is the daemon's"
+        );
+    }
+}
+
 #[test]
 fn nproc_stops_a_fork_bomb_without_harming_the_daemon() {
     if !is_root() {

@@ -583,7 +583,8 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
         "the bash worker example needs jq"
     );
     let env = Env::new(&format!(
-        "[queues.b]\nworker = [\"{}\"]\nstart_secs = \"100ms\"\ntimeout = \"1s\"\nkill_grace = \"1s\"\nmax_attempts = 1\n",
+        // The timeout leaves each task's handful of `jq` runs room on a loaded machine.
+        "[queues.b]\nworker = [\"{}\"]\nstart_secs = \"100ms\"\ntimeout = \"5s\"\nkill_grace = \"1s\"\nmax_attempts = 1\n",
         contrib("bash/worker.sh").display()
     ));
     let _d = env.daemon();
@@ -596,6 +597,11 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
         stdout_of(&v, 0),
         "hello $(touch /tmp/nope) `id`\n",
         "the payload is data, never code: {v:#}"
+    );
+    assert_eq!(
+        v["result"],
+        json!({"echoed": "hello $(touch /tmp/nope) `id`"}),
+        "handle() returns its RESULT: {v:#}"
     );
     let crash = env.submit("b", r#"{"action":"crash"}"#);
     let v = env.wait_state(&crash, "failed", secs(20));
@@ -615,7 +621,9 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
     assert_eq!(history(&v)[0]["reason"], "result", "{v:#}");
     assert_eq!(history(&v)[0]["stderr_tail"], "asked to fail\n", "{v:#}");
     let after = env.submit("b", r#"{"text":"still here"}"#);
-    env.wait_state(&after, "succeeded", secs(20));
+    let v = env.wait_state(&after, "succeeded", secs(20));
+    assert_eq!(v["result"], json!({"echoed": "still here"}), "{v:#}");
+    assert_eq!(env.ok(&["result", &after]), "{\"echoed\":\"still here\"}\n");
 }
 
 #[test]
@@ -843,6 +851,10 @@ fn the_example_config_runs_the_example_worker() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("hello, you (task "), "{text}");
+    assert!(
+        text.ends_with("result: {\"greeting\":\"hello, you\"}\n"),
+        "greet() returns the result: {text}"
+    );
     let id = env.submit("hello", "{}");
     let v = env.wait_state(&id, "failed", secs(20));
     assert_eq!(history(&v).len(), 1, "not retried: {v:#}");

@@ -11,15 +11,18 @@ Single file, standard library only. Copy it next to your worker, then:
             raise taskd_worker.Retry("not now")   # a failed attempt: retried with backoff
         if "to" not in payload:
             raise taskd_worker.Fail("no recipient")  # fails the task for good
-        return None                        # returning is success
+        return {"sent": True}              # returning is success; the value is the result
 
     if __name__ == "__main__":
         taskd_worker.run()
 
-Any other exception is a failed attempt (retried like a non-zero exit), with its traceback
-on stderr. The protocol (version 1) is described in docs/worker-protocol.md: tasks arrive as
-JSON lines on the descriptor named by TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4),
-so that a stray print() cannot corrupt them.
+What the function returns is the task's result (`taskd result ID`, `taskd show`, the API):
+any value json.dumps() takes; None is no result. A value it cannot encode fails the task
+(not retried), with the TypeError as its error. Any exception is a failed attempt (retried
+like a non-zero exit), with its traceback on stderr. The protocol (version 1.1) is described
+in docs/worker-protocol.md: tasks arrive as JSON lines on the descriptor named by
+TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4), so that a stray print() cannot corrupt
+them. A taskd older than minor version 1 ignores the result; the task still succeeds.
 """
 
 import inspect
@@ -121,7 +124,19 @@ def run(handler=None):
         _current = job
         result = {"type": "result", "id": job.id, "status": "ok"}
         try:
-            _call(fn, msg.get("payload"), job)
+            value = _call(fn, msg.get("payload"), job)
+            if value is not None:
+                try:
+                    # Encoded now, so that a value JSON cannot hold fails this task only.
+                    json.dumps(value)
+                except (TypeError, ValueError) as e:
+                    result.update(
+                        status="error",
+                        message="the task's return value is not JSON: %s: %s"
+                        % (type(e).__name__, e),
+                    )
+                else:
+                    result["result"] = value
         except Retry as e:
             result.update(status="retry", message=str(e) or "retry requested")
         except Fail as e:

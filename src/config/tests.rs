@@ -118,6 +118,7 @@ fn product_example_is_valid() {
         ["size", "src"]
     );
     assert_eq!(t.output_tail, 64 * 1024);
+    assert_eq!(t.max_result, 1024 * 1024);
     assert_eq!(t.log_max, 10 * 1024 * 1024);
     assert!(t.fail_exit_codes.is_empty() && t.env.is_empty());
     assert_eq!(

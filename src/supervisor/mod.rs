@@ -118,6 +118,11 @@ pub fn queue_diff(
     field!("max_attempts", max_attempts, |v: &u32| v.to_string());
     field!("output_tail", output_tail, |v: &usize| v.to_string());
     field!("log_max", log_max, |v: &u64| v.to_string());
+    field!(
+        "max_result",
+        max_result,
+        |v: &u64| crate::config::show_size(*v)
+    );
     field!("allow_dash_values", allow_dash_values, |v: &bool| v
         .to_string());
     field!("backoff", backoff, |v: &crate::config::Backoff| dbg(v));

@@ -2007,3 +2007,9 @@ fn numbers_beyond_64_bits_reach_the_task_exactly() {
     let done = case.wait_state(&id, "succeeded", secs(20));
     assert_eq!(history(&done)[0]["stdout_tail"], format!("{BIG} {F}\n"));
 }
+
+// ------------------------------------------------------------------------------------------
+// Results (tests/daemon/results.rs)
+
+#[path = "results.rs"]
+mod results;
