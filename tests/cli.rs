@@ -1242,7 +1242,8 @@ fn help_lists_the_exit_codes() {
         );
     }
     for cmd in [
-        "start", "check", "submit", "status", "tasks", "show", "retry", "cancel", "pause", "resume",
+        "start", "check", "submit", "status", "tasks", "show", "result", "retry", "cancel",
+        "pause", "resume",
     ] {
         assert!(
             text.lines().any(|l| l.trim_start().starts_with(cmd)),
