@@ -491,7 +491,20 @@ pub async fn serve(
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<crate::control::Incoming>(8);
     let control_path = config.control_socket.clone();
     let api_control = control_tx.clone();
-    let control = crate::control::serve(&control_path, control_tx).map_err(|e| {
+    // Follow sessions (`taskd logs --follow`, `taskd tail`) get a thread of their own: a
+    // follower never takes the supervisor's turn. The hub they read is the supervisor's,
+    // created below; until then they wait on this channel.
+    let (follow_tx, follow_rx) = tokio::sync::mpsc::unbounded_channel::<(
+        crate::control::Request,
+        std::os::unix::net::UnixStream,
+    )>();
+    let streamer: crate::control::Streamer = Arc::new(move |req, stream| match stream.into_std() {
+        Ok(s) => {
+            let _ = follow_tx.send((req, s));
+        }
+        Err(e) => tracing::debug!(error = %e, "a follower's connection could not be handed over"),
+    });
+    let control = crate::control::serve(&control_path, control_tx, Some(streamer)).map_err(|e| {
         // A path the daemon cannot bind is a config problem: exit 78, which the systemd
         // unit does not restart into, and before "ready".
         Failure::new(
@@ -564,8 +577,15 @@ pub async fn serve(
         store_file.map(|(path, id)| tokio::spawn(watch_store(path, id, supervisor.clone())));
     let cluster =
         shared.then(|| tokio::spawn(cluster_loop(broker.clone(), supervisor.clone(), lease)));
+    let follow_source = crate::follow::Source {
+        broker: broker.clone(),
+        live: Some(supervisor.live()),
+        node: Some(supervisor.node().to_string()),
+    };
+    spawn_followers(follow_source.clone(), follow_rx);
     let api_state = crate::api::AppState::new(broker.clone(), config.clone(), metrics)
-        .with_control(api_control);
+        .with_control(api_control)
+        .with_follow(follow_source);
     fit_api(&api_state, &config);
     let api_stop = CancellationToken::new();
     let api = api_listener.map(|listener| {
@@ -678,6 +698,10 @@ pub async fn serve(
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
                     let _ = reply.send(answer);
                 }
+                crate::control::Request::Follow { .. } | crate::control::Request::Tail { .. } => {
+                    // Answered by the follow thread; never sent here.
+                    let _ = reply.send(ReloadReply { ok: false, changes: Vec::new(), errors: vec!["not a request for the main loop".into()] });
+                }
                 crate::control::Request::Restart { queue } => {
                     let answer = match supervisor.restart_workers(&queue) {
                         Ok(what) => {
@@ -740,6 +764,61 @@ pub async fn serve(
     crate::executor::reap_orphans();
     tracing::info!("stopped");
     Ok(exit::OK)
+}
+
+/// The thread that serves the control socket's follow sessions (`taskd logs --follow`,
+/// `taskd tail`), each a JSON event per line, at most
+/// [`crate::follow::MAX_CONTROL_SESSIONS`] at once.
+fn spawn_followers(
+    source: crate::follow::Source,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(
+        crate::control::Request,
+        std::os::unix::net::UnixStream,
+    )>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("taskd-follow".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to start the followers' runtime; `taskd logs --follow` reads the broker only");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let sessions = Arc::new(tokio::sync::Semaphore::new(
+                    crate::follow::MAX_CONTROL_SESSIONS,
+                ));
+                while let Some((req, stream)) = rx.recv().await {
+                    let source = source.clone();
+                    match sessions.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(async move {
+                                crate::follow::serve_control(source, req, stream).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            use std::io::Write;
+                            let mut stream = stream;
+                            let _ = stream.set_nonblocking(false);
+                            let _ = writeln!(
+                                stream,
+                                "{}",
+                                serde_json::json!({ "ok": false, "errors": [format!("{} followers are already connected, the most this daemon serves; try again later", crate::follow::MAX_CONTROL_SESSIONS)] })
+                            );
+                        }
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "failed to start the followers' thread; `taskd logs --follow` reads the broker only");
+    }
 }
 
 /// What the daemon's process needs before it runs tasks: the descriptors it inherited

@@ -30,6 +30,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
     // executor outcome and never see the broker or the supervisor.
     ("worker", &["model", "config", "executor", "backoff"]),
+    // Following output: the live rings of the executor (not the rest of it), the broker for
+    // the task around them, the event shapes, the control socket's request it answers.
+    (
+        "follow",
+        &[
+            "model",
+            "broker",
+            "executor::live",
+            "view",
+            "control",
+            "backoff",
+        ],
+    ),
     (
         "supervisor",
         &[
@@ -50,6 +63,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "view",
             // Requests only the daemon carries out (restart), as `taskd restart` sends them.
             "control",
+            // The output streams: sessions over the daemon's live rings and the broker.
+            "follow",
+            "executor::live",
         ],
     ),
     (
@@ -66,6 +82,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "notify",
             "exit",
             "backoff",
+            "follow",
         ],
     ),
     (
@@ -81,6 +98,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "worker::status",
             "backoff",
             "view",
+            // `taskd logs` follows a task through the broker itself when no daemon answers.
+            "follow",
         ],
     ),
 ];

@@ -41,7 +41,7 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 }
 
 /// The queue named in the path, from the config; 404 naming the known queues otherwise.
-fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
+pub(super) fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
     let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
     let unknown = |why: String| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", why).with("known", known.clone())

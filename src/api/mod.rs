@@ -22,6 +22,7 @@ pub mod enqueue;
 pub mod error;
 mod handlers;
 pub mod openapi;
+mod output;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -54,6 +55,10 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A batch may carry this many bytes on top of `max_payload`.
 pub const BATCH_BODY_EXTRA: usize = 64 * 1024 * 1024;
+/// The most output streams (`…/output`) served at once.
+pub const MAX_STREAMS: usize = 64;
+/// How often an output stream sends a keep-alive comment while nothing else is sent.
+pub const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -74,6 +79,11 @@ pub struct AppState {
     /// The daemon's main loop, for requests only it can carry out (restart); `None` when
     /// the API is served without a daemon.
     control: Option<tokio::sync::mpsc::Sender<crate::control::Incoming>>,
+    /// What the output streams read: the broker, and the daemon's live output when there
+    /// is a daemon.
+    pub follow: crate::follow::Source,
+    /// Output streams open now (at most [`MAX_STREAMS`]).
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -82,14 +92,26 @@ impl AppState {
         let loopback = config.listen.is_some_and(|a| a.ip().is_loopback());
         AppState {
             loopback,
-            broker,
+            broker: broker.clone(),
             config: Arc::new(RwLock::new(Arc::new(config))),
             metrics,
             draining: CancellationToken::new(),
             reads_need_token,
             max_connections: Arc::new(std::sync::atomic::AtomicUsize::new(MAX_CONNECTIONS)),
             control: None,
+            follow: crate::follow::Source {
+                broker: broker.clone(),
+                live: None,
+                node: None,
+            },
+            streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
+    }
+
+    /// Serve the output streams from the daemon's live output (`source.live`).
+    pub fn with_follow(mut self, source: crate::follow::Source) -> AppState {
+        self.follow = source;
+        self
     }
 
     /// Hands requests only the daemon can carry out (restart) to its main loop.
@@ -173,6 +195,16 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (Method::GET, "/api/v1/tasks", get(h::list_tasks)),
         (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),
+        (
+            Method::GET,
+            "/api/v1/tasks/{id}/output",
+            get(output::task_output),
+        ),
+        (
+            Method::GET,
+            "/api/v1/queues/{queue}/output",
+            get(output::queue_output),
+        ),
         (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
         (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),
     ]

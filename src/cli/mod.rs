@@ -8,6 +8,7 @@ mod check;
 mod control;
 mod generate;
 mod inspect;
+mod logs;
 mod reload;
 pub mod start;
 pub(crate) mod submit;
@@ -30,7 +31,7 @@ Exit codes:
   1   failure
   2   usage error (bad flags, bad payload, unknown queue)
   3   broker unreachable
-  4   the task that --wait followed failed or was cancelled
+  4   the task that --wait or `logs --follow` followed failed or was cancelled
   78  invalid config (EX_CONFIG)";
 
 /// taskd: a job-queue daemon that runs your scripts and programs as background tasks.
@@ -66,6 +67,15 @@ pub enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
+    /// A task's output: the stored output of its latest attempt (or --attempt N), or, with
+    /// --follow, its output as it is written, through retries, until the task ends. The
+    /// task's stdout goes to stdout and its stderr to stderr; taskd's own lines ("── attempt
+    /// 2 … ──") go to stderr. Exits 2 for an unknown id; with --follow, 0 once the task
+    /// succeeded and 4 if it failed or was cancelled.
+    Logs(logs::LogsArgs),
+    /// Follow the output of a queue's tasks as they run on the daemon, each line prefixed
+    /// with its task's short id (the last 8 hex digits), until Ctrl-C.
+    Tail(logs::TailArgs),
     /// Re-queue a failed or cancelled task with a fresh attempt budget.
     Retry(control::IdArgs),
     /// Cancel a waiting task, or stop a running one.
@@ -131,6 +141,8 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Status(a) => inspect::status(config, a).await,
         Command::Tasks(a) => inspect::tasks(config, a).await,
         Command::Show(a) => inspect::show(config, a).await,
+        Command::Logs(a) => logs::logs(config, a).await,
+        Command::Tail(a) => logs::tail(config, a).await,
         Command::Retry(a) => control::retry(config, a).await,
         Command::Cancel(a) => control::cancel(config, a).await,
         Command::Pause(a) => control::pause(config, a, true).await,
