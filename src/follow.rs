@@ -568,9 +568,7 @@ impl TaskFollow {
                     };
                     if let Some(out) = current.filter(|_| run == runs + 1) {
                         self.attach(out, run, at, false);
-                    } else if let Some(out) =
-                        d.history.get(run as usize - 1).and_then(|rec| ended(rec))
-                    {
+                    } else if let Some(out) = d.history.get(run as usize - 1).and_then(ended) {
                         self.attach(out, run, at, false);
                     } else if run <= runs {
                         self.notice(format!(

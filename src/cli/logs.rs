@@ -19,7 +19,7 @@ use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, Failure};
 use crate::backoff::Doubling;
 use crate::control::Request;
 use crate::follow::{Position, Source, TaskFollow, TaskRequest};
-use crate::model::{QueueName, TaskId, TaskState};
+use crate::model::{AttemptReason, QueueName, TaskId, TaskState};
 use crate::view::{OutStream, OutputEvent};
 
 #[derive(clap::Args, Debug)]
@@ -614,10 +614,13 @@ impl Printer {
                 run_at,
                 ..
             } => {
-                let how = match (error, exit_code) {
-                    (Some(e), _) => e.clone(),
-                    (None, Some(c)) => format!("exit code {c}"),
-                    (None, None) => reason.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                let how = match (error, exit_code, reason) {
+                    (Some(e), _, _) => e.clone(),
+                    (None, Some(c), _) => format!("exit code {c}"),
+                    (None, None, Some(AttemptReason::Result)) => {
+                        "the worker answered ok".to_string()
+                    }
+                    (None, None, r) => r.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
                 };
                 let next = match (state, run_at) {
                     (Some(TaskState::Succeeded), _) => "; the task succeeded".to_string(),

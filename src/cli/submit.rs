@@ -160,6 +160,9 @@ impl Remote {
     }
 }
 
+/// The body of a stream of Server-Sent Events, read as it comes.
+pub type SseBody = Box<dyn Read + Send>;
+
 impl Remote {
     /// `GET base+path` as a stream of Server-Sent Events (`Last-Event-ID: last` to resume):
     /// the body to read, or `None` for 204 (nothing more will come).
@@ -167,7 +170,7 @@ impl Remote {
         &self,
         path: &str,
         last: Option<&str>,
-    ) -> Result<Option<Box<dyn Read + Send>>, (Option<u16>, Failure)> {
+    ) -> Result<Option<SseBody>, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
         // No deadline for the whole answer (it lasts as long as the task): the daemon sends
         // a keep-alive every 15 s, so a minute of silence means it is gone.
