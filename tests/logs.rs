@@ -944,3 +944,26 @@ fn run_on_pty(mut cmd: Command) -> Vec<u8> {
     assert!(status.success(), "taskd on a terminal: {status}");
     reader.join().expect("the reader")
 }
+
+#[test]
+fn at_most_64_output_streams_are_open_at_once() {
+    let env = env_with("listen = \"127.0.0.1:0\"", "true", "");
+    let d = env.daemon();
+    let url = d.api_base();
+    // A queue's stream stays open: 64 of them take every place.
+    let open: Vec<Sse> = (0..64)
+        .map(|_| {
+            let s = Sse::get(&url, "/api/v1/queues/q/output", &[]);
+            assert_eq!(s.status, 200);
+            s
+        })
+        .collect();
+    let (code, body) = get_json(&url, "/api/v1/queues/q/output");
+    assert_eq!(code, 503);
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    assert_eq!(body["error"]["limit"], 64);
+    // Everything else is still served.
+    let (code, _) = get_json(&url, "/api/v1/queues");
+    assert_eq!(code, 200);
+    drop(open);
+}
