@@ -967,3 +967,57 @@ fn at_most_64_output_streams_are_open_at_once() {
     assert_eq!(code, 200);
     drop(open);
 }
+
+#[test]
+fn a_follower_outlives_a_daemon_restart() {
+    let env = Env::raw("");
+    let d = env.path().display().to_string();
+    std::fs::write(
+        &env.config,
+        format!(
+            "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"200ms\"\n\n\
+             [queues.q]\nshell = '''echo started; {}; echo finished'''\nkill_grace = \"1s\"\nenv = {{ D = '{d}' }}\n",
+            gate("go")
+        ),
+    )
+    .expect("write config");
+    let first = env.daemon();
+    let id = env.submit("q", "{}");
+    let mut w = Watcher::spawn(env.cmd(&["logs", &id, "--follow"]), env.path());
+    assert_eq!(w.line(secs(20)), "started");
+    // The daemon stops: the task is put back (not charged); the follower goes on through
+    // the broker.
+    first.signal(common::SIGTERM);
+    assert_eq!(first.wait_exit(secs(30)), Some(0));
+    let ok = poll(secs(20), || {
+        w.stderr().contains(
+            "── the daemon closed the stream (the daemon stopped?); following the task through the broker from here ──",
+        )
+    });
+    assert!(ok, "{}", w.stderr());
+    assert_eq!(env.state(&id), "queued");
+    open_gate(&env, "go");
+    let _second = env.daemon();
+    assert_eq!(w.wait(secs(30)), Some(0), "{}", w.stderr());
+    // The second run, from its stored tails, and the end.
+    let rest = w.rest();
+    assert_eq!(
+        rest.iter().rev().take(2).rev().collect::<Vec<_>>(),
+        ["started", "finished"],
+        "{rest:?}"
+    );
+    let err = meta_lines(&w.stderr());
+    let stored = err
+        .iter()
+        .filter(|l| {
+            l.starts_with("── attempt 2 (TASKD_ATTEMPT=1) · started ")
+                && l.ends_with(" · stored output ──")
+        })
+        .count();
+    assert_eq!(stored, 1, "{err:#?}");
+    assert_eq!(
+        err.last().map(String::as_str),
+        Some(format!("── task {id} succeeded after 1 attempt ──").as_str()),
+        "{err:#?}"
+    );
+}

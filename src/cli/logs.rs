@@ -53,7 +53,8 @@ pub struct TailArgs {
     /// The queue whose tasks to follow, as in the config's `[queues.NAME]`.
     #[arg(value_name = "QUEUE")]
     pub queue: String,
-    /// Write the tasks' output as it came even to a terminal (see `taskd logs --raw`).
+    /// Write the tasks' output as it came even to a terminal (by default a terminal gets
+    /// control characters as escapes; a pipe or a file always gets it as it came).
     #[arg(long)]
     pub raw: bool,
     /// Print the events as JSON, one per line, as the API's queue output stream sends them.
@@ -232,11 +233,7 @@ pub async fn logs(flag: Option<PathBuf>, args: LogsArgs) -> anyhow::Result<u8> {
         if let Some(n) = args.attempt {
             path.push_str(&format!("&attempt={n}"));
         }
-        let feed = match SseFeed::open(remote, path) {
-            Ok(f) => f,
-            Err(f) if f.code == exit::USAGE => return Err(f.into()),
-            Err(f) => return Err(f.into()),
-        };
+        let feed = SseFeed::open(remote, path)?;
         return show_all(
             Feed::Remote(Box::new(feed)),
             &mut printer,
@@ -290,7 +287,7 @@ pub async fn logs(flag: Option<PathBuf>, args: LogsArgs) -> anyhow::Result<u8> {
         match crate::control::request_stream(&config.control_socket, &ask).await {
             Ok(a) if a.header.ok => Feed::Daemon(a),
             Ok(a) => {
-                return Err(Failure::usage(a.header.errors.join("; ")).into());
+                return Err(Failure::new(exit::FAILURE, a.header.errors.join("; ")).into());
             }
             Err(e) => {
                 let why = super::reload::unreachable(&config, &e);
@@ -302,27 +299,23 @@ pub async fn logs(flag: Option<PathBuf>, args: LogsArgs) -> anyhow::Result<u8> {
             }
         }
     };
-    show_all(feed, &mut printer, args.follow, Some(source)).await
+    show_all(feed, &mut printer, args.follow, Some((source, id))).await
 }
 
 /// Show every event of `feed`; return the exit code. A lost daemon connection is followed
-/// on through the broker (`fallback`) from the last position.
+/// on through the broker (`fallback`: the source and the task) from the last position.
 async fn show_all(
     mut feed: Feed,
     printer: &mut Printer,
     follow: bool,
-    fallback: Option<Source>,
+    fallback: Option<(Source, TaskId)>,
 ) -> anyhow::Result<u8> {
     let mut last: Option<String> = None;
-    let mut task: Option<TaskId> = None;
     loop {
         match feed.next().await {
             Ok(Some(ev)) => {
                 if let Some(id) = ev.id() {
                     last = Some(id.to_string());
-                }
-                if let OutputEvent::Attempt { task: t, .. } = &ev {
-                    task = Some(*t);
                 }
                 printer.show(&ev);
                 match ev {
@@ -341,7 +334,7 @@ async fn show_all(
             Ok(None) => return Ok(exit::OK),
             Err(Stopped::Failed(f)) => return Err(f.into()),
             Err(Stopped::Lost(why)) => {
-                let (Some(source), Some(task)) = (fallback.clone(), task) else {
+                let Some((source, task)) = fallback.clone() else {
                     return Err(Failure::new(exit::FAILURE, why).into());
                 };
                 printer.meta(&format!(
@@ -453,6 +446,8 @@ struct Printer {
     at_line_start: [bool; 2],
     /// `tail`: what a task wrote after its last newline, per stream.
     partial: HashMap<(TaskId, OutStream), String>,
+    /// The last notice shown, not shown twice in a row.
+    last_notice: Option<String>,
 }
 
 fn idx(s: OutStream) -> usize {
@@ -475,6 +470,7 @@ impl Printer {
             tty_err,
             at_line_start: [true, true],
             partial: HashMap::new(),
+            last_notice: None,
         }
     }
 
@@ -554,6 +550,9 @@ impl Printer {
             }
             return;
         }
+        if !matches!(ev, OutputEvent::Notice { .. }) {
+            self.last_notice = None;
+        }
         match ev {
             OutputEvent::Attempt {
                 task,
@@ -629,9 +628,16 @@ impl Printer {
                     (Some(TaskState::Retrying), Some(at)) => {
                         format!("; it runs again at {}", fmt_time(*at))
                     }
-                    (Some(TaskState::Queued), _) => {
-                        "; the task is queued again (this attempt is not charged)".to_string()
+                    // A shutdown's or a lost run's error already says it went back.
+                    (Some(TaskState::Queued), _)
+                        if matches!(
+                            reason,
+                            Some(AttemptReason::Shutdown | AttemptReason::Lost)
+                        ) =>
+                    {
+                        String::new()
                     }
+                    (Some(TaskState::Queued), _) => "; the task is queued again".to_string(),
                     (Some(TaskState::Running), _) => "; the task runs again".to_string(),
                     _ => String::new(),
                 };
@@ -644,10 +650,17 @@ impl Printer {
                     ),
                 );
             }
-            OutputEvent::Notice { task, message } => match task {
-                Some(t) if self.prefixed => self.task_meta(*t, message),
-                _ => self.meta(message),
-            },
+            OutputEvent::Notice { task, message } => {
+                // A follower that reconnected may be told the same thing again.
+                if self.last_notice.as_deref() == Some(message.as_str()) {
+                    return;
+                }
+                self.last_notice = Some(message.clone());
+                match task {
+                    Some(t) if self.prefixed => self.task_meta(*t, message),
+                    _ => self.meta(message),
+                }
+            }
             OutputEvent::End {
                 task,
                 state,

@@ -72,9 +72,20 @@ pub enum Command {
     /// task's stdout goes to stdout and its stderr to stderr; taskd's own lines ("── attempt
     /// 2 … ──") go to stderr. Exits 2 for an unknown id; with --follow, 0 once the task
     /// succeeded and 4 if it failed or was cancelled.
+    ///
+    /// Live output comes from the daemon running the task, over its control socket (or its
+    /// API with --server). A finished attempt's stored tails need no daemon. Without access
+    /// to a daemon, or for a task running on another node (Redis), --follow shows each
+    /// attempt's stored tails when it ends, and says so. A follower that falls behind what
+    /// the daemon keeps (the last 256 KiB of a running attempt) sees "[… N bytes skipped]";
+    /// the task itself is never slowed down.
     Logs(logs::LogsArgs),
     /// Follow the output of a queue's tasks as they run on the daemon, each line prefixed
     /// with its task's short id (the last 8 hex digits), until Ctrl-C.
+    ///
+    /// Tasks already running are shown from now on, new ones from their start; taskd's own
+    /// lines (a task's start and end) go to stderr. Needs the daemon: its control socket,
+    /// or its API with --server.
     Tail(logs::TailArgs),
     /// Re-queue a failed or cancelled task with a fresh attempt budget.
     Retry(control::IdArgs),

@@ -176,7 +176,7 @@ impl Ring {
                 let from = have.max(p.off);
                 let n = ((end - from) as usize).min(max);
                 let i = at + (from - p.off) as usize;
-                let bytes: Vec<u8> = self.buf.range(i..i + n).copied().collect();
+                let bytes = copy_range(&self.buf, i, n);
                 // A cursor inside this piece only if it had everything before it.
                 let skipped = from - have;
                 if skipped > 0 {
@@ -191,6 +191,21 @@ impl Ring {
             end: self.end.clone(),
         }
     }
+}
+
+/// `n` bytes of `buf` from `i`, copied slice by slice (the ring's two halves).
+fn copy_range(buf: &VecDeque<u8>, i: usize, n: usize) -> Vec<u8> {
+    let (a, b) = buf.as_slices();
+    let mut out = Vec::with_capacity(n);
+    if i < a.len() {
+        let end = (i + n).min(a.len());
+        out.extend_from_slice(&a[i..end]);
+        out.extend_from_slice(&b[..n - (end - i)]);
+    } else {
+        let j = i - a.len();
+        out.extend_from_slice(&b[j..j + n]);
+    }
+    out
 }
 
 /// The live output of one attempt.
@@ -491,6 +506,20 @@ mod tests {
         }
         assert_eq!(bytes, RING_BYTES as u64);
         assert_eq!(cur, out.total());
+    }
+
+    #[test]
+    fn a_range_is_copied_across_the_two_halves_of_the_ring() {
+        let mut buf: VecDeque<u8> = VecDeque::with_capacity(8);
+        buf.extend(b"xxxxxx");
+        buf.drain(..4);
+        buf.extend(b"abcdef"); // wraps around
+        let want: Vec<u8> = buf.iter().copied().collect();
+        for i in 0..want.len() {
+            for n in 0..=(want.len() - i) {
+                assert_eq!(copy_range(&buf, i, n), want[i..i + n], "{i}+{n}");
+            }
+        }
     }
 
     #[test]
