@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::model::{
-    AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
 
 /// What went wrong inside the broker. A failing *task* is never a `BrokerError`.
@@ -104,7 +104,7 @@ pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 pub struct Lease {
     pub task: TaskId,
     pub token: i64,
-    pub node: String,
+    pub node: NodeId,
 }
 
 /// A task handed to a node to run.
@@ -164,7 +164,7 @@ pub enum CancelOutcome {
 pub struct Orphan {
     pub task: TaskId,
     pub queue: QueueName,
-    pub node: Option<String>,
+    pub node: Option<NodeId>,
     pub pid: Option<i32>,
     pub pid_start: Option<u64>,
 }
@@ -268,7 +268,7 @@ pub struct Wakeups {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node id a daemon claims with (`host:pid`).
-    pub id: String,
+    pub id: NodeId,
     pub host: String,
     pub pid: u32,
     /// The queues it serves.
@@ -315,7 +315,7 @@ pub trait Broker: Send + Sync + 'static {
     /// gets a new lease token.
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -326,7 +326,7 @@ pub trait Broker: Send + Sync + 'static {
     /// results being written). The same contract otherwise.
     async fn claim_ahead(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -396,7 +396,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn count_state(&self, state: TaskState) -> Result<u64>;
 
     /// Running or reserved tasks held by `node` that an operator asked to cancel.
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>>;
 
     /// Mark held tasks whose process is known to have started (from a node's own start log)
     /// as `running`, so that [`Broker::recover`] records their run as `lost`. Tasks not held
@@ -426,7 +426,7 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Remove a node's record (a clean stop).
-    async fn leave(&self, _node: &str) -> Result<()> {
+    async fn leave(&self, _node: &NodeId) -> Result<()> {
         Ok(())
     }
 
