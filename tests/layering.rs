@@ -18,7 +18,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("control", &[]),
     // The doubling delay of every wait-and-retry loop: arithmetic only.
     ("backoff", &[]),
-    ("config", &["model"]),
+    // Slot arithmetic of schedules (cron, every, zones): pure, below the config.
+    ("slots", &["model"]),
+    ("config", &["model", "slots"]),
     ("submission", &["model", "config"]),
     ("broker", &["model", "config", "backoff"]),
     ("metrics", &["model", "broker"]),

@@ -22,6 +22,7 @@
 mod limits;
 mod program;
 mod queue;
+mod schedule;
 mod syntax;
 mod taskd;
 mod values;
@@ -39,6 +40,7 @@ use super::{defaults, BrokerUrl, Config, Diagnostic};
 
 pub(super) use limits::nr_open;
 pub(super) use queue::{Account, BackoffLayer};
+pub(super) use schedule::ScheduleLayer;
 pub(super) use taskd::TaskdLayer;
 
 type Span = Option<Range<usize>>;
@@ -206,6 +208,7 @@ enum Section {
     Queue,
     Backoff,
     Limits,
+    Schedule,
 }
 
 /// Where a value was written: its span and dotted key, for an error found after the value
@@ -296,6 +299,7 @@ impl Cx<'_> {
         let mut taskd = TaskdLayer::default();
         let mut defaults_layer = None;
         let mut queue_tables = Vec::new();
+        let mut schedule_tables = Vec::new();
         for e in entries(root, "") {
             match e.name {
                 "taskd" => {
@@ -320,6 +324,11 @@ impl Cx<'_> {
                         queue_tables = entries(t, &e.path);
                     }
                 }
+                "schedules" => {
+                    if let Some(t) = self.table(&e, "[schedules.NAME] tables") {
+                        schedule_tables = entries(t, &e.path);
+                    }
+                }
                 _ => self.unknown_key(&e, Section::Root, "at the top level", keys::ROOT),
             }
         }
@@ -339,6 +348,10 @@ impl Cx<'_> {
                 queues.insert(q.name.clone(), q);
             }
         }
+
+        let max_payload = taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD);
+        let queues_broken = queues.len() < queue_tables.len();
+        let schedules = self.schedules(&schedule_tables, &queues, max_payload, queues_broken);
 
         let state_dir = taskd.state_dir.unwrap_or_else(|| {
             let from_systemd = state_directory.and_then(|v| {
@@ -377,9 +390,10 @@ impl Cx<'_> {
             token: taskd.token,
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
-            max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
+            max_payload,
             log_tasks: taskd.log_tasks.unwrap_or_default(),
             queues,
+            schedules,
         }
     }
 }
