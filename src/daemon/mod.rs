@@ -43,6 +43,7 @@ mod cluster;
 mod recovery;
 mod reload;
 pub mod setup;
+mod stats;
 mod status;
 pub mod storelock;
 mod watch;
@@ -278,6 +279,7 @@ pub async fn run(
         store_file,
         lease,
     ));
+    let stats = stats::StatsWriter::start(broker.clone(), metrics.clone());
     let api = AppState::new(broker.clone(), config.clone(), metrics).with_control(requests_tx);
     reload::fit_api(&api, &config);
     let api_stop = CancellationToken::new();
@@ -291,6 +293,7 @@ pub async fn run(
         background,
         api_stop,
         api_done,
+        stats: Some(stats),
     };
     daemon.ready();
     let now = controls.handle.now.clone();
@@ -482,6 +485,8 @@ struct Running {
     api_stop: CancellationToken,
     /// Answers once the API's thread has stopped serving.
     api_done: Option<oneshot::Receiver<()>>,
+    /// Writes the dashboard's counters to the broker; the last ones after the drain.
+    stats: Option<stats::StatsWriter>,
 }
 
 impl Running {
@@ -579,6 +584,9 @@ impl Running {
             self.supervisor.snapshot().running
         ));
         self.supervisor.drain(self.config.shutdown_grace, now).await;
+        if let Some(stats) = self.stats.take() {
+            stats.finish().await;
+        }
         self.api_stop.cancel();
         if let Some(done) = self.api_done.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
