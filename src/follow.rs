@@ -319,7 +319,7 @@ fn stored_run(d: &TaskDetail, run: u32) -> Vec<OutputEvent> {
         queue: t.queue.clone(),
         run: Some(run),
         attempt: a.number,
-        node: Some(a.node.clone()),
+        node: Some(a.node.to_string()),
         started_at: a.started_at,
         live: false,
     }];
@@ -560,7 +560,7 @@ impl TaskFollow {
                     let ended = |rec: &AttemptRecord| {
                         live.as_ref().and_then(|l| {
                             l.ended(self.task).into_iter().find(|o| {
-                                o.node == rec.node
+                                o.node == rec.node.as_str()
                                     && o.attempt == rec.number
                                     && o.end().is_some_and(|e| e.started_at == rec.started_at)
                             })

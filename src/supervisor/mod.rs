@@ -36,7 +36,7 @@ use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups
 use crate::config::{Config, LogTasks};
 use crate::executor::live::{EndInfo, Live, LiveOutput};
 use crate::executor::{self, Stop};
-use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
+use crate::model::{now_ms, AttemptReason, AttemptRecord, NodeId, QueueName, TaskId};
 use crate::worker;
 use prepare::Prepared;
 
@@ -156,7 +156,7 @@ pub struct Snapshot {
 
 pub struct Supervisor {
     broker: Arc<dyn Broker>,
-    node: String,
+    node: NodeId,
     queues: Mutex<HashMap<QueueName, Arc<QueueRt>>>,
     /// Every task this node holds a lease on: claimed and waiting in a queue's `held`
     /// buffer, or running. Renewed together; cancelled through their tokens. Taken after a
@@ -195,7 +195,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         broker: Arc<dyn Broker>,
-        node: String,
+        node: NodeId,
         start_log: startlog::StartLog,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
@@ -256,7 +256,7 @@ impl Supervisor {
         names
     }
 
-    pub fn node(&self) -> &str {
+    pub fn node(&self) -> &NodeId {
         &self.node
     }
 
@@ -740,7 +740,9 @@ impl Supervisor {
                 let began = std::time::Instant::now();
                 self.metrics.started(&q.name);
                 // Registered before the process starts: a follower sees its first byte.
-                let out = self.live.start(c.task.id, &q.name, c.attempt, &self.node);
+                let out = self
+                    .live
+                    .start(c.task.id, &q.name, c.attempt, self.node.as_str());
                 live = Some(out.clone());
                 let outcome = match spec {
                     Run::Exec(mut spec) => {
@@ -786,7 +788,9 @@ impl Supervisor {
                 Finish::Cancelled => O::Cancelled,
                 Finish::Requeue | Finish::Release => O::Requeued,
             };
-            self.metrics.finished(&q.name, outcome, ran);
+            let waited = ran
+                .map(|_| Duration::from_millis((record.started_at - c.task.run_at).max(0) as u64));
+            self.metrics.finished(&q.name, outcome, ran, waited);
         }
         // Queue the result first, then give the slot to the next task: its start is recorded
         // after this result (the broker's rule 6), so the store never shows more tasks
