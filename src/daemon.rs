@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Action, Actor, AuditEntry};
 use crate::backoff::Doubling;
 use crate::broker::Recover;
 use crate::config::{Config, ConfigError};
@@ -515,6 +516,7 @@ pub async fn serve(
             ),
         )
     })?;
+    let mut recovered = 0;
     if shared {
         // Other nodes hold leases too: never `Recover::All`. This node's own tasks from
         // before a crash are taken back when their leases expire (by any node); what is left
@@ -537,6 +539,7 @@ pub async fn serve(
         let orphans = broker
             .recover(Recover::All, "the daemon running this task went away (crash or kill); queued again, attempt not charged")
             .await?;
+        recovered = orphans.len();
         let killed = kill_orphans(&orphans);
         if !orphans.is_empty() {
             tracing::warn!(
@@ -571,7 +574,7 @@ pub async fn serve(
     let api = api_listener.map(|listener| {
         match listener.local_addr() {
             Ok(a) => tracing::info!(
-                token = config.token.is_some(),
+                tokens = config.tokens.len(),
                 "API listening on http://{a} (dashboard at /, metrics at /metrics)"
             ),
             Err(e) => tracing::warn!(error = %e, "API listening on an unknown address"),
@@ -610,6 +613,20 @@ pub async fn serve(
     let notifier = Arc::new(Notifier::from_env());
     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
     tracing::info!("ready");
+    {
+        let start = AuditEntry::new(Actor::daemon(), Action::Start).ok(format!(
+            "taskd {} started on {} ({} queues{})",
+            env!("CARGO_PKG_VERSION"),
+            supervisor.node(),
+            config.queues.len(),
+            if recovered > 0 {
+                format!("; {recovered} tasks a previous daemon left running were queued again")
+            } else {
+                String::new()
+            }
+        ));
+        spawn_record(broker.clone(), config.audit_keep, start, None);
+    }
     // STATUS= for `systemctl status`, and WATCHDOG=1 when the unit sets WatchdogSec=: sent
     // from this runtime, so a wedged runtime stops the pings.
     let pinger = {
@@ -651,16 +668,17 @@ pub async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut config = config;
-    loop {
+    let stopped_by = loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break "SIGTERM"; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break "SIGINT"; }
             _ = hup.recv() => {
                 notifier.reloading();
-                reload(&path, &mut config, &supervisor, "SIGHUP");
+                let answer = reload(&path, &mut config, &supervisor, "SIGHUP");
                 fit_api(&api_state, &config);
                 api_state.set_config(config.clone());
                 notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
+                spawn_record(broker.clone(), config.audit_keep, reload_entry(Actor::signal("SIGHUP"), &answer), None);
             }
             _ = usr1.recv() => match &log_file {
                 Some(f) => match f.reopen() {
@@ -669,28 +687,43 @@ pub async fn serve(
                 },
                 None => tracing::info!("SIGUSR1: logging to stderr, nothing to reopen"),
             },
-            Some((req, reply)) = control_rx.recv() => match req {
+            Some(crate::control::Incoming { request, who, reply }) = control_rx.recv() => match request {
                 crate::control::Request::Reload => {
                     notifier.reloading();
-                    let answer = reload(&path, &mut config, &supervisor, "taskd reload");
+                    let answer = reload(&path, &mut config, &supervisor, &format!("taskd reload ({who})"));
                     fit_api(&api_state, &config);
                     api_state.set_config(config.clone());
                     notifier.send(&format!("READY=1\nSTATUS={}", status_line(&supervisor)));
-                    let _ = reply.send(answer);
+                    let entry = reload_entry(who, &answer);
+                    spawn_record(broker.clone(), config.audit_keep, entry, Some((reply, answer)));
                 }
                 crate::control::Request::Restart { queue } => {
+                    let mut entry = AuditEntry::new(who, Action::Restart);
+                    if let Ok(q) = queue.parse() {
+                        entry = entry.queue(q);
+                    }
                     let answer = match supervisor.restart_workers(&queue) {
                         Ok(what) => {
-                            tracing::info!(queue = %queue, "restart requested: {what}");
+                            tracing::info!(queue = %queue, who = %entry.actor, "restart requested: {what}");
+                            entry = entry.ok(what.clone());
                             ReloadReply { ok: true, changes: vec![what], errors: Vec::new() }
                         }
-                        Err(why) => ReloadReply { ok: false, changes: Vec::new(), errors: vec![why] },
+                        Err(why) => {
+                            entry = entry.refused(why.clone());
+                            ReloadReply { ok: false, changes: Vec::new(), errors: vec![why] }
+                        }
                     };
-                    let _ = reply.send(answer);
+                    spawn_record(broker.clone(), config.audit_keep, entry, Some((reply, answer)));
                 }
             },
         }
-    }
+    };
+    let stop = AuditEntry::new(Actor::signal(stopped_by), Action::Stop).ok(format!(
+        "draining: {} tasks running get shutdown_grace ({}) to finish",
+        supervisor.snapshot().running,
+        humantime::format_duration(config.shutdown_grace)
+    ));
+    record(broker.as_ref(), config.audit_keep, &stop, Duration::from_secs(2)).await;
 
     // The API answers 503 from now on, and stops once the drain is over.
     api_state.draining.cancel();
@@ -740,6 +773,65 @@ pub async fn serve(
     crate::executor::reap_orphans();
     tracing::info!("stopped");
     Ok(exit::OK)
+}
+
+/// Writes an audit record, waiting at most `wait` (a broker that does not answer must not
+/// hold up a stop); a record that cannot be written is logged at warn with what it said.
+async fn record(
+    broker: &dyn crate::broker::Broker,
+    keep: usize,
+    entry: &AuditEntry,
+    wait: Duration,
+) {
+    let failed = match tokio::time::timeout(wait, broker.audit(entry, keep)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("the broker did not answer within {}", humantime::format_duration(wait)),
+    };
+    tracing::warn!(
+        action = %entry.action,
+        who = %entry.actor,
+        target = %entry.target(),
+        outcome = %entry.outcome,
+        detail = %entry.detail,
+        "could not write the audit record: {failed}"
+    );
+}
+
+/// Writes an audit record beside the main loop (which must go on answering signals while
+/// the broker takes it); then sends `reply`'s answer, so that whoever asked finds the
+/// record once answered.
+fn spawn_record(
+    broker: Arc<dyn crate::broker::Broker>,
+    keep: usize,
+    entry: AuditEntry,
+    reply: Option<(tokio::sync::oneshot::Sender<ReloadReply>, ReloadReply)>,
+) {
+    tokio::spawn(async move {
+        record(broker.as_ref(), keep, &entry, Duration::from_secs(30)).await;
+        if let Some((tx, answer)) = reply {
+            let _ = tx.send(answer);
+        }
+    });
+}
+
+/// The audit record of a reload: what changed, or why the new config was refused.
+fn reload_entry(who: Actor, answer: &ReloadReply) -> AuditEntry {
+    let e = AuditEntry::new(who, Action::Reload);
+    if answer.ok {
+        if answer.changes.is_empty() {
+            e.ok("nothing changed")
+        } else {
+            e.ok(answer.changes.join("; "))
+        }
+    } else {
+        let n = answer.errors.len();
+        e.refused(format!(
+            "the new config is invalid ({n} error{}; the old one stays): {}",
+            if n == 1 { "" } else { "s" },
+            answer.errors.first().map(String::as_str).unwrap_or("")
+        ))
+    }
 }
 
 /// What the daemon's process needs before it runs tasks: the descriptors it inherited
@@ -793,6 +885,24 @@ async fn full_status(s: &Supervisor, broker: &dyn crate::broker::Broker) -> Stri
     }
 }
 
+/// What a reload changed about the API's tokens, by name (never a secret).
+fn token_changes(old: &[crate::config::ApiToken], new: &[crate::config::ApiToken]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in new {
+        match old.iter().find(|o| o.name == t.name) {
+            None => out.push(format!("API token `{}` added", t.name)),
+            Some(o) if o.secret != t.secret => out.push(format!("API token `{}` changed", t.name)),
+            Some(_) => {}
+        }
+    }
+    for o in old {
+        if !new.iter().any(|t| t.name == o.name) {
+            out.push(format!("API token `{}` removed", o.name));
+        }
+    }
+    out
+}
+
 fn reload(
     path: &Path,
     current: &mut Config,
@@ -820,13 +930,18 @@ fn reload(
             current.queues = new.queues;
             current.shutdown_grace = new.shutdown_grace;
             current.max_payload = new.max_payload;
+            if new.audit_keep != current.audit_keep {
+                changes.push(format!(
+                    "audit_keep {} → {}",
+                    current.audit_keep, new.audit_keep
+                ));
+            }
+            current.audit_keep = new.audit_keep;
             if new.listen != current.listen {
                 changes.push("`listen` changes need a restart; kept the old address".to_string());
             }
-            if new.token != current.token {
-                changes.push("API token changed".to_string());
-            }
-            current.token = new.token;
+            changes.extend(token_changes(&current.tokens, &new.tokens));
+            current.tokens = new.tokens;
             tracing::info!(changes = ?changes, "{why}: config reloaded from {}", path.display());
             ReloadReply {
                 ok: true,

@@ -26,8 +26,11 @@
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 //! - [`backoff`]: the doubling delays of every loop that waits and tries again.
 //! - [`view`]: the JSON shapes the API and the CLI's `--json` share, defined once.
+//! - [`audit`]: the audit trail's records (who changed what, how it went) and how a caller
+//!   is identified; the broker keeps the trail.
 
 pub mod api;
+pub mod audit;
 pub mod backoff;
 pub mod broker;
 pub mod cli;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Action, Actor, AuditRecord, Outcome};
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
 use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
 use crate::worker::status::WorkerInfo;
@@ -151,4 +152,57 @@ pub struct RestartView {
     pub restarting: bool,
     /// What restarts ("queue w: restarting 2 workers one at a time, …").
     pub message: String,
+}
+
+/// One record of the audit trail (`GET /api/v1/audit`, `taskd audit --json`): the entry as
+/// recorded, plus `who` and `target` as people read them (what `taskd audit` prints).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Opaque; the cursor for records older than this one.
+    pub id: String,
+    /// When the store took the record, ms since the epoch (the store's clock).
+    pub at: UnixMs,
+    /// Who, for people: `local cli uid 1000 (alice)`, `api token "ci" from 10.0.0.5:41234`.
+    pub who: String,
+    pub actor: Actor,
+    pub action: Action,
+    /// The target, for people: `task ID (queue Q)`, `queue Q`, `queue=q state=failed (12
+    /// tasks)`, or `-`.
+    pub target: String,
+    pub task: Option<TaskId>,
+    pub queue: Option<QueueName>,
+    /// A bulk operation's filter.
+    pub filter: Option<BTreeMap<String, String>>,
+    /// A bulk operation: how many tasks it changed.
+    pub count: Option<u64>,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+impl From<AuditRecord> for AuditView {
+    fn from(r: AuditRecord) -> AuditView {
+        let e = r.entry;
+        AuditView {
+            id: r.id,
+            at: r.at,
+            who: e.actor.describe(),
+            target: e.target(),
+            actor: e.actor,
+            action: e.action,
+            task: e.task,
+            queue: e.queue,
+            filter: e.filter,
+            count: e.count,
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
+}
+
+/// `GET /api/v1/audit`: a page of the trail, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub records: Vec<AuditView>,
+    /// The id of the page's last record, when older ones follow: pass it as `cursor`.
+    pub next_cursor: Option<String>,
 }

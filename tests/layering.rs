@@ -15,16 +15,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("exit", &[]),
     ("notify", &[]),
-    ("control", &[]),
+    // A request carries who sent it (the socket peer's uid), for the audit trail.
+    ("control", &["audit"]),
     // The doubling delay of every wait-and-retry loop: arithmetic only.
     ("backoff", &[]),
+    // The audit trail's records and how a caller is identified: plain data over the model
+    // (the broker stores the records, callers build them).
+    ("audit", &["model"]),
     ("config", &["model"]),
     ("submission", &["model", "config"]),
-    ("broker", &["model", "config", "backoff"]),
+    ("broker", &["model", "config", "backoff", "audit"]),
     ("metrics", &["model", "broker"]),
     // The JSON shapes the API and the CLI share: records of the model, the broker's rows
     // and nodes, and a worker's `workers.json` record (the reader, not the rest of `worker`).
-    ("view", &["model", "broker", "worker::status"]),
+    ("view", &["model", "broker", "worker::status", "audit"]),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
@@ -50,6 +54,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "view",
             // Requests only the daemon carries out (restart), as `taskd restart` sends them.
             "control",
+            // Who made each change, for the audit trail.
+            "audit",
         ],
     ),
     (
@@ -66,6 +72,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "notify",
             "exit",
             "backoff",
+            "audit",
         ],
     ),
     (
@@ -81,6 +88,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "worker::status",
             "backoff",
             "view",
+            "audit",
         ],
     ),
 ];

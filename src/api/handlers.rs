@@ -2,7 +2,7 @@
 //! errors are [`ApiError`]s.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -11,8 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{enqueue as parse, AppState, BATCH_BODY_EXTRA};
-use crate::broker::ListFilter;
+use super::{audit, enqueue as parse, AppState, BATCH_BODY_EXTRA};
+use crate::audit::{Action, Actor, AuditEntry};
+use crate::broker::{BrokerError, ListFilter};
 use crate::config::{Config, QueueConfig};
 use crate::model::{QueueName, TaskId, TaskRecord, TaskState};
 use crate::view;
@@ -330,33 +331,106 @@ pub async fn list_tasks(
     }
 }
 
+/// The audit record of a change to task `id` the broker refused (no such task, a state the
+/// action does not apply to), with the task's queue when it exists; `None` for a failure
+/// of the store itself, which could not take a record either.
+async fn refusal(
+    state: &AppState,
+    entry: AuditEntry,
+    id: TaskId,
+    e: &BrokerError,
+) -> Option<AuditEntry> {
+    if !matches!(e, BrokerError::NotFound(_) | BrokerError::Conflict(_)) {
+        return None;
+    }
+    let queue = match state.broker.get(id).await {
+        Ok(Some(d)) => Some(d.task.queue),
+        _ => None,
+    };
+    let entry = entry.refused(e.to_string());
+    Some(match queue {
+        Some(q) => entry.queue(q),
+        None => entry,
+    })
+}
+
 pub async fn retry(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>, ApiError> {
     let id = parse_id(&id)?;
-    state.broker(state.broker.retry(id).await)?;
-    Ok(Json(record(&state, id).await?))
+    let entry = AuditEntry::new(who, Action::Retry).task(id);
+    if let Err(e) = state.broker.retry(id).await {
+        if let Some(refused) = refusal(&state, entry, id, &e).await {
+            audit::record(&state, refused).await;
+        }
+        return Err(state.broker_error(e));
+    }
+    let task = record(&state, id).await;
+    let entry = entry.ok("queued again with a fresh attempt budget");
+    audit::record(
+        &state,
+        match &task {
+            Ok(t) => entry.queue(t.queue.clone()),
+            Err(_) => entry,
+        },
+    )
+    .await;
+    Ok(Json(task?))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<view::CancelView>, ApiError> {
     let id = parse_id(&id)?;
-    let outcome = state.broker(state.broker.cancel(id).await)?;
-    let task = record(&state, id).await?;
-    Ok(Json(view::CancelView { outcome, task }))
+    let entry = AuditEntry::new(who, Action::Cancel).task(id);
+    let outcome = match state.broker.cancel(id).await {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(refused) = refusal(&state, entry, id, &e).await {
+                audit::record(&state, refused).await;
+            }
+            return Err(state.broker_error(e));
+        }
+    };
+    let task = record(&state, id).await;
+    let entry = outcome.audited(entry);
+    audit::record(
+        &state,
+        match &task {
+            Ok(t) => entry.queue(t.queue.clone()),
+            Err(_) => entry,
+        },
+    )
+    .await;
+    Ok(Json(view::CancelView {
+        outcome,
+        task: task?,
+    }))
 }
 
 async fn set_paused(
     state: &AppState,
+    who: Actor,
     queue: &str,
     paused: bool,
 ) -> Result<Json<view::PauseView>, ApiError> {
     let config = state.config();
     let q = find_queue(&config, queue)?;
     state.broker(state.broker.set_paused(&q.name, paused).await)?;
+    let (action, detail) = if paused {
+        (Action::Pause, "paused: no task starts until it is resumed")
+    } else {
+        (Action::Resume, "resumed")
+    };
+    audit::record(
+        state,
+        AuditEntry::new(who, action).queue(q.name.clone()).ok(detail),
+    )
+    .await;
     Ok(Json(view::PauseView {
         queue: q.name.clone(),
         paused,
@@ -365,22 +439,26 @@ async fn set_paused(
 
 pub async fn pause(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
-    set_paused(&state, &queue, true).await
+    set_paused(&state, who, &queue, true).await
 }
 
 pub async fn resume(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
-    set_paused(&state, &queue, false).await
+    set_paused(&state, who, &queue, false).await
 }
 
 /// Restarts a `worker` queue's long-lived workers one at a time (as `taskd restart`): 202
-/// with what restarts; 404 for an unknown queue, 409 for a queue without workers.
+/// with what restarts; 404 for an unknown queue, 409 for a queue without workers. The
+/// daemon records it in the audit trail, as it does a restart asked on its socket.
 pub async fn restart(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = state.config();
@@ -393,9 +471,12 @@ pub async fn restart(
         ));
     }
     let reply = state
-        .ask_daemon(crate::control::Request::Restart {
-            queue: q.name.to_string(),
-        })
+        .ask_daemon(
+            crate::control::Request::Restart {
+                queue: q.name.to_string(),
+            },
+            who,
+        )
         .await
         .ok_or_else(|| {
             ApiError::new(

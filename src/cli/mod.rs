@@ -4,6 +4,7 @@
 //! it, so it works while no daemon runs. They see `model`, `config` and the broker trait,
 //! never supervisor internals. Errors carry their exit code (see [`exit`]).
 
+mod audit;
 mod check;
 mod control;
 mod generate;
@@ -83,6 +84,11 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The audit trail: who cancelled, retried, paused, resumed, restarted or reloaded
+    /// what, and when (from the CLI: the Unix user; the control socket: the peer's uid; the
+    /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
+    /// The newest N records, newest last (--reverse: newest first).
+    Audit(audit::AuditArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -137,6 +143,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Audit(a) => audit::run(config, a).await,
     }
 }
 
