@@ -185,13 +185,13 @@ impl Actor {
                     None => token,
                 }
             }
-            Via::Signal => format!(
-                "signal {}",
-                self.signal.as_deref().unwrap_or("(unknown)")
-            ),
+            Via::Signal => format!("signal {}", self.signal.as_deref().unwrap_or("(unknown)")),
         };
         if self.login_uid.is_some() {
-            s.push_str(&format!(", login {}", user(self.login_uid, &self.login_user)));
+            s.push_str(&format!(
+                ", login {}",
+                user(self.login_uid, &self.login_user)
+            ));
         }
         if let (Some(h), false) = (&self.host, self.via == Via::Api) {
             s.push_str(&format!(" on {h}"));
@@ -504,15 +504,15 @@ mod tests {
             login_user: Some("alice".into()),
             ..Actor::blank(Via::Socket)
         };
-        assert_eq!(sudo.describe(), "socket uid 0 (root), login uid 1000 (alice)");
+        assert_eq!(
+            sudo.describe(),
+            "socket uid 0 (root), login uid 1000 (alice)"
+        );
         assert_eq!(
             Actor::api(Some("ci".into()), Some("10.0.0.5:41234".into())).describe(),
             "api token \"ci\" from 10.0.0.5:41234"
         );
-        assert_eq!(
-            Actor::api(None, None).describe(),
-            "api without a token"
-        );
+        assert_eq!(Actor::api(None, None).describe(), "api without a token");
         let mut hup = Actor::signal("SIGHUP");
         hup.host = Some("web-1".into());
         assert_eq!(hup.describe(), "signal SIGHUP on web-1");
@@ -532,7 +532,8 @@ mod tests {
             a.target(),
             "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)"
         );
-        let q = AuditEntry::new(Actor::blank(Via::Cli), Action::Pause).queue("emails".parse().unwrap());
+        let q =
+            AuditEntry::new(Actor::blank(Via::Cli), Action::Pause).queue("emails".parse().unwrap());
         assert_eq!(q.target(), "queue emails");
         let bulk = AuditEntry::bulk(
             Actor::blank(Via::Cli),
@@ -545,7 +546,10 @@ mod tests {
         );
         assert_eq!(bulk.target(), "queue=emails state=failed (12 tasks)");
         assert_eq!(bulk.queue.as_ref().map(|q| q.as_str()), Some("emails"));
-        assert_eq!(AuditEntry::new(Actor::blank(Via::Cli), Action::Reload).target(), "-");
+        assert_eq!(
+            AuditEntry::new(Actor::blank(Via::Cli), Action::Reload).target(),
+            "-"
+        );
     }
 
     #[test]

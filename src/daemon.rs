@@ -723,7 +723,13 @@ pub async fn serve(
         supervisor.snapshot().running,
         humantime::format_duration(config.shutdown_grace)
     ));
-    record(broker.as_ref(), config.audit_keep, &stop, Duration::from_secs(2)).await;
+    record(
+        broker.as_ref(),
+        config.audit_keep,
+        &stop,
+        Duration::from_secs(2),
+    )
+    .await;
 
     // The API answers 503 from now on, and stops once the drain is over.
     api_state.draining.cancel();
@@ -786,7 +792,10 @@ async fn record(
     let failed = match tokio::time::timeout(wait, broker.audit(entry, keep)).await {
         Ok(Ok(())) => return,
         Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("the broker did not answer within {}", humantime::format_duration(wait)),
+        Err(_) => format!(
+            "the broker did not answer within {}",
+            humantime::format_duration(wait)
+        ),
     };
     tracing::warn!(
         action = %entry.action,

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::audit::{Action, Actor, AuditEntry, AuditFilter, Outcome, Via};
 use taskd::broker::memory::MemoryBroker;
 #[cfg(feature = "redis")]
 use taskd::broker::redis::RedisBroker;
@@ -34,7 +35,6 @@ use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
     Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, QueueCounts, Recover,
 };
-use taskd::audit::{Action, Actor, AuditEntry, AuditFilter, Outcome, Via};
 use taskd::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskState,
 };
@@ -2602,7 +2602,9 @@ pub mod cases {
 
     /// Every record in the trail, newest first.
     async fn trail(b: &B) -> Vec<taskd::audit::AuditRecord> {
-        b.audit_log(&AuditFilter::default()).await.expect("audit_log")
+        b.audit_log(&AuditFilter::default())
+            .await
+            .expect("audit_log")
     }
 
     pub async fn audit_appends_one_record_per_call_newest_first(b: B, g: G) {
@@ -2667,12 +2669,18 @@ pub mod cases {
         };
         assert_eq!(details(trail(&b).await), ["n6", "n5", "n4"], "the newest 3");
         // A larger bound keeps what is there and grows; a smaller one trims at once.
-        b.audit(&entry(Action::Resume, "n7"), 10).await.expect("audit");
+        b.audit(&entry(Action::Resume, "n7"), 10)
+            .await
+            .expect("audit");
         assert_eq!(details(trail(&b).await), ["n7", "n6", "n5", "n4"]);
-        b.audit(&entry(Action::Resume, "n8"), 2).await.expect("audit");
+        b.audit(&entry(Action::Resume, "n8"), 2)
+            .await
+            .expect("audit");
         assert_eq!(details(trail(&b).await), ["n8", "n7"]);
         // `keep` 0 is taken as 1: a record is never dropped by its own call.
-        b.audit(&entry(Action::Resume, "n9"), 0).await.expect("audit");
+        b.audit(&entry(Action::Resume, "n9"), 0)
+            .await
+            .expect("audit");
         assert_eq!(details(trail(&b).await), ["n9"]);
     }
 
@@ -3300,11 +3308,9 @@ mod sqlite_specific {
         drop(b);
         let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
         let row: (String, String, String, String) = conn
-            .query_row(
-                "SELECT action, task, queue, outcome FROM audit",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            .query_row("SELECT action, task, queue, outcome FROM audit", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .expect("one audit row");
         assert_eq!(
             row,

@@ -428,7 +428,9 @@ async fn set_paused(
     };
     audit::record(
         state,
-        AuditEntry::new(who, action).queue(q.name.clone()).ok(detail),
+        AuditEntry::new(who, action)
+            .queue(q.name.clone())
+            .ok(detail),
     )
     .await;
     Ok(Json(view::PauseView {

@@ -338,7 +338,9 @@ impl Refusals {
     fn note(&self, method: &Method, path: &str, peer: Option<SocketAddr>, code: &str) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if s.0.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        if s.0
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             s.1 += 1;
             return;
         }
@@ -495,17 +497,18 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
-            let app = app.clone();
-            let busy = busy.clone();
-            busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            async move {
-                let r = tower::ServiceExt::oneshot(app, req).await;
-                busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                r
-            }
-        });
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                let app = app.clone();
+                let busy = busy.clone();
+                busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                async move {
+                    let r = tower::ServiceExt::oneshot(app, req).await;
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    r
+                }
+            });
         let stop = stop.clone();
         let open = open.clone();
         conns.spawn(async move {

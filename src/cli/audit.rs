@@ -68,24 +68,28 @@ pub async fn run(flag: Option<PathBuf>, args: AuditArgs) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     if records.is_empty() {
-        println!("no audit records{}", match &args.since {
-            Some(s) => format!(" since {s}"),
-            None => String::new(),
-        });
+        println!(
+            "no audit records{}",
+            match &args.since {
+                Some(s) => format!(" since {s}"),
+                None => String::new(),
+            }
+        );
         return Ok(exit::OK);
     }
     println!("{}", table(&records));
     Ok(exit::OK)
 }
 
-/// The records as people read them: one row each, the detail cut at 80 characters.
+/// The records as people read them: one row each, the detail on one line (a refused
+/// reload's diagnostic has its fix on a second) and cut at 80 characters.
 fn table(records: &[AuditView]) -> Table {
     let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "time", "who", "action", "target", "outcome", "detail",
-    ]);
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(vec!["time", "who", "action", "target", "outcome", "detail"]);
     for r in records {
-        let mut detail = r.detail.clone();
+        let mut detail = r.detail.split_whitespace().collect::<Vec<_>>().join(" ");
         if detail.chars().count() > 80 {
             detail = format!("{}…", detail.chars().take(79).collect::<String>());
         }
@@ -127,7 +131,10 @@ fn fetch_remote(
         let page: AuditPage = serde_json::from_value(v).map_err(|e| {
             Failure::new(
                 exit::FAILURE,
-                format!("{}{path}: not a page of the audit trail: {e}", remote.base()),
+                format!(
+                    "{}{path}: not a page of the audit trail: {e}",
+                    remote.base()
+                ),
             )
         })?;
         out.extend(page.records);

@@ -1068,12 +1068,15 @@ fn named_tokens_in_both_forms() {
         assert_eq!(c.token_name("dash-token-0123456789abcdef"), Some("dash.v2"));
         assert_eq!(c.token_name("ci-token-0123456789abcde"), None);
         assert_eq!(c.audit_keep, defaults::AUDIT_KEEP);
-        assert!(!format!("{c:?}").contains("ci-token"), "Debug shows a token");
+        assert!(
+            !format!("{c:?}").contains("ci-token"),
+            "Debug shows a token"
+        );
     }
     // Named tokens alone are enough for a non-loopback listen.
-    let c = ok(&format!(
-        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntokens = [{{ name = \"ci\", token = \"inline-token-0123456789\" }}]\n"
-    ));
+    let c = ok(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntokens = [{ name = \"ci\", token = \"inline-token-0123456789\" }]\n",
+    );
     assert_eq!(c.token_name("inline-token-0123456789"), Some("ci"));
     let c = ok("[taskd]\naudit_keep = 5\n");
     assert_eq!(c.audit_keep, 5);

@@ -1203,7 +1203,9 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .find(|(k, _)| k == "r")
                     .map(|(_, v)| v)
-                    .ok_or_else(|| BrokerError::Storage(format!("{AUDIT}: entry {id} has no `r`")))?;
+                    .ok_or_else(|| {
+                        BrokerError::Storage(format!("{AUDIT}: entry {id} has no `r`"))
+                    })?;
                 let entry = serde_json::from_str(&json).map_err(|e| {
                     BrokerError::Storage(format!("{AUDIT}: entry {id} cannot be read: {e}"))
                 })?;

@@ -71,7 +71,8 @@ impl Cx<'_> {
                 Some(key) => {
                     // (`tokens = []` names no token.)
                     out.token_written |= matches!(e.name, "token" | "token_file")
-                        || (e.name == "tokens" && e.item.as_array().map_or(true, |a| !a.is_empty()));
+                        || (e.name == "tokens"
+                            && e.item.as_array().map_or(true, |a| !a.is_empty()));
                     (key.read)(self, &e, &mut out);
                 }
                 None => {
@@ -99,7 +100,11 @@ impl Cx<'_> {
             let Some(first) = all[..i].iter().find(|b| b.name == a.name) else {
                 continue;
             };
-            let (line, _) = first.name_at.0.clone().map_or((0, 0), |s| self.position(s.start));
+            let (line, _) = first
+                .name_at
+                .0
+                .clone()
+                .map_or((0, 0), |s| self.position(s.start));
             let (message, fix) = if a.name == DEFAULT_TOKEN || first.name == DEFAULT_TOKEN {
                 (
                     format!("the token name `{DEFAULT_TOKEN}` is taken by `token`/`token_file` (line {line})"),
@@ -180,7 +185,10 @@ impl Cx<'_> {
                                     f.value_span(),
                                     &f.path,
                                     why,
-                                    Some("name it as you would a queue, such as `name = \"ci\"`".into()),
+                                    Some(
+                                        "name it as you would a queue, such as `name = \"ci\"`"
+                                            .into(),
+                                    ),
                                 );
                                 entry_ok = false;
                             }
@@ -211,24 +219,27 @@ impl Cx<'_> {
                             None => entry_ok = false,
                         }
                     }
-                    _ => self.unknown_key(
-                        &f,
-                        Section::Tokens,
-                        "in a `tokens` entry",
-                        &["name", "token_file", "token"],
-                    ),
+                    _ => {
+                        self.unknown_key(
+                            &f,
+                            Section::Tokens,
+                            "in a `tokens` entry",
+                            &["name", "token_file", "token"],
+                        );
+                        entry_ok = false;
+                    }
                 }
             }
             match (name, secret) {
-                (Some((name, name_span, name_path)), Some((secret, secret_span, secret_path))) => {
-                    if entry_ok {
-                        out.named.push(TokenRead {
-                            name,
-                            secret,
-                            name_at: (name_span, name_path),
-                            secret_at: (secret_span, secret_path),
-                        });
-                    }
+                (Some((name, name_span, name_path)), Some((secret, secret_span, secret_path)))
+                    if entry_ok =>
+                {
+                    out.named.push(TokenRead {
+                        name,
+                        secret,
+                        name_at: (name_span, name_path),
+                        secret_at: (secret_span, secret_path),
+                    });
                 }
                 (None, _) if entry_ok => {
                     self.error(
