@@ -67,13 +67,15 @@ pub enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
-    /// Re-queue a failed or cancelled task with a fresh attempt budget.
+    /// Re-queue a failed or cancelled task with a fresh attempt budget (recorded in the
+    /// audit trail, as every change is: see `taskd audit`).
     Retry(control::IdArgs),
-    /// Cancel a waiting task, or stop a running one.
+    /// Cancel a waiting task, or stop a running one (recorded in the audit trail).
     Cancel(control::IdArgs),
-    /// Stop claiming tasks from a queue (persists across restarts).
+    /// Stop claiming tasks from a queue (persists across restarts; recorded in the audit
+    /// trail).
     Pause(control::QueueArgs),
-    /// Start claiming tasks from a paused queue again.
+    /// Start claiming tasks from a paused queue again (recorded in the audit trail).
     Resume(control::QueueArgs),
     /// Ask the running daemon (found through the state directory of -c FILE) to re-read the
     /// config file it was started with; print what changed per queue. Exits 78, and the
