@@ -22,11 +22,11 @@ pub mod storelock;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -164,7 +164,7 @@ pub fn secure_state_dir(state_dir: &Path, group: Option<&str>) -> Result<(), Fai
 
 /// The lock that keeps a second daemon off a state directory. Held for the process's life.
 pub struct StateLock {
-    _file: File,
+    _file: Flock<File>,
     pub path: PathBuf,
 }
 
@@ -194,27 +194,26 @@ impl StateLock {
         // closed its copy of the descriptor; a `taskd status` reading it) lets go within
         // moments: wait a little before calling it another daemon.
         let give_up = std::time::Instant::now() + LOCK_WAIT;
-        let rc = loop {
-            // SAFETY: flock on a descriptor we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 || std::time::Instant::now() >= give_up {
-                break rc;
+        let mut file = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => break locked,
+                Err((back, _)) if std::time::Instant::now() < give_up => file = back,
+                Err((mut back, _)) => {
+                    let mut holder = String::new();
+                    let _ = back.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    return Err(Failure::new(
+                        exit::FAILURE,
+                        format!(
+                            "another taskd daemon{} is already using the state directory {}; stop it first, or give this one its own state_dir",
+                            if holder.is_empty() { String::new() } else { format!(" (pid {holder})") },
+                            state_dir.display()
+                        ),
+                    ));
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        if rc != 0 {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(Failure::new(
-                exit::FAILURE,
-                format!(
-                    "another taskd daemon{} is already using the state directory {}; stop it first, or give this one its own state_dir",
-                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") },
-                    state_dir.display()
-                ),
-            ));
-        }
         let _ = file.set_len(0);
         let _ = file.rewind();
         let _ = writeln!(file, "{}", std::process::id());
@@ -226,12 +225,11 @@ impl StateLock {
 /// The pid of the daemon holding `state_dir`, if one does.
 pub fn running_daemon(state_dir: &Path) -> Option<u32> {
     let path = state_dir.join(LOCK_FILE);
-    let mut file = File::open(&path).ok()?;
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc == 0 {
-        return None; // nobody holds it
-    }
+    let file = File::open(&path).ok()?;
+    let mut file = match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => return None, // nobody holds it (our shared lock goes with the descriptor)
+        Err((file, _)) => file,
+    };
     let mut s = String::new();
     file.read_to_string(&mut s).ok()?;
     s.trim().parse().ok()

@@ -234,10 +234,9 @@ pub fn log_lines_dropped() -> u64 {
 /// RSS, CPU time, open descriptors, threads and start time of this process, from /proc/self;
 /// log lines dropped.
 fn process_metrics(out: &mut String) {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // SAFETY: as above.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    use nix::unistd::{sysconf, SysconfVar};
+    let var = |v| sysconf(v).ok().flatten().unwrap_or(1).max(1) as f64;
+    let (ticks, page) = (var(SysconfVar::CLK_TCK), var(SysconfVar::PAGE_SIZE));
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let fields: Vec<&str> = stat

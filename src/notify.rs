@@ -62,15 +62,10 @@ impl Notifier {
 
     /// `RELOADING=1` with the monotonic timestamp systemd wants alongside it.
     pub fn reloading(&self) {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes into the timespec we pass and nothing else.
-        unsafe {
-            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-        }
-        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+        // CLOCK_MONOTONIC cannot fail on Linux; a zero would only make systemd ignore it.
+        let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+            ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
+        });
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
     }
 }

@@ -1085,10 +1085,10 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // SAFETY: signalling the process group of our own child.
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.wait();
     }
 }

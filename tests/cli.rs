@@ -722,7 +722,7 @@ fn the_store_is_private_unless_a_group_shares_it() {
     // SAFETY: umask is async-signal-safe and touches only the child's own process state.
     unsafe {
         submit.pre_exec(|| {
-            libc::umask(0o022);
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             Ok(())
         });
     }
@@ -737,8 +737,7 @@ fn the_store_is_private_unless_a_group_shares_it() {
         assert_eq!(mode_and_group(&state).0, 0o700);
         assert_eq!(mode_and_group(&state.join("taskd.db.wake")).0, 0o600);
     }
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         common::skip::skip(
             "running as another user needs root",
             "run the tests as root",

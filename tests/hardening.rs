@@ -21,16 +21,10 @@ use common::{history, poll, Env};
 fn nofile_limit(cmd: &mut Command, n: u64) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the hook only calls setrlimit, which is async-signal-safe, and allocates
-    // nothing (the rlimit lives on the stack).
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)?;
             Ok(())
         });
     }

@@ -27,16 +27,11 @@ fn nobody_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     if !root {
         common::skip::skip("needs root to switch users", "run the tests as root");
     }
     root
-}
-
-extern "C" {
-    fn geteuid() -> u32;
 }
 
 /// Makes the env's directory and config readable by other users (tempdirs are 0700).

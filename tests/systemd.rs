@@ -306,10 +306,11 @@ fn sigusr1_reopens_the_log_file_for_logrotate() {
     );
     let rotated = env.path().join("taskd.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGUSR1);
-    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("signal the daemon");
     assert!(
         common::poll(Duration::from_secs(10), || read(&log).contains("reopened")),
         "no new log file"
@@ -530,8 +531,7 @@ fn the_system_example_config_uses_absolute_paths_the_unit_can_write() {
 /// runs every queue under a real daemon: what `systemctl start taskd` does after the guide.
 #[test]
 fn the_system_example_config_checks_and_runs_every_queue() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc_geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         common::skip::skip(
             "needs root: the system config runs its queues as another user",
             "run the tests as root",
@@ -649,9 +649,4 @@ fn the_system_example_config_checks_and_runs_every_queue() {
         .trim()
         .to_string();
     env.wait_state(&id, "succeeded", Duration::from_secs(30));
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

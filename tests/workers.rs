@@ -655,8 +655,7 @@ taskd_worker.run()
 
 #[test]
 fn a_worker_runs_as_its_queue_user_with_its_umask_limits_env_and_cwd() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         common::skip::skip("needs root to switch users", "run the tests as root");
         return;
     }
@@ -688,10 +687,6 @@ fn a_worker_runs_as_its_queue_user_with_its_umask_limits_env_and_cwd() {
         format!("{uid} 027 512 /tmp hello None 1 True\n"),
         "{v:#}"
     );
-}
-
-extern "C" {
-    fn geteuid() -> u32;
 }
 
 #[test]

@@ -104,6 +104,7 @@ pub fn run(cli: Cli) -> u8 {
             // A CLI whose output is piped into `head` should end quietly when the pipe closes,
             // as other Unix tools do. (Only here: the daemon must survive a task that closes
             // its stdin early, so it keeps Rust's ignored SIGPIPE.)
+            // (libc's `signal`: nix's is unsafe as well, and says no more.)
             // SAFETY: restoring the default disposition of one signal before any thread starts.
             unsafe {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);

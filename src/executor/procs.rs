@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::io;
 use std::sync::{LazyLock, Mutex, PoisonError, RwLock};
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpgrp, Pid};
@@ -169,13 +170,7 @@ pub fn reap_orphans() -> usize {
 /// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`), so a
 /// task's double-forked grandchildren stay within reach instead of going to init.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
 /// Sends `sig` to process group `pgid`; true if the group existed and got it.
@@ -300,13 +295,13 @@ pub fn mark_inherited_fds_cloexec() {
         }
     };
     for fd in fds {
-        // SAFETY: F_GETFD/F_SETFD only change a descriptor flag; a closed fd (such as the one
-        // that listed the directory) gives EBADF, which is ignored.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
+        // A closed fd (such as the one that listed the directory) gives EBADF: skipped.
+        let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) else {
+            continue;
+        };
+        let flags = FdFlag::from_bits_retain(flags);
+        if !flags.contains(FdFlag::FD_CLOEXEC) {
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC));
         }
     }
 }

@@ -18,12 +18,15 @@
 //!
 //! The hook runs in the child after fork: it may only make async-signal-safe system calls.
 //! Everything it needs is computed before the fork ([`ChildSetup::plan`]); the hook
-//! allocates nothing and takes no lock.
+//! allocates nothing and takes no lock. The nix calls it makes (`setrlimit`, `umask`,
+//! `setgroups`, `setgid`, `setuid`) are each the bare system call and an errno check.
 
 use std::io;
 use std::sync::{LazyLock, RwLock};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::stat::{umask as umask_of_process, Mode};
+use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
 
 use super::Spec;
 
@@ -143,9 +146,9 @@ pub(crate) fn resource_name(r: Resource) -> &'static str {
 pub(crate) struct ChildSetup {
     reset_oom_score_adj: bool,
     limits: Vec<Rlimit>,
-    umask: Option<libc::mode_t>,
+    umask: Option<Mode>,
     /// (supplementary groups, gid, uid) to switch to.
-    identity: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t)>,
+    identity: Option<(Vec<Gid>, Gid, Uid)>,
 }
 
 impl ChildSetup {
@@ -161,11 +164,14 @@ impl ChildSetup {
             .user
             .as_ref()
             .filter(|u| !(u.uid == host.euid && u.gid == host.egid))
-            .map(|u| (u.groups.clone(), u.gid, u.uid));
+            .map(|u| {
+                let groups = u.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+                (groups, Gid::from_raw(u.gid), Uid::from_raw(u.uid))
+            });
         let setup = ChildSetup {
             reset_oom_score_adj: host.oom_score_adj.is_some_and(|v| v != 0),
             limits,
-            umask: spec.umask.map(|m| (m & 0o777) as libc::mode_t),
+            umask: spec.umask.map(|m| Mode::from_bits_truncate(m & 0o777)),
             identity,
         };
         let idle = !setup.reset_oom_score_adj
@@ -201,24 +207,12 @@ impl ChildSetup {
                     .map_err(|errno| io::Error::from_raw_os_error(errno as i32))?;
             }
             if let Some(mask) = umask {
-                // SAFETY: umask cannot fail and touches no memory.
-                unsafe {
-                    libc::umask(mask);
-                }
+                umask_of_process(mask);
             }
             if let Some((groups, gid, uid)) = &identity {
-                // SAFETY: plain system calls on memory owned by the closure.
-                unsafe {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    if libc::setgid(*gid) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    if libc::setuid(*uid) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
+                setgroups(groups)?;
+                setgid(*gid)?;
+                setuid(*uid)?;
             }
             Ok(())
         }
@@ -226,7 +220,9 @@ impl ChildSetup {
 }
 
 /// Writes "0" to `/proc/self/oom_score_adj` with raw system calls (async-signal-safe: no
-/// allocation, no std file machinery). Failures are ignored.
+/// allocation, no std file machinery). Failures are ignored. Raw libc rather than nix: nix's
+/// `open` returns a raw descriptor that its `write` takes only through an unsafe conversion,
+/// so nix would save no `unsafe` here.
 fn write_oom_score_adj_zero() {
     // SAFETY: open/write/close on a static C string and a static buffer; the descriptor is
     // ours and closed before returning (and O_CLOEXEC in any case).

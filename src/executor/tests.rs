@@ -477,15 +477,17 @@ static FD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn inherited_fds_become_cloexec() {
     let _fds = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // dup() gives a descriptor without FD_CLOEXEC, like one inherited from a parent.
-    // SAFETY: dup/fcntl/close on a descriptor this test owns.
-    unsafe {
-        let fd = libc::dup(2);
-        assert!(fd >= 3);
-        assert_eq!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
-        mark_inherited_fds_cloexec();
-        assert_ne!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
-        libc::close(fd);
-    }
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let cloexec = |fd| {
+        let flags = fcntl(fd, FcntlArg::F_GETFD).expect("F_GETFD");
+        FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC)
+    };
+    let fd = nix::unistd::dup(2).expect("dup");
+    assert!(fd >= 3);
+    assert!(!cloexec(fd));
+    mark_inherited_fds_cloexec();
+    assert!(cloexec(fd));
+    nix::unistd::close(fd).expect("close");
 }
 
 #[tokio::test]

@@ -113,27 +113,22 @@ impl Proc {
         let mut cmd = crate::executor::command(spec);
         let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
-        // prctl) on integers computed before the fork, and allocates nothing.
+        // prctl: nix's wrappers are each the bare call and an errno check) on integers
+        // computed before the fork, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg};
+                use nix::unistd::{close, dup2};
                 // Copied above 4 first, so that a source that already is 3 or 4 is not
                 // overwritten before it is moved; dup2 clears close-on-exec on the target.
-                let a = libc::fcntl(from_task, libc::F_DUPFD, 5);
-                let b = libc::fcntl(from_res, libc::F_DUPFD, 5);
-                if a < 0 || b < 0 || libc::dup2(a, TASK_FD) < 0 || libc::dup2(b, RESULT_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(a);
-                libc::close(b);
+                let a = fcntl(from_task, FcntlArg::F_DUPFD(5))?;
+                let b = fcntl(from_res, FcntlArg::F_DUPFD(5))?;
+                dup2(a, TASK_FD)?;
+                dup2(b, RESULT_FD)?;
+                let _ = (close(a), close(b));
                 // The worker dies with the daemon (SIGKILL of the daemon included); the
                 // rest of its group is killed by the next daemon from workers.json.
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 Ok(())
             });
         }
@@ -233,13 +228,11 @@ impl Proc {
             let Some(fd) = fd else { continue };
             // Bounded: a worker that keeps writing cannot hold the loop here forever.
             for _ in 0..64 {
-                // SAFETY: reading into a local buffer from a descriptor this struct owns
-                // (non-blocking, as tokio set it up).
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
+                // Non-blocking, as tokio set the pipe up: EAGAIN when it is empty.
+                match nix::unistd::read(fd, &mut buf) {
+                    Ok(n) if n > 0 => sink(is_err, &buf[..n]),
+                    _ => break,
                 }
-                sink(is_err, &buf[..n as usize]);
             }
         }
     }

@@ -210,10 +210,8 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child.
-        unsafe {
-            libc_kill(self.pid(), sig);
-        }
+        let sig = nix::sys::signal::Signal::try_from(sig).expect("a signal number");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
     }
 
     /// SIGKILL the daemon and reap it (its tasks keep running as orphans).
@@ -252,11 +250,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 pub const SIGTERM: i32 = 15;

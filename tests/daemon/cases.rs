@@ -730,8 +730,10 @@ shell = 'setsid sleep 300 >/dev/null 2>&1 </dev/null & echo $!; sleep 30'
     assert!(d.wait_exit(secs(15)).is_some(), "the daemon did not stop");
     let survivors: Vec<i32> = escaped.iter().copied().filter(|p| alive(*p)).collect();
     for p in &escaped {
-        // SAFETY: kill(2) on a pid this test's task started; nothing else is touched.
-        unsafe { libc::kill(*p, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     assert_eq!(
         survivors, escaped,
