@@ -222,10 +222,15 @@ fn login_uid(pid: u32) -> Option<u32> {
     text.trim().parse::<u32>().ok().filter(|u| *u != u32::MAX)
 }
 
+/// This machine's name, read once per process.
 fn hostname() -> Option<String> {
-    nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
+    static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .map(|h| h.to_string_lossy().into_owned())
+    })
+    .clone()
 }
 
 /// What was done.

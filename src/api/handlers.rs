@@ -340,18 +340,15 @@ async fn refusal(
     id: TaskId,
     e: &BrokerError,
 ) -> Option<AuditEntry> {
-    if !matches!(e, BrokerError::NotFound(_) | BrokerError::Conflict(_)) {
-        return None;
-    }
-    let queue = match state.broker.get(id).await {
-        Ok(Some(d)) => Some(d.task.queue),
-        _ => None,
-    };
     let entry = entry.refused(e.to_string());
-    Some(match queue {
-        Some(q) => entry.queue(q),
-        None => entry,
-    })
+    match e {
+        BrokerError::NotFound(_) => Some(entry),
+        BrokerError::Conflict(_) => Some(match state.broker.get(id).await {
+            Ok(Some(d)) => entry.queue(d.task.queue),
+            _ => entry,
+        }),
+        _ => None,
+    }
 }
 
 pub async fn retry(

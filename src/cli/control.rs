@@ -44,14 +44,15 @@ async fn refusal(
     id: TaskId,
     e: &BrokerError,
 ) -> Option<AuditEntry> {
-    if !matches!(e, BrokerError::NotFound(_) | BrokerError::Conflict(_)) {
-        return None;
-    }
     let entry = entry.refused(e.to_string());
-    Some(match broker.get(id).await {
-        Ok(Some(d)) => entry.queue(d.task.queue),
-        _ => entry,
-    })
+    match e {
+        BrokerError::NotFound(_) => Some(entry),
+        BrokerError::Conflict(_) => Some(match broker.get(id).await {
+            Ok(Some(d)) => entry.queue(d.task.queue),
+            _ => entry,
+        }),
+        _ => None,
+    }
 }
 
 /// The queue of task `id`, for its audit record (`None` when it cannot be read).
