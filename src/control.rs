@@ -52,15 +52,23 @@ pub struct Incoming {
     pub reply: oneshot::Sender<ReloadReply>,
 }
 
-/// Bind the socket (replacing a stale one: the caller holds the state directory lock, so no
-/// other daemon can be using it) and serve it until the returned task is aborted.
+/// Bind the socket at `path` (replacing a stale one: the caller holds the state directory
+/// lock, so no other daemon can be using it), mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serve a socket from [`bind`] until the returned task is aborted: every request goes to
+/// the daemon's main loop through `to_daemon`, and its answer back.
 pub fn serve(
-    path: &Path,
+    listener: std::os::unix::net::UnixListener,
     to_daemon: mpsc::Sender<Incoming>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

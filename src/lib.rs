@@ -13,8 +13,10 @@
 //!   with backoff, cancellation, draining. Glues broker records to executor runs.
 //! - [`worker`]: long-lived worker processes of `worker` queues: supervision (STARTING,
 //!   RUNNING, BACKOFF, FATAL), the pipe protocol, `workers.json`. Never touches the broker.
-//! - [`daemon`]: the only place that wires config + broker + supervisor + api together; the
-//!   process set-up around it (config lookup, logging, lock, runtime) is `cli::start`.
+//! - [`daemon`]: the only place that wires config + broker + supervisor + api together:
+//!   [`daemon::run`] is the daemon as a function (an opened broker, bound listeners, a
+//!   handle to stop it), which a test can call in-process; the process set-up around it
+//!   (config lookup, logging, locks, runtime, signals) is `cli::start`.
 //! - [`api`]: the HTTP API, dashboard and Prometheus metrics on `listen` (axum). Sees the
 //!   broker trait and the config, never supervisor internals.
 //! - [`cli`]: one function per subcommand; talks to the broker, never to supervisor internals.
@@ -42,6 +44,7 @@ pub mod exit;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod slots;
 pub mod submission;
 pub mod supervisor;
 pub mod view;

@@ -314,6 +314,12 @@ pub struct TaskRecord {
     pub cancel_requested: bool,
     /// The node holding the lease, while running.
     pub node: Option<String>,
+    /// The schedule (`[schedules.NAME]`) that enqueued it, if one did.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// The slot of that schedule it runs for; `None` for `taskd schedules fire`.
+    #[serde(default)]
+    pub slot: Option<UnixMs>,
 }
 
 /// One run of a task, kept in its history.

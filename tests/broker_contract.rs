@@ -203,12 +203,19 @@ macro_rules! contract_tests {
                 audit_keeps_the_newest_keep,
                 audit_log_pages_by_cursor_and_since,
                 audit_is_apart_from_tasks,
+                schedule_steps_handle_each_slot_once,
+                schedule_overlap_skips_while_the_previous_task_waits,
+                schedule_unique_key_is_a_second_guard,
+                schedule_manual_fire_leaves_the_record,
+                schedule_pause_persists_and_wakes,
+                schedule_history_is_bounded,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
                 subscribe_work_from_another_client,
                 subscribe_cancel_of_running_task,
                 many_producers_one_consumer,
+                schedule_racing_clients_fire_each_slot_once,
             );
         }
     };
@@ -432,6 +439,7 @@ fn ids_of(v: &[taskd::model::TaskRecord]) -> Vec<TaskId> {
 
 pub mod cases {
     use super::*;
+    pub use crate::schedule_cases::*;
 
     // --- enqueue ------------------------------------------------------------------------------
 
@@ -3220,6 +3228,392 @@ pub mod cases {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Schedules (rule 10): each slot handled once, whoever asks and however often
+// ---------------------------------------------------------------------------------------------
+
+pub mod schedule_cases {
+    use super::*;
+    use taskd::broker::{ScheduleKey, ScheduleStep, SlotOutcome, StepAnswer};
+
+    const SPEC: &str = "every 1s";
+    /// A slot time well in the past (whole seconds, as slots are).
+    const T0: i64 = 1_700_000_000_000;
+
+    fn key(queue: &str) -> ScheduleKey {
+        ScheduleKey {
+            name: "nightly".into(),
+            queue: qn(queue),
+        }
+    }
+
+    fn slot_task(queue: &str, slot: i64) -> NewTask {
+        let mut t = task(queue);
+        t.unique_key = Some(format!("schedule:nightly@{slot}"));
+        t
+    }
+
+    fn fire(queue: &str, slot: i64, skip_if_running: bool) -> ScheduleStep {
+        ScheduleStep::Fire {
+            spec: SPEC.into(),
+            slot,
+            task: slot_task(queue, slot),
+            caught_up: false,
+            skip_if_running,
+            node: NODE.into(),
+        }
+    }
+
+    async fn step(b: &B, k: &ScheduleKey, s: ScheduleStep) -> StepAnswer {
+        b.schedule_step(k, s).await.expect("schedule_step")
+    }
+
+    async fn begin(b: &B, k: &ScheduleKey) {
+        let begun = step(
+            b,
+            k,
+            ScheduleStep::Begin {
+                spec: SPEC.into(),
+                through: T0,
+            },
+        )
+        .await;
+        assert_eq!(begun, StepAnswer::Begun(true));
+    }
+
+    async fn state(b: &B, k: &ScheduleKey) -> taskd::broker::ScheduleState {
+        b.schedule_states(std::slice::from_ref(k))
+            .await
+            .expect("schedule_states")
+            .remove(0)
+    }
+
+    pub async fn schedule_steps_handle_each_slot_once(b: B, g: G) {
+        let k = key("s");
+        let empty = state(&b, &k).await;
+        assert_eq!((empty.spec.as_str(), empty.through), ("", 0));
+        begin(&b, &k).await;
+        let again = ScheduleStep::Begin {
+            spec: SPEC.into(),
+            through: T0 + 60_000,
+        };
+        assert_eq!(step(&b, &k, again).await, StepAnswer::Begun(false));
+        assert_eq!(
+            state(&b, &k).await.through,
+            T0,
+            "a Begin at the same spec moves nothing"
+        );
+        // Slots up to `through` are handled: refused, nothing enqueued.
+        assert!(matches!(
+            step(&b, &k, fire("s", T0, false)).await,
+            StepAnswer::AlreadyHandled { through: T0, .. }
+        ));
+        let s1 = T0 + 1000;
+        let StepAnswer::Fired {
+            task: t1,
+            existing: false,
+        } = step(&b, &k, fire("s", s1, false)).await
+        else {
+            panic!("slot 1 did not fire");
+        };
+        let d = get(&b, t1).await;
+        assert_eq!(d.task.schedule.as_deref(), Some("nightly"));
+        assert_eq!(d.task.slot, Some(s1));
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(
+            d.task.unique_key.as_deref(),
+            Some(format!("schedule:nightly@{s1}").as_str())
+        );
+        // The same slot again, from this client or another: refused, no second task.
+        let other = g.connect().await;
+        for c in [&b, &other] {
+            assert!(matches!(
+                step(c, &k, fire("s", s1, false)).await,
+                StepAnswer::AlreadyHandled { through, .. } if through == s1
+            ));
+        }
+        // Another spec is not this record's: refused, and told which spec it is.
+        let foreign = ScheduleStep::Skip {
+            spec: "every 2s".into(),
+            first: s1 + 1000,
+            last: s1 + 1000,
+            count: 1,
+            reason: "r".into(),
+            node: NODE.into(),
+        };
+        assert_eq!(
+            step(&b, &k, foreign).await,
+            StepAnswer::AlreadyHandled {
+                through: s1,
+                spec: SPEC.into()
+            }
+        );
+        // A run of skipped slots, then a caught-up one.
+        let skip = ScheduleStep::Skip {
+            spec: SPEC.into(),
+            first: s1 + 1000,
+            last: s1 + 5000,
+            count: 5,
+            reason: "missed".into(),
+            node: NODE.into(),
+        };
+        assert_eq!(
+            step(&b, &k, skip).await,
+            StepAnswer::Skipped { running: None }
+        );
+        let s7 = s1 + 6000;
+        let late = ScheduleStep::Fire {
+            spec: SPEC.into(),
+            slot: s7,
+            task: slot_task("s", s7),
+            caught_up: true,
+            skip_if_running: false,
+            node: NODE.into(),
+        };
+        let StepAnswer::Fired { task: t7, .. } = step(&b, &k, late).await else {
+            panic!("slot 7 did not fire");
+        };
+        let st = state(&other, &k).await;
+        assert_eq!(st.spec, SPEC);
+        assert_eq!(st.through, s7);
+        assert_eq!((st.fired, st.caught_up, st.skipped), (1, 1, 5));
+        assert_eq!(st.last_task, Some(t7));
+        let last = st.last.expect("a last record");
+        assert_eq!(
+            (last.slot, last.outcome, last.task),
+            (s7, SlotOutcome::CaughtUp, Some(t7))
+        );
+        let h = b.schedule_history(&k, 10).await.expect("history");
+        let seen: Vec<(i64, i64, u64, SlotOutcome)> = h
+            .iter()
+            .map(|r| (r.first, r.slot, r.count, r.outcome))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (s7, s7, 1, SlotOutcome::CaughtUp),
+                (s1 + 1000, s1 + 5000, 5, SlotOutcome::Skipped),
+                (s1, s1, 1, SlotOutcome::Fired),
+            ]
+        );
+        assert_eq!(h[1].reason.as_deref(), Some("missed"));
+        assert_eq!(h[2].task, Some(t1));
+        assert_eq!(h[0].node, NODE);
+        // A new spec starts afresh: every slot up to its `through` is handled.
+        let restart = ScheduleStep::Begin {
+            spec: "every 2s".into(),
+            through: s7 + 60_000,
+        };
+        assert_eq!(step(&b, &k, restart).await, StepAnswer::Begun(true));
+        let st = state(&b, &k).await;
+        assert_eq!((st.spec.as_str(), st.through), ("every 2s", s7 + 60_000));
+        // Exactly two tasks exist for the schedule.
+        let all = b
+            .list(&ListFilter {
+                queue: Some(qn("s")),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(
+            ids_of(&all).into_iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([t1, t7])
+        );
+    }
+
+    pub async fn schedule_overlap_skips_while_the_previous_task_waits(b: B, _g: G) {
+        let k = key("o");
+        begin(&b, &k).await;
+        let StepAnswer::Fired { task: t1, .. } = step(&b, &k, fire("o", T0 + 1000, true)).await
+        else {
+            panic!("the first slot did not fire");
+        };
+        // Waiting, then running: the next slots are skipped, naming it.
+        assert_eq!(
+            step(&b, &k, fire("o", T0 + 2000, true)).await,
+            StepAnswer::Skipped { running: Some(t1) }
+        );
+        let c = run_id(&b, "o", t1).await;
+        assert_eq!(
+            step(&b, &k, fire("o", T0 + 3000, true)).await,
+            StepAnswer::Skipped { running: Some(t1) }
+        );
+        let rec = b.schedule_history(&k, 1).await.expect("history").remove(0);
+        assert_eq!((rec.outcome, rec.task), (SlotOutcome::Skipped, Some(t1)));
+        assert!(
+            rec.reason.as_deref().unwrap_or("").contains("overlap"),
+            "{rec:?}"
+        );
+        // `allow` fires beside it.
+        let StepAnswer::Fired { task: t4, .. } = step(&b, &k, fire("o", T0 + 4000, false)).await
+        else {
+            panic!("overlap allowed, yet the slot did not fire");
+        };
+        // Once the previous one (now t4) ended, the next slot fires.
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let c4 = run_id(&b, "o", t4).await;
+        b.finish(
+            &c4.lease,
+            attempt_of(&c4, AttemptReason::Exit, None),
+            Finish::Failed,
+        )
+        .await
+        .expect("finish");
+        assert!(matches!(
+            step(&b, &k, fire("o", T0 + 5000, true)).await,
+            StepAnswer::Fired {
+                existing: false,
+                ..
+            }
+        ));
+        let st = state(&b, &k).await;
+        assert_eq!((st.fired, st.skipped, st.through), (3, 2, T0 + 5000));
+    }
+
+    pub async fn schedule_unique_key_is_a_second_guard(b: B, _g: G) {
+        // A task already holds the slot's key (as if enqueued for the slot by other means):
+        // the slot takes it as its task, and no second one is made.
+        let k = key("u");
+        begin(&b, &k).await;
+        let held = enqueue1(&b, slot_task("u", T0 + 1000)).await;
+        assert_eq!(
+            step(&b, &k, fire("u", T0 + 1000, false)).await,
+            StepAnswer::Fired {
+                task: held,
+                existing: true
+            }
+        );
+        let st = state(&b, &k).await;
+        assert_eq!((st.through, st.last_task), (T0 + 1000, Some(held)));
+        let counts = b.counts().await.expect("counts");
+        let q = counts
+            .iter()
+            .find(|c| c.queue == Some(qn("u")))
+            .expect("queue u");
+        assert_eq!(count(q, TaskState::Queued), 1);
+    }
+
+    pub async fn schedule_manual_fire_leaves_the_record(b: B, _g: G) {
+        let k = key("m");
+        begin(&b, &k).await;
+        let before = state(&b, &k).await;
+        let t = task("m");
+        let answer = step(&b, &k, ScheduleStep::Manual { task: t.clone() }).await;
+        assert_eq!(answer, StepAnswer::Manual { task: t.id });
+        let d = get(&b, t.id).await;
+        assert_eq!(
+            (d.task.schedule.as_deref(), d.task.slot),
+            (Some("nightly"), None)
+        );
+        assert_eq!(d.task.state, TaskState::Queued);
+        assert_eq!(
+            state(&b, &k).await,
+            before,
+            "a manual fire changes no record"
+        );
+    }
+
+    pub async fn schedule_pause_persists_and_wakes(b: B, g: G) {
+        let w = b.subscribe().await.expect("subscribe");
+        let k = key("p");
+        let cli = g.connect().await;
+        cli.set_schedule_paused(&k, true).await.expect("pause");
+        tokio::time::timeout(DEADLINE, w.schedules.notified())
+            .await
+            .expect("pausing a schedule did not fire `schedules`");
+        assert!(state(&b, &k).await.paused);
+        // Begin keeps the flag; resume clears it.
+        begin(&b, &k).await;
+        assert!(state(&b, &k).await.paused);
+        cli.set_schedule_paused(&k, false).await.expect("resume");
+        tokio::time::timeout(DEADLINE, w.schedules.notified())
+            .await
+            .expect("resuming a schedule did not fire `schedules`");
+        let st = state(&g.connect().await, &k).await;
+        assert!(!st.paused);
+        assert_eq!(st.spec, SPEC);
+    }
+
+    pub async fn schedule_history_is_bounded(b: B, _g: G) {
+        use taskd::broker::schedules::SLOT_HISTORY;
+        let k = key("h");
+        begin(&b, &k).await;
+        let n = SLOT_HISTORY as i64 + 5;
+        for i in 1..=n {
+            let s = ScheduleStep::Skip {
+                spec: SPEC.into(),
+                first: T0 + i * 1000,
+                last: T0 + i * 1000,
+                count: 1,
+                reason: "r".into(),
+                node: NODE.into(),
+            };
+            step(&b, &k, s).await;
+        }
+        let h = b.schedule_history(&k, 10_000).await.expect("history");
+        assert_eq!(h.len(), SLOT_HISTORY);
+        assert_eq!(h[0].slot, T0 + n * 1000, "newest first");
+        assert_eq!(
+            h[SLOT_HISTORY - 1].slot,
+            T0 + 6 * 1000,
+            "the oldest ones dropped"
+        );
+        assert_eq!(
+            state(&b, &k).await.skipped,
+            n as u64,
+            "counts keep every slot"
+        );
+    }
+
+    pub async fn schedule_racing_clients_fire_each_slot_once(b: B, g: G) {
+        const SLOTS: i64 = 30;
+        let k = key("r");
+        begin(&b, &k).await;
+        let other = g.connect().await;
+        let racer = |c: B| {
+            let k = k.clone();
+            tokio::spawn(async move {
+                let mut fired = Vec::new();
+                for i in 1..=SLOTS {
+                    let slot = T0 + i * 1000;
+                    let answer = c.schedule_step(&k, fire("r", slot, false)).await?;
+                    if let StepAnswer::Fired { task, existing } = answer {
+                        assert!(!existing, "slot {i}: fired with an existing task");
+                        fired.push((slot, task));
+                    }
+                }
+                Ok::<_, BrokerError>(fired)
+            })
+        };
+        let (x, y) = (racer(b.clone()), racer(other));
+        let mut fired = x.await.expect("racer").expect("racer's broker");
+        fired.extend(y.await.expect("racer").expect("racer's broker"));
+        fired.sort();
+        let slots: Vec<i64> = fired.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            slots,
+            (1..=SLOTS).map(|i| T0 + i * 1000).collect::<Vec<_>>(),
+            "every slot fired exactly once"
+        );
+        let all = b
+            .list(&ListFilter {
+                queue: Some(qn("r")),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(all.len(), SLOTS as usize, "one task per slot");
+        let st = state(&b, &k).await;
+        assert_eq!((st.fired, st.through), (SLOTS as u64, T0 + SLOTS * 1000));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SQLite only
 // ---------------------------------------------------------------------------------------------
 
@@ -3279,14 +3673,14 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
     }
 
-    /// A store written by a taskd without the audit trail (schema 2) gains it when opened,
+    /// A store written by a taskd without the audit trail (schema 3) gains it when opened,
     /// keeping its tasks; the trail's columns can be read with sqlite3.
     #[tokio::test]
     async fn an_older_store_gains_the_audit_table() {
@@ -3295,8 +3689,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch("DROP TABLE audit; DELETE FROM schema_version WHERE version = 3")
-                .expect("make it a schema 2 store");
+            conn.execute_batch("DROP TABLE audit; DELETE FROM schema_version WHERE version = 4")
+                .expect("make it a schema 3 store");
         }
         let b = g.connect().await;
         assert_eq!(get(&b, id).await.task.queue, qn("old"));

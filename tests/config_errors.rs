@@ -1401,6 +1401,215 @@ restart_on_change = true
         );
 }
 
+// ----- schedules ---------------------------------------------------------------------------
+
+#[test]
+fn schedule_cron_and_zone_errors_name_what_is_wrong() {
+    let text = "\
+[queues.reports]
+command = [\"/bin/echo\", \"{month}\"]
+
+[schedules.a]
+queue = \"reports\"
+cron = \"0 25 * * *\"
+payload = { month = \"last\" }
+
+[schedules.b]
+queue = \"reports\"
+cron = \"0 3 * * *\"
+timezone = \"Europe/Berln\"
+payload = { month = \"last\" }
+
+[schedules.c]
+queue = \"reports\"
+cron = \"0 0 31 2 *\"
+payload = { month = \"last\" }
+
+[schedules.d]
+queue = \"reports\"
+cron = \"@reboot\"
+payload = { month = \"last\" }
+
+[schedules.e]
+queue = \"reports\"
+cron = \"* * *\"
+payload = { month = \"last\" }
+";
+    check_bad(text)
+        .count(5)
+        .expect(
+            6,
+            8,
+            "schedules.a.cron",
+            &["field 2 (hour) `25`", "0-23"],
+            Some("5 fields"),
+        )
+        .expect(
+            12,
+            12,
+            "schedules.b.timezone",
+            &["unknown time zone \"Europe/Berln\""],
+            Some("did you mean `timezone = \"Europe/Berlin\"`?"),
+        )
+        .expect(
+            17,
+            8,
+            "schedules.c.cron",
+            &["cron \"0 0 31 2 *\" never fires", "February 30th"],
+            Some("day of month"),
+        )
+        .expect(
+            22,
+            8,
+            "schedules.d.cron",
+            &["`@reboot` names no time"],
+            Some("systemd unit"),
+        )
+        .expect(
+            27,
+            8,
+            "schedules.e.cron",
+            &["5 fields", "has 3"],
+            Some("6 with seconds first"),
+        );
+}
+
+#[test]
+fn schedule_needs_a_queue_one_spec_and_a_runnable_payload() {
+    let text = "\
+[queues.reports]
+command = [\"/bin/echo\", \"{month}\"]
+
+[schedules.nothing]
+queue = \"reports\"
+payload = { month = \"x\" }
+
+[schedules.both]
+queue = \"reports\"
+cron = \"0 3 * * *\"
+every = \"10m\"
+payload = { month = \"x\" }
+
+[schedules.typo]
+queue = \"report\"
+every = \"10m\"
+
+[schedules.lacks]
+queue = \"reports\"
+every = \"10m\"
+payload = { day = 1 }
+
+[schedules.noqueue]
+every = \"1500ms\"
+
+[schedules.policy]
+queue = \"reports\"
+every = \"1m\"
+payload = { month = \"x\" }
+missed = \"newest\"
+overlap = \"never\"
+max_catch_up = 0
+";
+    check_bad(text)
+        .count(9)
+        .expect(
+            23,
+            1,
+            "schedules.noqueue",
+            &["has no `queue`"],
+            Some("queue = \"NAME\""),
+        )
+        .expect(
+            4,
+            1,
+            "schedules.nothing",
+            &["schedule `nothing` has no time"],
+            Some("cron = \"0 3 * * *\""),
+        )
+        .expect(
+            11,
+            9,
+            "schedules.both.every",
+            &["sets both `cron` and `every`"],
+            Some("keep one"),
+        )
+        .expect(
+            15,
+            9,
+            "schedules.typo.queue",
+            &["unknown queue `report`"],
+            Some("did you mean `queue = \"reports\"`?"),
+        )
+        .expect(
+            21,
+            11,
+            "schedules.lacks.payload",
+            &["queue `reports` cannot run", "month"],
+            Some("payload = { month = \"…\" }"),
+        )
+        .expect(
+            24,
+            9,
+            "schedules.noqueue.every",
+            &["whole number of seconds"],
+            Some("every = \"1s\""),
+        )
+        .expect(
+            30,
+            10,
+            "schedules.policy.missed",
+            &["one of \"skip\", \"latest\", \"all\"", "\"newest\""],
+            Some("write one of"),
+        )
+        .expect(
+            31,
+            11,
+            "schedules.policy.overlap",
+            &["\"never\""],
+            Some("\"skip\", \"allow\""),
+        )
+        .expect(
+            32,
+            16,
+            "schedules.policy.max_catch_up",
+            &["at least 1"],
+            Some("max_catch_up = 1"),
+        );
+}
+
+#[test]
+fn a_valid_schedule_passes_check() {
+    let env = Env::raw(&format!(
+        "{STATE}
+[queues.reports]
+command = [\"/bin/echo\", \"{{month}}\"]
+
+[schedules.nightly-report]
+queue = \"reports\"
+cron = \"30 2 * * mon-fri\"
+timezone = \"Europe/Berlin\"
+payload = {{ month = \"last\", n = 3, deep = {{ a = [1, 2] }} }}
+args = [\"--\", \"x\"]
+priority = 5
+missed = \"all\"
+max_catch_up = 10
+overlap = \"allow\"
+
+[schedules.ping]
+queue = \"reports\"
+every = \"10m\"
+payload = {{ month = \"x\" }}
+enabled = false
+"
+    ));
+    let out = env.run(&["check"]);
+    assert!(
+        out.status.success(),
+        "check failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A file beside the config, with `mode`.
 fn write_file(env: &Env, name: &str, text: &str, mode: u32) {
     let p = env.path().join(name);

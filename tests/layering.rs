@@ -22,7 +22,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The audit trail's records and how a caller is identified: plain data over the model
     // (the broker stores the records, callers build them).
     ("audit", &["model"]),
-    ("config", &["model"]),
+    // Slot arithmetic of schedules (cron, every, zones): pure, below the config.
+    ("slots", &["model"]),
+    ("config", &["model", "slots"]),
     ("submission", &["model", "config"]),
     ("broker", &["model", "config", "backoff", "audit"]),
     ("metrics", &["model", "broker"]),

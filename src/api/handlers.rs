@@ -202,6 +202,8 @@ pub async fn enqueue(
                 last_error: None,
                 cancel_requested: false,
                 node: None,
+                schedule: None,
+                slot: None,
             };
             return Ok(created(false, task));
         }

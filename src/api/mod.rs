@@ -96,6 +96,15 @@ impl AppState {
         }
     }
 
+    /// The state for a listener bound to `addr`, which may differ from `listen` (a daemon
+    /// started from code, on a port the caller chose): a loopback address answers only to
+    /// local host names, any other needs the token for reads too.
+    pub fn listening_on(mut self, addr: std::net::SocketAddr) -> AppState {
+        self.loopback = addr.ip().is_loopback();
+        self.reads_need_token = !self.loopback;
+        self
+    }
+
     /// Hands requests only the daemon can carry out (restart) to its main loop.
     pub fn with_control(
         mut self,

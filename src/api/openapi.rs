@@ -111,13 +111,15 @@ fn components() -> Value {
                 "priority": { "type": "integer", "default": 0 },
                 "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
             } },
-            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node"], "properties": {
+            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
                 "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
                 "attempts": { "type": "integer" }, "created_at": { "type": "integer" }, "updated_at": { "type": "integer" },
                 "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
-                "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true }
+                "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true },
+                "schedule": { "type": "string", "nullable": true, "description": "the schedule that enqueued it ([schedules.NAME])" },
+                "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" }
             } },
             "EnqueuedTask": { "allOf": [task_ref(), { "type": "object", "required": ["existing"], "properties": {
                 "existing": { "type": "boolean", "description": "a waiting or running task already held the unique key: this is that task" } } }] },
@@ -453,6 +455,8 @@ mod tests {
             last_error: full.then(|| "exit code 3".to_string()),
             cancel_requested: false,
             node: full.then(|| "host:1".to_string()),
+            schedule: full.then(|| "nightly".to_string()),
+            slot: full.then_some(NOW),
         }
     }
 

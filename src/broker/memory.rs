@@ -15,7 +15,8 @@ use async_trait::async_trait;
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
-    QueueCounts, Queued, Recover, Result, Wakeups,
+    QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome,
+    SlotRecord, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -62,6 +63,8 @@ struct Store {
     /// The audit trail, oldest first; ids are `audit_seq` values.
     audit: VecDeque<AuditRecord>,
     audit_seq: u64,
+    /// Each schedule's record and its slot records, newest first.
+    schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
 }
 
 impl Store {
@@ -168,6 +171,8 @@ impl Broker for MemoryBroker {
                             last_error: None,
                             cancel_requested: false,
                             node: None,
+                            schedule: None,
+                            slot: None,
                         },
                         history: Vec::new(),
                         token: 0,
@@ -564,6 +569,257 @@ impl Broker for MemoryBroker {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn schedule_states(&self, keys: &[ScheduleKey]) -> Result<Vec<ScheduleState>> {
+        let s = self.store();
+        Ok(keys
+            .iter()
+            .map(|k| match s.schedules.get(k) {
+                Some((st, _)) => st.clone(),
+                None => ScheduleState::empty(k.clone()),
+            })
+            .collect())
+    }
+
+    async fn schedule_step(&self, key: &ScheduleKey, step: ScheduleStep) -> Result<StepAnswer> {
+        let (answer, work) = self.schedule_step_now(key, step)?;
+        if work {
+            self.wakeups.work.notify_one();
+        }
+        Ok(answer)
+    }
+
+    async fn schedule_history(&self, key: &ScheduleKey, limit: usize) -> Result<Vec<SlotRecord>> {
+        let s = self.store();
+        Ok(s.schedules
+            .get(key)
+            .map(|(_, h)| h.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn set_schedule_paused(&self, key: &ScheduleKey, paused: bool) -> Result<()> {
+        {
+            let mut s = self.store();
+            s.schedules
+                .entry(key.clone())
+                .or_insert_with(|| (ScheduleState::empty(key.clone()), Default::default()))
+                .0
+                .paused = paused;
+        }
+        self.wakeups.schedules.notify_one();
+        Ok(())
+    }
+}
+
+impl MemoryBroker {
+    /// [`Broker::schedule_step`] under the store's lock (rule 10); also whether a task was
+    /// enqueued (the caller raises `work`).
+    fn schedule_step_now(
+        &self,
+        key: &ScheduleKey,
+        step: ScheduleStep,
+    ) -> Result<(StepAnswer, bool)> {
+        let now = now_ms();
+        let mut s = self.store();
+        let (mut state, mut history) = s
+            .schedules
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| (ScheduleState::empty(key.clone()), Default::default()));
+        let (spec, slot) = match &step {
+            ScheduleStep::Begin { spec, through } => {
+                if state.spec == *spec {
+                    return Ok((StepAnswer::Begun(false), false));
+                }
+                state.spec = spec.clone();
+                state.through = state.through.max(*through);
+                state.last_task = None;
+                s.schedules.insert(key.clone(), (state, history));
+                return Ok((StepAnswer::Begun(true), false));
+            }
+            ScheduleStep::Manual { task } => {
+                let e = s.add_task(task.clone(), now, Some(key.name.clone()), None)?;
+                return Ok((StepAnswer::Manual { task: e.id }, true));
+            }
+            ScheduleStep::Fire { spec, slot, .. } => (spec, *slot),
+            ScheduleStep::Skip { spec, last, .. } => (spec, *last),
+        };
+        if state.spec != *spec || slot <= state.through {
+            return Ok((
+                StepAnswer::AlreadyHandled {
+                    through: state.through,
+                    spec: state.spec,
+                },
+                false,
+            ));
+        }
+        let (record, answer, work) = match step {
+            ScheduleStep::Fire {
+                slot,
+                task,
+                caught_up,
+                skip_if_running,
+                node,
+                ..
+            } => {
+                let running = state.last_task.filter(|id| {
+                    skip_if_running
+                        && s.by_id
+                            .get(id)
+                            .and_then(|seq| s.rows.get(seq))
+                            .is_some_and(|r| !r.task.state.is_terminal())
+                });
+                if let Some(prev) = running {
+                    state.skipped += 1;
+                    (
+                        SlotRecord {
+                            slot,
+                            first: slot,
+                            count: 1,
+                            outcome: SlotOutcome::Skipped,
+                            task: Some(prev),
+                            reason: Some(super::schedules::overlap_reason(prev)),
+                            at: now,
+                            node,
+                        },
+                        StepAnswer::Skipped {
+                            running: Some(prev),
+                        },
+                        false,
+                    )
+                } else {
+                    let e = s.add_task(task, now, Some(key.name.clone()), Some(slot))?;
+                    state.last_task = Some(e.id);
+                    let outcome = if caught_up {
+                        state.caught_up += 1;
+                        SlotOutcome::CaughtUp
+                    } else {
+                        state.fired += 1;
+                        SlotOutcome::Fired
+                    };
+                    (
+                        SlotRecord {
+                            slot,
+                            first: slot,
+                            count: 1,
+                            outcome,
+                            task: Some(e.id),
+                            reason: None,
+                            at: now,
+                            node,
+                        },
+                        StepAnswer::Fired {
+                            task: e.id,
+                            existing: e.existing,
+                        },
+                        !e.existing,
+                    )
+                }
+            }
+            ScheduleStep::Skip {
+                first,
+                last,
+                count,
+                reason,
+                node,
+                ..
+            } => {
+                state.skipped += count;
+                (
+                    SlotRecord {
+                        slot: last,
+                        first,
+                        count,
+                        outcome: SlotOutcome::Skipped,
+                        task: None,
+                        reason: Some(reason),
+                        at: now,
+                        node,
+                    },
+                    StepAnswer::Skipped { running: None },
+                    false,
+                )
+            }
+            ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
+                unreachable!("answered above")
+            }
+        };
+        state.through = slot;
+        state.last = Some(record.clone());
+        history.push_front(record);
+        history.truncate(super::schedules::SLOT_HISTORY);
+        s.schedules.insert(key.clone(), (state, history));
+        Ok((answer, work))
+    }
+}
+
+impl Store {
+    /// Store one task, as `enqueue` does for each of its tasks, with the schedule and slot
+    /// it runs for; a waiting or running task holding its unique key is answered instead.
+    fn add_task(
+        &mut self,
+        t: NewTask,
+        now: UnixMs,
+        schedule: Option<String>,
+        slot: Option<UnixMs>,
+    ) -> Result<Enqueued> {
+        let payload: serde_json::Value = serde_json::from_str(&t.payload)
+            .map_err(|e| BrokerError::Storage(format!("task {}: {e}", t.id)))?;
+        if self.by_id.contains_key(&t.id) {
+            return Err(BrokerError::Conflict(format!("task id {} is taken", t.id)));
+        }
+        if let Some(key) = &t.unique_key {
+            if let Some(r) = self.unique_holder(&t.queue, key, None) {
+                return Ok(Enqueued {
+                    id: r.task.id,
+                    state: r.task.state,
+                    existing: true,
+                    created_at: r.task.created_at,
+                    run_at: r.task.run_at,
+                });
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_id.insert(t.id, seq);
+        self.rows.insert(
+            seq,
+            Row {
+                task: TaskRecord {
+                    id: t.id,
+                    queue: t.queue,
+                    state: TaskState::Queued,
+                    payload,
+                    args: t.args,
+                    priority: t.priority,
+                    unique_key: t.unique_key,
+                    run_at: now,
+                    attempts: 0,
+                    created_at: now,
+                    updated_at: now,
+                    finished_at: None,
+                    last_error: None,
+                    cancel_requested: false,
+                    node: None,
+                    schedule,
+                    slot,
+                },
+                history: Vec::new(),
+                token: 0,
+                lease_expires: 0,
+                pid: None,
+                pid_start: None,
+                started_at: None,
+            },
+        );
+        Ok(Enqueued {
+            id: t.id,
+            state: TaskState::Queued,
+            existing: false,
+            created_at: now,
+            run_at: now,
+        })
     }
 }
 

@@ -51,7 +51,14 @@
 //! 9. **Shared backends** ([`Broker::shared`]) read time from the store's clock for lease
 //!    expiry and due times, keep the node registry ([`Broker::heartbeat`],
 //!    [`Broker::nodes`]), and are only ever recovered with [`Recover::Expired`].
-//! 10. **The audit trail is append-only and bounded.** [`Broker::audit`] adds exactly one
+//! 10. **A schedule's slot is handled once** ([`Broker::schedule_step`]). A `Fire` or `Skip`
+//!     whose slot is not after the record's `through`, or whose spec is not the recorded
+//!     one, writes nothing and answers `AlreadyHandled`. Otherwise the slot's task (with
+//!     its unique key, `schedule` and `slot`), its slot record, the counts and the new
+//!     `through` are one atomic change; `overlap`'s check of the previous slot's task is
+//!     made inside it. A waiting or running task already holding the slot's unique key is
+//!     that slot's task (no second one). Two clients racing for one slot: one fires it.
+//! 11. **The audit trail is append-only and bounded.** [`Broker::audit`] adds exactly one
 //!     record per call, durable when it returns (as an enqueue), stamped with the store's
 //!     clock and an id that orders records as they were taken; it keeps the newest `keep`
 //!     records and drops older ones in the same atomic step (never a scan of the keyspace:
@@ -64,6 +71,7 @@ pub mod access;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod schedules;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -80,6 +88,9 @@ use tokio::sync::Notify;
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+};
+pub use schedules::{
+    ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StepAnswer,
 };
 
 /// What went wrong inside the broker. A failing *task* is never a `BrokerError`.
@@ -288,6 +299,8 @@ pub struct Wakeups {
     pub pause: Arc<Notify>,
     /// A task that waits for a time was added: the earliest due time may have moved.
     pub sched: Arc<Notify>,
+    /// A schedule was paused or resumed: its record is worth reading again.
+    pub schedules: Arc<Notify>,
 }
 
 /// One daemon as a shared broker knows it (`taskd status`).
@@ -439,7 +452,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Start delivering wake-ups to this process (the daemon calls it once).
     async fn subscribe(&self) -> Result<Wakeups>;
 
-    /// Append `entry` to the audit trail (rule 10): one record, stamped with the store's
+    /// Append `entry` to the audit trail (rule 11): one record, stamped with the store's
     /// clock, durable when this returns; records beyond the newest `keep` (at least 1) are
     /// dropped in the same step.
     async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()>;
@@ -469,6 +482,21 @@ pub trait Broker: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeInfo>> {
         Ok(Vec::new())
     }
+
+    /// The records of these schedules, in the same order; one never written reads as
+    /// [`ScheduleState::empty`].
+    async fn schedule_states(&self, keys: &[ScheduleKey]) -> Result<Vec<ScheduleState>>;
+
+    /// Change a schedule's record by one step, atomically (rule 10): begin it at a spec, fire
+    /// a slot, record skipped slots, or enqueue its task with no slot.
+    async fn schedule_step(&self, key: &ScheduleKey, step: ScheduleStep) -> Result<StepAnswer>;
+
+    /// A schedule's newest slot records, newest first, at most `limit`.
+    async fn schedule_history(&self, key: &ScheduleKey, limit: usize) -> Result<Vec<SlotRecord>>;
+
+    /// Pause or resume a schedule (persists across restarts, like a queue's pause) and
+    /// raise the `schedules` wake-up.
+    async fn set_schedule_paused(&self, key: &ScheduleKey, paused: bool) -> Result<()>;
 
     /// Settings of the store that could lose acknowledged tasks, one sentence each.
     async fn durability_warnings(&self) -> Result<Vec<String>> {

@@ -4,12 +4,18 @@
 //! error), the state directory locked (one daemon per directory) and the store (one daemon per
 //! store, see `daemon::storelock`),
 //! inherited descriptors marked close-on-exec, the open-files limit fitted, the child
-//! subreaper flag set and the runtime built; then [`crate::daemon`] serves.
+//! subreaper flag set and the runtime built; then signals are turned into the daemon's
+//! controls (SIGTERM/SIGINT drain, a second one stops at once; SIGHUP reloads), the broker is
+//! opened and the API and control socket bound, and [`crate::daemon::run`] serves.
 
 use std::path::PathBuf;
 
+use tokio::signal::unix::{signal, SignalKind};
+
 use super::{config_path, load_or_report};
-use crate::daemon::{self, LogFile, StateLock};
+use crate::config::Config;
+use crate::daemon::storelock::StoreLock;
+use crate::daemon::{self, Handle, LogFile, StateLock};
 use crate::exit::{self, Failure};
 
 #[derive(clap::Args, Debug)]
@@ -40,7 +46,7 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
     };
     init_logging(&args.log_format, log_file.as_ref());
     let lock = StateLock::acquire(&config.state_dir, config.state_group.as_deref())?;
-    let store_lock = daemon::storelock::StoreLock::acquire(&config)?;
+    let store_lock = StoreLock::acquire(&config)?;
     daemon::set_up_process(&config);
     // One thread runs everything but SQLite writes (their own thread) and blocking reads:
     // measured, a second worker costs more in cross-thread wake-ups than it wins.
@@ -53,9 +59,84 @@ pub fn run(flag: Option<PathBuf>, args: StartArgs) -> anyhow::Result<u8> {
                 format!("failed to start the async runtime: {e}"),
             )
         })?;
-    let code = rt.block_on(daemon::serve(path, config, log_file, store_lock))?;
+    let code = rt.block_on(serve(config, log_file, store_lock))?;
     drop(lock);
     Ok(code)
+}
+
+/// The daemon on this process, until it has drained: signals steer it, the broker is opened
+/// (a shared one waited for) and the API and control socket bound before [`daemon::run`];
+/// the control socket's file is removed after it.
+async fn serve(
+    config: Config,
+    log_file: Option<LogFile>,
+    store_lock: StoreLock,
+) -> anyhow::Result<u8> {
+    let controls = daemon::Controls::new();
+    let signals = tokio::spawn(steer_by_signals(controls.handle(), log_file)?);
+    let Some(broker) = daemon::open_broker(&config, &controls.handle()).await? else {
+        tracing::info!("stopped before the broker could be reached");
+        return Ok(exit::OK);
+    };
+    let mut listeners = daemon::Listeners::bind(&config).await?;
+    listeners.store_lock = Some(store_lock);
+    let control_path = config.control_socket.clone();
+    let reaper = daemon::Reaper::spawn();
+    let served = daemon::run(config, broker, listeners, controls).await;
+    signals.abort();
+    let _ = std::fs::remove_file(&control_path);
+    reaper.stop();
+    served?;
+    tracing::info!("stopped");
+    Ok(exit::OK)
+}
+
+/// SIGTERM and SIGINT drain (a second one stops at once: running tasks are killed and put
+/// back), SIGHUP reloads the config (an invalid file is refused and the old config kept),
+/// SIGUSR1 reopens the log file. The handlers are in place when this returns.
+fn steer_by_signals(
+    daemon: Handle,
+    log_file: Option<LogFile>,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    Ok(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    daemon.reload("SIGHUP").await;
+                    continue;
+                }
+                _ = usr1.recv() => {
+                    reopen(log_file.as_ref());
+                    continue;
+                }
+            };
+            if daemon.is_shutting_down() {
+                daemon.shutdown_now();
+            } else {
+                tracing::info!("{name}: draining");
+                daemon.shutdown_because(name);
+            }
+        }
+    })
+}
+
+/// SIGUSR1: logrotate moved the log file away; write to a new one at its path.
+fn reopen(log_file: Option<&LogFile>) {
+    match log_file {
+        Some(f) => match f.reopen() {
+            Ok(()) => tracing::info!(path = %f.path().display(), "SIGUSR1: log file reopened"),
+            Err(e) => {
+                tracing::error!(path = %f.path().display(), error = %e, "SIGUSR1: failed to reopen the log file; still writing to the old one")
+            }
+        },
+        None => tracing::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+    }
 }
 
 fn init_logging(format: &str, file: Option<&LogFile>) {

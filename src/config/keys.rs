@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, TaskdLayer};
+use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, ScheduleLayer, TaskdLayer};
 use super::{defaults, limits, Backoff, Limits, Program, WorkerProgram};
 use crate::model::QueueName;
 
@@ -61,7 +61,7 @@ macro_rules! key {
 }
 
 /// The tables at the top level.
-pub(super) const ROOT: &[&str] = &["taskd", "defaults", "queues"];
+pub(super) const ROOT: &[&str] = &["taskd", "defaults", "queues", "schedules"];
 
 /// `[taskd]`: the daemon's own settings. What a key's value becomes when it is not set
 /// (which may depend on another key, as `broker` on `state_dir`) is decided where the
@@ -631,6 +631,119 @@ pub(super) const LIMITS: &[Key<Limits>] = &[
     ),
 ];
 
+/// The keys of a `[schedules.NAME]` table. Whether `cron` and `every` exclude each other, the
+/// queue exists and the payload fills its placeholders is checked once the table is read
+/// (`validate/schedule.rs`).
+pub(super) const SCHEDULE: &[Key<ScheduleLayer>] = &[
+    key!(
+        "queue",
+        "— (required)",
+        "the queue of the config whose task each slot enqueues",
+        |cx, e, l| {
+            l.queue = cx.string(e, "\"reports\"").map(|q| (q.to_string(), Place::of(e)));
+            l.queue.is_some()
+        },
+    ),
+    key!(
+        "cron",
+        "—",
+        "when it fires: 5 fields (`minute hour day-of-month month day-of-week`), or 6 with seconds first (`\"*/10 * * * * *\"`); names (`mon-fri`, `jan`), `L`, `W`, `#` and `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`. Read on the wall clock of `timezone`; see [Schedules](#schedules) for DST. Exactly one of `cron` and `every`",
+        |cx, e, l| {
+            l.cron = cx.cron(e).map(|c| (c, Place::of(e)));
+            l.cron.is_some()
+        },
+    ),
+    key!(
+        "every",
+        "—",
+        "or a fixed period, whole seconds (`\"1s\"`, `\"10m\"`, `\"6h\"`): the slots are the multiples of it since 1970-01-01 UTC, so `\"10m\"` fires at :00, :10, … whatever the zone",
+        |cx, e, l| {
+            l.every = cx.every(e).map(|c| (c, Place::of(e)));
+            l.every.is_some()
+        },
+    ),
+    key!(
+        "timezone",
+        "the machine's (`TZ`, else `/etc/localtime`)",
+        "the IANA time zone `cron` is read in (`\"Europe/Berlin\"`, `\"UTC\"`)",
+        |cx, e, l| {
+            l.timezone = cx.time_zone(e);
+            l.timezone.is_some()
+        },
+    ),
+    key!(
+        "payload",
+        "`{}`",
+        "the task's payload, a table (JSON object): `{ month = \"last\" }`. It must fill the queue's `{field}` placeholders (checked by `taskd check`)",
+        |cx, e, l| {
+            l.payload = cx.json_table(e).map(|v| (v, Place::of(e)));
+            l.payload.is_some()
+        },
+    ),
+    key!(
+        "args",
+        "`[]`",
+        "extra argv for the task, as `taskd submit QUEUE -- ARGS`",
+        |cx, e, l| {
+            l.args = cx.strings(e);
+            l.args.is_some()
+        },
+    ),
+    key!(
+        "priority",
+        "`0`",
+        "the task's priority (higher runs first among ready tasks of the queue)",
+        |cx, e, l| {
+            l.priority = cx
+                .int_in_range(e, i32::MIN as i64, i32::MAX as i64, "0")
+                .map(|n| n as i32);
+            l.priority.is_some()
+        },
+    ),
+    key!(
+        "missed",
+        "`\"latest\"`",
+        "slots missed while no daemon fired them (down, paused, disabled, a clock step forward): `\"skip\"` runs none, `\"latest\"` one run for the newest, `\"all\"` every one (at most `max_catch_up`, the newest). Each is recorded",
+        |cx, e, l| {
+            l.missed = cx
+                .one_of(e, &crate::slots::Missed::NAMES)
+                .and_then(crate::slots::Missed::parse);
+            l.missed.is_some()
+        },
+    ),
+    key!(
+        "max_catch_up",
+        "`100`",
+        "with `missed = \"all\"`, the most missed slots that run (1–10000); older ones are recorded as skipped",
+        |cx, e, l| {
+            l.max_catch_up = cx
+                .int_in_range(e, 1, super::schedule::MAX_CATCH_UP_LIMIT, "100")
+                .map(|n| n as u32);
+            l.max_catch_up.is_some()
+        },
+    ),
+    key!(
+        "overlap",
+        "`\"skip\"`",
+        "when the previous slot's task is still waiting or running: `\"skip\"` records the slot as skipped, `\"allow\"` enqueues it anyway",
+        |cx, e, l| {
+            l.overlap = cx
+                .one_of(e, &super::Overlap::NAMES)
+                .and_then(super::Overlap::parse);
+            l.overlap.is_some()
+        },
+    ),
+    key!(
+        "enabled",
+        "`true`",
+        "`false` keeps the schedule in the config without firing it; enabling it again treats the slots since as missed, as `taskd schedules resume` does",
+        |cx, e, l| {
+            l.enabled = cx.boolean(e);
+            l.enabled.is_some()
+        },
+    ),
+];
+
 /// Whether `name` is a `[taskd]` key.
 pub(super) fn is_taskd(name: &str) -> bool {
     find(TASKD, name).is_some()
@@ -682,6 +795,7 @@ fn reference() -> Vec<(&'static str, String)> {
         ("backoff", table("sub-key", BACKOFF.iter().map(|k| &k.doc))),
         ("worker", table("key", WORKER.iter().map(|k| &k.doc))),
         ("limits", table("sub-key", LIMITS.iter().map(|k| &k.doc))),
+        ("schedule", table("key", SCHEDULE.iter().map(|k| &k.doc))),
     ]
 }
 
@@ -749,7 +863,11 @@ mod tests {
         let before = all.len();
         all.dedup();
         assert_eq!(before, all.len(), "a key is defined twice: {all:?}");
-        for keys in [names(BACKOFF).collect::<Vec<_>>(), names(LIMITS).collect()] {
+        for keys in [
+            names(BACKOFF).collect::<Vec<_>>(),
+            names(LIMITS).collect(),
+            names(SCHEDULE).collect(),
+        ] {
             let mut k = keys.clone();
             k.sort_unstable();
             k.dedup();

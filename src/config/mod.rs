@@ -39,6 +39,7 @@
 mod backoff;
 mod keys;
 pub mod runnable;
+mod schedule;
 mod template;
 mod units;
 mod validate;
@@ -53,6 +54,7 @@ use crate::model::QueueName;
 
 pub use backoff::{Backoff, BackoffKind};
 pub use keys::QueueConfig;
+pub use schedule::{Overlap, ScheduleConfig};
 pub use template::ArgTemplate;
 
 /// A validated config, with defaults applied and every path absolute.
@@ -87,6 +89,8 @@ pub struct Config {
     /// Which task ends the daemon logs (`log_tasks`, default failures).
     pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,
+    /// `[schedules.NAME]`, by name.
+    pub schedules: BTreeMap<String, ScheduleConfig>,
 }
 
 /// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a

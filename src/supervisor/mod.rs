@@ -158,7 +158,8 @@ pub struct Supervisor {
     node: String,
     queues: Mutex<HashMap<QueueName, Arc<QueueRt>>>,
     /// Every task this node holds a lease on: claimed and waiting in a queue's `held`
-    /// buffer, or running. Renewed together; cancelled through their tokens.
+    /// buffer, or running. Renewed together; cancelled through their tokens. Taken after a
+    /// queue's `held` lock when both are held.
     leases: Mutex<HashMap<TaskId, HeldTask>>,
     /// Stop claiming (drain).
     draining: CancellationToken,
@@ -486,17 +487,18 @@ impl Supervisor {
                 return;
             }
             if self.is_paused(&q.name) {
+                // Paused as this node last read it: give back what it holds, and claim
+                // nothing until news (the resume's wake-up kicks every queue). The store may
+                // already be resumed; a claim then would only be released again on the next
+                // turn, a loop that never waits when the broker answers at once.
                 self.release_held(&q).await;
+                self.wait_for_news(&q).await;
+                continue;
             }
             if self.halted().is_some() {
                 // Held tasks stay held (their release would be a write too); `unhalt`
                 // kicks the queue.
-                tokio::select! {
-                    _ = q.kick.notified() => {}
-                    _ = tokio::time::sleep(FALLBACK_TICK) => {}
-                    _ = self.draining.cancelled() => {}
-                    _ = q.removed.cancelled() => {}
-                }
+                self.wait_for_news(&q).await;
                 continue;
             }
             self.start_held(&q);
@@ -569,13 +571,19 @@ impl Supervisor {
                     }
                 }
             }
-            // The queue is dry, or every slot is busy and the buffer is full: wait for news.
-            tokio::select! {
-                _ = q.kick.notified() => {}
-                _ = tokio::time::sleep(FALLBACK_TICK) => {}
-                _ = self.draining.cancelled() => {}
-                _ = q.removed.cancelled() => {}
-            }
+            // The queue is dry, or every slot is busy and the buffer is full.
+            self.wait_for_news(&q).await;
+        }
+    }
+
+    /// Until the queue is kicked (a wake-up, a finished task, a resume, an unhalt), the
+    /// fallback tick, a drain or the queue's removal.
+    async fn wait_for_news(&self, q: &QueueRt) {
+        tokio::select! {
+            _ = q.kick.notified() => {}
+            _ = tokio::time::sleep(FALLBACK_TICK) => {}
+            _ = self.draining.cancelled() => {}
+            _ = q.removed.cancelled() => {}
         }
     }
 
@@ -938,8 +946,9 @@ impl Supervisor {
             .collect();
         for q in queues {
             let cancelled: Vec<Claimed> = {
-                let leases = self.leases.lock().expect("not poisoned");
+                // A queue's `held` before `leases`, as everywhere both are taken.
                 let mut held = q.held.lock().expect("not poisoned");
+                let leases = self.leases.lock().expect("not poisoned");
                 let (gone, keep): (Vec<Claimed>, Vec<Claimed>) = held.drain(..).partition(|c| {
                     leases
                         .get(&c.task.id)

@@ -215,6 +215,8 @@ pub(crate) fn test_claimed(attempt: u32) -> Claimed {
         last_error: None,
         cancel_requested: false,
         node: None,
+        schedule: None,
+        slot: None,
     };
     Claimed {
         lease: Lease {

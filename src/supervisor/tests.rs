@@ -144,3 +144,63 @@ async fn a_drained_supervisor_claims_nothing_more() {
     }
     assert_eq!(f.supervisor.snapshot().running, 0);
 }
+
+/// Runs `test` on a runtime of its own with tokio's clock paused, on a thread of its own,
+/// and fails when it has not returned within a minute of real time: a loop that never waits
+/// would otherwise hang the test binary instead of failing it (the paused clock cannot
+/// advance while a task spins).
+fn within_a_minute<F>(test: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        rt.block_on(test());
+        let _ = done_tx.send(());
+    });
+    match done_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("no answer within a minute of real time: a loop never waits")
+        }
+        // The test panicked on its thread; its message is above.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test failed"),
+    }
+}
+
+/// A queue resumed while its dispatcher still holds the pause it last read: the store gives
+/// it tasks again, and it must not claim them only to release them on its next turn (with a
+/// broker that answers at once that loop never waited, so nothing else ran, not even the
+/// wake-up that would have told it of the resume). The time that passes while the queue is
+/// paused brings the dispatcher's fallback tick due with the resume; how far into that tick
+/// the pause falls decides which loop runs first, so several offsets are tried.
+#[test]
+fn a_queue_resumed_after_a_while_paused_runs_its_tasks() {
+    within_a_minute(|| async {
+        for offset_ms in [0, 500, 1000, 1500, 1900] {
+            let f = start("[queues.q]\ncommand = [\"/nonexistent/taskd-test-program\"]\n").await;
+            f.broker.set_paused(&qn("q"), true).await.expect("pause");
+            let ids = enqueue(&f.broker, "q", "{}", 2).await;
+            tokio::time::sleep(Duration::from_millis(offset_ms)).await;
+            tokio::time::advance(Duration::from_secs(10)).await;
+            for id in &ids {
+                let t = f.broker.get(*id).await.expect("get").expect("exists").task;
+                assert_eq!(
+                    (t.state, t.node.as_deref()),
+                    (TaskState::Queued, None),
+                    "paused"
+                );
+            }
+            f.broker.set_paused(&qn("q"), false).await.expect("resume");
+            settle(&f.broker, &ids, TaskState::Failed).await;
+            f.supervisor
+                .drain(Duration::from_secs(1), CancellationToken::new())
+                .await;
+        }
+    });
+}

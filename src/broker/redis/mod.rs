@@ -22,6 +22,7 @@ use redis::{RedisError, Script};
 
 mod inbox;
 mod results;
+mod schedules;
 
 use inbox::{plain, store_all, store_inboxes, STORE_TICK};
 use results::{finish_call, finish_loop, Finishing};
@@ -599,6 +600,8 @@ fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
         last_error: h.get("last_error").cloned(),
         cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
         node: h.get("node").cloned(),
+        schedule: h.get("schedule").cloned(),
+        slot: opt_num(h, "slot"),
     })
 }
 
@@ -1123,6 +1126,7 @@ impl Broker for RedisBroker {
                             b"cancel" => w.cancel.notify_one(),
                             b"pause" => w.pause.notify_one(),
                             b"sched" => w.sched.notify_one(),
+                            b"schedules" => w.schedules.notify_one(),
                             _ => {
                                 w.work.notify_one();
                                 store.notify_one();
@@ -1142,6 +1146,7 @@ impl Broker for RedisBroker {
                         w.cancel.notify_one();
                         w.pause.notify_one();
                         w.sched.notify_one();
+                        w.schedules.notify_one();
                     }
                     Err(e) => tracing::debug!(error = %e, "wake-up subscription still down"),
                 }
@@ -1212,6 +1217,33 @@ impl Broker for RedisBroker {
                 Ok(AuditRecord { id, at, entry })
             })
             .collect()
+    }
+
+    async fn schedule_states(
+        &self,
+        keys: &[super::ScheduleKey],
+    ) -> Result<Vec<super::ScheduleState>> {
+        self.schedule_states_in(keys).await
+    }
+
+    async fn schedule_step(
+        &self,
+        key: &super::ScheduleKey,
+        step: super::ScheduleStep,
+    ) -> Result<super::StepAnswer> {
+        self.schedule_step_in(key, step).await
+    }
+
+    async fn schedule_history(
+        &self,
+        key: &super::ScheduleKey,
+        limit: usize,
+    ) -> Result<Vec<super::SlotRecord>> {
+        self.schedule_history_in(key, limit).await
+    }
+
+    async fn set_schedule_paused(&self, key: &super::ScheduleKey, paused: bool) -> Result<()> {
+        self.set_schedule_paused_in(key, paused).await
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {

@@ -20,6 +20,7 @@
 
 mod conn;
 mod rows;
+mod schedules;
 mod schema;
 mod wake;
 mod writer;
@@ -159,8 +160,8 @@ impl SqliteBroker {
             let mut rows: Vec<(i64, Claimed)> = stmt
                 .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
                     let task = row_to_task(r)?;
-                    let token: i64 = r.get(15)?;
-                    let seq: i64 = r.get(16)?;
+                    let token: i64 = r.get("lease_token")?;
+                    let seq: i64 = r.get("seq")?;
                     Ok((
                         seq,
                         Claimed {
@@ -447,7 +448,7 @@ impl Broker for SqliteBroker {
             let row: Option<(i64, TaskRecord)> = conn
                 .prepare_cached(&format!("SELECT {TASK_COLS}, seq FROM tasks WHERE id = ?1"))
                 .and_then(|mut s| {
-                    s.query_row([id.to_string()], |r| Ok((r.get(16)?, row_to_task(r)?)))
+                    s.query_row([id.to_string()], |r| Ok((r.get("seq")?, row_to_task(r)?)))
                         .optional()
                 })
                 .map_err(storage)?;
@@ -777,5 +778,32 @@ impl Broker for SqliteBroker {
                 .collect()
         })
         .await
+    }
+
+    async fn schedule_states(
+        &self,
+        keys: &[super::ScheduleKey],
+    ) -> Result<Vec<super::ScheduleState>> {
+        self.schedule_states_in(keys).await
+    }
+
+    async fn schedule_step(
+        &self,
+        key: &super::ScheduleKey,
+        step: super::ScheduleStep,
+    ) -> Result<super::StepAnswer> {
+        self.schedule_step_in(key, step).await
+    }
+
+    async fn schedule_history(
+        &self,
+        key: &super::ScheduleKey,
+        limit: usize,
+    ) -> Result<Vec<super::SlotRecord>> {
+        self.schedule_history_in(key, limit).await
+    }
+
+    async fn set_schedule_paused(&self, key: &super::ScheduleKey, paused: bool) -> Result<()> {
+        self.set_schedule_paused_in(key, paused).await
     }
 }

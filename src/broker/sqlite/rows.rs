@@ -22,7 +22,8 @@ pub(super) fn boot_id() -> &'static str {
 /// The columns [`row_to_task`] reads, in its order.
 pub(super) const TASK_COLS: &str =
     "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
-     created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token";
+     created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token, \
+     schedule, slot";
 
 pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let id: String = r.get(0)?;
@@ -53,6 +54,8 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         last_error: r.get(12)?,
         cancel_requested: r.get::<_, i64>(13)? != 0,
         node: r.get(14)?,
+        schedule: r.get(16)?,
+        slot: r.get(17)?,
     })
 }
 

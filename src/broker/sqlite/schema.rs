@@ -71,7 +71,40 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tasks ADD COLUMN pid_boot TEXT;
     "#,
-    // 3: the audit trail: who changed what (broker rule 10). `seq` orders the records and is
+    // 3: schedules. A task records the schedule and slot it was enqueued for; each schedule
+    // (by name and queue) has a record of its handled slots and its newest slot records.
+    r#"
+    ALTER TABLE tasks ADD COLUMN schedule TEXT;
+    ALTER TABLE tasks ADD COLUMN slot INTEGER;
+    CREATE TABLE schedules (
+        name       TEXT    NOT NULL,
+        queue      TEXT    NOT NULL,
+        spec       TEXT    NOT NULL DEFAULT '',
+        through    INTEGER NOT NULL DEFAULT 0,
+        last_task  TEXT,
+        fired      INTEGER NOT NULL DEFAULT 0,
+        caught_up  INTEGER NOT NULL DEFAULT 0,
+        skipped    INTEGER NOT NULL DEFAULT 0,
+        paused     INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (name, queue)
+    );
+    CREATE TABLE schedule_slots (
+        seq     INTEGER PRIMARY KEY,
+        name    TEXT    NOT NULL,
+        queue   TEXT    NOT NULL,
+        slot    INTEGER NOT NULL,
+        first   INTEGER NOT NULL,
+        count   INTEGER NOT NULL,
+        outcome TEXT    NOT NULL,
+        task    TEXT,
+        reason  TEXT,
+        at      INTEGER NOT NULL,
+        node    TEXT    NOT NULL
+    );
+    CREATE INDEX schedule_slots_by_schedule ON schedule_slots(name, queue, seq);
+    "#,
+    // 4: the audit trail: who changed what (broker rule 11). `seq` orders the records and is
     // never reused (AUTOINCREMENT), so that a cursor stays valid after old records are
     // dropped; `record` is the whole entry as JSON; `action`, `task` and `queue` are there to
     // be read with sqlite3.

@@ -1,5 +1,5 @@
 //! Wake-ups: a producer that changed something sends a datagram (`work`, `cancel`, `pause`,
-//! `sched`) to a Unix socket next to the database, `<db>.wake`, where the daemon listens.
+//! `sched`, `schedules`) to a Unix socket next to the database, `<db>.wake`, where the daemon listens.
 //! Losing one only delays a task until the daemon's next periodic check, so sending is best
 //! effort and never fails an operation.
 
@@ -68,6 +68,7 @@ pub(super) fn listen(wake_path: &Path) -> Result<Wakeups> {
             // A burst of producers sends a burst of datagrams: take all that are waiting
             // and raise each kind of wake-up once.
             let (mut work, mut cancel, mut pause, mut sched) = (false, false, false, false);
+            let mut schedules = false;
             let mut first = true;
             loop {
                 if !first {
@@ -81,6 +82,7 @@ pub(super) fn listen(wake_path: &Path) -> Result<Wakeups> {
                     b"cancel" => cancel = true,
                     b"pause" => pause = true,
                     b"sched" => sched = true,
+                    b"schedules" => schedules = true,
                     _ => work = true,
                 }
             }
@@ -95,6 +97,9 @@ pub(super) fn listen(wake_path: &Path) -> Result<Wakeups> {
             }
             if sched {
                 w.sched.notify_one();
+            }
+            if schedules {
+                w.schedules.notify_one();
             }
         }
     });

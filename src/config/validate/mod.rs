@@ -22,6 +22,7 @@
 mod limits;
 mod program;
 mod queue;
+mod schedule;
 mod syntax;
 mod taskd;
 mod values;
@@ -39,6 +40,7 @@ use super::{defaults, BrokerUrl, Config, Diagnostic};
 
 pub(super) use limits::nr_open;
 pub(super) use queue::{Account, BackoffLayer};
+pub(super) use schedule::ScheduleLayer;
 pub(super) use taskd::TaskdLayer;
 
 type Span = Option<Range<usize>>;
@@ -208,6 +210,7 @@ enum Section {
     Limits,
     /// An entry of `[taskd] tokens`.
     Tokens,
+    Schedule,
 }
 
 /// Where a value was written: its span and dotted key, for an error found after the value
@@ -298,6 +301,7 @@ impl Cx<'_> {
         let mut taskd = TaskdLayer::default();
         let mut defaults_layer = None;
         let mut queue_tables = Vec::new();
+        let mut schedule_tables = Vec::new();
         for e in entries(root, "") {
             match e.name {
                 "taskd" => {
@@ -322,6 +326,11 @@ impl Cx<'_> {
                         queue_tables = entries(t, &e.path);
                     }
                 }
+                "schedules" => {
+                    if let Some(t) = self.table(&e, "[schedules.NAME] tables") {
+                        schedule_tables = entries(t, &e.path);
+                    }
+                }
                 _ => self.unknown_key(&e, Section::Root, "at the top level", keys::ROOT),
             }
         }
@@ -343,6 +352,10 @@ impl Cx<'_> {
         }
 
         let tokens = taskd.api_tokens();
+        let max_payload = taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD);
+        let queues_broken = queues.len() < queue_tables.len();
+        let schedules = self.schedules(&schedule_tables, &queues, max_payload, queues_broken);
+
         let state_dir = taskd.state_dir.unwrap_or_else(|| {
             let from_systemd = state_directory.and_then(|v| {
                 let v = v.to_string_lossy().into_owned();
@@ -381,9 +394,10 @@ impl Cx<'_> {
             audit_keep: taskd.audit_keep.unwrap_or(defaults::AUDIT_KEEP),
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
-            max_payload: taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD),
+            max_payload,
             log_tasks: taskd.log_tasks.unwrap_or_default(),
             queues,
+            schedules,
         }
     }
 }

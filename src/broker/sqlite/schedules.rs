@@ -1,0 +1,359 @@
+//! Schedules in the embedded store: the `schedules` table (one record per schedule name and
+//! queue) and `schedule_slots` (the newest slot records of each). A step is one write: the
+//! check of `through` and the spec, the task's insert and the record's update commit in one
+//! transaction (rule 10 of the trait).
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::conn::storage;
+use super::rows::insert_task;
+use super::SqliteBroker;
+use crate::broker::schedules::{overlap_reason, SLOT_HISTORY};
+use crate::broker::{
+    BrokerError, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord,
+    StepAnswer,
+};
+use crate::model::{now_ms, NewTask, TaskState, UnixMs};
+
+const STATE_COLS: &str = "spec, through, last_task, fired, caught_up, skipped, paused";
+const SLOT_COLS: &str = "slot, first, count, outcome, task, reason, at, node";
+
+fn parse<T: std::str::FromStr<Err = String>>(s: Option<String>) -> rusqlite::Result<Option<T>> {
+    s.map(|s| {
+        s.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+        })
+    })
+    .transpose()
+}
+
+fn slot_row(r: &Row<'_>) -> rusqlite::Result<SlotRecord> {
+    let outcome: String = r.get(3)?;
+    Ok(SlotRecord {
+        slot: r.get(0)?,
+        first: r.get(1)?,
+        count: r.get::<_, i64>(2)? as u64,
+        outcome: SlotOutcome::parse(&outcome).unwrap_or(SlotOutcome::Skipped),
+        task: parse(r.get(4)?)?,
+        reason: r.get(5)?,
+        at: r.get(6)?,
+        node: r.get(7)?,
+    })
+}
+
+/// The record of `key`, or the empty one.
+fn read_state(conn: &Connection, key: &ScheduleKey) -> Result<ScheduleState> {
+    let mut st = ScheduleState::empty(key.clone());
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {STATE_COLS} FROM schedules WHERE name = ?1 AND queue = ?2"
+        ))
+        .and_then(|mut s| {
+            s.query_row(params![key.name, key.queue.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    parse(r.get(2)?)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)? != 0,
+                ))
+            })
+            .optional()
+        })
+        .map_err(storage)?;
+    if let Some((spec, through, last_task, fired, caught_up, skipped, paused)) = row {
+        st.spec = spec;
+        st.through = through;
+        st.last_task = last_task;
+        st.fired = fired as u64;
+        st.caught_up = caught_up as u64;
+        st.skipped = skipped as u64;
+        st.paused = paused;
+        st.last = history(conn, key, 1)?.pop();
+    }
+    Ok(st)
+}
+
+fn history(conn: &Connection, key: &ScheduleKey, limit: usize) -> Result<Vec<SlotRecord>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SLOT_COLS} FROM schedule_slots WHERE name = ?1 AND queue = ?2 ORDER BY seq DESC LIMIT ?3"
+    ))
+    .and_then(|mut s| {
+        s.query_map(params![key.name, key.queue.as_str(), limit as i64], slot_row)
+            .and_then(|it| it.collect())
+    })
+    .map_err(storage)
+}
+
+/// Write the record's fields (creating it when missing).
+fn write_state(conn: &Connection, st: &ScheduleState, now: UnixMs) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO schedules (name, queue, spec, through, last_task, fired, caught_up, skipped, paused, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (name, queue) DO UPDATE SET spec = ?3, through = ?4, last_task = ?5, fired = ?6,
+            caught_up = ?7, skipped = ?8, paused = ?9, updated_at = ?10",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            st.key.name,
+            st.key.queue.as_str(),
+            st.spec,
+            st.through,
+            st.last_task.map(|t| t.to_string()),
+            st.fired as i64,
+            st.caught_up as i64,
+            st.skipped as i64,
+            st.paused,
+            now
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Add a slot record and drop those past the history's length.
+fn add_record(conn: &Connection, key: &ScheduleKey, rec: &SlotRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO schedule_slots (name, queue, slot, first, count, outcome, task, reason, at, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            key.name,
+            key.queue.as_str(),
+            rec.slot,
+            rec.first,
+            rec.count as i64,
+            rec.outcome.as_str(),
+            rec.task.map(|t| t.to_string()),
+            rec.reason,
+            rec.at,
+            rec.node
+        ])
+    })
+    .map_err(storage)?;
+    conn.prepare_cached(
+        "DELETE FROM schedule_slots WHERE name = ?1 AND queue = ?2 AND seq <=
+            (SELECT seq FROM schedule_slots WHERE name = ?1 AND queue = ?2 ORDER BY seq DESC LIMIT 1 OFFSET ?3)",
+    )
+    .and_then(|mut s| s.execute(params![key.name, key.queue.as_str(), SLOT_HISTORY as i64]))
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Insert a schedule's task and mark it with the schedule and slot; a waiting or running
+/// task holding its unique key is answered instead (`existing`).
+fn insert_for(
+    conn: &Connection,
+    key: &ScheduleKey,
+    task: &NewTask,
+    slot: Option<UnixMs>,
+    now: UnixMs,
+) -> Result<crate::broker::Enqueued> {
+    if task.queue != key.queue {
+        return Err(BrokerError::Conflict(format!(
+            "schedule {}'s task is for queue {}, not {}",
+            key.name, task.queue, key.queue
+        )));
+    }
+    let e = insert_task(conn, task, now)?;
+    if !e.existing {
+        conn.prepare_cached("UPDATE tasks SET schedule = ?2, slot = ?3 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![e.id.to_string(), key.name, slot]))
+            .map_err(storage)?;
+    }
+    Ok(e)
+}
+
+/// One step, inside the writer's transaction. Also whether a task was enqueued.
+fn step(
+    conn: &Connection,
+    key: &ScheduleKey,
+    step: ScheduleStep,
+    now: UnixMs,
+) -> Result<(StepAnswer, bool)> {
+    let mut st = read_state(conn, key)?;
+    let (spec, slot) = match &step {
+        ScheduleStep::Begin { spec, through } => {
+            if st.spec == *spec {
+                return Ok((StepAnswer::Begun(false), false));
+            }
+            st.spec = spec.clone();
+            st.through = st.through.max(*through);
+            st.last_task = None;
+            write_state(conn, &st, now)?;
+            return Ok((StepAnswer::Begun(true), false));
+        }
+        ScheduleStep::Manual { task } => {
+            let e = insert_for(conn, key, task, None, now)?;
+            return Ok((StepAnswer::Manual { task: e.id }, !e.existing));
+        }
+        ScheduleStep::Fire { spec, slot, .. } => (spec.clone(), *slot),
+        ScheduleStep::Skip { spec, last, .. } => (spec.clone(), *last),
+    };
+    if st.spec != spec || slot <= st.through {
+        return Ok((
+            StepAnswer::AlreadyHandled {
+                through: st.through,
+                spec: st.spec,
+            },
+            false,
+        ));
+    }
+    let (record, answer, work) = match step {
+        ScheduleStep::Fire {
+            slot,
+            task,
+            caught_up,
+            skip_if_running,
+            node,
+            ..
+        } => {
+            let running = match st.last_task.filter(|_| skip_if_running) {
+                Some(prev) => {
+                    let state: Option<String> = conn
+                        .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+                        .and_then(|mut s| s.query_row([prev.to_string()], |r| r.get(0)).optional())
+                        .map_err(storage)?;
+                    state
+                        .and_then(|s| s.parse::<TaskState>().ok())
+                        .filter(|s| !s.is_terminal())
+                        .map(|_| prev)
+                }
+                None => None,
+            };
+            if let Some(prev) = running {
+                st.skipped += 1;
+                (
+                    SlotRecord {
+                        slot,
+                        first: slot,
+                        count: 1,
+                        outcome: SlotOutcome::Skipped,
+                        task: Some(prev),
+                        reason: Some(overlap_reason(prev)),
+                        at: now,
+                        node,
+                    },
+                    StepAnswer::Skipped {
+                        running: Some(prev),
+                    },
+                    false,
+                )
+            } else {
+                let e = insert_for(conn, key, &task, Some(slot), now)?;
+                st.last_task = Some(e.id);
+                let outcome = if caught_up {
+                    st.caught_up += 1;
+                    SlotOutcome::CaughtUp
+                } else {
+                    st.fired += 1;
+                    SlotOutcome::Fired
+                };
+                (
+                    SlotRecord {
+                        slot,
+                        first: slot,
+                        count: 1,
+                        outcome,
+                        task: Some(e.id),
+                        reason: None,
+                        at: now,
+                        node,
+                    },
+                    StepAnswer::Fired {
+                        task: e.id,
+                        existing: e.existing,
+                    },
+                    !e.existing,
+                )
+            }
+        }
+        ScheduleStep::Skip {
+            first,
+            last,
+            count,
+            reason,
+            node,
+            ..
+        } => {
+            st.skipped += count;
+            (
+                SlotRecord {
+                    slot: last,
+                    first,
+                    count,
+                    outcome: SlotOutcome::Skipped,
+                    task: None,
+                    reason: Some(reason),
+                    at: now,
+                    node,
+                },
+                StepAnswer::Skipped { running: None },
+                false,
+            )
+        }
+        ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
+            unreachable!("answered above")
+        }
+    };
+    st.through = slot;
+    write_state(conn, &st, now)?;
+    add_record(conn, key, &record)?;
+    Ok((answer, work))
+}
+
+impl SqliteBroker {
+    pub(super) async fn schedule_states_in(
+        &self,
+        keys: &[ScheduleKey],
+    ) -> Result<Vec<ScheduleState>> {
+        let keys = keys.to_vec();
+        self.read(move |conn| keys.iter().map(|k| read_state(conn, k)).collect())
+            .await
+    }
+
+    pub(super) async fn schedule_step_in(
+        &self,
+        key: &ScheduleKey,
+        s: ScheduleStep,
+    ) -> Result<StepAnswer> {
+        let key = key.clone();
+        // A fired slot's task is a new task: the daemon's dispatcher is told after the commit.
+        let wakes = matches!(s, ScheduleStep::Fire { .. } | ScheduleStep::Manual { .. });
+        let (answer, work) = self
+            .write(move |conn| step(conn, &key, s, now_ms()))
+            .await?;
+        if wakes && work {
+            self.wake(b"work");
+        }
+        Ok(answer)
+    }
+
+    pub(super) async fn schedule_history_in(
+        &self,
+        key: &ScheduleKey,
+        limit: usize,
+    ) -> Result<Vec<SlotRecord>> {
+        let key = key.clone();
+        self.read(move |conn| history(conn, &key, limit)).await
+    }
+
+    pub(super) async fn set_schedule_paused_in(
+        &self,
+        key: &ScheduleKey,
+        paused: bool,
+    ) -> Result<()> {
+        let key = key.clone();
+        self.write(move |conn| {
+            let mut st = read_state(conn, &key)?;
+            st.paused = paused;
+            write_state(conn, &st, now_ms())
+        })
+        .await?;
+        self.wake(b"schedules");
+        Ok(())
+    }
+}
