@@ -482,6 +482,55 @@ fn every_path(s: &Setup) {
     });
     assert_who(&r, "api", None, Some("ci"));
     assert_what(&r, "restart", None, Some("w"), "ok", "restarting 1 worker");
+    // A bulk operation: one record for the whole of it, with its filter and count; a dry
+    // run changes nothing and is not recorded.
+    let cancelled: Vec<String> = (0..3)
+        .map(|_| {
+            let id = env
+                .ok(&["submit", "q", "{}", "--delay", "1h"])
+                .trim()
+                .to_string();
+            env.ok(&["cancel", &id]);
+            id
+        })
+        .collect();
+    t.count += 3;
+    let bulk = |body: &str| {
+        let r = ureq::post(&api("tasks/bulk"))
+            .set("Authorization", &format!("Bearer {CI_TOKEN}"))
+            .send_string(body)
+            .unwrap_or_else(|e| panic!("bulk: {e}"));
+        serde_json::from_str::<Value>(&r.into_string().expect("a body")).expect("JSON")
+    };
+    t.none("a bulk dry run", || {
+        let v = bulk(r#"{"action": "retry", "filter": {"queue": "q", "state": "cancelled"}, "dry_run": true}"#);
+        assert_eq!(v["matched"], 3, "{v:#}");
+    });
+    let r = t.one("a bulk retry", || {
+        let v = bulk(
+            r#"{"action": "retry", "filter": {"queue": "q", "state": "cancelled"}, "expect": 3}"#,
+        );
+        assert_eq!(v["done"], 3, "{v:#}");
+    });
+    assert_who(&r, "api", None, Some("ci"));
+    assert_what(
+        &r,
+        "bulk_retry",
+        None,
+        Some("q"),
+        "ok",
+        "3 of 3 tasks queued again",
+    );
+    assert_eq!(
+        r["filter"],
+        serde_json::json!({"queue": "q", "state": "cancelled"})
+    );
+    assert_eq!(r["count"], 3);
+    assert_eq!(r["target"], "queue=q state=cancelled (3 tasks)");
+    for id in &cancelled {
+        assert_ne!(env.state(id), "cancelled", "{id} was retried");
+    }
+
     // Refused before anything is attempted: a missing or wrong token (the log says so),
     // a malformed id, a queue the daemon does not know, a queue without workers.
     t.none("POST pause with a wrong token", || {

@@ -33,10 +33,11 @@ use taskd::broker::memory::MemoryBroker;
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
-    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, QueueCounts, Recover,
+    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, PayloadMatch,
+    QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskState,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -193,6 +194,9 @@ macro_rules! contract_tests {
                 retry_refuses_when_unique_key_is_taken,
                 retry_unknown_task,
                 list_filters_limit_newest_first,
+                list_search_by_id_unique_key_and_payload,
+                list_time_range_and_cursor_pages,
+                stats_add_up_and_keep_the_larger_max,
                 counts_by_queue_and_state,
                 next_due_is_earliest_waiting,
                 next_due_ignores_paused_queues,
@@ -318,7 +322,9 @@ async fn snapshot(b: &B, id: TaskId) -> serde_json::Value {
 }
 
 async fn claim(b: &B, queue: &str, max: usize) -> Vec<Claimed> {
-    b.claim(NODE, &qn(queue), max, LEASE).await.expect("claim")
+    b.claim(&NODE.into(), &qn(queue), max, LEASE)
+        .await
+        .expect("claim")
 }
 
 /// Claim exactly one task of `queue` and check it is `id`. The task is only reserved
@@ -340,7 +346,7 @@ async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
         "a claimed task stays queued until it starts"
     );
     assert_eq!(
-        c.task.node.as_deref(),
+        c.task.node.as_ref().map(NodeId::as_str),
         Some(NODE),
         "a claimed task is held by its node"
     );
@@ -735,7 +741,9 @@ pub mod cases {
             .expect("list");
         assert_eq!(queued.len(), 5);
         assert!(
-            queued.iter().all(|t| t.node.as_deref() == Some(NODE)),
+            queued
+                .iter()
+                .all(|t| t.node.as_ref().map(NodeId::as_str) == Some(NODE)),
             "{queued:?}"
         );
         let running = b
@@ -803,7 +811,10 @@ pub mod cases {
             "an unknown queue has nothing"
         );
         for t in &a {
-            assert_eq!(get(&b, t.id).await.task.node.as_deref(), Some(NODE));
+            assert_eq!(
+                get(&b, t.id).await.task.node.as_ref().map(NodeId::as_str),
+                Some(NODE)
+            );
         }
         for t in &o {
             let r = get(&b, t.id).await.task;
@@ -822,7 +833,7 @@ pub mod cases {
         let r = get(&b, id).await.task;
         assert_eq!(r.state, TaskState::Running);
         assert_eq!(r.attempts, 1, "the started run is attempt 1");
-        assert_eq!(r.node.as_deref(), Some(NODE));
+        assert_eq!(r.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(
             claim(&b, "a1", 10).await.is_empty(),
             "a running task is not claimed again"
@@ -840,7 +851,11 @@ pub mod cases {
         assert_eq!(c.task.attempts, 0);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "a reserved task is queued");
-        assert_eq!(d.task.node.as_deref(), Some(NODE), "its node holds it");
+        assert_eq!(
+            d.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE),
+            "its node holds it"
+        );
         assert_eq!(d.task.attempts, 0, "a claim alone is not charged");
         assert_eq!(d.task.finished_at, None);
         assert!(!d.task.cancel_requested);
@@ -850,7 +865,7 @@ pub mod cases {
         // Not claimable again, by anyone: the next claim gets the next task.
         let b2 = g.connect().await;
         let got = b2
-            .claim("node-b", &qn("rs"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("rs"), 10, LEASE)
             .await
             .expect("claim");
         assert_eq!(
@@ -858,9 +873,15 @@ pub mod cases {
             vec![other],
             "a reserved task was claimed again"
         );
-        assert_eq!(got[0].task.node.as_deref(), Some("node-b"));
+        assert_eq!(
+            got[0].task.node.as_ref().map(NodeId::as_str),
+            Some("node-b")
+        );
         assert!(claim(&b, "rs", 10).await.is_empty());
-        assert_eq!(get(&b, id).await.task.node.as_deref(), Some(NODE));
+        assert_eq!(
+            get(&b, id).await.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE)
+        );
 
         // Claiming with attempts already charged: the run has the next number, still uncharged.
         let c2 = &got[0];
@@ -891,7 +912,7 @@ pub mod cases {
         assert_eq!(d.task.state, TaskState::Running);
         assert_eq!(d.task.attempts, 1, "started counts the attempt");
         assert_eq!(d.task.attempts, c.attempt);
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(d.task.updated_at >= before);
         assert!(d.history.is_empty(), "a run is recorded when it ends");
         assert!(claim(&b, "sm", 10).await.is_empty());
@@ -980,7 +1001,7 @@ pub mod cases {
             BTreeSet::from([qn("p")])
         );
         assert!(b2
-            .claim("node-b", &qn("p"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("p"), 10, LEASE)
             .await
             .expect("claim")
             .is_empty());
@@ -1054,7 +1075,7 @@ pub mod cases {
             // Two claimers share the first client, two the second (another process).
             let b = if w % 2 == 0 { b.clone() } else { b2.clone() };
             handles.push(tokio::spawn(async move {
-                let node = format!("node-{w}");
+                let node = NodeId::from(format!("node-{w}"));
                 let mut mine = Vec::new();
                 let start = Instant::now();
                 loop {
@@ -1258,7 +1279,7 @@ pub mod cases {
         assert_ne!(c2.lease.token, c.lease.token);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "claimed, not started yet");
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!(d.task.attempts, 1);
         start(&b, &c2).await;
         let d = get(&b, id).await;
@@ -1732,7 +1753,7 @@ pub mod cases {
         assert_eq!(oa.pid, Some(4242));
         assert_eq!(oa.pid_start, Some(1_234_567_890_123));
         assert_eq!(oa.queue, qn("pid"));
-        assert_eq!(oa.node.as_deref(), Some(NODE));
+        assert_eq!(oa.node.as_ref().map(NodeId::as_str), Some(NODE));
         let oo = orphans
             .iter()
             .find(|x| x.task == o)
@@ -1742,7 +1763,7 @@ pub mod cases {
             (None, None),
             "no pid was recorded for o"
         );
-        assert_eq!(oo.node.as_deref(), Some(NODE));
+        assert_eq!(oo.node.as_ref().map(NodeId::as_str), Some(NODE));
         let d = get(&b, a).await;
         assert_eq!(d.history.len(), 1);
         assert_eq!(
@@ -1783,7 +1804,10 @@ pub mod cases {
         let short = Duration::from_millis(1000);
         let mut cs = Vec::new();
         for id in ids.into_iter().chain([reserved]) {
-            let mut c = b.claim(NODE, &qn("rn"), 1, short).await.expect("claim");
+            let mut c = b
+                .claim(&NODE.into(), &qn("rn"), 1, short)
+                .await
+                .expect("claim");
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].task.id, id);
             cs.push(c.remove(0));
@@ -1854,7 +1878,7 @@ pub mod cases {
         assert_eq!(get(&b, cs[0].task.id).await.task.state, TaskState::Running);
         let r = get(&b, cs[4].task.id).await.task;
         assert_eq!(
-            (r.state, r.node.as_deref()),
+            (r.state, r.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -1899,7 +1923,7 @@ pub mod cases {
         // Held by another node: `All` takes every node's tasks.
         let r3 = enqueue1(&b, task("rc")).await;
         let c3 = b
-            .claim("node-b", &qn("rc"), 1, LEASE)
+            .claim(&"node-b".into(), &qn("rc"), 1, LEASE)
             .await
             .expect("claim")
             .remove(0);
@@ -1918,10 +1942,10 @@ pub mod cases {
             "only running tasks are recovered"
         );
         let o3 = orphans.iter().find(|o| o.task == r3).unwrap();
-        assert_eq!(o3.node.as_deref(), Some("node-b"));
+        assert_eq!(o3.node.as_ref().map(NodeId::as_str), Some("node-b"));
         let o2 = orphans.iter().find(|o| o.task == r2).unwrap();
         assert_eq!(
-            (o2.pid, o2.pid_start, o2.node.as_deref()),
+            (o2.pid, o2.pid_start, o2.node.as_ref().map(NodeId::as_str)),
             (Some(777), Some(99), Some(NODE))
         );
         assert_eq!(o2.queue, qn("rb"));
@@ -1963,12 +1987,12 @@ pub mod cases {
         let s = enqueue1(&b, task("re")).await;
         let l = enqueue1(&b, task("re")).await;
         let cs = b
-            .claim(NODE, &qn("re"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(cs[0].task.id, s);
         let cl = b
-            .claim(NODE, &qn("re"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, l);
@@ -2004,7 +2028,7 @@ pub mod cases {
         let a = enqueue1(&b, task("ca")).await;
         let c = enqueue1(&b, task("ca")).await;
         let got = b
-            .claim_ahead(NODE, &qn("ca"), 1, LEASE)
+            .claim_ahead(&NODE.into(), &qn("ca"), 1, LEASE)
             .await
             .expect("claim_ahead");
         assert_eq!(
@@ -2015,10 +2039,13 @@ pub mod cases {
         assert_eq!(got[0].attempt, 1);
         let d = get(&b, a).await;
         assert_eq!(
-            (d.task.state, d.task.node.as_deref()),
+            (d.task.state, d.task.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
-        let next = b.claim(NODE, &qn("ca"), 5, LEASE).await.expect("claim");
+        let next = b
+            .claim(&NODE.into(), &qn("ca"), 5, LEASE)
+            .await
+            .expect("claim");
         assert_eq!(
             next.iter().map(|x| x.task.id).collect::<Vec<_>>(),
             vec![c],
@@ -2065,7 +2092,7 @@ pub mod cases {
             vec![id],
             "a reserved task is recovered"
         );
-        assert_eq!(orphans[0].node.as_deref(), Some(NODE));
+        assert_eq!(orphans[0].node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!((orphans[0].pid, orphans[0].pid_start), (None, None));
         assert_eq!(orphans[0].queue, qn("rr"));
         let d = get(&b, id).await;
@@ -2104,12 +2131,12 @@ pub mod cases {
         let exp = enqueue1(&b, task("rr2")).await;
         let live = enqueue1(&b, task("rr2")).await;
         let ce = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(ce[0].task.id, exp);
         let cl = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, live);
@@ -2126,7 +2153,7 @@ pub mod cases {
         assert!(d.history.is_empty(), "{:?}", d.history);
         let l = get(&b, live).await.task;
         assert_eq!(
-            (l.state, l.node.as_deref()),
+            (l.state, l.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -2180,7 +2207,7 @@ pub mod cases {
         let id = enqueue1(&b, task("cr")).await;
         let c = run_id(&b, "cr", id).await;
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2196,11 +2223,13 @@ pub mod cases {
         );
         assert!(t.cancel_requested);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2226,7 +2255,7 @@ pub mod cases {
         assert_eq!(d.history.len(), 1);
         same_attempt(&d.history[0], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2256,15 +2285,17 @@ pub mod cases {
         );
         let t = get(&b, id).await.task;
         assert_eq!(t.state, TaskState::Queued, "still reserved: {t:?}");
-        assert_eq!(t.node.as_deref(), Some(NODE));
+        assert_eq!(t.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(t.cancel_requested);
         assert_eq!(t.finished_at, None);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2313,7 +2344,7 @@ pub mod cases {
         same_attempt(&d.history[0], &failed);
         same_attempt(&d.history[1], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2850,6 +2881,7 @@ pub mod cases {
                 queue: Some(qn("la")),
                 state: Some(TaskState::Queued),
                 limit: 1,
+                ..Default::default()
             })
             .await
             .expect("list");
@@ -2859,6 +2891,7 @@ pub mod cases {
                 queue: Some(qn("lb")),
                 state: Some(TaskState::Running),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("list");
@@ -2871,6 +2904,339 @@ pub mod cases {
             .await
             .expect("list");
         assert!(none.is_empty());
+    }
+
+    /// Searches: by id, by unique key (waiting or finished), by a payload field; each with
+    /// the other conditions, newest first.
+    pub async fn list_search_by_id_unique_key_and_payload(b: B, _g: G) {
+        let mk = |q: &str, payload: &str, key: Option<&str>| {
+            let mut t = NewTask::new(qn(q), payload.into());
+            t.unique_key = key.map(str::to_string);
+            t
+        };
+        let a = enqueue1(&b, mk("sa", r#"{"user_id":42,"name":"ann"}"#, Some("k1"))).await;
+        let bb = enqueue1(&b, mk("sa", r#"{"user_id":"42","name":"bob"}"#, None)).await;
+        let c = enqueue1(
+            &b,
+            mk("sb", r#"{"user":{"id":42},"user_id":7}"#, Some("k1")),
+        )
+        .await;
+        let d = enqueue1(
+            &b,
+            mk("sb", r#"{"user_id":42.0,"tags":["x","y"]}"#, Some("k2")),
+        )
+        .await;
+        // a finishes: its unique key is free, but a search still finds it.
+        let ca = run_id(&b, "sa", a).await;
+        b.finish(
+            &ca.lease,
+            attempt_of(&ca, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let list = |f: ListFilter| {
+            let b = b.clone();
+            async move { ids_of(&b.list(&f).await.expect("list")) }
+        };
+        let pm = |t: &str| Some(PayloadMatch::parse(t).expect("a payload condition"));
+        assert_eq!(
+            list(ListFilter {
+                id: Some(c),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                id: Some(c),
+                queue: Some(qn("sa")),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new(),
+            "an id in another queue"
+        );
+        assert_eq!(
+            list(ListFilter {
+                id: Some(TaskId::new()),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                ..Default::default()
+            })
+            .await,
+            vec![c, a],
+            "the waiting holder and the finished one"
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                state: Some(TaskState::Queued),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                state: Some(TaskState::Succeeded),
+                ..Default::default()
+            })
+            .await,
+            vec![a]
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("nope".into()),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+        // 42 matches the number 42, 42.0, and the string "42"; not 7, not a nested id.
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("payload.user_id = 42"),
+                ..Default::default()
+            })
+            .await,
+            vec![d, bb, a]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("user_id=42"),
+                limit: 2,
+                ..Default::default()
+            })
+            .await,
+            vec![d, bb],
+            "a limit counts matches"
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm(r#"user_id = "42""#),
+                ..Default::default()
+            })
+            .await,
+            vec![bb],
+            "a quoted value is a JSON string"
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("payload.user.id = 42"),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("name = bob"),
+                ..Default::default()
+            })
+            .await,
+            vec![bb]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("tags.1 = y"),
+                ..Default::default()
+            })
+            .await,
+            vec![d]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("user_id = 42"),
+                queue: Some(qn("sa")),
+                state: Some(TaskState::Queued),
+                ..Default::default()
+            })
+            .await,
+            vec![bb]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("missing = 1"),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+    }
+
+    /// A creation-time range, and pages that follow a cursor (the previous page's last
+    /// task) across queues, whatever happened to that task meanwhile.
+    pub async fn list_time_range_and_cursor_pages(b: B, _g: G) {
+        let t0 = now_ms();
+        let mut ids = Vec::new(); // oldest first
+        for i in 0..7 {
+            let q = if i % 2 == 0 { "pa" } else { "pb" };
+            ids.push(enqueue1(&b, task(q)).await);
+        }
+        let newest_first: Vec<TaskId> = ids.iter().rev().copied().collect();
+        let all = b.list(&ListFilter::default()).await.expect("list");
+        assert_eq!(ids_of(&all), newest_first);
+        // Pages of 3 by cursor.
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = b
+                .list(&ListFilter {
+                    limit: 3,
+                    after,
+                    ..Default::default()
+                })
+                .await
+                .expect("page");
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|t| t.id);
+            pages.push(ids_of(&page));
+        }
+        assert_eq!(pages.concat(), newest_first, "pages: {pages:?}");
+        assert_eq!(pages.len(), 3);
+        // The cursor's task moves on (cancelled): the next page is the same.
+        let cursor = newest_first[2];
+        b.cancel(cursor).await.expect("cancel");
+        let next = b
+            .list(&ListFilter {
+                limit: 3,
+                after: Some(cursor),
+                ..Default::default()
+            })
+            .await
+            .expect("page");
+        assert_eq!(ids_of(&next), newest_first[3..6].to_vec());
+        // With a state filter the cursor still places the page.
+        let queued_after = b
+            .list(&ListFilter {
+                after: Some(newest_first[1]),
+                state: Some(TaskState::Queued),
+                queue: Some(qn("pa")),
+                ..Default::default()
+            })
+            .await
+            .expect("page");
+        let want: Vec<TaskId> = newest_first[2..]
+            .iter()
+            .copied()
+            .filter(|i| *i != cursor && ids.iter().position(|x| x == i).unwrap_or(1) % 2 == 0)
+            .collect();
+        assert_eq!(ids_of(&queued_after), want);
+        match b
+            .list(&ListFilter {
+                after: Some(TaskId::new()),
+                ..Default::default()
+            })
+            .await
+        {
+            Err(BrokerError::NotFound(_)) => {}
+            other => panic!("a cursor no task has: {other:?}"),
+        }
+        // Time ranges by creation time.
+        let t1 = now_ms() + 1;
+        let recs = b.list(&ListFilter::default()).await.expect("list");
+        let mid = recs[3].created_at;
+        let since = b
+            .list(&ListFilter {
+                since: Some(mid),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(!since.is_empty() && since.iter().all(|t| t.created_at >= mid));
+        assert_eq!(
+            since.len(),
+            recs.iter().filter(|t| t.created_at >= mid).count()
+        );
+        let until = b
+            .list(&ListFilter {
+                until: Some(mid),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(
+            until.len(),
+            recs.iter().filter(|t| t.created_at < mid).count()
+        );
+        assert_eq!(until.len() + since.len(), 7);
+        let window = b
+            .list(&ListFilter {
+                since: Some(t0),
+                until: Some(t1),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(window.len(), 7);
+        let none = b
+            .list(&ListFilter {
+                since: Some(t1 + 3_600_000),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(none.is_empty());
+        let old = b
+            .list(&ListFilter {
+                until: Some(t0 - 3_600_000),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(old.is_empty());
+    }
+
+    /// Throughput counters: added up per queue and minute, the larger run time kept, read
+    /// back from a time on (and by another client, as after a restart).
+    pub async fn stats_add_up_and_keep_the_larger_max(b: B, g: G) {
+        let now = now_ms();
+        let m = now.div_euclid(60_000);
+        let row = |q: &str, minute: i64, ok: u64, max: u64| {
+            let mut r = StatRow::new(qn(q), minute);
+            r.succeeded = ok;
+            r.failed = 1;
+            r.runs = ok + 1;
+            r.run_ms_sum = 10 * (ok + 1);
+            r.run_ms_max = max;
+            r.wait_ms_sum = 5;
+            r
+        };
+        assert!(b.stats(now - 3_600_000).await.expect("stats").is_empty());
+        b.add_stats(&[
+            row("sa", m, 2, 30),
+            row("sb", m, 1, 10),
+            row("sa", m - 90, 4, 99),
+        ])
+        .await
+        .expect("add");
+        b.add_stats(&[row("sa", m, 3, 20)]).await.expect("add");
+        let other = g.connect().await;
+        let mut got = other.stats(now - 3_600_000).await.expect("stats");
+        got.sort_by(|x, y| (x.minute, x.queue.as_str()).cmp(&(y.minute, y.queue.as_str())));
+        let mut want_sa = row("sa", m, 5, 30);
+        want_sa.failed = 2;
+        want_sa.runs = 7;
+        want_sa.run_ms_sum = 70;
+        want_sa.wait_ms_sum = 10;
+        assert_eq!(got, vec![want_sa, row("sb", m, 1, 10)], "the last hour");
+        let day = other.stats(now - 2 * 3_600_000).await.expect("stats");
+        assert_eq!(
+            day.len(),
+            3,
+            "90 minutes ago is in the last two hours: {day:?}"
+        );
     }
 
     pub async fn counts_by_queue_and_state(b: B, _g: G) {
@@ -3067,7 +3433,9 @@ pub mod cases {
             .await
             .expect("cancelling a running task did not fire `cancel`");
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         // A reserved task's node must hear of it as well.
@@ -3079,7 +3447,7 @@ pub mod cases {
             .await
             .expect("cancelling a reserved task did not fire `cancel`");
         let asked: BTreeSet<TaskId> = b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .into_iter()
@@ -3176,7 +3544,7 @@ pub mod cases {
                         return Err(format!("consumer timed out with {} claimed", claimed.len()));
                     }
                     let got = b
-                        .claim("consumer", &qn("mp"), 16, LEASE)
+                        .claim(&"consumer".into(), &qn("mp"), 16, LEASE)
                         .await
                         .map_err(|e| e.to_string())?;
                     if got.is_empty() {
@@ -3673,14 +4041,14 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
     }
 
-    /// A store written by a taskd without the audit trail (schema 3) gains it when opened,
+    /// A store written by a taskd without the audit trail (schema 4) gains it when opened,
     /// keeping its tasks; the trail's columns can be read with sqlite3.
     #[tokio::test]
     async fn an_older_store_gains_the_audit_table() {
@@ -3689,8 +4057,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch("DROP TABLE audit; DELETE FROM schema_version WHERE version = 4")
-                .expect("make it a schema 3 store");
+            conn.execute_batch("DROP TABLE audit; DELETE FROM schema_version WHERE version = 5")
+                .expect("make it a schema 4 store");
         }
         let b = g.connect().await;
         assert_eq!(get(&b, id).await.task.queue, qn("old"));
@@ -3824,6 +4192,7 @@ mod sqlite_specific {
                 queue: Some(qn("held")),
                 state: Some(TaskState::Scheduled),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("list");
@@ -4124,7 +4493,7 @@ mod redis_specific {
         for n in &got {
             assert!(n.last_heartbeat >= before - 1000, "{n:?}");
         }
-        b.leave("h1:10").await.expect("leave");
+        b.leave(&"h1:10".into()).await.expect("leave");
         let got = other.nodes().await.expect("nodes");
         assert_eq!(
             got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),

@@ -16,12 +16,12 @@ use async_trait::async_trait;
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
     QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome,
-    SlotRecord, StepAnswer, Wakeups,
+    SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
-    TaskState, UnixMs,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
+    TaskRecord, TaskState, UnixMs,
 };
 
 /// One task as the store holds it: its record, its history and its lease.
@@ -41,7 +41,7 @@ impl Row {
     /// Held by `lease` (same node and token), and still queued or running.
     fn held_by(&self, lease: &Lease) -> bool {
         self.token == lease.token
-            && self.task.node.as_deref() == Some(lease.node.as_str())
+            && self.task.node.as_ref() == Some(&lease.node)
             && matches!(self.task.state, TaskState::Queued | TaskState::Running)
     }
 
@@ -63,6 +63,8 @@ struct Store {
     /// The audit trail, oldest first; ids are `audit_seq` values.
     audit: VecDeque<AuditRecord>,
     audit_seq: u64,
+    /// Throughput and latency counters by (minute, queue).
+    stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
     schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
 }
@@ -196,7 +198,7 @@ impl Broker for MemoryBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -226,7 +228,7 @@ impl Broker for MemoryBroker {
         for (_, seq) in ready.into_iter().take(max) {
             let r = s.rows.get_mut(&seq).expect("listed above");
             r.token += 1;
-            r.task.node = Some(node.to_string());
+            r.task.node = Some(node.clone());
             r.lease_expires = now + lease.as_millis() as i64;
             r.task.updated_at = now;
             r.pid = None;
@@ -235,7 +237,7 @@ impl Broker for MemoryBroker {
                 lease: Lease {
                     task: r.task.id,
                     token: r.token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: r.task.attempts + 1,
                 task: r.task.clone(),
@@ -390,13 +392,40 @@ impl Broker for MemoryBroker {
         } else {
             filter.limit
         };
+        let below = match filter.after {
+            Some(id) => *s.by_id.get(&id).ok_or(BrokerError::NotFound(id))?,
+            None => u64::MAX,
+        };
         Ok(s.rows
-            .values()
+            .range(..below)
             .rev()
-            .filter(|r| filter.queue.as_ref().map_or(true, |q| &r.task.queue == q))
-            .filter(|r| filter.state.map_or(true, |st| r.task.state == st))
+            .map(|(_, r)| r)
+            .filter(|r| filter.matches(&r.task))
             .take(limit)
             .map(|r| r.task.clone())
+            .collect())
+    }
+
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()> {
+        let mut s = self.store();
+        for r in rows {
+            s.stats
+                .entry((r.minute, r.queue.to_string()))
+                .or_insert_with(|| StatRow::new(r.queue.clone(), r.minute))
+                .add(r);
+        }
+        let oldest = (now_ms() - super::STATS_KEEP_MS) / 60_000;
+        s.stats.retain(|(m, _), _| *m >= oldest);
+        Ok(())
+    }
+
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>> {
+        let from = since.div_euclid(60_000);
+        Ok(self
+            .store()
+            .stats
+            .range((from, String::new())..)
+            .map(|(_, r)| r.clone())
             .collect())
     }
 
@@ -439,11 +468,11 @@ impl Broker for MemoryBroker {
         Ok(s.rows.values().filter(|r| r.task.state == state).count() as u64)
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let s = self.store();
         Ok(s.rows
             .values()
-            .filter(|r| r.task.cancel_requested && r.task.node.as_deref() == Some(node))
+            .filter(|r| r.task.cancel_requested && r.task.node.as_ref() == Some(node))
             .map(|r| r.task.id)
             .collect())
     }

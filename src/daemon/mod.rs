@@ -43,6 +43,7 @@ mod cluster;
 mod recovery;
 mod reload;
 pub mod setup;
+mod stats;
 mod status;
 pub mod storelock;
 mod watch;
@@ -67,6 +68,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::control::{Incoming, ReloadReply, Request};
 use crate::exit::{self, Failure};
+use crate::model::NodeId;
 use crate::notify::Notifier;
 use crate::supervisor::Supervisor;
 
@@ -235,8 +237,8 @@ impl Handle {
 }
 
 /// The node id this process claims under: `host:pid`.
-fn node_id() -> String {
-    format!("{}:{}", host_name(), std::process::id())
+fn node_id() -> NodeId {
+    NodeId::new(&host_name(), std::process::id())
 }
 
 /// This machine's host name, as node ids and node records carry it (`localhost` when it
@@ -304,6 +306,7 @@ pub async fn run(
         store_file,
         lease,
     ));
+    let stats = stats::StatsWriter::start(broker.clone(), metrics.clone());
     let api = AppState::new(broker.clone(), config.clone(), metrics).with_control(requests_tx);
     reload::fit_api(&api, &config);
     let api_stop = CancellationToken::new();
@@ -317,6 +320,7 @@ pub async fn run(
         background,
         api_stop,
         api_done,
+        stats: Some(stats),
     };
     daemon.ready(recovered);
     let now = controls.handle.now.clone();
@@ -393,7 +397,7 @@ fn check_api_listeners(config: &Config, api: &[TcpListener]) -> Result<(), Failu
 
 /// The first lines of the log: the broker's durability warnings (a shared one that may lose
 /// writes), then who starts on what.
-async fn announce(config: &Config, broker: &dyn Broker, node: &str) {
+async fn announce(config: &Config, broker: &dyn Broker, node: &NodeId) {
     if broker.shared() {
         match broker.durability_warnings().await {
             Ok(warnings) => {
@@ -419,7 +423,7 @@ async fn announce(config: &Config, broker: &dyn Broker, node: &str) {
 async fn start_supervisor(
     config: &Config,
     broker: &Arc<dyn Broker>,
-    node: String,
+    node: NodeId,
     start_log: crate::supervisor::startlog::StartLog,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(Arc<Supervisor>, Duration)> {
@@ -531,6 +535,8 @@ struct Running {
     api_stop: CancellationToken,
     /// Answers once the API's thread has stopped serving.
     api_done: Option<oneshot::Receiver<()>>,
+    /// Writes the dashboard's counters to the broker; the last ones after the drain.
+    stats: Option<stats::StatsWriter>,
 }
 
 impl Running {
@@ -695,6 +701,9 @@ impl Running {
             self.supervisor.snapshot().running
         ));
         self.supervisor.drain(self.config.shutdown_grace, now).await;
+        if let Some(stats) = self.stats.take() {
+            stats.finish().await;
+        }
         self.api_stop.cancel();
         if let Some(done) = self.api_done.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), done).await;

@@ -29,13 +29,38 @@ use results::{finish_call, finish_loop, Finishing};
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
-    Orphan, QueueCounts, Queued, Recover, Result, Wakeups,
+    Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
 use crate::model::{
-    now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    now_ms, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState,
+    UnixMs,
 };
+
+/// Adds one [`StatRow`] to its queue's hash of the hour (`…:stats:<hour>`, fields
+/// `<minute>:<counter>`), keeps the larger `run_ms_max`, and lets the hash expire a day
+/// after its last write.
+fn stats_script() -> &'static Script {
+    static S: OnceLock<Script> = OnceLock::new();
+    S.get_or_init(|| {
+        Script::new(
+            r#"
+local m = ARGV[1]
+local names = {'succeeded', 'failed', 'retried', 'cancelled', 'runs', 'run_ms_sum', 'wait_ms_sum'}
+for i, name in ipairs(names) do
+  local v = tonumber(ARGV[2 + i])
+  if v > 0 then redis.call('HINCRBY', KEYS[1], m .. ':' .. name, v) end
+end
+local max = tonumber(ARGV[10])
+local cur = tonumber(redis.call('HGET', KEYS[1], m .. ':run_ms_max') or '0')
+if max > cur then redis.call('HSET', KEYS[1], m .. ':run_ms_max', max) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 0
+"#,
+        )
+    })
+}
 
 /// The set of queue names that ever had a task or a pause.
 const QUEUES: &str = "taskd:queues";
@@ -195,7 +220,7 @@ impl RedisBroker {
         let args = [
             lease.task.to_string(),
             lease.token.to_string(),
-            lease.node.clone(),
+            lease.node.to_string(),
             kind.to_string(),
             at.to_string(),
             if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
@@ -445,7 +470,7 @@ impl RedisBroker {
 
     async fn claim_in(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -456,7 +481,7 @@ impl RedisBroker {
         let rows: Vec<Vec<String>> = scripts()
             .claim
             .key(prefix(queue))
-            .arg(node)
+            .arg(node.as_str())
             .arg(max)
             .arg(lease.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -472,7 +497,7 @@ impl RedisBroker {
                 lease: Lease {
                     task: task.id,
                     token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: task.attempts + 1,
                 task,
@@ -508,10 +533,124 @@ impl RedisBroker {
             out.push(Orphan {
                 task,
                 queue: queue.clone(),
-                node: (!node.is_empty()).then(|| node.clone()),
+                node: (!node.is_empty()).then(|| NodeId::from(node.clone())),
                 pid: pid.parse().ok(),
                 pid_start: pid_start.parse().ok(),
             });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` tasks of queue `q` that pass `filter`, newest first, with their seq;
+    /// from the seq `top` down (a score bound: `123` or `(123`) when given. Reads the
+    /// queue's state index (or `all`) in batches from the top, within the creation-time
+    /// range, and tests each task: what a search costs is the tasks it reads, not the
+    /// keyspace. A unique key of a waiting or running task is one lookup (`u`); an id is
+    /// one read.
+    async fn list_queue(
+        &self,
+        q: &QueueName,
+        filter: &ListFilter,
+        top: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(f64, TaskRecord)>> {
+        let p = prefix(q);
+        let index = match filter.state {
+            Some(s) => format!("{p}st:{s}"),
+            None => format!("{p}all"),
+        };
+        let direct: Option<String> = if let Some(id) = filter.id {
+            Some(id.to_string())
+        } else if let (Some(key), Some(true)) =
+            (&filter.unique_key, filter.state.map(|s| !s.is_terminal()))
+        {
+            // Only the waiting or running holder of a key can be in a waiting state.
+            let holder: Option<String> = redis::cmd("HGET")
+                .arg(format!("{p}u"))
+                .arg(key)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            match holder {
+                Some(h) => Some(h),
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            None
+        };
+        if let Some(id) = direct {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&index)
+                .arg(&id)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            let Some(score) = score else {
+                return Ok(Vec::new());
+            };
+            let below_top = match &top {
+                None => true,
+                Some(t) => match t.strip_prefix('(') {
+                    Some(t) => score < t.parse().unwrap_or(f64::MAX),
+                    None => score <= t.parse().unwrap_or(f64::MAX),
+                },
+            };
+            let recs = self.records(&[(q.clone(), id)]).await?;
+            return Ok(recs
+                .into_iter()
+                .filter(|t| below_top && filter.matches(t))
+                .map(|t| (score, t))
+                .collect());
+        }
+        // seq is the server's time in microseconds when the task was stored, close to its
+        // created_at: the index's score range narrows the time range (with a minute to spare
+        // either side), and `matches` decides exactly.
+        const SPARE_US: i64 = 60_000_000;
+        let mut max = match (top, filter.until) {
+            (Some(t), _) => t,
+            (None, Some(u)) => format!("{}", u.saturating_mul(1000).saturating_add(SPARE_US)),
+            (None, None) => "+inf".to_string(),
+        };
+        let min = match filter.since {
+            Some(s) => format!("{}", s.saturating_mul(1000).saturating_sub(SPARE_US)),
+            None => "-inf".to_string(),
+        };
+        let batch = limit.clamp(16, 512);
+        let mut out = Vec::new();
+        loop {
+            let page: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg(&min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            let Some(last) = page.last().map(|(_, s)| *s) else {
+                break;
+            };
+            let keys: Vec<(QueueName, String)> =
+                page.iter().map(|(id, _)| (q.clone(), id.clone())).collect();
+            let scores: HashMap<&str, f64> = page.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+            for t in self.records(&keys).await? {
+                if filter.matches(&t) {
+                    let seq = scores
+                        .get(t.id.to_string().as_str())
+                        .copied()
+                        .unwrap_or(0.0);
+                    out.push((seq, t));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if page.len() < batch {
+                break;
+            }
+            max = format!("({last}");
         }
         Ok(out)
     }
@@ -599,7 +738,7 @@ fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
         finished_at: opt_num(h, "finished_at"),
         last_error: h.get("last_error").cloned(),
         cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
-        node: h.get("node").cloned(),
+        node: h.get("node").cloned().map(NodeId::from),
         schedule: h.get("schedule").cloned(),
         slot: opt_num(h, "slot"),
     })
@@ -676,7 +815,7 @@ impl Broker for RedisBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -693,7 +832,7 @@ impl Broker for RedisBroker {
             .key(prefix(&q))
             .arg(lease.task.to_string())
             .arg(lease.token)
-            .arg(&lease.node)
+            .arg(lease.node.as_str())
             .arg(pid)
             .arg(pid_start)
             .arg(boot_id())
@@ -720,7 +859,9 @@ impl Broker for RedisBroker {
             let mut inv = scripts().renew.key(prefix(&q));
             inv.arg(lease.as_millis() as u64);
             for l in ls {
-                inv.arg(l.task.to_string()).arg(l.token).arg(&l.node);
+                inv.arg(l.task.to_string())
+                    .arg(l.token)
+                    .arg(l.node.as_str());
             }
             let ids: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -891,35 +1032,124 @@ impl Broker for RedisBroker {
                 self.store_inbox(q).await?;
             }
         }
-        let index = match filter.state {
-            Some(s) => format!("st:{s}"),
-            None => "all".to_string(),
+        // The cursor: its queue and its place (seq) in that queue's `all` index.
+        let after = match filter.after {
+            Some(id) => {
+                let q = self.locate(id).await?.ok_or(BrokerError::NotFound(id))?;
+                let score: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(format!("{}all", prefix(&q)))
+                    .arg(id.to_string())
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Some((q, score.ok_or(BrokerError::NotFound(id))?))
+            }
+            None => None,
         };
-        let stop: i64 = if filter.limit == 0 {
-            -1
+        let limit = if filter.limit == 0 {
+            usize::MAX
         } else {
-            filter.limit as i64 - 1
+            filter.limit
         };
-        let per_queue: Vec<Vec<(String, f64)>> = self
-            .pipelined(&queues, |pipe, q| {
-                pipe.cmd("ZREVRANGE")
-                    .arg(format!("{}{index}", prefix(q)))
-                    .arg(0)
-                    .arg(stop)
-                    .arg("WITHSCORES");
+        let mut found: Vec<(f64, QueueName, TaskRecord)> = Vec::new();
+        for q in &queues {
+            // Newest first, so the lists of the queues merge into one order: by seq, then
+            // (for the same seq) by queue name.
+            let top = match &after {
+                None => None,
+                Some((cq, score)) if q > cq => Some(format!("{score}")),
+                Some((_, score)) => Some(format!("({score}")),
+            };
+            for (seq, t) in self.list_queue(q, filter, top, limit).await? {
+                found.push((seq, q.clone(), t));
+            }
+        }
+        found.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        found.truncate(limit);
+        Ok(found.into_iter().map(|(_, _, t)| t).collect())
+    }
+
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()> {
+        let script = stats_script();
+        let keep_s = crate::broker::STATS_KEEP_MS / 1000;
+        for r in rows {
+            // Read back by queue: the queue must be in the set of queues.
+            self.know(&r.queue).await?;
+            let () = script
+                .key(format!(
+                    "{}stats:{}",
+                    prefix(&r.queue),
+                    r.minute.div_euclid(60)
+                ))
+                .arg(r.minute)
+                .arg(keep_s)
+                .arg(
+                    &[
+                        r.succeeded,
+                        r.failed,
+                        r.retried,
+                        r.cancelled,
+                        r.runs,
+                        r.run_ms_sum,
+                        r.wait_ms_sum,
+                        r.run_ms_max,
+                    ][..],
+                )
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>> {
+        let queues = self.queue_names().await?;
+        let from_minute = since.div_euclid(60_000);
+        // The hours to read: from `since` to an hour past this node's clock (the server's
+        // may be ahead).
+        let hours: Vec<i64> =
+            (from_minute.div_euclid(60)..=now_ms().div_euclid(3_600_000) + 1).collect();
+        let keys: Vec<(QueueName, i64)> = queues
+            .iter()
+            .flat_map(|q| hours.iter().map(move |h| (q.clone(), *h)))
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashes: Vec<Vec<String>> = self
+            .pipelined(&keys, |pipe, (q, h)| {
+                pipe.cmd("HGETALL").arg(format!("{}stats:{h}", prefix(q)));
             })
             .await?;
-        let mut all: Vec<(f64, QueueName, String)> = Vec::new();
-        for (q, rows) in queues.iter().zip(per_queue) {
-            all.extend(rows.into_iter().map(|(id, s)| (s, q.clone(), id)));
+        let mut rows: BTreeMap<(i64, QueueName), StatRow> = BTreeMap::new();
+        for ((q, _), h) in keys.iter().zip(hashes) {
+            for (field, value) in pairs(h) {
+                let Some((minute, name)) = field.split_once(':') else {
+                    continue;
+                };
+                let (Ok(minute), Ok(v)) = (minute.parse::<i64>(), value.parse::<u64>()) else {
+                    continue;
+                };
+                if minute < from_minute {
+                    continue;
+                }
+                let r = rows
+                    .entry((minute, q.clone()))
+                    .or_insert_with(|| StatRow::new(q.clone(), minute));
+                match name {
+                    "succeeded" => r.succeeded = v,
+                    "failed" => r.failed = v,
+                    "retried" => r.retried = v,
+                    "cancelled" => r.cancelled = v,
+                    "runs" => r.runs = v,
+                    "run_ms_sum" => r.run_ms_sum = v,
+                    "wait_ms_sum" => r.wait_ms_sum = v,
+                    "run_ms_max" => r.run_ms_max = v,
+                    _ => {}
+                }
+            }
         }
-        // Newest first: seq is the server's time in microseconds when the task was stored.
-        all.sort_by(|a, b| b.0.total_cmp(&a.0));
-        if filter.limit > 0 {
-            all.truncate(filter.limit);
-        }
-        let keys: Vec<(QueueName, String)> = all.into_iter().map(|(_, q, id)| (q, id)).collect();
-        self.records(&keys).await
+        Ok(rows.into_values().collect())
     }
 
     async fn counts(&self) -> Result<Vec<QueueCounts>> {
@@ -1019,7 +1249,7 @@ impl Broker for RedisBroker {
         Ok(n.into_iter().flatten().sum())
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let queues = self.queue_names().await?;
         if queues.is_empty() {
             return Ok(Vec::new());
@@ -1046,7 +1276,7 @@ impl Broker for RedisBroker {
             .await?;
         let mut out = Vec::new();
         for ((_, id), holder) in asked.into_iter().zip(holders) {
-            if holder.as_deref() == Some(node) {
+            if holder.as_deref() == Some(node.as_str()) {
                 out.push(id.parse().map_err(BrokerError::Storage)?);
             }
         }
@@ -1258,7 +1488,7 @@ impl Broker for RedisBroker {
         let _: String = scripts()
             .heartbeat
             .key(NODES)
-            .arg(&node.id)
+            .arg(node.id.as_str())
             .arg(json)
             .invoke_async(&mut self.conn())
             .await
@@ -1266,10 +1496,10 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn leave(&self, node: &str) -> Result<()> {
+    async fn leave(&self, node: &NodeId) -> Result<()> {
         let _: i64 = redis::cmd("HDEL")
             .arg(NODES)
-            .arg(node)
+            .arg(node.as_str())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
