@@ -8,7 +8,8 @@
 //! daemon hands in. The daemon owns the reload and the restart itself; this
 //! module only carries requests to it and answers back, so that SIGHUP and `taskd reload` do
 //! exactly the same thing, and so do `taskd restart` and the API's restart (which sends its
-//! requests on the same channel).
+//! requests on the same channel). Each request carries who sent it: the peer's uid, as the
+//! kernel reports it (SO_PEERCRED), which the daemon records in the audit trail.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -73,8 +74,14 @@ pub struct ReloadReply {
     pub errors: Vec<String>,
 }
 
-/// A request on its way to the daemon's main loop, with the way back.
-pub type Incoming = (Request, oneshot::Sender<ReloadReply>);
+/// A request on its way to the daemon's main loop: what, who sent it (for the audit
+/// trail: the socket peer's uid as the kernel reports it, or the API's caller), and the way
+/// back.
+pub struct Incoming {
+    pub request: Request,
+    pub who: crate::audit::Actor,
+    pub reply: oneshot::Sender<ReloadReply>,
+}
 
 /// Bind the socket at `path` (replacing a stale one: the caller holds the state directory
 /// lock, so no other daemon can be using it), mode 0600.
@@ -115,6 +122,18 @@ async fn answer(
     to_daemon: mpsc::Sender<Incoming>,
     streamer: Option<Streamer>,
 ) -> std::io::Result<()> {
+    // The kernel's word for who is on the other end (SO_PEERCRED), taken as the connection
+    // was made: a request cannot claim another user.
+    let who = match stream.peer_cred() {
+        Ok(cred) => crate::audit::Actor::socket_peer(
+            cred.uid(),
+            cred.pid().and_then(|p| u32::try_from(p).ok()),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: cannot tell who connected; refusing");
+            return Err(e);
+        }
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A request is one short line; a client that sends nothing is not waited on forever.
@@ -136,9 +155,14 @@ async fn answer(
                 ..Default::default()
             },
         },
-        Ok(req) => {
+        Ok(request) => {
             let (tx, rx) = oneshot::channel();
-            if to_daemon.send((req, tx)).await.is_err() {
+            let incoming = Incoming {
+                request,
+                who,
+                reply: tx,
+            };
+            if to_daemon.send(incoming).await.is_err() {
                 ReloadReply {
                     ok: false,
                     errors: vec!["the daemon is shutting down".into()],

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Action, Actor, AuditRecord, Outcome};
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
 use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
 use crate::worker::status::WorkerInfo;
@@ -160,6 +161,153 @@ pub struct RestartView {
     pub message: String,
 }
 
+/// One record of the audit trail (`GET /api/v1/audit`, `taskd audit --json`): the entry as
+/// recorded, plus `who` and `target` as people read them (what `taskd audit` prints).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Opaque; the cursor for records older than this one.
+    pub id: String,
+    /// When the store took the record, ms since the epoch (the store's clock).
+    pub at: UnixMs,
+    /// Who, for people: `local cli uid 1000 (alice)`, `api token "ci" from 10.0.0.5:41234`.
+    pub who: String,
+    pub actor: Actor,
+    pub action: Action,
+    /// The target, for people: `task ID (queue Q)`, `queue Q`, `queue=q state=failed (12
+    /// tasks)`, or `-`.
+    pub target: String,
+    pub task: Option<TaskId>,
+    pub queue: Option<QueueName>,
+    /// A bulk operation's filter.
+    pub filter: Option<BTreeMap<String, String>>,
+    /// A bulk operation: how many tasks it changed.
+    pub count: Option<u64>,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+impl From<AuditRecord> for AuditView {
+    fn from(r: AuditRecord) -> AuditView {
+        let e = r.entry;
+        AuditView {
+            id: r.id,
+            at: r.at,
+            who: e.actor.describe(),
+            target: e.target(),
+            actor: e.actor,
+            action: e.action,
+            task: e.task,
+            queue: e.queue,
+            filter: e.filter,
+            count: e.count,
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
+}
+
+/// `GET /api/v1/audit`: a page of the trail, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub records: Vec<AuditView>,
+    /// The id of the page's last record, when older ones follow: pass it as `cursor`.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /api/v1/tasks/bulk`: what a bulk retry or cancel matched, and what it did.
+#[derive(Clone, Debug, Serialize)]
+pub struct BulkView {
+    pub action: BulkAction,
+    /// Nothing was changed: `matched` is what the action would apply to.
+    pub dry_run: bool,
+    /// Tasks the filter matched that the action applies to (cancel: waiting or running;
+    /// retry: failed or cancelled).
+    pub matched: usize,
+    /// Retried; or cancelled, or asked to stop (running).
+    pub done: usize,
+    /// Tasks that had moved on meanwhile (finished before the cancel, or retried already).
+    pub skipped: usize,
+    /// The tasks the action was refused for, and why (at most 100 listed).
+    pub errors: Vec<BulkFailure>,
+}
+
+/// One task a bulk action was refused for.
+#[derive(Clone, Debug, Serialize)]
+pub struct BulkFailure {
+    pub id: TaskId,
+    pub error: String,
+}
+
+/// What a bulk operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BulkAction {
+    Retry,
+    Cancel,
+}
+
+/// `GET /api/v1/stats`: finished attempts per time bucket (throughput and latency), from
+/// the counters the daemon keeps in the broker.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsView {
+    /// `1h` or `24h`.
+    pub window: String,
+    /// The queue the figures are for (`None`: every queue).
+    pub queue: Option<String>,
+    /// Bucket width in seconds.
+    pub bucket_s: u64,
+    /// The first bucket's start and the last one's end (ms since the epoch).
+    pub from: UnixMs,
+    pub to: UnixMs,
+    /// Oldest first; every bucket of the window, empty ones included.
+    pub buckets: Vec<StatBucket>,
+    /// The sums over the window.
+    pub total: StatBucket,
+}
+
+/// Finished attempts in one time bucket.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatBucket {
+    /// The bucket's start (ms since the epoch).
+    pub start: UnixMs,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub cancelled: u64,
+    /// Attempts that ran a process, and their mean and longest run time (ms; `None`
+    /// without runs).
+    pub runs: u64,
+    pub run_ms_mean: Option<u64>,
+    pub run_ms_max: Option<u64>,
+    /// How long those tasks waited from due to start, on average (ms).
+    pub wait_ms_mean: Option<u64>,
+}
+
+impl StatBucket {
+    /// The bucket starting at `start` that sums `rows`.
+    pub fn sum<'a>(
+        start: UnixMs,
+        rows: impl IntoIterator<Item = &'a crate::broker::StatRow>,
+    ) -> Self {
+        let mut r = crate::broker::StatRow::new("all".parse().expect("a valid queue name"), 0);
+        for x in rows {
+            r.add(x);
+        }
+        let mean = |sum: u64| (r.runs > 0).then(|| sum / r.runs);
+        StatBucket {
+            start,
+            succeeded: r.succeeded,
+            failed: r.failed,
+            retried: r.retried,
+            cancelled: r.cancelled,
+            runs: r.runs,
+            run_ms_mean: mean(r.run_ms_sum),
+            run_ms_max: (r.runs > 0).then_some(r.run_ms_max),
+            wait_ms_mean: mean(r.wait_ms_sum),
+        }
+    }
+}
+
 /// One of a task's output streams, in [`OutputEvent`]s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -279,100 +427,6 @@ impl OutputEvent {
             | OutputEvent::AttemptEnd { id, .. } => id.as_deref(),
             OutputEvent::End { id, .. } => Some(id),
             _ => None,
-        }
-    }
-}
-
-/// `POST /api/v1/tasks/bulk`: what a bulk retry or cancel matched, and what it did.
-#[derive(Clone, Debug, Serialize)]
-pub struct BulkView {
-    pub action: BulkAction,
-    /// Nothing was changed: `matched` is what the action would apply to.
-    pub dry_run: bool,
-    /// Tasks the filter matched that the action applies to (cancel: waiting or running;
-    /// retry: failed or cancelled).
-    pub matched: usize,
-    /// Retried; or cancelled, or asked to stop (running).
-    pub done: usize,
-    /// Tasks that had moved on meanwhile (finished before the cancel, or retried already).
-    pub skipped: usize,
-    /// The tasks the action was refused for, and why (at most 100 listed).
-    pub errors: Vec<BulkFailure>,
-}
-
-/// One task a bulk action was refused for.
-#[derive(Clone, Debug, Serialize)]
-pub struct BulkFailure {
-    pub id: TaskId,
-    pub error: String,
-}
-
-/// What a bulk operation does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BulkAction {
-    Retry,
-    Cancel,
-}
-
-/// `GET /api/v1/stats`: finished attempts per time bucket (throughput and latency), from
-/// the counters the daemon keeps in the broker.
-#[derive(Clone, Debug, Serialize)]
-pub struct StatsView {
-    /// `1h` or `24h`.
-    pub window: String,
-    /// The queue the figures are for (`None`: every queue).
-    pub queue: Option<String>,
-    /// Bucket width in seconds.
-    pub bucket_s: u64,
-    /// The first bucket's start and the last one's end (ms since the epoch).
-    pub from: UnixMs,
-    pub to: UnixMs,
-    /// Oldest first; every bucket of the window, empty ones included.
-    pub buckets: Vec<StatBucket>,
-    /// The sums over the window.
-    pub total: StatBucket,
-}
-
-/// Finished attempts in one time bucket.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct StatBucket {
-    /// The bucket's start (ms since the epoch).
-    pub start: UnixMs,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub retried: u64,
-    pub cancelled: u64,
-    /// Attempts that ran a process, and their mean and longest run time (ms; `None`
-    /// without runs).
-    pub runs: u64,
-    pub run_ms_mean: Option<u64>,
-    pub run_ms_max: Option<u64>,
-    /// How long those tasks waited from due to start, on average (ms).
-    pub wait_ms_mean: Option<u64>,
-}
-
-impl StatBucket {
-    /// The bucket starting at `start` that sums `rows`.
-    pub fn sum<'a>(
-        start: UnixMs,
-        rows: impl IntoIterator<Item = &'a crate::broker::StatRow>,
-    ) -> Self {
-        let mut r = crate::broker::StatRow::new("all".parse().expect("a valid queue name"), 0);
-        for x in rows {
-            r.add(x);
-        }
-        let mean = |sum: u64| (r.runs > 0).then(|| sum / r.runs);
-        StatBucket {
-            start,
-            succeeded: r.succeeded,
-            failed: r.failed,
-            retried: r.retried,
-            cancelled: r.cancelled,
-            runs: r.runs,
-            run_ms_mean: mean(r.run_ms_sum),
-            run_ms_max: (r.runs > 0).then_some(r.run_ms_max),
-            wait_ms_mean: mean(r.wait_ms_sum),
         }
     }
 }

@@ -125,7 +125,16 @@ pub fn document() -> Value {
             "/api/v1/tasks/{id}/retry": { "post": { "summary": "Queue a failed or cancelled task again with a fresh attempt budget", "security": secured, "parameters": [id_param()],
                 "responses": { "200": ok("the task", task_ref()), "401": error_ref(), "404": error_ref(), "409": error_ref() } } },
             "/api/v1/tasks/{id}/cancel": { "post": { "summary": "Cancel a waiting task, or stop a running one", "security": secured, "parameters": [id_param()],
-                "responses": { "200": ok("what happened", json!({ "$ref": "#/components/schemas/Cancelled" })), "401": error_ref(), "404": error_ref() } } }
+                "responses": { "200": ok("what happened", json!({ "$ref": "#/components/schemas/Cancelled" })), "401": error_ref(), "404": error_ref() } } },
+            "/api/v1/audit": { "get": {
+                "summary": "The audit trail, newest first, a page at a time: every change made through the CLI, the control socket, the API and signals (cancel, retry, pause, resume, restart, reload, bulk operations; the daemon's start and stop), with who made it and how it went",
+                "parameters": [
+                    { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "only records taken since then: a duration back from now (`2h`, `1d`) or a time (RFC 3339, or Unix seconds)" },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } },
+                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
+                ],
+                "responses": { "200": ok("a page", json!({ "$ref": "#/components/schemas/AuditPage" })), "400": error_ref(), "401": error_ref() }
+            } }
         },
         "components": components()
     })
@@ -251,6 +260,33 @@ fn base_components() -> Value {
             } },
             "OutStream": { "type": "string", "enum": ["stdout", "stderr"] },
             "OutputEvent": { "description": "one event of an output stream (the `data:` of an SSE event, whose `event:` is `event`)", "oneOf": output_events() },
+            "AuditPage": { "type": "object", "required": ["records", "next_cursor"], "properties": {
+                "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } },
+                "next_cursor": { "type": "string", "nullable": true, "description": "the id of the page's last record, when older ones follow" } } },
+            "AuditRecord": { "type": "object", "required": ["id", "at", "who", "actor", "action", "target", "task", "queue", "filter", "count", "outcome", "detail"], "properties": {
+                "id": { "type": "string", "description": "opaque; the cursor for older records" },
+                "at": { "type": "integer", "description": "when the store took it, ms since the epoch (the store's clock)" },
+                "who": { "type": "string", "example": "api token \"ci\" from 10.0.0.5:41234", "description": "who, for people" },
+                "actor": { "$ref": "#/components/schemas/Actor" },
+                "action": { "type": "string", "enum": ["cancel", "retry", "pause", "resume", "restart", "reload", "bulk_cancel", "bulk_retry", "start", "stop"] },
+                "target": { "type": "string", "example": "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)", "description": "the target, for people" },
+                "task": { "type": "string", "format": "uuid", "nullable": true },
+                "queue": { "type": "string", "nullable": true },
+                "filter": { "type": "object", "nullable": true, "additionalProperties": { "type": "string" }, "description": "a bulk operation's filter" },
+                "count": { "type": "integer", "nullable": true, "description": "a bulk operation: how many tasks it changed" },
+                "outcome": { "type": "string", "enum": ["ok", "refused"] },
+                "detail": { "type": "string", "description": "what happened, or why it was refused" } } },
+            "Actor": { "type": "object", "required": ["via", "uid", "user", "login_uid", "login_user", "pid", "host", "token", "addr", "signal"], "properties": {
+                "via": { "type": "string", "enum": ["cli", "socket", "api", "signal", "daemon"] },
+                "uid": { "type": "integer", "nullable": true, "description": "the Unix uid of a local CLI or of the control socket's peer" },
+                "user": { "type": "string", "nullable": true },
+                "login_uid": { "type": "integer", "nullable": true, "description": "the login uid, when another user's (sudo, su)" },
+                "login_user": { "type": "string", "nullable": true },
+                "pid": { "type": "integer", "nullable": true },
+                "host": { "type": "string", "nullable": true },
+                "token": { "type": "string", "nullable": true, "description": "the name of the API token the request carried" },
+                "addr": { "type": "string", "nullable": true, "description": "the HTTP client's address" },
+                "signal": { "type": "string", "nullable": true } } },
             "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
                 "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } },
                 "additionalProperties": { "description": "details of some errors: `known` queues, the `byte`, `line` and `column` of malformed JSON, a `limit`, …" } } } }
@@ -306,6 +342,7 @@ mod tests {
 
     use serde_json::{json, Value};
 
+    use crate::audit::{Action, Actor, AuditEntry, AuditRecord, Via};
     use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
     use crate::model::{AttemptReason, AttemptRecord, TaskDetail, TaskId, TaskRecord, TaskState};
     use crate::view;
@@ -617,6 +654,44 @@ mod tests {
         }
     }
 
+    fn audit_record(fill: Fill) -> view::AuditView {
+        let full = fill == Fill::Full;
+        let actor = if full {
+            Actor {
+                uid: Some(0),
+                user: Some("root".into()),
+                login_uid: Some(1000),
+                login_user: Some("alice".into()),
+                pid: Some(42),
+                host: Some("web-1".into()),
+                token: Some("ci".into()),
+                addr: Some("10.0.0.5:41234".into()),
+                signal: Some("SIGHUP".into()),
+                ..Actor::blank(Via::Api)
+            }
+        } else {
+            Actor::blank(Via::Signal)
+        };
+        let mut entry = AuditEntry::new(actor, Action::BulkRetry).ok("12 tasks queued again");
+        if full {
+            entry = AuditEntry {
+                task: Some(TaskId::new()),
+                queue: Some("thumbs".parse().expect("a valid queue name")),
+                filter: Some(BTreeMap::from([(
+                    "state".to_string(),
+                    "failed".to_string(),
+                )])),
+                count: Some(12),
+                ..entry
+            };
+        }
+        view::AuditView::from(AuditRecord {
+            id: "1764800000000-0".into(),
+            at: NOW,
+            entry,
+        })
+    }
+
     fn to_json(v: impl serde::Serialize) -> Value {
         serde_json::to_value(v).expect("the shapes serialize")
     }
@@ -757,6 +832,13 @@ mod tests {
                 vec![to_json(task(fill))],
             ),
             (
+                ("get", "/api/v1/audit", "200"),
+                vec![to_json(view::AuditPage {
+                    records: vec![audit_record(fill)],
+                    next_cursor: full.then(|| "1764800000000-0".to_string()),
+                })],
+            ),
+            (
                 ("post", "/api/v1/tasks/{id}/cancel", "200"),
                 [
                     CancelOutcome::Cancelled,
@@ -832,7 +914,8 @@ mod tests {
     }
 
     /// `taskd status --json` is the API's `GET /api/v1/queues` plus the daemon found on this
-    /// machine and its state directory; `taskd submit --json` is the task and `existing`.
+    /// machine and its state directory; `taskd submit --json` is the task and `existing`;
+    /// `taskd audit --json` is an array of the API's audit records.
     #[test]
     fn cli_json_shapes_extend_the_documented_ones() {
         let doc = super::document();
@@ -870,6 +953,13 @@ mod tests {
                 &format!("submit --json ({fill:?})"),
                 &submitted,
                 &to_json(s),
+                fill,
+            );
+            // `taskd audit --json`: the records of `GET /api/v1/audit`, as an array.
+            w.check(
+                &format!("audit --json ({fill:?})"),
+                &json!({ "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } }),
+                &to_json(vec![audit_record(fill)]),
                 fill,
             );
         }

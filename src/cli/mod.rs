@@ -4,6 +4,7 @@
 //! it, so it works while no daemon runs. They see `model`, `config` and the broker trait,
 //! never supervisor internals. Errors carry their exit code (see [`exit`]).
 
+mod audit;
 mod check;
 mod control;
 mod generate;
@@ -87,13 +88,15 @@ pub enum Command {
     /// lines (a task's start and end) go to stderr. Needs the daemon: its control socket,
     /// or its API with --server.
     Tail(logs::TailArgs),
-    /// Re-queue a failed or cancelled task with a fresh attempt budget.
+    /// Re-queue a failed or cancelled task with a fresh attempt budget (recorded in the
+    /// audit trail, as every change is: see `taskd audit`).
     Retry(control::IdArgs),
-    /// Cancel a waiting task, or stop a running one.
+    /// Cancel a waiting task, or stop a running one (recorded in the audit trail).
     Cancel(control::IdArgs),
-    /// Stop claiming tasks from a queue (persists across restarts).
+    /// Stop claiming tasks from a queue (persists across restarts; recorded in the audit
+    /// trail).
     Pause(control::QueueArgs),
-    /// Start claiming tasks from a paused queue again.
+    /// Start claiming tasks from a paused queue again (recorded in the audit trail).
     Resume(control::QueueArgs),
     /// Ask the running daemon (found through the state directory of -c FILE) to re-read the
     /// config file it was started with; print what changed per queue. Exits 78, and the
@@ -104,6 +107,11 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The audit trail: who cancelled, retried, paused, resumed, restarted or reloaded
+    /// what, and when (from the CLI: the Unix user; the control socket: the peer's uid; the
+    /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
+    /// The newest N records, newest last (--reverse: newest first).
+    Audit(audit::AuditArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -161,6 +169,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Audit(a) => audit::run(config, a).await,
     }
 }
 
