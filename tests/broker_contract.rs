@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::audit::{Action, Actor, AuditEntry, AuditFilter, Outcome, Via};
 use taskd::broker::memory::MemoryBroker;
 #[cfg(feature = "redis")]
 use taskd::broker::redis::RedisBroker;
@@ -36,7 +37,7 @@ use taskd::broker::{
     QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskState,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -204,6 +205,10 @@ macro_rules! contract_tests {
                 reopen_keeps_tasks,
                 adopted_start_is_recovered_as_lost,
                 claim_ahead_reserves_like_claim,
+                audit_appends_one_record_per_call_newest_first,
+                audit_keeps_the_newest_keep,
+                audit_log_pages_by_cursor_and_since,
+                audit_is_apart_from_tasks,
                 schedule_steps_handle_each_slot_once,
                 schedule_overlap_skips_while_the_previous_task_waits,
                 schedule_unique_key_is_a_second_guard,
@@ -319,7 +324,9 @@ async fn snapshot(b: &B, id: TaskId) -> serde_json::Value {
 }
 
 async fn claim(b: &B, queue: &str, max: usize) -> Vec<Claimed> {
-    b.claim(NODE, &qn(queue), max, LEASE).await.expect("claim")
+    b.claim(&NODE.into(), &qn(queue), max, LEASE)
+        .await
+        .expect("claim")
 }
 
 /// Claim exactly one task of `queue` and check it is `id`. The task is only reserved
@@ -341,7 +348,7 @@ async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
         "a claimed task stays queued until it starts"
     );
     assert_eq!(
-        c.task.node.as_deref(),
+        c.task.node.as_ref().map(NodeId::as_str),
         Some(NODE),
         "a claimed task is held by its node"
     );
@@ -737,7 +744,9 @@ pub mod cases {
             .expect("list");
         assert_eq!(queued.len(), 5);
         assert!(
-            queued.iter().all(|t| t.node.as_deref() == Some(NODE)),
+            queued
+                .iter()
+                .all(|t| t.node.as_ref().map(NodeId::as_str) == Some(NODE)),
             "{queued:?}"
         );
         let running = b
@@ -805,7 +814,10 @@ pub mod cases {
             "an unknown queue has nothing"
         );
         for t in &a {
-            assert_eq!(get(&b, t.id).await.task.node.as_deref(), Some(NODE));
+            assert_eq!(
+                get(&b, t.id).await.task.node.as_ref().map(NodeId::as_str),
+                Some(NODE)
+            );
         }
         for t in &o {
             let r = get(&b, t.id).await.task;
@@ -824,7 +836,7 @@ pub mod cases {
         let r = get(&b, id).await.task;
         assert_eq!(r.state, TaskState::Running);
         assert_eq!(r.attempts, 1, "the started run is attempt 1");
-        assert_eq!(r.node.as_deref(), Some(NODE));
+        assert_eq!(r.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(
             claim(&b, "a1", 10).await.is_empty(),
             "a running task is not claimed again"
@@ -842,7 +854,11 @@ pub mod cases {
         assert_eq!(c.task.attempts, 0);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "a reserved task is queued");
-        assert_eq!(d.task.node.as_deref(), Some(NODE), "its node holds it");
+        assert_eq!(
+            d.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE),
+            "its node holds it"
+        );
         assert_eq!(d.task.attempts, 0, "a claim alone is not charged");
         assert_eq!(d.task.finished_at, None);
         assert!(!d.task.cancel_requested);
@@ -852,7 +868,7 @@ pub mod cases {
         // Not claimable again, by anyone: the next claim gets the next task.
         let b2 = g.connect().await;
         let got = b2
-            .claim("node-b", &qn("rs"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("rs"), 10, LEASE)
             .await
             .expect("claim");
         assert_eq!(
@@ -860,9 +876,15 @@ pub mod cases {
             vec![other],
             "a reserved task was claimed again"
         );
-        assert_eq!(got[0].task.node.as_deref(), Some("node-b"));
+        assert_eq!(
+            got[0].task.node.as_ref().map(NodeId::as_str),
+            Some("node-b")
+        );
         assert!(claim(&b, "rs", 10).await.is_empty());
-        assert_eq!(get(&b, id).await.task.node.as_deref(), Some(NODE));
+        assert_eq!(
+            get(&b, id).await.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE)
+        );
 
         // Claiming with attempts already charged: the run has the next number, still uncharged.
         let c2 = &got[0];
@@ -893,7 +915,7 @@ pub mod cases {
         assert_eq!(d.task.state, TaskState::Running);
         assert_eq!(d.task.attempts, 1, "started counts the attempt");
         assert_eq!(d.task.attempts, c.attempt);
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(d.task.updated_at >= before);
         assert!(d.history.is_empty(), "a run is recorded when it ends");
         assert!(claim(&b, "sm", 10).await.is_empty());
@@ -982,7 +1004,7 @@ pub mod cases {
             BTreeSet::from([qn("p")])
         );
         assert!(b2
-            .claim("node-b", &qn("p"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("p"), 10, LEASE)
             .await
             .expect("claim")
             .is_empty());
@@ -1056,7 +1078,7 @@ pub mod cases {
             // Two claimers share the first client, two the second (another process).
             let b = if w % 2 == 0 { b.clone() } else { b2.clone() };
             handles.push(tokio::spawn(async move {
-                let node = format!("node-{w}");
+                let node = NodeId::from(format!("node-{w}"));
                 let mut mine = Vec::new();
                 let start = Instant::now();
                 loop {
@@ -1197,7 +1219,7 @@ pub mod cases {
         .await;
     }
 
-    /// Rule 11: a `Succeeded` finish stores what the run returned with the task, as it
+    /// Rule 12: a `Succeeded` finish stores what the run returned with the task, as it
     /// was (numbers beyond 64 bits, any text, a megabyte), outside the history; it outlives
     /// a reopen.
     pub async fn finish_succeeded_keeps_the_result(b: B, g: G) {
@@ -1254,7 +1276,7 @@ pub mod cases {
         assert!(!listed.to_string().contains("plain text"), "{listed}");
     }
 
-    /// Rule 11: a failure, a retry, a requeue, a cancel or a noted run keeps no result; a
+    /// Rule 12: a failure, a retry, a requeue, a cancel or a noted run keeps no result; a
     /// success with none has none; an operator's cancel does not take a success's result.
     pub async fn only_a_success_keeps_a_result(b: B, _g: G) {
         let returned = |c: &Claimed, reason, error| {
@@ -1397,7 +1419,7 @@ pub mod cases {
         assert_ne!(c2.lease.token, c.lease.token);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "claimed, not started yet");
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!(d.task.attempts, 1);
         start(&b, &c2).await;
         let d = get(&b, id).await;
@@ -1871,7 +1893,7 @@ pub mod cases {
         assert_eq!(oa.pid, Some(4242));
         assert_eq!(oa.pid_start, Some(1_234_567_890_123));
         assert_eq!(oa.queue, qn("pid"));
-        assert_eq!(oa.node.as_deref(), Some(NODE));
+        assert_eq!(oa.node.as_ref().map(NodeId::as_str), Some(NODE));
         let oo = orphans
             .iter()
             .find(|x| x.task == o)
@@ -1881,7 +1903,7 @@ pub mod cases {
             (None, None),
             "no pid was recorded for o"
         );
-        assert_eq!(oo.node.as_deref(), Some(NODE));
+        assert_eq!(oo.node.as_ref().map(NodeId::as_str), Some(NODE));
         let d = get(&b, a).await;
         assert_eq!(d.history.len(), 1);
         assert_eq!(
@@ -1922,7 +1944,10 @@ pub mod cases {
         let short = Duration::from_millis(1000);
         let mut cs = Vec::new();
         for id in ids.into_iter().chain([reserved]) {
-            let mut c = b.claim(NODE, &qn("rn"), 1, short).await.expect("claim");
+            let mut c = b
+                .claim(&NODE.into(), &qn("rn"), 1, short)
+                .await
+                .expect("claim");
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].task.id, id);
             cs.push(c.remove(0));
@@ -1993,7 +2018,7 @@ pub mod cases {
         assert_eq!(get(&b, cs[0].task.id).await.task.state, TaskState::Running);
         let r = get(&b, cs[4].task.id).await.task;
         assert_eq!(
-            (r.state, r.node.as_deref()),
+            (r.state, r.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -2038,7 +2063,7 @@ pub mod cases {
         // Held by another node: `All` takes every node's tasks.
         let r3 = enqueue1(&b, task("rc")).await;
         let c3 = b
-            .claim("node-b", &qn("rc"), 1, LEASE)
+            .claim(&"node-b".into(), &qn("rc"), 1, LEASE)
             .await
             .expect("claim")
             .remove(0);
@@ -2057,10 +2082,10 @@ pub mod cases {
             "only running tasks are recovered"
         );
         let o3 = orphans.iter().find(|o| o.task == r3).unwrap();
-        assert_eq!(o3.node.as_deref(), Some("node-b"));
+        assert_eq!(o3.node.as_ref().map(NodeId::as_str), Some("node-b"));
         let o2 = orphans.iter().find(|o| o.task == r2).unwrap();
         assert_eq!(
-            (o2.pid, o2.pid_start, o2.node.as_deref()),
+            (o2.pid, o2.pid_start, o2.node.as_ref().map(NodeId::as_str)),
             (Some(777), Some(99), Some(NODE))
         );
         assert_eq!(o2.queue, qn("rb"));
@@ -2102,12 +2127,12 @@ pub mod cases {
         let s = enqueue1(&b, task("re")).await;
         let l = enqueue1(&b, task("re")).await;
         let cs = b
-            .claim(NODE, &qn("re"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(cs[0].task.id, s);
         let cl = b
-            .claim(NODE, &qn("re"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, l);
@@ -2143,7 +2168,7 @@ pub mod cases {
         let a = enqueue1(&b, task("ca")).await;
         let c = enqueue1(&b, task("ca")).await;
         let got = b
-            .claim_ahead(NODE, &qn("ca"), 1, LEASE)
+            .claim_ahead(&NODE.into(), &qn("ca"), 1, LEASE)
             .await
             .expect("claim_ahead");
         assert_eq!(
@@ -2154,10 +2179,13 @@ pub mod cases {
         assert_eq!(got[0].attempt, 1);
         let d = get(&b, a).await;
         assert_eq!(
-            (d.task.state, d.task.node.as_deref()),
+            (d.task.state, d.task.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
-        let next = b.claim(NODE, &qn("ca"), 5, LEASE).await.expect("claim");
+        let next = b
+            .claim(&NODE.into(), &qn("ca"), 5, LEASE)
+            .await
+            .expect("claim");
         assert_eq!(
             next.iter().map(|x| x.task.id).collect::<Vec<_>>(),
             vec![c],
@@ -2204,7 +2232,7 @@ pub mod cases {
             vec![id],
             "a reserved task is recovered"
         );
-        assert_eq!(orphans[0].node.as_deref(), Some(NODE));
+        assert_eq!(orphans[0].node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!((orphans[0].pid, orphans[0].pid_start), (None, None));
         assert_eq!(orphans[0].queue, qn("rr"));
         let d = get(&b, id).await;
@@ -2243,12 +2271,12 @@ pub mod cases {
         let exp = enqueue1(&b, task("rr2")).await;
         let live = enqueue1(&b, task("rr2")).await;
         let ce = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(ce[0].task.id, exp);
         let cl = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, live);
@@ -2265,7 +2293,7 @@ pub mod cases {
         assert!(d.history.is_empty(), "{:?}", d.history);
         let l = get(&b, live).await.task;
         assert_eq!(
-            (l.state, l.node.as_deref()),
+            (l.state, l.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -2319,7 +2347,7 @@ pub mod cases {
         let id = enqueue1(&b, task("cr")).await;
         let c = run_id(&b, "cr", id).await;
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2335,11 +2363,13 @@ pub mod cases {
         );
         assert!(t.cancel_requested);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2365,7 +2395,7 @@ pub mod cases {
         assert_eq!(d.history.len(), 1);
         same_attempt(&d.history[0], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2395,15 +2425,17 @@ pub mod cases {
         );
         let t = get(&b, id).await.task;
         assert_eq!(t.state, TaskState::Queued, "still reserved: {t:?}");
-        assert_eq!(t.node.as_deref(), Some(NODE));
+        assert_eq!(t.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(t.cancel_requested);
         assert_eq!(t.finished_at, None);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2452,7 +2484,7 @@ pub mod cases {
         same_attempt(&d.history[0], &failed);
         same_attempt(&d.history[1], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2739,6 +2771,189 @@ pub mod cases {
             matches!(r, Err(BrokerError::NotFound(x)) if x == id),
             "{r:?}"
         );
+    }
+
+    // --- the audit trail (rule 10) -------------------------------------------------------------
+
+    fn entry(action: Action, detail: &str) -> AuditEntry {
+        AuditEntry::new(Actor::local_cli(), action).ok(detail)
+    }
+
+    /// Every record in the trail, newest first.
+    async fn trail(b: &B) -> Vec<taskd::audit::AuditRecord> {
+        b.audit_log(&AuditFilter::default())
+            .await
+            .expect("audit_log")
+    }
+
+    pub async fn audit_appends_one_record_per_call_newest_first(b: B, g: G) {
+        assert!(trail(&b).await.is_empty(), "a fresh store has no trail");
+        let before = now_ms();
+        let id = TaskId::new();
+        let cancel = AuditEntry::new(Actor::local_cli(), Action::Cancel)
+            .task(id)
+            .queue(qn("emails"))
+            .ok("cancelled before it ran");
+        let api = AuditEntry::new(
+            Actor::api(Some("ci".into()), Some("127.0.0.1:4242".into())),
+            Action::Retry,
+        )
+        .task(id)
+        .refused("task is queued; only failed or cancelled tasks can be retried");
+        let bulk = AuditEntry::bulk(
+            Actor::api(Some("ops".into()), None),
+            Action::BulkRetry,
+            BTreeMap::from([
+                ("queue".to_string(), "emails".to_string()),
+                ("state".to_string(), "failed".to_string()),
+            ]),
+            12,
+        )
+        .ok("12 tasks queued again");
+        for e in [&cancel, &api, &bulk] {
+            b.audit(e, 100).await.expect("audit");
+        }
+        let after = now_ms();
+        // Another client of the store (another process) reads what this one wrote.
+        let other = g.connect().await;
+        let got = trail(&other).await;
+        assert_eq!(
+            got.iter().map(|r| r.entry.clone()).collect::<Vec<_>>(),
+            vec![bulk.clone(), api.clone(), cancel.clone()],
+            "one record per call, newest first, each as written"
+        );
+        let ids: BTreeSet<&str> = got.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "ids are unique: {got:?}");
+        for r in &got {
+            assert!(
+                (before - 1000..=after + 1000).contains(&r.at),
+                "stamped with the store's clock, now: {r:?}"
+            );
+        }
+        assert!(got[0].at >= got[1].at && got[1].at >= got[2].at, "{got:?}");
+        assert_eq!(got[1].entry.outcome, Outcome::Refused);
+        assert_eq!(got[1].entry.actor.via, Via::Api);
+        assert_eq!(got[1].entry.actor.token.as_deref(), Some("ci"));
+        assert_eq!(got[0].entry.count, Some(12));
+    }
+
+    pub async fn audit_keeps_the_newest_keep(b: B, _g: G) {
+        for i in 0..7 {
+            b.audit(&entry(Action::Pause, &format!("n{i}")), 3)
+                .await
+                .expect("audit");
+        }
+        let details = |rs: Vec<taskd::audit::AuditRecord>| -> Vec<String> {
+            rs.into_iter().map(|r| r.entry.detail).collect()
+        };
+        assert_eq!(details(trail(&b).await), ["n6", "n5", "n4"], "the newest 3");
+        // A larger bound keeps what is there and grows; a smaller one trims at once.
+        b.audit(&entry(Action::Resume, "n7"), 10)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n7", "n6", "n5", "n4"]);
+        b.audit(&entry(Action::Resume, "n8"), 2)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n8", "n7"]);
+        // `keep` 0 is taken as 1: a record is never dropped by its own call.
+        b.audit(&entry(Action::Resume, "n9"), 0)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n9"]);
+    }
+
+    pub async fn audit_log_pages_by_cursor_and_since(b: B, _g: G) {
+        for i in 0..5 {
+            b.audit(&entry(Action::Retry, &format!("r{i}")), 100)
+                .await
+                .expect("audit");
+        }
+        let page = |before: Option<String>| {
+            let b = b.clone();
+            async move {
+                b.audit_log(&AuditFilter {
+                    since: None,
+                    before,
+                    limit: 2,
+                })
+                .await
+                .expect("audit_log")
+            }
+        };
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let p = page(cursor.clone()).await;
+            assert!(p.len() <= 2, "limit: {p:?}");
+            if p.is_empty() {
+                break;
+            }
+            cursor = p.last().map(|r| r.id.clone());
+            seen.extend(p.into_iter().map(|r| r.entry.detail));
+        }
+        assert_eq!(seen, ["r4", "r3", "r2", "r1", "r0"], "pages, newest first");
+        // `since` by the store's clock: everything is newer than a minute ago, nothing is
+        // newer than a minute from now.
+        let all = b
+            .audit_log(&AuditFilter {
+                since: Some(now_ms() - 60_000),
+                before: None,
+                limit: 0,
+            })
+            .await
+            .expect("audit_log");
+        assert_eq!(all.len(), 5);
+        let none = b
+            .audit_log(&AuditFilter {
+                since: Some(now_ms() + 60_000),
+                before: None,
+                limit: 0,
+            })
+            .await
+            .expect("audit_log");
+        assert!(none.is_empty(), "{none:?}");
+        // A cursor is a position, not a lookup: one older than every record gives nothing,
+        // and a cursor that is not an id of the store is refused, not read as "no cursor".
+        let oldest = all.last().expect("records").id.clone();
+        assert!(page(Some(oldest)).await.is_empty());
+        let r = b
+            .audit_log(&AuditFilter {
+                since: None,
+                before: Some("not-an-id".into()),
+                limit: 2,
+            })
+            .await;
+        assert!(matches!(r, Err(BrokerError::Conflict(_))), "{r:?}");
+    }
+
+    /// Audit records are not tasks: they change no count, list or queue, and cancelling,
+    /// retrying or pausing never writes a record by itself (the caller does).
+    pub async fn audit_is_apart_from_tasks(b: B, _g: G) {
+        let id = enqueue1(&b, task("apart")).await;
+        b.set_paused(&qn("apart"), true).await.expect("pause");
+        b.cancel(id).await.expect("cancel");
+        b.retry(id).await.expect("retry");
+        assert!(
+            trail(&b).await.is_empty(),
+            "the broker's own operations record nothing: the caller knows who asked"
+        );
+        let counts_before = b.counts().await.expect("counts");
+        let list_before = b.list(&ListFilter::default()).await.expect("list");
+        b.audit(&entry(Action::Reload, "nothing changed"), 10)
+            .await
+            .expect("audit");
+        let counts_after = b.counts().await.expect("counts");
+        assert_eq!(
+            format!("{counts_before:?}"),
+            format!("{counts_after:?}"),
+            "an audit record is not a task"
+        );
+        assert_eq!(
+            b.list(&ListFilter::default()).await.expect("list").len(),
+            list_before.len()
+        );
+        assert_eq!(trail(&b).await.len(), 1);
     }
 
     // --- reads --------------------------------------------------------------------------------
@@ -3358,7 +3573,9 @@ pub mod cases {
             .await
             .expect("cancelling a running task did not fire `cancel`");
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         // A reserved task's node must hear of it as well.
@@ -3370,7 +3587,7 @@ pub mod cases {
             .await
             .expect("cancelling a reserved task did not fire `cancel`");
         let asked: BTreeSet<TaskId> = b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .into_iter()
@@ -3389,6 +3606,14 @@ pub mod cases {
         let cu = claim_id(&b, "d", u).await; // reserved, not started
         let r = enqueue1(&b, task("d")).await;
         b.set_paused(&qn("d"), true).await.expect("pause");
+        let audited = AuditEntry::new(Actor::local_cli(), Action::Pause)
+            .queue(qn("d"))
+            .ok("paused");
+        b.audit(&audited, 10).await.expect("audit");
+        let trail_before = b
+            .audit_log(&AuditFilter::default())
+            .await
+            .expect("audit_log");
         let before = (
             snapshot(&b, t.id).await,
             snapshot(&b, u).await,
@@ -3407,6 +3632,13 @@ pub mod cases {
             "the store lost or changed tasks across a reopen"
         );
         assert_eq!(b.paused().await.expect("paused"), BTreeSet::from([qn("d")]));
+        assert_eq!(
+            b.audit_log(&AuditFilter::default())
+                .await
+                .expect("audit_log"),
+            trail_before,
+            "the audit trail is durable"
+        );
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, None),
@@ -3452,7 +3684,7 @@ pub mod cases {
                         return Err(format!("consumer timed out with {} claimed", claimed.len()));
                     }
                     let got = b
-                        .claim("consumer", &qn("mp"), 16, LEASE)
+                        .claim(&"consumer".into(), &qn("mp"), 16, LEASE)
                         .await
                         .map_err(|e| e.to_string())?;
                     if got.is_empty() {
@@ -3949,14 +4181,14 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
     }
 
-    /// A store made before results (schema version 4) gets the results table when a taskd
+    /// A store made before results (schema version 5) gets the results table when a taskd
     /// that keeps them opens it; its tasks are untouched.
     #[tokio::test]
     async fn a_store_from_before_results_is_migrated() {
@@ -3965,8 +4197,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 5")
-                .expect("make it a version 4 store");
+            conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
+                .expect("make it a version 5 store");
         }
         let b = g.connect().await;
         assert_eq!(get(&b, old).await.task.state, TaskState::Queued);
@@ -3978,6 +4210,45 @@ mod sqlite_specific {
             .await
             .expect("finish");
         assert_eq!(get(&b, id).await.result, Some(serde_json::json!([1, 2, 3])));
+    }
+
+    /// A store written by a taskd without the audit trail (schema 4) gains it when opened,
+    /// keeping its tasks; the trail's columns can be read with sqlite3.
+    #[tokio::test]
+    async fn an_older_store_gains_the_audit_table() {
+        let (b, g) = sqlite_fixture().await;
+        let id = enqueue1(&b, task("old")).await;
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(
+                "DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
+            )
+            .expect("make it a schema 4 store");
+        }
+        let b = g.connect().await;
+        assert_eq!(get(&b, id).await.task.queue, qn("old"));
+        let e = AuditEntry::new(Actor::local_cli(), Action::Cancel)
+            .task(id)
+            .queue(qn("old"))
+            .refused("no such task");
+        b.audit(&e, 10).await.expect("audit");
+        drop(b);
+        let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+        let row: (String, String, String, String) = conn
+            .query_row("SELECT action, task, queue, outcome FROM audit", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .expect("one audit row");
+        assert_eq!(
+            row,
+            (
+                "cancel".to_string(),
+                id.to_string(),
+                "old".to_string(),
+                "refused".to_string()
+            )
+        );
     }
 
     /// Claiming stays cheap however many tasks wait. Prints timings; asserts only results.
@@ -4388,7 +4659,7 @@ mod redis_specific {
         for n in &got {
             assert!(n.last_heartbeat >= before - 1000, "{n:?}");
         }
-        b.leave("h1:10").await.expect("leave");
+        b.leave(&"h1:10".into()).await.expect("leave");
         let got = other.nodes().await.expect("nodes");
         assert_eq!(
             got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),

@@ -583,7 +583,6 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
         "the bash worker example needs jq"
     );
     let env = Env::new(&format!(
-        // The timeout leaves each task's handful of `jq` runs room on a loaded machine.
         "[queues.b]\nworker = [\"{}\"]\nstart_secs = \"100ms\"\ntimeout = \"5s\"\nkill_grace = \"1s\"\nmax_attempts = 1\n",
         contrib("bash/worker.sh").display()
     ));

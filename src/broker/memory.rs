@@ -7,7 +7,7 @@
 //! in-process in tests, with tokio's clock paused where real processes are not the point,
 //! and as the smallest worked example of a backend. It never runs processes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,9 +18,10 @@ use super::{
     QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome,
     SlotRecord, StatRow, StepAnswer, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
-    TaskState, UnixMs,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
+    TaskRecord, TaskState, UnixMs,
 };
 
 /// One task as the store holds it: its record, its history and its lease.
@@ -42,7 +43,7 @@ impl Row {
     /// Held by `lease` (same node and token), and still queued or running.
     fn held_by(&self, lease: &Lease) -> bool {
         self.token == lease.token
-            && self.task.node.as_deref() == Some(lease.node.as_str())
+            && self.task.node.as_ref() == Some(&lease.node)
             && matches!(self.task.state, TaskState::Queued | TaskState::Running)
     }
 
@@ -61,6 +62,9 @@ struct Store {
     by_id: HashMap<TaskId, u64>,
     paused: BTreeSet<QueueName>,
     next_seq: u64,
+    /// The audit trail, oldest first; ids are `audit_seq` values.
+    audit: VecDeque<AuditRecord>,
+    audit_seq: u64,
     /// Throughput and latency counters by (minute, queue).
     stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
@@ -197,7 +201,7 @@ impl Broker for MemoryBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -227,7 +231,7 @@ impl Broker for MemoryBroker {
         for (_, seq) in ready.into_iter().take(max) {
             let r = s.rows.get_mut(&seq).expect("listed above");
             r.token += 1;
-            r.task.node = Some(node.to_string());
+            r.task.node = Some(node.clone());
             r.lease_expires = now + lease.as_millis() as i64;
             r.task.updated_at = now;
             r.pid = None;
@@ -236,7 +240,7 @@ impl Broker for MemoryBroker {
                 lease: Lease {
                     task: r.task.id,
                     token: r.token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: r.task.attempts + 1,
                 task: r.task.clone(),
@@ -470,11 +474,11 @@ impl Broker for MemoryBroker {
         Ok(s.rows.values().filter(|r| r.task.state == state).count() as u64)
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let s = self.store();
         Ok(s.rows
             .values()
-            .filter(|r| r.task.cancel_requested && r.task.node.as_deref() == Some(node))
+            .filter(|r| r.task.cancel_requested && r.task.node.as_ref() == Some(node))
             .map(|r| r.task.id)
             .collect())
     }
@@ -556,6 +560,50 @@ impl Broker for MemoryBroker {
 
     async fn subscribe(&self) -> Result<Wakeups> {
         Ok(self.wakeups.clone())
+    }
+
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let mut s = self.store();
+        s.audit_seq += 1;
+        let id = s.audit_seq.to_string();
+        s.audit.push_back(AuditRecord {
+            id,
+            at: now_ms(),
+            entry: entry.clone(),
+        });
+        while s.audit.len() > keep.max(1) {
+            s.audit.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let before: Option<u64> = match &filter.before {
+            Some(b) => Some(b.parse().map_err(|_| {
+                BrokerError::Conflict(format!("`{b}` is not an audit record id of this store"))
+            })?),
+            None => None,
+        };
+        let s = self.store();
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        Ok(s.audit
+            .iter()
+            .rev()
+            .filter(|r| match before {
+                Some(b) => r.id.parse::<u64>().is_ok_and(|n| n < b),
+                None => true,
+            })
+            .filter(|r| match filter.since {
+                Some(t) => r.at >= t,
+                None => true,
+            })
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn schedule_states(&self, keys: &[ScheduleKey]) -> Result<Vec<ScheduleState>> {
@@ -815,7 +863,7 @@ impl MemoryBroker {
     /// [`Broker::finish`], applied at once (see the trait for the rules).
     fn finish_now(&self, lease: &Lease, mut attempt: AttemptRecord, next: Finish) -> Result<()> {
         let now = now_ms();
-        // The result goes with the task (rule 11), not into the history.
+        // The result goes with the task (rule 12), not into the history.
         let result = attempt.result.take();
         let requeued = {
             let mut s = self.store();

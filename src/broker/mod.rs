@@ -58,7 +58,15 @@
 //!     `through` are one atomic change; `overlap`'s check of the previous slot's task is
 //!     made inside it. A waiting or running task already holding the slot's unique key is
 //!     that slot's task (no second one). Two clients racing for one slot: one fires it.
-//! 11. **A result belongs to its task.** A `Succeeded` finish stores `attempt.result` (when
+//! 11. **The audit trail is append-only and bounded.** [`Broker::audit`] adds exactly one
+//!     record per call, durable when it returns (as an enqueue), stamped with the store's
+//!     clock and an id that orders records as they were taken; it keeps the newest `keep`
+//!     records and drops older ones in the same atomic step (never a scan of the keyspace:
+//!     SQLite deletes by primary key, Redis trims a capped stream). No other method writes
+//!     or removes audit records, and no audit call touches a task. [`Broker::audit_log`]
+//!     reads newest first, bounded by its filter (`since`, `before`, `limit`). Records are
+//!     never rewritten: a record's id and time stay what they were when it was taken.
+//! 12. **A result belongs to its task.** A `Succeeded` finish stores `attempt.result` (when
 //!     there is one) with the task, in the same atomic change as the rest of the finish;
 //!     every other finish, and [`Broker::note_run`], stores none. The history never holds
 //!     it (attempts read back have `result: None`); [`Broker::get`] returns it as
@@ -82,8 +90,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
-    AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
 pub use schedules::{
     ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StepAnswer,
@@ -120,7 +129,7 @@ pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 pub struct Lease {
     pub task: TaskId,
     pub token: i64,
-    pub node: String,
+    pub node: NodeId,
 }
 
 /// A task handed to a node to run.
@@ -175,12 +184,29 @@ pub enum CancelOutcome {
     AlreadyFinished(TaskState),
 }
 
+impl CancelOutcome {
+    /// `entry` (a cancel's audit record) with this answer: done, asked of the node that
+    /// runs the task, or refused because it had already finished. The CLI and the API
+    /// record a cancel in the same words.
+    pub fn audited(self, entry: AuditEntry) -> AuditEntry {
+        match self {
+            CancelOutcome::Cancelled => entry.ok("cancelled before it ran"),
+            CancelOutcome::Requested => {
+                entry.ok("cancel requested: the node running or holding it stops it")
+            }
+            CancelOutcome::AlreadyFinished(s) => {
+                entry.refused(format!("it had already finished ({s}); nothing to cancel"))
+            }
+        }
+    }
+}
+
 /// A running task whose node went away: its process group may still be alive.
 #[derive(Clone, Debug)]
 pub struct Orphan {
     pub task: TaskId,
     pub queue: QueueName,
-    pub node: Option<String>,
+    pub node: Option<NodeId>,
     pub pid: Option<i32>,
     pub pid_start: Option<u64>,
 }
@@ -486,7 +512,7 @@ pub struct Wakeups {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node id a daemon claims with (`host:pid`).
-    pub id: String,
+    pub id: NodeId,
     pub host: String,
     pub pid: u32,
     /// The queues it serves.
@@ -533,7 +559,7 @@ pub trait Broker: Send + Sync + 'static {
     /// gets a new lease token.
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -544,7 +570,7 @@ pub trait Broker: Send + Sync + 'static {
     /// results being written). The same contract otherwise.
     async fn claim_ahead(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -574,7 +600,7 @@ pub trait Broker: Send + Sync + 'static {
     /// before the claim. With `Finish::Release` the attempt is not recorded; every other
     /// finish records it. If an operator asked to cancel the task, a `Retry`, `Requeue` or
     /// `Release` ends it `cancelled` instead (`last_error` "cancelled by an operator").
-    /// `Succeeded` keeps `attempt.result` as the task's result (rule 11).
+    /// `Succeeded` keeps `attempt.result` as the task's result (rule 12).
     fn finish<'a>(
         &'a self,
         lease: &'a Lease,
@@ -624,7 +650,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn count_state(&self, state: TaskState) -> Result<u64>;
 
     /// Running or reserved tasks held by `node` that an operator asked to cancel.
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>>;
 
     /// Mark held tasks whose process is known to have started (from a node's own start log)
     /// as `running`, so that [`Broker::recover`] records their run as `lost`. Tasks not held
@@ -641,6 +667,15 @@ pub trait Broker: Send + Sync + 'static {
     /// Start delivering wake-ups to this process (the daemon calls it once).
     async fn subscribe(&self) -> Result<Wakeups>;
 
+    /// Append `entry` to the audit trail (rule 11): one record, stamped with the store's
+    /// clock, durable when this returns; records beyond the newest `keep` (at least 1) are
+    /// dropped in the same step.
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()>;
+
+    /// The audit trail, newest first: at most `filter.limit` records (0: no limit), none
+    /// taken before `filter.since`, only those older than the record `filter.before`.
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
+
     /// Several daemons may hold leases at once (a shared broker). A daemon then never
     /// recovers with [`Recover::All`]: it reclaims expired leases, and registers itself.
     fn shared(&self) -> bool {
@@ -654,7 +689,7 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Remove a node's record (a clean stop).
-    async fn leave(&self, _node: &str) -> Result<()> {
+    async fn leave(&self, _node: &NodeId) -> Result<()> {
         Ok(())
     }
 

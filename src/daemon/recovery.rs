@@ -16,8 +16,12 @@ const LEFT_RUNNING: &str =
 
 /// Open the start log (`state_dir/started.log`) and take back what the previous daemon left:
 /// the tasks it noted as starting count as started (their history then says `lost`), and
-/// the result files of its runs are removed. The start log is handed on to the supervisor.
-pub(super) async fn recover(config: &Config, broker: &dyn Broker) -> anyhow::Result<StartLog> {
+/// the result files of its runs are removed. The start log is handed on to the supervisor,
+/// with how many tasks were queued again (for the audit record of the daemon's start).
+pub(super) async fn recover(
+    config: &Config,
+    broker: &dyn Broker,
+) -> anyhow::Result<(StartLog, usize)> {
     let results = config
         .state_dir
         .join(crate::config::defaults::RESULTS_DIR_NAME);
@@ -34,16 +38,18 @@ pub(super) async fn recover(config: &Config, broker: &dyn Broker) -> anyhow::Res
         )
     })?;
     let noted: Vec<TaskId> = noted.into_iter().collect();
-    if broker.shared() {
+    let recovered = if broker.shared() {
         kill_own_leftovers(broker, &noted).await;
+        0
     } else {
-        recover_all(broker, &noted).await?;
-    }
-    Ok(start_log)
+        recover_all(broker, &noted).await?
+    };
+    Ok((start_log, recovered))
 }
 
-/// The embedded store: every task left running is queued again, its processes killed.
-async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<()> {
+/// The embedded store: every task left running is queued again, its processes killed; how
+/// many.
+async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<usize> {
     if !noted.is_empty() {
         broker.adopt_started(noted).await?;
     }
@@ -56,7 +62,7 @@ async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<()
             "recovered tasks left running by a previous daemon"
         );
     }
-    Ok(())
+    Ok(orphans.len())
 }
 
 /// A shared broker: never `Recover::All`. This node's own tasks from before a crash are taken
@@ -94,13 +100,14 @@ async fn stale_local_runs(broker: &dyn Broker, noted: &[TaskId]) -> Vec<String> 
             // Unknown: leave its processes alone rather than risk another node's run.
             Err(_) => continue,
         };
-        let held_here_by_a_live_node = holder.as_deref().is_some_and(|node| {
-            node.rsplit_once(':').is_some_and(|(node_host, pid)| {
-                node_host == host
-                    && pid.parse::<i32>().is_ok_and(|pid| {
+        let held_here_by_a_live_node = holder.is_some_and(|node| {
+            node.host() == Some(host.as_str())
+                && node
+                    .pid()
+                    .and_then(|pid| i32::try_from(pid).ok())
+                    .is_some_and(|pid| {
                         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
                     })
-            })
         });
         if !held_here_by_a_live_node {
             out.push(id);

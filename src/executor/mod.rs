@@ -29,6 +29,7 @@
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
 mod escalation;
+pub mod live;
 pub(crate) mod output;
 mod procs;
 mod result;
@@ -120,6 +121,8 @@ pub struct Spec {
     /// Give the task a result file (`TASKD_RESULT_FILE`, see `result.rs`), read once it
     /// exited 0 ([`Outcome::returned`]); `None` gives it none.
     pub result: Option<ResultSpec>,
+    /// The attempt's live ring: its output is pushed there too, for followers.
+    pub live: Option<std::sync::Arc<live::LiveOutput>>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -433,6 +436,8 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         out.lines = Some(output::Lines::new("stdout"));
         err.lines = Some(output::Lines::new("stderr"));
     }
+    out.follow(spec.live.as_ref(), live::Stream::Stdout);
+    err.follow(spec.live.as_ref(), live::Stream::Stderr);
     let mut esc = Escalation::new(pid);
 
     let (waited, stray_killed) = {

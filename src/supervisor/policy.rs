@@ -6,7 +6,7 @@
 use crate::broker::{Claimed, Finish};
 use crate::config::QueueConfig;
 use crate::executor::{signal_name, Outcome, Returned, Runner, SpawnFailure, Status, Verdict};
-use crate::model::{AttemptReason, AttemptRecord, UnixMs};
+use crate::model::{AttemptReason, AttemptRecord, NodeId, UnixMs};
 
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
 /// the attempt's error).
@@ -35,14 +35,14 @@ pub fn retry_or_fail(
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
 fn attempt_of(
     c: &Claimed,
-    node: &str,
+    node: &NodeId,
     pid: Option<i32>,
     (started_at, ended_at): (UnixMs, UnixMs),
     (stdout, stderr): (&[u8], &[u8]),
 ) -> AttemptRecord {
     AttemptRecord {
         number: c.attempt,
-        node: node.to_string(),
+        node: node.clone(),
         pid,
         started_at,
         ended_at,
@@ -68,7 +68,7 @@ fn attempt_of(
 pub fn decide(
     q: &QueueConfig,
     c: &Claimed,
-    node: &str,
+    node: &NodeId,
     o: Outcome,
     now: UnixMs,
     rng: &mut impl rand::Rng,
@@ -318,7 +318,7 @@ mod tests {
         decide(
             &queue(max),
             &super::test_claimed(attempt),
-            "n",
+            &"n".into(),
             outcome(status),
             100_000,
             &mut rng,
@@ -438,7 +438,14 @@ mod tests {
             returned: Returned::Nothing,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        decide(&q, &super::test_claimed(attempt), "n", o, 1_000, &mut rng)
+        decide(
+            &q,
+            &super::test_claimed(attempt),
+            &"n".into(),
+            o,
+            1_000,
+            &mut rng,
+        )
     }
 
     #[test]
@@ -480,7 +487,14 @@ mod tests {
             let mut o = outcome(status);
             o.returned = returned;
             o.ran_on = ran_on;
-            decide(&q, &super::test_claimed(1), "n", o, 100_000, &mut rng)
+            decide(
+                &q,
+                &super::test_claimed(1),
+                &"n".into(),
+                o,
+                100_000,
+                &mut rng,
+            )
         };
         let ok = Status::Answered {
             verdict: Verdict::Ok,
@@ -523,7 +537,7 @@ mod tests {
             returned: Returned::TooBig { bytes: 2 },
             ..outcome(Status::Exited(0))
         };
-        let (a, f) = decide(&q, &super::test_claimed(1), "n", o, 0, &mut rng);
+        let (a, f) = decide(&q, &super::test_claimed(1), &"n".into(), o, 0, &mut rng);
         assert_eq!(f, Finish::Failed);
         assert!(a.error.unwrap().contains("keeps none (max_result = 0)"));
     }

@@ -84,6 +84,7 @@ impl Prepared {
             limits: self.limits.clone(),
             // A worker's tasks answer on its result pipe.
             result: None,
+            live: None,
         })
     }
 
@@ -139,6 +140,7 @@ impl Prepared {
                     dir: dir.clone(),
                     max_bytes: q.max_result,
                 }),
+            live: None,
         })
     }
 }

@@ -31,9 +31,11 @@ use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
     Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
 use crate::model::{
-    now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    now_ms, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState,
+    UnixMs,
 };
 
 /// Adds one [`StatRow`] to its queue's hash of the hour (`…:stats:<hour>`, fields
@@ -66,6 +68,9 @@ const QUEUES: &str = "taskd:queues";
 const NODES: &str = "taskd:nodes";
 /// The wake-up channel.
 const WAKE: &str = "taskd:wake";
+/// The audit trail: a stream capped at the newest `audit_keep` entries, each with one field
+/// `r` (the entry as JSON); the entry id (`<ms>-<n>`, the server's clock) orders them.
+const AUDIT: &str = "taskd:audit";
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one command may wait for its answer before the connection counts as broken.
@@ -212,7 +217,7 @@ impl RedisBroker {
             .as_ref()
             .map(|e| format!("e:{e}"))
             .unwrap_or_default();
-        // Only a success keeps what the run returned (rule 11).
+        // Only a success keeps what the run returned (rule 12).
         let result = match (next, &attempt.result) {
             (Finish::Succeeded, Some(v)) => v.to_string(),
             _ => String::new(),
@@ -220,7 +225,7 @@ impl RedisBroker {
         let args = [
             lease.task.to_string(),
             lease.token.to_string(),
-            lease.node.clone(),
+            lease.node.to_string(),
             kind.to_string(),
             at.to_string(),
             if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
@@ -471,7 +476,7 @@ impl RedisBroker {
 
     async fn claim_in(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -482,7 +487,7 @@ impl RedisBroker {
         let rows: Vec<Vec<String>> = scripts()
             .claim
             .key(prefix(queue))
-            .arg(node)
+            .arg(node.as_str())
             .arg(max)
             .arg(lease.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -498,7 +503,7 @@ impl RedisBroker {
                 lease: Lease {
                     task: task.id,
                     token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: task.attempts + 1,
                 task,
@@ -534,7 +539,7 @@ impl RedisBroker {
             out.push(Orphan {
                 task,
                 queue: queue.clone(),
-                node: (!node.is_empty()).then(|| node.clone()),
+                node: (!node.is_empty()).then(|| NodeId::from(node.clone())),
                 pid: pid.parse().ok(),
                 pid_start: pid_start.parse().ok(),
             });
@@ -739,7 +744,7 @@ fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
         finished_at: opt_num(h, "finished_at"),
         last_error: h.get("last_error").cloned(),
         cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
-        node: h.get("node").cloned(),
+        node: h.get("node").cloned().map(NodeId::from),
         schedule: h.get("schedule").cloned(),
         slot: opt_num(h, "slot"),
     })
@@ -816,7 +821,7 @@ impl Broker for RedisBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -833,7 +838,7 @@ impl Broker for RedisBroker {
             .key(prefix(&q))
             .arg(lease.task.to_string())
             .arg(lease.token)
-            .arg(&lease.node)
+            .arg(lease.node.as_str())
             .arg(pid)
             .arg(pid_start)
             .arg(boot_id())
@@ -860,7 +865,9 @@ impl Broker for RedisBroker {
             let mut inv = scripts().renew.key(prefix(&q));
             inv.arg(lease.as_millis() as u64);
             for l in ls {
-                inv.arg(l.task.to_string()).arg(l.token).arg(&l.node);
+                inv.arg(l.task.to_string())
+                    .arg(l.token)
+                    .arg(l.node.as_str());
             }
             let ids: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -1260,7 +1267,7 @@ impl Broker for RedisBroker {
         Ok(n.into_iter().flatten().sum())
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let queues = self.queue_names().await?;
         if queues.is_empty() {
             return Ok(Vec::new());
@@ -1287,7 +1294,7 @@ impl Broker for RedisBroker {
             .await?;
         let mut out = Vec::new();
         for ((_, id), holder) in asked.into_iter().zip(holders) {
-            if holder.as_deref() == Some(node) {
+            if holder.as_deref() == Some(node.as_str()) {
                 out.push(id.parse().map_err(BrokerError::Storage)?);
             }
         }
@@ -1400,6 +1407,66 @@ impl Broker for RedisBroker {
         true
     }
 
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let json = serde_json::to_string(entry).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        // Exact trimming (not `~`): the stream holds the newest `keep`, no more. XADD trims
+        // in the same command, from the oldest end.
+        let _: String = redis::cmd("XADD")
+            .arg(AUDIT)
+            .arg("MAXLEN")
+            .arg(keep.max(1))
+            .arg("*")
+            .arg("r")
+            .arg(json)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let end = match &filter.before {
+            Some(b) if stream_id(b).is_some() => format!("({b}"),
+            Some(b) => {
+                return Err(BrokerError::Conflict(format!(
+                    "`{b}` is not an audit record id of this store"
+                )))
+            }
+            None => "+".to_string(),
+        };
+        let start = match filter.since {
+            Some(t) => t.max(0).to_string(),
+            None => "-".to_string(),
+        };
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(AUDIT).arg(end).arg(start);
+        if filter.limit > 0 {
+            cmd.arg("COUNT").arg(filter.limit);
+        }
+        let rows: Vec<(String, Vec<(String, String)>)> = cmd
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(id, fields)| {
+                let at = stream_id(&id).map(|(ms, _)| ms).ok_or_else(|| {
+                    BrokerError::Storage(format!("{AUDIT}: entry id `{id}` is not a stream id"))
+                })?;
+                let json = fields
+                    .into_iter()
+                    .find(|(k, _)| k == "r")
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| {
+                        BrokerError::Storage(format!("{AUDIT}: entry {id} has no `r`"))
+                    })?;
+                let entry = serde_json::from_str(&json).map_err(|e| {
+                    BrokerError::Storage(format!("{AUDIT}: entry {id} cannot be read: {e}"))
+                })?;
+                Ok(AuditRecord { id, at, entry })
+            })
+            .collect()
+    }
+
     async fn schedule_states(
         &self,
         keys: &[super::ScheduleKey],
@@ -1439,7 +1506,7 @@ impl Broker for RedisBroker {
         let _: String = scripts()
             .heartbeat
             .key(NODES)
-            .arg(&node.id)
+            .arg(node.id.as_str())
             .arg(json)
             .invoke_async(&mut self.conn())
             .await
@@ -1447,10 +1514,10 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn leave(&self, node: &str) -> Result<()> {
+    async fn leave(&self, node: &NodeId) -> Result<()> {
         let _: i64 = redis::cmd("HDEL")
             .arg(NODES)
-            .arg(node)
+            .arg(node.as_str())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
@@ -1517,6 +1584,12 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+}
+
+/// A stream entry id, `<ms>-<n>`, as its two numbers.
+fn stream_id(id: &str) -> Option<(UnixMs, u64)> {
+    let (ms, n) = id.split_once('-')?;
+    Some((ms.parse().ok()?, n.parse().ok()?))
 }
 
 fn server_ms(time: &[String]) -> Option<UnixMs> {

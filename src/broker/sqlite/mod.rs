@@ -43,9 +43,10 @@ use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
     QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
-    TaskState, UnixMs,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
+    TaskRecord, TaskState, UnixMs,
 };
 
 /// The SQLite backend. Cheap to share behind an `Arc`.
@@ -121,7 +122,7 @@ impl SqliteBroker {
     async fn claim_as(
         &self,
         urgent: bool,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -129,7 +130,7 @@ impl SqliteBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let node = node.to_string();
+        let node = node.clone();
         let queue = queue.clone();
         let lease_ms = lease.as_millis() as i64;
         self.write_as(urgent, move |conn| {
@@ -157,7 +158,7 @@ impl SqliteBroker {
                 ))
                 .map_err(storage)?;
             let mut rows: Vec<(i64, Claimed)> = stmt
-                .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
+                .query_map(params![node.as_str(), now + lease_ms, now, queue.as_str(), max as i64], |r| {
                     let task = row_to_task(r)?;
                     let token: i64 = r.get("lease_token")?;
                     let seq: i64 = r.get("seq")?;
@@ -204,7 +205,7 @@ impl Broker for SqliteBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -214,7 +215,7 @@ impl Broker for SqliteBroker {
 
     async fn claim_ahead(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -245,7 +246,7 @@ impl Broker for SqliteBroker {
                 .map_err(storage)?;
             for l in &leases {
                 let n = stmt
-                    .execute(params![until, l.task.to_string(), l.token, l.node])
+                    .execute(params![until, l.task.to_string(), l.token, l.node.as_str()])
                     .map_err(storage)?;
                 if n == 0 {
                     lost.push(l.task);
@@ -271,7 +272,7 @@ impl Broker for SqliteBroker {
         next: Finish,
     ) -> Queued<'a, ()> {
         let held = lease.clone();
-        // Serialized here, not on the writer's thread. Only a success keeps it (rule 11).
+        // Serialized here, not on the writer's thread. Only a success keeps it (rule 12).
         let result = match next {
             Finish::Succeeded => attempt.result.as_ref().map(|v| v.to_string()),
             _ => None,
@@ -285,7 +286,7 @@ impl Broker for SqliteBroker {
                          WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state IN ('queued', 'running')",
                     )
                     .and_then(|mut s| {
-                        s.query_row(params![held.task.to_string(), held.token, held.node], |r| {
+                        s.query_row(params![held.task.to_string(), held.token, held.node.as_str()], |r| {
                             Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
                         })
                         .optional()
@@ -476,7 +477,7 @@ impl Broker for SqliteBroker {
                     let reason: Option<String> = r.get(7)?;
                     Ok(AttemptRecord {
                         number: r.get(0)?,
-                        node: r.get(1)?,
+                        node: NodeId::from(r.get::<_, String>(1)?),
                         pid: r.get(2)?,
                         started_at: r.get(3)?,
                         ended_at: r.get(4)?,
@@ -718,7 +719,7 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let node = node.to_string();
         self.read(move |conn| {
             let mut stmt = conn
@@ -792,6 +793,7 @@ impl Broker for SqliteBroker {
                     .map_err(storage)?;
                 let mut orphans = Vec::with_capacity(rows.len());
                 for (seq, id, queue, node, pid, pid_start, started_at, attempts, cancel_requested, state) in rows {
+                    let node = node.map(NodeId::from);
                     let started = state == "running";
                     if started {
                         // It ran: the history says it was lost, and the attempt is given back.
@@ -847,6 +849,78 @@ impl Broker for SqliteBroker {
 
     async fn subscribe(&self) -> Result<Wakeups> {
         wake::listen(&self.wake_path)
+    }
+
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let record =
+            serde_json::to_string(entry).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let action = entry.action.as_str();
+        let outcome = entry.outcome.as_str();
+        let task = entry.task.map(|t| t.to_string());
+        let queue = entry.queue.as_ref().map(|q| q.as_str().to_string());
+        let keep = keep.max(1) as i64;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO audit (at, action, task, queue, outcome, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| s.execute(params![now_ms(), action, task, queue, outcome, record]))
+            .map_err(storage)?;
+            // `seq` has no gaps among the records kept (AUTOINCREMENT, and only the oldest
+            // are ever deleted): the newest `keep` are those above this one's seq − keep.
+            let seq = conn.last_insert_rowid();
+            conn.prepare_cached("DELETE FROM audit WHERE seq <= ?1")
+                .and_then(|mut s| s.execute([seq - keep]))
+                .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let before: Option<i64> = match &filter.before {
+            Some(b) => Some(b.parse().map_err(|_| {
+                BrokerError::Conflict(format!("`{b}` is not an audit record id of this store"))
+            })?),
+            None => None,
+        };
+        let since = filter.since;
+        let limit = if filter.limit == 0 {
+            -1
+        } else {
+            filter.limit as i64
+        };
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, at, record FROM audit
+                     WHERE (?1 IS NULL OR at >= ?1) AND (?2 IS NULL OR seq < ?2)
+                     ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map(params![since, before, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(storage)?;
+            rows.into_iter()
+                .map(|(seq, at, record)| {
+                    let entry = serde_json::from_str(&record).map_err(|e| {
+                        BrokerError::Storage(format!("audit record {seq} cannot be read: {e}"))
+                    })?;
+                    Ok(AuditRecord {
+                        id: seq.to_string(),
+                        at,
+                        entry,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn schedule_states(
