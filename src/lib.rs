@@ -41,6 +41,7 @@ pub mod exit;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod scheduler;
 pub mod slots;
 pub mod submission;
 pub mod supervisor;

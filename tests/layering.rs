@@ -36,6 +36,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "supervisor",
         &[
             "model", "config", "broker", "executor", "worker", "metrics", "backoff",
+            // A schedule's task sees its slot in RFC 3339 (`TASKD_SLOT`).
+            "slots",
         ],
     ),
     // Clients of the broker: the model, the config and the broker trait; never the
@@ -54,9 +56,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "control",
         ],
     ),
+    // The schedules at run time: the broker's records, the config's schedules, slot
+    // arithmetic; never the supervisor (a slot's task is enqueued like any other).
+    (
+        "scheduler",
+        &["model", "config", "broker", "metrics", "slots", "backoff"],
+    ),
     (
         "daemon",
         &[
+            "scheduler",
             "model",
             "config",
             "broker",

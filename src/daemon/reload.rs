@@ -42,6 +42,7 @@ pub(super) fn reload(current: &mut Config, supervisor: &Arc<Supervisor>, why: &s
                 ));
             }
             current.queues = new.queues;
+            current.schedules = new.schedules;
             current.shutdown_grace = new.shutdown_grace;
             current.max_payload = new.max_payload;
             if new.listen != current.listen {
