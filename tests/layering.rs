@@ -26,7 +26,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &["model", "broker"]),
     // The JSON shapes the API and the CLI share: records of the model, the broker's rows
     // and nodes, and a worker's `workers.json` record (the reader, not the rest of `worker`).
-    ("view", &["model", "broker", "worker::status"]),
+    // A schedule's view shows its config (spec, zone) and its next slot.
+    (
+        "view",
+        &["model", "broker", "worker::status", "config", "slots"],
+    ),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
@@ -92,6 +96,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "worker::status",
             "backoff",
             "view",
+            // Slot times shown as RFC 3339 (`show`, `schedules`).
+            "slots",
         ],
     ),
 ];

@@ -9,6 +9,7 @@ mod control;
 mod generate;
 mod inspect;
 mod reload;
+mod schedules;
 pub mod start;
 pub(crate) mod submit;
 mod visible;
@@ -83,6 +84,12 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The config's schedules: spec, time zone, next fire time (local and UTC), the last
+    /// slot and its task's state, counts of fired, caught-up and skipped slots, and whether
+    /// each is enabled or paused. `show NAME` lists a schedule's slot records, `fire NAME`
+    /// enqueues its task now, `pause NAME` / `resume NAME` stop and restart its firing. An
+    /// unknown NAME exits 2 and lists the known ones.
+    Schedules(schedules::SchedulesArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -138,6 +145,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Schedules(a) => schedules::run(config, a).await,
     }
 }
 
