@@ -660,10 +660,11 @@ mod tests {
         samples
     }
 
+    /// A documented response: (method, path, status).
+    type Response = (&'static str, &'static str, &'static str);
+
     /// The shapes of `/api/v1/schedules`.
-    fn schedule_samples(
-        fill: Fill,
-    ) -> Vec<((&'static str, &'static str, &'static str), Vec<Value>)> {
+    fn schedule_samples(fill: Fill) -> Vec<(Response, Vec<Value>)> {
         use crate::broker::SlotOutcome;
         let full = fill == Fill::Full;
         let slot = |outcome| view::SlotView {
