@@ -495,15 +495,25 @@ impl Job {
             self.cfg.missed,
             self.cfg.max_catch_up,
         );
+        // `overlap` looks at the run before the plan, not at the catch-up runs it enqueues
+        // itself: those of `missed = "all"` queue behind one another.
+        let mut catching_up = false;
         for step in plan {
             if step.last() <= out.through {
                 continue;
             }
             let last = step.last();
-            let answer = self
-                .broker
-                .schedule_step(&self.key, self.step(&step))
-                .await?;
+            let mut broker_step = self.step(&step);
+            if let ScheduleStep::Fire {
+                caught_up: true,
+                skip_if_running,
+                ..
+            } = &mut broker_step
+            {
+                *skip_if_running &= !catching_up;
+                catching_up = true;
+            }
+            let answer = self.broker.schedule_step(&self.key, broker_step).await?;
             match answer {
                 StepAnswer::AlreadyHandled { through, spec } => {
                     if spec != self.spec {
