@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::broker::QueueCounts;
+use crate::broker::{QueueCounts, StatRow};
 use crate::model::{QueueName, TaskState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +83,9 @@ pub struct Metrics {
     running: Family<QueueLabel, Gauge>,
     broker_errors: Counter,
     schedule_slots: Family<ScheduleLabels, Counter>,
+    /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
+    /// dashboard's charts): [`Metrics::take_stats`].
+    pending: std::sync::Mutex<std::collections::BTreeMap<(i64, QueueName), StatRow>>,
 }
 
 impl Default for Metrics {
@@ -153,6 +156,7 @@ impl Metrics {
             depth,
             running,
             broker_errors,
+            pending: Default::default(),
         }
     }
 
@@ -172,7 +176,16 @@ impl Metrics {
             .inc();
     }
 
-    pub fn finished(&self, queue: &QueueName, outcome: FinishOutcome, ran: Option<Duration>) {
+    /// An attempt ended: `ran` is how long its process ran (if one started), `waited` how
+    /// long the task waited from due to start.
+    pub fn finished(
+        &self,
+        queue: &QueueName,
+        outcome: FinishOutcome,
+        ran: Option<Duration>,
+        waited: Option<Duration>,
+    ) {
+        self.count_for_stats(queue, outcome, ran, waited);
         self.finished
             .get_or_create(&OutcomeLabels {
                 queue: queue.to_string(),
@@ -196,6 +209,57 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc_by(n);
+    }
+
+    fn count_for_stats(
+        &self,
+        queue: &QueueName,
+        outcome: FinishOutcome,
+        ran: Option<Duration>,
+        waited: Option<Duration>,
+    ) {
+        if outcome == FinishOutcome::Requeued {
+            return; // not a finished attempt: it runs again, uncharged
+        }
+        let minute = crate::model::now_ms().div_euclid(60_000);
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let r = pending
+            .entry((minute, queue.clone()))
+            .or_insert_with(|| StatRow::new(queue.clone(), minute));
+        match outcome {
+            FinishOutcome::Succeeded => r.succeeded += 1,
+            FinishOutcome::Retry => r.retried += 1,
+            FinishOutcome::Failed => r.failed += 1,
+            FinishOutcome::Cancelled => r.cancelled += 1,
+            FinishOutcome::Requeued => {}
+        }
+        if let Some(d) = ran {
+            let ms = d.as_millis().min(u64::MAX as u128) as u64;
+            r.runs += 1;
+            r.run_ms_sum += ms;
+            r.run_ms_max = r.run_ms_max.max(ms);
+            r.wait_ms_sum += waited.map_or(0, |w| w.as_millis().min(u64::MAX as u128) as u64);
+        }
+    }
+
+    /// The attempt counters gathered since the last call, to add to the broker's
+    /// ([`crate::broker::Broker::add_stats`]); [`Metrics::untake_stats`] puts them back if
+    /// the broker refused them.
+    pub fn take_stats(&self) -> Vec<StatRow> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_values()
+            .collect()
+    }
+
+    /// Gives back counters [`Metrics::take_stats`] took, to be written with the next ones.
+    pub fn untake_stats(&self, rows: Vec<StatRow>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rows {
+            pending
+                .entry((r.minute, r.queue.clone()))
+                .or_insert_with(|| StatRow::new(r.queue.clone(), r.minute))
+                .add(&r);
+        }
     }
 
     pub fn broker_error(&self) {
@@ -341,7 +405,12 @@ mod tests {
         let q: QueueName = "mail".parse().expect("valid");
         m.enqueued(&q, 3);
         m.started(&q);
-        m.finished(&q, FinishOutcome::Failed, Some(Duration::from_millis(20)));
+        m.finished(
+            &q,
+            FinishOutcome::Failed,
+            Some(Duration::from_millis(20)),
+            None,
+        );
         let text = m.render();
         assert!(
             text.contains("taskd_tasks_enqueued_total{queue=\"mail\"} 3"),

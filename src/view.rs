@@ -60,15 +60,22 @@ pub struct WorkerView {
     pub info: WorkerInfo,
     /// Seconds since the current process started (`None` without a process).
     pub uptime_s: Option<i64>,
+    /// The process's resident memory in bytes, read from /proc by whoever made this view
+    /// (`None` without a process, or when it cannot be read).
+    pub rss_bytes: Option<u64>,
 }
 
 impl WorkerView {
-    pub fn new(info: WorkerInfo, now: UnixMs) -> Self {
+    pub fn new(info: WorkerInfo, now: UnixMs, rss_bytes: Option<u64>) -> Self {
         let uptime_s = match (info.pid, info.started_ms) {
             (Some(_), Some(t)) => Some((now - t).max(0) / 1000),
             _ => None,
         };
-        WorkerView { info, uptime_s }
+        WorkerView {
+            info,
+            uptime_s,
+            rss_bytes: rss_bytes.filter(|_| uptime_s.is_some()),
+        }
     }
 }
 
@@ -278,4 +285,98 @@ pub struct ScheduleFired {
 pub struct SchedulePaused {
     pub schedule: String,
     pub paused: bool,
+}
+
+/// `POST /api/v1/tasks/bulk`: what a bulk retry or cancel matched, and what it did.
+#[derive(Clone, Debug, Serialize)]
+pub struct BulkView {
+    pub action: BulkAction,
+    /// Nothing was changed: `matched` is what the action would apply to.
+    pub dry_run: bool,
+    /// Tasks the filter matched that the action applies to (cancel: waiting or running;
+    /// retry: failed or cancelled).
+    pub matched: usize,
+    /// Retried; or cancelled, or asked to stop (running).
+    pub done: usize,
+    /// Tasks that had moved on meanwhile (finished before the cancel, or retried already).
+    pub skipped: usize,
+    /// The tasks the action was refused for, and why (at most 100 listed).
+    pub errors: Vec<BulkFailure>,
+}
+
+/// One task a bulk action was refused for.
+#[derive(Clone, Debug, Serialize)]
+pub struct BulkFailure {
+    pub id: TaskId,
+    pub error: String,
+}
+
+/// What a bulk operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BulkAction {
+    Retry,
+    Cancel,
+}
+
+/// `GET /api/v1/stats`: finished attempts per time bucket (throughput and latency), from
+/// the counters the daemon keeps in the broker.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsView {
+    /// `1h` or `24h`.
+    pub window: String,
+    /// The queue the figures are for (`None`: every queue).
+    pub queue: Option<String>,
+    /// Bucket width in seconds.
+    pub bucket_s: u64,
+    /// The first bucket's start and the last one's end (ms since the epoch).
+    pub from: UnixMs,
+    pub to: UnixMs,
+    /// Oldest first; every bucket of the window, empty ones included.
+    pub buckets: Vec<StatBucket>,
+    /// The sums over the window.
+    pub total: StatBucket,
+}
+
+/// Finished attempts in one time bucket.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatBucket {
+    /// The bucket's start (ms since the epoch).
+    pub start: UnixMs,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub cancelled: u64,
+    /// Attempts that ran a process, and their mean and longest run time (ms; `None`
+    /// without runs).
+    pub runs: u64,
+    pub run_ms_mean: Option<u64>,
+    pub run_ms_max: Option<u64>,
+    /// How long those tasks waited from due to start, on average (ms).
+    pub wait_ms_mean: Option<u64>,
+}
+
+impl StatBucket {
+    /// The bucket starting at `start` that sums `rows`.
+    pub fn sum<'a>(
+        start: UnixMs,
+        rows: impl IntoIterator<Item = &'a crate::broker::StatRow>,
+    ) -> Self {
+        let mut r = crate::broker::StatRow::new("all".parse().expect("a valid queue name"), 0);
+        for x in rows {
+            r.add(x);
+        }
+        let mean = |sum: u64| (r.runs > 0).then(|| sum / r.runs);
+        StatBucket {
+            start,
+            succeeded: r.succeeded,
+            failed: r.failed,
+            retried: r.retried,
+            cancelled: r.cancelled,
+            runs: r.runs,
+            run_ms_mean: mean(r.run_ms_sum),
+            run_ms_max: (r.runs > 0).then_some(r.run_ms_max),
+            wait_ms_mean: mean(r.wait_ms_sum),
+        }
+    }
 }

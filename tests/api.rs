@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::browser::{find_chromium, Browser};
 use common::{poll, Env, SIGTERM};
 use serde_json::{json, Value};
 
@@ -711,6 +712,8 @@ fn openapi_matches_the_routes() {
             let concrete = path.replace("{queue}", "echo").replace("{id}", &id);
             let body = if path.ends_with("/batch") {
                 Some("[{}]")
+            } else if path.ends_with("/bulk") {
+                Some(r#"{"action": "cancel", "filter": {"queue": "echo"}, "dry_run": true}"#)
             } else {
                 None
             };
@@ -952,169 +955,6 @@ fn json_is_the_same_document_locally_and_through_the_api() {
 
 // ----- the dashboard in a real browser ---------------------------------------------------
 
-/// Headless chromium driven over the DevTools protocol; killed (its whole process group)
-/// when dropped.
-struct Browser {
-    child: std::process::Child,
-    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
-    next: u64,
-    _profile: tempfile::TempDir,
-}
-
-fn find_chromium() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        for name in ["chromium", "chromium-browser"] {
-            let p = dir.join(name);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-impl Browser {
-    fn open(bin: &std::path::Path, url: &str) -> Browser {
-        use std::os::unix::process::CommandExt;
-        let profile = tempfile::tempdir().expect("profile dir");
-        let child = std::process::Command::new(bin)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                "--window-size=1280,900",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(url)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start chromium");
-        let port_file = profile.path().join("DevToolsActivePort");
-        let mut port = String::new();
-        assert!(
-            poll(Duration::from_secs(30), || {
-                port = std::fs::read_to_string(&port_file).unwrap_or_default();
-                port.contains('\n')
-            }),
-            "chromium did not open its DevTools port"
-        );
-        let port = port.lines().next().unwrap_or_default().trim().to_string();
-        let mut page_ws = String::new();
-        assert!(poll(Duration::from_secs(20), || {
-            let Ok(r) = ureq::get(&format!("http://127.0.0.1:{port}/json/list")).call() else {
-                return false;
-            };
-            let list: Value = r.into_json().unwrap_or_default();
-            match list
-                .as_array()
-                .and_then(|l| l.iter().find(|t| t["type"] == "page"))
-                .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-            {
-                Some(u) => {
-                    page_ws = u.to_string();
-                    true
-                }
-                None => false,
-            }
-        }));
-        let (ws, _) = tungstenite::connect(page_ws.as_str()).expect("DevTools websocket");
-        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_secs(30)))
-                .expect("timeout");
-        }
-        Browser {
-            child,
-            ws,
-            next: 0,
-            _profile: profile,
-        }
-    }
-
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.ws.send(tungstenite::Message::text(msg)).expect("send");
-        loop {
-            let m = self.ws.read().expect("DevTools answer");
-            let Ok(text) = m.to_text() else { continue };
-            let v: Value = serde_json::from_str(text).unwrap_or_default();
-            if v["id"] == id {
-                assert!(v["error"].is_null(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// Evaluate a JavaScript expression in the page; its value as JSON.
-    fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call(
-            "Runtime.evaluate",
-            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
-        );
-        r["result"]["value"].clone()
-    }
-
-    fn wait_for(&mut self, expr: &str, what: &str) {
-        let mut last = Value::Null;
-        let ok = poll(Duration::from_secs(20), || {
-            last = self.eval(expr);
-            last == true
-        });
-        let html = self.eval("document.body.innerText");
-        assert!(
-            ok,
-            "the dashboard never showed {what} ({expr} = {last}); page text:\n{html}"
-        );
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter_map(val) {
-        acc = (acc << 6) | c;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
-}
-
 #[test]
 fn dashboard_in_a_browser() {
     let Some(chromium) = find_chromium() else {
@@ -1245,15 +1085,7 @@ fn dashboard_in_a_browser() {
         "the restart's answer",
     );
 
-    let shot = b.call("Page.captureScreenshot", json!({ "format": "png" }));
-    let png = base64_decode(shot["data"].as_str().expect("png data"));
-    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-    let target = if std::env::var("TASKD_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
-    } else {
-        e.path().join("dashboard.png")
-    };
-    std::fs::write(&target, png).expect("write the screenshot");
+    b.screenshot(&e.path().join("dashboard.png"));
 }
 
 #[test]
@@ -1372,4 +1204,302 @@ fn a_taken_address_fails_the_start() {
         err.contains(&format!("failed to listen on {addr} (`listen` in [taskd])")),
         "{err}"
     );
+}
+
+/// `GET /api/v1/tasks` filters on the server (state, queue, time range, id, unique key,
+/// payload field) and pages by cursor; `POST /api/v1/tasks/bulk` counts first (dry run),
+/// refuses when more match than were confirmed, then retries or cancels what matches;
+/// `GET /api/v1/stats` buckets the finished attempts.
+#[test]
+fn list_filters_bulk_and_stats() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let post = |path: &str, body: &Value| {
+        call(
+            "POST",
+            &format!("{url}{path}"),
+            Some(TOKEN),
+            Some(&body.to_string()),
+        )
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (c, v) = post(
+            "/api/v1/queues/mail/tasks",
+            &json!({ "payload": { "to": format!("u{i}@x"), "user": { "id": i } }, "unique": format!("k{i}") }),
+        );
+        assert_eq!(c, 201, "{v:#}");
+        ids.push(v["id"].as_str().expect("id").to_string());
+    }
+    let mut fails = Vec::new();
+    for _ in 0..3 {
+        let (_, v) = post("/api/v1/queues/fail/tasks", &json!({}));
+        fails.push(v["id"].as_str().expect("id").to_string());
+    }
+    let slow: Vec<String> = (0..2)
+        .map(|_| {
+            post("/api/v1/queues/slow/tasks", &json!({ "delay": "1h" })).1["id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
+        .collect();
+    for id in &ids {
+        wait_task(&url, id, "succeeded");
+    }
+    for id in &fails {
+        wait_task(&url, id, "failed");
+    }
+    let list = |q: &str| {
+        let (c, v) = call("GET", &format!("{url}/api/v1/tasks?{q}"), None, None);
+        assert_eq!(c, 200, "{q}: {v:#}");
+        v["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .map(|t| t["id"].as_str().expect("id").to_string())
+            .collect::<Vec<_>>()
+    };
+    let newest_first = |v: &[String]| v.iter().rev().cloned().collect::<Vec<_>>();
+    assert_eq!(list("queue=mail&state=succeeded"), newest_first(&ids));
+    assert_eq!(list("payload=user.id%3D3"), vec![ids[3].clone()]);
+    assert_eq!(
+        list("payload=payload.to%20%3D%20u1%40x"),
+        vec![ids[1].clone()]
+    );
+    assert_eq!(list("unique_key=k2"), vec![ids[2].clone()]);
+    assert_eq!(list(&format!("id={}", fails[1])), vec![fails[1].clone()]);
+    assert_eq!(list("state=scheduled"), newest_first(&slow));
+    let created: i64 = call("GET", &format!("{url}/api/v1/tasks/{}", ids[2]), None, None).1
+        ["created_at"]
+        .as_i64()
+        .expect("created_at");
+    assert_eq!(
+        list(&format!("queue=mail&since={created}&until={}", created + 1)),
+        vec![ids[2].clone()]
+    );
+    assert!(list(&format!("since={}", created + 3_600_000)).is_empty());
+    // Pages by cursor, across the filter.
+    let (_, p1) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?queue=mail&limit=2"),
+        None,
+        None,
+    );
+    let cursor = p1["next_cursor"].as_str().expect("a next page").to_string();
+    assert_eq!(cursor, ids[3]);
+    let (_, p2) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?queue=mail&limit=2&cursor={cursor}"),
+        None,
+        None,
+    );
+    let p2_ids: Vec<&str> = p2["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert_eq!(p2_ids, vec![ids[2].as_str(), ids[1].as_str()]);
+    let (_, p3) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?queue=mail&limit=2&cursor={}", ids[1]),
+        None,
+        None,
+    );
+    assert_eq!(p3["tasks"].as_array().map(Vec::len), Some(1));
+    assert_eq!(p3["next_cursor"], Value::Null);
+    // Errors name the parameter.
+    for (q, code, what) in [
+        ("payload=nonsense", "bad_query", "payload"),
+        ("state=done", "bad_query", "state"),
+        ("id=42", "bad_query", "id"),
+        ("since=yesterday", "bad_query", "since"),
+        ("colour=red", "bad_query", "colour"),
+    ] {
+        let (c, v) = call("GET", &format!("{url}/api/v1/tasks?{q}"), None, None);
+        assert_eq!(
+            (c, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{q}: {v:#}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(what)),
+            "{q}: {v:#}"
+        );
+    }
+    let (c, v) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?cursor={}", common_uuid()),
+        None,
+        None,
+    );
+    assert_eq!(
+        (c, v["error"]["code"].as_str()),
+        (400, Some("bad_cursor")),
+        "{v:#}"
+    );
+
+    // Bulk: the token is needed; a dry run counts and changes nothing.
+    let bulk = json!({ "action": "retry", "filter": { "queue": "fail" }, "dry_run": true });
+    let (c, _) = call(
+        "POST",
+        &format!("{url}/api/v1/tasks/bulk"),
+        None,
+        Some(&bulk.to_string()),
+    );
+    assert_eq!(c, 401);
+    let (c, v) = post("/api/v1/tasks/bulk", &bulk);
+    assert_eq!(c, 200, "{v:#}");
+    assert_eq!(
+        (
+            v["matched"].as_u64(),
+            v["done"].as_u64(),
+            v["dry_run"].as_bool()
+        ),
+        (Some(3), Some(0), Some(true))
+    );
+    assert_eq!(list("queue=fail&state=failed").len(), 3);
+    // A retry of every queue matches only failed and cancelled tasks.
+    let (_, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "retry", "dry_run": true }),
+    );
+    assert_eq!(v["matched"], 3);
+    // More match than were confirmed: refused, with the new count.
+    let (c, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "retry", "filter": { "queue": "fail" }, "expect": 2 }),
+    );
+    assert_eq!(
+        (
+            c,
+            v["error"]["code"].as_str(),
+            v["error"]["matched"].as_u64()
+        ),
+        (409, Some("count_changed"), Some(3)),
+        "{v:#}"
+    );
+    let (c, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "retry", "filter": { "queue": "fail" }, "expect": 3 }),
+    );
+    assert_eq!(c, 200, "{v:#}");
+    assert_eq!(
+        (
+            v["matched"].as_u64(),
+            v["done"].as_u64(),
+            v["skipped"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0)),
+        "{v:#}"
+    );
+    for id in &fails {
+        let mut t = Value::Null;
+        assert!(
+            poll(Duration::from_secs(20), || {
+                t = call("GET", &format!("{url}/api/v1/tasks/{id}"), None, None).1;
+                t["state"] == "failed" && t["history"].as_array().map(Vec::len) == Some(2)
+            }),
+            "{id} was not retried: {t:#}"
+        );
+    }
+    // Cancel by filter: the two scheduled tasks of slow.
+    let (_, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "cancel", "filter": { "queue": "slow", "state": "scheduled" }, "dry_run": true }),
+    );
+    assert_eq!(v["matched"], 2);
+    let (c, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "cancel", "filter": { "queue": "slow", "state": "scheduled" }, "expect": 2 }),
+    );
+    assert_eq!((c, v["done"].as_u64()), (200, Some(2)), "{v:#}");
+    assert_eq!(list("queue=slow&state=cancelled"), newest_first(&slow));
+    // A cancel of succeeded tasks matches none.
+    let (_, v) = post(
+        "/api/v1/tasks/bulk",
+        &json!({ "action": "cancel", "filter": { "state": "succeeded" }, "dry_run": true }),
+    );
+    assert_eq!(v["matched"], 0);
+    for body in [
+        json!({ "action": "delete" }),
+        json!({ "action": "cancel", "filter": { "state": "nope" } }),
+        json!({ "action": "cancel", "filter": { "colour": "red" } }),
+    ] {
+        let (c, v) = post("/api/v1/tasks/bulk", &body);
+        assert_eq!(c, 400, "{body}: {v:#}");
+    }
+
+    // Stats: 5 succeeded and 6 failed attempts in the last hour, counted by the daemon and
+    // stored in the broker (written every few seconds); bucketed by minute.
+    let mut s = Value::Null;
+    assert!(
+        poll(Duration::from_secs(20), || {
+            s = call("GET", &format!("{url}/api/v1/stats?window=1h"), None, None).1;
+            s["total"]["succeeded"] == 5 && s["total"]["failed"] == 6
+        }),
+        "{s:#}"
+    );
+    assert_eq!(s["bucket_s"], 60);
+    assert_eq!(s["buckets"].as_array().map(Vec::len), Some(60));
+    assert_eq!(
+        s["to"].as_i64().zip(s["from"].as_i64()).map(|(t, f)| t - f),
+        Some(3_600_000)
+    );
+    let sum: u64 = s["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .map(|b| b["succeeded"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(sum, 5);
+    assert!(
+        s["total"]["runs"].as_u64() == Some(11) && s["total"]["run_ms_mean"].as_u64().is_some(),
+        "{s:#}"
+    );
+    let (_, day) = call(
+        "GET",
+        &format!("{url}/api/v1/stats?window=24h&queue=fail"),
+        None,
+        None,
+    );
+    assert_eq!(
+        (
+            day["bucket_s"].as_u64(),
+            day["buckets"].as_array().map(Vec::len)
+        ),
+        (Some(900), Some(96))
+    );
+    assert_eq!(
+        (
+            day["total"]["failed"].as_u64(),
+            day["total"]["succeeded"].as_u64()
+        ),
+        (Some(6), Some(0))
+    );
+    let (c, v) = call("GET", &format!("{url}/api/v1/stats?window=7d"), None, None);
+    assert_eq!((c, v["error"]["code"].as_str()), (400, Some("bad_query")));
+
+    // The counters live in the store: a restarted daemon shows the same numbers.
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+    let d = e.daemon();
+    let url = d.api_base();
+    let (_, again) = call("GET", &format!("{url}/api/v1/stats?window=1h"), None, None);
+    assert_eq!(
+        (
+            again["total"]["succeeded"].as_u64(),
+            again["total"]["failed"].as_u64()
+        ),
+        (Some(5), Some(6)),
+        "{again:#}"
+    );
+}
+
+fn common_uuid() -> String {
+    "01a21d6e-0b22-76f5-b0f6-6090fb98b41d".to_string()
 }

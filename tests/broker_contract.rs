@@ -32,7 +32,8 @@ use taskd::broker::memory::MemoryBroker;
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
-    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, QueueCounts, Recover,
+    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, PayloadMatch,
+    QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskState,
@@ -192,6 +193,9 @@ macro_rules! contract_tests {
                 retry_refuses_when_unique_key_is_taken,
                 retry_unknown_task,
                 list_filters_limit_newest_first,
+                list_search_by_id_unique_key_and_payload,
+                list_time_range_and_cursor_pages,
+                stats_add_up_and_keep_the_larger_max,
                 counts_by_queue_and_state,
                 next_due_is_earliest_waiting,
                 next_due_ignores_paused_queues,
@@ -2662,6 +2666,7 @@ pub mod cases {
                 queue: Some(qn("la")),
                 state: Some(TaskState::Queued),
                 limit: 1,
+                ..Default::default()
             })
             .await
             .expect("list");
@@ -2671,6 +2676,7 @@ pub mod cases {
                 queue: Some(qn("lb")),
                 state: Some(TaskState::Running),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("list");
@@ -2683,6 +2689,339 @@ pub mod cases {
             .await
             .expect("list");
         assert!(none.is_empty());
+    }
+
+    /// Searches: by id, by unique key (waiting or finished), by a payload field; each with
+    /// the other conditions, newest first.
+    pub async fn list_search_by_id_unique_key_and_payload(b: B, _g: G) {
+        let mk = |q: &str, payload: &str, key: Option<&str>| {
+            let mut t = NewTask::new(qn(q), payload.into());
+            t.unique_key = key.map(str::to_string);
+            t
+        };
+        let a = enqueue1(&b, mk("sa", r#"{"user_id":42,"name":"ann"}"#, Some("k1"))).await;
+        let bb = enqueue1(&b, mk("sa", r#"{"user_id":"42","name":"bob"}"#, None)).await;
+        let c = enqueue1(
+            &b,
+            mk("sb", r#"{"user":{"id":42},"user_id":7}"#, Some("k1")),
+        )
+        .await;
+        let d = enqueue1(
+            &b,
+            mk("sb", r#"{"user_id":42.0,"tags":["x","y"]}"#, Some("k2")),
+        )
+        .await;
+        // a finishes: its unique key is free, but a search still finds it.
+        let ca = run_id(&b, "sa", a).await;
+        b.finish(
+            &ca.lease,
+            attempt_of(&ca, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let list = |f: ListFilter| {
+            let b = b.clone();
+            async move { ids_of(&b.list(&f).await.expect("list")) }
+        };
+        let pm = |t: &str| Some(PayloadMatch::parse(t).expect("a payload condition"));
+        assert_eq!(
+            list(ListFilter {
+                id: Some(c),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                id: Some(c),
+                queue: Some(qn("sa")),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new(),
+            "an id in another queue"
+        );
+        assert_eq!(
+            list(ListFilter {
+                id: Some(TaskId::new()),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                ..Default::default()
+            })
+            .await,
+            vec![c, a],
+            "the waiting holder and the finished one"
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                state: Some(TaskState::Queued),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("k1".into()),
+                state: Some(TaskState::Succeeded),
+                ..Default::default()
+            })
+            .await,
+            vec![a]
+        );
+        assert_eq!(
+            list(ListFilter {
+                unique_key: Some("nope".into()),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+        // 42 matches the number 42, 42.0, and the string "42"; not 7, not a nested id.
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("payload.user_id = 42"),
+                ..Default::default()
+            })
+            .await,
+            vec![d, bb, a]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("user_id=42"),
+                limit: 2,
+                ..Default::default()
+            })
+            .await,
+            vec![d, bb],
+            "a limit counts matches"
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm(r#"user_id = "42""#),
+                ..Default::default()
+            })
+            .await,
+            vec![bb],
+            "a quoted value is a JSON string"
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("payload.user.id = 42"),
+                ..Default::default()
+            })
+            .await,
+            vec![c]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("name = bob"),
+                ..Default::default()
+            })
+            .await,
+            vec![bb]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("tags.1 = y"),
+                ..Default::default()
+            })
+            .await,
+            vec![d]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("user_id = 42"),
+                queue: Some(qn("sa")),
+                state: Some(TaskState::Queued),
+                ..Default::default()
+            })
+            .await,
+            vec![bb]
+        );
+        assert_eq!(
+            list(ListFilter {
+                payload: pm("missing = 1"),
+                ..Default::default()
+            })
+            .await,
+            Vec::<TaskId>::new()
+        );
+    }
+
+    /// A creation-time range, and pages that follow a cursor (the previous page's last
+    /// task) across queues, whatever happened to that task meanwhile.
+    pub async fn list_time_range_and_cursor_pages(b: B, _g: G) {
+        let t0 = now_ms();
+        let mut ids = Vec::new(); // oldest first
+        for i in 0..7 {
+            let q = if i % 2 == 0 { "pa" } else { "pb" };
+            ids.push(enqueue1(&b, task(q)).await);
+        }
+        let newest_first: Vec<TaskId> = ids.iter().rev().copied().collect();
+        let all = b.list(&ListFilter::default()).await.expect("list");
+        assert_eq!(ids_of(&all), newest_first);
+        // Pages of 3 by cursor.
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = b
+                .list(&ListFilter {
+                    limit: 3,
+                    after,
+                    ..Default::default()
+                })
+                .await
+                .expect("page");
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|t| t.id);
+            pages.push(ids_of(&page));
+        }
+        assert_eq!(pages.concat(), newest_first, "pages: {pages:?}");
+        assert_eq!(pages.len(), 3);
+        // The cursor's task moves on (cancelled): the next page is the same.
+        let cursor = newest_first[2];
+        b.cancel(cursor).await.expect("cancel");
+        let next = b
+            .list(&ListFilter {
+                limit: 3,
+                after: Some(cursor),
+                ..Default::default()
+            })
+            .await
+            .expect("page");
+        assert_eq!(ids_of(&next), newest_first[3..6].to_vec());
+        // With a state filter the cursor still places the page.
+        let queued_after = b
+            .list(&ListFilter {
+                after: Some(newest_first[1]),
+                state: Some(TaskState::Queued),
+                queue: Some(qn("pa")),
+                ..Default::default()
+            })
+            .await
+            .expect("page");
+        let want: Vec<TaskId> = newest_first[2..]
+            .iter()
+            .copied()
+            .filter(|i| *i != cursor && ids.iter().position(|x| x == i).unwrap_or(1) % 2 == 0)
+            .collect();
+        assert_eq!(ids_of(&queued_after), want);
+        match b
+            .list(&ListFilter {
+                after: Some(TaskId::new()),
+                ..Default::default()
+            })
+            .await
+        {
+            Err(BrokerError::NotFound(_)) => {}
+            other => panic!("a cursor no task has: {other:?}"),
+        }
+        // Time ranges by creation time.
+        let t1 = now_ms() + 1;
+        let recs = b.list(&ListFilter::default()).await.expect("list");
+        let mid = recs[3].created_at;
+        let since = b
+            .list(&ListFilter {
+                since: Some(mid),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(!since.is_empty() && since.iter().all(|t| t.created_at >= mid));
+        assert_eq!(
+            since.len(),
+            recs.iter().filter(|t| t.created_at >= mid).count()
+        );
+        let until = b
+            .list(&ListFilter {
+                until: Some(mid),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(
+            until.len(),
+            recs.iter().filter(|t| t.created_at < mid).count()
+        );
+        assert_eq!(until.len() + since.len(), 7);
+        let window = b
+            .list(&ListFilter {
+                since: Some(t0),
+                until: Some(t1),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(window.len(), 7);
+        let none = b
+            .list(&ListFilter {
+                since: Some(t1 + 3_600_000),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(none.is_empty());
+        let old = b
+            .list(&ListFilter {
+                until: Some(t0 - 3_600_000),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(old.is_empty());
+    }
+
+    /// Throughput counters: added up per queue and minute, the larger run time kept, read
+    /// back from a time on (and by another client, as after a restart).
+    pub async fn stats_add_up_and_keep_the_larger_max(b: B, g: G) {
+        let now = now_ms();
+        let m = now.div_euclid(60_000);
+        let row = |q: &str, minute: i64, ok: u64, max: u64| {
+            let mut r = StatRow::new(qn(q), minute);
+            r.succeeded = ok;
+            r.failed = 1;
+            r.runs = ok + 1;
+            r.run_ms_sum = 10 * (ok + 1);
+            r.run_ms_max = max;
+            r.wait_ms_sum = 5;
+            r
+        };
+        assert!(b.stats(now - 3_600_000).await.expect("stats").is_empty());
+        b.add_stats(&[
+            row("sa", m, 2, 30),
+            row("sb", m, 1, 10),
+            row("sa", m - 90, 4, 99),
+        ])
+        .await
+        .expect("add");
+        b.add_stats(&[row("sa", m, 3, 20)]).await.expect("add");
+        let other = g.connect().await;
+        let mut got = other.stats(now - 3_600_000).await.expect("stats");
+        got.sort_by(|x, y| (x.minute, x.queue.as_str()).cmp(&(y.minute, y.queue.as_str())));
+        let mut want_sa = row("sa", m, 5, 30);
+        want_sa.failed = 2;
+        want_sa.runs = 7;
+        want_sa.run_ms_sum = 70;
+        want_sa.wait_ms_sum = 10;
+        assert_eq!(got, vec![want_sa, row("sb", m, 1, 10)], "the last hour");
+        let day = other.stats(now - 2 * 3_600_000).await.expect("stats");
+        assert_eq!(
+            day.len(),
+            3,
+            "90 minutes ago is in the last two hours: {day:?}"
+        );
     }
 
     pub async fn counts_by_queue_and_state(b: B, _g: G) {
@@ -3470,7 +3809,7 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
@@ -3584,6 +3923,7 @@ mod sqlite_specific {
                 queue: Some(qn("held")),
                 state: Some(TaskState::Scheduled),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("list");

@@ -20,8 +20,6 @@ use crate::view;
 const DASHBOARD: &str = include_str!("dashboard.html");
 /// Most tasks one page of `GET /api/v1/tasks` returns.
 const MAX_PAGE: usize = 1000;
-/// How far into a listing a cursor may point (the broker lists newest first by count).
-const MAX_SCAN: usize = 200_000;
 
 /// Read a body of at most `limit` bytes; 413 past it.
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
@@ -141,7 +139,10 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<view::Ove
         .map(|f| f.workers)
         .unwrap_or_default()
         .into_iter()
-        .map(|w| view::WorkerView::new(w, now))
+        .map(|w| {
+            let rss = w.pid.and_then(crate::worker::status::rss_bytes);
+            view::WorkerView::new(w, now, rss)
+        })
         .collect();
     // The nodes sharing the broker (none for the embedded store).
     let nodes = state.broker(state.broker.nodes().await)?;
@@ -252,84 +253,335 @@ pub async fn get_task(
     Ok(Json(detail))
 }
 
+/// The conditions of a task listing, as `GET /api/v1/tasks` takes them in its query and
+/// `POST /api/v1/tasks/bulk` in its `filter`.
+#[derive(Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FilterQuery {
+    queue: Option<String>,
+    state: Option<String>,
+    /// Created at or after (ms since the epoch).
+    since: Option<i64>,
+    /// Created before (ms since the epoch).
+    until: Option<i64>,
+    id: Option<String>,
+    unique_key: Option<String>,
+    /// `FIELD = VALUE` (`user_id=42`, `payload.user.id = 42`).
+    payload: Option<String>,
+}
+
+impl FilterQuery {
+    /// The broker's filter; 400 naming the parameter that is wrong.
+    fn to_filter(&self) -> Result<ListFilter, ApiError> {
+        let bad =
+            |what: &str, e: String| ApiError::bad_request("bad_query", format!("{what}: {e}"));
+        let empty = |s: &Option<String>| {
+            s.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        Ok(ListFilter {
+            queue: empty(&self.queue)
+                .map(|q| q.parse().map_err(|e| bad("queue", e)))
+                .transpose()?,
+            state: empty(&self.state)
+                .map(|s| s.parse().map_err(|e| bad("state", e)))
+                .transpose()?,
+            limit: 0,
+            since: self.since,
+            until: self.until,
+            id: empty(&self.id)
+                .map(|i| i.parse().map_err(|e| bad("id", e)))
+                .transpose()?,
+            unique_key: empty(&self.unique_key),
+            payload: empty(&self.payload)
+                .map(|p| crate::broker::PayloadMatch::parse(&p).map_err(|e| bad("payload", e)))
+                .transpose()?,
+            after: None,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     queue: Option<String>,
     state: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    id: Option<String>,
+    unique_key: Option<String>,
+    payload: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
 }
 
-/// Newest first. `cursor` is the `next_cursor` of the previous page: the id of its last
-/// task. A cursor whose task has since left the filter (it changed state) is refused.
+/// Newest first, filtered by the broker. `cursor` is the `next_cursor` of the previous
+/// page: the id of its last task; the next page holds the tasks older than it that match.
 pub async fn list_tasks(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<view::TaskPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let queue: Option<QueueName> = match &query.queue {
+    let ms = |what: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+        v.filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::bad_request(
+                        "bad_query",
+                        format!("{what}: `{v}` is not a time in ms since the epoch"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let mut filter = FilterQuery {
+        queue: query.queue,
+        state: query.state,
+        since: ms("since", query.since)?,
+        until: ms("until", query.until)?,
+        id: query.id,
+        unique_key: query.unique_key,
+        payload: query.payload,
+    }
+    .to_filter()?;
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    filter.after = query.cursor.as_deref().map(parse_id).transpose()?;
+    // One more than a page tells whether another follows.
+    filter.limit = limit + 1;
+    let mut list = match state.broker.list(&filter).await {
+        Err(crate::broker::BrokerError::NotFound(_)) if filter.after.is_some() => {
+            return Err(ApiError::bad_request(
+                "bad_cursor",
+                "no task has the cursor's id (it was removed); start again without a cursor",
+            ))
+        }
+        r => state.broker(r)?,
+    };
+    let more = list.len() > limit;
+    list.truncate(limit);
+    let next_cursor = more
+        .then(|| list.last().map(|t| t.id.to_string()))
+        .flatten();
+    Ok(Json(view::TaskPage {
+        tasks: list,
+        next_cursor,
+    }))
+}
+
+/// The most tasks one bulk operation acts on.
+pub const MAX_BULK: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRequest {
+    action: view::BulkAction,
+    #[serde(default)]
+    filter: FilterQuery,
+    /// Count only: change nothing.
+    #[serde(default)]
+    dry_run: bool,
+    /// The count the operator confirmed: refused (409) when the filter now matches more.
+    expect: Option<usize>,
+}
+
+/// The tasks `filter` matches that `action` applies to, newest first (at most
+/// [`MAX_BULK`] + 1, which tells that there are too many).
+async fn bulk_targets(
+    state: &AppState,
+    action: view::BulkAction,
+    filter: &ListFilter,
+) -> Result<Vec<TaskRecord>, ApiError> {
+    let applies: &[TaskState] = match action {
+        view::BulkAction::Cancel => &[
+            TaskState::Scheduled,
+            TaskState::Queued,
+            TaskState::Running,
+            TaskState::Retrying,
+        ],
+        view::BulkAction::Retry => &[TaskState::Failed, TaskState::Cancelled],
+    };
+    let mut out = Vec::new();
+    for s in applies {
+        if filter.state.is_some_and(|f| f != *s) {
+            continue;
+        }
+        let mut f = filter.clone();
+        f.state = Some(*s);
+        f.limit = MAX_BULK + 1 - out.len();
+        out.extend(state.broker(state.broker.list(&f).await)?);
+        if out.len() > MAX_BULK {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Retry or cancel every task a filter matches (those the action applies to), after the
+/// operator saw the count (`dry_run`, then `expect`).
+pub async fn bulk(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Json<view::BulkView>, ApiError> {
+    let bytes = read_body(body, 64 * 1024).await?;
+    let req: BulkRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("bad_body", format!("the bulk request: {e}")))?;
+    let filter = req.filter.to_filter()?;
+    let targets = bulk_targets(&state, req.action, &filter).await?;
+    if targets.len() > MAX_BULK {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many",
+            format!("the filter matches more than {MAX_BULK} tasks, the most one bulk operation changes; narrow it (queue, state, time range) and repeat"),
+        )
+        .with("limit", MAX_BULK));
+    }
+    let matched = targets.len();
+    if let Some(expect) = req.expect {
+        if matched > expect {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "count_changed",
+                format!("the filter now matches {matched} tasks, more than the {expect} confirmed; confirm the new count"),
+            )
+            .with("matched", matched));
+        }
+    }
+    let mut answer = view::BulkView {
+        action: req.action,
+        dry_run: req.dry_run,
+        matched,
+        done: 0,
+        skipped: 0,
+        errors: Vec::new(),
+    };
+    if req.dry_run {
+        return Ok(Json(answer));
+    }
+    for t in &targets {
+        let r = match req.action {
+            view::BulkAction::Cancel => state
+                .broker
+                .cancel(t.id)
+                .await
+                .map(|o| !matches!(o, crate::broker::CancelOutcome::AlreadyFinished(_))),
+            view::BulkAction::Retry => match state.broker.retry(t.id).await {
+                Ok(()) => Ok(true),
+                // Retried by someone else meanwhile, or gone: nothing to do.
+                Err(crate::broker::BrokerError::Conflict(_))
+                    if still_waiting(&state, t.id).await =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match r {
+            Ok(true) => answer.done += 1,
+            Ok(false) | Err(crate::broker::BrokerError::NotFound(_)) => answer.skipped += 1,
+            Err(e) => {
+                if matches!(
+                    e,
+                    crate::broker::BrokerError::Unavailable(_)
+                        | crate::broker::BrokerError::Storage(_)
+                        | crate::broker::BrokerError::Full(_)
+                ) {
+                    state.metrics.broker_error();
+                }
+                if answer.errors.len() < 100 {
+                    answer.errors.push(view::BulkFailure {
+                        id: t.id,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    record_bulk_operation(&state, &req.filter, &answer);
+    Ok(Json(answer))
+}
+
+/// Whether task `id` is waiting or running now (a retry that found it so was beaten to it).
+async fn still_waiting(state: &AppState, id: TaskId) -> bool {
+    matches!(state.broker.get(id).await, Ok(Some(d)) if !d.task.state.is_terminal())
+}
+
+/// The one place a bulk operation is recorded once it has run: what was asked (the filter)
+/// and what it did. The daemon's log for now.
+fn record_bulk_operation(_state: &AppState, filter: &FilterQuery, answer: &view::BulkView) {
+    tracing::info!(
+        action = ?answer.action,
+        filter = ?filter,
+        matched = answer.matched,
+        done = answer.done,
+        skipped = answer.skipped,
+        failed = answer.errors.len(),
+        "bulk operation through the API"
+    );
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    window: Option<String>,
+    queue: Option<String>,
+}
+
+/// Finished attempts per bucket over the last hour (60 one-minute buckets) or day (96 of
+/// 15 minutes), from the counters in the broker.
+pub async fn stats(
+    State(state): State<AppState>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<view::StatsView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let window = query.window.unwrap_or_else(|| "1h".to_string());
+    let (bucket_ms, n): (i64, i64) = match window.as_str() {
+        "1h" => (60_000, 60),
+        "24h" => (15 * 60_000, 96),
+        other => {
+            return Err(ApiError::bad_request(
+                "bad_query",
+                format!("window: `{other}` is not a window; use 1h or 24h"),
+            ))
+        }
+    };
+    let queue: Option<QueueName> = match query.queue.as_deref().filter(|q| !q.is_empty()) {
         Some(q) => Some(
             q.parse()
                 .map_err(|e: String| ApiError::bad_request("bad_query", format!("queue: {e}")))?,
         ),
         None => None,
     };
-    let task_state: Option<TaskState> = match &query.state {
-        Some(s) => Some(
-            s.parse()
-                .map_err(|e: String| ApiError::bad_request("bad_query", format!("state: {e}")))?,
-        ),
-        None => None,
-    };
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let cursor = query.cursor.as_deref().map(parse_id).transpose()?;
-    // The broker lists newest first with a limit; a page after a cursor is found by listing
-    // far enough to see it. (O(depth); fine for a dashboard and scripts.)
-    let mut fetch = (limit + 1) * 4;
-    loop {
-        let list = state.broker(
-            state
-                .broker
-                .list(&ListFilter {
-                    queue: queue.clone(),
-                    state: task_state,
-                    limit: fetch,
-                })
-                .await,
-        )?;
-        let exhausted = list.len() < fetch;
-        let start = match cursor {
-            None => Some(0),
-            Some(c) => list.iter().position(|t| t.id == c).map(|i| i + 1),
-        };
-        match start {
-            Some(s) if exhausted || list.len() > s + limit => {
-                let more = list.len() > s + limit;
-                let page: Vec<TaskRecord> = list.into_iter().skip(s).take(limit).collect();
-                let next_cursor = more
-                    .then(|| page.last().map(|t| t.id.to_string()))
-                    .flatten();
-                return Ok(Json(view::TaskPage {
-                    tasks: page,
-                    next_cursor,
-                }));
-            }
-            None if exhausted => {
-                return Err(ApiError::bad_request(
-                    "bad_cursor",
-                    "the cursor's task is no longer in this listing (it changed state or was removed); start again without a cursor",
-                ))
-            }
-            _ if fetch >= MAX_SCAN => {
-                return Err(ApiError::bad_request(
-                    "cursor_too_deep",
-                    format!("the cursor is more than {MAX_SCAN} tasks deep; narrow the listing with `queue` or `state`"),
-                ))
-            }
-            _ => fetch = (fetch * 4).min(MAX_SCAN),
-        }
-    }
+    let now = crate::model::now_ms();
+    let to = (now.div_euclid(bucket_ms) + 1) * bucket_ms;
+    let from = to - n * bucket_ms;
+    let rows = state.broker(state.broker.stats(from).await)?;
+    let rows: Vec<&crate::broker::StatRow> = rows
+        .iter()
+        .filter(|r| queue.as_ref().map_or(true, |q| &r.queue == q))
+        .filter(|r| r.minute * 60_000 >= from && r.minute * 60_000 < to)
+        .collect();
+    let buckets = (0..n)
+        .map(|i| {
+            let start = from + i * bucket_ms;
+            view::StatBucket::sum(
+                start,
+                rows.iter()
+                    .copied()
+                    .filter(|r| (r.minute * 60_000 - start).div_euclid(bucket_ms) == 0),
+            )
+        })
+        .collect();
+    Ok(Json(view::StatsView {
+        window,
+        queue: queue.map(|q| q.to_string()),
+        bucket_s: (bucket_ms / 1000) as u64,
+        from,
+        to,
+        buckets,
+        total: view::StatBucket::sum(from, rows.iter().copied()),
+    }))
 }
 
 pub async fn retry(

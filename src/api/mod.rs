@@ -182,6 +182,8 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             post(h::restart),
         ),
         (Method::GET, "/api/v1/tasks", get(h::list_tasks)),
+        (Method::POST, "/api/v1/tasks/bulk", post(h::bulk)),
+        (Method::GET, "/api/v1/stats", get(h::stats)),
         (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),
         (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
         (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),

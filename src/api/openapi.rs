@@ -76,10 +76,30 @@ pub fn document() -> Value {
                 "parameters": [
                     { "name": "queue", "in": "query", "schema": { "type": "string" } },
                     { "name": "state", "in": "query", "schema": { "$ref": "#/components/schemas/State" } },
+                    { "name": "since", "in": "query", "schema": { "type": "integer" }, "description": "created at or after (ms since the epoch)" },
+                    { "name": "until", "in": "query", "schema": { "type": "integer" }, "description": "created before (ms since the epoch)" },
+                    { "name": "id", "in": "query", "schema": { "type": "string", "format": "uuid" }, "description": "this task only" },
+                    { "name": "unique_key", "in": "query", "schema": { "type": "string" }, "description": "tasks with this unique key, waiting, running or finished" },
+                    { "name": "payload", "in": "query", "schema": { "type": "string", "example": "user_id=42" }, "description": "FIELD = VALUE: a dotted path into the payload (`payload.` optional; a number indexes an array) and a value, compared as JSON (42 matches 42 and 42.0) or as the text of a string field (42 matches \"42\")" },
                     { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } },
-                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
+                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page: the next page holds the matching tasks older than it" }
                 ],
                 "responses": { "200": ok("a page", json!({ "$ref": "#/components/schemas/TaskPage" })), "400": error_ref(), "401": error_ref() }
+            } },
+            "/api/v1/tasks/bulk": { "post": {
+                "summary": "Retry or cancel every task a filter matches (at most 10000): a dry run counts them first; `expect` (the count the operator confirmed) refuses the change with 409 when more match by then",
+                "security": secured,
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/BulkRequest" } } } },
+                "responses": { "200": ok("what matched and what was done", json!({ "$ref": "#/components/schemas/Bulk" })),
+                    "400": error_ref(), "401": error_ref(), "409": error_ref(), "413": error_ref(), "422": error_ref() }
+            } },
+            "/api/v1/stats": { "get": {
+                "summary": "Finished attempts per time bucket, every queue or one: counts by outcome and run times, from the counters the daemon keeps in the broker (they survive a restart)",
+                "parameters": [
+                    { "name": "window", "in": "query", "schema": { "type": "string", "enum": ["1h", "24h"], "default": "1h" }, "description": "1h: 60 buckets of a minute; 24h: 96 buckets of 15 minutes" },
+                    { "name": "queue", "in": "query", "schema": { "type": "string" } }
+                ],
+                "responses": { "200": ok("the buckets", json!({ "$ref": "#/components/schemas/Stats" })), "400": error_ref(), "401": error_ref() }
             } },
             "/api/v1/tasks/{id}": { "get": { "summary": "One task with its attempt history", "parameters": [id_param()],
                 "responses": { "200": ok("the task", json!({ "$ref": "#/components/schemas/TaskDetail" })), "400": error_ref(), "401": error_ref(), "404": error_ref() } } },
@@ -106,8 +126,10 @@ pub fn document() -> Value {
 /// The reusable parts: security schemes and the schemas of requests and responses.
 fn components() -> Value {
     let mut c = base_components();
-    if let (Some(all), Value::Object(more)) = (c["schemas"].as_object_mut(), schedule_schemas()) {
-        all.extend(more);
+    for more in [schedule_schemas(), bulk_and_stats_schemas()] {
+        if let (Some(schemas), Value::Object(more)) = (c["schemas"].as_object_mut(), more) {
+            schemas.extend(more);
+        }
     }
     c
 }
@@ -140,6 +162,40 @@ fn schedule_schemas() -> Value {
                 "history": { "type": "array", "items": { "$ref": "#/components/schemas/Slot" } } } },
             "ScheduleFired": { "type": "object", "required": ["schedule", "task"], "properties": { "schedule": { "type": "string" }, "task": task_ref() } },
             "SchedulePaused": { "type": "object", "required": ["schedule", "paused"], "properties": { "schedule": { "type": "string" }, "paused": { "type": "boolean" } } }
+    })
+}
+
+/// The schemas of the bulk operation and the stats (one `json!` is too deep for them all).
+fn bulk_and_stats_schemas() -> Value {
+    json!({
+            "Filter": { "type": "object", "additionalProperties": false, "description": "the conditions of GET /api/v1/tasks", "properties": {
+                "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
+                "since": { "type": "integer" }, "until": { "type": "integer" }, "id": { "type": "string", "format": "uuid" },
+                "unique_key": { "type": "string" }, "payload": { "type": "string", "example": "user_id = 42" } } },
+            "BulkRequest": { "type": "object", "required": ["action"], "additionalProperties": false, "properties": {
+                "action": { "type": "string", "enum": ["retry", "cancel"], "description": "retry applies to failed and cancelled tasks, cancel to waiting and running ones" },
+                "filter": { "$ref": "#/components/schemas/Filter" },
+                "dry_run": { "type": "boolean", "default": false, "description": "count only" },
+                "expect": { "type": "integer", "description": "the count confirmed: 409 count_changed when more match now" } } },
+            "Bulk": { "type": "object", "required": ["action", "dry_run", "matched", "done", "skipped", "errors"], "properties": {
+                "action": { "type": "string", "enum": ["retry", "cancel"] }, "dry_run": { "type": "boolean" },
+                "matched": { "type": "integer", "description": "tasks the filter matched that the action applies to" },
+                "done": { "type": "integer", "description": "retried; or cancelled, or asked to stop (running)" },
+                "skipped": { "type": "integer", "description": "tasks that had moved on meanwhile" },
+                "errors": { "type": "array", "description": "tasks the action was refused for (at most 100)", "items": { "type": "object", "required": ["id", "error"], "properties": {
+                    "id": { "type": "string", "format": "uuid" }, "error": { "type": "string" } } } } } },
+            "StatBucket": { "type": "object", "required": ["start", "succeeded", "failed", "retried", "cancelled", "runs", "run_ms_mean", "run_ms_max", "wait_ms_mean"], "properties": {
+                "start": { "type": "integer", "description": "ms since the epoch" },
+                "succeeded": { "type": "integer" }, "failed": { "type": "integer", "description": "attempts that ended the task failed" },
+                "retried": { "type": "integer", "description": "failed attempts that run again" }, "cancelled": { "type": "integer", "description": "running tasks cancelled" },
+                "runs": { "type": "integer", "description": "attempts that ran a process" },
+                "run_ms_mean": { "type": "integer", "nullable": true }, "run_ms_max": { "type": "integer", "nullable": true },
+                "wait_ms_mean": { "type": "integer", "nullable": true, "description": "mean time from due to start" } } },
+            "Stats": { "type": "object", "required": ["window", "queue", "bucket_s", "from", "to", "buckets", "total"], "properties": {
+                "window": { "type": "string", "enum": ["1h", "24h"] }, "queue": { "type": "string", "nullable": true },
+                "bucket_s": { "type": "integer" }, "from": { "type": "integer" }, "to": { "type": "integer" },
+                "buckets": { "type": "array", "items": { "$ref": "#/components/schemas/StatBucket" } },
+                "total": { "$ref": "#/components/schemas/StatBucket" } } }
     })
 }
 
@@ -186,7 +242,7 @@ fn base_components() -> Value {
                 "queues": { "type": "array", "items": { "$ref": "#/components/schemas/Queue" } },
                 "workers": { "type": "array", "items": { "$ref": "#/components/schemas/Worker" } },
                 "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/Node" } } } },
-            "Worker": { "type": "object", "required": ["queue", "slot", "pid", "start_time", "state", "since_ms", "started_ms", "tasks_done", "last_exit", "why", "last_stderr", "uptime_s"], "properties": {
+            "Worker": { "type": "object", "required": ["queue", "slot", "pid", "start_time", "state", "since_ms", "started_ms", "tasks_done", "last_exit", "why", "last_stderr", "uptime_s", "rss_bytes"], "properties": {
                 "queue": { "type": "string" }, "slot": { "type": "integer" }, "pid": { "type": "integer", "nullable": true },
                 "start_time": { "type": "integer", "description": "the process's start time in clock ticks since boot" },
                 "state": { "type": "string", "enum": ["starting", "running", "backoff", "stopping", "fatal", "stopped"] },
@@ -194,7 +250,8 @@ fn base_components() -> Value {
                 "tasks_done": { "type": "integer" }, "last_exit": { "type": "string", "nullable": true },
                 "why": { "type": "string", "nullable": true, "description": "why it is FATAL" },
                 "last_stderr": { "type": "array", "items": { "type": "string" }, "description": "the last lines its previous process wrote on stderr outside tasks" },
-                "uptime_s": { "type": "integer", "nullable": true, "description": "seconds its current process has run" } } },
+                "uptime_s": { "type": "integer", "nullable": true, "description": "seconds its current process has run" },
+                "rss_bytes": { "type": "integer", "nullable": true, "description": "its process's resident memory (VmRSS), bytes" } } },
             "Node": { "type": "object", "required": ["id", "host", "pid", "queues", "running", "last_heartbeat"], "properties": {
                 "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
                 "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
@@ -517,7 +574,7 @@ mod tests {
                 Vec::new()
             },
         };
-        view::WorkerView::new(info, NOW)
+        view::WorkerView::new(info, NOW, full.then_some(50 << 20))
     }
 
     fn overview(fill: Fill) -> view::Overview {
@@ -622,6 +679,49 @@ mod tests {
                 vec![to_json(view::TaskPage {
                     tasks: if full { vec![task(fill)] } else { Vec::new() },
                     next_cursor: full.then(|| TaskId::new().to_string()),
+                })],
+            ),
+            (
+                ("post", "/api/v1/tasks/bulk", "200"),
+                vec![to_json(view::BulkView {
+                    action: view::BulkAction::Cancel,
+                    dry_run: !full,
+                    matched: 3,
+                    done: 2,
+                    skipped: 0,
+                    errors: if full {
+                        vec![view::BulkFailure {
+                            id: TaskId::new(),
+                            error: "broker unreachable".into(),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                })],
+            ),
+            (
+                ("get", "/api/v1/stats", "200"),
+                vec![to_json({
+                    let mut r = crate::broker::StatRow::new(
+                        "thumbs".parse().expect("a valid queue name"),
+                        NOW / 60_000,
+                    );
+                    if full {
+                        r.succeeded = 3;
+                        r.runs = 3;
+                        r.run_ms_sum = 30;
+                        r.run_ms_max = 20;
+                    }
+                    let b = view::StatBucket::sum(NOW, [&r]);
+                    view::StatsView {
+                        window: "1h".into(),
+                        queue: full.then(|| "thumbs".to_string()),
+                        bucket_s: 60,
+                        from: NOW,
+                        to: NOW + 60_000,
+                        buckets: vec![b.clone()],
+                        total: b,
+                    }
                 })],
             ),
             (

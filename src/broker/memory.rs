@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
     QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome,
-    SlotRecord, StepAnswer, Wakeups,
+    SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
@@ -59,6 +59,8 @@ struct Store {
     by_id: HashMap<TaskId, u64>,
     paused: BTreeSet<QueueName>,
     next_seq: u64,
+    /// Throughput and latency counters by (minute, queue).
+    stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
     schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
 }
@@ -386,13 +388,40 @@ impl Broker for MemoryBroker {
         } else {
             filter.limit
         };
+        let below = match filter.after {
+            Some(id) => *s.by_id.get(&id).ok_or(BrokerError::NotFound(id))?,
+            None => u64::MAX,
+        };
         Ok(s.rows
-            .values()
+            .range(..below)
             .rev()
-            .filter(|r| filter.queue.as_ref().map_or(true, |q| &r.task.queue == q))
-            .filter(|r| filter.state.map_or(true, |st| r.task.state == st))
+            .map(|(_, r)| r)
+            .filter(|r| filter.matches(&r.task))
             .take(limit)
             .map(|r| r.task.clone())
+            .collect())
+    }
+
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()> {
+        let mut s = self.store();
+        for r in rows {
+            s.stats
+                .entry((r.minute, r.queue.to_string()))
+                .or_insert_with(|| StatRow::new(r.queue.clone(), r.minute))
+                .add(r);
+        }
+        let oldest = (now_ms() - super::STATS_KEEP_MS) / 60_000;
+        s.stats.retain(|(m, _), _| *m >= oldest);
+        Ok(())
+    }
+
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>> {
+        let from = since.div_euclid(60_000);
+        Ok(self
+            .store()
+            .stats
+            .range((from, String::new())..)
+            .map(|(_, r)| r.clone())
             .collect())
     }
 

@@ -190,12 +190,212 @@ pub enum Recover {
     Expired(UnixMs),
 }
 
+/// Which tasks [`Broker::list`] returns. Every field narrows the listing; `limit` 0 means
+/// no limit. [`ListFilter::matches`] is the one definition of what matches (a backend may
+/// narrow with its indexes first, then must apply it).
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
     pub queue: Option<QueueName>,
     pub state: Option<TaskState>,
     pub limit: usize,
+    /// Created at or after this time (ms since the epoch).
+    pub since: Option<UnixMs>,
+    /// Created before this time.
+    pub until: Option<UnixMs>,
+    /// This one task.
+    pub id: Option<TaskId>,
+    /// Tasks with this unique key (waiting, running or finished).
+    pub unique_key: Option<String>,
+    /// Tasks whose payload has this field with this value.
+    pub payload: Option<PayloadMatch>,
+    /// Only tasks listed after this one (older than it): the last task of the previous page.
+    /// `NotFound` when no task has this id.
+    pub after: Option<TaskId>,
 }
+
+impl ListFilter {
+    /// Whether `t` passes every condition but `limit` and `after` (which are about order).
+    pub fn matches(&self, t: &TaskRecord) -> bool {
+        self.queue.as_ref().map_or(true, |q| &t.queue == q)
+            && self.state.map_or(true, |s| t.state == s)
+            && self.since.map_or(true, |s| t.created_at >= s)
+            && self.until.map_or(true, |u| t.created_at < u)
+            && self.id.map_or(true, |id| t.id == id)
+            && self
+                .unique_key
+                .as_deref()
+                .map_or(true, |k| t.unique_key.as_deref() == Some(k))
+            && self
+                .payload
+                .as_ref()
+                .map_or(true, |p| p.matches(&t.payload))
+    }
+
+    /// Conditions beyond queue, state, limit and cursor: those no backend has an index for
+    /// in every case, so a listing with them may scan.
+    pub fn searches(&self) -> bool {
+        self.unique_key.is_some() || self.payload.is_some()
+    }
+}
+
+/// A condition on one payload field: `payload.user_id = 42`.
+///
+/// The path is a dotted list of object keys (a number indexes an array). The value matches
+/// when the field equals it read as JSON (`42`, `"42"`, `true`, `null`), or when the field is
+/// a string equal to the value's text as written (`name = bob`, and `user_id = 42` also
+/// matches the string `"42"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadMatch {
+    pub path: Vec<String>,
+    pub value: String,
+}
+
+impl PayloadMatch {
+    /// Reads `PATH = VALUE`, with or without a leading `payload.` (`user_id=42`,
+    /// `payload.user.id = 42`).
+    pub fn parse(text: &str) -> std::result::Result<PayloadMatch, String> {
+        let Some((path, value)) = text.split_once('=') else {
+            return Err(format!(
+                "`{text}` is not a payload condition: write FIELD = VALUE, e.g. `payload.user_id = 42`"
+            ));
+        };
+        let path = path.trim();
+        let path = path.strip_prefix("payload.").unwrap_or(path);
+        let path: Vec<String> = path.split('.').map(|p| p.trim().to_string()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "`{text}`: the field path has an empty part; write FIELD = VALUE, e.g. `payload.user.id = 42`"
+            ));
+        }
+        Ok(PayloadMatch {
+            path,
+            value: value.trim().to_string(),
+        })
+    }
+
+    /// Whether `payload` has the field, with the value.
+    pub fn matches(&self, payload: &serde_json::Value) -> bool {
+        let mut v = payload;
+        for key in &self.path {
+            v = match v {
+                serde_json::Value::Object(m) => match m.get(key) {
+                    Some(x) => x,
+                    None => return false,
+                },
+                serde_json::Value::Array(a) => {
+                    match key.parse::<usize>().ok().and_then(|i| a.get(i)) {
+                        Some(x) => x,
+                        None => return false,
+                    }
+                }
+                _ => return false,
+            };
+        }
+        if let serde_json::Value::String(s) = v {
+            if *s == self.value {
+                return true;
+            }
+        }
+        match serde_json::from_str::<serde_json::Value>(&self.value) {
+            Ok(want) => json_eq(v, &want),
+            Err(_) => false,
+        }
+    }
+
+    /// Text every stored payload that matches contains: the last key of the path that is
+    /// not a number (a number may be an array index) as JSON, then `:` (payloads are stored
+    /// as compact JSON); empty when every part is a number. A cheap first test before
+    /// parsing.
+    pub fn needle(&self) -> String {
+        match self
+            .path
+            .iter()
+            .rev()
+            .find(|k| !k.bytes().all(|b| b.is_ascii_digit()))
+        {
+            Some(key) => format!("{}:", serde_json::Value::String(key.clone())),
+            None => String::new(),
+        }
+    }
+}
+
+/// JSON equality where numbers compare by value (`42` = `42.0`), as far as an f64 tells.
+fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) => {
+            x.to_string() == y.to_string()
+                || matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q)
+        }
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
+        }
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
+        }
+        _ => a == b,
+    }
+}
+
+/// Finished attempts of one queue in one minute: the counters behind the throughput and
+/// latency charts. The daemon adds them up as attempts end and writes them to the broker
+/// every few seconds ([`Broker::add_stats`]), so they outlive a restart and, on a shared
+/// broker, add up over every node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatRow {
+    pub queue: QueueName,
+    /// Minutes since the epoch (ms / 60000).
+    pub minute: i64,
+    pub succeeded: u64,
+    /// Attempts that ended the task `failed`.
+    pub failed: u64,
+    /// Attempts that failed and will run again.
+    pub retried: u64,
+    /// Running tasks cancelled.
+    pub cancelled: u64,
+    /// Attempts with a run time (started processes), and the sum and most of their run
+    /// times (ms).
+    pub runs: u64,
+    pub run_ms_sum: u64,
+    pub run_ms_max: u64,
+    /// The sum of how long those tasks waited from due (run_at) to start (ms).
+    pub wait_ms_sum: u64,
+}
+
+impl StatRow {
+    /// A row of zeros.
+    pub fn new(queue: QueueName, minute: i64) -> StatRow {
+        StatRow {
+            queue,
+            minute,
+            succeeded: 0,
+            failed: 0,
+            retried: 0,
+            cancelled: 0,
+            runs: 0,
+            run_ms_sum: 0,
+            run_ms_max: 0,
+            wait_ms_sum: 0,
+        }
+    }
+
+    /// Adds `o`'s counters into this row (same queue and minute).
+    pub fn add(&mut self, o: &StatRow) {
+        self.succeeded += o.succeeded;
+        self.failed += o.failed;
+        self.retried += o.retried;
+        self.cancelled += o.cancelled;
+        self.runs += o.runs;
+        self.run_ms_sum += o.run_ms_sum;
+        self.run_ms_max = self.run_ms_max.max(o.run_ms_max);
+        self.wait_ms_sum += o.wait_ms_sum;
+    }
+}
+
+/// How long a backend keeps [`StatRow`]s: the charts look back 24 hours.
+pub const STATS_KEEP_MS: i64 = 26 * 3_600_000;
 
 /// Counts by state for one queue.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -397,6 +597,15 @@ pub trait Broker: Send + Sync + 'static {
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
+    /// Add finished-attempt counters ([`StatRow`]s, one per queue and minute) to the ones
+    /// stored: counters add up, `run_ms_max` keeps the larger. Rows older than
+    /// [`STATS_KEEP_MS`] may be dropped.
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()>;
+
+    /// The stored counters of every queue for the minutes from `since` (ms) on, in no
+    /// particular order.
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>>;
+
     /// Counts by state for every queue that has tasks or is paused. Reserved tasks count as
     /// `queued`; only started ones as `running`.
     async fn counts(&self) -> Result<Vec<QueueCounts>>;

@@ -91,7 +91,10 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
                 queues,
                 workers: workers
                     .iter()
-                    .map(|w| view::WorkerView::new(w.clone(), now))
+                    .map(|w| {
+                        let rss = w.pid.and_then(crate::worker::status::rss_bytes);
+                        view::WorkerView::new(w.clone(), now, rss)
+                    })
                     .collect(),
                 nodes,
             },
@@ -276,6 +279,7 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
                     queue,
                     state,
                     limit: args.limit,
+                    ..Default::default()
                 })
                 .await?
         }

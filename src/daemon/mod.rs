@@ -43,6 +43,7 @@ mod cluster;
 mod recovery;
 mod reload;
 pub mod setup;
+mod stats;
 mod status;
 pub mod storelock;
 mod watch;
@@ -285,6 +286,7 @@ pub async fn run(
         store_file,
         lease,
     ));
+    let stats = stats::StatsWriter::start(broker.clone(), metrics.clone());
     let api = AppState::new(broker.clone(), config.clone(), metrics).with_control(requests_tx);
     reload::fit_api(&api, &config);
     let api_stop = CancellationToken::new();
@@ -299,6 +301,7 @@ pub async fn run(
         background,
         api_stop,
         api_done,
+        stats: Some(stats),
     };
     daemon.ready();
     let now = controls.handle.now.clone();
@@ -493,6 +496,8 @@ struct Running {
     api_stop: CancellationToken,
     /// Answers once the API's thread has stopped serving.
     api_done: Option<oneshot::Receiver<()>>,
+    /// Writes the dashboard's counters to the broker; the last ones after the drain.
+    stats: Option<stats::StatsWriter>,
 }
 
 impl Running {
@@ -600,6 +605,9 @@ impl Running {
         // next start (or another node's).
         self.scheduler.stop().await;
         self.supervisor.drain(self.config.shutdown_grace, now).await;
+        if let Some(stats) = self.stats.take() {
+            stats.finish().await;
+        }
         self.api_stop.cancel();
         if let Some(done) = self.api_done.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), done).await;

@@ -769,7 +769,9 @@ impl Supervisor {
                 Finish::Cancelled => O::Cancelled,
                 Finish::Requeue | Finish::Release => O::Requeued,
             };
-            self.metrics.finished(&q.name, outcome, ran);
+            let waited = ran
+                .map(|_| Duration::from_millis((record.started_at - c.task.run_at).max(0) as u64));
+            self.metrics.finished(&q.name, outcome, ran, waited);
         }
         // Queue the result first, then give the slot to the next task: its start is recorded
         // after this result (the broker's rule 6), so the store never shows more tasks

@@ -245,10 +245,7 @@ impl Proc {
 
     /// The leader's resident set size in bytes, if it can be read.
     pub(crate) fn rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        super::status::rss_bytes(self.pid)
     }
 
     /// Stops the worker: its task pipe is closed (a well-behaved worker exits on EOF), its

@@ -270,6 +270,15 @@ fn write_atomic(path: &Path, file: &StatusFile) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The resident memory of process `pid` in bytes (`VmRSS` of /proc/PID/status), for the
+/// worker panels of `taskd status` and the dashboard.
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The status file of the daemon using `state_dir`, if there is one.
 pub fn read_status(state_dir: &Path) -> Option<StatusFile> {
     let text = std::fs::read(state_dir.join(FILE_NAME)).ok()?;

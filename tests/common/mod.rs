@@ -2,6 +2,7 @@
 //! `taskd` binary, a daemon that is killed when the test ends, polling with a deadline.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod skip;
 pub mod table;
 

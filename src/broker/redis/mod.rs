@@ -29,12 +29,36 @@ use results::{finish_call, finish_loop, Finishing};
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
-    Orphan, QueueCounts, Queued, Recover, Result, Wakeups,
+    Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::backoff::Doubling;
 use crate::model::{
     now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
+
+/// Adds one [`StatRow`] to its queue's hash of the hour (`…:stats:<hour>`, fields
+/// `<minute>:<counter>`), keeps the larger `run_ms_max`, and lets the hash expire a day
+/// after its last write.
+fn stats_script() -> &'static Script {
+    static S: OnceLock<Script> = OnceLock::new();
+    S.get_or_init(|| {
+        Script::new(
+            r#"
+local m = ARGV[1]
+local names = {'succeeded', 'failed', 'retried', 'cancelled', 'runs', 'run_ms_sum', 'wait_ms_sum'}
+for i, name in ipairs(names) do
+  local v = tonumber(ARGV[2 + i])
+  if v > 0 then redis.call('HINCRBY', KEYS[1], m .. ':' .. name, v) end
+end
+local max = tonumber(ARGV[10])
+local cur = tonumber(redis.call('HGET', KEYS[1], m .. ':run_ms_max') or '0')
+if max > cur then redis.call('HSET', KEYS[1], m .. ':run_ms_max', max) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 0
+"#,
+        )
+    })
+}
 
 /// The set of queue names that ever had a task or a pause.
 const QUEUES: &str = "taskd:queues";
@@ -512,6 +536,120 @@ impl RedisBroker {
         Ok(out)
     }
 
+    /// Up to `limit` tasks of queue `q` that pass `filter`, newest first, with their seq;
+    /// from the seq `top` down (a score bound: `123` or `(123`) when given. Reads the
+    /// queue's state index (or `all`) in batches from the top, within the creation-time
+    /// range, and tests each task: what a search costs is the tasks it reads, not the
+    /// keyspace. A unique key of a waiting or running task is one lookup (`u`); an id is
+    /// one read.
+    async fn list_queue(
+        &self,
+        q: &QueueName,
+        filter: &ListFilter,
+        top: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(f64, TaskRecord)>> {
+        let p = prefix(q);
+        let index = match filter.state {
+            Some(s) => format!("{p}st:{s}"),
+            None => format!("{p}all"),
+        };
+        let direct: Option<String> = if let Some(id) = filter.id {
+            Some(id.to_string())
+        } else if let (Some(key), Some(true)) =
+            (&filter.unique_key, filter.state.map(|s| !s.is_terminal()))
+        {
+            // Only the waiting or running holder of a key can be in a waiting state.
+            let holder: Option<String> = redis::cmd("HGET")
+                .arg(format!("{p}u"))
+                .arg(key)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            match holder {
+                Some(h) => Some(h),
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            None
+        };
+        if let Some(id) = direct {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&index)
+                .arg(&id)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            let Some(score) = score else {
+                return Ok(Vec::new());
+            };
+            let below_top = match &top {
+                None => true,
+                Some(t) => match t.strip_prefix('(') {
+                    Some(t) => score < t.parse().unwrap_or(f64::MAX),
+                    None => score <= t.parse().unwrap_or(f64::MAX),
+                },
+            };
+            let recs = self.records(&[(q.clone(), id)]).await?;
+            return Ok(recs
+                .into_iter()
+                .filter(|t| below_top && filter.matches(t))
+                .map(|t| (score, t))
+                .collect());
+        }
+        // seq is the server's time in microseconds when the task was stored, close to its
+        // created_at: the index's score range narrows the time range (with a minute to spare
+        // either side), and `matches` decides exactly.
+        const SPARE_US: i64 = 60_000_000;
+        let mut max = match (top, filter.until) {
+            (Some(t), _) => t,
+            (None, Some(u)) => format!("{}", u.saturating_mul(1000).saturating_add(SPARE_US)),
+            (None, None) => "+inf".to_string(),
+        };
+        let min = match filter.since {
+            Some(s) => format!("{}", s.saturating_mul(1000).saturating_sub(SPARE_US)),
+            None => "-inf".to_string(),
+        };
+        let batch = limit.clamp(16, 512);
+        let mut out = Vec::new();
+        loop {
+            let page: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg(&min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            let Some(last) = page.last().map(|(_, s)| *s) else {
+                break;
+            };
+            let keys: Vec<(QueueName, String)> =
+                page.iter().map(|(id, _)| (q.clone(), id.clone())).collect();
+            let scores: HashMap<&str, f64> = page.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+            for t in self.records(&keys).await? {
+                if filter.matches(&t) {
+                    let seq = scores
+                        .get(t.id.to_string().as_str())
+                        .copied()
+                        .unwrap_or(0.0);
+                    out.push((seq, t));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if page.len() < batch {
+                break;
+            }
+            max = format!("({last}");
+        }
+        Ok(out)
+    }
+
     /// Run `HGETALL` on many tasks at once.
     async fn records(&self, keys: &[(QueueName, String)]) -> Result<Vec<TaskRecord>> {
         if keys.is_empty() {
@@ -887,35 +1025,124 @@ impl Broker for RedisBroker {
                 self.store_inbox(q).await?;
             }
         }
-        let index = match filter.state {
-            Some(s) => format!("st:{s}"),
-            None => "all".to_string(),
+        // The cursor: its queue and its place (seq) in that queue's `all` index.
+        let after = match filter.after {
+            Some(id) => {
+                let q = self.locate(id).await?.ok_or(BrokerError::NotFound(id))?;
+                let score: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(format!("{}all", prefix(&q)))
+                    .arg(id.to_string())
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Some((q, score.ok_or(BrokerError::NotFound(id))?))
+            }
+            None => None,
         };
-        let stop: i64 = if filter.limit == 0 {
-            -1
+        let limit = if filter.limit == 0 {
+            usize::MAX
         } else {
-            filter.limit as i64 - 1
+            filter.limit
         };
-        let per_queue: Vec<Vec<(String, f64)>> = self
-            .pipelined(&queues, |pipe, q| {
-                pipe.cmd("ZREVRANGE")
-                    .arg(format!("{}{index}", prefix(q)))
-                    .arg(0)
-                    .arg(stop)
-                    .arg("WITHSCORES");
+        let mut found: Vec<(f64, QueueName, TaskRecord)> = Vec::new();
+        for q in &queues {
+            // Newest first, so the lists of the queues merge into one order: by seq, then
+            // (for the same seq) by queue name.
+            let top = match &after {
+                None => None,
+                Some((cq, score)) if q > cq => Some(format!("{score}")),
+                Some((_, score)) => Some(format!("({score}")),
+            };
+            for (seq, t) in self.list_queue(q, filter, top, limit).await? {
+                found.push((seq, q.clone(), t));
+            }
+        }
+        found.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        found.truncate(limit);
+        Ok(found.into_iter().map(|(_, _, t)| t).collect())
+    }
+
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()> {
+        let script = stats_script();
+        let keep_s = crate::broker::STATS_KEEP_MS / 1000;
+        for r in rows {
+            // Read back by queue: the queue must be in the set of queues.
+            self.know(&r.queue).await?;
+            let () = script
+                .key(format!(
+                    "{}stats:{}",
+                    prefix(&r.queue),
+                    r.minute.div_euclid(60)
+                ))
+                .arg(r.minute)
+                .arg(keep_s)
+                .arg(
+                    &[
+                        r.succeeded,
+                        r.failed,
+                        r.retried,
+                        r.cancelled,
+                        r.runs,
+                        r.run_ms_sum,
+                        r.wait_ms_sum,
+                        r.run_ms_max,
+                    ][..],
+                )
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>> {
+        let queues = self.queue_names().await?;
+        let from_minute = since.div_euclid(60_000);
+        // The hours to read: from `since` to an hour past this node's clock (the server's
+        // may be ahead).
+        let hours: Vec<i64> =
+            (from_minute.div_euclid(60)..=now_ms().div_euclid(3_600_000) + 1).collect();
+        let keys: Vec<(QueueName, i64)> = queues
+            .iter()
+            .flat_map(|q| hours.iter().map(move |h| (q.clone(), *h)))
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashes: Vec<Vec<String>> = self
+            .pipelined(&keys, |pipe, (q, h)| {
+                pipe.cmd("HGETALL").arg(format!("{}stats:{h}", prefix(q)));
             })
             .await?;
-        let mut all: Vec<(f64, QueueName, String)> = Vec::new();
-        for (q, rows) in queues.iter().zip(per_queue) {
-            all.extend(rows.into_iter().map(|(id, s)| (s, q.clone(), id)));
+        let mut rows: BTreeMap<(i64, QueueName), StatRow> = BTreeMap::new();
+        for ((q, _), h) in keys.iter().zip(hashes) {
+            for (field, value) in pairs(h) {
+                let Some((minute, name)) = field.split_once(':') else {
+                    continue;
+                };
+                let (Ok(minute), Ok(v)) = (minute.parse::<i64>(), value.parse::<u64>()) else {
+                    continue;
+                };
+                if minute < from_minute {
+                    continue;
+                }
+                let r = rows
+                    .entry((minute, q.clone()))
+                    .or_insert_with(|| StatRow::new(q.clone(), minute));
+                match name {
+                    "succeeded" => r.succeeded = v,
+                    "failed" => r.failed = v,
+                    "retried" => r.retried = v,
+                    "cancelled" => r.cancelled = v,
+                    "runs" => r.runs = v,
+                    "run_ms_sum" => r.run_ms_sum = v,
+                    "wait_ms_sum" => r.wait_ms_sum = v,
+                    "run_ms_max" => r.run_ms_max = v,
+                    _ => {}
+                }
+            }
         }
-        // Newest first: seq is the server's time in microseconds when the task was stored.
-        all.sort_by(|a, b| b.0.total_cmp(&a.0));
-        if filter.limit > 0 {
-            all.truncate(filter.limit);
-        }
-        let keys: Vec<(QueueName, String)> = all.into_iter().map(|(_, q, id)| (q, id)).collect();
-        self.records(&keys).await
+        Ok(rows.into_values().collect())
     }
 
     async fn counts(&self) -> Result<Vec<QueueCounts>> {

@@ -41,7 +41,7 @@ use self::rows::{
 use self::writer::{answer, writer_loop, Job};
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
-    QueueCounts, Queued, Recover, Result, Wakeups,
+    QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
@@ -488,28 +488,145 @@ impl Broker for SqliteBroker {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
         let filter = filter.clone();
         self.read(move |conn| {
+            use rusqlite::types::Value as V;
             let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
-            if filter.queue.is_some() {
-                sql.push_str(" AND queue = ?1");
-            }
-            if filter.state.is_some() {
-                sql.push_str(" AND state = ?2");
-            }
-            sql.push_str(" ORDER BY seq DESC LIMIT ?3");
-            let mut stmt = conn.prepare_cached(&sql).map_err(storage)?;
-            let limit = if filter.limit == 0 {
-                -1
-            } else {
-                filter.limit as i64
+            let mut args: Vec<V> = Vec::new();
+            let mut cond = |sql_part: &str, v: V| {
+                args.push(v);
+                sql.push_str(&format!(" AND {sql_part} ?{}", args.len()));
             };
-            let q = filter.queue.as_ref().map(|q| q.as_str().to_string());
-            let s = filter.state.map(|s| s.as_str());
-            // Unused numbered parameters are fine in SQLite; bind all three every time.
+            if let Some(q) = &filter.queue {
+                cond("queue =", V::Text(q.as_str().to_string()));
+            }
+            if let Some(st) = filter.state {
+                cond("state =", V::Text(st.as_str().to_string()));
+            }
+            if let Some(t) = filter.since {
+                cond("created_at >=", V::Integer(t));
+            }
+            if let Some(t) = filter.until {
+                cond("created_at <", V::Integer(t));
+            }
+            if let Some(id) = filter.id {
+                cond("id =", V::Text(id.to_string()));
+            }
+            if let Some(k) = &filter.unique_key {
+                cond("unique_key =", V::Text(k.clone()));
+            }
+            if let Some(after) = filter.after {
+                let seq = task_seq(conn, after)?.0;
+                cond("seq <", V::Integer(seq));
+            }
+            if let Some(p) = &filter.payload {
+                // Only payloads that contain the field's key are parsed (compact JSON).
+                args.push(V::Text(p.needle()));
+                sql.push_str(&format!(" AND instr(payload, ?{}) > 0", args.len()));
+            }
+            sql.push_str(" ORDER BY seq DESC");
+            let limit = if filter.limit == 0 {
+                usize::MAX
+            } else {
+                filter.limit
+            };
+            if filter.payload.is_none() && filter.limit > 0 {
+                sql.push_str(&format!(" LIMIT {limit}"));
+            }
+            let mut stmt = conn.prepare_cached(&sql).map_err(storage)?;
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(args))
+                .map_err(storage)?;
+            let mut out = Vec::new();
+            // With a payload condition the rows are read one by one until `limit` match.
+            while out.len() < limit {
+                let Some(r) = rows.next().map_err(storage)? else {
+                    break;
+                };
+                let t = row_to_task(r).map_err(storage)?;
+                if filter.matches(&t) {
+                    out.push(t);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_stats(&self, rows: &[StatRow]) -> Result<()> {
+        let rows = rows.to_vec();
+        self.write_as(false, move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "INSERT INTO stats (minute, queue, succeeded, failed, retried, cancelled, runs, run_ms_sum, run_ms_max, wait_ms_sum)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (minute, queue) DO UPDATE SET
+                       succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed,
+                       retried = retried + excluded.retried, cancelled = cancelled + excluded.cancelled,
+                       runs = runs + excluded.runs, run_ms_sum = run_ms_sum + excluded.run_ms_sum,
+                       run_ms_max = max(run_ms_max, excluded.run_ms_max),
+                       wait_ms_sum = wait_ms_sum + excluded.wait_ms_sum",
+                )
+                .map_err(storage)?;
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            for r in &rows {
+                stmt.execute(params![
+                    r.minute,
+                    r.queue.as_str(),
+                    n(r.succeeded),
+                    n(r.failed),
+                    n(r.retried),
+                    n(r.cancelled),
+                    n(r.runs),
+                    n(r.run_ms_sum),
+                    n(r.run_ms_max),
+                    n(r.wait_ms_sum)
+                ])
+                .map_err(storage)?;
+            }
+            conn.execute(
+                "DELETE FROM stats WHERE minute < ?1",
+                [(now_ms() - crate::broker::STATS_KEEP_MS) / 60_000],
+            )
+            .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stats(&self, since: UnixMs) -> Result<Vec<StatRow>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT minute, queue, succeeded, failed, retried, cancelled, runs, run_ms_sum, run_ms_max, wait_ms_sum FROM stats WHERE minute >= ?1",
+                )
+                .map_err(storage)?;
             let rows = stmt
-                .query_map(params![q, s, limit], row_to_task)
+                .query_map([since.div_euclid(60_000)], |r| {
+                    let u = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        [u(2)?, u(3)?, u(4)?, u(5)?, u(6)?, u(7)?, u(8)?, u(9)?],
+                    ))
+                })
                 .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
                 .map_err(storage)?;
-            Ok(rows)
+            Ok(rows
+                .into_iter()
+                .filter_map(|(minute, q, c)| {
+                    Some(StatRow {
+                        queue: q.parse().ok()?,
+                        minute,
+                        succeeded: c[0],
+                        failed: c[1],
+                        retried: c[2],
+                        cancelled: c[3],
+                        runs: c[4],
+                        run_ms_sum: c[5],
+                        run_ms_max: c[6],
+                        wait_ms_sum: c[7],
+                    })
+                })
+                .collect())
         })
         .await
     }

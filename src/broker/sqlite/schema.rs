@@ -104,6 +104,23 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX schedule_slots_by_schedule ON schedule_slots(name, queue, seq);
     "#,
+    // 4: throughput and latency counters per queue and minute (the dashboard's charts),
+    // written by the daemon every few seconds, kept for a day.
+    r#"
+    CREATE TABLE stats (
+        minute      INTEGER NOT NULL,
+        queue       TEXT    NOT NULL,
+        succeeded   INTEGER NOT NULL DEFAULT 0,
+        failed      INTEGER NOT NULL DEFAULT 0,
+        retried     INTEGER NOT NULL DEFAULT 0,
+        cancelled   INTEGER NOT NULL DEFAULT 0,
+        runs        INTEGER NOT NULL DEFAULT 0,
+        run_ms_sum  INTEGER NOT NULL DEFAULT 0,
+        run_ms_max  INTEGER NOT NULL DEFAULT 0,
+        wait_ms_sum INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (minute, queue)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.
