@@ -198,9 +198,33 @@ every = \"1s\"
 
 #[test]
 fn a_one_second_schedule_enqueues_one_task_per_slot() {
-    let env = env_with("", TICK);
+    let env = env_with("listen = \"127.0.0.1:0\"", TICK);
     let d = env.daemon();
     one_task_per_slot(&env, &[&d]);
+    // Every fired slot is counted on /metrics.
+    let fired = records(&env, "tick")
+        .iter()
+        .filter(|r| r["outcome"] == "fired")
+        .count();
+    let metrics = ureq::get(&format!("{}/metrics", d.api_base()))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .expect("metrics text");
+    let counted: usize = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("taskd_schedule_slots_total{")
+                && l.contains("schedule=\"tick\"")
+                && l.contains("outcome=\"fired\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fired count for tick:\n{metrics}"));
+    assert!(
+        counted >= fired,
+        "metrics say {counted} fired, the records {fired}"
+    );
     // The task saw its schedule and slot.
     let t = &tasks_of(&env, "tick")[0];
     let id = t["id"].as_str().unwrap();
