@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::{Broker, Finish, ListFilter};
-use taskd::model::{AttemptReason, AttemptRecord, NewTask, QueueName};
+use taskd::model::{AttemptReason, AttemptRecord, NewTask, NodeId, QueueName};
 
 async fn open(url: &str) -> Arc<dyn Broker> {
     open_counted(url).await.0
@@ -115,7 +115,7 @@ async fn claim(url: &str, n: usize, k: usize) {
     let mut counters = Vec::new();
     for i in 0..k {
         let (b, counter) = open_counted(url).await;
-        nodes.push((format!("bench-{i}"), b));
+        nodes.push((NodeId::from(format!("bench-{i}")), b));
         counters.extend(counter);
     }
     let sent = |cs: &[Arc<RedisBroker>]| cs.iter().map(|c| c.round_trips()).sum::<u64>();

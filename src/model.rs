@@ -291,6 +291,76 @@ impl NewTask {
     }
 }
 
+/// The id a daemon claims tasks under: `host:pid`, the host name of its machine and the pid
+/// of its process there, so that ids of live daemons never collide and a node's machine and
+/// process can be told from its id (to kill what it left behind, or to ask whether it lives).
+/// Leases, task records and attempt records carry it as its text.
+///
+/// An id read back from a store is kept as written: one that is not `host:pid` (written by
+/// hand, or by a test) is still an id, whose [`Self::host`] and [`Self::pid`] are `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// The id of the daemon in process `pid` on host `host`.
+    pub fn new(host: &str, pid: u32) -> NodeId {
+        NodeId(format!("{host}:{pid}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The host name part (`None`: the id is not `host:pid`).
+    pub fn host(&self) -> Option<&str> {
+        self.parts().map(|(host, _)| host)
+    }
+
+    /// The pid part (`None`: the id is not `host:pid`).
+    pub fn pid(&self) -> Option<u32> {
+        self.parts().map(|(_, pid)| pid)
+    }
+
+    /// Host and pid. A host name holds no `:`, but the split is from the right, so that an
+    /// id written by other means with one in its host still finds its pid.
+    fn parts(&self) -> Option<(&str, u32)> {
+        let (host, pid) = self.0.rsplit_once(':')?;
+        Some((host, pid.parse().ok()?))
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An id as a store holds it.
+impl From<String> for NodeId {
+    fn from(id: String) -> NodeId {
+        NodeId(id)
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(id: &str) -> NodeId {
+        NodeId(id.to_string())
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for NodeId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// A task as the broker keeps it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -313,7 +383,7 @@ pub struct TaskRecord {
     /// An operator asked to cancel this running task.
     pub cancel_requested: bool,
     /// The node holding the lease, while running.
-    pub node: Option<String>,
+    pub node: Option<NodeId>,
     /// The schedule (`[schedules.NAME]`) that enqueued it, if one did.
     #[serde(default)]
     pub schedule: Option<String>,
@@ -327,7 +397,7 @@ pub struct TaskRecord {
 pub struct AttemptRecord {
     /// The attempt number this run had (`TASKD_ATTEMPT`).
     pub number: u32,
-    pub node: String,
+    pub node: NodeId,
     pub pid: Option<i32>,
     pub started_at: UnixMs,
     pub ended_at: UnixMs,
@@ -346,4 +416,33 @@ pub struct TaskDetail {
     #[serde(flatten)]
     pub task: TaskRecord,
     pub history: Vec<AttemptRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeId;
+
+    #[test]
+    fn a_node_id_is_host_and_pid_and_reads_back_as_written() {
+        let id = NodeId::new("web-1.example", 4242);
+        assert_eq!(id.to_string(), "web-1.example:4242");
+        assert_eq!((id.host(), id.pid()), (Some("web-1.example"), Some(4242)));
+        assert_eq!(NodeId::from(id.to_string()), id);
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"web-1.example:4242\""
+        );
+        // The split is from the right: a `:` in what precedes the pid stays in the host.
+        let odd = NodeId::from("fe80::1:77");
+        assert_eq!((odd.host(), odd.pid()), (Some("fe80::1"), Some(77)));
+    }
+
+    #[test]
+    fn an_id_that_is_not_host_and_pid_has_neither() {
+        for text in ["", "no-pid", "host:", "host:x", "host:-1"] {
+            let id = NodeId::from(text);
+            assert_eq!((id.host(), id.pid()), (None, None), "{text:?}");
+            assert_eq!(id.as_str(), text);
+        }
+    }
 }

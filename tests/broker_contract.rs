@@ -36,7 +36,7 @@ use taskd::broker::{
     QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskState,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -317,7 +317,9 @@ async fn snapshot(b: &B, id: TaskId) -> serde_json::Value {
 }
 
 async fn claim(b: &B, queue: &str, max: usize) -> Vec<Claimed> {
-    b.claim(NODE, &qn(queue), max, LEASE).await.expect("claim")
+    b.claim(&NODE.into(), &qn(queue), max, LEASE)
+        .await
+        .expect("claim")
 }
 
 /// Claim exactly one task of `queue` and check it is `id`. The task is only reserved
@@ -339,7 +341,7 @@ async fn claim_id(b: &B, queue: &str, id: TaskId) -> Claimed {
         "a claimed task stays queued until it starts"
     );
     assert_eq!(
-        c.task.node.as_deref(),
+        c.task.node.as_ref().map(NodeId::as_str),
         Some(NODE),
         "a claimed task is held by its node"
     );
@@ -734,7 +736,9 @@ pub mod cases {
             .expect("list");
         assert_eq!(queued.len(), 5);
         assert!(
-            queued.iter().all(|t| t.node.as_deref() == Some(NODE)),
+            queued
+                .iter()
+                .all(|t| t.node.as_ref().map(NodeId::as_str) == Some(NODE)),
             "{queued:?}"
         );
         let running = b
@@ -802,7 +806,10 @@ pub mod cases {
             "an unknown queue has nothing"
         );
         for t in &a {
-            assert_eq!(get(&b, t.id).await.task.node.as_deref(), Some(NODE));
+            assert_eq!(
+                get(&b, t.id).await.task.node.as_ref().map(NodeId::as_str),
+                Some(NODE)
+            );
         }
         for t in &o {
             let r = get(&b, t.id).await.task;
@@ -821,7 +828,7 @@ pub mod cases {
         let r = get(&b, id).await.task;
         assert_eq!(r.state, TaskState::Running);
         assert_eq!(r.attempts, 1, "the started run is attempt 1");
-        assert_eq!(r.node.as_deref(), Some(NODE));
+        assert_eq!(r.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(
             claim(&b, "a1", 10).await.is_empty(),
             "a running task is not claimed again"
@@ -839,7 +846,11 @@ pub mod cases {
         assert_eq!(c.task.attempts, 0);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "a reserved task is queued");
-        assert_eq!(d.task.node.as_deref(), Some(NODE), "its node holds it");
+        assert_eq!(
+            d.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE),
+            "its node holds it"
+        );
         assert_eq!(d.task.attempts, 0, "a claim alone is not charged");
         assert_eq!(d.task.finished_at, None);
         assert!(!d.task.cancel_requested);
@@ -849,7 +860,7 @@ pub mod cases {
         // Not claimable again, by anyone: the next claim gets the next task.
         let b2 = g.connect().await;
         let got = b2
-            .claim("node-b", &qn("rs"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("rs"), 10, LEASE)
             .await
             .expect("claim");
         assert_eq!(
@@ -857,9 +868,15 @@ pub mod cases {
             vec![other],
             "a reserved task was claimed again"
         );
-        assert_eq!(got[0].task.node.as_deref(), Some("node-b"));
+        assert_eq!(
+            got[0].task.node.as_ref().map(NodeId::as_str),
+            Some("node-b")
+        );
         assert!(claim(&b, "rs", 10).await.is_empty());
-        assert_eq!(get(&b, id).await.task.node.as_deref(), Some(NODE));
+        assert_eq!(
+            get(&b, id).await.task.node.as_ref().map(NodeId::as_str),
+            Some(NODE)
+        );
 
         // Claiming with attempts already charged: the run has the next number, still uncharged.
         let c2 = &got[0];
@@ -890,7 +907,7 @@ pub mod cases {
         assert_eq!(d.task.state, TaskState::Running);
         assert_eq!(d.task.attempts, 1, "started counts the attempt");
         assert_eq!(d.task.attempts, c.attempt);
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(d.task.updated_at >= before);
         assert!(d.history.is_empty(), "a run is recorded when it ends");
         assert!(claim(&b, "sm", 10).await.is_empty());
@@ -979,7 +996,7 @@ pub mod cases {
             BTreeSet::from([qn("p")])
         );
         assert!(b2
-            .claim("node-b", &qn("p"), 10, LEASE)
+            .claim(&"node-b".into(), &qn("p"), 10, LEASE)
             .await
             .expect("claim")
             .is_empty());
@@ -1053,7 +1070,7 @@ pub mod cases {
             // Two claimers share the first client, two the second (another process).
             let b = if w % 2 == 0 { b.clone() } else { b2.clone() };
             handles.push(tokio::spawn(async move {
-                let node = format!("node-{w}");
+                let node = NodeId::from(format!("node-{w}"));
                 let mut mine = Vec::new();
                 let start = Instant::now();
                 loop {
@@ -1257,7 +1274,7 @@ pub mod cases {
         assert_ne!(c2.lease.token, c.lease.token);
         let d = get(&b, id).await;
         assert_eq!(d.task.state, TaskState::Queued, "claimed, not started yet");
-        assert_eq!(d.task.node.as_deref(), Some(NODE));
+        assert_eq!(d.task.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!(d.task.attempts, 1);
         start(&b, &c2).await;
         let d = get(&b, id).await;
@@ -1731,7 +1748,7 @@ pub mod cases {
         assert_eq!(oa.pid, Some(4242));
         assert_eq!(oa.pid_start, Some(1_234_567_890_123));
         assert_eq!(oa.queue, qn("pid"));
-        assert_eq!(oa.node.as_deref(), Some(NODE));
+        assert_eq!(oa.node.as_ref().map(NodeId::as_str), Some(NODE));
         let oo = orphans
             .iter()
             .find(|x| x.task == o)
@@ -1741,7 +1758,7 @@ pub mod cases {
             (None, None),
             "no pid was recorded for o"
         );
-        assert_eq!(oo.node.as_deref(), Some(NODE));
+        assert_eq!(oo.node.as_ref().map(NodeId::as_str), Some(NODE));
         let d = get(&b, a).await;
         assert_eq!(d.history.len(), 1);
         assert_eq!(
@@ -1782,7 +1799,10 @@ pub mod cases {
         let short = Duration::from_millis(1000);
         let mut cs = Vec::new();
         for id in ids.into_iter().chain([reserved]) {
-            let mut c = b.claim(NODE, &qn("rn"), 1, short).await.expect("claim");
+            let mut c = b
+                .claim(&NODE.into(), &qn("rn"), 1, short)
+                .await
+                .expect("claim");
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].task.id, id);
             cs.push(c.remove(0));
@@ -1853,7 +1873,7 @@ pub mod cases {
         assert_eq!(get(&b, cs[0].task.id).await.task.state, TaskState::Running);
         let r = get(&b, cs[4].task.id).await.task;
         assert_eq!(
-            (r.state, r.node.as_deref()),
+            (r.state, r.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -1898,7 +1918,7 @@ pub mod cases {
         // Held by another node: `All` takes every node's tasks.
         let r3 = enqueue1(&b, task("rc")).await;
         let c3 = b
-            .claim("node-b", &qn("rc"), 1, LEASE)
+            .claim(&"node-b".into(), &qn("rc"), 1, LEASE)
             .await
             .expect("claim")
             .remove(0);
@@ -1917,10 +1937,10 @@ pub mod cases {
             "only running tasks are recovered"
         );
         let o3 = orphans.iter().find(|o| o.task == r3).unwrap();
-        assert_eq!(o3.node.as_deref(), Some("node-b"));
+        assert_eq!(o3.node.as_ref().map(NodeId::as_str), Some("node-b"));
         let o2 = orphans.iter().find(|o| o.task == r2).unwrap();
         assert_eq!(
-            (o2.pid, o2.pid_start, o2.node.as_deref()),
+            (o2.pid, o2.pid_start, o2.node.as_ref().map(NodeId::as_str)),
             (Some(777), Some(99), Some(NODE))
         );
         assert_eq!(o2.queue, qn("rb"));
@@ -1962,12 +1982,12 @@ pub mod cases {
         let s = enqueue1(&b, task("re")).await;
         let l = enqueue1(&b, task("re")).await;
         let cs = b
-            .claim(NODE, &qn("re"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(cs[0].task.id, s);
         let cl = b
-            .claim(NODE, &qn("re"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("re"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, l);
@@ -2003,7 +2023,7 @@ pub mod cases {
         let a = enqueue1(&b, task("ca")).await;
         let c = enqueue1(&b, task("ca")).await;
         let got = b
-            .claim_ahead(NODE, &qn("ca"), 1, LEASE)
+            .claim_ahead(&NODE.into(), &qn("ca"), 1, LEASE)
             .await
             .expect("claim_ahead");
         assert_eq!(
@@ -2014,10 +2034,13 @@ pub mod cases {
         assert_eq!(got[0].attempt, 1);
         let d = get(&b, a).await;
         assert_eq!(
-            (d.task.state, d.task.node.as_deref()),
+            (d.task.state, d.task.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
-        let next = b.claim(NODE, &qn("ca"), 5, LEASE).await.expect("claim");
+        let next = b
+            .claim(&NODE.into(), &qn("ca"), 5, LEASE)
+            .await
+            .expect("claim");
         assert_eq!(
             next.iter().map(|x| x.task.id).collect::<Vec<_>>(),
             vec![c],
@@ -2064,7 +2087,7 @@ pub mod cases {
             vec![id],
             "a reserved task is recovered"
         );
-        assert_eq!(orphans[0].node.as_deref(), Some(NODE));
+        assert_eq!(orphans[0].node.as_ref().map(NodeId::as_str), Some(NODE));
         assert_eq!((orphans[0].pid, orphans[0].pid_start), (None, None));
         assert_eq!(orphans[0].queue, qn("rr"));
         let d = get(&b, id).await;
@@ -2103,12 +2126,12 @@ pub mod cases {
         let exp = enqueue1(&b, task("rr2")).await;
         let live = enqueue1(&b, task("rr2")).await;
         let ce = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_millis(1))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_millis(1))
             .await
             .expect("claim");
         assert_eq!(ce[0].task.id, exp);
         let cl = b
-            .claim(NODE, &qn("rr2"), 1, Duration::from_secs(3600))
+            .claim(&NODE.into(), &qn("rr2"), 1, Duration::from_secs(3600))
             .await
             .expect("claim");
         assert_eq!(cl[0].task.id, live);
@@ -2125,7 +2148,7 @@ pub mod cases {
         assert!(d.history.is_empty(), "{:?}", d.history);
         let l = get(&b, live).await.task;
         assert_eq!(
-            (l.state, l.node.as_deref()),
+            (l.state, l.node.as_ref().map(NodeId::as_str)),
             (TaskState::Queued, Some(NODE))
         );
 
@@ -2179,7 +2202,7 @@ pub mod cases {
         let id = enqueue1(&b, task("cr")).await;
         let c = run_id(&b, "cr", id).await;
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2195,11 +2218,13 @@ pub mod cases {
         );
         assert!(t.cancel_requested);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2225,7 +2250,7 @@ pub mod cases {
         assert_eq!(d.history.len(), 1);
         same_attempt(&d.history[0], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2255,15 +2280,17 @@ pub mod cases {
         );
         let t = get(&b, id).await.task;
         assert_eq!(t.state, TaskState::Queued, "still reserved: {t:?}");
-        assert_eq!(t.node.as_deref(), Some(NODE));
+        assert_eq!(t.node.as_ref().map(NodeId::as_str), Some(NODE));
         assert!(t.cancel_requested);
         assert_eq!(t.finished_at, None);
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         assert!(b
-            .cancel_requested("node-z")
+            .cancel_requested(&"node-z".into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -2312,7 +2339,7 @@ pub mod cases {
         same_attempt(&d.history[0], &failed);
         same_attempt(&d.history[1], &a);
         assert!(b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .is_empty());
@@ -3218,7 +3245,9 @@ pub mod cases {
             .await
             .expect("cancelling a running task did not fire `cancel`");
         assert_eq!(
-            b.cancel_requested(NODE).await.expect("cancel_requested"),
+            b.cancel_requested(&NODE.into())
+                .await
+                .expect("cancel_requested"),
             vec![id]
         );
         // A reserved task's node must hear of it as well.
@@ -3230,7 +3259,7 @@ pub mod cases {
             .await
             .expect("cancelling a reserved task did not fire `cancel`");
         let asked: BTreeSet<TaskId> = b
-            .cancel_requested(NODE)
+            .cancel_requested(&NODE.into())
             .await
             .expect("cancel_requested")
             .into_iter()
@@ -3312,7 +3341,7 @@ pub mod cases {
                         return Err(format!("consumer timed out with {} claimed", claimed.len()));
                     }
                     let got = b
-                        .claim("consumer", &qn("mp"), 16, LEASE)
+                        .claim(&"consumer".into(), &qn("mp"), 16, LEASE)
                         .await
                         .map_err(|e| e.to_string())?;
                     if got.is_empty() {
@@ -4224,7 +4253,7 @@ mod redis_specific {
         for n in &got {
             assert!(n.last_heartbeat >= before - 1000, "{n:?}");
         }
-        b.leave("h1:10").await.expect("leave");
+        b.leave(&"h1:10".into()).await.expect("leave");
         let got = other.nodes().await.expect("nodes");
         assert_eq!(
             got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),

@@ -532,7 +532,7 @@ mod tests {
             finished_at: full.then_some(NOW),
             last_error: full.then(|| "exit code 3".to_string()),
             cancel_requested: false,
-            node: full.then(|| "host:1".to_string()),
+            node: full.then(|| "host:1".into()),
             schedule: full.then(|| "nightly".to_string()),
             slot: full.then_some(NOW),
         }

@@ -19,8 +19,8 @@ use super::{
     SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
-    TaskState, UnixMs,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
+    TaskRecord, TaskState, UnixMs,
 };
 
 /// One task as the store holds it: its record, its history and its lease.
@@ -40,7 +40,7 @@ impl Row {
     /// Held by `lease` (same node and token), and still queued or running.
     fn held_by(&self, lease: &Lease) -> bool {
         self.token == lease.token
-            && self.task.node.as_deref() == Some(lease.node.as_str())
+            && self.task.node.as_ref() == Some(&lease.node)
             && matches!(self.task.state, TaskState::Queued | TaskState::Running)
     }
 
@@ -194,7 +194,7 @@ impl Broker for MemoryBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -224,7 +224,7 @@ impl Broker for MemoryBroker {
         for (_, seq) in ready.into_iter().take(max) {
             let r = s.rows.get_mut(&seq).expect("listed above");
             r.token += 1;
-            r.task.node = Some(node.to_string());
+            r.task.node = Some(node.clone());
             r.lease_expires = now + lease.as_millis() as i64;
             r.task.updated_at = now;
             r.pid = None;
@@ -233,7 +233,7 @@ impl Broker for MemoryBroker {
                 lease: Lease {
                     task: r.task.id,
                     token: r.token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: r.task.attempts + 1,
                 task: r.task.clone(),
@@ -464,11 +464,11 @@ impl Broker for MemoryBroker {
         Ok(s.rows.values().filter(|r| r.task.state == state).count() as u64)
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let s = self.store();
         Ok(s.rows
             .values()
-            .filter(|r| r.task.cancel_requested && r.task.node.as_deref() == Some(node))
+            .filter(|r| r.task.cancel_requested && r.task.node.as_ref() == Some(node))
             .map(|r| r.task.id)
             .collect())
     }

@@ -78,7 +78,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::model::{
-    AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
 pub use schedules::{
     ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StepAnswer,
@@ -115,7 +115,7 @@ pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 pub struct Lease {
     pub task: TaskId,
     pub token: i64,
-    pub node: String,
+    pub node: NodeId,
 }
 
 /// A task handed to a node to run.
@@ -175,7 +175,7 @@ pub enum CancelOutcome {
 pub struct Orphan {
     pub task: TaskId,
     pub queue: QueueName,
-    pub node: Option<String>,
+    pub node: Option<NodeId>,
     pub pid: Option<i32>,
     pub pid_start: Option<u64>,
 }
@@ -481,7 +481,7 @@ pub struct Wakeups {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node id a daemon claims with (`host:pid`).
-    pub id: String,
+    pub id: NodeId,
     pub host: String,
     pub pid: u32,
     /// The queues it serves.
@@ -528,7 +528,7 @@ pub trait Broker: Send + Sync + 'static {
     /// gets a new lease token.
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -539,7 +539,7 @@ pub trait Broker: Send + Sync + 'static {
     /// results being written). The same contract otherwise.
     async fn claim_ahead(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -618,7 +618,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn count_state(&self, state: TaskState) -> Result<u64>;
 
     /// Running or reserved tasks held by `node` that an operator asked to cancel.
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>>;
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>>;
 
     /// Mark held tasks whose process is known to have started (from a node's own start log)
     /// as `running`, so that [`Broker::recover`] records their run as `lost`. Tasks not held
@@ -648,7 +648,7 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Remove a node's record (a clean stop).
-    async fn leave(&self, _node: &str) -> Result<()> {
+    async fn leave(&self, _node: &NodeId) -> Result<()> {
         Ok(())
     }
 

@@ -200,7 +200,7 @@ fn nodes_table(nodes: &[crate::broker::NodeInfo], now: i64) -> Table {
     ]);
     for n in nodes {
         table.add_row(vec![
-            visible(&n.id).into_owned(),
+            visible(n.id.as_str()).into_owned(),
             visible(&n.host).into_owned(),
             n.pid.to_string(),
             n.queues.join(" "),
@@ -419,7 +419,7 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         println!("finished  {}", fmt_time(f));
     }
     if let Some(n) = &t.node {
-        println!("node      {}", visible(n));
+        println!("node      {}", visible(n.as_str()));
     }
     if let Some(e) = &t.last_error {
         println!("error     {}", visible(e));

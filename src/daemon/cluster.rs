@@ -64,7 +64,7 @@ async fn heartbeat(
     host: &str,
 ) -> Result<(), BrokerError> {
     let me = NodeInfo {
-        id: supervisor.node().to_string(),
+        id: supervisor.node().clone(),
         host: host.to_string(),
         pid: std::process::id(),
         queues: supervisor.queue_names(),

@@ -67,6 +67,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::control::{Incoming, ReloadReply, Request};
 use crate::exit::{self, Failure};
+use crate::model::NodeId;
 use crate::notify::Notifier;
 use crate::scheduler::Scheduler;
 use crate::supervisor::Supervisor;
@@ -210,8 +211,8 @@ impl Handle {
 }
 
 /// The node id this process claims under: `host:pid`.
-fn node_id() -> String {
-    format!("{}:{}", host_name(), std::process::id())
+fn node_id() -> NodeId {
+    NodeId::new(&host_name(), std::process::id())
 }
 
 /// This machine's host name, as node ids and node records carry it (`localhost` when it
@@ -376,7 +377,7 @@ fn check_api_listeners(config: &Config, api: &[TcpListener]) -> Result<(), Failu
 
 /// The first lines of the log: the broker's durability warnings (a shared one that may lose
 /// writes), then who starts on what.
-async fn announce(config: &Config, broker: &dyn Broker, node: &str) {
+async fn announce(config: &Config, broker: &dyn Broker, node: &NodeId) {
     if broker.shared() {
         match broker.durability_warnings().await {
             Ok(warnings) => {
@@ -403,7 +404,7 @@ async fn announce(config: &Config, broker: &dyn Broker, node: &str) {
 async fn start_supervisor(
     config: &Config,
     broker: &Arc<dyn Broker>,
-    node: String,
+    node: NodeId,
     start_log: crate::supervisor::startlog::StartLog,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(Arc<Supervisor>, Duration, crate::broker::Wakeups)> {

@@ -88,13 +88,14 @@ async fn stale_local_runs(broker: &dyn Broker, noted: &[TaskId]) -> Vec<String> 
             // Unknown: leave its processes alone rather than risk another node's run.
             Err(_) => continue,
         };
-        let held_here_by_a_live_node = holder.as_deref().is_some_and(|node| {
-            node.rsplit_once(':').is_some_and(|(node_host, pid)| {
-                node_host == host
-                    && pid.parse::<i32>().is_ok_and(|pid| {
+        let held_here_by_a_live_node = holder.is_some_and(|node| {
+            node.host() == Some(host.as_str())
+                && node
+                    .pid()
+                    .and_then(|pid| i32::try_from(pid).ok())
+                    .is_some_and(|pid| {
                         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
                     })
-            })
         });
         if !held_here_by_a_live_node {
             out.push(id);

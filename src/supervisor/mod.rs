@@ -35,7 +35,7 @@ use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups};
 use crate::config::{Config, LogTasks};
 use crate::executor::{self, Stop};
-use crate::model::{now_ms, AttemptReason, AttemptRecord, QueueName, TaskId};
+use crate::model::{now_ms, AttemptReason, AttemptRecord, NodeId, QueueName, TaskId};
 use crate::worker;
 use prepare::Prepared;
 
@@ -155,7 +155,7 @@ pub struct Snapshot {
 
 pub struct Supervisor {
     broker: Arc<dyn Broker>,
-    node: String,
+    node: NodeId,
     queues: Mutex<HashMap<QueueName, Arc<QueueRt>>>,
     /// Every task this node holds a lease on: claimed and waiting in a queue's `held`
     /// buffer, or running. Renewed together; cancelled through their tokens. Taken after a
@@ -192,7 +192,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         broker: Arc<dyn Broker>,
-        node: String,
+        node: NodeId,
         start_log: startlog::StartLog,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
@@ -247,7 +247,7 @@ impl Supervisor {
         names
     }
 
-    pub fn node(&self) -> &str {
+    pub fn node(&self) -> &NodeId {
         &self.node
     }
 

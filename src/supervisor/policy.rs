@@ -6,7 +6,7 @@
 use crate::broker::{Claimed, Finish};
 use crate::config::QueueConfig;
 use crate::executor::{signal_name, Outcome, Runner, SpawnFailure, Status, Verdict};
-use crate::model::{AttemptReason, AttemptRecord, UnixMs};
+use crate::model::{AttemptReason, AttemptRecord, NodeId, UnixMs};
 
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
 /// the attempt's error).
@@ -35,14 +35,14 @@ pub fn retry_or_fail(
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
 fn attempt_of(
     c: &Claimed,
-    node: &str,
+    node: &NodeId,
     pid: Option<i32>,
     (started_at, ended_at): (UnixMs, UnixMs),
     (stdout, stderr): (&[u8], &[u8]),
 ) -> AttemptRecord {
     AttemptRecord {
         number: c.attempt,
-        node: node.to_string(),
+        node: node.clone(),
         pid,
         started_at,
         ended_at,
@@ -63,7 +63,7 @@ fn attempt_of(
 pub fn decide(
     q: &QueueConfig,
     c: &Claimed,
-    node: &str,
+    node: &NodeId,
     o: Outcome,
     now: UnixMs,
     rng: &mut impl rand::Rng,
@@ -274,7 +274,7 @@ mod tests {
         decide(
             &queue(max),
             &super::test_claimed(attempt),
-            "n",
+            &"n".into(),
             outcome(status),
             100_000,
             &mut rng,
@@ -393,7 +393,14 @@ mod tests {
             ran_on: Runner::Worker,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        decide(&q, &super::test_claimed(attempt), "n", o, 1_000, &mut rng)
+        decide(
+            &q,
+            &super::test_claimed(attempt),
+            &"n".into(),
+            o,
+            1_000,
+            &mut rng,
+        )
     }
 
     #[test]

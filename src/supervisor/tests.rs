@@ -14,7 +14,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, ListFilter};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{AttemptReason, NewTask, QueueName, TaskId, TaskState};
+use crate::model::{AttemptReason, NewTask, NodeId, QueueName, TaskId, TaskState};
 
 struct Fixture {
     broker: Arc<dyn Broker>,
@@ -140,7 +140,10 @@ async fn a_drained_supervisor_claims_nothing_more() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     for id in &ids {
         let t = f.broker.get(*id).await.expect("get").expect("exists").task;
-        assert_eq!((t.state, t.node.as_deref()), (TaskState::Queued, None));
+        assert_eq!(
+            (t.state, t.node.as_ref().map(NodeId::as_str)),
+            (TaskState::Queued, None)
+        );
     }
     assert_eq!(f.supervisor.snapshot().running, 0);
 }
@@ -191,7 +194,7 @@ fn a_queue_resumed_after_a_while_paused_runs_its_tasks() {
             for id in &ids {
                 let t = f.broker.get(*id).await.expect("get").expect("exists").task;
                 assert_eq!(
-                    (t.state, t.node.as_deref()),
+                    (t.state, t.node.as_ref().map(NodeId::as_str)),
                     (TaskState::Queued, None),
                     "paused"
                 );

@@ -33,7 +33,8 @@ use super::{
 };
 use crate::backoff::Doubling;
 use crate::model::{
-    now_ms, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
+    now_ms, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState,
+    UnixMs,
 };
 
 /// Adds one [`StatRow`] to its queue's hash of the hour (`…:stats:<hour>`, fields
@@ -215,7 +216,7 @@ impl RedisBroker {
         let args = [
             lease.task.to_string(),
             lease.token.to_string(),
-            lease.node.clone(),
+            lease.node.to_string(),
             kind.to_string(),
             at.to_string(),
             if attempt.pid.is_some() { "1" } else { "0" }.to_string(),
@@ -465,7 +466,7 @@ impl RedisBroker {
 
     async fn claim_in(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -476,7 +477,7 @@ impl RedisBroker {
         let rows: Vec<Vec<String>> = scripts()
             .claim
             .key(prefix(queue))
-            .arg(node)
+            .arg(node.as_str())
             .arg(max)
             .arg(lease.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -492,7 +493,7 @@ impl RedisBroker {
                 lease: Lease {
                     task: task.id,
                     token,
-                    node: node.to_string(),
+                    node: node.clone(),
                 },
                 attempt: task.attempts + 1,
                 task,
@@ -528,7 +529,7 @@ impl RedisBroker {
             out.push(Orphan {
                 task,
                 queue: queue.clone(),
-                node: (!node.is_empty()).then(|| node.clone()),
+                node: (!node.is_empty()).then(|| NodeId::from(node.clone())),
                 pid: pid.parse().ok(),
                 pid_start: pid_start.parse().ok(),
             });
@@ -733,7 +734,7 @@ fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
         finished_at: opt_num(h, "finished_at"),
         last_error: h.get("last_error").cloned(),
         cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
-        node: h.get("node").cloned(),
+        node: h.get("node").cloned().map(NodeId::from),
         schedule: h.get("schedule").cloned(),
         slot: opt_num(h, "slot"),
     })
@@ -810,7 +811,7 @@ impl Broker for RedisBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -827,7 +828,7 @@ impl Broker for RedisBroker {
             .key(prefix(&q))
             .arg(lease.task.to_string())
             .arg(lease.token)
-            .arg(&lease.node)
+            .arg(lease.node.as_str())
             .arg(pid)
             .arg(pid_start)
             .arg(boot_id())
@@ -854,7 +855,9 @@ impl Broker for RedisBroker {
             let mut inv = scripts().renew.key(prefix(&q));
             inv.arg(lease.as_millis() as u64);
             for l in ls {
-                inv.arg(l.task.to_string()).arg(l.token).arg(&l.node);
+                inv.arg(l.task.to_string())
+                    .arg(l.token)
+                    .arg(l.node.as_str());
             }
             let ids: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -1242,7 +1245,7 @@ impl Broker for RedisBroker {
         Ok(n.into_iter().flatten().sum())
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let queues = self.queue_names().await?;
         if queues.is_empty() {
             return Ok(Vec::new());
@@ -1269,7 +1272,7 @@ impl Broker for RedisBroker {
             .await?;
         let mut out = Vec::new();
         for ((_, id), holder) in asked.into_iter().zip(holders) {
-            if holder.as_deref() == Some(node) {
+            if holder.as_deref() == Some(node.as_str()) {
                 out.push(id.parse().map_err(BrokerError::Storage)?);
             }
         }
@@ -1421,7 +1424,7 @@ impl Broker for RedisBroker {
         let _: String = scripts()
             .heartbeat
             .key(NODES)
-            .arg(&node.id)
+            .arg(node.id.as_str())
             .arg(json)
             .invoke_async(&mut self.conn())
             .await
@@ -1429,10 +1432,10 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn leave(&self, node: &str) -> Result<()> {
+    async fn leave(&self, node: &NodeId) -> Result<()> {
         let _: i64 = redis::cmd("HDEL")
             .arg(NODES)
-            .arg(node)
+            .arg(node.as_str())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;

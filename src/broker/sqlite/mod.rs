@@ -44,8 +44,8 @@ use super::{
     QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, QueueName, TaskDetail, TaskId, TaskRecord,
-    TaskState, UnixMs,
+    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
+    TaskRecord, TaskState, UnixMs,
 };
 
 /// The SQLite backend. Cheap to share behind an `Arc`.
@@ -121,7 +121,7 @@ impl SqliteBroker {
     async fn claim_as(
         &self,
         urgent: bool,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -129,7 +129,7 @@ impl SqliteBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let node = node.to_string();
+        let node = node.clone();
         let queue = queue.clone();
         let lease_ms = lease.as_millis() as i64;
         self.write_as(urgent, move |conn| {
@@ -157,7 +157,7 @@ impl SqliteBroker {
                 ))
                 .map_err(storage)?;
             let mut rows: Vec<(i64, Claimed)> = stmt
-                .query_map(params![node, now + lease_ms, now, queue.as_str(), max as i64], |r| {
+                .query_map(params![node.as_str(), now + lease_ms, now, queue.as_str(), max as i64], |r| {
                     let task = row_to_task(r)?;
                     let token: i64 = r.get("lease_token")?;
                     let seq: i64 = r.get("seq")?;
@@ -204,7 +204,7 @@ impl Broker for SqliteBroker {
 
     async fn claim(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -214,7 +214,7 @@ impl Broker for SqliteBroker {
 
     async fn claim_ahead(
         &self,
-        node: &str,
+        node: &NodeId,
         queue: &QueueName,
         max: usize,
         lease: Duration,
@@ -245,7 +245,7 @@ impl Broker for SqliteBroker {
                 .map_err(storage)?;
             for l in &leases {
                 let n = stmt
-                    .execute(params![until, l.task.to_string(), l.token, l.node])
+                    .execute(params![until, l.task.to_string(), l.token, l.node.as_str()])
                     .map_err(storage)?;
                 if n == 0 {
                     lost.push(l.task);
@@ -280,7 +280,7 @@ impl Broker for SqliteBroker {
                          WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state IN ('queued', 'running')",
                     )
                     .and_then(|mut s| {
-                        s.query_row(params![held.task.to_string(), held.token, held.node], |r| {
+                        s.query_row(params![held.task.to_string(), held.token, held.node.as_str()], |r| {
                             Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
                         })
                         .optional()
@@ -466,7 +466,7 @@ impl Broker for SqliteBroker {
                     let reason: Option<String> = r.get(7)?;
                     Ok(AttemptRecord {
                         number: r.get(0)?,
-                        node: r.get(1)?,
+                        node: NodeId::from(r.get::<_, String>(1)?),
                         pid: r.get(2)?,
                         started_at: r.get(3)?,
                         ended_at: r.get(4)?,
@@ -693,7 +693,7 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn cancel_requested(&self, node: &str) -> Result<Vec<TaskId>> {
+    async fn cancel_requested(&self, node: &NodeId) -> Result<Vec<TaskId>> {
         let node = node.to_string();
         self.read(move |conn| {
             let mut stmt = conn
@@ -767,6 +767,7 @@ impl Broker for SqliteBroker {
                     .map_err(storage)?;
                 let mut orphans = Vec::with_capacity(rows.len());
                 for (seq, id, queue, node, pid, pid_start, started_at, attempts, cancel_requested, state) in rows {
+                    let node = node.map(NodeId::from);
                     let started = state == "running";
                     if started {
                         // It ran: the history says it was lost, and the attempt is given back.

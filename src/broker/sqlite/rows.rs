@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::conn::storage;
 use crate::broker::{BrokerError, Enqueued, Lease, Result};
-use crate::model::{now_ms, AttemptRecord, NewTask, TaskId, TaskRecord, TaskState, UnixMs};
+use crate::model::{now_ms, AttemptRecord, NewTask, NodeId, TaskId, TaskRecord, TaskState, UnixMs};
 
 /// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
 pub(super) fn boot_id() -> &'static str {
@@ -53,7 +53,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         finished_at: r.get(11)?,
         last_error: r.get(12)?,
         cancel_requested: r.get::<_, i64>(13)? != 0,
-        node: r.get(14)?,
+        node: r.get::<_, Option<String>>(14)?.map(NodeId::from),
         schedule: r.get(16)?,
         slot: r.get(17)?,
     })
@@ -148,7 +148,7 @@ pub(super) fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> 
         s.execute(params![
             seq,
             a.number,
-            a.node,
+            a.node.as_str(),
             a.pid,
             a.started_at,
             a.ended_at,
@@ -184,7 +184,7 @@ pub(super) fn mark_running(
              WHERE id = ?3 AND lease_token = ?4 AND lease_node = ?6 AND state IN ('queued', 'running')",
         )
         .and_then(|mut s| {
-            s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node, boot_id()])
+            s.execute(params![pid, pid_start, lease.task.to_string(), lease.token, now, lease.node.as_str(), boot_id()])
         })
         .map_err(storage)?;
     if n == 0 {
