@@ -75,6 +75,7 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            live: None,
         })
     }
 
@@ -128,6 +129,7 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            live: None,
         })
     }
 }
