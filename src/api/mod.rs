@@ -133,8 +133,8 @@ impl AppState {
     }
 
     /// A broker result, counting failures in `taskd_broker_errors_total`.
-    pub fn broker<T>(&self, r: crate::broker::Result<T>) -> Result<T, ApiError> {
-        r.map_err(|e| {
+    pub fn broker<T>(&self, result: crate::broker::Result<T>) -> Result<T, ApiError> {
+        result.map_err(|e| {
             if matches!(
                 e,
                 crate::broker::BrokerError::Unavailable(_)

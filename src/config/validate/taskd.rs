@@ -30,9 +30,9 @@ pub(in crate::config) struct TaskdLayer {
 }
 
 impl Cx<'_> {
-    pub(super) fn taskd(&mut self, t: &dyn TableLike, path: &str) -> TaskdLayer {
+    pub(super) fn taskd(&mut self, table: &dyn TableLike, path: &str) -> TaskdLayer {
         let mut out = TaskdLayer::default();
-        for e in entries(t, path) {
+        for e in entries(table, path) {
             match keys::find(keys::TASKD, e.name) {
                 Some(key) => {
                     (key.read)(self, &e, &mut out);
@@ -47,14 +47,14 @@ impl Cx<'_> {
     }
 
     /// `state_group`: a group that exists on this system.
-    pub(in crate::config) fn state_group(&mut self, e: &Entry) -> Option<String> {
-        let s = self.string(e, "\"taskd-producers\"")?;
+    pub(in crate::config) fn state_group(&mut self, entry: &Entry) -> Option<String> {
+        let s = self.string(entry, "\"taskd-producers\"")?;
         match nix::unistd::Group::from_name(s) {
             Ok(Some(_)) => Some(s.to_string()),
             Ok(None) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("group `{s}` does not exist on this system"),
                     Some(format!("create the group (`groupadd --system {s}`) and add the producers' users to it, or remove `state_group`")),
                 );
@@ -62,8 +62,8 @@ impl Cx<'_> {
             }
             Err(err) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("failed to look up group `{s}`: {err}"),
                     Some("check the system's group database (/etc/group, NSS), or remove `state_group`".into()),
                 );
@@ -72,25 +72,25 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn broker(&mut self, e: &Entry) -> Option<BrokerUrl> {
-        let s = self.string(e, "\"sqlite:///var/lib/taskd/taskd.db\"")?;
+    pub(in crate::config) fn broker(&mut self, entry: &Entry) -> Option<BrokerUrl> {
+        let s = self.string(entry, "\"sqlite:///var/lib/taskd/taskd.db\"")?;
         match parse_broker(s, &self.dir) {
             Ok(b) => Some(b),
             Err((message, fix)) => {
-                self.error(e.value_span(), &e.path, message, Some(fix));
+                self.error(entry.value_span(), &entry.path, message, Some(fix));
                 None
             }
         }
     }
 
-    pub(in crate::config) fn listen(&mut self, e: &Entry) -> Option<SocketAddr> {
-        let s = self.string(e, "\"127.0.0.1:7070\"")?;
+    pub(in crate::config) fn listen(&mut self, entry: &Entry) -> Option<SocketAddr> {
+        let s = self.string(entry, "\"127.0.0.1:7070\"")?;
         match s.trim().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("\"{s}\" is not an IP address and port"),
                     Some(
                         "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted)"
@@ -102,23 +102,28 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn lease(&mut self, e: &Entry) -> Option<Duration> {
+    pub(in crate::config) fn lease(&mut self, entry: &Entry) -> Option<Duration> {
         // A lease past a year is refused by the duration parser as well; the message must
         // give the lease's own bounds, not the parser's.
-        let over_a_year = e.item.as_str().map(units::parse_positive_duration)
+        let over_a_year = entry.item.as_str().map(units::parse_positive_duration)
             == Some(Err(DurationError::TooLong));
-        let d = if over_a_year { None } else { self.duration(e) };
+        let d = if over_a_year {
+            None
+        } else {
+            self.duration(entry)
+        };
         match (d, over_a_year) {
             (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => Some(d),
             (Some(_), _) | (None, true) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!(
                         "lease must be between {} and {} (found {})",
                         units::show_duration(defaults::MIN_LEASE),
                         units::show_duration(defaults::MAX_LEASE),
-                        e.item
+                        entry
+                            .item
                             .as_str()
                             .map_or_else(String::new, |s| format!("\"{s}\""))
                     ),
@@ -132,14 +137,14 @@ impl Cx<'_> {
 
     /// The control socket's path. One too long for a socket, or in a missing directory, is
     /// reported and kept: the error alone refuses the config.
-    pub(in crate::config) fn control_socket(&mut self, e: &Entry) -> Option<PathBuf> {
-        let p = self.path(e, "/run/taskd/taskd.sock")?;
+    pub(in crate::config) fn control_socket(&mut self, entry: &Entry) -> Option<PathBuf> {
+        let p = self.path(entry, "/run/taskd/taskd.sock")?;
         let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
         // sun_path holds 108 bytes with its terminating NUL.
         if p.as_os_str().len() > 107 {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "the path is {} bytes long; a Unix socket path must be at most 107",
                     p.as_os_str().len()
@@ -150,8 +155,8 @@ impl Cx<'_> {
             // The daemon binds the socket at start; a missing directory would only show
             // then, after a restart loop under systemd.
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "the directory {} of the control socket does not exist",
                     dir.display()
@@ -163,8 +168,8 @@ impl Cx<'_> {
     }
 
     /// `log_tasks = "failures" | "all" | "none"`.
-    pub(in crate::config) fn log_tasks(&mut self, e: &Entry) -> Option<LogTasks> {
-        let s = self.string(e, "\"failures\"")?;
+    pub(in crate::config) fn log_tasks(&mut self, entry: &Entry) -> Option<LogTasks> {
+        let s = self.string(entry, "\"failures\"")?;
         let value = LogTasks::parse(s);
         if value.is_none() {
             let fix = match units::closest(s, &LogTasks::NAMES) {
@@ -172,8 +177,8 @@ impl Cx<'_> {
                 None => "write `log_tasks = \"failures\"`, `\"all\"` or `\"none\"`".into(),
             };
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!("unknown value \"{s}\" (expected \"failures\", \"all\" or \"none\")"),
                 Some(fix),
             );
@@ -182,34 +187,34 @@ impl Cx<'_> {
     }
 
     /// `token = "…"`; `false` when it is invalid.
-    pub(in crate::config) fn token(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
-        let Some(s) = self.string(e, "\"a-long-random-string\"") else {
+    pub(in crate::config) fn token(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
+        let Some(s) = self.string(entry, "\"a-long-random-string\"") else {
             return false;
         };
-        let Some(t) = self.token_text(e, s, "token") else {
+        let Some(t) = self.token_text(entry, s, "token") else {
             return false;
         };
-        self.set_token(e, out, t);
+        self.set_token(entry, out, t);
         true
     }
 
     /// `token_file = "/path"`: the token is the file's text, trimmed.
-    pub(in crate::config) fn token_file(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
-        let Some(p) = self.path(e, "/etc/taskd/token") else {
+    pub(in crate::config) fn token_file(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
+        let Some(p) = self.path(entry, "/etc/taskd/token") else {
             return false;
         };
         match std::fs::read_to_string(&p) {
             Ok(text) => {
-                let Some(t) = self.token_text(e, text.trim(), "token_file") else {
+                let Some(t) = self.token_text(entry, text.trim(), "token_file") else {
                     return false;
                 };
-                self.set_token(e, out, t);
+                self.set_token(entry, out, t);
                 true
             }
             Err(err) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("failed to read the token file {}: {err}", p.display()),
                     Some("create the file with the token on one line, readable by the daemon's user only (mode 0600)".into()),
                 );
@@ -219,7 +224,7 @@ impl Cx<'_> {
     }
 
     /// Checks an API token's text (never echoed in a diagnostic: it is a secret).
-    fn token_text(&mut self, e: &Entry, text: &str, what: &str) -> Option<Secret> {
+    fn token_text(&mut self, entry: &Entry, text: &str, what: &str) -> Option<Secret> {
         let problem = if text.len() < 16 {
             Some(format!(
                 "the {what} holds a token of {} characters; at least 16 are needed",
@@ -233,8 +238,8 @@ impl Cx<'_> {
         match problem {
             Some(message) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     message,
                     Some("generate one with `head -c 32 /dev/urandom | base64`".into()),
                 );
@@ -244,32 +249,32 @@ impl Cx<'_> {
         }
     }
 
-    fn set_token(&mut self, e: &Entry, out: &mut TaskdLayer, t: Secret) {
+    fn set_token(&mut self, entry: &Entry, out: &mut TaskdLayer, token: Secret) {
         if out.token.is_some() {
             self.error(
-                e.key_span(),
-                &e.path,
+                entry.key_span(),
+                &entry.path,
                 "both `token` and `token_file` are set",
                 Some(
                     "keep one of them (token_file keeps the secret out of the config file)".into(),
                 ),
             );
         }
-        out.token = Some(t);
+        out.token = Some(token);
     }
 }
 
 /// Parses `broker`: `sqlite:///abs.db`, `sqlite://rel.db` or `sqlite:rel.db`. Errors carry
 /// (message, fix).
-fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
-    let t = s.trim();
+fn parse_broker(text: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
+    let t = text.trim();
     let lower = t.to_ascii_lowercase();
     if lower.starts_with("sqlite:") {
         let rest = &t["sqlite:".len()..];
         let p = rest.strip_prefix("//").unwrap_or(rest);
         if p.is_empty() {
             return Err((
-                format!("the broker URL \"{s}\" names no database file"),
+                format!("the broker URL \"{text}\" names no database file"),
                 "write `broker = \"sqlite:///var/lib/taskd/taskd.db\"`, or remove `broker` to use taskd.db in state_dir".into(),
             ));
         }
@@ -304,7 +309,7 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
     };
     Err((
         format!(
-            "unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db){}",
+            "unsupported broker URL \"{text}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db){}",
             if cfg!(feature = "redis") { " and `redis://` URLs" } else { "" }
         ),
         fix,
@@ -314,15 +319,15 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
 /// A `redis://` or `rediss://` URL, parsed as the client will parse it; the message never
 /// repeats the URL, which may hold a password.
 #[cfg(feature = "redis")]
-fn parse_redis(t: &str) -> Result<BrokerUrl, (String, String)> {
-    match redis::IntoConnectionInfo::into_connection_info(t) {
+fn parse_redis(text: &str) -> Result<BrokerUrl, (String, String)> {
+    match redis::IntoConnectionInfo::into_connection_info(text) {
         Ok(_) => Ok(BrokerUrl::Redis {
-            url: Secret::new(t.to_string()),
+            url: Secret::new(text.to_string()),
         }),
         Err(e) => Err((
             format!(
                 "the redis broker URL is invalid: {}",
-                e.to_string().replace(t, "<url>")
+                e.to_string().replace(text, "<url>")
             ),
             "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
                 .into(),
