@@ -3,13 +3,17 @@
 //! A Unix stream socket (mode 0600: only its owner, normally root, may connect) at the
 //! config's `control_socket` (default `state_dir/taskd.sock`). One request per connection, one JSON line each way:
 //! `{"cmd":"reload"}` or `{"cmd":"restart","queue":"q"}` → `{"ok":true,"changes":[…]}` or
-//! `{"ok":false,"errors":[…]}`. The daemon owns the reload and the restart itself; this
+//! `{"ok":false,"errors":[…]}`. `{"cmd":"follow",…}` and `{"cmd":"tail",…}` are answered
+//! with a stream instead (a header line, then one event per line), by the [`Streamer`] the
+//! daemon hands in. The daemon owns the reload and the restart itself; this
 //! module only carries requests to it and answers back, so that SIGHUP and `taskd reload` do
 //! exactly the same thing, and so do `taskd restart` and the API's restart (which sends its
-//! requests on the same channel).
+//! requests on the same channel). Each request carries who sent it: the peer's uid, as the
+//! kernel reports it (SO_PEERCRED), which the daemon records in the audit trail.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +30,35 @@ pub enum Request {
     Restart {
         queue: String,
     },
+    /// Stream a task's output (`taskd logs`): the answer is a header line, then one JSON
+    /// event per line (see `follow`).
+    Follow {
+        task: String,
+        /// Until the task ends; otherwise what exists now.
+        #[serde(default)]
+        follow: bool,
+        /// Begin with this run (`taskd show`'s numbering).
+        #[serde(default)]
+        run: Option<u32>,
+        /// Resume after this position (an event's id).
+        #[serde(default)]
+        from: Option<String>,
+    },
+    /// Stream the output of a queue's tasks as they run here (`taskd tail`).
+    Tail {
+        queue: String,
+    },
 }
+
+impl Request {
+    /// Answered with a stream on the connection, not with one line from the main loop.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Request::Follow { .. } | Request::Tail { .. })
+    }
+}
+
+/// Answers the streaming requests ([`Request::is_stream`]) on the connection itself.
+pub type Streamer = Arc<dyn Fn(Request, UnixStream) + Send + Sync>;
 
 /// The daemon's answer to a request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,8 +74,14 @@ pub struct ReloadReply {
     pub errors: Vec<String>,
 }
 
-/// A request on its way to the daemon's main loop, with the way back.
-pub type Incoming = (Request, oneshot::Sender<ReloadReply>);
+/// A request on its way to the daemon's main loop: what, who sent it (for the audit
+/// trail: the socket peer's uid as the kernel reports it, or the API's caller), and the way
+/// back.
+pub struct Incoming {
+    pub request: Request,
+    pub who: crate::audit::Actor,
+    pub reply: oneshot::Sender<ReloadReply>,
+}
 
 /// Bind the socket at `path` (replacing a stale one: the caller holds the state directory
 /// lock, so no other daemon can be using it), mode 0600.
@@ -59,6 +97,7 @@ pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
 pub fn serve(
     listener: std::os::unix::net::UnixListener,
     to_daemon: mpsc::Sender<Incoming>,
+    streamer: Option<Streamer>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
@@ -68,8 +107,9 @@ pub fn serve(
                 continue;
             };
             let to_daemon = to_daemon.clone();
+            let streamer = streamer.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, to_daemon).await {
+                if let Err(e) = answer(stream, to_daemon, streamer).await {
                     tracing::debug!(error = %e, "control connection ended early");
                 }
             });
@@ -77,7 +117,23 @@ pub fn serve(
     }))
 }
 
-async fn answer(stream: UnixStream, to_daemon: mpsc::Sender<Incoming>) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    to_daemon: mpsc::Sender<Incoming>,
+    streamer: Option<Streamer>,
+) -> std::io::Result<()> {
+    // The kernel's word for who is on the other end (SO_PEERCRED), taken as the connection
+    // was made: a request cannot claim another user.
+    let who = match stream.peer_cred() {
+        Ok(cred) => crate::audit::Actor::socket_peer(
+            cred.uid(),
+            cred.pid().and_then(|p| u32::try_from(p).ok()),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: cannot tell who connected; refusing");
+            return Err(e);
+        }
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A request is one short line; a client that sends nothing is not waited on forever.
@@ -86,9 +142,27 @@ async fn answer(stream: UnixStream, to_daemon: mpsc::Sender<Incoming>) -> std::i
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(req) => {
+        Ok(req) if req.is_stream() => match streamer {
+            Some(streamer) => {
+                let read = reader.into_inner().into_inner();
+                let stream = read.reunite(write).map_err(std::io::Error::other)?;
+                streamer(req, stream);
+                return Ok(());
+            }
+            None => ReloadReply {
+                ok: false,
+                errors: vec!["this daemon does not stream output".into()],
+                ..Default::default()
+            },
+        },
+        Ok(request) => {
             let (tx, rx) = oneshot::channel();
-            if to_daemon.send((req, tx)).await.is_err() {
+            let incoming = Incoming {
+                request,
+                who,
+                reply: tx,
+            };
+            if to_daemon.send(incoming).await.is_err() {
                 ReloadReply {
                     ok: false,
                     errors: vec!["the daemon is shutting down".into()],
@@ -133,4 +207,40 @@ pub async fn request(path: &Path, req: &Request, wait: Duration) -> std::io::Res
         })??;
     serde_json::from_str(line.trim())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// An open stream answer ([`Request::is_stream`]): the daemon's header, then event lines.
+pub struct StreamAnswer {
+    pub header: ReloadReply,
+    pub lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    /// Kept open while the stream is read: the daemon ends the session when it closes.
+    pub keep: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// Send a streaming request to the daemon at `path` and read its header line.
+pub async fn request_stream(path: &Path, req: &Request) -> std::io::Result<StreamAnswer> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut lines = BufReader::new(read).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")
+        })??
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            )
+        })?;
+    let header = serde_json::from_str(first.trim())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(StreamAnswer {
+        header,
+        lines,
+        keep: write,
+    })
 }

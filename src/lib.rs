@@ -28,8 +28,13 @@
 //! - [`notify`]: the systemd notification protocol (READY, STATUS, RELOADING, STOPPING, WATCHDOG).
 //! - [`backoff`]: the doubling delays of every loop that waits and tries again.
 //! - [`view`]: the JSON shapes the API and the CLI's `--json` share, defined once.
+//! - [`audit`]: the audit trail's records (who changed what, how it went) and how a caller
+//!   is identified; the broker keeps the trail.
+//! - [`follow`]: following a task's or a queue's output (`taskd logs`, `taskd tail`, the
+//!   API's output streams): live from the daemon's rings, stored tails from the broker.
 
 pub mod api;
+pub mod audit;
 pub mod backoff;
 pub mod broker;
 pub mod cli;
@@ -38,6 +43,7 @@ pub mod control;
 pub mod daemon;
 pub mod executor;
 pub mod exit;
+pub mod follow;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Action, Actor, AuditRecord, Outcome};
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
 use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
 use crate::worker::status::WorkerInfo;
@@ -160,6 +161,59 @@ pub struct RestartView {
     pub message: String,
 }
 
+/// One record of the audit trail (`GET /api/v1/audit`, `taskd audit --json`): the entry as
+/// recorded, plus `who` and `target` as people read them (what `taskd audit` prints).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Opaque; the cursor for records older than this one.
+    pub id: String,
+    /// When the store took the record, ms since the epoch (the store's clock).
+    pub at: UnixMs,
+    /// Who, for people: `local cli uid 1000 (alice)`, `api token "ci" from 10.0.0.5:41234`.
+    pub who: String,
+    pub actor: Actor,
+    pub action: Action,
+    /// The target, for people: `task ID (queue Q)`, `queue Q`, `queue=q state=failed (12
+    /// tasks)`, or `-`.
+    pub target: String,
+    pub task: Option<TaskId>,
+    pub queue: Option<QueueName>,
+    /// A bulk operation's filter.
+    pub filter: Option<BTreeMap<String, String>>,
+    /// A bulk operation: how many tasks it changed.
+    pub count: Option<u64>,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+impl From<AuditRecord> for AuditView {
+    fn from(record: AuditRecord) -> AuditView {
+        let e = record.entry;
+        AuditView {
+            id: record.id,
+            at: record.at,
+            who: e.actor.describe(),
+            target: e.target(),
+            actor: e.actor,
+            action: e.action,
+            task: e.task,
+            queue: e.queue,
+            filter: e.filter,
+            count: e.count,
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
+}
+
+/// `GET /api/v1/audit`: a page of the trail, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub records: Vec<AuditView>,
+    /// The id of the page's last record, when older ones follow: pass it as `cursor`.
+    pub next_cursor: Option<String>,
+}
+
 /// `POST /api/v1/tasks/bulk`: what a bulk retry or cancel matched, and what it did.
 #[derive(Clone, Debug, Serialize)]
 pub struct BulkView {
@@ -250,6 +304,129 @@ impl StatBucket {
             run_ms_mean: mean(r.run_ms_sum),
             run_ms_max: (r.runs > 0).then_some(r.run_ms_max),
             wait_ms_mean: mean(r.wait_ms_sum),
+        }
+    }
+}
+
+/// One of a task's output streams, in [`OutputEvent`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutStream::Stdout => "stdout",
+            OutStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// One event of a task's (or a queue's) output stream: a line of `taskd logs --json`, of
+/// the control socket's follow answer, and the `data` of an event of the API's
+/// `text/event-stream` (whose `event:` is the `event` field and whose `id:` is `id`).
+///
+/// `run` numbers a task's runs in order, as `taskd show` does (`attempt` is the
+/// `TASKD_ATTEMPT` the run had); it is `null` in a queue's stream, which does not read the
+/// history. `id`, where set, is the follower's position after the event: give it back
+/// (`Last-Event-ID`, or `from=`) to resume after it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum OutputEvent {
+    /// A run begins (`live`: it runs on the daemon answering, and its output follows as it
+    /// is written) or a finished run's stored output follows (`live: false`).
+    Attempt {
+        id: Option<String>,
+        task: TaskId,
+        queue: QueueName,
+        run: Option<u32>,
+        attempt: u32,
+        node: Option<String>,
+        started_at: UnixMs,
+        live: bool,
+    },
+    /// Text the task wrote on one stream (UTF-8; a byte that is not becomes U+FFFD).
+    Output {
+        id: Option<String>,
+        task: TaskId,
+        run: Option<u32>,
+        stream: OutStream,
+        data: String,
+    },
+    /// This follower fell behind what the daemon holds: `bytes` of `stream` are not shown.
+    Skipped {
+        id: Option<String>,
+        task: TaskId,
+        run: Option<u32>,
+        stream: OutStream,
+        bytes: u64,
+    },
+    /// A run ended: how, and what became of the task (`state`, and `run_at` for a retry;
+    /// `null` for an earlier run of the history, whose next state is not kept).
+    AttemptEnd {
+        id: Option<String>,
+        task: TaskId,
+        run: Option<u32>,
+        attempt: u32,
+        reason: Option<crate::model::AttemptReason>,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        error: Option<String>,
+        started_at: UnixMs,
+        ended_at: UnixMs,
+        state: Option<crate::model::TaskState>,
+        run_at: Option<UnixMs>,
+    },
+    /// Something the follower should know (where the task runs, what it waits for).
+    Notice {
+        task: Option<TaskId>,
+        message: String,
+    },
+    /// The task ended for good (succeeded, failed or cancelled): the stream closes.
+    End {
+        id: String,
+        task: TaskId,
+        state: crate::model::TaskState,
+        attempts: u32,
+        error: Option<String>,
+    },
+    /// Without `follow`: what exists now was sent, and the task has not ended (`state`).
+    Snapshot {
+        task: TaskId,
+        state: crate::model::TaskState,
+    },
+    /// A queue's stream: `count` tasks started and ended faster than this follower looked,
+    /// and are not shown.
+    TasksSkipped { count: u64 },
+}
+
+impl OutputEvent {
+    /// The SSE event name (the `event` field).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OutputEvent::Attempt { .. } => "attempt",
+            OutputEvent::Output { .. } => "output",
+            OutputEvent::Skipped { .. } => "skipped",
+            OutputEvent::AttemptEnd { .. } => "attempt_end",
+            OutputEvent::Notice { .. } => "notice",
+            OutputEvent::End { .. } => "end",
+            OutputEvent::Snapshot { .. } => "snapshot",
+            OutputEvent::TasksSkipped { .. } => "tasks_skipped",
+        }
+    }
+
+    /// The follower's position after this event, if it moves it.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            OutputEvent::Attempt { id, .. }
+            | OutputEvent::Output { id, .. }
+            | OutputEvent::Skipped { id, .. }
+            | OutputEvent::AttemptEnd { id, .. } => id.as_deref(),
+            OutputEvent::End { id, .. } => Some(id),
+            _ => None,
         }
     }
 }

@@ -576,6 +576,9 @@ fn tokens_guard_mutations_and_stay_secret() {
     // token_file works the same.
     let file = e.path().join("token");
     std::fs::write(&file, format!("{TOKEN}\n")).expect("token file");
+    // Readable by the daemon's user only: `start` refuses a token file others can read.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600");
     let e2 = env(&format!("token_file = \"{}\"", file.display()), QUEUES);
     let d2 = e2.daemon();
     let url2 = d2.api_base();
@@ -710,6 +713,16 @@ fn openapi_matches_the_routes() {
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
             let concrete = path.replace("{queue}", "echo").replace("{id}", &id);
+            if path.ends_with("/output") {
+                // An output stream: its answer begins at once; a queue's never ends.
+                let r = ureq::get(&format!("{url}{concrete}"))
+                    .timeout(Duration::from_secs(20))
+                    .call()
+                    .unwrap_or_else(|e| panic!("documented GET {path}: {e}"));
+                assert_eq!(r.status(), 200, "documented GET {path}");
+                assert_eq!(r.content_type(), "text/event-stream", "GET {path}");
+                continue;
+            }
             let body = if path.ends_with("/batch") {
                 Some("[{}]")
             } else if path.ends_with("/bulk") {
@@ -1106,7 +1119,7 @@ fn reload_swaps_the_token_and_limits_hold() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("API token changed"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("API token `default` changed"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(fresh));
     let (code, _) = call("POST", &enqueue, Some(TOKEN), None);
     assert_eq!(code, 401, "the old token is refused after a reload");

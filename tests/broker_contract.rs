@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskd::audit::{Action, Actor, AuditEntry, AuditFilter, Outcome, Via};
 use taskd::broker::memory::MemoryBroker;
 #[cfg(feature = "redis")]
 use taskd::broker::redis::RedisBroker;
@@ -202,6 +203,10 @@ macro_rules! contract_tests {
                 reopen_keeps_tasks,
                 adopted_start_is_recovered_as_lost,
                 claim_ahead_reserves_like_claim,
+                audit_appends_one_record_per_call_newest_first,
+                audit_keeps_the_newest_keep,
+                audit_log_pages_by_cursor_and_since,
+                audit_is_apart_from_tasks,
                 schedule_steps_handle_each_slot_once,
                 schedule_overlap_skips_while_the_previous_task_waits,
                 schedule_unique_key_is_a_second_guard,
@@ -2628,6 +2633,189 @@ pub mod cases {
         );
     }
 
+    // --- the audit trail (rule 10) -------------------------------------------------------------
+
+    fn entry(action: Action, detail: &str) -> AuditEntry {
+        AuditEntry::new(Actor::local_cli(), action).ok(detail)
+    }
+
+    /// Every record in the trail, newest first.
+    async fn trail(b: &B) -> Vec<taskd::audit::AuditRecord> {
+        b.audit_log(&AuditFilter::default())
+            .await
+            .expect("audit_log")
+    }
+
+    pub async fn audit_appends_one_record_per_call_newest_first(b: B, g: G) {
+        assert!(trail(&b).await.is_empty(), "a fresh store has no trail");
+        let before = now_ms();
+        let id = TaskId::new();
+        let cancel = AuditEntry::new(Actor::local_cli(), Action::Cancel)
+            .task(id)
+            .queue(qn("emails"))
+            .ok("cancelled before it ran");
+        let api = AuditEntry::new(
+            Actor::api(Some("ci".into()), Some("127.0.0.1:4242".into())),
+            Action::Retry,
+        )
+        .task(id)
+        .refused("task is queued; only failed or cancelled tasks can be retried");
+        let bulk = AuditEntry::bulk(
+            Actor::api(Some("ops".into()), None),
+            Action::BulkRetry,
+            BTreeMap::from([
+                ("queue".to_string(), "emails".to_string()),
+                ("state".to_string(), "failed".to_string()),
+            ]),
+            12,
+        )
+        .ok("12 tasks queued again");
+        for e in [&cancel, &api, &bulk] {
+            b.audit(e, 100).await.expect("audit");
+        }
+        let after = now_ms();
+        // Another client of the store (another process) reads what this one wrote.
+        let other = g.connect().await;
+        let got = trail(&other).await;
+        assert_eq!(
+            got.iter().map(|r| r.entry.clone()).collect::<Vec<_>>(),
+            vec![bulk.clone(), api.clone(), cancel.clone()],
+            "one record per call, newest first, each as written"
+        );
+        let ids: BTreeSet<&str> = got.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "ids are unique: {got:?}");
+        for r in &got {
+            assert!(
+                (before - 1000..=after + 1000).contains(&r.at),
+                "stamped with the store's clock, now: {r:?}"
+            );
+        }
+        assert!(got[0].at >= got[1].at && got[1].at >= got[2].at, "{got:?}");
+        assert_eq!(got[1].entry.outcome, Outcome::Refused);
+        assert_eq!(got[1].entry.actor.via, Via::Api);
+        assert_eq!(got[1].entry.actor.token.as_deref(), Some("ci"));
+        assert_eq!(got[0].entry.count, Some(12));
+    }
+
+    pub async fn audit_keeps_the_newest_keep(b: B, _g: G) {
+        for i in 0..7 {
+            b.audit(&entry(Action::Pause, &format!("n{i}")), 3)
+                .await
+                .expect("audit");
+        }
+        let details = |rs: Vec<taskd::audit::AuditRecord>| -> Vec<String> {
+            rs.into_iter().map(|r| r.entry.detail).collect()
+        };
+        assert_eq!(details(trail(&b).await), ["n6", "n5", "n4"], "the newest 3");
+        // A larger bound keeps what is there and grows; a smaller one trims at once.
+        b.audit(&entry(Action::Resume, "n7"), 10)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n7", "n6", "n5", "n4"]);
+        b.audit(&entry(Action::Resume, "n8"), 2)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n8", "n7"]);
+        // `keep` 0 is taken as 1: a record is never dropped by its own call.
+        b.audit(&entry(Action::Resume, "n9"), 0)
+            .await
+            .expect("audit");
+        assert_eq!(details(trail(&b).await), ["n9"]);
+    }
+
+    pub async fn audit_log_pages_by_cursor_and_since(b: B, _g: G) {
+        for i in 0..5 {
+            b.audit(&entry(Action::Retry, &format!("r{i}")), 100)
+                .await
+                .expect("audit");
+        }
+        let page = |before: Option<String>| {
+            let b = b.clone();
+            async move {
+                b.audit_log(&AuditFilter {
+                    since: None,
+                    before,
+                    limit: 2,
+                })
+                .await
+                .expect("audit_log")
+            }
+        };
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let p = page(cursor.clone()).await;
+            assert!(p.len() <= 2, "limit: {p:?}");
+            if p.is_empty() {
+                break;
+            }
+            cursor = p.last().map(|r| r.id.clone());
+            seen.extend(p.into_iter().map(|r| r.entry.detail));
+        }
+        assert_eq!(seen, ["r4", "r3", "r2", "r1", "r0"], "pages, newest first");
+        // `since` by the store's clock: everything is newer than a minute ago, nothing is
+        // newer than a minute from now.
+        let all = b
+            .audit_log(&AuditFilter {
+                since: Some(now_ms() - 60_000),
+                before: None,
+                limit: 0,
+            })
+            .await
+            .expect("audit_log");
+        assert_eq!(all.len(), 5);
+        let none = b
+            .audit_log(&AuditFilter {
+                since: Some(now_ms() + 60_000),
+                before: None,
+                limit: 0,
+            })
+            .await
+            .expect("audit_log");
+        assert!(none.is_empty(), "{none:?}");
+        // A cursor is a position, not a lookup: one older than every record gives nothing,
+        // and a cursor that is not an id of the store is refused, not read as "no cursor".
+        let oldest = all.last().expect("records").id.clone();
+        assert!(page(Some(oldest)).await.is_empty());
+        let r = b
+            .audit_log(&AuditFilter {
+                since: None,
+                before: Some("not-an-id".into()),
+                limit: 2,
+            })
+            .await;
+        assert!(matches!(r, Err(BrokerError::Conflict(_))), "{r:?}");
+    }
+
+    /// Audit records are not tasks: they change no count, list or queue, and cancelling,
+    /// retrying or pausing never writes a record by itself (the caller does).
+    pub async fn audit_is_apart_from_tasks(b: B, _g: G) {
+        let id = enqueue1(&b, task("apart")).await;
+        b.set_paused(&qn("apart"), true).await.expect("pause");
+        b.cancel(id).await.expect("cancel");
+        b.retry(id).await.expect("retry");
+        assert!(
+            trail(&b).await.is_empty(),
+            "the broker's own operations record nothing: the caller knows who asked"
+        );
+        let counts_before = b.counts().await.expect("counts");
+        let list_before = b.list(&ListFilter::default()).await.expect("list");
+        b.audit(&entry(Action::Reload, "nothing changed"), 10)
+            .await
+            .expect("audit");
+        let counts_after = b.counts().await.expect("counts");
+        assert_eq!(
+            format!("{counts_before:?}"),
+            format!("{counts_after:?}"),
+            "an audit record is not a task"
+        );
+        assert_eq!(
+            b.list(&ListFilter::default()).await.expect("list").len(),
+            list_before.len()
+        );
+        assert_eq!(trail(&b).await.len(), 1);
+    }
+
     // --- reads --------------------------------------------------------------------------------
 
     pub async fn list_filters_limit_newest_first(b: B, _g: G) {
@@ -3278,6 +3466,14 @@ pub mod cases {
         let cu = claim_id(&b, "d", u).await; // reserved, not started
         let r = enqueue1(&b, task("d")).await;
         b.set_paused(&qn("d"), true).await.expect("pause");
+        let audited = AuditEntry::new(Actor::local_cli(), Action::Pause)
+            .queue(qn("d"))
+            .ok("paused");
+        b.audit(&audited, 10).await.expect("audit");
+        let trail_before = b
+            .audit_log(&AuditFilter::default())
+            .await
+            .expect("audit_log");
         let before = (
             snapshot(&b, t.id).await,
             snapshot(&b, u).await,
@@ -3296,6 +3492,13 @@ pub mod cases {
             "the store lost or changed tasks across a reopen"
         );
         assert_eq!(b.paused().await.expect("paused"), BTreeSet::from([qn("d")]));
+        assert_eq!(
+            b.audit_log(&AuditFilter::default())
+                .await
+                .expect("audit_log"),
+            trail_before,
+            "the audit trail is durable"
+        );
         b.finish(
             &c.lease,
             attempt_of(&c, AttemptReason::Exit, None),
@@ -3838,11 +4041,48 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A store written by a taskd without the audit trail (schema 4) gains it when opened,
+    /// keeping its tasks; the trail's columns can be read with sqlite3.
+    #[tokio::test]
+    async fn an_older_store_gains_the_audit_table() {
+        let (b, g) = sqlite_fixture().await;
+        let id = enqueue1(&b, task("old")).await;
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch("DROP TABLE audit; DELETE FROM schema_version WHERE version = 5")
+                .expect("make it a schema 4 store");
+        }
+        let b = g.connect().await;
+        assert_eq!(get(&b, id).await.task.queue, qn("old"));
+        let e = AuditEntry::new(Actor::local_cli(), Action::Cancel)
+            .task(id)
+            .queue(qn("old"))
+            .refused("no such task");
+        b.audit(&e, 10).await.expect("audit");
+        drop(b);
+        let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+        let row: (String, String, String, String) = conn
+            .query_row("SELECT action, task, queue, outcome FROM audit", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .expect("one audit row");
+        assert_eq!(
+            row,
+            (
+                "cancel".to_string(),
+                id.to_string(),
+                "old".to_string(),
+                "refused".to_string()
+            )
+        );
     }
 
     /// Claiming stays cheap however many tasks wait. Prints timings; asserts only results.

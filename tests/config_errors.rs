@@ -163,7 +163,12 @@ impl Bad {
 
 /// `taskd check -c FILE` on `text`: must exit 78 and print nothing on stdout.
 fn check_bad(text: &str) -> Bad {
-    let env = Env::raw(text);
+    check_bad_in(Env::raw(text))
+}
+
+/// [`check_bad`] on a config already written, with files beside it.
+fn check_bad_in(env: Env) -> Bad {
+    let text = std::fs::read_to_string(&env.config).expect("read the config");
     let out = run_with_deadline(env.cmd(&["check"]), Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
@@ -1603,4 +1608,237 @@ enabled = false
         "check failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A file beside the config, with `mode`.
+fn write_file(env: &Env, name: &str, text: &str, mode: u32) {
+    let p = env.path().join(name);
+    std::fs::write(&p, text).expect("write a file beside the config");
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+}
+
+#[test]
+fn named_tokens_each_error_at_its_entry() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+token = \"default-token-0123456789\"
+tokens = [
+  { name = \"ci\", token_file = \"ci.token\" },
+  { name = \"ci\", token_file = \"ci2.token\" },
+  { name = \"default\", token = \"another-token-0123456789\" },
+  { name = \"bad name\", token_file = \"ci.token\" },
+  { name = \"gone\", token_file = \"missing.token\" },
+  { name = \"loose\", token_file = \"loose.token\" },
+  { token_file = \"ci.token\" },
+  { name = \"nofile\" },
+  { name = \"typo\", token_fil = \"ci.token\" },
+  { name = \"twin\", token = \"default-token-0123456789\" },
+  { name = \"grouped\", token_file = \"group.token\" },
+]
+";
+    let env = Env::raw(text);
+    write_file(&env, "ci.token", "ci-token-0123456789abcdef\n", 0o600);
+    write_file(&env, "ci2.token", "ci2-token-0123456789abcdef\n", 0o600);
+    write_file(&env, "loose.token", "loose-token-0123456789abcdef\n", 0o644);
+    write_file(&env, "group.token", "group-token-0123456789abcdef\n", 0o660);
+    let missing = env.path().join("missing.token").display().to_string();
+    let loose = env.path().join("loose.token").display().to_string();
+    let bad = check_bad_in(env);
+    bad.count(10)
+        .expect(
+            6,
+            12,
+            "taskd.tokens[1].name",
+            &["the token name `ci` is used twice (first on line 5)"],
+            Some("give each token its own name"),
+        )
+        .expect(
+            7,
+            12,
+            "taskd.tokens[2].name",
+            &["the token name `default` is taken by `token`/`token_file` (line 3)"],
+            Some("give this token another name"),
+        )
+        .expect(
+            8,
+            12,
+            "taskd.tokens[3].name",
+            &["a token name may hold only ASCII letters, digits, `_`, `-` and `.`, not ' '"],
+            Some("name = \"ci\""),
+        )
+        .expect(
+            9,
+            33,
+            "taskd.tokens[4].token_file",
+            &[&format!("failed to read the token file {missing}: No such file")],
+            Some("mode 0600"),
+        )
+        .expect(
+            10,
+            34,
+            "taskd.tokens[5].token_file",
+            &[&format!(
+                "the token file {loose} can be read or changed by every user of this machine (mode 0644)"
+            )],
+            Some(&format!("`chmod 600 {loose}`")),
+        )
+        .expect(
+            11,
+            3,
+            "taskd.tokens[6]",
+            &["this `tokens` entry has no `name`"],
+            Some("add a name"),
+        )
+        .expect(
+            12,
+            3,
+            "taskd.tokens[7]",
+            &["the token `nofile` has neither `token_file` nor `token`"],
+            Some("add the file that holds it"),
+        )
+        .expect(
+            13,
+            20,
+            "taskd.tokens[8].token_fil",
+            &["unknown key `token_fil` in a `tokens` entry"],
+            Some("did you mean `token_file`?"),
+        )
+        .expect(
+            14,
+            28,
+            "taskd.tokens[9].token",
+            &["tokens `default` and `twin` hold the same token"],
+            Some("generate a token per name"),
+        )
+        .expect(
+            15,
+            36,
+            "taskd.tokens[10].token_file",
+            &["can be changed by its group (mode 0660)"],
+            Some("chmod 600"),
+        );
+    assert!(
+        !bad.stderr.contains("token-0123456789"),
+        "a diagnostic shows a token:\n{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn tokens_as_tables_and_wrong_shapes() {
+    let env = Env::raw(
+        "\
+[taskd]
+state_dir = \"state\"
+
+[[taskd.tokens]]
+name = \"ci\"
+token_file = \"ci.token\"
+
+[[taskd.tokens]]
+name = \"ci\"
+token = \"other-token-0123456789\"
+",
+    );
+    write_file(&env, "ci.token", "ci-token-0123456789abcdef\n", 0o600);
+    check_bad_in(env).count(1).expect(
+        9,
+        8,
+        "taskd.tokens[1].name",
+        &["the token name `ci` is used twice (first on line 5)"],
+        Some("give each token its own name"),
+    );
+    check_bad("[taskd]\nstate_dir = \"state\"\ntokens = \"ci\"\n")
+        .count(1)
+        .expect(
+            3,
+            10,
+            "taskd.tokens",
+            &["tokens must be an array of tables, found a string"],
+            Some("tokens = [{ name = \"ci\", token_file = \"/etc/taskd/ci.token\" }]"),
+        );
+    check_bad("[taskd]\nstate_dir = \"state\"\ntokens = [\"ci\"]\n")
+        .count(1)
+        .expect(
+            3,
+            11,
+            "taskd.tokens[0]",
+            &["each entry of tokens must be a table with a name and a token file, found a string"],
+            Some("tokens = [{ name = \"ci\""),
+        );
+    // A non-loopback listen with only a broken token is one error (the token's), not two.
+    check_bad(
+        "[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:7070\"\ntokens = [{ name = \"ci\", token_file = \"/nonexistent/ci.token\" }]\n",
+    )
+    .count(1)
+    .expect(
+        4,
+        39,
+        "taskd.tokens[0].token_file",
+        &["failed to read the token file /nonexistent/ci.token"],
+        None,
+    );
+    // An empty list names no token: a non-loopback listen still needs one.
+    check_bad("[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:7070\"\ntokens = []\n")
+        .count(1)
+        .expect(
+            3,
+            10,
+            "taskd.listen",
+            &["no API token is set"],
+            Some("tokens = [{ name = \"ci\""),
+        );
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused() {
+    let env = Env::raw("[taskd]\nstate_dir = \"state\"\ntoken_file = \"token\"\n");
+    write_file(&env, "token", "single-token-0123456789abcdef\n", 0o644);
+    let file = env.path().join("token").display().to_string();
+    check_bad_in(env).count(1).expect(
+        3,
+        14,
+        "taskd.token_file",
+        &["can be read or changed by every user of this machine (mode 0644)"],
+        Some(&format!("`chmod 600 {file}`")),
+    );
+    // 0640 (a group only the daemon's user is in) and 0600 are accepted.
+    for mode in [0o600, 0o640] {
+        let env = Env::raw("[taskd]\nstate_dir = \"state\"\ntoken_file = \"token\"\n");
+        write_file(&env, "token", "single-token-0123456789abcdef\n", mode);
+        env.ok(&["check"]);
+    }
+}
+
+#[test]
+fn audit_keep_is_a_count() {
+    check_bad("[taskd]\nstate_dir = \"state\"\naudit_keep = 0\n")
+        .count(1)
+        .expect(
+            3,
+            14,
+            "taskd.audit_keep",
+            &["audit_keep must be at least 1, found 0"],
+            Some("set `audit_keep = 1` or more"),
+        );
+    check_bad("[taskd]\nstate_dir = \"state\"\naudit_keep = \"many\"\n")
+        .count(1)
+        .expect(
+            3,
+            14,
+            "taskd.audit_keep",
+            &["audit_keep must be an integer, found a string"],
+            Some("audit_keep = 100000"),
+        );
+    check_bad("[taskd]\nstate_dir = \"state\"\naudit_kep = 10\n")
+        .count(1)
+        .expect(
+            3,
+            1,
+            "taskd.audit_kep",
+            &["unknown key `audit_kep` in [taskd]"],
+            Some("did you mean `audit_keep`?"),
+        );
 }

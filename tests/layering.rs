@@ -15,23 +15,40 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("exit", &[]),
     ("notify", &[]),
-    ("control", &[]),
+    // A request carries who sent it (the socket peer's uid), for the audit trail.
+    ("control", &["audit"]),
     // The doubling delay of every wait-and-retry loop: arithmetic only.
     ("backoff", &[]),
+    // The audit trail's records and how a caller is identified: plain data over the model
+    // (the broker stores the records, callers build them).
+    ("audit", &["model"]),
     // Slot arithmetic of schedules (cron, every, zones): pure, below the config.
     ("slots", &["model"]),
     ("config", &["model", "slots"]),
     ("submission", &["model", "config"]),
-    ("broker", &["model", "config", "backoff"]),
+    ("broker", &["model", "config", "backoff", "audit"]),
     ("metrics", &["model", "broker"]),
     // The JSON shapes the API and the CLI share: records of the model, the broker's rows
     // and nodes, and a worker's `workers.json` record (the reader, not the rest of `worker`).
-    ("view", &["model", "broker", "worker::status"]),
+    ("view", &["model", "broker", "worker::status", "audit"]),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
     // executor outcome and never see the broker or the supervisor.
     ("worker", &["model", "config", "executor", "backoff"]),
+    // Following output: the live rings of the executor (not the rest of it), the broker for
+    // the task around them, the event shapes, the control socket's request it answers.
+    (
+        "follow",
+        &[
+            "model",
+            "broker",
+            "executor::live",
+            "view",
+            "control",
+            "backoff",
+        ],
+    ),
     (
         "supervisor",
         &[
@@ -52,6 +69,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "view",
             // Requests only the daemon carries out (restart), as `taskd restart` sends them.
             "control",
+            // Who made each change, for the audit trail.
+            "audit",
+            // The output streams: sessions over the daemon's live rings and the broker.
+            "follow",
+            "executor::live",
         ],
     ),
     (
@@ -68,6 +90,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "notify",
             "exit",
             "backoff",
+            "audit",
+            "follow",
         ],
     ),
     (
@@ -83,6 +107,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "worker::status",
             "backoff",
             "view",
+            "audit",
+            // `taskd logs` follows a task through the broker itself when no daemon answers.
+            "follow",
         ],
     ),
 ];

@@ -1080,3 +1080,73 @@ fn status_shows_entries_set_aside() {
     let text = env.ok(&["status"]);
     assert!(text.contains("1 inbox entry set aside"), "{text}");
 }
+
+/// `taskd logs --follow` on a node that does not run the task: it says where the task runs
+/// (output is live only there), shows the attempt's stored tails when it ends, and exits
+/// with how the task ended; on the node running it, the output is live.
+#[test]
+fn a_task_running_on_another_node_is_followed_through_its_stored_tails() {
+    let Some(server) =
+        RedisServer::start("a_task_running_on_another_node_is_followed_through_its_stored_tails")
+    else {
+        return;
+    };
+    // Only node A serves `w`; node B's daemon serves another queue.
+    let a = node(
+        &server,
+        "30s",
+        "[queues.w]\nshell = 'echo first; while [ ! -e \"@D@/go\" ]; do sleep 0.02; done; echo second'\n",
+    );
+    let b = node(&server, "30s", "[queues.other]\nshell = 'true'\n");
+    let da = a.daemon();
+    let _db = b.daemon();
+    let id = a.submit("w", "{}");
+    a.wait_state(&id, "running", secs(20));
+    let follow = |env: &Env, name: &str| {
+        let err = env.path().join(format!("{name}.err"));
+        let child = env
+            .cmd(&["logs", &id, "--follow"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("start taskd logs");
+        (child, err)
+    };
+    let (on_a, a_err) = follow(&a, "a");
+    let (on_b, b_err) = follow(&b, "b");
+    let node_a = node_id(&da);
+    let notice = format!(
+        "── attempt 1 runs on node {node_a}, whose output is live only there (`taskd logs --follow {id}` on that host, or --server with that node's API); its stored output is shown when it ends ──"
+    );
+    let ok = poll(secs(20), || {
+        lines(&b_err).contains(&notice)
+            && lines(&a_err)
+                .iter()
+                .any(|l| l.starts_with("── attempt 1 · started ") && l.ends_with(" · live ──"))
+    });
+    assert!(
+        ok,
+        "on B:\n{:#?}\non A:\n{:#?}",
+        lines(&b_err),
+        lines(&a_err)
+    );
+    std::fs::write(a.path().join("go"), "").expect("open the gate");
+    for (child, err, what) in [(on_a, &a_err, "live"), (on_b, &b_err, "stored output")] {
+        let out = child.wait_with_output().expect("wait for taskd logs");
+        assert_eq!(out.status.code(), Some(0), "{:#?}", lines(err));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "first\nsecond\n");
+        let err = lines(err);
+        let header = err
+            .iter()
+            .find(|l| l.starts_with("── attempt 1 · started "))
+            .unwrap_or_else(|| panic!("{err:#?}"));
+        assert!(
+            header.ends_with(&format!(" on {node_a} · {what} ──")),
+            "{header}"
+        );
+        assert_eq!(
+            err.last().map(String::as_str),
+            Some(format!("── task {id} succeeded after 1 attempt ──").as_str())
+        );
+    }
+}

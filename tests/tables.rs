@@ -1,6 +1,6 @@
 //! Every table the CLI prints for people, read back cell by cell and compared with what the
 //! same command says with `--json`: `taskd status` (queues and workers), `taskd status
-//! --server` (queues), `taskd tasks` and `taskd check`. A count under the wrong column is
+//! --server` (queues), `taskd tasks`, `taskd check` and `taskd audit` (also `--server`). A count under the wrong column is
 //! invisible to `--json`; only reading the table finds it. (The nodes table of a shared
 //! broker is checked in tests/redis.rs, which starts the Redis it needs.)
 
@@ -389,4 +389,143 @@ fn check_table_matches_json_cell_by_cell() {
         "  state_dir: {}",
         json["state_dir"].as_str().expect("state_dir")
     )));
+}
+
+/// A time as `taskd audit` prints it: RFC 3339 in UTC, to the second.
+fn rfc3339_seconds(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `taskd audit`'s table against `taskd audit --json`, row by row and cell by cell; the
+/// rows in the JSON's order.
+fn check_audit(text: &str, json: &Value) {
+    let t = table::find(text, "time");
+    assert_eq!(
+        t.header,
+        ["time", "who", "action", "target", "outcome", "detail"]
+    );
+    let records = json.as_array().expect("an array");
+    assert_eq!(t.rows.len(), records.len(), "{text}\n{json:#}");
+    for (row, r) in t.rows.iter().zip(records) {
+        let s = |k: &str| {
+            r[k].as_str()
+                .unwrap_or_else(|| panic!("{k}: {r:#}"))
+                .to_string()
+        };
+        assert_eq!(
+            t.cell(row, "time"),
+            rfc3339_seconds(r["at"].as_i64().expect("at"))
+        );
+        assert_eq!(t.cell(row, "who"), s("who"), "{r:#}");
+        assert_eq!(t.cell(row, "action"), s("action"), "{r:#}");
+        assert_eq!(t.cell(row, "target"), s("target"), "{r:#}");
+        assert_eq!(t.cell(row, "outcome"), s("outcome"), "{r:#}");
+        let detail = s("detail").split_whitespace().collect::<Vec<_>>().join(" ");
+        let shown = if detail.chars().count() > 80 {
+            format!("{}…", detail.chars().take(79).collect::<String>())
+        } else {
+            detail
+        };
+        assert_eq!(t.cell(row, "detail"), shown, "{r:#}");
+    }
+}
+
+#[test]
+fn audit_table_matches_json_cell_by_cell_newest_last() {
+    let env = Env::new("[queues.q]\nshell = \"true\"\n");
+    let id = env
+        .ok(&["submit", "q", "{}", "--delay", "1h"])
+        .trim()
+        .to_string();
+    env.ok(&["pause", "q"]);
+    env.ok(&["cancel", &id]);
+    env.ok(&["retry", &id]);
+    // Refused, with a detail longer than the column shows.
+    assert_eq!(env.run(&["retry", &id]).status.code(), Some(1));
+    env.ok(&["resume", "q"]);
+
+    let json = json_of(&env.ok(&["audit", "--json"]));
+    let records = json.as_array().expect("an array");
+    let actions: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        ["pause", "cancel", "retry", "retry", "resume"],
+        "oldest first, the newest last"
+    );
+    assert!(
+        records[3]["detail"]
+            .as_str()
+            .expect("detail")
+            .chars()
+            .count()
+            > 80,
+        "the refused retry's detail is long enough to be cut: {:#}",
+        records[3]
+    );
+    check_audit(&env.ok(&["audit"]), &json);
+    // The table's last row is the newest: `resume`.
+    let t = table::find(&env.ok(&["audit"]), "time");
+    assert_eq!(t.cell(t.rows.last().expect("rows"), "action"), "resume");
+
+    // --reverse: newest first, in the table and the JSON alike.
+    let reversed = json_of(&env.ok(&["audit", "--json", "--reverse"]));
+    let mut want = records.clone();
+    want.reverse();
+    assert_eq!(reversed, Value::Array(want));
+    check_audit(&env.ok(&["audit", "--reverse"]), &reversed);
+
+    // -n: the newest N, still newest last.
+    let two = json_of(&env.ok(&["audit", "--json", "-n", "2"]));
+    assert_eq!(two, Value::Array(records[3..].to_vec()));
+    check_audit(&env.ok(&["audit", "-n", "2"]), &two);
+
+    // --since: a time after every record finds none, and says so.
+    let later = env.ok(&["audit", "--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(later.trim(), "no audit records since 2999-01-01T00:00:00Z");
+    assert_eq!(
+        json_of(&env.ok(&["audit", "--json", "--since", "1h"])),
+        json
+    );
+    let bad = env.run(&["audit", "--since", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+}
+
+#[test]
+fn audit_table_over_the_api_is_the_local_one() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n[queues.q]\nshell = \"true\"\n",
+    );
+    let d = env.daemon();
+    let url = d.api_base();
+    env.ok(&["pause", "q"]);
+    env.ok(&["resume", "q"]);
+    // The daemon records its start beside its main loop: wait for it.
+    assert!(
+        poll(Duration::from_secs(20), || json_of(
+            &env.ok(&["audit", "--json"])
+        )
+        .as_array()
+        .is_some_and(|a| a.iter().any(|r| r["action"] == "start"))),
+        "no start record"
+    );
+    let local = json_of(&env.ok(&["audit", "--json"]));
+    let remote = json_of(&env.ok(&["audit", "--json", "--server", &url]));
+    assert_eq!(remote, local);
+    check_audit(&env.ok(&["audit", "--server", &url]), &remote);
+    assert_eq!(
+        env.ok(&["audit", "--server", &url]),
+        env.ok(&["audit"]),
+        "the same table either way"
+    );
+    // Pages of the API (at most 1000 each) are followed up to -n.
+    let one = json_of(&env.ok(&["audit", "--json", "-n", "1", "--server", &url]));
+    assert_eq!(one.as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        one[0],
+        *local.as_array().and_then(|a| a.last()).expect("records")
+    );
 }

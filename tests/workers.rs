@@ -583,7 +583,7 @@ fn bash_worker_example_echoes_crashes_and_times_out() {
         "the bash worker example needs jq"
     );
     let env = Env::new(&format!(
-        "[queues.b]\nworker = [\"{}\"]\nstart_secs = \"100ms\"\ntimeout = \"1s\"\nkill_grace = \"1s\"\nmax_attempts = 1\n",
+        "[queues.b]\nworker = [\"{}\"]\nstart_secs = \"100ms\"\ntimeout = \"5s\"\nkill_grace = \"1s\"\nmax_attempts = 1\n",
         contrib("bash/worker.sh").display()
     ));
     let _d = env.daemon();

@@ -2,7 +2,7 @@
 //! errors are [`ApiError`]s.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -11,8 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{enqueue as parse, AppState, BATCH_BODY_EXTRA};
-use crate::broker::ListFilter;
+use super::{audit, enqueue as parse, AppState, BATCH_BODY_EXTRA};
+use crate::audit::{Action, Actor, AuditEntry};
+use crate::broker::{BrokerError, ListFilter};
 use crate::config::{Config, QueueConfig};
 use crate::model::{QueueName, TaskId, TaskRecord, TaskState};
 use crate::view;
@@ -39,7 +40,7 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 }
 
 /// The queue named in the path, from the config; 404 naming the known queues otherwise.
-fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
+pub(super) fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
     let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
     let unknown = |why: String| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", why).with("known", known.clone())
@@ -271,6 +272,25 @@ pub struct FilterQuery {
 }
 
 impl FilterQuery {
+    /// The fields that are set, by name (times in ms since the epoch): a bulk operation's
+    /// filter as its audit record keeps it.
+    fn fields(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v.filter(|v| !v.trim().is_empty()) {
+                out.insert(k.to_string(), v.trim().to_string());
+            }
+        };
+        put("queue", self.queue.clone());
+        put("state", self.state.clone());
+        put("since", self.since.map(|t| t.to_string()));
+        put("until", self.until.map(|t| t.to_string()));
+        put("id", self.id.clone());
+        put("unique_key", self.unique_key.clone());
+        put("payload", self.payload.clone());
+        out
+    }
+
     /// The broker's filter; 400 naming the parameter that is wrong.
     fn to_filter(&self) -> Result<ListFilter, ApiError> {
         let bad =
@@ -422,6 +442,7 @@ async fn bulk_targets(
 /// operator saw the count (`dry_run`, then `expect`).
 pub async fn bulk(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     body: Body,
 ) -> Result<Json<view::BulkView>, ApiError> {
     let bytes = read_body(body, 64 * 1024).await?;
@@ -498,7 +519,7 @@ pub async fn bulk(
             }
         }
     }
-    record_bulk_operation(&state, &req.filter, &answer);
+    record_bulk_operation(&state, who, &req.filter, &answer).await;
     Ok(Json(answer))
 }
 
@@ -507,9 +528,16 @@ async fn still_waiting(state: &AppState, id: TaskId) -> bool {
     matches!(state.broker.get(id).await, Ok(Some(d)) if !d.task.state.is_terminal())
 }
 
-/// The one place a bulk operation is recorded once it has run: what was asked (the filter)
-/// and what it did. The daemon's log for now.
-fn record_bulk_operation(_state: &AppState, filter: &FilterQuery, answer: &view::BulkView) {
+/// The one place a bulk operation is recorded once it has run: one audit record for the
+/// whole operation (never one per task), with the filter that was asked and how many tasks
+/// it changed; and a line in the daemon's log. A dry run changes nothing and is not
+/// recorded. `refused` when the store refused every task it was asked to change.
+async fn record_bulk_operation(
+    state: &AppState,
+    who: Actor,
+    filter: &FilterQuery,
+    answer: &view::BulkView,
+) {
     tracing::info!(
         action = ?answer.action,
         filter = ?filter,
@@ -517,8 +545,35 @@ fn record_bulk_operation(_state: &AppState, filter: &FilterQuery, answer: &view:
         done = answer.done,
         skipped = answer.skipped,
         failed = answer.errors.len(),
+        who = %who,
         "bulk operation through the API"
     );
+    let (action, verb) = match answer.action {
+        view::BulkAction::Retry => (Action::BulkRetry, "queued again"),
+        view::BulkAction::Cancel => (Action::BulkCancel, "cancelled or asked to stop"),
+    };
+    let failed = answer.errors.len();
+    let mut detail = format!("{} of {} tasks {verb}", answer.done, answer.matched);
+    if answer.skipped > 0 {
+        detail.push_str(&format!("; {} had moved on meanwhile", answer.skipped));
+    }
+    if failed > 0 {
+        detail.push_str(&format!(
+            "; refused for {failed}: {}",
+            answer
+                .errors
+                .first()
+                .map(|f| f.error.as_str())
+                .unwrap_or("")
+        ));
+    }
+    let entry = AuditEntry::bulk(who, action, filter.fields(), answer.done as u64);
+    let entry = if answer.done == 0 && failed > 0 {
+        entry.refused(detail)
+    } else {
+        entry.ok(detail)
+    };
+    audit::record(state, entry).await;
 }
 
 #[derive(Deserialize)]
@@ -584,33 +639,105 @@ pub async fn stats(
     }))
 }
 
+/// The audit record of a change to task `id` the broker refused (no such task, a state the
+/// action does not apply to), with the task's queue when it exists; `None` for a failure
+/// of the store itself, which could not take a record either.
+async fn refusal(
+    state: &AppState,
+    entry: AuditEntry,
+    id: TaskId,
+    error: &BrokerError,
+) -> Option<AuditEntry> {
+    let entry = entry.refused(error.to_string());
+    match error {
+        BrokerError::NotFound(_) => Some(entry),
+        BrokerError::Conflict(_) => Some(match state.broker.get(id).await {
+            Ok(Some(d)) => entry.queue(d.task.queue),
+            _ => entry,
+        }),
+        _ => None,
+    }
+}
+
 pub async fn retry(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>, ApiError> {
     let id = parse_id(&id)?;
-    state.broker(state.broker.retry(id).await)?;
-    Ok(Json(record(&state, id).await?))
+    let entry = AuditEntry::new(who, Action::Retry).task(id);
+    if let Err(e) = state.broker.retry(id).await {
+        if let Some(refused) = refusal(&state, entry, id, &e).await {
+            audit::record(&state, refused).await;
+        }
+        return Err(state.broker_error(e));
+    }
+    let task = record(&state, id).await;
+    let entry = entry.ok("queued again with a fresh attempt budget");
+    audit::record(
+        &state,
+        match &task {
+            Ok(t) => entry.queue(t.queue.clone()),
+            Err(_) => entry,
+        },
+    )
+    .await;
+    Ok(Json(task?))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<view::CancelView>, ApiError> {
     let id = parse_id(&id)?;
-    let outcome = state.broker(state.broker.cancel(id).await)?;
-    let task = record(&state, id).await?;
-    Ok(Json(view::CancelView { outcome, task }))
+    let entry = AuditEntry::new(who, Action::Cancel).task(id);
+    let outcome = match state.broker.cancel(id).await {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(refused) = refusal(&state, entry, id, &e).await {
+                audit::record(&state, refused).await;
+            }
+            return Err(state.broker_error(e));
+        }
+    };
+    let task = record(&state, id).await;
+    let entry = outcome.audited(entry);
+    audit::record(
+        &state,
+        match &task {
+            Ok(t) => entry.queue(t.queue.clone()),
+            Err(_) => entry,
+        },
+    )
+    .await;
+    Ok(Json(view::CancelView {
+        outcome,
+        task: task?,
+    }))
 }
 
 async fn set_paused(
     state: &AppState,
+    who: Actor,
     queue: &str,
     paused: bool,
 ) -> Result<Json<view::PauseView>, ApiError> {
     let config = state.config();
     let q = find_queue(&config, queue)?;
     state.broker(state.broker.set_paused(&q.name, paused).await)?;
+    let (action, detail) = if paused {
+        (Action::Pause, "paused: no task starts until it is resumed")
+    } else {
+        (Action::Resume, "resumed")
+    };
+    audit::record(
+        state,
+        AuditEntry::new(who, action)
+            .queue(q.name.clone())
+            .ok(detail),
+    )
+    .await;
     Ok(Json(view::PauseView {
         queue: q.name.clone(),
         paused,
@@ -619,22 +746,26 @@ async fn set_paused(
 
 pub async fn pause(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
-    set_paused(&state, &queue, true).await
+    set_paused(&state, who, &queue, true).await
 }
 
 pub async fn resume(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
-    set_paused(&state, &queue, false).await
+    set_paused(&state, who, &queue, false).await
 }
 
 /// Restarts a `worker` queue's long-lived workers one at a time (as `taskd restart`): 202
-/// with what restarts; 404 for an unknown queue, 409 for a queue without workers.
+/// with what restarts; 404 for an unknown queue, 409 for a queue without workers. The
+/// daemon records it in the audit trail, as it does a restart asked on its socket.
 pub async fn restart(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(queue): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = state.config();
@@ -647,9 +778,12 @@ pub async fn restart(
         ));
     }
     let reply = state
-        .ask_daemon(crate::control::Request::Restart {
-            queue: q.name.to_string(),
-        })
+        .ask_daemon(
+            crate::control::Request::Restart {
+                queue: q.name.to_string(),
+            },
+            who,
+        )
         .await
         .ok_or_else(|| {
             ApiError::new(

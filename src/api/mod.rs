@@ -18,10 +18,12 @@
 //! Draining: once the daemon drains, every endpoint but `/metrics` answers 503; the server
 //! itself stops when the drain is over.
 
+pub mod audit;
 pub mod enqueue;
 pub mod error;
 mod handlers;
 pub mod openapi;
+mod output;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -54,6 +56,10 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A batch may carry this many bytes on top of `max_payload`.
 pub const BATCH_BODY_EXTRA: usize = 64 * 1024 * 1024;
+/// The most output streams (`…/output`) served at once.
+pub const MAX_STREAMS: usize = 64;
+/// How often an output stream sends a keep-alive comment while nothing else is sent.
+pub const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -74,6 +80,13 @@ pub struct AppState {
     /// The daemon's main loop, for requests only it can carry out (restart); `None` when
     /// the API is served without a daemon.
     control: Option<tokio::sync::mpsc::Sender<crate::control::Incoming>>,
+    /// What the output streams read: the broker, and the daemon's live output when there
+    /// is a daemon.
+    pub follow: crate::follow::Source,
+    /// Output streams open now (at most [`MAX_STREAMS`]).
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests refused for their token, for the log.
+    refusals: Arc<Refusals>,
 }
 
 impl AppState {
@@ -82,14 +95,27 @@ impl AppState {
         let loopback = config.listen.is_some_and(|a| a.ip().is_loopback());
         AppState {
             loopback,
-            broker,
+            broker: broker.clone(),
             config: Arc::new(RwLock::new(Arc::new(config))),
             metrics,
             draining: CancellationToken::new(),
             reads_need_token,
             max_connections: Arc::new(std::sync::atomic::AtomicUsize::new(MAX_CONNECTIONS)),
             control: None,
+            follow: crate::follow::Source {
+                broker: broker.clone(),
+                live: None,
+                node: None,
+            },
+            streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            refusals: Arc::new(Refusals::default()),
         }
+    }
+
+    /// Serve the output streams from the daemon's live output (`source.live`).
+    pub fn with_follow(mut self, source: crate::follow::Source) -> AppState {
+        self.follow = source;
+        self
     }
 
     /// The state for a listener bound to `addr`, which may differ from `listen` (a daemon
@@ -110,13 +136,23 @@ impl AppState {
         self
     }
 
-    /// Sends `req` to the daemon's main loop and waits for its answer.
+    /// Sends `req`, made by `who`, to the daemon's main loop and waits for its answer (the
+    /// daemon records it in the audit trail).
     pub async fn ask_daemon(
         &self,
         req: crate::control::Request,
+        who: crate::audit::Actor,
     ) -> Option<crate::control::ReloadReply> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.control.as_ref()?.send((req, tx)).await.ok()?;
+        self.control
+            .as_ref()?
+            .send(crate::control::Incoming {
+                request: req,
+                who,
+                reply: tx,
+            })
+            .await
+            .ok()?;
         rx.await.ok()
     }
 
@@ -134,17 +170,21 @@ impl AppState {
 
     /// A broker result, counting failures in `taskd_broker_errors_total`.
     pub fn broker<T>(&self, result: crate::broker::Result<T>) -> Result<T, ApiError> {
-        result.map_err(|e| {
-            if matches!(
-                e,
-                crate::broker::BrokerError::Unavailable(_)
-                    | crate::broker::BrokerError::Storage(_)
-                    | crate::broker::BrokerError::Full(_)
-            ) {
-                self.metrics.broker_error();
-            }
-            ApiError::from(e)
-        })
+        result.map_err(|e| self.broker_error(e))
+    }
+
+    /// A broker error as the API answers it, counted in `taskd_broker_errors_total` when the
+    /// store failed (not when it refused a request).
+    pub fn broker_error(&self, error: crate::broker::BrokerError) -> ApiError {
+        if matches!(
+            error,
+            crate::broker::BrokerError::Unavailable(_)
+                | crate::broker::BrokerError::Storage(_)
+                | crate::broker::BrokerError::Full(_)
+        ) {
+            self.metrics.broker_error();
+        }
+        ApiError::from(error)
     }
 }
 
@@ -184,8 +224,19 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, "/api/v1/tasks/bulk", post(h::bulk)),
         (Method::GET, "/api/v1/stats", get(h::stats)),
         (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),
+        (
+            Method::GET,
+            "/api/v1/tasks/{id}/output",
+            get(output::task_output),
+        ),
+        (
+            Method::GET,
+            "/api/v1/queues/{queue}/output",
+            get(output::queue_output),
+        ),
         (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
         (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),
+        (Method::GET, "/api/v1/audit", get(audit::list)),
     ]
 }
 
@@ -229,9 +280,17 @@ async fn wrong_method(req: Request) -> ApiError {
     )
 }
 
-/// Drain and token checks, before any handler runs.
-async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
+/// The client's address of a request, as the server accepted its connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+/// Drain and token checks, before any handler runs. A request that passes them carries
+/// who made it (an [`crate::audit::Actor`]: the name of its token, the client's address) in
+/// its extensions, for the audit trail.
+async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
     if state.draining.is_cancelled() && path != "/metrics" {
         return ApiError::draining().into_response();
     }
@@ -271,35 +330,75 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let needs_token = path.starts_with("/api/v1/")
         && path != "/api/v1/openapi.json"
         && (mutating || state.reads_need_token);
-    if needs_token {
-        if let Some(token) = state.config().token.clone() {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_credentials);
-            match given {
-                None => {
-                    return ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "missing_token",
-                        "this endpoint needs `Authorization: Bearer TOKEN` (the token of [taskd] in the daemon's config)",
-                    )
-                    .into_response()
-                }
-                Some(t) if !token.matches(t.trim()) => {
-                    return ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "bad_token",
-                        "the bearer token does not match the daemon's token",
-                    )
-                    .into_response()
-                }
-                Some(_) => {}
+    let config = state.config();
+    let mut token_name = None;
+    if needs_token && config.has_tokens() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_credentials);
+        let refused = match given.map(|t| config.token_name(t.trim())) {
+            None => Some(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "this endpoint needs `Authorization: Bearer TOKEN` (a token of [taskd] in the daemon's config)",
+            )),
+            Some(None) => Some(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "bad_token",
+                "the bearer token is none of the daemon's tokens",
+            )),
+            Some(Some(name)) => {
+                token_name = Some(name.to_string());
+                None
             }
+        };
+        if let Some(refused) = refused {
+            // Not an operator's change, so not in the audit trail (anyone who reaches the
+            // port could push real records out of it): in the log, at most a line a second.
+            if mutating {
+                state.refusals.note(req.method(), path, peer, refused.code);
+            }
+            return refused.into_response();
         }
     }
+    req.extensions_mut().insert(crate::audit::Actor::api(
+        token_name,
+        peer.map(|p| p.to_string()),
+    ));
     next.run(req).await
+}
+
+/// Mutating requests refused for their token, logged at warn at most once a second (with
+/// how many were not logged since), so that a flood cannot fill the log.
+#[derive(Default)]
+pub struct Refusals {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Refusals {
+    fn note(&self, method: &Method, path: &str, peer: Option<SocketAddr>, code: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if s.0
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            s.1 += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut s.1);
+        s.0 = Some(now);
+        let peer = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+        tracing::warn!(
+            %method,
+            path,
+            %peer,
+            code,
+            unlogged,
+            "API: refused {method} {path} from {peer}: {code} (not an operator's change, so not in the audit trail)"
+        );
+    }
 }
 
 /// The credentials of an `Authorization: Bearer …` value. The scheme name is
@@ -441,16 +540,18 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let app = app.clone();
-            let busy = busy.clone();
-            busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            async move {
-                let r = tower::ServiceExt::oneshot(app, req).await;
-                busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                r
-            }
-        });
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                let app = app.clone();
+                let busy = busy.clone();
+                busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                async move {
+                    let r = tower::ServiceExt::oneshot(app, req).await;
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    r
+                }
+            });
         let stop = stop.clone();
         let open = open.clone();
         conns.spawn(async move {

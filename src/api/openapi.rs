@@ -14,6 +14,11 @@ fn ok(description: &str, schema: Value) -> Value {
     json!({ "description": description, "content": { "application/json": { "schema": schema } } })
 }
 
+/// A `text/event-stream` answer whose events' `data` are `schema`.
+fn stream(description: &str, schema: Value) -> Value {
+    json!({ "description": description, "content": { "text/event-stream": { "schema": schema } } })
+}
+
 fn queue_param() -> Value {
     json!({ "name": "queue", "in": "path", "required": true, "schema": { "type": "string" }, "description": "a queue of the daemon's config" })
 }
@@ -99,10 +104,37 @@ pub fn document() -> Value {
             } },
             "/api/v1/tasks/{id}": { "get": { "summary": "One task with its attempt history", "parameters": [id_param()],
                 "responses": { "200": ok("the task", json!({ "$ref": "#/components/schemas/TaskDetail" })), "400": error_ref(), "401": error_ref(), "404": error_ref() } } },
+            "/api/v1/tasks/{id}/output": { "get": {
+                "summary": "The task's output as Server-Sent Events: its latest attempt's output (live while it runs on this daemon, its stored tails once it ended), and with follow=true every later attempt as it is written, until the task ends. Each event's `event:` is the data's `event`, its `data:` one OutputEvent as JSON, its `id:` the position to resume after (send it back as Last-Event-ID, or as `from`). A follower that falls behind what the daemon holds gets a `skipped` event; the task is never slowed down by a follower.",
+                "parameters": [id_param(),
+                    { "name": "follow", "in": "query", "schema": { "type": "boolean", "default": false }, "description": "keep the stream open until the task ends (through retries); otherwise it ends with what exists now (a `snapshot` or `end` event)" },
+                    { "name": "attempt", "in": "query", "schema": { "type": "integer", "minimum": 1 }, "description": "begin with this attempt (runs numbered in order, as in `history`), not the latest" },
+                    { "name": "from", "in": "query", "schema": { "type": "string", "example": "2:512:0" }, "description": "resume after this event id (RUN:OUT:ERR, RUN:end or end), as Last-Event-ID does" },
+                    { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "what an EventSource sends when it reconnects: the stream resumes after it, repeating and losing nothing the daemon still holds" }
+                ],
+                "responses": { "200": stream("the events", json!({ "$ref": "#/components/schemas/OutputEvent" })),
+                    "204": { "description": "the position given back is the task's end: nothing more will come (an EventSource stops reconnecting)" },
+                    "400": error_ref(), "401": error_ref(), "404": error_ref(), "503": error_ref() }
+            } },
+            "/api/v1/queues/{queue}/output": { "get": {
+                "summary": "The output of the queue's tasks that run on this daemon, as Server-Sent Events, as they run (tasks already running from now on, new ones from their start), until the client disconnects: `attempt`, `output`, `skipped`, `attempt_end` events of every task (`run` is null: events carry `task` and `attempt`), and `tasks_skipped` when tasks start and end faster than the follower reads. Positions are not resumable: a reconnect starts from the present.",
+                "parameters": [queue_param()],
+                "responses": { "200": stream("the events", json!({ "$ref": "#/components/schemas/OutputEvent" })),
+                    "400": error_ref(), "401": error_ref(), "404": error_ref(), "503": error_ref() }
+            } },
             "/api/v1/tasks/{id}/retry": { "post": { "summary": "Queue a failed or cancelled task again with a fresh attempt budget", "security": secured, "parameters": [id_param()],
                 "responses": { "200": ok("the task", task_ref()), "401": error_ref(), "404": error_ref(), "409": error_ref() } } },
             "/api/v1/tasks/{id}/cancel": { "post": { "summary": "Cancel a waiting task, or stop a running one", "security": secured, "parameters": [id_param()],
-                "responses": { "200": ok("what happened", json!({ "$ref": "#/components/schemas/Cancelled" })), "401": error_ref(), "404": error_ref() } } }
+                "responses": { "200": ok("what happened", json!({ "$ref": "#/components/schemas/Cancelled" })), "401": error_ref(), "404": error_ref() } } },
+            "/api/v1/audit": { "get": {
+                "summary": "The audit trail, newest first, a page at a time: every change made through the CLI, the control socket, the API and signals (cancel, retry, pause, resume, restart, reload, bulk operations; the daemon's start and stop), with who made it and how it went",
+                "parameters": [
+                    { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "only records taken since then: a duration back from now (`2h`, `1d`) or a time (RFC 3339, or Unix seconds)" },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } },
+                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
+                ],
+                "responses": { "200": ok("a page", json!({ "$ref": "#/components/schemas/AuditPage" })), "400": error_ref(), "401": error_ref() }
+            } }
         },
         "components": components()
     })
@@ -226,11 +258,82 @@ fn base_components() -> Value {
                     "properties": { "scheduled": { "type": "integer" }, "queued": { "type": "integer" }, "running": { "type": "integer" },
                         "retrying": { "type": "integer" }, "succeeded": { "type": "integer" }, "failed": { "type": "integer" }, "cancelled": { "type": "integer" } } }
             } },
+            "OutStream": { "type": "string", "enum": ["stdout", "stderr"] },
+            "OutputEvent": { "description": "one event of an output stream (the `data:` of an SSE event, whose `event:` is `event`)", "oneOf": output_events() },
+            "AuditPage": { "type": "object", "required": ["records", "next_cursor"], "properties": {
+                "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } },
+                "next_cursor": { "type": "string", "nullable": true, "description": "the id of the page's last record, when older ones follow" } } },
+            "AuditRecord": { "type": "object", "required": ["id", "at", "who", "actor", "action", "target", "task", "queue", "filter", "count", "outcome", "detail"], "properties": {
+                "id": { "type": "string", "description": "opaque; the cursor for older records" },
+                "at": { "type": "integer", "description": "when the store took it, ms since the epoch (the store's clock)" },
+                "who": { "type": "string", "example": "api token \"ci\" from 10.0.0.5:41234", "description": "who, for people" },
+                "actor": { "$ref": "#/components/schemas/Actor" },
+                "action": { "type": "string", "enum": ["cancel", "retry", "pause", "resume", "restart", "reload", "bulk_cancel", "bulk_retry", "start", "stop"] },
+                "target": { "type": "string", "example": "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)", "description": "the target, for people" },
+                "task": { "type": "string", "format": "uuid", "nullable": true },
+                "queue": { "type": "string", "nullable": true },
+                "filter": { "type": "object", "nullable": true, "additionalProperties": { "type": "string" }, "description": "a bulk operation's filter" },
+                "count": { "type": "integer", "nullable": true, "description": "a bulk operation: how many tasks it changed" },
+                "outcome": { "type": "string", "enum": ["ok", "refused"] },
+                "detail": { "type": "string", "description": "what happened, or why it was refused" } } },
+            "Actor": { "type": "object", "required": ["via", "uid", "user", "login_uid", "login_user", "pid", "host", "token", "addr", "signal"], "properties": {
+                "via": { "type": "string", "enum": ["cli", "socket", "api", "signal", "daemon"] },
+                "uid": { "type": "integer", "nullable": true, "description": "the Unix uid of a local CLI or of the control socket's peer" },
+                "user": { "type": "string", "nullable": true },
+                "login_uid": { "type": "integer", "nullable": true, "description": "the login uid, when another user's (sudo, su)" },
+                "login_user": { "type": "string", "nullable": true },
+                "pid": { "type": "integer", "nullable": true },
+                "host": { "type": "string", "nullable": true },
+                "token": { "type": "string", "nullable": true, "description": "the name of the API token the request carried" },
+                "addr": { "type": "string", "nullable": true, "description": "the HTTP client's address" },
+                "signal": { "type": "string", "nullable": true } } },
             "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
                 "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } },
                 "additionalProperties": { "description": "details of some errors: `known` queues, the `byte`, `line` and `column` of malformed JSON, a `limit`, …" } } } }
         }
     })
+}
+
+/// The kinds of [`crate::view::OutputEvent`], one object schema each.
+fn output_events() -> Value {
+    let id = json!({ "type": "string", "nullable": true, "description": "the position after this event (RUN:OUT:ERR or RUN:end): send it back to resume after it; null where the event does not move the follower (a stored tail, a queue's stream)" });
+    let task = json!({ "type": "string", "format": "uuid" });
+    let run = json!({ "type": "integer", "nullable": true, "description": "the run, numbered in order as in `history` (null in a queue's stream)" });
+    let stream = json!({ "$ref": "#/components/schemas/OutStream" });
+    let kind = |name: &str| json!({ "type": "string", "enum": [name] });
+    json!([
+        { "type": "object", "description": "a run begins (live: its output follows as it is written) or a finished run's stored output follows",
+          "required": ["event", "id", "task", "queue", "run", "attempt", "node", "started_at", "live"], "properties": {
+            "event": kind("attempt"), "id": id, "task": task, "queue": { "type": "string" }, "run": run,
+            "attempt": { "type": "integer", "description": "TASKD_ATTEMPT of the run" }, "node": { "type": "string", "nullable": true },
+            "started_at": { "type": "integer" }, "live": { "type": "boolean" } } },
+        { "type": "object", "description": "text the task wrote (UTF-8; bytes that are not become U+FFFD)",
+          "required": ["event", "id", "task", "run", "stream", "data"], "properties": {
+            "event": kind("output"), "id": id, "task": task, "run": run, "stream": stream, "data": { "type": "string" } } },
+        { "type": "object", "description": "this follower fell behind what the daemon holds: `bytes` of `stream` are not shown (show `[… N bytes skipped]`)",
+          "required": ["event", "id", "task", "run", "stream", "bytes"], "properties": {
+            "event": kind("skipped"), "id": id, "task": task, "run": run, "stream": stream, "bytes": { "type": "integer" } } },
+        { "type": "object", "description": "a run ended: how, and what became of the task (`state`, `run_at` for a retry; null for an earlier run of the history)",
+          "required": ["event", "id", "task", "run", "attempt", "reason", "exit_code", "signal", "error", "started_at", "ended_at", "state", "run_at"], "properties": {
+            "event": kind("attempt_end"), "id": id, "task": task, "run": run, "attempt": { "type": "integer" },
+            "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
+            "exit_code": { "type": "integer", "nullable": true }, "signal": { "type": "integer", "nullable": true }, "error": { "type": "string", "nullable": true },
+            "started_at": { "type": "integer" }, "ended_at": { "type": "integer" },
+            "state": { "type": "string", "nullable": true, "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled", null] },
+            "run_at": { "type": "integer", "nullable": true } } },
+        { "type": "object", "description": "something the follower should know: where the task runs (another node), what it waits for",
+          "required": ["event", "task", "message"], "properties": {
+            "event": kind("notice"), "task": { "type": "string", "format": "uuid", "nullable": true }, "message": { "type": "string" } } },
+        { "type": "object", "description": "the task ended for good; the stream closes. Its id is `end`",
+          "required": ["event", "id", "task", "state", "attempts", "error"], "properties": {
+            "event": kind("end"), "id": { "type": "string", "enum": ["end"] }, "task": task, "state": { "$ref": "#/components/schemas/State" },
+            "attempts": { "type": "integer" }, "error": { "type": "string", "nullable": true } } },
+        { "type": "object", "description": "without follow: what exists now was sent, and the task has not ended; the stream closes",
+          "required": ["event", "task", "state"], "properties": {
+            "event": kind("snapshot"), "task": task, "state": { "$ref": "#/components/schemas/State" } } },
+        { "type": "object", "description": "a queue's stream: tasks that started and ended before this follower looked, not shown",
+          "required": ["event", "count"], "properties": { "event": kind("tasks_skipped"), "count": { "type": "integer" } } }
+    ])
 }
 
 #[cfg(test)]
@@ -239,6 +342,7 @@ mod tests {
 
     use serde_json::{json, Value};
 
+    use crate::audit::{Action, Actor, AuditEntry, AuditRecord, Via};
     use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
     use crate::model::{AttemptReason, AttemptRecord, TaskDetail, TaskId, TaskRecord, TaskState};
     use crate::view;
@@ -550,6 +654,44 @@ mod tests {
         }
     }
 
+    fn audit_record(fill: Fill) -> view::AuditView {
+        let full = fill == Fill::Full;
+        let actor = if full {
+            Actor {
+                uid: Some(0),
+                user: Some("root".into()),
+                login_uid: Some(1000),
+                login_user: Some("alice".into()),
+                pid: Some(42),
+                host: Some("web-1".into()),
+                token: Some("ci".into()),
+                addr: Some("10.0.0.5:41234".into()),
+                signal: Some("SIGHUP".into()),
+                ..Actor::blank(Via::Api)
+            }
+        } else {
+            Actor::blank(Via::Signal)
+        };
+        let mut entry = AuditEntry::new(actor, Action::BulkRetry).ok("12 tasks queued again");
+        if full {
+            entry = AuditEntry {
+                task: Some(TaskId::new()),
+                queue: Some("thumbs".parse().expect("a valid queue name")),
+                filter: Some(BTreeMap::from([(
+                    "state".to_string(),
+                    "failed".to_string(),
+                )])),
+                count: Some(12),
+                ..entry
+            };
+        }
+        view::AuditView::from(AuditRecord {
+            id: "1764800000000-0".into(),
+            at: NOW,
+            entry,
+        })
+    }
+
     fn to_json(value: impl serde::Serialize) -> Value {
         serde_json::to_value(value).expect("the shapes serialize")
     }
@@ -690,6 +832,13 @@ mod tests {
                 vec![to_json(task(fill))],
             ),
             (
+                ("get", "/api/v1/audit", "200"),
+                vec![to_json(view::AuditPage {
+                    records: vec![audit_record(fill)],
+                    next_cursor: full.then(|| "1764800000000-0".to_string()),
+                })],
+            ),
+            (
                 ("post", "/api/v1/tasks/{id}/cancel", "200"),
                 [
                     CancelOutcome::Cancelled,
@@ -765,7 +914,8 @@ mod tests {
     }
 
     /// `taskd status --json` is the API's `GET /api/v1/queues` plus the daemon found on this
-    /// machine and its state directory; `taskd submit --json` is the task and `existing`.
+    /// machine and its state directory; `taskd submit --json` is the task and `existing`;
+    /// `taskd audit --json` is an array of the API's audit records.
     #[test]
     fn cli_json_shapes_extend_the_documented_ones() {
         let doc = super::document();
@@ -805,8 +955,109 @@ mod tests {
                 &to_json(s),
                 fill,
             );
+            // `taskd audit --json`: the records of `GET /api/v1/audit`, as an array.
+            w.check(
+                &format!("audit --json ({fill:?})"),
+                &json!({ "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } }),
+                &to_json(vec![audit_record(fill)]),
+                fill,
+            );
         }
         assert!(w.errors.is_empty(), "{}", w.errors.join("\n"));
+    }
+
+    /// Every kind of output event, filled both ways, is what the document's `OutputEvent`
+    /// describes (and reads back as itself), and the document has no kind the code lacks.
+    #[test]
+    fn output_events_match_their_schema() {
+        use crate::view::{OutStream, OutputEvent};
+        let doc = super::document();
+        let schema = &doc["paths"]["/api/v1/tasks/{id}/output"]["get"]["responses"]["200"]
+            ["content"]["text/event-stream"]["schema"];
+        assert_eq!(
+            schema,
+            &doc["paths"]["/api/v1/queues/{queue}/output"]["get"]["responses"]["200"]["content"]
+                ["text/event-stream"]["schema"]
+        );
+        let mut w = Walker::new(&doc);
+        let mut kinds = BTreeSet::new();
+        for fill in [Fill::Full, Fill::Sparse] {
+            let full = fill == Fill::Full;
+            let task = TaskId::new();
+            let id = full.then(|| "2:10:3".to_string());
+            let run = full.then_some(2);
+            let events = [
+                OutputEvent::Attempt {
+                    id: id.clone(),
+                    task,
+                    queue: "thumbs".parse().expect("a valid queue name"),
+                    run,
+                    attempt: 1,
+                    node: full.then(|| "host:1".into()),
+                    started_at: NOW,
+                    live: true,
+                },
+                OutputEvent::Output {
+                    id: id.clone(),
+                    task,
+                    run,
+                    stream: OutStream::Stdout,
+                    data: "line\n".into(),
+                },
+                OutputEvent::Skipped {
+                    id: id.clone(),
+                    task,
+                    run,
+                    stream: OutStream::Stderr,
+                    bytes: 4096,
+                },
+                OutputEvent::AttemptEnd {
+                    id: id.clone(),
+                    task,
+                    run,
+                    attempt: 1,
+                    reason: full.then_some(AttemptReason::Exit),
+                    exit_code: full.then_some(3),
+                    signal: full.then_some(9),
+                    error: full.then(|| "exit code 3".into()),
+                    started_at: NOW,
+                    ended_at: NOW + 5,
+                    state: full.then_some(TaskState::Retrying),
+                    run_at: full.then_some(NOW + 10_000),
+                },
+                OutputEvent::Notice {
+                    task: full.then_some(task),
+                    message: "attempt 2 runs on node other:7".into(),
+                },
+                OutputEvent::End {
+                    id: "end".into(),
+                    task,
+                    state: TaskState::Failed,
+                    attempts: 3,
+                    error: full.then(|| "exit code 3".into()),
+                },
+                OutputEvent::Snapshot {
+                    task,
+                    state: TaskState::Running,
+                },
+                OutputEvent::TasksSkipped { count: 12 },
+            ];
+            for ev in events {
+                kinds.insert(ev.name());
+                let value = to_json(&ev);
+                w.check(&format!("{} ({fill:?})", ev.name()), schema, &value, fill);
+                let back: OutputEvent = serde_json::from_value(value).expect("an event reads back");
+                assert_eq!(back, ev);
+            }
+        }
+        assert!(w.errors.is_empty(), "{}", w.errors.join("\n"));
+        let documented: BTreeSet<&str> = doc["components"]["schemas"]["OutputEvent"]["oneOf"]
+            .as_array()
+            .expect("oneOf")
+            .iter()
+            .filter_map(|k| k["properties"]["event"]["enum"][0].as_str())
+            .collect();
+        assert_eq!(documented, kinds);
     }
 
     /// The walker itself finds each kind of disagreement (so a pass above means something).

@@ -7,7 +7,7 @@
 //! in-process in tests, with tokio's clock paused where real processes are not the point,
 //! and as the smallest worked example of a backend. It never runs processes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use super::{
     QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome,
     SlotRecord, StatRow, StepAnswer, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
     TaskRecord, TaskState, UnixMs,
@@ -59,6 +60,9 @@ struct Store {
     by_id: HashMap<TaskId, u64>,
     paused: BTreeSet<QueueName>,
     next_seq: u64,
+    /// The audit trail, oldest first; ids are `audit_seq` values.
+    audit: VecDeque<AuditRecord>,
+    audit_seq: u64,
     /// Throughput and latency counters by (minute, queue).
     stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
@@ -550,6 +554,50 @@ impl Broker for MemoryBroker {
 
     async fn subscribe(&self) -> Result<Wakeups> {
         Ok(self.wakeups.clone())
+    }
+
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let mut s = self.store();
+        s.audit_seq += 1;
+        let id = s.audit_seq.to_string();
+        s.audit.push_back(AuditRecord {
+            id,
+            at: now_ms(),
+            entry: entry.clone(),
+        });
+        while s.audit.len() > keep.max(1) {
+            s.audit.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let before: Option<u64> = match &filter.before {
+            Some(b) => Some(b.parse().map_err(|_| {
+                BrokerError::Conflict(format!("`{b}` is not an audit record id of this store"))
+            })?),
+            None => None,
+        };
+        let s = self.store();
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        Ok(s.audit
+            .iter()
+            .rev()
+            .filter(|r| match before {
+                Some(b) => r.id.parse::<u64>().is_ok_and(|n| n < b),
+                None => true,
+            })
+            .filter(|r| match filter.since {
+                Some(t) => r.at >= t,
+                None => true,
+            })
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn schedule_states(&self, keys: &[ScheduleKey]) -> Result<Vec<ScheduleState>> {

@@ -58,6 +58,14 @@
 //!     `through` are one atomic change; `overlap`'s check of the previous slot's task is
 //!     made inside it. A waiting or running task already holding the slot's unique key is
 //!     that slot's task (no second one). Two clients racing for one slot: one fires it.
+//! 11. **The audit trail is append-only and bounded.** [`Broker::audit`] adds exactly one
+//!     record per call, durable when it returns (as an enqueue), stamped with the store's
+//!     clock and an id that orders records as they were taken; it keeps the newest `keep`
+//!     records and drops older ones in the same atomic step (never a scan of the keyspace:
+//!     SQLite deletes by primary key, Redis trims a capped stream). No other method writes
+//!     or removes audit records, and no audit call touches a task. [`Broker::audit_log`]
+//!     reads newest first, bounded by its filter (`since`, `before`, `limit`). Records are
+//!     never rewritten: a record's id and time stay what they were when it was taken.
 
 pub mod access;
 pub mod memory;
@@ -77,6 +85,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
@@ -168,6 +177,23 @@ pub enum CancelOutcome {
     Requested,
     /// It had already finished in this state.
     AlreadyFinished(TaskState),
+}
+
+impl CancelOutcome {
+    /// `entry` (a cancel's audit record) with this answer: done, asked of the node that
+    /// runs the task, or refused because it had already finished. The CLI and the API
+    /// record a cancel in the same words.
+    pub fn audited(self, entry: AuditEntry) -> AuditEntry {
+        match self {
+            CancelOutcome::Cancelled => entry.ok("cancelled before it ran"),
+            CancelOutcome::Requested => {
+                entry.ok("cancel requested: the node running or holding it stops it")
+            }
+            CancelOutcome::AlreadyFinished(s) => {
+                entry.refused(format!("it had already finished ({s}); nothing to cancel"))
+            }
+        }
+    }
 }
 
 /// A running task whose node went away: its process group may still be alive.
@@ -634,6 +660,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Start delivering wake-ups to this process (the daemon calls it once).
     async fn subscribe(&self) -> Result<Wakeups>;
+
+    /// Append `entry` to the audit trail (rule 11): one record, stamped with the store's
+    /// clock, durable when this returns; records beyond the newest `keep` (at least 1) are
+    /// dropped in the same step.
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()>;
+
+    /// The audit trail, newest first: at most `filter.limit` records (0: no limit), none
+    /// taken before `filter.since`, only those older than the record `filter.before`.
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
 
     /// Several daemons may hold leases at once (a shared broker). A daemon then never
     /// recovers with [`Recover::All`]: it reclaims expired leases, and registers itself.

@@ -4,10 +4,12 @@
 //! it, so it works while no daemon runs. They see `model`, `config` and the broker trait,
 //! never supervisor internals. Errors carry their exit code (see [`exit`]).
 
+mod audit;
 mod check;
 mod control;
 mod generate;
 mod inspect;
+mod logs;
 mod reload;
 pub mod start;
 pub(crate) mod submit;
@@ -30,7 +32,7 @@ Exit codes:
   1   failure
   2   usage error (bad flags, bad payload, unknown queue)
   3   broker unreachable
-  4   the task that --wait followed failed or was cancelled
+  4   the task that --wait or `logs --follow` followed failed or was cancelled
   78  invalid config (EX_CONFIG)";
 
 /// taskd: a job-queue daemon that runs your scripts and programs as background tasks.
@@ -66,13 +68,35 @@ pub enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
-    /// Re-queue a failed or cancelled task with a fresh attempt budget.
+    /// A task's output: the stored output of its latest attempt (or --attempt N), or, with
+    /// --follow, its output as it is written, through retries, until the task ends. The
+    /// task's stdout goes to stdout and its stderr to stderr; taskd's own lines ("── attempt
+    /// 2 … ──") go to stderr. Exits 2 for an unknown id; with --follow, 0 once the task
+    /// succeeded and 4 if it failed or was cancelled.
+    ///
+    /// Live output comes from the daemon running the task, over its control socket (or its
+    /// API with --server). A finished attempt's stored tails need no daemon. Without access
+    /// to a daemon, or for a task running on another node (Redis), --follow shows each
+    /// attempt's stored tails when it ends, and says so. A follower that falls behind what
+    /// the daemon keeps (the last 256 KiB of a running attempt) sees "[… N bytes skipped]";
+    /// the task itself is never slowed down.
+    Logs(logs::LogsArgs),
+    /// Follow the output of a queue's tasks as they run on the daemon, each line prefixed
+    /// with its task's short id (the last 8 hex digits), until Ctrl-C.
+    ///
+    /// Tasks already running are shown from now on, new ones from their start; taskd's own
+    /// lines (a task's start and end) go to stderr. Needs the daemon: its control socket,
+    /// or its API with --server.
+    Tail(logs::TailArgs),
+    /// Re-queue a failed or cancelled task with a fresh attempt budget (recorded in the
+    /// audit trail, as every change is: see `taskd audit`).
     Retry(control::IdArgs),
-    /// Cancel a waiting task, or stop a running one.
+    /// Cancel a waiting task, or stop a running one (recorded in the audit trail).
     Cancel(control::IdArgs),
-    /// Stop claiming tasks from a queue (persists across restarts).
+    /// Stop claiming tasks from a queue (persists across restarts; recorded in the audit
+    /// trail).
     Pause(control::QueueArgs),
-    /// Start claiming tasks from a paused queue again.
+    /// Start claiming tasks from a paused queue again (recorded in the audit trail).
     Resume(control::QueueArgs),
     /// Ask the running daemon (found through the state directory of -c FILE) to re-read the
     /// config file it was started with; print what changed per queue. Exits 78, and the
@@ -83,6 +107,11 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The audit trail: who cancelled, retried, paused, resumed, restarted or reloaded
+    /// what, and when (from the CLI: the Unix user; the control socket: the peer's uid; the
+    /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
+    /// The newest N records, newest last (--reverse: newest first).
+    Audit(audit::AuditArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -132,12 +161,15 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Status(a) => inspect::status(config, a).await,
         Command::Tasks(a) => inspect::tasks(config, a).await,
         Command::Show(a) => inspect::show(config, a).await,
+        Command::Logs(a) => logs::logs(config, a).await,
+        Command::Tail(a) => logs::tail(config, a).await,
         Command::Retry(a) => control::retry(config, a).await,
         Command::Cancel(a) => control::cancel(config, a).await,
         Command::Pause(a) => control::pause(config, a, true).await,
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Audit(a) => audit::run(config, a).await,
     }
 }
 

@@ -100,26 +100,32 @@ pub async fn restart(flag: Option<PathBuf>, args: RestartArgs) -> anyhow::Result
 /// Sends `req` to the daemon of `config` and returns its answer; an unreachable daemon is
 /// an error that says why.
 async fn ask(config: &Config, req: &Request) -> anyhow::Result<ReloadReply> {
-    let socket = config.control_socket.clone();
-    let reply = crate::control::request(&socket, req, Duration::from_secs(60))
+    let reply = crate::control::request(&config.control_socket, req, Duration::from_secs(60))
         .await
-        .map_err(|e| {
-            let why = match e.kind() {
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                    format!(
-                        "no taskd daemon is running for the state directory {}",
-                        config.state_dir.display()
-                    )
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    format!(
-                        "permission denied on {}: run as the daemon's user (normally root)",
-                        socket.display()
-                    )
-                }
-                _ => format!("failed to reach the daemon at {}: {e}", socket.display()),
-            };
-            Failure::new(exit::FAILURE, why)
-        })?;
+        .map_err(|e| unreachable(config, &e))?;
     Ok(reply)
+}
+
+/// Why the daemon of `config` could not be reached over its control socket.
+pub(super) fn unreachable(config: &Config, error: &std::io::Error) -> Failure {
+    let socket = &config.control_socket;
+    let why = match error.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "no taskd daemon is running for the state directory {}",
+                config.state_dir.display()
+            )
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!(
+                "permission denied on {}: run as the daemon's user (normally root)",
+                socket.display()
+            )
+        }
+        _ => format!(
+            "failed to reach the daemon at {}: {error}",
+            socket.display()
+        ),
+    };
+    Failure::new(exit::FAILURE, why)
 }

@@ -120,7 +120,7 @@ fn steer_by_signals(
                 daemon.shutdown_now();
             } else {
                 tracing::info!("{name}: draining");
-                daemon.shutdown();
+                daemon.shutdown_because(name);
             }
         }
     })

@@ -160,6 +160,61 @@ impl Remote {
     }
 }
 
+/// The body of a stream of Server-Sent Events, read as it comes.
+pub type SseBody = Box<dyn Read + Send>;
+
+impl Remote {
+    /// `GET base+path` as a stream of Server-Sent Events (`Last-Event-ID: last` to resume):
+    /// the body to read, or `None` for 204 (nothing more will come).
+    pub fn stream(
+        &self,
+        path: &str,
+        last: Option<&str>,
+    ) -> Result<Option<SseBody>, (Option<u16>, Failure)> {
+        let url = format!("{}{path}", self.base);
+        // No deadline for the whole answer (it lasts as long as the task): the daemon sends
+        // a keep-alive every 15 s, so a minute of silence means it is gone.
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(60))
+            .build();
+        let mut req = agent.get(&url).set("Accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        if let Some(l) = last {
+            req = req.set("Last-Event-ID", l);
+        }
+        match req.call() {
+            Ok(r) if r.status() == 204 => Ok(None),
+            Ok(r) => Ok(Some(Box::new(r.into_reader()))),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: serde_json::Value = r.into_json().unwrap_or_default();
+                let message = v["error"]["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {code}"));
+                let exit_code = match code {
+                    401 | 403 => exit::FAILURE,
+                    400..=499 => exit::USAGE,
+                    _ => exit::BROKER,
+                };
+                Err((
+                    Some(code),
+                    Failure::new(exit_code, format!("{url}: {message}")),
+                ))
+            }
+            Err(e) => Err((
+                None,
+                Failure::new(
+                    exit::BROKER,
+                    format!("failed to reach the taskd API at {}: {e}", self.base),
+                ),
+            )),
+        }
+    }
+}
+
 pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> {
     if let Some(remote) = Remote::new(&args.remote) {
         return run_remote(&remote, &args).await;

@@ -145,14 +145,29 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
     key!(
         "token",
         "none",
-        "the API's bearer token (at least 16 printable ASCII characters); never logged or printed",
+        "the API's bearer token (at least 16 printable ASCII characters); never logged or printed. The audit trail names it `default`",
         |cx, e, t| cx.token(e, t),
     ),
     key!(
         "token_file",
         "none",
-        "a file holding the token (trimmed); not together with `token`",
+        "a file holding the token (trimmed); not together with `token`. It must be a regular file no other user can read or change: not readable or writable by others, not writable by its group (0600, or 0640 with a group only the daemon's user is in), owned by root or the daemon's user; `check` and `start` refuse it otherwise",
         |cx, e, t| cx.token_file(e, t),
+    ),
+    key!(
+        "tokens",
+        "none",
+        "more API tokens, each with a name the audit trail records for every change made with it: `tokens = [{ name = \"ci\", token_file = \"/etc/taskd/ci.token\" }, { name = \"dashboard\", token_file = \"…\" }]` (or `[[taskd.tokens]]` tables). Each entry has a `name` (1–64 letters, digits, `_`, `-`, `.`; unique, and not `default` while `token` or `token_file` is set) and one of `token_file` (same rules as `token_file` above) or `token`; two names may not share a token. Any of them is accepted wherever the API wants a token. Commands other than `start`, `check` and `reload` do not open token files",
+        |cx, e, t| cx.tokens(e, t),
+    ),
+    key!(
+        "audit_keep",
+        "`100000`",
+        "how many audit records the broker keeps (1 to 10000000): the newest; each new record drops the oldest past this number. Records are small (a few hundred bytes). See `taskd audit` in the README",
+        |cx, e, t| {
+            t.audit_keep = cx.audit_keep(e);
+            t.audit_keep.is_some()
+        },
     ),
     key!(
         "log_tasks",

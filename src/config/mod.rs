@@ -66,9 +66,13 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of the HTTP API, dashboard and metrics, if any.
     pub listen: Option<SocketAddr>,
-    /// The API's bearer token (`token`, or the contents of `token_file`). Required when
-    /// `listen` is not a loopback address; mutating endpoints check it whenever it is set.
-    pub token: Option<Secret>,
+    /// The API's bearer tokens, each with the name the audit trail records: `token` (or
+    /// `token_file`) is named [`DEFAULT_TOKEN`], `tokens` adds named ones. At least one is
+    /// required when `listen` is not a loopback address; mutating endpoints check them
+    /// whenever there is one.
+    pub tokens: Vec<ApiToken>,
+    /// How many audit records the broker keeps, the newest (`audit_keep`).
+    pub audit_keep: usize,
     /// How long a draining daemon lets running tasks finish (default 30s).
     pub shutdown_grace: Duration,
     /// How long a claim holds a task unless renewed (`lease`); `None`: the broker's default
@@ -118,6 +122,39 @@ impl LogTasks {
             "none" => Some(LogTasks::None),
             _ => None,
         }
+    }
+}
+
+/// The name the audit trail gives the token of `token` or `token_file`.
+pub const DEFAULT_TOKEN: &str = "default";
+
+/// One API bearer token and its name (`tokens = [{ name = "ci", token_file = "…" }]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    /// `None` in a config read by a client command ([`load_as_client`]): a client never
+    /// checks tokens, so it does not open token files (which may be readable by the
+    /// daemon's user only).
+    pub secret: Option<Secret>,
+}
+
+impl Config {
+    /// Whether the API checks tokens (any is configured).
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// The name of the configured token that `given` is, if any. Every token is compared,
+    /// each in time independent of where the first difference is, so the answer's timing
+    /// does not say which token came closest.
+    pub fn token_name(&self, given: &str) -> Option<&str> {
+        let mut found = None;
+        for t in &self.tokens {
+            if t.secret.as_ref().is_some_and(|s| s.matches(given)) {
+                found = Some(t.name.as_str());
+            }
+        }
+        found
     }
 }
 
@@ -357,6 +394,8 @@ pub mod defaults {
     pub const DB_FILE_NAME: &str = "taskd.db";
     /// The control socket's file name inside the state directory, by default.
     pub const CONTROL_SOCKET_NAME: &str = "taskd.sock";
+    /// How many audit records the broker keeps (the newest) when `audit_keep` is not set.
+    pub const AUDIT_KEEP: usize = 100_000;
 }
 
 /// Limits on values, shared by the validator and its messages.
@@ -364,6 +403,8 @@ pub(crate) mod limits {
     pub const MAX_CONCURRENCY: i64 = 10_000;
     pub const MAX_ATTEMPTS: i64 = 1000;
     pub const MAX_START_RETRIES: i64 = 100;
+    /// The most audit records `audit_keep` may ask the broker to keep.
+    pub const MAX_AUDIT_KEEP: i64 = 10_000_000;
     /// The smallest `max_worker_memory`: below it no interpreter even starts.
     pub const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
     pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;

@@ -2,6 +2,7 @@
 //! position, key and fix.
 
 use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -1006,16 +1007,14 @@ fn api_tokens() {
     let c = ok(&format!(
         "[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{tok}\"\n"
     ));
-    assert!(c
-        .token
-        .as_ref()
-        .is_some_and(|t| t.matches(tok) && !t.matches("0123")));
+    assert_eq!(c.token_name(tok), Some("default"));
+    assert_eq!(c.token_name("0123"), None);
     assert!(
         !format!("{c:?}").contains(tok),
         "Debug must not show the token"
     );
     // A loopback listen needs none.
-    assert!(ok("[taskd]\nlisten = \"[::1]:7070\"\n").token.is_none());
+    assert!(!ok("[taskd]\nlisten = \"[::1]:7070\"\n").has_tokens());
     let d = one("[taskd]\nlisten = \"0.0.0.0:7070\"\n");
     at(&d, 2, 10, "taskd.listen");
     assert!(d.fix.as_deref().unwrap_or("").contains("token_file"), "{d}");
@@ -1025,8 +1024,9 @@ fn api_tokens() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("token");
     std::fs::write(&file, format!("{tok}\n")).expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let c = ok(&format!("[taskd]\ntoken_file = \"{}\"\n", file.display()));
-    assert!(c.token.as_ref().is_some_and(|t| t.matches(tok)));
+    assert_eq!(c.token_name(tok), Some("default"));
     let d = one(&format!(
         "[taskd]\ntoken = \"{tok}\"\ntoken_file = \"{}\"\n",
         file.display()
@@ -1034,4 +1034,71 @@ fn api_tokens() {
     assert!(d.message.contains("both"), "{d}");
     let d = one("[taskd]\ntoken_file = \"/nonexistent/taskd-token\"\n");
     at(&d, 2, 14, "taskd.token_file");
+}
+
+/// A token file with `text`, mode `mode`, in `dir`.
+fn token_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{text}\n")).expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    p
+}
+
+#[test]
+fn named_tokens_in_both_forms() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ci = token_file(dir.path(), "ci", "ci-token-0123456789abcdef", 0o600);
+    let dash = token_file(dir.path(), "dash", "dash-token-0123456789abcdef", 0o640);
+    let single = "single-token-0123456789abcdef";
+    let inline = ok(&format!(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{single}\"\ntokens = [{{ name = \"ci\", token_file = \"{}\" }}, {{ name = \"dash.v2\", token_file = \"{}\" }}]\n",
+        ci.display(),
+        dash.display()
+    ));
+    let tables = ok(&format!(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken = \"{single}\"\n\n[[taskd.tokens]]\nname = \"ci\"\ntoken_file = \"{}\"\n\n[[taskd.tokens]]\nname = \"dash.v2\"\ntoken_file = \"{}\"\n",
+        ci.display(),
+        dash.display()
+    ));
+    for c in [&inline, &tables] {
+        let names: Vec<&str> = c.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["default", "ci", "dash.v2"]);
+        assert_eq!(c.token_name(single), Some("default"));
+        assert_eq!(c.token_name("ci-token-0123456789abcdef"), Some("ci"));
+        assert_eq!(c.token_name("dash-token-0123456789abcdef"), Some("dash.v2"));
+        assert_eq!(c.token_name("ci-token-0123456789abcde"), None);
+        assert_eq!(c.audit_keep, defaults::AUDIT_KEEP);
+        assert!(
+            !format!("{c:?}").contains("ci-token"),
+            "Debug shows a token"
+        );
+    }
+    // Named tokens alone are enough for a non-loopback listen.
+    let c = ok(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntokens = [{ name = \"ci\", token = \"inline-token-0123456789\" }]\n",
+    );
+    assert_eq!(c.token_name("inline-token-0123456789"), Some("ci"));
+    let c = ok("[taskd]\naudit_keep = 5\n");
+    assert_eq!(c.audit_keep, 5);
+}
+
+/// A client command never opens token files: they may be the daemon's alone (0600, root),
+/// and loose or missing ones are for `check` and `start` to refuse.
+#[test]
+fn clients_do_not_open_token_files() {
+    let dir = tempfile::tempdir().expect("dir");
+    let loose = token_file(dir.path(), "loose", "loose-token-0123456789abcdef", 0o644);
+    let text = format!(
+        "[taskd]\nlisten = \"0.0.0.0:7070\"\ntoken_file = \"/nonexistent/taskd-token\"\ntokens = [{{ name = \"ci\", token_file = \"{}\" }}]\n",
+        loose.display()
+    );
+    let c = super::validate::validate_as(&text, Path::new("/etc/taskd/taskd.toml"), None, None)
+        .unwrap_or_else(|d| panic!("{}", ConfigError::Invalid(d)));
+    let names: Vec<&str> = c.tokens.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["default", "ci"]);
+    assert!(c.tokens.iter().all(|t| t.secret.is_none()));
+    assert_eq!(c.token_name("loose-token-0123456789abcdef"), None);
+    // The daemon (and `check`) refuse both files.
+    let d = errs(&text);
+    assert_eq!(d.len(), 2, "{d:#?}");
 }

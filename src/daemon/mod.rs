@@ -62,6 +62,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
+use crate::audit::{Action, Actor, AuditEntry};
 use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
@@ -126,8 +127,20 @@ impl Listeners {
     }
 }
 
-/// A reload asked through a [`Handle`]: what asked (for the log), and the way back.
+/// A reload asked through a [`Handle`]: what asked (for the log and the audit trail), and
+/// the way back.
 type ReloadOrder = (&'static str, oneshot::Sender<ReloadReply>);
+
+/// Who asked through a [`Handle`], for the audit trail: a signal's name (`SIGHUP`,
+/// `SIGTERM`, which `taskd start` passes) is a signal; anything else is the daemon's own
+/// caller (a program that embeds it), recorded as the daemon.
+fn handle_actor(why: &str) -> Actor {
+    if why.starts_with("SIG") {
+        Actor::signal(why)
+    } else {
+        Actor::daemon()
+    }
+}
 
 /// How a running daemon is steered from outside: [`run`] takes these, its caller keeps
 /// [`Controls::handle`]s. `taskd start` turns SIGTERM and SIGINT into [`Handle::shutdown`]
@@ -145,6 +158,7 @@ impl Controls {
                 shutdown: CancellationToken::new(),
                 now: CancellationToken::new(),
                 reloads: reloads_tx,
+                stopped_by: Arc::new(std::sync::Mutex::new(None)),
             },
             reloads,
         }
@@ -168,6 +182,8 @@ pub struct Handle {
     shutdown: CancellationToken,
     now: CancellationToken,
     reloads: mpsc::Sender<ReloadOrder>,
+    /// What asked for the shutdown ([`Self::shutdown_because`]), for the audit trail.
+    stopped_by: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 impl Handle {
@@ -175,6 +191,16 @@ impl Handle {
     /// interrupted and put back; [`run`] returns once every result is recorded.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// [`Self::shutdown`], saying what asked for it (`SIGTERM`): the audit trail's record of
+    /// the stop names it.
+    pub fn shutdown_because(&self, why: &'static str) {
+        self.stopped_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+        self.shutdown();
     }
 
     /// Drain without the grace: running tasks are killed (SIGKILL, no `kill_grace`) and put
@@ -194,7 +220,8 @@ impl Handle {
     }
 
     /// Read the config file again and apply it, as `taskd reload` does; `why` starts the log
-    /// line ("SIGHUP: config reloaded from …").
+    /// line ("SIGHUP: config reloaded from …") and is who the audit trail records: a signal
+    /// for a signal's name, else the daemon.
     pub async fn reload(&self, why: &'static str) -> ReloadReply {
         let (tx, rx) = oneshot::channel();
         let gone = || ReloadReply {
@@ -266,8 +293,9 @@ pub async fn run(
     let node = node_id();
     announce(&config, broker.as_ref(), &node).await;
     let (requests_tx, requests) = mpsc::channel::<Incoming>(8);
-    let control = serve_control(listeners.control, &requests_tx)?;
-    let start_log = recovery::recover(&config, broker.as_ref()).await?;
+    let (streamer, followers) = followers_channel(listeners.control.is_some());
+    let control = serve_control(listeners.control, &requests_tx, streamer)?;
+    let (start_log, recovered) = recovery::recover(&config, broker.as_ref()).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let (supervisor, lease) =
         start_supervisor(&config, &broker, node, start_log, metrics.clone()).await?;
@@ -279,8 +307,18 @@ pub async fn run(
         store_file,
         lease,
     ));
+    let follow = crate::follow::Source {
+        broker: broker.clone(),
+        live: Some(supervisor.live()),
+        node: Some(supervisor.node().to_string()),
+    };
+    if let Some(rx) = followers {
+        spawn_followers(follow.clone(), rx);
+    }
     let stats = stats::StatsWriter::start(broker.clone(), metrics.clone());
-    let api = AppState::new(broker.clone(), config.clone(), metrics).with_control(requests_tx);
+    let api = AppState::new(broker.clone(), config.clone(), metrics)
+        .with_control(requests_tx)
+        .with_follow(follow);
     reload::fit_api(&api, &config);
     let api_stop = CancellationToken::new();
     let api_done = serve_api(listeners.api, &api, &config, &api_stop);
@@ -295,22 +333,26 @@ pub async fn run(
         api_done,
         stats: Some(stats),
     };
-    daemon.ready();
+    daemon.ready(recovered);
     let now = controls.handle.now.clone();
+    let stopped_by = controls.handle.stopped_by.clone();
     daemon.answer_until_shutdown(requests, controls).await;
-    daemon.stop(now).await;
+    let why = *stopped_by.lock().unwrap_or_else(|p| p.into_inner());
+    daemon.stop(now, why).await;
     Ok(())
 }
 
-/// Serve the control socket, if there is one, into the main loop's `requests`.
+/// Serve the control socket, if there is one, into the main loop's `requests`; its follow
+/// requests go to `streamer`.
 fn serve_control(
     listener: Option<UnixListener>,
     requests: &mpsc::Sender<Incoming>,
+    streamer: Option<crate::control::Streamer>,
 ) -> Result<Option<JoinHandle<()>>, Failure> {
     let Some(listener) = listener else {
         return Ok(None);
     };
-    crate::control::serve(listener, requests.clone())
+    crate::control::serve(listener, requests.clone(), streamer)
         .map(Some)
         .map_err(|e| {
             Failure::new(
@@ -318,6 +360,83 @@ fn serve_control(
                 format!("failed to serve the control socket: {e}"),
             )
         })
+}
+
+/// A follow request of the control socket, with its connection.
+type FollowRequest = (Request, std::os::unix::net::UnixStream);
+
+/// The control socket's follow requests (`taskd logs --follow`, `taskd tail`) on their way to
+/// the followers' thread: the [`crate::control::Streamer`] that sends them, and the receiving
+/// end for [`spawn_followers`]. None without a control socket. The thread ends when the
+/// control socket's loop (which holds the streamer) is aborted.
+fn followers_channel(
+    control: bool,
+) -> (
+    Option<crate::control::Streamer>,
+    Option<mpsc::UnboundedReceiver<FollowRequest>>,
+) {
+    if !control {
+        return (None, None);
+    }
+    let (tx, rx) = mpsc::unbounded_channel::<FollowRequest>();
+    let streamer: crate::control::Streamer = Arc::new(move |req, stream| match stream.into_std() {
+        Ok(s) => {
+            let _ = tx.send((req, s));
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "a follower's connection could not be handed over")
+        }
+    });
+    (Some(streamer), Some(rx))
+}
+
+/// The thread that serves the control socket's follow sessions, each a JSON event per line,
+/// at most [`crate::follow::MAX_CONTROL_SESSIONS`] at once: a follower never takes the
+/// supervisor's turn.
+fn spawn_followers(source: crate::follow::Source, mut rx: mpsc::UnboundedReceiver<FollowRequest>) {
+    let spawned = std::thread::Builder::new()
+        .name("taskd-follow".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to start the followers' runtime; `taskd logs --follow` reads the broker only");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let sessions = Arc::new(tokio::sync::Semaphore::new(
+                    crate::follow::MAX_CONTROL_SESSIONS,
+                ));
+                while let Some((req, stream)) = rx.recv().await {
+                    let source = source.clone();
+                    match sessions.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(async move {
+                                crate::follow::serve_control(source, req, stream).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            use std::io::Write;
+                            let mut stream = stream;
+                            let _ = stream.set_nonblocking(false);
+                            let _ = writeln!(
+                                stream,
+                                "{}",
+                                serde_json::json!({ "ok": false, "errors": [format!("{} followers are connected already, the most this daemon serves; try again later", crate::follow::MAX_CONTROL_SESSIONS)] })
+                            );
+                        }
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "failed to start the followers' thread; `taskd logs --follow` reads the broker only");
+    }
 }
 
 /// The loops that watch over a running supervisor: the store lock's answers (`taskd status`),
@@ -356,7 +475,7 @@ fn check_api_listeners(config: &Config, api: &[TcpListener]) -> Result<(), Failu
                 format!("an API listener has no address: {e}"),
             )
         })?;
-        if !addr.ip().is_loopback() && config.token.is_none() {
+        if !addr.ip().is_loopback() && !config.has_tokens() {
             return Err(Failure::new(
                 exit::CONFIG,
                 format!("{}: the API listens on {addr}, which is not a loopback address, and no `token` is set: set `token` or `token_file` in [taskd], or listen on a loopback address", config.path.display()),
@@ -428,7 +547,7 @@ fn serve_api(
         match listener.local_addr() {
             Ok(addr) => {
                 tracing::info!(
-                    token = config.token.is_some(),
+                    tokens = config.tokens.len(),
                     "API listening on http://{addr} (dashboard at /, metrics at /metrics)"
                 );
                 served.push((listener, state.clone().listening_on(addr)));
@@ -473,6 +592,27 @@ async fn serve_api_listeners(served: Vec<(TcpListener, AppState)>, stop: Cancell
     while all.join_next().await.is_some() {}
 }
 
+/// Writes an audit record, waiting at most `wait` (a broker that does not answer must not
+/// hold up a stop); a record that cannot be written is logged at warn with what it said.
+async fn record(broker: &dyn Broker, keep: usize, entry: &AuditEntry, wait: Duration) {
+    let failed = match tokio::time::timeout(wait, broker.audit(entry, keep)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "the broker did not answer within {}",
+            humantime::format_duration(wait)
+        ),
+    };
+    tracing::warn!(
+        action = %entry.action,
+        who = %entry.actor,
+        target = %entry.target(),
+        outcome = %entry.outcome,
+        detail = %entry.detail,
+        "could not write the audit record: {failed}"
+    );
+}
+
 /// What the daemon holds while it serves, for its main loop and its drain.
 struct Running {
     config: Config,
@@ -490,13 +630,27 @@ struct Running {
 }
 
 impl Running {
-    /// Serving: tell systemd (and the log), and keep its status line fresh.
-    fn ready(&mut self) {
+    /// Serving: tell systemd (and the log), record the start in the audit trail (with how
+    /// many tasks a previous daemon left running were queued again), and keep the status
+    /// line fresh.
+    fn ready(&mut self, recovered: usize) {
         self.notifier.send(&format!(
             "READY=1\nSTATUS={}",
             status::status_line(&self.supervisor)
         ));
         tracing::info!("ready");
+        let start = AuditEntry::new(Actor::daemon(), Action::Start).ok(format!(
+            "taskd {} started as node {} ({} queues{})",
+            env!("CARGO_PKG_VERSION"),
+            self.supervisor.node(),
+            self.config.queues.len(),
+            if recovered > 0 {
+                format!("; {recovered} tasks a previous daemon left running were queued again")
+            } else {
+                String::new()
+            }
+        ));
+        self.spawn_record(start, None);
         let ping = status::ping(
             self.notifier.clone(),
             self.supervisor.clone(),
@@ -519,35 +673,84 @@ impl Running {
             tokio::select! {
                 _ = handle.shutdown_asked() => return,
                 Some((why, reply)) = reloads.recv() => {
-                    let _ = reply.send(self.reload(why));
+                    let answer = self.reload(why);
+                    let entry = reload::audit_entry(handle_actor(why), &answer);
+                    self.spawn_record(entry, Some((reply, answer)));
                 }
-                Some((request, reply)) = requests.recv() => {
-                    let _ = reply.send(self.answer(request));
+                Some(Incoming { request, who, reply }) = requests.recv() => {
+                    if request.is_stream() {
+                        // Follow requests are answered on their connection by the
+                        // followers' thread; none comes here. Nothing changes: no record.
+                        let _ = reply.send(ReloadReply {
+                            ok: false,
+                            changes: Vec::new(),
+                            errors: vec!["not a request for the daemon's main loop".into()],
+                        });
+                        continue;
+                    }
+                    let (answer, entry) = self.answer(request, who);
+                    self.spawn_record(entry, Some((reply, answer)));
                 }
             }
         }
     }
 
-    /// A request from the control socket or the API.
-    fn answer(&mut self, request: Request) -> ReloadReply {
+    /// A request from the control socket or the API, made by `who`: the answer, and its
+    /// audit record.
+    fn answer(&mut self, request: Request, who: Actor) -> (ReloadReply, AuditEntry) {
         match request {
-            Request::Reload => self.reload("taskd reload"),
-            Request::Restart { queue } => match self.supervisor.restart_workers(&queue) {
-                Ok(what) => {
-                    tracing::info!(queue = %queue, "restart requested: {what}");
-                    ReloadReply {
-                        ok: true,
-                        changes: vec![what],
-                        errors: Vec::new(),
+            Request::Follow { .. } | Request::Tail { .. } => {
+                unreachable!("the main loop answers follow requests before they come here")
+            }
+            Request::Reload => {
+                let answer = self.reload(&format!("taskd reload ({who})"));
+                let entry = reload::audit_entry(who, &answer);
+                (answer, entry)
+            }
+            Request::Restart { queue } => {
+                let mut entry = AuditEntry::new(who, Action::Restart);
+                if let Ok(q) = queue.parse() {
+                    entry = entry.queue(q);
+                }
+                match self.supervisor.restart_workers(&queue) {
+                    Ok(what) => {
+                        tracing::info!(queue = %queue, who = %entry.actor, "restart requested: {what}");
+                        let answer = ReloadReply {
+                            ok: true,
+                            changes: vec![what.clone()],
+                            errors: Vec::new(),
+                        };
+                        (answer, entry.ok(what))
+                    }
+                    Err(why) => {
+                        let answer = ReloadReply {
+                            ok: false,
+                            changes: Vec::new(),
+                            errors: vec![why.clone()],
+                        };
+                        (answer, entry.refused(why))
                     }
                 }
-                Err(why) => ReloadReply {
-                    ok: false,
-                    changes: Vec::new(),
-                    errors: vec![why],
-                },
-            },
+            }
         }
+    }
+
+    /// Writes an audit record beside the main loop (which must go on answering while the
+    /// broker takes it), then sends `reply`'s answer: whoever asked finds the record once
+    /// answered.
+    fn spawn_record(
+        &self,
+        entry: AuditEntry,
+        reply: Option<(oneshot::Sender<ReloadReply>, ReloadReply)>,
+    ) {
+        let broker = self.broker.clone();
+        let keep = self.config.audit_keep;
+        tokio::spawn(async move {
+            record(broker.as_ref(), keep, &entry, Duration::from_secs(30)).await;
+            if let Some((tx, answer)) = reply {
+                let _ = tx.send(answer);
+            }
+        });
     }
 
     /// Reload the config (see [`reload`]) and hand it to the API, telling systemd.
@@ -566,8 +769,25 @@ impl Running {
     /// Drain: the API answers 503; running tasks get `shutdown_grace` (`now`: none); then
     /// the API and the background loops stop, and on a shared broker the node leaves its
     /// registry. Returns once every result is recorded.
-    async fn stop(mut self, now: CancellationToken) {
+    async fn stop(mut self, now: CancellationToken, why: Option<&'static str>) {
         self.api.draining.cancel();
+        let who = match why {
+            Some(signal) => handle_actor(signal),
+            None => Actor::daemon(),
+        };
+        let stop = AuditEntry::new(who, Action::Stop).ok(format!(
+            "draining: {} tasks running get shutdown_grace ({}) to finish",
+            self.supervisor.snapshot().running,
+            humantime::format_duration(self.config.shutdown_grace)
+        ));
+        // Waited for, briefly: the process may end soon after the drain.
+        record(
+            self.broker.as_ref(),
+            self.config.audit_keep,
+            &stop,
+            Duration::from_secs(2),
+        )
+        .await;
         // Tell systemd how long the drain may take, so that it does not kill us mid-drain.
         let drain_bound = self.config.shutdown_grace
             + self

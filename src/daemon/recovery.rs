@@ -16,8 +16,12 @@ const LEFT_RUNNING: &str =
 
 /// Open the start log (`state_dir/started.log`) and take back what the previous daemon left:
 /// the tasks it noted as starting count as started (their history then says `lost`). The
-/// start log is handed on to the supervisor.
-pub(super) async fn recover(config: &Config, broker: &dyn Broker) -> anyhow::Result<StartLog> {
+/// start log is handed on to the supervisor, with how many tasks were queued again (for the
+/// audit record of the daemon's start).
+pub(super) async fn recover(
+    config: &Config,
+    broker: &dyn Broker,
+) -> anyhow::Result<(StartLog, usize)> {
     let (start_log, noted) = StartLog::open(&config.state_dir).map_err(|e| {
         Failure::new(
             exit::FAILURE,
@@ -28,16 +32,18 @@ pub(super) async fn recover(config: &Config, broker: &dyn Broker) -> anyhow::Res
         )
     })?;
     let noted: Vec<TaskId> = noted.into_iter().collect();
-    if broker.shared() {
+    let recovered = if broker.shared() {
         kill_own_leftovers(broker, &noted).await;
+        0
     } else {
-        recover_all(broker, &noted).await?;
-    }
-    Ok(start_log)
+        recover_all(broker, &noted).await?
+    };
+    Ok((start_log, recovered))
 }
 
-/// The embedded store: every task left running is queued again, its processes killed.
-async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<()> {
+/// The embedded store: every task left running is queued again, its processes killed; how
+/// many.
+async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<usize> {
     if !noted.is_empty() {
         broker.adopt_started(noted).await?;
     }
@@ -50,7 +56,7 @@ async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<()
             "recovered tasks left running by a previous daemon"
         );
     }
-    Ok(())
+    Ok(orphans.len())
 }
 
 /// A shared broker: never `Recover::All`. This node's own tasks from before a crash are taken

@@ -29,6 +29,7 @@
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
 mod escalation;
+pub mod live;
 pub(crate) mod output;
 mod procs;
 mod setup;
@@ -114,6 +115,8 @@ pub struct Spec {
     /// Resource limits to set before exec. Without an `RLIMIT_NOFILE` entry, the open-files
     /// soft limit is reset to [`TASK_NOFILE_SOFT`].
     pub limits: Vec<Rlimit>,
+    /// The attempt's live ring: its output is pushed there too, for followers.
+    pub live: Option<std::sync::Arc<live::LiveOutput>>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -397,6 +400,8 @@ pub async fn run(spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spawned
         out.lines = Some(output::Lines::new("stdout"));
         err.lines = Some(output::Lines::new("stderr"));
     }
+    out.follow(spec.live.as_ref(), live::Stream::Stdout);
+    err.follow(spec.live.as_ref(), live::Stream::Stderr);
     let mut esc = Escalation::new(pid);
 
     let (waited, stray_killed) = {

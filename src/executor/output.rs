@@ -146,6 +146,8 @@ pub(crate) struct Capture {
     pub(crate) total: u64,
     pub(crate) log: Option<LogFile>,
     pub(crate) lines: Option<Lines>,
+    /// The attempt's live ring, for followers (`taskd logs --follow`), and which stream this is.
+    pub(crate) live: Option<(std::sync::Arc<super::live::LiveOutput>, super::live::Stream)>,
 }
 
 impl Capture {
@@ -155,7 +157,17 @@ impl Capture {
             total: 0,
             log,
             lines: None,
+            live: None,
         }
+    }
+
+    /// Also push everything into `live`, as `stream`.
+    pub(crate) fn follow(
+        &mut self,
+        live: Option<&std::sync::Arc<super::live::LiveOutput>>,
+        stream: super::live::Stream,
+    ) {
+        self.live = live.map(|l| (l.clone(), stream));
     }
 
     pub(crate) fn push(&mut self, data: &[u8]) {
@@ -166,6 +178,9 @@ impl Capture {
         }
         if let Some(lines) = &mut self.lines {
             lines.push(data);
+        }
+        if let Some((live, stream)) = &self.live {
+            live.push(*stream, data);
         }
     }
 

@@ -40,6 +40,7 @@ fn spec(argv: &[&str]) -> Spec {
         user: None,
         umask: None,
         limits: Vec::new(),
+        live: None,
         log_lines: false,
     }
 }

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups};
 use crate::config::{Config, LogTasks};
+use crate::executor::live::{EndInfo, Live, LiveOutput};
 use crate::executor::{self, Stop};
 use crate::model::{now_ms, AttemptReason, AttemptRecord, NodeId, QueueName, TaskId};
 use crate::worker;
@@ -187,6 +188,8 @@ pub struct Supervisor {
     workers: Arc<worker::Registry>,
     /// `[taskd] log_tasks`, set by [`Self::apply`] (a reload changes it); `None` before.
     log_tasks: Mutex<Option<LogTasks>>,
+    /// The live output of the attempts running here, for followers (`taskd logs --follow`).
+    live: Arc<Live>,
 }
 
 impl Supervisor {
@@ -214,7 +217,13 @@ impl Supervisor {
             start_log,
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
+            live: Live::new(),
         })
+    }
+
+    /// The live output of the attempts running on this node (and of those that just ended).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
     }
 
     /// Claim with leases of `lease`, renewed every third of it. Set before [`Self::start`].
@@ -671,6 +680,7 @@ impl Supervisor {
         let config = prepared.config.clone();
         let started_at = now_ms();
         let mut ran = None;
+        let mut live: Option<Arc<LiveOutput>> = None;
         let spec = match reserved {
             Some(r) => Ok(Run::Worker(r)),
             None => prepared
@@ -734,12 +744,30 @@ impl Supervisor {
                 });
                 let began = std::time::Instant::now();
                 self.metrics.started(&queue.name);
+                // Registered before the process starts: a follower sees its first byte.
+                let out = self.live.start(
+                    claimed.task.id,
+                    &queue.name,
+                    claimed.attempt,
+                    self.node.as_str(),
+                );
+                live = Some(out.clone());
                 let outcome = match spec {
-                    Run::Exec(spec) => executor::run(*spec, stop, Some(tx)).await,
+                    Run::Exec(mut spec) => {
+                        spec.live = Some(out);
+                        executor::run(*spec, stop, Some(tx)).await
+                    }
                     Run::Worker(r) => {
                         let log = prepared.log_spec(claimed.task.id, claimed.attempt);
-                        r.run(claimed.task.clone(), claimed.attempt, log, stop, Some(tx))
-                            .await
+                        r.run(
+                            claimed.task.clone(),
+                            claimed.attempt,
+                            log,
+                            Some(out),
+                            stop,
+                            Some(tx),
+                        )
+                        .await
                     }
                 };
                 let mut rng = rand::thread_rng();
@@ -789,7 +817,12 @@ impl Supervisor {
         queue.running.fetch_sub(1, Ordering::AcqRel);
         self.start_held(&queue);
         queue.kick.notify_one();
+        let end = live.as_ref().map(|_| end_info(&record, finish));
         self.settle(queued, &claimed.lease, record, finish).await;
+        // Followers learn the end once the broker has it: what they read next agrees.
+        if let (Some(out), Some(end)) = (live, end) {
+            self.live.end(&out, end);
+        }
         self.leases
             .lock()
             .expect("not poisoned")
@@ -1121,6 +1154,29 @@ impl Supervisor {
             }
         }
         self.workers.remove_file();
+    }
+}
+
+/// How an attempt ended and what became of its task, for its followers.
+fn end_info(record: &AttemptRecord, finish: Finish) -> EndInfo {
+    use crate::model::TaskState;
+    let (state, run_at) = match finish {
+        Finish::Succeeded => (TaskState::Succeeded, None),
+        Finish::Retry { at } => (TaskState::Retrying, Some(at)),
+        Finish::Failed => (TaskState::Failed, None),
+        Finish::Cancelled => (TaskState::Cancelled, None),
+        Finish::Requeue | Finish::Release => (TaskState::Queued, None),
+    };
+    EndInfo {
+        ran: finish != Finish::Release,
+        reason: record.reason,
+        exit_code: record.exit_code,
+        signal: record.signal,
+        error: record.error.clone(),
+        started_at: record.started_at,
+        ended_at: record.ended_at,
+        state,
+        run_at,
     }
 }
 

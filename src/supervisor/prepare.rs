@@ -75,6 +75,7 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            live: None,
         })
     }
 
@@ -121,6 +122,7 @@ impl Prepared {
             user,
             umask: q.umask,
             limits: self.limits.clone(),
+            live: None,
         })
     }
 }

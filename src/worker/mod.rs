@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Doubling;
 use crate::config::{QueueConfig, WorkerProgram};
+use crate::executor::live::{LiveOutput, Stream};
 use crate::executor::output::{Capture, Lines};
 use crate::executor::{
     open_log, sleep_until_opt, Escalation, LogSpec, Outcome, Runner, Spawned, Spec, Status, Stop,
@@ -90,6 +91,8 @@ struct Job {
     attempt: u32,
     /// The attempt's full-output files, if the queue keeps them.
     log: Option<LogSpec>,
+    /// The attempt's live ring, for followers.
+    live: Option<Arc<LiveOutput>>,
     stop: Stop,
     spawned: Option<oneshot::Sender<Spawned>>,
     reply: oneshot::Sender<Outcome>,
@@ -178,12 +181,15 @@ pub struct Reserved {
 }
 
 impl Reserved {
-    /// Runs the task on the reserved worker. `spawned` receives the worker's pid at once.
+    /// Runs the task on the reserved worker. `spawned` receives the worker's pid at once;
+    /// the task's output goes to `live` too.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         mut self,
         task: TaskRecord,
         attempt: u32,
         log: Option<LogSpec>,
+        live: Option<Arc<LiveOutput>>,
         stop: Stop,
         spawned: Option<oneshot::Sender<Spawned>>,
     ) -> Outcome {
@@ -195,6 +201,7 @@ impl Reserved {
             task,
             attempt,
             log,
+            live,
             stop,
             spawned,
             reply,
@@ -864,6 +871,8 @@ async fn run_task(shared: &Shared, slot: &Slot, process: &mut Proc, job: Job) ->
     }
     let line = task_line(task, job.attempt, q.max_attempts);
     let (mut out, mut err) = captures(q, job.log.as_ref());
+    out.follow(job.live.as_ref(), Stream::Stdout);
+    err.follow(job.live.as_ref(), Stream::Stderr);
     let status = converse(
         process, &line, task.id, &job.stop, q, &span, &mut out, &mut err,
     )

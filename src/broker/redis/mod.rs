@@ -31,6 +31,7 @@ use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
     Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
 use crate::model::{
     now_ms, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState,
@@ -67,6 +68,9 @@ const QUEUES: &str = "taskd:queues";
 const NODES: &str = "taskd:nodes";
 /// The wake-up channel.
 const WAKE: &str = "taskd:wake";
+/// The audit trail: a stream capped at the newest `audit_keep` entries, each with one field
+/// `r` (the entry as JSON); the entry id (`<ms>-<n>`, the server's clock) orders them.
+const AUDIT: &str = "taskd:audit";
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one command may wait for its answer before the connection counts as broken.
@@ -1386,6 +1390,66 @@ impl Broker for RedisBroker {
         true
     }
 
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let json = serde_json::to_string(entry).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        // Exact trimming (not `~`): the stream holds the newest `keep`, no more. XADD trims
+        // in the same command, from the oldest end.
+        let _: String = redis::cmd("XADD")
+            .arg(AUDIT)
+            .arg("MAXLEN")
+            .arg(keep.max(1))
+            .arg("*")
+            .arg("r")
+            .arg(json)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let end = match &filter.before {
+            Some(b) if stream_id(b).is_some() => format!("({b}"),
+            Some(b) => {
+                return Err(BrokerError::Conflict(format!(
+                    "`{b}` is not an audit record id of this store"
+                )))
+            }
+            None => "+".to_string(),
+        };
+        let start = match filter.since {
+            Some(t) => t.max(0).to_string(),
+            None => "-".to_string(),
+        };
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(AUDIT).arg(end).arg(start);
+        if filter.limit > 0 {
+            cmd.arg("COUNT").arg(filter.limit);
+        }
+        let rows: Vec<(String, Vec<(String, String)>)> = cmd
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(id, fields)| {
+                let at = stream_id(&id).map(|(ms, _)| ms).ok_or_else(|| {
+                    BrokerError::Storage(format!("{AUDIT}: entry id `{id}` is not a stream id"))
+                })?;
+                let json = fields
+                    .into_iter()
+                    .find(|(k, _)| k == "r")
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| {
+                        BrokerError::Storage(format!("{AUDIT}: entry {id} has no `r`"))
+                    })?;
+                let entry = serde_json::from_str(&json).map_err(|e| {
+                    BrokerError::Storage(format!("{AUDIT}: entry {id} cannot be read: {e}"))
+                })?;
+                Ok(AuditRecord { id, at, entry })
+            })
+            .collect()
+    }
+
     async fn schedule_states(
         &self,
         keys: &[super::ScheduleKey],
@@ -1503,6 +1567,12 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+}
+
+/// A stream entry id, `<ms>-<n>`, as its two numbers.
+fn stream_id(id: &str) -> Option<(UnixMs, u64)> {
+    let (ms, n) = id.split_once('-')?;
+    Some((ms.parse().ok()?, n.parse().ok()?))
 }
 
 fn server_ms(time: &[String]) -> Option<UnixMs> {

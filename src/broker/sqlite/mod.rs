@@ -43,6 +43,7 @@ use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
     QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
     TaskRecord, TaskState, UnixMs,
@@ -823,6 +824,78 @@ impl Broker for SqliteBroker {
 
     async fn subscribe(&self) -> Result<Wakeups> {
         wake::listen(&self.wake_path)
+    }
+
+    async fn audit(&self, entry: &AuditEntry, keep: usize) -> Result<()> {
+        let record =
+            serde_json::to_string(entry).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let action = entry.action.as_str();
+        let outcome = entry.outcome.as_str();
+        let task = entry.task.map(|t| t.to_string());
+        let queue = entry.queue.as_ref().map(|q| q.as_str().to_string());
+        let keep = keep.max(1) as i64;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO audit (at, action, task, queue, outcome, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| s.execute(params![now_ms(), action, task, queue, outcome, record]))
+            .map_err(storage)?;
+            // `seq` has no gaps among the records kept (AUTOINCREMENT, and only the oldest
+            // are ever deleted): the newest `keep` are those above this one's seq − keep.
+            let seq = conn.last_insert_rowid();
+            conn.prepare_cached("DELETE FROM audit WHERE seq <= ?1")
+                .and_then(|mut s| s.execute([seq - keep]))
+                .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let before: Option<i64> = match &filter.before {
+            Some(b) => Some(b.parse().map_err(|_| {
+                BrokerError::Conflict(format!("`{b}` is not an audit record id of this store"))
+            })?),
+            None => None,
+        };
+        let since = filter.since;
+        let limit = if filter.limit == 0 {
+            -1
+        } else {
+            filter.limit as i64
+        };
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, at, record FROM audit
+                     WHERE (?1 IS NULL OR at >= ?1) AND (?2 IS NULL OR seq < ?2)
+                     ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map(params![since, before, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(storage)?;
+            rows.into_iter()
+                .map(|(seq, at, record)| {
+                    let entry = serde_json::from_str(&record).map_err(|e| {
+                        BrokerError::Storage(format!("audit record {seq} cannot be read: {e}"))
+                    })?;
+                    Ok(AuditRecord {
+                        id: seq.to_string(),
+                        at,
+                        entry,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn schedule_states(

@@ -121,6 +121,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (minute, queue)
     ) WITHOUT ROWID;
     "#,
+    // 5: the audit trail: who changed what (broker rule 11). `seq` orders the records and is
+    // never reused (AUTOINCREMENT), so that a cursor stays valid after old records are
+    // dropped; `record` is the whole entry as JSON; `action`, `task` and `queue` are there to
+    // be read with sqlite3.
+    r#"
+    CREATE TABLE audit (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        action  TEXT    NOT NULL,
+        task    TEXT,
+        queue   TEXT,
+        outcome TEXT    NOT NULL,
+        record  TEXT    NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at);
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.

@@ -208,6 +208,8 @@ enum Section {
     Queue,
     Backoff,
     Limits,
+    /// An entry of `[taskd] tokens`.
+    Tokens,
     Schedule,
 }
 
@@ -349,6 +351,7 @@ impl Cx<'_> {
             }
         }
 
+        let tokens = taskd.api_tokens();
         let max_payload = taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD);
         let queues_broken = queues.len() < queue_tables.len();
         let schedules = self.schedules(&schedule_tables, &queues, max_payload, queues_broken);
@@ -370,13 +373,13 @@ impl Cx<'_> {
         let control_socket = taskd
             .control_socket
             .unwrap_or_else(|| state_dir.join(defaults::CONTROL_SOCKET_NAME));
-        if let (Some(addr), None) = (taskd.listen, &taskd.token) {
+        if let (Some(addr), false) = (taskd.listen, taskd.token_written) {
             if !addr.ip().is_loopback() {
                 self.error(
                     taskd.listen_span.clone(),
                     "taskd.listen",
                     format!("listen = \"{addr}\" is reachable from other hosts, and no API token is set: anyone could enqueue and cancel tasks"),
-                    Some("set `token = \"…\"` or `token_file = \"/etc/taskd/token\"` in [taskd], or listen on a loopback address such as \"127.0.0.1:7070\"".into()),
+                    Some("set `token_file = \"/etc/taskd/token\"` (or `tokens = [{ name = \"ci\", token_file = \"…\" }]`) in [taskd], or listen on a loopback address such as \"127.0.0.1:7070\"".into()),
                 );
             }
         }
@@ -387,7 +390,8 @@ impl Cx<'_> {
             broker,
             state_dir,
             listen: taskd.listen,
-            token: taskd.token,
+            tokens,
+            audit_keep: taskd.audit_keep.unwrap_or(defaults::AUDIT_KEEP),
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
             max_payload,

@@ -10,7 +10,7 @@ use toml_edit::TableLike;
 
 use super::super::units::{self, DurationError};
 use super::{entries, keys, resolve, Cx, Entry, Section, Span};
-use crate::config::{defaults, BrokerUrl, LogTasks, Secret};
+use crate::config::{defaults, ApiToken, BrokerUrl, LogTasks, Secret, DEFAULT_TOKEN};
 
 /// The `[taskd]` table as read.
 #[derive(Default)]
@@ -25,8 +25,42 @@ pub(in crate::config) struct TaskdLayer {
     pub(in crate::config) state_group: Option<String>,
     /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
     pub(in crate::config) listen_span: Span,
-    pub(in crate::config) token: Option<Secret>,
+    /// `token` or `token_file`, named [`DEFAULT_TOKEN`].
+    pub(in crate::config) token: Option<TokenRead>,
+    /// `tokens`, in file order.
+    pub(in crate::config) named: Vec<TokenRead>,
+    /// `token`, `token_file` or `tokens` is written, valid or not (an invalid one is
+    /// reported by itself, not again as a `listen` without a token).
+    pub(in crate::config) token_written: bool,
     pub(in crate::config) log_tasks: Option<LogTasks>,
+    pub(in crate::config) audit_keep: Option<usize>,
+}
+
+/// One API token as read: its name, its secret, where each was written.
+pub(in crate::config) struct TokenRead {
+    name: String,
+    /// `None`: a token file a client did not open (see [`ApiToken::secret`]).
+    secret: Option<Secret>,
+    /// Where the name was written (for `token`/`token_file`: the key) and its dotted key.
+    name_at: (Span, String),
+    /// Where the secret (or its file) was written.
+    secret_at: (Span, String),
+}
+
+/// A token name: what the audit trail records, and what an operator reads there.
+fn check_token_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("a token name must be 1 to 64 characters long".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        Some(c) => Err(format!(
+            "a token name may hold only ASCII letters, digits, `_`, `-` and `.`, not {c:?}"
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Cx<'_> {
@@ -35,6 +69,10 @@ impl Cx<'_> {
         for e in entries(table, path) {
             match keys::find(keys::TASKD, e.name) {
                 Some(key) => {
+                    // (`tokens = []` names no token.)
+                    out.token_written |= matches!(e.name, "token" | "token_file")
+                        || (e.name == "tokens"
+                            && e.item.as_array().map_or(true, |a| !a.is_empty()));
                     (key.read)(self, &e, &mut out);
                 }
                 None => {
@@ -43,7 +81,195 @@ impl Cx<'_> {
                 }
             }
         }
+        self.check_tokens(&out);
         out
+    }
+
+    /// Whether this read may open secret files. A client command (`submit`, `cancel`, …,
+    /// read with no identity to check) never checks a token, and may run as a user who
+    /// cannot read the daemon's token files: it does not open them.
+    fn reads_secrets(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Every token's name once, and every secret once (the audit trail names the token a
+    /// request carried: two names for one secret could not be told apart).
+    fn check_tokens(&mut self, layer: &TaskdLayer) {
+        let all: Vec<&TokenRead> = layer.token.iter().chain(layer.named.iter()).collect();
+        for (i, a) in all.iter().enumerate() {
+            let Some(first) = all[..i].iter().find(|b| b.name == a.name) else {
+                continue;
+            };
+            let (line, _) = first
+                .name_at
+                .0
+                .clone()
+                .map_or((0, 0), |s| self.position(s.start));
+            let (message, fix) = if a.name == DEFAULT_TOKEN || first.name == DEFAULT_TOKEN {
+                (
+                    format!("the token name `{DEFAULT_TOKEN}` is taken by `token`/`token_file` (line {line})"),
+                    "give this token another name, or move the single token into `tokens`".to_string(),
+                )
+            } else {
+                (
+                    format!("the token name `{}` is used twice (first on line {line})", a.name),
+                    "give each token its own name: the audit trail records it for every change made with the token".to_string(),
+                )
+            };
+            self.error(a.name_at.0.clone(), &a.name_at.1, message, Some(fix));
+        }
+        for (i, a) in all.iter().enumerate() {
+            let Some(sa) = &a.secret else { continue };
+            let Some(first) = all[..i]
+                .iter()
+                .find(|b| b.secret.as_ref().is_some_and(|sb| sb.matches(sa.expose())))
+            else {
+                continue;
+            };
+            self.error(
+                a.secret_at.0.clone(),
+                &a.secret_at.1,
+                format!(
+                    "tokens `{}` and `{}` hold the same token, so a request with it could not be told apart",
+                    first.name, a.name
+                ),
+                Some("generate a token per name: `head -c 32 /dev/urandom | base64`".into()),
+            );
+        }
+    }
+
+    /// `tokens = [{ name = "ci", token_file = "/etc/taskd/ci.token" }, …]`, or the same as
+    /// `[[taskd.tokens]]` tables; `false` when anything in it is invalid.
+    pub(in crate::config) fn tokens(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
+        const EXAMPLE: &str = "tokens = [{ name = \"ci\", token_file = \"/etc/taskd/ci.token\" }]";
+        let mut tables: Vec<(&dyn TableLike, Span, String)> = Vec::new();
+        let mut ok = true;
+        if let Some(array) = entry.item.as_array() {
+            for (i, v) in array.iter().enumerate() {
+                let path = format!("{}[{i}]", entry.path);
+                match v.as_inline_table() {
+                    Some(t) => tables.push((t, v.span(), path)),
+                    None => {
+                        self.error(
+                            v.span(),
+                            &path,
+                            format!(
+                                "each entry of tokens must be a table with a name and a token file, found {}",
+                                super::with_article(v.type_name())
+                            ),
+                            Some(format!("write `{EXAMPLE}`")),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+        } else if let Some(array) = entry.item.as_array_of_tables() {
+            for (i, t) in array.iter().enumerate() {
+                tables.push((t, t.span(), format!("{}[{i}]", entry.path)));
+            }
+        } else {
+            self.wrong_type(entry, "an array of tables", format!("write `{EXAMPLE}`"));
+            return false;
+        }
+        for (t, span, path) in tables {
+            let mut name: Option<(String, Span, String)> = None;
+            let mut secret: Option<(Option<Secret>, Span, String)> = None;
+            let mut entry_ok = true;
+            for f in entries(t, &path) {
+                match f.name {
+                    "name" => match self.string(&f, "\"ci\"") {
+                        Some(n) => match check_token_name(n) {
+                            Ok(()) => name = Some((n.to_string(), f.value_span(), f.path.clone())),
+                            Err(why) => {
+                                self.error(
+                                    f.value_span(),
+                                    &f.path,
+                                    why,
+                                    Some(
+                                        "name it as you would a queue, such as `name = \"ci\"`"
+                                            .into(),
+                                    ),
+                                );
+                                entry_ok = false;
+                            }
+                        },
+                        None => entry_ok = false,
+                    },
+                    "token" | "token_file" => {
+                        let read = if f.name == "token" {
+                            self.string(&f, "\"a-long-random-string\"")
+                                .and_then(|text| self.token_text(&f, text, "token"))
+                                .map(Some)
+                        } else {
+                            self.token_file_secret(&f)
+                        };
+                        match read {
+                            Some(value) => {
+                                if secret.is_some() {
+                                    self.error(
+                                        f.key_span(),
+                                        &f.path,
+                                        "both `token` and `token_file` are set in one `tokens` entry",
+                                        Some("keep one of them (token_file keeps the secret out of the config file)".into()),
+                                    );
+                                    entry_ok = false;
+                                }
+                                secret = Some((value, f.value_span(), f.path.clone()));
+                            }
+                            None => entry_ok = false,
+                        }
+                    }
+                    _ => {
+                        self.unknown_key(
+                            &f,
+                            Section::Tokens,
+                            "in a `tokens` entry",
+                            &["name", "token_file", "token"],
+                        );
+                        entry_ok = false;
+                    }
+                }
+            }
+            match (name, secret) {
+                (Some((name, name_span, name_path)), Some((secret, secret_span, secret_path)))
+                    if entry_ok =>
+                {
+                    out.named.push(TokenRead {
+                        name,
+                        secret,
+                        name_at: (name_span, name_path),
+                        secret_at: (secret_span, secret_path),
+                    });
+                }
+                (None, _) if entry_ok => {
+                    self.error(
+                        span,
+                        &path,
+                        "this `tokens` entry has no `name`; the audit trail records it for every change made with the token",
+                        Some(format!("add a name: `{EXAMPLE}`")),
+                    );
+                    entry_ok = false;
+                }
+                (Some((name, _, _)), None) if entry_ok => {
+                    self.error(
+                        span,
+                        &path,
+                        format!("the token `{name}` has neither `token_file` nor `token`"),
+                        Some(format!("add the file that holds it: `{EXAMPLE}`")),
+                    );
+                    entry_ok = false;
+                }
+                _ => {}
+            }
+            ok &= entry_ok;
+        }
+        ok
+    }
+
+    /// `audit_keep`: how many audit records the broker keeps.
+    pub(in crate::config) fn audit_keep(&mut self, entry: &Entry) -> Option<usize> {
+        self.int_in_range(entry, 1, crate::config::limits::MAX_AUDIT_KEEP, "100000")
+            .and_then(|n| usize::try_from(n).ok())
     }
 
     /// `state_group`: a group that exists on this system.
@@ -194,23 +420,73 @@ impl Cx<'_> {
         let Some(t) = self.token_text(entry, s, "token") else {
             return false;
         };
-        self.set_token(entry, out, t);
+        self.set_token(entry, out, Some(t));
         true
     }
 
     /// `token_file = "/path"`: the token is the file's text, trimmed.
     pub(in crate::config) fn token_file(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
-        let Some(p) = self.path(entry, "/etc/taskd/token") else {
-            return false;
-        };
-        match std::fs::read_to_string(&p) {
-            Ok(text) => {
-                let Some(t) = self.token_text(entry, text.trim(), "token_file") else {
-                    return false;
-                };
+        match self.token_file_secret(entry) {
+            Some(t) => {
                 self.set_token(entry, out, t);
                 true
             }
+            None => false,
+        }
+    }
+
+    /// A token file's token: `None` when it is invalid (reported); `Some(None)` when this
+    /// read does not open secret files ([`Self::reads_secrets`]). The file must be a
+    /// regular file that no other user can read or change: not readable or writable by
+    /// others, not writable by its group, owned by root or by the user reading it (the
+    /// daemon's user, under `taskd check` run as that user).
+    fn token_file_secret(&mut self, entry: &Entry) -> Option<Option<Secret>> {
+        use std::os::unix::fs::MetadataExt;
+        let p = self.path(entry, "/etc/taskd/token")?;
+        if !self.reads_secrets() {
+            return Some(None);
+        }
+        let problem = match std::fs::metadata(&p) {
+            Err(err) => Some((
+                format!("failed to read the token file {}: {err}", p.display()),
+                "create the file with the token on one line, readable by the daemon's user only (mode 0600)".to_string(),
+            )),
+            Ok(m) if !m.is_file() => Some((
+                format!("the token file {} is not a regular file", p.display()),
+                "point it at a file that holds the token on one line".to_string(),
+            )),
+            Ok(m) if m.mode() & 0o027 != 0 => Some((
+                format!(
+                    "the token file {} can be {} (mode {:04o}): anyone who can read it can change tasks through the API",
+                    p.display(),
+                    if m.mode() & 0o007 != 0 {
+                        "read or changed by every user of this machine"
+                    } else {
+                        "changed by its group"
+                    },
+                    m.mode() & 0o7777
+                ),
+                format!(
+                    "`chmod 600 {}` (or 640, with a group only the daemon's user is in)",
+                    p.display()
+                ),
+            )),
+            Ok(m) if m.uid() != 0 && Some(m.uid()) != self.identity.map(|i| i.euid) => Some((
+                format!(
+                    "the token file {} belongs to uid {}, neither root nor the user reading the config: its owner can change the token",
+                    p.display(),
+                    m.uid()
+                ),
+                format!("`chown root {}` (or the daemon's user)", p.display()),
+            )),
+            Ok(_) => None,
+        };
+        if let Some((message, fix)) = problem {
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
+            return None;
+        }
+        match std::fs::read_to_string(&p) {
+            Ok(text) => self.token_text(entry, text.trim(), "token_file").map(Some),
             Err(err) => {
                 self.error(
                     entry.value_span(),
@@ -218,7 +494,7 @@ impl Cx<'_> {
                     format!("failed to read the token file {}: {err}", p.display()),
                     Some("create the file with the token on one line, readable by the daemon's user only (mode 0600)".into()),
                 );
-                false
+                None
             }
         }
     }
@@ -249,7 +525,7 @@ impl Cx<'_> {
         }
     }
 
-    fn set_token(&mut self, entry: &Entry, out: &mut TaskdLayer, token: Secret) {
+    fn set_token(&mut self, entry: &Entry, out: &mut TaskdLayer, token: Option<Secret>) {
         if out.token.is_some() {
             self.error(
                 entry.key_span(),
@@ -260,7 +536,26 @@ impl Cx<'_> {
                 ),
             );
         }
-        out.token = Some(token);
+        out.token = Some(TokenRead {
+            name: DEFAULT_TOKEN.to_string(),
+            secret: token,
+            name_at: (entry.key_span(), entry.path.clone()),
+            secret_at: (entry.value_span(), entry.path.clone()),
+        });
+    }
+}
+
+impl TaskdLayer {
+    /// The tokens, the single one first.
+    pub(in crate::config) fn api_tokens(&self) -> Vec<ApiToken> {
+        self.token
+            .iter()
+            .chain(self.named.iter())
+            .map(|t| ApiToken {
+                name: t.name.clone(),
+                secret: t.secret.clone(),
+            })
+            .collect()
     }
 }
 
