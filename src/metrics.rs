@@ -146,12 +146,12 @@ impl Metrics {
         }
     }
 
-    pub fn enqueued(&self, queue: &QueueName, n: u64) {
+    pub fn enqueued(&self, queue: &QueueName, count: u64) {
         self.enqueued
             .get_or_create(&QueueLabel {
                 queue: queue.to_string(),
             })
-            .inc_by(n);
+            .inc_by(count);
     }
 
     pub fn started(&self, queue: &QueueName) {

@@ -104,23 +104,23 @@ impl Zone {
         jiff::tz::db().available().map(|n| n.to_string()).collect()
     }
 
-    /// `t` as a local time with its offset: `2026-03-29T03:00:00+02:00`.
-    pub fn show(&self, t: UnixMs) -> String {
-        match Timestamp::from_millisecond(t) {
+    /// `at` as a local time with its offset: `2026-03-29T03:00:00+02:00`.
+    pub fn show(&self, at: UnixMs) -> String {
+        match Timestamp::from_millisecond(at) {
             Ok(ts) => ts
                 .to_zoned(self.tz.clone())
                 .strftime("%Y-%m-%dT%H:%M:%S%:z")
                 .to_string(),
-            Err(_) => t.to_string(),
+            Err(_) => at.to_string(),
         }
     }
 }
 
-/// `t` in RFC 3339 UTC, to the second: `2026-03-29T01:00:00Z`. A slot's name.
-pub fn show_utc(t: UnixMs) -> String {
-    match Timestamp::from_millisecond(t) {
+/// `at` in RFC 3339 UTC, to the second: `2026-03-29T01:00:00Z`. A slot's name.
+pub fn show_utc(at: UnixMs) -> String {
+    match Timestamp::from_millisecond(at) {
         Ok(ts) => ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        Err(_) => t.to_string(),
+        Err(_) => at.to_string(),
     }
 }
 
@@ -227,8 +227,8 @@ fn field_at_fault(parser: &CronParser, fields: &[&str]) -> Option<String> {
 }
 
 /// croner's message, without its type prefixes, as a lower-case phrase.
-fn croner_says(e: &croner::errors::CronError) -> String {
-    let s = e.to_string();
+fn croner_says(error: &croner::errors::CronError) -> String {
+    let s = error.to_string();
     let s = s
         .trim_start_matches("Component error: ")
         .trim_start_matches("Invalid pattern: ")
@@ -284,19 +284,19 @@ impl Calendar {
         }
     }
 
-    /// The first slot strictly after `t`; `None` if there is none (before the year 9999).
-    pub fn next_after(&self, t: UnixMs) -> Option<UnixMs> {
+    /// The first slot strictly after `at`; `None` if there is none (before the year 9999).
+    pub fn next_after(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
-            Spec::Every { ms, .. } => Some((t.div_euclid(*ms) + 1) * ms),
+            Spec::Every { ms, .. } => Some((at.div_euclid(*ms) + 1) * ms),
             Spec::Cron { cron, .. } => {
-                let ts = Timestamp::from_millisecond(t).ok()?;
+                let ts = Timestamp::from_millisecond(at).ok()?;
                 let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
                 // Local times after a fold's second pass began map to its first pass, before
-                // `t`: skip them (at most a fold's worth of matches).
+                // `at`: skip them (at most a fold's worth of matches).
                 for _ in 0..200_000 {
                     c = cron.find_next_occurrence(&c, false).ok()?;
                     let s = self.instant(c)?;
-                    if s > t {
+                    if s > at {
                         return Some(s);
                     }
                 }
@@ -305,17 +305,17 @@ impl Calendar {
         }
     }
 
-    /// The last slot strictly before `t`.
-    pub fn prev_before(&self, t: UnixMs) -> Option<UnixMs> {
+    /// The last slot strictly before `at`.
+    pub fn prev_before(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
-            Spec::Every { ms, .. } => Some((t - 1).div_euclid(*ms) * ms),
+            Spec::Every { ms, .. } => Some((at - 1).div_euclid(*ms) * ms),
             Spec::Cron { cron, .. } => {
-                let ts = Timestamp::from_millisecond(t.saturating_add(FOLD_SLACK_MS)).ok()?;
+                let ts = Timestamp::from_millisecond(at.saturating_add(FOLD_SLACK_MS)).ok()?;
                 let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
                 for _ in 0..200_000 {
                     c = cron.find_previous_occurrence(&c, false).ok()?;
                     let s = self.instant(c)?;
-                    if s < t {
+                    if s < at {
                         return Some(s);
                     }
                 }
@@ -324,9 +324,9 @@ impl Calendar {
         }
     }
 
-    /// Whether the spec fires at all after `t` (`0 0 31 2 *` never does).
-    pub fn ever_after(&self, t: UnixMs) -> bool {
-        self.next_after(t).is_some()
+    /// Whether the spec fires at all after `at` (`0 0 31 2 *` never does).
+    pub fn ever_after(&self, at: UnixMs) -> bool {
+        self.next_after(at).is_some()
     }
 
     /// The slots in `(after, upto]`, with the newest `keep` of them.
@@ -402,17 +402,17 @@ impl Calendar {
         out
     }
 
-    /// The instant of local time `c`: itself when it exists once; the first instant after the
+    /// The instant of local `time`: itself when it exists once; the first instant after the
     /// gap when it does not exist; its first occurrence when it exists twice.
-    fn instant(&self, c: DateTime) -> Option<UnixMs> {
-        let amb = self.zone.tz.to_ambiguous_timestamp(c);
+    fn instant(&self, time: DateTime) -> Option<UnixMs> {
+        let amb = self.zone.tz.to_ambiguous_timestamp(time);
         let ts = match amb.offset() {
             AmbiguousOffset::Unambiguous { .. } => amb.compatible().ok()?,
             AmbiguousOffset::Fold { .. } => amb.earlier().ok()?,
             AmbiguousOffset::Gap { after, .. } => {
-                // Read with the offset after the gap, `c` is an instant before the clock
+                // Read with the offset after the gap, `time` is an instant before the clock
                 // jumped; the transition that follows it is where the gap ends.
-                let before_jump = after.to_timestamp(c).ok()?;
+                let before_jump = after.to_timestamp(time).ok()?;
                 self.zone
                     .tz
                     .following(before_jump)
@@ -448,8 +448,8 @@ impl Missed {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Missed> {
-        match s {
+    pub fn parse(text: &str) -> Option<Missed> {
+        match text {
             "skip" => Some(Missed::Skip),
             "latest" => Some(Missed::Latest),
             "all" => Some(Missed::All),

@@ -187,11 +187,11 @@ pub struct AuditView {
 }
 
 impl From<AuditRecord> for AuditView {
-    fn from(r: AuditRecord) -> AuditView {
-        let e = r.entry;
+    fn from(record: AuditRecord) -> AuditView {
+        let e = record.entry;
         AuditView {
-            id: r.id,
-            at: r.at,
+            id: record.id,
+            at: record.at,
             who: e.actor.describe(),
             target: e.target(),
             actor: e.actor,

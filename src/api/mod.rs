@@ -169,22 +169,22 @@ impl AppState {
     }
 
     /// A broker result, counting failures in `taskd_broker_errors_total`.
-    pub fn broker<T>(&self, r: crate::broker::Result<T>) -> Result<T, ApiError> {
-        r.map_err(|e| self.broker_error(e))
+    pub fn broker<T>(&self, result: crate::broker::Result<T>) -> Result<T, ApiError> {
+        result.map_err(|e| self.broker_error(e))
     }
 
     /// A broker error as the API answers it, counted in `taskd_broker_errors_total` when the
     /// store failed (not when it refused a request).
-    pub fn broker_error(&self, e: crate::broker::BrokerError) -> ApiError {
+    pub fn broker_error(&self, error: crate::broker::BrokerError) -> ApiError {
         if matches!(
-            e,
+            error,
             crate::broker::BrokerError::Unavailable(_)
                 | crate::broker::BrokerError::Storage(_)
                 | crate::broker::BrokerError::Full(_)
         ) {
             self.metrics.broker_error();
         }
-        ApiError::from(e)
+        ApiError::from(error)
     }
 }
 

@@ -692,8 +692,8 @@ mod tests {
         })
     }
 
-    fn to_json(v: impl serde::Serialize) -> Value {
-        serde_json::to_value(v).expect("the shapes serialize")
+    fn to_json(value: impl serde::Serialize) -> Value {
+        serde_json::to_value(value).expect("the shapes serialize")
     }
 
     /// An error body as every handler answers one (with details, or without).

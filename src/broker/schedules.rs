@@ -41,8 +41,8 @@ impl SlotOutcome {
         }
     }
 
-    pub fn parse(s: &str) -> Option<SlotOutcome> {
-        match s {
+    pub fn parse(text: &str) -> Option<SlotOutcome> {
+        match text {
             "fired" => Some(SlotOutcome::Fired),
             "caught_up" => Some(SlotOutcome::CaughtUp),
             "skipped" => Some(SlotOutcome::Skipped),

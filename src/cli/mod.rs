@@ -173,11 +173,11 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
     }
 }
 
-fn render_error(e: &anyhow::Error) -> String {
+fn render_error(error: &anyhow::Error) -> String {
     // taskd's own errors already say their cause in their message (and config errors carry
     // their file:line:column per diagnostic): print the chain only for context added on top.
-    let mut s = e.to_string();
-    for cause in e.chain().skip(1) {
+    let mut s = error.to_string();
+    for cause in error.chain().skip(1) {
         let c = cause.to_string();
         if !s.contains(&c) {
             s.push_str(&format!(": {c}"));
@@ -187,8 +187,8 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 /// Map an error to the exit code README.md ("Exit codes") and `--help` promise.
-pub fn code_for(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
+pub fn code_for(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return f.code;
         }

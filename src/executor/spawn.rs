@@ -305,13 +305,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The child's stack, reused by every spawn (one at a time: the lock is held across the
 /// clone, and the child is done with the stack when the clone returns).
-fn with_stack<T>(f: impl FnOnce(*mut libc::c_void) -> T) -> T {
+fn with_stack<T>(body: impl FnOnce(*mut libc::c_void) -> T) -> T {
     static STACK: Mutex<Option<Box<[u128]>>> = Mutex::new(None);
     let mut guard = STACK.lock().unwrap_or_else(PoisonError::into_inner);
     let stack = guard.get_or_insert_with(|| vec![0u128; STACK_SIZE / 16].into_boxed_slice());
     // The stack grows down: hand clone its top (16-byte aligned: the slice is of u128).
     let top = stack.as_mut_ptr_range().end as *mut libc::c_void;
-    f(top)
+    body(top)
 }
 
 /// Starts `argv` with exactly `env` in its own process group, in `cwd`, with stdout and

@@ -11,37 +11,37 @@ use crate::model::{AttemptReason, AttemptRecord, NodeId, UnixMs};
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
 /// the attempt's error).
 pub fn retry_or_fail(
-    q: &QueueConfig,
-    c: &Claimed,
-    a: &mut AttemptRecord,
+    queue: &QueueConfig,
+    claimed: &Claimed,
+    attempt: &mut AttemptRecord,
     now: UnixMs,
     rng: &mut dyn rand::RngCore,
 ) -> Finish {
-    if c.attempt >= q.max_attempts {
-        if let Some(e) = &mut a.error {
-            e.push_str(&format!("; gave up after {} attempts", c.attempt));
+    if claimed.attempt >= queue.max_attempts {
+        if let Some(e) = &mut attempt.error {
+            e.push_str(&format!("; gave up after {} attempts", claimed.attempt));
         }
         Finish::Failed
     } else {
         let mut r = rng;
-        let delay = q.backoff.delay(c.attempt, &mut r);
+        let delay = queue.backoff.delay(claimed.attempt, &mut r);
         Finish::Retry {
             at: now + delay.as_millis() as i64,
         }
     }
 }
 
-/// The record of one run of claimed task `c` on `node`, before its reason and error are
+/// The record of one run of `claimed` task on `node`, before its reason and error are
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
 fn attempt_of(
-    c: &Claimed,
+    claimed: &Claimed,
     node: &NodeId,
     pid: Option<i32>,
     (started_at, ended_at): (UnixMs, UnixMs),
     (stdout, stderr): (&[u8], &[u8]),
 ) -> AttemptRecord {
     AttemptRecord {
-        number: c.attempt,
+        number: claimed.attempt,
         node: node.clone(),
         pid,
         started_at,
@@ -61,23 +61,24 @@ fn attempt_of(
 /// the retry policy; a task no worker took goes back uncharged. Either way a cancel ends
 /// the task `cancelled`, and a shutdown puts it back uncharged.
 pub fn decide(
-    q: &QueueConfig,
-    c: &Claimed,
+    queue: &QueueConfig,
+    claimed: &Claimed,
     node: &NodeId,
-    o: Outcome,
+    outcome: Outcome,
     now: UnixMs,
     rng: &mut impl rand::Rng,
 ) -> (AttemptRecord, Finish) {
     let mut a = attempt_of(
-        c,
+        claimed,
         node,
-        o.pid,
-        (o.started_at_ms, o.ended_at_ms),
-        (&o.stdout_tail, &o.stderr_tail),
+        outcome.pid,
+        (outcome.started_at_ms, outcome.ended_at_ms),
+        (&outcome.stdout_tail, &outcome.stderr_tail),
     );
-    let retry_or_fail =
-        |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| retry_or_fail(q, c, a, now, rng);
-    let finish = match o.status {
+    let retry_or_fail = |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| {
+        retry_or_fail(queue, claimed, a, now, rng)
+    };
+    let finish = match outcome.status {
         Status::Exited(0) => {
             a.exit_code = Some(0);
             a.reason = Some(AttemptReason::Exit);
@@ -86,7 +87,7 @@ pub fn decide(
         Status::Exited(code) => {
             a.exit_code = Some(code);
             a.reason = Some(AttemptReason::Exit);
-            if q.fail_exit_codes.contains(&code) {
+            if queue.fail_exit_codes.contains(&code) {
                 a.error = Some(format!(
                     "exit code {code} (in fail_exit_codes: not retried)"
                 ));
@@ -105,15 +106,15 @@ pub fn decide(
         Status::TimedOut { killed_with } => {
             a.signal = Some(killed_with);
             a.reason = Some(AttemptReason::Timeout);
-            a.error = Some(match o.ran_on {
+            a.error = Some(match outcome.ran_on {
                 Runner::Process => format!(
                     "timed out after {} (process group stopped with {})",
-                    humantime::format_duration(q.timeout),
+                    humantime::format_duration(queue.timeout),
                     signal_name(killed_with)
                 ),
                 Runner::Worker => format!(
                     "timed out after {} (the worker's process group was stopped with {}; the worker was restarted)",
-                    humantime::format_duration(q.timeout),
+                    humantime::format_duration(queue.timeout),
                     signal_name(killed_with)
                 ),
             });
@@ -121,7 +122,7 @@ pub fn decide(
         }
         Status::Cancelled => {
             a.reason = Some(AttemptReason::Cancelled);
-            a.error = Some(match o.ran_on {
+            a.error = Some(match outcome.ran_on {
                 Runner::Process => "cancelled by an operator while running".into(),
                 Runner::Worker => {
                     "cancelled by an operator while running (its worker was restarted)".into()
@@ -172,7 +173,7 @@ pub fn decide(
             a.signal = signal;
             a.error = Some(format!(
                 "the worker{} died while running the task: {how}",
-                pid_note(o.pid)
+                pid_note(outcome.pid)
             ));
             retry_or_fail(&mut a, rng)
         }
@@ -180,7 +181,7 @@ pub fn decide(
             a.reason = Some(AttemptReason::Protocol);
             a.error = Some(format!(
                 "the worker{} broke the protocol ({why}): {line}; it was restarted",
-                pid_note(o.pid)
+                pid_note(outcome.pid)
             ));
             retry_or_fail(&mut a, rng)
         }

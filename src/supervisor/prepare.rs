@@ -206,11 +206,11 @@ mod tests {
 
     fn env_of(
         daemon: &[(&str, &str)],
-        q: &QueueConfig,
+        queue: &QueueConfig,
         user: Option<&UserSpec>,
     ) -> BTreeMap<String, String> {
         let daemon = daemon.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        base_env(daemon, q, user).into_iter().collect()
+        base_env(daemon, queue, user).into_iter().collect()
     }
 
     const DAEMON_ENV: &[(&str, &str)] = &[
