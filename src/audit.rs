@@ -297,13 +297,13 @@ impl fmt::Display for Action {
 
 impl std::str::FromStr for Action {
     type Err = String;
-    fn from_str(s: &str) -> Result<Action, String> {
+    fn from_str(text: &str) -> Result<Action, String> {
         Action::ALL
             .into_iter()
-            .find(|a| a.as_str() == s)
+            .find(|a| a.as_str() == text)
             .ok_or_else(|| {
                 let names: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
-                format!("unknown action `{s}` (one of {})", names.join(", "))
+                format!("unknown action `{text}` (one of {})", names.join(", "))
             })
     }
 }
@@ -378,8 +378,8 @@ impl AuditEntry {
         self
     }
 
-    pub fn queue(mut self, q: QueueName) -> Self {
-        self.queue = Some(q);
+    pub fn queue(mut self, queue: QueueName) -> Self {
+        self.queue = Some(queue);
         self
     }
 
@@ -470,8 +470,8 @@ pub struct AuditFilter {
 
 /// `--since` and `since=`: a duration back from `now` (`"2h"`, `"1d 12h"`), or a time
 /// (RFC 3339, `"2026-12-01T03:00:00Z"`, or Unix seconds). The error starts with the value.
-pub fn parse_since(s: &str, now: UnixMs) -> Result<UnixMs, String> {
-    let t = s.trim();
+pub fn parse_since(text: &str, now: UnixMs) -> Result<UnixMs, String> {
+    let t = text.trim();
     if let Ok(d) = humantime::parse_duration(t) {
         return Ok(now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
     }

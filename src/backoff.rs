@@ -43,12 +43,12 @@ impl Doubling {
         self.next = self.first;
     }
 
-    /// The delay after `n` failures in a row without keeping state: `first` for the first
+    /// The delay after `failures` failures in a row without keeping state: `first` for the first
     /// (and for 0), then doubled for each one more, up to the cap.
-    pub fn nth(&self, n: u32) -> Duration {
+    pub fn nth(&self, failures: u32) -> Duration {
         let mut d = self.first;
         // At most ~100 rounds: a non-zero delay reaches any cap by doubling well before.
-        for _ in 1..n {
+        for _ in 1..failures {
             if d.is_zero() || d >= self.max {
                 break;
             }

@@ -53,11 +53,11 @@ impl Position {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Position, String> {
+    pub fn parse(text: &str) -> Result<Position, String> {
         let bad = || {
-            format!("`{s}` is not a position of an output stream (RUN:OUT:ERR, RUN:end or end, as the events' ids)")
+            format!("`{text}` is not a position of an output stream (RUN:OUT:ERR, RUN:end or end, as the events' ids)")
         };
-        let s = s.trim();
+        let s = text.trim();
         if s == "end" {
             return Ok(Position::End);
         }
@@ -167,21 +167,21 @@ impl Carry {
 }
 
 /// How many bytes at the end of `b` begin a character that is not complete yet.
-fn incomplete_tail(b: &[u8]) -> usize {
+fn incomplete_tail(bytes: &[u8]) -> usize {
     let mut i = 0;
     loop {
-        match std::str::from_utf8(&b[i..]) {
+        match std::str::from_utf8(&bytes[i..]) {
             Ok(_) => return 0,
             Err(e) => match e.error_len() {
-                None => return b.len() - (i + e.valid_up_to()),
+                None => return bytes.len() - (i + e.valid_up_to()),
                 Some(n) => i += e.valid_up_to() + n,
             },
         }
     }
 }
 
-fn out_stream(s: Stream) -> OutStream {
-    match s {
+fn out_stream(stream: Stream) -> OutStream {
+    match stream {
         Stream::Stdout => OutStream::Stdout,
         Stream::Stderr => OutStream::Stderr,
     }
@@ -195,8 +195,8 @@ struct Carries {
 }
 
 impl Carries {
-    fn of(&mut self, s: Stream) -> &mut Carry {
-        match s {
+    fn of(&mut self, stream: Stream) -> &mut Carry {
+        match stream {
             Stream::Stdout => &mut self.out,
             Stream::Stderr => &mut self.err,
         }
@@ -307,12 +307,12 @@ fn live_end(out: &LiveOutput, run: Option<u32>, info: &EndInfo) -> OutputEvent {
 }
 
 /// A run of the history, as its stored output: `attempt`, the tails, `attempt_end`.
-fn stored_run(d: &TaskDetail, run: u32) -> Vec<OutputEvent> {
-    let Some(a) = d.history.get(run as usize - 1) else {
+fn stored_run(detail: &TaskDetail, run: u32) -> Vec<OutputEvent> {
+    let Some(a) = detail.history.get(run as usize - 1) else {
         return Vec::new();
     };
-    let t = &d.task;
-    let last = run as usize == d.history.len();
+    let t = &detail.task;
+    let last = run as usize == detail.history.len();
     let mut events = vec![OutputEvent::Attempt {
         id: None,
         task: t.id,
@@ -337,36 +337,36 @@ fn stored_run(d: &TaskDetail, run: u32) -> Vec<OutputEvent> {
             });
         }
     }
-    events.push(stored_end(d, run, a, last));
+    events.push(stored_end(detail, run, a, last));
     events
 }
 
-fn stored_end(d: &TaskDetail, run: u32, a: &AttemptRecord, last: bool) -> OutputEvent {
-    let t = &d.task;
+fn stored_end(detail: &TaskDetail, run: u32, attempt: &AttemptRecord, last: bool) -> OutputEvent {
+    let t = &detail.task;
     OutputEvent::AttemptEnd {
         id: Some(Position::After(run).id()),
         task: t.id,
         run: Some(run),
-        attempt: a.number,
-        reason: a.reason,
-        exit_code: a.exit_code,
-        signal: a.signal,
-        error: a.error.clone(),
-        started_at: a.started_at,
-        ended_at: a.ended_at,
+        attempt: attempt.number,
+        reason: attempt.reason,
+        exit_code: attempt.exit_code,
+        signal: attempt.signal,
+        error: attempt.error.clone(),
+        started_at: attempt.started_at,
+        ended_at: attempt.ended_at,
         state: last.then_some(t.state),
         run_at: (last && matches!(t.state, TaskState::Retrying | TaskState::Scheduled))
             .then_some(t.run_at),
     }
 }
 
-fn end_event(d: &TaskDetail) -> OutputEvent {
+fn end_event(detail: &TaskDetail) -> OutputEvent {
     OutputEvent::End {
         id: Position::End.id(),
-        task: d.task.id,
-        state: d.task.state,
-        attempts: d.task.attempts,
-        error: d.task.last_error.clone(),
+        task: detail.task.id,
+        state: detail.task.state,
+        attempts: detail.task.attempts,
+        error: detail.task.last_error.clone(),
     }
 }
 
@@ -712,8 +712,8 @@ impl TaskFollow {
     }
 
     /// What the follower waits for while run `next` has not started here.
-    fn waiting_for(&self, d: &TaskDetail, next: u32) -> Option<String> {
-        let t = &d.task;
+    fn waiting_for(&self, detail: &TaskDetail, next: u32) -> Option<String> {
+        let t = &detail.task;
         match t.state {
             TaskState::Running => {
                 let node = t.node.clone().unwrap_or_else(|| "another node".into());
@@ -972,12 +972,12 @@ async fn open_control(
 }
 
 async fn write_line<T: serde::Serialize>(
-    w: &mut tokio::net::unix::OwnedWriteHalf,
-    v: &T,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    value: &T,
 ) -> std::io::Result<()> {
-    let mut text = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    let mut text = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     text.push(b'\n');
-    w.write_all(&text).await
+    writer.write_all(&text).await
 }
 
 #[cfg(test)]

@@ -50,10 +50,10 @@ impl fmt::Debug for TaskId {
 
 impl FromStr for TaskId {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        uuid::Uuid::parse_str(s.trim())
+    fn from_str(text: &str) -> Result<Self, String> {
+        uuid::Uuid::parse_str(text.trim())
             .map(TaskId)
-            .map_err(|_| format!("`{s}` is not a task id (expected a UUID such as 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20)"))
+            .map_err(|_| format!("`{text}` is not a task id (expected a UUID such as 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20)"))
     }
 }
 
@@ -67,12 +67,12 @@ impl QueueName {
         &self.0
     }
 
-    /// Why `s` cannot be a queue name, if it cannot.
-    pub fn check(s: &str) -> Result<(), String> {
-        if s.is_empty() || s.len() > 64 {
+    /// Why `name` cannot be a queue name, if it cannot.
+    pub fn check(name: &str) -> Result<(), String> {
+        if name.is_empty() || name.len() > 64 {
             return Err("a queue name must be 1 to 64 characters long".into());
         }
-        if let Some(c) = s
+        if let Some(c) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
         {
@@ -86,22 +86,22 @@ impl QueueName {
 
 impl TryFrom<String> for QueueName {
     type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        QueueName::check(&s)?;
-        Ok(QueueName(s))
+    fn try_from(text: String) -> Result<Self, String> {
+        QueueName::check(&text)?;
+        Ok(QueueName(text))
     }
 }
 
 impl FromStr for QueueName {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        QueueName::try_from(s.to_string())
+    fn from_str(text: &str) -> Result<Self, String> {
+        QueueName::try_from(text.to_string())
     }
 }
 
 impl From<QueueName> for String {
-    fn from(q: QueueName) -> String {
-        q.0
+    fn from(queue: QueueName) -> String {
+        queue.0
     }
 }
 
@@ -171,13 +171,13 @@ impl fmt::Display for TaskState {
 
 impl FromStr for TaskState {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(text: &str) -> Result<Self, String> {
         TaskState::ALL
             .into_iter()
-            .find(|st| st.as_str() == s)
+            .find(|st| st.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown state `{s}` (one of: scheduled, queued, running, retrying, succeeded, failed, cancelled)"
+                    "unknown state `{text}` (one of: scheduled, queued, running, retrying, succeeded, failed, cancelled)"
                 )
             })
     }
@@ -244,8 +244,8 @@ impl fmt::Display for AttemptReason {
 
 impl FromStr for AttemptReason {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
+    fn from_str(text: &str) -> Result<Self, String> {
+        Ok(match text {
             "exit" => AttemptReason::Exit,
             "signal" => AttemptReason::Signal,
             "timeout" => AttemptReason::Timeout,
@@ -257,7 +257,7 @@ impl FromStr for AttemptReason {
             "result" => AttemptReason::Result,
             "crash" => AttemptReason::Crash,
             "protocol" => AttemptReason::Protocol,
-            _ => return Err(format!("unknown attempt reason `{s}`")),
+            _ => return Err(format!("unknown attempt reason `{text}`")),
         })
     }
 }

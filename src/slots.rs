@@ -104,31 +104,33 @@ impl Zone {
         jiff::tz::db().available().map(|n| n.to_string()).collect()
     }
 
-    /// `t` as a local time with its offset: `2026-03-29T03:00:00+02:00`.
-    pub fn show(&self, t: UnixMs) -> String {
-        match Timestamp::from_millisecond(t) {
+    /// `at` as a local time with its offset: `2026-03-29T03:00:00+02:00`.
+    pub fn show(&self, at: UnixMs) -> String {
+        match Timestamp::from_millisecond(at) {
             Ok(ts) => ts
                 .to_zoned(self.tz.clone())
                 .strftime("%Y-%m-%dT%H:%M:%S%:z")
                 .to_string(),
-            Err(_) => t.to_string(),
+            Err(_) => at.to_string(),
         }
     }
 }
 
-/// `t` in RFC 3339 UTC, to the second: `2026-03-29T01:00:00Z`. A slot's name.
-pub fn show_utc(t: UnixMs) -> String {
-    match Timestamp::from_millisecond(t) {
+/// `at` in RFC 3339 UTC, to the second: `2026-03-29T01:00:00Z`. A slot's name.
+pub fn show_utc(at: UnixMs) -> String {
+    match Timestamp::from_millisecond(at) {
         Ok(ts) => ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        Err(_) => t.to_string(),
+        Err(_) => at.to_string(),
     }
 }
 
 /// When a schedule fires, without its zone.
 #[derive(Clone, Debug)]
 pub enum Spec {
-    /// A cron expression, as written (whitespace collapsed).
-    Cron { text: String, cron: Box<Cron> },
+    /// A cron expression, as written (whitespace collapsed); checked when it was read.
+    /// The parsed pattern is not kept: croner's takes ~5 KiB (a bit per year up to 5000),
+    /// and parsing it again takes microseconds, once per slot.
+    Cron { text: String },
     /// A fixed period in milliseconds (whole seconds), as written (`"10m"`).
     Every { ms: i64, text: String },
 }
@@ -136,7 +138,7 @@ pub enum Spec {
 impl PartialEq for Spec {
     fn eq(&self, other: &Spec) -> bool {
         match (self, other) {
-            (Spec::Cron { text: a, .. }, Spec::Cron { text: b, .. }) => a == b,
+            (Spec::Cron { text: a }, Spec::Cron { text: b }) => a == b,
             (Spec::Every { ms: a, .. }, Spec::Every { ms: b, .. }) => a == b,
             _ => false,
         }
@@ -180,24 +182,34 @@ pub fn parse_cron(text: &str) -> Result<Spec, String> {
             norm.len()
         ));
     }
-    let parser = CronParser::builder()
-        .seconds(Seconds::Optional)
-        .year(Year::Disallowed)
-        .build();
-    let text = if joined.eq_ignore_ascii_case("@midnight") {
-        "@daily".to_string()
-    } else {
-        joined.clone()
-    };
-    match parser.parse(&text) {
-        Ok(cron) => Ok(Spec::Cron {
-            text: joined,
-            cron: Box::new(cron),
-        }),
+    let parser = parser();
+    match parser.parse(&croner_text(&joined)) {
+        Ok(_) => Ok(Spec::Cron { text: joined }),
         Err(e) => Err(field_at_fault(&parser, &norm).unwrap_or_else(|| {
             format!("\"{joined}\" is not a cron expression: {}", croner_says(&e))
         })),
     }
+}
+
+fn parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+}
+
+/// The text croner reads for an expression (`@midnight` is its `@daily`).
+fn croner_text(text: &str) -> String {
+    if text.eq_ignore_ascii_case("@midnight") {
+        "@daily".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// The pattern of a spec's text (checked by [`parse_cron`] when the config was read).
+fn compile(text: &str) -> Option<Cron> {
+    parser().parse(&croner_text(text)).ok()
 }
 
 /// The first field of `fields` that croner refuses on its own (every other field `*`),
@@ -227,8 +239,8 @@ fn field_at_fault(parser: &CronParser, fields: &[&str]) -> Option<String> {
 }
 
 /// croner's message, without its type prefixes, as a lower-case phrase.
-fn croner_says(e: &croner::errors::CronError) -> String {
-    let s = e.to_string();
+fn croner_says(error: &croner::errors::CronError) -> String {
+    let s = error.to_string();
     let s = s
         .trim_start_matches("Component error: ")
         .trim_start_matches("Invalid pattern: ")
@@ -284,38 +296,41 @@ impl Calendar {
         }
     }
 
-    /// The first slot strictly after `t`; `None` if there is none (before the year 9999).
-    pub fn next_after(&self, t: UnixMs) -> Option<UnixMs> {
+    /// The first slot strictly after `at`; `None` if there is none (before the year 9999).
+    pub fn next_after(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
-            Spec::Every { ms, .. } => Some((t.div_euclid(*ms) + 1) * ms),
-            Spec::Cron { cron, .. } => {
-                let ts = Timestamp::from_millisecond(t).ok()?;
-                let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
-                // Local times after a fold's second pass began map to its first pass, before
-                // `t`: skip them (at most a fold's worth of matches).
-                for _ in 0..200_000 {
-                    c = cron.find_next_occurrence(&c, false).ok()?;
-                    let s = self.instant(c)?;
-                    if s > t {
-                        return Some(s);
-                    }
-                }
-                None
-            }
+            Spec::Every { ms, .. } => Some((at.div_euclid(*ms) + 1) * ms),
+            Spec::Cron { text } => self.next_cron(&compile(text)?, at),
         }
     }
 
-    /// The last slot strictly before `t`.
-    pub fn prev_before(&self, t: UnixMs) -> Option<UnixMs> {
+    fn next_cron(&self, cron: &Cron, at: UnixMs) -> Option<UnixMs> {
+        let ts = Timestamp::from_millisecond(at).ok()?;
+        let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
+        // Local times after a fold's second pass began map to its first pass, before `at`:
+        // skip them (at most a fold's worth of matches).
+        for _ in 0..200_000 {
+            c = cron.find_next_occurrence(&c, false).ok()?;
+            let s = self.instant(c)?;
+            if s > at {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// The last slot strictly before `at`.
+    pub fn prev_before(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
-            Spec::Every { ms, .. } => Some((t - 1).div_euclid(*ms) * ms),
-            Spec::Cron { cron, .. } => {
-                let ts = Timestamp::from_millisecond(t.saturating_add(FOLD_SLACK_MS)).ok()?;
+            Spec::Every { ms, .. } => Some((at - 1).div_euclid(*ms) * ms),
+            Spec::Cron { text } => {
+                let cron = compile(text)?;
+                let ts = Timestamp::from_millisecond(at.saturating_add(FOLD_SLACK_MS)).ok()?;
                 let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
                 for _ in 0..200_000 {
                     c = cron.find_previous_occurrence(&c, false).ok()?;
                     let s = self.instant(c)?;
-                    if s < t {
+                    if s < at {
                         return Some(s);
                     }
                 }
@@ -324,9 +339,9 @@ impl Calendar {
         }
     }
 
-    /// Whether the spec fires at all after `t` (`0 0 31 2 *` never does).
-    pub fn ever_after(&self, t: UnixMs) -> bool {
-        self.next_after(t).is_some()
+    /// Whether the spec fires at all after `at` (`0 0 31 2 *` never does).
+    pub fn ever_after(&self, at: UnixMs) -> bool {
+        self.next_after(at).is_some()
     }
 
     /// The slots in `(after, upto]`, with the newest `keep` of them.
@@ -351,9 +366,15 @@ impl Calendar {
             return out;
         }
         // Walk forward, keeping the newest `keep`; past the cap, find the newest backward.
+        let Spec::Cron { text } = &self.spec else {
+            return out;
+        };
+        let Some(cron) = compile(text) else {
+            return out;
+        };
         let mut t = after;
         let mut ring = std::collections::VecDeque::with_capacity(keep + 1);
-        while let Some(s) = self.next_after(t).filter(|s| *s <= upto) {
+        while let Some(s) = self.next_cron(&cron, t).filter(|s| *s <= upto) {
             out.first.get_or_insert(s);
             out.count += 1;
             ring.push_back(s);
@@ -363,7 +384,7 @@ impl Calendar {
             t = s;
             if out.count >= COUNT_CAP {
                 out.exact = false;
-                let later = self.newest_upto(upto, t, keep);
+                let later = self.newest_upto(&cron, upto, t, keep);
                 let mut all: Vec<UnixMs> = ring.into_iter().chain(later).collect();
                 all.dedup();
                 let from = all.len().saturating_sub(keep);
@@ -376,10 +397,7 @@ impl Calendar {
     }
 
     /// The newest `keep` slots in `(after, upto]`, oldest first, found backward from `upto`.
-    fn newest_upto(&self, upto: UnixMs, after: UnixMs, keep: usize) -> Vec<UnixMs> {
-        let Spec::Cron { cron, .. } = &self.spec else {
-            return Vec::new();
-        };
+    fn newest_upto(&self, cron: &Cron, upto: UnixMs, after: UnixMs, keep: usize) -> Vec<UnixMs> {
         let Ok(ts) = Timestamp::from_millisecond(upto.saturating_add(FOLD_SLACK_MS)) else {
             return Vec::new();
         };
@@ -402,17 +420,17 @@ impl Calendar {
         out
     }
 
-    /// The instant of local time `c`: itself when it exists once; the first instant after the
+    /// The instant of local `time`: itself when it exists once; the first instant after the
     /// gap when it does not exist; its first occurrence when it exists twice.
-    fn instant(&self, c: DateTime) -> Option<UnixMs> {
-        let amb = self.zone.tz.to_ambiguous_timestamp(c);
+    fn instant(&self, time: DateTime) -> Option<UnixMs> {
+        let amb = self.zone.tz.to_ambiguous_timestamp(time);
         let ts = match amb.offset() {
             AmbiguousOffset::Unambiguous { .. } => amb.compatible().ok()?,
             AmbiguousOffset::Fold { .. } => amb.earlier().ok()?,
             AmbiguousOffset::Gap { after, .. } => {
-                // Read with the offset after the gap, `c` is an instant before the clock
+                // Read with the offset after the gap, `time` is an instant before the clock
                 // jumped; the transition that follows it is where the gap ends.
-                let before_jump = after.to_timestamp(c).ok()?;
+                let before_jump = after.to_timestamp(time).ok()?;
                 self.zone
                     .tz
                     .following(before_jump)
@@ -448,8 +466,8 @@ impl Missed {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Missed> {
-        match s {
+    pub fn parse(text: &str) -> Option<Missed> {
+        match text {
             "skip" => Some(Missed::Skip),
             "latest" => Some(Missed::Latest),
             "all" => Some(Missed::All),

@@ -12,33 +12,33 @@ use crate::config::{runnable, Config, QueueConfig};
 use crate::model::{now_ms, UnixMs};
 
 /// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
-pub fn parse_delay(d: &str) -> Result<UnixMs, String> {
-    let parsed: Duration = humantime::parse_duration(d)
-        .map_err(|e| format!("{d:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"))?;
+pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
+    let parsed: Duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (write it like \"30s\", \"5m\" or \"1h 30m\")"))?;
     // Refuse what no calendar needs: a delay past 100 years is a typo, and would
     // overflow the millisecond clock further on.
     if parsed > Duration::from_secs(100 * 366 * 24 * 3600) {
-        return Err(format!("{d:?}: more than 100 years is surely a mistake"));
+        return Err(format!("{text:?}: more than 100 years is surely a mistake"));
     }
     Ok(now_ms() + parsed.as_millis() as i64)
 }
 
 /// An RFC 3339 time or Unix seconds, as a run-at time. The error starts with the value.
-pub fn parse_at(t: &str) -> Result<UnixMs, String> {
-    if let Ok(secs) = t.parse::<i64>() {
+pub fn parse_at(text: &str) -> Result<UnixMs, String> {
+    if let Ok(secs) = text.parse::<i64>() {
         return match secs.checked_mul(1000) {
             Some(ms) if (0..=253_402_300_799_000).contains(&ms) => Ok(ms),
             _ => Err(format!(
-                "{t}: Unix seconds must be between 0 and the year 9999"
+                "{text}: Unix seconds must be between 0 and the year 9999"
             )),
         };
     }
-    let when = humantime::parse_rfc3339_weak(t).map_err(|e| {
-        format!("{t:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)")
+    let when = humantime::parse_rfc3339_weak(text).map_err(|e| {
+        format!("{text:?}: {e} (write it like 2026-12-01T03:00:00Z, or as Unix seconds)")
     })?;
     let ms = when
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("{t:?} is before 1970"))?
+        .map_err(|_| format!("{text:?} is before 1970"))?
         .as_millis() as i64;
     Ok(ms)
 }

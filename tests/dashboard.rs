@@ -16,6 +16,8 @@ use common::{poll, Env};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "dashboard-token-0123456789";
+/// A named token: the audit trail records its name for the changes made with it.
+const OPS_TOKEN: &str = "ops-token-abcdefghijklmnop";
 
 fn call(method: &str, url: &str, body: Option<&Value>) -> (u16, Value) {
     let req = ureq::request(method, url)
@@ -29,6 +31,52 @@ fn call(method: &str, url: &str, body: Option<&Value>) -> (u16, Value) {
         Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
         Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or(Value::Null)),
         Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+/// `POST url` with the named token `ops`.
+fn post_as_ops(url: &str, body: Option<&Value>) -> (u16, Value) {
+    let req = ureq::post(url)
+        .timeout(Duration::from_secs(20))
+        .set("Authorization", &format!("Bearer {OPS_TOKEN}"));
+    let r = match body {
+        Some(b) => req.send_json(b.clone()),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("POST {url}: {e}"),
+    }
+}
+
+/// The rows of the audit table inside `box_id`, cell by cell, as the page shows them.
+fn audit_rows(b: &mut Browser, box_id: &str) -> Vec<Value> {
+    b.eval(&format!(
+        "[...document.querySelectorAll('#{box_id} table.audit tbody tr[data-audit]')].map(r => ({{ id: r.dataset.audit, at: Number(r.querySelector('[data-at]').dataset.at), when: r.children[0].textContent, who: r.children[1].textContent, action: r.children[2].textContent, target: r.children[3].textContent, outcome: r.children[4].textContent, detail: r.children[5].textContent }}))"
+    ))
+    .as_array()
+    .cloned()
+    .unwrap_or_default()
+}
+
+/// The page's rows are the API's records, in order, every cell.
+fn assert_audit_rows(shown: &[Value], records: &[Value]) {
+    assert_eq!(
+        shown.len(),
+        records.len(),
+        "rows {shown:#?}\nrecords {records:#?}"
+    );
+    for (row, rec) in shown.iter().zip(records) {
+        assert_eq!(row["id"], rec["id"], "{row:#}");
+        assert_eq!(row["at"], rec["at"], "{row:#}");
+        assert!(
+            row["when"].as_str().is_some_and(|w| !w.is_empty()),
+            "{row:#}"
+        );
+        for k in ["who", "action", "target", "outcome", "detail"] {
+            assert_eq!(row[k], rec[k], "cell {k} of {row:#}\nrecord {rec:#}");
+        }
     }
 }
 
@@ -148,11 +196,12 @@ fn dashboard_drives_every_view() {
     std::fs::write(
         &env.config,
         format!(
-            "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+            "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\ntokens = [{{ name = \"ops\", token = \"{OPS_TOKEN}\" }}]\n\n\
              [queues.mail]\ncommand = [\"/bin/echo\", \"{{to}}\"]\n\n\
              [queues.users]\nshell = \"echo user $TASKD_ARG_user_id\"\n\n\
              [queues.fail]\nshell = \"echo 'cannot reach db: connection refused' >&2; exit 3\"\nmax_attempts = 1\n\n\
              [queues.slow]\nshell = \"sleep 30\"\nconcurrency = 1\nkill_grace = \"1s\"\n\n\
+             [queues.ticker]\nshell = \"echo first line; echo \\\"<img src=x onerror='window.__out=1'> on stderr\\\" >&2; while [ ! -e \\\"$TASKD_ARG_release\\\" ]; do sleep 0.1; done; echo last line\"\nconcurrency = 2\n\n\
              [queues.hello]\nworker = [\"python3\", \"{}\"]\nconcurrency = 1\nstart_secs = \"200ms\"\nenv = {{ HELPER_DIR = '{}' }}\n",
             w.display(),
             helper.display()
@@ -499,6 +548,72 @@ fn dashboard_drives_every_view() {
         json!([false, true])
     );
 
+    // --- live output: a running task's lines appear before it ends ---------------------------
+    // Each ticker task writes two lines, then waits for its release file: it cannot end
+    // before the test has seen its output. First without a token typed (an EventSource reads
+    // the stream), then with one (the page reads it with fetch and the Authorization header).
+    for (n, with_token) in [(1, false), (2, true)] {
+        let release = env.path().join(format!("release-{n}"));
+        let id = enqueue(
+            &url,
+            "ticker",
+            json!({ "payload": { "release": release.display().to_string() } }),
+        );
+        wait_count(&url, "ticker", "running", 1);
+        let token = if with_token { TOKEN } else { "" };
+        b.eval(&format!(
+            "(() => {{ const t = document.querySelector('#token'); t.value = '{token}'; t.dispatchEvent(new Event('change')); return true; }})()"
+        ));
+        show(
+            &mut b,
+            &format!("#task/{id}"),
+            "document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+        );
+        b.wait_for(
+            "[...document.querySelectorAll('#output-live [data-stream=stderr]')].map(s => s.textContent).join('').includes('on stderr') && document.querySelector('#output-live').textContent.includes('first line')",
+            "the running task's first lines, live",
+        );
+        assert_eq!(
+            get(&format!("{url}/api/v1/tasks/{id}"))["state"],
+            json!("running"),
+            "seen before the task ended"
+        );
+        assert_eq!(
+            b.eval("[document.querySelector('#token').value, document.querySelector('#output-live').dataset.via]"),
+            json!([token, if with_token { "fetch" } else { "eventsource" }]),
+            "how the page reads the stream"
+        );
+        assert_eq!(
+            b.eval("[document.querySelector('#task-output').hidden, document.querySelectorAll('#output-live img').length, window.__out ?? null, document.querySelector('#output-live').textContent.includes('last line')]"),
+            json!([false, 0, null, false]),
+            "the output is shown as text, and the task has not ended"
+        );
+        if n == 1 {
+            b.screenshot(&shots.join("task-live-output.png"));
+        }
+        std::fs::write(&release, "").expect("release the task");
+        b.wait_for(
+            "document.querySelector('#output-live').dataset.ended === 'succeeded' && document.querySelector('#output-live').textContent.includes('last line')",
+            "the rest of the output and the stream's end",
+        );
+        let done = get(&format!("{url}/api/v1/tasks/{id}"));
+        let shown = b.eval(
+            "['stdout', 'stderr'].map(k => [...document.querySelectorAll(`#output-live [data-stream=${k}]`)].map(s => s.textContent).join(''))",
+        );
+        assert_eq!(
+            shown,
+            json!([
+                done["history"][0]["stdout_tail"],
+                done["history"][0]["stderr_tail"]
+            ]),
+            "the live output is the attempt's whole output, each stream in order"
+        );
+    }
+    assert_eq!(
+        b.eval("document.querySelector('#token').value"),
+        json!(TOKEN)
+    );
+
     // --- keyboard: every control is reached with Tab, and shows where focus is -----------
     show(
         &mut b,
@@ -548,6 +663,108 @@ fn dashboard_drives_every_view() {
         "[...document.querySelectorAll('input, select')].filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id)",
     );
     assert_eq!(unlabelled, json!([]), "controls without a label");
+
+    // --- the audit trail: a cancel and a pause made with the named token ------------------
+    let victim = enqueue(&url, "slow", json!({}));
+    let (code, v) = post_as_ops(&format!("{url}/api/v1/tasks/{victim}/cancel"), None);
+    assert!(code < 300, "cancel: {v:#}");
+    let (code, v) = post_as_ops(&format!("{url}/api/v1/queues/fail/pause"), None);
+    assert!(code < 300, "pause: {v:#}");
+    // A bulk operation's filter is text the client chose: the page shows it as text.
+    let hostile = "note = <img src=x onerror=\"window.__injected=1\">";
+    let (code, v) = post_as_ops(
+        &format!("{url}/api/v1/tasks/bulk"),
+        Some(&json!({ "action": "cancel", "filter": { "queue": "users", "payload": hostile } })),
+    );
+    assert!(code < 300, "bulk cancel: {v:#}");
+    let trail = get(&format!("{url}/api/v1/audit?limit=10"));
+    let records: Vec<Value> = trail["records"].as_array().expect("records").clone();
+    let (bulk_rec, pause, cancel) = (&records[0], &records[1], &records[2]);
+    assert_eq!(
+        (&bulk_rec["action"], &pause["action"], &cancel["action"]),
+        (&json!("bulk_cancel"), &json!("pause"), &json!("cancel")),
+        "newest first: {trail:#}"
+    );
+    for r in [bulk_rec, pause, cancel] {
+        assert!(
+            r["who"].as_str().is_some_and(|w| w.contains("\"ops\"")),
+            "made with the token named ops: {r:#}"
+        );
+    }
+    assert_eq!(
+        cancel["target"],
+        json!(format!("task {victim} (queue slow)"))
+    );
+    assert_eq!(pause["target"], json!("queue fail"));
+    assert!(bulk_rec["target"]
+        .as_str()
+        .is_some_and(|t| t.contains("<img src=x")));
+    show(
+        &mut b,
+        "#",
+        "document.querySelectorAll('#audit-box tr[data-audit]').length > 0",
+    );
+    b.wait_for(
+        &format!(
+            "document.querySelector('#audit-box tr[data-audit]')?.dataset.audit === {}",
+            json!(bulk_rec["id"])
+        ),
+        "the newest change in the overview's panel",
+    );
+    assert!(!b
+        .eval("document.querySelector('#audit-section').hidden")
+        .as_bool()
+        .unwrap_or(true));
+    let panel = audit_rows(&mut b, "audit-box");
+    assert_audit_rows(&panel, &records);
+    assert_eq!(
+        b.eval("[document.querySelectorAll('#audit-box img').length, window.__injected ?? null]"),
+        json!([0, null]),
+        "the filter's markup was shown as text, never run"
+    );
+    b.screenshot(&shots.join("audit-panel.png"));
+    // The full trail pages with the API's cursor: two records a page, newest first.
+    show(
+        &mut b,
+        "#audit?limit=2",
+        "document.querySelectorAll('#audit-full tr[data-audit]').length === 2",
+    );
+    let page1 = get(&format!("{url}/api/v1/audit?limit=2"));
+    assert_audit_rows(
+        &audit_rows(&mut b, "audit-full"),
+        page1["records"].as_array().expect("records"),
+    );
+    let next = page1["next_cursor"]
+        .as_str()
+        .expect("older records follow")
+        .to_string();
+    assert_eq!(
+        b.eval("[document.querySelector('#audit-older').dataset.cursor, document.querySelector('#audit-newer').disabled]"),
+        json!([next, true])
+    );
+    b.eval("document.querySelector('#audit-older').click(); true");
+    b.wait_for(
+        &format!(
+            "location.hash.includes('cursor=') && document.querySelector('#audit-full tr[data-audit]')?.dataset.audit === {}",
+            json!(records[2]["id"])
+        ),
+        "the older page",
+    );
+    let page2 = get(&format!("{url}/api/v1/audit?limit=2&cursor={next}"));
+    assert_audit_rows(
+        &audit_rows(&mut b, "audit-full"),
+        page2["records"].as_array().expect("records"),
+    );
+    assert_eq!(page2["records"][0]["id"], cancel["id"]);
+    b.screenshot(&shots.join("audit-page2.png"));
+    b.eval("document.querySelector('#audit-newer').click(); true");
+    b.wait_for(
+        &format!(
+            "document.querySelector('#audit-full tr[data-audit]')?.dataset.audit === {} && document.querySelector('#audit-newer').disabled",
+            json!(bulk_rec["id"])
+        ),
+        "the newest page again",
+    );
 
     // --- phone width: nothing scrolls sideways --------------------------------------------
     b.viewport(375, 812, true);

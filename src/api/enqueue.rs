@@ -168,8 +168,11 @@ mod tests {
         .expect("valid config")
     }
 
-    fn queue<'a>(c: &'a Config, name: &str) -> &'a QueueConfig {
-        c.queues.get(&name.parse().expect("name")).expect("queue")
+    fn queue<'a>(config: &'a Config, name: &str) -> &'a QueueConfig {
+        config
+            .queues
+            .get(&name.parse().expect("name"))
+            .expect("queue")
     }
 
     #[test]

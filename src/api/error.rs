@@ -57,20 +57,20 @@ impl ApiError {
     }
 
     /// Malformed JSON in `text`, with the byte offset, line and column of the problem.
-    pub fn bad_json(what: &str, text: &str, e: &serde_json::Error) -> ApiError {
-        let byte = crate::submission::byte_offset(text, e.line(), e.column());
+    pub fn bad_json(what: &str, text: &str, error: &serde_json::Error) -> ApiError {
+        let byte = crate::submission::byte_offset(text, error.line(), error.column());
         ApiError::bad_request(
             "bad_json",
             format!(
                 "malformed JSON in {what} at byte {byte} (line {}, column {}): {}",
-                e.line(),
-                e.column(),
-                crate::submission::strip_position(&e.to_string())
+                error.line(),
+                error.column(),
+                crate::submission::strip_position(&error.to_string())
             ),
         )
         .with("byte", byte)
-        .with("line", e.line())
-        .with("column", e.column())
+        .with("line", error.line())
+        .with("column", error.column())
     }
 
     pub fn draining() -> ApiError {
@@ -83,8 +83,8 @@ impl ApiError {
 }
 
 impl From<BrokerError> for ApiError {
-    fn from(e: BrokerError) -> ApiError {
-        let (status, code) = match &e {
+    fn from(error: BrokerError) -> ApiError {
+        let (status, code) = match &error {
             BrokerError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
             BrokerError::NotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
             BrokerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -92,7 +92,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "broker_error"),
             BrokerError::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_full"),
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, code, error.to_string())
     }
 }
 

@@ -646,10 +646,10 @@ async fn refusal(
     state: &AppState,
     entry: AuditEntry,
     id: TaskId,
-    e: &BrokerError,
+    error: &BrokerError,
 ) -> Option<AuditEntry> {
-    let entry = entry.refused(e.to_string());
-    match e {
+    let entry = entry.refused(error.to_string());
+    match error {
         BrokerError::NotFound(_) => Some(entry),
         BrokerError::Conflict(_) => Some(match state.broker.get(id).await {
             Ok(Some(d)) => entry.queue(d.task.queue),

@@ -24,6 +24,7 @@ pub mod error;
 mod handlers;
 pub mod openapi;
 mod output;
+mod schedules;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -169,22 +170,22 @@ impl AppState {
     }
 
     /// A broker result, counting failures in `taskd_broker_errors_total`.
-    pub fn broker<T>(&self, r: crate::broker::Result<T>) -> Result<T, ApiError> {
-        r.map_err(|e| self.broker_error(e))
+    pub fn broker<T>(&self, result: crate::broker::Result<T>) -> Result<T, ApiError> {
+        result.map_err(|e| self.broker_error(e))
     }
 
     /// A broker error as the API answers it, counted in `taskd_broker_errors_total` when the
     /// store failed (not when it refused a request).
-    pub fn broker_error(&self, e: crate::broker::BrokerError) -> ApiError {
+    pub fn broker_error(&self, error: crate::broker::BrokerError) -> ApiError {
         if matches!(
-            e,
+            error,
             crate::broker::BrokerError::Unavailable(_)
                 | crate::broker::BrokerError::Storage(_)
                 | crate::broker::BrokerError::Full(_)
         ) {
             self.metrics.broker_error();
         }
-        ApiError::from(e)
+        ApiError::from(error)
     }
 }
 
@@ -236,6 +237,23 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
         (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),
+        (Method::GET, "/api/v1/schedules", get(schedules::list)),
+        (Method::GET, "/api/v1/schedules/{name}", get(schedules::get)),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/fire",
+            post(schedules::fire),
+        ),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/pause",
+            post(schedules::pause),
+        ),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/resume",
+            post(schedules::resume),
+        ),
         (Method::GET, "/api/v1/audit", get(audit::list)),
     ]
 }

@@ -439,11 +439,11 @@ impl Broker for MemoryBroker {
         let s = self.store();
         let mut by_queue: BTreeMap<QueueName, QueueCounts> = BTreeMap::new();
         fn entry<'m>(
-            m: &'m mut BTreeMap<QueueName, QueueCounts>,
-            q: &QueueName,
+            map: &'m mut BTreeMap<QueueName, QueueCounts>,
+            queue: &QueueName,
         ) -> &'m mut QueueCounts {
-            m.entry(q.clone()).or_insert_with(|| QueueCounts {
-                queue: Some(q.clone()),
+            map.entry(queue.clone()).or_insert_with(|| QueueCounts {
+                queue: Some(queue.clone()),
                 ..Default::default()
             })
         }
@@ -794,18 +794,21 @@ impl Store {
     /// it runs for; a waiting or running task holding its unique key is answered instead.
     fn add_task(
         &mut self,
-        t: NewTask,
+        task: NewTask,
         now: UnixMs,
         schedule: Option<String>,
         slot: Option<UnixMs>,
     ) -> Result<Enqueued> {
-        let payload: serde_json::Value = serde_json::from_str(&t.payload)
-            .map_err(|e| BrokerError::Storage(format!("task {}: {e}", t.id)))?;
-        if self.by_id.contains_key(&t.id) {
-            return Err(BrokerError::Conflict(format!("task id {} is taken", t.id)));
+        let payload: serde_json::Value = serde_json::from_str(&task.payload)
+            .map_err(|e| BrokerError::Storage(format!("task {}: {e}", task.id)))?;
+        if self.by_id.contains_key(&task.id) {
+            return Err(BrokerError::Conflict(format!(
+                "task id {} is taken",
+                task.id
+            )));
         }
-        if let Some(key) = &t.unique_key {
-            if let Some(r) = self.unique_holder(&t.queue, key, None) {
+        if let Some(key) = &task.unique_key {
+            if let Some(r) = self.unique_holder(&task.queue, key, None) {
                 return Ok(Enqueued {
                     id: r.task.id,
                     state: r.task.state,
@@ -817,18 +820,18 @@ impl Store {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.by_id.insert(t.id, seq);
+        self.by_id.insert(task.id, seq);
         self.rows.insert(
             seq,
             Row {
                 task: TaskRecord {
-                    id: t.id,
-                    queue: t.queue,
+                    id: task.id,
+                    queue: task.queue,
                     state: TaskState::Queued,
                     payload,
-                    args: t.args,
-                    priority: t.priority,
-                    unique_key: t.unique_key,
+                    args: task.args,
+                    priority: task.priority,
+                    unique_key: task.unique_key,
                     run_at: now,
                     attempts: 0,
                     created_at: now,
@@ -850,7 +853,7 @@ impl Store {
             },
         );
         Ok(Enqueued {
-            id: t.id,
+            id: task.id,
             state: TaskState::Queued,
             existing: false,
             created_at: now,

@@ -245,21 +245,21 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    /// Whether `t` passes every condition but `limit` and `after` (which are about order).
-    pub fn matches(&self, t: &TaskRecord) -> bool {
-        self.queue.as_ref().map_or(true, |q| &t.queue == q)
-            && self.state.map_or(true, |s| t.state == s)
-            && self.since.map_or(true, |s| t.created_at >= s)
-            && self.until.map_or(true, |u| t.created_at < u)
-            && self.id.map_or(true, |id| t.id == id)
+    /// Whether `task` passes every condition but `limit` and `after` (which are about order).
+    pub fn matches(&self, task: &TaskRecord) -> bool {
+        self.queue.as_ref().map_or(true, |q| &task.queue == q)
+            && self.state.map_or(true, |s| task.state == s)
+            && self.since.map_or(true, |s| task.created_at >= s)
+            && self.until.map_or(true, |u| task.created_at < u)
+            && self.id.map_or(true, |id| task.id == id)
             && self
                 .unique_key
                 .as_deref()
-                .map_or(true, |k| t.unique_key.as_deref() == Some(k))
+                .map_or(true, |k| task.unique_key.as_deref() == Some(k))
             && self
                 .payload
                 .as_ref()
-                .map_or(true, |p| p.matches(&t.payload))
+                .map_or(true, |p| p.matches(&task.payload))
     }
 
     /// Conditions beyond queue, state, limit and cursor: those no backend has an index for
@@ -351,9 +351,9 @@ impl PayloadMatch {
 }
 
 /// JSON equality where numbers compare by value (`42` = `42.0`), as far as an f64 tells.
-fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+fn json_eq(left: &serde_json::Value, right: &serde_json::Value) -> bool {
     use serde_json::Value as V;
-    match (a, b) {
+    match (left, right) {
         (V::Number(x), V::Number(y)) => {
             x.to_string() == y.to_string()
                 || matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q)
@@ -366,7 +366,7 @@ fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
                 && x.iter()
                     .all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
         }
-        _ => a == b,
+        _ => left == right,
     }
 }
 
@@ -412,16 +412,16 @@ impl StatRow {
         }
     }
 
-    /// Adds `o`'s counters into this row (same queue and minute).
-    pub fn add(&mut self, o: &StatRow) {
-        self.succeeded += o.succeeded;
-        self.failed += o.failed;
-        self.retried += o.retried;
-        self.cancelled += o.cancelled;
-        self.runs += o.runs;
-        self.run_ms_sum += o.run_ms_sum;
-        self.run_ms_max = self.run_ms_max.max(o.run_ms_max);
-        self.wait_ms_sum += o.wait_ms_sum;
+    /// Adds `other`'s counters into this row (same queue and minute).
+    pub fn add(&mut self, other: &StatRow) {
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+        self.retried += other.retried;
+        self.cancelled += other.cancelled;
+        self.runs += other.runs;
+        self.run_ms_sum += other.run_ms_sum;
+        self.run_ms_max = self.run_ms_max.max(other.run_ms_max);
+        self.wait_ms_sum += other.wait_ms_sum;
     }
 }
 

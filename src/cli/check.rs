@@ -47,21 +47,21 @@ struct CheckedBackoff {
 }
 
 impl CheckedQueue {
-    fn new(q: &QueueConfig) -> Self {
+    fn new(queue: &QueueConfig) -> Self {
         CheckedQueue {
-            name: q.name.clone(),
-            concurrency: q.concurrency,
-            program: program_text(&q.program),
-            timeout_secs: q.timeout.as_secs_f64(),
-            max_attempts: q.max_attempts,
+            name: queue.name.clone(),
+            concurrency: queue.concurrency,
+            program: program_text(&queue.program),
+            timeout_secs: queue.timeout.as_secs_f64(),
+            max_attempts: queue.max_attempts,
             backoff: CheckedBackoff {
-                kind: q.backoff.kind.as_str(),
-                base_secs: q.backoff.base.as_secs_f64(),
-                max_secs: q.backoff.max.as_secs_f64(),
-                jitter: q.backoff.jitter,
+                kind: queue.backoff.kind.as_str(),
+                base_secs: queue.backoff.base.as_secs_f64(),
+                max_secs: queue.backoff.max.as_secs_f64(),
+                jitter: queue.backoff.jitter,
             },
-            kill_grace_secs: q.kill_grace.as_secs_f64(),
-            user: q.user.clone(),
+            kill_grace_secs: queue.kill_grace.as_secs_f64(),
+            user: queue.user.clone(),
         }
     }
 }
@@ -114,15 +114,15 @@ pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-pub fn broker_text(b: &crate::config::BrokerUrl) -> String {
-    match b {
+pub fn broker_text(url: &crate::config::BrokerUrl) -> String {
+    match url {
         crate::config::BrokerUrl::Sqlite { path } => format!("sqlite://{}", path.display()),
-        crate::config::BrokerUrl::Redis { .. } => b.to_string(),
+        crate::config::BrokerUrl::Redis { .. } => url.to_string(),
     }
 }
 
-pub fn program_text(p: &Program) -> String {
-    match p {
+pub fn program_text(program: &Program) -> String {
+    match program {
         Program::Command(argv) => argv
             .iter()
             .map(|a| a.to_string())

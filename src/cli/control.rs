@@ -42,10 +42,10 @@ async fn refusal(
     broker: &dyn Broker,
     entry: AuditEntry,
     id: TaskId,
-    e: &BrokerError,
+    error: &BrokerError,
 ) -> Option<AuditEntry> {
-    let entry = entry.refused(e.to_string());
-    match e {
+    let entry = entry.refused(error.to_string());
+    match error {
         BrokerError::NotFound(_) => Some(entry),
         BrokerError::Conflict(_) => Some(match broker.get(id).await {
             Ok(Some(d)) => entry.queue(d.task.queue),

@@ -450,8 +450,8 @@ struct Printer {
     last_notice: Option<String>,
 }
 
-fn idx(s: OutStream) -> usize {
-    match s {
+fn idx(stream: OutStream) -> usize {
+    match stream {
         OutStream::Stdout => 0,
         OutStream::Stderr => 1,
     }
@@ -474,16 +474,16 @@ impl Printer {
         }
     }
 
-    fn write(&mut self, s: OutStream, text: &str) {
+    fn write(&mut self, stream: OutStream, text: &str) {
         if text.is_empty() {
             return;
         }
-        let escape = match s {
+        let escape = match stream {
             OutStream::Stdout => self.escape_out,
             OutStream::Stderr => self.escape_err,
         };
         let text = if escape { visible(text) } else { text.into() };
-        let _ = match s {
+        let _ = match stream {
             OutStream::Stdout => {
                 let mut o = std::io::stdout().lock();
                 o.write_all(text.as_bytes()).and_then(|_| o.flush())
@@ -493,7 +493,7 @@ impl Printer {
                 o.write_all(text.as_bytes()).and_then(|_| o.flush())
             }
         };
-        self.at_line_start[idx(s)] = text.ends_with('\n');
+        self.at_line_start[idx(stream)] = text.ends_with('\n');
     }
 
     /// Before a line of taskd's own: end the task's unfinished lines on terminals, where
@@ -509,8 +509,8 @@ impl Printer {
         }
     }
 
-    fn write_plain(&mut self, s: OutStream, text: &str) {
-        let _ = match s {
+    fn write_plain(&mut self, stream: OutStream, text: &str) {
+        let _ = match stream {
             OutStream::Stdout => {
                 let mut o = std::io::stdout().lock();
                 o.write_all(text.as_bytes()).and_then(|_| o.flush())
@@ -520,7 +520,7 @@ impl Printer {
                 o.write_all(text.as_bytes()).and_then(|_| o.flush())
             }
         };
-        self.at_line_start[idx(s)] = text.ends_with('\n');
+        self.at_line_start[idx(stream)] = text.ends_with('\n');
     }
 
     /// A line of taskd's own, on stderr.
@@ -718,8 +718,8 @@ impl Printer {
         self.write_plain(stream, &out);
     }
 
-    fn esc<'a>(&self, s: OutStream, text: &'a str) -> std::borrow::Cow<'a, str> {
-        let escape = match s {
+    fn esc<'a>(&self, stream: OutStream, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let escape = match stream {
             OutStream::Stdout => self.escape_out,
             OutStream::Stderr => self.escape_err,
         };

@@ -12,6 +12,7 @@ mod inspect;
 mod logs;
 mod reload;
 mod result;
+mod schedules;
 pub mod start;
 pub(crate) mod submit;
 mod visible;
@@ -113,6 +114,12 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The config's schedules: spec, time zone, next fire time (local and UTC), the last
+    /// slot and its task's state, counts of fired, caught-up and skipped slots, and whether
+    /// each is enabled or paused. `show NAME` lists a schedule's slot records, `fire NAME`
+    /// enqueues its task now, `pause NAME` / `resume NAME` stop and restart its firing. An
+    /// unknown NAME exits 2 and lists the known ones.
+    Schedules(schedules::SchedulesArgs),
     /// The audit trail: who cancelled, retried, paused, resumed, restarted or reloaded
     /// what, and when (from the CLI: the Unix user; the control socket: the peer's uid; the
     /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
@@ -176,15 +183,16 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Schedules(a) => schedules::run(config, a).await,
         Command::Audit(a) => audit::run(config, a).await,
     }
 }
 
-fn render_error(e: &anyhow::Error) -> String {
+fn render_error(error: &anyhow::Error) -> String {
     // taskd's own errors already say their cause in their message (and config errors carry
     // their file:line:column per diagnostic): print the chain only for context added on top.
-    let mut s = e.to_string();
-    for cause in e.chain().skip(1) {
+    let mut s = error.to_string();
+    for cause in error.chain().skip(1) {
         let c = cause.to_string();
         if !s.contains(&c) {
             s.push_str(&format!(": {c}"));
@@ -194,8 +202,8 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 /// Map an error to the exit code README.md ("Exit codes") and `--help` promise.
-pub fn code_for(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
+pub fn code_for(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return f.code;
         }

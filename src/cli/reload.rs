@@ -107,9 +107,9 @@ async fn ask(config: &Config, req: &Request) -> anyhow::Result<ReloadReply> {
 }
 
 /// Why the daemon of `config` could not be reached over its control socket.
-pub(super) fn unreachable(config: &Config, e: &std::io::Error) -> Failure {
+pub(super) fn unreachable(config: &Config, error: &std::io::Error) -> Failure {
     let socket = &config.control_socket;
-    let why = match e.kind() {
+    let why = match error.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             format!(
                 "no taskd daemon is running for the state directory {}",
@@ -122,7 +122,10 @@ pub(super) fn unreachable(config: &Config, e: &std::io::Error) -> Failure {
                 socket.display()
             )
         }
-        _ => format!("failed to reach the daemon at {}: {e}", socket.display()),
+        _ => format!(
+            "failed to reach the daemon at {}: {error}",
+            socket.display()
+        ),
     };
     Failure::new(exit::FAILURE, why)
 }

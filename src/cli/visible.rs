@@ -7,13 +7,13 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
-/// `s` with every control character but `\n` and `\t` written as an escape.
-pub fn visible(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(hidden) {
-        return Cow::Borrowed(s);
+/// `text` with every control character but `\n` and `\t` written as an escape.
+pub fn visible(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
     }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
         match c {
             c if !hidden(c) => out.push(c),
             '\r' => out.push_str("\\r"),
@@ -50,8 +50,8 @@ pub fn json_line(value: &serde_json::Value) -> String {
 
 /// C0 controls (ESC, BEL, CR, backspace, …), DEL and the C1 controls (U+0080–U+009F, which
 /// some terminals obey like ESC sequences), but not newline and tab.
-fn hidden(c: char) -> bool {
-    c.is_control() && c != '\n' && c != '\t'
+fn hidden(character: char) -> bool {
+    character.is_control() && character != '\n' && character != '\t'
 }
 
 #[cfg(test)]

@@ -273,11 +273,11 @@ macro_rules! queue_keys {
                 Self::with_settings(name, program, Settings::builtin())
             }
 
-            pub(super) fn with_settings(name: QueueName, program: Program, s: Settings) -> Self {
+            pub(super) fn with_settings(name: QueueName, program: Program, settings: Settings) -> Self {
                 QueueConfig {
                     name,
                     program,
-                    $($field: s.$field,)*
+                    $($field: settings.$field,)*
                 }
             }
         }

@@ -116,8 +116,8 @@ impl LogTasks {
         }
     }
 
-    pub fn parse(s: &str) -> Option<LogTasks> {
-        match s {
+    pub fn parse(text: &str) -> Option<LogTasks> {
+        match text {
             "failures" => Some(LogTasks::Failures),
             "all" => Some(LogTasks::All),
             "none" => Some(LogTasks::None),
@@ -164,8 +164,8 @@ impl Config {
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(s: String) -> Secret {
-        Secret(s)
+    pub fn new(text: String) -> Secret {
+        Secret(text)
     }
 
     pub fn expose(&self) -> &str {

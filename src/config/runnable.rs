@@ -174,8 +174,8 @@ fn cost(len: usize) -> usize {
 }
 
 /// A name a shell can expand: a letter or `_`, then letters, digits and `_`.
-pub fn is_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
+pub fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }

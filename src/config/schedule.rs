@@ -25,8 +25,8 @@ impl Overlap {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Overlap> {
-        match s {
+    pub fn parse(text: &str) -> Option<Overlap> {
+        match text {
             "skip" => Some(Overlap::Skip),
             "allow" => Some(Overlap::Allow),
             _ => None,

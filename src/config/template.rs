@@ -21,10 +21,10 @@ enum Part {
 
 impl ArgTemplate {
     /// Parses `{field}` placeholders; `{{` and `}}` stand for literal braces.
-    pub fn parse(s: &str) -> Result<ArgTemplate, String> {
+    pub fn parse(text: &str) -> Result<ArgTemplate, String> {
         let mut parts = Vec::new();
         let mut literal = String::new();
-        let mut chars = s.chars().enumerate().peekable();
+        let mut chars = text.chars().enumerate().peekable();
         while let Some((i, c)) = chars.next() {
             match c {
                 '{' if chars.peek().map(|&(_, c)| c) == Some('{') => {
@@ -70,7 +70,7 @@ impl ArgTemplate {
             parts.push(Part::Literal(literal));
         }
         Ok(ArgTemplate {
-            text: s.to_string(),
+            text: text.to_string(),
             parts,
         })
     }
@@ -169,8 +169,8 @@ fn check_field_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn is_field_name(s: &str) -> bool {
-    let mut chars = s.chars();
+fn is_field_name(name: &str) -> bool {
+    let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }

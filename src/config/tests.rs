@@ -63,11 +63,11 @@ fn one(text: &str) -> Diagnostic {
     d.remove(0)
 }
 
-fn at(d: &Diagnostic, line: usize, column: usize, key: &str) {
+fn at(diagnostic: &Diagnostic, line: usize, column: usize, key: &str) {
     assert_eq!(
-        (d.line, d.column, d.key.as_str()),
+        (diagnostic.line, diagnostic.column, diagnostic.key.as_str()),
         (line, column, key),
-        "wrong place for {d}"
+        "wrong place for {diagnostic}"
     );
 }
 
@@ -75,8 +75,8 @@ fn q(name: &str) -> QueueName {
     QueueName::try_from(name.to_string()).unwrap()
 }
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
+fn secs(seconds: u64) -> Duration {
+    Duration::from_secs(seconds)
 }
 
 #[test]

@@ -17,8 +17,8 @@ pub(crate) enum DurationError {
 }
 
 /// Parses a humantime duration ("90s", "1h 30m") that must be greater than zero.
-pub(crate) fn parse_positive_duration(s: &str) -> Result<Duration, DurationError> {
-    let t = s.trim();
+pub(crate) fn parse_positive_duration(text: &str) -> Result<Duration, DurationError> {
+    let t = text.trim();
     if t.starts_with('-') {
         return Err(DurationError::Negative);
     }
@@ -36,8 +36,8 @@ pub(crate) fn parse_positive_duration(s: &str) -> Result<Duration, DurationError
 }
 
 /// Formats a duration the way a user would write it in the config ("1h 30m").
-pub(crate) fn show_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+pub(crate) fn show_duration(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
 }
 
 /// The units [`parse_size`] accepts, for error messages.
@@ -47,8 +47,8 @@ pub(crate) const SIZE_UNITS: &str = "B, KB, MB, GB (1000-based) or KiB, MiB, GiB
 ///
 /// KiB/MiB/GiB are powers of 1024, KB/MB/GB powers of 1000. Units are matched without regard
 /// to case, since "kb" and "KB" can only mean one thing here.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
     if t.starts_with('-') {
         return Err("a size cannot be negative".into());
     }
@@ -56,12 +56,12 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, rest) = t.split_at(digits_end);
     if digits.is_empty() {
         return Err(format!(
-            "`{s}` is not a size: it must start with a whole number"
+            "`{text}` is not a size: it must start with a whole number"
         ));
     }
     if rest.starts_with('.') || rest.starts_with(',') {
         return Err(format!(
-            "`{s}` is not a size: write a whole number (use a smaller unit instead of a fraction)"
+            "`{text}` is not a size: write a whole number (use a smaller unit instead of a fraction)"
         ));
     }
     let unit = rest.trim_start();
@@ -75,26 +75,26 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1024 * 1024 * 1024,
         _ => {
             return Err(format!(
-                "`{s}` is not a size: unknown unit `{unit}` (use {SIZE_UNITS})"
+                "`{text}` is not a size: unknown unit `{unit}` (use {SIZE_UNITS})"
             ))
         }
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("`{s}` is not a size: the number is too large"))?;
+        .map_err(|_| format!("`{text}` is not a size: the number is too large"))?;
     n.checked_mul(factor)
-        .ok_or_else(|| format!("`{s}` is not a size: it is too large"))
+        .ok_or_else(|| format!("`{text}` is not a size: it is too large"))
 }
 
 /// Formats a byte count in the largest 1024-based unit that divides it exactly.
-pub(crate) fn show_size(n: u64) -> String {
+pub(crate) fn show_size(bytes: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (factor, unit) in UNITS {
-        if n >= factor && n % factor == 0 {
-            return format!("{}{unit}", n / factor);
+        if bytes >= factor && bytes % factor == 0 {
+            return format!("{}{unit}", bytes / factor);
         }
     }
-    format!("{n}B")
+    format!("{bytes}B")
 }
 
 /// The candidate closest to `word`, if it is within edit distance 2 (Levenshtein, over

@@ -13,9 +13,9 @@ use crate::supervisor::{Halt, Supervisor};
 const STORE_WATCH: Duration = Duration::from_secs(1);
 
 /// A file's identity: device and inode.
-fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+fn file_id(metadata: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    (m.dev(), m.ino())
+    (metadata.dev(), metadata.ino())
 }
 
 /// The embedded store's file as it is now, to be watched: `None` on a shared broker, or when

@@ -57,17 +57,17 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    pub fn get(&self, s: Stream) -> u64 {
-        match s {
+    pub fn get(&self, stream: Stream) -> u64 {
+        match stream {
             Stream::Stdout => self.out,
             Stream::Stderr => self.err,
         }
     }
 
-    fn add(&mut self, s: Stream, n: u64) {
-        match s {
-            Stream::Stdout => self.out += n,
-            Stream::Stderr => self.err += n,
+    fn add(&mut self, stream: Stream, bytes: u64) {
+        match stream {
+            Stream::Stdout => self.out += bytes,
+            Stream::Stderr => self.err += bytes,
         }
     }
 }
@@ -194,16 +194,16 @@ impl Ring {
 }
 
 /// `n` bytes of `buf` from `i`, copied slice by slice (the ring's two halves).
-fn copy_range(buf: &VecDeque<u8>, i: usize, n: usize) -> Vec<u8> {
+fn copy_range(buf: &VecDeque<u8>, start: usize, len: usize) -> Vec<u8> {
     let (a, b) = buf.as_slices();
-    let mut out = Vec::with_capacity(n);
-    if i < a.len() {
-        let end = (i + n).min(a.len());
-        out.extend_from_slice(&a[i..end]);
-        out.extend_from_slice(&b[..n - (end - i)]);
+    let mut out = Vec::with_capacity(len);
+    if start < a.len() {
+        let end = (start + len).min(a.len());
+        out.extend_from_slice(&a[start..end]);
+        out.extend_from_slice(&b[..len - (end - start)]);
     } else {
-        let j = i - a.len();
-        out.extend_from_slice(&b[j..j + n]);
+        let j = start - a.len();
+        out.extend_from_slice(&b[j..j + len]);
     }
     out
 }

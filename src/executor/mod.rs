@@ -636,11 +636,11 @@ impl LeaderChild {
     }
 
     fn take_pipes(&mut self) -> (Option<Writer>, Option<Reader>, Option<Reader>) {
-        fn boxed_r<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R) -> Reader {
-            Box::new(r)
+        fn boxed_r<R: tokio::io::AsyncRead + Unpin + Send + 'static>(reader: R) -> Reader {
+            Box::new(reader)
         }
-        fn boxed_w<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(w: W) -> Writer {
-            Box::new(w)
+        fn boxed_w<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(writer: W) -> Writer {
+            Box::new(writer)
         }
         match self {
             LeaderChild::Fast(c) => (

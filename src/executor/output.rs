@@ -133,8 +133,8 @@ impl LogFile {
         }
     }
 
-    fn fail(&mut self, e: io::Error) {
-        tracing::warn!(path = %self.path.display(), error = %e, "failed to write task output log; not writing it any more");
+    fn fail(&mut self, error: io::Error) {
+        tracing::warn!(path = %self.path.display(), error = %error, "failed to write task output log; not writing it any more");
         self.closed = true;
     }
 }

@@ -308,15 +308,15 @@ fn read_result(path: &Path, uid: u32, max: u64) -> Returned {
     Returned::from_file_bytes(&buf)
 }
 
-fn kind_of(t: &std::fs::FileType) -> &'static str {
+fn kind_of(file_type: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
+    if file_type.is_dir() {
         "a directory"
-    } else if t.is_fifo() {
+    } else if file_type.is_fifo() {
         "a FIFO"
-    } else if t.is_socket() {
+    } else if file_type.is_socket() {
         "a socket"
-    } else if t.is_block_device() || t.is_char_device() {
+    } else if file_type.is_block_device() || file_type.is_char_device() {
         "a device"
     } else {
         "something that is not a file"

@@ -129,8 +129,8 @@ pub fn fit_own_nofile(tasks: usize) -> std::io::Result<u64> {
 }
 
 /// The name of a resource as `getrlimit(2)` spells it, for messages.
-pub(crate) fn resource_name(r: Resource) -> &'static str {
-    match r {
+pub(crate) fn resource_name(resource: Resource) -> &'static str {
+    match resource {
         Resource::RLIMIT_NOFILE => "RLIMIT_NOFILE",
         Resource::RLIMIT_NPROC => "RLIMIT_NPROC",
         Resource::RLIMIT_AS => "RLIMIT_AS",

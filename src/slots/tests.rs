@@ -4,9 +4,9 @@
 use super::*;
 
 /// Milliseconds of an RFC 3339 instant.
-fn at(s: &str) -> UnixMs {
-    s.parse::<Timestamp>()
-        .unwrap_or_else(|e| panic!("{s}: {e}"))
+fn at(text: &str) -> UnixMs {
+    text.parse::<Timestamp>()
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
         .as_millisecond()
 }
 
@@ -17,19 +17,19 @@ fn cal(expr: &str, zone: &str) -> Calendar {
     }
 }
 
-fn every(d: &str) -> Calendar {
+fn every(text: &str) -> Calendar {
     Calendar {
-        spec: parse_every(d, humantime::parse_duration(d).unwrap()).unwrap(),
+        spec: parse_every(text, humantime::parse_duration(text).unwrap()).unwrap(),
         zone: Zone::utc(),
     }
 }
 
-/// The next `n` slots after `from`, as RFC 3339 UTC.
-fn next_n(c: &Calendar, from: &str, n: usize) -> Vec<String> {
+/// The next `count` slots after `from`, as RFC 3339 UTC.
+fn next_n(calendar: &Calendar, from: &str, count: usize) -> Vec<String> {
     let mut t = at(from);
     let mut out = Vec::new();
-    for _ in 0..n {
-        t = c.next_after(t).expect("a next slot");
+    for _ in 0..count {
+        t = calendar.next_after(t).expect("a next slot");
         out.push(show_utc(t));
     }
     out
@@ -290,8 +290,8 @@ fn due_stops_counting_at_the_cap_and_still_finds_the_newest() {
     assert_eq!(d.newest, [to - 2000, to - 1000, to]);
 }
 
-fn s(t: UnixMs) -> String {
-    show_utc(t)
+fn s(at: UnixMs) -> String {
+    show_utc(at)
 }
 
 /// A plan as text, for readable assertions.

@@ -315,9 +315,9 @@ impl Supervisor {
 
     /// The broker refused a write because it is full: stop claiming until a write passes,
     /// so that results buffered here stay bounded by the tasks already running.
-    pub fn broker_full(&self, e: &str) {
+    pub fn broker_full(&self, error: &str) {
         let why = format!(
-            "{e}; results of finished tasks are kept here and written once it takes writes again"
+            "{error}; results of finished tasks are kept here and written once it takes writes again"
         );
         if self.halt(Halt::BrokerFull, &why) {
             tracing::error!("not claiming tasks: {why}");
@@ -499,66 +499,66 @@ impl Supervisor {
     /// One queue's claim loop. It claims enough to fill the free slots and, while the queue
     /// has a backlog, up to `concurrency` more held ready (see [`QueueRt::held`]); finishing
     /// runs start the held tasks themselves, and kick this loop to top the buffer up.
-    async fn dispatch(self: Arc<Self>, q: Arc<QueueRt>) {
+    async fn dispatch(self: Arc<Self>, queue: Arc<QueueRt>) {
         let mut error_backoff = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut claim_failing = false;
         loop {
-            if self.draining.is_cancelled() || q.removed.is_cancelled() {
-                self.release_held(&q).await;
+            if self.draining.is_cancelled() || queue.removed.is_cancelled() {
+                self.release_held(&queue).await;
                 return;
             }
-            if self.is_paused(&q.name) {
+            if self.is_paused(&queue.name) {
                 // Paused as this node last read it: give back what it holds, and claim
                 // nothing until news (the resume's wake-up kicks every queue). The store may
                 // already be resumed; a claim then would only be released again on the next
                 // turn, a loop that never waits when the broker answers at once.
-                self.release_held(&q).await;
-                self.wait_for_news(&q).await;
+                self.release_held(&queue).await;
+                self.wait_for_news(&queue).await;
                 continue;
             }
             if self.halted().is_some() {
                 // Held tasks stay held (their release would be a write too); `unhalt`
                 // kicks the queue.
-                self.wait_for_news(&q).await;
+                self.wait_for_news(&queue).await;
                 continue;
             }
-            self.start_held(&q);
+            self.start_held(&queue);
             let plan = claim::plan(claim::QueueLoad {
-                concurrency: q.prepared().config.concurrency,
-                running: q.running.load(Ordering::Acquire),
-                held: q.held.lock().expect("not poisoned").len(),
-                idle_workers: q.pool().map(|p| p.available()),
-                backlog: q.backlog.load(Ordering::Acquire),
-                last_run_ms: q.last_run_ms.load(Ordering::Relaxed),
+                concurrency: queue.prepared().config.concurrency,
+                running: queue.running.load(Ordering::Acquire),
+                held: queue.held.lock().expect("not poisoned").len(),
+                idle_workers: queue.pool().map(|p| p.available()),
+                backlog: queue.backlog.load(Ordering::Acquire),
+                last_run_ms: queue.last_run_ms.load(Ordering::Relaxed),
             });
             if let claim::ClaimPlan::Claim { want, now } = plan {
                 let claimed = if now {
                     self.broker
-                        .claim(&self.node, &q.name, want, self.lease())
+                        .claim(&self.node, &queue.name, want, self.lease())
                         .await
                 } else {
                     self.broker
-                        .claim_ahead(&self.node, &q.name, want, self.lease())
+                        .claim_ahead(&self.node, &queue.name, want, self.lease())
                         .await
                 };
                 match claimed {
                     Ok(claimed) => {
                         if claim_failing {
-                            tracing::info!(queue = %q.name, "claiming tasks again");
+                            tracing::info!(queue = %queue.name, "claiming tasks again");
                             claim_failing = false;
                         }
                         error_backoff.reset();
                         let got = claimed.len();
-                        q.backlog.store(got == want, Ordering::Release);
+                        queue.backlog.store(got == want, Ordering::Release);
                         if got > 0 {
                             {
-                                let mut held = q.held.lock().expect("not poisoned");
+                                let mut held = queue.held.lock().expect("not poisoned");
                                 let mut leases = self.leases.lock().expect("not poisoned");
                                 for c in claimed {
                                     leases.insert(
                                         c.task.id,
                                         HeldTask {
-                                            queue: q.name.clone(),
+                                            queue: queue.name.clone(),
                                             lease: c.lease.clone(),
                                             cancel: CancellationToken::new(),
                                         },
@@ -579,9 +579,9 @@ impl Supervisor {
                         // loop and the connection, and a retry every few seconds would
                         // bury the rest of the log.
                         if claim_failing {
-                            tracing::debug!(queue = %q.name, error = %e, "still failing to claim tasks; retrying");
+                            tracing::debug!(queue = %queue.name, error = %e, "still failing to claim tasks; retrying");
                         } else {
-                            tracing::error!(queue = %q.name, error = %e, "failed to claim tasks; retrying with backoff (up to 10 s) until the broker answers");
+                            tracing::error!(queue = %queue.name, error = %e, "failed to claim tasks; retrying with backoff (up to 10 s) until the broker answers");
                             claim_failing = true;
                         }
                         tokio::select! {
@@ -593,41 +593,41 @@ impl Supervisor {
                 }
             }
             // The queue is dry, or every slot is busy and the buffer is full.
-            self.wait_for_news(&q).await;
+            self.wait_for_news(&queue).await;
         }
     }
 
     /// Until the queue is kicked (a wake-up, a finished task, a resume, an unhalt), the
     /// fallback tick, a drain or the queue's removal.
-    async fn wait_for_news(&self, q: &QueueRt) {
+    async fn wait_for_news(&self, queue: &QueueRt) {
         tokio::select! {
-            _ = q.kick.notified() => {}
+            _ = queue.kick.notified() => {}
             _ = tokio::time::sleep(FALLBACK_TICK) => {}
             _ = self.draining.cancelled() => {}
-            _ = q.removed.cancelled() => {}
+            _ = queue.removed.cancelled() => {}
         }
     }
 
-    fn is_paused(&self, q: &QueueName) -> bool {
-        self.paused.lock().expect("not poisoned").contains(q)
+    fn is_paused(&self, queue: &QueueName) -> bool {
+        self.paused.lock().expect("not poisoned").contains(queue)
     }
 
     /// Start held tasks while the queue has free slots.
-    fn start_held(self: &Arc<Self>, q: &Arc<QueueRt>) {
+    fn start_held(self: &Arc<Self>, queue: &Arc<QueueRt>) {
         if self.draining.is_cancelled()
-            || q.removed.is_cancelled()
-            || self.is_paused(&q.name)
+            || queue.removed.is_cancelled()
+            || self.is_paused(&queue.name)
             || self.halted().is_some()
         {
             return;
         }
-        let conc = q.prepared().config.concurrency;
-        let pool = q.pool();
+        let conc = queue.prepared().config.concurrency;
+        let pool = queue.pool();
         loop {
-            if q.running.load(Ordering::Acquire) >= conc {
+            if queue.running.load(Ordering::Acquire) >= conc {
                 return;
             }
-            if q.held.lock().expect("not poisoned").is_empty() {
+            if queue.held.lock().expect("not poisoned").is_empty() {
                 return;
             }
             let reserved = match &pool {
@@ -637,16 +637,16 @@ impl Supervisor {
                 },
                 None => None,
             };
-            let Some(c) = q.held.lock().expect("not poisoned").pop_front() else {
+            let Some(c) = queue.held.lock().expect("not poisoned").pop_front() else {
                 return;
             };
-            self.launch(q, c, reserved);
+            self.launch(queue, c, reserved);
         }
     }
 
     /// Give held (claimed, never started) tasks back to the broker.
-    async fn release_held(&self, q: &QueueRt) {
-        let held: Vec<Claimed> = q.held.lock().expect("not poisoned").drain(..).collect();
+    async fn release_held(&self, queue: &QueueRt) {
+        let held: Vec<Claimed> = queue.held.lock().expect("not poisoned").drain(..).collect();
         for c in held {
             self.leases.lock().expect("not poisoned").remove(&c.task.id);
             self.record(&c.lease, AttemptRecord::default(), Finish::Release)
@@ -654,23 +654,28 @@ impl Supervisor {
         }
     }
 
-    fn launch(self: &Arc<Self>, q: &Arc<QueueRt>, c: Claimed, reserved: Option<worker::Reserved>) {
-        q.running.fetch_add(1, Ordering::AcqRel);
+    fn launch(
+        self: &Arc<Self>,
+        queue: &Arc<QueueRt>,
+        claimed: Claimed,
+        reserved: Option<worker::Reserved>,
+    ) {
+        queue.running.fetch_add(1, Ordering::AcqRel);
         let cancel = self
             .leases
             .lock()
             .expect("not poisoned")
-            .get(&c.task.id)
+            .get(&claimed.task.id)
             .map(|e| e.cancel.clone())
             .unwrap_or_default();
         let me = self.clone();
-        let q = q.clone();
+        let q = queue.clone();
         // Every log line about this run carries its queue, task id and attempt, and only
         // this run's: `launch` is often called from the end of the previous run, whose span
         // must not become this one's parent (lines read `task{…}:task{…}` otherwise).
-        let span = tracing::info_span!(parent: None, "task", queue = %q.name, task = %c.task.id, attempt = c.attempt);
+        let span = tracing::info_span!(parent: None, "task", queue = %q.name, task = %claimed.task.id, attempt = claimed.attempt);
         self.runs.spawn(tracing::Instrument::instrument(
-            async move { me.run_one(q, c, cancel, reserved).await },
+            async move { me.run_one(q, claimed, cancel, reserved).await },
             span,
         ));
     }
@@ -678,12 +683,12 @@ impl Supervisor {
     /// Run one attempt of one claimed task and record its result.
     async fn run_one(
         self: Arc<Self>,
-        q: Arc<QueueRt>,
-        c: Claimed,
+        queue: Arc<QueueRt>,
+        claimed: Claimed,
         cancel: CancellationToken,
         reserved: Option<worker::Reserved>,
     ) {
-        let prepared = q.prepared();
+        let prepared = queue.prepared();
         let config = prepared.config.clone();
         let started_at = now_ms();
         let mut ran = None;
@@ -691,13 +696,13 @@ impl Supervisor {
         let spec = match reserved {
             Some(r) => Ok(Run::Worker(r)),
             None => prepared
-                .spec(&c.task, c.attempt)
+                .spec(&claimed.task, claimed.attempt)
                 .map(|s| Run::Exec(Box::new(s))),
         };
         let (record, finish) = match spec {
             Err(message) => {
                 let attempt = AttemptRecord {
-                    number: c.attempt,
+                    number: claimed.attempt,
                     node: self.node.clone(),
                     started_at,
                     ended_at: now_ms(),
@@ -716,7 +721,7 @@ impl Supervisor {
                 // The start is recorded once the process exists, without holding the run up
                 // (it shares a commit with others); the start log covers the moment between.
                 // A lease lost meanwhile (an operator cancelled the held task) stops the run.
-                self.start_log.note(c.task.id, || {
+                self.start_log.note(claimed.task.id, || {
                     self.leases
                         .lock()
                         .expect("not poisoned")
@@ -729,7 +734,7 @@ impl Supervisor {
                 // the store's work for short tasks.
                 let (tx, rx) = tokio::sync::oneshot::channel::<executor::Spawned>();
                 let broker = self.broker.clone();
-                let lease = c.lease.clone();
+                let lease = claimed.lease.clone();
                 let stop_it = stop.cancel.clone();
                 let ended = CancellationToken::new();
                 let ended_too = ended.clone();
@@ -750,11 +755,14 @@ impl Supervisor {
                     }
                 });
                 let began = std::time::Instant::now();
-                self.metrics.started(&q.name);
+                self.metrics.started(&queue.name);
                 // Registered before the process starts: a follower sees its first byte.
-                let out = self
-                    .live
-                    .start(c.task.id, &q.name, c.attempt, self.node.as_str());
+                let out = self.live.start(
+                    claimed.task.id,
+                    &queue.name,
+                    claimed.attempt,
+                    self.node.as_str(),
+                );
                 live = Some(out.clone());
                 let outcome = match spec {
                     Run::Exec(mut spec) => {
@@ -762,16 +770,25 @@ impl Supervisor {
                         executor::run(*spec, stop, Some(tx)).await
                     }
                     Run::Worker(r) => {
-                        let log = prepared.log_spec(c.task.id, c.attempt);
-                        r.run(c.task.clone(), c.attempt, log, Some(out), stop, Some(tx))
-                            .await
+                        let log = prepared.log_spec(claimed.task.id, claimed.attempt);
+                        r.run(
+                            claimed.task.clone(),
+                            claimed.attempt,
+                            log,
+                            Some(out),
+                            stop,
+                            Some(tx),
+                        )
+                        .await
                     }
                 };
                 let mut rng = rand::thread_rng();
-                let decided = policy::decide(&config, &c, &self.node, outcome, now_ms(), &mut rng);
+                let decided =
+                    policy::decide(&config, &claimed, &self.node, outcome, now_ms(), &mut rng);
                 ended.cancel();
                 ran = Some(began.elapsed());
-                q.last_run_ms
+                queue
+                    .last_run_ms
                     .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
                 decided
             }
@@ -800,24 +817,28 @@ impl Supervisor {
                 Finish::Cancelled => O::Cancelled,
                 Finish::Requeue | Finish::Release => O::Requeued,
             };
-            let waited = ran
-                .map(|_| Duration::from_millis((record.started_at - c.task.run_at).max(0) as u64));
-            self.metrics.finished(&q.name, outcome, ran, waited);
+            let waited = ran.map(|_| {
+                Duration::from_millis((record.started_at - claimed.task.run_at).max(0) as u64)
+            });
+            self.metrics.finished(&queue.name, outcome, ran, waited);
         }
         // Queue the result first, then give the slot to the next task: its start is recorded
         // after this result (the broker's rule 6), so the store never shows more tasks
         // running than the concurrency. The two usually share a commit.
-        let queued = self.broker.finish(&c.lease, record.clone(), finish);
-        q.running.fetch_sub(1, Ordering::AcqRel);
-        self.start_held(&q);
-        q.kick.notify_one();
+        let queued = self.broker.finish(&claimed.lease, record.clone(), finish);
+        queue.running.fetch_sub(1, Ordering::AcqRel);
+        self.start_held(&queue);
+        queue.kick.notify_one();
         let end = live.as_ref().map(|_| end_info(&record, finish));
-        self.settle(queued, &c.lease, record, finish).await;
+        self.settle(queued, &claimed.lease, record, finish).await;
         // Followers learn the end once the broker has it: what they read next agrees.
         if let (Some(out), Some(end)) = (live, end) {
             self.live.end(&out, end);
         }
-        self.leases.lock().expect("not poisoned").remove(&c.task.id);
+        self.leases
+            .lock()
+            .expect("not poisoned")
+            .remove(&claimed.task.id);
         if let Finish::Retry { .. } = finish {
             self.reschedule.notify_one();
         }
@@ -927,18 +948,18 @@ impl Supervisor {
     }
 
     /// Broker wake-ups: new work kicks every queue; cancel requests are looked up.
-    async fn wake_loop(self: Arc<Self>, w: Wakeups) {
+    async fn wake_loop(self: Arc<Self>, wakeups: Wakeups) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = w.work.notified() => self.kick_all(),
-                _ = w.pause.notified() => {
+                _ = wakeups.work.notified() => self.kick_all(),
+                _ = wakeups.pause.notified() => {
                     self.refresh_paused().await;
                     self.kick_all();
                 }
-                _ = w.sched.notified() => self.reschedule.notify_one(),
-                _ = w.cancel.notified() => self.check_cancels().await,
+                _ = wakeups.sched.notified() => self.reschedule.notify_one(),
+                _ = wakeups.cancel.notified() => self.check_cancels().await,
                 _ = tick.tick() => {
                     // The safety net behind the wake-ups (a lost datagram, another node).
                     self.refresh_paused().await;

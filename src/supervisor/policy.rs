@@ -11,37 +11,37 @@ use crate::model::{AttemptReason, AttemptRecord, NodeId, UnixMs};
 /// A failed attempt: retry after the backoff while attempts remain, else fail (and say so in
 /// the attempt's error).
 pub fn retry_or_fail(
-    q: &QueueConfig,
-    c: &Claimed,
-    a: &mut AttemptRecord,
+    queue: &QueueConfig,
+    claimed: &Claimed,
+    attempt: &mut AttemptRecord,
     now: UnixMs,
     rng: &mut dyn rand::RngCore,
 ) -> Finish {
-    if c.attempt >= q.max_attempts {
-        if let Some(e) = &mut a.error {
-            e.push_str(&format!("; gave up after {} attempts", c.attempt));
+    if claimed.attempt >= queue.max_attempts {
+        if let Some(e) = &mut attempt.error {
+            e.push_str(&format!("; gave up after {} attempts", claimed.attempt));
         }
         Finish::Failed
     } else {
         let mut r = rng;
-        let delay = q.backoff.delay(c.attempt, &mut r);
+        let delay = queue.backoff.delay(claimed.attempt, &mut r);
         Finish::Retry {
             at: now + delay.as_millis() as i64,
         }
     }
 }
 
-/// The record of one run of claimed task `c` on `node`, before its reason and error are
+/// The record of one run of `claimed` task on `node`, before its reason and error are
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
 fn attempt_of(
-    c: &Claimed,
+    claimed: &Claimed,
     node: &NodeId,
     pid: Option<i32>,
     (started_at, ended_at): (UnixMs, UnixMs),
     (stdout, stderr): (&[u8], &[u8]),
 ) -> AttemptRecord {
     AttemptRecord {
-        number: c.attempt,
+        number: claimed.attempt,
         node: node.clone(),
         pid,
         started_at,
@@ -66,33 +66,34 @@ fn attempt_of(
 /// task swapped for something else. That fails the task at once, with reason `result`,
 /// like a worker's `error`: running it again would redo its work to return the same.
 pub fn decide(
-    q: &QueueConfig,
-    c: &Claimed,
+    queue: &QueueConfig,
+    claimed: &Claimed,
     node: &NodeId,
-    o: Outcome,
+    outcome: Outcome,
     now: UnixMs,
     rng: &mut impl rand::Rng,
 ) -> (AttemptRecord, Finish) {
     let mut a = attempt_of(
-        c,
+        claimed,
         node,
-        o.pid,
-        (o.started_at_ms, o.ended_at_ms),
-        (&o.stdout_tail, &o.stderr_tail),
+        outcome.pid,
+        (outcome.started_at_ms, outcome.ended_at_ms),
+        (&outcome.stdout_tail, &outcome.stderr_tail),
     );
-    let retry_or_fail =
-        |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| retry_or_fail(q, c, a, now, rng);
-    let returned = o.returned;
-    let finish = match o.status {
+    let retry_or_fail = |a: &mut AttemptRecord, rng: &mut dyn rand::RngCore| {
+        retry_or_fail(queue, claimed, a, now, rng)
+    };
+    let returned = outcome.returned;
+    let finish = match outcome.status {
         Status::Exited(0) => {
             a.exit_code = Some(0);
             a.reason = Some(AttemptReason::Exit);
-            succeed(q, &mut a, returned, o.ran_on)
+            succeed(queue, &mut a, returned, outcome.ran_on)
         }
         Status::Exited(code) => {
             a.exit_code = Some(code);
             a.reason = Some(AttemptReason::Exit);
-            if q.fail_exit_codes.contains(&code) {
+            if queue.fail_exit_codes.contains(&code) {
                 a.error = Some(format!(
                     "exit code {code} (in fail_exit_codes: not retried)"
                 ));
@@ -111,15 +112,15 @@ pub fn decide(
         Status::TimedOut { killed_with } => {
             a.signal = Some(killed_with);
             a.reason = Some(AttemptReason::Timeout);
-            a.error = Some(match o.ran_on {
+            a.error = Some(match outcome.ran_on {
                 Runner::Process => format!(
                     "timed out after {} (process group stopped with {})",
-                    humantime::format_duration(q.timeout),
+                    humantime::format_duration(queue.timeout),
                     signal_name(killed_with)
                 ),
                 Runner::Worker => format!(
                     "timed out after {} (the worker's process group was stopped with {}; the worker was restarted)",
-                    humantime::format_duration(q.timeout),
+                    humantime::format_duration(queue.timeout),
                     signal_name(killed_with)
                 ),
             });
@@ -127,7 +128,7 @@ pub fn decide(
         }
         Status::Cancelled => {
             a.reason = Some(AttemptReason::Cancelled);
-            a.error = Some(match o.ran_on {
+            a.error = Some(match outcome.ran_on {
                 Runner::Process => "cancelled by an operator while running".into(),
                 Runner::Worker => {
                     "cancelled by an operator while running (its worker was restarted)".into()
@@ -156,7 +157,7 @@ pub fn decide(
         Status::Answered { verdict, message } => {
             a.reason = Some(AttemptReason::Result);
             match verdict {
-                Verdict::Ok => succeed(q, &mut a, returned, o.ran_on),
+                Verdict::Ok => succeed(queue, &mut a, returned, outcome.ran_on),
                 Verdict::Error => {
                     a.error = Some(format!(
                         "the worker reported an error (not retried): {}",
@@ -178,7 +179,7 @@ pub fn decide(
             a.signal = signal;
             a.error = Some(format!(
                 "the worker{} died while running the task: {how}",
-                pid_note(o.pid)
+                pid_note(outcome.pid)
             ));
             retry_or_fail(&mut a, rng)
         }
@@ -186,7 +187,7 @@ pub fn decide(
             a.reason = Some(AttemptReason::Protocol);
             a.error = Some(format!(
                 "the worker{} broke the protocol ({why}): {line}; it was restarted",
-                pid_note(o.pid)
+                pid_note(outcome.pid)
             ));
             retry_or_fail(&mut a, rng)
         }
@@ -197,7 +198,12 @@ pub fn decide(
 
 /// A successful run: the task succeeds with what it returned, or fails at once (reason
 /// `result`, not retried) when that cannot be kept.
-fn succeed(q: &QueueConfig, a: &mut AttemptRecord, returned: Returned, ran_on: Runner) -> Finish {
+fn succeed(
+    queue: &QueueConfig,
+    attempt: &mut AttemptRecord,
+    returned: Returned,
+    ran_on: Runner,
+) -> Finish {
     let whose = match ran_on {
         Runner::Process => "the task's result file",
         Runner::Worker => "the worker's result",
@@ -205,26 +211,26 @@ fn succeed(q: &QueueConfig, a: &mut AttemptRecord, returned: Returned, ran_on: R
     match returned {
         Returned::Nothing => Finish::Succeeded,
         Returned::Value(v) => {
-            a.result = Some(v);
+            attempt.result = Some(v);
             Finish::Succeeded
         }
         Returned::TooBig { bytes } => {
-            a.reason = Some(AttemptReason::Result);
-            a.error = Some(if q.max_result == 0 {
+            attempt.reason = Some(AttemptReason::Result);
+            attempt.error = Some(if queue.max_result == 0 {
                 format!(
                     "the task returned a result ({whose}: {bytes} bytes), but its queue keeps none (max_result = 0); failed, not retried"
                 )
             } else {
                 format!(
                     "the task's result is too big: {whose} holds {bytes} bytes, over max_result ({}); failed, not retried (raise max_result, or return less)",
-                    crate::config::show_size(q.max_result)
+                    crate::config::show_size(queue.max_result)
                 )
             });
             Finish::Failed
         }
         Returned::Unreadable(why) => {
-            a.reason = Some(AttemptReason::Result);
-            a.error = Some(format!(
+            attempt.reason = Some(AttemptReason::Result);
+            attempt.error = Some(format!(
                 "the task's result was not kept: {why}; failed, not retried"
             ));
             Finish::Failed

@@ -62,31 +62,31 @@ fn failed_message(reason: Option<AttemptReason>) -> &'static str {
     }
 }
 
-fn ms(v: i64) -> std::time::Duration {
-    std::time::Duration::from_millis(v.max(0) as u64)
+fn ms(millis: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(millis.max(0) as u64)
 }
 
-/// Log the end of attempt `a` (of at most `max_attempts`) as `mode` asks. The caller's span
+/// Log the end of `attempt` (of at most `max_attempts`) as `mode` asks. The caller's span
 /// carries the queue, the task id and the attempt number.
-pub fn log_end(mode: LogTasks, max_attempts: u32, a: &AttemptRecord, finish: &Finish) {
-    let reason = a.reason.map(|r| r.to_string()).unwrap_or_default();
-    let error = a.error.as_deref().unwrap_or("");
-    let stderr = last_line(&a.stderr_tail);
+pub fn log_end(mode: LogTasks, max_attempts: u32, attempt: &AttemptRecord, finish: &Finish) {
+    let reason = attempt.reason.map(|r| r.to_string()).unwrap_or_default();
+    let error = attempt.error.as_deref().unwrap_or("");
+    let stderr = last_line(&attempt.stderr_tail);
     match line_for(mode, finish) {
         Line::Failed => tracing::warn!(
-            attempts = a.number,
+            attempts = attempt.number,
             max_attempts,
             reason,
             error,
             stderr,
             "{}",
-            failed_message(a.reason)
+            failed_message(attempt.reason)
         ),
         Line::Retrying => {
             let (next, wait) = match finish {
                 Finish::Retry { at } => {
                     let t = std::time::UNIX_EPOCH + ms(*at);
-                    let wait = ms(*at - a.ended_at);
+                    let wait = ms(*at - attempt.ended_at);
                     (
                         humantime::format_rfc3339_seconds(t).to_string(),
                         // To the second above one second: the jitter's milliseconds are noise.
@@ -103,7 +103,7 @@ pub fn log_end(mode: LogTasks, max_attempts: u32, a: &AttemptRecord, finish: &Fi
                 _ => (String::new(), String::new()),
             };
             tracing::info!(
-                attempts = a.number,
+                attempts = attempt.number,
                 max_attempts,
                 reason,
                 error,
@@ -112,8 +112,8 @@ pub fn log_end(mode: LogTasks, max_attempts: u32, a: &AttemptRecord, finish: &Fi
                 "attempt failed; retrying in {wait}"
             )
         }
-        Line::Succeeded => tracing::info!(attempts = a.number, "task succeeded"),
-        Line::Cancelled => tracing::info!(attempts = a.number, error, "task cancelled"),
+        Line::Succeeded => tracing::info!(attempts = attempt.number, "task succeeded"),
+        Line::Cancelled => tracing::info!(attempts = attempt.number, error, "task cancelled"),
         Line::Quiet => tracing::debug!(reason, next = ?finish, "attempt finished"),
     }
 }

@@ -51,27 +51,36 @@ async fn start(queues: &str) -> Fixture {
     }
 }
 
-fn qn(s: &str) -> QueueName {
-    s.parse().expect("a valid queue name")
+fn qn(name: &str) -> QueueName {
+    name.parse().expect("a valid queue name")
 }
 
-async fn enqueue(b: &Arc<dyn Broker>, queue: &str, payload: &str, n: usize) -> Vec<TaskId> {
-    let tasks: Vec<NewTask> = (0..n)
+async fn enqueue(
+    broker: &Arc<dyn Broker>,
+    queue: &str,
+    payload: &str,
+    count: usize,
+) -> Vec<TaskId> {
+    let tasks: Vec<NewTask> = (0..count)
         .map(|_| NewTask::new(qn(queue), payload.to_string()))
         .collect();
     let ids = tasks.iter().map(|t| t.id).collect();
-    b.enqueue(tasks).await.expect("enqueue");
+    broker.enqueue(tasks).await.expect("enqueue");
     ids
 }
 
 /// Lets the supervisor's loops run until every task of `ids` is in `state`; the clock is
 /// paused, so each step advances it only as far as the next timer. Fails after an hour of
 /// the supervisor's time.
-async fn settle(b: &Arc<dyn Broker>, ids: &[TaskId], state: TaskState) {
+async fn settle(broker: &Arc<dyn Broker>, ids: &[TaskId], state: TaskState) {
     for _ in 0..3_600 {
         let mut all = true;
         for id in ids {
-            let d = b.get(*id).await.expect("get").expect("the task exists");
+            let d = broker
+                .get(*id)
+                .await
+                .expect("get")
+                .expect("the task exists");
             all &= d.task.state == state;
         }
         if all {
@@ -79,7 +88,7 @@ async fn settle(b: &Arc<dyn Broker>, ids: &[TaskId], state: TaskState) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let now = b.list(&ListFilter::default()).await.expect("list");
+    let now = broker.list(&ListFilter::default()).await.expect("list");
     panic!("tasks did not all become {state}: {now:#?}");
 }
 

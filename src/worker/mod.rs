@@ -76,8 +76,8 @@ fn unavailable() -> Outcome {
 }
 
 impl From<ResultStatus> for Verdict {
-    fn from(r: ResultStatus) -> Verdict {
-        match r {
+    fn from(status: ResultStatus) -> Verdict {
+        match status {
             ResultStatus::Ok => Verdict::Ok,
             ResultStatus::Error => Verdict::Error,
             ResultStatus::Retry => Verdict::Retry,
@@ -112,10 +112,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn set(&self, registry: &Registry, f: impl FnOnce(&mut WorkerInfo)) {
+    fn set(&self, registry: &Registry, change: impl FnOnce(&mut WorkerInfo)) {
         {
             let mut info = self.info.lock().expect("not poisoned");
-            f(&mut info);
+            change(&mut info);
         }
         registry.changed();
     }
@@ -131,16 +131,16 @@ impl Slot {
 }
 
 /// The settings a worker process was started with: a change to any of them restarts it.
-fn identity(q: &QueueConfig) -> impl PartialEq + '_ {
+fn identity(queue: &QueueConfig) -> impl PartialEq + '_ {
     (
-        q.worker().map(|w| &w.argv),
-        &q.env,
-        &q.cwd,
-        &q.user,
-        &q.group,
-        q.umask,
-        q.limits,
-        &q.env_inherit,
+        queue.worker().map(|w| &w.argv),
+        &queue.env,
+        &queue.cwd,
+        &queue.user,
+        &queue.group,
+        queue.umask,
+        queue.limits,
+        &queue.env_inherit,
     )
 }
 
@@ -253,14 +253,14 @@ impl Pool {
         pool
     }
 
-    fn resize(&self, n: usize) {
+    fn resize(&self, count: usize) {
         let mut slots = self.shared.slots.lock().expect("not poisoned");
-        while slots.len() > n {
+        while slots.len() > count {
             if let Some(s) = slots.pop() {
                 s.retire.cancel();
             }
         }
-        while slots.len() < n {
+        while slots.len() < count {
             let (tx, rx) = mpsc::channel(1);
             let slot = Arc::new(Slot {
                 index: slots.len(),
@@ -523,7 +523,7 @@ async fn wait_fatal(
     jobs: &mut mpsc::Receiver<Job>,
     version: &mut watch::Receiver<(u64, u64)>,
     failed_starts: u32,
-    w: &WorkerProgram,
+    program: &WorkerProgram,
 ) {
     let reg = &shared.registry;
     slot.set(reg, |i| {
@@ -537,7 +537,7 @@ async fn wait_fatal(
         i.why = Some(format!(
             "{} failed starts in a row (start_retries = {}); last: {}{said}. Its tasks wait; fix the worker and `taskd reload`",
             failed_starts,
-            w.start_retries,
+            program.start_retries,
             i.last_exit.as_deref().unwrap_or("unknown")
         ));
     });
@@ -613,7 +613,7 @@ async fn start_worker(
     slot: &Slot,
     jobs: &mut mpsc::Receiver<Job>,
     settings: &Settings,
-    w: &WorkerProgram,
+    program: &WorkerProgram,
 ) -> Result<(Proc, IdleOutput, Duration), StartEnd> {
     let reg = &shared.registry;
     slot.set(reg, |i| {
@@ -624,7 +624,7 @@ async fn start_worker(
     let spawned = settings.spec.clone().and_then(|mut spec| {
         spec.env.extend(protocol_env(slot.index));
         Proc::spawn(&spec)
-            .map_err(|e| spawn_error(&w.argv, &e))
+            .map_err(|e| spawn_error(&program.argv, &e))
             .map(|p| (spec.kill_grace, p))
     });
     let (kill_grace, mut p) = spawned.map_err(|why| {
@@ -648,7 +648,7 @@ async fn start_worker(
 
     // Handshake: `ready`, then alive for start_secs.
     let mut idle_out = IdleOutput::new(&shared.queue, slot.index, p.pid);
-    if let Err(end) = handshake(&mut p, w, shared, slot, jobs, &mut idle_out).await {
+    if let Err(end) = handshake(&mut p, program, shared, slot, jobs, &mut idle_out).await {
         let st = p
             .stop(kill_grace, &shared.kill_now, |ev| idle_out.event(ev))
             .await;
@@ -679,7 +679,7 @@ async fn stop_worker(
     shared: &Shared,
     slot: &Slot,
     jobs: &mut mpsc::Receiver<Job>,
-    mut p: Proc,
+    mut process: Proc,
     mut idle_out: IdleOutput,
     kill_grace: Duration,
     why: &str,
@@ -687,16 +687,16 @@ async fn stop_worker(
     slot.serving.store(false, Ordering::Release);
     slot.idle.store(false, Ordering::Release);
     refuse_pending(jobs);
-    if p.exited.is_none() {
+    if process.exited.is_none() {
         slot.set_state(&shared.registry, WorkerState::Stopping);
     }
-    let st = p
+    let st = process
         .stop(kill_grace, &shared.kill_now, |ev| idle_out.event(ev))
         .await;
     idle_out.flush();
     let exit = st.as_ref().map(describe).unwrap_or_else(|| "ended".into());
     let last = format!("{exit}: {why}");
-    tracing::info!(queue = %shared.queue, slot = slot.index, pid = p.pid, "worker ended ({last})");
+    tracing::info!(queue = %shared.queue, slot = slot.index, pid = process.pid, "worker ended ({last})");
     let said = idle_out.last_stderr.take();
     slot.set(&shared.registry, |i| {
         i.last_exit = Some(last);
@@ -705,12 +705,12 @@ async fn stop_worker(
     });
 }
 
-fn spawn_error(argv: &[String], e: &std::io::Error) -> String {
+fn spawn_error(argv: &[String], error: &std::io::Error) -> String {
     let program = argv.first().map(String::as_str).unwrap_or("");
-    match e.raw_os_error() {
+    match error.raw_os_error() {
         Some(libc::ENOENT) => format!("program not found: {program}"),
         Some(libc::EACCES) => format!("permission denied (not executable): {program}"),
-        _ => format!("failed to start {program}: {e}"),
+        _ => format!("failed to start {program}: {error}"),
     }
 }
 
@@ -721,23 +721,23 @@ enum HandshakeEnd {
 
 /// STARTING until the worker said `ready` and has lived `start_secs`.
 async fn handshake(
-    p: &mut Proc,
-    w: &WorkerProgram,
+    process: &mut Proc,
+    program: &WorkerProgram,
     shared: &Shared,
     slot: &Slot,
     jobs: &mut mpsc::Receiver<Job>,
     out: &mut IdleOutput,
 ) -> Result<(), HandshakeEnd> {
     let began = Instant::now();
-    let ready_by = began + READY_TIMEOUT.max(w.start_secs);
-    let running_at = began + w.start_secs;
+    let ready_by = began + READY_TIMEOUT.max(program.start_secs);
+    let running_at = began + program.start_secs;
     let mut ready = false;
     loop {
         if ready && Instant::now() >= running_at {
             return Ok(());
         }
         tokio::select! {
-            ev = p.next_event() => match ev {
+            ev = process.next_event() => match ev {
                 Event::Line(line) => match protocol::parse(&line) {
                     Ok(WorkerMessage::Ready { protocol: v }) if v == protocol::VERSION => ready = true,
                     Ok(WorkerMessage::Ready { protocol: v }) => {
@@ -746,7 +746,7 @@ async fn handshake(
                     Ok(_) => return Err(HandshakeEnd::Failed(format!("it sent {} before `ready`", protocol::show_line(&line)))),
                     Err(why) => {
                         let shown = protocol::show_line(&line);
-                        tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, line = %shown, "worker sent garbage instead of `ready`: {why}");
+                        tracing::warn!(queue = %shared.queue, slot = slot.index, pid = process.pid, line = %shown, "worker sent garbage instead of `ready`: {why}");
                         return Err(HandshakeEnd::Failed(format!("protocol error before `ready` ({why}): {shown}")));
                     }
                 },
@@ -761,7 +761,7 @@ async fn handshake(
             },
             _ = tokio::time::sleep_until(running_at), if ready => {}
             _ = tokio::time::sleep_until(ready_by), if !ready => {
-                return Err(HandshakeEnd::Failed(format!("no `ready` message within {}", humantime::format_duration(READY_TIMEOUT.max(w.start_secs)))));
+                return Err(HandshakeEnd::Failed(format!("no `ready` message within {}", humantime::format_duration(READY_TIMEOUT.max(program.start_secs)))));
             }
             job = jobs.recv() => if let Some(job) = job { let _ = job.reply.send(unavailable()); },
             _ = shared.stop.cancelled() => return Err(HandshakeEnd::Stop),
@@ -816,7 +816,7 @@ impl IdleOutput {
 async fn serve(
     shared: &Shared,
     slot: &Slot,
-    p: &mut Proc,
+    process: &mut Proc,
     jobs: &mut mpsc::Receiver<Job>,
     version: &mut watch::Receiver<(u64, u64)>,
     generation: u64,
@@ -830,21 +830,21 @@ async fn serve(
             job = jobs.recv() => {
                 let Some(job) = job else { return Leave::Stop };
                 idle_out.flush();
-                match run_task(shared, slot, p, job).await {
+                match run_task(shared, slot, process, job).await {
                     Ok(()) => {
                         *streak = 0;
                     }
                     Err(leave) => return leave,
                 }
             }
-            ev = p.next_event() => match ev {
+            ev = process.next_event() => match ev {
                 Event::Stdout(_) | Event::Stderr(_) => idle_out.event(ev),
                 Event::Exit(st) => return Leave::Failed(format!("exited while idle ({})", describe(&st))),
                 Event::Gone => return Leave::Failed("ended while idle".into()),
                 Event::ResultsClosed => return Leave::Failed("closed its result pipe (fd 4)".into()),
                 Event::Line(l) | Event::TooLong(l) => {
                     let shown = protocol::show_line(&l);
-                    tracing::warn!(queue = %shared.queue, slot = slot.index, pid = p.pid, line = %shown, "worker sent a message while idle; restarting it");
+                    tracing::warn!(queue = %shared.queue, slot = slot.index, pid = process.pid, line = %shown, "worker sent a message while idle; restarting it");
                     return Leave::Failed(format!("protocol error: unexpected message while idle: {shown}"));
                 }
             },
@@ -864,31 +864,33 @@ async fn serve(
 
 /// Runs one task on the worker. `Ok` when the worker answered and may take the next one
 /// (it is then idle again, before the answer goes out); `Err` says why it must go.
-async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Result<(), Leave> {
+async fn run_task(shared: &Shared, slot: &Slot, process: &mut Proc, job: Job) -> Result<(), Leave> {
     let (_, settings) = shared.current();
     let q = &settings.config;
     let task = &job.task;
     let span = tracing::info_span!("task", queue = %q.name, task = %task.id, attempt = job.attempt);
     let started_at_ms = now_ms();
     if let Some(tx) = job.spawned {
-        let _ = tx.send(Spawned { pid: p.pid });
+        let _ = tx.send(Spawned { pid: process.pid });
     }
     let line = task_line(task, job.attempt, q.max_attempts);
     let (mut out, mut err) = captures(q, job.log.as_ref());
     out.follow(job.live.as_ref(), Stream::Stdout);
     err.follow(job.live.as_ref(), Stream::Stderr);
-    p.set_max_line(max_line(q));
-    let (status, returned) =
-        converse(p, &line, task.id, &job.stop, q, &span, &mut out, &mut err).await;
+    process.set_max_line(max_line(q));
+    let (status, returned) = converse(
+        process, &line, task.id, &job.stop, q, &span, &mut out, &mut err,
+    )
+    .await;
     // What it printed before answering (or dying) is already in the pipes.
     span.in_scope(|| {
-        p.drain_now(|is_err, d| if is_err { err.push(d) } else { out.push(d) });
+        process.drain_now(|is_err, d| if is_err { err.push(d) } else { out.push(d) });
         out.finish();
         err.finish();
     });
     let leave = match &status {
         Status::Answered { .. } => {
-            let leave = after_answer(slot, p, q);
+            let leave = after_answer(slot, process, q);
             if leave.is_none() && !stopping(shared, slot) {
                 // Idle again before the answer goes out, so the supervisor can hand this
                 // worker its next task as soon as it has recorded this one.
@@ -900,7 +902,7 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
     };
     let outcome = Outcome {
         status,
-        pid: Some(p.pid),
+        pid: Some(process.pid),
         started_at_ms,
         ended_at_ms: now_ms(),
         stdout_total: out.total,
@@ -919,10 +921,10 @@ async fn run_task(shared: &Shared, slot: &Slot, p: &mut Proc, job: Job) -> Resul
     }
 }
 
-/// The longest message line a worker of `q` may send while it runs a task: the protocol's
+/// The longest message line a worker of `queue` may send while it runs a task: the protocol's
 /// limit, plus the queue's `max_result` for the result an `ok` answer carries.
-fn max_line(q: &QueueConfig) -> usize {
-    protocol::MAX_LINE.saturating_add(usize::try_from(q.max_result).unwrap_or(usize::MAX))
+fn max_line(queue: &QueueConfig) -> usize {
+    protocol::MAX_LINE.saturating_add(usize::try_from(queue.max_result).unwrap_or(usize::MAX))
 }
 
 /// The task's line for fd 3.
@@ -942,7 +944,7 @@ fn task_line(task: &TaskRecord, attempt: u32, max_attempts: u32) -> Vec<u8> {
 }
 
 /// The task's stdout and stderr captures: tails, log files and log lines, as in exec mode.
-fn captures(q: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
+fn captures(queue: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
     let (log_out, log_err) = match log {
         Some(l) => (
             open_log(&l.stdout_path, l.max_bytes),
@@ -950,9 +952,9 @@ fn captures(q: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
         ),
         None => (None, None),
     };
-    let mut out = Capture::new(q.output_tail, log_out);
-    let mut err = Capture::new(q.output_tail, log_err);
-    if q.log_output {
+    let mut out = Capture::new(queue.output_tail, log_out);
+    let mut err = Capture::new(queue.output_tail, log_err);
+    if queue.log_output {
         out.lines = Some(Lines::new("stdout"));
         err.lines = Some(Lines::new("stderr"));
     }
@@ -965,23 +967,23 @@ fn captures(q: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
 /// meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn converse(
-    p: &mut Proc,
+    process: &mut Proc,
     line: &[u8],
     task: TaskId,
     stop: &Stop,
-    q: &QueueConfig,
+    queue: &QueueConfig,
     span: &tracing::Span,
     out: &mut Capture,
     err: &mut Capture,
 ) -> (Status, Returned) {
-    let deadline = Instant::now().checked_add(q.timeout);
+    let deadline = Instant::now().checked_add(queue.timeout);
     let mut returned = Returned::Nothing;
-    let mut esc = Escalation::new(p.pid);
+    let mut esc = Escalation::new(process.pid);
     // When a worker that closed its result pipe counts as crashed if it has not exited.
     let mut closed_at: Option<Instant> = None;
     // The task line is written beside everything else, so that a worker that reads it slowly
     // (a big payload) can still print, time out or be cancelled meanwhile.
-    let mut tx = p.take_tasks();
+    let mut tx = process.take_tasks();
     let mut written = false;
     let status = {
         let write = async {
@@ -995,14 +997,14 @@ async fn converse(
             let stopped = esc.why().is_some();
             tokio::select! {
                 biased;
-                ev = p.next_event() => match ev {
+                ev = process.next_event() => match ev {
                     Event::Stdout(d) => span.in_scope(|| out.push(&d)),
                     Event::Stderr(d) => span.in_scope(|| err.push(&d)),
                     Event::Line(l) => {
                         if stopped {
                             continue;
                         }
-                        if let Some((status, r)) = span.in_scope(|| read_message(&l, task, written, p.pid, q.max_result)) {
+                        if let Some((status, r)) = span.in_scope(|| read_message(&l, task, written, process.pid, queue.max_result)) {
                             returned = r;
                             break status;
                         }
@@ -1012,8 +1014,8 @@ async fn converse(
                             continue;
                         }
                         let shown = protocol::show_line(&l);
-                        span.in_scope(|| tracing::warn!(pid = p.pid, line = %shown, "worker sent a message line over the limit; restarting it"));
-                        break Status::Protocol { line: shown, why: format!("a line over {} bytes", p.max_line()) };
+                        span.in_scope(|| tracing::warn!(pid = process.pid, line = %shown, "worker sent a message line over the limit; restarting it"));
+                        break Status::Protocol { line: shown, why: format!("a line over {} bytes", process.max_line()) };
                     }
                     Event::ResultsClosed => {
                         // Usually the worker is exiting: wait briefly for its status.
@@ -1031,26 +1033,26 @@ async fn converse(
                 _ = sleep_until_opt(closed_at), if closed_at.is_some() && !stopped => {
                     break Status::Crashed { how: "it closed its result pipe (fd 4) without answering".into(), signal: None };
                 }
-                _ = esc.step(stop, deadline, q.kill_grace) => {}
+                _ = esc.step(stop, deadline, queue.kill_grace) => {}
             }
         }
     };
-    p.restore_tasks(tx);
+    process.restore_tasks(tx);
     (status, returned)
 }
 
 /// A message line read while a task runs: its end (an answer with what an `ok` returned,
 /// bounded by `max_result`; or a protocol error), or `None` for progress.
 fn read_message(
-    l: &[u8],
+    line: &[u8],
     task: TaskId,
     written: bool,
     pid: i32,
     max_result: u64,
 ) -> Option<(Status, Returned)> {
-    match protocol::parse(l) {
+    match protocol::parse(line) {
         Ok(WorkerMessage::Result { id, .. }) if id == task && !written => {
-            let shown = protocol::show_line(l);
+            let shown = protocol::show_line(line);
             tracing::warn!(pid, line = %shown, "worker answered before it read its whole task; restarting it");
             Some((
                 Status::Protocol {
@@ -1083,7 +1085,7 @@ fn read_message(
             None
         }
         Ok(other) => {
-            let shown = protocol::show_line(l);
+            let shown = protocol::show_line(line);
             tracing::warn!(pid, line = %shown, "worker broke the protocol; restarting it");
             let why = match other {
                 WorkerMessage::Ready { .. } => "`ready` while a task runs".to_string(),
@@ -1092,7 +1094,7 @@ fn read_message(
             Some((Status::Protocol { line: shown, why }, Returned::Nothing))
         }
         Err(why) => {
-            let shown = protocol::show_line(l);
+            let shown = protocol::show_line(line);
             tracing::warn!(pid, line = %shown, "worker sent an invalid message ({why}); restarting it");
             Some((Status::Protocol { line: shown, why }, Returned::Nothing))
         }
@@ -1112,29 +1114,29 @@ fn stopped_status(esc: &Escalation) -> Option<Status> {
 
 /// After an answer: counts the task and says whether the worker must be recycled
 /// (`max_tasks_per_worker`, `max_worker_memory`).
-fn after_answer(slot: &Slot, p: &Proc, q: &QueueConfig) -> Option<Leave> {
+fn after_answer(slot: &Slot, process: &Proc, queue: &QueueConfig) -> Option<Leave> {
     let done = {
         let mut info = slot.info.lock().expect("not poisoned");
         info.tasks_done += 1;
         info.tasks_done
     };
-    let w = q.worker()?;
+    let w = queue.worker()?;
     // /proc is read only when a memory limit is set and the task count did not decide.
     let rss = match (w.max_memory, w.max_tasks) {
-        (Some(_), m) if !m.is_some_and(|m| done >= m) => p.rss(),
+        (Some(_), m) if !m.is_some_and(|m| done >= m) => process.rss(),
         _ => None,
     };
     match recycle_reason(w, done, rss) {
         Recycle::Keep => None,
         Recycle::Tasks(why) => Some(Leave::Recycle(why)),
         Recycle::Memory { rss, max, why } => {
-            tracing::info!(queue = %q.name, slot = slot.index, pid = p.pid, rss, max, "worker over max_worker_memory; recycling it");
+            tracing::info!(queue = %queue.name, slot = slot.index, pid = process.pid, rss, max, "worker over max_worker_memory; recycling it");
             Some(Leave::Recycle(why))
         }
         Recycle::MemoryUnknown => {
             // Once per worker process: /proc hidden (ProtectProc=) or the leader gone.
             if done == 1 {
-                tracing::warn!(queue = %q.name, slot = slot.index, pid = p.pid, "cannot read the worker's memory use from /proc/PID/status; max_worker_memory is not enforced for it");
+                tracing::warn!(queue = %queue.name, slot = slot.index, pid = process.pid, "cannot read the worker's memory use from /proc/PID/status; max_worker_memory is not enforced for it");
             }
             None
         }
@@ -1159,13 +1161,13 @@ enum Recycle {
 
 /// The recycling rule: `max_tasks_per_worker` first, then `max_worker_memory` against the
 /// worker's resident set `rss` (bytes; `None` when unreadable).
-fn recycle_reason(w: &WorkerProgram, done: u64, rss: Option<u64>) -> Recycle {
-    if w.max_tasks.is_some_and(|m| done >= m) {
+fn recycle_reason(program: &WorkerProgram, done: u64, rss: Option<u64>) -> Recycle {
+    if program.max_tasks.is_some_and(|m| done >= m) {
         return Recycle::Tasks(format!(
             "recycled after {done} tasks (max_tasks_per_worker)"
         ));
     }
-    let Some(max) = w.max_memory else {
+    let Some(max) = program.max_memory else {
         return Recycle::Keep;
     };
     match rss {

@@ -313,10 +313,10 @@ impl Drop for Proc {
 }
 
 async fn read_some<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut Option<R>,
+    reader: &mut Option<R>,
     buf: &mut [u8],
 ) -> Option<usize> {
-    let r = r.as_mut()?;
+    let r = reader.as_mut()?;
     loop {
         match r.read(buf).await {
             Ok(0) => return None,

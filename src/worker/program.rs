@@ -65,8 +65,8 @@ fn files(argv: &[String], cwd: Option<&Path>, env: &[(String, String)]) -> Vec<P
     out
 }
 
-fn mtime_ms(p: &Path) -> Option<UnixMs> {
-    let m = std::fs::metadata(p).ok()?.modified().ok()?;
+fn mtime_ms(path: &Path) -> Option<UnixMs> {
+    let m = std::fs::metadata(path).ok()?.modified().ok()?;
     let d = m.duration_since(UNIX_EPOCH).ok()?;
     UnixMs::try_from(d.as_millis()).ok()
 }

@@ -17,18 +17,18 @@ pub(super) const STORE_TICK: Duration = Duration::from_secs(5);
 
 /// A task the inbox can take: due now, priority 0, no unique key (the others need the
 /// stored indexes at once).
-pub(super) fn plain(t: &NewTask) -> bool {
-    t.priority == 0 && t.run_at.is_none() && t.unique_key.is_none()
+pub(super) fn plain(task: &NewTask) -> bool {
+    task.priority == 0 && task.run_at.is_none() && task.unique_key.is_none()
 }
 
-/// Store up to [`STORE_STEP`] entries of `q`'s inbox: (taken, left, whether task `id` is
+/// Store up to [`STORE_STEP`] entries of `queue`'s inbox: (taken, left, whether task `id` is
 /// stored now).
 pub(super) async fn store_step(
     conn: &mut ConnectionManager,
-    q: &QueueName,
+    queue: &QueueName,
     id: Option<&str>,
 ) -> redis::RedisResult<(u64, u64, bool)> {
-    let mut inv = scripts().store.key(prefix(q));
+    let mut inv = scripts().store.key(prefix(queue));
     inv.arg(STORE_STEP);
     if let Some(id) = id {
         inv.arg(id);
@@ -37,17 +37,17 @@ pub(super) async fn store_step(
     Ok((took, left, stored > 0))
 }
 
-/// Store what `q`'s inbox holds now, in steps, or only until task `id` is stored (then
+/// Store what `queue`'s inbox holds now, in steps, or only until task `id` is stored (then
 /// `true`). Entries producers add meanwhile are left to the next call: a steady stream of
 /// them would otherwise keep this going forever.
 pub(super) async fn store_all(
     conn: &mut ConnectionManager,
-    q: &QueueName,
+    queue: &QueueName,
     id: Option<&str>,
 ) -> redis::RedisResult<bool> {
     let mut budget: Option<u64> = None;
     loop {
-        let (took, left, stored) = store_step(conn, q, id).await?;
+        let (took, left, stored) = store_step(conn, queue, id).await?;
         if stored {
             return Ok(true);
         }

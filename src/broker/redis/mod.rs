@@ -119,8 +119,8 @@ fn scripts() -> &'static Scripts {
 }
 
 /// The key prefix of one queue; every key of the queue starts with it.
-pub fn prefix(q: &QueueName) -> String {
-    format!("taskd:{{q:{q}}}:")
+pub fn prefix(queue: &QueueName) -> String {
+    format!("taskd:{{q:{queue}}}:")
 }
 
 /// This machine's boot id, stored with every recorded pid (a pid means nothing elsewhere).
@@ -195,7 +195,7 @@ impl RedisBroker {
     /// back when the writer is gone (the runtime it ran on shut down).
     fn queue_finish(
         &self,
-        q: QueueName,
+        queue: QueueName,
         lease: &Lease,
         attempt: &AttemptRecord,
         next: Finish,
@@ -233,16 +233,10 @@ impl RedisBroker {
             error,
             result,
         ];
-        Ok(
-            match self.finisher.send(Finishing {
-                queue: q,
-                args,
-                done,
-            }) {
-                Ok(()) => Ok(answer),
-                Err(tokio::sync::mpsc::error::SendError(f)) => Err(f),
-            },
-        )
+        Ok(match self.finisher.send(Finishing { queue, args, done }) {
+            Ok(()) => Ok(answer),
+            Err(tokio::sync::mpsc::error::SendError(f)) => Err(f),
+        })
     }
 
     /// The store's answer to a result [`Self::queue_finish`] handled.
@@ -281,8 +275,8 @@ impl RedisBroker {
         &self.addr
     }
 
-    fn err(&self, e: RedisError) -> BrokerError {
-        broker_error(&self.addr, e)
+    fn err(&self, error: RedisError) -> BrokerError {
+        broker_error(&self.addr, error)
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -307,18 +301,21 @@ impl RedisBroker {
         Ok(out)
     }
 
-    /// Add `q` to the queue set once per client.
-    async fn know(&self, q: &QueueName) -> Result<()> {
-        if self.known.lock().expect("not poisoned").contains(q) {
+    /// Add `queue` to the queue set once per client.
+    async fn know(&self, queue: &QueueName) -> Result<()> {
+        if self.known.lock().expect("not poisoned").contains(queue) {
             return Ok(());
         }
         let _: i64 = redis::cmd("SADD")
             .arg(QUEUES)
-            .arg(q.as_str())
+            .arg(queue.as_str())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
-        self.known.lock().expect("not poisoned").insert(q.clone());
+        self.known
+            .lock()
+            .expect("not poisoned")
+            .insert(queue.clone());
         Ok(())
     }
 
@@ -409,9 +406,9 @@ impl RedisBroker {
             .collect())
     }
 
-    /// Store what `q`'s inbox holds now (not what producers add meanwhile), in steps.
-    async fn store_inbox(&self, q: &QueueName) -> Result<()> {
-        store_all(&mut self.conn(), q, None)
+    /// Store what `queue`'s inbox holds now (not what producers add meanwhile), in steps.
+    async fn store_inbox(&self, queue: &QueueName) -> Result<()> {
+        store_all(&mut self.conn(), queue, None)
             .await
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -433,10 +430,10 @@ impl RedisBroker {
     /// Push plain tasks of one queue into its inbox (push.lua); their `created_at` (ms).
     async fn push<'a>(
         &self,
-        q: &QueueName,
+        queue: &QueueName,
         tasks: impl Iterator<Item = &'a NewTask> + Clone,
     ) -> Result<UnixMs> {
-        let p = prefix(q);
+        let p = prefix(queue);
         let mut inv = scripts().push.key(&p);
         let mut seen = HashSet::new();
         for t in tasks.clone() {
@@ -463,11 +460,11 @@ impl RedisBroker {
         Ok(us / 1000)
     }
 
-    fn remember(&self, id: TaskId, q: &QueueName) {
+    fn remember(&self, id: TaskId, queue: &QueueName) {
         self.located
             .lock()
             .expect("not poisoned")
-            .insert(id, q.clone());
+            .insert(id, queue.clone());
     }
 
     fn forget(&self, id: TaskId) {
@@ -547,7 +544,7 @@ impl RedisBroker {
         Ok(out)
     }
 
-    /// Up to `limit` tasks of queue `q` that pass `filter`, newest first, with their seq;
+    /// Up to `limit` tasks of `queue` that pass `filter`, newest first, with their seq;
     /// from the seq `top` down (a score bound: `123` or `(123`) when given. Reads the
     /// queue's state index (or `all`) in batches from the top, within the creation-time
     /// range, and tests each task: what a search costs is the tasks it reads, not the
@@ -555,12 +552,12 @@ impl RedisBroker {
     /// one read.
     async fn list_queue(
         &self,
-        q: &QueueName,
+        queue: &QueueName,
         filter: &ListFilter,
         top: Option<String>,
         limit: usize,
     ) -> Result<Vec<(f64, TaskRecord)>> {
-        let p = prefix(q);
+        let p = prefix(queue);
         let index = match filter.state {
             Some(s) => format!("{p}st:{s}"),
             None => format!("{p}all"),
@@ -601,7 +598,7 @@ impl RedisBroker {
                     None => score <= t.parse().unwrap_or(f64::MAX),
                 },
             };
-            let recs = self.records(&[(q.clone(), id)]).await?;
+            let recs = self.records(&[(queue.clone(), id)]).await?;
             return Ok(recs
                 .into_iter()
                 .filter(|t| below_top && filter.matches(t))
@@ -638,8 +635,10 @@ impl RedisBroker {
             let Some(last) = page.last().map(|(_, s)| *s) else {
                 break;
             };
-            let keys: Vec<(QueueName, String)> =
-                page.iter().map(|(id, _)| (q.clone(), id.clone())).collect();
+            let keys: Vec<(QueueName, String)> = page
+                .iter()
+                .map(|(id, _)| (queue.clone(), id.clone()))
+                .collect();
             let scores: HashMap<&str, f64> = page.iter().map(|(id, s)| (id.as_str(), *s)).collect();
             for t in self.records(&keys).await? {
                 if filter.matches(&t) {
@@ -680,23 +679,25 @@ impl RedisBroker {
 
 /// What a failed command means to the caller: the server unreachable, a duplicate id, the
 /// server out of memory, or anything else the server said.
-fn broker_error(addr: &str, e: RedisError) -> BrokerError {
-    if e.is_io_error()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_unrecoverable_error()
+fn broker_error(addr: &str, error: RedisError) -> BrokerError {
+    if error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
     {
-        BrokerError::Unavailable(format!("the redis server at {addr} is unreachable: {e}"))
-    } else if e.code() == Some("DUPLICATE") {
-        BrokerError::Conflict(e.detail().unwrap_or("duplicate task id").to_string())
-    } else if e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed") {
+        BrokerError::Unavailable(format!(
+            "the redis server at {addr} is unreachable: {error}"
+        ))
+    } else if error.code() == Some("DUPLICATE") {
+        BrokerError::Conflict(error.detail().unwrap_or("duplicate task id").to_string())
+    } else if error.code() == Some("OOM") || error.to_string().contains("OOM command not allowed") {
         // Also inside a script, where the server's error comes back wrapped.
         BrokerError::Full(format!(
-            "the redis server at {addr} is out of memory (its maxmemory is reached and its policy evicts nothing): free memory there or raise maxmemory (`CONFIG SET maxmemory`); tasks wait meanwhile. The server said: {e}"
+            "the redis server at {addr} is out of memory (its maxmemory is reached and its policy evicts nothing): free memory there or raise maxmemory (`CONFIG SET maxmemory`); tasks wait meanwhile. The server said: {error}"
         ))
     } else {
-        BrokerError::Storage(format!("redis at {addr}: {e}"))
+        BrokerError::Storage(format!("redis at {addr}: {error}"))
     }
 }
 
@@ -710,43 +711,43 @@ fn pairs(row: Vec<String>) -> HashMap<String, String> {
     h
 }
 
-fn field<'a>(h: &'a HashMap<String, String>, k: &str) -> Result<&'a str> {
-    h.get(k)
+fn field<'a>(hash: &'a HashMap<String, String>, key: &str) -> Result<&'a str> {
+    hash.get(key)
         .map(String::as_str)
-        .ok_or_else(|| BrokerError::Storage(format!("a task record lacks `{k}`")))
+        .ok_or_else(|| BrokerError::Storage(format!("a task record lacks `{key}`")))
 }
 
-fn num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Result<T> {
-    field(h, k)?
+fn num<T: std::str::FromStr>(hash: &HashMap<String, String>, key: &str) -> Result<T> {
+    field(hash, key)?
         .parse()
-        .map_err(|_| BrokerError::Storage(format!("a task record's `{k}` is not a number")))
+        .map_err(|_| BrokerError::Storage(format!("a task record's `{key}` is not a number")))
 }
 
-fn opt_num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Option<T> {
-    h.get(k).and_then(|v| v.parse().ok())
+fn opt_num<T: std::str::FromStr>(hash: &HashMap<String, String>, key: &str) -> Option<T> {
+    hash.get(key).and_then(|v| v.parse().ok())
 }
 
-fn task_from(h: &HashMap<String, String>) -> Result<TaskRecord> {
+fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
     let bad = |what: &str, e: String| BrokerError::Storage(format!("a task record's {what}: {e}"));
     Ok(TaskRecord {
-        id: field(h, "id")?.parse().map_err(|e| bad("id", e))?,
-        queue: field(h, "queue")?.parse().map_err(|e| bad("queue", e))?,
-        state: field(h, "state")?.parse().map_err(|e| bad("state", e))?,
-        payload: serde_json::from_str(field(h, "payload")?)
+        id: field(hash, "id")?.parse().map_err(|e| bad("id", e))?,
+        queue: field(hash, "queue")?.parse().map_err(|e| bad("queue", e))?,
+        state: field(hash, "state")?.parse().map_err(|e| bad("state", e))?,
+        payload: serde_json::from_str(field(hash, "payload")?)
             .map_err(|e| bad("payload", e.to_string()))?,
-        args: serde_json::from_str(field(h, "args")?).map_err(|e| bad("args", e.to_string()))?,
-        priority: num(h, "priority")?,
-        unique_key: h.get("unique_key").cloned(),
-        run_at: num(h, "run_at")?,
-        attempts: num(h, "attempts")?,
-        created_at: num(h, "created_at")?,
-        updated_at: num(h, "updated_at")?,
-        finished_at: opt_num(h, "finished_at"),
-        last_error: h.get("last_error").cloned(),
-        cancel_requested: h.get("cancel_requested").map(String::as_str) == Some("1"),
-        node: h.get("node").cloned().map(NodeId::from),
-        schedule: h.get("schedule").cloned(),
-        slot: opt_num(h, "slot"),
+        args: serde_json::from_str(field(hash, "args")?).map_err(|e| bad("args", e.to_string()))?,
+        priority: num(hash, "priority")?,
+        unique_key: hash.get("unique_key").cloned(),
+        run_at: num(hash, "run_at")?,
+        attempts: num(hash, "attempts")?,
+        created_at: num(hash, "created_at")?,
+        updated_at: num(hash, "updated_at")?,
+        finished_at: opt_num(hash, "finished_at"),
+        last_error: hash.get("last_error").cloned(),
+        cancel_requested: hash.get("cancel_requested").map(String::as_str) == Some("1"),
+        node: hash.get("node").cloned().map(NodeId::from),
+        schedule: hash.get("schedule").cloned(),
+        slot: opt_num(hash, "slot"),
     })
 }
 

@@ -78,14 +78,14 @@ pub(super) async fn finish_loop(
     }
 }
 
-/// One `finish` call for results of queue `q`; one answer per result.
+/// One `finish` call for results of `queue`; one answer per result.
 pub(super) async fn finish_call(
     conn: &mut ConnectionManager,
     addr: &str,
-    q: &QueueName,
+    queue: &QueueName,
     results: &[&[String; FINISH_ARGS]],
 ) -> Result<Vec<String>> {
-    let mut inv = scripts().finish.key(prefix(q));
+    let mut inv = scripts().finish.key(prefix(queue));
     for r in results {
         for a in r.iter() {
             inv.arg(a);

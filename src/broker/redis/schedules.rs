@@ -64,13 +64,14 @@ fn record(json: &str) -> Result<SlotRecord> {
     })
 }
 
-fn task_args(t: &NewTask) -> Result<[String; 4]> {
-    let args = serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
+fn task_args(task: &NewTask) -> Result<[String; 4]> {
+    let args =
+        serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     Ok([
-        t.id.to_string(),
-        t.payload.clone(),
+        task.id.to_string(),
+        task.payload.clone(),
         args,
-        t.priority.to_string(),
+        task.priority.to_string(),
     ])
 }
 

@@ -19,8 +19,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// A SQLite error as the broker reports it, with what to do for the ones an operator can fix.
-pub(super) fn storage(e: rusqlite::Error) -> BrokerError {
-    match e.sqlite_error_code() {
+pub(super) fn storage(error: rusqlite::Error) -> BrokerError {
+    match error.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => BrokerError::Storage(
             "the disk is full: free space on the state directory's filesystem".into(),
         ),
@@ -28,15 +28,15 @@ pub(super) fn storage(e: rusqlite::Error) -> BrokerError {
             "the database is read-only: check the permissions of the state directory".into(),
         ),
         Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) => {
-            BrokerError::Unavailable(format!("cannot open the database: {e}"))
+            BrokerError::Unavailable(format!("cannot open the database: {error}"))
         }
-        _ => BrokerError::Storage(e.to_string()),
+        _ => BrokerError::Storage(error.to_string()),
     }
 }
 
-fn is_busy(e: &rusqlite::Error) -> bool {
+fn is_busy(error: &rusqlite::Error) -> bool {
     matches!(
-        e.sqlite_error_code(),
+        error.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked)
     )
 }
@@ -187,11 +187,13 @@ fn persist_wal(conn: &Connection) {
     }
 }
 
-/// Run `f` again while another process holds the write lock, for up to [`BUSY_GIVE_UP`].
-pub(super) fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+/// Run `operation` again while another process holds the write lock, for up to [`BUSY_GIVE_UP`].
+pub(super) fn retry_busy<T>(
+    mut operation: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
     let start = Instant::now();
     loop {
-        match f() {
+        match operation() {
             Err(e) if is_busy(&e) && start.elapsed() < BUSY_GIVE_UP => {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -202,7 +204,7 @@ pub(super) fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusql
 
 impl SqliteBroker {
     /// Run a read on the reader connection.
-    pub(super) async fn read<T, F>(&self, f: F) -> Result<T>
+    pub(super) async fn read<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -217,7 +219,7 @@ impl SqliteBroker {
                 *guard = Some(connect(&path)?);
             }
             let conn = guard.as_ref().expect("opened just above");
-            f(conn)
+            work(conn)
         })
         .await
         .map_err(|e| BrokerError::Storage(format!("a read panicked: {e}")))?

@@ -25,12 +25,12 @@ pub(super) const TASK_COLS: &str =
      created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token, \
      schedule, slot";
 
-pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
-    let id: String = r.get(0)?;
-    let queue: String = r.get(1)?;
-    let state: String = r.get(2)?;
-    let payload: String = r.get(3)?;
-    let args: String = r.get(4)?;
+pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let id: String = row.get(0)?;
+    let queue: String = row.get(1)?;
+    let state: String = row.get(2)?;
+    let payload: String = row.get(3)?;
+    let args: String = row.get(4)?;
     let conv = |what: &str, e: String| {
         rusqlite::Error::FromSqlConversionFailure(
             0,
@@ -44,33 +44,33 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         state: state.parse().map_err(|e| conv("state", e))?,
         payload: serde_json::from_str(&payload).map_err(|e| conv("payload", e.to_string()))?,
         args: serde_json::from_str(&args).map_err(|e| conv("args", e.to_string()))?,
-        priority: r.get(5)?,
-        unique_key: r.get(6)?,
-        run_at: r.get(7)?,
-        attempts: r.get(8)?,
-        created_at: r.get(9)?,
-        updated_at: r.get(10)?,
-        finished_at: r.get(11)?,
-        last_error: r.get(12)?,
-        cancel_requested: r.get::<_, i64>(13)? != 0,
-        node: r.get::<_, Option<String>>(14)?.map(NodeId::from),
-        schedule: r.get(16)?,
-        slot: r.get(17)?,
+        priority: row.get(5)?,
+        unique_key: row.get(6)?,
+        run_at: row.get(7)?,
+        attempts: row.get(8)?,
+        created_at: row.get(9)?,
+        updated_at: row.get(10)?,
+        finished_at: row.get(11)?,
+        last_error: row.get(12)?,
+        cancel_requested: row.get::<_, i64>(13)? != 0,
+        node: row.get::<_, Option<String>>(14)?.map(NodeId::from),
+        schedule: row.get(16)?,
+        slot: row.get(17)?,
     })
 }
 
 /// The states in which a task is not finished (a unique key holds only among these).
 const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
 
-pub(super) fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result<Enqueued> {
-    if let Some(key) = &t.unique_key {
+pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Result<Enqueued> {
+    if let Some(key) = &task.unique_key {
         let existing: Option<(String, String, i64, i64)> = conn
             .prepare_cached(&format!(
                 "SELECT id, state, created_at, run_at FROM tasks
                  WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
             ))
             .and_then(|mut s| {
-                s.query_row(params![t.queue.as_str(), key], |r| {
+                s.query_row(params![task.queue.as_str(), key], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()
@@ -86,38 +86,39 @@ pub(super) fn insert_task(conn: &Connection, t: &NewTask, now: UnixMs) -> Result
             });
         }
     }
-    let run_at = t.run_at.unwrap_or(now);
+    let run_at = task.run_at.unwrap_or(now);
     let state = if run_at > now {
         TaskState::Scheduled
     } else {
         TaskState::Queued
     };
-    let args = serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
+    let args =
+        serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
     )
     .and_then(|mut s| {
         s.execute(params![
-            t.id.to_string(),
-            t.queue.as_str(),
+            task.id.to_string(),
+            task.queue.as_str(),
             state.as_str(),
-            t.payload,
+            task.payload,
             args,
-            t.priority,
-            t.unique_key,
+            task.priority,
+            task.unique_key,
             run_at,
             now
         ])
     })
     .map_err(|e| match e.sqlite_error_code() {
         Some(ErrorCode::ConstraintViolation) => {
-            BrokerError::Conflict(format!("a task with id {} already exists", t.id))
+            BrokerError::Conflict(format!("a task with id {} already exists", task.id))
         }
         _ => storage(e),
     })?;
     Ok(Enqueued {
-        id: t.id,
+        id: task.id,
         state,
         existing: false,
         created_at: now,
@@ -137,7 +138,7 @@ pub(super) fn task_seq(conn: &Connection, id: TaskId) -> Result<(i64, TaskState)
     Ok((seq, state.parse().map_err(BrokerError::Storage)?))
 }
 
-pub(super) fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> Result<()> {
+pub(super) fn insert_attempt(conn: &Connection, seq: i64, attempt: &AttemptRecord) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO attempts (task_seq, n, number, node, pid, started_at, ended_at, exit_code, signal,
                                reason, error, stdout_tail, stderr_tail)
@@ -147,17 +148,17 @@ pub(super) fn insert_attempt(conn: &Connection, seq: i64, a: &AttemptRecord) -> 
     .and_then(|mut s| {
         s.execute(params![
             seq,
-            a.number,
-            a.node.as_str(),
-            a.pid,
-            a.started_at,
-            a.ended_at,
-            a.exit_code,
-            a.signal,
-            a.reason.map(|r| r.as_str()),
-            a.error,
-            a.stdout_tail,
-            a.stderr_tail
+            attempt.number,
+            attempt.node.as_str(),
+            attempt.pid,
+            attempt.started_at,
+            attempt.ended_at,
+            attempt.exit_code,
+            attempt.signal,
+            attempt.reason.map(|r| r.as_str()),
+            attempt.error,
+            attempt.stdout_tail,
+            attempt.stderr_tail
         ])
     })
     .map_err(storage)?;

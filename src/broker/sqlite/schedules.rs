@@ -18,8 +18,8 @@ use crate::model::{now_ms, NewTask, TaskState, UnixMs};
 const STATE_COLS: &str = "spec, through, last_task, fired, caught_up, skipped, paused";
 const SLOT_COLS: &str = "slot, first, count, outcome, task, reason, at, node";
 
-fn parse<T: std::str::FromStr<Err = String>>(s: Option<String>) -> rusqlite::Result<Option<T>> {
-    s.map(|s| {
+fn parse<T: std::str::FromStr<Err = String>>(text: Option<String>) -> rusqlite::Result<Option<T>> {
+    text.map(|s| {
         s.parse().map_err(|e: String| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
         })
@@ -27,17 +27,17 @@ fn parse<T: std::str::FromStr<Err = String>>(s: Option<String>) -> rusqlite::Res
     .transpose()
 }
 
-fn slot_row(r: &Row<'_>) -> rusqlite::Result<SlotRecord> {
-    let outcome: String = r.get(3)?;
+fn slot_row(row: &Row<'_>) -> rusqlite::Result<SlotRecord> {
+    let outcome: String = row.get(3)?;
     Ok(SlotRecord {
-        slot: r.get(0)?,
-        first: r.get(1)?,
-        count: r.get::<_, i64>(2)? as u64,
+        slot: row.get(0)?,
+        first: row.get(1)?,
+        count: row.get::<_, i64>(2)? as u64,
         outcome: SlotOutcome::parse(&outcome).unwrap_or(SlotOutcome::Skipped),
-        task: parse(r.get(4)?)?,
-        reason: r.get(5)?,
-        at: r.get(6)?,
-        node: r.get(7)?,
+        task: parse(row.get(4)?)?,
+        reason: row.get(5)?,
+        at: row.get(6)?,
+        node: row.get(7)?,
     })
 }
 
@@ -318,13 +318,16 @@ impl SqliteBroker {
     pub(super) async fn schedule_step_in(
         &self,
         key: &ScheduleKey,
-        s: ScheduleStep,
+        what: ScheduleStep,
     ) -> Result<StepAnswer> {
         let key = key.clone();
         // A fired slot's task is a new task: the daemon's dispatcher is told after the commit.
-        let wakes = matches!(s, ScheduleStep::Fire { .. } | ScheduleStep::Manual { .. });
+        let wakes = matches!(
+            what,
+            ScheduleStep::Fire { .. } | ScheduleStep::Manual { .. }
+        );
         let (answer, work) = self
-            .write(move |conn| step(conn, &key, s, now_ms()))
+            .write(move |conn| step(conn, &key, what, now_ms()))
             .await?;
         if wakes && work {
             self.wake(b"work");

@@ -125,22 +125,22 @@ pub(super) fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wake_path
 }
 
 impl SqliteBroker {
-    /// Run `f` in the next write transaction, inside its own savepoint.
-    pub(super) async fn write<T, F>(&self, f: F) -> Result<T>
+    /// Run `work` in the next write transaction, inside its own savepoint.
+    pub(super) async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.write_as(true, f).await
+        self.write_as(true, work).await
     }
 
     /// Like [`Self::write`]; a non-`urgent` write may wait a little to share a commit.
-    pub(super) async fn write_as<T, F>(&self, urgent: bool, f: F) -> Result<T>
+    pub(super) async fn write_as<T, F>(&self, urgent: bool, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.send(urgent, None, f).await
+        self.send(urgent, None, work).await
     }
 
     /// Queue a write for the writer thread; `wake` is sent once it is committed.
@@ -148,13 +148,13 @@ impl SqliteBroker {
         &self,
         urgent: bool,
         wake: Option<&'static [u8]>,
-        f: F,
+        work: F,
     ) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        answer(self.queue(urgent, wake, f)?).await
+        answer(self.queue(urgent, wake, work)?).await
     }
 
     /// Queue a write for the writer thread now, and return where its answer will arrive
@@ -164,7 +164,7 @@ impl SqliteBroker {
         &self,
         urgent: bool,
         wake: Option<&'static [u8]>,
-        f: F,
+        write: F,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<T>>>
     where
         T: Send + 'static,
@@ -175,7 +175,7 @@ impl SqliteBroker {
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
-            let r = f(conn);
+            let r = write(conn);
             let end = if r.is_ok() {
                 "RELEASE job"
             } else {

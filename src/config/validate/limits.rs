@@ -7,24 +7,24 @@ use crate::config::{limits, LimitValue, Limits};
 
 impl Cx<'_> {
     /// `limits = { nofile, nproc, as, cpu, fsize, core }`.
-    pub(in crate::config) fn limits(&mut self, e: &Entry) -> Option<Limits> {
+    pub(in crate::config) fn limits(&mut self, entry: &Entry) -> Option<Limits> {
         let t = self.table(
-            e,
+            entry,
             "a table such as `limits = { nofile = 4096, nproc = 100, as = \"4GiB\", cpu = \"10m\" }`",
         )?;
         let mut out = Limits::default();
-        for sub in entries(t, &e.path) {
+        for sub in entries(t, &entry.path) {
             if let Some(key) = keys::find(keys::LIMITS, sub.name) {
                 (key.read)(self, &sub, &mut out);
             } else if matches!(sub.name, "memory" | "mem" | "rss" | "vmem" | "memlock") {
                 self.error(
                     sub.key_span(),
                     &sub.path,
-                    format!("unknown key `{}` in {}", sub.name, e.path),
+                    format!("unknown key `{}` in {}", sub.name, entry.path),
                     Some("limit memory with `as` (address space), such as `as = \"4GiB\"`".into()),
                 );
             } else {
-                let label = format!("in {}", e.path);
+                let label = format!("in {}", entry.path);
                 let valid: Vec<&str> = keys::names(keys::LIMITS).collect();
                 self.unknown_key(&sub, Section::Limits, &label, &valid)
             }
@@ -34,16 +34,16 @@ impl Cx<'_> {
 
     /// The string forms every limit shares: `"unlimited"`, and a refused `"soft:hard"` pair.
     /// `Err(())`: an error was reported. `Ok(None)`: not one of them; read the value itself.
-    fn limit_word(&mut self, e: &Entry, unlimited_ok: bool) -> Result<Option<LimitValue>, ()> {
-        let Some(s) = e.item.as_str() else {
+    fn limit_word(&mut self, entry: &Entry, unlimited_ok: bool) -> Result<Option<LimitValue>, ()> {
+        let Some(s) = entry.item.as_str() else {
             return Ok(None);
         };
-        let name = e.name;
+        let name = entry.name;
         if s.contains(':') {
             let soft = s.split(':').next().unwrap_or("").trim();
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!("\"{s}\" looks like a soft:hard pair, which taskd does not take: one value sets both the soft and the hard limit"),
                 Some(format!("write one value, such as `{name} = {}`", quote_unless_number(soft))),
             );
@@ -54,8 +54,8 @@ impl Cx<'_> {
                 return Ok(Some(LimitValue::Unlimited));
             }
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "{name} cannot be unlimited: the kernel caps open files at fs.nr_open ({})",
                     nr_open()
@@ -70,63 +70,67 @@ impl Cx<'_> {
     /// A count limit (`nofile`, `nproc`): an integer from 1 to `max`, or `"unlimited"`.
     pub(in crate::config) fn limit_count(
         &mut self,
-        e: &Entry,
+        entry: &Entry,
         max: u64,
         unlimited_ok: bool,
     ) -> Option<LimitValue> {
-        match self.limit_word(e, unlimited_ok) {
+        match self.limit_word(entry, unlimited_ok) {
             Err(()) => return None,
             Ok(Some(v)) => return Some(v),
             Ok(None) => {}
         }
-        let example = if e.name == "nofile" { "4096" } else { "100" };
+        let example = if entry.name == "nofile" {
+            "4096"
+        } else {
+            "100"
+        };
         let max = i64::try_from(max).unwrap_or(i64::MAX);
-        self.int_in_range(e, 1, max, example)
+        self.int_in_range(entry, 1, max, example)
             .map(|n| LimitValue::Finite(n as u64)) // 1..=max: positive
     }
 
     /// A byte-size limit (`as`, `fsize`, `core`): bytes, a size string, or `"unlimited"`.
     pub(in crate::config) fn limit_size(
         &mut self,
-        e: &Entry,
+        entry: &Entry,
         min: u64,
         example: &str,
     ) -> Option<LimitValue> {
-        match self.limit_word(e, true) {
+        match self.limit_word(entry, true) {
             Err(()) => return None,
             Ok(Some(v)) => return Some(v),
             Ok(None) => {}
         }
         // u64::MAX is RLIM_INFINITY: a finite limit stays below it.
-        self.size(e, min, u64::MAX - 1, example)
+        self.size(entry, min, u64::MAX - 1, example)
             .map(LimitValue::Finite)
     }
 
     /// `cpu`: whole seconds, as an integer or a duration string, or `"unlimited"`.
-    pub(in crate::config) fn limit_cpu(&mut self, e: &Entry) -> Option<LimitValue> {
-        match self.limit_word(e, true) {
+    pub(in crate::config) fn limit_cpu(&mut self, entry: &Entry) -> Option<LimitValue> {
+        match self.limit_word(entry, true) {
             Err(()) => return None,
             Ok(Some(v)) => return Some(v),
             Ok(None) => {}
         }
-        if e.item.is_integer() {
+        if entry.item.is_integer() {
             return self
-                .int_in_range(e, 1, i64::MAX, "60")
+                .int_in_range(entry, 1, i64::MAX, "60")
                 .map(|n| LimitValue::Finite(n as u64)); // positive
         }
-        if !e.item.is_str() {
+        if !entry.item.is_str() {
             self.wrong_type(
-                e,
+                entry,
                 "seconds (an integer) or a duration string such as \"10m\"",
                 "write `cpu = 600` or `cpu = \"10m\"`".into(),
             );
             return None;
         }
-        let d = self.duration(e)?;
+        let d = self.duration(entry)?;
         if d.subsec_nanos() != 0 {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "cpu time is limited in whole seconds, and {} is not",
                     units::show_duration(d)
@@ -147,11 +151,11 @@ pub(in crate::config) fn nr_open() -> u64 {
         .unwrap_or(limits::NR_OPEN)
 }
 
-/// `s` as a TOML value: bare if it is a whole number, else quoted.
-fn quote_unless_number(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
-        s.to_string()
+/// `text` as a TOML value: bare if it is a whole number, else quoted.
+fn quote_unless_number(text: &str) -> String {
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
+        text.to_string()
     } else {
-        format!("\"{s}\"")
+        format!("\"{text}\"")
     }
 }

@@ -121,18 +121,18 @@ fn config_dir(path: &Path) -> PathBuf {
 }
 
 /// Drops `.` components; keeps `..`, since it may cross a symlink.
-fn normalize(p: &Path) -> PathBuf {
-    p.components()
+fn normalize(path: &Path) -> PathBuf {
+    path.components()
         .filter(|c| !matches!(c, Component::CurDir))
         .collect()
 }
 
-/// `p` made absolute against `dir` (the config file's directory).
-fn resolve(dir: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        normalize(p)
+/// `path` made absolute against `dir` (the config file's directory).
+fn resolve(dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        normalize(path)
     } else {
-        normalize(&dir.join(p))
+        normalize(&dir.join(path))
     }
 }
 
@@ -222,10 +222,10 @@ pub(in crate::config) struct Place {
 }
 
 impl Place {
-    pub(in crate::config) fn of(e: &Entry) -> Place {
+    pub(in crate::config) fn of(entry: &Entry) -> Place {
         Place {
-            span: e.value_span(),
-            key: e.path.clone(),
+            span: entry.value_span(),
+            key: entry.path.clone(),
         }
     }
 }
@@ -266,8 +266,8 @@ impl Cx<'_> {
         });
     }
 
-    fn unknown_key(&mut self, e: &Entry, section: Section, label: &str, valid: &[&str]) {
-        let name = e.name;
+    fn unknown_key(&mut self, entry: &Entry, section: Section, label: &str, valid: &[&str]) {
+        let name = entry.name;
         let (message, fix) = if keys::is_taskd(name) && section != Section::Taskd {
             (
                 format!("`{name}` belongs in [taskd], not {label}"),
@@ -294,7 +294,7 @@ impl Cx<'_> {
                 format!("the keys allowed here are: {}", valid.join(", ")),
             )
         };
-        self.error(e.key_span(), &e.path, message, Some(fix));
+        self.error(entry.key_span(), &entry.path, message, Some(fix));
     }
 
     fn root(&mut self, root: &dyn TableLike, state_directory: Option<OsString>) -> Config {

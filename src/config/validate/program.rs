@@ -78,25 +78,25 @@ impl Cx<'_> {
     }
 
     /// `worker = [argv]` and its settings.
-    fn worker(&mut self, e: &Entry, settings: &[&Entry]) -> Option<Program> {
+    fn worker(&mut self, entry: &Entry, settings: &[&Entry]) -> Option<Program> {
         let example = "write an argv list such as `worker = [\"python3\", \"/srv/app/worker.py\"]`";
-        let Some(array) = e.item.as_array() else {
-            self.wrong_type(e, "an array of strings", example.into());
+        let Some(array) = entry.item.as_array() else {
+            self.wrong_type(entry, "an array of strings", example.into());
             return None;
         };
         let mut argv = Vec::new();
         let mut ok = true;
         if array.is_empty() {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 "worker is empty: it needs at least the program to run",
                 Some(example.into()),
             );
             ok = false;
         }
         for (i, v) in array.iter().enumerate() {
-            let key = format!("{}[{i}]", e.path);
+            let key = format!("{}[{i}]", entry.path);
             let problem = match v.as_str() {
                 None => Some((
                     format!(
@@ -132,21 +132,21 @@ impl Cx<'_> {
         ok.then_some(Program::Worker(w))
     }
 
-    fn command(&mut self, e: &Entry) -> Option<Program> {
+    fn command(&mut self, entry: &Entry) -> Option<Program> {
         let example = "write an argv list such as `command = [\"/usr/local/bin/make-thumb\", \"--size\", \"{size}\"]`";
-        let Some(array) = e.item.as_array() else {
-            let fix = if e.item.is_str() {
+        let Some(array) = entry.item.as_array() else {
+            let fix = if entry.item.is_str() {
                 format!("{example}, or use `shell = \"...\"` to run a shell command line")
             } else {
                 example.to_string()
             };
-            self.wrong_type(e, "an array of strings", fix);
+            self.wrong_type(entry, "an array of strings", fix);
             return None;
         };
         if array.is_empty() {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 "command is empty: it needs at least the program to run",
                 Some(example.into()),
             );
@@ -155,7 +155,7 @@ impl Cx<'_> {
         let mut argv = Vec::new();
         let mut ok = true;
         for (i, v) in array.iter().enumerate() {
-            let key = format!("{}[{i}]", e.path);
+            let key = format!("{}[{i}]", entry.path);
             let Some(s) = v.as_str() else {
                 self.error(
                     v.span(),
@@ -218,12 +218,12 @@ impl Cx<'_> {
         ok.then_some(Program::Command(argv))
     }
 
-    fn shell(&mut self, e: &Entry) -> Option<Program> {
-        let s = self.string(e, "\"/opt/reports/build.sh \\\"$TASKD_ARG_month\\\"\"")?;
+    fn shell(&mut self, entry: &Entry) -> Option<Program> {
+        let s = self.string(entry, "\"/opt/reports/build.sh \\\"$TASKD_ARG_month\\\"\"")?;
         if s.trim().is_empty() {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 "shell is empty",
                 Some(
                     "write the command line for /bin/sh -c, such as `shell = \"/opt/app/run.sh\"`"
@@ -234,8 +234,8 @@ impl Cx<'_> {
         }
         if s.contains('\0') {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 "shell cannot contain a NUL byte",
                 Some("remove the \\u0000".into()),
             );
@@ -246,14 +246,14 @@ impl Cx<'_> {
 
     /// `start_secs`: a duration, where zero is allowed: a worker is then RUNNING as soon as
     /// it is ready.
-    pub(in crate::config) fn start_secs(&mut self, e: &Entry) -> Option<Duration> {
-        let zero = e
+    pub(in crate::config) fn start_secs(&mut self, entry: &Entry) -> Option<Duration> {
+        let zero = entry
             .item
             .as_str()
             .is_some_and(|t| humantime::parse_duration(t.trim()).is_ok_and(|d| d.is_zero()));
         if zero {
             return Some(Duration::ZERO);
         }
-        self.duration(e)
+        self.duration(entry)
     }
 }

@@ -47,14 +47,14 @@ impl Cx<'_> {
     /// are handed back unread.
     pub(super) fn layer<'a>(
         &mut self,
-        t: &'a dyn TableLike,
+        table: &'a dyn TableLike,
         path: &str,
         section: Section,
     ) -> (Layer, Vec<Entry<'a>>) {
         let mut layer = Layer::default();
         let mut program = Vec::new();
         let label = format!("in [{path}]");
-        for e in entries(t, path) {
+        for e in entries(table, path) {
             if let Some(key) = keys::find(keys::QUEUE, e.name) {
                 (key.read)(self, &e, &mut layer);
             } else if section == Section::Queue && keys::is_queue_only(e.name) {
@@ -72,12 +72,12 @@ impl Cx<'_> {
     }
 
     /// `max_attempts`: every run counts, the first included, and there is always a limit.
-    pub(in crate::config) fn max_attempts(&mut self, e: &Entry) -> Option<u32> {
-        match self.integer(e, "5") {
+    pub(in crate::config) fn max_attempts(&mut self, entry: &Entry) -> Option<u32> {
+        match self.integer(entry, "5") {
             Some(n) if n < 1 => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("max_attempts must be at least 1, found {n}: it counts every run, the first included"),
                     Some("set `max_attempts = 1` for no retries, or more".into()),
                 );
@@ -85,8 +85,8 @@ impl Cx<'_> {
             }
             Some(n) if n > limits::MAX_ATTEMPTS => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("max_attempts must be at most {}, found {n}: taskd never retries without limit", limits::MAX_ATTEMPTS),
                     Some(format!("set `max_attempts = {}` or less", limits::MAX_ATTEMPTS)),
                 );
@@ -97,20 +97,20 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn backoff(&mut self, e: &Entry) -> Option<BackoffLayer> {
+    pub(in crate::config) fn backoff(&mut self, entry: &Entry) -> Option<BackoffLayer> {
         let t = self.table(
-            e,
+            entry,
             "a table such as `backoff = { kind = \"exponential\", base = \"10s\", max = \"1h\", jitter = true }`",
         )?;
         let mut out = BackoffLayer {
-            table_at: (e.value_span(), e.path.clone()),
+            table_at: (entry.value_span(), entry.path.clone()),
             ..BackoffLayer::default()
         };
-        for sub in entries(t, &e.path) {
+        for sub in entries(t, &entry.path) {
             match keys::find(keys::BACKOFF, sub.name) {
                 Some(key) => out.broken |= !(key.read)(self, &sub, &mut out),
                 None => {
-                    let label = format!("in {}", e.path);
+                    let label = format!("in {}", entry.path);
                     let valid: Vec<&str> = keys::names(keys::BACKOFF).collect();
                     self.unknown_key(&sub, Section::Backoff, &label, &valid)
                 }
@@ -120,8 +120,8 @@ impl Cx<'_> {
     }
 
     /// `kind = "exponential" | "fixed"`.
-    pub(in crate::config) fn backoff_kind(&mut self, e: &Entry) -> Option<BackoffKind> {
-        match self.string(e, "\"exponential\"")? {
+    pub(in crate::config) fn backoff_kind(&mut self, entry: &Entry) -> Option<BackoffKind> {
+        match self.string(entry, "\"exponential\"")? {
             "exponential" => Some(BackoffKind::Exponential),
             "fixed" => Some(BackoffKind::Fixed),
             other => {
@@ -130,8 +130,8 @@ impl Cx<'_> {
                     None => "write `kind = \"exponential\"` or `kind = \"fixed\"`".into(),
                 };
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!(
                         "unknown backoff kind \"{other}\" (expected \"exponential\" or \"fixed\")"
                     ),
@@ -168,10 +168,10 @@ impl Cx<'_> {
         self.error(span, &key, message, Some(fix));
     }
 
-    pub(in crate::config) fn exit_codes(&mut self, e: &Entry) -> Option<Vec<i32>> {
-        let Some(array) = e.item.as_array() else {
+    pub(in crate::config) fn exit_codes(&mut self, entry: &Entry) -> Option<Vec<i32>> {
+        let Some(array) = entry.item.as_array() else {
             self.wrong_type(
-                e,
+                entry,
                 "an array of exit codes",
                 "write a list such as `fail_exit_codes = [2, 64]`".into(),
             );
@@ -180,7 +180,7 @@ impl Cx<'_> {
         let mut codes = Vec::new();
         let mut ok = true;
         for (i, v) in array.iter().enumerate() {
-            let key = format!("{}[{i}]", e.path);
+            let key = format!("{}[{i}]", entry.path);
             match v.as_integer() {
                 Some(0) => {
                     self.error(
@@ -223,14 +223,14 @@ impl Cx<'_> {
         ok.then_some(codes)
     }
 
-    pub(in crate::config) fn env(&mut self, e: &Entry) -> Option<BTreeMap<String, String>> {
+    pub(in crate::config) fn env(&mut self, entry: &Entry) -> Option<BTreeMap<String, String>> {
         let t = self.table(
-            e,
+            entry,
             "a table such as `env = { REPORT_DIR = \"/srv/reports\" }`",
         )?;
         let mut out = BTreeMap::new();
         let mut ok = true;
-        for var in entries(t, &e.path) {
+        for var in entries(t, &entry.path) {
             let name = var.name;
             if let Err(why) = check_env_name(name) {
                 self.error(var.key_span(), &var.path, why.0, Some(why.1));
@@ -273,15 +273,18 @@ impl Cx<'_> {
         ok.then_some(out)
     }
 
-    pub(in crate::config) fn account(&mut self, e: &Entry, kind: Account) -> Option<String> {
-        let s = self.string(e, "\"taskd\"")?;
+    pub(in crate::config) fn account(&mut self, entry: &Entry, kind: Account) -> Option<String> {
+        let s = self.string(entry, "\"taskd\"")?;
         let what = kind.as_str();
         if s.is_empty() {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!("{what} cannot be empty"),
-                Some(format!("name an existing {what}, or remove `{}`", e.name)),
+                Some(format!(
+                    "name an existing {what}, or remove `{}`",
+                    entry.name
+                )),
             );
             return None;
         }
@@ -301,8 +304,8 @@ impl Cx<'_> {
                     ),
                 };
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("{what} `{s}` does not exist on this system"),
                     Some(fix),
                 );
@@ -310,8 +313,8 @@ impl Cx<'_> {
             }
             Err(errno) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("failed to look up {what} `{s}`: {errno}"),
                     Some(format!("check that the {what} database (NSS) is reachable")),
                 );
@@ -323,11 +326,11 @@ impl Cx<'_> {
     /// `umask`: a string of octal digits ("027", "0o027") or an integer; an integer must be
     /// written in octal (`0o027`) unless it is 0, since `umask = 27` is almost surely meant
     /// as 027 and would silently be 033.
-    pub(in crate::config) fn umask(&mut self, e: &Entry) -> Option<u32> {
-        let name = e.name;
+    pub(in crate::config) fn umask(&mut self, entry: &Entry) -> Option<u32> {
+        let name = entry.name;
         let example = format!("write it as an octal string such as `{name} = \"027\"`");
-        let value = if let Some(n) = e.item.as_integer() {
-            let raw = e
+        let value = if let Some(n) = entry.item.as_integer() {
+            let raw = entry
                 .value_span()
                 .and_then(|s| self.text.get(s))
                 .unwrap_or("")
@@ -341,15 +344,15 @@ impl Cx<'_> {
                     example
                 };
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("umask {n} is a decimal number, but a umask is written in octal"),
                     Some(fix),
                 );
                 return None;
             }
             n
-        } else if let Some(s) = e.item.as_str() {
+        } else if let Some(s) = entry.item.as_str() {
             let t = s.trim();
             let digits = t.strip_prefix("0o").unwrap_or(t);
             let parsed = if !digits.is_empty()
@@ -362,8 +365,8 @@ impl Cx<'_> {
             };
             let Some(n) = parsed else {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("\"{s}\" is not a umask: it must be octal digits (0 to 7)"),
                     Some(example),
                 );
@@ -371,13 +374,13 @@ impl Cx<'_> {
             };
             n
         } else {
-            self.wrong_type(e, "an octal string such as \"027\"", example);
+            self.wrong_type(entry, "an octal string such as \"027\"", example);
             return None;
         };
         if !(0..=0o777).contains(&value) {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "umask {value:o} (octal) is out of range: a umask holds permission bits only, 000 to 777"
                 ),
@@ -389,17 +392,17 @@ impl Cx<'_> {
     }
 
     /// `env_inherit = ["LANG", "TZ"]`: names of the daemon's variables tasks get.
-    pub(in crate::config) fn env_inherit(&mut self, e: &Entry) -> Option<Vec<String>> {
+    pub(in crate::config) fn env_inherit(&mut self, entry: &Entry) -> Option<Vec<String>> {
         let example =
             "write a list of variable names such as `env_inherit = [\"LC_TIME\", \"http_proxy\"]`";
-        let Some(array) = e.item.as_array() else {
-            self.wrong_type(e, "an array of variable names", example.into());
+        let Some(array) = entry.item.as_array() else {
+            self.wrong_type(entry, "an array of variable names", example.into());
             return None;
         };
         let mut out: Vec<String> = Vec::new();
         let mut ok = true;
         for (i, v) in array.iter().enumerate() {
-            let key = format!("{}[{i}]", e.path);
+            let key = format!("{}[{i}]", entry.path);
             let Some(name) = v.as_str() else {
                 self.error(
                     v.span(),
@@ -445,9 +448,9 @@ impl Cx<'_> {
 
     /// Could the daemon run this queue's tasks as its `user` and `group`? Only root can
     /// switch; a daemon that is not root may only name itself.
-    fn check_privileges(&mut self, s: &Settings) {
+    fn check_privileges(&mut self, settings: &Settings) {
         let Some(id) = self.identity else { return };
-        if id.euid == 0 || (s.user.is_none() && s.group.is_none()) {
+        if id.euid == 0 || (settings.user.is_none() && settings.group.is_none()) {
             return;
         }
         let me = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id.euid)) {
@@ -456,13 +459,15 @@ impl Cx<'_> {
         };
         // A key in the settings was set by a table, which recorded where.
         let place = |key: &str| {
-            s.at.get(key)
+            settings
+                .at
+                .get(key)
                 .cloned()
                 .expect("a queue's user or group is set only by a table, which records where")
         };
         // The group the task would get, and the key that decides it.
         let mut target: Option<(u32, String, Place)> = None;
-        if let Some(user) = &s.user {
+        if let Some(user) = &settings.user {
             // An unknown user was reported where it was read.
             let Ok(Some(pw)) = nix::unistd::User::from_name(user) else {
                 return;
@@ -485,7 +490,7 @@ impl Cx<'_> {
                 .map_or_else(|| pw.gid.to_string(), |g| g.name);
             target = Some((pw.gid.as_raw(), primary, at));
         }
-        if let Some(group) = &s.group {
+        if let Some(group) = &settings.group {
             let Ok(Some(gr)) = nix::unistd::Group::from_name(group) else {
                 return;
             };
@@ -506,10 +511,10 @@ impl Cx<'_> {
         }
     }
 
-    pub(super) fn queue(&mut self, e: &Entry, base: &Settings) -> Option<QueueConfig> {
+    pub(super) fn queue(&mut self, entry: &Entry, base: &Settings) -> Option<QueueConfig> {
         // `taskd submit -rf` reads a leading `-` as a flag (and after `--` as argv): such a
         // queue could never be addressed from the command line.
-        let name = match QueueName::try_from(e.name.to_string()).and_then(|n| {
+        let name = match QueueName::try_from(entry.name.to_string()).and_then(|n| {
             if n.as_str().starts_with('-') {
                 Err(
                     "a queue name cannot start with `-`, which the command line reads as an option"
@@ -522,37 +527,41 @@ impl Cx<'_> {
             Ok(n) => Some(n),
             Err(why) => {
                 self.error(
-                    e.key_span(),
-                    &e.path,
-                    format!("`{}` cannot be a queue name: {why}", e.name),
+                    entry.key_span(),
+                    &entry.path,
+                    format!("`{}` cannot be a queue name: {why}", entry.name),
                     Some(format!(
                         "rename it, e.g. [queues.{}]",
-                        suggest_queue_name(e.name)
+                        suggest_queue_name(entry.name)
                     )),
                 );
                 None
             }
         };
-        let Some(t) = e.item.as_table_like() else {
+        let Some(t) = entry.item.as_table_like() else {
             self.error(
-                e.value_span(),
-                &e.path,
-                format!("queue `{}` must be a table, found {}", e.name, e.found()),
+                entry.value_span(),
+                &entry.path,
+                format!(
+                    "queue `{}` must be a table, found {}",
+                    entry.name,
+                    entry.found()
+                ),
                 Some(format!(
                     "write a [queues.{}] table with `command` or `shell`",
-                    suggest_queue_name(e.name)
+                    suggest_queue_name(entry.name)
                 )),
             );
             return None;
         };
-        let (layer, program_entries) = self.layer(t, &e.path, Section::Queue);
+        let (layer, program_entries) = self.layer(t, &entry.path, Section::Queue);
         let backoff = layer.backoff.clone();
         let settings = base.with(layer);
         if let Some(b) = backoff {
             self.check_backoff(&b, &settings.backoff);
         }
         self.check_privileges(&settings);
-        let program = self.program(e, &program_entries);
+        let program = self.program(entry, &program_entries);
         let (name, program) = (name?, program?);
         Some(QueueConfig::with_settings(name, program, settings))
     }

@@ -33,8 +33,8 @@ pub(in crate::config) struct ScheduleLayer {
 
 impl Cx<'_> {
     /// `cron = "…"`: 5 or 6 fields; the message names the field at fault.
-    pub(in crate::config) fn cron(&mut self, e: &Entry) -> Option<Spec> {
-        let s = self.string(e, "\"0 3 * * *\"")?;
+    pub(in crate::config) fn cron(&mut self, entry: &Entry) -> Option<Spec> {
+        let s = self.string(entry, "\"0 3 * * *\"")?;
         match slots::parse_cron(s) {
             Ok(spec) => Some(spec),
             Err(why) => {
@@ -43,22 +43,22 @@ impl Cx<'_> {
                 } else {
                     "write 5 fields `minute hour day-of-month month day-of-week` such as `cron = \"30 3 * * mon-fri\"`, or 6 with seconds first".to_string()
                 };
-                self.error(e.value_span(), &e.path, why, Some(fix));
+                self.error(entry.value_span(), &entry.path, why, Some(fix));
                 None
             }
         }
     }
 
     /// `every = "10m"`: a duration of whole seconds.
-    pub(in crate::config) fn every(&mut self, e: &Entry) -> Option<Spec> {
-        let d = self.duration(e)?;
-        let text = e.item.as_str().unwrap_or_default();
+    pub(in crate::config) fn every(&mut self, entry: &Entry) -> Option<Spec> {
+        let d = self.duration(entry)?;
+        let text = entry.item.as_str().unwrap_or_default();
         match slots::parse_every(text, d) {
             Ok(spec) => Some(spec),
             Err(why) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     why,
                     Some(
                         "write whole seconds, such as `every = \"1s\"`, `\"90s\"` or `\"10m\"`"
@@ -71,8 +71,8 @@ impl Cx<'_> {
     }
 
     /// `timezone = "Europe/Berlin"`: a name of the time zone database.
-    pub(in crate::config) fn time_zone(&mut self, e: &Entry) -> Option<Zone> {
-        let s = self.string(e, "\"Europe/Berlin\"")?;
+    pub(in crate::config) fn time_zone(&mut self, entry: &Entry) -> Option<Zone> {
+        let s = self.string(entry, "\"Europe/Berlin\"")?;
         match Zone::named(s) {
             Ok(z) => Some(z),
             Err(why) => {
@@ -88,19 +88,19 @@ impl Cx<'_> {
                     Some(near) => format!("did you mean `timezone = \"{near}\"`?"),
                     None => "write an IANA name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\" (`timedatectl list-timezones` lists them)".to_string(),
                 };
-                self.error(e.value_span(), &e.path, why, Some(fix));
+                self.error(entry.value_span(), &entry.path, why, Some(fix));
                 None
             }
         }
     }
 
     /// A table read as a JSON object (`payload = { month = "last" }`).
-    pub(in crate::config) fn json_table(&mut self, e: &Entry) -> Option<Value> {
-        let Some(t) = e.item.as_table_like() else {
+    pub(in crate::config) fn json_table(&mut self, entry: &Entry) -> Option<Value> {
+        let Some(t) = entry.item.as_table_like() else {
             self.wrong_type(
-                e,
+                entry,
                 "a table (the JSON object of the task's payload)",
-                format!("write it as `{} = {{ month = \"last\" }}`", e.name),
+                format!("write it as `{} = {{ month = \"last\" }}`", entry.name),
             );
             return None;
         };
@@ -112,17 +112,17 @@ impl Cx<'_> {
     }
 
     /// An array of strings (`args = ["--fast"]`).
-    pub(in crate::config) fn strings(&mut self, e: &Entry) -> Option<Vec<String>> {
-        let list = e.item.as_array().and_then(|a| {
+    pub(in crate::config) fn strings(&mut self, entry: &Entry) -> Option<Vec<String>> {
+        let list = entry.item.as_array().and_then(|a| {
             a.iter()
                 .map(|v| v.as_str().map(str::to_string))
                 .collect::<Option<Vec<String>>>()
         });
         if list.is_none() {
             self.wrong_type(
-                e,
+                entry,
                 "an array of strings",
-                format!("write it as `{} = [\"--fast\", \"--\", \"x\"]`", e.name),
+                format!("write it as `{} = [\"--fast\", \"--\", \"x\"]`", entry.name),
             );
         }
         list
@@ -131,10 +131,10 @@ impl Cx<'_> {
     /// A string that is one of `names`.
     pub(in crate::config) fn one_of<'a>(
         &mut self,
-        e: &Entry<'a>,
+        entry: &Entry<'a>,
         names: &[&str],
     ) -> Option<&'a str> {
-        let s = self.string(e, &format!("\"{}\"", names[0]))?;
+        let s = self.string(entry, &format!("\"{}\"", names[0]))?;
         if names.contains(&s) {
             return Some(s);
         }
@@ -144,13 +144,13 @@ impl Cx<'_> {
             .collect::<Vec<_>>()
             .join(", ");
         let fix = match units::closest(s, names) {
-            Some(near) => format!("did you mean `{} = \"{near}\"`?", e.name),
+            Some(near) => format!("did you mean `{} = \"{near}\"`?", entry.name),
             None => format!("write one of {choices}"),
         };
         self.error(
-            e.value_span(),
-            &e.path,
-            format!("{} must be one of {choices}, found \"{s}\"", e.name),
+            entry.value_span(),
+            &entry.path,
+            format!("{} must be one of {choices}, found \"{s}\"", entry.name),
             Some(fix),
         );
         None
@@ -175,13 +175,13 @@ impl Cx<'_> {
 
     fn schedule(
         &mut self,
-        e: &Entry,
+        entry: &Entry,
         queues: &BTreeMap<QueueName, QueueConfig>,
         max_payload: usize,
         queues_broken: bool,
     ) -> Option<ScheduleConfig> {
-        let name_ok = match QueueName::check(e.name) {
-            Ok(()) if e.name.starts_with('-') => Err(
+        let name_ok = match QueueName::check(entry.name) {
+            Ok(()) if entry.name.starts_with('-') => Err(
                 "it cannot start with `-`, which the command line reads as an option".to_string(),
             ),
             Ok(()) => Ok(()),
@@ -189,32 +189,41 @@ impl Cx<'_> {
         };
         if let Err(why) = &name_ok {
             self.error(
-                e.key_span(),
-                &e.path,
-                format!("`{}` cannot be a schedule name: {why}", e.name),
+                entry.key_span(),
+                &entry.path,
+                format!("`{}` cannot be a schedule name: {why}", entry.name),
                 Some("use 1 to 64 ASCII letters, digits, `_`, `-` and `.`, such as [schedules.nightly-report]".into()),
             );
         }
-        let Some(t) = e.item.as_table_like() else {
+        let Some(t) = entry.item.as_table_like() else {
             self.error(
-                e.value_span(),
-                &e.path,
-                format!("schedule `{}` must be a table, found {}", e.name, e.found()),
+                entry.value_span(),
+                &entry.path,
+                format!(
+                    "schedule `{}` must be a table, found {}",
+                    entry.name,
+                    entry.found()
+                ),
                 Some(format!(
                     "write a [schedules.{}] table with `queue` and `cron` or `every`",
-                    e.name
+                    entry.name
                 )),
             );
             return None;
         };
         let mut l = ScheduleLayer::default();
         let mut ok = name_ok.is_ok();
-        for sub in entries(t, &e.path) {
+        for sub in entries(t, &entry.path) {
             match keys::find(keys::SCHEDULE, sub.name) {
                 Some(key) => ok &= (key.read)(self, &sub, &mut l),
                 None => {
                     let valid: Vec<&str> = keys::names(keys::SCHEDULE).collect();
-                    self.unknown_key(&sub, Section::Schedule, &format!("in [{}]", e.path), &valid);
+                    self.unknown_key(
+                        &sub,
+                        Section::Schedule,
+                        &format!("in [{}]", entry.path),
+                        &valid,
+                    );
                     ok = false;
                 }
             }
@@ -226,7 +235,7 @@ impl Cx<'_> {
                 self.error(
                     at.span,
                     &at.key,
-                    format!("schedule `{}` sets both `cron` and `every`", e.name),
+                    format!("schedule `{}` sets both `cron` and `every`", entry.name),
                     Some("keep one of them".into()),
                 );
                 None
@@ -234,11 +243,11 @@ impl Cx<'_> {
             (None, None) => {
                 if ok {
                     self.error(
-                        e.value_span(),
-                        &e.path,
+                        entry.value_span(),
+                        &entry.path,
                         format!(
                             "schedule `{}` has no time: it needs `cron` or `every`",
-                            e.name
+                            entry.name
                         ),
                         Some(
                             "add `cron = \"0 3 * * *\"` (03:00 every day) or `every = \"10m\"`"
@@ -252,11 +261,11 @@ impl Cx<'_> {
         let queue = match l.queue.take() {
             None => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!(
                         "schedule `{}` has no `queue`: it does not say what to run",
-                        e.name
+                        entry.name
                     ),
                     Some("add `queue = \"NAME\"`, one of the [queues.NAME] of this file".into()),
                 );
@@ -290,7 +299,7 @@ impl Cx<'_> {
         if let Some(c) = &calendar {
             if !c.ever_after(crate::model::now_ms()) {
                 let at = Place::of(
-                    &entries(t, &e.path)
+                    &entries(t, &entry.path)
                         .into_iter()
                         .find(|x| x.name == "cron")
                         .expect("a cron spec came from `cron`"),
@@ -316,7 +325,7 @@ impl Cx<'_> {
                 .unwrap_or_else(|| Value::Object(Default::default()));
             let (span, key) = match &payload {
                 Some((_, at)) => (at.span.clone(), at.key.clone()),
-                None => (e.value_span(), e.path.clone()),
+                None => (entry.value_span(), entry.path.clone()),
             };
             let text = value.to_string();
             if let Err(why) = runnable::argv(q, &value, &args) {
@@ -325,7 +334,7 @@ impl Cx<'_> {
                     &key,
                     format!(
                         "schedule `{}` would enqueue a task queue `{}` cannot run: {why}",
-                        e.name, q.name
+                        entry.name, q.name
                     ),
                     Some(format!(
                         "give `payload` the fields queue `{}` needs, such as `payload = {{ {} }}`",
@@ -359,7 +368,7 @@ impl Cx<'_> {
             .map(|(v, _)| v.to_string())
             .unwrap_or_else(|| "{}".to_string());
         Some(ScheduleConfig {
-            name: e.name.to_string(),
+            name: entry.name.to_string(),
             queue,
             calendar,
             zone_set,
@@ -377,8 +386,8 @@ impl Cx<'_> {
 /// A TOML value as JSON: tables become objects, datetimes their RFC 3339 text.
 fn toml_to_json(item: &Item) -> Value {
     use toml_edit::Value as T;
-    fn value(v: &T) -> Value {
-        match v {
+    fn value(item: &T) -> Value {
+        match item {
             T::String(s) => Value::String(s.value().clone()),
             T::Integer(i) => Value::from(*i.value()),
             T::Float(f) => serde_json::Number::from_f64(*f.value())

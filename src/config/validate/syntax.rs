@@ -4,10 +4,10 @@
 use super::{join_key, Cx, Span};
 
 impl Cx<'_> {
-    pub(in crate::config) fn syntax_error(&mut self, e: &toml_edit::TomlError) {
+    pub(in crate::config) fn syntax_error(&mut self, error: &toml_edit::TomlError) {
         // toml_edit's message may span several lines ("invalid table header\nduplicate key
         // ..."); the last line is the most specific.
-        let lines: Vec<&str> = e
+        let lines: Vec<&str> = error
             .message()
             .lines()
             .map(str::trim)
@@ -17,7 +17,7 @@ impl Cx<'_> {
             String::new(),
             format!("invalid TOML: {}", lines.join("; ")),
             Some(
-                self.unquoted_hint(e.span())
+                self.unquoted_hint(error.span())
                     .unwrap_or_else(|| "correct the TOML syntax at this position".to_string()),
             ),
         );
@@ -39,7 +39,7 @@ impl Cx<'_> {
                 fix = Some("remove one of them".into());
             }
         }
-        self.error(e.span(), &key, message, fix);
+        self.error(error.span(), &key, message, fix);
     }
 
     /// `timeout = 5m` is the commonest syntax error in this file: a duration or size without

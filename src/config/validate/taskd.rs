@@ -64,9 +64,9 @@ fn check_token_name(name: &str) -> Result<(), String> {
 }
 
 impl Cx<'_> {
-    pub(super) fn taskd(&mut self, t: &dyn TableLike, path: &str) -> TaskdLayer {
+    pub(super) fn taskd(&mut self, table: &dyn TableLike, path: &str) -> TaskdLayer {
         let mut out = TaskdLayer::default();
-        for e in entries(t, path) {
+        for e in entries(table, path) {
             match keys::find(keys::TASKD, e.name) {
                 Some(key) => {
                     // (`tokens = []` names no token.)
@@ -94,8 +94,8 @@ impl Cx<'_> {
 
     /// Every token's name once, and every secret once (the audit trail names the token a
     /// request carried: two names for one secret could not be told apart).
-    fn check_tokens(&mut self, t: &TaskdLayer) {
-        let all: Vec<&TokenRead> = t.token.iter().chain(t.named.iter()).collect();
+    fn check_tokens(&mut self, layer: &TaskdLayer) {
+        let all: Vec<&TokenRead> = layer.token.iter().chain(layer.named.iter()).collect();
         for (i, a) in all.iter().enumerate() {
             let Some(first) = all[..i].iter().find(|b| b.name == a.name) else {
                 continue;
@@ -140,13 +140,13 @@ impl Cx<'_> {
 
     /// `tokens = [{ name = "ci", token_file = "/etc/taskd/ci.token" }, …]`, or the same as
     /// `[[taskd.tokens]]` tables; `false` when anything in it is invalid.
-    pub(in crate::config) fn tokens(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
+    pub(in crate::config) fn tokens(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
         const EXAMPLE: &str = "tokens = [{ name = \"ci\", token_file = \"/etc/taskd/ci.token\" }]";
         let mut tables: Vec<(&dyn TableLike, Span, String)> = Vec::new();
         let mut ok = true;
-        if let Some(array) = e.item.as_array() {
+        if let Some(array) = entry.item.as_array() {
             for (i, v) in array.iter().enumerate() {
-                let path = format!("{}[{i}]", e.path);
+                let path = format!("{}[{i}]", entry.path);
                 match v.as_inline_table() {
                     Some(t) => tables.push((t, v.span(), path)),
                     None => {
@@ -163,12 +163,12 @@ impl Cx<'_> {
                     }
                 }
             }
-        } else if let Some(array) = e.item.as_array_of_tables() {
+        } else if let Some(array) = entry.item.as_array_of_tables() {
             for (i, t) in array.iter().enumerate() {
-                tables.push((t, t.span(), format!("{}[{i}]", e.path)));
+                tables.push((t, t.span(), format!("{}[{i}]", entry.path)));
             }
         } else {
-            self.wrong_type(e, "an array of tables", format!("write `{EXAMPLE}`"));
+            self.wrong_type(entry, "an array of tables", format!("write `{EXAMPLE}`"));
             return false;
         }
         for (t, span, path) in tables {
@@ -267,20 +267,20 @@ impl Cx<'_> {
     }
 
     /// `audit_keep`: how many audit records the broker keeps.
-    pub(in crate::config) fn audit_keep(&mut self, e: &Entry) -> Option<usize> {
-        self.int_in_range(e, 1, crate::config::limits::MAX_AUDIT_KEEP, "100000")
+    pub(in crate::config) fn audit_keep(&mut self, entry: &Entry) -> Option<usize> {
+        self.int_in_range(entry, 1, crate::config::limits::MAX_AUDIT_KEEP, "100000")
             .and_then(|n| usize::try_from(n).ok())
     }
 
     /// `state_group`: a group that exists on this system.
-    pub(in crate::config) fn state_group(&mut self, e: &Entry) -> Option<String> {
-        let s = self.string(e, "\"taskd-producers\"")?;
+    pub(in crate::config) fn state_group(&mut self, entry: &Entry) -> Option<String> {
+        let s = self.string(entry, "\"taskd-producers\"")?;
         match nix::unistd::Group::from_name(s) {
             Ok(Some(_)) => Some(s.to_string()),
             Ok(None) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("group `{s}` does not exist on this system"),
                     Some(format!("create the group (`groupadd --system {s}`) and add the producers' users to it, or remove `state_group`")),
                 );
@@ -288,8 +288,8 @@ impl Cx<'_> {
             }
             Err(err) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("failed to look up group `{s}`: {err}"),
                     Some("check the system's group database (/etc/group, NSS), or remove `state_group`".into()),
                 );
@@ -298,25 +298,25 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn broker(&mut self, e: &Entry) -> Option<BrokerUrl> {
-        let s = self.string(e, "\"sqlite:///var/lib/taskd/taskd.db\"")?;
+    pub(in crate::config) fn broker(&mut self, entry: &Entry) -> Option<BrokerUrl> {
+        let s = self.string(entry, "\"sqlite:///var/lib/taskd/taskd.db\"")?;
         match parse_broker(s, &self.dir) {
             Ok(b) => Some(b),
             Err((message, fix)) => {
-                self.error(e.value_span(), &e.path, message, Some(fix));
+                self.error(entry.value_span(), &entry.path, message, Some(fix));
                 None
             }
         }
     }
 
-    pub(in crate::config) fn listen(&mut self, e: &Entry) -> Option<SocketAddr> {
-        let s = self.string(e, "\"127.0.0.1:7070\"")?;
+    pub(in crate::config) fn listen(&mut self, entry: &Entry) -> Option<SocketAddr> {
+        let s = self.string(entry, "\"127.0.0.1:7070\"")?;
         match s.trim().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("\"{s}\" is not an IP address and port"),
                     Some(
                         "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted)"
@@ -328,23 +328,28 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn lease(&mut self, e: &Entry) -> Option<Duration> {
+    pub(in crate::config) fn lease(&mut self, entry: &Entry) -> Option<Duration> {
         // A lease past a year is refused by the duration parser as well; the message must
         // give the lease's own bounds, not the parser's.
-        let over_a_year = e.item.as_str().map(units::parse_positive_duration)
+        let over_a_year = entry.item.as_str().map(units::parse_positive_duration)
             == Some(Err(DurationError::TooLong));
-        let d = if over_a_year { None } else { self.duration(e) };
+        let d = if over_a_year {
+            None
+        } else {
+            self.duration(entry)
+        };
         match (d, over_a_year) {
             (Some(d), _) if (defaults::MIN_LEASE..=defaults::MAX_LEASE).contains(&d) => Some(d),
             (Some(_), _) | (None, true) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!(
                         "lease must be between {} and {} (found {})",
                         units::show_duration(defaults::MIN_LEASE),
                         units::show_duration(defaults::MAX_LEASE),
-                        e.item
+                        entry
+                            .item
                             .as_str()
                             .map_or_else(String::new, |s| format!("\"{s}\""))
                     ),
@@ -358,14 +363,14 @@ impl Cx<'_> {
 
     /// The control socket's path. One too long for a socket, or in a missing directory, is
     /// reported and kept: the error alone refuses the config.
-    pub(in crate::config) fn control_socket(&mut self, e: &Entry) -> Option<PathBuf> {
-        let p = self.path(e, "/run/taskd/taskd.sock")?;
+    pub(in crate::config) fn control_socket(&mut self, entry: &Entry) -> Option<PathBuf> {
+        let p = self.path(entry, "/run/taskd/taskd.sock")?;
         let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
         // sun_path holds 108 bytes with its terminating NUL.
         if p.as_os_str().len() > 107 {
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "the path is {} bytes long; a Unix socket path must be at most 107",
                     p.as_os_str().len()
@@ -376,8 +381,8 @@ impl Cx<'_> {
             // The daemon binds the socket at start; a missing directory would only show
             // then, after a restart loop under systemd.
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!(
                     "the directory {} of the control socket does not exist",
                     dir.display()
@@ -389,8 +394,8 @@ impl Cx<'_> {
     }
 
     /// `log_tasks = "failures" | "all" | "none"`.
-    pub(in crate::config) fn log_tasks(&mut self, e: &Entry) -> Option<LogTasks> {
-        let s = self.string(e, "\"failures\"")?;
+    pub(in crate::config) fn log_tasks(&mut self, entry: &Entry) -> Option<LogTasks> {
+        let s = self.string(entry, "\"failures\"")?;
         let value = LogTasks::parse(s);
         if value.is_none() {
             let fix = match units::closest(s, &LogTasks::NAMES) {
@@ -398,8 +403,8 @@ impl Cx<'_> {
                 None => "write `log_tasks = \"failures\"`, `\"all\"` or `\"none\"`".into(),
             };
             self.error(
-                e.value_span(),
-                &e.path,
+                entry.value_span(),
+                &entry.path,
                 format!("unknown value \"{s}\" (expected \"failures\", \"all\" or \"none\")"),
                 Some(fix),
             );
@@ -408,22 +413,22 @@ impl Cx<'_> {
     }
 
     /// `token = "…"`; `false` when it is invalid.
-    pub(in crate::config) fn token(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
-        let Some(s) = self.string(e, "\"a-long-random-string\"") else {
+    pub(in crate::config) fn token(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
+        let Some(s) = self.string(entry, "\"a-long-random-string\"") else {
             return false;
         };
-        let Some(t) = self.token_text(e, s, "token") else {
+        let Some(t) = self.token_text(entry, s, "token") else {
             return false;
         };
-        self.set_token(e, out, Some(t));
+        self.set_token(entry, out, Some(t));
         true
     }
 
     /// `token_file = "/path"`: the token is the file's text, trimmed.
-    pub(in crate::config) fn token_file(&mut self, e: &Entry, out: &mut TaskdLayer) -> bool {
-        match self.token_file_secret(e) {
+    pub(in crate::config) fn token_file(&mut self, entry: &Entry, out: &mut TaskdLayer) -> bool {
+        match self.token_file_secret(entry) {
             Some(t) => {
-                self.set_token(e, out, t);
+                self.set_token(entry, out, t);
                 true
             }
             None => false,
@@ -435,9 +440,9 @@ impl Cx<'_> {
     /// regular file that no other user can read or change: not readable or writable by
     /// others, not writable by its group, owned by root or by the user reading it (the
     /// daemon's user, under `taskd check` run as that user).
-    fn token_file_secret(&mut self, e: &Entry) -> Option<Option<Secret>> {
+    fn token_file_secret(&mut self, entry: &Entry) -> Option<Option<Secret>> {
         use std::os::unix::fs::MetadataExt;
-        let p = self.path(e, "/etc/taskd/token")?;
+        let p = self.path(entry, "/etc/taskd/token")?;
         if !self.reads_secrets() {
             return Some(None);
         }
@@ -477,15 +482,15 @@ impl Cx<'_> {
             Ok(_) => None,
         };
         if let Some((message, fix)) = problem {
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         match std::fs::read_to_string(&p) {
-            Ok(text) => self.token_text(e, text.trim(), "token_file").map(Some),
+            Ok(text) => self.token_text(entry, text.trim(), "token_file").map(Some),
             Err(err) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     format!("failed to read the token file {}: {err}", p.display()),
                     Some("create the file with the token on one line, readable by the daemon's user only (mode 0600)".into()),
                 );
@@ -495,7 +500,7 @@ impl Cx<'_> {
     }
 
     /// Checks an API token's text (never echoed in a diagnostic: it is a secret).
-    fn token_text(&mut self, e: &Entry, text: &str, what: &str) -> Option<Secret> {
+    fn token_text(&mut self, entry: &Entry, text: &str, what: &str) -> Option<Secret> {
         let problem = if text.len() < 16 {
             Some(format!(
                 "the {what} holds a token of {} characters; at least 16 are needed",
@@ -509,8 +514,8 @@ impl Cx<'_> {
         match problem {
             Some(message) => {
                 self.error(
-                    e.value_span(),
-                    &e.path,
+                    entry.value_span(),
+                    &entry.path,
                     message,
                     Some("generate one with `head -c 32 /dev/urandom | base64`".into()),
                 );
@@ -520,11 +525,11 @@ impl Cx<'_> {
         }
     }
 
-    fn set_token(&mut self, e: &Entry, out: &mut TaskdLayer, t: Option<Secret>) {
+    fn set_token(&mut self, entry: &Entry, out: &mut TaskdLayer, token: Option<Secret>) {
         if out.token.is_some() {
             self.error(
-                e.key_span(),
-                &e.path,
+                entry.key_span(),
+                &entry.path,
                 "both `token` and `token_file` are set",
                 Some(
                     "keep one of them (token_file keeps the secret out of the config file)".into(),
@@ -533,9 +538,9 @@ impl Cx<'_> {
         }
         out.token = Some(TokenRead {
             name: DEFAULT_TOKEN.to_string(),
-            secret: t,
-            name_at: (e.key_span(), e.path.clone()),
-            secret_at: (e.value_span(), e.path.clone()),
+            secret: token,
+            name_at: (entry.key_span(), entry.path.clone()),
+            secret_at: (entry.value_span(), entry.path.clone()),
         });
     }
 }
@@ -556,15 +561,15 @@ impl TaskdLayer {
 
 /// Parses `broker`: `sqlite:///abs.db`, `sqlite://rel.db` or `sqlite:rel.db`. Errors carry
 /// (message, fix).
-fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
-    let t = s.trim();
+fn parse_broker(text: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
+    let t = text.trim();
     let lower = t.to_ascii_lowercase();
     if lower.starts_with("sqlite:") {
         let rest = &t["sqlite:".len()..];
         let p = rest.strip_prefix("//").unwrap_or(rest);
         if p.is_empty() {
             return Err((
-                format!("the broker URL \"{s}\" names no database file"),
+                format!("the broker URL \"{text}\" names no database file"),
                 "write `broker = \"sqlite:///var/lib/taskd/taskd.db\"`, or remove `broker` to use taskd.db in state_dir".into(),
             ));
         }
@@ -599,7 +604,7 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
     };
     Err((
         format!(
-            "unsupported broker URL \"{s}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db){}",
+            "unsupported broker URL \"{text}\": taskd accepts `sqlite:` URLs (sqlite:///absolute/path.db, sqlite:relative/path.db){}",
             if cfg!(feature = "redis") { " and `redis://` URLs" } else { "" }
         ),
         fix,
@@ -609,15 +614,15 @@ fn parse_broker(s: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
 /// A `redis://` or `rediss://` URL, parsed as the client will parse it; the message never
 /// repeats the URL, which may hold a password.
 #[cfg(feature = "redis")]
-fn parse_redis(t: &str) -> Result<BrokerUrl, (String, String)> {
-    match redis::IntoConnectionInfo::into_connection_info(t) {
+fn parse_redis(text: &str) -> Result<BrokerUrl, (String, String)> {
+    match redis::IntoConnectionInfo::into_connection_info(text) {
         Ok(_) => Ok(BrokerUrl::Redis {
-            url: Secret::new(t.to_string()),
+            url: Secret::new(text.to_string()),
         }),
         Err(e) => Err((
             format!(
                 "the redis broker URL is invalid: {}",
-                e.to_string().replace(t, "<url>")
+                e.to_string().replace(text, "<url>")
             ),
             "write `broker = \"redis://[:password@]host[:port][/db]\"` (or `rediss://` for TLS)"
                 .into(),

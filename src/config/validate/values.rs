@@ -11,59 +11,59 @@ use super::super::units::{self, DurationError};
 use super::{resolve, Cx, Entry};
 
 impl Cx<'_> {
-    pub(in crate::config) fn wrong_type(&mut self, e: &Entry, expected: &str, fix: String) {
-        let message = format!("{} must be {expected}, found {}", e.name, e.found());
-        self.error(e.value_span(), &e.path, message, Some(fix));
+    pub(in crate::config) fn wrong_type(&mut self, entry: &Entry, expected: &str, fix: String) {
+        let message = format!("{} must be {expected}, found {}", entry.name, entry.found());
+        self.error(entry.value_span(), &entry.path, message, Some(fix));
     }
 
     pub(in crate::config) fn table<'a>(
         &mut self,
-        e: &Entry<'a>,
+        entry: &Entry<'a>,
         example: &str,
     ) -> Option<&'a dyn TableLike> {
-        if let Some(t) = e.item.as_table_like() {
+        if let Some(t) = entry.item.as_table_like() {
             return Some(t);
         }
-        self.wrong_type(e, "a table", format!("write it as {example}"));
+        self.wrong_type(entry, "a table", format!("write it as {example}"));
         None
     }
 
     pub(in crate::config) fn string<'a>(
         &mut self,
-        e: &Entry<'a>,
+        entry: &Entry<'a>,
         example: &str,
     ) -> Option<&'a str> {
-        if let Some(s) = e.item.as_str() {
+        if let Some(s) = entry.item.as_str() {
             return Some(s);
         }
         self.wrong_type(
-            e,
+            entry,
             "a string",
-            format!("write it in quotes, such as `{} = {example}`", e.name),
+            format!("write it in quotes, such as `{} = {example}`", entry.name),
         );
         None
     }
 
-    pub(in crate::config) fn integer(&mut self, e: &Entry, example: &str) -> Option<i64> {
-        if let Some(n) = e.item.as_integer() {
+    pub(in crate::config) fn integer(&mut self, entry: &Entry, example: &str) -> Option<i64> {
+        if let Some(n) = entry.item.as_integer() {
             return Some(n);
         }
-        let fix = match e.item.as_str().map(|s| s.trim().parse::<i64>()) {
-            Some(Ok(n)) => format!("remove the quotes: `{} = {n}`", e.name),
-            _ => format!("write a whole number, such as `{} = {example}`", e.name),
+        let fix = match entry.item.as_str().map(|s| s.trim().parse::<i64>()) {
+            Some(Ok(n)) => format!("remove the quotes: `{} = {n}`", entry.name),
+            _ => format!("write a whole number, such as `{} = {example}`", entry.name),
         };
-        self.wrong_type(e, "an integer", fix);
+        self.wrong_type(entry, "an integer", fix);
         None
     }
 
-    pub(in crate::config) fn boolean(&mut self, e: &Entry) -> Option<bool> {
-        if let Some(b) = e.item.as_bool() {
+    pub(in crate::config) fn boolean(&mut self, entry: &Entry) -> Option<bool> {
+        if let Some(b) = entry.item.as_bool() {
             return Some(b);
         }
         self.wrong_type(
-            e,
+            entry,
             "a boolean",
-            format!("write `{} = true` or `{} = false`", e.name, e.name),
+            format!("write `{} = true` or `{} = false`", entry.name, entry.name),
         );
         None
     }
@@ -71,42 +71,42 @@ impl Cx<'_> {
     /// An integer in `lo..=hi`.
     pub(in crate::config) fn int_in_range(
         &mut self,
-        e: &Entry,
+        entry: &Entry,
         lo: i64,
         hi: i64,
         example: &str,
     ) -> Option<i64> {
-        let n = self.integer(e, example)?;
+        let n = self.integer(entry, example)?;
         if n < lo {
             let message = if n < 0 {
                 format!(
                     "{} cannot be negative (found {n}); it must be at least {lo}",
-                    e.name
+                    entry.name
                 )
             } else {
-                format!("{} must be at least {lo}, found {n}", e.name)
+                format!("{} must be at least {lo}, found {n}", entry.name)
             };
-            let fix = format!("set `{} = {lo}` or more", e.name);
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            let fix = format!("set `{} = {lo}` or more", entry.name);
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         if n > hi {
-            let message = format!("{} must be at most {hi}, found {n}", e.name);
-            let fix = format!("set `{} = {hi}` or less", e.name);
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            let message = format!("{} must be at most {hi}, found {n}", entry.name);
+            let fix = format!("set `{} = {hi}` or less", entry.name);
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         Some(n)
     }
 
-    pub(in crate::config) fn duration(&mut self, e: &Entry) -> Option<Duration> {
-        let name = e.name;
-        let Some(s) = e.item.as_str() else {
-            let fix = match e.item.as_integer() {
+    pub(in crate::config) fn duration(&mut self, entry: &Entry) -> Option<Duration> {
+        let name = entry.name;
+        let Some(s) = entry.item.as_str() else {
+            let fix = match entry.item.as_integer() {
                 Some(n) if n > 0 => format!("a duration needs a unit: write `{name} = \"{n}s\"`"),
                 _ => format!("write a duration in quotes, such as `{name} = \"30s\"`"),
             };
-            self.wrong_type(e, "a duration string such as \"30s\"", fix);
+            self.wrong_type(entry, "a duration string such as \"30s\"", fix);
             return None;
         };
         match units::parse_positive_duration(s) {
@@ -134,7 +134,7 @@ impl Cx<'_> {
                             .to_string(),
                     ),
                 };
-                self.error(e.value_span(), &e.path, message, Some(fix));
+                self.error(entry.value_span(), &entry.path, message, Some(fix));
                 None
             }
         }
@@ -143,19 +143,19 @@ impl Cx<'_> {
     /// A byte size (integer bytes or a string like "512KiB") in `min..=max`.
     pub(in crate::config) fn size(
         &mut self,
-        e: &Entry,
+        entry: &Entry,
         min: u64,
         max: u64,
         example: &str,
     ) -> Option<u64> {
-        let name = e.name;
-        let parsed = if let Some(n) = e.item.as_integer() {
+        let name = entry.name;
+        let parsed = if let Some(n) = entry.item.as_integer() {
             u64::try_from(n).map_err(|_| format!("{name} cannot be negative (found {n})"))
-        } else if let Some(s) = e.item.as_str() {
+        } else if let Some(s) = entry.item.as_str() {
             units::parse_size(s).map_err(|why| format!("{name}: {why}"))
         } else {
             self.wrong_type(
-                e,
+                entry,
                 "a size (bytes, or a string such as \"512KiB\")",
                 format!("write `{name} = \"{example}\"`"),
             );
@@ -168,7 +168,7 @@ impl Cx<'_> {
                     "write a whole number of bytes or a size such as `{name} = \"{example}\"` (units: {})",
                     units::SIZE_UNITS
                 );
-                self.error(e.value_span(), &e.path, message, Some(fix));
+                self.error(entry.value_span(), &entry.path, message, Some(fix));
                 return None;
             }
         };
@@ -179,7 +179,7 @@ impl Cx<'_> {
                 format!("{name} must be at least {}", units::show_size(min))
             };
             let fix = format!("write a size such as `{name} = \"{example}\"`");
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         if n > max {
@@ -189,16 +189,16 @@ impl Cx<'_> {
                 units::show_size(max)
             );
             let fix = format!("write `{name} = \"{}\"` or less", units::show_size(max));
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         Some(n)
     }
 
     /// A path relative to the config file's directory (or absolute), made absolute.
-    pub(in crate::config) fn path(&mut self, e: &Entry, example: &str) -> Option<PathBuf> {
-        let s = self.string(e, &format!("\"{example}\""))?;
-        let name = e.name;
+    pub(in crate::config) fn path(&mut self, entry: &Entry, example: &str) -> Option<PathBuf> {
+        let s = self.string(entry, &format!("\"{example}\""))?;
+        let name = entry.name;
         let problem = if s.trim().is_empty() {
             Some(format!("{name} cannot be empty"))
         } else if s.contains('\0') {
@@ -218,7 +218,7 @@ impl Cx<'_> {
             let fix = format!(
                 "write an absolute path such as `{name} = \"{example}\"`, or one relative to the config file's directory"
             );
-            self.error(e.value_span(), &e.path, message, Some(fix));
+            self.error(entry.value_span(), &entry.path, message, Some(fix));
             return None;
         }
         Some(resolve(&self.dir, Path::new(s)))
