@@ -904,27 +904,8 @@ fn a_terminal_gets_control_characters_escaped_unless_raw() {
 
 /// Run `cmd` with its stdout on a pseudo-terminal (stderr to a pipe); what it wrote there.
 fn run_on_pty(mut cmd: Command) -> Vec<u8> {
-    use std::os::fd::FromRawFd;
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors into the given integers; the name, termios and
-    // window-size pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened by openpty and are owned here only.
-    let (master, slave) = unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            std::fs::File::from_raw_fd(slave),
-        )
-    };
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let (master, slave) = (std::fs::File::from(pty.master), pty.slave);
     cmd.stdout(Stdio::from(slave)).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start taskd on a terminal");
     drop(cmd); // the parent's copy of the slave: reads see EIO once the child is done

@@ -529,3 +529,103 @@ fn audit_table_over_the_api_is_the_local_one() {
         *local.as_array().and_then(|a| a.last()).expect("records")
     );
 }
+
+/// A time as RFC 3339 in UTC to the millisecond (what `--since`/`--until` take).
+fn rfc3339_millis(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `taskd tasks`' filters (`--since`, `--until`, `--key`, `--where`, `--after`) select the
+/// same tasks from the store and through the API (`--server`), and the table says what the
+/// JSON says, cell by cell.
+#[test]
+fn tasks_filters_select_the_same_tasks_locally_and_over_the_api() {
+    let env = Env::raw(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n[queues.q]\nshell = \"true\"\n",
+    );
+    // Paused: the tasks stay queued, so every listing sees the same ones.
+    env.ok(&["pause", "q"]);
+    let t1 = env.submit("q", r#"{"user_id":42}"#);
+    let t2 = env
+        .ok(&["submit", "q", r#"{"user_id":7}"#, "--unique", "report-7"])
+        .trim()
+        .to_string();
+    let t3 = env.submit("q", r#"{"user_id":"42","note":"a string"}"#);
+    let t4 = env.submit("q", r#"{"user":{"id":42}}"#);
+    let d = env.daemon();
+    let url = d.api_base();
+    let created = |id: &str| env.show(id)["created_at"].as_i64().expect("created_at");
+    let (at2, at3) = (rfc3339_millis(created(&t2)), rfc3339_millis(created(&t3)));
+
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--where", "payload.user_id = 42"], vec![&t3, &t1]),
+        (vec!["--where", "user.id=42"], vec![&t4]),
+        (vec!["--key", "report-7"], vec![&t2]),
+        (vec!["--since", &at2], vec![&t4, &t3, &t2]),
+        (vec!["--until", &at3], vec![&t2, &t1]),
+        (vec!["--since", &at2, "--until", &at3], vec![&t2]),
+        (
+            vec!["--since", "1h", "--where", "payload.user_id = 7"],
+            vec![&t2],
+        ),
+        (
+            vec![
+                "--since",
+                "1h",
+                "--key",
+                "report-7",
+                "--where",
+                "user_id=42",
+            ],
+            vec![],
+        ),
+        (vec!["--limit", "2"], vec![&t4, &t3]),
+        (vec!["--limit", "2", "--after", &t3], vec![&t2, &t1]),
+        (
+            vec!["--where", "payload.user_id = 42", "--after", &t3],
+            vec![&t1],
+        ),
+    ];
+    for (filter, want) in &cases {
+        for remote in [false, true] {
+            let mut args = vec!["tasks"];
+            args.extend(filter.iter().copied());
+            if remote {
+                args.extend(["--server", url.as_str()]);
+            }
+            let mut json_args = args.clone();
+            json_args.push("--json");
+            let list = json_of(&env.ok(&json_args));
+            let ids: Vec<&str> = list
+                .as_array()
+                .expect("an array")
+                .iter()
+                .filter_map(|t| t["id"].as_str())
+                .collect();
+            assert_eq!(&ids, want, "{args:?}");
+            check_tasks(&env, &args);
+        }
+    }
+
+    // A bad value is a usage error that names its option, from the store and the API alike.
+    for remote in [false, true] {
+        for (args, says) in [
+            (vec!["tasks", "--where", "user_id"], "--where"),
+            (vec!["tasks", "--since", "last tuesday"], "--since"),
+            (vec!["tasks", "--after", "not-an-id"], "--after"),
+        ] {
+            let mut args = args.clone();
+            if remote {
+                args.extend(["--server", url.as_str()]);
+            }
+            let out = env.run(&args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains(says),
+                "{args:?}: {out:?}"
+            );
+        }
+    }
+    drop(d);
+}

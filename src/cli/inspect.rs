@@ -29,9 +29,27 @@ pub struct TasksArgs {
     /// cancelled (`failed` is the dead set).
     #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
+    /// Only tasks created at or after WHEN: a duration back from now (`2h`, `1d`), a time
+    /// (RFC 3339, `2026-12-01T03:00:00Z`) or Unix seconds.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only tasks created before WHEN (same forms as --since).
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// Only the tasks with this unique key (waiting, running or finished).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Only tasks whose payload has this field with this value: `payload.user_id = 42`
+    /// (nested: `payload.user.id = 42`; `42` also matches the string "42").
+    #[arg(long = "where", value_name = "COND")]
+    pub condition: Option<String>,
     /// List at most N tasks, newest first.
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub limit: usize,
+    /// The next page: only tasks older than task ID (the last one a previous listing
+    /// printed, with the same filter).
+    #[arg(long, value_name = "ID")]
+    pub after: Option<String>,
     /// Print the task records as a JSON array.
     #[arg(long)]
     pub json: bool,
@@ -255,33 +273,22 @@ fn status_remote(remote: &super::submit::Remote, json: bool) -> anyhow::Result<u
 }
 
 pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8> {
-    let queue: Option<QueueName> = match &args.queue {
-        Some(q) => Some(
-            q.parse()
-                .map_err(|e: String| Failure::usage(format!("--queue: {e}")))?,
-        ),
-        None => None,
-    };
-    let state: Option<TaskState> = match &args.state {
-        Some(s) => Some(
-            s.parse()
-                .map_err(|e: String| Failure::usage(format!("--state: {e}")))?,
-        ),
-        None => None,
-    };
+    let filter = list_filter(&args, now_ms())?;
     let list = match super::submit::Remote::new(&args.remote) {
-        Some(remote) => list_remote(&remote, queue, state, args.limit)?,
+        Some(remote) => list_remote(&remote, &filter, &args)?,
         None => {
             let config = load_config(flag)?;
             let broker = open_broker(&config).await?;
-            broker
-                .list(&ListFilter {
-                    queue,
-                    state,
-                    limit: args.limit,
-                    ..Default::default()
-                })
-                .await?
+            match broker.list(&filter).await {
+                Err(crate::broker::BrokerError::NotFound(_)) if filter.after.is_some() => {
+                    return Err(Failure::usage(format!(
+                        "--after {}: no task has this id (pass the last id a previous listing printed)",
+                        args.after.as_deref().unwrap_or_default()
+                    ))
+                    .into())
+                }
+                r => r?,
+            }
         }
     };
     if args.json {
@@ -320,26 +327,80 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
     Ok(exit::OK)
 }
 
-/// `taskd tasks --server URL`: the same list through the API, a page (at most 1000) at a
-/// time.
+/// The broker's filter for `taskd tasks`' options; a bad value is a usage error naming its
+/// option.
+fn list_filter(args: &TasksArgs, now: i64) -> anyhow::Result<ListFilter> {
+    fn opt<T>(
+        flag: &str,
+        v: &Option<String>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> anyhow::Result<Option<T>> {
+        v.as_deref()
+            .map(|s| parse(s).map_err(|e| Failure::usage(format!("{flag}: {e}")).into()))
+            .transpose()
+    }
+    let when = |s: &str| crate::audit::parse_since(s, now);
+    Ok(ListFilter {
+        queue: opt("--queue", &args.queue, |q| q.parse())?,
+        state: opt("--state", &args.state, |s| s.parse())?,
+        limit: args.limit,
+        since: opt("--since", &args.since, when)?,
+        until: opt("--until", &args.until, when)?,
+        id: None,
+        unique_key: args.key.clone(),
+        payload: opt(
+            "--where",
+            &args.condition,
+            crate::broker::PayloadMatch::parse,
+        )?,
+        after: opt("--after", &args.after, |i| {
+            i.parse::<TaskId>().map_err(|e| e.to_string())
+        })?,
+    })
+}
+
+/// A query-string value, percent-encoded (everything but RFC 3986's unreserved characters).
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `taskd tasks --server URL`: the same list through the API (`GET /api/v1/tasks` with the
+/// same filter), a page (at most 1000) at a time.
 fn list_remote(
     remote: &super::submit::Remote,
-    queue: Option<QueueName>,
-    state: Option<TaskState>,
-    limit: usize,
+    filter: &ListFilter,
+    args: &TasksArgs,
 ) -> anyhow::Result<Vec<TaskRecord>> {
+    let mut fixed = String::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            fixed.push_str(&format!("&{k}={}", query_value(&v)));
+        }
+    };
+    put("queue", filter.queue.as_ref().map(|q| q.to_string()));
+    put("state", filter.state.map(|s| s.to_string()));
+    put("since", filter.since.map(|t| t.to_string()));
+    put("until", filter.until.map(|t| t.to_string()));
+    put("unique_key", filter.unique_key.clone());
+    // The condition as written: the API parses it as the broker does.
+    put("payload", args.condition.clone());
+    let limit = filter.limit;
     let mut list: Vec<TaskRecord> = Vec::new();
-    let mut cursor: Option<String> = None;
+    let mut cursor: Option<String> = filter.after.map(|id| id.to_string());
     while list.len() < limit {
-        let mut path = format!("/api/v1/tasks?limit={}", (limit - list.len()).min(1000));
-        if let Some(q) = &queue {
-            path.push_str(&format!("&queue={q}"));
-        }
-        if let Some(s) = state {
-            path.push_str(&format!("&state={s}"));
-        }
+        let mut path = format!(
+            "/api/v1/tasks?limit={}{fixed}",
+            (limit - list.len()).min(1000)
+        );
         if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={c}"));
+            path.push_str(&format!("&cursor={}", query_value(c)));
         }
         let v = remote.call("GET", &path, None)?;
         let page: Vec<TaskRecord> = serde_json::from_value(v["tasks"].clone()).map_err(|e| {

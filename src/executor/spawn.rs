@@ -39,6 +39,10 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
@@ -133,18 +137,19 @@ impl Child {
 /// Reaps `pid` if it has exited.
 fn try_reap(pid: i32) -> io::Result<Option<ExitStatus>> {
     loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid on our own child's pid, with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Ok(Some(ExitStatus::from_raw(status)));
-        }
-        if r == 0 {
-            return Ok(None);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            // The raw status std's ExitStatus is made of (see wait(2)).
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(Some(ExitStatus::from_raw((code & 0xff) << 8)))
+            }
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                let core = if core { 0x80 } else { 0 };
+                return Ok(Some(ExitStatus::from_raw(sig as i32 | core)));
+            }
+            // Still running (stops and continues are not asked for).
+            Ok(_) => return Ok(None),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -155,6 +160,7 @@ pub(crate) fn supported() -> bool {
     *OK.get_or_init(|| pidfd_open(std::process::id() as i32).is_ok())
 }
 
+/// `pidfd_open(2)`, which nix does not wrap.
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: a plain system call; the descriptor it returns is ours.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -167,18 +173,19 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 /// A pipe whose both ends are close-on-exec; the end the daemon keeps is also non-blocking.
 fn pipe_pair(daemon_reads: bool) -> io::Result<(OwnedFd, OwnedFd)> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let ours = if daemon_reads { &read } else { &write };
     let flags = if daemon_reads {
-        libc::O_RDONLY
+        OFlag::O_RDONLY
     } else {
-        libc::O_WRONLY
+        OFlag::O_WRONLY
     };
-    // SAFETY: fcntl on a descriptor we own. A fresh pipe end has exactly these flags (and
-    // O_CLOEXEC lives in the descriptor flags, not these), so no F_GETFL is needed.
-    if unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // A fresh pipe end has exactly these flags (O_CLOEXEC lives in the descriptor flags, not
+    // these), so no F_GETFL is needed.
+    fcntl(
+        ours.as_raw_fd(),
+        FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
+    )?;
     Ok((read, write))
 }
 
@@ -237,7 +244,9 @@ struct ChildArgs {
 }
 
 /// The child. Only async-signal-safe libc calls, on memory the parent owns; never returns
-/// unless it failed (returning ends the child; the parent reaps it).
+/// unless it failed (returning ends the child; the parent reaps it). Raw libc, not nix: the
+/// child shares the daemon's memory and runs on a borrowed stack until `execve`, so it reads
+/// `errno` and calls the bare functions, with nothing that could allocate or unwind.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's `ChildArgs`, alive and untouched until the parent wakes
     // (CLONE_VFORK), which happens only at our execve or exit.
@@ -401,9 +410,8 @@ pub(crate) fn spawn(
         // value it had before the clone.
         let errno = unsafe { std::ptr::read_volatile(&args.errno) };
         if errno != 0 {
-            let mut status = 0;
-            // SAFETY: reaping the child that just failed; it has exited already.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            // Reaping the child that just failed; it has exited already.
+            let _ = waitpid(Pid::from_raw(pid), None);
             return Err(io::Error::from_raw_os_error(errno));
         }
         Ok((pid, ()))
