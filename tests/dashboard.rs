@@ -200,6 +200,7 @@ fn dashboard_drives_every_view() {
              [queues.users]\nshell = \"echo user $TASKD_ARG_user_id\"\n\n\
              [queues.fail]\nshell = \"echo 'cannot reach db: connection refused' >&2; exit 3\"\nmax_attempts = 1\n\n\
              [queues.slow]\nshell = \"sleep 30\"\nconcurrency = 1\nkill_grace = \"1s\"\n\n\
+             [queues.ticker]\nshell = \"echo first line; echo \\\"<img src=x onerror='window.__out=1'> on stderr\\\" >&2; while [ ! -e \\\"$TASKD_ARG_release\\\" ]; do sleep 0.1; done; echo last line\"\nconcurrency = 2\n\n\
              [queues.hello]\nworker = [\"python3\", \"{}\"]\nconcurrency = 1\nstart_secs = \"200ms\"\nenv = {{ HELPER_DIR = '{}' }}\n",
             w.display(),
             helper.display()
@@ -532,6 +533,72 @@ fn dashboard_drives_every_view() {
     assert_eq!(
         b.eval("[document.querySelector('#task-output').hidden, !!document.querySelector('#task-cancel')]"),
         json!([false, true])
+    );
+
+    // --- live output: a running task's lines appear before it ends ---------------------------
+    // Each ticker task writes two lines, then waits for its release file: it cannot end
+    // before the test has seen its output. First without a token typed (an EventSource reads
+    // the stream), then with one (the page reads it with fetch and the Authorization header).
+    for (n, with_token) in [(1, false), (2, true)] {
+        let release = env.path().join(format!("release-{n}"));
+        let id = enqueue(
+            &url,
+            "ticker",
+            json!({ "payload": { "release": release.display().to_string() } }),
+        );
+        wait_count(&url, "ticker", "running", 1);
+        let token = if with_token { TOKEN } else { "" };
+        b.eval(&format!(
+            "(() => {{ const t = document.querySelector('#token'); t.value = '{token}'; t.dispatchEvent(new Event('change')); return true; }})()"
+        ));
+        show(
+            &mut b,
+            &format!("#task/{id}"),
+            "document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+        );
+        b.wait_for(
+            "[...document.querySelectorAll('#output-live [data-stream=stderr]')].map(s => s.textContent).join('').includes('on stderr') && document.querySelector('#output-live').textContent.includes('first line')",
+            "the running task's first lines, live",
+        );
+        assert_eq!(
+            get(&format!("{url}/api/v1/tasks/{id}"))["state"],
+            json!("running"),
+            "seen before the task ended"
+        );
+        assert_eq!(
+            b.eval("[document.querySelector('#token').value, document.querySelector('#output-live').dataset.via]"),
+            json!([token, if with_token { "fetch" } else { "eventsource" }]),
+            "how the page reads the stream"
+        );
+        assert_eq!(
+            b.eval("[document.querySelector('#task-output').hidden, document.querySelectorAll('#output-live img').length, window.__out ?? null, document.querySelector('#output-live').textContent.includes('last line')]"),
+            json!([false, 0, null, false]),
+            "the output is shown as text, and the task has not ended"
+        );
+        if n == 1 {
+            b.screenshot(&shots.join("task-live-output.png"));
+        }
+        std::fs::write(&release, "").expect("release the task");
+        b.wait_for(
+            "document.querySelector('#output-live').dataset.ended === 'succeeded' && document.querySelector('#output-live').textContent.includes('last line')",
+            "the rest of the output and the stream's end",
+        );
+        let done = get(&format!("{url}/api/v1/tasks/{id}"));
+        let shown = b.eval(
+            "['stdout', 'stderr'].map(k => [...document.querySelectorAll(`#output-live [data-stream=${k}]`)].map(s => s.textContent).join(''))",
+        );
+        assert_eq!(
+            shown,
+            json!([
+                done["history"][0]["stdout_tail"],
+                done["history"][0]["stderr_tail"]
+            ]),
+            "the live output is the attempt's whole output, each stream in order"
+        );
+    }
+    assert_eq!(
+        b.eval("document.querySelector('#token').value"),
+        json!(TOKEN)
     );
 
     // --- keyboard: every control is reached with Tab, and shows where focus is -----------
