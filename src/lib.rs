@@ -47,6 +47,7 @@ pub mod follow;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod scheduler;
 pub mod slots;
 pub mod submission;
 pub mod supervisor;

@@ -32,6 +32,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabels {
+    schedule: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     queue: String,
     state: String,
@@ -76,6 +82,7 @@ pub struct Metrics {
     depth: Family<StateLabels, Gauge>,
     running: Family<QueueLabel, Gauge>,
     broker_errors: Counter,
+    schedule_slots: Family<ScheduleLabels, Counter>,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
     /// dashboard's charts): [`Metrics::take_stats`].
     pending: std::sync::Mutex<std::collections::BTreeMap<(i64, QueueName), StatRow>>,
@@ -98,6 +105,7 @@ impl Metrics {
         let depth = Family::<StateLabels, Gauge>::default();
         let running = Family::<QueueLabel, Gauge>::default();
         let broker_errors = Counter::default();
+        let schedule_slots = Family::<ScheduleLabels, Counter>::default();
         registry.register(
             "taskd_tasks_enqueued",
             "Tasks enqueued through this daemon's API",
@@ -133,7 +141,13 @@ impl Metrics {
             "Broker calls of the API and the scraper that failed",
             broker_errors.clone(),
         );
+        registry.register(
+            "taskd_schedule_slots",
+            "Slots of each schedule this daemon handled, by outcome: fired, caught_up (a missed slot run late) or skipped",
+            schedule_slots.clone(),
+        );
         Metrics {
+            schedule_slots,
             registry,
             enqueued,
             started,
@@ -185,6 +199,16 @@ impl Metrics {
                 })
                 .observe(d.as_secs_f64());
         }
+    }
+
+    /// `n` slots of `schedule` handled with `outcome` (`fired`, `caught_up`, `skipped`).
+    pub fn schedule_slots(&self, schedule: &str, outcome: &str, n: u64) {
+        self.schedule_slots
+            .get_or_create(&ScheduleLabels {
+                schedule: schedule.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc_by(n);
     }
 
     fn count_for_stats(

@@ -127,8 +127,10 @@ pub fn show_utc(at: UnixMs) -> String {
 /// When a schedule fires, without its zone.
 #[derive(Clone, Debug)]
 pub enum Spec {
-    /// A cron expression, as written (whitespace collapsed).
-    Cron { text: String, cron: Box<Cron> },
+    /// A cron expression, as written (whitespace collapsed); checked when it was read.
+    /// The parsed pattern is not kept: croner's takes ~5 KiB (a bit per year up to 5000),
+    /// and parsing it again takes microseconds, once per slot.
+    Cron { text: String },
     /// A fixed period in milliseconds (whole seconds), as written (`"10m"`).
     Every { ms: i64, text: String },
 }
@@ -136,7 +138,7 @@ pub enum Spec {
 impl PartialEq for Spec {
     fn eq(&self, other: &Spec) -> bool {
         match (self, other) {
-            (Spec::Cron { text: a, .. }, Spec::Cron { text: b, .. }) => a == b,
+            (Spec::Cron { text: a }, Spec::Cron { text: b }) => a == b,
             (Spec::Every { ms: a, .. }, Spec::Every { ms: b, .. }) => a == b,
             _ => false,
         }
@@ -180,24 +182,34 @@ pub fn parse_cron(text: &str) -> Result<Spec, String> {
             norm.len()
         ));
     }
-    let parser = CronParser::builder()
-        .seconds(Seconds::Optional)
-        .year(Year::Disallowed)
-        .build();
-    let text = if joined.eq_ignore_ascii_case("@midnight") {
-        "@daily".to_string()
-    } else {
-        joined.clone()
-    };
-    match parser.parse(&text) {
-        Ok(cron) => Ok(Spec::Cron {
-            text: joined,
-            cron: Box::new(cron),
-        }),
+    let parser = parser();
+    match parser.parse(&croner_text(&joined)) {
+        Ok(_) => Ok(Spec::Cron { text: joined }),
         Err(e) => Err(field_at_fault(&parser, &norm).unwrap_or_else(|| {
             format!("\"{joined}\" is not a cron expression: {}", croner_says(&e))
         })),
     }
+}
+
+fn parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+}
+
+/// The text croner reads for an expression (`@midnight` is its `@daily`).
+fn croner_text(text: &str) -> String {
+    if text.eq_ignore_ascii_case("@midnight") {
+        "@daily".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// The pattern of a spec's text (checked by [`parse_cron`] when the config was read).
+fn compile(text: &str) -> Option<Cron> {
+    parser().parse(&croner_text(text)).ok()
 }
 
 /// The first field of `fields` that croner refuses on its own (every other field `*`),
@@ -288,28 +300,31 @@ impl Calendar {
     pub fn next_after(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
             Spec::Every { ms, .. } => Some((at.div_euclid(*ms) + 1) * ms),
-            Spec::Cron { cron, .. } => {
-                let ts = Timestamp::from_millisecond(at).ok()?;
-                let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
-                // Local times after a fold's second pass began map to its first pass, before
-                // `at`: skip them (at most a fold's worth of matches).
-                for _ in 0..200_000 {
-                    c = cron.find_next_occurrence(&c, false).ok()?;
-                    let s = self.instant(c)?;
-                    if s > at {
-                        return Some(s);
-                    }
-                }
-                None
+            Spec::Cron { text } => self.next_cron(&compile(text)?, at),
+        }
+    }
+
+    fn next_cron(&self, cron: &Cron, at: UnixMs) -> Option<UnixMs> {
+        let ts = Timestamp::from_millisecond(at).ok()?;
+        let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
+        // Local times after a fold's second pass began map to its first pass, before `at`:
+        // skip them (at most a fold's worth of matches).
+        for _ in 0..200_000 {
+            c = cron.find_next_occurrence(&c, false).ok()?;
+            let s = self.instant(c)?;
+            if s > at {
+                return Some(s);
             }
         }
+        None
     }
 
     /// The last slot strictly before `at`.
     pub fn prev_before(&self, at: UnixMs) -> Option<UnixMs> {
         match &self.spec {
             Spec::Every { ms, .. } => Some((at - 1).div_euclid(*ms) * ms),
-            Spec::Cron { cron, .. } => {
+            Spec::Cron { text } => {
+                let cron = compile(text)?;
                 let ts = Timestamp::from_millisecond(at.saturating_add(FOLD_SLACK_MS)).ok()?;
                 let mut c = ts.to_zoned(self.zone.tz.clone()).datetime();
                 for _ in 0..200_000 {
@@ -351,9 +366,15 @@ impl Calendar {
             return out;
         }
         // Walk forward, keeping the newest `keep`; past the cap, find the newest backward.
+        let Spec::Cron { text } = &self.spec else {
+            return out;
+        };
+        let Some(cron) = compile(text) else {
+            return out;
+        };
         let mut t = after;
         let mut ring = std::collections::VecDeque::with_capacity(keep + 1);
-        while let Some(s) = self.next_after(t).filter(|s| *s <= upto) {
+        while let Some(s) = self.next_cron(&cron, t).filter(|s| *s <= upto) {
             out.first.get_or_insert(s);
             out.count += 1;
             ring.push_back(s);
@@ -363,7 +384,7 @@ impl Calendar {
             t = s;
             if out.count >= COUNT_CAP {
                 out.exact = false;
-                let later = self.newest_upto(upto, t, keep);
+                let later = self.newest_upto(&cron, upto, t, keep);
                 let mut all: Vec<UnixMs> = ring.into_iter().chain(later).collect();
                 all.dedup();
                 let from = all.len().saturating_sub(keep);
@@ -376,10 +397,7 @@ impl Calendar {
     }
 
     /// The newest `keep` slots in `(after, upto]`, oldest first, found backward from `upto`.
-    fn newest_upto(&self, upto: UnixMs, after: UnixMs, keep: usize) -> Vec<UnixMs> {
-        let Spec::Cron { cron, .. } = &self.spec else {
-            return Vec::new();
-        };
+    fn newest_upto(&self, cron: &Cron, upto: UnixMs, after: UnixMs, keep: usize) -> Vec<UnixMs> {
         let Ok(ts) = Timestamp::from_millisecond(upto.saturating_add(FOLD_SLACK_MS)) else {
             return Vec::new();
         };

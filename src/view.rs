@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Action, Actor, AuditRecord, Outcome};
-use crate::broker::{CancelOutcome, NodeInfo, QueueRow};
-use crate::model::{QueueName, TaskId, TaskRecord, UnixMs};
+use crate::broker::{CancelOutcome, NodeInfo, QueueRow, ScheduleState, SlotOutcome, SlotRecord};
+use crate::model::{QueueName, TaskId, TaskRecord, TaskState, UnixMs};
 use crate::worker::status::WorkerInfo;
 
 /// `GET /healthz`.
@@ -429,4 +429,131 @@ impl OutputEvent {
             _ => None,
         }
     }
+}
+
+/// One slot record of a schedule, with its task's state now (`null` without a task, or when
+/// the task is gone).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SlotView {
+    /// The slot (the newest of a run of skipped slots), ms since the epoch.
+    pub slot: UnixMs,
+    /// The slot in RFC 3339 UTC (its task's unique key ends with it).
+    pub slot_utc: String,
+    /// The oldest slot of a run of skipped slots (`slot` otherwise), and how many.
+    pub first: UnixMs,
+    pub count: u64,
+    pub outcome: SlotOutcome,
+    pub task: Option<TaskId>,
+    pub task_state: Option<TaskState>,
+    pub reason: Option<String>,
+    /// When it was recorded, and by which node.
+    pub at: UnixMs,
+    pub node: String,
+}
+
+impl SlotView {
+    pub fn new(r: &SlotRecord, task_state: Option<TaskState>) -> SlotView {
+        SlotView {
+            slot: r.slot,
+            slot_utc: crate::slots::show_utc(r.slot),
+            first: r.first,
+            count: r.count,
+            outcome: r.outcome,
+            task: r.task,
+            task_state,
+            reason: r.reason.clone(),
+            at: r.at,
+            node: r.node.clone(),
+        }
+    }
+}
+
+/// One schedule: its config, when it fires next, and its record in the broker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub schedule: String,
+    pub queue: String,
+    /// `cron "0 3 * * *"` or `every "10m"`.
+    pub spec: String,
+    /// The zone `cron` is read in (the machine's unless `timezone` is set).
+    pub timezone: String,
+    pub enabled: bool,
+    /// Paused by `taskd schedules pause` (persisted in the broker).
+    pub paused: bool,
+    pub missed: String,
+    pub overlap: String,
+    /// The next slot (`null` while disabled or paused), ms since the epoch, and as a local
+    /// time in its zone and in UTC.
+    pub next: Option<UnixMs>,
+    pub next_local: Option<String>,
+    pub next_utc: Option<String>,
+    /// Every slot up to this instant is handled (`null` before a daemon first ran it).
+    pub handled_through: Option<UnixMs>,
+    pub fired: u64,
+    pub caught_up: u64,
+    pub skipped: u64,
+    /// The newest slot record.
+    pub last: Option<SlotView>,
+}
+
+impl ScheduleView {
+    /// `cfg` with its `state` in the broker; `last_state` is the state of the last record's
+    /// task.
+    pub fn new(
+        cfg: &crate::config::ScheduleConfig,
+        state: &ScheduleState,
+        last_state: Option<TaskState>,
+        now: UnixMs,
+    ) -> ScheduleView {
+        let next = (cfg.enabled && !state.paused)
+            .then(|| cfg.calendar.next_after(now))
+            .flatten();
+        ScheduleView {
+            schedule: cfg.name.clone(),
+            queue: cfg.queue.to_string(),
+            spec: cfg.spec(),
+            timezone: cfg.calendar.zone.name().to_string(),
+            enabled: cfg.enabled,
+            paused: state.paused,
+            missed: cfg.missed.as_str().to_string(),
+            overlap: cfg.overlap.as_str().to_string(),
+            next,
+            next_local: next.map(|t| cfg.calendar.zone.show(t)),
+            next_utc: next.map(crate::slots::show_utc),
+            handled_through: (state.through > 0).then_some(state.through),
+            fired: state.fired,
+            caught_up: state.caught_up,
+            skipped: state.skipped,
+            last: state.last.as_ref().map(|r| SlotView::new(r, last_state)),
+        }
+    }
+}
+
+/// `GET /api/v1/schedules` and `taskd schedules --json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Schedules {
+    pub schedules: Vec<ScheduleView>,
+}
+
+/// `GET /api/v1/schedules/{name}` and `taskd schedules show NAME --json`: the schedule and
+/// its newest slot records, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScheduleDetail {
+    pub schedule: ScheduleView,
+    pub history: Vec<SlotView>,
+}
+
+/// `POST /api/v1/schedules/{name}/fire` and `taskd schedules fire NAME --json`: the task
+/// enqueued now (no slot).
+#[derive(Clone, Debug, Serialize)]
+pub struct ScheduleFired {
+    pub schedule: String,
+    pub task: TaskRecord,
+}
+
+/// `POST /api/v1/schedules/{name}/pause` and `resume`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchedulePaused {
+    pub schedule: String,
+    pub paused: bool,
 }

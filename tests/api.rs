@@ -52,6 +52,81 @@ fn wait_task(url: &str, id: &str, state: &str) -> Value {
 
 const QUEUES: &str = "[queues.echo]\nshell = \"echo out-$TASKD_ATTEMPT; echo err-line >&2\"\n\n[queues.mail]\ncommand = [\"/bin/echo\", \"{to}\"]\n\n[queues.fail]\nshell = \"echo boom >&2; exit 3\"\nmax_attempts = 1\n\n[queues.slow]\nshell = \"sleep 30\"\n";
 
+/// A schedule that fires at 03:00 (so not during a test).
+const NIGHTLY: &str = "[schedules.nightly]\nqueue = \"mail\"\ncron = \"0 3 * * *\"\ntimezone = \"Europe/Berlin\"\npayload = { to = \"ops@example.com\" }\n";
+
+#[test]
+fn schedules_list_fire_pause_and_resume() {
+    let e = env(
+        &format!("token = \"{TOKEN}\""),
+        &format!("{QUEUES}\n{NIGHTLY}"),
+    );
+    let d = e.daemon();
+    let url = d.api_base();
+    let (code, v) = call("GET", &format!("{url}/api/v1/schedules"), None, None);
+    assert_eq!(code, 200, "{v:#}");
+    let s = &v["schedules"][0];
+    assert_eq!(s["schedule"], "nightly");
+    assert_eq!(s["spec"], "cron \"0 3 * * *\"");
+    assert_eq!(s["timezone"], "Europe/Berlin");
+    assert!(
+        s["next_local"].as_str().unwrap().contains("T03:00:00+0"),
+        "{s}"
+    );
+    assert!(s["next_utc"].as_str().unwrap().ends_with(":00:00Z"), "{s}");
+    // Changes need the token.
+    let (code, _) = call(
+        "POST",
+        &format!("{url}/api/v1/schedules/nightly/fire"),
+        None,
+        None,
+    );
+    assert_eq!(code, 401);
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/schedules/nightly/fire"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 201, "{v:#}");
+    assert_eq!(v["task"]["schedule"], "nightly");
+    assert!(v["task"]["slot"].is_null());
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let done = wait_task(&url, &id, "succeeded");
+    assert_eq!(done["history"][0]["stdout_tail"], "ops@example.com\n");
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/schedules/nightly/pause"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!((code, v["paused"].as_bool()), (200, Some(true)));
+    let (_, v) = call(
+        "GET",
+        &format!("{url}/api/v1/schedules/nightly"),
+        None,
+        None,
+    );
+    assert_eq!(v["schedule"]["paused"], true);
+    assert!(v["schedule"]["next"].is_null());
+    assert_eq!(
+        v["history"].as_array().unwrap().len(),
+        0,
+        "a manual fire is not a slot"
+    );
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/api/v1/schedules/nightly/resume"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!((code, v["paused"].as_bool()), (200, Some(false)));
+    let (code, v) = call("GET", &format!("{url}/api/v1/schedules/nope"), None, None);
+    assert_eq!(code, 404);
+    assert_eq!(v["error"]["code"], "unknown_schedule");
+    assert_eq!(v["error"]["known"], serde_json::json!(["nightly"]));
+}
+
 #[test]
 fn enqueue_read_list_and_metrics() {
     let e = env("", QUEUES);
@@ -695,7 +770,7 @@ fn draining_answers_503() {
 
 #[test]
 fn openapi_matches_the_routes() {
-    let e = env("", QUEUES);
+    let e = env("", &format!("{QUEUES}\n{NIGHTLY}"));
     let d = e.daemon();
     let url = d.api_base();
     let (code, doc) = call("GET", &format!("{url}/api/v1/openapi.json"), None, None);
@@ -712,7 +787,10 @@ fn openapi_matches_the_routes() {
     assert!(paths.len() >= 13, "{paths:?}");
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
-            let concrete = path.replace("{queue}", "echo").replace("{id}", &id);
+            let concrete = path
+                .replace("{queue}", "echo")
+                .replace("{id}", &id)
+                .replace("{name}", "nightly");
             if path.ends_with("/output") {
                 // An output stream: its answer begins at once; a queue's never ends.
                 let r = ureq::get(&format!("{url}{concrete}"))

@@ -30,7 +30,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &["model", "broker"]),
     // The JSON shapes the API and the CLI share: records of the model, the broker's rows
     // and nodes, and a worker's `workers.json` record (the reader, not the rest of `worker`).
-    ("view", &["model", "broker", "worker::status", "audit"]),
+    // A schedule's view shows its config (spec, zone) and its next slot.
+    (
+        "view",
+        &[
+            "model",
+            "broker",
+            "worker::status",
+            "audit",
+            "config",
+            "slots",
+        ],
+    ),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
@@ -53,6 +64,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "supervisor",
         &[
             "model", "config", "broker", "executor", "worker", "metrics", "backoff",
+            // A schedule's task sees its slot in RFC 3339 (`TASKD_SLOT`).
+            "slots",
         ],
     ),
     // Clients of the broker: the model, the config and the broker trait; never the
@@ -76,9 +89,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "executor::live",
         ],
     ),
+    // The schedules at run time: the broker's records, the config's schedules, slot
+    // arithmetic; never the supervisor (a slot's task is enqueued like any other).
+    (
+        "scheduler",
+        &["model", "config", "broker", "metrics", "slots", "backoff"],
+    ),
     (
         "daemon",
         &[
+            "scheduler",
             "model",
             "config",
             "broker",
@@ -110,6 +130,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "audit",
             // `taskd logs` follows a task through the broker itself when no daemon answers.
             "follow",
+            // Slot times shown as RFC 3339 (`show`, `schedules`).
+            "slots",
         ],
     ),
 ];

@@ -24,6 +24,7 @@ pub mod error;
 mod handlers;
 pub mod openapi;
 mod output;
+mod schedules;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -236,6 +237,23 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (Method::POST, "/api/v1/tasks/{id}/retry", post(h::retry)),
         (Method::POST, "/api/v1/tasks/{id}/cancel", post(h::cancel)),
+        (Method::GET, "/api/v1/schedules", get(schedules::list)),
+        (Method::GET, "/api/v1/schedules/{name}", get(schedules::get)),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/fire",
+            post(schedules::fire),
+        ),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/pause",
+            post(schedules::pause),
+        ),
+        (
+            Method::POST,
+            "/api/v1/schedules/{name}/resume",
+            post(schedules::resume),
+        ),
         (Method::GET, "/api/v1/audit", get(audit::list)),
     ]
 }

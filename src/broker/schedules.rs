@@ -158,3 +158,36 @@ pub fn overlap_reason(previous: TaskId) -> String {
         "overlap: the previous run {previous} is still waiting or running (`overlap = \"skip\"`)"
     )
 }
+
+/// The records of `keys` with the state of each one's newest slot task (for the views of
+/// `taskd schedules` and the API).
+pub async fn states_with_tasks(
+    broker: &dyn super::Broker,
+    keys: &[ScheduleKey],
+) -> super::Result<Vec<(ScheduleState, Option<crate::model::TaskState>)>> {
+    let states = broker.schedule_states(keys).await?;
+    let mut out = Vec::with_capacity(states.len());
+    for st in states {
+        let task_state = match st.last.as_ref().and_then(|r| r.task) {
+            Some(id) => broker.get(id).await?.map(|d| d.task.state),
+            None => None,
+        };
+        out.push((st, task_state));
+    }
+    Ok(out)
+}
+
+/// The state now of each record's task, by task (for a schedule's history).
+pub async fn task_states(
+    broker: &dyn super::Broker,
+    records: &[SlotRecord],
+) -> super::Result<Vec<Option<crate::model::TaskState>>> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        out.push(match r.task {
+            Some(id) => broker.get(id).await?.map(|d| d.task.state),
+            None => None,
+        });
+    }
+    Ok(out)
+}

@@ -463,6 +463,16 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(k) = &t.unique_key {
         println!("unique    {}", visible(k));
     }
+    if let Some(name) = &t.schedule {
+        match t.slot {
+            Some(slot) => println!(
+                "schedule  {} (slot {})",
+                visible(name),
+                crate::slots::show_utc(slot)
+            ),
+            None => println!("schedule  {} (fired by an operator)", visible(name)),
+        }
+    }
     println!("created   {}", fmt_time(t.created_at));
     if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
         println!("runs at   {}", fmt_time(t.run_at));

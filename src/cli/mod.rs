@@ -11,6 +11,7 @@ mod generate;
 mod inspect;
 mod logs;
 mod reload;
+mod schedules;
 pub mod start;
 pub(crate) mod submit;
 mod visible;
@@ -107,6 +108,12 @@ pub enum Command {
     /// and the next stops only once the previous replacement is RUNNING. Exits 2 for an
     /// unknown queue or one that runs `command`/`shell`.
     Restart(reload::RestartArgs),
+    /// The config's schedules: spec, time zone, next fire time (local and UTC), the last
+    /// slot and its task's state, counts of fired, caught-up and skipped slots, and whether
+    /// each is enabled or paused. `show NAME` lists a schedule's slot records, `fire NAME`
+    /// enqueues its task now, `pause NAME` / `resume NAME` stop and restart its firing. An
+    /// unknown NAME exits 2 and lists the known ones.
+    Schedules(schedules::SchedulesArgs),
     /// The audit trail: who cancelled, retried, paused, resumed, restarted or reloaded
     /// what, and when (from the CLI: the Unix user; the control socket: the peer's uid; the
     /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
@@ -169,6 +176,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Resume(a) => control::pause(config, a, false).await,
         Command::Reload(a) => reload::run(config, a).await,
         Command::Restart(a) => reload::restart(config, a).await,
+        Command::Schedules(a) => schedules::run(config, a).await,
         Command::Audit(a) => audit::run(config, a).await,
     }
 }

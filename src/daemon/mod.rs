@@ -70,6 +70,7 @@ use crate::control::{Incoming, ReloadReply, Request};
 use crate::exit::{self, Failure};
 use crate::model::NodeId;
 use crate::notify::Notifier;
+use crate::scheduler::Scheduler;
 use crate::supervisor::Supervisor;
 
 /// The sockets a daemon serves, bound by its caller: a taken address then fails the start
@@ -289,8 +290,15 @@ pub async fn run(
     let control = serve_control(listeners.control, &requests_tx, streamer)?;
     let (start_log, recovered) = recovery::recover(&config, broker.as_ref()).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let (supervisor, lease) =
+    let (supervisor, lease, wakeups) =
         start_supervisor(&config, &broker, node, start_log, metrics.clone()).await?;
+    let scheduler = Scheduler::start(
+        broker.clone(),
+        &config,
+        wakeups,
+        metrics.clone(),
+        supervisor.node().to_string(),
+    );
     let mut background: Vec<JoinHandle<()>> = control.into_iter().collect();
     background.extend(watch_over(
         &supervisor,
@@ -318,6 +326,7 @@ pub async fn run(
         config,
         broker,
         supervisor,
+        scheduler,
         api,
         notifier: Arc::new(Notifier::from_env()),
         background,
@@ -500,15 +509,16 @@ async fn announce(config: &Config, broker: &dyn Broker, node: &NodeId) {
     );
 }
 
-/// The supervisor, started on `config`'s queues with the broker's wake-ups, and the lease it
-/// claims with: `lease` from the config, else the default of the broker's kind.
+/// The supervisor, started on `config`'s queues with the broker's wake-ups, the lease it
+/// claims with (`lease` from the config, else the default of the broker's kind), and the
+/// wake-ups for the scheduler.
 async fn start_supervisor(
     config: &Config,
     broker: &Arc<dyn Broker>,
     node: NodeId,
     start_log: crate::supervisor::startlog::StartLog,
     metrics: Arc<crate::metrics::Metrics>,
-) -> anyhow::Result<(Arc<Supervisor>, Duration)> {
+) -> anyhow::Result<(Arc<Supervisor>, Duration, crate::broker::Wakeups)> {
     let wakeups = broker.subscribe().await?;
     let supervisor = Supervisor::new(broker.clone(), node, start_log, metrics);
     let lease = config.lease.unwrap_or(if broker.shared() {
@@ -517,8 +527,8 @@ async fn start_supervisor(
         crate::supervisor::LEASE
     });
     supervisor.set_lease(lease);
-    supervisor.start(config, wakeups);
-    Ok((supervisor, lease))
+    supervisor.start(config, wakeups.clone());
+    Ok((supervisor, lease, wakeups))
 }
 
 /// Serve the API on `listeners` from a thread and a runtime of its own: requests are then
@@ -610,6 +620,8 @@ struct Running {
     config: Config,
     broker: Arc<dyn Broker>,
     supervisor: Arc<Supervisor>,
+    /// The schedules: stopped before the drain, reloaded with the config.
+    scheduler: Arc<Scheduler>,
     api: AppState,
     notifier: Arc<Notifier>,
     /// Loops that end with the daemon: aborted once it has drained.
@@ -748,7 +760,14 @@ impl Running {
     /// Reload the config (see [`reload`]) and hand it to the API, telling systemd.
     fn reload(&mut self, why: &str) -> ReloadReply {
         self.notifier.reloading();
-        let answer = reload::reload(&mut self.config, &self.supervisor, why);
+        let mut answer = reload::reload(&mut self.config, &self.supervisor, why);
+        if answer.ok {
+            let schedules = self.scheduler.apply(&self.config);
+            if !schedules.is_empty() {
+                tracing::info!(changes = ?schedules, "{why}: schedules changed");
+            }
+            answer.changes.extend(schedules);
+        }
         reload::fit_api(&self.api, &self.config);
         self.api.set_config(self.config.clone());
         self.notifier.send(&format!(
@@ -795,6 +814,9 @@ impl Running {
             drain_bound.as_micros(),
             self.supervisor.snapshot().running
         ));
+        // No slot fires into a draining daemon: those due meanwhile are missed slots of the
+        // next start (or another node's).
+        self.scheduler.stop().await;
         self.supervisor.drain(self.config.shutdown_grace, now).await;
         if let Some(stats) = self.stats.take() {
             stats.finish().await;

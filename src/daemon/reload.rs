@@ -80,6 +80,7 @@ pub(super) fn reload(current: &mut Config, supervisor: &Arc<Supervisor>, why: &s
                 ));
             }
             current.queues = new.queues;
+            current.schedules = new.schedules;
             current.shutdown_grace = new.shutdown_grace;
             current.max_payload = new.max_payload;
             if new.audit_keep != current.audit_keep {

@@ -96,6 +96,13 @@ impl Prepared {
         let mut env = self.base_env.clone();
         env.push(("TASKD_TASK_ID".into(), task.id.to_string()));
         env.push(("TASKD_ATTEMPT".into(), attempt.to_string()));
+        // A schedule's task: which schedule, and the slot it runs for (RFC 3339 UTC).
+        if let Some(name) = &task.schedule {
+            env.push(("TASKD_SCHEDULE".into(), name.clone()));
+        }
+        if let Some(slot) = task.slot {
+            env.push(("TASKD_SLOT".into(), crate::slots::show_utc(slot)));
+        }
         env.extend(runnable::payload_env(&payload_text, &task.payload));
         let user = match &self.user {
             None => None,
