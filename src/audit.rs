@@ -116,7 +116,7 @@ impl Actor {
             None => Actor {
                 uid: Some(uid),
                 user: user_name(uid),
-                host: hostname(),
+                host: crate::model::host_name().map(String::from),
                 ..Actor::blank(Via::Socket)
             },
         }
@@ -128,7 +128,7 @@ impl Actor {
         Actor {
             token,
             addr,
-            host: hostname(),
+            host: crate::model::host_name().map(String::from),
             ..Actor::blank(Via::Api)
         }
     }
@@ -138,7 +138,7 @@ impl Actor {
         Actor {
             signal: Some(name.to_string()),
             pid: Some(std::process::id()),
-            host: hostname(),
+            host: crate::model::host_name().map(String::from),
             ..Actor::blank(Via::Signal)
         }
     }
@@ -157,7 +157,7 @@ impl Actor {
             login_uid,
             login_user: login_uid.and_then(user_name),
             pid: Some(pid),
-            host: hostname(),
+            host: crate::model::host_name().map(String::from),
             ..Actor::blank(via)
         }
     }
@@ -220,17 +220,6 @@ fn user_name(uid: u32) -> Option<String> {
 fn login_uid(pid: u32) -> Option<u32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/loginuid")).ok()?;
     text.trim().parse::<u32>().ok().filter(|u| *u != u32::MAX)
-}
-
-/// This machine's name, read once per process.
-fn hostname() -> Option<String> {
-    static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    HOST.get_or_init(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .map(|h| h.to_string_lossy().into_owned())
-    })
-    .clone()
 }
 
 /// What was done.

@@ -202,13 +202,13 @@ impl Metrics {
     }
 
     /// `n` slots of `schedule` handled with `outcome` (`fired`, `caught_up`, `skipped`).
-    pub fn schedule_slots(&self, schedule: &str, outcome: &str, n: u64) {
+    pub fn schedule_slots(&self, schedule: &str, outcome: &str, count: u64) {
         self.schedule_slots
             .get_or_create(&ScheduleLabels {
                 schedule: schedule.to_string(),
                 outcome: outcome.to_string(),
             })
-            .inc_by(n);
+            .inc_by(count);
     }
 
     fn count_for_stats(

@@ -304,7 +304,25 @@ impl NewTask {
 #[serde(transparent)]
 pub struct NodeId(String);
 
+/// This machine's host name, read once per process (`None` when it cannot be read): node
+/// ids and node records carry it, and so do audit records.
+pub fn host_name() -> Option<&'static str> {
+    static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .map(|h| h.to_string_lossy().into_owned())
+    })
+    .as_deref()
+}
+
 impl NodeId {
+    /// The id a daemon in this process claims under: this machine's [`host_name`]
+    /// (`localhost` when it cannot be read) and this process's pid.
+    pub fn of_this_process() -> NodeId {
+        NodeId::new(host_name().unwrap_or("localhost"), std::process::id())
+    }
+
     /// The id of the daemon in process `pid` on host `host`.
     pub fn new(host: &str, pid: u32) -> NodeId {
         NodeId(format!("{host}:{pid}"))

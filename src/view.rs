@@ -463,18 +463,18 @@ pub struct SlotView {
 }
 
 impl SlotView {
-    pub fn new(r: &SlotRecord, task_state: Option<TaskState>) -> SlotView {
+    pub fn new(record: &SlotRecord, task_state: Option<TaskState>) -> SlotView {
         SlotView {
-            slot: r.slot,
-            slot_utc: crate::slots::show_utc(r.slot),
-            first: r.first,
-            count: r.count,
-            outcome: r.outcome,
-            task: r.task,
+            slot: record.slot,
+            slot_utc: crate::slots::show_utc(record.slot),
+            first: record.first,
+            count: record.count,
+            outcome: record.outcome,
+            task: record.task,
             task_state,
-            reason: r.reason.clone(),
-            at: r.at,
-            node: r.node.clone(),
+            reason: record.reason.clone(),
+            at: record.at,
+            node: record.node.clone(),
         }
     }
 }

@@ -406,6 +406,17 @@ pub struct BulkRequest {
     expect: Option<usize>,
 }
 
+impl BulkRequest {
+    /// A bulk request's body as the API reads it, with the broker's filter it names; 400
+    /// naming what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<(BulkRequest, ListFilter), ApiError> {
+        let request: BulkRequest = serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request("bad_body", format!("the bulk request: {e}")))?;
+        let filter = request.filter.to_filter()?;
+        Ok((request, filter))
+    }
+}
+
 /// The tasks `filter` matches that `action` applies to, newest first (at most
 /// [`MAX_BULK`] + 1, which tells that there are too many).
 async fn bulk_targets(
@@ -446,9 +457,7 @@ pub async fn bulk(
     body: Body,
 ) -> Result<Json<view::BulkView>, ApiError> {
     let bytes = read_body(body, 64 * 1024).await?;
-    let req: BulkRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("bad_body", format!("the bulk request: {e}")))?;
-    let filter = req.filter.to_filter()?;
+    let (req, filter) = BulkRequest::parse(&bytes)?;
     let targets = bulk_targets(&state, req.action, &filter).await?;
     if targets.len() > MAX_BULK {
         return Err(ApiError::new(

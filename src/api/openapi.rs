@@ -385,6 +385,9 @@ fn output_events() -> Value {
 }
 
 #[cfg(test)]
+mod request_tests;
+
+#[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 

@@ -18,10 +18,10 @@ use crate::view;
 /// The most slot records one `GET /api/v1/schedules/{name}` returns.
 const MAX_HISTORY: usize = 500;
 
-fn key(s: &ScheduleConfig) -> ScheduleKey {
+fn key(schedule: &ScheduleConfig) -> ScheduleKey {
     ScheduleKey {
-        name: s.name.clone(),
-        queue: s.queue.clone(),
+        name: schedule.name.clone(),
+        queue: schedule.queue.clone(),
     }
 }
 

@@ -332,10 +332,11 @@ pub async fn tasks(flag: Option<PathBuf>, args: TasksArgs) -> anyhow::Result<u8>
 fn list_filter(args: &TasksArgs, now: i64) -> anyhow::Result<ListFilter> {
     fn opt<T>(
         flag: &str,
-        v: &Option<String>,
+        value: &Option<String>,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> anyhow::Result<Option<T>> {
-        v.as_deref()
+        value
+            .as_deref()
             .map(|s| parse(s).map_err(|e| Failure::usage(format!("{flag}: {e}")).into()))
             .transpose()
     }
@@ -360,8 +361,8 @@ fn list_filter(args: &TasksArgs, now: i64) -> anyhow::Result<ListFilter> {
 }
 
 /// A query-string value, percent-encoded (everything but RFC 3986's unreserved characters).
-fn query_value(v: &str) -> String {
-    v.bytes()
+fn query_value(text: &str) -> String {
+    text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
                 (b as char).to_string()

@@ -95,10 +95,10 @@ pub fn find<'a>(config: &'a Config, name: &str) -> Result<&'a ScheduleConfig, Fa
     })
 }
 
-fn key(s: &ScheduleConfig) -> ScheduleKey {
+fn key(schedule: &ScheduleConfig) -> ScheduleKey {
     ScheduleKey {
-        name: s.name.clone(),
-        queue: s.queue.clone(),
+        name: schedule.name.clone(),
+        queue: schedule.queue.clone(),
     }
 }
 
@@ -180,10 +180,10 @@ pub fn schedules_table(views: &[view::ScheduleView]) -> Table {
 }
 
 /// `enabled`, `PAUSED` or `disabled` (in the config).
-fn state_of(v: &view::ScheduleView) -> String {
-    if !v.enabled {
+fn state_of(schedule: &view::ScheduleView) -> String {
+    if !schedule.enabled {
         "disabled".into()
-    } else if v.paused {
+    } else if schedule.paused {
         "PAUSED".into()
     } else {
         "enabled".into()

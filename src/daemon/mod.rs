@@ -237,18 +237,10 @@ impl Handle {
     }
 }
 
-/// The node id this process claims under: `host:pid`.
-fn node_id() -> NodeId {
-    NodeId::new(&host_name(), std::process::id())
-}
-
 /// This machine's host name, as node ids and node records carry it (`localhost` when it
 /// cannot be read).
 fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+    crate::model::host_name().unwrap_or("localhost").to_string()
 }
 
 /// Open the broker. A shared broker that cannot be reached is waited for, with backoff,
@@ -291,7 +283,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     check_api_listeners(&config, &listeners.api)?;
     let store_file = watch::store_file(&config);
-    let node = node_id();
+    let node = NodeId::of_this_process();
     announce(&config, broker.as_ref(), &node).await;
     let (requests_tx, requests) = mpsc::channel::<Incoming>(8);
     let (streamer, followers) = followers_channel(listeners.control.is_some());

@@ -389,20 +389,20 @@ impl Loop {
     }
 
     /// A handling ended: take what the broker said.
-    fn handled(&mut self, h: Handled) {
-        let Some(e) = self.entries.get_mut(&h.name) else {
+    fn handled(&mut self, handled: Handled) {
+        let Some(e) = self.entries.get_mut(&handled.name) else {
             return;
         };
         e.busy = false;
-        if h.spec != e.spec {
+        if handled.spec != e.spec {
             // Handled under the spec before a reload: the new one is begun on its own.
             return;
         }
-        if h.begun {
+        if handled.begun {
             e.begin = false;
         }
-        e.through = e.through.max(h.through);
-        if let Some(spec) = h.foreign {
+        e.through = e.through.max(handled.through);
+        if let Some(spec) = handled.foreign {
             if e.foreign.as_deref() != Some(spec.as_str()) {
                 tracing::warn!(
                     schedule = %e.cfg.name,
@@ -413,7 +413,7 @@ impl Loop {
             }
             e.foreign = Some(spec);
         }
-        match h.error {
+        match handled.error {
             Some(why) => {
                 let delay = e.retry.next_delay();
                 tracing::warn!(schedule = %e.cfg.name, error = %why, retry_in = %humantime::format_duration(delay), "failed to record a schedule's slot; its slots wait (and count as missed once late)");
