@@ -21,7 +21,10 @@ fn package_dir() -> PathBuf {
 /// python3 when it is 3.9 or newer; else the test is skipped (`None`).
 fn python() -> Option<&'static str> {
     let ok = Command::new("python3")
-        .args(["-c", "import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)"])
+        .args([
+            "-c",
+            "import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
