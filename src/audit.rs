@@ -134,6 +134,19 @@ impl Actor {
         }
     }
 
+    /// An HTTP request on the API's Unix socket, from the peer the kernel reports
+    /// (SO_PEERCRED): no token is asked for there.
+    pub fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
+        Actor {
+            uid: Some(uid),
+            user: user_name(uid),
+            pid,
+            addr: Some("unix socket".to_string()),
+            host: crate::model::host_name().map(String::from),
+            ..Actor::blank(Via::Api)
+        }
+    }
+
     /// A signal the daemon received (its sender is not known).
     pub(crate) fn signal(name: &str) -> Actor {
         Actor {
@@ -177,9 +190,10 @@ impl Actor {
             Via::Socket => format!("socket {}", user(self.uid, &self.user)),
             Via::Daemon => format!("daemon {}", user(self.uid, &self.user)),
             Via::Api => {
-                let token = match &self.token {
-                    Some(t) => format!("api token {t:?}"),
-                    None => "api without a token".to_string(),
+                let token = match (&self.token, self.uid) {
+                    (Some(t), _) => format!("api token {t:?}"),
+                    (None, Some(_)) => format!("api {}", user(self.uid, &self.user)),
+                    (None, None) => "api without a token".to_string(),
                 };
                 match &self.addr {
                     Some(a) => format!("{token} from {a}"),
