@@ -475,7 +475,7 @@ fn local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Bind `addr`. Separate from [`serve`] so the daemon fails at start-up, before READY, when
+/// Bind `addr`. Separate from [`serve_on`] so the daemon fails at start-up, before READY, when
 /// the address is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
