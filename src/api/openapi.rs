@@ -244,7 +244,7 @@ fn base_components() -> Value {
                 "priority": { "type": "integer", "default": 0 },
                 "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
             } },
-            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot"], "properties": {
+            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
                 "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
@@ -252,7 +252,8 @@ fn base_components() -> Value {
                 "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
                 "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true },
                 "schedule": { "type": "string", "nullable": true, "description": "the schedule that enqueued it ([schedules.NAME])" },
-                "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" }
+                "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" },
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "the tasks it runs after (`--after`): it waits in `scheduled` until each one succeeded, and is cancelled (`dependency <ID> failed`) when one fails or is cancelled" }
             } },
             "EnqueuedTask": { "allOf": [task_ref(), { "type": "object", "required": ["existing"], "properties": {
                 "existing": { "type": "boolean", "description": "a waiting or running task already held the unique key: this is that task" } } }] },
@@ -644,6 +645,7 @@ mod tests {
             node: full.then(|| "host:1".into()),
             schedule: full.then(|| "nightly".to_string()),
             slot: full.then_some(NOW),
+            after: if full { vec![TaskId::new()] } else { Vec::new() },
         }
     }
 
