@@ -564,10 +564,15 @@ fn dashboard_drives_every_view() {
         b.eval(&format!(
             "(() => {{ const t = document.querySelector('#token'); t.value = '{token}'; t.dispatchEvent(new Event('change')); return true; }})()"
         ));
+        // The page of this task, not the previous round's (whose state may still read
+        // `running` until the next refresh, with the same lines in its output box).
         show(
             &mut b,
             &format!("#task/{id}"),
-            "document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+            &format!(
+                "document.querySelector('#task-head code')?.textContent === {} && document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+                json!(id)
+            ),
         );
         b.wait_for(
             "[...document.querySelectorAll('#output-live [data-stream=stderr]')].map(s => s.textContent).join('').includes('on stderr') && document.querySelector('#output-live').textContent.includes('first line')",
