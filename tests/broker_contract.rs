@@ -4375,11 +4375,62 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// What schema version 7 (flow control) added, taken away again: a version 6 store.
+    const UNDO_7: &str = "
+        DROP TRIGGER tasks_parent_succeeded; DROP TRIGGER tasks_parent_failed;
+        DROP TRIGGER tasks_dependant_finished; DROP TABLE deps;
+        DROP INDEX tasks_due; DROP INDEX tasks_unique_key; DROP INDEX tasks_expiry;
+        ALTER TABLE tasks DROP COLUMN after_ids; ALTER TABLE tasks DROP COLUMN blocked;
+        ALTER TABLE tasks DROP COLUMN unique_for; ALTER TABLE tasks DROP COLUMN expires_at;
+        CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
+        DELETE FROM schema_version WHERE version = 7;";
+
+    /// A store from before flow control (schema version 6) gains dependencies when opened:
+    /// its waiting tasks stay due (none is blocked), and a new dependant waits on an old task.
+    #[tokio::test]
+    async fn a_store_from_before_flow_control_is_migrated() {
+        let (b, g) = sqlite_fixture().await;
+        let mut later = task("m");
+        later.run_at = Some(now_ms() + 300);
+        let old = enqueue1(&b, later).await;
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_7).expect("make it a version 6 store");
+        }
+        let b = g.connect().await;
+        assert_eq!(get(&b, old).await.task.state, TaskState::Scheduled);
+        let kid = enqueue1(&b, {
+            let mut t = task("m2");
+            t.after = vec![old];
+            t
+        })
+        .await;
+        let start = Instant::now();
+        let c = loop {
+            if let Some(c) = claim(&b, "m", 1).await.pop() {
+                break c;
+            }
+            assert!(start.elapsed() < DEADLINE, "the old scheduled task never came due");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(c.task.id, old);
+        start_and_succeed(&b, &c).await;
+        assert_eq!(claim(&b, "m2", 1).await.pop().map(|c| c.task.id), Some(kid));
+    }
+
+    async fn start_and_succeed(b: &B, c: &Claimed) {
+        start(b, c).await;
+        b.finish(&c.lease, attempt_of(c, AttemptReason::Exit, None), Finish::Succeeded)
+            .await
+            .expect("finish");
     }
 
     /// A store made before results (schema version 5) gets the results table when a taskd
@@ -4391,6 +4442,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
             conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
                 .expect("make it a version 5 store");
         }
@@ -4415,6 +4468,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
             conn.execute_batch(
                 "DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
             )
