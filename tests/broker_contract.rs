@@ -3755,9 +3755,13 @@ pub mod flow_cases {
 
     async fn end(b: &B, queue: &str, id: TaskId, next: Finish) {
         let c = run_id(b, queue, id).await;
-        b.finish(&c.lease, attempt_of(&c, AttemptReason::Exit, Some("exit code 1")), next)
-            .await
-            .expect("finish");
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, Some("exit code 1")),
+            next,
+        )
+        .await
+        .expect("finish");
     }
 
     async fn states(b: &B, id: TaskId) -> Vec<(TaskId, Option<TaskState>)> {
@@ -3780,21 +3784,34 @@ pub mod flow_cases {
             states(&b, c).await,
             vec![(p1, Some(TaskState::Queued)), (p2, Some(TaskState::Queued))]
         );
-        assert!(claim(&b, "dq-c", 10).await.is_empty(), "not claimable while it waits");
+        assert!(
+            claim(&b, "dq-c", 10).await.is_empty(),
+            "not claimable while it waits"
+        );
 
         end(&b, "dq-a", p1, Finish::Succeeded).await;
-        assert!(claim(&b, "dq-c", 10).await.is_empty(), "one parent is not all of them");
+        assert!(
+            claim(&b, "dq-c", 10).await.is_empty(),
+            "one parent is not all of them"
+        );
         assert_eq!(get(&b, c).await.task.state, TaskState::Scheduled);
         assert_eq!(
             states(&b, c).await,
-            vec![(p1, Some(TaskState::Succeeded)), (p2, Some(TaskState::Queued))]
+            vec![
+                (p1, Some(TaskState::Succeeded)),
+                (p2, Some(TaskState::Queued))
+            ]
         );
 
         end(&b, "dq-b", p2, Finish::Succeeded).await;
         let got = claim(&b, "dq-c", 10).await;
         assert_eq!(got.len(), 1, "every parent succeeded: the dependant runs");
         assert_eq!(got[0].task.id, c);
-        assert_eq!(got[0].task.after, vec![p1, p2], "the claim carries the parents");
+        assert_eq!(
+            got[0].task.after,
+            vec![p1, p2],
+            "the claim carries the parents"
+        );
         assert!(b.parents(p1).await.expect("parents").is_empty());
         assert!(matches!(
             b.parents(TaskId::new()).await,
@@ -3833,7 +3850,10 @@ pub mod flow_cases {
         // A parent cancelled while it waits cancels its dependants too.
         let waiting = enqueue1(&b, task("df-a")).await;
         let after_waiting = enqueue1(&b, child("df-b", &[waiting])).await;
-        assert_eq!(b.cancel(waiting).await.expect("cancel"), CancelOutcome::Cancelled);
+        assert_eq!(
+            b.cancel(waiting).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
         let t = get(&b, after_waiting).await.task;
         assert_eq!(t.state, TaskState::Cancelled);
         assert_eq!(
@@ -3844,11 +3864,21 @@ pub mod flow_cases {
         let running = enqueue1(&b, task("df-a")).await;
         let after_running = enqueue1(&b, child("df-b", &[running])).await;
         let c = run_id(&b, "df-a", running).await;
-        assert_eq!(b.cancel(running).await.expect("cancel"), CancelOutcome::Requested);
-        b.finish(&c.lease, attempt_of(&c, AttemptReason::Cancelled, Some("cancelled")), Finish::Cancelled)
-            .await
-            .expect("finish");
-        assert_eq!(get(&b, after_running).await.task.state, TaskState::Cancelled);
+        assert_eq!(
+            b.cancel(running).await.expect("cancel"),
+            CancelOutcome::Requested
+        );
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Cancelled, Some("cancelled")),
+            Finish::Cancelled,
+        )
+        .await
+        .expect("finish");
+        assert_eq!(
+            get(&b, after_running).await.task.state,
+            TaskState::Cancelled
+        );
     }
 
     pub async fn enqueue_after_unknown_or_finished_parents(b: B, _g: G) {
@@ -3880,14 +3910,21 @@ pub mod flow_cases {
         let out = b.enqueue(vec![doomed.clone()]).await.expect("enqueue");
         assert_eq!(out[0].state, TaskState::Cancelled);
         let t = get(&b, doomed.id).await.task;
-        assert_eq!(t.state, TaskState::Cancelled, "a failed parent cancels it at once");
+        assert_eq!(
+            t.state,
+            TaskState::Cancelled,
+            "a failed parent cancels it at once"
+        );
         assert_eq!(
             t.last_error.as_deref(),
             Some(format!("dependency {failed} failed").as_str())
         );
         assert_eq!(t.after, vec![done, failed]);
         let got = claim(&b, "de-2", 10).await;
-        assert_eq!(got.iter().map(|c| c.task.id).collect::<Vec<_>>(), vec![ready]);
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![ready]
+        );
     }
 
     pub async fn unique_for_holds_the_key_after_the_task_finished(b: B, _g: G) {
@@ -3904,10 +3941,16 @@ pub mod flow_cases {
         // Within the window the finished task holds the key: its id comes back.
         let dup = keyed(None);
         let out = b.enqueue(vec![dup.clone()]).await.expect("enqueue");
-        assert!(now_ms() < finished + HOLD, "the machine was too slow to test the window");
+        assert!(
+            now_ms() < finished + HOLD,
+            "the machine was too slow to test the window"
+        );
         assert_eq!((out[0].id, out[0].existing), (first, true));
         assert_eq!(out[0].state, TaskState::Succeeded);
-        assert!(b.get(dup.id).await.expect("get").is_none(), "the duplicate was stored");
+        assert!(
+            b.get(dup.id).await.expect("get").is_none(),
+            "the duplicate was stored"
+        );
         // Past it the key is free again.
         let started = Instant::now();
         let fresh = loop {
@@ -4403,7 +4446,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_7).expect("make it a version 6 store");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
         }
         let b = g.connect().await;
         assert_eq!(get(&b, old).await.task.state, TaskState::Scheduled);
@@ -4418,7 +4462,10 @@ mod sqlite_specific {
             if let Some(c) = claim(&b, "m", 1).await.pop() {
                 break c;
             }
-            assert!(start.elapsed() < DEADLINE, "the old scheduled task never came due");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the old scheduled task never came due"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(c.task.id, old);
@@ -4428,9 +4475,13 @@ mod sqlite_specific {
 
     async fn start_and_succeed(b: &B, c: &Claimed) {
         start(b, c).await;
-        b.finish(&c.lease, attempt_of(c, AttemptReason::Exit, None), Finish::Succeeded)
-            .await
-            .expect("finish");
+        b.finish(
+            &c.lease,
+            attempt_of(c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
     }
 
     /// A store made before results (schema version 5) gets the results table when a taskd

@@ -32,7 +32,10 @@ fn env(backend: Backend, test: &str, queues: &str) -> Option<(Env, Option<RedisS
         Backend::Sqlite => (String::new(), None),
         Backend::Redis => {
             let server = RedisServer::start(test)?;
-            (format!("broker = \"{}\"\nlease = \"5s\"\n", server.url()), Some(server))
+            (
+                format!("broker = \"{}\"\nlease = \"5s\"\n", server.url()),
+                Some(server),
+            )
         }
     };
     let text = format!(
@@ -137,9 +140,17 @@ fn chain_group_and_chord(backend: Backend, test: &str) {
             .and_then(|l| l.get(3).cloned())
             .unwrap_or_default()
     };
-    assert_eq!(after_of("second"), first, "TASKD_AFTER of the chain's second task");
+    assert_eq!(
+        after_of("second"),
+        first,
+        "TASKD_AFTER of the chain's second task"
+    );
     assert_eq!(after_of("chord"), ids.join(","), "TASKD_AFTER of the chord");
-    assert_eq!(after_of("g1"), "", "a task without parents has an empty TASKD_AFTER");
+    assert_eq!(
+        after_of("g1"),
+        "",
+        "a task without parents has an empty TASKD_AFTER"
+    );
     let shown = env.show(&chord);
     assert_eq!(shown["after"], serde_json::json!(ids));
 }
@@ -152,7 +163,11 @@ fn a_failing_parent_cancels_its_descendants(backend: Backend, test: &str) {
     };
     let unknown = "0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20";
     let out = env.run(&["submit", "b", "{}", "--after", unknown]);
-    assert_eq!(out.status.code(), Some(2), "an unknown parent is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown parent is a usage error"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(unknown), "the refusal names the id: {err}");
     let out = env.run(&["submit", "b", "{}", "--after", "not-an-id"]);
@@ -173,7 +188,10 @@ fn a_failing_parent_cancels_its_descendants(backend: Backend, test: &str) {
         show_line(&env, &grandkid, "error"),
         format!("dependency {kid} failed")
     );
-    assert_eq!(env.show(&grandkid)["last_error"], format!("dependency {kid} failed"));
+    assert_eq!(
+        env.show(&grandkid)["last_error"],
+        format!("dependency {kid} failed")
+    );
     // Neither dependant ran.
     assert!(log(&env).iter().all(|l| l[1] != "k" && l[1] != "gk"));
     // After a failed parent: cancelled at once, recorded with the reason.
@@ -192,11 +210,19 @@ fn eight_racing_submitters_make_one_task(backend: Backend, test: &str) {
     };
     let children: Vec<_> = (0..8)
         .map(|_| {
-            env.cmd(&["submit", "u", "{}", "--unique", "reindex:7", "--unique-for", "1h"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn taskd submit")
+            env.cmd(&[
+                "submit",
+                "u",
+                "{}",
+                "--unique",
+                "reindex:7",
+                "--unique-for",
+                "1h",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn taskd submit")
         })
         .collect();
     let outs: Vec<_> = children
@@ -206,14 +232,23 @@ fn eight_racing_submitters_make_one_task(backend: Backend, test: &str) {
     let mut ids = Vec::new();
     let mut duplicates = 0;
     for o in &outs {
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         ids.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
         if String::from_utf8_lossy(&o.stderr).contains("already") {
             duplicates += 1;
         }
     }
     ids.dedup();
-    assert_eq!(ids.len(), 1, "every submitter got the one task's id: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        1,
+        "every submitter got the one task's id: {ids:?}"
+    );
     assert_eq!(duplicates, 7, "seven were told it was a duplicate");
     let listed: Value = serde_json::from_str(&env.ok(&["tasks", "--json"])).expect("JSON");
     let tasks = listed.as_array().expect("a list of tasks");

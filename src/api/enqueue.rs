@@ -113,12 +113,13 @@ fn parse_text(
             )))
         }
         (_, Some(d)) => Some(
-            parse_duration_ms(d).map_err(|e| ApiError::invalid(format!("{what}: unique_for {e}")))?,
+            parse_duration_ms(d)
+                .map_err(|e| ApiError::invalid(format!("{what}: unique_for {e}")))?,
         ),
         _ => None,
     };
-    let after = parse_parents(&body.after)
-        .map_err(|e| ApiError::invalid(format!("{what}: after: {e}")))?;
+    let after =
+        parse_parents(&body.after).map_err(|e| ApiError::invalid(format!("{what}: after: {e}")))?;
     let mut t = NewTask::new(queue.name.clone(), payload);
     t.args = body.args;
     t.priority = body.priority;

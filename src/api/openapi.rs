@@ -645,7 +645,11 @@ mod tests {
             node: full.then(|| "host:1".into()),
             schedule: full.then(|| "nightly".to_string()),
             slot: full.then_some(NOW),
-            after: if full { vec![TaskId::new()] } else { Vec::new() },
+            after: if full {
+                vec![TaskId::new()]
+            } else {
+                Vec::new()
+            },
         }
     }
 

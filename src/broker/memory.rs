@@ -183,7 +183,11 @@ impl Broker for MemoryBroker {
             }
             // Parents are known, or earlier in this batch.
             for t in &tasks {
-                if let Some(p) = t.after.iter().find(|p| !s.by_id.contains_key(p) && !ids.contains(p)) {
+                if let Some(p) = t
+                    .after
+                    .iter()
+                    .find(|p| !s.by_id.contains_key(p) && !ids.contains(p))
+                {
                     return Err(BrokerError::NotFound(*p));
                 }
             }

@@ -464,7 +464,10 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         println!("unique    {}", visible(k));
     }
     if !t.after.is_empty() {
-        println!("after     {}", crate::model::join_after(&t.after).replace(',', ", "));
+        println!(
+            "after     {}",
+            crate::model::join_after(&t.after).replace(',', ", ")
+        );
     }
     if let Some(name) = &t.schedule {
         match t.slot {

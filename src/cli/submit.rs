@@ -236,9 +236,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let run_at = run_at(&args)?;
     let after = parse_parents(&args.after).map_err(|e| Failure::usage(format!("--after {e}")))?;
     let unique_for = match &args.unique_for {
-        Some(d) => Some(
-            parse_duration_ms(d).map_err(|e| Failure::usage(format!("--unique-for {e}")))?,
-        ),
+        Some(d) => {
+            Some(parse_duration_ms(d).map_err(|e| Failure::usage(format!("--unique-for {e}")))?)
+        }
         None => None,
     };
     let tasks = match &args.batch {
@@ -260,9 +260,9 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let broker = open_broker(&config).await?;
     let count = tasks.len();
     let enqueued = broker.enqueue(tasks).await.map_err(|e| match e {
-        crate::broker::BrokerError::NotFound(p) => anyhow::Error::from(Failure::usage(
-            format!("--{}", unknown_parent(p)),
-        )),
+        crate::broker::BrokerError::NotFound(p) => {
+            anyhow::Error::from(Failure::usage(format!("--{}", unknown_parent(p))))
+        }
         e => e.into(),
     })?;
     if args.batch.is_some() {

@@ -124,7 +124,11 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
         Some(p) => (Some(now), Some(crate::model::dependency_failed(p))),
         None => (None, None),
     };
-    let blocked = if failed_parent.is_some() { 0 } else { waits_for.len() as i64 };
+    let blocked = if failed_parent.is_some() {
+        0
+    } else {
+        waits_for.len() as i64
+    };
     let after = (!task.after.is_empty()).then(|| crate::model::join_after(&task.after));
     let args =
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
