@@ -106,18 +106,15 @@ fn parse_text(
             )));
         }
     }
-    let unique_for = match (&body.unique, &body.unique_for) {
-        (None, Some(_)) => {
-            return Err(ApiError::invalid(format!(
-                "{what}: `unique_for` needs `unique` (the key it keeps taken)"
-            )))
-        }
-        (_, Some(d)) => Some(
+    // Read (and refused when malformed) even without `unique`, which it needs to matter.
+    let unique_for = match &body.unique_for {
+        Some(d) => Some(
             parse_duration_ms(d)
                 .map_err(|e| ApiError::invalid(format!("{what}: unique_for {e}")))?,
         ),
-        _ => None,
-    };
+        None => None,
+    }
+    .filter(|_| body.unique.is_some());
     let after =
         parse_parents(&body.after).map_err(|e| ApiError::invalid(format!("{what}: after: {e}")))?;
     let mut t = NewTask::new(queue.name.clone(), payload);

@@ -242,7 +242,9 @@ fn base_components() -> Value {
                 "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
                 "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
                 "priority": { "type": "integer", "default": 0 },
-                "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
+                "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" },
+                "unique_for": { "type": "string", "example": "10m", "description": "with `unique` (ignored without it): the key stays taken this long after the task finished; a duplicate meanwhile answers that task, `existing: true`" },
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "run only after these tasks succeeded (`scheduled` until then; cancelled, `dependency <ID> failed`, when one fails or is cancelled); an unknown id is refused with 422" }
             } },
             "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
