@@ -90,6 +90,11 @@
 //!     finished. `enqueue` of a task whose key is held returns the holder's id with
 //!     `existing: true` and stores nothing; the check and the insert are one atomic change,
 //!     so producers racing with one key (in any number of processes) get one task.
+//! 15. **Expiry** ([`NewTask::expires_at`]). A task past its `expires_at` is never started:
+//!     a claim neither promotes nor takes it, and [`Broker::expire`] ends every such task
+//!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
+//!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
+//!     expiry, never the waiting tasks. A task already held or running is not touched.
 
 pub(crate) mod access;
 pub mod memory;
@@ -648,6 +653,10 @@ pub trait Broker: Send + Sync + 'static {
     async fn paused(&self) -> Result<BTreeSet<QueueName>>;
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// Cancel the tasks that wait past their expiry (rule 15), by the store's clock; returns
+    /// each one's id and queue. The daemon calls it every second.
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>>;
 
     /// The parents of task `id` (rule 13) with their states, in the order given at submit;
     /// empty for a task without any. `NotFound` when `id` is not stored. What `taskd why`
