@@ -277,6 +277,10 @@ pub struct NewTask {
     pub run_at: Option<UnixMs>,
     /// At most one waiting or running task per queue holds a given key.
     pub unique_key: Option<String>,
+    /// Its `concurrency_key` value, filled from the payload at submit (`config::flow::keys`).
+    pub flow_key: Option<String>,
+    /// Its `rate_key` value, filled from the payload at submit.
+    pub rate_key: Option<String>,
 }
 
 impl NewTask {
@@ -289,6 +293,8 @@ impl NewTask {
             priority: 0,
             run_at: None,
             unique_key: None,
+            flow_key: None,
+            rate_key: None,
         }
     }
 }

@@ -101,7 +101,7 @@ fn parse_text(
             )));
         }
     }
-    let mut t = NewTask::new(queue.name.clone(), payload);
+    let mut t = crate::submission::new_task(queue, payload);
     t.args = body.args;
     t.priority = body.priority;
     t.run_at = run_at;

@@ -228,7 +228,7 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            let mut t = NewTask::new(queue.name.clone(), payload);
+            let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
             t.run_at = run_at;
@@ -468,7 +468,7 @@ fn read_batch(
                 i + 1
             ))
         })?;
-        let mut t = NewTask::new(queue.name.clone(), payload);
+        let mut t = crate::submission::new_task(queue, payload);
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;

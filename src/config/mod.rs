@@ -37,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub mod flow;
 mod keys;
 pub mod runnable;
 mod schedule;
@@ -54,6 +55,7 @@ use std::time::Duration;
 use crate::model::QueueName;
 
 pub use backoff::{Backoff, BackoffKind};
+pub use flow::Rate;
 pub use keys::QueueConfig;
 pub use schedule::{Overlap, ScheduleConfig};
 pub use template::ArgTemplate;

@@ -1,5 +1,6 @@
--- Enqueue a batch, all or nothing. ARGV: n, then 6 fields per task:
--- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now).
+-- Enqueue a batch, all or nothing. ARGV: n, then 8 fields per task:
+-- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now),
+-- concurrency key and rate key (each '' = none, else 'k:' .. key).
 -- Returns, per task: id, state, existing (0/1), created_at, run_at.
 local p = KEYS[1]
 local queue = string.match(p, '{q:(.*)}')
@@ -7,7 +8,7 @@ local n = tonumber(ARGV[1])
 local now, now_us = clock()
 local seen = {}
 for i = 0, n - 1 do
-  local id = ARGV[2 + i * 6]
+  local id = ARGV[2 + i * 8]
   if seen[id] or redis.call('EXISTS', p .. 't:' .. id) == 1 then
     return redis.error_reply('DUPLICATE a task with id ' .. id .. ' already exists')
   end
@@ -29,9 +30,9 @@ local function add(key, score, member)
 end
 local work, sched = false, false
 for i = 0, n - 1 do
-  local b = 2 + i * 6
-  local id, payload, args, priority, uk, run_at =
-    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+  local b = 2 + i * 8
+  local id, payload, args, priority, uk, run_at, fk, rkey =
+    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   local key = nil
   local holder = false
   if uk ~= '' then
@@ -56,6 +57,8 @@ for i = 0, n - 1 do
       'args', args, 'priority', priority, 'run_at', fmt(ra), 'attempts', '0',
       'created_at', fmt(now), 'updated_at', fmt(now), 'cancel_requested', '0', 'token', '0',
       'seq', sseq, 'rk', rk)
+    if fk ~= '' then redis.call('HSET', t, 'fkey', string.sub(fk, 3)) end
+    if rkey ~= '' then redis.call('HSET', t, 'rkey', string.sub(rkey, 3)) end
     if key then
       redis.call('HSET', t, 'unique_key', key)
       redis.call('HSET', p .. 'u', key, id)

@@ -95,8 +95,9 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
     let args =
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     conn.prepare_cached(
-        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at,
+                            flow_key, rate_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -108,7 +109,9 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
             task.priority,
             task.unique_key,
             run_at,
-            now
+            now,
+            task.flow_key,
+            task.rate_key
         ])
     })
     .map_err(|e| match e.sqlite_error_code() {
