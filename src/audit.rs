@@ -1,7 +1,8 @@
 //! The audit trail's vocabulary: who changed what, through which path, and how it went.
 //!
 //! Every change an operator makes (cancel, retry, pause, resume, restart, reload, a bulk
-//! retry or cancel, and the daemon's own start and stop) becomes one [`AuditEntry`], which
+//! retry or cancel, a schedule's fire, pause and resume, and the daemon's own start and
+//! stop) becomes one [`AuditEntry`], which
 //! the caller hands to [`crate::broker::Broker::audit`] once the change is done, with its
 //! outcome. The broker keeps the trail (bounded, newest kept) beside the tasks, so that the
 //! CLI, which changes tasks straight in the store, records its changes where the daemon
@@ -133,6 +134,19 @@ impl Actor {
         }
     }
 
+    /// An HTTP request on the API's Unix socket, from the peer the kernel reports
+    /// (SO_PEERCRED): no token is asked for there.
+    pub fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
+        Actor {
+            uid: Some(uid),
+            user: user_name(uid),
+            pid,
+            addr: Some("unix socket".to_string()),
+            host: crate::model::host_name().map(String::from),
+            ..Actor::blank(Via::Api)
+        }
+    }
+
     /// A signal the daemon received (its sender is not known).
     pub fn signal(name: &str) -> Actor {
         Actor {
@@ -176,9 +190,10 @@ impl Actor {
             Via::Socket => format!("socket {}", user(self.uid, &self.user)),
             Via::Daemon => format!("daemon {}", user(self.uid, &self.user)),
             Via::Api => {
-                let token = match &self.token {
-                    Some(t) => format!("api token {t:?}"),
-                    None => "api without a token".to_string(),
+                let token = match (&self.token, self.uid) {
+                    (Some(t), _) => format!("api token {t:?}"),
+                    (None, Some(_)) => format!("api {}", user(self.uid, &self.user)),
+                    (None, None) => "api without a token".to_string(),
                 };
                 match &self.addr {
                     Some(a) => format!("{token} from {a}"),
@@ -246,10 +261,17 @@ pub enum Action {
     Start,
     /// The daemon began to stop (drain).
     Stop,
+    /// Enqueue a schedule's task now, outside its slots (`taskd schedules fire`,
+    /// `POST /api/v1/schedules/{name}/fire`).
+    ScheduleFire,
+    /// Stop firing a schedule (`taskd schedules pause`, `POST …/pause`).
+    SchedulePause,
+    /// Fire a paused schedule again (`taskd schedules resume`, `POST …/resume`).
+    ScheduleResume,
 }
 
 impl Action {
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 13] = [
         Action::Cancel,
         Action::Retry,
         Action::Pause,
@@ -260,6 +282,9 @@ impl Action {
         Action::BulkRetry,
         Action::Start,
         Action::Stop,
+        Action::ScheduleFire,
+        Action::SchedulePause,
+        Action::ScheduleResume,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -274,6 +299,9 @@ impl Action {
             Action::BulkRetry => "bulk_retry",
             Action::Start => "start",
             Action::Stop => "stop",
+            Action::ScheduleFire => "schedule_fire",
+            Action::SchedulePause => "schedule_pause",
+            Action::ScheduleResume => "schedule_resume",
         }
     }
 }
@@ -332,9 +360,13 @@ pub struct AuditEntry {
     /// The task acted on (cancel, retry).
     #[serde(default)]
     pub task: Option<TaskId>,
-    /// The queue acted on (pause, resume, restart), or the queue of the task acted on.
+    /// The queue acted on (pause, resume, restart), or the queue of the task acted on (or
+    /// of the schedule).
     #[serde(default)]
     pub queue: Option<QueueName>,
+    /// The schedule acted on (`[schedules.NAME]`: fire, pause, resume).
+    #[serde(default)]
+    pub schedule: Option<String>,
     /// A bulk operation's filter, as its caller names it (`queue`, `state`, …).
     #[serde(default)]
     pub filter: Option<BTreeMap<String, String>>,
@@ -355,6 +387,7 @@ impl AuditEntry {
             action,
             task: None,
             queue: None,
+            schedule: None,
             filter: None,
             count: None,
             outcome: Outcome::Ok,
@@ -369,6 +402,11 @@ impl AuditEntry {
 
     pub fn queue(mut self, queue: QueueName) -> Self {
         self.queue = Some(queue);
+        self
+    }
+
+    pub fn schedule(mut self, name: impl Into<String>) -> Self {
+        self.schedule = Some(name.into());
         self
     }
 
@@ -402,8 +440,36 @@ impl AuditEntry {
         }
     }
 
-    /// The target, for people: `task ID`, `queue Q`, `queue=q state=failed (12 tasks)`, or
-    /// `-`.
+    /// A schedule's pause or resume (`missed`: the schedule's policy, which decides what
+    /// becomes of the slots it slept through).
+    pub fn schedule_paused(
+        actor: Actor,
+        name: &str,
+        queue: QueueName,
+        paused: bool,
+        missed: &str,
+    ) -> AuditEntry {
+        let (action, detail) = if paused {
+            (
+                Action::SchedulePause,
+                "paused: it fires no slot until it is resumed".to_string(),
+            )
+        } else {
+            (
+                Action::ScheduleResume,
+                format!(
+                    "resumed: the slots it slept through are missed slots (missed = \"{missed}\")"
+                ),
+            )
+        };
+        AuditEntry::new(actor, action)
+            .schedule(name)
+            .queue(queue)
+            .ok(detail)
+    }
+
+    /// The target, for people: `task ID`, `queue Q`, `queue=q state=failed (12 tasks)`,
+    /// `schedule S (queue Q)`, `schedule S, task ID (queue Q)` (a fire), or `-`.
     pub fn target(&self) -> String {
         let mut parts = Vec::new();
         if let Some(f) = &self.filter {
@@ -417,11 +483,17 @@ impl AuditEntry {
                 parts.push(format!("({n} task{})", if n == 1 { "" } else { "s" }));
             }
         } else {
+            if let Some(s) = &self.schedule {
+                parts.push(match self.task {
+                    Some(_) => format!("schedule {s},"),
+                    None => format!("schedule {s}"),
+                });
+            }
             if let Some(t) = self.task {
                 parts.push(format!("task {t}"));
             }
             if let Some(q) = &self.queue {
-                parts.push(if self.task.is_some() {
+                parts.push(if self.task.is_some() || self.schedule.is_some() {
                     format!("(queue {q})")
                 } else {
                     format!("queue {q}")
@@ -543,6 +615,15 @@ mod tests {
         assert_eq!(
             AuditEntry::new(Actor::blank(Via::Cli), Action::Reload).target(),
             "-"
+        );
+        let paused = AuditEntry::new(Actor::blank(Via::Cli), Action::SchedulePause)
+            .schedule("nightly")
+            .queue("reports".parse().unwrap());
+        assert_eq!(paused.target(), "schedule nightly (queue reports)");
+        let fired = paused.task(id);
+        assert_eq!(
+            fired.target(),
+            "schedule nightly, task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue reports)"
         );
     }
 

@@ -185,10 +185,12 @@ pub struct AuditView {
     pub actor: Actor,
     pub action: Action,
     /// The target, for people: `task ID (queue Q)`, `queue Q`, `queue=q state=failed (12
-    /// tasks)`, or `-`.
+    /// tasks)`, `schedule S (queue Q)`, `schedule S, task ID (queue Q)`, or `-`.
     pub target: String,
     pub task: Option<TaskId>,
     pub queue: Option<QueueName>,
+    /// The schedule acted on (`schedule_fire`, `schedule_pause`, `schedule_resume`).
+    pub schedule: Option<String>,
     /// A bulk operation's filter.
     pub filter: Option<BTreeMap<String, String>>,
     /// A bulk operation: how many tasks it changed.
@@ -209,6 +211,7 @@ impl From<AuditRecord> for AuditView {
             action: e.action,
             task: e.task,
             queue: e.queue,
+            schedule: e.schedule,
             filter: e.filter,
             count: e.count,
             outcome: e.outcome,

@@ -15,6 +15,7 @@ mod result;
 mod schedules;
 pub mod start;
 pub(crate) mod submit;
+mod unix_http;
 mod visible;
 
 use std::path::PathBuf;

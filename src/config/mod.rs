@@ -67,8 +67,11 @@ pub struct Config {
     pub path: PathBuf,
     pub broker: BrokerUrl,
     pub state_dir: PathBuf,
-    /// Address of the HTTP API, dashboard and metrics, if any.
-    pub listen: Option<SocketAddr>,
+    /// Where the HTTP API, dashboard and metrics are served (`listen`: one address or a
+    /// list; TCP addresses and `unix:` socket paths). Empty: no API.
+    pub listen: Vec<Listen>,
+    /// The group given the API's Unix sockets (`listen_group`); `None`: the daemon's own.
+    pub listen_group: Option<String>,
     /// The API's bearer tokens, each with the name the audit trail records: `token` (or
     /// `token_file`) is named [`DEFAULT_TOKEN`], `tokens` adds named ones. At least one is
     /// required when `listen` is not a loopback address; mutating endpoints check them
@@ -94,6 +97,34 @@ pub struct Config {
     pub queues: BTreeMap<QueueName, QueueConfig>,
     /// `[schedules.NAME]`, by name.
     pub schedules: BTreeMap<String, ScheduleConfig>,
+}
+
+/// One place the API is served (an entry of `listen`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// An IP address and port. Outside loopback it needs a token.
+    Tcp(SocketAddr),
+    /// `unix:/path`: a Unix socket, mode 0660 (group `listen_group`), served without a
+    /// token: its file's permissions say who may connect.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Listen::Tcp(a) => Some(*a),
+            Listen::Unix(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a
