@@ -330,15 +330,6 @@ pub enum OutStream {
     Stderr,
 }
 
-impl OutStream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutStream::Stdout => "stdout",
-            OutStream::Stderr => "stderr",
-        }
-    }
-}
-
 /// One event of a task's (or a queue's) output stream: a line of `taskd logs --json`, of
 /// the control socket's follow answer, and the `data` of an event of the API's
 /// `text/event-stream` (whose `event:` is the `event` field and whose `id:` is `id`).

@@ -475,7 +475,7 @@ fn local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Bind `addr`. Separate from [`serve`] so the daemon fails at start-up, before READY, when
+/// Bind `addr`. Separate from [`serve_on`] so the daemon fails at start-up, before READY, when
 /// the address is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -584,16 +584,11 @@ impl ApiSocket {
     }
 }
 
-/// Serve `state` on `listener` until `stop` is cancelled; then finish open requests (at most
-/// a second) and return. At most [`AppState::max_connections`] are served at once (see
+/// Serve `state` on `listener` (TCP, or a Unix socket whose state should come from
+/// [`AppState::listening_on_unix`]) until `stop` is cancelled; then finish open requests (at
+/// most a second) and return. At most [`AppState::max_connections`] are served at once (see
 /// [`connection_limit`]): past that, a new connection closes the oldest idle one, or is
 /// refused when all are busy.
-pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationToken) {
-    serve_on(ApiSocket::Tcp(listener), state, stop).await;
-}
-
-/// [`serve`] on any [`ApiSocket`]: TCP, or a Unix socket (whose state should come from
-/// [`AppState::listening_on_unix`]).
 pub async fn serve_on(listener: ApiSocket, state: AppState, stop: CancellationToken) {
     let limit = state.max_connections.clone();
     let app = router(state);

@@ -785,10 +785,20 @@ umask = 0
     assert_eq!(b.limits.fsize, Some(LimitValue::Finite(1 << 30)));
     assert_eq!(b.limits.nofile, Some(LimitValue::Finite(4096)));
     assert_eq!(c.queues[&q("c")].umask, Some(0));
-    assert_eq!(
-        b.limits.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-        ["nofile", "as", "fsize", "core"]
-    );
+    let set = |l: &Limits| {
+        [
+            ("nofile", l.nofile),
+            ("nproc", l.nproc),
+            ("as", l.address_space),
+            ("cpu", l.cpu),
+            ("fsize", l.fsize),
+            ("core", l.core),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|_| key))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(set(&b.limits), ["nofile", "as", "fsize", "core"]);
 
     let plain = &ok("[queues.p]\nshell = \"true\"\n").queues[&q("p")];
     assert_eq!(

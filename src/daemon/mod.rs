@@ -42,15 +42,13 @@
 mod cluster;
 mod recovery;
 mod reload;
-pub mod setup;
+pub(crate) mod setup;
 mod stats;
 mod status;
-pub mod storelock;
+pub(crate) mod storelock;
 mod watch;
 
-pub use setup::{
-    running_daemon, secure_state_dir, set_up_process, LogFile, LogStderr, Reaper, StateLock,
-};
+pub(crate) use setup::{running_daemon, set_up_process, LogFile, LogStderr, Reaper, StateLock};
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -103,7 +101,7 @@ impl Listeners {
     /// exit code 1) and `control_socket` (a path that cannot be bound is a config problem:
     /// exit code 78, which the systemd unit does not restart into). The store lock is the
     /// caller's.
-    pub async fn bind(config: &Config) -> Result<Listeners, Failure> {
+    pub(crate) async fn bind(config: &Config) -> Result<Listeners, Failure> {
         let mut api = Vec::new();
         let mut api_unix: Vec<crate::api::unix::UnixApi> = Vec::new();
         for listen in &config.listen {
@@ -231,7 +229,7 @@ impl Handle {
 
     /// [`Self::shutdown`], saying what asked for it (`SIGTERM`): the audit trail's record of
     /// the stop names it.
-    pub fn shutdown_because(&self, why: &'static str) {
+    pub(crate) fn shutdown_because(&self, why: &'static str) {
         self.stopped_by
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -241,17 +239,17 @@ impl Handle {
 
     /// Drain without the grace: running tasks are killed (SIGKILL, no `kill_grace`) and put
     /// back at once. Implies [`Self::shutdown`].
-    pub fn shutdown_now(&self) {
+    pub(crate) fn shutdown_now(&self) {
         self.shutdown.cancel();
         self.now.cancel();
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()
     }
 
     /// Until a shutdown is asked.
-    pub async fn shutdown_asked(&self) {
+    pub(crate) async fn shutdown_asked(&self) {
         self.shutdown.cancelled().await
     }
 
@@ -281,7 +279,7 @@ fn host_name() -> String {
 /// Open the broker. A shared broker that cannot be reached is waited for, with backoff,
 /// rather than failing the start: a daemon that exits would be restarted by its service
 /// manager into the same error, again and again. `None`: a shutdown was asked meanwhile.
-pub async fn open_broker(
+pub(crate) async fn open_broker(
     config: &Config,
     handle: &Handle,
 ) -> anyhow::Result<Option<Arc<dyn Broker>>> {

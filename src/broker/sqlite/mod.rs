@@ -119,10 +119,6 @@ impl SqliteBroker {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     async fn claim_as(
         &self,
         urgent: bool,
