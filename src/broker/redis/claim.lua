@@ -1,5 +1,5 @@
 -- Promote due waiting tasks, then reserve up to `max` ready tasks for a node.
--- ARGV: node, max, lease (ms), then flow control (broker rule 13): per_key (0: none),
+-- ARGV: node, max, lease (ms), then flow control (broker rule 15): per_key (0: none),
 -- the rate's interval and tolerance (µs; interval 0: no rate), keyed rate (0/1).
 -- Returns one HGETALL array per claimed task; with flow control, then {'wait', ms or ''}.
 local p = KEYS[1]
@@ -22,7 +22,7 @@ for _, id in ipairs(due) do
     ready_add(p, f[3], f[4])
   end
 end
--- Flow control (broker rule 13; docs/architecture.md, "Flow control"). A task's `fkey`
+-- Flow control (broker rule 15; docs/architecture.md, "Flow control"). A task's `fkey`
 -- (concurrency key) counts while it is held: `kh:<key>` holds the ids a claim gave the key,
 -- and is trimmed of those no longer in `held` when read. A task of a full key, or of a rate
 -- key that must wait, is parked: moved from `ready` to `pk:<kind>:<key>` (same score and

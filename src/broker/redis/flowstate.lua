@@ -1,4 +1,4 @@
--- What `taskd why` reads of a task's flow control (broker rule 13), changing nothing.
+-- What `taskd why` reads of a task's flow control (broker rule 15), changing nothing.
 -- ARGV: id, keyed rate (0/1). Returns {fkey or '', rkey or '', tat or '', holder ids...}:
 -- the other held tasks of its concurrency key, and its rate limit's TAT (µs).
 local p = KEYS[1]

@@ -1,4 +1,4 @@
-//! Flow control in a claim (broker rule 13; docs/architecture.md, "Flow control"): per-key
+//! Flow control in a claim (broker rule 15; docs/architecture.md, "Flow control"): per-key
 //! concurrency and rate limits, index-driven. Tasks of a blocked key are parked out of
 //! `tasks_ready` (`parked` 1: the key is full, 2: its rate waits) and their key listed in
 //! `parked_keys`; each claim first puts back what may run now, then walks the ready index,
