@@ -114,10 +114,10 @@ impl Remote {
         self.base.strip_prefix("unix:").map(std::path::Path::new)
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+    fn unreachable(&self, error: impl std::fmt::Display) -> Failure {
         Failure::new(
             exit::BROKER,
-            format!("failed to reach the taskd API at {}: {e}", self.base),
+            format!("failed to reach the taskd API at {}: {error}", self.base),
         )
     }
 
@@ -199,8 +199,8 @@ impl Remote {
 }
 
 /// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
-fn error_answer(url: &str, code: u16, v: serde_json::Value) -> (Option<u16>, Failure) {
-    let message = v["error"]["message"]
+fn error_answer(url: &str, code: u16, body: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = body["error"]["message"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| format!("HTTP {code}"));
