@@ -272,6 +272,12 @@ pub struct NewTask {
     pub run_at: Option<UnixMs>,
     /// At most one waiting or running task per queue holds a given key.
     pub unique_key: Option<String>,
+    /// Its `concurrency_key` value, filled from the payload at submit (`config::flow::keys`).
+    #[serde(default)]
+    pub flow_key: Option<String>,
+    /// Its `rate_key` value, filled from the payload at submit.
+    #[serde(default)]
+    pub rate_key: Option<String>,
     /// How long (ms) the unique key still holds after the task finished (`--unique-for`).
     #[serde(default)]
     pub unique_for: Option<i64>,
@@ -294,6 +300,8 @@ impl NewTask {
             priority: 0,
             run_at: None,
             unique_key: None,
+            flow_key: None,
+            rate_key: None,
             unique_for: None,
             after: Vec::new(),
             expires_at: None,

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::config::{runnable, Config, QueueConfig};
-use crate::model::{now_ms, UnixMs};
+use crate::config::{flow, runnable, Config, QueueConfig};
+use crate::model::{now_ms, NewTask, UnixMs};
 
 /// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
 pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
@@ -134,7 +134,21 @@ pub fn parse_payload(
     })?;
     runnable::argv(queue, &value, args)
         .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
+    flow::keys(queue, &value).map_err(PayloadError::Invalid)?;
     Ok(value.to_string())
+}
+
+/// A new task of `queue` with this payload (as [`parse_payload`] returned it), its
+/// flow-control key values filled (`concurrency_key`, `rate_key`).
+pub fn new_task(queue: &QueueConfig, payload: String) -> NewTask {
+    let mut t = NewTask::new(queue.name.clone(), payload);
+    if queue.concurrency_key.is_some() || queue.rate_key.is_some() {
+        if let Ok(value) = serde_json::from_str(&t.payload) {
+            // parse_payload refused a payload that cannot fill them.
+            (t.flow_key, t.rate_key) = flow::keys(queue, &value).unwrap_or_default();
+        }
+    }
+    t
 }
 
 /// serde_json reports line and column (1-based); turn them into a 0-based byte offset.

@@ -220,6 +220,11 @@ macro_rules! contract_tests {
                 enqueue_after_unknown_or_finished_parents,
                 unique_for_holds_the_key_after_the_task_finished,
                 an_expired_task_is_never_claimed_and_expire_cancels_it,
+                flow_key_limits_holders_and_lets_others_flow,
+                flow_key_limit_of_two,
+                flow_parked_tasks_cancel_retry_and_unlimit,
+                flow_rate_key_limits_each_key,
+                flow_state_names_key_holders,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
@@ -227,6 +232,7 @@ macro_rules! contract_tests {
                 subscribe_cancel_of_running_task,
                 many_producers_one_consumer,
                 schedule_racing_clients_fire_each_slot_once,
+                flow_rate_spreads_starts_across_clients,
             );
         }
     };
@@ -454,6 +460,7 @@ fn ids_of(v: &[taskd::model::TaskRecord]) -> Vec<TaskId> {
 pub mod cases {
     use super::*;
     pub use crate::flow_cases::*;
+    pub use crate::limit_cases::*;
     pub use crate::schedule_cases::*;
 
     // --- enqueue ------------------------------------------------------------------------------
@@ -4534,7 +4541,7 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
@@ -4562,6 +4569,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_FLOW)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
         }
@@ -4609,6 +4618,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_FLOW)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
             conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
@@ -4635,6 +4646,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_FLOW)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
             conn.execute_batch(
@@ -5083,3 +5096,252 @@ mod redis_specific {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flow control: per-key and rate limits (rule 15)
+// ---------------------------------------------------------------------------------------------
+
+pub mod limit_cases {
+    use super::*;
+    use taskd::broker::{Flow, RateLimit};
+    use taskd::config::Rate;
+
+    fn keyed(queue: &str, key: Option<&str>) -> NewTask {
+        let mut t = task(queue);
+        t.flow_key = key.map(str::to_string);
+        t
+    }
+
+    fn per_key(n: u32) -> Flow {
+        Flow {
+            per_key: Some(n),
+            rate: None,
+        }
+    }
+
+    fn rate(text: &str, burst: u32, keyed: bool) -> Flow {
+        Flow {
+            per_key: None,
+            rate: Some(RateLimit {
+                rate: Rate::parse(text).unwrap(),
+                burst,
+                keyed,
+            }),
+        }
+    }
+
+    async fn claim_on(b: &B, node: &str, queue: &str, max: usize) -> Vec<TaskId> {
+        b.claim(&node.into(), &qn(queue), max, LEASE)
+            .await
+            .expect("claim")
+            .into_iter()
+            .map(|c| c.task.id)
+            .collect()
+    }
+
+    async fn succeed(b: &B, c: &Claimed) {
+        b.finish(
+            &c.lease,
+            attempt_of(c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+    }
+
+    /// A key at its limit holds none of the others back, for this client or another one;
+    /// a finish frees its slot for the key's next task, oldest first.
+    pub async fn flow_key_limits_holders_and_lets_others_flow(b: B, g: G) {
+        let other = g.connect().await;
+        b.set_flow(&qn("fk"), per_key(1));
+        other.set_flow(&qn("fk"), per_key(1));
+        let a1 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let a2 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let b1 = enqueue1(&b, keyed("fk", Some("b"))).await;
+        let a3 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let free = enqueue1(&b, keyed("fk", None)).await;
+        let c1 = enqueue1(&b, keyed("fk", Some("c"))).await;
+        let first = b.claim(&NODE.into(), &qn("fk"), 10, LEASE).await.unwrap();
+        let got: Vec<TaskId> = first.iter().map(|c| c.task.id).collect();
+        assert_eq!(
+            got,
+            vec![a1, b1, free, c1],
+            "one task per key, and the unkeyed one"
+        );
+        assert!(
+            claim_on(&other, "node-b", "fk", 10).await.is_empty(),
+            "another client sees key a held"
+        );
+        start(&b, &first[0]).await;
+        assert!(claim_on(&other, "node-b", "fk", 10).await.is_empty());
+        succeed(&b, &first[0]).await;
+        assert_eq!(
+            claim_on(&other, "node-b", "fk", 10).await,
+            vec![a2],
+            "the key's next task, once its holder finished"
+        );
+        assert!(
+            claim_on(&b, NODE, "fk", 10).await.is_empty(),
+            "a2 holds key a"
+        );
+        let counts = b.counts().await.unwrap();
+        let fk = counts
+            .iter()
+            .find(|c| c.queue.as_ref() == Some(&qn("fk")))
+            .unwrap();
+        assert_eq!(
+            count(fk, TaskState::Queued),
+            5,
+            "parked tasks are still queued"
+        );
+        let _ = a3;
+    }
+
+    /// `per_key = 2`: two holders at most, in claim order, and a released task gives its
+    /// slot back.
+    pub async fn flow_key_limit_of_two(b: B, _g: G) {
+        b.set_flow(&qn("fk2"), per_key(2));
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(enqueue1(&b, keyed("fk2", Some("k"))).await);
+        }
+        let c = b.claim(&NODE.into(), &qn("fk2"), 10, LEASE).await.unwrap();
+        assert_eq!(c.iter().map(|c| c.task.id).collect::<Vec<_>>(), ids[..2]);
+        b.finish(
+            &c[1].lease,
+            attempt_of(&c[1], AttemptReason::Exit, None),
+            Finish::Release,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            claim_on(&b, NODE, "fk2", 10).await,
+            vec![ids[1]],
+            "the released task, oldest first"
+        );
+        succeed(&b, &c[0]).await;
+        assert_eq!(claim_on(&b, NODE, "fk2", 10).await, vec![ids[2]]);
+    }
+
+    /// A parked task can be cancelled, then retried; and a limit removed puts every parked
+    /// task back.
+    pub async fn flow_parked_tasks_cancel_retry_and_unlimit(b: B, _g: G) {
+        b.set_flow(&qn("fkp"), per_key(1));
+        let a1 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let a2 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let a3 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let first = b.claim(&NODE.into(), &qn("fkp"), 10, LEASE).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].task.id, a1);
+        assert_eq!(b.cancel(a2).await.unwrap(), CancelOutcome::Cancelled);
+        succeed(&b, &first[0]).await;
+        assert_eq!(
+            claim_on(&b, NODE, "fkp", 10).await,
+            vec![a3],
+            "a2 was cancelled"
+        );
+        b.retry(a2).await.unwrap();
+        assert!(
+            claim_on(&b, NODE, "fkp", 10).await.is_empty(),
+            "a3 holds key a"
+        );
+        b.set_flow(&qn("fkp"), Flow::default());
+        assert_eq!(
+            claim_on(&b, NODE, "fkp", 10).await,
+            vec![a2],
+            "without the limit, the retried task runs beside a3"
+        );
+    }
+
+    /// A rate's starts are spread: the burst at once, then one per interval, across two
+    /// clients of the store; `flow_wait` says when the next start is allowed.
+    pub async fn flow_rate_spreads_starts_across_clients(b: B, g: G) {
+        let other = g.connect().await;
+        let limit = rate("20/s", 2, false);
+        b.set_flow(&qn("rt"), limit);
+        other.set_flow(&qn("rt"), limit);
+        b.enqueue(tasks("rt", 40)).await.unwrap();
+        let began = Instant::now();
+        let first = claim_on(&b, NODE, "rt", 10).await;
+        assert_eq!(first.len(), 2, "the burst at once");
+        let wait = b.flow_wait(&qn("rt")).expect("a refused rate says when");
+        assert!(
+            wait > now_ms() - 1000 && wait <= now_ms() + 200,
+            "the next start within one interval: {wait} vs now {}",
+            now_ms()
+        );
+        assert!(
+            claim_on(&other, "node-b", "rt", 10).await.is_empty()
+                || began.elapsed() > Duration::from_millis(40)
+        );
+        let mut total = first.len();
+        let mut turn = false;
+        while began.elapsed() < Duration::from_millis(600) {
+            let client = if turn { &b } else { &other };
+            turn = !turn;
+            total += claim_on(client, "node-x", "rt", 10).await.len();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = began.elapsed().as_secs_f64();
+        let most = 2.0 + secs * 20.0;
+        assert!(
+            (total as f64) <= most + 0.001,
+            "{total} starts in {secs:.3}s; the rate allows at most {most:.1}"
+        );
+        assert!(
+            total >= 5,
+            "starts keep coming at the rate: {total} in {secs:.3}s"
+        );
+    }
+
+    /// `rate_key`: one limit per key value; a key that must wait is parked, the others flow.
+    pub async fn flow_rate_key_limits_each_key(b: B, _g: G) {
+        b.set_flow(&qn("rk"), rate("1/m", 1, true));
+        let mut ids = Vec::new();
+        for k in ["x", "x", "y", "x", "z"] {
+            let mut t = task("rk");
+            t.rate_key = Some(k.into());
+            ids.push(enqueue1(&b, t).await);
+        }
+        assert_eq!(
+            claim_on(&b, NODE, "rk", 10).await,
+            vec![ids[0], ids[2], ids[4]],
+            "one start per key"
+        );
+        assert!(claim_on(&b, NODE, "rk", 10).await.is_empty());
+        let wait = b.flow_wait(&qn("rk")).expect("when key x may start again");
+        assert!(
+            wait >= now_ms() + 50_000,
+            "a minute after the first start: {wait}"
+        );
+        let state = b.flow_state(&qn("rk"), ids[1]).await.unwrap();
+        assert_eq!(state.rate_key.as_deref(), Some("x"));
+        assert!(state
+            .rate_tat_us
+            .is_some_and(|t| t / 1000 >= now_ms() + 50_000));
+    }
+
+    /// `flow_state` names the holders of a task's key, oldest first, not the task itself.
+    pub async fn flow_state_names_key_holders(b: B, _g: G) {
+        b.set_flow(&qn("fs"), per_key(2));
+        let h1 = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let h2 = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let waiting = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let c = b.claim(&NODE.into(), &qn("fs"), 10, LEASE).await.unwrap();
+        assert_eq!(c.len(), 2);
+        start(&b, &c[0]).await;
+        let s = b.flow_state(&qn("fs"), waiting).await.unwrap();
+        assert_eq!(s.flow_key.as_deref(), Some("cust-7"));
+        assert_eq!(s.key_holders, vec![h1, h2]);
+        succeed(&b, &c[0]).await;
+        let s = b.flow_state(&qn("fs"), waiting).await.unwrap();
+        assert_eq!(s.key_holders, vec![h2]);
+    }
+}
+
+/// Takes schema 7 (flow control) out of a store, to make it an older one.
+const UNDO_FLOW: &str = "DROP TABLE parked_keys; DROP TABLE rate_state; DROP INDEX tasks_key_held;
+    DROP INDEX tasks_parked_key; DROP INDEX tasks_parked_rate; DROP INDEX tasks_ready;
+    CREATE INDEX tasks_ready ON tasks(queue, priority DESC, seq) WHERE state = 'queued' AND lease_node IS NULL;
+    ALTER TABLE tasks DROP COLUMN parked; ALTER TABLE tasks DROP COLUMN flow_key;
+    ALTER TABLE tasks DROP COLUMN rate_key; DELETE FROM schema_version WHERE version = 8;";

@@ -1920,3 +1920,60 @@ fn audit_keep_is_a_count() {
             Some("did you mean `audit_keep`?"),
         );
 }
+
+// ----- flow control ------------------------------------------------------------------------
+
+#[test]
+fn flow_control_keys_name_what_is_wrong() {
+    let text = "\
+[queues.a]
+shell = \"true\"
+concurrency_key = \"{customer\"
+concurrency_per_key = 0
+rate = \"100/w\"
+
+[queues.b]
+shell = \"true\"
+rate = \"100\"
+rate_key = \"\"
+burst = 0
+";
+    check_bad(text)
+        .count(6)
+        .expect(
+            3,
+            19,
+            "queues.a.concurrency_key",
+            &["unclosed `{`"],
+            Some("concurrency_key = \"{customer}\""),
+        )
+        .expect(
+            4,
+            23,
+            "queues.a.concurrency_per_key",
+            &["at least 1", "found 0"],
+            Some("concurrency_per_key = 1"),
+        )
+        .expect(
+            5,
+            8,
+            "queues.a.rate",
+            &["unknown unit \"w\"", "s, m, h or d"],
+            Some("rate = \"100/m\""),
+        )
+        .expect(9, 8, "queues.b.rate", &["no `/`"], Some("rate = \"100/m\""))
+        .expect(
+            10,
+            12,
+            "queues.b.rate_key",
+            &["is empty"],
+            Some("{customer}"),
+        )
+        .expect(
+            11,
+            9,
+            "queues.b.burst",
+            &["at least 1", "found 0"],
+            Some("burst = 1"),
+        );
+}

@@ -126,7 +126,7 @@ fn parse_text(
     };
     let expires_at = expires_at(queue, run_at, expires.as_deref())
         .map_err(|e| ApiError::invalid(format!("{what}: expires {e}")))?;
-    let mut t = NewTask::new(queue.name.clone(), payload);
+    let mut t = crate::submission::new_task(queue, payload);
     t.expires_at = expires_at;
     t.args = body.args;
     t.priority = body.priority;

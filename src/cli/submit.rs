@@ -119,10 +119,10 @@ impl Remote {
         self.base.strip_prefix("unix:").map(std::path::Path::new)
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+    fn unreachable(&self, error: impl std::fmt::Display) -> Failure {
         Failure::new(
             exit::BROKER,
-            format!("failed to reach the taskd API at {}: {e}", self.base),
+            format!("failed to reach the taskd API at {}: {error}", self.base),
         )
     }
 
@@ -204,8 +204,8 @@ impl Remote {
 }
 
 /// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
-fn error_answer(url: &str, code: u16, v: serde_json::Value) -> (Option<u16>, Failure) {
-    let message = v["error"]["message"]
+fn error_answer(url: &str, code: u16, body: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = body["error"]["message"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| format!("HTTP {code}"));
@@ -312,7 +312,7 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            let mut t = NewTask::new(queue.name.clone(), payload);
+            let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
             t.run_at = run_at;
@@ -570,7 +570,7 @@ fn read_batch(
                 i + 1
             ))
         })?;
-        let mut t = NewTask::new(queue.name.clone(), payload);
+        let mut t = crate::submission::new_task(queue, payload);
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;

@@ -1,4 +1,4 @@
--- Cancel the queue's tasks that wait past their expiry (broker rule 15), oldest deadline
+-- Cancel the queue's tasks that wait past their expiry (broker rule 16), oldest deadline
 -- first, at most 1000 per call. `exp` holds every task given an expiry, by its deadline; an
 -- entry is dropped once its time has come (a task that started meanwhile keeps running).
 -- Returns the ids of the tasks cancelled.

@@ -135,8 +135,8 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at,
-                            finished_at, last_error, after_ids, blocked, unique_for, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                            finished_at, last_error, after_ids, blocked, unique_for, flow_key, rate_key, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -154,6 +154,8 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
             after,
             blocked,
             task.unique_for,
+            task.flow_key,
+            task.rate_key,
             task.expires_at,
         ])
     })
