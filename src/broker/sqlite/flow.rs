@@ -47,8 +47,10 @@ pub(super) fn claim(
                  ORDER BY priority DESC, seq LIMIT ?2",
             )
             .and_then(|mut s| {
-                s.query_map(params![q, want, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect()
+                s.query_map(params![q, want, now], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
             })
             .map_err(storage)?;
         if batch.is_empty() {
