@@ -83,8 +83,9 @@ pub fn keys(
 }
 
 /// The template's error speaks of "the command"; a key is not one.
-fn key_words(e: &str) -> String {
-    e.replace("the command needs", "the key needs")
+fn key_words(error: &str) -> String {
+    error
+        .replace("the command needs", "the key needs")
         .replace("into the argument", "into the key")
 }
 

@@ -126,18 +126,18 @@ pub(super) fn claim(
 /// Put back the parked tasks that may run now: as many of a full key's oldest as it has
 /// free slots, a rate key's whose time has come (up to its burst). A key with none left
 /// parked is dropped from `parked_keys`. Costs one step per parked key, never per task.
-fn refill(conn: &Connection, q: &str, now: UnixMs, flow: Flow) -> Result<()> {
+fn refill(conn: &Connection, queue: &str, now: UnixMs, flow: Flow) -> Result<()> {
     let keys: Vec<(i64, String, i64)> = conn
         .prepare_cached("SELECT kind, key, until FROM parked_keys WHERE queue = ?1")
         .and_then(|mut s| {
-            s.query_map([q], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            s.query_map([queue], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect()
         })
         .map_err(storage)?;
     for (kind, key, until) in keys {
         let free: i64 = match kind {
             KEY_FULL => match flow.per_key {
-                Some(limit) => i64::from(limit) - i64::from(held_with_key(conn, q, &key)?),
+                Some(limit) => i64::from(limit) - i64::from(held_with_key(conn, queue, &key)?),
                 None => i64::MAX, // the limit was removed: every parked task may run
             },
             _ => match flow.rate {
@@ -163,28 +163,35 @@ fn refill(conn: &Connection, q: &str, now: UnixMs, flow: Flow) -> Result<()> {
                     SELECT seq FROM tasks WHERE queue = ?1 AND {column} = ?2 AND parked = ?3
                     ORDER BY priority DESC, seq LIMIT ?4)"
             ))
-            .and_then(|mut s| s.execute(params![q, key, kind, free]))
+            .and_then(|mut s| s.execute(params![queue, key, kind, free]))
             .map_err(storage)? as i64;
         if moved < free {
             conn.prepare_cached(
                 "DELETE FROM parked_keys WHERE queue = ?1 AND kind = ?2 AND key = ?3",
             )
-            .and_then(|mut s| s.execute(params![q, kind, key]))
+            .and_then(|mut s| s.execute(params![queue, kind, key]))
             .map_err(storage)?;
         }
     }
     Ok(())
 }
 
-fn held_with_key(conn: &Connection, q: &str, key: &str) -> Result<u32> {
+fn held_with_key(conn: &Connection, queue: &str, key: &str) -> Result<u32> {
     conn.prepare_cached(
         "SELECT count(*) FROM tasks WHERE queue = ?1 AND flow_key = ?2 AND lease_node IS NOT NULL",
     )
-    .and_then(|mut s| s.query_row(params![q, key], |r| r.get(0)))
+    .and_then(|mut s| s.query_row(params![queue, key], |r| r.get(0)))
     .map_err(storage)
 }
 
-fn park(conn: &Connection, q: &str, seq: i64, kind: i64, key: &str, until: UnixMs) -> Result<()> {
+fn park(
+    conn: &Connection,
+    queue: &str,
+    seq: i64,
+    kind: i64,
+    key: &str,
+    until: UnixMs,
+) -> Result<()> {
     conn.prepare_cached("UPDATE tasks SET parked = ?2 WHERE seq = ?1")
         .and_then(|mut s| s.execute(params![seq, kind]))
         .map_err(storage)?;
@@ -192,23 +199,23 @@ fn park(conn: &Connection, q: &str, seq: i64, kind: i64, key: &str, until: UnixM
         "INSERT INTO parked_keys (queue, kind, key, until) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (queue, kind, key) DO UPDATE SET until = excluded.until",
     )
-    .and_then(|mut s| s.execute(params![q, kind, key, until]))
+    .and_then(|mut s| s.execute(params![queue, kind, key, until]))
     .map_err(storage)?;
     Ok(())
 }
 
-fn read_tat(conn: &Connection, q: &str, key: &str) -> Result<Option<i64>> {
+fn read_tat(conn: &Connection, queue: &str, key: &str) -> Result<Option<i64>> {
     conn.prepare_cached("SELECT tat FROM rate_state WHERE queue = ?1 AND key = ?2")
-        .and_then(|mut s| s.query_row(params![q, key], |r| r.get(0)).optional())
+        .and_then(|mut s| s.query_row(params![queue, key], |r| r.get(0)).optional())
         .map_err(storage)
 }
 
-fn write_tat(conn: &Connection, q: &str, key: &str, tat: i64) -> Result<()> {
+fn write_tat(conn: &Connection, queue: &str, key: &str, tat: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO rate_state (queue, key, tat) VALUES (?1, ?2, ?3)
          ON CONFLICT (queue, key) DO UPDATE SET tat = excluded.tat",
     )
-    .and_then(|mut s| s.execute(params![q, key, tat]))
+    .and_then(|mut s| s.execute(params![queue, key, tat]))
     .map_err(storage)?;
     Ok(())
 }
