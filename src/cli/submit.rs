@@ -13,7 +13,10 @@ use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
-use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
+use crate::submission::{
+    byte_offset, expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents,
+    parse_payload, strip_position, unknown_parent,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
@@ -38,6 +41,20 @@ pub struct SubmitArgs {
     /// returns the first task's id.
     #[arg(long, value_name = "KEY")]
     pub unique: Option<String>,
+    /// With --unique: the key stays taken this long after the task finished ("10m": at
+    /// most one such task per 10 minutes); a duplicate meanwhile returns that task's id.
+    #[arg(long, value_name = "DURATION", requires = "unique")]
+    pub unique_for: Option<String>,
+    /// Run only after task ID has succeeded (repeatable: after all of them). The task waits
+    /// in `scheduled` meanwhile, and is cancelled ("dependency ID failed") if ID fails or is
+    /// cancelled. An unknown ID is refused (exit 2). The task sees the ids in $TASKD_AFTER.
+    #[arg(long, value_name = "ID")]
+    pub after: Vec<String>,
+    /// Never start the task after this: a duration from its run-at ("30m") or a time (RFC
+    /// 3339, or Unix seconds). Not started by then, it is cancelled, reason `expired`, and
+    /// a retrying one is not run again. Default: the queue's `expires`.
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub expires: Option<String>,
     /// Enqueue one task per line of FILE (`-` for stdin), each line a JSON payload, all in
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
@@ -102,10 +119,10 @@ impl Remote {
         self.base.strip_prefix("unix:").map(std::path::Path::new)
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+    fn unreachable(&self, error: impl std::fmt::Display) -> Failure {
         Failure::new(
             exit::BROKER,
-            format!("failed to reach the taskd API at {}: {e}", self.base),
+            format!("failed to reach the taskd API at {}: {error}", self.base),
         )
     }
 
@@ -187,8 +204,8 @@ impl Remote {
 }
 
 /// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
-fn error_answer(url: &str, code: u16, v: serde_json::Value) -> (Option<u16>, Failure) {
-    let message = v["error"]["message"]
+fn error_answer(url: &str, code: u16, body: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = body["error"]["message"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| format!("HTTP {code}"));
@@ -274,23 +291,46 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let config = load_config(flag)?;
     let queue = find_queue(&config, &args.queue)?;
     let run_at = run_at(&args)?;
+    let after = parse_parents(&args.after).map_err(|e| Failure::usage(format!("--after {e}")))?;
+    let unique_for = match &args.unique_for {
+        Some(d) => {
+            Some(parse_duration_ms(d).map_err(|e| Failure::usage(format!("--unique-for {e}")))?)
+        }
+        None => None,
+    };
+    let expires_at = expires_at(queue, run_at, args.expires.as_deref())
+        .map_err(|e| Failure::usage(format!("--expires {e}")))?;
     let tasks = match &args.batch {
-        Some(file) => read_batch(&config, queue, file, &args, run_at)?,
+        Some(file) => read_batch(&config, queue, file, &args, run_at, &after)?
+            .into_iter()
+            .map(|mut t| {
+                t.expires_at = expires_at;
+                t
+            })
+            .collect(),
         None => {
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            let mut t = NewTask::new(queue.name.clone(), payload);
+            let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
             t.run_at = run_at;
             t.unique_key = args.unique.clone();
+            t.unique_for = unique_for;
+            t.after = after;
+            t.expires_at = expires_at;
             vec![t]
         }
     };
     let broker = open_broker(&config).await?;
     let count = tasks.len();
-    let enqueued = broker.enqueue(tasks).await?;
+    let enqueued = broker.enqueue(tasks).await.map_err(|e| match e {
+        crate::broker::BrokerError::NotFound(p) => {
+            anyhow::Error::from(Failure::usage(format!("--{}", unknown_parent(p))))
+        }
+        e => e.into(),
+    })?;
     if args.batch.is_some() {
         if args.json {
             print_json(&crate::view::BatchEnqueued {
@@ -349,6 +389,15 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         if let Some(u) = &args.unique {
             body["unique"] = u.clone().into();
+        }
+        if let Some(u) = &args.unique_for {
+            body["unique_for"] = u.clone().into();
+        }
+        if !args.after.is_empty() {
+            body["after"] = args.after.clone().into();
+        }
+        if let Some(e) = &args.expires {
+            body["expires"] = e.clone().into();
         }
         body
     };
@@ -506,6 +555,7 @@ fn read_batch(
     file: &std::path::Path,
     args: &SubmitArgs,
     run_at: Option<UnixMs>,
+    after: &[crate::model::TaskId],
 ) -> Result<Vec<NewTask>, Failure> {
     let text = read_batch_text(file)?;
     let mut tasks = Vec::new();
@@ -520,10 +570,11 @@ fn read_batch(
                 i + 1
             ))
         })?;
-        let mut t = NewTask::new(queue.name.clone(), payload);
+        let mut t = crate::submission::new_task(queue, payload);
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;
+        t.after = after.to_vec();
         tasks.push(t);
     }
     if tasks.is_empty() {
