@@ -118,7 +118,8 @@ env = { PYTHONPATH = "%(path)s" }
         return m.group(1) if m else None
 
     def _workers_running(self) -> bool:
-        out = taskd.Client("unix:" + self.socket).queues()
+        with taskd.Client("unix:" + self.socket) as c:
+            out = c.queues()
         workers = [w for w in out.get("workers", []) if w.get("queue") == "py"]
         return len(workers) == 2 and all(w.get("state") == "running" for w in workers)
 
@@ -350,8 +351,8 @@ class OverTCPWithToken(ClientTests, unittest.TestCase):
 
     def test_a_missing_token_is_refused(self) -> None:
         assert DAEMON is not None
-        with self.assertRaises(taskd.APIError) as caught:
-            taskd.Client(DAEMON.http, token="").submit("echo", {})
+        with self.assertRaises(taskd.APIError) as caught, taskd.Client(DAEMON.http, token="") as c:
+            c.submit("echo", {})
         self.assertEqual((caught.exception.status, caught.exception.code), (401, "missing_token"))
 
 
@@ -368,12 +369,13 @@ class Defaults(unittest.TestCase):
         try:
             os.environ["TASKD_SERVER"] = DAEMON.http
             os.environ["TASKD_TOKEN"] = TOKEN
-            c = taskd.Client()
-            self.assertEqual(c.server, DAEMON.http)
-            self.assertEqual(c.submit("echo", [1]).result(timeout=30), [1])
+            with taskd.Client() as c:
+                self.assertEqual(c.server, DAEMON.http)
+                self.assertEqual(c.submit("echo", [1]).result(timeout=30), [1])
             os.environ["TASKD_SERVER"] = "unix:" + DAEMON.socket
             del os.environ["TASKD_TOKEN"]
-            self.assertEqual(taskd.Client().submit("echo", [2]).result(timeout=30), [2])
+            with taskd.Client() as c:
+                self.assertEqual(c.submit("echo", [2]).result(timeout=30), [2])
             del os.environ["TASKD_SERVER"]
             expected = "unix:/run/taskd/api.sock" if os.path.exists("/run/taskd/api.sock") else "http://127.0.0.1:7070"
             self.assertEqual(taskd.Client().server, expected)
@@ -393,7 +395,10 @@ class Defaults(unittest.TestCase):
 
     def test_after_is_passed_as_the_dependencies(self) -> None:
         assert DAEMON is not None
-        c = taskd.Client("unix:" + DAEMON.socket)
+        with taskd.Client("unix:" + DAEMON.socket) as c:
+            self._after_through(c)
+
+    def _after_through(self, c: taskd.Client) -> None:
         # The parent waits a second: the child waits for it, in `scheduled`.
         parent = c.submit("echo", {"p": 1}, delay=1)
         child = c.submit("echo", {"c": 1}, after=[parent])
@@ -420,6 +425,7 @@ class Defaults(unittest.TestCase):
         self.assertEqual(then.info()["after"], [first.id])
         self.assertEqual(then.result(timeout=30), 7)
         self.assertEqual(first.state(), "succeeded")
+        app_tasks.app._client = None
 
 
 if __name__ == "__main__":
