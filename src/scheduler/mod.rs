@@ -32,6 +32,12 @@ use crate::slots::{self, Step};
 /// wake-up was lost, another node's spec).
 const REFRESH: Duration = Duration::from_secs(30);
 
+/// The most schedules handled at once. A handling is a few broker calls; on SQLite each
+/// takes a blocking thread, so a thousand schedules due together (every one at start, or a
+/// common minute) would start hundreds of threads whose memory stays with the process. The
+/// rest wait their turn, a few milliseconds each.
+const MAX_STEPS: usize = 16;
+
 /// The schedules of one daemon. [`Scheduler::start`] spawns the loop.
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<BTreeMap<String, ScheduleConfig>>,
@@ -263,7 +269,13 @@ impl Loop {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.launch_due();
-            let next = self.entries.values_mut().filter_map(|e| e.due_at()).min();
+            // At the cap, what is due waits for a handling to end (not for the timer, which
+            // would fire at once).
+            let next = if self.steps.len() >= MAX_STEPS {
+                None
+            } else {
+                self.entries.values_mut().filter_map(|e| e.due_at()).min()
+            };
             tokio::select! {
                 _ = stop.cancelled() => break,
                 woke = timer.sleep_until(next) => {
@@ -360,15 +372,21 @@ impl Loop {
         }
     }
 
-    /// Start handling every schedule that is due.
+    /// Start handling the schedules that are due, earliest first, at most [`MAX_STEPS`] at
+    /// once.
     fn launch_due(&mut self) {
+        let room = MAX_STEPS.saturating_sub(self.steps.len());
+        if room == 0 {
+            return;
+        }
         let now = now_ms();
-        let due: Vec<String> = self
+        let mut due: Vec<(UnixMs, String)> = self
             .entries
             .iter_mut()
-            .filter_map(|(n, e)| e.due_at().filter(|t| *t <= now).map(|_| n))
-            .cloned()
+            .filter_map(|(n, e)| e.due_at().filter(|t| *t <= now).map(|t| (t, n.clone())))
             .collect();
+        due.sort();
+        let due = due.into_iter().take(room).map(|(_, n)| n);
         for name in due {
             let Some(e) = self.entries.get_mut(&name) else {
                 continue;
