@@ -374,6 +374,10 @@ pub mod defaults {
     pub const CONCURRENCY: usize = 1;
     pub const TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub const MAX_ATTEMPTS: u32 = 5;
+    /// `max_lost`: lost runs a task may have before the next one fails it.
+    pub const MAX_LOST: u32 = 3;
+    /// `max_crashes`: worker deaths on one task that fail it.
+    pub const MAX_CRASHES: u32 = 3;
     pub const KILL_GRACE: Duration = Duration::from_secs(10);
     pub const OUTPUT_TAIL: usize = 64 * 1024;
     pub const LOG_MAX: u64 = 10 * 1024 * 1024;
