@@ -58,6 +58,11 @@ pub use keys::QueueConfig;
 pub use schedule::{Overlap, ScheduleConfig};
 pub use template::ArgTemplate;
 
+/// The config's schedules by name. Shared, not copied: the daemon, its scheduler and each
+/// of its schedule's handlings hold the same ones (a thousand schedules are a thousand
+/// cron patterns, payloads and names, once).
+pub type Schedules = BTreeMap<String, std::sync::Arc<ScheduleConfig>>;
+
 /// A validated config, with defaults applied and every path absolute.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -91,7 +96,7 @@ pub struct Config {
     pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,
     /// `[schedules.NAME]`, by name.
-    pub schedules: BTreeMap<String, ScheduleConfig>,
+    pub schedules: Schedules,
 }
 
 /// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a

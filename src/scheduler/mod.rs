@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, ScheduleKey, ScheduleStep, StepAnswer, Wakeups};
-use crate::config::{Config, Overlap, ScheduleConfig};
+use crate::config::{Config, Overlap, ScheduleConfig, Schedules};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, UnixMs};
 use crate::slots::{self, Step};
@@ -40,9 +40,9 @@ const MAX_STEPS: usize = 16;
 
 /// The schedules of one daemon. [`Scheduler::start`] spawns the loop.
 pub struct Scheduler {
-    tx: mpsc::UnboundedSender<BTreeMap<String, ScheduleConfig>>,
+    tx: mpsc::UnboundedSender<Schedules>,
     /// The schedules of the config last applied, to say what a reload changed.
-    current: Mutex<BTreeMap<String, ScheduleConfig>>,
+    current: Mutex<Schedules>,
     stop: CancellationToken,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -95,10 +95,7 @@ impl Scheduler {
 }
 
 /// What a reload changes, one phrase per schedule (`taskd reload` prints them).
-pub fn diff(
-    old: &BTreeMap<String, ScheduleConfig>,
-    new: &BTreeMap<String, ScheduleConfig>,
-) -> Vec<String> {
+pub fn diff(old: &Schedules, new: &Schedules) -> Vec<String> {
     let mut out = Vec::new();
     for (name, n) in new {
         let Some(o) = old.get(name) else {
@@ -167,7 +164,7 @@ pub fn diff(
 
 /// One schedule as the loop knows it.
 struct Entry {
-    cfg: ScheduleConfig,
+    cfg: Arc<ScheduleConfig>,
     key: ScheduleKey,
     /// Its calendar's fingerprint: the spec its record must be at.
     spec: String,
@@ -190,7 +187,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(cfg: ScheduleConfig) -> Entry {
+    fn new(cfg: Arc<ScheduleConfig>) -> Entry {
         Entry {
             key: ScheduleKey {
                 name: cfg.name.clone(),
@@ -257,8 +254,8 @@ struct Loop {
 impl Loop {
     async fn run(
         mut self,
-        first: BTreeMap<String, ScheduleConfig>,
-        mut rx: mpsc::UnboundedReceiver<BTreeMap<String, ScheduleConfig>>,
+        first: Schedules,
+        mut rx: mpsc::UnboundedReceiver<Schedules>,
         wakeups: Wakeups,
         stop: CancellationToken,
     ) {
@@ -302,7 +299,7 @@ impl Loop {
 
     /// Take the schedules of a (new) config: keep what is unchanged, begin what is new or
     /// has a new spec.
-    fn take(&mut self, schedules: BTreeMap<String, ScheduleConfig>) {
+    fn take(&mut self, schedules: Schedules) {
         let mut next = BTreeMap::new();
         for (name, cfg) in schedules {
             let entry = match self.entries.remove(&name) {
@@ -451,7 +448,7 @@ struct Job {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     node: String,
-    cfg: ScheduleConfig,
+    cfg: Arc<ScheduleConfig>,
     key: ScheduleKey,
     spec: String,
     through: UnixMs,
