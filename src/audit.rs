@@ -95,7 +95,7 @@ impl Actor {
     }
 
     /// Nothing known yet but the path.
-    pub fn blank(via: Via) -> Actor {
+    pub(crate) fn blank(via: Via) -> Actor {
         Actor {
             via,
             uid: None,
@@ -111,7 +111,7 @@ impl Actor {
     }
 
     /// A peer of the control socket, as the kernel reports it (SO_PEERCRED).
-    pub fn socket_peer(uid: u32, pid: Option<u32>) -> Actor {
+    pub(crate) fn socket_peer(uid: u32, pid: Option<u32>) -> Actor {
         match pid {
             Some(pid) => Actor::unix_user(Via::Socket, uid, pid),
             None => Actor {
@@ -134,8 +134,21 @@ impl Actor {
         }
     }
 
+    /// An HTTP request on the API's Unix socket, from the peer the kernel reports
+    /// (SO_PEERCRED): no token is asked for there.
+    pub fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
+        Actor {
+            uid: Some(uid),
+            user: user_name(uid),
+            pid,
+            addr: Some("unix socket".to_string()),
+            host: crate::model::host_name().map(String::from),
+            ..Actor::blank(Via::Api)
+        }
+    }
+
     /// A signal the daemon received (its sender is not known).
-    pub fn signal(name: &str) -> Actor {
+    pub(crate) fn signal(name: &str) -> Actor {
         Actor {
             signal: Some(name.to_string()),
             pid: Some(std::process::id()),
@@ -145,7 +158,7 @@ impl Actor {
     }
 
     /// The daemon itself (this process).
-    pub fn daemon() -> Actor {
+    pub(crate) fn daemon() -> Actor {
         let uid = nix::unistd::getuid().as_raw();
         Actor::unix_user(Via::Daemon, uid, std::process::id())
     }
@@ -166,7 +179,7 @@ impl Actor {
     /// Who, for people: `local cli uid 1000 (alice) on web-1`, `socket uid 0 (root), login
     /// uid 1000 (alice) on web-1`, `api token "ci" from 10.0.0.5:41234`, `signal SIGHUP on
     /// web-1`. The host is named for all but HTTP requests, whose client address says more.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let user = |uid: Option<u32>, name: &Option<String>| match (uid, name) {
             (Some(u), Some(n)) => format!("uid {u} ({n})"),
             (Some(u), None) => format!("uid {u}"),
@@ -177,9 +190,10 @@ impl Actor {
             Via::Socket => format!("socket {}", user(self.uid, &self.user)),
             Via::Daemon => format!("daemon {}", user(self.uid, &self.user)),
             Via::Api => {
-                let token = match &self.token {
-                    Some(t) => format!("api token {t:?}"),
-                    None => "api without a token".to_string(),
+                let token = match (&self.token, self.uid) {
+                    (Some(t), _) => format!("api token {t:?}"),
+                    (None, Some(_)) => format!("api {}", user(self.uid, &self.user)),
+                    (None, None) => "api without a token".to_string(),
                 };
                 match &self.addr {
                     Some(a) => format!("{token} from {a}"),
@@ -428,7 +442,7 @@ impl AuditEntry {
 
     /// A schedule's pause or resume (`missed`: the schedule's policy, which decides what
     /// becomes of the slots it slept through).
-    pub fn schedule_paused(
+    pub(crate) fn schedule_paused(
         actor: Actor,
         name: &str,
         queue: QueueName,
@@ -456,7 +470,7 @@ impl AuditEntry {
 
     /// The target, for people: `task ID`, `queue Q`, `queue=q state=failed (12 tasks)`,
     /// `schedule S (queue Q)`, `schedule S, task ID (queue Q)` (a fire), or `-`.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         let mut parts = Vec::new();
         if let Some(f) = &self.filter {
             let text: Vec<String> = f.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -517,7 +531,7 @@ pub struct AuditFilter {
 
 /// `--since` and `since=`: a duration back from `now` (`"2h"`, `"1d 12h"`), or a time
 /// (RFC 3339, `"2026-12-01T03:00:00Z"`, or Unix seconds). The error starts with the value.
-pub fn parse_since(text: &str, now: UnixMs) -> Result<UnixMs, String> {
+pub(crate) fn parse_since(text: &str, now: UnixMs) -> Result<UnixMs, String> {
     let t = text.trim();
     if let Ok(d) = humantime::parse_duration(t) {
         return Ok(now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
-pub type UnixMs = i64;
+pub(crate) type UnixMs = i64;
 
 /// The current wall-clock time in [`UnixMs`].
 pub fn now_ms() -> UnixMs {
@@ -68,7 +68,7 @@ impl QueueName {
     }
 
     /// Why `name` cannot be a queue name, if it cannot.
-    pub fn check(name: &str) -> Result<(), String> {
+    pub(crate) fn check(name: &str) -> Result<(), String> {
         if name.is_empty() || name.len() > 64 {
             return Err("a queue name must be 1 to 64 characters long".into());
         }
@@ -155,7 +155,7 @@ impl TaskState {
     }
 
     /// Succeeded, failed and cancelled tasks never change again on their own.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(
             self,
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
@@ -229,11 +229,6 @@ impl AttemptReason {
             AttemptReason::Protocol => "protocol",
         }
     }
-
-    /// Lost and shutdown attempts are not the task's fault and do not use up its budget.
-    pub fn is_charged(self) -> bool {
-        !matches!(self, AttemptReason::Lost | AttemptReason::Shutdown)
-    }
 }
 
 impl fmt::Display for AttemptReason {
@@ -277,6 +272,22 @@ pub struct NewTask {
     pub run_at: Option<UnixMs>,
     /// At most one waiting or running task per queue holds a given key.
     pub unique_key: Option<String>,
+    /// Its `concurrency_key` value, filled from the payload at submit (`config::flow::keys`).
+    #[serde(default)]
+    pub flow_key: Option<String>,
+    /// Its `rate_key` value, filled from the payload at submit.
+    #[serde(default)]
+    pub rate_key: Option<String>,
+    /// How long (ms) the unique key still holds after the task finished (`--unique-for`).
+    #[serde(default)]
+    pub unique_for: Option<i64>,
+    /// The parents: the task waits (`scheduled`) until every one of them has succeeded, and
+    /// is cancelled when one fails or is cancelled (`--after`).
+    #[serde(default)]
+    pub after: Vec<TaskId>,
+    /// Not started by then, it is never started: it ends `cancelled`, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
 }
 
 impl NewTask {
@@ -289,6 +300,11 @@ impl NewTask {
             priority: 0,
             run_at: None,
             unique_key: None,
+            flow_key: None,
+            rate_key: None,
+            unique_for: None,
+            after: Vec::new(),
+            expires_at: None,
         }
     }
 }
@@ -306,7 +322,7 @@ pub struct NodeId(String);
 
 /// This machine's host name, read once per process (`None` when it cannot be read): node
 /// ids and node records carry it, and so do audit records.
-pub fn host_name() -> Option<&'static str> {
+pub(crate) fn host_name() -> Option<&'static str> {
     static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
         nix::unistd::gethostname()
@@ -319,7 +335,7 @@ pub fn host_name() -> Option<&'static str> {
 impl NodeId {
     /// The id a daemon in this process claims under: this machine's [`host_name`]
     /// (`localhost` when it cannot be read) and this process's pid.
-    pub fn of_this_process() -> NodeId {
+    pub(crate) fn of_this_process() -> NodeId {
         NodeId::new(host_name().unwrap_or("localhost"), std::process::id())
     }
 
@@ -333,12 +349,12 @@ impl NodeId {
     }
 
     /// The host name part (`None`: the id is not `host:pid`).
-    pub fn host(&self) -> Option<&str> {
+    pub(crate) fn host(&self) -> Option<&str> {
         self.parts().map(|(host, _)| host)
     }
 
     /// The pid part (`None`: the id is not `host:pid`).
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.parts().map(|(_, pid)| pid)
     }
 
@@ -410,6 +426,38 @@ pub struct TaskRecord {
     /// The slot of that schedule it runs for; `None` for `taskd schedules fire`.
     #[serde(default)]
     pub slot: Option<UnixMs>,
+    /// The tasks it runs after (`--after`), in the order given; empty for most tasks.
+    #[serde(default)]
+    pub after: Vec<TaskId>,
+    /// When it expires if it has not started: it is then cancelled, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
+}
+
+/// The reason (`last_error`) of a task cancelled because it had not started by its expiry.
+pub const EXPIRED: &str = "expired";
+
+/// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
+pub fn join_after(after: &[TaskId]) -> String {
+    after
+        .iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads what [`join_after`] wrote.
+pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// The reason a task cancelled because its parent `parent` failed or was cancelled carries
+/// (its `last_error`).
+pub fn dependency_failed(parent: TaskId) -> String {
+    format!("dependency {parent} failed")
 }
 
 /// One run of a task, kept in its history.

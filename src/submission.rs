@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::config::{runnable, Config, QueueConfig};
-use crate::model::{now_ms, UnixMs};
+use crate::config::{flow, runnable, Config, QueueConfig};
+use crate::model::{now_ms, NewTask, UnixMs};
 
 /// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
 pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
@@ -21,6 +21,47 @@ pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
         return Err(format!("{text:?}: more than 100 years is surely a mistake"));
     }
     Ok(now_ms() + parsed.as_millis() as i64)
+}
+
+/// A duration (`--unique-for`, `unique_for`) in ms: "10m", "1h 30m". The error starts with
+/// the value.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let parsed: Duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (write it like \"30s\", \"10m\" or \"1h 30m\")"))?;
+    if parsed > Duration::from_secs(100 * 366 * 24 * 3600) {
+        return Err(format!("{text:?}: more than 100 years is surely a mistake"));
+    }
+    Ok(parsed.as_millis() as i64)
+}
+
+/// When a task expires (`--expires`, `expires`, else the queue's `expires`): `text` is a
+/// duration counted from the task's run-at (now when it has none: "30m") or a time (RFC
+/// 3339, or Unix seconds). The error starts with the value.
+pub fn expires_at(
+    queue: &QueueConfig,
+    run_at: Option<UnixMs>,
+    text: Option<&str>,
+) -> Result<Option<UnixMs>, String> {
+    let from = run_at.unwrap_or_else(now_ms);
+    match text {
+        None => Ok(queue.expires.map(|d| from + d.as_millis() as i64)),
+        Some(t) => match parse_duration_ms(t) {
+            Ok(ms) => Ok(Some(from + ms)),
+            Err(_) => parse_at(t).map(Some).map_err(|_| {
+                format!("{t:?}: neither a duration (\"30m\", \"1h\") nor a time (RFC 3339, e.g. 2026-12-01T03:00:00Z, or Unix seconds)")
+            }),
+        },
+    }
+}
+
+/// The parents a task runs after (`--after`, `after`): task ids. The error names the value.
+pub fn parse_parents(ids: &[String]) -> Result<Vec<crate::model::TaskId>, String> {
+    ids.iter().map(|id| id.parse()).collect()
+}
+
+/// The refusal of a task whose parent does not exist (broker rule 13).
+pub fn unknown_parent(id: crate::model::TaskId) -> String {
+    format!("after: no task with id {id}: a task can only run after a task already submitted")
 }
 
 /// An RFC 3339 time or Unix seconds, as a run-at time. The error starts with the value.
@@ -93,7 +134,21 @@ pub fn parse_payload(
     })?;
     runnable::argv(queue, &value, args)
         .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
+    flow::keys(queue, &value).map_err(PayloadError::Invalid)?;
     Ok(value.to_string())
+}
+
+/// A new task of `queue` with this payload (as [`parse_payload`] returned it), its
+/// flow-control key values filled (`concurrency_key`, `rate_key`).
+pub fn new_task(queue: &QueueConfig, payload: String) -> NewTask {
+    let mut t = NewTask::new(queue.name.clone(), payload);
+    if queue.concurrency_key.is_some() || queue.rate_key.is_some() {
+        if let Ok(value) = serde_json::from_str(&t.payload) {
+            // parse_payload refused a payload that cannot fill them.
+            (t.flow_key, t.rate_key) = flow::keys(queue, &value).unwrap_or_default();
+        }
+    }
+    t
 }
 
 /// serde_json reports line and column (1-based); turn them into a 0-based byte offset.

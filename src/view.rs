@@ -110,7 +110,8 @@ pub struct Status {
 pub struct EnqueuedTask {
     #[serde(flatten)]
     pub task: TaskRecord,
-    /// A waiting or running task held the same unique key: this is that task.
+    /// A waiting or running task held the same unique key (or one that finished less than
+    /// its `unique_for` ago): this is that task, and nothing was enqueued.
     pub existing: bool,
 }
 
@@ -328,15 +329,6 @@ impl StatBucket {
 pub enum OutStream {
     Stdout,
     Stderr,
-}
-
-impl OutStream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutStream::Stdout => "stdout",
-            OutStream::Stderr => "stderr",
-        }
-    }
 }
 
 /// One event of a task's (or a queue's) output stream: a line of `taskd logs --json`, of

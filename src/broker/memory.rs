@@ -14,9 +14,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, LostLimits,
-    Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState, ScheduleStep,
-    SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
+    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState,
+    ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -37,6 +37,13 @@ struct Row {
     pid_start: Option<u64>,
     /// When its current run's start was recorded.
     started_at: Option<UnixMs>,
+    /// Its `concurrency_key` and `rate_key` values (rule 15).
+    flow_key: Option<String>,
+    rate_key: Option<String>,
+    /// Parents not yet succeeded (rule 13): while above 0 the task waits in `scheduled`.
+    blocked: usize,
+    /// How long (ms) its unique key holds after it finished (rule 14).
+    unique_for: Option<i64>,
 }
 
 impl Row {
@@ -69,6 +76,10 @@ struct Store {
     stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
     schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
+    /// Each rate limit's TAT (µs), by queue and rate key value ("" for the queue's).
+    rate_tat: HashMap<(QueueName, String), i64>,
+    /// The dependants of each parent not settled yet (rule 13).
+    kids: HashMap<TaskId, Vec<TaskId>>,
 }
 
 impl Store {
@@ -86,6 +97,55 @@ impl Store {
                 && !r.task.state.is_terminal()
         })
     }
+
+    /// [`Self::unique_holder`], or else the newest finished task of `queue` whose key still
+    /// holds at `now` (finished less than its `unique_for` ago).
+    fn unique_debounce(&self, queue: &QueueName, key: &str, now: UnixMs) -> Option<&Row> {
+        self.unique_holder(queue, key, None).or_else(|| {
+            self.rows.values().rev().find(|r| {
+                &r.task.queue == queue
+                    && r.task.unique_key.as_deref() == Some(key)
+                    && matches!((r.task.finished_at, r.unique_for), (Some(f), Some(d)) if f + d > now)
+            })
+        })
+    }
+
+    /// Settle the dependants of every parent that has ended (rule 13): a success counts
+    /// down, a failure or a cancel cancels them, and theirs after them. Returns whether a
+    /// dependant was unblocked (work for a daemon).
+    fn settle(&mut self, now: UnixMs) -> bool {
+        let mut unblocked = false;
+        loop {
+            let ended: Vec<(TaskId, TaskState)> = self
+                .kids
+                .keys()
+                .filter_map(|id| {
+                    let r = &self.rows[&self.by_id[id]];
+                    r.task.state.is_terminal().then_some((*id, r.task.state))
+                })
+                .collect();
+            if ended.is_empty() {
+                return unblocked;
+            }
+            for (parent, state) in ended {
+                for kid in self.kids.remove(&parent).unwrap_or_default() {
+                    let Some(r) = self.row_mut(kid) else { continue };
+                    if r.task.state != TaskState::Scheduled || r.blocked == 0 {
+                        continue;
+                    }
+                    r.task.updated_at = now;
+                    if state == TaskState::Succeeded {
+                        r.blocked -= 1;
+                        unblocked |= r.blocked == 0;
+                    } else {
+                        r.task.state = TaskState::Cancelled;
+                        r.task.finished_at = Some(now);
+                        r.task.last_error = Some(crate::model::dependency_failed(parent));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The store and the wake-ups of its one process.
@@ -93,6 +153,7 @@ impl Store {
 pub struct MemoryBroker {
     store: Mutex<Store>,
     wakeups: Wakeups,
+    flow: FlowTable,
 }
 
 impl MemoryBroker {
@@ -126,9 +187,19 @@ impl Broker for MemoryBroker {
                 }
                 payloads.push(payload);
             }
+            // Parents are known, or earlier in this batch.
+            for t in &tasks {
+                if let Some(p) = t
+                    .after
+                    .iter()
+                    .find(|p| !s.by_id.contains_key(p) && !ids.contains(p))
+                {
+                    return Err(BrokerError::NotFound(*p));
+                }
+            }
             for (t, payload) in tasks.into_iter().zip(payloads) {
                 if let Some(key) = &t.unique_key {
-                    if let Some(r) = s.unique_holder(&t.queue, key, None) {
+                    if let Some(r) = s.unique_debounce(&t.queue, key, now) {
                         out.push(Enqueued {
                             id: r.task.id,
                             state: r.task.state,
@@ -140,12 +211,38 @@ impl Broker for MemoryBroker {
                     }
                 }
                 let run_at = t.run_at.unwrap_or(now);
-                let state = if run_at > now {
+                let mut waits_for: Vec<TaskId> = Vec::new();
+                let mut failed_parent = None;
+                for p in &t.after {
+                    let Some(parent) = s.by_id.get(p).map(|seq| &s.rows[seq].task) else {
+                        // Earlier in this batch, but not stored: its unique key was held.
+                        return Err(BrokerError::NotFound(*p));
+                    };
+                    match parent.state {
+                        TaskState::Succeeded => {}
+                        TaskState::Failed | TaskState::Cancelled => {
+                            failed_parent.get_or_insert(*p);
+                        }
+                        _ if !waits_for.contains(p) => waits_for.push(*p),
+                        _ => {}
+                    }
+                }
+                if failed_parent.is_some() {
+                    waits_for.clear();
+                }
+                let state = if failed_parent.is_some() {
+                    TaskState::Cancelled
+                } else if run_at > now {
                     later = true;
+                    TaskState::Scheduled
+                } else if !waits_for.is_empty() {
                     TaskState::Scheduled
                 } else {
                     TaskState::Queued
                 };
+                for p in &waits_for {
+                    s.kids.entry(*p).or_default().push(t.id);
+                }
                 let seq = s.next_seq;
                 s.next_seq += 1;
                 s.by_id.insert(t.id, seq);
@@ -171,12 +268,14 @@ impl Broker for MemoryBroker {
                             attempts: 0,
                             created_at: now,
                             updated_at: now,
-                            finished_at: None,
-                            last_error: None,
+                            finished_at: failed_parent.map(|_| now),
+                            last_error: failed_parent.map(crate::model::dependency_failed),
                             cancel_requested: false,
                             node: None,
                             schedule: None,
                             slot: None,
+                            after: t.after,
+                            expires_at: t.expires_at,
                         },
                         history: Vec::new(),
                         result: None,
@@ -185,6 +284,10 @@ impl Broker for MemoryBroker {
                         pid: None,
                         pid_start: None,
                         started_at: None,
+                        flow_key: t.flow_key,
+                        rate_key: t.rate_key,
+                        blocked: waits_for.len(),
+                        unique_for: t.unique_for,
                     },
                 );
             }
@@ -216,19 +319,75 @@ impl Broker for MemoryBroker {
             if &r.task.queue != queue {
                 continue;
             }
+            let expired = r.task.expires_at.is_some_and(|e| e <= now);
             if matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
                 && r.task.run_at <= now
+                && r.blocked == 0
+                && !expired
             {
                 r.task.state = TaskState::Queued;
                 r.task.updated_at = now;
             }
-            if r.task.state == TaskState::Queued && r.task.node.is_none() {
+            if r.task.state == TaskState::Queued && r.task.node.is_none() && !expired {
                 ready.push((r.task.priority, *seq));
             }
         }
         ready.sort_by_key(|&(priority, seq)| (-(priority as i64), seq));
+        // Rule 13, the simplest way: this store scans anyway. Holders per key are counted
+        // from the held tasks; a blocked task is passed over, not parked.
+        let flow = self.flow.get(queue);
+        let mut holders: HashMap<String, u32> = HashMap::new();
+        if flow.per_key.is_some() {
+            for r in s.rows.values() {
+                if &r.task.queue == queue && r.task.node.is_some() {
+                    if let Some(k) = &r.flow_key {
+                        *holders.entry(k.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let now_us = now * 1000;
+        let mut wait: Option<i64> = None;
+        let mut take = Vec::new();
+        for (_, seq) in ready {
+            if take.len() >= max {
+                break;
+            }
+            let r = &s.rows[&seq];
+            if let (Some(limit), Some(k)) = (flow.per_key, &r.flow_key) {
+                if holders.get(k).copied().unwrap_or(0) >= limit {
+                    continue;
+                }
+            }
+            if let Some(rate) = flow.rate {
+                let rk = if rate.keyed {
+                    r.rate_key.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                let slot = (queue.clone(), rk);
+                match rate.take(s.rate_tat.get(&slot).copied(), now_us) {
+                    Ok(tat) => {
+                        s.rate_tat.insert(slot, tat);
+                    }
+                    Err(at) => {
+                        wait = Some(wait.map_or(at, |w| w.min(at)));
+                        if rate.keyed {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            let r = &s.rows[&seq];
+            if let Some(k) = &r.flow_key {
+                *holders.entry(k.clone()).or_default() += 1;
+            }
+            take.push(seq);
+        }
+        self.flow.set_wait(queue, wait.map(|us| (us + 999) / 1000));
         let mut out = Vec::new();
-        for (_, seq) in ready.into_iter().take(max) {
+        for seq in take {
             let r = s.rows.get_mut(&seq).expect("listed above");
             r.token += 1;
             r.task.node = Some(node.clone());
@@ -247,6 +406,49 @@ impl Broker for MemoryBroker {
             });
         }
         Ok(out)
+    }
+
+    fn set_flow(&self, queue: &QueueName, flow: Flow) {
+        self.flow.set(queue, flow);
+    }
+
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        self.flow.wait(queue)
+    }
+
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState> {
+        let s = self.store();
+        let Some(seq) = s.by_id.get(&id) else {
+            return Err(BrokerError::NotFound(id));
+        };
+        let row = &s.rows[seq];
+        let (flow_key, rate_key) = (row.flow_key.clone(), row.rate_key.clone());
+        let key_holders = match &flow_key {
+            Some(k) => s
+                .rows
+                .values()
+                .filter(|r| {
+                    &r.task.queue == queue
+                        && r.task.node.is_some()
+                        && r.flow_key.as_ref() == Some(k)
+                        && r.task.id != id
+                })
+                .map(|r| r.task.id)
+                .collect(),
+            None => Vec::new(),
+        };
+        let keyed = self.flow.get(queue).rate.is_some_and(|r| r.keyed);
+        let rk = if keyed {
+            rate_key.clone().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(FlowState {
+            key_holders,
+            rate_tat_us: s.rate_tat.get(&(queue.clone(), rk)).copied(),
+            flow_key,
+            rate_key,
+        })
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
@@ -319,6 +521,7 @@ impl Broker for MemoryBroker {
                 r.task.finished_at = Some(now);
                 r.task.updated_at = now;
                 r.task.last_error = Some("cancelled before it ran".into());
+                s.settle(now);
                 CancelOutcome::Cancelled
             }
         };
@@ -460,7 +663,7 @@ impl Broker for MemoryBroker {
         Ok(s.rows
             .values()
             .filter(|r| matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying))
-            .filter(|r| !s.paused.contains(&r.task.queue))
+            .filter(|r| r.blocked == 0 && !s.paused.contains(&r.task.queue))
             .map(|r| r.task.run_at)
             .min())
     }
@@ -564,11 +767,31 @@ impl Broker for MemoryBroker {
                 r.task.updated_at = now;
                 r.release();
             }
+            s.settle(now);
         }
         if !orphans.is_empty() {
             self.wakeups.work.notify_one();
         }
         Ok(orphans)
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let now = now_ms();
+        let mut s = self.store();
+        let mut out = Vec::new();
+        for r in s.rows.values_mut() {
+            let waits = matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
+                || (r.task.state == TaskState::Queued && r.task.node.is_none());
+            if waits && r.task.expires_at.is_some_and(|e| e <= now) {
+                r.task.state = TaskState::Cancelled;
+                r.task.finished_at = Some(now);
+                r.task.updated_at = now;
+                r.task.last_error = Some(crate::model::EXPIRED.into());
+                out.push((r.task.id, r.task.queue.clone()));
+            }
+        }
+        s.settle(now);
+        Ok(out)
     }
 
     async fn subscribe(&self) -> Result<Wakeups> {
@@ -855,6 +1078,8 @@ impl Store {
                     node: None,
                     schedule,
                     slot,
+                    after: Vec::new(),
+                    expires_at: None,
                 },
                 history: Vec::new(),
                 result: None,
@@ -863,6 +1088,10 @@ impl Store {
                 pid: None,
                 pid_start: None,
                 started_at: None,
+                flow_key: task.flow_key,
+                rate_key: task.rate_key,
+                blocked: 0,
+                unique_for: task.unique_for,
             },
         );
         Ok(Enqueued {
@@ -939,10 +1168,12 @@ impl MemoryBroker {
             r.task.cancel_requested = false;
             r.started_at = None;
             r.release();
-            matches!(
-                next,
-                Finish::Requeue | Finish::Release | Finish::Retry { .. }
-            )
+            let unblocked = s.settle(now);
+            unblocked
+                || matches!(
+                    next,
+                    Finish::Requeue | Finish::Release | Finish::Retry { .. }
+                )
         };
         if requeued {
             self.wakeups.work.notify_one();

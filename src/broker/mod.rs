@@ -71,14 +71,48 @@
 //!     every other finish, and [`Broker::note_run`], stores none. The history never holds
 //!     it (attempts read back have `result: None`); [`Broker::get`] returns it as
 //!     [`TaskDetail::result`]. Whatever deletes a task deletes its result with it.
-//! 13. **A task is lost a bounded number of times.** [`Broker::recover_limited`] counts a
+//! 13. **Dependencies** ([`NewTask::after`]). `enqueue` refuses a task whose parent does
+//!     not exist with `NotFound(parent)` (nothing enqueued; a parent earlier in the same
+//!     batch counts, on Redis when it is on the same queue). A parent that already
+//!     succeeded is done; one already failed or cancelled makes the new task `cancelled` at
+//!     once, `last_error` `dependency <ID> failed`. Otherwise the task is `scheduled` until
+//!     every parent has succeeded (it is then promoted as any due task, its `run_at`
+//!     permitting); when a parent ends `failed` or `cancelled`, by whatever operation
+//!     (finish, cancel, recover, expiry), its waiting dependants end `cancelled` with that
+//!     reason in the same atomic change, and theirs after them, transitively, across
+//!     queues. A blocked dependant is in no index a claim reads (no scan per claim). The
+//!     record keeps the parents' ids in `after`, in the order given ([`Broker::parents`]
+//!     reads them with their states). Whatever prunes finished tasks keeps a parent while
+//!     one of its dependants has not finished. `retry` of a dependant runs it without
+//!     waiting again; a retried parent does not revive dependants already cancelled.
+//! 14. **Unique keys.** At most one task of a queue that is waiting or running holds a
+//!     unique key; a task enqueued with `unique_for` also holds it until that long after it
+//!     finished. `enqueue` of a task whose key is held returns the holder's id with
+//!     `existing: true` and stores nothing; the check and the insert are one atomic change,
+//!     so producers racing with one key (in any number of processes) get one task.
+//! 15. **Per-key and rate limits are decided in the claim** ([`Flow`], set per queue by
+//!     [`Broker::set_flow`]). A task whose `flow_key` is set counts against that key while
+//!     it is held (reserved or running): a claim never takes a task whose key already has
+//!     `per_key` holders, across every client of the store, and takes the other keys' tasks
+//!     behind it (no head-of-line blocking). With a rate, each task a claim takes is a start
+//!     charged to the limit (the queue's, or its `rate_key` value's) by GCRA with the
+//!     store's state: over any window, starts never exceed `burst` plus the window over the
+//!     interval. A claim never reads the waiting tasks of a blocked key: they are parked
+//!     out of the ready index and put back as slots free up, or their rate allows.
+//!     [`Broker::flow_wait`] says when a rate refusal ends.
+//! 16. **Expiry** ([`NewTask::expires_at`]). A task past its `expires_at` is never started:
+//!     a claim neither promotes nor takes it, and [`Broker::expire`] ends every such task
+//!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
+//!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
+//!     expiry, never the waiting tasks. A task already held or running is not touched.
+//! 17. **A task is lost a bounded number of times.** [`Broker::recover_limited`] counts a
 //!     running task's `lost` attempts (the one it records included); past its queue's
 //!     `max_lost` ([`LostLimits`]) the task ends `failed` (its last attempt `lost`, its
-//!     `last_error` saying so, its unique key freed) instead of going back to `queued`. A
-//!     pending cancel still wins (rule 5). Reserved tasks that never started are not lost
-//!     runs and are not counted.
+//!     `last_error` saying so, its unique key freed, its waiting dependants cancelled as
+//!     rule 13 says) instead of going back to `queued`. A pending cancel still wins (rule
+//!     5). Reserved tasks that never started are not lost runs and are not counted.
 
-pub mod access;
+pub(crate) mod access;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -100,6 +134,14 @@ use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
+
+/// One parent of a dependant (rule 13), as [`Broker::parents`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Parent {
+    pub id: TaskId,
+    /// Its state now; `None` when it is no longer stored.
+    pub state: Option<TaskState>,
+}
 pub use schedules::{
     ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StepAnswer,
 };
@@ -127,7 +169,7 @@ pub enum BrokerError {
     Full(String),
 }
 
-pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
 /// Proof that a node holds a task: the fencing `token` changes with every claim, so a
 /// stale holder's `finish` is refused.
@@ -194,7 +236,7 @@ impl CancelOutcome {
     /// `entry` (a cancel's audit record) with this answer: done, asked of the node that
     /// runs the task, or refused because it had already finished. The CLI and the API
     /// record a cancel in the same words.
-    pub fn audited(self, entry: AuditEntry) -> AuditEntry {
+    pub(crate) fn audited(self, entry: AuditEntry) -> AuditEntry {
         match self {
             CancelOutcome::Cancelled => entry.ok("cancelled before it ran"),
             CancelOutcome::Requested => {
@@ -215,12 +257,12 @@ pub struct Orphan {
     pub node: Option<NodeId>,
     pub pid: Option<i32>,
     pub pid_start: Option<u64>,
-    /// Lost more often than its queue's `max_lost`: it ended `failed` (rule 13).
+    /// Lost more often than its queue's `max_lost`: it ended `failed` (rule 17).
     pub failed: bool,
 }
 
 /// How many lost runs the tasks of each queue may have (`max_lost`) before the next one
-/// fails them ([`Broker::recover_limited`], rule 13). A queue it does not name (one a reload
+/// fails them ([`Broker::recover_limited`], rule 17). A queue it does not name (one a reload
 /// removed) has the `[defaults]` value; [`LostLimits::default`] has no limit at all.
 #[derive(Clone, Debug, Default)]
 pub struct LostLimits {
@@ -308,7 +350,7 @@ pub struct ListFilter {
 
 impl ListFilter {
     /// Whether `task` passes every condition but `limit` and `after` (which are about order).
-    pub fn matches(&self, task: &TaskRecord) -> bool {
+    pub(crate) fn matches(&self, task: &TaskRecord) -> bool {
         self.queue.as_ref().map_or(true, |q| &task.queue == q)
             && self.state.map_or(true, |s| task.state == s)
             && self.since.map_or(true, |s| task.created_at >= s)
@@ -322,12 +364,6 @@ impl ListFilter {
                 .payload
                 .as_ref()
                 .map_or(true, |p| p.matches(&task.payload))
-    }
-
-    /// Conditions beyond queue, state, limit and cursor: those no backend has an index for
-    /// in every case, so a listing with them may scan.
-    pub fn searches(&self) -> bool {
-        self.unique_key.is_some() || self.payload.is_some()
     }
 }
 
@@ -367,7 +403,7 @@ impl PayloadMatch {
     }
 
     /// Whether `payload` has the field, with the value.
-    pub fn matches(&self, payload: &serde_json::Value) -> bool {
+    pub(crate) fn matches(&self, payload: &serde_json::Value) -> bool {
         let mut v = payload;
         for key in &self.path {
             v = match v {
@@ -399,7 +435,7 @@ impl PayloadMatch {
     /// not a number (a number may be an array index) as JSON, then `:` (payloads are stored
     /// as compact JSON); empty when every part is a number. A cheap first test before
     /// parsing.
-    pub fn needle(&self) -> String {
+    pub(crate) fn needle(&self) -> String {
         match self
             .path
             .iter()
@@ -475,7 +511,7 @@ impl StatRow {
     }
 
     /// Adds `other`'s counters into this row (same queue and minute).
-    pub fn add(&mut self, other: &StatRow) {
+    pub(crate) fn add(&mut self, other: &StatRow) {
         self.succeeded += other.succeeded;
         self.failed += other.failed;
         self.retried += other.retried;
@@ -488,7 +524,7 @@ impl StatRow {
 }
 
 /// How long a backend keeps [`StatRow`]s: the charts look back 24 hours.
-pub const STATS_KEEP_MS: i64 = 26 * 3_600_000;
+pub(crate) const STATS_KEEP_MS: i64 = 26 * 3_600_000;
 
 /// Counts by state for one queue.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -504,7 +540,7 @@ pub struct QueueCounts {
 /// One queue as `taskd status` and the API show it: the counts, and whether the config
 /// names the queue.
 #[derive(Clone, Debug, Default)]
-pub struct QueueRow {
+pub(crate) struct QueueRow {
     pub counts: BTreeMap<TaskState, u64>,
     pub paused: bool,
     pub configured: bool,
@@ -514,13 +550,13 @@ pub struct QueueRow {
 impl QueueRow {
     /// Every count by state, zeros included, in lifecycle order ([`TaskState::ALL`]): what a
     /// table with one column per state shows.
-    pub fn in_order(&self) -> [(TaskState, u64); 7] {
+    pub(crate) fn in_order(&self) -> [(TaskState, u64); 7] {
         TaskState::ALL.map(|s| (s, self.counts.get(&s).copied().unwrap_or(0)))
     }
 
     /// Every count by state, zeros included, keyed by the state's name (for JSON; the map
     /// iterates alphabetically, so a table uses [`Self::in_order`]).
-    pub fn by_state(&self) -> BTreeMap<&'static str, u64> {
+    pub(crate) fn by_state(&self) -> BTreeMap<&'static str, u64> {
         TaskState::ALL
             .iter()
             .map(|s| (s.as_str(), self.counts.get(s).copied().unwrap_or(0)))
@@ -530,7 +566,7 @@ impl QueueRow {
 
 /// The queues of the config (even without tasks) and of the store (even if not
 /// configured), by name.
-pub fn queue_rows<'a>(
+pub(crate) fn queue_rows<'a>(
     configured: impl Iterator<Item = &'a QueueName>,
     counts: Vec<QueueCounts>,
 ) -> BTreeMap<String, QueueRow> {
@@ -605,6 +641,113 @@ impl<T> Future for Queued<'_, T> {
     }
 }
 
+/// The flow-control limits a claim applies to one queue, from its config
+/// (`concurrency_key`/`concurrency_per_key`, `rate`/`burst`/`rate_key`); rule 15.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// At most this many held tasks per `flow_key` value (the queue has a
+    /// `concurrency_key`).
+    pub per_key: Option<u32>,
+    pub rate: Option<RateLimit>,
+}
+
+impl Flow {
+    /// The limits `queue`'s config sets.
+    pub(crate) fn of(queue: &crate::config::QueueConfig) -> Flow {
+        Flow {
+            per_key: queue
+                .concurrency_key
+                .as_ref()
+                .map(|_| queue.concurrency_per_key),
+            rate: queue.rate.map(|rate| RateLimit {
+                rate,
+                burst: queue.burst,
+                keyed: queue.rate_key.is_some(),
+            }),
+        }
+    }
+
+    /// No limit at all: a claim is the plain one.
+    pub fn is_none(&self) -> bool {
+        self.per_key.is_none() && self.rate.is_none()
+    }
+}
+
+/// A rate limit (GCRA): a start is allowed at `now` when `tat - tolerance <= now`, and
+/// moves `tat` (the theoretical arrival time) to `max(tat, now) + interval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rate: crate::config::Rate,
+    pub burst: u32,
+    /// One limit per `rate_key` value; otherwise one for the queue.
+    pub keyed: bool,
+}
+
+impl RateLimit {
+    /// The time between two starts, in µs.
+    pub fn interval_us(&self) -> i64 {
+        self.rate.period_ms * 1000 / i64::from(self.rate.starts)
+    }
+
+    /// How far ahead of now the TAT may be and still allow a start, in µs.
+    pub fn tolerance_us(&self) -> i64 {
+        self.interval_us() * i64::from(self.burst.saturating_sub(1))
+    }
+
+    /// A start at `now_us` against the stored `tat`: `Ok(new tat)`, or `Err(the first µs
+    /// a start is allowed)`.
+    pub fn take(&self, tat: Option<i64>, now_us: i64) -> Result<i64, i64> {
+        let tat = tat.unwrap_or(now_us).max(now_us);
+        if tat - self.tolerance_us() <= now_us {
+            Ok(tat + self.interval_us())
+        } else {
+            Err(tat - self.tolerance_us())
+        }
+    }
+}
+
+/// The limits each queue's claims apply ([`Broker::set_flow`]) and when its rate next
+/// allows a start ([`Broker::flow_wait`]): the part of flow control a client keeps in its
+/// own memory (the state the limits need is in the store).
+#[derive(Default)]
+pub struct FlowTable(std::sync::Mutex<BTreeMap<QueueName, (Flow, Option<UnixMs>)>>);
+
+impl FlowTable {
+    pub fn set(&self, queue: &QueueName, flow: Flow) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.entry(queue.clone()).or_default().0 = flow;
+    }
+
+    pub fn get(&self, queue: &QueueName) -> Flow {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(queue).map(|e| e.0).unwrap_or_default()
+    }
+
+    pub fn set_wait(&self, queue: &QueueName, at: Option<UnixMs>) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = t.get_mut(queue) {
+            e.1 = at;
+        }
+    }
+
+    pub fn wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(queue).and_then(|e| e.1)
+    }
+}
+
+/// What `taskd why` reads of a queue's flow-control state for one task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// The tasks holding the task's `flow_key` (reserved or running), oldest first.
+    pub key_holders: Vec<TaskId>,
+    /// The task's `flow_key` and `rate_key` values as stored.
+    pub flow_key: Option<String>,
+    pub rate_key: Option<String>,
+    /// The rate limit's TAT for the task's rate key (or the queue's), in µs.
+    pub rate_tat_us: Option<i64>,
+}
+
 /// The system of record. Every method is atomic; none holds a lock across calls. The rules
 /// every implementation keeps are in the [module documentation](self).
 #[async_trait]
@@ -639,6 +782,18 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>> {
         self.claim(node, queue, max, lease).await
     }
+
+    /// The flow-control limits this client's claims of `queue` apply (rule 15); the
+    /// daemon sets them from its config at start and on each reload. None by default.
+    fn set_flow(&self, queue: &QueueName, flow: Flow);
+
+    /// After a claim of `queue` that its rate limit cut short: when the rate next allows a
+    /// start (the earliest, over its keys), so that the caller can claim again then.
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs>;
+
+    /// The flow-control state `taskd why` shows for task `id` of `queue`: the holders of its
+    /// key and its rate limit's TAT, as the store has them.
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState>;
 
     /// Record the pid (and its start time) of a task's process group, so that a later
     /// recovery can kill it. A still-held task becomes `running` and its attempt is counted.
@@ -689,6 +844,23 @@ pub trait Broker: Send + Sync + 'static {
     async fn paused(&self) -> Result<BTreeSet<QueueName>>;
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// Cancel the tasks that wait past their expiry (rule 16), by the store's clock; returns
+    /// each one's id and queue. The daemon calls it every second.
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>>;
+
+    /// The parents of task `id` (rule 13) with their states, in the order given at submit;
+    /// empty for a task without any. `NotFound` when `id` is not stored. What `taskd why`
+    /// shows for a dependant that waits.
+    async fn parents(&self, id: TaskId) -> Result<Vec<Parent>> {
+        let task = self.get(id).await?.ok_or(BrokerError::NotFound(id))?;
+        let mut out = Vec::with_capacity(task.task.after.len());
+        for p in task.task.after {
+            let state = self.get(p).await?.map(|d| d.task.state);
+            out.push(Parent { id: p, state });
+        }
+        Ok(out)
+    }
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
     /// Add finished-attempt counters ([`StatRow`]s, one per queue and minute) to the ones
@@ -731,7 +903,7 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// [`Broker::recover`], where a running task lost more often than its queue's
-    /// `max_lost` ends `failed` instead (rule 13). The daemon's recoveries use this one.
+    /// `max_lost` ends `failed` instead (rule 17). The daemon's recoveries use this one.
     async fn recover_limited(
         &self,
         scope: Recover,

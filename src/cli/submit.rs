@@ -13,7 +13,10 @@ use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
-use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
+use crate::submission::{
+    byte_offset, expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents,
+    parse_payload, strip_position, unknown_parent,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
@@ -38,6 +41,20 @@ pub struct SubmitArgs {
     /// returns the first task's id.
     #[arg(long, value_name = "KEY")]
     pub unique: Option<String>,
+    /// With --unique: the key stays taken this long after the task finished ("10m": at
+    /// most one such task per 10 minutes); a duplicate meanwhile returns that task's id.
+    #[arg(long, value_name = "DURATION", requires = "unique")]
+    pub unique_for: Option<String>,
+    /// Run only after task ID has succeeded (repeatable: after all of them). The task waits
+    /// in `scheduled` meanwhile, and is cancelled ("dependency ID failed") if ID fails or is
+    /// cancelled. An unknown ID is refused (exit 2). The task sees the ids in $TASKD_AFTER.
+    #[arg(long, value_name = "ID")]
+    pub after: Vec<String>,
+    /// Never start the task after this: a duration from its run-at ("30m") or a time (RFC
+    /// 3339, or Unix seconds). Not started by then, it is cancelled, reason `expired`, and
+    /// a retrying one is not run again. Default: the queue's `expires`.
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub expires: Option<String>,
     /// Enqueue one task per line of FILE (`-` for stdin), each line a JSON payload, all in
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
@@ -57,8 +74,9 @@ pub struct SubmitArgs {
 /// Talk to a daemon's HTTP API instead of the broker.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RemoteArgs {
-    /// Use the HTTP API of the daemon at URL (e.g. http://queue-host:7070) instead of the
-    /// broker; no config file is needed then.
+    /// Use the HTTP API of the daemon at URL (e.g. http://queue-host:7070, or
+    /// unix:/run/taskd/api.sock for its Unix socket) instead of the broker; no config file
+    /// is needed then.
     #[arg(long, value_name = "URL", env = "TASKD_SERVER")]
     pub server: Option<String>,
     /// The API's bearer token (the daemon's `token`); prefer $TASKD_TOKEN, which `ps` does
@@ -96,6 +114,18 @@ impl Remote {
         &self.base
     }
 
+    /// The socket of a `unix:/path` server.
+    fn unix_socket(&self) -> Option<&std::path::Path> {
+        self.base.strip_prefix("unix:").map(std::path::Path::new)
+    }
+
+    fn unreachable(&self, error: impl std::fmt::Display) -> Failure {
+        Failure::new(
+            exit::BROKER,
+            format!("failed to reach the taskd API at {}: {error}", self.base),
+        )
+    }
+
     /// `METHOD base+path` with an optional body; the JSON answer, or a [`Failure`] that
     /// carries the server's error message and a fitting exit code.
     pub fn call(
@@ -115,6 +145,38 @@ impl Remote {
         body: Option<&str>,
     ) -> Result<serde_json::Value, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
+        if let Some(socket) = self.unix_socket() {
+            let mut headers = vec![("Accept", "application/json")];
+            let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            if let Some(a) = &auth {
+                headers.push(("Authorization", a));
+            }
+            if body.is_some() {
+                headers.push(("Content-Type", "application/json"));
+            }
+            let answer = super::unix_http::request(
+                socket,
+                method,
+                path,
+                &headers,
+                body,
+                Some(Duration::from_secs(60)),
+            )
+            .map_err(|e| (None, self.unreachable(e)))?;
+            let value: Result<serde_json::Value, _> = serde_json::from_reader(answer.body);
+            return match answer.status {
+                200..=299 => value.map_err(|e| {
+                    (
+                        None,
+                        Failure::new(
+                            exit::FAILURE,
+                            format!("failed to read the answer of {url}: {e}"),
+                        ),
+                    )
+                }),
+                code => Err(error_answer(&url, code, value.unwrap_or_default())),
+            };
+        }
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
@@ -134,30 +196,28 @@ impl Remote {
                 )
             }),
             Err(ureq::Error::Status(code, r)) => {
-                let v: serde_json::Value = r.into_json().unwrap_or_default();
-                let message = v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {code}"));
-                let exit_code = match code {
-                    401 | 403 => exit::FAILURE,
-                    400..=499 => exit::USAGE,
-                    _ => exit::BROKER,
-                };
-                Err((
-                    Some(code),
-                    Failure::new(exit_code, format!("{url}: {message}")),
-                ))
+                Err(error_answer(&url, code, r.into_json().unwrap_or_default()))
             }
-            Err(e) => Err((
-                None,
-                Failure::new(
-                    exit::BROKER,
-                    format!("failed to reach the taskd API at {}: {e}", self.base),
-                ),
-            )),
+            Err(e) => Err((None, self.unreachable(e))),
         }
     }
+}
+
+/// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
+fn error_answer(url: &str, code: u16, body: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = body["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {code}"));
+    let exit_code = match code {
+        401 | 403 => exit::FAILURE,
+        400..=499 => exit::USAGE,
+        _ => exit::BROKER,
+    };
+    (
+        Some(code),
+        Failure::new(exit_code, format!("{url}: {message}")),
+    )
 }
 
 /// The body of a stream of Server-Sent Events, read as it comes.
@@ -172,6 +232,34 @@ impl Remote {
         last: Option<&str>,
     ) -> Result<Option<SseBody>, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
+        if let Some(socket) = self.unix_socket() {
+            let mut headers = vec![("Accept", "text/event-stream")];
+            let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            if let Some(a) = &auth {
+                headers.push(("Authorization", a));
+            }
+            if let Some(l) = last {
+                headers.push(("Last-Event-ID", l));
+            }
+            let answer = super::unix_http::request(
+                socket,
+                "GET",
+                path,
+                &headers,
+                None,
+                Some(Duration::from_secs(60)),
+            )
+            .map_err(|e| (None, self.unreachable(e)))?;
+            return match answer.status {
+                204 => Ok(None),
+                200..=299 => Ok(Some(answer.body)),
+                code => Err(error_answer(
+                    &url,
+                    code,
+                    serde_json::from_reader(answer.body).unwrap_or_default(),
+                )),
+            };
+        }
         // No deadline for the whole answer (it lasts as long as the task): the daemon sends
         // a keep-alive every 15 s, so a minute of silence means it is gone.
         let agent = ureq::AgentBuilder::new()
@@ -189,28 +277,9 @@ impl Remote {
             Ok(r) if r.status() == 204 => Ok(None),
             Ok(r) => Ok(Some(Box::new(r.into_reader()))),
             Err(ureq::Error::Status(code, r)) => {
-                let v: serde_json::Value = r.into_json().unwrap_or_default();
-                let message = v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {code}"));
-                let exit_code = match code {
-                    401 | 403 => exit::FAILURE,
-                    400..=499 => exit::USAGE,
-                    _ => exit::BROKER,
-                };
-                Err((
-                    Some(code),
-                    Failure::new(exit_code, format!("{url}: {message}")),
-                ))
+                Err(error_answer(&url, code, r.into_json().unwrap_or_default()))
             }
-            Err(e) => Err((
-                None,
-                Failure::new(
-                    exit::BROKER,
-                    format!("failed to reach the taskd API at {}: {e}", self.base),
-                ),
-            )),
+            Err(e) => Err((None, self.unreachable(e))),
         }
     }
 }
@@ -222,23 +291,46 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let config = load_config(flag)?;
     let queue = find_queue(&config, &args.queue)?;
     let run_at = run_at(&args)?;
+    let after = parse_parents(&args.after).map_err(|e| Failure::usage(format!("--after {e}")))?;
+    let unique_for = match &args.unique_for {
+        Some(d) => {
+            Some(parse_duration_ms(d).map_err(|e| Failure::usage(format!("--unique-for {e}")))?)
+        }
+        None => None,
+    };
+    let expires_at = expires_at(queue, run_at, args.expires.as_deref())
+        .map_err(|e| Failure::usage(format!("--expires {e}")))?;
     let tasks = match &args.batch {
-        Some(file) => read_batch(&config, queue, file, &args, run_at)?,
+        Some(file) => read_batch(&config, queue, file, &args, run_at, &after)?
+            .into_iter()
+            .map(|mut t| {
+                t.expires_at = expires_at;
+                t
+            })
+            .collect(),
         None => {
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            let mut t = NewTask::new(queue.name.clone(), payload);
+            let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
             t.run_at = run_at;
             t.unique_key = args.unique.clone();
+            t.unique_for = unique_for;
+            t.after = after;
+            t.expires_at = expires_at;
             vec![t]
         }
     };
     let broker = open_broker(&config).await?;
     let count = tasks.len();
-    let enqueued = broker.enqueue(tasks).await?;
+    let enqueued = broker.enqueue(tasks).await.map_err(|e| match e {
+        crate::broker::BrokerError::NotFound(p) => {
+            anyhow::Error::from(Failure::usage(format!("--{}", unknown_parent(p))))
+        }
+        e => e.into(),
+    })?;
     if args.batch.is_some() {
         if args.json {
             print_json(&crate::view::BatchEnqueued {
@@ -297,6 +389,15 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         if let Some(u) = &args.unique {
             body["unique"] = u.clone().into();
+        }
+        if let Some(u) = &args.unique_for {
+            body["unique_for"] = u.clone().into();
+        }
+        if !args.after.is_empty() {
+            body["after"] = args.after.clone().into();
+        }
+        if let Some(e) = &args.expires {
+            body["expires"] = e.clone().into();
         }
         body
     };
@@ -454,6 +555,7 @@ fn read_batch(
     file: &std::path::Path,
     args: &SubmitArgs,
     run_at: Option<UnixMs>,
+    after: &[crate::model::TaskId],
 ) -> Result<Vec<NewTask>, Failure> {
     let text = read_batch_text(file)?;
     let mut tasks = Vec::new();
@@ -468,10 +570,11 @@ fn read_batch(
                 i + 1
             ))
         })?;
-        let mut t = NewTask::new(queue.name.clone(), payload);
+        let mut t = crate::submission::new_task(queue, payload);
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;
+        t.after = after.to_vec();
         tasks.push(t);
     }
     if tasks.is_empty() {

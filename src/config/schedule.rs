@@ -16,7 +16,7 @@ pub enum Overlap {
 }
 
 impl Overlap {
-    pub const NAMES: [&'static str; 2] = ["skip", "allow"];
+    pub(crate) const NAMES: [&'static str; 2] = ["skip", "allow"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +53,10 @@ pub struct ScheduleConfig {
     pub max_catch_up: u32,
     pub overlap: Overlap,
     pub enabled: bool,
+    /// The key values its payload gives the queue's `concurrency_key` and `rate_key`
+    /// (filled when the config is read).
+    pub flow_key: Option<String>,
+    pub rate_key: Option<String>,
 }
 
 impl ScheduleConfig {
@@ -61,16 +65,18 @@ impl ScheduleConfig {
         let mut t = NewTask::new(self.queue.clone(), self.payload.clone());
         t.args = self.args.clone();
         t.priority = self.priority;
+        t.flow_key = self.flow_key.clone();
+        t.rate_key = self.rate_key.clone();
         t
     }
 
     /// The spec as the config writes it, with the zone when it matters: `cron "0 3 * * *"`.
-    pub fn spec(&self) -> String {
+    pub(crate) fn spec(&self) -> String {
         self.calendar.spec.show()
     }
 }
 
 /// The default of `max_catch_up`.
-pub const MAX_CATCH_UP: u32 = 100;
+pub(crate) const MAX_CATCH_UP: u32 = 100;
 /// The largest `max_catch_up`.
-pub const MAX_CATCH_UP_LIMIT: i64 = 10_000;
+pub(crate) const MAX_CATCH_UP_LIMIT: i64 = 10_000;

@@ -294,6 +294,8 @@ pub(crate) fn test_claimed(attempt: u32) -> Claimed {
         node: None,
         schedule: None,
         slot: None,
+        after: Vec::new(),
+        expires_at: None,
     };
     Claimed {
         lease: Lease {

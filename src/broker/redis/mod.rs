@@ -28,8 +28,8 @@ use inbox::{plain, store_all, store_inboxes, STORE_TICK};
 use results::{finish_call, finish_loop, Finishing};
 
 use super::{
-    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, LostLimits,
-    NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
+    Lease, ListFilter, LostLimits, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
@@ -91,6 +91,8 @@ struct Scripts {
     adopt: Script,
     heartbeat: Script,
     note: Script,
+    expire: Script,
+    flowstate: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -105,6 +107,7 @@ fn scripts() -> &'static Scripts {
             push: s(include_str!("push.lua")),
             store: with_inbox(include_str!("store.lua")),
             claim: with_inbox(include_str!("claim.lua")),
+            flowstate: s(include_str!("flowstate.lua")),
             started: s(include_str!("started.lua")),
             renew: s(include_str!("renew.lua")),
             finish: s(include_str!("finish.lua")),
@@ -114,12 +117,13 @@ fn scripts() -> &'static Scripts {
             adopt: s(include_str!("adopt.lua")),
             heartbeat: s(include_str!("heartbeat.lua")),
             note: s(include_str!("note.lua")),
+            expire: s(include_str!("expire.lua")),
         }
     })
 }
 
 /// The key prefix of one queue; every key of the queue starts with it.
-pub fn prefix(queue: &QueueName) -> String {
+pub(crate) fn prefix(queue: &QueueName) -> String {
     format!("taskd:{{q:{queue}}}:")
 }
 
@@ -147,6 +151,8 @@ pub struct RedisBroker {
     finisher: tokio::sync::mpsc::UnboundedSender<Finishing>,
     /// Calls sent to the server (a pipeline counts once), for the benchmarks.
     trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The flow-control limits of each queue's claims (rule 15).
+    flow: FlowTable,
 }
 
 impl RedisBroker {
@@ -188,6 +194,7 @@ impl RedisBroker {
             located: Mutex::new(HashMap::new()),
             finisher,
             trips,
+            flow: FlowTable::default(),
         })
     }
 
@@ -268,11 +275,6 @@ impl RedisBroker {
                 Err(BrokerError::LeaseLost(lease.task))
             }
         }
-    }
-
-    /// The server's address, `host:port`.
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     fn err(&self, error: RedisError) -> BrokerError {
@@ -481,15 +483,40 @@ impl RedisBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let rows: Vec<Vec<String>> = scripts()
-            .claim
-            .key(prefix(queue))
-            .arg(node.as_str())
+        let limits = self.flow.get(queue);
+        let mut inv = scripts().claim.key(prefix(queue));
+        inv.arg(node.as_str())
             .arg(max)
-            .arg(lease.as_millis() as u64)
+            .arg(lease.as_millis() as u64);
+        if !limits.is_none() {
+            let rate = limits.rate;
+            inv.arg(limits.per_key.unwrap_or(0))
+                .arg(rate.map_or(0, |r| r.interval_us()))
+                .arg(rate.map_or(0, |r| r.tolerance_us()))
+                .arg(if rate.is_some_and(|r| r.keyed) {
+                    "1"
+                } else {
+                    "0"
+                });
+        }
+        let mut rows: Vec<Vec<String>> = inv
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
+        if !limits.is_none() {
+            // The script's last row says when a refused rate allows a start.
+            let wait = match rows.pop() {
+                Some(w) if w.first().map(String::as_str) == Some("wait") => {
+                    w.get(1).and_then(|t| t.parse().ok())
+                }
+                _ => {
+                    return Err(BrokerError::Storage(
+                        "claim.lua answered no wait row".into(),
+                    ))
+                }
+            };
+            self.flow.set_wait(queue, wait);
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let h = pairs(row);
@@ -693,6 +720,12 @@ fn broker_error(addr: &str, error: RedisError) -> BrokerError {
         BrokerError::Unavailable(format!(
             "the redis server at {addr} is unreachable: {error}"
         ))
+    } else if error.code() == Some("NOPARENT") {
+        // A parent that went away between its lookup and the script.
+        match error.detail().and_then(|d| d.trim().parse().ok()) {
+            Some(id) => BrokerError::NotFound(id),
+            None => BrokerError::Storage(format!("redis at {addr}: {error}")),
+        }
     } else if error.code() == Some("DUPLICATE") {
         BrokerError::Conflict(error.detail().unwrap_or("duplicate task id").to_string())
     } else if error.code() == Some("OOM") || error.to_string().contains("OOM command not allowed") {
@@ -752,6 +785,13 @@ fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
         node: hash.get("node").cloned().map(NodeId::from),
         schedule: hash.get("schedule").cloned(),
         slot: opt_num(hash, "slot"),
+        after: hash
+            .get("after")
+            .map(|a| crate::model::parse_after(a))
+            .transpose()
+            .map_err(|e| bad("after", e))?
+            .unwrap_or_default(),
+        expires_at: opt_num(hash, "expires_at"),
     })
 }
 
@@ -767,6 +807,21 @@ impl Broker for RedisBroker {
         let mut by_queue: BTreeMap<QueueName, Vec<usize>> = BTreeMap::new();
         for (i, t) in tasks.iter().enumerate() {
             by_queue.entry(t.queue.clone()).or_default().push(i);
+        }
+        // The queue of every parent (rule 13): the script links a dependant to its parents
+        // in their queues' keys. A parent earlier in the batch is looked up there.
+        let mut parent_queue: HashMap<TaskId, QueueName> = HashMap::new();
+        for t in &tasks {
+            for p in &t.after {
+                if parent_queue.contains_key(p) {
+                    continue;
+                }
+                let q = match tasks.iter().find(|o| o.id == *p) {
+                    Some(o) => o.queue.clone(),
+                    None => self.locate(*p).await?.ok_or(BrokerError::NotFound(*p))?,
+                };
+                parent_queue.insert(*p, q);
+            }
         }
         let mut out: Vec<Option<Enqueued>> = vec![None; tasks.len()];
         for (q, idx) in by_queue {
@@ -800,7 +855,18 @@ impl Broker for RedisBroker {
                             .map(|k| format!("k:{k}"))
                             .unwrap_or_default(),
                     )
-                    .arg(t.run_at.map(|r| r.to_string()).unwrap_or_default());
+                    .arg(t.run_at.map(|r| r.to_string()).unwrap_or_default())
+                    .arg(t.unique_for.map(|u| u.to_string()).unwrap_or_default())
+                    .arg(
+                        t.after
+                            .iter()
+                            .map(|p| format!("{}\x1f{p}", parent_queue[p]))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )
+                    .arg(schedules::key_arg(&t.flow_key))
+                    .arg(schedules::key_arg(&t.rate_key))
+                    .arg(t.expires_at.map(|e| e.to_string()).unwrap_or_default());
             }
             let flat: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -824,6 +890,40 @@ impl Broker for RedisBroker {
             .collect()
     }
 
+    fn set_flow(&self, queue: &QueueName, flow: Flow) {
+        self.flow.set(queue, flow);
+    }
+
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        self.flow.wait(queue)
+    }
+
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState> {
+        let keyed = self.flow.get(queue).rate.is_some_and(|r| r.keyed);
+        let r: Vec<String> = scripts()
+            .flowstate
+            .key(prefix(queue))
+            .arg(id.to_string())
+            .arg(if keyed { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        if r.len() < 3 {
+            return Err(BrokerError::NotFound(id));
+        }
+        let key = |s: &str| s.strip_prefix("k:").map(str::to_string);
+        let mut key_holders = Vec::new();
+        for h in &r[3..] {
+            key_holders.push(h.parse().map_err(BrokerError::Storage)?);
+        }
+        Ok(FlowState {
+            flow_key: key(&r[0]),
+            rate_key: key(&r[1]),
+            rate_tat_us: r[2].parse().ok(),
+            key_holders,
+        })
+    }
+
     async fn claim(
         &self,
         node: &NodeId,
@@ -832,6 +932,22 @@ impl Broker for RedisBroker {
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
         self.claim_in(node, queue, max, lease).await
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            let ids: Vec<String> = scripts()
+                .expire
+                .key(prefix(&q))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                out.push((id.parse().map_err(BrokerError::Storage)?, q.clone()));
+            }
+        }
+        Ok(out)
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {

@@ -1,7 +1,7 @@
 -- Take back held tasks whose lease expired before now + delta (or all, when ARGV[1] is
 -- '1'). ARGV: all, delta (ms), note, boot, max_lost, the `last_error` of a task lost more
 -- than max_lost times (`{lost}` stands for the count). A running task gets a `lost`
--- attempt, uncharged; past max_lost lost attempts it ends `failed` (rule 13); a reserved
+-- attempt, uncharged; past max_lost lost attempts it ends `failed` (rule 17); a reserved
 -- one goes back silently; a pending cancel ends either `cancelled`.
 -- Returns id, node, pid, pid_start, failed ('1' or '0') per task ('' when unknown; a pid
 -- from another boot is never returned).
@@ -47,12 +47,14 @@ for _, id in ipairs(ids) do
         'last_error', err, 'attempts', fmt(attempts))
       move_state(p, id, f[1], 'failed', f[9])
       free_unique(p, id, f[12])
+      settle(p, id, 'failed')
     elseif f[8] == '1' then
       redis.call('HSET', t, 'state', 'cancelled', 'finished_at', fmt(now), 'updated_at', fmt(now),
         'last_error', 'cancelled by an operator', 'cancel_requested', '0', 'attempts', fmt(attempts))
       redis.call('SREM', p .. 'cancel', id)
       move_state(p, id, f[1], 'cancelled', f[9])
       free_unique(p, id, f[12])
+      settle(p, id, 'cancelled')
     else
       redis.call('HSET', t, 'state', 'queued', 'updated_at', fmt(now), 'attempts', fmt(attempts))
       move_state(p, id, f[1], 'queued', f[9])
