@@ -15,8 +15,8 @@ use async_trait::async_trait;
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState,
-    ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
+    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey,
+    ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{

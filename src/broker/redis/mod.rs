@@ -29,7 +29,8 @@ use results::{finish_call, finish_loop, Finishing};
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, LostLimits, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Lease, ListFilter, LostLimits, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow,
+    Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
