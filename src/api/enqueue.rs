@@ -100,8 +100,8 @@ fn parse_text(
 }
 
 /// A refused payload as the API answers it.
-fn payload_error(config: &Config, what: &str, e: PayloadError) -> ApiError {
-    match e {
+fn payload_error(config: &Config, what: &str, error: PayloadError) -> ApiError {
+    match error {
         PayloadError::TooLarge(m) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
