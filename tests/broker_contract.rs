@@ -5229,3 +5229,115 @@ const UNDO_FLOW: &str = "DROP TABLE parked_keys; DROP TABLE rate_state; DROP IND
     CREATE INDEX tasks_ready ON tasks(queue, priority DESC, seq) WHERE state = 'queued' AND lease_node IS NULL;
     ALTER TABLE tasks DROP COLUMN parked; ALTER TABLE tasks DROP COLUMN flow_key;
     ALTER TABLE tasks DROP COLUMN rate_key; DELETE FROM schema_version WHERE version = 8;";
+
+/// The claim rate with per-key limits against a queue without keys, in the same run: 100,000
+/// waiting tasks on 1,000 keys (`concurrency_per_key = 1`), a node with 8 slots that claims
+/// what its free slots take and finishes each task at once. Prints the figures
+/// (docs/performance.md, "Flow control"); asserts only that every claim kept the limit.
+/// `cargo test --release --test broker_contract flow_bench -- --ignored --nocapture`
+mod flow_bench {
+    use super::*;
+    use taskd::broker::Flow;
+
+    const WAITING: usize = 100_000;
+    const KEYS: usize = 1_000;
+    const SLOTS: usize = 8;
+    const RUNS: usize = 5_000;
+
+    async fn fill(b: &B, queue: &str, keyed: bool) {
+        for chunk in 0..WAITING / 10_000 {
+            let batch: Vec<NewTask> = (0..10_000)
+                .map(|i| {
+                    let mut t = NewTask::new(qn(queue), format!(r#"{{"i":{i}}}"#));
+                    if keyed {
+                        t.flow_key = Some(format!("k{}", (chunk * 10_000 + i) % KEYS));
+                    }
+                    t
+                })
+                .collect();
+            b.enqueue(batch).await.expect("enqueue");
+        }
+    }
+
+    /// Tasks claimed and finished per second over `RUNS` tasks.
+    async fn rate(b: &B, queue: &str, keyed: bool) -> f64 {
+        let node: NodeId = "bench".into();
+        let mut held: Vec<Claimed> = Vec::new();
+        let mut done = 0;
+        let t = Instant::now();
+        while done < RUNS {
+            let got = b
+                .claim(&node, &qn(queue), SLOTS - held.len(), LEASE)
+                .await
+                .expect("claim");
+            if keyed {
+                let mut keys: Vec<u64> = held
+                    .iter()
+                    .chain(got.iter())
+                    .map(|c| c.task.payload["i"].as_u64().unwrap() % KEYS as u64)
+                    .collect();
+                let n = keys.len();
+                keys.sort();
+                keys.dedup();
+                assert_eq!(keys.len(), n, "two held tasks share a key");
+            }
+            held.extend(got);
+            // Finish the oldest half, as slots free in turn.
+            let finish: Vec<Claimed> = held.drain(..held.len().div_ceil(2)).collect();
+            for c in &finish {
+                b.finish(
+                    &c.lease,
+                    attempt_of(c, AttemptReason::Exit, None),
+                    Finish::Succeeded,
+                )
+                .await
+                .expect("finish");
+            }
+            done += finish.len();
+        }
+        done as f64 / t.elapsed().as_secs_f64()
+    }
+
+    async fn compare(b: B, name: &str) {
+        b.set_flow(
+            &qn("keyed"),
+            Flow {
+                per_key: Some(1),
+                rate: None,
+            },
+        );
+        fill(&b, "keyed", true).await;
+        fill(&b, "plain", false).await;
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            without.push(rate(&b, "plain", false).await);
+            with.push(rate(&b, "keyed", true).await);
+        }
+        with.sort_by(f64::total_cmp);
+        without.sort_by(f64::total_cmp);
+        eprintln!(
+            "flow bench ({name}): {WAITING} waiting on {KEYS} keys, {SLOTS} slots: \
+             with per-key limits {:.0} tasks/s, without keys {:.0} tasks/s (medians of 3): {:+.1} %",
+            with[1],
+            without[1],
+            (with[1] - without[1]) / without[1] * 100.0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: run it with --release and --ignored"]
+    async fn flow_bench_sqlite() {
+        let (b, _g) = sqlite_fixture().await;
+        compare(b, "sqlite").await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: run it with --release and --ignored"]
+    async fn flow_bench_redis() {
+        let Some((b, _g)) = open_redis().await else {
+            return;
+        };
+        compare(b, "redis").await;
+    }
+}

@@ -241,3 +241,141 @@ mod redis {
         rate_case(&[&a], &stamps, 35, 10.0);
     }
 }
+
+/// `taskd why ID`'s lines, as people read them.
+fn why(env: &Env, id: &str) -> String {
+    env.ok(&["why", id])
+}
+
+/// Poll `taskd why` until its output holds `want`.
+fn why_says(env: &Env, id: &str, want: &str) -> String {
+    let mut last = String::new();
+    let ok = poll(DEADLINE, || {
+        last = why(env, id);
+        last.contains(want)
+    });
+    assert!(ok, "`taskd why {id}` never said {want:?}; last:\n{last}");
+    last
+}
+
+#[test]
+fn why_names_every_reason_from_real_situations() {
+    let env = Env::new(
+        "[queues.slow]\nshell = 'sleep 30'\nconcurrency = 1\n\n\
+         [queues.pk]\nshell = 'sleep 30'\nconcurrency = 4\nconcurrency_key = \"{customer}\"\n\n\
+         [queues.rt]\nshell = 'true'\nrate = \"1/m\"\n\n\
+         [queues.fast]\nshell = 'true'\n\n\
+         [queues.gone]\nshell = 'true'\n",
+    );
+    // No daemon yet: a task for later, and one waiting for a parent.
+    let later = env
+        .ok(&["submit", "fast", "{}", "--delay", "1h"])
+        .trim()
+        .to_string();
+    let text = why(&env, &later);
+    assert!(
+        text.starts_with(&format!("task {later} is scheduled\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("- its run-at time is in the future: "),
+        "{text}"
+    );
+    assert!(text.contains("(in 59m"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "- no daemon is running for {}",
+            env.config.display()
+        )),
+        "{text}"
+    );
+    let child = env
+        .ok(&["submit", "fast", "{}", "--after", &later])
+        .trim()
+        .to_string();
+    let text = why(&env, &child);
+    assert!(
+        text.contains(&format!(
+            "- it waits for 1 of its 1 parent: {later} (scheduled)"
+        )),
+        "{text}"
+    );
+    // A queue no longer in the config.
+    let orphan = env.submit("gone", "{}");
+    env.ok(&["pause", "fast"]);
+    let paused = env.submit("fast", "{}");
+    let text = why(&env, &paused);
+    assert!(
+        text.contains("- its queue `fast` is paused (`taskd resume fast`)"),
+        "{text}"
+    );
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("[queues.gone]\nshell = 'true'\n", ""),
+    )
+    .unwrap();
+    let text = why(&env, &orphan);
+    assert!(
+        text.contains(&format!(
+            "- its queue `gone` is not in the config {}: no daemon with this config serves it",
+            env.config.display()
+        )),
+        "{text}"
+    );
+
+    let _d = env.daemon();
+    // Slots full: the queue runs one task at a time.
+    let first = env.submit("slow", "{}");
+    env.wait_state(&first, "running", DEADLINE);
+    let second = env.submit("slow", "{}");
+    let text = why_says(
+        &env,
+        &second,
+        "- the queue's slots are full: 1 of 1 running; the oldest is ",
+    );
+    assert!(text.contains(&first), "{text}");
+    let text = why(&env, &first);
+    assert!(
+        text.starts_with(&format!(
+            "task {first} is running\n- it is running (attempt 1) on node "
+        )),
+        "{text}"
+    );
+    // A key at its limit, with the task holding it.
+    let a1 = env.submit("pk", r#"{"customer":"acme"}"#);
+    env.wait_state(&a1, "running", DEADLINE);
+    let a2 = env.submit("pk", r#"{"customer":"acme"}"#);
+    why_says(
+        &env,
+        &a2,
+        &format!("- its key `acme` is at its limit (1 of 1): held by {a1}"),
+    );
+    // The rate limit's next start.
+    let r1 = env.submit("rt", "{}");
+    env.wait_state(&r1, "succeeded", DEADLINE);
+    let r2 = env.submit("rt", "{}");
+    let text = why_says(
+        &env,
+        &r2,
+        "- the rate limit (1/m) allows the next start at ",
+    );
+    assert!(text.contains("(in "), "{text}");
+    // Finished.
+    let done = env.submit("fast", "{}");
+    env.ok(&["resume", "fast"]);
+    env.wait_state(&done, "succeeded", DEADLINE);
+    let text = why(&env, &done);
+    assert!(text.contains("- it has finished: succeeded at "), "{text}");
+    // --json gives the same as data.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["why", &a2, "--json"])).expect("why --json is JSON");
+    assert_eq!(v["task"], a2.as_str());
+    assert_eq!(v["state"], "queued");
+    assert_eq!(v["running"], false);
+    assert!(v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["kind"] == "key_limit" && r["text"].as_str().unwrap().contains(&a1)));
+}

@@ -17,6 +17,7 @@ pub(crate) mod start;
 pub(crate) mod submit;
 mod unix_http;
 mod visible;
+mod why;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +72,12 @@ pub(crate) enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
+    /// Why a task is not running: every reason, one line each, with the numbers (its run-at
+    /// time, parents still waiting, a paused queue, full slots and the oldest running task,
+    /// its key's limit and the tasks holding it, the rate limit's next start, no daemon
+    /// serving its queue, FATAL workers, the node holding it). For a running or finished
+    /// task it says so. Exits 2 for a malformed id, 1 for an unknown one.
+    Why(why::WhyArgs),
     /// Print what a task returned: its result alone, as compact JSON on one line (nothing
     /// when it succeeded without one). Exits 0 when the task succeeded; 4 when it failed or
     /// was cancelled (its error on stderr); 1 when it has not finished (without --wait, or
@@ -175,6 +182,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Status(a) => inspect::status(config, a).await,
         Command::Tasks(a) => inspect::tasks(config, a).await,
         Command::Show(a) => inspect::show(config, a).await,
+        Command::Why(a) => why::run(config, a).await,
         Command::Result(a) => result::run(config, a).await,
         Command::Logs(a) => logs::logs(config, a).await,
         Command::Tail(a) => logs::tail(config, a).await,
