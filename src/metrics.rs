@@ -83,6 +83,7 @@ pub struct Metrics {
     running: Family<QueueLabel, Gauge>,
     broker_errors: Counter,
     schedule_slots: Family<ScheduleLabels, Counter>,
+    expired: Family<QueueLabel, Counter>,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
     /// dashboard's charts): [`Metrics::take_stats`].
     pending: std::sync::Mutex<std::collections::BTreeMap<(i64, QueueName), StatRow>>,
@@ -106,6 +107,12 @@ impl Metrics {
         let running = Family::<QueueLabel, Gauge>::default();
         let broker_errors = Counter::default();
         let schedule_slots = Family::<ScheduleLabels, Counter>::default();
+        let expired = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "taskd_tasks_expired",
+            "Tasks this daemon cancelled because they had not started by their expiry (`expires`)",
+            expired.clone(),
+        );
         registry.register(
             "taskd_tasks_enqueued",
             "Tasks enqueued through this daemon's API",
@@ -148,6 +155,7 @@ impl Metrics {
         );
         Metrics {
             schedule_slots,
+            expired,
             registry,
             enqueued,
             started,
@@ -162,6 +170,15 @@ impl Metrics {
 
     pub fn enqueued(&self, queue: &QueueName, count: u64) {
         self.enqueued
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc_by(count);
+    }
+
+    /// Tasks cancelled by expiry (`Broker::expire`).
+    pub fn expired(&self, queue: &QueueName, count: u64) {
+        self.expired
             .get_or_create(&QueueLabel {
                 queue: queue.to_string(),
             })

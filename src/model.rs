@@ -285,6 +285,9 @@ pub struct NewTask {
     /// is cancelled when one fails or is cancelled (`--after`).
     #[serde(default)]
     pub after: Vec<TaskId>,
+    /// Not started by then, it is never started: it ends `cancelled`, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
 }
 
 impl NewTask {
@@ -301,6 +304,7 @@ impl NewTask {
             rate_key: None,
             unique_for: None,
             after: Vec::new(),
+            expires_at: None,
         }
     }
 }
@@ -425,7 +429,13 @@ pub struct TaskRecord {
     /// The tasks it runs after (`--after`), in the order given; empty for most tasks.
     #[serde(default)]
     pub after: Vec<TaskId>,
+    /// When it expires if it has not started: it is then cancelled, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
 }
+
+/// The reason (`last_error`) of a task cancelled because it had not started by its expiry.
+pub const EXPIRED: &str = "expired";
 
 /// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
 pub fn join_after(after: &[TaskId]) -> String {

@@ -34,6 +34,26 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     Ok(parsed.as_millis() as i64)
 }
 
+/// When a task expires (`--expires`, `expires`, else the queue's `expires`): `text` is a
+/// duration counted from the task's run-at (now when it has none: "30m") or a time (RFC
+/// 3339, or Unix seconds). The error starts with the value.
+pub fn expires_at(
+    queue: &QueueConfig,
+    run_at: Option<UnixMs>,
+    text: Option<&str>,
+) -> Result<Option<UnixMs>, String> {
+    let from = run_at.unwrap_or_else(now_ms);
+    match text {
+        None => Ok(queue.expires.map(|d| from + d.as_millis() as i64)),
+        Some(t) => match parse_duration_ms(t) {
+            Ok(ms) => Ok(Some(from + ms)),
+            Err(_) => parse_at(t).map(Some).map_err(|_| {
+                format!("{t:?}: neither a duration (\"30m\", \"1h\") nor a time (RFC 3339, e.g. 2026-12-01T03:00:00Z, or Unix seconds)")
+            }),
+        },
+    }
+}
+
 /// The parents a task runs after (`--after`, `after`): task ids. The error names the value.
 pub fn parse_parents(ids: &[String]) -> Result<Vec<crate::model::TaskId>, String> {
     ids.iter().map(|id| id.parse()).collect()

@@ -219,6 +219,7 @@ macro_rules! contract_tests {
                 a_failed_parent_cancels_its_dependants_transitively,
                 enqueue_after_unknown_or_finished_parents,
                 unique_for_holds_the_key_after_the_task_finished,
+                an_expired_task_is_never_claimed_and_expire_cancels_it,
                 flow_key_limits_holders_and_lets_others_flow,
                 flow_key_limit_of_two,
                 flow_parked_tasks_cancel_retry_and_unlimit,
@@ -3931,6 +3932,121 @@ pub mod flow_cases {
         assert_eq!(
             got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
             vec![ready]
+        );
+    }
+
+    /// Calls `expire` until it has cancelled `want` (at most the deadline).
+    async fn expire_until(b: &B, want: &[TaskId]) -> Vec<TaskId> {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        while !want.iter().all(|w| got.contains(w)) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "expire never cancelled {want:?}: got {got:?}"
+            );
+            got.extend(
+                b.expire()
+                    .await
+                    .expect("expire")
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    }
+
+    pub async fn an_expired_task_is_never_claimed_and_expire_cancels_it(b: B, _g: G) {
+        let expiring = |queue: &str, at: i64| {
+            let mut t = task(queue);
+            t.expires_at = Some(at);
+            t
+        };
+        // Ready, already past its expiry: no claim takes it; `expire` cancels it, and its
+        // dependant with it.
+        let stale = enqueue1(&b, expiring("ex", now_ms() - 1)).await;
+        let kid = enqueue1(&b, child("ex-2", &[stale])).await;
+        let fresh = enqueue1(&b, expiring("ex", now_ms() + 3_600_000)).await;
+        let got = claim(&b, "ex", 10).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![fresh]
+        );
+        assert_eq!(got[0].task.expires_at.map(|e| e > now_ms()), Some(true));
+        let expired = b.expire().await.expect("expire");
+        assert_eq!(expired, vec![(stale, qn("ex"))]);
+        let t = get(&b, stale).await.task;
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert_eq!(t.last_error.as_deref(), Some("expired"));
+        assert!(t.finished_at.is_some());
+        assert_eq!(get(&b, kid).await.task.state, TaskState::Cancelled);
+        assert!(
+            b.expire().await.expect("expire").is_empty(),
+            "each task expires once"
+        );
+
+        // Held or running past its expiry: left alone, it finishes as it would.
+        let held_until = now_ms() + 300;
+        let held = enqueue1(&b, expiring("ex-h", held_until)).await;
+        let c = run_id(&b, "ex-h", held).await;
+        // Scheduled (due later than its expiry) and retrying tasks expire while they wait.
+        let later = {
+            let mut t = expiring("ex-w", now_ms() + 300);
+            t.run_at = Some(now_ms() + 3_600_000);
+            enqueue1(&b, t).await
+        };
+        let flaky = enqueue1(&b, expiring("ex-r", now_ms() + 300)).await;
+        let r = run_id(&b, "ex-r", flaky).await;
+        b.finish(
+            &r.lease,
+            attempt_of(&r, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry {
+                at: now_ms() + 3_600_000,
+            },
+        )
+        .await
+        .expect("finish");
+        let got = expire_until(&b, &[later, flaky]).await;
+        assert!(!got.contains(&held), "a running task never expires");
+        assert!(now_ms() >= held_until);
+        for id in [later, flaky] {
+            let t = get(&b, id).await.task;
+            assert_eq!(
+                (t.state, t.last_error.as_deref()),
+                (TaskState::Cancelled, Some("expired"))
+            );
+        }
+        assert_eq!(get(&b, flaky).await.task.attempts, 1, "not run again");
+        assert_eq!(get(&b, held).await.task.state, TaskState::Running);
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("a task that started before its expiry finishes as usual");
+        // A retrying task due again, but past its expiry: no claim runs it again.
+        let until = now_ms() + 200;
+        let late = enqueue1(&b, expiring("ex-p", until)).await;
+        let r = run_id(&b, "ex-p", late).await;
+        b.finish(
+            &r.lease,
+            attempt_of(&r, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry { at: now_ms() + 100 },
+        )
+        .await
+        .expect("finish");
+        while now_ms() <= until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            claim(&b, "ex-p", 10).await.is_empty(),
+            "a retry past its expiry never runs"
+        );
+        expire_until(&b, &[late]).await;
+        assert_eq!(
+            get(&b, late).await.task.last_error.as_deref(),
+            Some("expired")
         );
     }
 

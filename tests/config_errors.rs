@@ -477,6 +477,42 @@ kill_grace = \"\"
 }
 
 #[test]
+fn expires_must_be_a_positive_duration() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+
+[defaults]
+expires = \"0s\"
+
+[queues.a]
+shell = \"true\"
+expires = \"an hour\"
+
+[queues.b]
+shell = \"true\"
+expires = 3600
+";
+    check_bad(text)
+        .count(3)
+        .expect(
+            5,
+            11,
+            "defaults.expires",
+            &["longer than zero"],
+            Some("positive duration"),
+        )
+        .expect(
+            9,
+            11,
+            "queues.a.expires",
+            &["\"an hour\" is not a duration"],
+            Some("\"1h 30m\""),
+        )
+        .expect(13, 11, "queues.b.expires", &["duration"], None);
+}
+
+#[test]
 fn max_attempts_zero_and_too_many() {
     let text = "\
 [defaults]

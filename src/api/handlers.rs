@@ -209,6 +209,7 @@ pub async fn enqueue(
                 schedule: None,
                 slot: None,
                 after: asked.after,
+                expires_at: asked.expires_at,
             };
             return Ok(created(false, task));
         }

@@ -275,6 +275,7 @@ impl Broker for MemoryBroker {
                             schedule: None,
                             slot: None,
                             after: t.after,
+                            expires_at: t.expires_at,
                         },
                         history: Vec::new(),
                         result: None,
@@ -318,14 +319,16 @@ impl Broker for MemoryBroker {
             if &r.task.queue != queue {
                 continue;
             }
+            let expired = r.task.expires_at.is_some_and(|e| e <= now);
             if matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
                 && r.task.run_at <= now
                 && r.blocked == 0
+                && !expired
             {
                 r.task.state = TaskState::Queued;
                 r.task.updated_at = now;
             }
-            if r.task.state == TaskState::Queued && r.task.node.is_none() {
+            if r.task.state == TaskState::Queued && r.task.node.is_none() && !expired {
                 ready.push((r.task.priority, *seq));
             }
         }
@@ -759,6 +762,25 @@ impl Broker for MemoryBroker {
         Ok(orphans)
     }
 
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let now = now_ms();
+        let mut s = self.store();
+        let mut out = Vec::new();
+        for r in s.rows.values_mut() {
+            let waits = matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
+                || (r.task.state == TaskState::Queued && r.task.node.is_none());
+            if waits && r.task.expires_at.is_some_and(|e| e <= now) {
+                r.task.state = TaskState::Cancelled;
+                r.task.finished_at = Some(now);
+                r.task.updated_at = now;
+                r.task.last_error = Some(crate::model::EXPIRED.into());
+                out.push((r.task.id, r.task.queue.clone()));
+            }
+        }
+        s.settle(now);
+        Ok(out)
+    }
+
     async fn subscribe(&self) -> Result<Wakeups> {
         Ok(self.wakeups.clone())
     }
@@ -1044,6 +1066,7 @@ impl Store {
                     schedule,
                     slot,
                     after: Vec::new(),
+                    expires_at: None,
                 },
                 history: Vec::new(),
                 result: None,

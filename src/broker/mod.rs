@@ -100,6 +100,11 @@
 //!     interval. A claim never reads the waiting tasks of a blocked key: they are parked
 //!     out of the ready index and put back as slots free up, or their rate allows.
 //!     [`Broker::flow_wait`] says when a rate refusal ends.
+//! 16. **Expiry** ([`NewTask::expires_at`]). A task past its `expires_at` is never started:
+//!     a claim neither promotes nor takes it, and [`Broker::expire`] ends every such task
+//!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
+//!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
+//!     expiry, never the waiting tasks. A task already held or running is not touched.
 
 pub(crate) mod access;
 pub mod memory;
@@ -777,6 +782,10 @@ pub trait Broker: Send + Sync + 'static {
     async fn paused(&self) -> Result<BTreeSet<QueueName>>;
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// Cancel the tasks that wait past their expiry (rule 16), by the store's clock; returns
+    /// each one's id and queue. The daemon calls it every second.
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>>;
 
     /// The parents of task `id` (rule 13) with their states, in the order given at submit;
     /// empty for a task without any. `NotFound` when `id` is not stored. What `taskd why`

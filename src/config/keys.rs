@@ -375,6 +375,12 @@ queue_keys! {
         default: "`{ kind = \"exponential\", base = \"10s\", max = \"1h\", jitter = true }`",
         meaning: "delay before a retry: `base × 2^(n-1)` after the n-th failed attempt (`fixed`: `base`), capped at `max`; `jitter` picks a random point in the upper half; see [Retry backoff](#retry-backoff)",
         read: |cx, e| cx.backoff(e);
+    /// How long after its run-at a task may still start (`None`: no limit); `--expires`
+    /// overrides it per task.
+    expires: Option<Duration> = None,
+        default: "none",
+        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task",
+        read: |cx, e| cx.duration(e);
     /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
     kill_grace: Duration = defaults::KILL_GRACE,
         default: "`\"10s\"`",

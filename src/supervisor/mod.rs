@@ -983,9 +983,23 @@ impl Supervisor {
                     // The safety net behind the wake-ups (a lost datagram, another node).
                     self.refresh_paused().await;
                     self.check_cancels().await;
+                    self.expire().await;
                 }
                 _ = self.interrupt.cancelled() => return,
             }
+        }
+    }
+
+    /// Cancel the tasks that wait past their expiry (broker rule 16), counting them.
+    async fn expire(&self) {
+        match self.broker.expire().await {
+            Ok(expired) => {
+                for (id, queue) in expired {
+                    tracing::info!(task = %id, queue = %queue, "the task expired before it started: cancelled");
+                    self.metrics.expired(&queue, 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to cancel expired tasks"),
         }
     }
 

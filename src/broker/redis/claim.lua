@@ -14,9 +14,10 @@ local now, now_us = clock()
 local due = redis.call('ZRANGEBYSCORE', p .. 'waiting', '-inf', fmt(now), 'LIMIT', 0, 1000)
 for _, id in ipairs(due) do
   local t = p .. 't:' .. id
-  local f = redis.call('HMGET', t, 'state', 'seq', 'priority', 'rk')
+  local f = redis.call('HMGET', t, 'state', 'seq', 'priority', 'rk', 'expires_at')
   redis.call('ZREM', p .. 'waiting', id)
-  if f[1] == 'scheduled' or f[1] == 'retrying' then
+  -- Past its expiry it is not promoted: `expire` cancels it (it is still in `exp`).
+  if (f[1] == 'scheduled' or f[1] == 'retrying') and not (f[5] and tonumber(f[5]) <= now) then
     move_state(p, id, f[1], 'queued', f[2])
     redis.call('HSET', t, 'state', 'queued', 'updated_at', fmt(now))
     ready_add(p, f[3], f[4])
@@ -175,9 +176,12 @@ for _, m in ipairs(members) do
   local id = string.sub(m, 19)
   local t = p .. 't:' .. id
   local row = redis.call('HGETALL', t)
-  local reply, token, had_pid = {}, 1, false
+  local reply, token, had_pid, expired = {}, 1, false, false
   for i = 1, #row, 2 do
     local k = row[i]
+    if k == 'expires_at' and tonumber(row[i + 1]) <= now then
+      expired = row[i + 1]
+    end
     if k == 'token' then
       token = tonumber(row[i + 1]) + 1
     elseif stale_pid[k] then
@@ -187,13 +191,18 @@ for _, m in ipairs(members) do
       reply[#reply + 1] = row[i + 1]
     end
   end
-  local claim = { 'token', fmt(token), 'node', node, 'expires', expires, 'updated_at', fmt(now) }
-  redis.call('HSET', t, unpack(claim))
-  if had_pid then redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot') end
-  for _, v in ipairs(claim) do reply[#reply + 1] = v end
-  held[#held + 1] = expires
-  held[#held + 1] = id
-  out[#out + 1] = reply
+  if expired then
+    -- Never started past its expiry: left (out of `ready`) for `expire` to cancel.
+    redis.call('ZADD', p .. 'exp', expired, id)
+  else
+    local claim = { 'token', fmt(token), 'node', node, 'expires', expires, 'updated_at', fmt(now) }
+    redis.call('HSET', t, unpack(claim))
+    if had_pid then redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot') end
+    for _, v in ipairs(claim) do reply[#reply + 1] = v end
+    held[#held + 1] = expires
+    held[#held + 1] = id
+    out[#out + 1] = reply
+  end
 end
 for i = 1, #held, 2000 do
   redis.call('ZADD', p .. 'held', unpack(held, i, math.min(i + 1999, #held)))

@@ -1,9 +1,9 @@
--- Enqueue a batch, all or nothing. ARGV: n, then 10 fields per task:
+-- Enqueue a batch, all or nothing. ARGV: n, then 11 fields per task:
 -- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now),
 -- unique_for (ms, '' = none), parents ('' = none, else '<queue>\31<id>' joined by ','),
--- concurrency key and rate key (each '' = none, else 'k:' .. key).
+-- concurrency key and rate key (each '' = none, else 'k:' .. key), expires_at (ms, '' = none).
 -- Returns, per task: id, state, existing (0/1), created_at, run_at.
-local W = 10
+local W = 11
 local p = KEYS[1]
 local queue = string.match(p, '{q:(.*)}')
 local n = tonumber(ARGV[1])
@@ -41,7 +41,7 @@ for i = 0, n - 1 do
   local b = 2 + i * W
   local id, payload, args, priority, uk, run_at, ufor, after =
     ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
-  local fk, rkey = ARGV[b + 8], ARGV[b + 9]
+  local fk, rkey, expires = ARGV[b + 8], ARGV[b + 9], ARGV[b + 10]
   local key = nil
   local holder = false
   if uk ~= '' then
@@ -103,6 +103,10 @@ for i = 0, n - 1 do
     if fk ~= '' then redis.call('HSET', t, 'fkey', string.sub(fk, 3)) end
     if rkey ~= '' then redis.call('HSET', t, 'rkey', string.sub(rkey, 3)) end
     if #ids > 0 then redis.call('HSET', t, 'after', table.concat(ids, ',')) end
+    if expires ~= '' and state ~= 'cancelled' then
+      redis.call('HSET', t, 'expires_at', expires)
+      add(p .. 'exp', expires, id)
+    end
     add(p .. 'st:' .. state, sseq, id)
     add(p .. 'all', sseq, id)
     if state == 'cancelled' then

@@ -24,6 +24,7 @@ pub(super) fn plain(task: &NewTask) -> bool {
         && task.flow_key.is_none()
         && task.rate_key.is_none()
         && task.after.is_empty()
+        && task.expires_at.is_none()
 }
 
 /// Store up to [`STORE_STEP`] entries of `queue`'s inbox: (taken, left, whether task `id` is

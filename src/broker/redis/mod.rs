@@ -91,6 +91,7 @@ struct Scripts {
     adopt: Script,
     heartbeat: Script,
     note: Script,
+    expire: Script,
     flowstate: Script,
 }
 
@@ -116,6 +117,7 @@ fn scripts() -> &'static Scripts {
             adopt: s(include_str!("adopt.lua")),
             heartbeat: s(include_str!("heartbeat.lua")),
             note: s(include_str!("note.lua")),
+            expire: s(include_str!("expire.lua")),
         }
     })
 }
@@ -785,6 +787,7 @@ fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
             .transpose()
             .map_err(|e| bad("after", e))?
             .unwrap_or_default(),
+        expires_at: opt_num(hash, "expires_at"),
     })
 }
 
@@ -858,7 +861,8 @@ impl Broker for RedisBroker {
                             .join(","),
                     )
                     .arg(schedules::key_arg(&t.flow_key))
-                    .arg(schedules::key_arg(&t.rate_key));
+                    .arg(schedules::key_arg(&t.rate_key))
+                    .arg(t.expires_at.map(|e| e.to_string()).unwrap_or_default());
             }
             let flat: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -924,6 +928,22 @@ impl Broker for RedisBroker {
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
         self.claim_in(node, queue, max, lease).await
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            let ids: Vec<String> = scripts()
+                .expire
+                .key(prefix(&q))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                out.push((id.parse().map_err(BrokerError::Storage)?, q.clone()));
+            }
+        }
+        Ok(out)
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {

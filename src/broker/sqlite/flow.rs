@@ -43,11 +43,14 @@ pub(super) fn claim(
             .prepare_cached(
                 "SELECT seq, flow_key, rate_key FROM tasks
                  WHERE queue = ?1 AND state = 'queued' AND lease_node IS NULL AND parked = 0
+                   AND (expires_at IS NULL OR expires_at > ?3)
                  ORDER BY priority DESC, seq LIMIT ?2",
             )
             .and_then(|mut s| {
-                s.query_map(params![q, want], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect()
+                s.query_map(params![q, want, now], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
             })
             .map_err(storage)?;
         if batch.is_empty() {

@@ -170,6 +170,7 @@ impl SqliteBroker {
                     "UPDATE tasks SET lease_node = ?1, lease_token = lease_token + 1, lease_expires = ?2,
                         updated_at = ?3, pid = NULL, pid_start = NULL
                      WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL AND parked = 0
+                                   AND (expires_at IS NULL OR expires_at > ?3)
                                    ORDER BY priority DESC, seq LIMIT ?5)
                      RETURNING {TASK_COLS}, seq"
                 ))
@@ -210,7 +211,8 @@ fn is_paused(conn: &Connection, queue: &QueueName) -> Result<bool> {
 fn promote(conn: &Connection, queue: &QueueName, now: UnixMs) -> Result<()> {
     conn.prepare_cached(
         "UPDATE tasks SET state = 'queued', updated_at = ?2
-         WHERE state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= ?2 AND queue = ?1",
+         WHERE state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= ?2 AND queue = ?1
+           AND (expires_at IS NULL OR expires_at > ?2)",
     )
     .and_then(|mut s| s.execute(params![queue.as_str(), now]))
     .map_err(storage)?;
@@ -903,6 +905,49 @@ impl Broker for SqliteBroker {
             self.wake(b"work");
         }
         Ok(out)
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        // Read first: the common answer is "none", which then costs no write.
+        let now = now_ms();
+        let any: bool = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM tasks INDEXED BY tasks_expiry
+                     WHERE expires_at <= ?1 AND state IN ('scheduled', 'queued', 'retrying'))",
+                )
+                .and_then(|mut s| s.query_row([now], |r| r.get(0)))
+                .map_err(storage)
+            })
+            .await?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String)> = self
+            .write(move |conn| {
+                let now = now_ms();
+                conn.prepare_cached(
+                    "UPDATE tasks SET state = 'cancelled', last_error = 'expired', finished_at = ?1, updated_at = ?1
+                     WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_expiry
+                                   WHERE expires_at <= ?1 AND state IN ('scheduled', 'queued', 'retrying')
+                                     AND lease_node IS NULL LIMIT 10000)
+                     RETURNING id, queue",
+                )
+                .and_then(|mut s| {
+                    s.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .and_then(|it| it.collect())
+                })
+                .map_err(storage)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, q)| {
+                Ok((
+                    id.parse().map_err(BrokerError::Storage)?,
+                    q.parse().map_err(BrokerError::Storage)?,
+                ))
+            })
+            .collect()
     }
 
     async fn subscribe(&self) -> Result<Wakeups> {
