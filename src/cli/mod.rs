@@ -318,18 +318,10 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// A time for people: RFC 3339 in UTC, to the second.
 pub(crate) fn fmt_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::model::fmt_time(ms)
 }
 
 /// A duration for people: "1.2s", "3m 5s".
 pub(crate) fn fmt_duration_ms(ms: i64) -> String {
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    if ms < 60_000 {
-        return format!("{:.1}s", ms as f64 / 1000.0);
-    }
-    let secs = std::time::Duration::from_secs((ms / 1000) as u64);
-    humantime::format_duration(secs).to_string()
+    crate::model::fmt_duration_ms(ms)
 }
