@@ -13,12 +13,20 @@ local function clock()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Move a task between the per-state indexes (`st:<state>`, scored by seq).
-local function move_state(p, id, from, to, seq)
+local FINISHED = { succeeded = true, failed = true, cancelled = true }
+
+-- Move a task between the per-state indexes (`st:<state>`, scored by seq). A finished
+-- task is also in `fin:<state>`, scored by its finish time `at` (ms, the `finished_at` the
+-- script writes), which retention reads with ZRANGEBYSCORE (prune.lua).
+local function move_state(p, id, from, to, seq, at)
   if from then
     redis.call('ZREM', p .. 'st:' .. from, id)
+    if FINISHED[from] then redis.call('ZREM', p .. 'fin:' .. from, id) end
   end
   redis.call('ZADD', p .. 'st:' .. to, seq, id)
+  if FINISHED[to] then
+    redis.call('ZADD', p .. 'fin:' .. to, at or fmt((clock())), id)
+  end
 end
 
 -- A finished task no longer holds its unique key.

@@ -35,7 +35,7 @@ for _, id in ipairs(ids) do
       redis.call('HSET', t, 'state', 'cancelled', 'finished_at', fmt(now), 'updated_at', fmt(now),
         'last_error', 'cancelled by an operator', 'cancel_requested', '0', 'attempts', fmt(attempts))
       redis.call('SREM', p .. 'cancel', id)
-      move_state(p, id, f[1], 'cancelled', f[9])
+      move_state(p, id, f[1], 'cancelled', f[9], fmt(now))
       free_unique(p, id, f[12])
     else
       redis.call('HSET', t, 'state', 'queued', 'updated_at', fmt(now), 'attempts', fmt(attempts))
