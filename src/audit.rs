@@ -242,6 +242,8 @@ pub enum Action {
     BulkCancel,
     /// Retry every task a filter selects (one record for the whole operation).
     BulkRetry,
+    /// Delete finished tasks past their `keep_*` now (`taskd prune`, not a dry run).
+    Prune,
     /// The daemon started (on this host).
     Start,
     /// The daemon began to stop (drain).
@@ -249,7 +251,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::Cancel,
         Action::Retry,
         Action::Pause,
@@ -258,6 +260,7 @@ impl Action {
         Action::Reload,
         Action::BulkCancel,
         Action::BulkRetry,
+        Action::Prune,
         Action::Start,
         Action::Stop,
     ];
@@ -272,6 +275,7 @@ impl Action {
             Action::Reload => "reload",
             Action::BulkCancel => "bulk_cancel",
             Action::BulkRetry => "bulk_retry",
+            Action::Prune => "prune",
             Action::Start => "start",
             Action::Stop => "stop",
         }

@@ -4485,7 +4485,7 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
@@ -4501,7 +4501,9 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
+            conn.execute_batch(
+                "DROP INDEX tasks_finished; DROP TABLE results; DELETE FROM schema_version WHERE version >= 6",
+            )
                 .expect("make it a version 5 store");
         }
         let b = g.connect().await;
@@ -4526,7 +4528,7 @@ mod sqlite_specific {
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
             conn.execute_batch(
-                "DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
+                "DROP INDEX tasks_finished; DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
             )
             .expect("make it a schema 4 store");
         }

@@ -316,7 +316,7 @@ fn base_components() -> Value {
                 "at": { "type": "integer", "description": "when the store took it, ms since the epoch (the store's clock)" },
                 "who": { "type": "string", "example": "api token \"ci\" from 10.0.0.5:41234", "description": "who, for people" },
                 "actor": { "$ref": "#/components/schemas/Actor" },
-                "action": { "type": "string", "enum": ["cancel", "retry", "pause", "resume", "restart", "reload", "bulk_cancel", "bulk_retry", "start", "stop"] },
+                "action": { "type": "string", "enum": ["cancel", "retry", "pause", "resume", "restart", "reload", "bulk_cancel", "bulk_retry", "prune", "start", "stop"] },
                 "target": { "type": "string", "example": "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)", "description": "the target, for people" },
                 "task": { "type": "string", "format": "uuid", "nullable": true },
                 "queue": { "type": "string", "nullable": true },
@@ -1063,10 +1063,12 @@ mod tests {
         let doc = super::document();
         let status = json!({ "allOf": [
             { "$ref": "#/components/schemas/Overview" },
-            { "type": "object", "required": ["daemon", "state_dir"], "properties": {
+            { "type": "object", "required": ["daemon", "state_dir", "store"], "properties": {
                 "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted"], "properties": {
                     "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true } } },
-                "state_dir": { "type": "string" } } }
+                "state_dir": { "type": "string" },
+                "store": { "type": "object", "nullable": true, "required": ["bytes", "measure"], "properties": {
+                    "bytes": { "type": "integer" }, "measure": { "type": "string" } } } } }
         ] });
         let submitted = json!({ "type": "object", "required": ["existing", "task"], "properties": {
             "existing": { "type": "boolean" }, "task": { "$ref": "#/components/schemas/Task" } } });
@@ -1079,6 +1081,10 @@ mod tests {
                     halted: Some("the store lock is lost".into()),
                 }),
                 state_dir: "/var/lib/taskd".into(),
+                store: full.then_some(crate::broker::StoreSize {
+                    bytes: 4096,
+                    measure: "file",
+                }),
                 overview: overview(fill),
             };
             w.check(
