@@ -1,7 +1,8 @@
 //! The audit trail's vocabulary: who changed what, through which path, and how it went.
 //!
 //! Every change an operator makes (cancel, retry, pause, resume, restart, reload, a bulk
-//! retry or cancel, and the daemon's own start and stop) becomes one [`AuditEntry`], which
+//! retry or cancel, a schedule's fire, pause and resume, and the daemon's own start and
+//! stop) becomes one [`AuditEntry`], which
 //! the caller hands to [`crate::broker::Broker::audit`] once the change is done, with its
 //! outcome. The broker keeps the trail (bounded, newest kept) beside the tasks, so that the
 //! CLI, which changes tasks straight in the store, records its changes where the daemon
@@ -94,7 +95,7 @@ impl Actor {
     }
 
     /// Nothing known yet but the path.
-    pub fn blank(via: Via) -> Actor {
+    pub(crate) fn blank(via: Via) -> Actor {
         Actor {
             via,
             uid: None,
@@ -110,7 +111,7 @@ impl Actor {
     }
 
     /// A peer of the control socket, as the kernel reports it (SO_PEERCRED).
-    pub fn socket_peer(uid: u32, pid: Option<u32>) -> Actor {
+    pub(crate) fn socket_peer(uid: u32, pid: Option<u32>) -> Actor {
         match pid {
             Some(pid) => Actor::unix_user(Via::Socket, uid, pid),
             None => Actor {
@@ -133,8 +134,21 @@ impl Actor {
         }
     }
 
+    /// An HTTP request on the API's Unix socket, from the peer the kernel reports
+    /// (SO_PEERCRED): no token is asked for there.
+    pub fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
+        Actor {
+            uid: Some(uid),
+            user: user_name(uid),
+            pid,
+            addr: Some("unix socket".to_string()),
+            host: crate::model::host_name().map(String::from),
+            ..Actor::blank(Via::Api)
+        }
+    }
+
     /// A signal the daemon received (its sender is not known).
-    pub fn signal(name: &str) -> Actor {
+    pub(crate) fn signal(name: &str) -> Actor {
         Actor {
             signal: Some(name.to_string()),
             pid: Some(std::process::id()),
@@ -144,7 +158,7 @@ impl Actor {
     }
 
     /// The daemon itself (this process).
-    pub fn daemon() -> Actor {
+    pub(crate) fn daemon() -> Actor {
         let uid = nix::unistd::getuid().as_raw();
         Actor::unix_user(Via::Daemon, uid, std::process::id())
     }
@@ -165,7 +179,7 @@ impl Actor {
     /// Who, for people: `local cli uid 1000 (alice) on web-1`, `socket uid 0 (root), login
     /// uid 1000 (alice) on web-1`, `api token "ci" from 10.0.0.5:41234`, `signal SIGHUP on
     /// web-1`. The host is named for all but HTTP requests, whose client address says more.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let user = |uid: Option<u32>, name: &Option<String>| match (uid, name) {
             (Some(u), Some(n)) => format!("uid {u} ({n})"),
             (Some(u), None) => format!("uid {u}"),
@@ -176,9 +190,10 @@ impl Actor {
             Via::Socket => format!("socket {}", user(self.uid, &self.user)),
             Via::Daemon => format!("daemon {}", user(self.uid, &self.user)),
             Via::Api => {
-                let token = match &self.token {
-                    Some(t) => format!("api token {t:?}"),
-                    None => "api without a token".to_string(),
+                let token = match (&self.token, self.uid) {
+                    (Some(t), _) => format!("api token {t:?}"),
+                    (None, Some(_)) => format!("api {}", user(self.uid, &self.user)),
+                    (None, None) => "api without a token".to_string(),
                 };
                 match &self.addr {
                     Some(a) => format!("{token} from {a}"),
@@ -248,10 +263,17 @@ pub enum Action {
     Start,
     /// The daemon began to stop (drain).
     Stop,
+    /// Enqueue a schedule's task now, outside its slots (`taskd schedules fire`,
+    /// `POST /api/v1/schedules/{name}/fire`).
+    ScheduleFire,
+    /// Stop firing a schedule (`taskd schedules pause`, `POST …/pause`).
+    SchedulePause,
+    /// Fire a paused schedule again (`taskd schedules resume`, `POST …/resume`).
+    ScheduleResume,
 }
 
 impl Action {
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 14] = [
         Action::Cancel,
         Action::Retry,
         Action::Pause,
@@ -263,6 +285,9 @@ impl Action {
         Action::Prune,
         Action::Start,
         Action::Stop,
+        Action::ScheduleFire,
+        Action::SchedulePause,
+        Action::ScheduleResume,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -278,6 +303,9 @@ impl Action {
             Action::Prune => "prune",
             Action::Start => "start",
             Action::Stop => "stop",
+            Action::ScheduleFire => "schedule_fire",
+            Action::SchedulePause => "schedule_pause",
+            Action::ScheduleResume => "schedule_resume",
         }
     }
 }
@@ -336,9 +364,13 @@ pub struct AuditEntry {
     /// The task acted on (cancel, retry).
     #[serde(default)]
     pub task: Option<TaskId>,
-    /// The queue acted on (pause, resume, restart), or the queue of the task acted on.
+    /// The queue acted on (pause, resume, restart), or the queue of the task acted on (or
+    /// of the schedule).
     #[serde(default)]
     pub queue: Option<QueueName>,
+    /// The schedule acted on (`[schedules.NAME]`: fire, pause, resume).
+    #[serde(default)]
+    pub schedule: Option<String>,
     /// A bulk operation's filter, as its caller names it (`queue`, `state`, …).
     #[serde(default)]
     pub filter: Option<BTreeMap<String, String>>,
@@ -359,6 +391,7 @@ impl AuditEntry {
             action,
             task: None,
             queue: None,
+            schedule: None,
             filter: None,
             count: None,
             outcome: Outcome::Ok,
@@ -373,6 +406,11 @@ impl AuditEntry {
 
     pub fn queue(mut self, queue: QueueName) -> Self {
         self.queue = Some(queue);
+        self
+    }
+
+    pub fn schedule(mut self, name: impl Into<String>) -> Self {
+        self.schedule = Some(name.into());
         self
     }
 
@@ -406,9 +444,37 @@ impl AuditEntry {
         }
     }
 
-    /// The target, for people: `task ID`, `queue Q`, `queue=q state=failed (12 tasks)`, or
-    /// `-`.
-    pub fn target(&self) -> String {
+    /// A schedule's pause or resume (`missed`: the schedule's policy, which decides what
+    /// becomes of the slots it slept through).
+    pub(crate) fn schedule_paused(
+        actor: Actor,
+        name: &str,
+        queue: QueueName,
+        paused: bool,
+        missed: &str,
+    ) -> AuditEntry {
+        let (action, detail) = if paused {
+            (
+                Action::SchedulePause,
+                "paused: it fires no slot until it is resumed".to_string(),
+            )
+        } else {
+            (
+                Action::ScheduleResume,
+                format!(
+                    "resumed: the slots it slept through are missed slots (missed = \"{missed}\")"
+                ),
+            )
+        };
+        AuditEntry::new(actor, action)
+            .schedule(name)
+            .queue(queue)
+            .ok(detail)
+    }
+
+    /// The target, for people: `task ID`, `queue Q`, `queue=q state=failed (12 tasks)`,
+    /// `schedule S (queue Q)`, `schedule S, task ID (queue Q)` (a fire), or `-`.
+    pub(crate) fn target(&self) -> String {
         let mut parts = Vec::new();
         if let Some(f) = &self.filter {
             let text: Vec<String> = f.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -421,11 +487,17 @@ impl AuditEntry {
                 parts.push(format!("({n} task{})", if n == 1 { "" } else { "s" }));
             }
         } else {
+            if let Some(s) = &self.schedule {
+                parts.push(match self.task {
+                    Some(_) => format!("schedule {s},"),
+                    None => format!("schedule {s}"),
+                });
+            }
             if let Some(t) = self.task {
                 parts.push(format!("task {t}"));
             }
             if let Some(q) = &self.queue {
-                parts.push(if self.task.is_some() {
+                parts.push(if self.task.is_some() || self.schedule.is_some() {
                     format!("(queue {q})")
                 } else {
                     format!("queue {q}")
@@ -463,7 +535,7 @@ pub struct AuditFilter {
 
 /// `--since` and `since=`: a duration back from `now` (`"2h"`, `"1d 12h"`), or a time
 /// (RFC 3339, `"2026-12-01T03:00:00Z"`, or Unix seconds). The error starts with the value.
-pub fn parse_since(text: &str, now: UnixMs) -> Result<UnixMs, String> {
+pub(crate) fn parse_since(text: &str, now: UnixMs) -> Result<UnixMs, String> {
     let t = text.trim();
     if let Ok(d) = humantime::parse_duration(t) {
         return Ok(now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
@@ -547,6 +619,15 @@ mod tests {
         assert_eq!(
             AuditEntry::new(Actor::blank(Via::Cli), Action::Reload).target(),
             "-"
+        );
+        let paused = AuditEntry::new(Actor::blank(Via::Cli), Action::SchedulePause)
+            .schedule("nightly")
+            .queue("reports".parse().unwrap());
+        assert_eq!(paused.target(), "schedule nightly (queue reports)");
+        let fired = paused.task(id);
+        assert_eq!(
+            fired.target(),
+            "schedule nightly, task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue reports)"
         );
     }
 

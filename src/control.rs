@@ -187,11 +187,6 @@ async fn answer(
     write.write_all(text.as_bytes()).await
 }
 
-/// Ask the daemon at `path` to reload and wait for its answer.
-pub async fn request_reload(path: &Path, wait: Duration) -> std::io::Result<ReloadReply> {
-    request(path, &Request::Reload, wait).await
-}
-
 /// Send `req` to the daemon at `path` and wait for its answer.
 pub async fn request(path: &Path, req: &Request, wait: Duration) -> std::io::Result<ReloadReply> {
     let stream = UnixStream::connect(path).await?;
@@ -213,8 +208,9 @@ pub async fn request(path: &Path, req: &Request, wait: Duration) -> std::io::Res
 pub struct StreamAnswer {
     pub header: ReloadReply,
     pub lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    /// Kept open while the stream is read: the daemon ends the session when it closes.
-    pub keep: tokio::net::unix::OwnedWriteHalf,
+    /// Held, never written, while the stream is read: the daemon ends the session when it
+    /// closes.
+    pub _keep: tokio::net::unix::OwnedWriteHalf,
 }
 
 /// Send a streaming request to the daemon at `path` and read its header line.
@@ -241,6 +237,6 @@ pub async fn request_stream(path: &Path, req: &Request) -> std::io::Result<Strea
     Ok(StreamAnswer {
         header,
         lines,
-        keep: write,
+        _keep: write,
     })
 }

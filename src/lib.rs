@@ -33,23 +33,23 @@
 //! - [`follow`]: following a task's or a queue's output (`taskd logs`, `taskd tail`, the
 //!   API's output streams): live from the daemon's rings, stored tails from the broker.
 
-pub mod api;
+pub(crate) mod api;
 pub mod audit;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod daemon;
-pub mod executor;
-pub mod exit;
-pub mod follow;
-pub mod metrics;
+pub(crate) mod executor;
+pub(crate) mod exit;
+pub(crate) mod follow;
+pub(crate) mod metrics;
 pub mod model;
-pub mod notify;
-pub mod scheduler;
-pub mod slots;
-pub mod submission;
-pub mod supervisor;
-pub mod view;
-pub mod worker;
+pub(crate) mod notify;
+pub(crate) mod scheduler;
+pub(crate) mod slots;
+pub(crate) mod submission;
+pub(crate) mod supervisor;
+pub(crate) mod view;
+pub(crate) mod worker;

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
-pub type UnixMs = i64;
+pub(crate) type UnixMs = i64;
 
 /// The current wall-clock time in [`UnixMs`].
 pub fn now_ms() -> UnixMs {
@@ -68,7 +68,7 @@ impl QueueName {
     }
 
     /// Why `name` cannot be a queue name, if it cannot.
-    pub fn check(name: &str) -> Result<(), String> {
+    pub(crate) fn check(name: &str) -> Result<(), String> {
         if name.is_empty() || name.len() > 64 {
             return Err("a queue name must be 1 to 64 characters long".into());
         }
@@ -155,7 +155,7 @@ impl TaskState {
     }
 
     /// Succeeded, failed and cancelled tasks never change again on their own.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(
             self,
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
@@ -248,11 +248,6 @@ impl AttemptReason {
             AttemptReason::Protocol => "protocol",
         }
     }
-
-    /// Lost and shutdown attempts are not the task's fault and do not use up its budget.
-    pub fn is_charged(self) -> bool {
-        !matches!(self, AttemptReason::Lost | AttemptReason::Shutdown)
-    }
 }
 
 impl fmt::Display for AttemptReason {
@@ -325,7 +320,7 @@ pub struct NodeId(String);
 
 /// This machine's host name, read once per process (`None` when it cannot be read): node
 /// ids and node records carry it, and so do audit records.
-pub fn host_name() -> Option<&'static str> {
+pub(crate) fn host_name() -> Option<&'static str> {
     static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
         nix::unistd::gethostname()
@@ -338,7 +333,7 @@ pub fn host_name() -> Option<&'static str> {
 impl NodeId {
     /// The id a daemon in this process claims under: this machine's [`host_name`]
     /// (`localhost` when it cannot be read) and this process's pid.
-    pub fn of_this_process() -> NodeId {
+    pub(crate) fn of_this_process() -> NodeId {
         NodeId::new(host_name().unwrap_or("localhost"), std::process::id())
     }
 
@@ -352,12 +347,12 @@ impl NodeId {
     }
 
     /// The host name part (`None`: the id is not `host:pid`).
-    pub fn host(&self) -> Option<&str> {
+    pub(crate) fn host(&self) -> Option<&str> {
         self.parts().map(|(host, _)| host)
     }
 
     /// The pid part (`None`: the id is not `host:pid`).
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.parts().map(|(_, pid)| pid)
     }
 

@@ -187,10 +187,12 @@ pub struct AuditView {
     pub actor: Actor,
     pub action: Action,
     /// The target, for people: `task ID (queue Q)`, `queue Q`, `queue=q state=failed (12
-    /// tasks)`, or `-`.
+    /// tasks)`, `schedule S (queue Q)`, `schedule S, task ID (queue Q)`, or `-`.
     pub target: String,
     pub task: Option<TaskId>,
     pub queue: Option<QueueName>,
+    /// The schedule acted on (`schedule_fire`, `schedule_pause`, `schedule_resume`).
+    pub schedule: Option<String>,
     /// A bulk operation's filter.
     pub filter: Option<BTreeMap<String, String>>,
     /// A bulk operation: how many tasks it changed.
@@ -211,6 +213,7 @@ impl From<AuditRecord> for AuditView {
             action: e.action,
             task: e.task,
             queue: e.queue,
+            schedule: e.schedule,
             filter: e.filter,
             count: e.count,
             outcome: e.outcome,
@@ -327,15 +330,6 @@ impl StatBucket {
 pub enum OutStream {
     Stdout,
     Stderr,
-}
-
-impl OutStream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutStream::Stdout => "stdout",
-            OutStream::Stderr => "stderr",
-        }
-    }
 }
 
 /// One event of a task's (or a queue's) output stream: a line of `taskd logs --json`, of

@@ -121,10 +121,52 @@ fn schedules_list_fire_pause_and_resume() {
         None,
     );
     assert_eq!((code, v["paused"].as_bool()), (200, Some(false)));
-    let (code, v) = call("GET", &format!("{url}/api/v1/schedules/nope"), None, None);
-    assert_eq!(code, 404);
-    assert_eq!(v["error"]["code"], "unknown_schedule");
-    assert_eq!(v["error"]["known"], serde_json::json!(["nightly"]));
+    // An unknown name: 404, naming the known ones, on every schedule route.
+    for (method, path) in [
+        ("GET", "nope"),
+        ("POST", "nope/fire"),
+        ("POST", "nope/pause"),
+        ("POST", "nope/resume"),
+    ] {
+        let (code, v) = call(
+            method,
+            &format!("{url}/api/v1/schedules/{path}"),
+            Some(TOKEN),
+            None,
+        );
+        assert_eq!(code, 404, "{method} {path}: {v:#}");
+        assert_eq!(v["error"]["code"], "unknown_schedule");
+        assert_eq!(
+            v["error"]["message"],
+            "unknown schedule `nope`; known schedules: nightly"
+        );
+        assert_eq!(v["error"]["known"], serde_json::json!(["nightly"]));
+    }
+    // Pause and resume need the token too; a wrong one is refused.
+    for action in ["pause", "resume"] {
+        let (code, v) = call(
+            "POST",
+            &format!("{url}/api/v1/schedules/nightly/{action}"),
+            Some("wrong-token-0123456789abcdef"),
+            None,
+        );
+        assert_eq!(code, 401, "{action}: {v:#}");
+    }
+    // Each change made is in the audit trail, newest first.
+    let (_, v) = call("GET", &format!("{url}/api/v1/audit?limit=3"), None, None);
+    let actions: Vec<&str> = v["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        ["schedule_resume", "schedule_pause", "schedule_fire"],
+        "{v:#}"
+    );
+    assert_eq!(v["records"][2]["task"], serde_json::json!(id));
+    assert_eq!(v["records"][2]["schedule"], "nightly");
 }
 
 #[test]

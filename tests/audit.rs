@@ -46,8 +46,8 @@ impl std::ops::Deref for Setup {
     }
 }
 
-/// A config with the single token, a named one (`ci`, in a 0600 file), a listener, three
-/// queues and `extra` in `[taskd]`; `None` when the backend cannot run here (skipped
+/// A config with the single token, a named one (`ci`, in a 0600 file), a listener, two
+/// queues, a schedule and `extra` in `[taskd]`; `None` when the backend cannot run here (skipped
 /// visibly).
 fn setup(backend: Backend, extra: &str) -> Option<Setup> {
     let env = Env::raw("");
@@ -75,7 +75,8 @@ fn setup(backend: Backend, extra: &str) -> Option<Setup> {
         "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\
          token = \"{DEFAULT_TOKEN}\"\ntokens = [{{ name = \"ci\", token_file = \"ci.token\" }}]\n{broker}{extra}\n\
          [queues.q]\nshell = \"true\"\n\n\
-         [queues.w]\nworker = {WORKER}\nstart_secs = \"0s\"\n"
+         [queues.w]\nworker = {WORKER}\nstart_secs = \"0s\"\n\n\
+         [schedules.nightly]\nqueue = \"q\"\ncron = \"0 3 * * *\"\nmissed = \"skip\"\n"
     );
     std::fs::write(&env.config, text).expect("write the config");
     Some(Setup {
@@ -368,6 +369,53 @@ fn every_path(s: &Setup) {
     t.none("taskd pause of a queue the config does not name", || {
         assert_eq!(run_code(env, &["pause", "nope"]).0, Some(2));
     });
+    // A schedule's fire, pause and resume: the schedule, its queue, and a fire's task.
+    let mut fired = String::new();
+    let r = t.one("taskd schedules fire", || {
+        fired = env.ok(&["schedules", "fire", "nightly"]).trim().to_string();
+    });
+    assert_who(&r, "cli", Some(uid), None);
+    assert_what(
+        &r,
+        "schedule_fire",
+        Some(&fired),
+        Some("q"),
+        "ok",
+        "enqueued now, outside its slots",
+    );
+    assert_eq!(r["schedule"], "nightly");
+    assert_eq!(
+        r["target"],
+        format!("schedule nightly, task {fired} (queue q)")
+    );
+    let r = t.one("taskd schedules pause", || {
+        env.ok(&["schedules", "pause", "nightly"]);
+    });
+    assert_who(&r, "cli", Some(uid), None);
+    assert_what(&r, "schedule_pause", None, Some("q"), "ok", "paused");
+    assert_eq!(r["target"], "schedule nightly (queue q)");
+    let r = t.one("taskd schedules resume", || {
+        env.ok(&["schedules", "resume", "nightly"]);
+    });
+    assert_what(
+        &r,
+        "schedule_resume",
+        None,
+        Some("q"),
+        "ok",
+        "missed slots (missed = \"skip\")",
+    );
+    assert_eq!(r["schedule"], "nightly");
+    for action in ["fire", "pause", "resume"] {
+        t.none(
+            &format!("taskd schedules {action} of an unknown name"),
+            || {
+                let (code, err) = run_code(env, &["schedules", action, "nope"]);
+                assert_eq!(code, Some(2), "{err}");
+                assert!(err.contains("known schedules: nightly"), "{err}");
+            },
+        );
+    }
 
     // --- the control socket ----------------------------------------------------------------
     let r = t.one("taskd restart", || {
@@ -557,6 +605,41 @@ fn every_path(s: &Setup) {
     });
     t.none("POST restart of a queue without workers", || {
         assert_eq!(post(&api("queues/q/restart"), Some(CI_TOKEN)).0, 409);
+    });
+    // A schedule's fire, pause and resume over HTTP: with the token's name.
+    let r = t.one("POST schedules/nightly/fire", || {
+        let (code, v) = post(&api("schedules/nightly/fire"), Some(CI_TOKEN));
+        assert_eq!(code, 201, "{v:#}");
+        fired = v["task"]["id"].as_str().expect("the task").to_string();
+    });
+    assert_who(&r, "api", None, Some("ci"));
+    assert_what(
+        &r,
+        "schedule_fire",
+        Some(&fired),
+        Some("q"),
+        "ok",
+        "outside its slots",
+    );
+    assert_eq!(r["schedule"], "nightly");
+    let r = t.one("POST schedules/nightly/pause", || {
+        assert_eq!(post(&api("schedules/nightly/pause"), Some(CI_TOKEN)).0, 200);
+    });
+    assert_who(&r, "api", None, Some("ci"));
+    assert_what(&r, "schedule_pause", None, Some("q"), "ok", "paused");
+    let r = t.one("POST schedules/nightly/resume", || {
+        assert_eq!(
+            post(&api("schedules/nightly/resume"), Some(DEFAULT_TOKEN)).0,
+            200
+        );
+    });
+    assert_who(&r, "api", None, Some("default"));
+    assert_what(&r, "schedule_resume", None, Some("q"), "ok", "resumed");
+    t.none("POST fire of an unknown schedule", || {
+        assert_eq!(post(&api("schedules/nope/fire"), Some(CI_TOKEN)).0, 404);
+    });
+    t.none("POST pause of a schedule without a token", || {
+        assert_eq!(post(&api("schedules/nightly/pause"), None).0, 401);
     });
     // Enqueues are the workload, not an operator's change.
     t.none("an enqueue", || {

@@ -1,7 +1,8 @@
 //! The dashboard in a real headless browser (chromium over the DevTools protocol), against
 //! a real daemon: counts that open filtered task lists, pages, search by id, unique key and
 //! payload field, bulk cancel behind a confirmation that shows the count, the task page, the
-//! workers panel, charts whose axes and numbers are the API's, live updates, a phone-width
+//! workers panel, charts whose axes and numbers are the API's, the schedules panel (next
+//! fire time, last outcome, fire, pause, resume), live updates, a phone-width
 //! layout without horizontal scrolling, and keyboard focus. One browser for the whole file
 //! (starting chromium is the slow part); screenshots go to a temp dir whose path is printed.
 //! Without chromium the test is skipped, visibly, and under `CI=true` it fails.
@@ -202,12 +203,19 @@ fn dashboard_drives_every_view() {
              [queues.fail]\nshell = \"echo 'cannot reach db: connection refused' >&2; exit 3\"\nmax_attempts = 1\n\n\
              [queues.slow]\nshell = \"sleep 30\"\nconcurrency = 1\nkill_grace = \"1s\"\n\n\
              [queues.ticker]\nshell = \"echo first line; echo \\\"<img src=x onerror='window.__out=1'> on stderr\\\" >&2; while [ ! -e \\\"$TASKD_ARG_release\\\" ]; do sleep 0.1; done; echo last line\"\nconcurrency = 2\n\n\
-             [queues.hello]\nworker = [\"python3\", \"{}\"]\nconcurrency = 1\nstart_secs = \"200ms\"\nenv = {{ HELPER_DIR = '{}' }}\n",
+             [queues.hello]\nworker = [\"python3\", \"{}\"]\nconcurrency = 1\nstart_secs = \"200ms\"\nenv = {{ HELPER_DIR = '{}' }}\n\n\
+             [queues.reports]\nshell = \"echo report\"\n\n\
+             [queues.held]\nshell = \"true\"\n\n\
+             [schedules.leap]\nqueue = \"reports\"\ncron = \"0 3 29 2 *\"\ntimezone = \"UTC\"\n\n\
+             [schedules.tick]\nqueue = \"held\"\nevery = \"1s\"\n",
             w.display(),
             helper.display()
         ),
     )
     .expect("write the config");
+    // `held` is paused before the daemon starts: `tick`'s first task waits there, and every
+    // slot after it is skipped (`overlap = "skip"`), so no task of it ever runs and counts.
+    env.ok(&["pause", "held"]);
     let d = env.daemon();
     let url = d.api_base();
 
@@ -564,10 +572,15 @@ fn dashboard_drives_every_view() {
         b.eval(&format!(
             "(() => {{ const t = document.querySelector('#token'); t.value = '{token}'; t.dispatchEvent(new Event('change')); return true; }})()"
         ));
+        // The page of this task, not the previous round's (whose state may still read
+        // `running` until the next refresh, with the same lines in its output box).
         show(
             &mut b,
             &format!("#task/{id}"),
-            "document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+            &format!(
+                "document.querySelector('#task-head code')?.textContent === {} && document.querySelector('#task-state [data-state]')?.dataset.state === 'running'",
+                json!(id)
+            ),
         );
         b.wait_for(
             "[...document.querySelectorAll('#output-live [data-stream=stderr]')].map(s => s.textContent).join('').includes('on stderr') && document.querySelector('#output-live').textContent.includes('first line')",
@@ -663,6 +676,116 @@ fn dashboard_drives_every_view() {
         "[...document.querySelectorAll('input, select')].filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id)",
     );
     assert_eq!(unlabelled, json!([]), "controls without a label");
+
+    // --- schedules: next fire time, last outcome; fire, pause, resume ---------------------
+    show(
+        &mut b,
+        "#",
+        "!document.querySelector('#schedules-section').hidden && document.querySelectorAll('#schedules tr[data-schedule]').length === 2",
+    );
+    let sched = |b: &mut Browser, name: &str| {
+        b.eval(&format!(
+            "(() => {{ const r = document.querySelector('#schedules tr[data-schedule=\"{name}\"]'); return {{ queue: r.children[1].textContent, spec: r.children[2].textContent, next: r.querySelector('[data-next]').innerText, last: r.querySelector('[data-last]').textContent, outcome: r.querySelector('[data-last] [data-outcome]')?.dataset.outcome ?? null, state: r.querySelector('[data-schedule-state]').textContent }}; }})()"
+        ))
+    };
+    let api_leap = get(&format!("{url}/api/v1/schedules/leap"))["schedule"].clone();
+    let leap = sched(&mut b, "leap");
+    assert_eq!(leap["queue"], "reports", "{leap}");
+    assert_eq!(leap["spec"], "cron \"0 3 29 2 *\" UTC", "{leap}");
+    assert_eq!(
+        leap["next"],
+        json!(format!(
+            "{}\n{}",
+            api_leap["next_local"].as_str().expect("a next slot"),
+            api_leap["next_utc"].as_str().expect("a next slot")
+        )),
+        "the next fire time, local and UTC, is the API's"
+    );
+    assert!(
+        api_leap["next_utc"]
+            .as_str()
+            .is_some_and(|n| n.contains("-02-29T03:00:00")),
+        "{api_leap}"
+    );
+    assert_eq!(
+        (&leap["last"], &leap["state"]),
+        (&json!("none yet"), &json!("enabled"))
+    );
+    // `tick`'s last outcome: its slots are skipped while its first task waits, and the page
+    // says why, as the API does.
+    b.wait_for(
+        "document.querySelector('#schedules tr[data-schedule=\"tick\"] [data-last] [data-outcome]')?.dataset.outcome === 'skipped'",
+        "tick's skipped slots",
+    );
+    let api_tick = get(&format!("{url}/api/v1/schedules/tick"))["schedule"].clone();
+    let reason = api_tick["last"]["reason"]
+        .as_str()
+        .expect("a skipped slot's reason")
+        .to_string();
+    assert!(reason.starts_with("overlap: "), "{api_tick}");
+    let tick = sched(&mut b, "tick");
+    assert!(
+        tick["last"].as_str().is_some_and(|l| l.contains(&reason)),
+        "the page shows why the slot was skipped: {tick}"
+    );
+    assert!(api_tick["fired"].as_u64() == Some(1), "{api_tick}");
+    assert_eq!(count(&url, "held", "queued"), 1);
+    // Fire: the schedule's task runs now; the schedule's slot record is untouched.
+    b.eval("document.querySelector('#fire-leap').click(); true");
+    wait_count(&url, "reports", "succeeded", 1);
+    let fired = get(&format!("{url}/api/v1/tasks?queue=reports"))["tasks"][0].clone();
+    assert_eq!(
+        (&fired["schedule"], &fired["slot"]),
+        (&json!("leap"), &Value::Null),
+        "{fired}"
+    );
+    b.wait_for(
+        "document.querySelector('#flash').textContent.includes('fire schedule leap')",
+        "the fire's answer",
+    );
+    assert_eq!(
+        sched(&mut b, "leap")["last"],
+        "none yet",
+        "a fire is not a slot"
+    );
+    // Pause, then resume: the row and the API agree.
+    b.eval("document.querySelector('#pause-schedule-leap').click(); true");
+    b.wait_for(
+        "document.querySelector('#schedules tr[data-schedule=\"leap\"] [data-schedule-state]')?.textContent === 'PAUSED' && !!document.querySelector('#resume-schedule-leap')",
+        "the paused schedule",
+    );
+    let paused = get(&format!("{url}/api/v1/schedules/leap"))["schedule"].clone();
+    assert_eq!(
+        (&paused["paused"], &paused["next"]),
+        (&json!(true), &Value::Null)
+    );
+    assert_eq!(
+        sched(&mut b, "leap")["next"],
+        "-",
+        "no next fire time while paused"
+    );
+    b.screenshot(&shots.join("schedules-paused.png"));
+    b.eval("document.querySelector('#resume-schedule-leap').click(); true");
+    b.wait_for(
+        "document.querySelector('#schedules tr[data-schedule=\"leap\"] [data-schedule-state]')?.textContent === 'enabled' && !!document.querySelector('#pause-schedule-leap')",
+        "the resumed schedule",
+    );
+    assert_eq!(
+        get(&format!("{url}/api/v1/schedules/leap"))["schedule"]["paused"],
+        json!(false)
+    );
+    let trail = get(&format!("{url}/api/v1/audit?limit=3"));
+    let actions: Vec<&str> = trail["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        ["schedule_resume", "schedule_pause", "schedule_fire"],
+        "the dashboard's changes, in the trail: {trail:#}"
+    );
 
     // --- the audit trail: a cancel and a pause made with the named token ------------------
     let victim = enqueue(&url, "slow", json!({}));

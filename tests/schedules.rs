@@ -1,7 +1,7 @@
 //! Schedules with real daemons and real time (`every = "1s"`, 6-field cron): one task per
 //! slot on SQLite and with two daemons sharing a Redis, kill -9 and restart under each
 //! `missed` policy, `overlap = "skip"` with a task longer than the period, a reload that
-//! changes the spec, pause and resume, `fire`, a schedule on a paused queue, and the
+//! changes the spec, one that adds and removes schedules, pause and resume, `fire`, a schedule on a paused queue, and the
 //! `taskd schedules` table read cell by cell against `--json`.
 //!
 //! Outcomes are polled with deadlines. Where a test needs time to pass with no daemon (to
@@ -482,6 +482,82 @@ fn reload_changing_the_spec_starts_at_the_next_slot_of_the_new_spec() {
 }
 
 #[test]
+fn reload_adds_and_removes_schedules() {
+    let env = env_with("", TICK);
+    let d = env.daemon();
+    let t0 = wait_begun(&env, "tick", &d);
+    wait_through(&env, "tick", t0 + 1000, &d);
+    // SIGHUP with `tick` renamed `tock`: one removed, one added.
+    let write = |body: &str| {
+        std::fs::write(
+            &env.config,
+            format!("[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n\n{body}\n"),
+        )
+        .unwrap()
+    };
+    write(&TICK.replace("[schedules.tick]", "[schedules.tock]"));
+    d.signal(SIGHUP);
+    // The daemon says what changed in its reload's audit record (and its log).
+    let mut changes = String::new();
+    let ok = poll(DEADLINE, || {
+        let trail = json_of(&env.ok(&["audit", "--json", "-n", "0"]));
+        changes = trail
+            .as_array()
+            .expect("records")
+            .iter()
+            .rev()
+            .find(|r| r["action"] == "reload")
+            .map(|r| r["detail"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        !changes.is_empty()
+    });
+    assert!(ok, "no reload record:\n{}", d.log_text());
+    let reloaded = now_ms();
+    assert!(
+        changes.contains("schedule tock: added (every \"1s\"")
+            && changes.contains("queue q)")
+            && changes.contains("schedule tick: removed"),
+        "{changes}"
+    );
+    let listed: Vec<Value> = json_of(&env.ok(&["schedules", "--json"]))["schedules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["schedule"], "tock");
+    // `tock` fires from the next slot on; `tick` never again (a step already in flight at
+    // the reload may still land, one slot at most).
+    let begun = wait_begun(&env, "tock", &d);
+    assert!(
+        begun >= reloaded - 2_000,
+        "tock began at {begun}, reload at {reloaded}"
+    );
+    wait_through(&env, "tock", reloaded + 3_000, &d);
+    let late: Vec<i64> = tasks_of(&env, "tick")
+        .iter()
+        .filter_map(|t| t["slot"].as_i64())
+        .filter(|s| *s > reloaded + 1_000)
+        .collect();
+    assert!(late.is_empty(), "tick fired after its removal: {late:?}");
+    let tock: BTreeSet<i64> = tasks_of(&env, "tock")
+        .iter()
+        .filter_map(|t| t["slot"].as_i64())
+        .collect();
+    assert!(tock.len() >= 3, "{tock:?}");
+    // `taskd reload` prints the changes: `tick` back.
+    write(&format!(
+        "{TICK}\n[schedules.tock]\nqueue = \"q\"\nevery = \"1s\"\n"
+    ));
+    let out = env.ok(&["reload"]);
+    assert!(
+        out.contains("schedule tick: added (every \"1s\"") && !out.contains("tock"),
+        "{out}"
+    );
+    let back = now_ms();
+    wait_through(&env, "tick", back + 2_000, &d);
+}
+
+#[test]
 fn pause_and_resume_apply_missed_to_the_slots_slept_through() {
     // `overlap = "skip"`, the default: the catch-up runs of `all` are all enqueued, and the
     // on-time slot right after them may be skipped while they wait.
@@ -655,5 +731,4 @@ enabled = false
         daily["next_utc"].as_str().unwrap()
     );
     assert_eq!(t.cell(t.row("daily"), "state"), "enabled");
-    let _ = SIGHUP;
 }

@@ -25,6 +25,7 @@ mod handlers;
 pub mod openapi;
 mod output;
 mod schedules;
+pub mod unix;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -75,6 +76,9 @@ pub struct AppState {
     reads_need_token: bool,
     /// `listen` is a loopback address: only local host names are served (DNS rebinding).
     loopback: bool,
+    /// Served on a Unix socket: its file's permissions say who may connect, so no token is
+    /// asked for, and no browser can reach it (no host name check).
+    unix: bool,
     /// The most connections served at once ([`connection_limit`]; the daemon sets it from
     /// its open-files limit and its queues, again on reload).
     pub max_connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -92,10 +96,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(broker: Arc<dyn Broker>, config: Config, metrics: Arc<Metrics>) -> AppState {
-        let reads_need_token = config.listen.is_some_and(|a| !a.ip().is_loopback());
-        let loopback = config.listen.is_some_and(|a| a.ip().is_loopback());
+        let tcp = || config.listen.iter().filter_map(|l| l.tcp());
+        let reads_need_token = tcp().any(|a| !a.ip().is_loopback());
+        let loopback = tcp().next().is_some() && tcp().all(|a| a.ip().is_loopback());
         AppState {
             loopback,
+            unix: false,
             broker: broker.clone(),
             config: Arc::new(RwLock::new(Arc::new(config))),
             metrics,
@@ -125,6 +131,16 @@ impl AppState {
     pub fn listening_on(mut self, addr: std::net::SocketAddr) -> AppState {
         self.loopback = addr.ip().is_loopback();
         self.reads_need_token = !self.loopback;
+        self.unix = false;
+        self
+    }
+
+    /// The state for a Unix socket listener: no token asked for (whoever can connect was
+    /// let in by the file's permissions), no host name check (no browser reaches it).
+    pub fn listening_on_unix(mut self) -> AppState {
+        self.loopback = false;
+        self.reads_need_token = false;
+        self.unix = true;
         self
     }
 
@@ -298,15 +314,32 @@ async fn wrong_method(req: Request) -> ApiError {
     )
 }
 
-/// The client's address of a request, as the server accepted its connection.
+/// The client of a request, as the server accepted its connection: a TCP address, or a
+/// Unix socket's peer as the kernel reports it (SO_PEERCRED).
 #[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix { uid: u32, pid: Option<u32> },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix {
+                uid,
+                pid: Some(pid),
+            } => write!(f, "unix socket uid {uid} pid {pid}"),
+            Peer::Unix { uid, pid: None } => write!(f, "unix socket uid {uid}"),
+        }
+    }
+}
 
 /// Drain and token checks, before any handler runs. A request that passes them carries
 /// who made it (an [`crate::audit::Actor`]: the name of its token, the client's address) in
 /// its extensions, for the audit trail.
 async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    let peer = req.extensions().get::<Peer>().copied();
     let path = req.uri().path().to_string();
     let path = path.as_str();
     if state.draining.is_cancelled() && path != "/metrics" {
@@ -321,7 +354,7 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if state.loopback && !local_host(host) {
+    if state.loopback && !state.unix && !local_host(host) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "bad_host",
@@ -347,6 +380,7 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
     }
     let needs_token = path.starts_with("/api/v1/")
         && path != "/api/v1/openapi.json"
+        && !state.unix
         && (mutating || state.reads_need_token);
     let config = state.config();
     let mut token_name = None;
@@ -381,10 +415,11 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
             return refused.into_response();
         }
     }
-    req.extensions_mut().insert(crate::audit::Actor::api(
-        token_name,
-        peer.map(|p| p.to_string()),
-    ));
+    let actor = match peer {
+        Some(Peer::Unix { uid, pid }) => crate::audit::Actor::api_unix(uid, pid),
+        _ => crate::audit::Actor::api(token_name, peer.map(|p| p.to_string())),
+    };
+    req.extensions_mut().insert(actor);
     next.run(req).await
 }
 
@@ -396,7 +431,7 @@ pub struct Refusals {
 }
 
 impl Refusals {
-    fn note(&self, method: &Method, path: &str, peer: Option<SocketAddr>, code: &str) {
+    fn note(&self, method: &Method, path: &str, peer: Option<Peer>, code: &str) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         if s.0
@@ -440,7 +475,7 @@ fn local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Bind `addr`. Separate from [`serve`] so the daemon fails at start-up, before READY, when
+/// Bind `addr`. Separate from [`serve_on`] so the daemon fails at start-up, before READY, when
 /// the address is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -515,11 +550,46 @@ impl Connections {
     }
 }
 
-/// Serve `state` on `listener` until `stop` is cancelled; then finish open requests (at most
-/// a second) and return. At most [`AppState::max_connections`] are served at once (see
+/// A socket the API accepts connections on.
+pub enum ApiSocket {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// An accepted connection.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl ApiSocket {
+    async fn accept(&self) -> std::io::Result<(Accepted, Peer)> {
+        match self {
+            ApiSocket::Tcp(l) => {
+                let (stream, addr) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Accepted::Tcp(stream), Peer::Tcp(addr)))
+            }
+            ApiSocket::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                // The kernel's word for who connected, taken as the connection was made.
+                let cred = stream.peer_cred()?;
+                let peer = Peer::Unix {
+                    uid: cred.uid(),
+                    pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+                };
+                Ok((Accepted::Unix(stream), peer))
+            }
+        }
+    }
+}
+
+/// Serve `state` on `listener` (TCP, or a Unix socket whose state should come from
+/// [`AppState::listening_on_unix`]) until `stop` is cancelled; then finish open requests (at
+/// most a second) and return. At most [`AppState::max_connections`] are served at once (see
 /// [`connection_limit`]): past that, a new connection closes the oldest idle one, or is
 /// refused when all are busy.
-pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationToken) {
+pub async fn serve_on(listener: ApiSocket, state: AppState, stop: CancellationToken) {
     let limit = state.max_connections.clone();
     let app = router(state);
     let conns = TaskTracker::new();
@@ -556,11 +626,10 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
             );
             (id, busy, close)
         };
-        let _ = stream.set_nodelay(true);
         let app = app.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(Peer(peer));
+                req.extensions_mut().insert(peer);
                 let app = app.clone();
                 let busy = busy.clone();
                 busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -573,22 +642,9 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
         let stop = stop.clone();
         let open = open.clone();
         conns.spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEADER_BYTES);
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let mut conn = std::pin::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => Some(r),
-                // Closed to make room for a newer connection: dropping it closes the socket.
-                _ = close.cancelled() => None,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    Some(conn.await)
-                }
+            let r = match stream {
+                Accepted::Tcp(s) => connection(s, svc, &close, &stop).await,
+                Accepted::Unix(s) => connection(s, svc, &close, &stop).await,
             };
             open.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -601,6 +657,42 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
     }
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+}
+
+/// One connection served until it ends, `close` (closed to make room for a newer one:
+/// `None`) or `stop` (its open requests finished first).
+async fn connection<S, Svc>(
+    stream: S,
+    svc: Svc,
+    close: &CancellationToken,
+    stop: &CancellationToken,
+) -> Option<Result<(), hyper::Error>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Send,
+    Svc::Future: Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => Some(r),
+        // Closed to make room for a newer connection: dropping it closes the socket.
+        _ = close.cancelled() => None,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            Some(conn.await)
+        }
+    }
 }
 
 #[cfg(test)]

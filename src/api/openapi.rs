@@ -142,7 +142,7 @@ pub fn document() -> Value {
             "/api/v1/schedules/{name}/resume": { "post": { "summary": "Fire a paused schedule again; the slots it slept through are missed slots", "security": secured, "parameters": [schedule_param()],
                 "responses": { "200": ok("resumed", json!({ "$ref": "#/components/schemas/SchedulePaused" })), "401": error_ref(), "404": error_ref() } } },
             "/api/v1/audit": { "get": {
-                "summary": "The audit trail, newest first, a page at a time: every change made through the CLI, the control socket, the API and signals (cancel, retry, pause, resume, restart, reload, bulk operations; the daemon's start and stop), with who made it and how it went",
+                "summary": "The audit trail, newest first, a page at a time: every change made through the CLI, the control socket, the API and signals (cancel, retry, pause, resume, restart, reload, bulk operations, a schedule's fire, pause and resume; the daemon's start and stop), with who made it and how it went",
                 "parameters": [
                     { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "only records taken since then: a duration back from now (`2h`, `1d`) or a time (RFC 3339, or Unix seconds)" },
                     { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } },
@@ -158,12 +158,58 @@ pub fn document() -> Value {
 /// The reusable parts: security schemes and the schemas of requests and responses.
 fn components() -> Value {
     let mut c = base_components();
-    for more in [schedule_schemas(), bulk_and_stats_schemas()] {
+    for more in [
+        schedule_schemas(),
+        bulk_and_stats_schemas(),
+        audit_schemas(),
+    ] {
         if let (Some(schemas), Value::Object(more)) = (c["schemas"].as_object_mut(), more) {
             schemas.extend(more);
         }
     }
     c
+}
+
+/// The schemas of `/api/v1/audit`.
+fn audit_schemas() -> Value {
+    json!({
+        "AuditPage": { "type": "object", "required": ["records", "next_cursor"], "properties": {
+            "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } },
+            "next_cursor": { "type": "string", "nullable": true, "description": "the id of the page's last record, when older ones follow" } } },
+        "AuditRecord": { "type": "object", "required": ["id", "at", "who", "actor", "action", "target", "task", "queue", "schedule", "filter", "count", "outcome", "detail"], "properties": {
+            "id": { "type": "string", "description": "opaque; the cursor for older records" },
+            "at": { "type": "integer", "description": "when the store took it, ms since the epoch (the store's clock)" },
+            "who": { "type": "string", "example": "api token \"ci\" from 10.0.0.5:41234", "description": "who, for people" },
+            "actor": { "$ref": "#/components/schemas/Actor" },
+            "action": { "type": "string", "enum": audit_actions() },
+            "target": { "type": "string", "example": "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)", "description": "the target, for people" },
+            "task": { "type": "string", "format": "uuid", "nullable": true },
+            "queue": { "type": "string", "nullable": true },
+            "schedule": { "type": "string", "nullable": true, "description": "the schedule acted on ([schedules.NAME]): schedule_fire, schedule_pause, schedule_resume" },
+            "filter": { "type": "object", "nullable": true, "additionalProperties": { "type": "string" }, "description": "a bulk operation's filter" },
+            "count": { "type": "integer", "nullable": true, "description": "a bulk operation: how many tasks it changed" },
+            "outcome": { "type": "string", "enum": ["ok", "refused"] },
+            "detail": { "type": "string", "description": "what happened, or why it was refused" } } },
+        "Actor": { "type": "object", "required": ["via", "uid", "user", "login_uid", "login_user", "pid", "host", "token", "addr", "signal"], "properties": {
+            "via": { "type": "string", "enum": ["cli", "socket", "api", "signal", "daemon"] },
+            "uid": { "type": "integer", "nullable": true, "description": "the Unix uid of a local CLI or of the control socket's peer" },
+            "user": { "type": "string", "nullable": true },
+            "login_uid": { "type": "integer", "nullable": true, "description": "the login uid, when another user's (sudo, su)" },
+            "login_user": { "type": "string", "nullable": true },
+            "pid": { "type": "integer", "nullable": true },
+            "host": { "type": "string", "nullable": true },
+            "token": { "type": "string", "nullable": true, "description": "the name of the API token the request carried" },
+            "addr": { "type": "string", "nullable": true, "description": "the HTTP client's address" },
+            "signal": { "type": "string", "nullable": true } } }
+    })
+}
+
+/// Every action an audit record can have, as the records name them.
+fn audit_actions() -> Value {
+    crate::audit::Action::ALL
+        .iter()
+        .map(|a| a.as_str())
+        .collect()
 }
 
 /// The schemas of `/api/v1/schedules`.
@@ -308,33 +354,6 @@ fn base_components() -> Value {
             } },
             "OutStream": { "type": "string", "enum": ["stdout", "stderr"] },
             "OutputEvent": { "description": "one event of an output stream (the `data:` of an SSE event, whose `event:` is `event`)", "oneOf": output_events() },
-            "AuditPage": { "type": "object", "required": ["records", "next_cursor"], "properties": {
-                "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } },
-                "next_cursor": { "type": "string", "nullable": true, "description": "the id of the page's last record, when older ones follow" } } },
-            "AuditRecord": { "type": "object", "required": ["id", "at", "who", "actor", "action", "target", "task", "queue", "filter", "count", "outcome", "detail"], "properties": {
-                "id": { "type": "string", "description": "opaque; the cursor for older records" },
-                "at": { "type": "integer", "description": "when the store took it, ms since the epoch (the store's clock)" },
-                "who": { "type": "string", "example": "api token \"ci\" from 10.0.0.5:41234", "description": "who, for people" },
-                "actor": { "$ref": "#/components/schemas/Actor" },
-                "action": { "type": "string", "enum": ["cancel", "retry", "pause", "resume", "restart", "reload", "bulk_cancel", "bulk_retry", "prune", "start", "stop"] },
-                "target": { "type": "string", "example": "task 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20 (queue emails)", "description": "the target, for people" },
-                "task": { "type": "string", "format": "uuid", "nullable": true },
-                "queue": { "type": "string", "nullable": true },
-                "filter": { "type": "object", "nullable": true, "additionalProperties": { "type": "string" }, "description": "a bulk operation's filter" },
-                "count": { "type": "integer", "nullable": true, "description": "a bulk operation: how many tasks it changed" },
-                "outcome": { "type": "string", "enum": ["ok", "refused"] },
-                "detail": { "type": "string", "description": "what happened, or why it was refused" } } },
-            "Actor": { "type": "object", "required": ["via", "uid", "user", "login_uid", "login_user", "pid", "host", "token", "addr", "signal"], "properties": {
-                "via": { "type": "string", "enum": ["cli", "socket", "api", "signal", "daemon"] },
-                "uid": { "type": "integer", "nullable": true, "description": "the Unix uid of a local CLI or of the control socket's peer" },
-                "user": { "type": "string", "nullable": true },
-                "login_uid": { "type": "integer", "nullable": true, "description": "the login uid, when another user's (sudo, su)" },
-                "login_user": { "type": "string", "nullable": true },
-                "pid": { "type": "integer", "nullable": true },
-                "host": { "type": "string", "nullable": true },
-                "token": { "type": "string", "nullable": true, "description": "the name of the API token the request carried" },
-                "addr": { "type": "string", "nullable": true, "description": "the HTTP client's address" },
-                "signal": { "type": "string", "nullable": true } } },
             "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
                 "code": { "type": "string", "example": "unknown_queue" }, "message": { "type": "string" } },
                 "additionalProperties": { "description": "details of some errors: `known` queues, the `byte`, `line` and `column` of malformed JSON, a `limit`, …" } } } }
@@ -733,6 +752,7 @@ mod tests {
             entry = AuditEntry {
                 task: Some(TaskId::new()),
                 queue: Some("thumbs".parse().expect("a valid queue name")),
+                schedule: Some("nightly".into()),
                 filter: Some(BTreeMap::from([(
                     "state".to_string(),
                     "failed".to_string(),

@@ -1,14 +1,15 @@
 //! `/api/v1/schedules`: the config's schedules with their records in the broker, one
 //! schedule's slot records, and fire, pause and resume, as `taskd schedules` does them.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{audit, AppState};
+use crate::audit::{Action, Actor, AuditEntry};
 use crate::broker::schedules::{states_with_tasks, task_states};
 use crate::broker::{ScheduleKey, ScheduleStep, StepAnswer};
 use crate::config::{Config, ScheduleConfig};
@@ -89,9 +90,12 @@ pub async fn get(
     }))
 }
 
-/// Enqueue the schedule's task now (no slot): 201 with the task.
+/// Enqueue the schedule's task now (no slot): 201 with the task. Recorded in the audit
+/// trail (`schedule_fire`, with the task's id); an unknown name is refused before anything
+/// is attempted and is not.
 pub async fn fire(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = state.config();
@@ -110,6 +114,15 @@ pub async fn fire(
         ));
     };
     state.metrics.enqueued(&cfg.queue, 1);
+    audit::record(
+        &state,
+        AuditEntry::new(who, Action::ScheduleFire)
+            .schedule(cfg.name.clone())
+            .queue(cfg.queue.clone())
+            .task(id)
+            .ok("enqueued now, outside its slots"),
+    )
+    .await;
     let task = state
         .broker(state.broker.get(id).await)?
         .map(|d| d.task)
@@ -132,12 +145,21 @@ pub async fn fire(
 
 async fn set_paused(
     state: &AppState,
+    who: Actor,
     name: &str,
     paused: bool,
 ) -> Result<Json<view::SchedulePaused>, ApiError> {
     let config = state.config();
     let cfg = find(&config, name)?;
     state.broker(state.broker.set_schedule_paused(&key(cfg), paused).await)?;
+    let entry = AuditEntry::schedule_paused(
+        who,
+        &cfg.name,
+        cfg.queue.clone(),
+        paused,
+        cfg.missed.as_str(),
+    );
+    audit::record(state, entry).await;
     Ok(Json(view::SchedulePaused {
         schedule: cfg.name.clone(),
         paused,
@@ -146,14 +168,16 @@ async fn set_paused(
 
 pub async fn pause(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(name): Path<String>,
 ) -> Result<Json<view::SchedulePaused>, ApiError> {
-    set_paused(&state, &name, true).await
+    set_paused(&state, who, &name, true).await
 }
 
 pub async fn resume(
     State(state): State<AppState>,
+    Extension(who): Extension<Actor>,
     Path(name): Path<String>,
 ) -> Result<Json<view::SchedulePaused>, ApiError> {
-    set_paused(&state, &name, false).await
+    set_paused(&state, who, &name, false).await
 }

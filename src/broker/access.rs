@@ -12,7 +12,7 @@ use nix::unistd::{access, AccessFlags, Gid, Group, Uid, User};
 /// The first of the store's directory, its database and the database's `-wal` and `-shm`
 /// files that this process may not use, explained; `None` when permissions are not the
 /// problem (or this process is root, which access(2) always lets through).
-pub fn problem(db: &Path) -> Option<String> {
+pub(crate) fn problem(db: &Path) -> Option<String> {
     let dir = db.parent()?;
     if access(dir, AccessFlags::X_OK).is_err() {
         return Some(explain(dir, "enter"));

@@ -88,7 +88,7 @@
 //!     backend's `prune` skips such a task (it is due again when its last dependant
 //!     finishes).
 
-pub mod access;
+pub(crate) mod access;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -137,7 +137,7 @@ pub enum BrokerError {
     Full(String),
 }
 
-pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
 /// Proof that a node holds a task: the fencing `token` changes with every claim, so a
 /// stale holder's `finish` is refused.
@@ -204,7 +204,7 @@ impl CancelOutcome {
     /// `entry` (a cancel's audit record) with this answer: done, asked of the node that
     /// runs the task, or refused because it had already finished. The CLI and the API
     /// record a cancel in the same words.
-    pub fn audited(self, entry: AuditEntry) -> AuditEntry {
+    pub(crate) fn audited(self, entry: AuditEntry) -> AuditEntry {
         match self {
             CancelOutcome::Cancelled => entry.ok("cancelled before it ran"),
             CancelOutcome::Requested => {
@@ -262,7 +262,7 @@ pub struct ListFilter {
 
 impl ListFilter {
     /// Whether `task` passes every condition but `limit` and `after` (which are about order).
-    pub fn matches(&self, task: &TaskRecord) -> bool {
+    pub(crate) fn matches(&self, task: &TaskRecord) -> bool {
         self.queue.as_ref().map_or(true, |q| &task.queue == q)
             && self.state.map_or(true, |s| task.state == s)
             && self.since.map_or(true, |s| task.created_at >= s)
@@ -276,12 +276,6 @@ impl ListFilter {
                 .payload
                 .as_ref()
                 .map_or(true, |p| p.matches(&task.payload))
-    }
-
-    /// Conditions beyond queue, state, limit and cursor: those no backend has an index for
-    /// in every case, so a listing with them may scan.
-    pub fn searches(&self) -> bool {
-        self.unique_key.is_some() || self.payload.is_some()
     }
 }
 
@@ -321,7 +315,7 @@ impl PayloadMatch {
     }
 
     /// Whether `payload` has the field, with the value.
-    pub fn matches(&self, payload: &serde_json::Value) -> bool {
+    pub(crate) fn matches(&self, payload: &serde_json::Value) -> bool {
         let mut v = payload;
         for key in &self.path {
             v = match v {
@@ -353,7 +347,7 @@ impl PayloadMatch {
     /// not a number (a number may be an array index) as JSON, then `:` (payloads are stored
     /// as compact JSON); empty when every part is a number. A cheap first test before
     /// parsing.
-    pub fn needle(&self) -> String {
+    pub(crate) fn needle(&self) -> String {
         match self
             .path
             .iter()
@@ -429,7 +423,7 @@ impl StatRow {
     }
 
     /// Adds `other`'s counters into this row (same queue and minute).
-    pub fn add(&mut self, other: &StatRow) {
+    pub(crate) fn add(&mut self, other: &StatRow) {
         self.succeeded += other.succeeded;
         self.failed += other.failed;
         self.retried += other.retried;
@@ -442,7 +436,7 @@ impl StatRow {
 }
 
 /// How long a backend keeps [`StatRow`]s: the charts look back 24 hours.
-pub const STATS_KEEP_MS: i64 = 26 * 3_600_000;
+pub(crate) const STATS_KEEP_MS: i64 = 26 * 3_600_000;
 
 /// Counts by state for one queue.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -458,7 +452,7 @@ pub struct QueueCounts {
 /// One queue as `taskd status` and the API show it: the counts, and whether the config
 /// names the queue.
 #[derive(Clone, Debug, Default)]
-pub struct QueueRow {
+pub(crate) struct QueueRow {
     pub counts: BTreeMap<TaskState, u64>,
     pub paused: bool,
     pub configured: bool,
@@ -468,13 +462,13 @@ pub struct QueueRow {
 impl QueueRow {
     /// Every count by state, zeros included, in lifecycle order ([`TaskState::ALL`]): what a
     /// table with one column per state shows.
-    pub fn in_order(&self) -> [(TaskState, u64); 7] {
+    pub(crate) fn in_order(&self) -> [(TaskState, u64); 7] {
         TaskState::ALL.map(|s| (s, self.counts.get(&s).copied().unwrap_or(0)))
     }
 
     /// Every count by state, zeros included, keyed by the state's name (for JSON; the map
     /// iterates alphabetically, so a table uses [`Self::in_order`]).
-    pub fn by_state(&self) -> BTreeMap<&'static str, u64> {
+    pub(crate) fn by_state(&self) -> BTreeMap<&'static str, u64> {
         TaskState::ALL
             .iter()
             .map(|s| (s.as_str(), self.counts.get(s).copied().unwrap_or(0)))
@@ -484,7 +478,7 @@ impl QueueRow {
 
 /// The queues of the config (even without tasks) and of the store (even if not
 /// configured), by name.
-pub fn queue_rows<'a>(
+pub(crate) fn queue_rows<'a>(
     configured: impl Iterator<Item = &'a QueueName>,
     counts: Vec<QueueCounts>,
 ) -> BTreeMap<String, QueueRow> {

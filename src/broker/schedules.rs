@@ -92,7 +92,7 @@ pub struct ScheduleState {
 }
 
 impl ScheduleState {
-    pub fn empty(key: ScheduleKey) -> ScheduleState {
+    pub(crate) fn empty(key: ScheduleKey) -> ScheduleState {
         ScheduleState {
             key,
             spec: String::new(),
@@ -153,7 +153,7 @@ pub enum StepAnswer {
 }
 
 /// The reason of a slot skipped because its previous task still waits or runs.
-pub fn overlap_reason(previous: TaskId) -> String {
+pub(crate) fn overlap_reason(previous: TaskId) -> String {
     format!(
         "overlap: the previous run {previous} is still waiting or running (`overlap = \"skip\"`)"
     )
@@ -161,7 +161,7 @@ pub fn overlap_reason(previous: TaskId) -> String {
 
 /// The records of `keys` with the state of each one's newest slot task (for the views of
 /// `taskd schedules` and the API).
-pub async fn states_with_tasks(
+pub(crate) async fn states_with_tasks(
     broker: &dyn super::Broker,
     keys: &[ScheduleKey],
 ) -> super::Result<Vec<(ScheduleState, Option<crate::model::TaskState>)>> {
@@ -178,7 +178,7 @@ pub async fn states_with_tasks(
 }
 
 /// The state now of each record's task, by task (for a schedule's history).
-pub async fn task_states(
+pub(crate) async fn task_states(
     broker: &dyn super::Broker,
     records: &[SlotRecord],
 ) -> super::Result<Vec<Option<crate::model::TaskState>>> {

@@ -24,7 +24,7 @@ pub struct QueueArgs {
 
 /// Records `entry` in the store's audit trail. The change is made by then and stays made
 /// if the store cannot take the record: say so on stderr, with what the record said.
-async fn record(broker: &dyn Broker, config: &Config, entry: AuditEntry) {
+pub(super) async fn record(broker: &dyn Broker, config: &Config, entry: AuditEntry) {
     if let Err(e) = broker.audit(&entry, config.audit_keep).await {
         eprintln!(
             "taskd: warning: {} of {} ({}) is done, but the audit trail could not record it: {e}",

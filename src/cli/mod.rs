@@ -14,8 +14,9 @@ mod prune;
 mod reload;
 mod result;
 mod schedules;
-pub mod start;
+pub(crate) mod start;
 pub(crate) mod submit;
+mod unix_http;
 mod visible;
 
 use std::path::PathBuf;
@@ -50,14 +51,14 @@ pub struct Cli {
         value_name = "FILE",
         env = "TASKD_CONFIG"
     )]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Start(start::StartArgs),
     /// Validate the config file and print its queues; exit 78 when it is invalid.
@@ -210,7 +211,7 @@ fn render_error(error: &anyhow::Error) -> String {
 }
 
 /// Map an error to the exit code README.md ("Exit codes") and `--help` promise.
-pub fn code_for(error: &anyhow::Error) -> u8 {
+pub(crate) fn code_for(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return f.code;
@@ -231,7 +232,7 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
 
 /// Find the config file: the flag (or $TASKD_CONFIG, which clap folds in), then
 /// ./taskd.toml, then /etc/taskd/taskd.toml.
-pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
+pub(crate) fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
     if let Some(p) = flag {
         return Ok(p);
     }
@@ -251,7 +252,10 @@ pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
 /// Load the config for a command that must not go on with an invalid one (`check`,
 /// `reload`, `start`): on errors, print every diagnostic and a closing line
 /// `FILE: N errors found; CONSEQUENCE` to stderr and return `None` (the caller exits 78).
-pub fn load_or_report(path: &std::path::Path, consequence: &str) -> anyhow::Result<Option<Config>> {
+pub(crate) fn load_or_report(
+    path: &std::path::Path,
+    consequence: &str,
+) -> anyhow::Result<Option<Config>> {
     match crate::config::load(path) {
         Ok(c) => Ok(Some(c)),
         Err(ConfigError::Invalid(diags)) => {
@@ -270,14 +274,14 @@ pub fn load_or_report(path: &std::path::Path, consequence: &str) -> anyhow::Resu
     }
 }
 
-pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
+pub(crate) fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
     let path = config_path(flag)?;
     // A client (submit, status, …) may run as any user: a queue's `user` is checked by the
     // daemon, not here.
     Ok(crate::config::load_as_client(&path)?)
 }
 
-pub async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+pub(crate) async fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
     refuse_a_vanished_store(config)?;
     Ok(crate::broker::open(&config.broker).await?)
 }
@@ -307,19 +311,19 @@ fn refuse_a_vanished_store(config: &Config) -> Result<(), Failure> {
 }
 
 /// Print `value` as pretty JSON on stdout.
-pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
 /// A time for people: RFC 3339 in UTC, to the second.
-pub fn fmt_time(ms: i64) -> String {
+pub(crate) fn fmt_time(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A duration for people: "1.2s", "3m 5s".
-pub fn fmt_duration_ms(ms: i64) -> String {
+pub(crate) fn fmt_duration_ms(ms: i64) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }

@@ -1,6 +1,7 @@
 //! `taskd schedules`: the config's schedules with their records in the broker, one's slot
 //! records (`show`), and `fire`, `pause`, `resume`. Straight through the broker: no daemon
-//! is needed (a running one hears of a pause or resume at once).
+//! is needed (a running one hears of a pause or resume at once). `fire`, `pause` and
+//! `resume` are recorded in the audit trail (who: `local cli`, this process's user).
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::visible::visible;
 use super::{exit, fmt_time, load_config, open_broker, print_json, Failure};
+use crate::audit::{Action as Audited, Actor, AuditEntry};
 use crate::broker::schedules::{states_with_tasks, task_states};
 use crate::broker::{ScheduleKey, ScheduleStep, StepAnswer};
 use crate::config::{Config, ScheduleConfig};
@@ -29,12 +31,14 @@ pub enum Action {
     /// One schedule and its newest slot records (fired, caught up, skipped and why).
     Show(ShowArgs),
     /// Enqueue the schedule's task now and print its id. Not a slot: the schedule's slots
-    /// and record are untouched; the task has `schedule` set and no `slot`.
+    /// and record are untouched; the task has `schedule` set and no `slot`. Recorded in
+    /// the audit trail.
     Fire(FireArgs),
-    /// Stop firing a schedule (persists across restarts, like a queue's pause).
+    /// Stop firing a schedule (persists across restarts, like a queue's pause). Recorded
+    /// in the audit trail.
     Pause(NameArgs),
     /// Fire a paused schedule again; the slots it slept through are missed slots
-    /// (`missed` decides whether they run).
+    /// (`missed` decides whether they run). Recorded in the audit trail.
     Resume(NameArgs),
 }
 
@@ -287,6 +291,12 @@ async fn fire(config: &Config, args: FireArgs) -> anyhow::Result<u8> {
         )
         .into());
     };
+    let entry = AuditEntry::new(Actor::local_cli(), Audited::ScheduleFire)
+        .schedule(cfg.name.clone())
+        .queue(cfg.queue.clone())
+        .task(id)
+        .ok("enqueued now, outside its slots");
+    super::control::record(broker.as_ref(), config, entry).await;
     if args.json {
         let task = broker
             .get(id)
@@ -307,6 +317,14 @@ async fn pause(config: &Config, name: &str, paused: bool) -> anyhow::Result<u8> 
     let cfg = find(config, name)?;
     let broker = open_broker(config).await?;
     broker.set_schedule_paused(&key(cfg), paused).await?;
+    let entry = AuditEntry::schedule_paused(
+        Actor::local_cli(),
+        &cfg.name,
+        cfg.queue.clone(),
+        paused,
+        cfg.missed.as_str(),
+    );
+    super::control::record(broker.as_ref(), config, entry).await;
     if paused {
         println!(
             "schedule {name} paused: it fires no slot until `taskd schedules resume {name}` (persists across restarts)"

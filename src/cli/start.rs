@@ -81,10 +81,14 @@ async fn serve(
     let mut listeners = daemon::Listeners::bind(&config).await?;
     listeners.store_lock = Some(store_lock);
     let control_path = config.control_socket.clone();
+    let api_sockets: Vec<_> = listeners.api_unix.iter().map(|u| u.file.clone()).collect();
     let reaper = daemon::Reaper::spawn();
     let served = daemon::run(config, broker, listeners, controls).await;
     signals.abort();
     let _ = std::fs::remove_file(&control_path);
+    for socket in &api_sockets {
+        socket.remove();
+    }
     reaper.stop();
     served?;
     tracing::info!("stopped");

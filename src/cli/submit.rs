@@ -57,8 +57,9 @@ pub struct SubmitArgs {
 /// Talk to a daemon's HTTP API instead of the broker.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RemoteArgs {
-    /// Use the HTTP API of the daemon at URL (e.g. http://queue-host:7070) instead of the
-    /// broker; no config file is needed then.
+    /// Use the HTTP API of the daemon at URL (e.g. http://queue-host:7070, or
+    /// unix:/run/taskd/api.sock for its Unix socket) instead of the broker; no config file
+    /// is needed then.
     #[arg(long, value_name = "URL", env = "TASKD_SERVER")]
     pub server: Option<String>,
     /// The API's bearer token (the daemon's `token`); prefer $TASKD_TOKEN, which `ps` does
@@ -96,6 +97,18 @@ impl Remote {
         &self.base
     }
 
+    /// The socket of a `unix:/path` server.
+    fn unix_socket(&self) -> Option<&std::path::Path> {
+        self.base.strip_prefix("unix:").map(std::path::Path::new)
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+        Failure::new(
+            exit::BROKER,
+            format!("failed to reach the taskd API at {}: {e}", self.base),
+        )
+    }
+
     /// `METHOD base+path` with an optional body; the JSON answer, or a [`Failure`] that
     /// carries the server's error message and a fitting exit code.
     pub fn call(
@@ -115,6 +128,38 @@ impl Remote {
         body: Option<&str>,
     ) -> Result<serde_json::Value, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
+        if let Some(socket) = self.unix_socket() {
+            let mut headers = vec![("Accept", "application/json")];
+            let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            if let Some(a) = &auth {
+                headers.push(("Authorization", a));
+            }
+            if body.is_some() {
+                headers.push(("Content-Type", "application/json"));
+            }
+            let answer = super::unix_http::request(
+                socket,
+                method,
+                path,
+                &headers,
+                body,
+                Some(Duration::from_secs(60)),
+            )
+            .map_err(|e| (None, self.unreachable(e)))?;
+            let value: Result<serde_json::Value, _> = serde_json::from_reader(answer.body);
+            return match answer.status {
+                200..=299 => value.map_err(|e| {
+                    (
+                        None,
+                        Failure::new(
+                            exit::FAILURE,
+                            format!("failed to read the answer of {url}: {e}"),
+                        ),
+                    )
+                }),
+                code => Err(error_answer(&url, code, value.unwrap_or_default())),
+            };
+        }
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
@@ -134,30 +179,28 @@ impl Remote {
                 )
             }),
             Err(ureq::Error::Status(code, r)) => {
-                let v: serde_json::Value = r.into_json().unwrap_or_default();
-                let message = v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {code}"));
-                let exit_code = match code {
-                    401 | 403 => exit::FAILURE,
-                    400..=499 => exit::USAGE,
-                    _ => exit::BROKER,
-                };
-                Err((
-                    Some(code),
-                    Failure::new(exit_code, format!("{url}: {message}")),
-                ))
+                Err(error_answer(&url, code, r.into_json().unwrap_or_default()))
             }
-            Err(e) => Err((
-                None,
-                Failure::new(
-                    exit::BROKER,
-                    format!("failed to reach the taskd API at {}: {e}", self.base),
-                ),
-            )),
+            Err(e) => Err((None, self.unreachable(e))),
         }
     }
+}
+
+/// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
+fn error_answer(url: &str, code: u16, v: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {code}"));
+    let exit_code = match code {
+        401 | 403 => exit::FAILURE,
+        400..=499 => exit::USAGE,
+        _ => exit::BROKER,
+    };
+    (
+        Some(code),
+        Failure::new(exit_code, format!("{url}: {message}")),
+    )
 }
 
 /// The body of a stream of Server-Sent Events, read as it comes.
@@ -172,6 +215,34 @@ impl Remote {
         last: Option<&str>,
     ) -> Result<Option<SseBody>, (Option<u16>, Failure)> {
         let url = format!("{}{path}", self.base);
+        if let Some(socket) = self.unix_socket() {
+            let mut headers = vec![("Accept", "text/event-stream")];
+            let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            if let Some(a) = &auth {
+                headers.push(("Authorization", a));
+            }
+            if let Some(l) = last {
+                headers.push(("Last-Event-ID", l));
+            }
+            let answer = super::unix_http::request(
+                socket,
+                "GET",
+                path,
+                &headers,
+                None,
+                Some(Duration::from_secs(60)),
+            )
+            .map_err(|e| (None, self.unreachable(e)))?;
+            return match answer.status {
+                204 => Ok(None),
+                200..=299 => Ok(Some(answer.body)),
+                code => Err(error_answer(
+                    &url,
+                    code,
+                    serde_json::from_reader(answer.body).unwrap_or_default(),
+                )),
+            };
+        }
         // No deadline for the whole answer (it lasts as long as the task): the daemon sends
         // a keep-alive every 15 s, so a minute of silence means it is gone.
         let agent = ureq::AgentBuilder::new()
@@ -189,28 +260,9 @@ impl Remote {
             Ok(r) if r.status() == 204 => Ok(None),
             Ok(r) => Ok(Some(Box::new(r.into_reader()))),
             Err(ureq::Error::Status(code, r)) => {
-                let v: serde_json::Value = r.into_json().unwrap_or_default();
-                let message = v["error"]["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {code}"));
-                let exit_code = match code {
-                    401 | 403 => exit::FAILURE,
-                    400..=499 => exit::USAGE,
-                    _ => exit::BROKER,
-                };
-                Err((
-                    Some(code),
-                    Failure::new(exit_code, format!("{url}: {message}")),
-                ))
+                Err(error_answer(&url, code, r.into_json().unwrap_or_default()))
             }
-            Err(e) => Err((
-                None,
-                Failure::new(
-                    exit::BROKER,
-                    format!("failed to reach the taskd API at {}: {e}", self.base),
-                ),
-            )),
+            Err(e) => Err((None, self.unreachable(e))),
         }
     }
 }

@@ -48,7 +48,7 @@ impl Backoff {
     /// jitter: a uniformly random value in [d/2, d] ("equal jitter"), so retries of many tasks
     /// that failed together spread out while each still waits at least half its delay. Never
     /// above max, never zero when base > 0 (and max > 0), and no overflow for any `failed`.
-    pub fn delay(&self, failed: u32, rng: &mut impl rand::Rng) -> Duration {
+    pub(crate) fn delay(&self, failed: u32, rng: &mut impl rand::Rng) -> Duration {
         let d = self.deterministic(failed);
         if !self.jitter || d.is_zero() {
             return d;

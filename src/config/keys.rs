@@ -97,11 +97,19 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
     key!(
         "listen",
         "none",
-        "address of the HTTP API, dashboard and metrics (see [api.md](api.md)); a non-loopback address needs `token` or `token_file`",
+        "where the HTTP API, dashboard and metrics are served (see [api.md](api.md)): an IP address and port (`\"127.0.0.1:7070\"`; a non-loopback one needs `token` or `token_file`), or `\"unix:/run/taskd/api.sock\"`, a Unix socket (mode 0660, group `listen_group`) served without a token: its permissions say who may use it. A list serves several: `[\"127.0.0.1:7070\", \"unix:/run/taskd/api.sock\"]`. A stale socket file is replaced at start (one another process still serves is refused), and removed at exit",
         |cx, e, t| {
-            t.listen_span = e.value_span();
             t.listen = cx.listen(e);
             t.listen.is_some()
+        },
+    ),
+    key!(
+        "listen_group",
+        "none (the daemon's group)",
+        "the group of `listen`'s Unix sockets: its members may use the API there (e.g. `\"www-data\"` for a web app on this machine)",
+        |cx, e, t| {
+            t.listen_group = cx.listen_group(e);
+            t.listen_group.is_some()
         },
     ),
     key!(

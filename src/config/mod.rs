@@ -38,7 +38,7 @@
 
 mod backoff;
 mod keys;
-pub mod runnable;
+pub(crate) mod runnable;
 mod schedule;
 mod template;
 mod units;
@@ -53,10 +53,10 @@ use std::time::Duration;
 
 use crate::model::QueueName;
 
-pub use backoff::{Backoff, BackoffKind};
-pub use keys::QueueConfig;
-pub use schedule::{Overlap, ScheduleConfig};
-pub use template::ArgTemplate;
+pub(crate) use backoff::{Backoff, BackoffKind};
+pub(crate) use keys::QueueConfig;
+pub(crate) use schedule::{Overlap, ScheduleConfig};
+pub(crate) use template::ArgTemplate;
 
 /// A validated config, with defaults applied and every path absolute.
 #[derive(Clone, Debug)]
@@ -65,8 +65,11 @@ pub struct Config {
     pub path: PathBuf,
     pub broker: BrokerUrl,
     pub state_dir: PathBuf,
-    /// Address of the HTTP API, dashboard and metrics, if any.
-    pub listen: Option<SocketAddr>,
+    /// Where the HTTP API, dashboard and metrics are served (`listen`: one address or a
+    /// list; TCP addresses and `unix:` socket paths). Empty: no API.
+    pub listen: Vec<Listen>,
+    /// The group given the API's Unix sockets (`listen_group`); `None`: the daemon's own.
+    pub listen_group: Option<String>,
     /// The API's bearer tokens, each with the name the audit trail records: `token` (or
     /// `token_file`) is named [`DEFAULT_TOKEN`], `tokens` adds named ones. At least one is
     /// required when `listen` is not a loopback address; mutating endpoints check them
@@ -94,6 +97,34 @@ pub struct Config {
     pub schedules: BTreeMap<String, ScheduleConfig>,
 }
 
+/// One place the API is served (an entry of `listen`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// An IP address and port. Outside loopback it needs a token.
+    Tcp(SocketAddr),
+    /// `unix:/path`: a Unix socket, mode 0660 (group `listen_group`), served without a
+    /// token: its file's permissions say who may connect.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Listen::Tcp(a) => Some(*a),
+            Listen::Unix(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// Which task ends the daemon logs (`[taskd] log_tasks`): a failed task at `warn` and a
 /// retried attempt at `info` (`failures`, the default), also every other end at `info`
 /// (`all`), or none of them (`none`).
@@ -106,7 +137,7 @@ pub enum LogTasks {
 }
 
 impl LogTasks {
-    pub const NAMES: [&'static str; 3] = ["failures", "all", "none"];
+    pub(crate) const NAMES: [&'static str; 3] = ["failures", "all", "none"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -127,7 +158,7 @@ impl LogTasks {
 }
 
 /// The name the audit trail gives the token of `token` or `token_file`.
-pub const DEFAULT_TOKEN: &str = "default";
+pub(crate) const DEFAULT_TOKEN: &str = "default";
 
 /// One API bearer token and its name (`tokens = [{ name = "ci", token_file = "…" }]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,14 +172,14 @@ pub struct ApiToken {
 
 impl Config {
     /// Whether the API checks tokens (any is configured).
-    pub fn has_tokens(&self) -> bool {
+    pub(crate) fn has_tokens(&self) -> bool {
         !self.tokens.is_empty()
     }
 
     /// The name of the configured token that `given` is, if any. Every token is compared,
     /// each in time independent of where the first difference is, so the answer's timing
     /// does not say which token came closest.
-    pub fn token_name(&self, given: &str) -> Option<&str> {
+    pub(crate) fn token_name(&self, given: &str) -> Option<&str> {
         let mut found = None;
         for t in &self.tokens {
             if t.secret.as_ref().is_some_and(|s| s.matches(given)) {
@@ -168,12 +199,12 @@ impl Secret {
         Secret(text)
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
     /// Compare in time independent of where the first difference is.
-    pub fn matches(&self, candidate: &str) -> bool {
+    pub(crate) fn matches(&self, candidate: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
         let mut diff = a.len() ^ b.len();
         for (i, x) in a.iter().enumerate() {
@@ -201,13 +232,13 @@ pub enum BrokerUrl {
 
 impl BrokerUrl {
     /// A shared broker: several daemons may use it at once.
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         matches!(self, BrokerUrl::Redis { .. })
     }
 }
 
 /// `url` with its password (if any) replaced by `***`, for logs and `taskd check`.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -231,7 +262,7 @@ impl fmt::Display for BrokerUrl {
 
 impl QueueConfig {
     /// Every payload field a `command` placeholder uses (empty for `shell`).
-    pub fn required_fields(&self) -> BTreeSet<String> {
+    pub(crate) fn required_fields(&self) -> BTreeSet<String> {
         match &self.program {
             Program::Command(argv) => argv
                 .iter()
@@ -243,7 +274,7 @@ impl QueueConfig {
     }
 
     /// The worker settings of a `worker` queue.
-    pub fn worker(&self) -> Option<&WorkerProgram> {
+    pub(crate) fn worker(&self) -> Option<&WorkerProgram> {
         match &self.program {
             Program::Worker(w) => Some(w),
             _ => None,
@@ -313,7 +344,7 @@ pub struct Limits {
 
 impl Limits {
     /// `self`'s limits, with those it does not set taken from `lower`.
-    pub fn over(&self, lower: &Limits) -> Limits {
+    pub(crate) fn over(&self, lower: &Limits) -> Limits {
         Limits {
             nofile: self.nofile.or(lower.nofile),
             nproc: self.nproc.or(lower.nproc),
@@ -322,20 +353,6 @@ impl Limits {
             fsize: self.fsize.or(lower.fsize),
             core: self.core.or(lower.core),
         }
-    }
-
-    /// Every limit that is set, with its key in the file.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, LimitValue)> {
-        [
-            ("nofile", self.nofile),
-            ("nproc", self.nproc),
-            ("as", self.address_space),
-            ("cpu", self.cpu),
-            ("fsize", self.fsize),
-            ("core", self.core),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, v?)))
     }
 }
 
@@ -351,7 +368,7 @@ pub enum LimitValue {
 /// `env_inherit` lists it (which the config refuses): the service manager's connection
 /// (`NOTIFY_SOCKET`, `WATCHDOG_*`, `LISTEN_*`, `JOURNAL_STREAM`) belongs to the daemon, and
 /// `TASKD_*` are set by taskd itself.
-pub fn never_inherited(name: &str) -> bool {
+pub(crate) fn never_inherited(name: &str) -> bool {
     name == "NOTIFY_SOCKET"
         || name == "JOURNAL_STREAM"
         || name.starts_with("WATCHDOG_")
@@ -360,78 +377,78 @@ pub fn never_inherited(name: &str) -> bool {
 }
 
 /// The built-in defaults, in one place so docs and code agree.
-pub mod defaults {
+pub(crate) mod defaults {
     use std::time::Duration;
 
-    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// The shortest and longest `lease`: renewed every third, a shorter one would cost a
     /// round trip per second per node; a longer one leaves a dead node's tasks for hours.
-    pub const MIN_LEASE: Duration = Duration::from_secs(3);
-    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+    pub(crate) const MIN_LEASE: Duration = Duration::from_secs(3);
+    pub(crate) const MAX_LEASE: Duration = Duration::from_secs(3600);
     /// The lease on a shared broker, when `lease` is not set.
-    pub const SHARED_LEASE: Duration = Duration::from_secs(30);
-    pub const MAX_PAYLOAD: usize = 1024 * 1024;
-    pub const CONCURRENCY: usize = 1;
-    pub const TIMEOUT: Duration = Duration::from_secs(30 * 60);
-    pub const MAX_ATTEMPTS: u32 = 5;
-    pub const KILL_GRACE: Duration = Duration::from_secs(10);
-    pub const OUTPUT_TAIL: usize = 64 * 1024;
-    pub const LOG_MAX: u64 = 10 * 1024 * 1024;
+    pub(crate) const SHARED_LEASE: Duration = Duration::from_secs(30);
+    pub(crate) const MAX_PAYLOAD: usize = 1024 * 1024;
+    pub(crate) const CONCURRENCY: usize = 1;
+    pub(crate) const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+    pub(crate) const MAX_ATTEMPTS: u32 = 5;
+    pub(crate) const KILL_GRACE: Duration = Duration::from_secs(10);
+    pub(crate) const OUTPUT_TAIL: usize = 64 * 1024;
+    pub(crate) const LOG_MAX: u64 = 10 * 1024 * 1024;
     /// `max_result`: the largest result a task may return.
-    pub const MAX_RESULT: u64 = 1024 * 1024;
+    pub(crate) const MAX_RESULT: u64 = 1024 * 1024;
     /// A worker is RUNNING once it has been ready and alive this long.
-    pub const START_SECS: Duration = Duration::from_secs(1);
+    pub(crate) const START_SECS: Duration = Duration::from_secs(1);
     /// Failed starts in a row before a worker is FATAL.
-    pub const START_RETRIES: u32 = 3;
+    pub(crate) const START_RETRIES: u32 = 3;
     /// The daemon's environment variables every task gets (when the daemon has them);
     /// `env_inherit` adds to this list.
-    pub const ENV_INHERIT: &[&str] = &[
+    pub(crate) const ENV_INHERIT: &[&str] = &[
         "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR",
     ];
     /// PATH of a task that runs as another `user` (unless the queue's `env` sets PATH), and
     /// of any task when the daemon has no PATH.
-    pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+    pub(crate) const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
     /// `state_dir`'s name next to the config file when neither the file nor systemd set it.
-    pub const STATE_DIR_NAME: &str = "taskd-data";
+    pub(crate) const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
-    pub const DB_FILE_NAME: &str = "taskd.db";
+    pub(crate) const DB_FILE_NAME: &str = "taskd.db";
     /// The directory of the running tasks' result files (`TASKD_RESULT_FILE`) inside the
     /// state directory.
-    pub const RESULTS_DIR_NAME: &str = "results";
+    pub(crate) const RESULTS_DIR_NAME: &str = "results";
     /// The control socket's file name inside the state directory, by default.
-    pub const CONTROL_SOCKET_NAME: &str = "taskd.sock";
+    pub(crate) const CONTROL_SOCKET_NAME: &str = "taskd.sock";
     /// How many audit records the broker keeps (the newest) when `audit_keep` is not set.
-    pub const AUDIT_KEEP: usize = 100_000;
+    pub(crate) const AUDIT_KEEP: usize = 100_000;
     /// How long finished tasks are kept, by how they ended (`keep_succeeded`, ...).
-    pub const KEEP_SUCCEEDED: crate::model::Keep =
+    pub(crate) const KEEP_SUCCEEDED: crate::model::Keep =
         crate::model::Keep::For(Duration::from_secs(7 * 86_400));
-    pub const KEEP_FAILED: crate::model::Keep =
+    pub(crate) const KEEP_FAILED: crate::model::Keep =
         crate::model::Keep::For(Duration::from_secs(30 * 86_400));
-    pub const KEEP_CANCELLED: crate::model::Keep =
+    pub(crate) const KEEP_CANCELLED: crate::model::Keep =
         crate::model::Keep::For(Duration::from_secs(7 * 86_400));
 }
 
 /// Limits on values, shared by the validator and its messages.
 pub(crate) mod limits {
-    pub const MAX_CONCURRENCY: i64 = 10_000;
-    pub const MAX_ATTEMPTS: i64 = 1000;
-    pub const MAX_START_RETRIES: i64 = 100;
+    pub(crate) const MAX_CONCURRENCY: i64 = 10_000;
+    pub(crate) const MAX_ATTEMPTS: i64 = 1000;
+    pub(crate) const MAX_START_RETRIES: i64 = 100;
     /// The most audit records `audit_keep` may ask the broker to keep.
-    pub const MAX_AUDIT_KEEP: i64 = 10_000_000;
+    pub(crate) const MAX_AUDIT_KEEP: i64 = 10_000_000;
     /// The smallest `max_worker_memory`: below it no interpreter even starts.
-    pub const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
-    pub const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
+    pub(crate) const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
+    pub(crate) const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;
     /// The largest `max_result`: a result is stored whole with its task and sent whole by
     /// every read of the task.
-    pub const MAX_RESULT: u64 = 64 * 1024 * 1024;
+    pub(crate) const MAX_RESULT: u64 = 64 * 1024 * 1024;
     /// SQLite refuses values over 1e9 bytes by default; stay well below it.
-    pub const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;
+    pub(crate) const MAX_PAYLOAD: u64 = 512 * 1024 * 1024;
     /// The smallest `limits.as`: below it hardly any program can even start, and the likely
     /// cause is a number meant in KiB or MiB.
-    pub const MIN_ADDRESS_SPACE: u64 = 16 * 1024 * 1024;
+    pub(crate) const MIN_ADDRESS_SPACE: u64 = 16 * 1024 * 1024;
     /// Linux's default `fs.nr_open`, the ceiling for `limits.nofile` when
     /// `/proc/sys/fs/nr_open` cannot be read.
-    pub const NR_OPEN: u64 = 1024 * 1024;
+    pub(crate) const NR_OPEN: u64 = 1024 * 1024;
 }
 
 /// One problem in a config file, with where it is and how to fix it.
@@ -510,7 +527,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// inspects tasks: like [`load`], but without the check that this process could run each
 /// queue's tasks as its `user` and `group` (which needs root). The daemon, `taskd check`
 /// and `taskd reload` use [`load`].
-pub fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -521,7 +538,7 @@ pub fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates config `text` as if read from `path` (which places relative paths and names the
 /// file in diagnostics; it is not read).
-pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
     validate::validate(text, path, std::env::var_os("STATE_DIRECTORY"))
         .map_err(ConfigError::Invalid)
 }

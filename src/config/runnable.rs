@@ -15,20 +15,24 @@ use super::{Program, QueueConfig};
 
 /// The longest argv element, in bytes: the kernel's `MAX_ARG_STRLEN` (128 KiB) counts the
 /// terminating NUL.
-pub const MAX_ARG_LEN: usize = 128 * 1024 - 1;
+pub(crate) const MAX_ARG_LEN: usize = 128 * 1024 - 1;
 /// The most a task's argv may take, each element counted with its NUL and its pointer: half
 /// of the 2 MiB the kernel allows argv and environment together with an 8 MiB stack limit.
-pub const MAX_ARGV_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_ARGV_BYTES: usize = 1024 * 1024;
 /// The longest `TASKD_PAYLOAD=…` or `TASKD_ARG_<field>=…` variable passed, in bytes.
-pub const MAX_ENV_VAR: usize = 64 * 1024;
+pub(crate) const MAX_ENV_VAR: usize = 64 * 1024;
 /// The most the variables made from the payload may take together (counted as for argv).
-pub const MAX_PAYLOAD_ENV: usize = 256 * 1024;
+pub(crate) const MAX_PAYLOAD_ENV: usize = 256 * 1024;
 
 /// Checks a task for an exec queue (`command` or `shell`) and returns its argv: the command
 /// with its placeholders filled, or `/bin/sh -c script`, then the task's extra `args`. `Err`
 /// says why the task cannot run, naming the limit or the setting that refuses it. A `worker`
 /// queue takes every task that is valid JSON (it travels as JSON on a pipe): `Ok(vec![])`.
-pub fn argv(queue: &QueueConfig, payload: &Value, args: &[String]) -> Result<Vec<String>, String> {
+pub(crate) fn argv(
+    queue: &QueueConfig,
+    payload: &Value,
+    args: &[String],
+) -> Result<Vec<String>, String> {
     let mut argv = match &queue.program {
         Program::Worker(_) => return Ok(Vec::new()),
         Program::Shell(script) => vec![
@@ -140,7 +144,7 @@ fn script_fields(script: &str) -> std::collections::BTreeSet<&str> {
 /// `TASKD_ARG_<field>` for each top-level field whose name is a valid variable name, in field
 /// name order; null fields are left out. A variable over [`MAX_ENV_VAR`], one holding a NUL,
 /// and those that would take the total past [`MAX_PAYLOAD_ENV`] are left out too.
-pub fn payload_env(payload_text: &str, payload: &Value) -> Vec<(String, String)> {
+pub(crate) fn payload_env(payload_text: &str, payload: &Value) -> Vec<(String, String)> {
     let mut env = Vec::new();
     let mut budget = MAX_PAYLOAD_ENV;
     let mut add = |name: String, value: String| {
@@ -174,7 +178,7 @@ fn cost(len: usize) -> usize {
 }
 
 /// A name a shell can expand: a letter or `_`, then letters, digits and `_`.
-pub fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -16,7 +16,7 @@ pub enum Overlap {
 }
 
 impl Overlap {
-    pub const NAMES: [&'static str; 2] = ["skip", "allow"];
+    pub(crate) const NAMES: [&'static str; 2] = ["skip", "allow"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,12 +65,12 @@ impl ScheduleConfig {
     }
 
     /// The spec as the config writes it, with the zone when it matters: `cron "0 3 * * *"`.
-    pub fn spec(&self) -> String {
+    pub(crate) fn spec(&self) -> String {
         self.calendar.spec.show()
     }
 }
 
 /// The default of `max_catch_up`.
-pub const MAX_CATCH_UP: u32 = 100;
+pub(crate) const MAX_CATCH_UP: u32 = 100;
 /// The largest `max_catch_up`.
-pub const MAX_CATCH_UP_LIMIT: i64 = 10_000;
+pub(crate) const MAX_CATCH_UP_LIMIT: i64 = 10_000;

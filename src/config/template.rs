@@ -76,7 +76,7 @@ impl ArgTemplate {
     }
 
     /// The payload fields this element needs, in order of appearance (repeats included).
-    pub fn fields(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn fields(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Field(f) => Some(f.as_str()),
             Part::Literal(_) => None,
@@ -88,7 +88,7 @@ impl ArgTemplate {
     /// Strings go in as they are; numbers and booleans as their JSON text; arrays and objects
     /// as compact JSON. A missing or null field is an error (the task cannot run as asked),
     /// each with its own message.
-    pub fn render(&self, payload: &serde_json::Value) -> Result<String, String> {
+    pub(crate) fn render(&self, payload: &serde_json::Value) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -126,12 +126,12 @@ impl ArgTemplate {
 
     /// True when the element begins with a placeholder (`{src}`, `{a}.png`): a value can
     /// then decide how the element starts, e.g. with `-`.
-    pub fn starts_with_field(&self) -> bool {
+    pub(crate) fn starts_with_field(&self) -> bool {
         matches!(self.parts.first(), Some(Part::Field(_)))
     }
 
     /// True when the element holds no placeholder (it renders to itself, braces unescaped).
-    pub fn is_literal(&self) -> bool {
+    pub(crate) fn is_literal(&self) -> bool {
         self.fields().next().is_none()
     }
 }

@@ -91,7 +91,10 @@ fn product_example_is_valid() {
     );
     assert_eq!(c.broker.to_string(), "sqlite:///var/lib/taskd/taskd.db");
     assert_eq!(c.state_dir, PathBuf::from("/var/lib/taskd"));
-    assert_eq!(c.listen, Some("127.0.0.1:7070".parse().unwrap()));
+    assert_eq!(
+        c.listen,
+        vec![Listen::Tcp("127.0.0.1:7070".parse().unwrap())]
+    );
     assert_eq!(c.shutdown_grace, secs(30));
     assert_eq!(c.max_payload, 1024 * 1024);
     assert_eq!(
@@ -157,7 +160,7 @@ fn empty_file_takes_every_default() {
             path: "/srv/app/taskd-data/taskd.db".into()
         }
     );
-    assert_eq!(c.listen, None);
+    assert!(c.listen.is_empty());
     assert_eq!(c.shutdown_grace, secs(30));
     assert_eq!(c.max_payload, 1 << 20);
     assert!(c.queues.is_empty());
@@ -782,10 +785,20 @@ umask = 0
     assert_eq!(b.limits.fsize, Some(LimitValue::Finite(1 << 30)));
     assert_eq!(b.limits.nofile, Some(LimitValue::Finite(4096)));
     assert_eq!(c.queues[&q("c")].umask, Some(0));
-    assert_eq!(
-        b.limits.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-        ["nofile", "as", "fsize", "core"]
-    );
+    let set = |l: &Limits| {
+        [
+            ("nofile", l.nofile),
+            ("nproc", l.nproc),
+            ("as", l.address_space),
+            ("cpu", l.cpu),
+            ("fsize", l.fsize),
+            ("core", l.core),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|_| key))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(set(&b.limits), ["nofile", "as", "fsize", "core"]);
 
     let plain = &ok("[queues.p]\nshell = \"true\"\n").queues[&q("p")];
     assert_eq!(
@@ -1102,4 +1115,59 @@ fn clients_do_not_open_token_files() {
     // The daemon (and `check`) refuse both files.
     let d = errs(&text);
     assert_eq!(d.len(), 2, "{d:#?}");
+}
+
+#[test]
+fn listen_takes_a_list_of_tcp_addresses_and_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("taskd.toml");
+    let c = ok_at(
+        "[taskd]\nlisten = [\"127.0.0.1:7070\", \"unix:api.sock\", \"unix:/tmp/x.sock\"]\nlisten_group = \"root\"\n",
+        path.to_str().unwrap(),
+        None,
+    );
+    assert_eq!(
+        c.listen,
+        vec![
+            Listen::Tcp("127.0.0.1:7070".parse().unwrap()),
+            Listen::Unix(dir.path().join("api.sock")),
+            Listen::Unix(PathBuf::from("/tmp/x.sock")),
+        ]
+    );
+    assert_eq!(c.listen_group.as_deref(), Some("root"));
+    assert_eq!(
+        c.listen[1].to_string(),
+        format!("unix:{}", dir.path().join("api.sock").display())
+    );
+    // One string still works, and a Unix socket alone needs no token.
+    let c = ok("[taskd]\nlisten = \"unix:/tmp/api.sock\"\n");
+    assert_eq!(c.listen, vec![Listen::Unix(PathBuf::from("/tmp/api.sock"))]);
+    assert!(!c.has_tokens());
+
+    // Each bad entry is reported at its own place.
+    let d = one("[taskd]\nlisten = [\"127.0.0.1:7070\", \"localhost:1\"]\n");
+    at(&d, 2, 29, "taskd.listen[1]");
+    assert!(d.fix.as_deref().unwrap_or("").contains("unix:"), "{d}");
+    let d = one("[taskd]\nlisten = [\"unix:/no/such/dir/api.sock\"]\n");
+    at(&d, 2, 11, "taskd.listen[0]");
+    assert!(d.message.contains("/no/such/dir"), "{d}");
+    let d = one("[taskd]\nlisten = [\"unix:~/api.sock\"]\n");
+    assert!(
+        d.fix.as_deref().unwrap_or("").contains("absolute path"),
+        "{d}"
+    );
+    let long = format!("unix:/tmp/{}", "s".repeat(120));
+    let d = one(&format!("[taskd]\nlisten = [\"{long}\"]\n"));
+    assert!(d.message.contains("at most 107"), "{d}");
+    let d = one("[taskd]\nlisten = [7070]\n");
+    at(&d, 2, 11, "taskd.listen[0]");
+    let d = one("[taskd]\nlisten = 7070\n");
+    assert!(d.message.contains("a string or a list of strings"), "{d}");
+    // A non-loopback TCP entry of a list still needs a token, named at its place.
+    let d = one("[taskd]\nlisten = [\"unix:/tmp/a.sock\", \"0.0.0.0:7070\"]\n");
+    at(&d, 2, 31, "taskd.listen");
+    assert!(d.message.contains("0.0.0.0:7070"), "{d}");
+    let d = one("[taskd]\nlisten_group = \"no-such-group-taskd\"\n");
+    at(&d, 2, 16, "taskd.listen_group");
+    assert!(d.fix.as_deref().unwrap_or("").contains("groupadd"), "{d}");
 }

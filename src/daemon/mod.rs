@@ -43,15 +43,13 @@ mod cluster;
 mod recovery;
 mod reload;
 mod retention;
-pub mod setup;
+pub(crate) mod setup;
 mod stats;
 mod status;
-pub mod storelock;
+pub(crate) mod storelock;
 mod watch;
 
-pub use setup::{
-    running_daemon, secure_state_dir, set_up_process, LogFile, LogStderr, Reaper, StateLock,
-};
+pub(crate) use setup::{running_daemon, set_up_process, LogFile, LogStderr, Reaper, StateLock};
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -85,6 +83,10 @@ pub struct Listeners {
     /// The HTTP API (`listen`), all served by one thread and runtime of the API's own. A
     /// non-loopback one needs the config's `token`. Empty: no API.
     pub api: Vec<TcpListener>,
+    /// The API's Unix sockets (`listen = "unix:…"`), as [`crate::api::unix::bind`] makes
+    /// them: served without a token. The caller removes their files after [`run`]
+    /// ([`crate::api::unix::SocketFile::remove`]).
+    pub api_unix: Vec<crate::api::unix::UnixApi>,
     /// The control socket (`taskd reload`, `taskd restart`), as [`crate::control::bind`]
     /// makes it. The caller removes its file after [`run`]. `None`: reloads come only
     /// through [`Handle::reload`].
@@ -100,18 +102,48 @@ impl Listeners {
     /// exit code 1) and `control_socket` (a path that cannot be bound is a config problem:
     /// exit code 78, which the systemd unit does not restart into). The store lock is the
     /// caller's.
-    pub async fn bind(config: &Config) -> Result<Listeners, Failure> {
+    pub(crate) async fn bind(config: &Config) -> Result<Listeners, Failure> {
         let mut api = Vec::new();
-        if let Some(addr) = config.listen {
-            let bound = crate::api::bind(addr).await.and_then(|l| l.into_std());
-            api.push(bound.map_err(|e| {
-                Failure::new(
-                    exit::FAILURE,
-                    format!("failed to listen on {addr} (`listen` in [taskd]): {e}"),
-                )
-            })?);
+        let mut api_unix: Vec<crate::api::unix::UnixApi> = Vec::new();
+        for listen in &config.listen {
+            let bound = match listen {
+                crate::config::Listen::Tcp(addr) => crate::api::bind(*addr)
+                    .await
+                    .and_then(|l| l.into_std())
+                    .map(|l| api.push(l))
+                    .map_err(|e| {
+                        Failure::new(
+                            exit::FAILURE,
+                            format!("failed to listen on {addr} (`listen` in [taskd]): {e}"),
+                        )
+                    }),
+                crate::config::Listen::Unix(path) => {
+                    use crate::api::unix::{bind, BindError};
+                    bind(path, config.listen_group.as_deref())
+                        .map(|u| api_unix.push(u))
+                        .map_err(|e| match e {
+                            BindError::Taken(m) => Failure::new(
+                                exit::FAILURE,
+                                format!("failed to listen on {listen} (`listen` in [taskd]): {m}"),
+                            ),
+                            BindError::Config(m) => Failure::new(
+                                exit::CONFIG,
+                                format!("{}: {m}", config.path.display()),
+                            ),
+                        })
+                }
+            };
+            if let Err(e) = bound {
+                for u in &api_unix {
+                    u.file.remove();
+                }
+                return Err(e);
+            }
         }
         let control = crate::control::bind(&config.control_socket).map_err(|e| {
+            for u in &api_unix {
+                u.file.remove();
+            }
             Failure::new(
                 exit::CONFIG,
                 format!(
@@ -123,6 +155,7 @@ impl Listeners {
         })?;
         Ok(Listeners {
             api,
+            api_unix,
             control: Some(control),
             store_lock: None,
         })
@@ -197,7 +230,7 @@ impl Handle {
 
     /// [`Self::shutdown`], saying what asked for it (`SIGTERM`): the audit trail's record of
     /// the stop names it.
-    pub fn shutdown_because(&self, why: &'static str) {
+    pub(crate) fn shutdown_because(&self, why: &'static str) {
         self.stopped_by
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -207,17 +240,17 @@ impl Handle {
 
     /// Drain without the grace: running tasks are killed (SIGKILL, no `kill_grace`) and put
     /// back at once. Implies [`Self::shutdown`].
-    pub fn shutdown_now(&self) {
+    pub(crate) fn shutdown_now(&self) {
         self.shutdown.cancel();
         self.now.cancel();
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()
     }
 
     /// Until a shutdown is asked.
-    pub async fn shutdown_asked(&self) {
+    pub(crate) async fn shutdown_asked(&self) {
         self.shutdown.cancelled().await
     }
 
@@ -247,7 +280,7 @@ fn host_name() -> String {
 /// Open the broker. A shared broker that cannot be reached is waited for, with backoff,
 /// rather than failing the start: a daemon that exits would be restarted by its service
 /// manager into the same error, again and again. `None`: a shutdown was asked meanwhile.
-pub async fn open_broker(
+pub(crate) async fn open_broker(
     config: &Config,
     handle: &Handle,
 ) -> anyhow::Result<Option<Arc<dyn Broker>>> {
@@ -327,7 +360,7 @@ pub async fn run(
         api.metrics.clone(),
     )));
     let api_stop = CancellationToken::new();
-    let api_done = serve_api(listeners.api, &api, &config, &api_stop);
+    let api_done = serve_api(listeners.api, listeners.api_unix, &api, &config, &api_stop);
     let mut daemon = Running {
         config,
         broker,
@@ -537,17 +570,25 @@ async fn start_supervisor(
     Ok((supervisor, lease, wakeups))
 }
 
+/// A socket of the API as bound, before the API's runtime takes it.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
 /// Serve the API on `listeners` from a thread and a runtime of its own: requests are then
 /// served beside the supervisor instead of taking turns with it. Each listener's state says
-/// whether its address is loopback (host names checked; reads open) or not (reads need the
-/// token). The receiver answers once every listener stopped (`stop`); `None` without any.
+/// whether its address is loopback (host names checked; reads open), not (reads need the
+/// token), or a Unix socket (no token: the file's permissions decide). The receiver answers
+/// once every listener stopped (`stop`); `None` without any.
 fn serve_api(
     listeners: Vec<TcpListener>,
+    unix: Vec<crate::api::unix::UnixApi>,
     state: &AppState,
     config: &Config,
     stop: &CancellationToken,
 ) -> Option<oneshot::Receiver<()>> {
-    if listeners.is_empty() {
+    if listeners.is_empty() && unix.is_empty() {
         return None;
     }
     let mut served = Vec::new();
@@ -558,10 +599,17 @@ fn serve_api(
                     tokens = config.tokens.len(),
                     "API listening on http://{addr} (dashboard at /, metrics at /metrics)"
                 );
-                served.push((listener, state.clone().listening_on(addr)));
+                served.push((Bound::Tcp(listener), state.clone().listening_on(addr)));
             }
             Err(e) => tracing::warn!(error = %e, "API listening on an unknown address"),
         }
+    }
+    for u in unix {
+        tracing::info!(
+            "API listening on unix:{} (no token asked for: the socket's permissions decide)",
+            u.file.path.display()
+        );
+        served.push((Bound::Unix(u.listener), state.clone().listening_on_unix()));
     }
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let stop = stop.clone();
@@ -584,15 +632,23 @@ fn serve_api(
 }
 
 /// On the API's runtime: every listener served until `stop`.
-async fn serve_api_listeners(served: Vec<(TcpListener, AppState)>, stop: CancellationToken) {
+async fn serve_api_listeners(served: Vec<(Bound, AppState)>, stop: CancellationToken) {
+    use crate::api::ApiSocket;
     let mut all = tokio::task::JoinSet::new();
     for (listener, state) in served {
-        let listener = listener
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpListener::from_std(listener));
-        match listener {
-            Ok(listener) => {
-                all.spawn(crate::api::serve(listener, state, stop.clone()));
+        let socket = match listener {
+            Bound::Tcp(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+                .map(ApiSocket::Tcp),
+            Bound::Unix(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(l))
+                .map(ApiSocket::Unix),
+        };
+        match socket {
+            Ok(socket) => {
+                all.spawn(crate::api::serve_on(socket, state, stop.clone()));
             }
             Err(e) => tracing::error!(error = %e, "the API could not use its socket"),
         }

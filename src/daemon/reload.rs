@@ -90,8 +90,11 @@ pub(super) fn reload(current: &mut Config, supervisor: &Arc<Supervisor>, why: &s
                 ));
             }
             current.audit_keep = new.audit_keep;
-            if new.listen != current.listen {
-                changes.push("`listen` changes need a restart; kept the old address".to_string());
+            if new.listen != current.listen || new.listen_group != current.listen_group {
+                changes.push(
+                    "`listen` and `listen_group` changes need a restart; kept the old listeners"
+                        .to_string(),
+                );
             }
             changes.extend(token_changes(&current.tokens, &new.tokens));
             current.tokens = new.tokens;

@@ -144,7 +144,6 @@ pub fn secure_state_dir(state_dir: &Path, group: Option<&str>) -> Result<(), Fai
 /// The lock that keeps a second daemon off a state directory. Held for the process's life.
 pub struct StateLock {
     _file: Flock<File>,
-    pub path: PathBuf,
 }
 
 const LOCK_FILE: &str = "taskd.pid";
@@ -197,7 +196,7 @@ impl StateLock {
         let _ = file.rewind();
         let _ = writeln!(file, "{}", std::process::id());
         let _ = file.flush();
-        Ok(StateLock { _file: file, path })
+        Ok(StateLock { _file: file })
     }
 }
 

@@ -40,15 +40,6 @@ pub enum Stream {
     Stderr,
 }
 
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-}
-
 /// A follower's place in an attempt's output: the bytes of each stream it has had.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -409,19 +400,6 @@ impl Live {
         found.dedup_by_key(|o| o.seq);
         let missed = registered.saturating_sub(seen) - found.len() as u64;
         (found, missed, registered)
-    }
-
-    /// The attempts of `queue` running here now.
-    pub fn queue_running(&self, queue: &QueueName) -> Vec<Arc<LiveOutput>> {
-        let hub = self.hub();
-        let mut v: Vec<Arc<LiveOutput>> = hub
-            .running
-            .values()
-            .filter(|o| &o.queue == queue)
-            .cloned()
-            .collect();
-        v.sort_by_key(|o| o.seq);
-        v
     }
 }
 

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use super::output::Tail;
 use super::procs::{parse_stat, read_stat};
-use super::setup::ChildSetup;
+use super::setup::{ChildSetup, Host, TASK_NOFILE_SOFT};
 use super::*;
 
 /// Gives this test process the open-files soft limit a daemon gives itself (1024 for a few
@@ -82,12 +82,9 @@ async fn exit_codes_and_signals() {
 
     let three = run_plain(sh("exit 3")).await;
     assert_eq!(three.status, Status::Exited(3));
-    assert_eq!(three.status.reason(), AttemptReason::Exit);
 
     let killed = run_plain(sh("kill -9 $$")).await;
     assert_eq!(killed.status, Status::Signaled(9));
-    assert_eq!(killed.status.reason(), AttemptReason::Signal);
-    assert_eq!(killed.status.describe(), "killed by signal 9 (SIGKILL)");
 }
 
 #[tokio::test]
@@ -211,7 +208,6 @@ async fn missing_and_unexecutable_programs() {
             message: "program not found: /usr/bin/taskd-no-such-program".into()
         }
     );
-    assert_eq!(o.status.reason(), AttemptReason::Spawn);
 
     let o = run_plain(spec(&["taskd-no-such-program-on-path"])).await;
     assert!(
@@ -253,7 +249,6 @@ async fn timeout_sends_term_to_the_group() {
     let t = Instant::now();
     let o = run_plain(s).await;
     assert_eq!(o.status, Status::TimedOut { killed_with: 15 });
-    assert_eq!(o.status.reason(), AttemptReason::Timeout);
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(
@@ -382,7 +377,6 @@ async fn shutdown_interrupts_the_task() {
     stop.shutdown.cancel();
     let o = task.await.expect("run does not panic");
     assert_eq!(o.status, Status::Interrupted);
-    assert_eq!(o.status.reason(), AttemptReason::Shutdown);
 }
 
 #[tokio::test]

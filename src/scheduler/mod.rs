@@ -13,7 +13,7 @@
 
 mod timer;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -601,9 +601,4 @@ impl Job {
             },
         }
     }
-}
-
-/// The names of `config`'s schedules, for messages.
-pub fn names(config: &Config) -> BTreeSet<String> {
-    config.schedules.keys().cloned().collect()
 }

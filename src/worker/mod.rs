@@ -44,7 +44,7 @@ use crate::executor::{
 use crate::model::{now_ms, QueueName, TaskId, TaskRecord};
 use process::{describe, Event, Proc};
 use protocol::{ResultStatus, WorkerMessage};
-pub use status::{kill_leftovers, read_status, Registry, StatusFile, WorkerInfo, WorkerState};
+pub use status::{kill_leftovers, Registry, WorkerInfo, WorkerState};
 
 /// A started worker must announce itself ready within this time.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);

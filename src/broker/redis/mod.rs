@@ -120,7 +120,7 @@ fn scripts() -> &'static Scripts {
 }
 
 /// The key prefix of one queue; every key of the queue starts with it.
-pub fn prefix(queue: &QueueName) -> String {
+pub(crate) fn prefix(queue: &QueueName) -> String {
     format!("taskd:{{q:{queue}}}:")
 }
 
@@ -272,11 +272,6 @@ impl RedisBroker {
                 Err(BrokerError::LeaseLost(lease.task))
             }
         }
-    }
-
-    /// The server's address, `host:port`.
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     fn err(&self, error: RedisError) -> BrokerError {

@@ -116,10 +116,6 @@ impl SqliteBroker {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     async fn claim_as(
         &self,
         urgent: bool,

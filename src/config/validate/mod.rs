@@ -373,13 +373,14 @@ impl Cx<'_> {
         let control_socket = taskd
             .control_socket
             .unwrap_or_else(|| state_dir.join(defaults::CONTROL_SOCKET_NAME));
-        if let (Some(addr), false) = (taskd.listen, taskd.token_written) {
-            if !addr.ip().is_loopback() {
+        let listen = taskd.listen.unwrap_or_default();
+        for (addr, span) in listen.iter().filter(|_| !taskd.token_written) {
+            if let Some(addr) = addr.tcp().filter(|a| !a.ip().is_loopback()) {
                 self.error(
-                    taskd.listen_span.clone(),
+                    span.clone(),
                     "taskd.listen",
                     format!("listen = \"{addr}\" is reachable from other hosts, and no API token is set: anyone could enqueue and cancel tasks"),
-                    Some("set `token_file = \"/etc/taskd/token\"` (or `tokens = [{ name = \"ci\", token_file = \"…\" }]`) in [taskd], or listen on a loopback address such as \"127.0.0.1:7070\"".into()),
+                    Some("set `token_file = \"/etc/taskd/token\"` (or `tokens = [{ name = \"ci\", token_file = \"…\" }]`) in [taskd], or listen on a loopback address such as \"127.0.0.1:7070\" or a Unix socket such as \"unix:/run/taskd/api.sock\"".into()),
                 );
             }
         }
@@ -389,7 +390,8 @@ impl Cx<'_> {
             path: self.file.clone(),
             broker,
             state_dir,
-            listen: taskd.listen,
+            listen: listen.into_iter().map(|(l, _)| l).collect(),
+            listen_group: taskd.listen_group,
             tokens,
             audit_keep: taskd.audit_keep.unwrap_or(defaults::AUDIT_KEEP),
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),

@@ -10,21 +10,22 @@ use toml_edit::TableLike;
 
 use super::super::units::{self, DurationError};
 use super::{entries, keys, resolve, Cx, Entry, Section, Span};
-use crate::config::{defaults, ApiToken, BrokerUrl, LogTasks, Secret, DEFAULT_TOKEN};
+use crate::config::{defaults, ApiToken, BrokerUrl, Listen, LogTasks, Secret, DEFAULT_TOKEN};
 
 /// The `[taskd]` table as read.
 #[derive(Default)]
 pub(in crate::config) struct TaskdLayer {
     pub(in crate::config) broker: Option<BrokerUrl>,
     pub(in crate::config) state_dir: Option<PathBuf>,
-    pub(in crate::config) listen: Option<SocketAddr>,
+    /// `listen`, each address with where it was written (for the "non-loopback needs a
+    /// token" diagnostic).
+    pub(in crate::config) listen: Option<Vec<(Listen, Span)>>,
+    pub(in crate::config) listen_group: Option<String>,
     pub(in crate::config) shutdown_grace: Option<Duration>,
     pub(in crate::config) lease: Option<Duration>,
     pub(in crate::config) max_payload: Option<usize>,
     pub(in crate::config) control_socket: Option<PathBuf>,
     pub(in crate::config) state_group: Option<String>,
-    /// Where `listen` was written, for the "non-loopback needs a token" diagnostic.
-    pub(in crate::config) listen_span: Span,
     /// `token` or `token_file`, named [`DEFAULT_TOKEN`].
     pub(in crate::config) token: Option<TokenRead>,
     /// `tokens`, in file order.
@@ -274,7 +275,26 @@ impl Cx<'_> {
 
     /// `state_group`: a group that exists on this system.
     pub(in crate::config) fn state_group(&mut self, entry: &Entry) -> Option<String> {
-        let s = self.string(entry, "\"taskd-producers\"")?;
+        self.group(
+            entry,
+            "\"taskd-producers\"",
+            "add the producers' users to it",
+        )
+    }
+
+    /// `listen_group`: a group that exists on this system.
+    pub(in crate::config) fn listen_group(&mut self, entry: &Entry) -> Option<String> {
+        self.group(
+            entry,
+            "\"www-data\"",
+            "add the users of the API's Unix socket to it",
+        )
+    }
+
+    /// A group's name that exists on this system; `then` says what to do once it is made.
+    fn group(&mut self, entry: &Entry, example: &str, then: &str) -> Option<String> {
+        let key = entry.name;
+        let s = self.string(entry, example)?;
         match nix::unistd::Group::from_name(s) {
             Ok(Some(_)) => Some(s.to_string()),
             Ok(None) => {
@@ -282,7 +302,9 @@ impl Cx<'_> {
                     entry.value_span(),
                     &entry.path,
                     format!("group `{s}` does not exist on this system"),
-                    Some(format!("create the group (`groupadd --system {s}`) and add the producers' users to it, or remove `state_group`")),
+                    Some(format!(
+                        "create the group (`groupadd --system {s}`) and {then}, or remove `{key}`"
+                    )),
                 );
                 None
             }
@@ -291,7 +313,9 @@ impl Cx<'_> {
                     entry.value_span(),
                     &entry.path,
                     format!("failed to look up group `{s}`: {err}"),
-                    Some("check the system's group database (/etc/group, NSS), or remove `state_group`".into()),
+                    Some(format!(
+                        "check the system's group database (/etc/group, NSS), or remove `{key}`"
+                    )),
                 );
                 None
             }
@@ -309,23 +333,94 @@ impl Cx<'_> {
         }
     }
 
-    pub(in crate::config) fn listen(&mut self, entry: &Entry) -> Option<SocketAddr> {
-        let s = self.string(entry, "\"127.0.0.1:7070\"")?;
-        match s.trim().parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.error(
-                    entry.value_span(),
-                    &entry.path,
-                    format!("\"{s}\" is not an IP address and port"),
-                    Some(
-                        "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted)"
-                            .into(),
-                    ),
+    /// `listen`: one address, or a list of them; each an IP address and port, or
+    /// `unix:/path` (absolute, or relative to the config's directory).
+    pub(in crate::config) fn listen(&mut self, entry: &Entry) -> Option<Vec<(Listen, Span)>> {
+        let items: Vec<(&toml_edit::Value, String)> = match (
+            entry.item.as_str(),
+            entry.item.as_array(),
+        ) {
+            (Some(_), _) => match entry.item.as_value() {
+                Some(v) => vec![(v, entry.path.clone())],
+                None => return None,
+            },
+            (None, Some(array)) => array
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v, format!("{}[{i}]", entry.path)))
+                .collect(),
+            (None, None) => {
+                self.wrong_type(
+                    entry,
+                    "a string or a list of strings",
+                    "write `listen = \"127.0.0.1:7070\"`, `listen = \"unix:/run/taskd/api.sock\"` or a list of both".into(),
                 );
-                None
+                return None;
+            }
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (v, key) in items {
+            let span = v.span().or_else(|| entry.value_span());
+            match v.as_str().map(|s| self.one_listen(s)) {
+                Some(Ok(l)) => out.push((l, span)),
+                Some(Err((message, fix))) => {
+                    self.error(span, &key, message, Some(fix));
+                    ok = false;
+                }
+                None => {
+                    self.error(
+                        span,
+                        &key,
+                        format!("an address of `listen` must be a string, found {}", v.type_name()),
+                        Some("write it in quotes, such as \"127.0.0.1:7070\" or \"unix:/run/taskd/api.sock\"".into()),
+                    );
+                    ok = false;
+                }
             }
         }
+        ok.then_some(out)
+    }
+
+    /// One address of `listen`, or what is wrong with it and the fix.
+    fn one_listen(&self, s: &str) -> Result<Listen, (String, String)> {
+        let Some(path) = s.trim().strip_prefix("unix:") else {
+            return s.trim().parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+                (
+                    format!("\"{s}\" is not an IP address and port, nor a `unix:` socket path"),
+                    "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted), or a Unix socket such as \"unix:/run/taskd/api.sock\"".into(),
+                )
+            });
+        };
+        if path.is_empty() || path.contains('\0') || path.starts_with('~') || path.starts_with('$')
+        {
+            return Err((
+                format!("\"{s}\" does not name a socket file"),
+                "write `unix:` and an absolute path, such as \"unix:/run/taskd/api.sock\" (no `~` or `$` expansion), or a path relative to the config file's directory".into(),
+            ));
+        }
+        let p = resolve(&self.dir, Path::new(path));
+        // sun_path holds 108 bytes with its terminating NUL.
+        if p.as_os_str().len() > 107 {
+            return Err((
+                format!(
+                    "the socket path {} is {} bytes long; a Unix socket path must be at most 107",
+                    p.display(),
+                    p.as_os_str().len()
+                ),
+                "choose a shorter path, such as \"unix:/run/taskd/api.sock\"".into(),
+            ));
+        }
+        if let Some(dir) = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            return Err((
+                format!("the directory {} of the socket does not exist", dir.display()),
+                format!("create {} (under systemd: `RuntimeDirectory=taskd` and `RuntimeDirectoryPreserve=yes`), or choose another path", dir.display()),
+            ));
+        }
+        Ok(Listen::Unix(p))
     }
 
     pub(in crate::config) fn lease(&mut self, entry: &Entry) -> Option<Duration> {
