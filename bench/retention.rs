@@ -88,7 +88,13 @@ async fn run(url: String, total: u64, report: u64) {
     let calls: Arc<Mutex<Vec<f64>>> = Arc::default();
     // The daemon's pass: every 5 s, everything finished more than KEEP_MS ago.
     let pruner = {
-        let (b, q, stop, pruned, calls) = (b.clone(), q.clone(), stop.clone(), pruned.clone(), calls.clone());
+        let (b, q, stop, pruned, calls) = (
+            b.clone(),
+            q.clone(),
+            stop.clone(),
+            pruned.clone(),
+            calls.clone(),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(PRUNE_EVERY).await;
@@ -141,7 +147,8 @@ async fn run(url: String, total: u64, report: u64) {
                     ended_at: now,
                     reason: Some(AttemptReason::Exit),
                     exit_code: Some(0),
-                    stdout_tail: "sent welcome mail to user@example.com (message id 1f0c2a)\n".into(),
+                    stdout_tail: "sent welcome mail to user@example.com (message id 1f0c2a)\n"
+                        .into(),
                     result: Some(serde_json::json!({"sent": true})),
                     ..Default::default()
                 };

@@ -1897,7 +1897,7 @@ keep_failed = 30
 
 [queues.b]
 shell = \"true\"
-keep_cancelled = \"7 weeks\"
+keep_cancelled = \"a week\"
 keep_succeeded = \"forever\"
 keep_failed = \"-1d\"
 ";
@@ -1921,7 +1921,7 @@ keep_failed = \"-1d\"
             10,
             18,
             "queues.b.keep_cancelled",
-            &["\"7 weeks\" is not a duration"],
+            &["\"a week\" is not a duration"],
             Some("\"1d\""),
         )
         .expect(
