@@ -291,6 +291,13 @@ pub struct NewTask {
     pub run_at: Option<UnixMs>,
     /// At most one waiting or running task per queue holds a given key.
     pub unique_key: Option<String>,
+    /// How long (ms) the unique key still holds after the task finished (`--unique-for`).
+    #[serde(default)]
+    pub unique_for: Option<i64>,
+    /// The parents: the task waits (`scheduled`) until every one of them has succeeded, and
+    /// is cancelled when one fails or is cancelled (`--after`).
+    #[serde(default)]
+    pub after: Vec<TaskId>,
 }
 
 impl NewTask {
@@ -303,6 +310,8 @@ impl NewTask {
             priority: 0,
             run_at: None,
             unique_key: None,
+            unique_for: None,
+            after: Vec::new(),
         }
     }
 }
@@ -424,6 +433,32 @@ pub struct TaskRecord {
     /// The slot of that schedule it runs for; `None` for `taskd schedules fire`.
     #[serde(default)]
     pub slot: Option<UnixMs>,
+    /// The tasks it runs after (`--after`), in the order given; empty for most tasks.
+    #[serde(default)]
+    pub after: Vec<TaskId>,
+}
+
+/// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
+pub fn join_after(after: &[TaskId]) -> String {
+    after
+        .iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads what [`join_after`] wrote.
+pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// The reason a task cancelled because its parent `parent` failed or was cancelled carries
+/// (its `last_error`).
+pub fn dependency_failed(parent: TaskId) -> String {
+    format!("dependency {parent} failed")
 }
 
 /// One run of a task, kept in its history.

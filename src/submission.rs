@@ -23,6 +23,27 @@ pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
     Ok(now_ms() + parsed.as_millis() as i64)
 }
 
+/// A duration (`--unique-for`, `unique_for`) in ms: "10m", "1h 30m". The error starts with
+/// the value.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let parsed: Duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (write it like \"30s\", \"10m\" or \"1h 30m\")"))?;
+    if parsed > Duration::from_secs(100 * 366 * 24 * 3600) {
+        return Err(format!("{text:?}: more than 100 years is surely a mistake"));
+    }
+    Ok(parsed.as_millis() as i64)
+}
+
+/// The parents a task runs after (`--after`, `after`): task ids. The error names the value.
+pub fn parse_parents(ids: &[String]) -> Result<Vec<crate::model::TaskId>, String> {
+    ids.iter().map(|id| id.parse()).collect()
+}
+
+/// The refusal of a task whose parent does not exist (broker rule 13).
+pub fn unknown_parent(id: crate::model::TaskId) -> String {
+    format!("after: no task with id {id}: a task can only run after a task already submitted")
+}
+
 /// An RFC 3339 time or Unix seconds, as a run-at time. The error starts with the value.
 pub fn parse_at(text: &str) -> Result<UnixMs, String> {
     if let Ok(secs) = text.parse::<i64>() {

@@ -112,7 +112,8 @@ pub struct Status {
 pub struct EnqueuedTask {
     #[serde(flatten)]
     pub task: TaskRecord,
-    /// A waiting or running task held the same unique key: this is that task.
+    /// A waiting or running task held the same unique key (or one that finished less than
+    /// its `unique_for` ago): this is that task, and nothing was enqueued.
     pub existing: bool,
 }
 

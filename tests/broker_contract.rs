@@ -215,6 +215,10 @@ macro_rules! contract_tests {
                 schedule_manual_fire_leaves_the_record,
                 schedule_pause_persists_and_wakes,
                 schedule_history_is_bounded,
+                dependants_wait_for_every_parent_across_queues,
+                a_failed_parent_cancels_its_dependants_transitively,
+                enqueue_after_unknown_or_finished_parents,
+                unique_for_holds_the_key_after_the_task_finished,
                 prune_deletes_exactly_what_is_due,
                 prune_goes_in_bounded_batches,
             );
@@ -450,6 +454,7 @@ fn ids_of(v: &[taskd::model::TaskRecord]) -> Vec<TaskId> {
 
 pub mod cases {
     use super::*;
+    pub use crate::flow_cases::*;
     pub use crate::schedule_cases::*;
 
     // --- enqueue ------------------------------------------------------------------------------
@@ -3738,6 +3743,238 @@ pub mod cases {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flow control: dependencies (rule 13) and unique keys held after the finish (rule 14)
+// ---------------------------------------------------------------------------------------------
+
+pub mod flow_cases {
+    use super::*;
+
+    fn child(queue: &str, after: &[TaskId]) -> NewTask {
+        let mut t = task(queue);
+        t.after = after.to_vec();
+        t
+    }
+
+    async fn end(b: &B, queue: &str, id: TaskId, next: Finish) {
+        let c = run_id(b, queue, id).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, Some("exit code 1")),
+            next,
+        )
+        .await
+        .expect("finish");
+    }
+
+    async fn states(b: &B, id: TaskId) -> Vec<(TaskId, Option<TaskState>)> {
+        b.parents(id)
+            .await
+            .expect("parents")
+            .into_iter()
+            .map(|p| (p.id, p.state))
+            .collect()
+    }
+
+    pub async fn dependants_wait_for_every_parent_across_queues(b: B, _g: G) {
+        let p1 = enqueue1(&b, task("dq-a")).await;
+        let p2 = enqueue1(&b, task("dq-b")).await;
+        let c = enqueue1(&b, child("dq-c", &[p1, p2])).await;
+        let rec = get(&b, c).await.task;
+        assert_eq!(rec.state, TaskState::Scheduled, "a dependant waits");
+        assert_eq!(rec.after, vec![p1, p2], "its parents, in the order given");
+        assert_eq!(
+            states(&b, c).await,
+            vec![(p1, Some(TaskState::Queued)), (p2, Some(TaskState::Queued))]
+        );
+        assert!(
+            claim(&b, "dq-c", 10).await.is_empty(),
+            "not claimable while it waits"
+        );
+
+        end(&b, "dq-a", p1, Finish::Succeeded).await;
+        assert!(
+            claim(&b, "dq-c", 10).await.is_empty(),
+            "one parent is not all of them"
+        );
+        assert_eq!(get(&b, c).await.task.state, TaskState::Scheduled);
+        assert_eq!(
+            states(&b, c).await,
+            vec![
+                (p1, Some(TaskState::Succeeded)),
+                (p2, Some(TaskState::Queued))
+            ]
+        );
+
+        end(&b, "dq-b", p2, Finish::Succeeded).await;
+        let got = claim(&b, "dq-c", 10).await;
+        assert_eq!(got.len(), 1, "every parent succeeded: the dependant runs");
+        assert_eq!(got[0].task.id, c);
+        assert_eq!(
+            got[0].task.after,
+            vec![p1, p2],
+            "the claim carries the parents"
+        );
+        assert!(b.parents(p1).await.expect("parents").is_empty());
+        assert!(matches!(
+            b.parents(TaskId::new()).await,
+            Err(BrokerError::NotFound(_))
+        ));
+    }
+
+    pub async fn a_failed_parent_cancels_its_dependants_transitively(b: B, _g: G) {
+        // parent -> kid -> grandkid, each on its own queue; `other` waits on parent and
+        // on a second parent that succeeds.
+        let parent = enqueue1(&b, task("df-a")).await;
+        let second = enqueue1(&b, task("df-b")).await;
+        let kid = enqueue1(&b, child("df-b", &[parent])).await;
+        let grandkid = enqueue1(&b, child("df-c", &[kid])).await;
+        let other = enqueue1(&b, child("df-c", &[second, parent])).await;
+        let bystander = enqueue1(&b, child("df-c", &[second])).await;
+        end(&b, "df-b", second, Finish::Succeeded).await;
+        end(&b, "df-a", parent, Finish::Failed).await;
+        for (id, cause) in [(kid, parent), (grandkid, kid), (other, parent)] {
+            let t = get(&b, id).await.task;
+            assert_eq!(t.state, TaskState::Cancelled, "task {id}");
+            assert_eq!(
+                t.last_error.as_deref(),
+                Some(format!("dependency {cause} failed").as_str()),
+                "task {id}"
+            );
+            assert!(t.finished_at.is_some());
+        }
+        let got = claim(&b, "df-c", 10).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![bystander],
+            "only the dependant of the parent that succeeded runs"
+        );
+
+        // A parent cancelled while it waits cancels its dependants too.
+        let waiting = enqueue1(&b, task("df-a")).await;
+        let after_waiting = enqueue1(&b, child("df-b", &[waiting])).await;
+        assert_eq!(
+            b.cancel(waiting).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
+        let t = get(&b, after_waiting).await.task;
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert_eq!(
+            t.last_error.as_deref(),
+            Some(format!("dependency {waiting} failed").as_str())
+        );
+        // And one whose run is stopped by an operator's cancel.
+        let running = enqueue1(&b, task("df-a")).await;
+        let after_running = enqueue1(&b, child("df-b", &[running])).await;
+        let c = run_id(&b, "df-a", running).await;
+        assert_eq!(
+            b.cancel(running).await.expect("cancel"),
+            CancelOutcome::Requested
+        );
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Cancelled, Some("cancelled")),
+            Finish::Cancelled,
+        )
+        .await
+        .expect("finish");
+        assert_eq!(
+            get(&b, after_running).await.task.state,
+            TaskState::Cancelled
+        );
+    }
+
+    pub async fn enqueue_after_unknown_or_finished_parents(b: B, _g: G) {
+        let unknown = TaskId::new();
+        let before = b.list(&ListFilter::default()).await.expect("list").len();
+        let t = child("de", &[unknown]);
+        match b.enqueue(vec![task("de"), t.clone()]).await {
+            Err(BrokerError::NotFound(id)) => assert_eq!(id, unknown, "the error names the parent"),
+            other => panic!("an unknown parent must be refused, got {other:?}"),
+        }
+        assert_eq!(
+            b.list(&ListFilter::default()).await.expect("list").len(),
+            before,
+            "nothing of the batch was stored"
+        );
+
+        let done = enqueue1(&b, task("de")).await;
+        end(&b, "de", done, Finish::Succeeded).await;
+        let failed = enqueue1(&b, task("de")).await;
+        end(&b, "de", failed, Finish::Failed).await;
+
+        let ready = enqueue1(&b, child("de-2", &[done])).await;
+        assert_eq!(
+            get(&b, ready).await.task.state,
+            TaskState::Queued,
+            "a parent that already succeeded counts as done"
+        );
+        let doomed = child("de-2", &[done, failed]);
+        let out = b.enqueue(vec![doomed.clone()]).await.expect("enqueue");
+        assert_eq!(out[0].state, TaskState::Cancelled);
+        let t = get(&b, doomed.id).await.task;
+        assert_eq!(
+            t.state,
+            TaskState::Cancelled,
+            "a failed parent cancels it at once"
+        );
+        assert_eq!(
+            t.last_error.as_deref(),
+            Some(format!("dependency {failed} failed").as_str())
+        );
+        assert_eq!(t.after, vec![done, failed]);
+        let got = claim(&b, "de-2", 10).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![ready]
+        );
+    }
+
+    pub async fn unique_for_holds_the_key_after_the_task_finished(b: B, _g: G) {
+        const HOLD: i64 = 1_500;
+        let keyed = |hold: Option<i64>| {
+            let mut t = task("uf");
+            t.unique_key = Some("reindex:42".into());
+            t.unique_for = hold;
+            t
+        };
+        let first = enqueue1(&b, keyed(Some(HOLD))).await;
+        end(&b, "uf", first, Finish::Succeeded).await;
+        let finished = get(&b, first).await.task.finished_at.expect("finished");
+        // Within the window the finished task holds the key: its id comes back.
+        let dup = keyed(None);
+        let out = b.enqueue(vec![dup.clone()]).await.expect("enqueue");
+        assert!(
+            now_ms() < finished + HOLD,
+            "the machine was too slow to test the window"
+        );
+        assert_eq!((out[0].id, out[0].existing), (first, true));
+        assert_eq!(out[0].state, TaskState::Succeeded);
+        assert!(
+            b.get(dup.id).await.expect("get").is_none(),
+            "the duplicate was stored"
+        );
+        // Past it the key is free again.
+        let started = Instant::now();
+        let fresh = loop {
+            let t = keyed(None);
+            let out = b.enqueue(vec![t.clone()]).await.expect("enqueue");
+            if !out[0].existing {
+                break t.id;
+            }
+            assert_eq!(out[0].id, first);
+            assert!(started.elapsed() < DEADLINE, "the key stayed taken");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(now_ms() >= finished + HOLD, "freed before its time");
+        assert_eq!(get(&b, fresh).await.task.state, TaskState::Queued);
+        // Without unique_for a finished task frees the key at once.
+        end(&b, "uf", fresh, Finish::Failed).await;
+        let out = b.enqueue(vec![keyed(None)]).await.expect("enqueue");
+        assert!(!out[0].existing);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Schedules (rule 10): each slot handled once, whoever asks and however often
 // ---------------------------------------------------------------------------------------------
 
@@ -4485,11 +4722,75 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// What schema version 8 (retention) added, taken away again: a version 7 store.
+    const UNDO_8: &str =
+        "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 8;";
+
+    /// What schema version 7 (flow control) added, taken away again: a version 6 store.
+    const UNDO_7: &str = "
+        DROP TRIGGER tasks_parent_succeeded; DROP TRIGGER tasks_parent_failed;
+        DROP TRIGGER tasks_dependant_finished; DROP TABLE deps;
+        DROP INDEX tasks_due; DROP INDEX tasks_unique_key; DROP INDEX tasks_expiry;
+        ALTER TABLE tasks DROP COLUMN after_ids; ALTER TABLE tasks DROP COLUMN blocked;
+        ALTER TABLE tasks DROP COLUMN unique_for; ALTER TABLE tasks DROP COLUMN expires_at;
+        CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
+        DELETE FROM schema_version WHERE version = 7;";
+
+    /// A store from before flow control (schema version 6) gains dependencies when opened:
+    /// its waiting tasks stay due (none is blocked), and a new dependant waits on an old task.
+    #[tokio::test]
+    async fn a_store_from_before_flow_control_is_migrated() {
+        let (b, g) = sqlite_fixture().await;
+        let mut later = task("m");
+        later.run_at = Some(now_ms() + 300);
+        let old = enqueue1(&b, later).await;
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
+        }
+        let b = g.connect().await;
+        assert_eq!(get(&b, old).await.task.state, TaskState::Scheduled);
+        let kid = enqueue1(&b, {
+            let mut t = task("m2");
+            t.after = vec![old];
+            t
+        })
+        .await;
+        let start = Instant::now();
+        let c = loop {
+            if let Some(c) = claim(&b, "m", 1).await.pop() {
+                break c;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the old scheduled task never came due"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(c.task.id, old);
+        start_and_succeed(&b, &c).await;
+        assert_eq!(claim(&b, "m2", 1).await.pop().map(|c| c.task.id), Some(kid));
+    }
+
+    async fn start_and_succeed(b: &B, c: &Claimed) {
+        start(b, c).await;
+        b.finish(
+            &c.lease,
+            attempt_of(c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
     }
 
     /// A store made before results (schema version 5) gets the results table when a taskd
@@ -4501,9 +4802,10 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(
-                "DROP INDEX tasks_finished; DROP TABLE results; DELETE FROM schema_version WHERE version >= 6",
-            )
+            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
+            conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
                 .expect("make it a version 5 store");
         }
         let b = g.connect().await;
@@ -4527,8 +4829,11 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_7)
+                .expect("make it a version 6 store");
             conn.execute_batch(
-                "DROP INDEX tasks_finished; DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
+                "DROP TABLE audit; DROP TABLE results; DELETE FROM schema_version WHERE version >= 5",
             )
             .expect("make it a schema 4 store");
         }

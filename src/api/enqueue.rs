@@ -10,7 +10,9 @@ use serde_json::value::RawValue;
 use super::error::ApiError;
 use crate::config::{Config, QueueConfig};
 use crate::model::NewTask;
-use crate::submission::{parse_at, parse_delay, parse_payload, PayloadError};
+use crate::submission::{
+    parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload, PayloadError,
+};
 
 /// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
 #[derive(Deserialize)]
@@ -25,6 +27,9 @@ struct Body<'a> {
     #[serde(default)]
     priority: i32,
     unique: Option<String>,
+    unique_for: Option<String>,
+    #[serde(default)]
+    after: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -101,11 +106,24 @@ fn parse_text(
             )));
         }
     }
+    // Read (and refused when malformed) even without `unique`, which it needs to matter.
+    let unique_for = match &body.unique_for {
+        Some(d) => Some(
+            parse_duration_ms(d)
+                .map_err(|e| ApiError::invalid(format!("{what}: unique_for {e}")))?,
+        ),
+        None => None,
+    }
+    .filter(|_| body.unique.is_some());
+    let after =
+        parse_parents(&body.after).map_err(|e| ApiError::invalid(format!("{what}: after: {e}")))?;
     let mut t = NewTask::new(queue.name.clone(), payload);
     t.args = body.args;
     t.priority = body.priority;
     t.run_at = run_at;
     t.unique_key = body.unique;
+    t.unique_for = unique_for;
+    t.after = after;
     Ok(t)
 }
 

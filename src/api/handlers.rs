@@ -183,7 +183,7 @@ pub async fn enqueue(
     let task = parse::parse_one(&config, q, &bytes)?;
     let name = task.queue.clone();
     let asked = task.clone();
-    let enqueued = state.broker(state.broker.enqueue(vec![task]).await)?;
+    let enqueued = state.enqueued(state.broker.enqueue(vec![task]).await)?;
     let e = enqueued.first().ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -193,6 +193,9 @@ pub async fn enqueue(
     })?;
     if !e.existing {
         state.metrics.enqueued(&name, 1);
+    }
+    // A task with parents may have been cancelled at once (a parent had failed): read back.
+    if !e.existing && asked.after.is_empty() {
         // A new task's record is what was asked plus what the broker said: no read back.
         if let Ok(payload) = serde_json::from_str(&asked.payload) {
             let task = crate::model::TaskRecord {
@@ -213,6 +216,7 @@ pub async fn enqueue(
                 node: None,
                 schedule: None,
                 slot: None,
+                after: asked.after,
             };
             return Ok(created(false, task));
         }
@@ -232,7 +236,7 @@ pub async fn enqueue_batch(
     let tasks = parse::parse_batch(&config, q, &bytes)?;
     let n = tasks.len();
     let name = q.name.clone();
-    let enqueued = state.broker(state.broker.enqueue(tasks).await)?;
+    let enqueued = state.enqueued(state.broker.enqueue(tasks).await)?;
     let fresh = enqueued.iter().filter(|e| !e.existing).count();
     state.metrics.enqueued(&name, fresh as u64);
     let ids: Vec<TaskId> = enqueued.iter().map(|e| e.id).collect();

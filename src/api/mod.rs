@@ -190,6 +190,17 @@ impl AppState {
         result.map_err(|e| self.broker_error(e))
     }
 
+    /// An enqueue's answer: a parent that does not exist (broker rule 13) is the request's
+    /// fault, answered 422 with the id.
+    pub fn enqueued<T>(&self, result: crate::broker::Result<T>) -> Result<T, ApiError> {
+        result.map_err(|e| match e {
+            crate::broker::BrokerError::NotFound(p) => {
+                ApiError::invalid(crate::submission::unknown_parent(p))
+            }
+            e => self.broker_error(e),
+        })
+    }
+
     /// A broker error as the API answers it, counted in `taskd_broker_errors_total` when the
     /// store failed (not when it refused a request).
     pub fn broker_error(&self, error: crate::broker::BrokerError) -> ApiError {

@@ -288,9 +288,11 @@ fn base_components() -> Value {
                 "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
                 "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
                 "priority": { "type": "integer", "default": 0 },
-                "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" }
+                "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" },
+                "unique_for": { "type": "string", "example": "10m", "description": "with `unique` (ignored without it): the key stays taken this long after the task finished; a duplicate meanwhile answers that task, `existing: true`" },
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "run only after these tasks succeeded (`scheduled` until then; cancelled, `dependency <ID> failed`, when one fails or is cancelled); an unknown id is refused with 422" }
             } },
-            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot"], "properties": {
+            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
                 "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
@@ -298,7 +300,8 @@ fn base_components() -> Value {
                 "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
                 "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true },
                 "schedule": { "type": "string", "nullable": true, "description": "the schedule that enqueued it ([schedules.NAME])" },
-                "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" }
+                "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" },
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "the tasks it runs after (`--after`): it waits in `scheduled` until each one succeeded, and is cancelled (`dependency <ID> failed`) when one fails or is cancelled" }
             } },
             "EnqueuedTask": { "allOf": [task_ref(), { "type": "object", "required": ["existing"], "properties": {
                 "existing": { "type": "boolean", "description": "a waiting or running task already held the unique key: this is that task" } } }] },
@@ -663,6 +666,11 @@ mod tests {
             node: full.then(|| "host:1".into()),
             schedule: full.then(|| "nightly".to_string()),
             slot: full.then_some(NOW),
+            after: if full {
+                vec![TaskId::new()]
+            } else {
+                Vec::new()
+            },
         }
     }
 

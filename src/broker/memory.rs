@@ -37,6 +37,10 @@ struct Row {
     pid_start: Option<u64>,
     /// When its current run's start was recorded.
     started_at: Option<UnixMs>,
+    /// Parents not yet succeeded (rule 13): while above 0 the task waits in `scheduled`.
+    blocked: usize,
+    /// How long (ms) its unique key holds after it finished (rule 14).
+    unique_for: Option<i64>,
 }
 
 impl Row {
@@ -69,6 +73,8 @@ struct Store {
     stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
     schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
+    /// The dependants of each parent not settled yet (rule 13).
+    kids: HashMap<TaskId, Vec<TaskId>>,
 }
 
 impl Store {
@@ -85,6 +91,55 @@ impl Store {
                 && r.task.unique_key.as_deref() == Some(key)
                 && !r.task.state.is_terminal()
         })
+    }
+
+    /// [`Self::unique_holder`], or else the newest finished task of `queue` whose key still
+    /// holds at `now` (finished less than its `unique_for` ago).
+    fn unique_debounce(&self, queue: &QueueName, key: &str, now: UnixMs) -> Option<&Row> {
+        self.unique_holder(queue, key, None).or_else(|| {
+            self.rows.values().rev().find(|r| {
+                &r.task.queue == queue
+                    && r.task.unique_key.as_deref() == Some(key)
+                    && matches!((r.task.finished_at, r.unique_for), (Some(f), Some(d)) if f + d > now)
+            })
+        })
+    }
+
+    /// Settle the dependants of every parent that has ended (rule 13): a success counts
+    /// down, a failure or a cancel cancels them, and theirs after them. Returns whether a
+    /// dependant was unblocked (work for a daemon).
+    fn settle(&mut self, now: UnixMs) -> bool {
+        let mut unblocked = false;
+        loop {
+            let ended: Vec<(TaskId, TaskState)> = self
+                .kids
+                .keys()
+                .filter_map(|id| {
+                    let r = &self.rows[&self.by_id[id]];
+                    r.task.state.is_terminal().then_some((*id, r.task.state))
+                })
+                .collect();
+            if ended.is_empty() {
+                return unblocked;
+            }
+            for (parent, state) in ended {
+                for kid in self.kids.remove(&parent).unwrap_or_default() {
+                    let Some(r) = self.row_mut(kid) else { continue };
+                    if r.task.state != TaskState::Scheduled || r.blocked == 0 {
+                        continue;
+                    }
+                    r.task.updated_at = now;
+                    if state == TaskState::Succeeded {
+                        r.blocked -= 1;
+                        unblocked |= r.blocked == 0;
+                    } else {
+                        r.task.state = TaskState::Cancelled;
+                        r.task.finished_at = Some(now);
+                        r.task.last_error = Some(crate::model::dependency_failed(parent));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -126,9 +181,19 @@ impl Broker for MemoryBroker {
                 }
                 payloads.push(payload);
             }
+            // Parents are known, or earlier in this batch.
+            for t in &tasks {
+                if let Some(p) = t
+                    .after
+                    .iter()
+                    .find(|p| !s.by_id.contains_key(p) && !ids.contains(p))
+                {
+                    return Err(BrokerError::NotFound(*p));
+                }
+            }
             for (t, payload) in tasks.into_iter().zip(payloads) {
                 if let Some(key) = &t.unique_key {
-                    if let Some(r) = s.unique_holder(&t.queue, key, None) {
+                    if let Some(r) = s.unique_debounce(&t.queue, key, now) {
                         out.push(Enqueued {
                             id: r.task.id,
                             state: r.task.state,
@@ -140,12 +205,38 @@ impl Broker for MemoryBroker {
                     }
                 }
                 let run_at = t.run_at.unwrap_or(now);
-                let state = if run_at > now {
+                let mut waits_for: Vec<TaskId> = Vec::new();
+                let mut failed_parent = None;
+                for p in &t.after {
+                    let Some(parent) = s.by_id.get(p).map(|seq| &s.rows[seq].task) else {
+                        // Earlier in this batch, but not stored: its unique key was held.
+                        return Err(BrokerError::NotFound(*p));
+                    };
+                    match parent.state {
+                        TaskState::Succeeded => {}
+                        TaskState::Failed | TaskState::Cancelled => {
+                            failed_parent.get_or_insert(*p);
+                        }
+                        _ if !waits_for.contains(p) => waits_for.push(*p),
+                        _ => {}
+                    }
+                }
+                if failed_parent.is_some() {
+                    waits_for.clear();
+                }
+                let state = if failed_parent.is_some() {
+                    TaskState::Cancelled
+                } else if run_at > now {
                     later = true;
+                    TaskState::Scheduled
+                } else if !waits_for.is_empty() {
                     TaskState::Scheduled
                 } else {
                     TaskState::Queued
                 };
+                for p in &waits_for {
+                    s.kids.entry(*p).or_default().push(t.id);
+                }
                 let seq = s.next_seq;
                 s.next_seq += 1;
                 s.by_id.insert(t.id, seq);
@@ -171,12 +262,13 @@ impl Broker for MemoryBroker {
                             attempts: 0,
                             created_at: now,
                             updated_at: now,
-                            finished_at: None,
-                            last_error: None,
+                            finished_at: failed_parent.map(|_| now),
+                            last_error: failed_parent.map(crate::model::dependency_failed),
                             cancel_requested: false,
                             node: None,
                             schedule: None,
                             slot: None,
+                            after: t.after,
                         },
                         history: Vec::new(),
                         result: None,
@@ -185,6 +277,8 @@ impl Broker for MemoryBroker {
                         pid: None,
                         pid_start: None,
                         started_at: None,
+                        blocked: waits_for.len(),
+                        unique_for: t.unique_for,
                     },
                 );
             }
@@ -218,6 +312,7 @@ impl Broker for MemoryBroker {
             }
             if matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
                 && r.task.run_at <= now
+                && r.blocked == 0
             {
                 r.task.state = TaskState::Queued;
                 r.task.updated_at = now;
@@ -319,6 +414,7 @@ impl Broker for MemoryBroker {
                 r.task.finished_at = Some(now);
                 r.task.updated_at = now;
                 r.task.last_error = Some("cancelled before it ran".into());
+                s.settle(now);
                 CancelOutcome::Cancelled
             }
         };
@@ -464,7 +560,7 @@ impl Broker for MemoryBroker {
         Ok(s.rows
             .values()
             .filter(|r| matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying))
-            .filter(|r| !s.paused.contains(&r.task.queue))
+            .filter(|r| r.blocked == 0 && !s.paused.contains(&r.task.queue))
             .map(|r| r.task.run_at)
             .min())
     }
@@ -551,6 +647,7 @@ impl Broker for MemoryBroker {
                 r.task.updated_at = now;
                 r.release();
             }
+            s.settle(now);
         }
         if !orphans.is_empty() {
             self.wakeups.work.notify_one();
@@ -897,6 +994,7 @@ impl Store {
                     node: None,
                     schedule,
                     slot,
+                    after: Vec::new(),
                 },
                 history: Vec::new(),
                 result: None,
@@ -905,6 +1003,8 @@ impl Store {
                 pid: None,
                 pid_start: None,
                 started_at: None,
+                blocked: 0,
+                unique_for: task.unique_for,
             },
         );
         Ok(Enqueued {
@@ -981,10 +1081,12 @@ impl MemoryBroker {
             r.task.cancel_requested = false;
             r.started_at = None;
             r.release();
-            matches!(
-                next,
-                Finish::Requeue | Finish::Release | Finish::Retry { .. }
-            )
+            let unblocked = s.settle(now);
+            unblocked
+                || matches!(
+                    next,
+                    Finish::Requeue | Finish::Release | Finish::Retry { .. }
+                )
         };
         if requeued {
             self.wakeups.work.notify_one();

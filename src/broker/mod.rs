@@ -71,7 +71,26 @@
 //!     every other finish, and [`Broker::note_run`], stores none. The history never holds
 //!     it (attempts read back have `result: None`); [`Broker::get`] returns it as
 //!     [`TaskDetail::result`]. Whatever deletes a task deletes its result with it.
-//! 13. **Retention deletes exactly what is due, in bounded steps** ([`Broker::prune`]). A
+//! 13. **Dependencies** ([`NewTask::after`]). `enqueue` refuses a task whose parent does
+//!     not exist with `NotFound(parent)` (nothing enqueued; a parent earlier in the same
+//!     batch counts, on Redis when it is on the same queue). A parent that already
+//!     succeeded is done; one already failed or cancelled makes the new task `cancelled` at
+//!     once, `last_error` `dependency <ID> failed`. Otherwise the task is `scheduled` until
+//!     every parent has succeeded (it is then promoted as any due task, its `run_at`
+//!     permitting); when a parent ends `failed` or `cancelled`, by whatever operation
+//!     (finish, cancel, recover, expiry), its waiting dependants end `cancelled` with that
+//!     reason in the same atomic change, and theirs after them, transitively, across
+//!     queues. A blocked dependant is in no index a claim reads (no scan per claim). The
+//!     record keeps the parents' ids in `after`, in the order given ([`Broker::parents`]
+//!     reads them with their states). Whatever prunes finished tasks keeps a parent while
+//!     one of its dependants has not finished. `retry` of a dependant runs it without
+//!     waiting again; a retried parent does not revive dependants already cancelled.
+//! 14. **Unique keys.** At most one task of a queue that is waiting or running holds a
+//!     unique key; a task enqueued with `unique_for` also holds it until that long after it
+//!     finished. `enqueue` of a task whose key is held returns the holder's id with
+//!     `existing: true` and stores nothing; the check and the insert are one atomic change,
+//!     so producers racing with one key (in any number of processes) get one task.
+//! 15. **Retention deletes exactly what is due, in bounded steps** ([`Broker::prune`]). A
 //!     task is due under a [`PruneRule`] when it is in the rule's queue and state
 //!     (succeeded, failed or cancelled) and finished strictly before the rule's `before`;
 //!     no other task is ever deleted (a waiting or running one, one retried since, one of
@@ -83,10 +102,9 @@
 //!     finish time (never a scan of all tasks or of the keyspace), so that it holds the
 //!     store for a few milliseconds at most; it says whether more were due.
 //!     [`Broker::prunable`] counts the same tasks and deletes nothing.
-//!     A task that other tasks wait for (dependencies, `--after`) must be kept while any
-//!     of them has not finished, whatever its own `keep_*`: once dependencies exist, a
-//!     backend's `prune` skips such a task (it is due again when its last dependant
-//!     finishes).
+//!     A parent is kept while one of its dependants has not finished (rule 13), whatever
+//!     its own `keep_*`: it is due again once its last dependant finished. A finished task
+//!     that still holds its unique key (`unique_for`, rule 14) is kept until the key lapses.
 
 pub(crate) mod access;
 pub mod memory;
@@ -110,6 +128,14 @@ use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
     AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState, UnixMs,
 };
+
+/// One parent of a dependant (rule 13), as [`Broker::parents`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Parent {
+    pub id: TaskId,
+    /// Its state now; `None` when it is no longer stored.
+    pub state: Option<TaskState>,
+}
 pub use schedules::{
     ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StepAnswer,
 };
@@ -733,6 +759,19 @@ pub trait Broker: Send + Sync + 'static {
     async fn paused(&self) -> Result<BTreeSet<QueueName>>;
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// The parents of task `id` (rule 13) with their states, in the order given at submit;
+    /// empty for a task without any. `NotFound` when `id` is not stored. What `taskd why`
+    /// shows for a dependant that waits.
+    async fn parents(&self, id: TaskId) -> Result<Vec<Parent>> {
+        let task = self.get(id).await?.ok_or(BrokerError::NotFound(id))?;
+        let mut out = Vec::with_capacity(task.task.after.len());
+        for p in task.task.after {
+            let state = self.get(p).await?.map(|d| d.task.state);
+            out.push(Parent { id: p, state });
+        }
+        Ok(out)
+    }
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
     /// Add finished-attempt counters ([`StatRow`]s, one per queue and minute) to the ones

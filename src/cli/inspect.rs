@@ -468,6 +468,12 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(k) = &t.unique_key {
         println!("unique    {}", visible(k));
     }
+    if !t.after.is_empty() {
+        println!(
+            "after     {}",
+            crate::model::join_after(&t.after).replace(',', ", ")
+        );
+    }
     if let Some(name) = &t.schedule {
         match t.slot {
             Some(slot) => println!(

@@ -13,7 +13,10 @@ use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
-use crate::submission::{byte_offset, parse_at, parse_delay, parse_payload, strip_position};
+use crate::submission::{
+    byte_offset, parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload,
+    strip_position, unknown_parent,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
@@ -38,6 +41,15 @@ pub struct SubmitArgs {
     /// returns the first task's id.
     #[arg(long, value_name = "KEY")]
     pub unique: Option<String>,
+    /// With --unique: the key stays taken this long after the task finished ("10m": at
+    /// most one such task per 10 minutes); a duplicate meanwhile returns that task's id.
+    #[arg(long, value_name = "DURATION", requires = "unique")]
+    pub unique_for: Option<String>,
+    /// Run only after task ID has succeeded (repeatable: after all of them). The task waits
+    /// in `scheduled` meanwhile, and is cancelled ("dependency ID failed") if ID fails or is
+    /// cancelled. An unknown ID is refused (exit 2). The task sees the ids in $TASKD_AFTER.
+    #[arg(long, value_name = "ID")]
+    pub after: Vec<String>,
     /// Enqueue one task per line of FILE (`-` for stdin), each line a JSON payload, all in
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
@@ -274,8 +286,15 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
     let config = load_config(flag)?;
     let queue = find_queue(&config, &args.queue)?;
     let run_at = run_at(&args)?;
+    let after = parse_parents(&args.after).map_err(|e| Failure::usage(format!("--after {e}")))?;
+    let unique_for = match &args.unique_for {
+        Some(d) => {
+            Some(parse_duration_ms(d).map_err(|e| Failure::usage(format!("--unique-for {e}")))?)
+        }
+        None => None,
+    };
     let tasks = match &args.batch {
-        Some(file) => read_batch(&config, queue, file, &args, run_at)?,
+        Some(file) => read_batch(&config, queue, file, &args, run_at, &after)?,
         None => {
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
@@ -285,12 +304,19 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
             t.priority = args.priority;
             t.run_at = run_at;
             t.unique_key = args.unique.clone();
+            t.unique_for = unique_for;
+            t.after = after;
             vec![t]
         }
     };
     let broker = open_broker(&config).await?;
     let count = tasks.len();
-    let enqueued = broker.enqueue(tasks).await?;
+    let enqueued = broker.enqueue(tasks).await.map_err(|e| match e {
+        crate::broker::BrokerError::NotFound(p) => {
+            anyhow::Error::from(Failure::usage(format!("--{}", unknown_parent(p))))
+        }
+        e => e.into(),
+    })?;
     if args.batch.is_some() {
         if args.json {
             print_json(&crate::view::BatchEnqueued {
@@ -349,6 +375,12 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         if let Some(u) = &args.unique {
             body["unique"] = u.clone().into();
+        }
+        if let Some(u) = &args.unique_for {
+            body["unique_for"] = u.clone().into();
+        }
+        if !args.after.is_empty() {
+            body["after"] = args.after.clone().into();
         }
         body
     };
@@ -506,6 +538,7 @@ fn read_batch(
     file: &std::path::Path,
     args: &SubmitArgs,
     run_at: Option<UnixMs>,
+    after: &[crate::model::TaskId],
 ) -> Result<Vec<NewTask>, Failure> {
     let text = read_batch_text(file)?;
     let mut tasks = Vec::new();
@@ -524,6 +557,7 @@ fn read_batch(
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;
+        t.after = after.to_vec();
         tasks.push(t);
     }
     if tasks.is_empty() {

@@ -266,6 +266,7 @@ pub(crate) fn test_claimed(attempt: u32) -> Claimed {
         node: None,
         schedule: None,
         slot: None,
+        after: Vec::new(),
     };
     Claimed {
         lease: Lease {

@@ -112,6 +112,10 @@ impl Prepared {
         if let Some(slot) = task.slot {
             env.push(("TASKD_SLOT".into(), crate::slots::show_utc(slot)));
         }
+        // A dependant: the parents it ran after (each one succeeded), comma-separated.
+        if !task.after.is_empty() {
+            env.push(("TASKD_AFTER".into(), crate::model::join_after(&task.after)));
+        }
         env.extend(runnable::payload_env(&payload_text, &task.payload));
         let user = match &self.user {
             None => None,

@@ -937,6 +937,7 @@ fn task_line(task: &TaskRecord, attempt: u32, max_attempts: u32) -> Vec<u8> {
         max_attempts,
         payload: &task.payload,
         args: &task.args,
+        after: &task.after,
     };
     let mut line = serde_json::to_vec(&msg).expect("a task message serializes");
     line.push(b'\n');

@@ -10,9 +10,10 @@ use crate::model::{QueueName, TaskId};
 /// The protocol version this daemon speaks, announced in `TASKD_WORKER_PROTOCOL`.
 pub const VERSION: u32 = 1;
 /// The minor version, announced in `TASKD_WORKER_PROTOCOL_MINOR`: what this daemon
-/// understands within [`VERSION`] (1: `result` in an `ok` answer). A minor version only adds
-/// optional fields, so a worker written for an older one works unchanged.
-pub const MINOR: u32 = 1;
+/// understands within [`VERSION`] (1: `result` in an `ok` answer; 2: `after` in a task
+/// message). A minor version only adds optional fields, so a worker written for an older one
+/// works unchanged.
+pub const MINOR: u32 = 2;
 /// The worker's descriptor on which tasks arrive (`TASKD_TASK_FD`).
 pub const TASK_FD: i32 = 3;
 /// The worker's descriptor on which it answers (`TASKD_RESULT_FD`).
@@ -34,6 +35,9 @@ pub struct TaskMessage<'a> {
     pub max_attempts: u32,
     pub payload: &'a serde_json::Value,
     pub args: &'a [String],
+    /// The ids of the tasks this one ran after (`--after`; minor version 2), all of which
+    /// succeeded; empty for most tasks.
+    pub after: &'a [TaskId],
 }
 
 /// What a result says.

@@ -1,15 +1,23 @@
--- Enqueue a batch, all or nothing. ARGV: n, then 6 fields per task:
--- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now).
+-- Enqueue a batch, all or nothing. ARGV: n, then 8 fields per task:
+-- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now),
+-- unique_for (ms, '' = none), parents ('' = none, else '<queue>\31<id>' joined by ',').
 -- Returns, per task: id, state, existing (0/1), created_at, run_at.
+local W = 8
 local p = KEYS[1]
 local queue = string.match(p, '{q:(.*)}')
 local n = tonumber(ARGV[1])
 local now, now_us = clock()
 local seen = {}
 for i = 0, n - 1 do
-  local id = ARGV[2 + i * 6]
+  local id = ARGV[2 + i * W]
   if seen[id] or redis.call('EXISTS', p .. 't:' .. id) == 1 then
     return redis.error_reply('DUPLICATE a task with id ' .. id .. ' already exists')
+  end
+  -- Every parent exists (stored, or earlier in this batch).
+  for pq, pid in string.gmatch(ARGV[2 + i * W + 7], '([^,]-)\31([^,]+)') do
+    if not seen[pid] and redis.call('EXISTS', qprefix(pq) .. 't:' .. pid) == 0 then
+      return redis.error_reply('NOPARENT ' .. pid)
+    end
   end
   seen[id] = true
 end
@@ -29,14 +37,26 @@ local function add(key, score, member)
 end
 local work, sched = false, false
 for i = 0, n - 1 do
-  local b = 2 + i * 6
-  local id, payload, args, priority, uk, run_at =
-    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+  local b = 2 + i * W
+  local id, payload, args, priority, uk, run_at, ufor, after =
+    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   local key = nil
   local holder = false
   if uk ~= '' then
     key = string.sub(uk, 3)
     holder = redis.call('HGET', p .. 'u', key)
+    if not holder then
+      -- A finished task whose `unique_for` has not run out still holds the key.
+      local recent = redis.call('HGET', p .. 'uf', key)
+      if recent then
+        local untl, rid = string.match(recent, '^(%d+):(.*)$')
+        if tonumber(untl) > now and redis.call('EXISTS', p .. 't:' .. rid) == 1 then
+          holder = rid
+        else
+          redis.call('HDEL', p .. 'uf', key)
+        end
+      end
+    end
   end
   if holder then
     local f = redis.call('HMGET', p .. 't:' .. holder, 'state', 'created_at', 'run_at')
@@ -46,6 +66,23 @@ for i = 0, n - 1 do
     if run_at ~= '' then ra = tonumber(run_at) end
     local state = 'queued'
     if ra > now then state = 'scheduled' end
+    -- Parents (broker rule 13): one succeeded is done, one failed or cancelled cancels the
+    -- task at once, each other one blocks it and lists it among its dependants.
+    local ids, blocking, failed = {}, {}, nil
+    for pq, pid in string.gmatch(after, '([^,]-)\31([^,]+)') do
+      ids[#ids + 1] = pid
+      local ps = redis.call('HGET', qprefix(pq) .. 't:' .. pid, 'state')
+      if ps == 'failed' or ps == 'cancelled' then
+        failed = failed or pid
+      elseif ps ~= 'succeeded' then
+        blocking[#blocking + 1] = { pq, pid }
+      end
+    end
+    if failed then
+      state = 'cancelled'
+    elseif #blocking > 0 then
+      state = 'scheduled'
+    end
     local seq = now_us
     if seq <= last then seq = last + 1 end
     last = seq
@@ -56,13 +93,29 @@ for i = 0, n - 1 do
       'args', args, 'priority', priority, 'run_at', fmt(ra), 'attempts', '0',
       'created_at', fmt(now), 'updated_at', fmt(now), 'cancel_requested', '0', 'token', '0',
       'seq', sseq, 'rk', rk)
-    if key then
-      redis.call('HSET', t, 'unique_key', key)
+    if key and state ~= 'cancelled' then
       redis.call('HSET', p .. 'u', key, id)
     end
+    if key then redis.call('HSET', t, 'unique_key', key) end
+    if ufor ~= '' then redis.call('HSET', t, 'unique_for', ufor) end
+    if #ids > 0 then redis.call('HSET', t, 'after', table.concat(ids, ',')) end
     add(p .. 'st:' .. state, sseq, id)
     add(p .. 'all', sseq, id)
-    if state == 'queued' then
+    if state == 'cancelled' then
+      redis.call('HSET', t, 'finished_at', fmt(now), 'last_error', 'dependency ' .. failed .. ' failed')
+    elseif #blocking > 0 then
+      -- Out of `waiting` until its last parent succeeds: no claim reads it meanwhile.
+      local seen_parent = {}
+      local count = 0
+      for _, pp in ipairs(blocking) do
+        if not seen_parent[pp[2]] then
+          seen_parent[pp[2]] = true
+          count = count + 1
+          redis.call('SADD', qprefix(pp[1]) .. 'kids:' .. pp[2], queue .. '\31' .. id)
+        end
+      end
+      redis.call('HSET', t, 'blocked', count)
+    elseif state == 'queued' then
       add(p .. 'ready', fmt(-tonumber(priority)), rk)
       work = true
     else

@@ -75,6 +75,8 @@ local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure,
     redis.call('HSET', t, 'run_at', retry_at)
     redis.call('ZADD', p .. 'waiting', retry_at, id)
     wake_sched = true
+  else
+    settle(p, id, state)
   end
   return 'ok'
 end

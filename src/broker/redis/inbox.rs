@@ -15,10 +15,13 @@ const STORE_STEP: usize = 256;
 /// said so.
 pub(super) const STORE_TICK: Duration = Duration::from_secs(5);
 
-/// A task the inbox can take: due now, priority 0, no unique key (the others need the
-/// stored indexes at once).
+/// A task the inbox can take: due now, priority 0, no unique key, no parents (the others
+/// need the stored indexes at once).
 pub(super) fn plain(task: &NewTask) -> bool {
-    task.priority == 0 && task.run_at.is_none() && task.unique_key.is_none()
+    task.priority == 0
+        && task.run_at.is_none()
+        && task.unique_key.is_none()
+        && task.after.is_empty()
 }
 
 /// Store up to [`STORE_STEP`] entries of `queue`'s inbox: (taken, left, whether task `id` is

@@ -688,6 +688,12 @@ fn broker_error(addr: &str, error: RedisError) -> BrokerError {
         BrokerError::Unavailable(format!(
             "the redis server at {addr} is unreachable: {error}"
         ))
+    } else if error.code() == Some("NOPARENT") {
+        // A parent that went away between its lookup and the script.
+        match error.detail().and_then(|d| d.trim().parse().ok()) {
+            Some(id) => BrokerError::NotFound(id),
+            None => BrokerError::Storage(format!("redis at {addr}: {error}")),
+        }
     } else if error.code() == Some("DUPLICATE") {
         BrokerError::Conflict(error.detail().unwrap_or("duplicate task id").to_string())
     } else if error.code() == Some("OOM") || error.to_string().contains("OOM command not allowed") {
@@ -747,6 +753,12 @@ fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
         node: hash.get("node").cloned().map(NodeId::from),
         schedule: hash.get("schedule").cloned(),
         slot: opt_num(hash, "slot"),
+        after: hash
+            .get("after")
+            .map(|a| crate::model::parse_after(a))
+            .transpose()
+            .map_err(|e| bad("after", e))?
+            .unwrap_or_default(),
     })
 }
 
@@ -762,6 +774,21 @@ impl Broker for RedisBroker {
         let mut by_queue: BTreeMap<QueueName, Vec<usize>> = BTreeMap::new();
         for (i, t) in tasks.iter().enumerate() {
             by_queue.entry(t.queue.clone()).or_default().push(i);
+        }
+        // The queue of every parent (rule 13): the script links a dependant to its parents
+        // in their queues' keys. A parent earlier in the batch is looked up there.
+        let mut parent_queue: HashMap<TaskId, QueueName> = HashMap::new();
+        for t in &tasks {
+            for p in &t.after {
+                if parent_queue.contains_key(p) {
+                    continue;
+                }
+                let q = match tasks.iter().find(|o| o.id == *p) {
+                    Some(o) => o.queue.clone(),
+                    None => self.locate(*p).await?.ok_or(BrokerError::NotFound(*p))?,
+                };
+                parent_queue.insert(*p, q);
+            }
         }
         let mut out: Vec<Option<Enqueued>> = vec![None; tasks.len()];
         for (q, idx) in by_queue {
@@ -795,7 +822,15 @@ impl Broker for RedisBroker {
                             .map(|k| format!("k:{k}"))
                             .unwrap_or_default(),
                     )
-                    .arg(t.run_at.map(|r| r.to_string()).unwrap_or_default());
+                    .arg(t.run_at.map(|r| r.to_string()).unwrap_or_default())
+                    .arg(t.unique_for.map(|u| u.to_string()).unwrap_or_default())
+                    .arg(
+                        t.after
+                            .iter()
+                            .map(|p| format!("{}\x1f{p}", parent_queue[p]))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    );
             }
             let flat: Vec<String> = inv
                 .invoke_async(&mut self.conn())

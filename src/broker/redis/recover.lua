@@ -37,6 +37,7 @@ for _, id in ipairs(ids) do
       redis.call('SREM', p .. 'cancel', id)
       move_state(p, id, f[1], 'cancelled', f[9], fmt(now))
       free_unique(p, id, f[12])
+      settle(p, id, 'cancelled')
     else
       redis.call('HSET', t, 'state', 'queued', 'updated_at', fmt(now), 'attempts', fmt(attempts))
       move_state(p, id, f[1], 'queued', f[9])

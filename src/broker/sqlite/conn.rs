@@ -48,6 +48,9 @@ fn connect(path: &Path) -> Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(storage)?;
+    // A dependant cancelled by a trigger cancels its own dependants through the same trigger.
+    conn.pragma_update(None, "recursive_triggers", "ON")
+        .map_err(storage)?;
     // FULL: a commit is on disk when it returns; with WAL this costs one fsync per commit,
     // and group commit shares it. A typo'd PRAGMA is silently ignored, so read it back.
     conn.pragma_update(None, "synchronous", "FULL")

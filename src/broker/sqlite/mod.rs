@@ -141,7 +141,7 @@ impl SqliteBroker {
             }
             conn.prepare_cached(
                 "UPDATE tasks SET state = 'queued', updated_at = ?2
-                 WHERE state IN ('scheduled', 'retrying') AND run_at <= ?2 AND queue = ?1",
+                 WHERE state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= ?2 AND queue = ?1",
             )
             .and_then(|mut s| s.execute(params![queue.as_str(), now]))
             .map_err(storage)?;
@@ -322,6 +322,15 @@ impl Broker for SqliteBroker {
                     Finish::Cancelled => (TaskState::Cancelled, None, Some(now)),
                     Finish::Requeue | Finish::Release => (TaskState::Queued, None, None),
                 };
+                // A success that unblocks dependants is work for whichever daemon serves them.
+                let unblocks = next == Finish::Succeeded
+                    && conn
+                        .prepare_cached(
+                            "SELECT EXISTS (SELECT 1 FROM deps JOIN tasks ON tasks.seq = deps.child
+                                            WHERE deps.parent = ?1 AND tasks.blocked > 0)",
+                        )
+                        .and_then(|mut s| s.query_row([seq], |r| r.get::<_, bool>(0)))
+                        .map_err(storage)?;
                 let error = match next {
                     Finish::Succeeded | Finish::Release => None,
                     Finish::Cancelled if cancel_requested => Some("cancelled by an operator".to_string()),
@@ -343,7 +352,7 @@ impl Broker for SqliteBroker {
                         .and_then(|mut s| s.execute(params![seq, value]))
                         .map_err(storage)?;
                 }
-                Ok(matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }))
+                Ok(unblocks || matches!(next, Finish::Requeue | Finish::Release | Finish::Retry { .. }))
             });
         Queued::new(async move {
             if answer(queued?).await? {
@@ -697,7 +706,7 @@ impl Broker for SqliteBroker {
     async fn next_due(&self) -> Result<Option<UnixMs>> {
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT run_at FROM tasks INDEXED BY tasks_waiting WHERE state IN ('scheduled', 'retrying')
+                "SELECT run_at FROM tasks INDEXED BY tasks_due WHERE state IN ('scheduled', 'retrying') AND blocked = 0
                    AND queue NOT IN (SELECT queue FROM paused_queues) ORDER BY run_at LIMIT 1",
             )
                 .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())

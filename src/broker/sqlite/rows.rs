@@ -23,7 +23,7 @@ pub(super) fn boot_id() -> &'static str {
 pub(super) const TASK_COLS: &str =
     "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
      created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token, \
-     schedule, slot";
+     schedule, slot, after_ids";
 
 pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let id: String = row.get(0)?;
@@ -56,6 +56,12 @@ pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         node: row.get::<_, Option<String>>(14)?.map(NodeId::from),
         schedule: row.get(16)?,
         slot: row.get(17)?,
+        after: row
+            .get::<_, Option<String>>(18)?
+            .map(|a| crate::model::parse_after(&a))
+            .transpose()
+            .map_err(|e| conv("after", e))?
+            .unwrap_or_default(),
     })
 }
 
@@ -64,13 +70,17 @@ const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
 
 pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Result<Enqueued> {
     if let Some(key) = &task.unique_key {
+        // The key is held by a waiting or running task, or by one that finished less than
+        // its `unique_for` ago (rule 14).
         let existing: Option<(String, String, i64, i64)> = conn
             .prepare_cached(&format!(
-                "SELECT id, state, created_at, run_at FROM tasks
-                 WHERE queue = ?1 AND unique_key = ?2 AND state IN {ACTIVE}"
+                "SELECT id, state, created_at, run_at FROM tasks INDEXED BY tasks_unique_key
+                 WHERE queue = ?1 AND unique_key = ?2
+                   AND (state IN {ACTIVE} OR finished_at + unique_for > ?3)
+                 ORDER BY state IN {ACTIVE} DESC, seq DESC LIMIT 1"
             ))
             .and_then(|mut s| {
-                s.query_row(params![task.queue.as_str(), key], |r| {
+                s.query_row(params![task.queue.as_str(), key, now], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()
@@ -86,17 +96,46 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
             });
         }
     }
+    // Parents (rule 13): each must exist. One already succeeded is done; one already
+    // failed or cancelled cancels the new task at once; the others block it.
+    let mut waits_for = Vec::new();
+    let mut failed_parent = None;
+    for parent in &task.after {
+        let (seq, state) = task_seq(conn, *parent)?;
+        match state {
+            TaskState::Succeeded => {}
+            TaskState::Failed | TaskState::Cancelled => {
+                failed_parent.get_or_insert(*parent);
+            }
+            _ => waits_for.push(seq),
+        }
+    }
+    waits_for.sort_unstable();
+    waits_for.dedup();
     let run_at = task.run_at.unwrap_or(now);
-    let state = if run_at > now {
+    let state = if failed_parent.is_some() {
+        TaskState::Cancelled
+    } else if run_at > now || !waits_for.is_empty() {
         TaskState::Scheduled
     } else {
         TaskState::Queued
     };
+    let (finished_at, last_error) = match failed_parent {
+        Some(p) => (Some(now), Some(crate::model::dependency_failed(p))),
+        None => (None, None),
+    };
+    let blocked = if failed_parent.is_some() {
+        0
+    } else {
+        waits_for.len() as i64
+    };
+    let after = (!task.after.is_empty()).then(|| crate::model::join_after(&task.after));
     let args =
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     conn.prepare_cached(
-        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+        "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at,
+                            finished_at, last_error, after_ids, blocked, unique_for)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -108,7 +147,12 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
             task.priority,
             task.unique_key,
             run_at,
-            now
+            now,
+            finished_at,
+            last_error,
+            after,
+            blocked,
+            task.unique_for,
         ])
     })
     .map_err(|e| match e.sqlite_error_code() {
@@ -117,6 +161,15 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
         }
         _ => storage(e),
     })?;
+    if blocked > 0 {
+        let child = conn.last_insert_rowid();
+        let mut link = conn
+            .prepare_cached("INSERT OR IGNORE INTO deps (parent, child) VALUES (?1, ?2)")
+            .map_err(storage)?;
+        for parent in waits_for {
+            link.execute(params![parent, child]).map_err(storage)?;
+        }
+    }
     Ok(Enqueued {
         id: task.id,
         state,

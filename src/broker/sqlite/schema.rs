@@ -146,7 +146,54 @@ const MIGRATIONS: &[&str] = &[
         value    TEXT    NOT NULL
     );
     "#,
-    // 7: retention. Finished tasks by queue, state and finish time, so that the tasks whose
+    // 7: flow control. Dependencies (broker rule 13): a dependant keeps its parents' ids
+    // (`after_ids`, comma-separated, as given) and counts those not yet succeeded
+    // (`blocked`); `deps` links each parent to its dependants, by seq, until the dependant
+    // finishes (a parent with a link has a dependant that has not finished: pruning keeps
+    // it). While `blocked` > 0 the dependant stays `scheduled` and out of the index of due
+    // tasks, so a claim's promotion never reads it. The triggers settle the dependants when
+    // a parent ends, whichever operation ends it: a success counts down, a failure or a
+    // cancel cancels them (and theirs, transitively: every connection sets
+    // `recursive_triggers`).
+    // `unique_for`: how long (ms) the unique key holds after the task finished.
+    // `expires_at`: a task not started by then is cancelled, reason `expired`.
+    r#"
+    ALTER TABLE tasks ADD COLUMN after_ids TEXT;
+    ALTER TABLE tasks ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN unique_for INTEGER;
+    ALTER TABLE tasks ADD COLUMN expires_at INTEGER;
+    CREATE TABLE deps (
+        parent INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        child  INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        PRIMARY KEY (parent, child)
+    ) WITHOUT ROWID;
+    CREATE INDEX deps_child ON deps(child);
+    DROP INDEX tasks_waiting;
+    CREATE INDEX tasks_due ON tasks(run_at) WHERE state IN ('scheduled', 'retrying') AND blocked = 0;
+    CREATE INDEX tasks_unique_key ON tasks(queue, unique_key) WHERE unique_key IS NOT NULL;
+    CREATE INDEX tasks_expiry ON tasks(expires_at)
+        WHERE expires_at IS NOT NULL AND state IN ('scheduled', 'queued', 'retrying');
+    CREATE TRIGGER tasks_parent_succeeded AFTER UPDATE OF state ON tasks
+        WHEN NEW.state = 'succeeded' AND OLD.state <> 'succeeded'
+    BEGIN
+        UPDATE tasks SET blocked = blocked - 1, updated_at = NEW.updated_at
+         WHERE seq IN (SELECT child FROM deps WHERE parent = NEW.seq)
+           AND state = 'scheduled' AND blocked > 0;
+    END;
+    CREATE TRIGGER tasks_parent_failed AFTER UPDATE OF state ON tasks
+        WHEN NEW.state IN ('failed', 'cancelled') AND OLD.state NOT IN ('succeeded', 'failed', 'cancelled')
+    BEGIN
+        UPDATE tasks SET state = 'cancelled', last_error = 'dependency ' || NEW.id || ' failed',
+            finished_at = NEW.updated_at, updated_at = NEW.updated_at
+         WHERE seq IN (SELECT child FROM deps WHERE parent = NEW.seq)
+           AND state = 'scheduled' AND blocked > 0;
+    END;
+    CREATE TRIGGER tasks_dependant_finished AFTER UPDATE OF state ON tasks
+        WHEN NEW.state IN ('succeeded', 'failed', 'cancelled')
+    BEGIN
+        DELETE FROM deps WHERE child = NEW.seq;
+    END;
+    // 8: retention. Finished tasks by queue, state and finish time, so that the tasks whose
     // `keep_*` ran out are found without reading any other (a partial index: only finished
     // tasks have a finish time).
     r#"

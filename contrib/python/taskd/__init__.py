@@ -1,0 +1,46 @@
+"""taskd for Python: enqueue tasks from a web app, run Python functions as tasks.
+
+    import taskd
+
+    client = taskd.Client()      # TASKD_SERVER / TASKD_TOKEN, else /run/taskd/api.sock,
+                                 # else http://127.0.0.1:7070
+    t = client.submit("emails", {"to": "a@example.com"}, delay=60)
+    t.result(timeout=30)         # raises taskd.TaskFailed or taskd.Timeout
+
+    app = taskd.App(queue="emails")
+
+    @app.task
+    def send_welcome(user_id, lang="en"):
+        return {"sent": True}
+
+    send_welcome.delay(42, lang="de")   # in the web app
+    app.run()                           # in the worker program
+
+See docs/python.md.
+"""
+
+from .app import App, TaskFunction
+from .client import DEFAULT_SERVER, DEFAULT_SOCKET, Client, Task
+from .errors import APIError, ConnectionFailed, Error, Fail, Retry, TaskFailed, Timeout
+from .worker import Job, current_job, progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "TaskFunction",
+    "Client",
+    "Task",
+    "DEFAULT_SERVER",
+    "DEFAULT_SOCKET",
+    "Error",
+    "APIError",
+    "ConnectionFailed",
+    "TaskFailed",
+    "Timeout",
+    "Retry",
+    "Fail",
+    "Job",
+    "current_job",
+    "progress",
+]

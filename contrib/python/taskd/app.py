@@ -1,0 +1,127 @@
+"""Python functions as tasks: `App`, `@app.task`, `f.delay(...)`, and `app.run()`, the
+long-lived worker that runs them."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Dict, Generic, Optional, Sequence, TypeVar, Union, overload
+
+from .client import Client, Seconds, Task
+from .errors import Fail
+from .worker import Job, serve
+
+R = TypeVar("R")
+
+
+class TaskFunction(Generic[R]):
+    """A function registered with `@app.task`: call it to run it here and now, or
+    `.delay(*args, **kwargs)` to have a worker of the app's queue run it."""
+
+    def __init__(self, app: "App", fn: Callable[..., R], name: str) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "<task %s on queue %s>" % (self.name, self.app.queue)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Task:
+        """Enqueues a call with these arguments (JSON values): the payload is
+        `{"task": name, "args": [...], "kwargs": {...}}`."""
+        return self.apply_async(args=args, kwargs=kwargs)
+
+    def apply_async(
+        self,
+        args: Optional[Sequence[Any]] = None,
+        kwargs: Optional[Dict[str, Any]] = None,
+        *,
+        delay: Optional[Seconds] = None,
+        priority: int = 0,
+        unique: Optional[str] = None,
+        after: Optional[Sequence[Union[str, Task]]] = None,
+    ) -> Task:
+        """Enqueues a call, with the options of `Client.submit`."""
+        payload = {"task": self.name, "args": list(args or ()), "kwargs": dict(kwargs or {})}
+        return self.app.client.submit(
+            self.app.queue, payload, delay=delay, priority=priority, unique=unique, after=after
+        )
+
+
+class App:
+    """The functions one queue's worker runs. In the web app, `f.delay(...)` enqueues;
+    in the worker program, `app.run()` serves the queue (`worker = ["python3", "worker.py"]`
+    in taskd.toml)."""
+
+    def __init__(self, queue: str, client: Optional[Client] = None) -> None:
+        self.queue = queue
+        self._client = client
+        self.tasks: Dict[str, TaskFunction[Any]] = {}
+
+    @property
+    def client(self) -> Client:
+        """The Client `delay` enqueues with: the one given, else `Client()` (made on first use)."""
+        if self._client is None:
+            self._client = Client()
+        return self._client
+
+    @overload
+    def task(self, fn: Callable[..., R]) -> TaskFunction[R]: ...
+
+    @overload
+    def task(self, *, name: Optional[str] = None) -> Callable[[Callable[..., R]], TaskFunction[R]]: ...
+
+    def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
+        """Registers `fn` under its name (or `name`): `@app.task` or `@app.task(name="x")`."""
+
+        def register(f: Callable[..., R]) -> TaskFunction[R]:
+            key = name or f.__name__
+            if key in self.tasks:
+                raise ValueError("a task named %r is already registered with this App" % key)
+            tf: TaskFunction[R] = TaskFunction(self, f, key)
+            self.tasks[key] = tf
+            return tf
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def dispatch(self, payload: Any, job: Optional[Job] = None) -> Any:
+        """Runs the call a payload names: what `run()` does with each task."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("task"), str):
+            raise Fail(
+                "the payload names no task: expected {\"task\": NAME, \"args\": [...], "
+                "\"kwargs\": {...}}, as f.delay() sends; this worker has %s" % self._names()
+            )
+        name = payload["task"]
+        tf = self.tasks.get(name)
+        if tf is None:
+            raise Fail("unknown task %r: this worker has %s" % (name, self._names()))
+        args = payload.get("args") or []
+        kwargs = payload.get("kwargs") or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise Fail("task %r: `args` must be a list and `kwargs` an object" % name)
+        try:
+            inspect.signature(tf.fn).bind(*args, **kwargs)
+        except TypeError as e:
+            # A call that can never work: fail it now instead of retrying it.
+            raise Fail("task %r cannot be called with these arguments: %s" % (name, e)) from None
+        except ValueError:
+            pass  # no signature to check (a builtin): let the call say
+        return tf.fn(*args, **kwargs)
+
+    def _names(self) -> str:
+        if not self.tasks:
+            return "no registered tasks"
+        return "these registered tasks: " + ", ".join(sorted(self.tasks))
+
+    def run(self) -> None:
+        """Serves the queue's tasks as a long-lived worker until taskd stops it: each task's
+        payload names a registered function, whose return value is the task's result.
+        `taskd.Retry` and any other exception fail the attempt (retried with the queue's
+        backoff), `taskd.Fail` fails the task; an unknown name fails that task only."""
+        serve(self.dispatch, name="taskd.App(%r)" % self.queue)

@@ -1,0 +1,111 @@
+"""The worker side of taskd's worker protocol (docs/worker-protocol.md, version 1.1): tasks
+arrive as JSON lines on TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4), so that a stray
+print() cannot corrupt them; stdout and stderr are the running task's output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, Dict, Optional
+
+from .errors import Fail, Retry
+
+PROTOCOL = 1
+
+
+class Job:
+    """What taskd says about the task being run: `id`, `queue`, `attempt`, `max_attempts`."""
+
+    def __init__(self, msg: Dict[str, Any]) -> None:
+        self.id: str = msg["id"]
+        self.queue: Optional[str] = msg.get("queue")
+        self.attempt: int = int(msg.get("attempt") or 1)
+        self.max_attempts: Optional[int] = msg.get("max_attempts")
+        self.args = list(msg.get("args") or [])
+
+    def __repr__(self) -> str:
+        return "Job(id=%r, attempt=%r)" % (self.id, self.attempt)
+
+
+_current: Optional[Job] = None
+_results: Optional[int] = None
+
+
+def current_job() -> Optional[Job]:
+    """The task this worker runs now (None outside a task)."""
+    return _current
+
+
+def _send(obj: Dict[str, Any]) -> None:
+    assert _results is not None
+    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
+    view = memoryview(line)
+    while view:
+        n = os.write(_results, view)
+        view = view[n:]
+
+
+def progress(message: Optional[str] = None) -> None:
+    """Tells taskd the current task is alive (shown in the daemon's debug log)."""
+    if _current is None or _results is None:
+        return
+    msg: Dict[str, Any] = {"type": "progress", "id": _current.id}
+    if message is not None:
+        msg["message"] = str(message)
+    _send(msg)
+
+
+def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
+    """Serves tasks until taskd closes the task pipe: `handle(payload, job)` runs each; its
+    return value is the result, Retry and any other exception a retried attempt, Fail a
+    failed task."""
+    global _results, _current
+    version = os.environ.get("TASKD_WORKER_PROTOCOL")
+    if version != str(PROTOCOL):
+        sys.stderr.write(
+            "%s: not started by taskd as a protocol %d worker (TASKD_WORKER_PROTOCOL=%r); "
+            "run it as a queue's `worker = [...]`\n" % (name, PROTOCOL, version)
+        )
+        sys.exit(2)
+    task_fd = int(os.environ.get("TASKD_TASK_FD", "3"))
+    _results = int(os.environ.get("TASKD_RESULT_FD", "4"))
+    tasks = os.fdopen(task_fd, "rb")
+    _send({"type": "ready", "protocol": PROTOCOL})
+    for line in tasks:
+        msg = json.loads(line)
+        if msg.get("type") != "task":
+            continue
+        job = Job(msg)
+        _current = job
+        result: Dict[str, Any] = {"type": "result", "id": job.id, "status": "ok"}
+        try:
+            value = handle(msg.get("payload"), job)
+            if value is not None:
+                try:
+                    # Encoded now, so that a value JSON cannot hold fails this task only.
+                    json.dumps(value)
+                except (TypeError, ValueError) as e:
+                    result.update(
+                        status="error",
+                        message="the task's return value is not JSON: %s: %s"
+                        % (type(e).__name__, e),
+                    )
+                else:
+                    result["result"] = value
+        except Retry as e:
+            result.update(status="retry", message=str(e) or "retry requested")
+        except Fail as e:
+            result.update(status="error", message=str(e) or "failed")
+        except Exception as e:  # any other failure is a failed attempt, as in exec mode
+            traceback.print_exc()
+            result.update(status="retry", message="%s: %s" % (type(e).__name__, e))
+        finally:
+            _current = None
+            # What the task printed belongs to it: out before the answer.
+            try:
+                sys.stdout.flush()
+            finally:
+                sys.stderr.flush()
+        _send(result)
