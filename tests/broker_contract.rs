@@ -221,6 +221,7 @@ macro_rules! contract_tests {
                 unique_for_holds_the_key_after_the_task_finished,
                 prune_deletes_exactly_what_is_due,
                 prune_goes_in_bounded_batches,
+                prune_keeps_parents_until_their_dependants_finish,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
@@ -4475,6 +4476,93 @@ pub mod schedule_cases {
         );
     }
 
+    pub async fn prune_keeps_parents_until_their_dependants_finish(b: B, _g: G) {
+        use TaskState::{Failed, Succeeded};
+        // A parent that succeeds while its dependant waits for it.
+        let parent = enqueue1(&b, task("dp")).await;
+        let mut t = task("dc");
+        t.after = vec![parent];
+        let child = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", parent).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish parent");
+        // A parent that fails: its dependant is cancelled with it, and finished.
+        let (lost, _) = finished_task(&b, "dp", Failed).await;
+        let _ = lost;
+        let failing = enqueue1(&b, task("dp")).await;
+        let mut t = task("dc");
+        t.after = vec![failing];
+        let cancelled_kid = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", failing).await;
+        let mut a = attempt_of(&c, AttemptReason::Exit, Some("exit code 3"));
+        a.exit_code = Some(3);
+        b.finish(&c.lease, a, Finish::Failed).await.expect("fail");
+        assert_eq!(
+            get(&b, cancelled_kid).await.task.state,
+            TaskState::Cancelled
+        );
+        // A finished task whose unique key holds for an hour more.
+        let mut t = task("dp");
+        t.unique_key = Some("debounced".into());
+        t.unique_for = Some(3_600_000);
+        let held = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", held).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let latest = get(&b, held).await.task.finished_at.expect("finished");
+        clock_past(latest).await;
+
+        let rules = vec![
+            rule("dp", Succeeded, now_ms()),
+            rule("dp", Failed, now_ms()),
+        ];
+        let dry = b.prunable(&rules).await.expect("prunable");
+        assert_eq!(
+            dry.counts,
+            pruned_of(&[("dp", Failed, 2)]),
+            "the failed parents are due; the one with a waiting dependant and the one holding its key are not"
+        );
+        let done = b.prune(&rules, 100).await.expect("prune");
+        assert_eq!(done.counts, pruned_of(&[("dp", Failed, 2)]));
+        assert!(!done.more, "a kept task does not count as more");
+        assert!(
+            b.get(parent).await.expect("get").is_some(),
+            "its dependant waits"
+        );
+        assert!(
+            b.get(held).await.expect("get").is_some(),
+            "its unique key holds"
+        );
+        assert!(b.get(failing).await.expect("get").is_none());
+        // The dependant runs and finishes: its parent is due from then on.
+        let c = run_id(&b, "dc", child).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish child");
+        let rules = vec![rule("dp", Succeeded, now_ms() + 1)];
+        let done = b.prune(&rules, 100).await.expect("prune");
+        assert_eq!(done.counts, pruned_of(&[("dp", Succeeded, 1)]));
+        assert!(
+            b.get(parent).await.expect("get").is_none(),
+            "due once its dependant finished"
+        );
+        assert!(b.get(held).await.expect("get").is_some());
+    }
+
     pub async fn prune_goes_in_bounded_batches(b: B, _g: G) {
         use TaskState::{Cancelled, Succeeded};
         let mut last = 0;
@@ -4730,8 +4818,7 @@ mod sqlite_specific {
     }
 
     /// What schema version 8 (retention) added, taken away again: a version 7 store.
-    const UNDO_8: &str =
-        "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 8;";
+    const UNDO_8: &str = "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 8;";
 
     /// What schema version 7 (flow control) added, taken away again: a version 6 store.
     const UNDO_7: &str = "
@@ -4754,7 +4841,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_8)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
         }
@@ -4802,7 +4890,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_8)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
             conn.execute_batch("DROP TABLE results; DELETE FROM schema_version WHERE version = 6")
@@ -4829,7 +4918,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8).expect("make it a version 7 store");
+            conn.execute_batch(UNDO_8)
+                .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
             conn.execute_batch(

@@ -774,6 +774,14 @@ impl Store {
     /// The tasks `rules` make due, oldest finish first within each rule, at most `limit`;
     /// and whether more were due. (A map holds no index: it looks at every task.)
     fn due(&self, rules: &[PruneRule], limit: usize) -> (Vec<u64>, bool) {
+        let now = now_ms();
+        // Parents of a task that has not finished are kept (rule 13).
+        let pinned: std::collections::HashSet<TaskId> = self
+            .rows
+            .values()
+            .filter(|r| !r.task.state.is_terminal())
+            .flat_map(|r| r.task.after.iter().copied())
+            .collect();
         let mut out = Vec::new();
         for rule in rules {
             let mut found: Vec<(UnixMs, u64)> = self
@@ -784,6 +792,9 @@ impl Store {
                         && r.task.state == rule.state
                         && rule.state.is_terminal()
                         && r.task.finished_at.is_some_and(|f| f < rule.before)
+                        && !pinned.contains(&r.task.id)
+                        // A unique key held past the finish (rule 14) keeps its task.
+                        && !matches!((r.task.finished_at, r.unique_for), (Some(f), Some(d)) if f + d > now)
                 })
                 .map(|(seq, r)| (r.task.finished_at.unwrap_or(0), *seq))
                 .collect();

@@ -13,8 +13,12 @@ for _, state in ipairs(ARGV) do
       'WITHSCORES', 'LIMIT', 0, 256)
     for j = 1, #rows, 2 do
       local id = rows[j]
-      local at = redis.call('HGET', p .. 't:' .. id, 'finished_at')
-      if at then redis.call('ZADD', p .. 'fin:' .. state, at, id) end
+      local f = redis.call('HMGET', p .. 't:' .. id, 'finished_at', 'unique_for')
+      -- As move_state scores it; a parent still pinned by dependants stays out.
+      if f[1] and redis.call('HEXISTS', p .. 'pin', id) == 0 then
+        local score = tonumber(f[1]) + tonumber(f[2] or '0')
+        redis.call('ZADD', p .. 'fin:' .. state, 'NX', string.format('%.0f', score), id)
+      end
     end
     if #rows < 512 then
       redis.call('HSET', p .. 'finfill', state, 'done')

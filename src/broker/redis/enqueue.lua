@@ -99,6 +99,14 @@ for i = 0, n - 1 do
     if key then redis.call('HSET', t, 'unique_key', key) end
     if ufor ~= '' then redis.call('HSET', t, 'unique_for', ufor) end
     if #ids > 0 then redis.call('HSET', t, 'after', table.concat(ids, ',')) end
+    if #ids > 0 and state ~= 'cancelled' then
+      -- Its parents are kept from retention until it finishes (move_state unpins them).
+      redis.call('HSET', t, 'afterq', after)
+      for pq, pid in string.gmatch(after, '([^,]-)\31([^,]+)') do
+        redis.call('HINCRBY', qprefix(pq) .. 'pin', pid, 1)
+        redis.call('ZREM', qprefix(pq) .. 'fin:succeeded', pid)
+      end
+    end
     add(p .. 'st:' .. state, sseq, id)
     add(p .. 'all', sseq, id)
     if state == 'cancelled' then

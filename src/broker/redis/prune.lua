@@ -1,4 +1,4 @@
--- Delete finished tasks whose keep ran out (broker rule 13), oldest finish first within
+-- Delete finished tasks whose keep ran out (broker rule 15), oldest finish first within
 -- each rule, at most ARGV[1] in all. ARGV: limit, then per rule: state, before (ms; a task
 -- that finished strictly before it is due). The due tasks are read from `fin:<state>`
 -- (scored by finish time) with ZRANGEBYSCORE … LIMIT: never a scan.
@@ -16,7 +16,10 @@ for i = 2, #ARGV, 2 do
     for _, id in ipairs(ids) do
       local t = p .. 't:' .. id
       local f = redis.call('HMGET', t, 'state', 'unique_key')
-      if f[1] == state then
+      if f[1] == state and redis.call('HEXISTS', p .. 'pin', id) == 1 then
+        -- A parent with a dependant not finished (rule 13) leaves the index until its last
+        -- dependant finishes, which puts it back (move_state).
+      elseif f[1] == state then
         free_unique(p, id, f[2])
         redis.call('DEL', t, p .. 'h:' .. id, p .. 'r:' .. id)
         redis.call('ZREM', p .. 'st:' .. state, id)

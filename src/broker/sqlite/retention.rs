@@ -7,6 +7,7 @@ use rusqlite::{params, Connection};
 use super::conn::storage;
 use super::SqliteBroker;
 use crate::broker::{PruneRule, Pruned, Result, StoreSize};
+use crate::model::now_ms;
 
 /// The most free pages one prune gives back to the file system (`incremental_vacuum`):
 /// moving pages costs writes, so a burst of deletions shrinks the file over several
@@ -15,8 +16,12 @@ const VACUUM_STEP: i64 = 256;
 
 /// The tasks a rule makes due, oldest finish first: only the `tasks_finished` index is
 /// read (`finished_at < ?` implies its `finished_at IS NOT NULL`).
+/// Kept: a parent with a dependant that has not finished (its `deps` link stays until
+/// the dependant finishes, rule 13), and a task whose unique key still holds (rule 14).
 const DUE: &str = "SELECT seq FROM tasks INDEXED BY tasks_finished
     WHERE queue = ?1 AND state = ?2 AND finished_at IS NOT NULL AND finished_at < ?3
+      AND (unique_for IS NULL OR finished_at + unique_for <= ?5)
+      AND NOT EXISTS (SELECT 1 FROM deps WHERE deps.parent = tasks.seq)
     ORDER BY finished_at LIMIT ?4";
 
 fn terminal(rule: &PruneRule) -> bool {
@@ -27,6 +32,7 @@ fn terminal(rule: &PruneRule) -> bool {
 /// with them (`ON DELETE CASCADE`); a finished task holds no unique key (the unique index
 /// covers waiting and running tasks only).
 fn prune_in(conn: &Connection, rules: &[PruneRule], limit: usize) -> Result<Pruned> {
+    let now = now_ms();
     let mut pruned = Pruned::default();
     let mut left = limit as i64;
     for (i, rule) in rules.iter().enumerate() {
@@ -40,7 +46,8 @@ fn prune_in(conn: &Connection, rules: &[PruneRule], limit: usize) -> Result<Prun
                     rule.queue.as_str(),
                     rule.state.as_str(),
                     rule.before,
-                    left
+                    left,
+                    now
                 ])
             })
             .map_err(storage)? as i64;
@@ -52,7 +59,13 @@ fn prune_in(conn: &Connection, rules: &[PruneRule], limit: usize) -> Result<Prun
                 let due = conn
                     .prepare_cached(DUE)
                     .and_then(|mut s| {
-                        s.exists(params![r.queue.as_str(), r.state.as_str(), r.before, 1])
+                        s.exists(params![
+                            r.queue.as_str(),
+                            r.state.as_str(),
+                            r.before,
+                            1,
+                            now
+                        ])
                     })
                     .map_err(storage)?;
                 if due {
@@ -105,13 +118,16 @@ fn prunable_in(conn: &Connection, rules: &[PruneRule]) -> Result<Pruned> {
     let mut pruned = Pruned::default();
     for rule in rules.iter().filter(|r| terminal(r)) {
         let n: i64 = conn
-            .prepare_cached(
-                "SELECT count(*) FROM tasks INDEXED BY tasks_finished
-                 WHERE queue = ?1 AND state = ?2 AND finished_at IS NOT NULL AND finished_at < ?3",
-            )
+            .prepare_cached(&format!("SELECT count(*) FROM ({DUE})"))
             .and_then(|mut s| {
                 s.query_row(
-                    params![rule.queue.as_str(), rule.state.as_str(), rule.before],
+                    params![
+                        rule.queue.as_str(),
+                        rule.state.as_str(),
+                        rule.before,
+                        -1,
+                        now_ms()
+                    ],
                     |r| r.get(0),
                 )
             })

@@ -193,6 +193,7 @@ const MIGRATIONS: &[&str] = &[
     BEGIN
         DELETE FROM deps WHERE child = NEW.seq;
     END;
+    "#,
     // 8: retention. Finished tasks by queue, state and finish time, so that the tasks whose
     // `keep_*` ran out are found without reading any other (a partial index: only finished
     // tasks have a finish time).
