@@ -529,7 +529,7 @@ pub(crate) fn queue_rows<'a>(
     rows
 }
 
-/// One retention rule ([`Broker::prune`], rule 13): tasks of `queue` in `state` that
+/// One retention rule ([`Broker::prune`], rule 15): tasks of `queue` in `state` that
 /// finished before `before` (ms since the epoch) are due for deletion.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PruneRule {
@@ -859,7 +859,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn set_schedule_paused(&self, key: &ScheduleKey, paused: bool) -> Result<()>;
 
     /// Delete up to `limit` tasks that `rules` make due, with everything that belongs to
-    /// them (rule 13), oldest finish first within each rule; [`Pruned::more`] says whether
+    /// them (rule 15), oldest finish first within each rule; [`Pruned::more`] says whether
     /// more were due. Callers loop ([`prune_due`]).
     async fn prune(&self, rules: &[PruneRule], limit: usize) -> Result<Pruned>;
 
