@@ -83,6 +83,7 @@ pub struct Metrics {
     running: Family<QueueLabel, Gauge>,
     broker_errors: Counter,
     schedule_slots: Family<ScheduleLabels, Counter>,
+    expired: Family<QueueLabel, Counter>,
     pruned: Family<StateLabels, Counter>,
     store_bytes: Gauge,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
@@ -108,6 +109,12 @@ impl Metrics {
         let running = Family::<QueueLabel, Gauge>::default();
         let broker_errors = Counter::default();
         let schedule_slots = Family::<ScheduleLabels, Counter>::default();
+        let expired = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "taskd_tasks_expired",
+            "Tasks this daemon cancelled because they had not started by their expiry (`expires`)",
+            expired.clone(),
+        );
         let pruned = Family::<StateLabels, Counter>::default();
         let store_bytes = Gauge::default();
         registry.register(
@@ -162,6 +169,7 @@ impl Metrics {
         );
         Metrics {
             schedule_slots,
+            expired,
             pruned,
             store_bytes,
             registry,
@@ -178,6 +186,15 @@ impl Metrics {
 
     pub fn enqueued(&self, queue: &QueueName, count: u64) {
         self.enqueued
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc_by(count);
+    }
+
+    /// Tasks cancelled by expiry (`Broker::expire`).
+    pub fn expired(&self, queue: &QueueName, count: u64) {
+        self.expired
             .get_or_create(&QueueLabel {
                 queue: queue.to_string(),
             })

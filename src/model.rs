@@ -291,6 +291,12 @@ pub struct NewTask {
     pub run_at: Option<UnixMs>,
     /// At most one waiting or running task per queue holds a given key.
     pub unique_key: Option<String>,
+    /// Its `concurrency_key` value, filled from the payload at submit (`config::flow::keys`).
+    #[serde(default)]
+    pub flow_key: Option<String>,
+    /// Its `rate_key` value, filled from the payload at submit.
+    #[serde(default)]
+    pub rate_key: Option<String>,
     /// How long (ms) the unique key still holds after the task finished (`--unique-for`).
     #[serde(default)]
     pub unique_for: Option<i64>,
@@ -298,6 +304,9 @@ pub struct NewTask {
     /// is cancelled when one fails or is cancelled (`--after`).
     #[serde(default)]
     pub after: Vec<TaskId>,
+    /// Not started by then, it is never started: it ends `cancelled`, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
 }
 
 impl NewTask {
@@ -310,8 +319,11 @@ impl NewTask {
             priority: 0,
             run_at: None,
             unique_key: None,
+            flow_key: None,
+            rate_key: None,
             unique_for: None,
             after: Vec::new(),
+            expires_at: None,
         }
     }
 }
@@ -436,7 +448,13 @@ pub struct TaskRecord {
     /// The tasks it runs after (`--after`), in the order given; empty for most tasks.
     #[serde(default)]
     pub after: Vec<TaskId>,
+    /// When it expires if it has not started: it is then cancelled, reason `expired`.
+    #[serde(default)]
+    pub expires_at: Option<UnixMs>,
 }
+
+/// The reason (`last_error`) of a task cancelled because it had not started by its expiry.
+pub const EXPIRED: &str = "expired";
 
 /// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
 pub fn join_after(after: &[TaskId]) -> String {

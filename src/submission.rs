@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::config::{runnable, Config, QueueConfig};
-use crate::model::{now_ms, UnixMs};
+use crate::config::{flow, runnable, Config, QueueConfig};
+use crate::model::{now_ms, NewTask, UnixMs};
 
 /// "30s", "5m", "1h 30m" from now, as a run-at time. The error starts with the value.
 pub fn parse_delay(text: &str) -> Result<UnixMs, String> {
@@ -32,6 +32,26 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         return Err(format!("{text:?}: more than 100 years is surely a mistake"));
     }
     Ok(parsed.as_millis() as i64)
+}
+
+/// When a task expires (`--expires`, `expires`, else the queue's `expires`): `text` is a
+/// duration counted from the task's run-at (now when it has none: "30m") or a time (RFC
+/// 3339, or Unix seconds). The error starts with the value.
+pub fn expires_at(
+    queue: &QueueConfig,
+    run_at: Option<UnixMs>,
+    text: Option<&str>,
+) -> Result<Option<UnixMs>, String> {
+    let from = run_at.unwrap_or_else(now_ms);
+    match text {
+        None => Ok(queue.expires.map(|d| from + d.as_millis() as i64)),
+        Some(t) => match parse_duration_ms(t) {
+            Ok(ms) => Ok(Some(from + ms)),
+            Err(_) => parse_at(t).map(Some).map_err(|_| {
+                format!("{t:?}: neither a duration (\"30m\", \"1h\") nor a time (RFC 3339, e.g. 2026-12-01T03:00:00Z, or Unix seconds)")
+            }),
+        },
+    }
 }
 
 /// The parents a task runs after (`--after`, `after`): task ids. The error names the value.
@@ -114,7 +134,21 @@ pub fn parse_payload(
     })?;
     runnable::argv(queue, &value, args)
         .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
+    flow::keys(queue, &value).map_err(PayloadError::Invalid)?;
     Ok(value.to_string())
+}
+
+/// A new task of `queue` with this payload (as [`parse_payload`] returned it), its
+/// flow-control key values filled (`concurrency_key`, `rate_key`).
+pub fn new_task(queue: &QueueConfig, payload: String) -> NewTask {
+    let mut t = NewTask::new(queue.name.clone(), payload);
+    if queue.concurrency_key.is_some() || queue.rate_key.is_some() {
+        if let Ok(value) = serde_json::from_str(&t.payload) {
+            // parse_payload refused a payload that cannot fill them.
+            (t.flow_key, t.rate_key) = flow::keys(queue, &value).unwrap_or_default();
+        }
+    }
+    t
 }
 
 /// serde_json reports line and column (1-based); turn them into a 0-based byte offset.

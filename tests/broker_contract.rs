@@ -219,6 +219,12 @@ macro_rules! contract_tests {
                 a_failed_parent_cancels_its_dependants_transitively,
                 enqueue_after_unknown_or_finished_parents,
                 unique_for_holds_the_key_after_the_task_finished,
+                an_expired_task_is_never_claimed_and_expire_cancels_it,
+                flow_key_limits_holders_and_lets_others_flow,
+                flow_key_limit_of_two,
+                flow_parked_tasks_cancel_retry_and_unlimit,
+                flow_rate_key_limits_each_key,
+                flow_state_names_key_holders,
                 prune_deletes_exactly_what_is_due,
                 prune_goes_in_bounded_batches,
                 prune_keeps_parents_until_their_dependants_finish,
@@ -229,6 +235,7 @@ macro_rules! contract_tests {
                 subscribe_cancel_of_running_task,
                 many_producers_one_consumer,
                 schedule_racing_clients_fire_each_slot_once,
+                flow_rate_spreads_starts_across_clients,
             );
         }
     };
@@ -456,6 +463,7 @@ fn ids_of(v: &[taskd::model::TaskRecord]) -> Vec<TaskId> {
 pub mod cases {
     use super::*;
     pub use crate::flow_cases::*;
+    pub use crate::limit_cases::*;
     pub use crate::schedule_cases::*;
 
     // --- enqueue ------------------------------------------------------------------------------
@@ -3930,6 +3938,121 @@ pub mod flow_cases {
         );
     }
 
+    /// Calls `expire` until it has cancelled `want` (at most the deadline).
+    async fn expire_until(b: &B, want: &[TaskId]) -> Vec<TaskId> {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        while !want.iter().all(|w| got.contains(w)) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "expire never cancelled {want:?}: got {got:?}"
+            );
+            got.extend(
+                b.expire()
+                    .await
+                    .expect("expire")
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    }
+
+    pub async fn an_expired_task_is_never_claimed_and_expire_cancels_it(b: B, _g: G) {
+        let expiring = |queue: &str, at: i64| {
+            let mut t = task(queue);
+            t.expires_at = Some(at);
+            t
+        };
+        // Ready, already past its expiry: no claim takes it; `expire` cancels it, and its
+        // dependant with it.
+        let stale = enqueue1(&b, expiring("ex", now_ms() - 1)).await;
+        let kid = enqueue1(&b, child("ex-2", &[stale])).await;
+        let fresh = enqueue1(&b, expiring("ex", now_ms() + 3_600_000)).await;
+        let got = claim(&b, "ex", 10).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![fresh]
+        );
+        assert_eq!(got[0].task.expires_at.map(|e| e > now_ms()), Some(true));
+        let expired = b.expire().await.expect("expire");
+        assert_eq!(expired, vec![(stale, qn("ex"))]);
+        let t = get(&b, stale).await.task;
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert_eq!(t.last_error.as_deref(), Some("expired"));
+        assert!(t.finished_at.is_some());
+        assert_eq!(get(&b, kid).await.task.state, TaskState::Cancelled);
+        assert!(
+            b.expire().await.expect("expire").is_empty(),
+            "each task expires once"
+        );
+
+        // Held or running past its expiry: left alone, it finishes as it would.
+        let held_until = now_ms() + 300;
+        let held = enqueue1(&b, expiring("ex-h", held_until)).await;
+        let c = run_id(&b, "ex-h", held).await;
+        // Scheduled (due later than its expiry) and retrying tasks expire while they wait.
+        let later = {
+            let mut t = expiring("ex-w", now_ms() + 300);
+            t.run_at = Some(now_ms() + 3_600_000);
+            enqueue1(&b, t).await
+        };
+        let flaky = enqueue1(&b, expiring("ex-r", now_ms() + 300)).await;
+        let r = run_id(&b, "ex-r", flaky).await;
+        b.finish(
+            &r.lease,
+            attempt_of(&r, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry {
+                at: now_ms() + 3_600_000,
+            },
+        )
+        .await
+        .expect("finish");
+        let got = expire_until(&b, &[later, flaky]).await;
+        assert!(!got.contains(&held), "a running task never expires");
+        assert!(now_ms() >= held_until);
+        for id in [later, flaky] {
+            let t = get(&b, id).await.task;
+            assert_eq!(
+                (t.state, t.last_error.as_deref()),
+                (TaskState::Cancelled, Some("expired"))
+            );
+        }
+        assert_eq!(get(&b, flaky).await.task.attempts, 1, "not run again");
+        assert_eq!(get(&b, held).await.task.state, TaskState::Running);
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("a task that started before its expiry finishes as usual");
+        // A retrying task due again, but past its expiry: no claim runs it again.
+        let until = now_ms() + 200;
+        let late = enqueue1(&b, expiring("ex-p", until)).await;
+        let r = run_id(&b, "ex-p", late).await;
+        b.finish(
+            &r.lease,
+            attempt_of(&r, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry { at: now_ms() + 100 },
+        )
+        .await
+        .expect("finish");
+        while now_ms() <= until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            claim(&b, "ex-p", 10).await.is_empty(),
+            "a retry past its expiry never runs"
+        );
+        expire_until(&b, &[late]).await;
+        assert_eq!(
+            get(&b, late).await.task.last_error.as_deref(),
+            Some("expired")
+        );
+    }
+
     pub async fn unique_for_holds_the_key_after_the_task_finished(b: B, _g: G) {
         const HOLD: i64 = 1_500;
         let keyed = |hold: Option<i64>| {
@@ -4810,15 +4933,15 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
     }
 
-    /// What schema version 8 (retention) added, taken away again: a version 7 store.
-    const UNDO_8: &str = "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 8;";
+    /// What schema version 9 (retention) added, taken away again: a version 8 store.
+    const UNDO_9: &str = "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 9;";
 
     /// What schema version 7 (flow control) added, taken away again: a version 6 store.
     const UNDO_7: &str = "
@@ -4841,7 +4964,9 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8)
+            conn.execute_batch(UNDO_9)
+                .expect("make it a version 8 store");
+            conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
@@ -4890,7 +5015,9 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8)
+            conn.execute_batch(UNDO_9)
+                .expect("make it a version 8 store");
+            conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
@@ -4918,7 +5045,9 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
-            conn.execute_batch(UNDO_8)
+            conn.execute_batch(UNDO_9)
+                .expect("make it a version 8 store");
+            conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
             conn.execute_batch(UNDO_7)
                 .expect("make it a version 6 store");
@@ -5415,3 +5544,252 @@ mod redis_specific {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flow control: per-key and rate limits (rule 15)
+// ---------------------------------------------------------------------------------------------
+
+pub mod limit_cases {
+    use super::*;
+    use taskd::broker::{Flow, RateLimit};
+    use taskd::config::Rate;
+
+    fn keyed(queue: &str, key: Option<&str>) -> NewTask {
+        let mut t = task(queue);
+        t.flow_key = key.map(str::to_string);
+        t
+    }
+
+    fn per_key(n: u32) -> Flow {
+        Flow {
+            per_key: Some(n),
+            rate: None,
+        }
+    }
+
+    fn rate(text: &str, burst: u32, keyed: bool) -> Flow {
+        Flow {
+            per_key: None,
+            rate: Some(RateLimit {
+                rate: Rate::parse(text).unwrap(),
+                burst,
+                keyed,
+            }),
+        }
+    }
+
+    async fn claim_on(b: &B, node: &str, queue: &str, max: usize) -> Vec<TaskId> {
+        b.claim(&node.into(), &qn(queue), max, LEASE)
+            .await
+            .expect("claim")
+            .into_iter()
+            .map(|c| c.task.id)
+            .collect()
+    }
+
+    async fn succeed(b: &B, c: &Claimed) {
+        b.finish(
+            &c.lease,
+            attempt_of(c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+    }
+
+    /// A key at its limit holds none of the others back, for this client or another one;
+    /// a finish frees its slot for the key's next task, oldest first.
+    pub async fn flow_key_limits_holders_and_lets_others_flow(b: B, g: G) {
+        let other = g.connect().await;
+        b.set_flow(&qn("fk"), per_key(1));
+        other.set_flow(&qn("fk"), per_key(1));
+        let a1 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let a2 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let b1 = enqueue1(&b, keyed("fk", Some("b"))).await;
+        let a3 = enqueue1(&b, keyed("fk", Some("a"))).await;
+        let free = enqueue1(&b, keyed("fk", None)).await;
+        let c1 = enqueue1(&b, keyed("fk", Some("c"))).await;
+        let first = b.claim(&NODE.into(), &qn("fk"), 10, LEASE).await.unwrap();
+        let got: Vec<TaskId> = first.iter().map(|c| c.task.id).collect();
+        assert_eq!(
+            got,
+            vec![a1, b1, free, c1],
+            "one task per key, and the unkeyed one"
+        );
+        assert!(
+            claim_on(&other, "node-b", "fk", 10).await.is_empty(),
+            "another client sees key a held"
+        );
+        start(&b, &first[0]).await;
+        assert!(claim_on(&other, "node-b", "fk", 10).await.is_empty());
+        succeed(&b, &first[0]).await;
+        assert_eq!(
+            claim_on(&other, "node-b", "fk", 10).await,
+            vec![a2],
+            "the key's next task, once its holder finished"
+        );
+        assert!(
+            claim_on(&b, NODE, "fk", 10).await.is_empty(),
+            "a2 holds key a"
+        );
+        let counts = b.counts().await.unwrap();
+        let fk = counts
+            .iter()
+            .find(|c| c.queue.as_ref() == Some(&qn("fk")))
+            .unwrap();
+        assert_eq!(
+            count(fk, TaskState::Queued),
+            5,
+            "parked tasks are still queued"
+        );
+        let _ = a3;
+    }
+
+    /// `per_key = 2`: two holders at most, in claim order, and a released task gives its
+    /// slot back.
+    pub async fn flow_key_limit_of_two(b: B, _g: G) {
+        b.set_flow(&qn("fk2"), per_key(2));
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(enqueue1(&b, keyed("fk2", Some("k"))).await);
+        }
+        let c = b.claim(&NODE.into(), &qn("fk2"), 10, LEASE).await.unwrap();
+        assert_eq!(c.iter().map(|c| c.task.id).collect::<Vec<_>>(), ids[..2]);
+        b.finish(
+            &c[1].lease,
+            attempt_of(&c[1], AttemptReason::Exit, None),
+            Finish::Release,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            claim_on(&b, NODE, "fk2", 10).await,
+            vec![ids[1]],
+            "the released task, oldest first"
+        );
+        succeed(&b, &c[0]).await;
+        assert_eq!(claim_on(&b, NODE, "fk2", 10).await, vec![ids[2]]);
+    }
+
+    /// A parked task can be cancelled, then retried; and a limit removed puts every parked
+    /// task back.
+    pub async fn flow_parked_tasks_cancel_retry_and_unlimit(b: B, _g: G) {
+        b.set_flow(&qn("fkp"), per_key(1));
+        let a1 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let a2 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let a3 = enqueue1(&b, keyed("fkp", Some("a"))).await;
+        let first = b.claim(&NODE.into(), &qn("fkp"), 10, LEASE).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].task.id, a1);
+        assert_eq!(b.cancel(a2).await.unwrap(), CancelOutcome::Cancelled);
+        succeed(&b, &first[0]).await;
+        assert_eq!(
+            claim_on(&b, NODE, "fkp", 10).await,
+            vec![a3],
+            "a2 was cancelled"
+        );
+        b.retry(a2).await.unwrap();
+        assert!(
+            claim_on(&b, NODE, "fkp", 10).await.is_empty(),
+            "a3 holds key a"
+        );
+        b.set_flow(&qn("fkp"), Flow::default());
+        assert_eq!(
+            claim_on(&b, NODE, "fkp", 10).await,
+            vec![a2],
+            "without the limit, the retried task runs beside a3"
+        );
+    }
+
+    /// A rate's starts are spread: the burst at once, then one per interval, across two
+    /// clients of the store; `flow_wait` says when the next start is allowed.
+    pub async fn flow_rate_spreads_starts_across_clients(b: B, g: G) {
+        let other = g.connect().await;
+        let limit = rate("20/s", 2, false);
+        b.set_flow(&qn("rt"), limit);
+        other.set_flow(&qn("rt"), limit);
+        b.enqueue(tasks("rt", 40)).await.unwrap();
+        let began = Instant::now();
+        let first = claim_on(&b, NODE, "rt", 10).await;
+        assert_eq!(first.len(), 2, "the burst at once");
+        let wait = b.flow_wait(&qn("rt")).expect("a refused rate says when");
+        assert!(
+            wait > now_ms() - 1000 && wait <= now_ms() + 200,
+            "the next start within one interval: {wait} vs now {}",
+            now_ms()
+        );
+        assert!(
+            claim_on(&other, "node-b", "rt", 10).await.is_empty()
+                || began.elapsed() > Duration::from_millis(40)
+        );
+        let mut total = first.len();
+        let mut turn = false;
+        while began.elapsed() < Duration::from_millis(600) {
+            let client = if turn { &b } else { &other };
+            turn = !turn;
+            total += claim_on(client, "node-x", "rt", 10).await.len();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = began.elapsed().as_secs_f64();
+        let most = 2.0 + secs * 20.0;
+        assert!(
+            (total as f64) <= most + 0.001,
+            "{total} starts in {secs:.3}s; the rate allows at most {most:.1}"
+        );
+        assert!(
+            total >= 5,
+            "starts keep coming at the rate: {total} in {secs:.3}s"
+        );
+    }
+
+    /// `rate_key`: one limit per key value; a key that must wait is parked, the others flow.
+    pub async fn flow_rate_key_limits_each_key(b: B, _g: G) {
+        b.set_flow(&qn("rk"), rate("1/m", 1, true));
+        let mut ids = Vec::new();
+        for k in ["x", "x", "y", "x", "z"] {
+            let mut t = task("rk");
+            t.rate_key = Some(k.into());
+            ids.push(enqueue1(&b, t).await);
+        }
+        assert_eq!(
+            claim_on(&b, NODE, "rk", 10).await,
+            vec![ids[0], ids[2], ids[4]],
+            "one start per key"
+        );
+        assert!(claim_on(&b, NODE, "rk", 10).await.is_empty());
+        let wait = b.flow_wait(&qn("rk")).expect("when key x may start again");
+        assert!(
+            wait >= now_ms() + 50_000,
+            "a minute after the first start: {wait}"
+        );
+        let state = b.flow_state(&qn("rk"), ids[1]).await.unwrap();
+        assert_eq!(state.rate_key.as_deref(), Some("x"));
+        assert!(state
+            .rate_tat_us
+            .is_some_and(|t| t / 1000 >= now_ms() + 50_000));
+    }
+
+    /// `flow_state` names the holders of a task's key, oldest first, not the task itself.
+    pub async fn flow_state_names_key_holders(b: B, _g: G) {
+        b.set_flow(&qn("fs"), per_key(2));
+        let h1 = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let h2 = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let waiting = enqueue1(&b, keyed("fs", Some("cust-7"))).await;
+        let c = b.claim(&NODE.into(), &qn("fs"), 10, LEASE).await.unwrap();
+        assert_eq!(c.len(), 2);
+        start(&b, &c[0]).await;
+        let s = b.flow_state(&qn("fs"), waiting).await.unwrap();
+        assert_eq!(s.flow_key.as_deref(), Some("cust-7"));
+        assert_eq!(s.key_holders, vec![h1, h2]);
+        succeed(&b, &c[0]).await;
+        let s = b.flow_state(&qn("fs"), waiting).await.unwrap();
+        assert_eq!(s.key_holders, vec![h2]);
+    }
+}
+
+/// Takes schema 7 (flow control) out of a store, to make it an older one.
+const UNDO_FLOW: &str = "DROP TABLE parked_keys; DROP TABLE rate_state; DROP INDEX tasks_key_held;
+    DROP INDEX tasks_parked_key; DROP INDEX tasks_parked_rate; DROP INDEX tasks_ready;
+    CREATE INDEX tasks_ready ON tasks(queue, priority DESC, seq) WHERE state = 'queued' AND lease_node IS NULL;
+    ALTER TABLE tasks DROP COLUMN parked; ALTER TABLE tasks DROP COLUMN flow_key;
+    ALTER TABLE tasks DROP COLUMN rate_key; DELETE FROM schema_version WHERE version = 8;";

@@ -477,6 +477,42 @@ kill_grace = \"\"
 }
 
 #[test]
+fn expires_must_be_a_positive_duration() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+
+[defaults]
+expires = \"0s\"
+
+[queues.a]
+shell = \"true\"
+expires = \"an hour\"
+
+[queues.b]
+shell = \"true\"
+expires = 3600
+";
+    check_bad(text)
+        .count(3)
+        .expect(
+            5,
+            11,
+            "defaults.expires",
+            &["longer than zero"],
+            Some("positive duration"),
+        )
+        .expect(
+            9,
+            11,
+            "queues.a.expires",
+            &["\"an hour\" is not a duration"],
+            Some("\"1h 30m\""),
+        )
+        .expect(13, 11, "queues.b.expires", &["duration"], None);
+}
+
+#[test]
 fn max_attempts_zero_and_too_many() {
     let text = "\
 [defaults]
@@ -1930,5 +1966,60 @@ keep_failed = \"-1d\"
             "queues.b.keep_failed",
             &["keep_failed cannot be negative"],
             Some("keep_failed = \"30s\""),
+
+// ----- flow control ------------------------------------------------------------------------
+
+#[test]
+fn flow_control_keys_name_what_is_wrong() {
+    let text = "\
+[queues.a]
+shell = \"true\"
+concurrency_key = \"{customer\"
+concurrency_per_key = 0
+rate = \"100/w\"
+
+[queues.b]
+shell = \"true\"
+rate = \"100\"
+rate_key = \"\"
+burst = 0
+";
+    check_bad(text)
+        .count(6)
+        .expect(
+            3,
+            19,
+            "queues.a.concurrency_key",
+            &["unclosed `{`"],
+            Some("concurrency_key = \"{customer}\""),
+        )
+        .expect(
+            4,
+            23,
+            "queues.a.concurrency_per_key",
+            &["at least 1", "found 0"],
+            Some("concurrency_per_key = 1"),
+        )
+        .expect(
+            5,
+            8,
+            "queues.a.rate",
+            &["unknown unit \"w\"", "s, m, h or d"],
+            Some("rate = \"100/m\""),
+        )
+        .expect(9, 8, "queues.b.rate", &["no `/`"], Some("rate = \"100/m\""))
+        .expect(
+            10,
+            12,
+            "queues.b.rate_key",
+            &["is empty"],
+            Some("{customer}"),
+        )
+        .expect(
+            11,
+            9,
+            "queues.b.burst",
+            &["at least 1", "found 0"],
+            Some("burst = 1"),
         );
 }

@@ -26,6 +26,16 @@ enum Backend {
 /// An env whose config has `queues` (with `@D@` replaced by the env's directory), on the
 /// backend; `None` when Redis is wanted and `redis-server` is missing (the skip is printed).
 fn env(backend: Backend, test: &str, queues: &str) -> Option<(Env, Option<RedisServer>)> {
+    env_with(backend, test, "", queues)
+}
+
+/// [`env`] with extra `[taskd]` lines.
+fn env_with(
+    backend: Backend,
+    test: &str,
+    taskd: &str,
+    queues: &str,
+) -> Option<(Env, Option<RedisServer>)> {
     let e = Env::raw("");
     let d = e.path().display().to_string();
     let (broker, server) = match backend {
@@ -39,7 +49,7 @@ fn env(backend: Backend, test: &str, queues: &str) -> Option<(Env, Option<RedisS
         }
     };
     let text = format!(
-        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n{broker}\n\
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\n{taskd}\n{broker}\n\
          [defaults]\nbackoff = {{ base = \"100ms\", max = \"200ms\", jitter = false }}\n\n{}\n",
         queues.replace("@D@", &d)
     );
@@ -266,6 +276,92 @@ fn eight_racing_submitters_make_one_task(backend: Backend, test: &str) {
     // Another key is free.
     let other = submit(&env, &["u", "{}", "--unique", "reindex:8"]);
     assert_ne!(other, ids[0]);
+}
+
+/// A task that waits past its expiry (behind a busy slot, or retrying) is cancelled,
+/// reason `expired`, never started; the queue's `expires` applies to tasks without
+/// `--expires`; `/metrics` counts them.
+fn tasks_expire_while_they_wait(backend: Backend, test: &str) {
+    let queues = "\
+[queues.busy]\nconcurrency = 1\n\
+shell = 'if [ \"$TASKD_ARG_n\" = hold ]; then while [ ! -e \"@D@/go\" ]; do sleep 0.05; done; fi; echo \"$TASKD_ARG_n\" >> \"@D@/ran\"'\n\
+[queues.flaky]\nmax_attempts = 5\nbackoff = { base = \"30s\", max = \"30s\", jitter = false }\nshell = 'exit 1'\n\
+[queues.short]\nexpires = \"1s\"\nshell = 'true'\n";
+    let Some((env, _server)) = env_with(backend, test, "listen = \"127.0.0.1:0\"", queues) else {
+        return;
+    };
+    let out = env.run(&["submit", "busy", "{}", "--expires", "soon"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed --expires is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--expires"));
+
+    let d = env.daemon();
+    let hold = submit(&env, &["busy", r#"{"n":"hold"}"#]);
+    env.wait_state(&hold, "running", secs(20));
+    // Behind the running task, with one second to start: it never does.
+    let waiting = submit(&env, &["busy", r#"{"n":"late"}"#, "--expires", "1s"]);
+    assert_eq!(show_line(&env, &waiting, "state"), "queued");
+    assert!(!show_line(&env, &waiting, "expires").is_empty());
+    let kid = submit(&env, &["busy", r#"{"n":"kid"}"#, "--after", &waiting]);
+    // A retrying task past its expiry is not run again.
+    let flaky = submit(&env, &["flaky", "{}", "--expires", "2s"]);
+    // The queue's `expires` applies without --expires; a paused queue keeps it waiting.
+    env.ok(&["pause", "short"]);
+    let short = submit(&env, &["short", "{}"]);
+    assert!(!show_line(&env, &short, "expires").is_empty());
+
+    let v = env.wait_state(&waiting, "cancelled", secs(20));
+    assert_eq!(v["last_error"], "expired");
+    assert_eq!(show_line(&env, &waiting, "error"), "expired");
+    assert_eq!(
+        show_line(&env, &kid, "error"),
+        format!("dependency {waiting} failed")
+    );
+    let v = env.wait_state(&flaky, "cancelled", secs(20));
+    assert_eq!(v["last_error"], "expired");
+    assert_eq!(v["attempts"], 1, "ran once, not retried past its expiry");
+    assert_eq!(show_line(&env, &flaky, "state"), "cancelled");
+    env.wait_state(&short, "cancelled", secs(20));
+    assert_eq!(show_line(&env, &short, "error"), "expired");
+
+    std::fs::write(env.path().join("go"), "").expect("release the holder");
+    env.wait_state(&hold, "succeeded", secs(20));
+    let ran = std::fs::read_to_string(env.path().join("ran")).unwrap_or_default();
+    assert_eq!(ran.trim(), "hold", "no expired task started");
+    let metrics = ureq::get(&format!("{}/metrics", d.api_base()))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    let count = |queue: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("taskd_tasks_expired_total")
+                    && l.contains(&format!("queue=\"{queue}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (count("busy"), count("flaky"), count("short")),
+        (1, 1, 1),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn tasks_expire_while_they_wait_on_sqlite() {
+    tasks_expire_while_they_wait(Backend::Sqlite, "tasks_expire_while_they_wait_on_sqlite");
+}
+
+#[test]
+fn tasks_expire_while_they_wait_on_redis() {
+    tasks_expire_while_they_wait(Backend::Redis, "tasks_expire_while_they_wait_on_redis");
 }
 
 #[test]

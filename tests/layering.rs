@@ -433,3 +433,109 @@ fn the_scanner_reads_groups_paths_and_skips_comments() {
     assert_eq!(names, ["a::B", "c", "d"]);
     assert!(text.contains("crate::g::h") && text.contains("crate::i"));
 }
+
+/// The parameters of `text`'s functions (`fn name<…>(a: A, b: B)`), each with its line, its
+/// name and its type.
+fn parameters(text: &str) -> Vec<(usize, String, String)> {
+    let bytes = text.as_bytes();
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(pos) = text[at..].find("fn ") {
+        let start = at + pos;
+        at = start + 3;
+        if start > 0 && is_ident(bytes[start - 1] as char) {
+            continue;
+        }
+        // The name, then generics up to the parameter list's `(`.
+        let mut cursor = at;
+        let mut angle = 0i32;
+        while cursor < bytes.len() {
+            match bytes[cursor] {
+                b'<' => angle += 1,
+                b'>' => angle -= 1,
+                b'(' if angle == 0 => break,
+                b'{' | b';' => break,
+                _ => {}
+            }
+            cursor += 1;
+        }
+        if cursor >= bytes.len() || bytes[cursor] != b'(' {
+            continue;
+        }
+        let open = cursor;
+        let mut depth = 0i32;
+        let mut piece_start = open + 1;
+        let mut pieces = Vec::new();
+        for (offset, byte) in bytes[open..].iter().enumerate() {
+            let here = open + offset;
+            match byte {
+                b'(' | b'[' | b'{' | b'<' => depth += 1,
+                b')' | b']' | b'}' | b'>'
+                    if !(*byte == b'>' && here > 0 && bytes[here - 1] == b'-') =>
+                {
+                    depth -= 1;
+                    if depth == 0 {
+                        pieces.push((piece_start, here));
+                        break;
+                    }
+                }
+                b',' if depth == 1 => {
+                    pieces.push((piece_start, here));
+                    piece_start = here + 1;
+                }
+                _ => {}
+            }
+        }
+        for (from, to) in pieces {
+            let piece = &text[from..to];
+            let Some((pattern, ty)) = piece.split_once(':') else {
+                continue;
+            };
+            let name = pattern.trim().trim_start_matches("mut ").trim();
+            let line = text[..from].matches('\n').count() + 1;
+            found.push((line, name.to_string(), ty.trim().to_string()));
+        }
+    }
+    found
+}
+
+/// A one-letter parameter name says nothing at the call site's other end: `decide(q, c, o)`
+/// made a reader look up each type. Closures and local bindings are left to judgement
+/// (`|e| …` for an error is plain); a function's parameters are its documentation.
+#[test]
+fn function_parameters_are_named_for_what_they_are() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut bad = Vec::new();
+    for file in &files {
+        let text = strip_comments(&std::fs::read_to_string(file).expect("a readable source file"));
+        for (line, name, ty) in parameters(&text) {
+            // `fmt(&self, f: &mut Formatter)` is how the standard library spells it.
+            let formatter = name == "f" && ty.contains("Formatter");
+            if name.chars().count() == 1 && name != "_" && !formatter {
+                bad.push(format!(
+                    "{}:{line}: parameter `{name}`: name it for what it is",
+                    file.strip_prefix(&src).expect("under src/").display()
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "one-letter parameter names:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn the_parameter_reader_finds_what_it_must() {
+    let text = "fn decide<T: Into<u8>>(q: &str, mut count: usize, f: impl Fn(u8) -> u8) -> u8 {}\n\
+                let g = |e| e;\nfn none() {}\nimpl X { pub fn m(&self, o: Vec<(u8, u8)>) {} }";
+    let names: Vec<String> = parameters(text)
+        .into_iter()
+        .map(|(_, name, _)| name)
+        .collect();
+    assert_eq!(names, ["q", "count", "f", "o"]);
+}

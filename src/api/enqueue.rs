@@ -11,7 +11,8 @@ use super::error::ApiError;
 use crate::config::{Config, QueueConfig};
 use crate::model::NewTask;
 use crate::submission::{
-    parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload, PayloadError,
+    expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload,
+    PayloadError,
 };
 
 /// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
@@ -30,6 +31,7 @@ struct Body<'a> {
     unique_for: Option<String>,
     #[serde(default)]
     after: Vec<String>,
+    expires: Option<RunAt>,
 }
 
 #[derive(Deserialize)]
@@ -117,7 +119,15 @@ fn parse_text(
     .filter(|_| body.unique.is_some());
     let after =
         parse_parents(&body.after).map_err(|e| ApiError::invalid(format!("{what}: after: {e}")))?;
-    let mut t = NewTask::new(queue.name.clone(), payload);
+    let expires = match &body.expires {
+        Some(RunAt::Seconds(s)) => Some(s.to_string()),
+        Some(RunAt::Text(t)) => Some(t.clone()),
+        None => None,
+    };
+    let expires_at = expires_at(queue, run_at, expires.as_deref())
+        .map_err(|e| ApiError::invalid(format!("{what}: expires {e}")))?;
+    let mut t = crate::submission::new_task(queue, payload);
+    t.expires_at = expires_at;
     t.args = body.args;
     t.priority = body.priority;
     t.run_at = run_at;

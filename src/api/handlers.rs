@@ -217,6 +217,7 @@ pub async fn enqueue(
                 schedule: None,
                 slot: None,
                 after: asked.after,
+                expires_at: asked.expires_at,
             };
             return Ok(created(false, task));
         }

@@ -290,9 +290,10 @@ fn base_components() -> Value {
                 "priority": { "type": "integer", "default": 0 },
                 "unique": { "type": "string", "description": "at most one waiting or running task of the queue holds this key" },
                 "unique_for": { "type": "string", "example": "10m", "description": "with `unique` (ignored without it): the key stays taken this long after the task finished; a duplicate meanwhile answers that task, `existing: true`" },
-                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "run only after these tasks succeeded (`scheduled` until then; cancelled, `dependency <ID> failed`, when one fails or is cancelled); an unknown id is refused with 422" }
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "run only after these tasks succeeded (`scheduled` until then; cancelled, `dependency <ID> failed`, when one fails or is cancelled); an unknown id is refused with 422" },
+                "expires": { "oneOf": [{ "type": "string", "example": "1h" }, { "type": "integer", "description": "Unix seconds" }], "description": "not started by then, the task is never started: cancelled with the reason `expired`. A duration counted from its run-at (\"30m\"), or a time (RFC 3339, or Unix seconds); default: the queue's `expires`" }
             } },
-            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after"], "properties": {
+            "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after", "expires_at"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
                 "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
@@ -301,7 +302,8 @@ fn base_components() -> Value {
                 "cancel_requested": { "type": "boolean" }, "node": { "type": "string", "nullable": true },
                 "schedule": { "type": "string", "nullable": true, "description": "the schedule that enqueued it ([schedules.NAME])" },
                 "slot": { "type": "integer", "nullable": true, "description": "the slot it runs for, ms since the epoch; null for `taskd schedules fire`" },
-                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "the tasks it runs after (`--after`): it waits in `scheduled` until each one succeeded, and is cancelled (`dependency <ID> failed`) when one fails or is cancelled" }
+                "after": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "the tasks it runs after (`--after`): it waits in `scheduled` until each one succeeded, and is cancelled (`dependency <ID> failed`) when one fails or is cancelled" },
+                "expires_at": { "type": "integer", "nullable": true, "description": "ms since the epoch: not started by then, it is cancelled with the reason `expired` (`--expires`, the queue's `expires`)" }
             } },
             "EnqueuedTask": { "allOf": [task_ref(), { "type": "object", "required": ["existing"], "properties": {
                 "existing": { "type": "boolean", "description": "a waiting or running task already held the unique key: this is that task" } } }] },
@@ -671,6 +673,7 @@ mod tests {
             } else {
                 Vec::new()
             },
+            expires_at: full.then_some(NOW),
         }
     }
 

@@ -14,9 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
-    PruneRule, Pruned, QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState,
-    ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
+    Lease, ListFilter, Orphan, PruneRule, Pruned, QueueCounts, Queued, Recover, Result,
+    ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer,
+    Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -37,6 +38,9 @@ struct Row {
     pid_start: Option<u64>,
     /// When its current run's start was recorded.
     started_at: Option<UnixMs>,
+    /// Its `concurrency_key` and `rate_key` values (rule 15).
+    flow_key: Option<String>,
+    rate_key: Option<String>,
     /// Parents not yet succeeded (rule 13): while above 0 the task waits in `scheduled`.
     blocked: usize,
     /// How long (ms) its unique key holds after it finished (rule 14).
@@ -73,6 +77,8 @@ struct Store {
     stats: BTreeMap<(i64, String), StatRow>,
     /// Each schedule's record and its slot records, newest first.
     schedules: BTreeMap<ScheduleKey, (ScheduleState, std::collections::VecDeque<SlotRecord>)>,
+    /// Each rate limit's TAT (µs), by queue and rate key value ("" for the queue's).
+    rate_tat: HashMap<(QueueName, String), i64>,
     /// The dependants of each parent not settled yet (rule 13).
     kids: HashMap<TaskId, Vec<TaskId>>,
 }
@@ -148,6 +154,7 @@ impl Store {
 pub struct MemoryBroker {
     store: Mutex<Store>,
     wakeups: Wakeups,
+    flow: FlowTable,
 }
 
 impl MemoryBroker {
@@ -269,6 +276,7 @@ impl Broker for MemoryBroker {
                             schedule: None,
                             slot: None,
                             after: t.after,
+                            expires_at: t.expires_at,
                         },
                         history: Vec::new(),
                         result: None,
@@ -277,6 +285,8 @@ impl Broker for MemoryBroker {
                         pid: None,
                         pid_start: None,
                         started_at: None,
+                        flow_key: t.flow_key,
+                        rate_key: t.rate_key,
                         blocked: waits_for.len(),
                         unique_for: t.unique_for,
                     },
@@ -310,20 +320,75 @@ impl Broker for MemoryBroker {
             if &r.task.queue != queue {
                 continue;
             }
+            let expired = r.task.expires_at.is_some_and(|e| e <= now);
             if matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
                 && r.task.run_at <= now
                 && r.blocked == 0
+                && !expired
             {
                 r.task.state = TaskState::Queued;
                 r.task.updated_at = now;
             }
-            if r.task.state == TaskState::Queued && r.task.node.is_none() {
+            if r.task.state == TaskState::Queued && r.task.node.is_none() && !expired {
                 ready.push((r.task.priority, *seq));
             }
         }
         ready.sort_by_key(|&(priority, seq)| (-(priority as i64), seq));
+        // Rule 13, the simplest way: this store scans anyway. Holders per key are counted
+        // from the held tasks; a blocked task is passed over, not parked.
+        let flow = self.flow.get(queue);
+        let mut holders: HashMap<String, u32> = HashMap::new();
+        if flow.per_key.is_some() {
+            for r in s.rows.values() {
+                if &r.task.queue == queue && r.task.node.is_some() {
+                    if let Some(k) = &r.flow_key {
+                        *holders.entry(k.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let now_us = now * 1000;
+        let mut wait: Option<i64> = None;
+        let mut take = Vec::new();
+        for (_, seq) in ready {
+            if take.len() >= max {
+                break;
+            }
+            let r = &s.rows[&seq];
+            if let (Some(limit), Some(k)) = (flow.per_key, &r.flow_key) {
+                if holders.get(k).copied().unwrap_or(0) >= limit {
+                    continue;
+                }
+            }
+            if let Some(rate) = flow.rate {
+                let rk = if rate.keyed {
+                    r.rate_key.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                let slot = (queue.clone(), rk);
+                match rate.take(s.rate_tat.get(&slot).copied(), now_us) {
+                    Ok(tat) => {
+                        s.rate_tat.insert(slot, tat);
+                    }
+                    Err(at) => {
+                        wait = Some(wait.map_or(at, |w| w.min(at)));
+                        if rate.keyed {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            let r = &s.rows[&seq];
+            if let Some(k) = &r.flow_key {
+                *holders.entry(k.clone()).or_default() += 1;
+            }
+            take.push(seq);
+        }
+        self.flow.set_wait(queue, wait.map(|us| (us + 999) / 1000));
         let mut out = Vec::new();
-        for (_, seq) in ready.into_iter().take(max) {
+        for seq in take {
             let r = s.rows.get_mut(&seq).expect("listed above");
             r.token += 1;
             r.task.node = Some(node.clone());
@@ -342,6 +407,49 @@ impl Broker for MemoryBroker {
             });
         }
         Ok(out)
+    }
+
+    fn set_flow(&self, queue: &QueueName, flow: Flow) {
+        self.flow.set(queue, flow);
+    }
+
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        self.flow.wait(queue)
+    }
+
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState> {
+        let s = self.store();
+        let Some(seq) = s.by_id.get(&id) else {
+            return Err(BrokerError::NotFound(id));
+        };
+        let row = &s.rows[seq];
+        let (flow_key, rate_key) = (row.flow_key.clone(), row.rate_key.clone());
+        let key_holders = match &flow_key {
+            Some(k) => s
+                .rows
+                .values()
+                .filter(|r| {
+                    &r.task.queue == queue
+                        && r.task.node.is_some()
+                        && r.flow_key.as_ref() == Some(k)
+                        && r.task.id != id
+                })
+                .map(|r| r.task.id)
+                .collect(),
+            None => Vec::new(),
+        };
+        let keyed = self.flow.get(queue).rate.is_some_and(|r| r.keyed);
+        let rk = if keyed {
+            rate_key.clone().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(FlowState {
+            key_holders,
+            rate_tat_us: s.rate_tat.get(&(queue.clone(), rk)).copied(),
+            flow_key,
+            rate_key,
+        })
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
@@ -653,6 +761,25 @@ impl Broker for MemoryBroker {
             self.wakeups.work.notify_one();
         }
         Ok(orphans)
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let now = now_ms();
+        let mut s = self.store();
+        let mut out = Vec::new();
+        for r in s.rows.values_mut() {
+            let waits = matches!(r.task.state, TaskState::Scheduled | TaskState::Retrying)
+                || (r.task.state == TaskState::Queued && r.task.node.is_none());
+            if waits && r.task.expires_at.is_some_and(|e| e <= now) {
+                r.task.state = TaskState::Cancelled;
+                r.task.finished_at = Some(now);
+                r.task.updated_at = now;
+                r.task.last_error = Some(crate::model::EXPIRED.into());
+                out.push((r.task.id, r.task.queue.clone()));
+            }
+        }
+        s.settle(now);
+        Ok(out)
     }
 
     async fn subscribe(&self) -> Result<Wakeups> {
@@ -1006,6 +1133,7 @@ impl Store {
                     schedule,
                     slot,
                     after: Vec::new(),
+                    expires_at: None,
                 },
                 history: Vec::new(),
                 result: None,
@@ -1014,6 +1142,8 @@ impl Store {
                 pid: None,
                 pid_start: None,
                 started_at: None,
+                flow_key: task.flow_key,
+                rate_key: task.rate_key,
                 blocked: 0,
                 unique_for: task.unique_for,
             },

@@ -90,7 +90,22 @@
 //!     finished. `enqueue` of a task whose key is held returns the holder's id with
 //!     `existing: true` and stores nothing; the check and the insert are one atomic change,
 //!     so producers racing with one key (in any number of processes) get one task.
-//! 15. **Retention deletes exactly what is due, in bounded steps** ([`Broker::prune`]). A
+//! 15. **Per-key and rate limits are decided in the claim** ([`Flow`], set per queue by
+//!     [`Broker::set_flow`]). A task whose `flow_key` is set counts against that key while
+//!     it is held (reserved or running): a claim never takes a task whose key already has
+//!     `per_key` holders, across every client of the store, and takes the other keys' tasks
+//!     behind it (no head-of-line blocking). With a rate, each task a claim takes is a start
+//!     charged to the limit (the queue's, or its `rate_key` value's) by GCRA with the
+//!     store's state: over any window, starts never exceed `burst` plus the window over the
+//!     interval. A claim never reads the waiting tasks of a blocked key: they are parked
+//!     out of the ready index and put back as slots free up, or their rate allows.
+//!     [`Broker::flow_wait`] says when a rate refusal ends.
+//! 16. **Expiry** ([`NewTask::expires_at`]). A task past its `expires_at` is never started:
+//!     a claim neither promotes nor takes it, and [`Broker::expire`] ends every such task
+//!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
+//!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
+//!     expiry, never the waiting tasks. A task already held or running is not touched.
+//! 17. **Retention deletes exactly what is due, in bounded steps** ([`Broker::prune`]). A
 //!     task is due under a [`PruneRule`] when it is in the rule's queue and state
 //!     (succeeded, failed or cancelled) and finished strictly before the rule's `before`;
 //!     no other task is ever deleted (a waiting or running one, one retried since, one of
@@ -529,7 +544,7 @@ pub(crate) fn queue_rows<'a>(
     rows
 }
 
-/// One retention rule ([`Broker::prune`], rule 15): tasks of `queue` in `state` that
+/// One retention rule ([`Broker::prune`], rule 17): tasks of `queue` in `state` that
 /// finished before `before` (ms since the epoch) are due for deletion.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PruneRule {
@@ -675,6 +690,113 @@ impl<T> Future for Queued<'_, T> {
     }
 }
 
+/// The flow-control limits a claim applies to one queue, from its config
+/// (`concurrency_key`/`concurrency_per_key`, `rate`/`burst`/`rate_key`); rule 15.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// At most this many held tasks per `flow_key` value (the queue has a
+    /// `concurrency_key`).
+    pub per_key: Option<u32>,
+    pub rate: Option<RateLimit>,
+}
+
+impl Flow {
+    /// The limits `queue`'s config sets.
+    pub(crate) fn of(queue: &crate::config::QueueConfig) -> Flow {
+        Flow {
+            per_key: queue
+                .concurrency_key
+                .as_ref()
+                .map(|_| queue.concurrency_per_key),
+            rate: queue.rate.map(|rate| RateLimit {
+                rate,
+                burst: queue.burst,
+                keyed: queue.rate_key.is_some(),
+            }),
+        }
+    }
+
+    /// No limit at all: a claim is the plain one.
+    pub fn is_none(&self) -> bool {
+        self.per_key.is_none() && self.rate.is_none()
+    }
+}
+
+/// A rate limit (GCRA): a start is allowed at `now` when `tat - tolerance <= now`, and
+/// moves `tat` (the theoretical arrival time) to `max(tat, now) + interval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rate: crate::config::Rate,
+    pub burst: u32,
+    /// One limit per `rate_key` value; otherwise one for the queue.
+    pub keyed: bool,
+}
+
+impl RateLimit {
+    /// The time between two starts, in µs.
+    pub fn interval_us(&self) -> i64 {
+        self.rate.period_ms * 1000 / i64::from(self.rate.starts)
+    }
+
+    /// How far ahead of now the TAT may be and still allow a start, in µs.
+    pub fn tolerance_us(&self) -> i64 {
+        self.interval_us() * i64::from(self.burst.saturating_sub(1))
+    }
+
+    /// A start at `now_us` against the stored `tat`: `Ok(new tat)`, or `Err(the first µs
+    /// a start is allowed)`.
+    pub fn take(&self, tat: Option<i64>, now_us: i64) -> Result<i64, i64> {
+        let tat = tat.unwrap_or(now_us).max(now_us);
+        if tat - self.tolerance_us() <= now_us {
+            Ok(tat + self.interval_us())
+        } else {
+            Err(tat - self.tolerance_us())
+        }
+    }
+}
+
+/// The limits each queue's claims apply ([`Broker::set_flow`]) and when its rate next
+/// allows a start ([`Broker::flow_wait`]): the part of flow control a client keeps in its
+/// own memory (the state the limits need is in the store).
+#[derive(Default)]
+pub struct FlowTable(std::sync::Mutex<BTreeMap<QueueName, (Flow, Option<UnixMs>)>>);
+
+impl FlowTable {
+    pub fn set(&self, queue: &QueueName, flow: Flow) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.entry(queue.clone()).or_default().0 = flow;
+    }
+
+    pub fn get(&self, queue: &QueueName) -> Flow {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(queue).map(|e| e.0).unwrap_or_default()
+    }
+
+    pub fn set_wait(&self, queue: &QueueName, at: Option<UnixMs>) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = t.get_mut(queue) {
+            e.1 = at;
+        }
+    }
+
+    pub fn wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(queue).and_then(|e| e.1)
+    }
+}
+
+/// What `taskd why` reads of a queue's flow-control state for one task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// The tasks holding the task's `flow_key` (reserved or running), oldest first.
+    pub key_holders: Vec<TaskId>,
+    /// The task's `flow_key` and `rate_key` values as stored.
+    pub flow_key: Option<String>,
+    pub rate_key: Option<String>,
+    /// The rate limit's TAT for the task's rate key (or the queue's), in µs.
+    pub rate_tat_us: Option<i64>,
+}
+
 /// The system of record. Every method is atomic; none holds a lock across calls. The rules
 /// every implementation keeps are in the [module documentation](self).
 #[async_trait]
@@ -709,6 +831,18 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>> {
         self.claim(node, queue, max, lease).await
     }
+
+    /// The flow-control limits this client's claims of `queue` apply (rule 15); the
+    /// daemon sets them from its config at start and on each reload. None by default.
+    fn set_flow(&self, queue: &QueueName, flow: Flow);
+
+    /// After a claim of `queue` that its rate limit cut short: when the rate next allows a
+    /// start (the earliest, over its keys), so that the caller can claim again then.
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs>;
+
+    /// The flow-control state `taskd why` shows for task `id` of `queue`: the holders of its
+    /// key and its rate limit's TAT, as the store has them.
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState>;
 
     /// Record the pid (and its start time) of a task's process group, so that a later
     /// recovery can kill it. A still-held task becomes `running` and its attempt is counted.
@@ -759,6 +893,10 @@ pub trait Broker: Send + Sync + 'static {
     async fn paused(&self) -> Result<BTreeSet<QueueName>>;
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// Cancel the tasks that wait past their expiry (rule 16), by the store's clock; returns
+    /// each one's id and queue. The daemon calls it every second.
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>>;
 
     /// The parents of task `id` (rule 13) with their states, in the order given at submit;
     /// empty for a task without any. `NotFound` when `id` is not stored. What `taskd why`
@@ -859,7 +997,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn set_schedule_paused(&self, key: &ScheduleKey, paused: bool) -> Result<()>;
 
     /// Delete up to `limit` tasks that `rules` make due, with everything that belongs to
-    /// them (rule 15), oldest finish first within each rule; [`Pruned::more`] says whether
+    /// them (rule 17), oldest finish first within each rule; [`Pruned::more`] says whether
     /// more were due. Callers loop ([`prune_due`]).
     async fn prune(&self, rules: &[PruneRule], limit: usize) -> Result<Pruned>;
 

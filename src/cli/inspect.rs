@@ -468,6 +468,9 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
     if let Some(k) = &t.unique_key {
         println!("unique    {}", visible(k));
     }
+    if let Some(e) = t.expires_at {
+        println!("expires   {}", fmt_time(e));
+    }
     if !t.after.is_empty() {
         println!(
             "after     {}",

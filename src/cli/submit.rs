@@ -14,8 +14,8 @@ use crate::backoff::Doubling;
 use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
 use crate::submission::{
-    byte_offset, parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload,
-    strip_position, unknown_parent,
+    byte_offset, expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents,
+    parse_payload, strip_position, unknown_parent,
 };
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +50,11 @@ pub struct SubmitArgs {
     /// cancelled. An unknown ID is refused (exit 2). The task sees the ids in $TASKD_AFTER.
     #[arg(long, value_name = "ID")]
     pub after: Vec<String>,
+    /// Never start the task after this: a duration from its run-at ("30m") or a time (RFC
+    /// 3339, or Unix seconds). Not started by then, it is cancelled, reason `expired`, and
+    /// a retrying one is not run again. Default: the queue's `expires`.
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub expires: Option<String>,
     /// Enqueue one task per line of FILE (`-` for stdin), each line a JSON payload, all in
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
@@ -114,10 +119,10 @@ impl Remote {
         self.base.strip_prefix("unix:").map(std::path::Path::new)
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+    fn unreachable(&self, error: impl std::fmt::Display) -> Failure {
         Failure::new(
             exit::BROKER,
-            format!("failed to reach the taskd API at {}: {e}", self.base),
+            format!("failed to reach the taskd API at {}: {error}", self.base),
         )
     }
 
@@ -199,8 +204,8 @@ impl Remote {
 }
 
 /// An error answer of the API as a [`Failure`] with its message and a fitting exit code.
-fn error_answer(url: &str, code: u16, v: serde_json::Value) -> (Option<u16>, Failure) {
-    let message = v["error"]["message"]
+fn error_answer(url: &str, code: u16, body: serde_json::Value) -> (Option<u16>, Failure) {
+    let message = body["error"]["message"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| format!("HTTP {code}"));
@@ -293,19 +298,28 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
         }
         None => None,
     };
+    let expires_at = expires_at(queue, run_at, args.expires.as_deref())
+        .map_err(|e| Failure::usage(format!("--expires {e}")))?;
     let tasks = match &args.batch {
-        Some(file) => read_batch(&config, queue, file, &args, run_at, &after)?,
+        Some(file) => read_batch(&config, queue, file, &args, run_at, &after)?
+            .into_iter()
+            .map(|mut t| {
+                t.expires_at = expires_at;
+                t
+            })
+            .collect(),
         None => {
             let text = payload_text(&args)?;
             let payload = parse_payload(&config, queue, &text, &args.args)
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            let mut t = NewTask::new(queue.name.clone(), payload);
+            let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
             t.run_at = run_at;
             t.unique_key = args.unique.clone();
             t.unique_for = unique_for;
             t.after = after;
+            t.expires_at = expires_at;
             vec![t]
         }
     };
@@ -381,6 +395,9 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         if !args.after.is_empty() {
             body["after"] = args.after.clone().into();
+        }
+        if let Some(e) = &args.expires {
+            body["expires"] = e.clone().into();
         }
         body
     };
@@ -553,7 +570,7 @@ fn read_batch(
                 i + 1
             ))
         })?;
-        let mut t = NewTask::new(queue.name.clone(), payload);
+        let mut t = crate::submission::new_task(queue, payload);
         t.args = args.args.clone();
         t.priority = args.priority;
         t.run_at = run_at;

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, ScheduleLayer, TaskdLayer};
-use super::{defaults, limits, Backoff, Limits, Program, WorkerProgram};
+use super::{defaults, limits, ArgTemplate, Backoff, Limits, Program, Rate, WorkerProgram};
 use crate::model::{Keep, QueueName};
 
 /// What docs/config.md shows about one key: a row of its table.
@@ -375,6 +375,12 @@ queue_keys! {
         default: "`{ kind = \"exponential\", base = \"10s\", max = \"1h\", jitter = true }`",
         meaning: "delay before a retry: `base × 2^(n-1)` after the n-th failed attempt (`fixed`: `base`), capped at `max`; `jitter` picks a random point in the upper half; see [Retry backoff](#retry-backoff)",
         read: |cx, e| cx.backoff(e);
+    /// How long after its run-at a task may still start (`None`: no limit); `--expires`
+    /// overrides it per task.
+    expires: Option<Duration> = None,
+        default: "none",
+        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task",
+        read: |cx, e| cx.duration(e);
     /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
     kill_grace: Duration = defaults::KILL_GRACE,
         default: "`\"10s\"`",
@@ -473,6 +479,36 @@ queue_keys! {
         default: "`false`",
         meaning: "for `command`: accept a payload value that starts with `-` in a placeholder that begins an argv element before any `\"--\"` element (`\"{src}\"`, `\"{name}.png\"`). By default such a task is refused at submit (exit 2; API 422), because the program would read `--output=/etc/x` as an option. Prefer `\"--\", \"{src}\"` (the program then takes it as an operand) or `\"--size={size}\"` to setting this",
         read: |cx, e| cx.boolean(e);
+    /// The per-key concurrency key: a template over the payload's top-level fields (as in
+    /// `command`), filled at submit; `None`: no per-key limit.
+    concurrency_key: Option<ArgTemplate> = None,
+        default: "none",
+        meaning: "a key made from the payload like a `command` element (`\"{customer}\"`): at most `concurrency_per_key` tasks with the same key value run (or are held by a node) at once, across every daemon sharing the broker; tasks of other keys keep flowing. A payload that cannot fill it is refused at submit (exit 2; API 422). See [Flow control](#flow-control)",
+        read: |cx, e| cx.key_template(e);
+    /// How many tasks with one `concurrency_key` value run at once (1..=10000, default 1).
+    concurrency_per_key: u32 = 1,
+        default: "`1`",
+        meaning: "with `concurrency_key`: tasks with the same key value running at once across all nodes (1–10000)",
+        read: |cx, e| cx
+            .int_in_range(e, 1, limits::MAX_CONCURRENCY, "1")
+            .and_then(|n| u32::try_from(n).ok());
+    /// At most this many task starts per period, spread evenly, across all nodes.
+    rate: Option<Rate> = None,
+        default: "none",
+        meaning: "at most this many task starts per period across every daemon sharing the broker, spread evenly (GCRA): `\"100/m\"`; units `/s`, `/m`, `/h`, `/d`. Retries count as starts. See [Flow control](#flow-control)",
+        read: |cx, e| cx.rate(e);
+    /// With `rate`: how many starts may happen at once after an idle time (default 1).
+    burst: u32 = 1,
+        default: "`1`",
+        meaning: "with `rate`: how many starts may happen at once after an idle time (1–10000)",
+        read: |cx, e| cx
+            .int_in_range(e, 1, limits::MAX_CONCURRENCY, "10")
+            .and_then(|n| u32::try_from(n).ok());
+    /// With `rate`: one limit per value of this key (a template, as `concurrency_key`).
+    rate_key: Option<ArgTemplate> = None,
+        default: "none",
+        meaning: "with `rate`: one limit per value of this key made from the payload (`\"{domain}\"`); without it the limit is the queue's. A payload that cannot fill it is refused at submit",
+        read: |cx, e| cx.key_template(e);
 }
 
 /// What a queue runs: exactly one of these, in the queue's own table only. Read by

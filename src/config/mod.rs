@@ -37,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub(crate) mod flow;
 mod keys;
 pub(crate) mod runnable;
 mod schedule;
@@ -54,6 +55,7 @@ use std::time::Duration;
 use crate::model::QueueName;
 
 pub(crate) use backoff::{Backoff, BackoffKind};
+pub use flow::Rate;
 pub(crate) use keys::QueueConfig;
 pub(crate) use schedule::{Overlap, ScheduleConfig};
 pub(crate) use template::ArgTemplate;

@@ -53,6 +53,10 @@ pub struct ScheduleConfig {
     pub max_catch_up: u32,
     pub overlap: Overlap,
     pub enabled: bool,
+    /// The key values its payload gives the queue's `concurrency_key` and `rate_key`
+    /// (filled when the config is read).
+    pub flow_key: Option<String>,
+    pub rate_key: Option<String>,
 }
 
 impl ScheduleConfig {
@@ -61,6 +65,8 @@ impl ScheduleConfig {
         let mut t = NewTask::new(self.queue.clone(), self.payload.clone());
         t.args = self.args.clone();
         t.priority = self.priority;
+        t.flow_key = self.flow_key.clone();
+        t.rate_key = self.rate_key.clone();
         t
     }
 

@@ -371,6 +371,8 @@ impl Supervisor {
         }
         let mut queues = self.queues.lock().expect("not poisoned");
         for (name, qc) in &config.queues {
+            // Per-key and rate limits are applied by the broker's claims (its rule 13).
+            self.broker.set_flow(name, crate::broker::Flow::of(qc));
             let prepared = Arc::new(Prepared::new(Arc::new(qc.clone()), self.results.clone()));
             match queues.get(name) {
                 Some(rt) => {
@@ -523,12 +525,15 @@ impl Supervisor {
                 continue;
             }
             self.start_held(&queue);
+            // A queue with a rate holds nothing ahead: each claim is charged as a start, so
+            // it must be one.
+            let rated = queue.prepared().config.rate.is_some();
             let plan = claim::plan(claim::QueueLoad {
                 concurrency: queue.prepared().config.concurrency,
                 running: queue.running.load(Ordering::Acquire),
                 held: queue.held.lock().expect("not poisoned").len(),
                 idle_workers: queue.pool().map(|p| p.available()),
-                backlog: queue.backlog.load(Ordering::Acquire),
+                backlog: queue.backlog.load(Ordering::Acquire) && !rated,
                 last_run_ms: queue.last_run_ms.load(Ordering::Relaxed),
             });
             if let claim::ClaimPlan::Claim { want, now } = plan {
@@ -592,17 +597,31 @@ impl Supervisor {
                     }
                 }
             }
-            // The queue is dry, or every slot is busy and the buffer is full.
-            self.wait_for_news(&queue).await;
+            // The queue is dry, or every slot is busy and the buffer is full, or its rate
+            // refused a start: then look again when the rate allows the next one.
+            let rate_wait = if rated {
+                self.broker
+                    .flow_wait(&queue.name)
+                    .map(|at| Duration::from_millis((at - now_ms()).max(1) as u64))
+            } else {
+                None
+            };
+            self.wait_for_news_or(&queue, rate_wait).await;
         }
     }
 
     /// Until the queue is kicked (a wake-up, a finished task, a resume, an unhalt), the
     /// fallback tick, a drain or the queue's removal.
     async fn wait_for_news(&self, queue: &QueueRt) {
+        self.wait_for_news_or(queue, None).await
+    }
+
+    /// [`Self::wait_for_news`], or `within` if sooner.
+    async fn wait_for_news_or(&self, queue: &QueueRt, within: Option<Duration>) {
+        let tick = within.map_or(FALLBACK_TICK, |w| w.min(FALLBACK_TICK));
         tokio::select! {
             _ = queue.kick.notified() => {}
-            _ = tokio::time::sleep(FALLBACK_TICK) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = self.draining.cancelled() => {}
             _ = queue.removed.cancelled() => {}
         }
@@ -964,9 +983,23 @@ impl Supervisor {
                     // The safety net behind the wake-ups (a lost datagram, another node).
                     self.refresh_paused().await;
                     self.check_cancels().await;
+                    self.expire().await;
                 }
                 _ = self.interrupt.cancelled() => return,
             }
+        }
+    }
+
+    /// Cancel the tasks that wait past their expiry (broker rule 16), counting them.
+    async fn expire(&self) {
+        match self.broker.expire().await {
+            Ok(expired) => {
+                for (id, queue) in expired {
+                    tracing::info!(task = %id, queue = %queue, "the task expired before it started: cancelled");
+                    self.metrics.expired(&queue, 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to cancel expired tasks"),
         }
     }
 

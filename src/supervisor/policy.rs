@@ -267,6 +267,7 @@ pub(crate) fn test_claimed(attempt: u32) -> Claimed {
         schedule: None,
         slot: None,
         after: Vec::new(),
+        expires_at: None,
     };
     Claimed {
         lease: Lease {

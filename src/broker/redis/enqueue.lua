@@ -1,8 +1,9 @@
--- Enqueue a batch, all or nothing. ARGV: n, then 8 fields per task:
+-- Enqueue a batch, all or nothing. ARGV: n, then 11 fields per task:
 -- id, payload, args (JSON), priority, unique key ('' = none, else 'k:' .. key), run_at ('' = now),
--- unique_for (ms, '' = none), parents ('' = none, else '<queue>\31<id>' joined by ',').
+-- unique_for (ms, '' = none), parents ('' = none, else '<queue>\31<id>' joined by ','),
+-- concurrency key and rate key (each '' = none, else 'k:' .. key), expires_at (ms, '' = none).
 -- Returns, per task: id, state, existing (0/1), created_at, run_at.
-local W = 8
+local W = 11
 local p = KEYS[1]
 local queue = string.match(p, '{q:(.*)}')
 local n = tonumber(ARGV[1])
@@ -40,6 +41,7 @@ for i = 0, n - 1 do
   local b = 2 + i * W
   local id, payload, args, priority, uk, run_at, ufor, after =
     ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
+  local fk, rkey, expires = ARGV[b + 8], ARGV[b + 9], ARGV[b + 10]
   local key = nil
   local holder = false
   if uk ~= '' then
@@ -98,7 +100,13 @@ for i = 0, n - 1 do
     end
     if key then redis.call('HSET', t, 'unique_key', key) end
     if ufor ~= '' then redis.call('HSET', t, 'unique_for', ufor) end
+    if fk ~= '' then redis.call('HSET', t, 'fkey', string.sub(fk, 3)) end
+    if rkey ~= '' then redis.call('HSET', t, 'rkey', string.sub(rkey, 3)) end
     if #ids > 0 then redis.call('HSET', t, 'after', table.concat(ids, ',')) end
+    if expires ~= '' and state ~= 'cancelled' then
+      redis.call('HSET', t, 'expires_at', expires)
+      add(p .. 'exp', expires, id)
+    end
     if #ids > 0 and state ~= 'cancelled' then
       -- Its parents are kept from retention until it finishes (move_state unpins them).
       redis.call('HSET', t, 'afterq', after)

@@ -21,7 +21,10 @@ pub(super) fn plain(task: &NewTask) -> bool {
     task.priority == 0
         && task.run_at.is_none()
         && task.unique_key.is_none()
+        && task.flow_key.is_none()
+        && task.rate_key.is_none()
         && task.after.is_empty()
+        && task.expires_at.is_none()
 }
 
 /// Store up to [`STORE_STEP`] entries of `queue`'s inbox: (taken, left, whether task `id` is

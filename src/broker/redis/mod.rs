@@ -29,8 +29,8 @@ use inbox::{plain, store_all, store_inboxes, STORE_TICK};
 use results::{finish_call, finish_loop, Finishing};
 
 use super::{
-    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, NodeInfo,
-    Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
+    Lease, ListFilter, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
@@ -92,6 +92,8 @@ struct Scripts {
     adopt: Script,
     heartbeat: Script,
     note: Script,
+    expire: Script,
+    flowstate: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -106,6 +108,7 @@ fn scripts() -> &'static Scripts {
             push: s(include_str!("push.lua")),
             store: with_inbox(include_str!("store.lua")),
             claim: with_inbox(include_str!("claim.lua")),
+            flowstate: s(include_str!("flowstate.lua")),
             started: s(include_str!("started.lua")),
             renew: s(include_str!("renew.lua")),
             finish: s(include_str!("finish.lua")),
@@ -115,6 +118,7 @@ fn scripts() -> &'static Scripts {
             adopt: s(include_str!("adopt.lua")),
             heartbeat: s(include_str!("heartbeat.lua")),
             note: s(include_str!("note.lua")),
+            expire: s(include_str!("expire.lua")),
         }
     })
 }
@@ -150,6 +154,8 @@ pub struct RedisBroker {
     finisher: tokio::sync::mpsc::UnboundedSender<Finishing>,
     /// Calls sent to the server (a pipeline counts once), for the benchmarks.
     trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The flow-control limits of each queue's claims (rule 15).
+    flow: FlowTable,
 }
 
 impl RedisBroker {
@@ -192,6 +198,7 @@ impl RedisBroker {
             located: Mutex::new(HashMap::new()),
             finisher,
             trips,
+            flow: FlowTable::default(),
         })
     }
 
@@ -480,15 +487,40 @@ impl RedisBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let rows: Vec<Vec<String>> = scripts()
-            .claim
-            .key(prefix(queue))
-            .arg(node.as_str())
+        let limits = self.flow.get(queue);
+        let mut inv = scripts().claim.key(prefix(queue));
+        inv.arg(node.as_str())
             .arg(max)
-            .arg(lease.as_millis() as u64)
+            .arg(lease.as_millis() as u64);
+        if !limits.is_none() {
+            let rate = limits.rate;
+            inv.arg(limits.per_key.unwrap_or(0))
+                .arg(rate.map_or(0, |r| r.interval_us()))
+                .arg(rate.map_or(0, |r| r.tolerance_us()))
+                .arg(if rate.is_some_and(|r| r.keyed) {
+                    "1"
+                } else {
+                    "0"
+                });
+        }
+        let mut rows: Vec<Vec<String>> = inv
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
+        if !limits.is_none() {
+            // The script's last row says when a refused rate allows a start.
+            let wait = match rows.pop() {
+                Some(w) if w.first().map(String::as_str) == Some("wait") => {
+                    w.get(1).and_then(|t| t.parse().ok())
+                }
+                _ => {
+                    return Err(BrokerError::Storage(
+                        "claim.lua answered no wait row".into(),
+                    ))
+                }
+            };
+            self.flow.set_wait(queue, wait);
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let h = pairs(row);
@@ -759,6 +791,7 @@ fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
             .transpose()
             .map_err(|e| bad("after", e))?
             .unwrap_or_default(),
+        expires_at: opt_num(hash, "expires_at"),
     })
 }
 
@@ -830,7 +863,10 @@ impl Broker for RedisBroker {
                             .map(|p| format!("{}\x1f{p}", parent_queue[p]))
                             .collect::<Vec<_>>()
                             .join(","),
-                    );
+                    )
+                    .arg(schedules::key_arg(&t.flow_key))
+                    .arg(schedules::key_arg(&t.rate_key))
+                    .arg(t.expires_at.map(|e| e.to_string()).unwrap_or_default());
             }
             let flat: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -854,6 +890,40 @@ impl Broker for RedisBroker {
             .collect()
     }
 
+    fn set_flow(&self, queue: &QueueName, flow: Flow) {
+        self.flow.set(queue, flow);
+    }
+
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        self.flow.wait(queue)
+    }
+
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState> {
+        let keyed = self.flow.get(queue).rate.is_some_and(|r| r.keyed);
+        let r: Vec<String> = scripts()
+            .flowstate
+            .key(prefix(queue))
+            .arg(id.to_string())
+            .arg(if keyed { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        if r.len() < 3 {
+            return Err(BrokerError::NotFound(id));
+        }
+        let key = |s: &str| s.strip_prefix("k:").map(str::to_string);
+        let mut key_holders = Vec::new();
+        for h in &r[3..] {
+            key_holders.push(h.parse().map_err(BrokerError::Storage)?);
+        }
+        Ok(FlowState {
+            flow_key: key(&r[0]),
+            rate_key: key(&r[1]),
+            rate_tat_us: r[2].parse().ok(),
+            key_holders,
+        })
+    }
+
     async fn claim(
         &self,
         node: &NodeId,
@@ -862,6 +932,22 @@ impl Broker for RedisBroker {
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
         self.claim_in(node, queue, max, lease).await
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        let mut out = Vec::new();
+        for q in self.queue_names().await? {
+            let ids: Vec<String> = scripts()
+                .expire
+                .key(prefix(&q))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                out.push((id.parse().map_err(BrokerError::Storage)?, q.clone()));
+            }
+        }
+        Ok(out)
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {

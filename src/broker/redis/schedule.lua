@@ -4,9 +4,10 @@
 -- tag, with the tasks, so that the check, the task and the record change in one script.
 -- ARGV[1] is the step:
 --   begin  name spec through
---   fire   name spec slot caught_up(0/1) skip_if_running(0/1) node id payload args priority ukey
+--   fire   name spec slot caught_up(0/1) skip_if_running(0/1) node id payload args priority ukey fkey rkey
 --   skip   name spec first last count reason node
---   manual name id payload args priority
+--   manual name id payload args priority fkey rkey
+-- (fkey, rkey: the task's concurrency and rate key values, '' = none, else 'k:' .. key)
 -- Returns {'begun', '0'|'1'} | {'fired', id, existing(0/1)} | {'skipped', running id or ''}
 --       | {'handled', through, spec} | {'manual', id}.
 local p = KEYS[1]
@@ -19,7 +20,7 @@ local now, now_us = clock()
 -- Store one queued task as enqueue.lua does (its fields, indexes and unique key), marked
 -- with the schedule and slot; a waiting or running holder of the unique key is returned
 -- instead. Returns id, existing.
-local function add_task(id, payload, args, priority, ukey, slot)
+local function add_task(id, payload, args, priority, ukey, slot, fkey, rkey)
   if ukey ~= '' then
     local holder = redis.call('HGET', p .. 'u', ukey)
     if holder then return holder, '1' end
@@ -39,6 +40,8 @@ local function add_task(id, payload, args, priority, ukey, slot)
     'created_at', fmt(now), 'updated_at', fmt(now), 'cancel_requested', '0', 'token', '0',
     'seq', sseq, 'rk', rk, 'schedule', name)
   if slot ~= '' then redis.call('HSET', t, 'slot', slot) end
+  if fkey and fkey ~= '' then redis.call('HSET', t, 'fkey', string.sub(fkey, 3)) end
+  if rkey and rkey ~= '' then redis.call('HSET', t, 'rkey', string.sub(rkey, 3)) end
   if ukey ~= '' then
     redis.call('HSET', t, 'unique_key', ukey)
     redis.call('HSET', p .. 'u', ukey, id)
@@ -51,7 +54,7 @@ local function add_task(id, payload, args, priority, ukey, slot)
 end
 
 if op == 'manual' then
-  local id, existing = add_task(ARGV[3], ARGV[4], ARGV[5], ARGV[6], '', '')
+  local id, existing = add_task(ARGV[3], ARGV[4], ARGV[5], ARGV[6], '', '', ARGV[7], ARGV[8])
   return { 'manual', id }
 end
 
@@ -92,7 +95,7 @@ if op == 'fire' then
         ' is still waiting or running (`overlap = "skip"`)', at = fmt(now), node = node }
     answer = { 'skipped', running }
   else
-    local id, existing = add_task(ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], fmt(slot))
+    local id, existing = add_task(ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], fmt(slot), ARGV[13], ARGV[14])
     redis.call('HSET', sk, 'last_task', id)
     local outcome = 'fired'
     if caught_up == '1' then outcome = 'caught_up' end

@@ -64,6 +64,11 @@ fn record(json: &str) -> Result<SlotRecord> {
     })
 }
 
+/// A key for a script: '' for none, else `k:` and the key (so that an empty key is one).
+pub(super) fn key_arg(key: &Option<String>) -> String {
+    key.as_ref().map(|k| format!("k:{k}")).unwrap_or_default()
+}
+
 fn task_args(task: &NewTask) -> Result<[String; 4]> {
     let args =
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
@@ -147,6 +152,8 @@ impl RedisBroker {
                     inv.arg(a);
                 }
                 inv.arg(task.unique_key.clone().unwrap_or_default());
+                inv.arg(key_arg(&task.flow_key))
+                    .arg(key_arg(&task.rate_key));
             }
             ScheduleStep::Skip {
                 spec,
@@ -170,6 +177,8 @@ impl RedisBroker {
                 for a in task_args(task)? {
                     inv.arg(a);
                 }
+                inv.arg(key_arg(&task.flow_key))
+                    .arg(key_arg(&task.rate_key));
             }
         }
         let r: Vec<String> = inv

@@ -19,6 +19,7 @@
 //! broker itself and its `Broker` operations.
 
 mod conn;
+mod flow;
 mod retention;
 mod rows;
 mod schedules;
@@ -41,8 +42,8 @@ use self::rows::{
 };
 use self::writer::{answer, writer_loop, Job};
 use super::{
-    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Lease, ListFilter, Orphan,
-    QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
+    Lease, ListFilter, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -61,6 +62,8 @@ pub struct SqliteBroker {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Why this process may only read the store (`None`: it may write).
     read_only: Option<String>,
+    /// The flow-control limits of each queue's claims (rule 13).
+    flow: FlowTable,
 }
 
 impl Drop for SqliteBroker {
@@ -113,6 +116,7 @@ impl SqliteBroker {
             wake_tx: Mutex::new(None),
             writer: Some(writer),
             read_only,
+            flow: FlowTable::default(),
         })
     }
 
@@ -130,26 +134,44 @@ impl SqliteBroker {
         let node = node.clone();
         let queue = queue.clone();
         let lease_ms = lease.as_millis() as i64;
+        let limits = self.flow.get(&queue);
+        if !limits.is_none() {
+            let q = queue.clone();
+            let (claimed, wait) = self
+                .write_as(urgent, move |conn| {
+                    let now = now_ms();
+                    if is_paused(conn, &q)? {
+                        return Ok((Vec::new(), None));
+                    }
+                    promote(conn, &q, now)?;
+                    flow::claim(conn, &node, &q, max, now, lease_ms, limits)
+                })
+                .await?;
+            self.flow.set_wait(&queue, wait);
+            return Ok(claimed);
+        }
         self.write_as(urgent, move |conn| {
             let now = now_ms();
-            let paused: bool = conn
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = ?1)")
-                .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
-                .map_err(storage)?;
-            if paused {
+            if is_paused(conn, &queue)? {
                 return Ok(Vec::new());
             }
-            conn.prepare_cached(
-                "UPDATE tasks SET state = 'queued', updated_at = ?2
-                 WHERE state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= ?2 AND queue = ?1",
-            )
-            .and_then(|mut s| s.execute(params![queue.as_str(), now]))
-            .map_err(storage)?;
+            promote(conn, &queue, now)?;
+            // Tasks parked under limits since removed (a reload, a restart) are put back by
+            // the flow walk, without limits.
+            let parked: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM parked_keys WHERE queue = ?1)")
+                .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
+                .map_err(storage)?;
+            if parked {
+                let free = flow::claim(conn, &node, &queue, max, now, lease_ms, Flow::default())?;
+                return Ok(free.0);
+            }
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "UPDATE tasks SET lease_node = ?1, lease_token = lease_token + 1, lease_expires = ?2,
                         updated_at = ?3, pid = NULL, pid_start = NULL
-                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL
+                     WHERE seq IN (SELECT seq FROM tasks WHERE queue = ?4 AND state = 'queued' AND lease_node IS NULL AND parked = 0
+                                   AND (expires_at IS NULL OR expires_at > ?3)
                                    ORDER BY priority DESC, seq LIMIT ?5)
                      RETURNING {TASK_COLS}, seq"
                 ))
@@ -180,6 +202,24 @@ impl SqliteBroker {
         .await
     }
 }
+fn is_paused(conn: &Connection, queue: &QueueName) -> Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = ?1)")
+        .and_then(|mut s| s.query_row([queue.as_str()], |r| r.get(0)))
+        .map_err(storage)
+}
+
+/// Due scheduled and retrying tasks of `queue` become queued (a claim's first step).
+fn promote(conn: &Connection, queue: &QueueName, now: UnixMs) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE tasks SET state = 'queued', updated_at = ?2
+         WHERE state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= ?2 AND queue = ?1
+           AND (expires_at IS NULL OR expires_at > ?2)",
+    )
+    .and_then(|mut s| s.execute(params![queue.as_str(), now]))
+    .map_err(storage)?;
+    Ok(())
+}
+
 #[async_trait]
 impl Broker for SqliteBroker {
     async fn enqueue(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>> {
@@ -218,6 +258,21 @@ impl Broker for SqliteBroker {
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
         self.claim_as(false, node, queue, max, lease).await
+    }
+
+    fn set_flow(&self, queue: &QueueName, flow: Flow) {
+        self.flow.set(queue, flow);
+    }
+
+    fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {
+        self.flow.wait(queue)
+    }
+
+    async fn flow_state(&self, queue: &QueueName, id: TaskId) -> Result<FlowState> {
+        let queue = queue.clone();
+        let keyed = self.flow.get(&queue).rate.is_some_and(|r| r.keyed);
+        self.read(move |conn| flow::state(conn, &queue, id, keyed))
+            .await
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
@@ -384,7 +439,7 @@ impl Broker for SqliteBroker {
                     _ => {
                         conn.execute(
                             "UPDATE tasks SET state = 'cancelled', finished_at = ?2, updated_at = ?2,
-                                last_error = 'cancelled before it ran' WHERE seq = ?1",
+                                last_error = 'cancelled before it ran', parked = 0 WHERE seq = ?1",
                             params![seq, now],
                         )
                         .map_err(storage)?;
@@ -410,7 +465,7 @@ impl Broker for SqliteBroker {
             let now = now_ms();
             conn.execute(
                 "UPDATE tasks SET state = 'queued', attempts = 0, run_at = ?2, finished_at = NULL,
-                    last_error = NULL, cancel_requested = 0, updated_at = ?2 WHERE seq = ?1",
+                    last_error = NULL, cancel_requested = 0, parked = 0, updated_at = ?2 WHERE seq = ?1",
                 params![seq, now],
             )
             .map_err(|e| match e.sqlite_error_code() {
@@ -851,6 +906,49 @@ impl Broker for SqliteBroker {
             self.wake(b"work");
         }
         Ok(out)
+    }
+
+    async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
+        // Read first: the common answer is "none", which then costs no write.
+        let now = now_ms();
+        let any: bool = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM tasks INDEXED BY tasks_expiry
+                     WHERE expires_at <= ?1 AND state IN ('scheduled', 'queued', 'retrying'))",
+                )
+                .and_then(|mut s| s.query_row([now], |r| r.get(0)))
+                .map_err(storage)
+            })
+            .await?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String)> = self
+            .write(move |conn| {
+                let now = now_ms();
+                conn.prepare_cached(
+                    "UPDATE tasks SET state = 'cancelled', last_error = 'expired', finished_at = ?1, updated_at = ?1
+                     WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_expiry
+                                   WHERE expires_at <= ?1 AND state IN ('scheduled', 'queued', 'retrying')
+                                     AND lease_node IS NULL LIMIT 10000)
+                     RETURNING id, queue",
+                )
+                .and_then(|mut s| {
+                    s.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .and_then(|it| it.collect())
+                })
+                .map_err(storage)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, q)| {
+                Ok((
+                    id.parse().map_err(BrokerError::Storage)?,
+                    q.parse().map_err(BrokerError::Storage)?,
+                ))
+            })
+            .collect()
     }
 
     async fn subscribe(&self) -> Result<Wakeups> {

@@ -23,7 +23,7 @@ pub(super) fn boot_id() -> &'static str {
 pub(super) const TASK_COLS: &str =
     "id, queue, state, payload, args, priority, unique_key, run_at, attempts, \
      created_at, updated_at, finished_at, last_error, cancel_requested, lease_node, lease_token, \
-     schedule, slot, after_ids";
+     schedule, slot, after_ids, expires_at";
 
 pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let id: String = row.get(0)?;
@@ -62,6 +62,7 @@ pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
             .transpose()
             .map_err(|e| conv("after", e))?
             .unwrap_or_default(),
+        expires_at: row.get(19)?,
     })
 }
 
@@ -134,8 +135,8 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
         serde_json::to_string(&task.args).map_err(|e| BrokerError::Storage(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO tasks (id, queue, state, payload, args, priority, unique_key, run_at, created_at, updated_at,
-                            finished_at, last_error, after_ids, blocked, unique_for)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14)",
+                            finished_at, last_error, after_ids, blocked, unique_for, flow_key, rate_key, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -153,6 +154,9 @@ pub(super) fn insert_task(conn: &Connection, task: &NewTask, now: UnixMs) -> Res
             after,
             blocked,
             task.unique_for,
+            task.flow_key,
+            task.rate_key,
+            task.expires_at,
         ])
     })
     .map_err(|e| match e.sqlite_error_code() {

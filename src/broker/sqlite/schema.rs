@@ -194,7 +194,38 @@ const MIGRATIONS: &[&str] = &[
         DELETE FROM deps WHERE child = NEW.seq;
     END;
     "#,
-    // 8: retention. Finished tasks by queue, state and finish time, so that the tasks whose
+    // 8: per-key and rate limits (broker rule 15). A task keeps its `concurrency_key` and `rate_key`
+    // values; `parked` takes a task of a blocked key out of the ready index (1: its key is
+    // at its limit, 2: its rate key waits for its time), `parked_keys` lists the keys that
+    // have parked tasks, so that a claim puts them back without reading the tasks, and
+    // `rate_state` holds each rate limit's TAT (µs). Held tasks are counted per key through
+    // `tasks_key_held`.
+    r#"
+    ALTER TABLE tasks ADD COLUMN flow_key TEXT;
+    ALTER TABLE tasks ADD COLUMN rate_key TEXT;
+    ALTER TABLE tasks ADD COLUMN parked INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX tasks_ready;
+    CREATE INDEX tasks_ready ON tasks(queue, priority DESC, seq)
+        WHERE state = 'queued' AND lease_node IS NULL AND parked = 0;
+    CREATE INDEX tasks_key_held ON tasks(queue, flow_key)
+        WHERE flow_key IS NOT NULL AND lease_node IS NOT NULL;
+    CREATE INDEX tasks_parked_key ON tasks(queue, flow_key, priority DESC, seq) WHERE parked = 1;
+    CREATE INDEX tasks_parked_rate ON tasks(queue, rate_key, priority DESC, seq) WHERE parked = 2;
+    CREATE TABLE parked_keys (
+        queue TEXT    NOT NULL,
+        kind  INTEGER NOT NULL,
+        key   TEXT    NOT NULL,
+        until INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (queue, kind, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_state (
+        queue TEXT    NOT NULL,
+        key   TEXT    NOT NULL,
+        tat   INTEGER NOT NULL,
+        PRIMARY KEY (queue, key)
+    ) WITHOUT ROWID;
+    "#,
+    // 9: retention. Finished tasks by queue, state and finish time, so that the tasks whose
     // `keep_*` ran out are found without reading any other (a partial index: only finished
     // tasks have a finish time).
     r#"

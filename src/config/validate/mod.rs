@@ -19,6 +19,7 @@
 //!
 //! It must not start anything or touch the broker: it reads text (and the user database).
 
+mod flow;
 mod limits;
 mod program;
 mod queue;

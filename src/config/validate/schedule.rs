@@ -318,6 +318,7 @@ impl Cx<'_> {
         }
         let payload = l.payload.take();
         let args = l.args.take().unwrap_or_default();
+        let mut flow_keys = (None, None);
         if let Some(q) = queue.as_ref().and_then(|q| queues.get(q)) {
             let value = payload
                 .as_ref()
@@ -328,7 +329,12 @@ impl Cx<'_> {
                 None => (entry.value_span(), entry.path.clone()),
             };
             let text = value.to_string();
-            if let Err(why) = runnable::argv(q, &value, &args) {
+            let checked =
+                runnable::argv(q, &value, &args).and_then(|_| crate::config::flow::keys(q, &value));
+            if let Ok(keys) = &checked {
+                flow_keys = keys.clone();
+            }
+            if let Err(why) = checked {
                 self.error(
                     span.clone(),
                     &key,
@@ -379,6 +385,8 @@ impl Cx<'_> {
             max_catch_up: l.max_catch_up.unwrap_or(MAX_CATCH_UP),
             overlap: l.overlap.unwrap_or_default(),
             enabled: l.enabled.unwrap_or(true),
+            flow_key: flow_keys.0,
+            rate_key: flow_keys.1,
         })
     }
 }

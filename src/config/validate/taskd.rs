@@ -383,11 +383,11 @@ impl Cx<'_> {
     }
 
     /// One address of `listen`, or what is wrong with it and the fix.
-    fn one_listen(&self, s: &str) -> Result<Listen, (String, String)> {
-        let Some(path) = s.trim().strip_prefix("unix:") else {
-            return s.trim().parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+    fn one_listen(&self, address: &str) -> Result<Listen, (String, String)> {
+        let Some(path) = address.trim().strip_prefix("unix:") else {
+            return address.trim().parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
                 (
-                    format!("\"{s}\" is not an IP address and port, nor a `unix:` socket path"),
+                    format!("\"{address}\" is not an IP address and port, nor a `unix:` socket path"),
                     "write an address and port such as \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not accepted), or a Unix socket such as \"unix:/run/taskd/api.sock\"".into(),
                 )
             });
@@ -395,7 +395,7 @@ impl Cx<'_> {
         if path.is_empty() || path.contains('\0') || path.starts_with('~') || path.starts_with('$')
         {
             return Err((
-                format!("\"{s}\" does not name a socket file"),
+                format!("\"{address}\" does not name a socket file"),
                 "write `unix:` and an absolute path, such as \"unix:/run/taskd/api.sock\" (no `~` or `$` expansion), or a path relative to the config file's directory".into(),
             ));
         }
