@@ -1966,6 +1966,8 @@ keep_failed = \"-1d\"
             "queues.b.keep_failed",
             &["keep_failed cannot be negative"],
             Some("keep_failed = \"30s\""),
+        );
+}
 
 // ----- flow control ------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ local function move_state(p, id, from, to, seq, at)
       redis.call('ZADD', p .. 'fin:' .. to, fmt(score), id)
     end
     -- A dependant that finished no longer keeps its parents from retention (broker rule
-    -- 15): `pin` counts each parent's dependants not finished yet; a parent whose count
+    -- 17): `pin` counts each parent's dependants not finished yet; a parent whose count
     -- drops to zero is put back in its `fin:<state>` (prune.lua took it out).
     local aq = redis.call('HGET', p .. 't:' .. id, 'afterq')
     if aq then
@@ -100,7 +100,7 @@ local function settle(p, id, state)
         redis.call('HSET', ct, 'state', 'cancelled', 'finished_at', now, 'updated_at', now,
           'last_error', 'dependency ' .. id .. ' failed')
         redis.call('HDEL', ct, 'blocked')
-        move_state(cp, cid, 'scheduled', 'cancelled', f[3])
+        move_state(cp, cid, 'scheduled', 'cancelled', f[3], now)
         free_unique(cp, cid, f[5])
         settle(cp, cid, 'cancelled')
       end

@@ -21,6 +21,13 @@ for i = 2, #ARGV, 2 do
         -- dependant finishes, which puts it back (move_state).
       elseif f[1] == state then
         free_unique(p, id, f[2])
+        -- A `unique_for` hold that ran out (the task was not due before) names it in `uf`.
+        if f[2] then
+          local held = redis.call('HGET', p .. 'uf', f[2])
+          if held and string.match(held, '^%d+:(.*)$') == id then
+            redis.call('HDEL', p .. 'uf', f[2])
+          end
+        end
         redis.call('DEL', t, p .. 'h:' .. id, p .. 'r:' .. id)
         redis.call('ZREM', p .. 'st:' .. state, id)
         redis.call('ZREM', p .. 'all', id)
