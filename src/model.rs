@@ -457,7 +457,7 @@ pub struct TaskRecord {
 pub const EXPIRED: &str = "expired";
 
 /// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
-pub fn join_after(after: &[TaskId]) -> String {
+pub(crate) fn join_after(after: &[TaskId]) -> String {
     after
         .iter()
         .map(|id| id.to_string())
@@ -466,7 +466,7 @@ pub fn join_after(after: &[TaskId]) -> String {
 }
 
 /// Reads what [`join_after`] wrote.
-pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
+pub(crate) fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
     text.split(',')
         .filter(|s| !s.is_empty())
         .map(str::parse)
@@ -475,7 +475,7 @@ pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
 
 /// The reason a task cancelled because its parent `parent` failed or was cancelled carries
 /// (its `last_error`).
-pub fn dependency_failed(parent: TaskId) -> String {
+pub(crate) fn dependency_failed(parent: TaskId) -> String {
     format!("dependency {parent} failed")
 }
 

@@ -530,13 +530,13 @@ fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
     assert!(
         shipped.contains(&read("src/broker/redis/lib.lua"))
             && shipped.ends_with(&read("src/broker/redis/enqueue.lua")),
-        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; rebuild it from them"
+        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; run contrib/redis/build"
     );
     let shipped = read("contrib/redis/push.lua");
     assert!(
         shipped.contains(&read("src/broker/redis/lib.lua"))
             && shipped.ends_with(&read("src/broker/redis/push.lua")),
-        "contrib/redis/push.lua differs from src/broker/redis/{{lib,push}}.lua; rebuild it from them"
+        "contrib/redis/push.lua differs from src/broker/redis/{{lib,push}}.lua; run contrib/redis/build"
     );
     let Some(server) =
         RedisServer::start("a_task_enqueued_with_redis_cli_and_the_shipped_script_runs")

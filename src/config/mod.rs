@@ -110,7 +110,7 @@ pub enum Listen {
 }
 
 impl Listen {
-    pub fn tcp(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp(&self) -> Option<SocketAddr> {
         match self {
             Listen::Tcp(a) => Some(*a),
             Listen::Unix(_) => None,
