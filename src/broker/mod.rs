@@ -640,6 +640,27 @@ pub struct StoreSize {
     pub measure: &'static str,
 }
 
+/// The audit record of a change to task `id` that `broker` refused (no such task, a state
+/// the action does not apply to), with the task's queue when it exists; `None` for a
+/// failure of the store itself, which could not take a record either. For the API and the
+/// CLI alike.
+pub(crate) async fn refusal(
+    broker: &dyn Broker,
+    entry: AuditEntry,
+    id: TaskId,
+    error: &BrokerError,
+) -> Option<AuditEntry> {
+    let entry = entry.refused(error.to_string());
+    match error {
+        BrokerError::NotFound(_) => Some(entry),
+        BrokerError::Conflict(_) => Some(match broker.get(id).await {
+            Ok(Some(d)) => entry.queue(d.task.queue),
+            _ => entry,
+        }),
+        _ => None,
+    }
+}
+
 /// Signals a backend raises for the daemon: work may have arrived, or a cancel was asked.
 #[derive(Clone, Default)]
 pub struct Wakeups {

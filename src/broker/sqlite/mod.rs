@@ -15,8 +15,9 @@
 //! One file per concern, as for Redis: `schema.rs` (the migrations), `conn.rs` (opening
 //! connections, the read path, waiting out another process's write lock), `writer.rs` (the
 //! group-commit writer thread and how a write reaches it), `wake.rs` (the wake-up socket),
-//! `rows.rs` (row mapping and the statements several operations share); this file holds the
-//! broker itself and its `Broker` operations.
+//! `rows.rs` (row mapping and the statements several operations share), `schedules.rs` (the
+//! schedule records and slot steps) and `flow.rs` (per-key and rate limits in the claim);
+//! this file holds the broker itself and its `Broker` operations.
 
 mod conn;
 mod flow;
