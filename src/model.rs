@@ -515,6 +515,33 @@ pub struct TaskDetail {
     /// task that has not succeeded, or succeeded without one.
     #[serde(default)]
     pub result: Option<serde_json::Value>,
+    /// Runs lost: the daemon or node running it died (attempts with reason `lost`). Past its
+    /// queue's `max_lost` the task fails.
+    #[serde(default)]
+    pub lost: u32,
+    /// Runs its long-lived worker died in (reason `crash`). At its queue's `max_crashes`
+    /// the task fails.
+    #[serde(default)]
+    pub crashes: u32,
+}
+
+impl TaskDetail {
+    /// The task, its history and result, with its lost runs and crashes counted from the
+    /// history.
+    pub fn new(
+        task: TaskRecord,
+        history: Vec<AttemptRecord>,
+        result: Option<serde_json::Value>,
+    ) -> TaskDetail {
+        let count = |reason| history.iter().filter(|a| a.reason == Some(reason)).count() as u32;
+        TaskDetail {
+            lost: count(AttemptReason::Lost),
+            crashes: count(AttemptReason::Crash),
+            task,
+            history,
+            result,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -449,6 +449,19 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     );
     println!("attempts  {}", t.attempts);
+    if detail.lost > 0 {
+        println!(
+            "lost      {} run{} (the daemon or node running it died; past max_lost it fails)",
+            detail.lost,
+            if detail.lost == 1 { "" } else { "s" }
+        );
+    }
+    if detail.crashes > 0 {
+        println!(
+            "crashes   {} (its worker died running it; at max_crashes it fails)",
+            detail.crashes
+        );
+    }
     println!("payload   {}", t.payload);
     if !t.args.is_empty() {
         println!("args      {:?}", t.args);

@@ -40,7 +40,7 @@ local function move_state(p, id, from, to, seq, at)
       redis.call('ZADD', p .. 'fin:' .. to, fmt(score), id)
     end
     -- A dependant that finished no longer keeps its parents from retention (broker rule
-    -- 17): `pin` counts each parent's dependants not finished yet; a parent whose count
+    -- 18): `pin` counts each parent's dependants not finished yet; a parent whose count
     -- drops to zero is put back in its `fin:<state>` (prune.lua took it out).
     local aq = redis.call('HGET', p .. 't:' .. id, 'afterq')
     if aq then

@@ -1,4 +1,4 @@
--- Delete finished tasks whose keep ran out (broker rule 17), oldest finish first within
+-- Delete finished tasks whose keep ran out (broker rule 18), oldest finish first within
 -- each rule, at most ARGV[1] in all. ARGV: limit, then per rule: state, before (ms; a task
 -- that finished strictly before it is due). The due tasks are read from `fin:<state>`
 -- (scored by finish time) with ZRANGEBYSCORE … LIMIT: never a scan.

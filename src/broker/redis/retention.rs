@@ -1,4 +1,4 @@
-//! Retention (broker rule 17) on Redis: each finished task is also in its queue's
+//! Retention (broker rule 18) on Redis: each finished task is also in its queue's
 //! `fin:<state>` sorted set, scored by finish time (kept by `move_state` in `lib.lua`, in
 //! the script that finishes the task); `prune.lua` reads the due ones with ZRANGEBYSCORE
 //! LIMIT and deletes each task's hash, history (attempts and output tails), result and

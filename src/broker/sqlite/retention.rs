@@ -1,4 +1,4 @@
-//! Retention (broker rule 17): deleting finished tasks whose `keep_*` ran out, a bounded
+//! Retention (broker rule 18): deleting finished tasks whose `keep_*` ran out, a bounded
 //! batch per write, found through the `tasks_finished` index; giving freed pages back to
 //! the file system a little at a time; the store's size on disk.
 
