@@ -15,9 +15,9 @@ use async_trait::async_trait;
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, LostLimits, Orphan, PruneRule, Pruned, QueueCounts, Queued, Recover,
-    Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow,
-    StepAnswer, Wakeups,
+    Lease, ListFilter, LostLimits, Orphan, PruneRule, Pruned, QueueCounts, Queued, Recover, Result,
+    ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer,
+    Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
