@@ -19,6 +19,24 @@ pub fn now_ms() -> UnixMs {
     d.as_millis() as UnixMs
 }
 
+/// A time for people: RFC 3339 in UTC, to the second.
+pub fn fmt_time(ms: UnixMs) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A duration for people: "412ms", "1.2s", "3m 5s".
+pub fn fmt_duration_ms(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
+    let secs = std::time::Duration::from_secs((ms / 1000) as u64);
+    humantime::format_duration(secs).to_string()
+}
+
 /// A task's id: a UUIDv7, so ids sort roughly by creation time.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -160,6 +178,25 @@ impl TaskState {
             self,
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
         )
+    }
+}
+
+/// How long a finished task is kept before it is deleted (`keep_succeeded`,
+/// `keep_failed`, `keep_cancelled`): for a time after it finished, or forever.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Keep {
+    For(std::time::Duration),
+    Forever,
+}
+
+impl Keep {
+    /// The finish time before which a task is due for deletion at `now` (ms), or `None`
+    /// when nothing is ever due.
+    pub fn cutoff(self, now: UnixMs) -> Option<UnixMs> {
+        match self {
+            Keep::Forever => None,
+            Keep::For(d) => Some(now.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64)),
+        }
     }
 }
 

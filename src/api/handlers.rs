@@ -106,6 +106,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             tracing::warn!(error = %e, "metrics: failed to read the queue counts");
         }
     }
+    match state.broker.store_size().await {
+        Ok(Some(size)) => state.metrics.set_store_bytes(size.bytes),
+        Ok(None) => {}
+        Err(e) => {
+            state.metrics.broker_error();
+            tracing::warn!(error = %e, "metrics: failed to read the store's size");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -261,6 +269,33 @@ pub async fn get_task(
         )
     })?;
     Ok(Json(detail))
+}
+
+/// `GET /api/v1/tasks/{id}/why`: every reason the task is not running (`taskd why`). The
+/// daemon serving this API serves the store; its workers are in its `workers.json`.
+pub async fn why_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<view::WhyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let config = state.config();
+    let serving = crate::why::Serving {
+        daemon: true,
+        workers: crate::worker::status::read_status(&config.state_dir)
+            .filter(|f| f.daemon_pid == std::process::id())
+            .map(|f| f.workers)
+            .unwrap_or_default(),
+    };
+    state
+        .broker(crate::why::explain(&config, state.broker.as_ref(), id, &serving).await)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "task_not_found",
+                format!("no task with id {id}"),
+            )
+        })
 }
 
 /// The conditions of a task listing, as `GET /api/v1/tasks` takes them in its query and
