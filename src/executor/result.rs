@@ -15,6 +15,9 @@
 //! read is bounded by `max_result` (one byte more, to tell "too big"), whatever the file
 //! claims its size is.
 //!
+//! The file is removed on a blocking thread, off the dispatch path (a create and a remove per
+//! attempt are most of what a result costs a tiny task: see docs/performance.md).
+//!
 //! A daemon that crashed leaves files behind: [`ResultDir::reset`] empties the root at
 //! start-up, before any task runs.
 
@@ -222,8 +225,12 @@ impl ResultFile {
                             Some(Gid::from_raw(gid)),
                         )?;
                     }
-                    // Whatever the umask took away: the user reads and writes it.
-                    file.set_permissions(Permissions::from_mode(0o600))?;
+                    // Whatever the umask took away: the user reads and writes it. Checked
+                    // first: a change of mode is an inode write, for nothing with the usual
+                    // umask (it leaves 0600 alone).
+                    if file.metadata()?.mode() & 0o7777 != 0o600 {
+                        file.set_permissions(Permissions::from_mode(0o600))?;
+                    }
                     return Ok(ResultFile {
                         path,
                         uid,
@@ -253,8 +260,21 @@ impl ResultFile {
 impl Drop for ResultFile {
     fn drop(&mut self) {
         // Whatever is at the path now (the file, or what the task put in its place: unlink
-        // never follows a link).
-        let _ = std::fs::remove_file(&self.path);
+        // never follows a link). In the daemon, on a blocking thread: the removal is a
+        // directory write that nothing waits for, and the dispatch thread has the next task
+        // to start. (Files a stopping daemon had no time to remove go at its next start, see
+        // [`ResultDir::reset`].)
+        let path = std::mem::take(&mut self.path);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || {
+                    let _ = std::fs::remove_file(&path);
+                });
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 }
 
@@ -295,6 +315,11 @@ fn read_result(path: &Path, uid: u32, max: u64) -> Returned {
     }
     if meta.len() > max {
         return Returned::TooBig { bytes: meta.len() };
+    }
+    if meta.len() == 0 {
+        // Nothing written (most tasks): not read, which would also update its access time,
+        // an inode write for a file about to be removed.
+        return Returned::Nothing;
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
     if let Err(e) = file.take(max.saturating_add(1)).read_to_end(&mut buf) {
