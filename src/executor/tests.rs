@@ -927,7 +927,10 @@ async fn a_task_returns_what_it_writes_to_its_result_file() {
         "{path:?} is in the result directory"
     );
     assert_eq!(lines.next(), Some("600"), "the file is the task's alone");
-    assert!(removed_soon(&path).await, "the file is removed after the attempt");
+    assert!(
+        removed_soon(&path).await,
+        "the file is removed after the attempt"
+    );
 }
 
 #[tokio::test]
