@@ -968,10 +968,9 @@ fn a_poison_task_page_counts_its_lost_runs_and_crashes() {
         "one failed task in each queue",
     );
     // The audit trail's record of the second start says what it did with the lost task.
-    let page = text(&mut b);
-    assert!(
-        page.contains("(2 queues; 1 task failed, lost more often than max_lost)"),
-        "{page}"
+    b.wait_for(
+        "document.body.innerText.includes('(2 queues; 1 task failed, lost more often than max_lost)')",
+        "the start's audit record counting the failed task",
     );
     show(
         &mut b,
