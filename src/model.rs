@@ -163,6 +163,25 @@ impl TaskState {
     }
 }
 
+/// How long a finished task is kept before it is deleted (`keep_succeeded`,
+/// `keep_failed`, `keep_cancelled`): for a time after it finished, or forever.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Keep {
+    For(std::time::Duration),
+    Forever,
+}
+
+impl Keep {
+    /// The finish time before which a task is due for deletion at `now` (ms), or `None`
+    /// when nothing is ever due.
+    pub fn cutoff(self, now: UnixMs) -> Option<UnixMs> {
+        match self {
+            Keep::Forever => None,
+            Keep::For(d) => Some(now.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64)),
+        }
+    }
+}
+
 impl fmt::Display for TaskState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -116,6 +116,8 @@ pub struct DaemonView {
 pub struct Status {
     pub daemon: Option<DaemonView>,
     pub state_dir: PathBuf,
+    /// The store's size (`null` when the backend cannot tell).
+    pub store: Option<crate::broker::StoreSize>,
     #[serde(flatten)]
     pub overview: Overview,
 }
@@ -577,4 +579,47 @@ pub struct ScheduleFired {
 pub struct SchedulePaused {
     pub schedule: String,
     pub paused: bool,
+}
+
+/// A size for people: `812 B`, `4.0 KiB`, `12.3 MiB`, `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (factor, unit) in UNITS {
+        if bytes >= factor {
+            return format!("{:.1} {unit}", bytes as f64 / factor as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// `taskd status`'s line about the store's size.
+pub fn store_line(size: &crate::broker::StoreSize, broker: &str) -> String {
+    match size.measure {
+        "memory" => format!(
+            "store: {} of memory on the Redis server ({broker}, its used_memory)",
+            human_bytes(size.bytes)
+        ),
+        _ => format!(
+            "store: {} on disk ({broker}, with its WAL)",
+            human_bytes(size.bytes)
+        ),
+    }
+}
+
+/// `taskd prune --json`: what was deleted (or, in a dry run, is due), by queue and state.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub total: u64,
+    pub rows: Vec<PruneRow>,
+}
+
+/// One queue and state of [`PruneReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneRow {
+    pub queue: String,
+    pub state: crate::model::TaskState,
+    /// The queue's `keep_*` for the state: `7d`, `12h`, `forever`.
+    pub keep: String,
+    pub count: u64,
 }

@@ -106,6 +106,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             tracing::warn!(error = %e, "metrics: failed to read the queue counts");
         }
     }
+    match state.broker.store_size().await {
+        Ok(Some(size)) => state.metrics.set_store_bytes(size.bytes),
+        Ok(None) => {}
+        Err(e) => {
+            state.metrics.broker_error();
+            tracing::warn!(error = %e, "metrics: failed to read the store's size");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

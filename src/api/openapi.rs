@@ -1092,10 +1092,12 @@ mod tests {
         let doc = super::document();
         let status = json!({ "allOf": [
             { "$ref": "#/components/schemas/Overview" },
-            { "type": "object", "required": ["daemon", "state_dir"], "properties": {
+            { "type": "object", "required": ["daemon", "state_dir", "store"], "properties": {
                 "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted"], "properties": {
                     "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true } } },
-                "state_dir": { "type": "string" } } }
+                "state_dir": { "type": "string" },
+                "store": { "type": "object", "nullable": true, "required": ["bytes", "measure"], "properties": {
+                    "bytes": { "type": "integer" }, "measure": { "type": "string" } } } } }
         ] });
         let submitted = json!({ "type": "object", "required": ["existing", "task"], "properties": {
             "existing": { "type": "boolean" }, "task": { "$ref": "#/components/schemas/Task" } } });
@@ -1108,6 +1110,10 @@ mod tests {
                     halted: Some("the store lock is lost".into()),
                 }),
                 state_dir: "/var/lib/taskd".into(),
+                store: full.then_some(crate::broker::StoreSize {
+                    bytes: 4096,
+                    measure: "file",
+                }),
                 overview: overview(fill),
             };
             w.check(

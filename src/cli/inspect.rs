@@ -86,6 +86,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         crate::daemon::running_daemon(&config.state_dir).or(holder.as_ref().map(|h| h.pid));
     // The nodes sharing this broker (empty for the embedded store).
     let nodes = broker.nodes().await?;
+    let store = broker.store_size().await?;
     let now = now_ms();
     if args.json {
         // The API's shape (`GET /api/v1/queues`) plus what only this machine knows.
@@ -96,6 +97,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
                 halted: halted.clone(),
             }),
             state_dir: config.state_dir.clone(),
+            store: store.clone(),
             overview: view::Overview {
                 queues,
                 workers: workers
@@ -133,6 +135,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon: not running (state in {}); tasks wait until `taskd start`",
             config.state_dir.display()
         ),
+    }
+    if let Some(size) = &store {
+        println!("{}", view::store_line(size, &config.broker.to_string()));
     }
     let mut table = queues_table();
     for (name, r) in &rows {

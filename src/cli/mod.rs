@@ -10,6 +10,7 @@ mod control;
 mod generate;
 mod inspect;
 mod logs;
+mod prune;
 mod reload;
 mod result;
 mod schedules;
@@ -126,6 +127,12 @@ pub(crate) enum Command {
     /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
     /// The newest N records, newest last (--reverse: newest first).
     Audit(audit::AuditArgs),
+    /// Delete now the finished tasks past their queue's keep_succeeded, keep_failed or
+    /// keep_cancelled (with their attempts, output tails and results; the audit trail is
+    /// kept), as the daemon does every few seconds, and print how many per queue and
+    /// state. Works without the daemon, straight against the store; recorded in the audit
+    /// trail. --dry-run only counts them. Queues not in the config are left alone.
+    Prune(prune::PruneArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -186,6 +193,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Restart(a) => reload::restart(config, a).await,
         Command::Schedules(a) => schedules::run(config, a).await,
         Command::Audit(a) => audit::run(config, a).await,
+        Command::Prune(a) => prune::run(config, a).await,
     }
 }
 

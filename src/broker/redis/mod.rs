@@ -22,6 +22,7 @@ use redis::{RedisError, Script};
 
 mod inbox;
 mod results;
+mod retention;
 mod schedules;
 
 use inbox::{plain, store_all, store_inboxes, STORE_TICK};
@@ -146,6 +147,8 @@ pub struct RedisBroker {
     addr: String,
     /// Queues this client already added to [`QUEUES`].
     known: Mutex<HashSet<QueueName>>,
+    /// Queues whose finished tasks this client knows to be in their `fin:<state>` sets.
+    indexed: Mutex<HashSet<QueueName>>,
     /// The queue of each task this client claimed: the hot path never looks one up.
     located: Mutex<HashMap<TaskId, QueueName>>,
     /// Results on their way to [`finish_loop`].
@@ -192,6 +195,7 @@ impl RedisBroker {
             conn,
             addr,
             known: Mutex::new(HashSet::new()),
+            indexed: Mutex::new(HashSet::new()),
             located: Mutex::new(HashMap::new()),
             finisher,
             trips,
@@ -1615,6 +1619,18 @@ impl Broker for RedisBroker {
 
     async fn set_schedule_paused(&self, key: &super::ScheduleKey, paused: bool) -> Result<()> {
         self.set_schedule_paused_in(key, paused).await
+    }
+
+    async fn prune(&self, rules: &[super::PruneRule], limit: usize) -> Result<super::Pruned> {
+        self.prune_in(rules, limit).await
+    }
+
+    async fn prunable(&self, rules: &[super::PruneRule]) -> Result<super::Pruned> {
+        self.prunable_in(rules).await
+    }
+
+    async fn store_size(&self) -> Result<Option<super::StoreSize>> {
+        self.store_size_in().await
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {

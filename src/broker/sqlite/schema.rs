@@ -225,6 +225,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (queue, key)
     ) WITHOUT ROWID;
     "#,
+    // 9: retention. Finished tasks by queue, state and finish time, so that the tasks whose
+    // `keep_*` ran out are found without reading any other (a partial index: only finished
+    // tasks have a finish time).
+    r#"
+    CREATE INDEX tasks_finished ON tasks(queue, state, finished_at) WHERE finished_at IS NOT NULL;
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.
