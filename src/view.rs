@@ -581,6 +581,74 @@ pub struct SchedulePaused {
     pub paused: bool,
 }
 
+/// `GET /api/v1/tasks/{id}/why` and `taskd why ID --json`: why a task is not running,
+/// every reason, each as the line people read and as data.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhyView {
+    pub task: TaskId,
+    pub queue: String,
+    pub state: TaskState,
+    /// It runs now.
+    pub running: bool,
+    pub reasons: Vec<WhyReason>,
+}
+
+/// Every `kind` a [`WhyReason`] can have.
+pub const WHY_KINDS: &[&str] = &[
+    "running",
+    "finished",
+    "run_at",
+    "retry_at",
+    "parents",
+    "paused",
+    "not_configured",
+    "held",
+    "slots_full",
+    "key_limit",
+    "rate_limit",
+    "no_daemon",
+    "workers_fatal",
+    "ready",
+];
+
+/// One reason: a stable `kind` (one of [`WHY_KINDS`]), the line people read, and the
+/// numbers it names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhyReason {
+    pub kind: String,
+    pub text: String,
+    /// The time it names (run-at, retry, the rate limit's next start, the end), ms since
+    /// the epoch.
+    pub at: Option<UnixMs>,
+    /// The tasks it names: parents not yet succeeded, the holders of the key, the oldest
+    /// running task of the queue.
+    pub tasks: Vec<TaskId>,
+    /// The key at its limit, or the rate limit's key.
+    pub key: Option<String>,
+    /// The node running or holding the task.
+    pub node: Option<String>,
+    /// How many hold what is full (running tasks, key holders, parents waited for) ...
+    pub count: Option<u64>,
+    /// ... of how many allowed (slots, `concurrency_per_key`, parents in all).
+    pub limit: Option<u64>,
+}
+
+impl WhyReason {
+    pub fn new(kind: &'static str, text: String) -> WhyReason {
+        debug_assert!(WHY_KINDS.contains(&kind), "{kind}");
+        WhyReason {
+            kind: kind.to_string(),
+            text,
+            at: None,
+            tasks: Vec::new(),
+            key: None,
+            node: None,
+            count: None,
+            limit: None,
+        }
+    }
+}
+
 /// A size for people: `812 B`, `4.0 KiB`, `12.3 MiB`, `1.5 GiB`.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];

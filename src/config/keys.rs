@@ -395,7 +395,7 @@ queue_keys! {
     /// overrides it per task.
     expires: Option<Duration> = None,
         default: "none",
-        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task",
+        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task; a schedule's tasks take it from their enqueue time",
         read: |cx, e| cx.duration(e);
     /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
     kill_grace: Duration = defaults::KILL_GRACE,
