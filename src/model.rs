@@ -299,7 +299,8 @@ impl FromStr for AttemptReason {
 pub struct NewTask {
     pub id: TaskId,
     pub queue: QueueName,
-    /// The payload as JSON text (already validated by the caller).
+    /// The payload as stored: compact JSON text (already validated by the caller), or a raw
+    /// payload's [`raw_payload_text`].
     pub payload: String,
     /// Extra argv appended to the queue's command.
     pub args: Vec<String>,
@@ -469,6 +470,52 @@ pub struct TaskRecord {
     /// When it expires if it has not started: it is then cancelled, reason `expired`.
     #[serde(default)]
     pub expires_at: Option<UnixMs>,
+    /// A raw payload (bytes, not JSON: `submit --raw`), base64-encoded; `payload` is then
+    /// `null`. Absent for a JSON payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+}
+
+/// How a store keeps a raw payload: this prefix, then the bytes in standard base64. No JSON
+/// text starts with `b`, so a stored payload is told apart by its first bytes, on every
+/// broker, without a column or field of its own.
+pub const RAW_PAYLOAD_PREFIX: &str = "b64:";
+
+/// The stored text of a raw payload.
+pub fn raw_payload_text(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut text = String::with_capacity(RAW_PAYLOAD_PREFIX.len() + bytes.len().div_ceil(3) * 4);
+    text.push_str(RAW_PAYLOAD_PREFIX);
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut text);
+    text
+}
+
+/// Reads a stored payload: a JSON payload's value (and `None`), or, for a raw payload,
+/// `null` and its base64 text ([`TaskRecord::payload_b64`]).
+pub fn read_stored_payload(text: &str) -> Result<(serde_json::Value, Option<String>), String> {
+    match text.strip_prefix(RAW_PAYLOAD_PREFIX) {
+        Some(b64) => Ok((serde_json::Value::Null, Some(b64.to_string()))),
+        None => serde_json::from_str(text)
+            .map(|v| (v, None))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+impl TaskRecord {
+    /// The bytes of a raw payload (`None`: a JSON payload, or base64 that does not decode).
+    pub fn raw_payload(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = self.payload_b64.as_deref()?;
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    }
+
+    /// What a task reads on stdin: a raw payload's bytes, else the payload's JSON text.
+    pub fn stdin_bytes(&self) -> Vec<u8> {
+        match self.raw_payload() {
+            Some(bytes) => bytes,
+            None => self.payload.to_string().into_bytes(),
+        }
+    }
 }
 
 /// The reason (`last_error`) of a task cancelled because it had not started by its expiry.

@@ -166,13 +166,24 @@ fn created(existing: bool, task: TaskRecord) -> Response {
 pub async fn enqueue(
     State(state): State<AppState>,
     Path(queue): Path<String>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let config = state.config();
     let q = find_queue(&config, &queue)?;
-    // Room for the other fields and JSON escaping around the payload.
-    let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
-    let task = parse::parse_one(&config, q, &bytes)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let task = if parse::is_raw(content_type) {
+        // A raw payload: the body is the payload, byte for byte.
+        let bytes = read_body(body, config.max_payload).await?;
+        parse::parse_raw(&config, q, &bytes, query.as_deref())?
+    } else {
+        // Room for the other fields and JSON escaping around the payload.
+        let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
+        parse::parse_one(&config, q, &bytes)?
+    };
     let name = task.queue.clone();
     let asked = task.clone();
     let enqueued = state.enqueued(state.broker.enqueue(vec![task]).await)?;
@@ -189,12 +200,13 @@ pub async fn enqueue(
     // A task with parents may have been cancelled at once (a parent had failed): read back.
     if !e.existing && asked.after.is_empty() {
         // A new task's record is what was asked plus what the broker said: no read back.
-        if let Ok(payload) = serde_json::from_str(&asked.payload) {
+        if let Ok((payload, payload_b64)) = crate::model::read_stored_payload(&asked.payload) {
             let task = crate::model::TaskRecord {
                 id: e.id,
                 queue: asked.queue,
                 state: e.state,
                 payload,
+                payload_b64,
                 args: asked.args,
                 priority: asked.priority,
                 unique_key: asked.unique_key,

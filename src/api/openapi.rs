@@ -70,9 +70,20 @@ fn paths_and_components() -> Value {
                 "responses": { "200": ok("queues", json!({ "$ref": "#/components/schemas/Overview" })), "401": error_ref() }
             } },
             "/api/v1/queues/{queue}/tasks": { "post": {
-                "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running)",
-                "security": secured, "parameters": [queue_param()],
-                "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewTask" } } } },
+                "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running). A body of `application/octet-stream` or `application/x-protobuf` is a raw payload, stored untouched and given to the task on stdin byte for byte; its options are then in the query string",
+                "security": secured, "parameters": [queue_param(),
+                    { "name": "delay", "in": "query", "schema": { "type": "string", "example": "5m" }, "description": "raw payloads only: as NewTask's `delay`" },
+                    { "name": "run_at", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: RFC 3339 or Unix seconds" },
+                    { "name": "priority", "in": "query", "schema": { "type": "integer" }, "description": "raw payloads only" },
+                    { "name": "unique", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only" },
+                    { "name": "unique_for", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only" },
+                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: task ids separated by commas" },
+                    { "name": "expires", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: a duration or a time" }
+                ],
+                "requestBody": { "required": false, "content": {
+                    "application/json": { "schema": { "$ref": "#/components/schemas/NewTask" } },
+                    "application/octet-stream": { "schema": { "type": "string", "format": "binary" } },
+                    "application/x-protobuf": { "schema": { "type": "string", "format": "binary" } } } },
                 "responses": { "201": ok("the task", json!({ "$ref": "#/components/schemas/EnqueuedTask" })), "200": ok("an existing task with the same unique key", json!({ "$ref": "#/components/schemas/EnqueuedTask" })),
                     "400": error_ref(), "401": error_ref(), "404": error_ref(), "413": error_ref(), "422": error_ref(), "503": error_ref() }
             } },
@@ -321,6 +332,7 @@ fn base_components() -> Value {
             "State": { "type": "string", "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled"] },
             "NewTask": { "type": "object", "additionalProperties": false, "properties": {
                 "payload": { "description": "any JSON value (default {}); an object fills the queue command's {field} placeholders" },
+                "payload_b64": { "type": "string", "format": "byte", "example": "CgNBZGEQlw4=", "description": "instead of `payload`: a raw payload (bytes, not JSON) in standard base64, stored untouched and given to the task on stdin byte for byte" },
                 "args": { "type": "array", "items": { "type": "string" }, "description": "argv appended to the queue's command" },
                 "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
                 "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
@@ -332,7 +344,8 @@ fn base_components() -> Value {
             } },
             "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after", "expires_at"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
-                "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
+                "payload": { "description": "the JSON value the task was submitted with; null for a raw payload" },
+                "payload_b64": { "type": "string", "format": "byte", "description": "a raw payload's bytes in standard base64 (absent for a JSON payload)" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
                 "attempts": { "type": "integer" }, "created_at": { "type": "integer" }, "updated_at": { "type": "integer" },
                 "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
@@ -713,6 +726,7 @@ mod tests {
                 Vec::new()
             },
             expires_at: full.then_some(NOW),
+            payload_b64: full.then(|| "CgNBZGEQKg==".to_string()),
         }
     }
 

@@ -181,7 +181,7 @@ impl Broker for MemoryBroker {
             let mut payloads = Vec::with_capacity(tasks.len());
             let mut ids = std::collections::HashSet::with_capacity(tasks.len());
             for t in &tasks {
-                let payload: serde_json::Value = serde_json::from_str(&t.payload)
+                let payload = crate::model::read_stored_payload(&t.payload)
                     .map_err(|e| BrokerError::Storage(format!("task {}: {e}", t.id)))?;
                 if s.by_id.contains_key(&t.id) || !ids.insert(t.id) {
                     return Err(BrokerError::Conflict(format!("task id {} is taken", t.id)));
@@ -198,7 +198,7 @@ impl Broker for MemoryBroker {
                     return Err(BrokerError::NotFound(*p));
                 }
             }
-            for (t, payload) in tasks.into_iter().zip(payloads) {
+            for (t, (payload, payload_b64)) in tasks.into_iter().zip(payloads) {
                 if let Some(key) = &t.unique_key {
                     if let Some(r) = s.unique_debounce(&t.queue, key, now) {
                         out.push(Enqueued {
@@ -277,6 +277,7 @@ impl Broker for MemoryBroker {
                             slot: None,
                             after: t.after,
                             expires_at: t.expires_at,
+                            payload_b64,
                         },
                         history: Vec::new(),
                         result: None,
@@ -1102,7 +1103,7 @@ impl Store {
         schedule: Option<String>,
         slot: Option<UnixMs>,
     ) -> Result<Enqueued> {
-        let payload: serde_json::Value = serde_json::from_str(&task.payload)
+        let (payload, payload_b64) = crate::model::read_stored_payload(&task.payload)
             .map_err(|e| BrokerError::Storage(format!("task {}: {e}", task.id)))?;
         if self.by_id.contains_key(&task.id) {
             return Err(BrokerError::Conflict(format!(
@@ -1147,6 +1148,7 @@ impl Store {
                     slot,
                     after: Vec::new(),
                     expires_at: None,
+                    payload_b64,
                 },
                 history: Vec::new(),
                 result: None,

@@ -650,10 +650,10 @@ impl Pruned {
         self.counts.values().sum()
     }
 
-    /// Adds `n` tasks of `queue` in `state`.
-    pub fn add(&mut self, queue: &QueueName, state: TaskState, n: u64) {
-        if n > 0 {
-            *self.counts.entry((queue.clone(), state)).or_default() += n;
+    /// Adds `count` tasks of `queue` in `state`.
+    pub fn add(&mut self, queue: &QueueName, state: TaskState, count: u64) {
+        if count > 0 {
+            *self.counts.entry((queue.clone(), state)).or_default() += count;
         }
     }
 

@@ -32,11 +32,11 @@ const STATES: [TaskState; 3] = [
     TaskState::Cancelled,
 ];
 
-fn keep_of(q: &QueueConfig, state: TaskState) -> Keep {
+fn keep_of(queue: &QueueConfig, state: TaskState) -> Keep {
     match state {
-        TaskState::Succeeded => q.keep_succeeded,
-        TaskState::Failed => q.keep_failed,
-        _ => q.keep_cancelled,
+        TaskState::Succeeded => queue.keep_succeeded,
+        TaskState::Failed => queue.keep_failed,
+        _ => queue.keep_cancelled,
     }
 }
 

@@ -771,12 +771,14 @@ fn opt_num<T: std::str::FromStr>(hash: &HashMap<String, String>, key: &str) -> O
 
 fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
     let bad = |what: &str, e: String| BrokerError::Storage(format!("a task record's {what}: {e}"));
+    let (payload, payload_b64) = crate::model::read_stored_payload(field(hash, "payload")?)
+        .map_err(|e| bad("payload", e))?;
     Ok(TaskRecord {
         id: field(hash, "id")?.parse().map_err(|e| bad("id", e))?,
         queue: field(hash, "queue")?.parse().map_err(|e| bad("queue", e))?,
         state: field(hash, "state")?.parse().map_err(|e| bad("state", e))?,
-        payload: serde_json::from_str(field(hash, "payload")?)
-            .map_err(|e| bad("payload", e.to_string()))?,
+        payload,
+        payload_b64,
         args: serde_json::from_str(field(hash, "args")?).map_err(|e| bad("args", e.to_string()))?,
         priority: num(hash, "priority")?,
         unique_key: hash.get("unique_key").cloned(),
