@@ -28,6 +28,7 @@
 //! - call `waitpid(-1)` (it would steal tokio's exit statuses) or sleep/poll on the normal
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
+pub mod cgroup;
 mod escalation;
 pub mod live;
 pub(crate) mod output;
@@ -123,6 +124,8 @@ pub struct Spec {
     pub result: Option<ResultSpec>,
     /// The attempt's live ring: its output is pushed there too, for followers.
     pub live: Option<std::sync::Arc<live::LiveOutput>>,
+    /// The cgroup the task runs in (`None`: its process group alone contains it).
+    pub cgroup: Option<cgroup::CgroupSpec>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -265,6 +268,9 @@ pub struct Outcome {
     /// What the task returned: its result file once it exited 0, or a worker's `ok`
     /// answer; [`Returned::Nothing`] otherwise.
     pub returned: Returned,
+    /// The counters of the attempt's cgroup (CPU time, peak memory, OOM kills), when it
+    /// ran in one of its own.
+    pub usage: Option<cgroup::Usage>,
 }
 
 impl Outcome {
@@ -282,6 +288,7 @@ impl Outcome {
             stderr_total: 0,
             stray_killed: false,
             returned: Returned::Nothing,
+            usage: None,
         }
     }
 }
@@ -289,6 +296,8 @@ impl Outcome {
 /// The spawned group, for as long as `run` owns it.
 struct Leader {
     pgid: i32,
+    /// The task's cgroup: dropped with the leader, it kills what is left in it and is removed.
+    cgroup: Option<cgroup::Cgroup>,
     /// Registered until tokio has reaped the leader.
     tracked: Option<TrackedChild>,
     /// Until the final SIGKILL after the leader's exit has been sent.
@@ -359,13 +368,33 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         None => (None, None),
     };
 
-    let (mut child, tracked) = match start_when_descriptors_allow(&spec, &stop).await {
-        Ok(pair) => pair,
-        Err(status) => return Outcome::not_started(status, started_at_ms),
+    let cgroup = match &spec.cgroup {
+        None => None,
+        Some(c) => match cgroup::Cgroup::create(c) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                return Outcome::not_started(
+                    Status::SpawnFailed {
+                        kind: SpawnFailure::Other,
+                        message: format!(
+                            "could not create the task's cgroup {}: {e}",
+                            c.place.tree().join(&c.name).display()
+                        ),
+                    },
+                    started_at_ms,
+                )
+            }
+        },
     };
+    let (mut child, tracked) =
+        match start_when_descriptors_allow(&spec, &stop, cgroup.as_ref()).await {
+            Ok(pair) => pair,
+            Err(status) => return Outcome::not_started(status, started_at_ms),
+        };
     let pid = tracked.pid();
     let mut leader = Leader {
         pgid: pid,
+        cgroup,
         tracked: Some(tracked),
         armed: true,
     };
@@ -384,7 +413,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
     }
     out.follow(spec.live.as_ref(), live::Stream::Stdout);
     err.follow(spec.live.as_ref(), live::Stream::Stderr);
-    let mut esc = Escalation::new(pid);
+    let mut esc = Escalation::new(pid).with_cgroup(leader.cgroup.clone());
 
     let (waited, stray_killed) = {
         let (stdin, stdout, stderr) = child.take_pipes();
@@ -425,6 +454,9 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
             && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err()
         {
             let killed = procs::signal_group(pid, Signal::SIGKILL);
+            if let Some(cg) = &leader.cgroup {
+                cg.kill();
+            }
             if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps)
                 .await
                 .is_err()
@@ -437,6 +469,10 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
             // (Sent after the leader was reaped: a group id is not handed out again while the
             // group has members; an empty group gives a harmless ESRCH, and its id could only
             // name someone else's group after the pid space wrapped around in between.)
+            // The cgroup also holds what left the group (setsid, a double fork).
+            if let Some(cg) = &leader.cgroup {
+                cg.kill();
+            }
             procs::signal_group(pid, Signal::SIGKILL)
         };
         leader.armed = false;
@@ -461,6 +497,11 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         }
     };
     tracing::debug!(pid, ?status, stray_killed, "task process ended");
+    // Its counters, read once everything in it is gone; then it is removed.
+    let usage = match leader.cgroup.take() {
+        Some(cg) => Some(cg.finish().await),
+        None => None,
+    };
     // Streams cut short (a holder that escaped the group) still get their last line logged.
     out.finish();
     err.finish();
@@ -482,6 +523,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         stderr_tail: err.tail.into_vec(),
         stray_killed,
         ran_on: Runner::Process,
+        usage,
     }
 }
 
@@ -528,7 +570,7 @@ pub(crate) fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
 
 /// The spawn command for `spec`: own process group, exact environment, piped stdout and
 /// stderr, and the `pre_exec` set-up when one is needed. Long-lived workers add to it.
-pub(crate) fn command(spec: &Spec) -> tokio::process::Command {
+pub(crate) fn command(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -547,6 +589,21 @@ pub(crate) fn command(spec: &Spec) -> tokio::process::Command {
         .stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
+    }
+    if let Some(cg) = cgroup {
+        // First of the hooks (before any change of user): into the task's cgroup.
+        let fds = cg.procs_fds();
+        // SAFETY: write(2) on descriptors opened before the fork; nothing allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
     }
     if let Some(setup) = ChildSetup::plan(spec, &host()) {
         // SAFETY: the hook only makes async-signal-safe system calls and allocates nothing
@@ -615,11 +672,12 @@ const NO_DESCRIPTORS_RETRY_MAX: Duration = Duration::from_secs(1);
 async fn start_when_descriptors_allow(
     spec: &Spec,
     stop: &Stop,
+    cgroup: Option<&cgroup::Cgroup>,
 ) -> Result<(LeaderChild, TrackedChild), Status> {
     let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
     let mut warned = false;
     loop {
-        let err = match start(spec) {
+        let err = match start(spec, cgroup) {
             Ok(pair) => return Ok(pair),
             Err(err) => err,
         };
@@ -638,17 +696,24 @@ async fn start_when_descriptors_allow(
     }
 }
 
-fn start(spec: &Spec) -> io::Result<(LeaderChild, TrackedChild)> {
+fn start(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> io::Result<(LeaderChild, TrackedChild)> {
+    let cgroup_procs = cgroup.map(|c| c.procs_fds()).unwrap_or_default();
     if spawn::supported() && ChildSetup::plan(spec, &host()).is_none() {
         let stdin = match stdin_for(&spec.stdin) {
             StdinPlan::Null => spawn::Stdin::Null,
             StdinPlan::Prefilled(fd) => spawn::Stdin::Fd(fd),
             StdinPlan::Piped => spawn::Stdin::Piped,
         };
-        let (child, tracked) = spawn::spawn(&spec.argv, &spec.env, spec.cwd.as_deref(), stdin)?;
+        let (child, tracked) = spawn::spawn(
+            &spec.argv,
+            &spec.env,
+            spec.cwd.as_deref(),
+            stdin,
+            &cgroup_procs,
+        )?;
         return Ok((LeaderChild::Fast(child), tracked));
     }
-    let mut cmd = command(spec);
+    let mut cmd = command(spec, cgroup);
     let (child, tracked) = spawn_tracked(&mut cmd)?;
     Ok((LeaderChild::Std(child), tracked))
 }

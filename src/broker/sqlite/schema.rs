@@ -225,6 +225,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (queue, key)
     ) WITHOUT ROWID;
     "#,
+    // 9: what an attempt's cgroup counted: its peak memory (bytes) and CPU time (µs), NULL
+    // where nothing was measured.
+    r#"
+    ALTER TABLE attempts ADD COLUMN memory_peak INTEGER;
+    ALTER TABLE attempts ADD COLUMN cpu_usec INTEGER;
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.
