@@ -357,8 +357,9 @@ pub struct Cgroup(Arc<Inner>);
 struct Inner {
     /// The v2 directory first, then the v1 ones.
     dirs: Vec<PathBuf>,
-    /// `cgroup.procs` of each, open for the child to write `0` to before `execve`.
-    procs: Vec<OwnedFd>,
+    /// `cgroup.procs` of each, open for the child to write `0` to before `execve`; closed
+    /// once the child is started ([`Cgroup::started`]).
+    procs: std::sync::Mutex<Vec<OwnedFd>>,
     has_kill: bool,
     /// Where memory is counted: (directory, v2?).
     memory: Option<(PathBuf, bool)>,
@@ -374,7 +375,7 @@ impl Cgroup {
         make_dir(&v2dir)?;
         let mut inner = Inner {
             dirs: vec![v2dir.clone()],
-            procs: Vec::new(),
+            procs: std::sync::Mutex::new(Vec::new()),
             has_kill: place.has_kill,
             memory: None,
         };
@@ -441,19 +442,50 @@ impl Cgroup {
                 inner.memory = Some((dir, false));
             }
         }
-        for dir in &inner.dirs {
-            let f = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join("cgroup.procs"))?;
-            inner.procs.push(OwnedFd::from(f));
-        }
         Ok(Cgroup(Arc::new(inner)))
     }
 
-    /// The `cgroup.procs` descriptors the child writes `0` to before `execve`.
+    /// Opens the `cgroup.procs` files the child writes to, for one start. A start that
+    /// cannot happen now closes them ([`Cgroup::started`]) before it waits: a task waiting
+    /// for descriptors must not hold any.
+    pub(crate) fn open_procs(&self) -> io::Result<()> {
+        let mut procs = self.procs();
+        if !procs.is_empty() {
+            return Ok(());
+        }
+        for dir in &self.0.dirs {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(dir.join("cgroup.procs"));
+            match f {
+                Ok(f) => procs.push(OwnedFd::from(f)),
+                Err(e) => {
+                    procs.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` descriptors the child writes `0` to before `execve`. Valid until
+    /// [`Cgroup::started`].
     pub(crate) fn procs_fds(&self) -> Vec<RawFd> {
-        self.0.procs.iter().map(|f| f.as_raw_fd()).collect()
+        self.procs().iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
+        self.0
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The child is started (in the cgroup), or will not be for now: the descriptors are
+    /// closed, and a running or waiting task holds none of the daemon's for its cgroup.
+    pub(crate) fn started(&self) {
+        self.procs().clear();
     }
 
     /// SIGKILL to every process of the cgroup, now.
@@ -522,8 +554,10 @@ fn read_keyed(path: &Path, key: &str) -> Option<u64> {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Close the descriptors before removing (they do not keep it, but tidy).
-        self.procs.clear();
+        self.procs
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         kill_dir(&self.dirs[0], self.has_kill);
         for dir in &self.dirs[1..] {
             kill_dir(dir, false);

@@ -336,7 +336,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
     // Removed when this function returns or is dropped, whatever happens in between.
     let result_file = match &spec.result {
         None => None,
-        Some(r) => match ResultFile::create(r, spec.user.as_ref()) {
+        Some(r) => match create_result_file(r, &spec, &stop).await {
             Ok(f) => {
                 spec.env.push((
                     "TASKD_RESULT_FILE".into(),
@@ -344,7 +344,8 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
                 ));
                 Some(f)
             }
-            Err(e) => {
+            Err(Err(status)) => return Outcome::not_started(status, started_at_ms),
+            Err(Ok(e)) => {
                 let message = format!(
                     "could not create the task's result file in {}: {e}",
                     r.dir.root().display()
@@ -368,29 +369,10 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         None => (None, None),
     };
 
-    let cgroup = match &spec.cgroup {
-        None => None,
-        Some(c) => match cgroup::Cgroup::create(c) {
-            Ok(cg) => Some(cg),
-            Err(e) => {
-                return Outcome::not_started(
-                    Status::SpawnFailed {
-                        kind: SpawnFailure::Other,
-                        message: format!(
-                            "could not create the task's cgroup {}: {e}",
-                            c.place.tree().join(&c.name).display()
-                        ),
-                    },
-                    started_at_ms,
-                )
-            }
-        },
+    let (mut child, tracked, cgroup) = match start_when_descriptors_allow(&spec, &stop).await {
+        Ok(started) => started,
+        Err(status) => return Outcome::not_started(status, started_at_ms),
     };
-    let (mut child, tracked) =
-        match start_when_descriptors_allow(&spec, &stop, cgroup.as_ref()).await {
-            Ok(pair) => pair,
-            Err(status) => return Outcome::not_started(status, started_at_ms),
-        };
     let pid = tracked.pid();
     let mut leader = Leader {
         pgid: pid,
@@ -507,7 +489,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
     err.finish();
     // Read once nothing of the group is left to write it.
     let returned = match result_file {
-        Some(f) if status.is_success() => f.take(),
+        Some(f) if status.is_success() => f.take().await,
         _ => Returned::Nothing,
     };
 
@@ -672,14 +654,46 @@ const NO_DESCRIPTORS_RETRY_MAX: Duration = Duration::from_secs(1);
 async fn start_when_descriptors_allow(
     spec: &Spec,
     stop: &Stop,
-    cgroup: Option<&cgroup::Cgroup>,
-) -> Result<(LeaderChild, TrackedChild), Status> {
+) -> Result<(LeaderChild, TrackedChild, Option<cgroup::Cgroup>), Status> {
     let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
     let mut warned = false;
+    // The task's cgroup, made once (its descriptors can run short too).
+    let mut cgroup: Option<cgroup::Cgroup> = None;
     loop {
-        let err = match start(spec, cgroup) {
-            Ok(pair) => return Ok(pair),
-            Err(err) => err,
+        let made = match (&spec.cgroup, &cgroup) {
+            (Some(c), None) => cgroup::Cgroup::create(c).map(|cg| {
+                cgroup = Some(cg);
+            }),
+            _ => Ok(()),
+        };
+        let err = match made {
+            Err(e) => {
+                if !matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                    let c = spec.cgroup.as_ref().expect("only a cgroup is made here");
+                    return Err(Status::SpawnFailed {
+                        kind: SpawnFailure::Other,
+                        message: format!(
+                            "could not create the task's cgroup {}: {e}",
+                            c.place.tree().join(&c.name).display()
+                        ),
+                    });
+                }
+                e
+            }
+            Ok(()) => {
+                let opened = match &cgroup {
+                    Some(cg) => cg.open_procs(),
+                    None => Ok(()),
+                };
+                let started = opened.and_then(|()| start(spec, cgroup.as_ref()));
+                if let Some(cg) = &cgroup {
+                    cg.started();
+                }
+                match started {
+                    Ok((child, tracked)) => return Ok((child, tracked, cgroup)),
+                    Err(err) => err,
+                }
+            }
         };
         if !matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
             return Err(spawn_failure(spec, &err));
@@ -692,6 +706,29 @@ async fn start_when_descriptors_allow(
             _ = tokio::time::sleep(delay.next_delay()) => {}
             _ = stop.cancel.cancelled() => return Err(Status::Cancelled),
             _ = stop.shutdown.cancelled() => return Err(Status::Interrupted),
+        }
+    }
+}
+
+/// [`ResultFile::create`], waiting and trying again while descriptors are short, as
+/// [`start_when_descriptors_allow`] does. `Err(Ok(e))`: another error, the task's;
+/// `Err(Err(status))`: a cancel or a shutdown ended the wait.
+async fn create_result_file(
+    r: &ResultSpec,
+    spec: &Spec,
+    stop: &Stop,
+) -> Result<ResultFile, Result<io::Error, Status>> {
+    let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
+    loop {
+        match ResultFile::create(r, spec.user.as_ref()) {
+            Ok(f) => return Ok(f),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {}
+            Err(e) => return Err(Ok(e)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay.next_delay()) => {}
+            _ = stop.cancel.cancelled() => return Err(Err(Status::Cancelled)),
+            _ = stop.shutdown.cancelled() => return Err(Err(Status::Interrupted)),
         }
     }
 }

@@ -263,6 +263,15 @@ fn rlimits(limits: &Limits) -> Vec<Rlimit> {
     .collect()
 }
 
+/// The queue's cgroup limits (`memory_max`, `pids_max`, `cpu_weight`).
+fn cgroup_limits(config: &QueueConfig) -> CgroupLimits {
+    CgroupLimits {
+        memory_max: config.memory_max,
+        pids_max: config.pids_max,
+        cpu_weight: config.cpu_weight,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,14 +405,5 @@ mod tests {
             ]
         );
         assert!(rlimits(&queue("").limits).is_empty());
-    }
-}
-
-/// The queue's cgroup limits (`memory_max`, `pids_max`, `cpu_weight`).
-fn cgroup_limits(config: &QueueConfig) -> CgroupLimits {
-    CgroupLimits {
-        memory_max: config.memory_max,
-        pids_max: config.pids_max,
-        cpu_weight: config.cpu_weight,
     }
 }

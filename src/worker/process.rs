@@ -132,6 +132,9 @@ impl Proc {
                 })?)
             }
         };
+        if let Some(cg) = &cgroup {
+            cg.open_procs()?;
+        }
         let mut cmd = crate::executor::command(spec, cgroup.as_ref());
         let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
@@ -156,6 +159,9 @@ impl Proc {
         }
         let (mut child, tracked) = spawn_tracked(&mut cmd)?;
         drop(cmd);
+        if let Some(cg) = &cgroup {
+            cg.started();
+        }
         drop(task_r);
         drop(res_w);
         let pid = tracked.pid();
