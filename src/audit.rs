@@ -136,7 +136,7 @@ impl Actor {
 
     /// An HTTP request on the API's Unix socket, from the peer the kernel reports
     /// (SO_PEERCRED): no token is asked for there.
-    pub fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
+    pub(crate) fn api_unix(uid: u32, pid: Option<u32>) -> Actor {
         Actor {
             uid: Some(uid),
             user: user_name(uid),

@@ -6,7 +6,8 @@
 //! - [`config`]: reads `taskd.toml` raw, then validates it into a [`config::Config`] with
 //!   defaults applied; every error names the file, line, column and key.
 //! - [`broker`]: the [`broker::Broker`] trait (the system of record) and its backends
-//!   (SQLite and Redis). Knows tasks and leases, never processes.
+//!   (SQLite, Redis, and in memory for in-process tests). Knows tasks and leases, never
+//!   processes.
 //! - [`executor`]: runs one attempt of one task as a process group: pipes, output tails,
 //!   timeout, SIGTERM → grace → SIGKILL. Knows processes, never brokers.
 //! - [`supervisor`]: owns the runtime state of a daemon: per-queue slots, claiming, retries
@@ -30,6 +31,9 @@
 //! - [`view`]: the JSON shapes the API and the CLI's `--json` share, defined once.
 //! - [`audit`]: the audit trail's records (who changed what, how it went) and how a caller
 //!   is identified; the broker keeps the trail.
+//! - [`slots`]: slot arithmetic of schedules (cron, every, time zones), pure.
+//! - [`scheduler`]: the daemon's schedules at run time, enqueuing each slot's task through
+//!   the broker.
 //! - [`follow`]: following a task's or a queue's output (`taskd logs`, `taskd tail`, the
 //!   API's output streams): live from the daemon's rings, stored tails from the broker.
 

@@ -443,7 +443,7 @@ pub struct TaskRecord {
 pub const EXPIRED: &str = "expired";
 
 /// A task's parents as the stores keep them: ids separated by commas (`TASKD_AFTER`'s form).
-pub fn join_after(after: &[TaskId]) -> String {
+pub(crate) fn join_after(after: &[TaskId]) -> String {
     after
         .iter()
         .map(|id| id.to_string())
@@ -452,7 +452,7 @@ pub fn join_after(after: &[TaskId]) -> String {
 }
 
 /// Reads what [`join_after`] wrote.
-pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
+pub(crate) fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
     text.split(',')
         .filter(|s| !s.is_empty())
         .map(str::parse)
@@ -461,7 +461,7 @@ pub fn parse_after(text: &str) -> Result<Vec<TaskId>, String> {
 
 /// The reason a task cancelled because its parent `parent` failed or was cancelled carries
 /// (its `last_error`).
-pub fn dependency_failed(parent: TaskId) -> String {
+pub(crate) fn dependency_failed(parent: TaskId) -> String {
     format!("dependency {parent} failed")
 }
 
@@ -509,6 +509,33 @@ pub struct TaskDetail {
     /// task that has not succeeded, or succeeded without one.
     #[serde(default)]
     pub result: Option<serde_json::Value>,
+    /// Runs lost: the daemon or node running it died (attempts with reason `lost`). Past its
+    /// queue's `max_lost` the task fails.
+    #[serde(default)]
+    pub lost: u32,
+    /// Runs its long-lived worker died in (reason `crash`). At its queue's `max_crashes`
+    /// the task fails.
+    #[serde(default)]
+    pub crashes: u32,
+}
+
+impl TaskDetail {
+    /// The task, its history and result, with its lost runs and crashes counted from the
+    /// history.
+    pub fn new(
+        task: TaskRecord,
+        history: Vec<AttemptRecord>,
+        result: Option<serde_json::Value>,
+    ) -> TaskDetail {
+        let count = |reason| history.iter().filter(|a| a.reason == Some(reason)).count() as u32;
+        TaskDetail {
+            lost: count(AttemptReason::Lost),
+            crashes: count(AttemptReason::Crash),
+            task,
+            history,
+            result,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{Action, Actor, AuditRecord, Outcome};
 use crate::broker::{CancelOutcome, NodeInfo, QueueRow, ScheduleState, SlotOutcome, SlotRecord};
+use crate::config::Config;
 use crate::model::{QueueName, TaskId, TaskRecord, TaskState, UnixMs};
 use crate::worker::status::WorkerInfo;
 
@@ -51,6 +52,20 @@ impl QueueView {
                 .map(|(s, n)| (s.to_string(), n))
                 .collect(),
         }
+    }
+
+    /// Every queue of `rows` ([`crate::broker::queue_rows`]), each with its concurrency
+    /// when `config` has it: `GET /api/v1/queues` and `status --json` alike.
+    pub fn all(rows: &BTreeMap<String, QueueRow>, config: &Config) -> Vec<Self> {
+        rows.iter()
+            .map(|(name, row)| {
+                let concurrency = name
+                    .parse::<QueueName>()
+                    .ok()
+                    .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
+                QueueView::new(name, row, concurrency)
+            })
+            .collect()
     }
 }
 

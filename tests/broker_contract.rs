@@ -33,8 +33,8 @@ use taskd::broker::memory::MemoryBroker;
 use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
-    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, PayloadMatch,
-    QueueCounts, Recover, StatRow,
+    Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, LostLimits,
+    PayloadMatch, QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskState,
@@ -204,6 +204,7 @@ macro_rules! contract_tests {
                 next_due_ignores_paused_queues,
                 reopen_keeps_tasks,
                 adopted_start_is_recovered_as_lost,
+                lost_more_than_max_lost_times_fails,
                 claim_ahead_reserves_like_claim,
                 audit_appends_one_record_per_call_newest_first,
                 audit_keeps_the_newest_keep,
@@ -1891,6 +1892,75 @@ pub mod cases {
     }
 
     // --- leases, renewal, recovery ------------------------------------------------------------
+
+    /// Rule 13: a task lost more often than its queue's `max_lost` ends `failed`; a run
+    /// that never started is not a lost run; the other queues keep their own limit.
+    pub async fn lost_more_than_max_lost_times_fails(b: B, _g: G) {
+        let limits = LostLimits::new(BTreeMap::from([(qn("poison"), 2)]));
+        let mut t = task("poison");
+        t.unique_key = Some("pk".into());
+        let id = enqueue1(&b, t).await;
+        let other = enqueue1(&b, task("fine")).await;
+        // Reserved only: recovered without a lost run, not counted.
+        let _reserved = claim_id(&b, "poison", id).await;
+        let orphans = b
+            .recover_limited(Recover::All, "restart", &limits)
+            .await
+            .expect("recover");
+        assert!(orphans.iter().all(|o| !o.failed), "{orphans:?}");
+        assert_eq!(get(&b, id).await.lost, 0);
+        for n in 1..=3u32 {
+            let c = claim_id(&b, "poison", id).await;
+            b.started(&c.lease, 4242, 1).await.expect("started");
+            if n == 1 {
+                let c2 = claim_id(&b, "fine", other).await;
+                b.started(&c2.lease, 4343, 1).await.expect("started");
+            }
+            let orphans = b
+                .recover_limited(Recover::All, "restart", &limits)
+                .await
+                .expect("recover");
+            let o = orphans.iter().find(|o| o.task == id).expect("recovered");
+            let d = get(&b, id).await;
+            assert_eq!(d.lost, n, "{d:?}");
+            assert_eq!(
+                d.history.last().and_then(|a| a.reason),
+                Some(AttemptReason::Lost)
+            );
+            assert_eq!(d.task.attempts, 0, "lost runs are not charged");
+            if n <= 2 {
+                assert!(!o.failed, "lost {n} times of max_lost 2");
+                assert_eq!(d.task.state, TaskState::Queued);
+                assert_eq!(d.task.finished_at, None);
+            } else {
+                assert!(o.failed, "lost 3 times, more than max_lost 2");
+                assert_eq!(d.task.state, TaskState::Failed);
+                assert!(d.task.finished_at.is_some());
+                assert_eq!(d.task.node, None);
+                let e = d.task.last_error.clone().unwrap_or_default();
+                assert!(
+                    e.contains("lost 3 times") && e.contains("max_lost = 2"),
+                    "{e}"
+                );
+            }
+        }
+        // Failed: nothing to claim, and its unique key is free again.
+        assert!(claim(&b, "poison", 1).await.is_empty());
+        let mut again = task("poison");
+        again.unique_key = Some("pk".into());
+        enqueue1(&b, again).await;
+        // `fine` (not named: the default, 3) was lost once and is queued again.
+        let d = get(&b, other).await;
+        assert_eq!((d.task.state, d.lost), (TaskState::Queued, 1));
+        // Without limits (`recover`) nothing ever fails.
+        for _ in 0..4 {
+            let c = claim_id(&b, "fine", other).await;
+            b.started(&c.lease, 4343, 1).await.expect("started");
+            b.recover(Recover::All, "restart").await.expect("recover");
+        }
+        let d = get(&b, other).await;
+        assert_eq!((d.task.state, d.lost), (TaskState::Queued, 5));
+    }
 
     pub async fn started_pid_is_returned_by_recover(b: B, _g: G) {
         let a = enqueue1(&b, task("pid")).await;

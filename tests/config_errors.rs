@@ -541,6 +541,42 @@ max_attempts = 100000
 }
 
 #[test]
+fn max_lost_and_max_crashes_out_of_range() {
+    let text = "\
+[defaults]
+max_lost = -1
+
+[queues.a]
+worker = [\"/bin/true\"]
+max_crashes = 0
+max_lost = 1001
+";
+    check_bad(text)
+        .count(3)
+        .expect(
+            2,
+            12,
+            "defaults.max_lost",
+            &["max_lost cannot be negative (found -1)"],
+            Some("max_lost = 0"),
+        )
+        .expect(
+            6,
+            15,
+            "queues.a.max_crashes",
+            &["max_crashes must be at least 1, found 0"],
+            Some("max_crashes = 1"),
+        )
+        .expect(
+            7,
+            12,
+            "queues.a.max_lost",
+            &["at most 1000", "1001"],
+            Some("max_lost = 1000"),
+        );
+}
+
+#[test]
 fn bad_size_strings() {
     let text = "\
 [taskd]

@@ -299,6 +299,9 @@ fn five_hundred_tasks_survive_twenty_kill9_restart_cycles() {
 [queues.w]
 concurrency = 4
 max_attempts = 3
+# A recovered task is claimed first after the restart, and may be cut short again and
+# again: this test is about every task ending done, not about `max_lost`.
+max_lost = 1000
 shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
 "#,
     );
@@ -431,4 +434,100 @@ shell = 'echo "$TASKD_TASK_ID" >> "$D/done"; sleep 0.05'
         );
         assert_eq!(*reasons.last().unwrap(), "exit");
     }
+}
+
+/// `max_lost`: a task whose daemon dies under it each time fails `lost` past the limit,
+/// instead of being queued again for ever (it is the likely cause of the deaths).
+#[test]
+fn a_task_lost_more_than_max_lost_times_fails_with_reason_lost() {
+    let env = setup(
+        r#"
+[queues.poison]
+max_lost = 2
+shell = 'echo "$TASKD_ATTEMPT" >> "$D/runs"; sleep 30'
+"#,
+    );
+    let runs = env.path().join("runs");
+    let id = submit(&env, "poison", &json!({}));
+    for n in 1..=3usize {
+        let d = env.daemon();
+        // This run started (its line), the store says so, and the previous runs are
+        // already recorded as lost (the restart's recovery is done).
+        let mut last = Value::Null;
+        let ok = poll(secs(30), || {
+            let started = std::fs::read_to_string(&runs)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            last = env.show(&id);
+            started == n && last["state"] == "running" && history(&last).len() == n - 1
+        });
+        assert!(ok, "run {n} did not start: {last:#}\n{}", d.log_text());
+        d.kill9();
+    }
+    // The third loss is one more than max_lost: the next start fails the task.
+    let d = env.daemon();
+    let v = env.wait_state(&id, "failed", secs(30));
+    assert_eq!(v["lost"], 3, "{v:#}");
+    let reasons: Vec<&str> = history(&v)
+        .iter()
+        .map(|a| a["reason"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(reasons, ["lost", "lost", "lost"]);
+    assert_eq!(v["attempts"], 0, "lost runs are not charged");
+    let error = v["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("lost 3 times") && error.contains("max_lost = 2"),
+        "{error}"
+    );
+    let shown = env.ok(&["show", &id]);
+    assert!(shown.contains("state     failed"), "{shown}");
+    assert!(
+        shown.contains("lost      3 runs (the daemon or node running it died"),
+        "{shown}"
+    );
+    assert!(
+        d.log_text()
+            .contains("its runs were lost more often than max_lost"),
+        "the daemon says why:\n{}",
+        d.log_text()
+    );
+    // Not run again.
+    assert_eq!(counts(&env, "poison")["running"], 0);
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 3);
+}
+
+/// `max_crashes`: a long-lived worker that dies on the same task fails it at the limit,
+/// attempts left or not.
+#[test]
+fn a_task_its_worker_dies_on_max_crashes_times_fails() {
+    let env = setup(
+        r#"
+[queues.w]
+max_attempts = 10
+max_crashes = 2
+start_secs = "0s"
+worker = ["sh", "-c", "echo '{\"type\":\"ready\",\"protocol\":1}' >&4; while read -r l <&3; do echo took >> \"$D/took\"; exit 3; done"]
+"#,
+    );
+    let id = submit(&env, "w", &json!({}));
+    let d = env.daemon();
+    let v = env.wait_state(&id, "failed", secs(40));
+    assert_eq!(v["crashes"], 2, "{v:#}");
+    let h = history(&v);
+    assert_eq!(h.len(), 2, "{v:#}");
+    assert!(h.iter().all(|a| a["reason"] == "crash"), "{v:#}");
+    let error = h[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("died while running the task")
+            && error.contains("died running this task 2 times (max_crashes = 2)"),
+        "{error}"
+    );
+    assert_eq!(v["attempts"], 2, "8 attempts were left");
+    let shown = env.ok(&["show", &id]);
+    assert!(
+        shown.contains("crashes   2 (its worker died running it"),
+        "{shown}"
+    );
+    let took = std::fs::read_to_string(env.path().join("took")).unwrap_or_default();
+    assert_eq!(took.lines().count(), 2, "{}", d.log_text());
 }

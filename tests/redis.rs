@@ -530,13 +530,13 @@ fn a_task_enqueued_with_redis_cli_and_the_shipped_script_runs() {
     assert!(
         shipped.contains(&read("src/broker/redis/lib.lua"))
             && shipped.ends_with(&read("src/broker/redis/enqueue.lua")),
-        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; rebuild it from them"
+        "contrib/redis/enqueue.lua differs from src/broker/redis/{{lib,enqueue}}.lua; run contrib/redis/build"
     );
     let shipped = read("contrib/redis/push.lua");
     assert!(
         shipped.contains(&read("src/broker/redis/lib.lua"))
             && shipped.ends_with(&read("src/broker/redis/push.lua")),
-        "contrib/redis/push.lua differs from src/broker/redis/{{lib,push}}.lua; rebuild it from them"
+        "contrib/redis/push.lua differs from src/broker/redis/{{lib,push}}.lua; run contrib/redis/build"
     );
     let Some(server) =
         RedisServer::start("a_task_enqueued_with_redis_cli_and_the_shipped_script_runs")
@@ -1149,4 +1149,57 @@ fn a_task_running_on_another_node_is_followed_through_its_stored_tails() {
             Some(format!("── task {id} succeeded after 1 attempt ──").as_str())
         );
     }
+}
+
+/// `max_lost` on a shared broker: a task whose node is killed under it each time is taken
+/// back when its lease expires, and failed `lost` once it was lost more than `max_lost`
+/// times.
+#[test]
+fn a_task_lost_more_than_max_lost_times_fails_on_redis() {
+    let Some(server) = RedisServer::start("a_task_lost_more_than_max_lost_times_fails_on_redis")
+    else {
+        return;
+    };
+    let env = node(
+        &server,
+        "3s",
+        "[queues.poison]\nmax_lost = 1\nshell = 'echo \"$TASKD_ATTEMPT\" >> \"@D@/runs\"; sleep 60'\n",
+    );
+    let runs = env.path().join("runs");
+    let id = env.submit("poison", "{}");
+    for n in 1..=2usize {
+        let d = env.daemon();
+        let mut last = Value::Null;
+        let ok = poll(secs(40), || {
+            let started = std::fs::read_to_string(&runs)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            last = env.show(&id);
+            started == n && last["state"] == "running" && history(&last).len() == n - 1
+        });
+        assert!(ok, "run {n} did not start: {last:#}\n{}", d.log_text());
+        d.kill9();
+    }
+    // The second loss is one more than max_lost: once the lease expires, it fails.
+    let d = env.daemon();
+    let v = env.wait_state(&id, "failed", secs(40));
+    assert_eq!(v["lost"], 2, "{v:#}");
+    let reasons: Vec<&str> = history(&v)
+        .iter()
+        .map(|a| a["reason"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(reasons, ["lost", "lost"]);
+    assert!(
+        v["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lost 2 times") && e.contains("max_lost = 1")),
+        "{v:#}"
+    );
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+    assert!(
+        d.log_text()
+            .contains("its runs were lost more often than max_lost"),
+        "{}",
+        d.log_text()
+    );
 }

@@ -25,17 +25,64 @@ local function move_state(p, id, from, to, seq)
   redis.call('ZADD', p .. 'st:' .. to, seq, id)
 end
 
--- A finished task no longer holds its unique key.
+-- A finished task no longer holds its unique key, unless it was given `unique_for`: then
+-- the key stays taken until that long after now (`uf`: key -> '<until ms>:<id>').
 local function free_unique(p, id, key)
   if key and redis.call('HGET', p .. 'u', key) == id then
     redis.call('HDEL', p .. 'u', key)
+    local hold = redis.call('HGET', p .. 't:' .. id, 'unique_for')
+    if hold then
+      redis.call('HSET', p .. 'uf', key, fmt(clock() + tonumber(hold)) .. ':' .. id)
+    end
   end
+end
+
+-- The prefix of another queue's keys. Dependencies are the one link between queues: a
+-- parent's dependants may be on other queues (docs/redis.md, "Dependencies").
+local function qprefix(queue)
+  return 'taskd:{q:' .. queue .. '}:'
+end
+
+-- Task `id` of prefix `p` ended in `state`: settle its dependants (broker rule 13), listed
+-- in `kids:<id>` as '<queue>\31<id>'. A success counts each one's `blocked` down and puts
+-- one with none left in its queue's `waiting` index (promoted by the next claim); a failure
+-- or a cancel cancels them, and theirs after them.
+local function settle(p, id, state)
+  local kids = p .. 'kids:' .. id
+  local members = redis.call('SMEMBERS', kids)
+  if #members == 0 then return end
+  redis.call('DEL', kids)
+  local now = fmt(clock())
+  local woke = false
+  for _, m in ipairs(members) do
+    local cq, cid = string.match(m, '^(.-)\31(.*)$')
+    local cp = qprefix(cq)
+    local ct = cp .. 't:' .. cid
+    local f = redis.call('HMGET', ct, 'state', 'blocked', 'seq', 'run_at', 'unique_key')
+    if f[1] == 'scheduled' and tonumber(f[2] or '0') > 0 then
+      if state == 'succeeded' then
+        if redis.call('HINCRBY', ct, 'blocked', -1) <= 0 then
+          redis.call('HDEL', ct, 'blocked')
+          redis.call('HSET', ct, 'updated_at', now)
+          redis.call('ZADD', cp .. 'waiting', f[4], cid)
+          woke = true
+        end
+      else
+        redis.call('HSET', ct, 'state', 'cancelled', 'finished_at', now, 'updated_at', now,
+          'last_error', 'dependency ' .. id .. ' failed')
+        redis.call('HDEL', ct, 'blocked')
+        move_state(cp, cid, 'scheduled', 'cancelled', f[3])
+        free_unique(cp, cid, f[5])
+        settle(cp, cid, 'cancelled')
+      end
+    end
+  end
+  if woke then redis.call('PUBLISH', 'taskd:wake', 'sched') end
 end
 
 local function ready_add(p, priority, rk)
   redis.call('ZADD', p .. 'ready', fmt(-tonumber(priority)), rk)
 end
-
 -- Push plain tasks into the queue's inbox, all or nothing (see inbox.lua): the fast path
 -- of enqueue, a few list operations per task. KEYS: the queue's prefix, then each task's
 -- key (`<prefix>t:<id>`). ARGV: each task's entry, `<id>\31<args JSON>\31<payload>`, in

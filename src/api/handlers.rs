@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::{audit, enqueue as parse, AppState, BATCH_BODY_EXTRA};
 use crate::audit::{Action, Actor, AuditEntry};
-use crate::broker::{BrokerError, ListFilter};
+use crate::broker::ListFilter;
 use crate::config::{Config, QueueConfig};
 use crate::model::{QueueName, TaskId, TaskRecord, TaskState};
 use crate::view;
@@ -123,16 +123,8 @@ pub async fn openapi() -> Json<Value> {
 pub async fn list_queues(State(state): State<AppState>) -> Result<Json<view::Overview>, ApiError> {
     let config = state.config();
     let counts = state.broker(state.broker.counts().await)?;
-    let queues: Vec<view::QueueView> = crate::broker::queue_rows(config.queues.keys(), counts)
-        .iter()
-        .map(|(name, r)| {
-            let concurrency = name
-                .parse::<QueueName>()
-                .ok()
-                .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
-            view::QueueView::new(name, r, concurrency)
-        })
-        .collect();
+    let rows = crate::broker::queue_rows(config.queues.keys(), counts);
+    let queues = view::QueueView::all(&rows, &config);
     // Long-lived workers live in the daemon, which keeps state_dir/workers.json current.
     let now = crate::model::now_ms();
     let workers = crate::worker::status::read_status(&config.state_dir)
@@ -653,26 +645,6 @@ pub async fn stats(
     }))
 }
 
-/// The audit record of a change to task `id` the broker refused (no such task, a state the
-/// action does not apply to), with the task's queue when it exists; `None` for a failure
-/// of the store itself, which could not take a record either.
-async fn refusal(
-    state: &AppState,
-    entry: AuditEntry,
-    id: TaskId,
-    error: &BrokerError,
-) -> Option<AuditEntry> {
-    let entry = entry.refused(error.to_string());
-    match error {
-        BrokerError::NotFound(_) => Some(entry),
-        BrokerError::Conflict(_) => Some(match state.broker.get(id).await {
-            Ok(Some(d)) => entry.queue(d.task.queue),
-            _ => entry,
-        }),
-        _ => None,
-    }
-}
-
 pub async fn retry(
     State(state): State<AppState>,
     Extension(who): Extension<Actor>,
@@ -681,7 +653,7 @@ pub async fn retry(
     let id = parse_id(&id)?;
     let entry = AuditEntry::new(who, Action::Retry).task(id);
     if let Err(e) = state.broker.retry(id).await {
-        if let Some(refused) = refusal(&state, entry, id, &e).await {
+        if let Some(refused) = crate::broker::refusal(state.broker.as_ref(), entry, id, &e).await {
             audit::record(&state, refused).await;
         }
         return Err(state.broker_error(e));
@@ -709,7 +681,9 @@ pub async fn cancel(
     let outcome = match state.broker.cancel(id).await {
         Ok(o) => o,
         Err(e) => {
-            if let Some(refused) = refusal(&state, entry, id, &e).await {
+            if let Some(refused) =
+                crate::broker::refusal(state.broker.as_ref(), entry, id, &e).await
+            {
                 audit::record(&state, refused).await;
             }
             return Err(state.broker_error(e));

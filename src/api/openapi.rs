@@ -339,7 +339,9 @@ fn base_components() -> Value {
                 "id": { "type": "string" }, "host": { "type": "string" }, "pid": { "type": "integer" },
                 "queues": { "type": "array", "items": { "type": "string" } }, "running": { "type": "integer" },
                 "last_heartbeat": { "type": "integer", "description": "ms since the epoch, the Redis server's clock" } } },
-            "TaskDetail": { "allOf": [task_ref(), { "type": "object", "required": ["history", "result"], "properties": {
+            "TaskDetail": { "allOf": [task_ref(), { "type": "object", "required": ["history", "result", "lost", "crashes"], "properties": {
+                "lost": { "type": "integer", "description": "runs lost: the daemon or node running it died (attempts with reason `lost`); past the queue's `max_lost` the task fails" },
+                "crashes": { "type": "integer", "description": "runs its long-lived worker died in (reason `crash`); at the queue's `max_crashes` the task fails" },
                 "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } },
                 "result": { "nullable": true, "description": "what the task returned when it succeeded (any JSON value: a worker's `ok` result, or what it wrote to `$TASKD_RESULT_FILE`); null until then, and for a task that succeeded without one" } } }] },
             "Attempt": { "type": "object", "required": ["number", "node", "pid", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "stdout_tail", "stderr_tail", "memory_peak", "cpu_usec"], "properties": {
@@ -909,15 +911,11 @@ mod tests {
             ),
             (
                 ("get", "/api/v1/tasks/{id}", "200"),
-                vec![to_json(TaskDetail {
-                    task: task(fill),
-                    history: if full {
-                        vec![attempt(fill)]
-                    } else {
-                        Vec::new()
-                    },
-                    result: full.then(|| json!({ "thumbnail": "/srv/t/64.png", "bytes": 5120 })),
-                })],
+                vec![to_json(TaskDetail::new(
+                    task(fill),
+                    if full { vec![attempt(fill)] } else { Vec::new() },
+                    full.then(|| json!({ "thumbnail": "/srv/t/64.png", "bytes": 5120 })),
+                ))],
             ),
             (
                 ("post", "/api/v1/tasks/{id}/retry", "200"),

@@ -28,7 +28,7 @@ fn key(schedule: &ScheduleConfig) -> ScheduleKey {
 
 /// The schedule named in the path; 404 naming the known ones otherwise.
 fn find<'a>(config: &'a Config, name: &str) -> Result<&'a ScheduleConfig, ApiError> {
-    config.schedules.get(name).ok_or_else(|| {
+    config.schedules.get(name).map(|s| &**s).ok_or_else(|| {
         let known: Vec<String> = config.schedules.keys().cloned().collect();
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -48,7 +48,7 @@ fn find<'a>(config: &'a Config, name: &str) -> Result<&'a ScheduleConfig, ApiErr
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<view::Schedules>, ApiError> {
     let config = state.config();
-    let keys: Vec<ScheduleKey> = config.schedules.values().map(key).collect();
+    let keys: Vec<ScheduleKey> = config.schedules.values().map(|s| key(s)).collect();
     let states = state.broker(states_with_tasks(state.broker.as_ref(), &keys).await)?;
     let now = now_ms();
     Ok(Json(view::Schedules {

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey, ScheduleState,
-    ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
+    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey,
+    ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -586,11 +586,7 @@ impl Broker for MemoryBroker {
         let s = self.store();
         Ok(s.by_id.get(&id).map(|seq| {
             let r = &s.rows[seq];
-            TaskDetail {
-                task: r.task.clone(),
-                history: r.history.clone(),
-                result: r.result.clone(),
-            }
+            TaskDetail::new(r.task.clone(), r.history.clone(), r.result.clone())
         }))
     }
 
@@ -704,7 +700,12 @@ impl Broker for MemoryBroker {
         Ok(n)
     }
 
-    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+    async fn recover_limited(
+        &self,
+        scope: Recover,
+        note: &str,
+        limits: &LostLimits,
+    ) -> Result<Vec<Orphan>> {
         let now = now_ms();
         let mut orphans = Vec::new();
         {
@@ -735,14 +736,26 @@ impl Broker for MemoryBroker {
                     });
                     r.task.attempts = r.task.attempts.saturating_sub(1);
                 }
+                let lost = r
+                    .history
+                    .iter()
+                    .filter(|a| a.reason == Some(AttemptReason::Lost))
+                    .count() as u32;
+                let max_lost = limits.of(&r.task.queue);
+                let failed = started && !r.task.cancel_requested && lost > max_lost;
                 orphans.push(Orphan {
                     task: r.task.id,
                     queue: r.task.queue.clone(),
                     node: r.task.node.clone(),
                     pid: r.pid,
                     pid_start: r.pid_start,
+                    failed,
                 });
-                if r.task.cancel_requested {
+                if failed {
+                    r.task.state = TaskState::Failed;
+                    r.task.finished_at = Some(now);
+                    r.task.last_error = Some(super::lost_too_often(lost, max_lost));
+                } else if r.task.cancel_requested {
                     // The operator asked to cancel it before its node went away.
                     r.task.state = TaskState::Cancelled;
                     r.task.finished_at = Some(now);

@@ -105,6 +105,12 @@
 //!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
 //!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
 //!     expiry, never the waiting tasks. A task already held or running is not touched.
+//! 17. **A task is lost a bounded number of times.** [`Broker::recover_limited`] counts a
+//!     running task's `lost` attempts (the one it records included); past its queue's
+//!     `max_lost` ([`LostLimits`]) the task ends `failed` (its last attempt `lost`, its
+//!     `last_error` saying so, its unique key freed, its waiting dependants cancelled as
+//!     rule 13 says) instead of going back to `queued`. A pending cancel still wins (rule
+//!     5). Reserved tasks that never started are not lost runs and are not counted.
 
 pub(crate) mod access;
 pub mod memory;
@@ -251,6 +257,62 @@ pub struct Orphan {
     pub node: Option<NodeId>,
     pub pid: Option<i32>,
     pub pid_start: Option<u64>,
+    /// Lost more often than its queue's `max_lost`: it ended `failed` (rule 17).
+    pub failed: bool,
+}
+
+/// How many lost runs the tasks of each queue may have (`max_lost`) before the next one
+/// fails them ([`Broker::recover_limited`], rule 17). A queue it does not name (one a reload
+/// removed) has the `[defaults]` value; [`LostLimits::default`] has no limit at all.
+#[derive(Clone, Debug, Default)]
+pub struct LostLimits {
+    per_queue: BTreeMap<QueueName, u32>,
+    otherwise: Option<u32>,
+}
+
+impl LostLimits {
+    /// The `max_lost` of every queue of `config`, and the built-in default for the rest.
+    pub fn of_config(config: &crate::config::Config) -> LostLimits {
+        LostLimits::new(
+            config
+                .queues
+                .iter()
+                .map(|(name, q)| (name.clone(), q.max_lost))
+                .collect(),
+        )
+    }
+
+    /// These queues' `max_lost`, and the built-in default for the rest.
+    pub fn new(per_queue: BTreeMap<QueueName, u32>) -> LostLimits {
+        LostLimits {
+            per_queue,
+            otherwise: Some(crate::config::defaults::MAX_LOST),
+        }
+    }
+
+    /// `max_lost` for every queue.
+    pub fn all(max_lost: u32) -> LostLimits {
+        LostLimits {
+            per_queue: BTreeMap::new(),
+            otherwise: Some(max_lost),
+        }
+    }
+
+    /// The lost runs a task of `queue` may have; `u32::MAX` without a limit.
+    pub fn of(&self, queue: &QueueName) -> u32 {
+        self.per_queue
+            .get(queue)
+            .copied()
+            .or(self.otherwise)
+            .unwrap_or(u32::MAX)
+    }
+}
+
+/// The `last_error` of a task failed for its lost runs.
+pub fn lost_too_often(lost: impl std::fmt::Display, max_lost: u32) -> String {
+    format!(
+        "lost {lost} times (the daemon or node running it died each time), more than max_lost = {max_lost}: failed, not queued again, as the likely cause"
+    )
 }
 
 /// Which running tasks to recover.
@@ -527,6 +589,27 @@ pub(crate) fn queue_rows<'a>(
         row.set_aside = c.set_aside;
     }
     rows
+}
+
+/// The audit record of a change to task `id` that `broker` refused (no such task, a state
+/// the action does not apply to), with the task's queue when it exists; `None` for a
+/// failure of the store itself, which could not take a record either. For the API and the
+/// CLI alike.
+pub(crate) async fn refusal(
+    broker: &dyn Broker,
+    entry: AuditEntry,
+    id: TaskId,
+    error: &BrokerError,
+) -> Option<AuditEntry> {
+    let entry = entry.refused(error.to_string());
+    match error {
+        BrokerError::NotFound(_) => Some(entry),
+        BrokerError::Conflict(_) => Some(match broker.get(id).await {
+            Ok(Some(d)) => entry.queue(d.task.queue),
+            _ => entry,
+        }),
+        _ => None,
+    }
 }
 
 /// Signals a backend raises for the daemon: work may have arrived, or a cancel was asked.
@@ -833,8 +916,21 @@ pub trait Broker: Send + Sync + 'static {
     /// them all so their process groups can be killed. A running one gets a `lost` attempt
     /// and its attempt is given back; a reserved one is released silently (no attempt
     /// recorded, `attempts` unchanged). Either goes back to `queued`, or ends `cancelled` if
-    /// an operator had asked to cancel it.
-    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>>;
+    /// an operator had asked to cancel it. No limit on lost runs: see
+    /// [`Broker::recover_limited`].
+    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+        self.recover_limited(scope, note, &LostLimits::default())
+            .await
+    }
+
+    /// [`Broker::recover`], where a running task lost more often than its queue's
+    /// `max_lost` ends `failed` instead (rule 17). The daemon's recoveries use this one.
+    async fn recover_limited(
+        &self,
+        scope: Recover,
+        note: &str,
+        limits: &LostLimits,
+    ) -> Result<Vec<Orphan>>;
 
     /// Start delivering wake-ups to this process (the daemon calls it once).
     async fn subscribe(&self) -> Result<Wakeups>;

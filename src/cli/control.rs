@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{exit, load_config, open_broker, Failure};
 use crate::audit::{Action, Actor, AuditEntry};
-use crate::broker::{Broker, BrokerError, CancelOutcome};
+use crate::broker::{Broker, CancelOutcome};
 use crate::config::Config;
 use crate::model::{QueueName, TaskId};
 
@@ -35,26 +35,6 @@ pub(super) async fn record(broker: &dyn Broker, config: &Config, entry: AuditEnt
     }
 }
 
-/// The audit record of a change to task `id` the store refused (no such task, a state the
-/// action does not apply to), with the task's queue when it exists. `None` for a failure
-/// of the store itself, which could not take a record either.
-async fn refusal(
-    broker: &dyn Broker,
-    entry: AuditEntry,
-    id: TaskId,
-    error: &BrokerError,
-) -> Option<AuditEntry> {
-    let entry = entry.refused(error.to_string());
-    match error {
-        BrokerError::NotFound(_) => Some(entry),
-        BrokerError::Conflict(_) => Some(match broker.get(id).await {
-            Ok(Some(d)) => entry.queue(d.task.queue),
-            _ => entry,
-        }),
-        _ => None,
-    }
-}
-
 /// The queue of task `id`, for its audit record (`None` when it cannot be read).
 async fn queue_of(broker: &dyn Broker, id: TaskId) -> Option<QueueName> {
     broker.get(id).await.ok().flatten().map(|d| d.task.queue)
@@ -66,7 +46,7 @@ pub async fn retry(flag: Option<PathBuf>, args: IdArgs) -> anyhow::Result<u8> {
     let broker = open_broker(&config).await?;
     let entry = AuditEntry::new(Actor::local_cli(), Action::Retry).task(id);
     if let Err(e) = broker.retry(id).await {
-        if let Some(refused) = refusal(broker.as_ref(), entry, id, &e).await {
+        if let Some(refused) = crate::broker::refusal(broker.as_ref(), entry, id, &e).await {
             record(broker.as_ref(), &config, refused).await;
         }
         return Err(e.into());
@@ -86,7 +66,7 @@ pub async fn cancel(flag: Option<PathBuf>, args: IdArgs) -> anyhow::Result<u8> {
     let outcome = match broker.cancel(id).await {
         Ok(o) => o,
         Err(e) => {
-            if let Some(refused) = refusal(broker.as_ref(), entry, id, &e).await {
+            if let Some(refused) = crate::broker::refusal(broker.as_ref(), entry, id, &e).await {
                 record(broker.as_ref(), &config, refused).await;
             }
             return Err(e.into());

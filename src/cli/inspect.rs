@@ -7,7 +7,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use super::visible::{json_line, visible};
 use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, print_json, Failure};
 use crate::broker::ListFilter;
-use crate::model::{now_ms, QueueName, TaskDetail, TaskId, TaskRecord, TaskState};
+use crate::model::{now_ms, TaskDetail, TaskId, TaskRecord, TaskState};
 use crate::view;
 
 #[derive(clap::Args, Debug)]
@@ -90,16 +90,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     let now = now_ms();
     if args.json {
         // The API's shape (`GET /api/v1/queues`) plus what only this machine knows.
-        let queues = rows
-            .iter()
-            .map(|(name, r)| {
-                let concurrency = name
-                    .parse::<QueueName>()
-                    .ok()
-                    .and_then(|q| config.queues.get(&q).map(|c| c.concurrency));
-                view::QueueView::new(name, r, concurrency)
-            })
-            .collect();
+        let queues = view::QueueView::all(&rows, &config);
         print_json(&view::Status {
             daemon: daemon.map(|pid| view::DaemonView {
                 pid,
@@ -458,6 +449,19 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     );
     println!("attempts  {}", t.attempts);
+    if detail.lost > 0 {
+        println!(
+            "lost      {} run{} (the daemon or node running it died; past max_lost it fails)",
+            detail.lost,
+            if detail.lost == 1 { "" } else { "s" }
+        );
+    }
+    if detail.crashes > 0 {
+        println!(
+            "crashes   {} (its worker died running it; at max_crashes it fails)",
+            detail.crashes
+        );
+    }
     println!("payload   {}", t.payload);
     if !t.args.is_empty() {
         println!("args      {:?}", t.args);

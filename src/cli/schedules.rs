@@ -85,7 +85,7 @@ pub async fn run(flag: Option<PathBuf>, args: SchedulesArgs) -> anyhow::Result<u
 
 /// The schedule `name` of the config; exit 2 naming the known ones otherwise.
 pub fn find<'a>(config: &'a Config, name: &str) -> Result<&'a ScheduleConfig, Failure> {
-    config.schedules.get(name).ok_or_else(|| {
+    config.schedules.get(name).map(|s| &**s).ok_or_else(|| {
         let known: Vec<&str> = config.schedules.keys().map(String::as_str).collect();
         Failure::usage(format!(
             "unknown schedule `{name}` in {}; known schedules: {}",
@@ -108,7 +108,7 @@ fn key(schedule: &ScheduleConfig) -> ScheduleKey {
 
 async fn list(config: &Config, json: bool) -> anyhow::Result<u8> {
     let broker = open_broker(config).await?;
-    let keys: Vec<ScheduleKey> = config.schedules.values().map(key).collect();
+    let keys: Vec<ScheduleKey> = config.schedules.values().map(|s| key(s)).collect();
     let states = states_with_tasks(broker.as_ref(), &keys).await?;
     let now = now_ms();
     let views: Vec<view::ScheduleView> = config

@@ -380,6 +380,22 @@ queue_keys! {
         default: "`5`",
         meaning: "total runs including the first (1–1000; never unlimited)",
         read: |cx, e| cx.max_attempts(e);
+    /// Lost runs a task may have (its daemon or node died while it ran) before the next
+    /// one fails it, reason `lost` (0..=1000, default 3).
+    max_lost: u32 = defaults::MAX_LOST,
+        default: "`3`",
+        meaning: "lost runs a task may have (the daemon or node running it died: kill -9, OOM, power) before the next one fails it instead of queueing it again (0–1000). Lost runs are not charged to `max_attempts`, so without this a task that crashes its daemon would run for ever. The task ends `failed`, its last attempt's reason `lost`; `taskd show` counts its lost runs",
+        read: |cx, e| cx
+            .int_in_range(e, 0, limits::MAX_ATTEMPTS, "3")
+            .and_then(|n| u32::try_from(n).ok());
+    /// Runs of one task its long-lived worker may die in before the task fails, reason
+    /// `crash`, with attempts left or not (1..=1000, default 3).
+    max_crashes: u32 = defaults::MAX_CRASHES,
+        default: "`3`",
+        meaning: "for a `worker` queue: the times a long-lived worker may die while running the same task; at the last one the task fails (reason `crash`, not retried) even with attempts left (1–1000). A task that kills every worker that takes it is the likely cause; `taskd show` counts its crashes",
+        read: |cx, e| cx
+            .int_in_range(e, 1, limits::MAX_ATTEMPTS, "3")
+            .and_then(|n| u32::try_from(n).ok());
     backoff: Backoff = Backoff::default(),
         default: "`{ kind = \"exponential\", base = \"10s\", max = \"1h\", jitter = true }`",
         meaning: "delay before a retry: `base × 2^(n-1)` after the n-th failed attempt (`fixed`: `base`), capped at `max`; `jitter` picks a random point in the upper half; see [Retry backoff](#retry-backoff)",

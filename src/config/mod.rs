@@ -60,6 +60,11 @@ pub(crate) use keys::QueueConfig;
 pub(crate) use schedule::{Overlap, ScheduleConfig};
 pub(crate) use template::ArgTemplate;
 
+/// The config's schedules by name. Shared, not copied: the daemon, its scheduler and each
+/// of its schedule's handlings hold the same ones (a thousand schedules are a thousand
+/// cron patterns, payloads and names, once).
+pub type Schedules = BTreeMap<String, std::sync::Arc<ScheduleConfig>>;
+
 /// A validated config, with defaults applied and every path absolute.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -99,7 +104,7 @@ pub struct Config {
     pub log_tasks: LogTasks,
     pub queues: BTreeMap<QueueName, QueueConfig>,
     /// `[schedules.NAME]`, by name.
-    pub schedules: BTreeMap<String, ScheduleConfig>,
+    pub schedules: Schedules,
 }
 
 /// One place the API is served (an entry of `listen`).
@@ -113,7 +118,7 @@ pub enum Listen {
 }
 
 impl Listen {
-    pub fn tcp(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp(&self) -> Option<SocketAddr> {
         match self {
             Listen::Tcp(a) => Some(*a),
             Listen::Unix(_) => None,
@@ -396,6 +401,10 @@ pub(crate) mod defaults {
     pub(crate) const CONCURRENCY: usize = 1;
     pub(crate) const TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub(crate) const MAX_ATTEMPTS: u32 = 5;
+    /// `max_lost`: lost runs a task may have before the next one fails it.
+    pub(crate) const MAX_LOST: u32 = 3;
+    /// `max_crashes`: worker deaths on one task that fail it.
+    pub(crate) const MAX_CRASHES: u32 = 3;
     pub(crate) const KILL_GRACE: Duration = Duration::from_secs(10);
     pub(crate) const OUTPUT_TAIL: usize = 64 * 1024;
     pub(crate) const LOG_MAX: u64 = 10 * 1024 * 1024;

@@ -80,7 +80,7 @@ fn secs(seconds: u64) -> Duration {
 }
 
 #[test]
-fn product_example_is_valid() {
+fn a_full_example_config_is_valid() {
     let c = ok(EXAMPLE);
     assert_eq!(c.path, PathBuf::from("/etc/taskd/taskd.toml"));
     assert_eq!(

@@ -31,7 +31,11 @@ pub(super) async fn cluster_loop(
         let reclaimed = match heartbeat(broker.as_ref(), &supervisor, &host).await {
             Ok(()) => {
                 broker
-                    .recover(Recover::Expired(crate::model::now_ms()), EXPIRED)
+                    .recover_limited(
+                        Recover::Expired(crate::model::now_ms()),
+                        EXPIRED,
+                        &supervisor.lost_limits(),
+                    )
                     .await
             }
             Err(e) => Err(e),
@@ -87,6 +91,7 @@ fn kill_reclaimed(orphans: &[Orphan]) {
     if orphans.is_empty() {
         return;
     }
+    super::recovery::log_failed(orphans);
     let killed = orphans
         .iter()
         .filter(|o| match (o.pid, o.pid_start) {

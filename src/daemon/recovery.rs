@@ -4,7 +4,7 @@
 //! leases too, so nothing is taken back here; only what is left on this machine of this
 //! node's own runs from before a crash is killed, and their leases expire.
 
-use crate::broker::{Broker, Orphan, Recover};
+use crate::broker::{Broker, LostLimits, Orphan, Recover};
 use crate::config::Config;
 use crate::exit::{self, Failure};
 use crate::model::TaskId;
@@ -42,18 +42,25 @@ pub(super) async fn recover(
         kill_own_leftovers(broker, &noted).await;
         0
     } else {
-        recover_all(broker, &noted).await?
+        recover_all(broker, &noted, &LostLimits::of_config(config)).await?
     };
     Ok((start_log, recovered))
 }
 
-/// The embedded store: every task left running is queued again, its processes killed; how
-/// many.
-async fn recover_all(broker: &dyn Broker, noted: &[TaskId]) -> anyhow::Result<usize> {
+/// The embedded store: every task left running is queued again (or failed, when it was lost
+/// more often than its queue's `max_lost`), its processes killed; how many.
+async fn recover_all(
+    broker: &dyn Broker,
+    noted: &[TaskId],
+    limits: &LostLimits,
+) -> anyhow::Result<usize> {
     if !noted.is_empty() {
         broker.adopt_started(noted).await?;
     }
-    let orphans = broker.recover(Recover::All, LEFT_RUNNING).await?;
+    let orphans = broker
+        .recover_limited(Recover::All, LEFT_RUNNING, limits)
+        .await?;
+    log_failed(&orphans);
     let killed = kill_orphans(&orphans);
     if !orphans.is_empty() {
         tracing::warn!(
@@ -114,6 +121,17 @@ async fn stale_local_runs(broker: &dyn Broker, noted: &[TaskId]) -> Vec<String> 
         }
     }
     out
+}
+
+/// Say which recovered tasks failed for being lost too often (rule 13 of the broker).
+pub(super) fn log_failed(orphans: &[Orphan]) {
+    for o in orphans.iter().filter(|o| o.failed) {
+        tracing::error!(
+            task = %o.task,
+            queue = %o.queue,
+            "task failed: its runs were lost more often than max_lost (the daemon or node running it died each time); not queued again, as the likely cause"
+        );
+    }
 }
 
 /// Kill what is left of recovered tasks' process groups on this machine; how many.

@@ -274,6 +274,33 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// An attempt that ran as `pid` (a task's leader or a long-lived worker) from
+    /// `started_at_ms` until now, with what its two streams captured; nothing returned and
+    /// no stray killed until the caller says so.
+    pub(crate) fn ran(
+        ran_on: Runner,
+        status: Status,
+        pid: i32,
+        started_at_ms: UnixMs,
+        out: Capture,
+        err: Capture,
+    ) -> Outcome {
+        Outcome {
+            status,
+            pid: Some(pid),
+            started_at_ms,
+            ended_at_ms: now_ms(),
+            stdout_total: out.total,
+            stderr_total: err.total,
+            stdout_tail: out.tail.into_vec(),
+            stderr_tail: err.tail.into_vec(),
+            stray_killed: false,
+            ran_on,
+            returned: Returned::Nothing,
+            usage: None,
+        }
+    }
+
     /// An attempt that ended before anything ran.
     pub fn not_started(status: Status, at: UnixMs) -> Outcome {
         Outcome {
@@ -495,17 +522,9 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
 
     Outcome {
         returned,
-        status,
-        pid: Some(pid),
-        started_at_ms,
-        ended_at_ms: now_ms(),
-        stdout_total: out.total,
-        stderr_total: err.total,
-        stdout_tail: out.tail.into_vec(),
-        stderr_tail: err.tail.into_vec(),
         stray_killed,
-        ran_on: Runner::Process,
         usage,
+        ..Outcome::ran(Runner::Process, status, pid, started_at_ms, out, err)
     }
 }
 

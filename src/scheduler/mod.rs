@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Doubling;
 use crate::broker::{Broker, BrokerError, ScheduleKey, ScheduleStep, StepAnswer, Wakeups};
-use crate::config::{Config, Overlap, ScheduleConfig};
+use crate::config::{Config, Overlap, ScheduleConfig, Schedules};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, UnixMs};
 use crate::slots::{self, Step};
@@ -32,11 +32,17 @@ use crate::slots::{self, Step};
 /// wake-up was lost, another node's spec).
 const REFRESH: Duration = Duration::from_secs(30);
 
+/// The most schedules handled at once. A handling is a few broker calls; on SQLite each
+/// takes a blocking thread, so a thousand schedules due together (every one at start, or a
+/// common minute) would start hundreds of threads whose memory stays with the process. The
+/// rest wait their turn, a few milliseconds each.
+const MAX_STEPS: usize = 16;
+
 /// The schedules of one daemon. [`Scheduler::start`] spawns the loop.
 pub struct Scheduler {
-    tx: mpsc::UnboundedSender<BTreeMap<String, ScheduleConfig>>,
+    tx: mpsc::UnboundedSender<Schedules>,
     /// The schedules of the config last applied, to say what a reload changed.
-    current: Mutex<BTreeMap<String, ScheduleConfig>>,
+    current: Mutex<Schedules>,
     stop: CancellationToken,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -89,10 +95,7 @@ impl Scheduler {
 }
 
 /// What a reload changes, one phrase per schedule (`taskd reload` prints them).
-pub fn diff(
-    old: &BTreeMap<String, ScheduleConfig>,
-    new: &BTreeMap<String, ScheduleConfig>,
-) -> Vec<String> {
+pub fn diff(old: &Schedules, new: &Schedules) -> Vec<String> {
     let mut out = Vec::new();
     for (name, n) in new {
         let Some(o) = old.get(name) else {
@@ -161,7 +164,7 @@ pub fn diff(
 
 /// One schedule as the loop knows it.
 struct Entry {
-    cfg: ScheduleConfig,
+    cfg: Arc<ScheduleConfig>,
     key: ScheduleKey,
     /// Its calendar's fingerprint: the spec its record must be at.
     spec: String,
@@ -184,7 +187,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(cfg: ScheduleConfig) -> Entry {
+    fn new(cfg: Arc<ScheduleConfig>) -> Entry {
         Entry {
             key: ScheduleKey {
                 name: cfg.name.clone(),
@@ -251,8 +254,8 @@ struct Loop {
 impl Loop {
     async fn run(
         mut self,
-        first: BTreeMap<String, ScheduleConfig>,
-        mut rx: mpsc::UnboundedReceiver<BTreeMap<String, ScheduleConfig>>,
+        first: Schedules,
+        mut rx: mpsc::UnboundedReceiver<Schedules>,
         wakeups: Wakeups,
         stop: CancellationToken,
     ) {
@@ -263,7 +266,13 @@ impl Loop {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.launch_due();
-            let next = self.entries.values_mut().filter_map(|e| e.due_at()).min();
+            // At the cap, what is due waits for a handling to end (not for the timer, which
+            // would fire at once).
+            let next = if self.steps.len() >= MAX_STEPS {
+                None
+            } else {
+                self.entries.values_mut().filter_map(|e| e.due_at()).min()
+            };
             tokio::select! {
                 _ = stop.cancelled() => break,
                 woke = timer.sleep_until(next) => {
@@ -290,7 +299,7 @@ impl Loop {
 
     /// Take the schedules of a (new) config: keep what is unchanged, begin what is new or
     /// has a new spec.
-    fn take(&mut self, schedules: BTreeMap<String, ScheduleConfig>) {
+    fn take(&mut self, schedules: Schedules) {
         let mut next = BTreeMap::new();
         for (name, cfg) in schedules {
             let entry = match self.entries.remove(&name) {
@@ -360,15 +369,21 @@ impl Loop {
         }
     }
 
-    /// Start handling every schedule that is due.
+    /// Start handling the schedules that are due, earliest first, at most [`MAX_STEPS`] at
+    /// once.
     fn launch_due(&mut self) {
+        let room = MAX_STEPS.saturating_sub(self.steps.len());
+        if room == 0 {
+            return;
+        }
         let now = now_ms();
-        let due: Vec<String> = self
+        let mut due: Vec<(UnixMs, String)> = self
             .entries
             .iter_mut()
-            .filter_map(|(n, e)| e.due_at().filter(|t| *t <= now).map(|_| n))
-            .cloned()
+            .filter_map(|(n, e)| e.due_at().filter(|t| *t <= now).map(|t| (t, n.clone())))
             .collect();
+        due.sort();
+        let due = due.into_iter().take(room).map(|(_, n)| n);
         for name in due {
             let Some(e) = self.entries.get_mut(&name) else {
                 continue;
@@ -433,7 +448,7 @@ struct Job {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     node: String,
-    cfg: ScheduleConfig,
+    cfg: Arc<ScheduleConfig>,
     key: ScheduleKey,
     spec: String,
     through: UnixMs,

@@ -117,6 +117,8 @@ pub fn queue_diff(
     field!("timeout", timeout, dur);
     field!("kill_grace", kill_grace, dur);
     field!("max_attempts", max_attempts, |v: &u32| v.to_string());
+    field!("max_lost", max_lost, |v: &u32| v.to_string());
+    field!("max_crashes", max_crashes, |v: &u32| v.to_string());
     field!("output_tail", output_tail, |v: &usize| v.to_string());
     field!("log_max", log_max, |v: &u64| v.to_string());
     field!(
@@ -279,6 +281,44 @@ impl Supervisor {
 
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    /// A worker died running this task: at its queue's `max_crashes`-th death on it (its
+    /// history says how many came before), the task fails instead of being retried.
+    async fn limit_crashes(
+        &self,
+        config: &crate::config::QueueConfig,
+        claimed: &Claimed,
+        mut record: AttemptRecord,
+        finish: Finish,
+    ) -> (AttemptRecord, Finish) {
+        if record.reason != Some(AttemptReason::Crash) || !matches!(finish, Finish::Retry { .. }) {
+            return (record, finish);
+        }
+        let before = match self.broker.get(claimed.task.id).await {
+            Ok(Some(d)) => d
+                .history
+                .iter()
+                .filter(|a| a.reason == Some(AttemptReason::Crash))
+                .count() as u32,
+            // Unknown: retry as the policy says; the next crash is counted again.
+            _ => 0,
+        };
+        let finish = policy::limit_crashes(config, before, &mut record, finish);
+        (record, finish)
+    }
+
+    /// Each served queue's `max_lost` as configured now (a reload changes it), for the
+    /// recovery of expired leases.
+    pub fn lost_limits(&self) -> crate::broker::LostLimits {
+        crate::broker::LostLimits::new(
+            self.queues
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|(name, q)| (name.clone(), q.prepared().config.max_lost))
+                .collect(),
+        )
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -825,6 +865,7 @@ impl Supervisor {
                 decided
             }
         };
+        let (record, finish) = self.limit_crashes(&config, &claimed, record, finish).await;
         let log_tasks = self.log_tasks();
         if log_tasks == LogTasks::None
             && matches!(

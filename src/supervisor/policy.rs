@@ -31,6 +31,34 @@ pub fn retry_or_fail(
     }
 }
 
+/// A long-lived worker died running the task (`attempt`'s reason `crash`), `before` times
+/// already on this task: at the queue's `max_crashes`-th death the task fails, attempts left
+/// or not, since it is the likely cause. Any other attempt, or one not to be retried, keeps
+/// `finish`.
+pub fn limit_crashes(
+    queue: &QueueConfig,
+    before: u32,
+    attempt: &mut AttemptRecord,
+    finish: Finish,
+) -> Finish {
+    if attempt.reason != Some(AttemptReason::Crash) || !matches!(finish, Finish::Retry { .. }) {
+        return finish;
+    }
+    let crashes = before + 1;
+    if crashes < queue.max_crashes {
+        return finish;
+    }
+    let note = format!(
+        "the worker died running this task {crashes} times (max_crashes = {}): failed, not retried, as the likely cause",
+        queue.max_crashes
+    );
+    attempt.error = Some(match attempt.error.take() {
+        Some(e) => format!("{e}; {note}"),
+        None => note,
+    });
+    Finish::Failed
+}
+
 /// The record of one run of `claimed` task on `node`, before its reason and error are
 /// known: number, pid, start and end, and the output tails (`(stdout, stderr)`).
 fn attempt_of(
@@ -574,6 +602,50 @@ mod tests {
         let (a, f) = decide(&q, &super::test_claimed(1), &"n".into(), o, 0, &mut rng);
         assert_eq!(f, Finish::Failed);
         assert!(a.error.unwrap().contains("keeps none (max_result = 0)"));
+    }
+
+    #[test]
+    fn the_max_crashes_th_death_of_a_worker_on_a_task_fails_it() {
+        let mut q = queue(10);
+        q.max_crashes = 3;
+        let crash = || Status::Crashed {
+            how: "killed by SIGKILL".into(),
+            signal: Some(9),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let run = |q: &QueueConfig, before: u32, rng: &mut rand::rngs::StdRng| {
+            let (mut a, f) = decide(
+                q,
+                &super::test_claimed(before + 1),
+                &"n".into(),
+                outcome(crash()),
+                100_000,
+                rng,
+            );
+            let f = limit_crashes(q, before, &mut a, f);
+            (a, f)
+        };
+        for before in 0..2 {
+            let (_, f) = run(&q, before, &mut rng);
+            assert!(matches!(f, Finish::Retry { .. }), "crash {}", before + 1);
+        }
+        let (a, f) = run(&q, 2, &mut rng);
+        assert_eq!(f, Finish::Failed, "attempts left, but the third crash");
+        let e = a.error.unwrap();
+        assert!(
+            e.contains("died while running the task")
+                && e.contains("died running this task 3 times (max_crashes = 3)"),
+            "{e}"
+        );
+        // Only a crash counts, and only what would be retried.
+        let (mut a, f) = decide_with(10, 1, Status::Exited(1));
+        assert!(matches!(
+            limit_crashes(&q, 5, &mut a, f),
+            Finish::Retry { .. }
+        ));
+        q.max_crashes = 1;
+        let (_, f) = run(&q, 0, &mut rng);
+        assert_eq!(f, Finish::Failed, "max_crashes = 1: the first crash");
     }
 
     #[test]

@@ -901,18 +901,8 @@ async fn run_task(shared: &Shared, slot: &Slot, process: &mut Proc, job: Job) ->
         other => Some(leave_after(other, task.id)),
     };
     let outcome = Outcome {
-        status,
-        pid: Some(process.pid),
-        started_at_ms,
-        ended_at_ms: now_ms(),
-        stdout_total: out.total,
-        stderr_total: err.total,
-        stdout_tail: out.tail.into_vec(),
-        stderr_tail: err.tail.into_vec(),
-        stray_killed: false,
-        ran_on: Runner::Worker,
         returned,
-        usage: None,
+        ..Outcome::ran(Runner::Worker, status, process.pid, started_at_ms, out, err)
     };
     let _ = job.reply.send(outcome);
     shared.registry.touched();

@@ -3,10 +3,21 @@
 -- unique_for (ms, '' = none), parents ('' = none, else '<queue>\31<id>' joined by ','),
 -- concurrency key and rate key (each '' = none, else 'k:' .. key), expires_at (ms, '' = none).
 -- Returns, per task: id, state, existing (0/1), created_at, run_at.
-local W = 11
+-- Callers written for the first 6 fields (docs/redis.md) may still pass only those: the rest
+-- are then '' for every task.
 local p = KEYS[1]
 local queue = string.match(p, '{q:(.*)}')
 local n = tonumber(ARGV[1])
+local W = 11
+if n > 0 and #ARGV == 1 + n * 6 then
+  W = 6
+end
+local function field(b, k)
+  if k >= W then
+    return ''
+  end
+  return ARGV[b + k]
+end
 local now, now_us = clock()
 local seen = {}
 for i = 0, n - 1 do
@@ -15,7 +26,7 @@ for i = 0, n - 1 do
     return redis.error_reply('DUPLICATE a task with id ' .. id .. ' already exists')
   end
   -- Every parent exists (stored, or earlier in this batch).
-  for pq, pid in string.gmatch(ARGV[2 + i * W + 7], '([^,]-)\31([^,]+)') do
+  for pq, pid in string.gmatch(field(2 + i * W, 7), '([^,]-)\31([^,]+)') do
     if not seen[pid] and redis.call('EXISTS', qprefix(pq) .. 't:' .. pid) == 0 then
       return redis.error_reply('NOPARENT ' .. pid)
     end
@@ -40,8 +51,8 @@ local work, sched = false, false
 for i = 0, n - 1 do
   local b = 2 + i * W
   local id, payload, args, priority, uk, run_at, ufor, after =
-    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
-  local fk, rkey, expires = ARGV[b + 8], ARGV[b + 9], ARGV[b + 10]
+    ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], field(b, 6), field(b, 7)
+  local fk, rkey, expires = field(b, 8), field(b, 9), field(b, 10)
   local key = nil
   local holder = false
   if uk ~= '' then

@@ -29,7 +29,8 @@ use results::{finish_call, finish_loop, Finishing};
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Lease, ListFilter, LostLimits, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow,
+    Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::backoff::Doubling;
@@ -542,6 +543,7 @@ impl RedisBroker {
         all: bool,
         delta: i64,
         note: &str,
+        max_lost: u32,
     ) -> Result<Vec<Orphan>> {
         let flat: Vec<String> = scripts()
             .recover
@@ -550,12 +552,14 @@ impl RedisBroker {
             .arg(delta)
             .arg(note)
             .arg(boot_id())
+            .arg(max_lost)
+            .arg(super::lost_too_often("{lost}", max_lost))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for c in flat.chunks(4) {
-            let [id, node, pid, pid_start] = c else {
+        for c in flat.chunks(5) {
+            let [id, node, pid, pid_start, failed] = c else {
                 return Err(BrokerError::Storage("recover returned a short row".into()));
             };
             let task: TaskId = id.parse().map_err(BrokerError::Storage)?;
@@ -566,6 +570,7 @@ impl RedisBroker {
                 node: (!node.is_empty()).then(|| NodeId::from(node.clone())),
                 pid: pid.parse().ok(),
                 pid_start: pid_start.parse().ok(),
+                failed: failed == "1",
             });
         }
         Ok(out)
@@ -1141,11 +1146,7 @@ impl Broker for RedisBroker {
                     .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
             })
             .transpose()?;
-        Ok(Some(TaskDetail {
-            task,
-            history,
-            result,
-        }))
+        Ok(Some(TaskDetail::new(task, history, result)))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
@@ -1440,7 +1441,12 @@ impl Broker for RedisBroker {
         Ok(n)
     }
 
-    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+    async fn recover_limited(
+        &self,
+        scope: Recover,
+        note: &str,
+        limits: &LostLimits,
+    ) -> Result<Vec<Orphan>> {
         let (all, delta) = match scope {
             Recover::All => (true, 0),
             // The cut-off is the caller's time; the script applies the same distance from
@@ -1449,7 +1455,7 @@ impl Broker for RedisBroker {
         };
         let mut out = Vec::new();
         for q in self.queue_names().await? {
-            out.extend(self.recover_in(&q, all, delta, note).await?);
+            out.extend(self.recover_in(&q, all, delta, note, limits.of(&q)).await?);
         }
         Ok(out)
     }

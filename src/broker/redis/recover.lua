@@ -1,10 +1,13 @@
 -- Take back held tasks whose lease expired before now + delta (or all, when ARGV[1] is
--- '1'). ARGV: all, delta (ms), note, boot. A running task gets a `lost` attempt, uncharged;
--- a reserved one goes back silently; a pending cancel ends either `cancelled`.
--- Returns id, node, pid, pid_start per task ('' when unknown; a pid from another boot is
--- never returned).
+-- '1'). ARGV: all, delta (ms), note, boot, max_lost, the `last_error` of a task lost more
+-- than max_lost times (`{lost}` stands for the count). A running task gets a `lost`
+-- attempt, uncharged; past max_lost lost attempts it ends `failed` (rule 17); a reserved
+-- one goes back silently; a pending cancel ends either `cancelled`.
+-- Returns id, node, pid, pid_start, failed ('1' or '0') per task ('' when unknown; a pid
+-- from another boot is never returned).
 local p = KEYS[1]
 local all, delta, note, boot = ARGV[1] == '1', tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local max_lost, too_often = tonumber(ARGV[5]), ARGV[6]
 local now = clock()
 local ids
 if all then
@@ -30,8 +33,22 @@ for _, id in ipairs(ids) do
       redis.call('RPUSH', p .. 'h:' .. id, cjson.encode(a))
       attempts = math.max(attempts - 1, 0)
     end
+    local lost = 0
+    if started and f[8] ~= '1' then
+      for _, h in ipairs(redis.call('LRANGE', p .. 'h:' .. id, 0, -1)) do
+        if cjson.decode(h).reason == 'lost' then lost = lost + 1 end
+      end
+    end
+    local failed = lost > max_lost
     redis.call('HDEL', t, 'node', 'expires', 'pid', 'pid_start', 'pid_boot')
-    if f[8] == '1' then
+    if failed then
+      local err = string.gsub(too_often, '{lost}', tostring(lost))
+      redis.call('HSET', t, 'state', 'failed', 'finished_at', fmt(now), 'updated_at', fmt(now),
+        'last_error', err, 'attempts', fmt(attempts))
+      move_state(p, id, f[1], 'failed', f[9])
+      free_unique(p, id, f[12])
+      settle(p, id, 'failed')
+    elseif f[8] == '1' then
       redis.call('HSET', t, 'state', 'cancelled', 'finished_at', fmt(now), 'updated_at', fmt(now),
         'last_error', 'cancelled by an operator', 'cancel_requested', '0', 'attempts', fmt(attempts))
       redis.call('SREM', p .. 'cancel', id)
@@ -43,7 +60,9 @@ for _, id in ipairs(ids) do
       move_state(p, id, f[1], 'queued', f[9])
       ready_add(p, f[10], f[11])
     end
-    for _, v in ipairs({ id, f[2] or '', pid or '', pid_start or '' }) do out[#out + 1] = v end
+    for _, v in ipairs({ id, f[2] or '', pid or '', pid_start or '', failed and '1' or '0' }) do
+      out[#out + 1] = v
+    end
   end
 end
 if #out > 0 then redis.call('PUBLISH', 'taskd:wake', 'work') end

@@ -15,8 +15,9 @@
 //! One file per concern, as for Redis: `schema.rs` (the migrations), `conn.rs` (opening
 //! connections, the read path, waiting out another process's write lock), `writer.rs` (the
 //! group-commit writer thread and how a write reaches it), `wake.rs` (the wake-up socket),
-//! `rows.rs` (row mapping and the statements several operations share); this file holds the
-//! broker itself and its `Broker` operations.
+//! `rows.rs` (row mapping and the statements several operations share), `schedules.rs` (the
+//! schedule records and slot steps) and `flow.rs` (per-key and rate limits in the claim);
+//! this file holds the broker itself and its `Broker` operations.
 
 mod conn;
 mod flow;
@@ -42,7 +43,7 @@ use self::rows::{
 use self::writer::{answer, writer_loop, Job};
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
+    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, StatRow, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -564,11 +565,7 @@ impl Broker for SqliteBroker {
                         .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
                 })
                 .transpose()?;
-            Ok(Some(TaskDetail {
-                task,
-                history,
-                result,
-            }))
+            Ok(Some(TaskDetail::new(task, history, result)))
         })
         .await
     }
@@ -817,8 +814,14 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn recover(&self, scope: Recover, note: &str) -> Result<Vec<Orphan>> {
+    async fn recover_limited(
+        &self,
+        scope: Recover,
+        note: &str,
+        limits: &LostLimits,
+    ) -> Result<Vec<Orphan>> {
         let note = note.to_string();
+        let limits = limits.clone();
         let out = self
             .write(move |conn| {
                 let now = now_ms();
@@ -871,9 +874,30 @@ impl Broker for SqliteBroker {
                         };
                         insert_attempt(conn, seq, &attempt)?;
                     }
+                    let queue: QueueName = queue.parse().map_err(BrokerError::Storage)?;
+                    let max_lost = limits.of(&queue);
+                    let lost: u32 = if started && !cancel_requested {
+                        conn.prepare_cached(
+                            "SELECT count(*) FROM attempts WHERE task_seq = ?1 AND reason = 'lost'",
+                        )
+                        .and_then(|mut s| s.query_row([seq], |r| r.get(0)))
+                        .map_err(storage)?
+                    } else {
+                        0
+                    };
+                    let failed = lost > max_lost;
                     // A held task that was never recorded as started leaves no history: if its
                     // process did start, it is killed and the run did not count.
-                    if cancel_requested {
+                    if failed {
+                        // Lost too often: the likely cause of its daemons' deaths (rule 17).
+                        conn.execute(
+                            "UPDATE tasks SET state = 'failed', finished_at = ?2, updated_at = ?2,
+                                last_error = ?3, attempts = max(attempts - 1, 0),
+                                lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                             WHERE seq = ?1",
+                            params![seq, now, super::lost_too_often(lost, max_lost)],
+                        )
+                    } else if cancel_requested {
                         // The operator asked to cancel it before its node went away: honour it.
                         conn.execute(
                             "UPDATE tasks SET state = 'cancelled', finished_at = ?2, updated_at = ?2,
@@ -894,10 +918,11 @@ impl Broker for SqliteBroker {
                     .map_err(storage)?;
                     orphans.push(Orphan {
                         task: id.parse().map_err(BrokerError::Storage)?,
-                        queue: queue.parse().map_err(BrokerError::Storage)?,
+                        queue,
                         node,
                         pid,
                         pid_start: pid_start.map(|p| p as u64),
+                        failed,
                     });
                 }
                 Ok(orphans)

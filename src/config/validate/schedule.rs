@@ -163,11 +163,11 @@ impl Cx<'_> {
         queues: &BTreeMap<QueueName, QueueConfig>,
         max_payload: usize,
         queues_broken: bool,
-    ) -> BTreeMap<String, ScheduleConfig> {
+    ) -> crate::config::Schedules {
         let mut out = BTreeMap::new();
         for e in tables {
             if let Some(s) = self.schedule(e, queues, max_payload, queues_broken) {
-                out.insert(s.name.clone(), s);
+                out.insert(s.name.clone(), std::sync::Arc::new(s));
             }
         }
         out
