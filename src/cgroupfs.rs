@@ -45,13 +45,14 @@ pub(crate) fn mounts() -> Vec<Mount> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\` and three octal digits.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = digits.and_then(|d| u8::from_str_radix(d, 8).ok()) {
                 out.push(v);
                 i += 4;
                 continue;
@@ -200,4 +201,38 @@ pub(crate) fn probe(root: Option<&Path>) -> Result<Probe, String> {
         v2_offered,
         v1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone_and_other_text_is_kept() {
+        assert_eq!(unescape(r"/sys/fs/cgroup/a\040b"), "/sys/fs/cgroup/a b");
+        assert_eq!(unescape(r"/tmp/x\134y"), r"/tmp/x\y");
+        assert_eq!(
+            unescape("/tmp/é\\é"),
+            "/tmp/é\\é",
+            "no panic inside a character"
+        );
+        assert_eq!(unescape("trailing\\"), "trailing\\");
+    }
+
+    #[test]
+    fn a_cgroup_path_is_found_under_its_mount_root() {
+        let m = Mount {
+            point: "/sys/fs/cgroup".into(),
+            root: "/lxc/box".into(),
+            v2: true,
+            options: Vec::new(),
+        };
+        assert_eq!(dir_of(&m, "/lxc/box/svc"), Path::new("/sys/fs/cgroup/svc"));
+        let host = Mount {
+            root: "/".into(),
+            ..m
+        };
+        assert_eq!(dir_of(&host, "/a/b"), Path::new("/sys/fs/cgroup/a/b"));
+        assert_eq!(dir_of(&host, "/"), Path::new("/sys/fs/cgroup"));
+    }
 }

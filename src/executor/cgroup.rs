@@ -363,6 +363,8 @@ struct Inner {
     has_kill: bool,
     /// Where memory is counted: (directory, v2?).
     memory: Option<(PathBuf, bool)>,
+    /// Removed already ([`Cgroup::finish`]): nothing left for the drop.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 impl Cgroup {
@@ -378,6 +380,7 @@ impl Cgroup {
             procs: std::sync::Mutex::new(Vec::new()),
             has_kill: place.has_kill,
             memory: None,
+            removed: std::sync::atomic::AtomicBool::new(false),
         };
         // From here on a failure removes what was made (Inner's drop).
         let mut wanted: Vec<(&str, String, String)> = Vec::new(); // (controller, file, value)
@@ -519,10 +522,23 @@ impl Cgroup {
     pub async fn finish(self) -> Usage {
         self.kill();
         let usage = self.usage();
+        // The usual case: nothing was left to kill (the leader was reaped and its children
+        // ended with it), and the directories go at once, here.
+        let removed = Arc::strong_count(&self.0) == 1
+            && self
+                .0
+                .dirs
+                .iter()
+                .rev()
+                .all(|d| std::fs::remove_dir(d).is_ok());
+        if removed {
+            self.0.removed.store(true, Ordering::Relaxed);
+            return usage;
+        }
         let inner = self.0.clone();
         drop(self);
-        // Removed by the last clone's drop; this is the usual one. Waiting for killed
-        // processes to go blocks, so it runs off the runtime's threads.
+        // Removed by the last clone's drop: waiting for killed processes to go blocks, so it
+        // runs off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || drop(inner)).await;
         usage
     }
@@ -532,10 +548,10 @@ fn limits_memsw(limits: &CgroupLimits) -> String {
     limits.memory_max.unwrap_or(u64::MAX).to_string()
 }
 
-fn limit_error(path: &Path, e: io::Error) -> io::Error {
+fn limit_error(path: &Path, cause: io::Error) -> io::Error {
     io::Error::new(
-        e.kind(),
-        format!("could not set the task's limit {}: {e}", path.display()),
+        cause.kind(),
+        format!("could not set the task's limit {}: {cause}", path.display()),
     )
 }
 
@@ -558,6 +574,9 @@ impl Drop for Inner {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
+        if *self.removed.get_mut() {
+            return;
+        }
         kill_dir(&self.dirs[0], self.has_kill);
         for dir in &self.dirs[1..] {
             kill_dir(dir, false);

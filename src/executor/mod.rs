@@ -733,13 +733,13 @@ async fn start_when_descriptors_allow(
 /// [`start_when_descriptors_allow`] does. `Err(Ok(e))`: another error, the task's;
 /// `Err(Err(status))`: a cancel or a shutdown ended the wait.
 async fn create_result_file(
-    r: &ResultSpec,
+    result: &ResultSpec,
     spec: &Spec,
     stop: &Stop,
 ) -> Result<ResultFile, Result<io::Error, Status>> {
     let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
     loop {
-        match ResultFile::create(r, spec.user.as_ref()) {
+        match ResultFile::create(result, spec.user.as_ref()) {
             Ok(f) => return Ok(f),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {}
             Err(e) => return Err(Ok(e)),

@@ -357,12 +357,12 @@ mod tests {
     use serde_json::json;
 
     /// [`ResultFile::take`], waited for.
-    fn take(f: ResultFile) -> Returned {
+    fn take(file: ResultFile) -> Returned {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .expect("a runtime")
-            .block_on(f.take())
+            .block_on(file.take())
     }
 
     fn spec(dir: &Path, max: u64) -> ResultSpec {
