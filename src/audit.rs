@@ -257,6 +257,8 @@ pub enum Action {
     BulkCancel,
     /// Retry every task a filter selects (one record for the whole operation).
     BulkRetry,
+    /// Delete finished tasks past their `keep_*` now (`taskd prune`, not a dry run).
+    Prune,
     /// The daemon started (on this host).
     Start,
     /// The daemon began to stop (drain).
@@ -271,7 +273,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::Cancel,
         Action::Retry,
         Action::Pause,
@@ -280,6 +282,7 @@ impl Action {
         Action::Reload,
         Action::BulkCancel,
         Action::BulkRetry,
+        Action::Prune,
         Action::Start,
         Action::Stop,
         Action::ScheduleFire,
@@ -297,6 +300,7 @@ impl Action {
             Action::Reload => "reload",
             Action::BulkCancel => "bulk_cancel",
             Action::BulkRetry => "bulk_retry",
+            Action::Prune => "prune",
             Action::Start => "start",
             Action::Stop => "stop",
             Action::ScheduleFire => "schedule_fire",

@@ -36,6 +36,8 @@
 //!   the broker.
 //! - [`follow`]: following a task's or a queue's output (`taskd logs`, `taskd tail`, the
 //!   API's output streams): live from the daemon's rings, stored tails from the broker.
+//! - [`why`]: why a task is not running (`taskd why`, the API, the dashboard), every
+//!   reason from the broker, the config and the daemon serving the queue.
 
 pub(crate) mod api;
 pub mod audit;
@@ -57,4 +59,5 @@ pub(crate) mod slots;
 pub(crate) mod submission;
 pub(crate) mod supervisor;
 pub(crate) mod view;
+pub(crate) mod why;
 pub(crate) mod worker;

@@ -85,6 +85,8 @@ pub struct Metrics {
     schedule_slots: Family<ScheduleLabels, Counter>,
     expired: Family<QueueLabel, Counter>,
     oom: Family<QueueLabel, Counter>,
+    pruned: Family<StateLabels, Counter>,
+    store_bytes: Gauge,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
     /// dashboard's charts): [`Metrics::take_stats`].
     pending: std::sync::Mutex<std::collections::BTreeMap<(i64, QueueName), StatRow>>,
@@ -119,6 +121,18 @@ impl Metrics {
             "taskd_tasks_expired",
             "Tasks this daemon cancelled because they had not started by their expiry (`expires`)",
             expired.clone(),
+        );
+        let pruned = Family::<StateLabels, Counter>::default();
+        let store_bytes = Gauge::default();
+        registry.register(
+            "taskd_tasks_pruned",
+            "Finished tasks this daemon deleted because their keep_succeeded, keep_failed or keep_cancelled ran out, by queue and state",
+            pruned.clone(),
+        );
+        registry.register(
+            "taskd_store_bytes",
+            "The store's size (read at scrape time): SQLite, the database file with its WAL and shared-memory files; Redis, the server's used_memory",
+            store_bytes.clone(),
         );
         registry.register(
             "taskd_tasks_enqueued",
@@ -164,6 +178,8 @@ impl Metrics {
             schedule_slots,
             expired,
             oom,
+            pruned,
+            store_bytes,
             registry,
             enqueued,
             started,
@@ -294,6 +310,21 @@ impl Metrics {
                 .or_insert_with(|| StatRow::new(r.queue.clone(), r.minute))
                 .add(&r);
         }
+    }
+
+    /// `count` tasks of `queue` in `state` deleted by retention.
+    pub fn pruned(&self, queue: &QueueName, state: TaskState, count: u64) {
+        self.pruned
+            .get_or_create(&StateLabels {
+                queue: queue.to_string(),
+                state: state.to_string(),
+            })
+            .inc_by(count);
+    }
+
+    /// The store's size, read at scrape time.
+    pub fn set_store_bytes(&self, bytes: u64) {
+        self.store_bytes.set(bytes.min(i64::MAX as u64) as i64);
     }
 
     pub fn broker_error(&self) {

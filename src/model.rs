@@ -19,6 +19,24 @@ pub fn now_ms() -> UnixMs {
     d.as_millis() as UnixMs
 }
 
+/// A time for people: RFC 3339 in UTC, to the second.
+pub fn fmt_time(ms: UnixMs) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A duration for people: "412ms", "1.2s", "3m 5s".
+pub fn fmt_duration_ms(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
+    let secs = std::time::Duration::from_secs((ms / 1000) as u64);
+    humantime::format_duration(secs).to_string()
+}
+
 /// A task's id: a UUIDv7, so ids sort roughly by creation time.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -163,6 +181,25 @@ impl TaskState {
     }
 }
 
+/// How long a finished task is kept before it is deleted (`keep_succeeded`,
+/// `keep_failed`, `keep_cancelled`): for a time after it finished, or forever.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Keep {
+    For(std::time::Duration),
+    Forever,
+}
+
+impl Keep {
+    /// The finish time before which a task is due for deletion at `now` (ms), or `None`
+    /// when nothing is ever due.
+    pub fn cutoff(self, now: UnixMs) -> Option<UnixMs> {
+        match self {
+            Keep::Forever => None,
+            Keep::For(d) => Some(now.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64)),
+        }
+    }
+}
+
 impl fmt::Display for TaskState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -267,7 +304,8 @@ impl FromStr for AttemptReason {
 pub struct NewTask {
     pub id: TaskId,
     pub queue: QueueName,
-    /// The payload as JSON text (already validated by the caller).
+    /// The payload as stored: compact JSON text (already validated by the caller), or a raw
+    /// payload's [`raw_payload_text`].
     pub payload: String,
     /// Extra argv appended to the queue's command.
     pub args: Vec<String>,
@@ -437,6 +475,52 @@ pub struct TaskRecord {
     /// When it expires if it has not started: it is then cancelled, reason `expired`.
     #[serde(default)]
     pub expires_at: Option<UnixMs>,
+    /// A raw payload (bytes, not JSON: `submit --raw`), base64-encoded; `payload` is then
+    /// `null`. Absent for a JSON payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+}
+
+/// How a store keeps a raw payload: this prefix, then the bytes in standard base64. No JSON
+/// text starts with `b`, so a stored payload is told apart by its first bytes, on every
+/// broker, without a column or field of its own.
+pub const RAW_PAYLOAD_PREFIX: &str = "b64:";
+
+/// The stored text of a raw payload.
+pub fn raw_payload_text(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut text = String::with_capacity(RAW_PAYLOAD_PREFIX.len() + bytes.len().div_ceil(3) * 4);
+    text.push_str(RAW_PAYLOAD_PREFIX);
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut text);
+    text
+}
+
+/// Reads a stored payload: a JSON payload's value (and `None`), or, for a raw payload,
+/// `null` and its base64 text ([`TaskRecord::payload_b64`]).
+pub fn read_stored_payload(text: &str) -> Result<(serde_json::Value, Option<String>), String> {
+    match text.strip_prefix(RAW_PAYLOAD_PREFIX) {
+        Some(b64) => Ok((serde_json::Value::Null, Some(b64.to_string()))),
+        None => serde_json::from_str(text)
+            .map(|v| (v, None))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+impl TaskRecord {
+    /// The bytes of a raw payload (`None`: a JSON payload, or base64 that does not decode).
+    pub fn raw_payload(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = self.payload_b64.as_deref()?;
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    }
+
+    /// What a task reads on stdin: a raw payload's bytes, else the payload's JSON text.
+    pub fn stdin_bytes(&self) -> Vec<u8> {
+        match self.raw_payload() {
+            Some(bytes) => bytes,
+            None => self.payload.to_string().into_bytes(),
+        }
+    }
 }
 
 /// The reason (`last_error`) of a task cancelled because it had not started by its expiry.

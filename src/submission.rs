@@ -138,11 +138,48 @@ pub fn parse_payload(
     Ok(value.to_string())
 }
 
+/// Validate a raw payload (bytes, not JSON: `submit --raw`, the API's
+/// `application/octet-stream` body) for `queue`: within `max_payload`, and for a queue that
+/// takes its task's data from the payload's fields nowhere else: `{field}` placeholders in its
+/// command, `$TASKD_ARG_<field>` in its script, or a `concurrency_key`/`rate_key` filled from
+/// the payload need a JSON object, so such a queue refuses raw payloads. Returns the text
+/// to store ([`crate::model::raw_payload_text`]).
+pub fn parse_raw_payload(
+    config: &Config,
+    queue: &QueueConfig,
+    bytes: &[u8],
+    args: &[String],
+) -> Result<String, PayloadError> {
+    if bytes.len() > config.max_payload {
+        return Err(PayloadError::TooLarge(format!(
+            "the raw payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
+            bytes.len(),
+            config.max_payload,
+            config.path.display()
+        )));
+    }
+    if let Some(why) = runnable::reads_payload_fields(queue) {
+        return Err(PayloadError::Invalid(format!(
+            "queue `{}` {why}, which needs a JSON object payload: a raw payload has no fields;              send JSON, or let the program read the bytes on stdin",
+            queue.name
+        )));
+    }
+    runnable::argv(queue, &serde_json::Value::Null, args)
+        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
+    Ok(crate::model::raw_payload_text(bytes))
+}
+
 /// A new task of `queue` with this payload (as [`parse_payload`] returned it), its
 /// flow-control key values filled (`concurrency_key`, `rate_key`).
 pub fn new_task(queue: &QueueConfig, payload: String) -> NewTask {
     let mut t = NewTask::new(queue.name.clone(), payload);
     if queue.concurrency_key.is_some() || queue.rate_key.is_some() {
+        // A raw payload parses as no JSON: its queue's keys are literal (parse_raw_payload).
+        if t.payload.starts_with(crate::model::RAW_PAYLOAD_PREFIX) {
+            (t.flow_key, t.rate_key) =
+                flow::keys(queue, &serde_json::Value::Null).unwrap_or_default();
+            return t;
+        }
         if let Ok(value) = serde_json::from_str(&t.payload) {
             // parse_payload refused a payload that cannot fill them.
             (t.flow_key, t.rate_key) = flow::keys(queue, &value).unwrap_or_default();

@@ -119,6 +119,8 @@ pub struct DaemonView {
 pub struct Status {
     pub daemon: Option<DaemonView>,
     pub state_dir: PathBuf,
+    /// The store's size (`null` when the backend cannot tell).
+    pub store: Option<crate::broker::StoreSize>,
     #[serde(flatten)]
     pub overview: Overview,
 }
@@ -580,4 +582,115 @@ pub struct ScheduleFired {
 pub struct SchedulePaused {
     pub schedule: String,
     pub paused: bool,
+}
+
+/// `GET /api/v1/tasks/{id}/why` and `taskd why ID --json`: why a task is not running,
+/// every reason, each as the line people read and as data.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhyView {
+    pub task: TaskId,
+    pub queue: String,
+    pub state: TaskState,
+    /// It runs now.
+    pub running: bool,
+    pub reasons: Vec<WhyReason>,
+}
+
+/// Every `kind` a [`WhyReason`] can have.
+pub const WHY_KINDS: &[&str] = &[
+    "running",
+    "finished",
+    "run_at",
+    "retry_at",
+    "parents",
+    "paused",
+    "not_configured",
+    "held",
+    "slots_full",
+    "key_limit",
+    "rate_limit",
+    "no_daemon",
+    "workers_fatal",
+    "ready",
+];
+
+/// One reason: a stable `kind` (one of [`WHY_KINDS`]), the line people read, and the
+/// numbers it names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhyReason {
+    pub kind: String,
+    pub text: String,
+    /// The time it names (run-at, retry, the rate limit's next start, the end), ms since
+    /// the epoch.
+    pub at: Option<UnixMs>,
+    /// The tasks it names: parents not yet succeeded, the holders of the key, the oldest
+    /// running task of the queue.
+    pub tasks: Vec<TaskId>,
+    /// The key at its limit, or the rate limit's key.
+    pub key: Option<String>,
+    /// The node running or holding the task.
+    pub node: Option<String>,
+    /// How many hold what is full (running tasks, key holders, parents waited for) ...
+    pub count: Option<u64>,
+    /// ... of how many allowed (slots, `concurrency_per_key`, parents in all).
+    pub limit: Option<u64>,
+}
+
+impl WhyReason {
+    pub fn new(kind: &'static str, text: String) -> WhyReason {
+        debug_assert!(WHY_KINDS.contains(&kind), "{kind}");
+        WhyReason {
+            kind: kind.to_string(),
+            text,
+            at: None,
+            tasks: Vec::new(),
+            key: None,
+            node: None,
+            count: None,
+            limit: None,
+        }
+    }
+}
+
+/// A size for people: `812 B`, `4.0 KiB`, `12.3 MiB`, `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (factor, unit) in UNITS {
+        if bytes >= factor {
+            return format!("{:.1} {unit}", bytes as f64 / factor as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// `taskd status`'s line about the store's size.
+pub fn store_line(size: &crate::broker::StoreSize, broker: &str) -> String {
+    match size.measure {
+        "memory" => format!(
+            "store: {} of memory on the Redis server ({broker}, its used_memory)",
+            human_bytes(size.bytes)
+        ),
+        _ => format!(
+            "store: {} on disk ({broker}, with its WAL)",
+            human_bytes(size.bytes)
+        ),
+    }
+}
+
+/// `taskd prune --json`: what was deleted (or, in a dry run, is due), by queue and state.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub total: u64,
+    pub rows: Vec<PruneRow>,
+}
+
+/// One queue and state of [`PruneReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneRow {
+    pub queue: String,
+    pub state: crate::model::TaskState,
+    /// The queue's `keep_*` for the state: `7d`, `12h`, `forever`.
+    pub keep: String,
+    pub count: u64,
 }

@@ -34,7 +34,7 @@ use taskd::broker::redis::RedisBroker;
 use taskd::broker::sqlite::SqliteBroker;
 use taskd::broker::{
     Broker, BrokerError, CancelOutcome, Claimed, Finish, Lease, ListFilter, LostLimits,
-    PayloadMatch, QueueCounts, Recover, StatRow,
+    PayloadMatch, PruneRule, QueueCounts, Recover, StatRow,
 };
 use taskd::model::{
     now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskState,
@@ -226,6 +226,9 @@ macro_rules! contract_tests {
                 flow_parked_tasks_cancel_retry_and_unlimit,
                 flow_rate_key_limits_each_key,
                 flow_state_names_key_holders,
+                prune_deletes_exactly_what_is_due,
+                prune_goes_in_bounded_batches,
+                prune_keeps_parents_until_their_dependants_finish,
             );
             contract_tests!(@cases $open; multi_thread;
                 claim_concurrent_each_task_once,
@@ -4480,6 +4483,321 @@ pub mod schedule_cases {
         assert_eq!(st.spec, SPEC);
     }
 
+    /// A finished task of `queue` in `state` (succeeded with a result and a unique key,
+    /// failed after a run, cancelled before it ran), and its finish time as stored.
+    async fn finished_task(b: &B, queue: &str, state: TaskState) -> (TaskId, i64) {
+        let mut t = task(queue);
+        t.unique_key = Some(format!("uk-{}", t.id));
+        let id = enqueue1(b, t).await;
+        match state {
+            TaskState::Cancelled => {
+                assert_eq!(
+                    b.cancel(id).await.expect("cancel"),
+                    CancelOutcome::Cancelled
+                );
+            }
+            _ => {
+                let c = run_id(b, queue, id).await;
+                let mut a = attempt_of(&c, AttemptReason::Exit, None);
+                let next = if state == TaskState::Succeeded {
+                    a.result = Some(serde_json::json!({"kept": "until pruned"}));
+                    Finish::Succeeded
+                } else {
+                    a.error = Some("exit code 3".into());
+                    Finish::Failed
+                };
+                b.finish(&c.lease, a, next).await.expect("finish");
+            }
+        }
+        let d = get(b, id).await;
+        assert_eq!(d.task.state, state);
+        let at = d
+            .task
+            .finished_at
+            .expect("a finished task has a finish time");
+        (id, at)
+    }
+
+    /// [`finished_task`], for the backend-specific tests.
+    pub async fn finished_task_pub(b: &B, queue: &str, state: TaskState) -> (TaskId, i64) {
+        finished_task(b, queue, state).await
+    }
+
+    /// Wait until the broker's clock (this machine's: every test store runs here) is past
+    /// `at`, so that what finishes next finishes strictly later.
+    async fn clock_past(at: i64) {
+        poll("the clock to move past a finish time", || async {
+            (now_ms() > at + 1).then_some(())
+        })
+        .await;
+    }
+
+    fn rule(queue: &str, state: TaskState, before: i64) -> PruneRule {
+        PruneRule {
+            queue: qn(queue),
+            state,
+            before,
+        }
+    }
+
+    fn pruned_of(list: &[(&str, TaskState, u64)]) -> BTreeMap<(QueueName, TaskState), u64> {
+        list.iter().map(|(q, s, n)| ((qn(q), *s), *n)).collect()
+    }
+
+    pub async fn prune_deletes_exactly_what_is_due(b: B, g: G) {
+        use TaskState::{Cancelled, Failed, Succeeded};
+        // Finished early: due under their rule, unless no rule names their state or queue.
+        let (s_old, _) = finished_task(&b, "keep", Succeeded).await;
+        let (f_old, f_old_at) = finished_task(&b, "keep", Failed).await;
+        let (c_old, _) = finished_task(&b, "keep", Cancelled).await;
+        let (o_old, _) = finished_task(&b, "other", Succeeded).await;
+        // Failed early, then retried (below): waiting again, never due.
+        let (retried, retried_at) = finished_task(&b, "keep", Failed).await;
+        clock_past(retried_at.max(f_old_at)).await;
+        // Finished late: the cut-off is their own finish time, which is not *before* it.
+        let (s_new, s_new_at) = finished_task(&b, "keep", Succeeded).await;
+        let (f_new, f_new_at) = finished_task(&b, "keep", Failed).await;
+        let (c_new, _) = finished_task(&b, "keep", Cancelled).await;
+        b.retry(retried).await.expect("retry");
+        // Alive: a running task and a retrying one (the retried one waits too).
+        let running = enqueue1(&b, task("live")).await;
+        run_id(&b, "live", running).await;
+        let waiting = enqueue1(&b, task("live")).await;
+        let cw = run_id(&b, "live", waiting).await;
+        b.finish(
+            &cw.lease,
+            attempt_of(&cw, AttemptReason::Exit, Some("exit code 1")),
+            Finish::Retry {
+                at: now_ms() + 3_600_000,
+            },
+        )
+        .await
+        .expect("retry later");
+
+        // keep_succeeded and keep_failed end between the early and the late tasks (the
+        // failed one's exactly at the late task's finish); keep_cancelled is "forever"
+        // (no rule); "other" keeps everything; "live" has rules but nothing finished.
+        let far = now_ms() + 3_600_000;
+        let rules = vec![
+            rule("keep", Succeeded, s_new_at),
+            rule("keep", Failed, f_new_at),
+            rule("live", Succeeded, far),
+            rule("live", Failed, far),
+            rule("live", Cancelled, far),
+        ];
+        let want = pruned_of(&[("keep", Succeeded, 1), ("keep", Failed, 1)]);
+        let dry = b.prunable(&rules).await.expect("prunable");
+        assert_eq!(dry.counts, want, "what a dry run counts");
+        assert!(
+            get(&b, s_old).await.task.state == Succeeded,
+            "a dry run deletes nothing"
+        );
+
+        let done = b.prune(&rules, 100).await.expect("prune");
+        assert_eq!(done.counts, want, "what prune deleted");
+        assert!(!done.more, "nothing more was due");
+        for id in [s_old, f_old] {
+            assert!(
+                b.get(id).await.expect("get").is_none(),
+                "task {id} was due and is gone"
+            );
+        }
+        for id in [c_old, o_old, retried, s_new, f_new, c_new, running, waiting] {
+            b.get(id)
+                .await
+                .expect("get")
+                .unwrap_or_else(|| panic!("task {id} was not due and must be kept"));
+        }
+        assert!(
+            get(&b, s_new).await.result.is_some(),
+            "a kept task keeps its result"
+        );
+        // Gone from every index: lists, searches by unique key, counts.
+        let listed = ids_of(
+            &b.list(&ListFilter {
+                queue: Some(qn("keep")),
+                ..Default::default()
+            })
+            .await
+            .expect("list"),
+        );
+        assert!(
+            !listed.contains(&s_old) && !listed.contains(&f_old),
+            "{listed:?}"
+        );
+        assert_eq!(
+            listed.len(),
+            5,
+            "c_old, retried, s_new, f_new, c_new: {listed:?}"
+        );
+        let by_key = b
+            .list(&ListFilter {
+                unique_key: Some(format!("uk-{s_old}")),
+                ..Default::default()
+            })
+            .await
+            .expect("list by unique key");
+        assert!(by_key.is_empty(), "its unique-key record went with it");
+        let counts = b.counts().await.expect("counts");
+        let keep = counts
+            .iter()
+            .find(|c| c.queue == Some(qn("keep")))
+            .expect("queue keep counted");
+        assert_eq!(
+            (
+                count(keep, Succeeded),
+                count(keep, Failed),
+                count(keep, Cancelled)
+            ),
+            (1, 1, 2),
+            "counts no longer see the deleted tasks"
+        );
+        // The unique key is free for a new task.
+        let mut again = task("keep");
+        again.unique_key = Some(format!("uk-{s_old}"));
+        let e = b.enqueue(vec![again.clone()]).await.expect("enqueue");
+        assert!(!e[0].existing);
+
+        // Nothing is due twice, from another client too; a rule ending one millisecond
+        // after a task's finish makes it due.
+        let b2 = g.connect().await;
+        assert_eq!(b2.prune(&rules, 100).await.expect("prune").total(), 0);
+        let later = vec![rule("keep", Failed, f_new_at + 1)];
+        let done = b2.prune(&later, 100).await.expect("prune");
+        assert_eq!(done.counts, pruned_of(&[("keep", Failed, 1)]));
+        assert!(b2.get(f_new).await.expect("get").is_none());
+        assert!(
+            b2.get(retried).await.expect("get").is_some(),
+            "retried: waiting"
+        );
+    }
+
+    pub async fn prune_keeps_parents_until_their_dependants_finish(b: B, _g: G) {
+        use TaskState::{Failed, Succeeded};
+        // A parent that succeeds while its dependant waits for it.
+        let parent = enqueue1(&b, task("dp")).await;
+        let mut t = task("dc");
+        t.after = vec![parent];
+        let child = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", parent).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish parent");
+        // A parent that fails: its dependant is cancelled with it, and finished.
+        let (lost, _) = finished_task(&b, "dp", Failed).await;
+        let _ = lost;
+        let failing = enqueue1(&b, task("dp")).await;
+        let mut t = task("dc");
+        t.after = vec![failing];
+        let cancelled_kid = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", failing).await;
+        let mut a = attempt_of(&c, AttemptReason::Exit, Some("exit code 3"));
+        a.exit_code = Some(3);
+        b.finish(&c.lease, a, Finish::Failed).await.expect("fail");
+        assert_eq!(
+            get(&b, cancelled_kid).await.task.state,
+            TaskState::Cancelled
+        );
+        // A finished task whose unique key holds for an hour more.
+        let mut t = task("dp");
+        t.unique_key = Some("debounced".into());
+        t.unique_for = Some(3_600_000);
+        let held = enqueue1(&b, t).await;
+        let c = run_id(&b, "dp", held).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish");
+        let latest = get(&b, held).await.task.finished_at.expect("finished");
+        clock_past(latest).await;
+
+        let rules = vec![
+            rule("dp", Succeeded, now_ms()),
+            rule("dp", Failed, now_ms()),
+        ];
+        let dry = b.prunable(&rules).await.expect("prunable");
+        assert_eq!(
+            dry.counts,
+            pruned_of(&[("dp", Failed, 2)]),
+            "the failed parents are due; the one with a waiting dependant and the one holding its key are not"
+        );
+        let done = b.prune(&rules, 100).await.expect("prune");
+        assert_eq!(done.counts, pruned_of(&[("dp", Failed, 2)]));
+        assert!(!done.more, "a kept task does not count as more");
+        assert!(
+            b.get(parent).await.expect("get").is_some(),
+            "its dependant waits"
+        );
+        assert!(
+            b.get(held).await.expect("get").is_some(),
+            "its unique key holds"
+        );
+        assert!(b.get(failing).await.expect("get").is_none());
+        // The dependant runs and finishes: its parent is due from then on.
+        let c = run_id(&b, "dc", child).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .expect("finish child");
+        let rules = vec![rule("dp", Succeeded, now_ms() + 1)];
+        let done = b.prune(&rules, 100).await.expect("prune");
+        assert_eq!(done.counts, pruned_of(&[("dp", Succeeded, 1)]));
+        assert!(
+            b.get(parent).await.expect("get").is_none(),
+            "due once its dependant finished"
+        );
+        assert!(b.get(held).await.expect("get").is_some());
+    }
+
+    pub async fn prune_goes_in_bounded_batches(b: B, _g: G) {
+        use TaskState::{Cancelled, Succeeded};
+        let mut last = 0;
+        for _ in 0..14 {
+            last = last.max(finished_task(&b, "batch", Succeeded).await.1);
+        }
+        for _ in 0..6 {
+            last = last.max(finished_task(&b, "batch", Cancelled).await.1);
+        }
+        let rules = vec![
+            rule("batch", Succeeded, last + 1),
+            rule("batch", Cancelled, last + 1),
+        ];
+        let first = b.prune(&rules, 10).await.expect("prune");
+        assert_eq!(first.total(), 10, "at most the limit");
+        assert!(first.more, "ten more were due");
+        let second = b.prune(&rules, 10).await.expect("prune");
+        assert_eq!(second.total(), 10);
+        assert!(!second.more, "the last due tasks were deleted");
+        let mut all = first.clone();
+        all.merge(&second);
+        assert_eq!(
+            all.counts,
+            pruned_of(&[("batch", Succeeded, 14), ("batch", Cancelled, 6)])
+        );
+        assert_eq!(b.prunable(&rules).await.expect("prunable").total(), 0);
+        // The helper the daemon and `taskd prune` use loops until nothing is due.
+        for _ in 0..5 {
+            last = last.max(finished_task(&b, "batch", Succeeded).await.1);
+        }
+        let rules = vec![rule("batch", Succeeded, last + 1)];
+        let mut calls = 0;
+        let sum = taskd::broker::prune_due(&*b, &rules, |_| calls += 1)
+            .await
+            .expect("prune_due");
+        assert_eq!(sum.counts, pruned_of(&[("batch", Succeeded, 5)]));
+        assert!(calls >= 1);
+    }
+
     pub async fn schedule_history_is_bounded(b: B, _g: G) {
         use taskd::broker::schedules::SLOT_HISTORY;
         let k = key("h");
@@ -4561,6 +4879,80 @@ pub mod schedule_cases {
 mod sqlite_specific {
     use super::*;
 
+    /// A new store is created with `auto_vacuum = INCREMENTAL`; pruning gives the pages of
+    /// deleted tasks back a bounded step at a time, keeping a quarter of the file free for
+    /// the next tasks, and the due tasks are found through the `tasks_finished` index.
+    #[tokio::test]
+    async fn prune_gives_pages_back_through_the_finish_index() {
+        let (b, g) = sqlite_fixture().await;
+        let pragma = |name: &str| -> i64 {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .expect(name)
+        };
+        assert_eq!(pragma("auto_vacuum"), 2, "a new store is INCREMENTAL");
+        let big = "x".repeat(8 * 1024);
+        let batch: Vec<NewTask> = (0..400)
+            .map(|i| NewTask::new(qn("fat"), format!(r#"{{"i":{i},"pad":"{big}"}}"#)))
+            .collect();
+        let ids: Vec<TaskId> = b
+            .enqueue(batch)
+            .await
+            .expect("enqueue")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        for id in &ids {
+            b.cancel(*id).await.expect("cancel");
+        }
+        let before = pragma("page_count");
+        assert!(before > 800, "400 tasks of 8 KiB take {before} pages");
+        let rules = vec![PruneRule {
+            queue: qn("fat"),
+            state: TaskState::Cancelled,
+            before: now_ms() + 1000,
+        }];
+        let plan = {
+            let conn = rusqlite::Connection::open(&g.path).expect("open");
+            let mut s = conn
+                .prepare(
+                    "EXPLAIN QUERY PLAN SELECT seq FROM tasks INDEXED BY tasks_finished
+                     WHERE queue = 'fat' AND state = 'cancelled' AND finished_at IS NOT NULL
+                     AND finished_at < 1 ORDER BY finished_at LIMIT 10",
+                )
+                .expect("plan");
+            let rows: Vec<String> = s
+                .query_map([], |r| r.get::<_, String>(3))
+                .expect("plan rows")
+                .collect::<rusqlite::Result<_>>()
+                .expect("plan rows");
+            rows.join("; ")
+        };
+        assert!(
+            plan.contains("tasks_finished") && !plan.contains("TEMP B-TREE"),
+            "an index range read in finish order: {plan}"
+        );
+        let sum = taskd::broker::prune_due(&*b, &rules, |_| {})
+            .await
+            .expect("prune");
+        assert_eq!(sum.total(), 400);
+        let after = pragma("page_count");
+        assert!(
+            after < before,
+            "the file gave pages back: {before} → {after} pages"
+        );
+        // Later passes (nothing due) go on until a quarter of the file is left free.
+        for _ in 0..4 {
+            assert_eq!(b.prune(&rules, 10).await.expect("prune").total(), 0);
+        }
+        let (end, free) = (pragma("page_count"), pragma("freelist_count"));
+        assert!(end < after, "{after} → {end} pages");
+        assert!(
+            free <= end / 3 + 1,
+            "about a quarter of the file left free: {free} of {end}"
+        );
+    }
+
     /// A pid recorded on another boot is not handed to recovery to kill: after a reboot the
     /// number may lead someone else's process group.
     #[tokio::test]
@@ -4614,12 +5006,15 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
     }
+
+    /// What schema version 9 (retention) added, taken away again: a version 8 store.
+    const UNDO_9: &str = "DROP INDEX tasks_finished; DELETE FROM schema_version WHERE version = 9;";
 
     /// What schema version 7 (flow control) added, taken away again: a version 6 store.
     const UNDO_7: &str = "
@@ -4631,7 +5026,7 @@ mod sqlite_specific {
         CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
         DELETE FROM schema_version WHERE version = 7;";
 
-    /// A store from before the cgroup counters (schema version 8) gains them when opened:
+    /// A store from before the cgroup counters (schema version 9) gains them when opened:
     /// its attempts read back without them, and a new attempt keeps them.
     #[tokio::test]
     async fn a_store_from_before_cgroup_counters_is_migrated() {
@@ -4649,7 +5044,7 @@ mod sqlite_specific {
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
             conn.execute_batch(UNDO_USAGE)
-                .expect("make it a version 8 store");
+                .expect("make it a version 9 store");
         }
         let b = g.connect().await;
         let h = get(&b, old).await.history;
@@ -4679,6 +5074,8 @@ mod sqlite_specific {
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
             conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
+            conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
@@ -4730,6 +5127,8 @@ mod sqlite_specific {
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
             conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
+            conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
@@ -4760,6 +5159,8 @@ mod sqlite_specific {
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
             conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
+            conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
                 .expect("make it a version 7 store");
@@ -4935,6 +5336,53 @@ mod redis_specific {
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("{args:?} answered {out:?}"))
+    }
+
+    /// Pruning deletes every key of a task (hash, history, result) and its index entries,
+    /// reading only the queue's `fin:<state>` set; a store whose finished tasks predate
+    /// those sets is indexed first, so they are pruned too.
+    #[tokio::test]
+    async fn prune_deletes_every_key_of_a_task_and_indexes_old_stores() {
+        let Some((b, g)) = redis_pair("redis prune keys").await else {
+            return;
+        };
+        let (old, _) = cases::finished_task_pub(&b, "rq", TaskState::Succeeded).await;
+        let (kept, kept_at) = cases::finished_task_pub(&b, "rq", TaskState::Failed).await;
+        let p = "taskd:{q:rq}:";
+        for k in ["t:", "h:", "r:"] {
+            assert_eq!(int(&g, &["EXISTS", &format!("{p}{k}{old}")]), 1, "{k}");
+        }
+        assert_eq!(int(&g, &["ZCARD", &format!("{p}fin:succeeded")]), 1);
+        // As a store written before retention: no `fin:` sets.
+        g.server.cli(&[
+            "DEL",
+            &format!("{p}fin:succeeded"),
+            &format!("{p}fin:failed"),
+        ]);
+        let rules = vec![PruneRule {
+            queue: qn("rq"),
+            state: TaskState::Succeeded,
+            before: kept_at + 1,
+        }];
+        let fresh = g.connect().await;
+        let done = fresh.prune(&rules, 10).await.expect("prune");
+        assert_eq!(done.total(), 1, "the old task was found after indexing");
+        for k in ["t:", "h:", "r:"] {
+            assert_eq!(
+                int(&g, &["EXISTS", &format!("{p}{k}{old}")]),
+                0,
+                "{k} deleted"
+            );
+        }
+        assert_eq!(int(&g, &["ZCARD", &format!("{p}st:succeeded")]), 0);
+        assert_eq!(int(&g, &["ZCARD", &format!("{p}fin:succeeded")]), 0);
+        assert_eq!(
+            int(&g, &["ZCARD", &format!("{p}fin:failed")]),
+            1,
+            "indexed, kept"
+        );
+        assert!(b.get(kept).await.expect("get").is_some());
+        assert!(b.get(old).await.expect("get").is_none());
     }
 
     /// Plain tasks wait in the queue's inbox: counted as queued at once, and stored oldest
@@ -5454,9 +5902,9 @@ pub mod limit_cases {
     }
 }
 
-/// Takes schema 9 (an attempt's cgroup counters) out of a store, to make it an older one.
+/// Takes schema 10 (an attempt's cgroup counters) out of a store, to make it an older one.
 const UNDO_USAGE: &str = "ALTER TABLE attempts DROP COLUMN memory_peak;
-    ALTER TABLE attempts DROP COLUMN cpu_usec; DELETE FROM schema_version WHERE version = 9;";
+    ALTER TABLE attempts DROP COLUMN cpu_usec; DELETE FROM schema_version WHERE version = 10;";
 
 /// Takes schema 7 (flow control) out of a store, to make it an older one.
 const UNDO_FLOW: &str = "DROP TABLE parked_keys; DROP TABLE rate_state; DROP INDEX tasks_key_held;

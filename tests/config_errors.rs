@@ -1957,6 +1957,54 @@ fn audit_keep_is_a_count() {
         );
 }
 
+#[test]
+fn keep_times_must_be_durations_or_forever() {
+    let text = "\
+[defaults]
+keep_succeeded = \"never\"
+
+[queues.a]
+shell = \"true\"
+keep_failed = 30
+
+[queues.b]
+shell = \"true\"
+keep_cancelled = \"a week\"
+keep_succeeded = \"forever\"
+keep_failed = \"-1d\"
+";
+    check_bad(text)
+        .count(4)
+        .expect(
+            2,
+            18,
+            "defaults.keep_succeeded",
+            &["\"never\" is not a retention time"],
+            Some("`keep_succeeded = \"forever\"` to never delete them"),
+        )
+        .expect(
+            6,
+            15,
+            "queues.a.keep_failed",
+            &["keep_failed must be a duration string such as \"7d\", or \"forever\""],
+            Some("write `keep_failed = \"30d\"`"),
+        )
+        .expect(
+            10,
+            18,
+            "queues.b.keep_cancelled",
+            &["\"a week\" is not a duration"],
+            Some("\"1d\""),
+        )
+        .expect(
+            12,
+            15,
+            "queues.b.keep_failed",
+            &["keep_failed cannot be negative"],
+            Some("keep_failed = \"30s\""),
+        );
+}
+
 // ----- flow control ------------------------------------------------------------------------
 
 #[test]

@@ -405,3 +405,62 @@ fn eight_racing_submitters_make_one_task_on_redis() {
         "eight_racing_submitters_make_one_task_on_redis",
     );
 }
+
+/// A long-lived worker that answers each task with the `after` of its task message.
+const AFTER_WORKER: &str = r#"import json, os
+tasks = os.fdopen(3, "r")
+results = os.fdopen(4, "w")
+results.write(json.dumps({"type": "ready", "protocol": 1}) + "\n")
+results.flush()
+for line in tasks:
+    m = json.loads(line)
+    results.write(json.dumps({"type": "result", "id": m["id"], "status": "ok", "result": m.get("after")}) + "\n")
+    results.flush()
+"#;
+
+/// A worker sees its task's parents in the task message (`after`, in the order given):
+/// `taskd result` prints what the worker read.
+fn a_worker_sees_the_parents_in_its_task_message(backend: Backend, test: &str) {
+    let Some((env, _server)) = env(
+        backend,
+        test,
+        "[queues.w]\nworker = [\"python3\", \"@D@/after.py\"]\nstart_secs = \"100ms\"\n\n\
+         [queues.p]\nshell = 'true'\n",
+    ) else {
+        return;
+    };
+    std::fs::write(env.path().join("after.py"), AFTER_WORKER).expect("write the worker");
+    let p1 = submit(&env, &["p", "{}"]);
+    let p2 = submit(&env, &["p", "{}"]);
+    let kid = submit(&env, &["w", "{}", "--after", &p2, "--after", &p1]);
+    let lone = submit(&env, &["w", "{}"]);
+    let _d = env.daemon();
+    env.wait_state(&kid, "succeeded", secs(30));
+    env.wait_state(&lone, "succeeded", secs(30));
+    assert_eq!(
+        env.ok(&["result", &kid]).trim(),
+        format!(r#"["{p2}","{p1}"]"#),
+        "the worker's task message lists the parents"
+    );
+    assert_eq!(
+        env.ok(&["result", &lone]).trim(),
+        "[]",
+        "a task without parents has an empty `after`"
+    );
+}
+
+#[test]
+fn a_worker_sees_the_parents_in_its_task_message_on_sqlite() {
+    a_worker_sees_the_parents_in_its_task_message(
+        Backend::Sqlite,
+        "a_worker_sees_the_parents_in_its_task_message_on_sqlite",
+    );
+}
+
+#[test]
+fn a_worker_sees_the_parents_in_its_task_message_on_redis() {
+    a_worker_sees_the_parents_in_its_task_message(
+        Backend::Redis,
+        "a_worker_sees_the_parents_in_its_task_message_on_redis",
+    );
+}

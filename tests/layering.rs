@@ -45,6 +45,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "slots",
         ],
     ),
+    // Why a task is not running: read from the broker, the config, the view it answers
+    // with, and the `workers.json` records the caller hands in.
+    (
+        "why",
+        &["model", "config", "broker", "view", "worker::status"],
+    ),
     // Processes, never brokers, configs or retries.
     ("executor", &["model", "backoff", "cgroupfs"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
@@ -90,6 +96,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             // The output streams: sessions over the daemon's live rings and the broker.
             "follow",
             "executor::live",
+            // `GET /api/v1/tasks/{id}/why`.
+            "why",
         ],
     ),
     // The schedules at run time: the broker's records, the config's schedules, slot
@@ -135,6 +143,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "follow",
             // Slot times shown as RFC 3339 (`show`, `schedules`).
             "slots",
+            // `taskd why`.
+            "why",
         ],
     ),
 ];

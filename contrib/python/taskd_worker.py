@@ -25,6 +25,7 @@ TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4), so that a stray print() ca
 them. A taskd older than minor version 1 ignores the result; the task still succeeds.
 """
 
+import base64
 import inspect
 import json
 import os
@@ -124,7 +125,11 @@ def run(handler=None):
         _current = job
         result = {"type": "result", "id": job.id, "status": "ok"}
         try:
-            value = _call(fn, msg.get("payload"), job)
+            payload = msg.get("payload")
+            if "payload_b64" in msg:
+                # A raw payload (`taskd submit --raw`): the bytes as they were sent.
+                payload = base64.b64decode(msg["payload_b64"])
+            value = _call(fn, payload, job)
             if value is not None:
                 try:
                     # Encoded now, so that a value JSON cannot hold fails this task only.

@@ -17,12 +17,50 @@ local function clock()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Move a task between the per-state indexes (`st:<state>`, scored by seq).
-local function move_state(p, id, from, to, seq)
+-- The prefix of another queue's keys. Dependencies are the one link between queues: a
+-- parent's dependants may be on other queues (docs/redis.md, "Dependencies").
+local function qprefix(queue)
+  return 'taskd:{q:' .. queue .. '}:'
+end
+
+local FINISHED = { succeeded = true, failed = true, cancelled = true }
+
+-- Move a task between the per-state indexes (`st:<state>`, scored by seq). A finished
+-- task is also in `fin:<state>`, scored by its finish time `at` (ms, the `finished_at` the
+-- script writes), which retention reads with ZRANGEBYSCORE (prune.lua).
+local function move_state(p, id, from, to, seq, at)
   if from then
     redis.call('ZREM', p .. 'st:' .. from, id)
+    if FINISHED[from] then redis.call('ZREM', p .. 'fin:' .. from, id) end
   end
   redis.call('ZADD', p .. 'st:' .. to, seq, id)
+  if FINISHED[to] then
+    -- Scored by when retention may count from: the finish, or, for a task whose unique
+    -- key holds past it (`unique_for`), the end of that hold. A parent with dependants
+    -- not finished (`pin`) is left out until the last of them finishes.
+    local f = redis.call('HMGET', p .. 't:' .. id, 'unique_for')
+    if redis.call('HEXISTS', p .. 'pin', id) == 0 then
+      local score = tonumber(at or fmt((clock()))) + tonumber(f[1] or '0')
+      redis.call('ZADD', p .. 'fin:' .. to, fmt(score), id)
+    end
+    -- A dependant that finished no longer keeps its parents from retention (broker rule
+    -- 18): `pin` counts each parent's dependants not finished yet; a parent whose count
+    -- drops to zero is put back in its `fin:<state>` (prune.lua took it out).
+    local aq = redis.call('HGET', p .. 't:' .. id, 'afterq')
+    if aq then
+      redis.call('HDEL', p .. 't:' .. id, 'afterq')
+      for pq, pid in string.gmatch(aq, '([^,]-)\31([^,]+)') do
+        local pp = qprefix(pq)
+        if redis.call('HINCRBY', pp .. 'pin', pid, -1) <= 0 then
+          redis.call('HDEL', pp .. 'pin', pid)
+          local f = redis.call('HMGET', pp .. 't:' .. pid, 'state', 'finished_at', 'unique_for')
+          if f[1] and FINISHED[f[1]] and f[2] then
+            redis.call('ZADD', pp .. 'fin:' .. f[1], fmt(tonumber(f[2]) + tonumber(f[3] or '0')), pid)
+          end
+        end
+      end
+    end
+  end
 end
 
 -- A finished task no longer holds its unique key, unless it was given `unique_for`: then
@@ -37,11 +75,6 @@ local function free_unique(p, id, key)
   end
 end
 
--- The prefix of another queue's keys. Dependencies are the one link between queues: a
--- parent's dependants may be on other queues (docs/redis.md, "Dependencies").
-local function qprefix(queue)
-  return 'taskd:{q:' .. queue .. '}:'
-end
 
 -- Task `id` of prefix `p` ended in `state`: settle its dependants (broker rule 13), listed
 -- in `kids:<id>` as '<queue>\31<id>'. A success counts each one's `blocked` down and puts
@@ -71,7 +104,7 @@ local function settle(p, id, state)
         redis.call('HSET', ct, 'state', 'cancelled', 'finished_at', now, 'updated_at', now,
           'last_error', 'dependency ' .. id .. ' failed')
         redis.call('HDEL', ct, 'blocked')
-        move_state(cp, cid, 'scheduled', 'cancelled', f[3])
+        move_state(cp, cid, 'scheduled', 'cancelled', f[3], now)
         free_unique(cp, cid, f[5])
         settle(cp, cid, 'cancelled')
       end

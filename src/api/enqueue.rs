@@ -1,5 +1,6 @@
-//! Parsing enqueue requests: one task's JSON body, or a batch (a JSON array of such
-//! bodies, or JSON lines). Pure functions of the config and the bytes, so that a property
+//! Parsing enqueue requests: one task's JSON body, one raw payload (an
+//! `application/octet-stream` body, its options in the query string), or a batch (a JSON
+//! array of such bodies, or JSON lines). Pure functions of the config and the bytes, so that a property
 //! test can throw anything at them; payload validation is `submission::parse_payload`,
 //! the same check `taskd submit` makes.
 
@@ -12,7 +13,7 @@ use crate::config::{Config, QueueConfig};
 use crate::model::NewTask;
 use crate::submission::{
     expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents, parse_payload,
-    PayloadError,
+    parse_raw_payload, PayloadError,
 };
 
 /// The body of `POST /api/v1/queues/{queue}/tasks`. Every field is optional.
@@ -21,6 +22,8 @@ use crate::submission::{
 struct Body<'a> {
     #[serde(borrow)]
     payload: Option<&'a RawValue>,
+    /// A raw payload (bytes, not JSON), in standard base64; instead of `payload`.
+    payload_b64: Option<String>,
     #[serde(default)]
     args: Vec<String>,
     delay: Option<String>,
@@ -70,8 +73,35 @@ fn parse_text(
             ApiError::bad_json(what, text, &e)
         }
     })?;
-    let payload_text = body.payload.map(RawValue::get).unwrap_or("{}");
-    let payload = parse_payload(config, queue, payload_text, &body.args).map_err(|e| match e {
+    let payload = match (body.payload, &body.payload_b64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(format!(
+                "{what}: give `payload` (JSON) or `payload_b64` (raw bytes), not both"
+            )))
+        }
+        (None, Some(b64)) => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| {
+                    ApiError::invalid(format!("{what}: payload_b64 is not standard base64: {e}"))
+                })?;
+            parse_raw_payload(config, queue, &bytes, &body.args)
+        }
+        (payload, None) => parse_payload(
+            config,
+            queue,
+            payload.map(RawValue::get).unwrap_or("{}"),
+            &body.args,
+        ),
+    }
+    .map_err(|e| payload_error(config, what, e))?;
+    finish(config, queue, payload, body, what)
+}
+
+/// A refused payload as the API answers it.
+fn payload_error(config: &Config, what: &str, error: PayloadError) -> ApiError {
+    match error {
         PayloadError::TooLarge(m) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -82,7 +112,80 @@ fn parse_text(
         // JSON itself is unusable, not the task.
         PayloadError::Malformed(m) => ApiError::bad_request("bad_json", format!("{what}: {m}")),
         PayloadError::Invalid(m) => ApiError::invalid(format!("{what}: {m}")),
-    })?;
+    }
+}
+
+/// The options of a raw payload's request (`application/octet-stream`), in its query
+/// string: those of a JSON body, `after` as ids separated by commas, `run_at` and `expires`
+/// as text (RFC 3339, Unix seconds, or for `expires` a duration).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    delay: Option<String>,
+    run_at: Option<String>,
+    priority: Option<i32>,
+    unique: Option<String>,
+    unique_for: Option<String>,
+    after: Option<String>,
+    expires: Option<String>,
+}
+
+/// Whether a request's `Content-Type` says its body is a raw payload:
+/// `application/octet-stream` or `application/x-protobuf` (parameters allowed).
+pub fn is_raw(content_type: Option<&str>) -> bool {
+    let Some(ct) = content_type else {
+        return false;
+    };
+    let media = ct.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/octet-stream")
+        || media.eq_ignore_ascii_case("application/x-protobuf")
+}
+
+/// Parse a raw payload's request: the body is the payload, byte for byte; the options are
+/// in the query string.
+pub fn parse_raw(
+    config: &Config,
+    queue: &QueueConfig,
+    body: &[u8],
+    query: Option<&str>,
+) -> Result<NewTask, ApiError> {
+    let what = "the request";
+    let q: RawQuery = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::invalid(format!("{what}: the query string: {e}")))?;
+    let payload =
+        parse_raw_payload(config, queue, body, &[]).map_err(|e| payload_error(config, what, e))?;
+    let body = Body {
+        payload: None,
+        payload_b64: None,
+        args: Vec::new(),
+        delay: q.delay,
+        run_at: q.run_at.map(RunAt::Text),
+        priority: q.priority.unwrap_or(0),
+        unique: q.unique,
+        unique_for: q.unique_for,
+        after: q
+            .after
+            .map(|a| {
+                a.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        expires: q.expires.map(RunAt::Text),
+    };
+    finish(config, queue, payload, body, what)
+}
+
+/// The task: its stored payload, and the body's other fields read.
+fn finish(
+    _config: &Config,
+    queue: &QueueConfig,
+    payload: String,
+    body: Body,
+    what: &str,
+) -> Result<NewTask, ApiError> {
     let run_at = match (&body.delay, &body.run_at) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(format!(

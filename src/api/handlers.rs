@@ -106,6 +106,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             tracing::warn!(error = %e, "metrics: failed to read the queue counts");
         }
     }
+    match state.broker.store_size().await {
+        Ok(Some(size)) => state.metrics.set_store_bytes(size.bytes),
+        Ok(None) => {}
+        Err(e) => {
+            state.metrics.broker_error();
+            tracing::warn!(error = %e, "metrics: failed to read the store's size");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -158,13 +166,24 @@ fn created(existing: bool, task: TaskRecord) -> Response {
 pub async fn enqueue(
     State(state): State<AppState>,
     Path(queue): Path<String>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let config = state.config();
     let q = find_queue(&config, &queue)?;
-    // Room for the other fields and JSON escaping around the payload.
-    let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
-    let task = parse::parse_one(&config, q, &bytes)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let task = if parse::is_raw(content_type) {
+        // A raw payload: the body is the payload, byte for byte.
+        let bytes = read_body(body, config.max_payload).await?;
+        parse::parse_raw(&config, q, &bytes, query.as_deref())?
+    } else {
+        // Room for the other fields and JSON escaping around the payload.
+        let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
+        parse::parse_one(&config, q, &bytes)?
+    };
     let name = task.queue.clone();
     let asked = task.clone();
     let enqueued = state.enqueued(state.broker.enqueue(vec![task]).await)?;
@@ -181,12 +200,13 @@ pub async fn enqueue(
     // A task with parents may have been cancelled at once (a parent had failed): read back.
     if !e.existing && asked.after.is_empty() {
         // A new task's record is what was asked plus what the broker said: no read back.
-        if let Ok(payload) = serde_json::from_str(&asked.payload) {
+        if let Ok((payload, payload_b64)) = crate::model::read_stored_payload(&asked.payload) {
             let task = crate::model::TaskRecord {
                 id: e.id,
                 queue: asked.queue,
                 state: e.state,
                 payload,
+                payload_b64,
                 args: asked.args,
                 priority: asked.priority,
                 unique_key: asked.unique_key,
@@ -249,6 +269,33 @@ pub async fn get_task(
         )
     })?;
     Ok(Json(detail))
+}
+
+/// `GET /api/v1/tasks/{id}/why`: every reason the task is not running (`taskd why`). The
+/// daemon serving this API serves the store; its workers are in its `workers.json`.
+pub async fn why_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<view::WhyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let config = state.config();
+    let serving = crate::why::Serving {
+        daemon: true,
+        workers: crate::worker::status::read_status(&config.state_dir)
+            .filter(|f| f.daemon_pid == std::process::id())
+            .map(|f| f.workers)
+            .unwrap_or_default(),
+    };
+    state
+        .broker(crate::why::explain(&config, state.broker.as_ref(), id, &serving).await)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "task_not_found",
+                format!("no task with id {id}"),
+            )
+        })
 }
 
 /// The conditions of a task listing, as `GET /api/v1/tasks` takes them in its query and

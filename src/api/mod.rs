@@ -252,6 +252,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, "/api/v1/tasks/bulk", post(h::bulk)),
         (Method::GET, "/api/v1/stats", get(h::stats)),
         (Method::GET, "/api/v1/tasks/{id}", get(h::get_task)),
+        (Method::GET, "/api/v1/tasks/{id}/why", get(h::why_task)),
         (
             Method::GET,
             "/api/v1/tasks/{id}/output",

@@ -37,6 +37,21 @@ fn task_ref() -> Value {
 
 /// The document.
 pub fn document() -> Value {
+    let mut doc = paths_and_components();
+    // One `json!` is too deep for every path: the later ones are added here.
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        paths.insert("/api/v1/tasks/{id}/why".into(), why_path());
+    }
+    doc
+}
+
+/// `GET /api/v1/tasks/{id}/why`.
+fn why_path() -> Value {
+    json!({ "get": { "summary": "Why the task is not running, as `taskd why`: every reason, each a line for people (`text`) and its numbers (a run-at or next start, the tasks it waits for or that hold its key, N of N); for a running or finished task, that it is", "parameters": [id_param()],
+        "responses": { "200": ok("the reasons", json!({ "$ref": "#/components/schemas/Why" })), "400": error_ref(), "401": error_ref(), "404": error_ref() } } })
+}
+
+fn paths_and_components() -> Value {
     let secured = json!([{ "bearer": [] }]);
     json!({
         "openapi": "3.0.3",
@@ -55,9 +70,20 @@ pub fn document() -> Value {
                 "responses": { "200": ok("queues", json!({ "$ref": "#/components/schemas/Overview" })), "401": error_ref() }
             } },
             "/api/v1/queues/{queue}/tasks": { "post": {
-                "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running)",
-                "security": secured, "parameters": [queue_param()],
-                "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewTask" } } } },
+                "summary": "Enqueue one task; 201 once it is durable (200 with `existing: true` for a unique key already waiting or running). A body of `application/octet-stream` or `application/x-protobuf` is a raw payload, stored untouched and given to the task on stdin byte for byte; its options are then in the query string",
+                "security": secured, "parameters": [queue_param(),
+                    { "name": "delay", "in": "query", "schema": { "type": "string", "example": "5m" }, "description": "raw payloads only: as NewTask's `delay`" },
+                    { "name": "run_at", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: RFC 3339 or Unix seconds" },
+                    { "name": "priority", "in": "query", "schema": { "type": "integer" }, "description": "raw payloads only" },
+                    { "name": "unique", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only" },
+                    { "name": "unique_for", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only" },
+                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: task ids separated by commas" },
+                    { "name": "expires", "in": "query", "schema": { "type": "string" }, "description": "raw payloads only: a duration or a time" }
+                ],
+                "requestBody": { "required": false, "content": {
+                    "application/json": { "schema": { "$ref": "#/components/schemas/NewTask" } },
+                    "application/octet-stream": { "schema": { "type": "string", "format": "binary" } },
+                    "application/x-protobuf": { "schema": { "type": "string", "format": "binary" } } } },
                 "responses": { "201": ok("the task", json!({ "$ref": "#/components/schemas/EnqueuedTask" })), "200": ok("an existing task with the same unique key", json!({ "$ref": "#/components/schemas/EnqueuedTask" })),
                     "400": error_ref(), "401": error_ref(), "404": error_ref(), "413": error_ref(), "422": error_ref(), "503": error_ref() }
             } },
@@ -162,6 +188,7 @@ fn components() -> Value {
         schedule_schemas(),
         bulk_and_stats_schemas(),
         audit_schemas(),
+        why_schemas(),
     ] {
         if let (Some(schemas), Value::Object(more)) = (c["schemas"].as_object_mut(), more) {
             schemas.extend(more);
@@ -201,6 +228,27 @@ fn audit_schemas() -> Value {
             "token": { "type": "string", "nullable": true, "description": "the name of the API token the request carried" },
             "addr": { "type": "string", "nullable": true, "description": "the HTTP client's address" },
             "signal": { "type": "string", "nullable": true } } }
+    })
+}
+
+/// The schemas of `/api/v1/tasks/{id}/why`.
+fn why_schemas() -> Value {
+    json!({
+        "Why": { "type": "object", "required": ["task", "queue", "state", "running", "reasons"], "properties": {
+            "task": { "type": "string", "format": "uuid" },
+            "queue": { "type": "string" },
+            "state": { "$ref": "#/components/schemas/State" },
+            "running": { "type": "boolean", "description": "it runs now" },
+            "reasons": { "type": "array", "items": { "$ref": "#/components/schemas/WhyReason" }, "description": "at least one; `ready` when nothing holds a waiting task back" } } },
+        "WhyReason": { "type": "object", "required": ["kind", "text", "at", "tasks", "key", "node", "count", "limit"], "properties": {
+            "kind": { "type": "string", "enum": crate::view::WHY_KINDS },
+            "text": { "type": "string", "example": "its key `acme` is at its limit (1 of 1): held by 0190f3c2-7d4e-7a51-9c3b-2f1e8d6a4b20", "description": "the line `taskd why` prints" },
+            "at": { "type": "integer", "nullable": true, "description": "the time it names (run-at, retry, the rate limit's next start, the end), ms since the epoch" },
+            "tasks": { "type": "array", "items": { "type": "string", "format": "uuid" }, "description": "the parents not yet succeeded, the tasks holding the key, or the oldest running task" },
+            "key": { "type": "string", "nullable": true, "description": "the key at its limit, or the rate limit's key" },
+            "node": { "type": "string", "nullable": true, "description": "the node running or holding the task" },
+            "count": { "type": "integer", "nullable": true, "description": "how many hold what is full (running tasks, key holders, parents waited for)" },
+            "limit": { "type": "integer", "nullable": true, "description": "of how many allowed (slots, concurrency_per_key, parents in all)" } } }
     })
 }
 
@@ -284,6 +332,7 @@ fn base_components() -> Value {
             "State": { "type": "string", "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled"] },
             "NewTask": { "type": "object", "additionalProperties": false, "properties": {
                 "payload": { "description": "any JSON value (default {}); an object fills the queue command's {field} placeholders" },
+                "payload_b64": { "type": "string", "format": "byte", "example": "CgNBZGEQlw4=", "description": "instead of `payload`: a raw payload (bytes, not JSON) in standard base64, stored untouched and given to the task on stdin byte for byte" },
                 "args": { "type": "array", "items": { "type": "string" }, "description": "argv appended to the queue's command" },
                 "delay": { "type": "string", "example": "5m", "description": "run no sooner than this long from now" },
                 "run_at": { "oneOf": [{ "type": "string", "format": "date-time" }, { "type": "integer", "description": "Unix seconds" }] },
@@ -295,7 +344,8 @@ fn base_components() -> Value {
             } },
             "Task": { "type": "object", "required": ["id", "queue", "state", "payload", "args", "priority", "unique_key", "run_at", "attempts", "created_at", "updated_at", "finished_at", "last_error", "cancel_requested", "node", "schedule", "slot", "after", "expires_at"], "properties": {
                 "id": { "type": "string", "format": "uuid" }, "queue": { "type": "string" }, "state": { "$ref": "#/components/schemas/State" },
-                "payload": { "description": "the JSON value the task was submitted with" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
+                "payload": { "description": "the JSON value the task was submitted with; null for a raw payload" },
+                "payload_b64": { "type": "string", "format": "byte", "description": "a raw payload's bytes in standard base64 (absent for a JSON payload)" }, "args": { "type": "array", "items": { "type": "string" } }, "priority": { "type": "integer" },
                 "unique_key": { "type": "string", "nullable": true }, "run_at": { "type": "integer", "description": "ms since the epoch" },
                 "attempts": { "type": "integer" }, "created_at": { "type": "integer" }, "updated_at": { "type": "integer" },
                 "finished_at": { "type": "integer", "nullable": true }, "last_error": { "type": "string", "nullable": true },
@@ -678,6 +728,7 @@ mod tests {
                 Vec::new()
             },
             expires_at: full.then_some(NOW),
+            payload_b64: full.then(|| "CgNBZGEQKg==".to_string()),
         }
     }
 
@@ -918,6 +969,27 @@ mod tests {
                 ))],
             ),
             (
+                ("get", "/api/v1/tasks/{id}/why", "200"),
+                vec![to_json(view::WhyView {
+                    task: TaskId::new(),
+                    queue: "thumbs".into(),
+                    state: TaskState::Queued,
+                    running: false,
+                    reasons: vec![{
+                        let mut r = view::WhyReason::new("key_limit", "its key `acme` is at its limit (1 of 1): held by …".into());
+                        if full {
+                            r.at = Some(NOW);
+                            r.tasks = vec![TaskId::new()];
+                            r.key = Some("acme".into());
+                            r.node = Some("host:1".into());
+                            r.count = Some(1);
+                            r.limit = Some(1);
+                        }
+                        r
+                    }],
+                })],
+            ),
+            (
                 ("post", "/api/v1/tasks/{id}/retry", "200"),
                 vec![to_json(task(fill))],
             ),
@@ -1096,11 +1168,13 @@ mod tests {
         let doc = super::document();
         let status = json!({ "allOf": [
             { "$ref": "#/components/schemas/Overview" },
-            { "type": "object", "required": ["daemon", "state_dir"], "properties": {
+            { "type": "object", "required": ["daemon", "state_dir", "store"], "properties": {
                 "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted", "containment"], "properties": {
                     "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true },
                     "containment": { "type": "string", "nullable": true } } },
-                "state_dir": { "type": "string" } } }
+                "state_dir": { "type": "string" },
+                "store": { "type": "object", "nullable": true, "required": ["bytes", "measure"], "properties": {
+                    "bytes": { "type": "integer" }, "measure": { "type": "string" } } } } }
         ] });
         let submitted = json!({ "type": "object", "required": ["existing", "task"], "properties": {
             "existing": { "type": "boolean" }, "task": { "$ref": "#/components/schemas/Task" } } });
@@ -1114,6 +1188,10 @@ mod tests {
                     containment: Some("a cgroup per task under /sys/fs/cgroup/taskd".into()),
                 }),
                 state_dir: "/var/lib/taskd".into(),
+                store: full.then_some(crate::broker::StoreSize {
+                    bytes: 4096,
+                    measure: "file",
+                }),
                 overview: overview(fill),
             };
             w.check(

@@ -15,8 +15,9 @@ use async_trait::async_trait;
 
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
-    Lease, ListFilter, LostLimits, Orphan, QueueCounts, Queued, Recover, Result, ScheduleKey,
-    ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer, Wakeups,
+    Lease, ListFilter, LostLimits, Orphan, PruneRule, Pruned, QueueCounts, Queued, Recover, Result,
+    ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer,
+    Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -180,7 +181,7 @@ impl Broker for MemoryBroker {
             let mut payloads = Vec::with_capacity(tasks.len());
             let mut ids = std::collections::HashSet::with_capacity(tasks.len());
             for t in &tasks {
-                let payload: serde_json::Value = serde_json::from_str(&t.payload)
+                let payload = crate::model::read_stored_payload(&t.payload)
                     .map_err(|e| BrokerError::Storage(format!("task {}: {e}", t.id)))?;
                 if s.by_id.contains_key(&t.id) || !ids.insert(t.id) {
                     return Err(BrokerError::Conflict(format!("task id {} is taken", t.id)));
@@ -197,7 +198,7 @@ impl Broker for MemoryBroker {
                     return Err(BrokerError::NotFound(*p));
                 }
             }
-            for (t, payload) in tasks.into_iter().zip(payloads) {
+            for (t, (payload, payload_b64)) in tasks.into_iter().zip(payloads) {
                 if let Some(key) = &t.unique_key {
                     if let Some(r) = s.unique_debounce(&t.queue, key, now) {
                         out.push(Enqueued {
@@ -276,6 +277,7 @@ impl Broker for MemoryBroker {
                             slot: None,
                             after: t.after,
                             expires_at: t.expires_at,
+                            payload_b64,
                         },
                         history: Vec::new(),
                         result: None,
@@ -881,6 +883,72 @@ impl Broker for MemoryBroker {
         self.wakeups.schedules.notify_one();
         Ok(())
     }
+
+    async fn prune(&self, rules: &[PruneRule], limit: usize) -> Result<Pruned> {
+        let mut s = self.store();
+        let (due, more) = s.due(rules, limit);
+        let mut pruned = Pruned {
+            more,
+            ..Default::default()
+        };
+        for seq in due {
+            if let Some(row) = s.rows.remove(&seq) {
+                s.by_id.remove(&row.task.id);
+                pruned.add(&row.task.queue, row.task.state, 1);
+            }
+        }
+        Ok(pruned)
+    }
+
+    async fn prunable(&self, rules: &[PruneRule]) -> Result<Pruned> {
+        let s = self.store();
+        let mut pruned = Pruned::default();
+        for seq in s.due(rules, usize::MAX).0 {
+            let t = &s.rows[&seq].task;
+            pruned.add(&t.queue, t.state, 1);
+        }
+        Ok(pruned)
+    }
+}
+
+impl Store {
+    /// The tasks `rules` make due, oldest finish first within each rule, at most `limit`;
+    /// and whether more were due. (A map holds no index: it looks at every task.)
+    fn due(&self, rules: &[PruneRule], limit: usize) -> (Vec<u64>, bool) {
+        let now = now_ms();
+        // Parents of a task that has not finished are kept (rule 13).
+        let pinned: std::collections::HashSet<TaskId> = self
+            .rows
+            .values()
+            .filter(|r| !r.task.state.is_terminal())
+            .flat_map(|r| r.task.after.iter().copied())
+            .collect();
+        let mut out = Vec::new();
+        for rule in rules {
+            let mut found: Vec<(UnixMs, u64)> = self
+                .rows
+                .iter()
+                .filter(|(_, r)| {
+                    r.task.queue == rule.queue
+                        && r.task.state == rule.state
+                        && rule.state.is_terminal()
+                        && r.task.finished_at.is_some_and(|f| f < rule.before)
+                        && !pinned.contains(&r.task.id)
+                        // A unique key held past the finish (rule 14) keeps its task.
+                        && !matches!((r.task.finished_at, r.unique_for), (Some(f), Some(d)) if f + d > now)
+                })
+                .map(|(seq, r)| (r.task.finished_at.unwrap_or(0), *seq))
+                .collect();
+            found.sort_unstable();
+            for (_, seq) in found {
+                if out.len() == limit {
+                    return (out, true);
+                }
+                out.push(seq);
+            }
+        }
+        (out, false)
+    }
 }
 
 impl MemoryBroker {
@@ -1035,7 +1103,7 @@ impl Store {
         schedule: Option<String>,
         slot: Option<UnixMs>,
     ) -> Result<Enqueued> {
-        let payload: serde_json::Value = serde_json::from_str(&task.payload)
+        let (payload, payload_b64) = crate::model::read_stored_payload(&task.payload)
             .map_err(|e| BrokerError::Storage(format!("task {}: {e}", task.id)))?;
         if self.by_id.contains_key(&task.id) {
             return Err(BrokerError::Conflict(format!(
@@ -1080,6 +1148,7 @@ impl Store {
                     slot,
                     after: Vec::new(),
                     expires_at: None,
+                    payload_b64,
                 },
                 history: Vec::new(),
                 result: None,

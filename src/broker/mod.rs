@@ -111,6 +111,21 @@
 //!     `last_error` saying so, its unique key freed, its waiting dependants cancelled as
 //!     rule 13 says) instead of going back to `queued`. A pending cancel still wins (rule
 //!     5). Reserved tasks that never started are not lost runs and are not counted.
+//! 18. **Retention deletes exactly what is due, in bounded steps** ([`Broker::prune`]). A
+//!     task is due under a [`PruneRule`] when it is in the rule's queue and state
+//!     (succeeded, failed or cancelled) and finished strictly before the rule's `before`;
+//!     no other task is ever deleted (a waiting or running one, one retried since, one of
+//!     another state or queue, one finished at or after `before`). Deleting a task deletes
+//!     all that belongs to it in the same atomic step: its attempts with their output
+//!     tails, its result, its entries in every index, and its unique-key record (a
+//!     finished task holds none, rule of `enqueue`); the audit trail is not touched (rule
+//!     11). One call deletes at most `limit` tasks and finds them through an index on
+//!     finish time (never a scan of all tasks or of the keyspace), so that it holds the
+//!     store for a few milliseconds at most; it says whether more were due.
+//!     [`Broker::prunable`] counts the same tasks and deletes nothing.
+//!     A parent is kept while one of its dependants has not finished (rule 13), whatever
+//!     its own `keep_*`: it is due again once its last dependant finished. A finished task
+//!     that still holds its unique key (`unique_for`, rule 14) is kept until the key lapses.
 
 pub(crate) mod access;
 pub mod memory;
@@ -591,6 +606,102 @@ pub(crate) fn queue_rows<'a>(
     rows
 }
 
+/// One retention rule ([`Broker::prune`], rule 18): tasks of `queue` in `state` that
+/// finished before `before` (ms since the epoch) are due for deletion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneRule {
+    pub queue: QueueName,
+    pub state: TaskState,
+    pub before: UnixMs,
+}
+
+impl PruneRule {
+    /// The rules of a queue's `keep_succeeded`, `keep_failed` and `keep_cancelled` at `now`
+    /// (none for a state kept forever).
+    pub fn for_queue(queue: &crate::config::QueueConfig, now: UnixMs) -> Vec<PruneRule> {
+        [
+            (TaskState::Succeeded, queue.keep_succeeded),
+            (TaskState::Failed, queue.keep_failed),
+            (TaskState::Cancelled, queue.keep_cancelled),
+        ]
+        .into_iter()
+        .filter_map(|(state, keep)| {
+            keep.cutoff(now).map(|before| PruneRule {
+                queue: queue.name.clone(),
+                state,
+                before,
+            })
+        })
+        .collect()
+    }
+}
+
+/// How many tasks [`Broker::prune`] deleted (or [`Broker::prunable`] would delete), by
+/// queue and state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub counts: BTreeMap<(QueueName, TaskState), u64>,
+    /// More tasks were due than the call's limit let it delete.
+    pub more: bool,
+}
+
+impl Pruned {
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// Adds `count` tasks of `queue` in `state`.
+    pub fn add(&mut self, queue: &QueueName, state: TaskState, count: u64) {
+        if count > 0 {
+            *self.counts.entry((queue.clone(), state)).or_default() += count;
+        }
+    }
+
+    /// Adds another call's counts into these.
+    pub fn merge(&mut self, other: &Pruned) {
+        for ((q, s), n) in &other.counts {
+            self.add(q, *s, *n);
+        }
+        self.more = other.more;
+    }
+}
+
+/// How many tasks one [`Broker::prune`] call of the daemon or `taskd prune` deletes at most:
+/// small enough that a call holds the store for a few milliseconds (see
+/// docs/performance.md, "Retention").
+pub const PRUNE_BATCH: usize = 200;
+
+/// Delete every task `rules` make due, [`PRUNE_BATCH`] at a time, each batch its own call
+/// (other writes go between them); `each` sees every batch's counts. Returns the sum.
+pub async fn prune_due(
+    broker: &dyn Broker,
+    rules: &[PruneRule],
+    mut each: impl FnMut(&Pruned),
+) -> Result<Pruned> {
+    let mut all = Pruned::default();
+    if rules.is_empty() {
+        return Ok(all);
+    }
+    loop {
+        let batch = broker.prune(rules, PRUNE_BATCH).await?;
+        each(&batch);
+        all.merge(&batch);
+        if !batch.more {
+            all.more = false;
+            return Ok(all);
+        }
+    }
+}
+
+/// The store's size as `taskd status` and `taskd_store_bytes` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoreSize {
+    pub bytes: u64,
+    /// What was measured: `"file"` (SQLite: the database, its WAL and shared-memory
+    /// files), `"memory"` (Redis: the server's `used_memory`, which all its databases share).
+    pub measure: &'static str,
+}
+
 /// The audit record of a change to task `id` that `broker` refused (no such task, a state
 /// the action does not apply to), with the task's queue when it exists; `None` for a
 /// failure of the store itself, which could not take a record either. For the API and the
@@ -980,6 +1091,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Pause or resume a schedule (persists across restarts, like a queue's pause) and
     /// raise the `schedules` wake-up.
     async fn set_schedule_paused(&self, key: &ScheduleKey, paused: bool) -> Result<()>;
+
+    /// Delete up to `limit` tasks that `rules` make due, with everything that belongs to
+    /// them (rule 18), oldest finish first within each rule; [`Pruned::more`] says whether
+    /// more were due. Callers loop ([`prune_due`]).
+    async fn prune(&self, rules: &[PruneRule], limit: usize) -> Result<Pruned>;
+
+    /// How many tasks `rules` make due now, by queue and state; deletes nothing.
+    async fn prunable(&self, rules: &[PruneRule]) -> Result<Pruned>;
+
+    /// How much room the store takes, when the backend can tell (`None`: an in-memory one).
+    async fn store_size(&self) -> Result<Option<StoreSize>> {
+        Ok(None)
+    }
 
     /// Settings of the store that could lose acknowledged tasks, one sentence each.
     async fn durability_warnings(&self) -> Result<Vec<String>> {

@@ -87,6 +87,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
         crate::daemon::running_daemon(&config.state_dir).or(holder.as_ref().map(|h| h.pid));
     // The nodes sharing this broker (empty for the embedded store).
     let nodes = broker.nodes().await?;
+    let store = broker.store_size().await?;
     let now = now_ms();
     if args.json {
         // The API's shape (`GET /api/v1/queues`) plus what only this machine knows.
@@ -98,6 +99,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
                 containment: containment.clone(),
             }),
             state_dir: config.state_dir.clone(),
+            store: store.clone(),
             overview: view::Overview {
                 queues,
                 workers: workers
@@ -138,6 +140,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     }
     if let (Some(_), Some(c)) = (daemon, &containment) {
         println!("containment: {c}");
+    }
+    if let Some(size) = &store {
+        println!("{}", view::store_line(size, &config.broker.to_string()));
     }
     let mut table = queues_table();
     for (name, r) in &rows {
@@ -462,7 +467,11 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
             detail.crashes
         );
     }
-    println!("payload   {}", t.payload);
+    match (&t.payload_b64, t.raw_payload()) {
+        (None, _) => println!("payload   {}", t.payload),
+        (Some(_), Some(bytes)) => println!("payload   {}", raw_preview(&bytes)),
+        (Some(_), None) => println!("payload   raw, not valid base64 in the store"),
+    }
     if !t.args.is_empty() {
         println!("args      {:?}", t.args);
     }
@@ -641,4 +650,38 @@ fn workers_table(workers: &[crate::worker::status::WorkerInfo]) -> Table {
         ]);
     }
     table
+}
+
+/// How many bytes of a raw payload `show` prints in hex.
+const RAW_PREVIEW: usize = 32;
+
+/// A raw payload as `show` prints it: its size, then its first bytes in hex.
+fn raw_preview(bytes: &[u8]) -> String {
+    let hex: Vec<String> = bytes
+        .iter()
+        .take(RAW_PREVIEW)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let more = if bytes.len() > RAW_PREVIEW {
+        " …"
+    } else {
+        ""
+    };
+    let unit = if bytes.len() == 1 { "byte" } else { "bytes" };
+    format!("raw, {} {unit}: {}{more}", bytes.len(), hex.join(" "))
+}
+
+#[cfg(test)]
+mod raw_tests {
+    #[test]
+    fn a_raw_payload_shows_its_size_and_first_bytes_in_hex() {
+        assert_eq!(
+            super::raw_preview(&[0x0a, 0x03, 0xff]),
+            "raw, 3 bytes: 0a 03 ff"
+        );
+        let long: Vec<u8> = (0..40).collect();
+        let shown = super::raw_preview(&long);
+        assert!(shown.starts_with("raw, 40 bytes: 00 01 02"), "{shown}");
+        assert!(shown.ends_with("1e 1f …"), "{shown}");
+    }
 }

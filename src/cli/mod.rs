@@ -10,6 +10,7 @@ mod control;
 mod generate;
 mod inspect;
 mod logs;
+mod prune;
 mod reload;
 mod result;
 mod schedules;
@@ -17,6 +18,7 @@ pub(crate) mod start;
 pub(crate) mod submit;
 mod unix_http;
 mod visible;
+mod why;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +73,12 @@ pub(crate) enum Command {
     Tasks(inspect::TasksArgs),
     /// One task with all its attempts and output tails.
     Show(inspect::ShowArgs),
+    /// Why a task is not running: every reason, one line each, with the numbers (its run-at
+    /// time, parents still waiting, a paused queue, full slots and the oldest running task,
+    /// its key's limit and the tasks holding it, the rate limit's next start, no daemon
+    /// serving its queue, FATAL workers, the node holding it). For a running or finished
+    /// task it says so. Exits 2 for a malformed id, 1 for an unknown one.
+    Why(why::WhyArgs),
     /// Print what a task returned: its result alone, as compact JSON on one line (nothing
     /// when it succeeded without one). Exits 0 when the task succeeded; 4 when it failed or
     /// was cancelled (its error on stderr); 1 when it has not finished (without --wait, or
@@ -126,6 +134,12 @@ pub(crate) enum Command {
     /// HTTP API: the token's name), with the outcome; also the daemon's starts and stops.
     /// The newest N records, newest last (--reverse: newest first).
     Audit(audit::AuditArgs),
+    /// Delete now the finished tasks past their queue's keep_succeeded, keep_failed or
+    /// keep_cancelled (with their attempts, output tails and results; the audit trail is
+    /// kept), as the daemon does every few seconds, and print how many per queue and
+    /// state. Works without the daemon, straight against the store; recorded in the audit
+    /// trail. --dry-run only counts them. Queues not in the config are left alone.
+    Prune(prune::PruneArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -175,6 +189,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Status(a) => inspect::status(config, a).await,
         Command::Tasks(a) => inspect::tasks(config, a).await,
         Command::Show(a) => inspect::show(config, a).await,
+        Command::Why(a) => why::run(config, a).await,
         Command::Result(a) => result::run(config, a).await,
         Command::Logs(a) => logs::logs(config, a).await,
         Command::Tail(a) => logs::tail(config, a).await,
@@ -186,6 +201,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Restart(a) => reload::restart(config, a).await,
         Command::Schedules(a) => schedules::run(config, a).await,
         Command::Audit(a) => audit::run(config, a).await,
+        Command::Prune(a) => prune::run(config, a).await,
     }
 }
 
@@ -310,18 +326,10 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// A time for people: RFC 3339 in UTC, to the second.
 pub(crate) fn fmt_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::model::fmt_time(ms)
 }
 
 /// A duration for people: "1.2s", "3m 5s".
 pub(crate) fn fmt_duration_ms(ms: i64) -> String {
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    if ms < 60_000 {
-        return format!("{:.1}s", ms as f64 / 1000.0);
-    }
-    let secs = std::time::Duration::from_secs((ms / 1000) as u64);
-    humantime::format_duration(secs).to_string()
+    crate::model::fmt_duration_ms(ms)
 }

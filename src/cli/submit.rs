@@ -15,7 +15,7 @@ use crate::config::{Config, QueueConfig};
 use crate::model::{NewTask, QueueName, TaskRecord, TaskState, UnixMs};
 use crate::submission::{
     byte_offset, expires_at, parse_at, parse_delay, parse_duration_ms, parse_parents,
-    parse_payload, strip_position, unknown_parent,
+    parse_payload, parse_raw_payload, strip_position, unknown_parent,
 };
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +59,12 @@ pub struct SubmitArgs {
     /// one transaction: all or none.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "unique", "wait"])]
     pub batch: Option<PathBuf>,
+    /// The payload is the bytes of FILE (`-` for stdin), not JSON (a Protobuf message, an
+    /// image): stored untouched up to `max_payload` and given to the task on stdin byte for
+    /// byte (a worker gets them base64-encoded as `payload_b64`). A queue that fills
+    /// `{field}` placeholders or whose script reads $TASKD_ARG_<field> refuses it (exit 2).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["payload", "batch"])]
+    pub raw: Option<PathBuf>,
     /// Print the whole task record as JSON (with --wait: only the final record, as `taskd
     /// show --json` prints it, once the task has finished).
     #[arg(long)]
@@ -309,9 +315,11 @@ pub async fn run(flag: Option<PathBuf>, args: SubmitArgs) -> anyhow::Result<u8> 
             })
             .collect(),
         None => {
-            let text = payload_text(&args)?;
-            let payload = parse_payload(&config, queue, &text, &args.args)
-                .map_err(|e| Failure::usage(e.to_string()))?;
+            let payload = match &args.raw {
+                Some(file) => parse_raw_payload(&config, queue, &read_raw(file)?, &args.args),
+                None => parse_payload(&config, queue, &payload_text(&args)?, &args.args),
+            }
+            .map_err(|e| Failure::usage(e.to_string()))?;
             let mut t = crate::submission::new_task(queue, payload);
             t.args = args.args.clone();
             t.priority = args.priority;
@@ -438,9 +446,26 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
         }
         return Ok(exit::OK);
     }
-    let text = payload_text(args)?;
-    let payload = json_of(&text, "payload")?;
-    let body = fields(payload).to_string();
+    let body = match &args.raw {
+        Some(file) => {
+            use base64::Engine as _;
+            let mut body = fields(serde_json::Value::Null);
+            if let Some(o) = body.as_object_mut() {
+                o.remove("payload");
+                o.insert(
+                    "payload_b64".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(read_raw(file)?)
+                        .into(),
+                );
+            }
+            body.to_string()
+        }
+        None => {
+            let text = payload_text(args)?;
+            fields(json_of(&text, "payload")?).to_string()
+        }
+    };
     let task = remote.call(
         "POST",
         &format!("/api/v1/queues/{queue}/tasks"),
@@ -649,6 +674,23 @@ fn payload_text(args: &SubmitArgs) -> Result<String, Failure> {
         }
         Some(s) => Ok(s.to_string()),
     }
+}
+
+/// The bytes of a `--raw` file, or of stdin for `-`.
+fn read_raw(file: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    if file.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes).map_err(|e| {
+            Failure::usage(format!("failed to read the raw payload from stdin: {e}"))
+        })?;
+        return Ok(bytes);
+    }
+    std::fs::read(file).map_err(|e| {
+        Failure::usage(format!(
+            "failed to read the raw payload file {}: {e}",
+            file.display()
+        ))
+    })
 }
 
 /// The text of a `--batch` file, or of stdin for `-`.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, ScheduleLayer, TaskdLayer};
 use super::{defaults, limits, ArgTemplate, Backoff, Limits, Program, Rate, WorkerProgram};
-use crate::model::QueueName;
+use crate::model::{Keep, QueueName};
 
 /// What docs/config.md shows about one key: a row of its table.
 pub(super) struct Doc {
@@ -216,7 +216,7 @@ macro_rules! replaced {
         }
     )*};
 }
-replaced!(usize, u32, u64, bool, Duration);
+replaced!(usize, u32, u64, bool, Duration, Keep);
 
 /// A list (`fail_exit_codes`, `env_inherit`) is replaced, not merged.
 impl<T> Layered for Vec<T> {
@@ -404,7 +404,7 @@ queue_keys! {
     /// overrides it per task.
     expires: Option<Duration> = None,
         default: "none",
-        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task",
+        meaning: "a task not started this long after its run-at (its submit time when due at once) is never started: it is cancelled, reason `expired`; `taskd submit --expires` sets it per task; a schedule's tasks take it from their enqueue time",
         read: |cx, e| cx.duration(e);
     /// Time between SIGTERM and SIGKILL to the task's process group (default 10s).
     kill_grace: Duration = defaults::KILL_GRACE,
@@ -502,6 +502,21 @@ queue_keys! {
         default: "`\"10MiB\"`",
         meaning: "cap per log file; a marker line says where it was cut",
         read: |cx, e| cx.size(e, 1, u64::MAX, "10MiB");
+    /// How long a succeeded task is kept after it finished (default 7 days).
+    keep_succeeded: Keep = defaults::KEEP_SUCCEEDED,
+        default: "`\"7d\"`",
+        meaning: "how long a succeeded task (with its attempts, output tails and result) is kept after it finished; then the daemon deletes it (`taskd prune` does it now). A duration, or `\"forever\"`. See [Retention](#retention)",
+        read: |cx, e| cx.keep(e);
+    /// How long a failed task is kept after it finished (default 30 days).
+    keep_failed: Keep = defaults::KEEP_FAILED,
+        default: "`\"30d\"`",
+        meaning: "how long a failed task is kept after it failed for good (a duration, or `\"forever\"`); `taskd retry` needs it still there",
+        read: |cx, e| cx.keep(e);
+    /// How long a cancelled task is kept after it finished (default 7 days).
+    keep_cancelled: Keep = defaults::KEEP_CANCELLED,
+        default: "`\"7d\"`",
+        meaning: "how long a cancelled task is kept after it was cancelled (a duration, or `\"forever\"`)",
+        read: |cx, e| cx.keep(e);
     /// Let a payload value that starts with `-` fill a placeholder that begins a `command`
     /// element before any `--` element (default false: refused at submit, since the program
     /// would read it as an option). See `runnable::argv`.

@@ -433,6 +433,13 @@ pub(crate) mod defaults {
     pub(crate) const CONTROL_SOCKET_NAME: &str = "taskd.sock";
     /// How many audit records the broker keeps (the newest) when `audit_keep` is not set.
     pub(crate) const AUDIT_KEEP: usize = 100_000;
+    /// How long finished tasks are kept, by how they ended (`keep_succeeded`, ...).
+    pub(crate) const KEEP_SUCCEEDED: crate::model::Keep =
+        crate::model::Keep::For(Duration::from_secs(7 * 86_400));
+    pub(crate) const KEEP_FAILED: crate::model::Keep =
+        crate::model::Keep::For(Duration::from_secs(30 * 86_400));
+    pub(crate) const KEEP_CANCELLED: crate::model::Keep =
+        crate::model::Keep::For(Duration::from_secs(7 * 86_400));
 }
 
 /// Limits on values, shared by the validator and its messages.

@@ -121,6 +121,34 @@ pub(crate) fn argv(
     Ok(argv)
 }
 
+/// Whether the queue takes data from its tasks' payload fields: `Some(what does)` for a
+/// command with `{field}` placeholders, a script that reads `$TASKD_ARG_<field>`, or a
+/// `concurrency_key`/`rate_key` with placeholders. Such a queue refuses raw payloads.
+pub(crate) fn reads_payload_fields(queue: &QueueConfig) -> Option<String> {
+    match &queue.program {
+        Program::Command(parts) => {
+            if let Some(part) = parts.iter().find(|p| !p.is_literal()) {
+                return Some(format!("fills `{part}` in its command from the payload"));
+            }
+        }
+        Program::Shell(script) => {
+            if let Some(field) = script_fields(script).into_iter().next() {
+                return Some(format!("has a script that reads $TASKD_ARG_{field}"));
+            }
+        }
+        Program::Worker(_) => {}
+    }
+    for (name, key) in [
+        ("concurrency_key", &queue.concurrency_key),
+        ("rate_key", &queue.rate_key),
+    ] {
+        if let Some(t) = key.as_ref().filter(|t| !t.is_literal()) {
+            return Some(format!("fills its {name} \"{t}\" from the payload"));
+        }
+    }
+    None
+}
+
 /// The fields a script reads as `TASKD_ARG_<field>` (the longest name after each prefix,
 /// as the shell reads `$TASKD_ARG_month` or `${TASKD_ARG_month:-}`).
 fn script_fields(script: &str) -> std::collections::BTreeSet<&str> {

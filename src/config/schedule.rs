@@ -57,6 +57,9 @@ pub struct ScheduleConfig {
     /// (filled when the config is read).
     pub flow_key: Option<String>,
     pub rate_key: Option<String>,
+    /// The queue's `expires`: a slot's task not started that long after it was enqueued is
+    /// cancelled (`expired`), recorded in the task, not the slot.
+    pub expires: Option<std::time::Duration>,
 }
 
 impl ScheduleConfig {
@@ -67,6 +70,9 @@ impl ScheduleConfig {
         t.priority = self.priority;
         t.flow_key = self.flow_key.clone();
         t.rate_key = self.rate_key.clone();
+        t.expires_at = self
+            .expires
+            .map(|d| crate::model::now_ms() + d.as_millis() as i64);
         t
     }
 

@@ -1171,3 +1171,22 @@ fn listen_takes_a_list_of_tcp_addresses_and_unix_sockets() {
     at(&d, 2, 16, "taskd.listen_group");
     assert!(d.fix.as_deref().unwrap_or("").contains("groupadd"), "{d}");
 }
+
+#[test]
+fn a_schedules_task_takes_its_queues_expiry() {
+    let c = ok("[queues.report]\nshell = 'true'\nexpires = \"1h\"\n\n\
+                [queues.plain]\nshell = 'true'\n\n\
+                [schedules.hourly]\nqueue = \"report\"\nevery = \"10m\"\n\n\
+                [schedules.other]\nqueue = \"plain\"\nevery = \"10m\"\n");
+    let before = crate::model::now_ms();
+    let t = c.schedules["hourly"].task();
+    let after = crate::model::now_ms();
+    let at = t
+        .expires_at
+        .expect("the queue's expires reaches the slot's task");
+    assert!(
+        (before + 3_600_000..=after + 3_600_000).contains(&at),
+        "expires_at {at} is not an hour after {before}..{after}"
+    );
+    assert_eq!(c.schedules["other"].task().expires_at, None);
+}

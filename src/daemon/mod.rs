@@ -42,6 +42,7 @@
 mod cluster;
 mod recovery;
 mod reload;
+mod retention;
 pub(crate) mod setup;
 mod stats;
 mod status;
@@ -362,6 +363,11 @@ pub async fn run(
         .with_control(requests_tx)
         .with_follow(follow);
     reload::fit_api(&api, &config);
+    background.push(tokio::spawn(retention::prune_loop(
+        broker.clone(),
+        api.clone(),
+        api.metrics.clone(),
+    )));
     let api_stop = CancellationToken::new();
     let api_done = serve_api(listeners.api, listeners.api_unix, &api, &config, &api_stop);
     let mut daemon = Running {

@@ -320,6 +320,7 @@ pub(crate) fn test_claimed(attempt: u32) -> Claimed {
         slot: None,
         after: Vec::new(),
         expires_at: None,
+        payload_b64: None,
     };
     Claimed {
         lease: Lease {

@@ -133,6 +133,11 @@ impl Prepared {
     pub fn spec(&self, task: &TaskRecord, attempt: u32) -> Result<Spec, String> {
         let q = &self.config;
         let payload_text = task.payload.to_string();
+        // A raw payload's bytes go to stdin as they are; it makes no environment variables.
+        let raw = task.raw_payload();
+        if task.payload_b64.is_some() && raw.is_none() {
+            return Err("the stored raw payload is not valid base64".into());
+        }
         if let Program::Worker(_) = &q.program {
             return Err(format!(
                 "queue {} runs long-lived workers: its tasks go to a worker, not to a process of their own",
@@ -156,7 +161,9 @@ impl Prepared {
         if !task.after.is_empty() {
             env.push(("TASKD_AFTER".into(), crate::model::join_after(&task.after)));
         }
-        env.extend(runnable::payload_env(&payload_text, &task.payload));
+        if raw.is_none() {
+            env.extend(runnable::payload_env(&payload_text, &task.payload));
+        }
         let user = match &self.user {
             None => None,
             Some(Ok(u)) => Some(u.clone()),
@@ -173,7 +180,7 @@ impl Prepared {
             argv,
             env,
             cwd: q.cwd.clone(),
-            stdin: payload_text.into_bytes(),
+            stdin: raw.unwrap_or_else(|| payload_text.into_bytes()),
             timeout: q.timeout,
             kill_grace: q.kill_grace,
             tail_bytes: q.output_tail,

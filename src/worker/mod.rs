@@ -929,6 +929,7 @@ fn task_line(task: &TaskRecord, attempt: u32, max_attempts: u32) -> Vec<u8> {
         payload: &task.payload,
         args: &task.args,
         after: &task.after,
+        payload_b64: task.payload_b64.as_deref(),
     };
     let mut line = serde_json::to_vec(&msg).expect("a task message serializes");
     line.push(b'\n');

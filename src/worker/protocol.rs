@@ -11,9 +11,9 @@ use crate::model::{QueueName, TaskId};
 pub const VERSION: u32 = 1;
 /// The minor version, announced in `TASKD_WORKER_PROTOCOL_MINOR`: what this daemon
 /// understands within [`VERSION`] (1: `result` in an `ok` answer; 2: `after` in a task
-/// message). A minor version only adds optional fields, so a worker written for an older one
+/// message; 3: `payload_b64` in a task message, for a raw payload). A minor version only adds optional fields, so a worker written for an older one
 /// works unchanged.
-pub const MINOR: u32 = 2;
+pub const MINOR: u32 = 3;
 /// The worker's descriptor on which tasks arrive (`TASKD_TASK_FD`).
 pub const TASK_FD: i32 = 3;
 /// The worker's descriptor on which it answers (`TASKD_RESULT_FD`).
@@ -38,6 +38,10 @@ pub struct TaskMessage<'a> {
     /// The ids of the tasks this one ran after (`--after`; minor version 2), all of which
     /// succeeded; empty for most tasks.
     pub after: &'a [TaskId],
+    /// A raw payload's bytes, base64-encoded (minor version 3); `payload` is then `null`.
+    /// Absent for a JSON payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<&'a str>,
 }
 
 /// What a result says.

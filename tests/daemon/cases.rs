@@ -2026,3 +2026,9 @@ fn numbers_beyond_64_bits_reach_the_task_exactly() {
 
 #[path = "results.rs"]
 mod results;
+
+// ------------------------------------------------------------------------------------------
+// Retention (tests/daemon/retention.rs)
+
+#[path = "retention.rs"]
+mod retention;

@@ -22,7 +22,7 @@ See docs/python.md.
 from .app import App, TaskFunction
 from .client import DEFAULT_SERVER, DEFAULT_SOCKET, Client, Task
 from .errors import APIError, ConnectionFailed, Error, Fail, Retry, TaskFailed, Timeout
-from .worker import Job, current_job, progress
+from .worker import Job, current_job, progress, serve
 
 __version__ = "0.1.0"
 
@@ -43,4 +43,5 @@ __all__ = [
     "Job",
     "current_job",
     "progress",
+    "serve",
 ]

@@ -105,12 +105,17 @@ class Transport:
         """Closes this thread's connection (the next request opens a new one)."""
         self._drop()
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """`method path` with a JSON body; the JSON answer, or APIError / ConnectionFailed."""
-        data = None if body is None else json.dumps(body).encode("utf-8")
+    def request(self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None) -> Any:
+        """`method path` with a JSON body (or `raw` bytes, sent as application/octet-stream);
+        the JSON answer, or APIError / ConnectionFailed."""
         headers: Dict[str, str] = {"Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        if raw is not None:
+            data: Optional[bytes] = bytes(raw)
+            headers["Content-Type"] = "application/octet-stream"
+        else:
+            data = None if body is None else json.dumps(body).encode("utf-8")
+            if data is not None:
+                headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
         for attempt in (1, 2):

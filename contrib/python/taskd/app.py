@@ -92,6 +92,12 @@ class App:
 
     def dispatch(self, payload: Any, job: Optional[Job] = None) -> Any:
         """Runs the call a payload names: what `run()` does with each task."""
+        if isinstance(payload, bytes):
+            raise Fail(
+                "a raw payload (%d bytes) names no task: an App's worker runs the calls that "
+                "f.delay() sends; serve raw payloads with taskd.serve(handler) instead; this "
+                "worker has %s" % (len(payload), self._names())
+            )
         if not isinstance(payload, dict) or not isinstance(payload.get("task"), str):
             raise Fail(
                 "the payload names no task: expected {\"task\": NAME, \"args\": [...], "

@@ -1,9 +1,10 @@
-"""The worker side of taskd's worker protocol (docs/worker-protocol.md, version 1.1): tasks
+"""The worker side of taskd's worker protocol (docs/worker-protocol.md, version 1.3): tasks
 arrive as JSON lines on TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4), so that a stray
 print() cannot corrupt them; stdout and stderr are the running task's output."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -24,6 +25,10 @@ class Job:
         self.attempt: int = int(msg.get("attempt") or 1)
         self.max_attempts: Optional[int] = msg.get("max_attempts")
         self.args = list(msg.get("args") or [])
+        #: The ids of the tasks this one ran after (all succeeded).
+        self.after = list(msg.get("after") or [])
+        #: True when the payload is raw bytes (`submit --raw`), not JSON.
+        self.raw: bool = "payload_b64" in msg
 
     def __repr__(self) -> str:
         return "Job(id=%r, attempt=%r)" % (self.id, self.attempt)
@@ -58,9 +63,9 @@ def progress(message: Optional[str] = None) -> None:
 
 
 def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
-    """Serves tasks until taskd closes the task pipe: `handle(payload, job)` runs each; its
-    return value is the result, Retry and any other exception a retried attempt, Fail a
-    failed task."""
+    """Serves tasks until taskd closes the task pipe: `handle(payload, job)` runs each (the
+    payload is the JSON value, or `bytes` for a raw payload); its return value is the result,
+    Retry and any other exception a retried attempt, Fail a failed task."""
     global _results, _current
     version = os.environ.get("TASKD_WORKER_PROTOCOL")
     if version != str(PROTOCOL):
@@ -81,7 +86,11 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
         _current = job
         result: Dict[str, Any] = {"type": "result", "id": job.id, "status": "ok"}
         try:
-            value = handle(msg.get("payload"), job)
+            payload: Any = msg.get("payload")
+            if job.raw:
+                # A raw payload: the bytes as they were submitted.
+                payload = base64.b64decode(msg["payload_b64"])
+            value = handle(payload, job)
             if value is not None:
                 try:
                     # Encoded now, so that a value JSON cannot hold fails this task only.

@@ -4,6 +4,7 @@ exec queues and a worker queue whose worker is tests/app_tasks.py (`app.run()`).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -63,6 +64,17 @@ max_attempts = 1
 [queues.slow]
 shell = "sleep 30"
 
+[queues.rawhex]
+# Every byte of stdin in hex, as the result.
+shell = 'od -An -v -tx1 | tr -d " \\n" > "$TASKD_RESULT_FILE"'
+
+[queues.fields]
+command = ["/bin/echo", "{to}"]
+
+[queues.pyraw]
+worker = [%(python)s, "%(raw_worker)s"]
+env = { PYTHONPATH = "%(path)s" }
+
 [queues.py]
 worker = [%(python)s, "%(worker)s"]
 concurrency = 2
@@ -74,6 +86,7 @@ env = { PYTHONPATH = "%(path)s" }
                     "token": TOKEN,
                     "python": json.dumps(sys.executable),
                     "worker": os.path.join(HERE, "app_tasks.py"),
+                    "raw_worker": os.path.join(HERE, "raw_worker.py"),
                     "path": PACKAGE_DIR,
                 }
             )
@@ -105,7 +118,8 @@ env = { PYTHONPATH = "%(path)s" }
         return m.group(1) if m else None
 
     def _workers_running(self) -> bool:
-        out = taskd.Client("unix:" + self.socket).queues()
+        with taskd.Client("unix:" + self.socket) as c:
+            out = c.queues()
         workers = [w for w in out.get("workers", []) if w.get("queue") == "py"]
         return len(workers) == 2 and all(w.get("state") == "running" for w in workers)
 
@@ -265,6 +279,38 @@ class ClientTests:
         # taskd.Retry: retried with the queue's backoff, then succeeds.
         self.assertEqual(app_tasks.flaky.delay(2).result(timeout=30), 3)
 
+    def test_raw_bytes_reach_the_task_byte_for_byte(self) -> None:
+        data = bytes(range(255, -1, -1)) + b"\x00\n\xff"
+        t = self.client.submit("rawhex", raw=data, priority=4)
+        info = t.info()
+        self.assertIsNone(info["payload"])
+        self.assertEqual(base64.b64decode(info["payload_b64"]), data)
+        self.assertEqual(info["priority"], 4)
+        self.assertEqual(t.result(timeout=30), data.hex())
+        later = self.client.submit("rawhex", raw=b"later", delay=60)
+        self.assertEqual(later.state(), "scheduled")
+        later.cancel()
+        # A batch may mix them: bytes are raw payloads.
+        tasks = self.client.submit_many("rawhex", [b"\x01\x02", bytearray(b"\xfe")])
+        self.assertEqual([x.result(timeout=30) for x in tasks], ["0102", "fe"])
+        # A worker gets them as bytes (`taskd.serve`), its job marked raw.
+        self.assertEqual(
+            self.client.submit("pyraw", raw=data).result(timeout=30), {"hex": data.hex(), "raw": True}
+        )
+        self.assertEqual(self.client.submit("pyraw", {"a": 1}).result(timeout=30), {"json": {"a": 1}, "raw": False})
+        # A queue that fills placeholders from payload fields refuses raw bytes.
+        with self.assertRaises(taskd.APIError) as caught:
+            self.client.submit("fields", raw=b"\x00")
+        self.assertEqual(caught.exception.status, 422)
+        self.assertIn("{to}", caught.exception.message)
+        with self.assertRaises(ValueError):
+            self.client.submit("rawhex", {"a": 1}, raw=b"x")
+        # An App's worker runs named calls: raw bytes fail that task, naming the cause.
+        with self.assertRaises(taskd.TaskFailed) as failed:
+            self.client.submit("py", raw=b"\x08\x01").result(timeout=30)
+        self.assertIn("raw payload (2 bytes)", failed.exception.error or "")
+        self.assertEqual(failed.exception.task["history"][-1]["reason"], "result")
+
     def test_worker_failures_fail_the_task_not_the_worker(self) -> None:
         from tests import app_tasks
 
@@ -305,8 +351,8 @@ class OverTCPWithToken(ClientTests, unittest.TestCase):
 
     def test_a_missing_token_is_refused(self) -> None:
         assert DAEMON is not None
-        with self.assertRaises(taskd.APIError) as caught:
-            taskd.Client(DAEMON.http, token="").submit("echo", {})
+        with self.assertRaises(taskd.APIError) as caught, taskd.Client(DAEMON.http, token="") as c:
+            c.submit("echo", {})
         self.assertEqual((caught.exception.status, caught.exception.code), (401, "missing_token"))
 
 
@@ -323,12 +369,13 @@ class Defaults(unittest.TestCase):
         try:
             os.environ["TASKD_SERVER"] = DAEMON.http
             os.environ["TASKD_TOKEN"] = TOKEN
-            c = taskd.Client()
-            self.assertEqual(c.server, DAEMON.http)
-            self.assertEqual(c.submit("echo", [1]).result(timeout=30), [1])
+            with taskd.Client() as c:
+                self.assertEqual(c.server, DAEMON.http)
+                self.assertEqual(c.submit("echo", [1]).result(timeout=30), [1])
             os.environ["TASKD_SERVER"] = "unix:" + DAEMON.socket
             del os.environ["TASKD_TOKEN"]
-            self.assertEqual(taskd.Client().submit("echo", [2]).result(timeout=30), [2])
+            with taskd.Client() as c:
+                self.assertEqual(c.submit("echo", [2]).result(timeout=30), [2])
             del os.environ["TASKD_SERVER"]
             expected = "unix:/run/taskd/api.sock" if os.path.exists("/run/taskd/api.sock") else "http://127.0.0.1:7070"
             self.assertEqual(taskd.Client().server, expected)
@@ -348,16 +395,37 @@ class Defaults(unittest.TestCase):
 
     def test_after_is_passed_as_the_dependencies(self) -> None:
         assert DAEMON is not None
-        c = taskd.Client("unix:" + DAEMON.socket)
-        parent = c.submit("echo", {"p": 1})
-        try:
-            child = c.submit("echo", {"c": 1}, after=[parent])
-        except taskd.APIError as e:
-            if "after" in e.message and e.code == "invalid_task":
-                self.skipTest("this daemon does not take `after` (task dependencies) yet")
-            raise
+        with taskd.Client("unix:" + DAEMON.socket) as c:
+            self._after_through(c)
+
+    def _after_through(self, c: taskd.Client) -> None:
+        # The parent waits a second: the child waits for it, in `scheduled`.
+        parent = c.submit("echo", {"p": 1}, delay=1)
+        child = c.submit("echo", {"c": 1}, after=[parent])
+        by_id = c.submit("echo", {"c": 2}, after=[parent.id])
+        self.assertEqual(child.info()["after"], [parent.id])
+        self.assertEqual(child.state(), "scheduled")
         self.assertEqual(child.result(timeout=30), {"c": 1})
+        self.assertEqual(by_id.result(timeout=30), {"c": 2})
         self.assertEqual(parent.state(), "succeeded")
+        self.assertLessEqual(parent.info()["finished_at"], child.info()["history"][0]["started_at"])
+        # A parent that fails cancels its dependants.
+        failing = c.submit("fail", {})
+        orphan = c.submit("echo", {}, after=[failing])
+        with self.assertRaises(taskd.TaskFailed) as caught:
+            orphan.result(timeout=30)
+        self.assertEqual(caught.exception.state, "cancelled")
+        self.assertIn("dependency %s failed" % failing.id, caught.exception.error or "")
+        # `apply_async(after=...)` passes them the same way.
+        from tests import app_tasks
+
+        app_tasks.app._client = c
+        first = app_tasks.add.apply_async(args=[1, 2], delay=0.5)
+        then = app_tasks.add.apply_async(args=[3, 4], after=[first])
+        self.assertEqual(then.info()["after"], [first.id])
+        self.assertEqual(then.result(timeout=30), 7)
+        self.assertEqual(first.state(), "succeeded")
+        app_tasks.app._client = None
 
 
 if __name__ == "__main__":

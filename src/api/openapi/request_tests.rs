@@ -356,6 +356,18 @@ fn request_schemas_match_what_the_api_reads() {
             let required = body["required"] == true;
             for (media, content) in body["content"].as_object().expect("content") {
                 let at = format!("{} {path} ({media})", method.to_uppercase());
+                // A raw payload: the body is the bytes, whatever they are.
+                if content["schema"]["format"] == "binary" {
+                    let raw = enqueue::parse_raw(&config, queue, b"\x00\xff\n", None);
+                    if path != "/api/v1/queues/{queue}/tasks" || !enqueue::is_raw(Some(media)) {
+                        check
+                            .errors
+                            .push(format!("{at}: a binary body the API does not read"));
+                    } else if let Err(e) = raw {
+                        check.errors.push(format!("{at}: refused: {}", e.message));
+                    }
+                    continue;
+                }
                 let Some((_, _, _, read)) = readers.iter().find(|(m, p, t, _)| {
                     (*m, *p, *t) == (method.as_str(), path.as_str(), media.as_str())
                 }) else {

@@ -20,7 +20,7 @@ redis.call('ZREM', p .. 'ready', f[4])
 redis.call('ZREM', p .. 'waiting', id)
 redis.call('HSET', t, 'state', 'cancelled', 'finished_at', now, 'updated_at', now,
   'last_error', 'cancelled before it ran')
-move_state(p, id, state, 'cancelled', f[3])
+move_state(p, id, state, 'cancelled', f[3], now)
 redis.call('HDEL', t, 'blocked')
 free_unique(p, id, f[5])
 settle(p, id, 'cancelled')

@@ -118,6 +118,14 @@ for i = 0, n - 1 do
       redis.call('HSET', t, 'expires_at', expires)
       add(p .. 'exp', expires, id)
     end
+    if #ids > 0 and state ~= 'cancelled' then
+      -- Its parents are kept from retention until it finishes (move_state unpins them).
+      redis.call('HSET', t, 'afterq', after)
+      for pq, pid in string.gmatch(after, '([^,]-)\31([^,]+)') do
+        redis.call('HINCRBY', qprefix(pq) .. 'pin', pid, 1)
+        redis.call('ZREM', qprefix(pq) .. 'fin:succeeded', pid)
+      end
+    end
     add(p .. 'st:' .. state, sseq, id)
     add(p .. 'all', sseq, id)
     if state == 'cancelled' then

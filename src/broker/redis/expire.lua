@@ -17,7 +17,7 @@ for _, id in ipairs(ids) do
     redis.call('HSET', t, 'state', 'cancelled', 'finished_at', fmt(now), 'updated_at', fmt(now),
       'last_error', 'expired')
     redis.call('HDEL', t, 'blocked')
-    move_state(p, id, st, 'cancelled', f[3])
+    move_state(p, id, st, 'cancelled', f[3], fmt(now))
     free_unique(p, id, f[5])
     settle(p, id, 'cancelled')
     out[#out + 1] = id

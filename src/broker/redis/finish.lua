@@ -67,7 +67,7 @@ local function finish(id, token, node, nxt, retry_at, has_pid, attempt, failure,
   redis.call('ZREM', p .. 'held', id)
   -- Only a task with cancel_requested '1' is in the set (cancel.lua adds both together).
   if cr then redis.call('SREM', p .. 'cancel', id) end
-  move_state(p, id, f[1], state, f[5])
+  move_state(p, id, f[1], state, f[5], fmt(now))
   if state == 'queued' then
     ready_add(p, f[6], f[7])
     wake_work = true

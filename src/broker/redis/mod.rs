@@ -22,6 +22,7 @@ use redis::{RedisError, Script};
 
 mod inbox;
 mod results;
+mod retention;
 mod schedules;
 
 use inbox::{plain, store_all, store_inboxes, STORE_TICK};
@@ -146,6 +147,8 @@ pub struct RedisBroker {
     addr: String,
     /// Queues this client already added to [`QUEUES`].
     known: Mutex<HashSet<QueueName>>,
+    /// Queues whose finished tasks this client knows to be in their `fin:<state>` sets.
+    indexed: Mutex<HashSet<QueueName>>,
     /// The queue of each task this client claimed: the hot path never looks one up.
     located: Mutex<HashMap<TaskId, QueueName>>,
     /// Results on their way to [`finish_loop`].
@@ -192,6 +195,7 @@ impl RedisBroker {
             conn,
             addr,
             known: Mutex::new(HashSet::new()),
+            indexed: Mutex::new(HashSet::new()),
             located: Mutex::new(HashMap::new()),
             finisher,
             trips,
@@ -767,12 +771,14 @@ fn opt_num<T: std::str::FromStr>(hash: &HashMap<String, String>, key: &str) -> O
 
 fn task_from(hash: &HashMap<String, String>) -> Result<TaskRecord> {
     let bad = |what: &str, e: String| BrokerError::Storage(format!("a task record's {what}: {e}"));
+    let (payload, payload_b64) = crate::model::read_stored_payload(field(hash, "payload")?)
+        .map_err(|e| bad("payload", e))?;
     Ok(TaskRecord {
         id: field(hash, "id")?.parse().map_err(|e| bad("id", e))?,
         queue: field(hash, "queue")?.parse().map_err(|e| bad("queue", e))?,
         state: field(hash, "state")?.parse().map_err(|e| bad("state", e))?,
-        payload: serde_json::from_str(field(hash, "payload")?)
-            .map_err(|e| bad("payload", e.to_string()))?,
+        payload,
+        payload_b64,
         args: serde_json::from_str(field(hash, "args")?).map_err(|e| bad("args", e.to_string()))?,
         priority: num(hash, "priority")?,
         unique_key: hash.get("unique_key").cloned(),
@@ -1615,6 +1621,18 @@ impl Broker for RedisBroker {
 
     async fn set_schedule_paused(&self, key: &super::ScheduleKey, paused: bool) -> Result<()> {
         self.set_schedule_paused_in(key, paused).await
+    }
+
+    async fn prune(&self, rules: &[super::PruneRule], limit: usize) -> Result<super::Pruned> {
+        self.prune_in(rules, limit).await
+    }
+
+    async fn prunable(&self, rules: &[super::PruneRule]) -> Result<super::Pruned> {
+        self.prunable_in(rules).await
+    }
+
+    async fn store_size(&self) -> Result<Option<super::StoreSize>> {
+        self.store_size_in().await
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {

@@ -45,14 +45,14 @@ for _, id in ipairs(ids) do
       local err = string.gsub(too_often, '{lost}', tostring(lost))
       redis.call('HSET', t, 'state', 'failed', 'finished_at', fmt(now), 'updated_at', fmt(now),
         'last_error', err, 'attempts', fmt(attempts))
-      move_state(p, id, f[1], 'failed', f[9])
+      move_state(p, id, f[1], 'failed', f[9], fmt(now))
       free_unique(p, id, f[12])
       settle(p, id, 'failed')
     elseif f[8] == '1' then
       redis.call('HSET', t, 'state', 'cancelled', 'finished_at', fmt(now), 'updated_at', fmt(now),
         'last_error', 'cancelled by an operator', 'cancel_requested', '0', 'attempts', fmt(attempts))
       redis.call('SREM', p .. 'cancel', id)
-      move_state(p, id, f[1], 'cancelled', f[9])
+      move_state(p, id, f[1], 'cancelled', f[9], fmt(now))
       free_unique(p, id, f[12])
       settle(p, id, 'cancelled')
     else

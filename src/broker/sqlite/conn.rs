@@ -157,6 +157,16 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
 
 fn open_writer_on(path: &Path) -> Result<Connection> {
     let conn = connect(path)?;
+    // A new store gives the pages of deleted tasks back to the file system a little at a
+    // time (`incremental_vacuum` after each prune). It can only be chosen before the first
+    // table exists; an older store keeps reusing its free pages in place.
+    let tables: i64 =
+        retry_busy(|| conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)))
+            .map_err(storage)?;
+    if tables == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(storage)?;
+    }
     let mode: String = retry_busy(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
         .map_err(storage)?;
     if !mode.eq_ignore_ascii_case("wal") {

@@ -21,6 +21,7 @@
 
 mod conn;
 mod flow;
+mod retention;
 mod rows;
 mod schedules;
 mod schema;
@@ -1078,5 +1079,17 @@ impl Broker for SqliteBroker {
 
     async fn set_schedule_paused(&self, key: &super::ScheduleKey, paused: bool) -> Result<()> {
         self.set_schedule_paused_in(key, paused).await
+    }
+
+    async fn prune(&self, rules: &[super::PruneRule], limit: usize) -> Result<super::Pruned> {
+        self.prune_in(rules, limit).await
+    }
+
+    async fn prunable(&self, rules: &[super::PruneRule]) -> Result<super::Pruned> {
+        self.prunable_in(rules).await
+    }
+
+    async fn store_size(&self) -> Result<Option<super::StoreSize>> {
+        Ok(Some(self.store_size_now()))
     }
 }

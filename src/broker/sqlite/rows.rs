@@ -38,11 +38,14 @@ pub(super) fn row_to_task(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
             format!("{what}: {e}").into(),
         )
     };
+    let (payload, payload_b64) =
+        crate::model::read_stored_payload(&payload).map_err(|e| conv("payload", e))?;
     Ok(TaskRecord {
         id: id.parse().map_err(|e| conv("id", e))?,
         queue: queue.parse().map_err(|e| conv("queue", e))?,
         state: state.parse().map_err(|e| conv("state", e))?,
-        payload: serde_json::from_str(&payload).map_err(|e| conv("payload", e.to_string()))?,
+        payload,
+        payload_b64,
         args: serde_json::from_str(&args).map_err(|e| conv("args", e.to_string()))?,
         priority: row.get(5)?,
         unique_key: row.get(6)?,

@@ -225,7 +225,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (queue, key)
     ) WITHOUT ROWID;
     "#,
-    // 9: what an attempt's cgroup counted: its peak memory (bytes) and CPU time (µs), NULL
+    // 9: retention. Finished tasks by queue, state and finish time, so that the tasks whose
+    // `keep_*` ran out are found without reading any other (a partial index: only finished
+    // tasks have a finish time).
+    r#"
+    CREATE INDEX tasks_finished ON tasks(queue, state, finished_at) WHERE finished_at IS NOT NULL;
+    "#,
+    // 10: what an attempt's cgroup counted: its peak memory (bytes) and CPU time (µs), NULL
     // where nothing was measured.
     r#"
     ALTER TABLE attempts ADD COLUMN memory_peak INTEGER;

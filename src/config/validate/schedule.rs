@@ -319,6 +319,10 @@ impl Cx<'_> {
         let payload = l.payload.take();
         let args = l.args.take().unwrap_or_default();
         let mut flow_keys = (None, None);
+        let expires = queue
+            .as_ref()
+            .and_then(|q| queues.get(q))
+            .and_then(|q| q.expires);
         if let Some(q) = queue.as_ref().and_then(|q| queues.get(q)) {
             let value = payload
                 .as_ref()
@@ -387,6 +391,7 @@ impl Cx<'_> {
             enabled: l.enabled.unwrap_or(true),
             flow_key: flow_keys.0,
             rate_key: flow_keys.1,
+            expires,
         })
     }
 }

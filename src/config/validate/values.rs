@@ -140,6 +140,40 @@ impl Cx<'_> {
         }
     }
 
+    /// How long finished tasks are kept (`keep_*`): a duration, or `"forever"`.
+    pub(in crate::config) fn keep(&mut self, entry: &Entry) -> Option<crate::model::Keep> {
+        let name = entry.name;
+        match entry.item.as_str().map(str::trim) {
+            Some(s) if s.eq_ignore_ascii_case("forever") => Some(crate::model::Keep::Forever),
+            Some(s)
+                if matches!(
+                    s.to_ascii_lowercase().as_str(),
+                    "never" | "none" | "0" | "inf" | "infinite"
+                ) =>
+            {
+                let message = format!("{name} = \"{s}\" is not a retention time");
+                let fix = format!(
+                    "write how long finished tasks are kept, such as `{name} = \"7d\"`, or `{name} = \"forever\"` to never delete them"
+                );
+                self.error(entry.value_span(), &entry.path, message, Some(fix));
+                None
+            }
+            Some(_) => self.duration(entry).map(crate::model::Keep::For),
+            None => {
+                let fix = match entry.item.as_integer() {
+                    Some(n) if n > 0 => format!("a duration needs a unit: write `{name} = \"{n}d\"`"),
+                    _ => format!("write a duration in quotes, such as `{name} = \"7d\"`, or `{name} = \"forever\"`"),
+                };
+                self.wrong_type(
+                    entry,
+                    "a duration string such as \"7d\", or \"forever\"",
+                    fix,
+                );
+                None
+            }
+        }
+    }
+
     /// A byte size (integer bytes or a string like "512KiB") in `min..=max`.
     pub(in crate::config) fn size(
         &mut self,

@@ -1,0 +1,199 @@
+//! Retention, on each backend: the daemon deletes finished tasks once their queue's
+//! `keep_*` ran out, and `taskd prune` does it at once (or counts, with `--dry-run`),
+//! without a daemon. (A child module of `cases`: it shares its helpers.)
+
+use super::*;
+use crate::common::table;
+
+/// Whether `taskd show ID` says the task does not exist.
+fn gone(env: &Env, id: &str) -> bool {
+    let out = env.run(&["show", id, "--json"]);
+    match out.status.code() {
+        Some(1) if String::from_utf8_lossy(&out.stderr).contains("no task with id") => true,
+        Some(0) => false,
+        other => panic!(
+            "taskd show {id}: exit {other:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The first sample of `name` whose labels contain every one of `labels`, from /metrics.
+fn metric(base: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .expect("body");
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn the_daemon_deletes_finished_tasks_once_their_keep_runs_out() {
+    let Some(case) = Case::new() else { return };
+    let body = r#"
+[queues.short]
+max_attempts = 1
+keep_succeeded = "1s"
+keep_failed = "forever"
+shell = 'exit "$TASKD_ARG_code"'
+
+[queues.long]
+shell = 'exit 0'
+"#;
+    let text = config_text(&case, "5s", body).replacen(
+        "[taskd]\n",
+        "[taskd]\nlisten = \"127.0.0.1:0\"\n",
+        1,
+    );
+    std::fs::write(&case.config, text).expect("write config");
+    let d = case.daemon();
+    let base = d.api_base();
+    let ok: Vec<String> = (0..3)
+        .map(|_| submit(&case, "short", &json!({"code": 0}), &[]))
+        .collect();
+    let failed = submit(&case, "short", &json!({"code": 3}), &[]);
+    let long = submit(&case, "long", &json!({}), &[]);
+    for id in ok.iter().chain([&failed, &long]) {
+        wait_done(&case, id, secs(30));
+    }
+    assert_eq!(case.state(&failed), "failed");
+    // Deleted within a second of keep plus the daemon's pass (every 5 s).
+    assert!(
+        poll(secs(30), || ok.iter().all(|id| gone(&case, id))),
+        "the succeeded tasks of `short` were not deleted; log:\n{}",
+        d.log_text()
+    );
+    assert!(!gone(&case, &failed), "keep_failed = \"forever\" keeps it");
+    assert!(!gone(&case, &long), "`long` keeps its tasks for 7 days");
+    assert_eq!(case.count("short", "succeeded"), 0);
+    assert_eq!(case.count("short", "failed"), 1);
+    assert_eq!(
+        metric(
+            &base,
+            "taskd_tasks_pruned_total",
+            &["queue=\"short\"", "state=\"succeeded\""]
+        ),
+        Some(3.0),
+        "the deletions are counted"
+    );
+    let bytes = metric(&base, "taskd_store_bytes", &[]).expect("taskd_store_bytes");
+    assert!(bytes > 0.0, "the store's size: {bytes}");
+    wait_log(&d, "deleted finished tasks past their keep_* time", secs(5));
+}
+
+#[test]
+fn prune_dry_run_counts_and_prune_deletes_without_a_daemon() {
+    let Some(case) = setup(
+        "5s",
+        r#"
+[queues.p]
+keep_cancelled = "1s"
+shell = 'exit 0'
+
+[queues.f]
+keep_cancelled = "forever"
+keep_succeeded = "36h"
+shell = 'exit 0'
+"#,
+    ) else {
+        return;
+    };
+    // No daemon: tasks cancelled while they wait are finished (cancelled) at once.
+    let p: Vec<String> = (0..3)
+        .map(|_| submit(&case, "p", &json!({}), &[]))
+        .collect();
+    let f = submit(&case, "f", &json!({}), &[]);
+    for id in p.iter().chain([&f]) {
+        case.ok(&["cancel", id]);
+    }
+    let dry = |case: &Case| -> Value {
+        serde_json::from_str(&case.ok(&["prune", "--dry-run", "--json"])).expect("JSON")
+    };
+    assert!(
+        poll(secs(20), || dry(&case)["total"] == 3),
+        "three tasks of `p` become due a second after they were cancelled: {:#}",
+        dry(&case)
+    );
+    let json = dry(&case);
+    assert_eq!(json["dry_run"], true);
+    // The table people read: a row per queue and state, with the keep time and the count.
+    let text = case.ok(&["prune", "--dry-run"]);
+    let t = table::find(&text, "queue");
+    assert_eq!(t.header, ["queue", "state", "keep", "due"]);
+    let rows: Vec<Vec<String>> = t.rows.clone();
+    assert_eq!(rows.len(), 6, "{text}");
+    for (row, want) in rows.iter().zip(json["rows"].as_array().expect("rows")) {
+        assert_eq!(row[0], want["queue"].as_str().unwrap(), "{text}");
+        assert_eq!(row[1], want["state"].as_str().unwrap(), "{text}");
+        assert_eq!(row[2], want["keep"].as_str().unwrap(), "{text}");
+        assert_eq!(row[3], want["count"].to_string(), "{text}");
+    }
+    let find = |q: &str, s: &str| -> Vec<String> {
+        rows.iter()
+            .find(|r| r[0] == q && r[1] == s)
+            .unwrap_or_else(|| panic!("no row {q} {s} in:\n{text}"))
+            .clone()
+    };
+    assert_eq!(find("p", "cancelled"), ["p", "cancelled", "1s", "3"]);
+    assert_eq!(find("p", "succeeded"), ["p", "succeeded", "7d", "0"]);
+    assert_eq!(find("p", "failed"), ["p", "failed", "30d", "0"]);
+    assert_eq!(find("f", "cancelled"), ["f", "cancelled", "forever", "0"]);
+    assert_eq!(find("f", "succeeded"), ["f", "succeeded", "36h", "0"]);
+    assert!(
+        text.contains("dry run: 3 finished tasks past their keep time; nothing deleted"),
+        "{text}"
+    );
+    for id in &p {
+        assert!(!gone(&case, id), "a dry run deletes nothing");
+    }
+    // --queue narrows it to one queue.
+    let only_f = case.ok(&["prune", "--dry-run", "--queue", "f"]);
+    let t = table::find(&only_f, "queue");
+    assert!(t.rows.iter().all(|r| r[0] == "f"), "{only_f}");
+    let unknown = case.run(&["prune", "--queue", "nope"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("unknown queue `nope`"),
+        "{:?}",
+        unknown
+    );
+    // The real thing: deleted, counted, recorded in the audit trail.
+    let text = case.ok(&["prune"]);
+    let t = table::find(&text, "queue");
+    assert_eq!(t.header, ["queue", "state", "keep", "deleted"]);
+    assert!(
+        t.rows.iter().any(|r| r == &["p", "cancelled", "1s", "3"]),
+        "{text}"
+    );
+    assert!(
+        text.contains("deleted 3 finished tasks past their keep time"),
+        "{text}"
+    );
+    for id in &p {
+        assert!(gone(&case, id), "task {id} was deleted");
+    }
+    assert!(!gone(&case, &f), "keep_cancelled = \"forever\"");
+    let audit = case.ok(&["audit"]);
+    assert!(
+        audit.contains("prune") && audit.contains("deleted 3 finished tasks"),
+        "{audit}"
+    );
+    // Nothing is due any more.
+    let again: Value = serde_json::from_str(&case.ok(&["prune", "--json"])).expect("JSON");
+    assert_eq!(again["total"], 0);
+    // `taskd status` shows the store's size.
+    let status = case.ok(&["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("store: "))
+        .unwrap_or_else(|| panic!("no store line in:\n{status}"));
+    assert!(
+        line.contains(" B ") || line.contains("KiB") || line.contains("MiB"),
+        "{line}"
+    );
+    let json: Value = serde_json::from_str(&case.ok(&["status", "--json"])).expect("JSON");
+    assert!(json["store"]["bytes"].as_u64().unwrap_or(0) > 0, "{json:#}");
+}
