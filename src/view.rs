@@ -683,6 +683,8 @@ pub struct PruneReport {
     pub dry_run: bool,
     pub total: u64,
     pub rows: Vec<PruneRow>,
+    /// Schedules' slot records deleted (0 in a dry run, which leaves them).
+    pub slot_records: u64,
 }
 
 /// One queue and state of [`PruneReport`].

@@ -216,6 +216,7 @@ macro_rules! contract_tests {
                 schedule_manual_fire_leaves_the_record,
                 schedule_pause_persists_and_wakes,
                 schedule_history_is_bounded,
+                prune_slots_deletes_old_records_but_the_newest,
                 dependants_wait_for_every_parent_across_queues,
                 a_failed_parent_cancels_its_dependants_transitively,
                 enqueue_after_unknown_or_finished_parents,
@@ -1896,7 +1897,7 @@ pub mod cases {
 
     // --- leases, renewal, recovery ------------------------------------------------------------
 
-    /// Rule 13: a task lost more often than its queue's `max_lost` ends `failed`; a run
+    /// Rule 17: a task lost more often than its queue's `max_lost` ends `failed`; a run
     /// that never started is not a lost run; the other queues keep their own limit.
     pub async fn lost_more_than_max_lost_times_fails(b: B, _g: G) {
         let limits = LostLimits::new(BTreeMap::from([(qn("poison"), 2)]));
@@ -1904,6 +1905,8 @@ pub mod cases {
         t.unique_key = Some("pk".into());
         let id = enqueue1(&b, t).await;
         let other = enqueue1(&b, task("fine")).await;
+        // Waits for the poison task, on another queue: cancelled when it fails (rule 13).
+        let dependant = enqueue1(&b, super::flow_cases::child("poison-next", &[id])).await;
         // Reserved only: recovered without a lost run, not counted.
         let _reserved = claim_id(&b, "poison", id).await;
         let orphans = b
@@ -1947,8 +1950,15 @@ pub mod cases {
                 );
             }
         }
-        // Failed: nothing to claim, and its unique key is free again.
+        // Failed: nothing to claim, its dependant cancelled, and its unique key free again.
         assert!(claim(&b, "poison", 1).await.is_empty());
+        let t = get(&b, dependant).await.task;
+        assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+        assert_eq!(
+            t.last_error.as_deref(),
+            Some(format!("dependency {id} failed").as_str())
+        );
+        assert!(claim(&b, "poison-next", 1).await.is_empty());
         let mut again = task("poison");
         again.unique_key = Some("pk".into());
         enqueue1(&b, again).await;
@@ -3831,7 +3841,7 @@ pub mod cases {
 pub mod flow_cases {
     use super::*;
 
-    fn child(queue: &str, after: &[TaskId]) -> NewTask {
+    pub(crate) fn child(queue: &str, after: &[TaskId]) -> NewTask {
         let mut t = task(queue);
         t.after = after.to_vec();
         t
@@ -4518,6 +4528,66 @@ pub mod schedule_cases {
         (id, at)
     }
 
+    /// One cycle of tasks with all that can belong to a task, through to their deletion:
+    /// on queue `rc` a parent holding a unique key past its finish (`unique_for`), with an
+    /// expiry, a result and output tails; on `rc2` its dependant with a unique key, and a
+    /// failed and a cancelled task. All finish; then everything due is pruned (the parent
+    /// only once its dependant finished and its key lapsed). For the backend-specific
+    /// tests that look at what the store holds afterwards.
+    pub async fn retention_cycle(b: &B, i: usize, bulk: usize) {
+        use TaskState::{Cancelled, Failed, Succeeded};
+        // Bulk beside the linked tasks: `bulk` tasks of 4 KiB on `rc`, cancelled.
+        let pad = "p".repeat(4096);
+        let many: Vec<NewTask> = (0..bulk)
+            .map(|j| NewTask::new(qn("rc"), format!(r#"{{"j":{j},"pad":"{pad}"}}"#)))
+            .collect();
+        if bulk > 0 {
+            for e in b.enqueue(many).await.expect("enqueue") {
+                b.cancel(e.id).await.expect("cancel");
+            }
+        }
+        let mut p = task("rc");
+        p.unique_key = Some(format!("cycle-{i}"));
+        p.unique_for = Some(1);
+        p.expires_at = Some(now_ms() + 3_600_000);
+        let parent = enqueue1(b, p).await;
+        let mut c = task("rc2");
+        c.after = vec![parent];
+        c.unique_key = Some(format!("child-{i}"));
+        let child = enqueue1(b, c).await;
+        for (queue, id) in [("rc", parent), ("rc2", child)] {
+            let c = run_id(b, queue, id).await;
+            let mut a = attempt_of(&c, AttemptReason::Exit, None);
+            a.result = Some(serde_json::json!({"cycle": i}));
+            b.finish(&c.lease, a, Finish::Succeeded)
+                .await
+                .expect("finish");
+        }
+        let (_, f_at) = finished_task(b, "rc2", Failed).await;
+        let (_, c_at) = finished_task(b, "rc", Cancelled).await;
+        let latest = get(b, child).await.task.finished_at.expect("finished");
+        clock_past(latest.max(f_at).max(c_at)).await;
+        let before = now_ms();
+        let rules: Vec<PruneRule> = ["rc", "rc2"]
+            .iter()
+            .flat_map(|q| [Succeeded, Failed, Cancelled].map(|s| rule(q, s, before)))
+            .collect();
+        let done = taskd::broker::prune_due(&**b, &rules, |_| {})
+            .await
+            .expect("prune");
+        assert_eq!(
+            done.counts,
+            pruned_of(&[
+                ("rc", Succeeded, 1),
+                ("rc", Cancelled, 1 + bulk as u64),
+                ("rc2", Succeeded, 1),
+                ("rc2", Failed, 1)
+            ]),
+            "cycle {i}: every task of the cycle was due"
+        );
+        assert!(b.get(parent).await.expect("get").is_none());
+    }
+
     /// [`finished_task`], for the backend-specific tests.
     pub async fn finished_task_pub(b: &B, queue: &str, state: TaskState) -> (TaskId, i64) {
         finished_task(b, queue, state).await
@@ -4798,6 +4868,65 @@ pub mod schedule_cases {
         assert!(calls >= 1);
     }
 
+    /// Slot records follow retention (rule 18): those recorded before the cut-off go,
+    /// oldest first, the newer ones stay, and the newest stays whatever its age.
+    pub async fn prune_slots_deletes_old_records_but_the_newest(b: B, g: G) {
+        let k = key("ps");
+        begin(&b, &k).await;
+        let skip = |i: i64| ScheduleStep::Skip {
+            spec: SPEC.into(),
+            first: T0 + i * 1000,
+            last: T0 + i * 1000,
+            count: 1,
+            reason: "r".into(),
+            node: NODE.into(),
+        };
+        for i in 1..=3 {
+            step(&b, &k, skip(i)).await;
+        }
+        let old_at = b.schedule_history(&k, 10).await.expect("history")[0].at;
+        clock_past(old_at).await;
+        let cut = now_ms();
+        clock_past(cut).await;
+        for i in 4..=5 {
+            step(&b, &k, skip(i)).await;
+        }
+        // Another schedule on the queue is not touched.
+        let other = ScheduleKey {
+            name: "other".into(),
+            queue: qn("ps"),
+        };
+        begin(&b, &other).await;
+        step(&b, &other, skip(1)).await;
+
+        assert_eq!(b.prune_slots(&k, cut).await.expect("prune_slots"), 3);
+        let slots = |h: Vec<taskd::broker::SlotRecord>| -> Vec<i64> {
+            h.iter().map(|r| (r.slot - T0) / 1000).collect()
+        };
+        let h = g
+            .connect()
+            .await
+            .schedule_history(&k, 10)
+            .await
+            .expect("history");
+        assert_eq!(slots(h), [5, 4], "the ones recorded after the cut-off stay");
+        assert_eq!(b.prune_slots(&k, cut).await.expect("again"), 0);
+        // A cut-off after every record: all but the newest go.
+        let late = now_ms() + 60_000;
+        assert_eq!(b.prune_slots(&k, late).await.expect("prune_slots"), 1);
+        let h = b.schedule_history(&k, 10).await.expect("history");
+        assert_eq!(slots(h), [5], "the newest stays");
+        assert_eq!(b.prune_slots(&k, late).await.expect("again"), 0);
+        assert_eq!(
+            slots(b.schedule_history(&other, 10).await.expect("history")),
+            [1]
+        );
+        let st = state(&b, &k).await;
+        assert_eq!(st.skipped, 5, "the schedule's counts keep every slot");
+        // An unknown schedule has nothing to delete.
+        assert_eq!(b.prune_slots(&key("none"), late).await.expect("none"), 0);
+    }
+
     pub async fn schedule_history_is_bounded(b: B, _g: G) {
         use taskd::broker::schedules::SLOT_HISTORY;
         let k = key("h");
@@ -4878,6 +5007,37 @@ pub mod schedule_cases {
 
 mod sqlite_specific {
     use super::*;
+
+    /// Retention leaves nothing of a task behind (attempts, results, dependency links),
+    /// and a store cycling tasks through enqueue → run → prune reuses its pages: it does
+    /// not grow after the first cycles.
+    #[tokio::test]
+    async fn cycles_of_enqueue_run_prune_leave_nothing_and_reuse_the_space() {
+        let (b, g) = sqlite_fixture().await;
+        let rows = |table: &str| -> i64 {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .expect(table)
+        };
+        let pages = || -> i64 {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .expect("page_count")
+        };
+        let mut sizes = Vec::new();
+        for i in 0..6 {
+            schedule_cases::retention_cycle(&b, i, 200).await;
+            for table in ["tasks", "attempts", "results", "deps"] {
+                assert_eq!(rows(table), 0, "cycle {i}: `{table}` keeps nothing");
+            }
+            sizes.push(pages());
+        }
+        // The first cycle sizes the file; the next ones fit in the pages it freed.
+        assert!(
+            sizes[1..].iter().all(|p| *p <= sizes[0] + 8),
+            "pages after each cycle: {sizes:?}"
+        );
+    }
 
     /// A new store is created with `auto_vacuum = INCREMENTAL`; pruning gives the pages of
     /// deleted tasks back a bounded step at a time, keeping a quarter of the file free for
@@ -5336,6 +5496,56 @@ mod redis_specific {
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("{args:?} answered {out:?}"))
+    }
+
+    /// Retention leaves no key of a task behind: after cycles of linked tasks (a unique
+    /// key held past the finish, a dependant on another queue, an expiry, results, output
+    /// tails) run and pruned, the keyspace is the queues' own keys, the same after every
+    /// cycle, and their indexes and key records are empty.
+    #[tokio::test]
+    async fn cycles_of_enqueue_run_prune_leave_no_key_behind() {
+        let Some((b, g)) = redis_pair("redis prune cycles").await else {
+            return;
+        };
+        let keys = || -> Vec<String> {
+            let mut k: Vec<String> = g
+                .server
+                .cli(&["KEYS", "taskd:{q:rc*"])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            k.sort();
+            k
+        };
+        schedule_cases::retention_cycle(&b, 0, 20).await;
+        let first = keys();
+        assert!(
+            !first.iter().any(|k| k.contains(":t:")
+                || k.contains(":h:")
+                || k.contains(":r:")
+                || k.contains(":kids:")),
+            "no task's keys are left: {first:#?}"
+        );
+        for i in 1..5 {
+            schedule_cases::retention_cycle(&b, i, 20).await;
+            assert_eq!(keys(), first, "cycle {i} left the same keys");
+        }
+        for (key, what) in [
+            ("uf", "unique_for records"),
+            ("pin", "pins"),
+            ("u", "unique keys"),
+        ] {
+            assert_eq!(
+                int(&g, &["HLEN", &format!("taskd:{{q:rc}}:{key}")]),
+                0,
+                "{what} of `rc`"
+            );
+        }
+        assert_eq!(int(&g, &["HLEN", "taskd:{q:rc2}:u"]), 0);
+        assert_eq!(int(&g, &["ZCARD", "taskd:{q:rc}:exp"]), 0, "expiry entries");
+        assert_eq!(int(&g, &["ZCARD", "taskd:{q:rc}:all"]), 0);
+        assert_eq!(int(&g, &["ZCARD", "taskd:{q:rc2}:all"]), 0);
     }
 
     /// Pruning deletes every key of a task (hash, history, result) and its index entries,

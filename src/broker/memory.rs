@@ -900,6 +900,20 @@ impl Broker for MemoryBroker {
         Ok(pruned)
     }
 
+    async fn prune_slots(&self, key: &ScheduleKey, before: UnixMs) -> Result<u64> {
+        let mut s = self.store();
+        let Some((_, history)) = s.schedules.get_mut(key) else {
+            return Ok(0);
+        };
+        // Newest first: the old ones are at the back; the newest always stays.
+        let mut n = 0;
+        while history.len() > 1 && history.back().is_some_and(|r| r.at < before) {
+            history.pop_back();
+            n += 1;
+        }
+        Ok(n)
+    }
+
     async fn prunable(&self, rules: &[PruneRule]) -> Result<Pruned> {
         let s = self.store();
         let mut pruned = Pruned::default();

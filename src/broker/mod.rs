@@ -126,6 +126,9 @@
 //!     A parent is kept while one of its dependants has not finished (rule 13), whatever
 //!     its own `keep_*`: it is due again once its last dependant finished. A finished task
 //!     that still holds its unique key (`unique_for`, rule 14) is kept until the key lapses.
+//!     A schedule's slot records follow its queue's retention ([`Broker::prune_slots`]):
+//!     those recorded before a cut-off go, except the newest, so that the schedule's last
+//!     slot is still shown. Dependency links go with the tasks they link.
 
 pub(crate) mod access;
 pub mod memory;
@@ -634,6 +637,48 @@ impl PruneRule {
         })
         .collect()
     }
+
+    /// The cut-off of the slot records of a schedule on `queue` at `now`
+    /// ([`Broker::prune_slots`]): the queue's longest `keep_*`, so that a record goes no
+    /// sooner than the task it may name; `None` when a state is kept forever.
+    pub fn slots_before(queue: &crate::config::QueueConfig, now: UnixMs) -> Option<UnixMs> {
+        [
+            queue.keep_succeeded,
+            queue.keep_failed,
+            queue.keep_cancelled,
+        ]
+        .into_iter()
+        .map(|keep| keep.cutoff(now))
+        .try_fold(UnixMs::MAX, |low, cut| cut.map(|c| low.min(c)))
+    }
+}
+
+/// Delete the slot records of every schedule of `config` that its queue's retention lets
+/// go ([`PruneRule::slots_before`], [`Broker::prune_slots`]); only the schedules on
+/// `queues` when given. Returns how many went.
+pub async fn prune_schedule_slots(
+    broker: &dyn Broker,
+    config: &crate::config::Config,
+    queues: Option<&[QueueName]>,
+    now: UnixMs,
+) -> Result<u64> {
+    let mut n = 0;
+    for s in config.schedules.values() {
+        if queues.is_some_and(|qs| !qs.contains(&s.queue)) {
+            continue;
+        }
+        let Some(q) = config.queues.get(&s.queue) else {
+            continue;
+        };
+        if let Some(before) = PruneRule::slots_before(q, now) {
+            let key = ScheduleKey {
+                name: s.name.clone(),
+                queue: s.queue.clone(),
+            };
+            n += broker.prune_slots(&key, before).await?;
+        }
+    }
+    Ok(n)
 }
 
 /// How many tasks [`Broker::prune`] deleted (or [`Broker::prunable`] would delete), by
@@ -1099,6 +1144,10 @@ pub trait Broker: Send + Sync + 'static {
 
     /// How many tasks `rules` make due now, by queue and state; deletes nothing.
     async fn prunable(&self, rules: &[PruneRule]) -> Result<Pruned>;
+
+    /// Delete the slot records of schedule `key` recorded before `before` (ms), all but
+    /// its newest one, which stays whatever its age (rule 18); returns how many went.
+    async fn prune_slots(&self, key: &ScheduleKey, before: UnixMs) -> Result<u64>;
 
     /// How much room the store takes, when the backend can tell (`None`: an in-memory one).
     async fn store_size(&self) -> Result<Option<StoreSize>> {

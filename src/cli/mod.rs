@@ -137,8 +137,10 @@ pub(crate) enum Command {
     /// Delete now the finished tasks past their queue's keep_succeeded, keep_failed or
     /// keep_cancelled (with their attempts, output tails and results; the audit trail is
     /// kept), as the daemon does every few seconds, and print how many per queue and
-    /// state. Works without the daemon, straight against the store; recorded in the audit
-    /// trail. --dry-run only counts them. Queues not in the config are left alone.
+    /// state; also the slot records of schedules older than their queue's longest keep
+    /// time (the newest of each schedule stays). Works without the daemon, straight
+    /// against the store; recorded in the audit trail. --dry-run only counts the tasks and
+    /// deletes nothing. Queues not in the config are left alone.
     Prune(prune::PruneArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),

@@ -8,7 +8,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::{exit, load_config, open_broker, print_json, Failure};
 use crate::audit::{Action, Actor, AuditEntry};
-use crate::broker::{prune_due, PruneRule, Pruned};
+use crate::broker::{prune_due, prune_schedule_slots, PruneRule, Pruned};
 use crate::config::QueueConfig;
 use crate::model::{now_ms, Keep, QueueName, TaskState};
 use crate::view;
@@ -93,6 +93,13 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
     } else {
         prune_due(broker.as_ref(), &rules, |_| {}).await?
     };
+    // Schedules' slot records follow their queue's retention; a dry run leaves them.
+    let slots = if args.dry_run {
+        0
+    } else {
+        let names: Vec<QueueName> = queues.iter().map(|q| q.name.clone()).collect();
+        prune_schedule_slots(broker.as_ref(), &config, Some(&names), now).await?
+    };
     if !args.dry_run {
         let mut entry = AuditEntry::new(Actor::local_cli(), Action::Prune).ok(detail(&counts));
         entry.count = Some(counts.total());
@@ -126,6 +133,7 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
             dry_run: args.dry_run,
             total: counts.total(),
             rows,
+            slot_records: slots,
         })?;
         return Ok(exit::OK);
     }
@@ -149,6 +157,12 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
         println!("dry run: {n} finished {tasks} past their keep time; nothing deleted");
     } else {
         println!("deleted {n} finished {tasks} past their keep time");
+        if slots > 0 {
+            let records = if slots == 1 { "record" } else { "records" };
+            println!(
+                "deleted {slots} slot {records} of schedules older than their queue's longest keep time"
+            );
+        }
     }
     Ok(exit::OK)
 }

@@ -1,5 +1,6 @@
 //! Retention: every [`PRUNE_EVERY`], the daemon deletes the finished tasks of its queues
-//! whose `keep_succeeded`, `keep_failed` or `keep_cancelled` ran out
+//! whose `keep_succeeded`, `keep_failed` or `keep_cancelled` ran out, and the slot records
+//! of schedules older than their queue's longest `keep_*`
 //! ([`crate::broker::prune_due`]: [`crate::broker::PRUNE_BATCH`] tasks per broker call, each
 //! call its own short write, so claims and results go between them). The config is read
 //! at each pass, so a reload applies at the next one. On a shared broker every node does
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::AppState;
-use crate::broker::{prune_due, Broker, PruneRule};
+use crate::broker::{prune_due, prune_schedule_slots, Broker, PruneRule};
 use crate::metrics::Metrics;
 use crate::model::now_ms;
 
@@ -49,6 +50,15 @@ pub(super) async fn prune_loop(broker: Arc<dyn Broker>, api: AppState, metrics: 
             Err(e) => {
                 tracing::warn!(error = %e, "could not delete finished tasks past their keep_* time; trying again in {}s", PRUNE_EVERY.as_secs());
             }
+        }
+        // Schedules' slot records follow their queue's retention (the longest keep_*).
+        match prune_schedule_slots(broker.as_ref(), &config, None, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deleted = n,
+                "deleted schedules' slot records older than their queue's longest keep_* time"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not delete old slot records of schedules"),
         }
     }
 }

@@ -42,6 +42,16 @@ shell = 'exit "$TASKD_ARG_code"'
 
 [queues.long]
 shell = 'exit 0'
+
+[queues.tick]
+keep_succeeded = "1s"
+keep_failed = "1s"
+keep_cancelled = "1s"
+shell = 'exit 0'
+
+[schedules.tick]
+queue = "tick"
+every = "1s"
 "#;
     let text = config_text(&case, "5s", body).replacen(
         "[taskd]\n",
@@ -82,6 +92,24 @@ shell = 'exit 0'
     let bytes = metric(&base, "taskd_store_bytes", &[]).expect("taskd_store_bytes");
     assert!(bytes > 0.0, "the store's size: {bytes}");
     wait_log(&d, "deleted finished tasks past their keep_* time", secs(5));
+    // A schedule's slot records follow its queue's retention: it fires every second, and
+    // its records older than the queue's longest keep (1 s) go at the daemon's passes.
+    let schedule = || -> Value {
+        serde_json::from_str(&case.ok(&["schedules", "show", "tick", "--json", "--limit", "500"]))
+            .expect("JSON")
+    };
+    assert!(
+        poll(secs(60), || {
+            let s = schedule();
+            let fired = s["schedule"]["fired"].as_u64().unwrap_or(0);
+            let kept = s["history"].as_array().map_or(0, Vec::len) as u64;
+            fired >= 8 && (1..fired.saturating_sub(2)).contains(&kept)
+        }),
+        "the old slot records of `tick` were not deleted: {:#}\nlog:\n{}",
+        schedule(),
+        d.log_text()
+    );
+    wait_log(&d, "deleted schedules' slot records", secs(10));
 }
 
 #[test]
@@ -184,16 +212,44 @@ shell = 'exit 0'
     // Nothing is due any more.
     let again: Value = serde_json::from_str(&case.ok(&["prune", "--json"])).expect("JSON");
     assert_eq!(again["total"], 0);
-    // `taskd status` shows the store's size.
+    // `taskd status` shows the store's size, as its second line: the number people read
+    // agrees with the bytes of `--json`, and says what was measured.
     let status = case.ok(&["status"]);
+    let json: Value = serde_json::from_str(&case.ok(&["status", "--json"])).expect("JSON");
+    let bytes = json["store"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 0, "{json:#}");
     let line = status
         .lines()
-        .find(|l| l.starts_with("store: "))
-        .unwrap_or_else(|| panic!("no store line in:\n{status}"));
+        .nth(1)
+        .filter(|l| l.starts_with("store: "))
+        .unwrap_or_else(|| panic!("no store line second in:\n{status}"));
+    let mut words = line["store: ".len()..].split(' ');
+    let (number, unit) = (words.next().unwrap(), words.next().unwrap());
+    let factor = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        "GiB" => 1073741824.0,
+        other => panic!("unit {other:?} in {line:?}"),
+    };
+    let shown = number.parse::<f64>().expect("a number") * factor;
+    let ratio = shown / bytes as f64;
     assert!(
-        line.contains(" B ") || line.contains("KiB") || line.contains("MiB"),
-        "{line}"
+        (0.8..1.25).contains(&ratio),
+        "{line:?} against {bytes} bytes in --json"
     );
-    let json: Value = serde_json::from_str(&case.ok(&["status", "--json"])).expect("JSON");
-    assert!(json["store"]["bytes"].as_u64().unwrap_or(0) > 0, "{json:#}");
+    if case.redis.is_some() {
+        assert!(
+            line.contains(" of memory on the Redis server (redis://")
+                && line.ends_with(", its used_memory)"),
+            "{line}"
+        );
+        assert_eq!(json["store"]["measure"], "memory");
+    } else {
+        assert!(
+            line.contains(" on disk (sqlite://") && line.ends_with(", with its WAL)"),
+            "{line}"
+        );
+        assert_eq!(json["store"]["measure"], "file");
+    }
 }

@@ -1631,6 +1631,10 @@ impl Broker for RedisBroker {
         self.prunable_in(rules).await
     }
 
+    async fn prune_slots(&self, key: &super::ScheduleKey, before: UnixMs) -> Result<u64> {
+        self.prune_slots_in(key, before).await
+    }
+
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         self.store_size_in().await
     }

@@ -31,6 +31,7 @@ for i = 2, #ARGV, 2 do
         redis.call('DEL', t, p .. 'h:' .. id, p .. 'r:' .. id)
         redis.call('ZREM', p .. 'st:' .. state, id)
         redis.call('ZREM', p .. 'all', id)
+        redis.call('ZREM', p .. 'exp', id)
         n = n + 1
       end
       -- An entry whose task moved on (or is gone) only leaves the index.

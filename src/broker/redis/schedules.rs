@@ -14,7 +14,7 @@ use crate::broker::{
     BrokerError, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord,
     StepAnswer,
 };
-use crate::model::NewTask;
+use crate::model::{NewTask, UnixMs};
 
 fn script() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
@@ -226,6 +226,33 @@ impl RedisBroker {
             .await
             .map_err(|e| self.err(e))?;
         rows.iter().map(|r| record(r)).collect()
+    }
+
+    /// Retention of slot records (rule 18): the list is newest first, so the old ones are
+    /// popped from its tail while they are older than `before`, never the last one; at
+    /// most the schedule's 500 records are read.
+    pub(super) async fn prune_slots_in(&self, key: &ScheduleKey, before: UnixMs) -> Result<u64> {
+        static S: OnceLock<Script> = OnceLock::new();
+        let script = S.get_or_init(|| {
+            Script::new(
+                r"
+local n = 0
+while redis.call('LLEN', KEYS[1]) > 1 do
+  local r = cjson.decode(redis.call('LINDEX', KEYS[1], -1))
+  if tonumber(r.at) >= tonumber(ARGV[1]) then break end
+  redis.call('RPOP', KEYS[1])
+  n = n + 1
+end
+return n",
+            )
+        });
+        let n: u64 = script
+            .key(log_key(key))
+            .arg(before)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n)
     }
 
     pub(super) async fn set_schedule_paused_in(

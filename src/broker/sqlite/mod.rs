@@ -1089,6 +1089,10 @@ impl Broker for SqliteBroker {
         self.prunable_in(rules).await
     }
 
+    async fn prune_slots(&self, key: &super::ScheduleKey, before: UnixMs) -> Result<u64> {
+        self.prune_slots_in(key, before).await
+    }
+
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         Ok(Some(self.store_size_now()))
     }

@@ -344,6 +344,21 @@ impl SqliteBroker {
         self.read(move |conn| history(conn, &key, limit)).await
     }
 
+    /// Retention of slot records (rule 18): at most the schedule's 500, through its index.
+    pub(super) async fn prune_slots_in(&self, key: &ScheduleKey, before: UnixMs) -> Result<u64> {
+        let key = key.clone();
+        self.write_as(false, move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM schedule_slots WHERE name = ?1 AND queue = ?2 AND at < ?3
+                   AND seq < (SELECT max(seq) FROM schedule_slots WHERE name = ?1 AND queue = ?2)",
+            )
+            .and_then(|mut s| s.execute(params![key.name, key.queue.as_str(), before]))
+            .map(|n| n as u64)
+            .map_err(storage)
+        })
+        .await
+    }
+
     pub(super) async fn set_schedule_paused_in(
         &self,
         key: &ScheduleKey,
