@@ -946,21 +946,21 @@ impl Running {
 }
 
 /// What the start record says of the tasks a previous daemon left running.
-fn recovered_words(r: recovery::Recovered) -> String {
+fn recovered_words(recovered: recovery::Recovered) -> String {
     let mut out = String::new();
-    if r.queued > 0 {
+    if recovered.queued > 0 {
         out += &format!(
             "; {} task{} a previous daemon left running {} queued again",
-            r.queued,
-            if r.queued == 1 { "" } else { "s" },
-            if r.queued == 1 { "was" } else { "were" }
+            recovered.queued,
+            if recovered.queued == 1 { "" } else { "s" },
+            if recovered.queued == 1 { "was" } else { "were" }
         );
     }
-    if r.failed > 0 {
+    if recovered.failed > 0 {
         out += &format!(
             "; {} task{} failed, lost more often than max_lost",
-            r.failed,
-            if r.failed == 1 { "" } else { "s" }
+            recovered.failed,
+            if recovered.failed == 1 { "" } else { "s" }
         );
     }
     out
