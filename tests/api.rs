@@ -768,7 +768,7 @@ fn non_loopback_listen_needs_a_token() {
         "{err}"
     );
     // With a token a non-loopback listen starts, and reads need the token too.
-    let ok = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:0\"\ntoken = \"{TOKEN}\"\n\n[queues.a]\nshell = \"true\"\n"));
+    let ok = Env::raw(&format!("[taskd]\nstate_dir = \"state\"\nlisten = \"0.0.0.0:0\"\ntoken = \"{TOKEN}\"\n\n[queues.a]\nshell = \"true\"\n\n[schedules.nightly]\nqueue = \"a\"\ncron = \"0 3 * * *\"\n"));
     let d = ok.daemon();
     let url = d.api_base().replace("0.0.0.0", "127.0.0.1");
     let (code, _) = call("GET", &format!("{url}/api/v1/queues"), None, None);
@@ -777,6 +777,35 @@ fn non_loopback_listen_needs_a_token() {
     assert_eq!(code, 200);
     let (code, _) = call("GET", &format!("{url}/healthz"), None, None);
     assert_eq!(code, 200);
+    // The schedule routes too: every one refuses a request without the token, reads
+    // included, and answers with it.
+    for (method, path, with_token) in [
+        ("GET", "", 200),
+        ("GET", "/nightly", 200),
+        ("POST", "/nightly/pause", 200),
+        ("POST", "/nightly/resume", 200),
+        ("POST", "/nightly/fire", 201),
+    ] {
+        let route = format!("{url}/api/v1/schedules{path}");
+        let (code, v) = call(method, &route, None, None);
+        assert_eq!(code, 401, "{method} {route} without the token: {v:#}");
+        let (code, v) = call(method, &route, Some(TOKEN), None);
+        assert_eq!(code, with_token, "{method} {route} with the token: {v:#}");
+    }
+    let (code, v) = call("GET", &format!("{url}/api/v1/schedules"), Some(TOKEN), None);
+    assert_eq!(code, 200);
+    assert_eq!(v["schedules"][0]["schedule"], "nightly", "{v:#}");
+    assert_eq!(v["schedules"][0]["paused"], false, "{v:#}");
+    let (code, v) = call(
+        "GET",
+        &format!("{url}/api/v1/tasks?queue=a"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200);
+    let tasks = v["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 1, "the one fire made one task: {v:#}");
+    assert_eq!(tasks[0]["schedule"], "nightly", "{v:#}");
 }
 
 #[test]
@@ -827,6 +856,19 @@ fn openapi_matches_the_routes() {
     let id = v["id"].as_str().expect("id").to_string();
     let paths = doc["paths"].as_object().expect("paths");
     assert!(paths.len() >= 13, "{paths:?}");
+    // The schedule routes are documented, each with its method.
+    for (path, method) in [
+        ("/api/v1/schedules", "get"),
+        ("/api/v1/schedules/{name}", "get"),
+        ("/api/v1/schedules/{name}/fire", "post"),
+        ("/api/v1/schedules/{name}/pause", "post"),
+        ("/api/v1/schedules/{name}/resume", "post"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not in the OpenAPI document"
+        );
+    }
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
             let concrete = path

@@ -1894,7 +1894,7 @@ pub mod cases {
 
     // --- leases, renewal, recovery ------------------------------------------------------------
 
-    /// Rule 13: a task lost more often than its queue's `max_lost` ends `failed`; a run
+    /// Rule 17: a task lost more often than its queue's `max_lost` ends `failed`; a run
     /// that never started is not a lost run; the other queues keep their own limit.
     pub async fn lost_more_than_max_lost_times_fails(b: B, _g: G) {
         let limits = LostLimits::new(BTreeMap::from([(qn("poison"), 2)]));
@@ -1902,6 +1902,8 @@ pub mod cases {
         t.unique_key = Some("pk".into());
         let id = enqueue1(&b, t).await;
         let other = enqueue1(&b, task("fine")).await;
+        // Waits for the poison task, on another queue: cancelled when it fails (rule 13).
+        let dependant = enqueue1(&b, super::flow_cases::child("poison-next", &[id])).await;
         // Reserved only: recovered without a lost run, not counted.
         let _reserved = claim_id(&b, "poison", id).await;
         let orphans = b
@@ -1945,8 +1947,15 @@ pub mod cases {
                 );
             }
         }
-        // Failed: nothing to claim, and its unique key is free again.
+        // Failed: nothing to claim, its dependant cancelled, and its unique key free again.
         assert!(claim(&b, "poison", 1).await.is_empty());
+        let t = get(&b, dependant).await.task;
+        assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+        assert_eq!(
+            t.last_error.as_deref(),
+            Some(format!("dependency {id} failed").as_str())
+        );
+        assert!(claim(&b, "poison-next", 1).await.is_empty());
         let mut again = task("poison");
         again.unique_key = Some("pk".into());
         enqueue1(&b, again).await;
@@ -3829,7 +3838,7 @@ pub mod cases {
 pub mod flow_cases {
     use super::*;
 
-    fn child(queue: &str, after: &[TaskId]) -> NewTask {
+    pub(crate) fn child(queue: &str, after: &[TaskId]) -> NewTask {
         let mut t = task(queue);
         t.after = after.to_vec();
         t

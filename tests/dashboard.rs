@@ -931,3 +931,94 @@ fn dashboard_drives_every_view() {
         .expect("refresh docs/dashboard.png");
     }
 }
+
+/// Poison pills on the task page: a task lost past `max_lost` (its daemon killed under it)
+/// and one its long-lived worker died on `max_crashes` times show how often, beside the
+/// error that says why they failed and each attempt's reason.
+#[test]
+fn a_poison_task_page_counts_its_lost_runs_and_crashes() {
+    let Some(chromium) = find_chromium() else {
+        common::skip::skip("chromium is not installed", "apt-get install -y chromium");
+        return;
+    };
+    let shots = screenshot_dir("dashboard-poison");
+    let env = Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+         [queues.poison]\nshell = \"sleep 30\"\nmax_lost = 0\n\n\
+         [queues.dies]\nmax_attempts = 10\nmax_crashes = 2\nstart_secs = \"0s\"\n\
+         worker = [\"sh\", \"-c\", \"echo '{{\\\"type\\\":\\\"ready\\\",\\\"protocol\\\":1}}' >&4; while read -r l <&3; do exit 3; done\"]\n"
+    ));
+    let first = env.daemon();
+    let lost = env.submit("poison", "{}");
+    env.wait_state(&lost, "running", Duration::from_secs(30));
+    first.kill9();
+    // The next start takes the run back: lost once, more than max_lost = 0.
+    let d = env.daemon();
+    let v = env.wait_state(&lost, "failed", Duration::from_secs(30));
+    assert_eq!(v["lost"], 1, "{v:#}");
+    let crashed = env.submit("dies", "{}");
+    let v = env.wait_state(&crashed, "failed", Duration::from_secs(40));
+    assert_eq!(v["crashes"], 2, "{v:#}");
+    let url = d.api_base();
+
+    let mut b = Browser::open(&chromium, &format!("{url}/"));
+    b.viewport(1280, 900, false);
+    b.wait_for(
+        "document.querySelector('#count-poison-failed')?.textContent === '1' && document.querySelector('#count-dies-failed')?.textContent === '1'",
+        "one failed task in each queue",
+    );
+    // The audit trail's record of the second start says what it did with the lost task.
+    b.wait_for(
+        "document.body.innerText.includes('(2 queues; 1 task failed, lost more often than max_lost)')",
+        "the start's audit record counting the failed task",
+    );
+    show(
+        &mut b,
+        &format!("#task/{lost}"),
+        "document.querySelector('#task-state [data-state]')?.dataset.state === 'failed' && !!document.querySelector('#task-lost')",
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#task-lost').textContent"),
+        json!("1 (the daemon or node running it died; past max_lost it fails)")
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#task-crashes')"),
+        Value::Null,
+        "no crashes, no line"
+    );
+    let page = text(&mut b);
+    assert!(
+        page.contains("lost 1 times") && page.contains("more than max_lost = 0"),
+        "the error says why: {page}"
+    );
+    assert_eq!(
+        b.eval("[...document.querySelectorAll('.attempt h2')].map(h => h.textContent)"),
+        json!(["attempt 1 — lost"]),
+        "{page}"
+    );
+    b.screenshot(&shots.join("task-lost.png"));
+
+    show(
+        &mut b,
+        &format!("#task/{crashed}"),
+        "document.querySelector('#task-state [data-state]')?.dataset.state === 'failed' && !!document.querySelector('#task-crashes')",
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#task-crashes').textContent"),
+        json!("2 (its worker died running it; at max_crashes it fails)")
+    );
+    assert_eq!(b.eval("document.querySelector('#task-lost')"), Value::Null);
+    let page = text(&mut b);
+    assert!(
+        page.contains("died running this task 2 times (max_crashes = 2)"),
+        "the newest attempt says why: {page}"
+    );
+    let heads = b.eval("[...document.querySelectorAll('.attempt h2')].map(h => h.textContent)");
+    assert!(
+        heads.as_array().is_some_and(|h| h.len() == 2
+            && h.iter()
+                .all(|t| t.as_str().unwrap_or("").contains("— crash"))),
+        "{heads}"
+    );
+    b.screenshot(&shots.join("task-crashes.png"));
+}

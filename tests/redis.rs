@@ -1203,3 +1203,53 @@ fn a_task_lost_more_than_max_lost_times_fails_on_redis() {
         d.log_text()
     );
 }
+
+/// `max_crashes` on a shared broker: a task that kills every long-lived worker that takes
+/// it, on two nodes, fails at its third crash whichever nodes its runs were on (the count
+/// is the task's history in the store, not a node's memory), with attempts left.
+#[test]
+fn a_task_its_workers_die_on_max_crashes_times_fails_on_redis() {
+    let Some(server) =
+        RedisServer::start("a_task_its_workers_die_on_max_crashes_times_fails_on_redis")
+    else {
+        return;
+    };
+    let shared = tempfile::tempdir().expect("temp dir");
+    let took = shared.path().join("took");
+    let queues = format!(
+        "[queues.dies]\nmax_attempts = 10\nmax_crashes = 3\nstart_secs = \"0s\"\n\
+         worker = [\"sh\", \"-c\", \"echo '{{\\\"type\\\":\\\"ready\\\",\\\"protocol\\\":1}}' >&4; while read -r l <&3; do echo took >> '{}'; exit 3; done\"]\n",
+        took.display()
+    );
+    let a = node(&server, "5s", &queues);
+    let b = node(&server, "5s", &queues);
+    let da = a.daemon();
+    let db = b.daemon();
+    let id = a.submit("dies", "{}");
+    let v = a.wait_state(&id, "failed", secs(60));
+    assert_eq!(v["crashes"], 3, "{v:#}");
+    let h = history(&v);
+    assert_eq!(h.len(), 3, "{v:#}");
+    assert!(h.iter().all(|at| at["reason"] == "crash"), "{v:#}");
+    assert!(
+        h[2]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("died running this task 3 times (max_crashes = 3)")),
+        "{v:#}"
+    );
+    assert_eq!(v["attempts"], 3, "7 attempts were left");
+    // What people read: the other node's `show` says the same.
+    let shown = b.ok(&["show", &id]);
+    assert!(shown.contains("state     failed"), "{shown}");
+    assert!(
+        shown.contains("crashes   3 (its worker died running it"),
+        "{shown}"
+    );
+    assert_eq!(
+        lines(&took).len(),
+        3,
+        "three runs, none after the task failed\n{}\n{}",
+        da.log_text(),
+        db.log_text()
+    );
+}

@@ -697,9 +697,9 @@ struct Running {
 
 impl Running {
     /// Serving: tell systemd (and the log), record the start in the audit trail (with how
-    /// many tasks a previous daemon left running were queued again), and keep the status
-    /// line fresh.
-    fn ready(&mut self, recovered: usize) {
+    /// many tasks a previous daemon left running were queued again, and how many failed for
+    /// being lost more often than `max_lost`), and keep the status line fresh.
+    fn ready(&mut self, recovered: recovery::Recovered) {
         self.notifier.send(&format!(
             "READY=1\nSTATUS={}",
             status::status_line(&self.supervisor)
@@ -710,11 +710,7 @@ impl Running {
             env!("CARGO_PKG_VERSION"),
             self.supervisor.node(),
             self.config.queues.len(),
-            if recovered > 0 {
-                format!("; {recovered} tasks a previous daemon left running were queued again")
-            } else {
-                String::new()
-            }
+            recovered_words(recovered)
         ));
         self.spawn_record(start, None);
         let ping = status::ping(
@@ -901,4 +897,25 @@ impl Running {
             tracing::warn!(error = %e, "could not remove this node from the broker's registry");
         }
     }
+}
+
+/// What the start record says of the tasks a previous daemon left running.
+fn recovered_words(r: recovery::Recovered) -> String {
+    let mut out = String::new();
+    if r.queued > 0 {
+        out += &format!(
+            "; {} task{} a previous daemon left running {} queued again",
+            r.queued,
+            if r.queued == 1 { "" } else { "s" },
+            if r.queued == 1 { "was" } else { "were" }
+        );
+    }
+    if r.failed > 0 {
+        out += &format!(
+            "; {} task{} failed, lost more often than max_lost",
+            r.failed,
+            if r.failed == 1 { "" } else { "s" }
+        );
+    }
+    out
 }

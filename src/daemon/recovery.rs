@@ -17,11 +17,11 @@ const LEFT_RUNNING: &str =
 /// Open the start log (`state_dir/started.log`) and take back what the previous daemon left:
 /// the tasks it noted as starting count as started (their history then says `lost`), and
 /// the result files of its runs are removed. The start log is handed on to the supervisor,
-/// with how many tasks were queued again (for the audit record of the daemon's start).
+/// with how many tasks were taken back (for the audit record of the daemon's start).
 pub(super) async fn recover(
     config: &Config,
     broker: &dyn Broker,
-) -> anyhow::Result<(StartLog, usize)> {
+) -> anyhow::Result<(StartLog, Recovered)> {
     let results = config
         .state_dir
         .join(crate::config::defaults::RESULTS_DIR_NAME);
@@ -40,20 +40,28 @@ pub(super) async fn recover(
     let noted: Vec<TaskId> = noted.into_iter().collect();
     let recovered = if broker.shared() {
         kill_own_leftovers(broker, &noted).await;
-        0
+        Recovered::default()
     } else {
         recover_all(broker, &noted, &LostLimits::of_config(config)).await?
     };
     Ok((start_log, recovered))
 }
 
+/// What the start took back from a previous daemon: tasks queued again (or cancelled, as an
+/// operator had asked), and tasks failed for being lost more often than `max_lost`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Recovered {
+    pub queued: usize,
+    pub failed: usize,
+}
+
 /// The embedded store: every task left running is queued again (or failed, when it was lost
-/// more often than its queue's `max_lost`), its processes killed; how many.
+/// more often than its queue's `max_lost`), its processes killed; how many of each.
 async fn recover_all(
     broker: &dyn Broker,
     noted: &[TaskId],
     limits: &LostLimits,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Recovered> {
     if !noted.is_empty() {
         broker.adopt_started(noted).await?;
     }
@@ -69,7 +77,11 @@ async fn recover_all(
             "recovered tasks left running by a previous daemon"
         );
     }
-    Ok(orphans.len())
+    let failed = orphans.iter().filter(|o| o.failed).count();
+    Ok(Recovered {
+        queued: orphans.len() - failed,
+        failed,
+    })
 }
 
 /// A shared broker: never `Recover::All`. This node's own tasks from before a crash are taken
