@@ -213,7 +213,6 @@ mod redis {
         let q = stamping_queue("pk", &stamps, "0.3", "concurrency_key = \"{customer}\"");
         let (a, b, _da, _db) = two_nodes(&server, &q);
         per_key_case(&[&a, &b], &stamps);
-        // Both nodes ran tasks (the limit is the cluster's, not a node's).
     }
 
     #[test]
@@ -321,6 +320,7 @@ fn why_names_every_reason_from_real_situations() {
         "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"5s\"\nlisten = \"127.0.0.1:0\"\n\n\
          [queues.slow]\nshell = 'sleep 30'\nconcurrency = 1\n\n\
          [queues.ahead]\nshell = 'sleep 30'\nconcurrency = 1\n\n\
+         [queues.flaky]\nshell = 'exit 1'\nmax_attempts = 3\nbackoff = { kind = \"fixed\", base = \"1h\", jitter = false }\n\n\
          [queues.pk]\nshell = 'sleep 30'\nconcurrency = 4\nconcurrency_key = \"{customer}\"\n\n\
          [queues.rt]\nshell = 'true'\nrate = \"1/m\"\n\n\
          [queues.fast]\nshell = 'true'\n\n\
@@ -480,6 +480,18 @@ fn why_names_every_reason_from_real_situations() {
         at > now && at <= now + 60_000,
         "the next start {at} is within the minute from {now}"
     );
+    // A failed attempt waiting for its retry.
+    let flaky = env.submit("flaky", "{}");
+    env.wait_state(&flaky, "retrying", DEADLINE);
+    let text = why(&env, &flaky);
+    assert!(
+        text.starts_with(&format!(
+            "task {flaky} is retrying\n- it waits to retry at "
+        )),
+        "{text}"
+    );
+    assert!(text.contains("(in 59m"), "{text}");
+    assert!(text.contains(" after attempt 1 failed"), "{text}");
     // Workers that cannot start.
     let stuck = env.submit("broken", "{}");
     why_says(
