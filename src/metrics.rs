@@ -84,6 +84,7 @@ pub struct Metrics {
     broker_errors: Counter,
     schedule_slots: Family<ScheduleLabels, Counter>,
     expired: Family<QueueLabel, Counter>,
+    oom: Family<QueueLabel, Counter>,
     pruned: Family<StateLabels, Counter>,
     store_bytes: Gauge,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
@@ -110,6 +111,12 @@ impl Metrics {
         let broker_errors = Counter::default();
         let schedule_slots = Family::<ScheduleLabels, Counter>::default();
         let expired = Family::<QueueLabel, Counter>::default();
+        let oom = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "taskd_tasks_oom_killed",
+            "Attempts that ended because the kernel's OOM killer ended a process of theirs at the queue's memory_max (reason `oom`)",
+            oom.clone(),
+        );
         registry.register(
             "taskd_tasks_expired",
             "Tasks this daemon cancelled because they had not started by their expiry (`expires`)",
@@ -170,6 +177,7 @@ impl Metrics {
         Metrics {
             schedule_slots,
             expired,
+            oom,
             pruned,
             store_bytes,
             registry,
@@ -203,6 +211,15 @@ impl Metrics {
 
     pub fn started(&self, queue: &QueueName) {
         self.started
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc();
+    }
+
+    /// An attempt ended with reason `oom`.
+    pub fn oom_killed(&self, queue: &QueueName) {
+        self.oom
             .get_or_create(&QueueLabel {
                 queue: queue.to_string(),
             })

@@ -248,6 +248,9 @@ pub enum AttemptReason {
     Crash,
     /// The long-lived worker running the task broke the protocol (an unreadable line).
     Protocol,
+    /// The kernel's OOM killer ended a process of the task: its cgroup reached the queue's
+    /// `memory_max`.
+    Oom,
 }
 
 impl AttemptReason {
@@ -264,6 +267,7 @@ impl AttemptReason {
             AttemptReason::Result => "result",
             AttemptReason::Crash => "crash",
             AttemptReason::Protocol => "protocol",
+            AttemptReason::Oom => "oom",
         }
     }
 }
@@ -289,6 +293,7 @@ impl FromStr for AttemptReason {
             "result" => AttemptReason::Result,
             "crash" => AttemptReason::Crash,
             "protocol" => AttemptReason::Protocol,
+            "oom" => AttemptReason::Oom,
             _ => return Err(format!("unknown attempt reason `{text}`")),
         })
     }
@@ -560,6 +565,14 @@ pub struct AttemptRecord {
     pub error: Option<String>,
     pub stdout_tail: String,
     pub stderr_tail: String,
+    /// The peak memory use of the attempt's cgroup, in bytes (`None`: not measured: no
+    /// cgroup, or no memory controller, or a task on a long-lived worker).
+    #[serde(default)]
+    pub memory_peak: Option<u64>,
+    /// The CPU time (user + system) of everything the attempt's cgroup held, in
+    /// microseconds (`None`: not measured).
+    #[serde(default)]
+    pub cpu_usec: Option<u64>,
     /// What the run returned (a worker's `ok` result, or what the task wrote to
     /// `$TASKD_RESULT_FILE`), on its way to the broker: a [`Finish::Succeeded`] stores it as
     /// the task's result ([`TaskDetail::result`]). It belongs to the task, not to the

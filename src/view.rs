@@ -109,6 +109,9 @@ pub struct DaemonView {
     pub pid: u32,
     /// Why it claims no tasks, if it does not.
     pub halted: Option<String>,
+    /// How it contains its tasks: a cgroup per task (where, with which limits), or
+    /// process groups only and why.
+    pub containment: Option<String>,
 }
 
 /// `taskd status --json`: the API's [`Overview`] plus what only this machine knows.

@@ -420,6 +420,9 @@ fn attempt_of(c: &Claimed, reason: AttemptReason, error: Option<&str>) -> Attemp
         error: error.map(str::to_string),
         stdout_tail: "out line 1\nout ✓ line 2\n".into(),
         stderr_tail: "err \"quoted\"\n".into(),
+        // What the attempt's cgroup counted: kept by every backend, beyond 32 bits too.
+        memory_peak: Some(5 << 30),
+        cpu_usec: Some(1_234_567),
         result: None,
     }
 }
@@ -5163,7 +5166,7 @@ mod sqlite_specific {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
             .unwrap();
@@ -5183,6 +5186,42 @@ mod sqlite_specific {
         CREATE INDEX tasks_waiting ON tasks(run_at) WHERE state IN ('scheduled', 'retrying');
         DELETE FROM schema_version WHERE version = 7;";
 
+    /// A store from before the cgroup counters (schema version 9) gains them when opened:
+    /// its attempts read back without them, and a new attempt keeps them.
+    #[tokio::test]
+    async fn a_store_from_before_cgroup_counters_is_migrated() {
+        let (b, g) = sqlite_fixture().await;
+        let old = enqueue1(&b, task("u")).await;
+        let c = run_id(&b, "u", old).await;
+        b.finish(
+            &c.lease,
+            attempt_of(&c, AttemptReason::Exit, Some("exit code 3")),
+            Finish::Failed,
+        )
+        .await
+        .expect("finish");
+        drop(b);
+        {
+            let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
+        }
+        let b = g.connect().await;
+        let h = get(&b, old).await.history;
+        assert_eq!((h[0].memory_peak, h[0].cpu_usec), (None, None));
+        let id = enqueue1(&b, task("u2")).await;
+        let c = run_id(&b, "u2", id).await;
+        let a = attempt_of(&c, AttemptReason::Exit, None);
+        b.finish(&c.lease, a.clone(), Finish::Succeeded)
+            .await
+            .expect("finish");
+        let h = get(&b, id).await.history;
+        assert_eq!(
+            (h[0].memory_peak, h[0].cpu_usec),
+            (a.memory_peak, a.cpu_usec)
+        );
+    }
+
     /// A store from before flow control (schema version 6) gains dependencies when opened:
     /// its waiting tasks stay due (none is blocked), and a new dependant waits on an old task.
     #[tokio::test]
@@ -5194,6 +5233,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
             conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
@@ -5245,6 +5286,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
             conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
@@ -5275,6 +5318,8 @@ mod sqlite_specific {
         drop(b);
         {
             let conn = rusqlite::Connection::open(&g.path).expect("open the database directly");
+            conn.execute_batch(UNDO_USAGE)
+                .expect("make it a version 9 store");
             conn.execute_batch(UNDO_9)
                 .expect("make it a version 8 store");
             conn.execute_batch(UNDO_FLOW)
@@ -6066,6 +6111,10 @@ pub mod limit_cases {
         assert_eq!(s.key_holders, vec![h2]);
     }
 }
+
+/// Takes schema 10 (an attempt's cgroup counters) out of a store, to make it an older one.
+const UNDO_USAGE: &str = "ALTER TABLE attempts DROP COLUMN memory_peak;
+    ALTER TABLE attempts DROP COLUMN cpu_usec; DELETE FROM schema_version WHERE version = 10;";
 
 /// Takes schema 7 (flow control) out of a store, to make it an older one.
 const UNDO_FLOW: &str = "DROP TABLE parked_keys; DROP TABLE rate_state; DROP INDEX tasks_key_held;

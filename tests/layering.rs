@@ -19,12 +19,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("control", &["audit"]),
     // The doubling delay of every wait-and-retry loop: arithmetic only.
     ("backoff", &[]),
+    // What the machine's cgroup hierarchies offer, read-only: for `taskd check` and the
+    // executor's containment alike.
+    ("cgroupfs", &[]),
     // The audit trail's records and how a caller is identified: plain data over the model
     // (the broker stores the records, callers build them).
     ("audit", &["model"]),
     // Slot arithmetic of schedules (cron, every, zones): pure, below the config.
     ("slots", &["model"]),
-    ("config", &["model", "slots"]),
+    ("config", &["model", "slots", "cgroupfs"]),
     ("submission", &["model", "config"]),
     ("broker", &["model", "config", "backoff", "audit"]),
     ("metrics", &["model", "broker"]),
@@ -49,7 +52,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["model", "config", "broker", "view", "worker::status"],
     ),
     // Processes, never brokers, configs or retries.
-    ("executor", &["model", "backoff"]),
+    ("executor", &["model", "backoff", "cgroupfs"]),
     // Long-lived workers: processes fed over a pipe, handed a built spec; they report an
     // executor outcome and never see the broker or the supervisor.
     ("worker", &["model", "config", "executor", "backoff"]),

@@ -394,11 +394,13 @@ fn base_components() -> Value {
                 "crashes": { "type": "integer", "description": "runs its long-lived worker died in (reason `crash`); at the queue's `max_crashes` the task fails" },
                 "history": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } },
                 "result": { "nullable": true, "description": "what the task returned when it succeeded (any JSON value: a worker's `ok` result, or what it wrote to `$TASKD_RESULT_FILE`); null until then, and for a task that succeeded without one" } } }] },
-            "Attempt": { "type": "object", "required": ["number", "node", "pid", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "stdout_tail", "stderr_tail"], "properties": {
+            "Attempt": { "type": "object", "required": ["number", "node", "pid", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "stdout_tail", "stderr_tail", "memory_peak", "cpu_usec"], "properties": {
                 "number": { "type": "integer" }, "node": { "type": "string" }, "pid": { "type": "integer", "nullable": true },
                 "started_at": { "type": "integer" }, "ended_at": { "type": "integer" }, "exit_code": { "type": "integer", "nullable": true },
-                "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
-                "error": { "type": "string", "nullable": true }, "stdout_tail": { "type": "string" }, "stderr_tail": { "type": "string" }
+                "signal": { "type": "integer", "nullable": true }, "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", "oom", null] },
+                "error": { "type": "string", "nullable": true }, "stdout_tail": { "type": "string" }, "stderr_tail": { "type": "string" },
+                "memory_peak": { "type": "integer", "nullable": true, "description": "the peak memory use of the attempt's cgroup, in bytes; null where not measured (no cgroup or memory controller, a task on a long-lived worker)" },
+                "cpu_usec": { "type": "integer", "nullable": true, "description": "CPU time (user + system) of everything the attempt's cgroup held, in microseconds; null where not measured" }
             } },
             "Queue": { "type": "object", "required": ["queue", "paused", "configured", "concurrency", "set_aside", "counts"], "properties": {
                 "queue": { "type": "string" }, "paused": { "type": "boolean" }, "configured": { "type": "boolean" },
@@ -440,7 +442,7 @@ fn output_events() -> Value {
         { "type": "object", "description": "a run ended: how, and what became of the task (`state`, `run_at` for a retry; null for an earlier run of the history)",
           "required": ["event", "id", "task", "run", "attempt", "reason", "exit_code", "signal", "error", "started_at", "ended_at", "state", "run_at"], "properties": {
             "event": kind("attempt_end"), "id": id, "task": task, "run": run, "attempt": { "type": "integer" },
-            "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", null] },
+            "reason": { "type": "string", "nullable": true, "enum": ["exit", "signal", "timeout", "lost", "spawn", "cancelled", "shutdown", "invalid", "result", "crash", "protocol", "oom", null] },
             "exit_code": { "type": "integer", "nullable": true }, "signal": { "type": "integer", "nullable": true }, "error": { "type": "string", "nullable": true },
             "started_at": { "type": "integer" }, "ended_at": { "type": "integer" },
             "state": { "type": "string", "nullable": true, "enum": ["scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled", null] },
@@ -744,6 +746,8 @@ mod tests {
             error: full.then(|| "exit code 3".to_string()),
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            memory_peak: full.then_some(1 << 20),
+            cpu_usec: full.then_some(1500),
             result: None,
         }
     }
@@ -1165,8 +1169,9 @@ mod tests {
         let status = json!({ "allOf": [
             { "$ref": "#/components/schemas/Overview" },
             { "type": "object", "required": ["daemon", "state_dir", "store"], "properties": {
-                "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted"], "properties": {
-                    "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true } } },
+                "daemon": { "type": "object", "nullable": true, "required": ["pid", "halted", "containment"], "properties": {
+                    "pid": { "type": "integer" }, "halted": { "type": "string", "nullable": true },
+                    "containment": { "type": "string", "nullable": true } } },
                 "state_dir": { "type": "string" },
                 "store": { "type": "object", "nullable": true, "required": ["bytes", "measure"], "properties": {
                     "bytes": { "type": "integer" }, "measure": { "type": "string" } } } } }
@@ -1180,6 +1185,7 @@ mod tests {
                 daemon: full.then(|| view::DaemonView {
                     pid: 1,
                     halted: Some("the store lock is lost".into()),
+                    containment: Some("a cgroup per task under /sys/fs/cgroup/taskd".into()),
                 }),
                 state_dir: "/var/lib/taskd".into(),
                 store: full.then_some(crate::broker::StoreSize {

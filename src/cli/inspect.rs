@@ -82,6 +82,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
     // is gone; it also says why it claims nothing, if it does not.
     let holder = crate::daemon::storelock::holder(&config);
     let halted = holder.as_ref().and_then(|h| h.halted.clone());
+    let containment = holder.as_ref().and_then(|h| h.containment.clone());
     let daemon =
         crate::daemon::running_daemon(&config.state_dir).or(holder.as_ref().map(|h| h.pid));
     // The nodes sharing this broker (empty for the embedded store).
@@ -95,6 +96,7 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             daemon: daemon.map(|pid| view::DaemonView {
                 pid,
                 halted: halted.clone(),
+                containment: containment.clone(),
             }),
             state_dir: config.state_dir.clone(),
             store: store.clone(),
@@ -135,6 +137,9 @@ pub async fn status(flag: Option<PathBuf>, args: StatusArgs) -> anyhow::Result<u
             "daemon: not running (state in {}); tasks wait until `taskd start`",
             config.state_dir.display()
         ),
+    }
+    if let (Some(_), Some(c)) = (daemon, &containment) {
+        println!("containment: {c}");
     }
     if let Some(size) = &store {
         println!("{}", view::store_line(size, &config.broker.to_string()));
@@ -540,6 +545,9 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         if let Some(e) = &a.error {
             println!("  error: {}", visible(e));
         }
+        if let Some(used) = resources_used(a.memory_peak, a.cpu_usec) {
+            println!("  used: {used}");
+        }
         for (name, tail) in [("stdout", &a.stdout_tail), ("stderr", &a.stderr_tail)] {
             if !tail.is_empty() {
                 println!("  {name} (tail):");
@@ -550,6 +558,21 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// What an attempt's cgroup counted, for `show`: "peak memory 12.5 MiB, CPU 1.25 s".
+fn resources_used(memory_peak: Option<u64>, cpu_usec: Option<u64>) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(m) = memory_peak {
+        parts.push(format!(
+            "peak memory {:.1} MiB",
+            m as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    if let Some(c) = cpu_usec {
+        parts.push(format!("CPU {:.2} s", c as f64 / 1e6));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// How much of a result `show` prints, in characters.

@@ -151,6 +151,15 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
         },
     ),
     key!(
+        "cgroup_root",
+        "none (the daemon's own cgroup v2)",
+        "a directory of a cgroup v2 hierarchy where the daemon creates its subtree of task cgroups (`taskd-<key>`, one per state directory), for a daemon run outside systemd, e.g. `\"/sys/fs/cgroup/taskd\"`; created if missing. Without it the daemon uses its own v2 cgroup (under systemd, the unit's with `Delegate=yes`). See [Containment](#containment)",
+        |cx, e, t| {
+            t.cgroup_root = cx.cgroup_root(e);
+            t.cgroup_root.is_some()
+        },
+    ),
+    key!(
         "token",
         "none",
         "the API's bearer token (at least 16 printable ASCII characters); never logged or printed. The audit trail names it `default`",
@@ -364,7 +373,7 @@ queue_keys! {
     /// Per-attempt time limit (default 30m).
     timeout: Duration = defaults::TIMEOUT,
         default: "`\"30m\"`",
-        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL. Only the group: a child that left it (`setsid`, a daemonizing program) keeps running; see README, \"What escapes\"",
+        meaning: "the global task timeout: SIGTERM to the process group, `kill_grace`, SIGKILL. With a cgroup per task the whole cgroup is killed too; without one, a child that left the group (`setsid`, a daemonizing program) keeps running: see [Containment](#containment)",
         read: |cx, e| cx.duration(e);
     /// Total runs, the first included (1..=1000, default 5).
     max_attempts: u32 = defaults::MAX_ATTEMPTS,
@@ -438,6 +447,26 @@ queue_keys! {
         default: "none",
         meaning: "resource limits: `{ nofile, nproc, as, cpu, fsize, core }`; see [Resource limits](#resource-limits)",
         read: |cx, e| cx.limits(e);
+    /// The most memory (and swap) the task's cgroup may use, in bytes; `None`: no limit.
+    /// Needs a cgroup per task.
+    memory_max: Option<u64> = None,
+        default: "none",
+        meaning: "the most memory a task (or a worker process), everything it started included, may use (≥ `\"1MiB\"`; swap not allowed on top): past it the kernel's OOM killer ends a process of it, and the attempt's reason is `oom`. Needs a cgroup per task: see [Containment](#containment)",
+        read: |cx, e| cx.size(e, limits::MIN_MEMORY_MAX, u64::MAX, "512MiB");
+    /// The most processes and threads the task's cgroup may hold at once; `None`: no limit.
+    pids_max: Option<u64> = None,
+        default: "none",
+        meaning: "the most processes and threads a task (or a worker process), everything it started included, may hold at once (1–4194304): a fork past it fails (EAGAIN), so a fork bomb stays inside its task. Needs a cgroup per task",
+        read: |cx, e| cx
+            .int_in_range(e, 1, limits::MAX_PIDS, "256")
+            .and_then(|n| u64::try_from(n).ok());
+    /// The task cgroup's CPU weight (1..=10000); `None`: the default, 100.
+    cpu_weight: Option<u32> = None,
+        default: "none (`100`)",
+        meaning: "the task's share of CPU time when CPUs are busy, against other tasks and the rest of the machine (1–10000; 100 is everyone's default: 200 gets twice as much). Needs a cgroup per task",
+        read: |cx, e| cx
+            .int_in_range(e, 1, 10_000, "100")
+            .and_then(|n| u32::try_from(n).ok());
     /// Names of the daemon's environment variables passed on to tasks, on top of
     /// [`defaults::ENV_INHERIT`]. Never one of the
     /// [`never_inherited`](super::never_inherited) names.

@@ -84,6 +84,9 @@ pub struct Config {
     pub tokens: Vec<ApiToken>,
     /// How many audit records the broker keeps, the newest (`audit_keep`).
     pub audit_keep: usize,
+    /// Where the daemon creates its subtree of task cgroups (`cgroup_root`); `None`: under
+    /// its own cgroup v2.
+    pub cgroup_root: Option<PathBuf>,
     /// How long a draining daemon lets running tasks finish (default 30s).
     pub shutdown_grace: Duration,
     /// How long a claim holds a task unless renewed (`lease`); `None`: the broker's default
@@ -446,6 +449,10 @@ pub(crate) mod limits {
     pub(crate) const MAX_START_RETRIES: i64 = 100;
     /// The most audit records `audit_keep` may ask the broker to keep.
     pub(crate) const MAX_AUDIT_KEEP: i64 = 10_000_000;
+    /// The smallest `memory_max`.
+    pub(crate) const MIN_MEMORY_MAX: u64 = 1024 * 1024;
+    /// The largest `pids_max` (the kernel's `PID_MAX_LIMIT`).
+    pub(crate) const MAX_PIDS: i64 = 4_194_304;
     /// The smallest `max_worker_memory`: below it no interpreter even starts.
     pub(crate) const MIN_WORKER_MEMORY: u64 = 1024 * 1024;
     pub(crate) const MAX_OUTPUT_TAIL: u64 = 16 * 1024 * 1024;

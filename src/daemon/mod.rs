@@ -322,10 +322,18 @@ pub async fn run(
     let (requests_tx, requests) = mpsc::channel::<Incoming>(8);
     let (streamer, followers) = followers_channel(listeners.control.is_some());
     let control = serve_control(listeners.control, &requests_tx, streamer)?;
+    let containment = contain(&config);
     let (start_log, recovered) = recovery::recover(&config, broker.as_ref()).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let (supervisor, lease, wakeups) =
-        start_supervisor(&config, &broker, node, start_log, metrics.clone()).await?;
+    let (supervisor, lease, wakeups) = start_supervisor(
+        &config,
+        &broker,
+        node,
+        start_log,
+        metrics.clone(),
+        containment.containment().cloned(),
+    )
+    .await?;
     let scheduler = Scheduler::start(
         broker.clone(),
         &config,
@@ -340,6 +348,7 @@ pub async fn run(
         listeners.store_lock,
         store_file,
         lease,
+        containment.describe(),
     ));
     let follow = crate::follow::Source {
         broker: broker.clone(),
@@ -372,6 +381,7 @@ pub async fn run(
         api_stop,
         api_done,
         stats: Some(stats),
+        containment,
     };
     daemon.ready(recovered);
     let now = controls.handle.now.clone();
@@ -488,11 +498,14 @@ fn watch_over(
     store_lock: Option<storelock::StoreLock>,
     store_file: Option<(std::path::PathBuf, (u64, u64))>,
     lease: Duration,
+    containment: String,
 ) -> Vec<JoinHandle<()>> {
     let mut loops = Vec::new();
     if let Some(lock) = store_lock {
         let sup = supervisor.clone();
-        loops.push(tokio::spawn(lock.serve(move || sup.halted())));
+        loops.push(tokio::spawn(
+            lock.serve(move || sup.halted(), Some(containment)),
+        ));
     }
     if let Some((path, id)) = store_file {
         let sup = supervisor.clone();
@@ -548,6 +561,32 @@ async fn announce(config: &Config, broker: &dyn Broker, node: &NodeId) {
     );
 }
 
+/// How this daemon contains its tasks (see docs/architecture.md, "Containment"): a cgroup
+/// subtree when the machine gives a writable cgroup v2 hierarchy, said once in the log; the
+/// cgroups a previous daemon of this state directory left (a crash) are killed and removed.
+fn contain(config: &Config) -> crate::executor::cgroup::Mode {
+    let mode = crate::executor::cgroup::detect(
+        config.cgroup_root.as_deref(),
+        &storelock::cgroup_key(config),
+    );
+    match &mode {
+        crate::executor::cgroup::Mode::Cgroups(c) => {
+            tracing::info!("containment: {}", mode.describe());
+            let killed = c.kill_leftovers();
+            if killed > 0 {
+                tracing::warn!(
+                    cgroups = killed,
+                    "killed the processes of tasks and workers a previous daemon left running in its cgroups"
+                );
+            }
+        }
+        crate::executor::cgroup::Mode::ProcessGroups(_) => {
+            tracing::warn!("containment: {}", mode.describe());
+        }
+    }
+    mode
+}
+
 /// The supervisor, started on `config`'s queues with the broker's wake-ups, the lease it
 /// claims with (`lease` from the config, else the default of the broker's kind), and the
 /// wake-ups for the scheduler.
@@ -557,9 +596,11 @@ async fn start_supervisor(
     node: NodeId,
     start_log: crate::supervisor::startlog::StartLog,
     metrics: Arc<crate::metrics::Metrics>,
+    containment: Option<Arc<crate::executor::cgroup::Containment>>,
 ) -> anyhow::Result<(Arc<Supervisor>, Duration, crate::broker::Wakeups)> {
     let wakeups = broker.subscribe().await?;
     let supervisor = Supervisor::new(broker.clone(), node, start_log, metrics);
+    supervisor.set_containment(containment);
     let lease = config.lease.unwrap_or(if broker.shared() {
         crate::config::defaults::SHARED_LEASE
     } else {
@@ -693,6 +734,8 @@ struct Running {
     api_done: Option<oneshot::Receiver<()>>,
     /// Writes the dashboard's counters to the broker; the last ones after the drain.
     stats: Option<stats::StatsWriter>,
+    /// How tasks are contained: its cgroup subtree is removed after the drain.
+    containment: crate::executor::cgroup::Mode,
 }
 
 impl Running {
@@ -885,6 +928,9 @@ impl Running {
         }
         for task in self.background.drain(..) {
             task.abort();
+        }
+        if let Some(c) = self.containment.containment() {
+            c.close();
         }
         if self.broker.shared() {
             self.leave().await;

@@ -33,6 +33,9 @@ pub struct Holder {
     /// Why it claims no tasks now (its store vanished, the broker refuses writes).
     #[serde(default)]
     pub halted: Option<String>,
+    /// How it contains its tasks (a cgroup per task, or process groups only, and why).
+    #[serde(default)]
+    pub containment: Option<String>,
 }
 
 /// The held lock. Dropping it frees the name.
@@ -76,12 +79,27 @@ fn canonical(path: &Path) -> PathBuf {
 /// The socket's name: a hash of the key (a path can be longer than a socket name may be).
 /// FNV-1a, written out so that every taskd version computes the same name.
 fn socket_name(key: &str) -> String {
+    format!("taskd-store-{:016x}", fnv1a(key))
+}
+
+/// FNV-1a of `key`, written out so that every taskd version computes the same value (the
+/// store lock's name, the name of the daemon's cgroup subtree).
+pub(crate) fn fnv1a(key: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("taskd-store-{h:016x}")
+    h
+}
+
+/// The name of the daemon's cgroup subtree (`taskd-<this>`): one per state directory, so that
+/// the next daemon of the same state directory finds the cgroups a crashed one left.
+pub(crate) fn cgroup_key(config: &Config) -> String {
+    format!(
+        "{:016x}",
+        fnv1a(&canonical(&config.state_dir).display().to_string())
+    )
 }
 
 fn address(key: &str) -> std::io::Result<SocketAddr> {
@@ -145,7 +163,7 @@ impl StoreLock {
     }
 
     /// Answer everyone who asks, with what `status` says at that moment, until dropped.
-    pub async fn serve(self, status: impl Fn() -> Option<String>) {
+    pub async fn serve(self, status: impl Fn() -> Option<String>, containment: Option<String>) {
         let key = self.key;
         let listener = match self
             .listener
@@ -167,6 +185,7 @@ impl StoreLock {
                 pid: std::process::id(),
                 store: key.clone(),
                 halted: status(),
+                containment: containment.clone(),
             };
             let mut line = serde_json::to_vec(&holder).expect("a Holder always serializes");
             line.push(b'\n');

@@ -1,4 +1,5 @@
-//! SIGTERM → grace → SIGKILL against one process group: the one escalation behind a task's
+//! SIGTERM → grace → SIGKILL against one process group (and SIGKILL to its whole cgroup
+//! when it has one): the one escalation behind a task's
 //! timeout, an operator's cancel and the daemon's shutdown, for a task's own process and
 //! for a long-lived worker alike.
 
@@ -29,6 +30,8 @@ pub struct Escalation {
     last_signal: Option<Signal>,
     /// When to send SIGKILL; `None` once sent (or for an unrepresentably long grace).
     kill_at: Option<Instant>,
+    /// The group's cgroup: SIGKILL goes to all of it (what left the group included).
+    cgroup: Option<super::cgroup::Cgroup>,
 }
 
 impl Escalation {
@@ -38,7 +41,14 @@ impl Escalation {
             why: None,
             last_signal: None,
             kill_at: None,
+            cgroup: None,
         }
+    }
+
+    /// Also kill every process of `cgroup` when SIGKILL is due.
+    pub fn with_cgroup(mut self, cgroup: Option<super::cgroup::Cgroup>) -> Escalation {
+        self.cgroup = cgroup;
+        self
     }
 
     /// Why the stop began; `None` while it has not.
@@ -64,6 +74,9 @@ impl Escalation {
     /// SIGKILL to the group now.
     pub fn kill(&mut self) {
         procs::signal_group(self.pgid, Signal::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
         self.last_signal = Some(Signal::SIGKILL);
         self.kill_at = None;
     }

@@ -28,6 +28,7 @@
 //! - call `waitpid(-1)` (it would steal tokio's exit statuses) or sleep/poll on the normal
 //!   path: a `/bin/true` task costs one spawn, a few pipe reads and one `killpg`.
 
+pub mod cgroup;
 mod escalation;
 pub mod live;
 pub(crate) mod output;
@@ -123,6 +124,8 @@ pub struct Spec {
     pub result: Option<ResultSpec>,
     /// The attempt's live ring: its output is pushed there too, for followers.
     pub live: Option<std::sync::Arc<live::LiveOutput>>,
+    /// The cgroup the task runs in (`None`: its process group alone contains it).
+    pub cgroup: Option<cgroup::CgroupSpec>,
 }
 
 /// Full-output files: the attempt's output is appended up to `max_bytes` per file, then one
@@ -265,6 +268,9 @@ pub struct Outcome {
     /// What the task returned: its result file once it exited 0, or a worker's `ok`
     /// answer; [`Returned::Nothing`] otherwise.
     pub returned: Returned,
+    /// The counters of the attempt's cgroup (CPU time, peak memory, OOM kills), when it
+    /// ran in one of its own.
+    pub usage: Option<cgroup::Usage>,
 }
 
 impl Outcome {
@@ -291,6 +297,7 @@ impl Outcome {
             stray_killed: false,
             ran_on,
             returned: Returned::Nothing,
+            usage: None,
         }
     }
 
@@ -308,6 +315,7 @@ impl Outcome {
             stderr_total: 0,
             stray_killed: false,
             returned: Returned::Nothing,
+            usage: None,
         }
     }
 }
@@ -315,6 +323,8 @@ impl Outcome {
 /// The spawned group, for as long as `run` owns it.
 struct Leader {
     pgid: i32,
+    /// The task's cgroup: dropped with the leader, it kills what is left in it and is removed.
+    cgroup: Option<cgroup::Cgroup>,
     /// Registered until tokio has reaped the leader.
     tracked: Option<TrackedChild>,
     /// Until the final SIGKILL after the leader's exit has been sent.
@@ -353,7 +363,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
     // Removed when this function returns or is dropped, whatever happens in between.
     let result_file = match &spec.result {
         None => None,
-        Some(r) => match ResultFile::create(r, spec.user.as_ref()) {
+        Some(r) => match create_result_file(r, &spec, &stop).await {
             Ok(f) => {
                 spec.env.push((
                     "TASKD_RESULT_FILE".into(),
@@ -361,7 +371,8 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
                 ));
                 Some(f)
             }
-            Err(e) => {
+            Err(Err(status)) => return Outcome::not_started(status, started_at_ms),
+            Err(Ok(e)) => {
                 let message = format!(
                     "could not create the task's result file in {}: {e}",
                     r.dir.root().display()
@@ -385,13 +396,14 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         None => (None, None),
     };
 
-    let (mut child, tracked) = match start_when_descriptors_allow(&spec, &stop).await {
-        Ok(pair) => pair,
+    let (mut child, tracked, cgroup) = match start_when_descriptors_allow(&spec, &stop).await {
+        Ok(started) => started,
         Err(status) => return Outcome::not_started(status, started_at_ms),
     };
     let pid = tracked.pid();
     let mut leader = Leader {
         pgid: pid,
+        cgroup,
         tracked: Some(tracked),
         armed: true,
     };
@@ -410,7 +422,7 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
     }
     out.follow(spec.live.as_ref(), live::Stream::Stdout);
     err.follow(spec.live.as_ref(), live::Stream::Stderr);
-    let mut esc = Escalation::new(pid);
+    let mut esc = Escalation::new(pid).with_cgroup(leader.cgroup.clone());
 
     let (waited, stray_killed) = {
         let (stdin, stdout, stderr) = child.take_pipes();
@@ -451,6 +463,9 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
             && tokio::time::timeout(PIPE_LINGER, &mut pumps).await.is_err()
         {
             let killed = procs::signal_group(pid, Signal::SIGKILL);
+            if let Some(cg) = &leader.cgroup {
+                cg.kill();
+            }
             if tokio::time::timeout(DRAIN_AFTER_KILL, &mut pumps)
                 .await
                 .is_err()
@@ -463,6 +478,10 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
             // (Sent after the leader was reaped: a group id is not handed out again while the
             // group has members; an empty group gives a harmless ESRCH, and its id could only
             // name someone else's group after the pid space wrapped around in between.)
+            // The cgroup also holds what left the group (setsid, a double fork).
+            if let Some(cg) = &leader.cgroup {
+                cg.kill();
+            }
             procs::signal_group(pid, Signal::SIGKILL)
         };
         leader.armed = false;
@@ -487,18 +506,24 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         }
     };
     tracing::debug!(pid, ?status, stray_killed, "task process ended");
+    // Its counters, read once everything in it is gone; then it is removed.
+    let usage = match leader.cgroup.take() {
+        Some(cg) => Some(cg.finish().await),
+        None => None,
+    };
     // Streams cut short (a holder that escaped the group) still get their last line logged.
     out.finish();
     err.finish();
     // Read once nothing of the group is left to write it.
     let returned = match result_file {
-        Some(f) if status.is_success() => f.take(),
+        Some(f) if status.is_success() => f.take().await,
         _ => Returned::Nothing,
     };
 
     Outcome {
         returned,
         stray_killed,
+        usage,
         ..Outcome::ran(Runner::Process, status, pid, started_at_ms, out, err)
     }
 }
@@ -546,7 +571,7 @@ pub(crate) fn open_log(path: &std::path::Path, max: u64) -> Option<LogFile> {
 
 /// The spawn command for `spec`: own process group, exact environment, piped stdout and
 /// stderr, and the `pre_exec` set-up when one is needed. Long-lived workers add to it.
-pub(crate) fn command(spec: &Spec) -> tokio::process::Command {
+pub(crate) fn command(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -565,6 +590,21 @@ pub(crate) fn command(spec: &Spec) -> tokio::process::Command {
         .stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
+    }
+    if let Some(cg) = cgroup {
+        // First of the hooks (before any change of user): into the task's cgroup.
+        let fds = cg.procs_fds();
+        // SAFETY: write(2) on descriptors opened before the fork; nothing allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
     }
     if let Some(setup) = ChildSetup::plan(spec, &host()) {
         // SAFETY: the hook only makes async-signal-safe system calls and allocates nothing
@@ -633,13 +673,46 @@ const NO_DESCRIPTORS_RETRY_MAX: Duration = Duration::from_secs(1);
 async fn start_when_descriptors_allow(
     spec: &Spec,
     stop: &Stop,
-) -> Result<(LeaderChild, TrackedChild), Status> {
+) -> Result<(LeaderChild, TrackedChild, Option<cgroup::Cgroup>), Status> {
     let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
     let mut warned = false;
+    // The task's cgroup, made once (its descriptors can run short too).
+    let mut cgroup: Option<cgroup::Cgroup> = None;
     loop {
-        let err = match start(spec) {
-            Ok(pair) => return Ok(pair),
-            Err(err) => err,
+        let made = match (&spec.cgroup, &cgroup) {
+            (Some(c), None) => cgroup::Cgroup::create(c).map(|cg| {
+                cgroup = Some(cg);
+            }),
+            _ => Ok(()),
+        };
+        let err = match made {
+            Err(e) => {
+                if !matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                    let c = spec.cgroup.as_ref().expect("only a cgroup is made here");
+                    return Err(Status::SpawnFailed {
+                        kind: SpawnFailure::Other,
+                        message: format!(
+                            "could not create the task's cgroup {}: {e}",
+                            c.place.tree().join(&c.name).display()
+                        ),
+                    });
+                }
+                e
+            }
+            Ok(()) => {
+                let opened = match &cgroup {
+                    Some(cg) => cg.open_procs(),
+                    None => Ok(()),
+                };
+                let started = opened.and_then(|()| start(spec, cgroup.as_ref()));
+                if let Some(cg) = &cgroup {
+                    cg.started();
+                }
+                match started {
+                    Ok((child, tracked)) => return Ok((child, tracked, cgroup)),
+                    Err(err) => err,
+                }
+            }
         };
         if !matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
             return Err(spawn_failure(spec, &err));
@@ -656,17 +729,47 @@ async fn start_when_descriptors_allow(
     }
 }
 
-fn start(spec: &Spec) -> io::Result<(LeaderChild, TrackedChild)> {
+/// [`ResultFile::create`], waiting and trying again while descriptors are short, as
+/// [`start_when_descriptors_allow`] does. `Err(Ok(e))`: another error, the task's;
+/// `Err(Err(status))`: a cancel or a shutdown ended the wait.
+async fn create_result_file(
+    result: &ResultSpec,
+    spec: &Spec,
+    stop: &Stop,
+) -> Result<ResultFile, Result<io::Error, Status>> {
+    let mut delay = Doubling::new(Duration::from_millis(10), NO_DESCRIPTORS_RETRY_MAX);
+    loop {
+        match ResultFile::create(result, spec.user.as_ref()) {
+            Ok(f) => return Ok(f),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {}
+            Err(e) => return Err(Ok(e)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay.next_delay()) => {}
+            _ = stop.cancel.cancelled() => return Err(Err(Status::Cancelled)),
+            _ = stop.shutdown.cancelled() => return Err(Err(Status::Interrupted)),
+        }
+    }
+}
+
+fn start(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> io::Result<(LeaderChild, TrackedChild)> {
+    let cgroup_procs = cgroup.map(|c| c.procs_fds()).unwrap_or_default();
     if spawn::supported() && ChildSetup::plan(spec, &host()).is_none() {
         let stdin = match stdin_for(&spec.stdin) {
             StdinPlan::Null => spawn::Stdin::Null,
             StdinPlan::Prefilled(fd) => spawn::Stdin::Fd(fd),
             StdinPlan::Piped => spawn::Stdin::Piped,
         };
-        let (child, tracked) = spawn::spawn(&spec.argv, &spec.env, spec.cwd.as_deref(), stdin)?;
+        let (child, tracked) = spawn::spawn(
+            &spec.argv,
+            &spec.env,
+            spec.cwd.as_deref(),
+            stdin,
+            &cgroup_procs,
+        )?;
         return Ok((LeaderChild::Fast(child), tracked));
     }
-    let mut cmd = command(spec);
+    let mut cmd = command(spec, cgroup);
     let (child, tracked) = spawn_tracked(&mut cmd)?;
     Ok((LeaderChild::Std(child), tracked))
 }

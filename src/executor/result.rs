@@ -250,9 +250,31 @@ impl ResultFile {
         &self.path
     }
 
-    /// What the attempt returned; the file is removed.
-    pub(crate) fn take(self) -> Returned {
-        read_result(&self.path, self.uid, self.max)
+    /// What the attempt returned; the file is removed. While the daemon (EMFILE) or the
+    /// system (ENFILE) is out of descriptors the file is not opened: it waits and tries
+    /// again, as a start does, rather than lose a task's result to a passing shortage.
+    pub(crate) async fn take(self) -> Returned {
+        let mut delay = crate::backoff::Doubling::new(
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(500),
+        );
+        // At most about a minute: a shortage that lasts longer is reported as the error.
+        for _ in 0..128 {
+            match read_result(&self.path, self.uid, self.max) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    tokio::time::sleep(delay.next_delay()).await;
+                }
+                Err(e) => {
+                    return Returned::Unreadable(format!(
+                        "the result file could not be opened: {e}"
+                    ))
+                }
+                Ok(r) => return r,
+            }
+        }
+        Returned::Unreadable(
+            "the result file could not be opened: the daemon stayed out of file descriptors".into(),
+        )
         // Dropped here: removed.
     }
 }
@@ -279,8 +301,9 @@ impl Drop for ResultFile {
 }
 
 /// Reads the result file at `path`, which must be a regular file owned by `uid`, up to
-/// `max` bytes.
-fn read_result(path: &Path, uid: u32, max: u64) -> Returned {
+/// `max` bytes. `Err`: it could not be opened (the caller tells a shortage of descriptors
+/// from the rest).
+fn read_result(path: &Path, uid: u32, max: u64) -> io::Result<Returned> {
     let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -288,15 +311,20 @@ fn read_result(path: &Path, uid: u32, max: u64) -> Returned {
     {
         Ok(f) => f,
         // The task removed it: it returned nothing.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Returned::Nothing,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Returned::Nothing),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Returned::Unreadable(
+            return Ok(Returned::Unreadable(
                 "the result file was replaced by a symbolic link, which taskd does not follow"
                     .into(),
-            )
+            ))
         }
-        Err(e) => return Returned::Unreadable(format!("the result file could not be opened: {e}")),
+        Err(e) => return Err(e),
     };
+    Ok(read_file(file, uid, max))
+}
+
+/// The opened result file's content, checked.
+fn read_file(file: std::fs::File, uid: u32, max: u64) -> Returned {
     let meta = match file.metadata() {
         Ok(m) => m,
         Err(e) => return Returned::Unreadable(format!("the result file could not be read: {e}")),
@@ -353,6 +381,31 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// [`ResultFile::take`], waited for, on a runtime that outlives the test (its blocking
+    /// threads remove the file afterwards: see [`gone_soon`]).
+    fn take(file: ResultFile) -> Returned {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RT.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime")
+        })
+        .block_on(file.take())
+    }
+
+    /// Whether nothing is left at `path` within a few seconds.
+    fn gone_soon(path: &Path) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::symlink_metadata(path).is_ok() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
     fn spec(dir: &Path, max: u64) -> ResultSpec {
         ResultSpec {
             dir: ResultDir::new(dir.join("results")),
@@ -364,7 +417,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = ResultFile::create(&spec(tmp.path(), max), None).unwrap();
         std::fs::write(f.path(), content).unwrap();
-        f.take()
+        take(f)
     }
 
     #[test]
@@ -426,8 +479,8 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"", "created empty");
         let g = ResultFile::create(&s, None).unwrap();
         assert_ne!(g.path(), path, "each attempt has a file of its own");
-        assert_eq!(f.take(), Returned::Nothing);
-        assert!(!path.exists(), "removed once read");
+        assert_eq!(take(f), Returned::Nothing);
+        assert!(gone_soon(&path), "removed once read");
         let other = g.path().to_path_buf();
         drop(g);
         assert!(!other.exists(), "removed when dropped unread");
@@ -444,20 +497,17 @@ mod tests {
         std::fs::remove_file(f.path()).unwrap();
         std::os::unix::fs::symlink(&secret, f.path()).unwrap();
         let path = f.path().to_path_buf();
-        match f.take() {
+        match take(f) {
             Returned::Unreadable(why) => assert!(why.contains("symbolic link"), "{why}"),
             other => panic!("a symlink was followed: {other:?}"),
         }
-        assert!(
-            std::fs::symlink_metadata(&path).is_err(),
-            "the link is removed"
-        );
+        assert!(gone_soon(&path), "the link is removed");
         assert!(secret.exists(), "its target is left alone");
 
         let f = ResultFile::create(&s, None).unwrap();
         std::fs::remove_file(f.path()).unwrap();
         nix::unistd::mkfifo(f.path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        match f.take() {
+        match take(f) {
             Returned::Unreadable(why) => assert!(why.contains("FIFO"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -465,14 +515,14 @@ mod tests {
         let f = ResultFile::create(&s, None).unwrap();
         std::fs::remove_file(f.path()).unwrap();
         std::fs::create_dir(f.path()).unwrap();
-        match f.take() {
+        match take(f) {
             Returned::Unreadable(why) => assert!(why.contains("directory"), "{why}"),
             other => panic!("{other:?}"),
         }
 
         let f = ResultFile::create(&s, None).unwrap();
         std::fs::remove_file(f.path()).unwrap();
-        assert_eq!(f.take(), Returned::Nothing, "a removed file is no result");
+        assert_eq!(take(f), Returned::Nothing, "a removed file is no result");
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!    the daemon's memory until `execve`, so none of the daemon's handlers may run in it; the
 //!    daemon blocks every signal around the clone, and the child resets them before it
 //!    unblocks);
-//! 2. its own process group (`setpgid(0, 0)`);
+//! 2. its own cgroup, when the task has one (`0` written to each `cgroup.procs` the parent
+//!    opened: see `cgroup.rs`), and its own process group (`setpgid(0, 0)`);
 //! 3. stdin, stdout and stderr from the prepared descriptors (everything else the daemon
 //!    holds is close-on-exec);
 //! 4. the working directory;
@@ -239,6 +240,9 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     /// Descriptors for 0, 1, 2.
     fds: [RawFd; 3],
+    /// `cgroup.procs` files the child writes `0` to first (its own cgroup per hierarchy).
+    cgroup_procs: *const RawFd,
+    cgroup_procs_len: usize,
     /// Written by the child when it fails: the errno, or 0.
     errno: libc::c_int,
 }
@@ -263,6 +267,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         dfl.sa_sigaction = libc::SIG_DFL;
         for &sig in RESET_SIGNALS {
             libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        // Into the task's cgroup before anything else: whatever it starts is born there.
+        for i in 0..a.cgroup_procs_len {
+            let fd = *a.cgroup_procs.add(i);
+            if libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1) != 1 {
+                return fail(a);
+            }
         }
         if libc::setpgid(0, 0) != 0 {
             return fail(a);
@@ -322,6 +333,7 @@ pub(crate) fn spawn(
     env: &[(String, String)],
     cwd: Option<&Path>,
     stdin: Stdin,
+    cgroup_procs: &[RawFd],
 ) -> io::Result<(Child, TrackedChild)> {
     let program = argv
         .first()
@@ -375,6 +387,8 @@ pub(crate) fn spawn(
         envp: env_p.as_ptr(),
         cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
         fds: [stdin_fd, out_w.as_raw_fd(), err_w.as_raw_fd()],
+        cgroup_procs: cgroup_procs.as_ptr(),
+        cgroup_procs_len: cgroup_procs.len(),
         errno: 0,
     };
 

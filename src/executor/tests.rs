@@ -43,6 +43,7 @@ fn spec(argv: &[&str]) -> Spec {
         live: None,
         log_lines: false,
         result: None,
+        cgroup: None,
     }
 }
 

@@ -200,6 +200,9 @@ pub struct Supervisor {
     results: Option<Arc<executor::ResultDir>>,
     /// The live output of the attempts running here, for followers (`taskd logs --follow`).
     live: Arc<Live>,
+    /// The daemon's cgroup subtree, set before [`Self::start`] ([`Self::set_containment`]);
+    /// `None`: process groups only.
+    containment: Mutex<Option<Arc<executor::cgroup::Containment>>>,
 }
 
 impl Supervisor {
@@ -232,7 +235,13 @@ impl Supervisor {
             lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             log_tasks: Mutex::new(None),
             live: Live::new(),
+            containment: Mutex::new(None),
         })
+    }
+
+    /// Run each task and worker in a cgroup of `containment`'s. Set before [`Self::start`].
+    pub fn set_containment(&self, containment: Option<Arc<executor::cgroup::Containment>>) {
+        *self.containment.lock().expect("not poisoned") = containment;
     }
 
     /// The live output of the attempts running on this node (and of those that just ended).
@@ -413,7 +422,11 @@ impl Supervisor {
         for (name, qc) in &config.queues {
             // Per-key and rate limits are applied by the broker's claims (its rule 13).
             self.broker.set_flow(name, crate::broker::Flow::of(qc));
-            let prepared = Arc::new(Prepared::new(Arc::new(qc.clone()), self.results.clone()));
+            let prepared = Arc::new(Prepared::new(
+                Arc::new(qc.clone()),
+                self.results.clone(),
+                self.containment.lock().expect("not poisoned").clone(),
+            ));
             match queues.get(name) {
                 Some(rt) => {
                     let old = rt.prepared();
@@ -881,6 +894,9 @@ impl Supervisor {
                 Duration::from_millis((record.started_at - claimed.task.run_at).max(0) as u64)
             });
             self.metrics.finished(&queue.name, outcome, ran, waited);
+            if record.reason == Some(crate::model::AttemptReason::Oom) {
+                self.metrics.oom_killed(&queue.name);
+            }
         }
         // Queue the result first, then give the slot to the next task: its start is recorded
         // after this result (the broker's rule 6), so the store never shows more tasks

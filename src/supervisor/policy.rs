@@ -112,6 +112,28 @@ pub fn decide(
         retry_or_fail(queue, claimed, a, now, rng)
     };
     let returned = outcome.returned;
+    let usage = outcome.usage.unwrap_or_default();
+    a.memory_peak = usage.memory_peak;
+    a.cpu_usec = usage.cpu_usec;
+    // The OOM killer ended a process of the task's cgroup: the attempt's reason, whatever
+    // the leader then did (died of it, or exited with an error).
+    let oom = |a: &mut AttemptRecord| {
+        if usage.oom_kills > 0 {
+            a.reason = Some(AttemptReason::Oom);
+            let what = match &a.error {
+                Some(e) => format!(" ({e})"),
+                None => String::new(),
+            };
+            a.error = Some(format!(
+                "out of memory: the kernel's OOM killer ended {} of the task's processes at memory_max {}{what}",
+                usage.oom_kills,
+                queue
+                    .memory_max
+                    .map(crate::config::show_size)
+                    .unwrap_or_else(|| "?".into())
+            ));
+        }
+    };
     let finish = match outcome.status {
         Status::Exited(0) => {
             a.exit_code = Some(0);
@@ -128,6 +150,7 @@ pub fn decide(
                 Finish::Failed
             } else {
                 a.error = Some(format!("exit code {code}"));
+                oom(&mut a);
                 retry_or_fail(&mut a, rng)
             }
         }
@@ -135,6 +158,7 @@ pub fn decide(
             a.signal = Some(sig);
             a.reason = Some(AttemptReason::Signal);
             a.error = Some(format!("killed by {}", signal_name(sig)));
+            oom(&mut a);
             retry_or_fail(&mut a, rng)
         }
         Status::TimedOut { killed_with } => {
@@ -347,6 +371,7 @@ mod tests {
             stray_killed: false,
             ran_on: Runner::Process,
             returned: Returned::Nothing,
+            usage: None,
         }
     }
 
@@ -473,6 +498,7 @@ mod tests {
             stray_killed: false,
             ran_on: Runner::Worker,
             returned: Returned::Nothing,
+            usage: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         decide(

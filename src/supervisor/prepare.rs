@@ -11,6 +11,7 @@ use nix::sys::resource::Resource;
 use crate::config::{
     defaults, never_inherited, runnable, LimitValue, Limits, Program, QueueConfig,
 };
+use crate::executor::cgroup::{CgroupLimits, CgroupSpec, Containment};
 use crate::executor::{LogSpec, ResultDir, ResultSpec, Rlimit, Spec, UserSpec, UNLIMITED};
 use crate::model::{TaskId, TaskRecord};
 
@@ -22,6 +23,9 @@ pub struct Prepared {
     limits: Vec<Rlimit>,
     /// Where a task's result file goes (`None`: tasks get none).
     results: Option<std::sync::Arc<ResultDir>>,
+    /// The daemon's cgroup subtree: each task and worker gets a cgroup there (`None`:
+    /// process groups only).
+    containment: Option<std::sync::Arc<Containment>>,
 }
 
 impl Prepared {
@@ -29,6 +33,7 @@ impl Prepared {
     pub fn new(
         config: std::sync::Arc<QueueConfig>,
         results: Option<std::sync::Arc<ResultDir>>,
+        containment: Option<std::sync::Arc<Containment>>,
     ) -> Self {
         // Looked up here, once, and never between fork and exec. A queue with only `group`
         // runs as the daemon's own user with that group.
@@ -51,8 +56,41 @@ impl Prepared {
             user,
             limits: rlimits(&config.limits),
             results,
+            containment,
             config,
         }
+    }
+
+    /// The cgroup `name` in the daemon's subtree with the queue's limits, if there is one.
+    /// `Err` when the queue sets a limit this daemon cannot apply (never ignored).
+    fn cgroup(&self, name: String) -> Result<Option<CgroupSpec>, String> {
+        let limits = cgroup_limits(&self.config);
+        let Some(place) = self.containment.clone() else {
+            if limits.any() {
+                return Err(format!(
+                    "queue {} sets memory_max, pids_max or cpu_weight, and this daemon runs without cgroups (see `taskd status`)",
+                    self.config.name
+                ));
+            }
+            return Ok(None);
+        };
+        for (set, controller, key) in [
+            (limits.memory_max.is_some(), "memory", "memory_max"),
+            (limits.pids_max.is_some(), "pids", "pids_max"),
+            (limits.cpu_weight.is_some(), "cpu", "cpu_weight"),
+        ] {
+            if set && !place.can_limit(controller) {
+                return Err(format!(
+                    "queue {} sets {key}, and this daemon's cgroups have no {controller} controller (see `taskd status`)",
+                    self.config.name
+                ));
+            }
+        }
+        Ok(Some(CgroupSpec {
+            place,
+            name,
+            limits,
+        }))
     }
 
     /// The spec of one long-lived worker process of a `worker` queue: its argv, the queue's
@@ -85,6 +123,8 @@ impl Prepared {
             // A worker's tasks answer on its result pipe.
             result: None,
             live: None,
+            // `worker-<queue>-<n>`: the worker process adds its number.
+            cgroup: self.cgroup(format!("worker-{}", q.name))?,
         })
     }
 
@@ -159,6 +199,7 @@ impl Prepared {
                     max_bytes: q.max_result,
                 }),
             live: None,
+            cgroup: self.cgroup(format!("task-{}", task.id))?,
         })
     }
 }
@@ -227,6 +268,15 @@ fn rlimits(limits: &Limits) -> Vec<Rlimit> {
     .into_iter()
     .filter_map(|(v, r)| Some(Rlimit::both(r, value(v?))))
     .collect()
+}
+
+/// The queue's cgroup limits (`memory_max`, `pids_max`, `cpu_weight`).
+fn cgroup_limits(config: &QueueConfig) -> CgroupLimits {
+    CgroupLimits {
+        memory_max: config.memory_max,
+        pids_max: config.pids_max,
+        cpu_weight: config.cpu_weight,
+    }
 }
 
 #[cfg(test)]
@@ -332,7 +382,11 @@ mod tests {
 
     #[test]
     fn group_alone_keeps_the_daemons_user() {
-        let p = Prepared::new(std::sync::Arc::new(queue("group = \"nogroup\"")), None);
+        let p = Prepared::new(
+            std::sync::Arc::new(queue("group = \"nogroup\"")),
+            None,
+            None,
+        );
         let Some(Ok(u)) = &p.user else {
             panic!("group alone resolves to the daemon's user")
         };

@@ -971,7 +971,7 @@ async fn converse(
 ) -> (Status, Returned) {
     let deadline = Instant::now().checked_add(queue.timeout);
     let mut returned = Returned::Nothing;
-    let mut esc = Escalation::new(process.pid);
+    let mut esc = Escalation::new(process.pid).with_cgroup(process.cgroup.clone());
     // When a worker that closed its result pipe counts as crashed if it has not exited.
     let mut closed_at: Option<Instant> = None;
     // The task line is written beside everything else, so that a worker that reads it slowly

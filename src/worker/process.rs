@@ -105,6 +105,8 @@ pub(crate) struct Proc {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     pub(crate) exited: Option<ExitStatus>,
+    /// The worker's own cgroup, when the daemon has a subtree: its stop kills all of it.
+    pub(crate) cgroup: Option<crate::executor::cgroup::Cgroup>,
 }
 
 impl Proc {
@@ -113,7 +115,27 @@ impl Proc {
     pub(crate) fn spawn(spec: &Spec) -> io::Result<Proc> {
         let (task_r, task_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let mut cmd = crate::executor::command(spec);
+        // One cgroup per worker process: `worker-<queue>-<n>`, n counting in this daemon.
+        let cgroup = match &spec.cgroup {
+            None => None,
+            Some(c) => {
+                let mut c = c.clone();
+                c.name = format!("{}-{}", c.name, c.place.serial());
+                Some(crate::executor::cgroup::Cgroup::create(&c).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "could not create the worker's cgroup {}: {e}",
+                            c.place.tree().join(&c.name).display()
+                        ),
+                    )
+                })?)
+            }
+        };
+        if let Some(cg) = &cgroup {
+            cg.open_procs()?;
+        }
+        let mut cmd = crate::executor::command(spec, cgroup.as_ref());
         let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
         // prctl: nix's wrappers are each the bare call and an errno check) on integers
@@ -137,6 +159,9 @@ impl Proc {
         }
         let (mut child, tracked) = spawn_tracked(&mut cmd)?;
         drop(cmd);
+        if let Some(cg) = &cgroup {
+            cg.started();
+        }
         drop(task_r);
         drop(res_w);
         let pid = tracked.pid();
@@ -159,6 +184,7 @@ impl Proc {
                 done: false,
             },
             exited: None,
+            cgroup,
         })
     }
 
@@ -273,7 +299,7 @@ impl Proc {
         mut sink: impl FnMut(Event),
     ) -> Option<ExitStatus> {
         self.tasks = None;
-        let mut esc = Escalation::new(self.pid);
+        let mut esc = Escalation::new(self.pid).with_cgroup(self.cgroup.clone());
         if self.exited.is_none() {
             esc.begin(StopWhy::Shutdown, grace);
         }
@@ -299,6 +325,9 @@ impl Proc {
     pub(crate) fn finish(&mut self) {
         self.tasks = None;
         self.signal(Signal::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod cgroups;
 pub mod skip;
 pub mod table;
 
@@ -249,6 +250,10 @@ impl Drop for Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // A daemon killed here cannot remove its cgroups: the test does.
+            if let Some(tree) = cgroups::subtree_from_log(&self.log_text()) {
+                cgroups::remove(&tree);
+            }
         }
     }
 }

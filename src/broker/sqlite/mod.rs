@@ -530,7 +530,7 @@ impl Broker for SqliteBroker {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT number, node, pid, started_at, ended_at, exit_code, signal, reason, error,
-                            stdout_tail, stderr_tail
+                            stdout_tail, stderr_tail, memory_peak, cpu_usec
                      FROM attempts WHERE task_seq = ?1 ORDER BY n",
                 )
                 .map_err(storage)?;
@@ -549,6 +549,8 @@ impl Broker for SqliteBroker {
                         error: r.get(8)?,
                         stdout_tail: r.get(9)?,
                         stderr_tail: r.get(10)?,
+                        memory_peak: r.get::<_, Option<i64>>(11)?.map(|n| n.max(0) as u64),
+                        cpu_usec: r.get::<_, Option<i64>>(12)?.map(|n| n.max(0) as u64),
                         result: None,
                     })
                 })

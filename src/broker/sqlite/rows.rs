@@ -201,9 +201,9 @@ pub(super) fn task_seq(conn: &Connection, id: TaskId) -> Result<(i64, TaskState)
 pub(super) fn insert_attempt(conn: &Connection, seq: i64, attempt: &AttemptRecord) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO attempts (task_seq, n, number, node, pid, started_at, ended_at, exit_code, signal,
-                               reason, error, stdout_tail, stderr_tail)
+                               reason, error, stdout_tail, stderr_tail, memory_peak, cpu_usec)
          VALUES (?1, (SELECT coalesce(max(n), 0) + 1 FROM attempts WHERE task_seq = ?1),
-                 ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -218,7 +218,9 @@ pub(super) fn insert_attempt(conn: &Connection, seq: i64, attempt: &AttemptRecor
             attempt.reason.map(|r| r.as_str()),
             attempt.error,
             attempt.stdout_tail,
-            attempt.stderr_tail
+            attempt.stderr_tail,
+            attempt.memory_peak.and_then(|n| i64::try_from(n).ok()),
+            attempt.cpu_usec.and_then(|n| i64::try_from(n).ok())
         ])
     })
     .map_err(storage)?;

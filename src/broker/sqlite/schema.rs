@@ -231,6 +231,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX tasks_finished ON tasks(queue, state, finished_at) WHERE finished_at IS NOT NULL;
     "#,
+    // 10: what an attempt's cgroup counted: its peak memory (bytes) and CPU time (µs), NULL
+    // where nothing was measured.
+    r#"
+    ALTER TABLE attempts ADD COLUMN memory_peak INTEGER;
+    ALTER TABLE attempts ADD COLUMN cpu_usec INTEGER;
+    "#,
 ];
 
 /// Bring the schema up to the newest version, one transaction per step.

@@ -87,6 +87,7 @@ pub(super) fn validate_as(
         dir: config_dir(path),
         diags: Vec::new(),
         identity,
+        cgroup_uses: Vec::new(),
     };
     let doc = match ImDocument::parse(text) {
         Ok(doc) => doc,
@@ -239,6 +240,10 @@ pub(in crate::config) struct Cx<'t> {
     diags: Vec<Diagnostic>,
     /// Who will run the tasks; `None`: do not check privileges.
     identity: Option<Identity>,
+    /// Queue keys that need a cgroup per task, where each was written and the controller it
+    /// needs: checked against the machine once the whole file is read (`cgroup_root` may
+    /// come after the queues).
+    cgroup_uses: Vec<(Place, &'static str, &'static str)>,
 }
 
 impl Cx<'_> {
@@ -298,6 +303,36 @@ impl Cx<'_> {
         self.error(entry.key_span(), &entry.path, message, Some(fix));
     }
 
+    /// The queue keys that need a cgroup per task, against what this machine offers (only
+    /// for a reader that will run tasks: `taskd check`, `taskd start`): never a silent
+    /// no-op.
+    fn check_cgroups(&mut self, root: Option<&Path>) {
+        if self.cgroup_uses.is_empty() {
+            return;
+        }
+        let probe = crate::cgroupfs::probe(root);
+        for (place, key, controller) in std::mem::take(&mut self.cgroup_uses) {
+            let problem = match &probe {
+                Err(why) => Some(format!(
+                    "`{key}` needs a cgroup per task, and taskd cannot create cgroups here: {why}"
+                )),
+                Ok(p) if !p.can_limit(controller) => Some(format!(
+                    "`{key}` needs the `{controller}` cgroup controller, which {} does not offer and no writable cgroup v1 `{controller}` hierarchy gives",
+                    p.base.display()
+                )),
+                Ok(_) => None,
+            };
+            if let Some(message) = problem {
+                self.error(
+                    place.span,
+                    &place.key,
+                    message,
+                    Some(format!("run taskd where it may create cgroups (as root, under systemd with `Delegate=yes`, or with `cgroup_root`), or remove `{key}`; see docs/config.md, Containment")),
+                );
+            }
+        }
+    }
+
     fn root(&mut self, root: &dyn TableLike, state_directory: Option<OsString>) -> Config {
         let mut taskd = TaskdLayer::default();
         let mut defaults_layer = None;
@@ -352,6 +387,7 @@ impl Cx<'_> {
             }
         }
 
+        self.check_cgroups(taskd.cgroup_root.as_deref());
         let tokens = taskd.api_tokens();
         let max_payload = taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD);
         let queues_broken = queues.len() < queue_tables.len();
@@ -395,6 +431,7 @@ impl Cx<'_> {
             listen_group: taskd.listen_group,
             tokens,
             audit_keep: taskd.audit_keep.unwrap_or(defaults::AUDIT_KEEP),
+            cgroup_root: taskd.cgroup_root,
             shutdown_grace: taskd.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             lease: taskd.lease,
             max_payload,

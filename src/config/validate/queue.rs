@@ -561,6 +561,17 @@ impl Cx<'_> {
             self.check_backoff(&b, &settings.backoff);
         }
         self.check_privileges(&settings);
+        if self.identity.is_some() {
+            for (key, set, controller) in [
+                ("memory_max", settings.memory_max.is_some(), "memory"),
+                ("pids_max", settings.pids_max.is_some(), "pids"),
+                ("cpu_weight", settings.cpu_weight.is_some(), "cpu"),
+            ] {
+                if let (true, Some(place)) = (set, settings.at.get(key)) {
+                    self.cgroup_uses.push((place.clone(), key, controller));
+                }
+            }
+        }
         let program = self.program(entry, &program_entries);
         let (name, program) = (name?, program?);
         Some(QueueConfig::with_settings(name, program, settings))

@@ -25,6 +25,7 @@ pub(in crate::config) struct TaskdLayer {
     pub(in crate::config) lease: Option<Duration>,
     pub(in crate::config) max_payload: Option<usize>,
     pub(in crate::config) control_socket: Option<PathBuf>,
+    pub(in crate::config) cgroup_root: Option<PathBuf>,
     pub(in crate::config) state_group: Option<String>,
     /// `token` or `token_file`, named [`DEFAULT_TOKEN`].
     pub(in crate::config) token: Option<TokenRead>,
@@ -484,6 +485,35 @@ impl Cx<'_> {
                 ),
                 Some(format!("create {} (under systemd: `RuntimeDirectory=taskd` and `RuntimeDirectoryPreserve=yes`), or remove `control_socket` for the default in state_dir", dir.display())),
             );
+        }
+        Some(p)
+    }
+
+    /// `cgroup_root`: a directory of a cgroup v2 hierarchy (one that does not exist yet is
+    /// created by the daemon, so its parent must be one).
+    pub(in crate::config) fn cgroup_root(&mut self, entry: &Entry) -> Option<PathBuf> {
+        let p = self.path(entry, "/sys/fs/cgroup/taskd")?;
+        let probe = if p.exists() {
+            Some(p.clone())
+        } else {
+            p.parent().map(|d| d.to_path_buf())
+        };
+        let in_v2 = probe.as_deref().is_some_and(|d| {
+            nix::sys::statfs::statfs(d)
+                .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+                .unwrap_or(false)
+        });
+        if !in_v2 {
+            self.error(
+                entry.value_span(),
+                &entry.path,
+                format!(
+                    "{} is not in a cgroup v2 hierarchy (cgroup2 file system)",
+                    p.display()
+                ),
+                Some("name a directory under a cgroup2 mount, such as `cgroup_root = \"/sys/fs/cgroup/taskd\"` (see `mount -t cgroup2`), or remove `cgroup_root` to use the daemon's own cgroup".into()),
+            );
+            return None;
         }
         Some(p)
     }
