@@ -15,52 +15,14 @@
 
 The results are printed as a Markdown table and written to bench/results/flow.md.
 """
-import argparse, os, re, shutil, signal, socket, statistics, subprocess, tempfile, time
+import argparse, os, re, shutil, signal, statistics, subprocess, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TASKD = os.path.join(ROOT, "target", "release", "taskd")
 BENCH = os.path.join(ROOT, "target", "release", "examples", "flow_bench")
 
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Redis:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="taskd-flow-redis-")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-             "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if self.cli("PING").strip() == "PONG":
-                return
-            time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def cli(self, *args):
-        r = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True)
-        return r.stdout
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+from private_redis import Redis, log
 
 
 def claim_rows(redis):
@@ -169,7 +131,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["claim", "rate"])
     args = ap.parse_args()
-    redis = Redis()
+    redis = Redis(prefix="taskd-flow-redis-")
     out = [f"# Flow control, {time.strftime('%Y-%m-%d %H:%M')} ({os.cpu_count()} cores)", ""]
     try:
         if args.only in (None, "claim"):

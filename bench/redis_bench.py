@@ -15,52 +15,14 @@ W1 is also run with the pre-fill left in the inbox, for the daemon to store whil
 The time of a dispatch run is from the daemon's `ready` to `taskd status` counting every
 task succeeded (polled every 50 ms), so short runs carry about 50 ms of slack.
 """
-import argparse, json, os, re, shutil, socket, statistics, subprocess, tempfile, time
+import argparse, json, os, re, shutil, statistics, subprocess, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TASKD = os.path.join(ROOT, "target", "release", "taskd")
 BENCH = os.path.join(ROOT, "target", "release", "examples", "redis_bench")
 
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Redis:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="taskd-redis-bench-")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-             "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if self.cli("PING").strip() == "PONG":
-                return
-            time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def cli(self, *args):
-        r = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True)
-        return r.stdout
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+from private_redis import Redis, log
 
 
 def dispatch(broker, redis, n, p, argv, stored=True):
@@ -115,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    redis = Redis()
+    redis = Redis(prefix="taskd-redis-bench-")
     rows = []
     try:
         for key, n, p, argv in (("W1", 2000, 2, ["/bin/true"]), ("W2", 500, 8, ["/bin/sleep", "0.01"])):
