@@ -360,12 +360,22 @@ fn a_full_redis_stops_claims_until_results_can_be_written() {
     };
     // Claims stopped: a few tasks ran before the first refused result, not the backlog, and
     // no more start while the server stays full. Tasks already started when claims stopped
-    // may still be running (their start, cgroup and all, precedes the refusal): counted
-    // once none of the daemon's children is left.
+    // may still be running, and ones claimed just before may still be starting (their
+    // start, cgroup and all, precedes the refusal): counted once none of the daemon's
+    // children is left and the count has held for a second.
+    let mut last = (usize::MAX, Instant::now());
     assert!(
-        poll(Duration::from_secs(10), || common::children(d.pid())
-            .iter()
-            .all(|(_, state)| *state == 'Z')),
+        poll(Duration::from_secs(20), || {
+            let now = count();
+            let idle = common::children(d.pid())
+                .iter()
+                .all(|(_, state)| *state == 'Z');
+            if now != last.0 || !idle {
+                last = (now, Instant::now());
+                return false;
+            }
+            last.1.elapsed() >= Duration::from_secs(1)
+        }),
         "tasks started before claims stopped are still running"
     );
     let started = count();
