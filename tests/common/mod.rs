@@ -245,6 +245,30 @@ impl Daemon {
     }
 }
 
+/// At the end of a test, the cgroups of every daemon it started in this directory are
+/// removed (their processes killed first) when they are still there: a daemon the test
+/// killed with [`Daemon::kill9`] and never started again leaves its subtree behind.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with("daemon-") && name.ends_with(".log")) {
+                continue;
+            }
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if let Some(tree) = cgroups::subtree_from_log(&log) {
+                if tree.exists() {
+                    cgroups::remove(&tree);
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
