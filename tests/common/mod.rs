@@ -247,7 +247,8 @@ impl Daemon {
 
 /// At the end of a test, the cgroups of every daemon it started in this directory are
 /// removed (their processes killed first) when they are still there: a daemon the test
-/// killed with [`Daemon::kill9`] and never started again leaves its subtree behind.
+/// killed (with [`Daemon::kill9`], or its own child's `kill`) and never started again
+/// leaves its subtree behind.
 impl Drop for Env {
     fn drop(&mut self) {
         let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
@@ -256,7 +257,9 @@ impl Drop for Env {
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if !(name.starts_with("daemon-") && name.ends_with(".log")) {
+            // `daemon-*.log` from [`Env::daemon`], and the logs of daemons a test started
+            // itself (`journal.log`, `taskd.log` and its rotated `taskd.log.1`, ...).
+            if !name.contains(".log") {
                 continue;
             }
             let log = std::fs::read_to_string(e.path()).unwrap_or_default();
