@@ -1,18 +1,12 @@
 """A private redis-server for a benchmark: its own port and temp dir, AOF every second,
 no eviction; removed on close. Shared by bench/redis_bench.py and bench/flow.py."""
-import os, shutil, socket, subprocess, tempfile, time
+import shutil, subprocess, tempfile, time
+
+from peers import free_port
 
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Redis:
