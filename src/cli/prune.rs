@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
-use super::{exit, load_config, open_broker, print_json, Failure};
+use super::{exit, load_config, open_broker, print_json};
 use crate::audit::{Action, Actor, AuditEntry};
 use crate::broker::{prune_due, prune_schedule_slots, PruneRule, Pruned};
 use crate::config::QueueConfig;
@@ -65,21 +65,7 @@ fn show_keep(keep: Keep) -> String {
 pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
     let config = load_config(flag)?;
     let queues: Vec<&QueueConfig> = match &args.queue {
-        Some(name) => {
-            let queue: QueueName = name.parse().map_err(|e: String| Failure::usage(e))?;
-            match config.queues.get(&queue) {
-                Some(q) => vec![q],
-                None => {
-                    let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
-                    return Err(Failure::usage(format!(
-                        "unknown queue `{queue}` in {}; known queues: {}",
-                        config.path.display(),
-                        known.join(", ")
-                    ))
-                    .into());
-                }
-            }
-        }
+        Some(name) => vec![super::submit::find_queue(&config, name)?],
         None => config.queues.values().collect(),
     };
     let now = now_ms();

@@ -532,7 +532,8 @@ async fn run_remote(remote: &Remote, args: &SubmitArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
+/// The queue `name` of `config`, or a usage error naming the known queues.
+pub(super) fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, Failure> {
     let known = || {
         config
             .queues
