@@ -143,6 +143,39 @@ pub async fn open_redis() -> Option<Opened> {
     Some((g.connect().await, Box::new(g)))
 }
 
+#[cfg(feature = "postgres")]
+#[path = "common/postgres.rs"]
+mod pg_server;
+
+/// PostgreSQL: a database of its own on the test binary's private server.
+#[cfg(feature = "postgres")]
+pub struct PgGuard {
+    pub server: Arc<pg_server::PgServer>,
+    pub url: String,
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait]
+impl Guard for PgGuard {
+    async fn connect(&self) -> Arc<dyn Broker> {
+        let b = taskd::broker::postgres::PgBroker::open(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url));
+        Arc::new(b)
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub async fn open_postgres() -> Option<Opened> {
+    let server = pg_server::shared("the postgres broker contract")?;
+    let db = server.new_db();
+    let g = PgGuard {
+        url: server.url(&db),
+        server,
+    };
+    Some((g.connect().await, Box::new(g)))
+}
+
 /// Expands every contract case as a test of one backend, in a module named `$backend`.
 macro_rules! contract_tests {
     ($backend:ident, $open:path) => {
@@ -274,6 +307,8 @@ contract_tests!(memory, crate::open_memory);
 // Built with the `redis` feature (the default); `--no-default-features` leaves it out.
 #[cfg(feature = "redis")]
 contract_tests!(redis, crate::open_redis);
+#[cfg(feature = "postgres")]
+contract_tests!(postgres, crate::open_postgres);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -890,16 +890,25 @@ fn unusable_broker_urls() {
     let text = "\
 [taskd]
 state_dir = \"state\"
-broker = \"postgres://127.0.0.1/taskd\"
+broker = \"postgres://taskd:s3cret@127.0.0.1/taskd?pool_size=0\"
 
 [queues.a]
 shell = \"true\"
 ";
+    #[cfg(feature = "postgres")]
     check_bad(text).count(1).expect(
         3,
         10,
         "taskd.broker",
-        &["postgres broker is not available"],
+        &["`pool_size=0` is not a number of connections from 1 to 1000"],
+        Some("postgres://user[:password]@host"),
+    );
+    #[cfg(not(feature = "postgres"))]
+    check_bad(text).count(1).expect(
+        3,
+        10,
+        "taskd.broker",
+        &["built without the PostgreSQL broker"],
         Some("embedded SQLite"),
     );
 

@@ -7,7 +7,8 @@
 //! Backends: [`sqlite`] (embedded, the default), `redis` (shared by several nodes; built
 //! with the `redis` feature, on by default) and [`memory`] (one process's map, for running
 //! the supervisor in tests).
-//! PostgreSQL slots in behind the same trait; the contract tests in
+//! `postgres` (shared by several nodes, with transactional enqueue from SQL; built with the
+//! `postgres` feature, on by default) keeps the same rules; the contract tests in
 //! `tests/broker_contract.rs` run against every backend.
 //!
 //! # What every backend must keep
@@ -132,6 +133,8 @@
 
 pub(crate) mod access;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod schedules;
@@ -1172,6 +1175,15 @@ pub async fn open(url: &crate::config::BrokerUrl) -> Result<Arc<dyn Broker>> {
             let b = redis::RedisBroker::open(url.expose()).await?;
             Ok(Arc::new(b))
         }
+        #[cfg(feature = "postgres")]
+        crate::config::BrokerUrl::Postgres { url } => {
+            let b = postgres::PgBroker::open(url.expose()).await?;
+            Ok(Arc::new(b))
+        }
+        #[cfg(not(feature = "postgres"))]
+        crate::config::BrokerUrl::Postgres { .. } => Err(BrokerError::Unavailable(
+            "this taskd was built without the PostgreSQL broker (the `postgres` feature)".into(),
+        )),
         // The config refuses a Redis URL in such a build; this is for a `BrokerUrl` made by
         // hand.
         #[cfg(not(feature = "redis"))]

@@ -117,7 +117,9 @@ pub fn run(flag: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<u8> {
 pub fn broker_text(url: &crate::config::BrokerUrl) -> String {
     match url {
         crate::config::BrokerUrl::Sqlite { path } => format!("sqlite://{}", path.display()),
-        crate::config::BrokerUrl::Redis { .. } => url.to_string(),
+        crate::config::BrokerUrl::Redis { .. } | crate::config::BrokerUrl::Postgres { .. } => {
+            url.to_string()
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod control;
 mod generate;
 mod inspect;
 mod logs;
+mod migrate;
 mod prune;
 mod reload;
 mod result;
@@ -143,6 +144,11 @@ pub(crate) enum Command {
     /// against the store; recorded in the audit trail. --dry-run only counts the tasks and
     /// deletes nothing. Queues not in the config are left alone.
     Prune(prune::PruneArgs),
+    /// Bring the store's schema up to this taskd's version and say what was applied (a
+    /// deploy step before restarting the daemons; `taskd start` also does it). A re-run
+    /// changes nothing; a schema newer than this taskd is refused, saying so. For a
+    /// PostgreSQL broker it applies the versioned migrations of its schema (docs/postgres.md).
+    Migrate(migrate::MigrateArgs),
     /// Write the man pages, or print shell completions (bash, zsh, fish, …).
     Generate(generate::GenerateArgs),
 }
@@ -205,6 +211,7 @@ async fn dispatch(config: Option<PathBuf>, command: Command) -> anyhow::Result<u
         Command::Schedules(a) => schedules::run(config, a).await,
         Command::Audit(a) => audit::run(config, a).await,
         Command::Prune(a) => prune::run(config, a).await,
+        Command::Migrate(a) => migrate::run(config, a).await,
     }
 }
 

@@ -70,7 +70,7 @@ pub(super) const TASKD: &[Key<TaskdLayer>] = &[
     key!(
         "broker",
         "`sqlite://<state_dir>/taskd.db`",
-        "where tasks live. `sqlite:///abs/path.db` or `sqlite:relative.db`; or a Redis server shared by several nodes: `redis://[:password@]host[:port][/db]`, `rediss://…` for TLS (see [redis.md](redis.md)). (`postgres://` is not available in this version.)",
+        "where tasks live. `sqlite:///abs/path.db` or `sqlite:relative.db`; or a Redis server shared by several nodes: `redis://[:password@]host[:port][/db]`, `rediss://…` for TLS (see [redis.md](redis.md)); or a PostgreSQL database shared by several nodes: `postgres://user[:password]@host[:port]/database` (or `postgresql://`), with libpq's parameters (`sslmode`, ...) and taskd's own: `schema` (default `taskd`), `pool_size` (default 8), `statement_timeout` (default `30s`), `sslrootcert` (see [postgres.md](postgres.md)).",
         |cx, e, t| {
             t.broker = cx.broker(e);
             t.broker.is_some()

@@ -39,6 +39,8 @@
 mod backoff;
 pub(crate) mod flow;
 mod keys;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres_url;
 pub(crate) mod runnable;
 mod schedule;
 mod template;
@@ -238,12 +240,16 @@ pub enum BrokerUrl {
     /// A Redis server shared by several nodes: `redis://` or `rediss://` (TLS), with an
     /// optional password and database number. Secret: the URL may hold the password.
     Redis { url: Secret },
+    /// A PostgreSQL database shared by several nodes: `postgres://` or `postgresql://` with
+    /// libpq's parameters and taskd's own (`schema`, `pool_size`, `statement_timeout`,
+    /// `sslrootcert`; docs/postgres.md). Secret: the URL may hold the password.
+    Postgres { url: Secret },
 }
 
 impl BrokerUrl {
     /// A shared broker: several daemons may use it at once.
     pub(crate) fn is_shared(&self) -> bool {
-        matches!(self, BrokerUrl::Redis { .. })
+        matches!(self, BrokerUrl::Redis { .. } | BrokerUrl::Postgres { .. })
     }
 }
 
@@ -265,7 +271,9 @@ impl fmt::Display for BrokerUrl {
         match self {
             // An absolute path already starts with `/`, which makes the `sqlite:///` form.
             BrokerUrl::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
-            BrokerUrl::Redis { url } => f.write_str(&redact_url(url.expose())),
+            BrokerUrl::Redis { url } | BrokerUrl::Postgres { url } => {
+                f.write_str(&redact_url(url.expose()))
+            }
         }
     }
 }

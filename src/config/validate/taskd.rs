@@ -707,15 +707,7 @@ fn parse_broker(text: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
         return parse_redis(t);
     }
     if matches!(scheme, Some("postgres" | "postgresql")) {
-        let fix = if cfg!(feature = "redis") {
-            "use `redis://host:6379/0` for a shared broker, or remove `broker` to use the embedded SQLite store"
-        } else {
-            "remove `broker` to use the embedded SQLite store"
-        };
-        return Err((
-            "the postgres broker is not available in this version".into(),
-            fix.into(),
-        ));
+        return parse_postgres(t);
     }
     let fix = if scheme.is_none() && !t.is_empty() && !t.contains(':') {
         // A bare path: they meant SQLite.
@@ -733,6 +725,30 @@ fn parse_broker(text: &str, dir: &Path) -> Result<BrokerUrl, (String, String)> {
             if cfg!(feature = "redis") { " and `redis://` URLs" } else { "" }
         ),
         fix,
+    ))
+}
+
+/// A `postgres://` or `postgresql://` URL, parsed as the broker will parse it; the message
+/// never repeats the URL, which may hold a password.
+#[cfg(feature = "postgres")]
+fn parse_postgres(text: &str) -> Result<BrokerUrl, (String, String)> {
+    match crate::config::postgres_url::parse_url(text) {
+        Ok(_) => Ok(BrokerUrl::Postgres {
+            url: Secret::new(text.to_string()),
+        }),
+        Err(e) => Err((
+            e.replace(text, "<url>"),
+            "write `broker = \"postgres://user[:password]@host[:port]/database[?schema=taskd&pool_size=8&statement_timeout=30s&sslmode=require]\"` (docs/postgres.md)".into(),
+        )),
+    }
+}
+
+/// A build without the PostgreSQL broker refuses a `postgres://` URL, saying so.
+#[cfg(not(feature = "postgres"))]
+fn parse_postgres(_: &str) -> Result<BrokerUrl, (String, String)> {
+    Err((
+        "this taskd was built without the PostgreSQL broker (the `postgres` feature)".into(),
+        "use the embedded SQLite store (remove `broker`), or a taskd built with the default features".into(),
     ))
 }
 
@@ -790,10 +806,26 @@ mod tests {
             sqlite("/etc/taskd/data/t.db")
         );
         assert!(parse_broker("sqlite://", dir).is_err());
-        assert!(parse_broker("postgres://h/db", dir)
-            .unwrap_err()
-            .0
-            .contains("postgres broker"));
+        #[cfg(feature = "postgres")]
+        {
+            let pg = |u: &str| match parse_broker(u, dir) {
+                Ok(BrokerUrl::Postgres { url }) => url.expose().to_string(),
+                other => panic!("{u}: {other:?}"),
+            };
+            assert_eq!(pg("postgres://h/db"), "postgres://h/db");
+            assert_eq!(
+                pg("postgresql://u:pw@h:5433/db?schema=jobs&pool_size=4"),
+                "postgresql://u:pw@h:5433/db?schema=jobs&pool_size=4"
+            );
+            let (m, _) = parse_broker("postgres://u:s3cret@h/db?schema=Bad-Name", dir).unwrap_err();
+            assert!(m.contains("schema=Bad-Name"), "{m}");
+            assert!(!m.contains("s3cret"), "{m}");
+            let (m, _) = parse_broker("postgres://u:s3cret@h/db?pool_size=0", dir).unwrap_err();
+            assert!(m.contains("pool_size=0"), "{m}");
+            let (m, _) = parse_broker("postgres://u:s3cret@h:notaport/db", dir).unwrap_err();
+            assert!(m.contains("PostgreSQL URL is invalid"), "{m}");
+            assert!(!m.contains("s3cret"), "{m}");
+        }
         let (m, f) = parse_broker("/var/lib/t.db", dir).unwrap_err();
         assert!(m.contains("sqlite:"), "{m}");
         assert_eq!(f, "write `broker = \"sqlite:///var/lib/t.db\"`");

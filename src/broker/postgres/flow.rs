@@ -1,0 +1,314 @@
+//! Flow control in a claim (broker rule 15; docs/architecture.md, "Flow control"), as on
+//! SQLite: tasks of a blocked key are parked out of `tasks_ready` (`parked` 1: the key is
+//! full, 2: its rate waits) and their key listed in `parked_keys`; each claim first puts
+//! back what may run now, then walks the ready index, taking or parking each task it reads.
+//! Claims of a queue with limits take an advisory lock on the queue for their transaction:
+//! the holders of a key and a rate's TAT are read and changed by one client at a time.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Transaction;
+
+use super::rows::{exec, one, opt, row_to_claimed, rows, TASK_COLS};
+use crate::broker::{BrokerError, Claimed, Flow, FlowState, Result};
+use crate::model::{NodeId, QueueName, TaskId, UnixMs};
+
+const KEY_FULL: i16 = 1;
+const RATE_WAITS: i16 = 2;
+
+/// Serialise the flow-limited claims of `queue` until the transaction ends.
+pub(super) async fn lock_queue(tx: &Transaction<'_>, queue: &str) -> Result<()> {
+    let name = format!("taskd flow {queue}");
+    exec(
+        tx,
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&name],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A claim of up to `max` tasks of `queue` under `flow` (due tasks already promoted).
+/// Returns the claimed tasks and, when a rate refused a start, the first ms another is
+/// allowed.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn claim(
+    tx: &Transaction<'_>,
+    node: &NodeId,
+    queue: &QueueName,
+    max: usize,
+    now: UnixMs,
+    lease_ms: i64,
+    flow: Flow,
+) -> Result<(Vec<Claimed>, Option<UnixMs>)> {
+    let q = queue.as_str();
+    lock_queue(tx, q).await?;
+    refill(tx, q, now, flow).await?;
+    let now_us = now * 1000;
+    let mut holders: HashMap<String, u32> = HashMap::new();
+    let mut tats: HashMap<String, Option<i64>> = HashMap::new();
+    let mut out = Vec::new();
+    let mut stopped_until: Option<i64> = None;
+    'walk: while out.len() < max {
+        let want = (max - out.len()) as i64 + 16;
+        let batch = rows(
+            tx,
+            "SELECT seq, flow_key, rate_key FROM tasks
+             WHERE queue = $1 AND state = 'queued' AND lease_node IS NULL AND parked = 0
+               AND (expires_at IS NULL OR expires_at > $3)
+             ORDER BY priority DESC, seq LIMIT $2",
+            &[&q, &want, &now],
+        )
+        .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for r in batch {
+            if out.len() >= max {
+                break 'walk;
+            }
+            let seq: i64 = r.get(0);
+            let fk: Option<String> = r.get(1);
+            let rk: Option<String> = r.get(2);
+            if let (Some(limit), Some(k)) = (flow.per_key, &fk) {
+                let held = match holders.get(k) {
+                    Some(n) => *n,
+                    None => {
+                        let n = held_with_key(tx, q, k).await?;
+                        holders.insert(k.clone(), n);
+                        n
+                    }
+                };
+                if held >= limit {
+                    park(tx, q, seq, KEY_FULL, k, 0).await?;
+                    continue;
+                }
+            }
+            if let Some(rate) = flow.rate {
+                let key = if rate.keyed {
+                    rk.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                let tat = match tats.get(&key) {
+                    Some(t) => *t,
+                    None => {
+                        let t = read_tat(tx, q, &key).await?;
+                        tats.insert(key.clone(), t);
+                        t
+                    }
+                };
+                match rate.take(tat, now_us) {
+                    Ok(next) => {
+                        tats.insert(key.clone(), Some(next));
+                        write_tat(tx, q, &key, next).await?;
+                    }
+                    Err(at) if rate.keyed => {
+                        park(tx, q, seq, RATE_WAITS, &key, (at + 999) / 1000).await?;
+                        continue;
+                    }
+                    Err(at) => {
+                        stopped_until = Some(at);
+                        break 'walk;
+                    }
+                }
+            }
+            if let Some(k) = &fk {
+                *holders.entry(k.clone()).or_insert(0) += 1;
+            }
+            out.push(take(tx, node, seq, now, lease_ms).await?);
+        }
+    }
+    let mut wait = stopped_until.map(|us| (us + 999) / 1000);
+    if flow.rate.is_some_and(|r| r.keyed) {
+        let next: Option<i64> = one(
+            tx,
+            "SELECT min(until) FROM parked_keys WHERE queue = $1 AND kind = 2",
+            &[&q],
+        )
+        .await?
+        .get(0);
+        wait = match (wait, next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((out, wait))
+}
+
+/// Put back the parked tasks that may run now; a key with none left parked is dropped.
+async fn refill(tx: &Transaction<'_>, queue: &str, now: UnixMs, flow: Flow) -> Result<()> {
+    let keys = rows(
+        tx,
+        "SELECT kind, key, until FROM parked_keys WHERE queue = $1",
+        &[&queue],
+    )
+    .await?;
+    for r in keys {
+        let kind: i16 = r.get(0);
+        let key: String = r.get(1);
+        let until: i64 = r.get(2);
+        let free: i64 = match kind {
+            KEY_FULL => match flow.per_key {
+                Some(limit) => i64::from(limit) - i64::from(held_with_key(tx, queue, &key).await?),
+                None => i64::MAX,
+            },
+            _ => match flow.rate {
+                Some(_) if until > now => 0,
+                Some(rate) => i64::from(rate.burst),
+                None => i64::MAX,
+            },
+        };
+        if free <= 0 {
+            continue;
+        }
+        let column = if kind == KEY_FULL {
+            "flow_key"
+        } else {
+            "rate_key"
+        };
+        let moved = exec(
+            tx,
+            &format!(
+                "UPDATE tasks SET parked = 0 WHERE seq IN (
+                    SELECT seq FROM tasks WHERE queue = $1 AND {column} = $2 AND parked = $3
+                    ORDER BY priority DESC, seq LIMIT $4)"
+            ),
+            &[&queue, &key, &kind, &free],
+        )
+        .await? as i64;
+        if moved < free {
+            exec(
+                tx,
+                "DELETE FROM parked_keys WHERE queue = $1 AND kind = $2 AND key = $3",
+                &[&queue, &kind, &key],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn held_with_key(tx: &Transaction<'_>, queue: &str, key: &str) -> Result<u32> {
+    let n: i64 = one(
+        tx,
+        "SELECT count(*) FROM tasks WHERE queue = $1 AND flow_key = $2 AND lease_node IS NOT NULL",
+        &[&queue, &key],
+    )
+    .await?
+    .get(0);
+    Ok(n as u32)
+}
+
+async fn park(
+    tx: &Transaction<'_>,
+    queue: &str,
+    seq: i64,
+    kind: i16,
+    key: &str,
+    until: UnixMs,
+) -> Result<()> {
+    exec(
+        tx,
+        "UPDATE tasks SET parked = $2 WHERE seq = $1",
+        &[&seq, &kind],
+    )
+    .await?;
+    exec(
+        tx,
+        "INSERT INTO parked_keys (queue, kind, key, until) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (queue, kind, key) DO UPDATE SET until = excluded.until",
+        &[&queue, &kind, &key, &until],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn read_tat<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    queue: &str,
+    key: &str,
+) -> Result<Option<i64>> {
+    Ok(opt(
+        client,
+        "SELECT tat FROM rate_state WHERE queue = $1 AND key = $2",
+        &[&queue, &key],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}
+
+async fn write_tat(tx: &Transaction<'_>, queue: &str, key: &str, tat: i64) -> Result<()> {
+    exec(
+        tx,
+        "INSERT INTO rate_state (queue, key, tat) VALUES ($1, $2, $3)
+         ON CONFLICT (queue, key) DO UPDATE SET tat = excluded.tat",
+        &[&queue, &key, &tat],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn take(
+    tx: &Transaction<'_>,
+    node: &NodeId,
+    seq: i64,
+    now: UnixMs,
+    lease_ms: i64,
+) -> Result<Claimed> {
+    let row = one(
+        tx,
+        &format!(
+            "UPDATE tasks SET lease_node = $1, lease_token = lease_token + 1, lease_expires = $2,
+                updated_at = $3, pid = NULL, pid_start = NULL
+             WHERE seq = $4 RETURNING {TASK_COLS}"
+        ),
+        &[&node.as_str(), &(now + lease_ms), &now, &seq],
+    )
+    .await?;
+    Ok(row_to_claimed(&row, node)?.1)
+}
+
+/// What `taskd why` shows of task `id`'s flow control.
+pub(super) async fn state<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    queue: &QueueName,
+    id: TaskId,
+    keyed_rate: bool,
+) -> Result<FlowState> {
+    let q = queue.as_str();
+    let keys = opt(
+        client,
+        "SELECT flow_key, rate_key FROM tasks WHERE id = $1",
+        &[&id.to_string()],
+    )
+    .await?
+    .ok_or(BrokerError::NotFound(id))?;
+    let flow_key: Option<String> = keys.get(0);
+    let rate_key: Option<String> = keys.get(1);
+    let mut key_holders = Vec::new();
+    if let Some(k) = &flow_key {
+        let ids = rows(
+            client,
+            "SELECT id FROM tasks WHERE queue = $1 AND flow_key = $2 AND lease_node IS NOT NULL
+             AND id <> $3 ORDER BY seq",
+            &[&q, k, &id.to_string()],
+        )
+        .await?;
+        for r in ids {
+            let i: String = r.get(0);
+            key_holders.push(i.parse().map_err(BrokerError::Storage)?);
+        }
+    }
+    let rk = if keyed_rate {
+        rate_key.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(FlowState {
+        key_holders,
+        rate_tat_us: read_tat(client, q, &rk).await?,
+        flow_key,
+        rate_key,
+    })
+}
