@@ -19,7 +19,7 @@ use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, Failure};
 use crate::backoff::Doubling;
 use crate::control::Request;
 use crate::follow::{Position, Source, TaskFollow, TaskRequest};
-use crate::model::{AttemptReason, QueueName, TaskId, TaskState};
+use crate::model::{AttemptReason, TaskId, TaskState};
 use crate::view::{OutStream, OutputEvent};
 
 #[derive(clap::Args, Debug)]
@@ -360,7 +360,7 @@ enum TailFrom {
     /// A daemon's API (`--server`).
     Remote(Remote),
     /// This machine's daemon, through its control socket.
-    Here(crate::config::Config),
+    Here(Box<crate::config::Config>),
 }
 
 pub async fn tail(flag: Option<PathBuf>, args: TailArgs) -> anyhow::Result<u8> {
@@ -378,7 +378,7 @@ pub async fn tail(flag: Option<PathBuf>, args: TailArgs) -> anyhow::Result<u8> {
             let queue = super::submit::find_queue(&config, &args.queue)?
                 .name
                 .clone();
-            (queue, TailFrom::Here(config))
+            (queue, TailFrom::Here(Box::new(config)))
         }
     };
     let mut printer = Printer::new(args.raw, args.json, true);
