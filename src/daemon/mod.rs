@@ -932,6 +932,9 @@ impl Running {
             c.stop().await;
         }
         self.supervisor.drain(self.config.shutdown_grace, now).await;
+        // No task runs any more: their result files' directory goes (on a tmpfs, it would
+        // outlive a state directory removed after this stop).
+        crate::executor::ResultDir::remove(&self.config.state_dir);
         if let Some(stats) = self.stats.take() {
             stats.finish().await;
         }

@@ -228,9 +228,7 @@ impl Supervisor {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let workers = worker::Registry::new(start_log.dir());
-        let results = start_log
-            .dir()
-            .map(|d| executor::ResultDir::new(d.join(crate::config::defaults::RESULTS_DIR_NAME)));
+        let results = start_log.dir().map(executor::ResultDir::at);
         Arc::new(Supervisor {
             results,
             metrics,
