@@ -312,3 +312,22 @@ pub(super) async fn state<C: deadpool_postgres::GenericClient>(
         rate_key,
     })
 }
+
+/// Delete rate states of `queue` whose TAT has passed (rule 19), at most `limit`, through
+/// the primary key's prefix; whether to call again.
+pub(super) async fn prune<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    queue: &QueueName,
+    now_us: i64,
+    limit: usize,
+) -> Result<(u64, bool)> {
+    let limit = limit as i64;
+    let n = exec(
+        client,
+        "DELETE FROM rate_state WHERE queue = $1 AND key IN
+           (SELECT key FROM rate_state WHERE queue = $1 AND tat <= $2 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+        &[&queue.as_str(), &now_us, &limit],
+    )
+    .await? as i64;
+    Ok((n as u64, n == limit))
+}

@@ -1001,6 +1001,16 @@ impl Broker for PgBroker {
         self.prune_slots_in(key, before).await
     }
 
+    async fn prune_flow(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        let c = self.client().await?;
+        flow::prune(&c, queue, now_us, limit).await
+    }
+
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         self.store_size_in().await
     }
