@@ -336,6 +336,13 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     assert_eq!(shown["state"], "succeeded");
     assert_eq!(shown["payload"]["task"], "app.tasks.add");
     assert_eq!(shown["payload"]["celery"]["id"], id.as_str());
+    let human = env.ok(&["show", &id]);
+    assert!(
+        human
+            .lines()
+            .any(|l| l == format!("celery    app.tasks.add (Celery id {id})")),
+        "{human}"
+    );
 
     // A failure raises a class the client has: builtins.RuntimeError, saying why.
     let id = p.send("app.tasks.fail", json!([]), json!({}));
