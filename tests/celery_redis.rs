@@ -195,7 +195,7 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
 /// `{"op": "send", "name", "args", "kwargs", "opts"}` → `{"id"}` (`app.send_task`, `opts`
 /// are apply_async's: countdown, expires, priority, queue, serializer);
 /// `{"op": "get", "id", "timeout"}` → `{"value"}` or `{"raised", "args"}`, and `state`;
-/// `{"op": "revoke", "id", "terminate"}` → `{}`.
+/// `{"op": "state", "id"}` → `{"state"}`; `{"op": "revoke", "id", "terminate"}` → `{}`.
 const PRODUCER: &str = r#"
 import json, os, sys
 from celery import Celery
@@ -214,6 +214,8 @@ for line in sys.stdin:
         except Exception as e:
             out = {"raised": type(e).__module__ + "." + type(e).__name__, "args": [str(a) for a in e.args]}
         out["state"] = AsyncResult(c["id"], app=app).state
+    elif c["op"] == "state":
+        out = {"state": AsyncResult(c["id"], app=app).state}
     elif c["op"] == "revoke":
         app.control.revoke(c["id"], terminate=c.get("terminate", False))
         out = {}
@@ -404,6 +406,15 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     let id = p.send("app.tasks.sleep", json!([]), json!({}));
     ingested(&env, &id);
     env.wait_state(&id, "running", Duration::from_secs(20));
+    // Its route tracks starts: the client sees STARTED while it runs.
+    let mut state = Value::Null;
+    assert!(
+        common::poll(Duration::from_secs(20), || {
+            state = p.call(json!({"op": "state", "id": id}))["state"].clone();
+            state == "STARTED"
+        }),
+        "state {state}"
+    );
     p.call(json!({"op": "revoke", "id": id, "terminate": true}));
     env.wait_state(&id, "cancelled", Duration::from_secs(20));
     let got = p.get(&id);
