@@ -604,3 +604,50 @@ visibility_timeout = "2s"
     celery.kill().unwrap();
     let _ = celery.wait();
 }
+
+#[test]
+fn two_nodes_ingesting_from_one_celery_broker_run_each_task_once() {
+    let test = "two_nodes_ingesting_from_one_celery_broker_run_each_task_once";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    // Two daemons sharing taskd's broker (db 2), each with its own state directory, both
+    // bridging the same Celery broker (db 0).
+    let node = || {
+        common::Env::raw(&format!(
+            r#"
+[taskd]
+state_dir = "state"
+broker = "{base}/2"
+shutdown_grace = "5s"
+
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 2
+
+[celery]
+broker = "{base}/0"
+result_backend = "{base}/1"
+[celery.tasks]
+"app.tasks.*" = "default"
+"#
+        ))
+    };
+    let (a, b) = (node(), node());
+    let _da = a.daemon();
+    let _db = b.daemon();
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let ids: Vec<(String, i64)> = (0..40)
+        .map(|i| (p.send("app.tasks.add", json!([i, 2]), json!({})), i + 2))
+        .collect();
+    for (id, want) in &ids {
+        assert_eq!(p.get(id)["value"], *want, "{id}");
+        let shown = a.show(id);
+        assert_eq!(shown["state"], "succeeded");
+        assert_eq!(common::history(&shown).len(), 1, "ran once: {shown}");
+    }
+}
