@@ -1,5 +1,4 @@
-"""The Celery bridge's figures (docs/performance.md, "Celery bridge"), on a private
-redis-server:
+"""The Celery bridge's figures (docs/celery.md), on a private redis-server:
 
 - ingest: N messages published by Celery's own `send_task` wait in Redis before taskd
   starts (its queue paused, so nothing runs); the rate is N over the time from the daemon's
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from private_redis import Redis, log  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKD = os.path.join(ROOT, "target", "release", "taskd")
+TASKD = os.environ.get("TASKD_BIN") or os.path.join(ROOT, "target", "release", "taskd")
 
 CONFIG = """
 [taskd]
