@@ -37,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub mod celery;
 pub(crate) mod flow;
 mod keys;
 pub(crate) mod runnable;
@@ -105,6 +106,8 @@ pub struct Config {
     pub queues: BTreeMap<QueueName, QueueConfig>,
     /// `[schedules.NAME]`, by name.
     pub schedules: Schedules,
+    /// `[celery]`: the Celery bridge; `None` when the file has no such table.
+    pub celery: Option<celery::CeleryConfig>,
 }
 
 /// One place the API is served (an entry of `listen`).
@@ -426,9 +429,6 @@ pub(crate) mod defaults {
     pub(crate) const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
     pub(crate) const DB_FILE_NAME: &str = "taskd.db";
-    /// The directory of the running tasks' result files (`TASKD_RESULT_FILE`) inside the
-    /// state directory.
-    pub(crate) const RESULTS_DIR_NAME: &str = "results";
     /// The control socket's file name inside the state directory, by default.
     pub(crate) const CONTROL_SOCKET_NAME: &str = "taskd.sock";
     /// How many audit records the broker keeps (the newest) when `audit_keep` is not set.
