@@ -991,6 +991,56 @@ fn a_restarted_node_kills_what_its_predecessor_left_running() {
     assert_eq!(v["attempts"], 1, "{v:#}");
 }
 
+/// A node killed after it started a task whose start never reached Redis (Redis was down at
+/// that moment; found by the chaos suite's `crash_in_outage`): the run happened, and its
+/// start log says so, but Redis still shows the task held and never started, so when its
+/// lease ran out it was taken back as if nothing had run and the run left no trace. The
+/// restarted node now marks its predecessor's noted tasks as started, so that their run is
+/// recorded as `lost` when the lease expires. (The missing start record is made as in the
+/// frozen-node test above: the task runs normally, then one Lua script undoes its start.)
+#[test]
+fn a_run_whose_start_never_reached_redis_is_recorded_after_its_node_died() {
+    let Some(server) =
+        RedisServer::start("a_run_whose_start_never_reached_redis_is_recorded_after_its_node_died")
+    else {
+        return;
+    };
+    let (env, d, id, pid) = running_once(&server);
+    let unrecord = "local t = KEYS[1] .. 't:' .. ARGV[1]
+        local seq = redis.call('HGET', t, 'seq')
+        redis.call('HINCRBY', t, 'attempts', -1)
+        redis.call('HSET', t, 'state', 'queued')
+        redis.call('HDEL', t, 'started_at', 'pid', 'pid_start', 'pid_boot')
+        redis.call('ZREM', KEYS[1] .. 'st:running', ARGV[1])
+        redis.call('ZADD', KEYS[1] .. 'st:queued', seq, ARGV[1])
+        return 'ok'";
+    assert_eq!(
+        server
+            .cli(&["EVAL", unrecord, "1", "taskd:{q:w}:", &id])
+            .trim(),
+        "ok"
+    );
+    d.kill9();
+    let d = env.daemon();
+    assert!(
+        poll(secs(20), || !common::alive(pid)),
+        "the restarted node left its predecessor's task running:\n{}",
+        d.log_text()
+    );
+    let v = env.wait_state(&id, "succeeded", secs(30));
+    let h = history(&v);
+    assert_eq!(
+        h.len(),
+        2,
+        "the killed node's run is missing from the history:\n{v:#}\n{}",
+        d.log_text()
+    );
+    assert_eq!(h[0]["reason"], "lost", "{v:#}");
+    assert_eq!(h[0]["number"], 1, "{v:#}");
+    assert_eq!(v["attempts"], 1, "the lost run is not charged: {v:#}");
+    assert_eq!(v["lost"], 1, "{v:#}");
+}
+
 /// A daemon stores what producers push into a queue's inbox in the background, a bounded
 /// step at a time, even while the queue is paused and nothing claims from it.
 #[test]

@@ -90,6 +90,7 @@ async fn kill_own_leftovers(broker: &dyn Broker, noted: &[TaskId]) {
     if noted.is_empty() {
         return;
     }
+    adopt_unrecorded_starts(broker, noted).await;
     let ids = stale_local_runs(broker, noted).await;
     let killed = crate::executor::kill_task_processes(&ids);
     if killed > 0 {
@@ -97,6 +98,61 @@ async fn kill_own_leftovers(broker: &dyn Broker, noted: &[TaskId]) {
             process_groups_killed = killed,
             "killed tasks left running by a previous daemon on this machine; their leases expire and they are queued again"
         );
+    }
+}
+
+/// Of the tasks a previous daemon of this state directory noted as starting, those the broker
+/// still shows held and never started by a node of this machine that is gone: their process
+/// ran, but its start never reached the broker (the broker was unreachable then, or the
+/// daemon died in the instant between the spawn and the record). Marked started now, so
+/// that when their lease runs out the run is recorded as `lost` (uncharged), instead of the
+/// task being taken back as if nothing had run and the run leaving no trace. Only a node
+/// restarted within the lease can do this; one that never comes back leaves such a run
+/// unrecorded (docs/guarantees.md says so).
+///
+/// One lookup per noted id, a few at a time: the log holds the ids of one daemon's life
+/// (rewritten with only the running ones past 4 MiB), and this runs only after a crash.
+async fn adopt_unrecorded_starts(broker: &dyn Broker, noted: &[TaskId]) {
+    use futures_util::stream::{self, StreamExt};
+    let host = super::host_name();
+    let gone = |node: &crate::model::NodeId| {
+        node.host() == Some(host.as_str())
+            && node
+                .pid()
+                .and_then(|pid| i32::try_from(pid).ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() as i32
+                        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+                })
+    };
+    let unrecorded: Vec<TaskId> = stream::iter(noted.iter().copied())
+        .map(|id| async move { (id, broker.get(id).await) })
+        .buffer_unordered(16)
+        .filter_map(|(id, found)| {
+            let held = match found {
+                Ok(Some(d)) => {
+                    d.task.state == crate::model::TaskState::Queued
+                        && d.task.node.as_ref().is_some_and(&gone)
+                }
+                _ => false,
+            };
+            std::future::ready(held.then_some(id))
+        })
+        .collect()
+        .await;
+    if unrecorded.is_empty() {
+        return;
+    }
+    match broker.adopt_started(&unrecorded).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            tasks = n,
+            "a previous daemon here started tasks without recording it (the broker was unreachable or it died at once); marked as started, so that their runs are recorded as lost when their leases expire"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "failed to mark as started the tasks a previous daemon here started without recording it"
+        ),
     }
 }
 

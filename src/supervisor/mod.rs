@@ -816,14 +816,32 @@ impl Supervisor {
                 // The start is recorded once the process exists, without holding the run up
                 // (it shares a commit with others); the start log covers the moment between.
                 // A lease lost meanwhile (an operator cancelled the held task) stops the run.
-                self.start_log.note(claimed.task.id, || {
+                // A task that cannot be noted (a full disk) waits here, held, until it can:
+                // started now, a crash before its start reached the broker would leave its
+                // run without a trace (found by the chaos suite: a full disk, then kill -9).
+                let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(5));
+                let mut warned = false;
+                while let Err(e) = self.start_log.note(claimed.task.id, || {
                     self.leases
                         .lock()
                         .expect("not poisoned")
                         .keys()
                         .copied()
                         .collect()
-                });
+                }) {
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot write the start log; the task waits until it can (a full disk?)");
+                        warned = true;
+                    }
+                    if stop.cancel.is_cancelled() || stop.shutdown.is_cancelled() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay.next_delay()) => {}
+                        _ = stop.cancel.cancelled() => {}
+                        _ = stop.shutdown.cancelled() => {}
+                    }
+                }
                 // A task that ends within START_RECORD_DELAY never gets a separate start record:
                 // its result records the run (and counts the attempt) by itself, which halves
                 // the store's work for short tasks.
@@ -1006,6 +1024,13 @@ impl Supervisor {
         let id = lease.task;
         if finish == Finish::Release {
             tracing::debug!(task = %id, "a reserved task's lease was taken over before it started; nothing ran");
+            return;
+        }
+        if attempt.pid.is_none() {
+            // Stopped (the lease found gone) or refused before any process existed: nothing
+            // ran, so there is no run to add to the history (it used to be added, as a run
+            // that "may have run twice", though it never ran at all).
+            tracing::debug!(task = %id, "the task's lease was taken over before its run began; nothing ran");
             return;
         }
         let same_run = |a: &AttemptRecord| {
@@ -1223,9 +1248,11 @@ impl Supervisor {
                     // Taken back by another node (on a shared broker, after this node could
                     // not renew for a whole lease): it runs there now, so stop it here. Its
                     // result would be refused anyway.
-                    let leases = self.leases.lock().expect("not poisoned");
+                    let current = self.leases.lock().expect("not poisoned");
+                    let lost =
+                        still_held(&leases, lost, |id| current.get(&id).map(|e| e.lease.token));
                     for id in lost {
-                        if let Some(entry) = leases.get(&id) {
+                        if let Some(entry) = current.get(&id) {
                             if !entry.cancel.is_cancelled() {
                                 tracing::warn!(task = %id, queue = %entry.queue, "lost the lease on a task; stopping it here");
                                 entry.cancel.cancel();
@@ -1292,6 +1319,25 @@ impl Supervisor {
         }
         self.workers.remove_file();
     }
+}
+
+/// Of the tasks a renewal of `sent` answered as lost, those whose current claim here is the
+/// one that was sent (`current`: the token this node holds the task with now, if any). The
+/// answer can come after the task ended here and was claimed again under a new token (a
+/// retry claimed by this node while the renewal waited on a slow or returning broker): it
+/// says nothing about the new claim, and stopping that run would end it for nothing (as
+/// `cancelled`, since its own lease is valid and its result applied).
+fn still_held(
+    sent: &[Lease],
+    lost: Vec<TaskId>,
+    current: impl Fn(TaskId) -> Option<i64>,
+) -> Vec<TaskId> {
+    lost.into_iter()
+        .filter(|id| {
+            let token = sent.iter().find(|l| l.task == *id).map(|l| l.token);
+            token.is_some() && current(*id) == token
+        })
+        .collect()
 }
 
 /// How an attempt ended and what became of its task, for its followers.

@@ -23,7 +23,9 @@ const MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 pub struct StartLog {
     path: PathBuf,
-    file: Mutex<(File, u64)>,
+    /// The file, its length as written, and whether the last write failed (it may have
+    /// left part of a line, which the next note ends first).
+    file: Mutex<(File, u64, bool)>,
 }
 
 impl StartLog {
@@ -50,7 +52,7 @@ impl StartLog {
         Ok((
             StartLog {
                 path,
-                file: Mutex::new((file, 0)),
+                file: Mutex::new((file, 0, false)),
             },
             previous,
         ))
@@ -62,9 +64,10 @@ impl StartLog {
     }
 
     /// Note that `id` is about to start. `running` lists the ids still running, for when the
-    /// log is rewritten. A failure to write is logged and otherwise ignored: the log only
-    /// sharpens the history after a crash.
-    pub fn note(&self, id: TaskId, running: impl FnOnce() -> Vec<TaskId>) {
+    /// log is rewritten. A failure to write (a full disk) is returned: the caller must not
+    /// start the task then, since a crash before its start reaches the broker would leave
+    /// its run without a trace.
+    pub fn note(&self, id: TaskId, running: impl FnOnce() -> Vec<TaskId>) -> std::io::Result<()> {
         let mut guard = match self.file.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -76,7 +79,7 @@ impl StartLog {
                 .open(&self.path)
             {
                 Ok(f) => {
-                    *guard = (f, 0);
+                    *guard = (f, 0, false);
                     let ids = running();
                     let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
                     if guard.0.write_all(text.as_bytes()).is_ok() {
@@ -88,11 +91,21 @@ impl StartLog {
                 }
             }
         }
-        let line = format!("{id}\n");
+        // After a failed write, a newline first ends whatever part of a line it left.
+        let line = if guard.2 {
+            format!("\n{id}\n")
+        } else {
+            format!("{id}\n")
+        };
         match guard.0.write_all(line.as_bytes()) {
-            Ok(()) => guard.1 += line.len() as u64,
+            Ok(()) => {
+                guard.1 += line.len() as u64;
+                guard.2 = false;
+                Ok(())
+            }
             Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "failed to write the start log")
+                guard.2 = true;
+                Err(e)
             }
         }
     }
@@ -109,13 +122,46 @@ mod tests {
         assert!(before.is_empty());
         let a = TaskId::new();
         let b = TaskId::new();
-        log.note(a, Vec::new);
-        log.note(b, Vec::new);
+        log.note(a, Vec::new).expect("noted");
+        log.note(b, Vec::new).expect("noted");
         drop(log);
         let (_log, seen) = StartLog::open(dir.path()).expect("reopen");
         assert_eq!(seen, HashSet::from([a, b]));
         let (_log, again) = StartLog::open(dir.path()).expect("reopen twice");
         assert!(again.is_empty(), "the log is emptied at each open");
+    }
+
+    /// A full disk (here /dev/full, where every write fails with ENOSPC) is reported, not
+    /// swallowed: the supervisor then holds the task back instead of starting it untraced.
+    #[test]
+    fn a_write_that_fails_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = StartLog::open(dir.path()).expect("open");
+        log.file.lock().expect("not poisoned").0 = OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full opens");
+        let e = log
+            .note(TaskId::new(), Vec::new)
+            .expect_err("/dev/full takes nothing");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    }
+
+    #[test]
+    fn a_line_a_failed_write_cut_short_does_not_swallow_the_next_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = StartLog::open(dir.path()).expect("open");
+        let next = TaskId::new();
+        {
+            let mut guard = log.file.lock().expect("not poisoned");
+            // What a write cut short by ENOSPC leaves: part of an id, no newline.
+            guard.0.write_all(b"01a248ea-5e77").expect("write");
+            guard.2 = true;
+        }
+        log.note(next, Vec::new).expect("noted");
+        drop(log);
+        let (_log, seen) = StartLog::open(dir.path()).expect("reopen");
+        assert_eq!(seen, HashSet::from([next]));
     }
 
     #[test]
@@ -125,10 +171,10 @@ mod tests {
         let keep = TaskId::new();
         // Just past the limit: the next note rewrites the log.
         for _ in 0..(MAX_BYTES / 37 + 1) {
-            log.note(TaskId::new(), Vec::new);
+            log.note(TaskId::new(), Vec::new).expect("noted");
         }
         let last = TaskId::new();
-        log.note(last, || vec![keep]);
+        log.note(last, || vec![keep]).expect("noted");
         drop(log);
         let (_log, seen) = StartLog::open(dir.path()).expect("reopen");
         assert_eq!(seen, HashSet::from([keep, last]));

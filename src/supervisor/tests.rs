@@ -216,3 +216,93 @@ fn a_queue_resumed_after_a_while_paused_runs_its_tasks() {
         }
     });
 }
+
+/// A renewal answered "lost" for a claim this node no longer holds (the task ended here and
+/// was claimed again under a new token while the renewal waited on the broker) must not
+/// stop the new claim's run: it used to, and the run ended `cancelled` "by an operator"
+/// (found by the chaos suite on Redis, a broker restart and a node crash together).
+#[test]
+fn a_lost_answer_for_an_older_claim_leaves_the_new_claim_running() {
+    use crate::broker::Lease;
+    let node: NodeId = "test-node:1".into();
+    let (a, b, c) = (TaskId::new(), TaskId::new(), TaskId::new());
+    let sent = vec![
+        Lease {
+            task: a,
+            token: 4,
+            node: node.clone(),
+        },
+        Lease {
+            task: b,
+            token: 7,
+            node: node.clone(),
+        },
+        Lease {
+            task: c,
+            token: 2,
+            node,
+        },
+    ];
+    // a: claimed again here since (token 5); b: still the claim that was sent; c: ended here.
+    let current = |id: TaskId| match id {
+        id if id == a => Some(5),
+        id if id == b => Some(7),
+        _ => None,
+    };
+    assert_eq!(super::still_held(&sent, vec![a, b, c], current), vec![b]);
+    // An id the renewal was not asked about is never taken as lost.
+    assert!(super::still_held(&sent, vec![TaskId::new()], |_| Some(1)).is_empty());
+}
+
+/// A run that never began (no process: it was stopped on finding its lease gone before it
+/// started) is not added to the history when its result is refused: nothing ran. It used to
+/// be added as a `lost` run that "may have run twice" (found by the chaos suite on Redis).
+/// A run that did begin still is.
+#[tokio::test(start_paused = true)]
+async fn a_refused_result_of_a_run_that_never_began_adds_nothing_to_the_history() {
+    use crate::broker::{Finish, Recover};
+    use crate::model::AttemptRecord;
+    let f = start("").await;
+    let ids = enqueue(&f.broker, "q", "{}", 1).await;
+    let node: NodeId = "other-node:2".into();
+    let claimed = f
+        .broker
+        .claim(&node, &qn("q"), 1, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    let lease = claimed[0].lease.clone();
+    // The lease is taken back (as after a node froze past it) and the task claimed again.
+    f.broker
+        .recover(Recover::All, "taken back")
+        .await
+        .expect("recover");
+    f.broker
+        .claim(&node, &qn("q"), 1, Duration::from_secs(60))
+        .await
+        .expect("claim again");
+    let never_began = AttemptRecord {
+        number: 1,
+        node: node.clone(),
+        reason: Some(AttemptReason::Cancelled),
+        ..Default::default()
+    };
+    f.supervisor
+        .lease_lost(&lease, never_began, Finish::Cancelled)
+        .await;
+    let d = f.broker.get(ids[0]).await.expect("get").expect("the task");
+    assert!(d.history.is_empty(), "{:?}", d.history);
+    let began = AttemptRecord {
+        number: 1,
+        node,
+        pid: Some(4242),
+        reason: Some(AttemptReason::Exit),
+        exit_code: Some(0),
+        ..Default::default()
+    };
+    f.supervisor
+        .lease_lost(&lease, began, Finish::Succeeded)
+        .await;
+    let d = f.broker.get(ids[0]).await.expect("get").expect("the task");
+    assert_eq!(d.history.len(), 1, "{:?}", d.history);
+    assert_eq!(d.history[0].reason, Some(AttemptReason::Lost));
+}
