@@ -114,6 +114,8 @@ pub async fn open_sqlite() -> Option<Opened> {
 }
 
 mod common;
+#[path = "broker_contract/model.rs"]
+mod model;
 #[cfg(feature = "redis")]
 #[path = "common/redis.rs"]
 mod redis_server;
@@ -238,6 +240,7 @@ macro_rules! contract_tests {
                 many_producers_one_consumer,
                 schedule_racing_clients_fire_each_slot_once,
                 flow_rate_spreads_starts_across_clients,
+                model_random_operations,
             );
         }
     };
@@ -470,6 +473,17 @@ pub mod cases {
     pub use crate::flow_cases::*;
     pub use crate::limit_cases::*;
     pub use crate::schedule_cases::*;
+
+    // --- the contract as a state machine (broker_contract/model.rs) ----------------------------
+
+    /// Random sequences of operations against a model of every task's state.
+    pub async fn model_random_operations(b: B, _g: G) {
+        let rt = tokio::runtime::Handle::current();
+        let run = tokio::task::spawn_blocking(move || crate::model::run(b, rt)).await;
+        if let Err(e) = run {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 
     // --- enqueue ------------------------------------------------------------------------------
 
