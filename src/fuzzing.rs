@@ -1,7 +1,9 @@
 //! Entry points for the fuzz targets in `fuzz/` (`cargo fuzz`, docs/fuzzing.md): each takes
-//! arbitrary bytes, feeds them to one of taskd's parsers of outside input, and asserts what
-//! must hold whatever the bytes are. A panic (an assertion here, or one inside taskd) is a
-//! finding; every finding becomes a regression test that calls the same function.
+//! arbitrary bytes, feeds them to one of taskd's parsers of outside input (a config, a
+//! `command` element with a payload, a worker's line, an enqueue body, a Celery message),
+//! and asserts what must hold whatever the bytes are. A panic (an assertion here, or one
+//! inside taskd) is a finding; every finding becomes a regression test that calls the same
+//! function.
 //!
 //! Not an API: hidden from the docs, and nothing in taskd calls it.
 
@@ -88,11 +90,12 @@ pub fn argv_template(data: &[u8]) {
     let config = crate::config::parse_str(&toml, Path::new(CONFIG_PATH));
     let queue = match (&parsed, &config) {
         (Ok(_), Ok(c)) => &c.queues[&"q".parse().expect("a valid queue name")],
-        (Err(_), Err(ConfigError::Invalid(diags))) => {
-            // The element's error is a config error with its place.
+        // Refused: for its placeholders, or for what no argv element may hold (a NUL),
+        // which the template parser leaves to the validator. Either way at the element.
+        (_, Err(ConfigError::Invalid(diags))) => {
             assert!(
-                diags.iter().any(|d| d.key == "queues.q.command"),
-                "a bad placeholder not reported at its key: {diags:?}"
+                diags.iter().all(|d| d.key.starts_with("queues.q.command")),
+                "an element's problem not reported at its key: {diags:?}"
             );
             for d in diags {
                 check_location(&toml, d);
@@ -100,7 +103,7 @@ pub fn argv_template(data: &[u8]) {
             return;
         }
         (parsed, config) => panic!(
-            "the template parser and the validator disagree on {element:?}: {parsed:?} vs {:?}",
+            "the validator accepted {element:?}, which the template parser refuses: {parsed:?} vs {:?}",
             config.as_ref().err()
         ),
     };
@@ -267,4 +270,53 @@ fn check_refusal(error: &crate::api::error::ApiError) {
         "an error without a message ({})",
         error.code
     );
+}
+
+/// The Celery message parser: the bytes up to the first newline are a protocol 2 message's
+/// headers (a JSON object; anything else counts as none), the rest its body, as JSON with
+/// UTF-8. The whole input is also read as kombu's envelope (the Redis transport's list
+/// element) and, when it is one, its message parsed. A task read keeps the Celery id as its
+/// own; a refusal says why, and names each result it owes once.
+pub fn celery_message(data: &[u8]) {
+    use crate::celery::message::{from_kombu_envelope, parse, Delivery};
+    let (headers, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let headers = serde_json::from_slice::<serde_json::Value>(headers)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    let delivery = Delivery {
+        body: body.to_vec(),
+        content_type: Some("application/json".into()),
+        content_encoding: Some("utf-8".into()),
+        headers,
+        ..Delivery::default()
+    };
+    check_celery(&delivery);
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(delivery) = from_kombu_envelope(text) {
+            check_celery(&delivery);
+        }
+    }
+
+    fn check_celery(delivery: &Delivery) {
+        match parse(delivery) {
+            Ok(task) => {
+                assert!(!task.name.is_empty(), "a Celery task without a name");
+                if let Ok(id) = task.result_to.id.parse::<crate::model::TaskId>() {
+                    assert_eq!(id, task.id, "the taskd id is not the Celery id");
+                }
+            }
+            Err(refused) => {
+                assert!(!refused.detail.is_empty(), "a refusal without a reason");
+                let mut ids: Vec<&str> = refused.results.iter().map(|r| r.id.as_str()).collect();
+                let n = ids.len();
+                ids.sort_unstable();
+                ids.dedup();
+                assert_eq!(ids.len(), n, "a result owed twice: {:?}", refused.results);
+            }
+        }
+    }
 }

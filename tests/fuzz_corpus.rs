@@ -16,6 +16,7 @@ const TARGETS: &[(&str, Check)] = &[
     ("worker_line", taskd::fuzzing::worker_line),
     ("enqueue_json", taskd::fuzzing::enqueue_json),
     ("enqueue_raw", taskd::fuzzing::enqueue_raw),
+    ("celery_message", taskd::fuzzing::celery_message),
 ];
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {

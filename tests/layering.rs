@@ -55,6 +55,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "worker::protocol",
             "api::enqueue",
             "api::error",
+            "celery::message",
         ],
     ),
     // Why a task is not running: read from the broker, the config, the view it answers
