@@ -190,3 +190,464 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     drop(stdin);
     let _ = child.wait();
 }
+
+/// A Celery producer driven by JSON lines on stdin, answering each with a JSON line:
+/// `{"op": "send", "name", "args", "kwargs", "opts"}` → `{"id"}` (`app.send_task`, `opts`
+/// are apply_async's: countdown, expires, priority, queue, serializer);
+/// `{"op": "get", "id", "timeout"}` → `{"value"}` or `{"raised", "args"}`, and `state`;
+/// `{"op": "state", "id"}` → `{"state"}`; `{"op": "revoke", "id", "terminate"}` → `{}`.
+const PRODUCER: &str = r#"
+import json, os, sys
+from celery import Celery
+from celery.result import AsyncResult
+app = Celery("app", broker=sys.argv[1], backend=sys.argv[2])
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    c = json.loads(line)
+    if c["op"] == "send":
+        r = app.send_task(c["name"], args=c.get("args", []), kwargs=c.get("kwargs", {}), **c.get("opts", {}))
+        out = {"id": r.id}
+    elif c["op"] == "get":
+        r = AsyncResult(c["id"], app=app)
+        try:
+            out = {"value": r.get(timeout=c.get("timeout", 30))}
+        except Exception as e:
+            out = {"raised": type(e).__module__ + "." + type(e).__name__, "args": [str(a) for a in e.args]}
+        out["state"] = AsyncResult(c["id"], app=app).state
+    elif c["op"] == "state":
+        out = {"state": AsyncResult(c["id"], app=app).state}
+    elif c["op"] == "revoke":
+        app.control.revoke(c["id"], terminate=c.get("terminate", False))
+        out = {}
+    print(json.dumps(out), flush=True)
+os._exit(0)
+"#;
+
+struct Producer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Producer {
+    fn start(py: &std::path::Path, broker: &str, backend: &str) -> Producer {
+        let mut child = Command::new(py)
+            .args(["-c", PRODUCER, broker, backend])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut p = Producer {
+            child,
+            stdin,
+            lines,
+        };
+        assert_eq!(p.read()["ready"], true);
+        p
+    }
+
+    fn read(&mut self) -> Value {
+        serde_json::from_str(&self.lines.next().expect("a line").unwrap()).unwrap()
+    }
+
+    fn call(&mut self, command: Value) -> Value {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.read()
+    }
+
+    fn send(&mut self, name: &str, args: Value, opts: Value) -> String {
+        let r = self.call(json!({"op": "send", "name": name, "args": args, "opts": opts}));
+        r["id"].as_str().unwrap().to_string()
+    }
+
+    fn get(&mut self, id: &str) -> Value {
+        self.call(json!({"op": "get", "id": id}))
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon bridging the private Redis's db 0 (broker) and db 1 (results).
+fn bridged(port: u16, extra: &str) -> common::Env {
+    common::Env::new(&format!(
+        r#"
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 4
+
+[queues.failing]
+shell = "echo 'disk full' >&2; exit 3"
+max_attempts = 1
+
+[queues.slow]
+shell = "sleep 60"
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+queues = ["celery", "alerts"]
+{extra}
+[celery.tasks]
+"app.tasks.fail" = "failing"
+"app.tasks.sleep" = {{ queue = "slow", track_started = true }}
+"app.tasks.*" = "default"
+"#
+    ))
+}
+
+/// The record of task `id` once the bridge has ingested it.
+fn ingested(env: &common::Env, id: &str) -> Value {
+    assert!(
+        common::poll(Duration::from_secs(20), || env
+            .run(&["show", id, "--json"])
+            .status
+            .success()),
+        "task {id} was never ingested"
+    );
+    env.show(id)
+}
+
+#[test]
+fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
+    let test = "celery_producers_run_their_tasks_on_taskd_and_get_results";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = bridged(server.port, "");
+    let daemon = env.daemon();
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+
+    // delay(2, 3).get() == 5, and the task is a taskd task under the Celery id.
+    let id = p.send("app.tasks.add", json!([2, 3]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["value"], 5, "{got}\n{}", daemon.log_text());
+    assert_eq!(got["state"], "SUCCESS");
+    let shown = env.show(&id);
+    assert_eq!(shown["state"], "succeeded");
+    assert_eq!(shown["payload"]["task"], "app.tasks.add");
+    assert_eq!(shown["payload"]["celery"]["id"], id.as_str());
+    let human = env.ok(&["show", &id]);
+    assert!(
+        human
+            .lines()
+            .any(|l| l == format!("celery    app.tasks.add (Celery id {id})")),
+        "{human}"
+    );
+
+    // A failure raises a class the client has: builtins.RuntimeError, saying why.
+    let id = p.send("app.tasks.fail", json!([]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "builtins.RuntimeError", "{got}");
+    assert!(
+        got["args"][0].as_str().unwrap().contains("exit code 3"),
+        "{got}"
+    );
+    assert_eq!(got["state"], "FAILURE");
+
+    // countdown: the task waits in taskd until then; a named queue and a priority.
+    let id = p.send("app.tasks.add", json!([1, 1]), json!({"countdown": 2}));
+    let shown = ingested(&env, &id);
+    assert!(
+        matches!(
+            shown["state"].as_str(),
+            Some("scheduled") | Some("queued") | Some("running") | Some("succeeded")
+        ),
+        "{shown}"
+    );
+    assert_eq!(p.get(&id)["value"], 2);
+    let id = p.send(
+        "app.tasks.add",
+        json!([4, 4]),
+        json!({"queue": "alerts", "priority": 9}),
+    );
+    assert_eq!(p.get(&id)["value"], 8);
+    assert_eq!(env.show(&id)["priority"], -9);
+
+    // Refused: an unmapped name, a pickled message, an expired one. The client raises.
+    let id = p.send("billing.charge", json!([]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.NotRegistered", "{got}");
+    assert!(
+        got["args"][0].as_str().unwrap().contains("billing.charge"),
+        "{got}"
+    );
+    let id = p.send(
+        "app.tasks.add",
+        json!([1, 2]),
+        json!({"serializer": "pickle"}),
+    );
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "kombu.exceptions.ContentDisallowed", "{got}");
+    assert!(got["args"][0].as_str().unwrap().contains("pickle"), "{got}");
+    let id = p.send("app.tasks.add", json!([1, 2]), json!({"expires": -5}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+
+    // Revoke of a waiting task and of a running one.
+    let id = p.send("app.tasks.add", json!([1, 2]), json!({"countdown": 60}));
+    ingested(&env, &id);
+    env.wait_state(&id, "scheduled", Duration::from_secs(20));
+    p.call(json!({"op": "revoke", "id": id}));
+    env.wait_state(&id, "cancelled", Duration::from_secs(20));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+    let id = p.send("app.tasks.sleep", json!([]), json!({}));
+    ingested(&env, &id);
+    env.wait_state(&id, "running", Duration::from_secs(20));
+    // Its route tracks starts: the client sees STARTED while it runs.
+    let mut state = Value::Null;
+    assert!(
+        common::poll(Duration::from_secs(20), || {
+            state = p.call(json!({"op": "state", "id": id}))["state"].clone();
+            state == "STARTED"
+        }),
+        "state {state}"
+    );
+    p.call(json!({"op": "revoke", "id": id, "terminate": true}));
+    env.wait_state(&id, "cancelled", Duration::from_secs(20));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+
+    // Every message was acknowledged, and the queues' bindings are there for producers.
+    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let unacked: i64 = redis::cmd("HLEN").arg("unacked").query(&mut conn).unwrap();
+    assert_eq!(unacked, 0);
+    let bound: bool = redis::cmd("SISMEMBER")
+        .arg("_kombu.binding.alerts")
+        .arg("alerts\x06\x16\x06\x16alerts")
+        .query(&mut conn)
+        .unwrap();
+    assert!(bound);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("Celery message refused; its task failed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_task_survives_taskd_killed_between_ingest_and_finish() {
+    let test = "a_task_survives_taskd_killed_between_ingest_and_finish";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = common::Env::new(&format!(
+        r#"
+[queues.nap]
+shell = "sleep 3; echo '\"napped\"' > \"$TASKD_RESULT_FILE\""
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+[celery.tasks]
+"app.tasks.nap" = "nap"
+"#,
+        port = server.port
+    ));
+    let daemon = env.daemon();
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let id = p.send("app.tasks.nap", json!([]), json!({}));
+    ingested(&env, &id);
+    env.wait_state(&id, "running", Duration::from_secs(20));
+    daemon.kill9();
+    // Ingested (the message is acknowledged), not finished: the store has it, and the next
+    // daemon runs it again (its lost run recorded) and writes the result.
+    let _again = env.daemon();
+    let got = p.get(&id);
+    assert_eq!(got["value"], "napped", "{got}");
+    let shown = env.show(&id);
+    assert_eq!(shown["state"], "succeeded");
+    let reasons: Vec<&str> = common::history(&shown)
+        .iter()
+        .filter_map(|a| a["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, vec!["lost", "exit"], "{shown}");
+}
+
+/// A Celery worker's app for the tests: `app.tasks.add` sums its arguments, as taskd's
+/// queue does; `app.tasks.nap` sleeps a minute (late ack: its message stays unacknowledged
+/// while it runs).
+const WORKER_APP: &str = r#"
+import time
+from celery import Celery
+import os
+app = Celery("app", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+app.conf.broker_transport_options = {"visibility_timeout": 2}
+app.conf.worker_prefetch_multiplier = 1
+app.conf.task_acks_late = True
+
+@app.task(name="app.tasks.add")
+def add(*args):
+    return sum(args)
+
+@app.task(name="app.tasks.nap")
+def nap():
+    time.sleep(60)
+"#;
+
+#[test]
+fn a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed() {
+    let test = "a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = common::Env::new(&format!(
+        r#"
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 2
+
+[queues.nap]
+shell = "echo '\"napped by taskd\"' > \"$TASKD_RESULT_FILE\""
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+visibility_timeout = "2s"
+[celery.tasks]
+"app.tasks.nap" = "nap"
+"app.tasks.*" = "default"
+"#,
+        port = server.port
+    ));
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    std::fs::write(env.path().join("worker_app.py"), WORKER_APP).unwrap();
+    let worker = || {
+        Command::new(&py)
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "worker_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "celery",
+                "--without-heartbeat",
+                "--without-gossip",
+                "--without-mingle",
+            ])
+            .current_dir(env.path())
+            .env("BROKER", format!("{base}/0"))
+            .env("BACKEND", format!("{base}/1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(env.path().join(format!("worker-{}.log", common::unique())))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    };
+    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+
+    // The Celery worker takes a long task (late ack) and is killed: taskd restores the
+    // message it left unacknowledged and runs it.
+    let mut celery = worker();
+    let nap = p.send("app.tasks.nap", json!([]), json!({}));
+    assert!(
+        common::poll(Duration::from_secs(30), || {
+            let n: i64 = redis::cmd("HLEN").arg("unacked").query(&mut conn).unwrap();
+            n == 1
+        }),
+        "the Celery worker never took the message"
+    );
+    celery.kill().unwrap();
+    celery.wait().unwrap();
+    let daemon = env.daemon();
+    let got = p.get(&nap);
+    assert_eq!(
+        got["value"],
+        "napped by taskd",
+        "{got}\n{}",
+        daemon.log_text()
+    );
+
+    // Both consume one queue; each is killed in turn while messages flow. Every task's
+    // result arrives, from one or the other.
+    let mut celery = worker();
+    let ids: Vec<(String, i64)> = (0..30)
+        .map(|i| (p.send("app.tasks.add", json!([i, 1]), json!({})), i + 1))
+        .collect();
+    daemon.kill9();
+    let _daemon = env.daemon();
+    celery.kill().unwrap();
+    celery.wait().unwrap();
+    let mut celery = worker();
+    for (id, want) in &ids {
+        let got = p.get(id);
+        assert_eq!(got["value"], *want, "{id}: {got}");
+    }
+    celery.kill().unwrap();
+    let _ = celery.wait();
+}
+
+#[test]
+fn two_nodes_ingesting_from_one_celery_broker_run_each_task_once() {
+    let test = "two_nodes_ingesting_from_one_celery_broker_run_each_task_once";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    // Two daemons sharing taskd's broker (db 2), each with its own state directory, both
+    // bridging the same Celery broker (db 0).
+    let node = || {
+        common::Env::raw(&format!(
+            r#"
+[taskd]
+state_dir = "state"
+broker = "{base}/2"
+shutdown_grace = "5s"
+
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 2
+
+[celery]
+broker = "{base}/0"
+result_backend = "{base}/1"
+[celery.tasks]
+"app.tasks.*" = "default"
+"#
+        ))
+    };
+    let (a, b) = (node(), node());
+    let _da = a.daemon();
+    let _db = b.daemon();
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let ids: Vec<(String, i64)> = (0..40)
+        .map(|i| (p.send("app.tasks.add", json!([i, 2]), json!({})), i + 2))
+        .collect();
+    for (id, want) in &ids {
+        assert_eq!(p.get(id)["value"], *want, "{id}");
+        let shown = a.show(id);
+        assert_eq!(shown["state"], "succeeded");
+        assert_eq!(common::history(&shown).len(), 1, "ran once: {shown}");
+    }
+}
