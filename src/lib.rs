@@ -38,6 +38,8 @@
 //!   API's output streams): live from the daemon's rings, stored tails from the broker.
 //! - [`why`]: why a task is not running (`taskd why`, the API, the dashboard), every
 //!   reason from the broker, the config and the daemon serving the queue.
+//! - `fuzzing` (hidden): the checks the fuzz targets in `fuzz/` run on arbitrary bytes
+//!   (docs/fuzzing.md); nothing in taskd calls it.
 
 pub(crate) mod api;
 pub mod audit;
@@ -52,6 +54,8 @@ pub mod daemon;
 pub(crate) mod executor;
 pub(crate) mod exit;
 pub(crate) mod follow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod metrics;
 pub mod model;
 pub(crate) mod notify;

@@ -114,6 +114,8 @@ pub async fn open_sqlite() -> Option<Opened> {
 }
 
 mod common;
+#[path = "broker_contract/model.rs"]
+mod model;
 #[cfg(feature = "redis")]
 #[path = "common/redis.rs"]
 mod redis_server;
@@ -255,6 +257,7 @@ macro_rules! contract_tests {
                 enqueue_after_unknown_or_finished_parents,
                 unique_for_holds_the_key_after_the_task_finished,
                 an_expired_task_is_never_claimed_and_expire_cancels_it,
+                expired_tasks_at_the_head_do_not_hold_back_a_claim,
                 flow_key_limits_holders_and_lets_others_flow,
                 flow_key_limit_of_two,
                 flow_parked_tasks_cancel_retry_and_unlimit,
@@ -272,6 +275,7 @@ macro_rules! contract_tests {
                 many_producers_one_consumer,
                 schedule_racing_clients_fire_each_slot_once,
                 flow_rate_spreads_starts_across_clients,
+                model_random_operations,
             );
         }
     };
@@ -506,6 +510,17 @@ pub mod cases {
     pub use crate::flow_cases::*;
     pub use crate::limit_cases::*;
     pub use crate::schedule_cases::*;
+
+    // --- the contract as a state machine (broker_contract/model.rs) ----------------------------
+
+    /// Random sequences of operations against a model of every task's state.
+    pub async fn model_random_operations(b: B, _g: G) {
+        let rt = tokio::runtime::Handle::current();
+        let run = tokio::task::spawn_blocking(move || crate::model::run(b, rt)).await;
+        if let Err(e) = run {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 
     // --- enqueue ------------------------------------------------------------------------------
 
@@ -4076,6 +4091,45 @@ pub mod flow_cases {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         got
+    }
+
+    /// Expired tasks ahead of ready ones in the claim order are passed over, never counted
+    /// against `max`: a claim of one still takes the ready task behind them (the model test
+    /// found Redis answering nothing while the expired head waited for `expire`).
+    pub async fn expired_tasks_at_the_head_do_not_hold_back_a_claim(b: B, _g: G) {
+        let mut stale = Vec::new();
+        for priority in [5, 5, 0] {
+            let mut t = task("exh");
+            t.priority = priority;
+            t.expires_at = Some(now_ms() - 1);
+            stale.push(enqueue1(&b, t).await);
+        }
+        let ready = enqueue1(&b, task("exh")).await;
+        let later = enqueue1(&b, task("exh")).await;
+        let got = claim(&b, "exh", 1).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![ready],
+            "claim(max 1) behind three expired tasks"
+        );
+        let got = claim(&b, "exh", 5).await;
+        assert_eq!(
+            got.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            vec![later]
+        );
+        let mut expired: Vec<TaskId> = b
+            .expire()
+            .await
+            .expect("expire")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        expired.sort();
+        stale.sort();
+        assert_eq!(
+            expired, stale,
+            "the expired tasks are still cancelled by `expire`"
+        );
     }
 
     pub async fn an_expired_task_is_never_claimed_and_expire_cancels_it(b: B, _g: G) {

@@ -45,6 +45,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "slots",
         ],
     ),
+    // The fuzz targets' checks: the parsers of outside input (config, argv templates, the
+    // worker protocol, the API's enqueue bodies) and what they must give.
+    (
+        "fuzzing",
+        &[
+            "config",
+            "model",
+            "worker::protocol",
+            "api::enqueue",
+            "api::error",
+            "celery::message",
+        ],
+    ),
     // Why a task is not running: read from the broker, the config, the view it answers
     // with, and the `workers.json` records the caller hands in.
     (

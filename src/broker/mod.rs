@@ -102,7 +102,8 @@
 //!     out of the ready index and put back as slots free up, or their rate allows.
 //!     [`Broker::flow_wait`] says when a rate refusal ends.
 //! 16. **Expiry** ([`NewTask::expires_at`]). A task past its `expires_at` is never started:
-//!     a claim neither promotes nor takes it, and [`Broker::expire`] ends every such task
+//!     a claim neither promotes nor takes it (nor counts it against its `max`: it takes the
+//!     ready tasks behind it), and [`Broker::expire`] ends every such task
 //!     that waits (`scheduled`, `retrying`, or `queued` and not held) `cancelled` with
 //!     `last_error` `expired` (dependants settled as rule 13 says), reading an index by
 //!     expiry, never the waiting tasks. A task already held or running is not touched.

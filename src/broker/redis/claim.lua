@@ -153,56 +153,62 @@ if max <= 0 then return out end
 -- least max tasks.
 store_inbox(p, 2 * max)
 local expires = fmt(now + lease)
-local members
 local wait = nil
-if flow then
-  members, wait = flow_pick(p, max, now, now_us, per_key, interval, tolerance, keyed)
-else
-  members = redis.call('ZRANGE', p .. 'ready', 0, max - 1)
-end
-if #members == 0 then
-  if report then out[1] = { 'wait', wait and fmt(wait) or '' } end
-  return out
-end
--- Few calls per task: every call a script makes costs the server far more than the Lua
--- around it. The task is read once, and the reply is that row with the claim applied.
-for i = 1, #members, 1000 do
-  redis.call('ZREM', p .. 'ready', unpack(members, i, math.min(i + 999, #members)))
-end
 local held = {}
 local fresh = { token = true, node = true, expires = true, updated_at = true }
 local stale_pid = { pid = true, pid_start = true, pid_boot = true }
-for _, m in ipairs(members) do
-  local id = string.sub(m, 19)
-  local t = p .. 't:' .. id
-  local row = redis.call('HGETALL', t)
-  local reply, token, had_pid, expired = {}, 1, false, false
-  for i = 1, #row, 2 do
-    local k = row[i]
-    if k == 'expires_at' and tonumber(row[i + 1]) <= now then
-      expired = row[i + 1]
-    end
-    if k == 'token' then
-      token = tonumber(row[i + 1]) + 1
-    elseif stale_pid[k] then
-      had_pid = true
-    elseif not fresh[k] then
-      reply[#reply + 1] = k
-      reply[#reply + 1] = row[i + 1]
-    end
-  end
-  if expired then
-    -- Never started past its expiry: left (out of `ready`) for `expire` to cancel.
-    redis.call('ZADD', p .. 'exp', expired, id)
+-- A task read past its expiry is set aside, not claimed (broker rule 16): the claim then
+-- reads on, so that expired tasks at the head never keep it from the ready ones behind.
+local wanted = max
+while wanted > 0 do
+  local members
+  if flow then
+    members, wait = flow_pick(p, wanted, now, now_us, per_key, interval, tolerance, keyed)
   else
-    local claim = { 'token', fmt(token), 'node', node, 'expires', expires, 'updated_at', fmt(now) }
-    redis.call('HSET', t, unpack(claim))
-    if had_pid then redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot') end
-    for _, v in ipairs(claim) do reply[#reply + 1] = v end
-    held[#held + 1] = expires
-    held[#held + 1] = id
-    out[#out + 1] = reply
+    members = redis.call('ZRANGE', p .. 'ready', 0, wanted - 1)
   end
+  if #members == 0 then break end
+  -- Few calls per task: every call a script makes costs the server far more than the Lua
+  -- around it. The task is read once, and the reply is that row with the claim applied.
+  for i = 1, #members, 1000 do
+    redis.call('ZREM', p .. 'ready', unpack(members, i, math.min(i + 999, #members)))
+  end
+  local set_aside = 0
+  for _, m in ipairs(members) do
+    local id = string.sub(m, 19)
+    local t = p .. 't:' .. id
+    local row = redis.call('HGETALL', t)
+    local reply, token, had_pid, expired = {}, 1, false, false
+    for i = 1, #row, 2 do
+      local k = row[i]
+      if k == 'expires_at' and tonumber(row[i + 1]) <= now then
+        expired = row[i + 1]
+      end
+      if k == 'token' then
+        token = tonumber(row[i + 1]) + 1
+      elseif stale_pid[k] then
+        had_pid = true
+      elseif not fresh[k] then
+        reply[#reply + 1] = k
+        reply[#reply + 1] = row[i + 1]
+      end
+    end
+    if expired then
+      -- Never started past its expiry: left (out of `ready`) for `expire` to cancel.
+      redis.call('ZADD', p .. 'exp', expired, id)
+      set_aside = set_aside + 1
+    else
+      local claim = { 'token', fmt(token), 'node', node, 'expires', expires, 'updated_at', fmt(now) }
+      redis.call('HSET', t, unpack(claim))
+      if had_pid then redis.call('HDEL', t, 'pid', 'pid_start', 'pid_boot') end
+      for _, v in ipairs(claim) do reply[#reply + 1] = v end
+      held[#held + 1] = expires
+      held[#held + 1] = id
+      out[#out + 1] = reply
+    end
+  end
+  if set_aside == 0 then break end
+  wanted = max - #out
 end
 for i = 1, #held, 2000 do
   redis.call('ZADD', p .. 'held', unpack(held, i, math.min(i + 1999, #held)))
