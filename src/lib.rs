@@ -43,6 +43,7 @@ pub(crate) mod api;
 pub mod audit;
 pub(crate) mod backoff;
 pub mod broker;
+pub mod celery;
 pub(crate) mod cgroupfs;
 pub mod cli;
 pub mod config;

@@ -38,6 +38,11 @@ struct ScheduleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     queue: String,
     state: String,
@@ -86,6 +91,8 @@ pub struct Metrics {
     expired: Family<QueueLabel, Counter>,
     oom: Family<QueueLabel, Counter>,
     pruned: Family<StateLabels, Counter>,
+    celery_ingested: Family<QueueLabel, Counter>,
+    celery_refused: Family<ReasonLabel, Counter>,
     store_bytes: Gauge,
     /// Finished attempts by (minute, queue) not yet written to the broker's counters (the
     /// dashboard's charts): [`Metrics::take_stats`].
@@ -169,12 +176,26 @@ impl Metrics {
             "Broker calls of the API and the scraper that failed",
             broker_errors.clone(),
         );
+        let celery_ingested = Family::<QueueLabel, Counter>::default();
+        let celery_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "taskd_celery_ingested",
+            "Celery messages the bridge made taskd tasks of, by taskd queue",
+            celery_ingested.clone(),
+        );
+        registry.register(
+            "taskd_celery_refused",
+            "Celery messages the bridge refused (their task failed at once), by reason: serializer, compression, workflow, unmapped, malformed, invalid",
+            celery_refused.clone(),
+        );
         registry.register(
             "taskd_schedule_slots",
             "Slots of each schedule this daemon handled, by outcome: fired, caught_up (a missed slot run late) or skipped",
             schedule_slots.clone(),
         );
         Metrics {
+            celery_ingested,
+            celery_refused,
             schedule_slots,
             expired,
             oom,
@@ -249,6 +270,25 @@ impl Metrics {
                 })
                 .observe(d.as_secs_f64());
         }
+    }
+
+    /// A Celery message ingested as a task of `queue`.
+    pub fn celery_ingested(&self, queue: &QueueName) {
+        self.celery_ingested
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .inc();
+    }
+
+    /// A Celery message refused, for `reason` (`serializer`, `compression`, `workflow`,
+    /// `unmapped`, `malformed`, `invalid`).
+    pub fn celery_refused(&self, reason: &str) {
+        self.celery_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// `n` slots of `schedule` handled with `outcome` (`fired`, `caught_up`, `skipped`).

@@ -2061,3 +2061,80 @@ burst = 0
             Some("burst = 1"),
         );
 }
+
+#[test]
+fn celery_table_names_what_is_wrong() {
+    const QUEUE: &str = "[taskd]\nstate_dir = \"state\"\n[queues.default]\ncommand = [\"true\"]\n";
+    // Lines 1-4 are QUEUE's.
+    check_bad(&format!(
+        "{QUEUE}[celery]\nbroker = \"kafka://x\"\nresult_backend = \"rpc://\"\nqueues = []\ntrack_startd = true\n[celery.tasks]\n\"app.*\" = \"defualt\"\n\"app.x\" = {{ queu = \"default\" }}\n"
+    ))
+    .count(5)
+    .expect(
+        6,
+        10,
+        "celery.broker",
+        &["the Celery broker must be a `redis://`, `rediss://`, `amqp://` or `amqps://` URL"],
+        Some("broker_url"),
+    )
+    .expect(
+        8,
+        10,
+        "celery.queues",
+        &["queues is empty: the bridge would consume nothing"],
+        Some("queues = [\"celery\", \"alerts\"]"),
+    )
+    .expect(
+        9,
+        1,
+        "celery.track_startd",
+        &["unknown key `track_startd` in [celery]"],
+        Some("did you mean `track_started`?"),
+    )
+    .expect(
+        11,
+        11,
+        "celery.tasks.\"app.*\"",
+        &["Celery tasks `app.*` go to queue \"defualt\", which this file does not define"],
+        Some("did you mean \"default\"?"),
+    )
+    .expect(
+        12,
+        13,
+        "celery.tasks.\"app.x\".queu",
+        &["unknown key `queu` in celery.tasks.\"app.x\""],
+        Some("did you mean `queue`?"),
+    );
+    // rpc:// needs an AMQP broker; [celery] needs a broker and tasks.
+    check_bad(&format!(
+        "{QUEUE}[celery]\nbroker = \"redis://127.0.0.1:6379/0\"\nresult_backend = \"rpc://\"\n[celery.tasks]\n\"a\" = \"default\"\n"
+    ))
+    .count(1)
+    .expect(
+        7,
+        18,
+        "celery.result_backend",
+        &["`rpc://` replies over an AMQP broker, and the Celery broker here is Redis"],
+        Some("redis://"),
+    );
+    check_bad(&format!(
+        "{QUEUE}[celery]\nqueues = [\"celery\"]\n[celery.tasks]\n\"a\" = \"default\"\n"
+    ))
+    .count(1)
+    .expect(
+        5,
+        1,
+        "celery",
+        &["[celery] has no `broker`"],
+        Some("broker ="),
+    );
+    check_bad(&format!("{QUEUE}[celery]\nbroker = \"amqp://h//\"\n"))
+        .count(1)
+        .expect(
+            5,
+            1,
+            "celery",
+            &["[celery] has no [celery.tasks] table"],
+            Some("[celery.tasks]"),
+        );
+}

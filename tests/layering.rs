@@ -106,9 +106,23 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "scheduler",
         &["model", "config", "broker", "metrics", "slots", "backoff"],
     ),
+    // The Celery bridge: messages of a Celery broker made tasks through the broker trait (as
+    // a submit would: `submission`), results written when the daemon says a task ended.
+    (
+        "celery",
+        &[
+            "model",
+            "config",
+            "broker",
+            "metrics",
+            "submission",
+            "backoff",
+        ],
+    ),
     (
         "daemon",
         &[
+            "celery",
             "scheduler",
             "model",
             "config",

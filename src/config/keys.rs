@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::validate::{nr_open, BackoffLayer, Cx, Entry, Place, ScheduleLayer, TaskdLayer};
+use super::validate::{
+    nr_open, BackoffLayer, CeleryLayer, Cx, Entry, Place, ScheduleLayer, TaskdLayer,
+};
 use super::{defaults, limits, ArgTemplate, Backoff, Limits, Program, Rate, WorkerProgram};
 use crate::model::{Keep, QueueName};
 
@@ -61,7 +63,7 @@ macro_rules! key {
 }
 
 /// The tables at the top level.
-pub(super) const ROOT: &[&str] = &["taskd", "defaults", "queues", "schedules"];
+pub(super) const ROOT: &[&str] = &["taskd", "defaults", "queues", "schedules", "celery"];
 
 /// `[taskd]`: the daemon's own settings. What a key's value becomes when it is not set
 /// (which may depend on another key, as `broker` on `state_dir`) is decided where the
@@ -854,6 +856,75 @@ pub(super) const SCHEDULE: &[Key<ScheduleLayer>] = &[
     ),
 ];
 
+/// The keys of `[celery]`, the Celery bridge (docs/celery.md). That `broker` is set and
+/// that every queue `[celery.tasks]` names exists is checked once the file is read
+/// (`validate/celery.rs`).
+pub(super) const CELERY: &[Key<CeleryLayer>] = &[
+    key!(
+        "broker",
+        "— (required)",
+        "the broker the Celery producers publish to: `redis://[:password@]host[:port][/db]` (`rediss://` for TLS), or `amqp://user:password@host[:port]/vhost` (`amqps://`)",
+        |cx, e, l| {
+            l.broker = cx.celery_broker(e);
+            l.broker.is_some()
+        },
+    ),
+    key!(
+        "result_backend",
+        "none (no result is written)",
+        "where each task's end is written for Celery's `AsyncResult`: `redis://…/db` (Celery's Redis result backend), or `rpc://` (replies over an `amqp://` broker)",
+        |cx, e, l| {
+            l.result_backend = cx.celery_backend(e);
+            l.result_backend.is_some()
+        },
+    ),
+    key!(
+        "queues",
+        "`[\"celery\"]`",
+        "the Celery queues to consume (Celery's `-Q`), served in this order within a priority",
+        |cx, e, l| {
+            l.queues = cx.celery_queues(e);
+            l.queues.is_some()
+        },
+    ),
+    key!(
+        "tasks",
+        "— (required)",
+        "`[celery.tasks]`: Celery task name → taskd queue, `\"app.tasks.alert\" = \"alerts\"`, or `{ queue = \"alerts\", track_started = true }`. A `*` in a name matches any run of characters (`\"app.tasks.*\" = \"default\"`); an exact name wins over patterns, and patterns are tried in the order written. A task whose name nothing matches fails (`NotRegistered`)",
+        |cx, e, l| {
+            l.tasks = cx.celery_tasks(e);
+            l.tasks.is_some()
+        },
+    ),
+    key!(
+        "track_started",
+        "`false`",
+        "write STARTED when a task starts (Celery's `task_track_started`), for the entries of `[celery.tasks]` that do not say",
+        |cx, e, l| {
+            l.track_started = cx.boolean(e);
+            l.track_started.is_some()
+        },
+    ),
+    key!(
+        "result_expires",
+        "`\"1d\"`",
+        "how long a result stays in a Redis result backend (Celery's `result_expires`)",
+        |cx, e, l| {
+            l.result_expires = cx.duration(e);
+            l.result_expires.is_some()
+        },
+    ),
+    key!(
+        "visibility_timeout",
+        "`\"1h\"`",
+        "Redis: how old a message taken by a consumer that never acknowledged it (a Celery worker or a taskd node that died) must be before it is delivered again (kombu's `visibility_timeout`); set it to the largest any consumer of that Redis uses",
+        |cx, e, l| {
+            l.visibility_timeout = cx.duration(e);
+            l.visibility_timeout.is_some()
+        },
+    ),
+];
+
 /// Whether `name` is a `[taskd]` key.
 pub(super) fn is_taskd(name: &str) -> bool {
     find(TASKD, name).is_some()
@@ -906,6 +977,7 @@ fn reference() -> Vec<(&'static str, String)> {
         ("worker", table("key", WORKER.iter().map(|k| &k.doc))),
         ("limits", table("sub-key", LIMITS.iter().map(|k| &k.doc))),
         ("schedule", table("key", SCHEDULE.iter().map(|k| &k.doc))),
+        ("celery", table("key", CELERY.iter().map(|k| &k.doc))),
     ]
 }
 
@@ -977,6 +1049,7 @@ mod tests {
             names(BACKOFF).collect::<Vec<_>>(),
             names(LIMITS).collect(),
             names(SCHEDULE).collect(),
+            names(CELERY).collect(),
         ] {
             let mut k = keys.clone();
             k.sort_unstable();

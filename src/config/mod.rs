@@ -37,6 +37,7 @@
 //! broker, when not set, is the SQLite file `taskd.db` inside `state_dir`.
 
 mod backoff;
+pub mod celery;
 pub(crate) mod flow;
 mod keys;
 pub(crate) mod runnable;
@@ -105,6 +106,8 @@ pub struct Config {
     pub queues: BTreeMap<QueueName, QueueConfig>,
     /// `[schedules.NAME]`, by name.
     pub schedules: Schedules,
+    /// `[celery]`: the Celery bridge; `None` when the file has no such table.
+    pub celery: Option<celery::CeleryConfig>,
 }
 
 /// One place the API is served (an entry of `listen`).

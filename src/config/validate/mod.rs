@@ -19,6 +19,7 @@
 //!
 //! It must not start anything or touch the broker: it reads text (and the user database).
 
+mod celery;
 mod flow;
 mod limits;
 mod program;
@@ -39,6 +40,7 @@ use super::keys::{self, Settings};
 use super::units;
 use super::{defaults, BrokerUrl, Config, Diagnostic};
 
+pub(super) use celery::CeleryLayer;
 pub(super) use limits::nr_open;
 pub(super) use queue::{Account, BackoffLayer};
 pub(super) use schedule::ScheduleLayer;
@@ -213,6 +215,9 @@ enum Section {
     /// An entry of `[taskd] tokens`.
     Tokens,
     Schedule,
+    Celery,
+    /// An entry of `[celery.tasks]` written as a table.
+    CeleryTask,
 }
 
 /// Where a value was written: its span and dotted key, for an error found after the value
@@ -338,6 +343,7 @@ impl Cx<'_> {
         let mut defaults_layer = None;
         let mut queue_tables = Vec::new();
         let mut schedule_tables = Vec::new();
+        let mut celery_table = None;
         for e in entries(root, "") {
             match e.name {
                 "taskd" => {
@@ -367,6 +373,7 @@ impl Cx<'_> {
                         schedule_tables = entries(t, &e.path);
                     }
                 }
+                "celery" => celery_table = Some(e),
                 _ => self.unknown_key(&e, Section::Root, "at the top level", keys::ROOT),
             }
         }
@@ -392,6 +399,7 @@ impl Cx<'_> {
         let max_payload = taskd.max_payload.unwrap_or(defaults::MAX_PAYLOAD);
         let queues_broken = queues.len() < queue_tables.len();
         let schedules = self.schedules(&schedule_tables, &queues, max_payload, queues_broken);
+        let celery = celery_table.and_then(|e| self.celery(&e, &queues, queues_broken));
 
         let state_dir = taskd.state_dir.unwrap_or_else(|| {
             let from_systemd = state_directory.and_then(|v| {
@@ -438,6 +446,7 @@ impl Cx<'_> {
             log_tasks: taskd.log_tasks.unwrap_or_default(),
             queues,
             schedules,
+            celery,
         }
     }
 }

@@ -1,0 +1,225 @@
+//! The Celery bridge: the tasks Celery producers publish to their broker become taskd
+//! tasks, and each one's end is written where Celery's client reads it (docs/celery.md for
+//! users, docs/architecture.md, "The Celery bridge", for the design).
+//!
+//! The core here knows no broker protocol. A *transport* (the Redis one in `redis`; an AMQP
+//! one beside it) receives messages and hands each one to [`Bridge::ingest`] as a
+//! [`Delivery`]; it acknowledges the message to its broker only once `ingest` returned `Ok`:
+//! the task is then durable in taskd's store, or the message was refused and its failure is
+//! written. A *result sink* ([`ResultSink`]) writes states to a Celery result backend; the
+//! daemon calls [`Bridge::started`] and [`Bridge::ended`] as tasks start and end, and
+//! [`Bridge::revoke`] cancels tasks by id (a transport's revoke broadcast).
+
+pub mod ingest;
+pub mod message;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod result;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::broker::{Broker, BrokerError, CancelOutcome};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{AttemptReason, TaskDetail, TaskId, TaskRecord, TaskState};
+
+pub use ingest::{Ingested, PriorityOrder};
+pub use message::{parse, Delivery, ResultTo};
+pub use result::{CeleryState, ResultSink};
+
+/// Why a message could not be ingested now; the transport leaves it unacknowledged and
+/// tries again later (it is delivered again if this node goes away meanwhile).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("taskd's broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("the Celery result backend: {0}")]
+    Sink(String),
+}
+
+/// The bridge's state in one daemon: its config, taskd's broker, the result sink.
+pub struct Bridge {
+    config: std::sync::RwLock<Arc<Config>>,
+    pub(crate) broker: Arc<dyn Broker>,
+    sink: Option<Arc<dyn ResultSink>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Bridge {
+    /// A bridge for `config` (which must have a `[celery]` table) writing results to `sink`.
+    pub fn new(
+        config: Arc<Config>,
+        broker: Arc<dyn Broker>,
+        sink: Option<Arc<dyn ResultSink>>,
+        metrics: Arc<Metrics>,
+    ) -> Bridge {
+        Bridge {
+            config: std::sync::RwLock::new(config),
+            broker,
+            sink,
+            metrics,
+        }
+    }
+
+    /// The config in force (a reload replaces it).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Use `config` from now on (a reload: new routes, new queues).
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// Write `state` for `to`, unless the producer asked for no result or there is no sink.
+    pub async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), IngestError> {
+        match &self.sink {
+            Some(sink) if !to.ignore_result => {
+                sink.store(to, state).await.map_err(IngestError::Sink)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Task `task` started on this node: STARTED, when its route tracks starts.
+    pub async fn started(&self, task: &TaskRecord, pid: u32) {
+        let Some(meta) = CeleryMeta::of(&task.payload) else {
+            return;
+        };
+        if !meta.track_started {
+            return;
+        }
+        let state = CeleryState::Started {
+            hostname: crate::model::host_name().unwrap_or("localhost").to_string(),
+            pid,
+        };
+        if let Err(e) = self.store(&meta.result_to, &state).await {
+            tracing::warn!(task = %task.id, error = %e, "could not write a Celery task's STARTED state");
+        }
+    }
+
+    /// Task `detail` ended (succeeded, failed or cancelled, as the store has it): its
+    /// Celery state. A task that is not a Celery one, or not ended, is left alone.
+    pub async fn ended(&self, detail: &TaskDetail) -> Result<(), IngestError> {
+        let Some(meta) = CeleryMeta::of(&detail.task.payload) else {
+            return Ok(());
+        };
+        let Some(state) = final_state(detail) else {
+            return Ok(());
+        };
+        self.store(&meta.result_to, &state).await
+    }
+
+    /// [`Bridge::ended`] for a task known by id (read from the store first).
+    pub async fn ended_id(&self, id: TaskId) -> Result<(), IngestError> {
+        match self.broker.get(id).await? {
+            Some(detail) => self.ended(&detail).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Celery's `revoke(id)`: cancel the task, waiting or running (`terminate` or not: a
+    /// taskd cancel stops a running task either way). The cancel is stored, so it holds
+    /// across restarts. A waiting task's REVOKED is written at once; a running one's when
+    /// its node has stopped it.
+    pub async fn revoke(&self, id: TaskId) -> Result<(), IngestError> {
+        match self.broker.cancel(id).await {
+            Ok(CancelOutcome::Cancelled) => {
+                tracing::info!(task = %id, "Celery revoke: cancelled the waiting task");
+                self.ended_id(id).await
+            }
+            Ok(CancelOutcome::Requested) => {
+                tracing::info!(task = %id, "Celery revoke: asked the node running the task to stop it");
+                Ok(())
+            }
+            Ok(CancelOutcome::AlreadyFinished(_)) | Err(BrokerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// What the bridge kept of a Celery task in its payload's `celery` object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CeleryMeta {
+    pub name: String,
+    pub result_to: ResultTo,
+    pub track_started: bool,
+}
+
+impl CeleryMeta {
+    /// The Celery metadata of a task's payload; `None` for a task the bridge did not make.
+    pub fn of(payload: &Value) -> Option<CeleryMeta> {
+        let c = payload.get(ingest::META)?.as_object()?;
+        let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+        Some(CeleryMeta {
+            name: payload.get("task").and_then(Value::as_str)?.to_string(),
+            result_to: ResultTo {
+                id: text("id")?,
+                reply_to: text("reply_to"),
+                correlation_id: text("correlation_id"),
+                ignore_result: c
+                    .get("ignore_result")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            },
+            track_started: c
+                .get("track_started")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// The Celery state of an ended task; `None` while it has not ended.
+pub fn final_state(detail: &TaskDetail) -> Option<CeleryState> {
+    let task = &detail.task;
+    match task.state {
+        TaskState::Succeeded => Some(CeleryState::Success(
+            detail.result.clone().unwrap_or(Value::Null),
+        )),
+        TaskState::Cancelled => {
+            let reason = match task.last_error.as_deref() {
+                Some(crate::model::EXPIRED) => "expired",
+                _ if detail
+                    .history
+                    .last()
+                    .is_some_and(|a| a.reason == Some(AttemptReason::Cancelled)) =>
+                {
+                    "terminated"
+                }
+                _ => "revoked",
+            };
+            Some(CeleryState::Revoked(reason.to_string()))
+        }
+        TaskState::Failed => {
+            let last = detail.history.last();
+            let error = task
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the task failed".to_string());
+            let (module, class) = match last.and_then(|a| a.reason) {
+                Some(AttemptReason::Timeout) => ("celery.exceptions", "TimeLimitExceeded"),
+                _ => ("builtins", "RuntimeError"),
+            };
+            let traceback = last
+                .map(|a| a.stderr_tail.trim_end().to_string())
+                .filter(|s| !s.is_empty())
+                .map(|s| format!("{s}\n"));
+            Some(CeleryState::Failure {
+                module: module.into(),
+                class: class.into(),
+                message: error,
+                traceback,
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

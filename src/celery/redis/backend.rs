@@ -1,0 +1,80 @@
+//! Celery's Redis result backend: the meta of task `<id>` at `celery-task-meta-<id>`, set
+//! with the backend's expiry and published on the channel of the same name in one step, so
+//! that a client waiting in `get()` (subscribed to that channel) returns at once and one
+//! that asks later reads the key.
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+use crate::celery::message::ResultTo;
+use crate::celery::result::{CeleryState, ResultSink};
+
+/// The key (and channel) prefix of Celery's key-value result backends.
+pub const KEY_PREFIX: &str = "celery-task-meta-";
+
+/// Sets the meta with its expiry and publishes it, atomically; keeps a stored SUCCESS, and
+/// keeps any ready state from being replaced by STARTED.
+/// KEYS[1] the key; ARGV[1] expiry in seconds, ARGV[2] "1" for STARTED, ARGV[3] the meta.
+const STORE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, meta = pcall(cjson.decode, cur)
+  if ok and type(meta) == 'table' then
+    local s = meta['status']
+    if s == 'SUCCESS' then return 0 end
+    if ARGV[2] == '1' and (s == 'FAILURE' or s == 'REVOKED') then return 0 end
+  end
+end
+redis.call('SETEX', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PUBLISH', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// A Redis result backend (`result_backend = "redis://…"`).
+pub struct RedisResults {
+    conn: ConnectionManager,
+    addr: String,
+    expires_s: u64,
+    script: redis::Script,
+}
+
+impl RedisResults {
+    /// Connect to the backend at `url`; results expire after `expires`.
+    pub async fn open(url: &str, expires: std::time::Duration) -> Result<RedisResults, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("invalid Redis URL: {}", e.to_string().replace(url, "<url>")))?;
+        let addr = client.get_connection_info().addr.to_string();
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(|e| format!("cannot reach the Celery result backend at {addr}: {e}"))?;
+        Ok(RedisResults {
+            conn,
+            addr,
+            expires_s: expires.as_secs().max(1),
+            script: redis::Script::new(STORE),
+        })
+    }
+}
+
+#[async_trait]
+impl ResultSink for RedisResults {
+    async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
+        let meta = state.meta(&to.id, crate::model::now_ms()).to_string();
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .script
+            .key(format!("{KEY_PREFIX}{}", to.id))
+            .arg(self.expires_s)
+            .arg(if state.is_ready() { "0" } else { "1" })
+            .arg(meta)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis at {}: {e}", self.addr))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("redis at {}", self.addr)
+    }
+}

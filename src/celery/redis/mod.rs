@@ -1,0 +1,6 @@
+//! kombu's Redis transport, as Celery producers and workers use it, and Celery's Redis
+//! result backend.
+
+pub mod backend;
+
+pub use backend::RedisResults;
