@@ -1436,7 +1436,7 @@ fn every_option_of_every_command_has_help_text() {
             // `  --flag <VALUE>  description`: the description follows two spaces.
             if is_entry
                 && t.split_once("  ")
-                    .map_or(true, |(_, d)| d.trim().is_empty())
+                    .is_none_or(|(_, d)| d.trim().is_empty())
             {
                 bare.push(format!("taskd {} {t}", path.join(" ")));
             }
