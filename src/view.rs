@@ -683,8 +683,11 @@ pub struct PruneReport {
     pub dry_run: bool,
     pub total: u64,
     pub rows: Vec<PruneRow>,
-    /// Schedules' slot records deleted (0 in a dry run, which leaves them).
+    /// Schedules' slot records deleted (in a dry run: that would be deleted now).
     pub slot_records: u64,
+    /// Rate states deleted because their time had passed (0 in a dry run: they carry
+    /// nothing, so there is nothing to review).
+    pub rate_states: u64,
 }
 
 /// One queue and state of [`PruneReport`].

@@ -227,6 +227,7 @@ macro_rules! contract_tests {
                 flow_parked_tasks_cancel_retry_and_unlimit,
                 flow_rate_key_limits_each_key,
                 flow_state_names_key_holders,
+                flow_prune_deletes_only_lapsed_rate_states,
                 prune_deletes_exactly_what_is_due,
                 prune_goes_in_bounded_batches,
                 prune_keeps_parents_until_their_dependants_finish,
@@ -5498,6 +5499,69 @@ mod redis_specific {
             .unwrap_or_else(|_| panic!("{args:?} answered {out:?}"))
     }
 
+    /// Rule 19 on Redis: a pruned task leaves its concurrency key's holder set (a claim
+    /// trims it only when it reads the key again), and a pass over the rate states deletes
+    /// the lapsed ones and its own cursor: a key whose tasks are gone leaves no key behind.
+    #[tokio::test]
+    async fn prune_leaves_no_flow_keys_behind() {
+        use taskd::broker::{Flow, RateLimit};
+        let Some((b, g)) = redis_pair("redis flow prune").await else {
+            return;
+        };
+        b.set_flow(
+            &qn("rf"),
+            Flow {
+                per_key: Some(1),
+                rate: Some(RateLimit {
+                    rate: taskd::config::Rate::parse("1000/s").unwrap(),
+                    burst: 1,
+                    keyed: true,
+                }),
+            },
+        );
+        let mut t = task("rf");
+        t.flow_key = Some("cust-1".into());
+        t.rate_key = Some("cust-1".into());
+        enqueue1(&b, t).await;
+        let c = b.claim(&NODE.into(), &qn("rf"), 10, LEASE).await.unwrap();
+        assert_eq!(c.len(), 1);
+        b.finish(
+            &c[0].lease,
+            attempt_of(&c[0], AttemptReason::Exit, None),
+            Finish::Succeeded,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            int(&g, &["SCARD", "taskd:{q:rf}:kh:cust-1"]),
+            1,
+            "the claim's record"
+        );
+        assert_eq!(
+            int(&g, &["HLEN", "taskd:{q:rf}:rate"]),
+            1,
+            "the key's rate state"
+        );
+        let rules = [PruneRule {
+            queue: qn("rf"),
+            state: TaskState::Succeeded,
+            before: now_ms() + 1000,
+        }];
+        let done = taskd::broker::prune_due(&*b, &rules, |_| {}).await.unwrap();
+        assert_eq!(done.total(), 1);
+        assert_eq!(int(&g, &["EXISTS", "taskd:{q:rf}:kh:cust-1"]), 0);
+        let n = taskd::broker::prune_flow_states(&*b, &[qn("rf")], now_ms() * 1000 + 10_000_000)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(int(&g, &["EXISTS", "taskd:{q:rf}:rate"]), 0);
+        assert_eq!(
+            int(&g, &["EXISTS", "taskd:{q:rf}:rate:scan"]),
+            0,
+            "the cursor goes"
+        );
+    }
+
     /// Retention leaves no key of a task behind: after cycles of linked tasks (a unique
     /// key held past the finish, a dependant on another queue, an expiry, results, output
     /// tails) run and pruned, the keyspace is the queues' own keys, the same after every
@@ -6109,6 +6173,78 @@ pub mod limit_cases {
         succeed(&b, &c[0]).await;
         let s = b.flow_state(&qn("fs"), waiting).await.unwrap();
         assert_eq!(s.key_holders, vec![h2]);
+    }
+
+    /// Rule 19: rate states whose TAT has passed go, at most `limit` a call; one whose TAT
+    /// is ahead stays; a key seen again starts afresh.
+    pub async fn flow_prune_deletes_only_lapsed_rate_states(b: B, _g: G) {
+        b.set_flow(&qn("rp"), rate("1000/s", 1, true));
+        b.set_flow(&qn("rl"), rate("1/m", 1, true));
+        let keyed_rate = |queue: &str, key: &str| {
+            let mut t = task(queue);
+            t.rate_key = Some(key.into());
+            t
+        };
+        let mut fast = Vec::new();
+        for k in ["a", "b", "c"] {
+            fast.push(enqueue1(&b, keyed_rate("rp", k)).await);
+        }
+        let slow = enqueue1(&b, keyed_rate("rl", "z")).await;
+        assert_eq!(claim_on(&b, NODE, "rp", 10).await.len(), 3);
+        assert_eq!(claim_on(&b, NODE, "rl", 10).await, vec![slow]);
+        let tat = |queue: &'static str, id: TaskId| {
+            let b = b.clone();
+            async move { b.flow_state(&qn(queue), id).await.unwrap().rate_tat_us }
+        };
+        let now_us = now_ms() * 1000;
+        // A second ago every TAT was ahead: nothing goes.
+        assert_eq!(
+            b.prune_flow(&qn("rp"), now_us - 1_000_000, 10)
+                .await
+                .unwrap()
+                .0,
+            0
+        );
+        for id in &fast {
+            assert!(tat("rp", *id).await.is_some(), "a live state stays");
+        }
+        // Ten seconds on, the 1 ms TATs have passed; the minute's has not.
+        let later = now_us + 10_000_000;
+        let (first, _) = b.prune_flow(&qn("rp"), later, 2).await.unwrap();
+        assert!(first <= 2, "at most the limit per call: {first}");
+        let rest = taskd::broker::prune_flow_states(&*b, &[qn("rp"), qn("rl")], later)
+            .await
+            .unwrap();
+        assert_eq!(first + rest, 3, "the three lapsed states, once each");
+        for id in &fast {
+            assert_eq!(tat("rp", *id).await, None, "a lapsed state is gone");
+        }
+        assert!(
+            tat("rl", slow).await.is_some_and(|t| t > later),
+            "a TAT ahead is kept"
+        );
+        assert_eq!(
+            taskd::broker::prune_flow_states(&*b, &[qn("rp")], later)
+                .await
+                .unwrap(),
+            0,
+            "nothing twice"
+        );
+        // The key starts afresh: its next task may start at once.
+        let again = enqueue1(&b, keyed_rate("rp", "a")).await;
+        assert!(poll_claim(&b, "rp", again).await, "key a starts again");
+    }
+
+    /// Claims `id` on `queue` within a second (a 1000/s rate frees its key within 1 ms).
+    async fn poll_claim(b: &B, queue: &str, id: TaskId) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if claim_on(b, NODE, queue, 10).await.contains(&id) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
     }
 }
 

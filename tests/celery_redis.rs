@@ -190,3 +190,232 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     drop(stdin);
     let _ = child.wait();
 }
+
+/// A Celery producer driven by JSON lines on stdin, answering each with a JSON line:
+/// `{"op": "send", "name", "args", "kwargs", "opts"}` → `{"id"}` (`app.send_task`, `opts`
+/// are apply_async's: countdown, expires, priority, queue, serializer);
+/// `{"op": "get", "id", "timeout"}` → `{"value"}` or `{"raised", "args"}`, and `state`;
+/// `{"op": "revoke", "id", "terminate"}` → `{}`.
+const PRODUCER: &str = r#"
+import json, os, sys
+from celery import Celery
+from celery.result import AsyncResult
+app = Celery("app", broker=sys.argv[1], backend=sys.argv[2])
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    c = json.loads(line)
+    if c["op"] == "send":
+        r = app.send_task(c["name"], args=c.get("args", []), kwargs=c.get("kwargs", {}), **c.get("opts", {}))
+        out = {"id": r.id}
+    elif c["op"] == "get":
+        r = AsyncResult(c["id"], app=app)
+        try:
+            out = {"value": r.get(timeout=c.get("timeout", 30))}
+        except Exception as e:
+            out = {"raised": type(e).__module__ + "." + type(e).__name__, "args": [str(a) for a in e.args]}
+        out["state"] = AsyncResult(c["id"], app=app).state
+    elif c["op"] == "revoke":
+        app.control.revoke(c["id"], terminate=c.get("terminate", False))
+        out = {}
+    print(json.dumps(out), flush=True)
+os._exit(0)
+"#;
+
+struct Producer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Producer {
+    fn start(py: &std::path::Path, broker: &str, backend: &str) -> Producer {
+        let mut child = Command::new(py)
+            .args(["-c", PRODUCER, broker, backend])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut p = Producer {
+            child,
+            stdin,
+            lines,
+        };
+        assert_eq!(p.read()["ready"], true);
+        p
+    }
+
+    fn read(&mut self) -> Value {
+        serde_json::from_str(&self.lines.next().expect("a line").unwrap()).unwrap()
+    }
+
+    fn call(&mut self, command: Value) -> Value {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.read()
+    }
+
+    fn send(&mut self, name: &str, args: Value, opts: Value) -> String {
+        let r = self.call(json!({"op": "send", "name": name, "args": args, "opts": opts}));
+        r["id"].as_str().unwrap().to_string()
+    }
+
+    fn get(&mut self, id: &str) -> Value {
+        self.call(json!({"op": "get", "id": id}))
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon bridging the private Redis's db 0 (broker) and db 1 (results).
+fn bridged(port: u16, extra: &str) -> common::Env {
+    common::Env::new(&format!(
+        r#"
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 4
+
+[queues.failing]
+shell = "echo 'disk full' >&2; exit 3"
+max_attempts = 1
+
+[queues.slow]
+shell = "sleep 60"
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+queues = ["celery", "alerts"]
+{extra}
+[celery.tasks]
+"app.tasks.fail" = "failing"
+"app.tasks.sleep" = {{ queue = "slow", track_started = true }}
+"app.tasks.*" = "default"
+"#
+    ))
+}
+
+/// The record of task `id` once the bridge has ingested it.
+fn ingested(env: &common::Env, id: &str) -> Value {
+    assert!(
+        common::poll(Duration::from_secs(20), || env
+            .run(&["show", id, "--json"])
+            .status
+            .success()),
+        "task {id} was never ingested"
+    );
+    env.show(id)
+}
+
+#[test]
+fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
+    let test = "celery_producers_run_their_tasks_on_taskd_and_get_results";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = bridged(server.port, "");
+    let daemon = env.daemon();
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+
+    // delay(2, 3).get() == 5, and the task is a taskd task under the Celery id.
+    let id = p.send("app.tasks.add", json!([2, 3]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["value"], 5, "{got}\n{}", daemon.log_text());
+    assert_eq!(got["state"], "SUCCESS");
+    let shown = env.show(&id);
+    assert_eq!(shown["state"], "succeeded");
+    assert_eq!(shown["payload"]["task"], "app.tasks.add");
+    assert_eq!(shown["payload"]["celery"]["id"], id.as_str());
+
+    // A failure raises a class the client has: builtins.RuntimeError, saying why.
+    let id = p.send("app.tasks.fail", json!([]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "builtins.RuntimeError", "{got}");
+    assert!(
+        got["args"][0].as_str().unwrap().contains("exit code 3"),
+        "{got}"
+    );
+    assert_eq!(got["state"], "FAILURE");
+
+    // countdown: the task waits in taskd until then; a named queue and a priority.
+    let id = p.send("app.tasks.add", json!([1, 1]), json!({"countdown": 2}));
+    let shown = ingested(&env, &id);
+    assert!(
+        matches!(
+            shown["state"].as_str(),
+            Some("scheduled") | Some("queued") | Some("running") | Some("succeeded")
+        ),
+        "{shown}"
+    );
+    assert_eq!(p.get(&id)["value"], 2);
+    let id = p.send(
+        "app.tasks.add",
+        json!([4, 4]),
+        json!({"queue": "alerts", "priority": 9}),
+    );
+    assert_eq!(p.get(&id)["value"], 8);
+    assert_eq!(env.show(&id)["priority"], -9);
+
+    // Refused: an unmapped name, a pickled message, an expired one. The client raises.
+    let id = p.send("billing.charge", json!([]), json!({}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.NotRegistered", "{got}");
+    assert!(
+        got["args"][0].as_str().unwrap().contains("billing.charge"),
+        "{got}"
+    );
+    let id = p.send(
+        "app.tasks.add",
+        json!([1, 2]),
+        json!({"serializer": "pickle"}),
+    );
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "kombu.exceptions.ContentDisallowed", "{got}");
+    assert!(got["args"][0].as_str().unwrap().contains("pickle"), "{got}");
+    let id = p.send("app.tasks.add", json!([1, 2]), json!({"expires": -5}));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+
+    // Revoke of a waiting task and of a running one.
+    let id = p.send("app.tasks.add", json!([1, 2]), json!({"countdown": 60}));
+    ingested(&env, &id);
+    env.wait_state(&id, "scheduled", Duration::from_secs(20));
+    p.call(json!({"op": "revoke", "id": id}));
+    env.wait_state(&id, "cancelled", Duration::from_secs(20));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+    let id = p.send("app.tasks.sleep", json!([]), json!({}));
+    ingested(&env, &id);
+    env.wait_state(&id, "running", Duration::from_secs(20));
+    p.call(json!({"op": "revoke", "id": id, "terminate": true}));
+    env.wait_state(&id, "cancelled", Duration::from_secs(20));
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+
+    // Every message was acknowledged, and the queues' bindings are there for producers.
+    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let unacked: i64 = redis::cmd("HLEN").arg("unacked").query(&mut conn).unwrap();
+    assert_eq!(unacked, 0);
+    let bound: bool = redis::cmd("SISMEMBER")
+        .arg("_kombu.binding.alerts")
+        .arg("alerts\x06\x16\x06\x16alerts")
+        .query(&mut conn)
+        .unwrap();
+    assert!(bound);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("Celery message refused; its task failed"),
+        "{log}"
+    );
+}

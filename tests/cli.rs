@@ -407,6 +407,35 @@ fn unknown_queue_lists_the_known_ones() {
     assert_eq!(total(&env), 0);
 }
 
+/// pause, resume and tail tell an unknown or malformed queue name the way submit does: the
+/// config file it was looked up in and the queues there are.
+#[test]
+fn queue_commands_name_an_unknown_queue_like_submit() {
+    let env = env();
+    let config = env.config.display().to_string();
+    for (name, says) in [
+        ("thumbnail", "unknown queue `thumbnail`"),
+        ("no/such", "`no/such` is not a queue name"),
+    ] {
+        let submit = fails(&env, &["submit", name, "{}"], 2);
+        for cmd in ["pause", "resume", "tail"] {
+            let err = fails(&env, &[cmd, name], 2);
+            assert!(err.contains(says), "taskd {cmd} {name}: {err}");
+            assert!(
+                err.contains("known queues: plain, thumbs"),
+                "taskd {cmd} {name} lists the known queues: {err}"
+            );
+            assert_eq!(err, submit, "taskd {cmd} {name} says what submit says");
+        }
+        let err = fails(&env, &["pause", name], 2);
+        if name == "thumbnail" {
+            assert!(err.contains(&config), "names the config: {err}");
+        }
+    }
+    assert_eq!(queue_status(&env, "plain")["paused"], false);
+    assert_eq!(queue_status(&env, "thumbs")["paused"], false);
+}
+
 #[test]
 fn payload_over_max_payload_is_refused() {
     let env = env();

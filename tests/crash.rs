@@ -259,12 +259,66 @@ sleep 30
     let paths = std::fs::read_to_string(env.path().join("paths")).unwrap();
     assert_eq!(paths.lines().count(), 2, "{paths}");
     let results = env.path().join("state/results");
+    // Where the files are on a tmpfs, the crashed daemon's directory there went with them;
+    // the new one has a fresh name.
+    let first_root = first.parent().and_then(Path::parent).unwrap();
+    let root = std::fs::read_link(&results).unwrap_or(results.clone());
+    assert!(
+        first_root == root || !first_root.exists(),
+        "the crashed daemon's directory {} is still there",
+        first_root.display()
+    );
     // The second run's file goes once it has been read, in the background: soon after.
     assert!(
         poll(secs(10), || walk(&results).is_empty()),
         "files left in {}: {:?}",
         results.display(),
         walk(&results)
+    );
+}
+
+/// Where `/dev/shm` is a tmpfs (and the state directory is not) the result files go to a
+/// directory there, which `state/results` names; a daemon that stops removes both, so that
+/// nothing of it stays in memory after its state directory is gone.
+#[test]
+fn a_stopped_daemon_leaves_no_result_directory_behind() {
+    let env = setup(
+        r#"
+[queues.q]
+shell = 'echo "$TASKD_RESULT_FILE" > "$D/path"; echo 7 > "$TASKD_RESULT_FILE"'
+"#,
+    );
+    let d = env.daemon();
+    let id = submit(&env, "q", &json!({}));
+    let v = env.wait_state(&id, "succeeded", secs(15));
+    assert_eq!(v["result"], 7, "{v:#}");
+    let link = env.path().join("state/results");
+    let file = std::fs::read_to_string(env.path().join("path")).unwrap();
+    let root = Path::new(file.trim())
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    match std::fs::read_link(&link) {
+        Ok(target) => {
+            assert_eq!(target, root);
+            assert!(root.starts_with("/dev/shm"), "{}", root.display());
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&root).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o7777, 0o711, "the daemon's, searchable only");
+        }
+        Err(_) => {
+            eprintln!("SKIPPED part of test: no tmpfs at /dev/shm here; the files were in the state directory");
+            assert_eq!(root, link);
+        }
+    }
+    d.signal(common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(20)), Some(0));
+    assert!(!root.exists(), "{} outlived its daemon", root.display());
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "state/results is gone"
     );
 }
 

@@ -914,6 +914,28 @@ impl Broker for MemoryBroker {
         Ok(n)
     }
 
+    async fn prune_flow(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        let mut s = self.store();
+        let mut lapsed: Vec<(QueueName, String)> = s
+            .rate_tat
+            .iter()
+            .filter(|((q, _), tat)| q == queue && **tat <= now_us)
+            .map(|(k, _)| k.clone())
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = lapsed.len() > limit;
+        lapsed.truncate(limit);
+        for k in &lapsed {
+            s.rate_tat.remove(k);
+        }
+        Ok((lapsed.len() as u64, more))
+    }
+
     async fn prunable(&self, rules: &[PruneRule]) -> Result<Pruned> {
         let s = self.store();
         let mut pruned = Pruned::default();

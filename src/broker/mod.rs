@@ -129,6 +129,14 @@
 //!     A schedule's slot records follow its queue's retention ([`Broker::prune_slots`]):
 //!     those recorded before a cut-off go, except the newest, so that the schedule's last
 //!     slot is still shown. Dependency links go with the tasks they link.
+//! 19. **Flow state stays the size of what is live** ([`Broker::prune_flow`]). A rate
+//!     state whose TAT is at or before now reads as none (a claim takes the later of the
+//!     TAT and now, [`RateLimit::take`]), so deleting it changes no decision: `prune_flow`
+//!     deletes such states of one queue, at most `limit` per call (bounded work, never a
+//!     scan of the keyspace), and never one whose TAT is later. What a task holds of flow
+//!     control goes with it: deleting a task (rule 18) also takes it out of its
+//!     concurrency key's holder record, so a key whose tasks are all gone leaves nothing;
+//!     a parked-key entry is dropped by the claim that finds nothing parked under it.
 
 pub(crate) mod access;
 pub mod memory;
@@ -681,6 +689,58 @@ pub async fn prune_schedule_slots(
     Ok(n)
 }
 
+/// Delete the lapsed rate states of `queues` (rule 19), [`PRUNE_BATCH`] per broker call;
+/// returns how many went.
+pub async fn prune_flow_states(
+    broker: &dyn Broker,
+    queues: &[QueueName],
+    now_us: i64,
+) -> Result<u64> {
+    let mut n = 0;
+    for q in queues {
+        // Bounded: a pass over a queue's states ends (Redis: its scan's cursor comes back
+        // to the start), and a state deleted is not found again.
+        for _ in 0..10_000 {
+            let (deleted, more) = broker.prune_flow(q, now_us, PRUNE_BATCH).await?;
+            n += deleted;
+            if !more {
+                break;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// How many slot records [`prune_schedule_slots`] would delete now, with the same
+/// arguments; deletes nothing. (Read through [`Broker::schedule_history`]: a schedule keeps
+/// at most a few hundred records.)
+pub async fn prunable_schedule_slots(
+    broker: &dyn Broker,
+    config: &crate::config::Config,
+    queues: Option<&[QueueName]>,
+    now: UnixMs,
+) -> Result<u64> {
+    let mut n = 0;
+    for s in config.schedules.values() {
+        if queues.is_some_and(|qs| !qs.contains(&s.queue)) {
+            continue;
+        }
+        let Some(q) = config.queues.get(&s.queue) else {
+            continue;
+        };
+        if let Some(before) = PruneRule::slots_before(q, now) {
+            let key = ScheduleKey {
+                name: s.name.clone(),
+                queue: s.queue.clone(),
+            };
+            let records = broker.schedule_history(&key, usize::MAX).await?;
+            // Newest first; the newest stays whatever its age.
+            n += records.iter().skip(1).filter(|r| r.at < before).count() as u64;
+        }
+    }
+    Ok(n)
+}
+
 /// How many tasks [`Broker::prune`] deleted (or [`Broker::prunable`] would delete), by
 /// queue and state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -1148,6 +1208,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Delete the slot records of schedule `key` recorded before `before` (ms), all but
     /// its newest one, which stays whatever its age (rule 18); returns how many went.
     async fn prune_slots(&self, key: &ScheduleKey, before: UnixMs) -> Result<u64>;
+
+    /// Delete rate states of `queue` whose TAT is at or before `now_us` (rule 19), at most
+    /// `limit`; returns how many went and whether to call again (more may be due: the
+    /// call stopped at `limit`, or, on Redis, its pass over the states is not complete).
+    /// Callers loop ([`prune_flow_states`]).
+    async fn prune_flow(&self, queue: &QueueName, now_us: i64, limit: usize)
+        -> Result<(u64, bool)>;
 
     /// How much room the store takes, when the backend can tell (`None`: an in-memory one).
     async fn store_size(&self) -> Result<Option<StoreSize>> {

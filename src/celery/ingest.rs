@@ -87,18 +87,25 @@ impl Bridge {
             Err(refused) => return self.refuse(refused).await,
         };
         let queue = new.queue.clone();
-        match self.broker.enqueue(vec![new]).await {
+        let answer = match self.broker.enqueue(vec![new]).await {
             Ok(_) => {
                 self.metrics.celery_ingested(&queue);
                 self.metrics.enqueued(&queue, 1);
-                Ok(Ingested::Task(task.id, queue))
+                Ingested::Task(task.id, queue)
             }
             Err(BrokerError::Conflict(why)) => match self.broker.get(task.id).await? {
-                Some(_) => Ok(Ingested::Existing(task.id)),
-                None => Err(BrokerError::Conflict(why).into()),
+                Some(_) => Ingested::Existing(task.id),
+                None => return Err(BrokerError::Conflict(why).into()),
             },
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        // Its final state is owed from now on: the sweep writes it if its end is missed.
+        if let Some(sink) = self.sink.as_ref().filter(|_| !task.result_to.ignore_result) {
+            sink.pending_add(std::slice::from_ref(&task.result_to.id))
+                .await
+                .map_err(IngestError::Sink)?;
         }
+        Ok(answer)
     }
 
     /// A refused message: its FAILURE written for each id it owes a result, then counted

@@ -328,8 +328,8 @@ fn v1(body: Value, delivery: &Delivery) -> Result<CeleryTask, Failure> {
 }
 
 /// The task from its fields (v2: the headers with `args` and `kwargs` added; v1: the body).
-fn task(f: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, Failure> {
-    let text = |k: &str| f.get(k).and_then(Value::as_str).map(str::to_string);
+fn task(fields: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, Failure> {
+    let text = |k: &str| fields.get(k).and_then(Value::as_str).map(str::to_string);
     let name = text("task")
         .filter(|n| !n.is_empty())
         .ok_or_else(|| malformed("the task name is not a string"))?;
@@ -339,25 +339,25 @@ fn task(f: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, Failu
             "the task id \"{id_text}\" is not a UUID; taskd keeps a Celery task under its id, so it must be one (Celery's own ids are; drop a custom `task_id`)"
         ))
     })?;
-    let args = match f.get("args") {
+    let args = match fields.get("args") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a.clone(),
         Some(_) => return Err(malformed("`args` is not a list")),
     };
-    let kwargs = match f.get("kwargs") {
+    let kwargs = match fields.get("kwargs") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(o)) => o.clone(),
         Some(_) => return Err(malformed("`kwargs` is not an object")),
     };
-    let eta = time(f, "eta")?;
-    let expires = time(f, "expires")?;
-    let retries = match f.get("retries") {
+    let eta = time(fields, "eta")?;
+    let expires = time(fields, "expires")?;
+    let retries = match fields.get("retries") {
         None | Some(Value::Null) => 0,
         Some(v) => v
             .as_u64()
             .ok_or_else(|| malformed("`retries` is not a count"))?,
     };
-    let limits = f.get("timelimit").and_then(Value::as_array);
+    let limits = fields.get("timelimit").and_then(Value::as_array);
     let limit = |i: usize| limits.and_then(|l| l.get(i)).and_then(Value::as_f64);
     Ok(CeleryTask {
         id,
@@ -372,13 +372,13 @@ fn task(f: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, Failu
         root_id: text("root_id"),
         parent_id: text("parent_id"),
         group: text("group"),
-        result_to: result_to(&id_text, f.get("ignore_result"), delivery),
+        result_to: result_to(&id_text, fields.get("ignore_result"), delivery),
     })
 }
 
 /// An ISO 8601 time (`2026-11-27T12:37:22.822314+00:00`); one without an offset is UTC.
-fn time(f: &Map<String, Value>, key: &str) -> Result<Option<UnixMs>, Failure> {
-    let Some(v) = f.get(key).filter(|v| !v.is_null()) else {
+fn time(fields: &Map<String, Value>, key: &str) -> Result<Option<UnixMs>, Failure> {
+    let Some(v) = fields.get(key).filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     let text = v

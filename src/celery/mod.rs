@@ -41,11 +41,14 @@ pub enum IngestError {
     Sink(String),
 }
 
+/// How often the bridge looks for final states its ends missed ([`Bridge::sweep`]).
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The bridge's state in one daemon: its config, taskd's broker, the result sink.
 pub struct Bridge {
     config: std::sync::RwLock<Arc<Config>>,
     pub(crate) broker: Arc<dyn Broker>,
-    sink: Option<Arc<dyn ResultSink>>,
+    pub(crate) sink: Option<Arc<dyn ResultSink>>,
     metrics: Arc<Metrics>,
 }
 
@@ -114,7 +117,62 @@ impl Bridge {
         let Some(state) = final_state(detail) else {
             return Ok(());
         };
-        self.store(&meta.result_to, &state).await
+        self.store(&meta.result_to, &state).await?;
+        if let Some(sink) = &self.sink {
+            sink.pending_done(std::slice::from_ref(&meta.result_to.id))
+                .await
+                .map_err(IngestError::Sink)?;
+        }
+        Ok(())
+    }
+
+    /// A message no transport could read as kombu's (nothing to fail): counted.
+    pub fn refused_unreadable(&self) {
+        self.metrics
+            .celery_refused(message::Reason::Malformed.as_str());
+    }
+
+    /// Write the final states the ends missed (a node that died between a task's end and
+    /// its write, a cancel from `taskd cancel` or the API, an expiry a claim found): every
+    /// [`SWEEP_EVERY`], the tasks ingested at least that long ago whose state is still owed
+    /// are read, and the ended ones written. Runs until `stop`.
+    pub async fn sweep(&self, stop: tokio_util::sync::CancellationToken) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+            let due = match sink.pending_due(SWEEP_EVERY, 500).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Celery bridge: cannot read the results owed");
+                    continue;
+                }
+            };
+            for id in due {
+                let Ok(task) = id.parse::<TaskId>() else {
+                    let _ = sink.pending_done(std::slice::from_ref(&id)).await;
+                    continue;
+                };
+                match self.broker.get(task).await {
+                    Ok(Some(detail)) => {
+                        if let Err(e) = self.ended(&detail).await {
+                            tracing::warn!(task = %task, error = %e, "Celery bridge: cannot write a task's final state");
+                        }
+                    }
+                    // Pruned, or never stored: nothing more to write.
+                    Ok(None) => {
+                        let _ = sink.pending_done(std::slice::from_ref(&id)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %task, error = %e, "Celery bridge: cannot read a task");
+                    }
+                }
+            }
+        }
     }
 
     /// [`Bridge::ended`] for a task known by id (read from the store first).

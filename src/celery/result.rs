@@ -107,6 +107,30 @@ pub trait ResultSink: Send + Sync + 'static {
 
     /// For people: where the results go (no password).
     fn describe(&self) -> String;
+
+    /// Remember that task `id` owes a final state (from its ingest until
+    /// [`ResultSink::pending_done`]), so that a state missed (a node that died between a
+    /// task's end and its write, a cancel from `taskd cancel`, an expiry found by a claim)
+    /// is written by the sweep ([`crate::celery::Bridge::sweep`]). A sink that cannot keep
+    /// it keeps nothing: its results are written only as tasks end.
+    async fn pending_add(&self, _ids: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Its final state is written (or nothing is owed): forget it.
+    async fn pending_done(&self, _ids: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Up to `limit` ids remembered longer than `age` ago, each then put at the back
+    /// (looked at again after `age`).
+    async fn pending_due(
+        &self,
+        _age: std::time::Duration,
+        _limit: usize,
+    ) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

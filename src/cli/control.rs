@@ -90,16 +90,9 @@ pub async fn cancel(flag: Option<PathBuf>, args: IdArgs) -> anyhow::Result<u8> {
 
 pub async fn pause(flag: Option<PathBuf>, args: QueueArgs, paused: bool) -> anyhow::Result<u8> {
     let config = load_config(flag)?;
-    let queue: QueueName = args.queue.parse().map_err(|e: String| Failure::usage(e))?;
-    if !config.queues.contains_key(&queue) {
-        let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
-        return Err(Failure::usage(format!(
-            "unknown queue `{queue}` in {}; known queues: {}",
-            config.path.display(),
-            known.join(", ")
-        ))
-        .into());
-    }
+    let queue = super::submit::find_queue(&config, &args.queue)?
+        .name
+        .clone();
     let broker = open_broker(&config).await?;
     broker.set_paused(&queue, paused).await?;
     let (action, detail) = if paused {

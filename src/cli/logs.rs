@@ -19,7 +19,7 @@ use super::{exit, fmt_duration_ms, fmt_time, load_config, open_broker, Failure};
 use crate::backoff::Doubling;
 use crate::control::Request;
 use crate::follow::{Position, Source, TaskFollow, TaskRequest};
-use crate::model::{AttemptReason, QueueName, TaskId, TaskState};
+use crate::model::{AttemptReason, TaskId, TaskState};
 use crate::view::{OutStream, OutputEvent};
 
 #[derive(clap::Args, Debug)]
@@ -355,13 +355,35 @@ async fn show_all(
     }
 }
 
+/// Where `taskd tail` follows a queue from.
+enum TailFrom {
+    /// A daemon's API (`--server`).
+    Remote(Remote),
+    /// This machine's daemon, through its control socket.
+    Here(Box<crate::config::Config>),
+}
+
 pub async fn tail(flag: Option<PathBuf>, args: TailArgs) -> anyhow::Result<u8> {
-    let queue: QueueName = args.queue.parse().map_err(|e: String| {
-        Failure::usage(format!("`{}` is not a queue name: {e}", args.queue))
-    })?;
-    let mut printer = Printer::new(args.raw, args.json, true);
-    let (mut feed, from) = match Remote::new(&args.remote) {
+    // Here the config names the queues, so an unknown or malformed name is told with the
+    // queues there are; a remote daemon's API checks the name itself.
+    let (queue, daemon) = match Remote::new(&args.remote) {
         Some(remote) => {
+            let queue = args.queue.parse().map_err(|e: String| {
+                Failure::usage(format!("`{}` is not a queue name: {e}", args.queue))
+            })?;
+            (queue, TailFrom::Remote(remote))
+        }
+        None => {
+            let config = load_config(flag)?;
+            let queue = super::submit::find_queue(&config, &args.queue)?
+                .name
+                .clone();
+            (queue, TailFrom::Here(Box::new(config)))
+        }
+    };
+    let mut printer = Printer::new(args.raw, args.json, true);
+    let (mut feed, from) = match daemon {
+        TailFrom::Remote(remote) => {
             let base = remote.base().to_string();
             let feed = SseFeed::open(remote, format!("/api/v1/queues/{queue}/output"))?;
             (
@@ -369,17 +391,7 @@ pub async fn tail(flag: Option<PathBuf>, args: TailArgs) -> anyhow::Result<u8> {
                 format!("the daemon at {base}"),
             )
         }
-        None => {
-            let config = load_config(flag)?;
-            if !config.queues.contains_key(&queue) {
-                let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
-                return Err(Failure::usage(format!(
-                    "unknown queue `{queue}` in {}; known queues: {}",
-                    config.path.display(),
-                    known.join(", ")
-                ))
-                .into());
-            }
+        TailFrom::Here(config) => {
             let ask = Request::Tail {
                 queue: queue.to_string(),
             };

@@ -8,14 +8,16 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::{exit, load_config, open_broker, print_json};
 use crate::audit::{Action, Actor, AuditEntry};
-use crate::broker::{prune_due, prune_schedule_slots, PruneRule, Pruned};
+use crate::broker::{
+    prunable_schedule_slots, prune_due, prune_flow_states, prune_schedule_slots, PruneRule, Pruned,
+};
 use crate::config::QueueConfig;
 use crate::model::{now_ms, Keep, QueueName, TaskState};
 use crate::view;
 
 #[derive(clap::Args, Debug)]
 pub struct PruneArgs {
-    /// Count the tasks that are due and delete nothing.
+    /// Count the tasks (and schedules' slot records) that are due and delete nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Only this queue (as in the config's `[queues.NAME]`).
@@ -79,12 +81,18 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
     } else {
         prune_due(broker.as_ref(), &rules, |_| {}).await?
     };
-    // Schedules' slot records follow their queue's retention; a dry run leaves them.
+    // Schedules' slot records follow their queue's retention; a dry run counts them.
+    let names: Vec<QueueName> = queues.iter().map(|q| q.name.clone()).collect();
     let slots = if args.dry_run {
+        prunable_schedule_slots(broker.as_ref(), &config, Some(&names), now).await?
+    } else {
+        prune_schedule_slots(broker.as_ref(), &config, Some(&names), now).await?
+    };
+    // Rate states whose time has passed carry nothing: they go with any real prune.
+    let rate_states = if args.dry_run {
         0
     } else {
-        let names: Vec<QueueName> = queues.iter().map(|q| q.name.clone()).collect();
-        prune_schedule_slots(broker.as_ref(), &config, Some(&names), now).await?
+        prune_flow_states(broker.as_ref(), &names, now * 1000).await?
     };
     if !args.dry_run {
         let mut entry = AuditEntry::new(Actor::local_cli(), Action::Prune).ok(detail(&counts));
@@ -120,6 +128,7 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
             total: counts.total(),
             rows,
             slot_records: slots,
+            rate_states,
         })?;
         return Ok(exit::OK);
     }
@@ -139,15 +148,24 @@ pub async fn run(flag: Option<PathBuf>, args: PruneArgs) -> anyhow::Result<u8> {
     println!("{table}");
     let n = counts.total();
     let tasks = if n == 1 { "task" } else { "tasks" };
+    let records = if slots == 1 { "record" } else { "records" };
     if args.dry_run {
         println!("dry run: {n} finished {tasks} past their keep time; nothing deleted");
+        if slots > 0 {
+            println!(
+                "dry run: {slots} slot {records} of schedules older than their queue's longest keep time would be deleted"
+            );
+        }
     } else {
         println!("deleted {n} finished {tasks} past their keep time");
         if slots > 0 {
-            let records = if slots == 1 { "record" } else { "records" };
             println!(
                 "deleted {slots} slot {records} of schedules older than their queue's longest keep time"
             );
+        }
+        if rate_states > 0 {
+            let states = if rate_states == 1 { "state" } else { "states" };
+            println!("deleted {rate_states} rate {states} whose time had passed");
         }
     }
     Ok(exit::OK)

@@ -429,9 +429,6 @@ pub(crate) mod defaults {
     pub(crate) const STATE_DIR_NAME: &str = "taskd-data";
     /// The SQLite file's name inside `state_dir` when `broker` is not set.
     pub(crate) const DB_FILE_NAME: &str = "taskd.db";
-    /// The directory of the running tasks' result files (`TASKD_RESULT_FILE`) inside the
-    /// state directory.
-    pub(crate) const RESULTS_DIR_NAME: &str = "results";
     /// The control socket's file name inside the state directory, by default.
     pub(crate) const CONTROL_SOCKET_NAME: &str = "taskd.sock";
     /// How many audit records the broker keeps (the newest) when `audit_keep` is not set.

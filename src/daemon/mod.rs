@@ -39,6 +39,7 @@
 //! back expired leases as it goes. Draining: the API answers 503 until the drain ends, then
 //! closes.
 
+mod celery;
 mod cluster;
 mod recovery;
 mod reload;
@@ -359,6 +360,7 @@ pub async fn run(
         spawn_followers(follow.clone(), rx);
     }
     let stats = stats::StatsWriter::start(broker.clone(), metrics.clone());
+    let celery = celery::CeleryBridge::start(&config, &broker, metrics.clone(), &supervisor);
     let api = AppState::new(broker.clone(), config.clone(), metrics)
         .with_control(requests_tx)
         .with_follow(follow);
@@ -382,6 +384,7 @@ pub async fn run(
         api_done,
         stats: Some(stats),
         containment,
+        celery,
     };
     daemon.ready(recovered);
     let now = controls.handle.now.clone();
@@ -736,6 +739,8 @@ struct Running {
     stats: Option<stats::StatsWriter>,
     /// How tasks are contained: its cgroup subtree is removed after the drain.
     containment: crate::executor::cgroup::Mode,
+    /// The Celery bridge (`[celery]`): stops taking messages before the drain.
+    celery: Option<celery::CeleryBridge>,
 }
 
 impl Running {
@@ -868,6 +873,11 @@ impl Running {
                 tracing::info!(changes = ?schedules, "{why}: schedules changed");
             }
             answer.changes.extend(schedules);
+            // New routes apply to the messages taken from now on; the broker, backend and
+            // queues consumed are read at start.
+            if let Some(c) = &self.celery {
+                c.reload(&self.config);
+            }
         }
         reload::fit_api(&self.api, &self.config);
         self.api.set_config(self.config.clone());
@@ -918,7 +928,13 @@ impl Running {
         // No slot fires into a draining daemon: those due meanwhile are missed slots of the
         // next start (or another node's).
         self.scheduler.stop().await;
+        if let Some(c) = self.celery.take() {
+            c.stop().await;
+        }
         self.supervisor.drain(self.config.shutdown_grace, now).await;
+        // No task runs any more: their result files' directory goes (on a tmpfs, it would
+        // outlive a state directory removed after this stop).
+        crate::executor::ResultDir::remove(&self.config.state_dir);
         if let Some(stats) = self.stats.take() {
             stats.finish().await;
         }

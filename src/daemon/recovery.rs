@@ -22,12 +22,11 @@ pub(super) async fn recover(
     config: &Config,
     broker: &dyn Broker,
 ) -> anyhow::Result<(StartLog, Recovered)> {
-    let results = config
-        .state_dir
-        .join(crate::config::defaults::RESULTS_DIR_NAME);
-    if let Err(e) = crate::executor::ResultDir::reset(&results) {
-        tracing::warn!(dir = %results.display(), error = %e, "could not remove the result files a previous daemon left");
+    if let Err(e) = crate::executor::ResultDir::reset(&config.state_dir) {
+        tracing::warn!(state_dir = %config.state_dir.display(), error = %e, "could not remove the result files a previous daemon left");
     }
+    let results = crate::executor::ResultDir::prepare(&config.state_dir);
+    tracing::debug!(dir = %results.display(), "the tasks' result files go here");
     let (start_log, noted) = StartLog::open(&config.state_dir).map_err(|e| {
         Failure::new(
             exit::FAILURE,

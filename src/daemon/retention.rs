@@ -1,7 +1,7 @@
 //! Retention: every [`PRUNE_EVERY`], the daemon deletes the finished tasks of its queues
 //! whose `keep_succeeded`, `keep_failed` or `keep_cancelled` ran out, and the slot records
-//! of schedules older than their queue's longest `keep_*`
-//! ([`crate::broker::prune_due`]: [`crate::broker::PRUNE_BATCH`] tasks per broker call, each
+//! of schedules older than their queue's longest `keep_*`, and the rate states whose time
+//! has passed (broker rule 19) ([`crate::broker::prune_due`]: [`crate::broker::PRUNE_BATCH`] tasks per broker call, each
 //! call its own short write, so claims and results go between them). The config is read
 //! at each pass, so a reload applies at the next one. On a shared broker every node does
 //! it; the broker's atomic steps make that safe (a task is deleted once).
@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::AppState;
-use crate::broker::{prune_due, prune_schedule_slots, Broker, PruneRule};
+use crate::broker::{prune_due, prune_flow_states, prune_schedule_slots, Broker, PruneRule};
 use crate::metrics::Metrics;
-use crate::model::now_ms;
+use crate::model::{now_ms, QueueName};
 
 /// How often the daemon looks for tasks to delete (an indexed probe per queue and state
 /// when nothing is due).
@@ -59,6 +59,13 @@ pub(super) async fn prune_loop(broker: Arc<dyn Broker>, api: AppState, metrics: 
                 "deleted schedules' slot records older than their queue's longest keep_* time"
             ),
             Err(e) => tracing::warn!(error = %e, "could not delete old slot records of schedules"),
+        }
+        // Rate states whose time has passed carry nothing (rule 19).
+        let queues: Vec<QueueName> = config.queues.keys().cloned().collect();
+        match prune_flow_states(broker.as_ref(), &queues, now_ms() * 1000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "deleted rate states whose time had passed"),
+            Err(e) => tracing::warn!(error = %e, "could not delete lapsed rate states"),
         }
     }
 }

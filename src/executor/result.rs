@@ -1,12 +1,21 @@
 //! An attempt's result file, `$TASKD_RESULT_FILE`: created empty before the spawn, read and
 //! removed once the task's process group has ended.
 //!
-//! Where it lives: `<root>/` (in the state directory, the daemon's, mode 0711: no one else
-//! may list or change it) holds one directory per user that runs tasks, `<root>/<uid>/`
-//! (that user's, 0700), and in it one file per attempt with a random name (the user's,
-//! 0600). Only the daemon and the task's user can reach a task's file. For a task that runs
-//! as another user, the state directory gets the search bit for others (`o+x`, never `r`):
-//! that user may pass through it to its own directory, and list nothing.
+//! Where it lives: `<root>/` (the daemon's, mode 0711: no one else may list or change it)
+//! holds one directory per user that runs tasks, `<root>/<uid>/` (that user's, 0700), and in
+//! it one file per attempt with a random name (the user's, 0600). Only the daemon and the
+//! task's user can reach a task's file.
+//!
+//! The root is on a tmpfs where there is one: `/dev/shm/taskd-results-<random>`, made by
+//! [`ResultDir::prepare`] at start-up (`mkdir` fails on a name that exists: no one else's
+//! directory is taken over; `/dev/shm`'s sticky bit keeps others from removing or renaming
+//! it), with the link `<state_dir>/results` naming it. A file made and removed there costs a
+//! fraction of what it costs on a disk's file system, where creating an inode is the bulk of
+//! a result file's cost to a short task (see docs/performance.md, "Result files"). Where no
+//! tmpfs is at hand, or the state directory is one already, the root is
+//! `<state_dir>/results` itself; a task that runs as another user then gets the search bit
+//! on the state directory (`o+x`, never `r`): it may pass through to its own directory, and
+//! list nothing.
 //!
 //! The task owns its directory, so it may put anything in its file's place. The file is
 //! therefore read without trusting the path: `O_NOFOLLOW` (a symbolic link is refused,
@@ -18,8 +27,9 @@
 //! The file is removed on a blocking thread, off the dispatch path (a create and a remove per
 //! attempt are most of what a result costs a tiny task: see docs/performance.md).
 //!
-//! A daemon that crashed leaves files behind: [`ResultDir::reset`] empties the root at
-//! start-up, before any task runs.
+//! A daemon that crashed leaves files behind: [`ResultDir::reset`] removes the root (the
+//! link's target too) at start-up, before any task runs; a daemon that stops removes it
+//! ([`ResultDir::remove`]).
 
 use std::collections::HashSet;
 use std::fs::{DirBuilder, OpenOptions, Permissions};
@@ -124,13 +134,35 @@ impl ResultDir {
         &self.root
     }
 
-    /// Removes what a previous daemon left in `root` (the result files of the attempts it
-    /// was running when it died, and their users' directories). Call before any task runs.
-    pub fn reset(root: &Path) -> io::Result<()> {
-        match std::fs::remove_dir_all(root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+    /// The root of the result files of the daemon whose state directory is `state_dir`:
+    /// the tmpfs directory `<state_dir>/results` links to (see [`ResultDir::prepare`]), or
+    /// `<state_dir>/results` itself.
+    pub fn at(state_dir: &Path) -> Arc<ResultDir> {
+        let link = state_dir.join(RESULTS);
+        ResultDir::new(linked_root(&link).unwrap_or(link))
+    }
+
+    /// At start-up, after [`ResultDir::reset`]: puts the root on a tmpfs when the state
+    /// directory is not on one and `/dev/shm` is (a fresh directory there, named by the link
+    /// `<state_dir>/results`); otherwise the root is `<state_dir>/results`, made on first
+    /// use. Returns the root. Any failure leaves the root in the state directory, which
+    /// works everywhere, only slower.
+    pub fn prepare(state_dir: &Path) -> PathBuf {
+        prepare_in(state_dir, Path::new(SHM))
+    }
+
+    /// Removes what a previous daemon of `state_dir` left (the result files of the attempts
+    /// it was running when it died, and their users' directories): `<state_dir>/results`,
+    /// and the tmpfs directory it links to. Call before any task runs.
+    pub fn reset(state_dir: &Path) -> io::Result<()> {
+        reset_in(state_dir, Path::new(SHM))
+    }
+
+    /// A stopping daemon's clean-up, once no task runs: [`ResultDir::reset`], so that the
+    /// tmpfs keeps nothing of a state directory that may be removed next.
+    pub fn remove(state_dir: &Path) {
+        if let Err(e) = ResultDir::reset(state_dir) {
+            tracing::warn!(error = %e, "could not remove the result files' directory");
         }
     }
 
@@ -142,8 +174,9 @@ impl ResultDir {
         }
         let own = uid == host().euid;
         make_dir(&self.root, 0o711)?;
-        if !own {
-            // The task's user must pass through the state directory to reach its own.
+        if !own && self.root.file_name() == Some(RESULTS.as_ref()) {
+            // The task's user must pass through the state directory to reach its own (a
+            // root on the tmpfs is reached through the world-searchable `/dev/shm`).
             if let Some(state_dir) = self.root.parent() {
                 let mode = std::fs::metadata(state_dir)?.mode() & 0o7777;
                 if mode & 0o001 == 0 {
@@ -167,8 +200,100 @@ impl ResultDir {
     }
 }
 
-/// Creates `dir` if missing (a directory, not a link to one) and gives it `mode`, whatever
-/// the umask.
+/// The name of the result files' directory (or of the link to it) in the state directory.
+const RESULTS: &str = "results";
+/// Where a tmpfs is found on most Linux systems, writable by every user (sticky).
+const SHM: &str = "/dev/shm";
+/// The prefix of a result root's name in [`SHM`].
+const SHM_PREFIX: &str = "taskd-results-";
+
+/// [`ResultDir::prepare`] with the tmpfs at `base`.
+fn prepare_in(state_dir: &Path, base: &Path) -> PathBuf {
+    let link = state_dir.join(RESULTS);
+    match make_shm_root(state_dir, base) {
+        Ok(Some(root)) => match std::os::unix::fs::symlink(&root, &link) {
+            Ok(()) => root,
+            Err(e) => {
+                tracing::debug!(error = %e, link = %link.display(), "result files stay in the state directory");
+                let _ = std::fs::remove_dir(&root);
+                link
+            }
+        },
+        Ok(None) => link,
+        Err(e) => {
+            tracing::debug!(error = %e, "result files stay in the state directory: no tmpfs directory could be made");
+            link
+        }
+    }
+}
+
+/// [`ResultDir::reset`] with the tmpfs at `base`.
+fn reset_in(state_dir: &Path, base: &Path) -> io::Result<()> {
+    let link = state_dir.join(RESULTS);
+    if let Some(root) = linked_root_in(&link, base) {
+        gone(std::fs::remove_dir_all(&root))?;
+    }
+    // The link itself (remove_dir_all never follows it), or a directory of result files.
+    gone(std::fs::remove_dir_all(&link))
+}
+
+/// NotFound is done.
+fn gone(removed: io::Result<()>) -> io::Result<()> {
+    match removed {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn on_tmpfs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// What `link` names, when it is a link to a result root in `base` ([`SHM`]) that belongs
+/// to this daemon's user: a link to anything else is never followed (the clean-up would
+/// remove what it points at).
+fn linked_root(link: &Path) -> Option<PathBuf> {
+    linked_root_in(link, Path::new(SHM))
+}
+
+fn linked_root_in(link: &Path, base: &Path) -> Option<PathBuf> {
+    let target = std::fs::read_link(link).ok()?;
+    let name = target.file_name()?.to_str()?;
+    if target.parent()? != base || !name.starts_with(SHM_PREFIX) {
+        return None;
+    }
+    let m = std::fs::symlink_metadata(&target).ok()?;
+    (m.is_dir() && m.uid() == host().euid).then_some(target)
+}
+
+/// A fresh root in `base` when `state_dir` is not on a tmpfs and `base` is one: `None`
+/// when the state directory is the better place.
+fn make_shm_root(state_dir: &Path, base: &Path) -> io::Result<Option<PathBuf>> {
+    if on_tmpfs(state_dir) || !on_tmpfs(base) {
+        return Ok(None);
+    }
+    for _ in 0..4 {
+        let root = base.join(format!("{SHM_PREFIX}{:016x}", rand::random::<u64>()));
+        // Never an existing directory: one someone else made could be theirs to change.
+        match DirBuilder::new().mode(0o711).create(&root) {
+            Ok(()) => {
+                std::fs::set_permissions(&root, Permissions::from_mode(0o711))?;
+                return Ok(Some(root));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "no free name for a directory in {}",
+        base.display()
+    )))
+}
+
+/// Creates `dir` if missing (a directory of this daemon's user, not a link to one) and
+/// gives it `mode`, whatever the umask.
 fn make_dir(dir: &Path, mode: u32) -> io::Result<()> {
     match DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
@@ -180,6 +305,15 @@ fn make_dir(dir: &Path, mode: u32) -> io::Result<()> {
         return Err(io::Error::other(format!(
             "{} is not a directory",
             dir.display()
+        )));
+    }
+    if m.uid() != host().euid {
+        // A root in a shared directory, removed under the daemon and made again by another
+        // user: not a place for results.
+        return Err(io::Error::other(format!(
+            "{} belongs to another user (uid {})",
+            dir.display(),
+            m.uid()
         )));
     }
     if m.mode() & 0o7777 != mode {
@@ -533,9 +667,103 @@ mod tests {
         let path = f.path().to_path_buf();
         std::mem::forget(f);
         assert!(path.exists());
-        ResultDir::reset(s.dir.root()).unwrap();
+        ResultDir::reset(tmp.path()).unwrap();
         assert!(!path.exists());
-        ResultDir::reset(s.dir.root()).unwrap();
+        assert!(!tmp.path().join("results").exists());
+        ResultDir::reset(tmp.path()).unwrap();
+    }
+
+    /// A tmpfs to stand for `/dev/shm`: a directory in it (a visible skip without one).
+    fn shm_base() -> Option<tempfile::TempDir> {
+        if !on_tmpfs(Path::new(SHM)) {
+            eprintln!("SKIPPED test: {SHM} is not a tmpfs here (result roots stay in the state directory)");
+            return None;
+        }
+        Some(tempfile::tempdir_in(SHM).unwrap())
+    }
+
+    #[test]
+    fn the_root_goes_on_the_tmpfs_behind_a_link_and_reset_removes_both() {
+        let Some(base) = shm_base() else { return };
+        let state = tempfile::tempdir().unwrap();
+        if on_tmpfs(state.path()) {
+            eprintln!("SKIPPED test: the temporary directory is a tmpfs already");
+            return;
+        }
+        let root = prepare_in(state.path(), base.path());
+        assert_eq!(root.parent(), Some(base.path()), "{}", root.display());
+        let link = state.path().join("results");
+        assert_eq!(std::fs::read_link(&link).unwrap(), root);
+        assert_eq!(linked_root_in(&link, base.path()), Some(root.clone()));
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o711);
+
+        let s = ResultSpec {
+            dir: ResultDir::new(root.clone()),
+            max_bytes: 100,
+        };
+        let f = ResultFile::create(&s, None).unwrap();
+        assert!(f.path().starts_with(&root));
+        assert!(on_tmpfs(f.path().parent().unwrap()));
+        assert_eq!(mode(f.path()), 0o600);
+        assert_eq!(mode(f.path().parent().unwrap()), 0o700);
+        std::fs::write(f.path(), "[1, 2]").unwrap();
+        assert_eq!(take(f), Returned::Value(json!([1, 2])));
+
+        // A crash: a file left behind, found again through the link.
+        let left = ResultFile::create(&s, None).unwrap();
+        let path = left.path().to_path_buf();
+        std::mem::forget(left);
+        reset_in(state.path(), base.path()).unwrap();
+        assert!(
+            !path.exists() && !root.exists(),
+            "the tmpfs directory is removed"
+        );
+        assert!(std::fs::symlink_metadata(&link).is_err(), "and the link");
+        let again = prepare_in(state.path(), base.path());
+        assert_ne!(again, root, "a fresh name each start");
+        reset_in(state.path(), base.path()).unwrap();
+        assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_link_to_anything_else_is_never_followed_nor_its_target_removed() {
+        let Some(base) = shm_base() else { return };
+        let state = tempfile::tempdir().unwrap();
+        let link = state.path().join("results");
+        // A directory elsewhere, and one in the base without the prefix.
+        for target in [state.path().join("precious"), base.path().join("precious")] {
+            std::fs::create_dir(&target).unwrap();
+            std::fs::write(target.join("keep"), "x").unwrap();
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            assert_eq!(linked_root_in(&link, base.path()), None);
+            reset_in(state.path(), base.path()).unwrap();
+            assert!(
+                target.join("keep").exists(),
+                "{} left alone",
+                target.display()
+            );
+            assert!(std::fs::symlink_metadata(&link).is_err(), "the link goes");
+        }
+    }
+
+    #[test]
+    fn a_root_of_another_user_is_refused() {
+        // Made again under a name another user took meanwhile: not used.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("taken");
+        std::fs::create_dir(&root).unwrap();
+        if host().euid != 0 {
+            eprintln!("SKIPPED test: needs root to give a directory to another user");
+            return;
+        }
+        nix::unistd::chown(&root, Some(Uid::from_raw(65534)), None).unwrap();
+        let s = ResultSpec {
+            dir: ResultDir::new(root.clone()),
+            max_bytes: 100,
+        };
+        let e = ResultFile::create(&s, None).err().expect("refused");
+        assert!(e.to_string().contains("belongs to another user"), "{e}");
     }
 
     #[test]

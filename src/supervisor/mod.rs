@@ -36,7 +36,7 @@ use crate::broker::{Broker, BrokerError, Claimed, Finish, Lease, Queued, Wakeups
 use crate::config::{Config, LogTasks};
 use crate::executor::live::{EndInfo, Live, LiveOutput};
 use crate::executor::{self, Stop};
-use crate::model::{now_ms, AttemptReason, AttemptRecord, NodeId, QueueName, TaskId};
+use crate::model::{now_ms, AttemptReason, AttemptRecord, NodeId, QueueName, TaskId, TaskRecord};
 use crate::worker;
 use prepare::Prepared;
 
@@ -203,6 +203,21 @@ pub struct Supervisor {
     /// The daemon's cgroup subtree, set before [`Self::start`] ([`Self::set_containment`]);
     /// `None`: process groups only.
     containment: Mutex<Option<Arc<executor::cgroup::Containment>>>,
+    /// Told of starts and ends ([`Self::set_observer`]); `None`: nobody listens.
+    observer: Mutex<Option<Arc<dyn TaskObserver>>>,
+}
+
+/// Told when tasks start and end on this node, and when waiting tasks expire: the daemon
+/// writes the Celery state of the bridge's tasks from there. Called on the supervisor's
+/// tasks: an implementation hands the work on and returns at once.
+pub trait TaskObserver: Send + Sync {
+    /// `task`'s process `pid` started (an attempt; once per run).
+    fn started(&self, task: &TaskRecord, pid: u32);
+    /// An attempt of `task` ended and the broker has its result (the task may be waiting to
+    /// run again; the store says).
+    fn ended(&self, task: &TaskRecord);
+    /// Task `id`, waiting, was cancelled because it expired.
+    fn expired(&self, id: TaskId);
 }
 
 impl Supervisor {
@@ -213,9 +228,7 @@ impl Supervisor {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let workers = worker::Registry::new(start_log.dir());
-        let results = start_log
-            .dir()
-            .map(|d| executor::ResultDir::new(d.join(crate::config::defaults::RESULTS_DIR_NAME)));
+        let results = start_log.dir().map(executor::ResultDir::at);
         Arc::new(Supervisor {
             results,
             metrics,
@@ -236,7 +249,17 @@ impl Supervisor {
             log_tasks: Mutex::new(None),
             live: Live::new(),
             containment: Mutex::new(None),
+            observer: Mutex::new(None),
         })
+    }
+
+    /// Tell `observer` of starts and ends. Set before [`Self::start`].
+    pub fn set_observer(&self, observer: Arc<dyn TaskObserver>) {
+        *self.observer.lock().expect("not poisoned") = Some(observer);
+    }
+
+    fn observer(&self) -> Option<Arc<dyn TaskObserver>> {
+        self.observer.lock().expect("not poisoned").clone()
     }
 
     /// Run each task and worker in a cgroup of `containment`'s. Set before [`Self::start`].
@@ -811,8 +834,12 @@ impl Supervisor {
                 let ended = CancellationToken::new();
                 let ended_too = ended.clone();
                 let me = self.clone();
+                let observed = self.observer().map(|o| (o, claimed.task.clone()));
                 tokio::spawn(async move {
                     let Ok(s) = rx.await else { return };
+                    if let Some((o, task)) = observed {
+                        o.started(&task, s.pid as u32);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(START_RECORD_DELAY) => {}
                         _ = ended_too.cancelled() => return,
@@ -907,6 +934,11 @@ impl Supervisor {
         queue.kick.notify_one();
         let end = live.as_ref().map(|_| end_info(&record, finish));
         self.settle(queued, &claimed.lease, record, finish).await;
+        if finish != Finish::Release {
+            if let Some(o) = self.observer() {
+                o.ended(&claimed.task);
+            }
+        }
         // Followers learn the end once the broker has it: what they read next agrees.
         if let (Some(out), Some(end)) = (live, end) {
             self.live.end(&out, end);
@@ -1054,6 +1086,9 @@ impl Supervisor {
                 for (id, queue) in expired {
                     tracing::info!(task = %id, queue = %queue, "the task expired before it started: cancelled");
                     self.metrics.expired(&queue, 1);
+                    if let Some(o) = self.observer() {
+                        o.expired(id);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "failed to cancel expired tasks"),

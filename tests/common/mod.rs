@@ -249,12 +249,29 @@ impl Daemon {
 /// removed (their processes killed first) when they are still there: a daemon the test
 /// killed (with [`Daemon::kill9`], or its own child's `kill`) and never started again
 /// leaves its subtree behind.
+/// Removes the result files' directory on the tmpfs that `<dir>/results` (a state
+/// directory's) names, if any: a daemon removes it when it stops, not when it is killed.
+pub fn remove_result_root(state_dir: &Path) {
+    if let Ok(root) = std::fs::read_link(state_dir.join("results")) {
+        let name = root.file_name().map(|n| n.to_string_lossy().into_owned());
+        if root.parent() == Some(Path::new("/dev/shm"))
+            && name.is_some_and(|n| n.starts_with("taskd-results-"))
+        {
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
             return;
         };
         for e in entries.flatten() {
+            // A state directory (`state`, or another a test named), one level down.
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_result_root(&e.path());
+            }
             let name = e.file_name();
             let name = name.to_string_lossy();
             // `daemon-*.log` from [`Env::daemon`], and the logs of daemons a test started

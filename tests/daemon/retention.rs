@@ -110,6 +110,40 @@ every = "1s"
         d.log_text()
     );
     wait_log(&d, "deleted schedules' slot records", secs(10));
+    // `taskd prune --dry-run` counts the slot records that are due, as `prune` deletes them.
+    let kept = || schedule()["history"].as_array().map_or(0, Vec::len) as u64;
+    // A few records to count (it fires every second; a pass every 5 s leaves one or two).
+    assert!(poll(secs(20), || kept() >= 3), "{:#}", schedule());
+    d.signal(crate::common::SIGTERM);
+    assert_eq!(d.wait_exit(secs(30)), Some(0));
+    let before = kept();
+    let dry = |case: &Case| -> Value {
+        serde_json::from_str(&case.ok(&["prune", "--dry-run", "--json", "--queue", "tick"]))
+            .expect("JSON")
+    };
+    // With no daemon nothing fires any more: every record but the newest comes due.
+    assert!(
+        poll(secs(10), || dry(&case)["slot_records"] == before - 1),
+        "a dry run should count {} slot records: {:#}",
+        before - 1,
+        dry(&case)
+    );
+    let text = case.ok(&["prune", "--dry-run", "--queue", "tick"]);
+    let due = before - 1;
+    let records = if due == 1 { "record" } else { "records" };
+    assert_eq!(
+        text.contains(&format!(
+            "dry run: {due} slot {records} of schedules older than their queue's longest keep time would be deleted"
+        )),
+        due > 0,
+        "{text}"
+    );
+    assert_eq!(kept(), before, "a dry run deletes no slot record");
+    let out: Value =
+        serde_json::from_str(&case.ok(&["prune", "--json", "--queue", "tick"])).expect("JSON");
+    assert_eq!(out["slot_records"], due, "{out:#}");
+    assert_eq!(kept(), 1, "the newest record stays");
+    assert_eq!(dry(&case)["slot_records"], 0);
 }
 
 #[test]

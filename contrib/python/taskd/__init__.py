@@ -19,10 +19,27 @@
 See docs/python.md.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .app import App, TaskFunction
-from .client import DEFAULT_SERVER, DEFAULT_SOCKET, Client, Task
 from .errors import APIError, ConnectionFailed, Error, Fail, Retry, TaskFailed, Timeout
 from .worker import Job, current_job, progress, serve
+
+if TYPE_CHECKING:
+    from .client import DEFAULT_SERVER, DEFAULT_SOCKET, Client, Task
+
+#: Names of the client module, imported on first use: a worker that only serves tasks does
+#: not load the HTTP client (see docs/python.md, "Memory").
+_CLIENT_NAMES = ("Client", "Task", "DEFAULT_SERVER", "DEFAULT_SOCKET")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError("module 'taskd' has no attribute %r" % name)
+
 
 __version__ = "0.1.0"
 

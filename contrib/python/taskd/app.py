@@ -4,12 +4,15 @@ long-lived worker that runs them."""
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Any, Callable, Dict, Generic, Optional, Sequence, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Optional, Sequence, TypeVar, Union, overload
 
-from .client import Client, Seconds, Task
 from .errors import Fail
 from .worker import Job, serve
+
+if TYPE_CHECKING:
+    # Imported when first used: a worker process that only serves never loads the HTTP
+    # client (http.client and the email package it pulls in, some 5 MiB per process).
+    from .client import Client, Seconds, Task
 
 R = TypeVar("R")
 
@@ -52,6 +55,20 @@ class TaskFunction(Generic[R]):
         )
 
 
+def _binds(fn: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """Whether `fn`'s signature takes these arguments (True when it has none to check: a
+    builtin's own TypeError then stands)."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:
+        pass
+    return True
+
+
 class App:
     """The functions one queue's worker runs. In the web app, `f.delay(...)` enqueues;
     in the worker program, `app.run()` serves the queue (`worker = ["python3", "worker.py"]`
@@ -66,6 +83,8 @@ class App:
     def client(self) -> Client:
         """The Client `delay` enqueues with: the one given, else `Client()` (made on first use)."""
         if self._client is None:
+            from .client import Client
+
             self._client = Client()
         return self._client
 
@@ -112,13 +131,14 @@ class App:
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise Fail("task %r: `args` must be a list and `kwargs` an object" % name)
         try:
-            inspect.signature(tf.fn).bind(*args, **kwargs)
+            return tf.fn(*args, **kwargs)
         except TypeError as e:
-            # A call that can never work: fail it now instead of retrying it.
-            raise Fail("task %r cannot be called with these arguments: %s" % (name, e)) from None
-        except ValueError:
-            pass  # no signature to check (a builtin): let the call say
-        return tf.fn(*args, **kwargs)
+            # Arguments the function cannot take fail before its body runs: a call that can
+            # never work fails the task now instead of being retried. The signature is looked
+            # at only then, so that a call that works pays nothing for the check.
+            if not _binds(tf.fn, args, kwargs):
+                raise Fail("task %r cannot be called with these arguments: %s" % (name, e)) from None
+            raise
 
     def _names(self) -> str:
         if not self.tasks:

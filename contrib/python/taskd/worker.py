@@ -43,9 +43,18 @@ def current_job() -> Optional[Job]:
     return _current
 
 
+#: Compact JSON, one encoder for every message (json.dumps makes one per call with options).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+#: taskd's lines are UTF-8 JSON objects.
+_decode = json.JSONDecoder().decode
+
+
 def _send(obj: Dict[str, Any]) -> None:
+    _write((_encode(obj) + "\n").encode("utf-8"))
+
+
+def _write(line: bytes) -> None:
     assert _results is not None
-    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
     view = memoryview(line)
     while view:
         n = os.write(_results, view)
@@ -79,12 +88,13 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
     tasks = os.fdopen(task_fd, "rb")
     _send({"type": "ready", "protocol": PROTOCOL})
     for line in tasks:
-        msg = json.loads(line)
+        msg = _decode(line.decode("utf-8"))
         if msg.get("type") != "task":
             continue
         job = Job(msg)
         _current = job
         result: Dict[str, Any] = {"type": "result", "id": job.id, "status": "ok"}
+        line: Optional[str] = None
         try:
             payload: Any = msg.get("payload")
             if job.raw:
@@ -92,17 +102,18 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
                 payload = base64.b64decode(msg["payload_b64"])
             value = handle(payload, job)
             if value is not None:
+                result["result"] = value
                 try:
-                    # Encoded now, so that a value JSON cannot hold fails this task only.
-                    json.dumps(value)
+                    # The answer, encoded once, here: a value JSON cannot hold fails this
+                    # task only.
+                    line = _encode(result)
                 except (TypeError, ValueError) as e:
+                    del result["result"]
                     result.update(
                         status="error",
                         message="the task's return value is not JSON: %s: %s"
                         % (type(e).__name__, e),
                     )
-                else:
-                    result["result"] = value
         except Retry as e:
             result.update(status="retry", message=str(e) or "retry requested")
         except Fail as e:
@@ -117,4 +128,4 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
                 sys.stdout.flush()
             finally:
                 sys.stderr.flush()
-        _send(result)
+        _write(((line if line is not None else _encode(result)) + "\n").encode("utf-8"))

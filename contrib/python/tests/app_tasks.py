@@ -34,6 +34,12 @@ def boom():
     raise ValueError("boom")
 
 
+@app.task
+def wrong_inside(x):
+    # A TypeError from the function's body, not from its arguments: a failed attempt, retried.
+    return x + "1"
+
+
 @app.task(name="renamed")
 def named_differently():
     return "renamed"

@@ -338,6 +338,15 @@ class ClientTests:
             self.client.submit("py", {"task": "add", "args": [1]}).result(timeout=30)
         self.assertEqual(len(caught.exception.task["history"]), 1)
         self.assertIn("cannot be called", caught.exception.error or "")
+        with self.assertRaises(taskd.TaskFailed) as caught:
+            self.client.submit("py", {"task": "add", "kwargs": {"a": 1, "c": 2}}).result(timeout=30)
+        self.assertEqual(len(caught.exception.task["history"]), 1)
+        self.assertIn("unexpected keyword argument 'c'", caught.exception.error or "")
+        # A TypeError the function's body raises is a failed attempt like any other: retried.
+        with self.assertRaises(taskd.TaskFailed) as caught:
+            app_tasks.wrong_inside.delay(1).result(timeout=30)
+        self.assertEqual(len(caught.exception.task["history"]), 3)
+        self.assertIn("TypeError: unsupported operand", caught.exception.error or "")
         # The workers lived through all of it and still serve.
         self.assertEqual(app_tasks.add.delay(1, 2).result(timeout=30), 3)
         after = {w["pid"] for w in self.client.queues()["workers"] if w["queue"] == "py"}
@@ -426,6 +435,70 @@ class Defaults(unittest.TestCase):
         self.assertEqual(then.result(timeout=30), 7)
         self.assertEqual(first.state(), "succeeded")
         app_tasks.app._client = None
+
+
+class WorkerProcess(unittest.TestCase):
+    """What a worker process loads: `import taskd` and an App's module, and no HTTP client
+    until something enqueues (it is most of a worker's memory)."""
+
+    def loaded(self, code: str) -> "list[str]":
+        probe = (
+            "import sys\n%s\nprint(','.join(m for m in ('http.client', 'taskd.client', 'inspect') if m in sys.modules))"
+            % code
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=PACKAGE_DIR,
+            env=dict(os.environ, PYTHONPATH=PACKAGE_DIR),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [m for m in out.stdout.strip().split(",") if m]
+
+    def test_a_worker_module_loads_no_http_client(self) -> None:
+        self.assertEqual(self.loaded("import tests.app_tasks"), [])
+
+    def test_the_client_is_loaded_when_first_used(self) -> None:
+        self.assertIn("http.client", self.loaded("import taskd\ntaskd.Client"))
+        self.assertIn("taskd.client", self.loaded("from taskd import DEFAULT_SOCKET"))
+        self.assertEqual(taskd.Client.__name__, "Client")
+        self.assertEqual(taskd.DEFAULT_SOCKET, "/run/taskd/api.sock")
+        with self.assertRaises(AttributeError):
+            taskd.no_such_name  # noqa: B018
+
+    def test_a_return_value_json_cannot_hold_fails_that_task_only(self) -> None:
+        # The worker loop over real pipes, without a daemon: an answer per task.
+        worker = (
+            "import taskd\n"
+            "app = taskd.App(queue='q')\n"
+            "@app.task\n"
+            "def f(x):\n"
+            "    return {1, 2} if x == 'set' else [x]\n"
+            "app.run()\n"
+        )
+        t_r, t_w = os.pipe()
+        r_r, r_w = os.pipe()
+        env = dict(os.environ, PYTHONPATH=PACKAGE_DIR, TASKD_WORKER_PROTOCOL="1",
+                   TASKD_TASK_FD=str(t_r), TASKD_RESULT_FD=str(r_w))
+        p = subprocess.Popen([sys.executable, "-c", worker], pass_fds=(t_r, r_w), env=env,
+                             stdout=subprocess.DEVNULL)
+        os.close(t_r)
+        os.close(r_w)
+        with os.fdopen(t_w, "wb", buffering=0) as tasks, os.fdopen(r_r, "rb") as answers:
+            self.assertEqual(json.loads(answers.readline()), {"type": "ready", "protocol": 1})
+            answers_seen = []
+            for i, x in enumerate(["set", "ok", "caf\u00e9"]):
+                msg = {"type": "task", "id": "t%d" % i, "queue": "q", "attempt": 1,
+                       "payload": {"task": "f", "args": [x], "kwargs": {}}}
+                tasks.write((json.dumps(msg) + "\n").encode())
+                answers_seen.append(json.loads(answers.readline()))
+        self.assertEqual(p.wait(timeout=30), 0)
+        self.assertEqual(answers_seen[0]["status"], "error")
+        self.assertNotIn("result", answers_seen[0])
+        self.assertIn("not JSON", answers_seen[0]["message"])
+        self.assertEqual(answers_seen[1], {"type": "result", "id": "t1", "status": "ok", "result": ["ok"]})
+        self.assertEqual(answers_seen[2]["result"], ["caf\u00e9"])
 
 
 if __name__ == "__main__":

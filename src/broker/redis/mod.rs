@@ -1635,6 +1635,15 @@ impl Broker for RedisBroker {
         self.prune_slots_in(key, before).await
     }
 
+    async fn prune_flow(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        self.prune_flow_in(queue, now_us, limit).await
+    }
+
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         self.store_size_in().await
     }

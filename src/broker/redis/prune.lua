@@ -15,7 +15,7 @@ for i = 2, #ARGV, 2 do
     local ids = redis.call('ZRANGEBYSCORE', fin, '-inf', '(' .. before, 'LIMIT', 0, left)
     for _, id in ipairs(ids) do
       local t = p .. 't:' .. id
-      local f = redis.call('HMGET', t, 'state', 'unique_key')
+      local f = redis.call('HMGET', t, 'state', 'unique_key', 'fkey')
       if f[1] == state and redis.call('HEXISTS', p .. 'pin', id) == 1 then
         -- A parent with a dependant not finished (rule 13) leaves the index until its last
         -- dependant finishes, which puts it back (move_state).
@@ -28,6 +28,9 @@ for i = 2, #ARGV, 2 do
             redis.call('HDEL', p .. 'uf', f[2])
           end
         end
+        -- Out of its concurrency key's holder set (rule 19): a claim trims the set only
+        -- when it reads the key again, which a key whose tasks are all gone never has.
+        if f[3] then redis.call('SREM', p .. 'kh:' .. f[3], id) end
         redis.call('DEL', t, p .. 'h:' .. id, p .. 'r:' .. id)
         redis.call('ZREM', p .. 'st:' .. state, id)
         redis.call('ZREM', p .. 'all', id)

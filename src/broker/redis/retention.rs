@@ -102,6 +102,48 @@ impl RedisBroker {
         Ok(pruned)
     }
 
+    /// Rule 19: the queue's rate states (`rate`, a hash of TATs by key) whose TAT has
+    /// passed. The hash is walked with HSCAN, `limit` fields a call, from a cursor kept in
+    /// `rate:scan` between calls (deleted once a pass is complete); never a scan of the
+    /// keyspace. At most `limit` fields are deleted per call.
+    pub(super) async fn prune_flow_in(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        static S: OnceLock<Script> = OnceLock::new();
+        let script = S.get_or_init(|| {
+            Script::new(
+                r"
+local p, now, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local cur = redis.call('GET', p .. 'rate:scan') or '0'
+local r = redis.call('HSCAN', p .. 'rate', cur, 'COUNT', limit)
+local n = 0
+for i = 1, #r[2], 2 do
+  if n < limit and tonumber(r[2][i + 1]) <= now then
+    redis.call('HDEL', p .. 'rate', r[2][i])
+    n = n + 1
+  end
+end
+if r[1] == '0' then
+  redis.call('DEL', p .. 'rate:scan')
+  return {n, 0}
+end
+redis.call('SET', p .. 'rate:scan', r[1])
+return {n, 1}",
+            )
+        });
+        let (n, more): (u64, i64) = script
+            .key(prefix(queue))
+            .arg(now_us)
+            .arg(limit)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((n, more == 1))
+    }
+
     pub(super) async fn prunable_in(&self, rules: &[PruneRule]) -> Result<Pruned> {
         let mut pruned = Pruned::default();
         for (queue, rules) in by_queue(rules) {

@@ -290,3 +290,29 @@ pub(super) fn state(
         rate_key,
     })
 }
+
+impl super::SqliteBroker {
+    /// Rule 19: rate states of `queue` whose TAT has passed, at most `limit`, in one short
+    /// write. Only the queue's states are read (its primary key's range), and after a pass
+    /// only the live ones (TAT still ahead, which a rate keeps few of) remain to be read.
+    pub(super) async fn prune_flow_in(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        let queue = queue.to_string();
+        let limit = limit as i64;
+        self.write_as(false, move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM rate_state WHERE queue = ?1 AND key IN
+                       (SELECT key FROM rate_state WHERE queue = ?1 AND tat <= ?2 LIMIT ?3)",
+                )
+                .and_then(|mut s| s.execute(params![queue, now_us, limit]))
+                .map_err(storage)? as i64;
+            Ok((n as u64, n == limit))
+        })
+        .await
+    }
+}

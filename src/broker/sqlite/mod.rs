@@ -1093,6 +1093,15 @@ impl Broker for SqliteBroker {
         self.prune_slots_in(key, before).await
     }
 
+    async fn prune_flow(
+        &self,
+        queue: &QueueName,
+        now_us: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
+        self.prune_flow_in(queue, now_us, limit).await
+    }
+
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         Ok(Some(self.store_size_now()))
     }

@@ -77,4 +77,60 @@ impl ResultSink for RedisResults {
     fn describe(&self) -> String {
         format!("redis at {}", self.addr)
     }
+
+    async fn pending_add(&self, ids: &[String]) -> Result<(), String> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now = crate::model::now_ms();
+        let items: Vec<(i64, &String)> = ids.iter().map(|id| (now, id)).collect();
+        let mut conn = self.conn.clone();
+        redis::cmd("ZADD")
+            .arg(PENDING)
+            .arg("NX")
+            .arg(&items)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis at {}: {e}", self.addr))
+    }
+
+    async fn pending_done(&self, ids: &[String]) -> Result<(), String> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("ZREM")
+            .arg(PENDING)
+            .arg(ids)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis at {}: {e}", self.addr))
+    }
+
+    async fn pending_due(
+        &self,
+        age: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<String>, String> {
+        let now = crate::model::now_ms();
+        let mut conn = self.conn.clone();
+        redis::Script::new(DUE)
+            .key(PENDING)
+            .arg(now - age.as_millis() as i64)
+            .arg(limit)
+            .arg(now)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis at {}: {e}", self.addr))
+    }
 }
+
+/// The sorted set of the ids whose final state is owed (score: when last looked at, ms).
+pub const PENDING: &str = "taskd-celery-pending";
+
+/// Up to ARGV[2] members of KEYS[1] scored at most ARGV[1], re-scored ARGV[3].
+const DUE: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+return ids
+"#;

@@ -2,5 +2,7 @@
 //! result backend.
 
 pub mod backend;
+pub mod transport;
 
 pub use backend::RedisResults;
+pub use transport::RedisTransport;

@@ -1,0 +1,187 @@
+//! The Celery bridge in the daemon (`[celery]`): its result sink and transport opened in
+//! the background (retried while the Celery broker or backend does not answer), the
+//! supervisor's starts and ends handed to it, its loops stopped before the drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Doubling;
+use crate::broker::Broker;
+use crate::celery::{Bridge, CeleryMeta, ResultSink};
+use crate::config::celery::{CeleryBackend, CeleryBroker};
+use crate::config::Config;
+use crate::model::{TaskId, TaskRecord};
+use crate::supervisor::{Supervisor, TaskObserver};
+
+/// The bridge's loops, to stop.
+pub(super) struct CeleryBridge {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    bridge: Arc<tokio::sync::OnceCell<Arc<Bridge>>>,
+}
+
+impl CeleryBridge {
+    /// Start the bridge of `config`'s `[celery]`, if it has one.
+    pub(super) fn start(
+        config: &Config,
+        broker: &Arc<dyn Broker>,
+        metrics: Arc<crate::metrics::Metrics>,
+        supervisor: &Arc<Supervisor>,
+    ) -> Option<CeleryBridge> {
+        let celery = config.celery.clone()?;
+        let stop = CancellationToken::new();
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        let config = Arc::new(config.clone());
+        let broker = broker.clone();
+        let supervisor = supervisor.clone();
+        let (stop2, cell2) = (stop.clone(), cell.clone());
+        let task = tokio::spawn(async move {
+            let mut failing = Doubling::new(Duration::from_millis(500), Duration::from_secs(30));
+            let sink: Option<Arc<dyn ResultSink>> = loop {
+                let opened = match &celery.result_backend {
+                    None => Ok(None),
+                    #[cfg(feature = "redis")]
+                    Some(CeleryBackend::Redis { url }) => {
+                        crate::celery::redis::RedisResults::open(url.expose(), celery.result_expires)
+                            .await
+                            .map(|s| Some(Arc::new(s) as Arc<dyn ResultSink>))
+                    }
+                    #[cfg(not(feature = "redis"))]
+                    Some(CeleryBackend::Redis { .. }) => Err("this taskd was built without Redis support".to_string()),
+                    Some(CeleryBackend::Rpc) => Err("the `rpc://` result backend is not available in this version: use a `redis://` result backend".to_string()),
+                };
+                match opened {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Celery bridge: cannot open the result backend; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(failing.next_delay()) => {}
+                            _ = stop2.cancelled() => return,
+                        }
+                    }
+                }
+            };
+            let bridge = Arc::new(Bridge::new(config, broker, sink, metrics));
+            let _ = cell2.set(bridge.clone());
+            supervisor.set_observer(Arc::new(Observer {
+                bridge: bridge.clone(),
+            }));
+            let sweep = {
+                let (b, s) = (bridge.clone(), stop2.clone());
+                tokio::spawn(async move { b.sweep(s).await })
+            };
+            match &celery.broker {
+                #[cfg(feature = "redis")]
+                CeleryBroker::Redis { url } => {
+                    failing.reset();
+                    let transport = loop {
+                        match crate::celery::redis::RedisTransport::open(
+                            url.expose(),
+                            celery.queues.clone(),
+                            celery.visibility_timeout,
+                        )
+                        .await
+                        {
+                            Ok(t) => break Arc::new(t),
+                            Err(e) => {
+                                tracing::error!(error = %e, "Celery bridge: cannot reach the Celery broker; retrying");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(failing.next_delay()) => {}
+                                    _ = stop2.cancelled() => return,
+                                }
+                            }
+                        }
+                    };
+                    tracing::info!(
+                        broker = %transport.describe(),
+                        queues = ?celery.queues,
+                        results = %bridge_results(&bridge),
+                        "Celery bridge: consuming"
+                    );
+                    transport.run(bridge, stop2).await;
+                }
+                #[cfg(not(feature = "redis"))]
+                CeleryBroker::Redis { .. } => {
+                    tracing::error!("Celery bridge: this taskd was built without Redis support");
+                }
+                CeleryBroker::Amqp { .. } => {
+                    tracing::error!("Celery bridge: the AMQP transport is not available in this version: use a `redis://` Celery broker");
+                }
+            }
+            let _ = sweep.await;
+        });
+        Some(CeleryBridge {
+            stop,
+            task,
+            bridge: cell,
+        })
+    }
+
+    /// Use `config` from now on (a reload).
+    pub(super) fn reload(&self, config: &Config) {
+        if let Some(b) = self.bridge.get() {
+            b.set_config(Arc::new(config.clone()));
+        }
+    }
+
+    /// Stop taking messages: the batch being ingested is finished and acknowledged first
+    /// (for at most a few seconds). Results of tasks still ending are written afterwards.
+    pub(super) async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+fn bridge_results(bridge: &Bridge) -> String {
+    bridge
+        .sink
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |s| s.describe())
+}
+
+/// The supervisor's starts and ends of Celery tasks, written by the bridge on tasks of
+/// their own (retried a few times; the sweep catches what they miss).
+struct Observer {
+    bridge: Arc<Bridge>,
+}
+
+impl Observer {
+    fn write_end(&self, id: TaskId) {
+        let bridge = self.bridge.clone();
+        tokio::spawn(async move {
+            let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
+            for _ in 0..5 {
+                match bridge.ended_id(id).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "Celery bridge: cannot write a task's final state; retrying");
+                        tokio::time::sleep(failing.next_delay()).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl TaskObserver for Observer {
+    fn started(&self, task: &TaskRecord, pid: u32) {
+        if !CeleryMeta::of(&task.payload).is_some_and(|m| m.track_started) {
+            return;
+        }
+        let (bridge, task) = (self.bridge.clone(), task.clone());
+        tokio::spawn(async move { bridge.started(&task, pid).await });
+    }
+
+    fn ended(&self, task: &TaskRecord) {
+        if CeleryMeta::of(&task.payload).is_some() {
+            self.write_end(task.id);
+        }
+    }
+
+    fn expired(&self, id: TaskId) {
+        self.write_end(id);
+    }
+}
