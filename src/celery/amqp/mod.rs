@@ -110,11 +110,7 @@ pub async fn run(bridge: Arc<Bridge>, settings: Settings, stop: CancellationToke
     let addr = describe(&settings.uri);
     let mut backoff = Doubling::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
-        let outcome = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = session(&bridge, &settings, &addr, &stop) => r,
-        };
-        match outcome {
+        match session(&bridge, &settings, &addr, &stop).await {
             Ok(()) => return,
             Err(SessionEnd { error, consumed }) => {
                 if consumed {
@@ -142,84 +138,41 @@ struct SessionEnd {
     consumed: bool,
 }
 
-/// One connection's life: `Ok` when `stop` ended it.
+fn fail(consumed: bool) -> impl Fn(lapin::Error) -> SessionEnd {
+    move |e| SessionEnd {
+        error: e.to_string(),
+        consumed,
+    }
+}
+
+type Incomings = futures_util::stream::SelectAll<
+    futures_util::stream::BoxStream<'static, lapin::Result<Incoming>>,
+>;
+
+/// One connection's life: `Ok` when `stop` ended it. A message being ingested when `stop`
+/// comes is finished and acknowledged first; the others delivered to taskd go back to their
+/// queues when the connection closes.
 async fn session(
     bridge: &Arc<Bridge>,
     settings: &Settings,
     addr: &str,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let fail = |consumed: bool| {
-        move |e: lapin::Error| SessionEnd {
-            error: e.to_string(),
-            consumed,
-        }
+    let (conn, mut all) = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        r = subscribe(bridge, settings) => r?,
     };
-    let conn = connect(&settings.uri, "celery consumer")
-        .await
-        .map_err(fail(false))?;
-    // One channel for the task queues, one for revokes: a refused passive declare closes its
-    // channel, and revokes must keep flowing while a queue is missing.
-    let tasks = conn.create_channel().await.map_err(fail(false))?;
-    tasks
-        .basic_qos(settings.prefetch, BasicQosOptions { global: false })
-        .await
-        .map_err(fail(false))?;
-    let mut streams = Vec::new();
-    for q in &settings.queues {
-        if let Err(e) = tasks
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            return Err(SessionEnd {
-                error: format!(
-                    "the Celery queue `{q}` does not exist on the broker yet ({e}); it appears when a producer first sends to it or a Celery worker starts"
-                ),
-                consumed: false,
-            });
-        }
-        let consumer = tasks
-            .basic_consume(
-                q.as_str().into(),
-                consumer_tag(q).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail(false))?;
-        streams.push(consumer.map(|d| d.map(Incoming::Task)).boxed());
-    }
-    let control = conn.create_channel().await.map_err(fail(false))?;
-    let pidbox = pidbox_queue(&control).await.map_err(fail(false))?;
-    let revokes = control
-        .basic_consume(
-            pidbox.as_str().into(),
-            consumer_tag("pidbox").into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(fail(false))?;
-    streams.push(revokes.map(|d| d.map(Incoming::Control)).boxed());
     tracing::info!(
         broker = %addr,
         queues = ?settings.queues,
         prefetch = settings.prefetch,
+        results = %bridge.sink.as_ref().map_or_else(|| "none".to_string(), |s| s.describe()),
         "Celery bridge: consuming from the AMQP broker at {addr}"
     );
-    let mut all = futures_util::stream::select_all(streams);
     let mut failures = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => {
-                // Unacknowledged deliveries go back to their queues when the connection closes.
                 let _ = conn.close(200, "taskd stops".into()).await;
                 return Ok(());
             }
@@ -255,7 +208,10 @@ async fn session(
                             retry_in = ?wait,
                             "Celery bridge: could not ingest a message; it goes back to its queue"
                         );
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                         d.nack(BasicNackOptions {
                             multiple: false,
                             requeue: true,
@@ -275,6 +231,70 @@ async fn session(
     }
 }
 
+/// Connect, check the queues exist, and consume them and this node's pidbox queue.
+async fn subscribe(
+    bridge: &Bridge,
+    settings: &Settings,
+) -> Result<(Connection, Incomings), SessionEnd> {
+    let conn = connect(&settings.uri, "celery consumer")
+        .await
+        .map_err(fail(false))?;
+    // One channel for the task queues, one for revokes: a refused passive declare closes its
+    // channel.
+    let tasks = conn.create_channel().await.map_err(fail(false))?;
+    tasks
+        .basic_qos(settings.prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(fail(false))?;
+    let mut streams: Vec<futures_util::stream::BoxStream<'static, lapin::Result<Incoming>>> =
+        Vec::new();
+    for q in &settings.queues {
+        if let Err(e) = tasks
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            return Err(SessionEnd {
+                error: format!(
+                    "the Celery queue `{q}` does not exist on the broker yet ({e}); it appears when a producer first sends to it or a Celery worker starts"
+                ),
+                consumed: false,
+            });
+        }
+        let consumer = tasks
+            .basic_consume(
+                q.as_str().into(),
+                consumer_tag(q).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(fail(false))?;
+        streams.push(consumer.map(|d| d.map(Incoming::Task)).boxed());
+    }
+    let control = conn.create_channel().await.map_err(fail(false))?;
+    let pidbox = pidbox_queue(&control, &bridge.config().path)
+        .await
+        .map_err(fail(false))?;
+    let revokes = control
+        .basic_consume(
+            pidbox.as_str().into(),
+            consumer_tag("pidbox").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail(false))?;
+    streams.push(revokes.map(|d| d.map(Incoming::Control)).boxed());
+    Ok((conn, futures_util::stream::select_all(streams)))
+}
+
 enum Incoming {
     Task(lapin::message::Delivery),
     Control(lapin::message::Delivery),
@@ -289,7 +309,7 @@ fn consumer_tag(what: &str) -> String {
 /// kombu declares it (fanout, not durable, not auto-deleted) since no Celery client may have
 /// yet. The queue is durable and outlives a restart of the node (RabbitMQ deletes it after
 /// a day unused): a revoke broadcast while the node restarts waits there.
-async fn pidbox_queue(ch: &Channel) -> lapin::Result<String> {
+async fn pidbox_queue(ch: &Channel, config: &std::path::Path) -> lapin::Result<String> {
     ch.exchange_declare(
         PIDBOX.into(),
         lapin::ExchangeKind::Fanout,
@@ -301,8 +321,7 @@ async fn pidbox_queue(ch: &Channel) -> lapin::Result<String> {
         FieldTable::default(),
     )
     .await?;
-    let host = crate::model::host_name().unwrap_or("localhost");
-    let name = format!("taskd@{host}.{PIDBOX}");
+    let name = pidbox_name(config);
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongInt(86_400_000));
     // Celery's own revoke messages expire after their `expires` header; stale ones are
@@ -326,6 +345,19 @@ async fn pidbox_queue(ch: &Channel) -> lapin::Result<String> {
     )
     .await?;
     Ok(name)
+}
+
+/// `taskd@<host>.<hash of the config file's path>.celery.pidbox`: the same after a restart
+/// (the queue keeps what was broadcast meanwhile), another for another taskd installation
+/// on the same host.
+fn pidbox_name(config: &std::path::Path) -> String {
+    let host = crate::model::host_name().unwrap_or("localhost");
+    // FNV-1a: stable across builds and Rust versions, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in config.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("taskd@{host}.{:08x}.{PIDBOX}", h as u32)
 }
 
 /// A control message: `revoke` cancels the named tasks; every other method (ping, inspect,
