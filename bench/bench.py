@@ -690,11 +690,25 @@ def latency(submit, stamp_file, n):
             if time.time() > deadline:
                 raise SystemExit(f"a latency task ({stamp_file}) did not start within 10 s")
             time.sleep(0.0002)
-        with open(stamp_file) as f:
-            f.seek(before)
-            line = f.readline()
-        lat.append((int(line.split()[0]) - t_ret) / 1e6)
+        lat.append((first_stamp(stamp_file, before) - t_ret) / 1e6)
     return lat
+
+
+def first_stamp(stamp_file, before):
+    """The ns of the first whole stamp line past `before`: a line still being appended when
+    the size was read is waited for, and a partial one (a size read mid-write) skipped."""
+    deadline = time.time() + 10
+    while True:
+        with open(stamp_file, "rb") as f:
+            f.seek(before)
+            text = f.read().decode("utf-8", "replace")
+        for line in text.splitlines(keepends=True):
+            head = line.split()[0] if line.split() else ""
+            if line.endswith("\n") and head.isdigit():
+                return int(head)
+        if time.time() > deadline:
+            raise SystemExit(f"no whole stamp line in {stamp_file} past byte {before}: {text!r}")
+        time.sleep(0.0002)
 
 
 def machine():

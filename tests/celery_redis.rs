@@ -336,6 +336,13 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     assert_eq!(shown["state"], "succeeded");
     assert_eq!(shown["payload"]["task"], "app.tasks.add");
     assert_eq!(shown["payload"]["celery"]["id"], id.as_str());
+    let human = env.ok(&["show", &id]);
+    assert!(
+        human
+            .lines()
+            .any(|l| l == format!("celery    app.tasks.add (Celery id {id})")),
+        "{human}"
+    );
 
     // A failure raises a class the client has: builtins.RuntimeError, saying why.
     let id = p.send("app.tasks.fail", json!([]), json!({}));
@@ -418,4 +425,171 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
         log.contains("Celery message refused; its task failed"),
         "{log}"
     );
+}
+
+#[test]
+fn a_task_survives_taskd_killed_between_ingest_and_finish() {
+    let test = "a_task_survives_taskd_killed_between_ingest_and_finish";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = common::Env::new(&format!(
+        r#"
+[queues.nap]
+shell = "sleep 3; echo '\"napped\"' > \"$TASKD_RESULT_FILE\""
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+[celery.tasks]
+"app.tasks.nap" = "nap"
+"#,
+        port = server.port
+    ));
+    let daemon = env.daemon();
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let id = p.send("app.tasks.nap", json!([]), json!({}));
+    ingested(&env, &id);
+    env.wait_state(&id, "running", Duration::from_secs(20));
+    daemon.kill9();
+    // Ingested (the message is acknowledged), not finished: the store has it, and the next
+    // daemon runs it again (its lost run recorded) and writes the result.
+    let _again = env.daemon();
+    let got = p.get(&id);
+    assert_eq!(got["value"], "napped", "{got}");
+    let shown = env.show(&id);
+    assert_eq!(shown["state"], "succeeded");
+    let reasons: Vec<&str> = common::history(&shown)
+        .iter()
+        .filter_map(|a| a["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, vec!["lost", "exit"], "{shown}");
+}
+
+/// A Celery worker's app for the tests: `app.tasks.add` sums its arguments, as taskd's
+/// queue does; `app.tasks.nap` sleeps a minute (late ack: its message stays unacknowledged
+/// while it runs).
+const WORKER_APP: &str = r#"
+import time
+from celery import Celery
+import os
+app = Celery("app", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+app.conf.broker_transport_options = {"visibility_timeout": 2}
+app.conf.worker_prefetch_multiplier = 1
+app.conf.task_acks_late = True
+
+@app.task(name="app.tasks.add")
+def add(*args):
+    return sum(args)
+
+@app.task(name="app.tasks.nap")
+def nap():
+    time.sleep(60)
+"#;
+
+#[test]
+fn a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed() {
+    let test = "a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let env = common::Env::new(&format!(
+        r#"
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 2
+
+[queues.nap]
+shell = "echo '\"napped by taskd\"' > \"$TASKD_RESULT_FILE\""
+
+[celery]
+broker = "redis://127.0.0.1:{port}/0"
+result_backend = "redis://127.0.0.1:{port}/1"
+visibility_timeout = "2s"
+[celery.tasks]
+"app.tasks.nap" = "nap"
+"app.tasks.*" = "default"
+"#,
+        port = server.port
+    ));
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    std::fs::write(env.path().join("worker_app.py"), WORKER_APP).unwrap();
+    let worker = || {
+        Command::new(&py)
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "worker_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "celery",
+                "--without-heartbeat",
+                "--without-gossip",
+                "--without-mingle",
+            ])
+            .current_dir(env.path())
+            .env("BROKER", format!("{base}/0"))
+            .env("BACKEND", format!("{base}/1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(env.path().join(format!("worker-{}.log", common::unique())))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    };
+    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+
+    // The Celery worker takes a long task (late ack) and is killed: taskd restores the
+    // message it left unacknowledged and runs it.
+    let mut celery = worker();
+    let nap = p.send("app.tasks.nap", json!([]), json!({}));
+    assert!(
+        common::poll(Duration::from_secs(30), || {
+            let n: i64 = redis::cmd("HLEN").arg("unacked").query(&mut conn).unwrap();
+            n == 1
+        }),
+        "the Celery worker never took the message"
+    );
+    celery.kill().unwrap();
+    celery.wait().unwrap();
+    let daemon = env.daemon();
+    let got = p.get(&nap);
+    assert_eq!(
+        got["value"],
+        "napped by taskd",
+        "{got}\n{}",
+        daemon.log_text()
+    );
+
+    // Both consume one queue; each is killed in turn while messages flow. Every task's
+    // result arrives, from one or the other.
+    let mut celery = worker();
+    let ids: Vec<(String, i64)> = (0..30)
+        .map(|i| (p.send("app.tasks.add", json!([i, 1]), json!({})), i + 1))
+        .collect();
+    daemon.kill9();
+    let _daemon = env.daemon();
+    celery.kill().unwrap();
+    celery.wait().unwrap();
+    let mut celery = worker();
+    for (id, want) in &ids {
+        let got = p.get(id);
+        assert_eq!(got["value"], *want, "{id}: {got}");
+    }
+    celery.kill().unwrap();
+    let _ = celery.wait();
 }

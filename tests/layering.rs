@@ -159,6 +159,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "slots",
             // `taskd why`.
             "why",
+            // `taskd show`: a Celery task's name and id, read from its payload.
+            "celery",
         ],
     ),
 ];

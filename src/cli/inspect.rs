@@ -490,6 +490,13 @@ pub async fn show(flag: Option<PathBuf>, args: ShowArgs) -> anyhow::Result<u8> {
             crate::model::join_after(&t.after).replace(',', ", ")
         );
     }
+    if let Some(c) = crate::celery::CeleryMeta::of(&t.payload) {
+        println!(
+            "celery    {} (Celery id {})",
+            visible(&c.name),
+            visible(&c.result_to.id)
+        );
+    }
     if let Some(name) = &t.schedule {
         match t.slot {
             Some(slot) => println!(
