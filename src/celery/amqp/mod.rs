@@ -395,11 +395,11 @@ async fn revoke(bridge: &Bridge, body: &[u8]) {
 }
 
 /// An AMQP delivery as the bridge reads it.
-pub fn delivery_of(d: &lapin::message::Delivery) -> Delivery {
-    let p = &d.properties;
+pub fn delivery_of(message: &lapin::message::Delivery) -> Delivery {
+    let p = &message.properties;
     let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.as_str().to_string());
     Delivery {
-        body: d.data.clone(),
+        body: message.data.clone(),
         content_type: text(p.content_type()),
         content_encoding: text(p.content_encoding()),
         headers: p.headers().as_ref().map(table).unwrap_or_default(),
@@ -411,15 +411,16 @@ pub fn delivery_of(d: &lapin::message::Delivery) -> Delivery {
 
 /// AMQP header values as JSON: py-amqp sends `None` as void, strings as long strings,
 /// integers, floats, booleans, lists as arrays and dicts as tables.
-pub fn table(t: &FieldTable) -> Map<String, Value> {
-    t.inner()
+pub fn table(fields: &FieldTable) -> Map<String, Value> {
+    fields
+        .inner()
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), value(v)))
         .collect()
 }
 
-fn value(v: &AMQPValue) -> Value {
-    match v {
+fn value(amqp: &AMQPValue) -> Value {
+    match amqp {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(n) => (*n).into(),
         AMQPValue::ShortShortUInt(n) => (*n).into(),
