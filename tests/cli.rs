@@ -1463,10 +1463,7 @@ fn every_option_of_every_command_has_help_text() {
             let t = line.trim_start();
             let is_entry = line.starts_with("  ") && (t.starts_with('-') || t.starts_with('<'));
             // `  --flag <VALUE>  description`: the description follows two spaces.
-            if is_entry
-                && t.split_once("  ")
-                    .map_or(true, |(_, d)| d.trim().is_empty())
-            {
+            if is_entry && t.split_once("  ").is_none_or(|(_, d)| d.trim().is_empty()) {
                 bare.push(format!("taskd {} {t}", path.join(" ")));
             }
         }

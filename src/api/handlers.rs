@@ -667,7 +667,7 @@ pub async fn stats(
     let rows = state.broker(state.broker.stats(from).await)?;
     let rows: Vec<&crate::broker::StatRow> = rows
         .iter()
-        .filter(|r| queue.as_ref().map_or(true, |q| &r.queue == q))
+        .filter(|r| queue.as_ref().is_none_or(|q| &r.queue == q))
         .filter(|r| r.minute * 60_000 >= from && r.minute * 60_000 < to)
         .collect();
     let buckets = (0..n)

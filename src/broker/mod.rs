@@ -381,19 +381,19 @@ pub struct ListFilter {
 impl ListFilter {
     /// Whether `task` passes every condition but `limit` and `after` (which are about order).
     pub(crate) fn matches(&self, task: &TaskRecord) -> bool {
-        self.queue.as_ref().map_or(true, |q| &task.queue == q)
-            && self.state.map_or(true, |s| task.state == s)
-            && self.since.map_or(true, |s| task.created_at >= s)
-            && self.until.map_or(true, |u| task.created_at < u)
-            && self.id.map_or(true, |id| task.id == id)
+        self.queue.as_ref().is_none_or(|q| &task.queue == q)
+            && self.state.is_none_or(|s| task.state == s)
+            && self.since.is_none_or(|s| task.created_at >= s)
+            && self.until.is_none_or(|u| task.created_at < u)
+            && self.id.is_none_or(|id| task.id == id)
             && self
                 .unique_key
                 .as_deref()
-                .map_or(true, |k| task.unique_key.as_deref() == Some(k))
+                .is_none_or(|k| task.unique_key.as_deref() == Some(k))
             && self
                 .payload
                 .as_ref()
-                .map_or(true, |p| p.matches(&task.payload))
+                .is_none_or(|p| p.matches(&task.payload))
     }
 }
 

@@ -10,6 +10,8 @@
 //! daemon calls [`Bridge::started`] and [`Bridge::ended`] as tasks start and end, and
 //! [`Bridge::revoke`] cancels tasks by id (a transport's revoke broadcast).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod ingest;
 pub mod message;
 #[cfg(feature = "redis")]

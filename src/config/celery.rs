@@ -27,6 +27,9 @@ pub struct CeleryConfig {
     /// After how long an unacknowledged message of a consumer that went away is delivered
     /// again (`visibility_timeout`, kombu's Redis transport option of the same name).
     pub visibility_timeout: Duration,
+    /// AMQP: at most this many delivered and not yet acknowledged messages per consumed
+    /// queue (`prefetch`, `basic.qos`).
+    pub prefetch: u16,
 }
 
 /// `broker`: where the producers publish.
@@ -133,6 +136,7 @@ mod tests {
             track_started: false,
             result_expires: Duration::from_secs(86400),
             visibility_timeout: Duration::from_secs(3600),
+            prefetch: 100,
         };
         let q = |name: &str| c.route(name).map(|r| r.queue.to_string());
         assert_eq!(q("app.tasks.alert").as_deref(), Some("alerts"));

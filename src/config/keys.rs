@@ -923,6 +923,15 @@ pub(super) const CELERY: &[Key<CeleryLayer>] = &[
             l.visibility_timeout.is_some()
         },
     ),
+    key!(
+        "prefetch",
+        "`100`",
+        "AMQP: how many messages RabbitMQ may hand taskd ahead, per consumed queue, before taskd acknowledged them (`basic.qos`); each is acknowledged once its task is in taskd's store. 1–65535",
+        |cx, e, l| {
+            l.prefetch = cx.int_in_range(e, 1, 65_535, "100").map(|n| n as u16);
+            l.prefetch.is_some()
+        },
+    ),
 ];
 
 /// Whether `name` is a `[taskd]` key.

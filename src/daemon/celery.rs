@@ -51,7 +51,14 @@ impl CeleryBridge {
                     }
                     #[cfg(not(feature = "redis"))]
                     Some(CeleryBackend::Redis { .. }) => Err("this taskd was built without Redis support".to_string()),
-                    Some(CeleryBackend::Rpc) => Err("the `rpc://` result backend is not available in this version: use a `redis://` result backend".to_string()),
+                    #[cfg(feature = "amqp")]
+                    Some(CeleryBackend::Rpc) => match &celery.broker {
+                        CeleryBroker::Amqp { url } => crate::celery::amqp::broker_uri(url.expose())
+                            .map(|uri| Some(Arc::new(crate::celery::amqp::rpc::RpcResults::new(uri)) as Arc<dyn ResultSink>)),
+                        _ => Err("`rpc://` replies over an AMQP broker, and the Celery broker is not one".to_string()),
+                    },
+                    #[cfg(not(feature = "amqp"))]
+                    Some(CeleryBackend::Rpc) => Err("this taskd was built without AMQP support (the `amqp` feature): `rpc://` needs it".to_string()),
                 };
                 match opened {
                     Ok(s) => break s,
@@ -107,8 +114,23 @@ impl CeleryBridge {
                 CeleryBroker::Redis { .. } => {
                     tracing::error!("Celery bridge: this taskd was built without Redis support");
                 }
+                #[cfg(feature = "amqp")]
+                CeleryBroker::Amqp { url } => match crate::celery::amqp::broker_uri(url.expose()) {
+                    Ok(uri) => {
+                        let settings = crate::celery::amqp::Settings {
+                            uri,
+                            queues: celery.queues.clone(),
+                            prefetch: celery.prefetch,
+                        };
+                        crate::celery::amqp::run(bridge, settings, stop2).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "Celery bridge: cannot use the AMQP broker")
+                    }
+                },
+                #[cfg(not(feature = "amqp"))]
                 CeleryBroker::Amqp { .. } => {
-                    tracing::error!("Celery bridge: the AMQP transport is not available in this version: use a `redis://` Celery broker");
+                    tracing::error!("Celery bridge: this taskd was built without AMQP support (the `amqp` feature)");
                 }
             }
             let _ = sweep.await;

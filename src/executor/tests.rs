@@ -57,7 +57,7 @@ async fn run_plain(spec: Spec) -> Outcome {
 
 /// True once `pid` is gone or a zombie (dead, waiting for its parent to reap it).
 fn is_dead(pid: i32) -> bool {
-    read_stat(pid).map_or(true, |st| st.state == b'Z')
+    read_stat(pid).is_none_or(|st| st.state == b'Z')
 }
 
 fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {

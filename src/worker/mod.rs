@@ -1116,7 +1116,7 @@ fn after_answer(slot: &Slot, process: &Proc, queue: &QueueConfig) -> Option<Leav
     let w = queue.worker()?;
     // /proc is read only when a memory limit is set and the task count did not decide.
     let rss = match (w.max_memory, w.max_tasks) {
-        (Some(_), m) if !m.is_some_and(|m| done >= m) => process.rss(),
+        (Some(_), m) if m.is_none_or(|m| done < m) => process.rss(),
         _ => None,
     };
     match recycle_reason(w, done, rss) {

@@ -14,6 +14,8 @@ use crate::model::QueueName;
 const RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
 /// kombu's default `visibility_timeout`: one hour.
 const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// AMQP: unacknowledged messages per consumed queue.
+pub(in crate::config) const PREFETCH: u16 = 100;
 
 /// One `[celery.tasks]` entry as read, with where its queue was written.
 pub(in crate::config) struct RouteLayer {
@@ -32,6 +34,7 @@ pub(in crate::config) struct CeleryLayer {
     pub(in crate::config) track_started: Option<bool>,
     pub(in crate::config) result_expires: Option<Duration>,
     pub(in crate::config) visibility_timeout: Option<Duration>,
+    pub(in crate::config) prefetch: Option<u16>,
     /// Where `result_backend` was written, for the check against `broker`.
     backend_place: Option<Place>,
 }
@@ -327,6 +330,7 @@ impl Cx<'_> {
             track_started,
             result_expires: l.result_expires.unwrap_or(RESULT_EXPIRES),
             visibility_timeout: l.visibility_timeout.unwrap_or(VISIBILITY_TIMEOUT),
+            prefetch: l.prefetch.unwrap_or(PREFETCH),
         })
     }
 }

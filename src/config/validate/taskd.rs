@@ -73,8 +73,7 @@ impl Cx<'_> {
                 Some(key) => {
                     // (`tokens = []` names no token.)
                     out.token_written |= matches!(e.name, "token" | "token_file")
-                        || (e.name == "tokens"
-                            && e.item.as_array().map_or(true, |a| !a.is_empty()));
+                        || (e.name == "tokens" && e.item.as_array().is_none_or(|a| !a.is_empty()));
                     (key.read)(self, &e, &mut out);
                 }
                 None => {

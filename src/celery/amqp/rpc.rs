@@ -1,0 +1,126 @@
+//! Celery's `rpc://` result backend: each state is a message to the caller's own reply
+//! queue (the task message's `reply_to`, which the caller declared), through the default
+//! exchange, with the task's id as `correlation_id` and the result meta as a JSON body —
+//! what a Celery worker sends and what the caller's `AsyncResult.get()` consumes.
+//!
+//! A result is published with publisher confirms: [`RpcResults::store`] returns once the
+//! broker has it. It is `mandatory`: when the reply queue is gone (the caller exited; its
+//! queue is deleted with it), the broker returns it and taskd logs that no one was left to
+//! read it, as there is no other place a `rpc://` result could go.
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Mutex;
+
+use crate::celery::message::ResultTo;
+use crate::celery::result::{CeleryState, ResultSink};
+
+/// The `rpc://` backend over the AMQP broker at `uri`.
+pub struct RpcResults {
+    uri: lapin::uri::AMQPUri,
+    addr: String,
+    /// The connection and its confirming channel, opened on first use and again after a
+    /// failure.
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl RpcResults {
+    pub fn new(uri: lapin::uri::AMQPUri) -> RpcResults {
+        RpcResults {
+            addr: super::describe(&uri),
+            uri,
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn open(&self) -> lapin::Result<(Connection, Channel)> {
+        let conn = super::connect(&self.uri, "celery rpc results").await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok((conn, ch))
+    }
+
+    async fn publish(
+        &self,
+        ch: &Channel,
+        reply_to: &str,
+        correlation_id: &str,
+        body: &[u8],
+    ) -> Result<Option<String>, lapin::Error> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_correlation_id(correlation_id.into())
+            .with_delivery_mode(2)
+            .with_priority(0);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                reply_to.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        Ok(match confirm {
+            Confirmation::Ack(Some(returned)) => Some(returned.reply_text.to_string()),
+            Confirmation::Nack(_) => Some("the broker refused it (nack)".into()),
+            _ => None,
+        })
+    }
+}
+
+#[async_trait]
+impl ResultSink for RpcResults {
+    async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
+        let Some(reply_to) = to.reply_to.as_deref().filter(|r| !r.is_empty()) else {
+            tracing::debug!(task = %to.id, "a Celery task without reply_to: no rpc:// result");
+            return Ok(());
+        };
+        let correlation_id = to.correlation_id.as_deref().unwrap_or(&to.id);
+        let body = state.meta(&to.id, crate::model::now_ms()).to_string();
+        let mut link = self.link.lock().await;
+        // One retry on a fresh connection: the one kept may have died since the last use.
+        for attempt in 0..2 {
+            if link.is_none() {
+                *link = Some(
+                    self.open()
+                        .await
+                        .map_err(|e| format!("rpc:// over {}: {e}", self.addr))?,
+                );
+            }
+            let (_, ch) = link.as_ref().expect("opened above");
+            match self
+                .publish(ch, reply_to, correlation_id, body.as_bytes())
+                .await
+            {
+                Ok(None) => return Ok(()),
+                Ok(Some(why)) => {
+                    tracing::warn!(
+                        task = %to.id,
+                        reply_to,
+                        why,
+                        "Celery rpc:// result not delivered: the caller's reply queue is gone"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    *link = None;
+                    if attempt == 1 {
+                        return Err(format!("rpc:// over {}: {e}", self.addr));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("rpc:// over {}", self.addr)
+    }
+}
