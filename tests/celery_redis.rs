@@ -195,7 +195,7 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
 /// `{"op": "send", "name", "args", "kwargs", "opts"}` → `{"id"}` (`app.send_task`, `opts`
 /// are apply_async's: countdown, expires, priority, queue, serializer);
 /// `{"op": "get", "id", "timeout"}` → `{"value"}` or `{"raised", "args"}`, and `state`;
-/// `{"op": "revoke", "id", "terminate"}` → `{}`.
+/// `{"op": "state", "id"}` → `{"state"}`; `{"op": "revoke", "id", "terminate"}` → `{}`.
 const PRODUCER: &str = r#"
 import json, os, sys
 from celery import Celery
@@ -214,6 +214,8 @@ for line in sys.stdin:
         except Exception as e:
             out = {"raised": type(e).__module__ + "." + type(e).__name__, "args": [str(a) for a in e.args]}
         out["state"] = AsyncResult(c["id"], app=app).state
+    elif c["op"] == "state":
+        out = {"state": AsyncResult(c["id"], app=app).state}
     elif c["op"] == "revoke":
         app.control.revoke(c["id"], terminate=c.get("terminate", False))
         out = {}
@@ -404,6 +406,15 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     let id = p.send("app.tasks.sleep", json!([]), json!({}));
     ingested(&env, &id);
     env.wait_state(&id, "running", Duration::from_secs(20));
+    // Its route tracks starts: the client sees STARTED while it runs.
+    let mut state = Value::Null;
+    assert!(
+        common::poll(Duration::from_secs(20), || {
+            state = p.call(json!({"op": "state", "id": id}))["state"].clone();
+            state == "STARTED"
+        }),
+        "state {state}"
+    );
     p.call(json!({"op": "revoke", "id": id, "terminate": true}));
     env.wait_state(&id, "cancelled", Duration::from_secs(20));
     let got = p.get(&id);
@@ -592,4 +603,51 @@ visibility_timeout = "2s"
     }
     celery.kill().unwrap();
     let _ = celery.wait();
+}
+
+#[test]
+fn two_nodes_ingesting_from_one_celery_broker_run_each_task_once() {
+    let test = "two_nodes_ingesting_from_one_celery_broker_run_each_task_once";
+    let Some(server) = redis_server::RedisServer::start(test) else {
+        return;
+    };
+    let Some(py) = celery_venv::python(test) else {
+        return;
+    };
+    let base = format!("redis://127.0.0.1:{}", server.port);
+    // Two daemons sharing taskd's broker (db 2), each with its own state directory, both
+    // bridging the same Celery broker (db 0).
+    let node = || {
+        common::Env::raw(&format!(
+            r#"
+[taskd]
+state_dir = "state"
+broker = "{base}/2"
+shutdown_grace = "5s"
+
+[queues.default]
+command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
+concurrency = 2
+
+[celery]
+broker = "{base}/0"
+result_backend = "{base}/1"
+[celery.tasks]
+"app.tasks.*" = "default"
+"#
+        ))
+    };
+    let (a, b) = (node(), node());
+    let _da = a.daemon();
+    let _db = b.daemon();
+    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let ids: Vec<(String, i64)> = (0..40)
+        .map(|i| (p.send("app.tasks.add", json!([i, 2]), json!({})), i + 2))
+        .collect();
+    for (id, want) in &ids {
+        assert_eq!(p.get(id)["value"], *want, "{id}");
+        let shown = a.show(id);
+        assert_eq!(shown["state"], "succeeded");
+        assert_eq!(common::history(&shown).len(), 1, "ran once: {shown}");
+    }
 }

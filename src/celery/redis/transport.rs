@@ -491,6 +491,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn revoke_broadcasts_of_the_real_celery_name_their_ids() {
+        let all: Value =
+            serde_json::from_str(include_str!("../testdata/redis-messages.json")).unwrap();
+        let ids = |name: &str| -> Vec<String> {
+            revoked_ids(all[name]["message"].as_str().unwrap())
+                .iter()
+                .map(|i| i.to_string())
+                .collect()
+        };
+        assert_eq!(ids("revoke"), vec!["7b726186-6317-4ca4-aa02-1542521a9aaf"]);
+        assert_eq!(
+            ids("revoke_list_terminate"),
+            vec![
+                "11111111-2222-4333-8444-555555555555",
+                "66666666-7777-4888-9999-aaaaaaaaaaaa"
+            ]
+        );
+        // A task message is no revoke.
+        assert!(revoked_ids(all["delay"]["message"].as_str().unwrap()).is_empty());
+    }
+
+    #[test]
     fn priorities_go_to_kombus_steps_in_its_order() {
         assert_eq!(queue_key("celery", 0), "celery");
         assert_eq!(queue_key("celery", 2), "celery");
