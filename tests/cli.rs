@@ -407,6 +407,46 @@ fn unknown_queue_lists_the_known_ones() {
     assert_eq!(total(&env), 0);
 }
 
+/// `taskd prune` deletes the rate states whose time has passed (they limit nothing: broker
+/// rule 19) and says how many; one whose time is ahead stays; a dry run deletes none.
+#[test]
+fn prune_deletes_lapsed_rate_states_and_says_so() {
+    let env = env();
+    env.ok(&["prune", "--dry-run"]); // the store exists from here
+    let db = rusqlite::Connection::open(env.path().join("state/taskd.db")).expect("the store");
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    db.execute(
+        "INSERT INTO rate_state (queue, key, tat) VALUES
+           ('plain', 'a', ?1), ('plain', 'b', ?1), ('plain', 'c', ?2), ('thumbs', '', ?1)",
+        rusqlite::params![now_us - 1_000_000, now_us + 3_600_000_000],
+    )
+    .expect("rate states");
+    let count = |db: &rusqlite::Connection| -> i64 {
+        db.query_row("SELECT count(*) FROM rate_state", [], |r| r.get(0))
+            .expect("count")
+    };
+    let dry = json_of(&env.ok(&["prune", "--dry-run", "--json"]));
+    assert_eq!(dry["rate_states"], 0, "{dry:#}");
+    assert_eq!(count(&db), 4, "a dry run deletes none");
+    let only_plain = env.ok(&["prune", "--queue", "plain"]);
+    assert!(
+        only_plain.contains("deleted 2 rate states whose time had passed"),
+        "{only_plain}"
+    );
+    assert_eq!(count(&db), 2, "thumbs' state and plain's live one are left");
+    let all = json_of(&env.ok(&["prune", "--json"]));
+    assert_eq!(all["rate_states"], 1, "{all:#}");
+    let left: String = db
+        .query_row("SELECT key FROM rate_state", [], |r| r.get(0))
+        .expect("one left");
+    assert_eq!(left, "c", "the state whose time is ahead stays");
+    let again = env.ok(&["prune"]);
+    assert!(!again.contains("rate state"), "{again}");
+}
+
 /// pause, resume and tail tell an unknown or malformed queue name the way submit does: the
 /// config file it was looked up in and the queues there are.
 #[test]
