@@ -34,7 +34,10 @@ fn migrate_applies_the_schema_to_an_empty_database_once_and_a_newer_schema_is_re
     let env = Env::raw(&config(&url, "[queues.q]\nshell = \"true\"\n"));
     let first = env.ok(&["migrate"]);
     assert!(
-        first.contains(&format!("schema `taskd` at 127.0.0.1:{}/{db}: version 0 → ", server.port)),
+        first.contains(&format!(
+            "schema `taskd` at 127.0.0.1:{}/{db}: version 0 → ",
+            server.port
+        )),
         "{first}"
     );
     assert!(first.contains("applied"), "{first}");
@@ -42,22 +45,34 @@ fn migrate_applies_the_schema_to_an_empty_database_once_and_a_newer_schema_is_re
     let version = version.trim();
     let again = env.ok(&["migrate"]);
     assert!(
-        again.contains(&format!("is at version {version}, the newest this taskd knows: nothing to do")),
+        again.contains(&format!(
+            "is at version {version}, the newest this taskd knows: nothing to do"
+        )),
         "{again}"
     );
     assert_eq!(
-        server.psql(&db, "SELECT count(*) FROM taskd.schema_version").trim(),
+        server
+            .psql(&db, "SELECT count(*) FROM taskd.schema_version")
+            .trim(),
         version,
         "a re-run applied a migration twice"
     );
     // The tables work: a submit lands in them.
     let id = env.submit("q", "{}");
     assert_eq!(
-        server.psql(&db, &format!("SELECT state FROM taskd.tasks WHERE id = '{id}'")).trim(),
+        server
+            .psql(
+                &db,
+                &format!("SELECT state FROM taskd.tasks WHERE id = '{id}'")
+            )
+            .trim(),
         "queued"
     );
     // A schema from a newer taskd: a daemon refuses to start, saying what to do.
-    server.psql(&db, "INSERT INTO taskd.schema_version (version) VALUES (9999)");
+    server.psql(
+        &db,
+        "INSERT INTO taskd.schema_version (version) VALUES (9999)",
+    );
     let log = env.path().join("refused.log");
     let mut child = env
         .cmd(&["start"])
@@ -104,7 +119,11 @@ fn sql_enqueue_in_a_rolled_back_transaction_leaves_nothing_and_a_committed_one_r
         "[queues.emails]\nshell = \"cat >> \\\"$D/ran\\\"; echo >> \\\"$D/ran\\\"\"\nenv = { D = 'DIR' }\n",
     ));
     let text = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, text.replace("DIR", &env.path().display().to_string())).unwrap();
+    std::fs::write(
+        &env.config,
+        text.replace("DIR", &env.path().display().to_string()),
+    )
+    .unwrap();
     let daemon = env.daemon();
     assert!(
         poll(Duration::from_secs(30), || server
@@ -120,15 +139,26 @@ fn sql_enqueue_in_a_rolled_back_transaction_leaves_nothing_and_a_committed_one_r
         &db,
         "BEGIN;\nINSERT INTO orders VALUES (1);\nSELECT taskd.enqueue('emails', '{\"order\":1}'::jsonb);\nROLLBACK;\n",
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(server.psql(&db, "SELECT count(*) FROM taskd.tasks").trim(), "0");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        server.psql(&db, "SELECT count(*) FROM taskd.tasks").trim(),
+        "0"
+    );
     assert_eq!(server.psql(&db, "SELECT count(*) FROM orders").trim(), "0");
     // Committed: the task exists and the daemon runs it.
     let out = server.psql_script(
         &db,
         "BEGIN;\nINSERT INTO orders VALUES (2);\nSELECT taskd.enqueue('emails', '{\"order\":2}'::jsonb, priority => 5, unique_key => 'order-2');\nCOMMIT;\n",
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(id.len(), 36, "an id: {id:?}");
     let record = env.wait_state(&id, "succeeded", Duration::from_secs(30));
@@ -141,7 +171,10 @@ fn sql_enqueue_in_a_rolled_back_transaction_leaves_nothing_and_a_committed_one_r
         &db,
         "SELECT taskd.enqueue('emails', '{}'::jsonb, run_at => now() + interval '1 hour', unique_key => 'k')",
     );
-    let b = server.psql(&db, "SELECT taskd.enqueue('emails', '{}'::jsonb, unique_key => 'k')");
+    let b = server.psql(
+        &db,
+        "SELECT taskd.enqueue('emails', '{}'::jsonb, unique_key => 'k')",
+    );
     assert_eq!(a.trim(), b.trim());
     assert_eq!(env.state(a.trim()), "scheduled");
     // A bad queue name is refused with the function's message.
@@ -200,7 +233,10 @@ fn the_claim_finish_and_list_statements_read_indexes_not_the_finished_tasks() {
             !plan.contains("Seq Scan on tasks"),
             "the {what} statement reads the whole tasks table:\n{plan}"
         );
-        assert!(plan.contains("Index"), "{what}: no index in the plan:\n{plan}");
+        assert!(
+            plan.contains("Index"),
+            "{what}: no index in the plan:\n{plan}"
+        );
     }
 }
 
@@ -218,7 +254,10 @@ fn submit_exits_3_naming_the_address_while_postgres_is_down() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
-        err.contains(&format!("cannot reach PostgreSQL at 127.0.0.1:{}/{db}", server.port)),
+        err.contains(&format!(
+            "cannot reach PostgreSQL at 127.0.0.1:{}/{db}",
+            server.port
+        )),
         "{err}"
     );
     server.start_again();
