@@ -2,13 +2,10 @@
 //! celery 5.5.3 and kombu 5.5.4 to a redis-server, read back as stored), and ingest into the
 //! in-memory broker.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::message::{from_kombu_envelope, parse, Reason};
 use super::*;
-use crate::broker::memory::MemoryBroker;
 
 const CAPTURED: &str = include_str!("testdata/redis-messages.json");
 
@@ -217,22 +214,31 @@ fn malformed_messages_say_what_is_wrong() {
 
 // --- ingest ----------------------------------------------------------------------------
 
-/// A sink that keeps what it was given.
-#[derive(Default)]
-struct Kept(std::sync::Mutex<Vec<(ResultTo, CeleryState)>>);
+// Ingest needs a `[celery]` table, and the config refuses one naming a Redis broker in a build
+// without the `redis` feature.
+#[cfg(feature = "redis")]
+mod ingest {
+    use std::sync::Arc;
 
-#[async_trait::async_trait]
-impl ResultSink for Kept {
-    async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
-        self.0.lock().unwrap().push((to.clone(), state.clone()));
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "kept".into()
-    }
-}
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
 
-const CONFIG: &str = r#"
+    /// A sink that keeps what it was given.
+    #[derive(Default)]
+    struct Kept(std::sync::Mutex<Vec<(ResultTo, CeleryState)>>);
+
+    #[async_trait::async_trait]
+    impl ResultSink for Kept {
+        async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
+            self.0.lock().unwrap().push((to.clone(), state.clone()));
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "kept".into()
+        }
+    }
+
+    const CONFIG: &str = r#"
 [queues.default]
 command = ["true"]
 [queues.alerts]
@@ -244,176 +250,178 @@ broker = "redis://127.0.0.1:1/0"
 "app.tasks.add" = "default"
 "#;
 
-fn bridge() -> (Bridge, Arc<dyn Broker>, Arc<Kept>) {
-    let config =
-        crate::config::parse_str(CONFIG, std::path::Path::new("/etc/taskd/taskd.toml")).unwrap();
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
-    let kept = Arc::new(Kept::default());
-    let b = Bridge::new(
-        Arc::new(config),
-        broker.clone(),
-        Some(kept.clone()),
-        Arc::new(Metrics::new()),
-    );
-    (b, broker, kept)
-}
+    fn bridge() -> (Bridge, Arc<dyn Broker>, Arc<Kept>) {
+        let config =
+            crate::config::parse_str(CONFIG, std::path::Path::new("/etc/taskd/taskd.toml"))
+                .unwrap();
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let kept = Arc::new(Kept::default());
+        let b = Bridge::new(
+            Arc::new(config),
+            broker.clone(),
+            Some(kept.clone()),
+            Arc::new(Metrics::new()),
+        );
+        (b, broker, kept)
+    }
 
-#[tokio::test]
-async fn a_message_becomes_a_task_under_its_celery_id_once() {
-    let (b, broker, kept) = bridge();
-    let (d, _, env) = captured("kwargs");
-    let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
-    let got = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    assert_eq!(got, Ingested::Task(id, "alerts".parse().unwrap()));
-    let t = broker
-        .get(id)
-        .await
-        .unwrap()
-        .expect("stored under the Celery id");
-    assert_eq!(t.task.queue.as_str(), "alerts");
-    let p = &t.task.payload;
-    assert_eq!(p["task"], "app.tasks.alert");
-    assert_eq!(p["args"], json!([]));
-    assert_eq!(p["kwargs"], json!({"user_id": 42, "msg": "h\u{e9}"}));
-    assert_eq!(
-        p["user_id"], 42,
-        "keyword arguments are top-level fields too"
-    );
-    assert_eq!(p["celery"]["id"], id.to_string());
-    assert_eq!(p["celery"]["track_started"], true);
-    let meta = CeleryMeta::of(p).unwrap();
-    assert_eq!(meta.name, "app.tasks.alert");
-    assert_eq!(meta.result_to.id, id.to_string());
-    // Delivered again: the same task, nothing new.
-    let again = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    assert_eq!(again, Ingested::Existing(id));
-    assert_eq!(
-        broker.list(&Default::default()).await.unwrap().len(),
-        1,
-        "one task"
-    );
-    assert!(kept.0.lock().unwrap().is_empty(), "no result written");
-}
-
-#[tokio::test]
-async fn eta_expires_and_priority_reach_the_task() {
-    let (b, broker, _) = bridge();
-    let (d, _, env) = captured("eta");
-    let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
-    b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    let t = broker.get(id).await.unwrap().unwrap().task;
-    assert_eq!(t.run_at, ms("2030-01-02T03:04:05Z"));
-    assert_eq!(t.state, crate::model::TaskState::Scheduled);
-
-    let (mut d, _, env) = captured("priority");
-    let later = crate::model::now_ms() + 3_600_000;
-    d.headers
-        .insert("expires".into(), json!(result::iso_time(later)));
-    let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
-    b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    let t = broker.get(id).await.unwrap().unwrap().task;
-    assert_eq!(t.priority, -5);
-    assert_eq!(t.expires_at, Some(later));
-}
-
-#[tokio::test]
-async fn an_expired_message_is_revoked_without_a_task() {
-    let (b, broker, kept) = bridge();
-    let (mut d, _, env) = captured("delay");
-    d.headers
-        .insert("expires".into(), json!("2020-01-01T00:00:00+00:00"));
-    let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
-    assert_eq!(
-        b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap(),
-        Ingested::Expired(id)
-    );
-    assert!(broker.get(id).await.unwrap().is_none());
-    let kept = kept.0.lock().unwrap();
-    assert_eq!(kept[0].1, CeleryState::Revoked("expired".into()));
-}
-
-#[tokio::test]
-async fn refused_messages_fail_their_task_in_the_backend_and_enqueue_nothing() {
-    let (b, broker, kept) = bridge();
-    // Not mapped.
-    let (mut d, _, env) = captured("delay");
-    d.headers.insert("task".into(), json!("billing.charge"));
-    let got = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    assert_eq!(got, Ingested::Refused(Reason::Unmapped));
-    // Pickle.
-    let (p, _, penv) = captured("pickle");
-    assert_eq!(
-        b.ingest(&p, PriorityOrder::LowerFirst).await.unwrap(),
-        Ingested::Refused(Reason::Serializer)
-    );
-    // Too large for its queue's... payload limit is the daemon's: a placeholder it cannot
-    // fill makes the task one its queue cannot run.
-    let (mut k, _, kenv) = captured("kwargs");
-    let body = json!([[], {"msg": "no user id"}, {}]);
-    k.body = body.to_string().into_bytes();
-    assert_eq!(
-        b.ingest(&k, PriorityOrder::LowerFirst).await.unwrap(),
-        Ingested::Refused(Reason::Invalid)
-    );
-    assert!(broker.list(&Default::default()).await.unwrap().is_empty());
-    let kept = kept.0.lock().unwrap();
-    let by_id = |e: &Value| {
-        let id = e["headers"]["id"].as_str().unwrap();
-        kept.iter()
-            .find(|(to, _)| to.id == id)
-            .map(|(_, s)| s.clone())
+    #[tokio::test]
+    async fn a_message_becomes_a_task_under_its_celery_id_once() {
+        let (b, broker, kept) = bridge();
+        let (d, _, env) = captured("kwargs");
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        let got = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        assert_eq!(got, Ingested::Task(id, "alerts".parse().unwrap()));
+        let t = broker
+            .get(id)
+            .await
             .unwrap()
-    };
-    let CeleryState::Failure {
-        module,
-        class,
-        message,
-        ..
-    } = by_id(&env)
-    else {
-        panic!("not a failure")
-    };
-    assert_eq!(
-        (module.as_str(), class.as_str()),
-        ("celery.exceptions", "NotRegistered")
-    );
-    assert!(
-        message.contains("billing.charge") && message.contains("[celery.tasks]"),
-        "{message}"
-    );
-    let CeleryState::Failure { class, .. } = by_id(&penv) else {
-        panic!()
-    };
-    assert_eq!(class, "ContentDisallowed");
-    let CeleryState::Failure { class, message, .. } = by_id(&kenv) else {
-        panic!()
-    };
-    assert_eq!(class, "ValueError");
-    assert!(message.contains("user_id"), "{message}");
-}
+            .expect("stored under the Celery id");
+        assert_eq!(t.task.queue.as_str(), "alerts");
+        let p = &t.task.payload;
+        assert_eq!(p["task"], "app.tasks.alert");
+        assert_eq!(p["args"], json!([]));
+        assert_eq!(p["kwargs"], json!({"user_id": 42, "msg": "h\u{e9}"}));
+        assert_eq!(
+            p["user_id"], 42,
+            "keyword arguments are top-level fields too"
+        );
+        assert_eq!(p["celery"]["id"], id.to_string());
+        assert_eq!(p["celery"]["track_started"], true);
+        let meta = CeleryMeta::of(p).unwrap();
+        assert_eq!(meta.name, "app.tasks.alert");
+        assert_eq!(meta.result_to.id, id.to_string());
+        // Delivered again: the same task, nothing new.
+        let again = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        assert_eq!(again, Ingested::Existing(id));
+        assert_eq!(
+            broker.list(&Default::default()).await.unwrap().len(),
+            1,
+            "one task"
+        );
+        assert!(kept.0.lock().unwrap().is_empty(), "no result written");
+    }
 
-#[tokio::test]
-async fn ignore_result_writes_nothing() {
-    let (b, _, kept) = bridge();
-    let (mut d, _, _) = captured("ignore_result");
-    d.headers.insert("task".into(), json!("unmapped.name"));
-    b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    assert!(kept.0.lock().unwrap().is_empty());
-}
+    #[tokio::test]
+    async fn eta_expires_and_priority_reach_the_task() {
+        let (b, broker, _) = bridge();
+        let (d, _, env) = captured("eta");
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        let t = broker.get(id).await.unwrap().unwrap().task;
+        assert_eq!(t.run_at, ms("2030-01-02T03:04:05Z"));
+        assert_eq!(t.state, crate::model::TaskState::Scheduled);
 
-#[tokio::test]
-async fn ends_and_revokes_become_celery_states() {
-    let (b, broker, kept) = bridge();
-    let (d, _, env) = captured("delay");
-    let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
-    b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
-    b.revoke(id).await.unwrap();
-    assert_eq!(
-        broker.get(id).await.unwrap().unwrap().task.state,
-        crate::model::TaskState::Cancelled
-    );
-    let kept = kept.0.lock().unwrap();
-    assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].0.id, id.to_string());
-    assert_eq!(kept[0].1, CeleryState::Revoked("revoked".into()));
+        let (mut d, _, env) = captured("priority");
+        let later = crate::model::now_ms() + 3_600_000;
+        d.headers
+            .insert("expires".into(), json!(result::iso_time(later)));
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        let t = broker.get(id).await.unwrap().unwrap().task;
+        assert_eq!(t.priority, -5);
+        assert_eq!(t.expires_at, Some(later));
+    }
+
+    #[tokio::test]
+    async fn an_expired_message_is_revoked_without_a_task() {
+        let (b, broker, kept) = bridge();
+        let (mut d, _, env) = captured("delay");
+        d.headers
+            .insert("expires".into(), json!("2020-01-01T00:00:00+00:00"));
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap(),
+            Ingested::Expired(id)
+        );
+        assert!(broker.get(id).await.unwrap().is_none());
+        let kept = kept.0.lock().unwrap();
+        assert_eq!(kept[0].1, CeleryState::Revoked("expired".into()));
+    }
+
+    #[tokio::test]
+    async fn refused_messages_fail_their_task_in_the_backend_and_enqueue_nothing() {
+        let (b, broker, kept) = bridge();
+        // Not mapped.
+        let (mut d, _, env) = captured("delay");
+        d.headers.insert("task".into(), json!("billing.charge"));
+        let got = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        assert_eq!(got, Ingested::Refused(Reason::Unmapped));
+        // Pickle.
+        let (p, _, penv) = captured("pickle");
+        assert_eq!(
+            b.ingest(&p, PriorityOrder::LowerFirst).await.unwrap(),
+            Ingested::Refused(Reason::Serializer)
+        );
+        // Too large for its queue's... payload limit is the daemon's: a placeholder it cannot
+        // fill makes the task one its queue cannot run.
+        let (mut k, _, kenv) = captured("kwargs");
+        let body = json!([[], {"msg": "no user id"}, {}]);
+        k.body = body.to_string().into_bytes();
+        assert_eq!(
+            b.ingest(&k, PriorityOrder::LowerFirst).await.unwrap(),
+            Ingested::Refused(Reason::Invalid)
+        );
+        assert!(broker.list(&Default::default()).await.unwrap().is_empty());
+        let kept = kept.0.lock().unwrap();
+        let by_id = |e: &Value| {
+            let id = e["headers"]["id"].as_str().unwrap();
+            kept.iter()
+                .find(|(to, _)| to.id == id)
+                .map(|(_, s)| s.clone())
+                .unwrap()
+        };
+        let CeleryState::Failure {
+            module,
+            class,
+            message,
+            ..
+        } = by_id(&env)
+        else {
+            panic!("not a failure")
+        };
+        assert_eq!(
+            (module.as_str(), class.as_str()),
+            ("celery.exceptions", "NotRegistered")
+        );
+        assert!(
+            message.contains("billing.charge") && message.contains("[celery.tasks]"),
+            "{message}"
+        );
+        let CeleryState::Failure { class, .. } = by_id(&penv) else {
+            panic!()
+        };
+        assert_eq!(class, "ContentDisallowed");
+        let CeleryState::Failure { class, message, .. } = by_id(&kenv) else {
+            panic!()
+        };
+        assert_eq!(class, "ValueError");
+        assert!(message.contains("user_id"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn ignore_result_writes_nothing() {
+        let (b, _, kept) = bridge();
+        let (mut d, _, _) = captured("ignore_result");
+        d.headers.insert("task".into(), json!("unmapped.name"));
+        b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        assert!(kept.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ends_and_revokes_become_celery_states() {
+        let (b, broker, kept) = bridge();
+        let (d, _, env) = captured("delay");
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        b.revoke(id).await.unwrap();
+        assert_eq!(
+            broker.get(id).await.unwrap().unwrap().task.state,
+            crate::model::TaskState::Cancelled
+        );
+        let kept = kept.0.lock().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].0.id, id.to_string());
+        assert_eq!(kept[0].1, CeleryState::Revoked("revoked".into()));
+    }
 }

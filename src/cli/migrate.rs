@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use super::{exit, load_config, open_broker};
+#[cfg(feature = "postgres")]
 use crate::config::BrokerUrl;
 
 #[derive(clap::Args, Debug)]

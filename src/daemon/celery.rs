@@ -157,6 +157,7 @@ impl CeleryBridge {
     }
 }
 
+#[cfg(any(feature = "redis", feature = "amqp"))]
 fn bridge_results(bridge: &Bridge) -> String {
     bridge
         .sink
