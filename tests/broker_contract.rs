@@ -258,6 +258,7 @@ macro_rules! contract_tests {
                 unique_for_holds_the_key_after_the_task_finished,
                 an_expired_task_is_never_claimed_and_expire_cancels_it,
                 expired_tasks_at_the_head_do_not_hold_back_a_claim,
+                a_retried_task_keeps_its_expiry,
                 flow_key_limits_holders_and_lets_others_flow,
                 flow_key_limit_of_two,
                 flow_parked_tasks_cancel_retry_and_unlimit,
@@ -4129,6 +4130,40 @@ pub mod flow_cases {
         assert_eq!(
             expired, stale,
             "the expired tasks are still cancelled by `expire`"
+        );
+    }
+
+    /// A task cancelled by its expiry and then retried by hand waits under the same deadline:
+    /// past it, `expire` cancels it again and no claim takes it (Redis used to forget the
+    /// deadline at the retry, found by the model test).
+    pub async fn a_retried_task_keeps_its_expiry(b: B, _g: G) {
+        let mut t = task("rex");
+        t.expires_at = Some(now_ms() - 1);
+        let id = enqueue1(&b, t).await;
+        let first: Vec<TaskId> = b
+            .expire()
+            .await
+            .expect("expire")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(first, vec![id]);
+        b.retry(id).await.expect("retry the expired task");
+        let again: Vec<TaskId> = b
+            .expire()
+            .await
+            .expect("expire")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            again,
+            vec![id],
+            "a retried task past its expiry is cancelled again"
+        );
+        assert!(
+            claim(&b, "rex", 5).await.is_empty(),
+            "claimed past its expiry"
         );
     }
 
