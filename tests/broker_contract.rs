@@ -259,6 +259,7 @@ macro_rules! contract_tests {
                 an_expired_task_is_never_claimed_and_expire_cancels_it,
                 expired_tasks_at_the_head_do_not_hold_back_a_claim,
                 a_retried_task_keeps_its_expiry,
+                renew_reports_a_stale_lease_beside_the_current_one,
                 flow_key_limits_holders_and_lets_others_flow,
                 flow_key_limit_of_two,
                 flow_parked_tasks_cancel_retry_and_unlimit,
@@ -2082,6 +2083,33 @@ pub mod cases {
         let oa = orphans.iter().find(|x| x.task == a).expect("recovered");
         assert_eq!((oa.pid, oa.pid_start), (Some(5151), Some(42)));
         drop(c);
+    }
+
+    /// Renewing a task's old lease beside its current one (the same node claimed it again
+    /// after a requeue) reports the old one lost and keeps the current one: leases are told
+    /// apart by token, not by task id (PostgreSQL kept both, found by the model test).
+    pub async fn renew_reports_a_stale_lease_beside_the_current_one(b: B, _g: G) {
+        let id = enqueue1(&b, task("rs")).await;
+        let c1 = run_id(&b, "rs", id).await;
+        b.finish(
+            &c1.lease,
+            attempt_of(&c1, AttemptReason::Shutdown, Some("daemon shutting down")),
+            Finish::Requeue,
+        )
+        .await
+        .expect("requeue");
+        let c2 = claim_id(&b, "rs", id).await;
+        assert_ne!(c1.lease.token, c2.lease.token);
+        let lost = b
+            .renew(&[c1.lease.clone(), c2.lease.clone()], LEASE)
+            .await
+            .expect("renew");
+        assert_eq!(lost, vec![id], "the old lease is lost, the new one kept");
+        let lost = b
+            .renew(std::slice::from_ref(&c2.lease), LEASE)
+            .await
+            .expect("renew");
+        assert!(lost.is_empty(), "the current lease still holds: {lost:?}");
     }
 
     pub async fn renew_extends_valid_and_reports_lost(b: B, _g: G) {

@@ -282,14 +282,16 @@ impl Broker for PgBroker {
                FROM unnest($2::text[], $3::bigint[], $4::text[]) AS l(id, token, node)
               WHERE t.id = l.id AND t.lease_token = l.token AND t.lease_node = l.node
                 AND t.state IN ('queued', 'running')
-             RETURNING t.id",
+             RETURNING t.id, t.lease_token",
             &[&until, &ids, &tokens, &nodes],
         )
         .await?;
-        let kept: BTreeSet<String> = kept.iter().map(|r| r.get(0)).collect();
+        // By id and token: a stale lease of a task this node holds again under a newer token
+        // is lost, though the task's id is among those kept.
+        let kept: BTreeSet<(String, i64)> = kept.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(leases
             .iter()
-            .filter(|l| !kept.contains(&l.task.to_string()))
+            .filter(|l| !kept.contains(&(l.task.to_string(), l.token)))
             .map(|l| l.task)
             .collect())
     }
