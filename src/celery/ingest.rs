@@ -13,7 +13,7 @@
 
 use serde_json::{Map, Value};
 
-use super::message::{self, CeleryTask, Delivery, Reason, Refused};
+use super::message::{self, CeleryTask, Delivery, Reason, Refused, ResultTo};
 use super::{Bridge, CeleryState, IngestError};
 use crate::broker::BrokerError;
 use crate::config::celery::CeleryConfig;
@@ -55,8 +55,17 @@ pub enum Ingested {
     Existing(TaskId),
     /// Its `expires` had passed: REVOKED written, nothing enqueued.
     Expired(TaskId),
+    /// Revoked before it arrived ([`super::revoked`]): REVOKED written, nothing enqueued.
+    Revoked(TaskId),
     /// Refused: its failure is written (where an id and a backend allowed), counted, logged.
     Refused(Reason),
+}
+
+/// What one message comes to before taskd's store is written: an answer already (refused,
+/// expired, revoked), or a task to store.
+enum Step {
+    Done(Ingested),
+    New(NewTask, ResultTo),
 }
 
 impl Bridge {
@@ -67,45 +76,149 @@ impl Bridge {
         delivery: &Delivery,
         order: PriorityOrder,
     ) -> Result<Ingested, IngestError> {
+        self.ingest_batch(std::slice::from_ref(delivery), order)
+            .await
+            .pop()
+            .expect("one answer per message")
+    }
+
+    /// [`Bridge::ingest`] for several messages at once, with one write to taskd's store for
+    /// all their tasks (all or none durable); one answer per message, in their order. A
+    /// batch holding a task already stored (a message delivered again) is written one task
+    /// at a time instead.
+    pub async fn ingest_batch(
+        &self,
+        deliveries: &[Delivery],
+        order: PriorityOrder,
+    ) -> Vec<Result<Ingested, IngestError>> {
         let config = self.config();
         let Some(celery) = config.celery.as_ref() else {
-            return Err(IngestError::Sink("the config has no [celery] table".into()));
-        };
-        let task = match message::parse(delivery) {
-            Ok(t) => t,
-            Err(refused) => return self.refuse(*refused).await,
+            let e = IngestError::Sink("the config has no [celery] table".into());
+            return deliveries.iter().map(|_| Err(e.clone())).collect();
         };
         let now = now_ms();
+        let mut out: Vec<Option<Result<Ingested, IngestError>>> = vec![None; deliveries.len()];
+        let mut new = Vec::new();
+        for (i, d) in deliveries.iter().enumerate() {
+            match self.prepare(&config, celery, d, order, now).await {
+                Ok(Step::Done(answer)) => out[i] = Some(Ok(answer)),
+                Ok(Step::New(task, to)) => new.push((i, task, to)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        for (i, answer) in self.commit(new).await {
+            out[i] = Some(answer);
+        }
+        out.into_iter()
+            .map(|a| a.expect("every message answered"))
+            .collect()
+    }
+
+    async fn prepare(
+        &self,
+        config: &crate::config::Config,
+        celery: &CeleryConfig,
+        delivery: &Delivery,
+        order: PriorityOrder,
+        now: i64,
+    ) -> Result<Step, IngestError> {
+        let task = match message::parse(delivery) {
+            Ok(t) => t,
+            Err(refused) => return self.refuse(*refused).await.map(Step::Done),
+        };
+        if self.revoked.contains(&task.result_to.id) {
+            self.store(&task.result_to, &CeleryState::Revoked("revoked".into()))
+                .await?;
+            tracing::info!(task = %task.id, name = %task.name, "Celery task revoked before taskd received it; not run");
+            return Ok(Step::Done(Ingested::Revoked(task.id)));
+        }
         if task.expires.is_some_and(|at| at <= now) {
             self.store(&task.result_to, &CeleryState::Revoked("expired".into()))
                 .await?;
             tracing::info!(task = %task.id, name = %task.name, "Celery task expired before taskd received it");
-            return Ok(Ingested::Expired(task.id));
+            return Ok(Step::Done(Ingested::Expired(task.id)));
         }
-        let new = match new_task(&config, celery, &task, order, now) {
-            Ok(t) => t,
-            Err(refused) => return self.refuse(refused).await,
-        };
-        let queue = new.queue.clone();
-        let answer = match self.broker.enqueue(vec![new]).await {
+        match new_task(config, celery, &task, order, now) {
+            Ok(t) => Ok(Step::New(t, task.result_to.clone())),
+            Err(refused) => self.refuse(refused).await.map(Step::Done),
+        }
+    }
+
+    /// Store `new` in one write; each task's answer by its message's index.
+    async fn commit(
+        &self,
+        new: Vec<(usize, NewTask, ResultTo)>,
+    ) -> Vec<(usize, Result<Ingested, IngestError>)> {
+        if new.is_empty() {
+            return Vec::new();
+        }
+        let tasks: Vec<NewTask> = new.iter().map(|(_, t, _)| t.clone()).collect();
+        match self.broker.enqueue(tasks).await {
+            Ok(_) => {
+                for (_, t, _) in &new {
+                    self.metrics.celery_ingested(&t.queue);
+                    self.metrics.enqueued(&t.queue, 1);
+                }
+                let owed = self.owe(new.iter().map(|(_, _, to)| to)).await;
+                new.into_iter()
+                    .map(|(i, t, _)| (i, owed.clone().map(|()| Ingested::Task(t.id, t.queue))))
+                    .collect()
+            }
+            Err(BrokerError::Conflict(_)) if new.len() > 1 => {
+                let mut out = Vec::new();
+                for (i, t, to) in new {
+                    out.push((i, self.commit_one(t, &to).await));
+                }
+                out
+            }
+            Err(BrokerError::Conflict(why)) => {
+                let (i, t, to) = new.into_iter().next().expect("one task");
+                let answer = match self.broker.get(t.id).await {
+                    Ok(Some(_)) => self.owe([&to].into_iter()).await.map(|()| Ingested::Existing(t.id)),
+                    Ok(None) => Err(BrokerError::Conflict(why).into()),
+                    Err(e) => Err(e.into()),
+                };
+                vec![(i, answer)]
+            }
+            Err(e) => new.into_iter().map(|(i, ..)| (i, Err(e.clone().into()))).collect(),
+        }
+    }
+
+    /// One task of a batch that could not be stored as one.
+    async fn commit_one(&self, task: NewTask, to: &ResultTo) -> Result<Ingested, IngestError> {
+        let (id, queue) = (task.id, task.queue.clone());
+        match self.broker.enqueue(vec![task]).await {
             Ok(_) => {
                 self.metrics.celery_ingested(&queue);
                 self.metrics.enqueued(&queue, 1);
-                Ingested::Task(task.id, queue)
+                self.owe([to].into_iter()).await?;
+                Ok(Ingested::Task(id, queue))
             }
-            Err(BrokerError::Conflict(why)) => match self.broker.get(task.id).await? {
-                Some(_) => Ingested::Existing(task.id),
-                None => return Err(BrokerError::Conflict(why).into()),
+            Err(BrokerError::Conflict(why)) => match self.broker.get(id).await? {
+                Some(_) => {
+                    self.owe([to].into_iter()).await?;
+                    Ok(Ingested::Existing(id))
+                }
+                None => Err(BrokerError::Conflict(why).into()),
             },
-            Err(e) => return Err(e.into()),
-        };
-        // Its final state is owed from now on: the sweep writes it if its end is missed.
-        if let Some(sink) = self.sink.as_ref().filter(|_| !task.result_to.ignore_result) {
-            sink.pending_add(std::slice::from_ref(&task.result_to.id))
-                .await
-                .map_err(IngestError::Sink)?;
+            Err(e) => Err(e.into()),
         }
-        Ok(answer)
+    }
+
+    /// The final states of these tasks are owed from now on: the sweep writes one if its
+    /// task's end is missed.
+    async fn owe<'a>(&self, to: impl Iterator<Item = &'a ResultTo>) -> Result<(), IngestError> {
+        let Some(sink) = self.sink.as_ref() else {
+            return Ok(());
+        };
+        let ids: Vec<String> = to
+            .filter(|t| !t.ignore_result)
+            .map(|t| t.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sink.pending_add(&ids).await.map_err(IngestError::Sink)
     }
 
     /// A refused message: its FAILURE written for each id it owes a result, then counted

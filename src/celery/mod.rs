@@ -17,6 +17,7 @@ pub mod message;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod result;
+pub mod revoked;
 
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ pub use result::{CeleryState, ResultSink};
 
 /// Why a message could not be ingested now; the transport leaves it unacknowledged and
 /// tries again later (it is delivered again if this node goes away meanwhile).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("taskd's broker: {0}")]
     Broker(#[from] BrokerError),
@@ -50,6 +51,8 @@ pub struct Bridge {
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) sink: Option<Arc<dyn ResultSink>>,
     metrics: Arc<Metrics>,
+    /// Revokes of ids not ingested yet.
+    revoked: revoked::RevokedSet,
 }
 
 impl Bridge {
@@ -60,11 +63,17 @@ impl Bridge {
         sink: Option<Arc<dyn ResultSink>>,
         metrics: Arc<Metrics>,
     ) -> Bridge {
+        let keep = config
+            .celery
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(86_400), |c| c.result_expires);
+        let revoked = revoked::RevokedSet::open(config.state_dir.join(revoked::FILE), keep);
         Bridge {
             config: std::sync::RwLock::new(config),
             broker,
             sink,
             metrics,
+            revoked,
         }
     }
 
@@ -186,7 +195,8 @@ impl Bridge {
     /// Celery's `revoke(id)`: cancel the task, waiting or running (`terminate` or not: a
     /// taskd cancel stops a running task either way). The cancel is stored, so it holds
     /// across restarts. A waiting task's REVOKED is written at once; a running one's when
-    /// its node has stopped it.
+    /// its node has stopped it. An id taskd has no task of is kept ([`revoked`]): its
+    /// message is revoked when it arrives.
     pub async fn revoke(&self, id: TaskId) -> Result<(), IngestError> {
         match self.broker.cancel(id).await {
             Ok(CancelOutcome::Cancelled) => {
@@ -197,7 +207,15 @@ impl Bridge {
                 tracing::info!(task = %id, "Celery revoke: asked the node running the task to stop it");
                 Ok(())
             }
-            Ok(CancelOutcome::AlreadyFinished(_)) | Err(BrokerError::NotFound(_)) => Ok(()),
+            Ok(CancelOutcome::AlreadyFinished(_)) => Ok(()),
+            Err(BrokerError::NotFound(_)) => {
+                // Its message has not arrived yet: revoked when it does.
+                match self.revoked.add(&[id.to_string()]) {
+                    Ok(()) => tracing::info!(task = %id, "Celery revoke of a task taskd has not received; kept until its message arrives"),
+                    Err(e) => tracing::warn!(task = %id, error = %e, "Celery revoke of a task taskd has not received; cannot write the kept revokes, kept in memory only"),
+                }
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -424,4 +424,61 @@ broker = "redis://127.0.0.1:1/0"
         assert_eq!(kept[0].0.id, id.to_string());
         assert_eq!(kept[0].1, CeleryState::Revoked("revoked".into()));
     }
+
+    /// A bridge whose state (the kept revokes) is in `dir`.
+    fn bridge_in(dir: &std::path::Path) -> (Bridge, Arc<dyn Broker>, Arc<Kept>) {
+        let mut config =
+            crate::config::parse_str(CONFIG, std::path::Path::new("/etc/taskd/taskd.toml"))
+                .unwrap();
+        config.state_dir = dir.to_path_buf();
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let kept = Arc::new(Kept::default());
+        let b = Bridge::new(
+            Arc::new(config),
+            broker.clone(),
+            Some(kept.clone()),
+            Arc::new(Metrics::new()),
+        );
+        (b, broker, kept)
+    }
+
+    #[tokio::test]
+    async fn a_batch_answers_each_message_in_order_and_stores_a_redelivery_once() {
+        let (b, broker, _kept) = bridge();
+        let (delay, _, e1) = captured("delay");
+        let (kwargs, _, e2) = captured("kwargs");
+        let (pickle, _, _) = captured("pickle");
+        let id = |e: &Value| -> TaskId { e["headers"]["id"].as_str().unwrap().parse().unwrap() };
+        let got = b
+            .ingest_batch(
+                &[delay.clone(), kwargs, pickle, delay],
+                PriorityOrder::LowerFirst,
+            )
+            .await;
+        let got: Vec<Ingested> = got.into_iter().map(Result::unwrap).collect();
+        assert!(matches!(got[0], Ingested::Task(i, _) if i == id(&e1)), "{got:?}");
+        assert!(matches!(got[1], Ingested::Task(i, _) if i == id(&e2)), "{got:?}");
+        assert_eq!(got[2], Ingested::Refused(Reason::Serializer));
+        assert_eq!(got[3], Ingested::Existing(id(&e1)));
+        assert!(broker.get(id(&e1)).await.unwrap().is_some());
+        assert!(broker.get(id(&e2)).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_revoke_before_the_message_arrives_revokes_it_then_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, _, env) = captured("delay");
+        let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+        {
+            let (b, _, _) = bridge_in(dir.path());
+            b.revoke(id).await.unwrap();
+        }
+        let (b, broker, kept) = bridge_in(dir.path());
+        let got = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+        assert_eq!(got, Ingested::Revoked(id));
+        assert!(broker.get(id).await.unwrap().is_none(), "no task made");
+        let kept = kept.0.lock().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].1, CeleryState::Revoked("revoked".into()));
+    }
 }

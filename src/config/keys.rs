@@ -908,7 +908,7 @@ pub(super) const CELERY: &[Key<CeleryLayer>] = &[
     key!(
         "result_expires",
         "`\"1d\"`",
-        "how long a result stays in a Redis result backend (Celery's `result_expires`)",
+        "how long a result stays in a Redis result backend (Celery's `result_expires`), and how long a revoke of a task whose message has not arrived yet is kept",
         |cx, e, l| {
             l.result_expires = cx.duration(e);
             l.result_expires.is_some()

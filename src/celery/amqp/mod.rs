@@ -19,7 +19,7 @@ pub mod rpc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -149,8 +149,8 @@ type Incomings = futures_util::stream::SelectAll<
     futures_util::stream::BoxStream<'static, lapin::Result<Incoming>>,
 >;
 
-/// One connection's life: `Ok` when `stop` ended it. A message being ingested when `stop`
-/// comes is finished and acknowledged first; the others delivered to taskd go back to their
+/// One connection's life: `Ok` when `stop` ended it. The messages being ingested when `stop`
+/// come are finished and acknowledged first; the others delivered to taskd go back to their
 /// queues when the connection closes.
 async fn session(
     bridge: &Arc<Bridge>,
@@ -188,47 +188,107 @@ async fn session(
             Some(Err(e)) => return Err(fail(true)(e)),
             Some(Ok(i)) => i,
         };
-        match incoming {
-            Incoming::Task(d) => {
-                let delivery = delivery_of(&d);
-                match bridge.ingest(&delivery, PriorityOrder::HigherFirst).await {
-                    Ok(outcome) => {
-                        failures.reset();
-                        tracing::debug!(?outcome, queue = %d.routing_key, "Celery message ingested");
-                        d.ack(BasicAckOptions::default())
-                            .await
-                            .map_err(fail(true))?;
-                    }
-                    Err(e) => {
-                        // Back to its queue, after a pause that grows while the failures last
-                        // (an immediate requeue would come straight back).
-                        let wait = failures.next_delay();
-                        tracing::warn!(
-                            error = %e,
-                            retry_in = ?wait,
-                            "Celery bridge: could not ingest a message; it goes back to its queue"
-                        );
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            _ = tokio::time::sleep(wait) => {}
-                        }
-                        d.nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await
-                        .map_err(fail(true))?;
-                    }
-                }
-            }
+        let first = match incoming {
             Incoming::Control(d) => {
-                revoke(bridge, &d.data).await;
+                control(bridge, d).await?;
+                continue;
+            }
+            Incoming::Task(d) => d,
+        };
+        // The deliveries already received, up to the prefetch of every queue, go to the
+        // store in one write; control messages among them are handled after it.
+        let mut batch = vec![first];
+        let mut controls = Vec::new();
+        let mut ended = None;
+        let most = usize::from(settings.prefetch).max(1) * settings.queues.len().max(1);
+        while batch.len() < most {
+            match all.next().now_or_never() {
+                Some(Some(Ok(Incoming::Task(d)))) => batch.push(d),
+                Some(Some(Ok(Incoming::Control(d)))) => controls.push(d),
+                Some(Some(Err(e))) => {
+                    ended = Some(fail(true)(e));
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(SessionEnd {
+                        error: "the broker cancelled taskd's consumers".into(),
+                        consumed: true,
+                    });
+                    break;
+                }
+                None => break,
+            }
+        }
+        ingest_batch(bridge, batch, &mut failures, stop).await?;
+        for d in controls {
+            control(bridge, d).await?;
+        }
+        if let Some(end) = ended {
+            return Err(end);
+        }
+    }
+}
+
+/// Ingest `batch` (one store write), then acknowledge each message that is durable; the
+/// others go back to their queues (`basic.nack` with requeue) after a pause that grows
+/// while the failures last (an immediate requeue would come straight back).
+async fn ingest_batch(
+    bridge: &Bridge,
+    batch: Vec<lapin::message::Delivery>,
+    failures: &mut Doubling,
+    stop: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let deliveries: Vec<Delivery> = batch.iter().map(delivery_of).collect();
+    let answers = bridge
+        .ingest_batch(&deliveries, PriorityOrder::HigherFirst)
+        .await;
+    let mut refused = Vec::new();
+    for (d, answer) in batch.iter().zip(answers) {
+        match answer {
+            Ok(outcome) => {
+                tracing::debug!(?outcome, queue = %d.routing_key, "Celery message ingested");
+                // Each one by its tag: a `multiple` ack could cover a delivery of another
+                // queue on this channel that is not ingested yet.
                 d.ack(BasicAckOptions::default())
                     .await
                     .map_err(fail(true))?;
             }
+            Err(e) => refused.push((d, e)),
         }
     }
+    if refused.is_empty() {
+        failures.reset();
+        return Ok(());
+    }
+    let wait = failures.next_delay();
+    tracing::warn!(
+        error = %refused[0].1,
+        count = refused.len(),
+        retry_in = ?wait,
+        "Celery bridge: could not ingest messages; they go back to their queue"
+    );
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
+    for (d, _) in refused {
+        d.nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await
+        .map_err(fail(true))?;
+    }
+    Ok(())
+}
+
+/// A control message (a revoke) handled, then acknowledged.
+async fn control(bridge: &Bridge, d: lapin::message::Delivery) -> Result<(), SessionEnd> {
+    revoke(bridge, &d.data).await;
+    d.ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(fail(true))
 }
 
 /// Connect, check the queues exist, and consume them and this node's pidbox queue.

@@ -213,8 +213,8 @@ impl RedisTransport {
         }
     }
 
-    /// Ingest `taken` (concurrently: the store may share one commit among them), then
-    /// acknowledge each one that is durable; one that is not stays in `unacked` and is
+    /// Ingest `taken` (one store write for all of their tasks), then acknowledge each one
+    /// that is durable; one that is not stays in `unacked` and is
     /// tried again until it is.
     async fn ingest_all(
         &self,
@@ -231,18 +231,33 @@ impl RedisTransport {
             .collect();
         let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(10));
         while !pending.is_empty() {
-            let results = futures_util::future::join_all(pending.iter().map(|(m, _)| async move {
+            // Every kombu envelope in one store write; one that is not (no id can be read)
+            // is refused alone: nothing to fail.
+            let mut results: Vec<Option<Result<Ingested, crate::celery::IngestError>>> =
+                vec![None; pending.len()];
+            let mut readable = Vec::new();
+            for (i, (m, _)) in pending.iter().enumerate() {
                 match from_kombu_envelope(m) {
-                    Ok(d) => bridge.ingest(&d, PriorityOrder::LowerFirst).await,
+                    Ok(d) => readable.push((i, d)),
                     Err(why) => {
-                        // Not kombu's envelope: nothing to fail (no id can be read).
                         tracing::warn!(reason = "malformed", detail = %why, "Celery message refused: not a kombu message; dropped");
                         bridge.refused_unreadable();
-                        Ok(Ingested::Refused(crate::celery::message::Reason::Malformed))
+                        results[i] = Some(Ok(Ingested::Refused(
+                            crate::celery::message::Reason::Malformed,
+                        )));
                     }
                 }
-            }))
-            .await;
+            }
+            let deliveries: Vec<_> = readable.iter().map(|(_, d)| d.clone()).collect();
+            let answers = bridge
+                .ingest_batch(&deliveries, PriorityOrder::LowerFirst)
+                .await;
+            for ((i, _), a) in readable.iter().zip(answers) {
+                results[*i] = Some(a);
+            }
+            let results = results
+                .into_iter()
+                .map(|r| r.expect("every message answered"));
             let mut acks = Vec::new();
             let mut again = Vec::new();
             for ((m, tag), r) in pending.into_iter().zip(results) {
