@@ -521,6 +521,23 @@ impl TaskRecord {
             None => self.payload.to_string().into_bytes(),
         }
     }
+
+    /// How long an attempt may run: its queue's `timeout`, or the task's own hard time
+    /// limit when that is shorter ([`own_time_limit`]).
+    pub fn timeout(&self, queue: std::time::Duration) -> std::time::Duration {
+        own_time_limit(&self.payload).map_or(queue, |own| own.min(queue))
+    }
+}
+
+/// A task's own hard time limit: a Celery producer's `time_limit` (the message's
+/// `timelimit` header is `[hard, soft]`), which the Celery bridge keeps in the payload as
+/// `celery.timelimit`. `None` for other tasks, and for a limit that is not a positive
+/// number of seconds.
+pub fn own_time_limit(payload: &serde_json::Value) -> Option<std::time::Duration> {
+    let secs = payload.pointer("/celery/timelimit/0")?.as_f64()?;
+    (secs > 0.0)
+        .then(|| std::time::Duration::try_from_secs_f64(secs).ok())
+        .flatten()
 }
 
 /// The reason (`last_error`) of a task cancelled because it had not started by its expiry.

@@ -167,12 +167,12 @@ pub fn decide(
             a.error = Some(match outcome.ran_on {
                 Runner::Process => format!(
                     "timed out after {} (process group stopped with {})",
-                    humantime::format_duration(queue.timeout),
+                    humantime::format_duration(claimed.task.timeout(queue.timeout)),
                     signal_name(killed_with)
                 ),
                 Runner::Worker => format!(
                     "timed out after {} (the worker's process group was stopped with {}; the worker was restarted)",
-                    humantime::format_duration(queue.timeout),
+                    humantime::format_duration(claimed.task.timeout(queue.timeout)),
                     signal_name(killed_with)
                 ),
             });

@@ -181,7 +181,7 @@ impl Prepared {
             env,
             cwd: q.cwd.clone(),
             stdin: raw.unwrap_or_else(|| payload_text.into_bytes()),
-            timeout: q.timeout,
+            timeout: task.timeout(q.timeout),
             kill_grace: q.kill_grace,
             tail_bytes: q.output_tail,
             log_lines: q.log_output,

@@ -879,7 +879,15 @@ async fn run_task(shared: &Shared, slot: &Slot, process: &mut Proc, job: Job) ->
     err.follow(job.live.as_ref(), Stream::Stderr);
     process.set_max_line(max_line(q));
     let (status, returned) = converse(
-        process, &line, task.id, &job.stop, q, &span, &mut out, &mut err,
+        process,
+        &line,
+        task.id,
+        task.timeout(q.timeout),
+        &job.stop,
+        q,
+        &span,
+        &mut out,
+        &mut err,
     )
     .await;
     // What it printed before answering (or dying) is already in the pipes.
@@ -955,7 +963,7 @@ fn captures(queue: &QueueConfig, log: Option<&LogSpec>) -> (Capture, Capture) {
 }
 
 /// Writes the task line and follows the worker until the task ends: its answer (with what
-/// an `ok` returned), its death, a protocol error, or a stop by taskd (timeout, cancel,
+/// an `ok` returned), its death, a protocol error, or a stop by taskd (`timeout`, cancel,
 /// shutdown: SIGTERM → `kill_grace` → SIGKILL to its group). Output goes to the captures
 /// meanwhile.
 #[allow(clippy::too_many_arguments)]
@@ -963,13 +971,14 @@ async fn converse(
     process: &mut Proc,
     line: &[u8],
     task: TaskId,
+    timeout: std::time::Duration,
     stop: &Stop,
     queue: &QueueConfig,
     span: &tracing::Span,
     out: &mut Capture,
     err: &mut Capture,
 ) -> (Status, Returned) {
-    let deadline = Instant::now().checked_add(queue.timeout);
+    let deadline = Instant::now().checked_add(timeout);
     let mut returned = Returned::Nothing;
     let mut esc = Escalation::new(process.pid).with_cgroup(process.cgroup.clone());
     // When a worker that closed its result pipe counts as crashed if it has not exited.
