@@ -648,3 +648,42 @@ fn the_amqp_transport_waits_for_queues_and_reconnects_after_a_broker_restart() {
     let second = c.send(serde_json::json!({"name": "app.add", "args": [2, 2], "via": "delay"}));
     assert_eq!(c.get(&second, 90), serde_json::json!({"value": 4}));
 }
+
+/// Two taskd nodes, each with a store of its own, consume the same queues of one RabbitMQ:
+/// every Celery task is taken by one of them and runs once.
+#[test]
+fn two_taskd_nodes_on_one_rabbitmq_run_each_celery_task_once() {
+    let test = "two_taskd_nodes_on_one_rabbitmq_run_each_celery_task_once";
+    let Some((py, server)) = setup(test) else {
+        return;
+    };
+    let nodes = [
+        bridge_env(&server.url(), "rpc://"),
+        bridge_env(&server.url(), "rpc://"),
+    ];
+    let _daemons: Vec<common::Daemon> = nodes.iter().map(|n| n.daemon()).collect();
+    let mut c = Client::start(&py, nodes[0].path(), &server.url(), "rpc://");
+    let ids: Vec<(String, i64)> = (0..40)
+        .map(|i| {
+            let id =
+                c.send(serde_json::json!({"name": "app.add", "args": [i, 2], "via": "delay"}));
+            (id, i + 2)
+        })
+        .collect();
+    for (id, want) in &ids {
+        assert_eq!(c.get(id, 60), serde_json::json!({"value": want}), "{id}");
+        let found: Vec<(usize, serde_json::Value)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.run(&["show", id, "--json"]).status.success())
+            .map(|(i, n)| (i, n.show(id)))
+            .collect();
+        assert_eq!(found.len(), 1, "{id} is in exactly one node's store");
+        let shown = &found[0].1;
+        assert_eq!(shown["state"], "succeeded");
+        assert_eq!(common::history(shown).len(), 1, "ran once: {shown}");
+    }
+    // Nothing is left in RabbitMQ, delivered or not.
+    let queues = server.queues();
+    assert_eq!(queues.get("celery").map(|q| (q.0, q.1)), Some((0, 0)), "{queues:?}");
+}

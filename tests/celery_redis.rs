@@ -1,9 +1,10 @@
-//! The Celery bridge on Redis against the real Celery client (common/celery.rs) and a
-//! private redis-server (common/redis.rs).
+//! The Celery bridge on Redis against the real Celery client (the pinned venv of
+//! common/celery_venv.rs) and a private redis-server (common/redis.rs), both set up by
+//! [`Fixture::start`].
 
 #![cfg(feature = "redis")]
 
-#[path = "common/celery.rs"]
+#[path = "common/celery_venv.rs"]
 mod celery_venv;
 mod common;
 #[path = "common/redis.rs"]
@@ -48,6 +49,47 @@ fn to(id: &str) -> ResultTo {
     }
 }
 
+/// What every test here starts with: a private redis-server, whose db 0 is the Celery
+/// broker and db 1 its result backend, and the pinned Celery venv. `None` when either cannot
+/// be had: the test is skipped visibly (failed under `CI=true`).
+struct Fixture {
+    server: redis_server::RedisServer,
+    py: std::path::PathBuf,
+}
+
+impl Fixture {
+    fn start(test: &str) -> Option<Fixture> {
+        let server = redis_server::RedisServer::start(test)?;
+        let py = celery_venv::python(test)?;
+        Some(Fixture { server, py })
+    }
+
+    /// `redis://127.0.0.1:<port>/<db>`.
+    fn url(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.server.port)
+    }
+
+    /// A Celery producer of this broker and backend.
+    fn producer(&self) -> Producer {
+        Producer::start(&self.py, &self.url(0), &self.url(1))
+    }
+
+    /// A taskd config with `queues` (TOML tables), bridging the broker and backend with the
+    /// `[celery]` keys `celery` adds and the `[celery.tasks]` lines `routes`.
+    fn env(&self, queues: &str, celery: &str, routes: &str) -> common::Env {
+        common::Env::new(&self.tables(queues, celery, routes))
+    }
+
+    /// That config's tables after `[taskd]` (for [`common::Env::rewrite`]).
+    fn tables(&self, queues: &str, celery: &str, routes: &str) -> String {
+        format!(
+            "{queues}\n[celery]\nbroker = \"{}\"\nresult_backend = \"{}\"\n{celery}\n[celery.tasks]\n{routes}\n",
+            self.url(0),
+            self.url(1)
+        )
+    }
+}
+
 /// Waits until someone subscribes to `channel` (a client blocked in `get()`).
 fn wait_subscribed(conn: &mut redis::Connection, channel: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -71,17 +113,13 @@ fn wait_subscribed(conn: &mut redis::Connection, channel: &str) {
 #[test]
 fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     let test = "results_written_by_the_redis_sink_are_what_celery_clients_read";
-    let Some(server) = redis_server::RedisServer::start(test) else {
+    let Some(f) = Fixture::start(test) else {
         return;
     };
-    let Some(py) = celery_venv::python(test) else {
-        return;
-    };
-    let base = format!("redis://127.0.0.1:{}", server.port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt
         .block_on(RedisResults::open(
-            &format!("{base}/1"),
+            &f.url(1),
             Duration::from_secs(600),
         ))
         .unwrap();
@@ -115,8 +153,8 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     );
     store(&ids[0], CeleryState::Revoked("revoked".into()));
 
-    let mut child = Command::new(&py)
-        .args(["-c", WAITER, &format!("{base}/0"), &format!("{base}/1")])
+    let mut child = Command::new(&f.py)
+        .args(["-c", WAITER, &f.url(0), &f.url(1)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -143,7 +181,7 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     assert_eq!(got["state"], "REVOKED");
 
     // Written while the client waits: the PUBLISH wakes it (well before its 20 s timeout).
-    let client = redis::Client::open(format!("{base}/1")).unwrap();
+    let client = redis::Client::open(f.url(1)).unwrap();
     let mut conn = client.get_connection().unwrap();
     for (i, state, check) in [
         (
@@ -275,10 +313,9 @@ impl Drop for Producer {
     }
 }
 
-/// A daemon bridging the private Redis's db 0 (broker) and db 1 (results).
-fn bridged(port: u16, extra: &str) -> common::Env {
-    common::Env::new(&format!(
-        r#"
+/// The queues of most tests: `default` sums the arguments into the result file, `failing`
+/// fails with a message on stderr, `slow` sleeps a minute.
+const QUEUES: &str = r#"
 [queues.default]
 command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
 concurrency = 4
@@ -289,19 +326,15 @@ max_attempts = 1
 
 [queues.slow]
 shell = "sleep 60"
+"#;
 
-[celery]
-broker = "redis://127.0.0.1:{port}/0"
-result_backend = "redis://127.0.0.1:{port}/1"
-queues = ["celery", "alerts"]
-{extra}
-[celery.tasks]
+/// Their routes: `app.tasks.fail` and `app.tasks.sleep` (which tracks starts) to theirs,
+/// every other `app.tasks.*` to `default`.
+const ROUTES: &str = r#"
 "app.tasks.fail" = "failing"
-"app.tasks.sleep" = {{ queue = "slow", track_started = true }}
+"app.tasks.sleep" = { queue = "slow", track_started = true }
 "app.tasks.*" = "default"
-"#
-    ))
-}
+"#;
 
 /// The record of task `id` once the bridge has ingested it.
 fn ingested(env: &common::Env, id: &str) -> Value {
@@ -318,16 +351,12 @@ fn ingested(env: &common::Env, id: &str) -> Value {
 #[test]
 fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     let test = "celery_producers_run_their_tasks_on_taskd_and_get_results";
-    let Some(server) = redis_server::RedisServer::start(test) else {
+    let Some(f) = Fixture::start(test) else {
         return;
     };
-    let Some(py) = celery_venv::python(test) else {
-        return;
-    };
-    let env = bridged(server.port, "");
+    let env = f.env(QUEUES, r#"queues = ["celery", "alerts"]"#, ROUTES);
     let daemon = env.daemon();
-    let base = format!("redis://127.0.0.1:{}", server.port);
-    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let mut p = f.producer();
 
     // delay(2, 3).get() == 5, and the task is a taskd task under the Celery id.
     let id = p.send("app.tasks.add", json!([2, 3]), json!({}));
@@ -421,7 +450,7 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
     assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
 
     // Every message was acknowledged, and the queues' bindings are there for producers.
-    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let client = redis::Client::open(f.url(0)).unwrap();
     let mut conn = client.get_connection().unwrap();
     let unacked: i64 = redis::cmd("HLEN").arg("unacked").query(&mut conn).unwrap();
     assert_eq!(unacked, 0);
@@ -441,28 +470,19 @@ fn celery_producers_run_their_tasks_on_taskd_and_get_results() {
 #[test]
 fn a_task_survives_taskd_killed_between_ingest_and_finish() {
     let test = "a_task_survives_taskd_killed_between_ingest_and_finish";
-    let Some(server) = redis_server::RedisServer::start(test) else {
+    let Some(f) = Fixture::start(test) else {
         return;
     };
-    let Some(py) = celery_venv::python(test) else {
-        return;
-    };
-    let env = common::Env::new(&format!(
+    let env = f.env(
         r#"
 [queues.nap]
 shell = "sleep 3; echo '\"napped\"' > \"$TASKD_RESULT_FILE\""
-
-[celery]
-broker = "redis://127.0.0.1:{port}/0"
-result_backend = "redis://127.0.0.1:{port}/1"
-[celery.tasks]
-"app.tasks.nap" = "nap"
 "#,
-        port = server.port
-    ));
+        "",
+        r#""app.tasks.nap" = "nap""#,
+    );
     let daemon = env.daemon();
-    let base = format!("redis://127.0.0.1:{}", server.port);
-    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let mut p = f.producer();
     let id = p.send("app.tasks.nap", json!([]), json!({}));
     ingested(&env, &id);
     env.wait_state(&id, "running", Duration::from_secs(20));
@@ -505,13 +525,10 @@ def nap():
 #[test]
 fn a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed() {
     let test = "a_celery_worker_and_taskd_sharing_redis_lose_nothing_when_either_is_killed";
-    let Some(server) = redis_server::RedisServer::start(test) else {
+    let Some(f) = Fixture::start(test) else {
         return;
     };
-    let Some(py) = celery_venv::python(test) else {
-        return;
-    };
-    let env = common::Env::new(&format!(
+    let env = f.env(
         r#"
 [queues.default]
 command = ["python3", "-c", "import json, os, sys; p = json.load(sys.stdin); open(os.environ['TASKD_RESULT_FILE'], 'w').write(json.dumps(sum(p['args'])))"]
@@ -519,21 +536,16 @@ concurrency = 2
 
 [queues.nap]
 shell = "echo '\"napped by taskd\"' > \"$TASKD_RESULT_FILE\""
-
-[celery]
-broker = "redis://127.0.0.1:{port}/0"
-result_backend = "redis://127.0.0.1:{port}/1"
-visibility_timeout = "2s"
-[celery.tasks]
+"#,
+        r#"visibility_timeout = "2s""#,
+        r#"
 "app.tasks.nap" = "nap"
 "app.tasks.*" = "default"
 "#,
-        port = server.port
-    ));
-    let base = format!("redis://127.0.0.1:{}", server.port);
+    );
     std::fs::write(env.path().join("worker_app.py"), WORKER_APP).unwrap();
     let worker = || {
-        Command::new(&py)
+        Command::new(&f.py)
             .args([
                 "-m",
                 "celery",
@@ -549,8 +561,8 @@ visibility_timeout = "2s"
                 "--without-mingle",
             ])
             .current_dir(env.path())
-            .env("BROKER", format!("{base}/0"))
-            .env("BACKEND", format!("{base}/1"))
+            .env("BROKER", f.url(0))
+            .env("BACKEND", f.url(1))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -560,9 +572,9 @@ visibility_timeout = "2s"
             .spawn()
             .unwrap()
     };
-    let client = redis::Client::open(format!("{base}/0")).unwrap();
+    let client = redis::Client::open(f.url(0)).unwrap();
     let mut conn = client.get_connection().unwrap();
-    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let mut p = f.producer();
 
     // The Celery worker takes a long task (late ack) and is killed: taskd restores the
     // message it left unacknowledged and runs it.
@@ -608,13 +620,10 @@ visibility_timeout = "2s"
 #[test]
 fn two_nodes_ingesting_from_one_celery_broker_run_each_task_once() {
     let test = "two_nodes_ingesting_from_one_celery_broker_run_each_task_once";
-    let Some(server) = redis_server::RedisServer::start(test) else {
+    let Some(f) = Fixture::start(test) else {
         return;
     };
-    let Some(py) = celery_venv::python(test) else {
-        return;
-    };
-    let base = format!("redis://127.0.0.1:{}", server.port);
+    let base = format!("redis://127.0.0.1:{}", f.server.port);
     // Two daemons sharing taskd's broker (db 2), each with its own state directory, both
     // bridging the same Celery broker (db 0).
     let node = || {
@@ -640,7 +649,7 @@ result_backend = "{base}/1"
     let (a, b) = (node(), node());
     let _da = a.daemon();
     let _db = b.daemon();
-    let mut p = Producer::start(&py, &format!("{base}/0"), &format!("{base}/1"));
+    let mut p = f.producer();
     let ids: Vec<(String, i64)> = (0..40)
         .map(|i| (p.send("app.tasks.add", json!([i, 2]), json!({})), i + 2))
         .collect();
@@ -650,4 +659,152 @@ result_backend = "{base}/1"
         assert_eq!(shown["state"], "succeeded");
         assert_eq!(common::history(&shown).len(), 1, "ran once: {shown}");
     }
+}
+
+/// A revoke of a task whose message taskd has not taken yet (it waits in a Celery queue
+/// taskd does not consume) is kept, across a restart: when taskd takes the message, the
+/// client gets REVOKED and the task never runs.
+#[test]
+fn a_revoke_sent_before_taskd_takes_the_message_revokes_it_on_arrival() {
+    let test = "a_revoke_sent_before_taskd_takes_the_message_revokes_it_on_arrival";
+    let Some(f) = Fixture::start(test) else {
+        return;
+    };
+    let env = f.env(QUEUES, r#"queues = ["celery"]"#, ROUTES);
+    let daemon = env.daemon();
+    let mut p = f.producer();
+    // The bridge consumes (and listens for revokes) once a first task has come back.
+    let first = p.send("app.tasks.add", json!([1, 1]), json!({}));
+    assert_eq!(p.get(&first)["value"], 2);
+    let id = p.send("app.tasks.add", json!([2, 2]), json!({"queue": "later"}));
+    p.call(json!({"op": "revoke", "id": id}));
+    assert!(
+        common::poll(Duration::from_secs(20), || daemon
+            .log_text()
+            .lines()
+            .any(|l| l.contains("kept until its message arrives") && l.contains(&id))),
+        "the revoke was not kept:\n{}",
+        daemon.log_text()
+    );
+    assert!(!env.run(&["show", &id]).status.success(), "not ingested yet");
+    // Restarted, consuming the queue that holds the message as well.
+    drop(daemon);
+    env.rewrite(&f.tables(QUEUES, r#"queues = ["celery", "later"]"#, ROUTES));
+    let daemon = env.daemon();
+    let got = p.get(&id);
+    assert_eq!(got["raised"], "celery.exceptions.TaskRevokedError", "{got}");
+    assert_eq!(got["args"], json!(["revoked"]), "{got}");
+    assert_eq!(got["state"], "REVOKED");
+    assert!(
+        common::poll(Duration::from_secs(20), || daemon
+            .log_text()
+            .lines()
+            .any(|l| l.contains("revoked before taskd received it; not run") && l.contains(&id))),
+        "{}",
+        daemon.log_text()
+    );
+    let shown = env.run(&["show", &id]);
+    assert!(!shown.status.success(), "no task was made for it");
+    let client = redis::Client::open(f.url(0)).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let (waiting, unacked): (i64, i64) = redis::pipe()
+        .cmd("LLEN")
+        .arg("later")
+        .cmd("HLEN")
+        .arg("unacked")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!((waiting, unacked), (0, 0), "the message was taken and acknowledged");
+}
+
+/// A Celery `time_limit` shorter than the queue's `timeout` is the task's timeout; a longer
+/// one leaves the queue's. The client raises TimeLimitExceeded either way.
+#[test]
+fn a_celery_time_limit_shorter_than_the_queue_timeout_stops_the_task() {
+    let test = "a_celery_time_limit_shorter_than_the_queue_timeout_stops_the_task";
+    let Some(f) = Fixture::start(test) else {
+        return;
+    };
+    let env = f.env(
+        r#"
+[queues.slow]
+shell = "sleep 60"
+timeout = "3s"
+kill_grace = "1s"
+max_attempts = 1
+concurrency = 2
+"#,
+        "",
+        r#""app.tasks.*" = "slow""#,
+    );
+    let _daemon = env.daemon();
+    let mut p = f.producer();
+    let short = p.send(
+        "app.tasks.nap",
+        json!([]),
+        json!({"time_limit": 1, "soft_time_limit": 0.5}),
+    );
+    let long = p.send("app.tasks.nap", json!([]), json!({"time_limit": 600}));
+    for (id, after) in [(&short, "1s"), (&long, "3s")] {
+        let got = p.get(id);
+        // celery.exceptions.TimeLimitExceeded is billiard's class, which names its module.
+        assert_eq!(got["raised"], "billiard.exceptions.TimeLimitExceeded", "{got}");
+        assert_eq!(got["state"], "FAILURE");
+        let shown = env.show(id);
+        assert_eq!(common::history(&shown)[0]["reason"], "timeout", "{shown}");
+        let human = env.ok(&["show", id]);
+        assert!(
+            human.contains(&format!("timed out after {after} ")),
+            "{id}: {human}"
+        );
+    }
+}
+
+/// The dashboard, in a real browser, names a Celery task by its Celery name and id: on its
+/// page (as `taskd show` does) and under its id in the task list.
+#[test]
+fn the_dashboard_names_celery_tasks_by_their_celery_name_and_id() {
+    let test = "the_dashboard_names_celery_tasks_by_their_celery_name_and_id";
+    let Some(chromium) = common::browser::find_chromium() else {
+        common::skip::skip_named(test, "chromium is not installed", "apt-get install -y chromium");
+        return;
+    };
+    let Some(f) = Fixture::start(test) else {
+        return;
+    };
+    let env = common::Env::new(&format!(
+        "listen = \"127.0.0.1:0\"\n{}",
+        f.tables(QUEUES, "", ROUTES)
+    ));
+    let daemon = env.daemon();
+    let mut p = f.producer();
+    let id = p.send("app.tasks.add", json!([20, 22]), json!({}));
+    assert_eq!(p.get(&id)["value"], 42);
+    let plain = env.submit("default", r#"{"args": [1, 2]}"#);
+    env.wait_state(&plain, "succeeded", Duration::from_secs(20));
+
+    let mut b = common::browser::Browser::open(&chromium, &format!("{}/#task/{id}", daemon.api_base()));
+    b.wait_for(
+        "!!document.querySelector('#task-celery')",
+        "the task page's celery line",
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#task-celery').textContent"),
+        json!(format!("app.tasks.add (Celery id {id})"))
+    );
+    b.eval("location.hash = '#tasks?queue=default'; true");
+    b.wait_for(
+        "document.querySelectorAll('#tasks tbody tr[data-task]').length === 2",
+        "both tasks listed",
+    );
+    let names = b.eval(
+        "Object.fromEntries([...document.querySelectorAll('#tasks tbody tr[data-task]')].map(r => [r.dataset.task, r.querySelector('.celery-name')?.textContent ?? null]))",
+    );
+    assert_eq!(names, json!({ id.clone(): "app.tasks.add", plain.clone(): null }));
+    b.eval(&format!("location.hash = '#task/{plain}'; true"));
+    b.wait_for(
+        &format!("document.querySelector('#task-head code')?.textContent === '{plain}'"),
+        "the plain task's page",
+    );
+    assert_eq!(b.eval("document.querySelector('#task-celery')"), Value::Null);
 }
