@@ -665,8 +665,7 @@ fn two_taskd_nodes_on_one_rabbitmq_run_each_celery_task_once() {
     let mut c = Client::start(&py, nodes[0].path(), &server.url(), "rpc://");
     let ids: Vec<(String, i64)> = (0..40)
         .map(|i| {
-            let id =
-                c.send(serde_json::json!({"name": "app.add", "args": [i, 2], "via": "delay"}));
+            let id = c.send(serde_json::json!({"name": "app.add", "args": [i, 2], "via": "delay"}));
             (id, i + 2)
         })
         .collect();
@@ -685,5 +684,9 @@ fn two_taskd_nodes_on_one_rabbitmq_run_each_celery_task_once() {
     }
     // Nothing is left in RabbitMQ, delivered or not.
     let queues = server.queues();
-    assert_eq!(queues.get("celery").map(|q| (q.0, q.1)), Some((0, 0)), "{queues:?}");
+    assert_eq!(
+        queues.get("celery").map(|q| (q.0, q.1)),
+        Some((0, 0)),
+        "{queues:?}"
+    );
 }

@@ -118,10 +118,7 @@ fn results_written_by_the_redis_sink_are_what_celery_clients_read() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt
-        .block_on(RedisResults::open(
-            &f.url(1),
-            Duration::from_secs(600),
-        ))
+        .block_on(RedisResults::open(&f.url(1), Duration::from_secs(600)))
         .unwrap();
     let store = |id: &str, state: CeleryState| {
         rt.block_on(taskd::celery::ResultSink::store(&sink, &to(id), &state))
@@ -679,14 +676,16 @@ fn a_revoke_sent_before_taskd_takes_the_message_revokes_it_on_arrival() {
     let id = p.send("app.tasks.add", json!([2, 2]), json!({"queue": "later"}));
     p.call(json!({"op": "revoke", "id": id}));
     assert!(
-        common::poll(Duration::from_secs(20), || daemon
-            .log_text()
-            .lines()
-            .any(|l| l.contains("kept until its message arrives") && l.contains(&id))),
+        common::poll(Duration::from_secs(20), || daemon.log_text().lines().any(
+            |l| l.contains("kept until its message arrives") && l.contains(&id)
+        )),
         "the revoke was not kept:\n{}",
         daemon.log_text()
     );
-    assert!(!env.run(&["show", &id]).status.success(), "not ingested yet");
+    assert!(
+        !env.run(&["show", &id]).status.success(),
+        "not ingested yet"
+    );
     // Restarted, consuming the queue that holds the message as well.
     drop(daemon);
     env.rewrite(&f.tables(QUEUES, r#"queues = ["celery", "later"]"#, ROUTES));
@@ -696,10 +695,9 @@ fn a_revoke_sent_before_taskd_takes_the_message_revokes_it_on_arrival() {
     assert_eq!(got["args"], json!(["revoked"]), "{got}");
     assert_eq!(got["state"], "REVOKED");
     assert!(
-        common::poll(Duration::from_secs(20), || daemon
-            .log_text()
-            .lines()
-            .any(|l| l.contains("revoked before taskd received it; not run") && l.contains(&id))),
+        common::poll(Duration::from_secs(20), || daemon.log_text().lines().any(
+            |l| l.contains("revoked before taskd received it; not run") && l.contains(&id)
+        )),
         "{}",
         daemon.log_text()
     );
@@ -714,7 +712,11 @@ fn a_revoke_sent_before_taskd_takes_the_message_revokes_it_on_arrival() {
         .arg("unacked")
         .query(&mut conn)
         .unwrap();
-    assert_eq!((waiting, unacked), (0, 0), "the message was taken and acknowledged");
+    assert_eq!(
+        (waiting, unacked),
+        (0, 0),
+        "the message was taken and acknowledged"
+    );
 }
 
 /// A Celery `time_limit` shorter than the queue's `timeout` is the task's timeout; a longer
@@ -748,7 +750,10 @@ concurrency = 2
     for (id, after) in [(&short, "1s"), (&long, "3s")] {
         let got = p.get(id);
         // celery.exceptions.TimeLimitExceeded is billiard's class, which names its module.
-        assert_eq!(got["raised"], "billiard.exceptions.TimeLimitExceeded", "{got}");
+        assert_eq!(
+            got["raised"], "billiard.exceptions.TimeLimitExceeded",
+            "{got}"
+        );
         assert_eq!(got["state"], "FAILURE");
         let shown = env.show(id);
         assert_eq!(common::history(&shown)[0]["reason"], "timeout", "{shown}");
@@ -766,7 +771,11 @@ concurrency = 2
 fn the_dashboard_names_celery_tasks_by_their_celery_name_and_id() {
     let test = "the_dashboard_names_celery_tasks_by_their_celery_name_and_id";
     let Some(chromium) = common::browser::find_chromium() else {
-        common::skip::skip_named(test, "chromium is not installed", "apt-get install -y chromium");
+        common::skip::skip_named(
+            test,
+            "chromium is not installed",
+            "apt-get install -y chromium",
+        );
         return;
     };
     let Some(f) = Fixture::start(test) else {
@@ -783,7 +792,8 @@ fn the_dashboard_names_celery_tasks_by_their_celery_name_and_id() {
     let plain = env.submit("default", r#"{"args": [1, 2]}"#);
     env.wait_state(&plain, "succeeded", Duration::from_secs(20));
 
-    let mut b = common::browser::Browser::open(&chromium, &format!("{}/#task/{id}", daemon.api_base()));
+    let mut b =
+        common::browser::Browser::open(&chromium, &format!("{}/#task/{id}", daemon.api_base()));
     b.wait_for(
         "!!document.querySelector('#task-celery')",
         "the task page's celery line",
@@ -800,11 +810,17 @@ fn the_dashboard_names_celery_tasks_by_their_celery_name_and_id() {
     let names = b.eval(
         "Object.fromEntries([...document.querySelectorAll('#tasks tbody tr[data-task]')].map(r => [r.dataset.task, r.querySelector('.celery-name')?.textContent ?? null]))",
     );
-    assert_eq!(names, json!({ id.clone(): "app.tasks.add", plain.clone(): null }));
+    assert_eq!(
+        names,
+        json!({ id.clone(): "app.tasks.add", plain.clone(): null })
+    );
     b.eval(&format!("location.hash = '#task/{plain}'; true"));
     b.wait_for(
         &format!("document.querySelector('#task-head code')?.textContent === '{plain}'"),
         "the plain task's page",
     );
-    assert_eq!(b.eval("document.querySelector('#task-celery')"), Value::Null);
+    assert_eq!(
+        b.eval("document.querySelector('#task-celery')"),
+        Value::Null
+    );
 }

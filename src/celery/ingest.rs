@@ -174,13 +174,19 @@ impl Bridge {
             Err(BrokerError::Conflict(why)) => {
                 let (i, t, to) = new.into_iter().next().expect("one task");
                 let answer = match self.broker.get(t.id).await {
-                    Ok(Some(_)) => self.owe([&to].into_iter()).await.map(|()| Ingested::Existing(t.id)),
+                    Ok(Some(_)) => self
+                        .owe([&to].into_iter())
+                        .await
+                        .map(|()| Ingested::Existing(t.id)),
                     Ok(None) => Err(BrokerError::Conflict(why).into()),
                     Err(e) => Err(e.into()),
                 };
                 vec![(i, answer)]
             }
-            Err(e) => new.into_iter().map(|(i, ..)| (i, Err(e.clone().into()))).collect(),
+            Err(e) => new
+                .into_iter()
+                .map(|(i, ..)| (i, Err(e.clone().into())))
+                .collect(),
         }
     }
 

@@ -211,8 +211,12 @@ impl Bridge {
             Err(BrokerError::NotFound(_)) => {
                 // Its message has not arrived yet: revoked when it does.
                 match self.revoked.add(&[id.to_string()]) {
-                    Ok(()) => tracing::info!(task = %id, "Celery revoke of a task taskd has not received; kept until its message arrives"),
-                    Err(e) => tracing::warn!(task = %id, error = %e, "Celery revoke of a task taskd has not received; cannot write the kept revokes, kept in memory only"),
+                    Ok(()) => {
+                        tracing::info!(task = %id, "Celery revoke of a task taskd has not received; kept until its message arrives")
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "Celery revoke of a task taskd has not received; cannot write the kept revokes, kept in memory only")
+                    }
                 }
                 Ok(())
             }

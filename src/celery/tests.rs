@@ -456,8 +456,14 @@ broker = "redis://127.0.0.1:1/0"
             )
             .await;
         let got: Vec<Ingested> = got.into_iter().map(Result::unwrap).collect();
-        assert!(matches!(got[0], Ingested::Task(i, _) if i == id(&e1)), "{got:?}");
-        assert!(matches!(got[1], Ingested::Task(i, _) if i == id(&e2)), "{got:?}");
+        assert!(
+            matches!(got[0], Ingested::Task(i, _) if i == id(&e1)),
+            "{got:?}"
+        );
+        assert!(
+            matches!(got[1], Ingested::Task(i, _) if i == id(&e2)),
+            "{got:?}"
+        );
         assert_eq!(got[2], Ingested::Refused(Reason::Serializer));
         assert_eq!(got[3], Ingested::Existing(id(&e1)));
         assert!(broker.get(id(&e1)).await.unwrap().is_some());
