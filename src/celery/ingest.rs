@@ -65,7 +65,7 @@ pub enum Ingested {
 /// expired, revoked), or a task to store.
 enum Step {
     Done(Ingested),
-    New(NewTask, ResultTo),
+    New(Box<NewTask>, ResultTo),
 }
 
 impl Bridge {
@@ -102,7 +102,7 @@ impl Bridge {
         for (i, d) in deliveries.iter().enumerate() {
             match self.prepare(&config, celery, d, order, now).await {
                 Ok(Step::Done(answer)) => out[i] = Some(Ok(answer)),
-                Ok(Step::New(task, to)) => new.push((i, task, to)),
+                Ok(Step::New(task, to)) => new.push((i, *task, to)),
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
@@ -139,7 +139,7 @@ impl Bridge {
             return Ok(Step::Done(Ingested::Expired(task.id)));
         }
         match new_task(config, celery, &task, order, now) {
-            Ok(t) => Ok(Step::New(t, task.result_to.clone())),
+            Ok(t) => Ok(Step::New(Box::new(t), task.result_to.clone())),
             Err(refused) => self.refuse(refused).await.map(Step::Done),
         }
     }
