@@ -502,6 +502,9 @@ fn celery_revoke_over_rabbitmq_cancels_waiting_and_running_tasks_for_good() {
     let pidfile = env.path().join("running.pid");
     let running = c.send(serde_json::json!({"name": "app.sleep", "via": "delay",
                                             "kwargs": {"pidfile": pidfile}}));
+    // Ingested first (`wait_state` reads a task that exists), which a loaded machine delays.
+    wait_ingested(&env, &waiting);
+    wait_ingested(&env, &running);
     env.wait_state(&waiting, "scheduled", secs(30));
     env.wait_state(&running, "running", secs(30));
     let mut pid = 0;
