@@ -283,9 +283,10 @@ async fn ingest_batch(
 }
 
 /// A control message (a revoke) handled, then acknowledged.
-async fn control(bridge: &Bridge, d: lapin::message::Delivery) -> Result<(), SessionEnd> {
-    revoke(bridge, &d.data).await;
-    d.ack(BasicAckOptions::default())
+async fn control(bridge: &Bridge, message: lapin::message::Delivery) -> Result<(), SessionEnd> {
+    revoke(bridge, &message.data).await;
+    message
+        .ack(BasicAckOptions::default())
         .await
         .map(|_| ())
         .map_err(fail(true))
