@@ -811,12 +811,15 @@ class Checker:
                                     f"{nxt['started_at'] - due} ms after its backoff, no fault near")
         # 6. a failed task used up its attempts or has a permanent reason
         if state == "failed":
-            last = hist[-1] if hist else {}
+            # The attempt that failed it is the last charged one (the broker's order): a lost
+            # run may come later by start time (a clock step) or by record (a frozen node's
+            # late result), and fails nothing.
+            last = charged[-1] if charged else {}
             reason = last.get("reason")
             permanent = (
                 (reason == "exit" and last.get("exit_code") in q["permanent"])
                 or reason in ("spawn", "invalid")
-                or (reason == "lost" and d.get("lost", 0) > 3)
+                or d.get("lost", 0) > 3
                 or (reason == "crash" and d.get("crashes", 0) >= 3)
                 or (reason == "result" and plan.get("fail") == "error"
                     and last["number"] >= 1 and last["number"] < plan["ok_from"]))
@@ -891,6 +894,10 @@ def self_test():
          task("failed", [rec(1, 0, 10, code=1, error="x")]), [], 1),
         ("succeeded before its plan", "quick", dict(plan, ok_from=3),
          task("succeeded", [rec(1, 0, 10)]), [], 1),
+        ("a frozen node's run recorded after the failing attempt", "quick",
+         dict(plan, ok_from=99, code=64),
+         task("failed", [rec(1, 500, 600, code=64, error="x"),
+                         rec(1, 0, 900, "lost", None, pid=99, node="n2")]), [(1, 99), (1, 100)], 0),
         ("cancelled by no one", "quick", plan,
          task("cancelled", [rec(1, 0, 10, "cancelled", None)]), [(1, 100)], 1),
     ]
