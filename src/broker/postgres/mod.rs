@@ -890,7 +890,7 @@ impl Broker for PgBroker {
             })?),
             None => None,
         };
-        let limit: Option<i64> = (filter.limit > 0).then_some(filter.limit as i64);
+        let limit: Option<i64> = (filter.limit > 0).then_some(rows::sql_limit(filter.limit));
         let c = self.client().await?;
         let found = rows(
             &c,

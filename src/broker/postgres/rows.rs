@@ -43,6 +43,12 @@ pub(super) async fn exec<C: GenericClient>(client: &C, sql: &str, params: &[P<'_
     client.execute(&st, params).await.map_err(pg)
 }
 
+/// A count for SQL's `LIMIT`: callers say "no limit" with `usize::MAX`, which `as i64`
+/// would turn into -1 (refused by PostgreSQL: "LIMIT must not be negative").
+pub(super) fn sql_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
 pub(super) fn boot_id() -> &'static str {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
