@@ -11,7 +11,10 @@ the peak PSS of every process of its worker side (taskd: the daemon and its work
 peer: its worker processes, Redis reported apart).
 
 Run with the bench venv's python (bench/w7_run installs it):
-    target/bench/venv/bin/python bench/w7.py [--n 20000] [--concurrency 2,8] [--tools taskd,celery,rq,dramatiq,huey]
+    target/bench/venv/bin/python bench/w7.py [--n 20000] [--concurrency 2,8] [--tools taskd,taskd-fork,celery,rq,dramatiq,huey]
+
+`taskd-fork` is taskd with `worker_fork = true`: the workers are forked from one loaded
+parent, whose PSS is counted with them (it is in the daemon's process tree).
 """
 import argparse, json, os, shutil, socket, subprocess, sys, tempfile, threading, time
 
@@ -101,7 +104,8 @@ def vbin(name):
 
 # --- taskd ------------------------------------------------------------------------------
 
-def run_taskd(n, c, taskd_bin, tmp):
+def run_taskd(n, c, taskd_bin, tmp, fork=False):
+    """taskd; `fork`: the queue's workers are forked from one loaded parent (`worker_fork`)."""
     import taskd, taskd_tasks
     d = tempfile.mkdtemp(prefix="w7-taskd-", dir=tmp)
     sock = os.path.join(d, "api.sock")
@@ -114,6 +118,7 @@ listen = "unix:{sock}"
 [queues.w7]
 worker = [{json.dumps(sys.executable)}, {json.dumps(os.path.join(TASKS, "taskd_tasks.py"))}]
 concurrency = {c}
+worker_fork = {"true" if fork else "false"}
 env = {{ PYTHONPATH = {json.dumps(PYTHONPATH)} }}
 """)
     log = open(os.path.join(d, "daemon.log"), "w")
@@ -247,22 +252,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--concurrency", default="2,8")
-    ap.add_argument("--tools", default="taskd,celery,rq,dramatiq,huey")
+    ap.add_argument("--tools", default="taskd,taskd-fork,celery,rq,dramatiq,huey")
     ap.add_argument("--taskd", default=os.path.join(ROOT, "target", "release", "taskd"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "w7-latest.md"))
     a = ap.parse_args()
     tools = a.tools.split(",")
     conc = [int(x) for x in a.concurrency.split(",")]
     tmp = tempfile.mkdtemp(prefix="w7-")
-    redis = SharedRedis() if any(t != "taskd" for t in tools) else None
+    redis = SharedRedis() if any(not t.startswith("taskd") for t in tools) else None
     rows = []
     try:
         for c in conc:
             for t in tools:
                 print(f"W7 {t} c={c} n={a.n} ...", flush=True)
                 try:
-                    if t == "taskd":
-                        r = run_taskd(a.n, c, a.taskd, tmp)
+                    if t in ("taskd", "taskd-fork"):
+                        r = run_taskd(a.n, c, a.taskd, tmp, fork=t == "taskd-fork")
                     else:
                         redis.flush()
                         r = PEERS[t](a.n, c, redis, tmp)

@@ -1524,6 +1524,38 @@ restart_on_change = true
         );
 }
 
+#[test]
+fn worker_fork_is_a_boolean_for_worker_queues_only() {
+    let text = "\
+[taskd]
+state_dir = \"state\"
+
+[queues.w]
+worker = [\"python3\", \"app.py\"]
+worker_fork = 1
+
+[queues.s]
+shell = \"true\"
+worker_fork = true
+";
+    check_bad(text)
+        .count(2)
+        .expect(
+            6,
+            15,
+            "queues.w.worker_fork",
+            &["worker_fork must be a boolean, found an integer"],
+            Some("write `worker_fork = true` or `worker_fork = false`"),
+        )
+        .expect(
+            10,
+            1,
+            "queues.s.worker_fork",
+            &["`worker_fork` applies to long-lived workers, but queue `s` runs `shell`"],
+            Some("remove `worker_fork`, or replace `shell` with `worker = [\"/path/to/worker\"]`"),
+        );
+}
+
 // ----- schedules ---------------------------------------------------------------------------
 
 #[test]

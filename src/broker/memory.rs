@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::schedules::Plan;
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
     Lease, ListFilter, LostLimits, Orphan, PruneRule, Pruned, QueueCounts, Queued, Recover, Result,
-    ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord, StatRow, StepAnswer,
-    Wakeups,
+    ScheduleKey, ScheduleState, ScheduleStep, SlotRecord, StatRow, StepAnswer, Wakeups,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
@@ -1002,125 +1002,44 @@ impl MemoryBroker {
             .get(key)
             .cloned()
             .unwrap_or_else(|| (ScheduleState::empty(key.clone()), Default::default()));
-        let (spec, slot) = match &step {
-            ScheduleStep::Begin { spec, through } => {
-                if state.spec == *spec {
-                    return Ok((StepAnswer::Begun(false), false));
-                }
-                state.spec = spec.clone();
-                state.through = state.through.max(*through);
-                state.last_task = None;
+        let (record, answer, work) = match state.plan(step, now) {
+            Plan::Answer(answer) => return Ok((answer, false)),
+            Plan::Begin => {
                 s.schedules.insert(key.clone(), (state, history));
                 return Ok((StepAnswer::Begun(true), false));
             }
-            ScheduleStep::Manual { task } => {
-                let e = s.add_task(task.clone(), now, Some(key.name.clone()), None)?;
+            Plan::Manual(task) => {
+                let e = s.add_task(task, now, Some(key.name.clone()), None)?;
                 return Ok((StepAnswer::Manual { task: e.id }, true));
             }
-            ScheduleStep::Fire { spec, slot, .. } => (spec, *slot),
-            ScheduleStep::Skip { spec, last, .. } => (spec, *last),
-        };
-        if state.spec != *spec || slot <= state.through {
-            return Ok((
-                StepAnswer::AlreadyHandled {
-                    through: state.through,
-                    spec: state.spec,
-                },
-                false,
-            ));
-        }
-        let (record, answer, work) = match step {
-            ScheduleStep::Fire {
+            Plan::Record(record, answer) => (record, answer, false),
+            Plan::Fire {
                 slot,
                 task,
                 caught_up,
-                skip_if_running,
+                overlap,
                 node,
-                ..
             } => {
-                let running = state.last_task.filter(|id| {
-                    skip_if_running
-                        && s.by_id
-                            .get(id)
-                            .and_then(|seq| s.rows.get(seq))
-                            .is_some_and(|r| !r.task.state.is_terminal())
-                });
-                if let Some(prev) = running {
-                    state.skipped += 1;
-                    (
-                        SlotRecord {
-                            slot,
-                            first: slot,
-                            count: 1,
-                            outcome: SlotOutcome::Skipped,
-                            task: Some(prev),
-                            reason: Some(super::schedules::overlap_reason(prev)),
-                            at: now,
-                            node,
-                        },
-                        StepAnswer::Skipped {
-                            running: Some(prev),
-                        },
-                        false,
-                    )
-                } else {
-                    let e = s.add_task(task, now, Some(key.name.clone()), Some(slot))?;
-                    state.last_task = Some(e.id);
-                    let outcome = if caught_up {
-                        state.caught_up += 1;
-                        SlotOutcome::CaughtUp
-                    } else {
-                        state.fired += 1;
-                        SlotOutcome::Fired
-                    };
-                    (
-                        SlotRecord {
-                            slot,
-                            first: slot,
-                            count: 1,
-                            outcome,
-                            task: Some(e.id),
-                            reason: None,
-                            at: now,
-                            node,
-                        },
-                        StepAnswer::Fired {
-                            task: e.id,
-                            existing: e.existing,
-                        },
-                        !e.existing,
-                    )
+                let live = |id: &TaskId| {
+                    s.by_id
+                        .get(id)
+                        .and_then(|seq| s.rows.get(seq))
+                        .is_some_and(|r| !r.task.state.is_terminal())
+                };
+                match overlap.filter(live) {
+                    Some(prev) => {
+                        let (record, answer) = state.overlapped(slot, prev, node, now);
+                        (record, answer, false)
+                    }
+                    None => {
+                        let e = s.add_task(task, now, Some(key.name.clone()), Some(slot))?;
+                        let (record, answer) =
+                            state.fired(slot, e.id, e.existing, caught_up, node, now);
+                        (record, answer, !e.existing)
+                    }
                 }
             }
-            ScheduleStep::Skip {
-                first,
-                last,
-                count,
-                reason,
-                node,
-                ..
-            } => {
-                state.skipped += count;
-                (
-                    SlotRecord {
-                        slot: last,
-                        first,
-                        count,
-                        outcome: SlotOutcome::Skipped,
-                        task: None,
-                        reason: Some(reason),
-                        at: now,
-                        node,
-                    },
-                    StepAnswer::Skipped { running: None },
-                    false,
-                )
-            }
-            ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
-                unreachable!("answered above")
-            }
         };
-        state.through = slot;
         state.last = Some(record.clone());
         history.push_front(record);
         history.truncate(super::schedules::SLOT_HISTORY);

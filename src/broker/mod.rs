@@ -141,6 +141,7 @@
 //!     a parked-key entry is dropped by the claim that finds nothing parked under it.
 
 pub(crate) mod access;
+pub(crate) mod flow;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -159,6 +159,164 @@ pub(crate) fn overlap_reason(previous: TaskId) -> String {
     )
 }
 
+/// What a [`ScheduleStep`] asks of a backend, decided from the record alone (rule 10's
+/// checks, the same on every backend); the backend does the I/O around it, inside its one
+/// atomic step.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Answer this, with nothing written (`Begin` at the record's spec, or a slot already
+    /// handled or of another spec).
+    Answer(StepAnswer),
+    /// `Begin` at a new spec: the record was updated; write it and answer `Begun(true)`.
+    Begin,
+    /// `Manual`: insert the task with no slot; the record stays as it is.
+    Manual(NewTask),
+    /// `Fire`: when `overlap` names a task that still waits or runs, record the slot with
+    /// [`ScheduleState::overlapped`]; otherwise insert `task` and record it with
+    /// [`ScheduleState::fired`].
+    Fire {
+        slot: UnixMs,
+        task: NewTask,
+        caught_up: bool,
+        overlap: Option<TaskId>,
+        node: String,
+    },
+    /// `Skip`: the record was updated; write it and add `record`.
+    Record(SlotRecord, StepAnswer),
+}
+
+impl ScheduleState {
+    /// Decide `step` against this record (updating it for `Begin` and `Skip`).
+    pub(crate) fn plan(&mut self, step: ScheduleStep, now: UnixMs) -> Plan {
+        let step = match step {
+            ScheduleStep::Begin { spec, through } => {
+                if self.spec == spec {
+                    return Plan::Answer(StepAnswer::Begun(false));
+                }
+                self.spec = spec;
+                self.through = self.through.max(through);
+                self.last_task = None;
+                return Plan::Begin;
+            }
+            ScheduleStep::Manual { task } => return Plan::Manual(task),
+            fire_or_skip => fire_or_skip,
+        };
+        let (spec, slot) = match &step {
+            ScheduleStep::Fire { spec, slot, .. } => (spec.as_str(), *slot),
+            ScheduleStep::Skip { spec, last, .. } => (spec.as_str(), *last),
+            ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
+                unreachable!("answered above")
+            }
+        };
+        if self.spec != spec || slot <= self.through {
+            return Plan::Answer(StepAnswer::AlreadyHandled {
+                through: self.through,
+                spec: self.spec.clone(),
+            });
+        }
+        match step {
+            ScheduleStep::Fire {
+                slot,
+                task,
+                caught_up,
+                skip_if_running,
+                node,
+                ..
+            } => Plan::Fire {
+                slot,
+                task,
+                caught_up,
+                overlap: self.last_task.filter(|_| skip_if_running),
+                node,
+            },
+            ScheduleStep::Skip {
+                first,
+                last,
+                count,
+                reason,
+                node,
+                ..
+            } => {
+                self.skipped += count;
+                self.through = last;
+                let record = SlotRecord {
+                    slot: last,
+                    first,
+                    count,
+                    outcome: SlotOutcome::Skipped,
+                    task: None,
+                    reason: Some(reason),
+                    at: now,
+                    node,
+                };
+                Plan::Record(record, StepAnswer::Skipped { running: None })
+            }
+            ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
+                unreachable!("answered above")
+            }
+        }
+    }
+
+    /// A `Fire` slot skipped because `previous` still waits or runs (`overlap = "skip"`).
+    pub(crate) fn overlapped(
+        &mut self,
+        slot: UnixMs,
+        previous: TaskId,
+        node: String,
+        now: UnixMs,
+    ) -> (SlotRecord, StepAnswer) {
+        self.skipped += 1;
+        self.through = slot;
+        let record = SlotRecord {
+            slot,
+            first: slot,
+            count: 1,
+            outcome: SlotOutcome::Skipped,
+            task: Some(previous),
+            reason: Some(overlap_reason(previous)),
+            at: now,
+            node,
+        };
+        let answer = StepAnswer::Skipped {
+            running: Some(previous),
+        };
+        (record, answer)
+    }
+
+    /// A `Fire` slot whose task was inserted as `task` (`existing`: a waiting or running task
+    /// already held its unique key).
+    pub(crate) fn fired(
+        &mut self,
+        slot: UnixMs,
+        task: TaskId,
+        existing: bool,
+        caught_up: bool,
+        node: String,
+        now: UnixMs,
+    ) -> (SlotRecord, StepAnswer) {
+        self.last_task = Some(task);
+        self.through = slot;
+        let outcome = if caught_up {
+            self.caught_up += 1;
+            SlotOutcome::CaughtUp
+        } else {
+            self.fired += 1;
+            SlotOutcome::Fired
+        };
+        let record = SlotRecord {
+            slot,
+            first: slot,
+            count: 1,
+            outcome,
+            task: Some(task),
+            reason: None,
+            at: now,
+            node,
+        };
+        (record, StepAnswer::Fired { task, existing })
+    }
+}
+
 /// The records of `keys` with the state of each one's newest slot task (for the views of
 /// `taskd schedules` and the API).
 pub(crate) async fn states_with_tasks(

@@ -641,6 +641,18 @@ pub(super) const WORKER: &[Key<WorkerProgram>] = &[
             None => false,
         },
     ),
+    key!(
+        "worker_fork",
+        "`false`",
+        "start the `worker` program once as a *parent* that loads the application and forks each slot's worker from itself, so the workers share its memory (its interpreter and imports) until they write it; a crashed, timed-out, cancelled or recycled worker is replaced by a new fork. The program must support it (the Python library's `app.run()` and `serve()` do; see [worker-protocol.md](worker-protocol.md#forking-workers-worker_fork)); one that does not fails its start with a message saying so",
+        |cx, e, w| match cx.boolean(e) {
+            Some(b) => {
+                w.fork = b;
+                true
+            }
+            None => false,
+        },
+    ),
 ];
 
 /// The sub-keys of `backoff`; the built-in defaults are [`Backoff::default`]'s.

@@ -334,6 +334,8 @@ pub struct WorkerProgram {
     /// A reload restarts the workers when their program file changed since they started
     /// (`restart_on_change`).
     pub restart_on_change: bool,
+    /// One loaded parent forks the workers (`worker_fork`).
+    pub fork: bool,
 }
 
 impl WorkerProgram {
@@ -345,6 +347,7 @@ impl WorkerProgram {
             start_secs: defaults::START_SECS,
             start_retries: defaults::START_RETRIES,
             restart_on_change: false,
+            fork: false,
         }
     }
 }

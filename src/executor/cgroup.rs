@@ -491,6 +491,16 @@ impl Cgroup {
         self.procs().clear();
     }
 
+    /// Moves the running process `pid` into the cgroup (each of its directories): for a
+    /// worker the daemon did not spawn itself (forked by its queue's worker parent), before
+    /// it gets its first task.
+    pub(crate) fn adopt(&self, pid: i32) -> io::Result<()> {
+        for dir in &self.0.dirs {
+            write_file(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
     /// SIGKILL to every process of the cgroup, now.
     pub fn kill(&self) {
         kill_dir(&self.0.dirs[0], self.0.has_kill);

@@ -58,7 +58,7 @@ use crate::model::{now_ms, UnixMs};
 use output::{feed, pump, Capture, LogFile};
 pub use procs::{
     become_subreaper, kill_orphan_group, kill_task_processes, mark_inherited_fds_cloexec,
-    reap_orphans, spawn_tracked, task_ids_with_processes, TrackedChild,
+    reap_orphans, spawn_tracked, task_ids_with_processes, track, TrackedChild,
 };
 use result::ResultFile;
 pub use result::{ResultDir, ResultSpec, Returned};

@@ -83,6 +83,14 @@ impl Drop for TrackedChild {
     }
 }
 
+/// Registers `pid`, a process the daemon did not spawn but may come to reap (a worker forked
+/// by a queue's worker parent is re-parented to the daemon, a child subreaper, when that
+/// parent dies first): [`reap_orphans`] leaves it to its owner, who reaps it by pidfd.
+pub fn track(pid: i32) -> TrackedChild {
+    tracked().insert(pid);
+    TrackedChild { pid }
+}
+
 /// Spawns `cmd` and registers the child so that [`reap_orphans`] never takes its exit status.
 ///
 /// Every child of the daemon that something else waits for (tokio, std) must be spawned this

@@ -19,6 +19,7 @@
 //! supervisor claims tasks (only while a worker is idle: [`Pool::reserve`]), records starts
 //! and results, and its policy turns the outcome into task state.
 
+mod fork;
 mod process;
 mod program;
 pub mod protocol;
@@ -42,7 +43,7 @@ use crate::executor::{
     Status, Stop, StopWhy, Verdict,
 };
 use crate::model::{now_ms, QueueName, TaskId, TaskRecord};
-use process::{describe, Event, Proc};
+use process::{describe, Event, Proc, Wiring};
 use protocol::{ResultStatus, WorkerMessage};
 pub use status::{kill_leftovers, Registry, WorkerInfo, WorkerState};
 
@@ -133,7 +134,7 @@ impl Slot {
 /// The settings a worker process was started with: a change to any of them restarts it.
 fn identity(queue: &QueueConfig) -> impl PartialEq + '_ {
     (
-        queue.worker().map(|w| &w.argv),
+        queue.worker().map(|w| (&w.argv, w.fork)),
         &queue.env,
         &queue.cwd,
         &queue.user,
@@ -161,6 +162,10 @@ struct Shared {
     stop: CancellationToken,
     kill_now: CancellationToken,
     loops: TaskTracker,
+    /// With `worker_fork`: the loaded parent the slots fork their workers from (the current
+    /// generation's, once one was started). Locked while one starts, so that the slots
+    /// starting together share it.
+    fork: tokio::sync::Mutex<Option<Arc<fork::ForkServer>>>,
 }
 
 impl Shared {
@@ -246,6 +251,7 @@ impl Pool {
             stop: CancellationToken::new(),
             kill_now,
             loops: TaskTracker::new(),
+            fork: tokio::sync::Mutex::new(None),
         });
         registry.add(&shared);
         let pool = Arc::new(Pool { shared });
@@ -386,6 +392,11 @@ impl Pool {
         self.shared.stop.cancel();
         self.shared.loops.close();
         self.shared.loops.wait().await;
+        // The workers are gone (their parent reported how they ended): now the parent.
+        let server = self.shared.fork.lock().await.take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
         self.shared.registry.changed();
     }
 
@@ -393,6 +404,10 @@ impl Pool {
     pub fn retire(&self) {
         self.shared.stop.cancel();
         self.shared.loops.close();
+        // The parent goes once its last worker is gone (the workers hold it too).
+        if let Ok(mut server) = self.shared.fork.try_lock() {
+            server.take();
+        }
     }
 }
 
@@ -461,7 +476,7 @@ async fn slot_loop(shared: Arc<Shared>, slot: Arc<Slot>, mut jobs: mpsc::Receive
             }
         }
         let (mut p, mut idle_out, kill_grace) =
-            match start_worker(&shared, &slot, &mut jobs, &settings, &w).await {
+            match start_worker(&shared, &slot, &mut jobs, &settings, &w, generation).await {
                 Ok(started) => started,
                 Err(StartEnd::Stop) => break,
                 Err(StartEnd::Failed { why, said }) => {
@@ -614,6 +629,7 @@ async fn start_worker(
     jobs: &mut mpsc::Receiver<Job>,
     settings: &Settings,
     program: &WorkerProgram,
+    generation: u64,
 ) -> Result<(Proc, IdleOutput, Duration), StartEnd> {
     let reg = &shared.registry;
     slot.set(reg, |i| {
@@ -621,12 +637,27 @@ async fn start_worker(
         i.why = None;
     });
     slot.set_state(reg, WorkerState::Starting);
-    let spawned = settings.spec.clone().and_then(|mut spec| {
-        spec.env.extend(protocol_env(slot.index));
-        Proc::spawn(&spec)
-            .map_err(|e| spawn_error(&program.argv, &e))
-            .map(|p| (spec.kill_grace, p))
-    });
+    let spawned = match settings.spec.clone() {
+        Err(why) => Err(why),
+        Ok(spec) if program.fork => {
+            let server = fork_server(shared, slot, settings, program, generation).await?;
+            Proc::fork(&server, slot.index, spec.cgroup.as_ref())
+                .await
+                .map_err(|e| {
+                    format!(
+                        "failed to fork a worker from the worker parent (pid {}): {e}",
+                        server.pid
+                    )
+                })
+                .map(|p| (spec.kill_grace, p))
+        }
+        Ok(mut spec) => {
+            spec.env.extend(protocol_env(slot.index));
+            Proc::spawn(&spec, Wiring::Protocol)
+                .map_err(|e| spawn_error(&program.argv, &e))
+                .map(|p| (spec.kill_grace, p))
+        }
+    };
     let (kill_grace, mut p) = spawned.map_err(|why| {
         tracing::warn!(queue = %shared.queue, slot = slot.index, error = %why, "failed to start a worker");
         StartEnd::Failed {
@@ -671,6 +702,64 @@ async fn start_worker(
     slot.idle.store(true, Ordering::Release);
     (shared.kick)();
     Ok((p, idle_out, kill_grace))
+}
+
+/// With `worker_fork`: the parent of this generation, started if there is none (or it died).
+/// A parent that fails to start fails this slot's start, with its reason and last words.
+async fn fork_server(
+    shared: &Shared,
+    slot: &Slot,
+    settings: &Settings,
+    program: &WorkerProgram,
+    generation: u64,
+) -> Result<Arc<fork::ForkServer>, StartEnd> {
+    let mut current = tokio::select! {
+        c = shared.fork.lock() => c,
+        _ = shared.stop.cancelled() => return Err(StartEnd::Stop),
+        _ = slot.retire.cancelled() => return Err(StartEnd::Stop),
+    };
+    if let Some(s) = current.as_ref() {
+        if s.generation == generation && s.alive() {
+            return Ok(s.clone());
+        }
+    }
+    // An older generation's parent goes once its last worker is replaced.
+    *current = None;
+    let Ok(spec) = settings.spec.as_ref() else {
+        return Err(StartEnd::Failed {
+            why: "no worker spec".into(),
+            said: Vec::new(),
+        });
+    };
+    let stop = shared.stop.child_token();
+    let retire = slot.retire.clone();
+    let stop_on_retire = stop.clone();
+    let watch = tokio::spawn(async move {
+        retire.cancelled().await;
+        stop_on_retire.cancel();
+    });
+    let started = fork::ForkServer::start(
+        spec,
+        &shared.queue,
+        generation,
+        READY_TIMEOUT.max(program.start_secs),
+        &stop,
+        &shared.kill_now,
+    )
+    .await;
+    watch.abort();
+    match started {
+        Ok(Some(server)) => {
+            *current = Some(server.clone());
+            Ok(server)
+        }
+        Ok(None) => Err(StartEnd::Stop),
+        Err(f) => {
+            let why = format!("its worker parent failed to start: {}", f.why);
+            tracing::warn!(queue = %shared.queue, slot = slot.index, error = %why, "failed to start a worker");
+            Err(StartEnd::Failed { why, said: f.said })
+        }
+    }
 }
 
 /// After RUNNING: takes the worker out of service, stops it (task pipe closed, SIGTERM →
@@ -783,6 +872,16 @@ impl IdleOutput {
     fn new(queue: &QueueName, slot: usize, pid: i32) -> Self {
         IdleOutput {
             span: tracing::info_span!("worker", queue = %queue, slot, pid),
+            out: Lines::new("stdout"),
+            err: Lines::new("stderr"),
+            last_stderr: status::LastLines::default(),
+        }
+    }
+
+    /// A worker parent's output (`worker_fork`), which it writes while it loads and forks.
+    fn parent(queue: &QueueName, pid: i32) -> Self {
+        IdleOutput {
+            span: tracing::info_span!("worker_parent", queue = %queue, pid),
             out: Lines::new("stdout"),
             err: Lines::new("stderr"),
             last_stderr: status::LastLines::default(),

@@ -1,11 +1,14 @@
 //! One worker process: spawned in its own process group with the protocol's two pipes on
-//! fds 3 and 4, and read as a stream of [`Event`]s (message lines, output, exit).
+//! fds 3 and 4 (or forked by the queue's worker parent with the same descriptors), and read
+//! as a stream of [`Event`]s (message lines, output, exit). A worker parent is spawned here
+//! too, with its socket on fd 5 instead.
 //!
 //! Every read here is cancel-safe, so the slot loop can `select!` on [`Proc::next_event`]
 //! beside timers and stop tokens without losing data.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -13,10 +16,10 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{MAX_LINE, RESULT_FD, TASK_FD};
+use super::protocol::{FORK_FD, MAX_LINE, RESULT_FD, TASK_FD};
 use crate::executor::{spawn_tracked, Escalation, Spawned, Spec, Stop, StopWhy, TrackedChild};
 
 /// What a running worker did next.
@@ -93,64 +96,120 @@ impl LineReader {
     }
 }
 
+/// The leader of a worker's group, and how its exit status is learnt.
+enum Leader {
+    /// Spawned by the daemon: tokio reaps it.
+    Own {
+        child: Child,
+        /// Registered until tokio has reaped the leader (see `executor::spawn_tracked`).
+        tracked: Option<TrackedChild>,
+    },
+    /// Forked by the queue's worker parent (`worker_fork`).
+    Forked(super::fork::ForkedChild),
+}
+
+/// How the daemon wires a process it spawns.
+pub(crate) enum Wiring {
+    /// A worker: the protocol's pipes on fds 3 and 4.
+    Protocol,
+    /// A worker parent (`worker_fork`): this end of its socket pair on fd 5, no fds 3 and 4.
+    ForkServer(OwnedFd),
+}
+
 pub(crate) struct Proc {
-    child: Child,
-    /// Registered until tokio has reaped the leader (see `executor::spawn_tracked`).
-    tracked: Option<TrackedChild>,
+    leader: Leader,
     pub(crate) pid: i32,
     /// The leader's start time (`/proc/PID/stat` field 22), for crash recovery.
     pub(crate) start_time: u64,
     tasks: Option<pipe::Sender>,
-    results: LineReader,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    /// `None` for a worker parent, which has no result pipe.
+    results: Option<LineReader>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
     pub(crate) exited: Option<ExitStatus>,
     /// The worker's own cgroup, when the daemon has a subtree: its stop kills all of it.
     pub(crate) cgroup: Option<crate::executor::cgroup::Cgroup>,
 }
 
+/// A worker's (or worker parent's) own cgroup, `worker-<queue>-<n>`, n counting in this
+/// daemon.
+fn worker_cgroup(
+    spec: Option<&crate::executor::cgroup::CgroupSpec>,
+) -> io::Result<Option<crate::executor::cgroup::Cgroup>> {
+    let Some(c) = spec else { return Ok(None) };
+    let mut c = c.clone();
+    c.name = format!("{}-{}", c.name, c.place.serial());
+    crate::executor::cgroup::Cgroup::create(&c)
+        .map(Some)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "could not create the worker's cgroup {}: {e}",
+                    c.place.tree().join(&c.name).display()
+                ),
+            )
+        })
+}
+
+fn line_reader(rx: pipe::Receiver) -> LineReader {
+    LineReader {
+        rx,
+        max: MAX_LINE,
+        buf: Vec::new(),
+        scanned: 0,
+        eof: false,
+        done: false,
+    }
+}
+
+/// A child's stdout or stderr as a tokio pipe, like the pipes of a forked worker.
+fn as_pipe(fd: Option<io::Result<OwnedFd>>) -> Option<pipe::Receiver> {
+    pipe::Receiver::from_owned_fd(fd?.ok()?).ok()
+}
+
 impl Proc {
-    /// Spawns the worker. The protocol's pipes are close-on-exec in the daemon (no other
-    /// child inherits them) and moved to fds 3 and 4 in the worker only.
-    pub(crate) fn spawn(spec: &Spec) -> io::Result<Proc> {
-        let (task_r, task_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // One cgroup per worker process: `worker-<queue>-<n>`, n counting in this daemon.
-        let cgroup = match &spec.cgroup {
-            None => None,
-            Some(c) => {
-                let mut c = c.clone();
-                c.name = format!("{}-{}", c.name, c.place.serial());
-                Some(crate::executor::cgroup::Cgroup::create(&c).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "could not create the worker's cgroup {}: {e}",
-                            c.place.tree().join(&c.name).display()
-                        ),
-                    )
-                })?)
-            }
-        };
+    /// Spawns a worker (or, with [`Wiring::ForkServer`], a worker parent). The protocol's
+    /// pipes are close-on-exec in the daemon (no other child inherits them) and moved to
+    /// fds 3 and 4 in the worker only.
+    pub(crate) fn spawn(spec: &Spec, wiring: Wiring) -> io::Result<Proc> {
+        let cgroup = worker_cgroup(spec.cgroup.as_ref())?;
         if let Some(cg) = &cgroup {
             cg.open_procs()?;
         }
         let mut cmd = crate::executor::command(spec, cgroup.as_ref());
-        let (from_task, from_res) = (task_r.as_raw_fd(), res_w.as_raw_fd());
+        let (mut ours, theirs) = match wiring {
+            Wiring::Protocol => {
+                let (task_r, task_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                (
+                    Some((task_w, res_r)),
+                    vec![(task_r, TASK_FD), (res_w, RESULT_FD)],
+                )
+            }
+            Wiring::ForkServer(fd) => (None, vec![(fd, FORK_FD)]),
+        };
+        let moves: Vec<(i32, i32)> = theirs
+            .iter()
+            .map(|(fd, to)| (fd.as_raw_fd(), *to))
+            .collect();
         // SAFETY: the hook only makes async-signal-safe system calls (fcntl, dup2, close,
         // prctl: nix's wrappers are each the bare call and an errno check) on integers
-        // computed before the fork, and allocates nothing.
+        // computed before the fork, and allocates nothing (`moves` is iterated in place).
         unsafe {
             cmd.pre_exec(move || {
                 use nix::fcntl::{fcntl, FcntlArg};
                 use nix::unistd::{close, dup2};
-                // Copied above 4 first, so that a source that already is 3 or 4 is not
+                // Copied above 5 first, so that a source that already is a target is not
                 // overwritten before it is moved; dup2 clears close-on-exec on the target.
-                let a = fcntl(from_task, FcntlArg::F_DUPFD(5))?;
-                let b = fcntl(from_res, FcntlArg::F_DUPFD(5))?;
-                dup2(a, TASK_FD)?;
-                dup2(b, RESULT_FD)?;
-                let _ = (close(a), close(b));
+                let mut high = [0i32; 2];
+                for (i, (from, _)) in moves.iter().enumerate() {
+                    high[i] = fcntl(*from, FcntlArg::F_DUPFD(6))?;
+                }
+                for (i, (_, to)) in moves.iter().enumerate() {
+                    dup2(high[i], *to)?;
+                    let _ = close(high[i]);
+                }
                 // The worker dies with the daemon (SIGKILL of the daemon included); the
                 // rest of its group is killed by the next daemon from workers.json.
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
@@ -162,27 +221,73 @@ impl Proc {
         if let Some(cg) = &cgroup {
             cg.started();
         }
-        drop(task_r);
-        drop(res_w);
+        drop(theirs);
         let pid = tracked.pid();
-        let tasks = pipe::Sender::from_owned_fd(task_w)?;
-        let rx = pipe::Receiver::from_owned_fd(res_r)?;
+        let (tasks, results) = match ours.take() {
+            Some((task_w, res_r)) => (
+                Some(pipe::Sender::from_owned_fd(task_w)?),
+                Some(line_reader(pipe::Receiver::from_owned_fd(res_r)?)),
+            ),
+            None => (None, None),
+        };
         Ok(Proc {
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-            child,
-            tracked: Some(tracked),
+            stdout: as_pipe(child.stdout.take().map(|s| s.into_owned_fd())),
+            stderr: as_pipe(child.stderr.take().map(|s| s.into_owned_fd())),
+            leader: Leader::Own {
+                child,
+                tracked: Some(tracked),
+            },
             pid,
             start_time: Spawned { pid }.start_time(),
-            tasks: Some(tasks),
-            results: LineReader {
-                rx,
-                max: MAX_LINE,
-                buf: Vec::new(),
-                scanned: 0,
-                eof: false,
-                done: false,
-            },
+            tasks,
+            results,
+            exited: None,
+            cgroup,
+        })
+    }
+
+    /// Asks the queue's worker parent for a worker for `slot`: the five descriptors it will
+    /// have as 0–4 go with the request; the parent forks, the child joins its own cgroup
+    /// (moved by the daemon before it can get a task) and speaks the protocol from `ready`
+    /// on, as a spawned worker does.
+    pub(crate) async fn fork(
+        server: &std::sync::Arc<super::fork::ForkServer>,
+        slot: usize,
+        cgroup: Option<&crate::executor::cgroup::CgroupSpec>,
+    ) -> io::Result<Proc> {
+        use nix::fcntl::OFlag;
+        let cgroup = worker_cgroup(cgroup)?;
+        let (task_r, task_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let null = OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/dev/null")?,
+        );
+        // In the order the worker has them: 3, 4, 0, 1, 2.
+        let theirs = [task_r, res_w, null, out_w, err_w];
+        let child = server.fork(slot, theirs).await?;
+        let pid = child.pid;
+        if let Some(cg) = &cgroup {
+            if let Err(e) = cg.adopt(pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("could not move the forked worker (pid {pid}) into its cgroup: {e}"),
+                ));
+            }
+        }
+        Ok(Proc {
+            leader: Leader::Forked(child),
+            pid,
+            start_time: Spawned { pid }.start_time(),
+            tasks: Some(pipe::Sender::from_owned_fd(task_w)?),
+            results: Some(line_reader(pipe::Receiver::from_owned_fd(res_r)?)),
+            stdout: pipe::Receiver::from_owned_fd(out_r).ok(),
+            stderr: pipe::Receiver::from_owned_fd(err_r).ok(),
             exited: None,
             cgroup,
         })
@@ -191,12 +296,14 @@ impl Proc {
     /// The longest message line taken from now on: the protocol's [`MAX_LINE`], plus the
     /// queue's `max_result` (an `ok` answer carries the result).
     pub(crate) fn set_max_line(&mut self, max: usize) {
-        self.results.max = max;
+        if let Some(r) = &mut self.results {
+            r.max = max;
+        }
     }
 
     /// The longest message line taken now.
     pub(crate) fn max_line(&self) -> usize {
-        self.results.max
+        self.results.as_ref().map_or(MAX_LINE, |r| r.max)
     }
 
     /// The next thing the worker did. Cancel-safe.
@@ -204,19 +311,19 @@ impl Proc {
         let mut out = [0u8; 8192];
         let mut err = [0u8; 8192];
         let Proc {
-            child,
+            leader,
             results,
             stdout,
             stderr,
             exited,
-            tracked,
             ..
         } = self;
+        let reading = results.as_ref().is_some_and(|r| !r.done);
         tokio::select! {
             // Results and output before the exit: a worker that answers and exits at once
             // has its answer read first.
             biased;
-            r = results.next(), if !results.done => match r {
+            r = next_line(results), if reading => match r {
                 Read::Line(l) => Event::Line(l),
                 Read::TooLong(l) => Event::TooLong(l),
                 Read::Eof => Event::ResultsClosed,
@@ -229,20 +336,9 @@ impl Proc {
                 Some(n) => Event::Stderr(err[..n].to_vec()),
                 None => { *stderr = None; Event::Stderr(Vec::new()) }
             },
-            st = child.wait(), if exited.is_none() => {
-                *tracked = None;
-                match st {
-                    Ok(st) => {
-                        *exited = Some(st);
-                        Event::Exit(st)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "failed to wait for a worker process; its exit status is lost");
-                        let st = std::os::unix::process::ExitStatusExt::from_raw(-1 << 8);
-                        *exited = Some(st);
-                        Event::Exit(st)
-                    }
-                }
+            st = leader.wait(), if exited.is_none() => {
+                *exited = Some(st);
+                Event::Exit(st)
             },
             else => Event::Gone,
         }
@@ -338,6 +434,33 @@ impl Drop for Proc {
             // the leader was not reaped yet, tokio's orphan queue reaps it.
             self.signal(Signal::SIGKILL);
         }
+    }
+}
+
+impl Leader {
+    /// The leader's exit status. Cancel-safe.
+    async fn wait(&mut self) -> ExitStatus {
+        match self {
+            Leader::Own { child, tracked } => {
+                let st = child.wait().await;
+                *tracked = None;
+                match st {
+                    Ok(st) => st,
+                    Err(e) => {
+                        tracing::error!(error = %e, "failed to wait for a worker process; its exit status is lost");
+                        std::os::unix::process::ExitStatusExt::from_raw(-1 << 8)
+                    }
+                }
+            }
+            Leader::Forked(child) => child.wait().await,
+        }
+    }
+}
+
+async fn next_line(results: &mut Option<LineReader>) -> Read {
+    match results {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
     }
 }
 

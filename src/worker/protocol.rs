@@ -11,13 +11,17 @@ use crate::model::{QueueName, TaskId};
 pub const VERSION: u32 = 1;
 /// The minor version, announced in `TASKD_WORKER_PROTOCOL_MINOR`: what this daemon
 /// understands within [`VERSION`] (1: `result` in an `ok` answer; 2: `after` in a task
-/// message; 3: `payload_b64` in a task message, for a raw payload). A minor version only adds optional fields, so a worker written for an older one
-/// works unchanged.
-pub const MINOR: u32 = 3;
+/// message; 3: `payload_b64` in a task message, for a raw payload; 4: `worker_fork`, a parent
+/// that forks the workers). A minor version only adds optional fields and opt-in features, so
+/// a worker written for an older one works unchanged.
+pub const MINOR: u32 = 4;
 /// The worker's descriptor on which tasks arrive (`TASKD_TASK_FD`).
 pub const TASK_FD: i32 = 3;
 /// The worker's descriptor on which it answers (`TASKD_RESULT_FD`).
 pub const RESULT_FD: i32 = 4;
+/// The worker parent's descriptor for the fork conversation (`TASKD_WORKER_FORK_FD`), with
+/// `worker_fork`: one end of a `SOCK_SEQPACKET` socket pair, one JSON object per message.
+pub const FORK_FD: i32 = 5;
 /// A message line longer than this is a protocol error (memory stays bounded). A queue's
 /// `max_result` is allowed on top, for an `ok` answer that carries a result.
 pub const MAX_LINE: usize = 1024 * 1024;
@@ -78,6 +82,31 @@ pub enum WorkerMessage {
         #[serde(default)]
         message: Option<String>,
     },
+}
+
+/// A message from a worker parent (`worker_fork`), one per `SOCK_SEQPACKET` message on
+/// [`FORK_FD`]. Unknown fields are ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ParentMessage {
+    /// The parent has loaded the program and takes `fork` requests.
+    Forkserver { protocol: u32 },
+    /// The worker for `slot` was forked as `pid`.
+    Forked { slot: usize, pid: i32 },
+    /// The parent could not fork the worker for `slot`.
+    Error {
+        slot: usize,
+        #[serde(default)]
+        message: String,
+    },
+    /// A forked worker ended; `status` as `waitpid` gives it.
+    Exited { pid: i32, status: i32 },
+}
+
+/// Parses one message of a worker parent.
+pub fn parse_parent(msg: &[u8]) -> Result<ParentMessage, String> {
+    let text = std::str::from_utf8(msg).map_err(|_| "not UTF-8".to_string())?;
+    serde_json::from_str(text.trim_end()).map_err(|e| e.to_string())
 }
 
 /// Parses one line; `Err` says why it is not a valid message.
@@ -161,6 +190,26 @@ mod tests {
             "unknown fields are ignored"
         );
         assert!(parse(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn parent_messages_parse() {
+        assert_eq!(
+            parse_parent(br#"{"type":"forkserver","protocol":1}"#),
+            Ok(ParentMessage::Forkserver { protocol: 1 })
+        );
+        assert_eq!(
+            parse_parent(br#"{"type":"forked","slot":2,"pid":4711}"#),
+            Ok(ParentMessage::Forked { slot: 2, pid: 4711 })
+        );
+        assert_eq!(
+            parse_parent(b"{\"type\":\"exited\",\"pid\":4711,\"status\":9}\n"),
+            Ok(ParentMessage::Exited {
+                pid: 4711,
+                status: 9
+            })
+        );
+        assert!(parse_parent(br#"{"type":"ready","protocol":1}"#).is_err());
     }
 
     #[test]

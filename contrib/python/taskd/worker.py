@@ -1,12 +1,22 @@
-"""The worker side of taskd's worker protocol (docs/worker-protocol.md, version 1.3): tasks
+"""The worker side of taskd's worker protocol (docs/worker-protocol.md, version 1.4): tasks
 arrive as JSON lines on TASKD_TASK_FD (3), answers go to TASKD_RESULT_FD (4), so that a stray
-print() cannot corrupt them; stdout and stderr are the running task's output."""
+print() cannot corrupt them; stdout and stderr are the running task's output.
+
+With `worker_fork = true` (TASKD_WORKER_FORK_FD set) the process is the queue's *parent*: it
+has loaded the program (the module that calls `app.run()` imported everything), announces
+itself on that descriptor and forks one worker per request; each child then serves as above.
+"""
 
 from __future__ import annotations
 
 import base64
+import fcntl
+import gc
 import json
 import os
+import select
+import signal
+import socket
 import sys
 import traceback
 from typing import Any, Callable, Dict, Optional
@@ -83,6 +93,10 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
             "run it as a queue's `worker = [...]`\n" % (name, PROTOCOL, version)
         )
         sys.exit(2)
+    fork_fd = os.environ.get("TASKD_WORKER_FORK_FD")
+    if fork_fd is not None:
+        # Returns in each forked worker only; the parent exits from inside.
+        _fork_server(int(fork_fd))
     task_fd = int(os.environ.get("TASKD_TASK_FD", "3"))
     _results = int(os.environ.get("TASKD_RESULT_FD", "4"))
     tasks = os.fdopen(task_fd, "rb")
@@ -129,3 +143,101 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
             finally:
                 sys.stderr.flush()
         _write(((line if line is not None else _encode(result)) + "\n").encode("utf-8"))
+
+
+def _fork_server(fd: int) -> None:
+    """The parent of a `worker_fork` queue: answers taskd's `fork` requests (each carries the
+    worker's descriptors 3, 4, 0, 1, 2) by forking, reports each worker's exit status, and
+    exits when taskd closes the socket. Returns only in a forked worker, set up to serve."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    # Children exit-report through a self-pipe: SIGCHLD only wakes the select below.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    # What is loaded now stays shared with the children: the collector would otherwise
+    # touch (and so copy) every object's header in each child.
+    gc.collect()
+    gc.freeze()
+
+    def send(obj: Dict[str, Any]) -> None:
+        sock.send(_encode(obj).encode("utf-8"))
+
+    send({"type": "forkserver", "protocol": PROTOCOL})
+    while True:
+        try:
+            ready, _, _ = select.select([sock, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                send({"type": "exited", "pid": pid, "status": status})
+        if sock not in ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
+        except InterruptedError:
+            continue
+        if not data:
+            # taskd closed the socket: no more workers from this parent. The children are
+            # taskd's to stop, not ours.
+            os._exit(0)
+        try:
+            msg = _decode(data.decode("utf-8"))
+        except ValueError:
+            msg = {}
+        slot = msg.get("slot")
+        if msg.get("type") != "fork" or len(fds) != 5:
+            for f in fds:
+                os.close(f)
+            send({"type": "error", "slot": slot, "message": "a fork request needs 5 descriptors"})
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for f in fds:
+                os.close(f)
+            send({"type": "error", "slot": slot, "message": "fork: %s" % e})
+            continue
+        if pid == 0:
+            _become_worker(sock, fds, slot, (wake_r, wake_w))
+            return
+        for f in fds:
+            os.close(f)
+        send({"type": "forked", "slot": slot, "pid": pid})
+
+
+def _become_worker(sock: socket.socket, fds: Any, slot: Any, wake: Any) -> None:
+    """In a forked child: its own session and process group (taskd signals the group), the
+    received descriptors as 3, 4, 0, 1, 2, nothing of the parent's conversation left."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    # Above every target first, so that moving one cannot overwrite another.
+    high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 10) for f in fds]
+    for f in fds:
+        os.close(f)
+    for f in wake:
+        os.close(f)
+    sock.close()
+    for target, f in zip((3, 4, 0, 1, 2), high):
+        os.dup2(f, target)
+        os.close(f)
+    os.environ.pop("TASKD_WORKER_FORK_FD", None)
+    os.environ["TASKD_TASK_FD"] = "3"
+    os.environ["TASKD_RESULT_FD"] = "4"
+    os.environ["TASKD_WORKER_SLOT"] = str(slot)

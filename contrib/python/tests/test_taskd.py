@@ -500,6 +500,54 @@ class WorkerProcess(unittest.TestCase):
         self.assertEqual(answers_seen[1], {"type": "result", "id": "t1", "status": "ok", "result": ["ok"]})
         self.assertEqual(answers_seen[2]["result"], ["caf\u00e9"])
 
+    def test_a_forking_parent_forks_workers_and_reports_their_exit(self) -> None:
+        # worker_fork's parent over a real socket pair, without a daemon: `forkserver`, a
+        # `fork` with five descriptors, a child that serves as a worker in its own process
+        # group, its exit reported, and the parent's exit when the socket closes.
+        import socket
+
+        worker = (
+            "import os, taskd\n"
+            "app = taskd.App(queue='q')\n"
+            "@app.task\n"
+            "def who():\n"
+            "    print('from the child')\n"
+            "    return [os.getpid(), os.getppid(), os.getpgid(0), os.environ['TASKD_WORKER_SLOT']]\n"
+            "app.run()\n"
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, PYTHONPATH=PACKAGE_DIR, TASKD_WORKER_PROTOCOL="1",
+                   TASKD_WORKER_FORK_FD=str(theirs.fileno()))
+        p = subprocess.Popen([sys.executable, "-c", worker], pass_fds=(theirs.fileno(),), env=env,
+                             stdout=subprocess.DEVNULL)
+        theirs.close()
+        try:
+            self.assertEqual(json.loads(ours.recv(4096)), {"type": "forkserver", "protocol": 1})
+            t_r, t_w = os.pipe()
+            r_r, r_w = os.pipe()
+            o_r, o_w = os.pipe()
+            e_r, e_w = os.pipe()
+            null = os.open(os.devnull, os.O_RDONLY)
+            socket.send_fds(ours, [b'{"type":"fork","slot":3}'], [t_r, r_w, null, o_w, e_w])
+            for fd in (t_r, r_w, null, o_w, e_w):
+                os.close(fd)
+            forked = json.loads(ours.recv(4096))
+            self.assertEqual((forked["type"], forked["slot"]), ("forked", 3))
+            child = forked["pid"]
+            with os.fdopen(t_w, "wb", buffering=0) as tasks, os.fdopen(r_r, "rb") as answers:
+                self.assertEqual(json.loads(answers.readline()), {"type": "ready", "protocol": 1})
+                tasks.write(b'{"type":"task","id":"t1","payload":{"task":"who","args":[],"kwargs":{}}}\n')
+                answer = json.loads(answers.readline())
+            self.assertEqual(answer["result"], [child, p.pid, child, "3"])
+            self.assertEqual(os.read(o_r, 100), b"from the child\n")
+            # The task pipe closed: the worker exits 0, and the parent says so.
+            self.assertEqual(json.loads(ours.recv(4096)), {"type": "exited", "pid": child, "status": 0})
+            for fd in (o_r, e_r):
+                os.close(fd)
+        finally:
+            ours.close()
+        self.assertEqual(p.wait(timeout=30), 0)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -5,16 +5,12 @@
 //! Claims of a queue with limits take an advisory lock on the queue for their transaction:
 //! the holders of a key and a rate's TAT are read and changed by one client at a time.
 
-use std::collections::HashMap;
-
 use deadpool_postgres::Transaction;
 
 use super::rows::{exec, one, opt, row_to_claimed, rows, sql_limit, TASK_COLS};
+use crate::broker::flow::{room, FlowStep, FlowWalk, KEY_FULL};
 use crate::broker::{BrokerError, Claimed, Flow, FlowState, Result};
 use crate::model::{NodeId, QueueName, TaskId, UnixMs};
-
-const KEY_FULL: i16 = 1;
-const RATE_WAITS: i16 = 2;
 
 /// Serialise the flow-limited claims of `queue` until the transaction ends.
 pub(super) async fn lock_queue(tx: &Transaction<'_>, queue: &str) -> Result<()> {
@@ -44,11 +40,8 @@ pub(super) async fn claim(
     let q = queue.as_str();
     lock_queue(tx, q).await?;
     refill(tx, q, now, flow).await?;
-    let now_us = now * 1000;
-    let mut holders: HashMap<String, u32> = HashMap::new();
-    let mut tats: HashMap<String, Option<i64>> = HashMap::new();
+    let mut walk = FlowWalk::new(flow, now);
     let mut out = Vec::new();
-    let mut stopped_until: Option<i64> = None;
     'walk: while out.len() < max {
         let want = (max - out.len()) as i64 + 16;
         let batch = rows(
@@ -70,70 +63,44 @@ pub(super) async fn claim(
             let seq: i64 = r.get(0);
             let fk: Option<String> = r.get(1);
             let rk: Option<String> = r.get(2);
-            if let (Some(limit), Some(k)) = (flow.per_key, &fk) {
-                let held = match holders.get(k) {
-                    Some(n) => *n,
-                    None => {
-                        let n = held_with_key(tx, q, k).await?;
-                        holders.insert(k.clone(), n);
-                        n
+            loop {
+                match walk.step(fk.as_deref(), rk.as_deref()) {
+                    FlowStep::Holders(k) => {
+                        let n = held_with_key(tx, q, &k).await?;
+                        walk.held(k, n);
                     }
-                };
-                if held >= limit {
-                    park(tx, q, seq, KEY_FULL, k, 0).await?;
-                    continue;
+                    FlowStep::Tat(k) => {
+                        let t = read_tat(tx, q, &k).await?;
+                        walk.tat(k, t);
+                    }
+                    FlowStep::Park { kind, key, until } => {
+                        park(tx, q, seq, kind, &key, until).await?;
+                        break;
+                    }
+                    FlowStep::Take { tat } => {
+                        if let Some((key, tat)) = tat {
+                            write_tat(tx, q, &key, tat).await?;
+                        }
+                        out.push(take(tx, node, seq, now, lease_ms).await?);
+                        break;
+                    }
+                    FlowStep::Stop => break 'walk,
                 }
             }
-            if let Some(rate) = flow.rate {
-                let key = if rate.keyed {
-                    rk.clone().unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                let tat = match tats.get(&key) {
-                    Some(t) => *t,
-                    None => {
-                        let t = read_tat(tx, q, &key).await?;
-                        tats.insert(key.clone(), t);
-                        t
-                    }
-                };
-                match rate.take(tat, now_us) {
-                    Ok(next) => {
-                        tats.insert(key.clone(), Some(next));
-                        write_tat(tx, q, &key, next).await?;
-                    }
-                    Err(at) if rate.keyed => {
-                        park(tx, q, seq, RATE_WAITS, &key, (at + 999) / 1000).await?;
-                        continue;
-                    }
-                    Err(at) => {
-                        stopped_until = Some(at);
-                        break 'walk;
-                    }
-                }
-            }
-            if let Some(k) = &fk {
-                *holders.entry(k.clone()).or_insert(0) += 1;
-            }
-            out.push(take(tx, node, seq, now, lease_ms).await?);
         }
     }
-    let mut wait = stopped_until.map(|us| (us + 999) / 1000);
-    if flow.rate.is_some_and(|r| r.keyed) {
-        let next: Option<i64> = one(
+    let parked_until: Option<i64> = if walk.wants_parked_until() {
+        one(
             tx,
             "SELECT min(until) FROM parked_keys WHERE queue = $1 AND kind = 2",
             &[&q],
         )
         .await?
-        .get(0);
-        wait = match (wait, next) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-    Ok((out, wait))
+        .get(0)
+    } else {
+        None
+    };
+    Ok((out, walk.wait(parked_until)))
 }
 
 /// Put back the parked tasks that may run now; a key with none left parked is dropped.
@@ -148,17 +115,11 @@ async fn refill(tx: &Transaction<'_>, queue: &str, now: UnixMs, flow: Flow) -> R
         let kind: i16 = r.get(0);
         let key: String = r.get(1);
         let until: i64 = r.get(2);
-        let free: i64 = match kind {
-            KEY_FULL => match flow.per_key {
-                Some(limit) => i64::from(limit) - i64::from(held_with_key(tx, queue, &key).await?),
-                None => i64::MAX,
-            },
-            _ => match flow.rate {
-                Some(_) if until > now => 0,
-                Some(rate) => i64::from(rate.burst),
-                None => i64::MAX,
-            },
+        let held = match (kind, flow.per_key) {
+            (KEY_FULL, Some(_)) => Some(held_with_key(tx, queue, &key).await?),
+            _ => None,
         };
+        let free = room(flow, kind, until, now, held);
         if free <= 0 {
             continue;
         }

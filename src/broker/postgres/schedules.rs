@@ -9,12 +9,12 @@ use deadpool_postgres::{GenericClient, Transaction};
 use super::conn::pg;
 use super::rows::{exec, insert_task, opt, rows, sql_limit};
 use super::PgBroker;
-use crate::broker::schedules::{overlap_reason, SLOT_HISTORY};
+use crate::broker::schedules::{Plan, SLOT_HISTORY};
 use crate::broker::{
     BrokerError, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord,
     StepAnswer,
 };
-use crate::model::{NewTask, TaskState, UnixMs};
+use crate::model::{NewTask, TaskId, TaskState, UnixMs};
 
 const SLOT_COLS: &str = "slot, first, count, outcome, task, reason, at, node";
 
@@ -175,136 +175,54 @@ async fn lock_record(
     read_state(tx, key, true).await
 }
 
+/// Whether `task` (a schedule's previous slot task) still waits or runs.
+async fn still_live(tx: &Transaction<'_>, task: TaskId) -> Result<bool> {
+    let state: Option<String> = opt(
+        tx,
+        "SELECT state FROM tasks WHERE id = $1",
+        &[&task.to_string()],
+    )
+    .await?
+    .map(|r| r.get(0));
+    Ok(state
+        .and_then(|s| s.parse::<TaskState>().ok())
+        .is_some_and(|s| !s.is_terminal()))
+}
+
 async fn step(
     tx: &Transaction<'_>,
     key: &ScheduleKey,
     step: ScheduleStep,
     now: UnixMs,
 ) -> Result<StepAnswer> {
+    // A manual run leaves the record as it is: no need for its row lock.
     if let ScheduleStep::Manual { task } = &step {
         let e = insert_for(tx, key, task, None, now).await?;
         return Ok(StepAnswer::Manual { task: e.id });
     }
     let mut st = lock_record(tx, key, now).await?;
-    let (spec, slot) = match &step {
-        ScheduleStep::Begin { spec, through } => {
-            if st.spec == *spec {
-                return Ok(StepAnswer::Begun(false));
-            }
-            st.spec = spec.clone();
-            st.through = st.through.max(*through);
-            st.last_task = None;
+    let (record, answer) = match st.plan(step, now) {
+        Plan::Answer(answer) => return Ok(answer),
+        Plan::Begin => {
             write_state(tx, &st, now).await?;
             return Ok(StepAnswer::Begun(true));
         }
-        ScheduleStep::Fire { spec, slot, .. } => (spec.clone(), *slot),
-        ScheduleStep::Skip { spec, last, .. } => (spec.clone(), *last),
-        ScheduleStep::Manual { .. } => unreachable!("answered above"),
-    };
-    if st.spec != spec || slot <= st.through {
-        return Ok(StepAnswer::AlreadyHandled {
-            through: st.through,
-            spec: st.spec,
-        });
-    }
-    let (record, answer) = match step {
-        ScheduleStep::Fire {
+        Plan::Manual(_) => unreachable!("answered above"),
+        Plan::Record(record, answer) => (record, answer),
+        Plan::Fire {
             slot,
             task,
             caught_up,
-            skip_if_running,
+            overlap,
             node,
-            ..
-        } => {
-            let running = match st.last_task.filter(|_| skip_if_running) {
-                Some(prev) => {
-                    let state: Option<String> = opt(
-                        tx,
-                        "SELECT state FROM tasks WHERE id = $1",
-                        &[&prev.to_string()],
-                    )
-                    .await?
-                    .map(|r| r.get(0));
-                    state
-                        .and_then(|s| s.parse::<TaskState>().ok())
-                        .filter(|s| !s.is_terminal())
-                        .map(|_| prev)
-                }
-                None => None,
-            };
-            if let Some(prev) = running {
-                st.skipped += 1;
-                (
-                    SlotRecord {
-                        slot,
-                        first: slot,
-                        count: 1,
-                        outcome: SlotOutcome::Skipped,
-                        task: Some(prev),
-                        reason: Some(overlap_reason(prev)),
-                        at: now,
-                        node,
-                    },
-                    StepAnswer::Skipped {
-                        running: Some(prev),
-                    },
-                )
-            } else {
+        } => match overlap {
+            Some(prev) if still_live(tx, prev).await? => st.overlapped(slot, prev, node, now),
+            _ => {
                 let e = insert_for(tx, key, &task, Some(slot), now).await?;
-                st.last_task = Some(e.id);
-                let outcome = if caught_up {
-                    st.caught_up += 1;
-                    SlotOutcome::CaughtUp
-                } else {
-                    st.fired += 1;
-                    SlotOutcome::Fired
-                };
-                (
-                    SlotRecord {
-                        slot,
-                        first: slot,
-                        count: 1,
-                        outcome,
-                        task: Some(e.id),
-                        reason: None,
-                        at: now,
-                        node,
-                    },
-                    StepAnswer::Fired {
-                        task: e.id,
-                        existing: e.existing,
-                    },
-                )
+                st.fired(slot, e.id, e.existing, caught_up, node, now)
             }
-        }
-        ScheduleStep::Skip {
-            first,
-            last,
-            count,
-            reason,
-            node,
-            ..
-        } => {
-            st.skipped += count;
-            (
-                SlotRecord {
-                    slot: last,
-                    first,
-                    count,
-                    outcome: SlotOutcome::Skipped,
-                    task: None,
-                    reason: Some(reason),
-                    at: now,
-                    node,
-                },
-                StepAnswer::Skipped { running: None },
-            )
-        }
-        ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
-            unreachable!("answered above")
-        }
+        },
     };
-    st.through = slot;
     write_state(tx, &st, now).await?;
     add_record(tx, key, &record).await?;
     Ok(answer)

@@ -5,17 +5,13 @@
 //! taking or parking each task it reads. Nothing here reads a parked task until its key
 //! may run.
 
-use std::collections::HashMap;
-
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::conn::storage;
 use super::rows::{row_to_task, TASK_COLS};
+use crate::broker::flow::{room, FlowStep, FlowWalk, KEY_FULL};
 use crate::broker::{Claimed, Flow, FlowState, Lease, Result};
 use crate::model::{NodeId, QueueName, TaskId, UnixMs};
-
-const KEY_FULL: i64 = 1;
-const RATE_WAITS: i64 = 2;
 
 /// A claim of up to `max` tasks of `queue` under `flow`, inside the writer's transaction
 /// (due tasks already promoted). Returns the claimed tasks and, when a rate refused a start,
@@ -32,11 +28,8 @@ pub(super) fn claim(
 ) -> Result<(Vec<Claimed>, Option<UnixMs>)> {
     let q = queue.as_str();
     refill(conn, q, now, flow)?;
-    let now_us = now * 1000;
-    let mut holders: HashMap<String, u32> = HashMap::new();
-    let mut tats: HashMap<String, Option<i64>> = HashMap::new();
+    let mut walk = FlowWalk::new(flow, now);
     let mut out = Vec::new();
-    let mut stopped_until: Option<i64> = None;
     'walk: while out.len() < max {
         let want = (max - out.len()) as i64 + 16;
         let batch: Vec<(i64, Option<String>, Option<String>)> = conn
@@ -60,74 +53,47 @@ pub(super) fn claim(
             if out.len() >= max {
                 break 'walk;
             }
-            if let (Some(limit), Some(k)) = (flow.per_key, &fk) {
-                let held = match holders.get(k) {
-                    Some(n) => *n,
-                    None => {
-                        let n = held_with_key(conn, q, k)?;
-                        holders.insert(k.clone(), n);
-                        n
+            loop {
+                match walk.step(fk.as_deref(), rk.as_deref()) {
+                    FlowStep::Holders(k) => {
+                        let n = held_with_key(conn, q, &k)?;
+                        walk.held(k, n);
                     }
-                };
-                if held >= limit {
-                    park(conn, q, seq, KEY_FULL, k, 0)?;
-                    continue;
+                    FlowStep::Tat(k) => {
+                        let t = read_tat(conn, q, &k)?;
+                        walk.tat(k, t);
+                    }
+                    FlowStep::Park { kind, key, until } => {
+                        park(conn, q, seq, kind, &key, until)?;
+                        break;
+                    }
+                    FlowStep::Take { tat } => {
+                        if let Some((key, tat)) = tat {
+                            write_tat(conn, q, &key, tat)?;
+                        }
+                        out.push(take(conn, node, seq, now, lease_ms)?);
+                        break;
+                    }
+                    FlowStep::Stop => break 'walk,
                 }
             }
-            if let Some(rate) = flow.rate {
-                let key = if rate.keyed {
-                    rk.clone().unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                let tat = match tats.get(&key) {
-                    Some(t) => *t,
-                    None => {
-                        let t = read_tat(conn, q, &key)?;
-                        tats.insert(key.clone(), t);
-                        t
-                    }
-                };
-                match rate.take(tat, now_us) {
-                    Ok(next) => {
-                        tats.insert(key.clone(), Some(next));
-                        write_tat(conn, q, &key, next)?;
-                    }
-                    Err(at) if rate.keyed => {
-                        park(conn, q, seq, RATE_WAITS, &key, (at + 999) / 1000)?;
-                        continue;
-                    }
-                    Err(at) => {
-                        stopped_until = Some(at);
-                        break 'walk;
-                    }
-                }
-            }
-            if let Some(k) = &fk {
-                *holders.entry(k.clone()).or_insert(0) += 1;
-            }
-            out.push(take(conn, node, seq, now, lease_ms)?);
         }
     }
-    let mut wait = stopped_until.map(|us| (us + 999) / 1000);
-    if flow.rate.is_some_and(|r| r.keyed) {
-        let next: Option<i64> = conn
-            .prepare_cached("SELECT min(until) FROM parked_keys WHERE queue = ?1 AND kind = 2")
+    let parked_until: Option<i64> = if walk.wants_parked_until() {
+        conn.prepare_cached("SELECT min(until) FROM parked_keys WHERE queue = ?1 AND kind = 2")
             .and_then(|mut s| s.query_row([q], |r| r.get(0)))
-            .map_err(storage)?;
-        wait = match (wait, next) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-    Ok((out, wait))
+            .map_err(storage)?
+    } else {
+        None
+    };
+    Ok((out, walk.wait(parked_until)))
 }
 
 /// Put back the parked tasks that may run now: as many of a full key's oldest as it has
 /// free slots, a rate key's whose time has come (up to its burst). A key with none left
 /// parked is dropped from `parked_keys`. Costs one step per parked key, never per task.
 fn refill(conn: &Connection, queue: &str, now: UnixMs, flow: Flow) -> Result<()> {
-    let keys: Vec<(i64, String, i64)> = conn
+    let keys: Vec<(i16, String, i64)> = conn
         .prepare_cached("SELECT kind, key, until FROM parked_keys WHERE queue = ?1")
         .and_then(|mut s| {
             s.query_map([queue], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -135,20 +101,11 @@ fn refill(conn: &Connection, queue: &str, now: UnixMs, flow: Flow) -> Result<()>
         })
         .map_err(storage)?;
     for (kind, key, until) in keys {
-        let free: i64 = match kind {
-            KEY_FULL => match flow.per_key {
-                Some(limit) => i64::from(limit) - i64::from(held_with_key(conn, queue, &key)?),
-                None => i64::MAX, // the limit was removed: every parked task may run
-            },
-            _ => match flow.rate {
-                Some(rate) if until > now => {
-                    let _ = rate;
-                    0
-                }
-                Some(rate) => i64::from(rate.burst),
-                None => i64::MAX,
-            },
+        let held = match (kind, flow.per_key) {
+            (KEY_FULL, Some(_)) => Some(held_with_key(conn, queue, &key)?),
+            _ => None,
         };
+        let free = room(flow, kind, until, now, held);
         if free <= 0 {
             continue;
         }
@@ -188,7 +145,7 @@ fn park(
     conn: &Connection,
     queue: &str,
     seq: i64,
-    kind: i64,
+    kind: i16,
     key: &str,
     until: UnixMs,
 ) -> Result<()> {

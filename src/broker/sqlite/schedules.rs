@@ -8,12 +8,12 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::conn::storage;
 use super::rows::insert_task;
 use super::SqliteBroker;
-use crate::broker::schedules::{overlap_reason, SLOT_HISTORY};
+use crate::broker::schedules::{Plan, SLOT_HISTORY};
 use crate::broker::{
     BrokerError, Result, ScheduleKey, ScheduleState, ScheduleStep, SlotOutcome, SlotRecord,
     StepAnswer,
 };
-use crate::model::{now_ms, NewTask, TaskState, UnixMs};
+use crate::model::{now_ms, NewTask, TaskId, TaskState, UnixMs};
 
 const STATE_COLS: &str = "spec, through, last_task, fired, caught_up, skipped, paused";
 const SLOT_COLS: &str = "slot, first, count, outcome, task, reason, at, node";
@@ -167,6 +167,17 @@ fn insert_for(
     Ok(e)
 }
 
+/// Whether `task` (a schedule's previous slot task) still waits or runs.
+fn still_live(conn: &Connection, task: TaskId) -> Result<bool> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+        .and_then(|mut s| s.query_row([task.to_string()], |r| r.get(0)).optional())
+        .map_err(storage)?;
+    Ok(state
+        .and_then(|s| s.parse::<TaskState>().ok())
+        .is_some_and(|s| !s.is_terminal()))
+}
+
 /// One step, inside the writer's transaction. Also whether a task was enqueued.
 fn step(
     conn: &Connection,
@@ -175,131 +186,35 @@ fn step(
     now: UnixMs,
 ) -> Result<(StepAnswer, bool)> {
     let mut st = read_state(conn, key)?;
-    let (spec, slot) = match &step {
-        ScheduleStep::Begin { spec, through } => {
-            if st.spec == *spec {
-                return Ok((StepAnswer::Begun(false), false));
-            }
-            st.spec = spec.clone();
-            st.through = st.through.max(*through);
-            st.last_task = None;
+    let (record, answer, work) = match st.plan(step, now) {
+        Plan::Answer(answer) => return Ok((answer, false)),
+        Plan::Begin => {
             write_state(conn, &st, now)?;
             return Ok((StepAnswer::Begun(true), false));
         }
-        ScheduleStep::Manual { task } => {
-            let e = insert_for(conn, key, task, None, now)?;
+        Plan::Manual(task) => {
+            let e = insert_for(conn, key, &task, None, now)?;
             return Ok((StepAnswer::Manual { task: e.id }, !e.existing));
         }
-        ScheduleStep::Fire { spec, slot, .. } => (spec.clone(), *slot),
-        ScheduleStep::Skip { spec, last, .. } => (spec.clone(), *last),
-    };
-    if st.spec != spec || slot <= st.through {
-        return Ok((
-            StepAnswer::AlreadyHandled {
-                through: st.through,
-                spec: st.spec,
-            },
-            false,
-        ));
-    }
-    let (record, answer, work) = match step {
-        ScheduleStep::Fire {
+        Plan::Record(record, answer) => (record, answer, false),
+        Plan::Fire {
             slot,
             task,
             caught_up,
-            skip_if_running,
+            overlap,
             node,
-            ..
-        } => {
-            let running = match st.last_task.filter(|_| skip_if_running) {
-                Some(prev) => {
-                    let state: Option<String> = conn
-                        .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
-                        .and_then(|mut s| s.query_row([prev.to_string()], |r| r.get(0)).optional())
-                        .map_err(storage)?;
-                    state
-                        .and_then(|s| s.parse::<TaskState>().ok())
-                        .filter(|s| !s.is_terminal())
-                        .map(|_| prev)
-                }
-                None => None,
-            };
-            if let Some(prev) = running {
-                st.skipped += 1;
-                (
-                    SlotRecord {
-                        slot,
-                        first: slot,
-                        count: 1,
-                        outcome: SlotOutcome::Skipped,
-                        task: Some(prev),
-                        reason: Some(overlap_reason(prev)),
-                        at: now,
-                        node,
-                    },
-                    StepAnswer::Skipped {
-                        running: Some(prev),
-                    },
-                    false,
-                )
-            } else {
-                let e = insert_for(conn, key, &task, Some(slot), now)?;
-                st.last_task = Some(e.id);
-                let outcome = if caught_up {
-                    st.caught_up += 1;
-                    SlotOutcome::CaughtUp
-                } else {
-                    st.fired += 1;
-                    SlotOutcome::Fired
-                };
-                (
-                    SlotRecord {
-                        slot,
-                        first: slot,
-                        count: 1,
-                        outcome,
-                        task: Some(e.id),
-                        reason: None,
-                        at: now,
-                        node,
-                    },
-                    StepAnswer::Fired {
-                        task: e.id,
-                        existing: e.existing,
-                    },
-                    !e.existing,
-                )
+        } => match overlap {
+            Some(prev) if still_live(conn, prev)? => {
+                let (record, answer) = st.overlapped(slot, prev, node, now);
+                (record, answer, false)
             }
-        }
-        ScheduleStep::Skip {
-            first,
-            last,
-            count,
-            reason,
-            node,
-            ..
-        } => {
-            st.skipped += count;
-            (
-                SlotRecord {
-                    slot: last,
-                    first,
-                    count,
-                    outcome: SlotOutcome::Skipped,
-                    task: None,
-                    reason: Some(reason),
-                    at: now,
-                    node,
-                },
-                StepAnswer::Skipped { running: None },
-                false,
-            )
-        }
-        ScheduleStep::Begin { .. } | ScheduleStep::Manual { .. } => {
-            unreachable!("answered above")
-        }
+            _ => {
+                let e = insert_for(conn, key, &task, Some(slot), now)?;
+                let (record, answer) = st.fired(slot, e.id, e.existing, caught_up, node, now);
+                (record, answer, !e.existing)
+            }
+        },
     };
-    st.through = slot;
     write_state(conn, &st, now)?;
     add_record(conn, key, &record)?;
     Ok((answer, work))
