@@ -45,8 +45,8 @@ pub(super) async fn exec<C: GenericClient>(client: &C, sql: &str, params: &[P<'_
 
 /// A count for SQL's `LIMIT`: callers say "no limit" with `usize::MAX`, which `as i64`
 /// would turn into -1 (refused by PostgreSQL: "LIMIT must not be negative").
-pub(super) fn sql_limit(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+pub(super) fn sql_limit(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 /// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
@@ -321,11 +321,11 @@ pub(super) async fn insert_attempt<C: GenericClient>(
 /// `s` as a `text` value: PostgreSQL's text cannot hold NUL, which a message quoting a
 /// program's words may carry (a worker's error line); each becomes U+FFFD. Output tails,
 /// which keep every byte, are `bytea` instead (migration 2).
-pub(super) fn text(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains('\0') {
-        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+pub(super) fn text(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.contains('\0') {
+        std::borrow::Cow::Owned(message.replace('\0', "\u{FFFD}"))
     } else {
-        std::borrow::Cow::Borrowed(s)
+        std::borrow::Cow::Borrowed(message)
     }
 }
 
