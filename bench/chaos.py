@@ -148,11 +148,7 @@ def processes_of_run(token):
     return out
 
 
-# A shared broker is a server class like this one (start, kill9, url, close). A PostgreSQL
-# broker, once taskd has one, gets its own (a private postgres: initdb in the run directory,
-# its own port, `pg_ctl -m immediate` or SIGKILL of the postmaster as its restart fault),
-# a `--broker postgres` choice, and the faults of `fault_kinds` that Redis has: node_sigstop
-# and a `postgres_restart` beside redis_restart.
+# A shared broker is a server class (start, kill9, url, close): Redis and PostgreSQL.
 class Redis:
     """A private redis-server with the settings docs/redis.md asks for (AOF, everysec,
     noeviction): its own port and directory, restartable on the same port. A kill -9 of it
@@ -192,6 +188,120 @@ class Redis:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
+
+
+def pg_bin_dir():
+    """The directory holding initdb and postgres: Debian's /usr/lib/postgresql/<version>/bin
+    (newest first), then /usr/local/bin and PATH, as tests/common/postgres.rs looks."""
+    dirs = []
+    try:
+        versions = sorted(os.listdir("/usr/lib/postgresql"),
+                          key=lambda v: int(v.split(".")[0]) if v.split(".")[0].isdigit() else 0,
+                          reverse=True)
+        dirs = [os.path.join("/usr/lib/postgresql", v, "bin") for v in versions]
+    except OSError:
+        pass
+    dirs += ["/usr/local/bin"] + os.environ.get("PATH", "").split(os.pathsep)
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "initdb")) and os.path.isfile(os.path.join(d, "postgres")):
+            return d
+    return None
+
+
+class Postgres:
+    """A private PostgreSQL server: initdb in the run directory, its own port, the server's
+    default durability (fsync on, synchronous_commit on). As root it runs as the `postgres`
+    system user (PostgreSQL refuses root). Its restart fault is a crash: SIGKILL of the
+    postmaster and every backend at once (its own process group), then a start on the same
+    data and port, which replays the WAL. It must lose nothing it acknowledged: a commit
+    returns once its WAL record is written and flushed."""
+
+    def __init__(self, run):
+        self.bin = pg_bin_dir()
+        if self.bin is None:
+            raise SystemExit("PostgreSQL (initdb, postgres) is missing (apt-get install postgresql)")
+        self.dir = os.path.join(run.dir, "postgres")
+        os.makedirs(self.dir, mode=0o700)
+        self.user = None
+        if os.geteuid() == 0:
+            import pwd
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise SystemExit("running as root, the server runs as the `postgres` system "
+                                 "user, which does not exist (apt-get install postgresql)")
+            self.user = (pw.pw_uid, pw.pw_gid)
+            os.chmod(run.dir, 0o711)           # the server's user passes through to its dir
+            os.chown(self.dir, *self.user)
+        self.data = os.path.join(self.dir, "data")
+        self.log = os.path.join(self.dir, "postgres.log")
+        r = subprocess.run([os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "postgres",
+                            "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+                           capture_output=True, text=True, preexec_fn=self.as_server,
+                           cwd=self.dir)
+        if r.returncode != 0:
+            raise SystemExit(f"initdb failed: {r.stdout}{r.stderr}")
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    def as_server(self):
+        if self.user:
+            os.setgid(self.user[1])
+            os.setuid(self.user[0])
+
+    def start(self):
+        log_file = open(self.log, "a")
+        if self.user:
+            os.chown(self.log, *self.user)
+        self.proc = subprocess.Popen(
+            [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+             "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=self.dir,
+            preexec_fn=self.as_server, start_new_session=True)
+        log_file.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"postgres exited ({self.proc.returncode}): see {self.log}")
+            r = subprocess.run([os.path.join(self.bin, "pg_isready"), "-q", "-h", "127.0.0.1",
+                                "-p", str(self.port)], capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"postgres did not start: see {self.log}")
+
+    def kill9(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # the postmaster and its backends
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        # A backend must not outlive its postmaster (the next one would refuse the data
+        # directory while it holds the shared memory): wait until the group is empty.
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+
+    def url(self):
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()          # smart shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+
+SHARED = {"redis": Redis, "postgres": Postgres}
 
 
 class Node:
@@ -261,7 +371,7 @@ class Run:
         self.faketime_file = os.path.join(self.dir, "faketime")
         self.taskd = args.taskd
         self.mounted = False
-        self.redis = None
+        self.server = None                # the shared broker's server (Redis, PostgreSQL)
         self.nodes = []
         self.acked = {}                   # id -> (queue, payload)
         self.refused = collections.Counter()
@@ -295,10 +405,10 @@ class Run:
                                    "no clock steps")
         self.faketime = faketime
         url, lease = None, None
-        if self.args.broker == "redis":
-            self.redis = Redis(self)
-            url, lease = self.redis.url(), self.args.lease
-        n = self.args.nodes if self.args.broker == "redis" else 1
+        if self.args.broker in SHARED:
+            self.server = SHARED[self.args.broker](self)
+            url, lease = self.server.url(), self.args.lease
+        n = self.args.nodes if self.server else 1
         for i in range(n):
             self.nodes.append(Node(self, f"n{i + 1}", url, lease, faketime))
         for node in self.nodes:
@@ -324,8 +434,8 @@ class Run:
         for node in self.nodes:
             if node.alive():
                 node.kill9()
-        if self.redis:
-            self.redis.close()
+        if self.server:
+            self.server.close()
         if self.mounted:
             self.unfill()
             subprocess.run(["umount", "-l", self.state])
@@ -379,11 +489,11 @@ class Run:
 
     def fault_kinds(self):
         kinds = ["daemon_kill9", "worker_kill9", "task_kill9"]
-        if self.args.broker == "redis":
-            kinds += ["node_sigstop", "redis_restart"]
+        if self.server:
+            kinds += ["node_sigstop", f"{self.args.broker}_restart"]
         if self.mounted:
             kinds += ["disk_full", "crash_while_full"]
-        if self.args.broker == "redis":
+        if self.server:
             kinds.append("crash_in_outage")
         if self.faketime:
             kinds.append("clock_step")
@@ -451,9 +561,11 @@ class Run:
         node.stopped = False
 
     def fault_redis_restart(self):
-        self.redis.kill9()
+        self.server.kill9()
         self.stop.wait(self.rng.uniform(0.5, 5))
-        self.redis.start()
+        self.server.start()
+
+    fault_postgres_restart = fault_redis_restart
 
     def fill(self):
         path = os.path.join(self.state, "fill")
@@ -489,14 +601,14 @@ class Run:
         node.start()
 
     def fault_crash_in_outage(self):
-        """Two faults at once: a node dies while Redis is down (the starts it could not
-        record)."""
-        self.redis.kill9()
+        """Two faults at once: a node dies while the broker is down (the starts it could
+        not record)."""
+        self.server.kill9()
         self.stop.wait(self.rng.uniform(1, 4))
         node = self.rng.choice(self.nodes)
         node.kill9()
         self.stop.wait(self.rng.uniform(0, 2))
-        self.redis.start()
+        self.server.start()
         node.start()
 
     def fault_clock_step(self):
@@ -518,8 +630,8 @@ class Run:
                 node.stopped = False
         if self.mounted:
             self.unfill()
-        if self.redis and self.redis.proc.poll() is not None:
-            self.redis.start()
+        if self.server and self.server.proc.poll() is not None:
+            self.server.start()
         if self.faketime and self.clock_steps and self.clock_steps[-1][1] != 0:
             with open(self.faketime_file, "w") as f:
                 f.write("+0\n")
@@ -699,12 +811,15 @@ class Checker:
                                     f"{nxt['started_at'] - due} ms after its backoff, no fault near")
         # 6. a failed task used up its attempts or has a permanent reason
         if state == "failed":
-            last = hist[-1] if hist else {}
+            # The attempt that failed it is the last charged one (the broker's order): a lost
+            # run may come later by start time (a clock step) or by record (a frozen node's
+            # late result), and fails nothing.
+            last = charged[-1] if charged else {}
             reason = last.get("reason")
             permanent = (
                 (reason == "exit" and last.get("exit_code") in q["permanent"])
                 or reason in ("spawn", "invalid")
-                or (reason == "lost" and d.get("lost", 0) > 3)
+                or d.get("lost", 0) > 3
                 or (reason == "crash" and d.get("crashes", 0) >= 3)
                 or (reason == "result" and plan.get("fail") == "error"
                     and last["number"] >= 1 and last["number"] < plan["ok_from"]))
@@ -779,6 +894,10 @@ def self_test():
          task("failed", [rec(1, 0, 10, code=1, error="x")]), [], 1),
         ("succeeded before its plan", "quick", dict(plan, ok_from=3),
          task("succeeded", [rec(1, 0, 10)]), [], 1),
+        ("a frozen node's run recorded after the failing attempt", "quick",
+         dict(plan, ok_from=99, code=64),
+         task("failed", [rec(1, 500, 600, code=64, error="x"),
+                         rec(1, 0, 900, "lost", None, pid=99, node="n2")]), [(1, 99), (1, 100)], 0),
         ("cancelled by no one", "quick", plan,
          task("cancelled", [rec(1, 0, 10, "cancelled", None)]), [(1, 100)], 1),
     ]
@@ -799,11 +918,13 @@ def main():
     if sys.argv[1:] == ["--self-test"]:
         self_test()
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--broker", choices=["sqlite", "redis"], default="sqlite")
+    ap.add_argument("--broker", choices=["sqlite", "redis", "postgres"], default="sqlite")
     ap.add_argument("--budget", default="60s", help="how long faults are injected (60s, 30m)")
     ap.add_argument("--seed", type=int, help="the seed (printed; random by default)")
-    ap.add_argument("--nodes", type=int, default=2, help="daemons sharing Redis (default 2)")
-    ap.add_argument("--lease", type=int, default=6, help="the lease on Redis, s (default 6)")
+    ap.add_argument("--nodes", type=int, default=2,
+                    help="daemons sharing Redis or PostgreSQL (default 2)")
+    ap.add_argument("--lease", type=int, default=6,
+                    help="the lease on Redis or PostgreSQL, s (default 6)")
     ap.add_argument("--fault-every", type=float, default=12, help="mean s between faults")
     ap.add_argument("--submit-every", type=float, default=1.5, help="mean s between batches")
     ap.add_argument("--drain", type=float, default=600, help="s the backlog has to drain")

@@ -93,6 +93,10 @@ struct HeldTask {
     queue: QueueName,
     lease: Lease,
     cancel: CancellationToken,
+    /// Until when the lease surely holds by this node's monotonic clock: the claim's or
+    /// the last successful renewal's sending time plus the lease. A task held past it is
+    /// not started before the broker confirms the lease (see `lease_confirmed`).
+    valid_until: tokio::time::Instant,
 }
 
 /// What changed between two versions of a queue's config, one phrase per setting, for
@@ -613,6 +617,7 @@ impl Supervisor {
                 last_run_ms: queue.last_run_ms.load(Ordering::Relaxed),
             });
             if let claim::ClaimPlan::Claim { want, now } = plan {
+                let asked = tokio::time::Instant::now();
                 let claimed = if now {
                     self.broker
                         .claim(&self.node, &queue.name, want, self.lease())
@@ -642,6 +647,7 @@ impl Supervisor {
                                             queue: queue.name.clone(),
                                             lease: c.lease.clone(),
                                             cancel: CancellationToken::new(),
+                                            valid_until: asked + self.lease(),
                                         },
                                     );
                                     held.push_back(c);
@@ -842,6 +848,15 @@ impl Supervisor {
                         _ = stop.shutdown.cancelled() => {}
                     }
                 }
+                // A claim this node held past its lease without renewing it (the node was
+                // frozen, or cut off from the broker) may have been taken back and run to its
+                // end elsewhere: it starts only once the broker confirms the lease (found by
+                // the chaos suite: a node frozen with tasks claimed ahead started them on
+                // waking, after another node had finished them).
+                if !stop.cancel.is_cancelled() && !self.lease_confirmed(&claimed.lease, &stop).await
+                {
+                    stop.cancel.cancel();
+                }
                 // A task that ends within START_RECORD_DELAY never gets a separate start record:
                 // its result records the run (and counts the attempt) by itself, which halves
                 // the store's work for short tasks.
@@ -882,6 +897,11 @@ impl Supervisor {
                 );
                 live = Some(out.clone());
                 let outcome = match spec {
+                    // Stopped before it began (its lease is gone, or an operator cancelled
+                    // it while held): nothing is started, a long-lived worker included.
+                    _ if stop.cancel.is_cancelled() => {
+                        executor::Outcome::not_started(executor::Status::Cancelled, now_ms())
+                    }
                     Run::Exec(mut spec) => {
                         spec.live = Some(out);
                         executor::run(*spec, stop, Some(tx)).await
@@ -1226,6 +1246,63 @@ impl Supervisor {
         }
     }
 
+    /// Whether `lease` still holds, so that its task may start. True at once while the lease
+    /// is within the time this node last secured it for; past that, the broker is asked
+    /// (a renewal of this one lease): false when another node took the task back. While the
+    /// broker cannot answer, the task waits, held (starting it could run it twice); a stop
+    /// or shutdown ends the wait.
+    async fn lease_confirmed(&self, lease: &Lease, stop: &Stop) -> bool {
+        let valid_until = self
+            .leases
+            .lock()
+            .expect("not poisoned")
+            .get(&lease.task)
+            .filter(|e| e.lease.token == lease.token)
+            .map(|e| e.valid_until);
+        match valid_until {
+            Some(until) if tokio::time::Instant::now() < until => return true,
+            None => return true,
+            Some(_) => {}
+        }
+        let mut delay = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut warned = false;
+        loop {
+            let sent = tokio::time::Instant::now();
+            match self
+                .broker
+                .renew(std::slice::from_ref(lease), self.lease())
+                .await
+            {
+                Ok(lost) if lost.contains(&lease.task) => {
+                    tracing::warn!(
+                        "the lease on this claimed task lapsed (this node could not renew it: it was frozen or cut off from the broker) and another node took the task back: not starting it here"
+                    );
+                    return false;
+                }
+                Ok(_) => {
+                    let mut leases = self.leases.lock().expect("not poisoned");
+                    if let Some(entry) = leases.get_mut(&lease.task) {
+                        if entry.lease.token == lease.token {
+                            entry.valid_until = sent + self.lease();
+                        }
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot confirm the lapsed lease of a claimed task; it waits, held, until the broker answers");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay.next_delay()) => {}
+                _ = stop.cancel.cancelled() => return false,
+                _ = stop.shutdown.cancelled() => return true,
+            }
+        }
+    }
+
     /// Keep this node's leases alive.
     async fn lease_loop(self: Arc<Self>) {
         loop {
@@ -1243,12 +1320,23 @@ impl Supervisor {
             if leases.is_empty() {
                 continue;
             }
+            let sent = tokio::time::Instant::now();
             match self.broker.renew(&leases, self.lease()).await {
                 Ok(lost) => {
                     // Taken back by another node (on a shared broker, after this node could
                     // not renew for a whole lease): it runs there now, so stop it here. Its
                     // result would be refused anyway.
-                    let current = self.leases.lock().expect("not poisoned");
+                    let mut current = self.leases.lock().expect("not poisoned");
+                    for l in &leases {
+                        if lost.contains(&l.task) {
+                            continue;
+                        }
+                        if let Some(entry) = current.get_mut(&l.task) {
+                            if entry.lease.token == l.token {
+                                entry.valid_until = sent + self.lease();
+                            }
+                        }
+                    }
                     let lost =
                         still_held(&leases, lost, |id| current.get(&id).map(|e| e.lease.token));
                     for id in lost {

@@ -306,3 +306,73 @@ async fn a_refused_result_of_a_run_that_never_began_adds_nothing_to_the_history(
     assert_eq!(d.history.len(), 1, "{:?}", d.history);
     assert_eq!(d.history[0].reason, Some(AttemptReason::Lost));
 }
+
+/// A claim this node held past its lease without renewing it (frozen, or cut off from the
+/// broker) starts only once the broker confirms the lease: a claim another node took back is
+/// not started here, one still held is, and its lease counts from the confirmation. Found
+/// by the chaos suite on Redis: a node frozen with tasks claimed ahead started them on
+/// waking, after the other node had run them to their end.
+#[tokio::test(start_paused = true)]
+async fn a_claim_held_past_its_lease_starts_only_once_the_broker_confirms_it() {
+    use super::HeldTask;
+    use crate::broker::Recover;
+    use crate::executor::Stop;
+    let f = start("").await;
+    let node: NodeId = "test-node:1".into();
+    let other: NodeId = "other-node:2".into();
+    enqueue(&f.broker, "q", "{}", 1).await;
+    let taken = f
+        .broker
+        .claim(&node, &qn("q"), 1, Duration::from_secs(60))
+        .await
+        .expect("claim")
+        .remove(0);
+    f.broker
+        .recover(Recover::All, "taken back")
+        .await
+        .expect("recover");
+    let again = f
+        .broker
+        .claim(&other, &qn("q"), 1, Duration::from_secs(60))
+        .await
+        .expect("claim again");
+    assert_eq!(again.len(), 1, "the other node holds it now");
+    enqueue(&f.broker, "q", "{}", 1).await;
+    let kept = f
+        .broker
+        .claim(&node, &qn("q"), 1, Duration::from_secs(60))
+        .await
+        .expect("claim")
+        .remove(0);
+    let lapsed = tokio::time::Instant::now();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for c in [&taken, &kept] {
+        f.supervisor.leases.lock().expect("not poisoned").insert(
+            c.task.id,
+            HeldTask {
+                queue: qn("q"),
+                lease: c.lease.clone(),
+                cancel: CancellationToken::new(),
+                valid_until: lapsed,
+            },
+        );
+    }
+    let stop = Stop {
+        cancel: CancellationToken::new(),
+        shutdown: CancellationToken::new(),
+        kill: CancellationToken::new(),
+    };
+    assert!(
+        !f.supervisor.lease_confirmed(&taken.lease, &stop).await,
+        "a claim another node took back must not start here"
+    );
+    assert!(
+        f.supervisor.lease_confirmed(&kept.lease, &stop).await,
+        "a claim the broker still holds for this node starts"
+    );
+    let until = f.supervisor.leases.lock().expect("not poisoned")[&kept.task.id].valid_until;
+    assert!(
+        until > tokio::time::Instant::now(),
+        "the confirmation secures the lease again"
+    );
+}
