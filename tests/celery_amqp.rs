@@ -9,6 +9,7 @@ mod rabbitmq;
 #[path = "common/redis.rs"]
 mod redis_server;
 
+use common::secs;
 use rabbitmq::RabbitServer;
 
 /// Python that sends with the real Celery client and prints each message as RabbitMQ holds
@@ -339,10 +340,6 @@ queues = ["celery", "alerts"]
 "alerts.*" = "alerts"
 "#
     ))
-}
-
-fn secs(s: u64) -> std::time::Duration {
-    std::time::Duration::from_secs(s)
 }
 
 /// Wait until taskd's store has the task of this Celery id.

@@ -8,13 +8,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use common::{alive, poll, Env};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+use common::{alive, poll, secs, Env};
 
 /// The task: records its own pid, a `setsid` grandchild's and a double-forked one's in
 /// `$D/<task id>.pids`, then sleeps. The grandchildren get `env -i`: no `TASKD_TASK_ID`

@@ -8,12 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{alive, history, poll, wait_line, Env};
+use common::{alive, history, poll, secs, wait_line, Env};
 use serde_json::{json, Value};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// A config with fast defaults and `D` (the temp dir) in every task's environment.
 fn setup(body: &str) -> Env {

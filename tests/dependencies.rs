@@ -7,15 +7,10 @@ mod common;
 mod redis_server;
 
 use std::process::Stdio;
-use std::time::Duration;
 
-use common::Env;
+use common::{secs, Env};
 use redis_server::RedisServer;
 use serde_json::Value;
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {

@@ -11,12 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{poll, Env, BIN};
+use common::{poll, secs, Env, BIN};
 use serde_json::Value;
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// A shell queue `q` whose tasks see the test's directory as `$D`, with `extra` settings.
 fn env_with(taskd_extra: &str, script: &str, extra: &str) -> Env {

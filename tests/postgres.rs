@@ -18,15 +18,11 @@ mod pg_server;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{history, poll, poll_every, submit_batch, Daemon, Env};
+use common::{history, poll, poll_every, queue_count, secs, submit_batch, Daemon, Env};
 use pg_server::PgServer;
 use serde_json::{json, Value};
 
 const QUARTER_SECOND: Duration = Duration::from_millis(250);
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 fn config(url: &str, body: &str) -> String {
     format!(
@@ -287,18 +283,6 @@ fn node(url: &str, queues: &str) -> Env {
     env
 }
 
-fn status_json(env: &Env) -> Value {
-    serde_json::from_str(&env.ok(&["status", "--json"])).expect("status --json is JSON")
-}
-
-fn count(v: &Value, queue: &str, state: &str) -> u64 {
-    v["queues"]
-        .as_array()
-        .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
-        .and_then(|q| q["counts"][state].as_u64())
-        .unwrap_or(0)
-}
-
 /// The tasks of queue `w` in `state`, all of them (`taskd tasks --json`).
 fn tasks_in(env: &Env, state: &str) -> Vec<Value> {
     let list: Value =
@@ -391,8 +375,8 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_postgres_restart() {
 
     let mut last = Value::Null;
     let finished = poll_every(QUARTER_SECOND, secs(90), || {
-        last = status_json(&envs[0]);
-        count(&last, "w", "succeeded") as usize == TOTAL
+        last = envs[0].status();
+        queue_count(&last, "w", "succeeded") as usize == TOTAL
     });
     let logs: String = daemons.iter().flatten().map(|d| d.log_text()).collect();
     assert!(finished, "not all tasks succeeded: {last:#}\nlogs:\n{logs}");
@@ -404,7 +388,7 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_postgres_restart() {
         "failed",
         "cancelled",
     ] {
-        assert_eq!(count(&last, "w", state), 0, "{state}: {last:#}");
+        assert_eq!(queue_count(&last, "w", state), 0, "{state}: {last:#}");
     }
 
     // Every id in the ledger, nothing else; every run beyond the first accounted for: a

@@ -17,13 +17,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{history, poll, submit_batch, Daemon, Env};
+use common::{history, poll, queue_count, secs, submit_batch, Daemon, Env};
 use redis_server::RedisServer;
 use serde_json::{json, Value};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// A node's config: its own state directory, the shared broker, a short lease and fast
 /// retries; `@D@` in `queues` is the node's directory.
@@ -38,18 +34,6 @@ fn node(server: &RedisServer, lease: &str, queues: &str) -> Env {
     );
     std::fs::write(&env.config, text).expect("write config");
     env
-}
-
-fn status(env: &Env) -> Value {
-    serde_json::from_str(&env.ok(&["status", "--json"])).expect("status --json is JSON")
-}
-
-fn count(v: &Value, queue: &str, state: &str) -> u64 {
-    v["queues"]
-        .as_array()
-        .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
-        .and_then(|q| q["counts"][state].as_u64())
-        .unwrap_or(0)
 }
 
 fn node_id(d: &Daemon) -> String {
@@ -127,9 +111,9 @@ fn tasks_run_on_redis_and_status_lists_the_node() {
     got.sort();
     assert_eq!(got, vec!["1", "2", "3", "3"]);
 
-    let v = status(&env);
-    assert_eq!(count(&v, "w", "succeeded"), 2, "{v:#}");
-    assert_eq!(count(&v, "w", "failed"), 1, "{v:#}");
+    let v = env.status();
+    assert_eq!(queue_count(&v, "w", "succeeded"), 2, "{v:#}");
+    assert_eq!(queue_count(&v, "w", "failed"), 1, "{v:#}");
     let me = node_id(&d);
     let nodes = v["nodes"].as_array().expect("status lists nodes");
     let n = nodes
@@ -289,7 +273,7 @@ fn cancel_and_pause_reach_a_task_running_on_another_node() {
 
     // Paused on the CLI's node: neither daemon claims from the queue.
     cli.ok(&["pause", "w"]);
-    assert!(status(&cli)["queues"][0]["paused"]
+    assert!(cli.status()["queues"][0]["paused"]
         .as_bool()
         .unwrap_or(false));
     let waiting = cli.submit("w", "{}");
@@ -478,14 +462,14 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
 
     let mut last = Value::Null;
     let finished = poll_slow(secs(300), || {
-        last = status(&envs[0]);
-        count(&last, "w", "succeeded") as usize == TOTAL
+        last = envs[0].status();
+        queue_count(&last, "w", "succeeded") as usize == TOTAL
     });
     assert!(finished, "not all tasks succeeded: {last:#}");
     let seen: BTreeSet<String> = lines(&file).into_iter().collect();
     let missing: Vec<&String> = want.difference(&seen).take(5).collect();
     assert!(missing.is_empty(), "ids missing from the file: {missing:?}");
-    assert_eq!(count(&last, "w", "failed"), 0);
+    assert_eq!(queue_count(&last, "w", "failed"), 0);
 
     // The victim's running tasks were taken back by the others, uncharged; its reserved
     // ones were released and ran elsewhere.
@@ -622,7 +606,7 @@ fn a_node_that_stops_cleanly_leaves_the_registry() {
     let d = env.daemon();
     let me = node_id(&d);
     let listed = |env: &Env| {
-        status(env)["nodes"]
+        env.status()["nodes"]
             .as_array()
             .expect("status lists nodes")
             .iter()
@@ -631,14 +615,14 @@ fn a_node_that_stops_cleanly_leaves_the_registry() {
     assert!(
         poll(secs(20), || listed(&env)),
         "a running node is not listed: {:#}",
-        status(&env)
+        env.status()
     );
     d.signal(common::SIGTERM);
     assert_eq!(d.wait_exit(secs(20)), Some(0), "a drained daemon exits 0");
     assert!(
         !listed(&env),
         "a stopped node is still listed: {:#}",
-        status(&env)
+        env.status()
     );
 }
 
@@ -1060,7 +1044,7 @@ fn a_daemon_stores_the_inbox_of_a_paused_queue() {
         n(&["LLEN", "taskd:{q:w}:in"])
     );
     assert_eq!(n(&["LLEN", "taskd:{q:w}:in"]), 0);
-    assert_eq!(count(&status(&env), "w", "queued"), 1000);
+    assert_eq!(queue_count(&env.status(), "w", "queued"), 1000);
     env.ok(&["resume", "w"]);
     env.wait_state(&ids[999], "succeeded", secs(30));
     drop(d);
@@ -1119,14 +1103,14 @@ fn status_shows_entries_set_aside() {
     server.cli(&["INCRBY", "taskd:{q:w}:inn", "1"]);
     // Any reader that stores the inbox sets it aside; a list does.
     env.ok(&["tasks"]);
-    let v = status(&env);
+    let v = env.status();
     let w = v["queues"]
         .as_array()
         .and_then(|qs| qs.iter().find(|q| q["queue"] == "w"))
         .cloned()
         .unwrap_or_default();
     assert_eq!(w["set_aside"], 1, "{v:#}");
-    assert_eq!(count(&v, "w", "queued"), 0, "{v:#}");
+    assert_eq!(queue_count(&v, "w", "queued"), 0, "{v:#}");
     let text = env.ok(&["status"]);
     assert!(text.contains("1 inbox entry set aside"), "{text}");
 }

@@ -15,10 +15,6 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "restart-token-0123456789abcdef";
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 fn helper_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/python")
 }

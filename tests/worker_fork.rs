@@ -7,21 +7,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use common::*;
 use serde_json::Value;
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-fn contrib(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("contrib")
-        .join(rel)
-}
 
 /// An App worker. The module holds 24 MiB of written memory (what an application's imports
 /// amount to), loaded once in the parent. `who` answers the worker's pid and parent pid;

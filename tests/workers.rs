@@ -4,21 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use common::*;
 use serde_json::{json, Value};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-fn contrib(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("contrib")
-        .join(rel)
-}
 
 /// A Python worker built on the helper. Its behaviour is chosen by the payload's `do`:
 /// "echo" (default), "crash" (on the first attempt), "hang" (starts a `sleep` in its group,

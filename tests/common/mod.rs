@@ -90,15 +90,14 @@ impl Env {
             .to_string()
     }
 
+    /// `taskd status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
     /// Counts by state for one queue, from `taskd status --json`.
     pub fn count(&self, queue: &str, state: &str) -> u64 {
-        let s = self.ok(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&s).expect("status --json is JSON");
-        v["queues"]
-            .as_array()
-            .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
-            .and_then(|q| q["counts"][state].as_u64())
-            .unwrap_or(0)
+        queue_count(&self.status(), queue, state)
     }
 
     /// Wait until the task reaches `state`; panic with its record after the deadline.
@@ -310,6 +309,26 @@ pub const SIGTERM: i32 = 15;
 pub const SIGINT: i32 = 2;
 pub const SIGHUP: i32 = 1;
 pub const SIGKILL: i32 = 9;
+
+/// The count of `state` for `queue` in a `taskd status --json` value (0 when absent).
+pub fn queue_count(status: &serde_json::Value, queue: &str, state: &str) -> u64 {
+    status["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["queue"] == queue))
+        .and_then(|q| q["counts"][state].as_u64())
+        .unwrap_or(0)
+}
+
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A path under the repository's `contrib/`.
+pub fn contrib(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib")
+        .join(rel)
+}
 
 /// Poll `f` every 20 ms until it is true or `deadline` passes; returns whether it became true.
 pub fn poll(deadline: Duration, f: impl FnMut() -> bool) -> bool {
