@@ -138,7 +138,7 @@ impl Metrics {
         );
         registry.register(
             "taskd_store_bytes",
-            "The store's size (read at scrape time): SQLite, the database file with its WAL and shared-memory files; Redis, the server's used_memory",
+            "The store's size (read at scrape time): SQLite, the database file with its WAL and shared-memory files; Redis, the server's used_memory; PostgreSQL, the schema's tables with their indexes and TOAST",
             store_bytes.clone(),
         );
         registry.register(

@@ -670,6 +670,10 @@ pub fn store_line(size: &crate::broker::StoreSize, broker: &str) -> String {
             "store: {} of memory on the Redis server ({broker}, its used_memory)",
             human_bytes(size.bytes)
         ),
+        "tables" => format!(
+            "store: {} in PostgreSQL ({broker}, the schema's tables with their indexes)",
+            human_bytes(size.bytes)
+        ),
         _ => format!(
             "store: {} on disk ({broker}, with its WAL)",
             human_bytes(size.bytes)

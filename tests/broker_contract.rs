@@ -209,6 +209,7 @@ macro_rules! contract_tests {
                 finish_requeue_does_not_charge,
                 finish_release_records_nothing,
                 finish_without_started_counts_the_attempt_once,
+                output_tails_keep_nul_bytes,
                 finish_charges_each_run_at_most_once,
                 finish_stale_token_is_refused,
                 note_run_adds_history_and_changes_nothing_else,
@@ -1638,6 +1639,33 @@ pub mod cases {
         assert_eq!(
             c4.attempt, 2,
             "the run after a release has the same attempt number"
+        );
+    }
+
+    /// A task's output may hold any byte a program writes, NUL included (`head -c N
+    /// /dev/zero`): its tails are kept as they were, and a message quoting a program's NUL
+    /// is kept too (PostgreSQL's `text` cannot hold NUL: there it reads U+FFFD). A store that
+    /// refused them would refuse the finish for ever.
+    pub async fn output_tails_keep_nul_bytes(b: B, _g: G) {
+        let id = enqueue1(&b, task("nul")).await;
+        let c = run_id(&b, "nul", id).await;
+        let a = AttemptRecord {
+            stdout_tail: "\0\0\0 zeros\n\u{1b}[2J".into(),
+            stderr_tail: "a\0b".into(),
+            ..attempt_of(&c, AttemptReason::Exit, Some("worker said: bad\0byte"))
+        };
+        b.finish(&c.lease, a.clone(), Finish::Failed)
+            .await
+            .expect("a finish with NUL in its tails and error");
+        let d = get(&b, id).await;
+        assert_eq!(d.task.state, TaskState::Failed);
+        let h = &d.history[0];
+        assert_eq!(h.stdout_tail, a.stdout_tail);
+        assert_eq!(h.stderr_tail, a.stderr_tail);
+        let error = h.error.as_deref().expect("the error");
+        assert!(
+            error == "worker said: bad\0byte" || error == "worker said: bad\u{FFFD}byte",
+            "{error:?}"
         );
     }
 

@@ -10,6 +10,8 @@
 #![cfg(feature = "redis")]
 
 mod common;
+#[path = "common/postgres.rs"]
+mod pg_server;
 #[path = "common/redis.rs"]
 mod redis_server;
 

@@ -808,7 +808,8 @@ pub async fn prune_due(
 pub struct StoreSize {
     pub bytes: u64,
     /// What was measured: `"file"` (SQLite: the database, its WAL and shared-memory
-    /// files), `"memory"` (Redis: the server's `used_memory`, which all its databases share).
+    /// files), `"memory"` (Redis: the server's `used_memory`, which all its databases share),
+    /// `"tables"` (PostgreSQL: the broker schema's tables with their indexes and TOAST).
     pub measure: &'static str,
 }
 

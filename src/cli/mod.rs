@@ -68,7 +68,8 @@ pub(crate) enum Command {
     /// Enqueue a task (or a batch) straight into the broker and print its id.
     Submit(submit::SubmitArgs),
     /// Queues with their counts by state, paused flags, the daemon, the store's size (SQLite:
-    /// the file with its WAL; Redis: the server's used_memory), and every long-lived worker
+    /// the file with its WAL; Redis: the server's used_memory; PostgreSQL: the schema's
+    /// tables with their indexes), and every long-lived worker
     /// (queue, pid, state, uptime, tasks done, last exit and why).
     Status(inspect::StatusArgs),
     /// List tasks, newest first.

@@ -265,8 +265,12 @@ pub(crate) fn redact_url(url: &str) -> String {
         Some(x) => x,
         None => return url.to_string(),
     };
-    let user = auth.split_once(':').map(|(u, _)| u).unwrap_or("");
-    format!("{scheme}://{user}:***@{host}")
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        // A user without a password (`postgres://app@db/app`, trust or a client
+        // certificate): nothing to hide, and the user is worth seeing.
+        None => url.to_string(),
+    }
 }
 
 impl fmt::Display for BrokerUrl {

@@ -1191,3 +1191,24 @@ fn a_schedules_task_takes_its_queues_expiry() {
     );
     assert_eq!(c.schedules["other"].task().expires_at, None);
 }
+
+#[test]
+fn a_url_shown_hides_its_password_and_keeps_its_user() {
+    assert_eq!(
+        redact_url("postgres://app:s3cret@db:5432/app"),
+        "postgres://app:***@db:5432/app"
+    );
+    assert_eq!(
+        redact_url("redis://:s3cret@r:6379/0"),
+        "redis://:***@r:6379/0"
+    );
+    // No password: the user stays, and no `***` suggests one.
+    assert_eq!(
+        redact_url("postgres://postgres@127.0.0.1:5432/t"),
+        "postgres://postgres@127.0.0.1:5432/t"
+    );
+    assert_eq!(
+        redact_url("redis://127.0.0.1:6379/0"),
+        "redis://127.0.0.1:6379/0"
+    );
+}

@@ -897,6 +897,7 @@ impl Running {
             Some(signal) => handle_actor(signal),
             None => Actor::daemon(),
         };
+        self.supervisor.stop_starting();
         let stop = AuditEntry::new(who, Action::Stop).ok(format!(
             "draining: {} tasks running get shutdown_grace ({}) to finish",
             self.supervisor.snapshot().running,

@@ -1353,6 +1353,13 @@ impl Supervisor {
         }
     }
 
+    /// Claim and start nothing more, at once: the first step of [`Self::drain`], taken by the
+    /// daemon as soon as it says "draining", before it records its stop in the store (a
+    /// round trip to a networked broker, during which a finishing task started a held one).
+    pub fn stop_starting(&self) {
+        self.draining.cancel();
+    }
+
     /// Drain: stop claiming, give running tasks `grace` to finish, then interrupt them and
     /// put them back. Returns once every result is recorded. `force` ends the grace early.
     pub async fn drain(&self, grace: Duration, force: CancellationToken) {

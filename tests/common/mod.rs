@@ -144,7 +144,11 @@ impl Env {
             log,
         };
         assert!(
-            poll(Duration::from_secs(20), || d.log_text().contains("ready")
+            // The line itself: "ready" inside another ("... already exists") is not it.
+            poll(Duration::from_secs(20), || d
+                .log_text()
+                .lines()
+                .any(|l| l.ends_with(" ready"))
                 || d.exited()),
             "daemon did not become ready:\n{}",
             d.log_text()

@@ -1,6 +1,7 @@
-//! The daemon's integration cases, shared by two test binaries: `tests/daemon.rs` runs
-//! them on the embedded SQLite store, `tests/daemon_redis.rs` on a private `redis-server`.
-//! The backend changes only the `[taskd]` table of the config the cases write.
+//! The daemon's integration cases, shared by three test binaries: `tests/daemon.rs` runs
+//! them on the embedded SQLite store, `tests/daemon_redis.rs` on a private `redis-server`,
+//! `tests/daemon_postgres.rs` on a private PostgreSQL. The backend changes only the
+//! `[taskd]` table of the config the cases write.
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::common::{
     self, alive, children, history, poll, submit_batch, wait_line, Daemon, Env, SIGHUP, SIGTERM,
 };
+use crate::pg_server::PgServer;
 use crate::redis_server::RedisServer;
 use serde_json::{json, Value};
 
@@ -29,13 +31,16 @@ pub enum Backend {
     Sqlite,
     /// One private `redis-server` per test binary; each test gets a database of its own.
     Redis,
+    /// One private PostgreSQL per test binary (tests/common/postgres.rs); each test gets a
+    /// database of its own.
+    Postgres,
 }
 
 /// Databases of the shared server: one per test, so parallel tests never share a queue.
 const REDIS_DATABASES: u32 = 256;
-/// The lease on Redis: short, so that a lease-based takeover happens within a test's
-/// deadlines (the daemon renews every third of it).
-const REDIS_LEASE: &str = "3s";
+/// The lease on Redis and PostgreSQL: short, so that a lease-based takeover happens
+/// within a test's deadlines (the daemon renews every third of it).
+const LEASE: &str = "3s";
 
 /// The binary's server, shared by the tests that are running; the last one to finish
 /// stops it (a later test starts another).
@@ -63,11 +68,13 @@ fn shared_redis() -> Option<Arc<RedisServer>> {
     Some(server)
 }
 
-/// One test's environment: its temp directory and config (an [`Env`]), and on Redis the
-/// database it owns on the binary's server, which stays up while the case holds it.
+/// One test's environment: its temp directory and config (an [`Env`]), and on Redis or
+/// PostgreSQL the database it owns on the binary's server, which stays up while the case
+/// holds it.
 pub struct Case {
     env: Env,
     redis: Option<(Arc<RedisServer>, u32)>,
+    postgres: Option<(Arc<PgServer>, String)>,
 }
 
 impl Deref for Case {
@@ -82,8 +89,17 @@ impl Case {
     /// when that backend cannot run here.
     fn new() -> Option<Case> {
         let env = Env::raw("");
+        let mut postgres = None;
         let redis = match crate::BACKEND {
             Backend::Sqlite => None,
+            Backend::Postgres => {
+                let server = crate::pg_server::shared(&test_name())?;
+                // A database per test (CREATE DATABASE copies an empty template): its own
+                // schema, queues and wake-up channel.
+                let db = server.new_db();
+                postgres = Some((server, db));
+                None
+            }
             Backend::Redis => {
                 let server = shared_redis()?;
                 let db = NEXT_DB.fetch_add(1, Ordering::Relaxed);
@@ -95,15 +111,22 @@ impl Case {
                 Some((server, db))
             }
         };
-        Some(Case { env, redis })
+        Some(Case {
+            env,
+            redis,
+            postgres,
+        })
     }
 
     /// The lines the backend adds to `[taskd]`.
     fn taskd_lines(&self) -> String {
+        if let Some((server, db)) = &self.postgres {
+            return format!("broker = \"{}\"\nlease = \"{LEASE}\"\n", server.url(db));
+        }
         match &self.redis {
             None => String::new(),
             Some((server, db)) => format!(
-                "broker = \"redis://127.0.0.1:{}/{db}\"\nlease = \"{REDIS_LEASE}\"\n",
+                "broker = \"redis://127.0.0.1:{}/{db}\"\nlease = \"{LEASE}\"\n",
                 server.port
             ),
         }
@@ -880,12 +903,12 @@ fn backoff_grows_to_its_cap_and_jitter_stays_within_bounds() {
         r#"
 [queues.exp]
 max_attempts = 4
-backoff = { base = "300ms", max = "600ms" }
+backoff = { base = "600ms", max = "1200ms" }
 shell = 'exit 1'
 
 [queues.jit]
 max_attempts = 3
-backoff = { base = "300ms", max = "1s", jitter = true }
+backoff = { base = "600ms", max = "2s", jitter = true }
 shell = 'exit 1'
 "#,
     ) else {
@@ -911,8 +934,10 @@ shell = 'exit 1'
     });
     assert!(ok, "the tasks did not finish");
     eprintln!("backoff delays seen (queue 0 = exp, 1 = jit; attempts so far) -> ms: {seen:?}");
-    // exponential 300ms, 600ms, then capped at 600ms (uncapped: 1200ms); no jitter inherited
-    for (n, want) in [(1usize, 300i64), (2, 600), (3, 600)] {
+    // exponential 600ms, 1200ms, then capped at 1200ms (uncapped: 2400ms); no jitter
+    // inherited. (Bases of several hundred ms: the shortest window, half of 600ms, is seen
+    // by a loop of two `taskd show` calls on a loaded machine and a networked broker.)
+    for (n, want) in [(1usize, 600i64), (2, 1200), (3, 1200)] {
         let got = *seen
             .get(&(0, n))
             .unwrap_or_else(|| panic!("never saw exp retrying after attempt {n}: {seen:?}"));
@@ -921,8 +946,8 @@ shell = 'exit 1'
             "exp: backoff after attempt {n} was {got} ms, want {want}"
         );
     }
-    // with jitter: between half and all of 300ms, then of 600ms
-    for (n, full) in [(1usize, 300i64), (2, 600)] {
+    // with jitter: between half and all of 600ms, then of 1200ms
+    for (n, full) in [(1usize, 600i64), (2, 1200)] {
         let got = *seen
             .get(&(1, n))
             .unwrap_or_else(|| panic!("never saw jit retrying after attempt {n}: {seen:?}"));

@@ -272,7 +272,14 @@ shell = 'exit 0'
         (0.8..1.25).contains(&ratio),
         "{line:?} against {bytes} bytes in --json"
     );
-    if case.redis.is_some() {
+    if case.postgres.is_some() {
+        assert!(
+            line.contains(" in PostgreSQL (postgres://")
+                && line.ends_with(", the schema's tables with their indexes)"),
+            "{line}"
+        );
+        assert_eq!(json["store"]["measure"], "tables");
+    } else if case.redis.is_some() {
         assert!(
             line.contains(" of memory on the Redis server (redis://")
                 && line.ends_with(", its used_memory)"),

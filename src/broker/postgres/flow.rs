@@ -7,7 +7,7 @@
 
 use deadpool_postgres::Transaction;
 
-use super::rows::{exec, one, opt, row_to_claimed, rows, TASK_COLS};
+use super::rows::{exec, one, opt, row_to_claimed, rows, sql_limit, TASK_COLS};
 use crate::broker::flow::{room, FlowStep, FlowWalk, KEY_FULL};
 use crate::broker::{BrokerError, Claimed, Flow, FlowState, Result};
 use crate::model::{NodeId, QueueName, TaskId, UnixMs};
@@ -282,7 +282,7 @@ pub(super) async fn prune<C: deadpool_postgres::GenericClient>(
     now_us: i64,
     limit: usize,
 ) -> Result<(u64, bool)> {
-    let limit = limit as i64;
+    let limit = sql_limit(limit);
     let n = exec(
         client,
         "DELETE FROM rate_state WHERE queue = $1 AND key IN

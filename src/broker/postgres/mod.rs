@@ -63,6 +63,9 @@ use crate::model::{
 /// A node not heard from for this long is no longer listed.
 const NODE_FORGET_MS: i64 = 3_600_000;
 
+/// Most expired leases one recovery transaction takes back (see `recover_limited`).
+const RECOVER_BATCH: i64 = 256;
+
 /// The PostgreSQL backend. Cheap to share behind an `Arc`.
 pub struct PgBroker {
     settings: Settings,
@@ -181,6 +184,119 @@ impl PgBroker {
         self.flow.set_wait(queue, wait);
         Ok(claimed)
     }
+
+    /// One batch of [`Broker::recover_limited`]: at most [`RECOVER_BATCH`] tasks.
+    async fn recover_batch(
+        &self,
+        scope: Recover,
+        note: &str,
+        limits: &LostLimits,
+    ) -> Result<Vec<Orphan>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let now = self.now();
+        // `Expired` is read in this process's clock: the same instant in the store's.
+        let bound = match scope {
+            Recover::All => i64::MAX,
+            Recover::Expired(t) => t.saturating_add(now - now_ms()),
+        };
+        // A pid recorded on another boot (or machine) is not returned: it could name an
+        // unrelated process group now. Rows another node is recovering are skipped.
+        let found = rows(
+            &tx,
+            "SELECT seq, id, queue, lease_node,
+                    CASE WHEN pid_boot = $2 THEN pid END, CASE WHEN pid_boot = $2 THEN pid_start END,
+                    started_at, attempts, cancel_requested, state
+             FROM tasks WHERE lease_node IS NOT NULL AND lease_expires < $1
+               AND state IN ('queued', 'running')
+             LIMIT $3 FOR UPDATE SKIP LOCKED",
+            &[&bound, &boot_id(), &RECOVER_BATCH],
+        )
+        .await?;
+        let mut orphans = Vec::with_capacity(found.len());
+        for r in &found {
+            let seq: i64 = r.get(0);
+            let id: String = r.get(1);
+            let queue: String = r.get(2);
+            let node: Option<NodeId> = r.get::<_, Option<String>>(3).map(NodeId::from);
+            let pid: Option<i32> = r.get(4);
+            let pid_start: Option<i64> = r.get(5);
+            let started_at: Option<i64> = r.get(6);
+            let attempts: i32 = r.get(7);
+            let cancel_requested: bool = r.get(8);
+            let started = r.get::<_, String>(9) == "running";
+            if started {
+                let attempt = AttemptRecord {
+                    number: attempts.max(0) as u32,
+                    node: node.clone().unwrap_or_default(),
+                    pid,
+                    started_at: started_at.unwrap_or(now),
+                    ended_at: now,
+                    reason: Some(AttemptReason::Lost),
+                    error: Some(note.to_string()),
+                    ..Default::default()
+                };
+                insert_attempt(&tx, seq, &attempt).await?;
+            }
+            let queue: QueueName = queue.parse().map_err(BrokerError::Storage)?;
+            let max_lost = limits.of(&queue);
+            let lost: u32 = if started && !cancel_requested {
+                let n: i64 = one(
+                    &tx,
+                    "SELECT count(*) FROM attempts WHERE task_seq = $1 AND reason = 'lost'",
+                    &[&seq],
+                )
+                .await?
+                .get(0);
+                n.max(0) as u32
+            } else {
+                0
+            };
+            let failed = lost > max_lost;
+            let back = i32::from(started);
+            if failed {
+                exec(
+                    &tx,
+                    "UPDATE tasks SET state = 'failed', finished_at = $2, updated_at = $2,
+                        last_error = $3, attempts = greatest(attempts - 1, 0),
+                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                     WHERE seq = $1",
+                    &[&seq, &now, &super::lost_too_often(lost, max_lost)],
+                )
+                .await?;
+            } else if cancel_requested {
+                exec(
+                    &tx,
+                    "UPDATE tasks SET state = 'cancelled', finished_at = $2, updated_at = $2,
+                        last_error = 'cancelled by an operator', cancel_requested = false,
+                        attempts = greatest(attempts - $3, 0),
+                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                     WHERE seq = $1",
+                    &[&seq, &now, &back],
+                )
+                .await?;
+            } else {
+                exec(
+                    &tx,
+                    "UPDATE tasks SET state = 'queued', attempts = greatest(attempts - $3, 0), updated_at = $2,
+                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
+                     WHERE seq = $1",
+                    &[&seq, &now, &back],
+                )
+                .await?;
+            }
+            orphans.push(Orphan {
+                task: id.parse().map_err(BrokerError::Storage)?,
+                queue,
+                node,
+                pid,
+                pid_start: pid_start.map(|p| p as u64),
+                failed,
+            });
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(orphans)
+    }
 }
 
 #[async_trait]
@@ -276,22 +392,49 @@ impl Broker for PgBroker {
         let tokens: Vec<i64> = leases.iter().map(|l| l.token).collect();
         let nodes: Vec<String> = leases.iter().map(|l| l.node.to_string()).collect();
         let c = self.client().await?;
-        let kept = rows(
+        // Rows another transaction holds are skipped, not waited for: this node's own writer
+        // holds the rows of the results it is storing (a batch of hundreds after an outage),
+        // and a renewal that waited on them let every other lease of the node run out
+        // meanwhile (three nodes under load took each other's tasks back by the hundred).
+        // A skipped row is neither kept nor lost this round: its finish is being stored, or
+        // another node is taking it back, which the next renewal reports. A row that is gone
+        // is lost.
+        let found = rows(
             &c,
-            "UPDATE tasks t SET lease_expires = $1
-               FROM unnest($2::text[], $3::bigint[], $4::text[]) AS l(id, token, node)
-              WHERE t.id = l.id AND t.lease_token = l.token AND t.lease_node = l.node
-                AND t.state IN ('queued', 'running')
-             RETURNING t.id, t.lease_token",
+            "WITH l AS (SELECT * FROM unnest($2::text[], $3::bigint[], $4::text[]) AS l(id, token, node)),
+                  locked AS (SELECT t.seq, t.id FROM tasks t WHERE t.id IN (SELECT id FROM l)
+                             FOR UPDATE SKIP LOCKED),
+                  kept AS (UPDATE tasks t SET lease_expires = $1
+                             FROM l, locked
+                            WHERE t.seq = locked.seq AND l.id = locked.id
+                              AND t.lease_token = l.token AND t.lease_node = l.node
+                              AND t.state IN ('queued', 'running')
+                           RETURNING t.id, t.lease_token)
+             SELECT id, lease_token, true FROM kept
+             UNION ALL SELECT id, NULL, false FROM locked
+             UNION ALL SELECT id, NULL, false FROM l
+                        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = l.id)",
             &[&until, &ids, &tokens, &nodes],
         )
         .await?;
         // By id and token: a stale lease of a task this node holds again under a newer token
         // is lost, though the task's id is among those kept.
-        let kept: BTreeSet<(String, i64)> = kept.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut kept: BTreeSet<(String, i64)> = BTreeSet::new();
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        for r in &found {
+            let id: String = r.get(0);
+            if r.get::<_, bool>(2) {
+                kept.insert((id, r.get(1)));
+            } else {
+                seen.insert(id);
+            }
+        }
         Ok(leases
             .iter()
-            .filter(|l| !kept.contains(&(l.task.to_string(), l.token)))
+            .filter(|l| {
+                let id = l.task.to_string();
+                seen.contains(&id) && !kept.contains(&(id, l.token))
+            })
             .map(|l| l.task)
             .collect())
     }
@@ -710,110 +853,18 @@ impl Broker for PgBroker {
         note: &str,
         limits: &LostLimits,
     ) -> Result<Vec<Orphan>> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg)?;
-        let now = self.now();
-        // `Expired` is read in this process's clock: the same instant in the store's.
-        let bound = match scope {
-            Recover::All => i64::MAX,
-            Recover::Expired(t) => t.saturating_add(now - now_ms()),
-        };
-        // A pid recorded on another boot (or machine) is not returned: it could name an
-        // unrelated process group now. Rows another node is recovering are skipped.
-        let found = rows(
-            &tx,
-            "SELECT seq, id, queue, lease_node,
-                    CASE WHEN pid_boot = $2 THEN pid END, CASE WHEN pid_boot = $2 THEN pid_start END,
-                    started_at, attempts, cancel_requested, state
-             FROM tasks WHERE lease_node IS NOT NULL AND lease_expires < $1
-               AND state IN ('queued', 'running')
-             FOR UPDATE SKIP LOCKED",
-            &[&bound, &boot_id()],
-        )
-        .await?;
-        let mut orphans = Vec::with_capacity(found.len());
-        for r in &found {
-            let seq: i64 = r.get(0);
-            let id: String = r.get(1);
-            let queue: String = r.get(2);
-            let node: Option<NodeId> = r.get::<_, Option<String>>(3).map(NodeId::from);
-            let pid: Option<i32> = r.get(4);
-            let pid_start: Option<i64> = r.get(5);
-            let started_at: Option<i64> = r.get(6);
-            let attempts: i32 = r.get(7);
-            let cancel_requested: bool = r.get(8);
-            let started = r.get::<_, String>(9) == "running";
-            if started {
-                let attempt = AttemptRecord {
-                    number: attempts.max(0) as u32,
-                    node: node.clone().unwrap_or_default(),
-                    pid,
-                    started_at: started_at.unwrap_or(now),
-                    ended_at: now,
-                    reason: Some(AttemptReason::Lost),
-                    error: Some(note.to_string()),
-                    ..Default::default()
-                };
-                insert_attempt(&tx, seq, &attempt).await?;
+        // In batches, each its own transaction: a transaction taking back a dead node's
+        // thousands of tasks held their rows (and the live writers and renewals that
+        // touched them) for seconds under load.
+        let mut all = Vec::new();
+        loop {
+            let batch = self.recover_batch(scope.clone(), note, limits).await?;
+            let more = batch.len() as i64 == RECOVER_BATCH;
+            all.extend(batch);
+            if !more {
+                return Ok(all);
             }
-            let queue: QueueName = queue.parse().map_err(BrokerError::Storage)?;
-            let max_lost = limits.of(&queue);
-            let lost: u32 = if started && !cancel_requested {
-                let n: i64 = one(
-                    &tx,
-                    "SELECT count(*) FROM attempts WHERE task_seq = $1 AND reason = 'lost'",
-                    &[&seq],
-                )
-                .await?
-                .get(0);
-                n.max(0) as u32
-            } else {
-                0
-            };
-            let failed = lost > max_lost;
-            let back = i32::from(started);
-            if failed {
-                exec(
-                    &tx,
-                    "UPDATE tasks SET state = 'failed', finished_at = $2, updated_at = $2,
-                        last_error = $3, attempts = greatest(attempts - 1, 0),
-                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
-                     WHERE seq = $1",
-                    &[&seq, &now, &super::lost_too_often(lost, max_lost)],
-                )
-                .await?;
-            } else if cancel_requested {
-                exec(
-                    &tx,
-                    "UPDATE tasks SET state = 'cancelled', finished_at = $2, updated_at = $2,
-                        last_error = 'cancelled by an operator', cancel_requested = false,
-                        attempts = greatest(attempts - $3, 0),
-                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
-                     WHERE seq = $1",
-                    &[&seq, &now, &back],
-                )
-                .await?;
-            } else {
-                exec(
-                    &tx,
-                    "UPDATE tasks SET state = 'queued', attempts = greatest(attempts - $3, 0), updated_at = $2,
-                        lease_node = NULL, lease_expires = NULL, pid = NULL, pid_start = NULL
-                     WHERE seq = $1",
-                    &[&seq, &now, &back],
-                )
-                .await?;
-            }
-            orphans.push(Orphan {
-                task: id.parse().map_err(BrokerError::Storage)?,
-                queue,
-                node,
-                pid,
-                pid_start: pid_start.map(|p| p as u64),
-                failed,
-            });
         }
-        tx.commit().await.map_err(pg)?;
-        Ok(orphans)
     }
 
     async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>> {
@@ -890,7 +941,7 @@ impl Broker for PgBroker {
             })?),
             None => None,
         };
-        let limit: Option<i64> = (filter.limit > 0).then_some(filter.limit as i64);
+        let limit: Option<i64> = (filter.limit > 0).then_some(rows::sql_limit(filter.limit));
         let c = self.client().await?;
         let found = rows(
             &c,

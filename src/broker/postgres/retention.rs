@@ -4,7 +4,7 @@
 //! partitions by finish time: see docs/postgres.md, "Retention", for why. The store's size.
 
 use super::conn::pg;
-use super::rows::{exec, one};
+use super::rows::{exec, one, sql_limit};
 use super::PgBroker;
 use crate::broker::{PruneRule, Pruned, Result, StoreSize};
 
@@ -23,7 +23,7 @@ impl PgBroker {
         let tx = c.transaction().await.map_err(pg)?;
         let now = self.now();
         let mut pruned = Pruned::default();
-        let mut left = limit as i64;
+        let mut left = sql_limit(limit);
         let rules: Vec<&PruneRule> = rules.iter().filter(|r| r.state.is_terminal()).collect();
         for (i, rule) in rules.iter().enumerate() {
             let n = exec(

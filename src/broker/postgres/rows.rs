@@ -43,6 +43,12 @@ pub(super) async fn exec<C: GenericClient>(client: &C, sql: &str, params: &[P<'_
     client.execute(&st, params).await.map_err(pg)
 }
 
+/// A count for SQL's `LIMIT`: callers say "no limit" with `usize::MAX`, which `as i64`
+/// would turn into -1 (refused by PostgreSQL: "LIMIT must not be negative").
+pub(super) fn sql_limit(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// This machine's boot id (`/proc/sys/kernel/random/boot_id`), stored with every recorded pid.
 pub(super) fn boot_id() -> &'static str {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -301,15 +307,32 @@ pub(super) async fn insert_attempt<C: GenericClient>(
             &attempt.exit_code,
             &attempt.signal,
             &attempt.reason.map(|r| r.as_str()),
-            &attempt.error,
-            &attempt.stdout_tail,
-            &attempt.stderr_tail,
+            &attempt.error.as_deref().map(text),
+            &attempt.stdout_tail.as_bytes(),
+            &attempt.stderr_tail.as_bytes(),
             &attempt.memory_peak.and_then(|n| i64::try_from(n).ok()),
             &attempt.cpu_usec.and_then(|n| i64::try_from(n).ok()),
         ],
     )
     .await?;
     Ok(())
+}
+
+/// `s` as a `text` value: PostgreSQL's text cannot hold NUL, which a message quoting a
+/// program's words may carry (a worker's error line); each becomes U+FFFD. Output tails,
+/// which keep every byte, are `bytea` instead (migration 2).
+pub(super) fn text(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.contains('\0') {
+        std::borrow::Cow::Owned(message.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(message)
+    }
+}
+
+/// An output tail as stored (the bytes of a string taskd wrote, so UTF-8 unless someone
+/// else wrote the row: then lossily).
+fn tail(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A task's history, oldest first.
@@ -336,8 +359,8 @@ pub(super) async fn history<C: GenericClient>(client: &C, seq: i64) -> Result<Ve
                 signal: r.get(6),
                 reason: reason.and_then(|s| s.parse::<AttemptReason>().ok()),
                 error: r.get(8),
-                stdout_tail: r.get(9),
-                stderr_tail: r.get(10),
+                stdout_tail: tail(r.get(9)),
+                stderr_tail: tail(r.get(10)),
                 memory_peak: r.get::<_, Option<i64>>(11).map(|n| n.max(0) as u64),
                 cpu_usec: r.get::<_, Option<i64>>(12).map(|n| n.max(0) as u64),
                 result: None,

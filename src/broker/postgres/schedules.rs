@@ -7,7 +7,7 @@
 use deadpool_postgres::{GenericClient, Transaction};
 
 use super::conn::pg;
-use super::rows::{exec, insert_task, opt, rows};
+use super::rows::{exec, insert_task, opt, rows, sql_limit};
 use super::PgBroker;
 use crate::broker::schedules::{Plan, SLOT_HISTORY};
 use crate::broker::{
@@ -74,7 +74,7 @@ async fn history<C: GenericClient>(
         &format!(
             "SELECT {SLOT_COLS} FROM schedule_slots WHERE name = $1 AND queue = $2 ORDER BY seq DESC LIMIT $3"
         ),
-        &[&key.name, &key.queue.as_str(), &(limit as i64)],
+        &[&key.name, &key.queue.as_str(), &sql_limit(limit)],
     )
     .await?
     .iter()

@@ -324,6 +324,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
         RETURN new_id;
     END $$;
     "#,
+    // 2: an attempt's output tails as bytes. A task's output may hold NUL bytes
+    // (`head -c N /dev/zero`), which a `text` column refuses ("invalid byte sequence for
+    // encoding UTF8: 0x00"): the finish was refused and retried for ever, the task never
+    // recorded. The other stores keep such tails as they are; so does `bytea`.
+    r#"
+    ALTER TABLE attempts
+        ALTER COLUMN stdout_tail DROP DEFAULT,
+        ALTER COLUMN stdout_tail TYPE bytea USING convert_to(stdout_tail, 'UTF8'),
+        ALTER COLUMN stdout_tail SET DEFAULT ''::bytea,
+        ALTER COLUMN stderr_tail DROP DEFAULT,
+        ALTER COLUMN stderr_tail TYPE bytea USING convert_to(stderr_tail, 'UTF8'),
+        ALTER COLUMN stderr_tail SET DEFAULT ''::bytea;
+    "#,
 ];
 
 /// The newest schema version this taskd knows.
@@ -383,8 +396,11 @@ pub(super) async fn migrate(client: &mut Client, schema: &str, addr: &str) -> Re
         )
         .await
         .map_err(pg)?;
+        // `IF NOT EXISTS` answers a NOTICE for what exists (every step after the first):
+        // noise in the daemon's log, where it read "... already exists" at every start.
         tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
+            "SET LOCAL client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS {schema};
              CREATE TABLE IF NOT EXISTS {schema}.schema_version (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
              SET LOCAL search_path = {schema}, pg_catalog;"
         ))

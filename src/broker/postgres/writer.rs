@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{pg, pool_error, Clock};
-use super::rows::{exec, insert_attempt, mark_running, opt};
+use super::rows::{exec, insert_attempt, mark_running, opt, text};
 use crate::broker::{BrokerError, Finish, Lease, Result};
 use crate::model::{AttemptRecord, TaskState};
 use std::sync::Arc;
@@ -180,7 +180,7 @@ async fn finish(
     let error = match next {
         Finish::Succeeded | Finish::Release => None,
         Finish::Cancelled if cancel_requested => Some("cancelled by an operator".to_string()),
-        _ => attempt.error.clone(),
+        _ => attempt.error.as_deref().map(|e| text(e).into_owned()),
     };
     let keep_error = next == Finish::Release;
     exec(
