@@ -799,10 +799,10 @@ impl Cgroup {
 }
 
 /// A number read through an open descriptor, from its start.
-fn read_number_at(file: &std::fs::File) -> Option<u64> {
+fn read_number_at(f: &std::fs::File) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let mut buf = [0u8; 64];
-    let n = file.read_at(&mut buf, 0).ok()?;
+    let n = f.read_at(&mut buf, 0).ok()?;
     std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
