@@ -769,12 +769,12 @@ impl Cgroup {
                     Err(_) => return false,
                 }
             }
-            Some((dir, false))
-                if write_file(&dir.join("memory.max_usage_in_bytes"), "0").is_err() =>
-            {
-                return false;
+            Some((dir, false)) => {
+                if write_file(&dir.join("memory.max_usage_in_bytes"), "0").is_err() {
+                    return false;
+                }
             }
-            Some(_) | None => {}
+            None => {}
         }
         let name = format!("spare-{}", place.serial());
         let Ok(dirs) = rename_all(&self.0.dirs, &name) else {
