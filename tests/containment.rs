@@ -95,19 +95,11 @@ fn assert_escaped(pids: &[i32]) {
     assert!(alive(pids[2]), "the double-forked grandchild runs");
 }
 
-/// Cgroups in the subtree other than the emptied ones kept for reuse (`spare-<n>`, each
-/// checked empty here).
 fn leftover_cgroups(tree: &Path) -> Vec<String> {
     common::cgroups::all_trees(tree)
         .iter()
         .flat_map(|t| std::fs::read_dir(t).into_iter().flatten().flatten())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| {
-            let spare = e.file_name().to_string_lossy().starts_with("spare-");
-            let empty = std::fs::read_to_string(e.path().join("cgroup.procs"))
-                .is_ok_and(|p| p.trim().is_empty());
-            !(spare && empty)
-        })
         .map(|e| e.path().display().to_string())
         .collect()
 }
@@ -147,7 +139,7 @@ fn a_timeout_and_a_cancel_end_every_process_of_the_task() {
     assert_eq!(common::history(&shown)[0]["reason"], "timeout", "{shown:#}");
     assert_all_gone(&timed_pids, "timeout");
 
-    // Each task's cgroup is removed (or emptied and kept for the next task) once it ended.
+    // Each task's cgroup is removed once it ended.
     assert!(
         poll(secs(5), || leftover_cgroups(&tree).is_empty()),
         "task cgroups left behind: {:?}",
@@ -390,69 +382,5 @@ fn limits_are_refused_where_cgroups_are_not_available() {
             && err.contains("queues.q.memory_max")
             && err.contains("needs a cgroup per task"),
         "{err}"
-    );
-}
-
-/// An emptied task cgroup is kept and handed to the next task with the same limits: that
-/// task's peak memory, CPU time and OOM kills are its own (reset, or counted from where the
-/// previous task left them), and the spares are removed at a clean exit.
-#[test]
-fn an_emptied_task_cgroup_is_reused_with_its_counters_reset() {
-    let env = setup(
-        "[queues.m]\nshell = \"python3 -c \\\"b = b'x' * ($TASKD_ARG_mb << 20); print(len(b))\\\"\"\n\
-         memory_max = \"32MiB\"\n",
-    );
-    let daemon = env.daemon();
-    let Some(tree) = subtree(&daemon) else {
-        return;
-    };
-    let spares = || -> Vec<String> {
-        common::cgroups::all_trees(&tree)
-            .iter()
-            .flat_map(|t| std::fs::read_dir(t).into_iter().flatten().flatten())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("spare-"))
-            .collect()
-    };
-    // One task at a time: each next one runs in the cgroup the previous one emptied.
-    let big = env.submit("m", r#"{"mb": 24}"#);
-    let big = env.wait_state(&big, "succeeded", secs(30));
-    let big_peak = common::history(&big)[0]["memory_peak"]
-        .as_u64()
-        .expect("a peak");
-    assert!(big_peak >= 24 << 20, "{big:#}");
-    assert!(
-        poll(secs(5), || !spares().is_empty()),
-        "no spare cgroup kept in {}",
-        tree.display()
-    );
-    let hog = env.submit("m", r#"{"mb": 256}"#);
-    let hog = env.wait_state(&hog, "failed", secs(30));
-    assert_eq!(common::history(&hog)[0]["reason"], "oom", "{hog:#}");
-
-    let small = env.submit("m", r#"{"mb": 0}"#);
-    let small = env.wait_state(&small, "succeeded", secs(30));
-    let a = &common::history(&small)[0];
-    let peak = a["memory_peak"].as_u64().expect("a peak");
-    assert!(
-        peak < big_peak / 2,
-        "the small task's peak {peak} is not its own (the big one's was {big_peak})"
-    );
-    let cpu = a["cpu_usec"].as_u64().expect("CPU time");
-    let total: u64 = [&big, &hog]
-        .iter()
-        .filter_map(|v| common::history(v)[0]["cpu_usec"].as_u64())
-        .sum();
-    assert!(
-        cpu > 0 && cpu < total,
-        "CPU {cpu} µs counts the earlier tasks' too ({total})"
-    );
-    assert!(spares().len() <= 16, "{:?}", spares());
-
-    daemon.signal(common::SIGTERM);
-    assert_eq!(daemon.wait_exit(secs(20)), Some(0));
-    assert!(
-        !tree.exists(),
-        "the spares kept the subtree after the daemon's exit"
     );
 }

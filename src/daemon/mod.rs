@@ -947,7 +947,6 @@ impl Running {
             task.abort();
         }
         if let Some(c) = self.containment.containment() {
-            c.remove_spares();
             c.close();
         }
         if self.broker.shared() {

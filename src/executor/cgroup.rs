@@ -12,12 +12,6 @@
 //! - **Limits** (`memory_max`, `pids_max`, `cpu_weight`) go through the v2 controllers where
 //!   they are enabled, and otherwise through the v1 `memory`, `pids` and `cpu` hierarchies
 //!   (a hybrid machine), in a cgroup of the same name under the daemon's own v1 cgroup.
-//! - **Reuse**: a task's cgroup that is empty once its counters are read is kept as a
-//!   spare (renamed `spare-<n>`, its peak memory reset) and renamed to the next task's name
-//!   with the same limits, instead of a `rmdir` now and a `mkdir` (and its limit writes)
-//!   for the next task; CPU time and OOM kills are read as the difference from what they
-//!   were when it was kept. Spares over [`SPARES_PER_LIMITS`] are removed, the rest at a
-//!   clean exit, and a crashed daemon's by the next one's start, as any leftover.
 //! - Nothing writable: [`detect`] says why, and the daemon keeps process groups.
 
 use std::fs::OpenOptions;
@@ -30,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Limits of one task's (or worker's) cgroup; `None`: not limited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupLimits {
     /// Bytes of memory (and swap) the cgroup may use; past it the kernel's OOM killer
     /// ends a process of the cgroup.
@@ -80,29 +74,6 @@ pub struct Containment {
     v1: Vec<(&'static str, PathBuf)>,
     /// Numbers the names of worker cgroups.
     serial: AtomicU64,
-    /// Emptied task cgroups kept for the next task with the same limits.
-    spares: std::sync::Mutex<std::collections::HashMap<CgroupLimits, Vec<Spare>>>,
-}
-
-/// At most this many spare cgroups are kept per set of limits; more are removed.
-pub const SPARES_PER_LIMITS: usize = 16;
-
-/// An emptied task cgroup, kept for reuse.
-#[derive(Debug)]
-struct Spare {
-    dirs: Vec<PathBuf>,
-    memory: Option<(PathBuf, bool)>,
-    /// `memory.peak` (v2), open: its reset holds for reads through this descriptor.
-    peak: Option<std::fs::File>,
-    /// The counters when it was kept: the next task's are the difference.
-    base: Base,
-}
-
-/// Counters a reused cgroup started from.
-#[derive(Clone, Copy, Debug, Default)]
-struct Base {
-    cpu_usec: u64,
-    oom_kills: u64,
 }
 
 /// How this daemon contains its tasks.
@@ -189,7 +160,6 @@ fn try_detect(root: Option<&Path>, key: &str) -> Result<Containment, String> {
         v2,
         v1,
         serial: AtomicU64::new(0),
-        spares: std::sync::Mutex::new(std::collections::HashMap::new()),
     })
 }
 
@@ -323,52 +293,6 @@ impl Containment {
             let _ = std::fs::remove_dir(dir);
         }
     }
-
-    /// Removes the spare cgroups (at a clean exit, before the subtree).
-    pub fn remove_spares(&self) {
-        let spares: Vec<Spare> = self
-            .spares
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
-        for spare in spares {
-            for dir in spare.dirs.iter().rev() {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
-    }
-
-    fn spares(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<CgroupLimits, Vec<Spare>>> {
-        self.spares
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// `dir` with its last component replaced by `name`.
-fn renamed(dir: &Path, name: &str) -> PathBuf {
-    dir.parent()
-        .map_or_else(|| PathBuf::from(name), |p| p.join(name))
-}
-
-/// Renames every directory of a cgroup to `name`; on a failure the ones renamed go back.
-fn rename_all(dirs: &[PathBuf], name: &str) -> io::Result<Vec<PathBuf>> {
-    let mut done: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for dir in dirs {
-        let to = renamed(dir, name);
-        if let Err(e) = std::fs::rename(dir, &to) {
-            for (from, to) in done.iter().rev() {
-                let _ = std::fs::rename(to, from);
-            }
-            return Err(e);
-        }
-        done.push((dir.clone(), to));
-    }
-    Ok(done.into_iter().map(|(_, to)| to).collect())
 }
 
 /// Pids in a cgroup directory.
@@ -439,106 +363,14 @@ struct Inner {
     has_kill: bool,
     /// Where memory is counted: (directory, v2?).
     memory: Option<(PathBuf, bool)>,
-    /// Removed already, or kept as a spare ([`Cgroup::finish`]): nothing left for the drop.
+    /// Removed already ([`Cgroup::finish`]): nothing left for the drop.
     removed: std::sync::atomic::AtomicBool,
-    /// A task's cgroup: kept as a spare of its subtree, with these limits, once emptied.
-    reuse: Option<(Arc<Containment>, CgroupLimits)>,
-    /// `memory.peak` (v2) of a reused cgroup, where its reset holds.
-    peak: Option<std::fs::File>,
-    /// The counters when this use began (zero for a new cgroup).
-    base: Base,
 }
 
 impl Cgroup {
     /// Creates the cgroup `spec.name` with its limits. An error is taskd's or the machine's
     /// (the caller fails the start with it).
     pub fn create(spec: &CgroupSpec) -> io::Result<Cgroup> {
-        let task = spec.name.starts_with("task-");
-        if task {
-            let reused = Cgroup::reuse(spec);
-            if Cgroup::spare_count(&spec.place, spec.limits) == 0 {
-                // The next task's comes ready-made, off the runtime's threads.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let (place, limits) = (spec.place.clone(), spec.limits);
-                    rt.spawn_blocking(move || Cgroup::make_spare(&place, limits));
-                }
-            }
-            if let Some(cg) = reused {
-                return Ok(cg);
-            }
-        }
-        let mut cg = Cgroup::make(spec)?;
-        if task {
-            Arc::get_mut(&mut cg.0).expect("not shared yet").reuse =
-                Some((spec.place.clone(), spec.limits));
-        }
-        Ok(cg)
-    }
-
-    /// A spare with the same limits, renamed to `spec.name`, if there is one.
-    fn reuse(spec: &CgroupSpec) -> Option<Cgroup> {
-        let spare = spec.place.spares().get_mut(&spec.limits)?.pop()?;
-        let dirs = match rename_all(&spare.dirs, &spec.name) {
-            Ok(dirs) => dirs,
-            Err(e) => {
-                tracing::debug!(error = %e, "could not rename a spare cgroup; removing it");
-                for dir in spare.dirs.iter().rev() {
-                    let _ = std::fs::remove_dir(dir);
-                }
-                return None;
-            }
-        };
-        let memory = spare
-            .memory
-            .as_ref()
-            .map(|(d, v2)| (renamed(d, &spec.name), *v2));
-        Some(Cgroup(Arc::new(Inner {
-            dirs,
-            procs: std::sync::Mutex::new(Vec::new()),
-            has_kill: spec.place.has_kill,
-            memory,
-            removed: std::sync::atomic::AtomicBool::new(false),
-            reuse: Some((spec.place.clone(), spec.limits)),
-            peak: spare.peak,
-            base: spare.base,
-        })))
-    }
-
-    /// Makes a spare ahead of need, off the runtime's threads: the `mkdir` and limit writes
-    /// are then not on a task's way to its start.
-    pub fn make_spare(place: &Arc<Containment>, limits: CgroupLimits) {
-        let spec = CgroupSpec {
-            place: place.clone(),
-            name: format!("spare-{}", place.serial()),
-            limits,
-        };
-        let Ok(cg) = Cgroup::make(&spec) else { return };
-        let spare = Spare {
-            dirs: cg.0.dirs.clone(),
-            memory: cg.0.memory.clone(),
-            peak: None,
-            base: Base::default(),
-        };
-        cg.0.removed.store(true, Ordering::Relaxed);
-        let mut spares = place.spares();
-        let list = spares.entry(limits).or_default();
-        if list.len() < SPARES_PER_LIMITS {
-            list.push(spare);
-        } else {
-            drop(spares);
-            for dir in spare.dirs.iter().rev() {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
-    }
-
-    /// How many spares there are for these limits.
-    pub fn spare_count(place: &Containment, limits: CgroupLimits) -> usize {
-        place.spares().get(&limits).map_or(0, Vec::len)
-    }
-
-    /// Creates the cgroup's directories and writes its limits.
-    fn make(spec: &CgroupSpec) -> io::Result<Cgroup> {
         let place = &spec.place;
         let limits = &spec.limits;
         let v2dir = place.tree.join(&spec.name);
@@ -549,9 +381,6 @@ impl Cgroup {
             has_kill: place.has_kill,
             memory: None,
             removed: std::sync::atomic::AtomicBool::new(false),
-            reuse: None,
-            peak: None,
-            base: Base::default(),
         };
         // From here on a failure removes what was made (Inner's drop).
         let mut wanted: Vec<(&str, String, String)> = Vec::new(); // (controller, file, value)
@@ -677,16 +506,13 @@ impl Cgroup {
         kill_dir(&self.0.dirs[0], self.0.has_kill);
     }
 
-    /// The counters as the kernel has them (since the directory was made).
-    fn raw_usage(&self) -> Usage {
+    /// What the counters say now.
+    pub fn usage(&self) -> Usage {
         let v2 = &self.0.dirs[0];
         let cpu_usec = read_keyed(&v2.join("cpu.stat"), "usage_usec");
         let (memory_peak, oom_kills) = match &self.0.memory {
             Some((dir, true)) => (
-                match &self.0.peak {
-                    Some(f) => read_number_at(f),
-                    None => read_number(&dir.join("memory.peak")),
-                },
+                read_number(&dir.join("memory.peak")),
                 read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
             ),
             Some((dir, false)) => (
@@ -702,16 +528,10 @@ impl Cgroup {
         }
     }
 
-    /// Kills what is left in the cgroup, reads its counters, and keeps it as a spare for the
-    /// next task (a task's cgroup, empty now) or removes it.
+    /// Kills what is left in the cgroup, reads its counters and removes it.
     pub async fn finish(self) -> Usage {
         self.kill();
-        let raw = self.raw_usage();
-        let usage = self.usage_from(raw);
-        if Arc::strong_count(&self.0) == 1 && self.keep(raw) {
-            self.0.removed.store(true, Ordering::Relaxed);
-            return usage;
-        }
+        let usage = self.usage();
         // The usual case: nothing was left to kill (the leader was reaped and its children
         // ended with it), and the directories go at once, here.
         let removed = Arc::strong_count(&self.0) == 1
@@ -732,78 +552,6 @@ impl Cgroup {
         let _ = tokio::task::spawn_blocking(move || drop(inner)).await;
         usage
     }
-
-    fn usage_from(&self, raw: Usage) -> Usage {
-        let base = self.0.base;
-        Usage {
-            cpu_usec: raw.cpu_usec.map(|c| c.saturating_sub(base.cpu_usec)),
-            memory_peak: raw.memory_peak,
-            oom_kills: raw.oom_kills.saturating_sub(base.oom_kills),
-        }
-    }
-
-    /// Keeps an emptied task cgroup as a spare: its peak memory reset, renamed
-    /// `spare-<n>`. False (and nothing changed) when it is not a task's, holds a process
-    /// still, the spares are full, or a reset or rename fails: it is then removed.
-    fn keep(&self, raw: Usage) -> bool {
-        let Some((place, limits)) = &self.0.reuse else {
-            return false;
-        };
-        if self.0.dirs.iter().any(|d| !members(d).is_empty()) {
-            return false;
-        }
-        if place.spares().get(limits).map_or(0, Vec::len) >= SPARES_PER_LIMITS {
-            return false;
-        }
-        let mut peak = None;
-        match &self.0.memory {
-            Some((dir, true)) => {
-                // Reset for later reads through this descriptor (Linux 6.12).
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(dir.join("memory.peak"));
-                match f.and_then(|mut f| f.write_all(b"reset\n").map(|()| f)) {
-                    Ok(f) => peak = Some(f),
-                    Err(_) => return false,
-                }
-            }
-            Some((dir, false))
-                if write_file(&dir.join("memory.max_usage_in_bytes"), "0").is_err() =>
-            {
-                return false;
-            }
-            Some(_) | None => {}
-        }
-        let name = format!("spare-{}", place.serial());
-        let Ok(dirs) = rename_all(&self.0.dirs, &name) else {
-            return false;
-        };
-        let spare = Spare {
-            dirs,
-            memory: self
-                .0
-                .memory
-                .as_ref()
-                .map(|(d, v2)| (renamed(d, &name), *v2)),
-            peak,
-            base: Base {
-                cpu_usec: raw.cpu_usec.unwrap_or(0),
-                oom_kills: raw.oom_kills,
-            },
-        };
-        place.spares().entry(*limits).or_default().push(spare);
-        true
-    }
-}
-
-/// A number read through an open descriptor, from its start.
-fn read_number_at(file: &std::fs::File) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 64];
-    let n = file.read_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
 fn limits_memsw(limits: &CgroupLimits) -> String {
