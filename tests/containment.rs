@@ -366,8 +366,13 @@ fn limits_are_refused_where_cgroups_are_not_available() {
     )
     .unwrap();
     std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // A copy of the binary that `nobody` may run: the build directory may sit below a
+    // directory only root may enter (a checkout in a 0700 temporary directory).
+    let bin = dir.path().join("taskd");
+    std::fs::copy(common::BIN, &bin).expect("copy the taskd binary");
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = std::os::unix::process::CommandExt::uid(
-        std::process::Command::new(common::BIN)
+        std::process::Command::new(&bin)
             .args(["check", "-c"])
             .arg(&config),
         65534,
