@@ -366,11 +366,7 @@ fn limits_are_refused_where_cgroups_are_not_available() {
     )
     .unwrap();
     std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    // A copy of the binary that `nobody` may run: the build directory may sit below a
-    // directory only root may enter (a checkout in a 0700 temporary directory).
-    let bin = dir.path().join("taskd");
-    std::fs::copy(common::BIN, &bin).expect("copy the taskd binary");
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = common::bin_for_others(dir.path());
     let out = std::os::unix::process::CommandExt::uid(
         std::process::Command::new(&bin)
             .args(["check", "-c"])

@@ -550,7 +550,9 @@ fn check_as_a_non_root_user_refuses_other_users() {
     let check_as_nobody = |env: &Env| {
         world_readable(env);
         Command::new("runuser")
-            .args(["-u", "nobody", "--", BIN, "check", "-c"])
+            .args(["-u", "nobody", "--"])
+            .arg(common::bin_for_others(env.path()))
+            .args(["check", "-c"])
             .arg(&env.config)
             .env_remove("TASKD_CONFIG")
             .output()

@@ -323,6 +323,18 @@ pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// A 0755 copy of the taskd binary in `dir` (itself 0755), for running it as another user:
+/// the build directory may sit below a directory only root may enter (a checkout in a 0700
+/// temporary directory).
+pub fn bin_for_others(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let bin = dir.join("taskd-for-others");
+    std::fs::copy(BIN, &bin).expect("copy the taskd binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    bin
+}
+
 /// A path under the repository's `contrib/`.
 pub fn contrib(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
