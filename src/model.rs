@@ -600,6 +600,30 @@ pub struct AttemptRecord {
     pub result: Option<serde_json::Value>,
 }
 
+impl AttemptRecord {
+    /// A run the daemon or node lost (it died, or its lease was taken over), ended `now`
+    /// with `note` saying why; no exit status.
+    pub(crate) fn lost(
+        number: u32,
+        node: NodeId,
+        pid: Option<i32>,
+        started_at: UnixMs,
+        now: UnixMs,
+        note: String,
+    ) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            node,
+            pid,
+            started_at,
+            ended_at: now,
+            reason: Some(AttemptReason::Lost),
+            error: Some(note),
+            ..Default::default()
+        }
+    }
+}
+
 /// A task with its whole attempt history, for `taskd show`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskDetail {

@@ -726,16 +726,14 @@ impl Broker for MemoryBroker {
                 let started = r.task.state == TaskState::Running;
                 if started {
                     // It ran: the history says it was lost, and the attempt is given back.
-                    r.history.push(AttemptRecord {
-                        number: r.task.attempts,
-                        node: r.task.node.clone().unwrap_or_default(),
-                        pid: r.pid,
-                        started_at: r.started_at.unwrap_or(now),
-                        ended_at: now,
-                        reason: Some(AttemptReason::Lost),
-                        error: Some(note.to_string()),
-                        ..Default::default()
-                    });
+                    r.history.push(AttemptRecord::lost(
+                        r.task.attempts,
+                        r.task.node.clone().unwrap_or_default(),
+                        r.pid,
+                        r.started_at.unwrap_or(now),
+                        now,
+                        note.to_string(),
+                    ));
                     r.task.attempts = r.task.attempts.saturating_sub(1);
                 }
                 let lost = r

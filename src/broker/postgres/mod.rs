@@ -56,8 +56,8 @@ use super::{
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord};
 use crate::model::{
-    now_ms, AttemptReason, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId,
-    TaskRecord, TaskState, UnixMs,
+    now_ms, AttemptRecord, NewTask, NodeId, QueueName, TaskDetail, TaskId, TaskRecord, TaskState,
+    UnixMs,
 };
 
 /// A node not heard from for this long is no longer listed.
@@ -226,16 +226,14 @@ impl PgBroker {
             let cancel_requested: bool = r.get(8);
             let started = r.get::<_, String>(9) == "running";
             if started {
-                let attempt = AttemptRecord {
-                    number: attempts.max(0) as u32,
-                    node: node.clone().unwrap_or_default(),
+                let attempt = AttemptRecord::lost(
+                    attempts.max(0) as u32,
+                    node.clone().unwrap_or_default(),
                     pid,
-                    started_at: started_at.unwrap_or(now),
-                    ended_at: now,
-                    reason: Some(AttemptReason::Lost),
-                    error: Some(note.to_string()),
-                    ..Default::default()
-                };
+                    started_at.unwrap_or(now),
+                    now,
+                    note.to_string(),
+                );
                 insert_attempt(&tx, seq, &attempt).await?;
             }
             let queue: QueueName = queue.parse().map_err(BrokerError::Storage)?;

@@ -863,16 +863,14 @@ impl Broker for SqliteBroker {
                     let started = state == "running";
                     if started {
                         // It ran: the history says it was lost, and the attempt is given back.
-                        let attempt = AttemptRecord {
-                            number: attempts,
-                            node: node.clone().unwrap_or_default(),
+                        let attempt = AttemptRecord::lost(
+                            attempts,
+                            node.clone().unwrap_or_default(),
                             pid,
-                            started_at: started_at.unwrap_or(now),
-                            ended_at: now,
-                            reason: Some(AttemptReason::Lost),
-                            error: Some(note.clone()),
-                            ..Default::default()
-                        };
+                            started_at.unwrap_or(now),
+                            now,
+                            note.clone(),
+                        );
                         insert_attempt(conn, seq, &attempt)?;
                     }
                     let queue: QueueName = queue.parse().map_err(BrokerError::Storage)?;
