@@ -95,13 +95,47 @@ fn assert_escaped(pids: &[i32]) {
     assert!(alive(pids[2]), "the double-forked grandchild runs");
 }
 
-fn leftover_cgroups(tree: &Path) -> Vec<String> {
+fn cgroups_in(tree: &Path) -> Vec<PathBuf> {
     common::cgroups::all_trees(tree)
         .iter()
         .flat_map(|t| std::fs::read_dir(t).into_iter().flatten().flatten())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path().display().to_string())
+        .map(|e| e.path())
         .collect()
+}
+
+/// Processes still in the subtree's cgroups, as `cgroup: pid`.
+fn processes_in(tree: &Path) -> Vec<String> {
+    cgroups_in(tree)
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(|p| format!("{}: {p}", d.display()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The v2 cgroup of process `pid` (`/…/taskd-<key>/task-<queue>-<n>`), if it is alive.
+fn cgroup_of(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+}
+
+/// The directory in `tree` of a task's cgroup as `/proc/PID/cgroup` names it, after
+/// checking that it is one of the subtree's.
+fn dir_in(tree: &Path, cgroup: &str) -> PathBuf {
+    let (parent, name) = cgroup.rsplit_once('/').expect("a cgroup path");
+    assert!(
+        parent.ends_with(&format!("/{}", tree.file_name().unwrap().to_string_lossy())),
+        "{cgroup} is not in the daemon's subtree {}",
+        tree.display()
+    );
+    tree.join(name)
 }
 
 #[test]
@@ -125,11 +159,24 @@ fn a_timeout_and_a_cancel_end_every_process_of_the_task() {
     let cancelled_pids = task_pids(&env, &cancelled);
     assert_escaped(&timed_pids);
     assert_escaped(&cancelled_pids);
-    assert!(
-        tree.join(format!("task-{cancelled}")).is_dir(),
-        "the running task has no cgroup of its own in {}",
-        tree.display()
-    );
+    let timed_cg = cgroup_of(timed_pids[0]).expect("the task runs");
+    let cancelled_cg = cgroup_of(cancelled_pids[0]).expect("the task runs");
+    assert_ne!(timed_cg, cancelled_cg, "two running tasks share a cgroup");
+    for (cg, queue, pids) in [
+        (&timed_cg, "slow", &timed_pids),
+        (&cancelled_cg, "held", &cancelled_pids),
+    ] {
+        let dir = dir_in(&tree, cg);
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            dir.is_dir() && name == format!("task-{queue}-0"),
+            "the running task of {queue} has no cgroup task-{queue}-0 of its own: {cg}"
+        );
+        // The grandchildren that left the task's group are still in its cgroup.
+        for &pid in pids.iter() {
+            assert_eq!(cgroup_of(pid).as_deref(), Some(cg.as_str()));
+        }
+    }
 
     env.ok(&["cancel", &cancelled]);
     env.wait_state(&cancelled, "cancelled", secs(15));
@@ -139,11 +186,11 @@ fn a_timeout_and_a_cancel_end_every_process_of_the_task() {
     assert_eq!(common::history(&shown)[0]["reason"], "timeout", "{shown:#}");
     assert_all_gone(&timed_pids, "timeout");
 
-    // Each task's cgroup is removed once it ended.
+    // Each task's cgroup is empty once it ended (kept for the queue's next task).
     assert!(
-        poll(secs(5), || leftover_cgroups(&tree).is_empty()),
-        "task cgroups left behind: {:?}",
-        leftover_cgroups(&tree)
+        poll(secs(5), || processes_in(&tree).is_empty()),
+        "processes left in the task cgroups: {:?}",
+        processes_in(&tree)
     );
     daemon.signal(common::SIGTERM);
     assert_eq!(daemon.wait_exit(secs(20)), Some(0));
@@ -182,7 +229,8 @@ fn after_a_kill_9_the_next_daemon_ends_what_the_tasks_left_running() {
         pids.iter().all(|&p| alive(p)),
         "a process died with the daemon"
     );
-    assert!(tree.join(format!("task-{id}")).is_dir());
+    let cg = cgroup_of(pids[0]).expect("the task outlived the daemon");
+    assert!(dir_in(&tree, &cg).is_dir());
 
     let daemon = env.daemon();
     assert_all_gone(&pids, "crash recovery");
@@ -383,5 +431,104 @@ fn limits_are_refused_where_cgroups_are_not_available() {
             && err.contains("queues.q.memory_max")
             && err.contains("needs a cgroup per task"),
         "{err}"
+    );
+}
+
+/// The task of `reuse`: by its payload's role, the first starts a child in a session of its
+/// own that outlives it (unless its end kills it), uses 64 MiB and some CPU; the second
+/// says whether that child was still there when it began. Each writes its cgroup, then
+/// waits for the test's go-ahead (`$D/<id>.go`).
+const REUSING: &str = r#"
+f="$D/$TASKD_TASK_ID"
+if [ "$TASKD_ARG_role" = first ]; then
+  setsid env -i sh -c 'echo $$ > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 300' "$D/child" &
+  i=0; while [ ! -s "$D/child" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+  python3 -c "b = b'x' * (64 << 20)"
+  i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done
+else
+  c=$(cat "$D/child")
+  s=$(sed 's/.*) \(.\) .*/\1/' "/proc/$c/stat" 2>/dev/null)
+  echo "${s:-gone}" > "$f.child"
+fi
+grep '^0::' /proc/self/cgroup | cut -d: -f3- > "$f.cg.tmp"; mv "$f.cg.tmp" "$f.cg"
+i=0; while [ ! -e "$f.go" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
+"#;
+
+#[test]
+fn a_queue_slot_reuses_its_cgroup_once_the_last_task_left_nothing_in_it() {
+    use std::os::unix::fs::MetadataExt;
+    let env = setup(&format!(
+        "[queues.one]\nshell = '''{REUSING}'''\nconcurrency = 1\ntimeout = \"1m\"\n"
+    ));
+    let daemon = env.daemon();
+    let Some(tree) = subtree(&daemon) else { return };
+    let first = env.submit("one", r#"{"role": "first"}"#);
+    let second = env.submit("one", r#"{"role": "second"}"#);
+    let cg_file = |id: &str| env.path().join(format!("{id}.cg"));
+
+    let cg1 = common::wait_line(&cg_file(&first), secs(20));
+    let dir = dir_in(&tree, &cg1);
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(name, "task-one-0", "the queue's only slot's cgroup");
+    let inode = std::fs::metadata(&dir).expect("the cgroup exists").ino();
+    let child: i32 = common::wait_line(&env.path().join("child"), secs(10))
+        .parse()
+        .expect("a pid");
+    assert!(alive(child), "the first task's child runs");
+    assert_eq!(cgroup_of(child).as_deref(), Some(cg1.as_str()));
+    assert!(!cg_file(&second).exists(), "one slot: the second waits");
+    std::fs::write(env.path().join(format!("{first}.go")), "").unwrap();
+    env.wait_state(&first, "succeeded", secs(20));
+
+    // The second task runs in the very same cgroup (same directory, same inode), and the
+    // first one's child was gone before it began.
+    let cg2 = common::wait_line(&cg_file(&second), secs(20));
+    assert_eq!(cg2, cg1, "the second task got another cgroup");
+    assert_eq!(
+        std::fs::metadata(&dir).expect("the cgroup exists").ino(),
+        inode,
+        "{name} was made again, not reused"
+    );
+    let state = common::wait_line(&env.path().join(format!("{second}.child")), secs(5));
+    assert!(
+        state == "gone" || state == "Z",
+        "the first task's child was still there (state {state}) when the next task got its cgroup"
+    );
+    assert!(!alive(child));
+    let members = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(
+        !members.lines().any(|p| p.trim() == child.to_string()),
+        "the child is still a member: {members}"
+    );
+    std::fs::write(env.path().join(format!("{second}.go")), "").unwrap();
+    let shown2 = env.wait_state(&second, "succeeded", secs(20));
+    let shown1 = env.show(&first);
+
+    // Each attempt shows its own use, not the cgroup's since it was made.
+    let (a1, a2) = (&common::history(&shown1)[0], &common::history(&shown2)[0]);
+    let cpu = |a: &serde_json::Value| a["cpu_usec"].as_u64().expect("CPU time counted");
+    assert!(
+        cpu(a2) < cpu(a1),
+        "the second task's CPU time {} includes the first's {}",
+        cpu(a2),
+        cpu(a1)
+    );
+    if let (Some(p1), Some(p2)) = (a1["memory_peak"].as_u64(), a2["memory_peak"].as_u64()) {
+        assert!(p1 >= 64 << 20, "the first task's peak {p1}");
+        assert!(
+            p2 < 32 << 20,
+            "the second task's peak {p2} is the first one's: not reset"
+        );
+    }
+    assert!(processes_in(&tree).is_empty(), "{:?}", processes_in(&tree));
+    let trees = common::cgroups::all_trees(&tree);
+    daemon.signal(common::SIGTERM);
+    assert_eq!(daemon.wait_exit(secs(20)), Some(0));
+    for t in trees {
+        assert!(!t.exists(), "{} outlived the daemon's exit", t.display());
+    }
+    assert!(
+        !tree.exists(),
+        "the kept cgroups outlived the daemon's exit"
     );
 }

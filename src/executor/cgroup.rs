@@ -45,9 +45,15 @@ impl CgroupLimits {
 #[derive(Clone, Debug)]
 pub struct CgroupSpec {
     pub place: Arc<Containment>,
-    /// A name unique among the cgroups alive in the subtree (`task-<id>`, `worker-…`).
+    /// A name unique among the cgroups alive in the subtree (`worker-…`); for a kept
+    /// cgroup (`kept`), the family its name starts with (`task-<queue>`): the cgroup is
+    /// `<family>-<n>`, the lowest `n` free.
     pub name: String,
     pub limits: CgroupLimits,
+    /// A task's cgroup, kept for the family's next task once this one's processes are all
+    /// gone, instead of being removed (see [`Containment`]): `mkdir` and `rmdir` of a cgroup
+    /// per task cost the daemon more than everything else it does for a short task.
+    pub kept: bool,
 }
 
 /// What a cgroup's counters said when it was removed.
@@ -74,6 +80,19 @@ pub struct Containment {
     v1: Vec<(&'static str, PathBuf)>,
     /// Numbers the names of worker cgroups.
     serial: AtomicU64,
+    /// Kept task cgroups, by family (`task-<queue>`): the idle ones, and the numbers in use.
+    kept: std::sync::Mutex<std::collections::HashMap<String, Family>>,
+}
+
+/// The kept cgroups `<family>-<n>` of one family. A queue holds at most its concurrency
+/// at once, so a family has that many (the most it ran at once), numbered from 0.
+#[derive(Debug, Default)]
+struct Family {
+    /// Empty, counters noted, waiting for the family's next task.
+    idle: Vec<Inner>,
+    /// The numbers whose directories exist: idle, busy, or left behind by a cgroup that
+    /// could not be emptied (never used again in this daemon's life).
+    taken: std::collections::BTreeSet<u32>,
 }
 
 /// How this daemon contains its tasks.
@@ -160,6 +179,7 @@ fn try_detect(root: Option<&Path>, key: &str) -> Result<Containment, String> {
         v2,
         v1,
         serial: AtomicU64::new(0),
+        kept: Default::default(),
     })
 }
 
@@ -237,7 +257,7 @@ impl Containment {
             limits.join(", ")
         };
         format!(
-            "a cgroup per task under {} (stopped with {kill}; limits: {limits})",
+            "a cgroup per task under {} (one per queue slot, kept and reused; stopped with {kill}; limits: {limits})",
             self.tree.display()
         )
     }
@@ -287,8 +307,86 @@ impl Containment {
         killed
     }
 
-    /// At a clean exit: removes the subtree (it is empty once every task and worker ended).
+    fn families(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Family>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A kept cgroup of `spec.name`'s family for one task: an idle one when there is one
+    /// (its limits set again if the queue's changed: made anew under its name), else a new
+    /// one with the lowest free number.
+    fn take_kept(self: &Arc<Self>, spec: &CgroupSpec) -> io::Result<Inner> {
+        let idle = {
+            let mut families = self.families();
+            let family = families.entry(spec.name.clone()).or_default();
+            let lowest = (0..family.idle.len()).min_by_key(|&i| slot_number(&family.idle[i]));
+            lowest.map(|i| family.idle.swap_remove(i))
+        };
+        if let Some(inner) = idle {
+            if inner.limits == spec.limits {
+                return Ok(inner);
+            }
+            // The queue's limits changed (a reload): this one is removed (it is empty) and
+            // its number made again below, with the new limits.
+            drop(inner);
+        }
+        // A directory of that name left by something else (a cgroup that could not be
+        // removed) is never taken over: its number stays taken and the next one is tried.
+        for _ in 0..64 {
+            let n = {
+                let mut families = self.families();
+                let family = families.entry(spec.name.clone()).or_default();
+                let n = (0u32..)
+                    .find(|n| !family.taken.contains(n))
+                    .expect("fewer than 2^32 cgroups");
+                family.taken.insert(n);
+                n
+            };
+            let slot = Slot {
+                place: Arc::downgrade(self),
+                family: spec.name.clone(),
+                n,
+            };
+            let name = format!("{}-{n}", spec.name);
+            match Inner::make(self, &name, &spec.limits, Some(slot)) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                other => return other,
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "64 cgroups named {}-<n> exist already in {}",
+                spec.name,
+                self.tree.display()
+            ),
+        ))
+    }
+
+    /// Gives an emptied kept cgroup back to its family.
+    fn keep(&self, inner: Inner) {
+        let Some(slot) = &inner.slot else { return };
+        let mut families = self.families();
+        match families.get_mut(&slot.family) {
+            Some(family) => family.idle.push(inner),
+            None => {
+                drop(families);
+                drop(inner);
+            }
+        }
+    }
+
+    /// At a clean exit: removes the kept cgroups, then the subtree (it is empty once every
+    /// task and worker ended).
     pub fn close(&self) {
+        let idle: Vec<Inner> = self
+            .families()
+            .values_mut()
+            .flat_map(|f| std::mem::take(&mut f.idle))
+            .collect();
+        // Each is empty: its drop removes it at once.
+        drop(idle);
         for dir in std::iter::once(&self.tree).chain(self.v1.iter().map(|(_, d)| d)) {
             let _ = std::fs::remove_dir(dir);
         }
@@ -349,7 +447,8 @@ fn remove_dir_waiting(dir: &Path, within: Duration) -> bool {
 
 /// One task's (or worker's) cgroup: a directory in the v2 subtree, plus one in each v1
 /// hierarchy a limit needs. Cloning shares it; the last clone dropped kills what is left in
-/// it and removes it.
+/// it and removes it. A kept task cgroup ([`CgroupSpec::kept`]) goes back to its family
+/// instead, by [`Cgroup::finish`], once nothing of its task is left in it.
 #[derive(Clone, Debug)]
 pub struct Cgroup(Arc<Inner>);
 
@@ -363,26 +462,73 @@ struct Inner {
     has_kill: bool,
     /// Where memory is counted: (directory, v2?).
     memory: Option<(PathBuf, bool)>,
-    /// Removed already ([`Cgroup::finish`]): nothing left for the drop.
+    /// Removed already: nothing left for the drop.
     removed: std::sync::atomic::AtomicBool,
+    /// The limits it was made with.
+    limits: CgroupLimits,
+    /// A kept cgroup's family and number.
+    slot: Option<Slot>,
+    /// What the counters said when the current task got the cgroup (empty then): the
+    /// task's use is the difference. Zero for a new cgroup.
+    base: Base,
 }
 
-impl Cgroup {
-    /// Creates the cgroup `spec.name` with its limits. An error is taskd's or the machine's
-    /// (the caller fails the start with it).
-    pub fn create(spec: &CgroupSpec) -> io::Result<Cgroup> {
-        let place = &spec.place;
-        let limits = &spec.limits;
-        let v2dir = place.tree.join(&spec.name);
-        make_dir(&v2dir)?;
+#[derive(Debug)]
+struct Slot {
+    place: std::sync::Weak<Containment>,
+    family: String,
+    n: u32,
+}
+
+#[derive(Debug, Default)]
+struct Base {
+    cpu_usec: u64,
+    oom_kills: u64,
+    /// cgroup v2's `memory.peak`, open and reset for the current task: the peak read
+    /// through it is this task's (a write resets it for that open file only, Linux 6.12).
+    /// `None`: read the file afresh (a new cgroup; v1, whose peak is reset by a write).
+    peak: Option<std::fs::File>,
+}
+
+fn slot_number(inner: &Inner) -> u32 {
+    inner.slot.as_ref().map_or(u32::MAX, |s| s.n)
+}
+
+impl Inner {
+    /// Makes the cgroup `name` in `place` with `limits`. A kept one (`slot`) must be new:
+    /// `AlreadyExists` when its v2 directory exists.
+    fn make(
+        place: &Containment,
+        name: &str,
+        limits: &CgroupLimits,
+        slot: Option<Slot>,
+    ) -> io::Result<Inner> {
+        let v2dir = place.tree.join(name);
+        let fresh = slot.is_some();
         let mut inner = Inner {
-            dirs: vec![v2dir.clone()],
+            dirs: Vec::new(),
             procs: std::sync::Mutex::new(Vec::new()),
             has_kill: place.has_kill,
             memory: None,
             removed: std::sync::atomic::AtomicBool::new(false),
+            limits: *limits,
+            slot,
+            base: Base::default(),
         };
-        // From here on a failure removes what was made (Inner's drop).
+        // From here on a failure removes what was made (Inner's drop), and gives back a
+        // kept cgroup's number.
+        if fresh {
+            if let Err(e) = std::fs::create_dir(&v2dir) {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    // Not ours: its number stays taken.
+                    inner.slot = None;
+                }
+                return Err(e);
+            }
+        } else {
+            make_dir(&v2dir)?;
+        }
+        inner.dirs.push(v2dir.clone());
         let mut wanted: Vec<(&str, String, String)> = Vec::new(); // (controller, file, value)
         if let Some(m) = limits.memory_max {
             wanted.push(("memory", "memory.max".into(), m.to_string()));
@@ -415,7 +561,7 @@ impl Cgroup {
             if !needed {
                 continue;
             }
-            let dir = tree.join(&spec.name);
+            let dir = tree.join(name);
             make_dir(&dir)?;
             inner.dirs.push(dir.clone());
             for (c, file, value) in &wanted {
@@ -445,6 +591,118 @@ impl Cgroup {
                 inner.memory = Some((dir, false));
             }
         }
+        Ok(inner)
+    }
+
+    /// What the counters say now, since the cgroup was made (the peak: since the reset).
+    fn counters(&self) -> Usage {
+        let v2 = &self.dirs[0];
+        let cpu_usec = read_keyed(&v2.join("cpu.stat"), "usage_usec");
+        let (memory_peak, oom_kills) = match &self.memory {
+            Some((dir, true)) => (
+                match &self.base.peak {
+                    Some(f) => read_number_at(f),
+                    None => read_number(&dir.join("memory.peak")),
+                },
+                read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
+            ),
+            Some((dir, false)) => (
+                read_number(&dir.join("memory.max_usage_in_bytes")),
+                read_keyed(&dir.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+            ),
+            None => (None, 0),
+        };
+        Usage {
+            cpu_usec,
+            memory_peak,
+            oom_kills,
+        }
+    }
+
+    /// The current task's use: the counters less what they said at its start.
+    fn usage(&self) -> Usage {
+        self.since_base(self.counters())
+    }
+
+    fn since_base(&self, now: Usage) -> Usage {
+        Usage {
+            cpu_usec: now.cpu_usec.map(|c| c.saturating_sub(self.base.cpu_usec)),
+            memory_peak: now.memory_peak,
+            oom_kills: now.oom_kills.saturating_sub(self.base.oom_kills),
+        }
+    }
+
+    /// Whether no process is left in the cgroup (in v2, which every member joined first).
+    fn is_empty(&self) -> bool {
+        members(&self.dirs[0]).is_empty()
+    }
+
+    /// After a task: its use, and the cgroup made ready for the family's next task (the
+    /// counters noted, the peak reset) and given back, when nothing of the task is left in
+    /// it. Otherwise, or when the peak cannot be reset (cgroup v2 before Linux 6.12), it is
+    /// removed as a cgroup that is not kept would be.
+    fn recycle(mut self) -> Usage {
+        let now = self.counters();
+        let usage = self.since_base(now);
+        if !self.is_empty() {
+            return usage;
+        }
+        self.base.cpu_usec = now.cpu_usec.unwrap_or(0);
+        self.base.oom_kills = now.oom_kills;
+        let reset = match &self.memory {
+            None => Ok(None),
+            Some((dir, false)) => {
+                write_file(&dir.join("memory.max_usage_in_bytes"), "0").map(|()| None)
+            }
+            Some((dir, true)) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(dir.join("memory.peak"))
+                .and_then(|mut f| f.write_all(b"reset").map(|()| Some(f))),
+        };
+        match reset {
+            Ok(peak) => self.base.peak = peak,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reset a cgroup's peak memory: not reused");
+                return usage;
+            }
+        }
+        match self.slot.as_ref().and_then(|s| s.place.upgrade()) {
+            Some(place) => place.keep(self),
+            None => drop(self),
+        }
+        usage
+    }
+
+    /// Waits up to `within` for the killed processes to leave the cgroup.
+    fn wait_empty(&self, within: Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        let mut delay = Duration::from_micros(200);
+        loop {
+            if self.is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            super::procs::reap_orphans();
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Cgroup {
+    /// Creates the cgroup `spec.name` with its limits, or takes a kept one of the family
+    /// `spec.name` ([`CgroupSpec::kept`]). An error is taskd's or the machine's (the caller
+    /// fails the start with it).
+    pub fn create(spec: &CgroupSpec) -> io::Result<Cgroup> {
+        let inner = if spec.kept {
+            spec.place.take_kept(spec)?
+        } else {
+            Inner::make(&spec.place, &spec.name, &spec.limits, None)?
+        };
         Ok(Cgroup(Arc::new(inner)))
     }
 
@@ -506,49 +764,46 @@ impl Cgroup {
         kill_dir(&self.0.dirs[0], self.0.has_kill);
     }
 
-    /// What the counters say now.
-    pub fn usage(&self) -> Usage {
-        let v2 = &self.0.dirs[0];
-        let cpu_usec = read_keyed(&v2.join("cpu.stat"), "usage_usec");
-        let (memory_peak, oom_kills) = match &self.0.memory {
-            Some((dir, true)) => (
-                read_number(&dir.join("memory.peak")),
-                read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-            ),
-            Some((dir, false)) => (
-                read_number(&dir.join("memory.max_usage_in_bytes")),
-                read_keyed(&dir.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-            ),
-            None => (None, 0),
-        };
-        Usage {
-            cpu_usec,
-            memory_peak,
-            oom_kills,
-        }
-    }
-
-    /// Kills what is left in the cgroup, reads its counters and removes it.
+    /// Kills what is left in the cgroup and reads its counters; then a kept cgroup goes
+    /// back to its family once it is empty, and any other is removed.
     pub async fn finish(self) -> Usage {
         self.kill();
-        let usage = self.usage();
-        // The usual case: nothing was left to kill (the leader was reaped and its children
-        // ended with it), and the directories go at once, here.
-        let removed = Arc::strong_count(&self.0) == 1
-            && self
-                .0
-                .dirs
-                .iter()
-                .rev()
-                .all(|d| std::fs::remove_dir(d).is_ok());
-        if removed {
-            self.0.removed.store(true, Ordering::Relaxed);
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(shared) => {
+                // Still held elsewhere: read now, removed by the last clone's drop.
+                let usage = shared.usage();
+                let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
+                return usage;
+            }
+        };
+        if inner.slot.is_some() {
+            // The usual case: nothing was left to kill (the leader was reaped and its
+            // children ended with it), and it is given back here, at once.
+            if inner.is_empty() {
+                return inner.recycle();
+            }
+            // Killed processes still leaving: waited for off the runtime's threads. The
+            // family's next task never gets a cgroup that still holds one.
+            return tokio::task::spawn_blocking(move || {
+                inner.wait_empty(Duration::from_secs(2));
+                inner.recycle()
+            })
+            .await
+            .unwrap_or_default();
+        }
+        let usage = inner.usage();
+        if inner
+            .dirs
+            .iter()
+            .rev()
+            .all(|d| std::fs::remove_dir(d).is_ok())
+        {
+            inner.removed.store(true, Ordering::Relaxed);
             return usage;
         }
-        let inner = self.0.clone();
-        drop(self);
-        // Removed by the last clone's drop: waiting for killed processes to go blocks, so it
-        // runs off the runtime's threads.
+        // Removed by the drop: waiting for killed processes to go blocks, so it runs off
+        // the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || drop(inner)).await;
         usage
     }
@@ -569,6 +824,14 @@ fn read_number(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// The number in an open cgroup file, read from its start.
+fn read_number_at(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 32];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+}
+
 /// The value of `key` in a flat-keyed file (`key value` lines).
 fn read_keyed(path: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -584,7 +847,8 @@ impl Drop for Inner {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
-        if *self.removed.get_mut() {
+        if *self.removed.get_mut() || self.dirs.is_empty() {
+            self.give_back_number(true);
             return;
         }
         kill_dir(&self.dirs[0], self.has_kill);
@@ -601,6 +865,23 @@ impl Drop for Inner {
         }
         if !left.is_empty() {
             tracing::warn!(cgroups = %left.join(", "), "could not remove a task's cgroup; the next start of the daemon removes it");
+        }
+        self.give_back_number(left.is_empty());
+    }
+}
+
+impl Inner {
+    /// A kept cgroup removed: its number may be made again (`gone`); one that could not be
+    /// removed keeps its number taken, never to be reused while its directory is there.
+    fn give_back_number(&mut self, gone: bool) {
+        let Some(slot) = self.slot.take() else { return };
+        if !gone {
+            return;
+        }
+        if let Some(place) = slot.place.upgrade() {
+            if let Some(family) = place.families().get_mut(&slot.family) {
+                family.taken.remove(&slot.n);
+            }
         }
     }
 }

@@ -506,7 +506,10 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
         }
     };
     tracing::debug!(pid, ?status, stray_killed, "task process ended");
-    // Its counters, read once everything in it is gone; then it is removed.
+    // The escalation's hold on the cgroup ends here: `finish` then has the only one.
+    drop(esc);
+    // Its counters, read once everything in it is gone; then it is kept for the queue's
+    // next task (or removed).
     let usage = match leader.cgroup.take() {
         Some(cg) => Some(cg.finish().await),
         None => None,
@@ -689,11 +692,16 @@ async fn start_when_descriptors_allow(
             Err(e) => {
                 if !matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
                     let c = spec.cgroup.as_ref().expect("only a cgroup is made here");
+                    let name = if c.kept {
+                        format!("{}-<n>", c.name)
+                    } else {
+                        c.name.clone()
+                    };
                     return Err(Status::SpawnFailed {
                         kind: SpawnFailure::Other,
                         message: format!(
                             "could not create the task's cgroup {}: {e}",
-                            c.place.tree().join(&c.name).display()
+                            c.place.tree().join(name).display()
                         ),
                     });
                 }

@@ -61,9 +61,10 @@ impl Prepared {
         }
     }
 
-    /// The cgroup `name` in the daemon's subtree with the queue's limits, if there is one.
+    /// The cgroup `name` in the daemon's subtree with the queue's limits, if there is one
+    /// (`kept`: a task's, one of the kept cgroups `name-<n>`, see [`CgroupSpec::kept`]).
     /// `Err` when the queue sets a limit this daemon cannot apply (never ignored).
-    fn cgroup(&self, name: String) -> Result<Option<CgroupSpec>, String> {
+    fn cgroup(&self, name: String, kept: bool) -> Result<Option<CgroupSpec>, String> {
         let limits = cgroup_limits(&self.config);
         let Some(place) = self.containment.clone() else {
             if limits.any() {
@@ -90,6 +91,7 @@ impl Prepared {
             place,
             name,
             limits,
+            kept,
         }))
     }
 
@@ -124,7 +126,7 @@ impl Prepared {
             result: None,
             live: None,
             // `worker-<queue>-<n>`: the worker process adds its number.
-            cgroup: self.cgroup(format!("worker-{}", q.name))?,
+            cgroup: self.cgroup(format!("worker-{}", q.name), false)?,
         })
     }
 
@@ -199,7 +201,8 @@ impl Prepared {
                     max_bytes: q.max_result,
                 }),
             live: None,
-            cgroup: self.cgroup(format!("task-{}", task.id))?,
+            // `task-<queue>-<n>`, one per slot of the queue, kept for its next tasks.
+            cgroup: self.cgroup(format!("task-{}", q.name), true)?,
         })
     }
 }
