@@ -478,10 +478,8 @@ pub async fn run(mut spec: Spec, stop: Stop, spawned: Option<oneshot::Sender<Spa
             // (Sent after the leader was reaped: a group id is not handed out again while the
             // group has members; an empty group gives a harmless ESRCH, and its id could only
             // name someone else's group after the pid space wrapped around in between.)
-            // The cgroup also holds what left the group (setsid, a double fork).
-            if let Some(cg) = &leader.cgroup {
-                cg.kill();
-            }
+            // The cgroup also holds what left the group (setsid, a double fork): killed
+            // by its `finish` below, before anything else.
             procs::signal_group(pid, Signal::SIGKILL)
         };
         leader.armed = false;
