@@ -3,7 +3,9 @@
 //! output tail) → prune, through the broker as the daemon drives it, with
 //! `keep_succeeded = "1s"` and the daemon's pruning pass every 5 s (`broker::prune_due`,
 //! 200 tasks per call). Every REPORT tasks it prints the store's size (SQLite: the file,
-//! its WAL and shared-memory file; Redis: `used_memory`), the tasks alive, and the claim
+//! its WAL and shared-memory file; Redis: `used_memory`, beside the server's RSS,
+//! `used_memory_rss`, and its AOF files on disk when `RETENTION_REDIS_DIR` names their
+//! directory), the tasks alive, and the claim
 //! rate of that window (claimed, started and finished per second), so that the size can be
 //! seen to stay bounded and the claim rate not to degrade. At the end: the first and last
 //! windows' rates and the prune calls' durations (each call is one write: its job in the
@@ -62,6 +64,32 @@ fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / 1048576.0)
 }
 
+/// A field of the Redis server's `INFO memory`.
+async fn redis_info(conn: &mut redis::aio::MultiplexedConnection, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .expect("INFO memory");
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes of the files under `dir` (the server's AOF directory).
+fn du(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => du(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
@@ -117,8 +145,25 @@ async fn run(url: String, total: u64, report: u64) {
             }
         })
     };
-    println!("| tasks done | elapsed (s) | store (MiB) | of it WAL (MiB) | tasks in store | pruned | claim rate in the window (tasks/s) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut info = match url.strip_prefix("sqlite:") {
+        Some(_) => None,
+        None => Some(
+            redis::Client::open(url.as_str())
+                .expect("redis url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to redis"),
+        ),
+    };
+    let aof_dir = std::env::var_os("RETENTION_REDIS_DIR").map(std::path::PathBuf::from);
+    if info.is_some() {
+        println!("| tasks done | elapsed (s) | used_memory (MiB) | RSS (MiB) | AOF on disk (MiB) | tasks in store | pruned | claim rate in the window (tasks/s) |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!("| tasks done | elapsed (s) | store (MiB) | of it WAL (MiB) | tasks in store | pruned | claim rate in the window (tasks/s) |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    let mut max_rss = 0u64;
     let (mut enqueued, mut done) = (0u64, 0u64);
     let start = Instant::now();
     let mut window = (Instant::now(), 0u64);
@@ -163,10 +208,18 @@ async fn run(url: String, total: u64, report: u64) {
             rates.push(rate);
             let size = b.store_size().await.expect("size").map_or(0, |s| s.bytes);
             max_bytes = max_bytes.max(size);
-            let wal = url
-                .strip_prefix("sqlite:")
-                .and_then(|p| std::fs::metadata(format!("{p}-wal")).ok())
-                .map_or(0, |m| m.len());
+            let second = match info.as_mut() {
+                Some(conn) => {
+                    let rss = redis_info(conn, "used_memory_rss").await;
+                    max_rss = max_rss.max(rss);
+                    let aof = aof_dir.as_deref().map_or("—".to_string(), |d| mib(du(d)));
+                    format!("{} | {aof}", mib(rss))
+                }
+                None => mib(url
+                    .strip_prefix("sqlite:")
+                    .and_then(|p| std::fs::metadata(format!("{p}-wal")).ok())
+                    .map_or(0, |m| m.len())),
+            };
             let alive: u64 = b
                 .counts()
                 .await
@@ -175,10 +228,9 @@ async fn run(url: String, total: u64, report: u64) {
                 .flat_map(|c| c.counts.values())
                 .sum();
             println!(
-                "| {done} | {:.0} | {} | {} | {alive} | {} | {rate:.0} |",
+                "| {done} | {:.0} | {} | {second} | {alive} | {} | {rate:.0} |",
                 start.elapsed().as_secs_f64(),
                 mib(size),
-                mib(wal),
                 pruned.load(Ordering::Relaxed),
             );
             window = (Instant::now(), done);
@@ -196,6 +248,9 @@ async fn run(url: String, total: u64, report: u64) {
         rates.last().copied().unwrap_or(0.0),
         mib(max_bytes)
     );
+    if info.is_some() {
+        println!("largest RSS of the Redis server {} MiB", mib(max_rss));
+    }
     println!(
         "prune calls: {} (200 tasks each at most), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         c.len(),
