@@ -21,7 +21,11 @@ bench/private_rabbitmq.py) and removes:
   each at the same concurrency C on the same broker, with the same result backend (Redis:
   its db 1; RabbitMQ: `rpc://`). The producers are the same program for all three; they are
   started, connected and warmed up (one task sent and its result read) before the clock
-  starts.
+  starts;
+- producers: the same producers' `.delay()` calls alone, nothing consuming meanwhile (a
+  Celery worker answers the warm-up task and is stopped before the clock starts): the
+  ceiling of every end-to-end figure on this machine, whose cores the producers share
+  with the consumers.
 
 Run with the bench venv's python (celery installed: bench/install.py makes it), after
 `cargo build --release`:
@@ -100,8 +104,9 @@ sys.stdin.readline()
 t = time.monotonic()
 rs = [noop.delay() for _ in range(n)]
 sent = time.monotonic() - t
-values = ResultSet(rs).get(timeout=600)
-assert len(values) == n and all(v is None for v in values), values[:5]
+if sys.argv[2] == "results":
+    values = ResultSet(rs).get(timeout=600)
+    assert len(values) == n and all(v is None for v in values), values[:5]
 print(json.dumps({"sent": sent, "took": time.monotonic() - t}), flush=True)
 """
 
@@ -268,12 +273,14 @@ def ingest(broker, n, c, producers):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def produce(broker, tmp, n, producers):
-    """Start the producers, warm them up, then time N .delay() and their results."""
+def produce(broker, tmp, n, producers, results=True):
+    """Start the producers, warm them up, then time N .delay() and their results (or, with
+    `results` false, the sending alone)."""
     e = env(broker)
     e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-    ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k)], cwd=tmp, env=e, text=True,
+    mode = "results" if results else "send"
+    ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), mode], cwd=tmp, env=e, text=True,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
     for p in ps:
         if p.stdout.readline().strip() != "ready":
@@ -301,6 +308,46 @@ def end_to_end_taskd(broker, n, c, runner, producers):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def producers_alone(broker, n, c, producers):
+    """The producers' own ceiling: N .delay() with a Celery worker only for the warm-up
+    task, stopped before the clock starts, so nothing consumes meanwhile."""
+    broker.reset()
+    return produce_unconsumed(broker, workdir("celery-bench-"), n, producers)
+
+
+def produce_unconsumed(broker, tmp, n, producers):
+    w = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_app", "worker", "--pool", "solo",
+                          "-Q", "celery", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                          "--loglevel", "WARNING"],
+                         cwd=tmp, env=env(broker), stdout=subprocess.DEVNULL,
+                         stderr=open(os.path.join(tmp, "worker.log"), "w"))
+    try:
+        e = env(broker)
+        e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
+        share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
+        ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), "send"], cwd=tmp, env=e, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
+        for p in ps:
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
+        w.terminate()
+        w.wait()
+        t = time.monotonic()
+        for p in ps:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [json.loads(p.stdout.readline()) for p in ps]
+        took = time.monotonic() - t
+        for p in ps:
+            p.wait()
+        return n / took, took, max(o["sent"] for o in outs)
+    finally:
+        if w.poll() is None:
+            w.terminate()
+            w.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def end_to_end_celery(broker, n, c, producers):
     broker.reset()
     tmp = workdir("celery-bench-")
@@ -324,7 +371,7 @@ def main():
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--ingest-n", type=int, default=0, help="messages for the ingest figure (default: --n)")
     ap.add_argument("--brokers", default="redis,amqp")
-    ap.add_argument("--only", default="ingest,exec,worker,celery")
+    ap.add_argument("--only", default="ingest,producers,exec,worker,celery")
     a = ap.parse_args()
     only = a.only.split(",")
     out = {"n": a.n, "concurrency": a.concurrency, "producers": a.producers}
@@ -338,17 +385,20 @@ def main():
                 after = load()
                 figures["ingest"] = {"per_s": round(rate), "load": l, "load_after": after}
                 log(f"{kind}: ingest {a.ingest_n or a.n} messages: {rate:.0f}/s ({took:.2f}s; load {l} -> {after})")
-            for what in ("exec", "worker", "celery"):
+            for what in ("producers", "exec", "worker", "celery"):
                 if what not in only:
                     continue
                 l = load()
-                if what == "celery":
+                if what == "producers":
+                    rate, took, sent = producers_alone(broker, a.n, a.concurrency, a.producers)
+                elif what == "celery":
                     rate, took, sent = end_to_end_celery(broker, a.n, a.concurrency, a.producers)
                 else:
                     rate, took, sent = end_to_end_taskd(broker, a.n, a.concurrency, what, a.producers)
                 after = load()
                 figures[what] = {"per_s": round(rate), "sending_s": round(sent, 2), "load": l, "load_after": after}
-                log(f"{kind}: delay->result, {what} (concurrency {a.concurrency}, {a.producers} producers): "
+                step = "delay alone, nothing consuming" if what == "producers" else "delay->result"
+                log(f"{kind}: {step}, {what} (concurrency {a.concurrency}, {a.producers} producers): "
                     f"{rate:.0f}/s ({took:.1f}s, sending took {sent:.1f}s; load {l} -> {after})")
             if "celery" in figures:
                 for what in ("exec", "worker"):
