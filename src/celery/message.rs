@@ -423,12 +423,12 @@ pub fn read_kombu_envelope(text: &str) -> (Result<Delivery, String>, Option<Stri
     (delivery_of_envelope(v), tag)
 }
 
-fn delivery_of_envelope(mut v: Value) -> Result<Delivery, String> {
-    let headers = match v.get_mut("headers").map(Value::take) {
+fn delivery_of_envelope(mut envelope: Value) -> Result<Delivery, String> {
+    let headers = match envelope.get_mut("headers").map(Value::take) {
         Some(Value::Object(h)) => h,
         _ => Map::new(),
     };
-    let o = v.as_object().ok_or("not a JSON object")?;
+    let o = envelope.as_object().ok_or("not a JSON object")?;
     let props = o.get("properties").and_then(Value::as_object);
     let prop = |k: &str| props.and_then(|p| p.get(k));
     let body = match o.get("body") {
