@@ -6,7 +6,8 @@ loaded) and a private redis-server (AOF everysec) are started for the run.
   W1 dispatch     2,000 x /bin/true at concurrency 2, from a pre-filled queue
   W2 concurrency  500 x sleep 0.01 at concurrency 8, from a pre-filled queue
   enqueue         `taskd submit` one task per call (200 calls); `taskd submit --batch` of
-                  10,000; and on PostgreSQL `SELECT taskd.enqueue(...)` from 4 psql clients at
+                  10,000 (on PostgreSQL beside one plain INSERT ... SELECT of the same rows into
+                  a table like taskd.tasks, from psql: the floor); and on PostgreSQL `SELECT taskd.enqueue(...)` from 4 psql clients at
                   once (2,500 statements each, each its own transaction) beside a plain INSERT
                   of the same rows into a table like taskd.tasks (its columns, defaults and
                   indexes, no trigger): the floor
@@ -174,7 +175,19 @@ def enqueue_cli(kind, pg, redis, singles, batch_n, tag):
             f.write("{}\n" * batch_n)
         t0 = time.monotonic()
         taskd(c, "submit", "w", "--batch", batch)
-        return single, batch_n / (time.monotonic() - t0)
+        rate = batch_n / (time.monotonic() - t0)
+        floor = None
+        if kind == "postgres":
+            # The floor: the same rows in one statement into a table like taskd.tasks (its
+            # columns, defaults and indexes, no trigger), from a psql process as the batch
+            # came from a taskd process.
+            pg.psql(store.db, "CREATE TABLE public.floor (LIKE taskd.tasks INCLUDING DEFAULTS INCLUDING INDEXES)")
+            t0 = time.monotonic()
+            pg.psql(store.db, "INSERT INTO public.floor (id, queue, state, payload, run_at, created_at, updated_at) "
+                    f"SELECT gen_random_uuid()::text, 'w', 'queued', '{{}}', {NOW_MS}, {NOW_MS}, {NOW_MS} "
+                    f"FROM generate_series(1, {batch_n})")
+            floor = batch_n / (time.monotonic() - t0)
+        return single, rate, floor
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -275,19 +288,28 @@ def main():
                          f"{min(ld):.1f}–{max(ld):.1f}"))
         if "enqueue" in only:
             single, batch, ld = {b: [] for b in BACKENDS}, {b: [] for b in BACKENDS}, []
+            floors = []
             for r in range(a.rounds):
                 for b in BACKENDS:
                     ld.append(load1())
-                    s1, bt = enqueue_cli(b, pg, redis, 200, 10000, next(tag))
+                    s1, bt, fl = enqueue_cli(b, pg, redis, 200, 10000, next(tag))
                     single[b].append(s1)
                     batch[b].append(bt)
-                    log(f"enqueue round {r + 1} {b}: single {s1:.0f}/s, batch {bt:.0f}/s, load {ld[-1]}")
+                    if fl is not None:
+                        floors.append(fl)
+                    log(f"enqueue round {r + 1} {b}: single {s1:.0f}/s, batch {bt:.0f}/s"
+                        + (f" (plain INSERT of the same rows {fl:.0f}/s)" if fl else "") + f", load {ld[-1]}")
             for name, v in (("enqueue, `taskd submit` one per call, 200 calls (tasks/s)", single),
                             ("enqueue, `taskd submit --batch` of 10,000 (tasks/s)", batch)):
                 ratios = [v["postgres"][i] / v["sqlite"][i] for i in range(a.rounds)]
                 rows.append((name, fmt(med(v["sqlite"])), fmt(med(v["postgres"])), fmt(med(v["redis"])),
                              f"{med(ratios):.2f} (" + ", ".join(f"{x:.2f}" for x in ratios) + ")",
                              f"{min(ld):.1f}–{max(ld):.1f}"))
+            ratios = [x / y for x, y in zip(batch["postgres"], floors)]
+            rows.append(("enqueue, `taskd submit --batch` of 10,000 / one plain `INSERT … SELECT` of the same rows "
+                         "from psql (rows/s)", "—", f"{fmt(med(batch['postgres']))} / {fmt(med(floors))}", "—",
+                         f"{med(ratios):.2f} of the INSERT (" + ", ".join(f"{x:.2f}" for x in ratios) + ")",
+                         f"{min(ld):.1f}–{max(ld):.1f}"))
         if "sql" in only:
             fns, floors, ld = [], [], []
             for r in range(a.rounds):

@@ -187,6 +187,7 @@ macro_rules! contract_tests {
                 enqueue_future_run_at_is_scheduled,
                 enqueue_batch_of_1000,
                 enqueue_batch_is_atomic,
+                enqueue_batch_mixes_plain_keyed_and_dependent_tasks,
                 unique_key_returns_existing_on_same_queue,
                 unique_key_is_per_queue,
                 unique_key_is_free_after_finish,
@@ -693,6 +694,83 @@ pub mod cases {
             "a failed batch changed a stored task"
         );
         assert_eq!(b.list(&ListFilter::default()).await.expect("list").len(), 1);
+    }
+
+    pub async fn enqueue_batch_mixes_plain_keyed_and_dependent_tasks(b: B, _g: G) {
+        // Plain tasks, two with one unique key (the second answered with the first), one
+        // after an earlier task of the same batch and one for later: each answered and stored
+        // as if enqueued one by one, in the batch's order.
+        let q = "mixed";
+        let mut batch = tasks(q, 3);
+        let mut k1 = task(q);
+        k1.unique_key = Some("mk".into());
+        batch.insert(1, k1.clone());
+        let mut k2 = task(q);
+        k2.unique_key = Some("mk".into());
+        batch.insert(3, k2.clone());
+        let mut after = task(q);
+        after.after = vec![batch[2].id];
+        batch.push(after.clone());
+        let mut later = task(q);
+        later.run_at = Some(now_ms() + 3_600_000);
+        batch.push(later.clone());
+        batch.extend(tasks(q, 2));
+        let out = b.enqueue(batch.clone()).await.expect("enqueue");
+        assert_eq!(out.len(), batch.len(), "one answer per task");
+        for (i, (t, e)) in batch.iter().zip(&out).enumerate() {
+            if t.id == k2.id {
+                assert_eq!(
+                    (e.id, e.existing),
+                    (k1.id, true),
+                    "answer {i}: the key's holder"
+                );
+                assert!(
+                    b.get(k2.id).await.expect("get").is_none(),
+                    "the duplicate was stored"
+                );
+                continue;
+            }
+            assert_eq!((e.id, e.existing), (t.id, false), "answer {i}");
+            let want = if t.id == after.id || t.id == later.id {
+                TaskState::Scheduled
+            } else {
+                TaskState::Queued
+            };
+            assert_eq!(e.state, want, "answer {i}");
+            assert_eq!(get(&b, t.id).await.task.state, want, "task {i} as stored");
+        }
+        let claimed: Vec<TaskId> = claim(&b, q, 100).await.iter().map(|c| c.task.id).collect();
+        let ready: Vec<TaskId> = batch
+            .iter()
+            .map(|t| t.id)
+            .filter(|id| ![k2.id, after.id, later.id].contains(id))
+            .collect();
+        assert_eq!(claimed, ready, "claimed in the batch's order");
+
+        // A batch refused at its end (an id already stored) stores nothing of it, neither
+        // its plain tasks nor its keyed one, whose key stays free.
+        let mut failing = tasks(q, 4);
+        let mut k3 = task(q);
+        k3.unique_key = Some("mk3".into());
+        failing.insert(2, k3.clone());
+        let mut clash = task(q);
+        clash.id = batch[0].id;
+        failing.push(clash);
+        let r = b.enqueue(failing.clone()).await;
+        assert!(
+            r.is_err(),
+            "a batch reusing a stored id must fail, got {r:?}"
+        );
+        for t in &failing[..failing.len() - 1] {
+            assert!(
+                b.get(t.id).await.expect("get").is_none(),
+                "task {} of a failed batch was stored",
+                t.id
+            );
+        }
+        let mut k4 = task(q);
+        k4.unique_key = Some("mk3".into());
+        enqueue1(&b, k4).await;
     }
 
     // --- unique keys --------------------------------------------------------------------------

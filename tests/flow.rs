@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{poll, submit_batch, Daemon, Env};
+use common::{poll, submit_batch, Env};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -183,6 +183,7 @@ fn a_payload_that_cannot_fill_a_key_is_refused_at_submit() {
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
+    use crate::common::Daemon;
     use crate::redis_server::RedisServer;
 
     fn node(server: &RedisServer, queues: &str) -> Env {

@@ -283,31 +283,12 @@ fn node(url: &str, queues: &str) -> Env {
     env
 }
 
-/// The tasks of queue `w` in `state`, all of them (`taskd tasks --json`).
-fn tasks_in(env: &Env, state: &str) -> Vec<Value> {
-    let list: Value =
-        serde_json::from_str(&env.ok(&["tasks", "--state", state, "--limit", "0", "--json"]))
-            .expect("tasks --json is JSON");
-    list.as_array().expect("a list").clone()
-}
-
 fn ledger(path: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-fn node_id(d: &Daemon) -> String {
-    // The daemon logs its node id at start ("node=<host>:<pid>").
-    let text = d.log_text();
-    let at = text.find("node=").expect("the daemon logs its node id");
-    text[at + 5..]
-        .split_whitespace()
-        .next()
-        .expect("a node id")
-        .to_string()
 }
 
 /// Three daemons on one database run 5,000 tasks, each of which appends its id to a
@@ -347,17 +328,10 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_postgres_restart() {
         "no progress"
     );
     let victim = daemons[2].take().expect("the third daemon");
-    let victim_id = node_id(&victim);
+    let victim_id = victim.node_id();
     victim.kill9();
-    let held_by = |state: &str| -> BTreeSet<String> {
-        tasks_in(&envs[0], state)
-            .iter()
-            .filter(|t| t["node"] == victim_id.as_str())
-            .map(|t| t["id"].as_str().expect("id").to_string())
-            .collect()
-    };
-    let held = held_by("running");
-    let reserved = held_by("queued");
+    let held = envs[0].held_by(&victim_id, "running");
+    let reserved = envs[0].held_by(&victim_id, "queued");
     assert!(
         !held.is_empty() || !reserved.is_empty(),
         "the killed node held no task: the test proved nothing"
@@ -427,7 +401,7 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_postgres_restart() {
     }
 
     // One charged attempt each: the lost runs were not charged.
-    let done = tasks_in(&envs[0], "succeeded");
+    let done = envs[0].tasks_in("succeeded");
     assert_eq!(done.len(), TOTAL);
     for t in &done {
         assert_eq!(

@@ -36,17 +36,6 @@ fn node(server: &RedisServer, lease: &str, queues: &str) -> Env {
     env
 }
 
-fn node_id(d: &Daemon) -> String {
-    // The daemon logs its node id at start ("node=<host>:<pid>").
-    let text = d.log_text();
-    let at = text.find("node=").expect("the daemon logs its node id");
-    text[at + 5..]
-        .split_whitespace()
-        .next()
-        .expect("a node id")
-        .to_string()
-}
-
 /// [`poll`] at a slower pace, for checks that start a process or read a big file.
 fn poll_slow(deadline: Duration, f: impl FnMut() -> bool) -> bool {
     common::poll_every(Duration::from_millis(250), deadline, f)
@@ -114,7 +103,7 @@ fn tasks_run_on_redis_and_status_lists_the_node() {
     let v = env.status();
     assert_eq!(queue_count(&v, "w", "succeeded"), 2, "{v:#}");
     assert_eq!(queue_count(&v, "w", "failed"), 1, "{v:#}");
-    let me = node_id(&d);
+    let me = d.node_id();
     let nodes = v["nodes"].as_array().expect("status lists nodes");
     let n = nodes
         .iter()
@@ -258,7 +247,7 @@ fn cancel_and_pause_reach_a_task_running_on_another_node() {
         .expect("a running task has a node")
         .to_string();
     assert!(
-        holder == node_id(&da) || holder == node_id(&db),
+        holder == da.node_id() || holder == db.node_id(),
         "{holder} is neither node"
     );
     let start = Instant::now();
@@ -432,22 +421,10 @@ fn three_nodes_5000_tasks_survive_a_sigkilled_node_and_a_redis_restart() {
         "no progress"
     );
     let victim = daemons[2].take().expect("the third daemon");
-    let victim_id = node_id(&victim);
+    let victim_id = victim.node_id();
     victim.kill9();
-    let held_by = |state: &str| -> Vec<String> {
-        let list: Value = serde_json::from_str(
-            &envs[0].ok(&["tasks", "--state", state, "--limit", "0", "--json"]),
-        )
-        .expect("tasks --json");
-        list.as_array()
-            .expect("a list")
-            .iter()
-            .filter(|t| t["node"] == victim_id.as_str())
-            .map(|t| t["id"].as_str().expect("id").to_string())
-            .collect()
-    };
-    let held = held_by("running");
-    let reserved = held_by("queued");
+    let held = envs[0].held_by(&victim_id, "running");
+    let reserved = envs[0].held_by(&victim_id, "queued");
     assert!(
         !held.is_empty() || !reserved.is_empty(),
         "the killed node held no task: the test proved nothing"
@@ -604,7 +581,7 @@ fn a_node_that_stops_cleanly_leaves_the_registry() {
     };
     let env = node(&server, "30s", "[queues.w]\nshell = 'true'\n");
     let d = env.daemon();
-    let me = node_id(&d);
+    let me = d.node_id();
     let listed = |env: &Env| {
         env.status()["nodes"]
             .as_array()
@@ -672,7 +649,7 @@ fn a_run_on_a_node_frozen_before_its_start_was_recorded_stays_in_the_history() {
         return;
     };
     let (env_a, d_a, id, pid) = running_once(&server);
-    let node_a = node_id(&d_a);
+    let node_a = d_a.node_id();
     let unrecord = "local t = KEYS[1] .. 't:' .. ARGV[1]
         local seq = redis.call('HGET', t, 'seq')
         redis.call('HINCRBY', t, 'attempts', -1)
@@ -1065,7 +1042,7 @@ fn the_api_and_status_server_list_the_nodes() {
     )
     .expect("write config");
     let d = env.daemon();
-    let me = node_id(&d);
+    let me = d.node_id();
     let url = d.api_base();
     let listed = |v: &Value| {
         v["nodes"].as_array().is_some_and(|ns| {
@@ -1148,7 +1125,7 @@ fn a_task_running_on_another_node_is_followed_through_its_stored_tails() {
     };
     let (on_a, a_err) = follow(&a, "a");
     let (on_b, b_err) = follow(&b, "b");
-    let node_a = node_id(&da);
+    let node_a = da.node_id();
     let notice = format!(
         "── attempt 1 runs on node {node_a}, whose output is live only there (`taskd logs --follow {id}` on that host, or --server with that node's API); its stored output is shown when it ends ──"
     );

@@ -169,6 +169,14 @@ fn restart_under_load_fails_no_task_keeps_a_worker_running_and_deploys_the_new_c
             pids.len() == 2 && pids.iter().all(|p| !old.contains(p))
         });
         assert!(done, "the restart did not finish: {:#?}", workers(&env));
+        // Keep the stream going a little past the restart, so that tasks submitted after it
+        // run the new code however fast or slow the restart was on this machine.
+        let at_end = ids.lock().expect("not poisoned").len();
+        assert!(
+            poll(secs(30), || ids.lock().expect("not poisoned").len()
+                >= at_end.max(20) + 10),
+            "the submitting thread stalled after the restart"
+        );
         samples
     });
     assert!(
@@ -186,7 +194,6 @@ fn restart_under_load_fails_no_task_keeps_a_worker_running_and_deploys_the_new_c
     );
     // Every task succeeded, on its first attempt; those after the restart ran the new code.
     let ids = ids.into_inner().expect("not poisoned");
-    assert!(ids.len() >= 30, "only {} tasks submitted", ids.len());
     for id in &ids {
         let t = env.wait_state(id, "succeeded", secs(30));
         assert_eq!(t["attempts"], 1, "task {id} ran more than once: {t:#}");

@@ -95,6 +95,23 @@ impl Env {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
     }
 
+    /// Every task in `state` (`taskd tasks --state STATE --limit 0 --json`).
+    pub fn tasks_in(&self, state: &str) -> Vec<serde_json::Value> {
+        let list: serde_json::Value =
+            serde_json::from_str(&self.ok(&["tasks", "--state", state, "--limit", "0", "--json"]))
+                .expect("tasks --json is JSON");
+        list.as_array().expect("a list").clone()
+    }
+
+    /// The ids of the tasks in `state` that `node` holds (a crash test's victim).
+    pub fn held_by(&self, node: &str, state: &str) -> std::collections::BTreeSet<String> {
+        self.tasks_in(state)
+            .iter()
+            .filter(|t| t["node"] == node)
+            .map(|t| t["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
     /// Counts by state for one queue, from `taskd status --json`.
     pub fn count(&self, queue: &str, state: &str) -> u64 {
         queue_count(&self.status(), queue, state)
@@ -171,6 +188,17 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    /// The node id the daemon logged at start (`node=<host>:<pid>`).
+    pub fn node_id(&self) -> String {
+        let text = self.log_text();
+        let at = text.find("node=").expect("the daemon logs its node id");
+        text[at + 5..]
+            .split_whitespace()
+            .next()
+            .expect("a node id")
+            .to_string()
     }
 
     pub fn log_text(&self) -> String {

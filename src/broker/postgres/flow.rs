@@ -220,7 +220,8 @@ async fn take(
     let row = one(
         tx,
         &format!(
-            "UPDATE tasks SET lease_node = $1, lease_token = lease_token + 1, lease_expires = $2,
+            "UPDATE tasks SET lease_node = $1, lease_expires = $2,
+                lease_token = greatest(lease_token + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
                 updated_at = $3, pid = NULL, pid_start = NULL
              WHERE seq = $4 RETURNING {TASK_COLS}"
         ),

@@ -9,7 +9,11 @@
 //!
 //! Operations run on pooled connections (deadpool), one transaction each. A claim is one
 //! round trip (the `claim` SQL function: pause check, promotion, `FOR UPDATE SKIP LOCKED`);
-//! claims under per-key or rate limits take an advisory lock on their queue instead.
+//! claims under per-key or rate limits take an advisory lock on their queue instead. A
+//! claim commits without waiting for its WAL flush (`synchronous_commit = off` for its
+//! transaction only; the start or finish record after it flushes it), and its lease token
+//! is at least the server's clock in µs, so that a claim a server crash undoes is never
+//! handed out again under the same token (migration 3).
 //! Results and starts go through one ordered writer per client (`writer.rs`, rule 6).
 //! Wake-ups are `LISTEN`/`NOTIFY` on one channel (`wake.rs`), raised by triggers and by the
 //! operations themselves inside their transactions. Times come from the store's clock
@@ -45,8 +49,8 @@ use tokio_postgres::types::ToSql;
 
 use self::conn::{pg, pool_error, Clock};
 use self::rows::{
-    boot_id, exec, history, insert_attempt, insert_task, one, opt, row_to_claimed, row_to_task,
-    rows, task_seq, TASK_COLS,
+    boot_id, exec, history, insert_attempt, insert_plain, insert_task, is_plain, one, opt,
+    row_to_claimed, row_to_task, rows, task_seq, PLAIN_CHUNK, TASK_COLS,
 };
 use self::writer::{Job, Write};
 use super::{
@@ -159,9 +163,12 @@ impl PgBroker {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let now = self.now();
+        // The claim commits without waiting for the disk, as the `claim` function's do
+        // (migration 3 says why).
         let paused: bool = one(
             &tx,
-            "SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = $1)",
+            "SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = $1),
+                    set_config('synchronous_commit', 'off', true)",
             &[&queue.as_str()],
         )
         .await?
@@ -306,9 +313,29 @@ impl Broker for PgBroker {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let now = self.now();
+        // Runs of plain tasks go in one statement each (a round trip per row was most of a
+        // batch's time); a task with a unique key or parents takes its own statements, after
+        // the tasks before it are stored, so that it sees them (a parent or a key holder
+        // earlier in the batch).
         let mut out = Vec::with_capacity(tasks.len());
+        let mut plain: Vec<&NewTask> = Vec::new();
         for t in &tasks {
+            if is_plain(t) {
+                plain.push(t);
+                if plain.len() == PLAIN_CHUNK {
+                    out.extend(insert_plain(&tx, &plain, now).await?);
+                    plain.clear();
+                }
+                continue;
+            }
+            if !plain.is_empty() {
+                out.extend(insert_plain(&tx, &plain, now).await?);
+                plain.clear();
+            }
             out.push(insert_task(&tx, t, now).await?);
+        }
+        if !plain.is_empty() {
+            out.extend(insert_plain(&tx, &plain, now).await?);
         }
         tx.commit().await.map_err(pg)?;
         Ok(out)

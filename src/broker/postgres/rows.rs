@@ -274,6 +274,113 @@ pub(super) async fn insert_task<C: GenericClient>(
     })
 }
 
+/// Whether [`insert_plain`] may store `task`: it has no unique key to check and no parents
+/// to look up, so nothing about it depends on other rows.
+pub(super) fn is_plain(task: &NewTask) -> bool {
+    task.unique_key.is_none() && task.after.is_empty()
+}
+
+/// Most rows one [`insert_plain`] statement carries.
+pub(super) const PLAIN_CHUNK: usize = 2_000;
+
+/// Insert plain tasks (see [`is_plain`]) with one statement, in their order (their `seq`s
+/// follow it, as a row per statement would). An id already stored, or twice among them, is
+/// refused with the same error as [`insert_task`]'s, naming the first task that fails.
+pub(super) async fn insert_plain<C: GenericClient>(
+    client: &C,
+    tasks: &[&NewTask],
+    now: UnixMs,
+) -> Result<Vec<Enqueued>> {
+    let n = tasks.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut queues = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut args = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut unique_fors = Vec::with_capacity(n);
+    let mut flow_keys = Vec::with_capacity(n);
+    let mut rate_keys = Vec::with_capacity(n);
+    let mut expires = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        let run_at = t.run_at.unwrap_or(now);
+        let state = if run_at > now {
+            TaskState::Scheduled
+        } else {
+            TaskState::Queued
+        };
+        ids.push(t.id.to_string());
+        queues.push(t.queue.as_str());
+        states.push(state.as_str());
+        payloads.push(t.payload.as_str());
+        args.push(serde_json::to_string(&t.args).map_err(|e| BrokerError::Storage(e.to_string()))?);
+        priorities.push(t.priority);
+        run_ats.push(run_at);
+        unique_fors.push(t.unique_for);
+        flow_keys.push(t.flow_key.as_deref());
+        rate_keys.push(t.rate_key.as_deref());
+        expires.push(t.expires_at);
+        out.push(Enqueued {
+            id: t.id,
+            state,
+            existing: false,
+            created_at: now,
+            run_at,
+        });
+    }
+    let stored = rows(
+        client,
+        "INSERT INTO tasks (id, queue, state, payload, args, priority, run_at, created_at, updated_at,
+                            unique_for, flow_key, rate_key, expires_at)
+         SELECT r.id, r.queue, r.state, r.payload, r.args, r.priority, r.run_at, $12, $12,
+                r.unique_for, r.flow_key, r.rate_key, r.expires_at
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                       $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[])
+                WITH ORDINALITY AS r(id, queue, state, payload, args, priority, run_at,
+                                     unique_for, flow_key, rate_key, expires_at, n)
+          ORDER BY r.n
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+        &[
+            &ids,
+            &queues,
+            &states,
+            &payloads,
+            &args,
+            &priorities,
+            &run_ats,
+            &unique_fors,
+            &flow_keys,
+            &rate_keys,
+            &expires,
+            &now,
+        ],
+    )
+    .await?;
+    if stored.len() < n {
+        // The first id not stored by this statement (a second copy of one it stored counts
+        // as not stored): what a row per statement would have failed on.
+        let mut inserted: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::with_capacity(stored.len());
+        for r in &stored {
+            *inserted.entry(r.get::<_, String>(0)).or_default() += 1;
+        }
+        for (t, id) in tasks.iter().zip(&ids) {
+            match inserted.get_mut(id) {
+                Some(k) if *k > 0 => *k -= 1,
+                _ => {
+                    return Err(BrokerError::Conflict(format!(
+                        "a task with id {} already exists",
+                        t.id
+                    )))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub(super) async fn task_seq<C: GenericClient>(client: &C, id: TaskId) -> Result<(i64, TaskState)> {
     let row = opt(
         client,
