@@ -2,27 +2,38 @@
 private RabbitMQ node that this script starts (bench/private_redis.py,
 bench/private_rabbitmq.py) and removes:
 
-- ingest: N messages published by Celery's own `send_task` wait in the Celery broker before
-  taskd starts (its queue paused, so nothing runs); the rate is the messages over the time
-  from the first one in taskd's store (its `taskd_celery_ingested_total`, read from /metrics
-  every 5 ms) until all N are, and on Redis until kombu's `unacked` is empty too (every
-  message acknowledged after it was durable in taskd's store, SQLite);
-- end to end: N `.delay()` calls of a trivial task, then `.get()` of each, timed from the
+- ingest: N messages (`--ingest-n`, default `--n`) published by Celery's own `send_task`
+  (from `--producers` processes) wait in the Celery broker before taskd starts (its queue
+  paused, so nothing runs); the rate is N over the time from the first message taken off
+  the queue (its depth, read from the broker every 2 ms, drops below N) until the queue is
+  empty, on Redis kombu's `unacked` too (every message acknowledged, which taskd does only
+  after it is durable in its store, SQLite), and taskd's `taskd_celery_ingested_total`
+  says N (read from /metrics only then: reading it every few ms loads the daemon measured);
+- end to end: N `.delay()` calls of a trivial task and their results, spread over P producer
+  processes (`--producers`, 4 by default: one Python producer cannot send faster than
+  about 1,000/s, which bounded every figure), each sending its share and then reading the
+  results as Celery's client reads a group's (`ResultSet(results).get()`), timed from the
   first `.delay()` to the last result, through
     taskd exec    the bridge into a queue with `command = ["/bin/true"]` (a process a task),
     taskd worker  the bridge into a `worker` queue: long-lived Python workers running the
                   function registered under the Celery name (contrib/python's `App`),
     celery        Celery's own prefork worker (`celery worker --pool prefork`),
   each at the same concurrency C on the same broker, with the same result backend (Redis:
-  its db 1; RabbitMQ: `rpc://`). The producers (`--producers`, one by default) are started,
-  connected and warmed up (one task sent and its result read) before the clock starts.
+  its db 1; RabbitMQ: `rpc://`). The producers are the same program for all three; they are
+  started, connected and warmed up (one task sent and its result read) before the clock
+  starts;
+- producers: the same producers' `.delay()` calls alone, nothing consuming meanwhile (a
+  Celery worker answers the warm-up task and is stopped before the clock starts): the
+  ceiling of every end-to-end figure on this machine, whose cores the producers share
+  with the consumers.
 
 Run with the bench venv's python (celery installed: bench/install.py makes it), after
 `cargo build --release`:
     target/bench/venv/bin/python bench/celery_bridge.py [--n 10000] [--concurrency 4]
-        [--brokers redis,amqp] [--only ingest,exec,worker,celery] [--producers 1]
-Prints a line per figure with the load average (`/proc/loadavg`) when it was taken, and the
-whole as one JSON line at the end.
+        [--brokers redis,amqp] [--only ingest,exec,worker,celery] [--producers 4]
+        [--ingest-n N]
+Prints a line per figure with the load average (`/proc/loadavg`) before and after it was
+taken, and the whole as one JSON line at the end.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time, urllib.request
 
@@ -78,10 +89,13 @@ def noop():
 app.run()
 """
 
-# One producer: connect, warm up, say ready, wait for "go", then N .delay() and every
-# .get(); prints how long that took.
+# One producer: connect, warm up, say ready, wait for "go", then N .delay() and the results
+# of all of them, read as Celery's client reads a group's (`ResultSet.get()`: on Redis one
+# MGET for the results already there and the result channels for the others, on rpc:// the
+# reply queue); prints how long that took. Identical for taskd and Celery.
 PRODUCER = """
 import json, sys, time
+from celery.result import ResultSet
 from bench_app import noop
 n = int(sys.argv[1])
 noop.delay().get(timeout=120)
@@ -90,8 +104,9 @@ sys.stdin.readline()
 t = time.monotonic()
 rs = [noop.delay() for _ in range(n)]
 sent = time.monotonic() - t
-for r in rs:
-    r.get(timeout=600)
+if sys.argv[2] == "results":
+    values = ResultSet(rs).get(timeout=600)
+    assert len(values) == n and all(v is None for v in values), values[:5]
 print(json.dumps({"sent": sent, "took": time.monotonic() - t}), flush=True)
 """
 
@@ -175,47 +190,97 @@ class Taskd:
             self.proc.wait()
 
 
-def ingest(broker, n, c):
-    """Messages/s moved from the Celery broker into taskd's store."""
-    from celery import Celery
+# One publisher of the pre-filled queue: N `send_task` on one connection.
+PUBLISHER = """
+import sys
+from bench_app import app
+with app.producer_or_acquire() as producer:
+    for _ in range(int(sys.argv[1])):
+        app.send_task("bench.noop", producer=producer)
+"""
+
+
+class Depth:
+    """How many messages wait in the Celery queue, and (Redis) how many are taken and not
+    acknowledged, read from the broker itself (reading taskd's /metrics every few ms would
+    load the daemon being measured)."""
+
+    def __init__(self, broker):
+        self.kind = broker.kind
+        if broker.kind == "redis":
+            import redis
+            self.r = redis.Redis.from_url(broker.url)
+        else:
+            from kombu import Connection
+            self.conn = Connection(broker.url)
+            self.ch = self.conn.default_channel
+
+    def ready(self):
+        if self.kind == "redis":
+            return self.r.llen("celery")
+        return self.ch.queue_declare("celery", passive=True).message_count
+
+    def unacked(self):
+        return self.r.hlen("unacked") if self.kind == "redis" else 0
+
+    def close(self):
+        if self.kind != "redis":
+            self.conn.release()
+
+
+def ingest(broker, n, c, producers):
+    """Messages/s moved from the Celery broker into taskd's store: from the first message
+    taken off the pre-filled queue (its depth drops below N) until all N are in taskd's store
+    and acknowledged (the queue is empty, on Redis kombu's `unacked` too, and taskd's
+    `taskd_celery_ingested_total` says N)."""
     broker.reset()
     tmp = workdir("taskd-celery-bench-")
-    app = Celery("bench", broker=broker.url, backend=broker.backend)
+    e = env(broker)
+    e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     t = time.monotonic()
-    with app.producer_or_acquire() as producer:
-        for _ in range(n):
-            app.send_task("bench.noop", producer=producer)
+    share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
+    ps = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(k)], cwd=tmp, env=e) for k in share]
+    if any(p.wait() != 0 for p in ps):
+        raise SystemExit("a publisher failed")
     took = time.monotonic() - t
-    log(f"{broker.kind}: published {n} with send_task in {took:.1f}s ({n / took:.0f}/s)")
+    depth = Depth(broker)
+    if depth.ready() != n:
+        raise SystemExit(f"the queue holds {depth.ready()} messages, not {n}")
+    log(f"{broker.kind}: published {n} with send_task in {took:.1f}s ({n / took:.0f}/s, {producers} processes)")
     d = Taskd(tmp, broker, "exec", c)
     d.cli("pause", "default")
     d.start()
-    first = None
     deadline = time.monotonic() + 600
     try:
-        while True:
-            got = d.ingested()
-            now = time.monotonic()
-            if got and first is None:
-                first = (now, got)
-            if got >= n and (broker.kind != "redis" or int(broker.server.cli("-n", "0", "HLEN", "unacked") or 0) == 0):
-                break
-            if now > deadline:
-                raise SystemExit(f"ingest: {got} of {n} after 600 s; see {tmp}/taskd.log")
-            time.sleep(0.005)
-        took = now - first[0]
-        return (n - first[1]) / took, took
+        while depth.ready() >= n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ingest: nothing taken after 600 s; see {tmp}/taskd.log")
+            time.sleep(0.002)
+        first = time.monotonic()
+        while depth.ready() > 0 or depth.unacked() > 0:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ingest: not done after 600 s; see {tmp}/taskd.log")
+            time.sleep(0.002)
+        while d.ingested() < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ingest: {d.ingested()} of {n} after 600 s; see {tmp}/taskd.log")
+            time.sleep(0.002)
+        took = time.monotonic() - first
+        return n / took, took
     finally:
+        depth.close()
         d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def produce(broker, tmp, n, producers):
-    """Start the producers, warm them up, then time N .delay() and their results."""
+def produce(broker, tmp, n, producers, results=True):
+    """Start the producers, warm them up, then time N .delay() and their results (or, with
+    `results` false, the sending alone)."""
     e = env(broker)
     e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-    ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k)], cwd=tmp, env=e, text=True,
+    mode = "results" if results else "send"
+    ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), mode], cwd=tmp, env=e, text=True,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
     for p in ps:
         if p.stdout.readline().strip() != "ready":
@@ -243,6 +308,46 @@ def end_to_end_taskd(broker, n, c, runner, producers):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def producers_alone(broker, n, c, producers):
+    """The producers' own ceiling: N .delay() with a Celery worker only for the warm-up
+    task, stopped before the clock starts, so nothing consumes meanwhile."""
+    broker.reset()
+    return produce_unconsumed(broker, workdir("celery-bench-"), n, producers)
+
+
+def produce_unconsumed(broker, tmp, n, producers):
+    w = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_app", "worker", "--pool", "solo",
+                          "-Q", "celery", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                          "--loglevel", "WARNING"],
+                         cwd=tmp, env=env(broker), stdout=subprocess.DEVNULL,
+                         stderr=open(os.path.join(tmp, "worker.log"), "w"))
+    try:
+        e = env(broker)
+        e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
+        share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
+        ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), "send"], cwd=tmp, env=e, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
+        for p in ps:
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
+        w.terminate()
+        w.wait()
+        t = time.monotonic()
+        for p in ps:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [json.loads(p.stdout.readline()) for p in ps]
+        took = time.monotonic() - t
+        for p in ps:
+            p.wait()
+        return n / took, took, max(o["sent"] for o in outs)
+    finally:
+        if w.poll() is None:
+            w.terminate()
+            w.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def end_to_end_celery(broker, n, c, producers):
     broker.reset()
     tmp = workdir("celery-bench-")
@@ -263,9 +368,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--producers", type=int, default=1)
+    ap.add_argument("--producers", type=int, default=4)
+    ap.add_argument("--ingest-n", type=int, default=0, help="messages for the ingest figure (default: --n)")
     ap.add_argument("--brokers", default="redis,amqp")
-    ap.add_argument("--only", default="ingest,exec,worker,celery")
+    ap.add_argument("--only", default="ingest,producers,exec,worker,celery")
     a = ap.parse_args()
     only = a.only.split(",")
     out = {"n": a.n, "concurrency": a.concurrency, "producers": a.producers}
@@ -275,20 +381,25 @@ def main():
         try:
             if "ingest" in only:
                 l = load()
-                rate, took = ingest(broker, a.n, a.concurrency)
-                figures["ingest"] = {"per_s": round(rate), "load": l}
-                log(f"{kind}: ingest {a.n} messages: {rate:.0f}/s ({took:.2f}s; load {l})")
-            for what in ("exec", "worker", "celery"):
+                rate, took = ingest(broker, a.ingest_n or a.n, a.concurrency, a.producers)
+                after = load()
+                figures["ingest"] = {"per_s": round(rate), "load": l, "load_after": after}
+                log(f"{kind}: ingest {a.ingest_n or a.n} messages: {rate:.0f}/s ({took:.2f}s; load {l} -> {after})")
+            for what in ("producers", "exec", "worker", "celery"):
                 if what not in only:
                     continue
                 l = load()
-                if what == "celery":
+                if what == "producers":
+                    rate, took, sent = producers_alone(broker, a.n, a.concurrency, a.producers)
+                elif what == "celery":
                     rate, took, sent = end_to_end_celery(broker, a.n, a.concurrency, a.producers)
                 else:
                     rate, took, sent = end_to_end_taskd(broker, a.n, a.concurrency, what, a.producers)
-                figures[what] = {"per_s": round(rate), "load": l}
-                log(f"{kind}: delay->get, {what} (concurrency {a.concurrency}): {rate:.0f}/s "
-                    f"({took:.1f}s, sending took {sent:.1f}s; load {l})")
+                after = load()
+                figures[what] = {"per_s": round(rate), "sending_s": round(sent, 2), "load": l, "load_after": after}
+                step = "delay alone, nothing consuming" if what == "producers" else "delay->result"
+                log(f"{kind}: {step}, {what} (concurrency {a.concurrency}, {a.producers} producers): "
+                    f"{rate:.0f}/s ({took:.1f}s, sending took {sent:.1f}s; load {l} -> {after})")
             if "celery" in figures:
                 for what in ("exec", "worker"):
                     if what in figures:

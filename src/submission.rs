@@ -115,14 +115,7 @@ pub fn parse_payload(
     text: &str,
     args: &[String],
 ) -> Result<String, PayloadError> {
-    if text.len() > config.max_payload {
-        return Err(PayloadError::TooLarge(format!(
-            "the payload is {} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
-            text.len(),
-            config.max_payload,
-            config.path.display()
-        )));
-    }
+    too_large(config, text.len())?;
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         let offset = byte_offset(text, e.line(), e.column());
         PayloadError::Malformed(format!(
@@ -132,10 +125,46 @@ pub fn parse_payload(
             strip_position(&e.to_string())
         ))
     })?;
-    runnable::argv(queue, &value, args)
-        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
-    flow::keys(queue, &value).map_err(PayloadError::Invalid)?;
+    check_runnable(queue, &value, args)?;
     Ok(value.to_string())
+}
+
+/// [`parse_payload`] for a payload made as a JSON value (`text` is its serialization): the
+/// same checks without reading the text back. Returns the text to store.
+pub fn check_payload_value(
+    config: &Config,
+    queue: &QueueConfig,
+    value: &serde_json::Value,
+    text: String,
+) -> Result<String, PayloadError> {
+    too_large(config, text.len())?;
+    check_runnable(queue, value, &[])?;
+    Ok(text)
+}
+
+/// A JSON payload of `len` bytes over `max_payload`: refused, saying how to raise it.
+fn too_large(config: &Config, len: usize) -> Result<(), PayloadError> {
+    if len > config.max_payload {
+        return Err(PayloadError::TooLarge(format!(
+            "the payload is {len} bytes, over the limit of {} bytes (raise `max_payload` in [taskd] of {})",
+            config.max_payload,
+            config.path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `queue` can start a task of this payload: its placeholders filled, its flow keys
+/// read.
+fn check_runnable(
+    queue: &QueueConfig,
+    value: &serde_json::Value,
+    args: &[String],
+) -> Result<(), PayloadError> {
+    runnable::argv(queue, value, args)
+        .map_err(|e| PayloadError::Invalid(format!("queue `{}`: {e}", queue.name)))?;
+    flow::keys(queue, value).map_err(PayloadError::Invalid)?;
+    Ok(())
 }
 
 /// Validate a raw payload (bytes, not JSON: `submit --raw`, the API's

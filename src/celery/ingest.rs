@@ -283,8 +283,9 @@ fn new_task(
             format!("the queue `{}` is not defined", route.queue),
         ));
     };
-    let text = payload(task, route.track_started).to_string();
-    let stored = crate::submission::parse_payload(config, queue, &text, &[])
+    let value = payload(task, route.track_started);
+    let text = value.to_string();
+    let stored = crate::submission::check_payload_value(config, queue, &value, text)
         .map_err(|e| refused(Reason::Invalid, e.to_string()))?;
     let mut new = crate::submission::new_task(queue, stored);
     new.id = task.id;

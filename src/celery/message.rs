@@ -405,7 +405,30 @@ pub(crate) fn parse_time(text: &str) -> Option<UnixMs> {
 /// the body base64-encoded when `properties.body_encoding` says so.
 pub fn from_kombu_envelope(text: &str) -> Result<Delivery, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let o = v.as_object().ok_or("not a JSON object")?;
+    delivery_of_envelope(v)
+}
+
+/// [`from_kombu_envelope`], and the envelope's delivery tag (kombu's Redis transport names
+/// a taken message by it) from the same read: `None` for a text that is no JSON or has no
+/// tag.
+pub fn read_kombu_envelope(text: &str) -> (Result<Delivery, String>, Option<String>) {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return (Err(format!("not JSON: {e}")), None),
+    };
+    let tag = v
+        .pointer("/properties/delivery_tag")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    (delivery_of_envelope(v), tag)
+}
+
+fn delivery_of_envelope(mut envelope: Value) -> Result<Delivery, String> {
+    let headers = match envelope.get_mut("headers").map(Value::take) {
+        Some(Value::Object(h)) => h,
+        _ => Map::new(),
+    };
+    let o = envelope.as_object().ok_or("not a JSON object")?;
     let props = o.get("properties").and_then(Value::as_object);
     let prop = |k: &str| props.and_then(|p| p.get(k));
     let body = match o.get("body") {
@@ -426,11 +449,7 @@ pub fn from_kombu_envelope(text: &str) -> Result<Delivery, String> {
         body,
         content_type: text_of(o.get("content-type")),
         content_encoding: text_of(o.get("content-encoding")),
-        headers: o
-            .get("headers")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default(),
+        headers,
         priority: prop("priority")
             .and_then(Value::as_u64)
             .map(|p| p.min(255) as u8),

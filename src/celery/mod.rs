@@ -135,6 +135,47 @@ impl Bridge {
         Ok(())
     }
 
+    /// [`Bridge::ended`] for tasks that ended together: their final states written in one
+    /// go ([`ResultSink::store_many`]), then forgotten as owed in one go.
+    pub async fn ended_many(&self, details: &[TaskDetail]) -> Result<(), IngestError> {
+        let Some(sink) = &self.sink else {
+            return Ok(());
+        };
+        let mut items = Vec::new();
+        let mut done = Vec::new();
+        for detail in details {
+            let Some(meta) = CeleryMeta::of(&detail.task.payload) else {
+                continue;
+            };
+            let Some(state) = final_state(detail) else {
+                continue;
+            };
+            done.push(meta.result_to.id.clone());
+            if !meta.result_to.ignore_result {
+                items.push((meta.result_to, state));
+            }
+        }
+        if !items.is_empty() {
+            sink.store_many(&items).await.map_err(IngestError::Sink)?;
+        }
+        if !done.is_empty() {
+            sink.pending_done(&done).await.map_err(IngestError::Sink)?;
+        }
+        Ok(())
+    }
+
+    /// [`Bridge::ended_many`] for tasks known by id (read from the store first, at once).
+    pub async fn ended_ids(&self, ids: &[TaskId]) -> Result<(), IngestError> {
+        let reads = futures_util::future::join_all(ids.iter().map(|id| self.broker.get(*id))).await;
+        let mut details = Vec::with_capacity(ids.len());
+        for r in reads {
+            if let Some(d) = r? {
+                details.push(d);
+            }
+        }
+        self.ended_many(&details).await
+    }
+
     /// A message no transport could read as kombu's (nothing to fail): counted.
     pub fn refused_unreadable(&self) {
         self.metrics

@@ -105,6 +105,17 @@ pub trait ResultSink: Send + Sync + 'static {
     /// by anything (Celery's own rule: a result, once there, stays).
     async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String>;
 
+    /// [`ResultSink::store`] for several tasks at once (the final states of the tasks that
+    /// ended together), in as few round trips as the backend allows. `Ok` once the backend
+    /// has every one; on `Err` some may be written, and the caller writes them all again
+    /// (writing a state twice leaves the same result).
+    async fn store_many(&self, items: &[(ResultTo, CeleryState)]) -> Result<(), String> {
+        for (to, state) in items {
+            self.store(to, state).await?;
+        }
+        Ok(())
+    }
+
     /// For people: where the results go (no password).
     fn describe(&self) -> String;
 

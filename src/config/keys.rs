@@ -937,10 +937,10 @@ pub(super) const CELERY: &[Key<CeleryLayer>] = &[
     ),
     key!(
         "prefetch",
-        "`100`",
+        "`2000`",
         "AMQP: how many messages RabbitMQ may hand taskd ahead, per consumed queue, before taskd acknowledged them (`basic.qos`); each is acknowledged once its task is in taskd's store. 1–65535",
         |cx, e, l| {
-            l.prefetch = cx.int_in_range(e, 1, 65_535, "100").map(|n| n as u16);
+            l.prefetch = cx.int_in_range(e, 1, 65_535, "2000").map(|n| n as u16);
             l.prefetch.is_some()
         },
     ),

@@ -73,8 +73,12 @@ impl CeleryBridge {
             };
             let bridge = Arc::new(Bridge::new(config, broker, sink, metrics));
             let _ = cell2.set(bridge.clone());
+            let (ends, ended) = tokio::sync::mpsc::unbounded_channel();
+            // Runs until the supervisor drops the observer (the daemon ends).
+            tokio::spawn(write_ends(bridge.clone(), ended));
             supervisor.set_observer(Arc::new(Observer {
                 bridge: bridge.clone(),
+                ends,
             }));
             let sweep = {
                 let (b, s) = (bridge.clone(), stop2.clone());
@@ -165,27 +169,40 @@ fn bridge_results(bridge: &Bridge) -> String {
         .map_or_else(|| "none".to_string(), |s| s.describe())
 }
 
-/// The supervisor's starts and ends of Celery tasks, written by the bridge on tasks of
-/// their own (retried a few times; the sweep catches what they miss).
+/// The supervisor's starts and ends of Celery tasks: a start written by the bridge on a
+/// task of its own, the ends handed to [`write_ends`].
 struct Observer {
     bridge: Arc<Bridge>,
+    ends: tokio::sync::mpsc::UnboundedSender<TaskId>,
 }
 
 impl Observer {
     fn write_end(&self, id: TaskId) {
-        let bridge = self.bridge.clone();
-        tokio::spawn(async move {
-            let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
-            for _ in 0..5 {
-                match bridge.ended_id(id).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(task = %id, error = %e, "Celery bridge: cannot write a task's final state; retrying");
-                        tokio::time::sleep(failing.next_delay()).await;
-                    }
+        let _ = self.ends.send(id);
+    }
+}
+
+/// At most this many ends in one write.
+const END_BATCH: usize = 500;
+
+/// The final states of the tasks that end, written in batches: the ends that arrived while
+/// the last batch was being written make the next (read from the store together, written
+/// in one round trip to the result backend). A batch that cannot be written is tried again
+/// a few times; the sweep catches what is still missed.
+async fn write_ends(bridge: Arc<Bridge>, mut ended: tokio::sync::mpsc::UnboundedReceiver<TaskId>) {
+    let mut ids = Vec::with_capacity(END_BATCH);
+    while ended.recv_many(&mut ids, END_BATCH).await > 0 {
+        let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
+        for _ in 0..5 {
+            match bridge.ended_ids(&ids).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(count = ids.len(), error = %e, "Celery bridge: cannot write the final states of tasks; retrying");
+                    tokio::time::sleep(failing.next_delay()).await;
                 }
             }
-        });
+        }
+        ids.clear();
     }
 }
 

@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Bridge, Delivery, PriorityOrder};
 use crate::backoff::Doubling;
 
+/// At most this many messages in one store write; with a prefetch above it, RabbitMQ keeps
+/// delivering while a batch is being stored.
+const MAX_BATCH: usize = 1000;
+
 /// The fanout exchange Celery's `app.control` broadcasts on (`revoke`, `ping`, …).
 pub const PIDBOX: &str = "celery.pidbox";
 
@@ -193,17 +197,18 @@ async fn session(
                 control(bridge, d).await?;
                 continue;
             }
-            Incoming::Task(d) => d,
+            Incoming::Task(ch, d) => (ch, d),
         };
         // The deliveries already received, up to the prefetch of every queue, go to the
         // store in one write; control messages among them are handled after it.
         let mut batch = vec![first];
         let mut controls = Vec::new();
         let mut ended = None;
-        let most = usize::from(settings.prefetch).max(1) * settings.queues.len().max(1);
+        let most =
+            (usize::from(settings.prefetch).max(1) * settings.queues.len().max(1)).min(MAX_BATCH);
         while batch.len() < most {
             match all.next().now_or_never() {
-                Some(Some(Ok(Incoming::Task(d)))) => batch.push(d),
+                Some(Some(Ok(Incoming::Task(ch, d)))) => batch.push((ch, d)),
                 Some(Some(Ok(Incoming::Control(d)))) => controls.push(d),
                 Some(Some(Err(e))) => {
                     ended = Some(fail(true)(e));
@@ -229,31 +234,62 @@ async fn session(
     }
 }
 
-/// Ingest `batch` (one store write), then acknowledge each message that is durable; the
+/// Ingest `batch` (one store write), then acknowledge the messages that are durable; the
 /// others go back to their queues (`basic.nack` with requeue) after a pause that grows
 /// while the failures last (an immediate requeue would come straight back).
+///
+/// Each consumed queue has a channel of its own, and a channel's deliveries come in the
+/// order of their tags; the batch holds every delivery of its channels not acknowledged
+/// yet (each batch is answered before the next is taken). So when every message of a
+/// channel is durable, one `basic.ack` with `multiple` of its last tag covers exactly them;
+/// otherwise each durable one is acknowledged by its own tag.
 async fn ingest_batch(
     bridge: &Bridge,
-    batch: Vec<lapin::message::Delivery>,
+    batch: Vec<(usize, lapin::message::Delivery)>,
     failures: &mut Doubling,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let deliveries: Vec<Delivery> = batch.iter().map(delivery_of).collect();
+    let deliveries: Vec<Delivery> = batch.iter().map(|(_, d)| delivery_of(d)).collect();
     let answers = bridge
         .ingest_batch(&deliveries, PriorityOrder::HigherFirst)
         .await;
     let mut refused = Vec::new();
-    for (d, answer) in batch.iter().zip(answers) {
+    let mut channels: Vec<usize> = batch.iter().map(|(ch, _)| *ch).collect();
+    channels.sort_unstable();
+    channels.dedup();
+    // Per channel: its last delivery, and whether every one of its messages is durable.
+    let mut last: Vec<(usize, Option<&lapin::message::Delivery>, bool)> =
+        channels.iter().map(|ch| (*ch, None, true)).collect();
+    let mut durable = Vec::new();
+    for ((ch, d), answer) in batch.iter().zip(answers) {
+        let entry = last
+            .iter_mut()
+            .find(|(c, ..)| c == ch)
+            .expect("every channel listed");
+        entry.1 = Some(d);
         match answer {
             Ok(outcome) => {
                 tracing::debug!(?outcome, queue = %d.routing_key, "Celery message ingested");
-                // Each one by its tag: a `multiple` ack could cover a delivery of another
-                // queue on this channel that is not ingested yet.
+                durable.push((*ch, d));
+            }
+            Err(e) => {
+                entry.2 = false;
+                refused.push((d, e));
+            }
+        }
+    }
+    for (ch, d, all) in &last {
+        let Some(d) = d else { continue };
+        if *all {
+            d.ack(BasicAckOptions { multiple: true })
+                .await
+                .map_err(fail(true))?;
+        } else {
+            for (_, d) in durable.iter().filter(|(c, _)| c == ch) {
                 d.ack(BasicAckOptions::default())
                     .await
                     .map_err(fail(true))?;
             }
-            Err(e) => refused.push((d, e)),
         }
     }
     if refused.is_empty() {
@@ -300,16 +336,16 @@ async fn subscribe(
     let conn = connect(&settings.uri, "celery consumer")
         .await
         .map_err(fail(false))?;
-    // One channel for the task queues, one for revokes: a refused passive declare closes its
-    // channel.
-    let tasks = conn.create_channel().await.map_err(fail(false))?;
-    tasks
-        .basic_qos(settings.prefetch, BasicQosOptions { global: false })
-        .await
-        .map_err(fail(false))?;
+    // A channel for each task queue (so that a `multiple` ack covers only that queue's
+    // deliveries), one for revokes: a refused passive declare closes its channel.
     let mut streams: Vec<futures_util::stream::BoxStream<'static, lapin::Result<Incoming>>> =
         Vec::new();
-    for q in &settings.queues {
+    for (i, q) in settings.queues.iter().enumerate() {
+        let tasks = conn.create_channel().await.map_err(fail(false))?;
+        tasks
+            .basic_qos(settings.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(fail(false))?;
         if let Err(e) = tasks
             .queue_declare(
                 q.as_str().into(),
@@ -337,7 +373,11 @@ async fn subscribe(
             )
             .await
             .map_err(fail(false))?;
-        streams.push(consumer.map(|d| d.map(Incoming::Task)).boxed());
+        streams.push(
+            consumer
+                .map(move |d| d.map(|d| Incoming::Task(i, d)))
+                .boxed(),
+        );
     }
     let control = conn.create_channel().await.map_err(fail(false))?;
     let pidbox = pidbox_queue(&control, &bridge.config().path)
@@ -357,7 +397,8 @@ async fn subscribe(
 }
 
 enum Incoming {
-    Task(lapin::message::Delivery),
+    /// A task message, with the index of its queue (and channel).
+    Task(usize, lapin::message::Delivery),
     Control(lapin::message::Delivery),
 }
 

@@ -41,6 +41,40 @@ impl RpcResults {
         Ok((conn, ch))
     }
 
+    /// Publish every reply, then wait for the broker's confirms of all of them (one round
+    /// trip for the lot); for each, why it was not delivered, if it was not.
+    async fn publish_all(
+        &self,
+        ch: &Channel,
+        replies: &[(&str, &str, &str, String)],
+    ) -> Result<Vec<Option<String>>, lapin::Error> {
+        let mut confirms = Vec::with_capacity(replies.len());
+        for (_, reply_to, correlation_id, body) in replies {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    (*reply_to).into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body.as_bytes(),
+                    reply_properties(correlation_id),
+                )
+                .await?,
+            );
+        }
+        let mut out = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            out.push(match c.await? {
+                Confirmation::Ack(Some(returned)) => Some(returned.reply_text.to_string()),
+                Confirmation::Nack(_) => Some("the broker refused it (nack)".into()),
+                _ => None,
+            });
+        }
+        Ok(out)
+    }
+
     async fn publish(
         &self,
         ch: &Channel,
@@ -48,12 +82,7 @@ impl RpcResults {
         correlation_id: &str,
         body: &[u8],
     ) -> Result<Option<String>, lapin::Error> {
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_correlation_id(correlation_id.into())
-            .with_delivery_mode(2)
-            .with_priority(0);
+        let props = reply_properties(correlation_id);
         let confirm = ch
             .basic_publish(
                 "".into(),
@@ -75,8 +104,73 @@ impl RpcResults {
     }
 }
 
+/// A reply's properties: what a Celery worker sets on its `rpc://` replies.
+fn reply_properties(correlation_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_correlation_id(correlation_id.into())
+        .with_delivery_mode(2)
+        .with_priority(0)
+}
+
 #[async_trait]
 impl ResultSink for RpcResults {
+    async fn store_many(&self, items: &[(ResultTo, CeleryState)]) -> Result<(), String> {
+        let now = crate::model::now_ms();
+        // (task id, reply queue, correlation id, body)
+        let replies: Vec<(&str, &str, &str, String)> = items
+            .iter()
+            .filter_map(|(to, state)| {
+                let reply_to = to.reply_to.as_deref().filter(|r| !r.is_empty())?;
+                let correlation_id = to.correlation_id.as_deref().unwrap_or(&to.id);
+                Some((
+                    to.id.as_str(),
+                    reply_to,
+                    correlation_id,
+                    state.meta(&to.id, now).to_string(),
+                ))
+            })
+            .collect();
+        if replies.is_empty() {
+            return Ok(());
+        }
+        let mut link = self.link.lock().await;
+        // One retry on a fresh connection: the one kept may have died since the last use.
+        for attempt in 0..2 {
+            if link.is_none() {
+                *link = Some(
+                    self.open()
+                        .await
+                        .map_err(|e| format!("rpc:// over {}: {e}", self.addr))?,
+                );
+            }
+            let (_, ch) = link.as_ref().expect("opened above");
+            match self.publish_all(ch, &replies).await {
+                Ok(answers) => {
+                    for ((task, reply_to, _, _), why) in replies.iter().zip(answers) {
+                        if let Some(why) = why {
+                            tracing::warn!(
+                                task,
+                                reply_to,
+                                why,
+                                "Celery rpc:// result not delivered: the caller's reply queue is gone"
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    *link = None;
+                    if attempt == 1 {
+                        return Err(format!("rpc:// over {}: {e}", self.addr));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
         let Some(reply_to) = to.reply_to.as_deref().filter(|r| !r.is_empty()) else {
             tracing::debug!(task = %to.id, "a Celery task without reply_to: no rpc:// result");

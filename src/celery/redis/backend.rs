@@ -30,12 +30,42 @@ redis.call('PUBLISH', KEYS[1], ARGV[3])
 return 1
 "#;
 
+/// [`STORE`] for several tasks in one round trip: KEYS their keys; ARGV[1] the expiry in
+/// seconds, then for each key its "1"-for-STARTED flag and its meta. Returns how many were
+/// written.
+const STORE_MANY: &str = r#"
+local n = 0
+for i = 1, #KEYS do
+  local started, meta = ARGV[2 * i], ARGV[2 * i + 1]
+  local keep = false
+  local cur = redis.call('GET', KEYS[i])
+  if cur then
+    local ok, m = pcall(cjson.decode, cur)
+    if ok and type(m) == 'table' then
+      local s = m['status']
+      if s == 'SUCCESS' then keep = true end
+      if started == '1' and (s == 'FAILURE' or s == 'REVOKED') then keep = true end
+    end
+  end
+  if not keep then
+    redis.call('SETEX', KEYS[i], ARGV[1], meta)
+    redis.call('PUBLISH', KEYS[i], meta)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// At most this many results in one [`STORE_MANY`] (Redis answers nobody else meanwhile).
+const STORE_BATCH: usize = 500;
+
 /// A Redis result backend (`result_backend = "redis://…"`).
 pub struct RedisResults {
     conn: ConnectionManager,
     addr: String,
     expires_s: u64,
     script: redis::Script,
+    many: redis::Script,
 }
 
 impl RedisResults {
@@ -53,6 +83,7 @@ impl RedisResults {
             addr,
             expires_s: expires.as_secs().max(1),
             script: redis::Script::new(STORE),
+            many: redis::Script::new(STORE_MANY),
         })
     }
 }
@@ -71,6 +102,26 @@ impl ResultSink for RedisResults {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| format!("redis at {}: {e}", self.addr))?;
+        Ok(())
+    }
+
+    async fn store_many(&self, items: &[(ResultTo, CeleryState)]) -> Result<(), String> {
+        let now = crate::model::now_ms();
+        for chunk in items.chunks(STORE_BATCH) {
+            let mut invocation = self.many.prepare_invoke();
+            invocation.arg(self.expires_s);
+            for (to, state) in chunk {
+                invocation
+                    .key(format!("{KEY_PREFIX}{}", to.id))
+                    .arg(if state.is_ready() { "0" } else { "1" })
+                    .arg(state.meta(&to.id, now).to_string());
+            }
+            let mut conn = self.conn.clone();
+            let _: i64 = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis at {}: {e}", self.addr))?;
+        }
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use crate::backoff::Doubling;
 use crate::celery::ingest::PriorityOrder;
-use crate::celery::message::from_kombu_envelope;
+use crate::celery::message::{from_kombu_envelope, read_kombu_envelope, Delivery};
 use crate::celery::{Bridge, Ingested};
 use crate::model::TaskId;
 
@@ -35,8 +35,10 @@ use crate::model::TaskId;
 pub const SEP: &str = "\x06\x16";
 /// kombu's default priority steps.
 const STEPS: [u8; 4] = [0, 3, 6, 9];
-/// How many messages one take moves at most.
-const BATCH: usize = 200;
+/// How many messages one take moves at most (and one store write holds): enough that the
+/// store's commit, which waits for the disk, is paid by many messages; few enough that the
+/// take (one script, during which Redis answers nobody else) stays within milliseconds.
+const BATCH: usize = 500;
 /// How often abandoned messages are looked for (kombu's sweep is about as often).
 pub const RESTORE_EVERY: Duration = Duration::from_secs(10);
 
@@ -169,13 +171,16 @@ impl RedisTransport {
         pipe.query_async(&mut conn).await
     }
 
-    /// Take, ingest, acknowledge, until `stop`.
+    /// Take, ingest, acknowledge, until `stop`. The next batch is taken while the last one
+    /// is being stored (a store write waits for its disk, a take for Redis: overlapped,
+    /// neither waits for the other), so at most two batches are taken and not acknowledged.
     async fn consume(&self, bridge: &Bridge, stop: &tokio_util::sync::CancellationToken) {
         let script = redis::Script::new(TAKE);
         let mut queues = self.queues.clone();
         let mut idle = Doubling::new(Duration::from_millis(2), Duration::from_millis(100));
         let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut bound = false;
+        let mut taken: Vec<String> = Vec::new();
         while !stop.is_cancelled() {
             if !bound {
                 match self.bind().await {
@@ -187,21 +192,30 @@ impl RedisTransport {
                     }
                 }
             }
-            let mut conn = self.conn.clone();
-            let mut invocation = script.prepare_invoke();
-            for k in take_keys(&queues) {
-                invocation.key(k);
-            }
-            invocation.arg(now_s()).arg(BATCH);
-            let taken: Vec<String> = match invocation.invoke_async(&mut conn).await {
-                Ok(t) => t,
+            let next = if taken.is_empty() {
+                self.take(&script, &queues).await
+            } else {
+                let batch = std::mem::take(&mut taken);
+                let (_, next) = tokio::join!(self.ingest_all(bridge, batch, stop), async {
+                    if stop.is_cancelled() {
+                        Ok(Vec::new())
+                    } else {
+                        self.take(&script, &queues).await
+                    }
+                });
+                next
+            };
+            match next {
+                Ok(t) => {
+                    failing.reset();
+                    taken = t;
+                }
                 Err(e) => {
                     tracing::warn!(broker = %self.describe(), error = %e, "Celery bridge: cannot take messages; retrying");
                     pause(stop, failing.next_delay()).await;
                     continue;
                 }
-            };
-            failing.reset();
+            }
             if taken.is_empty() {
                 pause(stop, idle.next_delay()).await;
                 continue;
@@ -209,8 +223,26 @@ impl RedisTransport {
             idle.reset();
             // Serve the queues in turn (kombu's round robin).
             queues.rotate_left(1);
+        }
+        if !taken.is_empty() {
+            // Taken as `stop` came: stored and acknowledged like the others.
             self.ingest_all(bridge, taken, stop).await;
         }
+    }
+
+    /// Up to [`BATCH`] messages off `queues`' lists, recorded as taken.
+    async fn take(
+        &self,
+        script: &redis::Script,
+        queues: &[String],
+    ) -> redis::RedisResult<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut invocation = script.prepare_invoke();
+        for k in take_keys(queues) {
+            invocation.key(k);
+        }
+        invocation.arg(now_s()).arg(BATCH);
+        invocation.invoke_async(&mut conn).await
     }
 
     /// Ingest `taken` (one store write for all of their tasks), then acknowledge each one
@@ -222,13 +254,9 @@ impl RedisTransport {
         taken: Vec<String>,
         stop: &tokio_util::sync::CancellationToken,
     ) {
-        let mut pending: Vec<(String, Option<String>)> = taken
-            .into_iter()
-            .map(|m| {
-                let tag = tag_of(&m);
-                (m, tag)
-            })
-            .collect();
+        // Each envelope read once: its delivery (or why it is none) and its tag.
+        let mut pending: Vec<(Result<Delivery, String>, Option<String>)> =
+            taken.iter().map(|m| read_kombu_envelope(m)).collect();
         let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(10));
         while !pending.is_empty() {
             // Every kombu envelope in one store write; one that is not (no id can be read)
@@ -236,9 +264,13 @@ impl RedisTransport {
             let mut results: Vec<Option<Result<Ingested, crate::celery::IngestError>>> =
                 vec![None; pending.len()];
             let mut readable = Vec::new();
-            for (i, (m, _)) in pending.iter().enumerate() {
-                match from_kombu_envelope(m) {
-                    Ok(d) => readable.push((i, d)),
+            let mut deliveries = Vec::new();
+            for (i, (d, _)) in pending.iter().enumerate() {
+                match d {
+                    Ok(d) => {
+                        readable.push(i);
+                        deliveries.push(d.clone());
+                    }
                     Err(why) => {
                         tracing::warn!(reason = "malformed", detail = %why, "Celery message refused: not a kombu message; dropped");
                         bridge.refused_unreadable();
@@ -248,11 +280,10 @@ impl RedisTransport {
                     }
                 }
             }
-            let deliveries: Vec<_> = readable.iter().map(|(_, d)| d.clone()).collect();
             let answers = bridge
                 .ingest_batch(&deliveries, PriorityOrder::LowerFirst)
                 .await;
-            for ((i, _), a) in readable.iter().zip(answers) {
+            for (i, a) in readable.iter().zip(answers) {
                 results[*i] = Some(a);
             }
             let results = results
@@ -260,12 +291,12 @@ impl RedisTransport {
                 .map(|r| r.expect("every message answered"));
             let mut acks = Vec::new();
             let mut again = Vec::new();
-            for ((m, tag), r) in pending.into_iter().zip(results) {
+            for ((d, tag), r) in pending.into_iter().zip(results) {
                 match r {
                     Ok(_) => acks.extend(tag),
                     Err(e) => {
                         tracing::warn!(error = %e, "Celery bridge: a message could not be ingested yet; retrying");
-                        again.push((m, tag));
+                        again.push((d, tag));
                     }
                 }
             }
@@ -461,14 +492,6 @@ impl RedisTransport {
             tracing::warn!("Celery bridge: the revoke subscription ended; subscribing again");
         }
     }
-}
-
-/// The delivery tag of a taken message.
-fn tag_of(message: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(message).ok()?;
-    v.pointer("/properties/delivery_tag")?
-        .as_str()
-        .map(str::to_string)
 }
 
 /// The task ids a control message revokes (`revoke` with `task_id` an id or a list).

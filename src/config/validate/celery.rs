@@ -15,7 +15,7 @@ const RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
 /// kombu's default `visibility_timeout`: one hour.
 const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// AMQP: unacknowledged messages per consumed queue.
-pub(in crate::config) const PREFETCH: u16 = 100;
+pub(in crate::config) const PREFETCH: u16 = 2000;
 
 /// One `[celery.tasks]` entry as read, with where its queue was written.
 pub(in crate::config) struct RouteLayer {
