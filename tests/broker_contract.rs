@@ -5678,11 +5678,12 @@ mod sqlite_specific {
         const N: usize = 100_000;
         let (b, _g) = sqlite_fixture().await;
         b.set_paused(&qn("held"), true).await.expect("pause");
-        // Each batch falls due shortly after it is stored (inserting one takes a while in a
-        // debug build, so one run-at for all would find the later batches already due).
+        // Each batch falls due a few seconds after it is stored (inserting one takes a while
+        // in a debug build, more on a loaded machine, so one run-at for all would find the
+        // later batches already due).
         let mut at = 0;
         for _ in 0..(N / 10_000) {
-            at = now_ms() + 1_000;
+            at = now_ms() + 5_000;
             let mut batch = tasks("held", 10_000);
             for t in &mut batch {
                 t.run_at = Some(at);
@@ -5690,7 +5691,7 @@ mod sqlite_specific {
             let out = b.enqueue(batch).await.expect("enqueue");
             assert!(
                 out.iter().all(|e| e.state == TaskState::Scheduled),
-                "a batch took over 1 s to store"
+                "a batch took over 5 s to store"
             );
         }
         // Wait until they are all due (the clock is the subject here).

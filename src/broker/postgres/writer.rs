@@ -8,9 +8,9 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{pg, pool_error, Clock};
-use super::rows::{exec, insert_attempt, mark_running, opt, text};
+use super::rows::{mark_running, one, text};
 use crate::broker::{BrokerError, Finish, Lease, Result};
-use crate::model::{AttemptRecord, TaskState};
+use crate::model::AttemptRecord;
 use std::sync::Arc;
 
 /// Most writes folded into one transaction.
@@ -127,6 +127,56 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, write: &Write, now: i64)
     }
 }
 
+/// A result in one statement (one round trip; it was three: lock the row, insert the
+/// attempt, update the task). The leased row is locked by id, token and node exactly as
+/// before; when none matches, nothing is written and the lease is lost.
+const FINISH: &str = "
+WITH held AS (
+    SELECT seq, cancel_requested, state = 'running' AS counted FROM tasks
+     WHERE id = $1 AND lease_token = $2 AND lease_node = $3 AND state IN ('queued', 'running')
+     FOR UPDATE),
+-- An operator's cancel that arrived while the task ran outweighs a retry, a requeue or a
+-- release.
+n AS (
+    SELECT seq, cancel_requested, counted,
+           CASE WHEN cancel_requested AND $4::text IN ('retry', 'requeue', 'release') THEN 'cancelled'
+                ELSE $4 END AS next
+      FROM held),
+c AS (
+    SELECT seq, cancel_requested, counted, next,
+           CASE next WHEN 'requeue' THEN false WHEN 'release' THEN false
+                     WHEN 'cancelled' THEN $7::int IS NOT NULL ELSE true END AS charged
+      FROM n),
+attempt AS (
+    INSERT INTO attempts (task_seq, n, number, node, pid, started_at, ended_at, exit_code, signal,
+                          reason, error, stdout_tail, stderr_tail, memory_peak, cpu_usec)
+    SELECT c.seq, (SELECT coalesce(max(a.n), 0) + 1 FROM attempts a WHERE a.task_seq = c.seq),
+           $6::int, $19::text, $7::int, $8::bigint, $9::bigint, $10::int, $11::int, $12::text,
+           $13::text, $14::bytea, $15::bytea, $16::bigint, $17::bigint
+      FROM c WHERE $4 <> 'release'),
+done AS (
+    UPDATE tasks t SET
+        state = CASE c.next WHEN 'succeeded' THEN 'succeeded' WHEN 'retry' THEN 'retrying'
+                            WHEN 'failed' THEN 'failed' WHEN 'cancelled' THEN 'cancelled'
+                            ELSE 'queued' END,
+        run_at = CASE WHEN c.next = 'retry' THEN $5::bigint ELSE t.run_at END,
+        finished_at = CASE WHEN c.next IN ('succeeded', 'failed', 'cancelled') THEN $18::bigint END,
+        attempts = greatest(t.attempts + CASE WHEN c.charged AND NOT c.counted THEN 1
+                                              WHEN NOT c.charged AND c.counted THEN -1
+                                              ELSE 0 END, 0),
+        last_error = CASE WHEN c.next = 'release' THEN t.last_error
+                          WHEN c.next = 'succeeded' THEN NULL
+                          WHEN c.next = 'cancelled' AND c.cancel_requested THEN 'cancelled by an operator'
+                          ELSE $20::text END,
+        updated_at = $18, lease_node = NULL, lease_expires = NULL, cancel_requested = false,
+        pid = NULL, pid_start = NULL
+      FROM c WHERE t.seq = c.seq
+    RETURNING t.seq),
+kept AS (
+    INSERT INTO results (task_seq, value) SELECT seq, $21::text FROM done WHERE $21::text IS NOT NULL
+    ON CONFLICT (task_seq) DO UPDATE SET value = excluded.value)
+SELECT count(*) FROM done";
+
 async fn finish(
     tx: &deadpool_postgres::Transaction<'_>,
     held: &Lease,
@@ -135,81 +185,46 @@ async fn finish(
     result: Option<&str>,
     now: i64,
 ) -> Result<()> {
-    let row = opt(
+    let (next, retry_at) = match next {
+        Finish::Succeeded => ("succeeded", None),
+        Finish::Retry { at } => ("retry", Some(at)),
+        Finish::Failed => ("failed", None),
+        Finish::Cancelled => ("cancelled", None),
+        Finish::Requeue => ("requeue", None),
+        Finish::Release => ("release", None),
+    };
+    let error = attempt.error.as_deref().map(text);
+    let n: i64 = one(
         tx,
-        "SELECT seq, cancel_requested, state FROM tasks
-         WHERE id = $1 AND lease_token = $2 AND lease_node = $3 AND state IN ('queued', 'running')
-         FOR UPDATE",
-        &[&held.task.to_string(), &held.token, &held.node.as_str()],
-    )
-    .await?
-    .ok_or(BrokerError::LeaseLost(held.task))?;
-    let seq: i64 = row.get(0);
-    let cancel_requested: bool = row.get(1);
-    let state: String = row.get(2);
-    // `started` counts the attempt when it is recorded; a task finished before that record
-    // (it never started, or the record is still on its way) is counted here.
-    let counted = state == "running";
-    if next != Finish::Release {
-        insert_attempt(tx, seq, attempt).await?;
-    }
-    // An operator's cancel that arrived while the task ran outweighs a retry or a requeue.
-    let next = match next {
-        Finish::Retry { .. } | Finish::Requeue | Finish::Release if cancel_requested => {
-            Finish::Cancelled
-        }
-        n => n,
-    };
-    let charged = match next {
-        Finish::Requeue | Finish::Release => false,
-        Finish::Cancelled => attempt.pid.is_some(),
-        _ => true,
-    };
-    let delta: i32 = match (charged, counted) {
-        (true, false) => 1,
-        (false, true) => -1,
-        _ => 0,
-    };
-    let (state, run_at, finished) = match next {
-        Finish::Succeeded => (TaskState::Succeeded, None, Some(now)),
-        Finish::Retry { at } => (TaskState::Retrying, Some(at), None),
-        Finish::Failed => (TaskState::Failed, None, Some(now)),
-        Finish::Cancelled => (TaskState::Cancelled, None, Some(now)),
-        Finish::Requeue | Finish::Release => (TaskState::Queued, None, None),
-    };
-    let error = match next {
-        Finish::Succeeded | Finish::Release => None,
-        Finish::Cancelled if cancel_requested => Some("cancelled by an operator".to_string()),
-        _ => attempt.error.as_deref().map(|e| text(e).into_owned()),
-    };
-    let keep_error = next == Finish::Release;
-    exec(
-        tx,
-        "UPDATE tasks SET state = $2, run_at = coalesce($3, run_at), finished_at = $4,
-            attempts = greatest(attempts + $5, 0),
-            last_error = CASE WHEN $8 THEN last_error ELSE $6 END, updated_at = $7,
-            lease_node = NULL, lease_expires = NULL, cancel_requested = false, pid = NULL, pid_start = NULL
-         WHERE seq = $1",
+        FINISH,
         &[
-            &seq,
-            &state.as_str(),
-            &run_at,
-            &finished,
-            &delta,
+            &held.task.to_string(),
+            &held.token,
+            &held.node.as_str(),
+            &next,
+            &retry_at,
+            &(attempt.number as i32),
+            &attempt.pid,
+            &attempt.started_at,
+            &attempt.ended_at,
+            &attempt.exit_code,
+            &attempt.signal,
+            &attempt.reason.map(|r| r.as_str()),
             &error,
+            &attempt.stdout_tail.as_bytes(),
+            &attempt.stderr_tail.as_bytes(),
+            &attempt.memory_peak.and_then(|n| i64::try_from(n).ok()),
+            &attempt.cpu_usec.and_then(|n| i64::try_from(n).ok()),
             &now,
-            &keep_error,
+            &attempt.node.as_str(),
+            &error,
+            &result,
         ],
     )
-    .await?;
-    if let Some(value) = result {
-        exec(
-            tx,
-            "INSERT INTO results (task_seq, value) VALUES ($1, $2)
-             ON CONFLICT (task_seq) DO UPDATE SET value = excluded.value",
-            &[&seq, &value],
-        )
-        .await?;
+    .await?
+    .get(0);
+    if n == 0 {
+        return Err(BrokerError::LeaseLost(held.task));
     }
     Ok(())
 }
