@@ -126,7 +126,7 @@ fn the_children_of_one_parent_serve_the_tasks_and_share_its_memory() {
         assert_eq!(
             stat_field(p, 5),
             Some(i64::from(p)),
-            "each worker leads a process group of its own (setsid)"
+            "each worker leads a process group of its own (setpgid)"
         );
     }
     assert_eq!(ppid(parent), d.pid(), "the parent is the daemon's child");

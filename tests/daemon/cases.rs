@@ -1789,12 +1789,15 @@ shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2'
         .filter_map(|id| {
             let t = std::fs::read_to_string(env.path().join("starts").join(id)).ok()?;
             let t: u128 = t.trim().parse().ok()?;
-            (t > paused_at + 200_000_000).then(|| (id.clone(), (t - paused_at) / 1_000_000))
+            // A second's slack: a task the daemon started just before `pause` returned may
+            // take a while to reach its `date` on a loaded machine, while a pause that
+            // did not hold would go on starting tasks for about three seconds more.
+            (t > paused_at + 1_000_000_000).then(|| (id.clone(), (t - paused_at) / 1_000_000))
         })
         .collect();
     assert!(
         late.is_empty(),
-        "tasks started more than 200 ms after `pause` returned (id, ms): {late:?}"
+        "tasks started more than 1 s after `pause` returned (id, ms): {late:?}"
     );
     // Tasks given back were never run: no attempt is recorded for them.
     for id in &ids {

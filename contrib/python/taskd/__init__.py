@@ -19,13 +19,19 @@
 See docs/python.md.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
+
 
 from .app import App, TaskFunction
 from .errors import APIError, ConnectionFailed, Error, Fail, Retry, TaskFailed, Timeout
 from .worker import Job, current_job, progress, serve
 
+# typing is for the type checker only (a worker process does not load it); type checkers
+# read `TYPE_CHECKING` by its name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import DEFAULT_SERVER, DEFAULT_SOCKET, Client, Task
 
 #: Names of the client module, imported on first use: a worker that only serves tasks does

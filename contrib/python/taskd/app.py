@@ -4,15 +4,34 @@ long-lived worker that runs them."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Optional, Sequence, TypeVar, Union, overload
 
 from .errors import Fail
 from .worker import Job, serve
 
+# The typing module is for the type checker only: a worker process does not load it (a
+# worker's memory, docs/python.md); at run time `Generic`, `TypeVar` and `overload` are the
+# stand-ins below. Type checkers read `TYPE_CHECKING` by its name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Generic, Optional, Sequence, TypeVar, Union, overload
+
     # Imported when first used: a worker process that only serves never loads the HTTP
     # client (http.client and the email package it pulls in, some 5 MiB per process).
     from .client import Client, Seconds, Task
+else:
+
+    class Generic:
+        """`TaskFunction[int]` still works at run time, as with typing.Generic."""
+
+        def __class_getitem__(cls, item: object) -> object:
+            return cls
+
+    def TypeVar(name: str) -> str:  # noqa: N802 (typing's name)
+        return name
+
+    def overload(fn: object) -> object:
+        return fn
+
 
 R = TypeVar("R")
 

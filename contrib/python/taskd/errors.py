@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+# The typing module is for the type checker only: a worker process does not load it (see
+# docs/python.md, "Memory"). Type checkers read `TYPE_CHECKING` by its name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional
 
 
 class Error(Exception):

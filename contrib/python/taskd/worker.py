@@ -9,7 +9,6 @@ itself on that descriptor and forks one worker per request; each child then serv
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import gc
 import json
@@ -18,8 +17,13 @@ import select
 import signal
 import socket
 import sys
-import traceback
-from typing import Any, Callable, Dict, Optional
+
+# Only what serving a task needs is loaded here: typing is for the type checker, base64 and
+# traceback are imported when a raw payload or a failure first needs them (docs/python.md,
+# "Memory"; with worker_fork, what the parent loads is shared, what a child loads is its own).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Optional
 
 from .errors import Fail, Retry
 
@@ -113,6 +117,8 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
             payload: Any = msg.get("payload")
             if job.raw:
                 # A raw payload: the bytes as they were submitted.
+                import base64
+
                 payload = base64.b64decode(msg["payload_b64"])
             value = handle(payload, job)
             if value is not None:
@@ -133,6 +139,8 @@ def serve(handle: Callable[[Any, Job], Any], name: str = "taskd") -> None:
         except Fail as e:
             result.update(status="error", message=str(e) or "failed")
         except Exception as e:  # any other failure is a failed attempt, as in exec mode
+            import traceback
+
             traceback.print_exc()
             result.update(status="retry", message="%s: %s" % (type(e).__name__, e))
         finally:
@@ -162,7 +170,11 @@ def _fork_server(fd: int) -> None:
     gc.freeze()
 
     def send(obj: Dict[str, Any]) -> None:
-        sock.send(_encode(obj).encode("utf-8"))
+        try:
+            sock.send(_encode(obj).encode("utf-8"))
+        except (BrokenPipeError, ConnectionResetError):
+            # taskd is gone: no more workers from this parent.
+            os._exit(0)
 
     send({"type": "forkserver", "protocol": PROTOCOL})
     while True:
@@ -190,6 +202,9 @@ def _fork_server(fd: int) -> None:
             data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
         except InterruptedError:
             continue
+        except ConnectionResetError:
+            # taskd closed the socket with our exit reports unread: the same end.
+            data, fds = b"", []
         if not data:
             # taskd closed the socket: no more workers from this parent. The children are
             # taskd's to stop, not ours.
@@ -222,11 +237,12 @@ def _fork_server(fd: int) -> None:
 
 
 def _become_worker(sock: socket.socket, fds: Any, slot: Any, wake: Any) -> None:
-    """In a forked child: its own session and process group (taskd signals the group), the
+    """In a forked child: a process group of its own (taskd signals the group; not a session,
+    which would be a scheduler autogroup of its own, its wake-ups slowed on a busy machine), the
     received descriptors as 3, 4, 0, 1, 2, nothing of the parent's conversation left."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
+    os.setpgid(0, 0)
     # Above every target first, so that moving one cannot overwrite another.
     high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 10) for f in fds]
     for f in fds:
