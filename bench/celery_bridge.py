@@ -25,13 +25,21 @@ bench/private_rabbitmq.py) and removes:
 - producers: the same producers' `.delay()` calls alone, nothing consuming meanwhile (a
   Celery worker answers the warm-up task and is stopped before the clock starts): the
   ceiling of every end-to-end figure on this machine, whose cores the producers share
-  with the consumers.
+  with the consumers;
+- drain: the consumer's own rate, with no producer competing: the same producers send N
+  `.delay()` with nothing consuming (the queue fills), then the consumer starts (the taskd
+  daemon with its worker queue, or Celery's prefork worker), timed from its start to the
+  last result read by the producers (`ResultSet.join_native`, the path of `.get()`), and
+  also from the first result read (the consumer's start-up left out);
+- `--pin`: the producers on one CPU, everything else (the broker server, the taskd daemon
+  and its workers or Celery's worker and its children, this script) on the others, by
+  `os.sched_setaffinity` (inherited by children), identically for taskd and Celery.
 
 Run with the bench venv's python (celery installed: bench/install.py makes it), after
 `cargo build --release`:
     target/bench/venv/bin/python bench/celery_bridge.py [--n 10000] [--concurrency 4]
-        [--brokers redis,amqp] [--only ingest,exec,worker,celery] [--producers 4]
-        [--ingest-n N]
+        [--brokers redis,amqp] [--only ingest,producers,exec,worker,celery,drain] [--producers 4]
+        [--ingest-n N] [--pin]
 Prints a line per figure with the load average (`/proc/loadavg`) before and after it was
 taken, and the whole as one JSON line at the end.
 """
@@ -104,11 +112,31 @@ sys.stdin.readline()
 t = time.monotonic()
 rs = [noop.delay() for _ in range(n)]
 sent = time.monotonic() - t
+if sys.argv[2] == "drain":
+    # The queue is full; the consumer starts now. CLOCK_MONOTONIC is system-wide, so the
+    # parent compares these instants with its own.
+    print("sent", flush=True)
+    got = []
+    ResultSet(rs).join_native(timeout=600, callback=lambda tid, v: got.append(time.monotonic()))
+    assert len(got) == n, len(got)
+    print(json.dumps({"first": got[0], "done": time.monotonic()}), flush=True)
+    sys.exit(0)
 if sys.argv[2] == "results":
     values = ResultSet(rs).get(timeout=600)
     assert len(values) == n and all(v is None for v in values), values[:5]
 print(json.dumps({"sent": sent, "took": time.monotonic() - t}), flush=True)
 """
+
+
+# With --pin: the CPUs of the producers; this script and everything else it starts runs on
+# the others (set in main, inherited).
+PRODUCER_CPUS = None
+
+
+def producer_popen(args, **kw):
+    """A producer process, on the producers' CPU with --pin."""
+    cpus = PRODUCER_CPUS
+    return subprocess.Popen(args, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None, **kw)
 
 
 def load():
@@ -239,7 +267,7 @@ def ingest(broker, n, c, producers):
     e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     t = time.monotonic()
     share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-    ps = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(k)], cwd=tmp, env=e) for k in share]
+    ps = [producer_popen([sys.executable, "-c", PUBLISHER, str(k)], cwd=tmp, env=e) for k in share]
     if any(p.wait() != 0 for p in ps):
         raise SystemExit("a publisher failed")
     took = time.monotonic() - t
@@ -280,7 +308,7 @@ def produce(broker, tmp, n, producers, results=True):
     e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
     mode = "results" if results else "send"
-    ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), mode], cwd=tmp, env=e, text=True,
+    ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), mode], cwd=tmp, env=e, text=True,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
     for p in ps:
         if p.stdout.readline().strip() != "ready":
@@ -325,7 +353,7 @@ def produce_unconsumed(broker, tmp, n, producers):
         e = env(broker)
         e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
         share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-        ps = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(k), "send"], cwd=tmp, env=e, text=True,
+        ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), "send"], cwd=tmp, env=e, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
         for p in ps:
             if p.stdout.readline().strip() != "ready":
@@ -348,14 +376,71 @@ def produce_unconsumed(broker, tmp, n, producers):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def celery_worker(broker, tmp, pool, c):
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_app", "worker", "--pool", pool,
+                             "--concurrency", str(c), "-Q", "celery", "--without-gossip", "--without-mingle",
+                             "--without-heartbeat", "--loglevel", "WARNING"],
+                            cwd=tmp, env=env(broker), stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(tmp, f"worker-{pool}.log"), "w"))
+
+
+def drain(broker, n, c, producers, consumer):
+    """The consumer's own rate: the producers fill the queue with N `.delay()` (a solo Celery
+    worker answers their warm-up task and is stopped first), then the consumer (`worker`: the
+    taskd daemon with a worker queue; `celery`: Celery's prefork worker) starts; timed from its
+    start, and from the first result read, to the last result read."""
+    broker.reset()
+    tmp = workdir("drain-bench-")
+    warm = celery_worker(broker, tmp, "solo", 1)
+    consumer_proc, d = None, None
+    try:
+        e = env(broker)
+        e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
+        share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
+        ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), "drain"], cwd=tmp, env=e, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
+        for p in ps:
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
+        warm.terminate()
+        warm.wait()
+        for p in ps:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in ps:
+            if p.stdout.readline().strip() != "sent":
+                raise SystemExit(f"a producer did not send; see {tmp}")
+        depth = Depth(broker)
+        waiting = depth.ready()
+        depth.close()
+        if waiting != n:
+            raise SystemExit(f"drain: the queue holds {waiting} messages, not {n}")
+        t = time.monotonic()
+        if consumer == "celery":
+            consumer_proc = celery_worker(broker, tmp, "prefork", c)
+        else:
+            d = Taskd(tmp, broker, "worker", c)
+            d.start()
+        outs = [json.loads(p.stdout.readline()) for p in ps]
+        for p in ps:
+            p.wait()
+        done = max(o["done"] for o in outs)
+        first = min(o["first"] for o in outs)
+        return n / (done - t), done - t, n / (done - first), first - t
+    finally:
+        for w in (warm, consumer_proc):
+            if w is not None and w.poll() is None:
+                w.terminate()
+                w.wait()
+        if d:
+            d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def end_to_end_celery(broker, n, c, producers):
     broker.reset()
     tmp = workdir("celery-bench-")
-    w = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_app", "worker", "--pool", "prefork",
-                          "--concurrency", str(c), "-Q", "celery", "--without-gossip", "--without-mingle",
-                          "--without-heartbeat", "--loglevel", "WARNING"],
-                         cwd=tmp, env=env(broker), stdout=subprocess.DEVNULL,
-                         stderr=open(os.path.join(tmp, "worker.log"), "w"))
+    w = celery_worker(broker, tmp, "prefork", c)
     try:
         return produce(broker, tmp, n, producers)
     finally:
@@ -371,10 +456,21 @@ def main():
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--ingest-n", type=int, default=0, help="messages for the ingest figure (default: --n)")
     ap.add_argument("--brokers", default="redis,amqp")
-    ap.add_argument("--only", default="ingest,producers,exec,worker,celery")
+    ap.add_argument("--only", default="ingest,producers,exec,worker,celery,drain")
+    ap.add_argument("--pin", action="store_true",
+                    help="producers on one CPU; broker, consumers and this script on the others")
     a = ap.parse_args()
     only = a.only.split(",")
-    out = {"n": a.n, "concurrency": a.concurrency, "producers": a.producers}
+    out = {"n": a.n, "concurrency": a.concurrency, "producers": a.producers, "pin": None}
+    if a.pin:
+        global PRODUCER_CPUS
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs")
+        PRODUCER_CPUS = {cpus[0]}
+        os.sched_setaffinity(0, set(cpus[1:]))
+        out["pin"] = {"producers": cpus[:1], "rest": cpus[1:]}
+        log(f"pinned: producers on CPU {cpus[0]}; broker, consumers and this script on CPU {cpus[1:]}")
     for kind in a.brokers.split(","):
         broker = Broker(kind)
         figures = out[kind] = {}
@@ -400,6 +496,19 @@ def main():
                 step = "delay alone, nothing consuming" if what == "producers" else "delay->result"
                 log(f"{kind}: {step}, {what} (concurrency {a.concurrency}, {a.producers} producers): "
                     f"{rate:.0f}/s ({took:.1f}s, sending took {sent:.1f}s; load {l} -> {after})")
+            if "drain" in only:
+                for what in ("worker", "celery"):
+                    l = load()
+                    rate, took, rate_first, start = drain(broker, a.n, a.concurrency, a.producers, what)
+                    after = load()
+                    figures[f"drain_{what}"] = {"per_s": round(rate), "per_s_after_first": round(rate_first),
+                                                "first_result_s": round(start, 2), "load": l, "load_after": after}
+                    log(f"{kind}: drain {a.n} queued, {what} (concurrency {a.concurrency}): {rate:.0f}/s from its "
+                        f"start ({took:.1f}s, first result after {start:.1f}s), {rate_first:.0f}/s from the first "
+                        f"result; load {l} -> {after}")
+                if "drain_celery" in figures:
+                    figures["drain_worker_vs_celery"] = round(
+                        figures["drain_worker"]["per_s"] / figures["drain_celery"]["per_s"], 2)
             if "celery" in figures:
                 for what in ("exec", "worker"):
                     if what in figures:
