@@ -74,34 +74,6 @@ impl RpcResults {
         }
         Ok(out)
     }
-
-    async fn publish(
-        &self,
-        ch: &Channel,
-        reply_to: &str,
-        correlation_id: &str,
-        body: &[u8],
-    ) -> Result<Option<String>, lapin::Error> {
-        let props = reply_properties(correlation_id);
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                reply_to.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                props,
-            )
-            .await?
-            .await?;
-        Ok(match confirm {
-            Confirmation::Ack(Some(returned)) => Some(returned.reply_text.to_string()),
-            Confirmation::Nack(_) => Some("the broker refused it (nack)".into()),
-            _ => None,
-        })
-    }
 }
 
 /// A reply's properties: what a Celery worker sets on its `rpc://` replies.
@@ -172,46 +144,8 @@ impl ResultSink for RpcResults {
     }
 
     async fn store(&self, to: &ResultTo, state: &CeleryState) -> Result<(), String> {
-        let Some(reply_to) = to.reply_to.as_deref().filter(|r| !r.is_empty()) else {
-            tracing::debug!(task = %to.id, "a Celery task without reply_to: no rpc:// result");
-            return Ok(());
-        };
-        let correlation_id = to.correlation_id.as_deref().unwrap_or(&to.id);
-        let body = state.meta(&to.id, crate::model::now_ms()).to_string();
-        let mut link = self.link.lock().await;
-        // One retry on a fresh connection: the one kept may have died since the last use.
-        for attempt in 0..2 {
-            if link.is_none() {
-                *link = Some(
-                    self.open()
-                        .await
-                        .map_err(|e| format!("rpc:// over {}: {e}", self.addr))?,
-                );
-            }
-            let (_, ch) = link.as_ref().expect("opened above");
-            match self
-                .publish(ch, reply_to, correlation_id, body.as_bytes())
-                .await
-            {
-                Ok(None) => return Ok(()),
-                Ok(Some(why)) => {
-                    tracing::warn!(
-                        task = %to.id,
-                        reply_to,
-                        why,
-                        "Celery rpc:// result not delivered: the caller's reply queue is gone"
-                    );
-                    return Ok(());
-                }
-                Err(e) => {
-                    *link = None;
-                    if attempt == 1 {
-                        return Err(format!("rpc:// over {}: {e}", self.addr));
-                    }
-                }
-            }
-        }
-        Ok(())
+        // One reply is a batch of one: the same publish, confirm and retry.
+        self.store_many(&[(to.clone(), state.clone())]).await
     }
 
     fn describe(&self) -> String {
