@@ -784,7 +784,7 @@ fn fifty_timed_out_tasks_leave_no_zombies_or_strays() {
         r#"
 [queues.t]
 concurrency = 10
-timeout = "300ms"
+timeout = "1s"
 kill_grace = "200ms"
 max_attempts = 1
 shell = '''
@@ -814,6 +814,8 @@ sleep 30
         .split_whitespace()
         .map(|p| p.parse().unwrap())
         .collect();
+    // The timeout is long enough for every shell to reach its first line on a loaded
+    // machine (300 ms was not, once).
     assert_eq!(
         pids.len(),
         100,
