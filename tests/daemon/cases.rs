@@ -936,29 +936,63 @@ shell = 'exit 1'
     });
     assert!(ok, "the tasks did not finish");
     eprintln!("backoff delays seen (queue 0 = exp, 1 = jit; attempts so far) -> ms: {seen:?}");
+    // The gaps in each task's history, from an attempt's end to the next one's start: at
+    // least the delay, and (for the cap) short of the uncapped one. Always there, however
+    // slow the machine.
+    let gaps = |id: &str| -> Vec<i64> {
+        let v = env.show(id);
+        let h = history(&v);
+        (1..h.len())
+            .map(|i| h[i]["started_at"].as_i64().unwrap() - h[i - 1]["ended_at"].as_i64().unwrap())
+            .collect()
+    };
     // exponential 600ms, 1200ms, then capped at 1200ms (uncapped: 2400ms); no jitter
-    // inherited. (Bases of several hundred ms: the shortest window, half of 600ms, is seen
-    // by a loop of two `taskd show` calls on a loaded machine and a networked broker.)
+    // inherited.
+    let exp_gaps = gaps(&exp);
+    assert_eq!(exp_gaps.len(), 3, "{exp_gaps:?}");
     for (n, want) in [(1usize, 600i64), (2, 1200), (3, 1200)] {
-        let got = *seen
-            .get(&(0, n))
-            .unwrap_or_else(|| panic!("never saw exp retrying after attempt {n}: {seen:?}"));
+        let gap = exp_gaps[n - 1];
         assert!(
-            (want..want + 100).contains(&got),
-            "exp: backoff after attempt {n} was {got} ms, want {want}"
+            gap >= want - 5,
+            "exp: attempt {} began {gap} ms after attempt {n}, want at least {want}",
+            n + 1
         );
+        // Where a `taskd show` caught the task retrying (a loop of two `show` calls may
+        // miss a window on a loaded machine), its run_at is the delay itself.
+        if let Some(&got) = seen.get(&(0, n)) {
+            assert!(
+                (want..want + 500).contains(&got),
+                "exp: backoff after attempt {n} was {got} ms, want {want}"
+            );
+        }
     }
+    assert!(
+        exp_gaps[2] < 2400,
+        "exp: the cap of 1200 ms did not hold: {exp_gaps:?}"
+    );
     // with jitter: between half and all of 600ms, then of 1200ms
+    let jit_gaps = gaps(&jit);
+    assert_eq!(jit_gaps.len(), 2, "{jit_gaps:?}");
     for (n, full) in [(1usize, 600i64), (2, 1200)] {
-        let got = *seen
-            .get(&(1, n))
-            .unwrap_or_else(|| panic!("never saw jit retrying after attempt {n}: {seen:?}"));
+        let gap = jit_gaps[n - 1];
         assert!(
-            (full / 2..=full + 100).contains(&got),
-            "jit: backoff after attempt {n} was {got} ms, want {}..={full}",
+            gap >= full / 2 - 5,
+            "jit: attempt {} began {gap} ms after attempt {n}, want at least {}",
+            n + 1,
             full / 2
         );
+        if let Some(&got) = seen.get(&(1, n)) {
+            assert!(
+                (full / 2..=full + 500).contains(&got),
+                "jit: backoff after attempt {n} was {got} ms, want {}..={full}",
+                full / 2
+            );
+        }
     }
+    assert!(
+        seen.len() >= 2,
+        "no `taskd show` ever caught a task retrying: {seen:?}"
+    );
     assert_eq!(env.state(&exp), "failed");
     assert_eq!(history(&env.show(&exp)).len(), 4);
 }
