@@ -10,10 +10,8 @@
 //! Operations run on pooled connections (deadpool), one transaction each. A claim is one
 //! round trip (the `claim` SQL function: pause check, promotion, `FOR UPDATE SKIP LOCKED`);
 //! claims under per-key or rate limits take an advisory lock on their queue instead. A
-//! claim commits without waiting for its WAL flush (`synchronous_commit = off` for its
-//! transaction only; the start or finish record after it flushes it), and its lease token
-//! is at least the server's clock in µs, so that a claim a server crash undoes is never
-//! handed out again under the same token (migration 3).
+//! claim's commit waits for its WAL flush (migration 4 says why an unflushed claim was
+//! tried and undone), and its lease token is at least the server's clock in µs.
 //! Results and starts go through one ordered writer per client (`writer.rs`, rule 6).
 //! Wake-ups are `LISTEN`/`NOTIFY` on one channel (`wake.rs`), raised by triggers and by the
 //! operations themselves inside their transactions. Times come from the store's clock
@@ -163,12 +161,9 @@ impl PgBroker {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let now = self.now();
-        // The claim commits without waiting for the disk, as the `claim` function's do
-        // (migration 3 says why).
         let paused: bool = one(
             &tx,
-            "SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = $1),
-                    set_config('synchronous_commit', 'off', true)",
+            "SELECT EXISTS (SELECT 1 FROM paused_queues WHERE queue = $1)",
             &[&queue.as_str()],
         )
         .await?

@@ -378,6 +378,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
         RETURNING t.*;
     END $$;
     "#,
+    // 4: claims wait for the disk again. A claim a server crash undid, of a task the node had
+    // already started, left that run out of every history (its start and finish were refused
+    // by the fencing, rightly, so nothing recorded it), while another node ran the task
+    // again: seen by the three-node crash test. The function's own SET restores the
+    // session's setting when it returns, so the `set_config` inside it no longer reaches the
+    // commit. Tokens stay at least the server's clock in microseconds.
+    r#"
+    ALTER FUNCTION claim(text, text, integer, bigint, bigint) SET synchronous_commit = on;
+    "#,
 ];
 
 /// The newest schema version this taskd knows.
