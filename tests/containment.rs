@@ -573,7 +573,7 @@ fn a_task_is_in_its_cgroup_from_its_first_instruction() {
             );
             for c in &v1 {
                 let line = out.lines().find(|l| {
-                    l.splitn(3, ':')
+                    l.split(':')
                         .nth(1)
                         .is_some_and(|cs| cs.split(',').any(|x| x == c))
                 });
