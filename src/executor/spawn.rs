@@ -496,14 +496,14 @@ mod clone3 {
         cfg!(target_arch = "x86_64") && STATE.load(Ordering::Relaxed) != 2
     }
 
-    /// Whether `e` says this kernel (or a seccomp filter) does not give `clone3` with
+    /// Whether `err` says this kernel (or a seccomp filter) does not give `clone3` with
     /// `CLONE_INTO_CGROUP`, rather than that this start failed: `ENOSYS` (before 5.3, or
     /// filtered), `E2BIG` (5.3 to 5.6: no `cgroup` field) or `EINVAL` (an unknown flag).
     /// The first time only: once one worked, every error is the start's own.
-    pub(super) fn refused(e: &io::Error) -> bool {
+    pub(super) fn refused(err: &io::Error) -> bool {
         let refused = STATE.load(Ordering::Relaxed) != 1
             && matches!(
-                e.raw_os_error(),
+                err.raw_os_error(),
                 Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL)
             );
         if refused {
