@@ -51,7 +51,10 @@ fn ordering() -> Option<PathBuf> {
     let list = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR")?).join("build/hot-functions.txt");
     let text = std::fs::read_to_string(list).ok()?;
     let (made_by, names) = text.split_once('\n')?;
-    let version = Command::new(env::var_os("RUSTC")?).arg("-vV").output().ok()?;
+    let version = Command::new(env::var_os("RUSTC")?)
+        .arg("-vV")
+        .output()
+        .ok()?;
     if String::from_utf8_lossy(&version.stdout).lines().next()? != made_by.trim() {
         return None;
     }
