@@ -532,3 +532,59 @@ fn a_queue_slot_reuses_its_cgroup_once_the_last_task_left_nothing_in_it() {
         "the kept cgroups outlived the daemon's exit"
     );
 }
+
+/// A task whose program reads its own `/proc/self/cgroup` as its first act (`cat`): it is in
+/// its slot's cgroup in every hierarchy the daemon puts it in (v2; v1 memory, and v1 pids
+/// for `pids_max` where those are v1 controllers) — there before its program began, not
+/// moved after — whether it started by the daemon's own spawn (`plain`) or by a fork with a
+/// `pre_exec` hook (`hooked`: its umask needs one), and in a slot's kept cgroup as in a new
+/// one (two tasks each, one slot).
+#[test]
+fn a_task_is_in_its_cgroup_from_its_first_instruction() {
+    let env = setup(
+        "[queues.plain]\ncommand = [\"cat\", \"/proc/self/cgroup\"]\nconcurrency = 1\npids_max = 64\n\n\
+         [queues.hooked]\ncommand = [\"cat\", \"/proc/self/cgroup\"]\nconcurrency = 1\npids_max = 64\numask = \"077\"\n",
+    );
+    let daemon = env.daemon();
+    let Some(tree) = subtree(&daemon) else { return };
+    let key = tree.file_name().unwrap().to_string_lossy().into_owned();
+    // The v1 hierarchies where the daemon has its subtree, and so puts its tasks.
+    let v1: Vec<String> = common::cgroups::all_trees(&tree)[1..]
+        .iter()
+        .filter_map(|t| {
+            let rest = t.strip_prefix("/sys/fs/cgroup").ok()?;
+            let c = rest.components().next()?.as_os_str().to_string_lossy();
+            ["memory", "pids"].contains(&&*c).then(|| c.into_owned())
+        })
+        .collect();
+    for queue in ["plain", "hooked"] {
+        for round in 0..2 {
+            let id = env.submit(queue, "{}");
+            let shown = env.wait_state(&id, "succeeded", secs(20));
+            let out = common::history(&shown)[0]["stdout_tail"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let want = format!("/{key}/task-{queue}-0");
+            let v2 = out.lines().find_map(|l| l.strip_prefix("0::"));
+            assert!(
+                v2.is_some_and(|p| p.ends_with(&want)),
+                "{queue} task {round}: not in its v2 cgroup …{want} from its start:\n{out}"
+            );
+            for c in &v1 {
+                let line = out.lines().find(|l| {
+                    l.split(':')
+                        .nth(1)
+                        .is_some_and(|cs| cs.split(',').any(|x| x == c))
+                });
+                assert!(
+                    line.is_some_and(|l| l.ends_with(&want)),
+                    "{queue} task {round}: not in its v1 {c} cgroup …{want} from its start:\n{out}"
+                );
+            }
+        }
+    }
+    assert!(processes_in(&tree).is_empty(), "{:?}", processes_in(&tree));
+    daemon.signal(common::SIGTERM);
+    assert_eq!(daemon.wait_exit(secs(20)), Some(0));
+}

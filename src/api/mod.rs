@@ -498,13 +498,13 @@ pub const MIN_CONNECTIONS: usize = 8;
 /// The most API connections a daemon serves at once, however many descriptors it has.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// How many API connections a daemon with this open-files soft limit and this many task
-/// slots serves at once. Tasks come first: each may need up to 8 descriptors (pipes, log
-/// files, a pidfd) and the daemon 64 of its own (the store, sockets, the log); the API gets
-/// half of what is left, so that a flood of connections can never take the descriptors a
-/// task needs to start.
-pub fn connection_limit(nofile_soft: u64, tasks: usize) -> usize {
-    let reserved = 64 + 8 * tasks as u64;
+/// How many API connections a daemon with this open-files soft limit serves at once, when
+/// `reserved` descriptors are its own and its task slots' (`executor::reserved_fds`: 64 for
+/// the store, sockets and log; per slot up to 8 for a running task's pipes, log files and
+/// pidfd, and its cgroup's open files). Tasks come first: the API gets half of what is
+/// left, so that a flood of connections can never take the descriptors a task needs to
+/// start.
+pub fn connection_limit(nofile_soft: u64, reserved: u64) -> usize {
     let spare = nofile_soft.saturating_sub(reserved) / 2;
     usize::try_from(spare)
         .unwrap_or(usize::MAX)
@@ -714,10 +714,10 @@ mod tests {
     #[test]
     fn connections_get_half_of_what_tasks_leave() {
         // 1024 descriptors, 4 task slots: 64 + 32 reserved, half of the rest.
-        assert_eq!(connection_limit(1024, 4), 464);
+        assert_eq!(connection_limit(1024, 64 + 8 * 4), 464);
         // Never fewer than MIN_CONNECTIONS, never more than MAX_CONNECTIONS.
-        assert_eq!(connection_limit(100, 64), MIN_CONNECTIONS);
-        assert_eq!(connection_limit(1 << 20, 1), MAX_CONNECTIONS);
+        assert_eq!(connection_limit(100, 64 + 8 * 64), MIN_CONNECTIONS);
+        assert_eq!(connection_limit(1 << 20, 64 + 8), MAX_CONNECTIONS);
     }
 
     #[test]

@@ -575,6 +575,12 @@ fn contain(config: &Config) -> crate::executor::cgroup::Mode {
     match &mode {
         crate::executor::cgroup::Mode::Cgroups(c) => {
             tracing::info!("containment: {}", mode.describe());
+            // Each slot's cgroup keeps its files open: a limit fitted before they were
+            // known is raised to make room for them (never lowered here).
+            let reserved = crate::executor::reserved_fds(setup::task_slots(config));
+            if crate::executor::host().nofile.0 < reserved {
+                setup::fit_nofile(config);
+            }
             let killed = c.kill_leftovers();
             if killed > 0 {
                 tracing::warn!(

@@ -14,7 +14,8 @@ use crate::supervisor::Supervisor;
 /// `api::connection_limit`); after [`super::setup::fit_nofile`].
 pub(super) fn fit_api(state: &crate::api::AppState, config: &Config) {
     let soft = crate::executor::host().nofile.0;
-    let limit = crate::api::connection_limit(soft, super::setup::task_slots(config));
+    let reserved = crate::executor::reserved_fds(super::setup::task_slots(config));
+    let limit = crate::api::connection_limit(soft, reserved);
     state
         .max_connections
         .store(limit, std::sync::atomic::Ordering::Relaxed);

@@ -9,17 +9,20 @@
 //!   (it writes `0` to the `cgroup.procs` the daemon opened), so nothing it starts can be
 //!   outside; the whole cgroup is ended with `cgroup.kill` (or, on kernels before 5.14, by
 //!   SIGKILLing its members until it is empty), then removed.
+//! - **Files** a cgroup's every task uses (`cgroup.procs`, `cgroup.kill`, the counters) are
+//!   opened once, when the cgroup is made, and read with `pread` at offset 0: a kept cgroup
+//!   serves task after task without an `open` or a `close` (see [`files_per_cgroup`]).
 //! - **Limits** (`memory_max`, `pids_max`, `cpu_weight`) go through the v2 controllers where
 //!   they are enabled, and otherwise through the v1 `memory`, `pids` and `cpu` hierarchies
 //!   (a hybrid machine), in a cgroup of the same name under the daemon's own v1 cgroup.
 //! - Nothing writable: [`detect`] says why, and the daemon keeps process groups.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,14 +176,26 @@ fn try_detect(root: Option<&Path>, key: &str) -> Result<Containment, String> {
             v1.push((controller, dir));
         }
     }
-    Ok(Containment {
+    let place = Containment {
         tree,
         has_kill,
         v2,
         v1,
         serial: AtomicU64::new(0),
         kept: Default::default(),
-    })
+    };
+    FILES_PER_CGROUP.fetch_max(place.files_each(), Ordering::Relaxed);
+    Ok(place)
+}
+
+/// The most descriptors one cgroup of this process keeps open ([`Files`]): set by
+/// [`detect`] from what the machine offers, 0 while no cgroups are used.
+static FILES_PER_CGROUP: AtomicUsize = AtomicUsize::new(0);
+
+/// The descriptors each task slot's cgroup keeps open for the daemon's life (0 without
+/// cgroups): part of the open-files budget per task (`executor::reserved_fds`).
+pub fn files_per_cgroup() -> usize {
+    FILES_PER_CGROUP.load(Ordering::Relaxed)
 }
 
 /// Enables the memory, pids and cpu controllers for the cgroups in `tree` where `base`
@@ -260,6 +275,21 @@ impl Containment {
             "a cgroup per task under {} (one per queue slot, kept and reused; stopped with {kill}; limits: {limits})",
             self.tree.display()
         )
+    }
+
+    /// The most descriptors a cgroup here keeps open ([`Files`]): in v2 its
+    /// `cgroup.procs`, `cpu.stat` and `cgroup.kill` (Linux 5.14), and `memory.peak` and
+    /// `memory.events` with a v2 memory controller; in each v1 hierarchy `tasks`, and for
+    /// v1 memory `memory.max_usage_in_bytes` and `memory.oom_control`.
+    fn files_each(&self) -> usize {
+        let v2 = 2 + usize::from(self.has_kill);
+        let v2_memory = if self.v2.contains(&"memory") { 2 } else { 0 };
+        let v1: usize = self
+            .v1
+            .iter()
+            .map(|(c, _)| if *c == "memory" { 3 } else { 1 })
+            .sum();
+        v2 + v2_memory + v1
     }
 
     /// The subtree's v2 directory.
@@ -456,12 +486,12 @@ pub struct Cgroup(Arc<Inner>);
 struct Inner {
     /// The v2 directory first, then the v1 ones.
     dirs: Vec<PathBuf>,
-    /// `cgroup.procs` of each, open for the child to write `0` to before `execve`; closed
-    /// once the child is started ([`Cgroup::started`]).
-    procs: std::sync::Mutex<Vec<OwnedFd>>,
+    /// The files every task uses, open for the cgroup's life; `None` only while it is
+    /// being made, and once its drop began.
+    files: Option<Files>,
     has_kill: bool,
-    /// Where memory is counted: (directory, v2?).
-    memory: Option<(PathBuf, bool)>,
+    /// Where memory is counted: `Some(true)` the v2 controller, `Some(false)` v1's.
+    memory_v2: Option<bool>,
     /// Removed already: nothing left for the drop.
     removed: std::sync::atomic::AtomicBool,
     /// The limits it was made with.
@@ -484,10 +514,149 @@ struct Slot {
 struct Base {
     cpu_usec: u64,
     oom_kills: u64,
-    /// cgroup v2's `memory.peak`, open and reset for the current task: the peak read
-    /// through it is this task's (a write resets it for that open file only, Linux 6.12).
-    /// `None`: read the file afresh (a new cgroup; v1, whose peak is reset by a write).
-    peak: Option<std::fs::File>,
+}
+
+/// The files of one cgroup that its every task uses, opened (close-on-exec) when the
+/// cgroup is made and closed with it: read with `pread` at offset 0 (a cgroup file's read
+/// starts its records afresh there, and returns every record that fits, so a short read is
+/// the end), written with `pwrite`. A kept cgroup thus costs no `open` or `close` per task.
+#[derive(Debug)]
+struct Files {
+    /// v2 `cgroup.procs`, read and write: whether anything is left in the cgroup, and what
+    /// a child writes `0` to.
+    procs: File,
+    /// v2 `cgroup.kill` (Linux 5.14).
+    kill: Option<File>,
+    /// v2 `cpu.stat` (`usage_usec`).
+    cpu_stat: Option<File>,
+    /// `tasks` of each v1 directory, in `dirs` order: the child writes `0` there. Its only
+    /// thread is the whole process, and a thread's move of itself takes no global lock,
+    /// where a write to `cgroup.procs` takes `cgroup_threadgroup_rwsem` for writing (a
+    /// wait of up to an RCU grace period, 10-16 ms measured on a loaded machine).
+    v1_tasks: Vec<File>,
+    /// The peak memory, read and write: v2 `memory.peak` (a write of `reset` resets the
+    /// peak seen through this open file, Linux 6.12; read-only before), v1
+    /// `memory.max_usage_in_bytes` (a write of `0` resets it).
+    peak: Option<File>,
+    /// OOM kills: v2 `memory.events`, v1 `memory.oom_control` (`oom_kill`).
+    events: Option<File>,
+}
+
+/// What a child writes `0` to, to join its cgroup: `procs`, then each `v1_tasks`.
+/// Descriptors of the cgroup's [`Files`], valid while its [`Cgroup`] is held.
+#[derive(Debug, Clone)]
+pub(crate) struct Join {
+    pub(crate) procs: RawFd,
+    pub(crate) v1_tasks: Vec<RawFd>,
+}
+
+impl Join {
+    /// The descriptors a child writes `0` to: v2's `cgroup.procs`, then each v1 `tasks`.
+    pub(crate) fn writes(&self) -> Vec<RawFd> {
+        std::iter::once(self.procs)
+            .chain(self.v1_tasks.iter().copied())
+            .collect()
+    }
+}
+
+/// Opens `name` in `dir`, close-on-exec, for reading (`read`) and/or writing (`write`).
+fn open_in(dir: &Path, name: &str, read: bool, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(read)
+        .write(write)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join(name))
+}
+
+/// `open_in`, `None` where the file does not exist (an older kernel, a controller absent).
+fn open_optional(dir: &Path, name: &str, read: bool, write: bool) -> io::Result<Option<File>> {
+    match open_in(dir, name, read, write) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Files {
+    /// Opens the files of the cgroup whose directories are `dirs` (v2 first); `memory`:
+    /// the directory where memory is counted, and whether it is v2's.
+    fn open(dirs: &[PathBuf], has_kill: bool, memory: Option<(&Path, bool)>) -> io::Result<Files> {
+        let v2 = &dirs[0];
+        let procs = open_in(v2, "cgroup.procs", true, true)?;
+        let kill = if has_kill {
+            open_optional(v2, "cgroup.kill", false, true)?
+        } else {
+            None
+        };
+        let cpu_stat = open_optional(v2, "cpu.stat", true, false)?;
+        let v1_tasks = dirs[1..]
+            .iter()
+            .map(|d| open_in(d, "tasks", false, true))
+            .collect::<io::Result<Vec<_>>>()?;
+        let (peak, events) = match memory {
+            None => (None, None),
+            Some((d, true)) => {
+                // Read-only before Linux 6.12: the peak is read, and cannot be reset.
+                let peak = match open_in(d, "memory.peak", true, true) {
+                    Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                        open_optional(d, "memory.peak", true, false)?
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    other => Some(other?),
+                };
+                (peak, open_optional(d, "memory.events", true, false)?)
+            }
+            Some((d, false)) => (
+                open_optional(d, "memory.max_usage_in_bytes", true, true)?,
+                open_optional(d, "memory.oom_control", true, false)?,
+            ),
+        };
+        Ok(Files {
+            procs,
+            kill,
+            cpu_stat,
+            v1_tasks,
+            peak,
+            events,
+        })
+    }
+}
+
+/// Reads an open cgroup file from its start into `buf`: one `pread` (a cgroup file's read
+/// returns every record that fits; what does not fit in `buf` is not read).
+fn read_start<'a>(file: &File, buf: &'a mut [u8]) -> Option<&'a str> {
+    let n = loop {
+        match file.read_at(buf, 0) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    };
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
+/// The number in an open cgroup file.
+fn number_in(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 32];
+    read_start(file, &mut buf)?.trim().parse().ok()
+}
+
+/// The value of `key` in an open flat-keyed cgroup file (`key value` lines).
+fn keyed_in(file: &File, key: &str) -> Option<u64> {
+    let mut buf = [0u8; 1024];
+    read_start(file, &mut buf)?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Writes `value` to an open cgroup file (the offset means nothing to it).
+fn write_at(file: &File, value: &[u8]) -> io::Result<()> {
+    let n = file.write_at(value, 0)?;
+    if n != value.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+    }
+    Ok(())
 }
 
 fn slot_number(inner: &Inner) -> u32 {
@@ -507,9 +676,9 @@ impl Inner {
         let fresh = slot.is_some();
         let mut inner = Inner {
             dirs: Vec::new(),
-            procs: std::sync::Mutex::new(Vec::new()),
+            files: None,
             has_kill: place.has_kill,
-            memory: None,
+            memory_v2: None,
             removed: std::sync::atomic::AtomicBool::new(false),
             limits: *limits,
             slot,
@@ -551,8 +720,9 @@ impl Inner {
                 }
             }
         }
+        let mut memory: Option<(PathBuf, bool)> = None;
         if place.v2.contains(&"memory") {
-            inner.memory = Some((v2dir.clone(), true));
+            memory = Some((v2dir.clone(), true));
         }
         for (controller, tree) in &place.v1 {
             // Memory is joined whenever it is there, for the peak use `taskd show` gives;
@@ -587,31 +757,36 @@ impl Inner {
                     Err(e) => return Err(limit_error(&path, e)),
                 }
             }
-            if *controller == "memory" && inner.memory.is_none() {
-                inner.memory = Some((dir, false));
+            if *controller == "memory" && memory.is_none() {
+                memory = Some((dir, false));
             }
         }
+        inner.files = Some(Files::open(
+            &inner.dirs,
+            place.has_kill,
+            memory.as_ref().map(|(d, v2)| (d.as_path(), *v2)),
+        )?);
+        inner.memory_v2 = memory.map(|(_, v2)| v2);
         Ok(inner)
+    }
+
+    fn files(&self) -> &Files {
+        self.files.as_ref().expect("a made cgroup has its files")
     }
 
     /// What the counters say now, since the cgroup was made (the peak: since the reset).
     fn counters(&self) -> Usage {
-        let v2 = &self.dirs[0];
-        let cpu_usec = read_keyed(&v2.join("cpu.stat"), "usage_usec");
-        let (memory_peak, oom_kills) = match &self.memory {
-            Some((dir, true)) => (
-                match &self.base.peak {
-                    Some(f) => read_number_at(f),
-                    None => read_number(&dir.join("memory.peak")),
-                },
-                read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-            ),
-            Some((dir, false)) => (
-                read_number(&dir.join("memory.max_usage_in_bytes")),
-                read_keyed(&dir.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-            ),
-            None => (None, 0),
-        };
+        let files = self.files();
+        let cpu_usec = files
+            .cpu_stat
+            .as_ref()
+            .and_then(|f| keyed_in(f, "usage_usec"));
+        let memory_peak = files.peak.as_ref().and_then(number_in);
+        let oom_kills = files
+            .events
+            .as_ref()
+            .and_then(|f| keyed_in(f, "oom_kill"))
+            .unwrap_or(0);
         Usage {
             cpu_usec,
             memory_peak,
@@ -632,41 +807,44 @@ impl Inner {
         }
     }
 
-    /// Whether no process is left in the cgroup (in v2, which every member joined first).
+    /// Whether no process is left in the cgroup (in v2, which every member joined first):
+    /// its open `cgroup.procs` reads nothing (a read that fails: the cgroup is gone).
     fn is_empty(&self) -> bool {
-        members(&self.dirs[0]).is_empty()
+        let mut buf = [0u8; 16];
+        read_start(&self.files().procs, &mut buf).is_none_or(str::is_empty)
+    }
+
+    /// SIGKILL to every process of the cgroup: `cgroup.kill`, or each member in turn.
+    fn kill(&self) {
+        if let Some(f) = &self.files().kill {
+            if write_at(f, b"1").is_ok() {
+                return;
+            }
+        }
+        kill_dir(&self.dirs[0], false);
     }
 
     /// After a task: its use, and the cgroup made ready for the family's next task (the
     /// counters noted, the peak reset) and given back, when nothing of the task is left in
-    /// it. Otherwise, or when the peak cannot be reset (cgroup v2 before Linux 6.12), it is
-    /// removed as a cgroup that is not kept would be.
-    fn recycle(mut self) -> Usage {
+    /// it (`empty`, just checked). Otherwise, or when the peak cannot be reset (cgroup v2
+    /// before Linux 6.12), it is removed as a cgroup that is not kept would be.
+    fn recycle(mut self, empty: bool) -> Usage {
         let now = self.counters();
         let usage = self.since_base(now);
-        if !self.is_empty() {
+        if !empty {
             return usage;
         }
         self.base.cpu_usec = now.cpu_usec.unwrap_or(0);
         self.base.oom_kills = now.oom_kills;
-        let reset = match &self.memory {
-            None => Ok(None),
-            Some((dir, false)) => {
-                write_file(&dir.join("memory.max_usage_in_bytes"), "0").map(|()| None)
-            }
-            Some((dir, true)) => OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join("memory.peak"))
-                .and_then(|mut f| f.write_all(b"reset").map(|()| Some(f))),
+        let reset = match (self.memory_v2, &self.files().peak) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(io::Error::from(io::ErrorKind::NotFound)),
+            (Some(true), Some(f)) => write_at(f, b"reset"),
+            (Some(false), Some(f)) => write_at(f, b"0"),
         };
-        match reset {
-            Ok(peak) => self.base.peak = peak,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot reset a cgroup's peak memory: not reused");
-                return usage;
-            }
+        if let Err(e) = reset {
+            tracing::debug!(error = %e, "cannot reset a cgroup's peak memory: not reused");
+            return usage;
         }
         match self.slot.as_ref().and_then(|s| s.place.upgrade()) {
             Some(place) => place.keep(self),
@@ -706,47 +884,13 @@ impl Cgroup {
         Ok(Cgroup(Arc::new(inner)))
     }
 
-    /// Opens the `cgroup.procs` files the child writes to, for one start. A start that
-    /// cannot happen now closes them ([`Cgroup::started`]) before it waits: a task waiting
-    /// for descriptors must not hold any.
-    pub(crate) fn open_procs(&self) -> io::Result<()> {
-        let mut procs = self.procs();
-        if !procs.is_empty() {
-            return Ok(());
+    /// What a child needs to start in the cgroup (see [`Join`]).
+    pub(crate) fn join(&self) -> Join {
+        let files = self.0.files();
+        Join {
+            procs: files.procs.as_raw_fd(),
+            v1_tasks: files.v1_tasks.iter().map(|f| f.as_raw_fd()).collect(),
         }
-        for dir in &self.0.dirs {
-            let f = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join("cgroup.procs"));
-            match f {
-                Ok(f) => procs.push(OwnedFd::from(f)),
-                Err(e) => {
-                    procs.clear();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The `cgroup.procs` descriptors the child writes `0` to before `execve`. Valid until
-    /// [`Cgroup::started`].
-    pub(crate) fn procs_fds(&self) -> Vec<RawFd> {
-        self.procs().iter().map(|f| f.as_raw_fd()).collect()
-    }
-
-    fn procs(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
-        self.0
-            .procs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The child is started (in the cgroup), or will not be for now: the descriptors are
-    /// closed, and a running or waiting task holds none of the daemon's for its cgroup.
-    pub(crate) fn started(&self) {
-        self.procs().clear();
     }
 
     /// Moves the running process `pid` into the cgroup (each of its directories): for a
@@ -761,16 +905,16 @@ impl Cgroup {
 
     /// SIGKILL to every process of the cgroup, now.
     pub fn kill(&self) {
-        kill_dir(&self.0.dirs[0], self.0.has_kill);
+        self.0.kill();
     }
 
     /// Kills what is left in the cgroup and reads its counters; then a kept cgroup goes
     /// back to its family once it is empty, and any other is removed.
     pub async fn finish(self) -> Usage {
-        self.kill();
         let inner = match Arc::try_unwrap(self.0) {
             Ok(inner) => inner,
             Err(shared) => {
+                shared.kill();
                 // Still held elsewhere: read now, removed by the last clone's drop.
                 let usage = shared.usage();
                 let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
@@ -778,20 +922,23 @@ impl Cgroup {
             }
         };
         if inner.slot.is_some() {
-            // The usual case: nothing was left to kill (the leader was reaped and its
-            // children ended with it), and it is given back here, at once.
+            // The usual case: nothing is left (the leader was reaped and its children
+            // ended with it): nothing to kill, and it is given back here, at once. Nothing
+            // can enter an empty cgroup but by a write to its `cgroup.procs`.
             if inner.is_empty() {
-                return inner.recycle();
+                return inner.recycle(true);
             }
+            inner.kill();
             // Killed processes still leaving: waited for off the runtime's threads. The
             // family's next task never gets a cgroup that still holds one.
             return tokio::task::spawn_blocking(move || {
-                inner.wait_empty(Duration::from_secs(2));
-                inner.recycle()
+                let empty = inner.wait_empty(Duration::from_secs(2));
+                inner.recycle(empty)
             })
             .await
             .unwrap_or_default();
         }
+        inner.kill();
         let usage = inner.usage();
         if inner
             .dirs
@@ -820,33 +967,11 @@ fn limit_error(path: &Path, cause: io::Error) -> io::Error {
     )
 }
 
-fn read_number(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The number in an open cgroup file, read from its start.
-fn read_number_at(file: &std::fs::File) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 32];
-    let n = file.read_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
-}
-
-/// The value of `key` in a flat-keyed file (`key value` lines).
-fn read_keyed(path: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.procs
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        // Closed first: a cgroup's open files do not keep it, but they count against the
+        // daemon's descriptors.
+        self.files = None;
         if *self.removed.get_mut() || self.dirs.is_empty() {
             self.give_back_number(true);
             return;

@@ -62,7 +62,7 @@ pub use procs::{
 };
 use result::ResultFile;
 pub use result::{ResultDir, ResultSpec, Returned};
-pub use setup::{fit_own_nofile, host, Rlimit, UNLIMITED};
+pub use setup::{fit_own_nofile, host, reserved_fds, Rlimit, UNLIMITED};
 pub use user::UserSpec;
 
 pub use escalation::{sleep_until_opt, Escalation, StopWhy};
@@ -593,8 +593,9 @@ pub(crate) fn command(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> tokio::pr
         cmd.current_dir(cwd);
     }
     if let Some(cg) = cgroup {
-        // First of the hooks (before any change of user): into the task's cgroup.
-        let fds = cg.procs_fds();
+        // First of the hooks (before any change of user): into the task's cgroup (v2's
+        // `cgroup.procs`, then each v1 `tasks`: the forked child has one thread).
+        let fds = cg.join().writes();
         // SAFETY: write(2) on descriptors opened before the fork; nothing allocated.
         unsafe {
             cmd.pre_exec(move || {
@@ -705,20 +706,10 @@ async fn start_when_descriptors_allow(
                 }
                 e
             }
-            Ok(()) => {
-                let opened = match &cgroup {
-                    Some(cg) => cg.open_procs(),
-                    None => Ok(()),
-                };
-                let started = opened.and_then(|()| start(spec, cgroup.as_ref()));
-                if let Some(cg) = &cgroup {
-                    cg.started();
-                }
-                match started {
-                    Ok((child, tracked)) => return Ok((child, tracked, cgroup)),
-                    Err(err) => err,
-                }
-            }
+            Ok(()) => match start(spec, cgroup.as_ref()) {
+                Ok((child, tracked)) => return Ok((child, tracked, cgroup)),
+                Err(err) => err,
+            },
         };
         if !matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
             return Err(spawn_failure(spec, &err));
@@ -759,7 +750,7 @@ async fn create_result_file(
 }
 
 fn start(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> io::Result<(LeaderChild, TrackedChild)> {
-    let cgroup_procs = cgroup.map(|c| c.procs_fds()).unwrap_or_default();
+    let join = cgroup.map(|c| c.join());
     if spawn::supported() && ChildSetup::plan(spec, &host()).is_none() {
         let stdin = match stdin_for(&spec.stdin) {
             StdinPlan::Null => spawn::Stdin::Null,
@@ -771,7 +762,7 @@ fn start(spec: &Spec, cgroup: Option<&cgroup::Cgroup>) -> io::Result<(LeaderChil
             &spec.env,
             spec.cwd.as_deref(),
             stdin,
-            &cgroup_procs,
+            join.as_ref(),
         )?;
         return Ok((LeaderChild::Fast(child), tracked));
     }

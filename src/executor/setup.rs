@@ -114,14 +114,20 @@ pub fn refresh_host() {
     *HOST.write().unwrap_or_else(|p| p.into_inner()) = Host::read();
 }
 
-/// The open-files soft limit for the daemon itself: enough for `tasks` running at once
-/// (a few descriptors each: pipes, pidfd, log files) plus its own, and no less than what
-/// tasks get. When that is [`TASK_NOFILE_SOFT`] the daemon sets its own soft limit to it, so
+/// The descriptors the daemon keeps for `tasks` task slots and itself: 64 of its own, and
+/// per slot 8 for a running task (pipes, pidfd, log files) plus the files its slot's cgroup
+/// keeps open ([`super::cgroup::files_per_cgroup`], known once the containment is found).
+pub fn reserved_fds(tasks: usize) -> u64 {
+    64 + (8 + super::cgroup::files_per_cgroup() as u64) * tasks as u64
+}
+
+/// The open-files soft limit for the daemon itself: [`reserved_fds`], and no less than
+/// what tasks get. When that is [`TASK_NOFILE_SOFT`] the daemon sets its own soft limit to it, so
 /// that tasks inherit the right value and keep the fast spawn path (no `pre_exec` hook);
 /// only a daemon that really needs more descriptors resets them in each task.
 pub fn fit_own_nofile(tasks: usize) -> std::io::Result<u64> {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
-    let needed = (64 + 8 * tasks as u64).max(TASK_NOFILE_SOFT);
+    let needed = reserved_fds(tasks).max(TASK_NOFILE_SOFT);
     let soft = needed.min(hard);
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(std::io::Error::from)?;
     refresh_host();

@@ -14,8 +14,9 @@
 //!    the daemon's memory until `execve`, so none of the daemon's handlers may run in it; the
 //!    daemon blocks every signal around the clone, and the child resets them before it
 //!    unblocks);
-//! 2. its own cgroup, when the task has one (`0` written to each `cgroup.procs` the parent
-//!    opened: see `cgroup.rs`), and its own process group (`setpgid(0, 0)`);
+//! 2. its own cgroup, when the task has one (`0` written to v2's `cgroup.procs`, then to
+//!    each v1 `tasks`, files the cgroup holds open: see `cgroup.rs`), and its own process
+//!    group (`setpgid(0, 0)`);
 //! 3. stdin, stdout and stderr from the prepared descriptors (everything else the daemon
 //!    holds is close-on-exec);
 //! 4. the working directory;
@@ -47,6 +48,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
+use super::cgroup::Join;
 use super::procs::{spawn_registered, TrackedChild};
 
 /// The child's stack. It needs a few hundred bytes (a handful of libc calls); 64 KiB leaves
@@ -240,9 +242,9 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     /// Descriptors for 0, 1, 2.
     fds: [RawFd; 3],
-    /// `cgroup.procs` files the child writes `0` to first (its own cgroup per hierarchy).
-    cgroup_procs: *const RawFd,
-    cgroup_procs_len: usize,
+    /// Cgroup files the child writes `0` to first (its own cgroup per hierarchy).
+    cgroup_joins: *const RawFd,
+    cgroup_joins_len: usize,
     /// Written by the child when it fails: the errno, or 0.
     errno: libc::c_int,
 }
@@ -269,8 +271,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::sigaction(sig, &dfl, std::ptr::null_mut());
         }
         // Into the task's cgroup before anything else: whatever it starts is born there.
-        for i in 0..a.cgroup_procs_len {
-            let fd = *a.cgroup_procs.add(i);
+        for i in 0..a.cgroup_joins_len {
+            let fd = *a.cgroup_joins.add(i);
             if libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1) != 1 {
                 return fail(a);
             }
@@ -333,7 +335,7 @@ pub(crate) fn spawn(
     env: &[(String, String)],
     cwd: Option<&Path>,
     stdin: Stdin,
-    cgroup_procs: &[RawFd],
+    cgroup: Option<&Join>,
 ) -> io::Result<(Child, TrackedChild)> {
     let program = argv
         .first()
@@ -381,14 +383,15 @@ pub(crate) fn spawn(
         }
     };
 
+    let joins: Vec<RawFd> = cgroup.map(Join::writes).unwrap_or_default();
     let mut args = ChildArgs {
         paths: paths.iter().map(|c| c.as_ptr()).collect(),
         argv: argv_p.as_ptr(),
         envp: env_p.as_ptr(),
         cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
         fds: [stdin_fd, out_w.as_raw_fd(), err_w.as_raw_fd()],
-        cgroup_procs: cgroup_procs.as_ptr(),
-        cgroup_procs_len: cgroup_procs.len(),
+        cgroup_joins: joins.as_ptr(),
+        cgroup_joins_len: joins.len(),
         errno: 0,
     };
 
@@ -430,7 +433,7 @@ pub(crate) fn spawn(
         }
         Ok((pid, ()))
     })?;
-    drop((out_w, err_w, stdin_keep));
+    drop((out_w, err_w, stdin_keep, joins));
 
     let child = Child {
         pid: tracked.pid(),

@@ -174,9 +174,6 @@ impl Proc {
     /// fds 3 and 4 in the worker only.
     pub(crate) fn spawn(spec: &Spec, wiring: Wiring) -> io::Result<Proc> {
         let cgroup = worker_cgroup(spec.cgroup.as_ref())?;
-        if let Some(cg) = &cgroup {
-            cg.open_procs()?;
-        }
         let mut cmd = crate::executor::command(spec, cgroup.as_ref());
         let (mut ours, theirs) = match wiring {
             Wiring::Protocol => {
@@ -218,9 +215,6 @@ impl Proc {
         }
         let (mut child, tracked) = spawn_tracked(&mut cmd)?;
         drop(cmd);
-        if let Some(cg) = &cgroup {
-            cg.started();
-        }
         drop(theirs);
         let pid = tracked.pid();
         let (tasks, results) = match ours.take() {
