@@ -5,10 +5,11 @@
 //! - **Tracking and kill** go through a writable cgroup v2 hierarchy: taskd's subtree
 //!   `taskd-<key>` (the key names the daemon's state directory) under `cgroup_root`, or
 //!   under the daemon's own v2 cgroup (under systemd with `Delegate=yes`, its delegated
-//!   service cgroup). Each task's leader moves itself into its own cgroup before `execve`
-//!   (it writes `0` to the `cgroup.procs` the daemon opened), so nothing it starts can be
-//!   outside; the whole cgroup is ended with `cgroup.kill` (or, on kernels before 5.14, by
-//!   SIGKILLing its members until it is empty), then removed.
+//!   service cgroup). Each task's leader is born in its v2 cgroup (`clone3` with
+//!   `CLONE_INTO_CGROUP`, Linux 5.7), or moves itself into it before `execve` (it writes `0`
+//!   to the `cgroup.procs` the daemon opened), so nothing it starts can be outside; the
+//!   whole cgroup is ended with `cgroup.kill` (or, on kernels before 5.14, by SIGKILLing
+//!   its members until it is empty), then removed.
 //! - **Files** a cgroup's every task uses (`cgroup.procs`, `cgroup.kill`, the counters) are
 //!   opened once, when the cgroup is made, and read with `pread` at offset 0: a kept cgroup
 //!   serves task after task without an `open` or a `close` (see [`files_per_cgroup`]).
@@ -19,7 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -277,12 +278,12 @@ impl Containment {
         )
     }
 
-    /// The most descriptors a cgroup here keeps open ([`Files`]): in v2 its
+    /// The most descriptors a cgroup here keeps open ([`Files`]): in v2 its directory,
     /// `cgroup.procs`, `cpu.stat` and `cgroup.kill` (Linux 5.14), and `memory.peak` and
     /// `memory.events` with a v2 memory controller; in each v1 hierarchy `tasks`, and for
     /// v1 memory `memory.max_usage_in_bytes` and `memory.oom_control`.
     fn files_each(&self) -> usize {
-        let v2 = 2 + usize::from(self.has_kill);
+        let v2 = 3 + usize::from(self.has_kill);
         let v2_memory = if self.v2.contains(&"memory") { 2 } else { 0 };
         let v1: usize = self
             .v1
@@ -494,6 +495,8 @@ struct Inner {
     memory_v2: Option<bool>,
     /// Removed already: nothing left for the drop.
     removed: std::sync::atomic::AtomicBool,
+    /// `cgroup.kill` was written: no task is cloned into it any more ([`Join::dir`]).
+    killed: std::sync::atomic::AtomicBool,
     /// The limits it was made with.
     limits: CgroupLimits,
     /// A kept cgroup's family and number.
@@ -522,8 +525,10 @@ struct Base {
 /// the end), written with `pwrite`. A kept cgroup thus costs no `open` or `close` per task.
 #[derive(Debug)]
 struct Files {
+    /// The v2 directory: where `clone3(CLONE_INTO_CGROUP)` starts a task.
+    dir: OwnedFd,
     /// v2 `cgroup.procs`, read and write: whether anything is left in the cgroup, and what
-    /// a child writes `0` to.
+    /// a child that was not born in the cgroup writes `0` to.
     procs: File,
     /// v2 `cgroup.kill` (Linux 5.14).
     kill: Option<File>,
@@ -542,16 +547,23 @@ struct Files {
     events: Option<File>,
 }
 
-/// What a child writes `0` to, to join its cgroup: `procs`, then each `v1_tasks`.
+/// What a child needs to start in its cgroup: born in it (`dir`, `clone3` with
+/// `CLONE_INTO_CGROUP`) or moving itself (`0` to `procs`), then `0` to each `v1_tasks`.
 /// Descriptors of the cgroup's [`Files`], valid while its [`Cgroup`] is held.
 #[derive(Debug, Clone)]
 pub(crate) struct Join {
+    /// -1 once `cgroup.kill` was written to the cgroup: a child cloned into a cgroup that
+    /// was ever killed that way is SIGKILLed at birth (seen on Linux 6.18: the kernel
+    /// compares the kill count of the parent's cgroup, taken at the fork's start, with
+    /// the target's), so such a cgroup's tasks join by the write instead.
+    pub(crate) dir: RawFd,
     pub(crate) procs: RawFd,
     pub(crate) v1_tasks: Vec<RawFd>,
 }
 
 impl Join {
-    /// The descriptors a child writes `0` to: v2's `cgroup.procs`, then each v1 `tasks`.
+    /// The descriptors a child writes `0` to when it was not born in the cgroup: v2's
+    /// `cgroup.procs`, then each v1 `tasks`.
     pub(crate) fn writes(&self) -> Vec<RawFd> {
         std::iter::once(self.procs)
             .chain(self.v1_tasks.iter().copied())
@@ -582,6 +594,12 @@ impl Files {
     /// the directory where memory is counted, and whether it is v2's.
     fn open(dirs: &[PathBuf], has_kill: bool, memory: Option<(&Path, bool)>) -> io::Result<Files> {
         let v2 = &dirs[0];
+        let dir = OwnedFd::from(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY)
+                .open(v2)?,
+        );
         let procs = open_in(v2, "cgroup.procs", true, true)?;
         let kill = if has_kill {
             open_optional(v2, "cgroup.kill", false, true)?
@@ -612,6 +630,7 @@ impl Files {
             ),
         };
         Ok(Files {
+            dir,
             procs,
             kill,
             cpu_stat,
@@ -680,6 +699,7 @@ impl Inner {
             has_kill: place.has_kill,
             memory_v2: None,
             removed: std::sync::atomic::AtomicBool::new(false),
+            killed: std::sync::atomic::AtomicBool::new(false),
             limits: *limits,
             slot,
             base: Base::default(),
@@ -818,6 +838,7 @@ impl Inner {
     fn kill(&self) {
         if let Some(f) = &self.files().kill {
             if write_at(f, b"1").is_ok() {
+                self.killed.store(true, Ordering::Relaxed);
                 return;
             }
         }
@@ -888,6 +909,11 @@ impl Cgroup {
     pub(crate) fn join(&self) -> Join {
         let files = self.0.files();
         Join {
+            dir: if self.0.killed.load(Ordering::Relaxed) {
+                -1
+            } else {
+                files.dir.as_raw_fd()
+            },
             procs: files.procs.as_raw_fd(),
             v1_tasks: files.v1_tasks.iter().map(|f| f.as_raw_fd()).collect(),
         }

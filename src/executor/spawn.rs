@@ -8,15 +8,20 @@
 //! more system calls. Here the child runs on a stack kept for the life of the daemon, with
 //! `clone(CLONE_VM | CLONE_VFORK)`: the parent thread sleeps until the child has called
 //! `execve` (or failed to), exactly like `vfork`, and the child does only async-signal-safe
-//! system calls on memory the parent prepared:
+//! system calls on memory the parent prepared. A task with a cgroup is cloned straight into
+//! its v2 cgroup where the kernel allows it (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7, on
+//! x86_64): it is in it from its first instruction, and no write to `cgroup.procs` (which
+//! takes the kernel's global `cgroup_threadgroup_rwsem` for writing) is needed. Elsewhere, or
+//! when `clone3` is refused (`ENOSYS`, `E2BIG`, `EINVAL`: an older kernel, a seccomp filter),
+//! plain `clone` and the write below, for the life of the process. The child then:
 //!
 //! 1. default dispositions for the signals the daemon handles or ignores (the child shares
 //!    the daemon's memory until `execve`, so none of the daemon's handlers may run in it; the
 //!    daemon blocks every signal around the clone, and the child resets them before it
 //!    unblocks);
-//! 2. its own cgroup, when the task has one (`0` written to v2's `cgroup.procs`, then to
-//!    each v1 `tasks`, files the cgroup holds open: see `cgroup.rs`), and its own process
-//!    group (`setpgid(0, 0)`);
+//! 2. its own cgroup, when the task has one (`0` written to v2's `cgroup.procs` unless it was
+//!    born there, then to each v1 `tasks` the cgroup holds open: see `cgroup.rs`), and its
+//!    own process group (`setpgid(0, 0)`);
 //! 3. stdin, stdout and stderr from the prepared descriptors (everything else the daemon
 //!    holds is close-on-exec);
 //! 4. the working directory;
@@ -383,7 +388,15 @@ pub(crate) fn spawn(
         }
     };
 
-    let joins: Vec<RawFd> = cgroup.map(Join::writes).unwrap_or_default();
+    // Born in the v2 cgroup where clone3 can do it: then only the v1 files are written.
+    let mut into = cgroup
+        .filter(|c| c.dir >= 0 && clone3::usable())
+        .map(|c| c.dir);
+    let mut joins: Vec<RawFd> = match (cgroup, into) {
+        (None, _) => Vec::new(),
+        (Some(c), Some(_)) => c.v1_tasks.clone(),
+        (Some(c), None) => c.writes(),
+    };
     let mut args = ChildArgs {
         paths: paths.iter().map(|c| c.as_ptr()).collect(),
         argv: argv_p.as_ptr(),
@@ -405,13 +418,34 @@ pub(crate) fn spawn(
                 let mut old: libc::sigset_t = std::mem::zeroed();
                 libc::sigfillset(&mut all);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-                let pid = libc::clone(
-                    child_main,
-                    top,
-                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                    &mut args as *mut ChildArgs as *mut libc::c_void,
-                );
-                let clone_err = io::Error::last_os_error();
+                let arg = &mut args as *mut ChildArgs as *mut libc::c_void;
+                let mut pid = -1;
+                let mut clone_err = io::Error::from_raw_os_error(libc::ENOSYS);
+                if let Some(dir) = into {
+                    match clone3::into_cgroup(child_main, top, STACK_SIZE, arg, dir) {
+                        Ok(p) => pid = p,
+                        Err(e) if clone3::refused(&e) => {
+                            // Not on this kernel: the child joins by its writes, from now on.
+                            into = None;
+                            if let Some(c) = cgroup {
+                                joins = c.writes();
+                                let a = &mut *(arg as *mut ChildArgs);
+                                a.cgroup_joins = joins.as_ptr();
+                                a.cgroup_joins_len = joins.len();
+                            }
+                        }
+                        Err(e) => clone_err = e,
+                    }
+                }
+                if pid < 0 && into.is_none() {
+                    pid = libc::clone(
+                        child_main,
+                        top,
+                        libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                        arg,
+                    );
+                    clone_err = io::Error::last_os_error();
+                }
                 libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
                 if pid < 0 {
                     Err(clone_err)
@@ -445,4 +479,132 @@ pub(crate) fn spawn(
         stderr: Some(pipe::Receiver::from_owned_fd_unchecked(err_r)?),
     };
     Ok((child, tracked))
+}
+
+/// `clone3(2)` with `CLONE_INTO_CGROUP`, for the vfork-like start above.
+mod clone3 {
+    use std::io;
+    use std::os::fd::RawFd;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    /// 0: not tried yet; 1: works here; 2: refused here (see [`refused`]).
+    static STATE: AtomicU8 = AtomicU8::new(0);
+
+    /// Whether to try `clone3` (not refused before, and an architecture this file has the
+    /// entry code for).
+    pub(super) fn usable() -> bool {
+        cfg!(target_arch = "x86_64") && STATE.load(Ordering::Relaxed) != 2
+    }
+
+    /// Whether `err` says this kernel (or a seccomp filter) does not give `clone3` with
+    /// `CLONE_INTO_CGROUP`, rather than that this start failed: `ENOSYS` (before 5.3, or
+    /// filtered), `E2BIG` (5.3 to 5.6: no `cgroup` field) or `EINVAL` (an unknown flag).
+    /// The first time only: once one worked, every error is the start's own.
+    pub(super) fn refused(err: &io::Error) -> bool {
+        let refused = STATE.load(Ordering::Relaxed) != 1
+            && matches!(
+                err.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL)
+            );
+        if refused {
+            STATE.store(2, Ordering::Relaxed);
+        }
+        refused
+    }
+
+    /// `struct clone_args` (linux/sched.h), up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    /// Starts `main(arg)` as `clone(CLONE_VM | CLONE_VFORK)` would, on the stack whose top is
+    /// `top` (`size` bytes, 16-byte aligned), in the v2 cgroup whose directory is `dir`.
+    /// Returns the child's pid once it called `execve` or exited.
+    ///
+    /// # Safety
+    /// As `clone(CLONE_VM | CLONE_VFORK)`: the stack is the child's alone, `main` runs on
+    /// memory shared with the caller and never returns into Rust code (its return value is
+    /// the child's exit status), and signals are blocked around the call.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn into_cgroup(
+        main: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+        top: *mut libc::c_void,
+        size: usize,
+        arg: *mut libc::c_void,
+        dir: RawFd,
+    ) -> io::Result<i32> {
+        let args = CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+            pidfd: 0,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: (top as usize - size) as u64,
+            stack_size: size as u64,
+            tls: 0,
+            set_tid: 0,
+            set_tid_size: 0,
+            cgroup: dir as u64,
+        };
+        let ret: i64;
+        // SAFETY: the caller's contract. The parent gets the syscall's result in rax (the
+        // kernel clobbers rcx and r11 only). The child starts after the `syscall` with rax 0
+        // and rsp at the top of its stack (16-byte aligned, so the call below enters `main`
+        // with the alignment the ABI wants), calls `main(arg)` and exits with its result
+        // without ever returning here; it needs nothing but r12 and r13, which the kernel
+        // copies.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r12",
+                "call r13",
+                "mov edi, eax",
+                "mov eax, {exit}",
+                "syscall",
+                "ud2",
+                "2:",
+                exit = const libc::SYS_exit,
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") &args as *const CloneArgs,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") arg,
+                in("r13") main,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        if ret < 0 {
+            return Err(io::Error::from_raw_os_error(-ret as i32));
+        }
+        STATE.store(1, Ordering::Relaxed);
+        Ok(ret as i32)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn into_cgroup(
+        _main: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+        _top: *mut libc::c_void,
+        _size: usize,
+        _arg: *mut libc::c_void,
+        _dir: RawFd,
+    ) -> io::Result<i32> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
 }
