@@ -43,7 +43,7 @@ Run with the bench venv's python (celery installed: bench/install.py makes it), 
 Prints a line per figure with the load average (`/proc/loadavg`) before and after it was
 taken, and the whole as one JSON line at the end.
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, time, urllib.request
+import argparse, contextlib, json, os, shutil, subprocess, sys, tempfile, time, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -137,6 +137,22 @@ def producer_popen(args, **kw):
     """A producer process, on the producers' CPU with --pin."""
     cpus = PRODUCER_CPUS
     return subprocess.Popen(args, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None, **kw)
+
+
+class BenchFailed(Exception):
+    """A figure that could not be taken; its work directory (logs) is kept and named."""
+
+
+@contextlib.contextmanager
+def kept_on_failure(tmp):
+    """Remove the work directory `tmp` after a figure, unless it failed: then it is kept (the
+    taskd and Celery worker logs are there) and the error names it."""
+    try:
+        yield
+    except BaseException as e:
+        log(f"failed ({e}); its logs are kept in {tmp}")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load():
@@ -248,6 +264,15 @@ class Depth:
             return self.r.llen("celery")
         return self.ch.queue_declare("celery", passive=True).message_count
 
+    def wait_for(self, n, secs=30):
+        """The depth once it reached `n`, or after `secs`. A producer's last messages may
+        still be on their way into the queue when it has sent them (its publishes are not
+        confirmed), so one reading right after the producers may be short."""
+        deadline = time.monotonic() + secs
+        while (waiting := self.ready()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return waiting
+
     def unacked(self):
         return self.r.hlen("unacked") if self.kind == "redis" else 0
 
@@ -272,56 +297,92 @@ def ingest(broker, n, c, producers):
         raise SystemExit("a publisher failed")
     took = time.monotonic() - t
     depth = Depth(broker)
-    if depth.ready() != n:
-        raise SystemExit(f"the queue holds {depth.ready()} messages, not {n}")
+    waiting = depth.wait_for(n)
+    if waiting != n:
+        depth.close()
+        raise BenchFailed(f"ingest: the queue holds {waiting} messages, not {n}")
     log(f"{broker.kind}: published {n} with send_task in {took:.1f}s ({n / took:.0f}/s, {producers} processes)")
     d = Taskd(tmp, broker, "exec", c)
     d.cli("pause", "default")
     d.start()
     deadline = time.monotonic() + 600
-    try:
-        while depth.ready() >= n:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"ingest: nothing taken after 600 s; see {tmp}/taskd.log")
-            time.sleep(0.002)
-        first = time.monotonic()
-        while depth.ready() > 0 or depth.unacked() > 0:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"ingest: not done after 600 s; see {tmp}/taskd.log")
-            time.sleep(0.002)
-        while d.ingested() < n:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"ingest: {d.ingested()} of {n} after 600 s; see {tmp}/taskd.log")
-            time.sleep(0.002)
-        took = time.monotonic() - first
-        return n / took, took
-    finally:
-        depth.close()
-        d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with kept_on_failure(tmp):
+        try:
+            while depth.ready() >= n:
+                if time.monotonic() > deadline:
+                    raise BenchFailed("ingest: nothing taken after 600 s")
+                time.sleep(0.002)
+            first = time.monotonic()
+            while depth.ready() > 0 or depth.unacked() > 0:
+                if time.monotonic() > deadline:
+                    raise BenchFailed("ingest: not done after 600 s")
+                time.sleep(0.002)
+            while d.ingested() < n:
+                if time.monotonic() > deadline:
+                    raise BenchFailed(f"ingest: {d.ingested()} of {n} after 600 s")
+                time.sleep(0.002)
+            took = time.monotonic() - first
+            return n / took, took
+        finally:
+            depth.close()
+            d.stop()
 
 
-def produce(broker, tmp, n, producers, results=True):
-    """Start the producers, warm them up, then time N .delay() and their results (or, with
-    `results` false, the sending alone)."""
+def start_producers(broker, tmp, n, producers, mode):
+    """P producer processes sharing N `.delay()` calls (`mode`: "results", "send" or "drain",
+    as PRODUCER reads it), each connected and warmed up (one task sent and its result read)
+    when this returns; each waits for "go" on its stdin."""
     e = env(broker)
     e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
     share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-    mode = "results" if results else "send"
     ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), mode], cwd=tmp, env=e, text=True,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
     for p in ps:
         if p.stdout.readline().strip() != "ready":
-            raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
-    t = time.monotonic()
+            for q in ps:
+                kill(q)
+            raise BenchFailed("a producer did not get ready (warm-up task)")
+    return ps
+
+
+def go(ps):
     for p in ps:
         p.stdin.write("go\n")
         p.stdin.flush()
-    outs = [json.loads(p.stdout.readline()) for p in ps]
-    took = time.monotonic() - t
-    for p in ps:
-        p.wait()
-    return n / took, took, max(o["sent"] for o in outs)
+
+
+def stop(proc):
+    """Stop a consumer as its user would (SIGTERM: a warm shutdown), and wait for it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait()
+
+
+def kill(proc):
+    """A producer still running after its figure failed: killed, so that it holds no
+    connection and no reply queue into the next figure."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def produce(broker, tmp, n, producers, results=True, before=None):
+    """Start the producers, warm them up, call `before` (if any), then time N .delay() and
+    their results (or, with `results` false, the sending alone)."""
+    ps = start_producers(broker, tmp, n, producers, "results" if results else "send")
+    try:
+        if before:
+            before()
+        t = time.monotonic()
+        go(ps)
+        outs = [json.loads(p.stdout.readline()) for p in ps]
+        took = time.monotonic() - t
+        for p in ps:
+            p.wait()
+        return n / took, took, max(o["sent"] for o in outs)
+    finally:
+        for p in ps:
+            kill(p)
 
 
 def end_to_end_taskd(broker, n, c, runner, producers):
@@ -329,51 +390,24 @@ def end_to_end_taskd(broker, n, c, runner, producers):
     tmp = workdir("taskd-celery-bench-")
     d = Taskd(tmp, broker, runner, c)
     d.start()
-    try:
-        return produce(broker, tmp, n, producers)
-    finally:
-        d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with kept_on_failure(tmp):
+        try:
+            return produce(broker, tmp, n, producers)
+        finally:
+            d.stop()
 
 
 def producers_alone(broker, n, c, producers):
     """The producers' own ceiling: N .delay() with a Celery worker only for the warm-up
     task, stopped before the clock starts, so nothing consumes meanwhile."""
     broker.reset()
-    return produce_unconsumed(broker, workdir("celery-bench-"), n, producers)
-
-
-def produce_unconsumed(broker, tmp, n, producers):
-    w = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_app", "worker", "--pool", "solo",
-                          "-Q", "celery", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                          "--loglevel", "WARNING"],
-                         cwd=tmp, env=env(broker), stdout=subprocess.DEVNULL,
-                         stderr=open(os.path.join(tmp, "worker.log"), "w"))
-    try:
-        e = env(broker)
-        e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
-        share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-        ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), "send"], cwd=tmp, env=e, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
-        for p in ps:
-            if p.stdout.readline().strip() != "ready":
-                raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
-        w.terminate()
-        w.wait()
-        t = time.monotonic()
-        for p in ps:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        outs = [json.loads(p.stdout.readline()) for p in ps]
-        took = time.monotonic() - t
-        for p in ps:
-            p.wait()
-        return n / took, took, max(o["sent"] for o in outs)
-    finally:
-        if w.poll() is None:
-            w.terminate()
-            w.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = workdir("celery-bench-")
+    w = celery_worker(broker, tmp, "solo", 1)
+    with kept_on_failure(tmp):
+        try:
+            return produce(broker, tmp, n, producers, results=False, before=lambda: stop(w))
+        finally:
+            stop(w)
 
 
 def celery_worker(broker, tmp, pool, c):
@@ -392,61 +426,52 @@ def drain(broker, n, c, producers, consumer):
     broker.reset()
     tmp = workdir("drain-bench-")
     warm = celery_worker(broker, tmp, "solo", 1)
-    consumer_proc, d = None, None
-    try:
-        e = env(broker)
-        e["PYTHONPATH"] = os.pathsep.join([tmp, e["PYTHONPATH"]])
-        share = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
-        ps = [producer_popen([sys.executable, "-c", PRODUCER, str(k), "drain"], cwd=tmp, env=e, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE) for k in share]
-        for p in ps:
-            if p.stdout.readline().strip() != "ready":
-                raise SystemExit(f"a producer did not get ready (warm-up task); see {tmp}")
-        warm.terminate()
-        warm.wait()
-        for p in ps:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in ps:
-            if p.stdout.readline().strip() != "sent":
-                raise SystemExit(f"a producer did not send; see {tmp}")
-        depth = Depth(broker)
-        waiting = depth.ready()
-        depth.close()
-        if waiting != n:
-            raise SystemExit(f"drain: the queue holds {waiting} messages, not {n}")
-        t = time.monotonic()
-        if consumer == "celery":
-            consumer_proc = celery_worker(broker, tmp, "prefork", c)
-        else:
-            d = Taskd(tmp, broker, "worker", c)
-            d.start()
-        outs = [json.loads(p.stdout.readline()) for p in ps]
-        for p in ps:
-            p.wait()
-        done = max(o["done"] for o in outs)
-        first = min(o["first"] for o in outs)
-        return n / (done - t), done - t, n / (done - first), first - t
-    finally:
-        for w in (warm, consumer_proc):
-            if w is not None and w.poll() is None:
-                w.terminate()
-                w.wait()
-        if d:
-            d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    consumer_proc, d, ps = None, None, []
+    with kept_on_failure(tmp):
+        try:
+            ps = start_producers(broker, tmp, n, producers, "drain")
+            stop(warm)
+            go(ps)
+            for p in ps:
+                if p.stdout.readline().strip() != "sent":
+                    raise BenchFailed("a producer did not send")
+            depth = Depth(broker)
+            try:
+                waiting = depth.wait_for(n)
+            finally:
+                depth.close()
+            if waiting != n:
+                raise BenchFailed(f"drain: the queue holds {waiting} messages, not {n}")
+            t = time.monotonic()
+            if consumer == "celery":
+                consumer_proc = celery_worker(broker, tmp, "prefork", c)
+            else:
+                d = Taskd(tmp, broker, "worker", c)
+                d.start()
+            outs = [json.loads(p.stdout.readline()) for p in ps]
+            for p in ps:
+                p.wait()
+            done = max(o["done"] for o in outs)
+            first = min(o["first"] for o in outs)
+            return n / (done - t), done - t, n / (done - first), first - t
+        finally:
+            for p in ps:
+                kill(p)
+            stop(warm)
+            stop(consumer_proc)
+            if d:
+                d.stop()
 
 
 def end_to_end_celery(broker, n, c, producers):
     broker.reset()
     tmp = workdir("celery-bench-")
     w = celery_worker(broker, tmp, "prefork", c)
-    try:
-        return produce(broker, tmp, n, producers)
-    finally:
-        w.terminate()
-        w.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with kept_on_failure(tmp):
+        try:
+            return produce(broker, tmp, n, producers)
+        finally:
+            stop(w)
 
 
 def main():

@@ -203,6 +203,7 @@ macro_rules! contract_tests {
                 claim_lease_tokens_differ,
                 finish_succeeded,
                 finish_succeeded_keeps_the_result,
+                get_many_answers_each_id_in_order,
                 only_a_success_keeps_a_result,
                 finish_failed,
                 finish_cancelled,
@@ -1375,6 +1376,39 @@ pub mod cases {
     /// Rule 12: a `Succeeded` finish stores what the run returned with the task, as it
     /// was (numbers beyond 64 bits, any text, a megabyte), outside the history; it outlives
     /// a reopen.
+    pub async fn get_many_answers_each_id_in_order(b: B, _g: G) {
+        let ids = [
+            enqueue1(&b, task("many")).await,
+            enqueue1(&b, task("many")).await,
+            enqueue1(&b, task("many")).await,
+        ];
+        let c = run_id(&b, "many", ids[0]).await;
+        let mut a = attempt_of(&c, AttemptReason::Exit, None);
+        a.result = Some(serde_json::json!({"n": 1}));
+        b.finish(&c.lease, a, Finish::Succeeded)
+            .await
+            .expect("finish");
+        let unknown = TaskId::new();
+        let asked = [ids[2], unknown, ids[0], ids[1], ids[2]];
+        let many = b.get_many(&asked).await.expect("get_many");
+        assert_eq!(many.len(), asked.len(), "one answer per id");
+        for (id, answer) in asked.iter().zip(&many) {
+            let one = b.get(*id).await.expect("get");
+            assert_eq!(
+                answer.as_ref().map(|d| serde_json::to_value(d).unwrap()),
+                one.as_ref().map(|d| serde_json::to_value(d).unwrap()),
+                "get_many answers for {id} what get does"
+            );
+        }
+        assert!(many[1].is_none(), "an unknown id is None");
+        assert_eq!(
+            many[2].as_ref().and_then(|d| d.result.clone()),
+            Some(serde_json::json!({"n": 1})),
+            "with its result"
+        );
+        assert!(b.get_many(&[]).await.expect("none asked").is_empty());
+    }
+
     pub async fn finish_succeeded_keeps_the_result(b: B, g: G) {
         let value: serde_json::Value = serde_json::from_str(
             r#"{"big":123456789012345678901234567890,"text":"é ✓ \u0000 \"q\"","list":[1,2.5,null,true]}"#,

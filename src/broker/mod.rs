@@ -1088,6 +1088,16 @@ pub trait Broker: Send + Sync + 'static {
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>>;
 
+    /// [`Broker::get`] of each of `ids`, answers in their order. The default reads them all
+    /// at once (concurrent `get`s, for backends with a pool of connections); SQLite, whose
+    /// reads share one connection, reads them in one go on it instead.
+    async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskDetail>>> {
+        futures_util::future::join_all(ids.iter().map(|id| self.get(*id)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Cancel the tasks that wait past their expiry (rule 16), by the store's clock; returns
     /// each one's id and queue. The daemon calls it every second.
     async fn expire(&self) -> Result<Vec<(TaskId, QueueName)>>;

@@ -164,15 +164,15 @@ impl Bridge {
         Ok(())
     }
 
-    /// [`Bridge::ended_many`] for tasks known by id (read from the store first, at once).
+    /// [`Bridge::ended_many`] for tasks known by id (read from the store first, in one go).
     pub async fn ended_ids(&self, ids: &[TaskId]) -> Result<(), IngestError> {
-        let reads = futures_util::future::join_all(ids.iter().map(|id| self.broker.get(*id))).await;
-        let mut details = Vec::with_capacity(ids.len());
-        for r in reads {
-            if let Some(d) = r? {
-                details.push(d);
-            }
-        }
+        let details: Vec<TaskDetail> = self
+            .broker
+            .get_many(ids)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         self.ended_many(&details).await
     }
 

@@ -516,59 +516,13 @@ impl Broker for SqliteBroker {
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskDetail>> {
-        self.read(move |conn| {
-            let row: Option<(i64, TaskRecord)> = conn
-                .prepare_cached(&format!("SELECT {TASK_COLS}, seq FROM tasks WHERE id = ?1"))
-                .and_then(|mut s| {
-                    s.query_row([id.to_string()], |r| Ok((r.get("seq")?, row_to_task(r)?)))
-                        .optional()
-                })
-                .map_err(storage)?;
-            let Some((seq, task)) = row else {
-                return Ok(None);
-            };
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT number, node, pid, started_at, ended_at, exit_code, signal, reason, error,
-                            stdout_tail, stderr_tail, memory_peak, cpu_usec
-                     FROM attempts WHERE task_seq = ?1 ORDER BY n",
-                )
-                .map_err(storage)?;
-            let history = stmt
-                .query_map([seq], |r| {
-                    let reason: Option<String> = r.get(7)?;
-                    Ok(AttemptRecord {
-                        number: r.get(0)?,
-                        node: NodeId::from(r.get::<_, String>(1)?),
-                        pid: r.get(2)?,
-                        started_at: r.get(3)?,
-                        ended_at: r.get(4)?,
-                        exit_code: r.get(5)?,
-                        signal: r.get(6)?,
-                        reason: reason.and_then(|s| s.parse::<AttemptReason>().ok()),
-                        error: r.get(8)?,
-                        stdout_tail: r.get(9)?,
-                        stderr_tail: r.get(10)?,
-                        memory_peak: r.get::<_, Option<i64>>(11)?.map(|n| n.max(0) as u64),
-                        cpu_usec: r.get::<_, Option<i64>>(12)?.map(|n| n.max(0) as u64),
-                        result: None,
-                    })
-                })
-                .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
-                .map_err(storage)?;
-            let result: Option<String> = conn
-                .prepare_cached("SELECT value FROM results WHERE task_seq = ?1")
-                .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
-                .map_err(storage)?;
-            let result = result
-                .map(|text| {
-                    serde_json::from_str(&text)
-                        .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
-                })
-                .transpose()?;
-            Ok(Some(TaskDetail::new(task, history, result)))
-        })
-        .await
+        self.read(move |conn| read_detail(conn, id)).await
+    }
+
+    async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskDetail>>> {
+        let ids = ids.to_vec();
+        self.read(move |conn| ids.into_iter().map(|id| read_detail(conn, id)).collect())
+            .await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
@@ -1103,4 +1057,58 @@ impl Broker for SqliteBroker {
     async fn store_size(&self) -> Result<Option<super::StoreSize>> {
         Ok(Some(self.store_size_now()))
     }
+}
+
+/// A task with its attempts and result, as [`Broker::get`] answers.
+fn read_detail(conn: &Connection, id: TaskId) -> Result<Option<TaskDetail>> {
+    let row: Option<(i64, TaskRecord)> = conn
+        .prepare_cached(&format!("SELECT {TASK_COLS}, seq FROM tasks WHERE id = ?1"))
+        .and_then(|mut s| {
+            s.query_row([id.to_string()], |r| Ok((r.get("seq")?, row_to_task(r)?)))
+                .optional()
+        })
+        .map_err(storage)?;
+    let Some((seq, task)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT number, node, pid, started_at, ended_at, exit_code, signal, reason, error,
+                    stdout_tail, stderr_tail, memory_peak, cpu_usec
+             FROM attempts WHERE task_seq = ?1 ORDER BY n",
+        )
+        .map_err(storage)?;
+    let history = stmt
+        .query_map([seq], |r| {
+            let reason: Option<String> = r.get(7)?;
+            Ok(AttemptRecord {
+                number: r.get(0)?,
+                node: NodeId::from(r.get::<_, String>(1)?),
+                pid: r.get(2)?,
+                started_at: r.get(3)?,
+                ended_at: r.get(4)?,
+                exit_code: r.get(5)?,
+                signal: r.get(6)?,
+                reason: reason.and_then(|s| s.parse::<AttemptReason>().ok()),
+                error: r.get(8)?,
+                stdout_tail: r.get(9)?,
+                stderr_tail: r.get(10)?,
+                memory_peak: r.get::<_, Option<i64>>(11)?.map(|n| n.max(0) as u64),
+                cpu_usec: r.get::<_, Option<i64>>(12)?.map(|n| n.max(0) as u64),
+                result: None,
+            })
+        })
+        .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(storage)?;
+    let result: Option<String> = conn
+        .prepare_cached("SELECT value FROM results WHERE task_seq = ?1")
+        .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
+        .map_err(storage)?;
+    let result = result
+        .map(|text| {
+            serde_json::from_str(&text)
+                .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
+        })
+        .transpose()?;
+    Ok(Some(TaskDetail::new(task, history, result)))
 }

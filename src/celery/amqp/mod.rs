@@ -245,11 +245,11 @@ async fn session(
 /// otherwise each durable one is acknowledged by its own tag.
 async fn ingest_batch(
     bridge: &Bridge,
-    batch: Vec<(usize, lapin::message::Delivery)>,
+    mut batch: Vec<(usize, lapin::message::Delivery)>,
     failures: &mut Doubling,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let deliveries: Vec<Delivery> = batch.iter().map(|(_, d)| delivery_of(d)).collect();
+    let deliveries: Vec<Delivery> = batch.iter_mut().map(|(_, d)| delivery_of(d)).collect();
     let answers = bridge
         .ingest_batch(&deliveries, PriorityOrder::HigherFirst)
         .await;
@@ -496,12 +496,14 @@ async fn revoke(bridge: &Bridge, body: &[u8]) {
     }
 }
 
-/// An AMQP delivery as the bridge reads it.
-pub fn delivery_of(message: &lapin::message::Delivery) -> Delivery {
+/// An AMQP delivery as the bridge reads it. The body is moved out of `message` (not
+/// copied): what is left of it is only for acknowledging.
+pub fn delivery_of(message: &mut lapin::message::Delivery) -> Delivery {
+    let body = std::mem::take(&mut message.data);
     let p = &message.properties;
     let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.as_str().to_string());
     Delivery {
-        body: message.data.clone(),
+        body,
         content_type: text(p.content_type()),
         content_encoding: text(p.content_encoding()),
         headers: p.headers().as_ref().map(table).unwrap_or_default(),

@@ -43,27 +43,28 @@ impl RpcResults {
 
     /// Publish every reply, then wait for the broker's confirms of all of them (one round
     /// trip for the lot); for each, why it was not delivered, if it was not.
+    ///
+    /// The publishes are started together: each one's frames go to the connection's I/O
+    /// thread at once, and that thread writes them all in one go (awaiting each publish in
+    /// turn cost a hand-over to that thread and back per reply).
     async fn publish_all(
         &self,
         ch: &Channel,
         replies: &[(&str, &str, &str, String)],
     ) -> Result<Vec<Option<String>>, lapin::Error> {
-        let mut confirms = Vec::with_capacity(replies.len());
-        for (_, reply_to, correlation_id, body) in replies {
-            confirms.push(
-                ch.basic_publish(
-                    "".into(),
-                    (*reply_to).into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    body.as_bytes(),
-                    reply_properties(correlation_id),
-                )
-                .await?,
-            );
-        }
+        let publishes = replies.iter().map(|(_, reply_to, correlation_id, body)| {
+            ch.basic_publish(
+                "".into(),
+                (*reply_to).into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body.as_bytes(),
+                reply_properties(correlation_id),
+            )
+        });
+        let confirms = futures_util::future::try_join_all(publishes).await?;
         let mut out = Vec::with_capacity(confirms.len());
         for c in confirms {
             out.push(match c.await? {
