@@ -1,6 +1,6 @@
 //! Rows: the columns a task is read with and their mapping to a [`TaskRecord`], the
-//! statements several operations share (inserting a task or an attempt, marking a task
-//! running, finding a task's row) and small helpers over prepared, cached statements. Each
+//! statements several operations share (inserting a task or an attempt, finding a task's
+//! row) and small helpers over prepared, cached statements. Each
 //! runs on the connection or transaction it is given.
 
 use deadpool_postgres::GenericClient;
@@ -474,39 +474,4 @@ pub(super) async fn history<C: GenericClient>(client: &C, seq: i64) -> Result<Ve
             }
         })
         .collect())
-}
-
-/// Mark a held task running (counting its attempt once) and record its pid.
-pub(super) async fn mark_running<C: GenericClient>(
-    client: &C,
-    lease: &Lease,
-    pid: Option<(i32, u64)>,
-    now: UnixMs,
-) -> Result<()> {
-    let (pid, pid_start) = match pid {
-        Some((p, s)) => (Some(p), Some(s as i64)),
-        None => (None, None),
-    };
-    let n = exec(
-        client,
-        "UPDATE tasks SET attempts = attempts + (state = 'queued')::int, state = 'running',
-            started_at = CASE WHEN state = 'queued' THEN $5 ELSE started_at END,
-            updated_at = $5, pid = coalesce($1, pid), pid_start = coalesce($2, pid_start),
-            pid_boot = CASE WHEN $1::int IS NULL THEN pid_boot ELSE $7 END
-         WHERE id = $3 AND lease_token = $4 AND lease_node = $6 AND state IN ('queued', 'running')",
-        &[
-            &pid,
-            &pid_start,
-            &lease.task.to_string(),
-            &lease.token,
-            &now,
-            &lease.node.as_str(),
-            &boot_id(),
-        ],
-    )
-    .await?;
-    if n == 0 {
-        return Err(BrokerError::LeaseLost(lease.task));
-    }
-    Ok(())
 }

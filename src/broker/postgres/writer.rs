@@ -1,14 +1,24 @@
 //! The ordered writer (rule 6): results (`finish`) and starts (`started`) of this client go
 //! to one task over a channel, in the order they were called, and are applied in that
-//! order: whatever is waiting is folded into one transaction (one commit for many results
-//! under load). A batch that fails on an SQL error is rolled back and its writes are
-//! applied one transaction each, so one refused write does not undo its neighbours.
+//! order: whatever is waiting is folded into one transaction (one commit, one WAL flush, for
+//! many results under load). Each write is one statement, and a batch is sent in one round
+//! trip: `BEGIN`, the statements and `COMMIT` pipelined (PostgreSQL runs them in the order
+//! sent); a batch of one write is its statement alone, which commits by itself. A batch that
+//! fails on an SQL error is rolled back (an error aborts the transaction, and the `COMMIT`
+//! behind it then rolls back) and its writes are applied one statement each, so one refused
+//! write does not undo its neighbours.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 
 use super::conn::{pg, pool_error, Clock};
-use super::rows::{mark_running, one, text};
+use super::rows::{boot_id, text};
 use crate::broker::{BrokerError, Finish, Lease, Result};
 use crate::model::AttemptRecord;
 use std::sync::Arc;
@@ -56,7 +66,7 @@ async fn writer_loop(
                 Err(_) => break,
             }
         }
-        let mut client = match pool.get().await {
+        let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
                 let e = pool_error(&addr, e);
@@ -66,39 +76,21 @@ async fn writer_loop(
                 continue;
             }
         };
-        // All in one transaction; each write's logical refusal (a lost lease) is decided
-        // before it changes anything, so it leaves the transaction usable.
-        let together = async {
-            let tx = client.transaction().await.map_err(pg)?;
-            let mut answers = Vec::with_capacity(batch.len());
-            for j in &batch {
-                match apply(&tx, &j.write, clock.now()).await {
-                    Ok(()) => answers.push(Ok(())),
-                    Err(e @ BrokerError::LeaseLost(_)) | Err(e @ BrokerError::NotFound(_)) => {
-                        answers.push(Err(e))
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            tx.commit().await.map_err(pg)?;
-            Ok(answers)
-        }
-        .await;
-        match together {
+        let now = clock.now();
+        let calls: Vec<Call> = batch.iter().map(|j| Call::new(&j.write, now)).collect();
+        match apply_all(&client, &calls).await {
             Ok(answers) => {
                 for (j, a) in batch.into_iter().zip(answers) {
                     let _ = j.answer.send(a);
                 }
             }
             Err(BrokerError::Storage(_)) if batch.len() > 1 => {
-                // One write broke the batch: apply each in its own transaction, in order.
-                for j in batch {
-                    let one = async {
-                        let tx = client.transaction().await.map_err(pg)?;
-                        apply(&tx, &j.write, clock.now()).await?;
-                        tx.commit().await.map_err(pg)
-                    }
-                    .await;
+                // One write broke the batch: apply each by itself, in order.
+                for (j, call) in batch.into_iter().zip(&calls) {
+                    let one = match apply_all(&client, std::slice::from_ref(call)).await {
+                        Ok(mut a) => a.pop().unwrap_or(Ok(())),
+                        Err(e) => Err(e),
+                    };
                     let _ = j.answer.send(one);
                 }
             }
@@ -111,21 +103,190 @@ async fn writer_loop(
     }
 }
 
-async fn apply(tx: &deadpool_postgres::Transaction<'_>, write: &Write, now: i64) -> Result<()> {
-    match write {
-        Write::Started {
-            lease,
-            pid,
-            pid_start,
-        } => mark_running(tx, lease, Some((*pid, *pid_start)), now).await,
-        Write::Finish {
-            lease,
-            attempt,
-            next,
-            result,
-        } => finish(tx, lease, attempt, *next, result.as_deref(), now).await,
+/// One write as its statement's arguments. A write's logical refusal (a lost lease) is
+/// decided inside its statement before it changes anything: no row is changed and the
+/// statement answers 0 rows, which leaves the transaction usable.
+struct Call {
+    kind: Kind,
+    lease: Lease,
+    id: String,
+    args: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Finish,
+    Started,
+}
+
+impl Call {
+    fn new(write: &Write, now: i64) -> Call {
+        match write {
+            Write::Started {
+                lease,
+                pid,
+                pid_start,
+            } => Call {
+                kind: Kind::Started,
+                lease: lease.clone(),
+                id: lease.task.to_string(),
+                args: vec![
+                    Box::new(*pid),
+                    Box::new(*pid_start as i64),
+                    Box::new(lease.token),
+                    Box::new(now),
+                    Box::new(lease.node.as_str().to_string()),
+                    Box::new(boot_id().to_string()),
+                ],
+            },
+            Write::Finish {
+                lease,
+                attempt,
+                next,
+                result,
+            } => {
+                let (next, retry_at) = match next {
+                    Finish::Succeeded => ("succeeded", None),
+                    Finish::Retry { at } => ("retry", Some(*at)),
+                    Finish::Failed => ("failed", None),
+                    Finish::Cancelled => ("cancelled", None),
+                    Finish::Requeue => ("requeue", None),
+                    Finish::Release => ("release", None),
+                };
+                let error = attempt.error.as_deref().map(|e| text(e).into_owned());
+                Call {
+                    kind: Kind::Finish,
+                    lease: lease.clone(),
+                    id: lease.task.to_string(),
+                    args: vec![
+                        Box::new(lease.token),
+                        Box::new(lease.node.as_str().to_string()),
+                        Box::new(next),
+                        Box::new(retry_at),
+                        Box::new(attempt.number as i32),
+                        Box::new(attempt.pid),
+                        Box::new(attempt.started_at),
+                        Box::new(attempt.ended_at),
+                        Box::new(attempt.exit_code),
+                        Box::new(attempt.signal),
+                        Box::new(attempt.reason.map(|r| r.as_str())),
+                        Box::new(error.clone()),
+                        Box::new(attempt.stdout_tail.as_bytes().to_vec()),
+                        Box::new(attempt.stderr_tail.as_bytes().to_vec()),
+                        Box::new(attempt.memory_peak.and_then(|n| i64::try_from(n).ok())),
+                        Box::new(attempt.cpu_usec.and_then(|n| i64::try_from(n).ok())),
+                        Box::new(now),
+                        Box::new(attempt.node.as_str().to_string()),
+                        Box::new(error),
+                        Box::new(result.clone()),
+                    ],
+                }
+            }
+        }
+    }
+
+    /// `$1` is the task's id; the rest follow in the statement's order.
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.args.len() + 1);
+        p.push(&self.id);
+        p.extend(self.args.iter().map(|a| &**a as &(dyn ToSql + Sync)));
+        p
     }
 }
+
+/// Apply `calls` in order and commit: one statement alone, or several between `BEGIN` and
+/// `COMMIT`, all sent at once. `Ok` holds each write's answer (a lost lease refuses only its
+/// own write); `Err` is an error that broke the batch (nothing of it was committed, unless
+/// the connection was lost during the `COMMIT`, as with any commit).
+async fn apply_all(client: &deadpool_postgres::Object, calls: &[Call]) -> Result<Vec<Result<()>>> {
+    // Prepared first: a statement sent while its preparation is still on its way would
+    // reach the server after the `COMMIT`.
+    let finish = client.prepare_cached(FINISH).await.map_err(pg)?;
+    let started = client.prepare_cached(STARTED).await.map_err(pg)?;
+    let statement = |c: &Call| -> &Statement {
+        match c.kind {
+            Kind::Finish => &finish,
+            Kind::Started => &started,
+        }
+    };
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls.iter().map(Call::params).collect();
+    let counts: Vec<u64> = if calls.len() == 1 {
+        vec![client
+            .execute(statement(&calls[0]), &params[0])
+            .await
+            .map_err(pg)?]
+    } else {
+        type Sent<'a> = Pin<
+            Box<dyn Future<Output = std::result::Result<u64, tokio_postgres::Error>> + Send + 'a>,
+        >;
+        let mut sent: Vec<Sent<'_>> = Vec::with_capacity(calls.len() + 2);
+        sent.push(Box::pin(async {
+            client.batch_execute("BEGIN").await.map(|()| 0)
+        }));
+        for (c, p) in calls.iter().zip(&params) {
+            sent.push(Box::pin(client.execute(statement(c), p)));
+        }
+        sent.push(Box::pin(async {
+            client.batch_execute("COMMIT").await.map(|()| 0)
+        }));
+        let mut answers = in_order(sent).await.into_iter();
+        // The first error is the cause; those after it say only that the transaction was
+        // aborted (and the `COMMIT` of an aborted transaction rolls it back, answering no
+        // error).
+        let mut counts = Vec::with_capacity(calls.len());
+        for (i, a) in answers.by_ref().enumerate() {
+            let n = a.map_err(pg)?;
+            if i > 0 && i <= calls.len() {
+                counts.push(n);
+            }
+        }
+        counts
+    };
+    Ok(calls
+        .iter()
+        .zip(counts)
+        .map(|(c, n)| {
+            if n == 0 {
+                Err(BrokerError::LeaseLost(c.lease.task))
+            } else {
+                Ok(())
+            }
+        })
+        .collect())
+}
+
+/// Run `futures` together, polling each in the order given: tokio-postgres sends a request
+/// when its future is first polled, so the server receives them in this order (one round
+/// trip for all). Their outputs, in the same order.
+async fn in_order<F: Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match Pin::new(f).poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+/// A start: the task becomes `running` (its attempt counted once) with its pid, if the
+/// lease still holds.
+const STARTED: &str = "
+UPDATE tasks SET attempts = attempts + (state = 'queued')::int, state = 'running',
+    started_at = CASE WHEN state = 'queued' THEN $5 ELSE started_at END,
+    updated_at = $5, pid = $2, pid_start = $3, pid_boot = $7
+ WHERE id = $1 AND lease_token = $4 AND lease_node = $6 AND state IN ('queued', 'running')";
 
 /// A result in one statement (one round trip; it was three: lock the row, insert the
 /// attempt, update the task). The leased row is locked by id, token and node exactly as
@@ -175,56 +336,4 @@ done AS (
 kept AS (
     INSERT INTO results (task_seq, value) SELECT seq, $21::text FROM done WHERE $21::text IS NOT NULL
     ON CONFLICT (task_seq) DO UPDATE SET value = excluded.value)
-SELECT count(*) FROM done";
-
-async fn finish(
-    tx: &deadpool_postgres::Transaction<'_>,
-    held: &Lease,
-    attempt: &AttemptRecord,
-    next: Finish,
-    result: Option<&str>,
-    now: i64,
-) -> Result<()> {
-    let (next, retry_at) = match next {
-        Finish::Succeeded => ("succeeded", None),
-        Finish::Retry { at } => ("retry", Some(at)),
-        Finish::Failed => ("failed", None),
-        Finish::Cancelled => ("cancelled", None),
-        Finish::Requeue => ("requeue", None),
-        Finish::Release => ("release", None),
-    };
-    let error = attempt.error.as_deref().map(text);
-    let n: i64 = one(
-        tx,
-        FINISH,
-        &[
-            &held.task.to_string(),
-            &held.token,
-            &held.node.as_str(),
-            &next,
-            &retry_at,
-            &(attempt.number as i32),
-            &attempt.pid,
-            &attempt.started_at,
-            &attempt.ended_at,
-            &attempt.exit_code,
-            &attempt.signal,
-            &attempt.reason.map(|r| r.as_str()),
-            &error,
-            &attempt.stdout_tail.as_bytes(),
-            &attempt.stderr_tail.as_bytes(),
-            &attempt.memory_peak.and_then(|n| i64::try_from(n).ok()),
-            &attempt.cpu_usec.and_then(|n| i64::try_from(n).ok()),
-            &now,
-            &attempt.node.as_str(),
-            &error,
-            &result,
-        ],
-    )
-    .await?
-    .get(0);
-    if n == 0 {
-        return Err(BrokerError::LeaseLost(held.task));
-    }
-    Ok(())
-}
+SELECT seq FROM done";
