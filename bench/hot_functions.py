@@ -15,7 +15,10 @@ one and in a batch), run by exec queues and by Python workers (spawned and forke
 queues and tasks read back, a stop. Every function that ran is written, mangled, hottest
 first, under a first line naming the compiler (`rustc -vV`): the names carry hashes of the
 compiler and the dependencies' versions, so build.rs uses the list only with that compiler.
-Run it again after a compiler or dependency update (a stale list is ignored, never wrong).
+Run it again after a compiler or dependency update and before building a release: names of
+functions the compiler made local carry a `.llvm.<hash>` suffix that changes with their
+module, so a list written before later changes misses some (a stale name is ignored,
+never wrong; it only costs memory).
 Needs valgrind and python3.
 """
 import argparse, collections, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
