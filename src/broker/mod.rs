@@ -339,6 +339,18 @@ impl LostLimits {
     }
 }
 
+/// A task's stored result read back: its JSON text parsed (`None`: the task has none).
+pub(crate) fn stored_result(
+    id: impl std::fmt::Display,
+    text: Option<String>,
+) -> Result<Option<serde_json::Value>> {
+    text.map(|text| {
+        serde_json::from_str(&text)
+            .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
+    })
+    .transpose()
+}
+
 /// The `last_error` of a task failed for its lost runs.
 pub fn lost_too_often(lost: impl std::fmt::Display, max_lost: u32) -> String {
     format!(

@@ -640,12 +640,7 @@ impl Broker for PgBroker {
         .await?
         .map(|r| r.get(0));
         tx.commit().await.map_err(pg)?;
-        let result = result
-            .map(|text| {
-                serde_json::from_str(&text)
-                    .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
-            })
-            .transpose()?;
+        let result = crate::broker::stored_result(id, result)?;
         Ok(Some(TaskDetail::new(task, attempts, result)))
     }
 

@@ -1146,12 +1146,7 @@ impl Broker for RedisBroker {
                     .map_err(|e| BrokerError::Storage(format!("an attempt record: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let result = result
-            .map(|text| {
-                serde_json::from_str(&text)
-                    .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
-            })
-            .transpose()?;
+        let result = crate::broker::stored_result(id, result)?;
         Ok(Some(TaskDetail::new(task, history, result)))
     }
 

@@ -1104,11 +1104,6 @@ fn read_detail(conn: &Connection, id: TaskId) -> Result<Option<TaskDetail>> {
         .prepare_cached("SELECT value FROM results WHERE task_seq = ?1")
         .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
         .map_err(storage)?;
-    let result = result
-        .map(|text| {
-            serde_json::from_str(&text)
-                .map_err(|e| BrokerError::Storage(format!("task {id}'s result: {e}")))
-        })
-        .transpose()?;
+    let result = crate::broker::stored_result(id, result)?;
     Ok(Some(TaskDetail::new(task, history, result)))
 }
