@@ -21,21 +21,15 @@ module, so a list written before later changes misses some (a stale name is igno
 never wrong; it only costs memory).
 Needs valgrind and python3.
 """
-import argparse, collections, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, collections, http.client, json, os, shutil, signal, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "contrib", "python"))
 sys.path.insert(0, os.path.join(HERE, "w7"))
 PYTHONPATH = os.pathsep.join([os.path.join(HERE, "w7"), os.path.join(ROOT, "contrib", "python")])
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+sys.path.insert(0, HERE)
+from peers import free_port  # noqa: E402
 
 
 def wait(what, check, deadline):
