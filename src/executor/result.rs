@@ -24,8 +24,11 @@
 //! read is bounded by `max_result` (one byte more, to tell "too big"), whatever the file
 //! claims its size is.
 //!
-//! The file is removed on a blocking thread, off the dispatch path (a create and a remove per
-//! attempt are most of what a result costs a tiny task: see docs/performance.md).
+//! On a tmpfs the file is removed where it was read, on the dispatch thread: there an
+//! `unlink` costs a few microseconds, less than handing it to another thread (a wake-up and
+//! two context switches). On a disk's file system the removal is a directory write, and it
+//! goes to a blocking thread, off the dispatch path (a create and a remove per attempt are
+//! most of what a result costs a tiny task: see docs/performance.md).
 //!
 //! A daemon that crashed leaves files behind: [`ResultDir::reset`] removes the root (the
 //! link's target too) at start-up, before any task runs; a daemon that stops removes it
@@ -36,7 +39,7 @@ use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::unistd::{Gid, Uid};
 
@@ -50,6 +53,9 @@ pub struct ResultDir {
     root: PathBuf,
     /// Users whose directory exists (made by this daemon since its start).
     made: Mutex<HashSet<u32>>,
+    /// Whether the root is on a tmpfs, where a file is removed in place ([`ResultFile`]'s
+    /// drop); learnt once the root exists.
+    tmpfs: OnceLock<bool>,
 }
 
 /// What a task returned, as the executor found it.
@@ -127,6 +133,7 @@ impl ResultDir {
         Arc::new(ResultDir {
             root,
             made: Mutex::new(HashSet::new()),
+            tmpfs: OnceLock::new(),
         })
     }
 
@@ -174,6 +181,7 @@ impl ResultDir {
         }
         let own = uid == host().euid;
         make_dir(&self.root, 0o711)?;
+        self.tmpfs.get_or_init(|| on_tmpfs(&self.root));
         if !own && self.root.file_name() == Some(RESULTS.as_ref()) {
             // The task's user must pass through the state directory to reach its own (a
             // root on the tmpfs is reached through the world-searchable `/dev/shm`).
@@ -327,6 +335,8 @@ pub(crate) struct ResultFile {
     path: PathBuf,
     uid: u32,
     max: u64,
+    /// Removed in place when dropped (its directory is on a tmpfs), not on a blocking thread.
+    cheap_removal: bool,
 }
 
 impl ResultFile {
@@ -369,6 +379,7 @@ impl ResultFile {
                         path,
                         uid,
                         max: spec.max_bytes,
+                        cheap_removal: spec.dir.tmpfs.get() == Some(&true),
                     });
                 }
                 // A name the task's user put there first: take another.
@@ -416,18 +427,19 @@ impl ResultFile {
 impl Drop for ResultFile {
     fn drop(&mut self) {
         // Whatever is at the path now (the file, or what the task put in its place: unlink
-        // never follows a link). In the daemon, on a blocking thread: the removal is a
-        // directory write that nothing waits for, and the dispatch thread has the next task
-        // to start. (Files a stopping daemon had no time to remove go at its next start, see
-        // [`ResultDir::reset`].)
+        // never follows a link). On a tmpfs here and now: a few microseconds, less than a
+        // hand-over to another thread. Elsewhere, in the daemon, on a blocking thread: the
+        // removal is a directory write on a disk that nothing waits for, and the dispatch
+        // thread has the next task to start. (Files a stopping daemon had no time to remove
+        // go at its next start, see [`ResultDir::reset`].)
         let path = std::mem::take(&mut self.path);
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+            Ok(rt) if !self.cheap_removal => {
                 rt.spawn_blocking(move || {
                     let _ = std::fs::remove_file(&path);
                 });
             }
-            Err(_) => {
+            _ => {
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -724,6 +736,42 @@ mod tests {
         assert_ne!(again, root, "a fresh name each start");
         reset_in(state.path(), base.path()).unwrap();
         assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn on_a_tmpfs_the_file_is_removed_in_place_and_elsewhere_off_the_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let _inside = rt.enter();
+        if let Some(base) = shm_base() {
+            let s = ResultSpec {
+                dir: ResultDir::new(base.path().join("root")),
+                max_bytes: 100,
+            };
+            let f = ResultFile::create(&s, None).unwrap();
+            assert!(f.cheap_removal, "{} is on a tmpfs", base.path().display());
+            let path = f.path().to_path_buf();
+            drop(f);
+            assert!(
+                std::fs::symlink_metadata(&path).is_err(),
+                "removed by the drop itself, inside the runtime"
+            );
+        }
+        let disk = tempfile::tempdir().unwrap();
+        if on_tmpfs(disk.path()) {
+            eprintln!("SKIPPED part: the temporary directory is a tmpfs");
+            return;
+        }
+        let f = ResultFile::create(&spec(disk.path(), 100), None).unwrap();
+        assert!(
+            !f.cheap_removal,
+            "not on a tmpfs: handed to a blocking thread"
+        );
+        let path = f.path().to_path_buf();
+        drop(f);
+        // The current-thread runtime runs its blocking pool on threads of its own.
+        assert!(gone_soon(&path), "removed by a blocking thread");
     }
 
     #[test]
