@@ -503,6 +503,16 @@ class WorkerProcess(unittest.TestCase):
             with self.assertRaises(ValueError, msg=bad):
                 _wire.decode(bad)
 
+    def test_without_the_accelerator_the_json_package_serves(self) -> None:
+        probe = (
+            "import sys\nsys.modules['_json'] = None\nfrom taskd import _wire\n"
+            "print(_wire.encode(_wire.decode(' {\"a\": [1, 2.5, \"\\\\u00e9\"]}\\n')), 'json' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE_DIR,
+                             env=dict(os.environ, PYTHONPATH=PACKAGE_DIR), capture_output=True,
+                             text=True, check=True)
+        self.assertEqual(out.stdout.strip(), '{"a":[1,2.5,"\\u00e9"]} True')
+
     def test_a_task_function_looks_like_its_function(self) -> None:
         app = taskd.App(queue="q")
 
