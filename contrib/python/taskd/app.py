@@ -3,8 +3,6 @@ long-lived worker that runs them."""
 
 from __future__ import annotations
 
-import functools
-
 from .errors import Fail
 from .worker import Job, serve
 
@@ -44,7 +42,15 @@ class TaskFunction(Generic[R]):
         self.app = app
         self.fn = fn
         self.name = name
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        # functools.update_wrapper's work, without loading functools (and collections,
+        # operator, reprlib, types...) into every worker.
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            try:
+                setattr(self, attr, getattr(fn, attr))
+            except AttributeError:
+                pass
+        self.__dict__.update(getattr(fn, "__dict__", {}))
+        self.__wrapped__ = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         return self.fn(*args, **kwargs)

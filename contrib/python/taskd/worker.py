@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import fcntl
 import gc
-import json
 import os
 import select
-import signal
-import socket
 import sys
 
 # Only what serving a task needs is loaded here: typing is for the type checker, base64 and
-# traceback are imported when a raw payload or a failure first needs them (docs/python.md,
-# "Memory"; with worker_fork, what the parent loads is shared, what a child loads is its own).
+# traceback are imported when a raw payload or a failure first needs them, and the C modules
+# under json, socket and signal are used directly: the Python layers above them load re and
+# enum, about 1.4 MiB per interpreter (docs/python.md, "Memory"; with worker_fork, what the
+# parent loads is shared, what a child loads is its own).
+try:
+    import _signal
+    import _socket
+except ImportError:  # an interpreter without CPython's module layout
+    import signal as _signal  # type: ignore[no-redef]
+    import socket as _socket  # type: ignore[no-redef]
+
+from ._wire import decode as _decode
+from ._wire import encode as _encode
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Optional
@@ -55,12 +63,6 @@ _results: Optional[int] = None
 def current_job() -> Optional[Job]:
     """The task this worker runs now (None outside a task)."""
     return _current
-
-
-#: Compact JSON, one encoder for every message (json.dumps makes one per call with options).
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-#: taskd's lines are UTF-8 JSON objects.
-_decode = json.JSONDecoder().decode
 
 
 def _send(obj: Dict[str, Any]) -> None:
@@ -157,13 +159,13 @@ def _fork_server(fd: int) -> None:
     """The parent of a `worker_fork` queue: answers taskd's `fork` requests (each carries the
     worker's descriptors 3, 4, 0, 1, 2) by forking, reports each worker's exit status, and
     exits when taskd closes the socket. Returns only in a forked worker, set up to serve."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
     # Children exit-report through a self-pipe: SIGCHLD only wakes the select below.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda signum, frame: None)
+    _signal.set_wakeup_fd(wake_w)
     # What is loaded now stays shared with the children: the collector would otherwise
     # touch (and so copy) every object's header in each child.
     gc.collect()
@@ -199,7 +201,7 @@ def _fork_server(fd: int) -> None:
         if sock not in ready:
             continue
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
+            data, fds = _recv_fds(sock, 65536, 8)
         except InterruptedError:
             continue
         except ConnectionResetError:
@@ -236,12 +238,24 @@ def _fork_server(fd: int) -> None:
         send({"type": "forked", "slot": slot, "pid": pid})
 
 
-def _become_worker(sock: socket.socket, fds: Any, slot: Any, wake: Any) -> None:
+def _recv_fds(sock: Any, size: int, maxfds: int) -> Any:
+    """socket.recv_fds without the socket module: one message and the descriptors it
+    carries (SCM_RIGHTS)."""
+    data, ancdata, _flags, _addr = sock.recvmsg(size, _socket.CMSG_LEN(maxfds * 4))
+    fds = []
+    for level, kind, payload in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            for i in range(0, len(payload) - len(payload) % 4, 4):
+                fds.append(int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True))
+    return data, fds
+
+
+def _become_worker(sock: Any, fds: Any, slot: Any, wake: Any) -> None:
     """In a forked child: a process group of its own (taskd signals the group; not a session,
     which would be a scheduler autogroup of its own, its wake-ups slowed on a busy machine), the
     received descriptors as 3, 4, 0, 1, 2, nothing of the parent's conversation left."""
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     os.setpgid(0, 0)
     # Above every target first, so that moving one cannot overwrite another.
     high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 10) for f in fds]
