@@ -237,9 +237,9 @@ fn units<'a>(writes: impl Iterator<Item = Option<&'a str>>) -> Vec<std::ops::Ran
 fn finish_params(rows: &[&FinishRow], now: i64) -> Vec<Box<dyn ToSql + Sync + Send>> {
     fn col<T: ToSql + Sync + Send + 'static>(
         rows: &[&FinishRow],
-        f: impl Fn(&FinishRow) -> T,
+        field: impl Fn(&FinishRow) -> T,
     ) -> Box<dyn ToSql + Sync + Send> {
-        Box::new(rows.iter().map(|r| f(r)).collect::<Vec<T>>())
+        Box::new(rows.iter().map(|r| field(r)).collect::<Vec<T>>())
     }
     vec![
         col(rows, |r| r.id.clone()),
