@@ -23,10 +23,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::broker::{Broker, BrokerError, CancelOutcome};
+use crate::broker::{Broker, BrokerError, CancelOutcome, Finish};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{AttemptReason, TaskDetail, TaskId, TaskRecord, TaskState};
+use crate::model::{AttemptReason, AttemptRecord, TaskDetail, TaskId, TaskRecord, TaskState};
 
 pub use ingest::{Ingested, PriorityOrder};
 pub use message::{parse, Delivery, ResultTo};
@@ -135,45 +135,48 @@ impl Bridge {
         Ok(())
     }
 
-    /// [`Bridge::ended`] for tasks that ended together: their final states written in one
-    /// go ([`ResultSink::store_many`]), then forgotten as owed in one go.
-    pub async fn ended_many(&self, details: &[TaskDetail]) -> Result<(), IngestError> {
+    /// The final states owed for tasks known by id, read from the store in one go: for
+    /// each ended Celery task, where its state goes and what it is (tasks not ended, not
+    /// Celery ones, or gone are left out).
+    pub async fn final_states(
+        &self,
+        ids: &[TaskId],
+    ) -> Result<Vec<(ResultTo, CeleryState)>, IngestError> {
+        let details = self.broker.get_many(ids).await?;
+        Ok(details
+            .iter()
+            .flatten()
+            .filter_map(|detail| {
+                let to = CeleryMeta::result_to(&detail.task.payload)?;
+                Some((to, final_state(detail)?))
+            })
+            .collect())
+    }
+
+    /// Write the final states of tasks that ended together in one go
+    /// ([`ResultSink::store_many`]; those whose producer asked for no result are left
+    /// out), then forget them as owed in one go.
+    pub async fn write_final(&self, items: &[(ResultTo, CeleryState)]) -> Result<(), IngestError> {
         let Some(sink) = &self.sink else {
             return Ok(());
         };
-        let mut items = Vec::new();
-        let mut done = Vec::new();
-        for detail in details {
-            let Some(meta) = CeleryMeta::of(&detail.task.payload) else {
-                continue;
-            };
-            let Some(state) = final_state(detail) else {
-                continue;
-            };
-            done.push(meta.result_to.id.clone());
-            if !meta.result_to.ignore_result {
-                items.push((meta.result_to, state));
+        if items.is_empty() {
+            return Ok(());
+        }
+        if items.iter().any(|(to, _)| to.ignore_result) {
+            let wanted: Vec<_> = items
+                .iter()
+                .filter(|(to, _)| !to.ignore_result)
+                .cloned()
+                .collect();
+            if !wanted.is_empty() {
+                sink.store_many(&wanted).await.map_err(IngestError::Sink)?;
             }
+        } else {
+            sink.store_many(items).await.map_err(IngestError::Sink)?;
         }
-        if !items.is_empty() {
-            sink.store_many(&items).await.map_err(IngestError::Sink)?;
-        }
-        if !done.is_empty() {
-            sink.pending_done(&done).await.map_err(IngestError::Sink)?;
-        }
-        Ok(())
-    }
-
-    /// [`Bridge::ended_many`] for tasks known by id (read from the store first, in one go).
-    pub async fn ended_ids(&self, ids: &[TaskId]) -> Result<(), IngestError> {
-        let details: Vec<TaskDetail> = self
-            .broker
-            .get_many(ids)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-        self.ended_many(&details).await
+        let done: Vec<String> = items.iter().map(|(to, _)| to.id.clone()).collect();
+        sink.pending_done(&done).await.map_err(IngestError::Sink)
     }
 
     /// A message no transport could read as kombu's (nothing to fail): counted.
@@ -277,24 +280,38 @@ pub struct CeleryMeta {
 impl CeleryMeta {
     /// The Celery metadata of a task's payload; `None` for a task the bridge did not make.
     pub fn of(payload: &Value) -> Option<CeleryMeta> {
-        let c = payload.get(ingest::META)?.as_object()?;
-        let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
         Some(CeleryMeta {
             name: payload.get("task").and_then(Value::as_str)?.to_string(),
-            result_to: ResultTo {
-                id: text("id")?,
-                reply_to: text("reply_to"),
-                correlation_id: text("correlation_id"),
-                ignore_result: c
-                    .get("ignore_result")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            },
-            track_started: c
-                .get("track_started")
+            result_to: CeleryMeta::result_to(payload)?,
+            track_started: CeleryMeta::tracks_started(payload),
+        })
+    }
+
+    /// Where a Celery task's states go (its [`CeleryMeta::of`]'s `result_to`, read alone);
+    /// `None` for a task the bridge did not make.
+    pub fn result_to(payload: &Value) -> Option<ResultTo> {
+        payload.get("task").and_then(Value::as_str)?;
+        let c = payload.get(ingest::META)?.as_object()?;
+        let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+        Some(ResultTo {
+            id: text("id")?,
+            reply_to: text("reply_to"),
+            correlation_id: text("correlation_id"),
+            ignore_result: c
+                .get("ignore_result")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         })
+    }
+
+    /// Whether a task's payload asks for STARTED (a Celery task of a route with
+    /// `track_started`), read without copying anything.
+    pub fn tracks_started(payload: &Value) -> bool {
+        payload
+            .get(ingest::META)
+            .and_then(|c| c.get("track_started"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 }
 
@@ -321,26 +338,50 @@ pub fn final_state(detail: &TaskDetail) -> Option<CeleryState> {
         }
         TaskState::Failed => {
             let last = detail.history.last();
-            let error = task
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "the task failed".to_string());
-            let (module, class) = match last.and_then(|a| a.reason) {
-                Some(AttemptReason::Timeout) => ("celery.exceptions", "TimeLimitExceeded"),
-                _ => ("builtins", "RuntimeError"),
-            };
-            let traceback = last
-                .map(|a| a.stderr_tail.trim_end().to_string())
-                .filter(|s| !s.is_empty())
-                .map(|s| format!("{s}\n"));
-            Some(CeleryState::Failure {
-                module: module.into(),
-                class: class.into(),
-                message: error,
-                traceback,
-            })
+            Some(failure(
+                task.last_error.as_deref(),
+                last.and_then(|a| a.reason),
+                last.map_or("", |a| a.stderr_tail.as_str()),
+            ))
         }
         _ => None,
+    }
+}
+
+/// The Celery state a task ends in when the broker recorded its last attempt `attempt`
+/// with `finish`, as [`final_state`] would read it back from the store, for the ends whose
+/// record the store keeps as given: a success (its result is the attempt's) and a failure
+/// (its error, reason and stderr are the attempt's). `None` for the others (a retry, a
+/// cancel, a requeue): the store may record them otherwise (an operator's cancel that came
+/// meanwhile turns a retry into a cancel), so their state is read from it.
+pub fn recorded_state(attempt: &AttemptRecord, finish: Finish) -> Option<CeleryState> {
+    match finish {
+        Finish::Succeeded => Some(CeleryState::Success(
+            attempt.result.clone().unwrap_or(Value::Null),
+        )),
+        Finish::Failed => Some(failure(
+            attempt.error.as_deref(),
+            attempt.reason,
+            &attempt.stderr_tail,
+        )),
+        _ => None,
+    }
+}
+
+/// FAILURE for a task whose last error is `error`, its last attempt's reason `reason` and
+/// stderr `stderr_tail`: `builtins.RuntimeError(error)`, or `TimeLimitExceeded` for a
+/// timeout, with the stderr as the traceback.
+fn failure(error: Option<&str>, reason: Option<AttemptReason>, stderr_tail: &str) -> CeleryState {
+    let (module, class) = match reason {
+        Some(AttemptReason::Timeout) => ("celery.exceptions", "TimeLimitExceeded"),
+        _ => ("builtins", "RuntimeError"),
+    };
+    let tail = stderr_tail.trim_end();
+    CeleryState::Failure {
+        module: module.into(),
+        class: class.into(),
+        message: error.unwrap_or("the task failed").to_string(),
+        traceback: (!tail.is_empty()).then(|| format!("{tail}\n")),
     }
 }
 

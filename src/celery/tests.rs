@@ -291,6 +291,12 @@ broker = "redis://127.0.0.1:1/0"
         let meta = CeleryMeta::of(p).unwrap();
         assert_eq!(meta.name, "app.tasks.alert");
         assert_eq!(meta.result_to.id, id.to_string());
+        assert!(meta.track_started);
+        assert!(CeleryMeta::tracks_started(p));
+        assert_eq!(CeleryMeta::result_to(p), Some(meta.result_to.clone()));
+        let plain = json!({"task": "x", "user_id": 42});
+        assert_eq!(CeleryMeta::result_to(&plain), None);
+        assert!(!CeleryMeta::tracks_started(&plain));
         // Delivered again: the same task, nothing new.
         let again = b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
         assert_eq!(again, Ingested::Existing(id));
@@ -423,6 +429,108 @@ broker = "redis://127.0.0.1:1/0"
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].0.id, id.to_string());
         assert_eq!(kept[0].1, CeleryState::Revoked("revoked".into()));
+    }
+
+    /// The state written from an attempt as the supervisor hands it over with its end
+    /// (`recorded_state`, no read of the store) is the one read back from the store once the
+    /// broker recorded that attempt (`final_state`): a success with its result, a failure, a
+    /// timeout. The other ends are read from the store.
+    #[tokio::test]
+    async fn the_state_from_the_recorded_attempt_is_the_one_the_store_gives() {
+        use crate::broker::Finish;
+        use crate::model::{AttemptReason, AttemptRecord, NodeId};
+        let ends = [
+            (
+                Finish::Succeeded,
+                AttemptRecord {
+                    reason: Some(AttemptReason::Exit),
+                    exit_code: Some(0),
+                    result: Some(json!({"sent": [1, 2.5, "h\u{e9}"], "none": null})),
+                    ..Default::default()
+                },
+            ),
+            (Finish::Succeeded, AttemptRecord::default()),
+            (
+                Finish::Failed,
+                AttemptRecord {
+                    reason: Some(AttemptReason::Exit),
+                    exit_code: Some(3),
+                    error: Some("exit code 3".into()),
+                    stderr_tail: "Traceback\n  disk full\n\n".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Finish::Failed,
+                AttemptRecord {
+                    reason: Some(AttemptReason::Timeout),
+                    error: Some("timed out after 1s".into()),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (finish, attempt) in ends {
+            let (b, broker, _) = bridge();
+            let (d, _, env) = captured("delay");
+            let id: TaskId = env["headers"]["id"].as_str().unwrap().parse().unwrap();
+            b.ingest(&d, PriorityOrder::LowerFirst).await.unwrap();
+            let node: NodeId = "n:1".into();
+            let claimed = broker
+                .claim(
+                    &node,
+                    &"default".parse().unwrap(),
+                    1,
+                    std::time::Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+            let attempt = AttemptRecord {
+                number: 1,
+                node,
+                pid: Some(4242),
+                started_at: 1,
+                ended_at: 2,
+                ..attempt
+            };
+            broker
+                .finish(&claimed[0].lease, attempt.clone(), finish)
+                .await
+                .unwrap();
+            let detail = broker.get(id).await.unwrap().unwrap();
+            let stored = final_state(&detail).expect("ended");
+            assert_eq!(recorded_state(&attempt, finish), Some(stored.clone()));
+            // And what the writer reads back for an id is that same state.
+            let read = b.final_states(&[id]).await.unwrap();
+            assert_eq!(read.len(), 1);
+            assert_eq!(read[0].0.id, id.to_string());
+            assert_eq!(read[0].1, stored);
+        }
+        let retry = AttemptRecord::default();
+        assert_eq!(recorded_state(&retry, Finish::Retry { at: 5 }), None);
+        assert_eq!(recorded_state(&retry, Finish::Cancelled), None);
+        assert_eq!(recorded_state(&retry, Finish::Requeue), None);
+    }
+
+    /// `write_final` writes every state but the ignored ones.
+    #[tokio::test]
+    async fn written_ends_leave_out_ignored_results() {
+        let (b, _, kept) = bridge();
+        let to = |id: &str, ignore_result| ResultTo {
+            id: id.into(),
+            reply_to: None,
+            correlation_id: None,
+            ignore_result,
+        };
+        b.write_final(&[
+            (to("a", false), CeleryState::Success(json!(1))),
+            (to("b", true), CeleryState::Success(json!(2))),
+            (to("c", false), CeleryState::Revoked("revoked".into())),
+        ])
+        .await
+        .unwrap();
+        let kept = kept.0.lock().unwrap();
+        let ids: Vec<&str> = kept.iter().map(|(t, _)| t.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
     }
 
     /// A bridge whose state (the kept revokes) is in `dir`.

@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Doubling;
 use crate::broker::Broker;
-use crate::celery::{Bridge, CeleryMeta, ResultSink};
+use crate::broker::Finish;
+use crate::celery::{recorded_state, Bridge, CeleryMeta, CeleryState, ResultSink, ResultTo};
 use crate::config::celery::{CeleryBackend, CeleryBroker};
 use crate::config::Config;
-use crate::model::{TaskId, TaskRecord};
+use crate::model::{AttemptRecord, TaskId, TaskRecord};
 use crate::supervisor::{Supervisor, TaskObserver};
 
 /// The bridge's loops, to stop.
@@ -173,55 +174,81 @@ fn bridge_results(bridge: &Bridge) -> String {
 /// task of its own, the ends handed to [`write_ends`].
 struct Observer {
     bridge: Arc<Bridge>,
-    ends: tokio::sync::mpsc::UnboundedSender<TaskId>,
+    ends: tokio::sync::mpsc::UnboundedSender<End>,
 }
 
-impl Observer {
-    fn write_end(&self, id: TaskId) {
-        let _ = self.ends.send(id);
-    }
+/// An end for [`write_ends`]: its final state already known from the attempt the broker
+/// recorded, or to be read from the store.
+enum End {
+    Known(ResultTo, CeleryState),
+    Read(TaskId),
 }
 
 /// At most this many ends in one write.
 const END_BATCH: usize = 500;
 
 /// The final states of the tasks that end, written in batches: the ends that arrived while
-/// the last batch was being written make the next (read from the store together, written
-/// in one round trip to the result backend). A batch that cannot be written is tried again
-/// a few times; the sweep catches what is still missed.
-async fn write_ends(bridge: Arc<Bridge>, mut ended: tokio::sync::mpsc::UnboundedReceiver<TaskId>) {
-    let mut ids = Vec::with_capacity(END_BATCH);
-    while ended.recv_many(&mut ids, END_BATCH).await > 0 {
+/// the last batch was being written make the next (those not known already read from the
+/// store together, all written in one round trip to the result backend). A batch that
+/// cannot be written is tried again a few times; the sweep catches what is still missed.
+async fn write_ends(bridge: Arc<Bridge>, mut ended: tokio::sync::mpsc::UnboundedReceiver<End>) {
+    let mut batch = Vec::with_capacity(END_BATCH);
+    let mut items = Vec::with_capacity(END_BATCH);
+    let mut read = Vec::new();
+    while ended.recv_many(&mut batch, END_BATCH).await > 0 {
+        for end in batch.drain(..) {
+            match end {
+                End::Known(to, state) => items.push((to, state)),
+                End::Read(id) => read.push(id),
+            }
+        }
         let mut failing = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
         for _ in 0..5 {
-            match bridge.ended_ids(&ids).await {
+            let written = async {
+                if !read.is_empty() {
+                    items.extend(bridge.final_states(&read).await?);
+                    read.clear();
+                }
+                bridge.write_final(&items).await
+            };
+            match written.await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(count = ids.len(), error = %e, "Celery bridge: cannot write the final states of tasks; retrying");
+                    tracing::warn!(count = items.len() + read.len(), error = %e, "Celery bridge: cannot write the final states of tasks; retrying");
                     tokio::time::sleep(failing.next_delay()).await;
                 }
             }
         }
-        ids.clear();
+        items.clear();
+        read.clear();
     }
 }
 
 impl TaskObserver for Observer {
+    fn watches_start(&self, task: &TaskRecord) -> bool {
+        CeleryMeta::tracks_started(&task.payload)
+    }
+
     fn started(&self, task: &TaskRecord, pid: u32) {
-        if !CeleryMeta::of(&task.payload).is_some_and(|m| m.track_started) {
+        if !CeleryMeta::tracks_started(&task.payload) {
             return;
         }
         let (bridge, task) = (self.bridge.clone(), task.clone());
         tokio::spawn(async move { bridge.started(&task, pid).await });
     }
 
-    fn ended(&self, task: &TaskRecord) {
-        if CeleryMeta::of(&task.payload).is_some() {
-            self.write_end(task.id);
-        }
+    fn ended(&self, task: &TaskRecord, recorded: Option<(&AttemptRecord, Finish)>) {
+        let Some(to) = CeleryMeta::result_to(&task.payload) else {
+            return;
+        };
+        let end = match recorded.and_then(|(attempt, finish)| recorded_state(attempt, finish)) {
+            Some(state) => End::Known(to, state),
+            None => End::Read(task.id),
+        };
+        let _ = self.ends.send(end);
     }
 
     fn expired(&self, id: TaskId) {
-        self.write_end(id);
+        let _ = self.ends.send(End::Read(id));
     }
 }

@@ -215,11 +215,18 @@ pub struct Supervisor {
 /// writes the Celery state of the bridge's tasks from there. Called on the supervisor's
 /// tasks: an implementation hands the work on and returns at once.
 pub trait TaskObserver: Send + Sync {
+    /// Whether [`TaskObserver::started`] wants to hear of `task`'s start (asked as its run
+    /// begins, so that a task nobody watches is not kept for it).
+    fn watches_start(&self, _task: &TaskRecord) -> bool {
+        true
+    }
     /// `task`'s process `pid` started (an attempt; once per run).
     fn started(&self, task: &TaskRecord, pid: u32);
     /// An attempt of `task` ended and the broker has its result (the task may be waiting to
-    /// run again; the store says).
-    fn ended(&self, task: &TaskRecord);
+    /// run again; the store says). `recorded`: the attempt and the finish the broker
+    /// accepted for it, as this node asked (`None` when the broker's answer may differ: its
+    /// lease was lost meanwhile; read the store).
+    fn ended(&self, task: &TaskRecord, recorded: Option<(&AttemptRecord, Finish)>);
     /// Task `id`, waiting, was cancelled because it expired.
     fn expired(&self, id: TaskId);
 }
@@ -867,7 +874,10 @@ impl Supervisor {
                 let ended = CancellationToken::new();
                 let ended_too = ended.clone();
                 let me = self.clone();
-                let observed = self.observer().map(|o| (o, claimed.task.clone()));
+                let observed = self
+                    .observer()
+                    .filter(|o| o.watches_start(&claimed.task))
+                    .map(|o| (o, claimed.task.clone()));
                 tokio::spawn(async move {
                     let Ok(s) = rx.await else { return };
                     if let Some((o, task)) = observed {
@@ -971,10 +981,10 @@ impl Supervisor {
         self.start_held(&queue);
         queue.kick.notify_one();
         let end = live.as_ref().map(|_| end_info(&record, finish));
-        self.settle(queued, &claimed.lease, record, finish).await;
+        let recorded = self.settle(queued, &claimed.lease, record, finish).await;
         if finish != Finish::Release {
             if let Some(o) = self.observer() {
-                o.ended(&claimed.task);
+                o.ended(&claimed.task, recorded.as_ref().map(|a| (a, finish)));
             }
         }
         // Followers learn the end once the broker has it: what they read next agrees.
@@ -994,25 +1004,27 @@ impl Supervisor {
     /// that went away): the result is not dropped while the daemon lives.
     async fn record(&self, lease: &Lease, attempt: AttemptRecord, finish: Finish) {
         let queued = self.broker.finish(lease, attempt.clone(), finish);
-        self.settle(queued, lease, attempt, finish).await;
+        let _ = self.settle(queued, lease, attempt, finish).await;
     }
 
     /// Wait for the answer to a queued result; while the broker refuses it, queue it again
     /// with backoff. A refusal for a lease no longer held goes to [`Self::lease_lost`].
+    /// Returns the attempt once the broker has recorded it with `finish` (`None`: the lease
+    /// was lost, and what the store holds is [`Self::lease_lost`]'s doing).
     async fn settle(
         &self,
         queued: Queued<'_, ()>,
         lease: &Lease,
         attempt: AttemptRecord,
         finish: Finish,
-    ) {
+    ) -> Option<AttemptRecord> {
         let mut delay = Doubling::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut answer = queued.await;
         loop {
             match answer {
                 Ok(()) => {
                     self.broker_writes();
-                    return;
+                    return Some(attempt);
                 }
                 Err(BrokerError::Full(e)) => {
                     self.broker_full(&e);
@@ -1022,7 +1034,7 @@ impl Supervisor {
                 }
                 Err(BrokerError::LeaseLost(_)) => {
                     self.lease_lost(lease, attempt, finish).await;
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     tracing::error!(task = %lease.task, error = %e, "failed to record a task's result; retrying");

@@ -90,15 +90,23 @@ impl PgBroker {
     pub async fn open(url: &str) -> Result<Self> {
         let settings = parse_url(url).map_err(BrokerError::Unavailable)?;
         let clock = Arc::new(Clock::default());
+        let pool = conn::pool(&settings)?;
         {
-            let mut client = conn::connect(&settings).await?;
+            // The pool's first connection, kept for the operation that follows: a CLI call
+            // (`taskd submit`, `taskd status`) then opens one connection, not two (each is
+            // a new server process).
+            let mut client = pool.get().await.map_err(|e| match e {
+                deadpool_postgres::PoolError::Backend(e) => {
+                    conn::unreachable_at(&settings.addr, &e)
+                }
+                other => pool_error(&settings.addr, other),
+            })?;
             clock.sync(&client).await?;
             let have = schema::version(&client, &settings.schema).await?;
             if have != schema::newest() {
                 schema::migrate(&mut client, &settings.schema, &settings.addr).await?;
             }
         }
-        let pool = conn::pool(&settings)?;
         let writes = writer::start(pool.clone(), settings.addr.clone(), clock.clone());
         Ok(PgBroker {
             settings,
