@@ -229,10 +229,8 @@ impl TaskObserver for Observer {
         CeleryMeta::tracks_started(&task.payload)
     }
 
+    /// Called only for the tasks [`Self::watches_start`] chose: those with `track_started`.
     fn started(&self, task: &TaskRecord, pid: u32) {
-        if !CeleryMeta::tracks_started(&task.payload) {
-            return;
-        }
         let (bridge, task) = (self.bridge.clone(), task.clone());
         tokio::spawn(async move { bridge.started(&task, pid).await });
     }

@@ -446,15 +446,19 @@ class WorkerProcess(unittest.TestCase):
             "import sys\n%s\nprint(','.join(m for m in ('http.client', 'taskd.client', 'inspect') if m in sys.modules))"
             % code
         )
+        return [m for m in self.probe(probe).split(",") if m]
+
+    def probe(self, code: str) -> str:
+        """What `code`, run by a new interpreter beside the package, prints (stripped)."""
         out = subprocess.run(
-            [sys.executable, "-c", probe],
+            [sys.executable, "-c", code],
             cwd=PACKAGE_DIR,
             env=dict(os.environ, PYTHONPATH=PACKAGE_DIR),
             capture_output=True,
             text=True,
             check=True,
         )
-        return [m for m in out.stdout.strip().split(",") if m]
+        return out.stdout.strip()
 
     def test_a_worker_module_loads_no_http_client(self) -> None:
         self.assertEqual(self.loaded("import tests.app_tasks"), [])
@@ -469,10 +473,7 @@ class WorkerProcess(unittest.TestCase):
             "heavy = ('json', 're', 'enum', 'socket', 'signal', 'functools', 'collections', 'typing')\n"
             "print(','.join(m for m in heavy if m in sys.modules and m not in before))"
         )
-        out = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE_DIR,
-                             env=dict(os.environ, PYTHONPATH=PACKAGE_DIR), capture_output=True,
-                             text=True, check=True)
-        self.assertEqual(out.stdout.strip(), "")
+        self.assertEqual(self.probe(probe), "")
 
     def test_the_wire_codec_agrees_with_json(self) -> None:
         from taskd import _wire
@@ -508,10 +509,7 @@ class WorkerProcess(unittest.TestCase):
             "import sys\nsys.modules['_json'] = None\nfrom taskd import _wire\n"
             "print(_wire.encode(_wire.decode(' {\"a\": [1, 2.5, \"\\\\u00e9\"]}\\n')), 'json' in sys.modules)"
         )
-        out = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE_DIR,
-                             env=dict(os.environ, PYTHONPATH=PACKAGE_DIR), capture_output=True,
-                             text=True, check=True)
-        self.assertEqual(out.stdout.strip(), '{"a":[1,2.5,"\\u00e9"]} True')
+        self.assertEqual(self.probe(probe), '{"a":[1,2.5,"\\u00e9"]} True')
 
     def test_a_task_function_looks_like_its_function(self) -> None:
         app = taskd.App(queue="q")
