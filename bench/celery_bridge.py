@@ -31,6 +31,12 @@ bench/private_rabbitmq.py) and removes:
   daemon with its worker queue, or Celery's prefork worker), timed from its start to the
   last result read by the producers (`ResultSet.join_native`, the path of `.get()`), and
   also from the first result read (the consumer's start-up left out);
+- `--rounds R` takes each figure R times; `--against BIN` takes each figure with that other
+  taskd binary too, alternating with TASKD_BIN round by round on the same broker node (so
+  both builds see the same machine), and prints each build's median;
+- `--cpu` (ingest): the CPU time taskd's threads (by name, from /proc/<pid>/task/*/stat) and
+  the broker's server process spent from the first message taken to the last stored, per
+  message;
 - `--pin`: the producers on one CPU, everything else (the broker server, the taskd daemon
   and its workers or Celery's worker and its children, this script) on the others, by
   `os.sched_setaffinity` (inherited by children), identically for taskd and Celery.
@@ -39,7 +45,7 @@ Run with the bench venv's python (celery installed: bench/install.py makes it), 
 `cargo build --release`:
     target/bench/venv/bin/python bench/celery_bridge.py [--n 10000] [--concurrency 4]
         [--brokers redis,amqp] [--only ingest,producers,exec,worker,celery,drain] [--producers 4]
-        [--ingest-n N] [--pin]
+        [--ingest-n N] [--pin] [--rounds R] [--against OTHER_TASKD] [--cpu]
 Prints a line per figure with the load average (`/proc/loadavg`) before and after it was
 taken, and the whole as one JSON line at the end.
 """
@@ -47,7 +53,7 @@ import argparse, contextlib, json, os, shutil, subprocess, sys, tempfile, time, 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from peers import free_port  # noqa: E402
+from peers import free_port, tree  # noqa: E402
 from private_redis import Redis, log  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -203,6 +209,7 @@ def workdir(prefix):
 
 class Taskd:
     def __init__(self, tmp, broker, runner, c):
+        self.bin = TASKD
         self.tmp, self.api = tmp, free_port()
         self.config = os.path.join(tmp, "taskd.toml")
         argv = json.dumps([sys.executable, os.path.join(tmp, "taskd_worker.py")])
@@ -213,10 +220,10 @@ class Taskd:
         self.proc = None
 
     def cli(self, *args):
-        subprocess.run([TASKD, "-c", self.config, *args], check=True, capture_output=True, env=self.env)
+        subprocess.run([self.bin, "-c", self.config, *args], check=True, capture_output=True, env=self.env)
 
     def start(self):
-        self.proc = subprocess.Popen([TASKD, "-c", self.config, "start"], cwd=self.tmp, env=self.env,
+        self.proc = subprocess.Popen([self.bin, "-c", self.config, "start"], cwd=self.tmp, env=self.env,
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.tmp, "taskd.log"), "w"))
 
@@ -281,11 +288,54 @@ class Depth:
             self.conn.release()
 
 
-def ingest(broker, n, c, producers):
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_ticks(path):
+    """utime + stime (clock ticks) and the name from a /proc stat file, or None."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return name, int(fields[11]) + int(fields[12])
+
+
+def taskd_threads(pid):
+    """CPU ticks of each of taskd's threads, summed by thread name."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tids:
+        got = _stat_ticks(f"/proc/{pid}/task/{t}/stat")
+        if got:
+            out[got[0]] = out.get(got[0], 0) + got[1]
+    return out
+
+
+def broker_ticks(broker):
+    """CPU ticks of the broker server's processes (RabbitMQ: beam.smp and its helpers)."""
+    root = broker.server.server.pid if broker.kind == "amqp" else broker.server.proc.pid
+    return sum(got[1] for p in tree(root) if (got := _stat_ticks(f"/proc/{p}/stat")))
+
+
+def cpu_per_message(before, after, n):
+    """{name: µs per message} between two readings ({name: ticks})."""
+    return {k: round((after.get(k, 0) - before.get(k, 0)) / TICK * 1e6 / n, 1)
+            for k in sorted(after, key=lambda k: before.get(k, 0) - after.get(k, 0))
+            if after.get(k, 0) > before.get(k, 0)}
+
+
+def ingest(broker, n, c, producers, cpu=None):
     """Messages/s moved from the Celery broker into taskd's store: from the first message
     taken off the pre-filled queue (its depth drops below N) until all N are in taskd's store
     and acknowledged (the queue is empty, on Redis kombu's `unacked` too, and taskd's
-    `taskd_celery_ingested_total` says N)."""
+    `taskd_celery_ingested_total` says N). With `cpu` (a dict), the CPU each taskd thread and
+    the broker server spent meanwhile, in µs per message, is put there."""
     broker.reset()
     tmp = workdir("taskd-celery-bench-")
     e = env(broker)
@@ -313,6 +363,8 @@ def ingest(broker, n, c, producers):
                     raise BenchFailed("ingest: nothing taken after 600 s")
                 time.sleep(0.002)
             first = time.monotonic()
+            if cpu is not None:
+                threads0, broker0 = taskd_threads(d.proc.pid), broker_ticks(broker)
             while depth.ready() > 0 or depth.unacked() > 0:
                 if time.monotonic() > deadline:
                     raise BenchFailed("ingest: not done after 600 s")
@@ -322,6 +374,9 @@ def ingest(broker, n, c, producers):
                     raise BenchFailed(f"ingest: {d.ingested()} of {n} after 600 s")
                 time.sleep(0.002)
             took = time.monotonic() - first
+            if cpu is not None:
+                cpu.update(cpu_per_message(threads0, taskd_threads(d.proc.pid), n))
+                cpu["broker server"] = round((broker_ticks(broker) - broker0) / TICK * 1e6 / n, 1)
             return n / took, took
         finally:
             depth.close()
@@ -474,7 +529,62 @@ def end_to_end_celery(broker, n, c, producers):
             stop(w)
 
 
+def figures_of(broker, kind, a, only):
+    """Every figure `only` names, on `broker`, with the taskd binary TASKD names now."""
+    figures = {}
+    if "ingest" in only:
+        l = load()
+        cpu = {} if a.cpu else None
+        rate, took = ingest(broker, a.ingest_n or a.n, a.concurrency, a.producers, cpu)
+        after = load()
+        figures["ingest"] = {"per_s": round(rate), "load": l, "load_after": after}
+        log(f"{kind}: ingest {a.ingest_n or a.n} messages: {rate:.0f}/s ({took:.2f}s; load {l} -> {after})")
+        if cpu is not None:
+            figures["ingest"]["cpu_us_per_message"] = cpu
+            log(f"{kind}: ingest CPU per message (µs): " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    for what in ("producers", "exec", "worker", "celery"):
+        if what not in only:
+            continue
+        l = load()
+        if what == "producers":
+            rate, took, sent = producers_alone(broker, a.n, a.concurrency, a.producers)
+        elif what == "celery":
+            rate, took, sent = end_to_end_celery(broker, a.n, a.concurrency, a.producers)
+        else:
+            rate, took, sent = end_to_end_taskd(broker, a.n, a.concurrency, what, a.producers)
+        after = load()
+        figures[what] = {"per_s": round(rate), "sending_s": round(sent, 2), "load": l, "load_after": after}
+        step = "delay alone, nothing consuming" if what == "producers" else "delay->result"
+        log(f"{kind}: {step}, {what} (concurrency {a.concurrency}, {a.producers} producers): "
+            f"{rate:.0f}/s ({took:.1f}s, sending took {sent:.1f}s; load {l} -> {after})")
+    if "drain" in only:
+        for what in ("worker", "celery"):
+            l = load()
+            rate, took, rate_first, start = drain(broker, a.n, a.concurrency, a.producers, what)
+            after = load()
+            figures[f"drain_{what}"] = {"per_s": round(rate), "per_s_after_first": round(rate_first),
+                                        "first_result_s": round(start, 2), "load": l, "load_after": after}
+            log(f"{kind}: drain {a.n} queued, {what} (concurrency {a.concurrency}): {rate:.0f}/s from its "
+                f"start ({took:.1f}s, first result after {start:.1f}s), {rate_first:.0f}/s from the first "
+                f"result; load {l} -> {after}")
+        if "drain_celery" in figures:
+            figures["drain_worker_vs_celery"] = round(
+                figures["drain_worker"]["per_s"] / figures["drain_celery"]["per_s"], 2)
+    if "celery" in figures:
+        for what in ("exec", "worker"):
+            if what in figures:
+                figures[f"{what}_vs_celery"] = round(figures[what]["per_s"] / figures["celery"]["per_s"], 2)
+    return figures
+
+
+def median(xs):
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
 def main():
+    global TASKD
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=4)
@@ -484,6 +594,11 @@ def main():
     ap.add_argument("--only", default="ingest,producers,exec,worker,celery,drain")
     ap.add_argument("--pin", action="store_true",
                     help="producers on one CPU; broker, consumers and this script on the others")
+    ap.add_argument("--rounds", type=int, default=1, help="take each figure this many times")
+    ap.add_argument("--against", metavar="TASKD",
+                    help="another taskd binary, measured in turn with TASKD_BIN round by round")
+    ap.add_argument("--cpu", action="store_true",
+                    help="ingest: CPU per message of each taskd thread and of the broker server")
     a = ap.parse_args()
     only = a.only.split(",")
     out = {"n": a.n, "concurrency": a.concurrency, "producers": a.producers, "pin": None}
@@ -496,48 +611,34 @@ def main():
         os.sched_setaffinity(0, set(cpus[1:]))
         out["pin"] = {"producers": cpus[:1], "rest": cpus[1:]}
         log(f"pinned: producers on CPU {cpus[0]}; broker, consumers and this script on CPU {cpus[1:]}")
+    builds = [("taskd", TASKD)] + ([("against", a.against)] if a.against else [])
     for kind in a.brokers.split(","):
         broker = Broker(kind)
-        figures = out[kind] = {}
         try:
-            if "ingest" in only:
-                l = load()
-                rate, took = ingest(broker, a.ingest_n or a.n, a.concurrency, a.producers)
-                after = load()
-                figures["ingest"] = {"per_s": round(rate), "load": l, "load_after": after}
-                log(f"{kind}: ingest {a.ingest_n or a.n} messages: {rate:.0f}/s ({took:.2f}s; load {l} -> {after})")
-            for what in ("producers", "exec", "worker", "celery"):
-                if what not in only:
-                    continue
-                l = load()
-                if what == "producers":
-                    rate, took, sent = producers_alone(broker, a.n, a.concurrency, a.producers)
-                elif what == "celery":
-                    rate, took, sent = end_to_end_celery(broker, a.n, a.concurrency, a.producers)
-                else:
-                    rate, took, sent = end_to_end_taskd(broker, a.n, a.concurrency, what, a.producers)
-                after = load()
-                figures[what] = {"per_s": round(rate), "sending_s": round(sent, 2), "load": l, "load_after": after}
-                step = "delay alone, nothing consuming" if what == "producers" else "delay->result"
-                log(f"{kind}: {step}, {what} (concurrency {a.concurrency}, {a.producers} producers): "
-                    f"{rate:.0f}/s ({took:.1f}s, sending took {sent:.1f}s; load {l} -> {after})")
-            if "drain" in only:
-                for what in ("worker", "celery"):
-                    l = load()
-                    rate, took, rate_first, start = drain(broker, a.n, a.concurrency, a.producers, what)
-                    after = load()
-                    figures[f"drain_{what}"] = {"per_s": round(rate), "per_s_after_first": round(rate_first),
-                                                "first_result_s": round(start, 2), "load": l, "load_after": after}
-                    log(f"{kind}: drain {a.n} queued, {what} (concurrency {a.concurrency}): {rate:.0f}/s from its "
-                        f"start ({took:.1f}s, first result after {start:.1f}s), {rate_first:.0f}/s from the first "
-                        f"result; load {l} -> {after}")
-                if "drain_celery" in figures:
-                    figures["drain_worker_vs_celery"] = round(
-                        figures["drain_worker"]["per_s"] / figures["drain_celery"]["per_s"], 2)
-            if "celery" in figures:
-                for what in ("exec", "worker"):
-                    if what in figures:
-                        figures[f"{what}_vs_celery"] = round(figures[what]["per_s"] / figures["celery"]["per_s"], 2)
+            if a.rounds == 1 and not a.against:
+                out[kind] = figures_of(broker, kind, a, only)
+                continue
+            runs = out[kind] = {label: {"binary": path, "rounds": []} for label, path in builds}
+            for r in range(a.rounds):
+                # ABBA…: neither build always goes first after the other.
+                for label, path in (builds if r % 2 == 0 else builds[::-1]):
+                    TASKD = path
+                    log(f"{kind}: round {r + 1} of {a.rounds}, {label} ({path})")
+                    runs[label]["rounds"].append(figures_of(broker, kind, a, only))
+            for label, run in runs.items():
+                rates = {}
+                for fig in run["rounds"]:
+                    for what, v in fig.items():
+                        if isinstance(v, dict):
+                            rates.setdefault(what, []).append(v["per_s"])
+                run["median_per_s"] = {what: median(v) for what, v in rates.items()}
+                log(f"{kind}: {label} medians over {a.rounds} rounds: "
+                    + ", ".join(f"{w} {m:.0f}/s {sorted(rates[w])}" for w, m in run["median_per_s"].items()))
+            if a.against:
+                out[kind]["ratio"] = {w: round(m / runs["against"]["median_per_s"][w], 3)
+                                      for w, m in runs["taskd"]["median_per_s"].items()
+                                      if runs["against"]["median_per_s"].get(w)}
+                log(f"{kind}: taskd / against, by the medians: {out[kind]['ratio']}")
         finally:
             broker.close()
     print(json.dumps(out))

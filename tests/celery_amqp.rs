@@ -690,3 +690,94 @@ fn two_taskd_nodes_on_one_rabbitmq_run_each_celery_task_once() {
         "{queues:?}"
     );
 }
+
+/// Many messages waiting before taskd starts are ingested in pipelined batches (a small
+/// prefetch makes many of them), each acknowledged once it is stored; taskd killed with
+/// SIGKILL while it ingests loses none and, started again, makes none twice: every Celery
+/// id is one task, and RabbitMQ holds nothing, delivered or not.
+#[test]
+fn a_queue_ingested_in_batches_across_a_kill_is_every_message_once() {
+    let test = "a_queue_ingested_in_batches_across_a_kill_is_every_message_once";
+    let Some((py, server)) = setup(test) else {
+        return;
+    };
+    const N: usize = 3000;
+    let env = common::Env::new(&format!(
+        r#"
+[queues.math]
+command = ["/bin/true"]
+
+[celery]
+broker = "{}"
+result_backend = "rpc://"
+queues = ["celery"]
+prefetch = 40
+
+[celery.tasks]
+"app.add" = "math"
+"#,
+        server.url()
+    ));
+    // Nothing runs: what is measured is what was ingested.
+    env.ok(&["pause", "math"]);
+    let (ok, out, err) = celery_venv::run(
+        &py,
+        &format!(
+            r#"
+import os
+from celery import Celery
+app = Celery("probe", broker=os.environ["BROKER"], backend="rpc://")
+with app.producer_or_acquire() as producer:
+    for i in range({N}):
+        print(app.send_task("app.add", args=[i, 1], producer=producer).id)
+"#
+        ),
+        &[("BROKER", &server.url())],
+    );
+    assert!(ok, "the producer failed:\n{out}\n{err}");
+    let sent: std::collections::BTreeSet<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(sent.len(), N);
+    assert!(
+        common::poll(secs(30), || server
+            .queues()
+            .get("celery")
+            .is_some_and(|q| q.0 == N as u64)),
+        "{:?}",
+        server.queues()
+    );
+
+    let d = env.daemon();
+    assert!(
+        common::poll_every(std::time::Duration::from_millis(5), secs(60), || env
+            .count("math", "queued")
+            > 0),
+        "nothing ingested:\n{}",
+        d.log_text()
+    );
+    d.kill9();
+    let d = env.daemon();
+    assert!(
+        common::poll(secs(120), || server
+            .queues()
+            .get("celery")
+            .is_some_and(|q| (q.0, q.1) == (0, 0))
+            && env.count("math", "queued") == N as u64),
+        "queues {:?}, {} tasks:\n{}",
+        server.queues(),
+        env.count("math", "queued"),
+        d.log_text()
+    );
+    let stored: std::collections::BTreeSet<String> = env
+        .tasks_in("queued")
+        .iter()
+        .map(|t| t["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(stored, sent, "every Celery id is one task");
+    // A wrong acknowledgement (a tag acknowledged twice, or one not delivered) closes the
+    // channel: the session would have ended and connected again.
+    assert!(
+        !d.log_text().contains("lost the AMQP broker"),
+        "{}",
+        d.log_text()
+    );
+}

@@ -155,9 +155,17 @@ impl Bridge {
         let tasks: Vec<NewTask> = new.iter().map(|(_, t, _)| t.clone()).collect();
         match self.broker.enqueue(tasks).await {
             Ok(_) => {
+                // Counted per queue, not per task: a batch is mostly one queue's.
+                let mut counts: Vec<(&QueueName, u64)> = Vec::new();
                 for (_, t, _) in &new {
-                    self.metrics.celery_ingested(&t.queue);
-                    self.metrics.enqueued(&t.queue, 1);
+                    match counts.iter_mut().find(|(q, _)| *q == &t.queue) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((&t.queue, 1)),
+                    }
+                }
+                for (queue, n) in counts {
+                    self.metrics.celery_ingested_n(queue, n);
+                    self.metrics.enqueued(queue, n);
                 }
                 let owed = self.owe(new.iter().map(|(_, _, to)| to)).await;
                 new.into_iter()

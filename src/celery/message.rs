@@ -257,9 +257,6 @@ fn v2(
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    let mut fields = headers.clone();
-    fields.insert("args".into(), args);
-    fields.insert("kwargs".into(), kwargs);
     if !workflow.is_empty() {
         // The caller of a chain holds its last task's id: `embed.chain[0]`'s.
         let last = embed
@@ -284,12 +281,12 @@ fn v2(
             last.into_iter().collect(),
         ));
     }
-    task(&fields, delivery)
+    task(headers, Some(args), Some(kwargs), delivery)
 }
 
 /// Protocol v1: everything in the body, a JSON object.
 fn v1(body: Value, delivery: &Delivery) -> Result<CeleryTask, Failure> {
-    let Value::Object(fields) = body else {
+    let Value::Object(mut fields) = body else {
         return Err(malformed(
             "the message has no `task` header (protocol 2) and its body is no JSON object (protocol 1): not a Celery task message",
         ));
@@ -324,11 +321,19 @@ fn v1(body: Value, delivery: &Delivery) -> Result<CeleryTask, Failure> {
             rt.into_iter().collect(),
         ));
     }
-    task(&fields, delivery).map_err(|(r, d, _)| (r, d, rt.into_iter().collect()))
+    let args = fields.remove("args");
+    let kwargs = fields.remove("kwargs");
+    task(&fields, args, kwargs, delivery).map_err(|(r, d, _)| (r, d, rt.into_iter().collect()))
 }
 
-/// The task from its fields (v2: the headers with `args` and `kwargs` added; v1: the body).
-fn task(fields: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, Failure> {
+/// The task from its fields (v2: the headers; v1: the body) and its `args` and `kwargs`
+/// (v2: from the body; v1: taken out of the body's fields), moved into the task, not copied.
+fn task(
+    fields: &Map<String, Value>,
+    args: Option<Value>,
+    kwargs: Option<Value>,
+    delivery: &Delivery,
+) -> Result<CeleryTask, Failure> {
     let text = |k: &str| fields.get(k).and_then(Value::as_str).map(str::to_string);
     let name = text("task")
         .filter(|n| !n.is_empty())
@@ -339,14 +344,14 @@ fn task(fields: &Map<String, Value>, delivery: &Delivery) -> Result<CeleryTask, 
             "the task id \"{id_text}\" is not a UUID; taskd keeps a Celery task under its id, so it must be one (Celery's own ids are; drop a custom `task_id`)"
         ))
     })?;
-    let args = match fields.get("args") {
+    let args = match args {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Array(a)) => a,
         Some(_) => return Err(malformed("`args` is not a list")),
     };
-    let kwargs = match fields.get("kwargs") {
+    let kwargs = match kwargs {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(o)) => o.clone(),
+        Some(Value::Object(o)) => o,
         Some(_) => return Err(malformed("`kwargs` is not an object")),
     };
     let eta = time(fields, "eta")?;

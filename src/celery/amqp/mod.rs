@@ -156,6 +156,11 @@ type Incomings = futures_util::stream::SelectAll<
 /// One connection's life: `Ok` when `stop` ended it. The messages being ingested when `stop`
 /// come are finished and acknowledged first; the others delivered to taskd go back to their
 /// queues when the connection closes.
+///
+/// Ingest is a pipeline two batches deep: while one batch is being stored (the SQLite writer
+/// thread, its commit waiting for the disk), the deliveries received meanwhile are taken
+/// and read as the next batch, whose store is queued behind it. Batches are answered
+/// (acknowledged) strictly in the order they were taken.
 async fn session(
     bridge: &Arc<Bridge>,
     settings: &Settings,
@@ -174,11 +179,22 @@ async fn session(
         "Celery bridge: consuming from the AMQP broker at {addr}"
     );
     let mut failures = Doubling::new(Duration::from_millis(100), Duration::from_secs(10));
+    let most = batch_limit(settings);
+    let mut pending: Option<InFlight> = None;
     loop {
         let next = tokio::select! {
+            biased;
             _ = stop.cancelled() => {
+                if let Some(p) = pending.take() {
+                    answer(bridge, p, &mut failures, stop).await?;
+                }
                 let _ = conn.close(200, "taskd stops".into()).await;
                 return Ok(());
+            }
+            done = wait(&mut pending) => {
+                let p = pending.take().expect("a batch in flight");
+                answer_with(bridge, p, done, &mut failures, stop).await?;
+                continue;
             }
             n = all.next() => n,
         };
@@ -194,6 +210,11 @@ async fn session(
         };
         let first = match incoming {
             Incoming::Control(d) => {
+                // A revoke is handled once the tasks taken before it are stored, so that it
+                // finds them.
+                if let Some(p) = pending.take() {
+                    answer(bridge, p, &mut failures, stop).await?;
+                }
                 control(bridge, d).await?;
                 continue;
             }
@@ -204,8 +225,6 @@ async fn session(
         let mut batch = vec![first];
         let mut controls = Vec::new();
         let mut ended = None;
-        let most =
-            (usize::from(settings.prefetch).max(1) * settings.queues.len().max(1)).min(MAX_BATCH);
         while batch.len() < most {
             match all.next().now_or_never() {
                 Some(Some(Ok(Incoming::Task(ch, d)))) => batch.push((ch, d)),
@@ -224,35 +243,117 @@ async fn session(
                 None => break,
             }
         }
-        ingest_batch(bridge, batch, &mut failures, stop).await?;
-        for d in controls {
-            control(bridge, d).await?;
+        let next = start(bridge, batch, controls);
+        // The batch before it is answered first (acknowledgements go in the order the
+        // deliveries came); meanwhile the runtime reads this one and queues its store.
+        if let Some(p) = pending.take() {
+            answer(bridge, p, &mut failures, stop).await?;
         }
+        pending = Some(next);
         if let Some(end) = ended {
+            // What is in flight is stored all the same: its messages, not acknowledged on
+            // a broken connection, come again as tasks that exist.
+            if let Some(p) = pending.take() {
+                let _ = answer(bridge, p, &mut failures, stop).await;
+            }
             return Err(end);
         }
     }
 }
 
-/// Ingest `batch` (one store write), then acknowledge the messages that are durable; the
-/// others go back to their queues (`basic.nack` with requeue) after a pause that grows
-/// while the failures last (an immediate requeue would come straight back).
-///
-/// Each consumed queue has a channel of its own, and a channel's deliveries come in the
-/// order of their tags; the batch holds every delivery of its channels not acknowledged
-/// yet (each batch is answered before the next is taken). So when every message of a
-/// channel is durable, one `basic.ack` with `multiple` of its last tag covers exactly them;
-/// otherwise each durable one is acknowledged by its own tag.
-async fn ingest_batch(
-    bridge: &Bridge,
+/// The most deliveries in one batch: the prefetch of every queue, at most [`MAX_BATCH`].
+fn batch_limit(settings: &Settings) -> usize {
+    (usize::from(settings.prefetch).max(1) * settings.queues.len().max(1)).min(MAX_BATCH)
+}
+
+type Answers = Vec<Result<super::Ingested, super::IngestError>>;
+
+/// A batch taken and handed to the store, not yet answered to the broker.
+struct InFlight {
+    batch: Vec<(usize, lapin::message::Delivery)>,
+    /// Control messages received with it, handled once it is answered.
+    controls: Vec<lapin::message::Delivery>,
+    answers: tokio::task::JoinHandle<Answers>,
+}
+
+/// Hand `batch` to the bridge (read, then one store write) on a task of its own, so that
+/// the batch before it can be answered meanwhile.
+fn start(
+    bridge: &Arc<Bridge>,
     mut batch: Vec<(usize, lapin::message::Delivery)>,
+    controls: Vec<lapin::message::Delivery>,
+) -> InFlight {
+    let deliveries: Vec<Delivery> = batch.iter_mut().map(|(_, d)| delivery_of(d)).collect();
+    let b = bridge.clone();
+    let answers = tokio::spawn(async move {
+        b.ingest_batch(&deliveries, PriorityOrder::HigherFirst)
+            .await
+    });
+    InFlight {
+        batch,
+        controls,
+        answers,
+    }
+}
+
+/// The answers of the batch in flight, once they are all in (never, with none in flight).
+async fn wait(
+    pending: &mut Option<InFlight>,
+) -> Result<Answers, tokio::task::JoinError> {
+    match pending {
+        Some(p) => (&mut p.answers).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Wait for `p`'s answers, then answer its messages to the broker.
+async fn answer(
+    bridge: &Bridge,
+    mut p: InFlight,
     failures: &mut Doubling,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let deliveries: Vec<Delivery> = batch.iter_mut().map(|(_, d)| delivery_of(d)).collect();
-    let answers = bridge
-        .ingest_batch(&deliveries, PriorityOrder::HigherFirst)
-        .await;
+    let done = (&mut p.answers).await;
+    answer_with(bridge, p, done, failures, stop).await
+}
+
+/// Answer `p`'s messages to the broker from `done`, then handle the control messages that
+/// came with them.
+async fn answer_with(
+    bridge: &Bridge,
+    p: InFlight,
+    done: Result<Answers, tokio::task::JoinError>,
+    failures: &mut Doubling,
+    stop: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let answers = done.map_err(|e| SessionEnd {
+        // Its messages are not acknowledged: the broker delivers them again.
+        error: format!("ingesting a batch failed: {e}"),
+        consumed: true,
+    })?;
+    acknowledge(p.batch, answers, failures, stop).await?;
+    for d in p.controls {
+        control(bridge, d).await?;
+    }
+    Ok(())
+}
+
+/// Acknowledge the messages of `batch` that are durable (`answers`, one per message, in
+/// order); the others go back to their queues (`basic.nack` with requeue) after a pause
+/// that grows while the failures last (an immediate requeue would come straight back).
+///
+/// Each consumed queue has a channel of its own, and a channel's deliveries come in the
+/// order of their tags; every batch taken before this one is answered already (batches
+/// are answered in the order they were taken), so the deliveries of a channel not
+/// acknowledged yet up to this batch's last are exactly this batch's. So when every message
+/// of a channel is durable, one `basic.ack` with `multiple` of its last tag covers exactly
+/// them; otherwise each durable one is acknowledged by its own tag.
+async fn acknowledge(
+    batch: Vec<(usize, lapin::message::Delivery)>,
+    answers: Answers,
+    failures: &mut Doubling,
+    stop: &CancellationToken,
+) -> Result<(), SessionEnd> {
     let mut refused = Vec::new();
     let mut channels: Vec<usize> = batch.iter().map(|(ch, _)| *ch).collect();
     channels.sort_unstable();
