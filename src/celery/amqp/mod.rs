@@ -297,9 +297,7 @@ fn start(
 }
 
 /// The answers of the batch in flight, once they are all in (never, with none in flight).
-async fn wait(
-    pending: &mut Option<InFlight>,
-) -> Result<Answers, tokio::task::JoinError> {
+async fn wait(pending: &mut Option<InFlight>) -> Result<Answers, tokio::task::JoinError> {
     match pending {
         Some(p) => (&mut p.answers).await,
         None => std::future::pending().await,
