@@ -304,22 +304,22 @@ async fn wait(pending: &mut Option<InFlight>) -> Result<Answers, tokio::task::Jo
     }
 }
 
-/// Wait for `p`'s answers, then answer its messages to the broker.
+/// Wait for the answers of the batch `in_flight`, then answer its messages to the broker.
 async fn answer(
     bridge: &Bridge,
-    mut p: InFlight,
+    mut in_flight: InFlight,
     failures: &mut Doubling,
     stop: &CancellationToken,
 ) -> Result<(), SessionEnd> {
-    let done = (&mut p.answers).await;
-    answer_with(bridge, p, done, failures, stop).await
+    let done = (&mut in_flight.answers).await;
+    answer_with(bridge, in_flight, done, failures, stop).await
 }
 
-/// Answer `p`'s messages to the broker from `done`, then handle the control messages that
-/// came with them.
+/// Answer the messages of the batch `in_flight` to the broker from `done`, then handle the
+/// control messages that came with them.
 async fn answer_with(
     bridge: &Bridge,
-    p: InFlight,
+    in_flight: InFlight,
     done: Result<Answers, tokio::task::JoinError>,
     failures: &mut Doubling,
     stop: &CancellationToken,
@@ -329,8 +329,8 @@ async fn answer_with(
         error: format!("ingesting a batch failed: {e}"),
         consumed: true,
     })?;
-    acknowledge(p.batch, answers, failures, stop).await?;
-    for d in p.controls {
+    acknowledge(in_flight.batch, answers, failures, stop).await?;
+    for d in in_flight.controls {
         control(bridge, d).await?;
     }
     Ok(())
