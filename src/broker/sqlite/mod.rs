@@ -330,8 +330,10 @@ impl Broker for SqliteBroker {
             Finish::Succeeded => attempt.result.as_ref().map(|v| v.to_string()),
             _ => None,
         };
-        // Nobody waits on a result to go on: it may share a commit with its neighbours.
-        let queued = self.queue(false, None, move |conn| {
+        // Nobody waits on a result to go on: it may share a commit with its neighbours. No
+        // savepoint of its own (one per task was a good part of the writer's work): its only
+        // refusal, a lost lease, comes before it writes anything.
+        let queued = self.queue_bare(false, None, move |conn| {
                 let now = now_ms();
                 let row: Option<(i64, bool, String)> = conn
                     .prepare_cached(
