@@ -359,17 +359,18 @@ impl Proc {
 
     /// Whatever stdout and stderr hold right now, without waiting: what a worker printed
     /// before it wrote its result is in the pipes by the time the result is read.
+    ///
+    /// A pipe is read only while the runtime's readiness says it may hold something: the
+    /// worker wrote its output before its answer, so the readiness event that brought the
+    /// answer brought the output's too (one `epoll_wait` reports both), and a worker that
+    /// printed nothing costs no `read` that would only say EAGAIN (two per task before).
     pub(crate) fn drain_now(&mut self, mut sink: impl FnMut(bool, &[u8])) {
-        let mut buf = [0u8; 8192];
-        for (is_err, fd) in [
-            (false, self.stdout.as_ref().map(|s| s.as_raw_fd())),
-            (true, self.stderr.as_ref().map(|s| s.as_raw_fd())),
-        ] {
-            let Some(fd) = fd else { continue };
+        let mut buf = [0u8; OUTPUT_CHUNK];
+        for (is_err, pipe) in [(false, self.stdout.as_ref()), (true, self.stderr.as_ref())] {
+            let Some(pipe) = pipe else { continue };
             // Bounded: a worker that keeps writing cannot hold the loop here forever.
             for _ in 0..64 {
-                // Non-blocking, as tokio set the pipe up: EAGAIN when it is empty.
-                match nix::unistd::read(fd, &mut buf) {
+                match pipe.try_read(&mut buf) {
                     Ok(n) if n > 0 => sink(is_err, &buf[..n]),
                     _ => break,
                 }
