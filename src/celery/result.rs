@@ -102,7 +102,8 @@ pub fn iso_time(ms: UnixMs) -> String {
         match &*last {
             Some((at, text)) if *at == ms => text.clone(),
             _ => {
-                let t = jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                let t =
+                    jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
                 let text = format!("{}+00:00", t.strftime("%Y-%m-%dT%H:%M:%S%.6f"));
                 *last = Some((ms, text.clone()));
                 text

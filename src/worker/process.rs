@@ -481,7 +481,11 @@ async fn read_some(reader: &mut Option<pipe::Receiver>, buf: &mut Vec<u8>) -> Op
         match r.try_read_buf(buf) {
             Ok(0) => return None,
             Ok(n) => return Some(n),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(_) => return None,
         }
     }

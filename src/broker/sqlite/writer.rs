@@ -327,7 +327,9 @@ mod tests {
     async fn rows(broker: &SqliteBroker) -> Vec<i64> {
         broker
             .write(|conn| {
-                let mut s = conn.prepare("SELECT x FROM t ORDER BY x").map_err(storage)?;
+                let mut s = conn
+                    .prepare("SELECT x FROM t ORDER BY x")
+                    .map_err(storage)?;
                 let xs = s
                     .query_map([], |r| r.get(0))
                     .and_then(|it| it.collect())
@@ -344,12 +346,12 @@ mod tests {
             .map_err(storage)
     }
 
+    /// A write for [`one_batch`], with whether it goes without a savepoint.
+    type TestWrite = (bool, Box<dyn FnOnce(&Connection) -> Result<()> + Send>);
+
     /// Queues `writes` so that they share one transaction: the writer is held in the job
     /// before them until all are queued.
-    async fn one_batch(
-        broker: &SqliteBroker,
-        writes: Vec<(bool, Box<dyn FnOnce(&Connection) -> Result<()> + Send>)>,
-    ) -> Vec<Result<()>> {
+    async fn one_batch(broker: &SqliteBroker, writes: Vec<TestWrite>) -> Vec<Result<()>> {
         let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
         let (in_tx, in_rx) = std::sync::mpsc::channel::<()>();
         let gate = broker
@@ -384,7 +386,9 @@ mod tests {
 
     async fn scratch() -> (tempfile::TempDir, SqliteBroker) {
         let dir = tempfile::tempdir().unwrap();
-        let broker = SqliteBroker::open(&dir.path().join("taskd.db")).await.unwrap();
+        let broker = SqliteBroker::open(&dir.path().join("taskd.db"))
+            .await
+            .unwrap();
         broker
             .write(|conn| {
                 conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
