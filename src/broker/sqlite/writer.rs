@@ -297,15 +297,15 @@ impl SqliteBroker {
 /// How a job's caller is answered once its transaction has ended (`commit`: why it did not
 /// commit, if it did not).
 fn deliverer<T: Send + 'static>(
-    tx: tokio::sync::oneshot::Sender<Result<T>>,
-    r: Result<T>,
+    answer: tokio::sync::oneshot::Sender<Result<T>>,
+    result: Result<T>,
 ) -> Deliver {
     Box::new(move |commit: Option<&BrokerError>| {
-        let r = match commit {
+        let result = match commit {
             Some(e) => Err(e.clone()),
-            None => r,
+            None => result,
         };
-        let _ = tx.send(r);
+        let _ = answer.send(result);
     })
 }
 
@@ -340,8 +340,8 @@ mod tests {
             .unwrap()
     }
 
-    fn insert(conn: &Connection, x: i64) -> Result<()> {
-        conn.execute("INSERT INTO t (x) VALUES (?1)", [x])
+    fn insert(conn: &Connection, value: i64) -> Result<()> {
+        conn.execute("INSERT INTO t (x) VALUES (?1)", [value])
             .map(|_| ())
             .map_err(storage)
     }
