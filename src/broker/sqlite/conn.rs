@@ -48,9 +48,6 @@ fn is_busy(error: &rusqlite::Error) -> bool {
 /// docs/performance.md).
 const CACHE_KIB: i64 = 512;
 
-/// Statements the writer's connection keeps compiled.
-const WRITER_STATEMENTS: usize = 64;
-
 /// Open a connection with the settings every connection needs.
 fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)
@@ -192,10 +189,6 @@ fn open_writer_on(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
         .map_err(storage)?;
     persist_wal(&conn);
-    // Room for every statement the daemon's writes run (rusqlite keeps 16 by default, fewer
-    // than the claim, finish and enqueue paths and the writer's own transaction statements
-    // use between them): an evicted statement is compiled again on its next use.
-    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
     migrate(&conn)?;
     Ok(conn)
 }
