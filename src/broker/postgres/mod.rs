@@ -47,10 +47,10 @@ use tokio_postgres::types::ToSql;
 
 use self::conn::{pg, pool_error, Clock};
 use self::rows::{
-    boot_id, claimed, exec, history, insert_attempt, insert_plain, insert_task, is_plain, one, opt,
-    row_to_task, rows, task_seq, PLAIN_CHUNK, TASK_COLS,
+    boot_id, exec, history, insert_attempt, insert_plain, insert_task, is_plain, one, opt,
+    row_to_claimed, row_to_task, rows, task_seq, PLAIN_CHUNK, TASK_COLS,
 };
-use self::writer::{Applied, Job, Write};
+use self::writer::{Job, Write};
 use super::{
     Broker, BrokerError, CancelOutcome, Claimed, Enqueued, Finish, Flow, FlowState, FlowTable,
     Lease, ListFilter, LostLimits, NodeInfo, Orphan, QueueCounts, Queued, Recover, Result, StatRow,
@@ -145,16 +145,6 @@ impl PgBroker {
 
     fn now(&self) -> UnixMs {
         self.clock.now()
-    }
-
-    /// Queue `write` for the ordered writer and wait for its answer.
-    async fn write(&self, write: Write) -> Result<Applied> {
-        let (answer, rx) = oneshot::channel();
-        self.writes
-            .send(Job { write, answer })
-            .map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?
     }
 
     /// Raise wake-up `what` in every subscribed daemon when `tx` commits.
@@ -372,7 +362,7 @@ impl Broker for PgBroker {
         let c = self.client().await?;
         let found = rows(
             &c,
-            writer::CLAIM,
+            "SELECT * FROM claim($1, $2, $3, $4, $5)",
             &[
                 &queue.as_str(),
                 &node.as_str(),
@@ -382,31 +372,12 @@ impl Broker for PgBroker {
             ],
         )
         .await?;
-        claimed(&found, node)
-    }
-
-    /// Through the writer: the claim shares the transaction (and the WAL flush) of the
-    /// results queued before it. Claims under limits take their own transaction.
-    async fn claim_ahead(
-        &self,
-        node: &NodeId,
-        queue: &QueueName,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Vec<Claimed>> {
-        if max == 0 || !self.flow.get(queue).is_none() {
-            return self.claim(node, queue, max, lease).await;
-        }
-        let write = Write::Claim {
-            queue: queue.as_str().to_string(),
-            node: node.clone(),
-            max: max.min(i32::MAX as usize) as i32,
-            lease_ms: lease.as_millis() as i64,
-        };
-        match self.write(write).await? {
-            Applied::Claimed(c) => Ok(c),
-            Applied::Done => Ok(Vec::new()),
-        }
+        let mut claimed = found
+            .iter()
+            .map(|r| row_to_claimed(r, node))
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(seq, c)| (-c.task.priority, *seq));
+        Ok(claimed.into_iter().map(|(_, c)| c).collect())
     }
 
     fn set_flow(&self, queue: &QueueName, flow: Flow) {
@@ -424,13 +395,20 @@ impl Broker for PgBroker {
     }
 
     async fn started(&self, lease: &Lease, pid: i32, pid_start: u64) -> Result<()> {
-        self.write(Write::Started {
-            lease: lease.clone(),
-            pid,
-            pid_start,
-        })
-        .await
-        .map(|_| ())
+        let (answer, rx) = oneshot::channel();
+        let job = Job {
+            write: Write::Started {
+                lease: lease.clone(),
+                pid,
+                pid_start,
+            },
+            answer,
+        };
+        self.writes
+            .send(job)
+            .map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?
     }
 
     async fn renew(&self, leases: &[Lease], lease: Duration) -> Result<Vec<TaskId>> {
@@ -515,7 +493,6 @@ impl Broker for PgBroker {
             sent.map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?;
             rx.await
                 .map_err(|_| BrokerError::Unavailable("the broker's writer has stopped".into()))?
-                .map(|_| ())
         })
     }
 

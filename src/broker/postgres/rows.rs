@@ -129,17 +129,6 @@ pub(super) fn row_to_claimed(row: &Row, node: &NodeId) -> Result<(i64, crate::br
     ))
 }
 
-/// A claim's rows as its answer, in claim order (priority, then age), as
-/// [`crate::broker::Broker::claim`] returns them.
-pub(super) fn claimed(found: &[Row], node: &NodeId) -> Result<Vec<crate::broker::Claimed>> {
-    let mut claimed = found
-        .iter()
-        .map(|r| row_to_claimed(r, node))
-        .collect::<Result<Vec<_>>>()?;
-    claimed.sort_by_key(|(seq, c)| (-c.task.priority, *seq));
-    Ok(claimed.into_iter().map(|(_, c)| c).collect())
-}
-
 /// The states in which a task is not finished (a unique key holds only among these).
 const ACTIVE: &str = "('scheduled', 'queued', 'running', 'retrying')";
 

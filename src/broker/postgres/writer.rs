@@ -1,10 +1,7 @@
 //! The ordered writer (rule 6): results (`finish`) and starts (`started`) of this client go
 //! to one task over a channel, in the order they were called, and are applied in that
 //! order: whatever is waiting is folded into one transaction (one commit, one WAL flush, for
-//! many results under load). Claims ahead of need (`claim_ahead`: the node still holds
-//! tasks to start) join the same queue, so that a claim and the results before it share a
-//! commit instead of paying a WAL flush each. A start or a claim is one statement; finishes
-//! in a row are one statement
+//! many results under load). A start is one statement; finishes in a row are one statement
 //! together, over arrays (one row each), so that the server plans and runs one statement
 //! per batch rather than one per result. A batch is sent in one round trip: `BEGIN`, the
 //! statements and `COMMIT` pipelined (PostgreSQL runs them in the order sent); a batch of
@@ -23,9 +20,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Statement;
 
 use super::conn::{pg, pool_error, Clock};
-use super::rows::{boot_id, claimed, text};
-use crate::broker::{BrokerError, Claimed, Finish, Lease, Result};
-use crate::model::{AttemptRecord, NodeId};
+use super::rows::{boot_id, text};
+use crate::broker::{BrokerError, Finish, Lease, Result};
+use crate::model::AttemptRecord;
 use std::sync::Arc;
 
 /// Most writes folded into one transaction.
@@ -44,26 +41,11 @@ pub(super) enum Write {
         pid: i32,
         pid_start: u64,
     },
-    /// Up to `max` tasks of `queue` for `node`, as the `claim` SQL function takes them; its
-    /// commit is the batch's (with the WAL flush a claim keeps, see docs/postgres.md).
-    Claim {
-        queue: String,
-        node: NodeId,
-        max: i32,
-        lease_ms: i64,
-    },
-}
-
-/// What a write did: a result or a start is applied (or refused); a claim took tasks.
-#[derive(Debug)]
-pub(super) enum Applied {
-    Done,
-    Claimed(Vec<Claimed>),
 }
 
 pub(super) struct Job {
     pub write: Write,
-    pub answer: oneshot::Sender<Result<Applied>>,
+    pub answer: oneshot::Sender<Result<()>>,
 }
 
 pub(super) fn start(pool: Pool, addr: String, clock: Arc<Clock>) -> mpsc::UnboundedSender<Job> {
@@ -108,7 +90,7 @@ async fn writer_loop(
                 // One write broke the batch: apply each by itself, in order.
                 for (j, call) in batch.into_iter().zip(&calls) {
                     let one = match apply_all(&client, std::slice::from_ref(call), now).await {
-                        Ok(mut a) => a.pop().unwrap_or(Ok(Applied::Done)),
+                        Ok(mut a) => a.pop().unwrap_or(Ok(())),
                         Err(e) => Err(e),
                     };
                     let _ = j.answer.send(one);
@@ -133,10 +115,6 @@ enum Call {
         args: Vec<Box<dyn ToSql + Sync + Send>>,
     },
     Finish(Box<FinishRow>),
-    Claim {
-        node: NodeId,
-        args: Vec<Box<dyn ToSql + Sync + Send>>,
-    },
 }
 
 /// A finish as one row of the finish statement's arrays.
@@ -182,21 +160,6 @@ impl Call {
                     Box::new(boot_id().to_string()),
                 ],
             },
-            Write::Claim {
-                queue,
-                node,
-                max,
-                lease_ms,
-            } => Call::Claim {
-                node: node.clone(),
-                args: vec![
-                    Box::new(queue.clone()),
-                    Box::new(node.as_str().to_string()),
-                    Box::new(*max),
-                    Box::new(now),
-                    Box::new(*lease_ms),
-                ],
-            },
             Write::Finish {
                 lease,
                 attempt,
@@ -237,20 +200,18 @@ impl Call {
         }
     }
 
-    /// The task id a finish is matched by (`None` for a start or a claim, each a statement
-    /// by itself).
-    fn finish_id(&self) -> Option<&str> {
+    fn lease(&self) -> &Lease {
         match self {
-            Call::Finish(f) => Some(f.id.as_str()),
-            Call::Started { .. } | Call::Claim { .. } => None,
+            Call::Started { lease, .. } => lease,
+            Call::Finish(f) => &f.lease,
         }
     }
 }
 
-/// The statements of a batch, as ranges of its writes: each start or claim by itself, and
-/// each run of finishes in a row as one statement over arrays, cut where a task would come
-/// twice (one statement could not apply both in order). `writes` gives a finish's task id,
-/// and `None` for a start or a claim.
+/// The statements of a batch, as ranges of its writes: each start by itself, and each run
+/// of finishes in a row as one statement over arrays, cut where a task would come twice
+/// (one statement could not apply both in order). `writes` gives a finish's task id, and
+/// `None` for a start.
 fn units<'a>(writes: impl Iterator<Item = Option<&'a str>>) -> Vec<std::ops::Range<usize>> {
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
     let mut ids: std::collections::HashSet<&str> = std::collections::HashSet::new();
@@ -312,24 +273,26 @@ async fn apply_all(
     client: &deadpool_postgres::Object,
     calls: &[Call],
     now: i64,
-) -> Result<Vec<Result<Applied>>> {
+) -> Result<Vec<Result<()>>> {
     // Prepared first: a statement sent while its preparation is still on its way would
     // reach the server after the `COMMIT`.
     let finish = client.prepare_cached(FINISH).await.map_err(pg)?;
     let started = client.prepare_cached(STARTED).await.map_err(pg)?;
-    let claim = client.prepare_cached(CLAIM).await.map_err(pg)?;
-    let units = units(calls.iter().map(Call::finish_id));
+    let units = units(calls.iter().map(|c| match c {
+        Call::Finish(f) => Some(f.id.as_str()),
+        Call::Started { .. } => None,
+    }));
     // Each unit's statement and arguments; a start's id is its `$1`.
     let args: Vec<Vec<Box<dyn ToSql + Sync + Send>>> = units
         .iter()
         .map(|u| match &calls[u.start] {
-            Call::Started { .. } | Call::Claim { .. } => Vec::new(),
+            Call::Started { .. } => Vec::new(),
             Call::Finish(_) => {
                 let rows: Vec<&FinishRow> = calls[u.clone()]
                     .iter()
                     .filter_map(|c| match c {
                         Call::Finish(f) => Some(&**f),
-                        Call::Started { .. } | Call::Claim { .. } => None,
+                        Call::Started { .. } => None,
                     })
                     .collect();
                 finish_params(&rows, now)
@@ -346,7 +309,6 @@ async fn apply_all(
                 p.extend(args.iter().map(|a| &**a as &(dyn ToSql + Sync)));
                 p
             }
-            Call::Claim { args, .. } => args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect(),
             Call::Finish(_) => a.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect(),
         })
         .collect();
@@ -354,28 +316,21 @@ async fn apply_all(
         let statement = match &calls[u.start] {
             Call::Started { .. } => &started,
             Call::Finish(_) => &finish,
-            Call::Claim { .. } => &claim,
         };
         send_unit(client, statement, &calls[u.start], p)
     };
-    let applied: Vec<Got> = if units.len() == 1 {
+    let applied: Vec<Vec<String>> = if units.len() == 1 {
         vec![send(&units[0], &params[0]).await.map_err(pg)?]
     } else {
         let mut sent: Vec<Sent<'_>> = Vec::with_capacity(units.len() + 2);
         sent.push(Box::pin(async {
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map(|()| Got::Ids(Vec::new()))
+            client.batch_execute("BEGIN").await.map(|()| Vec::new())
         }));
         for (u, p) in units.iter().zip(&params) {
             sent.push(send(u, p));
         }
         sent.push(Box::pin(async {
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map(|()| Got::Ids(Vec::new()))
+            client.batch_execute("COMMIT").await.map(|()| Vec::new())
         }));
         // The first error is the cause; those after it say only that the transaction was
         // aborted (and the `COMMIT` of an aborted transaction rolls it back, answering no
@@ -390,53 +345,28 @@ async fn apply_all(
         applied
     };
     let mut out = Vec::with_capacity(calls.len());
-    for (u, got) in units.iter().zip(applied) {
-        let ids = match got {
-            Got::Claimed(rows) => {
-                let node = match &calls[u.start] {
-                    Call::Claim { node, .. } => node,
-                    Call::Started { .. } | Call::Finish(_) => {
-                        return Err(BrokerError::Storage(
-                            "the writer matched claimed rows to a write that is no claim".into(),
-                        ))
-                    }
-                };
-                out.push(claimed(&rows, node).map(Applied::Claimed));
-                continue;
-            }
-            Got::Ids(ids) => ids,
-        };
+    for (u, ids) in units.iter().zip(applied) {
         for c in &calls[u.clone()] {
-            let (id, lease) = match c {
-                Call::Started { id, lease, .. } => (id, lease),
-                Call::Finish(f) => (&f.id, &f.lease),
-                Call::Claim { .. } => {
-                    return Err(BrokerError::Storage(
-                        "the writer matched task ids to a claim".into(),
-                    ))
-                }
+            let id = match c {
+                Call::Started { id, .. } => id,
+                Call::Finish(f) => &f.id,
             };
             out.push(if ids.iter().any(|i| i == id) {
-                Ok(Applied::Done)
+                Ok(())
             } else {
-                Err(BrokerError::LeaseLost(lease.task))
+                Err(BrokerError::LeaseLost(c.lease().task))
             });
         }
     }
     Ok(out)
 }
 
-/// A statement's answer: the ids of the tasks whose write it applied, or a claim's rows.
-enum Got {
-    Ids(Vec<String>),
-    Claimed(Vec<tokio_postgres::Row>),
-}
-
-type Sent<'a> =
-    Pin<Box<dyn Future<Output = std::result::Result<Got, tokio_postgres::Error>> + Send + 'a>>;
+type Sent<'a> = Pin<
+    Box<dyn Future<Output = std::result::Result<Vec<String>, tokio_postgres::Error>> + Send + 'a>,
+>;
 
 /// Send one statement of a batch (`first` is its first write): its answer is the ids of the
-/// tasks whose write it applied, or the rows a claim took.
+/// tasks whose write it applied.
 fn send_unit<'a>(
     client: &'a deadpool_postgres::Object,
     statement: &'a Statement,
@@ -447,26 +377,19 @@ fn send_unit<'a>(
         Call::Started { id, .. } => {
             let run = client.execute(statement, params);
             Box::pin(async move {
-                Ok(Got::Ids(if run.await? > 0 {
+                Ok(if run.await? > 0 {
                     vec![id.clone()]
                 } else {
                     Vec::new()
-                }))
+                })
             })
         }
         Call::Finish(_) => {
             let run = client.query(statement, params);
-            Box::pin(async move { Ok(Got::Ids(run.await?.iter().map(|r| r.get(0)).collect())) })
-        }
-        Call::Claim { .. } => {
-            let run = client.query(statement, params);
-            Box::pin(async move { Ok(Got::Claimed(run.await?)) })
+            Box::pin(async move { Ok(run.await?.iter().map(|r| r.get(0)).collect()) })
         }
     }
 }
-
-/// A claim: the `claim` SQL function (schema.rs), as [`crate::broker::Broker::claim`] calls it.
-pub(super) const CLAIM: &str = "SELECT * FROM claim($1, $2, $3, $4, $5)";
 
 /// Run `futures` together, polling each in the order given: tokio-postgres sends a request
 /// when its future is first polled, so the server receives them in this order (one round
@@ -560,51 +483,7 @@ SELECT id FROM done";
 
 #[cfg(test)]
 mod tests {
-    use super::{units, Call, Write};
-    use crate::broker::{Finish, Lease};
-    use crate::model::{NodeId, TaskId};
-
-    fn lease(task: TaskId) -> Lease {
-        Lease {
-            task,
-            token: 1,
-            node: NodeId::from("n:1".to_string()),
-        }
-    }
-
-    fn finish(task: TaskId) -> Write {
-        Write::Finish {
-            lease: lease(task),
-            attempt: Box::default(),
-            next: Finish::Succeeded,
-            result: None,
-        }
-    }
-
-    #[test]
-    fn a_claim_ahead_is_a_statement_of_its_own_between_the_finishes_around_it() {
-        let (a, b, c) = (TaskId::new(), TaskId::new(), TaskId::new());
-        let claim = Write::Claim {
-            queue: "q".into(),
-            node: NodeId::from("n:1".to_string()),
-            max: 16,
-            lease_ms: 30_000,
-        };
-        let started = Write::Started {
-            lease: lease(c),
-            pid: 1,
-            pid_start: 1,
-        };
-        let writes = [finish(a), finish(b), claim, finish(c), started];
-        let calls: Vec<Call> = writes.iter().map(|w| Call::new(w, 0)).collect();
-        // The finishes before the claim share a statement; the claim and the start stand
-        // alone, in the order queued, all in one transaction.
-        assert_eq!(
-            units(calls.iter().map(Call::finish_id)),
-            vec![0..2, 2..3, 3..4, 4..5]
-        );
-        assert!(matches!(&calls[2], Call::Claim { args, .. } if args.len() == 5));
-    }
+    use super::units;
 
     #[test]
     fn finishes_in_a_row_share_a_statement_and_starts_and_repeats_cut_the_run() {
