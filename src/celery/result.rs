@@ -90,9 +90,26 @@ fn exception(module: &str, class: &str, message: &str) -> Value {
 }
 
 /// `ms` as Celery writes `date_done`: ISO 8601 in UTC with microseconds and `+00:00`.
+///
+/// The ends written together share one instant: the last one formatted is kept (per
+/// thread) and handed out again for the same millisecond instead of formatted anew.
 pub fn iso_time(ms: UnixMs) -> String {
-    let t = jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    format!("{}+00:00", t.strftime("%Y-%m-%dT%H:%M:%S%.6f"))
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(UnixMs, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((at, text)) if *at == ms => text.clone(),
+            _ => {
+                let t =
+                    jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                let text = format!("{}+00:00", t.strftime("%Y-%m-%dT%H:%M:%S%.6f"));
+                *last = Some((ms, text.clone()));
+                text
+            }
+        }
+    })
 }
 
 /// Where results go: a Celery result backend. The bridge calls [`ResultSink::store`] for
@@ -182,5 +199,16 @@ mod tests {
         assert_eq!(started["status"], "STARTED");
         assert_eq!(started["date_done"], Value::Null);
         assert_eq!(started["result"], json!({"pid": 7, "hostname": "h"}));
+    }
+
+    #[test]
+    fn iso_times_follow_the_instant_asked_for() {
+        // The same instant twice (the second from the kept text), then others.
+        let at = 1_764_980_000_123;
+        assert_eq!(iso_time(at), "2025-12-06T00:13:20.123000+00:00");
+        assert_eq!(iso_time(at), "2025-12-06T00:13:20.123000+00:00");
+        assert_eq!(iso_time(at + 1), "2025-12-06T00:13:20.124000+00:00");
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000000+00:00");
+        assert_eq!(iso_time(at), "2025-12-06T00:13:20.123000+00:00");
     }
 }

@@ -80,6 +80,22 @@ impl QueueRt {
     }
 }
 
+/// What the queue's dispatcher would claim now ([`claim::plan`] of what it holds and runs).
+fn claim_plan(queue: &QueueRt) -> claim::ClaimPlan {
+    let prepared = queue.prepared();
+    // A queue with a rate holds nothing ahead: each claim is charged as a start, so it must
+    // be one.
+    let rated = prepared.config.rate.is_some();
+    claim::plan(claim::QueueLoad {
+        concurrency: prepared.config.concurrency,
+        running: queue.running.load(Ordering::Acquire),
+        held: queue.held.lock().expect("not poisoned").len(),
+        idle_workers: queue.pool().map(|p| p.available()),
+        backlog: queue.backlog.load(Ordering::Acquire) && !rated,
+        last_run_ms: queue.last_run_ms.load(Ordering::Relaxed),
+    })
+}
+
 /// Why a node stops claiming (see [`Supervisor::halt`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Halt {
@@ -612,18 +628,8 @@ impl Supervisor {
                 continue;
             }
             self.start_held(&queue);
-            // A queue with a rate holds nothing ahead: each claim is charged as a start, so
-            // it must be one.
             let rated = queue.prepared().config.rate.is_some();
-            let plan = claim::plan(claim::QueueLoad {
-                concurrency: queue.prepared().config.concurrency,
-                running: queue.running.load(Ordering::Acquire),
-                held: queue.held.lock().expect("not poisoned").len(),
-                idle_workers: queue.pool().map(|p| p.available()),
-                backlog: queue.backlog.load(Ordering::Acquire) && !rated,
-                last_run_ms: queue.last_run_ms.load(Ordering::Relaxed),
-            });
-            if let claim::ClaimPlan::Claim { want, now } = plan {
+            if let claim::ClaimPlan::Claim { want, now } = claim_plan(&queue) {
                 let asked = tokio::time::Instant::now();
                 let claimed = if now {
                     self.broker
@@ -699,7 +705,8 @@ impl Supervisor {
         }
     }
 
-    /// Until the queue is kicked (a wake-up, a finished task, a resume, an unhalt), the
+    /// Until the queue is kicked (a wake-up, a finished task that leaves it something to
+    /// claim, a resume, an unhalt), the
     /// fallback tick, a drain or the queue's removal.
     async fn wait_for_news(&self, queue: &QueueRt) {
         self.wait_for_news_or(queue, None).await
@@ -979,7 +986,11 @@ impl Supervisor {
         let queued = self.broker.finish(&claimed.lease, record.clone(), finish);
         queue.running.fetch_sub(1, Ordering::AcqRel);
         self.start_held(&queue);
-        queue.kick.notify_one();
+        // The dispatcher is woken only when it would claim: a wake-up per finished task that
+        // found the held buffer full enough cost a turn of its loop (and a timer) each.
+        if claim_plan(&queue) != claim::ClaimPlan::Wait {
+            queue.kick.notify_one();
+        }
         let end = live.as_ref().map(|_| end_info(&record, finish));
         let recorded = self.settle(queued, &claimed.lease, record, finish).await;
         if finish != Finish::Release {

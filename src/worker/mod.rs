@@ -97,6 +97,9 @@ struct Job {
     stop: Stop,
     spawned: Option<oneshot::Sender<Spawned>>,
     reply: oneshot::Sender<Outcome>,
+    /// The caller's span (the supervisor's `task{queue, task, attempt}` of this run), for
+    /// the log lines of the run; none when the caller had none.
+    span: tracing::Span,
 }
 
 struct Slot {
@@ -210,6 +213,7 @@ impl Reserved {
             stop,
             spawned,
             reply,
+            span: tracing::Span::current(),
         };
         if slot.jobs.send(job).await.is_err() {
             return unavailable();
@@ -967,7 +971,13 @@ async fn run_task(shared: &Shared, slot: &Slot, process: &mut Proc, job: Job) ->
     let (_, settings) = shared.current();
     let q = &settings.config;
     let task = &job.task;
-    let span = tracing::info_span!("task", queue = %q.name, task = %task.id, attempt = job.attempt);
+    // The supervisor's span of this run names the same queue, task and attempt: taken
+    // over rather than a second one made and formatted for every task.
+    let span = if job.span.is_none() {
+        tracing::info_span!("task", queue = %q.name, task = %task.id, attempt = job.attempt)
+    } else {
+        job.span.clone()
+    };
     let started_at_ms = now_ms();
     if let Some(tx) = job.spawned {
         let _ = tx.send(Spawned { pid: process.pid });

@@ -53,6 +53,11 @@ struct LineReader {
     done: bool,
 }
 
+/// How much room a read of the result pipe or of the output pipes has at least.
+const READ_CHUNK: usize = 16 * 1024;
+/// How much of a worker's output one read takes.
+const OUTPUT_CHUNK: usize = 8 * 1024;
+
 enum Read {
     Line(Vec<u8>),
     TooLong(Vec<u8>),
@@ -85,10 +90,12 @@ impl LineReader {
                 self.scanned = 0;
                 return Read::Line(std::mem::take(&mut self.buf));
             }
-            let mut chunk = [0u8; 16 * 1024];
-            match self.rx.read(&mut chunk).await {
+            // Read straight into the line buffer's spare room (kept between tasks), not into
+            // a zeroed 16 KiB array on the stack copied over after every read.
+            self.buf.reserve(READ_CHUNK);
+            match self.rx.read_buf(&mut self.buf).await {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => self.eof = true,
             }
@@ -302,8 +309,10 @@ impl Proc {
 
     /// The next thing the worker did. Cancel-safe.
     pub(crate) async fn next_event(&mut self) -> Event {
-        let mut out = [0u8; 8192];
-        let mut err = [0u8; 8192];
+        // Output is read into vectors of its own (handed on as they are), not into two
+        // zeroed 8 KiB arrays set up on every call, most of which read nothing.
+        let mut out = Vec::new();
+        let mut err = Vec::new();
         let Proc {
             leader,
             results,
@@ -323,11 +332,11 @@ impl Proc {
                 Read::Eof => Event::ResultsClosed,
             },
             n = read_some(stdout, &mut out), if stdout.is_some() => match n {
-                Some(n) => Event::Stdout(out[..n].to_vec()),
+                Some(_) => Event::Stdout(out),
                 None => { *stdout = None; Event::Stdout(Vec::new()) }
             },
             n = read_some(stderr, &mut err), if stderr.is_some() => match n {
-                Some(n) => Event::Stderr(err[..n].to_vec()),
+                Some(_) => Event::Stderr(err),
                 None => { *stderr = None; Event::Stderr(Vec::new()) }
             },
             st = leader.wait(), if exited.is_none() => {
@@ -350,17 +359,18 @@ impl Proc {
 
     /// Whatever stdout and stderr hold right now, without waiting: what a worker printed
     /// before it wrote its result is in the pipes by the time the result is read.
+    ///
+    /// A pipe is read only while the runtime's readiness says it may hold something: the
+    /// worker wrote its output before its answer, so the readiness event that brought the
+    /// answer brought the output's too (one `epoll_wait` reports both), and a worker that
+    /// printed nothing costs no `read` that would only say EAGAIN (two per task before).
     pub(crate) fn drain_now(&mut self, mut sink: impl FnMut(bool, &[u8])) {
-        let mut buf = [0u8; 8192];
-        for (is_err, fd) in [
-            (false, self.stdout.as_ref().map(|s| s.as_raw_fd())),
-            (true, self.stderr.as_ref().map(|s| s.as_raw_fd())),
-        ] {
-            let Some(fd) = fd else { continue };
+        let mut buf = [0u8; OUTPUT_CHUNK];
+        for (is_err, pipe) in [(false, self.stdout.as_ref()), (true, self.stderr.as_ref())] {
+            let Some(pipe) = pipe else { continue };
             // Bounded: a worker that keeps writing cannot hold the loop here forever.
             for _ in 0..64 {
-                // Non-blocking, as tokio set the pipe up: EAGAIN when it is empty.
-                match nix::unistd::read(fd, &mut buf) {
+                match pipe.try_read(&mut buf) {
                     Ok(n) if n > 0 => sink(is_err, &buf[..n]),
                     _ => break,
                 }
@@ -458,16 +468,24 @@ async fn next_line(results: &mut Option<LineReader>) -> Read {
     }
 }
 
-async fn read_some<R: tokio::io::AsyncRead + Unpin>(
-    reader: &mut Option<R>,
-    buf: &mut [u8],
-) -> Option<usize> {
+/// One read of up to [`OUTPUT_CHUNK`] bytes into `buf` (empty); `None` at the end or on
+/// an error. Cancel-safe. The room is reserved only once the pipe is readable, so a call
+/// cancelled before (most are: the answer comes first) allocates nothing.
+async fn read_some(reader: &mut Option<pipe::Receiver>, buf: &mut Vec<u8>) -> Option<usize> {
     let r = reader.as_mut()?;
     loop {
-        match r.read(buf).await {
+        if r.readable().await.is_err() {
+            return None;
+        }
+        buf.reserve_exact(OUTPUT_CHUNK);
+        match r.try_read_buf(buf) {
             Ok(0) => return None,
             Ok(n) => return Some(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(_) => return None,
         }
     }

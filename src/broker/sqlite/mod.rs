@@ -330,22 +330,30 @@ impl Broker for SqliteBroker {
             Finish::Succeeded => attempt.result.as_ref().map(|v| v.to_string()),
             _ => None,
         };
-        // Nobody waits on a result to go on: it may share a commit with its neighbours.
-        let queued = self.queue(false, None, move |conn| {
+        // Nobody waits on a result to go on: it may share a commit with its neighbours. No
+        // savepoint of its own (one per task was a good part of the writer's work): its only
+        // refusal, a lost lease, comes before it writes anything.
+        let queued = self.queue_bare(false, None, move |conn| {
                 let now = now_ms();
-                let row: Option<(i64, bool, String)> = conn
+                // With the row: whether a dependant waits on this task (read in the same
+                // statement, before the update's triggers count it down).
+                let row: Option<(i64, bool, String, bool)> = conn
                     .prepare_cached(
-                        "SELECT seq, cancel_requested, state FROM tasks
+                        "SELECT seq, cancel_requested, state,
+                                EXISTS (SELECT 1 FROM deps JOIN tasks AS child ON child.seq = deps.child
+                                        WHERE deps.parent = tasks.seq AND child.blocked > 0)
+                         FROM tasks
                          WHERE id = ?1 AND lease_token = ?2 AND lease_node = ?3 AND state IN ('queued', 'running')",
                     )
                     .and_then(|mut s| {
                         s.query_row(params![held.task.to_string(), held.token, held.node.as_str()], |r| {
-                            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
+                            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?, r.get(3)?))
                         })
                         .optional()
                     })
                     .map_err(storage)?;
-                let (seq, cancel_requested, state) = row.ok_or(BrokerError::LeaseLost(held.task))?;
+                let (seq, cancel_requested, state, dependants) =
+                    row.ok_or(BrokerError::LeaseLost(held.task))?;
                 // `started` counts the attempt when it is recorded; a task finished before that
                 // record (it never started, or the record is still on its way) is counted here.
                 let counted = state == "running";
@@ -379,14 +387,7 @@ impl Broker for SqliteBroker {
                     Finish::Requeue | Finish::Release => (TaskState::Queued, None, None),
                 };
                 // A success that unblocks dependants is work for whichever daemon serves them.
-                let unblocks = next == Finish::Succeeded
-                    && conn
-                        .prepare_cached(
-                            "SELECT EXISTS (SELECT 1 FROM deps JOIN tasks ON tasks.seq = deps.child
-                                            WHERE deps.parent = ?1 AND tasks.blocked > 0)",
-                        )
-                        .and_then(|mut s| s.query_row([seq], |r| r.get::<_, bool>(0)))
-                        .map_err(storage)?;
+                let unblocks = next == Finish::Succeeded && dependants;
                 let error = match next {
                     Finish::Succeeded | Finish::Release => None,
                     Finish::Cancelled if cancel_requested => Some("cancelled by an operator".to_string()),

@@ -20,13 +20,27 @@ const BUSY_WINDOW: Duration = Duration::from_millis(2);
 const LINGER: Duration = Duration::from_millis(3);
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 512;
+/// Prepared statements the writer's connection keeps.
+const STATEMENT_CACHE: usize = 64;
 
 type Deliver = Box<dyn FnOnce(Option<&BrokerError>) + Send>;
-type Work = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
+type Work = Box<dyn FnOnce(&Connection) -> Ran + Send>;
+
+/// What running one job left: how to answer its caller once the transaction ends, and, for a
+/// job without a savepoint of its own that failed after it may have written, the error that
+/// spoils the whole transaction (it is rolled back, and every job of the batch gets it).
+struct Ran {
+    deliver: Deliver,
+    spoiled: Option<BrokerError>,
+}
 
 /// One write for the writer thread.
 pub(super) struct Job {
     work: Work,
+    /// Run inside a savepoint of its own, so that its failure undoes only its own writes.
+    /// Without one (see [`SqliteBroker::queue_bare`]) a refusal it reports has written
+    /// nothing, and any other failure rolls back the whole batch.
+    savepoint: bool,
     /// Someone is waiting on this write to go on (an enqueue, a claim). A write that is only
     /// bookkeeping (an attempt's result) may wait a little for company instead.
     urgent: bool,
@@ -42,6 +56,9 @@ pub(super) struct Job {
 /// arriving back to back, so that under load several results share one fsync; an urgent
 /// write arriving meanwhile ends the wait.
 pub(super) fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wake_path: PathBuf) {
+    // Every statement the writes use stays prepared (rusqlite keeps 16 by default, fewer
+    // than the claims, finishes, ingests and the periodic writes use between them).
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let mut last_commit = Instant::now() - BUSY_WINDOW;
     let waker = UnixDatagram::unbound().ok();
     if let Some(w) = &waker {
@@ -94,18 +111,37 @@ pub(super) fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wake_path
         }
         let mut delivers: Vec<Deliver> = Vec::with_capacity(batch.len());
         let mut wakes: Vec<&'static [u8]> = Vec::new();
+        let mut spoiled: Option<BrokerError> = None;
         for job in batch {
             if let Some(w) = job.wake {
                 if !wakes.contains(&w) {
                     wakes.push(w);
                 }
             }
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                tracing::error!(error = %e, "failed to open a savepoint");
+            if job.savepoint {
+                // Prepared once: parsing the statement again for every job cost more than
+                // running it.
+                if let Err(e) = conn
+                    .prepare_cached("SAVEPOINT job")
+                    .and_then(|mut s| s.execute([]))
+                {
+                    tracing::error!(error = %e, "failed to open a savepoint");
+                }
             }
-            delivers.push((job.work)(&conn));
+            let ran = (job.work)(&conn);
+            if spoiled.is_none() {
+                spoiled = ran.spoiled;
+            }
+            delivers.push(ran.deliver);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(storage);
+        let commit = match spoiled {
+            Some(e) => Err(e),
+            None => conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+                .map(|_| ())
+                .map_err(storage),
+        };
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -176,24 +212,28 @@ impl SqliteBroker {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = write(conn);
-            let end = if r.is_ok() {
-                "RELEASE job"
+            let closed = if r.is_ok() {
+                conn.prepare_cached("RELEASE job")
+                    .and_then(|mut s| s.execute([]))
+                    .map(|_| ())
             } else {
-                "ROLLBACK TO job; RELEASE job"
+                conn.execute_batch("ROLLBACK TO job; RELEASE job")
             };
-            if let Err(e) = conn.execute_batch(end) {
+            if let Err(e) = closed {
                 tracing::error!(error = %e, "failed to close a savepoint");
             }
-            Box::new(move |commit: Option<&BrokerError>| {
-                let r = match commit {
-                    Some(e) => Err(e.clone()),
-                    None => r,
-                };
-                let _ = tx.send(r);
-            })
+            Ran {
+                deliver: deliverer(tx, r),
+                spoiled: None,
+            }
         });
         self.jobs
-            .send(Job { work, urgent, wake })
+            .send(Job {
+                work,
+                savepoint: true,
+                urgent,
+                wake,
+            })
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
         if urgent {
             // Ends a linger at once (a no-op unless the writer is parked in one).
@@ -205,6 +245,70 @@ impl SqliteBroker {
     }
 }
 
+impl SqliteBroker {
+    /// [`SqliteBroker::queue`] for a write without a savepoint of its own, for the writes made
+    /// for every task (a finish): a savepoint copies each page the write touches first, and
+    /// opening and closing it are two statements more. `write` must report
+    /// [`BrokerError::LeaseLost`] only before it has written anything; any other error it
+    /// returns rolls back the whole transaction, and every write of the batch gets it (as
+    /// when the commit fails), since part of `write` may have been applied.
+    pub(super) fn queue_bare<T, F>(
+        &self,
+        urgent: bool,
+        wake: Option<&'static [u8]>,
+        write: F,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        if let Some(why) = &self.read_only {
+            return Err(BrokerError::Unavailable(why.clone()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let work: Work = Box::new(move |conn: &Connection| {
+            let r = write(conn);
+            let spoiled = match &r {
+                Ok(_) | Err(BrokerError::LeaseLost(_)) => None,
+                Err(e) => Some(e.clone()),
+            };
+            Ran {
+                deliver: deliverer(tx, r),
+                spoiled,
+            }
+        });
+        self.jobs
+            .send(Job {
+                work,
+                savepoint: false,
+                urgent,
+                wake,
+            })
+            .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
+        if urgent {
+            if let Some(w) = &self.writer {
+                w.thread().unpark();
+            }
+        }
+        Ok(rx)
+    }
+}
+
+/// How a job's caller is answered once its transaction has ended (`commit`: why it did not
+/// commit, if it did not).
+fn deliverer<T: Send + 'static>(
+    answer: tokio::sync::oneshot::Sender<Result<T>>,
+    result: Result<T>,
+) -> Deliver {
+    Box::new(move |commit: Option<&BrokerError>| {
+        let result = match commit {
+            Some(e) => Err(e.clone()),
+            None => result,
+        };
+        let _ = answer.send(result);
+    })
+}
+
 /// The answer to a write queued with [`SqliteBroker::queue`].
 pub(super) async fn answer<T>(rx: tokio::sync::oneshot::Receiver<Result<T>>) -> Result<T> {
     rx.await.map_err(|_| {
@@ -212,4 +316,148 @@ pub(super) async fn answer<T>(rx: tokio::sync::oneshot::Receiver<Result<T>>) -> 
             "the write was dropped: the database could not begin a transaction".into(),
         )
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskId;
+
+    /// The rows of the scratch table, read on the writer's thread.
+    async fn rows(broker: &SqliteBroker) -> Vec<i64> {
+        broker
+            .write(|conn| {
+                let mut s = conn
+                    .prepare("SELECT x FROM t ORDER BY x")
+                    .map_err(storage)?;
+                let xs = s
+                    .query_map([], |r| r.get(0))
+                    .and_then(|it| it.collect())
+                    .map_err(storage)?;
+                Ok(xs)
+            })
+            .await
+            .unwrap()
+    }
+
+    fn insert(conn: &Connection, value: i64) -> Result<()> {
+        conn.execute("INSERT INTO t (x) VALUES (?1)", [value])
+            .map(|_| ())
+            .map_err(storage)
+    }
+
+    /// A write for [`one_batch`], with whether it goes without a savepoint.
+    type TestWrite = (bool, Box<dyn FnOnce(&Connection) -> Result<()> + Send>);
+
+    /// Queues `writes` so that they share one transaction: the writer is held in the job
+    /// before them until all are queued.
+    async fn one_batch(broker: &SqliteBroker, writes: Vec<TestWrite>) -> Vec<Result<()>> {
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let (in_tx, in_rx) = std::sync::mpsc::channel::<()>();
+        let gate = broker
+            .queue(true, None, move |_| {
+                in_tx.send(()).unwrap();
+                held_rx.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        // The writer runs the gate: everything queued from now on is taken together.
+        tokio::task::spawn_blocking(move || in_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let queued: Vec<_> = writes
+            .into_iter()
+            .map(|(bare, w)| {
+                if bare {
+                    broker.queue_bare(true, None, w).unwrap()
+                } else {
+                    broker.queue(true, None, w).unwrap()
+                }
+            })
+            .collect();
+        held_tx.send(()).unwrap();
+        answer(gate).await.unwrap();
+        let mut out = Vec::new();
+        for q in queued {
+            out.push(answer(q).await);
+        }
+        out
+    }
+
+    async fn scratch() -> (tempfile::TempDir, SqliteBroker) {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = SqliteBroker::open(&dir.path().join("taskd.db"))
+            .await
+            .unwrap();
+        broker
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
+                    .map_err(storage)
+            })
+            .await
+            .unwrap();
+        (dir, broker)
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_undoes_only_its_own_writes() {
+        let (_dir, broker) = scratch().await;
+        let lost = TaskId::new();
+        let answers = one_batch(
+            &broker,
+            vec![
+                (false, Box::new(|c| insert(c, 1))),
+                // A savepointed write that wrote, then failed: only its own row goes.
+                (
+                    false,
+                    Box::new(|c| {
+                        insert(c, 2)?;
+                        Err(BrokerError::Storage("refused".into()))
+                    }),
+                ),
+                // A bare write refused before writing: its neighbours stay.
+                (true, Box::new(move |_| Err(BrokerError::LeaseLost(lost)))),
+                (true, Box::new(|c| insert(c, 3))),
+            ],
+        )
+        .await;
+        assert!(answers[0].is_ok());
+        assert!(matches!(&answers[1], Err(BrokerError::Storage(m)) if m == "refused"));
+        assert!(matches!(answers[2], Err(BrokerError::LeaseLost(id)) if id == lost));
+        assert!(answers[3].is_ok());
+        assert_eq!(rows(&broker).await, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_bare_write_that_fails_after_writing_rolls_back_its_batch() {
+        let (_dir, broker) = scratch().await;
+        let answers = one_batch(
+            &broker,
+            vec![
+                (false, Box::new(|c| insert(c, 1))),
+                (
+                    true,
+                    Box::new(|c| {
+                        insert(c, 2)?;
+                        Err(BrokerError::Storage("disk full".into()))
+                    }),
+                ),
+                (true, Box::new(|c| insert(c, 3))),
+            ],
+        )
+        .await;
+        // Part of the failed write may be applied: nothing of the batch is committed, and
+        // every write of it says so.
+        for a in &answers {
+            assert!(
+                matches!(a, Err(BrokerError::Storage(m)) if m == "disk full"),
+                "{a:?}"
+            );
+        }
+        assert_eq!(rows(&broker).await, Vec::<i64>::new());
+        // The next batch commits as usual.
+        let answers = one_batch(&broker, vec![(true, Box::new(|c| insert(c, 4)))]).await;
+        assert!(answers[0].is_ok());
+        assert_eq!(rows(&broker).await, vec![4]);
+    }
 }
