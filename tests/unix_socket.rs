@@ -163,6 +163,14 @@ fn the_api_is_served_on_a_unix_socket_without_a_token_beside_tcp_with_one() {
         audit.contains(&format!("\"uid\":{uid}")) && audit.contains("unix socket"),
         "pause answered {body}; audit: {audit}"
     );
+    // With its user name, looked up when the record is written.
+    if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::getuid()) {
+        assert!(
+            audit.contains(&format!("\"user\":\"{}\"", user.name)),
+            "the peer's user name {}: {audit}",
+            user.name
+        );
+    }
 
     // Removed at exit.
     d.signal(common::SIGTERM);

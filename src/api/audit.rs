@@ -1,9 +1,11 @@
 //! The audit trail over HTTP: `GET /api/v1/audit`, and [`record`], which every handler that
 //! changes something calls once the change is made.
 //!
-//! Who made a request is in its extensions: the guard (`super::guard`) puts an
-//! [`Actor`] there (the name of the token it carried, the client's address) for every
-//! request it lets through. A handler takes it with `Extension(who): Extension<Actor>`.
+//! Who made a request is in its extensions: the guard (`super::guard`) puts the name of
+//! the token it carried and the client's address there for every request it lets through.
+//! A handler that records a change takes its [`crate::audit::Actor`] with `Who(who): Who`
+//! (`super::Who`), which looks a Unix peer's uid up in the user database then, not on every
+//! request.
 //!
 //! **Bulk operations** record one entry for the whole operation, never one per task:
 //!

@@ -2,7 +2,7 @@
 //! errors are [`ApiError`]s.
 
 use axum::body::Body;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{audit, enqueue as parse, AppState, BATCH_BODY_EXTRA};
+use super::{audit, enqueue as parse, AppState, Who, BATCH_BODY_EXTRA};
 use crate::audit::{Action, Actor, AuditEntry};
 use crate::broker::ListFilter;
 use crate::config::{Config, QueueConfig};
@@ -497,7 +497,7 @@ async fn bulk_targets(
 /// operator saw the count (`dry_run`, then `expect`).
 pub async fn bulk(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     body: Body,
 ) -> Result<Json<view::BulkView>, ApiError> {
     let bytes = read_body(body, 64 * 1024).await?;
@@ -694,7 +694,7 @@ pub async fn stats(
 
 pub async fn retry(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>, ApiError> {
     let id = parse_id(&id)?;
@@ -720,7 +720,7 @@ pub async fn retry(
 
 pub async fn cancel(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<view::CancelView>, ApiError> {
     let id = parse_id(&id)?;
@@ -781,7 +781,7 @@ async fn set_paused(
 
 pub async fn pause(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
     set_paused(&state, who, &queue, true).await
@@ -789,7 +789,7 @@ pub async fn pause(
 
 pub async fn resume(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(queue): Path<String>,
 ) -> Result<Json<view::PauseView>, ApiError> {
     set_paused(&state, who, &queue, false).await
@@ -800,7 +800,7 @@ pub async fn resume(
 /// daemon records it in the audit trail, as it does a restart asked on its socket.
 pub async fn restart(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(queue): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = state.config();

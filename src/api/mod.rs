@@ -348,8 +348,8 @@ impl std::fmt::Display for Peer {
 }
 
 /// Drain and token checks, before any handler runs. A request that passes them carries
-/// who made it (an [`crate::audit::Actor`]: the name of its token, the client's address) in
-/// its extensions, for the audit trail.
+/// who made it (a [`Caller`]: the name of its token, the client's address) in its
+/// extensions, for the audit trail ([`Who`]).
 async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<Peer>().copied();
     let path = req.uri().path().to_string();
@@ -427,12 +427,44 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
             return refused.into_response();
         }
     }
-    let actor = match peer {
-        Some(Peer::Unix { uid, pid }) => crate::audit::Actor::api_unix(uid, pid),
-        _ => crate::audit::Actor::api(token_name, peer.map(|p| p.to_string())),
-    };
-    req.extensions_mut().insert(actor);
+    req.extensions_mut().insert(Caller {
+        peer,
+        token: token_name,
+    });
     next.run(req).await
+}
+
+/// Who made a request, as the guard let it through: its peer and the name of the token it
+/// carried. Only a handler that records a change turns it into an [`crate::audit::Actor`]
+/// ([`Who`]), which looks a Unix peer's uid up in the user database: an enqueue, which
+/// records nothing, does not pay for reading `/etc/passwd` on every call.
+#[derive(Clone)]
+struct Caller {
+    peer: Option<Peer>,
+    token: Option<String>,
+}
+
+/// The [`crate::audit::Actor`] of a request, for its audit record: a handler takes it with
+/// `Who(who): Who`.
+pub struct Who(pub crate::audit::Actor);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = parts.extensions.get::<Caller>();
+        let peer = caller.and_then(|c| c.peer);
+        Ok(Who(match peer {
+            Some(Peer::Unix { uid, pid }) => crate::audit::Actor::api_unix(uid, pid),
+            _ => crate::audit::Actor::api(
+                caller.and_then(|c| c.token.clone()),
+                peer.map(|p| p.to_string()),
+            ),
+        }))
+    }
 }
 
 /// Mutating requests refused for their token, logged at warn at most once a second (with

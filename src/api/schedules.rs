@@ -1,14 +1,14 @@
 //! `/api/v1/schedules`: the config's schedules with their records in the broker, one
 //! schedule's slot records, and fire, pause and resume, as `taskd schedules` does them.
 
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::{audit, AppState};
+use super::{audit, AppState, Who};
 use crate::audit::{Action, Actor, AuditEntry};
 use crate::broker::schedules::{states_with_tasks, task_states};
 use crate::broker::{ScheduleKey, ScheduleStep, StepAnswer};
@@ -95,7 +95,7 @@ pub async fn get(
 /// is attempted and is not.
 pub async fn fire(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = state.config();
@@ -168,7 +168,7 @@ async fn set_paused(
 
 pub async fn pause(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(name): Path<String>,
 ) -> Result<Json<view::SchedulePaused>, ApiError> {
     set_paused(&state, who, &name, true).await
@@ -176,7 +176,7 @@ pub async fn pause(
 
 pub async fn resume(
     State(state): State<AppState>,
-    Extension(who): Extension<Actor>,
+    Who(who): Who,
     Path(name): Path<String>,
 ) -> Result<Json<view::SchedulePaused>, ApiError> {
     set_paused(&state, who, &name, false).await

@@ -1791,12 +1791,14 @@ fn pausing_a_busy_queue_starts_nothing_new_and_gives_held_tasks_back() {
         r#"
 [queues.b]
 concurrency = 2
-shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2'
+shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2; : > "$D/ends/$TASKD_TASK_ID"'
 "#,
     ) else {
         return;
     };
     std::fs::create_dir(env.path().join("starts")).unwrap();
+    std::fs::create_dir(env.path().join("ends")).unwrap();
+    let files = |dir: &str| std::fs::read_dir(env.path().join(dir)).unwrap().count() as u64;
     let _d = env.daemon();
     let ids = submit_batch(&env, "b", &vec![json!({}); 30]);
     assert!(
@@ -1805,8 +1807,16 @@ shell = 'date +%s%N > "$D/starts/$TASKD_TASK_ID"; sleep 0.2'
     );
     env.ok(&["pause", "b"]);
     let paused_at = nanos();
-    // Whatever was running finishes; then nothing is running and nothing more starts.
-    let settled = poll(secs(10), || env.count("b", "running") == 0);
+    // Whatever was running finishes; then nothing is running and nothing more starts. A
+    // task whose process has started shows as running only once its start record is
+    // written (a few ms later, longer on a loaded machine): until then it counts as queued,
+    // so "settled" also needs every started process ended and its end recorded.
+    let settled = poll(secs(10), || {
+        let ends = files("ends");
+        env.count("b", "running") == 0
+            && files("starts") == ends
+            && env.count("b", "succeeded") == ends
+    });
     assert!(
         settled,
         "tasks stay running after pause: {}",
