@@ -387,6 +387,37 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER FUNCTION claim(text, text, integer, bigint, bigint) SET synchronous_commit = on;
     "#,
+    // 5: the row trigger of `tasks` fires only where its body acts. It fired at every finish
+    // (a change of state), calling its PL/pgSQL function, which looked for dependants and
+    // links in `deps` (two statements) for nothing in the common case of a task without
+    // either: per task, a function call and two index probes on the server. A task now knows
+    // that it has dependants (`dependants`, set by the database when a link to it is
+    // written, whoever writes it) and that it has parents (`after_ids`, as before), and the
+    // trigger's condition is that of its actions: settle dependants or links, or wake the
+    // daemons (the body's own tests, unchanged).
+    r#"
+    ALTER TABLE tasks ADD COLUMN dependants boolean NOT NULL DEFAULT false;
+    UPDATE tasks SET dependants = true WHERE seq IN (SELECT parent FROM deps);
+    CREATE FUNCTION deps_linked() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = @S@, pg_catalog AS $$
+    BEGIN
+        UPDATE tasks SET dependants = true
+         WHERE seq IN (SELECT parent FROM new_deps) AND NOT dependants;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER deps_linked AFTER INSERT ON deps REFERENCING NEW TABLE AS new_deps
+        FOR EACH STATEMENT EXECUTE FUNCTION deps_linked();
+    DROP TRIGGER tasks_changed ON tasks;
+    CREATE TRIGGER tasks_changed AFTER UPDATE ON tasks FOR EACH ROW
+        WHEN ((OLD.state IS DISTINCT FROM NEW.state AND (NEW.dependants OR NEW.after_ids IS NOT NULL))
+              OR (NEW.state = 'queued' AND NEW.lease_node IS NULL AND NEW.parked = 0
+                  AND OLD.state NOT IN ('scheduled', 'retrying')
+                  AND (OLD.state <> 'queued' OR OLD.lease_node IS NOT NULL OR OLD.parked <> 0))
+              OR (NEW.state IN ('scheduled', 'retrying') AND NEW.blocked = 0
+                  AND (OLD.state IS DISTINCT FROM NEW.state OR OLD.blocked <> 0))
+              OR (NEW.cancel_requested AND NOT OLD.cancel_requested))
+        EXECUTE FUNCTION tasks_changed();
+    "#,
 ];
 
 /// The newest schema version this taskd knows.
