@@ -206,9 +206,7 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        if let Some(why) = &self.read_only {
-            return Err(BrokerError::Unavailable(why.clone()));
-        }
+        self.writable()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = write(conn);
@@ -227,21 +225,36 @@ impl SqliteBroker {
                 spoiled: None,
             }
         });
+        self.send_job(Job {
+            work,
+            savepoint: true,
+            urgent,
+            wake,
+        })?;
+        Ok(rx)
+    }
+
+    /// Refuses a write when the store was opened read-only, saying why.
+    fn writable(&self) -> Result<()> {
+        match &self.read_only {
+            Some(why) => Err(BrokerError::Unavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands a job to the writer thread; an urgent one ends a linger at once (a no-op unless
+    /// the writer is parked in one).
+    fn send_job(&self, job: Job) -> Result<()> {
+        let urgent = job.urgent;
         self.jobs
-            .send(Job {
-                work,
-                savepoint: true,
-                urgent,
-                wake,
-            })
+            .send(job)
             .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
         if urgent {
-            // Ends a linger at once (a no-op unless the writer is parked in one).
             if let Some(w) = &self.writer {
                 w.thread().unpark();
             }
         }
-        Ok(rx)
+        Ok(())
     }
 }
 
@@ -262,9 +275,7 @@ impl SqliteBroker {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        if let Some(why) = &self.read_only {
-            return Err(BrokerError::Unavailable(why.clone()));
-        }
+        self.writable()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let work: Work = Box::new(move |conn: &Connection| {
             let r = write(conn);
@@ -277,19 +288,12 @@ impl SqliteBroker {
                 spoiled,
             }
         });
-        self.jobs
-            .send(Job {
-                work,
-                savepoint: false,
-                urgent,
-                wake,
-            })
-            .map_err(|_| BrokerError::Storage("the database writer thread stopped".into()))?;
-        if urgent {
-            if let Some(w) = &self.writer {
-                w.thread().unpark();
-            }
-        }
+        self.send_job(Job {
+            work,
+            savepoint: false,
+            urgent,
+            wake,
+        })?;
         Ok(rx)
     }
 }
