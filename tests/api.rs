@@ -1680,3 +1680,84 @@ fn list_filters_bulk_and_stats() {
 fn common_uuid() -> String {
     "01a21d6e-0b22-76f5-b0f6-6090fb98b41d".to_string()
 }
+
+/// Reads one HTTP/1.1 answer from a kept-alive connection: its status line and body; None
+/// when the daemon closed the connection instead.
+fn read_answer(r: &mut std::io::BufReader<std::net::TcpStream>) -> Option<(String, String)> {
+    use std::io::{BufRead, Read};
+    let mut status = String::new();
+    if r.read_line(&mut status).ok()? == 0 {
+        return None;
+    }
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).ok()?;
+    Some((
+        status.trim_end().to_string(),
+        String::from_utf8_lossy(&body).into(),
+    ))
+}
+
+#[test]
+fn a_submit_to_an_unknown_queue_keeps_the_connection() {
+    // Answered before its body arrived, the refusal closed the connection: a client that
+    // sends the body in a second write (Python's http.client) then got a broken pipe instead
+    // of the 404. The daemon now reads the body first, answers, and keeps the connection.
+    use std::io::Write;
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let s = std::net::TcpStream::connect(url.trim_start_matches("http://")).expect("connect");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+    for path in [
+        "/api/v1/queues/no-such-queue/tasks",
+        "/api/v1/queues/no-such-queue/tasks/batch",
+    ] {
+        let body = "{\"payload\": {\"n\": 1}}";
+        write!(
+            w,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .expect("write the head");
+        // Nothing is answered while the body is still to come (a wait for an absence: on a
+        // daemon that answered early the answer is there within it).
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        match s.peek(&mut byte) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("{path} was answered before its body was sent: {other:?}"),
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        w.write_all(body.as_bytes()).expect("write the body");
+        let (status, answer) = read_answer(&mut r).expect("an answer to the refused submit");
+        assert!(status.starts_with("HTTP/1.1 404"), "{status} {answer}");
+        assert!(answer.contains("unknown_queue"), "{answer}");
+        // The same connection goes on serving.
+        w.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        let (status, answer) = read_answer(&mut r)
+            .unwrap_or_else(|| panic!("the daemon closed the connection after refusing {path}"));
+        assert!(status.starts_with("HTTP/1.1 200"), "{status} {answer}");
+    }
+}

@@ -39,6 +39,16 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
     }
 }
 
+/// An error found before the request's body was read, answered once the body is read (up
+/// to `limit`): answering first leaves the body unread, so the connection is closed under a
+/// client that may still be sending it, and the client's next write fails with a broken
+/// pipe instead of reading the answer (a submit to an unknown queue over a kept-alive
+/// connection, say).
+async fn refuse_after_body(body: Body, limit: usize, refusal: ApiError) -> ApiError {
+    let _ = read_body(body, limit).await;
+    refusal
+}
+
 /// The queue named in the path, from the config; 404 naming the known queues otherwise.
 pub(super) fn find_queue<'a>(config: &'a Config, name: &str) -> Result<&'a QueueConfig, ApiError> {
     let known: Vec<String> = config.queues.keys().map(|q| q.to_string()).collect();
@@ -171,7 +181,11 @@ pub async fn enqueue(
     body: Body,
 ) -> Result<Response, ApiError> {
     let config = state.config();
-    let q = find_queue(&config, &queue)?;
+    let limit = config.max_payload.saturating_mul(2) + 64 * 1024;
+    let q = match find_queue(&config, &queue) {
+        Ok(q) => q,
+        Err(e) => return Err(refuse_after_body(body, limit, e).await),
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
@@ -181,7 +195,7 @@ pub async fn enqueue(
         parse::parse_raw(&config, q, &bytes, query.as_deref())?
     } else {
         // Room for the other fields and JSON escaping around the payload.
-        let bytes = read_body(body, config.max_payload.saturating_mul(2) + 64 * 1024).await?;
+        let bytes = read_body(body, limit).await?;
         parse::parse_one(&config, q, &bytes)?
     };
     let name = task.queue.clone();
@@ -236,8 +250,12 @@ pub async fn enqueue_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let config = state.config();
-    let q = find_queue(&config, &queue)?;
-    let bytes = read_body(body, config.max_payload.saturating_add(BATCH_BODY_EXTRA)).await?;
+    let limit = config.max_payload.saturating_add(BATCH_BODY_EXTRA);
+    let q = match find_queue(&config, &queue) {
+        Ok(q) => q,
+        Err(e) => return Err(refuse_after_body(body, limit, e).await),
+    };
+    let bytes = read_body(body, limit).await?;
     let tasks = parse::parse_batch(&config, q, &bytes)?;
     let n = tasks.len();
     let name = q.name.clone();
