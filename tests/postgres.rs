@@ -224,8 +224,9 @@ fn the_claim_finish_and_list_statements_read_indexes_not_the_finished_tasks() {
     let plans = [
         ("promote", "SELECT seq FROM tasks WHERE queue = 'q' AND state IN ('scheduled', 'retrying') AND blocked = 0 AND run_at <= 100 AND (expires_at IS NULL OR expires_at > 100) FOR UPDATE SKIP LOCKED"),
         ("claim", "SELECT seq FROM tasks WHERE queue = 'q' AND state = 'queued' AND lease_node IS NULL AND parked = 0 AND (expires_at IS NULL OR expires_at > 100) ORDER BY priority DESC, seq LIMIT 10 FOR UPDATE SKIP LOCKED"),
-        // The writer's finish (writer.rs) and the renewal of leases.
+        // The writer's finish and start (writer.rs) and the renewal of leases.
         ("finish", "SELECT t.seq, t.cancel_requested, t.state FROM unnest(ARRAY['r1', 'r2', 'r3'], ARRAY[1, 1, 1]::bigint[], ARRAY['n:1', 'n:1', 'n:1']) AS w(id, token, node) JOIN tasks t ON t.id = w.id WHERE t.lease_token = w.token AND t.lease_node = w.node AND t.state IN ('queued', 'running') FOR UPDATE OF t"),
+        ("start", "UPDATE tasks t SET state = 'running' FROM unnest(ARRAY['r1', 'r2'], ARRAY[1, 1]::bigint[], ARRAY['n:1', 'n:1']) AS s(id, token, node) WHERE t.id = s.id AND t.lease_token = s.token AND t.lease_node = s.node AND t.state IN ('queued', 'running') RETURNING t.id"),
         ("recover", "SELECT seq FROM tasks WHERE lease_node IS NOT NULL AND lease_expires < 100 AND state IN ('queued', 'running') FOR UPDATE SKIP LOCKED"),
         // A page of `taskd tasks` (the newest first), all queues and one queue.
         ("list", "SELECT * FROM tasks WHERE true ORDER BY seq DESC LIMIT 50"),
