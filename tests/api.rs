@@ -1881,7 +1881,10 @@ fn a_draining_daemon_reads_the_body_before_its_503() {
         last = call("GET", &format!("{url}/healthz"), None, None);
         last.0 == 503
     });
-    assert!(draining, "healthz did not turn 503 while draining: {last:?}");
+    assert!(
+        draining,
+        "healthz did not turn 503 while draining: {last:?}"
+    );
     let head = "POST /api/v1/queues/echo/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
     let mut c = Kept::open(&url);
     let a = c.answer_after_body(head, "{\"payload\": {\"to\": \"a@example.com\"}}");

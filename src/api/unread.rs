@@ -98,13 +98,11 @@ impl Unread {
         // A client that sent `Expect: 100-continue` and was never asked for its body sends
         // it only once told to: answered now, it sends nothing (hyper closes the
         // connection, since the body's bytes could still come).
-        let read = !(self.expect_continue && !left.polled)
+        let waiting = self.expect_continue && !left.polled;
+        let read = !waiting
             && matches!(
-                tokio::time::timeout(
-                    UNREAD_BODY_TIMEOUT,
-                    discard(left.body, UNREAD_BODY_LIMIT)
-                )
-                .await,
+                tokio::time::timeout(UNREAD_BODY_TIMEOUT, discard(left.body, UNREAD_BODY_LIMIT))
+                    .await,
                 Ok(true)
             );
         if !read {
