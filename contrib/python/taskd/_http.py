@@ -25,12 +25,12 @@ _IDLE_REUSE = 4.0
 class _HTTPConnection(http.client.HTTPConnection):
     """http.client, with a request's head and body sent in one write.
 
-    http.client sends the head, then the body, in a second write (since Python 3.6, whatever
-    `request()` or `endheaders(message_body=...)` is given). The daemon may answer before
-    it reads the body (a refusal: a wrong token, an unknown queue, a draining daemon), and
-    a body written after the answer into a connection being closed fails with a broken
-    pipe instead of the answer. One write puts the whole request on its way before any
-    answer, and saves the second packet's wait for a delayed ACK (Nagle's algorithm).
+    http.client sends the head, then the body in a second write (in every Python this
+    library supports, whatever `request()` or `endheaders(message_body=...)` is given). The
+    daemon may answer before it reads the body (a refusal: a wrong token, an unknown queue,
+    a draining daemon), and a body written after the answer into a connection being closed
+    fails with a broken pipe instead of the answer. One write puts the whole request on its
+    way before any answer (and takes one system call and, when small, one packet).
     """
 
     _held: Optional[List[bytes]] = None
