@@ -288,9 +288,12 @@ fn units<'a>(writes: impl Iterator<Item = (bool, &'a str)>) -> Vec<Unit> {
     out
 }
 
+/// A statement's arguments.
+type Args = Vec<Box<dyn ToSql + Sync + Send>>;
+
 /// The start statement's arguments for `rows`: one array per column, then the time and
 /// this machine's boot id.
-fn start_params(rows: &[&StartRow], now: i64) -> Vec<Box<dyn ToSql + Sync + Send>> {
+fn start_params(rows: &[&StartRow], now: i64) -> Args {
     vec![
         Box::new(rows.iter().map(|r| r.id.clone()).collect::<Vec<String>>()),
         Box::new(rows.iter().map(|r| r.token).collect::<Vec<i64>>()),
@@ -303,7 +306,7 @@ fn start_params(rows: &[&StartRow], now: i64) -> Vec<Box<dyn ToSql + Sync + Send
 }
 
 /// The finish statement's arguments for `rows`: one array per column, then the time.
-fn finish_params(rows: &[&FinishRow], now: i64) -> Vec<Box<dyn ToSql + Sync + Send>> {
+fn finish_params(rows: &[&FinishRow], now: i64) -> Args {
     fn col<T: ToSql + Sync + Send + 'static>(
         rows: &[&FinishRow],
         field: impl Fn(&FinishRow) -> T,
@@ -348,8 +351,7 @@ async fn apply_all(
     let finish = client.prepare_cached(FINISH).await.map_err(pg)?;
     let started = client.prepare_cached(STARTED).await.map_err(pg)?;
     // Each statement: the writes it stores (indices into `calls`) and its arguments.
-    let mut statements: Vec<(&Statement, &[usize], Vec<Box<dyn ToSql + Sync + Send>>)> =
-        Vec::new();
+    let mut statements: Vec<(&Statement, &[usize], Args)> = Vec::new();
     let units = units(calls.iter().map(|c| (matches!(c, Call::Finish(_)), c.id())));
     for u in &units {
         if !u.starts.is_empty() {
@@ -380,7 +382,9 @@ async fn apply_all(
         .map(|(_, _, a)| a.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect())
         .collect();
     let applied: Vec<Vec<String>> = if statements.len() == 1 {
-        vec![send(client, statements[0].0, &params[0]).await.map_err(pg)?]
+        vec![send(client, statements[0].0, &params[0])
+            .await
+            .map_err(pg)?]
     } else {
         let mut sent: Vec<Sent<'_>> = Vec::with_capacity(statements.len() + 2);
         sent.push(Box::pin(async {
@@ -601,6 +605,9 @@ mod tests {
             of(&["Fa", "Fb", "Fa", "Fc"]),
             vec![(vec![], vec![0, 1]), (vec![], vec![2, 3])]
         );
-        assert_eq!(of(&["Sa", "Sa"]), vec![(vec![0], vec![]), (vec![1], vec![])]);
+        assert_eq!(
+            of(&["Sa", "Sa"]),
+            vec![(vec![0], vec![]), (vec![1], vec![])]
+        );
     }
 }
