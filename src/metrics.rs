@@ -272,13 +272,8 @@ impl Metrics {
         }
     }
 
-    /// A Celery message ingested as a task of `queue`.
-    pub fn celery_ingested(&self, queue: &QueueName) {
-        self.celery_ingested_n(queue, 1);
-    }
-
-    /// `count` Celery messages ingested into `queue` at once.
-    pub fn celery_ingested_n(&self, queue: &QueueName, count: u64) {
+    /// `count` Celery messages ingested as tasks of `queue` (as [`Metrics::enqueued`] counts).
+    pub fn celery_ingested(&self, queue: &QueueName, count: u64) {
         self.celery_ingested
             .get_or_create(&QueueLabel {
                 queue: queue.to_string(),

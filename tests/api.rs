@@ -1681,34 +1681,100 @@ fn common_uuid() -> String {
     "01a21d6e-0b22-76f5-b0f6-6090fb98b41d".to_string()
 }
 
-/// Reads one HTTP/1.1 answer from a kept-alive connection: its status line and body; None
-/// when the daemon closed the connection instead.
-fn read_answer(r: &mut std::io::BufReader<std::net::TcpStream>) -> Option<(String, String)> {
-    use std::io::{BufRead, Read};
-    let mut status = String::new();
-    if r.read_line(&mut status).ok()? == 0 {
-        return None;
+/// One HTTP/1.1 answer: its status line, its headers (in lower case, one a line) and body.
+#[derive(Debug)]
+struct Answer {
+    status: String,
+    headers: String,
+    body: String,
+}
+
+/// A kept-alive connection to the daemon, written to by hand (to send a request's head and
+/// its body in two writes, as Python's http.client does).
+struct Kept {
+    s: std::net::TcpStream,
+    r: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Kept {
+    fn open(url: &str) -> Kept {
+        let s = std::net::TcpStream::connect(url.trim_start_matches("http://")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let r = std::io::BufReader::new(s.try_clone().expect("clone"));
+        Kept { s, r }
     }
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).ok()? == 0 {
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        (&self.s).write_all(bytes).expect("write");
+    }
+
+    /// The next answer; None when the daemon closed the connection instead.
+    fn answer(&mut self) -> Option<Answer> {
+        use std::io::{BufRead, Read};
+        let mut status = String::new();
+        if self.r.read_line(&mut status).ok()? == 0 {
             return None;
         }
-        if line == "\r\n" {
-            break;
+        let mut headers = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().ok()?;
+            }
+            headers.push_str(lower.trim_end());
+            headers.push('\n');
         }
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse().ok()?;
-        }
+        let mut body = vec![0; length];
+        self.r.read_exact(&mut body).ok()?;
+        Some(Answer {
+            status: status.trim_end().to_string(),
+            headers,
+            body: String::from_utf8_lossy(&body).into(),
+        })
     }
-    let mut body = vec![0; length];
-    r.read_exact(&mut body).ok()?;
-    Some((
-        status.trim_end().to_string(),
-        String::from_utf8_lossy(&body).into(),
-    ))
+
+    /// Sends `head` (a request line and its headers, without `Content-Length` or the blank
+    /// line), checks that nothing is answered while its body is still to come, then sends
+    /// `body`: the answer.
+    fn answer_after_body(&mut self, head: &str, body: &str) -> Answer {
+        self.write(format!("{head}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        // A wait for an absence: on a daemon that answers early the answer is there within it.
+        self.s
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        match self.s.peek(&mut byte) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("`{head}` was answered before its body was sent: {other:?}"),
+        }
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        self.write(body.as_bytes());
+        self.answer()
+            .unwrap_or_else(|| panic!("`{head}`: the daemon closed the connection unanswered"))
+    }
+
+    /// `GET path` on this connection: the daemon kept it and goes on serving.
+    fn still_serves(&mut self, path: &str, after: &str) -> Answer {
+        self.write(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
+        self.answer()
+            .unwrap_or_else(|| panic!("the daemon closed the connection after `{after}`"))
+    }
 }
 
 #[test]
@@ -1716,48 +1782,159 @@ fn a_submit_to_an_unknown_queue_keeps_the_connection() {
     // Answered before its body arrived, the refusal closed the connection: a client that
     // sends the body in a second write (Python's http.client) then got a broken pipe instead
     // of the 404. The daemon now reads the body first, answers, and keeps the connection.
-    use std::io::Write;
     let e = env("", QUEUES);
     let d = e.daemon();
-    let url = d.api_base();
-    let s = std::net::TcpStream::connect(url.trim_start_matches("http://")).expect("connect");
-    let mut w = s.try_clone().expect("clone");
-    let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+    let mut c = Kept::open(&d.api_base());
     for path in [
         "/api/v1/queues/no-such-queue/tasks",
         "/api/v1/queues/no-such-queue/tasks/batch",
     ] {
-        let body = "{\"payload\": {\"n\": 1}}";
-        write!(
-            w,
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .expect("write the head");
-        // Nothing is answered while the body is still to come (a wait for an absence: on a
-        // daemon that answered early the answer is there within it).
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        let mut byte = [0u8; 1];
-        match s.peek(&mut byte) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            other => panic!("{path} was answered before its body was sent: {other:?}"),
-        }
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        w.write_all(body.as_bytes()).expect("write the body");
-        let (status, answer) = read_answer(&mut r).expect("an answer to the refused submit");
-        assert!(status.starts_with("HTTP/1.1 404"), "{status} {answer}");
-        assert!(answer.contains("unknown_queue"), "{answer}");
-        // The same connection goes on serving.
-        w.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .expect("write");
-        let (status, answer) = read_answer(&mut r)
-            .unwrap_or_else(|| panic!("the daemon closed the connection after refusing {path}"));
-        assert!(status.starts_with("HTTP/1.1 200"), "{status} {answer}");
+        let head =
+            format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json");
+        let a = c.answer_after_body(&head, "{\"payload\": {\"n\": 1}}");
+        assert!(a.status.starts_with("HTTP/1.1 404"), "{a:?}");
+        assert!(a.body.contains("unknown_queue"), "{a:?}");
+        let a = c.still_serves("/healthz", &head);
+        assert!(a.status.starts_with("HTTP/1.1 200"), "{a:?}");
     }
+}
+
+#[test]
+fn refusals_before_the_body_keep_the_connection() {
+    // The guard (token, host, origin) and the routes that read no body answered before the
+    // body arrived, and the connection was closed under a client still sending it.
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let host = url.trim_start_matches("http://").to_string();
+    let submit = "POST /api/v1/queues/echo/tasks HTTP/1.1\r\nContent-Type: application/json";
+    let token = format!("Authorization: Bearer {TOKEN}");
+    let cases = [
+        (format!("{submit}\r\nHost: {host}"), "401", "missing_token"),
+        (
+            format!("{submit}\r\nHost: {host}\r\nAuthorization: Bearer wrong-token-0123456789"),
+            "401",
+            "bad_token",
+        ),
+        (
+            format!("{submit}\r\nHost: {host}\r\n{token}\r\nOrigin: https://evil.example"),
+            "403",
+            "cross_origin",
+        ),
+        (
+            format!("{submit}\r\nHost: evil.example\r\n{token}"),
+            "403",
+            "bad_host",
+        ),
+        (
+            format!("POST /api/v1/nowhere HTTP/1.1\r\nHost: {host}\r\n{token}"),
+            "404",
+            "no_route",
+        ),
+        (
+            format!("POST /healthz HTTP/1.1\r\nHost: {host}"),
+            "405",
+            "method_not_allowed",
+        ),
+        (
+            format!("POST /api/v1/tasks/not-an-id/retry HTTP/1.1\r\nHost: {host}\r\n{token}"),
+            "400",
+            "bad_task_id",
+        ),
+    ];
+    let mut c = Kept::open(&url);
+    for (head, status, code) in &cases {
+        let a = c.answer_after_body(head, "{\"payload\": {\"to\": \"a@example.com\"}}");
+        assert!(
+            a.status.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head}: {a:?}"
+        );
+        assert!(a.body.contains(code), "{head}: {a:?}");
+        assert!(!a.headers.contains("connection: close"), "{head}: {a:?}");
+        let a = c.still_serves("/healthz", head);
+        assert!(a.status.starts_with("HTTP/1.1 200"), "{a:?}");
+    }
+    // Nothing was enqueued by any of them.
+    let (_, v) = call("GET", &format!("{url}/api/v1/tasks"), None, None);
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(0), "{v:#}");
+}
+
+#[test]
+fn a_draining_daemon_reads_the_body_before_its_503() {
+    // A long grace: the daemon drains for as long as the test needs (it is killed after).
+    let e = Env::raw(&format!(
+        "[taskd]\nstate_dir = \"state\"\nshutdown_grace = \"120s\"\nlisten = \"127.0.0.1:0\"\n\n{QUEUES}\n"
+    ));
+    let d = e.daemon();
+    let url = d.api_base();
+    let (_, v) = call(
+        "POST",
+        &format!("{url}/api/v1/queues/slow/tasks"),
+        None,
+        None,
+    );
+    let id = v["id"].as_str().expect("id").to_string();
+    wait_task(&url, &id, "running");
+    d.signal(SIGTERM);
+    let mut last = (0, Value::Null);
+    let draining = poll(Duration::from_secs(10), || {
+        last = call("GET", &format!("{url}/healthz"), None, None);
+        last.0 == 503
+    });
+    assert!(
+        draining,
+        "healthz did not turn 503 while draining: {last:?}"
+    );
+    let head = "POST /api/v1/queues/echo/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
+    let mut c = Kept::open(&url);
+    let a = c.answer_after_body(head, "{\"payload\": {\"to\": \"a@example.com\"}}");
+    assert!(a.status.starts_with("HTTP/1.1 503"), "{a:?}");
+    assert!(a.body.contains("draining"), "{a:?}");
+    assert!(a.headers.contains("retry-after: 5"), "{a:?}");
+    // `/metrics` is still served while draining, on the same connection.
+    let a = c.still_serves("/metrics", head);
+    assert!(a.status.starts_with("HTTP/1.1 200"), "{a:?}");
+    assert!(a.body.contains("taskd_"), "{a:?}");
+}
+
+#[test]
+fn a_refused_body_is_read_only_up_to_its_bound() {
+    let e = env(&format!("token = \"{TOKEN}\""), QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let submit = "POST /api/v1/queues/echo/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
+    // A body over 64 KiB, refused before it is read: answered at once, without waiting for
+    // a byte of it (an unauthenticated client cannot make the daemon read it), and closed.
+    // The read timeout is shorter than the 5 s the daemon would wait for a body it reads.
+    let mut c = Kept::open(&url);
+    c.s.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    c.write(format!("{submit}\r\nContent-Length: {}\r\n\r\n", 1 << 20).as_bytes());
+    let a = c
+        .answer()
+        .expect("the refusal of a body past the bound comes at once");
+    assert!(a.status.starts_with("HTTP/1.1 401"), "{a:?}");
+    assert!(a.headers.contains("connection: close"), "{a:?}");
+    assert!(c.answer().is_none(), "the connection is closed");
+    // `Expect: 100-continue`: the client waits for a word before it sends the body; the
+    // refusal is that word (no `100 Continue` asks for a body that would be dropped).
+    let mut c = Kept::open(&url);
+    c.s.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    c.write(format!("{submit}\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n").as_bytes());
+    let a = c.answer().expect("the refusal comes at once");
+    assert!(a.status.starts_with("HTTP/1.1 401"), "{a:?}");
+    assert!(a.headers.contains("connection: close"), "{a:?}");
+    // Within the bound, sent in pieces: read to its end, answered, and the connection kept.
+    let mut c = Kept::open(&url);
+    let body = format!("{{\"payload\": {{\"to\": \"{}\"}}}}", "x".repeat(60 * 1024));
+    c.write(format!("{submit}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    for piece in body.as_bytes().chunks(16 * 1024) {
+        c.write(piece);
+    }
+    let a = c.answer().expect("an answer");
+    assert!(a.status.starts_with("HTTP/1.1 401"), "{a:?}");
+    assert!(!a.headers.contains("connection: close"), "{a:?}");
+    let a = c.still_serves("/healthz", submit);
+    assert!(a.status.starts_with("HTTP/1.1 200"), "{a:?}");
 }

@@ -43,7 +43,8 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 /// to `limit`): answering first leaves the body unread, so the connection is closed under a
 /// client that may still be sending it, and the client's next write fails with a broken
 /// pipe instead of reading the answer (a submit to an unknown queue over a kept-alive
-/// connection, say).
+/// connection, say). Any answer does get up to 64 KiB of its body read (`api::unread`);
+/// this reads a caller the guard let through as far as its request's own limit.
 async fn refuse_after_body(body: Body, limit: usize, refusal: ApiError) -> ApiError {
     let _ = read_body(body, limit).await;
     refusal

@@ -17,6 +17,10 @@
 //!
 //! Draining: once the daemon drains, every endpoint but `/metrics` answers 503; the server
 //! itself stops when the drain is over.
+//!
+//! An answer given before the request's body was read (a refusal, most often) goes out once
+//! the body is read, up to a small bound ([`unread`]), so that the connection stays open
+//! under a client still sending it.
 
 pub mod audit;
 pub mod enqueue;
@@ -26,6 +30,7 @@ pub mod openapi;
 mod output;
 mod schedules;
 pub mod unix;
+mod unread;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -678,9 +683,12 @@ pub async fn serve_on(listener: ApiSocket, state: AppState, stop: CancellationTo
                 let busy = busy.clone();
                 busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 async move {
-                    let r = tower::ServiceExt::oneshot(app, req).await;
+                    let (req, unread) = unread::track(req);
+                    let Ok(response) = tower::ServiceExt::oneshot(app, req).await;
+                    // Reading what the answer left of the body counts as idle: a flood of
+                    // refused requests with slow bodies cannot keep new connections out.
                     busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                    r
+                    Ok::<_, std::convert::Infallible>(unread.settle(response).await)
                 }
             });
         let stop = stop.clone();

@@ -164,7 +164,7 @@ impl Bridge {
                     }
                 }
                 for (queue, n) in counts {
-                    self.metrics.celery_ingested_n(queue, n);
+                    self.metrics.celery_ingested(queue, n);
                     self.metrics.enqueued(queue, n);
                 }
                 let owed = self.owe(new.iter().map(|(_, _, to)| to)).await;
@@ -203,7 +203,7 @@ impl Bridge {
         let (id, queue) = (task.id, task.queue.clone());
         match self.broker.enqueue(vec![task]).await {
             Ok(_) => {
-                self.metrics.celery_ingested(&queue);
+                self.metrics.celery_ingested(&queue, 1);
                 self.metrics.enqueued(&queue, 1);
                 self.owe([to].into_iter()).await?;
                 Ok(Ingested::Task(id, queue))

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import APIError, ConnectionFailed
 
@@ -22,7 +22,40 @@ from .errors import APIError, ConnectionFailed
 _IDLE_REUSE = 4.0
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class _HTTPConnection(http.client.HTTPConnection):
+    """http.client, with a request's head and body sent in one write.
+
+    http.client sends the head, then the body in a second write (in every Python this
+    library supports, whatever `request()` or `endheaders(message_body=...)` is given). The
+    daemon may answer before it reads the body (a refusal: a wrong token, an unknown queue,
+    a draining daemon), and a body written after the answer into a connection being closed
+    fails with a broken pipe instead of the answer. One write puts the whole request on its
+    way before any answer (and takes one system call and, when small, one packet).
+    """
+
+    _held: Optional[List[bytes]] = None
+
+    def send(self, data: Any) -> None:
+        held = self._held
+        if held is None:
+            super().send(data)
+        else:
+            held.append(bytes(data))
+
+    def request_at_once(
+        self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str]
+    ) -> None:
+        """`request()`, with everything it writes sent in one write."""
+        self._held = []
+        try:
+            self.request(method, url, body=body, headers=headers)
+            whole = b"".join(self._held)
+        finally:
+            self._held = None
+        self.send(whole)
+
+
+class _UnixHTTPConnection(_HTTPConnection):
     """http.client over AF_UNIX: the same requests and answers, another socket."""
 
     def __init__(self, path: str, timeout: float) -> None:
@@ -70,14 +103,14 @@ class Transport:
             self._port = parsed.port or 80
             self._prefix = parsed.path.rstrip("/")
 
-    def _new(self) -> http.client.HTTPConnection:
+    def _new(self) -> _HTTPConnection:
         with self._lock:
             self.connects += 1
         if self._unix is not None:
             return _UnixHTTPConnection(self._unix, self.timeout)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        return _HTTPConnection(self._host, self._port, timeout=self.timeout)
 
-    def _connection(self) -> Tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> Tuple[_HTTPConnection, bool]:
         """This thread's connection, and whether it served a request before."""
         local = self._local
         conn = getattr(local, "conn", None)
@@ -121,9 +154,7 @@ class Transport:
         for attempt in (1, 2):
             conn, reused = self._connection()
             try:
-                conn.request(method, self._prefix + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
+                resp, raw = _exchange(conn, method, self._prefix + path, data, headers)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self._drop()
                 # A kept connection the daemon closed before reading the request: once more
@@ -139,6 +170,29 @@ class Transport:
                 self._drop()
             return _answer(method, path, resp.status, raw)
         raise AssertionError("unreachable")
+
+
+def _exchange(
+    conn: _HTTPConnection,
+    method: str,
+    url: str,
+    data: Optional[bytes],
+    headers: Dict[str, str],
+) -> Tuple[http.client.HTTPResponse, bytes]:
+    """Sends one request and reads its answer."""
+    try:
+        conn.request_at_once(method, url, data, headers)
+    except (BrokenPipeError, ConnectionResetError) as broken:
+        # The daemon answered and closed the connection before it took the whole request:
+        # it reads at most 64 KiB of a body it refuses. Its answer is there to read and says
+        # why (401, 413, ...); without one, the broken connection is the error.
+        try:
+            resp = conn.getresponse()
+            return resp, resp.read()
+        except (OSError, http.client.HTTPException):
+            raise broken from None
+    resp = conn.getresponse()
+    return resp, resp.read()
 
 
 def _answer(method: str, path: str, status: int, raw: bytes) -> Any:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -364,11 +365,67 @@ class OverTCPWithToken(ClientTests, unittest.TestCase):
             c.submit("echo", {})
         self.assertEqual((caught.exception.status, caught.exception.code), (401, "missing_token"))
 
+    def test_refusals_keep_the_connection_and_name_the_status(self) -> None:
+        # The daemon reads a refused request's body before it answers (up to 64 KiB), so
+        # the connection serves the next request: one connection for all three.
+        assert DAEMON is not None
+        with taskd.Client(DAEMON.http, token="wrong-token-0123456789") as c:
+            for i in range(3):
+                with self.assertRaises(taskd.APIError) as caught:
+                    c.submit("echo", {"i": i, "text": "x" * 1000})
+                self.assertEqual((caught.exception.status, caught.exception.code), (401, "bad_token"))
+                self.assertIn("HTTP 401", str(caught.exception))
+            self.assertEqual(c._transport.connects, 1)
+
+    def test_a_refused_body_past_what_the_daemon_reads_still_names_the_status(self) -> None:
+        # 4 MiB without a token: the daemon answers 401 at once and closes the connection
+        # under the body still being sent; the client reads the answer all the same.
+        assert DAEMON is not None
+        with taskd.Client(DAEMON.http, token="") as c:
+            for _ in range(2):
+                with self.assertRaises(taskd.APIError) as caught:
+                    c.submit("echo", {"blob": "x" * (4 << 20)})
+                self.assertEqual((caught.exception.status, caught.exception.code), (401, "missing_token"))
+                self.assertIn("HTTP 401", str(caught.exception))
+
 
 class OverTheUnixSocket(ClientTests, unittest.TestCase):
     def make_client(self) -> taskd.Client:
         assert DAEMON is not None
         return taskd.Client("unix:" + DAEMON.socket)
+
+
+class OneWrite(unittest.TestCase):
+    def test_a_request_leaves_in_one_write(self) -> None:
+        # Head and body in two writes: the daemon could answer (and close) between them.
+        from taskd import _http
+
+        ours, theirs = socket.socketpair()
+        writes = []
+
+        class Recording:
+            def sendall(self, data: bytes) -> None:
+                writes.append(bytes(data))
+                ours.sendall(data)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(ours, name)
+
+        with ours, theirs:
+            transport = _http.Transport("http://127.0.0.1:9", token="t0k", timeout=10)
+            conn = transport._new()
+            conn.sock = Recording()
+            transport._new = lambda: conn  # type: ignore[method-assign]
+            theirs.sendall(
+                b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"id": "x"}'
+            )
+            answer = transport.request("POST", "/api/v1/queues/echo/tasks", {"payload": {"n": 1}})
+            transport.close()
+        self.assertEqual(answer, {"id": "x"})
+        self.assertEqual(len(writes), 1, writes)
+        self.assertTrue(writes[0].startswith(b"POST /api/v1/queues/echo/tasks HTTP/1.1\r\n"), writes)
+        self.assertIn(b"\r\nAuthorization: Bearer t0k\r\n", writes[0])
+        self.assertTrue(writes[0].endswith(b'\r\n\r\n{"payload": {"n": 1}}'), writes)
 
 
 class Defaults(unittest.TestCase):
