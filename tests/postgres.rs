@@ -334,7 +334,11 @@ fn the_claim_statement_hands_parked_keys_and_due_tasks_to_the_claim_function() {
     // clock in µs; once empty, it answers that it applied and claimed nothing.
     let got = claim_statement(&server, &db, "plain");
     assert_eq!(got.len(), 2, "{got:?}");
-    assert!(got.iter().all(|(applied, seq)| applied == "t" && !seq.is_empty()), "{got:?}");
+    assert!(
+        got.iter()
+            .all(|(applied, seq)| applied == "t" && !seq.is_empty()),
+        "{got:?}"
+    );
     assert_eq!(
         server
             .psql(
@@ -345,10 +349,16 @@ fn the_claim_statement_hands_parked_keys_and_due_tasks_to_the_claim_function() {
             .trim(),
         "2"
     );
-    assert_eq!(claim_statement(&server, &db, "plain"), vec![("t".to_string(), String::new())]);
+    assert_eq!(
+        claim_statement(&server, &db, "plain"),
+        vec![("t".to_string(), String::new())]
+    );
 
     // A paused queue: nothing claimed, and nothing for the function to do either.
-    assert_eq!(claim_statement(&server, &db, "paused"), vec![(String::new(), String::new())]);
+    assert_eq!(
+        claim_statement(&server, &db, "paused"),
+        vec![(String::new(), String::new())]
+    );
     assert_eq!(held("paused"), "0");
 
     // Parked keys, due waiting tasks: declined, nothing changed.
@@ -360,10 +370,18 @@ fn the_claim_statement_hands_parked_keys_and_due_tasks_to_the_claim_function() {
         );
         assert_eq!(held(queue), "0", "{queue}");
     }
-    assert_eq!(server.psql(&db, "SELECT count(*) FROM taskd.parked_keys").trim(), "1");
     assert_eq!(
         server
-            .psql(&db, "SELECT count(*) FROM taskd.tasks WHERE queue = 'due' AND state <> 'queued'")
+            .psql(&db, "SELECT count(*) FROM taskd.parked_keys")
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        server
+            .psql(
+                &db,
+                "SELECT count(*) FROM taskd.tasks WHERE queue = 'due' AND state <> 'queued'"
+            )
             .trim(),
         "2"
     );
@@ -374,10 +392,16 @@ fn the_claim_statement_hands_parked_keys_and_due_tasks_to_the_claim_function() {
     let mut last = Value::Null;
     let ran = poll_every(QUARTER_SECOND, secs(30), || {
         last = env.status();
-        queue_count(&last, "parked", "succeeded") == 2 && queue_count(&last, "due", "succeeded") == 3
+        queue_count(&last, "parked", "succeeded") == 2
+            && queue_count(&last, "due", "succeeded") == 3
     });
     assert!(ran, "{last:#}\n{}", daemon.log_text());
-    assert_eq!(server.psql(&db, "SELECT count(*) FROM taskd.parked_keys").trim(), "0");
+    assert_eq!(
+        server
+            .psql(&db, "SELECT count(*) FROM taskd.parked_keys")
+            .trim(),
+        "0"
+    );
     assert_eq!(queue_count(&last, "paused", "queued"), 1, "{last:#}");
     assert_eq!(held("paused"), "0");
     let text = env.ok(&["status"]);

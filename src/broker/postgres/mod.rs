@@ -423,7 +423,13 @@ impl Broker for PgBroker {
                 rows(
                     &c,
                     "SELECT * FROM claim($1, $2, $3, $4, $5)",
-                    &[&queue.as_str(), &node.as_str(), &(max as i32), &now, &lease_ms],
+                    &[
+                        &queue.as_str(),
+                        &node.as_str(),
+                        &(max as i32),
+                        &now,
+                        &lease_ms,
+                    ],
                 )
                 .await?
             }
