@@ -245,6 +245,168 @@ fn the_claim_finish_and_list_statements_read_indexes_not_the_finished_tasks() {
             "{what}: no index in the plan:\n{plan}"
         );
     }
+    // The claim's plain statement, which the daemon's claims send (prepared), in the plan of
+    // its first calls (custom) and the one PostgreSQL may keep after a few (generic): the
+    // pick reads `tasks_ready`, the probe for due waiting tasks an index too.
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let plan = server.psql(
+            &db,
+            &format!(
+                "SET search_path = taskd; SET plan_cache_mode = {mode};
+                 PREPARE c(text, text, bigint, bigint, bigint) AS {};
+                 EXPLAIN EXECUTE c('q', 'n:1', 10, 100, 60000);",
+                taskd::broker::postgres::CLAIM_SQL
+            ),
+        );
+        assert!(
+            !plan.contains("Seq Scan on tasks"),
+            "the claim statement ({mode}) reads the whole tasks table:\n{plan}"
+        );
+        assert!(
+            plan.contains("tasks_ready") && plan.matches("Index").count() >= 2,
+            "the claim statement ({mode}): its pick or its probe reads no index:\n{plan}"
+        );
+    }
+}
+
+/// The claim's plain statement (`CLAIM_SQL`) on queue `queue` of database `db`, run by
+/// `psql` as the daemon's pool runs it (prepared, parameters bound): per answered row its
+/// first two columns, `applied` and `seq` (`""` for SQL's `NULL`).
+fn claim_statement(server: &PgServer, db: &str, queue: &str) -> Vec<(String, String)> {
+    let out = server.psql(
+        db,
+        &format!(
+            "SET search_path = taskd;
+             PREPARE c(text, text, bigint, bigint, bigint) AS {};
+             EXECUTE c('{queue}', 'n:1', 10, taskd.now_ms(), 60000);",
+            taskd::broker::postgres::CLAIM_SQL
+        ),
+    );
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut cols = l.split('|');
+            let applied = cols.next().unwrap_or_default().to_string();
+            let seq = cols.next().unwrap_or_default().to_string();
+            (applied, seq)
+        })
+        .collect()
+}
+
+/// The claim's plain statement claims from a queue that needs nothing more, and declines,
+/// changing nothing, for a paused queue (nothing to claim), tasks parked under limits since
+/// removed and due waiting tasks: for those two the broker calls the `claim` SQL function,
+/// which releases and promotes them first, so a daemon runs them as before.
+#[test]
+fn the_claim_statement_hands_parked_keys_and_due_tasks_to_the_claim_function() {
+    let Some(server) = pg_server::shared("claim statement") else {
+        return;
+    };
+    let db = server.new_db();
+    let url = server.url(&db);
+    let env = Env::raw(&config(
+        &url,
+        "[queues.parked]\nshell = \"true\"\n\n[queues.due]\nshell = \"true\"\n\n[queues.paused]\nshell = \"true\"\n",
+    ));
+    env.ok(&["migrate"]);
+    server.psql(
+        &db,
+        "INSERT INTO taskd.tasks (id, queue, state, payload, run_at, created_at, updated_at, parked, flow_key)
+         SELECT taskd.uuid_v7(), q, st, '{}', 1, 1, 1, p, k
+           FROM (VALUES ('plain', 'queued', 0, NULL), ('plain', 'queued', 0, NULL),
+                        ('paused', 'queued', 0, NULL),
+                        ('parked', 'queued', 1, 'key'), ('parked', 'queued', 0, NULL),
+                        ('due', 'scheduled', 0, NULL), ('due', 'retrying', 0, NULL),
+                        ('due', 'queued', 0, NULL)) AS v(q, st, p, k);
+         INSERT INTO taskd.paused_queues (queue, paused_at) VALUES ('paused', 1);
+         INSERT INTO taskd.parked_keys (queue, kind, key) VALUES ('parked', 1, 'key');",
+    );
+    let held = |queue: &str| {
+        server
+            .psql(
+                &db,
+                &format!("SELECT count(*) FROM taskd.tasks WHERE queue = '{queue}' AND lease_node IS NOT NULL"),
+            )
+            .trim()
+            .to_string()
+    };
+
+    // A plain queue: claimed by the statement alone, with tokens of at least the server's
+    // clock in µs; once empty, it answers that it applied and claimed nothing.
+    let got = claim_statement(&server, &db, "plain");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|(applied, seq)| applied == "t" && !seq.is_empty()),
+        "{got:?}"
+    );
+    assert_eq!(
+        server
+            .psql(
+                &db,
+                "SELECT count(*) FROM taskd.tasks WHERE queue = 'plain' AND lease_node = 'n:1'
+                   AND lease_token >= (extract(epoch FROM clock_timestamp()) * 1000000)::bigint - 60000000"
+            )
+            .trim(),
+        "2"
+    );
+    assert_eq!(
+        claim_statement(&server, &db, "plain"),
+        vec![("t".to_string(), String::new())]
+    );
+
+    // A paused queue: nothing claimed, and nothing for the function to do either.
+    assert_eq!(
+        claim_statement(&server, &db, "paused"),
+        vec![(String::new(), String::new())]
+    );
+    assert_eq!(held("paused"), "0");
+
+    // Parked keys, due waiting tasks: declined, nothing changed.
+    for queue in ["parked", "due"] {
+        assert_eq!(
+            claim_statement(&server, &db, queue),
+            vec![("f".to_string(), String::new())],
+            "{queue}"
+        );
+        assert_eq!(held(queue), "0", "{queue}");
+    }
+    assert_eq!(
+        server
+            .psql(&db, "SELECT count(*) FROM taskd.parked_keys")
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        server
+            .psql(
+                &db,
+                "SELECT count(*) FROM taskd.tasks WHERE queue = 'due' AND state <> 'queued'"
+            )
+            .trim(),
+        "2"
+    );
+
+    // A daemon's claims run the parked and the due tasks (through the function), and leave
+    // the paused queue's task waiting, unclaimed.
+    let daemon = env.daemon();
+    let mut last = Value::Null;
+    let ran = poll_every(QUARTER_SECOND, secs(30), || {
+        last = env.status();
+        queue_count(&last, "parked", "succeeded") == 2
+            && queue_count(&last, "due", "succeeded") == 3
+    });
+    assert!(ran, "{last:#}\n{}", daemon.log_text());
+    assert_eq!(
+        server
+            .psql(&db, "SELECT count(*) FROM taskd.parked_keys")
+            .trim(),
+        "0"
+    );
+    assert_eq!(queue_count(&last, "paused", "queued"), 1, "{last:#}");
+    assert_eq!(held("paused"), "0");
+    let text = env.ok(&["status"]);
+    assert!(text.contains("paused"), "{text}");
 }
 
 #[test]
