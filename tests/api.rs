@@ -808,10 +808,9 @@ fn non_loopback_listen_needs_a_token() {
     assert_eq!(tasks[0]["schedule"], "nightly", "{v:#}");
 }
 
-#[test]
-fn draining_answers_503() {
-    let e = env("", QUEUES);
-    let d = e.daemon();
+/// Start a task of the `slow` queue, wait until it runs, send SIGTERM and wait until the
+/// daemon drains behind it (`/healthz` answers 503): its answer's body.
+fn drain_behind_a_running_task(d: &common::Daemon) -> Value {
     let url = d.api_base();
     let (_, v) = call(
         "POST",
@@ -823,12 +822,24 @@ fn draining_answers_503() {
     wait_task(&url, &id, "running");
     d.signal(SIGTERM);
     let mut last = (0, Value::Null);
-    let ok = poll(Duration::from_secs(10), || {
+    let draining = poll(Duration::from_secs(10), || {
         last = call("GET", &format!("{url}/healthz"), None, None);
         last.0 == 503
     });
-    assert!(ok, "healthz did not turn 503 while draining: {last:?}");
-    assert_eq!(last.1["error"]["code"], "draining");
+    assert!(
+        draining,
+        "healthz did not turn 503 while draining: {last:?}"
+    );
+    last.1
+}
+
+#[test]
+fn draining_answers_503() {
+    let e = env("", QUEUES);
+    let d = e.daemon();
+    let url = d.api_base();
+    let health = drain_behind_a_running_task(&d);
+    assert_eq!(health["error"]["code"], "draining");
     let (code, v) = call(
         "POST",
         &format!("{url}/api/v1/queues/echo/tasks"),
@@ -1867,24 +1878,7 @@ fn a_draining_daemon_reads_the_body_before_its_503() {
     ));
     let d = e.daemon();
     let url = d.api_base();
-    let (_, v) = call(
-        "POST",
-        &format!("{url}/api/v1/queues/slow/tasks"),
-        None,
-        None,
-    );
-    let id = v["id"].as_str().expect("id").to_string();
-    wait_task(&url, &id, "running");
-    d.signal(SIGTERM);
-    let mut last = (0, Value::Null);
-    let draining = poll(Duration::from_secs(10), || {
-        last = call("GET", &format!("{url}/healthz"), None, None);
-        last.0 == 503
-    });
-    assert!(
-        draining,
-        "healthz did not turn 503 while draining: {last:?}"
-    );
+    drain_behind_a_running_task(&d);
     let head = "POST /api/v1/queues/echo/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
     let mut c = Kept::open(&url);
     let a = c.answer_after_body(head, "{\"payload\": {\"to\": \"a@example.com\"}}");
