@@ -269,6 +269,65 @@ fn the_claim_finish_and_list_statements_read_indexes_not_the_finished_tasks() {
     }
 }
 
+/// The client backends of database `db` other than the asking one: how many, and how many
+/// of them last ran the claim statement (`pg_stat_activity.query`, the newest statement of
+/// each, cut at 1 KiB).
+fn backends(server: &PgServer, db: &str) -> (usize, usize) {
+    let out = server.psql(
+        db,
+        &format!(
+            "SELECT count(*), count(*) FILTER (WHERE left(query, 200) = left($claim${}$claim$, 200))
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND backend_type = 'client backend'
+                AND pid <> pg_backend_pid()",
+            taskd::broker::postgres::CLAIM_SQL
+        ),
+    );
+    let mut cols = out.trim().split('|').map(|c| c.parse::<usize>().expect("a count"));
+    (cols.next().expect("count"), cols.next().expect("claims"))
+}
+
+/// Before a daemon says `ready` the broker opens its pool and runs the claim (and the
+/// writer's statements) on each connection, so that the first claims do not pay for new
+/// server processes and first plans.
+#[test]
+fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
+    use taskd::broker::Broker;
+    let Some(server) = pg_server::shared("warm-up") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = server.new_db();
+    let broker = runtime
+        .block_on(taskd::broker::postgres::PgBroker::open(&server.url(&db)))
+        .expect("open the broker");
+    assert_eq!(
+        backends(&server, &db),
+        (1, 0),
+        "opened: the one connection the schema was checked on"
+    );
+    runtime.block_on(broker.warm()).expect("warm");
+    let pool = taskd::broker::postgres::DEFAULT_POOL;
+    assert_eq!(
+        backends(&server, &db),
+        (pool, pool),
+        "the default pool, each connection having run the claim"
+    );
+    drop(broker);
+    let small = server.new_db();
+    let broker = runtime
+        .block_on(taskd::broker::postgres::PgBroker::open(&format!(
+            "{}?pool_size=2",
+            server.url(&small)
+        )))
+        .expect("open the broker");
+    runtime.block_on(broker.warm()).expect("warm");
+    assert_eq!(backends(&server, &small), (2, 2), "the URL's pool_size");
+}
+
 /// The claim's plain statement (`CLAIM_SQL`) on queue `queue` of database `db`, run by
 /// `psql` as the daemon's pool runs it (prepared, parameters bound): per answered row its
 /// first two columns, `applied` and `seq` (`""` for SQL's `NULL`).
