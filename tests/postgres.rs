@@ -283,7 +283,10 @@ fn backends(server: &PgServer, db: &str) -> (usize, usize) {
             taskd::broker::postgres::CLAIM_SQL
         ),
     );
-    let mut cols = out.trim().split('|').map(|c| c.parse::<usize>().expect("a count"));
+    let mut cols = out
+        .trim()
+        .split('|')
+        .map(|c| c.parse::<usize>().expect("a count"));
     (cols.next().expect("count"), cols.next().expect("claims"))
 }
 
@@ -326,6 +329,28 @@ fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
         .expect("open the broker");
     runtime.block_on(broker.warm()).expect("warm");
     assert_eq!(backends(&server, &small), (2, 2), "the URL's pool_size");
+    // `taskd start` warms before it says `ready`.
+    let started = server.new_db();
+    let env = Env::raw(&config(
+        &server.url(&started),
+        "[queues.q]\nshell = \"true\"\n",
+    ));
+    let daemon = env.daemon();
+    let log = daemon.log_text();
+    let warmed = log
+        .lines()
+        .position(|l| l.contains("PostgreSQL pool warmed"))
+        .unwrap_or_else(|| panic!("no warm-up logged:\n{log}"));
+    let ready = log
+        .lines()
+        .position(|l| l.ends_with(" ready"))
+        .expect("ready");
+    assert!(warmed < ready, "warmed after `ready`:\n{log}");
+    assert!(
+        log.contains(&format!("connections={pool}")),
+        "not the whole pool:\n{log}"
+    );
+    assert!(backends(&server, &started).0 >= pool, "{log}");
 }
 
 /// The claim's plain statement (`CLAIM_SQL`) on queue `queue` of database `db`, run by

@@ -107,7 +107,6 @@ const NODE_FORGET_MS: i64 = 3_600_000;
 /// connection not opened yet opens on first use, as it would have without warming).
 const WARM_TIMEOUT: Duration = Duration::from_secs(5);
 
-
 /// Most expired leases one recovery transaction takes back (see `recover_limited`).
 const RECOVER_BATCH: i64 = 256;
 
