@@ -2,7 +2,8 @@
 //! (tests/common/postgres.rs) and the real `taskd` binary: migrations from an empty
 //! database and a re-run of `taskd migrate`, a daemon refusing a newer schema, the SQL
 //! function `taskd.enqueue` inside transactions that roll back and commit, `EXPLAIN` of the
-//! hot statements over many finished tasks, `taskd submit` while the server is down, and
+//! hot statements over many finished tasks, the pool warmed (connections open, the claim
+//! run on each) before a daemon says `ready`, `taskd submit` while the server is down, and
 //! three daemons running 5,000 tasks through a node killed with SIGKILL and a PostgreSQL
 //! crash.
 //!
