@@ -40,7 +40,14 @@ pub(super) fn tls(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// A pool of `settings.pool_size` connections.
+/// A pool of `settings.pool_size` connections, handed out last in, first out: an
+/// operation takes the connection given back most recently. PostgreSQL plans a prepared
+/// statement anew on each connection (five custom plans before it may keep a generic one,
+/// 0.6-1.6 ms of the server's CPU each for the claim and the finish), so a few connections
+/// kept busy plan the hot statements once each where connections handed out in turn would
+/// all plan them; the others stay idle until the load needs them. Nothing depends on the
+/// order: every operation takes any connection (`LISTEN` has its own, outside the pool),
+/// and an idle connection found closed when taken is replaced (`RecyclingMethod::Fast`).
 pub(super) fn pool(settings: &Settings) -> Result<deadpool_postgres::Pool, BrokerError> {
     let manager = deadpool_postgres::Manager::from_config(
         settings.config.clone(),
@@ -51,6 +58,7 @@ pub(super) fn pool(settings: &Settings) -> Result<deadpool_postgres::Pool, Broke
     );
     deadpool_postgres::Pool::builder(manager)
         .max_size(settings.pool_size)
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(30)))
         .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
