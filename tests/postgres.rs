@@ -3,9 +3,9 @@
 //! database and a re-run of `taskd migrate`, a daemon refusing a newer schema, the SQL
 //! function `taskd.enqueue` inside transactions that roll back and commit, `EXPLAIN` of the
 //! hot statements over many finished tasks, the pool warmed (connections open, the claim
-//! run on each) before a daemon says `ready`, `taskd submit` while the server is down, and
-//! three daemons running 5,000 tasks through a node killed with SIGKILL and a PostgreSQL
-//! crash.
+//! run on each) before a daemon says `ready`, the pool reusing the connection given back
+//! last, `taskd submit` while the server is down, and three daemons running 5,000 tasks
+//! through a node killed with SIGKILL and a PostgreSQL crash.
 //!
 //! Where PostgreSQL is not installed each test prints a skip message and passes, except
 //! under `CI=true`, where it fails.
@@ -352,6 +352,39 @@ fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
         "not the whole pool:\n{log}"
     );
     assert!(backends(&server, &started).0 >= pool, "{log}");
+}
+
+/// The pool hands out the connection given back last: on an otherwise idle pool, operations
+/// one after the other all run on one connection, so that PostgreSQL plans the hot
+/// statements on the few connections a load keeps busy, not on every one in turn.
+#[test]
+fn operations_one_after_the_other_reuse_the_connection_given_back_last() {
+    use taskd::broker::Broker;
+    let Some(server) = pg_server::shared("lifo") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = server.new_db();
+    let broker = runtime
+        .block_on(taskd::broker::postgres::PgBroker::open(&server.url(&db)))
+        .expect("open the broker");
+    // Warming leaves the whole pool open and idle, each connection's last statement the claim.
+    runtime.block_on(broker.warm()).expect("warm");
+    let pool = taskd::broker::postgres::DEFAULT_POOL;
+    assert_eq!(backends(&server, &db), (pool, pool), "warmed");
+    for _ in 0..3 * pool {
+        runtime.block_on(broker.counts()).expect("counts");
+    }
+    // Handed out in turn, every connection would have run a count since.
+    assert_eq!(
+        backends(&server, &db),
+        (pool, pool - 1),
+        "{} operations one after the other ran on more than one connection",
+        3 * pool
+    );
 }
 
 /// The claim's plain statement (`CLAIM_SQL`) on queue `queue` of database `db`, run by
