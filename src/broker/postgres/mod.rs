@@ -185,8 +185,8 @@ impl PgBroker {
     /// of the first plan (several ms for the claim). The whole pool, not only the
     /// connections the claims and the writer need: the daemon's own start (heartbeat,
     /// expired leases, schedules, statistics, the audit trail) opens most of it anyway (6 of
-    /// the default 8 at `ready` on an idle daemon of one queue), and the pool hands its
-    /// connections out in turn, so a claim soon meets any connection left cold.
+    /// the default 8 at `ready` on an idle daemon of one queue), and a burst of claims takes
+    /// any of them (the pool hands out the connection given back last, `conn::pool`).
     async fn warm_pool(&self) -> Result<usize> {
         let wanted = self.settings.pool_size.max(1);
         // All taken before any is given back, so that the pool opens `wanted` of them.
