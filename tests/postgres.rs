@@ -2,7 +2,8 @@
 //! (tests/common/postgres.rs) and the real `taskd` binary: migrations from an empty
 //! database and a re-run of `taskd migrate`, a daemon refusing a newer schema, the SQL
 //! function `taskd.enqueue` inside transactions that roll back and commit, `EXPLAIN` of the
-//! hot statements over many finished tasks, `taskd submit` while the server is down, and
+//! hot statements over many finished tasks, the pool warmed (connections open, the claim
+//! run on each) before a daemon says `ready`, `taskd submit` while the server is down, and
 //! three daemons running 5,000 tasks through a node killed with SIGKILL and a PostgreSQL
 //! crash.
 //!
@@ -267,6 +268,90 @@ fn the_claim_finish_and_list_statements_read_indexes_not_the_finished_tasks() {
             "the claim statement ({mode}): its pick or its probe reads no index:\n{plan}"
         );
     }
+}
+
+/// The client backends of database `db` other than the asking one: how many, and how many
+/// of them last ran the claim statement (`pg_stat_activity.query`, the newest statement of
+/// each, cut at 1 KiB).
+fn backends(server: &PgServer, db: &str) -> (usize, usize) {
+    let out = server.psql(
+        db,
+        &format!(
+            "SELECT count(*), count(*) FILTER (WHERE left(query, 200) = left($claim${}$claim$, 200))
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND backend_type = 'client backend'
+                AND pid <> pg_backend_pid()",
+            taskd::broker::postgres::CLAIM_SQL
+        ),
+    );
+    let mut cols = out
+        .trim()
+        .split('|')
+        .map(|c| c.parse::<usize>().expect("a count"));
+    (cols.next().expect("count"), cols.next().expect("claims"))
+}
+
+/// Before a daemon says `ready` the broker opens its pool and runs the claim (and the
+/// writer's statements) on each connection, so that the first claims do not pay for new
+/// server processes and first plans.
+#[test]
+fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
+    use taskd::broker::Broker;
+    let Some(server) = pg_server::shared("warm-up") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = server.new_db();
+    let broker = runtime
+        .block_on(taskd::broker::postgres::PgBroker::open(&server.url(&db)))
+        .expect("open the broker");
+    assert_eq!(
+        backends(&server, &db),
+        (1, 0),
+        "opened: the one connection the schema was checked on"
+    );
+    runtime.block_on(broker.warm()).expect("warm");
+    let pool = taskd::broker::postgres::DEFAULT_POOL;
+    assert_eq!(
+        backends(&server, &db),
+        (pool, pool),
+        "the default pool, each connection having run the claim"
+    );
+    drop(broker);
+    let small = server.new_db();
+    let broker = runtime
+        .block_on(taskd::broker::postgres::PgBroker::open(&format!(
+            "{}?pool_size=2",
+            server.url(&small)
+        )))
+        .expect("open the broker");
+    runtime.block_on(broker.warm()).expect("warm");
+    assert_eq!(backends(&server, &small), (2, 2), "the URL's pool_size");
+    // `taskd start` warms before it says `ready`.
+    let started = server.new_db();
+    let env = Env::raw(&config(
+        &server.url(&started),
+        "[queues.q]\nshell = \"true\"\n",
+    ));
+    let daemon = env.daemon();
+    let log = daemon.log_text();
+    let warmed = log
+        .lines()
+        .position(|l| l.contains("PostgreSQL pool warmed"))
+        .unwrap_or_else(|| panic!("no warm-up logged:\n{log}"));
+    let ready = log
+        .lines()
+        .position(|l| l.ends_with(" ready"))
+        .expect("ready");
+    assert!(warmed < ready, "warmed after `ready`:\n{log}");
+    assert!(
+        log.contains(&format!("connections={pool}")),
+        "not the whole pool:\n{log}"
+    );
+    assert!(backends(&server, &started).0 >= pool, "{log}");
 }
 
 /// The claim's plain statement (`CLAIM_SQL`) on queue `queue` of database `db`, run by

@@ -1244,6 +1244,15 @@ pub trait Broker: Send + Sync + 'static {
     async fn prune_flow(&self, queue: &QueueName, now_us: i64, limit: usize)
         -> Result<(u64, bool)>;
 
+    /// Make ready, before the daemon reports `ready`, what its hot paths will use, so that
+    /// its first claims cost what later ones do: on PostgreSQL the pool's connections, each
+    /// with the claim, start and finish statements prepared and run once (claiming and
+    /// changing nothing). An optimisation: the daemon starts whatever this answers (an
+    /// embedded store and Redis have nothing to do).
+    async fn warm(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// How much room the store takes, when the backend can tell (`None`: an in-memory one).
     async fn store_size(&self) -> Result<Option<StoreSize>> {
         Ok(None)

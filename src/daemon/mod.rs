@@ -31,7 +31,9 @@
 //!
 //! What [`run`] does, in order: recovery of tasks a previous daemon left `running` on the
 //! embedded store (their process groups killed, the tasks queued again without charging an
-//! attempt; [`recovery`]) → supervisor → the store lock's answers, the store file's watch
+//! attempt; [`recovery`]) → the broker warmed ([`Broker::warm`]: on PostgreSQL the pool's
+//! connections opened and the hot statements prepared, so that the first claims cost what
+//! later ones do) → supervisor → the store lock's answers, the store file's watch
 //! ([`watch`]) → on a shared broker, the node's heartbeat and the reclaiming of expired
 //! leases ([`cluster`]) → the HTTP API on its listeners → READY → requests (reloads,
 //! restarts; [`reload`]) until shutdown → drain. On a shared broker (Redis) other nodes hold
@@ -325,6 +327,12 @@ pub async fn run(
     let control = serve_control(listeners.control, &requests_tx, streamer)?;
     let containment = contain(&config);
     let (start_log, recovered) = recovery::recover(&config, broker.as_ref()).await?;
+    // Before the first claim: what the hot paths use is made ready now, so that the first
+    // claims cost what later ones do. An optimisation only: a store that cannot be warmed
+    // is used as it is (a store that is down fails below as it would have).
+    if let Err(e) = broker.warm().await {
+        tracing::debug!(error = %e, "the broker was not warmed; its connections open on first use");
+    }
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let (supervisor, lease, wakeups) = start_supervisor(
         &config,

@@ -103,6 +103,10 @@ pub const CLAIM_SQL: &str = "WITH ok AS (
 /// A node not heard from for this long is no longer listed.
 const NODE_FORGET_MS: i64 = 3_600_000;
 
+/// The longest [`Broker::warm`] may take: past it the daemon starts without the rest (a
+/// connection not opened yet opens on first use, as it would have without warming).
+const WARM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most expired leases one recovery transaction takes back (see `recover_limited`).
 const RECOVER_BATCH: i64 = 256;
 
@@ -172,6 +176,33 @@ impl PgBroker {
     /// `host:port/database`, for messages.
     pub fn addr(&self) -> &str {
         &self.settings.addr
+    }
+
+    /// Open the whole pool, side by side, and on each connection prepare the statements
+    /// every task goes through and run them once over nothing: the claim (at most 0 tasks)
+    /// and the writer's start and finish (no rows). A new connection is a new server
+    /// process, and its first run of a statement pays the preparation and the catalog reads
+    /// of the first plan (several ms for the claim). The whole pool, not only the
+    /// connections the claims and the writer need: the daemon's own start (heartbeat,
+    /// expired leases, schedules, statistics, the audit trail) opens most of it anyway (6 of
+    /// the default 8 at `ready` on an idle daemon of one queue), and the pool hands its
+    /// connections out in turn, so a claim soon meets any connection left cold.
+    async fn warm_pool(&self) -> Result<usize> {
+        let wanted = self.settings.pool_size.max(1);
+        // All taken before any is given back, so that the pool opens `wanted` of them.
+        let clients =
+            futures_util::future::try_join_all((0..wanted).map(|_| self.client())).await?;
+        futures_util::future::try_join_all(clients.iter().map(|c| self.warm_one(c))).await?;
+        Ok(clients.len())
+    }
+
+    /// Prepare and run the hot statements once on `client`, claiming and changing nothing.
+    async fn warm_one(&self, client: &deadpool_postgres::Object) -> Result<()> {
+        let now = self.now();
+        writer::warm(client, now).await?;
+        let none: i64 = 0;
+        rows(client, CLAIM_SQL, &[&"", &"", &none, &now, &none]).await?;
+        Ok(())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -445,6 +476,25 @@ impl Broker for PgBroker {
 
     fn set_flow(&self, queue: &QueueName, flow: Flow) {
         self.flow.set(queue, flow);
+    }
+
+    async fn warm(&self) -> Result<()> {
+        let begun = std::time::Instant::now();
+        match tokio::time::timeout(WARM_TIMEOUT, self.warm_pool()).await {
+            Ok(Ok(opened)) => {
+                tracing::debug!(
+                    connections = opened,
+                    took_ms = begun.elapsed().as_millis() as u64,
+                    "PostgreSQL pool warmed"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "warming the connection pool took longer than {}",
+                humantime::format_duration(WARM_TIMEOUT)
+            ))),
+        }
     }
 
     fn flow_wait(&self, queue: &QueueName) -> Option<UnixMs> {

@@ -71,6 +71,23 @@ pub(super) fn start(pool: Pool, addr: String, clock: Arc<Clock>) -> mpsc::Unboun
     tx
 }
 
+/// Prepare the start and finish statements on `client` and run each once over no rows (it
+/// changes nothing): a connection's first use of a statement costs its preparation and,
+/// on a new server process, the catalog reads of its first plan (warm-up, `PgBroker::warm`).
+pub(super) async fn warm(client: &deadpool_postgres::Object, now: i64) -> Result<()> {
+    let started = client.prepare_cached(STARTED).await.map_err(pg)?;
+    let finish = client.prepare_cached(FINISH).await.map_err(pg)?;
+    for (statement, args) in [
+        (&started, start_params(&[], now)),
+        (&finish, finish_params(&[], now)),
+    ] {
+        let params: Vec<&(dyn ToSql + Sync)> =
+            args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();
+        client.query(statement, &params).await.map_err(pg)?;
+    }
+    Ok(())
+}
+
 async fn writer_loop(
     pool: Pool,
     addr: String,
