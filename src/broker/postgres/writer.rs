@@ -38,9 +38,11 @@ const LINGER: Duration = Duration::from_millis(2);
 /// for this long. Its statements are planned per connection: the first five runs of a
 /// prepared statement on a connection are planned with their arguments, the sixth makes the
 /// plan it keeps, and a plan of the finish statement costs the server 0.6 to 1.6 ms. Taking
-/// a connection from the pool for each batch (the pool hands them out in turn), the writer
-/// had every connection plan it: 36 plans in a W1 run of 2,000 tasks on 6 connections
-/// (20 to 40 ms of the server's 0.5 s), where one connection plans it 6 times.
+/// a connection from the pool for each batch (from a pool handing them out in turn), the
+/// writer had every connection plan it: 36 plans in a W1 run of 2,000 tasks on 6
+/// connections (20 to 40 ms of the server's 0.5 s), where one connection plans it 6 times.
+/// The pool is LIFO now (`conn::pool`), but between two batches a claim may take the
+/// connection the writer gave back; kept, it stays the writer's.
 const KEEP_IDLE: Duration = Duration::from_millis(200);
 /// A pool this small is not held from: the claims and operator calls need its connections.
 const KEEP_MIN_POOL: usize = 3;
