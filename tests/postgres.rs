@@ -291,15 +291,17 @@ fn backends(server: &PgServer, db: &str) -> (usize, usize) {
     (cols.next().expect("count"), cols.next().expect("claims"))
 }
 
-/// Before a daemon says `ready` the broker opens its pool and runs the claim (and the
-/// writer's statements) on each connection, so that the first claims do not pay for new
-/// server processes and first plans.
-#[test]
-fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
-    use taskd::broker::Broker;
-    let Some(server) = pg_server::shared("warm-up") else {
-        return;
-    };
+/// The shared test server (`None`: skipped), a runtime, a new database and a broker opened
+/// on it.
+fn opened(
+    label: &str,
+) -> Option<(
+    std::sync::Arc<PgServer>,
+    tokio::runtime::Runtime,
+    String,
+    taskd::broker::postgres::PgBroker,
+)> {
+    let server = pg_server::shared(label)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -308,6 +310,18 @@ fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
     let broker = runtime
         .block_on(taskd::broker::postgres::PgBroker::open(&server.url(&db)))
         .expect("open the broker");
+    Some((server, runtime, db, broker))
+}
+
+/// Before a daemon says `ready` the broker opens its pool and runs the claim (and the
+/// writer's statements) on each connection, so that the first claims do not pay for new
+/// server processes and first plans.
+#[test]
+fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
+    use taskd::broker::Broker;
+    let Some((server, runtime, db, broker)) = opened("warm-up") else {
+        return;
+    };
     assert_eq!(
         backends(&server, &db),
         (1, 0),
@@ -360,17 +374,9 @@ fn warming_opens_the_pool_and_runs_the_claim_on_each_connection() {
 #[test]
 fn operations_one_after_the_other_reuse_the_connection_given_back_last() {
     use taskd::broker::Broker;
-    let Some(server) = pg_server::shared("lifo") else {
+    let Some((server, runtime, db, broker)) = opened("lifo") else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let db = server.new_db();
-    let broker = runtime
-        .block_on(taskd::broker::postgres::PgBroker::open(&server.url(&db)))
-        .expect("open the broker");
     // Warming leaves the whole pool open and idle, each connection's last statement the claim.
     runtime.block_on(broker.warm()).expect("warm");
     let pool = taskd::broker::postgres::DEFAULT_POOL;
