@@ -83,9 +83,7 @@ pub(super) async fn warm(client: &deadpool_postgres::Object, now: i64) -> Result
         (&started, start_params(&[], now)),
         (&finish, finish_params(&[], now)),
     ] {
-        let params: Vec<&(dyn ToSql + Sync)> =
-            args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();
-        client.query(statement, &params).await.map_err(pg)?;
+        client.query(statement, &refs(&args)).await.map_err(pg)?;
     }
     Ok(())
 }
@@ -339,6 +337,11 @@ fn units<'a>(writes: impl Iterator<Item = (bool, &'a str)>) -> Vec<Unit> {
 /// A statement's arguments.
 type Args = Vec<Box<dyn ToSql + Sync + Send>>;
 
+/// `args` as the parameters a query takes.
+fn refs(args: &Args) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect()
+}
+
 /// The start statement's arguments for `rows`: one array per column, then the time and
 /// this machine's boot id.
 fn start_params(rows: &[&StartRow], now: i64) -> Args {
@@ -425,10 +428,8 @@ async fn apply_all(
             statements.push((&finish, &u.finishes, finish_params(&rows, now)));
         }
     }
-    let params: Vec<Vec<&(dyn ToSql + Sync)>> = statements
-        .iter()
-        .map(|(_, _, a)| a.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect())
-        .collect();
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> =
+        statements.iter().map(|(_, _, args)| refs(args)).collect();
     let applied: Vec<Vec<String>> = if statements.len() == 1 {
         vec![send(client, statements[0].0, &params[0])
             .await
